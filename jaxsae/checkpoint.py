@@ -1,0 +1,100 @@
+"""Orbax checkpoints of a run: the train state, the loader position and the resolved config.
+
+Resume order (one place, one comment): read the config saved with the newest complete
+checkpoint -> refuse changed keys that alter what is computed -> restore the state into the
+abstract state with its shardings -> put the loader at the saved position -> continue with the
+next step. Orbax writes each checkpoint into a temporary directory and renames it when complete,
+so a checkpoint interrupted mid-write is never picked up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxsae.config import (
+    CheckpointConfig,
+    Config,
+    changed_keys,
+    config_from_dict,
+    is_mutable_on_resume,
+)
+from jaxsae.errors import JaxsaeError
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep,
+                create=True,
+                enable_async_checkpointing=True,
+                cleanup_tmp_directories=True,
+            ),
+            item_names=("state", "loader", "config"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.every_steps == 0
+
+    def save(self, step: int, state: Any, loader_state: dict, config: Config) -> None:
+        """Starts an asynchronous save (the device arrays are copied before this returns)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                loader=ocp.args.JsonSave(loader_state),
+                config=ocp.args.JsonSave(config.to_dict()),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, Config]:
+        """Restores step `step` onto the shardings carried by `abstract_state`."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                loader=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored.state, dict(restored.loader), config_from_dict(restored.config)
+
+    def saved_config(self, step: int) -> Config:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return config_from_dict(restored.config)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_resume_compatible(saved: Config, current: Config, where: Path) -> None:
+    """Refuses to resume when a key that changes the computation differs, naming the key."""
+    bad = [k for k in changed_keys(saved, current) if not is_mutable_on_resume(k)]
+    if bad:
+        raise JaxsaeError(
+            f"{where}: cannot resume with a changed {', '.join(bad)} (the checkpoint was trained "
+            "with different values); restore them, or start a new run with another name/run_dir"
+        )
+
+
+def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
+    )

@@ -1,0 +1,188 @@
+"""The `jaxsae` command.
+
+  jaxsae synth superposition --out DIR [--n-features N --d-in D --tokens T --seed S ...]
+  jaxsae train CONFIG [key=value ...]
+  jaxsae export RUN_OR_CHECKPOINT_DIR --out DIR [--step N] [--dtype float32|bfloat16]
+  jaxsae eval SAE_DIR --data DIR [--truth TRUTH] [--tokens N]
+
+Bad input exits with status 2 and one line naming the culprit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from jaxsae.errors import JaxsaeError
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal under each field)."""
+    import ast
+    import inspect
+    import itertools
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    docs, body = {}, tree.body[0].body
+    for node, nxt in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def _add_synth(sub) -> None:
+    from jaxsae.data.synthetic import GENERATORS
+
+    synth = sub.add_parser("synth", help="generate synthetic activations with known features",
+                           description="Write ground-truth activation shards plus truth files.")
+    kinds = synth.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, gen in GENERATORS.items():
+        p = kinds.add_parser(kind, help=(gen.spec.__doc__ or kind).splitlines()[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--out", required=True, help="output directory (must not exist)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        docs = _field_docs(gen.spec)
+        for f in dataclasses.fields(gen.spec):
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"spec_{f.name}",
+                           default=f.default, metavar=f.type.upper() if isinstance(f.type, str)
+                           else None, help=docs.get(f.name, ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxsae",
+        description="Train sparse autoencoders on cached activations with JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_synth(sub)
+
+    p = sub.add_parser("train", help="train an SAE from a YAML config",
+                       description="Train an SAE. Rerunning the same command resumes the run "
+                                   "from its latest checkpoint.")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. optim.lr=1e-3 sae.d_sae=8192 loss.1.coefficient=3")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("export", help="export a checkpoint as a SAELens directory",
+                       description="Export a checkpointed SAE to the SAELens layout.")
+    p.add_argument("checkpoint", help="run directory or its checkpoints/ directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--data", default=None,
+                   help="activations for the firing frequencies (default: the run's data.path)")
+
+    p = sub.add_parser("eval", help="evaluate an exported SAE on activations (prints JSON)",
+                       description="Reconstruction metrics of a SAELens-format SAE on a shard "
+                                   "directory; with --truth, recovery of the true features.")
+    p.add_argument("sae_dir", help="SAELens-format directory (e.g. runs/NAME/sae)")
+    p.add_argument("--data", required=True, help="activation directory")
+    p.add_argument("--truth", default=None,
+                   help="truth.safetensors (or the synthetic data directory holding it)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="evaluate the last N tokens of the data (default: all)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except JaxsaeError as e:
+        code = getattr(e, "exit_code", 2)
+        print(f"jaxsae {args.command}: error: {e}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print(f"jaxsae {args.command}: aborted", file=sys.stderr)
+        return 130
+
+
+def _cmd_synth(args) -> int:
+    from jaxsae.data import synthetic
+
+    raw = {"kind": args.kind}
+    for name, value in vars(args).items():
+        if name.startswith("spec_"):
+            raw[name[5:]] = _yaml_scalar(value)
+    out = synthetic.generate(raw, args.out, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    print(f"wrote {out}")
+    return 0
+
+
+def _yaml_scalar(value):
+    import yaml
+
+    return yaml.safe_load(value) if isinstance(value, str) else value
+
+
+def _cmd_train(args) -> int:
+    from jaxsae.config import load_config
+    from jaxsae.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, progress=not args.no_progress)
+    ev = result.eval
+    print(f"trained {result.step} steps; evaluation on {ev['tokens']} "
+          f"{'held-out ' if ev['held_out'] else 'training '}tokens: "
+          f"L0 {ev['l0']:.2f}, explained variance {ev['explained_variance']:.4f}, "
+          f"dead {ev['dead_fraction']:.3f}")
+    print(f"SAE exported to {result.sae_dir}")
+    print(f"evaluate it with: jaxsae eval {result.sae_dir} --data {cfg.data.path}"
+          + (f" --truth {cfg.data.path}" if cfg.data.generate else ""))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from jaxsae.train import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
+                            data=args.data)
+    print(f"exported {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import numpy as np
+
+    from jaxsae import evaluate, tensorfile
+    from jaxsae.data import synthetic
+    from jaxsae.data.shards import ShardSet, iter_blocks
+    from jaxsae.errors import DataError
+    from jaxsae.export import load_sae
+
+    loaded = load_sae(args.sae_dir)
+    data = ShardSet(args.data)
+    if data.d_in != loaded.d_in:
+        raise DataError(f"{args.data}: d_in {data.d_in} does not match the SAE's d_in "
+                        f"{loaded.d_in} ({args.sae_dir})")
+    start = 0 if args.tokens is None else max(0, data.n_tokens - args.tokens)
+    metrics = evaluate.reconstruction_metrics(
+        loaded.params, loaded.sae, iter_blocks(data, args.batch_size, start=start))
+    metrics.pop("firing_frequency")
+    if args.truth:
+        truth = Path(args.truth)
+        if truth.is_dir():
+            truth = truth / synthetic.TRUTH_TENSORS
+        if not truth.is_file():
+            raise DataError(f"{truth}: truth file not found")
+        directions = tensorfile.read(truth).get("directions")
+        if directions is None or directions.ndim != 2 or directions.shape[1] != loaded.d_in:
+            raise DataError(f"{truth}: no 'directions' [n_features, {loaded.d_in}] tensor")
+        metrics.update(evaluate.feature_recovery(np.asarray(directions), loaded.params["W_dec"]))
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export, "eval": _cmd_eval}
+
+if __name__ == "__main__":
+    sys.exit(main())

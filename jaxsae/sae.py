@@ -1,0 +1,267 @@
+"""SAE parameters, initialisation, encode / decode and the activation functions.
+
+Parameters are a dict pytree in SAELens orientation, so export is a copy:
+  W_enc [d_in, d_sae] (absent when tied: the encoder is W_dec.T), b_enc [d_sae],
+  W_dec [d_sae, d_in], b_dec [d_in], threshold [d_sae] (jumprelu, batchtopk).
+
+The input is centred by the decoder bias before encoding (SAELens `apply_b_dec_to_input`):
+  pre_acts = (x - b_dec) @ W_enc + b_enc,   x_hat = acts @ W_dec + b_dec.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxsae.config import SAEConfig
+
+Params = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class ForwardOutput:
+    """Everything the forward pass computed, for the loss terms (none re-encodes or re-decodes)."""
+
+    x: jax.Array
+    """[batch, d_in] input."""
+    pre_acts: jax.Array
+    """[batch, d_sae] encoder pre-activations."""
+    acts: jax.Array
+    """[batch, d_sae] latent activations (sparse codes)."""
+    x_hat: jax.Array
+    """[batch, d_in] reconstruction."""
+    decoder_norms: jax.Array
+    """[d_sae] L2 norm of each decoder row."""
+    tokens_since_fired: jax.Array
+    """[d_sae] tokens since each latent last fired, before this batch (from the train state)."""
+    batch_threshold: jax.Array
+    """[] BatchTopK: the smallest activation kept in this batch (0 for other activations)."""
+    key: jax.Array
+    """This step's random key (fold_in(state.rng, step)), for terms that sample."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def init_params(key: jax.Array, d_in: int, cfg: SAEConfig) -> Params:
+    """Decoder rows are random directions of fixed norm; the encoder starts as W_dec.T."""
+    directions = jax.random.normal(key, (cfg.d_sae, d_in), jnp.float32)
+    directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
+    norm = 1.0 if cfg.decoder_norm == "unit" else cfg.init_decoder_norm
+    W_dec = directions * norm
+    params = {
+        "b_enc": jnp.zeros((cfg.d_sae,), jnp.float32),
+        "W_dec": W_dec,
+        "b_dec": jnp.zeros((d_in,), jnp.float32),
+    }
+    if not cfg.tied:
+        params["W_enc"] = W_dec.T
+    if cfg.activation == "jumprelu":
+        params["threshold"] = jnp.full((cfg.d_sae,), cfg.jumprelu_init_threshold, jnp.float32)
+    elif cfg.activation == "batchtopk":
+        params["threshold"] = jnp.zeros((cfg.d_sae,), jnp.float32)
+    return params
+
+
+def param_names(cfg: SAEConfig) -> list[str]:
+    """The parameters an SAE with this config has."""
+    names = ["b_enc", "W_dec", "b_dec"] + ([] if cfg.tied else ["W_enc"])
+    return names + (["threshold"] if cfg.activation in ("jumprelu", "batchtopk") else [])
+
+
+def is_trainable(name: str, cfg: SAEConfig) -> bool:
+    """Whether the optimiser updates a parameter (the BatchTopK threshold is an EMA instead)."""
+    return not (name == "threshold" and cfg.activation == "batchtopk")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode / decode
+
+
+def encoder_weight(params: Params) -> jax.Array:
+    """[d_in, d_sae] the encoder matrix (W_dec.T for tied SAEs)."""
+    return params["W_enc"] if "W_enc" in params else params["W_dec"].T
+
+
+def pre_activations(params: Params, x: jax.Array) -> jax.Array:
+    """[batch, d_sae] = (x - b_dec) @ W_enc + b_enc."""
+    return (x - params["b_dec"]) @ encoder_weight(params) + params["b_enc"]
+
+
+def activate(
+    params: Params, pre_acts: jax.Array, cfg: SAEConfig, *, train: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Sparse codes [batch, d_sae] from pre-activations, and the BatchTopK batch threshold."""
+    zero = jnp.zeros((), pre_acts.dtype)
+    if cfg.activation == "relu":
+        return jax.nn.relu(pre_acts), zero
+    if cfg.activation == "topk":
+        return topk(pre_acts, cfg.k), zero
+    if cfg.activation == "jumprelu":
+        return jumprelu(pre_acts, params["threshold"], cfg.jumprelu_bandwidth), zero
+    if cfg.activation == "batchtopk":
+        if train:
+            return batchtopk(pre_acts, cfg.k)
+        # Inference: a fixed per-latent threshold, i.e. a JumpReLU (how BatchTopK exports).
+        return jax.nn.relu(pre_acts) * (pre_acts > params["threshold"]), zero
+    raise ValueError(f"unknown activation {cfg.activation!r}")
+
+
+def decode(params: Params, acts: jax.Array) -> jax.Array:
+    """[batch, d_in] = acts @ W_dec + b_dec."""
+    return acts @ params["W_dec"] + params["b_dec"]
+
+
+def encode(params: Params, x: jax.Array, cfg: SAEConfig, *, train: bool = False) -> jax.Array:
+    """[batch, d_sae] sparse codes of raw inputs."""
+    return activate(params, pre_activations(params, x), cfg, train=train)[0]
+
+
+def forward(
+    params: Params,
+    x: jax.Array,
+    cfg: SAEConfig,
+    *,
+    train: bool,
+    tokens_since_fired: jax.Array | None = None,
+    key: jax.Array | None = None,
+) -> ForwardOutput:
+    pre_acts = pre_activations(params, x)
+    acts, batch_threshold = activate(params, pre_acts, cfg, train=train)
+    if tokens_since_fired is None:
+        tokens_since_fired = jnp.zeros((cfg.d_sae,), jnp.int32)
+    return ForwardOutput(
+        x=x,
+        pre_acts=pre_acts,
+        acts=acts,
+        x_hat=decode(params, acts),
+        decoder_norms=jnp.linalg.norm(params["W_dec"], axis=1),
+        tokens_since_fired=tokens_since_fired,
+        batch_threshold=batch_threshold,
+        key=jax.random.PRNGKey(0) if key is None else key,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation functions
+
+
+def topk(pre_acts: jax.Array, k: int) -> jax.Array:
+    """Keeps the k largest pre-activations of each row (then ReLU); zeros elsewhere."""
+    values, indices = jax.lax.top_k(pre_acts, k)
+    rows = jnp.arange(pre_acts.shape[0])[:, None]
+    return jnp.zeros_like(pre_acts).at[rows, indices].set(jax.nn.relu(values))
+
+
+def batchtopk(pre_acts: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Keeps the batch*k largest positive activations of the whole batch.
+
+    Returns the codes and the threshold (smallest kept value). The threshold is found exactly by
+    bisection on the float bits (non-negative floats order like their int32 bit patterns), which
+    needs only element-wise compares and global counts: no sort, and it works unchanged when
+    the batch or the dictionary is sharded across devices.
+    """
+    values = jax.nn.relu(pre_acts)
+    target = pre_acts.shape[0] * k
+    threshold = kth_largest_nonnegative(values, target)
+    # Keep strictly positive values at or above the threshold (ties may keep a few more).
+    kept = values * (values >= jnp.maximum(threshold, jnp.finfo(values.dtype).tiny))
+    return kept, threshold
+
+
+def kth_largest_nonnegative(values: jax.Array, k: int) -> jax.Array:
+    """The k-th largest entry of a non-negative float32 array (0 if fewer than k are positive)."""
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+
+    def body(_, bounds):
+        lo, hi = bounds  # invariant: count(bits >= lo) >= k, count(bits >= hi) < k
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid, dtype=jnp.int32) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, hi = jnp.int32(0), jnp.int32(0x7F800001)  # 0.0 .. just above +inf
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+@jax.custom_vjp
+def jumprelu(pre_acts: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """relu(z) * (z > threshold); the threshold gets a straight-through gradient.
+
+    d/dθ = -(θ / ε) · K((z - θ) / ε) with K the unit rectangle (Rajamanoharan et al., 2024).
+    """
+    return jax.nn.relu(pre_acts) * (pre_acts > threshold)
+
+
+def _jumprelu_fwd(pre_acts, threshold, bandwidth):
+    return jumprelu(pre_acts, threshold, bandwidth), (pre_acts, threshold, bandwidth)
+
+
+def _jumprelu_bwd(res, g):
+    pre_acts, threshold, bandwidth = res
+    passes = (pre_acts > threshold) & (pre_acts > 0)
+    d_pre = g * passes
+    d_threshold = -(threshold / bandwidth) * _rectangle((pre_acts - threshold) / bandwidth) * g
+    return d_pre, jnp.sum(d_threshold, axis=0), None
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@jax.custom_vjp
+def step_ste(pre_acts: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """Heaviside H(z - θ) with a straight-through gradient for θ: -(1/ε)·K((z - θ)/ε)."""
+    return (pre_acts > threshold).astype(pre_acts.dtype)
+
+
+def _step_fwd(pre_acts, threshold, bandwidth):
+    return step_ste(pre_acts, threshold, bandwidth), (pre_acts, threshold, bandwidth)
+
+
+def _step_bwd(res, g):
+    pre_acts, threshold, bandwidth = res
+    d_threshold = -(1.0 / bandwidth) * _rectangle((pre_acts - threshold) / bandwidth) * g
+    return jnp.zeros_like(pre_acts), jnp.sum(d_threshold, axis=0), None
+
+
+step_ste.defvjp(_step_fwd, _step_bwd)
+
+
+def _rectangle(u: jax.Array) -> jax.Array:
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constraints applied around the optimiser update
+
+
+def project_decoder_grad(params: Params, grads: Params, cfg: SAEConfig) -> Params:
+    """With unit decoder rows, removes the gradient component parallel to each row."""
+    if cfg.decoder_norm != "unit":
+        return grads
+    W, g = params["W_dec"], grads["W_dec"]
+    parallel = jnp.sum(g * W, axis=1, keepdims=True) / jnp.sum(W * W, axis=1, keepdims=True)
+    return {**grads, "W_dec": g - parallel * W}
+
+
+def after_update(params: Params, out: ForwardOutput, step: jax.Array, cfg: SAEConfig) -> Params:
+    """Renormalises unit decoder rows and moves the BatchTopK inference threshold."""
+    params = dict(params)
+    if cfg.decoder_norm == "unit":
+        W = params["W_dec"]
+        params["W_dec"] = W / jnp.linalg.norm(W, axis=1, keepdims=True)
+    if cfg.activation == "batchtopk":
+        # Averages the first 1/momentum batches exactly, then becomes an EMA.
+        rate = jnp.maximum(cfg.batchtopk_threshold_momentum, 1.0 / (step + 1.0))
+        old = params["threshold"]
+        params["threshold"] = old + rate * (out.batch_threshold - old)
+    return params
+
+
+def describe(params: Params) -> dict[str, Any]:
+    """Shapes of a parameter tree, for logs and errors."""
+    return {name: tuple(value.shape) for name, value in params.items()}

@@ -1,0 +1,103 @@
+"""Reading and writing safetensors files with numpy, bfloat16 included, memory-mapped on read.
+
+The format: an 8-byte little-endian header length N, N bytes of JSON
+({name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}), then the data.
+The `safetensors` package's numpy API has no bfloat16, which activation caches often use.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from jaxsae.errors import DataError
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header and the byte offset where the data starts."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DataError(f"{file}: truncated safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise DataError(f"{file}: corrupt safetensors header (length {n} > file size)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{file}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{file}: corrupt safetensors header (not an object)")
+    return header, 8 + n
+
+
+def tensor_layout(file: Path, header: Mapping[str, Any], name: str,
+                  data_start: int) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(absolute offset, shape, dtype) of tensor `name`, checked against the header."""
+    info = header.get(name)
+    if not isinstance(info, dict):
+        raise DataError(f"{file}: no tensor named {name!r}")
+    if info.get("dtype") not in DTYPES:
+        raise DataError(f"{file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+    dtype = DTYPES[info["dtype"]]
+    shape = tuple(int(s) for s in info["shape"])
+    begin, end = info["data_offsets"]
+    if end - begin != int(np.prod(shape)) * dtype.itemsize:
+        raise DataError(f"{file}: tensor {name!r}: data_offsets do not match shape {list(shape)}")
+    return data_start + begin, shape, dtype
+
+
+def read(file: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of a file, memory-mapped (read-only)."""
+    file = Path(file)
+    header, start = read_header(file)
+    size = file.stat().st_size
+    out = {}
+    for name in header:
+        if name == "__metadata__":
+            continue
+        offset, shape, dtype = tensor_layout(file, header, name, start)
+        if offset + int(np.prod(shape)) * dtype.itemsize > size:
+            raise DataError(f"{file}: truncated (tensor {name!r} runs past the end of the file)")
+        out[name] = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return out
+
+
+def write(path: str | Path, tensors: Mapping[str, np.ndarray],
+          metadata: Mapping[str, str] | None = None) -> None:
+    """Writes numpy arrays as a safetensors file."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    arrays = []
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype not in _NAMES:
+            raise ValueError(f"{name}: dtype {array.dtype} is not supported by the writer")
+        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        arrays.append(array)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data aligned to 8 bytes, as the format recommends
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for array in arrays:
+            f.write(array.tobytes())

@@ -1,0 +1,442 @@
+"""The training run: `train(config)`, in named phases, around one jitted `train_step`.
+
+Phases: run directory -> data -> mesh -> abstract init -> shardings -> materialise -> step ->
+restore -> loop -> export + evaluation. Every run, from the quickstart to a sharded job, takes
+this path; features are configuration and registered loss terms, never a second code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxsae import evaluate, export, penalties, sae, sharding
+from jaxsae.checkpoint import Checkpointer, abstract_with_shardings, check_resume_compatible
+from jaxsae.config import CheckpointConfig, Config, OptimConfig
+from jaxsae.data import open_source, synthetic
+from jaxsae.data.loader import Loader, Prefetcher
+from jaxsae.data.shards import iter_blocks
+from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
+
+# tokens_since_fired saturates here instead of overflowing int32.
+_TOKENS_SINCE_FIRED_CAP = 2**30
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    """[] int32: number of optimizer steps taken."""
+    params: sae.Params
+    opt_state: optax.OptState
+    tokens_since_fired: jax.Array
+    """[d_sae] int32: tokens since each latent last fired (saturating)."""
+    rng: jax.Array
+    """Base key; the key of step s is fold_in(rng, s), so a resumed run draws the same numbers."""
+
+
+class Interrupted(JaxsaeError):
+    """SIGINT / SIGTERM: a checkpoint was saved; rerunning the same command resumes."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and step
+
+
+def lr_schedule(o: OptimConfig) -> Callable[[jax.Array], jax.Array]:
+    """Linear warm-up over `warmup_steps`, constant, linear decay to 0 over the last
+    `decay_fraction` of the steps."""
+    total = o.total_steps
+    decay = int(o.decay_fraction * total)
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(1.0, (s + 1.0) / o.warmup_steps) if o.warmup_steps else 1.0
+        cool = jnp.clip((total - s) / decay, 0.0, 1.0) if decay else 1.0
+        return o.lr * jnp.minimum(warm, cool)
+
+    return schedule
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """Adam with the schedule and global-norm clipping; frozen parameters get zero updates."""
+    o = cfg.optim
+    adam = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
+        optax.scale_by_adam(b1=o.adam_b1, b2=o.adam_b2),
+        optax.scale_by_learning_rate(lr_schedule(o)),
+    )
+    labels = {name: "train" if sae.is_trainable(name, cfg.sae) else "frozen"
+              for name in sae.param_names(cfg.sae)}
+    return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+
+
+def init_state(key: jax.Array, cfg: Config, d_in: int) -> TrainState:
+    init_key, state_key = jax.random.split(key)
+    params = sae.init_params(init_key, d_in, cfg.sae)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=make_optimizer(cfg).init(params),
+        tokens_since_fired=jnp.zeros((cfg.sae.d_sae,), jnp.int32),
+        rng=state_key,
+    )
+
+
+def make_train_step(cfg: Config) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    """The pure step: (state, batch [batch, d_in]) -> (state, metrics)."""
+    schedule = lr_schedule(cfg.optim)
+    tx = make_optimizer(cfg)
+
+    def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+        step = state.step
+        key = jax.random.fold_in(state.rng, step)
+
+        def loss_fn(params):
+            out = sae.forward(params, batch, cfg.sae, train=True,
+                              tokens_since_fired=state.tokens_since_fired, key=key)
+            loss, term_metrics = penalties.total_loss(cfg.loss, out, params, step)
+            return loss, (out, term_metrics)
+
+        (loss, (out, term_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        grads = sae.project_decoder_grad(state.params, grads, cfg.sae)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = sae.after_update(optax.apply_updates(state.params, updates), out, step, cfg.sae)
+
+        fired = jnp.any(out.acts > 0, axis=0)
+        since = jnp.minimum(state.tokens_since_fired + batch.shape[0], _TOKENS_SINCE_FIRED_CAP)
+        tokens_since_fired = jnp.where(fired, 0, since)
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves the state as it was (the host stops the run on seeing it).
+        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new_state = TrainState(
+            step=step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            tokens_since_fired=keep(tokens_since_fired, state.tokens_since_fired),
+            rng=state.rng,
+        )
+        error = jnp.sum(jnp.square(out.x_hat - batch), axis=-1)
+        spread = jnp.sum(jnp.square(batch - batch.mean(axis=0)), axis=-1)
+        metrics = {
+            "loss": loss,
+            **term_metrics,
+            "l0": jnp.mean(jnp.sum(out.acts > 0, axis=-1)),
+            "mse": jnp.mean(error),
+            "explained_variance": 1.0 - jnp.sum(error) / jnp.sum(spread),
+            "dead_fraction": jnp.mean(tokens_since_fired >= cfg.log.dead_window_tokens),
+            "lr": schedule(step),
+            "grad_norm": grad_norm,
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    sae_dir: Path
+    step: int
+    eval: dict[str, Any]
+
+
+def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print) -> RunResult:
+    is_main = jax.process_index() == 0
+
+    # -- run directory ----------------------------------------------------------------------
+    run_dir = cfg.resolved_run_dir.absolute()
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        check_resume_compatible(ckpt.saved_config(resume_step), cfg, run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    # -- data -------------------------------------------------------------------------------
+    data_path = Path(cfg.data.path)
+    if not data_path.exists() and cfg.data.generate is not None:
+        log(f"{data_path} does not exist: generating it ({cfg.data.generate.get('kind')})")
+        synthetic.generate(cfg.data.generate, data_path, progress=progress)
+    source = open_source(cfg.data)
+    n_train = source.n_tokens - cfg.data.eval_tokens
+    if n_train < cfg.optim.batch_size:
+        raise DataError(
+            f"{data_path}: {source.n_tokens} tokens leave {max(n_train, 0)} for training after "
+            f"data.eval_tokens ({cfg.data.eval_tokens}); need at least optim.batch_size "
+            f"({cfg.optim.batch_size})"
+        )
+    d_in = source.d_in
+
+    # -- mesh -------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(cfg)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    # -- abstract init -> shardings -> materialise -------------------------------------------
+    init = partial(init_state, cfg=cfg, d_in=d_in)
+    key = jax.random.PRNGKey(cfg.seed)
+    abstract = jax.eval_shape(init, key)
+    state_sharding = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
+    state = jax.jit(init, out_shardings=state_sharding)(key)
+
+    # -- step -------------------------------------------------------------------------------
+    step_fn = jax.jit(
+        make_train_step(cfg),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    # -- restore ----------------------------------------------------------------------------
+    start = 0
+    if resume_step is not None:
+        state, loader_state, _ = ckpt.restore(
+            resume_step, abstract_with_shardings(abstract, state_sharding)
+        )
+        start = int(state.step)
+        _check_loader_state(loader_state, cfg, n_train, run_dir)
+        log(f"resuming {run_dir} from step {start}")
+        if is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+
+    # -- loop -------------------------------------------------------------------------------
+    total = cfg.optim.total_steps
+    batch_size = cfg.optim.batch_size
+    loader = Loader(source, batch_size=batch_size, buffer_tokens=cfg.data.shuffle_buffer,
+                    seed=cfg.data.seed, stop=n_train, position=start * batch_size)
+    batches = Prefetcher(loader.batches(), depth=2,
+                         transform=lambda b: jax.device_put(b, batch_sharding))
+
+    def loader_state_at(step: int) -> dict:
+        return {**loader.state(), "position": step * batch_size}
+
+    def save(step: int, state: TrainState):
+        ckpt.save(step, state, loader_state_at(step), cfg)
+
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
+    bar = tqdm(total=total, initial=start, unit="step", desc=cfg.name,
+               disable=not (progress and is_main), dynamic_ncols=True)
+    stop_signal = _SignalFlag()
+    logger = _MetricLogger(metrics_file, bar, cfg, start)
+    pending = None  # (step, device metrics) of the previous step: read one step late
+    try:
+        for step in range(start, total):
+            state, metrics = step_fn(state, next(batches))
+            if pending is not None:
+                logger.record(*pending)
+            pending = (step, metrics)
+            done = step + 1
+            if stop_signal.raised:
+                logger.record(*pending)
+                save(done, state)
+                ckpt.wait()
+                raise Interrupted(
+                    f"interrupted by {stop_signal.name} at step {done}; checkpoint saved in "
+                    f"{ckpt.directory}. Run the same command again to resume.",
+                    128 + stop_signal.signum,
+                )
+            if ckpt.due(done) and done < total:
+                logger.record(*pending)  # never checkpoint a state that went non-finite
+                pending = None
+                save(done, state)
+        if pending is not None:
+            logger.record(*pending)
+        if start < total:
+            save(total, state)
+    finally:
+        stop_signal.restore()
+        batches.close()
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+        ckpt.close()
+
+    # -- export + evaluation -------------------------------------------------------------
+    params = jax.device_get(state.params)
+    metrics = finalise(params, cfg, source, n_train, run_dir / "sae" if is_main else None)
+    if is_main:
+        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
+    return RunResult(run_dir=run_dir, sae_dir=run_dir / "sae", step=total, eval=metrics)
+
+
+def finalise(params: sae.Params, cfg: Config, source, n_train: int,
+             out: Path | None, *, dtype: str = "float32") -> dict[str, Any]:
+    """Evaluates on the held-out tokens (else the last training tokens) and exports to `out`."""
+    eval_start = n_train if cfg.data.eval_tokens else max(0, n_train - 65536)
+    blocks = iter_blocks(source, cfg.optim.batch_size, start=eval_start)
+    metrics = evaluate.reconstruction_metrics(params, cfg.sae, blocks)
+    frequency = metrics.pop("firing_frequency")
+    metrics["held_out"] = bool(cfg.data.eval_tokens)
+    if out is not None:
+        export.export_sae(
+            params, cfg.sae, out, dtype=dtype,
+            log10_firing=evaluate.log10_firing(frequency),
+            metadata={"dataset_path": str(Path(cfg.data.path).absolute()),
+                      **_source_metadata(source)},
+            training={"run": cfg.name, "steps": cfg.optim.total_steps,
+                      "tokens": cfg.optim.total_steps * cfg.optim.batch_size},
+        )
+    return metrics
+
+
+def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,
+                      dtype: str = "float32", data: str | None = None) -> Path:
+    """Exports a checkpointed SAE (a run directory or its checkpoints/) in SAELens layout."""
+    path = Path(path)
+    directory = path if path.name == "checkpoints" else path / "checkpoints"
+    if not directory.is_dir():
+        raise JaxsaeError(f"{path}: no checkpoints/ directory (expected a run directory)")
+    ckpt = Checkpointer(directory, CheckpointConfig())
+    try:
+        steps = ckpt.manager.all_steps()
+        if not steps:
+            raise JaxsaeError(f"{directory}: no complete checkpoint")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise JaxsaeError(f"--step {step}: no such checkpoint in {directory} "
+                              f"(available: {', '.join(map(str, sorted(steps)))})")
+        cfg = ckpt.saved_config(step)
+        if data is not None:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
+        source = open_source(cfg.data)
+        init = partial(init_state, cfg=cfg, d_in=source.d_in)
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+        device = sharding.replicated(sharding.single_device_mesh())
+        target = abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
+        state, _, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    n_train = max(source.n_tokens - cfg.data.eval_tokens, 0)
+    finalise(jax.device_get(state.params), cfg, source, n_train, Path(out), dtype=dtype)
+    return Path(out)
+
+
+def _source_metadata(source) -> dict[str, Any]:
+    src = getattr(getattr(source, "manifest", None), "source", {}) or {}
+    out = {}
+    if "model" in src:
+        out["model_name"] = src["model"]
+    if "hook" in src:
+        out["hook_name"] = src["hook"]
+    return out
+
+
+def _check_loader_state(state: dict, cfg: Config, n_train: int, where: Path) -> None:
+    if state.get("n_tokens") != n_train or state.get("batch_size") != cfg.optim.batch_size:
+        raise JaxsaeError(
+            f"{where}: the data changed since the checkpoint (it was {state.get('n_tokens')} "
+            f"training tokens in batches of {state.get('batch_size')}, now {n_train} in "
+            f"{cfg.optim.batch_size}); resuming would not see the same batches"
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops lines logged after the checkpoint, so the resumed file reads like one run."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+class _MetricLogger:
+    """Turns the device metrics of a step (fetched one step late) into logs and checks."""
+
+    def __init__(self, file, bar, cfg: Config, start: int):
+        self.file, self.bar, self.cfg = file, bar, cfg
+        self.last_time, self.last_step = time.perf_counter(), start
+        self.labels = penalties.term_labels(cfg.loss)
+
+    def record(self, step: int, metrics: dict) -> None:
+        host = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
+        done = step + 1
+        if not host.pop("finite"):
+            bad = [label for label in self.labels
+                   if not math.isfinite(host.get(f"loss.{label}", 0.0))]
+            culprit = f"term(s) {', '.join(bad)}" if bad else "the gradient"
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step} ({culprit} non-finite: "
+                f"loss={host['loss']}, grad_norm={host['grad_norm']}); the last good "
+                "checkpoint is kept. Lower optim.lr or check the data (data.check_finite: true)"
+            )
+        self.bar.update(done - self.bar.n)
+        now = time.perf_counter()
+        if done % self.cfg.log.every_steps and done != self.cfg.optim.total_steps:
+            return
+        tokens_per_s = (done - self.last_step) * self.cfg.optim.batch_size / (now - self.last_time)
+        self.last_time, self.last_step = now, done
+        line = {"step": done, "tokens": done * self.cfg.optim.batch_size,
+                "tokens_per_s": round(tokens_per_s, 1), **host}
+        self.bar.set_postfix(
+            {"tok/s": f"{tokens_per_s:,.0f}", "loss": f"{host['loss']:.4g}",
+             "L0": f"{host['l0']:.1f}", "EV": f"{host['explained_variance']:.3f}"},
+            refresh=False,
+        )
+        if self.file is not None:
+            self.file.write(json.dumps(line) + "\n")
+            self.file.flush()
+
+
+class _SignalFlag:
+    """SIGINT / SIGTERM set a flag the loop checks after each step (a second Ctrl-C aborts)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    @property
+    def raised(self) -> bool:
+        return self.signum != 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
