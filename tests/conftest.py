@@ -1,0 +1,51 @@
+"""Shared fixtures: small synthetic data sets and configs that compile and train in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsae.config import config_from_dict
+from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
+
+SMALL_SPEC = SuperpositionSpec(n_features=48, d_in=16, tokens=16384, mean_l0=3.0,
+                               shard_tokens=4096, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """16384 tokens of 48 superposed features in 16 dims, in 4 shards (read-only: don't modify)."""
+    return generate_superposition(SMALL_SPEC, tmp_path_factory.mktemp("data") / "small",
+                                  progress=False)
+
+
+def small_config_dict(data_dir: Path, run_dir: Path, **sections) -> dict:
+    """A tiny run: 64 latents, batch 256, 24 steps, checkpoint every 8."""
+    tree = {
+        "name": "test",
+        "run_dir": str(run_dir),
+        "data": {"path": str(data_dir), "eval_tokens": 2048, "shuffle_buffer": 4096},
+        "sae": {"d_sae": 64, "activation": "relu", "decoder_norm": "free"},
+        "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}],
+        "optim": {"lr": 3e-3, "batch_size": 256, "total_tokens": 256 * 24, "warmup_steps": 2,
+                  "decay_fraction": 0.25},
+        "checkpoint": {"every_steps": 8, "keep": 3},
+        "log": {"every_steps": 4},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            tree[key] = {**tree[key], **value}
+        else:
+            tree[key] = value
+    return tree
+
+
+def small_config(data_dir: Path, run_dir: Path, **sections):
+    return config_from_dict(small_config_dict(data_dir, run_dir, **sections))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,143 @@
+"""The `jaxsae` command: help, one-line errors, and the whole path with real processes:
+synth -> train -> SIGTERM / SIGKILL -> resume -> export -> eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxsae import cli, tensorfile
+from tests.conftest import small_config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv", [[], ["synth"], ["synth", "superposition"], ["train"],
+                                  ["export"], ["eval"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: jaxsae" in capsys.readouterr().out
+
+
+def _one_line_error(argv, capsys) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"jaxsae {argv[0]}: error: ")
+    return err
+
+
+def test_bad_input_gets_one_line_naming_the_culprit(small_data, tmp_path, capsys):
+    assert "nope.yaml" in _one_line_error(["train", str(tmp_path / "nope.yaml")], capsys)
+    cfg_file = tmp_path / "c.yaml"
+    tree = small_config_dict(small_data, tmp_path / "run")
+    cfg_file.write_text(yaml.safe_dump({**tree, "optim": {**tree["optim"], "lr_rate": 1}}))
+    assert "optim.lr_rate" in _one_line_error(["train", str(cfg_file)], capsys)
+    cfg_file.write_text(yaml.safe_dump(tree))
+    err = _one_line_error(["train", str(cfg_file), "sae.activation=topk", "sae.k=65"], capsys)
+    assert "sae.k" in err
+    err = _one_line_error(["train", str(cfg_file), f"data.path={tmp_path / 'absent'}"], capsys)
+    assert "absent" in err
+    assert "cfg.json" in _one_line_error(["eval", str(tmp_path), "--data", str(small_data)],
+                                         capsys)
+    err = _one_line_error(["synth", "superposition", "--out", str(tmp_path / "s"),
+                           "--n-features", "many"], capsys)
+    assert "n_features" in err
+
+
+def _jaxsae(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "jaxsae.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    proc = _jaxsae(*args)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _train_until_checkpoint(config: Path, run_dir: Path, sig: int) -> subprocess.CompletedProcess:
+    """Starts training, waits for the first complete checkpoint, then sends `sig`."""
+    proc = _jaxsae("train", str(config), "--no-progress")
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "100").is_dir():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _weights(sae_dir: Path) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in tensorfile.read(sae_dir / "sae_weights.safetensors")
+            .items()}
+
+
+def test_end_to_end_with_interruptions(tmp_path):
+    data = tmp_path / "data"
+    _run("synth", "superposition", "--out", str(data), "--n-features", "48", "--d-in", "16",
+         "--tokens", "32768", "--shard-tokens", "8192", "--no-progress")
+    assert (data / "manifest.json").is_file() and (data / "truth.safetensors").is_file()
+
+    def config(name: str) -> Path:
+        tree = small_config_dict(data, tmp_path / name)
+        tree["sae"]["d_sae"] = 96
+        tree["optim"].update(batch_size=512, total_tokens=512 * 3000, warmup_steps=20)
+        tree["checkpoint"] = {"every_steps": 100, "keep": 2}
+        tree["log"] = {"every_steps": 100}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return path
+
+    # Uninterrupted reference.
+    _run("train", str(config("straight")), "--no-progress")
+
+    # SIGTERM: saves, exits 143 with a resume hint; the same command finishes the run.
+    cfg = config("term")
+    stopped = _train_until_checkpoint(cfg, tmp_path / "term", signal.SIGTERM)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "Run the same command again to resume" in stopped.stderr
+    assert len(stopped.stderr.strip().splitlines()) <= 3, stopped.stderr
+    resumed = _run("train", str(cfg), "--no-progress")
+    assert "resuming" in resumed.stdout
+
+    # SIGKILL: loses at most the work since the last checkpoint, then resumes exactly.
+    cfg = config("kill")
+    killed = _train_until_checkpoint(cfg, tmp_path / "kill", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    _run("train", str(cfg), "--no-progress")
+
+    reference = _weights(tmp_path / "straight" / "sae")
+    for name in ("term", "kill"):
+        got = _weights(tmp_path / name / "sae")
+        for key in reference:
+            np.testing.assert_array_equal(reference[key], got[key], err_msg=f"{name}: {key}")
+    steps = [json.loads(x)["step"] for x in
+             (tmp_path / "kill" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(100, 3001, 100))
+
+    # Export from the checkpoint and evaluate against the ground truth.
+    _run("export", str(tmp_path / "kill"), "--out", str(tmp_path / "exported"))
+    for key, value in _weights(tmp_path / "exported").items():
+        np.testing.assert_array_equal(value, reference[key])
+    result = _run("eval", str(tmp_path / "exported"), "--data", str(data), "--truth", str(data))
+    metrics = json.loads(result.stdout)
+    for key in ("l0", "mse", "explained_variance", "dead_fraction", "mcc", "mmcs"):
+        assert key in metrics
+    assert metrics["explained_variance"] > 0.5
+    assert metrics["mcc"] > 0.5

@@ -1,0 +1,191 @@
+"""The training run in-process: outputs, exact resume, non-finite handling, one compile."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsae import penalties, tensorfile
+from jaxsae import train as train_mod
+from jaxsae.checkpoint import Checkpointer
+from jaxsae.config import CheckpointConfig, config_from_dict, load_config
+from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
+from jaxsae.export import load_sae
+from tests.conftest import small_config, small_config_dict
+
+
+def _weights(run_dir):
+    return {k: np.asarray(v) for k, v in tensorfile.read(run_dir / "sae" /
+                                                          "sae_weights.safetensors").items()}
+
+
+def test_run_directory_contract(small_data, tmp_path):
+    cfg = small_config(small_data, tmp_path / "run")
+    result = train_mod.train(cfg, progress=False)
+    run = tmp_path / "run"
+    assert result.run_dir == run.absolute()
+    assert load_config(run / "config.yaml") == cfg
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [4, 8, 12, 16, 20, 24]
+    for key in ("step", "tokens", "tokens_per_s", "loss", "loss.mse", "loss.l1", "l0", "mse",
+                "explained_variance", "dead_fraction", "lr"):
+        assert key in lines[-1], key
+    assert lines[-1]["tokens"] == 24 * 256
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert lines[-1]["mse"] == pytest.approx(lines[-1]["loss.mse"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "16", "24", "8"]
+    loaded = load_sae(run / "sae")
+    assert loaded.params["W_dec"].shape == (64, 16)
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["tokens"] == 2048 and ev["held_out"] is True
+    assert ev == result.eval
+
+
+def test_resume_after_crash_is_exact(small_data, tmp_path, monkeypatch):
+    """A run that dies at step 13 and is restarted ends bit-identical to an uninterrupted one."""
+    straight = small_config(small_data, tmp_path / "straight")
+    train_mod.train(straight, progress=False)
+
+    crashed = small_config(small_data, tmp_path / "crashed")
+    real_loader = train_mod.Loader.batches
+
+    def dying_batches(self):
+        for i, batch in enumerate(real_loader(self)):
+            if i == 13:
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    monkeypatch.setattr(train_mod.Loader, "batches", dying_batches)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_mod.train(crashed, progress=False)
+    monkeypatch.setattr(train_mod.Loader, "batches", real_loader)
+    ckpt = Checkpointer(tmp_path / "crashed" / "checkpoints", CheckpointConfig())
+    assert ckpt.latest_step() == 8
+    ckpt.close()
+
+    train_mod.train(crashed, progress=False)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "crashed")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    steps = [json.loads(x)["step"] for x in
+             (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12, 16, 20, 24]  # lines after the checkpoint were rewritten once
+
+
+@pytest.fixture
+def nan_term():
+    @penalties.register("test_nan_after")
+    def nan_after(out, params, *, step, after: int = 10):
+        """NaN from step `after` on (for testing the non-finite guard)."""
+        return jnp.where(step >= after, jnp.nan, 0.0), {}
+
+    yield nan_after
+    del penalties._REGISTRY["test_nan_after"]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(small_data, tmp_path, nan_term):
+    tree = small_config_dict(small_data, tmp_path / "run")
+    tree["loss"].append({"term": "test_nan_after", "after": 10})
+    with pytest.raises(NonFiniteError, match=r"step 10 .*test_nan_after"):
+        train_mod.train(config_from_dict(tree), progress=False)
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", CheckpointConfig())
+    assert ckpt.manager.all_steps() == [8]
+    ckpt.close()
+    assert not (tmp_path / "run" / "sae").exists()
+
+
+def test_train_step_compiles_once(small_data, tmp_path, monkeypatch):
+    traces = []
+    real = train_mod.make_train_step
+
+    def counting(cfg):
+        step = real(cfg)
+
+        def traced(state, batch):
+            traces.append(1)
+            return step(state, batch)
+
+        return traced
+
+    monkeypatch.setattr(train_mod, "make_train_step", counting)
+    train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize(
+    ("sae_cfg", "loss"),
+    [
+        ({"activation": "topk", "k": 4}, [{"term": "mse"}, {"term": "auxk", "dead_tokens": 512}]),
+        ({"activation": "batchtopk", "k": 4}, [{"term": "mse"}, {"term": "auxk"}]),
+        ({"activation": "jumprelu", "jumprelu_bandwidth": 0.05},
+         [{"term": "mse"}, {"term": "l0", "coefficient": 0.01, "bandwidth": 0.05}]),
+        ({"activation": "relu", "tied": True, "decoder_norm": "unit"},
+         [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}]),
+        ({"activation": "topk", "k": 4, "tied": True}, [{"term": "mse"}]),
+    ],
+    ids=["topk-auxk", "batchtopk", "jumprelu-l0", "tied-relu-unit", "tied-topk"],
+)
+def test_every_activation_trains_and_exports(small_data, tmp_path, sae_cfg, loss):
+    cfg = small_config(small_data, tmp_path / "run", sae=sae_cfg, loss=loss)
+    result = train_mod.train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert result.eval["explained_variance"] > 0.0
+    loaded = load_sae(result.sae_dir)
+    if cfg.sae.activation == "topk":
+        assert 0 < result.eval["l0"] <= 4
+    if cfg.sae.activation == "batchtopk":  # batch*k codes per batch in training
+        assert lines[-1]["l0"] == pytest.approx(4.0)
+    if cfg.sae.decoder_norm == "unit":
+        norms = np.linalg.norm(loaded.params["W_dec"], axis=1)
+        np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    if cfg.sae.tied:
+        np.testing.assert_array_equal(loaded.params["W_enc"], loaded.params["W_dec"].T)
+
+
+def test_lr_schedule_shape():
+    cfg = config_from_dict({"data": {"path": "x"}, "optim": {
+        "lr": 1.0, "batch_size": 1, "total_tokens": 100, "warmup_steps": 10,
+        "decay_fraction": 0.2}})
+    lr = train_mod.lr_schedule(cfg.optim)
+    values = np.array([float(lr(s)) for s in range(100)])
+    np.testing.assert_allclose(values[:10], np.arange(1, 11) / 10, rtol=1e-6)
+    assert (values[10:80] == 1.0).all()
+    np.testing.assert_allclose(values[80:], (100 - np.arange(80, 100)) / 20, rtol=1e-6)
+
+
+def test_missing_data_and_too_few_tokens(small_data, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        train_mod.train(small_config(tmp_path / "nope", tmp_path / "run"), progress=False)
+    cfg = small_config(small_data, tmp_path / "run", data={"eval_tokens": 16384})
+    with pytest.raises(DataError, match="eval_tokens"):
+        train_mod.train(cfg, progress=False)
+
+
+def test_resume_refuses_changed_config(small_data, tmp_path):
+    train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
+    changed = small_config(small_data, tmp_path / "run", sae={"d_sae": 32})
+    with pytest.raises(JaxsaeError, match=r"sae\.d_sae"):
+        train_mod.train(changed, progress=False)
+    # Logging and checkpoint cadence may change: the finished run just re-exports.
+    relogged = small_config(small_data, tmp_path / "run", log={"every_steps": 2})
+    assert train_mod.train(relogged, progress=False).step == 24
+
+
+def test_export_checkpoint_matches_final_export(small_data, tmp_path):
+    train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
+    out = train_mod.export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    a, b = _weights(tmp_path / "run"), {
+        k: np.asarray(v) for k, v in tensorfile.read(out / "sae_weights.safetensors").items()}
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    out16 = train_mod.export_checkpoint(tmp_path / "run", tmp_path / "e16", step=16,
+                                        dtype="bfloat16")
+    assert json.loads((out16 / "cfg.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(JaxsaeError, match="--step 5"):
+        train_mod.export_checkpoint(tmp_path / "run", tmp_path / "e5", step=5)
+
