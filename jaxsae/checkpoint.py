@@ -58,23 +58,20 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, Config]:
-        """Restores step `step` onto the shardings carried by `abstract_state`."""
+    def restore_meta(self, step: int) -> tuple[dict, Config]:
+        """The loader position and the config saved with step `step` (cheap: no arrays)."""
         restored = self.manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                loader=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ),
+            args=ocp.args.Composite(loader=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()),
         )
-        return restored.state, dict(restored.loader), config_from_dict(restored.config)
+        return dict(restored.loader), config_from_dict(restored.config)
 
-    def saved_config(self, step: int) -> Config:
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """The train state of step `step`, placed on the shardings carried by `abstract_state`."""
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
-        return config_from_dict(restored.config)
+        return restored.state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

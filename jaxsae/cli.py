@@ -93,7 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after flags (`train CONFIG --no-progress a.b=1`); argparse leaves
+    # such key=value words unparsed.
+    if args.command == "train":
+        args.overrides += [word for word in extra if "=" in word and not word.startswith("-")]
+        extra = [word for word in extra if word not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except JaxsaeError as e:

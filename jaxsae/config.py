@@ -98,6 +98,8 @@ class TermConfig:
             if hname not in spec.hparams:
                 raise ConfigError(_unknown_key_message(f"{key}.{hname}", hname, spec.hparams))
             params[hname] = _parse_value(spec.hparams[hname], value, f"{key}.{hname}")
+        for hname in sorted(spec.required - params.keys()):
+            raise ConfigError(f"{key}.{hname}: required by loss term {name!r}")
         return cls(term=name, coefficient=coefficient, warmup_steps=warmup, params=params)
 
     def to_dict(self) -> dict[str, Any]:
@@ -426,6 +428,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for assignment in overrides:
+        # `loss.1.coefficient=2` edits the default term list when the file has none.
+        if assignment.startswith("loss.") and tree.get("loss") is None:
+            tree["loss"] = [t.to_dict() for t in _default_loss()]
         apply_override(tree, assignment)
     return from_dict(Config, tree)
 
@@ -453,11 +458,13 @@ def is_mutable_on_resume(key: str) -> bool:
     return any(key == m or key.startswith(m + ".") for m in MUTABLE_ON_RESUME)
 
 
-def keyword_hparams(fn: Any) -> dict[str, Any]:
-    """The keyword-only parameters (name -> annotation) of a registered function."""
+def keyword_hparams(fn: Any) -> tuple[dict[str, Any], frozenset[str]]:
+    """The keyword-only parameters (name -> annotation) of a registered function, and which of
+    them have no default (required in the config)."""
     sig = inspect.signature(fn, eval_str=True)
-    return {
-        name: p.annotation if p.annotation is not inspect.Parameter.empty else Any
-        for name, p in sig.parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "step"
-    }
+    params = {name: p for name, p in sig.parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "step"}
+    types_ = {name: p.annotation if p.annotation is not inspect.Parameter.empty else Any
+              for name, p in params.items()}
+    required = frozenset(n for n, p in params.items() if p.default is inspect.Parameter.empty)
+    return types_, required

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,9 @@ def export_sae(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir follows the umask.
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
     try:
         tensorfile.write(staging / WEIGHTS_FILE, weights, metadata={"format": "pt"})
         tensorfile.write(staging / SPARSITY_FILE,

@@ -51,6 +51,8 @@ class TermSpec:
     fn: LossTerm
     hparams: dict[str, Any]
     """Hyper-parameter name -> annotated type (the term's keyword-only parameters)."""
+    required: frozenset[str]
+    """Hyper-parameters without a default."""
     validate: CheckFn | None = None
 
     def check(self, cfg: Config, term: TermConfig, key: str) -> None:
@@ -66,7 +68,7 @@ def register(name: str, *, check: CheckFn | None = None) -> Callable[[LossTerm],
     def wrap(fn: LossTerm) -> LossTerm:
         if name in _REGISTRY:
             raise ValueError(f"loss term {name!r} is already registered")
-        _REGISTRY[name] = TermSpec(name, fn, keyword_hparams(fn), check)
+        _REGISTRY[name] = TermSpec(name, fn, *keyword_hparams(fn), check)
         return fn
 
     return wrap

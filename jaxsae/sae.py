@@ -258,7 +258,7 @@ def after_update(params: Params, out: ForwardOutput, step: jax.Array, cfg: SAECo
         # Averages the first 1/momentum batches exactly, then becomes an EMA.
         rate = jnp.maximum(cfg.batchtopk_threshold_momentum, 1.0 / (step + 1.0))
         old = params["threshold"]
-        params["threshold"] = old + rate * (out.batch_threshold - old)
+        params["threshold"] = (1.0 - rate) * old + rate * out.batch_threshold
     return params
 
 

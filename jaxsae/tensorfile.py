@@ -8,6 +8,7 @@ The `safetensors` package's numpy API has no bfloat16, which activation caches o
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -87,7 +88,7 @@ def write(path: str | Path, tensors: Mapping[str, np.ndarray],
     offset = 0
     arrays = []
     for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
+        array = np.require(np.asarray(array), requirements="C")  # keeps 0-d shapes
         if array.dtype not in _NAMES:
             raise ValueError(f"{name}: dtype {array.dtype} is not supported by the writer")
         header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
@@ -96,8 +97,15 @@ def write(path: str | Path, tensors: Mapping[str, np.ndarray],
         arrays.append(array)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data aligned to 8 bytes, as the format recommends
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for array in arrays:
-            f.write(array.tobytes())
+    # Write beside the target and rename: a reader that memory-mapped the old file keeps it.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for array in arrays:
+                f.write(array.tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -178,7 +178,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     resume_step = ckpt.latest_step()
     if resume_step is not None:
-        check_resume_compatible(ckpt.saved_config(resume_step), cfg, run_dir)
+        loader_state, saved_cfg = ckpt.restore_meta(resume_step)
+        check_resume_compatible(saved_cfg, cfg, run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -197,6 +198,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
             f"({cfg.optim.batch_size})"
         )
     d_in = source.d_in
+    if resume_step is not None:
+        _check_loader_state(loader_state, cfg, source, n_train, run_dir)
 
     # -- mesh -------------------------------------------------------------------------------
     mesh = sharding.make_mesh(cfg)
@@ -220,11 +223,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     # -- restore ----------------------------------------------------------------------------
     start = 0
     if resume_step is not None:
-        state, loader_state, _ = ckpt.restore(
-            resume_step, abstract_with_shardings(abstract, state_sharding)
-        )
+        state = ckpt.restore_state(resume_step, abstract_with_shardings(abstract, state_sharding))
         start = int(state.step)
-        _check_loader_state(loader_state, cfg, n_train, run_dir)
         log(f"resuming {run_dir} from step {start}")
         if is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", start)
@@ -325,7 +325,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         if step not in steps:
             raise JaxsaeError(f"--step {step}: no such checkpoint in {directory} "
                               f"(available: {', '.join(map(str, sorted(steps)))})")
-        cfg = ckpt.saved_config(step)
+        _, cfg = ckpt.restore_meta(step)
         if data is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
         source = open_source(cfg.data)
@@ -333,7 +333,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
         device = sharding.replicated(sharding.single_device_mesh())
         target = abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-        state, _, _ = ckpt.restore(step, target)
+        state = ckpt.restore_state(step, target)
     finally:
         ckpt.close()
     n_train = max(source.n_tokens - cfg.data.eval_tokens, 0)
@@ -351,7 +351,10 @@ def _source_metadata(source) -> dict[str, Any]:
     return out
 
 
-def _check_loader_state(state: dict, cfg: Config, n_train: int, where: Path) -> None:
+def _check_loader_state(state: dict, cfg: Config, source, n_train: int, where: Path) -> None:
+    if state.get("d_in") != source.d_in:
+        raise DataError(f"{cfg.data.path}: d_in is {source.d_in} but the checkpoint in {where} "
+                        f"was trained on d_in {state.get('d_in')}")
     if state.get("n_tokens") != n_train or state.get("batch_size") != cfg.optim.batch_size:
         raise JaxsaeError(
             f"{where}: the data changed since the checkpoint (it was {state.get('n_tokens')} "

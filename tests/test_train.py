@@ -176,6 +176,17 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
     assert train_mod.train(relogged, progress=False).step == 24
 
 
+def test_resume_refuses_data_of_another_width(small_data, tmp_path):
+    from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
+
+    cfg = small_config(small_data, tmp_path / "run")
+    train_mod.train(cfg, progress=False)
+    wider = generate_superposition(SuperpositionSpec(n_features=48, d_in=24, tokens=16384),
+                                   tmp_path / "wider", progress=False)
+    with pytest.raises(DataError, match=r"d_in is 24 .* d_in 16"):
+        train_mod.train(small_config(wider, tmp_path / "run"), progress=False)
+
+
 def test_export_checkpoint_matches_final_export(small_data, tmp_path):
     train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
     out = train_mod.export_checkpoint(tmp_path / "run", tmp_path / "exported")

@@ -1,0 +1,311 @@
+"""Config: YAML presets, dotted overrides, round-tripping and key-naming errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jaxsae.config import (
+    Config,
+    DataConfig,
+    changed_keys,
+    config_from_dict,
+    is_mutable_on_resume,
+    load_config,
+)
+from jaxsae.errors import ConfigError
+
+
+def base_tree() -> dict:
+    """A valid preset: 24 steps of 256 tokens, relu, mse + l1 (l1 with a warm-up)."""
+    return {
+        "name": "cfgtest",
+        "data": {"path": "/nonexistent/activations", "eval_tokens": 1024},
+        "sae": {"d_sae": 64, "activation": "relu", "k": 8, "decoder_norm": "free"},
+        "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 5.0, "warmup_steps": 10}],
+        "optim": {"lr": 3.0e-4, "batch_size": 256, "total_tokens": 256 * 24, "warmup_steps": 2,
+                  "decay_fraction": 0.25},
+        "checkpoint": {"every_steps": 8, "keep": 2},
+        "log": {"every_steps": 4},
+    }
+
+
+def write_yaml(tmp_path: Path, tree: dict, name: str = "preset.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def preset(tmp_path) -> Path:
+    return write_yaml(tmp_path, base_tree())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def test_load_config_reads_yaml_values(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)
+    assert cfg.name == "cfgtest"
+    assert cfg.data.path == "/nonexistent/activations"
+    assert cfg.data.eval_tokens == 1024
+    assert cfg.data.shuffle_buffer == DataConfig().shuffle_buffer  # default kept
+    assert cfg.sae.d_sae == 64 and cfg.sae.activation == "relu" and cfg.sae.k == 8
+    assert cfg.sae.decoder_norm == "free"
+    assert [t.term for t in cfg.loss] == ["mse", "l1"]
+    assert cfg.loss[0].coefficient == 1.0 and cfg.loss[0].warmup_steps == 0
+    assert cfg.loss[1].coefficient == 5.0 and cfg.loss[1].warmup_steps == 10
+    assert cfg.optim.total_steps == 24
+    assert cfg.checkpoint.keep == 2 and cfg.log.every_steps == 4
+
+
+def test_load_config_without_file_gives_defaults():
+    cfg = load_config(None, ["data.path=/some/dir"])
+    assert cfg == Config(data=DataConfig(path="/some/dir"))
+
+
+def test_dotted_overrides(preset):
+    cfg = load_config(preset, ["optim.lr=1e-3", "loss.1.coefficient=2", "sae.d_sae=128"])
+    assert cfg.optim.lr == pytest.approx(1e-3) and type(cfg.optim.lr) is float
+    assert cfg.loss[1].coefficient == 2.0 and type(cfg.loss[1].coefficient) is float
+    assert cfg.loss[1].warmup_steps == 10  # the rest of the item is kept
+    assert cfg.loss[0].coefficient == 1.0
+    assert cfg.sae.d_sae == 128 and type(cfg.sae.d_sae) is int
+    assert cfg.sae.activation == "relu"  # siblings in the section are kept
+    assert cfg.optim.batch_size == 256
+
+
+def test_negative_list_index_override(preset):
+    cfg = load_config(preset, ["loss.-1.coefficient=7"])
+    assert cfg.loss[1].coefficient == 7.0
+
+
+def test_yaml11_exponent_without_dot_is_a_float(preset, tmp_path):
+    # YAML 1.1 reads `3e-4` as a string; it is accepted as the number.
+    assert yaml.safe_load("3e-4") == "3e-4"
+    cfg = load_config(preset, ["optim.lr=3e-4"])
+    assert type(cfg.optim.lr) is float and cfg.optim.lr == pytest.approx(3e-4)
+    path = tmp_path / "exp.yaml"
+    path.write_text(preset.read_text().replace("lr: 0.0003", "lr: 5e-4"))
+    assert "lr: 5e-4" in path.read_text()
+    assert load_config(path).optim.lr == pytest.approx(5e-4)
+
+
+def test_integer_written_as_float_notation(preset):
+    cfg = load_config(preset, ["optim.total_tokens=1e6"])
+    assert cfg.optim.total_tokens == 1_000_000 and type(cfg.optim.total_tokens) is int
+    cfg = load_config(preset, ["optim.total_tokens=2_000_000"])
+    assert cfg.optim.total_tokens == 2_000_000
+
+
+def test_resolved_config_round_trips(tmp_path):
+    tree = base_tree()
+    tree["run_dir"] = str(tmp_path / "run")
+    tree["sae"] = {"d_sae": 64, "activation": "topk", "k": 8, "tied": True}
+    tree["loss"] = [{"term": "mse"},
+                    {"term": "auxk", "coefficient": 0.03125, "k_aux": 16, "dead_tokens": 5000}]
+    tree["data"]["generate"] = {"kind": "superposition", "n_features": 32, "d_in": 8}
+    path = write_yaml(tmp_path, tree)
+    cfg = load_config(path, ["optim.lr=1e-5", "optim.total_tokens=1e6", "seed=3"])
+    assert cfg.loss[1].params == {"k_aux": 16, "dead_tokens": 5000}
+
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(cfg.to_yaml())
+    again = load_config(resolved)
+    assert again == cfg
+    assert again.to_yaml() == cfg.to_yaml()
+    assert changed_keys(cfg, again) == []
+
+
+def test_default_config_round_trips(tmp_path):
+    cfg = Config(data=DataConfig(path="/d"))
+    path = tmp_path / "defaults.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the key
+
+
+def raises_naming(*fragments: str):
+    """pytest.raises(ConfigError) whose message contains every fragment (in order)."""
+    return pytest.raises(ConfigError, match=".*".join(re.escape(f) for f in fragments))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["optimizer.lr=1e-3"], ("optimizer", "unknown key", "did you mean 'optim'")),
+        (["sae.d_sea=128"], ("sae.d_sea", "unknown key", "did you mean 'd_sae'")),
+        (["optim.lr.x=1"], ("optim.lr", "not a mapping")),
+        (["sae.d_sae=many"], ("sae.d_sae", "integer")),
+        (["sae.d_sae=true"], ("sae.d_sae", "integer")),
+        (["sae.d_sae=12.5"], ("sae.d_sae", "integer")),
+        (["optim.lr=fast"], ("optim.lr", "number")),
+        (["optim.lr=.inf"], ("optim.lr", "finite")),
+        (["sae.tied=1"], ("sae.tied", "true or false")),
+        (["name=3"], ("name", "string")),
+        (["sae.activation=gelu"], ("sae.activation", "relu", "gelu")),
+        (["sae.decoder_norm=none"], ("sae.decoder_norm",)),
+        (["sae.activation=topk", "sae.k=65"], ("sae.k", "64", "65")),
+        (["sae.activation=batchtopk", "sae.k=0"], ("sae.k",)),
+        (["sae.d_sae=0"], ("sae.d_sae",)),
+        (["loss.1.term=l0"], ("loss[1]", "l0", "jumprelu", "relu")),
+        (["loss.1.term=auxk"], ("loss[1]", "auxk", "topk")),
+        (["sae.activation=jumprelu", "loss.1.term=auxk"], ("loss[1]", "auxk")),
+        (["loss.1.term=l2"], ("loss[1].term", "unknown loss term", "l2")),
+        (["loss.1.foo=3"], ("loss[1].foo", "unknown key")),
+        (["loss.0.coefficient=big"], ("loss[0].coefficient", "number")),
+        (["loss.1.warmup_steps=-1"], ("loss[1].warmup_steps",)),
+        (["sae.activation=topk", "loss.1.term=auxk", "loss.1.k_au=4"],
+         ("loss[1].k_au", "did you mean 'k_aux'")),
+        (["sae.activation=topk", "loss.1.term=auxk", "loss.1.k_aux=abc"],
+         ("loss[1].k_aux", "integer")),
+        (["sae.activation=topk", "loss.1.term=auxk", "loss.1.k_aux=65"], ("loss[1].k_aux",)),
+        (["sae.activation=jumprelu", "loss.1.term=l0", "loss.1.bandwidth=0"],
+         ("loss[1].bandwidth",)),
+        (["loss=[]"], ("loss", "at least one")),
+        (["optim.warmup_steps=20"], ("optim.warmup_steps", "24")),
+        (["optim.decay_fraction=0.5", "optim.warmup_steps=13"], ("optim.warmup_steps",)),
+        (["optim.total_tokens=100"], ("optim.total_tokens",)),
+        (["mesh.model=3"], ("mesh.model",)),
+        (["mesh.data=-1", "mesh.model=-1"], ("mesh",)),
+        (["data.path="], ("data.path",)),
+        (["data.path=''"], ("data.path", "required")),
+        (["optim.lr"], ("optim.lr", "key=value")),
+        (["loss.5.coefficient=2"], ("loss.5", "out of range")),
+        (["loss.2=2"], ("loss.2", "out of range")),
+        (["loss.x.coefficient=2"], ("loss.x",)),
+        (["sae..d_sae=3"], ("sae..d_sae", "empty")),
+    ],
+)
+def test_errors_name_the_key(preset, overrides, fragments):
+    with raises_naming(*fragments):
+        load_config(preset, overrides)
+
+
+def test_valid_combinations_are_accepted(preset):
+    # The counterparts of the combination errors above.
+    cfg = load_config(preset, ["sae.activation=topk", "sae.k=64", "loss.1.term=auxk",
+                               "loss.1.k_aux=32", "loss.1.dead_tokens=100"])
+    assert cfg.loss[1].term == "auxk" and cfg.loss[1].params == {"k_aux": 32, "dead_tokens": 100}
+    cfg = load_config(preset, ["sae.activation=jumprelu", "loss.1.term=l0",
+                               "loss.1.bandwidth=0.01"])
+    assert cfg.loss[1].params == {"bandwidth": 0.01}
+    assert type(cfg.loss[1].params["bandwidth"]) is float
+    cfg = load_config(preset, ["optim.warmup_steps=18"])  # 18 + 6 decay == 24 steps
+    assert cfg.optim.warmup_steps == 18
+
+
+def test_missing_data_path(tmp_path):
+    tree = base_tree()
+    del tree["data"]
+    with raises_naming("data.path", "required"):
+        load_config(write_yaml(tmp_path, tree))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with raises_naming("nope.yaml", "not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sae: {d_sae: [\n")
+    with raises_naming("bad.yaml", "YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with raises_naming("list.yaml", "mapping"):
+        load_config(top)
+
+
+def test_wrong_type_in_yaml_file(tmp_path):
+    tree = base_tree()
+    tree["sae"]["d_sae"] = "wide"
+    with raises_naming("sae.d_sae", "integer"):
+        load_config(write_yaml(tmp_path, tree))
+    tree = base_tree()
+    tree["sae"] = "topk"
+    with raises_naming("sae", "mapping"):
+        load_config(write_yaml(tmp_path, tree))
+    tree = base_tree()
+    tree["loss"] = {"term": "mse"}
+    with raises_naming("loss", "list"):
+        load_config(write_yaml(tmp_path, tree))
+    tree = base_tree()
+    tree["loss"] = [{"coefficient": 1.0}]
+    with raises_naming("loss[0].term", "missing"):
+        load_config(write_yaml(tmp_path, tree))
+
+
+def test_config_error_is_raised_by_config_from_dict():
+    tree = base_tree()
+    tree["sae"]["activation"] = "gelu"
+    with raises_naming("sae.activation"):
+        config_from_dict(tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumption
+
+
+def test_changed_keys(preset):
+    old = load_config(preset)
+    assert changed_keys(old, old) == []
+    assert changed_keys(old, load_config(preset)) == []
+    new = load_config(preset, ["optim.lr=1e-3", "log.every_steps=2", "data.path=/elsewhere"])
+    assert changed_keys(old, new) == ["data.path", "optim.lr", "log.every_steps"]
+    assert changed_keys(new, old) == ["data.path", "optim.lr", "log.every_steps"]
+    coef = load_config(preset, ["loss.1.coefficient=2"])
+    changed = changed_keys(old, coef)
+    assert len(changed) == 1 and changed[0].startswith("loss")
+    gen = load_config(preset, ["data.generate.kind=superposition"])
+    assert changed_keys(old, gen) == ["data.generate"]
+
+
+@pytest.mark.parametrize(
+    ("key", "mutable"),
+    [
+        ("name", True),
+        ("run_dir", True),
+        ("data.path", True),
+        ("data.generate", True),
+        ("data.check_finite", True),
+        ("log", True),
+        ("log.every_steps", True),
+        ("checkpoint.keep", True),
+        ("optim.total_tokens", True),
+        ("optim.lr", False),
+        ("optim.batch_size", False),
+        ("sae.d_sae", False),
+        ("loss", False),
+        ("seed", False),
+        ("data.seed", False),
+        ("data.pathology", False),
+        ("logging", False),
+        ("optim.total_tokens_x", False),
+    ],
+)
+def test_is_mutable_on_resume(key, mutable):
+    assert is_mutable_on_resume(key) is mutable
+
+
+def test_resume_with_longer_run_only_changes_mutable_keys(preset):
+    old = load_config(preset)
+    new = load_config(preset, ["optim.total_tokens=12288", "checkpoint.keep=5", "name=other"])
+    changed = changed_keys(old, new)
+    assert changed == ["name", "optim.total_tokens", "checkpoint.keep"]
+    assert all(is_mutable_on_resume(k) for k in changed)
+    lr = changed_keys(old, load_config(preset, ["optim.lr=1e-2"]))
+    assert not any(is_mutable_on_resume(k) for k in lr)
+
+
+def test_indexed_override_of_default_loss_list(tmp_path):
+    tree = base_tree()
+    del tree["loss"]
+    cfg = load_config(write_yaml(tmp_path, tree), ["loss.1.coefficient=2"])
+    assert [(t.term, t.coefficient) for t in cfg.loss] == [("mse", 1.0), ("l1", 2.0)]

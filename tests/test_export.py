@@ -1,0 +1,377 @@
+"""SAELens-format export and import: round trips per activation, the files, and refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxsae import tensorfile
+from jaxsae.config import SAEConfig
+from jaxsae.export import (
+    CFG_FILE,
+    SPARSITY_FILE,
+    WEIGHTS_FILE,
+    ExportError,
+    export_sae,
+    load_sae,
+)
+from jaxsae.sae import encode, init_params, pre_activations
+
+D_IN = 6
+D_SAE = 16
+K = 3
+
+
+def make_sae(activation: str = "relu", *, tied: bool = False, seed: int = 0):
+    """Parameters with random biases, thresholds and an encoder that is not W_dec.T."""
+    cfg = SAEConfig(d_sae=D_SAE, activation=activation, k=K, tied=tied, decoder_norm="free",
+                    init_decoder_norm=0.5)
+    params = dict(init_params(jax.random.PRNGKey(seed), D_IN, cfg))
+    rng = np.random.default_rng(seed)
+    params["b_enc"] = jnp.asarray(rng.normal(0, 0.1, D_SAE), jnp.float32)
+    params["b_dec"] = jnp.asarray(rng.normal(0, 0.3, D_IN), jnp.float32)
+    if not tied:
+        params["W_enc"] = params["W_enc"] + jnp.asarray(rng.normal(0, 0.2, (D_IN, D_SAE)),
+                                                        jnp.float32)
+    if "threshold" in params:
+        params["threshold"] = jnp.asarray(rng.uniform(0.0, 0.3, D_SAE), jnp.float32)
+    return params, cfg
+
+
+def inputs(seed: int = 1, n: int = 64) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(0, 1.5, (n, D_IN)), jnp.float32)
+
+
+CASES = [
+    ("relu", False, "standard"),
+    ("topk", False, "topk"),
+    ("jumprelu", False, "jumprelu"),
+    ("batchtopk", False, "jumprelu"),
+    ("relu", True, "standard"),
+    ("jumprelu", True, "jumprelu"),
+]
+
+
+@pytest.mark.parametrize(("activation", "tied", "architecture"), CASES)
+def test_round_trip_gives_the_same_codes(tmp_path, activation, tied, architecture):
+    params, cfg = make_sae(activation, tied=tied)
+    out = export_sae(params, cfg, tmp_path / "sae")
+    assert out == tmp_path / "sae"
+    loaded = load_sae(out)
+    assert loaded.d_in == D_IN
+    assert loaded.sae.d_sae == D_SAE
+    assert loaded.cfg_json["architecture"] == architecture
+    assert loaded.sae.activation == {"standard": "relu"}.get(architecture, architecture)
+
+    x = inputs()
+    want = np.asarray(encode(params, x, cfg, train=False))
+    got = np.asarray(encode(loaded.params, x, loaded.sae))
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    # The comparison means something: some latents fire, most do not.
+    fired = want > 0
+    assert 0 < fired.sum() < fired.size
+    if activation in ("jumprelu", "batchtopk"):
+        pre = np.asarray(pre_activations(params, x))
+        gated = (pre > 0) & (pre <= np.asarray(params["threshold"]))
+        assert gated.any()  # positive pre-activations that the threshold removes
+    if activation == "topk":
+        assert loaded.sae.k == K
+        per_token = fired.sum(axis=1)
+        assert per_token.max() == K  # (fewer only where fewer than K pre-activations are > 0)
+        assert np.mean(per_token == K) > 0.9
+
+
+@pytest.mark.parametrize(("activation", "tied", "architecture"), CASES)
+def test_weights_file(tmp_path, activation, tied, architecture):
+    params, cfg = make_sae(activation, tied=tied)
+    out = export_sae(params, cfg, tmp_path / "sae")
+    weights = tensorfile.read(out / WEIGHTS_FILE)
+    expected = {"W_enc", "W_dec", "b_enc", "b_dec"}
+    if architecture == "jumprelu":
+        expected.add("threshold")
+    assert set(weights) == expected
+    assert all(w.dtype == np.float32 for w in weights.values())
+    w_enc = np.asarray(params["W_dec"]).T if tied else np.asarray(params["W_enc"])
+    np.testing.assert_array_equal(weights["W_enc"], w_enc)
+    assert weights["W_enc"].shape == (D_IN, D_SAE)
+    for name in expected - {"W_enc"}:
+        np.testing.assert_array_equal(weights[name], np.asarray(params[name]), err_msg=name)
+    header, _ = tensorfile.read_header(out / WEIGHTS_FILE)
+    assert header["__metadata__"] == {"format": "pt"}
+
+
+def test_batchtopk_exports_its_inference_threshold(tmp_path):
+    params, cfg = make_sae("batchtopk")
+    loaded = load_sae(export_sae(params, cfg, tmp_path / "sae"))
+    assert loaded.cfg_json["architecture"] == "jumprelu"
+    assert "k" not in loaded.cfg_json
+    np.testing.assert_array_equal(loaded.params["threshold"], np.asarray(params["threshold"]))
+    x = inputs(3)
+    pre = np.asarray(pre_activations(params, x))
+    manual = np.where(pre > np.asarray(params["threshold"]), np.maximum(pre, 0), 0)
+    np.testing.assert_allclose(np.asarray(encode(loaded.params, x, loaded.sae)), manual,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu", "batchtopk"])
+def test_cfg_json(tmp_path, activation):
+    params, cfg = make_sae(activation)
+    out = export_sae(params, cfg, tmp_path / "sae", metadata={"hook_name": "blocks.3.hook"},
+                     training={"steps": 12})
+    c = json.loads((out / CFG_FILE).read_text())
+    assert c["architecture"] == {"relu": "standard", "topk": "topk"}.get(activation, "jumprelu")
+    assert c["d_in"] == D_IN
+    assert c["d_sae"] == D_SAE
+    assert c["dtype"] == "float32"
+    assert c["normalize_activations"] == "none"
+    assert c["apply_b_dec_to_input"] is True
+    assert isinstance(c["metadata"]["sae_lens_version"], str) and c["metadata"]["sae_lens_version"]
+    assert c["metadata"]["hook_name"] == "blocks.3.hook"
+    assert c["jaxsae"]["activation"] == activation
+    assert c["jaxsae"]["steps"] == 12
+    if activation == "topk":
+        assert c["k"] == K
+    else:
+        assert "k" not in c
+
+
+def test_sparsity_file(tmp_path):
+    params, cfg = make_sae()
+    firing = np.log10(np.linspace(1e-4, 0.5, D_SAE)).astype(np.float32)
+    out = export_sae(params, cfg, tmp_path / "a", log10_firing=firing)
+    sparsity = tensorfile.read(out / SPARSITY_FILE)
+    assert set(sparsity) == {"sparsity"}
+    assert sparsity["sparsity"].shape == (D_SAE,)
+    assert sparsity["sparsity"].dtype == np.float32
+    np.testing.assert_array_equal(sparsity["sparsity"], firing)
+
+    default = tensorfile.read(export_sae(params, cfg, tmp_path / "b") / SPARSITY_FILE)
+    assert default["sparsity"].shape == (D_SAE,)
+    np.testing.assert_array_equal(default["sparsity"], np.full(D_SAE, -10.0, np.float32))
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_bfloat16_export(tmp_path, activation):
+    params, cfg = make_sae(activation)
+    out = export_sae(params, cfg, tmp_path / "sae", dtype="bfloat16")
+    assert json.loads((out / CFG_FILE).read_text())["dtype"] == "bfloat16"
+    raw = tensorfile.read(out / WEIGHTS_FILE)
+    assert all(w.dtype == np.dtype(ml_dtypes.bfloat16) for w in raw.values())
+    loaded = load_sae(out)
+    for name, value in loaded.params.items():
+        assert value.dtype == np.float32
+        rounded = np.asarray(params[name]).astype(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(value, rounded, err_msg=name)
+        np.testing.assert_allclose(value, np.asarray(params[name]), rtol=2**-8, atol=1e-6)
+    x = inputs()
+    want = np.asarray(encode(params, x, cfg))
+    got = np.asarray(encode(loaded.params, x, loaded.sae))
+    if activation == "relu":
+        np.testing.assert_allclose(got, want, atol=0.05)
+    else:  # a latent at its threshold may flip; all others agree to bf16 precision
+        same = (got > 0) == (want > 0)
+        assert same.mean() > 0.98
+        np.testing.assert_allclose(got[same], want[same], atol=0.05)
+
+
+def test_export_rejects_unknown_dtype(tmp_path):
+    params, cfg = make_sae()
+    with pytest.raises(ExportError, match="float16"):
+        export_sae(params, cfg, tmp_path / "sae", dtype="float16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_replaces_an_existing_directory(tmp_path):
+    parent = tmp_path / "runs"
+    first, first_cfg = make_sae("topk", seed=0)
+    out = export_sae(first, first_cfg, parent / "sae")
+    (out / "stale.txt").write_text("from before")
+    (out / "nested").mkdir()
+    (out / "nested" / "x.bin").write_bytes(b"1")
+
+    second, second_cfg = make_sae("relu", seed=5)
+    export_sae(second, second_cfg, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([CFG_FILE, WEIGHTS_FILE,
+                                                            SPARSITY_FILE])
+    assert [p.name for p in parent.iterdir()] == ["sae"]  # no temporary or old directories
+    loaded = load_sae(out)
+    assert loaded.cfg_json["architecture"] == "standard"
+    np.testing.assert_array_equal(loaded.params["W_enc"], np.asarray(second["W_enc"]))
+
+
+def test_failed_export_leaves_the_old_directory_and_no_temporaries(tmp_path):
+    params, cfg = make_sae("jumprelu")
+    out = export_sae(params, cfg, tmp_path / "sae")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other, other_cfg = make_sae("relu", seed=9)
+    with pytest.raises(ValueError):
+        export_sae(other, other_cfg, out, log10_firing=np.array(["not a number"]))
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_export_creates_missing_parents(tmp_path):
+    params, cfg = make_sae()
+    out = export_sae(params, cfg, tmp_path / "a" / "b" / "sae")
+    assert load_sae(out).sae.d_sae == D_SAE
+
+
+def test_export_directory_has_normal_permissions(tmp_path):
+    params, cfg = make_sae()
+    old = os.umask(0o022)
+    try:
+        out = export_sae(params, cfg, tmp_path / "sae")
+        (tmp_path / "reference").mkdir()
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == (tmp_path / "reference").stat().st_mode & 0o777
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading directories written elsewhere, and refusals
+
+
+def write_export(path: Path, cfg: dict, tensors: dict[str, np.ndarray]) -> Path:
+    path.mkdir(parents=True)
+    (path / CFG_FILE).write_text(json.dumps(cfg))
+    tensorfile.write(path / WEIGHTS_FILE, tensors)
+    return path
+
+
+def sae_lens_tensors(seed: int = 0, *, threshold: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = {
+        "W_enc": rng.normal(0, 0.5, (D_IN, D_SAE)).astype(np.float32),
+        "W_dec": rng.normal(0, 0.5, (D_SAE, D_IN)).astype(np.float32),
+        "b_enc": rng.normal(0, 0.1, D_SAE).astype(np.float32),
+        "b_dec": rng.normal(0, 0.3, D_IN).astype(np.float32),
+    }
+    if threshold:
+        t["threshold"] = rng.uniform(0, 0.3, D_SAE).astype(np.float32)
+    return t
+
+
+def test_load_without_b_dec_centring_folds_it_into_b_enc(tmp_path):
+    t = sae_lens_tensors()
+    path = write_export(tmp_path / "sae", {"architecture": "standard", "d_in": D_IN,
+                                          "d_sae": D_SAE, "apply_b_dec_to_input": False}, t)
+    loaded = load_sae(path)
+    x = np.asarray(inputs())
+    manual = np.maximum(x @ t["W_enc"] + t["b_enc"], 0)  # SAELens without centring
+    np.testing.assert_allclose(np.asarray(encode(loaded.params, jnp.asarray(x), loaded.sae)),
+                               manual, atol=1e-5)
+
+
+def test_load_defaults_to_standard(tmp_path):
+    path = write_export(tmp_path / "sae", {"d_in": D_IN, "d_sae": D_SAE}, sae_lens_tensors())
+    loaded = load_sae(path)
+    assert loaded.sae.activation == "relu"
+
+
+def exported(tmp_path, activation="jumprelu") -> Path:
+    params, cfg = make_sae(activation)
+    return export_sae(params, cfg, tmp_path / "sae")
+
+
+def edit_cfg(path: Path, **changes) -> None:
+    c = json.loads((path / CFG_FILE).read_text())
+    c.update(changes)
+    (path / CFG_FILE).write_text(json.dumps(c))
+
+
+def edit_weights(path: Path, drop: str | None = None, **replace) -> None:
+    t = {k: np.array(v) for k, v in tensorfile.read(path / WEIGHTS_FILE).items()}  # copies
+    if drop:
+        del t[drop]
+    t.update(replace)
+    tensorfile.write(path / WEIGHTS_FILE, t)
+
+
+def test_load_refuses_a_missing_directory(tmp_path):
+    with pytest.raises(ExportError, match="not a directory"):
+        load_sae(tmp_path / "nope")
+
+
+def test_load_refuses_missing_cfg(tmp_path):
+    path = exported(tmp_path)
+    (path / CFG_FILE).unlink()
+    with pytest.raises(ExportError, match=r"missing cfg\.json"):
+        load_sae(path)
+
+
+def test_load_refuses_missing_weights(tmp_path):
+    path = exported(tmp_path)
+    (path / WEIGHTS_FILE).unlink()
+    with pytest.raises(ExportError, match=r"missing sae_weights\.safetensors"):
+        load_sae(path)
+
+
+def test_load_refuses_cfg_that_is_not_json(tmp_path):
+    path = exported(tmp_path)
+    (path / CFG_FILE).write_text("{architecture: jumprelu")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        load_sae(path)
+
+
+@pytest.mark.parametrize(("name", "value", "shape"), [
+    ("W_enc", np.zeros((D_SAE, D_IN), np.float32),
+     r"W_enc has shape \[16, 6\], expected \[6, 16\]"),
+    ("W_dec", np.zeros((D_SAE, D_IN + 1), np.float32), r"W_dec has shape \[16, 7\]"),
+    ("b_enc", np.zeros(D_SAE - 1, np.float32), r"b_enc has shape \[15\], expected \[16\]"),
+    ("threshold", np.zeros((1, D_SAE), np.float32), r"threshold has shape \[1, 16\]"),
+])
+def test_load_refuses_a_wrong_shape(tmp_path, name, value, shape):
+    path = exported(tmp_path)
+    edit_weights(path, **{name: value})
+    with pytest.raises(ExportError, match=shape) as err:
+        load_sae(path)
+    assert str(path / WEIGHTS_FILE) in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"])
+def test_load_refuses_a_missing_tensor(tmp_path, name):
+    path = exported(tmp_path)
+    edit_weights(path, drop=name)
+    with pytest.raises(ExportError, match=f"missing tensor '{name}'"):
+        load_sae(path)
+
+
+def test_load_refuses_unknown_architecture(tmp_path):
+    path = exported(tmp_path)
+    edit_cfg(path, architecture="gated")
+    with pytest.raises(ExportError, match="unknown architecture 'gated'"):
+        load_sae(path)
+
+
+@pytest.mark.parametrize(("changes", "what"), [
+    ({"d_in": None}, "'d_in'"),
+    ({"d_sae": "16"}, "'d_sae'"),
+    ({"normalize_activations": "expected_average_only_in"}, "normalize_activations"),
+])
+def test_load_refuses_bad_cfg_values(tmp_path, changes, what):
+    path = exported(tmp_path)
+    edit_cfg(path, **changes)
+    with pytest.raises(ExportError, match=what):
+        load_sae(path)
+
+
+def test_load_refuses_rescaled_topk(tmp_path):
+    path = exported(tmp_path, "topk")
+    edit_cfg(path, rescale_acts_by_decoder_norm=True)
+    with pytest.raises(ExportError, match="rescale_acts_by_decoder_norm"):
+        load_sae(path)
+
+
+def test_load_refuses_a_truncated_weights_file(tmp_path):
+    path = exported(tmp_path)
+    file = path / WEIGHTS_FILE
+    os.truncate(file, file.stat().st_size - 8)
+    with pytest.raises(ExportError, match="truncated"):
+        load_sae(path)

@@ -1,0 +1,509 @@
+"""SAE parameters, activations and decoder constraints against plain NumPy references."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsae import sae
+from jaxsae.config import SAEConfig
+
+D_IN, D_SAE, BATCH, K = 12, 48, 32, 6
+RTOL = 1e-5
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    """Relative tolerance, with an absolute floor of rtol * max|expected| (for near-zeros)."""
+    expected = np.asarray(expected, np.float64)
+    atol = rtol * max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+def relu(a):
+    return np.maximum(a, 0.0)
+
+
+def random_params(rng: np.random.Generator, cfg: SAEConfig, d_in: int = D_IN) -> sae.Params:
+    """Parameters with the right names and shapes, all entries random (not the init values)."""
+    params = {
+        "W_dec": rng.normal(size=(cfg.d_sae, d_in)),
+        "b_enc": 0.1 * rng.normal(size=cfg.d_sae),
+        "b_dec": 0.1 * rng.normal(size=d_in),
+    }
+    if not cfg.tied:
+        params["W_enc"] = rng.normal(size=(d_in, cfg.d_sae)) / np.sqrt(d_in)
+    if cfg.activation in ("jumprelu", "batchtopk"):
+        params["threshold"] = rng.uniform(0.05, 0.5, size=cfg.d_sae)
+    return {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+
+
+def np_pre_acts(params, x):
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    w_enc = p["W_enc"] if "W_enc" in p else p["W_dec"].T
+    return (np.asarray(x, np.float64) - p["b_dec"]) @ w_enc + p["b_enc"]
+
+
+def np_topk(pre, k):
+    out = np.zeros_like(pre)
+    idx = np.argsort(-pre, axis=1)[:, :k]
+    rows = np.arange(pre.shape[0])[:, None]
+    out[rows, idx] = relu(pre[rows, idx])
+    return out
+
+
+def np_batchtopk(pre, k):
+    values = relu(pre)
+    threshold = np.sort(values.ravel())[::-1][pre.shape[0] * k - 1]
+    kept = values * (values >= max(threshold, np.finfo(np.float32).tiny))
+    return kept, threshold
+
+
+@pytest.fixture
+def x(rng):
+    return jnp.asarray(rng.normal(size=(BATCH, D_IN)), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation and parameter names
+
+ALL_CONFIGS = [
+    SAEConfig(d_sae=D_SAE, activation=a, k=K, tied=t, decoder_norm=n)
+    for a, t, n in itertools.product(("relu", "topk", "batchtopk", "jumprelu"), (False, True),
+                                     ("unit", "free"))
+]
+
+
+@pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=lambda c: f"{c.activation}-{c.tied}-"
+                         f"{c.decoder_norm}")
+def test_init_params_shapes_and_names(cfg):
+    params = sae.init_params(jax.random.PRNGKey(1), D_IN, cfg)
+    assert sorted(params) == sorted(sae.param_names(cfg))
+    shapes = {"W_enc": (D_IN, D_SAE), "b_enc": (D_SAE,), "W_dec": (D_SAE, D_IN),
+              "b_dec": (D_IN,), "threshold": (D_SAE,)}
+    for name, value in params.items():
+        assert value.shape == shapes[name], name
+        assert value.dtype == jnp.float32, name
+    assert ("W_enc" in params) is (not cfg.tied)
+    assert ("threshold" in params) is (cfg.activation in ("jumprelu", "batchtopk"))
+    assert sae.describe(params) == {n: shapes[n] for n in params}
+    np.testing.assert_array_equal(params["b_enc"], 0.0)
+    np.testing.assert_array_equal(params["b_dec"], 0.0)
+    if not cfg.tied:
+        np.testing.assert_array_equal(params["W_enc"], params["W_dec"].T)
+    norms = np.linalg.norm(np.asarray(params["W_dec"]), axis=1)
+    expected = 1.0 if cfg.decoder_norm == "unit" else cfg.init_decoder_norm
+    np.testing.assert_allclose(norms, expected, rtol=1e-6)
+    if cfg.activation == "jumprelu":
+        np.testing.assert_array_equal(params["threshold"], np.float32(cfg.jumprelu_init_threshold))
+    if cfg.activation == "batchtopk":
+        np.testing.assert_array_equal(params["threshold"], 0.0)
+
+
+def test_init_params_depends_on_key():
+    cfg = SAEConfig(d_sae=D_SAE)
+    a = sae.init_params(jax.random.PRNGKey(0), D_IN, cfg)
+    b = sae.init_params(jax.random.PRNGKey(0), D_IN, cfg)
+    c = sae.init_params(jax.random.PRNGKey(1), D_IN, cfg)
+    np.testing.assert_array_equal(a["W_dec"], b["W_dec"])
+    assert not np.allclose(a["W_dec"], c["W_dec"])
+    # Random directions: not all rows alike.
+    assert np.std(np.asarray(a["W_dec"])) > 0.1
+
+
+def test_free_norm_init_respects_init_decoder_norm():
+    cfg = SAEConfig(d_sae=D_SAE, decoder_norm="free", init_decoder_norm=0.37)
+    params = sae.init_params(jax.random.PRNGKey(2), D_IN, cfg)
+    np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=1), 0.37, rtol=1e-6)
+
+
+def test_tied_encode_uses_decoder_transpose(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, tied=True)
+    params = random_params(rng, cfg)
+    assert "W_enc" not in params
+    np.testing.assert_array_equal(sae.encoder_weight(params), params["W_dec"].T)
+    assert_close(sae.pre_activations(params, x), np_pre_acts(params, x))
+    assert_close(sae.encode(params, x, cfg), relu(np_pre_acts(params, x)))
+    # Equal to the untied SAE whose encoder is W_dec.T.
+    untied = {**params, "W_enc": params["W_dec"].T}
+    np.testing.assert_allclose(sae.encode(params, x, cfg),
+                               sae.encode(untied, x, SAEConfig(d_sae=D_SAE)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("activation", "tied", "names"),
+    [
+        ("relu", False, {"W_enc", "b_enc", "W_dec", "b_dec"}),
+        ("relu", True, {"b_enc", "W_dec", "b_dec"}),
+        ("topk", False, {"W_enc", "b_enc", "W_dec", "b_dec"}),
+        ("jumprelu", False, {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}),
+        ("jumprelu", True, {"b_enc", "W_dec", "b_dec", "threshold"}),
+        ("batchtopk", False, {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}),
+    ],
+)
+def test_param_names(activation, tied, names):
+    cfg = SAEConfig(d_sae=D_SAE, activation=activation, tied=tied)
+    assert set(sae.param_names(cfg)) == names
+    assert len(sae.param_names(cfg)) == len(names)
+
+
+def test_is_trainable():
+    for activation in ("relu", "topk", "jumprelu", "batchtopk"):
+        cfg = SAEConfig(d_sae=D_SAE, activation=activation)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert sae.is_trainable(name, cfg)
+    assert sae.is_trainable("threshold", SAEConfig(activation="jumprelu"))
+    assert not sae.is_trainable("threshold", SAEConfig(activation="batchtopk"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+def test_relu_encode(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, activation="relu")
+    params = random_params(rng, cfg)
+    pre = np_pre_acts(params, x)
+    assert (pre > 0).any() and (pre < 0).any()
+    assert_close(sae.pre_activations(params, x), pre)
+    assert_close(sae.encode(params, x, cfg), relu(pre))
+    assert_close(sae.encode(params, x, cfg, train=True), relu(pre))
+
+
+def test_topk_function_keeps_k_per_row(rng):
+    pre = rng.normal(size=(BATCH, D_SAE)).astype(np.float32)
+    out = np.asarray(sae.topk(jnp.asarray(pre), K))
+    assert (np.count_nonzero(out, axis=1) == K).all()
+    np.testing.assert_array_equal(out, np_topk(pre.astype(np.float64), K).astype(np.float32))
+
+
+def test_topk_applies_relu_when_fewer_than_k_positive(rng):
+    pre = -np.abs(rng.normal(size=(4, D_SAE))).astype(np.float32)
+    pre[:, :2] = [1.5, 0.5]
+    out = np.asarray(sae.topk(jnp.asarray(pre), K))
+    expected = np.zeros_like(pre)
+    expected[:, :2] = [1.5, 0.5]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_topk_encode(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, activation="topk", k=K)
+    params = random_params(rng, cfg)
+    pre = np_pre_acts(params, x)
+    assert ((pre > 0).sum(axis=1) >= K).all()  # so every row keeps exactly K
+    acts = np.asarray(sae.encode(params, x, cfg))
+    assert (np.count_nonzero(acts, axis=1) == K).all()
+    assert_close(acts, np_topk(pre, K))
+    assert_close(sae.encode(params, x, cfg, train=True), np_topk(pre, K))
+
+
+def test_batchtopk_keeps_batch_times_k(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, activation="batchtopk", k=K)
+    params = random_params(rng, cfg)
+    pre32 = np.asarray(sae.pre_activations(params, x))
+    assert (pre32 > 0).sum() > BATCH * K
+    acts, threshold = sae.batchtopk(jnp.asarray(pre32), K)
+    expected, expected_threshold = np_batchtopk(pre32, K)
+    assert np.count_nonzero(np.asarray(acts)) == BATCH * K
+    np.testing.assert_array_equal(np.asarray(acts), expected)
+    assert float(threshold) == expected_threshold
+    # Rows may keep different numbers of latents: only the batch total is fixed.
+    assert len(set(np.count_nonzero(np.asarray(acts), axis=1))) > 1
+    # Through activate / forward in training mode.
+    out = sae.forward(params, x, cfg, train=True)
+    np.testing.assert_array_equal(np.asarray(out.acts), expected)
+    assert float(out.batch_threshold) == expected_threshold
+
+
+def test_batchtopk_with_fewer_positives_than_target_keeps_all_positives(rng):
+    pre = rng.normal(size=(8, 16)).astype(np.float32)
+    k = 12  # target 96 of 128 entries; about 64 are positive
+    assert (pre > 0).sum() < 8 * k
+    acts, threshold = sae.batchtopk(jnp.asarray(pre), k)
+    assert float(threshold) == 0.0
+    np.testing.assert_array_equal(np.asarray(acts), relu(pre))
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 511, 512])
+def test_kth_largest_nonnegative(rng, k):
+    values = relu(rng.normal(size=(16, 32))).astype(np.float32)  # about half are zero
+    expected = np.sort(values.ravel())[::-1][k - 1]
+    got = sae.kth_largest_nonnegative(jnp.asarray(values), k)
+    assert got.dtype == jnp.float32
+    assert float(got) == expected
+    if k > (values > 0).sum():
+        assert float(got) == 0.0
+
+
+def test_kth_largest_nonnegative_fewer_positives_than_k():
+    values = jnp.asarray([[0.0, 3.0, 0.0, 1.0], [0.5, 0.0, 0.0, 0.0]], jnp.float32)
+    assert float(sae.kth_largest_nonnegative(values, 3)) == 0.5
+    assert float(sae.kth_largest_nonnegative(values, 4)) == 0.0
+    assert float(sae.kth_largest_nonnegative(values, 8)) == 0.0
+    assert float(sae.kth_largest_nonnegative(jnp.zeros((3, 3)), 1)) == 0.0
+
+
+def test_kth_largest_nonnegative_wide_range():
+    values = np.asarray([1e-30, 2e-30, 1e30, 3.0, 7.5e5, np.finfo(np.float32).tiny, 0.0],
+                        np.float32)
+    ordered = np.sort(values)[::-1]
+    for k in range(1, len(values) + 1):
+        assert float(sae.kth_largest_nonnegative(jnp.asarray(values), k)) == ordered[k - 1]
+
+
+def test_batchtopk_inference_uses_threshold(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, activation="batchtopk", k=K)
+    params = random_params(rng, cfg)
+    pre = np.asarray(sae.pre_activations(params, x))
+    threshold = np.asarray(params["threshold"])
+    expected = relu(pre) * (pre > threshold)
+    assert 0 < np.count_nonzero(expected) < np.count_nonzero(relu(pre))
+    np.testing.assert_array_equal(np.asarray(sae.encode(params, x, cfg, train=False)), expected)
+    out = sae.forward(params, x, cfg, train=False)
+    np.testing.assert_array_equal(np.asarray(out.acts), expected)
+    assert float(out.batch_threshold) == 0.0
+
+
+def test_jumprelu_encode(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, activation="jumprelu")
+    params = random_params(rng, cfg)
+    pre = np.asarray(sae.pre_activations(params, x))
+    threshold = np.asarray(params["threshold"])
+    expected = relu(pre) * (pre > threshold)
+    assert 0 < np.count_nonzero(expected) < np.count_nonzero(relu(pre))
+    np.testing.assert_array_equal(np.asarray(sae.encode(params, x, cfg)), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Straight-through gradients
+
+EPS = 0.4  # wide window so many entries fall inside it
+
+
+def ste_inputs(rng):
+    z = rng.normal(size=(BATCH, D_SAE)).astype(np.float32)
+    theta = rng.uniform(-0.3, 0.6, size=D_SAE).astype(np.float32)  # some negative thresholds
+    g = rng.normal(size=(BATCH, D_SAE)).astype(np.float32)
+    return z, theta, g
+
+
+def in_window(z, theta, eps):
+    return np.abs(z.astype(np.float64) - theta) < eps / 2
+
+
+def test_jumprelu_forward_and_gradients(rng):
+    z, theta, g = ste_inputs(rng)
+    out = sae.jumprelu(jnp.asarray(z), jnp.asarray(theta), EPS)
+    np.testing.assert_array_equal(np.asarray(out), relu(z) * (z > theta))
+
+    def loss(z_, theta_):
+        return jnp.sum(sae.jumprelu(z_, theta_, EPS) * g)
+
+    dz, dtheta = jax.grad(loss, argnums=(0, 1))(jnp.asarray(z), jnp.asarray(theta))
+    window = in_window(z, theta, EPS)
+    assert 0.1 < window.mean() < 0.9
+    np.testing.assert_array_equal(np.asarray(dz), g * ((z > theta) & (z > 0)))
+    expected = np.sum(-(theta.astype(np.float64) / EPS) * window * g, axis=0)
+    assert dtheta.shape == (D_SAE,)
+    assert_close(dtheta, expected)
+
+
+def test_jumprelu_gradient_through_forward(rng, x):
+    """The threshold of a JumpReLU SAE gets the straight-through gradient inside forward()."""
+    cfg = SAEConfig(d_sae=D_SAE, activation="jumprelu", jumprelu_bandwidth=EPS)
+    params = random_params(rng, cfg)
+    g = rng.normal(size=(BATCH, D_SAE)).astype(np.float32)
+
+    def loss(p):
+        return jnp.sum(sae.forward(p, x, cfg, train=True).acts * g)
+
+    grads = jax.grad(loss)(params)
+    z = np.asarray(sae.pre_activations(params, x))
+    theta = np.asarray(params["threshold"])
+    expected = np.sum(-(theta.astype(np.float64) / EPS) * in_window(z, theta, EPS) * g, axis=0)
+    assert_close(grads["threshold"], expected)
+    passes = (z > theta) & (z > 0)
+    assert_close(grads["b_enc"], np.sum(g * passes, axis=0))
+
+
+def test_step_ste_forward_and_gradient(rng):
+    z, theta, g = ste_inputs(rng)
+    out = sae.step_ste(jnp.asarray(z), jnp.asarray(theta), EPS)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out), (z > theta).astype(np.float32))
+
+    def loss(z_, theta_):
+        return jnp.sum(sae.step_ste(z_, theta_, EPS) * g)
+
+    dz, dtheta = jax.grad(loss, argnums=(0, 1))(jnp.asarray(z), jnp.asarray(theta))
+    np.testing.assert_array_equal(np.asarray(dz), 0.0)
+    expected = np.sum(-(1.0 / EPS) * in_window(z, theta, EPS) * g, axis=0)
+    assert_close(dtheta, expected)
+    # With g = 1: minus the count of entries in the window, over epsilon.
+    ones = jax.grad(lambda t: jnp.sum(sae.step_ste(jnp.asarray(z), t, EPS)))(jnp.asarray(theta))
+    assert_close(ones, -in_window(z, theta, EPS).sum(axis=0) / EPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder constraints and the BatchTopK threshold
+
+
+def test_project_decoder_grad_removes_parallel_component(rng):
+    cfg = SAEConfig(d_sae=D_SAE, decoder_norm="unit")
+    params = sae.init_params(jax.random.PRNGKey(3), D_IN, cfg)
+    grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+    projected = sae.project_decoder_grad(params, grads, cfg)
+    W, g, p = (np.asarray(a, np.float64) for a in (params["W_dec"], grads["W_dec"],
+                                                   projected["W_dec"]))
+    assert np.abs(np.sum(g * W, axis=1)).max() > 0.1  # there was a parallel component
+    np.testing.assert_allclose(np.sum(p * W, axis=1), 0.0, atol=1e-5)
+    # Only the parallel part is removed.
+    expected = g - np.sum(g * W, axis=1, keepdims=True) / np.sum(W * W, axis=1,
+                                                                  keepdims=True) * W
+    assert_close(p, expected)
+    for name in ("W_enc", "b_enc", "b_dec"):
+        np.testing.assert_array_equal(projected[name], grads[name])
+
+
+def test_project_decoder_grad_non_unit_rows(rng):
+    cfg = SAEConfig(d_sae=D_SAE, decoder_norm="unit")
+    params = random_params(rng, cfg)  # rows not of unit norm: still projected per row
+    grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+    p = np.asarray(sae.project_decoder_grad(params, grads, cfg)["W_dec"], np.float64)
+    W = np.asarray(params["W_dec"], np.float64)
+    np.testing.assert_allclose(np.sum(p * W, axis=1), 0.0, atol=1e-5)
+
+
+def test_project_decoder_grad_is_identity_for_free(rng):
+    cfg = SAEConfig(d_sae=D_SAE, decoder_norm="free")
+    params = sae.init_params(jax.random.PRNGKey(3), D_IN, cfg)
+    grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+    projected = sae.project_decoder_grad(params, grads, cfg)
+    assert set(projected) == set(grads)
+    for name in grads:
+        np.testing.assert_array_equal(projected[name], grads[name])
+
+
+def dummy_output(params, x, cfg, batch_threshold):
+    out = sae.forward(params, x, cfg, train=True)
+    return out.replace(batch_threshold=jnp.asarray(batch_threshold, jnp.float32))
+
+
+def test_after_update_renormalises_unit_rows(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, decoder_norm="unit")
+    params = random_params(rng, cfg)
+    assert np.abs(np.linalg.norm(params["W_dec"], axis=1) - 1).max() > 0.1
+    out = sae.forward(params, x, cfg, train=True)
+    new = sae.after_update(params, out, jnp.asarray(5), cfg)
+    W = np.asarray(params["W_dec"], np.float64)
+    np.testing.assert_allclose(np.linalg.norm(new["W_dec"], axis=1), 1.0, rtol=1e-6)
+    assert_close(new["W_dec"], W / np.linalg.norm(W, axis=1, keepdims=True))
+    for name in ("W_enc", "b_enc", "b_dec"):
+        np.testing.assert_array_equal(new[name], params[name])
+
+
+def test_after_update_leaves_free_rows(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, decoder_norm="free")
+    params = random_params(rng, cfg)
+    out = sae.forward(params, x, cfg, train=True)
+    new = sae.after_update(params, out, jnp.asarray(5), cfg)
+    for name in params:
+        np.testing.assert_array_equal(new[name], params[name])
+
+
+def test_after_update_batchtopk_threshold_first_step_is_exact(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, activation="batchtopk", k=K, batchtopk_threshold_momentum=0.01)
+    params = random_params(rng, cfg)
+    params["threshold"] = sae.init_params(jax.random.PRNGKey(0), D_IN, cfg)["threshold"]
+    out = sae.forward(params, x, cfg, train=True)
+    assert float(out.batch_threshold) > 0
+    new = sae.after_update(params, out, jnp.asarray(0), cfg)
+    np.testing.assert_array_equal(new["threshold"], np.full(D_SAE, out.batch_threshold))
+    # Whatever the previous value, step 0 replaces it (to rounding: old + (new - old)).
+    params["threshold"] = jnp.asarray(rng.uniform(0.0, 3.0, size=D_SAE), jnp.float32)
+    new = sae.after_update(params, out, jnp.asarray(0), cfg)
+    np.testing.assert_allclose(new["threshold"], float(out.batch_threshold), rtol=1e-6)
+
+
+def test_after_update_batchtopk_threshold_ema(rng, x):
+    momentum = 0.05
+    cfg = SAEConfig(d_sae=D_SAE, activation="batchtopk", k=K,
+                    batchtopk_threshold_momentum=momentum)
+    params = random_params(rng, cfg)
+    old = np.asarray(params["threshold"], np.float64)
+    out = dummy_output(params, x, cfg, 0.75)
+    for step in (100, 1000):  # past the first 1 / momentum steps: a plain EMA
+        new = sae.after_update(params, out, jnp.asarray(step), cfg)
+        assert_close(new["threshold"], old + momentum * (0.75 - old))
+
+
+def test_after_update_batchtopk_threshold_averages_first_batches(rng, x):
+    # Documented: the first 1/momentum batches are averaged exactly, then an EMA takes over.
+    cfg = SAEConfig(d_sae=D_SAE, activation="batchtopk", k=K, batchtopk_threshold_momentum=0.1)
+    params = random_params(rng, cfg)
+    batch_thresholds = rng.uniform(0.1, 1.0, size=6)
+    for step, bt in enumerate(batch_thresholds):
+        params = sae.after_update(params, dummy_output(params, x, cfg, bt), jnp.asarray(step),
+                                  cfg)
+    assert_close(params["threshold"], np.full(D_SAE, batch_thresholds.mean()))
+
+
+def test_after_update_other_activations_keep_threshold(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, activation="jumprelu", decoder_norm="free")
+    params = random_params(rng, cfg)
+    out = dummy_output(params, x, cfg, 0.9)
+    new = sae.after_update(params, out, jnp.asarray(0), cfg)
+    np.testing.assert_array_equal(new["threshold"], params["threshold"])
+
+
+# ---------------------------------------------------------------------------------------------
+# forward()
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_fields(rng, x, activation, tied):
+    cfg = SAEConfig(d_sae=D_SAE, activation=activation, k=K, tied=tied)
+    params = random_params(rng, cfg)
+    tsf = jnp.arange(D_SAE, dtype=jnp.int32) * 7
+    key = jax.random.PRNGKey(42)
+    out = sae.forward(params, x, cfg, train=True, tokens_since_fired=tsf, key=key)
+    assert out.x.shape == (BATCH, D_IN)
+    assert out.pre_acts.shape == (BATCH, D_SAE)
+    assert out.acts.shape == (BATCH, D_SAE)
+    assert out.x_hat.shape == (BATCH, D_IN)
+    assert out.decoder_norms.shape == (D_SAE,)
+    assert out.tokens_since_fired.shape == (D_SAE,)
+    assert out.batch_threshold.shape == ()
+    np.testing.assert_array_equal(out.x, x)
+    np.testing.assert_array_equal(out.tokens_since_fired, tsf)
+    np.testing.assert_array_equal(jax.random.key_data(out.key), jax.random.key_data(key))
+    assert_close(out.pre_acts, np_pre_acts(params, x))
+    acts = np.asarray(out.acts, np.float64)
+    W = np.asarray(params["W_dec"], np.float64)
+    assert_close(out.x_hat, acts @ W + np.asarray(params["b_dec"], np.float64))
+    np.testing.assert_allclose(out.x_hat, sae.decode(params, out.acts), rtol=1e-6, atol=1e-6)
+    assert_close(out.decoder_norms, np.linalg.norm(W, axis=1))
+    assert (acts >= 0).all() and (acts > 0).any()
+    if activation != "batchtopk":
+        assert float(out.batch_threshold) == 0.0
+
+
+def test_forward_defaults(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE)
+    params = random_params(rng, cfg)
+    out = sae.forward(params, x, cfg, train=False)
+    np.testing.assert_array_equal(out.tokens_since_fired, np.zeros(D_SAE, np.int32))
+    assert out.key.shape == jax.random.PRNGKey(0).shape
+
+
+def test_forward_is_jittable(rng, x):
+    cfg = SAEConfig(d_sae=D_SAE, activation="batchtopk", k=K)
+    params = random_params(rng, cfg)
+    eager = sae.forward(params, x, cfg, train=True)
+    jitted = jax.jit(lambda p, v: sae.forward(p, v, cfg, train=True))(params, x)
+    np.testing.assert_allclose(jitted.x_hat, eager.x_hat, rtol=1e-5, atol=1e-6)
+    assert float(jitted.batch_threshold) == pytest.approx(float(eager.batch_threshold), rel=1e-6)

@@ -1,0 +1,118 @@
+"""Mesh construction, and the sharded step against one device (8 forced CPU devices)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxsae import sharding
+from jaxsae.config import config_from_dict
+from jaxsae.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(**mesh):
+    return config_from_dict({"data": {"path": "x"}, "sae": {"d_sae": 64},
+                             "optim": {"batch_size": 64, "total_tokens": 6400, "warmup_steps": 1},
+                             "mesh": mesh})
+
+
+def test_mesh_sizes_and_errors():
+    devices = jax.devices()[:1] * 4  # shapes only: the same device object repeated is enough
+    mesh = sharding.make_mesh(_cfg(data=-1, model=2), devices)
+    assert dict(mesh.shape) == {"data": 2, "model": 2}
+    mesh = sharding.make_mesh(_cfg(data=1, model=-1), devices)
+    assert dict(mesh.shape) == {"data": 1, "model": 4}
+    with pytest.raises(ConfigError, match=r"mesh\.model"):
+        sharding.make_mesh(_cfg(data=-1, model=3), devices)
+    with pytest.raises(ConfigError, match="mesh"):
+        sharding.make_mesh(_cfg(data=2, model=1), devices)
+    with pytest.raises(ConfigError, match=r"mesh\.model"):
+        config_from_dict({"data": {"path": "x"}, "sae": {"d_sae": 60}, "mesh": {"model": 8}})
+
+
+def test_param_specs_follow_the_logical_table():
+    abstract = {"W_enc": jax.ShapeDtypeStruct((16, 64), "float32"),
+                "W_dec": jax.ShapeDtypeStruct((64, 16), "float32"),
+                "b_dec": jax.ShapeDtypeStruct((16,), "float32"),
+                "other": jax.ShapeDtypeStruct((64,), "float32"),
+                "scalar": jax.ShapeDtypeStruct((), "float32")}
+    mesh = sharding.single_device_mesh()
+    specs = {k: v.spec for k, v in sharding.tree_shardings(mesh, abstract, 64).items()}
+    assert specs["W_enc"] == jax.sharding.PartitionSpec(None, "model")
+    assert specs["W_dec"] == jax.sharding.PartitionSpec("model", None)
+    assert specs["b_dec"] == jax.sharding.PartitionSpec(None)
+    assert specs["other"] == jax.sharding.PartitionSpec("model")
+    assert specs["scalar"] == jax.sharding.PartitionSpec()
+
+
+_SCRIPT = r"""
+import json, sys
+from functools import partial
+import jax, jax.numpy as jnp, numpy as np
+from jaxsae import sharding
+from jaxsae.config import config_from_dict
+from jaxsae.train import init_state, make_train_step
+
+def run(tree, devices, steps=6):
+    cfg = config_from_dict(tree)
+    mesh = sharding.make_mesh(cfg, devices)
+    init = partial(init_state, cfg=cfg, d_in=16)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shard = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
+    state = jax.jit(init, out_shardings=shard)(jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(cfg), in_shardings=(shard, sharding.batch_sharding(mesh)),
+                   out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        batch = rng.standard_normal((64, 16)).astype(np.float32)
+        batch = np.maximum(batch, 0) * 2.0
+        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state.params), losses
+
+cases = json.loads(sys.argv[1])
+out = {}
+for name, (sae, loss) in cases.items():
+    tree = {"data": {"path": "x"}, "sae": {"d_sae": 64, **sae}, "loss": loss,
+            "optim": {"lr": 1e-2, "batch_size": 64, "total_tokens": 6400, "warmup_steps": 1}}
+    ref, ref_losses = run({**tree, "mesh": {"data": 1, "model": 1}}, jax.devices()[:1])
+    for data, model in [(8, 1), (4, 2), (2, 4), (1, 8)]:
+        got, losses = run({**tree, "mesh": {"data": data, "model": model}}, jax.devices())
+        diff = max(float(np.max(np.abs(got[k] - ref[k]))) for k in ref)
+        out[f"{name} {data}x{model}"] = {
+            "param_diff": diff,
+            "loss_rel_diff": float(np.max(np.abs(np.array(losses) - np.array(ref_losses))
+                                          / np.maximum(np.abs(ref_losses), 1.0)))}
+print(json.dumps(out))
+"""
+
+CASES = {
+    "relu+l1": [{"activation": "relu"}, [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}]],
+    "topk+auxk": [{"activation": "topk", "k": 4},
+                  [{"term": "mse"}, {"term": "auxk", "dead_tokens": 64}]],
+    "batchtopk": [{"activation": "batchtopk", "k": 4}, [{"term": "mse"}]],
+    "jumprelu+l0": [{"activation": "jumprelu", "jumprelu_bandwidth": 0.1},
+                    [{"term": "mse"}, {"term": "l0", "coefficient": 0.01, "bandwidth": 0.1}]],
+}
+
+
+def test_sharded_steps_match_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 4 * len(CASES)
+    for case, diffs in results.items():
+        assert diffs["param_diff"] < 1e-5, (case, diffs)
+        assert diffs["loss_rel_diff"] < 1e-5, (case, diffs)
