@@ -13,8 +13,14 @@ stamp=".venv/.jaxsae-install-${extras:-base}"
 want="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing jaxsae${extras:+[$extras]} into .venv (first run takes a few minutes)" >&2
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".${extras:+[$extras]}"
+  log=.venv/install.log
+  if ! { .venv/bin/python -m pip install --upgrade pip &&
+         .venv/bin/python -m pip install -c scripts/constraints.txt -e ".${extras:+[$extras]}"; \
+       } > "$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -30 >&2
+    echo "installation failed; full log: $log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$JAXSAE_ROOT/.venv/bin:$PATH"

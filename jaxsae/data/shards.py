@@ -1,0 +1,312 @@
+"""The jaxsae shard format: a directory with `manifest.json` and shard files.
+
+    {"format": "jaxsae.shards", "version": 1, "d_in": 576, "dtype": "float32",
+     "shards": [{"file": "shard-00000.npy", "n_tokens": 65536}], "source": {...}}
+
+A shard is a `.npy` array [n_tokens, d_in] (float32 or float16) or a `.safetensors` file with one
+tensor `activations` [n_tokens, d_in] (float32, float16 or bfloat16). Readers memory-map and
+validate every shard against the manifest when the set is opened; writers stage the directory
+and rename it into place, so a set is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from jaxsae import tensorfile
+from jaxsae.errors import DataError
+
+FORMAT = "jaxsae.shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SAFETENSORS_KEY = "activations"
+
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    d_in: int
+    dtype: str
+    shards: tuple[ShardEntry, ...]
+    source: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "d_in": self.d_in,
+                "dtype": self.dtype,
+                "shards": [{"file": s.file, "n_tokens": s.n_tokens} for s in self.shards],
+                "source": dict(self.source),
+            },
+            indent=1,
+        )
+
+
+def is_shard_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data directory does not exist")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise DataError(f"{path}: no {MANIFEST} (not a jaxsae shard directory)")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{file}: not valid JSON ({e})") from None
+
+    def need(ok: bool, what: str):
+        if not ok:
+            raise DataError(f"{file}: {what}")
+
+    need(isinstance(raw, dict), "expected a JSON object")
+    need(raw.get("format") == FORMAT, f"'format' must be {FORMAT!r}, got {raw.get('format')!r}")
+    need(raw.get("version") == VERSION, f"unsupported 'version' {raw.get('version')!r}")
+    d_in = raw.get("d_in")
+    need(isinstance(d_in, int) and d_in > 0, f"'d_in' must be a positive integer, got {d_in!r}")
+    dtype = raw.get("dtype")
+    need(dtype in DTYPES, f"'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    shards = raw.get("shards")
+    need(isinstance(shards, list) and shards, "'shards' must be a non-empty list")
+    entries = []
+    for i, s in enumerate(shards):
+        ok = isinstance(s, dict) and isinstance(s.get("file"), str)
+        ok = ok and isinstance(s.get("n_tokens"), int) and s["n_tokens"] > 0
+        need(ok, f"shards[{i}] must be {{'file': str, 'n_tokens': positive int}}, got {s!r}")
+        need("/" not in s["file"] and s["file"] not in (".", ".."),
+             f"shards[{i}].file must be a file name in the directory, got {s['file']!r}")
+        entries.append(ShardEntry(s["file"], s["n_tokens"]))
+    source = raw.get("source") or {}
+    need(isinstance(source, dict), "'source' must be an object")
+    return Manifest(d_in=d_in, dtype=dtype, shards=tuple(entries), source=source)
+
+
+def _open_npy(file: Path, entry: ShardEntry, manifest: Manifest) -> np.ndarray:
+    with open(file, "rb") as f:
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+        except ValueError as e:
+            raise DataError(f"{file}: not a valid .npy file ({e})") from None
+        offset = f.tell()
+    return _map(file, offset, shape, dtype, fortran, entry, manifest)
+
+
+def _open_safetensors(file: Path, entry: ShardEntry, manifest: Manifest) -> np.ndarray:
+    header, data_start = tensorfile.read_header(file)
+    offset, shape, dtype = tensorfile.tensor_layout(file, header, SAFETENSORS_KEY, data_start)
+    return _map(file, offset, shape, dtype, False, entry, manifest)
+
+
+def _map(file, offset, shape, dtype, fortran, entry, manifest) -> np.ndarray:
+    expected_shape = (entry.n_tokens, manifest.d_in)
+    if tuple(shape) != expected_shape:
+        raise DataError(
+            f"{file}: shape {list(shape)} does not match the manifest "
+            f"[n_tokens={entry.n_tokens}, d_in={manifest.d_in}]"
+        )
+    if np.dtype(dtype) != DTYPES[manifest.dtype]:
+        raise DataError(f"{file}: dtype {np.dtype(dtype).name} but the manifest says {manifest.dtype}")
+    if fortran:
+        raise DataError(f"{file}: Fortran-ordered arrays are not supported")
+    need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    have = file.stat().st_size
+    if have < need:
+        rows = max(0, (have - offset) // (manifest.d_in * np.dtype(dtype).itemsize))
+        raise DataError(
+            f"{file}: truncated: {have} bytes, expected {need} "
+            f"(only rows 0..{rows} of {entry.n_tokens} are present)"
+        )
+    return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+
+
+class ShardSet:
+    """A validated, memory-mapped shard directory; tokens are addressed by a global index."""
+
+    def __init__(self, path: str | Path, *, check_finite: bool = False):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.arrays: list[np.ndarray] = []
+        for entry in self.manifest.shards:
+            file = self.path / entry.file
+            if not file.is_file():
+                raise DataError(f"{file}: listed in {MANIFEST} but missing")
+            if entry.file.endswith(".npy"):
+                self.arrays.append(_open_npy(file, entry, self.manifest))
+            elif entry.file.endswith(".safetensors"):
+                self.arrays.append(_open_safetensors(file, entry, self.manifest))
+            else:
+                raise DataError(f"{file}: unknown shard type (expected .npy or .safetensors)")
+        self.offsets = np.cumsum([0] + [e.n_tokens for e in self.manifest.shards])
+        if check_finite:
+            self.check_finite()
+
+    @property
+    def d_in(self) -> int:
+        return self.manifest.d_in
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the whole set as float32 [stop - start, d_in]."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.n_tokens})")
+        if start == stop:
+            return np.empty((0, self.d_in), np.float32)
+        parts = []
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for i in range(first, len(self.arrays)):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            if lo >= stop:
+                break
+            parts.append(self.arrays[i][max(start, lo) - lo : min(stop, hi) - lo])
+        out = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def check_finite(self, rows_per_read: int = 65536) -> None:
+        """Refuses NaN / inf, naming the file and the first bad row range."""
+        for entry, array in zip(self.manifest.shards, self.arrays, strict=True):
+            for lo in range(0, entry.n_tokens, rows_per_read):
+                block = np.asarray(array[lo : lo + rows_per_read], dtype=np.float32)
+                bad = ~np.isfinite(block).all(axis=1)
+                if bad.any():
+                    rows = np.flatnonzero(bad) + lo
+                    raise DataError(
+                        f"{self.path / entry.file}: non-finite values in rows "
+                        f"{rows[0]}..{rows[-1]} ({len(rows)} rows in this block)"
+                    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class ShardWriter:
+    """Writes arrays [n, d_in] into fixed-size shards; `close()` publishes the directory.
+
+    The set is written into `<out>.partial/` and renamed to `<out>/` after the manifest, so an
+    interrupted write never leaves something that looks like a complete set.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        d_in: int,
+        *,
+        dtype: str = "float32",
+        shard_tokens: int = 65536,
+        source: Mapping[str, Any] | None = None,
+        file_type: str = "npy",
+        overwrite: bool = False,
+    ):
+        if dtype not in DTYPES:
+            raise DataError(f"shard dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if file_type not in ("npy", "safetensors"):
+            raise DataError(f"shard file type must be npy or safetensors, got {file_type!r}")
+        if file_type == "npy" and dtype == "bfloat16":
+            raise DataError("bfloat16 shards must be written as safetensors (.npy has no bfloat16)")
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise DataError(f"{self.out}: already exists (remove it or choose another --out)")
+        self.staging = self.out.with_name(self.out.name + ".partial")
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self.d_in, self.dtype, self.file_type = d_in, dtype, file_type
+        self.shard_tokens = shard_tokens
+        self.source = dict(source or {})
+        self.entries: list[ShardEntry] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+        self.extra_files: list[str] = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(e.n_tokens for e in self.entries) + self._pending_tokens
+
+    def write(self, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        if array.ndim != 2 or array.shape[1] != self.d_in:
+            raise DataError(f"expected activations [n, {self.d_in}], got {list(array.shape)}")
+        self._pending.append(array)
+        self._pending_tokens += len(array)
+        while self._pending_tokens >= self.shard_tokens:
+            block = np.concatenate(self._pending)
+            self._flush(block[: self.shard_tokens])
+            rest = block[self.shard_tokens :]
+            self._pending, self._pending_tokens = ([rest] if len(rest) else []), len(rest)
+
+    def _flush(self, block: np.ndarray) -> None:
+        name = f"shard-{len(self.entries):05d}.{self.file_type}"
+        data = np.ascontiguousarray(block.astype(DTYPES[self.dtype]))
+        if self.file_type == "npy":
+            np.save(self.staging / name, data)
+        else:
+            tensorfile.write(self.staging / name, {SAFETENSORS_KEY: data})
+        self.entries.append(ShardEntry(name, len(block)))
+
+    def close(self) -> Path:
+        if self._pending_tokens:
+            self._flush(np.concatenate(self._pending))
+            self._pending, self._pending_tokens = [], 0
+        if not self.entries:
+            raise DataError(f"{self.out}: no activations were written")
+        manifest = Manifest(self.d_in, self.dtype, tuple(self.entries), self.source)
+        (self.staging / MANIFEST).write_text(manifest.to_json())
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.staging, self.out)
+        return self.out
+
+
+def iter_blocks(shards: ShardSet, block_tokens: int, start: int = 0,
+                stop: int | None = None) -> Iterator[np.ndarray]:
+    """Contiguous float32 blocks of tokens [start, stop) in order (for evaluation passes)."""
+    stop = shards.n_tokens if stop is None else stop
+    for lo in range(start, stop, block_tokens):
+        yield shards.read(lo, min(lo + block_tokens, stop))
