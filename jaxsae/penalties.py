@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsae import sae
 from jaxsae.config import keyword_hparams
@@ -43,6 +45,7 @@ class LossTerm(Protocol):
 
 
 CheckFn = Callable[["Config", "TermConfig", str], None]
+PrefixFn = Callable[["Config", "TermConfig"], tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class TermSpec:
     required: frozenset[str]
     """Hyper-parameters without a default."""
     validate: CheckFn | None = None
+    needs_prefixes: PrefixFn | None = None
+    """Which dictionary prefixes the forward pass must reconstruct for this term."""
 
     def check(self, cfg: Config, term: TermConfig, key: str) -> None:
         """Refuses combinations that make no sense (e.g. `l0` without `jumprelu`)."""
@@ -64,11 +69,16 @@ class TermSpec:
 _REGISTRY: dict[str, TermSpec] = {}
 
 
-def register(name: str, *, check: CheckFn | None = None) -> Callable[[LossTerm], LossTerm]:
+def register(
+    name: str, *, check: CheckFn | None = None, prefixes: PrefixFn | None = None
+) -> Callable[[LossTerm], LossTerm]:
+    """Registers a loss term; `check` refuses bad combinations at config time, `prefixes`
+    names the dictionary prefixes whose reconstructions the term reads (`out.prefix_recons`)."""
+
     def wrap(fn: LossTerm) -> LossTerm:
         if name in _REGISTRY:
             raise ValueError(f"loss term {name!r} is already registered")
-        _REGISTRY[name] = TermSpec(name, fn, *keyword_hparams(fn), check)
+        _REGISTRY[name] = TermSpec(name, fn, *keyword_hparams(fn), check, prefixes)
         return fn
 
     return wrap
@@ -107,6 +117,16 @@ def coefficient(term: TermConfig, step: jax.Array) -> jax.Array:
     return term.coefficient * ramp
 
 
+def prefix_ends(cfg: Config) -> tuple[int, ...]:
+    """The prefix reconstructions the configured terms need from the forward pass."""
+    ends: set[int] = set()
+    for term in cfg.loss:
+        spec = _REGISTRY[term.term]
+        if spec.needs_prefixes is not None:
+            ends.update(spec.needs_prefixes(cfg, term))
+    return tuple(sorted(ends))
+
+
 def term_labels(terms: Sequence[TermConfig]) -> list[str]:
     """Metric names of the terms: the term's name, suffixed with its index when repeated."""
     names = [t.term for t in terms]
@@ -139,12 +159,37 @@ def mse(
     return jnp.mean(jnp.sum(jnp.square(out.x_hat - out.x), axis=-1)), {}
 
 
-@register("l1")
+def _check_l1(cfg: Config, term: TermConfig, key: str) -> None:
+    p = term.params.get("p", 1.0)
+    if not 0 < p <= 1:
+        raise ConfigError(f"{key}.p: must be in (0, 1], got {p}")
+    if term.params.get("tanh_scale") is not None and term.params["tanh_scale"] <= 0:
+        raise ConfigError(f"{key}.tanh_scale: must be > 0")
+    if term.params.get("tanh_scale") is not None and p != 1.0:
+        raise ConfigError(f"{key}: choose either p or tanh_scale, not both")
+
+
+@register("l1", check=_check_l1)
 def l1(
-    out: sae.ForwardOutput, params: sae.Params, *, step: jax.Array
+    out: sae.ForwardOutput,
+    params: sae.Params,
+    *,
+    step: jax.Array,
+    p: float = 1.0,
+    weight_by_decoder_norm: bool = True,
+    tanh_scale: float | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Sparsity: mean over tokens of Σ_i f_i · ‖W_dec,i‖ (activations weighted by decoder norm)."""
-    return jnp.mean(out.acts @ out.decoder_norms), {}
+    """Sparsity: mean over tokens of Σ_i φ(v_i), v_i = f_i · ‖W_dec,i‖ (or f_i when
+    `weight_by_decoder_norm: false`), with φ(v) = v^p (p = 1: L1; p < 1: Lp) or, with
+    `tanh_scale: c`, φ(v) = tanh(c · v)."""
+    v = out.acts * out.decoder_norms if weight_by_decoder_norm else out.acts
+    if tanh_scale is not None:
+        return jnp.mean(jnp.sum(jnp.tanh(tanh_scale * v), axis=-1)), {}
+    if p == 1.0:
+        return jnp.mean(jnp.sum(v, axis=-1)), {}
+    positive = v > 0  # v^p has an infinite slope at 0: keep the gradient of silent latents 0
+    safe = jnp.where(positive, v, 1.0)
+    return jnp.mean(jnp.sum(jnp.where(positive, safe**p, 0.0), axis=-1)), {}
 
 
 def _check_auxk(cfg: Config, term: TermConfig, key: str) -> None:
@@ -189,15 +234,236 @@ def auxk(
 
 def _check_l0(cfg: Config, term: TermConfig, key: str) -> None:
     _require_activation("jumprelu")(cfg, term, key)
-    if term.params.get("bandwidth", 1.0) <= 0:
-        raise ConfigError(f"{key}.bandwidth: must be > 0")
+    for name in ("bandwidth", "tanh_scale"):
+        if term.params.get(name, 1.0) <= 0:
+            raise ConfigError(f"{key}.{name}: must be > 0")
+    if term.params.get("mode", "step") == "quadratic":
+        target = term.params.get("target_l0")
+        if target is None or target <= 0:
+            raise ConfigError(f"{key}.target_l0: mode quadratic needs a target_l0 > 0")
 
 
 @register("l0", check=_check_l0)
 def l0(
-    out: sae.ForwardOutput, params: sae.Params, *, step: jax.Array, bandwidth: float = 0.001
+    out: sae.ForwardOutput,
+    params: sae.Params,
+    *,
+    step: jax.Array,
+    mode: Literal["step", "tanh", "quadratic"] = "step",
+    bandwidth: float = 0.001,
+    tanh_scale: float = 4.0,
+    target_l0: float | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """JumpReLU sparsity: mean over tokens of Σ_i H(z_i − θ_i), with a straight-through
-    gradient for θ of width `bandwidth` (Rajamanoharan et al., 2024)."""
+    """JumpReLU sparsity (Rajamanoharan et al., 2024). With L0 = mean over tokens of
+    Σ_i H(z_i − θ_i) (straight-through gradient for θ of width `bandwidth`):
+      step:      L0
+      tanh:      mean over tokens of Σ_i tanh(c · f_i · ‖W_dec,i‖), c = `tanh_scale`
+      quadratic: (L0 / target_l0 − 1)²  (holds L0 near a target)"""
+    if mode == "tanh":
+        v = out.acts * out.decoder_norms
+        return jnp.mean(jnp.sum(jnp.tanh(tanh_scale * v), axis=-1)), {}
     fired = sae.step_ste(out.pre_acts, params["threshold"], bandwidth)
-    return jnp.mean(jnp.sum(fired, axis=-1)), {}
+    count = jnp.mean(jnp.sum(fired, axis=-1))
+    if mode == "quadratic":
+        return jnp.square(count / target_l0 - 1.0), {"l0_ste": count}
+    return count, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured penalties: groups, nested prefixes, decoder geometry
+
+# Terms that sample fold their own constant into the step's key, so their draws are independent.
+_KEY_MATRYOSHKA, _KEY_DECODER_COSINE = 1, 2
+
+
+def _group_size(cfg: Config, term: TermConfig, key: str) -> int:
+    size = term.params["group_size"]
+    if size <= 0 or cfg.sae.d_sae % size:
+        raise ConfigError(f"{key}.group_size: must divide sae.d_sae ({cfg.sae.d_sae}), got {size}")
+    others = {t.params["group_size"] for t in cfg.loss if "group_size" in t.params}
+    if len(others) > 1:
+        raise ConfigError(f"{key}.group_size: the group terms use different group sizes "
+                          f"({sorted(others)}); they must agree")
+    return size
+
+
+def _safe_norm(v: jax.Array, axis: int) -> jax.Array:
+    """‖v‖ along `axis` with a zero (not NaN) gradient at v = 0."""
+    sq = jnp.sum(jnp.square(v), axis=axis)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def _check_group_l1_l2(cfg: Config, term: TermConfig, key: str) -> None:
+    _group_size(cfg, term, key)
+    if term.params.get("group_weight") is not None and term.params["group_weight"] <= 0:
+        raise ConfigError(f"{key}.group_weight: must be > 0")
+
+
+@register("group_l1_l2", check=_check_group_l1_l2)
+def group_l1_l2(
+    out: sae.ForwardOutput,
+    params: sae.Params,
+    *,
+    step: jax.Array,
+    group_size: int,
+    group_weight: float | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Group sparsity (L1 of L2) over contiguous groups of `group_size` latents:
+    mean over tokens of Σ_g w_g · ‖(f ⊙ ‖W_dec‖)_g‖₂, w_g = `group_weight` or sqrt(group_size).
+    Two latents of one group firing together cost less than two from different groups."""
+    v = out.acts * out.decoder_norms
+    groups = v.reshape(v.shape[0], -1, group_size)
+    weight = group_weight if group_weight is not None else group_size**0.5
+    norms = _safe_norm(groups, axis=-1)
+    return weight * jnp.mean(jnp.sum(norms, axis=-1)), {
+        "active_groups": jnp.mean(jnp.sum(norms > 0, axis=-1))}
+
+
+def _check_orthogonality(cfg: Config, term: TermConfig, key: str) -> None:
+    _group_size(cfg, term, key)
+
+
+@register("intra_group_orthogonality", check=_check_orthogonality)
+def intra_group_orthogonality(
+    out: sae.ForwardOutput,
+    params: sae.Params,
+    *,
+    step: jax.Array,
+    group_size: int,
+    squared: bool = False,
+) -> tuple[jax.Array, Metrics]:
+    """Within each group of `group_size` latents, with Ŵ_g the unit-normalised decoder rows:
+    Σ_g Σ_{i≠j} relu(ŵ_i · ŵ_j)  (ordered pairs), or with `squared: true` Σ_g ‖Ŵ_g Ŵ_gᵀ − I‖²_F.
+    Keeps a group's directions from collapsing onto one another."""
+    unit = params["W_dec"] / jnp.maximum(out.decoder_norms, 1e-12)[:, None]
+    groups = unit.reshape(-1, group_size, unit.shape[-1])
+    gram = jnp.einsum("gid,gjd->gij", groups, groups)
+    eye = jnp.eye(group_size, dtype=gram.dtype)
+    if squared:
+        return jnp.sum(jnp.square(gram - eye)), {}
+    return jnp.sum(jax.nn.relu(gram) * (1.0 - eye)), {}
+
+
+@dataclass(frozen=True)
+class MatryoshkaSample:
+    n: int = 10
+    """Prefix lengths drawn per step (the last is always the whole dictionary)."""
+    power: float = 0.5
+    """Shape a of the truncated Pareto on [1, d_sae] the lengths come from (density ∝ m^-(1+a))."""
+    resolution: int = 64
+    """Lengths are rounded up to multiples of ceil(d_sae / resolution) (the decode's blocks)."""
+
+
+def _matryoshka_ends(cfg: Config, term: TermConfig) -> tuple[int, ...]:
+    if term.params.get("prefixes") is not None:
+        return tuple(term.params["prefixes"])
+    # A regular grid of blocks of ceil(d_sae / resolution) latents (the last may be shorter).
+    block = -(-cfg.sae.d_sae // term.params["sample"].resolution)
+    return (*range(block, cfg.sae.d_sae, block), cfg.sae.d_sae)
+
+
+def _check_matryoshka(cfg: Config, term: TermConfig, key: str) -> None:
+    prefixes, sample = term.params.get("prefixes"), term.params.get("sample")
+    if (prefixes is None) == (sample is None):
+        raise ConfigError(f"{key}: give exactly one of prefixes (fixed) or sample (random)")
+    d_sae = cfg.sae.d_sae
+    if prefixes is not None:
+        if not prefixes or prefixes[0] < 1 or any(b <= a for a, b in pairwise(prefixes)):
+            raise ConfigError(f"{key}.prefixes: must be strictly increasing and >= 1, "
+                              f"got {list(prefixes)}")
+        if prefixes[-1] > d_sae:
+            raise ConfigError(f"{key}.prefixes: the last ({prefixes[-1]}) exceeds sae.d_sae "
+                              f"({d_sae})")
+        weights = term.params.get("weights")
+        if weights is not None and (len(weights) != len(prefixes) or min(weights) < 0):
+            raise ConfigError(f"{key}.weights: need {len(prefixes)} non-negative weights, one "
+                              f"per prefix, got {list(weights)}")
+    else:
+        if term.params.get("weights") is not None:
+            raise ConfigError(f"{key}.weights: only with fixed prefixes")
+        if sample.n < 1 or sample.power <= 0 or sample.resolution < 1:
+            raise ConfigError(f"{key}.sample: need n >= 1, power > 0 and resolution >= 1")
+    group_sizes = {t.params["group_size"] for t in cfg.loss if "group_size" in t.params}
+    for size in group_sizes:
+        ends = _matryoshka_ends(cfg, term)
+        if any(end % size for end in ends):
+            raise ConfigError(f"{key}: prefix ends {list(ends)} must be multiples of the group "
+                              f"terms' group_size ({size}) so no group straddles a prefix")
+
+
+@register("matryoshka", check=_check_matryoshka, prefixes=_matryoshka_ends)
+def matryoshka(
+    out: sae.ForwardOutput,
+    params: sae.Params,
+    *,
+    step: jax.Array,
+    prefixes: tuple[int, ...] | None = None,
+    sample: MatryoshkaSample | None = None,
+    weights: tuple[float, ...] | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Nested reconstruction losses over prefixes of the dictionary (Matryoshka SAEs):
+    Σ_j w_j · mean over tokens of ‖x − x̂_{m_j}‖², where x̂_m decodes only latents [0, m).
+    Fixed `prefixes` (weights default 1/n each), or `sample`: each step n − 1 lengths drawn from
+    a truncated Pareto plus the whole dictionary, weight 1/n each. All prefix reconstructions
+    come from the forward pass's one block-wise decode."""
+    ends = out.prefix_ends
+    n_blocks = len(ends)
+    if prefixes is not None:
+        last_block = np.asarray([ends.index(p) for p in prefixes])
+        w = jnp.asarray(weights if weights is not None else [1 / len(prefixes)] * len(prefixes))
+        metrics_names = [f"mse_{p}" for p in prefixes]
+    else:
+        # Draw n - 1 lengths and round each up to the first block end; add the whole dictionary.
+        d_sae = ends[-1]
+        u = jax.random.uniform(jax.random.fold_in(out.key, _KEY_MATRYOSHKA), (sample.n - 1,))
+        a = sample.power
+        lengths = (1.0 - u * (1.0 - d_sae ** (-a))) ** (-1.0 / a)  # truncated Pareto, inverse CDF
+        grid = jnp.asarray(ends, jnp.float32)
+        slots = jnp.minimum(jnp.searchsorted(grid, jnp.ceil(lengths), side="left"), n_blocks - 1)
+        last_block = jnp.concatenate([slots, jnp.asarray([n_blocks - 1])])
+        w = jnp.full((sample.n,), 1.0 / sample.n)
+        metrics_names = []
+    selection = (jnp.arange(n_blocks)[None, :] <= last_block[:, None]).astype(out.x.dtype)
+    recons = out.prefix_recons(selection)  # [n, batch, d_in], from the forward's one decode
+    errors = jnp.mean(jnp.sum(jnp.square(out.x[None] - recons), axis=-1), axis=-1)
+    metrics = dict(zip(metrics_names, errors, strict=False))
+    if prefixes is None:
+        metrics["mean_prefix"] = jnp.mean(jnp.asarray(ends, jnp.float32)[last_block])
+    return jnp.sum(w * errors), metrics
+
+
+def _check_decoder_cosine(cfg: Config, term: TermConfig, key: str) -> None:
+    if not -1 <= term.params.get("threshold", 0.0) < 1:
+        raise ConfigError(f"{key}.threshold: must be in [-1, 1)")
+    if term.params.get("chunk_size", 1) < 1:
+        raise ConfigError(f"{key}.chunk_size: must be >= 1")
+
+
+@register("decoder_cosine", check=_check_decoder_cosine)
+def decoder_cosine(
+    out: sae.ForwardOutput,
+    params: sae.Params,
+    *,
+    step: jax.Array,
+    threshold: float = 0.0,
+    exact_max: int = 16384,
+    chunk_size: int = 1024,
+) -> tuple[jax.Array, Metrics]:
+    """Penalises decoder rows that point the same way: with c_ij the cosine similarity of rows
+    i and j, (1/d_sae) Σ_i Σ_{j≠i} relu(c_ij − threshold)². Exact for d_sae ≤ `exact_max`;
+    above, each step draws `chunk_size` random rows i and averages over them instead (an
+    unbiased estimate whose cost grows linearly in d_sae)."""
+    unit = params["W_dec"] / jnp.maximum(out.decoder_norms, 1e-12)[:, None]
+    d_sae = unit.shape[0]
+    if d_sae <= exact_max:
+        rows, index = unit, jnp.arange(d_sae)
+    else:
+        key = jax.random.fold_in(out.key, _KEY_DECODER_COSINE)
+        index = jax.random.choice(key, d_sae, (min(chunk_size, d_sae),), replace=False)
+        rows = unit[index]
+    cos = rows @ unit.T
+    not_self = index[:, None] != jnp.arange(d_sae)[None, :]
+    excess = jnp.where(not_self, jax.nn.relu(cos - threshold), 0.0)
+    return jnp.sum(jnp.square(excess)) / rows.shape[0], {
+        "max_cos": jnp.max(jnp.where(not_self, cos, -1.0))}

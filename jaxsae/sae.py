@@ -41,6 +41,21 @@ class ForwardOutput:
     """[] BatchTopK: the smallest activation kept in this batch (0 for other activations)."""
     key: jax.Array
     """This step's random key (fold_in(state.rng, step)), for terms that sample."""
+    block_recons: jax.Array
+    """[n_blocks, batch, d_in] the decode split by latent blocks [ends[i-1], ends[i]) (no bias);
+    their sum plus b_dec is x_hat. Terms build prefix reconstructions from them."""
+    prefix_ends: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+    """Static ends of the latent blocks, increasing, the last = d_sae."""
+
+    def prefix_recons(self, selection: jax.Array | None = None) -> jax.Array:
+        """[n, batch, d_in]: row j of `selection` [n, n_blocks] (0/1) picks the blocks summed
+        into reconstruction j (+ b_dec); default: every prefix [0, ends[i])."""
+        n_blocks, batch, d_in = self.block_recons.shape
+        if selection is None:
+            selection = jnp.tril(jnp.ones((n_blocks, n_blocks), self.block_recons.dtype))
+        b_dec = self.x_hat - jnp.sum(self.block_recons, axis=0)
+        flat = self.block_recons.reshape(n_blocks, batch * d_in)
+        return (selection @ flat).reshape(-1, batch, d_in) + b_dec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +131,27 @@ def decode(params: Params, acts: jax.Array) -> jax.Array:
     return acts @ params["W_dec"] + params["b_dec"]
 
 
+def decode_blocks(params: Params, acts: jax.Array, ends: tuple[int, ...]) -> jax.Array:
+    """[len(ends), batch, d_in]: the partial decodes of latent blocks [ends[i-1], ends[i]).
+
+    Together they cost one decode. A regular grid of blocks is one batched matmul; a few
+    irregular blocks are separate matmuls.
+    """
+    W_dec = params["W_dec"]
+    if len(ends) == 1:
+        return (acts @ W_dec)[None]
+    starts = (0, *ends[:-1])
+    sizes = [b - a for a, b in zip(starts, ends, strict=True)]
+    if all(s == sizes[0] for s in sizes[:-1]) and sizes[-1] <= sizes[0]:
+        n, block = len(ends), sizes[0]
+        pad = n * block - ends[-1]
+        grid_acts = jnp.pad(acts, ((0, 0), (0, pad))).reshape(acts.shape[0], n, block)
+        grid_W = jnp.pad(W_dec, ((0, pad), (0, 0))).reshape(n, block, -1)
+        # Blocks first: XLA's batched matmul is much faster with the batch dimension leading.
+        return jnp.einsum("gbs,gsd->gbd", grid_acts.transpose(1, 0, 2), grid_W)
+    return jnp.stack([acts[:, a:b] @ W_dec[a:b] for a, b in zip(starts, ends, strict=True)])
+
+
 def encode(params: Params, x: jax.Array, cfg: SAEConfig, *, train: bool = False) -> jax.Array:
     """[batch, d_sae] sparse codes of raw inputs."""
     return activate(params, pre_activations(params, x), cfg, train=train)[0]
@@ -129,20 +165,26 @@ def forward(
     train: bool,
     tokens_since_fired: jax.Array | None = None,
     key: jax.Array | None = None,
+    prefix_ends: tuple[int, ...] = (),
 ) -> ForwardOutput:
+    """Encode and decode once; `prefix_ends` asks for reconstructions of dictionary prefixes."""
     pre_acts = pre_activations(params, x)
     acts, batch_threshold = activate(params, pre_acts, cfg, train=train)
     if tokens_since_fired is None:
         tokens_since_fired = jnp.zeros((cfg.d_sae,), jnp.int32)
+    ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
+    block_recons = decode_blocks(params, acts, ends)
     return ForwardOutput(
         x=x,
         pre_acts=pre_acts,
         acts=acts,
-        x_hat=decode(params, acts),
+        x_hat=jnp.sum(block_recons, axis=0) + params["b_dec"],
         decoder_norms=jnp.linalg.norm(params["W_dec"], axis=1),
         tokens_since_fired=tokens_since_fired,
         batch_threshold=batch_threshold,
         key=jax.random.PRNGKey(0) if key is None else key,
+        block_recons=block_recons,
+        prefix_ends=ends,
     )
 
 

@@ -107,14 +107,16 @@ def make_train_step(cfg: Config) -> Callable[[TrainState, jax.Array], tuple[Trai
     """The pure step: (state, batch [batch, d_in]) -> (state, metrics)."""
     schedule = lr_schedule(cfg.optim)
     tx = make_optimizer(cfg)
+    prefix_ends = penalties.prefix_ends(cfg)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
         step = state.step
         key = jax.random.fold_in(state.rng, step)
 
         def loss_fn(params):
-            out = sae.forward(params, batch, cfg.sae, train=True,
-                              tokens_since_fired=state.tokens_since_fired, key=key)
+            out = sae.forward(params, batch, cfg.sae, train=True, key=key,
+                              tokens_since_fired=state.tokens_since_fired,
+                              prefix_ends=prefix_ends)
             loss, term_metrics = penalties.total_loss(cfg.loss, out, params, step)
             return loss, (out, term_metrics)
 

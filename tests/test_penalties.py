@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -342,9 +344,12 @@ def test_term_labels(names, labels):
 def test_builtin_terms_are_registered():
     assert {"mse", "l1", "auxk", "l0"} <= set(penalties.registered())
     assert penalties.get_term("mse").hparams == {}
-    assert penalties.get_term("l1").hparams == {}
+    assert penalties.get_term("l1").hparams == {
+        "p": float, "weight_by_decoder_norm": bool, "tanh_scale": float | None}
     assert penalties.get_term("auxk").hparams == {"k_aux": int | None, "dead_tokens": int}
-    assert penalties.get_term("l0").hparams == {"bandwidth": float}
+    assert penalties.get_term("l0").hparams == {
+        "mode": Literal["step", "tanh", "quadratic"], "bandwidth": float, "tanh_scale": float,
+        "target_l0": float | None}
 
 
 def test_get_term_unknown_name():

@@ -100,6 +100,11 @@ CASES = {
     "topk+auxk": [{"activation": "topk", "k": 4},
                   [{"term": "mse"}, {"term": "auxk", "dead_tokens": 64}]],
     "batchtopk": [{"activation": "batchtopk", "k": 4}, [{"term": "mse"}]],
+    "matryoshka+groups+cosine": [{"activation": "batchtopk", "k": 4}, [
+        {"term": "matryoshka", "sample": {"n": 4, "resolution": 8}},
+        {"term": "group_l1_l2", "group_size": 4, "coefficient": 0.1},
+        {"term": "intra_group_orthogonality", "group_size": 4, "coefficient": 0.1},
+        {"term": "decoder_cosine", "coefficient": 0.1}]],
     "jumprelu+l0": [{"activation": "jumprelu", "jumprelu_bandwidth": 0.1},
                     [{"term": "mse"}, {"term": "l0", "coefficient": 0.01, "bandwidth": 0.1}]],
 }

@@ -1,0 +1,38 @@
+"""Every preset under configs/ starts with its launch command, loads, and trains a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jaxsae.config import load_config
+from jaxsae.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_presets_exist():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in PRESETS}
+    assert "quickstart.yaml" in names
+    for term in ("l1", "group_l1_l2", "intra_group_orthogonality", "matryoshka",
+                 "decoder_cosine", "jumprelu_l0", "topk_auxk"):
+        assert f"penalties/{term}.yaml" in names
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_preset_launch_line_and_short_run(preset, tmp_path):
+    first = preset.read_text().splitlines()[0]
+    assert first == f"# jaxsae train {preset.relative_to(ROOT).as_posix()}"
+    cfg = load_config(preset)
+    assert cfg.data.generate is not None, "presets generate their data when it is missing"
+    batch = 256
+    short = load_config(preset, [
+        f"run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}",
+        "data.generate.tokens=24576", "data.eval_tokens=4096", "data.shuffle_buffer=8192",
+        f"optim.batch_size={batch}", f"optim.total_tokens={batch * 6}", "optim.warmup_steps=1",
+        "checkpoint.every_steps=3"])
+    result = train(short, progress=False)
+    assert result.step == 6
+    assert (result.sae_dir / "cfg.json").is_file()
