@@ -135,8 +135,10 @@ def decode_blocks(params: Params, acts: jax.Array, ends: tuple[int, ...]) -> jax
     """[len(ends), batch, d_in]: the partial decodes of latent blocks [ends[i-1], ends[i]).
 
     Together they cost one decode. A regular grid of blocks is one batched matmul; a few
-    irregular blocks are separate matmuls.
+    irregular blocks are separate matmuls. `ends` must end at d_sae (`forward` ensures it).
     """
+    if ends[-1] != acts.shape[-1]:
+        raise ValueError(f"block ends {ends} must finish at d_sae ({acts.shape[-1]})")
     W_dec = params["W_dec"]
     if len(ends) == 1:
         return (acts @ W_dec)[None]
