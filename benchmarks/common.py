@@ -6,14 +6,12 @@ import os
 import platform
 import time
 from datetime import date
-from functools import partial
 
 import jax
 import numpy as np
 
-from jaxsae import sharding
 from jaxsae.config import Config
-from jaxsae.train import init_state, make_train_step
+from jaxsae.train import build
 
 
 def machine() -> dict:
@@ -25,28 +23,33 @@ def machine() -> dict:
         "device": getattr(device, "device_kind", str(device)),
         "n_devices": len(jax.devices()),
         "cpu_cores": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "jax": jax.__version__,
     }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def time_train_step(cfg: Config, d_in: int, *, steps: int = 3, warmup: int = 1,
                     seed: int = 0) -> dict:
     """Seconds per step of `make_train_step(cfg)` as `train()` compiles it (sharded, donated),
     on a fixed non-negative random batch already on the devices. Compilation is excluded."""
-    mesh = sharding.make_mesh(cfg)
-    init = partial(init_state, cfg=cfg, d_in=d_in)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(seed))
-    shardings = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
-    batch_sharding = sharding.batch_sharding(mesh)
-    step = jax.jit(make_train_step(cfg), in_shardings=(shardings, batch_sharding),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    built = build(cfg, d_in)
+    state = built.init(jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)
     batch = np.abs(rng.standard_normal((cfg.optim.batch_size, d_in), np.float32))
-    batch = jax.device_put(batch, batch_sharding)
+    batch = jax.device_put(batch, built.batch_sharding)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = built.step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         state, metrics = compiled(state, batch)

@@ -35,15 +35,18 @@ def combinations(d_sae: int) -> dict[str, tuple[dict, list[dict]]]:
             {"term": "intra_group_orthogonality", "group_size": 4}]),
         "matryoshka (4 prefixes) + l1": (RELU, [
             {"term": "matryoshka", "prefixes": [d_sae // 16, d_sae // 4, d_sae // 2, d_sae]}, L1]),
-        "matryoshka (sampled, 64 blocks) + l1": (RELU, [
-            {"term": "matryoshka", "sample": {"n": 10, "resolution": 64}}, L1]),
-        "mse + l1 + decoder_cosine (exact)": (RELU, [MSE, L1, {"term": "decoder_cosine"}]),
-        "mse + l1 + decoder_cosine (chunks of 1024)": (RELU, [
-            MSE, L1, {"term": "decoder_cosine", "exact_max": 0, "chunk_size": 1024}]),
+        "matryoshka (sampled, 32 blocks) + l1": (RELU, [
+            {"term": "matryoshka", "sample": {"n": 10, "resolution": 32}}, L1]),
+        "mse + l1 + decoder_cosine (default: chunks of 1024 as d_sae > batch)": (RELU, [
+            MSE, L1, {"term": "decoder_cosine"}]),
+        "mse + l1 + decoder_cosine (exact_max: 16384, exact)": (RELU, [
+            MSE, L1, {"term": "decoder_cosine", "exact_max": 16384}]),
         "jumprelu: mse + l0 step": ({"activation": "jumprelu"}, [MSE, {"term": "l0"}]),
         "jumprelu: mse + l0 tanh": ({"activation": "jumprelu"}, [MSE, {"term": "l0",
                                                                      "mode": "tanh"}]),
+        "topk k=32: mse": ({"activation": "topk", "k": 32}, [MSE]),
         "topk k=32: mse + auxk": ({"activation": "topk", "k": 32}, [MSE, {"term": "auxk"}]),
+        "batchtopk k=32: mse": ({"activation": "batchtopk", "k": 32}, [MSE]),
         "batchtopk k=32: mse + auxk": ({"activation": "batchtopk", "k": 32},
                                        [MSE, {"term": "auxk"}]),
         "batchtopk k=32: matryoshka (4 prefixes)": ({"activation": "batchtopk", "k": 32}, [

@@ -19,6 +19,7 @@ Scales follow SAELens so that published coefficients carry over:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -351,16 +352,25 @@ class MatryoshkaSample:
     """Prefix lengths drawn per step (the last is always the whole dictionary)."""
     power: float = 0.5
     """Shape a of the truncated Pareto on [1, d_sae] the lengths come from (density ∝ m^-(1+a))."""
-    resolution: int = 64
-    """Lengths are rounded up to multiples of ceil(d_sae / resolution) (the decode's blocks)."""
+    resolution: int = 32
+    """Number of geometrically spaced block ends; a length is rounded up to the next end (so
+    by at most a factor d_sae^(1/resolution), matching the heavy-tailed lengths)."""
 
 
 def _matryoshka_ends(cfg: Config, term: TermConfig) -> tuple[int, ...]:
     if term.params.get("prefixes") is not None:
         return tuple(term.params["prefixes"])
-    # A regular grid of blocks of ceil(d_sae / resolution) latents (the last may be shorter).
-    block = -(-cfg.sae.d_sae // term.params["sample"].resolution)
-    return (*range(block, cfg.sae.d_sae, block), cfg.sae.d_sae)
+    ends = geometric_ends(cfg.sae.d_sae, term.params["sample"].resolution)
+    # With group terms, a sampled grid snaps to group boundaries so no group straddles a prefix.
+    group = max((t.params["group_size"] for t in cfg.loss if "group_size" in t.params), default=1)
+    return tuple(sorted({min(cfg.sae.d_sae, -(-end // group) * group) for end in ends}))
+
+
+def geometric_ends(d_sae: int, n: int) -> tuple[int, ...]:
+    """About n block ends from 1 to d_sae, spaced by a constant ratio d_sae^(1/n)."""
+    ratio = d_sae ** (1.0 / n)
+    ends = {min(d_sae, math.ceil(ratio**i - 1e-9)) for i in range(n + 1)}
+    return tuple(sorted(ends | {d_sae}))
 
 
 def _check_matryoshka(cfg: Config, term: TermConfig, key: str) -> None:
@@ -425,7 +435,7 @@ def matryoshka(
         w = jnp.full((sample.n,), 1.0 / sample.n)
         metrics_names = []
     selection = (jnp.arange(n_blocks)[None, :] <= last_block[:, None]).astype(out.x.dtype)
-    recons = out.prefix_recons(selection)  # [n, batch, d_in], from the forward's one decode
+    recons = out.prefix_recons(params["b_dec"], selection)  # [n, batch, d_in], one decode
     errors = jnp.mean(jnp.sum(jnp.square(out.x[None] - recons), axis=-1), axis=-1)
     metrics = dict(zip(metrics_names, errors, strict=False))
     if prefixes is None:
@@ -433,11 +443,30 @@ def matryoshka(
     return jnp.sum(w * errors), metrics
 
 
+@jax.custom_vjp
+def _self_gram(U: jax.Array) -> jax.Array:
+    """U @ U.T, whose gradient is one matmul, (G + Gᵀ) @ U, where autodiff would do two."""
+    return U @ U.T
+
+
+def _self_gram_fwd(U):
+    return U @ U.T, U
+
+
+def _self_gram_bwd(U, g):
+    return ((g + g.T) @ U,)
+
+
+_self_gram.defvjp(_self_gram_fwd, _self_gram_bwd)
+
+
 def _check_decoder_cosine(cfg: Config, term: TermConfig, key: str) -> None:
     if not -1 <= term.params.get("threshold", 0.0) < 1:
         raise ConfigError(f"{key}.threshold: must be in [-1, 1)")
     if term.params.get("chunk_size", 1) < 1:
         raise ConfigError(f"{key}.chunk_size: must be >= 1")
+    if (term.params.get("exact_max") or 0) < 0:
+        raise ConfigError(f"{key}.exact_max: must be >= 0")
 
 
 @register("decoder_cosine", check=_check_decoder_cosine)
@@ -447,22 +476,26 @@ def decoder_cosine(
     *,
     step: jax.Array,
     threshold: float = 0.0,
-    exact_max: int = 16384,
+    exact_max: int | None = None,
     chunk_size: int = 1024,
 ) -> tuple[jax.Array, Metrics]:
     """Penalises decoder rows that point the same way: with c_ij the cosine similarity of rows
-    i and j, (1/d_sae) Σ_i Σ_{j≠i} relu(c_ij − threshold)². Exact for d_sae ≤ `exact_max`;
-    above, each step draws `chunk_size` random rows i and averages over them instead (an
-    unbiased estimate whose cost grows linearly in d_sae)."""
+    i and j, (1/d_sae) Σ_i Σ_{j≠i} relu(c_ij − threshold)².
+
+    Exact while d_sae ≤ `exact_max`; above, each step draws `chunk_size` random rows i and
+    averages over them instead (an unbiased estimate whose cost grows linearly in d_sae). The
+    exact form costs about 0.6·d_sae/batch of a dense training step, so by default
+    (`exact_max: null`) it is exact while d_sae ≤ the batch size and sampled beyond."""
     unit = params["W_dec"] / jnp.maximum(out.decoder_norms, 1e-12)[:, None]
     d_sae = unit.shape[0]
-    if d_sae <= exact_max:
+    if d_sae <= (exact_max if exact_max is not None else out.x.shape[0]):
         rows, index = unit, jnp.arange(d_sae)
+        cos = _self_gram(unit)
     else:
         key = jax.random.fold_in(out.key, _KEY_DECODER_COSINE)
         index = jax.random.choice(key, d_sae, (min(chunk_size, d_sae),), replace=False)
         rows = unit[index]
-    cos = rows @ unit.T
+        cos = rows @ unit.T
     not_self = index[:, None] != jnp.arange(d_sae)[None, :]
     excess = jnp.where(not_self, jax.nn.relu(cos - threshold), 0.0)
     return jnp.sum(jnp.square(excess)) / rows.shape[0], {

@@ -10,6 +10,7 @@ The input is centred by the decoder bias before encoding (SAELens `apply_b_dec_t
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.struct
@@ -47,13 +48,12 @@ class ForwardOutput:
     prefix_ends: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     """Static ends of the latent blocks, increasing, the last = d_sae."""
 
-    def prefix_recons(self, selection: jax.Array | None = None) -> jax.Array:
+    def prefix_recons(self, b_dec: jax.Array, selection: jax.Array | None = None) -> jax.Array:
         """[n, batch, d_in]: row j of `selection` [n, n_blocks] (0/1) picks the blocks summed
-        into reconstruction j (+ b_dec); default: every prefix [0, ends[i])."""
+        into reconstruction j, plus `b_dec`; default: every prefix [0, ends[i])."""
         n_blocks, batch, d_in = self.block_recons.shape
         if selection is None:
             selection = jnp.tril(jnp.ones((n_blocks, n_blocks), self.block_recons.dtype))
-        b_dec = self.x_hat - jnp.sum(self.block_recons, axis=0)
         flat = self.block_recons.reshape(n_blocks, batch * d_in)
         return (selection @ flat).reshape(-1, batch, d_in) + b_dec
 
@@ -132,26 +132,37 @@ def decode(params: Params, acts: jax.Array) -> jax.Array:
 
 
 def decode_blocks(params: Params, acts: jax.Array, ends: tuple[int, ...]) -> jax.Array:
-    """[len(ends), batch, d_in]: the partial decodes of latent blocks [ends[i-1], ends[i]).
-
-    Together they cost one decode. A regular grid of blocks is one batched matmul; a few
-    irregular blocks are separate matmuls. `ends` must end at d_sae (`forward` ensures it).
-    """
+    """[len(ends), batch, d_in]: the partial decodes of latent blocks [ends[i-1], ends[i]),
+    together one decode's FLOPs. `ends` must finish at d_sae (`forward` ensures it)."""
     if ends[-1] != acts.shape[-1]:
         raise ValueError(f"block ends {ends} must finish at d_sae ({acts.shape[-1]})")
-    W_dec = params["W_dec"]
     if len(ends) == 1:
-        return (acts @ W_dec)[None]
+        return (acts @ params["W_dec"])[None]
+    return _block_matmuls(acts, params["W_dec"], ends)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _block_matmuls(acts: jax.Array, W_dec: jax.Array, ends: tuple[int, ...]) -> jax.Array:
     starts = (0, *ends[:-1])
-    sizes = [b - a for a, b in zip(starts, ends, strict=True)]
-    if all(s == sizes[0] for s in sizes[:-1]) and sizes[-1] <= sizes[0]:
-        n, block = len(ends), sizes[0]
-        pad = n * block - ends[-1]
-        grid_acts = jnp.pad(acts, ((0, 0), (0, pad))).reshape(acts.shape[0], n, block)
-        grid_W = jnp.pad(W_dec, ((0, pad), (0, 0))).reshape(n, block, -1)
-        # Blocks first: XLA's batched matmul is much faster with the batch dimension leading.
-        return jnp.einsum("gbs,gsd->gbd", grid_acts.transpose(1, 0, 2), grid_W)
     return jnp.stack([acts[:, a:b] @ W_dec[a:b] for a, b in zip(starts, ends, strict=True)])
+
+
+def _block_matmuls_fwd(acts, W_dec, ends):
+    return _block_matmuls(acts, W_dec, ends), (acts, W_dec)
+
+
+def _block_matmuls_bwd(ends, residuals, d_parts):
+    # Written by hand so each gradient is assembled once by concatenation; autodiff of the
+    # slices would pad every block's gradient to the full [batch, d_sae] and add them up.
+    acts, W_dec = residuals
+    starts = (0, *ends[:-1])
+    blocks = list(zip(starts, ends, strict=True))
+    d_acts = jnp.concatenate([d_parts[g] @ W_dec[a:b].T for g, (a, b) in enumerate(blocks)], 1)
+    d_W = jnp.concatenate([acts[:, a:b].T @ d_parts[g] for g, (a, b) in enumerate(blocks)], 0)
+    return d_acts, d_W
+
+
+_block_matmuls.defvjp(_block_matmuls_fwd, _block_matmuls_bwd)
 
 
 def encode(params: Params, x: jax.Array, cfg: SAEConfig, *, train: bool = False) -> jax.Array:

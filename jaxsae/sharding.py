@@ -56,10 +56,6 @@ def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
     return Mesh(np.array(devices).reshape(data, model), ("data", "model"))
 
 
-def single_device_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec("batch", None))
 

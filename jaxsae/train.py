@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from jaxsae import evaluate, export, penalties, sae, sharding
@@ -165,6 +166,39 @@ def make_train_step(cfg: Config) -> Callable[[TrainState, jax.Array], tuple[Trai
 
 
 @dataclass(frozen=True)
+class Built:
+    """The compiled pieces of a run: what train(), export and the benchmarks share."""
+
+    mesh: Mesh
+    abstract: TrainState
+    """Shapes and dtypes of the state (jax.eval_shape of the init)."""
+    state_sharding: Any
+    batch_sharding: NamedSharding
+    init: Callable[[jax.Array], TrainState]
+    """key -> state, created already sharded (never materialised on one device first)."""
+    step: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
+    """The jitted train_step, state donated."""
+
+
+def build(cfg: Config, d_in: int, devices: list | None = None) -> Built:
+    """mesh -> abstract init -> shardings -> jitted init and step."""
+    mesh = sharding.make_mesh(cfg, devices)
+    batch_sharding = sharding.batch_sharding(mesh)
+    init = partial(init_state, cfg=cfg, d_in=d_in)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    state_sharding = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
+    step = jax.jit(
+        make_train_step(cfg),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return Built(mesh=mesh, abstract=abstract, state_sharding=state_sharding,
+                 batch_sharding=batch_sharding,
+                 init=jax.jit(init, out_shardings=state_sharding), step=step)
+
+
+@dataclass(frozen=True)
 class RunResult:
     run_dir: Path
     sae_dir: Path
@@ -203,29 +237,16 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     if resume_step is not None:
         _check_loader_state(loader_state, cfg, source, n_train, run_dir)
 
-    # -- mesh -------------------------------------------------------------------------------
-    mesh = sharding.make_mesh(cfg)
-    batch_sharding = sharding.batch_sharding(mesh)
-
-    # -- abstract init -> shardings -> materialise -------------------------------------------
-    init = partial(init_state, cfg=cfg, d_in=d_in)
-    key = jax.random.PRNGKey(cfg.seed)
-    abstract = jax.eval_shape(init, key)
-    state_sharding = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
-    state = jax.jit(init, out_shardings=state_sharding)(key)
-
-    # -- step -------------------------------------------------------------------------------
-    step_fn = jax.jit(
-        make_train_step(cfg),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    # -- mesh -> abstract init -> shardings -> step; materialise --------------------------
+    built = build(cfg, d_in)
+    batch_sharding = built.batch_sharding
+    state = built.init(jax.random.PRNGKey(cfg.seed))
 
     # -- restore ----------------------------------------------------------------------------
     start = 0
     if resume_step is not None:
-        state = ckpt.restore_state(resume_step, abstract_with_shardings(abstract, state_sharding))
+        state = ckpt.restore_state(
+            resume_step, abstract_with_shardings(built.abstract, built.state_sharding))
         start = int(state.step)
         log(f"resuming {run_dir} from step {start}")
         if is_main:
@@ -253,7 +274,7 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     pending = None  # (step, device metrics) of the previous step: read one step late
     try:
         for step in range(start, total):
-            state, metrics = step_fn(state, next(batches))
+            state, metrics = built.step(state, next(batches))
             if pending is not None:
                 logger.record(*pending)
             pending = (step, metrics)
@@ -331,11 +352,11 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         if data is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
         source = open_source(cfg.data)
-        init = partial(init_state, cfg=cfg, d_in=source.d_in)
-        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-        device = sharding.replicated(sharding.single_device_mesh())
-        target = abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-        state = ckpt.restore_state(step, target)
+        # Restore onto one device, whatever mesh the run used.
+        one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, model=1))
+        built = build(one, source.d_in, jax.devices()[:1])
+        state = ckpt.restore_state(
+            step, abstract_with_shardings(built.abstract, built.state_sharding))
     finally:
         ckpt.close()
     n_train = max(source.n_tokens - cfg.data.eval_tokens, 0)

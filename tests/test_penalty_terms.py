@@ -499,7 +499,7 @@ def test_matryoshka_fixed_prefixes(rng, activation, tied, prefixes, weights):
     f = np_codes(P, xs, config.sae)[1]
     np.testing.assert_array_equal(np.asarray(out.acts) > 0, f > 0)
     assert out.prefix_ends == ends
-    recons = out.prefix_recons()
+    recons = out.prefix_recons(params["b_dec"])
     assert recons.shape == (len(ends), BATCH, D_IN)
     for i, m in enumerate(ends):
         assert_close(recons[i], f[:, :m] @ P["W_dec"][:m] + P["b_dec"])
@@ -529,7 +529,7 @@ def test_prefix_recons_of_selected_blocks(rng, ends):
     P, f = f64(params), np_codes(f64(params), f64(x), config.sae)[1]
     bounds = list(zip((0, *out.prefix_ends[:-1]), out.prefix_ends, strict=True))
     selection = np.asarray([[0, 1, 0], [1, 0, 1], [0, 0, 0], [1, 1, 1]], np.float32)
-    recons = out.prefix_recons(jnp.asarray(selection))
+    recons = out.prefix_recons(params["b_dec"], jnp.asarray(selection))
     assert recons.shape == (4, BATCH, D_IN)
     for row, r in zip(selection, recons, strict=True):
         expected = P["b_dec"] + sum(f[:, a:b] @ P["W_dec"][a:b]
@@ -549,7 +549,7 @@ def test_matryoshka_full_prefix_equals_mse(rng):
 # matryoshka (sampled prefixes)
 
 SAMPLE = {"n": 5, "power": 0.5, "resolution": 8}
-SAMPLE_ENDS = (3, 6, 9, 12, 15, 18, 21, 24)
+SAMPLE_ENDS = (1, 2, 3, 4, 5, 8, 11, 17, 24)  # geometric: ratio 24^(1/8)
 
 
 def sampled_slots(key, ends, n, power):
@@ -800,3 +800,17 @@ def test_total_loss_with_two_l0_modes(rng):
         assert_close(metrics["loss.l0_1"], tanh)
         assert_close(metrics["loss.l0_2"], quad)
         assert_close(value, mse + 0.5 * min(1, step / 8) * tanh + 3.0 * quad)
+
+
+def test_decoder_cosine_default_is_exact_up_to_the_batch_size(rng):
+    """exact_max: null -> exact while d_sae <= batch; sampled rows once the batch is smaller."""
+    config = make_config([{"term": "decoder_cosine", "chunk_size": 6}])
+    params = random_params(rng, config.sae)
+    rows = np_cosine_rows(f64(params), 0.0)
+    batch_of_d_sae = np.abs(rng.standard_normal((D_SAE, D_IN))).astype(np.float32)
+    value, _, _ = term_value(config, params, batch_of_d_sae)
+    assert_close(value, rows.sum() / D_SAE)
+    smaller = np.abs(rng.standard_normal((D_SAE - 4, D_IN))).astype(np.float32)
+    key = jax.random.PRNGKey(3)
+    value, _, _ = term_value(config, params, smaller, key=key)
+    assert_close(value, rows[cosine_chunk_index(key, 6)].sum() / 6)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from jaxsae import sharding
@@ -44,7 +45,7 @@ def test_param_specs_follow_the_logical_table():
                 "b_dec": jax.ShapeDtypeStruct((16,), "float32"),
                 "other": jax.ShapeDtypeStruct((64,), "float32"),
                 "scalar": jax.ShapeDtypeStruct((), "float32")}
-    mesh = sharding.single_device_mesh()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
     specs = {k: v.spec for k, v in sharding.tree_shardings(mesh, abstract, 64).items()}
     assert specs["W_enc"] == jax.sharding.PartitionSpec(None, "model")
     assert specs["W_dec"] == jax.sharding.PartitionSpec("model", None)
@@ -55,27 +56,19 @@ def test_param_specs_follow_the_logical_table():
 
 _SCRIPT = r"""
 import json, sys
-from functools import partial
-import jax, jax.numpy as jnp, numpy as np
-from jaxsae import sharding
+import jax, numpy as np
 from jaxsae.config import config_from_dict
-from jaxsae.train import init_state, make_train_step
+from jaxsae.train import build
 
 def run(tree, devices, steps=6):
-    cfg = config_from_dict(tree)
-    mesh = sharding.make_mesh(cfg, devices)
-    init = partial(init_state, cfg=cfg, d_in=16)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shard = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
-    state = jax.jit(init, out_shardings=shard)(jax.random.PRNGKey(0))
-    step = jax.jit(make_train_step(cfg), in_shardings=(shard, sharding.batch_sharding(mesh)),
-                   out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=0)
+    built = build(config_from_dict(tree), 16, devices)
+    state = built.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
         batch = rng.standard_normal((64, 16)).astype(np.float32)
         batch = np.maximum(batch, 0) * 2.0
-        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+        state, metrics = built.step(state, jax.device_put(batch, built.batch_sharding))
         losses.append(float(metrics["loss"]))
     return jax.device_get(state.params), losses
 
