@@ -1,6 +1,7 @@
 # Sourced by the scripts: makes .venv (when missing) and installs jaxsae with the given extras,
 # pinned by scripts/constraints.txt. Reinstalls only when pyproject.toml or the pins change.
-# Usage: source scripts/_venv.sh [EXTRAS]   (e.g. "test")
+# Usage: source scripts/_venv.sh EXTRAS   (e.g. "test", or "" for none; always pass it,
+# since a bare `source` hands the caller's own arguments to this script)
 set -euo pipefail
 JAXSAE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$JAXSAE_ROOT"
