@@ -4,6 +4,7 @@
   jaxsae train CONFIG [key=value ...]
   jaxsae export RUN_OR_CHECKPOINT_DIR --out DIR [--step N] [--dtype float32|bfloat16]
   jaxsae eval SAE_DIR --data DIR [--truth TRUTH] [--tokens N]
+  jaxsae data inspect DIR [--hook HOOK] [--json]
 
 Bad input exits with status 2 and one line naming the culprit.
 """
@@ -62,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
 
+    data = sub.add_parser("data", help="inspect activation directories",
+                          description="Tools for activation directories.")
+    data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = data_cmds.add_parser("inspect", help="validate every file and print a summary",
+                             description="Validate every shard (headers, sizes, NaN/inf) of a "
+                                         "jaxsae shard directory or SAELens cache and print its "
+                                         "format, size, dtype and norm statistics.")
+    p.add_argument("path", help="activation directory")
+    p.add_argument("--hook", default=None, help="SAELens caches: the activation column")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("train", help="train an SAE from a YAML config",
                        description="Train an SAE. Rerunning the same command resumes the run "
                                    "from its latest checkpoint.")
@@ -88,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truth.safetensors (or the synthetic data directory holding it)")
     p.add_argument("--tokens", type=int, default=None,
                    help="evaluate the last N tokens of the data (default: all)")
+    p.add_argument("--hook", default=None,
+                   help="SAELens caches: the activation column, when there are several")
     p.add_argument("--batch-size", type=int, default=4096)
     return parser
 
@@ -149,6 +164,14 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    from jaxsae.data.inspect import format_summary, inspect
+
+    summary = inspect(args.path, hook=args.hook, progress=not args.no_progress)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0
+
+
 def _cmd_export(args) -> int:
     from jaxsae.train import export_checkpoint
 
@@ -162,13 +185,14 @@ def _cmd_eval(args) -> int:
     import numpy as np
 
     from jaxsae import evaluate, tensorfile
-    from jaxsae.data import synthetic
-    from jaxsae.data.shards import ShardSet, iter_blocks
+    from jaxsae.config import DataConfig
+    from jaxsae.data import open_source, synthetic
+    from jaxsae.data.source import iter_blocks
     from jaxsae.errors import DataError
     from jaxsae.export import load_sae
 
     loaded = load_sae(args.sae_dir)
-    data = ShardSet(args.data)
+    data = open_source(DataConfig(path=args.data, hook=args.hook))
     if data.d_in != loaded.d_in:
         raise DataError(f"{args.data}: d_in {data.d_in} does not match the SAE's d_in "
                         f"{loaded.d_in} ({args.sae_dir})")
@@ -190,7 +214,8 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export, "eval": _cmd_eval}
+COMMANDS = {"synth": _cmd_synth, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export,
+            "eval": _cmd_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

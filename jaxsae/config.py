@@ -29,14 +29,24 @@ Activation = Literal["relu", "topk", "batchtopk", "jumprelu"]
 class DataConfig:
     path: str = ""
     """Directory of activations (jaxsae shard format). Required."""
-    format: Literal["auto", "shards"] = "auto"
-    """`auto` detects the format from the directory's contents."""
+    format: Literal["auto", "shards", "saelens"] = "auto"
+    """`shards` (jaxsae), `saelens` (a datasets.save_to_disk activation cache); `auto` detects."""
+    hook: str | None = None
+    """SAELens caches: the activation column (needed when the cache has several)."""
     shuffle_buffer: int = 262144
     """Tokens mixed together by the shuffle (drawn from randomly ordered chunks of all shards)."""
     seed: int = 0
     """Seed of the data order (independent of the model seed)."""
-    normalize: Literal["none"] = "none"
-    """Activation normalisation applied before the SAE."""
+    normalize: Literal["none", "unit_mean_squared_norm"] = "none"
+    """`unit_mean_squared_norm` scales inputs so that E‖x‖² = d_in (estimated before training,
+    saved in the checkpoint, folded into the exported weights)."""
+    drop_norm_above: float | None = None
+    """Drop tokens whose norm exceeds this multiple of the median norm (e.g. attention sinks)."""
+    stats_tokens: int = 65536
+    """Tokens sampled evenly across the data to estimate the median norm and the scale."""
+    lanes: int = 8
+    """Independent streams each batch is assembled from; the number of processes must divide
+    it (each process reads only its lanes) and it must divide optim.batch_size."""
     eval_tokens: int = 65536
     """Tokens at the end of the data held out from training and used for the final evaluation."""
     check_finite: bool = False
@@ -219,6 +229,12 @@ def _validate(cfg: Config) -> None:
     need(bool(cfg.data.path), "data.path", "required (a directory of cached activations)")
     need(cfg.data.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
     need(cfg.data.eval_tokens >= 0, "data.eval_tokens", "must be >= 0")
+    need(cfg.data.drop_norm_above is None or cfg.data.drop_norm_above > 0,
+         "data.drop_norm_above", "must be > 0 (a multiple of the median norm)")
+    need(cfg.data.stats_tokens > 0, "data.stats_tokens", "must be > 0")
+    need(cfg.data.lanes > 0, "data.lanes", "must be > 0")
+    need(cfg.optim.batch_size % cfg.data.lanes == 0, "data.lanes",
+         f"must divide optim.batch_size ({cfg.optim.batch_size}), got {cfg.data.lanes}")
     if cfg.data.generate is not None:
         from jaxsae.data import synthetic
 

@@ -11,7 +11,6 @@ The input is centred by the decoder bias before encoding (SAELens `apply_b_dec_t
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import flax.struct
 import jax
@@ -317,6 +316,18 @@ def after_update(params: Params, out: ForwardOutput, step: jax.Array, cfg: SAECo
     return params
 
 
-def describe(params: Params) -> dict[str, Any]:
-    """Shapes of a parameter tree, for logs and errors."""
-    return {name: tuple(value.shape) for name, value in params.items()}
+def fold_input_scale(params: Params, scale: float) -> Params:
+    """Parameters that take raw x for an SAE trained on scale·x: same codes, x̂ in raw units.
+
+    (s·x − b_dec)·W_enc = (x − b_dec/s)·(s·W_enc), and x̂ = (f·W_dec + b_dec)/s, so
+    W_enc → s·W_enc, W_dec → W_dec/s, b_dec → b_dec/s (b_enc and thresholds unchanged).
+    The result always has W_enc (a tied SAE stops being tied once scaled).
+    """
+    if scale == 1.0:
+        return params
+    folded = dict(params)
+    folded["W_enc"] = encoder_weight(params) * scale
+    folded["W_dec"] = params["W_dec"] / scale
+    folded["b_dec"] = params["b_dec"] / scale
+    return folded
+

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
@@ -32,9 +33,11 @@ from jaxsae import evaluate, export, penalties, sae, sharding
 from jaxsae.checkpoint import Checkpointer, abstract_with_shardings, check_resume_compatible
 from jaxsae.config import CheckpointConfig, Config, OptimConfig
 from jaxsae.data import open_source, synthetic
-from jaxsae.data.loader import Loader, Prefetcher
-from jaxsae.data.shards import iter_blocks
-from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
+from jaxsae.data.loader import Loader, Prefetcher, lanes_of_process
+from jaxsae.data.source import iter_blocks
+from jaxsae.data.stats import DataStats
+from jaxsae.data.stats import estimate as estimate_stats
+from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
 
 # tokens_since_fired saturates here instead of overflowing int32.
 _TOKENS_SINCE_FIRED_CAP = 2**30
@@ -104,13 +107,18 @@ def init_state(key: jax.Array, cfg: Config, d_in: int) -> TrainState:
     )
 
 
-def make_train_step(cfg: Config) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-    """The pure step: (state, batch [batch, d_in]) -> (state, metrics)."""
+def make_train_step(
+    cfg: Config, input_scale: float = 1.0
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    """The pure step: (state, batch [batch, d_in]) -> (state, metrics). Batches are multiplied
+    by `input_scale` (activation normalisation) on the device."""
     schedule = lr_schedule(cfg.optim)
     tx = make_optimizer(cfg)
     prefix_ends = penalties.prefix_ends(cfg)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+        if input_scale != 1.0:
+            batch = batch * input_scale
         step = state.step
         key = jax.random.fold_in(state.rng, step)
 
@@ -180,7 +188,7 @@ class Built:
     """The jitted train_step, state donated."""
 
 
-def build(cfg: Config, d_in: int, devices: list | None = None) -> Built:
+def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: float = 1.0) -> Built:
     """mesh -> abstract init -> shardings -> jitted init and step."""
     mesh = sharding.make_mesh(cfg, devices)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -188,7 +196,7 @@ def build(cfg: Config, d_in: int, devices: list | None = None) -> Built:
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     state_sharding = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
     step = jax.jit(
-        make_train_step(cfg),
+        make_train_step(cfg, input_scale),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -233,13 +241,18 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
             f"data.eval_tokens ({cfg.data.eval_tokens}); need at least optim.batch_size "
             f"({cfg.optim.batch_size})"
         )
-    d_in = source.d_in
     if resume_step is not None:
         _check_loader_state(loader_state, cfg, source, n_train, run_dir)
+        stats = DataStats.from_dict(loader_state["data_stats"])
+    else:
+        stats = estimate_stats(source, n_train, cfg.data)
+    if stats.drop_above is not None or stats.scale != 1.0:
+        log(f"data: median token norm {stats.median_norm:.4g}"
+            + (f", dropping tokens with norm > {stats.drop_above:.4g}" if stats.drop_above else "")
+            + (f", input scale {stats.scale:.4g}" if stats.scale != 1.0 else ""))
 
     # -- mesh -> abstract init -> shardings -> step; materialise --------------------------
-    built = build(cfg, d_in)
-    batch_sharding = built.batch_sharding
+    built = build(cfg, source.d_in, input_scale=stats.scale)
     state = built.init(jax.random.PRNGKey(cfg.seed))
 
     # -- restore ----------------------------------------------------------------------------
@@ -255,26 +268,38 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     # -- loop -------------------------------------------------------------------------------
     total = cfg.optim.total_steps
     batch_size = cfg.optim.batch_size
+    try:
+        owned = lanes_of_process(cfg.data.lanes, jax.process_index(), jax.process_count())
+    except ValueError as e:
+        raise ConfigError(f"data.lanes: {e}") from None
     loader = Loader(source, batch_size=batch_size, buffer_tokens=cfg.data.shuffle_buffer,
-                    seed=cfg.data.seed, stop=n_train, position=start * batch_size)
-    batches = Prefetcher(loader.batches(), depth=2,
-                         transform=lambda b: jax.device_put(b, batch_sharding))
+                    seed=cfg.data.seed, stop=n_train, lanes=cfg.data.lanes, owned_lanes=owned,
+                    keep=stats.keep_fn(),
+                    position=loader_state if resume_step is not None else None)
+    global_shape = (batch_size, source.d_in)
 
-    def loader_state_at(step: int) -> dict:
-        return {**loader.state(), "position": step * batch_size}
+    def to_devices(item):  # each process hands over only its rows of the global batch
+        rows, position = item
+        return jax.make_array_from_process_local_data(
+            built.batch_sharding, rows, global_shape), position
+
+    batches = Prefetcher(loader.batches(), depth=2, transform=to_devices)
+    position = loader.state()  # of the batches consumed so far
 
     def save(step: int, state: TrainState):
-        ckpt.save(step, state, loader_state_at(step), cfg)
+        saved = {**_gather_positions(position), "data_stats": stats.to_dict()}
+        ckpt.save(step, state, saved, cfg)
 
     metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
     bar = tqdm(total=total, initial=start, unit="step", desc=cfg.name,
                disable=not (progress and is_main), dynamic_ncols=True)
     stop_signal = _SignalFlag()
-    logger = _MetricLogger(metrics_file, bar, cfg, start)
+    logger = _MetricLogger(metrics_file, bar, cfg, start, loader)
     pending = None  # (step, device metrics) of the previous step: read one step late
     try:
         for step in range(start, total):
-            state, metrics = built.step(state, next(batches))
+            batch, position = next(batches)
+            state, metrics = built.step(state, batch)
             if pending is not None:
                 logger.record(*pending)
             pending = (step, metrics)
@@ -299,22 +324,29 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     finally:
         stop_signal.restore()
         batches.close()
+        loader.close()
         bar.close()
         if metrics_file:
             metrics_file.close()
         ckpt.close()
+    if stats.drop_above is not None:
+        log(f"data: dropped {loader.dropped} tokens with norm > {stats.drop_above:.4g} "
+            "in the windows read by this process")
 
     # -- export + evaluation -------------------------------------------------------------
     params = jax.device_get(state.params)
-    metrics = finalise(params, cfg, source, n_train, run_dir / "sae" if is_main else None)
+    metrics = finalise(params, cfg, source, n_train, run_dir / "sae" if is_main else None,
+                       scale=stats.scale)
     if is_main:
         (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
     return RunResult(run_dir=run_dir, sae_dir=run_dir / "sae", step=total, eval=metrics)
 
 
 def finalise(params: sae.Params, cfg: Config, source, n_train: int,
-             out: Path | None, *, dtype: str = "float32") -> dict[str, Any]:
-    """Evaluates on the held-out tokens (else the last training tokens) and exports to `out`."""
+             out: Path | None, *, scale: float = 1.0, dtype: str = "float32") -> dict[str, Any]:
+    """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
+    last training tokens) in raw units, and exports to `out`."""
+    params = sae.fold_input_scale(params, scale)
     eval_start = n_train if cfg.data.eval_tokens else max(0, n_train - 65536)
     blocks = iter_blocks(source, cfg.optim.batch_size, start=eval_start)
     metrics = evaluate.reconstruction_metrics(params, cfg.sae, blocks)
@@ -348,7 +380,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         if step not in steps:
             raise JaxsaeError(f"--step {step}: no such checkpoint in {directory} "
                               f"(available: {', '.join(map(str, sorted(steps)))})")
-        _, cfg = ckpt.restore_meta(step)
+        loader_state, cfg = ckpt.restore_meta(step)
         if data is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
         source = open_source(cfg.data)
@@ -360,7 +392,9 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     finally:
         ckpt.close()
     n_train = max(source.n_tokens - cfg.data.eval_tokens, 0)
-    finalise(jax.device_get(state.params), cfg, source, n_train, Path(out), dtype=dtype)
+    scale = DataStats.from_dict(loader_state["data_stats"]).scale
+    finalise(jax.device_get(state.params), cfg, source, n_train, Path(out), scale=scale,
+             dtype=dtype)
     return Path(out)
 
 
@@ -374,7 +408,19 @@ def _source_metadata(source) -> dict[str, Any]:
     return out
 
 
+def _gather_positions(position: dict) -> dict:
+    """The loader position with every process's lanes filled in (process 0 writes it)."""
+    if jax.process_count() == 1:
+        return position
+    lanes = np.asarray([p if p is not None else [-1, -1, -1] for p in position["lanes"]])
+    merged = multihost_utils.process_allgather(lanes).max(axis=0)
+    return {**position, "lanes": merged.tolist()}
+
+
 def _check_loader_state(state: dict, cfg: Config, source, n_train: int, where: Path) -> None:
+    if state.get("n_lanes") != cfg.data.lanes:
+        raise JaxsaeError(f"{where}: the checkpoint used data.lanes {state.get('n_lanes')}, "
+                          f"the config says {cfg.data.lanes}")
     if state.get("d_in") != source.d_in:
         raise DataError(f"{cfg.data.path}: d_in is {source.d_in} but the checkpoint in {where} "
                         f"was trained on d_in {state.get('d_in')}")
@@ -403,8 +449,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 class _MetricLogger:
     """Turns the device metrics of a step (fetched one step late) into logs and checks."""
 
-    def __init__(self, file, bar, cfg: Config, start: int):
-        self.file, self.bar, self.cfg = file, bar, cfg
+    def __init__(self, file, bar, cfg: Config, start: int, loader: Loader):
+        self.file, self.bar, self.cfg, self.loader = file, bar, cfg, loader
         self.last_time, self.last_step = time.perf_counter(), start
         self.labels = penalties.term_labels(cfg.loss)
 
@@ -428,6 +474,8 @@ class _MetricLogger:
         self.last_time, self.last_step = now, done
         line = {"step": done, "tokens": done * self.cfg.optim.batch_size,
                 "tokens_per_s": round(tokens_per_s, 1), **host}
+        if self.cfg.data.drop_norm_above is not None:
+            line["dropped_tokens"] = self.loader.dropped
         self.bar.set_postfix(
             {"tok/s": f"{tokens_per_s:,.0f}", "loss": f"{host['loss']:.4g}",
              "L0": f"{host['l0']:.1f}", "EV": f"{host['explained_variance']:.3f}"},

@@ -14,7 +14,8 @@ import safetensors.numpy
 from jaxsae import tensorfile
 from jaxsae.config import DataConfig
 from jaxsae.data import open_source
-from jaxsae.data.shards import MANIFEST, SAFETENSORS_KEY, ShardSet, ShardWriter, iter_blocks
+from jaxsae.data.shards import MANIFEST, SAFETENSORS_KEY, ShardSet, ShardWriter
+from jaxsae.data.source import iter_blocks
 from jaxsae.errors import DataError
 
 D_IN = 3

@@ -102,8 +102,8 @@ def test_train_step_compiles_once(small_data, tmp_path, monkeypatch):
     traces = []
     real = train_mod.make_train_step
 
-    def counting(cfg):
-        step = real(cfg)
+    def counting(cfg, *args):
+        step = real(cfg, *args)
 
         def traced(state, batch):
             traces.append(1)
@@ -148,7 +148,7 @@ def test_every_activation_trains_and_exports(small_data, tmp_path, sae_cfg, loss
 
 
 def test_lr_schedule_shape():
-    cfg = config_from_dict({"data": {"path": "x"}, "optim": {
+    cfg = config_from_dict({"data": {"path": "x", "lanes": 1}, "optim": {
         "lr": 1.0, "batch_size": 1, "total_tokens": 100, "warmup_steps": 10,
         "decay_fraction": 0.2}})
     lr = train_mod.lr_schedule(cfg.optim)

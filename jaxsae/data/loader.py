@@ -1,40 +1,35 @@
-"""Shuffled batches from a token source, with a position that fits in one integer.
+"""Shuffled batches from a token source, reproducible from a small position.
 
-The order is a pure function of (seed, position), which is what makes resumption exact:
+The order is a pure function of the seed and the data:
 
-* the training tokens are cut into chunks of `chunk_tokens` contiguous tokens;
-* epoch e visits the chunks in a seeded random order; consecutive chunks of that order are
-  grouped into windows of about `buffer_tokens` tokens (the shuffle buffer), so one window mixes
-  tokens from many places in many shards;
-* each window is read with large sequential reads and its tokens are permuted (seeded by
-  epoch and window);
-* the stream is the concatenation of the windows of epochs 0, 1, 2, ...; batch b is tokens
-  [b·B, (b+1)·B) of it.
+* the training tokens are cut into chunks of `chunk_tokens` contiguous tokens, and chunk c
+  belongs to lane c mod L (`lanes`), so every lane draws from the whole data set;
+* each lane visits its chunks in a seeded random order per epoch, grouped into windows of
+  about `buffer_tokens / L` tokens (the shuffle buffer); a window is read with sequential
+  reads, optionally filtered (`keep`), and its tokens are permuted (seeded by lane, epoch and
+  window); the next window is read in the background while this one is served;
+* rows [l·B/L, (l+1)·B/L) of every batch come from lane l.
 
-The checkpointed position is the number of tokens consumed: a restarted loader recomputes the
-window that holds it and continues with exactly the batches an uninterrupted run would see.
+So a batch does not depend on how many processes read it: with P processes (P dividing L),
+process p owns lanes [p·L/P, (p+1)·L/P), reads only their chunks, and produces exactly its
+rows of every global batch. The position is (epoch, window, offset) per lane; a restarted
+loader reads the window that holds it and continues with exactly the same batches.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
+from jaxsae.data.source import TokenSource
 
-class TokenSource(Protocol):
-    """What the loader reads from (a `ShardSet`, a SAELens cache, ...)."""
-
-    @property
-    def d_in(self) -> int: ...
-
-    @property
-    def n_tokens(self) -> int: ...
-
-    def read(self, start: int, stop: int) -> np.ndarray: ...
+KeepFn = Callable[[np.ndarray], np.ndarray]
+"""[n, d_in] float32 tokens -> [n] bool: which tokens to keep."""
 
 
 class Loader:
@@ -46,72 +41,122 @@ class Loader:
         buffer_tokens: int,
         seed: int,
         stop: int | None = None,
-        position: int = 0,
+        lanes: int = 1,
+        owned_lanes: Sequence[int] | None = None,
+        keep: KeepFn | None = None,
+        position: dict[str, Any] | None = None,
         chunk_tokens: int | None = None,
     ):
-        """Batches of `batch_size` tokens from tokens [0, stop) of `source`, from `position` on."""
+        """Batches of `batch_size` tokens (this process's rows of them when it owns only some
+        lanes) from tokens [0, stop) of `source`, from `position` on (None: the start)."""
+        if batch_size % lanes:
+            raise ValueError(f"batch size {batch_size} is not divisible by {lanes} lanes")
         self.source = source
         self.batch_size = batch_size
+        self.lanes = lanes
+        self.owned = list(range(lanes) if owned_lanes is None else owned_lanes)
+        self.per_lane = batch_size // lanes
         self.seed = seed
+        self.keep = keep
+        self.dropped = 0
+        """Tokens the `keep` filter removed from the windows read so far."""
+        self._dropped_lock = threading.Lock()
         self.n_tokens = source.n_tokens if stop is None else stop
-        if self.n_tokens <= 0:
-            raise ValueError("the loader has no tokens to read")
-        # Chunks are large enough for sequential reads, small enough that a window mixes many.
-        self.chunk_tokens = chunk_tokens or int(np.clip(buffer_tokens // 64, 256, 8192))
-        self.chunks_per_window = max(1, buffer_tokens // self.chunk_tokens)
+        lane_buffer = max(1, buffer_tokens // lanes)
+        # Chunks long enough for sequential reads, short enough that a window mixes many.
+        self.chunk_tokens = chunk_tokens or int(np.clip(lane_buffer // 16, 256, 8192))
+        self.chunks_per_window = max(1, lane_buffer // self.chunk_tokens)
         starts = np.arange(0, self.n_tokens, self.chunk_tokens)
+        if len(starts) < lanes:
+            raise ValueError(f"{self.n_tokens} tokens make {len(starts)} chunks of "
+                             f"{self.chunk_tokens}, fewer than the {lanes} lanes")
         self._chunk_starts = starts
-        self._chunk_sizes = np.minimum(starts + self.chunk_tokens, self.n_tokens) - starts
-        self.position = position
+        self._chunk_stops = np.minimum(starts + self.chunk_tokens, self.n_tokens)
+        self._lane_chunks = [np.arange(lane, len(starts), lanes) for lane in range(lanes)]
+        if position is None:
+            self.position = {lane: (0, 0, 0) for lane in self.owned}
+        else:
+            saved = position["lanes"]
+            if len(saved) != lanes or any(saved[lane] is None for lane in self.owned):
+                raise ValueError(f"the saved position has no entry for lanes {self.owned}")
+            self.position = {lane: tuple(saved[lane]) for lane in self.owned}
+        self._pool = ThreadPoolExecutor(max_workers=min(4, len(self.owned)),
+                                        thread_name_prefix="jaxsae-window")
 
     # -- the order ------------------------------------------------------------------------
 
-    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The chunk order of an epoch and the stream offsets where its windows start."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._chunk_starts))
-        sizes = self._chunk_sizes[order]
-        window_sizes = np.add.reduceat(sizes, np.arange(0, len(order), self.chunks_per_window))
-        return order, np.concatenate([[0], np.cumsum(window_sizes)])
+    def windows_per_epoch(self, lane: int) -> int:
+        return -(-len(self._lane_chunks[lane]) // self.chunks_per_window)
 
-    def _read_window(self, epoch: int, window: int, order: np.ndarray) -> np.ndarray:
+    def _read_window(self, lane: int, epoch: int, window: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, lane, epoch]).permutation(
+            self._lane_chunks[lane])
         chunks = order[window * self.chunks_per_window : (window + 1) * self.chunks_per_window]
-        # Read in file order (sequential I/O), then shuffle in memory.
-        parts = [self.source.read(int(self._chunk_starts[c]),
-                                  int(self._chunk_starts[c] + self._chunk_sizes[c]))
+        # Read in file order (sequential I/O), then filter and shuffle in memory.
+        parts = [self.source.read(int(self._chunk_starts[c]), int(self._chunk_stops[c]))
                  for c in np.sort(chunks)]
-        tokens = np.concatenate(parts)
-        perm = np.random.default_rng([self.seed, epoch, window, 1]).permutation(len(tokens))
+        tokens = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if self.keep is not None:
+            kept = self.keep(tokens)
+            with self._dropped_lock:  # window threads of several lanes count at once
+                self.dropped += int(len(kept) - np.count_nonzero(kept))
+            tokens = tokens[kept]
+        perm = np.random.default_rng([self.seed, lane, epoch, window, 1]).permutation(
+            len(tokens))
         return tokens[perm]
 
-    def batches(self) -> Iterator[np.ndarray]:
-        """Yields float32 [batch_size, d_in] forever, starting at `self.position`."""
-        epoch, offset = divmod(self.position, self.n_tokens)
+    def _next_window(self, lane: int, epoch: int, window: int) -> tuple[int, int]:
+        window += 1
+        return (epoch + 1, 0) if window >= self.windows_per_epoch(lane) else (epoch, window)
+
+    def _lane_pieces(self, lane: int) -> Iterator[tuple[np.ndarray, tuple[int, int, int]]]:
+        """Pieces of `per_lane` tokens of one lane, each with the lane position after it."""
+        epoch, window, offset = self.position[lane]
+        ahead = self._pool.submit(self._read_window, lane, epoch, window)
         pending: list[np.ndarray] = []
-        pending_tokens = 0
+        have = 0
         while True:
-            order, window_starts = self._epoch_plan(epoch)
-            window = int(np.searchsorted(window_starts, offset, side="right")) - 1
-            while window < len(window_starts) - 1:
-                tokens = self._read_window(epoch, window, order)
-                tokens = tokens[offset - window_starts[window] :]
-                offset = int(window_starts[window + 1])
-                window += 1
-                while len(tokens):
-                    take = min(self.batch_size - pending_tokens, len(tokens))
-                    pending.append(tokens[:take])
-                    pending_tokens += take
-                    tokens = tokens[take:]
-                    if pending_tokens == self.batch_size:
-                        batch = pending[0] if len(pending) == 1 else np.concatenate(pending)
-                        pending, pending_tokens = [], 0
-                        self.position += self.batch_size
-                        yield batch
-            epoch, offset = epoch + 1, 0
+            tokens = ahead.result()
+            upcoming = self._next_window(lane, epoch, window)
+            ahead = self._pool.submit(self._read_window, lane, *upcoming)
+            while offset < len(tokens):
+                take = min(self.per_lane - have, len(tokens) - offset)
+                pending.append(tokens[offset : offset + take])
+                have += take
+                offset += take
+                if have == self.per_lane:
+                    piece = pending[0] if len(pending) == 1 else np.concatenate(pending)
+                    pending, have = [], 0
+                    yield piece, (epoch, window, offset)
+            (epoch, window), offset = upcoming, 0
+
+    def batches(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+        """Yields (float32 [rows, d_in], position after it) forever: rows is batch_size times
+        the fraction of lanes this loader owns. Pass the position back to resume."""
+        streams = [self._lane_pieces(lane) for lane in self.owned]
+        while True:
+            pieces, positions = zip(*(next(s) for s in streams), strict=True)
+            self.position = dict(zip(self.owned, positions, strict=True))
+            yield np.concatenate(pieces), self.state()
 
     def state(self) -> dict[str, Any]:
-        """The checkpointable position (plus what must match for it to mean the same thing)."""
-        return {"position": int(self.position), "seed": self.seed, "n_tokens": int(self.n_tokens),
-                "batch_size": self.batch_size, "d_in": int(self.source.d_in)}
+        """The checkpointable position, plus what must match for it to mean the same thing."""
+        lanes = [list(self.position[lane]) if lane in self.position else None
+                 for lane in range(self.lanes)]
+        return {"lanes": lanes,
+                "seed": self.seed, "n_tokens": int(self.n_tokens), "batch_size": self.batch_size,
+                "n_lanes": self.lanes, "d_in": int(self.source.d_in)}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def lanes_of_process(lanes: int, process: int, processes: int) -> list[int]:
+    """The contiguous block of lanes process `process` of `processes` reads."""
+    if lanes % processes:
+        raise ValueError(f"{processes} processes do not divide {lanes} lanes")
+    per = lanes // processes
+    return list(range(process * per, (process + 1) * per))
 
 
 class Prefetcher:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxsae import tensorfile
+from jaxsae.data.source import ArraySource
 from jaxsae.errors import DataError
 
 FORMAT = "jaxsae.shards"
@@ -155,63 +156,27 @@ def _map(file, offset, shape, dtype, fortran, entry, manifest) -> np.ndarray:
     return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
 
 
-class ShardSet:
+class ShardSet(ArraySource):
     """A validated, memory-mapped shard directory; tokens are addressed by a global index."""
 
     def __init__(self, path: str | Path, *, check_finite: bool = False):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.arrays: list[np.ndarray] = []
+        arrays = []
         for entry in self.manifest.shards:
             file = self.path / entry.file
             if not file.is_file():
                 raise DataError(f"{file}: listed in {MANIFEST} but missing")
             if entry.file.endswith(".npy"):
-                self.arrays.append(_open_npy(file, entry, self.manifest))
+                arrays.append(_open_npy(file, entry, self.manifest))
             elif entry.file.endswith(".safetensors"):
-                self.arrays.append(_open_safetensors(file, entry, self.manifest))
+                arrays.append(_open_safetensors(file, entry, self.manifest))
             else:
                 raise DataError(f"{file}: unknown shard type (expected .npy or .safetensors)")
-        self.offsets = np.cumsum([0] + [e.n_tokens for e in self.manifest.shards])
+        names = [str(self.path / e.file) for e in self.manifest.shards]
+        super().__init__(arrays, names, self.manifest.d_in)
         if check_finite:
             self.check_finite()
-
-    @property
-    def d_in(self) -> int:
-        return self.manifest.d_in
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the whole set as float32 [stop - start, d_in]."""
-        if not 0 <= start <= stop <= self.n_tokens:
-            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.n_tokens})")
-        if start == stop:
-            return np.empty((0, self.d_in), np.float32)
-        parts = []
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        for i in range(first, len(self.arrays)):
-            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-            if lo >= stop:
-                break
-            parts.append(self.arrays[i][max(start, lo) - lo : min(stop, hi) - lo])
-        out = np.concatenate(parts) if len(parts) != 1 else parts[0]
-        return np.asarray(out, dtype=np.float32)
-
-    def check_finite(self, rows_per_read: int = 65536) -> None:
-        """Refuses NaN / inf, naming the file and the first bad row range."""
-        for entry, array in zip(self.manifest.shards, self.arrays, strict=True):
-            for lo in range(0, entry.n_tokens, rows_per_read):
-                block = np.asarray(array[lo : lo + rows_per_read], dtype=np.float32)
-                bad = ~np.isfinite(block).all(axis=1)
-                if bad.any():
-                    rows = np.flatnonzero(bad) + lo
-                    raise DataError(
-                        f"{self.path / entry.file}: non-finite values in rows "
-                        f"{rows[0]}..{rows[-1]} ({len(rows)} rows in this block)"
-                    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,11 +267,3 @@ class ShardWriter:
             shutil.rmtree(self.out)
         os.replace(self.staging, self.out)
         return self.out
-
-
-def iter_blocks(shards: ShardSet, block_tokens: int, start: int = 0,
-                stop: int | None = None) -> Iterator[np.ndarray]:
-    """Contiguous float32 blocks of tokens [start, stop) in order (for evaluation passes)."""
-    stop = shards.n_tokens if stop is None else stop
-    for lo in range(start, stop, block_tokens):
-        yield shards.read(lo, min(lo + block_tokens, stop))

@@ -1,0 +1,99 @@
+"""`jaxsae data inspect`: validate every file of an activation directory and summarise it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxsae.config import DataConfig
+from jaxsae.data import detect_format, open_source
+from jaxsae.errors import DataError
+
+_SAMPLE = 1 << 20  # norms kept for the quantiles (an evenly strided sample of all tokens)
+
+
+def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65536,
+            progress: bool = True) -> dict[str, Any]:
+    """Opens (validating every file's header), then reads every token once: refuses NaN/inf
+    naming the file and rows, and returns format, size and norm statistics."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: does not exist")
+    kind = detect_format(path)
+    source = open_source(DataConfig(path=str(path), hook=hook))
+    stride = max(1, source.n_tokens // _SAMPLE)
+    total = total_sq = 0.0
+    low, high = np.inf, 0.0
+    sample = []
+    dtypes = set()
+    bar = tqdm(total=source.n_tokens, unit="tok", unit_scale=True, desc="inspect",
+               disable=not progress)
+    seen = 0
+    for name, array in zip(source.names, source.arrays, strict=True):
+        dtypes.add(np.dtype(array.dtype).name)
+        for lo in range(0, len(array), block_tokens):
+            block = np.asarray(array[lo : lo + block_tokens], dtype=np.float32)
+            bad = ~np.isfinite(block).all(axis=1)
+            if bad.any():
+                rows = np.flatnonzero(bad) + lo
+                raise DataError(f"{name}: non-finite values in rows {rows[0]}..{rows[-1]} "
+                                f"({len(rows)} rows in this block)")
+            norms = np.linalg.norm(block.astype(np.float64), axis=1)
+            total += norms.sum()
+            total_sq += np.square(norms).sum()
+            low, high = min(low, norms.min()), max(high, norms.max())
+            first = (-(seen % stride)) % stride
+            sample.append(norms[first::stride])
+            seen += len(block)
+            bar.update(len(block))
+    bar.close()
+    sample = np.concatenate(sample)
+    n = source.n_tokens
+    summary: dict[str, Any] = {
+        "path": str(path),
+        "format": kind,
+        "files": len(set(name.split(" (record batch")[0] for name in source.names)),
+        "tokens": n,
+        "d_in": source.d_in,
+        "dtype": ", ".join(sorted(dtypes)),
+        "norm": {
+            "mean": total / n,
+            "rms": float(np.sqrt(total_sq / n)),
+            "min": float(low),
+            "median": float(np.median(sample)),
+            "p99": float(np.quantile(sample, 0.99)),
+            "max": float(high),
+            "max_over_median": float(high / max(np.median(sample), 1e-30)),
+        },
+    }
+    if kind == "shards":
+        summary["source"] = dict(source.manifest.source)
+    else:
+        summary["hook"] = source.hook
+        summary["context_size"] = source.context_size
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    norm = summary["norm"]
+    lines = [
+        f"{summary['path']}: {summary['format']}, valid",
+        f"  tokens      {summary['tokens']:,} in {summary['files']} file(s)",
+        f"  d_in        {summary['d_in']}",
+        f"  dtype       {summary['dtype']}",
+    ]
+    if "hook" in summary:
+        lines.append(f"  hook        {summary['hook']} (context {summary['context_size']})")
+    lines += [
+        f"  norm        mean {norm['mean']:.4g}, rms {norm['rms']:.4g}, median "
+        f"{norm['median']:.4g}, p99 {norm['p99']:.4g}",
+        f"              min {norm['min']:.4g}, max {norm['max']:.4g} "
+        f"({norm['max_over_median']:.1f}x the median)",
+    ]
+    source = summary.get("source") or {}
+    if source:
+        lines.append("  source      " + ", ".join(f"{k}={v}" for k, v in source.items()))
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""SAELens / Hugging Face `datasets` activation caches, read memory-mapped.
+
+A SAELens cache is a `datasets.Dataset.save_to_disk` directory: `dataset_info.json`,
+`state.json` and `data-NNNNN-of-MMMMM.arrow` files (Arrow IPC streams). Each row is one
+sequence; the activation column is named after the hook (e.g. `blocks.8.hook_resid_pre`) with
+feature type `Array2D(shape=(context_size, d_in))`, beside a `token_ids` column. Rows are
+flattened to tokens: row r, position t is token r·context_size + t. The Arrow files are
+memory-mapped and the activation values are zero-copy views of them; nothing is loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from jaxsae.data.source import ArraySource
+from jaxsae.errors import DataError
+
+INFO = "dataset_info.json"
+STATE = "state.json"
+_FLOAT = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+
+
+def is_saelens_cache(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / INFO).is_file() and (path / STATE).is_file()
+
+
+def activation_columns(info: dict) -> dict[str, tuple[int, int]]:
+    """Array2D float columns of a dataset_info.json: name -> (context_size, d_in)."""
+    out = {}
+    for name, feature in (info.get("features") or {}).items():
+        if (isinstance(feature, dict) and feature.get("_type") == "Array2D"
+                and feature.get("dtype") in _FLOAT and len(feature.get("shape", ())) == 2):
+            out[name] = tuple(feature["shape"])
+    return out
+
+
+class SAELensCache(ArraySource):
+    """Tokens of one activation column of a SAELens cache."""
+
+    def __init__(self, path: str | Path, *, hook: str | None = None, check_finite: bool = False):
+        self.path = Path(path)
+        info, state = self._read_json(INFO), self._read_json(STATE)
+        columns = activation_columns(info)
+        if not columns:
+            raise DataError(f"{self.path / INFO}: no Array2D activation column")
+        if hook is None:
+            if len(columns) > 1:
+                raise DataError(f"{self.path}: several activation columns "
+                                f"({', '.join(columns)}); choose one with data.hook")
+            hook = next(iter(columns))
+        if hook not in columns:
+            raise DataError(f"data.hook: {hook!r} is not an activation column of {self.path} "
+                            f"(it has {', '.join(columns)})")
+        self.hook = hook
+        self.context_size, d_in = columns[hook]
+        files = [f.get("filename") for f in state.get("_data_files", [])]
+        if not files or not all(isinstance(f, str) for f in files):
+            raise DataError(f"{self.path / STATE}: no _data_files listed")
+        arrays, names = [], []
+        for name in files:
+            for i, values in enumerate(self._open(self.path / name, d_in)):
+                arrays.append(values)
+                names.append(f"{self.path / name}" + (f" (record batch {i})" if i else ""))
+        super().__init__(arrays, names, d_in)
+        if check_finite:
+            self.check_finite()
+
+    def _read_json(self, name: str) -> dict:
+        file = self.path / name
+        if not file.is_file():
+            raise DataError(f"{self.path}: no {name} (not a datasets.save_to_disk directory)")
+        try:
+            raw = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise DataError(f"{file}: expected a JSON object")
+        return raw
+
+    def _open(self, file: Path, d_in: int) -> list[np.ndarray]:
+        """[rows·context_size, d_in] views of the hook column, one per record batch."""
+        if not file.is_file():
+            raise DataError(f"{file}: listed in {STATE} but missing")
+        try:
+            table = pa.ipc.open_stream(pa.memory_map(str(file), "r")).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{file}: not a readable Arrow stream ({e})") from None
+        if self.hook not in table.column_names:
+            raise DataError(f"{file}: no column {self.hook!r}")
+        out = []
+        for chunk in table.column(self.hook).chunks:
+            storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+            rows = len(storage)
+            if rows == 0:
+                continue
+            try:
+                values = storage.flatten().flatten()
+                array = values.to_numpy(zero_copy_only=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, AttributeError) as e:
+                raise DataError(f"{file}: column {self.hook!r} is not a dense float array "
+                                f"({e})") from None
+            if array.size != rows * self.context_size * d_in:
+                raise DataError(f"{file}: column {self.hook!r} has {array.size} values for "
+                                f"{rows} rows of [{self.context_size}, {d_in}]")
+            out.append(array.reshape(rows * self.context_size, d_in))
+        return out

@@ -1,0 +1,75 @@
+"""Token sources: what the loader reads from, and the array-list source both formats build on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from jaxsae.errors import DataError
+
+
+class TokenSource(Protocol):
+    """Tokens [0, n_tokens) of width d_in, read as float32 ranges."""
+
+    @property
+    def d_in(self) -> int: ...
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class ArraySource:
+    """A list of (memory-mapped) arrays [n_i, d_in], addressed as one run of tokens."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], names: Sequence[str], d_in: int):
+        self.arrays = list(arrays)
+        self.names = list(names)
+        self._d_in = d_in
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    @property
+    def d_in(self) -> int:
+        return self._d_in
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) as float32 [stop - start, d_in]."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.n_tokens})")
+        if start == stop:
+            return np.empty((0, self.d_in), np.float32)
+        parts = []
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for i in range(first, len(self.arrays)):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            if lo >= stop:
+                break
+            parts.append(self.arrays[i][max(start, lo) - lo : min(stop, hi) - lo])
+        out = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def check_finite(self, rows_per_read: int = 65536) -> None:
+        """Refuses NaN / inf, naming the file and the first bad row range."""
+        for name, array in zip(self.names, self.arrays, strict=True):
+            for lo in range(0, len(array), rows_per_read):
+                block = np.asarray(array[lo : lo + rows_per_read], dtype=np.float32)
+                bad = ~np.isfinite(block).all(axis=1)
+                if bad.any():
+                    rows = np.flatnonzero(bad) + lo
+                    raise DataError(f"{name}: non-finite values in rows {rows[0]}..{rows[-1]} "
+                                    f"({len(rows)} rows in this block)")
+
+
+def iter_blocks(source: TokenSource, block_tokens: int, start: int = 0,
+                stop: int | None = None) -> Iterator[np.ndarray]:
+    """Contiguous float32 blocks of tokens [start, stop) in order (for evaluation passes)."""
+    stop = source.n_tokens if stop is None else stop
+    for lo in range(start, stop, block_tokens):
+        yield source.read(lo, min(lo + block_tokens, stop))

@@ -1,0 +1,62 @@
+"""Statistics estimated before training: the median token norm (for dropping outliers such as
+attention sinks) and the input scale of `normalize: unit_mean_squared_norm`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from jaxsae.config import DataConfig
+from jaxsae.data.loader import KeepFn
+from jaxsae.data.source import TokenSource
+
+
+@dataclass(frozen=True)
+class DataStats:
+    median_norm: float
+    """Median L2 norm of the sampled tokens."""
+    drop_above: float | None
+    """Tokens with a larger norm are dropped (None: keep all)."""
+    scale: float
+    """Inputs are multiplied by this before the SAE (1.0 unless normalising)."""
+
+    def keep_fn(self) -> KeepFn | None:
+        if self.drop_above is None:
+            return None
+        limit = self.drop_above
+
+        def keep(tokens: np.ndarray) -> np.ndarray:
+            return np.einsum("nd,nd->n", tokens, tokens) <= limit * limit
+
+        return keep
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DataStats:
+        return cls(**raw)
+
+
+def sample_evenly(source: TokenSource, stop: int, n: int, pieces: int = 64) -> np.ndarray:
+    """About n tokens from `pieces` evenly spaced places in [0, stop) (sequential reads)."""
+    n = min(n, stop)
+    per = max(1, n // pieces)
+    starts = np.linspace(0, stop - per, num=min(pieces, max(1, stop // per)), dtype=np.int64)
+    return np.concatenate([source.read(int(s), int(s) + per) for s in starts])
+
+
+def estimate(source: TokenSource, stop: int, cfg: DataConfig) -> DataStats:
+    """Median norm, outlier threshold and scale from tokens spread over the training range."""
+    tokens = sample_evenly(source, stop, cfg.stats_tokens)
+    norms = np.linalg.norm(tokens.astype(np.float64), axis=1)
+    median = float(np.median(norms))
+    drop_above = None if cfg.drop_norm_above is None else cfg.drop_norm_above * median
+    kept = norms if drop_above is None else norms[norms <= drop_above]
+    scale = 1.0
+    if cfg.normalize == "unit_mean_squared_norm":
+        mean_sq = float(np.mean(kept**2)) if len(kept) else 0.0
+        scale = float(np.sqrt(source.d_in / mean_sq)) if mean_sq > 0 else 1.0
+    return DataStats(median_norm=median, drop_above=drop_above, scale=scale)

@@ -1,0 +1,150 @@
+"""Normalisation (unit mean squared norm), outlier dropping, and `jaxsae data inspect`."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsae import sae, tensorfile
+from jaxsae import train as train_mod
+from jaxsae.checkpoint import Checkpointer
+from jaxsae.config import CheckpointConfig, DataConfig, SAEConfig
+from jaxsae.data.inspect import inspect
+from jaxsae.data.shards import ShardSet, ShardWriter
+from jaxsae.data.stats import estimate
+from jaxsae.errors import DataError
+from jaxsae.export import load_sae
+from tests.conftest import small_config
+
+D_IN = 16
+
+
+@pytest.fixture(scope="module")
+def outlier_data(tmp_path_factory):
+    """Superposition-like data at norm ~3 with every 50th token an 'attention sink' 100x larger."""
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((48, D_IN))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    codes = (rng.random((16384, 48)) < 3 / 48) * 3.0
+    x = (codes @ directions).astype(np.float32)
+    x[::50] = 300.0 * directions[0]  # norm 300, about 100x the median
+    out = tmp_path_factory.mktemp("outliers") / "data"
+    with ShardWriter(out, D_IN, shard_tokens=4096) as w:
+        w.write(x)
+    return out, x
+
+
+def test_estimate_scale_and_threshold(outlier_data):
+    path, x = outlier_data
+    source = ShardSet(path)
+    cfg = DataConfig(path=str(path), normalize="unit_mean_squared_norm", drop_norm_above=10.0,
+                     stats_tokens=16384)
+    stats = estimate(source, source.n_tokens, cfg)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    assert stats.median_norm == pytest.approx(np.median(norms), rel=1e-6)
+    assert stats.drop_above == pytest.approx(10 * stats.median_norm)
+    kept = norms[norms <= stats.drop_above]
+    assert len(kept) == len(norms) - len(norms[::50])
+    assert stats.scale == pytest.approx(np.sqrt(D_IN / np.mean(kept**2)), rel=1e-6)
+    keep = stats.keep_fn()(x)
+    np.testing.assert_array_equal(keep, norms <= stats.drop_above)
+    plain = estimate(source, source.n_tokens, DataConfig(path=str(path)))
+    assert plain.scale == 1.0 and plain.drop_above is None and plain.keep_fn() is None
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_folding_the_scale_keeps_codes_and_rescales_outputs(activation, tied, rng):
+    cfg = SAEConfig(d_sae=32, activation=activation, k=4, tied=tied, decoder_norm="free")
+    params = sae.init_params(jax.random.PRNGKey(0), D_IN, cfg)
+    params = {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32)
+              for k, v in params.items()}
+    x = np.abs(rng.standard_normal((20, D_IN))).astype(np.float32) * 7.0
+    scale = 0.37
+    folded = sae.fold_input_scale(params, scale)
+    codes = sae.encode(params, x * scale, cfg)
+    assert float(np.sum(codes > 0)) > 0
+    np.testing.assert_allclose(sae.encode(folded, x, cfg), codes, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sae.decode(folded, codes), sae.decode(params, codes) / scale,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_normalised_run_exports_an_sae_for_raw_activations(outlier_data, tmp_path):
+    path, x = outlier_data
+    cfg = small_config(path, tmp_path / "run", data={"normalize": "unit_mean_squared_norm"})
+    result = train_mod.train(cfg, progress=False)
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", CheckpointConfig())
+    saved, _ = ckpt.restore_meta(ckpt.latest_step())
+    ckpt.close()
+    scale = saved["data_stats"]["scale"]
+    norms_sq = np.sum(x.astype(np.float64) ** 2, axis=1)
+    assert scale == pytest.approx(np.sqrt(D_IN / norms_sq.mean()), rel=0.05)
+    # The exported SAE takes raw activations and reconstructs them in raw units.
+    loaded = load_sae(result.sae_dir)
+    raw = x[-2048:]
+    codes = sae.encode(loaded.params, raw, loaded.sae)
+    recon = np.asarray(sae.decode(loaded.params, codes))
+    ev = 1 - np.sum((recon - raw) ** 2) / np.sum((raw - raw.mean(0)) ** 2)
+    assert ev == pytest.approx(result.eval["explained_variance"], abs=1e-4)
+    weights = {k: np.asarray(v) for k, v in tensorfile.read(
+        result.sae_dir / "sae_weights.safetensors").items()}
+    assert not np.allclose(weights["W_enc"], weights["W_dec"].T)  # scale folded in
+
+
+def test_dropping_outliers_is_logged_and_resumes_exactly(outlier_data, tmp_path, monkeypatch):
+    path, x = outlier_data
+    sections = {"data": {"drop_norm_above": 10.0, "normalize": "unit_mean_squared_norm"}}
+    straight = small_config(path, tmp_path / "straight", **sections)
+    train_mod.train(straight, progress=False)
+    lines = [json.loads(v) for v in (tmp_path / "straight" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert lines[-1]["dropped_tokens"] > 0
+
+    seen = []
+    real_batches = train_mod.Loader.batches
+
+    def recording(self):
+        for rows, position in real_batches(self):
+            seen.append(rows)
+            yield rows, position
+
+    crashed = small_config(path, tmp_path / "crashed", **sections)
+
+    def dying(self):
+        for i, item in enumerate(recording(self)):
+            if i == 13:
+                raise RuntimeError("simulated crash")
+            yield item
+
+    monkeypatch.setattr(train_mod.Loader, "batches", dying)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_mod.train(crashed, progress=False)
+    monkeypatch.setattr(train_mod.Loader, "batches", recording)
+    train_mod.train(crashed, progress=False)
+    big = np.linalg.norm(np.concatenate(seen), axis=1).max()
+    assert big < 10 * np.median(np.linalg.norm(x, axis=1))  # no sink reached training
+    a = tensorfile.read(tmp_path / "straight" / "sae" / "sae_weights.safetensors")
+    b = tensorfile.read(tmp_path / "crashed" / "sae" / "sae_weights.safetensors")
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
+
+
+def test_inspect_summary_and_refusal(outlier_data, tmp_path):
+    path, x = outlier_data
+    summary = inspect(path, progress=False)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    assert (summary["format"], summary["tokens"], summary["d_in"], summary["dtype"]) == (
+        "shards", len(x), D_IN, "float32")
+    assert summary["files"] == 4
+    assert summary["norm"]["max"] == pytest.approx(norms.max(), rel=1e-5)
+    assert summary["norm"]["mean"] == pytest.approx(norms.mean(), rel=1e-5)
+    assert summary["norm"]["median"] == pytest.approx(np.median(norms), rel=1e-3)
+    bad = x.copy()
+    bad[5000:5003, 1] = np.inf
+    with ShardWriter(tmp_path / "bad", D_IN, shard_tokens=4096) as w:
+        w.write(bad)
+    with pytest.raises(DataError, match=r"shard-00001\.npy: non-finite values in rows 904\.\.906"):
+        inspect(tmp_path / "bad", progress=False)

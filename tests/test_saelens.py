@@ -1,0 +1,111 @@
+"""SAELens / datasets activation caches: built with `datasets` in SAELens's layout, then read."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from datasets import Array2D, Dataset, Features, Sequence, Value
+
+from jaxsae import cli
+from jaxsae.config import DataConfig
+from jaxsae.data import open_source
+from jaxsae.data.saelens import SAELensCache
+from jaxsae.errors import DataError
+from jaxsae.train import train
+from tests.conftest import small_config
+
+HOOK = "blocks.8.hook_resid_pre"
+CTX, D_IN, ROWS = 8, 16, 300
+
+
+def make_cache(path, *, rows=ROWS, dtype="float32", extra_hook=False, shards=3, seed=0):
+    """A cache exactly as SAELens writes it; returns (path, activations [rows, ctx, d_in])."""
+    rng = np.random.default_rng(seed)
+    acts = np.abs(rng.standard_normal((rows, CTX, D_IN))).astype(dtype)
+    columns = {HOOK: acts, "token_ids": rng.integers(0, 1000, (rows, CTX), dtype=np.int32)}
+    features = {HOOK: Array2D(shape=(CTX, D_IN), dtype=dtype),
+                "token_ids": Sequence(Value("int32"), length=CTX)}
+    if extra_hook:
+        columns["blocks.9.hook_resid_pre"] = acts * 2
+        features["blocks.9.hook_resid_pre"] = Array2D(shape=(CTX, D_IN), dtype=dtype)
+    Dataset.from_dict(columns, features=Features(features)).save_to_disk(
+        str(path), num_shards=shards)
+    return path, acts
+
+
+def test_reads_every_token_in_order(tmp_path):
+    path, acts = make_cache(tmp_path / "cache")
+    source = open_source(DataConfig(path=str(path)))
+    assert isinstance(source, SAELensCache)
+    assert (source.n_tokens, source.d_in, source.context_size) == (ROWS * CTX, D_IN, CTX)
+    flat = acts.reshape(-1, D_IN)
+    np.testing.assert_array_equal(source.read(0, source.n_tokens), flat)
+    for start, stop in [(0, 1), (795, 805), (1599, 1601), (2399, 2400), (17, 17)]:
+        np.testing.assert_array_equal(source.read(start, stop), flat[start:stop])
+    assert len({n for n in source.names}) >= 3  # one view per Arrow file / record batch
+
+
+def test_float16_cache(tmp_path):
+    path, acts = make_cache(tmp_path / "cache", dtype="float16")
+    source = open_source(DataConfig(path=str(path), format="saelens"))
+    np.testing.assert_array_equal(source.read(0, 40), acts.reshape(-1, D_IN)[:40]
+                                  .astype(np.float32))
+
+
+def test_hook_choice(tmp_path):
+    path, acts = make_cache(tmp_path / "cache", extra_hook=True)
+    with pytest.raises(DataError, match=r"data\.hook"):
+        open_source(DataConfig(path=str(path)))
+    source = open_source(DataConfig(path=str(path), hook="blocks.9.hook_resid_pre"))
+    np.testing.assert_array_equal(source.read(0, 8), 2 * acts[0])
+    with pytest.raises(DataError, match=r"data\.hook: 'blocks\.3"):
+        open_source(DataConfig(path=str(path), hook="blocks.3.hook_resid_pre"))
+
+
+def test_bad_caches_name_the_file(tmp_path):
+    path, _ = make_cache(tmp_path / "cache")
+    arrow = sorted(path.glob("*.arrow"))
+    os.truncate(arrow[1], arrow[1].stat().st_size // 2)
+    with pytest.raises(DataError, match=re.escape(arrow[1].name)):
+        open_source(DataConfig(path=str(path)))
+    arrow[2].unlink()
+    state = json.loads((path / "state.json").read_text())
+    state["_data_files"] = state["_data_files"][2:]
+    (path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(DataError, match=re.escape(f"{arrow[2].name}: listed in state.json")):
+        open_source(DataConfig(path=str(path)))
+    (path / "dataset_info.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"dataset_info\.json: not valid JSON"):
+        open_source(DataConfig(path=str(path)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="not a recognised activation directory"):
+        open_source(DataConfig(path=str(empty)))
+
+
+def test_check_finite_names_file_and_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    acts = np.abs(rng.standard_normal((20, CTX, D_IN))).astype(np.float32)
+    acts[13, 2, 5] = np.nan  # token 13*8+2 = 106: in the second of two shards (rows 10..19)
+    Dataset.from_dict({HOOK: acts}, features=Features({HOOK: Array2D((CTX, D_IN), "float32")})
+                      ).save_to_disk(str(tmp_path / "c"), num_shards=2)
+    open_source(DataConfig(path=str(tmp_path / "c")))  # fine without the check
+    with pytest.raises(DataError, match=r"data-00001-of-00002\.arrow: non-finite values in rows "
+                                        r"26\.\.26"):
+        open_source(DataConfig(path=str(tmp_path / "c"), check_finite=True))
+
+
+def test_train_and_inspect_a_cache(tmp_path, capsys):
+    path, _ = make_cache(tmp_path / "cache", rows=1024)
+    cfg = small_config(path, tmp_path / "run", data={"eval_tokens": 1024})
+    result = train(cfg, progress=False)
+    assert result.eval["tokens"] == 1024
+    assert result.eval["explained_variance"] > 0
+    assert cli.main(["data", "inspect", str(path), "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "saelens" and summary["hook"] == HOOK
+    assert summary["tokens"] == 1024 * CTX and summary["d_in"] == D_IN
