@@ -258,7 +258,9 @@ def test_tokens_from_many_chunks_are_mixed_within_a_batch():
             assert len(np.unique(i[lane * 8 : (lane + 1) * 8] // CHUNK)) >= 2
         s = np.sort(i)
         assert not np.array_equal(s, np.arange(s[0], s[0] + B))  # not a contiguous run
-        assert np.mean(np.diff(i) == 1) < 0.25  # nor runs of consecutive tokens in row order
+        # Nor mostly runs of neighbouring tokens. (Rows within a lane's piece are sorted by file
+        # position for near-sequential reads; the order inside a batch does not matter.)
+        assert np.mean(np.diff(s) == 1) < 0.35
 
 
 def test_tokens_from_different_shards_are_mixed(tmp_path):

@@ -88,56 +88,68 @@ class Loader:
     def windows_per_epoch(self, lane: int) -> int:
         return -(-len(self._lane_chunks[lane]) // self.chunks_per_window)
 
-    def _read_window(self, lane: int, epoch: int, window: int) -> np.ndarray:
+    def _read_window(self, lane: int, epoch: int, window: int) -> _Window:
         order = np.random.default_rng([self.seed, lane, epoch]).permutation(
             self._lane_chunks[lane])
-        chunks = order[window * self.chunks_per_window : (window + 1) * self.chunks_per_window]
-        # Read in file order (sequential I/O), then filter and shuffle in memory.
+        chunks = np.sort(order[window * self.chunks_per_window :
+                               (window + 1) * self.chunks_per_window])
+        # Views of the chunks in file order (no copy for float32 data within one file).
         parts = [self.source.read(int(self._chunk_starts[c]), int(self._chunk_stops[c]))
-                 for c in np.sort(chunks)]
-        tokens = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        if self.keep is not None:
-            kept = self.keep(tokens)
+                 for c in chunks]
+        starts = np.cumsum([0] + [len(p) for p in parts])
+        if self.keep is None:
+            rows = None
+            n = int(starts[-1])
+        else:
+            kept = [np.flatnonzero(self.keep(p)) + s for p, s in zip(parts, starts, strict=False)]
+            rows = np.concatenate(kept)
+            n = len(rows)
             with self._dropped_lock:  # window threads of several lanes count at once
-                self.dropped += int(len(kept) - np.count_nonzero(kept))
-            tokens = tokens[kept]
-        perm = np.random.default_rng([self.seed, lane, epoch, window, 1]).permutation(
-            len(tokens))
-        return tokens[perm]
+                self.dropped += int(starts[-1]) - n
+        perm = np.random.default_rng([self.seed, lane, epoch, window, 1]).permutation(n)
+        return _Window(parts, starts, perm if rows is None else rows[perm])
 
     def _next_window(self, lane: int, epoch: int, window: int) -> tuple[int, int]:
         window += 1
         return (epoch + 1, 0) if window >= self.windows_per_epoch(lane) else (epoch, window)
 
-    def _lane_pieces(self, lane: int) -> Iterator[tuple[np.ndarray, tuple[int, int, int]]]:
-        """Pieces of `per_lane` tokens of one lane, each with the lane position after it."""
+    def _lane_pieces(self, lane: int) -> Iterator[tuple[list, tuple[int, int, int]]]:
+        """Pieces of `per_lane` rows of one lane as [(window, row indices), ...] segments
+        (a piece may span windows), each with the lane position after it."""
         epoch, window, offset = self.position[lane]
         ahead = self._pool.submit(self._read_window, lane, epoch, window)
-        pending: list[np.ndarray] = []
+        segments: list[tuple[_Window, np.ndarray]] = []
         have = 0
         while True:
-            tokens = ahead.result()
+            current = ahead.result()
             upcoming = self._next_window(lane, epoch, window)
             ahead = self._pool.submit(self._read_window, lane, *upcoming)
-            while offset < len(tokens):
-                take = min(self.per_lane - have, len(tokens) - offset)
-                pending.append(tokens[offset : offset + take])
+            while offset < len(current.order):
+                take = min(self.per_lane - have, len(current.order) - offset)
+                segments.append((current, current.order[offset : offset + take]))
                 have += take
                 offset += take
                 if have == self.per_lane:
-                    piece = pending[0] if len(pending) == 1 else np.concatenate(pending)
-                    pending, have = [], 0
-                    yield piece, (epoch, window, offset)
+                    yield segments, (epoch, window, offset)
+                    segments, have = [], 0
             (epoch, window), offset = upcoming, 0
 
     def batches(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         """Yields (float32 [rows, d_in], position after it) forever: rows is batch_size times
         the fraction of lanes this loader owns. Pass the position back to resume."""
         streams = [self._lane_pieces(lane) for lane in self.owned]
+        rows = self.per_lane * len(self.owned)
         while True:
-            pieces, positions = zip(*(next(s) for s in streams), strict=True)
+            batch = _aligned_empty((rows, self.source.d_in))
+            at = 0
+            positions = []
+            for stream in streams:
+                segments, position = next(stream)
+                for window, index in segments:
+                    at = window.gather(index, batch, at)
+                positions.append(position)
             self.position = dict(zip(self.owned, positions, strict=True))
-            yield np.concatenate(pieces), self.state()
+            yield batch, self.state()
 
     def state(self) -> dict[str, Any]:
         """The checkpointable position, plus what must match for it to mean the same thing."""
@@ -149,6 +161,41 @@ class Loader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Window:
+    """A window: views of its chunks in file order, and the order its rows are served in."""
+
+    def __init__(self, parts: list[np.ndarray], starts: np.ndarray, order: np.ndarray):
+        self.parts, self.starts, self.order = parts, starts, order
+
+    def gather(self, index: np.ndarray, out: np.ndarray, at: int) -> int:
+        """Copies rows `index` into out[at:], sorted by position in the files (near-sequential
+        reads, one take per chunk, straight from the page cache); returns the next free row."""
+        index = np.sort(index)
+        bounds = np.searchsorted(index, self.starts)
+        for part, start, lo, hi in zip(self.parts, self.starts, bounds[:-1], bounds[1:],
+                                       strict=False):
+            if hi == lo:
+                continue
+            local = index[lo:hi] - start
+            rows = out[at : at + hi - lo]
+            if part.dtype == np.float32:
+                np.take(part, local, axis=0, out=rows, mode="clip")  # "raise" buffers `out`
+            else:
+                rows[:] = part[local]
+            at += hi - lo
+        return at
+
+
+def _aligned_empty(shape: tuple[int, int], align: int = 64) -> np.ndarray:
+    """An uninitialised float32 array whose data is `align`-byte aligned. On the CPU backend
+    JAX then adopts the buffer without a copy (the batch is never written after it is handed
+    over, so sharing it is safe); on accelerators it is copied to the device as usual."""
+    nbytes = shape[0] * shape[1] * 4
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + nbytes].view(np.float32).reshape(shape)
 
 
 def lanes_of_process(lanes: int, process: int, processes: int) -> list[int]:
