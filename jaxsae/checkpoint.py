@@ -9,11 +9,14 @@ so a checkpoint interrupted mid-write is never picked up.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxsae.config import (
     CheckpointConfig,
@@ -29,6 +32,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
         self.cfg = cfg
+        self._last_save = time.monotonic()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -44,10 +48,19 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.every_steps == 0
+        """Whether to save after `step` (every_steps and/or every_minutes since the last save;
+        with several processes, process 0's clock decides for all, as saving is collective)."""
+        by_steps = self.cfg.every_steps is not None and step % self.cfg.every_steps == 0
+        if by_steps or self.cfg.every_minutes is None:
+            return by_steps
+        late = time.monotonic() - self._last_save >= 60 * self.cfg.every_minutes
+        if jax.process_count() > 1:
+            late = bool(multihost_utils.broadcast_one_to_all(np.asarray(late)))
+        return late
 
     def save(self, step: int, state: Any, loader_state: dict, config: Config) -> None:
         """Starts an asynchronous save (the device arrays are copied before this returns)."""
+        self._last_save = time.monotonic()
         self.manager.save(
             step,
             args=ocp.args.Composite(

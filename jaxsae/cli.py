@@ -3,6 +3,7 @@
   jaxsae synth superposition --out DIR [--n-features N --d-in D --tokens T --seed S ...]
   jaxsae train CONFIG [key=value ...]
   jaxsae export RUN_OR_CHECKPOINT_DIR --out DIR [--step N] [--dtype float32|bfloat16]
+  jaxsae import SAELENS_DIR --out RUN --data DIR [key=value ...]
   jaxsae eval SAE_DIR --data DIR [--truth TRUTH] [--tokens N]
   jaxsae data inspect DIR [--hook HOOK] [--json]
 
@@ -92,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="activations for the firing frequencies (default: the run's data.path)")
 
+    p = sub.add_parser("import", help="start a run from an existing SAELens dictionary",
+                       description="Write RUN/config.yaml that trains (fine-tunes) starting from "
+                                   "a SAELens-format SAE (init_from), then train it with "
+                                   "`jaxsae train RUN/config.yaml`.")
+    p.add_argument("sae_dir", help="SAELens-format directory (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--data", required=True, help="activations to train on")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. optim.total_tokens=10_000_000")
+
     p = sub.add_parser("eval", help="evaluate an exported SAE on activations (prints JSON)",
                        description="Reconstruction metrics of a SAELens-format SAE on a shard "
                                    "directory; with --truth, recovery of the true features.")
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after flags (`train CONFIG --no-progress a.b=1`); argparse leaves
     # such key=value words unparsed.
-    if args.command == "train":
+    if args.command in ("train", "import"):
         args.overrides += [word for word in extra if "=" in word and not word.startswith("-")]
         extra = [word for word in extra if word not in args.overrides]
     if extra:
@@ -172,6 +183,14 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_import(args) -> int:
+    from jaxsae.export import import_config
+
+    config = import_config(args.sae_dir, args.out, args.data, args.overrides)
+    print(f"wrote {config}\ntrain it with: jaxsae train {config}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from jaxsae.train import export_checkpoint
 
@@ -215,7 +234,7 @@ def _cmd_eval(args) -> int:
 
 
 COMMANDS = {"synth": _cmd_synth, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export,
-            "eval": _cmd_eval}
+            "import": _cmd_import, "eval": _cmd_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -138,6 +138,8 @@ class OptimConfig:
     """Adam first-moment decay."""
     adam_b2: float = 0.999
     """Adam second-moment decay."""
+    skip_nonfinite: bool = False
+    """Skip (and count) steps whose loss or gradient is NaN/inf instead of stopping the run."""
 
     @property
     def total_steps(self) -> int:
@@ -154,8 +156,10 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 1000
+    every_steps: int | None = 1000
     """Save a checkpoint every this many steps (and at the end, and on SIGTERM / Ctrl-C)."""
+    every_minutes: float | None = None
+    """Also save when this many minutes have passed since the last save."""
     keep: int = 3
     """Number of newest checkpoints kept on disk."""
 
@@ -180,6 +184,8 @@ class Config:
     """Explicit run directory."""
     seed: int = 0
     """Seed of the parameter initialisation and of every random draw in the step."""
+    init_from: str | None = None
+    """Start from this SAELens-format dictionary instead of a random init (fine-tune, stitch)."""
     data: DataConfig = field(default_factory=DataConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     loss: tuple[TermConfig, ...] = field(default_factory=_default_loss)
@@ -212,7 +218,7 @@ class Config:
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 MUTABLE_ON_RESUME = ("name", "run_dir", "data.path", "data.generate", "data.check_finite",
-                     "log", "checkpoint", "optim.total_tokens")
+                     "log", "checkpoint", "optim.total_tokens", "optim.skip_nonfinite")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +233,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {why}")
 
     need(bool(cfg.data.path), "data.path", "required (a directory of cached activations)")
+    if cfg.init_from is not None:
+        from jaxsae import export
+
+        export.check_init_from(cfg.init_from, cfg.sae)
     need(cfg.data.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
     need(cfg.data.eval_tokens >= 0, "data.eval_tokens", "must be >= 0")
     need(cfg.data.drop_norm_above is None or cfg.data.drop_norm_above > 0,
@@ -270,7 +280,12 @@ def _validate(cfg: Config) -> None:
     if cfg.mesh.model > 0:
         need(s.d_sae % cfg.mesh.model == 0, "mesh.model",
              f"must divide sae.d_sae ({s.d_sae}), got {cfg.mesh.model}")
-    need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
+    need(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps > 0,
+         "checkpoint.every_steps", "must be > 0 (or null)")
+    need(cfg.checkpoint.every_minutes is None or cfg.checkpoint.every_minutes > 0,
+         "checkpoint.every_minutes", "must be > 0 (or null)")
+    need(cfg.checkpoint.every_steps is not None or cfg.checkpoint.every_minutes is not None,
+         "checkpoint", "set every_steps, every_minutes or both")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.log.every_steps > 0, "log.every_steps", "must be > 0")
     need(cfg.log.dead_window_tokens > 0, "log.dead_window_tokens", "must be > 0")

@@ -126,26 +126,72 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def load_sae(path: str | Path) -> LoadedSAE:
-    """Reads a SAELens-format directory (jaxsae's or SAELens's own)."""
+# Which training activations can start from an exported architecture.
+COMPATIBLE = {"standard": ("relu",), "topk": ("topk",), "jumprelu": ("jumprelu", "batchtopk")}
+
+
+def read_cfg(path: str | Path) -> dict[str, Any]:
+    """cfg.json of a SAELens-format directory, checked for the keys jaxsae needs."""
     path = Path(path)
+    file = path / CFG_FILE
     if not path.is_dir():
         raise ExportError(f"{path}: not a directory")
-    for name in (CFG_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
-            raise ExportError(f"{path}: missing {name} (not a SAELens export)")
+    if not file.is_file():
+        raise ExportError(f"{path}: missing {CFG_FILE} (not a SAELens export)")
     try:
-        cfg = json.loads((path / CFG_FILE).read_text())
+        cfg = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise ExportError(f"{path / CFG_FILE}: not valid JSON ({e})") from None
+        raise ExportError(f"{file}: not valid JSON ({e})") from None
     arch = cfg.get("architecture", "standard")
     if arch not in ACTIVATION:
         raise ExportError(
-            f"{path / CFG_FILE}: unknown architecture {arch!r} (supported: {', '.join(ACTIVATION)})"
-        )
+            f"{file}: unknown architecture {arch!r} (supported: {', '.join(ACTIVATION)})")
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int):
-            raise ExportError(f"{path / CFG_FILE}: missing integer {key!r}")
+            raise ExportError(f"{file}: missing integer {key!r}")
+    return cfg
+
+
+def check_init_from(path: str | Path, sae_cfg: SAEConfig) -> None:
+    """Config-time check that `init_from` can start a run with `sae_cfg` (reads cfg.json only)."""
+    from jaxsae.errors import ConfigError
+
+    try:
+        cfg = read_cfg(path)
+    except ExportError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    arch = cfg.get("architecture", "standard")
+    if sae_cfg.activation not in COMPATIBLE[arch]:
+        raise ConfigError(f"init_from: {path} is a {arch!r} SAE; sae.activation must be one of "
+                          f"{', '.join(COMPATIBLE[arch])}, got {sae_cfg.activation!r}")
+    if cfg["d_sae"] != sae_cfg.d_sae:
+        raise ConfigError(f"init_from: {path} has d_sae {cfg['d_sae']}; set sae.d_sae to it "
+                          f"(got {sae_cfg.d_sae})")
+
+
+def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
+                   scale: float = 1.0) -> dict[str, np.ndarray]:
+    """jaxsae parameters for training `sae_cfg` from the SAELens directory `path`, in the
+    training's input units (the inverse of the export's folding of `scale`)."""
+    loaded = load_sae(path)
+    if loaded.d_in != d_in:
+        raise ExportError(f"init_from: {path} has d_in {loaded.d_in}, the data has {d_in}")
+    p = dict(loaded.params)
+    params = {"b_enc": p["b_enc"], "W_dec": p["W_dec"] * scale, "b_dec": p["b_dec"] * scale}
+    if not sae_cfg.tied:
+        params["W_enc"] = p["W_enc"] / scale
+    if sae_cfg.activation in ("jumprelu", "batchtopk"):
+        params["threshold"] = p["threshold"]
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
+
+
+def load_sae(path: str | Path) -> LoadedSAE:
+    """Reads a SAELens-format directory (jaxsae's or SAELens's own)."""
+    path = Path(path)
+    cfg = read_cfg(path)
+    if not (path / WEIGHTS_FILE).is_file():
+        raise ExportError(f"{path}: missing {WEIGHTS_FILE} (not a SAELens export)")
+    arch = cfg.get("architecture", "standard")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ExportError(f"{path / CFG_FILE}: normalize_activations "
                           f"{cfg['normalize_activations']!r} is not supported (expected 'none')")
@@ -175,3 +221,48 @@ def load_sae(path: str | Path) -> LoadedSAE:
     sae_cfg = SAEConfig(d_sae=d_sae, activation=activation, k=max(1, min(k, d_sae)),
                         decoder_norm="free")
     return LoadedSAE(params=params, sae=sae_cfg, d_in=d_in, cfg_json=cfg)
+
+
+# Loss terms an imported SAE fine-tunes with, by its architecture.
+_IMPORT_LOSS = {
+    "standard": [{"term": "mse"}, {"term": "l1", "coefficient": 1.0}],
+    "topk": [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}],
+    "jumprelu": [{"term": "mse"}, {"term": "l0", "coefficient": 1.0}],
+}
+
+
+def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
+                  overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Writes RUN/config.yaml that starts a run from the SAELens directory `sae_dir`
+    (init_from) on `data`; returns its path. Overrides apply like `jaxsae train`'s."""
+    from jaxsae.config import apply_override, config_from_dict
+    from jaxsae.data import open_source
+
+    sae_dir, run_dir = Path(sae_dir).absolute(), Path(run_dir)
+    cfg = read_cfg(sae_dir)
+    arch = cfg.get("architecture", "standard")
+    loaded = load_sae(sae_dir)
+    norms = np.linalg.norm(loaded.params["W_dec"], axis=1)
+    tree: dict[str, Any] = {
+        "name": run_dir.name,
+        "run_dir": str(run_dir),
+        "init_from": str(sae_dir),
+        "data": {"path": str(data)},
+        "sae": {"d_sae": cfg["d_sae"], "activation": ACTIVATION[arch],
+                "decoder_norm": "unit" if np.allclose(norms, 1.0, atol=1e-3) else "free"},
+        "loss": _IMPORT_LOSS[arch],
+    }
+    if arch == "topk":
+        tree["sae"]["k"] = int(cfg.get("k", 1))
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    config = config_from_dict(tree)  # validates, init_from included
+    source = open_source(config.data)
+    if source.d_in != cfg["d_in"]:
+        raise ExportError(f"{data}: d_in {source.d_in} does not match {sae_dir} "
+                          f"(d_in {cfg['d_in']})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    out.write_text(f"# jaxsae train {out}\n# Starts from {sae_dir} (imported).\n"
+                   + config.to_yaml())
+    return out

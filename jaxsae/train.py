@@ -53,6 +53,8 @@ class TrainState:
     """[d_sae] int32: tokens since each latent last fired (saturating)."""
     rng: jax.Array
     """Base key; the key of step s is fold_in(rng, s), so a resumed run draws the same numbers."""
+    nonfinite_steps: jax.Array
+    """[] int32: steps skipped because their loss or gradient was not finite."""
 
 
 class Interrupted(JaxsaeError):
@@ -95,15 +97,19 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
 
 
-def init_state(key: jax.Array, cfg: Config, d_in: int) -> TrainState:
+def init_state(key: jax.Array, cfg: Config, d_in: int,
+               params: sae.Params | None = None) -> TrainState:
+    """A fresh state: random parameters, or `params` (e.g. from init_from)."""
     init_key, state_key = jax.random.split(key)
-    params = sae.init_params(init_key, d_in, cfg.sae)
+    if params is None:
+        params = sae.init_params(init_key, d_in, cfg.sae)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=make_optimizer(cfg).init(params),
         tokens_since_fired=jnp.zeros((cfg.sae.d_sae,), jnp.int32),
         rng=state_key,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
     )
 
 
@@ -142,7 +148,8 @@ def make_train_step(
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step leaves the state as it was (the host stops the run on seeing it).
+        # A non-finite step leaves the state as it was; the host stops the run on seeing it,
+        # or, with optim.skip_nonfinite, the step is skipped and counted.
         keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         new_state = TrainState(
             step=step + 1,
@@ -150,6 +157,7 @@ def make_train_step(
             opt_state=keep(opt_state, state.opt_state),
             tokens_since_fired=keep(tokens_since_fired, state.tokens_since_fired),
             rng=state.rng,
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         )
         error = jnp.sum(jnp.square(out.x_hat - batch), axis=-1)
         spread = jnp.sum(jnp.square(batch - batch.mean(axis=0)), axis=-1)
@@ -163,6 +171,7 @@ def make_train_step(
             "lr": schedule(step),
             "grad_norm": grad_norm,
             "finite": finite,
+            "skipped_steps": new_state.nonfinite_steps,
         }
         return new_state, metrics
 
@@ -182,8 +191,8 @@ class Built:
     """Shapes and dtypes of the state (jax.eval_shape of the init)."""
     state_sharding: Any
     batch_sharding: NamedSharding
-    init: Callable[[jax.Array], TrainState]
-    """key -> state, created already sharded (never materialised on one device first)."""
+    init: Callable[..., TrainState]
+    """(key, params=None) -> state, created already sharded (never on one device first)."""
     step: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
     """The jitted train_step, state donated."""
 
@@ -192,7 +201,9 @@ def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: floa
     """mesh -> abstract init -> shardings -> jitted init and step."""
     mesh = sharding.make_mesh(cfg, devices)
     batch_sharding = sharding.batch_sharding(mesh)
-    init = partial(init_state, cfg=cfg, d_in=d_in)
+    def init(key, params=None):
+        return init_state(key, cfg, d_in, params)
+
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     state_sharding = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
     step = jax.jit(
@@ -253,7 +264,17 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
     # -- mesh -> abstract init -> shardings -> step; materialise --------------------------
     built = build(cfg, source.d_in, input_scale=stats.scale)
-    state = built.init(jax.random.PRNGKey(cfg.seed))
+    start_params = None
+    if cfg.init_from is not None and resume_step is None:
+        start_params = export.initial_params(cfg.init_from, cfg.sae, source.d_in, stats.scale)
+        if cfg.sae.decoder_norm == "unit":
+            norms = np.linalg.norm(start_params["W_dec"], axis=1)
+            if not np.allclose(norms, 1.0, atol=1e-3):
+                raise ConfigError(f"init_from: {cfg.init_from} has decoder rows of norm "
+                                  f"{norms.min():.3g}..{norms.max():.3g}; use "
+                                  "sae.decoder_norm: free (unit would rescale them)")
+        log(f"starting from {cfg.init_from}")
+    state = built.init(jax.random.PRNGKey(cfg.seed), start_params)
 
     # -- restore ----------------------------------------------------------------------------
     start = 0
@@ -272,10 +293,13 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         owned = lanes_of_process(cfg.data.lanes, jax.process_index(), jax.process_count())
     except ValueError as e:
         raise ConfigError(f"data.lanes: {e}") from None
-    loader = Loader(source, batch_size=batch_size, buffer_tokens=cfg.data.shuffle_buffer,
-                    seed=cfg.data.seed, stop=n_train, lanes=cfg.data.lanes, owned_lanes=owned,
-                    keep=stats.keep_fn(),
-                    position=loader_state if resume_step is not None else None)
+    try:
+        loader = Loader(source, batch_size=batch_size, buffer_tokens=cfg.data.shuffle_buffer,
+                        seed=cfg.data.seed, stop=n_train, lanes=cfg.data.lanes,
+                        owned_lanes=owned, keep=stats.keep_fn(),
+                        position=loader_state if resume_step is not None else None)
+    except ValueError as e:
+        raise DataError(f"{data_path}: {e} (fewer data.lanes would fit)") from None
     global_shape = (batch_size, source.d_in)
 
     def to_devices(item):  # each process hands over only its rows of the global batch
@@ -329,6 +353,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         if metrics_file:
             metrics_file.close()
         ckpt.close()
+    if cfg.optim.skip_nonfinite:
+        log(f"skipped {int(state.nonfinite_steps)} steps with a non-finite loss or gradient")
     if stats.drop_above is not None:
         log(f"data: dropped {loader.dropped} tokens with norm > {stats.drop_above:.4g} "
             "in the windows read by this process")
@@ -457,7 +483,7 @@ class _MetricLogger:
     def record(self, step: int, metrics: dict) -> None:
         host = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
         done = step + 1
-        if not host.pop("finite"):
+        if not host.pop("finite") and not self.cfg.optim.skip_nonfinite:
             bad = [label for label in self.labels
                    if not math.isfinite(host.get(f"loss.{label}", 0.0))]
             culprit = f"term(s) {', '.join(bad)}" if bad else "the gradient"
@@ -472,6 +498,8 @@ class _MetricLogger:
             return
         tokens_per_s = (done - self.last_step) * self.cfg.optim.batch_size / (now - self.last_time)
         self.last_time, self.last_step = now, done
+        if not self.cfg.optim.skip_nonfinite:
+            host.pop("skipped_steps")
         line = {"step": done, "tokens": done * self.cfg.optim.batch_size,
                 "tokens_per_s": round(tokens_per_s, 1), **host}
         if self.cfg.data.drop_norm_above is not None:
@@ -481,7 +509,9 @@ class _MetricLogger:
              "L0": f"{host['l0']:.1f}", "EV": f"{host['explained_variance']:.3f}"},
             refresh=False,
         )
-        if self.file is not None:
+        if self.file is not None:  # NaN / inf (skipped steps) are written as null: strict JSON
+            line = {k: v if not isinstance(v, float) or math.isfinite(v) else None
+                    for k, v in line.items()}
             self.file.write(json.dumps(line) + "\n")
             self.file.flush()
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsae import sharding
+from jaxsae import sharding, tensorfile
 from jaxsae.config import config_from_dict
 from jaxsae.errors import ConfigError
 
@@ -114,3 +114,44 @@ def test_sharded_steps_match_one_device():
     for case, diffs in results.items():
         assert diffs["param_diff"] < 1e-5, (case, diffs)
         assert diffs["loss_rel_diff"] < 1e-5, (case, diffs)
+
+
+_RESUME_SCRIPT = r"""
+import sys
+from jaxsae import train as train_mod
+from jaxsae.config import config_from_dict
+from tests.conftest import small_config_dict
+data, run_dir, crash_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tree = small_config_dict(data, run_dir, mesh={"data": -1, "model": 1})
+if crash_at:
+    real = train_mod.Loader.batches
+    def dying(self):
+        for i, item in enumerate(real(self)):
+            if i == crash_at:
+                raise SystemExit(3)
+            yield item
+    train_mod.Loader.batches = dying
+train_mod.train(config_from_dict(tree), progress=False)
+"""
+
+
+def test_restore_onto_another_device_count(small_data, tmp_path):
+    """Data-parallel checkpoints restore onto a different number of devices."""
+
+    def run(devices: int, run_dir, crash_at: int = 0) -> int:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        proc = subprocess.run([sys.executable, "-c", _RESUME_SCRIPT, str(small_data),
+                               str(run_dir), str(crash_at)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode in (0, 3), proc.stderr
+        return proc.returncode
+
+    run(4, tmp_path / "straight")
+    assert run(4, tmp_path / "moved", crash_at=13) == 3  # died after the step-8 checkpoint
+    assert run(2, tmp_path / "moved") == 0  # resumed on 2 devices
+    a = tensorfile.read(tmp_path / "straight" / "sae" / "sae_weights.safetensors")
+    b = tensorfile.read(tmp_path / "moved" / "sae" / "sae_weights.safetensors")
+    for name in a:
+        np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)

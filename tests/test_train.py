@@ -98,6 +98,50 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(small_data, tmp_pat
     assert not (tmp_path / "run" / "sae").exists()
 
 
+@pytest.fixture
+def nan_steps_term():
+    @penalties.register("test_nan_at")
+    def nan_at(out, params, *, step, first: int = 10, last: int = 11):
+        """NaN at steps first..last (for testing optim.skip_nonfinite)."""
+        return jnp.where((step >= first) & (step <= last), jnp.nan, 0.0), {}
+
+    yield nan_at
+    del penalties._REGISTRY["test_nan_at"]
+
+
+def test_skip_nonfinite_counts_and_continues(small_data, tmp_path, nan_steps_term):
+    tree = small_config_dict(small_data, tmp_path / "run")
+    tree["loss"].append({"term": "test_nan_at", "first": 10, "last": 11})
+    tree["optim"]["skip_nonfinite"] = True
+    result = train_mod.train(config_from_dict(tree), progress=False)
+    assert result.step == 24
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["skipped_steps"] for x in lines] == [0, 0, 2, 2, 2, 2]
+    for name, value in _weights(tmp_path / "run").items():
+        assert np.isfinite(value).all(), name
+    assert lines[2]["loss"] is None  # step 12's line: written as null, not NaN
+    assert lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_checkpoint_every_minutes(small_data, tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("jaxsae.checkpoint.time.monotonic", lambda: clock[0])
+    ckpt = Checkpointer(tmp_path / "ck", CheckpointConfig(every_steps=None, every_minutes=2.0))
+    assert not ckpt.due(1)
+    clock[0] = 119.0
+    assert not ckpt.due(2)
+    clock[0] = 121.0
+    assert ckpt.due(3)
+    ckpt.close()
+    both = Checkpointer(tmp_path / "ck2", CheckpointConfig(every_steps=5, every_minutes=2.0))
+    assert both.due(5) and not both.due(6)
+    clock[0] = 300.0
+    assert both.due(7)
+    both.close()
+    with pytest.raises(JaxsaeError, match="every_steps, every_minutes"):
+        small_config(small_data, tmp_path / "r", checkpoint={"every_steps": None})
+
+
 def test_train_step_compiles_once(small_data, tmp_path, monkeypatch):
     traces = []
     real = train_mod.make_train_step

@@ -63,8 +63,10 @@ class Loader:
         self._dropped_lock = threading.Lock()
         self.n_tokens = source.n_tokens if stop is None else stop
         lane_buffer = max(1, buffer_tokens // lanes)
-        # Chunks long enough for sequential reads, short enough that a window mixes many.
-        self.chunk_tokens = chunk_tokens or int(np.clip(lane_buffer // 16, 256, 8192))
+        # Chunks long enough for sequential reads, short enough that a window mixes many and,
+        # on small data, that every lane gets several.
+        self.chunk_tokens = chunk_tokens or max(1, min(int(np.clip(lane_buffer // 16, 256, 8192)),
+                                                       self.n_tokens // (4 * lanes)))
         self.chunks_per_window = max(1, lane_buffer // self.chunk_tokens)
         starts = np.arange(0, self.n_tokens, self.chunk_tokens)
         if len(starts) < lanes:

@@ -1,0 +1,67 @@
+"""The SAELens half of tests/interop, run with .venv-interop's Python (torch + sae-lens).
+
+    python saelens_side.py JOB.json
+
+JOB.json: {"inputs": "x.npy", "encode": [{"dir": ..., "out": ...}, ...],
+           "make": [{"arch": "standard"|"topk"|"jumprelu", "dir": ..., "out": ..., "d_in": ..,
+                     "d_sae": .., "k": .., "seed": ..}, ...]}
+encode: load each exported directory with SAE.load_from_disk and save its codes and
+reconstruction of the inputs. make: build a SAELens SAE with random weights, save it with
+save_model, and save its codes and reconstruction.
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+from sae_lens import (
+    SAE,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
+
+
+def run(sae, x: np.ndarray, out: str) -> None:
+    with torch.no_grad():
+        codes = sae.encode(torch.from_numpy(x))
+        recon = sae.decode(codes)
+    np.savez(out, codes=codes.float().numpy(), recon=recon.float().numpy(),
+             kind=type(sae).__name__)
+
+
+def make(spec: dict):
+    d_in, d_sae = spec["d_in"], spec["d_sae"]
+    if spec["arch"] == "standard":
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    elif spec["arch"] == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=spec["k"]))
+    else:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae))
+    gen = torch.Generator().manual_seed(spec["seed"])
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+        if spec["arch"] == "jumprelu":
+            sae.threshold.copy_(torch.rand(d_sae, generator=gen) * 0.5)
+    sae.save_model(spec["dir"])
+    return sae
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        job = json.load(f)
+    x = np.load(job["inputs"]).astype(np.float32)
+    for item in job.get("encode", []):
+        run(SAE.load_from_disk(item["dir"], device="cpu"), x, item["out"])
+    for spec in job.get("make", []):
+        run(make(spec), x, spec["out"])
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()

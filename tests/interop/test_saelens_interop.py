@@ -1,0 +1,132 @@
+"""Exports load in real SAELens with the same codes, and SAELens saves import into jaxsae.
+
+SAELens runs in .venv-interop (torch 2.13.0 + sae-lens, built by scripts/test.sh); these tests
+drive it through tests/interop/saelens_side.py and compare within 1e-5 (float32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxsae import sae
+from jaxsae.config import SAEConfig, load_config
+from jaxsae.export import export_sae, import_config, initial_params, load_sae
+from jaxsae.train import train
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+D_IN, D_SAE = 16, 48
+
+
+def _interop_python() -> str:
+    python = os.environ.get("JAXSAE_INTEROP_PYTHON") or str(ROOT / ".venv-interop/bin/python")
+    if not Path(python).exists():
+        pytest.skip("no SAELens environment: scripts/test.sh builds .venv-interop")
+    return python
+
+
+def _saelens(job: dict, tmp_path: Path) -> None:
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([_interop_python(), str(HERE / "saelens_side.py"),
+                           str(tmp_path / "job.json")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def inputs() -> np.ndarray:
+    return (np.abs(np.random.default_rng(0).standard_normal((64, D_IN))) * 2).astype(np.float32)
+
+
+def _params(cfg: SAEConfig, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    params = {k: np.asarray(v) for k, v in
+              sae.init_params(jax.random.PRNGKey(seed), D_IN, cfg).items()}
+    params["b_enc"] = rng.normal(0, 0.2, D_SAE).astype(np.float32)
+    params["b_dec"] = rng.normal(0, 0.2, D_IN).astype(np.float32)
+    if "threshold" in params:
+        params["threshold"] = rng.uniform(0.1, 0.6, D_SAE).astype(np.float32)
+    return params
+
+
+EXPORTS = {
+    # name: (config, SAELens class expected, input scale folded into the export)
+    "relu": (SAEConfig(d_sae=D_SAE, activation="relu", decoder_norm="free"), "StandardSAE", 1.0),
+    "topk": (SAEConfig(d_sae=D_SAE, activation="topk", k=5), "TopKSAE", 1.0),
+    "batchtopk": (SAEConfig(d_sae=D_SAE, activation="batchtopk", k=5), "JumpReLUSAE", 1.0),
+    "jumprelu": (SAEConfig(d_sae=D_SAE, activation="jumprelu"), "JumpReLUSAE", 1.0),
+    "tied": (SAEConfig(d_sae=D_SAE, activation="relu", tied=True), "StandardSAE", 1.0),
+    "normalised": (SAEConfig(d_sae=D_SAE, activation="relu", decoder_norm="free"),
+                   "StandardSAE", 0.4),
+}
+
+
+def test_exports_give_the_same_codes_in_saelens(inputs, tmp_path):
+    job = {"inputs": str(tmp_path / "x.npy"), "encode": []}
+    np.save(tmp_path / "x.npy", inputs)
+    expected = {}
+    for i, (name, (cfg, _, scale)) in enumerate(EXPORTS.items()):
+        params = _params(cfg, i)
+        # What jaxsae computes during training: codes of scale·x, reconstruction in raw units.
+        codes = np.asarray(sae.encode(params, inputs * scale, cfg))
+        recon = np.asarray(sae.decode(params, codes)) / scale
+        assert (codes > 0).any(), name
+        export_sae(sae.fold_input_scale(params, scale), cfg, tmp_path / name)
+        expected[name] = (codes, recon)
+        job["encode"].append({"dir": str(tmp_path / name), "out": str(tmp_path / f"{name}.npz")})
+    _saelens(job, tmp_path)
+    for name, (codes, recon) in expected.items():
+        got = np.load(tmp_path / f"{name}.npz")
+        assert str(got["kind"]) == EXPORTS[name][1], name
+        np.testing.assert_allclose(got["codes"], codes, atol=1e-5, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got["recon"], recon, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_bfloat16_export_loads_in_saelens(inputs, tmp_path):
+    cfg = EXPORTS["relu"][0]
+    params = _params(cfg, 7)
+    export_sae(params, cfg, tmp_path / "bf16", dtype="bfloat16")
+    np.save(tmp_path / "x.npy", inputs)
+    _saelens({"inputs": str(tmp_path / "x.npy"),
+              "encode": [{"dir": str(tmp_path / "bf16"), "out": str(tmp_path / "bf16.npz")}]},
+             tmp_path)
+    rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in params.items()}
+    want = np.asarray(sae.encode(rounded, inputs.astype(ml_dtypes.bfloat16).astype(np.float32),
+                                 cfg))
+    got = np.load(tmp_path / "bf16.npz")["codes"].astype(np.float32)
+    np.testing.assert_allclose(got, want, atol=0.05, rtol=0.02)
+
+
+def test_saelens_saves_import_with_the_same_codes(inputs, tmp_path, small_data):
+    makes = [{"arch": "standard"}, {"arch": "topk", "k": 6}, {"arch": "jumprelu"}]
+    np.save(tmp_path / "x.npy", inputs)
+    job = {"inputs": str(tmp_path / "x.npy"), "make": [
+        {**m, "dir": str(tmp_path / m["arch"]), "out": str(tmp_path / f"{m['arch']}.npz"),
+         "d_in": D_IN, "d_sae": D_SAE, "seed": i} for i, m in enumerate(makes)]}
+    _saelens(job, tmp_path)
+    for m in makes:
+        loaded = load_sae(tmp_path / m["arch"])
+        got = np.load(tmp_path / f"{m['arch']}.npz")
+        codes = np.asarray(sae.encode(loaded.params, inputs, loaded.sae))
+        assert (codes > 0).any(), m
+        np.testing.assert_allclose(codes, got["codes"], atol=1e-5, rtol=1e-5, err_msg=m["arch"])
+        np.testing.assert_allclose(np.asarray(sae.decode(loaded.params, codes)), got["recon"],
+                                   atol=1e-5, rtol=1e-5, err_msg=m["arch"])
+    # ... and a run starts from one (jaxsae import -> init_from).
+    config = import_config(tmp_path / "topk", tmp_path / "run", small_data,
+                           ["optim.batch_size=256", "optim.total_tokens=1024",
+                            "optim.warmup_steps=1", "data.eval_tokens=2048"])
+    assert config.read_text().startswith(f"# jaxsae train {config}")
+    start = initial_params(tmp_path / "topk", SAEConfig(d_sae=D_SAE, activation="topk", k=6),
+                           D_IN)
+    np.testing.assert_array_equal(start["W_dec"], load_sae(tmp_path / "topk").params["W_dec"])
+    result = train(load_config(config), progress=False)
+    assert result.step == 4
