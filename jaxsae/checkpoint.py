@@ -27,12 +27,18 @@ from jaxsae.config import (
 )
 from jaxsae.errors import JaxsaeError
 
+# Orbax writes this into a checkpoint once every item is saved (before the atomic rename).
+COMMIT_MARKER = "commit_success.txt"
+
 
 class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
         self.cfg = cfg
         self._last_save = time.monotonic()
+        self.set_aside = self._set_aside_incomplete()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxsae-checkpoint-scan")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -43,6 +49,23 @@ class Checkpointer:
             ),
             item_names=("state", "loader", "config"),
         )
+
+    def _set_aside_incomplete(self) -> list[Path]:
+        """Renames step directories without the commit marker (a copy cut short, a filesystem
+        without atomic rename) to <step>.incomplete, so they are neither resumed from nor in
+        the way of a later save of that step. Nothing is deleted."""
+        moved = []
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return moved
+        for path in self.directory.iterdir():
+            if path.is_dir() and path.name.isdigit() and not (path / COMMIT_MARKER).exists():
+                target = path.with_name(f"{path.name}.incomplete")
+                n = 1
+                while target.exists():
+                    target, n = path.with_name(f"{path.name}.incomplete-{n}"), n + 1
+                path.rename(target)
+                moved.append(target)
+        return moved
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -30,7 +30,12 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from jaxsae import evaluate, export, penalties, sae, sharding
-from jaxsae.checkpoint import Checkpointer, abstract_with_shardings, check_resume_compatible
+from jaxsae.checkpoint import (
+    COMMIT_MARKER,
+    Checkpointer,
+    abstract_with_shardings,
+    check_resume_compatible,
+)
 from jaxsae.config import CheckpointConfig, Config, OptimConfig
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, lanes_of_process
@@ -231,6 +236,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     # -- run directory ----------------------------------------------------------------------
     run_dir = cfg.resolved_run_dir.absolute()
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    for path in ckpt.set_aside:
+        log(f"{path.with_suffix('')}: incomplete checkpoint (no {COMMIT_MARKER}), moved to {path}")
     resume_step = ckpt.latest_step()
     if resume_step is not None:
         loader_state, saved_cfg = ckpt.restore_meta(resume_step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -229,6 +230,26 @@ def test_resume_refuses_data_of_another_width(small_data, tmp_path):
                                    tmp_path / "wider", progress=False)
     with pytest.raises(DataError, match=r"d_in is 24 .* d_in 16"):
         train_mod.train(small_config(wider, tmp_path / "run"), progress=False)
+
+
+def test_half_written_checkpoint_is_never_resumed_from(small_data, tmp_path):
+    from orbax.checkpoint._src.path.atomicity import TMP_DIR_SUFFIX
+
+    train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    # A save of step 32 that was killed before its rename, and stray files of a later one.
+    shutil.copytree(ckpts / "24", ckpts / f"32{TMP_DIR_SUFFIX}")
+    (ckpts / "40").mkdir()
+    ckpt = Checkpointer(ckpts, CheckpointConfig())
+    assert ckpt.latest_step() == 24
+    assert ckpt.set_aside == [ckpts / "40.incomplete"]
+    ckpt.close()
+    longer = small_config(small_data, tmp_path / "run", optim={"total_tokens": 256 * 48})
+    result = train_mod.train(longer, progress=False)  # resumes at 24, saves 32 over the debris
+    assert result.step == 48
+    ckpt = Checkpointer(ckpts, CheckpointConfig())
+    assert ckpt.latest_step() == 48 and 32 in ckpt.manager.all_steps()
+    ckpt.close()
 
 
 def test_export_checkpoint_matches_final_export(small_data, tmp_path):
