@@ -27,8 +27,10 @@ from jaxsae.config import (
 )
 from jaxsae.errors import JaxsaeError
 
-# Orbax writes this into a checkpoint once every item is saved (before the atomic rename).
+# Orbax writes this into a checkpoint once every item is saved (before the atomic rename),
+# and saves into <step><TMP_SUFFIX> until then.
 COMMIT_MARKER = "commit_success.txt"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class Checkpointer:
@@ -45,26 +47,30 @@ class Checkpointer:
                 max_to_keep=cfg.keep,
                 create=True,
                 enable_async_checkpointing=True,
-                cleanup_tmp_directories=True,
+                # Leftovers of interrupted saves are set aside synchronously above instead:
+                # orbax's asynchronous cleanup raced with a second manager on the directory.
+                cleanup_tmp_directories=False,
             ),
             item_names=("state", "loader", "config"),
         )
 
     def _set_aside_incomplete(self) -> list[Path]:
-        """Renames step directories without the commit marker (a copy cut short, a filesystem
-        without atomic rename) to <step>.incomplete, so they are neither resumed from nor in
-        the way of a later save of that step. Nothing is deleted."""
-        moved = []
+        """Renames what interrupted saves left behind (orbax's <step><TMP_SUFFIX> directories,
+        and step directories without the commit marker: a copy cut short, a filesystem without
+        atomic rename) to <step>.incomplete, so they are neither resumed from nor in the way of
+        a later save of that step. Nothing is deleted."""
+        moved: list[Path] = []
         if jax.process_index() != 0 or not self.directory.is_dir():
             return moved
-        for path in self.directory.iterdir():
-            if path.is_dir() and path.name.isdigit() and not (path / COMMIT_MARKER).exists():
-                target = path.with_name(f"{path.name}.incomplete")
-                n = 1
+        for path in sorted(self.directory.iterdir()):
+            step = path.name.removesuffix(TMP_SUFFIX)
+            if not (path.is_dir() and step.isdigit()):
+                continue
+            if path.name.endswith(TMP_SUFFIX) or not (path / COMMIT_MARKER).exists():
+                target, n = path.with_name(f"{step}.incomplete"), 1
                 while target.exists():
-                    target, n = path.with_name(f"{path.name}.incomplete-{n}"), n + 1
-                path.rename(target)
-                moved.append(target)
+                    target, n = path.with_name(f"{step}.incomplete-{n}"), n + 1
+                moved.append(path.rename(target))
         return moved
 
     def latest_step(self) -> int | None:

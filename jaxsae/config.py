@@ -184,6 +184,9 @@ class Config:
     """Explicit run directory."""
     seed: int = 0
     """Seed of the parameter initialisation and of every random draw in the step."""
+    distributed: Literal["auto", "on", "off"] = "auto"
+    """Multi-process runs: `auto` calls jax.distributed.initialize() when a cluster launch is
+    detected (SLURM, multi-host TPU, Open MPI, or JAX_COORDINATOR_ADDRESS), `on` always."""
     init_from: str | None = None
     """Start from this SAELens-format dictionary instead of a random init (fine-tune, stitch)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -217,8 +220,9 @@ class Config:
 
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
-MUTABLE_ON_RESUME = ("name", "run_dir", "data.path", "data.generate", "data.check_finite",
-                     "log", "checkpoint", "optim.total_tokens", "optim.skip_nonfinite")
+MUTABLE_ON_RESUME = ("name", "run_dir", "distributed", "data.path", "data.generate",
+                     "data.check_finite", "log", "checkpoint", "optim.total_tokens",
+                     "optim.skip_nonfinite")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ def auxk(
     dead = out.tokens_since_fired >= dead_tokens
     n_dead = jnp.sum(dead)
     masked = jnp.where(dead, out.pre_acts, -jnp.inf)
-    aux_acts = jnp.nan_to_num(sae.topk(masked, k), neginf=0.0)
+    aux_acts = sae.topk(masked, k, out.mesh)
     residual = jax.lax.stop_gradient(out.x - out.x_hat)
     residual_hat = aux_acts @ params["W_dec"]
     error = jnp.sum(jnp.square(residual_hat - residual), axis=-1)

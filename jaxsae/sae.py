@@ -15,6 +15,7 @@ from functools import partial
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxsae.config import SAEConfig
 
@@ -46,6 +47,8 @@ class ForwardOutput:
     their sum plus b_dec is x_hat. Terms build prefix reconstructions from them."""
     prefix_ends: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     """Static ends of the latent blocks, increasing, the last = d_sae."""
+    mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
+    """The device mesh the step runs on (for per-device top-k selections); None: one device."""
 
     def prefix_recons(self, b_dec: jax.Array, selection: jax.Array | None = None) -> jax.Array:
         """[n, batch, d_in]: row j of `selection` [n, n_blocks] (0/1) picks the blocks summed
@@ -107,14 +110,15 @@ def pre_activations(params: Params, x: jax.Array) -> jax.Array:
 
 
 def activate(
-    params: Params, pre_acts: jax.Array, cfg: SAEConfig, *, train: bool
+    params: Params, pre_acts: jax.Array, cfg: SAEConfig, *, train: bool, mesh: Mesh | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Sparse codes [batch, d_sae] from pre-activations, and the BatchTopK batch threshold."""
+    """Sparse codes [batch, d_sae] from pre-activations, and the BatchTopK batch threshold.
+    `mesh`: the device mesh the step runs on (TopK selects per device)."""
     zero = jnp.zeros((), pre_acts.dtype)
     if cfg.activation == "relu":
         return jax.nn.relu(pre_acts), zero
     if cfg.activation == "topk":
-        return topk(pre_acts, cfg.k), zero
+        return topk(pre_acts, cfg.k, mesh), zero
     if cfg.activation == "jumprelu":
         return jumprelu(pre_acts, params["threshold"], cfg.jumprelu_bandwidth), zero
     if cfg.activation == "batchtopk":
@@ -178,10 +182,12 @@ def forward(
     tokens_since_fired: jax.Array | None = None,
     key: jax.Array | None = None,
     prefix_ends: tuple[int, ...] = (),
+    mesh: Mesh | None = None,
 ) -> ForwardOutput:
-    """Encode and decode once; `prefix_ends` asks for reconstructions of dictionary prefixes."""
+    """Encode and decode once; `prefix_ends` asks for reconstructions of dictionary prefixes;
+    `mesh` is the device mesh the step runs on (None: one device)."""
     pre_acts = pre_activations(params, x)
-    acts, batch_threshold = activate(params, pre_acts, cfg, train=train)
+    acts, batch_threshold = activate(params, pre_acts, cfg, train=train, mesh=mesh)
     if tokens_since_fired is None:
         tokens_since_fired = jnp.zeros((cfg.d_sae,), jnp.int32)
     ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
@@ -197,6 +203,7 @@ def forward(
         key=jax.random.PRNGKey(0) if key is None else key,
         block_recons=block_recons,
         prefix_ends=ends,
+        mesh=mesh,
     )
 
 
@@ -204,11 +211,27 @@ def forward(
 # Activation functions
 
 
-def topk(pre_acts: jax.Array, k: int) -> jax.Array:
-    """Keeps the k largest pre-activations of each row (then ReLU); zeros elsewhere."""
-    values, indices = jax.lax.top_k(pre_acts, k)
-    rows = jnp.arange(pre_acts.shape[0])[:, None]
-    return jnp.zeros_like(pre_acts).at[rows, indices].set(jax.nn.relu(values))
+def topk(pre_acts: jax.Array, k: int, mesh: Mesh | None = None) -> jax.Array:
+    """Keeps the k largest pre-activations of each row (then ReLU); zeros elsewhere.
+
+    On a mesh, each device takes the top k of its own [batch/data, d_sae/model] block; the row's
+    threshold is the k-th largest of the model·k candidates gathered along `model`. Exact (a
+    global top-k entry is in its block's top k), and no device holds a full row or the whole
+    batch (XLA's partitioner would gather the entire operand of a top_k).
+    """
+    if mesh is None or mesh.size == 1:
+        return _topk_block(pre_acts, k, None)
+    spec = PartitionSpec("data", "model")
+    return jax.shard_map(partial(_topk_block, k=k, axis="model"), mesh=mesh,
+                         in_specs=spec, out_specs=spec)(pre_acts)
+
+
+def _topk_block(pre_acts: jax.Array, k: int, axis: str | None) -> jax.Array:
+    candidates = jax.lax.top_k(pre_acts, min(k, pre_acts.shape[-1]))[0]
+    if axis is not None:
+        candidates = jax.lax.all_gather(candidates, axis, axis=1, tiled=True)
+    kth = jax.lax.top_k(candidates, k)[0][:, -1:]
+    return jax.nn.relu(pre_acts) * (pre_acts >= kth)
 
 
 def batchtopk(pre_acts: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

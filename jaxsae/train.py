@@ -119,7 +119,7 @@ def init_state(key: jax.Array, cfg: Config, d_in: int,
 
 
 def make_train_step(
-    cfg: Config, input_scale: float = 1.0
+    cfg: Config, input_scale: float = 1.0, mesh: Mesh | None = None
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """The pure step: (state, batch [batch, d_in]) -> (state, metrics). Batches are multiplied
     by `input_scale` (activation normalisation) on the device."""
@@ -136,7 +136,7 @@ def make_train_step(
         def loss_fn(params):
             out = sae.forward(params, batch, cfg.sae, train=True, key=key,
                               tokens_since_fired=state.tokens_since_fired,
-                              prefix_ends=prefix_ends)
+                              prefix_ends=prefix_ends, mesh=mesh)
             loss, term_metrics = penalties.total_loss(cfg.loss, out, params, step)
             return loss, (out, term_metrics)
 
@@ -212,7 +212,7 @@ def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: floa
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     state_sharding = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
     step = jax.jit(
-        make_train_step(cfg, input_scale),
+        make_train_step(cfg, input_scale, mesh),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -231,7 +231,12 @@ class RunResult:
 
 
 def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print) -> RunResult:
+    # -- processes (before anything touches the devices) -------------------------------------
+    launch = sharding.initialize_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
+    if launch and is_main:
+        log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
+            f"({launch})")
 
     # -- run directory ----------------------------------------------------------------------
     run_dir = cfg.resolved_run_dir.absolute()

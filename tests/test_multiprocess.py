@@ -10,20 +10,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jaxsae import tensorfile
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The workers start jax.distributed the way a launcher would: through the environment
+# (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), found by `distributed: auto`.
 _WORKER = r"""
 import sys
-pid, n, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-data, run_dir = sys.argv[4], sys.argv[5]
 import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if n > 1:
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=n,
-                               process_id=pid)
+data, run_dir = sys.argv[1], sys.argv[2]
 from jaxsae.config import config_from_dict
 from jaxsae.train import train
 from tests.conftest import small_config_dict
@@ -45,8 +43,11 @@ def _free_port() -> int:
 def _launch(pid: int, n: int, port: int, data: Path, run_dir: Path, devices: int):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", _WORKER, str(pid), str(n), str(port),
-                             str(data), str(run_dir)], cwd=ROOT, env=env,
+    if n > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
+                   JAX_PROCESS_ID=str(pid))
+    return subprocess.Popen([sys.executable, "-c", _WORKER, str(data), str(run_dir)],
+                            cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -71,3 +72,26 @@ def test_two_processes_match_one(small_data, tmp_path):
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, rtol=1e-5, err_msg=name)
     lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 5  # only process 0 writes metrics (steps 4, 8, ..., 20)
+
+
+def test_cluster_detection(monkeypatch):
+    from jaxsae import sharding
+    from jaxsae.errors import ConfigError
+
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS",
+                "TPU_WORKER_HOSTNAMES", "OMPI_MCA_orte_hnp_uri"):
+        monkeypatch.delenv(var, raising=False)
+    assert sharding.cluster_environment() is None
+    assert sharding.initialize_distributed("auto") is None  # a plain single process
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert sharding.cluster_environment() is None  # one task: nothing to coordinate
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert sharding.cluster_environment() == "SLURM_JOB_ID"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-a,host-b")
+    assert sharding.cluster_environment() == "TPU_WORKER_HOSTNAMES"
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    assert sharding.cluster_environment() == "JAX_COORDINATOR_ADDRESS"
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
+        sharding.initialize_distributed("auto")

@@ -60,7 +60,7 @@ import jax, numpy as np
 from jaxsae.config import config_from_dict
 from jaxsae.train import build
 
-def run(tree, devices, steps=6):
+def run(tree, devices, steps=20):
     built = build(config_from_dict(tree), 16, devices)
     state = built.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
