@@ -253,9 +253,12 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
     # -- data -------------------------------------------------------------------------------
     data_path = Path(cfg.data.path)
-    if not data_path.exists() and cfg.data.generate is not None:
-        log(f"{data_path} does not exist: generating it ({cfg.data.generate.get('kind')})")
-        synthetic.generate(cfg.data.generate, data_path, progress=progress)
+    if cfg.data.generate is not None:
+        if is_main and not data_path.exists():
+            log(f"{data_path} does not exist: generating it ({cfg.data.generate.get('kind')})")
+            synthetic.generate(cfg.data.generate, data_path, progress=progress)
+        if jax.process_count() > 1:  # every process passes here; the others wait for the data
+            multihost_utils.sync_global_devices("jaxsae-generate-data")
     source = open_source(cfg.data)
     n_train = source.n_tokens - cfg.data.eval_tokens
     if n_train < cfg.optim.batch_size:

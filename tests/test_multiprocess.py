@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 _WORKER = r"""
 import sys
 import jax
-data, run_dir = sys.argv[1], sys.argv[2]
+data, run_dir, steps, every = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 from jaxsae.config import config_from_dict
 from jaxsae.train import train
 from tests.conftest import small_config_dict
 tree = small_config_dict(data, run_dir)
-tree["optim"]["total_tokens"] = 256 * 20
-tree["checkpoint"] = {"every_steps": 10, "keep": 2}
+tree["optim"]["total_tokens"] = 256 * steps
+tree["checkpoint"] = {"every_steps": every, "keep": 2}
+tree["log"] = {"every_steps": 4}
 tree["data"]["drop_norm_above"] = 2.5
 train(config_from_dict(tree), progress=False)
 print("worker done", jax.process_count(), len(jax.devices()))
@@ -40,13 +44,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(pid: int, n: int, port: int, data: Path, run_dir: Path, devices: int):
+def _launch(pid: int, n: int, port: int, data: Path, run_dir: Path, devices: int,
+            steps: int = 20, every: int = 10):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     if n > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
                    JAX_PROCESS_ID=str(pid))
-    return subprocess.Popen([sys.executable, "-c", _WORKER, str(data), str(run_dir)],
+    return subprocess.Popen([sys.executable, "-c", _WORKER, str(data), str(run_dir), str(steps),
+                             str(every)],
                             cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -95,3 +101,46 @@ def test_cluster_detection(monkeypatch):
     assert sharding.cluster_environment() == "JAX_COORDINATOR_ADDRESS"
     with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
         sharding.initialize_distributed("auto")
+
+
+def test_kill_one_process_then_restart_both(small_data, tmp_path):
+    """SIGKILL one of two processes after a checkpoint; restarting both resumes exactly: the
+    result equals an uninterrupted run of the same two processes."""
+    steps, every = 400, 40
+
+    def two_processes(run_dir):
+        port = _free_port()
+        return [_launch(pid, 2, port, small_data, run_dir, 2, steps, every) for pid in range(2)]
+
+    def finish(workers):
+        outputs = [w.communicate(timeout=600) for w in workers]
+        for w, (_, err) in zip(workers, outputs, strict=True):
+            assert w.returncode == 0, err
+        return outputs
+
+    finish(two_processes(tmp_path / "straight"))
+
+    workers = two_processes(tmp_path / "multi")
+    deadline = time.time() + 300
+    while not (tmp_path / "multi" / "checkpoints" / str(every)).is_dir():
+        assert all(w.poll() is None for w in workers), workers[0].communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert workers[1].poll() is None, "the run ended before it could be interrupted"
+    workers[1].send_signal(signal.SIGKILL)
+    workers[1].wait(timeout=60)
+    try:  # its partner waits in a collective for a peer that is gone: the job is down
+        workers[0].wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait(timeout=60)
+    assert not (tmp_path / "multi" / "sae").exists()
+
+    outputs = finish(two_processes(tmp_path / "multi"))  # the same command again
+    assert "resuming" in outputs[0][0]
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "multi")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    steps_logged = [json.loads(x)["step"] for x in
+                    (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(4, steps + 1, 4))
