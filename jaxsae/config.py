@@ -140,6 +140,9 @@ class OptimConfig:
     """Adam second-moment decay."""
     skip_nonfinite: bool = False
     """Skip (and count) steps whose loss or gradient is NaN/inf instead of stopping the run."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the encoder/decoder matmuls. Parameters, optimiser state and the loss stay
+    float32 (bfloat16 copies of the parameters are made inside the step)."""
 
     @property
     def total_steps(self) -> int:

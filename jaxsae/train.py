@@ -126,6 +126,13 @@ def make_train_step(
     schedule = lr_schedule(cfg.optim)
     tx = make_optimizer(cfg)
     prefix_ends = penalties.prefix_ends(cfg)
+    compute = jnp.dtype(cfg.optim.compute_dtype)
+
+    def cast(tree):  # float32 master values -> the matmul dtype (a no-op for float32)
+        return jax.tree.map(lambda a: a.astype(compute) if a.dtype == jnp.float32 else a, tree)
+
+    def upcast(tree):
+        return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == compute else a, tree)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
         if input_scale != 1.0:
@@ -134,9 +141,10 @@ def make_train_step(
         key = jax.random.fold_in(state.rng, step)
 
         def loss_fn(params):
-            out = sae.forward(params, batch, cfg.sae, train=True, key=key,
+            out = sae.forward(cast(params), cast(batch), cfg.sae, train=True, key=key,
                               tokens_since_fired=state.tokens_since_fired,
                               prefix_ends=prefix_ends, mesh=mesh)
+            out = upcast(out)  # loss terms and their sums in float32
             loss, term_metrics = penalties.total_loss(cfg.loss, out, params, step)
             return loss, (out, term_metrics)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -265,3 +267,24 @@ def test_export_checkpoint_matches_final_export(small_data, tmp_path):
     with pytest.raises(JaxsaeError, match="--step 5"):
         train_mod.export_checkpoint(tmp_path / "run", tmp_path / "e5", step=5)
 
+
+
+def test_bfloat16_compute_tracks_float32(small_data, tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = small_config(small_data, tmp_path / dtype, optim={"compute_dtype": dtype})
+        result = train_mod.train(cfg, progress=False)
+        lines = [json.loads(x) for x in (tmp_path / dtype / "metrics.jsonl").read_text()
+                 .splitlines()]
+        runs[dtype] = (np.array([x["loss"] for x in lines]), result.eval)
+        state_dtypes = {v.dtype for v in _weights(tmp_path / dtype).values()}
+        assert state_dtypes == {np.dtype(np.float32)}  # master parameters stay float32
+    (f32, ev32), (bf16, ev16) = runs["float32"], runs["bfloat16"]
+    np.testing.assert_allclose(bf16, f32, rtol=0.03)
+    assert abs(ev16["explained_variance"] - ev32["explained_variance"]) < 0.02
+    # ... and the step's matmuls really run in bfloat16.
+    cfg = small_config(small_data, tmp_path / "x", optim={"compute_dtype": "bfloat16"})
+    built = train_mod.build(cfg, 16)
+    state = jax.eval_shape(built.init, jax.random.PRNGKey(0))
+    hlo = built.step.lower(state, jax.ShapeDtypeStruct((256, 16), np.float32)).as_text()
+    assert re.search(r"dot_general[^\n]*bf16", hlo), "no bfloat16 matmul in the step"

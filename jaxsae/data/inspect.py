@@ -28,27 +28,19 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
     total = total_sq = 0.0
     low, high = np.inf, 0.0
     sample = []
-    dtypes = set()
     bar = tqdm(total=source.n_tokens, unit="tok", unit_scale=True, desc="inspect",
                disable=not progress)
     seen = 0
-    for name, array in zip(source.names, source.arrays, strict=True):
-        dtypes.add(np.dtype(array.dtype).name)
-        for lo in range(0, len(array), block_tokens):
-            block = np.asarray(array[lo : lo + block_tokens], dtype=np.float32)
-            bad = ~np.isfinite(block).all(axis=1)
-            if bad.any():
-                rows = np.flatnonzero(bad) + lo
-                raise DataError(f"{name}: non-finite values in rows {rows[0]}..{rows[-1]} "
-                                f"({len(rows)} rows in this block)")
-            norms = np.linalg.norm(block.astype(np.float64), axis=1)
-            total += norms.sum()
-            total_sq += np.square(norms).sum()
-            low, high = min(low, norms.min()), max(high, norms.max())
-            first = (-(seen % stride)) % stride
-            sample.append(norms[first::stride])
-            seen += len(block)
-            bar.update(len(block))
+    dtypes = {np.dtype(array.dtype).name for array in source.arrays}
+    for _, block in source.scan(block_tokens):
+        norms = np.linalg.norm(block.astype(np.float64), axis=1)
+        total += norms.sum()
+        total_sq += np.square(norms).sum()
+        low, high = min(low, norms.min()), max(high, norms.max())
+        first = (-(seen % stride)) % stride
+        sample.append(norms[first::stride])
+        seen += len(block)
+        bar.update(len(block))
     bar.close()
     sample = np.concatenate(sample)
     n = source.n_tokens

@@ -55,8 +55,9 @@ class ArraySource:
         out = np.concatenate(parts) if len(parts) != 1 else parts[0]
         return np.asarray(out, dtype=np.float32)
 
-    def check_finite(self, rows_per_read: int = 65536) -> None:
-        """Refuses NaN / inf, naming the file and the first bad row range."""
+    def scan(self, rows_per_read: int = 65536) -> Iterator[tuple[str, np.ndarray]]:
+        """Every token once, file by file, as (file name, float32 block); refuses NaN / inf,
+        naming the file and the first bad row range."""
         for name, array in zip(self.names, self.arrays, strict=True):
             for lo in range(0, len(array), rows_per_read):
                 block = np.asarray(array[lo : lo + rows_per_read], dtype=np.float32)
@@ -65,6 +66,12 @@ class ArraySource:
                     rows = np.flatnonzero(bad) + lo
                     raise DataError(f"{name}: non-finite values in rows {rows[0]}..{rows[-1]} "
                                     f"({len(rows)} rows in this block)")
+                yield name, block
+
+    def check_finite(self, rows_per_read: int = 65536) -> None:
+        """Refuses NaN / inf, naming the file and the first bad row range (one full read)."""
+        for _ in self.scan(rows_per_read):
+            pass
 
 
 def iter_blocks(source: TokenSource, block_tokens: int, start: int = 0,

@@ -1,0 +1,133 @@
+"""Training throughput against the machine's matmul limit and against SAELens, in one run.
+
+    python benchmarks/throughput.py [--arch relu|topk] [--d-in 768] [--d-sae 12288]
+                                    [--batch 4096] [--k 32] [--steps 5] [--device "note"]
+
+1. roofline: FLOP/s of the XLA matmul [batch, d_in] @ [d_in, d_sae] on this machine;
+2. jaxsae: tokens/s of the real train step fed by the real loader (steady state, after
+   compilation and warm-up), and its FLOP rate counting a dense step as 10·B·d_in·d_sae;
+3. SAELens: tokens/s of its SAETrainer on the same shapes and batch, fed from memory, when
+   .venv-interop exists (scripts/test.sh builds it).
+Prints JSON with jaxsae/roofline and jaxsae/SAELens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine
+
+from jaxsae.config import config_from_dict
+from jaxsae.data.loader import Loader, Prefetcher
+from jaxsae.data.shards import ShardSet, ShardWriter
+from jaxsae.train import build
+
+HERE = Path(__file__).resolve().parent
+INTEROP_PYTHON = HERE.parent / ".venv-interop" / "bin" / "python"
+
+
+def roofline(batch: int, d_in: int, d_sae: int, reps: int = 5) -> float:
+    """FLOP/s of the encoder-shaped matmul (the step's dominant operation)."""
+    x = jnp.ones((batch, d_in), jnp.float32)
+    w = jnp.ones((d_in, d_sae), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(x, w))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        jax.block_until_ready(f(x, w))
+    return 2 * batch * d_in * d_sae * reps / (time.perf_counter() - t0)
+
+
+def jaxsae_rate(args, data: ShardSet) -> float:
+    sae = {"d_sae": args.d_sae, "activation": args.arch, "k": args.k, "decoder_norm": "free"}
+    loss = ([{"term": "mse"}, {"term": "l1", "coefficient": 1.0}] if args.arch == "relu"
+            else [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}])
+    cfg = config_from_dict({"data": {"path": str(data.path)}, "sae": sae, "loss": loss,
+                            "optim": {"batch_size": args.batch,
+                                      "total_tokens": args.batch * 1000, "warmup_steps": 1}})
+    built = build(cfg, args.d_in)
+    state = built.init(jax.random.PRNGKey(0))
+    loader = Loader(data, batch_size=args.batch, buffer_tokens=cfg.data.shuffle_buffer, seed=0,
+                    lanes=cfg.data.lanes)
+    shape = (args.batch, args.d_in)
+    batches = Prefetcher(loader.batches(), transform=lambda item: (
+        jax.make_array_from_process_local_data(built.batch_sharding, item[0], shape), item[1]))
+    for _ in range(2):  # compile, warm up
+        state, metrics = built.step(state, next(batches)[0])
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = built.step(state, next(batches)[0])
+    jax.block_until_ready((state, metrics))
+    elapsed = time.perf_counter() - t0
+    batches.close()
+    loader.close()
+    return args.steps * args.batch / elapsed
+
+
+def saelens_rate(args) -> float | None:
+    if not INTEROP_PYTHON.exists():
+        return None
+    arch = "standard" if args.arch == "relu" else "topk"
+    proc = subprocess.run([str(INTEROP_PYTHON), str(HERE / "saelens_trainer.py"), "--arch", arch,
+                           "--d-in", str(args.d_in), "--d-sae", str(args.d_sae),
+                           "--batch", str(args.batch), "--k", str(args.k),
+                           "--steps", str(args.steps + 3)],
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["relu", "topk"], default="relu")
+    parser.add_argument("--d-in", type=int, default=768)
+    parser.add_argument("--d-sae", type=int, default=12288)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default=None, help="a note on the hardware")
+    parser.add_argument("--no-saelens", action="store_true")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = args.batch * 16
+        rng = np.random.default_rng(0)
+        with ShardWriter(Path(tmp) / "data", args.d_in, shard_tokens=65536) as w:
+            for lo in range(0, tokens, 65536):
+                w.write(np.abs(rng.standard_normal((min(65536, tokens - lo), args.d_in),
+                                                   np.float32)))
+        data = ShardSet(Path(tmp) / "data")
+        peak = roofline(args.batch, args.d_in, args.d_sae)
+        ours = jaxsae_rate(args, data)
+    theirs = None if args.no_saelens else saelens_rate(args)
+    dense_flops = 10 * args.batch * args.d_in * args.d_sae
+    result = {
+        "machine": {**machine(), "note": args.device},
+        "shape": {"arch": args.arch, "d_in": args.d_in, "d_sae": args.d_sae,
+                  "batch": args.batch, "k": args.k if args.arch == "topk" else None},
+        "roofline_gflops": peak / 1e9,
+        "jaxsae_tokens_per_s": ours,
+        "jaxsae_gflops_dense_equivalent": ours / args.batch * dense_flops / 1e9,
+        "jaxsae_over_roofline": ours / args.batch * dense_flops / peak,
+        "saelens_tokens_per_s": theirs,
+        "jaxsae_over_saelens": ours / theirs if theirs else None,
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
