@@ -49,3 +49,26 @@ def small_config(data_dir: Path, run_dir: Path, **sections):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def train_until_crash(cfg, at_batch: int, monkeypatch, *, on_batch=None) -> None:
+    """Runs train(cfg) and makes its loader fail when batch `at_batch` is requested (a crash
+    after the checkpoints written so far); `on_batch(rows)` sees every batch handed out."""
+    from jaxsae import train as train_mod
+
+    real = train_mod.Loader.batches
+
+    def dying(self):
+        for i, item in enumerate(real(self)):
+            if i == at_batch:
+                raise RuntimeError("simulated crash")
+            if on_batch is not None:
+                on_batch(item[0])
+            yield item
+
+    monkeypatch.setattr(train_mod.Loader, "batches", dying)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train_mod.train(cfg, progress=False)
+    finally:
+        monkeypatch.setattr(train_mod.Loader, "batches", real)

@@ -17,7 +17,7 @@ from jaxsae.checkpoint import Checkpointer
 from jaxsae.config import CheckpointConfig, config_from_dict, load_config
 from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
 from jaxsae.export import load_sae
-from tests.conftest import small_config, small_config_dict
+from tests.conftest import small_config, small_config_dict, train_until_crash
 
 
 def _weights(run_dir):
@@ -54,18 +54,7 @@ def test_resume_after_crash_is_exact(small_data, tmp_path, monkeypatch):
     train_mod.train(straight, progress=False)
 
     crashed = small_config(small_data, tmp_path / "crashed")
-    real_loader = train_mod.Loader.batches
-
-    def dying_batches(self):
-        for i, batch in enumerate(real_loader(self)):
-            if i == 13:
-                raise RuntimeError("simulated crash")
-            yield batch
-
-    monkeypatch.setattr(train_mod.Loader, "batches", dying_batches)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_mod.train(crashed, progress=False)
-    monkeypatch.setattr(train_mod.Loader, "batches", real_loader)
+    train_until_crash(crashed, 13, monkeypatch)
     ckpt = Checkpointer(tmp_path / "crashed" / "checkpoints", CheckpointConfig())
     assert ckpt.latest_step() == 8
     ckpt.close()
