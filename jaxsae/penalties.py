@@ -222,15 +222,21 @@ def auxk(
     k = min(k_aux or out.x.shape[-1] // 2, d_sae)
     dead = out.tokens_since_fired >= dead_tokens
     n_dead = jnp.sum(dead)
-    masked = jnp.where(dead, out.pre_acts, -jnp.inf)
-    aux_acts = sae.topk(masked, k, out.mesh)
-    residual = jax.lax.stop_gradient(out.x - out.x_hat)
-    residual_hat = aux_acts @ params["W_dec"]
-    error = jnp.sum(jnp.square(residual_hat - residual), axis=-1)
-    spread = jnp.sum(jnp.square(residual - residual.mean(axis=0)), axis=-1)
-    normalised = jnp.mean(error) / jnp.maximum(jnp.mean(spread), 1e-12)
-    scale = jnp.minimum(1.0, n_dead / k)
-    return jnp.where(n_dead > 0, scale * normalised, 0.0), {"n_dead": n_dead}
+
+    def loss(params):
+        # Pre-activations recomputed here, so that their gradient (a dense encoder matmul)
+        # exists only in this branch; the main TopK path does not need it.
+        pre_acts = sae.pre_activations(params, out.x)
+        aux_acts = sae.topk(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh)
+        residual = jax.lax.stop_gradient(out.x - out.x_hat)
+        error = jnp.sum(jnp.square(aux_acts @ params["W_dec"] - residual), axis=-1)
+        spread = jnp.sum(jnp.square(residual - residual.mean(axis=0)), axis=-1)
+        normalised = jnp.mean(error) / jnp.maximum(jnp.mean(spread), 1e-12)
+        return jnp.minimum(1.0, n_dead / k) * normalised
+
+    # With no dead latent the loss is 0: skip its encode, top-k and decode, and their gradients.
+    value = jax.lax.cond(n_dead > 0, loss, lambda _: jnp.zeros((), out.x.dtype), params)
+    return value, {"n_dead": n_dead}
 
 
 def _check_l0(cfg: Config, term: TermConfig, key: str) -> None:

@@ -187,11 +187,15 @@ def forward(
     """Encode and decode once; `prefix_ends` asks for reconstructions of dictionary prefixes;
     `mesh` is the device mesh the step runs on (None: one device)."""
     pre_acts = pre_activations(params, x)
-    acts, batch_threshold = activate(params, pre_acts, cfg, train=train, mesh=mesh)
+    ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
+    if uses_sparse_topk(cfg, ends, mesh):
+        acts, block_recons = _sparse_topk(params, x, pre_acts, cfg.k, mesh)
+        batch_threshold = jnp.zeros((), pre_acts.dtype)
+    else:
+        acts, batch_threshold = activate(params, pre_acts, cfg, train=train, mesh=mesh)
+        block_recons = decode_blocks(params, acts, ends)
     if tokens_since_fired is None:
         tokens_since_fired = jnp.zeros((cfg.d_sae,), jnp.int32)
-    ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
-    block_recons = decode_blocks(params, acts, ends)
     return ForwardOutput(
         x=x,
         pre_acts=pre_acts,
@@ -205,6 +209,42 @@ def forward(
         prefix_ends=ends,
         mesh=mesh,
     )
+
+
+def uses_sparse_topk(cfg: SAEConfig, ends: tuple[int, ...], mesh: Mesh | None) -> bool:
+    """TopK with one decode block on an unsharded dictionary takes the sparse path."""
+    unsharded = mesh is None or mesh.shape["model"] == 1
+    return cfg.activation == "topk" and len(ends) == 1 and unsharded
+
+
+def _sparse_topk(params: Params, x: jax.Array, pre_acts: jax.Array, k: int,
+                 mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+    """TopK codes and reconstruction touching only the k chosen latents of each token.
+
+    The selection uses the dense pre-activations (no gradient flows through it); the k values
+    are recomputed as dot products with the k gathered encoder columns, and the decode gathers
+    the k decoder rows. Autodiff turns the gathers into scatter-adds, so a step costs one dense
+    encoder matmul plus O(batch·k·d_in) instead of five dense matmuls. Returns the dense codes
+    [batch, d_sae] (for the loss terms and firing statistics) and the reconstruction without
+    b_dec as one block [1, batch, d_in]. Equal to the dense path (see tests).
+    """
+    index = _topk_indices(jax.lax.stop_gradient(pre_acts), k, mesh)  # [batch, k]
+    W_enc_cols = encoder_weight(params).T[index]  # [batch, k, d_in]
+    values = jnp.einsum("bd,bkd->bk", x - params["b_dec"], W_enc_cols) + params["b_enc"][index]
+    values = jax.nn.relu(values)
+    rows = jnp.arange(x.shape[0])[:, None]
+    acts = jnp.zeros_like(pre_acts).at[rows, index].set(values)
+    recon = jnp.einsum("bk,bkd->bd", values, params["W_dec"][index])
+    return acts, recon[None]
+
+
+def _topk_indices(pre_acts: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
+    """[batch, k] indices of each row's k largest entries, computed where the rows live."""
+    if mesh is None or mesh.size == 1:
+        return jax.lax.top_k(pre_acts, k)[1]
+    spec = PartitionSpec("data", None)
+    return jax.shard_map(lambda p: jax.lax.top_k(p, k)[1], mesh=mesh, in_specs=spec,
+                         out_specs=spec)(pre_acts)
 
 
 # ---------------------------------------------------------------------------------------------

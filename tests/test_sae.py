@@ -506,3 +506,37 @@ def test_forward_is_jittable(rng, x):
     jitted = jax.jit(lambda p, v: sae.forward(p, v, cfg, train=True))(params, x)
     np.testing.assert_allclose(jitted.x_hat, eager.x_hat, rtol=1e-5, atol=1e-6)
     assert float(jitted.batch_threshold) == pytest.approx(float(eager.batch_threshold), rel=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sparse_topk_equals_dense_path(tied):
+    """The sparse TopK path (gathered rows, scatter-add gradients) against the dense one."""
+    from jaxsae import penalties
+    from jaxsae.config import config_from_dict
+
+    cfg = config_from_dict({"data": {"path": "x"},
+                            "sae": {"d_sae": 64, "activation": "topk", "k": 5, "tied": tied,
+                                    "decoder_norm": "free"},
+                            "loss": [{"term": "mse"}, {"term": "auxk", "dead_tokens": 1},
+                                     {"term": "l1", "coefficient": 0.1}]})
+    key = jax.random.PRNGKey(3)
+    params = sae.init_params(key, 12, cfg.sae)
+    params = {k: v + 0.05 * jax.random.normal(jax.random.fold_in(key, i), v.shape)
+              for i, (k, v) in enumerate(params.items())}
+    x = jnp.abs(jax.random.normal(jax.random.fold_in(key, 99), (32, 12)))
+    dead = jnp.where(jnp.arange(64) % 3 == 0, 10, 0)  # some dead latents: auxk is non-zero
+
+    def loss(p, dense: bool):
+        ends = (32,) if dense else ()  # two decode blocks force the dense path
+        assert sae.uses_sparse_topk(cfg.sae, tuple(sorted({*ends, 64})), None) is not dense
+        out = sae.forward(p, x, cfg.sae, train=True, tokens_since_fired=dead, prefix_ends=ends)
+        return penalties.total_loss(cfg.loss, out, p, jnp.asarray(0))[0], out
+
+    (l_sparse, out_s), g_sparse = jax.value_and_grad(loss, has_aux=True)(params, False)
+    (l_dense, out_d), g_dense = jax.value_and_grad(loss, has_aux=True)(params, True)
+    np.testing.assert_allclose(out_s.acts, out_d.acts, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out_s.x_hat, out_d.x_hat, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(l_sparse, l_dense, rtol=1e-5)
+    for name in params:
+        np.testing.assert_allclose(g_sparse[name], g_dense[name], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
