@@ -75,7 +75,7 @@ def analyse(d_sae: int, batch: int) -> dict:
 
 def run_one_step(d_sae: int, batch: int) -> dict:
     built = build(config(d_sae, batch), args.d_in)
-    state = built.init(jax.random.PRNGKey(0))
+    state = built.init()
     x = np.abs(np.random.default_rng(0).standard_normal((batch, args.d_in), np.float32))
     x = jax.device_put(x, built.batch_sharding)
     state, metrics = built.step(state, x)  # compile + first step

@@ -58,7 +58,7 @@ def jaxsae_rate(args, data: ShardSet) -> float:
                             "optim": {"batch_size": args.batch,
                                       "total_tokens": args.batch * 1000, "warmup_steps": 1}})
     built = build(cfg, args.d_in)
-    state = built.init(jax.random.PRNGKey(0))
+    state = built.init()
     loader = Loader(data, batch_size=args.batch, buffer_tokens=cfg.data.shuffle_buffer, seed=0,
                     lanes=cfg.data.lanes)
     shape = (args.batch, args.d_in)

@@ -78,14 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an SAE from a YAML config",
                        description="Train an SAE. Rerunning the same command resumes the run "
-                                   "from its latest checkpoint.")
+                                   "from its latest checkpoint. A sweep (`sweep:` in the config, "
+                                   "or sweep.KEY=[values] overrides) trains several SAEs in "
+                                   "one vmapped step on one data stream.")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. optim.lr=1e-3 sae.d_sae=8192 loss.1.coefficient=3")
+                   help="dotted overrides, e.g. optim.lr=1e-3 sae.d_sae=8192 loss.1.coefficient=3;"
+                        " sweep.loss.1.coefficient=[1,3,10] adds a sweep axis (sweepable: seed, "
+                        "optim.lr, sae.k, loss.<i>.coefficient)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("export", help="export a checkpoint as a SAELens directory",
-                       description="Export a checkpointed SAE to the SAELens layout.")
+                       description="Export a checkpointed SAE to the SAELens layout (a sweep: "
+                                   "every SAE, to OUT/sweep/<i>/).")
     p.add_argument("checkpoint", help="run directory or its checkpoints/ directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -159,18 +164,26 @@ def _yaml_scalar(value):
 
 
 def _cmd_train(args) -> int:
-    from jaxsae.config import load_config
+    from jaxsae.config import load_config, sweep_label
     from jaxsae.train import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, progress=not args.no_progress)
-    ev = result.eval
-    print(f"trained {result.step} steps; evaluation on {ev['tokens']} "
-          f"{'held-out ' if ev['held_out'] else 'training '}tokens: "
-          f"L0 {ev['l0']:.2f}, explained variance {ev['explained_variance']:.4f}, "
-          f"dead {ev['dead_fraction']:.3f}")
-    print(f"SAE exported to {result.sae_dir}")
-    print(f"evaluate it with: jaxsae eval {result.sae_dir} --data {cfg.data.path}"
+    members = result.sweep or (result,)
+    for member, point in zip(members, cfg.sweep.points if cfg.sweep else [None], strict=True):
+        ev = member.eval
+        print(f"trained {result.step} steps" + (f" ({sweep_label(point)})" if point else "")
+              + f"; evaluation on {ev['tokens']} "
+              f"{'held-out ' if ev['held_out'] else 'training '}tokens: "
+              f"L0 {ev['l0']:.2f}, explained variance {ev['explained_variance']:.4f}, "
+              f"dead {ev['dead_fraction']:.3f}")
+    if result.sweep:
+        print(f"{len(members)} SAEs exported to {result.sae_dir}/*/sae; "
+              f"summary in {result.run_dir / 'sweep.csv'}")
+    else:
+        print(f"SAE exported to {result.sae_dir}")
+    print(f"evaluate {'one' if result.sweep else 'it'} with: jaxsae eval {members[0].sae_dir} "
+          f"--data {cfg.data.path}"
           + (f" --truth {cfg.data.path}" if cfg.data.generate else ""))
     return 0
 

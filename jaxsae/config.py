@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import itertools
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -175,6 +177,75 @@ class LogConfig:
     """A latent that has not fired for this many tokens counts as dead in `dead_fraction`."""
 
 
+# Keys a sweep may vary: they change numbers, never shapes, so one vmapped step trains them all.
+SWEEPABLE = {"seed": int, "optim.lr": float, "sae.k": int, "loss.<i>.coefficient": float}
+_TERM_COEFFICIENT = re.compile(r"loss\.(\d+)\.coefficient")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """SAEs trained together in one vmapped step on one data stream.
+
+    YAML: a mapping of key -> list of values is the grid of every combination (in key order);
+    a list of mappings gives the points one by one. Keys: see SWEEPABLE.
+    """
+
+    points: tuple[Mapping[str, Any], ...]
+
+    @classmethod
+    def parse(cls, raw: Any, key: str) -> Sweep:
+        if isinstance(raw, Mapping):
+            grid = {}
+            for name, values in raw.items():
+                if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+                    raise ConfigError(f"{key}.{name}: expected a list of values to sweep, "
+                                      f"got {values!r}")
+                if not values:
+                    raise ConfigError(f"{key}.{name}: the list of values is empty")
+                grid[name] = values
+            points = [dict(zip(grid, combo, strict=True))
+                      for combo in itertools.product(*grid.values())]
+            where = [key] * len(points)
+        elif isinstance(raw, Sequence) and not isinstance(raw, str | bytes):
+            if any(not isinstance(p, Mapping) for p in raw):
+                raise ConfigError(f"{key}: expected a mapping of key -> values (a grid) or a "
+                                  "list of mappings (one per SAE)")
+            points = [dict(p) for p in raw]
+            where = [f"{key}[{i}]" for i in range(len(points))]
+        else:
+            raise ConfigError(f"{key}: expected a mapping of key -> values (a grid) or a list "
+                              f"of mappings (one per SAE), got {_typename(raw)}")
+        if not points:
+            raise ConfigError(f"{key}: no SAEs to train (empty sweep)")
+        parsed = []
+        for point, at in zip(points, where, strict=True):
+            parsed.append({name: _parse_value(_sweep_type(name, f"{at}.{name}"), value,
+                                              f"{at}.{name}")
+                           for name, value in point.items()})
+        for i, point in enumerate(parsed):
+            if point in parsed[:i]:
+                raise ConfigError(f"{key}: SAE {i} ({sweep_label(point)}) repeats SAE "
+                                  f"{parsed.index(point)}")
+        return cls(points=tuple(parsed))
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [dict(p) for p in self.points]
+
+
+def _sweep_type(name: str, key: str) -> type:
+    if name in SWEEPABLE:
+        return SWEEPABLE[name]
+    if _TERM_COEFFICIENT.fullmatch(name):
+        return float
+    raise ConfigError(f"{key}: cannot be swept (the SAEs of a sweep share their shapes and one "
+                      f"step); sweepable keys: {', '.join(SWEEPABLE)}")
+
+
+def sweep_label(point: Mapping[str, Any]) -> str:
+    """`loss.1.coefficient=0.3,seed=1`: a point's values as text."""
+    return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
+
+
 def _default_loss() -> tuple[TermConfig, ...]:
     return (TermConfig("mse"), TermConfig("l1", coefficient=5.0))
 
@@ -200,9 +271,27 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sweep: Sweep | None = None
+    """Train several SAEs at once (see `Sweep`): each point overrides sweepable keys of this
+    config; everything else is shared."""
 
     def __post_init__(self):
         _validate(self)
+
+    def sweep_configs(self) -> list[Config]:
+        """One config per SAE of the sweep (without `sweep`); [self] for a single run."""
+        if self.sweep is None:
+            return [self]
+        out = []
+        for i, point in enumerate(self.sweep.points):
+            tree = {**self.to_dict(), "sweep": None}
+            for name, value in point.items():
+                assign(tree, name, value)
+            try:
+                out.append(from_dict(Config, tree))
+            except ConfigError as e:
+                raise ConfigError(f"sweep SAE {i} ({sweep_label(point)}): {e}") from None
+        return out
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -214,6 +303,8 @@ class Config:
             value = getattr(self, f.name)
             if f.name == "loss":
                 out["loss"] = [t.to_dict() for t in value]
+            elif f.name == "sweep":
+                out["sweep"] = value.to_list() if value is not None else None
             else:
                 out[f.name] = _plain(value)
         return out
@@ -296,6 +387,16 @@ def _validate(cfg: Config) -> None:
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.log.every_steps > 0, "log.every_steps", "must be > 0")
     need(cfg.log.dead_window_tokens > 0, "log.dead_window_tokens", "must be > 0")
+    if cfg.sweep is not None:
+        for point in cfg.sweep.points:
+            for name in point:
+                if (m := _TERM_COEFFICIENT.fullmatch(name)) and int(m[1]) >= len(cfg.loss):
+                    raise ConfigError(f"sweep.{name}: there is no loss term {m[1]} (the config "
+                                      f"has {len(cfg.loss)}: loss.0 .. loss.{len(cfg.loss) - 1})")
+                if name == "sae.k" and s.activation not in ("topk", "batchtopk"):
+                    raise ConfigError(f"sweep.sae.k: sae.activation {s.activation} has no k "
+                                      "(topk or batchtopk)")
+        cfg.sweep_configs()  # each SAE's config is validated like a config of its own
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,13 +520,18 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value (e.g. optim.lr=1e-3)")
     dotted, text = assignment.split("=", 1)
-    parts = dotted.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {assignment!r}: empty key segment")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {dotted}: value is not valid YAML ({e.problem})") from None
+    assign(tree, dotted.strip(), value)
+
+
+def assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Sets `a.b.c` in a config tree (list items by index), creating missing mappings."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {dotted!r}: empty key segment")
     node: Any = tree
     for i, part in enumerate(parts[:-1]):
         here = ".".join(parts[: i + 1])
@@ -466,11 +572,30 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for assignment in overrides:
+        if assignment.startswith("sweep.") and "=" in assignment:
+            _override_sweep(tree, assignment)
+            continue
         # `loss.1.coefficient=2` edits the default term list when the file has none.
         if assignment.startswith("loss.") and tree.get("loss") is None:
             tree["loss"] = [t.to_dict() for t in _default_loss()]
         apply_override(tree, assignment)
     return from_dict(Config, tree)
+
+
+def _override_sweep(tree: dict[str, Any], assignment: str) -> None:
+    """`sweep.optim.lr=[1e-4, 3e-4]` sets one axis of the sweep grid (the key keeps its dots)."""
+    dotted, text = assignment.split("=", 1)
+    name = dotted.strip().removeprefix("sweep.")
+    sweep = tree.get("sweep")
+    if sweep is None:
+        sweep = tree["sweep"] = {}
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"override {dotted}: the config's sweep is a list of points; replace "
+                          "it whole with sweep='[{...}, ...]'")
+    try:
+        sweep[name] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {dotted}: value is not valid YAML ({e.problem})") from None
 
 
 def config_from_dict(tree: Mapping[str, Any]) -> Config:

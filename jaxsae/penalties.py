@@ -110,12 +110,14 @@ def _require_activation(*allowed: str) -> CheckFn:
 # Total loss
 
 
-def coefficient(term: TermConfig, step: jax.Array) -> jax.Array:
-    """The term's coefficient at `step`: ramps linearly from 0 over `warmup_steps`."""
+def coefficient(term: TermConfig, step: jax.Array, value: jax.Array | None = None) -> jax.Array:
+    """The term's coefficient at `step`: ramps linearly from 0 over `warmup_steps`. `value`
+    replaces term.coefficient (traced, for sweeps)."""
+    full = jnp.asarray(term.coefficient if value is None else value, jnp.float32)
     if term.warmup_steps <= 0:
-        return jnp.asarray(term.coefficient, jnp.float32)
+        return full
     ramp = jnp.minimum(1.0, step.astype(jnp.float32) / term.warmup_steps)
-    return term.coefficient * ramp
+    return full * ramp
 
 
 def prefix_ends(cfg: Config) -> tuple[int, ...]:
@@ -135,14 +137,17 @@ def term_labels(terms: Sequence[TermConfig]) -> list[str]:
 
 
 def total_loss(
-    terms: Sequence[TermConfig], out: sae.ForwardOutput, params: sae.Params, step: jax.Array
+    terms: Sequence[TermConfig], out: sae.ForwardOutput, params: sae.Params, step: jax.Array,
+    coefficients: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Σ coefficient_i(step) · term_i; metrics hold each term's unweighted value as loss.<label>."""
+    """Σ coefficient_i(step) · term_i; metrics hold each term's unweighted value as loss.<label>.
+    `coefficients` [n_terms] replaces the configured coefficients (traced, for sweeps)."""
     total = jnp.zeros((), jnp.float32)
     metrics: Metrics = {}
-    for label, term in zip(term_labels(terms), terms, strict=True):
+    for i, (label, term) in enumerate(zip(term_labels(terms), terms, strict=True)):
         value, extra = _REGISTRY[term.term].fn(out, params, step=step, **term.params)
-        total = total + coefficient(term, step) * value
+        weight = coefficient(term, step, None if coefficients is None else coefficients[i])
+        total = total + weight * value
         metrics[f"loss.{label}"] = value
         metrics.update({f"{label}.{k}": v for k, v in extra.items()})
     return total, metrics
@@ -183,11 +188,16 @@ def l1(
     """Sparsity: mean over tokens of Σ_i φ(v_i), v_i = f_i · ‖W_dec,i‖ (or f_i when
     `weight_by_decoder_norm: false`), with φ(v) = v^p (p = 1: L1; p < 1: Lp) or, with
     `tanh_scale: c`, φ(v) = tanh(c · v)."""
+    if p == 1.0 and tanh_scale is None:
+        # Batch mean first, then one dot with the norms: no [batch, d_sae] product to build
+        # (nor, in the backward pass, to reduce).
+        mean_acts = jnp.mean(out.acts, axis=0)
+        if weight_by_decoder_norm:
+            return mean_acts @ out.decoder_norms, {}
+        return jnp.sum(mean_acts), {}
     v = out.acts * out.decoder_norms if weight_by_decoder_norm else out.acts
     if tanh_scale is not None:
         return jnp.mean(jnp.sum(jnp.tanh(tanh_scale * v), axis=-1)), {}
-    if p == 1.0:
-        return jnp.mean(jnp.sum(v, axis=-1)), {}
     positive = v > 0  # v^p has an infinite slope at 0: keep the gradient of silent latents 0
     safe = jnp.where(positive, v, 1.0)
     return jnp.mean(jnp.sum(jnp.where(positive, safe**p, 0.0), axis=-1)), {}
@@ -234,8 +244,10 @@ def auxk(
         normalised = jnp.mean(error) / jnp.maximum(jnp.mean(spread), 1e-12)
         return jnp.minimum(1.0, n_dead / k) * normalised
 
-    # With no dead latent the loss is 0: skip its encode, top-k and decode, and their gradients.
-    value = jax.lax.cond(n_dead > 0, loss, lambda _: jnp.zeros((), out.x.dtype), params)
+    # With no dead latent the loss is 0: skip its encode, top-k and decode, and their gradients
+    # (in a sweep, unless some SAE has dead latents: the other SAEs' losses are 0 either way).
+    any_dead = n_dead if out.sweep_axis is None else jax.lax.psum(n_dead, out.sweep_axis)
+    value = jax.lax.cond(any_dead > 0, loss, lambda _: jnp.zeros((), out.x.dtype), params)
     return value, {"n_dead": n_dead}
 
 

@@ -49,6 +49,9 @@ class ForwardOutput:
     """Static ends of the latent blocks, increasing, the last = d_sae."""
     mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
     """The device mesh the step runs on (for per-device top-k selections); None: one device."""
+    sweep_axis: str | None = flax.struct.field(pytree_node=False, default=None)
+    """The vmap axis name when the step trains a sweep (None: one SAE). A term that skips work
+    with lax.cond must decide over all SAEs (a per-SAE predicate turns cond into select)."""
 
     def prefix_recons(self, b_dec: jax.Array, selection: jax.Array | None = None) -> jax.Array:
         """[n, batch, d_in]: row j of `selection` [n, n_blocks] (0/1) picks the blocks summed
@@ -106,24 +109,49 @@ def encoder_weight(params: Params) -> jax.Array:
 
 def pre_activations(params: Params, x: jax.Array) -> jax.Array:
     """[batch, d_sae] = (x - b_dec) @ W_enc + b_enc."""
-    return (x - params["b_dec"]) @ encoder_weight(params) + params["b_enc"]
+    return _centred_matmul(x, params["b_dec"], encoder_weight(params)) + params["b_enc"]
+
+
+@jax.custom_vjp
+def _centred_matmul(x: jax.Array, b: jax.Array, W: jax.Array) -> jax.Array:
+    """(x - b) @ W, with the gradient of b reduced over the batch before its matmul."""
+    return (x - b) @ W
+
+
+def _centred_matmul_fwd(x, b, W):
+    centred = x - b
+    return centred @ W, (centred, W)
+
+
+def _centred_matmul_bwd(residuals, g):
+    # Autodiff would form g @ W.T [batch, d_in] (a sixth full matmul) and then sum it for b;
+    # XLA does not always reorder that, so the sum comes first here: one vector-matrix product.
+    # The input's gradient is only built if something uses it (the batch is data: nothing does).
+    centred, W = residuals
+    d_b = -(jnp.sum(g, axis=0) @ W.T)
+    return g @ W.T, d_b, centred.T @ g
+
+
+_centred_matmul.defvjp(_centred_matmul_fwd, _centred_matmul_bwd)
 
 
 def activate(
-    params: Params, pre_acts: jax.Array, cfg: SAEConfig, *, train: bool, mesh: Mesh | None = None
+    params: Params, pre_acts: jax.Array, cfg: SAEConfig, *, train: bool, mesh: Mesh | None = None,
+    k: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sparse codes [batch, d_sae] from pre-activations, and the BatchTopK batch threshold.
-    `mesh`: the device mesh the step runs on (TopK selects per device)."""
+    `mesh`: the device mesh the step runs on (TopK selects per device). `k`: a traced number
+    of active latents (a sweep over sae.k, whose largest value is cfg.k); None: cfg.k."""
     zero = jnp.zeros((), pre_acts.dtype)
     if cfg.activation == "relu":
         return jax.nn.relu(pre_acts), zero
     if cfg.activation == "topk":
-        return topk(pre_acts, cfg.k, mesh), zero
+        return topk(pre_acts, cfg.k, mesh, live=k), zero
     if cfg.activation == "jumprelu":
         return jumprelu(pre_acts, params["threshold"], cfg.jumprelu_bandwidth), zero
     if cfg.activation == "batchtopk":
         if train:
-            return batchtopk(pre_acts, cfg.k)
+            return batchtopk(pre_acts, cfg.k if k is None else k)
         # Inference: a fixed per-latent threshold, i.e. a JumpReLU (how BatchTopK exports).
         return jax.nn.relu(pre_acts) * (pre_acts > params["threshold"]), zero
     raise ValueError(f"unknown activation {cfg.activation!r}")
@@ -183,16 +211,17 @@ def forward(
     key: jax.Array | None = None,
     prefix_ends: tuple[int, ...] = (),
     mesh: Mesh | None = None,
+    k: jax.Array | None = None,
 ) -> ForwardOutput:
     """Encode and decode once; `prefix_ends` asks for reconstructions of dictionary prefixes;
-    `mesh` is the device mesh the step runs on (None: one device)."""
+    `mesh` is the device mesh the step runs on (None: one device); `k` as in `activate`."""
     pre_acts = pre_activations(params, x)
     ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
     if uses_sparse_topk(cfg, ends, mesh):
-        acts, block_recons = _sparse_topk(params, x, pre_acts, cfg.k, mesh)
+        acts, block_recons = _sparse_topk(params, x, pre_acts, cfg.k, mesh, live=k)
         batch_threshold = jnp.zeros((), pre_acts.dtype)
     else:
-        acts, batch_threshold = activate(params, pre_acts, cfg, train=train, mesh=mesh)
+        acts, batch_threshold = activate(params, pre_acts, cfg, train=train, mesh=mesh, k=k)
         block_recons = decode_blocks(params, acts, ends)
     if tokens_since_fired is None:
         tokens_since_fired = jnp.zeros((cfg.d_sae,), jnp.int32)
@@ -218,7 +247,7 @@ def uses_sparse_topk(cfg: SAEConfig, ends: tuple[int, ...], mesh: Mesh | None) -
 
 
 def _sparse_topk(params: Params, x: jax.Array, pre_acts: jax.Array, k: int,
-                 mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+                 mesh: Mesh | None, live: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """TopK codes and reconstruction touching only the k chosen latents of each token.
 
     The selection uses the dense pre-activations (no gradient flows through it); the k values
@@ -226,12 +255,15 @@ def _sparse_topk(params: Params, x: jax.Array, pre_acts: jax.Array, k: int,
     the k decoder rows. Autodiff turns the gathers into scatter-adds, so a step costs one dense
     encoder matmul plus O(batch·k·d_in) instead of five dense matmuls. Returns the dense codes
     [batch, d_sae] (for the loss terms and firing statistics) and the reconstruction without
-    b_dec as one block [1, batch, d_in]. Equal to the dense path (see tests).
+    b_dec as one block [1, batch, d_in]. Equal to the dense path (see tests). `live`: keep
+    only the first `live` (traced) of the k, largest first.
     """
-    index = _topk_indices(jax.lax.stop_gradient(pre_acts), k, mesh)  # [batch, k]
+    index = _topk_indices(jax.lax.stop_gradient(pre_acts), k, mesh)  # [batch, k], descending
     W_enc_cols = encoder_weight(params).T[index]  # [batch, k, d_in]
     values = jnp.einsum("bd,bkd->bk", x - params["b_dec"], W_enc_cols) + params["b_enc"][index]
     values = jax.nn.relu(values)
+    if live is not None:
+        values = values * (jnp.arange(k) < live)
     rows = jnp.arange(x.shape[0])[:, None]
     acts = jnp.zeros_like(pre_acts).at[rows, index].set(values)
     recon = jnp.einsum("bk,bkd->bd", values, params["W_dec"][index])
@@ -251,8 +283,10 @@ def _topk_indices(pre_acts: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
 # Activation functions
 
 
-def topk(pre_acts: jax.Array, k: int, mesh: Mesh | None = None) -> jax.Array:
-    """Keeps the k largest pre-activations of each row (then ReLU); zeros elsewhere.
+def topk(pre_acts: jax.Array, k: int, mesh: Mesh | None = None,
+         live: jax.Array | None = None) -> jax.Array:
+    """Keeps the k largest pre-activations of each row (then ReLU); zeros elsewhere. `live`
+    (traced, <= k) keeps that many instead, for sweeps over k.
 
     On a mesh, each device takes the top k of its own [batch/data, d_sae/model] block; the row's
     threshold is the k-th largest of the model·k candidates gathered along `model`. Exact (a
@@ -260,17 +294,22 @@ def topk(pre_acts: jax.Array, k: int, mesh: Mesh | None = None) -> jax.Array:
     batch (XLA's partitioner would gather the entire operand of a top_k).
     """
     if mesh is None or mesh.size == 1:
-        return _topk_block(pre_acts, k, None)
+        return _topk_block(pre_acts, live, k=k, axis=None)
     spec = PartitionSpec("data", "model")
+    if live is None:
+        return jax.shard_map(partial(_topk_block, live=None, k=k, axis="model"), mesh=mesh,
+                             in_specs=spec, out_specs=spec)(pre_acts)
     return jax.shard_map(partial(_topk_block, k=k, axis="model"), mesh=mesh,
-                         in_specs=spec, out_specs=spec)(pre_acts)
+                         in_specs=(spec, PartitionSpec()), out_specs=spec)(pre_acts, live)
 
 
-def _topk_block(pre_acts: jax.Array, k: int, axis: str | None) -> jax.Array:
+def _topk_block(pre_acts: jax.Array, live: jax.Array | None, *, k: int,
+                axis: str | None) -> jax.Array:
     candidates = jax.lax.top_k(pre_acts, min(k, pre_acts.shape[-1]))[0]
     if axis is not None:
         candidates = jax.lax.all_gather(candidates, axis, axis=1, tiled=True)
-    kth = jax.lax.top_k(candidates, k)[0][:, -1:]
+    largest = jax.lax.top_k(candidates, k)[0]
+    kth = largest[:, -1:] if live is None else jnp.take(largest, live - 1, axis=1)[:, None]
     return jax.nn.relu(pre_acts) * (pre_acts >= kth)
 
 

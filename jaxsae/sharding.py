@@ -65,21 +65,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def tree_shardings(mesh: Mesh, abstract_tree: Any, d_sae: int) -> Any:
+def tree_shardings(mesh: Mesh, abstract_tree: Any, d_sae: int, *, stacked: bool = False) -> Any:
     """Shardings for any tree holding parameters (params, optimiser state, train state).
 
     A leaf under a dict key named like a parameter, with that parameter's rank, takes the
     parameter's spec; other [d_sae] vectors (e.g. tokens since fired) are sharded along
-    d_sae; everything else is replicated.
+    d_sae; everything else is replicated. `stacked`: every leaf has a leading sweep axis
+    (one entry per SAE of a sweep), which is not sharded.
     """
+    lead = (None,) if stacked else ()
 
     def choose(path, leaf):
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
         name = names[-1] if names else None
-        if name in PARAM_AXES and len(PARAM_AXES[name]) == leaf.ndim:
-            return NamedSharding(mesh, spec(*PARAM_AXES[name]))
-        if leaf.ndim == 1 and leaf.shape[0] == d_sae:
-            return NamedSharding(mesh, spec("d_sae"))
+        shape = leaf.shape[len(lead):]
+        if name in PARAM_AXES and len(PARAM_AXES[name]) == len(shape):
+            return NamedSharding(mesh, PartitionSpec(*lead, *spec(*PARAM_AXES[name])))
+        if len(shape) == 1 and shape[0] == d_sae:
+            return NamedSharding(mesh, PartitionSpec(*lead, *spec("d_sae")))
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(choose, abstract_tree)

@@ -36,7 +36,7 @@ from jaxsae.checkpoint import (
     abstract_with_shardings,
     check_resume_compatible,
 )
-from jaxsae.config import CheckpointConfig, Config, OptimConfig
+from jaxsae.config import CheckpointConfig, Config, OptimConfig, sweep_label
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, lanes_of_process
 from jaxsae.data.source import iter_blocks
@@ -44,6 +44,8 @@ from jaxsae.data.stats import DataStats
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
 
+# The vmap axis of a sweep's SAEs.
+SWEEP_AXIS = "sweep"
 # tokens_since_fired saturates here instead of overflowing int32.
 _TOKENS_SINCE_FIRED_CAP = 2**30
 
@@ -74,28 +76,53 @@ class Interrupted(JaxsaeError):
 # Optimiser and step
 
 
-def lr_schedule(o: OptimConfig) -> Callable[[jax.Array], jax.Array]:
+@flax.struct.dataclass
+class Hyper:
+    """The hyper-parameters a sweep may vary, as arrays given to the step: scalars for a single
+    run, stacked along a leading axis (one entry per SAE) for a sweep."""
+
+    lr: jax.Array
+    """[] peak learning rate."""
+    coefficients: jax.Array
+    """[n_terms] loss-term coefficients."""
+    k: jax.Array | None = None
+    """[] int32 active latents (TopK / BatchTopK), when a sweep varies sae.k (else cfg.k)."""
+
+
+def hyper_of(cfg: Config, *, with_k: bool = False) -> Hyper:
+    # numpy, not jax arrays: the step embeds them as constants (a jax array closed over by a
+    # multi-process jit would be a device buffer of one process).
+    return Hyper(lr=np.float32(cfg.optim.lr),
+                 coefficients=np.asarray([t.coefficient for t in cfg.loss], np.float32),
+                 k=np.int32(cfg.sae.k) if with_k else None)
+
+
+def lr_schedule(o: OptimConfig, lr: jax.Array | float | None = None
+                ) -> Callable[[jax.Array], jax.Array]:
     """Linear warm-up over `warmup_steps`, constant, linear decay to 0 over the last
-    `decay_fraction` of the steps."""
+    `decay_fraction` of the steps; peak `lr` (default o.lr)."""
     total = o.total_steps
     decay = int(o.decay_fraction * total)
+    peak = o.lr if lr is None else lr
 
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
         warm = jnp.minimum(1.0, (s + 1.0) / o.warmup_steps) if o.warmup_steps else 1.0
         cool = jnp.clip((total - s) / decay, 0.0, 1.0) if decay else 1.0
-        return o.lr * jnp.minimum(warm, cool)
+        return peak * jnp.minimum(warm, cool)
 
     return schedule
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """Adam with the schedule and global-norm clipping; frozen parameters get zero updates."""
+def make_optimizer(cfg: Config, lr: jax.Array | float | None = None
+                   ) -> optax.GradientTransformation:
+    """Adam with the schedule and global-norm clipping; frozen parameters get zero updates.
+    `lr`: the peak learning rate (default cfg.optim.lr; traced in sweeps)."""
     o = cfg.optim
     adam = optax.chain(
         optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
         optax.scale_by_adam(b1=o.adam_b1, b2=o.adam_b2),
-        optax.scale_by_learning_rate(lr_schedule(o)),
+        optax.scale_by_learning_rate(lr_schedule(o, lr)),
     )
     labels = {name: "train" if sae.is_trainable(name, cfg.sae) else "frozen"
               for name in sae.param_names(cfg.sae)}
@@ -119,12 +146,13 @@ def init_state(key: jax.Array, cfg: Config, d_in: int,
 
 
 def make_train_step(
-    cfg: Config, input_scale: float = 1.0, mesh: Mesh | None = None
-) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-    """The pure step: (state, batch [batch, d_in]) -> (state, metrics). Batches are multiplied
-    by `input_scale` (activation normalisation) on the device."""
-    schedule = lr_schedule(cfg.optim)
-    tx = make_optimizer(cfg)
+    cfg: Config, input_scale: float = 1.0, mesh: Mesh | None = None,
+    sweep_axis: str | None = None,
+) -> Callable[[TrainState, jax.Array, Hyper], tuple[TrainState, dict]]:
+    """The pure step: (state, batch [batch, d_in], hyper) -> (state, metrics). Batches are
+    multiplied by `input_scale` (activation normalisation) on the device. A sweep vmaps this
+    same function over stacked states and hypers (the batch is shared), with axis name
+    `sweep_axis`."""
     prefix_ends = penalties.prefix_ends(cfg)
     compute = jnp.dtype(cfg.optim.compute_dtype)
 
@@ -134,18 +162,22 @@ def make_train_step(
     def upcast(tree):
         return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == compute else a, tree)
 
-    def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: jax.Array, hyper: Hyper
+                   ) -> tuple[TrainState, dict]:
         if input_scale != 1.0:
             batch = batch * input_scale
         step = state.step
         key = jax.random.fold_in(state.rng, step)
+        schedule = lr_schedule(cfg.optim, hyper.lr)
+        tx = make_optimizer(cfg, hyper.lr)
 
         def loss_fn(params):
             out = sae.forward(cast(params), cast(batch), cfg.sae, train=True, key=key,
                               tokens_since_fired=state.tokens_since_fired,
-                              prefix_ends=prefix_ends, mesh=mesh)
-            out = upcast(out)  # loss terms and their sums in float32
-            loss, term_metrics = penalties.total_loss(cfg.loss, out, params, step)
+                              prefix_ends=prefix_ends, mesh=mesh, k=hyper.k)
+            out = upcast(out).replace(sweep_axis=sweep_axis)  # loss terms in float32
+            loss, term_metrics = penalties.total_loss(cfg.loss, out, params, step,
+                                                      hyper.coefficients)
             return loss, (out, term_metrics)
 
         (loss, (out, term_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -200,32 +232,77 @@ class Built:
     """The compiled pieces of a run: what train(), export and the benchmarks share."""
 
     mesh: Mesh
+    members: list[Config]
+    """One config per SAE: [cfg] for a single run, the points of cfg.sweep for a sweep."""
     abstract: TrainState
-    """Shapes and dtypes of the state (jax.eval_shape of the init)."""
+    """Shapes and dtypes of the state (jax.eval_shape of the init); a sweep's leaves have a
+    leading axis of len(members)."""
     state_sharding: Any
     batch_sharding: NamedSharding
     init: Callable[..., TrainState]
-    """(key, params=None) -> state, created already sharded (never on one device first)."""
+    """(params=None) -> state from the config seed(s), created already sharded (never on one
+    device first). `params` (e.g. from init_from) is the start of every SAE."""
     step: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
-    """The jitted train_step, state donated."""
+    """The jitted train_step, state donated; a sweep's metrics have a leading SAE axis."""
+
+    @property
+    def is_sweep(self) -> bool:
+        return len(self.abstract.step.shape) == 1
+
+    def member_params(self, params: sae.Params, i: int) -> sae.Params:
+        """SAE i's parameters out of (host) parameters of the whole state."""
+        return jax.tree.map(lambda a: a[i], params) if self.is_sweep else params
 
 
 def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: float = 1.0) -> Built:
-    """mesh -> abstract init -> shardings -> jitted init and step."""
-    mesh = sharding.make_mesh(cfg, devices)
-    batch_sharding = sharding.batch_sharding(mesh)
-    def init(key, params=None):
-        return init_state(key, cfg, d_in, params)
+    """mesh -> abstract init -> shardings -> jitted init and step.
 
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    state_sharding = sharding.tree_shardings(mesh, abstract, cfg.sae.d_sae)
+    A sweep is the same step under jax.vmap: every SAE gets its own state and hyper-parameters
+    (stacked along a leading axis) and all of them see the same batch, read once.
+    """
+    members = cfg.sweep_configs()
+    k_swept = len({m.sae.k for m in members}) > 1
+    # What the SAEs share (shapes, terms, schedule); the rest comes in through Hyper.
+    static = dataclasses.replace(
+        members[0], sae=dataclasses.replace(members[0].sae, k=max(m.sae.k for m in members)))
+    mesh = sharding.make_mesh(static, devices)
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = make_train_step(static, input_scale, mesh,
+                                 None if cfg.sweep is None else SWEEP_AXIS)
+    seeds = [m.seed for m in members]
+
+    def init_one(seed, params):
+        return init_state(jax.random.PRNGKey(seed), static, d_in, params)
+
+    if cfg.sweep is None:
+        hyper = hyper_of(static)
+
+        def init(params=None):
+            return init_one(seeds[0], params)
+
+        def step(state, batch):
+            return train_step(state, batch, hyper)
+    else:
+        hypers = jax.tree.map(lambda *v: np.stack(v),
+                              *[hyper_of(m, with_k=k_swept) for m in members])
+
+        def init(params=None):
+            return jax.vmap(init_one, in_axes=(0, None))(jnp.asarray(seeds, jnp.int32), params)
+
+        def step(state, batch):
+            return jax.vmap(train_step, in_axes=(0, None, 0), axis_name=SWEEP_AXIS)(
+                state, batch, hypers)
+
+    abstract = jax.eval_shape(init)
+    state_sharding = sharding.tree_shardings(mesh, abstract, static.sae.d_sae,
+                                             stacked=cfg.sweep is not None)
     step = jax.jit(
-        make_train_step(cfg, input_scale, mesh),
+        step,
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    return Built(mesh=mesh, abstract=abstract, state_sharding=state_sharding,
+    return Built(mesh=mesh, members=members, abstract=abstract, state_sharding=state_sharding,
                  batch_sharding=batch_sharding,
                  init=jax.jit(init, out_shardings=state_sharding), step=step)
 
@@ -233,9 +310,22 @@ def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: floa
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
+    """The run directory; for an SAE of a sweep, its own directory under <run>/sweep/."""
     sae_dir: Path
     step: int
     eval: dict[str, Any]
+    sweep: tuple[RunResult, ...] = ()
+    """A sweep's SAEs, in the order of its points (empty for a single run)."""
+
+
+def member_dirs(cfg: Config, run_dir: Path) -> list[Path]:
+    """Where each SAE's config.yaml, metrics.jsonl, sae/ and eval.json go: the run directory
+    itself, or run/sweep/<i> for the i-th SAE of a sweep."""
+    if cfg.sweep is None:
+        return [run_dir]
+    n = len(cfg.sweep.points)
+    width = max(2, len(str(n - 1)))
+    return [run_dir / "sweep" / f"{i:0{width}d}" for i in range(n)]
 
 
 def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print) -> RunResult:
@@ -255,9 +345,15 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     if resume_step is not None:
         loader_state, saved_cfg = ckpt.restore_meta(resume_step)
         check_resume_compatible(saved_cfg, cfg, run_dir)
+    members = cfg.sweep_configs()
+    dirs = member_dirs(cfg, run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if cfg.sweep is not None:  # each SAE's directory reads like a run of its own
+            for member, directory in zip(members, dirs, strict=True):
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / "config.yaml").write_text(member.to_yaml())
 
     # -- data -------------------------------------------------------------------------------
     data_path = Path(cfg.data.path)
@@ -297,17 +393,18 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
                                   f"{norms.min():.3g}..{norms.max():.3g}; use "
                                   "sae.decoder_norm: free (unit would rescale them)")
         log(f"starting from {cfg.init_from}")
-    state = built.init(jax.random.PRNGKey(cfg.seed), start_params)
+    state = built.init(start_params)
 
     # -- restore ----------------------------------------------------------------------------
     start = 0
     if resume_step is not None:
         state = ckpt.restore_state(
             resume_step, abstract_with_shardings(built.abstract, built.state_sharding))
-        start = int(state.step)
+        start = int(np.max(jax.device_get(state.step)))  # a sweep: one step per SAE, all equal
         log(f"resuming {run_dir} from step {start}")
         if is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
+            for directory in dirs:
+                _truncate_metrics(directory / "metrics.jsonl", start)
 
     # -- loop -------------------------------------------------------------------------------
     total = cfg.optim.total_steps
@@ -337,11 +434,12 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         saved = {**_gather_positions(position), "data_stats": stats.to_dict()}
         ckpt.save(step, state, saved, cfg)
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
+    metrics_files = ([open(d / "metrics.jsonl", "a") for d in dirs]  # noqa: SIM115
+                     if is_main else [])
     bar = tqdm(total=total, initial=start, unit="step", desc=cfg.name,
                disable=not (progress and is_main), dynamic_ncols=True)
     stop_signal = _SignalFlag()
-    logger = _MetricLogger(metrics_file, bar, cfg, start, loader)
+    logger = _MetricLogger(metrics_files, bar, cfg, start, loader)
     pending = None  # (step, device metrics) of the previous step: read one step late
     try:
         for step in range(start, total):
@@ -373,22 +471,58 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         batches.close()
         loader.close()
         bar.close()
-        if metrics_file:
-            metrics_file.close()
+        for file in metrics_files:
+            file.close()
         ckpt.close()
     if cfg.optim.skip_nonfinite:
-        log(f"skipped {int(state.nonfinite_steps)} steps with a non-finite loss or gradient")
+        skipped = np.asarray(state.nonfinite_steps).tolist()
+        log(f"skipped {skipped} steps with a non-finite loss or gradient"
+            + (" (per SAE of the sweep)" if cfg.sweep is not None else ""))
     if stats.drop_above is not None:
         log(f"data: dropped {loader.dropped} tokens with norm > {stats.drop_above:.4g} "
             "in the windows read by this process")
 
     # -- export + evaluation -------------------------------------------------------------
     params = jax.device_get(state.params)
-    metrics = finalise(params, cfg, source, n_train, run_dir / "sae" if is_main else None,
-                       scale=stats.scale)
+    results = []
+    for i, (member, directory) in enumerate(zip(members, dirs, strict=True)):
+        metrics = finalise(built.member_params(params, i), member, source, n_train,
+                           directory / "sae" if is_main else None, scale=stats.scale)
+        if is_main:
+            (directory / "eval.json").write_text(json.dumps(metrics, indent=1))
+        results.append(RunResult(run_dir=directory, sae_dir=directory / "sae", step=total,
+                                 eval=metrics))
+    if cfg.sweep is None:
+        return results[0]
     if is_main:
-        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
-    return RunResult(run_dir=run_dir, sae_dir=run_dir / "sae", step=total, eval=metrics)
+        _write_sweep_table(run_dir / "sweep.csv", cfg, results)
+    return RunResult(run_dir=run_dir, sae_dir=run_dir / "sweep", step=total, eval={},
+                     sweep=tuple(results))
+
+
+SWEEP_TABLE_METRICS = ("l0", "mse", "explained_variance", "dead_fraction")
+
+
+def _write_sweep_table(path: Path, cfg: Config, results: list[RunResult]) -> None:
+    """sweep.csv: one row per SAE: its directory, the swept values, its evaluation."""
+    keys = list(dict.fromkeys(k for point in cfg.sweep.points for k in point))
+    rows = [["sae", *keys, *SWEEP_TABLE_METRICS]]
+    members = cfg.sweep_configs()
+    for member, result in zip(members, results, strict=True):
+        values = [_dotted_value(member, k) for k in keys]
+        rows.append([str(result.run_dir.relative_to(path.parent)), *values,
+                     *(result.eval[m] for m in SWEEP_TABLE_METRICS)])
+    text = "".join(",".join(map(str, row)) + "\n" for row in rows)
+    tmp = path.with_suffix(".csv.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _dotted_value(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg.to_dict()
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
 
 
 def finalise(params: sae.Params, cfg: Config, source, n_train: int,
@@ -415,7 +549,8 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
 
 def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,
                       dtype: str = "float32", data: str | None = None) -> Path:
-    """Exports a checkpointed SAE (a run directory or its checkpoints/) in SAELens layout."""
+    """Exports a checkpointed SAE (a run directory or its checkpoints/) in SAELens layout to
+    `out`; a sweep's SAEs go to out/sweep/<i>/."""
     path = Path(path)
     directory = path if path.name == "checkpoints" else path / "checkpoints"
     if not directory.is_dir():
@@ -442,8 +577,12 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         ckpt.close()
     n_train = max(source.n_tokens - cfg.data.eval_tokens, 0)
     scale = DataStats.from_dict(loader_state["data_stats"]).scale
-    finalise(jax.device_get(state.params), cfg, source, n_train, Path(out), scale=scale,
-             dtype=dtype)
+    params = jax.device_get(state.params)
+    # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
+    for i, (member, directory) in enumerate(
+            zip(built.members, member_dirs(cfg, Path(out)), strict=True)):
+        finalise(built.member_params(params, i), member, source, n_train, directory,
+                 scale=scale, dtype=dtype)
     return Path(out)
 
 
@@ -496,47 +635,65 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 class _MetricLogger:
-    """Turns the device metrics of a step (fetched one step late) into logs and checks."""
+    """Turns the device metrics of a step (fetched one step late) into logs and checks: one
+    metrics.jsonl per SAE (a sweep's metrics have a leading SAE axis)."""
 
-    def __init__(self, file, bar, cfg: Config, start: int, loader: Loader):
-        self.file, self.bar, self.cfg, self.loader = file, bar, cfg, loader
+    def __init__(self, files: list, bar, cfg: Config, start: int, loader: Loader):
+        self.files, self.bar, self.cfg, self.loader = files, bar, cfg, loader
         self.last_time, self.last_step = time.perf_counter(), start
         self.labels = penalties.term_labels(cfg.loss)
+        self.points = cfg.sweep.points if cfg.sweep is not None else None
 
     def record(self, step: int, metrics: dict) -> None:
-        host = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
+        fetched = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+        n = 1 if self.points is None else len(self.points)
+        hosts = [{k: (v if self.points is None else v[i]).item() for k, v in fetched.items()}
+                 for i in range(n)]
         done = step + 1
-        if not host.pop("finite") and not self.cfg.optim.skip_nonfinite:
-            bad = [label for label in self.labels
-                   if not math.isfinite(host.get(f"loss.{label}", 0.0))]
-            culprit = f"term(s) {', '.join(bad)}" if bad else "the gradient"
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {step} ({culprit} non-finite: "
-                f"loss={host['loss']}, grad_norm={host['grad_norm']}); the last good "
-                "checkpoint is kept. Lower optim.lr or check the data (data.check_finite: true)"
-            )
+        for i, host in enumerate(hosts):
+            if not host.pop("finite") and not self.cfg.optim.skip_nonfinite:
+                bad = [label for label in self.labels
+                       if not math.isfinite(host.get(f"loss.{label}", 0.0))]
+                culprit = f"term(s) {', '.join(bad)}" if bad else "the gradient"
+                which = ("" if self.points is None
+                         else f" of sweep SAE {i} ({sweep_label(self.points[i])})")
+                raise NonFiniteError(
+                    f"non-finite loss or gradient{which} at step {step} ({culprit} non-finite: "
+                    f"loss={host['loss']}, grad_norm={host['grad_norm']}); the last good "
+                    "checkpoint is kept. Lower optim.lr or check the data "
+                    "(data.check_finite: true)"
+                )
         self.bar.update(done - self.bar.n)
         now = time.perf_counter()
         if done % self.cfg.log.every_steps and done != self.cfg.optim.total_steps:
             return
         tokens_per_s = (done - self.last_step) * self.cfg.optim.batch_size / (now - self.last_time)
         self.last_time, self.last_step = now, done
-        if not self.cfg.optim.skip_nonfinite:
-            host.pop("skipped_steps")
-        line = {"step": done, "tokens": done * self.cfg.optim.batch_size,
-                "tokens_per_s": round(tokens_per_s, 1), **host}
-        if self.cfg.data.drop_norm_above is not None:
-            line["dropped_tokens"] = self.loader.dropped
-        self.bar.set_postfix(
-            {"tok/s": f"{tokens_per_s:,.0f}", "loss": f"{host['loss']:.4g}",
-             "L0": f"{host['l0']:.1f}", "EV": f"{host['explained_variance']:.3f}"},
-            refresh=False,
-        )
-        if self.file is not None:  # NaN / inf (skipped steps) are written as null: strict JSON
+        self.bar.set_postfix(_postfix(tokens_per_s, hosts), refresh=False)
+        for host, file in zip(hosts, self.files, strict=False):  # no files: not process 0
+            if not self.cfg.optim.skip_nonfinite:
+                host.pop("skipped_steps")
+            line = {"step": done, "tokens": done * self.cfg.optim.batch_size,
+                    "tokens_per_s": round(tokens_per_s, 1), **host}
+            if self.cfg.data.drop_norm_above is not None:
+                line["dropped_tokens"] = self.loader.dropped
+            # NaN / inf (skipped steps) are written as null: strict JSON
             line = {k: v if not isinstance(v, float) or math.isfinite(v) else None
                     for k, v in line.items()}
-            self.file.write(json.dumps(line) + "\n")
-            self.file.flush()
+            file.write(json.dumps(line) + "\n")
+            file.flush()
+
+
+def _postfix(tokens_per_s: float, hosts: list[dict]) -> dict[str, str]:
+    """Progress-bar figures: the values of a single run, the range over a sweep's SAEs."""
+
+    def show(key: str, fmt: str) -> str:
+        values = [h[key] for h in hosts]
+        lo, hi = min(values), max(values)
+        return format(lo, fmt) if lo == hi else f"{lo:{fmt}}..{hi:{fmt}}"
+
+    return {"tok/s": f"{tokens_per_s:,.0f}", "loss": show("loss", ".4g"),
+            "L0": show("l0", ".1f"), "EV": show("explained_variance", ".3f")}
 
 
 class _SignalFlag:

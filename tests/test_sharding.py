@@ -62,7 +62,7 @@ from jaxsae.train import build
 
 def run(tree, devices, steps=20):
     built = build(config_from_dict(tree), 16, devices)
-    state = built.init(jax.random.PRNGKey(0))
+    state = built.init()
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):

@@ -141,9 +141,9 @@ def test_train_step_compiles_once(small_data, tmp_path, monkeypatch):
     def counting(cfg, *args):
         step = real(cfg, *args)
 
-        def traced(state, batch):
+        def traced(state, batch, hyper):
             traces.append(1)
-            return step(state, batch)
+            return step(state, batch, hyper)
 
         return traced
 
@@ -274,6 +274,6 @@ def test_bfloat16_compute_tracks_float32(small_data, tmp_path):
     # ... and the step's matmuls really run in bfloat16.
     cfg = small_config(small_data, tmp_path / "x", optim={"compute_dtype": "bfloat16"})
     built = train_mod.build(cfg, 16)
-    state = jax.eval_shape(built.init, jax.random.PRNGKey(0))
+    state = jax.eval_shape(built.init)
     hlo = built.step.lower(state, jax.ShapeDtypeStruct((256, 16), np.float32)).as_text()
     assert re.search(r"dot_general[^\n]*bf16", hlo), "no bfloat16 matmul in the step"
