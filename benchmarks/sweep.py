@@ -1,6 +1,7 @@
 """Cost of a vmapped sweep of K SAEs against K single runs of the same SAEs, in one run.
 
     python benchmarks/sweep.py [--arch relu|topk] [--d-in 768 --d-sae 12288 --batch 4096 --k 8]
+                               [--chunk C]
 
 The sweep varies the sparsity coefficient (relu: mse + l1) or the seed (topk k=32: mse + auxk)
 and the learning rate; the singles are the same SAEs one config each. Both are timed as `train()`
@@ -27,6 +28,8 @@ parser.add_argument("--d-in", type=int, default=768)
 parser.add_argument("--d-sae", type=int, default=12288)
 parser.add_argument("--batch", type=int, default=4096)
 parser.add_argument("--k", type=int, default=8, help="SAEs in the sweep")
+parser.add_argument("--chunk", type=int, default=None,
+                    help="sweep_chunk: SAEs stepped together (default: all)")
 parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
 parser.add_argument("--device", default=None, help="a note on the hardware")
 args = parser.parse_args()
@@ -53,14 +56,14 @@ def base_tree() -> dict:
 
 
 points = sweep_points(args.k)
-sweep_cfg = config_from_dict({**base_tree(), "sweep": points})
+sweep_cfg = config_from_dict({**base_tree(), "sweep": points, "sweep_chunk": args.chunk})
 sweep = time_train_step(sweep_cfg, args.d_in, steps=args.steps)
 singles = [time_train_step(member, args.d_in, steps=args.steps)
            for member in sweep_cfg.sweep_configs()]
 singles_s = sum(s["step_s"] for s in singles)
 print(json.dumps({
     "arch": args.arch, "d_in": args.d_in, "d_sae": args.d_sae, "batch": args.batch,
-    "n_saes": args.k, "sweep": points,
+    "n_saes": args.k, "sweep_chunk": args.chunk, "sweep": points,
     "sweep_step_s": round(sweep["step_s"], 4),
     "single_step_s": [round(s["step_s"], 4) for s in singles],
     "singles_total_s": round(singles_s, 4),

@@ -1,7 +1,8 @@
 """The `jaxsae` command.
 
-  jaxsae synth superposition --out DIR [--n-features N --d-in D --tokens T --seed S ...]
+  jaxsae synth superposition|hierarchy|hierarchy_small|circles --out DIR [--seed S ...]
   jaxsae train CONFIG [key=value ...]
+  jaxsae bench CONFIG [key=value ...]
   jaxsae export RUN_OR_CHECKPOINT_DIR --out DIR [--step N] [--dtype float32|bfloat16]
   jaxsae import SAELENS_DIR --out RUN --data DIR [key=value ...]
   jaxsae eval SAE_DIR --data DIR [--truth TRUTH] [--tokens N]
@@ -44,15 +45,17 @@ def _add_synth(sub) -> None:
                            description="Write ground-truth activation shards plus truth files.")
     kinds = synth.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, gen in GENERATORS.items():
-        p = kinds.add_parser(kind, help=(gen.spec.__doc__ or kind).splitlines()[0],
+        p = kinds.add_parser(kind, help=gen.description + (" (preset)" if gen.defaults else ""),
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--out", required=True, help="output directory (must not exist)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         docs = _field_docs(gen.spec)
         for f in dataclasses.fields(gen.spec):
+            default = gen.defaults.get(f.name, f.default)
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"spec_{f.name}",
-                           default=f.default, metavar=f.type.upper() if isinstance(f.type, str)
+                           default=list(default) if isinstance(default, tuple) else default,
+                           metavar=f.type.upper() if isinstance(f.type, str)
                            else None, help=docs.get(f.name, ""))
 
 
@@ -88,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "optim.lr, sae.k, loss.<i>.coefficient)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("bench", help="compare penalties on one data set: tables and plots",
+                       description="Train every arm of a bench config (penalty x swept values "
+                                   "x seeds, each arm one vmapped sweep) and write "
+                                   "results.csv, results.md and PNG plots (L0 vs explained "
+                                   "variance with Pareto frontiers, mcc vs L0, absorption vs "
+                                   "L0). Rerunning resumes and skips finished arms.")
+    p.add_argument("config", help="bench YAML (see configs/bench/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the bench config, e.g. seeds=[0,1,2] "
+                        "base.optim.total_tokens=1e6")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     p = sub.add_parser("export", help="export a checkpoint as a SAELens directory",
                        description="Export a checkpointed SAE to the SAELens layout (a sweep: "
                                    "every SAE, to OUT/sweep/<i>/).")
@@ -110,11 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate an exported SAE on activations (prints JSON)",
                        description="Reconstruction metrics of a SAELens-format SAE on a shard "
-                                   "directory; with --truth, recovery of the true features.")
+                                   "directory; with --truth, how it recovered the true features "
+                                   "(see jaxsae.evaluate for every metric).")
     p.add_argument("sae_dir", help="SAELens-format directory (e.g. runs/NAME/sae)")
     p.add_argument("--data", required=True, help="activation directory")
     p.add_argument("--truth", default=None,
-                   help="truth.safetensors (or the synthetic data directory holding it)")
+                   help="the synthetic data directory (truth.json + truth.safetensors: recovery, "
+                        "firing F1, absorption, circles), or a bare truth.safetensors (recovery)")
+    p.add_argument("--details", action="store_true",
+                   help="with --truth: also per-feature and per-parent figures")
     p.add_argument("--tokens", type=int, default=None,
                    help="evaluate the last N tokens of the data (default: all)")
     p.add_argument("--hook", default=None,
@@ -128,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after flags (`train CONFIG --no-progress a.b=1`); argparse leaves
     # such key=value words unparsed.
-    if args.command in ("train", "import"):
+    if args.command in ("train", "import", "bench"):
         args.overrides += [word for word in extra if "=" in word and not word.startswith("-")]
         extra = [word for word in extra if word not in args.overrides]
     if extra:
@@ -188,6 +207,17 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from jaxsae.bench import load_bench_config, run_bench
+
+    cfg = load_bench_config(args.config, args.overrides)
+    rows = run_bench(cfg, progress=not args.no_progress)
+    out = cfg.directory
+    print(f"{len(rows)} SAEs in {len(cfg.arms)} arms; results in {out / 'results.md'}, "
+          f"{out / 'results.csv'} and {out}/*.png")
+    return 0
+
+
 def _cmd_data(args) -> int:
     from jaxsae.data.inspect import format_summary, inspect
 
@@ -234,19 +264,33 @@ def _cmd_eval(args) -> int:
     metrics.pop("firing_frequency")
     if args.truth:
         truth = Path(args.truth)
-        if truth.is_dir():
-            truth = truth / synthetic.TRUTH_TENSORS
-        if not truth.is_file():
-            raise DataError(f"{truth}: truth file not found")
-        directions = tensorfile.read(truth).get("directions")
-        if directions is None or directions.ndim != 2 or directions.shape[1] != loaded.d_in:
-            raise DataError(f"{truth}: no 'directions' [n_features, {loaded.d_in}] tensor")
-        metrics.update(evaluate.feature_recovery(np.asarray(directions), loaded.params["W_dec"]))
+        directory = truth.parent if truth.is_file() else truth
+        if (directory / synthetic.TRUTH_JSON).is_file():
+            # The data's own truth: everything (firing, absorption, circles) on these tokens.
+            full = synthetic.load_truth(directory)
+            try:
+                report = evaluate.truth_report(loaded.params, loaded.sae, data, full,
+                                               start=start, batch_size=args.batch_size,
+                                               details=args.details)
+            except ValueError as e:
+                raise DataError(f"--truth {args.truth}: {e}") from None
+            metrics = {**report, **metrics}
+        else:  # directions only (e.g. a bare truth.safetensors): feature recovery
+            if truth.is_dir():
+                truth = truth / synthetic.TRUTH_TENSORS
+            if not truth.is_file():
+                raise DataError(f"{truth}: truth file not found")
+            directions = tensorfile.read(truth).get("directions")
+            if directions is None or directions.ndim != 2 or directions.shape[1] != loaded.d_in:
+                raise DataError(f"{truth}: no 'directions' [n_features, {loaded.d_in}] tensor")
+            metrics.update(evaluate.feature_recovery(np.asarray(directions),
+                                                     loaded.params["W_dec"]))
     print(json.dumps(metrics, indent=1))
     return 0
 
 
 COMMANDS = {"synth": _cmd_synth, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export,
+            "bench": _cmd_bench,
             "import": _cmd_import, "eval": _cmd_eval}
 
 if __name__ == "__main__":

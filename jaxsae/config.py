@@ -274,6 +274,10 @@ class Config:
     sweep: Sweep | None = None
     """Train several SAEs at once (see `Sweep`): each point overrides sweepable keys of this
     config; everything else is shared."""
+    sweep_chunk: int | None = None
+    """SAEs of a sweep that step together (vmapped); the chunks run one after another within
+    the step. null: all at once. Smaller chunks need less activation memory and, on CPUs,
+    keep each chunk's working set in cache; it must divide the number of SAEs."""
 
     def __post_init__(self):
         _validate(self)
@@ -284,7 +288,7 @@ class Config:
             return [self]
         out = []
         for i, point in enumerate(self.sweep.points):
-            tree = {**self.to_dict(), "sweep": None}
+            tree = {**self.to_dict(), "sweep": None, "sweep_chunk": None}
             for name, value in point.items():
                 assign(tree, name, value)
             try:
@@ -316,7 +320,7 @@ class Config:
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 MUTABLE_ON_RESUME = ("name", "run_dir", "distributed", "data.path", "data.generate",
                      "data.check_finite", "log", "checkpoint", "optim.total_tokens",
-                     "optim.skip_nonfinite")
+                     "optim.skip_nonfinite", "sweep_chunk")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +401,10 @@ def _validate(cfg: Config) -> None:
                     raise ConfigError(f"sweep.sae.k: sae.activation {s.activation} has no k "
                                       "(topk or batchtopk)")
         cfg.sweep_configs()  # each SAE's config is validated like a config of its own
+    if cfg.sweep_chunk is not None:
+        n = len(cfg.sweep.points) if cfg.sweep is not None else 1
+        need(cfg.sweep_chunk > 0 and n % cfg.sweep_chunk == 0, "sweep_chunk",
+             f"must divide the {n} SAEs of the sweep, got {cfg.sweep_chunk}")
 
 
 # ---------------------------------------------------------------------------------------------

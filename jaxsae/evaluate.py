@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,3 +86,261 @@ def feature_recovery(directions: np.ndarray, decoder: np.ndarray) -> dict[str, f
     cos = cosine_matrix(directions, decoder)
     rows, cols = linear_sum_assignment(cos, maximize=True)
     return {"mcc": float(cos[rows, cols].mean()), "mmcs": float(cos.max(axis=1).mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth: firing against the true features, absorption (hierarchies), circles
+
+DENSE_FREQUENCY = 0.1
+"""A latent firing on more than this fraction of tokens counts as dense."""
+FIRING_EPS = 1e-6
+"""A true feature counts as active, and a latent as firing, above this value."""
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _encode_decode(params: sae.Params, x: jax.Array, cfg: SAEConfig):
+    acts = sae.encode(params, x, cfg, train=False)
+    return acts, sae.decode(params, acts)
+
+
+def ground_truth_metrics(
+    params: sae.Params, cfg: SAEConfig, directions: np.ndarray,
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]], *, parent: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Recovery of known features, over `blocks` of (x [n, d_in], true codes [n, n_features]).
+
+    Each true feature is matched one-to-one to a latent (Hungarian on |cos| of the decoder
+    rows), then: mcc, mmcs; uniqueness (distinct best-matching features / firing latents:
+    1 = no two latents share a feature); firing precision / recall / F1 of each matched latent
+    against its feature (means, and per feature); L0 vs the true L0; dead and dense fractions;
+    shrinkage (mean ‖x̂‖ / ‖x‖). With `parent` [n_features] (-1 for roots), absorption
+    (see `_absorption`).
+    """
+    W_dec = np.asarray(params["W_dec"], np.float64)
+    cos_abs = cosine_matrix(directions, W_dec)
+    match_f, match_l = linear_sum_assignment(cos_abs, maximize=True)
+    n_feat = directions.shape[0]
+    counts = _FiringCounts(n_feat, W_dec.shape[0], match_f, match_l, parent)
+    for x, codes in blocks:
+        acts, x_hat = jax.device_get(_encode_decode(params, jnp.asarray(x), cfg))
+        counts.add(np.asarray(x), np.asarray(acts), np.asarray(x_hat), codes)
+    if counts.n == 0:
+        raise ValueError("no tokens to evaluate")
+    freq = counts.fires / counts.n
+    firing = freq > 0
+    best = np.argmax(cos_abs, axis=0)  # each latent's best-matching true feature
+    tp, fp, fn = counts.tp, counts.fp, counts.fn
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / np.maximum(tp + fn, 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    out = {
+        "mcc": float(cos_abs[match_f, match_l].mean()),
+        "mmcs": float(cos_abs.max(axis=1).mean()),
+        "uniqueness": float(len(set(best[firing].tolist())) / max(int(firing.sum()), 1)),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+        "l0": counts.active / counts.n,
+        "true_l0": counts.true_active / counts.n,
+        "dead_fraction": float(np.mean(~firing)),
+        "dense_fraction": float(np.mean(freq > DENSE_FREQUENCY)),
+        "shrinkage": counts.shrinkage / max(counts.nonzero_tokens, 1),
+        "per_feature": {"latent": match_l.tolist(), "cos": cos_abs[match_f, match_l].tolist(),
+                        "precision": precision.tolist(), "recall": recall.tolist(),
+                        "f1": f1.tolist()},
+    }
+    if parent is not None:
+        out.update(_absorption(params, directions, parent, match_f, match_l, counts))
+    return out
+
+
+class _FiringCounts:
+    """Running sums over token blocks for ground_truth_metrics."""
+
+    def __init__(self, n_feat, d_sae, match_f, match_l, parent):
+        self.n = self.nonzero_tokens = 0
+        self.active = self.true_active = self.shrinkage = 0.0
+        self.fires = np.zeros(d_sae, np.int64)
+        self.latent_of = np.full(n_feat, -1)
+        self.latent_of[match_f] = match_l
+        self.tp = np.zeros(n_feat, np.int64)
+        self.fp = np.zeros(n_feat, np.int64)
+        self.fn = np.zeros(n_feat, np.int64)
+        self.parent = parent
+        if parent is not None:
+            self.parents = np.unique(parent[parent >= 0])
+            k = len(self.parents)
+            self.alone = np.zeros(k, np.int64)  # parent active, no child active
+            self.alone_fired = np.zeros(k, np.int64)
+            self.alone_mag = np.zeros(k)  # summed activation of the parent latent (alone)
+            self.with_child = np.zeros(k, np.int64)
+            self.with_child_fired = np.zeros(k, np.int64)
+            self.with_child_acts: list[list[np.ndarray]] = [[] for _ in range(k)]
+            self.full = np.zeros(k, np.int64)
+
+    def add(self, x, acts, x_hat, codes):
+        fired = acts > FIRING_EPS
+        active = codes > FIRING_EPS
+        self.n += len(x)
+        self.active += float(fired.sum())
+        self.true_active += float(active.sum())
+        self.fires += fired.sum(axis=0)
+        norms = np.linalg.norm(x, axis=1)
+        ok = norms > 0
+        self.shrinkage += float(np.sum(np.linalg.norm(x_hat[ok], axis=1) / norms[ok]))
+        self.nonzero_tokens += int(ok.sum())
+        has = self.latent_of >= 0
+        lat = fired[:, np.where(has, self.latent_of, 0)] & has
+        self.tp += np.sum(lat & active, axis=0)
+        self.fp += np.sum(lat & ~active, axis=0)
+        self.fn += np.sum(~lat & active, axis=0)
+        if self.parent is None:
+            return
+        for i, p in enumerate(self.parents):
+            children = np.flatnonzero(self.parent == p)
+            on = active[:, p]
+            child_on = active[:, children].any(axis=1)
+            ell = self.latent_of[p]
+            ell_acts = acts[:, ell] if ell >= 0 else np.zeros(len(x), np.float32)
+            ell_fired = ell_acts > FIRING_EPS
+            alone, both = on & ~child_on, on & child_on
+            self.alone[i] += alone.sum()
+            self.alone_fired[i] += (alone & ell_fired).sum()
+            self.alone_mag[i] += ell_acts[alone & ell_fired].sum()
+            self.with_child[i] += both.sum()
+            self.with_child_fired[i] += (both & ell_fired).sum()
+            self.with_child_acts[i].append(ell_acts[both])
+            child_latents = self.latent_of[children]
+            child_latents = child_latents[child_latents >= 0]
+            child_fired = (fired[:, child_latents].any(axis=1) if len(child_latents)
+                           else np.zeros(len(x), bool))
+            self.full[i] += (both & ~ell_fired & child_fired).sum()
+
+
+def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts) -> dict:
+    """Feature absorption on a hierarchy, per parent feature p with matched latent ℓ:
+
+    recall_alone       P(ℓ fires | p active, no child active)
+    recall_with_child  P(ℓ fires | p active, a child active)
+    full               P(ℓ silent and a child's latent fires | p and a child active)
+    partial            P(ℓ fires below half its usual (alone) magnitude | p and a child active)
+    absorption         full + partial
+    decoder mixing     cos(W_dec[ℓ], child direction) for each child (signed)
+    encoder mixing     cos(W_enc[:, ℓ_c], sibling direction) for each child c, sibling s ≠ c
+    child decoders     cos(W_dec[ℓ_c], sibling direction) (negative: a child latent
+                       subtracts its siblings)
+    """
+    W_dec = np.asarray(params["W_dec"], np.float64)
+    W_enc = np.asarray(sae.encoder_weight(params), np.float64)
+    unit = directions / np.linalg.norm(directions, axis=1, keepdims=True)
+
+    def cos(u, v):
+        return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-12))
+
+    rows = []
+    for i, p in enumerate(c.parents):
+        usual = c.alone_mag[i] / max(c.alone_fired[i], 1)
+        both_acts = np.concatenate(c.with_child_acts[i]) if c.with_child_acts[i] else np.zeros(0)
+        partial = np.sum((both_acts > FIRING_EPS) & (both_acts < 0.5 * usual))
+        children = np.flatnonzero(parent == p)
+        ell = c.latent_of[p]
+        rows.append({
+            "parent": int(p), "latent": int(ell),
+            "recall_alone": c.alone_fired[i] / max(c.alone[i], 1),
+            "recall_with_child": c.with_child_fired[i] / max(c.with_child[i], 1),
+            "full": c.full[i] / max(c.with_child[i], 1),
+            "partial": partial / max(c.with_child[i], 1),
+            "decoder_child_cos": [cos(W_dec[ell], unit[ch]) for ch in children] if ell >= 0
+            else [],
+            "encoder_sibling_cos": [
+                cos(W_enc[:, c.latent_of[a]], unit[b]) for a in children for b in children
+                if a != b and c.latent_of[a] >= 0],
+            "decoder_sibling_cos": [
+                cos(W_dec[c.latent_of[a]], unit[b]) for a in children for b in children
+                if a != b and c.latent_of[a] >= 0],
+        })
+    mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else 0.0  # noqa: E731
+    flat = lambda key: [v for r in rows for v in r[key]]  # noqa: E731
+    return {
+        "absorption": mean("full") + mean("partial"),
+        "absorption_full": mean("full"),
+        "absorption_partial": mean("partial"),
+        "parent_recall_alone": mean("recall_alone"),
+        "parent_recall_with_child": mean("recall_with_child"),
+        "parent_decoder_child_cos": float(np.mean(flat("decoder_child_cos")))
+        if flat("decoder_child_cos") else 0.0,
+        "child_encoder_sibling_cos": float(np.mean(flat("encoder_sibling_cos")))
+        if flat("encoder_sibling_cos") else 0.0,
+        "child_decoder_sibling_cos": float(np.mean(flat("decoder_sibling_cos")))
+        if flat("decoder_sibling_cos") else 0.0,
+        "per_parent": [{k: (float(v) if isinstance(v, np.floating) else v) for k, v in r.items()}
+                       for r in rows],
+    }
+
+
+def circle_metrics(params: sae.Params, cfg: SAEConfig, directions: np.ndarray, *,
+                   radius: float = 1.0, points: int = 64, in_plane: float = 0.99
+                   ) -> dict[str, Any]:
+    """Circles (directions rows 2c, 2c+1 span circle c's plane): a decoder row belongs to a
+    plane when its projection onto it keeps >= `in_plane` of its norm. Returns the histogram
+    of rows per plane, the fraction of planes covered, and the explained variance of the SAE
+    on `points` points r·(a cos θ + b sin θ) of each circle (mean over circles)."""
+    n_circles = directions.shape[0] // 2
+    planes = np.stack([np.linalg.qr(directions[2 * c: 2 * c + 2].T.astype(np.float64))[0].T
+                       for c in range(n_circles)])  # [C, 2, d] orthonormal bases
+    W = np.asarray(params["W_dec"], np.float64)
+    W = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
+    kept = np.sqrt(np.sum(np.einsum("cjd,sd->csj", planes, W) ** 2, axis=-1))  # [C, d_sae]
+    belongs = kept >= in_plane
+    per_plane = belongs.sum(axis=1)
+    theta = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    a, b = directions[0::2].astype(np.float64), directions[1::2].astype(np.float64)
+    evs = []
+    for lo in range(0, n_circles, 256):
+        hi = min(lo + 256, n_circles)
+        x = radius * (np.cos(theta)[None, :, None] * a[lo:hi, None]
+                      + np.sin(theta)[None, :, None] * b[lo:hi, None])  # [c, points, d]
+        flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        _, x_hat = jax.device_get(_encode_decode(params, jnp.asarray(flat), cfg))
+        err = np.sum((np.asarray(x_hat).reshape(x.shape) - x) ** 2, axis=(1, 2))
+        spread = np.sum((x - x.mean(axis=1, keepdims=True)) ** 2, axis=(1, 2))
+        evs.append(1.0 - err / np.maximum(spread, 1e-30))
+    values, counts = np.unique(per_plane, return_counts=True)
+    return {
+        "rows_per_plane_histogram": {int(v): int(n) for v, n in zip(values, counts, strict=True)},
+        "planes_covered": float(np.mean(per_plane > 0)),
+        "rows_per_covered_plane": float(per_plane[per_plane > 0].mean()) if per_plane.any()
+        else 0.0,
+        "rows_in_planes": int(belongs.any(axis=0).sum()),
+        "circle_explained_variance": float(np.mean(np.concatenate(evs))),
+    }
+
+
+def truth_report(params: sae.Params, cfg: SAEConfig, source, truth, *, start: int = 0,
+                 stop: int | None = None, batch_size: int = 4096,
+                 details: bool = False) -> dict[str, Any]:
+    """Every ground-truth metric that applies to `truth` (a `synthetic.Truth` of the data in
+    `source`), over tokens [start, stop): feature recovery and firing for every kind, absorption
+    for hierarchies, plane coverage for circles. `details`: keep the per-feature / per-parent
+    lists."""
+    from jaxsae.data.source import iter_blocks
+
+    stop = source.n_tokens if stop is None else stop
+    if source.n_tokens != truth.spec.tokens:
+        raise ValueError(f"the data has {source.n_tokens} tokens but the truth describes "
+                         f"{truth.spec.tokens}: not the data it was generated with")
+
+    def blocks():
+        at = start
+        for x in iter_blocks(source, batch_size, start=start, stop=stop):
+            yield x, truth.codes(at, at + len(x))
+            at += len(x)
+
+    parent = truth.arrays.get("parent")
+    out = ground_truth_metrics(params, cfg, truth.directions, blocks(), parent=parent)
+    if truth.spec.kind == "circles":
+        out.update(circle_metrics(params, cfg, truth.directions, radius=truth.spec.radius))
+    if not details:
+        out.pop("per_feature")
+        out.pop("per_parent", None)
+    return out

@@ -289,9 +289,18 @@ def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: floa
         def init(params=None):
             return jax.vmap(init_one, in_axes=(0, None))(jnp.asarray(seeds, jnp.int32), params)
 
+        together = jax.vmap(train_step, in_axes=(0, None, 0), axis_name=SWEEP_AXIS)
+        n, chunk = len(members), cfg.sweep_chunk or len(members)
+
         def step(state, batch):
-            return jax.vmap(train_step, in_axes=(0, None, 0), axis_name=SWEEP_AXIS)(
-                state, batch, hypers)
+            if chunk == n:
+                return together(state, batch, hypers)
+            # Chunks of `chunk` SAEs, one after another (a loop inside the one step).
+            split = partial(jax.tree.map, lambda a: a.reshape(n // chunk, chunk, *a.shape[1:]))
+            merge = partial(jax.tree.map, lambda a: a.reshape(n, *a.shape[2:]))
+            out = jax.lax.map(lambda sh: together(sh[0], batch, sh[1]),
+                              (split(state), split(hypers)))
+            return merge(out)
 
     abstract = jax.eval_shape(init)
     state_sharding = sharding.tree_shardings(mesh, abstract, static.sae.d_sae,
@@ -535,6 +544,11 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
     metrics = evaluate.reconstruction_metrics(params, cfg.sae, blocks)
     frequency = metrics.pop("firing_frequency")
     metrics["held_out"] = bool(cfg.data.eval_tokens)
+    if (Path(cfg.data.path) / synthetic.TRUTH_JSON).is_file():  # ground truth: how it did
+        truth = synthetic.load_truth(cfg.data.path)
+        if truth.spec.tokens == source.n_tokens:
+            metrics = {**evaluate.truth_report(params, cfg.sae, source, truth, start=eval_start,
+                                               batch_size=cfg.optim.batch_size), **metrics}
     if out is not None:
         export.export_sae(
             params, cfg.sae, out, dtype=dtype,

@@ -142,6 +142,24 @@ def test_each_sae_of_a_sweep_matches_it_trained_alone(small_data, tmp_path, sect
                                            err_msg=f"SAE {i} step {step} {key}")
 
 
+@pytest.mark.parametrize("sections", [{}, TOPK])
+def test_chunked_sweep_matches_all_at_once(small_data, tmp_path, sections):
+    sweep = {"optim.lr": [1e-3, 3e-3], "seed": [0, 1, 2]}
+    rng = np.random.default_rng(2)
+    batches = [np.abs(rng.standard_normal((256, 16))).astype(np.float32) * 2 for _ in range(4)]
+    _, whole, whole_history = _steps(small_config(small_data, tmp_path, **sections,
+                                                  sweep=sweep), batches)
+    _, chunked, chunked_history = _steps(small_config(small_data, tmp_path, **sections,
+                                                      sweep=sweep, sweep_chunk=2), batches)
+    for name, value in whole.params.items():
+        np.testing.assert_allclose(chunked.params[name], value, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    for a, b in zip(whole_history, chunked_history, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    with pytest.raises(ConfigError, match="sweep_chunk: must divide the 6 SAEs"):
+        small_config(small_data, tmp_path, sweep=sweep, sweep_chunk=4)
+
+
 def test_k_sweep_keeps_k_latents_per_token(small_data, tmp_path):
     cfg = small_config(small_data, tmp_path, **TOPK, sweep={"sae.k": [1, 3, 5]})
     rng = np.random.default_rng(1)

@@ -12,6 +12,7 @@ from jaxsae import tensorfile
 from jaxsae.config import config_from_dict
 from jaxsae.data.shards import MANIFEST, ShardSet
 from jaxsae.data.synthetic import (
+    BLOCK_TOKENS,
     GENERATORS,
     TRUTH_JSON,
     TRUTH_TENSORS,
@@ -81,7 +82,8 @@ def test_writes_a_valid_shard_set(superposition):
     assert shards.n_tokens == SPEC.tokens
     assert [e.n_tokens for e in shards.manifest.shards] == [2048, 2048, 904]
     assert shards.manifest.dtype == "float32"
-    assert shards.manifest.source == {"generator": "superposition", **dataclasses.asdict(SPEC)}
+    assert shards.manifest.source == {"generator": "superposition", **dataclasses.asdict(SPEC),
+                                      "block_tokens": BLOCK_TOKENS}
     assert not superposition.with_name("set.partial").exists()
 
 
@@ -101,8 +103,10 @@ def test_writes_the_truth(superposition):
     np.testing.assert_array_equal(truth["magnitude_mean"], np.full(SPEC.n_features, 1.0))
     np.testing.assert_allclose(truth["magnitude_std"], np.full(SPEC.n_features, 0.2))
     spec_json = json.loads((superposition / TRUTH_JSON).read_text())
-    assert spec_json == {"generator": "superposition", **dataclasses.asdict(SPEC)}
-    assert SuperpositionSpec(**{k: v for k, v in spec_json.items() if k != "generator"}) == SPEC
+    assert spec_json == {"generator": "superposition", **dataclasses.asdict(SPEC),
+                         "block_tokens": BLOCK_TOKENS}
+    assert SuperpositionSpec(**{k: v for k, v in spec_json.items()
+                                if k not in ("generator", "block_tokens")}) == SPEC
 
 
 def test_second_moments_match_the_truth(tmp_path):

@@ -1,32 +1,71 @@
 """Ground-truth generators: activations built from known feature directions, written as shards.
 
-Each generator is a frozen spec dataclass (its fields are the `jaxsae synth KIND` flags and the
-keys of `data.generate` in a config) and a function that writes the shards plus
-`truth.safetensors` (the true directions and firing statistics) and `truth.json` (the spec).
+Every generator is a frozen spec dataclass (its fields are the `jaxsae synth KIND` flags and the
+keys of `data.generate` in a config) with two methods:
+
+  truth()             the fixed structure, drawn from the seed: `directions [n_features, d_in]`
+                      plus whatever else describes it (firing probabilities, parents, circles)
+  codes(truth, rng, n)  [n, n_features] true feature activations of n tokens
+
+and the activations are x = codes @ directions. Tokens are drawn in blocks of BLOCK_TOKENS from
+`default_rng([seed, 1, block])`, so the true codes of any token range can be regenerated
+(`true_codes`) instead of being stored. A generated directory holds the shards, plus
+`truth.safetensors` (the truth() arrays) and `truth.json` (the kind, the spec, the block size).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from scipy.special import ndtri
 from tqdm.auto import tqdm
 
 from jaxsae import tensorfile
 from jaxsae.data.shards import ShardWriter
-from jaxsae.errors import ConfigError
+from jaxsae.errors import ConfigError, DataError
 
 TRUTH_TENSORS = "truth.safetensors"
 TRUTH_JSON = "truth.json"
+BLOCK_TOKENS = 16384
+
+
+def _need(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+def _check_common(spec) -> None:
+    _need(spec.d_in > 0, "d_in", "must be > 0")
+    _need(spec.tokens > 0, "tokens", "must be > 0")
+    _need(spec.shard_tokens > 0, "shard_tokens", "must be > 0")
+    _need(spec.dtype in ("float32", "float16"), "dtype", "must be float32 or float16")
+
+
+def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    rows = rng.standard_normal((n, d))
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _orthonormal_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.standard_normal((d, n)))
+    return q.T
+
+
+# ---------------------------------------------------------------------------------------------
+# superposition
 
 
 @dataclass(frozen=True)
 class SuperpositionSpec:
+    """N features superposed in d dims, Zipf-like firing, optional correlated firing."""
+
+    kind: ClassVar[str] = "superposition"
     n_features: int = 512
     """Number of true features (may exceed d_in: superposition)."""
     d_in: int = 128
@@ -38,9 +77,16 @@ class SuperpositionSpec:
     zipf_exponent: float = 0.5
     """Firing probabilities fall off as rank^-exponent (0: all equal)."""
     magnitude_mean: float = 1.0
-    """Mean magnitude of an active feature."""
+    """Mean magnitude of an active feature (the median over features, with magnitude_spread)."""
     magnitude_std: float = 0.1
-    """Standard deviation of the magnitude (clipped at 0)."""
+    """Standard deviation of the magnitude (clipped at 0); scaled with each feature's mean
+    when magnitude_spread > 0."""
+    magnitude_spread: float = 0.0
+    """Per-feature mean magnitudes: magnitude_mean · exp(spread · N(0, 1)) (0: all equal)."""
+    correlation_rank: int = 0
+    """Firing correlated through this many shared latent factors (0: independent)."""
+    correlation: float = 0.0
+    """Share of each feature's firing propensity that comes from the shared factors, in [0, 1)."""
     seed: int = 0
     """Seed of the directions, probabilities and samples."""
     shard_tokens: int = 131072
@@ -49,19 +95,52 @@ class SuperpositionSpec:
     """Stored dtype: float32 or float16."""
 
     def __post_init__(self):
-        def need(ok, key, why):
-            if not ok:
-                raise ConfigError(f"{key}: {why}")
+        _check_common(self)
+        _need(self.n_features > 0, "n_features", "must be > 0")
+        _need(0 < self.mean_l0 <= self.n_features, "mean_l0", "must be in (0, n_features]")
+        _need(self.zipf_exponent >= 0, "zipf_exponent", "must be >= 0")
+        _need(self.magnitude_mean > 0, "magnitude_mean", "must be > 0")
+        _need(self.magnitude_std >= 0, "magnitude_std", "must be >= 0")
+        _need(self.magnitude_spread >= 0, "magnitude_spread", "must be >= 0")
+        _need(self.correlation_rank >= 0, "correlation_rank", "must be >= 0")
+        _need(0 <= self.correlation < 1, "correlation", "must be in [0, 1)")
+        _need((self.correlation > 0) == (self.correlation_rank > 0), "correlation",
+              "set correlation_rank and correlation together (both > 0) or neither")
 
-        need(self.n_features > 0, "n_features", "must be > 0")
-        need(self.d_in > 0, "d_in", "must be > 0")
-        need(self.tokens > 0, "tokens", "must be > 0")
-        need(0 < self.mean_l0 <= self.n_features, "mean_l0", "must be in (0, n_features]")
-        need(self.zipf_exponent >= 0, "zipf_exponent", "must be >= 0")
-        need(self.magnitude_mean > 0, "magnitude_mean", "must be > 0")
-        need(self.magnitude_std >= 0, "magnitude_std", "must be >= 0")
-        need(self.shard_tokens > 0, "shard_tokens", "must be > 0")
-        need(self.dtype in ("float32", "float16"), "dtype", "must be float32 or float16")
+    def truth(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 0])
+        directions = _unit_rows(rng, self.n_features, self.d_in).astype(np.float32)
+        probs = rng.permutation(zipf_probabilities(self.n_features, self.mean_l0,
+                                                   self.zipf_exponent))
+        extra = np.random.default_rng([self.seed, 2])
+        means = self.magnitude_mean * np.exp(
+            self.magnitude_spread * extra.standard_normal(self.n_features))
+        loadings = extra.standard_normal((self.correlation_rank, self.n_features))
+        loadings /= np.maximum(np.linalg.norm(loadings, axis=0, keepdims=True), 1e-12)
+        return {"directions": directions,
+                "firing_prob": probs.astype(np.float32),
+                "magnitude_mean": means.astype(np.float32),
+                "magnitude_std": (means * (self.magnitude_std / self.magnitude_mean)
+                                  ).astype(np.float32),
+                "factor_loadings": loadings.astype(np.float32)}
+
+    def codes(self, truth: Mapping[str, np.ndarray], rng: np.random.Generator,
+              n: int) -> np.ndarray:
+        probs = truth["firing_prob"]
+        if self.correlation_rank:
+            # A Gaussian copula: each feature's propensity is N(0, 1), partly shared through
+            # the factors; it fires below its p-quantile, so P(fire) stays p.
+            shared = rng.standard_normal((n, self.correlation_rank)) @ truth["factor_loadings"]
+            own = rng.standard_normal((n, self.n_features))
+            z = np.sqrt(self.correlation) * shared + np.sqrt(1 - self.correlation) * own
+            active = z < ndtri(np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12))
+        else:
+            active = rng.random((n, self.n_features), dtype=np.float32) < probs
+        mags = rng.normal(truth["magnitude_mean"], truth["magnitude_std"], (n, self.n_features))
+        return (active * np.maximum(mags, 0.0)).astype(np.float32)
+
+    def structure(self) -> dict[str, Any]:
+        return {}
 
 
 def zipf_probabilities(n: int, mean_l0: float, exponent: float) -> np.ndarray:
@@ -80,47 +159,224 @@ def zipf_probabilities(n: int, mean_l0: float, exponent: float) -> np.ndarray:
     return p
 
 
-def generate_superposition(spec: SuperpositionSpec, out: str | Path, *, overwrite: bool = False,
-                           progress: bool = True) -> Path:
-    """x = Σ_i a_i · m_i · d_i with a_i ~ Bernoulli(p_i), m_i ~ N(mean, std)₊, d_i unit random."""
-    rng = np.random.default_rng([spec.seed, 0])
-    directions = rng.standard_normal((spec.n_features, spec.d_in))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    probs = rng.permutation(zipf_probabilities(spec.n_features, spec.mean_l0, spec.zipf_exponent))
-    directions = directions.astype(np.float32)
-    source = {"generator": "superposition", **dataclasses.asdict(spec)}
-    block = 16384
+# ---------------------------------------------------------------------------------------------
+# hierarchy
+
+
+@dataclass(frozen=True)
+class HierarchySpec:
+    """Trees of features: a child fires only when its parent fires."""
+
+    kind: ClassVar[str] = "hierarchy"
+    n_trees: int = 16
+    """Number of independent trees."""
+    branching: int = 2
+    """Children per non-leaf feature."""
+    depth: int = 2
+    """Levels per tree (1: roots only)."""
+    probs: tuple[float, ...] = (0.3, 0.4)
+    """Per level: P(root fires), then P(child fires | its parent fires)."""
+    magnitudes: tuple[float, ...] = (1.0, 1.0)
+    """Per level: mean magnitude of an active feature (a child may be stronger than its parent)."""
+    magnitude_std: float = 0.0
+    """Standard deviation of every magnitude (clipped at 0)."""
+    exclusive: bool = True
+    """Siblings are mutually exclusive: at most one child of a parent fires."""
+    orthogonal: bool = True
+    """Orthonormal directions (needs n_features <= d_in); false: random unit directions."""
+    d_in: int = 20
+    """Dimension of the activations."""
+    tokens: int = 262_144
+    """Number of tokens to write."""
+    seed: int = 0
+    """Seed of the directions and samples."""
+    shard_tokens: int = 131072
+    """Tokens per shard file."""
+    dtype: str = "float32"
+    """Stored dtype: float32 or float16."""
+
+    def __post_init__(self):
+        _check_common(self)
+        _need(self.n_trees > 0, "n_trees", "must be > 0")
+        _need(self.branching > 0, "branching", "must be > 0")
+        _need(self.depth > 0, "depth", "must be > 0")
+        _need(len(self.probs) == self.depth, "probs", f"needs one value per level ({self.depth})")
+        _need(len(self.magnitudes) == self.depth, "magnitudes",
+              f"needs one value per level ({self.depth})")
+        _need(all(0 < p <= 1 for p in self.probs), "probs", "each must be in (0, 1]")
+        _need(all(m > 0 for m in self.magnitudes), "magnitudes", "each must be > 0")
+        _need(self.magnitude_std >= 0, "magnitude_std", "must be >= 0")
+        if self.exclusive:
+            _need(all(self.branching * p <= 1 + 1e-9 for p in self.probs[1:]), "probs",
+                  "with exclusive siblings, branching x P(child | parent) must be <= 1")
+        if self.orthogonal:
+            _need(self.n_features <= self.d_in, "orthogonal",
+                  f"{self.n_features} orthogonal directions do not fit in d_in {self.d_in}")
+
+    @property
+    def n_features(self) -> int:
+        return self.n_trees * sum(self.branching**level for level in range(self.depth))
+
+    def tree(self) -> tuple[np.ndarray, np.ndarray]:
+        """parent [n_features] (-1 for roots) and level [n_features]; features are numbered
+        level by level (all roots, then all their children, ...), children of one parent
+        consecutive."""
+        parents, levels = [np.full(self.n_trees, -1)], [np.zeros(self.n_trees, int)]
+        start = 0
+        for level in range(1, self.depth):
+            above = np.arange(start, start + len(parents[-1]))
+            parents.append(np.repeat(above, self.branching))
+            levels.append(np.full(len(parents[-1]), level))
+            start += len(above)
+        return np.concatenate(parents), np.concatenate(levels)
+
+    def truth(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 0])
+        make = _orthonormal_rows if self.orthogonal else _unit_rows
+        parent, level = self.tree()
+        return {"directions": make(rng, self.n_features, self.d_in).astype(np.float32),
+                "parent": parent.astype(np.int32), "level": level.astype(np.int32)}
+
+    def codes(self, truth: Mapping[str, np.ndarray], rng: np.random.Generator,
+              n: int) -> np.ndarray:
+        level = truth["level"]
+        active = np.zeros((n, self.n_features), bool)
+        active[:, level == 0] = rng.random((n, self.n_trees)) < self.probs[0]
+        for lv in range(1, self.depth):
+            above = np.flatnonzero(level == lv - 1)
+            on = active[:, above][:, :, None]  # [n, parents, 1]
+            p = self.probs[lv]
+            if self.exclusive:  # one uniform per parent picks at most one child
+                u = rng.random((n, len(above), 1))
+                j = np.arange(self.branching)
+                fires = (u >= j * p) & (u < (j + 1) * p)
+            else:
+                fires = rng.random((n, len(above), self.branching)) < p
+            active[:, level == lv] = (on & fires).reshape(n, -1)
+        mean = np.asarray(self.magnitudes)[level]
+        mags = rng.normal(mean, self.magnitude_std, (n, self.n_features))
+        return (active * np.maximum(mags, 0.0)).astype(np.float32)
+
+    def structure(self) -> dict[str, Any]:
+        parent, _ = self.tree()
+        return {"n_features": self.n_features, "parent": parent.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# circles
+
+
+@dataclass(frozen=True)
+class CirclesSpec:
+    """C circles in d dims: an active circle adds r·(a cos θ + b sin θ), θ uniform."""
+
+    kind: ClassVar[str] = "circles"
+    n_circles: int = 1600
+    """Number of circles (each spanned by two random unit vectors a, b)."""
+    d_in: int = 200
+    """Dimension of the activations."""
+    prob: float = 0.004
+    """Probability that a circle is active on a token."""
+    radius: float = 1.0
+    """Radius r of an active circle."""
+    radius_std: float = 0.0
+    """Standard deviation of the radius (clipped at 0)."""
+    tokens: int = 1_048_576
+    """Number of tokens to write."""
+    seed: int = 0
+    """Seed of the planes and samples."""
+    shard_tokens: int = 131072
+    """Tokens per shard file."""
+    dtype: str = "float32"
+    """Stored dtype: float32 or float16."""
+
+    def __post_init__(self):
+        _check_common(self)
+        _need(self.n_circles > 0, "n_circles", "must be > 0")
+        _need(0 < self.prob <= 1, "prob", "must be in (0, 1]")
+        _need(self.radius > 0, "radius", "must be > 0")
+        _need(self.radius_std >= 0, "radius_std", "must be >= 0")
+
+    @property
+    def n_features(self) -> int:
+        return 2 * self.n_circles
+
+    def truth(self) -> dict[str, np.ndarray]:
+        """directions: a_0, b_0, a_1, b_1, ... (row 2c is a, row 2c+1 is b of circle c)."""
+        rng = np.random.default_rng([self.seed, 0])
+        return {"directions": _unit_rows(rng, self.n_features, self.d_in).astype(np.float32)}
+
+    def codes(self, truth: Mapping[str, np.ndarray], rng: np.random.Generator,
+              n: int) -> np.ndarray:
+        active = rng.random((n, self.n_circles)) < self.prob
+        theta = rng.uniform(0.0, 2 * np.pi, (n, self.n_circles))
+        r = np.maximum(rng.normal(self.radius, self.radius_std, (n, self.n_circles)), 0.0)
+        r = r * active
+        return np.stack([r * np.cos(theta), r * np.sin(theta)], axis=-1).reshape(
+            n, -1).astype(np.float32)
+
+    def structure(self) -> dict[str, Any]:
+        return {"n_features": self.n_features, "circle_of_feature": "feature // 2"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing, presets, regeneration
+
+
+def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Writes the shards of `spec` plus truth.safetensors and truth.json to `out`."""
+    truth = spec.truth()
+    directions = truth["directions"]
+    source = {"generator": spec.kind, **_spec_dict(spec), "block_tokens": BLOCK_TOKENS,
+              **spec.structure()}
     with ShardWriter(out, spec.d_in, dtype=spec.dtype, shard_tokens=spec.shard_tokens,
-                     source=source, overwrite=overwrite) as writer:
-        bar = tqdm(total=spec.tokens, unit="tok", unit_scale=True, desc="synth superposition",
+                     source={k: v for k, v in source.items() if k != "parent"},
+                     overwrite=overwrite) as writer:
+        bar = tqdm(total=spec.tokens, unit="tok", unit_scale=True, desc=f"synth {spec.kind}",
                    disable=not progress)
-        for i, lo in enumerate(range(0, spec.tokens, block)):
-            n = min(block, spec.tokens - lo)
-            draw = np.random.default_rng([spec.seed, 1, i])  # per block: regenerable by seed
-            active = draw.random((n, spec.n_features), dtype=np.float32) < probs
-            mags = draw.normal(spec.magnitude_mean, spec.magnitude_std, (n, spec.n_features))
-            codes = (active * np.maximum(mags, 0.0)).astype(np.float32)
-            writer.write(codes @ directions)
+        for i, lo in enumerate(range(0, spec.tokens, BLOCK_TOKENS)):
+            n = min(BLOCK_TOKENS, spec.tokens - lo)
+            writer.write(_block_codes(spec, truth, i, n) @ directions)
             bar.update(n)
         bar.close()
-        tensorfile.write(writer.staging / TRUTH_TENSORS, {
-            "directions": directions,
-            "firing_prob": probs.astype(np.float32),
-            "magnitude_mean": np.full(spec.n_features, spec.magnitude_mean, np.float32),
-            "magnitude_std": np.full(spec.n_features, spec.magnitude_std, np.float32),
-        })
+        tensorfile.write(writer.staging / TRUTH_TENSORS, truth)
         (writer.staging / TRUTH_JSON).write_text(json.dumps(source, indent=1))
     return Path(out)
+
+
+def _block_codes(spec, truth, block: int, n: int) -> np.ndarray:
+    return spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
+
+
+def _spec_dict(spec) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
+
+
+def generate_superposition(spec: SuperpositionSpec, out: str | Path, *, overwrite: bool = False,
+                           progress: bool = True) -> Path:
+    return write(spec, out, overwrite=overwrite, progress=progress)
 
 
 @dataclass(frozen=True)
 class Generator:
     spec: type
-    run: Callable[..., Path]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """A preset: values that replace the spec's defaults."""
+
+    @property
+    def description(self) -> str:
+        return (self.spec.__doc__ or self.spec.kind).splitlines()[0]
 
 
 GENERATORS: dict[str, Generator] = {
-    "superposition": Generator(SuperpositionSpec, generate_superposition),
+    "superposition": Generator(SuperpositionSpec),
+    "hierarchy": Generator(HierarchySpec),
+    # One parent (p=0.3) with two mutually exclusive children (0.4 each given the parent),
+    # orthogonal in 20 dims, magnitude 1.
+    "hierarchy_small": Generator(HierarchySpec, {
+        "n_trees": 1, "branching": 2, "depth": 2, "probs": (0.3, 0.4), "magnitudes": (1.0, 1.0),
+        "exclusive": True, "orthogonal": True, "d_in": 20}),
+    "circles": Generator(CirclesSpec),
 }
 
 
@@ -136,12 +392,71 @@ def parse_spec(raw: Mapping[str, Any], *, key: str = "generate") -> tuple[Genera
         raise ConfigError(f"{key}.kind: must be one of {', '.join(GENERATORS)}, got {kind!r}")
     gen = GENERATORS[kind]
     try:
-        return gen, from_dict(gen.spec, raw, key)
+        return gen, from_dict(gen.spec, {**gen.defaults, **raw}, key)
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(key) else f"{key}.{msg}") from None
 
 
 def generate(raw: Mapping[str, Any], out: str | Path, **kwargs) -> Path:
-    gen, spec = parse_spec(raw)
-    return gen.run(spec, out, **kwargs)
+    _, spec = parse_spec(raw)
+    return write(spec, out, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the truth back
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The ground truth of a generated directory."""
+
+    spec: Any
+    arrays: Mapping[str, np.ndarray]
+
+    @property
+    def directions(self) -> np.ndarray:
+        return self.arrays["directions"]
+
+    def codes(self, start: int, stop: int, *, progress: bool = False) -> np.ndarray:
+        """[stop - start, n_features] the true feature activations of tokens [start, stop),
+        regenerated from the seed (float32, exactly what the shards were built from)."""
+        if not 0 <= start <= stop <= self.spec.tokens:
+            raise ValueError(f"tokens [{start}, {stop}) outside the {self.spec.tokens} written")
+        parts = []
+        first, last = start // BLOCK_TOKENS, -(-stop // BLOCK_TOKENS)
+        for block in tqdm(range(first, last), desc="true codes", disable=not progress):
+            lo = block * BLOCK_TOKENS
+            n = min(BLOCK_TOKENS, self.spec.tokens - lo)
+            codes = _block_codes(self.spec, self.arrays, block, n)
+            parts.append(codes[max(start - lo, 0): min(stop - lo, n)])
+        if not parts:
+            return np.zeros((0, self.directions.shape[0]), np.float32)
+        return np.concatenate(parts)
+
+
+def load_truth(path: str | Path) -> Truth:
+    """The truth of a generated directory (or of its truth.json / truth.safetensors)."""
+    path = Path(path)
+    directory = path.parent if path.name in (TRUTH_JSON, TRUTH_TENSORS) else path
+    meta, tensors = directory / TRUTH_JSON, directory / TRUTH_TENSORS
+    for f in (meta, tensors):
+        if not f.is_file():
+            raise DataError(f"{f}: not found (not a directory written by `jaxsae synth`)")
+    try:
+        info = json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta}: not valid JSON ({e})") from None
+    kind = info.get("generator")
+    if kind not in GENERATORS:
+        raise DataError(f"{meta}: unknown generator {kind!r}")
+    if info.get("block_tokens", BLOCK_TOKENS) != BLOCK_TOKENS:
+        raise DataError(f"{meta}: written with blocks of {info['block_tokens']} tokens; this "
+                        f"version regenerates blocks of {BLOCK_TOKENS}")
+    fields = {f.name for f in dataclasses.fields(GENERATORS[kind].spec)}
+    _, spec = parse_spec({"kind": kind, **{k: v for k, v in info.items() if k in fields}},
+                         key=str(meta))
+    arrays = {k: np.asarray(v) for k, v in tensorfile.read(tensors).items()}
+    return Truth(spec=spec, arrays=arrays)
+
+

@@ -1,0 +1,106 @@
+"""`jaxsae bench`: arms x swept values x seeds, trained as sweeps; tables and plots."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jaxsae import bench
+from jaxsae.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_tree(tmp_path, **more):
+    tree = {
+        "name": "b", "out": str(tmp_path / "bench"), "seeds": [0, 1],
+        "base": {
+            "data": {"path": str(tmp_path / "data"), "eval_tokens": 2048,
+                     "generate": {"kind": "hierarchy_small", "tokens": 12288}},
+            "sae": {"d_sae": 3},
+            "optim": {"lr": 1e-2, "batch_size": 256, "total_tokens": 256 * 12,
+                      "warmup_steps": 1},
+            "checkpoint": {"every_steps": 100}, "log": {"every_steps": 6}},
+        "arms": {
+            "l1": {"loss": [{"term": "mse"}, {"term": "l1"}],
+                   "sweep": {"loss.1.coefficient": [0.01, 0.1]}},
+            "topk": {"sae": {"activation": "topk", "k": 1}, "loss": [{"term": "mse"}],
+                     "sweep": [{"sae.k": 1}, {"sae.k": 2}]},
+        },
+    }
+    tree.update(more)
+    return tree
+
+
+def _write(tmp_path, tree) -> Path:
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_arm_configs_cross_the_seeds(tmp_path):
+    cfg = bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path)))
+    arms = cfg.arm_configs()
+    assert list(arms) == ["l1", "topk"]
+    l1 = arms["l1"].sweep_configs()
+    assert [(m.loss[1].coefficient, m.seed) for m in l1] == [
+        (0.01, 0), (0.01, 1), (0.1, 0), (0.1, 1)]
+    assert [(m.sae.k, m.seed) for m in arms["topk"].sweep_configs()] == [
+        (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert arms["topk"].sae.d_sae == 3 and arms["topk"].sae.activation == "topk"  # merged
+    assert arms["l1"].run_dir == str(tmp_path / "bench" / "l1")
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"arms": {}}, "arms: at least one arm"),
+    ({"arms": {"x": 3}}, r"arms\.x: expected a mapping"),
+    ({"arms": {"x": {"sae": {"d_sea": 3}}}}, r"arms\.x: sae\.d_sea: unknown key"),
+    ({"arms": {"x": {"sweep": {"seed": [1]}}}}, r"arms\.x\.sweep\.seed: set seeds"),
+    ({"sedes": [1]}, r"sedes: unknown key"),
+])
+def test_bad_bench_configs_name_the_key(tmp_path, change, match):
+    with pytest.raises(ConfigError, match=match):
+        bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path, **change)))
+
+
+def test_pareto_frontier():
+    pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (3.0, 0.9), (4.0, 0.8), (0.5, 0.1)]
+    assert bench.pareto_frontier(pts) == [5, 0, 2, 3]
+
+
+def test_bench_end_to_end(tmp_path, monkeypatch):
+    path = _write(tmp_path, _bench_tree(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "jaxsae.cli", "bench", str(path),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "8 SAEs in 2 arms" in proc.stdout
+    out = tmp_path / "bench"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    assert [r["arm"] for r in rows] == ["l1"] * 4 + ["topk"] * 4
+    assert [r["values"] for r in rows[:2]] == ["loss.1.coefficient=0.01"] * 2
+    assert [r["seed"] for r in rows[:2]] == ["0", "1"]
+    for key in ("l0", "explained_variance", "mcc", "absorption", "f1"):
+        assert all(r[key] != "" for r in rows), key
+    assert 0 < float(rows[4]["l0"]) <= 1.0 < float(rows[6]["l0"]) <= 2.0  # topk k=1, k=2
+    md = (out / "results.md").read_text()
+    assert "## l1" in md and "## topk" in md and "| * |" in md
+    for png in ("l0_vs_ev.png", "mcc_vs_l0.png", "absorption_vs_l0.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second run reuses the trained arms (nothing is retrained) and rewrites the tables.
+    from jaxsae import train as train_mod
+
+    def fail(*a, **k):
+        raise AssertionError("retrained a finished arm")
+
+    monkeypatch.setattr(train_mod, "train", fail)
+    (out / "results.csv").unlink()
+    rows = bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
+    assert len(rows) == 8 and (out / "results.csv").is_file()

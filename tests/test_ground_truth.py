@@ -1,0 +1,290 @@
+"""Ground-truth generators (hierarchy, circles, correlated superposition), regeneration of the
+true codes, and the metrics computed against them, on hand-built SAEs with known answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsae import evaluate
+from jaxsae.config import DataConfig, SAEConfig
+from jaxsae.data import open_source, synthetic
+from jaxsae.data.shards import ShardSet
+from jaxsae.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generate(tmp_path, **raw):
+    _, spec = synthetic.parse_spec(raw)
+    out = synthetic.write(spec, tmp_path / raw["kind"], progress=False)
+    return out, synthetic.load_truth(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators
+
+
+def test_hierarchy_structure_and_firing(tmp_path):
+    out, truth = _generate(tmp_path, kind="hierarchy", n_trees=3, branching=2, depth=3,
+                           probs=[0.5, 0.4, 0.3], magnitudes=[1.0, 2.0, 5.0], d_in=32,
+                           tokens=40000)
+    spec = truth.spec
+    assert spec.n_features == 3 * (1 + 2 + 4)
+    parent, level = truth.arrays["parent"], truth.arrays["level"]
+    assert list(parent[:3]) == [-1, -1, -1] and list(parent[3:9]) == [0, 0, 1, 1, 2, 2]
+    assert list(level) == [0] * 3 + [1] * 6 + [2] * 12
+    d = truth.directions.astype(np.float64)
+    np.testing.assert_allclose(d @ d.T, np.eye(spec.n_features), atol=1e-5)  # orthonormal
+    codes = truth.codes(0, spec.tokens)
+    on = codes > 0
+    children = np.flatnonzero(parent >= 0)
+    assert not np.any(on[:, children] & ~on[:, parent[children]])  # child only with its parent
+    for p in range(9):  # exclusive siblings never fire together
+        assert not np.any(on[:, parent == p].sum(axis=1) > 1)
+    roots = on[:, :3].mean(axis=0)
+    np.testing.assert_allclose(roots, 0.5, atol=0.02)
+    given = on[:, 3:9].sum(axis=0) / on[:, parent[3:9]].sum(axis=0)
+    np.testing.assert_allclose(given, 0.4, atol=0.03)
+    for lv, mag in enumerate([1.0, 2.0, 5.0]):
+        values = codes[:, level == lv][on[:, level == lv]]
+        np.testing.assert_allclose(values, mag)  # magnitude_std 0: exact magnitudes
+    # The shards are exactly codes @ directions.
+    x = ShardSet(out).read(0, spec.tokens)
+    np.testing.assert_array_equal(x, codes @ truth.directions)
+
+
+def test_hierarchy_small_preset(tmp_path):
+    gen, spec = synthetic.parse_spec({"kind": "hierarchy_small", "tokens": 20000})
+    assert (spec.n_trees, spec.branching, spec.depth, spec.d_in) == (1, 2, 2, 20)
+    assert spec.probs == (0.3, 0.4) and spec.exclusive and spec.orthogonal
+    assert spec.n_features == 3 and gen.defaults
+    # preset values can still be overridden
+    assert synthetic.parse_spec({"kind": "hierarchy_small", "d_in": 8})[1].d_in == 8
+
+
+@pytest.mark.parametrize(("raw", "key"), [
+    ({"probs": [0.3]}, "probs"),
+    ({"magnitudes": [1.0, -1.0]}, "magnitudes"),
+    ({"probs": [0.3, 0.6]}, "probs"),  # 2 exclusive children x 0.6 > 1
+    ({"n_trees": 20, "d_in": 20}, "orthogonal"),  # 60 orthogonal directions in 20 dims
+    ({"depth": 0}, "depth"),
+])
+def test_hierarchy_validation_names_the_key(raw, key):
+    with pytest.raises(ConfigError, match=rf"generate\.{key}"):
+        synthetic.parse_spec({"kind": "hierarchy", **raw})
+
+
+def test_circles(tmp_path):
+    _, truth = _generate(tmp_path, kind="circles", n_circles=40, d_in=24, prob=0.1,
+                           radius=2.0, tokens=30000)
+    codes = truth.codes(0, truth.spec.tokens).reshape(-1, 40, 2)
+    r = np.linalg.norm(codes, axis=-1)
+    active = r > 0
+    np.testing.assert_allclose(r[active], 2.0, rtol=1e-5)  # points on the circle
+    assert abs(active.mean() - 0.1) < 0.01
+    theta = np.arctan2(codes[..., 1], codes[..., 0])[active]
+    hist, _ = np.histogram(theta, bins=8, range=(-np.pi, np.pi))
+    assert hist.min() > 0.8 * hist.mean()  # θ uniform
+    assert truth.directions.shape == (80, 24)
+
+
+def test_correlated_superposition_keeps_marginals_and_correlates(tmp_path):
+    common = {"kind": "superposition", "n_features": 64, "d_in": 16, "tokens": 32768,
+              "mean_l0": 6.0, "zipf_exponent": 0.0}
+    _, plain = _generate(tmp_path / "a", **common)
+    _, corr = _generate(tmp_path / "b", **common, correlation_rank=1, correlation=0.8)
+    for truth in (plain, corr):
+        rate = (truth.codes(0, 32768) > 0).mean(axis=0)
+        np.testing.assert_allclose(rate, 6 / 64, atol=0.015)
+
+    def mean_abs_corr(truth):
+        c = np.corrcoef((truth.codes(0, 32768) > 0).T)
+        return np.abs(c[~np.eye(64, dtype=bool)]).mean()
+
+    assert mean_abs_corr(corr) > 3 * mean_abs_corr(plain)
+    with pytest.raises(ConfigError, match="correlation"):
+        synthetic.parse_spec({**common, "correlation": 0.5})
+
+
+def test_true_codes_across_a_block_boundary(tmp_path):
+    out, truth = _generate(tmp_path, kind="superposition", n_features=40, d_in=12,
+                           tokens=40000, shard_tokens=7000)
+    start, stop = synthetic.BLOCK_TOKENS - 300, synthetic.BLOCK_TOKENS + 500
+    codes = truth.codes(start, stop)
+    assert codes.shape == (800, 40)
+    np.testing.assert_array_equal(ShardSet(out).read(start, stop),
+                                  codes @ truth.directions)
+    np.testing.assert_array_equal(truth.codes(0, 40000)[start:stop], codes)
+    with pytest.raises(ValueError, match="outside"):
+        truth.codes(0, 40001)
+
+
+def test_load_truth_errors(tmp_path):
+    with pytest.raises(DataError, match=r"truth\.json: not found"):
+        synthetic.load_truth(tmp_path)
+    out, _ = _generate(tmp_path, kind="hierarchy_small", tokens=1000)
+    meta = json.loads((out / "truth.json").read_text())
+    (out / "truth.json").write_text(json.dumps({**meta, "generator": "spirals"}))
+    with pytest.raises(DataError, match="unknown generator 'spirals'"):
+        synthetic.load_truth(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on hand-built SAEs
+
+
+RELU = SAEConfig(d_sae=3, activation="relu")
+
+
+def _sae(W_enc, W_dec):
+    W_enc, W_dec = np.asarray(W_enc, np.float32), np.asarray(W_dec, np.float32)
+    return {"W_enc": W_enc, "W_dec": W_dec, "b_enc": np.zeros(W_enc.shape[1], np.float32),
+            "b_dec": np.zeros(W_dec.shape[1], np.float32)}
+
+
+@pytest.fixture(scope="module")
+def small_hierarchy(tmp_path_factory):
+    raw = {"kind": "hierarchy_small", "tokens": 20000, "seed": 1}
+    _, spec = synthetic.parse_spec(raw)
+    out = synthetic.write(spec, tmp_path_factory.mktemp("h") / "h", progress=False)
+    return out, synthetic.load_truth(out)
+
+
+def _report(params, cfg, data, truth, **kw):
+    return evaluate.truth_report(params, cfg, open_source(DataConfig(path=str(data))), truth,
+                                 batch_size=4096, **kw)
+
+
+def test_the_true_dictionary_scores_perfectly(small_hierarchy):
+    data, truth = small_hierarchy
+    d = truth.directions  # orthonormal parent, child 1, child 2
+    r = _report(_sae(d.T, d), RELU, data, truth, details=True)
+    for key in ("mcc", "mmcs", "uniqueness", "precision", "recall", "f1", "shrinkage",
+                "parent_recall_alone", "parent_recall_with_child"):
+        assert r[key] == pytest.approx(1.0, abs=1e-5), key
+    assert r["l0"] == pytest.approx(r["true_l0"], rel=1e-6)
+    assert r["true_l0"] == pytest.approx(0.3 * (1 + 0.8), abs=0.03)
+    assert r["absorption"] == 0 and r["dead_fraction"] == 0
+    assert r["parent_decoder_child_cos"] == pytest.approx(0.0, abs=1e-5)
+    assert r["per_feature"]["latent"] == [0, 1, 2]
+    assert r["per_parent"][0]["parent"] == 0
+
+
+def test_full_absorption_is_detected(small_hierarchy):
+    data, truth = small_hierarchy
+    p, c1, c2 = truth.directions
+    # The parent latent is switched off by either child; the child latents carry the parent.
+    W_enc = np.stack([p - c1 - c2, c1, c2], axis=1)
+    W_dec = np.stack([p, (p + c1) / np.sqrt(2), (p + c2) / np.sqrt(2)])
+    r = _report(_sae(W_enc, W_dec), RELU, data, truth, details=True)
+    assert r["parent_recall_alone"] == pytest.approx(1.0)
+    assert r["parent_recall_with_child"] == 0.0
+    assert r["absorption_full"] == pytest.approx(1.0) and r["absorption_partial"] == 0.0
+    assert r["recall"] < 1.0  # the parent's latent misses the tokens its children took
+
+
+def test_partial_absorption_is_detected(small_hierarchy):
+    data, truth = small_hierarchy
+    p, c1, c2 = truth.directions
+    W_enc = np.stack([p - 0.6 * (c1 + c2), c1, c2], axis=1)  # 0.4 < half its usual 1.0
+    r = _report(_sae(W_enc, np.stack([p, c1, c2])), RELU, data, truth)
+    assert r["absorption_full"] == 0.0
+    assert r["absorption_partial"] == pytest.approx(1.0)
+    assert r["parent_recall_with_child"] == pytest.approx(1.0)
+
+
+def test_encoder_and_decoder_mixing(small_hierarchy):
+    data, truth = small_hierarchy
+    p, c1, c2 = truth.directions
+    W_dec = np.stack([(p + 0.5 * c1 + 0.5 * c2), c1, c2])
+    W_enc = np.stack([p, c1 - 0.5 * c2, c2 - 0.5 * c1], axis=1)
+    r = _report(_sae(W_enc, W_dec), RELU, data, truth)
+    assert r["parent_decoder_child_cos"] == pytest.approx(0.5 / np.sqrt(1.5), abs=1e-4)
+    assert r["child_encoder_sibling_cos"] == pytest.approx(-0.5 / np.sqrt(1.25), abs=1e-4)
+
+
+def test_duplicates_lower_uniqueness(small_hierarchy):
+    data, truth = small_hierarchy
+    d = truth.directions
+    dup = np.concatenate([d, d[1:2]])  # two latents for child 1
+    r = _report(_sae(dup.T, dup), SAEConfig(d_sae=4, activation="relu"), data, truth)
+    assert r["uniqueness"] == pytest.approx(3 / 4)
+    assert r["shrinkage"] > 1.0  # child 1 is reconstructed twice
+
+
+def test_circle_metrics():
+    rng = np.random.default_rng(0)
+    n, d = 4, 16
+    q, _ = np.linalg.qr(rng.standard_normal((d, 2 * n)))
+    directions = q.T.astype(np.float32)  # circle c spans rows 2c, 2c+1
+    a, b = directions[0], directions[1]
+    rows = [a, -a, b, -b]  # circle 0 covered exactly (ReLU needs both signs)
+    rows += [(directions[2] + directions[3]) / np.sqrt(2)]  # one row in plane 1
+    rows += [directions[4] + directions[6]]  # between planes 2 and 3: in neither
+    W = np.stack(rows).astype(np.float32)
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    r = evaluate.circle_metrics(_sae(W.T, W), SAEConfig(d_sae=len(rows)), directions,
+                                radius=1.5)
+    assert r["rows_per_plane_histogram"] == {0: 2, 1: 1, 4: 1}
+    assert r["planes_covered"] == 0.5 and r["rows_per_covered_plane"] == 2.5
+    assert r["rows_in_planes"] == 5
+    # circle 0 reconstructed exactly, the others partly at best
+    assert 0.25 < r["circle_explained_variance"] < 0.75
+
+
+def test_truth_report_refuses_other_data(small_hierarchy, tmp_path):
+    _, truth = small_hierarchy
+    other, _ = _generate(tmp_path, kind="hierarchy_small", tokens=1000)
+    d = truth.directions
+    with pytest.raises(ValueError, match="not the data it was generated with"):
+        _report(_sae(d.T, d), RELU, other, truth)
+
+
+def test_training_on_generated_data_reports_the_truth(tmp_path):
+    from jaxsae.config import config_from_dict
+    from jaxsae.train import train
+
+    cfg = config_from_dict({
+        "name": "h", "run_dir": str(tmp_path / "run"),
+        "data": {"path": str(tmp_path / "data"), "eval_tokens": 4096,
+                 "generate": {"kind": "hierarchy_small", "tokens": 16384}},
+        "sae": {"d_sae": 3, "activation": "relu"},
+        "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.01}],
+        "optim": {"lr": 1e-2, "batch_size": 256, "total_tokens": 256 * 30, "warmup_steps": 2},
+        "checkpoint": {"every_steps": 100}, "log": {"every_steps": 10}})
+    result = train(cfg, progress=False)
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    for key in ("mcc", "f1", "uniqueness", "absorption", "parent_recall_with_child",
+                "shrinkage", "explained_variance"):
+        assert key in saved and key in result.eval
+    assert saved["mcc"] > 0.5
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxsae.cli", "eval", str(result.sae_dir), "--data",
+         str(tmp_path / "data"), "--truth", str(tmp_path / "data"), "--tokens", "4096",
+         "--details"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed["mcc"] == pytest.approx(saved["mcc"])
+    assert printed["absorption"] == pytest.approx(saved["absorption"])
+    assert len(printed["per_feature"]["f1"]) == 3
+
+
+def test_cli_synth_presets_and_kinds(tmp_path):
+    for kind, extra in [("hierarchy_small", []), ("circles", ["--n-circles", "5", "--d-in",
+                                                              "8"])]:
+        proc = subprocess.run([sys.executable, "-m", "jaxsae.cli", "synth", kind, "--out",
+                               str(tmp_path / kind), "--tokens", "2000", "--no-progress",
+                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert synthetic.load_truth(tmp_path / kind).spec.kind == kind.split("_")[0]
+    proc = subprocess.run([sys.executable, "-m", "jaxsae.cli", "synth", "hierarchy", "--out",
+                           str(tmp_path / "bad"), "--probs", "[0.3, 0.9]", "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "probs" in proc.stderr and len(
+        proc.stderr.strip().splitlines()) == 1
