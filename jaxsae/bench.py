@@ -34,7 +34,8 @@ from jaxsae.errors import ConfigError
 # Columns of results.csv / results.md, in order, when present.
 METRICS = ("l0", "true_l0", "explained_variance", "mse", "mcc", "mmcs", "uniqueness", "f1",
            "precision", "recall", "dead_fraction", "dense_fraction", "shrinkage", "absorption",
-           "absorption_full", "absorption_partial", "parent_recall_with_child",
+           "absorption_full", "absorption_partial", "parent_recall_alone",
+           "parent_recall_with_child",
            "parent_decoder_child_cos", "child_encoder_sibling_cos",
            "child_decoder_sibling_cos", "planes_covered",
            "rows_per_covered_plane", "circle_explained_variance")

@@ -10,7 +10,8 @@ from jaxsae.config import load_config
 from jaxsae.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted((ROOT / "configs").rglob("*.yaml"))
+PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "bench")
+BENCHES = sorted((ROOT / "configs" / "bench").glob("*.yaml"))
 
 
 def test_presets_exist():
@@ -36,3 +37,18 @@ def test_preset_launch_line_and_short_run(preset, tmp_path):
     result = train(short, progress=False)
     assert result.step == 6
     assert (result.sae_dir / "cfg.json").is_file()
+
+
+@pytest.mark.parametrize("config", BENCHES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_bench_preset_launch_line_and_short_run(config, tmp_path):
+    from jaxsae.bench import load_bench_config, run_bench
+
+    first = config.read_text().splitlines()[0]
+    assert first == f"# jaxsae bench {config.relative_to(ROOT).as_posix()}"
+    cfg = load_bench_config(config, [
+        f"out={tmp_path / 'bench'}", f"base.data.path={tmp_path / 'data'}", "seeds=[0]",
+        "base.data.generate.tokens=24576", "base.data.eval_tokens=4096",
+        "base.optim.batch_size=256", "base.optim.total_tokens=1536", "base.optim.warmup_steps=1"])
+    rows = run_bench(cfg, progress=False, log=lambda m: None)
+    assert {r["arm"] for r in rows} == set(cfg.arms)
+    assert (tmp_path / "bench" / "results.md").is_file()
