@@ -45,7 +45,7 @@ def _add_synth(sub) -> None:
                            description="Write ground-truth activation shards plus truth files.")
     kinds = synth.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, gen in GENERATORS.items():
-        p = kinds.add_parser(kind, help=gen.description + (" (preset)" if gen.defaults else ""),
+        p = kinds.add_parser(kind, help=gen.description,
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--out", required=True, help="output directory (must not exist)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -55,8 +55,13 @@ def _add_synth(sub) -> None:
             default = gen.defaults.get(f.name, f.default)
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"spec_{f.name}",
                            default=list(default) if isinstance(default, tuple) else default,
-                           metavar=f.type.upper() if isinstance(f.type, str)
-                           else None, help=docs.get(f.name, ""))
+                           metavar=_metavar(f.type), help=docs.get(f.name, ""))
+
+
+def _metavar(annotation) -> str | None:
+    if not isinstance(annotation, str):
+        return None
+    return "'[A, B, ...]'" if annotation.startswith("tuple") else annotation.upper()
 
 
 def build_parser() -> argparse.ArgumentParser:

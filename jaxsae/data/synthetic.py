@@ -362,20 +362,22 @@ class Generator:
     spec: type
     defaults: Mapping[str, Any] = field(default_factory=dict)
     """A preset: values that replace the spec's defaults."""
+    summary: str = ""
+    """What a preset is (its --help line); default: the spec's first docstring line."""
 
     @property
     def description(self) -> str:
-        return (self.spec.__doc__ or self.spec.kind).splitlines()[0]
+        return self.summary or (self.spec.__doc__ or self.spec.kind).splitlines()[0]
 
 
 GENERATORS: dict[str, Generator] = {
     "superposition": Generator(SuperpositionSpec),
     "hierarchy": Generator(HierarchySpec),
-    # One parent (p=0.3) with two mutually exclusive children (0.4 each given the parent),
-    # orthogonal in 20 dims, magnitude 1.
     "hierarchy_small": Generator(HierarchySpec, {
         "n_trees": 1, "branching": 2, "depth": 2, "probs": (0.3, 0.4), "magnitudes": (1.0, 1.0),
-        "exclusive": True, "orthogonal": True, "d_in": 20}),
+        "exclusive": True, "orthogonal": True, "d_in": 20},
+        summary="Preset of hierarchy: one parent (p=0.3) with two mutually exclusive children "
+                "(0.4 each given the parent), orthogonal in 20 dims, magnitude 1."),
     "circles": Generator(CirclesSpec),
 }
 
