@@ -8,6 +8,7 @@ this path; features are configuration and registered loss terms, never a second 
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import math
@@ -521,9 +522,9 @@ def _write_sweep_table(path: Path, cfg: Config, results: list[RunResult]) -> Non
         values = [_dotted_value(member, k) for k in keys]
         rows.append([str(result.run_dir.relative_to(path.parent)), *values,
                      *(result.eval[m] for m in SWEEP_TABLE_METRICS)])
-    text = "".join(",".join(map(str, row)) + "\n" for row in rows)
     tmp = path.with_suffix(".csv.partial")
-    tmp.write_text(text)
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
     tmp.replace(path)
 
 
