@@ -28,7 +28,14 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from jaxsae.config import Config, config_from_dict, from_dict, sweep_label
+from jaxsae.config import (
+    Config,
+    apply_override,
+    config_from_dict,
+    from_dict,
+    read_yaml_mapping,
+    sweep_label,
+)
 from jaxsae.errors import ConfigError
 
 # Columns of results.csv / results.md, in order, when present.
@@ -99,15 +106,7 @@ def _with_seeds(sweep: Any, seeds: tuple[int, ...], key: str) -> Any:
 
 
 def load_bench_config(path: str | Path, overrides: list[str] = ()) -> BenchConfig:
-    from jaxsae.config import apply_override
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    tree = read_yaml_mapping(path)
     for assignment in overrides:
         apply_override(tree, assignment)
     cfg = from_dict(BenchConfig, tree)

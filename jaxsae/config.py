@@ -566,19 +566,23 @@ def _list_index(node: list, part: str, key: str) -> int:
     return int(part)
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {}), errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return tree
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Reads a YAML preset (or starts from defaults when `path` is None) and applies overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    tree = read_yaml_mapping(path) if path is not None else {}
     for assignment in overrides:
         if assignment.startswith("sweep.") and "=" in assignment:
             _override_sweep(tree, assignment)

@@ -259,20 +259,22 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts) 
                 cos(W_dec[c.latent_of[a]], unit[b]) for a in children for b in children
                 if a != b and c.latent_of[a] >= 0],
         })
-    mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else 0.0  # noqa: E731
-    flat = lambda key: [v for r in rows for v in r[key]]  # noqa: E731
+    def mean(key):
+        return float(np.mean([r[key] for r in rows])) if rows else 0.0
+
+    def mean_of_lists(key):  # over every value of every parent's list
+        values = [v for r in rows for v in r[key]]
+        return float(np.mean(values)) if values else 0.0
+
     return {
         "absorption": mean("full") + mean("partial"),
         "absorption_full": mean("full"),
         "absorption_partial": mean("partial"),
         "parent_recall_alone": mean("recall_alone"),
         "parent_recall_with_child": mean("recall_with_child"),
-        "parent_decoder_child_cos": float(np.mean(flat("decoder_child_cos")))
-        if flat("decoder_child_cos") else 0.0,
-        "child_encoder_sibling_cos": float(np.mean(flat("encoder_sibling_cos")))
-        if flat("encoder_sibling_cos") else 0.0,
-        "child_decoder_sibling_cos": float(np.mean(flat("decoder_sibling_cos")))
-        if flat("decoder_sibling_cos") else 0.0,
+        "parent_decoder_child_cos": mean_of_lists("decoder_child_cos"),
+        "child_encoder_sibling_cos": mean_of_lists("encoder_sibling_cos"),
+        "child_decoder_sibling_cos": mean_of_lists("decoder_sibling_cos"),
         "per_parent": [{k: (float(v) if isinstance(v, np.floating) else v) for k, v in r.items()}
                        for r in rows],
     }

@@ -494,10 +494,12 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
     # -- export + evaluation -------------------------------------------------------------
     params = jax.device_get(state.params)
+    truth = _ground_truth(cfg, source)
     results = []
     for i, (member, directory) in enumerate(zip(members, dirs, strict=True)):
         metrics = finalise(built.member_params(params, i), member, source, n_train,
-                           directory / "sae" if is_main else None, scale=stats.scale)
+                           directory / "sae" if is_main else None, scale=stats.scale,
+                           truth=truth)
         if is_main:
             (directory / "eval.json").write_text(json.dumps(metrics, indent=1))
         results.append(RunResult(run_dir=directory, sae_dir=directory / "sae", step=total,
@@ -505,7 +507,7 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     if cfg.sweep is None:
         return results[0]
     if is_main:
-        _write_sweep_table(run_dir / "sweep.csv", cfg, results)
+        _write_sweep_table(run_dir / "sweep.csv", cfg, members, results)
     return RunResult(run_dir=run_dir, sae_dir=run_dir / "sweep", step=total, eval={},
                      sweep=tuple(results))
 
@@ -513,11 +515,11 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 SWEEP_TABLE_METRICS = ("l0", "mse", "explained_variance", "dead_fraction")
 
 
-def _write_sweep_table(path: Path, cfg: Config, results: list[RunResult]) -> None:
+def _write_sweep_table(path: Path, cfg: Config, members: list[Config],
+                       results: list[RunResult]) -> None:
     """sweep.csv: one row per SAE: its directory, the swept values, its evaluation."""
     keys = list(dict.fromkeys(k for point in cfg.sweep.points for k in point))
     rows = [["sae", *keys, *SWEEP_TABLE_METRICS]]
-    members = cfg.sweep_configs()
     for member, result in zip(members, results, strict=True):
         values = [_dotted_value(member, k) for k in keys]
         rows.append([str(result.run_dir.relative_to(path.parent)), *values,
@@ -535,21 +537,29 @@ def _dotted_value(cfg: Config, dotted: str) -> Any:
     return node
 
 
+def _ground_truth(cfg: Config, source) -> synthetic.Truth | None:
+    """The truth of data written by `jaxsae synth` (None for other data)."""
+    if not (Path(cfg.data.path) / synthetic.TRUTH_JSON).is_file():
+        return None
+    truth = synthetic.load_truth(cfg.data.path)
+    return truth if truth.spec.tokens == source.n_tokens else None
+
+
 def finalise(params: sae.Params, cfg: Config, source, n_train: int,
-             out: Path | None, *, scale: float = 1.0, dtype: str = "float32") -> dict[str, Any]:
+             out: Path | None, *, scale: float = 1.0, dtype: str = "float32",
+             truth: synthetic.Truth | None = None) -> dict[str, Any]:
     """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
-    last training tokens) in raw units, and exports to `out`."""
+    last training tokens) in raw units — with the ground-truth metrics when `truth` is given
+    (see _ground_truth) — and exports to `out`."""
     params = sae.fold_input_scale(params, scale)
     eval_start = n_train if cfg.data.eval_tokens else max(0, n_train - 65536)
     blocks = iter_blocks(source, cfg.optim.batch_size, start=eval_start)
     metrics = evaluate.reconstruction_metrics(params, cfg.sae, blocks)
     frequency = metrics.pop("firing_frequency")
     metrics["held_out"] = bool(cfg.data.eval_tokens)
-    if (Path(cfg.data.path) / synthetic.TRUTH_JSON).is_file():  # ground truth: how it did
-        truth = synthetic.load_truth(cfg.data.path)
-        if truth.spec.tokens == source.n_tokens:
-            metrics = {**evaluate.truth_report(params, cfg.sae, source, truth, start=eval_start,
-                                               batch_size=cfg.optim.batch_size), **metrics}
+    if truth is not None:
+        metrics = {**evaluate.truth_report(params, cfg.sae, source, truth, start=eval_start,
+                                           batch_size=cfg.optim.batch_size), **metrics}
     if out is not None:
         export.export_sae(
             params, cfg.sae, out, dtype=dtype,
@@ -593,11 +603,12 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     n_train = max(source.n_tokens - cfg.data.eval_tokens, 0)
     scale = DataStats.from_dict(loader_state["data_stats"]).scale
     params = jax.device_get(state.params)
+    truth = _ground_truth(cfg, source)
     # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
     for i, (member, directory) in enumerate(
             zip(built.members, member_dirs(cfg, Path(out)), strict=True)):
         finalise(built.member_params(params, i), member, source, n_train, directory,
-                 scale=scale, dtype=dtype)
+                 scale=scale, dtype=dtype, truth=truth)
     return Path(out)
 
 
