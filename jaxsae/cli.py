@@ -6,6 +6,8 @@
   jaxsae export RUN_OR_CHECKPOINT_DIR --out DIR [--step N] [--dtype float32|bfloat16]
   jaxsae import SAELENS_DIR --out RUN --data DIR [key=value ...]
   jaxsae eval SAE_DIR --data DIR [--truth TRUTH] [--tokens N]
+  jaxsae eval SAE_DIR --model MODEL --text FILE... [--layer L] [--tokens N]
+  jaxsae cache --model MODEL --layer L --text FILE... --tokens N --out DIR
   jaxsae data inspect DIR [--hook HOOK] [--json]
 
 Bad input exits with status 2 and one line naming the culprit.
@@ -108,6 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "base.optim.total_tokens=1e6")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("cache", help="cache a language model's activations as shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Run a Hugging Face causal LM over text files up to the hook "
+                                   "and write its activations as a jaxsae shard directory "
+                                   "(needs the extra `lm`: pip install 'jaxsae[lm]'). Each window "
+                                   "of --context tokens starts with BOS; rerunning an "
+                                   "interrupted command resumes it.")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face model directory, hub name, or .gguf file")
+    p.add_argument("--layer", type=int, required=True, help="block index (0-based)")
+    p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"],
+                   help="the block's output (resid_post) or input (resid_pre)")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE",
+                   help="text files, or directories of them (read in sorted order)")
+    p.add_argument("--tokens", type=int, required=True, help="activations to write")
+    p.add_argument("--out", required=True, help="shard directory to write")
+    p.add_argument("--context", type=int, default=128, help="tokens per window, BOS included")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="shard dtype (bfloat16 shards are safetensors)")
+    p.add_argument("--drop-first-position", default=True, action=argparse.BooleanOptionalAction,
+                   help="leave out position 0 of each window (an attention sink, norms ~100x "
+                        "the rest)")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard file")
+    p.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("export", help="export a checkpoint as a SAELens directory",
                        description="Export a checkpointed SAE to the SAELens layout (a sweep: "
                                    "every SAE, to OUT/sweep/<i>/).")
@@ -128,22 +159,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. optim.total_tokens=10_000_000")
 
-    p = sub.add_parser("eval", help="evaluate an exported SAE on activations (prints JSON)",
+    p = sub.add_parser("eval", help="evaluate an exported SAE (prints JSON)",
                        description="Reconstruction metrics of a SAELens-format SAE on a shard "
-                                   "directory; with --truth, how it recovered the true features "
-                                   "(see jaxsae.evaluate for every metric).")
+                                   "directory (--data); with --truth, how it recovered the true "
+                                   "features (see jaxsae.evaluate). With --model instead, the SAE "
+                                   "is spliced into the language model over --text: CE loss "
+                                   "recovered, KL, L0 and explained variance (see "
+                                   "jaxsae.splice; needs the extra `lm`).")
     p.add_argument("sae_dir", help="SAELens-format directory (e.g. runs/NAME/sae)")
-    p.add_argument("--data", required=True, help="activation directory")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", help="activation directory")
+    where.add_argument("--model", help="language model (directory, hub name or .gguf file)")
+    p.add_argument("--text", nargs="+", metavar="FILE",
+                   help="with --model: held-out text files or directories")
+    p.add_argument("--layer", type=int, default=None,
+                   help="with --model: block index (default: from the SAE's hook_name)")
+    p.add_argument("--context", type=int, default=None,
+                   help="with --model: tokens per window (default: the SAE's context_size, "
+                        "else 128)")
+    p.add_argument("--drop-first-position", default=None, action=argparse.BooleanOptionalAction,
+                   help="with --model: leave position 0 clean and unscored (default: as the "
+                        "SAE's training data was cached, else yes)")
+    p.add_argument("--device", default=None, help="with --model: torch device")
     p.add_argument("--truth", default=None,
                    help="the synthetic data directory (truth.json + truth.safetensors: recovery, "
                         "firing F1, absorption, circles), or a bare truth.safetensors (recovery)")
     p.add_argument("--details", action="store_true",
                    help="with --truth: also per-feature and per-parent figures")
     p.add_argument("--tokens", type=int, default=None,
-                   help="evaluate the last N tokens of the data (default: all)")
+                   help="with --data: evaluate the last N tokens (default: all); with --model: "
+                        "evaluate about N tokens (default: 16384)")
     p.add_argument("--hook", default=None,
-                   help="SAELens caches: the activation column, when there are several")
-    p.add_argument("--batch-size", type=int, default=4096)
+                   help="with --data: the SAELens cache column, when there are several; with "
+                        "--model: resid_post or resid_pre (default: from the SAE's hook_name)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tokens per block with --data (default 4096); windows per forward "
+                        "pass with --model (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="with --model: no progress bar")
     return parser
 
 
@@ -248,6 +300,53 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    from jaxsae.data.lm import cache
+
+    out = cache(args.model, args.layer, args.text, args.out, tokens=args.tokens, hook=args.hook,
+                context=args.context, dtype=args.dtype,
+                drop_first_position=args.drop_first_position, batch_size=args.batch_size,
+                shard_tokens=args.shard_tokens, model_dtype=args.model_dtype,
+                device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {out}\ntrain on it with: jaxsae train CONFIG data.path={out}")
+    return 0
+
+
+def _eval_model(args, loaded) -> dict:
+    """`jaxsae eval --model`: the SAE spliced into the language model (jaxsae.splice)."""
+    from jaxsae import splice
+    from jaxsae.data import lm as lm_data
+
+    meta = loaded.cfg_json.get("metadata", {})
+    trained_at = lm_data.parse_hook_name(meta.get("hook_name", ""))
+    layer = args.layer if args.layer is not None else trained_at and trained_at[0]
+    if layer is None:
+        raise JaxsaeError(f"--layer: required ({args.sae_dir}/cfg.json names no hook_name "
+                          "like blocks.L.hook_resid_post)")
+    hook = args.hook or (trained_at[1] if trained_at else "resid_post")
+    if hook not in lm_data.HOOK_POINTS:
+        raise JaxsaeError(f"--hook must be one of {', '.join(lm_data.HOOK_POINTS)}, got {hook!r}")
+    if not args.text:
+        raise JaxsaeError("--text: required with --model (held-out text to evaluate on)")
+    context = args.context or meta.get("context_size") or 128
+    drop_first = args.drop_first_position
+    if drop_first is None:
+        drop_first = meta.get("drop_first_position", True)
+    tokens = 16384 if args.tokens is None else args.tokens
+    batch_size = 8 if args.batch_size is None else args.batch_size
+    for flag, value, low in (("--context", context, 2), ("--tokens", tokens, 1),
+                             ("--batch-size", batch_size, 1)):
+        if value < low:
+            raise JaxsaeError(f"{flag} must be at least {low}, got {value}")
+    files = lm_data.text_files(args.text)
+    lm = lm_data.load_model(args.model, device=args.device, layer=layer,
+                            progress=not args.no_progress)
+    windows = splice.eval_windows(lm, files, context, tokens, 1 if drop_first else 0)
+    return splice.ce_loss_recovered(loaded, lm, layer, hook, windows,
+                                    drop_first_position=drop_first, batch_size=batch_size,
+                                    progress=not args.no_progress)
+
+
 def _cmd_eval(args) -> int:
     import numpy as np
 
@@ -259,13 +358,19 @@ def _cmd_eval(args) -> int:
     from jaxsae.export import load_sae
 
     loaded = load_sae(args.sae_dir)
+    if args.model:
+        if args.truth:
+            raise JaxsaeError("--truth goes with --data, not --model")
+        print(json.dumps(_eval_model(args, loaded), indent=1))
+        return 0
     data = open_source(DataConfig(path=args.data, hook=args.hook))
     if data.d_in != loaded.d_in:
         raise DataError(f"{args.data}: d_in {data.d_in} does not match the SAE's d_in "
                         f"{loaded.d_in} ({args.sae_dir})")
     start = 0 if args.tokens is None else max(0, data.n_tokens - args.tokens)
+    batch_size = args.batch_size or 4096
     metrics = evaluate.reconstruction_metrics(
-        loaded.params, loaded.sae, iter_blocks(data, args.batch_size, start=start))
+        loaded.params, loaded.sae, iter_blocks(data, batch_size, start=start))
     metrics.pop("firing_frequency")
     if args.truth:
         truth = Path(args.truth)
@@ -275,7 +380,7 @@ def _cmd_eval(args) -> int:
             full = synthetic.load_truth(directory)
             try:
                 report = evaluate.truth_report(loaded.params, loaded.sae, data, full,
-                                               start=start, batch_size=args.batch_size,
+                                               start=start, batch_size=batch_size,
                                                details=args.details)
             except ValueError as e:
                 raise DataError(f"--truth {args.truth}: {e}") from None
@@ -296,7 +401,7 @@ def _cmd_eval(args) -> int:
 
 COMMANDS = {"synth": _cmd_synth, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export,
             "bench": _cmd_bench,
-            "import": _cmd_import, "eval": _cmd_eval}
+            "import": _cmd_import, "eval": _cmd_eval, "cache": _cmd_cache}
 
 if __name__ == "__main__":
     sys.exit(main())

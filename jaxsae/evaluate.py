@@ -98,7 +98,8 @@ FIRING_EPS = 1e-6
 
 
 @partial(jax.jit, static_argnames="cfg")
-def _encode_decode(params: sae.Params, x: jax.Array, cfg: SAEConfig):
+def encode_decode(params: sae.Params, x: jax.Array, cfg: SAEConfig):
+    """(codes, reconstruction) of x [n, d_in] at inference."""
     acts = sae.encode(params, x, cfg, train=False)
     return acts, sae.decode(params, acts)
 
@@ -122,7 +123,7 @@ def ground_truth_metrics(
     n_feat = directions.shape[0]
     counts = _FiringCounts(n_feat, W_dec.shape[0], match_f, match_l, parent)
     for x, codes in blocks:
-        acts, x_hat = jax.device_get(_encode_decode(params, jnp.asarray(x), cfg))
+        acts, x_hat = jax.device_get(encode_decode(params, jnp.asarray(x), cfg))
         counts.add(np.asarray(x), np.asarray(acts), np.asarray(x_hat), codes)
     if counts.n == 0:
         raise ValueError("no tokens to evaluate")
@@ -303,7 +304,7 @@ def circle_metrics(params: sae.Params, cfg: SAEConfig, directions: np.ndarray, *
         x = radius * (np.cos(theta)[None, :, None] * a[lo:hi, None]
                       + np.sin(theta)[None, :, None] * b[lo:hi, None])  # [c, points, d]
         flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
-        _, x_hat = jax.device_get(_encode_decode(params, jnp.asarray(flat), cfg))
+        _, x_hat = jax.device_get(encode_decode(params, jnp.asarray(flat), cfg))
         err = np.sum((np.asarray(x_hat).reshape(x.shape) - x) ** 2, axis=(1, 2))
         spread = np.sum((x - x.mean(axis=1, keepdims=True)) ** 2, axis=(1, 2))
         evs.append(1.0 - err / np.maximum(spread, 1e-30))

@@ -619,6 +619,10 @@ def _source_metadata(source) -> dict[str, Any]:
         out["model_name"] = src["model"]
     if "hook" in src:
         out["hook_name"] = src["hook"]
+    if "context" in src:  # written by `jaxsae cache`: how the windows were built
+        out["context_size"] = src["context"]
+        out["prepend_bos"] = src.get("prepend_bos", True)
+        out["drop_first_position"] = src.get("drop_first_position", True)
     return out
 
 

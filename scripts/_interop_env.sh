@@ -1,18 +1,20 @@
-# Sourced by scripts/test.sh: builds (once, cached) .venv-interop with PyTorch and SAELens,
-# pinned by scripts/interop-constraints.txt, for tests/interop/. jaxsae is not installed
-# there: the tests run SAELens in a subprocess of that interpreter and compare results.
+# Sourced by scripts/test.sh: builds (once, cached) .venv-interop, the PyTorch environment:
+# jaxsae with the extra `lm` (torch, transformers, gguf) plus SAELens, pinned by
+# scripts/interop-constraints.txt and scripts/constraints.txt. tests/interop/ run SAELens there
+# in a subprocess; tests/lm/ (jaxsae cache, CE loss recovered) run there in full.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv-interop"
 stamp="$venv/.jaxsae-interop"
-want="$(sha256sum "$root/scripts/interop-constraints.txt" | cut -d' ' -f1)"
+want="$(cat "$root/pyproject.toml" "$root/scripts/constraints.txt" \
+          "$root/scripts/interop-constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "building .venv-interop (torch 2.13.0 + sae-lens, for tests/interop; once)" >&2
+  echo "building .venv-interop (jaxsae[lm] + torch 2.13.0 + sae-lens; once)" >&2
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   log="$venv/install.log"
   if ! { "$venv/bin/python" -m pip install --upgrade pip &&
          "$venv/bin/python" -m pip install -c "$root/scripts/interop-constraints.txt" \
-           torch==2.13.0 sae-lens; } > "$log" 2>&1; then
+           -c "$root/scripts/constraints.txt" -e "$root[lm,test]" sae-lens; } > "$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" | tail -30 >&2
     echo "building .venv-interop failed; full log: $log" >&2
     exit 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,11 @@ import pytest
 
 from jaxsae.config import config_from_dict
 from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
+
+# tests/lm need the optional extra `lm` (torch + transformers): scripts/test.sh runs them with
+# .venv-interop's Python, which has it; the core environment has no torch.
+collect_ignore = [] if all(importlib.util.find_spec(m) for m in ("torch", "transformers")) \
+    else ["lm"]
 
 SMALL_SPEC = SuperpositionSpec(n_features=48, d_in=16, tokens=16384, mean_l0=3.0,
                                shard_tokens=4096, seed=3)

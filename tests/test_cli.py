@@ -22,12 +22,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("argv", [[], ["synth"], ["synth", "superposition"], ["train"],
-                                  ["export"], ["eval"]])
+                                  ["export"], ["eval"], ["cache"], ["bench"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*argv, "--help"])
     assert exit_info.value.code == 0
     assert "usage: jaxsae" in capsys.readouterr().out
+
+
+def test_the_core_never_imports_torch(tmp_path):
+    """The trainer is JAX-only: PyTorch is loaded by `cache` and `eval --model` alone."""
+    code = ("import sys; from jaxsae import cli, train, evaluate, export, bench; "
+            "cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(all(__import__("importlib").util.find_spec(m) for m in ("torch",)),
+                    reason="this environment has the extra `lm`")
+def test_cache_without_the_lm_extra_says_how_to_install_it(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("text")
+    err = _one_line_error(["cache", "--model", "m", "--layer", "0", "--text",
+                           str(tmp_path / "t.txt"), "--tokens", "8", "--out",
+                           str(tmp_path / "o")], capsys)
+    assert "pip install 'jaxsae[lm]'" in err
 
 
 def _one_line_error(argv, capsys) -> str:

@@ -183,11 +183,19 @@ class ShardSet(ArraySource):
 # Writing
 
 
+PROGRESS = "progress.json"
+
+
 class ShardWriter:
     """Writes arrays [n, d_in] into fixed-size shards; `close()` publishes the directory.
 
     The set is written into `<out>.partial/` and renamed to `<out>/` after the manifest, so an
     interrupted write never leaves something that looks like a complete set.
+
+    With `resume_key` (a JSON-able description of what is being written), the staging directory
+    survives an interruption: every complete shard is recorded in `<out>.partial/progress.json`,
+    and a later writer with the same key starts with those shards (`n_tokens` tells the caller
+    where to continue). Tokens not yet in a complete shard are written again.
     """
 
     def __init__(
@@ -200,6 +208,7 @@ class ShardWriter:
         source: Mapping[str, Any] | None = None,
         file_type: str = "npy",
         overwrite: bool = False,
+        resume_key: Mapping[str, Any] | None = None,
     ):
         if dtype not in DTYPES:
             raise DataError(f"shard dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -211,12 +220,14 @@ class ShardWriter:
         if self.out.exists() and not overwrite:
             raise DataError(f"{self.out}: already exists (remove it or choose another --out)")
         self.staging = self.out.with_name(self.out.name + ".partial")
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
         self.d_in, self.dtype, self.file_type = d_in, dtype, file_type
         self.shard_tokens = shard_tokens
         self.source = dict(source or {})
-        self.entries: list[ShardEntry] = []
+        self.resume_key = None if resume_key is None else json.loads(json.dumps(resume_key))
+        self.entries: list[ShardEntry] = self._resumed_entries()
+        if not self.entries:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir(parents=True)
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         self.extra_files: list[str] = []
@@ -227,8 +238,32 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        else:
+        elif self.resume_key is None:
             shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _resumed_entries(self) -> list[ShardEntry]:
+        """The complete shards of an interrupted write with the same resume key, if any."""
+        if self.resume_key is None or not (self.staging / PROGRESS).is_file():
+            return []
+        try:
+            progress = json.loads((self.staging / PROGRESS).read_text())
+            same = (progress.get("key") == self.resume_key and progress.get("d_in") == self.d_in
+                    and progress.get("dtype") == self.dtype
+                    and progress.get("shard_tokens") == self.shard_tokens)
+            entries = [ShardEntry(e["file"], e["n_tokens"]) for e in progress["shards"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            return []
+        if not same or not all((self.staging / e.file).is_file() for e in entries):
+            return []
+        return entries
+
+    def _record_progress(self) -> None:
+        tmp = self.staging / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps({
+            "key": self.resume_key, "d_in": self.d_in, "dtype": self.dtype,
+            "shard_tokens": self.shard_tokens,
+            "shards": [{"file": e.file, "n_tokens": e.n_tokens} for e in self.entries]}))
+        os.replace(tmp, self.staging / PROGRESS)
 
     @property
     def n_tokens(self) -> int:
@@ -254,6 +289,8 @@ class ShardWriter:
         else:
             tensorfile.write(self.staging / name, {SAFETENSORS_KEY: data})
         self.entries.append(ShardEntry(name, len(block)))
+        if self.resume_key is not None:
+            self._record_progress()
 
     def close(self) -> Path:
         if self._pending_tokens:
@@ -262,6 +299,7 @@ class ShardWriter:
         if not self.entries:
             raise DataError(f"{self.out}: no activations were written")
         manifest = Manifest(self.d_in, self.dtype, tuple(self.entries), self.source)
+        (self.staging / PROGRESS).unlink(missing_ok=True)
         (self.staging / MANIFEST).write_text(manifest.to_json())
         if self.out.exists():
             shutil.rmtree(self.out)

@@ -1,0 +1,336 @@
+"""Activations from a Hugging Face causal language model (optional extra `lm`: torch + transformers).
+
+`cache()` (the `jaxsae cache` command) tokenises text files, runs the model only as far as the hook
+and writes the activations as a jaxsae shard set. The model is a Hugging Face model directory, a
+hub name, or a `.gguf` file (dequantised by transformers). Hook points follow TransformerLens
+names, `blocks.{layer}.hook_resid_post` (the output of block `layer`) and `...hook_resid_pre` (its
+input), so an exported SAE's `hook_name` means the same thing in SAELens.
+
+Token windows: the text files are tokenised in order, each followed by the EOS token, and cut
+into windows of `context` tokens, each starting with the BOS token. Position 0 of every window is
+an attention sink whose residual norm is orders of magnitude above the rest; it is dropped unless
+`drop_first_position=False`. The same windows feed `jaxsae.splice` (CE loss recovered).
+
+The activation is read by a hook on the block itself, never from `output_hidden_states`: the last
+entry of that tuple is the output of the final norm, not the residual stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxsae.data.shards import DTYPES, ShardWriter, is_shard_dir, read_manifest
+from jaxsae.errors import DataError, JaxsaeError
+
+HOOK_POINTS = ("resid_post", "resid_pre")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+TEXT_BLOCK_CHARS = 1 << 18
+"""Text files are tokenised in blocks of about this many characters, cut at line ends."""
+
+
+def hook_name(layer: int, point: str) -> str:
+    return f"blocks.{layer}.hook_{point}"
+
+
+def parse_hook_name(name: str) -> tuple[int, str] | None:
+    """(layer, point) of a `blocks.{layer}.hook_{point}` name, or None."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", name or "")
+    return (int(m[1]), m[2]) if m and m[2] in HOOK_POINTS else None
+
+
+def require_lm():
+    """Imports torch and transformers, or stops with how to install them."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise JaxsaeError(f"this command needs the optional extra `lm` (missing {e.name}): "
+                          "pip install 'jaxsae[lm]'") from None
+    return torch, transformers
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class LanguageModel:
+    name: str
+    model: Any
+    """A transformers causal LM, in eval mode, without gradients."""
+    tokenizer: Any
+    blocks: Any
+    """The model's stack of transformer blocks (a torch ModuleList)."""
+    n_layers: int
+    device: Any
+
+    @property
+    def bos_id(self) -> int:
+        tok = self.tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if bos is None:
+            raise JaxsaeError(f"--model {self.name}: the tokenizer has neither a BOS nor an EOS "
+                              "token to start windows with")
+        return int(bos)
+
+    @property
+    def separator_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.eos_token_id) if tok.eos_token_id is not None else self.bos_id
+
+
+def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
+               layer: int | None = None, truncate: bool = False,
+               progress: bool = True) -> LanguageModel:
+    """Loads `name` (a model directory, a hub name, or a .gguf file) and its tokenizer.
+
+    `layer`, when given, is checked against the model's config before the weights are loaded;
+    `truncate` then drops the blocks after it (for caching: nothing after the hook is run)."""
+    torch, transformers = require_lm()
+    if dtype not in MODEL_DTYPES:
+        raise JaxsaeError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
+    path = Path(name)
+    kwargs: dict[str, Any] = {}
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise JaxsaeError(f"--model {name}: no such .gguf file")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.exists() and not path.is_dir():
+        raise JaxsaeError(f"--model {name}: expected a model directory, a hub name or a .gguf file")
+    else:
+        where = name
+    if progress:
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        config = transformers.AutoConfig.from_pretrained(where, **kwargs)
+        n_layers = _n_layers(config)
+        if layer is not None and not 0 <= layer < n_layers:
+            raise JaxsaeError(f"--layer {layer}: {name} has layers 0..{n_layers - 1}")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            where, dtype=getattr(torch, dtype), **kwargs)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JaxsaeError(f"--model {name}: cannot load it ({reason})") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval().requires_grad_(False).to(device)
+    blocks = _find_blocks(model, n_layers, name)
+    if truncate and layer is not None:
+        del blocks[layer + 1 :]
+    return LanguageModel(name, model, tokenizer, blocks, n_layers, torch.device(device))
+
+
+def _n_layers(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    if not isinstance(n, int):
+        raise ValueError("its config gives no number of layers")
+    return n
+
+
+def _find_blocks(model, n: int, name: str):
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise JaxsaeError(f"--model {name}: cannot find its stack of {n} transformer blocks")
+
+
+def check_layer(lm: LanguageModel, layer: int) -> None:
+    if not 0 <= layer < lm.n_layers:
+        raise JaxsaeError(f"--layer {layer}: {lm.name} has layers 0..{lm.n_layers - 1}")
+
+
+class _Captured(Exception):
+    """Raised by a capture hook to stop the forward pass once the activation is read."""
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def hooked(lm: LanguageModel, layer: int, point: str, fn):
+    """Within the block, `fn(x)` sees the activation x [B, T, d] at the hook and returns its
+    replacement (None keeps x)."""
+    block = lm.blocks[layer]
+    if point == "resid_post":
+        def post(module, args, output):
+            new = fn(_hidden(output))
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        handle = block.register_forward_hook(post)
+    elif point == "resid_pre":
+        def pre(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            new = fn(x)
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+        handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+        raise JaxsaeError(f"--hook must be one of {', '.join(HOOK_POINTS)}, got {point!r}")
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def capture(lm: LanguageModel, layer: int, point: str, ids: np.ndarray) -> np.ndarray:
+    """The float32 activation [B, T, d] at the hook for token ids [B, T]; the blocks after it,
+    the final norm and the unembedding are never run."""
+    import torch
+
+    box = {}
+
+    def grab(x):
+        box["x"] = x
+        raise _Captured
+
+    with hooked(lm, layer, point, grab), torch.inference_mode():
+        try:
+            lm.model(input_ids=torch.as_tensor(ids, device=lm.device), use_cache=False)
+        except _Captured:
+            pass
+    return box["x"].float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def text_files(paths: Sequence[str]) -> list[Path]:
+    """The files named, with directories expanded to their files (sorted, hidden ones skipped)."""
+    files: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.is_file()
+                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        else:
+            raise DataError(f"--text {p}: no such file or directory")
+    if not files:
+        raise DataError(f"--text {' '.join(paths)}: no text files")
+    return files
+
+
+def _token_blocks(tokenizer, files: Sequence[Path], separator: int) -> Iterator[np.ndarray]:
+    for file in files:
+        with open(file, encoding="utf-8", errors="replace") as fh:
+            buf: list[str] = []
+            size = 0
+            for line in itertools.chain(fh, [None]):
+                if line is not None:
+                    buf.append(line)
+                    size += len(line)
+                if buf and (line is None or size >= TEXT_BLOCK_CHARS):
+                    ids = tokenizer("".join(buf), add_special_tokens=False)["input_ids"]
+                    yield np.asarray(ids, np.int64)
+                    buf, size = [], 0
+        yield np.asarray([separator], np.int64)
+
+
+def token_windows(lm: LanguageModel, files: Sequence[Path], context: int) -> Iterator[np.ndarray]:
+    """Windows [context] of token ids: BOS, then the next context-1 tokens of the text stream."""
+    body = context - 1
+    pending, n = [], 0
+    for ids in _token_blocks(lm.tokenizer, files, lm.separator_id):
+        pending.append(ids)
+        n += len(ids)
+        if n < body:
+            continue
+        stream = np.concatenate(pending)
+        cut = len(stream) - len(stream) % body
+        for start in range(0, cut, body):
+            yield np.concatenate([[lm.bos_id], stream[start : start + body]])
+        pending, n = [stream[cut:]], len(stream) - cut
+
+
+def batched(windows: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    while batch := list(itertools.islice(windows, size)):
+        yield np.stack(batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caching
+
+
+def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, tokens: int,
+          hook: str = "resid_post", context: int = 128, dtype: str = "float32",
+          drop_first_position: bool = True, batch_size: int = 32, shard_tokens: int = 65536,
+          model_dtype: str = "float32", device: str | None = None, overwrite: bool = False,
+          progress: bool = True) -> Path:
+    """Caches `tokens` activations of `model` at `blocks.{layer}.hook_{hook}` to `out`.
+
+    Resumable: an interrupted run leaves `<out>.partial/`, and the same call continues from its
+    last complete shard and writes exactly what an uninterrupted run would have written."""
+    from tqdm.auto import tqdm
+
+    if hook not in HOOK_POINTS:
+        raise JaxsaeError(f"--hook must be one of {', '.join(HOOK_POINTS)}, got {hook!r}")
+    if dtype not in DTYPES:
+        raise JaxsaeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for flag, value, low in (("--layer", layer, 0), ("--context", context, 2),
+                             ("--tokens", tokens, 1), ("--batch-size", batch_size, 1),
+                             ("--shard-tokens", shard_tokens, 1)):
+        if value < low:
+            raise JaxsaeError(f"{flag} must be at least {low}, got {value}")
+    files = text_files(text)
+    out = Path(out)
+    source = {"model": model, "layer": layer, "hook": hook_name(layer, hook),
+              "text": [str(t) for t in text], "context": context,
+              "drop_first_position": drop_first_position, "prepend_bos": True,
+              "model_dtype": model_dtype}
+    if out.exists() and not overwrite:
+        if is_shard_dir(out):
+            done = read_manifest(out)
+            if dict(done.source) == source and done.n_tokens >= tokens:
+                print(f"{out}: already cached ({done.n_tokens} tokens)", file=sys.stderr)
+                return out
+        raise DataError(f"{out}: already exists (remove it, choose another --out, "
+                        "or pass --overwrite)")
+    resume_key = {**source, "files": [[str(f), f.stat().st_size] for f in files]}
+
+    lm = load_model(model, dtype=model_dtype, device=device, layer=layer, truncate=True,
+                    progress=progress)
+    first = 1 if drop_first_position else 0
+    d_model = capture(lm, layer, hook, np.full((1, 2), lm.bos_id)).shape[-1]
+    per_window = context - first
+    with ShardWriter(out, d_model, dtype=dtype, shard_tokens=shard_tokens, source=source,
+                     file_type="safetensors" if dtype == "bfloat16" else "npy",
+                     overwrite=overwrite, resume_key=resume_key) as writer:
+        done = writer.n_tokens
+        windows = itertools.islice(token_windows(lm, files, context), done // per_window,
+                                   math.ceil(tokens / per_window))
+        skip = done % per_window  # rows of the first window already in a complete shard
+        bar = tqdm(total=tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
+                   desc=f"caching {hook_name(layer, hook)}")
+        with bar:
+            for ids in batched(windows, batch_size):
+                acts = capture(lm, layer, hook, ids)[:, first:].reshape(-1, d_model)
+                acts = acts[skip : skip + tokens - writer.n_tokens]
+                skip = 0
+                writer.write(acts)
+                bar.update(len(acts))
+        if writer.n_tokens < tokens:
+            print(f"warning: the text ran out after {writer.n_tokens} tokens "
+                  f"(--tokens {tokens})", file=sys.stderr)
+    return out

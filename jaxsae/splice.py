@@ -1,0 +1,135 @@
+"""Downstream evaluation: an SAE spliced into the language model it was trained on.
+
+The SAE's reconstruction replaces the activation at its hook, and the model's next-token loss is
+compared with the clean model and with the activation ablated (the SAELens / SAEBench
+definitions):
+
+    ce_loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+    kl_div_score      = (KL_zero - KL_sae) / KL_zero,   KL_v = KL(p_clean || p_v) per token
+
+Losses are in nats per predicted token. Windows are built as for `jaxsae cache`; with
+`drop_first_position` (the default, as in caching) position 0, the attention sink the SAE never
+saw in training, is left clean, and every figure counts only the predictions made from the
+spliced positions. Mean ablation uses the mean activation over the evaluated tokens. L0 and
+explained variance are measured on the same activations.
+
+The SAE runs through `jaxsae.sae` (JAX); the model through PyTorch (the optional extra `lm`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae import evaluate
+from jaxsae.data import lm as lm_data
+from jaxsae.errors import JaxsaeError
+from jaxsae.export import LoadedSAE
+
+
+def eval_windows(lm: lm_data.LanguageModel, files: Sequence[Path], context: int, tokens: int,
+                 first: int) -> np.ndarray:
+    """The first windows [n, context] of the text files, enough for `tokens` evaluated
+    positions."""
+    n = math.ceil(tokens / (context - first))
+    windows = list(itertools.islice(lm_data.token_windows(lm, files, context), n))
+    if not windows:
+        raise JaxsaeError(f"--text {' '.join(map(str, files))}: fewer than {context} tokens")
+    return np.stack(windows)
+
+
+def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, hook: str,
+                      windows: np.ndarray, *, drop_first_position: bool = True,
+                      batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """CE loss recovered, KL and reconstruction metrics of `loaded` over `windows` [n, T]."""
+    import torch
+    from tqdm.auto import tqdm
+
+    lm_data.check_layer(lm, layer)
+    first = 1 if drop_first_position else 0
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    bar = tqdm(total=len(batches) * 5, unit="pass", disable=not progress,
+               desc="CE loss recovered")
+
+    # The mean activation over the evaluated positions (for mean ablation).
+    total, count = None, 0
+    for ids in batches:
+        x = lm_data.capture(lm, layer, hook, ids)[:, first:].astype(np.float64)
+        if x.shape[-1] != loaded.d_in:
+            raise JaxsaeError(f"the SAE has d_in {loaded.d_in}, but {lm.name} has "
+                              f"{x.shape[-1]} dimensions at {lm_data.hook_name(layer, hook)}")
+        total = x.sum((0, 1)) + (0 if total is None else total)
+        count += x.shape[0] * x.shape[1]
+        bar.update()
+    mean = total / count
+
+    params = jax.tree.map(jnp.asarray, loaded.params)
+    seen: list[np.ndarray] = []
+
+    def reconstruct(x):
+        flat = x[:, first:].float().cpu().numpy().reshape(-1, x.shape[-1])
+        seen.append(flat)
+        _, x_hat = evaluate.encode_decode(params, jnp.asarray(flat), loaded.sae)
+        return torch.from_numpy(np.array(x_hat)).reshape(x[:, first:].shape)
+
+    replacements = {
+        "sae": reconstruct,
+        "zero_ablation": lambda x: torch.zeros_like(x[:, first:]),
+        "mean_ablation": lambda x: torch.as_tensor(mean).expand_as(x[:, first:]),
+    }
+    sums = dict.fromkeys(["ce_clean", *(f"ce_{k}" for k in replacements),
+                          *(f"kl_{k}" for k in replacements)], 0.0)
+    predicted = 0
+    for ids in batches:
+        targets = torch.as_tensor(ids[:, first + 1 :], device=lm.device)
+        clean = _log_probs(lm, ids, first)
+        sums["ce_clean"] += _nll(clean, targets)
+        bar.update()
+        for name, replace in replacements.items():
+            def splice(x, replace=replace):
+                out = x.clone()
+                out[:, first:] = replace(x).to(dtype=x.dtype, device=x.device)
+                return out
+
+            with lm_data.hooked(lm, layer, hook, splice):
+                spliced = _log_probs(lm, ids, first)
+            sums[f"ce_{name}"] += _nll(spliced, targets)
+            sums[f"kl_{name}"] += float((clean.exp() * (clean - spliced)).sum())
+            bar.update()
+        predicted += targets.numel()
+    bar.close()
+
+    m = {k: v / predicted for k, v in sums.items()}
+    out: dict[str, Any] = {"model": lm.name, "hook": lm_data.hook_name(layer, hook),
+                           "sequences": len(windows), "predicted_tokens": predicted, **m}
+    out["ce_loss_recovered"] = _score(m["ce_zero_ablation"], m["ce_sae"], m["ce_clean"])
+    out["ce_loss_recovered_vs_mean_ablation"] = _score(m["ce_mean_ablation"], m["ce_sae"],
+                                                       m["ce_clean"])
+    out["kl_div_score"] = _score(m["kl_zero_ablation"], m["kl_sae"], 0.0)
+    recon = evaluate.reconstruction_metrics(loaded.params, loaded.sae, seen)
+    recon.pop("firing_frequency")
+    return {**out, **recon}
+
+
+def _log_probs(lm: lm_data.LanguageModel, ids: np.ndarray, first: int):
+    """log p(next token) [B, T-1-first, V] in float32 for the predictions from positions first.."""
+    import torch
+
+    with torch.inference_mode():
+        logits = lm.model(input_ids=torch.as_tensor(ids, device=lm.device), use_cache=False).logits
+    return torch.log_softmax(logits[:, first:-1].float(), dim=-1)
+
+
+def _nll(log_probs, targets) -> float:
+    return float(-log_probs.gather(-1, targets[..., None]).sum())
+
+
+def _score(ablated: float, sae: float, clean: float) -> float:
+    return (ablated - sae) / (ablated - clean) if ablated != clean else float("nan")

@@ -1,0 +1,158 @@
+"""CE loss recovered (`jaxsae eval --model`) against SAEs whose answer is known and a plain
+PyTorch reference of each loss."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+
+from jaxsae.cli import main
+from jaxsae.config import SAEConfig
+from jaxsae.export import export_sae
+
+D = 32
+CONTEXT = 16
+
+
+def write_sae(path, W_enc, W_dec, *, hook_name="blocks.1.hook_resid_post"):
+    d_sae = W_dec.shape[0]
+    params = {"W_enc": W_enc.astype(np.float32), "W_dec": W_dec.astype(np.float32),
+              "b_enc": np.zeros(d_sae, np.float32), "b_dec": np.zeros(W_dec.shape[1], np.float32)}
+    meta = {"hook_name": hook_name, "context_size": CONTEXT} if hook_name else {}
+    return export_sae(params, SAEConfig(d_sae=d_sae, decoder_norm="free"), path, metadata=meta)
+
+
+def identity_sae(path, **kw):
+    """relu(x) - relu(-x) = x: a perfect reconstruction with 2·D latents."""
+    eye = np.eye(D)
+    return write_sae(path, np.concatenate([eye, -eye], 1), np.concatenate([eye, -eye], 0), **kw)
+
+
+def zero_sae(path):
+    return write_sae(path, np.zeros((D, 8)), np.zeros((8, D)))
+
+
+def run_eval(sae_dir, model, texts, *extra, capsys):
+    code = main(["eval", str(sae_dir), "--model", str(model), "--text", str(texts / "a.txt"),
+                 "--tokens", "150", "--batch-size", "4", "--no-progress", *extra])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+def reference_losses(model_dir, texts, layer=1):
+    """Clean, zero-ablated and mean-ablated CE (nats per token predicted from positions >= 1),
+    computed with the model's own `labels` loss and a hand-written hook."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    stream = tok((texts / "a.txt").read_text(), add_special_tokens=False)["input_ids"]
+    stream.append(tok.eos_token_id)
+    ids = torch.tensor([[tok.bos_token_id, *stream[i : i + CONTEXT - 1]]
+                        for i in range(0, 10 * (CONTEXT - 1), CONTEXT - 1)])
+    labels = ids.clone()
+    labels[:, :2] = -100  # only the predictions made from positions 1..T-2
+
+    def loss(replace=None):
+        handle = None
+        if replace is not None:
+            def hook(module, args, output):
+                out = output.clone()
+                out[:, 1:] = replace(output[:, 1:])
+                return out
+            handle = model.model.layers[layer].register_forward_hook(hook)
+        with torch.inference_mode():
+            value = float(model(input_ids=ids, labels=labels).loss)
+        if handle:
+            handle.remove()
+        return value
+
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
+    mean = hidden[:, 1:].reshape(-1, D).mean(0)
+    return {"ce_clean": loss(), "ce_zero_ablation": loss(torch.zeros_like),
+            "ce_mean_ablation": loss(lambda x: mean.expand_as(x))}
+
+
+def test_a_perfect_sae_recovers_everything(tiny_model, texts, tmp_path, capsys):
+    m = run_eval(identity_sae(tmp_path / "sae"), tiny_model, texts, capsys=capsys)
+    ref = reference_losses(tiny_model, texts)
+    assert m["hook"] == "blocks.1.hook_resid_post"  # from the SAE's hook_name
+    assert m["sequences"] == 10 and m["predicted_tokens"] == 10 * (CONTEXT - 2)
+    for key, want in ref.items():
+        assert m[key] == pytest.approx(want, rel=1e-5), key
+    assert m["ce_sae"] == pytest.approx(m["ce_clean"], rel=1e-5)
+    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert m["kl_sae"] == pytest.approx(0.0, abs=1e-5)
+    assert m["kl_zero_ablation"] > 0.01 and m["kl_div_score"] == pytest.approx(1.0, abs=1e-3)
+    assert m["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    assert m["tokens"] == 10 * (CONTEXT - 1)  # activations seen by the SAE
+    assert m["l0"] == pytest.approx(D, abs=0.1)
+
+
+def test_a_zero_sae_is_zero_ablation(tiny_model, texts, tmp_path, capsys):
+    m = run_eval(zero_sae(tmp_path / "sae"), tiny_model, texts, "--layer", "1", capsys=capsys)
+    assert m["ce_sae"] == pytest.approx(m["ce_zero_ablation"], rel=1e-6)
+    assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert m["kl_sae"] == pytest.approx(m["kl_zero_ablation"], rel=1e-6)
+    assert m["l0"] == 0
+
+
+def test_resid_pre_and_the_first_position(tiny_model, texts, tmp_path, capsys):
+    sae = identity_sae(tmp_path / "sae", hook_name="blocks.2.hook_resid_pre")
+    m = run_eval(sae, tiny_model, texts, "--no-drop-first-position", capsys=capsys)
+    assert m["hook"] == "blocks.2.hook_resid_pre"
+    assert m["predicted_tokens"] == 10 * (CONTEXT - 1) and m["ce_loss_recovered"] == \
+        pytest.approx(1.0, abs=1e-4)
+    # blocks.2.hook_resid_pre is blocks.1.hook_resid_post: the same ablations.
+    post = run_eval(sae, tiny_model, texts, "--no-drop-first-position", "--layer", "1",
+                    "--hook", "resid_post", capsys=capsys)
+    assert m["ce_zero_ablation"] == pytest.approx(post["ce_zero_ablation"], rel=1e-5)
+
+
+def test_cache_train_and_evaluate_end_to_end(tiny_model, texts, tmp_path, capsys):
+    acts = tmp_path / "acts"
+    assert main(["cache", "--model", str(tiny_model), "--layer", "1", "--text", str(texts),
+                 "--tokens", "400", "--context", str(CONTEXT), "--out", str(acts),
+                 "--no-progress"]) == 0
+    config = {"name": "lm", "run_dir": str(tmp_path / "run"),
+              "data": {"path": str(acts), "eval_tokens": 0},
+              "sae": {"d_sae": 64, "activation": "topk", "k": 8},
+              "loss": [{"term": "mse"}],
+              "optim": {"lr": 3e-3, "batch_size": 64, "total_tokens": 6400, "warmup_steps": 0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    sae = tmp_path / "run" / "sae"
+    meta = json.loads((sae / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == str(tiny_model)
+    assert meta["hook_name"] == "blocks.1.hook_resid_post"
+    assert meta["context_size"] == CONTEXT and meta["drop_first_position"] is True
+    capsys.readouterr()
+    m = run_eval(sae, tiny_model, texts, capsys=capsys)
+    assert m["hook"] == "blocks.1.hook_resid_post"
+    assert m["l0"] == pytest.approx(8.0)
+    # A random model's losses sit near log(vocab), so only the KL ordering is certain.
+    assert m["explained_variance"] > 0.5
+    assert 0 < m["kl_sae"] < m["kl_zero_ablation"] and np.isfinite(m["ce_loss_recovered"])
+
+
+def test_bad_input(tiny_model, texts, tmp_path, capsys):
+    def error(sae, *args):
+        assert main(["eval", str(sae), "--model", str(tiny_model), "--no-progress",
+                     *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    sae = identity_sae(tmp_path / "sae")
+    assert "--text: required" in error(sae)
+    bare = write_sae(tmp_path / "bare", np.eye(D), np.eye(D), hook_name=None)
+    assert "--layer: required" in error(bare, "--text", str(texts))
+    wide = write_sae(tmp_path / "wide", np.zeros((D + 1, 4)), np.zeros((4, D + 1)))
+    assert "d_in 33" in error(wide, "--text", str(texts))
+    assert "--layer 7" in error(sae, "--text", str(texts), "--layer", "7")
+    assert "--truth goes with --data" in error(sae, "--text", str(texts), "--truth", "x")
