@@ -16,7 +16,6 @@ directory:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -37,6 +36,7 @@ from jaxsae.config import (
     sweep_label,
 )
 from jaxsae.errors import ConfigError
+from jaxsae.outputs import atomic_write, fmt, pyplot, save_figure, write_csv
 
 # Columns of results.csv / results.md, in order, when present.
 METRICS = ("l0", "true_l0", "explained_variance", "mse", "mcc", "mmcs", "uniqueness", "f1",
@@ -165,23 +165,9 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[int]:
 def write_results(rows: list[dict[str, Any]], directory: Path) -> None:
     columns = ["arm", "values", "seed", *[m for m in METRICS if any(m in r for r in rows)],
                "sae"]
-    _atomic_write(directory / "results.csv", _csv(rows, columns))
-    _atomic_write(directory / "results.md", _markdown(rows, columns))
+    write_csv(directory / "results.csv", rows, columns)
+    atomic_write(directory / "results.md", _markdown(rows, columns))
     _plots(rows, directory)
-
-
-def _csv(rows, columns) -> str:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _markdown(rows, columns) -> str:
@@ -194,7 +180,7 @@ def _markdown(rows, columns) -> str:
         lines += [f"## {arm}", "", "| " + " | ".join(shown) + " | Pareto |",
                   "|" + " --- |" * (len(shown) + 1)]
         for r in sorted(mine, key=lambda r: r["l0"]):
-            cells = [_fmt(r.get(c, "")) for c in shown]
+            cells = [fmt(r.get(c, "")) for c in shown]
             lines.append("| " + " | ".join(cells) + (" | * |" if id(r) in frontier else " |  |"))
         lines.append("")
     head = ("# Bench results\n\nOne row per SAE; `Pareto`: on its arm's L0 / explained-variance "
@@ -203,10 +189,7 @@ def _markdown(rows, columns) -> str:
 
 
 def _plots(rows, directory: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     specs = [("l0_vs_ev.png", "explained_variance", "explained variance", True),
@@ -232,17 +215,7 @@ def _plots(rows, directory: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        tmp = directory / (filename + ".partial")
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-        tmp.replace(directory / filename)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(path)
+        save_figure(fig, directory / filename)
 
 
 def _plain(cfg: BenchConfig) -> dict[str, Any]:

@@ -8,6 +8,9 @@
   jaxsae eval SAE_DIR --data DIR [--truth TRUTH] [--tokens N]
   jaxsae eval SAE_DIR --model MODEL --text FILE... [--layer L] [--tokens N]
   jaxsae cache --model MODEL --layer L --text FILE... --tokens N --out DIR
+  jaxsae stitch compare SMALL LARGE --data DIR --out DIR [--threshold 0.7]
+  jaxsae stitch frankenstein BASE OTHER... --data DIR --out DIR [--retrain-decoder-tokens N]
+  jaxsae analyze SAE_DIR --data DIR --out DIR
   jaxsae data inspect DIR [--hook HOOK] [--json]
 
 Bad input exits with status 2 and one line naming the culprit.
@@ -58,6 +61,17 @@ def _add_synth(sub) -> None:
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"spec_{f.name}",
                            default=list(default) if isinstance(default, tuple) else default,
                            metavar=_metavar(f.type), help=docs.get(f.name, ""))
+
+
+def _add_analysis_args(p) -> None:
+    p.add_argument("--data", required=True, help="the activations the SAEs were trained on")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokens", type=int, default=65536,
+                   help="analyse the last N tokens of the data (held out if training held "
+                        "them out)")
+    p.add_argument("--hook", default=None, help="SAELens caches: the activation column")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _metavar(annotation) -> str | None:
@@ -138,6 +152,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    stitch = sub.add_parser("stitch", help="compare / combine SAEs of different widths",
+                            description="Stitching SAEs trained on the same activations "
+                                        "(any SAELens-format directories; see "
+                                        "jaxsae.analysis.stitch).")
+    stitch_cmds = stitch.add_subparsers(dest="stitch_command", required=True, metavar="COMMAND")
+    p = stitch_cmds.add_parser(
+        "compare", help="novel vs reconstruction latents and their MSE effect",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Split LARGE's latents by their max decoder cosine to SMALL into novel "
+                    "(<= threshold) and reconstruction latents; for each, the change in "
+                    "SMALL's MSE when it is inserted; for each parent -> children component, "
+                    "the MSE and L0 change of swapping it in. Writes stitch.csv, "
+                    "components.csv, summary.md/json and PNG plots.")
+    p.add_argument("small", help="the narrower SAE (SAELens-format directory)")
+    p.add_argument("large", help="the wider SAE")
+    _add_analysis_args(p)
+    p.add_argument("--threshold", type=float, default=0.7, help="novel: max cos <= this")
+    p = stitch_cmds.add_parser(
+        "frankenstein", help="stitch the novel latents of a family of widths",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Start from the narrowest SAE, add from each wider one the latents whose "
+                    "decoder cosine to everything already included is below the threshold, "
+                    "retrain only the decoder (encoder frozen) and export to OUT/sae; "
+                    "frankenstein.md compares width, L0 and MSE with the family.")
+    p.add_argument("base", help="an SAE of the family (ReLU or JumpReLU)")
+    p.add_argument("others", nargs="+", help="the other SAEs (any order: sorted by width)")
+    _add_analysis_args(p)
+    p.add_argument("--threshold", type=float, default=0.7, help="add latents with cos < this")
+    p.add_argument("--retrain-decoder-tokens", type=int, default=2_000_000,
+                   help="tokens of decoder-only training (0: none)")
+    p.add_argument("--lr", type=float, default=1e-3, help="decoder retraining learning rate")
+
+    p = sub.add_parser("analyze", help="feature geometry of one SAE: CSV, PNG, index.html",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Firing density and activation histograms per latent, "
+                                   "co-firing (Jaccard, parent/child candidates), decoder "
+                                   "nearest neighbours and clusters; written as CSV and PNG "
+                                   "with an index.html (see jaxsae.analysis.geometry).")
+    p.add_argument("sae_dir", help="SAELens-format directory")
+    _add_analysis_args(p)
+    p.add_argument("--cofire-tokens", type=int, default=16384,
+                   help="tokens (the first of the sample) for co-firing")
+    p.add_argument("--cluster-threshold", type=float, default=0.7,
+                   help="decoder clusters: cos > this")
 
     p = sub.add_parser("export", help="export a checkpoint as a SAELens directory",
                        description="Export a checkpointed SAE to the SAELens layout (a sweep: "
@@ -312,6 +371,47 @@ def _cmd_cache(args) -> int:
     return 0
 
 
+def _check_positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise JaxsaeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _cmd_stitch(args) -> int:
+    from jaxsae.analysis import stitch
+
+    _check_positive(args, "tokens", "batch_size")
+    if not 0 < args.threshold < 1:
+        raise JaxsaeError(f"--threshold must be between 0 and 1, got {args.threshold}")
+    common = {"threshold": args.threshold, "tokens": args.tokens, "batch_size": args.batch_size,
+              "hook": args.hook, "progress": not args.no_progress}
+    if args.stitch_command == "compare":
+        stitch.compare(args.small, args.large, args.data, args.out, **common)
+        print(Path(args.out, "summary.md").read_text())
+    else:
+        if args.retrain_decoder_tokens < 0:
+            raise JaxsaeError("--retrain-decoder-tokens must be >= 0")
+        stitch.frankenstein([args.base, *args.others], args.data, args.out, lr=args.lr,
+                            retrain_decoder_tokens=args.retrain_decoder_tokens, **common)
+        print(Path(args.out, "frankenstein.md").read_text())
+    print(f"written to {args.out}")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    from jaxsae.analysis.geometry import analyze
+
+    _check_positive(args, "tokens", "batch_size", "cofire_tokens")
+    summary = analyze(args.sae_dir, args.data, args.out, tokens=args.tokens,
+                      cofire_tokens=args.cofire_tokens, batch_size=args.batch_size,
+                      cluster_threshold=args.cluster_threshold, hook=args.hook,
+                      progress=not args.no_progress)
+    print(json.dumps(summary, indent=1))
+    print(f"open {Path(args.out) / 'index.html'}")
+    return 0
+
+
 def _eval_model(args, loaded) -> dict:
     """`jaxsae eval --model`: the SAE spliced into the language model (jaxsae.splice)."""
     from jaxsae import splice
@@ -401,7 +501,8 @@ def _cmd_eval(args) -> int:
 
 COMMANDS = {"synth": _cmd_synth, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export,
             "bench": _cmd_bench,
-            "import": _cmd_import, "eval": _cmd_eval, "cache": _cmd_cache}
+            "import": _cmd_import, "eval": _cmd_eval, "cache": _cmd_cache,
+            "stitch": _cmd_stitch, "analyze": _cmd_analyze}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -263,6 +263,9 @@ class Config:
     detected (SLURM, multi-host TPU, Open MPI, or JAX_COORDINATOR_ADDRESS), `on` always."""
     init_from: str | None = None
     """Start from this SAELens-format dictionary instead of a random init (fine-tune, stitch)."""
+    freeze: tuple[str, ...] = ()
+    """Parameters the optimiser leaves as they are, e.g. [W_enc, b_enc, b_dec] to retrain only
+    the decoder of a stitched SAE (with init_from); their gradients are never computed."""
     data: DataConfig = field(default_factory=DataConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     loss: tuple[TermConfig, ...] = field(default_factory=_default_loss)
@@ -335,6 +338,13 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {why}")
 
     need(bool(cfg.data.path), "data.path", "required (a directory of cached activations)")
+    from jaxsae.sae import param_names
+
+    names = param_names(cfg.sae)
+    for name in cfg.freeze:
+        need(name in names, "freeze", f"{name!r} is not a parameter of this SAE "
+             f"(it has {', '.join(names)})")
+    need(set(names) - set(cfg.freeze) != set(), "freeze", "freezes every parameter")
     if cfg.init_from is not None:
         from jaxsae import export
 

@@ -125,8 +125,8 @@ def make_optimizer(cfg: Config, lr: jax.Array | float | None = None
         optax.scale_by_adam(b1=o.adam_b1, b2=o.adam_b2),
         optax.scale_by_learning_rate(lr_schedule(o, lr)),
     )
-    labels = {name: "train" if sae.is_trainable(name, cfg.sae) else "frozen"
-              for name in sae.param_names(cfg.sae)}
+    labels = {name: "train" if sae.is_trainable(name, cfg.sae) and name not in cfg.freeze
+              else "frozen" for name in sae.param_names(cfg.sae)}
     return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
 
 
@@ -173,6 +173,9 @@ def make_train_step(
         tx = make_optimizer(cfg, hyper.lr)
 
         def loss_fn(params):
+            # Frozen parameters: no gradient is computed for them (XLA drops the matmuls).
+            params = {k: jax.lax.stop_gradient(v) if k in cfg.freeze else v
+                      for k, v in params.items()}
             out = sae.forward(cast(params), cast(batch), cfg.sae, train=True, key=key,
                               tokens_since_fired=state.tokens_since_fired,
                               prefix_ends=prefix_ends, mesh=mesh, k=hyper.k)
@@ -187,6 +190,7 @@ def make_train_step(
         grads = sae.project_decoder_grad(state.params, grads, cfg.sae)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = sae.after_update(optax.apply_updates(state.params, updates), out, step, cfg.sae)
+        params = {k: state.params[k] if k in cfg.freeze else v for k, v in params.items()}
 
         fired = jnp.any(out.acts > 0, axis=0)
         since = jnp.minimum(state.tokens_since_fired + batch.shape[0], _TOKENS_SINCE_FIRED_CAP)

@@ -277,3 +277,26 @@ def test_bfloat16_compute_tracks_float32(small_data, tmp_path):
     state = jax.eval_shape(built.init)
     hlo = built.step.lower(state, jax.ShapeDtypeStruct((256, 16), np.float32)).as_text()
     assert re.search(r"dot_general[^\n]*bf16", hlo), "no bfloat16 matmul in the step"
+
+
+def test_freeze_leaves_those_parameters_as_they_were(small_data, tmp_path):
+    """freeze: [W_enc, b_enc, b_dec] with init_from retrains only W_dec (stitch frankenstein)."""
+    first = small_config(small_data, tmp_path / "first")
+    train_mod.train(first, progress=False)
+    start = _weights(tmp_path / "first")
+    tree = small_config_dict(small_data, tmp_path / "second", loss=[{"term": "mse"}])
+    cfg = config_from_dict({**tree, "init_from": str(tmp_path / "first" / "sae"),
+                            "freeze": ["W_enc", "b_enc", "b_dec"]})
+    train_mod.train(cfg, progress=False)
+    end = _weights(tmp_path / "second")
+    for name in ("W_enc", "b_enc", "b_dec"):
+        np.testing.assert_array_equal(end[name], start[name], err_msg=name)
+    assert not np.allclose(end["W_dec"], start["W_dec"])
+    # The same step with nothing frozen moves every parameter.
+    train_mod.train(config_from_dict({**tree, "run_dir": str(tmp_path / "third"),
+                                      "init_from": str(tmp_path / "first" / "sae")}),
+                    progress=False)
+    moved = _weights(tmp_path / "third")
+    assert all(not np.allclose(moved[k], start[k]) for k in ("W_enc", "b_enc", "b_dec"))
+    with pytest.raises(JaxsaeError, match="freeze: 'W_enc' is not a parameter"):
+        config_from_dict({**tree, "sae": {**tree["sae"], "tied": True}, "freeze": ["W_enc"]})

@@ -157,3 +157,24 @@ def test_shard_dtypes(tiny_model, texts, tmp_path, dtype):
                        [2][:, 1:].reshape(-1, 32)[:40])
     np.testing.assert_allclose(np.asarray(data.read(0, 40), np.float32), whole, rtol=1e-2,
                                atol=1e-2)
+
+
+def test_a_gguf_file_is_loaded_through_gguf_file(tiny_model, tmp_path, monkeypatch):
+    """`--model DIR/NAME.gguf` loads config, tokenizer and weights from DIR with gguf_file=NAME
+    (transformers dequantises it; the real SmolLM2 .gguf is used by real_activations.sh)."""
+    gguf = tmp_path / "tiny.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer,
+                transformers.AutoModelForCausalLM):
+        def spy(where, *, _load=cls.from_pretrained, _name=cls.__name__, gguf_file=None, **kw):
+            calls.append((_name, where, gguf_file))
+            return _load(tiny_model, **kw)
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    lm = lm_data.load_model(str(gguf), layer=1, progress=False)
+    calls = [c for c in calls if c[1] != tiny_model]  # not transformers' own inner calls
+    assert calls == [(name, str(tmp_path), gguf.name) for name in
+                     ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM")]
+    assert lm.n_layers == 3
+    with pytest.raises(lm_data.JaxsaeError, match=r"no such \.gguf file"):
+        lm_data.load_model(str(tmp_path / "absent.gguf"))

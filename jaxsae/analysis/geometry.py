@@ -1,0 +1,308 @@
+"""Feature geometry of one dictionary (`jaxsae analyze SAE_DIR --data DIR --out DIR`).
+
+Over a sample of activations:
+
+- density: each latent's firing frequency (log10 histogram) and, per latent, the histogram of
+  its non-zero activations on bins [0, its max]; latents with several peaks are candidates for
+  absorbed or circular structure (`n_peaks`);
+- co-firing: the Jaccard similarity |A and B| / |A or B| of the token sets on which latents
+  fire, the top pairs, and parent / child candidates: B fires almost only when A fires
+  (P(A | B) >= 0.9) while A fires more often;
+- decoder geometry: each latent's nearest neighbours by decoder cosine, and clusters
+  (connected components of cos > threshold).
+
+Everything is written as CSV and PNG, with an index.html that shows it on one page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae import export, sae
+from jaxsae.analysis.stitch import max_cosine, unit_rows
+from jaxsae.config import DataConfig, SAEConfig
+from jaxsae.data import open_source
+from jaxsae.data.source import iter_blocks
+from jaxsae.errors import JaxsaeError
+from jaxsae.outputs import atomic_write, pyplot, save_figure, write_csv
+
+BINS = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces (each a plain function of codes or weights)
+
+
+def cofiring(rows: np.ndarray, cols: np.ndarray, n_tokens: int, n_latents: int):
+    """Co-firing counts of the latents from the (token, latent) positions of non-zero codes:
+    (i, j, count) for i < j with count > 0, and each latent's firing count."""
+    from scipy.sparse import coo_matrix
+
+    fired = coo_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                       shape=(n_tokens, n_latents)).tocsr()
+    fired.data[:] = 1.0  # a latent counts once per token
+    both = (fired.T @ fired).tocoo()
+    upper = both.row < both.col
+    fires = np.asarray(fired.sum(0)).ravel().astype(np.int64)
+    return both.row[upper], both.col[upper], both.data[upper].astype(np.int64), fires
+
+
+def jaccard(i, j, count, fires) -> np.ndarray:
+    return count / (fires[i] + fires[j] - count)
+
+
+def parent_child(i, j, count, fires, *, threshold: float = 0.9, min_count: int = 10):
+    """(parent, child, P(parent | child), child fires) where the child fires almost only with
+    the parent and the parent fires more often; sorted by child firing count."""
+    out = []
+    for a, b in ((i, j), (j, i)):  # a parent of b?
+        p = count / np.maximum(fires[b], 1)
+        keep = (p >= threshold) & (fires[b] >= min_count) & (fires[a] > fires[b])
+        out.append(np.stack([a[keep], b[keep], p[keep], fires[b][keep]], 1))
+    pairs = np.concatenate(out)
+    return pairs[np.argsort(-pairs[:, 3], kind="stable")]
+
+
+def decoder_neighbours(W_dec: np.ndarray, k: int, block: int = 2048):
+    """Each latent's k nearest other latents by decoder cosine: (indices, cosines) [n, k]."""
+    unit = jnp.asarray(unit_rows(W_dec))
+    k = min(k, len(W_dec) - 1)
+    idx, cos = [], []
+    for start in range(0, len(W_dec), block):
+        c = unit[start : start + block] @ unit.T
+        rows = jnp.arange(c.shape[0])
+        c = c.at[rows, rows + start].set(-jnp.inf)  # not itself
+        v, i = jax.lax.top_k(c, k)
+        idx.append(np.asarray(i))
+        cos.append(np.asarray(v))
+    return np.concatenate(idx), np.concatenate(cos)
+
+
+def decoder_clusters(W_dec: np.ndarray, threshold: float) -> np.ndarray:
+    """Cluster label per latent: connected components of decoder cos > threshold."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    _, _, pairs = max_cosine(W_dec, W_dec, threshold=threshold)
+    q, r = pairs[:, 0].astype(int), pairs[:, 1].astype(int)
+    off = q != r
+    graph = coo_matrix((np.ones(off.sum()), (q[off], r[off])), shape=(len(W_dec),) * 2)
+    return connected_components(graph, directed=False)[1]
+
+
+def count_peaks(hist: np.ndarray, min_height: float = 0.1) -> np.ndarray:
+    """Local maxima of each row of `hist` [n, bins] (smoothed [1, 2, 1]) above `min_height`
+    of its largest bin."""
+    h = np.pad(hist.astype(np.float64), ((0, 0), (1, 1)))
+    smooth = (h[:, :-2] + 2 * h[:, 1:-1] + h[:, 2:]) / 4
+    s = np.pad(smooth, ((0, 0), (1, 1)), constant_values=-1)
+    peak = (s[:, 1:-1] > s[:, :-2]) & (s[:, 1:-1] >= s[:, 2:])
+    peak &= smooth >= min_height * smooth.max(1, keepdims=True)
+    return peak.sum(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The passes over the data
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _first_pass(params, x, cfg: SAEConfig):
+    f = sae.encode(params, x, cfg)
+    return f, {"fires": jnp.sum(f > 0, 0), "max": jnp.max(f, 0), "sum": jnp.sum(f, 0)}
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _histogram_pass(params, x, top, cfg: SAEConfig):
+    f = sae.encode(params, x, cfg)
+    b = jnp.clip(jnp.floor(f / jnp.maximum(top, 1e-30) * BINS).astype(jnp.int32), 0, BINS - 1)
+    cols = jnp.broadcast_to(jnp.arange(f.shape[1]), f.shape)
+    return jnp.zeros((f.shape[1], BINS), jnp.int32).at[cols, b].add((f > 0).astype(jnp.int32))
+
+
+def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
+            cofire_tokens: int = 16384, batch_size: int = 4096, cluster_threshold: float = 0.7,
+            neighbours: int = 5, top_pairs: int = 100, child_threshold: float = 0.9,
+            min_count: int = 10, hook: str | None = None, progress: bool = True
+            ) -> dict[str, Any]:
+    """Writes the analysis of `sae_dir` on the last `tokens` activations of `data` to `out`."""
+    from tqdm.auto import tqdm
+
+    loaded = export.load_sae(sae_dir)
+    source = open_source(DataConfig(path=data, hook=hook))
+    if source.d_in != loaded.d_in:
+        raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAE's {loaded.d_in}")
+    params = jax.tree.map(jnp.asarray, loaded.params)
+    start = max(0, source.n_tokens - tokens)
+    n_tok = source.n_tokens - start
+    n = loaded.params["W_dec"].shape[0]
+    bar = tqdm(total=2 * n_tok, unit="tok", unit_scale=True, disable=not progress,
+               desc="analyze")
+
+    fires, top, total = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
+    rows, cols, seen = [], [], 0
+    for x in iter_blocks(source, batch_size, start=start):
+        f, s = _first_pass(params, jnp.asarray(x, jnp.float32), loaded.sae)
+        s = jax.device_get(s)
+        fires += s["fires"]
+        top = np.maximum(top, s["max"])
+        total += s["sum"]
+        if seen < cofire_tokens:
+            t, j = np.nonzero(np.asarray(f[: cofire_tokens - seen]) > 0)
+            rows.append(t + seen)
+            cols.append(j)
+            seen += min(len(x), cofire_tokens - seen)
+        bar.update(len(x))
+    hist = np.zeros((n, BINS), np.int64)
+    for x in iter_blocks(source, batch_size, start=start):
+        hist += np.asarray(_histogram_pass(params, jnp.asarray(x, jnp.float32),
+                                           jnp.asarray(top, jnp.float32), loaded.sae))
+        bar.update(len(x))
+    bar.close()
+
+    frequency = fires / n_tok
+    i, j, count, co_fires = cofiring(np.concatenate(rows), np.concatenate(cols), seen, n)
+    jac = jaccard(i, j, count, co_fires)
+    order = np.argsort(-jac, kind="stable")
+    order = order[count[order] >= min_count][:top_pairs]
+    pairs = [{"latent_a": int(i[o]), "latent_b": int(j[o]), "jaccard": float(jac[o]),
+              "both": int(count[o]), "fires_a": int(co_fires[i[o]]),
+              "fires_b": int(co_fires[j[o]])} for o in order]
+    pc = parent_child(i, j, count, co_fires, threshold=child_threshold, min_count=min_count)
+    parents = [{"parent": int(a), "child": int(b), "p_parent_given_child": float(p),
+                "child_fires": int(c), "parent_fires": int(co_fires[int(a)])}
+               for a, b, p, c in pc]
+    nb_idx, nb_cos = decoder_neighbours(loaded.params["W_dec"], neighbours)
+    clusters = decoder_clusters(loaded.params["W_dec"], cluster_threshold)
+    sizes = np.bincount(clusters)
+    peaks = count_peaks(hist)
+    mean_active = np.where(fires > 0, total / np.maximum(fires, 1), 0.0)
+    latents = [{"latent": k, "firing_frequency": float(frequency[k]),
+                "log10_frequency": float(np.log10(max(frequency[k], 1e-10))),
+                "max_activation": float(top[k]), "mean_activation": float(mean_active[k]),
+                "n_peaks": int(peaks[k]),
+                "decoder_norm": float(np.linalg.norm(loaded.params["W_dec"][k])),
+                "nearest": int(nb_idx[k, 0]), "nearest_cos": float(nb_cos[k, 0]),
+                "cluster": int(clusters[k]), "cluster_size": int(sizes[clusters[k]])}
+               for k in range(n)]
+    big = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] > 1]
+    cluster_rows = [{"cluster": int(c), "size": int(sizes[c]),
+                     "latents": ";".join(map(str, np.nonzero(clusters == c)[0]))} for c in big]
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "latents.csv", latents, list(latents[0]))
+    write_csv(out / "activation_histograms.csv",
+              [{"latent": k, "max_activation": float(top[k]),
+                **{f"bin{b}": int(hist[k, b]) for b in range(BINS)}} for k in range(n)],
+              ["latent", "max_activation", *(f"bin{b}" for b in range(BINS))])
+    write_csv(out / "cofiring_pairs.csv", pairs,
+              ["latent_a", "latent_b", "jaccard", "both", "fires_a", "fires_b"])
+    write_csv(out / "parent_child.csv", parents,
+              ["parent", "child", "p_parent_given_child", "child_fires", "parent_fires"])
+    write_csv(out / "neighbours.csv",
+              [{"latent": k, "rank": r + 1, "neighbour": int(nb_idx[k, r]),
+                "cos": float(nb_cos[k, r])} for k in range(n) for r in range(nb_idx.shape[1])],
+              ["latent", "rank", "neighbour", "cos"])
+    write_csv(out / "clusters.csv", cluster_rows, ["cluster", "size", "latents"])
+
+    summary = {
+        "sae": str(sae_dir), "data": str(data), "tokens": n_tok, "cofire_tokens": seen,
+        "d_sae": n, "l0": float(fires.sum() / n_tok),
+        "dead_fraction": float(np.mean(fires == 0)),
+        "dense_fraction": float(np.mean(frequency > 0.1)),
+        "multi_peaked": int(np.sum(peaks >= 2)),
+        "cofiring_pairs_listed": len(pairs), "parent_child_candidates": len(parents),
+        "decoder_clusters": len(cluster_rows),
+        "latents_in_clusters": int(sum(r["size"] for r in cluster_rows)),
+        "cluster_threshold": cluster_threshold,
+        "median_nearest_cos": float(np.median(nb_cos[:, 0])),
+    }
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, out)
+    atomic_write(out / "index.html", _index_html(summary, latents, pairs, parents, cluster_rows))
+    return summary
+
+
+def _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, out: Path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    alive = frequency > 0
+    ax.hist(np.log10(frequency[alive]), bins=60, color="C0")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{np.sum(~alive)} latents never fired")
+    save_figure(fig, out / "density.png")
+
+    # Multi-peaked latents (most peaks first, then most firing), beside their histograms.
+    order = np.lexsort((-hist.sum(1), -peaks))[:12]
+    fig, axes = plt.subplots(3, 4, figsize=(10, 6), dpi=100)
+    for ax, k in zip(axes.ravel(), order, strict=False):
+        edges = np.linspace(0, top[k], BINS + 1)
+        ax.bar(edges[:-1], hist[k], width=np.diff(edges), align="edge", color="C1")
+        ax.set_title(f"latent {k}: {peaks[k]} peak(s)", fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in axes.ravel()[len(order):]:
+        ax.axis("off")
+    fig.suptitle("non-zero activations of the most multi-peaked latents", fontsize=9)
+    save_figure(fig, out / "activation_histograms.png")
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
+    supported = count >= min_count
+    axes[0].hist(jac[supported], bins=50, color="C2", log=True)
+    axes[0].set_xlabel(f"Jaccard of co-firing pairs (>= {min_count} tokens together)")
+    axes[1].hist(nb_cos[:, 0], bins=50, color="C3")
+    axes[1].set_xlabel("decoder cosine to the nearest other latent")
+    axes[2].hist(sizes[sizes > 1], bins=np.arange(2, max(3, sizes.max() + 2)) - 0.5
+                 if sizes.max() > 1 else 1, color="C4")
+    axes[2].set_xlabel("decoder cluster size")
+    save_figure(fig, out / "geometry.png")
+
+
+def _table(rows: list[dict], limit: int = 25) -> str:
+    if not rows:
+        return "<p>none</p>"
+    cols = list(rows[0])
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols) + "</tr>"
+                   for r in rows[:limit])
+    more = f"<p>{len(rows) - limit} more in the CSV.</p>" if len(rows) > limit else ""
+    return f"<table><tr>{head}</tr>{body}</table>{more}"
+
+
+def _index_html(summary, latents, pairs, parents, clusters) -> str:
+    multi = sorted((r for r in latents if r["n_peaks"] >= 2),
+                   key=lambda r: (-r["n_peaks"], -r["firing_frequency"]))
+    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                    for k, v in summary.items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>jaxsae analyze: {html.escape(summary['sae'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+table{{border-collapse:collapse;font-size:13px;margin-bottom:1em}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:100%}}</style>
+</head><body>
+<h1>{html.escape(summary['sae'])}</h1>
+<table>{facts}</table>
+<h2>Density</h2><img src="density.png">
+<h2>Activation histograms</h2>
+<p>Latents whose non-zero activations have several peaks (candidates for absorbed or circular
+structure); every histogram is in activation_histograms.csv.</p>
+<img src="activation_histograms.png">{_table(multi)}
+<h2>Co-firing</h2>
+<p>Top pairs by Jaccard similarity (cofiring_pairs.csv); parent / child candidates: the child
+fires almost only with the parent (parent_child.csv).</p>
+{_table(pairs)}<h3>Parent / child candidates</h3>{_table(parents)}
+<h2>Decoder geometry</h2><img src="geometry.png">
+<p>Clusters of decoder cos &gt; {summary['cluster_threshold']} (clusters.csv); nearest
+neighbours of every latent in neighbours.csv.</p>{_table(clusters)}
+<p>Per latent: latents.csv.</p>
+</body></html>
+"""

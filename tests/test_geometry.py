@@ -1,0 +1,99 @@
+"""jaxsae analyze: each piece against a brute-force reference, and the whole command."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from jaxsae import cli, evaluate
+from jaxsae.analysis import geometry
+from jaxsae.config import SAEConfig
+from jaxsae.data.shards import ShardSet
+from jaxsae.export import export_sae, load_sae
+
+
+def test_cofiring_and_jaccard_match_counting(rng):
+    fired = rng.random((300, 12)) < 0.2
+    fired[:, 3] = fired[:, 2] & (rng.random(300) < 0.5)  # 3 fires only with 2
+    t, j = np.nonzero(fired)
+    i_, j_, count, fires = geometry.cofiring(t, j, 300, 12)
+    np.testing.assert_array_equal(fires, fired.sum(0))
+    got = {(a, b): c for a, b, c in zip(i_, j_, count, strict=True)}
+    for a in range(12):
+        for b in range(a + 1, 12):
+            both = int(np.sum(fired[:, a] & fired[:, b]))
+            assert got.get((a, b), 0) == both
+    jac = geometry.jaccard(i_, j_, count, fires)
+    a, b = i_[0], j_[0]
+    assert jac[0] == pytest.approx(np.sum(fired[:, a] & fired[:, b])
+                                   / np.sum(fired[:, a] | fired[:, b]))
+    pc = geometry.parent_child(i_, j_, count, fires, threshold=0.99, min_count=5)
+    assert [(int(p), int(c)) for p, c, *_ in pc] == [(2, 3)]
+    assert pc[0][2] == 1.0
+
+
+def test_decoder_neighbours_and_clusters_match_brute_force(rng):
+    W = rng.normal(size=(50, 8))
+    W[10:13] = W[0] + 0.05 * rng.normal(size=(3, 8))  # a cluster {0, 10, 11, 12}
+    idx, cos = geometry.decoder_neighbours(W, 3, block=16)
+    unit = W / np.linalg.norm(W, axis=1, keepdims=True)
+    full = unit @ unit.T
+    np.fill_diagonal(full, -np.inf)
+    np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :3])
+    np.testing.assert_allclose(cos, np.sort(full, axis=1)[:, ::-1][:, :3], atol=1e-5)
+    labels = geometry.decoder_clusters(W, 0.95)
+    assert len({labels[k] for k in (0, 10, 11, 12)}) == 1
+    assert np.sum(labels == labels[0]) == 4
+
+
+def test_count_peaks():
+    one = np.array([0, 1, 5, 9, 5, 1, 0, 0, 0, 0])
+    two = np.array([0, 8, 9, 2, 0, 0, 3, 7, 3, 0])
+    noise = np.array([9, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(geometry.count_peaks(np.stack([one, two, noise])), [1, 2, 1])
+
+
+def test_analyze_writes_every_table_plot_and_the_page(small_data, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    d_sae, d = 40, 16
+    W_dec = rng.normal(size=(d_sae, d)).astype(np.float32)
+    W_dec[1] = W_dec[0] + 0.01
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    params = {"W_enc": W_dec.T.copy(), "b_enc": np.full(d_sae, -0.1, np.float32),
+              "W_dec": W_dec, "b_dec": np.zeros(d, np.float32)}
+    export_sae(params, SAEConfig(d_sae=d_sae, decoder_norm="free"), tmp_path / "sae")
+    out = tmp_path / "analysis"
+    assert cli.main(["analyze", str(tmp_path / "sae"), "--data", str(small_data), "--out",
+                     str(out), "--tokens", "4000", "--cofire-tokens", "1500", "--batch-size",
+                     "1024", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\nopen ")[0])
+    assert summary["tokens"] == 4000 and summary["cofire_tokens"] == 1500
+    for name in ("latents.csv", "activation_histograms.csv", "cofiring_pairs.csv",
+                 "parent_child.csv", "neighbours.csv", "clusters.csv", "summary.json",
+                 "density.png", "activation_histograms.png", "geometry.png", "index.html"):
+        assert (out / name).stat().st_size > 0, name
+    page = (out / "index.html").read_text()
+    assert all(f'src="{png}"' in page for png in ("density.png", "geometry.png",
+                                                   "activation_histograms.png"))
+
+    x = np.asarray(ShardSet(small_data).read(16384 - 4000, 16384), np.float32)
+    loaded = load_sae(tmp_path / "sae")
+    codes = np.asarray(evaluate.encode_decode(loaded.params, x, loaded.sae)[0])
+    with open(out / "latents.csv") as f:
+        latents = list(csv.DictReader(f))
+    with open(out / "activation_histograms.csv") as f:
+        hists = list(csv.DictReader(f))
+    for k in (0, 7, 39):
+        active = codes[:, k][codes[:, k] > 0]
+        assert float(latents[k]["firing_frequency"]) == pytest.approx(len(active) / 4000)
+        if len(active):
+            want, _ = np.histogram(active, bins=geometry.BINS, range=(0, active.max()))
+            got = [int(hists[k][f"bin{b}"]) for b in range(geometry.BINS)]
+            assert sum(got) == len(active)
+            assert np.abs(np.array(got) - want).sum() <= 2  # bin edges may round differently
+    assert int(latents[0]["nearest"]) == 1 and float(latents[0]["nearest_cos"]) > 0.99
+    assert latents[0]["cluster"] == latents[1]["cluster"]
+    assert summary["l0"] == pytest.approx(np.mean((codes > 0).sum(1)), rel=1e-6)
