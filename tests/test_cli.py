@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("argv", [[], ["synth"], ["synth", "superposition"], ["train"],
-                                  ["export"], ["eval"], ["cache"], ["bench"]])
+                                  ["export"], ["eval"], ["cache"], ["bench"], ["analyze"],
+                                  ["stitch"], ["stitch", "compare"], ["stitch", "frankenstein"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*argv, "--help"])

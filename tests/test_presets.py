@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxsae.config import load_config
+from jaxsae.data.shards import ShardWriter
 from jaxsae.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +29,19 @@ def test_preset_launch_line_and_short_run(preset, tmp_path):
     first = preset.read_text().splitlines()[0]
     assert first == f"# jaxsae train {preset.relative_to(ROOT).as_posix()}"
     cfg = load_config(preset)
-    assert cfg.data.generate is not None, "presets generate their data when it is missing"
+    overrides = [f"data.path={tmp_path / 'data'}"]
+    if cfg.data.generate is None:  # real activations: the preset says how to make them
+        assert "# Data: scripts/" in preset.read_text(), "say how to make the data"
+        rng = np.random.default_rng(0)
+        with ShardWriter(tmp_path / "data", 576, shard_tokens=8192) as writer:
+            writer.write(rng.normal(size=(24576, 576)).astype(np.float32))
+    else:  # presets generate their data when it is missing
+        overrides.append("data.generate.tokens=24576")
     batch = 256
     short = load_config(preset, [
-        f"run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}",
-        "data.generate.tokens=24576", "data.eval_tokens=4096", "data.shuffle_buffer=8192",
-        f"optim.batch_size={batch}", f"optim.total_tokens={batch * 6}", "optim.warmup_steps=1",
-        "checkpoint.every_steps=3"])
+        *overrides, f"run_dir={tmp_path / 'run'}", "data.eval_tokens=4096",
+        "data.shuffle_buffer=8192", f"optim.batch_size={batch}",
+        f"optim.total_tokens={batch * 6}", "optim.warmup_steps=1", "checkpoint.every_steps=3"])
     result = train(short, progress=False)
     assert result.step == 6
     assert (result.sae_dir / "cfg.json").is_file()
