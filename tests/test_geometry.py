@@ -49,11 +49,16 @@ def test_decoder_neighbours_and_clusters_match_brute_force(rng):
     assert np.sum(labels == labels[0]) == 4
 
 
-def test_count_peaks():
-    one = np.array([0, 1, 5, 9, 5, 1, 0, 0, 0, 0])
-    two = np.array([0, 8, 9, 2, 0, 0, 3, 7, 3, 0])
-    noise = np.array([9, 0, 0, 0, 0, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(geometry.count_peaks(np.stack([one, two, noise])), [1, 2, 1])
+def test_count_peaks(rng):
+    bins = np.arange(32)
+    bump = np.exp(-0.5 * ((bins - 20) / 3) ** 2)
+    spike = np.exp(-bins / 2.0)
+    one = 100 * bump
+    two = 100 * spike + 60 * bump  # a spike at 0 beside a bump
+    noisy = rng.poisson(200 * spike + 15)  # one decaying mode plus bin-to-bin noise
+    empty = np.zeros(32)
+    np.testing.assert_array_equal(geometry.count_peaks(np.stack([one, two, noisy, empty])),
+                                  [1, 2, 1, 0])
 
 
 def test_analyze_writes_every_table_plot_and_the_page(small_data, tmp_path, capsys):

@@ -96,7 +96,7 @@ def test_compare_matches_inserting_and_swapping_one_at_a_time(family, small_data
         assert (tmp_path / "out" / name).stat().st_size > 0
     counts = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert sum(counts[f"mse_{k}_{s}"] for k in ("novel", "reconstruction")
-               for s in ("lower", "higher")) == 40
+               for s in ("lower", "higher", "unchanged")) == 40
 
 
 def test_compare_with_a_topk_large_sae_uses_its_real_codes(small_data, tmp_path):

@@ -98,15 +98,21 @@ def decoder_clusters(W_dec: np.ndarray, threshold: float) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def count_peaks(hist: np.ndarray, min_height: float = 0.1) -> np.ndarray:
-    """Local maxima of each row of `hist` [n, bins] (smoothed [1, 2, 1]) above `min_height`
-    of its largest bin."""
-    h = np.pad(hist.astype(np.float64), ((0, 0), (1, 1)))
-    smooth = (h[:, :-2] + 2 * h[:, 1:-1] + h[:, 2:]) / 4
-    s = np.pad(smooth, ((0, 0), (1, 1)), constant_values=-1)
-    peak = (s[:, 1:-1] > s[:, :-2]) & (s[:, 1:-1] >= s[:, 2:])
-    peak &= smooth >= min_height * smooth.max(1, keepdims=True)
-    return peak.sum(1)
+def count_peaks(hist: np.ndarray, prominence: float = 0.05) -> np.ndarray:
+    """Peaks of each row of `hist` [n, bins] (counts), smoothed with a [1, 4, 6, 4, 1] kernel,
+    that rise above the valleys around them by at least `prominence` x the row's highest
+    smoothed bin and 3 sqrt(that bin) (several times its Poisson noise): bin-to-bin noise is
+    not a peak; a spike of small activations next to a bump is two."""
+    from scipy.signal import find_peaks
+
+    kernel = np.array([1, 4, 6, 4, 1]) / 16
+    out = np.zeros(len(hist), np.int64)
+    for k, row in enumerate(hist.astype(np.float64)):
+        smooth = np.convolve(np.pad(row, 2), kernel, mode="valid")
+        if smooth.max() > 0:  # zeros beside the row, so a peak at either end counts
+            need = max(prominence * smooth.max(), 3 * np.sqrt(smooth.max()))
+            out[k] = len(find_peaks(np.pad(smooth, 1), prominence=need)[0])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,11 +264,14 @@ def _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, ou
     supported = count >= min_count
     axes[0].hist(jac[supported], bins=50, color="C2", log=True)
     axes[0].set_xlabel(f"Jaccard of co-firing pairs (>= {min_count} tokens together)")
+    axes[0].set_ylabel("pairs")
     axes[1].hist(nb_cos[:, 0], bins=50, color="C3")
     axes[1].set_xlabel("decoder cosine to the nearest other latent")
+    axes[1].set_ylabel("latents")
     axes[2].hist(sizes[sizes > 1], bins=np.arange(2, max(3, sizes.max() + 2)) - 0.5
                  if sizes.max() > 1 else 1, color="C4")
     axes[2].set_xlabel("decoder cluster size")
+    axes[2].set_ylabel("clusters")
     save_figure(fig, out / "geometry.png")
 
 

@@ -235,9 +235,9 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
 
 def _compare_summary(rows, comp_rows, base_mse, n, small_dir, large_dir, threshold,
                      freq_s, freq_l) -> dict[str, Any]:
-    counts = {f"{kind}_{sign}": sum(r["kind"] == kind and (r["delta_mse"] < 0) == (sign == "lower")
-                                    for r in rows)
-              for kind in ("novel", "reconstruction") for sign in ("lower", "higher")}
+    sign = {"lower": lambda d: d < 0, "higher": lambda d: d > 0, "unchanged": lambda d: d == 0}
+    counts = {f"{kind}_{name}": sum(r["kind"] == kind and test(r["delta_mse"]) for r in rows)
+              for kind in ("novel", "reconstruction") for name, test in sign.items()}
     return {
         "small": str(small_dir), "large": str(large_dir), "threshold": threshold, "tokens": n,
         "d_sae_small": len(freq_s), "d_sae_large": len(freq_l),
@@ -256,9 +256,10 @@ def _compare_summary(rows, comp_rows, base_mse, n, small_dir, large_dir, thresho
 def _compare_markdown(s: dict[str, Any]) -> str:
     table = markdown_table(
         [{"": kind, "inserting lowers MSE": s[f"mse_{kind}_lower"],
-          "inserting raises MSE": s[f"mse_{kind}_higher"], "total": s[kind]}
+          "inserting raises MSE": s[f"mse_{kind}_higher"],
+          "never fires": s[f"mse_{kind}_unchanged"], "total": s[kind]}
          for kind in ("novel", "reconstruction")],
-        ["", "inserting lowers MSE", "inserting raises MSE", "total"])
+        ["", "inserting lowers MSE", "inserting raises MSE", "never fires", "total"])
     return "\n".join([
         f"# Stitching {s['large']} ({s['d_sae_large']} latents) into {s['small']} "
         f"({s['d_sae_small']})", "",
@@ -289,8 +290,6 @@ def _compare_plots(rows, threshold: float, out: Path) -> None:
     ax.scatter(cos[~novel], delta[~novel], s=6, alpha=0.6, color="C3", label="reconstruction")
     ax.axhline(0, color="grey", lw=1)
     ax.axvline(threshold, color="k", ls="--", lw=1)
-    ax.set_yscale("symlog", linthresh=max(float(np.abs(delta).min()), 1e-12) * 10
-                  if len(delta) else 1e-6)
     ax.set_xlabel("max decoder cosine to the small SAE")
     ax.set_ylabel("change in the small SAE's MSE when inserted")
     ax.legend()
