@@ -502,8 +502,7 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     results = []
     for i, (member, directory) in enumerate(zip(members, dirs, strict=True)):
         metrics = finalise(built.member_params(params, i), member, source, n_train,
-                           directory / "sae" if is_main else None, scale=stats.scale,
-                           truth=truth)
+                           directory / "sae" if is_main else None, stats=stats, truth=truth)
         if is_main:
             (directory / "eval.json").write_text(json.dumps(metrics, indent=1))
         results.append(RunResult(run_dir=directory, sae_dir=directory / "sae", step=total,
@@ -550,17 +549,32 @@ def _ground_truth(cfg: Config, source) -> synthetic.Truth | None:
 
 
 def finalise(params: sae.Params, cfg: Config, source, n_train: int,
-             out: Path | None, *, scale: float = 1.0, dtype: str = "float32",
+             out: Path | None, *, stats: DataStats | None = None, dtype: str = "float32",
              truth: synthetic.Truth | None = None) -> dict[str, Any]:
     """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
-    last training tokens) in raw units — with the ground-truth metrics when `truth` is given
-    (see _ground_truth) — and exports to `out`."""
-    params = sae.fold_input_scale(params, scale)
+    last training tokens) in raw units, leaving out the tokens training dropped
+    (data.drop_norm_above) — with the ground-truth metrics when `truth` is given (see
+    _ground_truth) — and exports to `out`."""
+    params = sae.fold_input_scale(params, 1.0 if stats is None else stats.scale)
     eval_start = n_train if cfg.data.eval_tokens else max(0, n_train - 65536)
-    blocks = iter_blocks(source, cfg.optim.batch_size, start=eval_start)
-    metrics = evaluate.reconstruction_metrics(params, cfg.sae, blocks)
+    keep = None if stats is None else stats.keep_fn()
+    dropped = 0
+
+    def blocks():
+        nonlocal dropped
+        for block in iter_blocks(source, cfg.optim.batch_size, start=eval_start):
+            if keep is not None:
+                kept = keep(block)
+                dropped += int(len(block) - kept.sum())
+                block = block[kept]
+            if len(block):
+                yield block
+
+    metrics = evaluate.reconstruction_metrics(params, cfg.sae, blocks())
     frequency = metrics.pop("firing_frequency")
     metrics["held_out"] = bool(cfg.data.eval_tokens)
+    if keep is not None:
+        metrics["dropped_tokens"] = dropped
     if truth is not None:
         metrics = {**evaluate.truth_report(params, cfg.sae, source, truth, start=eval_start,
                                            batch_size=cfg.optim.batch_size), **metrics}
@@ -605,14 +619,14 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     finally:
         ckpt.close()
     n_train = max(source.n_tokens - cfg.data.eval_tokens, 0)
-    scale = DataStats.from_dict(loader_state["data_stats"]).scale
+    stats = DataStats.from_dict(loader_state["data_stats"])
     params = jax.device_get(state.params)
     truth = _ground_truth(cfg, source)
     # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
     for i, (member, directory) in enumerate(
             zip(built.members, member_dirs(cfg, Path(out)), strict=True)):
         finalise(built.member_params(params, i), member, source, n_train, directory,
-                 scale=scale, dtype=dtype, truth=truth)
+                 stats=stats, dtype=dtype, truth=truth)
     return Path(out)
 
 

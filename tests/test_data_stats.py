@@ -102,6 +102,15 @@ def test_dropping_outliers_is_logged_and_resumes_exactly(outlier_data, tmp_path,
     lines = [json.loads(v) for v in (tmp_path / "straight" / "metrics.jsonl").read_text()
              .splitlines()]
     assert lines[-1]["dropped_tokens"] > 0
+    # The final evaluation leaves out the tokens training dropped (every 50th is a sink).
+    ev = json.loads((tmp_path / "straight" / "eval.json").read_text())
+    held_out = x[-2048:]
+    kept = held_out[np.linalg.norm(held_out, axis=1) < 100]
+    assert ev["dropped_tokens"] == 2048 - len(kept) > 0 and ev["tokens"] == len(kept)
+    loaded = load_sae(tmp_path / "straight" / "sae")
+    recon = np.asarray(sae.decode(loaded.params, sae.encode(loaded.params, kept, loaded.sae)))
+    want = 1 - np.sum((recon - kept) ** 2) / np.sum((kept - kept.mean(0)) ** 2)
+    assert ev["explained_variance"] == pytest.approx(want, abs=1e-4)
 
     seen = []
     crashed = small_config(path, tmp_path / "crashed", **sections)
