@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-first-position", default=None, action=argparse.BooleanOptionalAction,
                    help="with --model: leave position 0 clean and unscored (default: as the "
                         "SAE's training data was cached, else yes)")
+    p.add_argument("--clean-norm-above", type=float, default=None,
+                   help="with --model: leave activations whose norm is above this multiple of "
+                        "the median clean (attention sinks; default: the SAE's training "
+                        "data.drop_norm_above, from its cfg.json)")
     p.add_argument("--device", default=None, help="with --model: torch device")
     p.add_argument("--truth", default=None,
                    help="the synthetic data directory (truth.json + truth.safetensors: recovery, "
@@ -442,8 +446,14 @@ def _eval_model(args, loaded) -> dict:
     lm = lm_data.load_model(args.model, device=args.device, layer=layer,
                             progress=not args.no_progress)
     windows = splice.eval_windows(lm, files, context, tokens, 1 if drop_first else 0)
+    clean_above = args.clean_norm_above
+    if clean_above is None:
+        clean_above = loaded.cfg_json.get("jaxsae", {}).get("drop_norm_above")
+    elif clean_above <= 0:
+        raise JaxsaeError(f"--clean-norm-above must be > 0, got {clean_above}")
     return splice.ce_loss_recovered(loaded, lm, layer, hook, windows,
-                                    drop_first_position=drop_first, batch_size=batch_size,
+                                    drop_first_position=drop_first,
+                                    clean_norm_above=clean_above, batch_size=batch_size,
                                     progress=not args.no_progress)
 
 

@@ -10,8 +10,10 @@ definitions):
 Losses are in nats per predicted token. Windows are built as for `jaxsae cache`; with
 `drop_first_position` (the default, as in caching) position 0, the attention sink the SAE never
 saw in training, is left clean, and every figure counts only the predictions made from the
-spliced positions. Mean ablation uses the mean activation over the evaluated tokens. L0 and
-explained variance are measured on the same activations.
+spliced positions. With `clean_norm_above` (by default the SAE's training
+data.drop_norm_above), later sink positions are left clean too. Mean ablation uses the mean
+activation over the spliced positions; L0 and explained variance are measured on the
+activations the SAE replaced.
 
 The SAE runs through `jaxsae.sae` (JAX); the model through PyTorch (the optional extra `lm`).
 """
@@ -47,8 +49,13 @@ def eval_windows(lm: lm_data.LanguageModel, files: Sequence[Path], context: int,
 
 def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, hook: str,
                       windows: np.ndarray, *, drop_first_position: bool = True,
-                      batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
-    """CE loss recovered, KL and reconstruction metrics of `loaded` over `windows` [n, T]."""
+                      clean_norm_above: float | None = None, batch_size: int = 8,
+                      progress: bool = True) -> dict[str, Any]:
+    """CE loss recovered, KL and reconstruction metrics of `loaded` over `windows` [n, T].
+
+    `clean_norm_above`: activations whose norm is above this multiple of the median norm
+    (attention sinks beyond position 0) are left clean in every variant, as training with
+    data.drop_norm_above never showed them to the SAE; `clean_positions` counts them."""
     import torch
     from tqdm.auto import tqdm
 
@@ -58,31 +65,36 @@ def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, 
     bar = tqdm(total=len(batches) * 5, unit="pass", disable=not progress,
                desc="CE loss recovered")
 
-    # The mean activation over the evaluated positions (for mean ablation).
-    total, count = None, 0
+    # The activations at the evaluated positions: their median norm (for clean_norm_above)
+    # and mean (for mean ablation, over the positions that are spliced).
+    acts = []
     for ids in batches:
-        x = lm_data.capture(lm, layer, hook, ids)[:, first:].astype(np.float64)
+        x = lm_data.capture(lm, layer, hook, ids)[:, first:]
         if x.shape[-1] != loaded.d_in:
             raise JaxsaeError(f"the SAE has d_in {loaded.d_in}, but {lm.name} has "
                               f"{x.shape[-1]} dimensions at {lm_data.hook_name(layer, hook)}")
-        total = x.sum((0, 1)) + (0 if total is None else total)
-        count += x.shape[0] * x.shape[1]
+        acts.append(x.reshape(-1, x.shape[-1]))
         bar.update()
-    mean = total / count
+    acts = np.concatenate(acts)
+    norms = np.linalg.norm(acts, axis=1)
+    limit = None if clean_norm_above is None else clean_norm_above * float(np.median(norms))
+    spliced_rows = norms <= limit if limit is not None else np.ones(len(acts), bool)
+    mean = acts[spliced_rows].astype(np.float64).mean(0)
+    del acts
 
     params = jax.tree.map(jnp.asarray, loaded.params)
     seen: list[np.ndarray] = []
 
-    def reconstruct(x):
-        flat = x[:, first:].float().cpu().numpy().reshape(-1, x.shape[-1])
-        seen.append(flat)
+    def reconstruct(part):
+        flat = part.float().cpu().numpy().reshape(-1, part.shape[-1])
+        seen.append(flat if limit is None else flat[np.linalg.norm(flat, axis=1) <= limit])
         _, x_hat = evaluate.encode_decode(params, jnp.asarray(flat), loaded.sae)
-        return torch.from_numpy(np.array(x_hat)).reshape(x[:, first:].shape)
+        return torch.from_numpy(np.array(x_hat)).reshape(part.shape)
 
     replacements = {
         "sae": reconstruct,
-        "zero_ablation": lambda x: torch.zeros_like(x[:, first:]),
-        "mean_ablation": lambda x: torch.as_tensor(mean).expand_as(x[:, first:]),
+        "zero_ablation": torch.zeros_like,
+        "mean_ablation": lambda part: torch.as_tensor(mean).expand_as(part),
     }
     sums = dict.fromkeys(["ce_clean", *(f"ce_{k}" for k in replacements),
                           *(f"kl_{k}" for k in replacements)], 0.0)
@@ -94,8 +106,12 @@ def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, 
         bar.update()
         for name, replace in replacements.items():
             def splice(x, replace=replace):
+                part = x[:, first:]
+                new = replace(part).to(dtype=x.dtype, device=x.device)
+                if limit is not None:  # attention sinks stay as they are
+                    new = torch.where(part.float().norm(dim=-1, keepdim=True) > limit, part, new)
                 out = x.clone()
-                out[:, first:] = replace(x).to(dtype=x.dtype, device=x.device)
+                out[:, first:] = new
                 return out
 
             with lm_data.hooked(lm, layer, hook, splice):
@@ -108,7 +124,8 @@ def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, 
 
     m = {k: v / predicted for k, v in sums.items()}
     out: dict[str, Any] = {"model": lm.name, "hook": lm_data.hook_name(layer, hook),
-                           "sequences": len(windows), "predicted_tokens": predicted, **m}
+                           "sequences": len(windows), "predicted_tokens": predicted,
+                           "clean_positions": int(np.sum(~spliced_rows)), **m}
     out["ce_loss_recovered"] = _score(m["ce_zero_ablation"], m["ce_sae"], m["ce_clean"])
     out["ce_loss_recovered_vs_mean_ablation"] = _score(m["ce_mean_ablation"], m["ce_sae"],
                                                        m["ce_clean"])

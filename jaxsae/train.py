@@ -585,7 +585,8 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
             metadata={"dataset_path": str(Path(cfg.data.path).absolute()),
                       **_source_metadata(source)},
             training={"run": cfg.name, "steps": cfg.optim.total_steps,
-                      "tokens": cfg.optim.total_steps * cfg.optim.batch_size},
+                      "tokens": cfg.optim.total_steps * cfg.optim.batch_size,
+                      "drop_norm_above": cfg.data.drop_norm_above},
         )
     return metrics
 

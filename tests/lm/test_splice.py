@@ -19,12 +19,13 @@ D = 32
 CONTEXT = 16
 
 
-def write_sae(path, W_enc, W_dec, *, hook_name="blocks.1.hook_resid_post"):
+def write_sae(path, W_enc, W_dec, *, hook_name="blocks.1.hook_resid_post", training=None):
     d_sae = W_dec.shape[0]
     params = {"W_enc": W_enc.astype(np.float32), "W_dec": W_dec.astype(np.float32),
               "b_enc": np.zeros(d_sae, np.float32), "b_dec": np.zeros(W_dec.shape[1], np.float32)}
     meta = {"hook_name": hook_name, "context_size": CONTEXT} if hook_name else {}
-    return export_sae(params, SAEConfig(d_sae=d_sae, decoder_norm="free"), path, metadata=meta)
+    return export_sae(params, SAEConfig(d_sae=d_sae, decoder_norm="free"), path, metadata=meta,
+                      training=training)
 
 
 def identity_sae(path, **kw):
@@ -33,8 +34,8 @@ def identity_sae(path, **kw):
     return write_sae(path, np.concatenate([eye, -eye], 1), np.concatenate([eye, -eye], 0), **kw)
 
 
-def zero_sae(path):
-    return write_sae(path, np.zeros((D, 8)), np.zeros((8, D)))
+def zero_sae(path, **kw):
+    return write_sae(path, np.zeros((D, 8)), np.zeros((8, D)), **kw)
 
 
 def run_eval(sae_dir, model, texts, *extra, capsys):
@@ -45,7 +46,7 @@ def run_eval(sae_dir, model, texts, *extra, capsys):
     return json.loads(out.out)
 
 
-def reference_losses(model_dir, texts, layer=1):
+def reference_losses(model_dir, texts, layer=1, clean_above=None):
     """Clean, zero-ablated and mean-ablated CE (nats per token predicted from positions >= 1),
     computed with the model's own `labels` loss and a hand-written hook."""
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -57,12 +58,21 @@ def reference_losses(model_dir, texts, layer=1):
     labels = ids.clone()
     labels[:, :2] = -100  # only the predictions made from positions 1..T-2
 
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
+    norms = hidden[:, 1:].norm(dim=-1)
+    limit = None if clean_above is None else clean_above * norms.median()
+
     def loss(replace=None):
         handle = None
         if replace is not None:
             def hook(module, args, output):
                 out = output.clone()
-                out[:, 1:] = replace(output[:, 1:])
+                new = replace(output[:, 1:])
+                if limit is not None:
+                    sink = output[:, 1:].norm(dim=-1, keepdim=True) > limit
+                    new = torch.where(sink, output[:, 1:], new)
+                out[:, 1:] = new
                 return out
             handle = model.model.layers[layer].register_forward_hook(hook)
         with torch.inference_mode():
@@ -71,11 +81,13 @@ def reference_losses(model_dir, texts, layer=1):
             handle.remove()
         return value
 
-    with torch.inference_mode():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
-    mean = hidden[:, 1:].reshape(-1, D).mean(0)
+    spliced = hidden[:, 1:].reshape(-1, D)
+    if limit is not None:
+        spliced = spliced[norms.reshape(-1) <= limit]
+    mean = spliced.mean(0)
     return {"ce_clean": loss(), "ce_zero_ablation": loss(torch.zeros_like),
-            "ce_mean_ablation": loss(lambda x: mean.expand_as(x))}
+            "ce_mean_ablation": loss(lambda x: mean.expand_as(x)),
+            "clean_positions": 0 if limit is None else int((norms > limit).sum())}
 
 
 def test_a_perfect_sae_recovers_everything(tiny_model, texts, tmp_path, capsys):
@@ -85,6 +97,7 @@ def test_a_perfect_sae_recovers_everything(tiny_model, texts, tmp_path, capsys):
     assert m["sequences"] == 10 and m["predicted_tokens"] == 10 * (CONTEXT - 2)
     for key, want in ref.items():
         assert m[key] == pytest.approx(want, rel=1e-5), key
+    assert m["clean_positions"] == 0
     assert m["ce_sae"] == pytest.approx(m["ce_clean"], rel=1e-5)
     assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert m["kl_sae"] == pytest.approx(0.0, abs=1e-5)
@@ -100,6 +113,22 @@ def test_a_zero_sae_is_zero_ablation(tiny_model, texts, tmp_path, capsys):
     assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert m["kl_sae"] == pytest.approx(m["kl_zero_ablation"], rel=1e-6)
     assert m["l0"] == 0
+
+
+def test_sinks_above_a_norm_stay_clean(tiny_model, texts, tmp_path, capsys):
+    """Positions whose norm is above R x the median are left clean in every variant (R from
+    --clean-norm-above, else the SAE's training data.drop_norm_above)."""
+    ref = reference_losses(tiny_model, texts, clean_above=1.1)
+    assert 0 < ref["clean_positions"] < 10 * (CONTEXT - 1) // 2
+    by_flag = run_eval(zero_sae(tmp_path / "a"), tiny_model, texts, "--clean-norm-above", "1.1",
+                       capsys=capsys)
+    by_cfg = run_eval(zero_sae(tmp_path / "b", training={"drop_norm_above": 1.1}), tiny_model,
+                      texts, capsys=capsys)
+    for m in (by_flag, by_cfg):
+        for key, want in ref.items():
+            assert m[key] == pytest.approx(want, rel=1e-5), key
+        assert m["ce_sae"] == pytest.approx(m["ce_zero_ablation"], rel=1e-6)
+        assert m["tokens"] == 10 * (CONTEXT - 1) - ref["clean_positions"]
 
 
 def test_resid_pre_and_the_first_position(tiny_model, texts, tmp_path, capsys):
@@ -156,3 +185,5 @@ def test_bad_input(tiny_model, texts, tmp_path, capsys):
     assert "d_in 33" in error(wide, "--text", str(texts))
     assert "--layer 7" in error(sae, "--text", str(texts), "--layer", "7")
     assert "--truth goes with --data" in error(sae, "--text", str(texts), "--truth", "x")
+    assert "--clean-norm-above must be > 0" in error(sae, "--text", str(texts),
+                                                     "--clean-norm-above", "0")
