@@ -18,6 +18,7 @@ from jaxsae.export import export_sae, load_sae
 def test_cofiring_and_jaccard_match_counting(rng):
     fired = rng.random((300, 12)) < 0.2
     fired[:, 3] = fired[:, 2] & (rng.random(300) < 0.5)  # 3 fires only with 2
+    fired[:, 11] = True  # fires everywhere: a parent of everything, by chance alone
     t, j = np.nonzero(fired)
     i_, j_, count, fires = geometry.cofiring(t, j, 300, 12)
     np.testing.assert_array_equal(fires, fired.sum(0))
@@ -30,9 +31,12 @@ def test_cofiring_and_jaccard_match_counting(rng):
     a, b = i_[0], j_[0]
     assert jac[0] == pytest.approx(np.sum(fired[:, a] & fired[:, b])
                                    / np.sum(fired[:, a] | fired[:, b]))
-    pc = geometry.parent_child(i_, j_, count, fires, threshold=0.99, min_count=5)
+    pc = geometry.parent_child(i_, j_, count, fires, 300, threshold=0.99, min_count=5)
     assert [(int(p), int(c)) for p, c, *_ in pc] == [(2, 3)]
-    assert pc[0][2] == 1.0
+    assert pc[0][2] == 1.0 and pc[0][4] == pytest.approx(300 / fires[2])
+    everywhere = geometry.parent_child(i_, j_, count, fires, 300, threshold=0.99, min_count=5,
+                                       min_lift=0.5)
+    assert {int(p) for p, *_ in everywhere} == {2, 11}
 
 
 def test_decoder_neighbours_and_clusters_match_brute_force(rng):
@@ -67,7 +71,9 @@ def test_analyze_writes_every_table_plot_and_the_page(small_data, tmp_path, caps
     W_dec = rng.normal(size=(d_sae, d)).astype(np.float32)
     W_dec[1] = W_dec[0] + 0.01
     W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-    params = {"W_enc": W_dec.T.copy(), "b_enc": np.full(d_sae, -0.1, np.float32),
+    b_enc = np.full(d_sae, -0.5, np.float32)
+    b_enc[5] = 10.0  # fires on every token
+    params = {"W_enc": W_dec.T.copy(), "b_enc": b_enc,
               "W_dec": W_dec, "b_dec": np.zeros(d, np.float32)}
     export_sae(params, SAEConfig(d_sae=d_sae, decoder_norm="free"), tmp_path / "sae")
     out = tmp_path / "analysis"
@@ -101,4 +107,11 @@ def test_analyze_writes_every_table_plot_and_the_page(small_data, tmp_path, caps
             assert np.abs(np.array(got) - want).sum() <= 2  # bin edges may round differently
     assert int(latents[0]["nearest"]) == 1 and float(latents[0]["nearest_cos"]) > 0.99
     assert latents[0]["cluster"] == latents[1]["cluster"]
+    with open(out / "cofiring_pairs.csv") as f:
+        pairs = list(csv.DictReader(f))
+    dense = {int(r["latent"]) for r in latents if float(r["firing_frequency"]) > 0.3}
+    assert 5 in dense
+    assert pairs and dense  # dense latents co-fire with everything: not listed
+    assert all(int(p["fires_a"]) <= 150 and int(p["fires_b"]) <= 150 for p in pairs)
+    assert not dense & {int(p[k]) for p in pairs for k in ("latent_a", "latent_b")}
     assert summary["l0"] == pytest.approx(np.mean((codes > 0).sum(1)), rel=1e-6)

@@ -5,9 +5,10 @@ Over a sample of activations:
 - density: each latent's firing frequency (log10 histogram) and, per latent, the histogram of
   its non-zero activations on bins [0, its max]; latents with several peaks are candidates for
   absorbed or circular structure (`n_peaks`);
-- co-firing: the Jaccard similarity |A and B| / |A or B| of the token sets on which latents
-  fire, the top pairs, and parent / child candidates: B fires almost only when A fires
-  (P(A | B) >= 0.9) while A fires more often;
+- co-firing (dense latents, firing on > 10% of tokens, left out): the Jaccard similarity
+  |A and B| / |A or B| of the token sets on which latents fire, the top pairs, and parent /
+  child candidates: B fires almost only when A fires (P(A | B) >= 0.9) while A fires more
+  often, but not everywhere (P(A | B) >= 2 P(A));
 - decoder geometry: each latent's nearest neighbours by decoder cosine, and clusters
   (connected components of cos > threshold).
 
@@ -32,6 +33,7 @@ from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.source import iter_blocks
 from jaxsae.errors import JaxsaeError
+from jaxsae.evaluate import DENSE_FREQUENCY
 from jaxsae.outputs import atomic_write, pyplot, save_figure, write_csv
 
 BINS = 32
@@ -59,14 +61,19 @@ def jaccard(i, j, count, fires) -> np.ndarray:
     return count / (fires[i] + fires[j] - count)
 
 
-def parent_child(i, j, count, fires, *, threshold: float = 0.9, min_count: int = 10):
-    """(parent, child, P(parent | child), child fires) where the child fires almost only with
-    the parent and the parent fires more often; sorted by child firing count."""
+def parent_child(i, j, count, fires, n_tokens: int, *, threshold: float = 0.9,
+                 min_count: int = 10, min_lift: float = 2.0):
+    """(parent, child, P(parent | child), child fires, lift) where the child fires almost only
+    with the parent (P >= threshold), the parent fires more often, and not merely because it
+    fires everywhere: lift = P(parent | child) / P(parent) >= min_lift. Sorted by child
+    firing count."""
     out = []
     for a, b in ((i, j), (j, i)):  # a parent of b?
         p = count / np.maximum(fires[b], 1)
-        keep = (p >= threshold) & (fires[b] >= min_count) & (fires[a] > fires[b])
-        out.append(np.stack([a[keep], b[keep], p[keep], fires[b][keep]], 1))
+        lift = p / np.maximum(fires[a] / n_tokens, 1e-12)
+        keep = ((p >= threshold) & (fires[b] >= min_count) & (fires[a] > fires[b])
+                & (lift >= min_lift))
+        out.append(np.stack([a[keep], b[keep], p[keep], fires[b][keep], lift[keep]], 1))
     pairs = np.concatenate(out)
     return pairs[np.argsort(-pairs[:, 3], kind="stable")]
 
@@ -175,16 +182,21 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
 
     frequency = fires / n_tok
     i, j, count, co_fires = cofiring(np.concatenate(rows), np.concatenate(cols), seen, n)
+    # Dense latents co-fire with everything: they are left out of pairs and parent / child.
+    dense = co_fires / max(seen, 1) > DENSE_FREQUENCY
+    sparse_pair = ~dense[i] & ~dense[j]
+    i, j, count = i[sparse_pair], j[sparse_pair], count[sparse_pair]
     jac = jaccard(i, j, count, co_fires)
     order = np.argsort(-jac, kind="stable")
     order = order[count[order] >= min_count][:top_pairs]
     pairs = [{"latent_a": int(i[o]), "latent_b": int(j[o]), "jaccard": float(jac[o]),
               "both": int(count[o]), "fires_a": int(co_fires[i[o]]),
               "fires_b": int(co_fires[j[o]])} for o in order]
-    pc = parent_child(i, j, count, co_fires, threshold=child_threshold, min_count=min_count)
+    pc = parent_child(i, j, count, co_fires, seen, threshold=child_threshold,
+                      min_count=min_count)
     parents = [{"parent": int(a), "child": int(b), "p_parent_given_child": float(p),
-                "child_fires": int(c), "parent_fires": int(co_fires[int(a)])}
-               for a, b, p, c in pc]
+                "lift": float(lift), "child_fires": int(c),
+                "parent_fires": int(co_fires[int(a)])} for a, b, p, c, lift in pc]
     nb_idx, nb_cos = decoder_neighbours(loaded.params["W_dec"], neighbours)
     clusters = decoder_clusters(loaded.params["W_dec"], cluster_threshold)
     sizes = np.bincount(clusters)
@@ -212,7 +224,8 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     write_csv(out / "cofiring_pairs.csv", pairs,
               ["latent_a", "latent_b", "jaccard", "both", "fires_a", "fires_b"])
     write_csv(out / "parent_child.csv", parents,
-              ["parent", "child", "p_parent_given_child", "child_fires", "parent_fires"])
+              ["parent", "child", "p_parent_given_child", "lift", "child_fires",
+               "parent_fires"])
     write_csv(out / "neighbours.csv",
               [{"latent": k, "rank": r + 1, "neighbour": int(nb_idx[k, r]),
                 "cos": float(nb_cos[k, r])} for k in range(n) for r in range(nb_idx.shape[1])],
@@ -223,7 +236,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         "sae": str(sae_dir), "data": str(data), "tokens": n_tok, "cofire_tokens": seen,
         "d_sae": n, "l0": float(fires.sum() / n_tok),
         "dead_fraction": float(np.mean(fires == 0)),
-        "dense_fraction": float(np.mean(frequency > 0.1)),
+        "dense_fraction": float(np.mean(frequency > DENSE_FREQUENCY)),
         "multi_peaked": int(np.sum(peaks >= 2)),
         "cofiring_pairs_listed": len(pairs), "parent_child_candidates": len(parents),
         "decoder_clusters": len(cluster_rows),
@@ -262,7 +275,7 @@ def _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, ou
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
     supported = count >= min_count
-    axes[0].hist(jac[supported], bins=50, color="C2", log=True)
+    axes[0].hist(jac[supported], bins=50, color="C2", log=bool(supported.any()))
     axes[0].set_xlabel(f"Jaccard of co-firing pairs (>= {min_count} tokens together)")
     axes[0].set_ylabel("pairs")
     axes[1].hist(nb_cos[:, 0], bins=50, color="C3")
