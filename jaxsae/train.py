@@ -8,7 +8,6 @@ this path; features are configuration and registered loss terms, never a second 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import math
@@ -44,6 +43,7 @@ from jaxsae.data.source import iter_blocks
 from jaxsae.data.stats import DataStats
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
+from jaxsae.outputs import write_csv
 
 # The vmap axis of a sweep's SAEs.
 SWEEP_AXIS = "sweep"
@@ -522,15 +522,11 @@ def _write_sweep_table(path: Path, cfg: Config, members: list[Config],
                        results: list[RunResult]) -> None:
     """sweep.csv: one row per SAE: its directory, the swept values, its evaluation."""
     keys = list(dict.fromkeys(k for point in cfg.sweep.points for k in point))
-    rows = [["sae", *keys, *SWEEP_TABLE_METRICS]]
-    for member, result in zip(members, results, strict=True):
-        values = [_dotted_value(member, k) for k in keys]
-        rows.append([str(result.run_dir.relative_to(path.parent)), *values,
-                     *(result.eval[m] for m in SWEEP_TABLE_METRICS)])
-    tmp = path.with_suffix(".csv.partial")
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows(rows)
-    tmp.replace(path)
+    rows = [{"sae": str(result.run_dir.relative_to(path.parent)),
+             **{k: _dotted_value(member, k) for k in keys},
+             **{m: result.eval[m] for m in SWEEP_TABLE_METRICS}}
+            for member, result in zip(members, results, strict=True)]
+    write_csv(path, rows, ["sae", *keys, *SWEEP_TABLE_METRICS])
 
 
 def _dotted_value(cfg: Config, dotted: str) -> Any:
