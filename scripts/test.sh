@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
 # Runs the linter and the test suite (slow tests excluded; run them with: scripts/test.sh -m slow).
-# The core suite runs in .venv (no torch). .venv-interop (built once, cached) holds PyTorch:
-# tests/interop/ compare exports with real SAELens there, and tests/lm/ (the extra `lm`) run there.
+# The core suite runs in .venv, which has no torch. .venv-interop, the PyTorch environment
+# (jaxsae[lm] + SAELens; built once, in the background while the core suite runs), runs
+# tests/interop/ (exports against real SAELens) and tests/lm/ (jaxsae cache, eval --model).
 # Arguments go to pytest; test paths given are each run in the environment they need.
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh" test
-source "$(dirname "$0")/_interop_env.sh"
-ruff check .
-core=() lm=() opts=()
+build_log=".venv-interop.build.log"
+(source scripts/_interop_env.sh) > "$build_log" 2>&1 &
+build=$!
+core=() torch=() opts=()
 for arg in "$@"; do
   if [[ "$arg" != -* && -e "$arg" ]]; then
     case "$(realpath "$arg")" in
-      "$JAXSAE_ROOT"/tests/lm*) lm+=("$arg") ;;
+      "$JAXSAE_ROOT"/tests/lm* | "$JAXSAE_ROOT"/tests/interop*) torch+=("$arg") ;;
       *) core+=("$arg") ;;
     esac
   else
     opts+=("$arg")
   fi
 done
-if (( ${#core[@]} + ${#lm[@]} == 0 )); then
-  python -m pytest "${opts[@]}"
-  "$JAXSAE_INTEROP_PYTHON" -m pytest tests/lm "${opts[@]}"
-else
-  if (( ${#core[@]} )); then python -m pytest "${core[@]}" "${opts[@]}"; fi
-  if (( ${#lm[@]} )); then "$JAXSAE_INTEROP_PYTHON" -m pytest "${lm[@]}" "${opts[@]}"; fi
+if (( ${#core[@]} + ${#torch[@]} == 0 )); then
+  core=(--ignore=tests/interop --ignore=tests/lm)
+  torch=(tests/interop tests/lm)
 fi
+status=0
+ruff check . || status=1
+if (( ${#core[@]} )); then python -m pytest "${core[@]}" "${opts[@]}" || status=1; fi
+if ! wait "$build"; then
+  cat "$build_log" >&2
+  exit 1
+fi
+rm -f "$build_log"
+source scripts/_interop_env.sh  # built: this only sets JAXSAE_INTEROP_PYTHON
+if (( ${#torch[@]} )); then "$JAXSAE_INTEROP_PYTHON" -m pytest "${torch[@]}" "${opts[@]}" || status=1; fi
+exit "$status"
