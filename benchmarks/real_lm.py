@@ -72,8 +72,8 @@ def main() -> None:
         start = time.perf_counter()
         windows = splice.eval_windows(lm, lm_data.text_files([args.text]),
                                       meta["context_size"], args.tokens, 1)
-        ce = splice.ce_loss_recovered(loaded, lm, layer, hook, windows, progress=False,
-                                      clean_norm_above=cfg.data.drop_norm_above)
+        [ce] = splice.ce_loss_recovered([loaded], lm, layer, hook, windows, progress=False,
+                                        clean_norm_above=cfg.data.drop_norm_above)
         data = open_source(cfg.data)
         x = np.asarray(data.read(data.n_tokens - args.check_tokens, data.n_tokens), np.float32)
         row = {"run": str(run), "architecture": loaded.cfg_json["architecture"],

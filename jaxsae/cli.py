@@ -6,7 +6,7 @@
   jaxsae export RUN_OR_CHECKPOINT_DIR --out DIR [--step N] [--dtype float32|bfloat16]
   jaxsae import SAELENS_DIR --out RUN --data DIR [key=value ...]
   jaxsae eval SAE_DIR --data DIR [--truth TRUTH] [--tokens N]
-  jaxsae eval SAE_DIR --model MODEL --text FILE... [--layer L] [--tokens N]
+  jaxsae eval SAE_DIR... --model MODEL --text FILE... [--layer L] [--tokens N]
   jaxsae cache --model MODEL --layer L --text FILE... --tokens N --out DIR
   jaxsae stitch compare SMALL LARGE --data DIR --out DIR [--threshold 0.7]
   jaxsae stitch frankenstein BASE OTHER... --data DIR --out DIR [--retrain-decoder-tokens N]
@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is spliced into the language model over --text: CE loss "
                                    "recovered, KL, L0 and explained variance (see "
                                    "jaxsae.splice; needs the extra `lm`).")
-    p.add_argument("sae_dir", help="SAELens-format directory (e.g. runs/NAME/sae)")
+    p.add_argument("sae_dir", nargs="+",
+                   help="SAELens-format directory (e.g. runs/NAME/sae); with --model, several "
+                        "SAEs of one hook share the clean and ablated passes")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--data", help="activation directory")
     where.add_argument("--model", help="language model (directory, hub name or .gguf file)")
@@ -416,26 +418,46 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
-def _eval_model(args, loaded) -> dict:
-    """`jaxsae eval --model`: the SAE spliced into the language model (jaxsae.splice)."""
-    from jaxsae import splice
+def _splice_settings(args, sae_dir: str, loaded) -> tuple:
+    """(layer, hook, context, drop_first_position, clean_norm_above) for one SAE: the flags,
+    else what its cfg.json says about its training data."""
     from jaxsae.data import lm as lm_data
 
     meta = loaded.cfg_json.get("metadata", {})
     trained_at = lm_data.parse_hook_name(meta.get("hook_name", ""))
     layer = args.layer if args.layer is not None else trained_at and trained_at[0]
     if layer is None:
-        raise JaxsaeError(f"--layer: required ({args.sae_dir}/cfg.json names no hook_name "
+        raise JaxsaeError(f"--layer: required ({sae_dir}/cfg.json names no hook_name "
                           "like blocks.L.hook_resid_post)")
     hook = args.hook or (trained_at[1] if trained_at else "resid_post")
     if hook not in lm_data.HOOK_POINTS:
         raise JaxsaeError(f"--hook must be one of {', '.join(lm_data.HOOK_POINTS)}, got {hook!r}")
-    if not args.text:
-        raise JaxsaeError("--text: required with --model (held-out text to evaluate on)")
     context = args.context or meta.get("context_size") or 128
     drop_first = args.drop_first_position
     if drop_first is None:
         drop_first = meta.get("drop_first_position", True)
+    clean_above = args.clean_norm_above
+    if clean_above is None:
+        clean_above = loaded.cfg_json.get("jaxsae", {}).get("drop_norm_above")
+    elif clean_above <= 0:
+        raise JaxsaeError(f"--clean-norm-above must be > 0, got {clean_above}")
+    return layer, hook, context, drop_first, clean_above
+
+
+def _eval_model(args, saes: list) -> list[dict]:
+    """`jaxsae eval --model`: the SAEs spliced into the language model (jaxsae.splice)."""
+    from jaxsae import splice
+    from jaxsae.data import lm as lm_data
+
+    settings = [_splice_settings(args, d, s) for d, s in zip(args.sae_dir, saes, strict=True)]
+    for sae_dir, own in zip(args.sae_dir[1:], settings[1:], strict=True):
+        if own != settings[0]:
+            raise JaxsaeError(f"{sae_dir}: evaluated as (layer, hook, context, first position "
+                              f"dropped, clean norm) {own}, but {args.sae_dir[0]} as "
+                              f"{settings[0]}: evaluate them separately")
+    layer, hook, context, drop_first, clean_above = settings[0]
+    if not args.text:
+        raise JaxsaeError("--text: required with --model (held-out text to evaluate on)")
     tokens = 16384 if args.tokens is None else args.tokens
     batch_size = 8 if args.batch_size is None else args.batch_size
     for flag, value, low in (("--context", context, 2), ("--tokens", tokens, 1),
@@ -446,15 +468,11 @@ def _eval_model(args, loaded) -> dict:
     lm = lm_data.load_model(args.model, device=args.device, layer=layer,
                             progress=not args.no_progress)
     windows = splice.eval_windows(lm, files, context, tokens, 1 if drop_first else 0)
-    clean_above = args.clean_norm_above
-    if clean_above is None:
-        clean_above = loaded.cfg_json.get("jaxsae", {}).get("drop_norm_above")
-    elif clean_above <= 0:
-        raise JaxsaeError(f"--clean-norm-above must be > 0, got {clean_above}")
-    return splice.ce_loss_recovered(loaded, lm, layer, hook, windows,
-                                    drop_first_position=drop_first,
-                                    clean_norm_above=clean_above, batch_size=batch_size,
-                                    progress=not args.no_progress)
+    results = splice.ce_loss_recovered(saes, lm, layer, hook, windows,
+                                       drop_first_position=drop_first,
+                                       clean_norm_above=clean_above, batch_size=batch_size,
+                                       progress=not args.no_progress)
+    return [{"sae": d, **r} for d, r in zip(args.sae_dir, results, strict=True)]
 
 
 def _cmd_eval(args) -> int:
@@ -467,12 +485,16 @@ def _cmd_eval(args) -> int:
     from jaxsae.errors import DataError
     from jaxsae.export import load_sae
 
-    loaded = load_sae(args.sae_dir)
     if args.model:
         if args.truth:
             raise JaxsaeError("--truth goes with --data, not --model")
-        print(json.dumps(_eval_model(args, loaded), indent=1))
+        results = _eval_model(args, [load_sae(d) for d in args.sae_dir])
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
         return 0
+    if len(args.sae_dir) > 1:
+        raise JaxsaeError("--data evaluates one SAE at a time (several go with --model)")
+    args.sae_dir = args.sae_dir[0]
+    loaded = load_sae(args.sae_dir)
     data = open_source(DataConfig(path=args.data, hook=args.hook))
     if data.d_in != loaded.d_in:
         raise DataError(f"{args.data}: d_in {data.d_in} does not match the SAE's d_in "

@@ -47,11 +47,12 @@ def eval_windows(lm: lm_data.LanguageModel, files: Sequence[Path], context: int,
     return np.stack(windows)
 
 
-def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, hook: str,
-                      windows: np.ndarray, *, drop_first_position: bool = True,
+def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, layer: int,
+                      hook: str, windows: np.ndarray, *, drop_first_position: bool = True,
                       clean_norm_above: float | None = None, batch_size: int = 8,
-                      progress: bool = True) -> dict[str, Any]:
-    """CE loss recovered, KL and reconstruction metrics of `loaded` over `windows` [n, T].
+                      progress: bool = True) -> list[dict[str, Any]]:
+    """CE loss recovered, KL and reconstruction metrics of each SAE over `windows` [n, T]; the
+    clean and ablated passes are shared, so a family costs one more pass per batch per SAE.
 
     `clean_norm_above`: activations whose norm is above this multiple of the median norm
     (attention sinks beyond position 0) are left clean in every variant, as training with
@@ -62,7 +63,7 @@ def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, 
     lm_data.check_layer(lm, layer)
     first = 1 if drop_first_position else 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    bar = tqdm(total=len(batches) * 5, unit="pass", disable=not progress,
+    bar = tqdm(total=len(batches) * (4 + len(saes)), unit="pass", disable=not progress,
                desc="CE loss recovered")
 
     # The activations at the evaluated positions: their median norm (for clean_norm_above)
@@ -70,9 +71,11 @@ def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, 
     acts = []
     for ids in batches:
         x = lm_data.capture(lm, layer, hook, ids)[:, first:]
-        if x.shape[-1] != loaded.d_in:
-            raise JaxsaeError(f"the SAE has d_in {loaded.d_in}, but {lm.name} has "
-                              f"{x.shape[-1]} dimensions at {lm_data.hook_name(layer, hook)}")
+        for loaded in saes:
+            if x.shape[-1] != loaded.d_in:
+                raise JaxsaeError(f"the SAE has d_in {loaded.d_in}, but {lm.name} has "
+                                  f"{x.shape[-1]} dimensions at "
+                                  f"{lm_data.hook_name(layer, hook)}")
         acts.append(x.reshape(-1, x.shape[-1]))
         bar.update()
     acts = np.concatenate(acts)
@@ -82,19 +85,24 @@ def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, 
     mean = acts[spliced_rows].astype(np.float64).mean(0)
     del acts
 
-    params = jax.tree.map(jnp.asarray, loaded.params)
-    seen: list[np.ndarray] = []
+    seen: list[list[np.ndarray]] = [[] for _ in saes]
 
-    def reconstruct(part):
-        flat = part.float().cpu().numpy().reshape(-1, part.shape[-1])
-        seen.append(flat if limit is None else flat[np.linalg.norm(flat, axis=1) <= limit])
-        _, x_hat = evaluate.encode_decode(params, jnp.asarray(flat), loaded.sae)
-        return torch.from_numpy(np.array(x_hat)).reshape(part.shape)
+    def reconstructor(i: int):
+        params = jax.tree.map(jnp.asarray, saes[i].params)
+
+        def reconstruct(part):
+            flat = part.float().cpu().numpy().reshape(-1, part.shape[-1])
+            seen[i].append(flat if limit is None
+                           else flat[np.linalg.norm(flat, axis=1) <= limit])
+            _, x_hat = evaluate.encode_decode(params, jnp.asarray(flat), saes[i].sae)
+            return torch.from_numpy(np.array(x_hat)).reshape(part.shape)
+
+        return reconstruct
 
     replacements = {
-        "sae": reconstruct,
         "zero_ablation": torch.zeros_like,
         "mean_ablation": lambda part: torch.as_tensor(mean).expand_as(part),
+        **{f"sae{i}": reconstructor(i) for i in range(len(saes))},
     }
     sums = dict.fromkeys(["ce_clean", *(f"ce_{k}" for k in replacements),
                           *(f"kl_{k}" for k in replacements)], 0.0)
@@ -123,16 +131,24 @@ def ce_loss_recovered(loaded: LoadedSAE, lm: lm_data.LanguageModel, layer: int, 
     bar.close()
 
     m = {k: v / predicted for k, v in sums.items()}
-    out: dict[str, Any] = {"model": lm.name, "hook": lm_data.hook_name(layer, hook),
-                           "sequences": len(windows), "predicted_tokens": predicted,
-                           "clean_positions": int(np.sum(~spliced_rows)), **m}
-    out["ce_loss_recovered"] = _score(m["ce_zero_ablation"], m["ce_sae"], m["ce_clean"])
-    out["ce_loss_recovered_vs_mean_ablation"] = _score(m["ce_mean_ablation"], m["ce_sae"],
-                                                       m["ce_clean"])
-    out["kl_div_score"] = _score(m["kl_zero_ablation"], m["kl_sae"], 0.0)
-    recon = evaluate.reconstruction_metrics(loaded.params, loaded.sae, seen)
-    recon.pop("firing_frequency")
-    return {**out, **recon}
+    shared = {"model": lm.name, "hook": lm_data.hook_name(layer, hook),
+              "sequences": len(windows), "predicted_tokens": predicted,
+              "clean_positions": int(np.sum(~spliced_rows)), "ce_clean": m["ce_clean"]}
+    results = []
+    for i, loaded in enumerate(saes):
+        ce, kl = m[f"ce_sae{i}"], m[f"kl_sae{i}"]
+        out = {**shared, "ce_sae": ce, "ce_zero_ablation": m["ce_zero_ablation"],
+               "ce_mean_ablation": m["ce_mean_ablation"], "kl_sae": kl,
+               "kl_zero_ablation": m["kl_zero_ablation"],
+               "kl_mean_ablation": m["kl_mean_ablation"],
+               "ce_loss_recovered": _score(m["ce_zero_ablation"], ce, m["ce_clean"]),
+               "ce_loss_recovered_vs_mean_ablation": _score(m["ce_mean_ablation"], ce,
+                                                            m["ce_clean"]),
+               "kl_div_score": _score(m["kl_zero_ablation"], kl, 0.0)}
+        recon = evaluate.reconstruction_metrics(loaded.params, loaded.sae, seen[i])
+        recon.pop("firing_frequency")
+        results.append({**out, **recon})
+    return results
 
 
 def _log_probs(lm: lm_data.LanguageModel, ids: np.ndarray, first: int):

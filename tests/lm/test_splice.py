@@ -115,6 +115,33 @@ def test_a_zero_sae_is_zero_ablation(tiny_model, texts, tmp_path, capsys):
     assert m["l0"] == 0
 
 
+def test_several_saes_share_the_clean_and_ablated_passes(tiny_model, texts, tmp_path, capsys):
+    a, b = identity_sae(tmp_path / "a"), zero_sae(tmp_path / "b")
+    both = run_eval_many([a, b], tiny_model, texts, capsys)
+    assert [m["sae"] for m in both] == [str(a), str(b)]
+    for m, sae in zip(both, (a, b), strict=True):
+        alone = run_eval(sae, tiny_model, texts, capsys=capsys)
+        assert m.keys() == alone.keys()
+        for k, v in alone.items():
+            assert m[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), k
+    assert both[0]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert both[1]["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    other = identity_sae(tmp_path / "c", hook_name="blocks.2.hook_resid_post")
+    assert main(["eval", str(a), str(other), "--model", str(tiny_model), "--text",
+                 str(texts), "--no-progress"]) == 2
+    assert "evaluate them separately" in capsys.readouterr().err
+    assert main(["eval", str(a), str(b), "--data", str(tmp_path)]) == 2
+    assert "--data evaluates one SAE" in capsys.readouterr().err
+
+
+def run_eval_many(saes, model, texts, capsys):
+    code = main(["eval", *map(str, saes), "--model", str(model), "--text",
+                 str(texts / "a.txt"), "--tokens", "150", "--batch-size", "4", "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
 def test_sinks_above_a_norm_stay_clean(tiny_model, texts, tmp_path, capsys):
     """Positions whose norm is above R x the median are left clean in every variant (R from
     --clean-norm-above, else the SAE's training data.drop_norm_above)."""
