@@ -130,7 +130,7 @@ def test_kill_one_process_then_restart_both(small_data, tmp_path):
     workers[1].send_signal(signal.SIGKILL)
     workers[1].wait(timeout=60)
     try:  # its partner waits in a collective for a peer that is gone: the job is down
-        workers[0].wait(timeout=20)
+        workers[0].wait(timeout=2)
     except subprocess.TimeoutExpired:
         workers[0].send_signal(signal.SIGKILL)
         workers[0].wait(timeout=60)
