@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxsae.errors import JaxsaeError
+from jaxsae.errors import JaxsaeError, require_at_least
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -378,10 +378,8 @@ def _cmd_cache(args) -> int:
 
 
 def _check_positive(args, *names) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise JaxsaeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_at_least(*((f"--{name.replace('_', '-')}", getattr(args, name), 1)
+                       for name in names))
 
 
 def _cmd_stitch(args) -> int:
@@ -460,12 +458,10 @@ def _eval_model(args, saes: list) -> list[dict]:
         raise JaxsaeError("--text: required with --model (held-out text to evaluate on)")
     tokens = 16384 if args.tokens is None else args.tokens
     batch_size = 8 if args.batch_size is None else args.batch_size
-    for flag, value, low in (("--context", context, 2), ("--tokens", tokens, 1),
-                             ("--batch-size", batch_size, 1)):
-        if value < low:
-            raise JaxsaeError(f"{flag} must be at least {low}, got {value}")
+    require_at_least(("--context", context, 2), ("--tokens", tokens, 1),
+                     ("--batch-size", batch_size, 1))
     files = lm_data.text_files(args.text)
-    lm = lm_data.load_model(args.model, device=args.device, layer=layer,
+    lm = lm_data.load_model(args.model, device=args.device, layer=layer, context=context,
                             progress=not args.no_progress)
     windows = splice.eval_windows(lm, files, context, tokens, 1 if drop_first else 0)
     results = splice.ce_loss_recovered(saes, lm, layer, hook, windows,

@@ -15,3 +15,10 @@ class DataError(JaxsaeError):
 
 class NonFiniteError(JaxsaeError):
     """Training produced a non-finite loss or gradient."""
+
+
+def require_at_least(*checks: tuple[str, int | None, int]) -> None:
+    """Each (flag, value, low): a value below `low` is bad input naming the flag (None: unset)."""
+    for flag, value, low in checks:
+        if value is not None and value < low:
+            raise JaxsaeError(f"{flag} must be at least {low}, got {value}")

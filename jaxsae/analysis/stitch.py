@@ -304,7 +304,7 @@ def stitch_family(saes: Sequence[export.LoadedSAE], threshold: float = THRESHOLD
                   ) -> tuple[dict[str, np.ndarray], SAEConfig, list[dict[str, Any]]]:
     """The Frankenstein parameters (SAELens orientation), their SAEConfig, and per SAE of the
     family how many latents it gave. `saes` are sorted by width here."""
-    saes = sorted(saes, key=lambda s: s.params["W_dec"].shape[0])
+    saes = sorted(saes, key=lambda s: s.sae.d_sae)
     acts = {s.sae.activation for s in saes}
     if not acts <= {"relu", "jumprelu"}:
         raise JaxsaeError("frankenstein needs ReLU or JumpReLU SAEs: a TopK latent's code "
@@ -386,8 +386,8 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                      "mse": m["mse"], "explained_variance": m["explained_variance"]})
     columns = ["sae", "d_sae", "architecture", "l0", "mse", "explained_variance"]
     write_csv(out / "frankenstein.csv", rows, columns)
-    gave_rows = [{"sae": str(d), **g} for d, g in zip(
-        sorted(sae_dirs, key=lambda d: export.read_cfg(d)["d_sae"]), gave, strict=True)]
+    by_width = sorted(zip(sae_dirs, saes, strict=True), key=lambda ds: ds[1].sae.d_sae)
+    gave_rows = [{"sae": str(d), **g} for (d, _), g in zip(by_width, gave, strict=True)]
     atomic_write(out / "frankenstein.md", "\n".join([
         f"# Frankenstein SAE ({cfg.d_sae} latents, threshold {threshold})", "",
         "Latents taken from each SAE of the family (widest last):", "",

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from jaxsae.data.shards import DTYPES, ShardWriter, is_shard_dir, read_manifest
-from jaxsae.errors import DataError, JaxsaeError
+from jaxsae.errors import DataError, JaxsaeError, require_at_least
 
 HOOK_POINTS = ("resid_post", "resid_pre")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -90,12 +90,13 @@ class LanguageModel:
 
 
 def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
-               layer: int | None = None, truncate: bool = False,
+               layer: int | None = None, context: int | None = None, truncate: bool = False,
                progress: bool = True) -> LanguageModel:
     """Loads `name` (a model directory, a hub name, or a .gguf file) and its tokenizer.
 
-    `layer`, when given, is checked against the model's config before the weights are loaded;
-    `truncate` then drops the blocks after it (for caching: nothing after the hook is run)."""
+    `layer` and `context`, when given, are checked against the model's config before the
+    weights are loaded; `truncate` drops the blocks after `layer` (for caching: nothing after
+    the hook is run)."""
     torch, transformers = require_lm()
     if dtype not in MODEL_DTYPES:
         raise JaxsaeError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
@@ -116,8 +117,11 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
     try:
         config = transformers.AutoConfig.from_pretrained(where, **kwargs)
         n_layers = _n_layers(config)
-        if layer is not None and not 0 <= layer < n_layers:
-            raise JaxsaeError(f"--layer {layer}: {name} has layers 0..{n_layers - 1}")
+        if layer is not None:
+            _check_layer(name, n_layers, layer)
+        longest = _max_positions(config)
+        if context is not None and longest is not None and context > longest:
+            raise JaxsaeError(f"--context {context}: {name} takes at most {longest} positions")
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             where, dtype=getattr(torch, dtype), **kwargs)
@@ -132,12 +136,23 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
     return LanguageModel(name, model, tokenizer, blocks, n_layers, torch.device(device))
 
 
+def _text_config(config):
+    """The language model's own config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _n_layers(config) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     n = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     if not isinstance(n, int):
         raise ValueError("its config gives no number of layers")
     return n
+
+
+def _max_positions(config) -> int | None:
+    text = _text_config(config)
+    n = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return n if isinstance(n, int) else None
 
 
 def _find_blocks(model, n: int, name: str):
@@ -150,8 +165,12 @@ def _find_blocks(model, n: int, name: str):
 
 
 def check_layer(lm: LanguageModel, layer: int) -> None:
-    if not 0 <= layer < lm.n_layers:
-        raise JaxsaeError(f"--layer {layer}: {lm.name} has layers 0..{lm.n_layers - 1}")
+    _check_layer(lm.name, lm.n_layers, layer)
+
+
+def _check_layer(name: str, n_layers: int, layer: int) -> None:
+    if not 0 <= layer < n_layers:
+        raise JaxsaeError(f"--layer {layer}: {name} has layers 0..{n_layers - 1}")
 
 
 class _Captured(Exception):
@@ -288,11 +307,8 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
         raise JaxsaeError(f"--hook must be one of {', '.join(HOOK_POINTS)}, got {hook!r}")
     if dtype not in DTYPES:
         raise JaxsaeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    for flag, value, low in (("--layer", layer, 0), ("--context", context, 2),
-                             ("--tokens", tokens, 1), ("--batch-size", batch_size, 1),
-                             ("--shard-tokens", shard_tokens, 1)):
-        if value < low:
-            raise JaxsaeError(f"{flag} must be at least {low}, got {value}")
+    require_at_least(("--layer", layer, 0), ("--context", context, 2), ("--tokens", tokens, 1),
+                     ("--batch-size", batch_size, 1), ("--shard-tokens", shard_tokens, 1))
     files = text_files(text)
     out = Path(out)
     source = {"model": model, "layer": layer, "hook": hook_name(layer, hook),
@@ -309,8 +325,8 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                         "or pass --overwrite)")
     resume_key = {**source, "files": [[str(f), f.stat().st_size] for f in files]}
 
-    lm = load_model(model, dtype=model_dtype, device=device, layer=layer, truncate=True,
-                    progress=progress)
+    lm = load_model(model, dtype=model_dtype, device=device, layer=layer, context=context,
+                    truncate=True, progress=progress)
     first = 1 if drop_first_position else 0
     d_model = capture(lm, layer, hook, np.full((1, 2), lm.bos_id)).shape[-1]
     per_window = context - first

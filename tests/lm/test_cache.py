@@ -131,6 +131,7 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
     assert f"--layer {n_layers}: {tiny_model} has layers 0..{n_layers - 1}" in error(
         layer=n_layers)
     assert "--context must be at least 2" in error(context=1)
+    assert f"--context 300: {tiny_model} takes at most 256 positions" in error(context=300)
     assert main(["cache", "--model", str(tmp_path / "nope"), "--layer", "0", "--text",
                  str(texts), "--tokens", "5", "--out", str(tmp_path / "o")]) == 2
     assert "--model" in capsys.readouterr().err
