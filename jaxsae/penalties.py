@@ -203,6 +203,35 @@ def l1(
     return jnp.mean(jnp.sum(jnp.where(positive, safe**p, 0.0), axis=-1)), {}
 
 
+def only_when(pred: jax.Array, loss: Callable[..., jax.Array], params: sae.Params,
+              *args: jax.Array) -> jax.Array:
+    """loss(params, *args) if `pred` else 0, differentiable in `params` (not in `args`); when
+    `pred` is false neither the loss nor its gradient is computed.
+
+    Autodiff of a plain lax.cond keeps the taken branch's intermediates for the backward pass,
+    so a skipped branch still writes zeros of their shapes (for AuxK: [batch, d_sae] arrays,
+    ~50 ms a step on the CPU shape of benchmarks/throughput.py). Here the forward takes the
+    value and the gradient in one cond and keeps only the gradient, shaped like `params`.
+    """
+    zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+
+    def skipped(p, *a):
+        return zero, jax.tree.map(jnp.zeros_like, p)
+
+    @jax.custom_vjp
+    def run(p, a):
+        return jax.lax.cond(pred, loss, lambda p, *a: zero, p, *a)
+
+    def fwd(p, a):
+        return jax.lax.cond(pred, jax.value_and_grad(loss), skipped, p, *a)
+
+    def bwd(grads, g):
+        return jax.tree.map(lambda d: d * g, grads), None
+
+    run.defvjp(fwd, bwd)
+    return run(params, args)
+
+
 def _check_auxk(cfg: Config, term: TermConfig, key: str) -> None:
     _require_activation("topk", "batchtopk")(cfg, term, key)
     k_aux = term.params.get("k_aux")
@@ -233,12 +262,11 @@ def auxk(
     dead = out.tokens_since_fired >= dead_tokens
     n_dead = jnp.sum(dead)
 
-    def loss(params):
+    def loss(params, x, residual, dead):
         # Pre-activations recomputed here, so that their gradient (a dense encoder matmul)
         # exists only in this branch; the main TopK path does not need it.
-        pre_acts = sae.pre_activations(params, out.x)
+        pre_acts = sae.pre_activations(params, x)
         aux_acts = sae.topk(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh)
-        residual = jax.lax.stop_gradient(out.x - out.x_hat)
         error = jnp.sum(jnp.square(aux_acts @ params["W_dec"] - residual), axis=-1)
         spread = jnp.sum(jnp.square(residual - residual.mean(axis=0)), axis=-1)
         normalised = jnp.mean(error) / jnp.maximum(jnp.mean(spread), 1e-12)
@@ -247,7 +275,8 @@ def auxk(
     # With no dead latent the loss is 0: skip its encode, top-k and decode, and their gradients
     # (in a sweep, unless some SAE has dead latents: the other SAEs' losses are 0 either way).
     any_dead = n_dead if out.sweep_axis is None else jax.lax.psum(n_dead, out.sweep_axis)
-    value = jax.lax.cond(any_dead > 0, loss, lambda _: jnp.zeros((), out.x.dtype), params)
+    residual = jax.lax.stop_gradient(out.x - out.x_hat)
+    value = only_when(any_dead > 0, loss, params, out.x, residual, dead)
     return value, {"n_dead": n_dead}
 
 

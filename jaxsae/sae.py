@@ -31,7 +31,8 @@ class ForwardOutput:
     pre_acts: jax.Array
     """[batch, d_sae] encoder pre-activations."""
     acts: jax.Array
-    """[batch, d_sae] latent activations (sparse codes)."""
+    """[batch, d_sae] latent activations (sparse codes). On the sparse TopK path they are
+    assembled from `top_index` / `top_values` only if something reads them."""
     x_hat: jax.Array
     """[batch, d_in] reconstruction."""
     decoder_norms: jax.Array
@@ -45,6 +46,10 @@ class ForwardOutput:
     block_recons: jax.Array
     """[n_blocks, batch, d_in] the decode split by latent blocks [ends[i-1], ends[i]) (no bias);
     their sum plus b_dec is x_hat. Terms build prefix reconstructions from them."""
+    top_index: jax.Array | None = None
+    """[batch, k] the sparse TopK path's chosen latents (None on the dense paths)."""
+    top_values: jax.Array | None = None
+    """[batch, k] their activations."""
     prefix_ends: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     """Static ends of the latent blocks, increasing, the last = d_sae."""
     mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
@@ -52,6 +57,19 @@ class ForwardOutput:
     sweep_axis: str | None = flax.struct.field(pytree_node=False, default=None)
     """The vmap axis name when the step trains a sweep (None: one SAE). A term that skips work
     with lax.cond must decide over all SAEs (a per-SAE predicate turns cond into select)."""
+
+    def fired(self) -> jax.Array:
+        """[d_sae] bool: which latents fired on some token of the batch."""
+        if self.top_index is None:
+            return jnp.any(self.acts > 0, axis=0)
+        hits = (self.top_values > 0).astype(jnp.int32)
+        return jnp.zeros(self.acts.shape[-1], jnp.int32).at[self.top_index].max(hits) > 0
+
+    def l0(self) -> jax.Array:
+        """[batch] the number of active latents of each token."""
+        if self.top_index is None:
+            return jnp.sum(self.acts > 0, axis=-1)
+        return jnp.sum(self.top_values > 0, axis=-1)
 
     def prefix_recons(self, b_dec: jax.Array, selection: jax.Array | None = None) -> jax.Array:
         """[n, batch, d_in]: row j of `selection` [n, n_blocks] (0/1) picks the blocks summed
@@ -217,8 +235,12 @@ def forward(
     `mesh` is the device mesh the step runs on (None: one device); `k` as in `activate`."""
     pre_acts = pre_activations(params, x)
     ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
+    top_index = top_values = None
     if uses_sparse_topk(cfg, ends, mesh):
-        acts, block_recons = _sparse_topk(params, x, pre_acts, cfg.k, mesh, live=k)
+        top_index, top_values = _sparse_topk(params, x, pre_acts, cfg.k, mesh, live=k)
+        rows = jnp.arange(x.shape[0])[:, None]
+        acts = jnp.zeros_like(pre_acts).at[rows, top_index].set(top_values, unique_indices=True)
+        block_recons = _gather_decode(top_values, params["W_dec"], top_index)[None]
         batch_threshold = jnp.zeros((), pre_acts.dtype)
     else:
         acts, batch_threshold = activate(params, pre_acts, cfg, train=train, mesh=mesh, k=k)
@@ -235,6 +257,8 @@ def forward(
         batch_threshold=batch_threshold,
         key=jax.random.PRNGKey(0) if key is None else key,
         block_recons=block_recons,
+        top_index=top_index,
+        top_values=top_values,
         prefix_ends=ends,
         mesh=mesh,
     )
@@ -248,35 +272,128 @@ def uses_sparse_topk(cfg: SAEConfig, ends: tuple[int, ...], mesh: Mesh | None) -
 
 def _sparse_topk(params: Params, x: jax.Array, pre_acts: jax.Array, k: int,
                  mesh: Mesh | None, live: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """TopK codes and reconstruction touching only the k chosen latents of each token.
+    """The TopK selection of the sparse path: [batch, k] indices (largest first) and values.
 
-    The selection uses the dense pre-activations (no gradient flows through it); the k values
-    are recomputed as dot products with the k gathered encoder columns, and the decode gathers
-    the k decoder rows. Autodiff turns the gathers into scatter-adds, so a step costs one dense
-    encoder matmul plus O(batch·k·d_in) instead of five dense matmuls. Returns the dense codes
-    [batch, d_sae] (for the loss terms and firing statistics) and the reconstruction without
-    b_dec as one block [1, batch, d_in]. Equal to the dense path (see tests). `live`: keep
-    only the first `live` (traced) of the k, largest first.
+    The selection and the values come from the dense pre-activations; the values' gradient
+    reaches only the chosen encoder columns (scatter-adds), and `_gather_decode` decodes from
+    the chosen decoder rows, so a step costs one dense encoder matmul plus O(batch·k·d_in)
+    instead of five dense matmuls. Equal to the dense path (see tests). `live`: keep only the
+    first `live` (traced) of the k.
     """
     index = _topk_indices(jax.lax.stop_gradient(pre_acts), k, mesh)  # [batch, k], descending
-    W_enc_cols = encoder_weight(params).T[index]  # [batch, k, d_in]
-    values = jnp.einsum("bd,bkd->bk", x - params["b_dec"], W_enc_cols) + params["b_enc"][index]
-    values = jax.nn.relu(values)
+    values = jax.nn.relu(_take_pre_acts(x, params["b_dec"], encoder_weight(params),
+                                        params["b_enc"], jax.lax.stop_gradient(pre_acts), index))
     if live is not None:
         values = values * (jnp.arange(k) < live)
-    rows = jnp.arange(x.shape[0])[:, None]
-    acts = jnp.zeros_like(pre_acts).at[rows, index].set(values)
-    recon = jnp.einsum("bk,bkd->bd", values, params["W_dec"][index])
-    return acts, recon[None]
+    return index, values
+
+
+# The gathers and scatters below loop over the k chosen latents (or over chunks of d_in) in
+# Python, so XLA fuses each into one pass over [batch, d_in]; the one-shot forms (`W[index]`
+# as [batch, k, d_in], einsum) build that 100M-element tensor first and measured 4-15x slower
+# on the CPU (benchmarks/RESULTS.md, throughput).
+_UNROLL = 8
+
+
+def _sum_over(n: int, term) -> jax.Array:
+    """term(0) + ... + term(n-1): a loop over chunks of _UNROLL terms, each chunk unrolled. The
+    loop also makes the sum a separate computation, so XLA cannot fuse (and so recompute) it
+    into each of its consumers."""
+    def chunk(start, size):
+        return sum(term(start + i) for i in range(size))
+
+    full, rest = divmod(n, _UNROLL)
+    total = chunk(0, rest) if rest else None
+    if full:
+        first = chunk(rest, _UNROLL) if total is None else total + chunk(rest, _UNROLL)
+        total = jax.lax.fori_loop(1, full, lambda c, acc: acc + chunk(rest + c * _UNROLL,
+                                                                          _UNROLL), first)
+    return total
+
+
+def _rows_of(W: jax.Array, index: jax.Array) -> jax.Array:
+    return W.at[index].get(mode="promise_in_bounds")
+
+
+def _scatter_rows(shape: tuple[int, int], index: jax.Array, rows) -> jax.Array:
+    """[n, d] float32: Σ over j of rows(j) [batch, d] added at rows index[:, j]."""
+    def add(j, acc):
+        return acc.at[index[:, j]].add(rows(j).astype(jnp.float32), mode="promise_in_bounds")
+    return jax.lax.fori_loop(0, index.shape[1], add, jnp.zeros(shape, jnp.float32))
+
+
+def _dot_rows(g: jax.Array, W: jax.Array, index: jax.Array) -> jax.Array:
+    """[batch, k]: g[b] · W[index[b, j]] (a chunked sum over d_in: one fused pass). `g` must
+    be materialised (an optimization_barrier): XLA would otherwise fuse its producer, e.g. the
+    whole decode, into every chunk's term and recompute it d_in / 16 times."""
+    d = g.shape[-1]
+    width = next(w for w in (16, 8, 4, 2, 1) if d % w == 0)
+    g3 = g.reshape(g.shape[0], 1, d // width, width)
+    W3 = W.reshape(W.shape[0], d // width, width)
+    return _sum_over(d // width, lambda c: g3[:, :, c] * _rows_of(W3[:, c], index)).sum(-1)
+
+
+@jax.custom_vjp
+def _take_pre_acts(x, b_dec, W_enc, b_enc, pre_acts, index):
+    """[batch, k] pre_acts[b, index[b, j]], differentiated as
+    (x - b_dec) · W_enc[:, index] + b_enc[index]. `pre_acts` must carry no gradient."""
+    return jnp.take_along_axis(pre_acts, index, axis=1)
+
+
+def _take_pre_acts_fwd(x, b_dec, W_enc, b_enc, pre_acts, index):
+    return (_take_pre_acts(x, b_dec, W_enc, b_enc, pre_acts, index),
+            (x, b_dec, W_enc, pre_acts, index))
+
+
+def _take_pre_acts_bwd(residuals, g):
+    x, b_dec, W_enc, pre_acts, index = residuals
+    d_in, d_sae = W_enc.shape
+    per_latent = jnp.zeros(d_sae, jnp.float32).at[index].add(g.astype(jnp.float32))
+    centred = x - b_dec
+    # Rows of W_enc.T are scattered (contiguous), then transposed once.
+    d_W_enc = _scatter_rows((d_sae, d_in), index, lambda j: g[:, j, None] * centred).T
+    # The input's gradient (unused in training, so dropped by XLA there).
+    d_x = _sum_over(index.shape[1], lambda j: g[:, j, None] * _rows_of(W_enc.T, index[:, j]))
+    d_b_dec = -(W_enc @ per_latent.astype(W_enc.dtype))
+    return (d_x, d_b_dec.astype(b_dec.dtype), d_W_enc.astype(W_enc.dtype),
+            per_latent.astype(pre_acts.dtype), jnp.zeros_like(pre_acts), None)
+
+
+_take_pre_acts.defvjp(_take_pre_acts_fwd, _take_pre_acts_bwd)
+
+
+@jax.custom_vjp
+def _gather_decode(values: jax.Array, W_dec: jax.Array, index: jax.Array) -> jax.Array:
+    """[batch, d_in] Σ_j values[b, j] · W_dec[index[b, j]]."""
+    return _sum_over(index.shape[1], lambda j: values[:, j, None] * _rows_of(W_dec, index[:, j]))
+
+
+def _gather_decode_fwd(values, W_dec, index):
+    return _gather_decode(values, W_dec, index), (values, W_dec, index)
+
+
+def _gather_decode_bwd(residuals, g):
+    values, W_dec, index = residuals
+    g = jax.lax.optimization_barrier(g)  # see _dot_rows
+    d_values = _dot_rows(g, W_dec, index)
+    d_W = _scatter_rows(W_dec.shape, index, lambda j: values[:, j, None] * g)
+    return d_values.astype(values.dtype), d_W.astype(W_dec.dtype), None
+
+
+_gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
 
 
 def _topk_indices(pre_acts: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
     """[batch, k] indices of each row's k largest entries, computed where the rows live."""
+    # The barrier keeps XLA from folding the consumers' per-column slices into the top_k's
+    # sort, which stops it recognising a top-k and leaves a full sort of every row (50x slower).
+    def select(p):
+        return jax.lax.optimization_barrier(jax.lax.top_k(p, k)[1])
+
     if mesh is None or mesh.size == 1:
-        return jax.lax.top_k(pre_acts, k)[1]
+        return select(pre_acts)
     spec = PartitionSpec("data", None)
-    return jax.shard_map(lambda p: jax.lax.top_k(p, k)[1], mesh=mesh, in_specs=spec,
-                         out_specs=spec)(pre_acts)
+    return jax.shard_map(select, mesh=mesh, in_specs=spec, out_specs=spec)(pre_acts)
 
 
 # ---------------------------------------------------------------------------------------------

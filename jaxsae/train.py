@@ -192,7 +192,7 @@ def make_train_step(
         params = sae.after_update(optax.apply_updates(state.params, updates), out, step, cfg.sae)
         params = {k: state.params[k] if k in cfg.freeze else v for k, v in params.items()}
 
-        fired = jnp.any(out.acts > 0, axis=0)
+        fired = out.fired()
         since = jnp.minimum(state.tokens_since_fired + batch.shape[0], _TOKENS_SINCE_FIRED_CAP)
         tokens_since_fired = jnp.where(fired, 0, since)
 
@@ -214,7 +214,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             **term_metrics,
-            "l0": jnp.mean(jnp.sum(out.acts > 0, axis=-1)),
+            "l0": jnp.mean(out.l0()),
             "mse": jnp.mean(error),
             "explained_variance": 1.0 - jnp.sum(error) / jnp.sum(spread),
             "dead_fraction": jnp.mean(tokens_since_fired >= cfg.log.dead_window_tokens),

@@ -230,6 +230,34 @@ def test_auxk_scale_with_few_dead(rng, x):
     assert_close(v8, 0.25 * float(v2))
 
 
+def test_only_when_matches_plain_gradient():
+    """only_when: value and gradient of the loss (scaled by the outer cotangent) when the
+    predicate holds, zeros when not, also under jit and vmap (a sweep)."""
+    p = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
+    a = jnp.array([0.5, 1.0, 2.0])
+
+    def loss(q, y):
+        return jnp.sum(jnp.sin(q["w"] * y)) + q["b"] ** 2
+
+    def outer(q, pred, y):
+        return 3.0 * penalties.only_when(pred, loss, q, y)
+
+    for pred in (True, False):
+        value, grads = jax.jit(jax.value_and_grad(outer))(p, jnp.asarray(pred), a)
+        want_value, want_grads = jax.value_and_grad(lambda q: 3.0 * loss(q, a))(p)
+        scale = 1.0 if pred else 0.0
+        assert_close(value, scale * float(want_value))
+        for name in p:
+            np.testing.assert_allclose(grads[name], scale * np.asarray(want_grads[name]),
+                                       rtol=1e-6)
+    stacked = jax.tree.map(lambda v: jnp.stack([v, 2 * v]), p)
+    batched = jax.vmap(jax.grad(outer), in_axes=(0, 0, None))(
+        stacked, jnp.array([True, False]), a)
+    np.testing.assert_allclose(batched["w"][0], jax.grad(lambda q: 3.0 * loss(q, a))(p)["w"],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(batched["w"][1], 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # l0
 

@@ -508,22 +508,24 @@ def test_forward_is_jittable(rng, x):
     assert float(jitted.batch_threshold) == pytest.approx(float(eager.batch_threshold), rel=1e-6)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_sparse_topk_equals_dense_path(tied):
-    """The sparse TopK path (gathered rows, scatter-add gradients) against the dense one."""
+@pytest.mark.parametrize(("tied", "k", "d_in"), [(False, 5, 12), (True, 5, 12), (False, 8, 40),
+                                                  (True, 21, 48)])
+def test_sparse_topk_equals_dense_path(tied, k, d_in):
+    """The sparse TopK path (gathered rows, scatter-add gradients) against the dense one; k
+    and d_in cover the unrolled chunks of the k-sums and the d_in chunk widths."""
     from jaxsae import penalties
     from jaxsae.config import config_from_dict
 
     cfg = config_from_dict({"data": {"path": "x"},
-                            "sae": {"d_sae": 64, "activation": "topk", "k": 5, "tied": tied,
+                            "sae": {"d_sae": 64, "activation": "topk", "k": k, "tied": tied,
                                     "decoder_norm": "free"},
                             "loss": [{"term": "mse"}, {"term": "auxk", "dead_tokens": 1},
                                      {"term": "l1", "coefficient": 0.1}]})
     key = jax.random.PRNGKey(3)
-    params = sae.init_params(key, 12, cfg.sae)
+    params = sae.init_params(key, d_in, cfg.sae)
     params = {k: v + 0.05 * jax.random.normal(jax.random.fold_in(key, i), v.shape)
               for i, (k, v) in enumerate(params.items())}
-    x = jnp.abs(jax.random.normal(jax.random.fold_in(key, 99), (32, 12)))
+    x = jnp.abs(jax.random.normal(jax.random.fold_in(key, 99), (32, d_in)))
     dead = jnp.where(jnp.arange(64) % 3 == 0, 10, 0)  # some dead latents: auxk is non-zero
 
     def loss(p, dense: bool):
@@ -535,6 +537,9 @@ def test_sparse_topk_equals_dense_path(tied):
     (l_sparse, out_s), g_sparse = jax.value_and_grad(loss, has_aux=True)(params, False)
     (l_dense, out_d), g_dense = jax.value_and_grad(loss, has_aux=True)(params, True)
     np.testing.assert_allclose(out_s.acts, out_d.acts, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out_s.fired(), out_d.fired())
+    np.testing.assert_array_equal(out_s.l0(), out_d.l0())
+    assert out_s.top_index is not None and out_d.top_index is None
     np.testing.assert_allclose(out_s.x_hat, out_d.x_hat, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(l_sparse, l_dense, rtol=1e-5)
     for name in params:
