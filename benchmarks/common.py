@@ -25,6 +25,7 @@ def machine() -> dict:
         "cpu_cores": os.cpu_count(),
         "cpu": _cpu_model(),
         "jax": jax.__version__,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages: see jaxsae.hostmem
     }
 
 

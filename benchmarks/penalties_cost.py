@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, time_train_step
 
+from jaxsae import hostmem
 from jaxsae.config import config_from_dict
 
 L1 = {"term": "l1", "coefficient": 1.0}
@@ -55,6 +56,7 @@ def combinations(d_sae: int) -> dict[str, tuple[dict, list[dict]]]:
 
 
 def main() -> None:
+    hostmem.restart_with_huge_pages()  # as the jaxsae command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=768)
     parser.add_argument("--d-sae", type=int, default=12288)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, time_train_step
 
+from jaxsae import hostmem
 from jaxsae.config import config_from_dict
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,6 +34,7 @@ parser.add_argument("--chunk", type=int, default=None,
 parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
 parser.add_argument("--device", default=None, help="a note on the hardware")
 args = parser.parse_args()
+hostmem.restart_with_huge_pages()  # as the jaxsae command does
 
 
 def sweep_points(n: int) -> list[dict]:

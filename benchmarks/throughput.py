@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine
 
+from jaxsae import hostmem
 from jaxsae.config import config_from_dict
 from jaxsae.data.loader import Loader, Prefetcher
 from jaxsae.data.shards import ShardSet, ShardWriter
@@ -92,6 +93,7 @@ def saelens_rate(args) -> float | None:
 
 
 def main() -> None:
+    hostmem.restart_with_huge_pages()  # as the jaxsae command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=["relu", "topk"], default="relu")
     parser.add_argument("--d-in", type=int, default=768)

@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxsae import hostmem
 from jaxsae.errors import JaxsaeError, require_at_least
 
 
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as the program: restart once with huge pages (see jaxsae.hostmem)
+        hostmem.restart_with_huge_pages()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after flags (`train CONFIG --no-progress a.b=1`); argparse leaves

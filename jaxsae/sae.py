@@ -385,15 +385,42 @@ _gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
 
 def _topk_indices(pre_acts: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
     """[batch, k] indices of each row's k largest entries, computed where the rows live."""
-    # The barrier keeps XLA from folding the consumers' per-column slices into the top_k's
-    # sort, which stops it recognising a top-k and leaves a full sort of every row (50x slower).
-    def select(p):
-        return jax.lax.optimization_barrier(jax.lax.top_k(p, k)[1])
-
     if mesh is None or mesh.size == 1:
-        return select(pre_acts)
+        return top_k_indices(pre_acts, k)
     spec = PartitionSpec("data", None)
-    return jax.shard_map(select, mesh=mesh, in_specs=spec, out_specs=spec)(pre_acts)
+    return jax.shard_map(partial(top_k_indices, k=k), mesh=mesh, in_specs=spec,
+                         out_specs=spec)(pre_acts)
+
+
+_TOPK_CHUNK = 16
+
+
+def top_k_indices(values: jax.Array, k: int) -> jax.Array:
+    """[rows, k] the indices of each row's k largest entries, largest first; the same set as
+    jax.lax.top_k (up to ties at the k-th value), in two stages.
+
+    The row is cut into chunks of 16; the k chunks with the largest maxima hold every one of
+    the row's k largest entries (an entry outside them is below k chunk maxima), so a top-k
+    over those k·16 candidates is exact. Measured 1.5x faster than one top_k over the row on
+    the CPU (d_sae 12288, k 32), where the first stage is a fused max pass and the top_ks are
+    small. Rows too short for it (fewer than 2k chunks) take one top_k.
+    """
+    rows, width = values.shape
+    chunks = width // _TOPK_CHUNK
+    if width % _TOPK_CHUNK or chunks < 2 * k:
+        return _top_k(values, k)[1]
+    blocks = values.reshape(rows, chunks, _TOPK_CHUNK)
+    best = _top_k(blocks.max(axis=-1), k)[1]  # [rows, k] chunk numbers
+    candidates = jnp.take_along_axis(blocks, best[:, :, None], axis=1).reshape(rows, -1)
+    position = _top_k(candidates, k)[1]  # [rows, k] into the k·16 candidates
+    chunk = jnp.take_along_axis(best, position // _TOPK_CHUNK, axis=1)
+    return chunk * _TOPK_CHUNK + position % _TOPK_CHUNK
+
+
+def _top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    # The barrier keeps XLA from folding the consumers' slices into the top_k's sort, which
+    # stops it recognising a top-k and leaves a full sort of every row (50x slower).
+    return jax.lax.optimization_barrier(jax.lax.top_k(values, k))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -545,3 +545,17 @@ def test_sparse_topk_equals_dense_path(tied, k, d_in):
     for name in params:
         np.testing.assert_allclose(g_sparse[name], g_dense[name], rtol=1e-4, atol=1e-6,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize(("width", "k"), [(512, 8), (12288 // 8, 32), (160, 5), (96, 4)])
+def test_top_k_indices_matches_lax_top_k(width, k):
+    """The two-stage top-k (chunk maxima first) against jax.lax.top_k: same indices, same
+    order; rows with negative values, a -inf-masked half, and large runs in one chunk."""
+    rng = np.random.default_rng(width + k)
+    values = rng.standard_normal((64, width)).astype(np.float32)
+    values[1] -= 10.0
+    values[2, : width // 2] = -np.inf
+    values[3, :32] += 100.0  # the top entries crowd into two chunks
+    want = np.asarray(jax.lax.top_k(jnp.asarray(values), k)[1])
+    got = np.asarray(jax.jit(sae.top_k_indices, static_argnums=1)(jnp.asarray(values), k))
+    np.testing.assert_array_equal(got, want)
