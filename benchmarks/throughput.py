@@ -2,13 +2,22 @@
 
     python benchmarks/throughput.py [--arch relu|topk] [--d-in 768] [--d-sae 12288]
                                     [--batch 4096] [--k 32] [--steps 5] [--device "note"]
+                                    [--compute-dtype float32|bfloat16] [--peak-tflops T]
 
-1. roofline: FLOP/s of the XLA matmul [batch, d_in] @ [d_in, d_sae] on this machine;
+1. roofline: FLOP/s of the XLA matmul [batch, d_in] @ [d_in, d_sae] on this machine, in the
+   compute dtype;
 2. jaxsae: tokens/s of the real train step fed by the real loader (steady state, after
-   compilation and warm-up), and its FLOP rate counting a dense step as 10·B·d_in·d_sae;
+   compilation and warm-up), and of the step alone on a batch already on the device; its
+   FLOP rate counting a dense step as 10·B·d_in·d_sae;
 3. SAELens: tokens/s of its SAETrainer on the same shapes and batch, fed from memory, when
    .venv-interop exists (scripts/test.sh builds it).
-Prints JSON with jaxsae/roofline and jaxsae/SAELens.
+Prints JSON with jaxsae/roofline and jaxsae/SAELens, and the MFU (model FLOP/s over the
+device's peak) where the peak is known: --peak-tflops, or the bf16 dense peak of a known GPU /
+TPU. Model FLOPs: 10·B·d_in·d_sae a dense step, 2·B·d_in·(d_sae + 4k) a sparse TopK step.
+
+On an accelerator (issue: throughput, item 6):
+    python benchmarks/throughput.py --arch relu --d-in 2304 --d-sae 65536 --batch 8192 \
+        --compute-dtype bfloat16 --device "..."     (and --arch topk --k 64)
 """
 
 from __future__ import annotations
@@ -39,10 +48,29 @@ HERE = Path(__file__).resolve().parent
 INTEROP_PYTHON = HERE.parent / ".venv-interop" / "bin" / "python"
 
 
-def roofline(batch: int, d_in: int, d_sae: int, reps: int = 5) -> float:
+# Dense bfloat16 peaks (TFLOP/s, no sparsity) by device_kind prefix, from the vendors' sheets.
+BF16_PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0,
+                    "NVIDIA H20": 148.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
+                    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+def known_peak(device_kind: str) -> float | None:
+    """The longest matching prefix wins (H200 before H20)."""
+    matches = [name for name in BF16_PEAK_TFLOPS if device_kind.startswith(name)]
+    return BF16_PEAK_TFLOPS[max(matches, key=len)] * 1e12 if matches else None
+
+
+def step_flops(args) -> int:
+    """Model FLOPs of one training step (see the module docstring)."""
+    if args.arch == "topk":
+        return 2 * args.batch * args.d_in * (args.d_sae + 4 * args.k)
+    return 10 * args.batch * args.d_in * args.d_sae
+
+
+def roofline(batch: int, d_in: int, d_sae: int, dtype: str, reps: int = 5) -> float:
     """FLOP/s of the encoder-shaped matmul (the step's dominant operation)."""
-    x = jnp.ones((batch, d_in), jnp.float32)
-    w = jnp.ones((d_in, d_sae), jnp.float32)
+    x = jnp.ones((batch, d_in), dtype)
+    w = jnp.ones((d_in, d_sae), dtype)
     f = jax.jit(lambda a, b: a @ b)
     jax.block_until_ready(f(x, w))
     t0 = time.perf_counter()
@@ -51,12 +79,13 @@ def roofline(batch: int, d_in: int, d_sae: int, reps: int = 5) -> float:
     return 2 * batch * d_in * d_sae * reps / (time.perf_counter() - t0)
 
 
-def jaxsae_rate(args, data: ShardSet) -> float:
+def jaxsae_rates(args, data: ShardSet) -> tuple[float, float]:
+    """(tokens/s fed by the loader, tokens/s of the step alone on one resident batch)."""
     sae = {"d_sae": args.d_sae, "activation": args.arch, "k": args.k, "decoder_norm": "free"}
     loss = ([{"term": "mse"}, {"term": "l1", "coefficient": 1.0}] if args.arch == "relu"
             else [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}])
     cfg = config_from_dict({"data": {"path": str(data.path)}, "sae": sae, "loss": loss,
-                            "optim": {"batch_size": args.batch,
+                            "optim": {"batch_size": args.batch, "compute_dtype": args.compute_dtype,
                                       "total_tokens": args.batch * 1000, "warmup_steps": 1}})
     built = build(cfg, args.d_in)
     state = built.init()
@@ -72,10 +101,15 @@ def jaxsae_rate(args, data: ShardSet) -> float:
     for _ in range(args.steps):
         state, metrics = built.step(state, next(batches)[0])
     jax.block_until_ready((state, metrics))
-    elapsed = time.perf_counter() - t0
+    fed = args.steps * args.batch / (time.perf_counter() - t0)
+    resident = next(batches)[0]
     batches.close()
     loader.close()
-    return args.steps * args.batch / elapsed
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = built.step(state, resident)
+    jax.block_until_ready((state, metrics))
+    return fed, args.steps * args.batch / (time.perf_counter() - t0)
 
 
 def saelens_rate(args) -> float | None:
@@ -103,6 +137,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default=None, help="a note on the hardware")
     parser.add_argument("--no-saelens", action="store_true")
+    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="optim.compute_dtype (and the roofline matmul's dtype)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak for the MFU (default: known GPUs / TPUs)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,18 +151,27 @@ def main() -> None:
                 w.write(np.abs(rng.standard_normal((min(65536, tokens - lo), args.d_in),
                                                    np.float32)))
         data = ShardSet(Path(tmp) / "data")
-        peak = roofline(args.batch, args.d_in, args.d_sae)
-        ours = jaxsae_rate(args, data)
+        peak = roofline(args.batch, args.d_in, args.d_sae, args.compute_dtype)
+        ours, step_only = jaxsae_rates(args, data)
     theirs = None if args.no_saelens else saelens_rate(args)
     dense_flops = 10 * args.batch * args.d_in * args.d_sae
+    device_peak = (args.peak_tflops * 1e12 if args.peak_tflops
+                   else known_peak(jax.devices()[0].device_kind))
+    model_flops = step_flops(args) / args.batch  # per token
     result = {
         "machine": {**machine(), "note": args.device},
         "shape": {"arch": args.arch, "d_in": args.d_in, "d_sae": args.d_sae,
-                  "batch": args.batch, "k": args.k if args.arch == "topk" else None},
+                  "batch": args.batch, "k": args.k if args.arch == "topk" else None,
+                  "compute_dtype": args.compute_dtype},
         "roofline_gflops": peak / 1e9,
         "jaxsae_tokens_per_s": ours,
+        "jaxsae_step_only_tokens_per_s": step_only,
         "jaxsae_gflops_dense_equivalent": ours / args.batch * dense_flops / 1e9,
         "jaxsae_over_roofline": ours / args.batch * dense_flops / peak,
+        "model_tflops": ours * model_flops / 1e12,
+        "device_peak_tflops": device_peak / 1e12 if device_peak else None,
+        "mfu": ours * model_flops / device_peak if device_peak else None,
+        "mfu_step_only": step_only * model_flops / device_peak if device_peak else None,
         "saelens_tokens_per_s": theirs,
         "jaxsae_over_saelens": ours / theirs if theirs else None,
     }

@@ -408,19 +408,20 @@ def top_k_indices(values: jax.Array, k: int) -> jax.Array:
     rows, width = values.shape
     chunks = width // _TOPK_CHUNK
     if width % _TOPK_CHUNK or chunks < 2 * k:
-        return _top_k(values, k)[1]
+        return _top_k_positions(values, k)
     blocks = values.reshape(rows, chunks, _TOPK_CHUNK)
-    best = _top_k(blocks.max(axis=-1), k)[1]  # [rows, k] chunk numbers
+    best = _top_k_positions(blocks.max(axis=-1), k)  # [rows, k] chunk numbers
     candidates = jnp.take_along_axis(blocks, best[:, :, None], axis=1).reshape(rows, -1)
-    position = _top_k(candidates, k)[1]  # [rows, k] into the k·16 candidates
+    position = _top_k_positions(candidates, k)  # [rows, k] into the k·16 candidates
     chunk = jnp.take_along_axis(best, position // _TOPK_CHUNK, axis=1)
     return chunk * _TOPK_CHUNK + position % _TOPK_CHUNK
 
 
-def _top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def _top_k_positions(values: jax.Array, k: int) -> jax.Array:
     # The barrier keeps XLA from folding the consumers' slices into the top_k's sort, which
-    # stops it recognising a top-k and leaves a full sort of every row (50x slower).
-    return jax.lax.optimization_barrier(jax.lax.top_k(values, k))
+    # stops it recognising a top-k and leaves a full sort of every row (50x slower). (On the
+    # indices alone: a barrier over the (values, indices) tuple crashes XLA's partitioner.)
+    return jax.lax.optimization_barrier(jax.lax.top_k(values, k)[1])
 
 
 # ---------------------------------------------------------------------------------------------

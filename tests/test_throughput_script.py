@@ -1,0 +1,44 @@
+"""benchmarks/throughput.py runs end to end (tiny shapes) and its MFU arithmetic is right."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [("topk", "float32"), ("relu", "bfloat16")])
+def test_throughput_script_runs(arch, dtype):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--arch", arch, "--d-in", "16", "--d-sae", "256",
+         "--batch", "64", "--k", "4", "--steps", "1", "--no-saelens", "--compute-dtype", dtype,
+         "--peak-tflops", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["shape"]["compute_dtype"] == dtype
+    assert result["jaxsae_tokens_per_s"] > 0 and result["jaxsae_step_only_tokens_per_s"] > 0
+    flops = 2 * 64 * 16 * (256 + 4 * 4) if arch == "topk" else 10 * 64 * 16 * 256
+    expected = result["jaxsae_tokens_per_s"] / 64 * flops / 2e12
+    assert result["mfu"] == pytest.approx(expected, rel=1e-9)
+    assert result["saelens_tokens_per_s"] is None
+
+
+def test_known_peaks_take_the_longest_prefix():
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert module.known_peak("NVIDIA H200") == 989e12
+    assert module.known_peak("NVIDIA H20") == 148e12
+    assert module.known_peak("NVIDIA H100 PCIe") == 756e12
+    assert module.known_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert module.known_peak("cpu") is None
