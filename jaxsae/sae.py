@@ -288,10 +288,10 @@ def _sparse_topk(params: Params, x: jax.Array, pre_acts: jax.Array, k: int,
     return index, values
 
 
-# The gathers and scatters below loop over the k chosen latents (or over chunks of d_in) in
-# Python, so XLA fuses each into one pass over [batch, d_in]; the one-shot forms (`W[index]`
-# as [batch, k, d_in], einsum) build that 100M-element tensor first and measured 4-15x slower
-# on the CPU (benchmarks/RESULTS.md, throughput).
+# The gathers and scatters below go one chosen latent (or one chunk of d_in) at a time, so XLA
+# fuses each into a pass over [batch, d_in]; the one-shot forms (`W[index]` as a [batch, k,
+# d_in] tensor, einsum, one flat scatter) build that tensor first (100M elements at d_in 768,
+# k 32, batch 4096) and measured 2-15x slower on the CPU (benchmarks/RESULTS.md, throughput).
 _UNROLL = 8
 
 
@@ -323,9 +323,9 @@ def _scatter_rows(shape: tuple[int, int], index: jax.Array, rows) -> jax.Array:
 
 
 def _dot_rows(g: jax.Array, W: jax.Array, index: jax.Array) -> jax.Array:
-    """[batch, k]: g[b] · W[index[b, j]] (a chunked sum over d_in: one fused pass). `g` must
-    be materialised (an optimization_barrier): XLA would otherwise fuse its producer, e.g. the
-    whole decode, into every chunk's term and recompute it d_in / 16 times."""
+    """[batch, k]: g[b] · W[index[b, j]], as a sum over chunks of d_in (16 wide where d_in
+    allows) of gathered [batch, k, 16] products: elementwise work XLA fuses, where a reduction
+    over d_in of the gathered rows built them first (9x slower on the CPU)."""
     d = g.shape[-1]
     width = next(w for w in (16, 8, 4, 2, 1) if d % w == 0)
     g3 = g.reshape(g.shape[0], 1, d // width, width)
@@ -374,7 +374,6 @@ def _gather_decode_fwd(values, W_dec, index):
 
 def _gather_decode_bwd(residuals, g):
     values, W_dec, index = residuals
-    g = jax.lax.optimization_barrier(g)  # see _dot_rows
     d_values = _dot_rows(g, W_dec, index)
     d_W = _scatter_rows(W_dec.shape, index, lambda j: values[:, j, None] * g)
     return d_values.astype(values.dtype), d_W.astype(W_dec.dtype), None
