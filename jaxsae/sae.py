@@ -291,7 +291,7 @@ def _sparse_topk(params: Params, x: jax.Array, pre_acts: jax.Array, k: int,
 # The gathers and scatters below go one chosen latent (or one chunk of d_in) at a time, so XLA
 # fuses each into a pass over [batch, d_in]; the one-shot forms (`W[index]` as a [batch, k,
 # d_in] tensor, einsum, one flat scatter) build that tensor first (100M elements at d_in 768,
-# k 32, batch 4096) and measured 2-15x slower on the CPU (benchmarks/RESULTS.md, throughput).
+# k 32, batch 4096) and measured 1.3-5.5x slower on the CPU (benchmarks/sparse_topk_ops.py).
 _UNROLL = 8
 
 
@@ -325,7 +325,7 @@ def _scatter_rows(shape: tuple[int, int], index: jax.Array, rows) -> jax.Array:
 def _dot_rows(g: jax.Array, W: jax.Array, index: jax.Array) -> jax.Array:
     """[batch, k]: g[b] · W[index[b, j]], as a sum over chunks of d_in (16 wide where d_in
     allows) of gathered [batch, k, 16] products: elementwise work XLA fuses, where a reduction
-    over d_in of the gathered rows built them first (9x slower on the CPU)."""
+    over d_in of the gathered rows built them first (3.6x slower on the CPU)."""
     d = g.shape[-1]
     width = next(w for w in (16, 8, 4, 2, 1) if d % w == 0)
     g3 = g.reshape(g.shape[0], 1, d // width, width)
