@@ -14,6 +14,13 @@ from jaxsae.config import Config
 from jaxsae.train import build
 
 
+def add_shape_args(parser) -> None:
+    """--d-in, --d-sae, --batch, defaulting to the throughput issue's CPU shape."""
+    parser.add_argument("--d-in", type=int, default=768)
+    parser.add_argument("--d-sae", type=int, default=12288)
+    parser.add_argument("--batch", type=int, default=4096)
+
+
 def machine() -> dict:
     """What the figures were measured on (put beside every figure in RESULTS.md)."""
     device = jax.devices()[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, time_train_step
+from common import add_shape_args, machine, time_train_step
 
 from jaxsae import hostmem
 from jaxsae.config import config_from_dict
@@ -58,9 +58,7 @@ def combinations(d_sae: int) -> dict[str, tuple[dict, list[dict]]]:
 def main() -> None:
     hostmem.restart_with_huge_pages()  # as the jaxsae command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-in", type=int, default=768)
-    parser.add_argument("--d-sae", type=int, default=12288)
-    parser.add_argument("--batch", type=int, default=4096)
+    add_shape_args(parser)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", default=None, help="substring of the combinations to run")
     args = parser.parse_args()

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine
+from common import add_shape_args, machine
 
 from jaxsae import hostmem, sae
 from jaxsae.outputs import markdown_table
@@ -40,9 +40,7 @@ def median_ms(fn, *args, reps: int = 5) -> float:
 def main() -> None:
     hostmem.restart_with_huge_pages()  # as the jaxsae command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-in", type=int, default=768)
-    parser.add_argument("--d-sae", type=int, default=12288)
-    parser.add_argument("--batch", type=int, default=4096)
+    add_shape_args(parser)
     parser.add_argument("--k", type=int, default=32)
     args = parser.parse_args()
     B, d, n, k = args.batch, args.d_in, args.d_sae, args.k

@@ -18,16 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, time_train_step
+from common import add_shape_args, machine, time_train_step
 
 from jaxsae import hostmem
 from jaxsae.config import config_from_dict
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--arch", choices=["relu", "topk"], default="relu")
-parser.add_argument("--d-in", type=int, default=768)
-parser.add_argument("--d-sae", type=int, default=12288)
-parser.add_argument("--batch", type=int, default=4096)
+add_shape_args(parser)
 parser.add_argument("--k", type=int, default=8, help="SAEs in the sweep")
 parser.add_argument("--chunk", type=int, default=None,
                     help="sweep_chunk: SAEs stepped together (default: all)")

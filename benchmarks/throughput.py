@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine
+from common import add_shape_args, machine
 
 from jaxsae import hostmem
 from jaxsae.config import config_from_dict
@@ -130,9 +130,7 @@ def main() -> None:
     hostmem.restart_with_huge_pages()  # as the jaxsae command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=["relu", "topk"], default="relu")
-    parser.add_argument("--d-in", type=int, default=768)
-    parser.add_argument("--d-sae", type=int, default=12288)
-    parser.add_argument("--batch", type=int, default=4096)
+    add_shape_args(parser)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default=None, help="a note on the hardware")
