@@ -303,12 +303,11 @@ def _sum_over(n: int, term) -> jax.Array:
         return sum(term(start + i) for i in range(size))
 
     full, rest = divmod(n, _UNROLL)
-    total = chunk(0, rest) if rest else None
-    if full:
-        first = chunk(rest, _UNROLL) if total is None else total + chunk(rest, _UNROLL)
-        total = jax.lax.fori_loop(1, full, lambda c, acc: acc + chunk(rest + c * _UNROLL,
-                                                                          _UNROLL), first)
-    return total
+    if not full:
+        return chunk(0, rest)
+    # The remainder rides with the first chunk; the loop adds the other full chunks.
+    return jax.lax.fori_loop(1, full, lambda c, acc: acc + chunk(rest + c * _UNROLL, _UNROLL),
+                             chunk(0, rest + _UNROLL))
 
 
 def _rows_of(W: jax.Array, index: jax.Array) -> jax.Array:
