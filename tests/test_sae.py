@@ -484,7 +484,8 @@ def test_forward_fields(rng, x, activation, tied):
     acts = np.asarray(out.acts, np.float64)
     W = np.asarray(params["W_dec"], np.float64)
     assert_close(out.x_hat, acts @ W + np.asarray(params["b_dec"], np.float64))
-    np.testing.assert_allclose(out.x_hat, sae.decode(params, out.acts), rtol=1e-6, atol=1e-6)
+    # The sparse TopK decode sums the k rows in another order than the dense matmul.
+    np.testing.assert_allclose(out.x_hat, sae.decode(params, out.acts), rtol=1e-5, atol=1e-5)
     assert_close(out.decoder_norms, np.linalg.norm(W, axis=1))
     assert (acts >= 0).all() and (acts > 0).any()
     if activation != "batchtopk":
