@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm.auto import tqdm
 
 from jaxsae.config import (
     Config,
@@ -35,8 +34,9 @@ from jaxsae.config import (
     read_yaml_mapping,
     sweep_label,
 )
-from jaxsae.errors import ConfigError
+from jaxsae.errors import ConfigError, JaxsaeError
 from jaxsae.outputs import atomic_write, fmt, pyplot, save_figure, write_csv
+from jaxsae.progress import Progress
 
 # Columns of results.csv / results.md, in order, when present.
 METRICS = ("l0", "true_l0", "explained_variance", "mse", "mcc", "mmcs", "uniqueness", "f1",
@@ -122,17 +122,40 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
     directory = cfg.directory
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "bench.yaml").write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
-    bar = tqdm(arms.items(), desc=f"bench {cfg.name}", unit="arm", disable=not progress)
-    for arm, arm_cfg in bar:
+    bar = Progress(len(arms), desc=f"bench {cfg.name}", unit="arm", enabled=progress)
+    for arm, arm_cfg in arms.items():
         bar.set_postfix_str(f"{arm}: {len(arm_cfg.sweep.points)} SAEs")
-        if (Path(arm_cfg.run_dir) / "sweep.csv").is_file():
-            log(f"{arm}: already trained ({arm_cfg.run_dir}), reusing it")
-            continue
-        train(arm_cfg, progress=progress, log=lambda m: bar.write(m) if progress else log(m))
+        if finished_with(arm_cfg):
+            (bar.write if progress else log)(f"{arm}: already trained with this exact config "
+                                             f"({arm_cfg.run_dir}), reusing it")
+        else:
+            # A changed arm resumes if only what may change on resume changed (say, a longer
+            # optim.total_tokens); otherwise train() refuses, and the message names the arm.
+            try:
+                train(arm_cfg, progress=progress,
+                      log=lambda m: bar.write(m) if progress else log(m))
+            except JaxsaeError as e:
+                e.args = (f"arms.{arm}: {e}",)
+                raise
+        bar.update()
     bar.close()
     rows = collect(arms)
     write_results(rows, directory)
     return rows
+
+
+def finished_with(arm_cfg: Config) -> bool:
+    """Whether the arm's run directory holds a finished run of exactly this config (every
+    key, the swept values included): only then are its results reused."""
+    from jaxsae.train import member_dirs
+
+    run_dir = Path(arm_cfg.run_dir)
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return (saved == arm_cfg.to_dict() and (run_dir / "sweep.csv").is_file()
+            and all((d / "eval.json").is_file() for d in member_dirs(arm_cfg, run_dir)))
 
 
 def collect(arms: Mapping[str, Config]) -> list[dict[str, Any]]:

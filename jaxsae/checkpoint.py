@@ -1,19 +1,31 @@
-"""Orbax checkpoints of a run: the train state, the loader position and the resolved config.
+"""Orbax checkpoints of a run: the train state, the loader position, the resolved config, and
+a checksum of the state.
 
-Resume order (one place, one comment): read the config saved with the newest complete
-checkpoint -> refuse changed keys that alter what is computed -> restore the state into the
-abstract state with its shardings -> put the loader at the saved position -> continue with the
-next step. Orbax writes each checkpoint into a temporary directory and renames it when complete,
-so a checkpoint interrupted mid-write is never picked up.
+Resume order (one place, one comment): take the newest checkpoint that restores whole (config
+and loader position parse, the state restores, its checksum matches) -> refuse changed keys
+that alter what is computed -> restore the state into the abstract state with its shardings ->
+put the loader at the saved position -> continue with the next step. A checkpoint that does not
+restore is renamed `<step>.corrupt` (never deleted) and the one before it is tried.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+checkpoint interrupted mid-write is never picked up; what such a save leaves behind is renamed
+`<step>.incomplete` when the directory is opened and removed after the next successful save.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -31,34 +43,93 @@ from jaxsae.errors import JaxsaeError
 # and saves into <step><TMP_SUFFIX> until then.
 COMMIT_MARKER = "commit_success.txt"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+ITEMS = ("state", "loader", "config", "checksum")
+
+
+class CheckpointError(JaxsaeError):
+    """A checkpoint could not be written, or none could be restored."""
+
+
+class CorruptCheckpoint(Exception):
+    """One checkpoint does not restore (caught by the fallback; `reason` is one line)."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint {step}: {reason}")
+        self.step, self.reason = step, reason
+
+
+@dataclass(frozen=True)
+class Restored:
+    step: int
+    loader: dict
+    config: Config
+    state: Any
+
+
+@jax.jit
+def state_checksum(state: Any) -> jax.Array:
+    """[n_leaves] uint32: per leaf, Σ_i bits_i · (2·i + 1) mod 2³² over its elements' bit
+    patterns (i: the flat index). Any single changed element changes it (the weights are odd),
+    the sum is exact in any order, so every sharding gives the same value, and it costs one
+    fused pass on the device (the weights are iotas, never materialised)."""
+
+    def leaf(a: jax.Array) -> jax.Array:
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a = jax.random.key_data(a)
+        if a.dtype == jnp.bool_:
+            a = a.astype(jnp.uint8)
+        if a.dtype.itemsize >= 4:  # 8-byte values become pairs of words (a trailing axis)
+            bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+        else:
+            width = {1: jnp.uint8, 2: jnp.uint16}[a.dtype.itemsize]
+            bits = jax.lax.bitcast_convert_type(a, width).astype(jnp.uint32)
+        index, stride = jnp.zeros(bits.shape, jnp.uint32), 1
+        for axis in reversed(range(bits.ndim)):
+            iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+            index, stride = index + iota * jnp.uint32(stride % 2**32), stride * bits.shape[axis]
+        return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+    leaves = [leaf(a) for a in jax.tree.leaves(state)]
+    return jnp.stack(leaves) if leaves else jnp.zeros((0,), jnp.uint32)
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+    """The checkpoints of one run directory. `read_only`: for reading a run another process
+    may be training (export): nothing in the directory is renamed or removed."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *,
+                 read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.cfg = cfg
+        self.read_only = read_only
         self._last_save = time.monotonic()
-        self.set_aside = self._set_aside_incomplete()
+        self._saving: int | None = None  # the step of a save that may still be running
+        self._closed = False
+        _quiet_orbax_background_errors()
+        self.set_aside = [] if read_only else self._set_aside_incomplete()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("jaxsae-checkpoint-scan")
-        self.manager = ocp.CheckpointManager(
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.keep,
-                create=True,
+                max_to_keep=self.cfg.keep,
+                create=not self.read_only,
                 enable_async_checkpointing=True,
                 # Leftovers of interrupted saves are set aside synchronously above instead:
                 # orbax's asynchronous cleanup raced with a second manager on the directory.
                 cleanup_tmp_directories=False,
             ),
-            item_names=("state", "loader", "config"),
+            item_names=ITEMS,
         )
 
     def _set_aside_incomplete(self) -> list[Path]:
         """Renames what interrupted saves left behind (orbax's <step><TMP_SUFFIX> directories,
         and step directories without the commit marker: a copy cut short, a filesystem without
         atomic rename) to <step>.incomplete, so they are neither resumed from nor in the way of
-        a later save of that step. Nothing is deleted."""
+        a later save of that step."""
         moved: list[Path] = []
         if jax.process_index() != 0 or not self.directory.is_dir():
             return moved
@@ -67,14 +138,24 @@ class Checkpointer:
             if not (path.is_dir() and step.isdigit()):
                 continue
             if path.name.endswith(TMP_SUFFIX) or not (path / COMMIT_MARKER).exists():
-                target, n = path.with_name(f"{step}.incomplete"), 1
-                while target.exists():
-                    target, n = path.with_name(f"{step}.incomplete-{n}"), n + 1
-                moved.append(path.rename(target))
+                moved.append(path.rename(_free_name(self.directory, f"{step}.incomplete")))
         return moved
+
+    def _remove_incomplete(self) -> None:
+        """After a successful save: the leftovers of failed saves are of no more use."""
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for path in self.directory.glob("*.incomplete*"):
+            if path.is_dir() and path.name.split(".")[0].isdigit():
+                shutil.rmtree(path, ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """The complete checkpoints (orbax's commit marker written), oldest first."""
+        return sorted(s for s in self.manager.all_steps()
+                      if (self.directory / str(s) / COMMIT_MARKER).exists())
 
     def due(self, step: int) -> bool:
         """Whether to save after `step` (every_steps and/or every_minutes since the last save;
@@ -88,39 +169,187 @@ class Checkpointer:
         return late
 
     def save(self, step: int, state: Any, loader_state: dict, config: Config) -> None:
-        """Starts an asynchronous save (the device arrays are copied before this returns)."""
+        """Starts an asynchronous save (the device arrays are copied before this returns). An
+        earlier save that failed (disk full, ...) raises CheckpointError here."""
+        self.wait()  # orbax would wait for the previous save anyway; this reports its failure
         self._last_save = time.monotonic()
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                loader=ocp.args.JsonSave(loader_state),
-                config=ocp.args.JsonSave(config.to_dict()),
-            ),
-            force=True,
-        )
+        checksum = np.asarray(jax.device_get(state_checksum(state))).tolist()
+        with self._writing(step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    loader=ocp.args.JsonSave(loader_state),
+                    config=ocp.args.JsonSave(config.to_dict()),
+                    checksum=ocp.args.JsonSave({"state": checksum}),
+                ),
+                force=True,
+            )
+        self._saving = step
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """Orbax's errors while writing (raised by the save, or by the wait for an
+        asynchronous one) as one line naming the checkpoint and the reason."""
+        try:
+            yield
+        except Exception as e:
+            which = f"checkpoint {step}" if step is not None else "a checkpoint"
+            raise CheckpointError(f"{self.directory}: could not write {which}: "
+                                  f"{_os_reason(e)}") from None
+
+    def restore(self, step: int, abstract_state: Any) -> Restored:
+        """Checkpoint `step`, whole and checked; CorruptCheckpoint if any part fails."""
+        loader, config = self.restore_meta(step)
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            state = restored.state
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise CorruptCheckpoint(step, f"the state does not restore ({_os_reason(e)})") \
+                from None
+        expected = self._checksum(step)
+        if expected is not None:
+            got = np.asarray(jax.device_get(state_checksum(state))).tolist()
+            if got != expected:
+                raise CorruptCheckpoint(step, "the state's checksum does not match (damaged "
+                                              "files)")
+        return Restored(step=step, loader=loader, config=config, state=state)
 
     def restore_meta(self, step: int) -> tuple[dict, Config]:
         """The loader position and the config saved with step `step` (cheap: no arrays)."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(loader=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()),
-        )
-        return dict(restored.loader), config_from_dict(restored.config)
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(loader=ocp.args.JsonRestore(),
+                                              config=ocp.args.JsonRestore()))
+            loader, raw = restored.loader, restored.config
+            if not isinstance(loader, dict) or not isinstance(raw, dict):
+                raise ValueError("not JSON objects")
+        except Exception as e:
+            raise CorruptCheckpoint(step, f"its loader position or config does not read "
+                                          f"({_os_reason(e)})") from None
+        try:
+            return dict(loader), config_from_dict(raw)
+        except JaxsaeError as e:
+            raise CorruptCheckpoint(step, f"its saved config is not valid ({e})") from None
 
-    def restore_state(self, step: int, abstract_state: Any) -> Any:
-        """The train state of step `step`, placed on the shardings carried by `abstract_state`."""
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
-        return restored.state
+    def _checksum(self, step: int) -> list[int] | None:
+        """The state checksum saved with `step` (None for checkpoints written before jaxsae
+        saved one)."""
+        if not (self.directory / str(step) / "checksum").is_dir():
+            return None
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(checksum=ocp.args.JsonRestore()))
+            return list(restored.checksum["state"])
+        except Exception as e:
+            raise CorruptCheckpoint(step, f"its checksum does not read ({_os_reason(e)})") \
+                from None
+
+    def set_aside_corrupt(self, step: int) -> Path:
+        """Renames checkpoint `step` to `<step>.corrupt` (kept for inspection, never deleted)
+        and forgets it."""
+        target = _free_name(self.directory, f"{step}.corrupt")
+        if self.read_only:
+            return self.directory / str(step)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxsae-corrupt-{step}")
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxsae-corrupt-{step}-moved")
+        self.manager.reload()
+        return target
+
+    def restore_newest(self, abstract_for, log) -> Restored | None:
+        """The newest checkpoint that restores whole, setting aside (and logging) each one
+        that does not. `abstract_for(loader, config)` gives the abstract state to restore into,
+        and may raise JaxsaeError to refuse the checkpoint (a changed config): that is not
+        corruption and stops the search."""
+        for step in reversed(self.steps()):
+            problem = None
+            try:
+                loader, config = self.restore_meta(step)
+                restored = self.restore(step, abstract_for(loader, config))
+            except CorruptCheckpoint as e:
+                problem = e
+            if jax.process_count() > 1:  # every process must take the same checkpoint
+                ok = multihost_utils.process_allgather(np.asarray(problem is None))
+                if problem is None and not ok.all():
+                    problem = CorruptCheckpoint(step, "it does not restore on another process")
+            if problem is None:
+                return restored
+            moved = self.set_aside_corrupt(step)
+            kept = ("left in place (the run is in use)" if self.read_only
+                    else f"set aside as {moved.name}")
+            log(f"{self.directory}: skipping {problem}; {kept}")
+        return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing(self._saving):
+            self.manager.wait_until_finished()
+        if self._saving is not None:
+            self._saving = None
+            self._remove_incomplete()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def _free_name(directory: Path, name: str) -> Path:
+    target, n = directory / name, 1
+    while target.exists():
+        target, n = directory / f"{name}-{n}", n + 1
+    return target
+
+
+def _os_reason(error: BaseException) -> str:
+    """The short reason inside an orbax / tensorstore error (e.g. 'No space left on device'),
+    else its first line."""
+    text = str(error)
+    found = re.search(r"Failed to write [^:]*: ([^\[\]\n]+?) \[os_error_code", text)
+    if found:
+        return found.group(1)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+_quieted = False
+
+
+def _quiet_orbax_background_errors() -> None:
+    """Orbax's background threads log a failed save at ERROR (absl) and leave coroutines that
+    Python reports at exit; the failure itself is raised in the main thread, where it becomes
+    a one-line error. Those duplicates are dropped; every other message passes."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+
+    def from_orbax(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR and (
+            "orbax" in record.pathname or "tensorstore" in record.pathname)
+
+    logging.getLogger("absl").addFilter(lambda record: not from_orbax(record))
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        origin = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+        if "orbax" in origin or "tensorstore" in origin or (
+                isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def check_resume_compatible(saved: Config, current: Config, where: Path) -> None:

@@ -20,12 +20,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 from pathlib import Path
 
 from jaxsae import hostmem
 from jaxsae.errors import JaxsaeError, require_at_least
+from jaxsae.outputs import json_text
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows `(default: X)` only where there is a default worth showing."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or \
+                isinstance(action, argparse._HelpAction):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -52,7 +64,7 @@ def _add_synth(sub) -> None:
     kinds = synth.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, gen in GENERATORS.items():
         p = kinds.add_parser(kind, help=gen.description,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=_DefaultsFormatter)
         p.add_argument("--out", required=True, help="output directory (must not exist)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,7 +83,9 @@ def _add_analysis_args(p) -> None:
                    help="analyse the last N tokens of the data (held out if training held "
                         "them out)")
     p.add_argument("--hook", default=None, help="SAELens caches: the activation column")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per block")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is not this command's own output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -126,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("cache", help="cache a language model's activations as shards",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_DefaultsFormatter,
                        description="Run a Hugging Face causal LM over text files up to the hook "
                                    "and write its activations as a jaxsae shard directory "
                                    "(needs the extra `lm`: pip install 'jaxsae[lm]'). Each window "
@@ -161,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     stitch_cmds = stitch.add_subparsers(dest="stitch_command", required=True, metavar="COMMAND")
     p = stitch_cmds.add_parser(
         "compare", help="novel vs reconstruction latents and their MSE effect",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
         description="Split LARGE's latents by their max decoder cosine to SMALL into novel "
                     "(<= threshold) and reconstruction latents; for each, the change in "
                     "SMALL's MSE when it is inserted; for each parent -> children component, "
@@ -173,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.7, help="novel: max cos <= this")
     p = stitch_cmds.add_parser(
         "frankenstein", help="stitch the novel latents of a family of widths",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
         description="Start from the narrowest SAE, add from each wider one the latents whose "
                     "decoder cosine to everything already included is below the threshold, "
                     "retrain only the decoder (encoder frozen) and export to OUT/sae; "
@@ -187,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="decoder retraining learning rate")
 
     p = sub.add_parser("analyze", help="feature geometry of one SAE: CSV, PNG, index.html",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_DefaultsFormatter,
                        description="Firing density and activation histograms per latent, "
                                    "co-firing (Jaccard, parent/child candidates), decoder "
                                    "nearest neighbours and clusters; written as CSV and PNG "
@@ -208,14 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--data", default=None,
                    help="activations for the firing frequencies (default: the run's data.path)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is not a jaxsae export (never the run "
+                        "itself, a run with checkpoints, or a file)")
 
     p = sub.add_parser("import", help="start a run from an existing SAELens dictionary",
                        description="Write RUN/config.yaml that trains (fine-tunes) starting from "
                                    "a SAELens-format SAE (init_from), then train it with "
                                    "`jaxsae train RUN/config.yaml`.")
     p.add_argument("sae_dir", help="SAELens-format directory (cfg.json + sae_weights.safetensors)")
-    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--out", required=True,
+                   help="run directory to create (an untrained import there is replaced)")
     p.add_argument("--data", required=True, help="activations to train on")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is not an untrained import (never a "
+                        "run with checkpoints)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. optim.total_tokens=10_000_000")
 
@@ -281,11 +302,30 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except JaxsaeError as e:
         code = getattr(e, "exit_code", 2)
-        print(f"jaxsae {args.command}: error: {e}", file=sys.stderr)
+        print(f"jaxsae {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return code
+    except OSError as e:  # the file system refused: disk full, read-only, not a directory
+        print(f"jaxsae {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"jaxsae {args.command}: aborted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split("\n"))
+
+
+def _os_error(e: OSError) -> str:
+    """`cannot write runs/x/metrics.jsonl: No space left on device`."""
+    reason = e.strerror or str(e)
+    if e.filename is None:
+        return _one_line(reason)
+    verb = {errno.EACCES: "cannot write", errno.EPERM: "cannot write", errno.EROFS: "cannot write",
+            errno.ENOSPC: "cannot write", errno.EDQUOT: "cannot write",
+            errno.EFBIG: "cannot write", errno.ENOENT: "cannot find"}.get(e.errno, "cannot use")
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return _one_line(f"{verb} {where}: {reason}")
 
 
 def _cmd_synth(args) -> int:
@@ -354,7 +394,8 @@ def _cmd_data(args) -> int:
 def _cmd_import(args) -> int:
     from jaxsae.export import import_config
 
-    config = import_config(args.sae_dir, args.out, args.data, args.overrides)
+    config = import_config(args.sae_dir, args.out, args.data, args.overrides,
+                           overwrite=args.overwrite)
     print(f"wrote {config}\ntrain it with: jaxsae train {config}")
     return 0
 
@@ -363,7 +404,7 @@ def _cmd_export(args) -> int:
     from jaxsae.train import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
-                            data=args.data)
+                            data=args.data, overwrite=args.overwrite)
     print(f"exported {out}")
     return 0
 
@@ -392,7 +433,7 @@ def _cmd_stitch(args) -> int:
     if not 0 < args.threshold < 1:
         raise JaxsaeError(f"--threshold must be between 0 and 1, got {args.threshold}")
     common = {"threshold": args.threshold, "tokens": args.tokens, "batch_size": args.batch_size,
-              "hook": args.hook, "progress": not args.no_progress}
+              "hook": args.hook, "progress": not args.no_progress, "overwrite": args.overwrite}
     if args.stitch_command == "compare":
         stitch.compare(args.small, args.large, args.data, args.out, **common)
         print(Path(args.out, "summary.md").read_text())
@@ -413,7 +454,7 @@ def _cmd_analyze(args) -> int:
     summary = analyze(args.sae_dir, args.data, args.out, tokens=args.tokens,
                       cofire_tokens=args.cofire_tokens, batch_size=args.batch_size,
                       cluster_threshold=args.cluster_threshold, hook=args.hook,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     print(f"open {Path(args.out) / 'index.html'}")
     return 0
@@ -488,7 +529,7 @@ def _cmd_eval(args) -> int:
         if args.truth:
             raise JaxsaeError("--truth goes with --data, not --model")
         results = _eval_model(args, [load_sae(d) for d in args.sae_dir])
-        print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+        print(json_text(results[0] if len(results) == 1 else results))
         return 0
     if len(args.sae_dir) > 1:
         raise JaxsaeError("--data evaluates one SAE at a time (several go with --model)")
@@ -509,6 +550,7 @@ def _cmd_eval(args) -> int:
         if (directory / synthetic.TRUTH_JSON).is_file():
             # The data's own truth: everything (firing, absorption, circles) on these tokens.
             full = synthetic.load_truth(directory)
+            full.check_data(data, args.truth, args.data)
             try:
                 report = evaluate.truth_report(loaded.params, loaded.sae, data, full,
                                                start=start, batch_size=batch_size,
@@ -526,7 +568,7 @@ def _cmd_eval(args) -> int:
                 raise DataError(f"{truth}: no 'directions' [n_features, {loaded.d_in}] tensor")
             metrics.update(evaluate.feature_recovery(np.asarray(directions),
                                                      loaded.params["W_dec"]))
-    print(json.dumps(metrics, indent=1))
+    print(json_text(metrics))
     return 0
 
 

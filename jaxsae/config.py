@@ -49,12 +49,24 @@ class DataConfig:
     lanes: int = 8
     """Independent streams each batch is assembled from; the number of processes must divide
     it (each process reads only its lanes) and it must divide optim.batch_size."""
-    eval_tokens: int = 65536
-    """Tokens at the end of the data held out from training and used for the final evaluation."""
+    eval_tokens: int | Literal["auto"] = "auto"
+    """Tokens at the end of the data held out from training and used for the final evaluation;
+    `auto`: min(65536, 5 % of the data)."""
     check_finite: bool = False
     """Scan every shard for NaN/inf when the data is opened (one full read)."""
     generate: Mapping[str, Any] | None = None
     """If `path` is missing, generate it first: `{kind: superposition, ...}` (`jaxsae synth`)."""
+
+    def held_out(self, n_tokens: int) -> int:
+        """Tokens held out for the final evaluation from data of `n_tokens` tokens."""
+        if self.eval_tokens == "auto":
+            return min(AUTO_EVAL_TOKENS, n_tokens // 20)
+        return self.eval_tokens
+
+
+# `auto` sizes: a 30-second smoke test and a 1B-token job both get sensible values.
+AUTO_EVAL_TOKENS = 65536
+AUTO_WARMUP_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -130,8 +142,9 @@ class OptimConfig:
     """Tokens per step (global, across all devices and processes)."""
     total_tokens: int = 100_000_000
     """Training length in tokens; steps = total_tokens // batch_size."""
-    warmup_steps: int = 1000
-    """Linear learning-rate warm-up from 0."""
+    warmup_steps: int | Literal["auto"] = "auto"
+    """Linear learning-rate warm-up from 0 over this many steps; `auto`: min(1000, 5 % of the
+    steps)."""
     decay_fraction: float = 0.2
     """Fraction of the steps, at the end, over which the learning rate decays linearly to 0."""
     grad_clip: float = 1.0
@@ -149,6 +162,18 @@ class OptimConfig:
     @property
     def total_steps(self) -> int:
         return self.total_tokens // self.batch_size
+
+    @property
+    def decay_steps(self) -> int:
+        return int(self.decay_fraction * self.total_steps)
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps, `auto` resolved (it never leaves less than nothing to train on)."""
+        if self.warmup_steps != "auto":
+            return self.warmup_steps
+        return max(0, min(AUTO_WARMUP_STEPS, self.total_steps // 20,
+                          self.total_steps - self.decay_steps))
 
 
 @dataclass(frozen=True)
@@ -237,8 +262,25 @@ def _sweep_type(name: str, key: str) -> type:
         return SWEEPABLE[name]
     if _TERM_COEFFICIENT.fullmatch(name):
         return float
+    _check_key_exists(name, key)
     raise ConfigError(f"{key}: cannot be swept (the SAEs of a sweep share their shapes and one "
                       f"step); sweepable keys: {', '.join(SWEEPABLE)}")
+
+
+def _check_key_exists(dotted: str, key: str) -> None:
+    """Refuses a dotted key that names no config field, suggesting the closest one."""
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if cls is None:
+            return  # below a mapping (e.g. data.generate.*) or a loss term: not checked here
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            where = ".".join(parts[:i])
+            raise ConfigError(_unknown_key_message(key, part, fields)
+                              + (f" (under {where})" if where else ""))
+        hint = typing.get_type_hints(cls)[part]
+        cls = hint if dataclasses.is_dataclass(hint) and part != "loss" else None
 
 
 def sweep_label(point: Mapping[str, Any]) -> str:
@@ -350,7 +392,8 @@ def _validate(cfg: Config) -> None:
 
         export.check_init_from(cfg.init_from, cfg.sae)
     need(cfg.data.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
-    need(cfg.data.eval_tokens >= 0, "data.eval_tokens", "must be >= 0")
+    need(cfg.data.eval_tokens == "auto" or cfg.data.eval_tokens >= 0, "data.eval_tokens",
+         "must be >= 0 (or auto)")
     need(cfg.data.drop_norm_above is None or cfg.data.drop_norm_above > 0,
          "data.drop_norm_above", "must be > 0 (a multiple of the median norm)")
     need(cfg.data.stats_tokens > 0, "data.stats_tokens", "must be > 0")
@@ -363,7 +406,8 @@ def _validate(cfg: Config) -> None:
         synthetic.parse_spec(cfg.data.generate, key="data.generate")
     s = cfg.sae
     need(s.d_sae > 0, "sae.d_sae", f"must be > 0, got {s.d_sae}")
-    if s.activation in ("topk", "batchtopk"):
+    k_swept = cfg.sweep is not None and all("sae.k" in p for p in cfg.sweep.points)
+    if s.activation in ("topk", "batchtopk") and not k_swept:  # else each SAE's k is checked
         need(0 < s.k <= s.d_sae, "sae.k", f"must be in 1..sae.d_sae ({s.d_sae}), got {s.k}")
     need(s.init_decoder_norm > 0, "sae.init_decoder_norm", "must be > 0")
     need(s.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth", "must be > 0")
@@ -379,11 +423,10 @@ def _validate(cfg: Config) -> None:
          f"must be at least one batch ({o.batch_size} tokens), got {o.total_tokens}")
     need(0 <= o.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]")
     need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    decay_steps = int(o.decay_fraction * o.total_steps)
-    need(o.warmup_steps + decay_steps <= o.total_steps, "optim.warmup_steps",
-         f"warm-up ({o.warmup_steps}) plus decay ({decay_steps}) steps exceed the run's "
-         f"{o.total_steps} steps (optim.total_tokens / optim.batch_size)")
+    need(o.warmup >= 0, "optim.warmup_steps", "must be >= 0 (or auto)")
+    need(o.warmup + o.decay_steps <= o.total_steps, "optim.warmup_steps",
+         f"warm-up ({o.warmup}) plus decay ({o.decay_steps}) steps exceed the run's "
+         f"{o.total_steps} steps (optim.total_tokens / optim.batch_size); lower it or use auto")
     for axis in ("data", "model"):
         size = getattr(cfg.mesh, axis)
         need(size == -1 or size > 0, f"mesh.{axis}", f"must be -1 or > 0, got {size}")
@@ -447,10 +490,18 @@ def _parse_value(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            return _parse_value(arg, value, key)
+        options = [arg for arg in args if arg is not type(None)]
+        # A word like `auto` is tried against the Literal first; anything else against the
+        # other types in order, reporting the first one's error if none accepts it.
+        options.sort(key=lambda arg: typing.get_origin(arg) is not Literal
+                     or not isinstance(value, str))
+        errors = []
+        for arg in options:
+            try:
+                return _parse_value(arg, value, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise _union_error(options, value, key, errors)
     if origin is Literal:
         if value not in args:
             choices = ", ".join(map(str, args))
@@ -494,6 +545,17 @@ def _parse_value(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"config type {tp!r} at {key} is not supported by the parser")
+
+
+def _union_error(options: list, value: Any, key: str, errors: list[ConfigError]) -> ConfigError:
+    words = [str(w) for arg in options if typing.get_origin(arg) is Literal
+             for w in typing.get_args(arg)]
+    others = [arg for arg in options if typing.get_origin(arg) is not Literal]
+    if words and others:
+        kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        what = " or ".join([kinds.get(others[0], str(others[0])), *words])
+        return ConfigError(f"{key}: expected {what}, got {value!r}")
+    return errors[-1] if len(errors) == 1 or not words else errors[0]
 
 
 def _as_float(value: Any) -> float | None:

@@ -8,15 +8,17 @@ An exported dictionary is a directory:
   sparsity.safetensors     "sparsity" [d_sae]: log10 firing frequency
 
 ReLU exports as `standard`, BatchTopK as `jumprelu` with its inference threshold, tied SAEs
-write W_enc = W_dec.T. The directory is written under a temporary name and renamed into place.
+write W_enc = W_dec.T. The directory is written under a temporary name and renamed into place;
+an existing directory is replaced only if it is an export jaxsae wrote (`jaxsae.outputs`).
+Reading refuses, naming the file and the field, anything that is not a complete SAE: a cfg.json
+that is not a JSON object or lacks `architecture`, `d_in`, `d_sae` (and `k` for TopK); weights
+that are missing, misshapen, not floating point, or not finite.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxsae import tensorfile
+from jaxsae import outputs, tensorfile
 from jaxsae.config import SAEConfig
 from jaxsae.errors import DataError, JaxsaeError
 
@@ -62,8 +64,12 @@ def export_sae(
     dtype: str = "float32",
     metadata: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    inputs: tuple[str | Path, ...] = (),
 ) -> Path:
-    """Writes `params` (jaxsae SAE parameters) as a SAELens directory at `out`, atomically."""
+    """Writes `params` (jaxsae SAE parameters) as a SAELens directory at `out`, atomically.
+    An existing `out` is replaced if it is an export jaxsae wrote (or with `overwrite`; see
+    `outputs.check_target`, which also protects `inputs`)."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     host = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
@@ -89,7 +95,9 @@ def export_sae(
         "reshape_activations": "none",
         "metadata": {"sae_lens_version": SAE_LENS_FORMAT_VERSION, **(metadata or {})},
         "jaxsae": {"activation": sae_cfg.activation, "tied": sae_cfg.tied,
-                   "decoder_norm": sae_cfg.decoder_norm, **(training or {})},
+                   "decoder_norm": sae_cfg.decoder_norm,
+                   **({"k": sae_cfg.k} if sae_cfg.activation == "batchtopk" else {}),
+                   **(training or {})},
     }
     if sae_cfg.activation == "topk":
         cfg_json["k"] = sae_cfg.k
@@ -97,33 +105,14 @@ def export_sae(
     if log10_firing is None:
         log10_firing = np.full(d_sae, -10.0, np.float32)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir follows the umask.
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with outputs.staged_directory(out, "sae", overwrite=overwrite, inputs=inputs,
+                                  marker=False) as staging:
         tensorfile.write(staging / WEIGHTS_FILE, weights, metadata={"format": "pt"})
         tensorfile.write(staging / SPARSITY_FILE,
-                          {"sparsity": np.asarray(log10_firing, np.float32)},
-                          metadata={"format": "pt"})
+                         {"sparsity": np.asarray(log10_firing, np.float32)},
+                         metadata={"format": "pt"})
         (staging / CFG_FILE).write_text(json.dumps(cfg_json, indent=2))
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Moves `new` to `target`; an existing target is swapped out, never left half-written."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+    return Path(out)
 
 
 # Which training activations can start from an exported architecture.
@@ -139,17 +128,39 @@ def read_cfg(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise ExportError(f"{path}: missing {CFG_FILE} (not a SAELens export)")
     try:
-        cfg = json.loads(file.read_text())
+        cfg = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ExportError(f"{file}: not a text file (expected a JSON object)") from None
     except json.JSONDecodeError as e:
         raise ExportError(f"{file}: not valid JSON ({e})") from None
-    arch = cfg.get("architecture", "standard")
-    if arch not in ACTIVATION:
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{file}: expected a JSON object, got a JSON {type(cfg).__name__}")
+    if "architecture" not in cfg:
+        raise ExportError(f"{file}: missing 'architecture' (one of {', '.join(ACTIVATION)})")
+    arch = cfg["architecture"]
+    if not isinstance(arch, str) or arch not in ACTIVATION:
         raise ExportError(
             f"{file}: unknown architecture {arch!r} (supported: {', '.join(ACTIVATION)})")
     for key in ("d_in", "d_sae"):
-        if not isinstance(cfg.get(key), int):
-            raise ExportError(f"{file}: missing integer {key!r}")
+        if not _positive_int(cfg.get(key)):
+            raise ExportError(f"{file}: {key!r} must be a positive integer, got "
+                              f"{cfg.get(key)!r}")
+    if arch == "topk":
+        if "k" not in cfg:
+            raise ExportError(f"{file}: missing 'k' (a topk SAE keeps the k largest latents)")
+        if not _positive_int(cfg["k"]) or cfg["k"] > cfg["d_sae"]:
+            raise ExportError(f"{file}: 'k' must be an integer in 1..d_sae ({cfg['d_sae']}), "
+                              f"got {cfg['k']!r}")
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise ExportError(f"{file}: rescale_acts_by_decoder_norm is not supported")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise ExportError(f"{file}: normalize_activations {cfg['normalize_activations']!r} "
+                          "is not supported (expected 'none')")
     return cfg
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_init_from(path: str | Path, sae_cfg: SAEConfig) -> None:
@@ -189,80 +200,139 @@ def load_sae(path: str | Path) -> LoadedSAE:
     """Reads a SAELens-format directory (jaxsae's or SAELens's own)."""
     path = Path(path)
     cfg = read_cfg(path)
-    if not (path / WEIGHTS_FILE).is_file():
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
         raise ExportError(f"{path}: missing {WEIGHTS_FILE} (not a SAELens export)")
-    arch = cfg.get("architecture", "standard")
-    if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise ExportError(f"{path / CFG_FILE}: normalize_activations "
-                          f"{cfg['normalize_activations']!r} is not supported (expected 'none')")
+    arch = cfg["architecture"]
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     try:
-        raw = tensorfile.read(path / WEIGHTS_FILE)
-        tensors = {k: np.asarray(v, np.float32) for k, v in raw.items()}
+        raw = tensorfile.read(weights)
     except DataError as e:
         raise ExportError(str(e)) from None
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
     if arch == "jumprelu":
         expected["threshold"] = (d_sae,)
+    tensors = {}
     for name, shape in expected.items():
-        if name not in tensors:
-            raise ExportError(f"{path / WEIGHTS_FILE}: missing tensor {name!r}")
-        if tensors[name].shape != shape:
-            raise ExportError(f"{path / WEIGHTS_FILE}: {name} has shape "
-                              f"{list(tensors[name].shape)}, expected {list(shape)}")
+        if name not in raw:
+            raise ExportError(f"{weights}: missing tensor {name!r}")
+        array = np.asarray(raw[name])
+        if array.shape != shape:
+            raise ExportError(f"{weights}: {name} has shape {list(array.shape)}, expected "
+                              f"{list(shape)}")
+        if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
+            raise ExportError(f"{weights}: {name} is {array.dtype}, expected floating point "
+                              "weights")
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            bad = int(np.size(array) - np.isfinite(array).sum())
+            raise ExportError(f"{weights}: {name} has {bad} non-finite values (NaN or inf)")
+        tensors[name] = array
     if not cfg.get("apply_b_dec_to_input", True):
         # jaxsae always centres by b_dec; fold "no centring" into b_enc: (x-b)W + b_enc + bW.
         tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
-    params = {k: tensors[k].astype(np.float32) for k in expected}
     activation = ACTIVATION[arch]
-    k = int(cfg.get("k", 1)) if activation == "topk" else 1
-    if activation == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
-        raise ExportError(f"{path / CFG_FILE}: rescale_acts_by_decoder_norm is not supported")
-    sae_cfg = SAEConfig(d_sae=d_sae, activation=activation, k=max(1, min(k, d_sae)),
-                        decoder_norm="free")
-    return LoadedSAE(params=params, sae=sae_cfg, d_in=d_in, cfg_json=cfg)
+    sae_cfg = SAEConfig(d_sae=d_sae, activation=activation,
+                        k=cfg["k"] if activation == "topk" else 1, decoder_norm="free")
+    return LoadedSAE(params=tensors, sae=sae_cfg, d_in=d_in, cfg_json=cfg)
 
 
-# Loss terms an imported SAE fine-tunes with, by its architecture.
-_IMPORT_LOSS = {
-    "standard": [{"term": "mse"}, {"term": "l1", "coefficient": 1.0}],
-    "topk": [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}],
-    "jumprelu": [{"term": "mse"}, {"term": "l0", "coefficient": 1.0}],
-}
+# Importing: a run config that trains from an existing dictionary.
+
+# Fine-tuning batches are halved from the source's until the data holds this many of them.
+_IMPORT_MIN_BATCHES = 20
+
+
+def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a SAELens-format cfg.json says about how its SAE was trained, as config sections
+    (`sae`, `loss`, `optim`): jaxsae's own `jaxsae` block when it has one, else SAELens's
+    training fields (top level, or `metadata.training_architecture_details`); defaults for the
+    rest."""
+    arch = cfg["architecture"]
+    own = cfg.get("jaxsae") if isinstance(cfg.get("jaxsae"), dict) else {}
+    sae: dict[str, Any] = {"activation": ACTIVATION[arch]}
+    if own.get("activation") in COMPATIBLE[arch]:
+        sae["activation"] = own["activation"]
+    if arch == "topk":
+        sae["k"] = cfg["k"]
+    elif sae["activation"] == "batchtopk" and _positive_int(own.get("k")):
+        sae["k"] = own["k"]
+    optim = {k: v for k, v in (own.get("optim") or {}).items() if k in ("lr", "batch_size")}
+    if isinstance(own.get("loss"), list) and own["loss"]:
+        return {"sae": sae, "loss": own["loss"], "optim": optim}
+    details = cfg.get("metadata", {}).get("training_architecture_details") or {}
+    saelens = {**details, **{k: v for k, v in cfg.items() if k not in ("metadata", "jaxsae")}}
+
+    def number(key: str, default: float) -> float:
+        value = saelens.get(key, default)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok and math.isfinite(value) else default
+
+    if arch == "standard":
+        l1: dict[str, Any] = {"term": "l1", "coefficient": number("l1_coefficient", 1.0)}
+        if number("lp_norm", 1.0) != 1.0:
+            l1["p"] = number("lp_norm", 1.0)
+        loss = [{"term": "mse"}, l1]
+    elif arch == "topk" or sae["activation"] == "batchtopk":
+        # jaxsae's auxk is normalised as in Gao et al. (2024): their 1/32 carries over.
+        loss = [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}]
+    else:
+        l0: dict[str, Any] = {"term": "l0", "coefficient": number("l0_coefficient", 1.0)}
+        if saelens.get("jumprelu_sparsity_loss_mode") == "tanh":
+            l0["mode"] = "tanh"
+        if "jumprelu_bandwidth" in saelens:
+            sae["jumprelu_bandwidth"] = l0["bandwidth"] = number("jumprelu_bandwidth", 0.001)
+        loss = [{"term": "mse"}, l0]
+    return {"sae": sae, "loss": loss, "optim": optim}
 
 
 def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
-                  overrides: list[str] | tuple[str, ...] = ()) -> Path:
+                  overrides: list[str] | tuple[str, ...] = (), *,
+                  overwrite: bool = False) -> Path:
     """Writes RUN/config.yaml that starts a run from the SAELens directory `sae_dir`
-    (init_from) on `data`; returns its path. Overrides apply like `jaxsae train`'s."""
-    from jaxsae.config import apply_override, config_from_dict
+    (init_from) on `data`; returns its path. The config takes the loss and its coefficients
+    from the source's cfg.json where it says them, and sizes the batch, the length and the
+    hold-out to the data, so it trains as written. Paths in it are absolute. Overrides apply
+    like `jaxsae train`'s. RUN is created; an existing RUN is replaced only if it is an
+    untrained import (or with `overwrite`), never if it holds checkpoints."""
+    from jaxsae.config import DataConfig, apply_override, config_from_dict
     from jaxsae.data import open_source
 
-    sae_dir, run_dir = Path(sae_dir).absolute(), Path(run_dir)
+    sae_dir, run_dir, data = Path(sae_dir).absolute(), Path(run_dir).absolute(), \
+        Path(data).absolute()
+    outputs.check_target(run_dir, "import", overwrite=overwrite, inputs=(sae_dir, data))
     cfg = read_cfg(sae_dir)
-    arch = cfg.get("architecture", "standard")
     loaded = load_sae(sae_dir)
+    source = open_source(DataConfig(path=str(data)))
+    if source.d_in != cfg["d_in"]:
+        raise ExportError(f"{data}: d_in {source.d_in} does not match {sae_dir} "
+                          f"(d_in {cfg['d_in']})")
+    settings = training_settings(cfg)
+    n_train = source.n_tokens - DataConfig().held_out(source.n_tokens)
+    batch = int(settings["optim"].get("batch_size", 4096))
+    while batch > 8 and batch * _IMPORT_MIN_BATCHES > n_train:
+        batch //= 2
+    if n_train < batch:
+        raise ExportError(f"{data}: {source.n_tokens} tokens are too few to fine-tune on")
     norms = np.linalg.norm(loaded.params["W_dec"], axis=1)
     tree: dict[str, Any] = {
         "name": run_dir.name,
         "run_dir": str(run_dir),
         "init_from": str(sae_dir),
         "data": {"path": str(data)},
-        "sae": {"d_sae": cfg["d_sae"], "activation": ACTIVATION[arch],
+        "sae": {"d_sae": cfg["d_sae"], **settings["sae"],
                 "decoder_norm": "unit" if np.allclose(norms, 1.0, atol=1e-3) else "free"},
-        "loss": _IMPORT_LOSS[arch],
+        "loss": settings["loss"],
+        # One pass over the training tokens (at most the default length of a run).
+        "optim": {**settings["optim"], "batch_size": batch,
+                  "total_tokens": min(n_train, 100_000_000) // batch * batch},
     }
-    if arch == "topk":
-        tree["sae"]["k"] = int(cfg.get("k", 1))
     for assignment in overrides:
         apply_override(tree, assignment)
     config = config_from_dict(tree)  # validates, init_from included
-    source = open_source(config.data)
-    if source.d_in != cfg["d_in"]:
-        raise ExportError(f"{data}: d_in {source.d_in} does not match {sae_dir} "
-                          f"(d_in {cfg['d_in']})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    out.write_text(f"# jaxsae train {out}\n# Starts from {sae_dir} (imported).\n"
-                   + config.to_yaml())
-    return out
+    with outputs.staged_directory(run_dir, "import", overwrite=overwrite,
+                                  inputs=(sae_dir, data)) as staging:
+        (staging / "config.yaml").write_text(
+            f"# jaxsae train {run_dir / 'config.yaml'}\n# Starts from {sae_dir} (imported).\n"
+            + config.to_yaml())
+    return run_dir / "config.yaml"

@@ -1,21 +1,213 @@
-"""Result files written atomically (a temporary name, then a rename): text, CSV, PNG figures.
+"""Everything jaxsae writes as a result: directories staged and renamed into place, and single
+files (text, CSV, PNG) written atomically.
 
-Used by `jaxsae bench`, `jaxsae stitch` and `jaxsae analyze`, so that an interrupted command
-never leaves a half-written table or plot behind."""
+A command that writes a directory (`export`, `import`, `synth`, `cache`, `stitch`, `analyze`)
+builds it in a staging directory beside the target and renames it into place when complete, so
+an interrupted command never leaves a half-written output. What may be replaced is one rule,
+`check_target`: a missing path or an empty directory; an output jaxsae wrote of the same kind;
+any other directory only with `--overwrite`, and never a file, a run directory holding
+checkpoints, the command's own inputs or the working directory. A replaced directory is moved
+aside first and removed only once the new one is in place.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
-from collections.abc import Iterable, Mapping, Sequence
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from jaxsae.errors import JaxsaeError
+
+# Written into the output directories whose own files do not say that jaxsae wrote them
+# (SAELens directories say it in cfg.json, shard directories in manifest.json).
+MARKER = ".jaxsae-output.json"
+
+
+class OutputError(JaxsaeError):
+    """An output path that jaxsae must not write or replace."""
+
+
+def write_marker(directory: Path, kind: str) -> None:
+    (directory / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+
+
+def output_kind(path: Path) -> str | None:
+    """What jaxsae wrote at `path`: the kind in its marker, `sae` for a SAELens directory
+    whose cfg.json jaxsae wrote, `shards` for a jaxsae shard directory; None otherwise."""
+    path = Path(path)
+    for name, read in ((MARKER, lambda d: d.get("kind")),
+                       ("cfg.json", lambda d: "sae" if isinstance(d.get("jaxsae"), dict)
+                        else None),
+                       ("manifest.json", lambda d: "shards" if d.get("format") == "jaxsae.shards"
+                        else None)):
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and (kind := read(data)):
+            return kind
+    return None
+
+
+def holds_run(path: Path, depth: int = 2) -> Path | None:
+    """A training run directory (one with checkpoints/) at `path` or up to `depth` levels
+    below it, if there is one."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return path
+    if depth == 0 or not path.is_dir() or path.is_symlink():
+        return None
+    with contextlib.suppress(OSError):
+        for child in path.iterdir():
+            if child.is_dir() and (found := holds_run(child, depth - 1)):
+                return found
+    return None
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
+                 inputs: Sequence[str | Path] = (), flag: str = "--out") -> None:
+    """Refuses, in one line naming `flag`, to write a `kind` output at `target` when that would
+    replace something it must not (see the module docstring)."""
+    target = Path(target)
+    where = f"{flag} {target}"
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise OutputError(f"{where}: is a file; give the path of a directory to write")
+    if not target.exists():
+        return
+    resolved = target.resolve()
+    for protected in [Path.cwd(), *inputs]:
+        if _inside(Path(protected).resolve(), resolved):
+            raise OutputError(f"{where}: would replace {protected}, which this command reads; "
+                              "choose another path")
+    if not any(target.iterdir()):
+        return
+    found = output_kind(target)
+    if found == kind:  # jaxsae's own output of this kind (runs it holds are part of it)
+        return
+    run = holds_run(target)
+    if run is not None:
+        raise OutputError(f"{where}: holds the training run {run} (with checkpoints); jaxsae "
+                          "never replaces it: choose another path")
+    if overwrite:
+        return
+    what = f"a jaxsae {found} output, not {kind}" if found else "not empty"
+    raise OutputError(f"{where}: exists and is {what}; choose another path, or pass "
+                      "--overwrite to replace it")
+
+
+def staging_path(target: Path) -> Path:
+    """A fresh name beside `target` for building it (same filesystem, so renaming is atomic)."""
+    return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Moves the complete directory `new` to `target`. An existing target is renamed aside
+    first and removed only after `new` is in place, so an interruption never loses both."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | Path, kind: str, *, overwrite: bool = False,
+                     inputs: Sequence[str | Path] = (), flag: str = "--out",
+                     marker: bool = True) -> Iterator[Path]:
+    """Yields an empty staging directory to write the `kind` output into; when the block ends
+    without an exception it becomes `target` (checked first by `check_target`), otherwise it
+    is removed and `target` is left as it was."""
+    target = Path(target)
+    check_target(target, kind, overwrite=overwrite, inputs=inputs, flag=flag)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir follows the umask.
+    staging = staging_path(target)
+    staging.mkdir()
+    try:
+        yield staging
+        if marker:
+            write_marker(staging, kind)
+        replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> Path:
+    """`<target>.partial/`, the staging directory of a command that can continue where an
+    interrupted call with the same inputs (`key`) stopped: reused when it holds the same key,
+    started afresh when it holds another (it is jaxsae's own: its marker says so), refused if
+    something else has that name. `publish` renames it into place."""
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    key = json.loads(json.dumps(key))
+    if partial.exists() or partial.is_symlink():
+        try:
+            mark = json.loads((partial / MARKER).read_text())
+        except (OSError, ValueError):
+            mark = None
+        if not isinstance(mark, dict) or mark.get("kind") != f"{kind}-partial":
+            raise OutputError(f"{partial}: exists and is not an interrupted jaxsae {kind}; "
+                              "move it away")
+        if mark.get("key") == key:
+            return partial
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    (partial / MARKER).write_text(json.dumps({"kind": f"{kind}-partial", "key": key}) + "\n")
+    return partial
+
+
+def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = False,
+            inputs: Sequence[str | Path] = (), flag: str = "--out") -> Path:
+    """Renames the complete `staging` directory to `target` (checked by `check_target`)."""
+    target = Path(target)
+    check_target(target, kind, overwrite=overwrite, inputs=inputs, flag=flag)
+    write_marker(staging, kind)
+    replace_directory(staging, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
 
 
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def json_text(value: Any, indent: int | None = 1) -> str:
+    """Strict JSON: NaN and inf, which JSON has not, are written as null."""
+    return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -53,7 +245,40 @@ def pyplot():
 def save_figure(fig, path: Path) -> None:
     """Writes `fig` as PNG to `path` and closes it."""
     tmp = path.with_name(path.name + ".partial")
-    fig.tight_layout()
-    fig.savefig(tmp, format="png")
-    pyplot().close(fig)
-    tmp.replace(path)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, format="png")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        pyplot().close(fig)
+
+
+class AppendLog:
+    """A line-per-record log (metrics.jsonl) whose lines are written whole or not at all: a
+    failed write (disk full) cuts the file back to its last complete line and re-raises."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def write_line(self, line: str) -> None:
+        data = (line.rstrip("\n") + "\n").encode()
+        size = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(28, os.strerror(28), str(self.path))  # ENOSPC: a short write
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            if e.filename is None:
+                e.filename = str(self.path)
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

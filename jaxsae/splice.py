@@ -34,6 +34,7 @@ from jaxsae import evaluate
 from jaxsae.data import lm as lm_data
 from jaxsae.errors import JaxsaeError
 from jaxsae.export import LoadedSAE
+from jaxsae.progress import Progress
 
 
 def eval_windows(lm: lm_data.LanguageModel, files: Sequence[Path], context: int, tokens: int,
@@ -58,12 +59,11 @@ def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, laye
     (attention sinks beyond position 0) are left clean in every variant, as training with
     data.drop_norm_above never showed them to the SAE; `clean_positions` counts them."""
     import torch
-    from tqdm.auto import tqdm
 
     lm_data.check_layer(lm, layer)
     first = 1 if drop_first_position else 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    bar = tqdm(total=len(batches) * (4 + len(saes)), unit="pass", disable=not progress,
+    bar = Progress(len(batches) * (4 + len(saes)), unit="pass", enabled=progress,
                desc="CE loss recovered")
 
     # The activations at the evaluated positions: their median norm (for clean_norm_above)

@@ -27,12 +27,14 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
-from tqdm.auto import tqdm
 
-from jaxsae import evaluate, export, penalties, sae, sharding
+from jaxsae import evaluate, export, outputs, penalties, sae, sharding
 from jaxsae.checkpoint import (
     COMMIT_MARKER,
     Checkpointer,
+    CheckpointError,
+    CorruptCheckpoint,
+    Restored,
     abstract_with_shardings,
     check_resume_compatible,
 )
@@ -43,7 +45,9 @@ from jaxsae.data.source import iter_blocks
 from jaxsae.data.stats import DataStats
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
-from jaxsae.outputs import write_csv
+from jaxsae.outputs import AppendLog, atomic_write, json_text, write_csv
+from jaxsae.progress import Progress
+from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 
 # The vmap axis of a sweep's SAEs.
 SWEEP_AXIS = "sweep"
@@ -102,13 +106,12 @@ def lr_schedule(o: OptimConfig, lr: jax.Array | float | None = None
                 ) -> Callable[[jax.Array], jax.Array]:
     """Linear warm-up over `warmup_steps`, constant, linear decay to 0 over the last
     `decay_fraction` of the steps; peak `lr` (default o.lr)."""
-    total = o.total_steps
-    decay = int(o.decay_fraction * total)
+    total, decay, warmup = o.total_steps, o.decay_steps, o.warmup
     peak = o.lr if lr is None else lr
 
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
-        warm = jnp.minimum(1.0, (s + 1.0) / o.warmup_steps) if o.warmup_steps else 1.0
+        warm = jnp.minimum(1.0, (s + 1.0) / warmup) if warmup else 1.0
         cool = jnp.clip((total - s) / decay, 0.0, 1.0) if decay else 1.0
         return peak * jnp.minimum(warm, cool)
 
@@ -350,24 +353,23 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
             f"({launch})")
 
-    # -- run directory ----------------------------------------------------------------------
+    # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = cfg.resolved_run_dir.absolute()
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    for path in ckpt.set_aside:
-        log(f"{path.with_suffix('')}: incomplete checkpoint (no {COMMIT_MARKER}), moved to {path}")
-    resume_step = ckpt.latest_step()
-    if resume_step is not None:
-        loader_state, saved_cfg = ckpt.restore_meta(resume_step)
-        check_resume_compatible(saved_cfg, cfg, run_dir)
+    if is_main:
+        _check_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_run_dir(run_dir, is_main, log)
+    try:
+        return _train_locked(cfg, run_dir, progress=progress, log=log)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: Config, run_dir: Path, *, progress: bool,
+                  log: Callable[[str], None]) -> RunResult:
+    is_main = jax.process_index() == 0
     members = cfg.sweep_configs()
     dirs = member_dirs(cfg, run_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        if cfg.sweep is not None:  # each SAE's directory reads like a run of its own
-            for member, directory in zip(members, dirs, strict=True):
-                directory.mkdir(parents=True, exist_ok=True)
-                (directory / "config.yaml").write_text(member.to_yaml())
 
     # -- data -------------------------------------------------------------------------------
     data_path = Path(cfg.data.path)
@@ -378,47 +380,101 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         if jax.process_count() > 1:  # every process passes here; the others wait for the data
             multihost_utils.sync_global_devices("jaxsae-generate-data")
     source = open_source(cfg.data)
-    n_train = source.n_tokens - cfg.data.eval_tokens
+    held_out = cfg.data.held_out(source.n_tokens)
+    n_train = source.n_tokens - held_out
     if n_train < cfg.optim.batch_size:
         raise DataError(
             f"{data_path}: {source.n_tokens} tokens leave {max(n_train, 0)} for training after "
-            f"data.eval_tokens ({cfg.data.eval_tokens}); need at least optim.batch_size "
+            f"data.eval_tokens ({held_out}); need at least optim.batch_size "
             f"({cfg.optim.batch_size})"
         )
-    if resume_step is not None:
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    try:
+        for path in ckpt.set_aside:
+            log(f"{path.with_suffix('')}: incomplete checkpoint (no {COMMIT_MARKER}), moved to "
+                f"{path}")
+        state, built, stats, loader = _run_loop(cfg, ckpt, source, n_train, run_dir, members,
+                                                dirs, progress=progress, log=log)
+    except BaseException:
+        _close_quietly(ckpt)  # the error in flight says what went wrong, not a late save
+        raise
+    ckpt.close()  # waits for the last save: a failed one is this run's error
+    if cfg.optim.skip_nonfinite:
+        skipped = np.asarray(state.nonfinite_steps).tolist()
+        log(f"skipped {skipped} steps with a non-finite loss or gradient"
+            + (" (per SAE of the sweep)" if cfg.sweep is not None else ""))
+    if stats.drop_above is not None:
+        log(f"data: dropped {loader.dropped} tokens with norm > {stats.drop_above:.4g} "
+            "in the windows read by this process")
+
+    # -- export + evaluation -------------------------------------------------------------
+    total = cfg.optim.total_steps
+    params = jax.device_get(state.params)
+    truth = _ground_truth(cfg, source)
+    results = []
+    for i, (member, directory) in enumerate(zip(members, dirs, strict=True)):
+        metrics = finalise(built.member_params(params, i), member, source, n_train,
+                           directory / "sae" if is_main else None, stats=stats, truth=truth)
+        if is_main:
+            atomic_write(directory / "eval.json", json_text(metrics))
+        results.append(RunResult(run_dir=directory, sae_dir=directory / "sae", step=total,
+                                 eval=metrics))
+    if cfg.sweep is None:
+        return results[0]
+    if is_main:
+        _write_sweep_table(run_dir / "sweep.csv", cfg, members, results)
+    return RunResult(run_dir=run_dir, sae_dir=run_dir / "sweep", step=total, eval={},
+                     sweep=tuple(results))
+
+
+def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Path,
+              members: list[Config], dirs: list[Path], *, progress: bool,
+              log: Callable[[str], None]) -> tuple[TrainState, Built, DataStats, Loader]:
+    """restore (or init) -> the loop; returns the final state and what produced it."""
+    is_main = jax.process_index() == 0
+
+    # -- restore: the newest checkpoint that restores whole, else a fresh start ---------------
+    # mesh -> abstract init -> shardings -> step are built once the input scale is known (it
+    # is saved with the checkpoint, or estimated from the data for a fresh start).
+    builds: dict[float, Built] = {}
+
+    def built_for(stats: DataStats) -> Built:
+        if stats.scale not in builds:
+            builds[stats.scale] = build(cfg, source.d_in, input_scale=stats.scale)
+        return builds[stats.scale]
+
+    def abstract_for(loader_state: dict, saved_cfg: Config):
+        check_resume_compatible(saved_cfg, cfg, run_dir)
         _check_loader_state(loader_state, cfg, source, n_train, run_dir)
+        built = built_for(DataStats.from_dict(loader_state["data_stats"]))
+        return abstract_with_shardings(built.abstract, built.state_sharding)
+
+    restored = ckpt.restore_newest(abstract_for, log)
+    if restored is not None:
+        loader_state = restored.loader
         stats = DataStats.from_dict(loader_state["data_stats"])
+        built, state = built_for(stats), restored.state
+        start = int(np.max(jax.device_get(state.step)))  # a sweep: one step per SAE, all equal
+        log(f"resuming {run_dir} from step {start}")
     else:
+        loader_state, start = None, 0
         stats = estimate_stats(source, n_train, cfg.data)
+        built = built_for(stats)
+        state = built.init(_start_params(cfg, source.d_in, stats, log))
     if stats.drop_above is not None or stats.scale != 1.0:
         log(f"data: median token norm {stats.median_norm:.4g}"
             + (f", dropping tokens with norm > {stats.drop_above:.4g}" if stats.drop_above else "")
             + (f", input scale {stats.scale:.4g}" if stats.scale != 1.0 else ""))
-
-    # -- mesh -> abstract init -> shardings -> step; materialise --------------------------
-    built = build(cfg, source.d_in, input_scale=stats.scale)
-    start_params = None
-    if cfg.init_from is not None and resume_step is None:
-        start_params = export.initial_params(cfg.init_from, cfg.sae, source.d_in, stats.scale)
-        if cfg.sae.decoder_norm == "unit":
-            norms = np.linalg.norm(start_params["W_dec"], axis=1)
-            if not np.allclose(norms, 1.0, atol=1e-3):
-                raise ConfigError(f"init_from: {cfg.init_from} has decoder rows of norm "
-                                  f"{norms.min():.3g}..{norms.max():.3g}; use "
-                                  "sae.decoder_norm: free (unit would rescale them)")
-        log(f"starting from {cfg.init_from}")
-    state = built.init(start_params)
-
-    # -- restore ----------------------------------------------------------------------------
-    start = 0
-    if resume_step is not None:
-        state = ckpt.restore_state(
-            resume_step, abstract_with_shardings(built.abstract, built.state_sharding))
-        start = int(np.max(jax.device_get(state.step)))  # a sweep: one step per SAE, all equal
-        log(f"resuming {run_dir} from step {start}")
-        if is_main:
-            for directory in dirs:
-                _truncate_metrics(directory / "metrics.jsonl", start)
+    if is_main:
+        atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+        for member, directory in zip(members, dirs, strict=True):
+            if cfg.sweep is not None:  # each SAE's directory reads like a run of its own
+                directory.mkdir(parents=True, exist_ok=True)
+                atomic_write(directory / "config.yaml", member.to_yaml())
+            # metrics.jsonl reads like one run: lines logged after the checkpoint (or, for a
+            # fresh start, by an attempt killed before its first checkpoint) are dropped.
+            _truncate_metrics(directory / "metrics.jsonl", start)
 
     # -- loop -------------------------------------------------------------------------------
     total = cfg.optim.total_steps
@@ -430,10 +486,9 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     try:
         loader = Loader(source, batch_size=batch_size, buffer_tokens=cfg.data.shuffle_buffer,
                         seed=cfg.data.seed, stop=n_train, lanes=cfg.data.lanes,
-                        owned_lanes=owned, keep=stats.keep_fn(),
-                        position=loader_state if resume_step is not None else None)
+                        owned_lanes=owned, keep=stats.keep_fn(), position=loader_state)
     except ValueError as e:
-        raise DataError(f"{data_path}: {e} (fewer data.lanes would fit)") from None
+        raise DataError(f"{cfg.data.path}: {e} (fewer data.lanes would fit)") from None
     global_shape = (batch_size, source.d_in)
 
     def to_devices(item):  # each process hands over only its rows of the global batch
@@ -448,10 +503,9 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         saved = {**_gather_positions(position), "data_stats": stats.to_dict()}
         ckpt.save(step, state, saved, cfg)
 
-    metrics_files = ([open(d / "metrics.jsonl", "a") for d in dirs]  # noqa: SIM115
-                     if is_main else [])
-    bar = tqdm(total=total, initial=start, unit="step", desc=cfg.name,
-               disable=not (progress and is_main), dynamic_ncols=True)
+    metrics_files = [AppendLog(d / "metrics.jsonl") for d in dirs] if is_main else []
+    bar = Progress(total, initial=start, unit="step", desc=cfg.name,
+                   enabled=progress and is_main)
     stop_signal = _SignalFlag()
     logger = _MetricLogger(metrics_files, bar, cfg, start, loader)
     pending = None  # (step, device metrics) of the previous step: read one step late
@@ -487,32 +541,60 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         bar.close()
         for file in metrics_files:
             file.close()
-        ckpt.close()
-    if cfg.optim.skip_nonfinite:
-        skipped = np.asarray(state.nonfinite_steps).tolist()
-        log(f"skipped {skipped} steps with a non-finite loss or gradient"
-            + (" (per SAE of the sweep)" if cfg.sweep is not None else ""))
-    if stats.drop_above is not None:
-        log(f"data: dropped {loader.dropped} tokens with norm > {stats.drop_above:.4g} "
-            "in the windows read by this process")
+    return state, built, stats, loader
 
-    # -- export + evaluation -------------------------------------------------------------
-    params = jax.device_get(state.params)
-    truth = _ground_truth(cfg, source)
-    results = []
-    for i, (member, directory) in enumerate(zip(members, dirs, strict=True)):
-        metrics = finalise(built.member_params(params, i), member, source, n_train,
-                           directory / "sae" if is_main else None, stats=stats, truth=truth)
-        if is_main:
-            (directory / "eval.json").write_text(json.dumps(metrics, indent=1))
-        results.append(RunResult(run_dir=directory, sae_dir=directory / "sae", step=total,
-                                 eval=metrics))
-    if cfg.sweep is None:
-        return results[0]
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuses a run directory that is a file, or a directory jaxsae did not make (a run, a
+    sweep, an import): training adds files there and must not mix them with someone else's."""
+    where = f"run_dir {run_dir}"
+    if run_dir.is_file() or (run_dir.exists() and not run_dir.is_dir()):
+        raise ConfigError(f"{where}: is a file; give a directory (or set name:)")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    ours = ("config.yaml", "checkpoints", "metrics.jsonl", LOCK_FILE, outputs.MARKER)
+    if not any((run_dir / name).exists() for name in ours):
+        raise ConfigError(f"{where}: exists and is not a jaxsae run directory (no config.yaml "
+                          "or checkpoints/); choose another name or run_dir")
+
+
+def _lock_run_dir(run_dir: Path, is_main: bool, log: Callable[[str], None]) -> RunLock:
+    """The run directory's lock, taken by process 0 for all processes of a run."""
+    lock, refused = RunLock(run_dir, log), None
     if is_main:
-        _write_sweep_table(run_dir / "sweep.csv", cfg, members, results)
-    return RunResult(run_dir=run_dir, sae_dir=run_dir / "sweep", step=total, eval={},
-                     sweep=tuple(results))
+        try:
+            lock.acquire()
+        except RunLocked as e:
+            refused = e
+    if jax.process_count() > 1:
+        held = bool(multihost_utils.broadcast_one_to_all(np.asarray(refused is None)))
+        if not held and refused is None:
+            refused = RunLocked(f"{run_dir}: another jaxsae process is training here (see "
+                                "process 0)")
+    if refused is not None:
+        raise refused
+    return lock
+
+
+def _start_params(cfg: Config, d_in: int, stats: DataStats,
+                  log: Callable[[str], None]) -> sae.Params | None:
+    """The parameters of init_from (None: a random init from the seed)."""
+    if cfg.init_from is None:
+        return None
+    params = export.initial_params(cfg.init_from, cfg.sae, d_in, stats.scale)
+    if cfg.sae.decoder_norm == "unit":
+        norms = np.linalg.norm(params["W_dec"], axis=1)
+        if not np.allclose(norms, 1.0, atol=1e-3):
+            raise ConfigError(f"init_from: {cfg.init_from} has decoder rows of norm "
+                              f"{norms.min():.3g}..{norms.max():.3g}; use "
+                              "sae.decoder_norm: free (unit would rescale them)")
+    log(f"starting from {cfg.init_from}")
+    return params
+
+
+def _close_quietly(ckpt: Checkpointer) -> None:
+    with contextlib.suppress(Exception):
+        ckpt.close()
 
 
 SWEEP_TABLE_METRICS = ("l0", "mse", "explained_variance", "dead_fraction")
@@ -546,13 +628,15 @@ def _ground_truth(cfg: Config, source) -> synthetic.Truth | None:
 
 def finalise(params: sae.Params, cfg: Config, source, n_train: int,
              out: Path | None, *, stats: DataStats | None = None, dtype: str = "float32",
-             truth: synthetic.Truth | None = None) -> dict[str, Any]:
+             truth: synthetic.Truth | None = None, overwrite: bool = False,
+             inputs: tuple = ()) -> dict[str, Any]:
     """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
     last training tokens) in raw units, leaving out the tokens training dropped
     (data.drop_norm_above) — with the ground-truth metrics when `truth` is given (see
     _ground_truth) — and exports to `out`."""
     params = sae.fold_input_scale(params, 1.0 if stats is None else stats.scale)
-    eval_start = n_train if cfg.data.eval_tokens else max(0, n_train - 65536)
+    held_out = source.n_tokens > n_train
+    eval_start = n_train if held_out else max(0, n_train - 65536)
     keep = None if stats is None else stats.keep_fn()
     dropped = 0
 
@@ -568,7 +652,7 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
 
     metrics = evaluate.reconstruction_metrics(params, cfg.sae, blocks())
     frequency = metrics.pop("firing_frequency")
-    metrics["held_out"] = bool(cfg.data.eval_tokens)
+    metrics["held_out"] = held_out
     if keep is not None:
         metrics["dropped_tokens"] = dropped
     if truth is not None:
@@ -582,49 +666,93 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
                       **_source_metadata(source)},
             training={"run": cfg.name, "steps": cfg.optim.total_steps,
                       "tokens": cfg.optim.total_steps * cfg.optim.batch_size,
-                      "drop_norm_above": cfg.data.drop_norm_above},
+                      "drop_norm_above": cfg.data.drop_norm_above,
+                      "loss": [t.to_dict() for t in cfg.loss],
+                      "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size}},
+            overwrite=overwrite, inputs=inputs,
         )
     return metrics
 
 
 def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,
-                      dtype: str = "float32", data: str | None = None) -> Path:
+                      dtype: str = "float32", data: str | None = None, overwrite: bool = False,
+                      log: Callable[[str], None] = print) -> Path:
     """Exports a checkpointed SAE (a run directory or its checkpoints/) in SAELens layout to
-    `out`; a sweep's SAEs go to out/sweep/<i>/."""
+    `out`; a sweep's SAEs go to out/sweep/<i>/. Without `step`, the newest checkpoint that
+    restores: a damaged one is skipped with a message (and set aside as `<step>.corrupt`
+    unless a training process holds the run)."""
     path = Path(path)
     directory = path if path.name == "checkpoints" else path / "checkpoints"
     if not directory.is_dir():
         raise JaxsaeError(f"{path}: no checkpoints/ directory (expected a run directory)")
-    ckpt = Checkpointer(directory, CheckpointConfig())
+    run_dir = directory.parent
+    lock = RunLock(run_dir, log)
+    try:  # holding the lock (no training in progress), export may tidy the run directory
+        lock.acquire()
+        read_only = False
+    except (RunLocked, OSError):
+        read_only = True
     try:
-        steps = ckpt.manager.all_steps()
-        if not steps:
-            raise JaxsaeError(f"{directory}: no complete checkpoint")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise JaxsaeError(f"--step {step}: no such checkpoint in {directory} "
-                              f"(available: {', '.join(map(str, sorted(steps)))})")
-        loader_state, cfg = ckpt.restore_meta(step)
+        restored, cfg, built, source = _restore_for_export(directory, step, data, read_only,
+                                                           log)
+    finally:
+        lock.release()
+    n_train = max(source.n_tokens - cfg.data.held_out(source.n_tokens), 0)
+    stats = DataStats.from_dict(restored.loader["data_stats"])
+    params = jax.device_get(restored.state.params)
+    truth = _ground_truth(cfg, source)
+    inputs = (run_dir, cfg.data.path)
+    if cfg.sweep is None:
+        finalise(params, built.members[0], source, n_train, Path(out), stats=stats,
+                 dtype=dtype, truth=truth, overwrite=overwrite, inputs=inputs)
+        return Path(out)
+    # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
+    with outputs.staged_directory(out, "sweep-export", overwrite=overwrite,
+                                  inputs=inputs) as staging:
+        for i, (member, member_dir) in enumerate(
+                zip(built.members, member_dirs(cfg, staging), strict=True)):
+            finalise(built.member_params(params, i), member, source, n_train, member_dir,
+                     stats=stats, dtype=dtype, truth=truth)
+    return Path(out)
+
+
+def _restore_for_export(directory: Path, step: int | None, data: str | None, read_only: bool,
+                        log: Callable[[str], None]) -> tuple[Restored, Config, Built, Any]:
+    """The checkpoint to export (restored onto one device, whatever mesh the run used), its
+    config (data.path replaced by `data`), the build it restored into, and the data."""
+    ckpt = Checkpointer(directory, CheckpointConfig(), read_only=read_only)
+    found: dict[str, Any] = {}
+
+    def abstract_for(loader_state: dict, cfg: Config):
         if data is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
         source = open_source(cfg.data)
-        # Restore onto one device, whatever mesh the run used.
         one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, model=1))
         built = build(one, source.d_in, jax.devices()[:1])
-        state = ckpt.restore_state(
-            step, abstract_with_shardings(built.abstract, built.state_sharding))
+        found.update(cfg=cfg, built=built, source=source)
+        return abstract_with_shardings(built.abstract, built.state_sharding)
+
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise JaxsaeError(f"{directory}: no complete checkpoint")
+        if step is None:
+            restored = ckpt.restore_newest(abstract_for, log)
+            if restored is None:
+                raise CheckpointError(f"{directory}: no checkpoint restores (each one skipped "
+                                      "is named above)")
+        elif step not in steps:
+            raise JaxsaeError(f"--step {step}: no such checkpoint in {directory} "
+                              f"(available: {', '.join(map(str, steps))})")
+        else:
+            try:
+                loader_state, cfg = ckpt.restore_meta(step)
+                restored = ckpt.restore(step, abstract_for(loader_state, cfg))
+            except CorruptCheckpoint as e:
+                raise CheckpointError(f"{directory}: {e}") from None
     finally:
         ckpt.close()
-    n_train = max(source.n_tokens - cfg.data.eval_tokens, 0)
-    stats = DataStats.from_dict(loader_state["data_stats"])
-    params = jax.device_get(state.params)
-    truth = _ground_truth(cfg, source)
-    # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
-    for i, (member, directory) in enumerate(
-            zip(built.members, member_dirs(cfg, Path(out)), strict=True)):
-        finalise(built.member_params(params, i), member, source, n_train, directory,
-                 stats=stats, dtype=dtype, truth=truth)
-    return Path(out)
+    return restored, found["cfg"], found["built"], found["source"]
 
 
 def _source_metadata(source) -> dict[str, Any]:
@@ -676,7 +804,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut by a kill
-    path.write_text("".join(k + "\n" for k in kept))
+    atomic_write(path, "".join(k + "\n" for k in kept))
 
 
 class _MetricLogger:
@@ -714,7 +842,8 @@ class _MetricLogger:
             return
         tokens_per_s = (done - self.last_step) * self.cfg.optim.batch_size / (now - self.last_time)
         self.last_time, self.last_step = now, done
-        self.bar.set_postfix(_postfix(tokens_per_s, hosts), refresh=False)
+        self.bar.set_postfix(_postfix(done * self.cfg.optim.batch_size, tokens_per_s, hosts),
+                             refresh=False)
         for host, file in zip(hosts, self.files, strict=False):  # no files: not process 0
             if not self.cfg.optim.skip_nonfinite:
                 host.pop("skipped_steps")
@@ -722,14 +851,12 @@ class _MetricLogger:
                     "tokens_per_s": round(tokens_per_s, 1), **host}
             if self.cfg.data.drop_norm_above is not None:
                 line["dropped_tokens"] = self.loader.dropped
-            # NaN / inf (skipped steps) are written as null: strict JSON
-            line = {k: v if not isinstance(v, float) or math.isfinite(v) else None
-                    for k, v in line.items()}
-            file.write(json.dumps(line) + "\n")
-            file.flush()
+            # NaN / inf (skipped steps) are written as null: strict JSON. A line is written
+            # whole or not at all (disk full).
+            file.write_line(json_text(line, indent=None))
 
 
-def _postfix(tokens_per_s: float, hosts: list[dict]) -> dict[str, str]:
+def _postfix(tokens: int, tokens_per_s: float, hosts: list[dict]) -> dict[str, str]:
     """Progress-bar figures: the values of a single run, the range over a sweep's SAEs."""
 
     def show(key: str, fmt: str) -> str:
@@ -737,7 +864,8 @@ def _postfix(tokens_per_s: float, hosts: list[dict]) -> dict[str, str]:
         lo, hi = min(values), max(values)
         return format(lo, fmt) if lo == hi else f"{lo:{fmt}}..{hi:{fmt}}"
 
-    return {"tok/s": f"{tokens_per_s:,.0f}", "loss": show("loss", ".4g"),
+    return {"tokens": f"{tokens:,}", "tok/s": f"{tokens_per_s:,.0f}",
+            "loss": show("loss", ".4g"),
             "L0": show("l0", ".1f"), "EV": show("explained_variance", ".3f")}
 
 
@@ -755,8 +883,9 @@ class _SignalFlag:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr)
+        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step{again}",
+              file=sys.stderr)
 
     @property
     def raised(self) -> bool:

@@ -269,10 +269,43 @@ def test_load_without_b_dec_centring_folds_it_into_b_enc(tmp_path):
                                manual, atol=1e-5)
 
 
-def test_load_defaults_to_standard(tmp_path):
-    path = write_export(tmp_path / "sae", {"d_in": D_IN, "d_sae": D_SAE}, sae_lens_tensors())
-    loaded = load_sae(path)
-    assert loaded.sae.activation == "relu"
+@pytest.mark.parametrize(("cfg", "message"), [
+    ({"d_in": D_IN, "d_sae": D_SAE}, "missing 'architecture'"),
+    ({"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE}, "missing 'k'"),
+    ({"architecture": "topk", "k": D_SAE + 1, "d_in": D_IN, "d_sae": D_SAE}, "'k' must be"),
+    ({"architecture": "standard", "d_in": 0, "d_sae": D_SAE}, "'d_in' must be a positive"),
+    ({"architecture": "standard", "d_in": D_IN, "d_sae": True}, "'d_sae' must be a positive"),
+    ({"architecture": 3, "d_in": D_IN, "d_sae": D_SAE}, "unknown architecture 3"),
+])
+def test_load_refuses_an_incomplete_cfg(tmp_path, cfg, message):
+    path = write_export(tmp_path / "sae", cfg, sae_lens_tensors())
+    with pytest.raises(ExportError, match=message):
+        load_sae(path)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "not a text file"),
+    (b"[1, 2, 3]", "expected a JSON object, got a JSON list"),
+    (b'"standard"', "expected a JSON object, got a JSON str"),
+])
+def test_load_refuses_a_cfg_that_is_not_an_object(tmp_path, content, message):
+    path = exported(tmp_path)
+    (path / CFG_FILE).write_bytes(content)
+    with pytest.raises(ExportError, match=message):
+        load_sae(path)
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("W_dec", np.ones((D_SAE, D_IN), np.int32), "W_dec is int32, expected floating point"),
+    ("b_enc", np.full(D_SAE, np.nan, np.float32), "b_enc has 16 non-finite values"),
+    ("W_enc", np.where(np.eye(D_IN, D_SAE) > 0, np.inf, 0).astype(np.float32),
+     "W_enc has 6 non-finite values"),
+])
+def test_load_refuses_weights_that_are_not_finite_floats(tmp_path, name, value, message):
+    path = exported(tmp_path, "relu")
+    edit_weights(path, **{name: value})
+    with pytest.raises(ExportError, match=message):
+        load_sae(path)
 
 
 def exported(tmp_path, activation="jumprelu") -> Path:

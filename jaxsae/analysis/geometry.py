@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import export, sae
+from jaxsae import export, outputs, sae
 from jaxsae.analysis.stitch import max_cosine, unit_rows
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
@@ -35,6 +35,7 @@ from jaxsae.data.source import iter_blocks
 from jaxsae.errors import JaxsaeError
 from jaxsae.evaluate import DENSE_FREQUENCY
 from jaxsae.outputs import atomic_write, pyplot, save_figure, write_csv
+from jaxsae.progress import Progress
 
 BINS = 32
 
@@ -143,11 +144,11 @@ def _histogram_pass(params, x, top, cfg: SAEConfig):
 def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             cofire_tokens: int = 16384, batch_size: int = 4096, cluster_threshold: float = 0.7,
             neighbours: int = 5, top_pairs: int = 100, child_threshold: float = 0.9,
-            min_count: int = 10, hook: str | None = None, progress: bool = True
-            ) -> dict[str, Any]:
-    """Writes the analysis of `sae_dir` on the last `tokens` activations of `data` to `out`."""
-    from tqdm.auto import tqdm
-
+            min_count: int = 10, hook: str | None = None, progress: bool = True,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Writes the analysis of `sae_dir` on the last `tokens` activations of `data` to `out`
+    (staged, then renamed into place; see `outputs.check_target`)."""
+    outputs.check_target(out, "analyze", overwrite=overwrite, inputs=(sae_dir, data))
     loaded = export.load_sae(sae_dir)
     source = open_source(DataConfig(path=data, hook=hook))
     if source.d_in != loaded.d_in:
@@ -156,7 +157,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     start = max(0, source.n_tokens - tokens)
     n_tok = source.n_tokens - start
     n = loaded.params["W_dec"].shape[0]
-    bar = tqdm(total=2 * n_tok, unit="tok", unit_scale=True, disable=not progress,
+    bar = Progress(2 * n_tok, unit="tok", unit_scale=True, enabled=progress,
                desc="analyze")
 
     fires, top, total = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
@@ -214,24 +215,6 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     cluster_rows = [{"cluster": int(c), "size": int(sizes[c]),
                      "latents": ";".join(map(str, np.nonzero(clusters == c)[0]))} for c in big]
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "latents.csv", latents, list(latents[0]))
-    write_csv(out / "activation_histograms.csv",
-              [{"latent": k, "max_activation": float(top[k]),
-                **{f"bin{b}": int(hist[k, b]) for b in range(BINS)}} for k in range(n)],
-              ["latent", "max_activation", *(f"bin{b}" for b in range(BINS))])
-    write_csv(out / "cofiring_pairs.csv", pairs,
-              ["latent_a", "latent_b", "jaccard", "both", "fires_a", "fires_b"])
-    write_csv(out / "parent_child.csv", parents,
-              ["parent", "child", "p_parent_given_child", "lift", "child_fires",
-               "parent_fires"])
-    write_csv(out / "neighbours.csv",
-              [{"latent": k, "rank": r + 1, "neighbour": int(nb_idx[k, r]),
-                "cos": float(nb_cos[k, r])} for k in range(n) for r in range(nb_idx.shape[1])],
-              ["latent", "rank", "neighbour", "cos"])
-    write_csv(out / "clusters.csv", cluster_rows, ["cluster", "size", "latents"])
-
     summary = {
         "sae": str(sae_dir), "data": str(data), "tokens": n_tok, "cofire_tokens": seen,
         "d_sae": n, "l0": float(fires.sum() / n_tok),
@@ -244,9 +227,28 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         "cluster_threshold": cluster_threshold,
         "median_nearest_cos": float(np.median(nb_cos[:, 0])),
     }
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
-    _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, out)
-    atomic_write(out / "index.html", _index_html(summary, latents, pairs, parents, cluster_rows))
+    with outputs.staged_directory(out, "analyze", overwrite=overwrite,
+                                  inputs=(sae_dir, data)) as staging:
+        write_csv(staging / "latents.csv", latents, list(latents[0]))
+        write_csv(staging / "activation_histograms.csv",
+                  [{"latent": k, "max_activation": float(top[k]),
+                    **{f"bin{b}": int(hist[k, b]) for b in range(BINS)}} for k in range(n)],
+                  ["latent", "max_activation", *(f"bin{b}" for b in range(BINS))])
+        write_csv(staging / "cofiring_pairs.csv", pairs,
+                  ["latent_a", "latent_b", "jaccard", "both", "fires_a", "fires_b"])
+        write_csv(staging / "parent_child.csv", parents,
+                  ["parent", "child", "p_parent_given_child", "lift", "child_fires",
+                   "parent_fires"])
+        write_csv(staging / "neighbours.csv",
+                  [{"latent": k, "rank": r + 1, "neighbour": int(nb_idx[k, r]),
+                    "cos": float(nb_cos[k, r])}
+                   for k in range(n) for r in range(nb_idx.shape[1])],
+                  ["latent", "rank", "neighbour", "cos"])
+        write_csv(staging / "clusters.csv", cluster_rows, ["cluster", "size", "latents"])
+        atomic_write(staging / "summary.json", json.dumps(summary, indent=1))
+        _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, staging)
+        atomic_write(staging / "index.html",
+                     _index_html(summary, latents, pairs, parents, cluster_rows))
     return summary
 
 

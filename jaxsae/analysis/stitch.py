@@ -41,12 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import evaluate, export
+from jaxsae import evaluate, export, outputs
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.source import iter_blocks
 from jaxsae.errors import JaxsaeError
 from jaxsae.outputs import atomic_write, markdown_table, pyplot, save_figure, write_csv
+from jaxsae.progress import Progress
 
 THRESHOLD = 0.7
 
@@ -149,13 +150,15 @@ def _compare_block(small, large, x, buckets, small_cfg: SAEConfig, large_cfg: SA
 
 def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
             threshold: float = THRESHOLD, tokens: int = 65536, batch_size: int = 4096,
-            hook: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Writes stitch.csv, components.csv, summary.json / summary.md and two plots to `out`;
-    returns the summary."""
+            hook: str | None = None, progress: bool = True,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Writes stitch.csv, components.csv, summary.json / summary.md and two plots to `out`
+    (staged, then renamed into place; see `outputs.check_target`); returns the summary."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
-    from tqdm.auto import tqdm
 
+    inputs = (small_dir, large_dir, data)
+    outputs.check_target(out, "stitch-compare", overwrite=overwrite, inputs=inputs)
     small, large = _load_family([small_dir, large_dir])
     source, start, blocks = _eval_blocks(data, tokens, batch_size, hook)
     if source.d_in != small.d_in:
@@ -185,8 +188,8 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
     n = 0
     small_p = jax.tree.map(jnp.asarray, small.params)
     large_p = jax.tree.map(jnp.asarray, large.params)
-    bar = tqdm(total=source.n_tokens - start, unit="tok", unit_scale=True,
-               disable=not progress, desc="stitch compare")
+    bar = Progress(source.n_tokens - start, unit="tok", unit_scale=True, enabled=progress,
+                   desc="stitch compare")
     for x in blocks():
         s = jax.device_get(_compare_block(small_p, large_p, jnp.asarray(x, jnp.float32),
                                           device_buckets, small.sae, large.sae))
@@ -219,17 +222,17 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
             "delta_mse": float(swap[c]), "delta_l0": float(freq_l[l_m].sum() - freq_s[s_m].sum()),
         })
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "stitch.csv", rows, list(rows[0]))
-    write_csv(out / "components.csv", comp_rows,
-              ["component", "n_small", "n_large", "delta_mse", "delta_l0", "small_latents",
-               "large_latents"])
     summary = _compare_summary(rows, comp_rows, base_mse, n, small_dir, large_dir, threshold,
                                freq_s, freq_l)
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
-    atomic_write(out / "summary.md", _compare_markdown(summary))
-    _compare_plots(rows, threshold, out)
+    with outputs.staged_directory(out, "stitch-compare", overwrite=overwrite,
+                                  inputs=inputs) as staging:
+        write_csv(staging / "stitch.csv", rows, list(rows[0]))
+        write_csv(staging / "components.csv", comp_rows,
+                  ["component", "n_small", "n_large", "delta_mse", "delta_l0", "small_latents",
+                   "large_latents"])
+        atomic_write(staging / "summary.json", json.dumps(summary, indent=1))
+        atomic_write(staging / "summary.md", _compare_markdown(summary))
+        _compare_plots(rows, threshold, staging)
     return summary
 
 
@@ -337,42 +340,54 @@ def stitch_family(saes: Sequence[export.LoadedSAE], threshold: float = THRESHOLD
 def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                  threshold: float = THRESHOLD, retrain_decoder_tokens: int = 2_000_000,
                  tokens: int = 65536, batch_size: int = 4096, lr: float = 1e-3,
-                 hook: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                 hook: str | None = None, progress: bool = True,
+                 overwrite: bool = False) -> list[dict[str, Any]]:
     """Stitches the family, retrains its decoder on `data` (all but the last `tokens`, which
-    evaluate everything), exports to out/sae and writes frankenstein.csv / .md."""
+    evaluate everything), exports to out/sae and writes frankenstein.csv / .md.
+
+    Everything is written into `<out>.partial/` and renamed to `out` when complete; an
+    interrupted call leaves the partial directory, and the same call continues its decoder
+    retraining from the last checkpoint (a call with other inputs starts it afresh)."""
     from jaxsae.config import config_from_dict
     from jaxsae.train import train
 
     if len(sae_dirs) < 2:
         raise JaxsaeError("frankenstein needs a base SAE and at least one other")
+    out = Path(out).absolute()
+    inputs = (*sae_dirs, data)
+    outputs.check_target(out, "frankenstein", overwrite=overwrite, inputs=inputs)
     saes = _load_family(sae_dirs)
     params, cfg, gave = stitch_family(saes, threshold)
     source, start, blocks = _eval_blocks(data, tokens, batch_size, hook)
     if source.d_in != saes[0].d_in:
         raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAEs' {saes[0].d_in}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stitched = export.export_sae(params, cfg, out / "stitched",
+    key = {"saes": [str(Path(d).absolute()) for d in sae_dirs],
+           "data": str(Path(data).absolute()), "threshold": threshold, "tokens": tokens,
+           "batch_size": batch_size, "lr": lr, "hook": hook,
+           "retrain_decoder_tokens": retrain_decoder_tokens}
+    work = outputs.resumable_staging(out, "frankenstein", key)
+    stitched = export.export_sae(params, cfg, work / "stitched",
                                  metadata=saes[0].cfg_json.get("metadata", {}),
                                  training={"stitched_from": [str(d) for d in sae_dirs],
                                            "threshold": threshold})
     final = stitched
+    retrain = None
     if retrain_decoder_tokens > 0:
         frozen = ["W_enc", "b_enc", "b_dec"] + (["threshold"] if "threshold" in params else [])
-        run_cfg = config_from_dict({
-            "name": "frankenstein", "run_dir": str(out / "retrain"),
+        retrain = {
+            "name": "frankenstein", "run_dir": str(work / "retrain"),
             "init_from": str(stitched),
             "freeze": frozen,
-            "data": {"path": data, "hook": hook, "eval_tokens": source.n_tokens - start},
+            "data": {"path": str(Path(data).absolute()), "hook": hook,
+                     "eval_tokens": source.n_tokens - start},
             "sae": {"d_sae": cfg.d_sae, "activation": cfg.activation, "decoder_norm": "free"},
             "loss": [{"term": "mse"}],
             "optim": {"lr": lr, "batch_size": batch_size,
-                      "total_tokens": retrain_decoder_tokens, "warmup_steps": 10},
-        })
-        final = train(run_cfg, progress=progress).sae_dir
-    if (out / "sae").exists():
-        shutil.rmtree(out / "sae")
-    shutil.copytree(final, out / "sae")
+                      "total_tokens": retrain_decoder_tokens},
+        }
+        final = train(config_from_dict(retrain), progress=progress).sae_dir
+    shutil.rmtree(work / "sae", ignore_errors=True)  # from an interrupted call: redone
+    shutil.copytree(final, work / "sae")
 
     rows = []
     named = [*((str(d), s) for d, s in zip(sae_dirs, saes, strict=True)),
@@ -385,13 +400,18 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                      "architecture": loaded.cfg_json["architecture"], "l0": m["l0"],
                      "mse": m["mse"], "explained_variance": m["explained_variance"]})
     columns = ["sae", "d_sae", "architecture", "l0", "mse", "explained_variance"]
-    write_csv(out / "frankenstein.csv", rows, columns)
+    write_csv(work / "frankenstein.csv", rows, columns)
     by_width = sorted(zip(sae_dirs, saes, strict=True), key=lambda ds: ds[1].sae.d_sae)
     gave_rows = [{"sae": str(d), **g} for (d, _), g in zip(by_width, gave, strict=True)]
-    atomic_write(out / "frankenstein.md", "\n".join([
+    atomic_write(work / "frankenstein.md", "\n".join([
         f"# Frankenstein SAE ({cfg.d_sae} latents, threshold {threshold})", "",
         "Latents taken from each SAE of the family (widest last):", "",
         *markdown_table(gave_rows, ["sae", "d_sae", "added"]), "",
         f"Evaluated on the last {source.n_tokens - start} tokens of {data}:", "",
         *markdown_table(rows, columns), ""]))
+    if retrain is not None:  # the run directory's own config names where it ends up
+        retrain["run_dir"] = str(out / "retrain")
+        retrain_config = work / "retrain" / "config.yaml"
+        atomic_write(retrain_config, config_from_dict(retrain).to_yaml())
+    outputs.publish(work, out, "frankenstein", overwrite=overwrite, inputs=inputs)
     return rows

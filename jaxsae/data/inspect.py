@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxsae.config import DataConfig
 from jaxsae.data import detect_format, open_source
 from jaxsae.errors import DataError
+from jaxsae.progress import Progress
 
 _SAMPLE = 1 << 20  # norms kept for the quantiles (an evenly strided sample of all tokens)
 
@@ -28,8 +28,8 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
     total = total_sq = 0.0
     low, high = np.inf, 0.0
     sample = []
-    bar = tqdm(total=source.n_tokens, unit="tok", unit_scale=True, desc="inspect",
-               disable=not progress)
+    bar = Progress(source.n_tokens, unit="tok", unit_scale=True, desc="inspect",
+                   enabled=progress)
     seen = 0
     dtypes = {np.dtype(array.dtype).name for array in source.arrays}
     for _, block in source.scan(block_tokens):

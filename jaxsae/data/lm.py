@@ -1,4 +1,4 @@
-"""Activations from a Hugging Face causal language model (optional extra `lm`: torch + transformers).
+"""Activations from a Hugging Face causal language model (extra `lm`: torch + transformers).
 
 `cache()` (the `jaxsae cache` command) tokenises text files, runs the model only as far as the hook
 and writes the activations as a jaxsae shard set. The model is a Hugging Face model directory, a
@@ -17,6 +17,8 @@ entry of that tuple is the output of the final norm, not the residual stream.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
 import re
@@ -31,6 +33,7 @@ import numpy as np
 
 from jaxsae.data.shards import DTYPES, ShardWriter, is_shard_dir, read_manifest
 from jaxsae.errors import DataError, JaxsaeError, require_at_least
+from jaxsae.progress import Progress
 
 HOOK_POINTS = ("resid_post", "resid_pre")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -110,6 +113,8 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
         raise JaxsaeError(f"--model {name}: expected a model directory, a hub name or a .gguf file")
     else:
         where = name
+    # transformers' bars are carriage-return streams: shown on a terminal only.
+    progress = progress and sys.stderr.isatty()
     if progress:
         transformers.utils.logging.enable_progress_bar()
     else:
@@ -123,8 +128,9 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
         if context is not None and longest is not None and context > longest:
             raise JaxsaeError(f"--context {context}: {name} takes at most {longest} positions")
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            where, dtype=getattr(torch, dtype), **kwargs)
+        with _gguf_bar(progress):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                where, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise JaxsaeError(f"--model {name}: cannot load it ({reason})") from None
@@ -134,6 +140,27 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
     if truncate and layer is not None:
         del blocks[layer + 1 :]
     return LanguageModel(name, model, tokenizer, blocks, n_layers, torch.device(device))
+
+
+@contextmanager
+def _gguf_bar(enabled: bool):
+    """transformers' GGUF loader draws its own tqdm bar ("Converting and de-quantizing"),
+    which ignores transformers' progress setting: off unless `enabled`."""
+    import importlib
+
+    try:
+        module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        module = None
+    if enabled or module is None or not hasattr(module, "tqdm"):
+        yield
+        return
+    original = module.tqdm
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
 
 
 def _text_config(config):
@@ -222,11 +249,9 @@ def capture(lm: LanguageModel, layer: int, point: str, ids: np.ndarray) -> np.nd
         box["x"] = x
         raise _Captured
 
-    with hooked(lm, layer, point, grab), torch.inference_mode():
-        try:
-            lm.model(input_ids=torch.as_tensor(ids, device=lm.device), use_cache=False)
-        except _Captured:
-            pass
+    with hooked(lm, layer, point, grab), torch.inference_mode(), \
+            contextlib.suppress(_Captured):
+        lm.model(input_ids=torch.as_tensor(ids, device=lm.device), use_cache=False)
     return box["x"].float().cpu().numpy()
 
 
@@ -301,8 +326,6 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
 
     Resumable: an interrupted run leaves `<out>.partial/`, and the same call continues from its
     last complete shard and writes exactly what an uninterrupted run would have written."""
-    from tqdm.auto import tqdm
-
     if hook not in HOOK_POINTS:
         raise JaxsaeError(f"--hook must be one of {', '.join(HOOK_POINTS)}, got {hook!r}")
     if dtype not in DTYPES:
@@ -337,7 +360,7 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
         windows = itertools.islice(token_windows(lm, files, context), done // per_window,
                                    math.ceil(tokens / per_window))
         skip = done % per_window  # rows of the first window already in a complete shard
-        bar = tqdm(total=tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
+        bar = Progress(tokens, initial=done, unit="tok", unit_scale=True, enabled=progress,
                    desc=f"caching {hook_name(layer, hook)}")
         with bar:
             for ids in batched(windows, batch_size):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxsae import tensorfile
+from jaxsae import outputs, tensorfile
 from jaxsae.data.source import ArraySource
 from jaxsae.errors import DataError
 
@@ -142,7 +143,8 @@ def _map(file, offset, shape, dtype, fortran, entry, manifest) -> np.ndarray:
             f"[n_tokens={entry.n_tokens}, d_in={manifest.d_in}]"
         )
     if np.dtype(dtype) != DTYPES[manifest.dtype]:
-        raise DataError(f"{file}: dtype {np.dtype(dtype).name} but the manifest says {manifest.dtype}")
+        raise DataError(f"{file}: dtype {np.dtype(dtype).name} but the manifest says "
+                        f"{manifest.dtype}")
     if fortran:
         raise DataError(f"{file}: Fortran-ordered arrays are not supported")
     need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -217,8 +219,11 @@ class ShardWriter:
         if file_type == "npy" and dtype == "bfloat16":
             raise DataError("bfloat16 shards must be written as safetensors (.npy has no bfloat16)")
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise DataError(f"{self.out}: already exists (remove it or choose another --out)")
+        self.overwrite = overwrite
+        if (self.out.exists() or self.out.is_symlink()) and not overwrite:
+            raise DataError(f"{self.out}: already exists (choose another --out, or pass "
+                            "--overwrite to replace it)")
+        outputs.check_target(self.out, "shards", overwrite=overwrite)
         self.staging = self.out.with_name(self.out.name + ".partial")
         self.d_in, self.dtype, self.file_type = d_in, dtype, file_type
         self.shard_tokens = shard_tokens
@@ -226,7 +231,7 @@ class ShardWriter:
         self.resume_key = None if resume_key is None else json.loads(json.dumps(resume_key))
         self.entries: list[ShardEntry] = self._resumed_entries()
         if not self.entries:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            self._clear_staging()
             self.staging.mkdir(parents=True)
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
@@ -238,8 +243,21 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        elif self.resume_key is None:
+        elif self.resume_key is None and self.staging.is_dir():
             shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _clear_staging(self) -> None:
+        """Removes what an earlier writer left in the staging directory, and nothing else: a
+        directory of that name holding other files is refused."""
+        if not (self.staging.exists() or self.staging.is_symlink()):
+            return
+        ours = re.compile(r"shard-\d+\.(npy|safetensors)|truth\.(json|safetensors)|"
+                          rf"{re.escape(PROGRESS)}(\.tmp)?|{re.escape(MANIFEST)}")
+        if not self.staging.is_dir() or self.staging.is_symlink() or any(
+                not ours.fullmatch(p.name) for p in self.staging.iterdir()):
+            raise DataError(f"{self.staging}: exists and is not an interrupted jaxsae shard "
+                            "write; move it away")
+        shutil.rmtree(self.staging)
 
     def _resumed_entries(self) -> list[ShardEntry]:
         """The complete shards of an interrupted write with the same resume key, if any."""
@@ -301,7 +319,6 @@ class ShardWriter:
         manifest = Manifest(self.d_in, self.dtype, tuple(self.entries), self.source)
         (self.staging / PROGRESS).unlink(missing_ok=True)
         (self.staging / MANIFEST).write_text(manifest.to_json())
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.staging, self.out)
+        outputs.check_target(self.out, "shards", overwrite=self.overwrite)
+        outputs.replace_directory(self.staging, self.out)
         return self.out

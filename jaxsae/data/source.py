@@ -68,6 +68,11 @@ class ArraySource:
                                     f"({len(rows)} rows in this block)")
                 yield name, block
 
+    def locate(self, token: int) -> tuple[str, int]:
+        """(file name, row in that file) of global token index `token`."""
+        i = int(np.searchsorted(self.offsets, token, side="right")) - 1
+        return self.names[i], token - int(self.offsets[i])
+
     def check_finite(self, rows_per_read: int = 65536) -> None:
         """Refuses NaN / inf, naming the file and the first bad row range (one full read)."""
         for _ in self.scan(rows_per_read):
@@ -76,7 +81,20 @@ class ArraySource:
 
 def iter_blocks(source: TokenSource, block_tokens: int, start: int = 0,
                 stop: int | None = None) -> Iterator[np.ndarray]:
-    """Contiguous float32 blocks of tokens [start, stop) in order (for evaluation passes)."""
+    """Contiguous float32 blocks of tokens [start, stop) in order (for evaluation passes).
+    A block with NaN / inf is refused, naming the file and rows: a metric computed over it
+    would be NaN, not a measurement."""
     stop = source.n_tokens if stop is None else stop
     for lo in range(start, stop, block_tokens):
-        yield source.read(lo, min(lo + block_tokens, stop))
+        block = source.read(lo, min(lo + block_tokens, stop))
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            first, last = (int(np.flatnonzero(bad)[i]) + lo for i in (0, -1))
+            if isinstance(source, ArraySource):
+                (name, row), (last_name, last_row) = source.locate(first), source.locate(last)
+                rows = f"rows {row}..{last_row}" if last_name == name else f"from row {row}"
+            else:
+                name, rows = "data", f"tokens {first}..{last}"
+            raise DataError(f"{name}: non-finite values (NaN or inf) in {rows} "
+                            f"({int(bad.sum())} tokens of the ones evaluated)")
+        yield block

@@ -24,11 +24,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import ndtri
-from tqdm.auto import tqdm
 
 from jaxsae import tensorfile
 from jaxsae.data.shards import ShardWriter
 from jaxsae.errors import ConfigError, DataError
+from jaxsae.progress import Progress
 
 TRUTH_TENSORS = "truth.safetensors"
 TRUTH_JSON = "truth.json"
@@ -332,8 +332,8 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
     with ShardWriter(out, spec.d_in, dtype=spec.dtype, shard_tokens=spec.shard_tokens,
                      source={k: v for k, v in source.items() if k != "parent"},
                      overwrite=overwrite) as writer:
-        bar = tqdm(total=spec.tokens, unit="tok", unit_scale=True, desc=f"synth {spec.kind}",
-                   disable=not progress)
+        bar = Progress(spec.tokens, unit="tok", unit_scale=True, desc=f"synth {spec.kind}",
+                       enabled=progress)
         for i, lo in enumerate(range(0, spec.tokens, BLOCK_TOKENS)):
             n = min(BLOCK_TOKENS, spec.tokens - lo)
             writer.write(_block_codes(spec, truth, i, n) @ directions)
@@ -420,6 +420,25 @@ class Truth:
     def directions(self) -> np.ndarray:
         return self.arrays["directions"]
 
+    def check_data(self, source: Any, truth_path: str | Path, data_path: str | Path) -> None:
+        """Refuses data that was not generated from this truth (its manifest records the
+        generator and spec it was written with): metrics against another data set's truth
+        would be numbers about nothing."""
+        written = getattr(getattr(source, "manifest", None), "source", None) or {}
+        where = f"--truth {truth_path}"
+        if written.get("generator") is None:
+            raise DataError(f"{where}: {data_path} was not written by `jaxsae synth` (its "
+                            "manifest names no generator), so it cannot be checked against "
+                            "this truth")
+        fields = [f.name for f in dataclasses.fields(self.spec)]
+        differ = [f for f in fields if written.get(f) != _spec_dict(self.spec)[f]]
+        if written["generator"] != self.spec.kind or differ:
+            what = (f"generator {written['generator']!r}, not {self.spec.kind!r}"
+                    if written["generator"] != self.spec.kind
+                    else "other " + ", ".join(differ))
+            raise DataError(f"{where}: is not the truth of {data_path} (the data was generated "
+                            f"with {what}); pass the data's own directory as --truth")
+
     def codes(self, start: int, stop: int, *, progress: bool = False) -> np.ndarray:
         """[stop - start, n_features] the true feature activations of tokens [start, stop),
         regenerated from the seed (float32, exactly what the shards were built from)."""
@@ -427,11 +446,14 @@ class Truth:
             raise ValueError(f"tokens [{start}, {stop}) outside the {self.spec.tokens} written")
         parts = []
         first, last = start // BLOCK_TOKENS, -(-stop // BLOCK_TOKENS)
-        for block in tqdm(range(first, last), desc="true codes", disable=not progress):
+        bar = Progress(last - first, desc="true codes", unit="block", enabled=progress)
+        for block in range(first, last):
+            bar.update()
             lo = block * BLOCK_TOKENS
             n = min(BLOCK_TOKENS, self.spec.tokens - lo)
             codes = _block_codes(self.spec, self.arrays, block, n)
             parts.append(codes[max(start - lo, 0): min(stop - lo, n)])
+        bar.close()
         if not parts:
             return np.zeros((0, self.directions.shape[0]), np.float32)
         return np.concatenate(parts)

@@ -14,9 +14,9 @@ from jaxsae.data import lm as lm_data
 from jaxsae.data.shards import ShardSet
 
 
-def reference_windows(model_dir, texts, context):
+def reference_windows(model_dir, texts, context, **load):
     """The windows built by hand: each file tokenised whole, then EOS; BOS + context-1 tokens."""
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, **load)
     stream = []
     for f in [texts / "a.txt", texts / "docs" / "b.rst.txt"]:
         stream += tok(f.read_text(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -160,22 +160,140 @@ def test_shard_dtypes(tiny_model, texts, tmp_path, dtype):
                                atol=1e-2)
 
 
-def test_a_gguf_file_is_loaded_through_gguf_file(tiny_model, tmp_path, monkeypatch):
-    """`--model DIR/NAME.gguf` loads config, tokenizer and weights from DIR with gguf_file=NAME
-    (transformers dequantises it; the real SmolLM2 .gguf is used by real_activations.sh)."""
-    gguf = tmp_path / "tiny.Q4_1.gguf"
-    gguf.write_bytes(b"GGUF")
-    calls = []
-    for cls in (transformers.AutoConfig, transformers.AutoTokenizer,
-                transformers.AutoModelForCausalLM):
-        def spy(where, *, _load=cls.from_pretrained, _name=cls.__name__, gguf_file=None, **kw):
-            calls.append((_name, where, gguf_file))
-            return _load(tiny_model, **kw)
-        monkeypatch.setattr(cls, "from_pretrained", spy)
-    lm = lm_data.load_model(str(gguf), layer=1, progress=False)
-    calls = [c for c in calls if c[1] != tiny_model]  # not transformers' own inner calls
-    assert calls == [(name, str(tmp_path), gguf.name) for name in
-                     ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM")]
+# transformers' name for each matrix and norm of a Llama block -> llama.cpp's GGUF name.
+GGUF_BLOCK_TENSORS = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm"}
+
+
+def char_vocabulary(texts) -> list[str]:
+    """A SentencePiece-style vocabulary of single characters covering the text files (so no
+    merges and no unknown pieces): <unk>, <s>, </s>, then every character, a space spelt ▁."""
+    chars = set((texts / "a.txt").read_text() + (texts / "docs" / "b.rst.txt").read_text())
+    return ["<unk>", "<s>", "</s>", *sorted(c.replace(" ", "▁") for c in chars)]
+
+
+def llama_cpp_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """A Q or K projection in llama.cpp's row order. Within each head transformers rotates row i
+    with row i + head_dim/2 (the two halves), llama.cpp rotates adjacent rows 2i and 2i+1, so its
+    converter interleaves the halves; transformers' GGUF loader undoes exactly this."""
+    rows, *rest = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(path, model, tokens: list[str], qtype: str) -> dict[str, torch.Tensor]:
+    """Writes a LlamaForCausalLM and a vocabulary as llama.cpp would: the hyper-parameters
+    transformers turns back into a LlamaConfig, the tokenizer, and every weight under its GGUF
+    name with the matrices stored as `qtype` (norms stay F32, as llama.cpp keeps them).
+
+    Returns the model's state dict as the file holds it: each matrix through `qtype`'s
+    quantisation round trip (a no-op for F32), in transformers' layout."""
+    import gguf  # the extra `lm` has it; imported here so only this test needs it
+
+    cfg = model.config
+    qt = gguf.GGMLQuantizationType[qtype]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    # Needed: without it transformers leaves Q and K in llama.cpp's row order, silently when
+    # every head has its own K and V (here, with 2 for 4 heads, K and V would not even fit).
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    # tokenizer.ggml.model "llama" is SentencePiece-style: transformers builds a BPE over these
+    # pieces (byte fallback, a ▁ prefix); single characters imply no merges, so the scores
+    # that would rank them are all equal.
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
+                            gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}  # present, so the embeddings are not tied
+    for i in range(cfg.num_hidden_layers):
+        names |= {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{name}.weight"
+                  for hf, name in GGUF_BLOCK_TENSORS.items()}
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert set(weights) == set(names)
+    stored = {}
+    for hf, name in names.items():
+        w = weights[hf]
+        if w.ndim == 1:
+            writer.add_tensor(name, w)
+            stored[hf] = torch.from_numpy(w.copy())
+            continue
+        if name.endswith("attn_q.weight"):
+            w = llama_cpp_rotary_rows(w, cfg.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            w = llama_cpp_rotary_rows(w, cfg.num_key_value_heads)
+        data = gguf.quantize(w, qt)
+        writer.add_tensor(name, data, raw_dtype=None if qt == gguf.GGMLQuantizationType.F32
+                          else qt)
+        # Blocks run along a row (the input features), so quantising commutes with the row
+        # permutation above: the file holds the round trip of the original matrix.
+        stored[hf] = torch.from_numpy(gguf.dequantize(gguf.quantize(weights[hf], qt), qt))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_1"])
+def test_a_gguf_file_caches_the_activations_of_the_model_it_holds(texts, tmp_path, qtype):
+    """A real .gguf (F32, and Q4_1 as real_activations.sh's SmolLM2 file) written with
+    llama.cpp's layout: transformers rebuilds config, tokenizer and weights from it (dequantising,
+    un-permuting Q and K), and `jaxsae cache --model X.gguf` caches that model's activations."""
+    tokens = char_vocabulary(texts)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False))
+    gguf_path = tmp_path / "gguf" / f"tiny.{qtype}.gguf"
+    gguf_path.parent.mkdir()
+    stored = write_llama_gguf(gguf_path, model, tokens, qtype)
+
+    lm = lm_data.load_model(str(gguf_path), layer=1, progress=False)
     assert lm.n_layers == 3
+    loaded = lm.model.state_dict()
+    assert loaded.keys() == stored.keys()
+    for name, w in stored.items():
+        torch.testing.assert_close(loaded[name], w, rtol=1e-6, atol=1e-6, msg=name)
+    # The ids are the file's (the embedding rows depend on it): one per character.
+    assert lm.tokenizer("The fox", add_special_tokens=False)["input_ids"] == [
+        tokens.index(c) for c in "▁The▁fox"]
+    assert (lm.bos_id, lm.separator_id) == (1, 2)
+
+    out = tmp_path / "acts"
+    assert run_cache(gguf_path, texts, out, "--shard-tokens", "128", tokens=200) == 0
+    acts = ShardSet(out)
+    assert acts.manifest.d_in == 32
+    assert [s.n_tokens for s in acts.manifest.shards] == [128, 72]
+    assert acts.manifest.source["model"] == str(gguf_path)
+    # The expected activations: the source model, with the weights the file holds, on windows
+    # cut by hand from the GGUF tokenizer's ids.
+    model.load_state_dict(stored)
+    model.save_pretrained(tmp_path / "source")
+    windows = reference_windows(gguf_path.parent, texts, 16, gguf_file=gguf_path.name)
+    hidden = reference_hidden(tmp_path / "source", windows)
+    want = hidden[2][:, 1:].reshape(-1, 32)[:200]  # output of block 1
+    np.testing.assert_allclose(acts.read(0, 200), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_missing_gguf_file_is_an_error(tmp_path):
     with pytest.raises(lm_data.JaxsaeError, match=r"no such \.gguf file"):
         lm_data.load_model(str(tmp_path / "absent.gguf"))

@@ -1,0 +1,131 @@
+"""Progress of long work: a bar on a terminal, plain lines anywhere else.
+
+A tqdm bar in a SLURM log or under `nohup` is a stream of carriage returns (a 2,000-step run
+wrote ~133 KB of them). When stderr is not a terminal, `Progress` instead prints one complete
+line every `JAXSAE_PROGRESS_SECONDS` seconds (default 30) and one at the end, e.g.
+
+    quickstart: 600/1953 step (31%) · 20.1 step/s · tokens 1,228,800 · tok/s 41,165 · loss 0.412
+                · L0 12.1 · EV 0.903 · ETA 1m07s
+
+Disabled (`--no-progress`), it prints nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+DEFAULT_SECONDS = 30.0
+
+
+def _seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get("JAXSAE_PROGRESS_SECONDS", DEFAULT_SECONDS)))
+    except ValueError:
+        return DEFAULT_SECONDS
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _count(n: float, scale: bool) -> str:
+    if not scale:
+        return f"{n:,.0f}"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+class Progress:
+    """tqdm's interface as far as jaxsae uses it: update, set_postfix, write, close, n."""
+
+    def __init__(self, total: int | None = None, *, desc: str = "", unit: str = "it",
+                 initial: int = 0, unit_scale: bool = False, enabled: bool = True,
+                 stream: TextIO | None = None):
+        self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
+        self.n = initial
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.postfix: dict[str, Any] = {}
+        self._bar = None
+        if enabled and _isatty(self.stream):
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                             unit_scale=unit_scale, dynamic_ncols=True, file=self.stream)
+        self._start = self._last = time.monotonic()
+        self._start_n = initial
+        self._every = _seconds()
+        self._closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.enabled and time.monotonic() - self._last >= self._every:
+            self._line()
+
+    def set_postfix(self, values: dict[str, Any], refresh: bool = True) -> None:
+        self.postfix = dict(values)
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=refresh)
+
+    def set_postfix_str(self, text: str) -> None:
+        self.set_postfix({"": text})
+
+    def write(self, message: str) -> None:
+        """A message that does not break the bar."""
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled and self.n != self._start_n:
+            self._line()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _line(self) -> None:
+        now = time.monotonic()
+        self._last = now
+        elapsed = max(now - self._start, 1e-9)
+        rate = (self.n - self._start_n) / elapsed
+        parts = [f"{_count(self.n, self.unit_scale)}"
+                 + (f"/{_count(self.total, self.unit_scale)}" if self.total else "")
+                 + f" {self.unit}"
+                 + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")]
+        parts.append(f"{rate:.3g} {self.unit}/s" if rate < 100
+                     else f"{_count(rate, self.unit_scale)} {self.unit}/s")
+        parts += [f"{k} {v}".strip() for k, v in self.postfix.items()]
+        if self.total and rate > 0 and self.n < self.total:
+            parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
+        elif self.total and self.n >= self.total:
+            parts.append(f"done in {_duration(elapsed)}")
+        prefix = f"{self.desc}: " if self.desc else ""
+        print(prefix + " · ".join(parts), file=self.stream, flush=True)
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

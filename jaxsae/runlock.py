@@ -1,0 +1,83 @@
+"""One training process per run directory: an exclusive lock on `<run_dir>/.lock`.
+
+The lock is an `fcntl.flock` on the file, which the operating system drops when its holder
+dies, however it dies; the file itself says who holds it (pid, host, since when), for the
+message a second process prints. A lock file naming a process that is gone is a stale lock:
+it is taken over with a warning. The file is never deleted (deleting it would let two
+processes lock two different files of the same name); it is emptied on release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from jaxsae.errors import JaxsaeError
+
+LOCK_FILE = ".lock"
+
+
+class RunLocked(JaxsaeError):
+    """Another process is training in this run directory."""
+
+
+class RunLock:
+    def __init__(self, run_dir: Path, log=print):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd = -1
+        self._log = log
+
+    def acquire(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _describe(_read(fd))
+            os.close(fd)
+            raise RunLocked(f"{self.path.parent}: another jaxsae process is training here "
+                            f"({holder}); wait for it to finish or stop it") from None
+        previous = _read(fd)
+        if previous:
+            self._log(f"{self.path.parent}: taking over a stale lock ({_describe(previous)}, "
+                      "no longer running)")
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        os.close(self._fd)  # closing drops the flock
+        self._fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 4096, 0)
+        info = json.loads(data.decode()) if data.strip() else {}
+    except (OSError, ValueError):
+        return {"unreadable": True}
+    return info if isinstance(info, dict) else {"unreadable": True}
+
+
+def _describe(info: dict) -> str:
+    if not info or info.get("unreadable"):
+        return "holder unknown"
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since "
+            f"{info.get('since', '?')}")
