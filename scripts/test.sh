@@ -3,7 +3,8 @@
 # The core suite runs in .venv, which has no torch. .venv-interop, the PyTorch environment
 # (jaxsae[lm] + SAELens; built once, in the background while the core suite runs), runs
 # tests/interop/ (exports against real SAELens) and tests/lm/ (jaxsae cache, eval --model).
-# Arguments go to pytest; test paths given are each run in the environment they need.
+# Arguments go to pytest; test paths given are each run in the environment they need. Tests run
+# on up to 4 cores (pytest-xdist; pass -n 0 for one process).
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh" test
 build_log=".venv-interop.build.log"
@@ -23,6 +24,13 @@ done
 if (( ${#core[@]} + ${#torch[@]} == 0 )); then
   core=(--ignore=tests/interop --ignore=tests/lm)
   torch=(tests/interop tests/lm)
+fi
+# Tests run in parallel, one worker per core up to 4 (pytest-xdist), unless -n / -p no:xdist
+# is given.
+if [[ " ${opts[*]-} " != *" -n"* && " ${opts[*]-} " != *"--numprocesses"* &&
+      " ${opts[*]-} " != *"no:xdist"* ]]; then
+  workers=$(( $(nproc) < 4 ? $(nproc) : 4 ))
+  if (( workers > 1 )); then opts+=(-n "$workers"); fi
 fi
 status=0
 pytest_in() {  # pytest exits 5 when a selection (e.g. -m slow) has no test in that part

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,29 @@ import pytest
 
 from jaxsae.config import config_from_dict
 from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
+
+# Compile settings of the test suite, set before JAX is imported (nothing above imports it)
+# and inherited by the xdist workers and by every process a test starts. Most of a test's
+# time is XLA compiling small programs, not running them, and many tests compile the same ones:
+# - one compilation cache for the whole session (a fresh directory per run, so a run costs
+#   what it costs on a fresh clone; JAXSAE_TEST_JAX_CACHE=DIR keeps one between runs);
+# - LLVM without its expensive optimisations (the same HLO, only slower machine code; timings
+#   are measured by benchmarks/, never here).
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = os.environ.get("JAXSAE_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="jaxsae-jit-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    if "JAXSAE_TEST_JAX_CACHE" not in os.environ:
+        atexit.register(shutil.rmtree, _cache, True)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test's own process with `devices` CPU devices."""
+    return f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count={devices}"
+
 
 # tests/lm need the optional extra `lm` (torch + transformers): scripts/test.sh runs them with
 # .venv-interop's Python, which has it; the core environment has no torch.

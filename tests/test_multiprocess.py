@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxsae import tensorfile
+from tests.conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def _free_port() -> int:
 
 def _launch(pid: int, n: int, port: int, data: Path, run_dir: Path, devices: int,
             steps: int = 20, every: int = 10):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     if n > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),

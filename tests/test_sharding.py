@@ -15,6 +15,7 @@ import pytest
 from jaxsae import sharding, tensorfile
 from jaxsae.config import config_from_dict
 from jaxsae.errors import ConfigError
+from tests.conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +106,7 @@ CASES = {
 
 
 def test_sharded_steps_match_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8),
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -141,7 +142,7 @@ def test_restore_onto_another_device_count(small_data, tmp_path):
 
     def run(devices: int, run_dir, crash_at: int = 0) -> int:
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+               "XLA_FLAGS": xla_flags(devices)}
         proc = subprocess.run([sys.executable, "-c", _RESUME_SCRIPT, str(small_data),
                                str(run_dir), str(crash_at)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import small_config, small_config_dict, train_until_crash
+from conftest import small_config, small_config_dict, train_until_crash, xla_flags
 
 from jaxsae import export, tensorfile
 from jaxsae import train as train_mod
@@ -299,7 +299,7 @@ def test_sharded_sweep_matches_one_device(sections):
             "optim": {"lr": 1e-2, "batch_size": 64, "total_tokens": 6400, "warmup_steps": 1},
             "sweep": ({"sae.k": [2, 4], "optim.lr": [1e-3, 1e-2]} if "k" in sections["sae"]
                       else {"loss.1.coefficient": [0.01, 0.3], "seed": [0, 1]})}
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8),
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", _SHARDED, json.dumps(tree)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
