@@ -1,0 +1,102 @@
+"""A damaged newest checkpoint never blocks resume or export: they fall back to the newest
+checkpoint that restores, say which one was skipped and why, and set it aside (never deleted);
+the resumed run still ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsae import cli, tensorfile
+from tests.faults.conftest import refused, snapshot, write_config
+
+
+def _flip_bytes(ckpt: Path) -> None:
+    """Damage the state's largest data file in place (same size: only a checksum sees it)."""
+    files = sorted((ckpt / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    data = bytearray(files[-1].read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+        data[i] ^= 0xFF
+    files[-1].write_bytes(bytes(data))
+
+
+def _truncate(ckpt: Path) -> None:
+    files = sorted((ckpt / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    files[-1].write_bytes(files[-1].read_bytes()[:10])
+
+
+def _junk_config(ckpt: Path) -> None:
+    (ckpt / "config" / "metadata").write_text("{not json")
+
+
+def _no_state(ckpt: Path) -> None:
+    shutil.rmtree(ckpt / "state")
+
+
+def _weights(sae: Path) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in
+            tensorfile.read(sae / "sae_weights.safetensors").items()}
+
+
+@pytest.mark.parametrize("damage", [_flip_bytes, _truncate, _junk_config, _no_state])
+def test_resume_falls_back_past_a_damaged_checkpoint(damage, trained_run, run_copy, small_data,
+                                                     tmp_path, capsys):
+    damage(run_copy / "checkpoints" / "24")
+    damaged = snapshot(run_copy / "checkpoints" / "24")
+    (run_copy / "sae").rename(tmp_path / "first-sae")
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy)
+    capsys.readouterr()
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "Exception ignored" not in captured.err
+    assert "skipping checkpoint 24: " in captured.out
+    assert "set aside as 24.corrupt" in captured.out
+    assert "resuming" in captured.out and "from step 16" in captured.out
+    ckpts = run_copy / "checkpoints"
+    assert snapshot(ckpts / "24.corrupt") == damaged  # kept as it was, for inspection
+    assert sorted(p.name for p in ckpts.iterdir()) == ["16", "24", "24.corrupt", "8"]
+    for name, value in _weights(trained_run / "sae").items():  # retrained 16 -> 24 exactly
+        np.testing.assert_array_equal(_weights(run_copy / "sae")[name], value)
+    steps = [int(line.split('"step": ')[1].split(",")[0])
+             for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one line per logged step, in order
+
+
+def test_export_falls_back_and_an_explicit_step_is_refused(trained_run, run_copy, tmp_path,
+                                                           capsys):
+    _flip_bytes(run_copy / "checkpoints" / "24")
+    refused(["export", str(run_copy), "--out", str(tmp_path / "at24"), "--step", "24"], capsys,
+            match="checkpoint 24: the state's checksum does not match",
+            unchanged=[run_copy])
+    capsys.readouterr()
+    assert cli.main(["export", str(run_copy), "--out", str(tmp_path / "newest")]) == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint 24" in out and "set aside as 24.corrupt" in out
+    at16 = tmp_path / "at16"
+    assert cli.main(["export", str(run_copy), "--out", str(at16), "--step", "16"]) == 0
+    for name, value in _weights(at16).items():
+        np.testing.assert_array_equal(_weights(tmp_path / "newest")[name], value)
+
+
+def test_export_of_a_run_in_use_renames_nothing(run_copy, tmp_path, capsys):
+    from jaxsae.runlock import RunLock
+
+    _junk_config(run_copy / "checkpoints" / "24")
+    before = snapshot(run_copy / "checkpoints")
+    with RunLock(run_copy):  # a training process holds the run
+        capsys.readouterr()
+        assert cli.main(["export", str(run_copy), "--out", str(tmp_path / "e")]) == 0
+    assert "left in place (the run is in use)" in capsys.readouterr().out
+    assert snapshot(run_copy / "checkpoints") == before
+
+
+def test_no_checkpoint_restores(run_copy, tmp_path, capsys):
+    for step in (8, 16, 24):
+        _junk_config(run_copy / "checkpoints" / str(step))
+    refused(["export", str(run_copy), "--out", str(tmp_path / "e")], capsys,
+            match="no checkpoint restores", unchanged=[])
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == [
+        "16.corrupt", "24.corrupt", "8.corrupt"]

@@ -1,0 +1,147 @@
+"""Defaults that fit any run, and logs people can read (SLURM logs, JSON, --help)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import pytest
+import yaml
+
+from jaxsae import cli
+from jaxsae.config import load_config
+from tests.faults.conftest import refused, write_config
+
+
+def test_defaults_fit_a_small_run():
+    """300k tokens at batch 512 (585 steps) and a 40k-token cache: no key needs setting."""
+    cfg = load_config(None, ["data.path=d", "optim.batch_size=512",
+                             "optim.total_tokens=300000"])
+    assert cfg.optim.warmup == 29 and cfg.data.held_out(40_000) == 2000
+    big = load_config(None, ["data.path=d"])
+    assert big.optim.warmup == 1000 and big.data.held_out(10**9) == 65536
+    with pytest.raises(Exception, match=r"optim.warmup_steps: warm-up \(600\) plus decay"):
+        load_config(None, ["data.path=d", "optim.batch_size=512",
+                           "optim.total_tokens=300000", "optim.warmup_steps=600"])
+
+
+def test_a_small_run_trains_with_the_defaults(small_data, tmp_path, capsys):
+    tree = {"run_dir": str(tmp_path / "run"), "data": {"path": str(small_data)},
+            "sae": {"d_sae": 32}, "optim": {"batch_size": 512, "total_tokens": 512 * 12}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["tokens"] == 16384 // 20 and ev["held_out"]
+
+
+def test_a_sweep_over_a_misspelt_key_names_it(small_data, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", small_data, tmp_path / "run")
+    refused(["train", str(config), "sweep.optim.lrr=[1e-3, 3e-3]"], capsys,
+            match="sweep.optim.lrr: unknown key (did you mean 'lr'?)", unchanged=[])
+    refused(["train", str(config), "sweep.sae.d_sae=[32, 64]"], capsys,
+            match="cannot be swept", unchanged=[])
+
+
+def test_bench_accepts_a_base_k_above_d_sae_when_every_arm_sweeps_k(tmp_path):
+    from jaxsae.bench import load_bench_config
+
+    def bench(ks: list[int]):
+        path = tmp_path / "b.yaml"
+        path.write_text(yaml.safe_dump({
+            "out": str(tmp_path / "b"),
+            "base": {"data": {"path": "d"}, "sae": {"d_sae": 16, "activation": "topk", "k": 32}},
+            "arms": {"topk": {"sweep": {"sae.k": ks}}}}))
+        return load_bench_config(path)
+
+    cfg = bench([2, 4])
+    assert [m.sae.k for m in cfg.arm_configs()["topk"].sweep_configs()] == [2, 4]
+    with pytest.raises(Exception, match=r"sae.k: must be in 1..sae.d_sae \(16\), got 40"):
+        bench([2, 40])
+
+
+def test_bench_never_relabels_an_arm_trained_with_other_values(small_data, tmp_path, capsys):
+    tree = {"out": str(tmp_path / "b"),
+            "base": yaml.safe_load(write_config(tmp_path / "c.yaml", small_data,
+                                                tmp_path / "x").read_text()),
+            "arms": {"l1": {"sweep": {"loss.1.coefficient": [0.1]}}}}
+    tree["base"]["optim"]["total_tokens"] = 256 * 8
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(tree))
+    assert cli.main(["bench", str(tmp_path / "b.yaml"), "--no-progress"]) == 0
+    results = (tmp_path / "b" / "results.csv").read_text()
+    refused(["bench", str(tmp_path / "b.yaml"), "--no-progress",
+             "arms.l1.sweep.loss.1.coefficient=[0.2]"], capsys,
+            match="arms.l1: ", unchanged=[tmp_path / "b"])
+    assert (tmp_path / "b" / "results.csv").read_text() == results
+    capsys.readouterr()
+    assert cli.main(["bench", str(tmp_path / "b.yaml"), "--no-progress"]) == 0
+    assert "already trained with this exact config" in capsys.readouterr().out
+
+
+def test_progress_in_a_log_file_is_plain_lines(small_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAXSAE_PROGRESS_SECONDS", "0")
+    config = write_config(tmp_path / "c.yaml", small_data, tmp_path / "run")
+    capsys.readouterr()
+    assert cli.main(["train", str(config)]) == 0  # stderr is not a terminal here
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("test: ")]
+    assert len(lines) >= 6
+    assert re.fullmatch(r"test: 24/24 step \(100%\) · .* step/s · tokens 6,144 · tok/s [\d,]+ · "
+                        r"loss [\d.e+-]+ · L0 [\d.]+ · EV -?[\d.]+ · done in \d+s", lines[-1])
+    assert any("ETA" in line for line in lines)
+    capsys.readouterr()
+    (tmp_path / "run").rename(tmp_path / "first")
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_eval_prints_strict_json():
+    from jaxsae.outputs import json_text
+
+    text = json_text({"mse": float("nan"), "ev": [1.0, float("inf")], "n": 3})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {
+        "mse": None, "ev": [1.0, None], "n": 3}
+
+
+def _commands(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_help_shows_no_empty_defaults():
+    for path, sub in _commands(cli.build_parser()):
+        text = sub.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, path
+
+
+def test_sigterm_message_does_not_mention_ctrl_c(capsys):
+    from jaxsae.train import _SignalFlag
+
+    flag = _SignalFlag()
+    try:
+        flag._handle(signal.SIGTERM, None)
+    finally:
+        flag.restore()
+    err = capsys.readouterr().err
+    assert "SIGTERM: saving a checkpoint after this step" in err and "Ctrl-C" not in err
+
+
+def test_the_lm_extra_brings_what_gguf_loading_needs():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    extra = " ".join(project["project"]["optional-dependencies"]["lm"])
+    assert all(name in extra for name in ("torch", "transformers", "gguf", "accelerate"))
+
+
+def test_config_defaults_are_auto():
+    cfg = load_config(None, ["data.path=d"])
+    assert cfg.optim.warmup_steps == "auto" and cfg.data.eval_tokens == "auto"

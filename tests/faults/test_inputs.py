@@ -1,0 +1,97 @@
+"""Bad files given to import and eval: one line naming the file and the field, exit 2, and
+no number printed that was not measured."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxsae import cli, tensorfile
+from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
+from jaxsae.export import CFG_FILE, WEIGHTS_FILE
+from tests.faults.conftest import refused
+
+
+def _sae(run_copy: Path, tmp_path: Path) -> Path:
+    sae = tmp_path / "sae"
+    shutil.copytree(run_copy / "sae", sae)
+    return sae
+
+
+def _edit_cfg(sae: Path, **changes) -> None:
+    cfg = json.loads((sae / CFG_FILE).read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (sae / CFG_FILE).write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda s: _edit_cfg(s, architecture="topk", k=None), "cfg.json: missing 'k'"),
+    (lambda s: _edit_cfg(s, architecture=None), "cfg.json: missing 'architecture'"),
+    (lambda s: (s / CFG_FILE).write_bytes(bytes(range(256))), "cfg.json: not a text file"),
+    (lambda s: (s / CFG_FILE).write_text("[1, 2]"), "cfg.json: expected a JSON object"),
+    (lambda s: tensorfile.write(s / WEIGHTS_FILE, {
+        **{k: np.asarray(v) for k, v in tensorfile.read(s / WEIGHTS_FILE).items()},
+        "W_dec": np.ones((64, 16), np.int32)}), "W_dec is int32"),
+    (lambda s: tensorfile.write(s / WEIGHTS_FILE, {
+        **{k: np.asarray(v) for k, v in tensorfile.read(s / WEIGHTS_FILE).items()},
+        "b_dec": np.full(16, np.nan, np.float32)}), "b_dec has 16 non-finite values"),
+])
+def test_import_and_eval_refuse_a_damaged_sae(edit, match, run_copy, small_data, tmp_path,
+                                              capsys):
+    sae = _sae(run_copy, tmp_path)
+    edit(sae)
+    refused(["eval", str(sae), "--data", str(small_data)], capsys, match=match,
+            unchanged=[sae])
+    refused(["import", str(sae), "--out", str(tmp_path / "new"), "--data", str(small_data)],
+            capsys, match=match, unchanged=[sae])
+    assert not (tmp_path / "new").exists()
+
+
+def test_eval_refuses_the_truth_of_other_data(run_copy, small_data, tmp_path, capsys):
+    other = generate_superposition(SuperpositionSpec(n_features=48, d_in=16, tokens=16384,
+                                                     mean_l0=3.0, shard_tokens=4096, seed=4),
+                                   tmp_path / "other", progress=False)
+    refused(["eval", str(run_copy / "sae"), "--data", str(small_data), "--truth", str(other)],
+            capsys, match="is not the truth of", unchanged=[other])
+    capsys.readouterr()
+    assert cli.main(["eval", str(run_copy / "sae"), "--data", str(small_data), "--truth",
+                     str(small_data), "--tokens", "2048"]) == 0
+    assert "mcc" in json.loads(capsys.readouterr().out)
+
+
+def test_eval_refuses_non_finite_held_out_tokens(run_copy, small_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    last = sorted(data.glob("shard-*.npy"))[-1]
+    array = np.load(last)
+    array[-5] = np.nan  # only in the held-out tokens at the end
+    np.save(last, array)
+    line = refused(["eval", str(run_copy / "sae"), "--data", str(data), "--tokens", "2048"],
+                   capsys, match="non-finite values (NaN or inf) in rows 4091..4091",
+                   unchanged=[data])
+    assert str(last) in line
+
+
+def test_import_writes_a_config_that_trains_on_small_data(run_copy, small_data, tmp_path,
+                                                          capsys):
+    sae = _sae(run_copy, tmp_path)
+    run = tmp_path / "finetune"
+    capsys.readouterr()
+    assert cli.main(["import", str(sae), "--out", str(run), "--data", str(small_data)]) == 0
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["loss"] == [{"term": "mse", "coefficient": 1.0},
+                               {"term": "l1", "coefficient": 0.1}]  # as the source trained
+    assert written["optim"]["lr"] == 3e-3
+    assert Path(written["data"]["path"]).is_absolute() and Path(written["init_from"]).is_absolute()
+    assert written["data"]["eval_tokens"] == "auto" and written["optim"]["warmup_steps"] == "auto"
+    assert cli.main(["train", str(run / "config.yaml"), "--no-progress"]) == 0
+    assert (run / "sae" / CFG_FILE).is_file()

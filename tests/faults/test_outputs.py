@@ -1,0 +1,165 @@
+"""Outputs never destroy anything: every command that writes a directory stages it and renames
+it into place, and replaces only its own kind of output (or, with --overwrite, a plain
+directory), never a file, a run, its own inputs or the working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from jaxsae import cli
+from jaxsae.export import CFG_FILE, load_sae
+from tests.faults.conftest import refused, snapshot
+
+
+def _ok(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_export_never_replaces_a_file_a_foreign_directory_or_a_run(run_copy, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("my notes")
+    foreign = tmp_path / "papers"
+    (foreign / "draft").mkdir(parents=True)
+    (foreign / "draft" / "paper.tex").write_text("\\section{}")
+    runs = run_copy.parent  # a folder holding runs
+    for target, match in [(a_file, "is a file"), (foreign, "--overwrite to replace"),
+                          (run_copy, "which this command reads"),
+                          (runs, "which this command reads")]:
+        refused(["export", str(run_copy), "--out", str(target)], capsys, match=match,
+                unchanged=[target, run_copy])
+    # --overwrite still never deletes a file, a run, or what the command reads.
+    other_runs = tmp_path / "archive"
+    other_runs.mkdir()
+    os.symlink(run_copy / "checkpoints", other_runs / "linked")
+    (other_runs / "old-run" / "checkpoints").mkdir(parents=True)
+    for target, match in [(a_file, "is a file"), (run_copy, "which this command reads"),
+                          (other_runs, "holds the training run")]:
+        refused(["export", str(run_copy), "--out", str(target), "--overwrite"], capsys,
+                match=match, unchanged=[target, run_copy])
+    assert _leftovers(tmp_path) == []
+
+
+def test_export_replaces_its_own_export_and_with_overwrite_a_plain_directory(
+        run_copy, tmp_path, capsys):
+    out = tmp_path / "exported"
+    _ok(["export", str(run_copy), "--out", str(out)], capsys)
+    first = snapshot(out)
+    (out / "stale.txt").write_text("x")
+    _ok(["export", str(run_copy), "--out", str(out), "--dtype", "bfloat16"], capsys)
+    assert "stale.txt" not in os.listdir(out) and snapshot(out) != first
+    assert json.loads((out / CFG_FILE).read_text())["dtype"] == "bfloat16"
+    plain = tmp_path / "scratch"
+    plain.mkdir()
+    (plain / "old.txt").write_text("replace me")
+    refused(["export", str(run_copy), "--out", str(plain)], capsys, match="not empty",
+            unchanged=[plain])
+    _ok(["export", str(run_copy), "--out", str(plain), "--overwrite"], capsys)
+    assert load_sae(plain).d_in == 16 and not (plain / "old.txt").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_export_leaves_the_previous_one(run_copy, tmp_path, capsys):
+    out = tmp_path / "exported"
+    _ok(["export", str(run_copy), "--out", str(out)], capsys)
+    before = snapshot(out)
+    refused(["export", str(run_copy), "--out", str(out), "--data", str(tmp_path / "gone")],
+            capsys, match="gone", unchanged=[out, run_copy])
+    assert snapshot(out) == before and _leftovers(tmp_path) == []
+
+
+def test_import_never_overwrites_a_run(run_copy, small_data, tmp_path, capsys):
+    sae = run_copy / "sae"
+    refused(["import", str(sae), "--out", str(run_copy), "--data", str(small_data)], capsys,
+            match="which this command reads", unchanged=[run_copy])
+    trained = tmp_path / "other-run"
+    (trained / "checkpoints").mkdir(parents=True)
+    (trained / "config.yaml").write_text("name: mine\n")
+    for extra in ([], ["--overwrite"]):
+        refused(["import", str(sae), "--out", str(trained), "--data", str(small_data), *extra],
+                capsys, match="holds the training run", unchanged=[trained])
+    # An import that was not trained yet is replaced (re-importing with other overrides).
+    fresh = tmp_path / "fresh"
+    _ok(["import", str(sae), "--out", str(fresh), "--data", str(small_data)], capsys)
+    _ok(["import", str(sae), "--out", str(fresh), "--data", str(small_data), "seed=3"], capsys)
+    assert "seed: 3" in (fresh / "config.yaml").read_text()
+
+
+def test_synth_and_cache_targets(tmp_path, capsys):
+    a_file = tmp_path / "data.npy"
+    a_file.write_bytes(b"\x93NUMPY")
+    argv = ["synth", "superposition", "--n-features", "8", "--d-in", "4", "--tokens", "64",
+            "--no-progress", "--out"]
+    refused([*argv, str(a_file)], capsys, match="already exists", unchanged=[a_file])
+    refused([*argv, str(a_file), "--overwrite"], capsys, match="is a file",
+            unchanged=[a_file])
+    out = tmp_path / "sp"
+    _ok([*argv, str(out)], capsys)
+    before = snapshot(out)
+    refused([*argv, str(out)], capsys, match="already exists", unchanged=[out])
+    _ok([*argv, str(out), "--overwrite", "--seed", "1"], capsys)
+    assert snapshot(out) != before
+    squatter = tmp_path / "next.partial"
+    squatter.mkdir()
+    (squatter / "mine.txt").write_text("not a shard")
+    refused([*argv, str(tmp_path / "next")], capsys, match="not an interrupted jaxsae",
+            unchanged=[squatter])
+    assert _leftovers(tmp_path) == []
+
+
+def test_analysis_outputs_are_staged_and_refuse_foreign_targets(run_copy, small_data, tmp_path,
+                                                                capsys):
+    sae = str(run_copy / "sae")
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "a.md").write_text("keep")
+    common = ["--data", str(small_data), "--tokens", "2048", "--batch-size", "1024",
+              "--no-progress"]
+    for argv in (["analyze", sae], ["stitch", "compare", sae, sae]):
+        refused([*argv, *common, "--out", str(foreign)], capsys, match="--overwrite",
+                unchanged=[foreign, run_copy])
+        refused([*argv, *common, "--out", str(small_data)], capsys,
+                match="which this command reads", unchanged=[small_data])
+    out = tmp_path / "geometry"
+    _ok(["analyze", sae, *common, "--out", str(out)], capsys)
+    _ok(["analyze", sae, *common, "--out", str(out)], capsys)  # its own output: replaced
+    assert (out / "index.html").is_file() and _leftovers(tmp_path) == []
+
+
+def test_frankenstein_failure_leaves_no_output_and_reruns_finish(tmp_path, small_data, capsys,
+                                                                  monkeypatch):
+    import numpy as np
+
+    from jaxsae.analysis import stitch
+    from tests.test_stitch import random_sae
+
+    rng = np.random.default_rng(1)
+    small = random_sae(tmp_path / "small", 12, rng)
+    random_sae(tmp_path / "large", 40, rng, parents=small.params["W_dec"][:5])
+    family = [tmp_path / "small", tmp_path / "large"]
+    out = tmp_path / "frank"
+    argv = ["stitch", "frankenstein", *map(str, family), "--data", str(small_data), "--out",
+            str(out), "--tokens", "2048", "--batch-size", "512", "--retrain-decoder-tokens",
+            "3072", "--no-progress"]
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out) + ".partial/frankenstein.csv")
+
+    monkeypatch.setattr(stitch, "write_csv", broken)
+    refused(argv, capsys, match="No space left on device", unchanged=[])
+    assert not out.exists()  # nothing half-written under the name of the result
+    monkeypatch.undo()
+    _ok(argv, capsys)  # continues from <out>.partial (its retraining is complete)
+    assert (out / "sae" / CFG_FILE).is_file() and (out / "frankenstein.md").is_file()
+    assert not (tmp_path / "frank.partial").exists()
+    config = (out / "retrain" / "config.yaml").read_text()
+    assert f"run_dir: {out / 'retrain'}" in config

@@ -1,0 +1,143 @@
+"""The run directory: one training process at a time, a file or a foreign directory refused,
+a read-only directory and a full disk reported in one line, metrics lines whole."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsae import cli, tensorfile
+from jaxsae.runlock import LOCK_FILE, RunLock
+from tests.faults.conftest import assert_one_line_error, refused, run_jaxsae, write_config
+
+
+def test_a_second_training_on_a_run_directory_stops_at_once(run_copy, small_data, tmp_path,
+                                                            capsys):
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy,
+                          optim={"total_tokens": 256 * 32})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from jaxsae.runlock import RunLock; "
+         f"RunLock({str(run_copy)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = refused(["train", str(config), "--no-progress"], capsys,
+                       match="another jaxsae process is training here", unchanged=[run_copy])
+        assert f"pid {holder.pid} on " in line and str(run_copy) in line
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its lock is stale and taken over with a warning.
+    capsys.readouterr()
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"taking over a stale lock (pid {holder.pid} on " in out
+    assert (run_copy / LOCK_FILE).read_text() == ""  # released
+
+
+def test_lock_is_held_while_training_and_released_after(run_copy, small_data, tmp_path):
+    lock = RunLock(run_copy).acquire()
+    with pytest.raises(Exception, match="another jaxsae process"):
+        RunLock(run_copy).acquire()
+    lock.release()
+    RunLock(run_copy).acquire().release()
+
+
+def test_run_dir_that_is_a_file_or_a_foreign_directory(small_data, tmp_path, capsys):
+    a_file = tmp_path / "results.csv"
+    a_file.write_text("a,b\n1,2\n")
+    config = write_config(tmp_path / "c.yaml", small_data, a_file)
+    refused(["train", str(config)], capsys, match="is a file", unchanged=[a_file])
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("...")
+    config = write_config(tmp_path / "c.yaml", small_data, foreign)
+    refused(["train", str(config)], capsys, match="not a jaxsae run directory",
+            unchanged=[foreign])
+
+
+@contextlib.contextmanager
+def _read_only(directory: Path):
+    """`directory` made read-only for this process: without write permission, or, for root
+    (who writes through permission bits), immutable (`chattr +i`, ext4 and most others)."""
+    if os.geteuid() != 0:
+        os.chmod(directory, 0o555)
+        undo = ["chmod", "755", str(directory)]
+    else:
+        if shutil.which("chattr") is None or subprocess.run(
+                ["chattr", "+i", str(directory)], capture_output=True).returncode:
+            pytest.skip("running as root on a file system without chattr +i")
+        undo = ["chattr", "-i", str(directory)]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_read_only_run_directory(small_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("kept: true\n")
+    config = write_config(tmp_path / "c.yaml", small_data, run)
+    with _read_only(run):
+        line = refused(["train", str(config), "--no-progress"], capsys, match=str(run),
+                       unchanged=[run])
+    assert re.search(r"cannot write .*: (Permission denied|Operation not permitted|Read-only)",
+                     line), line
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: every write past `limit` bytes of a file fails (EFBIG), like a full disk."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _weights(run: Path) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in
+            tensorfile.read(run / "sae" / "sae_weights.safetensors").items()}
+
+
+def test_full_disk_while_saving_a_checkpoint(trained_run, small_data, tmp_path):
+    """A checkpoint that cannot be written stops the run in one line; the next run cleans up
+    what the failed save left and ends exactly where an uninterrupted run ends."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", small_data, run)
+    result = run_jaxsae(["train", str(config), "--no-progress"],
+                        preexec_fn=_file_size_limit(12_000))
+    assert_one_line_error(result.returncode, result.stderr, command="train",
+                          match="could not write checkpoint 8: File too large")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["step"] for line in lines)
+    assert any(p.name.startswith("8") for p in (run / "checkpoints").iterdir())
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["16", "24", "8"]
+    for name, value in _weights(trained_run).items():
+        np.testing.assert_array_equal(_weights(run)[name], value)
+
+
+def test_full_disk_cuts_no_metrics_line(small_data, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", small_data, run,
+                          checkpoint={"every_steps": 1000}, log={"every_steps": 1})
+    result = run_jaxsae(["train", str(config), "--no-progress"],
+                        preexec_fn=_file_size_limit(2_000))
+    assert_one_line_error(result.returncode, result.stderr, command="train",
+                          match=f"cannot write {run / 'metrics.jsonl'}")
+    text = (run / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and 0 < len(text) <= 2_000
+    steps = [json.loads(line)["step"] for line in text.splitlines()]
+    assert steps == list(range(1, len(steps) + 1))
