@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import add_shape_args, machine
 
-from jaxsae import hostmem, sae
+from jaxsae import hostmem, kernels
 from jaxsae.outputs import markdown_table
 
 
@@ -56,18 +56,18 @@ def main() -> None:
 
     cases = [
         ("top-k selection", "jax.lax.top_k over d_sae", lambda p: jax.lax.top_k(p, k)[1],
-         "two-stage (chunk maxima)", lambda p: sae.top_k_indices(p, k), (pre,)),
+         "two-stage (chunk maxima)", lambda p: kernels.top_k_indices(p, k), (pre,)),
         ("decode Σ_j v·W_dec[i_j]", "einsum over gathered [B, k, d_in]",
          lambda v, W, i: jnp.einsum("bk,bkd->bd", v, W[i]),
-         "per-latent fused sum", sae._gather_decode, (values, W_dec, index)),
+         "per-latent fused sum", kernels.gather_decode, (values, W_dec, index)),
         ("its value gradient g·W_dec[i_j]", "einsum over gathered [B, k, d_in]",
          lambda g, W, i: jnp.einsum("bd,bkd->bk", g, W[i]),
-         "d_in chunks, fused", sae._dot_rows, (g, W_dec, index)),
+         "d_in chunks, fused", kernels.dot_rows, (g, W_dec, index)),
         ("decoder gradient (scatter-add)", "one scatter of [B·k, d_in] rows",
          lambda v, g, i: jnp.zeros((n, d)).at[i.reshape(-1)].add(
              (v[:, :, None] * g[:, None, :]).reshape(-1, d)),
          "one latent slot at a time",
-         lambda v, g, i: sae._scatter_rows((n, d), i, lambda j: v[:, j, None] * g),
+         lambda v, g, i: kernels.scatter_rows((n, d), i, lambda j: v[:, j, None] * g),
          (values, g, index)),
     ]
     rows = []

@@ -26,16 +26,11 @@ from typing import Any
 
 import yaml
 
-from jaxsae.config import (
-    Config,
-    apply_override,
-    config_from_dict,
-    from_dict,
-    read_yaml_mapping,
-    sweep_label,
-)
+from jaxsae.checks import check_run
+from jaxsae.config import Config, config_from_dict, sweep_label
 from jaxsae.errors import ConfigError, JaxsaeError
 from jaxsae.outputs import atomic_write, fmt, pyplot, save_figure, write_csv
+from jaxsae.parsing import apply_override, from_dict, read_yaml_mapping
 from jaxsae.progress import Progress
 
 # Columns of results.csv / results.md, in order, when present.
@@ -81,6 +76,7 @@ class BenchConfig:
             tree["sweep"] = _with_seeds(tree.get("sweep"), self.seeds, f"arms.{arm}.sweep")
             try:
                 out[arm] = config_from_dict(tree)
+                check_run(out[arm])
             except ConfigError as e:
                 raise ConfigError(f"arms.{arm}: {e}") from None
         return out

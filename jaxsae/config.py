@@ -1,19 +1,20 @@
-"""Typed, frozen run configuration: YAML presets plus dotted `key.sub=value` overrides.
+"""The run's configuration schema: typed, frozen dataclasses, one per section, each field with
+a docstring. `load_config` reads a YAML preset and dotted overrides (`jaxsae.parsing`); every
+key and type is checked as it is parsed, and each section checks its own values (and `Config`
+the combinations of its sections) in `__post_init__`.
 
-Every section is a frozen dataclass whose fields carry a docstring. `load_config` parses a YAML
-file, applies overrides, and validates everything before any work starts: an unknown key, a value
-of the wrong type, or an impossible combination raises `ConfigError` naming the key.
+What needs other modules (is `sae.activation` registered, do the loss terms' hyper-parameters
+type-check, does `data.generate` describe a generator) is checked once, where a run starts, by
+`jaxsae.checks.check_run`: this module imports no other part of jaxsae but the parser, so a
+config can be replaced, compared and restored from a checkpoint without any of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import itertools
-import math
 import re
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,21 @@ from typing import Any, Literal
 import yaml
 
 from jaxsae.errors import ConfigError
+from jaxsae.parsing import (
+    apply_override,
+    assign,
+    from_dict,
+    parse_value,
+    plain,
+    read_yaml_mapping,
+    typename,
+    unknown_key_message,
+)
 
-Activation = Literal["relu", "topk", "batchtopk", "jumprelu"]
+
+def _need(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,15 @@ class DataConfig:
     generate: Mapping[str, Any] | None = None
     """If `path` is missing, generate it first: `{kind: superposition, ...}` (`jaxsae synth`)."""
 
+    def __post_init__(self):
+        _need(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
+        _need(self.eval_tokens == "auto" or self.eval_tokens >= 0, "data.eval_tokens",
+              "must be >= 0 (or auto)")
+        _need(self.drop_norm_above is None or self.drop_norm_above > 0, "data.drop_norm_above",
+              "must be > 0 (a multiple of the median norm)")
+        _need(self.stats_tokens > 0, "data.stats_tokens", "must be > 0")
+        _need(self.lanes > 0, "data.lanes", "must be > 0")
+
     def held_out(self, n_tokens: int) -> int:
         """Tokens held out for the final evaluation from data of `n_tokens` tokens."""
         if self.eval_tokens == "auto":
@@ -73,8 +96,9 @@ AUTO_WARMUP_STEPS = 1000
 class SAEConfig:
     d_sae: int = 4096
     """Number of latents (dictionary width)."""
-    activation: Activation = "relu"
-    """`relu`, `topk`, `batchtopk` (top k*batch over the batch) or `jumprelu`."""
+    activation: str = "relu"
+    """A registered activation (`jaxsae.activations`): `relu`, `topk`, `batchtopk` (top
+    k·batch over the batch), `jumprelu`, ..."""
     k: int = 32
     """Active latents per token for `topk` / `batchtopk` (mean over the batch for `batchtopk`)."""
     tied: bool = False
@@ -90,47 +114,60 @@ class SAEConfig:
     batchtopk_threshold_momentum: float = 0.01
     """EMA rate of the BatchTopK inference threshold (min kept activation per batch)."""
 
+    def __post_init__(self):
+        _need(self.d_sae > 0, "sae.d_sae", f"must be > 0, got {self.d_sae}")
+        _need(self.k > 0, "sae.k", f"must be > 0, got {self.k}")
+        _need(self.init_decoder_norm > 0, "sae.init_decoder_norm", "must be > 0")
+        _need(self.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth", "must be > 0")
+        _need(0 < self.batchtopk_threshold_momentum <= 1, "sae.batchtopk_threshold_momentum",
+              "must be in (0, 1]")
+
 
 @dataclass(frozen=True)
 class TermConfig:
     term: str
     """Name of a registered loss term (see `jaxsae.penalties`)."""
+    name: str | None = None
+    """A name for this term (metrics `loss.<name>`, overrides and sweeps
+    `loss.<name>.coefficient`); default: the term's own name."""
     coefficient: float = 1.0
     """Weight of the term in the total loss."""
     warmup_steps: int = 0
     """The coefficient ramps linearly from 0 to `coefficient` over this many steps."""
     params: Mapping[str, Any] = field(default_factory=dict)
-    """The term's own hyper-parameters (written flat beside `term` in YAML)."""
+    """The term's own hyper-parameters, written flat beside `term` in YAML; the term parses
+    and checks them (`jaxsae.penalties`)."""
 
     @classmethod
     def parse(cls, raw: Any, key: str) -> TermConfig:
-        from jaxsae import penalties  # the registry; imported here to keep config import-light
-
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{key}: expected a mapping like {{term: l1, coefficient: 5}}")
         raw = dict(raw)
         if "term" not in raw:
             raise ConfigError(f"{key}.term: missing (the name of a loss term)")
-        name = _parse_value(str, raw.pop("term"), f"{key}.term")
-        spec = penalties.get_term(name, key=f"{key}.term")
-        coefficient = _parse_value(float, raw.pop("coefficient", 1.0), f"{key}.coefficient")
-        warmup = _parse_value(int, raw.pop("warmup_steps", 0), f"{key}.warmup_steps")
+        term = parse_value(str, raw.pop("term"), f"{key}.term")
+        name = parse_value(str | None, raw.pop("name", None), f"{key}.name")
+        if name is not None and (not name or "." in name or name.lstrip("-").isdigit()):
+            raise ConfigError(f"{key}.name: {name!r} is not a name (no dots, not a number)")
+        coefficient = parse_value(float, raw.pop("coefficient", 1.0), f"{key}.coefficient")
+        warmup = parse_value(int, raw.pop("warmup_steps", 0), f"{key}.warmup_steps")
         if warmup < 0:
             raise ConfigError(f"{key}.warmup_steps: must be >= 0, got {warmup}")
-        params = {}
-        for hname, value in raw.items():
-            if hname not in spec.hparams:
-                raise ConfigError(_unknown_key_message(f"{key}.{hname}", hname, spec.hparams))
-            params[hname] = _parse_value(spec.hparams[hname], value, f"{key}.{hname}")
-        for hname in sorted(spec.required - params.keys()):
-            raise ConfigError(f"{key}.{hname}: required by loss term {name!r}")
-        return cls(term=name, coefficient=coefficient, warmup_steps=warmup, params=params)
+        return cls(term=term, name=name, coefficient=coefficient, warmup_steps=warmup,
+                   params={str(k): v for k, v in raw.items()})
+
+    @property
+    def label(self) -> str:
+        return self.name or self.term
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"term": self.term, "coefficient": self.coefficient}
+        out: dict[str, Any] = {"term": self.term}
+        if self.name is not None:
+            out["name"] = self.name
+        out["coefficient"] = self.coefficient
         if self.warmup_steps:
             out["warmup_steps"] = self.warmup_steps
-        out.update({k: _plain(v) for k, v in self.params.items()})
+        out.update({k: plain(v) for k, v in self.params.items()})
         return out
 
 
@@ -146,7 +183,10 @@ class OptimConfig:
     """Linear learning-rate warm-up from 0 over this many steps; `auto`: min(1000, 5 % of the
     steps)."""
     decay_fraction: float = 0.2
-    """Fraction of the steps, at the end, over which the learning rate decays linearly to 0."""
+    """Fraction of the steps, at the end, over which the learning rate decays to 0 (0: the
+    rate stays constant after the warm-up)."""
+    decay_shape: Literal["linear", "cosine"] = "linear"
+    """How it decays: linearly or along half a cosine."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     adam_b1: float = 0.9
@@ -158,6 +198,19 @@ class OptimConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the encoder/decoder matmuls. Parameters, optimiser state and the loss stay
     float32 (bfloat16 copies of the parameters are made inside the step)."""
+
+    def __post_init__(self):
+        _need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _need(self.batch_size > 0, "optim.batch_size", f"must be > 0, got {self.batch_size}")
+        _need(self.total_tokens >= self.batch_size, "optim.total_tokens",
+              f"must be at least one batch ({self.batch_size} tokens), got {self.total_tokens}")
+        _need(0 <= self.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]")
+        _need(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+        _need(self.warmup >= 0, "optim.warmup_steps", "must be >= 0 (or auto)")
+        _need(self.warmup + self.decay_steps <= self.total_steps, "optim.warmup_steps",
+              f"warm-up ({self.warmup}) plus decay ({self.decay_steps}) steps exceed the run's "
+              f"{self.total_steps} steps (optim.total_tokens / optim.batch_size); lower it or "
+              "use auto")
 
     @property
     def total_steps(self) -> int:
@@ -183,6 +236,13 @@ class MeshConfig:
     model: int = 1
     """Devices along the dictionary (d_sae) axis (-1: all devices not used by `data`)."""
 
+    def __post_init__(self):
+        for axis in ("data", "model"):
+            size = getattr(self, axis)
+            _need(size == -1 or size > 0, f"mesh.{axis}", f"must be -1 or > 0, got {size}")
+        _need(not (self.data == -1 and self.model == -1), "mesh",
+              "at most one of mesh.data and mesh.model may be -1")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -193,6 +253,15 @@ class CheckpointConfig:
     keep: int = 3
     """Number of newest checkpoints kept on disk."""
 
+    def __post_init__(self):
+        _need(self.every_steps is None or self.every_steps > 0, "checkpoint.every_steps",
+              "must be > 0 (or null)")
+        _need(self.every_minutes is None or self.every_minutes > 0, "checkpoint.every_minutes",
+              "must be > 0 (or null)")
+        _need(self.every_steps is not None or self.every_minutes is not None, "checkpoint",
+              "set every_steps, every_minutes or both")
+        _need(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+
 
 @dataclass(frozen=True)
 class LogConfig:
@@ -201,10 +270,14 @@ class LogConfig:
     dead_window_tokens: int = 4_000_000
     """A latent that has not fired for this many tokens counts as dead in `dead_fraction`."""
 
+    def __post_init__(self):
+        _need(self.every_steps > 0, "log.every_steps", "must be > 0")
+        _need(self.dead_window_tokens > 0, "log.dead_window_tokens", "must be > 0")
+
 
 # Keys a sweep may vary: they change numbers, never shapes, so one vmapped step trains them all.
-SWEEPABLE = {"seed": int, "optim.lr": float, "sae.k": int, "loss.<i>.coefficient": float}
-_TERM_COEFFICIENT = re.compile(r"loss\.(\d+)\.coefficient")
+SWEEPABLE = {"seed": int, "optim.lr": float, "sae.k": int, "loss.<name or i>.coefficient": float}
+_TERM_COEFFICIENT = re.compile(r"loss\.([^.]+)\.coefficient")
 
 
 @dataclass(frozen=True)
@@ -239,12 +312,12 @@ class Sweep:
             where = [f"{key}[{i}]" for i in range(len(points))]
         else:
             raise ConfigError(f"{key}: expected a mapping of key -> values (a grid) or a list "
-                              f"of mappings (one per SAE), got {_typename(raw)}")
+                              f"of mappings (one per SAE), got {typename(raw)}")
         if not points:
             raise ConfigError(f"{key}: no SAEs to train (empty sweep)")
         parsed = []
         for point, at in zip(points, where, strict=True):
-            parsed.append({name: _parse_value(_sweep_type(name, f"{at}.{name}"), value,
+            parsed.append({name: parse_value(_sweep_type(name, f"{at}.{name}"), value,
                                               f"{at}.{name}")
                            for name, value in point.items()})
         for i, point in enumerate(parsed):
@@ -277,7 +350,7 @@ def _check_key_exists(dotted: str, key: str) -> None:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
             where = ".".join(parts[:i])
-            raise ConfigError(_unknown_key_message(key, part, fields)
+            raise ConfigError(unknown_key_message(key, part, fields)
                               + (f" (under {where})" if where else ""))
         hint = typing.get_type_hints(cls)[part]
         cls = hint if dataclasses.is_dataclass(hint) and part != "loss" else None
@@ -325,7 +398,45 @@ class Config:
     keep each chunk's working set in cache; it must divide the number of SAEs."""
 
     def __post_init__(self):
-        _validate(self)
+        # Each section checked its own values; here, what combines them (cross-module checks:
+        # jaxsae.checks.check_run).
+        _need(bool(self.data.path), "data.path", "required (a directory of cached activations)")
+        _need(self.optim.batch_size % self.data.lanes == 0, "data.lanes",
+              f"must divide optim.batch_size ({self.optim.batch_size}), got {self.data.lanes}")
+        _need(len(self.loss) > 0, "loss", "at least one loss term is required")
+        labels = [t.label for t in self.loss]
+        for name in {t.name for t in self.loss if t.name is not None}:
+            _need(labels.count(name) == 1, "loss", f"two terms are called {name!r}")
+        if self.mesh.model > 0:
+            _need(self.sae.d_sae % self.mesh.model == 0, "mesh.model",
+                  f"must divide sae.d_sae ({self.sae.d_sae}), got {self.mesh.model}")
+        if self.sweep is not None:
+            for point in self.sweep.points:
+                for key in point:
+                    if (m := _TERM_COEFFICIENT.fullmatch(key)):
+                        self.term_index(m[1], f"sweep.{key}")
+            self.sweep_configs()  # each SAE's config is checked like a config of its own
+        if self.sweep_chunk is not None:
+            n = len(self.sweep.points) if self.sweep is not None else 1
+            _need(self.sweep_chunk > 0 and n % self.sweep_chunk == 0, "sweep_chunk",
+                  f"must divide the {n} SAEs of the sweep, got {self.sweep_chunk}")
+
+    def term_index(self, which: str, key: str = "loss") -> int:
+        """The position of loss term `which`: a position, or a term's label (its name, else its
+        kind), as in overrides: `loss.sparsity.coefficient`."""
+        if which.isdigit():
+            _need(int(which) < len(self.loss), key, f"there is no loss term {which} (the config "
+                  f"has {len(self.loss)}: positions 0 .. {len(self.loss) - 1})")
+            return int(which)
+        found = [i for i, t in enumerate(self.loss) if t.label == which]
+        if len(found) == 1:
+            return found[0]
+        _need(not found, key, f"{len(found)} loss terms are {which!r}: name them")
+        labels = [t.label for t in self.loss]
+        close = difflib.get_close_matches(which, labels, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: no loss term named {which!r}{hint}; terms: "
+                          f"{', '.join(labels)} (or positions 0 .. {len(labels) - 1})")
 
     def sweep_configs(self) -> list[Config]:
         """One config per SAE of the sweep (without `sweep`); [self] for a single run."""
@@ -355,7 +466,7 @@ class Config:
             elif f.name == "sweep":
                 out["sweep"] = value.to_list() if value is not None else None
             else:
-                out[f.name] = _plain(value)
+                out[f.name] = plain(value)
         return out
 
     def to_yaml(self) -> str:
@@ -366,290 +477,6 @@ class Config:
 MUTABLE_ON_RESUME = ("name", "run_dir", "distributed", "data.path", "data.generate",
                      "data.check_finite", "log", "checkpoint", "optim.total_tokens",
                      "optim.skip_nonfinite", "sweep_chunk")
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation of combinations (single values are checked while parsing).
-
-
-def _validate(cfg: Config) -> None:
-    from jaxsae import penalties
-
-    def need(ok: bool, key: str, why: str):
-        if not ok:
-            raise ConfigError(f"{key}: {why}")
-
-    need(bool(cfg.data.path), "data.path", "required (a directory of cached activations)")
-    from jaxsae.sae import param_names
-
-    names = param_names(cfg.sae)
-    for name in cfg.freeze:
-        need(name in names, "freeze", f"{name!r} is not a parameter of this SAE "
-             f"(it has {', '.join(names)})")
-    need(set(names) - set(cfg.freeze) != set(), "freeze", "freezes every parameter")
-    if cfg.init_from is not None:
-        from jaxsae import export
-
-        export.check_init_from(cfg.init_from, cfg.sae)
-    need(cfg.data.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
-    need(cfg.data.eval_tokens == "auto" or cfg.data.eval_tokens >= 0, "data.eval_tokens",
-         "must be >= 0 (or auto)")
-    need(cfg.data.drop_norm_above is None or cfg.data.drop_norm_above > 0,
-         "data.drop_norm_above", "must be > 0 (a multiple of the median norm)")
-    need(cfg.data.stats_tokens > 0, "data.stats_tokens", "must be > 0")
-    need(cfg.data.lanes > 0, "data.lanes", "must be > 0")
-    need(cfg.optim.batch_size % cfg.data.lanes == 0, "data.lanes",
-         f"must divide optim.batch_size ({cfg.optim.batch_size}), got {cfg.data.lanes}")
-    if cfg.data.generate is not None:
-        from jaxsae.data import synthetic
-
-        synthetic.parse_spec(cfg.data.generate, key="data.generate")
-    s = cfg.sae
-    need(s.d_sae > 0, "sae.d_sae", f"must be > 0, got {s.d_sae}")
-    k_swept = cfg.sweep is not None and all("sae.k" in p for p in cfg.sweep.points)
-    if s.activation in ("topk", "batchtopk") and not k_swept:  # else each SAE's k is checked
-        need(0 < s.k <= s.d_sae, "sae.k", f"must be in 1..sae.d_sae ({s.d_sae}), got {s.k}")
-    need(s.init_decoder_norm > 0, "sae.init_decoder_norm", "must be > 0")
-    need(s.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth", "must be > 0")
-    need(0 < s.batchtopk_threshold_momentum <= 1, "sae.batchtopk_threshold_momentum",
-         "must be in (0, 1]")
-    need(len(cfg.loss) > 0, "loss", "at least one loss term is required")
-    for i, term in enumerate(cfg.loss):
-        penalties.get_term(term.term, key=f"loss[{i}].term").check(cfg, term, f"loss[{i}]")
-    o = cfg.optim
-    need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    need(o.batch_size > 0, "optim.batch_size", f"must be > 0, got {o.batch_size}")
-    need(o.total_tokens >= o.batch_size, "optim.total_tokens",
-         f"must be at least one batch ({o.batch_size} tokens), got {o.total_tokens}")
-    need(0 <= o.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]")
-    need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    need(o.warmup >= 0, "optim.warmup_steps", "must be >= 0 (or auto)")
-    need(o.warmup + o.decay_steps <= o.total_steps, "optim.warmup_steps",
-         f"warm-up ({o.warmup}) plus decay ({o.decay_steps}) steps exceed the run's "
-         f"{o.total_steps} steps (optim.total_tokens / optim.batch_size); lower it or use auto")
-    for axis in ("data", "model"):
-        size = getattr(cfg.mesh, axis)
-        need(size == -1 or size > 0, f"mesh.{axis}", f"must be -1 or > 0, got {size}")
-    need(not (cfg.mesh.data == -1 and cfg.mesh.model == -1), "mesh",
-         "at most one of mesh.data and mesh.model may be -1")
-    if cfg.mesh.model > 0:
-        need(s.d_sae % cfg.mesh.model == 0, "mesh.model",
-             f"must divide sae.d_sae ({s.d_sae}), got {cfg.mesh.model}")
-    need(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps > 0,
-         "checkpoint.every_steps", "must be > 0 (or null)")
-    need(cfg.checkpoint.every_minutes is None or cfg.checkpoint.every_minutes > 0,
-         "checkpoint.every_minutes", "must be > 0 (or null)")
-    need(cfg.checkpoint.every_steps is not None or cfg.checkpoint.every_minutes is not None,
-         "checkpoint", "set every_steps, every_minutes or both")
-    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    need(cfg.log.every_steps > 0, "log.every_steps", "must be > 0")
-    need(cfg.log.dead_window_tokens > 0, "log.dead_window_tokens", "must be > 0")
-    if cfg.sweep is not None:
-        for point in cfg.sweep.points:
-            for name in point:
-                if (m := _TERM_COEFFICIENT.fullmatch(name)) and int(m[1]) >= len(cfg.loss):
-                    raise ConfigError(f"sweep.{name}: there is no loss term {m[1]} (the config "
-                                      f"has {len(cfg.loss)}: loss.0 .. loss.{len(cfg.loss) - 1})")
-                if name == "sae.k" and s.activation not in ("topk", "batchtopk"):
-                    raise ConfigError(f"sweep.sae.k: sae.activation {s.activation} has no k "
-                                      "(topk or batchtopk)")
-        cfg.sweep_configs()  # each SAE's config is validated like a config of its own
-    if cfg.sweep_chunk is not None:
-        n = len(cfg.sweep.points) if cfg.sweep is not None else 1
-        need(cfg.sweep_chunk > 0 and n % cfg.sweep_chunk == 0, "sweep_chunk",
-             f"must divide the {n} SAEs of the sweep, got {cfg.sweep_chunk}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing: mappings -> dataclasses, with key-naming errors.
-
-
-def from_dict(cls: type, raw: Any, key: str = "") -> Any:
-    """Builds dataclass `cls` from a mapping, checking every key and type."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{key or 'config'}: expected a mapping, got {_typename(raw)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in raw.items():
-        sub = f"{key}.{name}" if key else str(name)
-        if name not in fields:
-            raise ConfigError(_unknown_key_message(sub, str(name), fields))
-        kwargs[name] = _parse_value(hints[name], value, sub)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise ConfigError(f"{key or 'config'}: {e}") from None
-
-
-def _parse_value(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [arg for arg in args if arg is not type(None)]
-        # A word like `auto` is tried against the Literal first; anything else against the
-        # other types in order, reporting the first one's error if none accepts it.
-        options.sort(key=lambda arg: typing.get_origin(arg) is not Literal
-                     or not isinstance(value, str))
-        errors = []
-        for arg in options:
-            try:
-                return _parse_value(arg, value, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise _union_error(options, value, key, errors)
-    if origin is Literal:
-        if value not in args:
-            choices = ", ".join(map(str, args))
-            raise ConfigError(f"{key}: must be one of {choices}; got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if hasattr(tp, "parse"):
-            return tp.parse(value, key)
-        return from_dict(tp, value, key)
-    if origin in (tuple, list, Sequence) or tp in (tuple, list):
-        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-            raise ConfigError(f"{key}: expected a list, got {_typename(value)}")
-        item = args[0] if args else Any
-        return tuple(_parse_value(item, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {_typename(value)}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        number = _as_float(value)
-        if number is None or not number.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        number = _as_float(value)
-        if number is None or not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"config type {tp!r} at {key} is not supported by the parser")
-
-
-def _union_error(options: list, value: Any, key: str, errors: list[ConfigError]) -> ConfigError:
-    words = [str(w) for arg in options if typing.get_origin(arg) is Literal
-             for w in typing.get_args(arg)]
-    others = [arg for arg in options if typing.get_origin(arg) is not Literal]
-    if words and others:
-        kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-        what = " or ".join([kinds.get(others[0], str(others[0])), *words])
-        return ConfigError(f"{key}: expected {what}, got {value!r}")
-    return errors[-1] if len(errors) == 1 or not words else errors[0]
-
-
-def _as_float(value: Any) -> float | None:
-    # YAML 1.1 reads `3e-4` (no dot) as a string; accept it as the number it obviously is.
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.replace("_", ""))
-        except ValueError:
-            return None
-    return None
-
-
-def _typename(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _unknown_key_message(key: str, name: str, known: Mapping[str, Any] | Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    valid = ", ".join(known) or "none"
-    return f"{key}: unknown key{hint}; valid keys: {valid}"
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
-# YAML files and dotted overrides.
-
-
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Applies one `a.b.c=value` (YAML value; list items by index: `loss.1.coefficient=2`)."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r}: expected key=value (e.g. optim.lr=1e-3)")
-    dotted, text = assignment.split("=", 1)
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {dotted}: value is not valid YAML ({e.problem})") from None
-    assign(tree, dotted.strip(), value)
-
-
-def assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Sets `a.b.c` in a config tree (list items by index), creating missing mappings."""
-    parts = dotted.split(".")
-    if not all(parts):
-        raise ConfigError(f"override {dotted!r}: empty key segment")
-    node: Any = tree
-    for i, part in enumerate(parts[:-1]):
-        here = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            node = node[_list_index(node, part, here)]
-        elif isinstance(node, dict):
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        else:
-            raise ConfigError(f"override {dotted}: {here} is not a mapping or list")
-    last = parts[-1]
-    if isinstance(node, list):
-        node[_list_index(node, last, dotted)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ConfigError(f"override {dotted}: {'.'.join(parts[:-1])} is not a mapping or list")
-
-
-def _list_index(node: list, part: str, key: str) -> int:
-    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-        raise ConfigError(f"override {key}: list index out of range (list has {len(node)} items)")
-    return int(part)
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (empty file: {}), errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return tree
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -703,15 +530,3 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 
 def is_mutable_on_resume(key: str) -> bool:
     return any(key == m or key.startswith(m + ".") for m in MUTABLE_ON_RESUME)
-
-
-def keyword_hparams(fn: Any) -> tuple[dict[str, Any], frozenset[str]]:
-    """The keyword-only parameters (name -> annotation) of a registered function, and which of
-    them have no default (required in the config)."""
-    sig = inspect.signature(fn, eval_str=True)
-    params = {name: p for name, p in sig.parameters.items()
-              if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "step"}
-    types_ = {name: p.annotation if p.annotation is not inspect.Parameter.empty else Any
-              for name, p in params.items()}
-    required = frozenset(n for n, p in params.items() if p.default is inspect.Parameter.empty)
-    return types_, required

@@ -26,9 +26,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxsae import outputs, tensorfile
+from jaxsae import activations, outputs, tensorfile
+from jaxsae.checks import check_run
 from jaxsae.config import SAEConfig
-from jaxsae.errors import DataError, JaxsaeError
+from jaxsae.errors import ConfigError, DataError, JaxsaeError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -36,8 +37,6 @@ SPARSITY_FILE = "sparsity.safetensors"
 # The SAELens config schema these files follow (its loader picks the 6.x code path from it).
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 
-ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
-ACTIVATION = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -72,20 +71,16 @@ def export_sae(
     `outputs.check_target`, which also protects `inputs`)."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    kind = activations.get(sae_cfg.activation)
     host = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
     W_dec = host["W_dec"]
     d_sae, d_in = W_dec.shape
-    weights = {
-        "W_enc": host["W_enc"] if "W_enc" in host else np.ascontiguousarray(W_dec.T),
-        "W_dec": W_dec,
-        "b_enc": host["b_enc"],
-        "b_dec": host["b_dec"],
-    }
-    if sae_cfg.activation in ("jumprelu", "batchtopk"):
-        weights["threshold"] = host["threshold"]
+    weights = {"W_dec": W_dec, "b_dec": host["b_dec"], **kind.export_tensors(host)}
+    if kind.has_encoder:  # tied SAEs write W_enc = W_dec.T
+        weights["W_enc"] = host["W_enc"] if "W_enc" in host else np.ascontiguousarray(W_dec.T)
     weights = {k: v.astype(EXPORT_DTYPES[dtype]) for k, v in weights.items()}
     cfg_json: dict[str, Any] = {
-        "architecture": ARCHITECTURE[sae_cfg.activation],
+        "architecture": kind.architecture,
         "d_in": int(d_in),
         "d_sae": int(d_sae),
         "dtype": dtype,
@@ -96,12 +91,10 @@ def export_sae(
         "metadata": {"sae_lens_version": SAE_LENS_FORMAT_VERSION, **(metadata or {})},
         "jaxsae": {"activation": sae_cfg.activation, "tied": sae_cfg.tied,
                    "decoder_norm": sae_cfg.decoder_norm,
-                   **({"k": sae_cfg.k} if sae_cfg.activation == "batchtopk" else {}),
+                   **({"k": sae_cfg.k} if kind.has_k else {}),
                    **(training or {})},
+        **kind.export_cfg(sae_cfg),
     }
-    if sae_cfg.activation == "topk":
-        cfg_json["k"] = sae_cfg.k
-        cfg_json["rescale_acts_by_decoder_norm"] = False
     if log10_firing is None:
         log10_firing = np.full(d_sae, -10.0, np.float32)
 
@@ -115,8 +108,6 @@ def export_sae(
     return Path(out)
 
 
-# Which training activations can start from an exported architecture.
-COMPATIBLE = {"standard": ("relu",), "topk": ("topk",), "jumprelu": ("jumprelu", "batchtopk")}
 
 
 def read_cfg(path: str | Path) -> dict[str, Any]:
@@ -135,24 +126,21 @@ def read_cfg(path: str | Path) -> dict[str, Any]:
         raise ExportError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ExportError(f"{file}: expected a JSON object, got a JSON {type(cfg).__name__}")
+    known = activations.architectures()
     if "architecture" not in cfg:
-        raise ExportError(f"{file}: missing 'architecture' (one of {', '.join(ACTIVATION)})")
+        raise ExportError(f"{file}: missing 'architecture' (one of {', '.join(known)})")
     arch = cfg["architecture"]
-    if not isinstance(arch, str) or arch not in ACTIVATION:
-        raise ExportError(
-            f"{file}: unknown architecture {arch!r} (supported: {', '.join(ACTIVATION)})")
+    if not isinstance(arch, str) or arch not in known:
+        raise ExportError(f"{file}: unknown architecture {arch!r} (supported: "
+                          f"{', '.join(known)})")
     for key in ("d_in", "d_sae"):
         if not _positive_int(cfg.get(key)):
             raise ExportError(f"{file}: {key!r} must be a positive integer, got "
                               f"{cfg.get(key)!r}")
-    if arch == "topk":
-        if "k" not in cfg:
-            raise ExportError(f"{file}: missing 'k' (a topk SAE keeps the k largest latents)")
-        if not _positive_int(cfg["k"]) or cfg["k"] > cfg["d_sae"]:
-            raise ExportError(f"{file}: 'k' must be an integer in 1..d_sae ({cfg['d_sae']}), "
-                              f"got {cfg['k']!r}")
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            raise ExportError(f"{file}: rescale_acts_by_decoder_norm is not supported")
+    try:
+        activations.for_architecture(arch).check_saelens_cfg(cfg, file)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ExportError(f"{file}: normalize_activations {cfg['normalize_activations']!r} "
                           "is not supported (expected 'none')")
@@ -164,17 +152,17 @@ def _positive_int(value: Any) -> bool:
 
 
 def check_init_from(path: str | Path, sae_cfg: SAEConfig) -> None:
-    """Config-time check that `init_from` can start a run with `sae_cfg` (reads cfg.json only)."""
-    from jaxsae.errors import ConfigError
-
+    """Refuses an `init_from` that cannot start a run with `sae_cfg` (reads cfg.json only;
+    called when a run starts from it, never on resume)."""
     try:
         cfg = read_cfg(path)
     except ExportError as e:
         raise ConfigError(f"init_from: {e}") from None
-    arch = cfg.get("architecture", "standard")
-    if sae_cfg.activation not in COMPATIBLE[arch]:
+    arch = cfg["architecture"]
+    if sae_cfg.activation not in activations.starting_from(arch):
         raise ConfigError(f"init_from: {path} is a {arch!r} SAE; sae.activation must be one of "
-                          f"{', '.join(COMPATIBLE[arch])}, got {sae_cfg.activation!r}")
+                          f"{', '.join(activations.starting_from(arch))}, got "
+                          f"{sae_cfg.activation!r}")
     if cfg["d_sae"] != sae_cfg.d_sae:
         raise ConfigError(f"init_from: {path} has d_sae {cfg['d_sae']}; set sae.d_sae to it "
                           f"(got {sae_cfg.d_sae})")
@@ -188,11 +176,11 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
     if loaded.d_in != d_in:
         raise ExportError(f"init_from: {path} has d_in {loaded.d_in}, the data has {d_in}")
     p = dict(loaded.params)
-    params = {"b_enc": p["b_enc"], "W_dec": p["W_dec"] * scale, "b_dec": p["b_dec"] * scale}
-    if not sae_cfg.tied:
+    kind = activations.get(sae_cfg.activation)
+    params = {name: p[name] for name in kind.own_param_names(sae_cfg)}
+    params.update(W_dec=p["W_dec"] * scale, b_dec=p["b_dec"] * scale)
+    if kind.has_encoder and not sae_cfg.tied:
         params["W_enc"] = p["W_enc"] / scale
-    if sae_cfg.activation in ("jumprelu", "batchtopk"):
-        params["threshold"] = p["threshold"]
     return {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
 
 
@@ -203,15 +191,15 @@ def load_sae(path: str | Path) -> LoadedSAE:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ExportError(f"{path}: missing {WEIGHTS_FILE} (not a SAELens export)")
-    arch = cfg["architecture"]
+    kind = activations.for_architecture(cfg["architecture"])
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     try:
         raw = tensorfile.read(weights)
     except DataError as e:
         raise ExportError(str(e)) from None
-    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-    if arch == "jumprelu":
-        expected["threshold"] = (d_sae,)
+    expected = {"W_dec": (d_sae, d_in), "b_dec": (d_in,), **kind.tensor_shapes(d_in, d_sae)}
+    if kind.has_encoder:
+        expected["W_enc"] = (d_in, d_sae)
     tensors = {}
     for name, shape in expected.items():
         if name not in raw:
@@ -229,11 +217,13 @@ def load_sae(path: str | Path) -> LoadedSAE:
             raise ExportError(f"{weights}: {name} has {bad} non-finite values (NaN or inf)")
         tensors[name] = array
     if not cfg.get("apply_b_dec_to_input", True):
+        if "b_enc" not in tensors:
+            raise ExportError(f"{path / CFG_FILE}: apply_b_dec_to_input false is not supported "
+                              f"for {cfg['architecture']!r}")
         # jaxsae always centres by b_dec; fold "no centring" into b_enc: (x-b)W + b_enc + bW.
         tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
-    activation = ACTIVATION[arch]
-    sae_cfg = SAEConfig(d_sae=d_sae, activation=activation,
-                        k=cfg["k"] if activation == "topk" else 1, decoder_norm="free")
+    sae_cfg = SAEConfig(d_sae=d_sae, activation=kind.name, decoder_norm="free",
+                        **kind.config_from_saelens(cfg))
     return LoadedSAE(params=tensors, sae=sae_cfg, d_in=d_in, cfg_json=cfg)
 
 
@@ -250,12 +240,12 @@ def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     rest."""
     arch = cfg["architecture"]
     own = cfg.get("jaxsae") if isinstance(cfg.get("jaxsae"), dict) else {}
-    sae: dict[str, Any] = {"activation": ACTIVATION[arch]}
-    if own.get("activation") in COMPATIBLE[arch]:
-        sae["activation"] = own["activation"]
-    if arch == "topk":
-        sae["k"] = cfg["k"]
-    elif sae["activation"] == "batchtopk" and _positive_int(own.get("k")):
+    kind = activations.for_architecture(arch)
+    if own.get("activation") in activations.starting_from(arch):
+        kind = activations.get(own["activation"])
+    sae: dict[str, Any] = {"activation": kind.name,
+                           **activations.for_architecture(arch).config_from_saelens(cfg)}
+    if kind.has_k and "k" not in sae and _positive_int(own.get("k")):
         sae["k"] = own["k"]
     optim = {k: v for k, v in (own.get("optim") or {}).items() if k in ("lr", "batch_size")}
     if isinstance(own.get("loss"), list) and own["loss"]:
@@ -268,14 +258,14 @@ def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         return float(value) if ok and math.isfinite(value) else default
 
-    if arch == "standard":
+    if kind.has_k:
+        # jaxsae's auxk is normalised as in Gao et al. (2024): their 1/32 carries over.
+        loss = [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}]
+    elif not kind.learns_threshold:
         l1: dict[str, Any] = {"term": "l1", "coefficient": number("l1_coefficient", 1.0)}
         if number("lp_norm", 1.0) != 1.0:
             l1["p"] = number("lp_norm", 1.0)
         loss = [{"term": "mse"}, l1]
-    elif arch == "topk" or sae["activation"] == "batchtopk":
-        # jaxsae's auxk is normalised as in Gao et al. (2024): their 1/32 carries over.
-        loss = [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}]
     else:
         l0: dict[str, Any] = {"term": "l0", "coefficient": number("l0_coefficient", 1.0)}
         if saelens.get("jumprelu_sparsity_loss_mode") == "tanh":
@@ -295,8 +285,9 @@ def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
     hold-out to the data, so it trains as written. Paths in it are absolute. Overrides apply
     like `jaxsae train`'s. RUN is created; an existing RUN is replaced only if it is an
     untrained import (or with `overwrite`), never if it holds checkpoints."""
-    from jaxsae.config import DataConfig, apply_override, config_from_dict
+    from jaxsae.config import DataConfig, config_from_dict
     from jaxsae.data import open_source
+    from jaxsae.parsing import apply_override
 
     sae_dir, run_dir, data = Path(sae_dir).absolute(), Path(run_dir).absolute(), \
         Path(data).absolute()
@@ -329,7 +320,9 @@ def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
     }
     for assignment in overrides:
         apply_override(tree, assignment)
-    config = config_from_dict(tree)  # validates, init_from included
+    config = config_from_dict(tree)
+    check_run(config)
+    check_init_from(config.init_from, config.sae)
     with outputs.staged_directory(run_dir, "import", overwrite=overwrite,
                                   inputs=(sae_dir, data)) as staging:
         (staging / "config.yaml").write_text(

@@ -19,6 +19,8 @@ Scales follow SAELens so that published coefficients carry over:
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,14 +31,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import sae
-from jaxsae.config import keyword_hparams
+from jaxsae import activations, kernels, sae
+from jaxsae.activations.topk import topk
 from jaxsae.errors import ConfigError
+from jaxsae.parsing import parse_value, unknown_key_message
 
 if TYPE_CHECKING:
     from jaxsae.config import Config, TermConfig
 
 Metrics = dict[str, jax.Array]
+
+
+def keyword_hparams(fn: Any) -> tuple[dict[str, Any], frozenset[str]]:
+    """The keyword-only parameters (name -> annotation) of a registered function, and which of
+    them have no default (required in the config)."""
+    sig = inspect.signature(fn, eval_str=True)
+    params = {name: p for name, p in sig.parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "step"}
+    types_ = {name: p.annotation if p.annotation is not inspect.Parameter.empty else Any
+              for name, p in params.items()}
+    required = frozenset(n for n, p in params.items() if p.default is inspect.Parameter.empty)
+    return types_, required
 
 
 class LossTerm(Protocol):
@@ -91,17 +106,43 @@ def get_term(name: str, *, key: str = "term") -> TermSpec:
     return _REGISTRY[name]
 
 
+def resolve(term: TermConfig, key: str = "loss") -> TermConfig:
+    """`term` with its hyper-parameters parsed against the term's own signature (the config
+    keeps them as written): unknown names, wrong types and missing required ones are refused
+    naming `key.<name>`."""
+    spec = get_term(term.term, key=f"{key}.term")
+    params = {}
+    for name, value in term.params.items():
+        if name not in spec.hparams:
+            known = ["term", "name", "coefficient", "warmup_steps", *spec.hparams]
+            raise ConfigError(unknown_key_message(f"{key}.{name}", name, known))
+        params[name] = parse_value(spec.hparams[name], value, f"{key}.{name}")
+    for name in sorted(spec.required - params.keys()):
+        raise ConfigError(f"{key}.{name}: required by loss term {term.term!r}")
+    return dataclasses.replace(term, params=params)
+
+
+def check_terms(cfg: Config) -> None:
+    """Every loss term of `cfg` exists, has well-typed hyper-parameters, and makes sense with
+    the rest of the config (its `check`)."""
+    for i, term in enumerate(cfg.loss):
+        key = f"loss[{i}]"
+        get_term(term.term, key=f"{key}.term").check(cfg, resolve(term, key), key)
+
+
 def registered() -> list[str]:
     return list(_REGISTRY)
 
 
-def _require_activation(*allowed: str) -> CheckFn:
+def _require(capability: str, what: str) -> CheckFn:
+    """A check that the activation has `capability` (a flag of `jaxsae.activations`)."""
+
     def check(cfg: Config, term: TermConfig, key: str) -> None:
-        if cfg.sae.activation not in allowed:
-            raise ConfigError(
-                f"{key}: term {term.term!r} needs sae.activation in {{{', '.join(allowed)}}}, "
-                f"got {cfg.sae.activation!r}"
-            )
+        if not getattr(activations.get(cfg.sae.activation), capability):
+            able = [n for n in activations.registered()
+                    if getattr(activations.get(n), capability)]
+            raise ConfigError(f"{key}: term {term.term!r} needs {what} (sae.activation "
+                              f"{', '.join(able)}), got {cfg.sae.activation!r}")
 
     return check
 
@@ -126,14 +167,15 @@ def prefix_ends(cfg: Config) -> tuple[int, ...]:
     for term in cfg.loss:
         spec = _REGISTRY[term.term]
         if spec.needs_prefixes is not None:
-            ends.update(spec.needs_prefixes(cfg, term))
+            ends.update(spec.needs_prefixes(cfg, resolve(term)))
     return tuple(sorted(ends))
 
 
 def term_labels(terms: Sequence[TermConfig]) -> list[str]:
-    """Metric names of the terms: the term's name, suffixed with its index when repeated."""
-    names = [t.term for t in terms]
-    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+    """Metric names of the terms: the name given to a term, else the term's own name,
+    suffixed with its position when several terms are of that kind."""
+    labels = [t.label for t in terms]
+    return [n if labels.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(labels)]
 
 
 def total_loss(
@@ -145,7 +187,8 @@ def total_loss(
     total = jnp.zeros((), jnp.float32)
     metrics: Metrics = {}
     for i, (label, term) in enumerate(zip(term_labels(terms), terms, strict=True)):
-        value, extra = _REGISTRY[term.term].fn(out, params, step=step, **term.params)
+        value, extra = _REGISTRY[term.term].fn(out, params, step=step,
+                                               **resolve(term).params)
         weight = coefficient(term, step, None if coefficients is None else coefficients[i])
         total = total + weight * value
         metrics[f"loss.{label}"] = value
@@ -191,11 +234,12 @@ def l1(
     if p == 1.0 and tanh_scale is None:
         # Batch mean first, then one dot with the norms: no [batch, d_sae] product to build
         # (nor, in the backward pass, to reduce).
-        mean_acts = jnp.mean(out.acts, axis=0)
+        mean_acts = jnp.mean(out.penalized_acts, axis=0)
         if weight_by_decoder_norm:
             return mean_acts @ out.decoder_norms, {}
         return jnp.sum(mean_acts), {}
-    v = out.acts * out.decoder_norms if weight_by_decoder_norm else out.acts
+    acts = out.penalized_acts
+    v = acts * out.decoder_norms if weight_by_decoder_norm else acts
     if tanh_scale is not None:
         return jnp.mean(jnp.sum(jnp.tanh(tanh_scale * v), axis=-1)), {}
     positive = v > 0  # v^p has an infinite slope at 0: keep the gradient of silent latents 0
@@ -233,7 +277,7 @@ def only_when(pred: jax.Array, loss: Callable[..., jax.Array], params: sae.Param
 
 
 def _check_auxk(cfg: Config, term: TermConfig, key: str) -> None:
-    _require_activation("topk", "batchtopk")(cfg, term, key)
+    _require("has_k", "an activation with k active latents")(cfg, term, key)
     k_aux = term.params.get("k_aux")
     if k_aux is not None and not 0 < k_aux <= cfg.sae.d_sae:
         raise ConfigError(f"{key}.k_aux: must be in 1..sae.d_sae ({cfg.sae.d_sae}), got {k_aux}")
@@ -266,7 +310,7 @@ def auxk(
         # Pre-activations recomputed here, so that their gradient (a dense encoder matmul)
         # exists only in this branch; the main TopK path does not need it.
         pre_acts = sae.pre_activations(params, x)
-        aux_acts = sae.topk(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh)
+        aux_acts = topk(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh)
         error = jnp.sum(jnp.square(aux_acts @ params["W_dec"] - residual), axis=-1)
         spread = jnp.sum(jnp.square(residual - residual.mean(axis=0)), axis=-1)
         normalised = jnp.mean(error) / jnp.maximum(jnp.mean(spread), 1e-12)
@@ -281,7 +325,7 @@ def auxk(
 
 
 def _check_l0(cfg: Config, term: TermConfig, key: str) -> None:
-    _require_activation("jumprelu")(cfg, term, key)
+    _require("learns_threshold", "learned thresholds")(cfg, term, key)
     for name in ("bandwidth", "tanh_scale"):
         if term.params.get(name, 1.0) <= 0:
             raise ConfigError(f"{key}.{name}: must be > 0")
@@ -310,7 +354,7 @@ def l0(
     if mode == "tanh":
         v = out.acts * out.decoder_norms
         return jnp.mean(jnp.sum(jnp.tanh(tanh_scale * v), axis=-1)), {}
-    fired = sae.step_ste(out.pre_acts, params["threshold"], bandwidth)
+    fired = kernels.step_ste(out.pre_acts, params["threshold"], bandwidth)
     count = jnp.mean(jnp.sum(fired, axis=-1))
     if mode == "quadratic":
         return jnp.square(count / target_l0 - 1.0), {"l0_ste": count}
@@ -328,7 +372,7 @@ def _group_size(cfg: Config, term: TermConfig, key: str) -> int:
     size = term.params["group_size"]
     if size <= 0 or cfg.sae.d_sae % size:
         raise ConfigError(f"{key}.group_size: must divide sae.d_sae ({cfg.sae.d_sae}), got {size}")
-    others = {t.params["group_size"] for t in cfg.loss if "group_size" in t.params}
+    others = {resolve(t).params["group_size"] for t in cfg.loss if "group_size" in t.params}
     if len(others) > 1:
         raise ConfigError(f"{key}.group_size: the group terms use different group sizes "
                           f"({sorted(others)}); they must agree")
@@ -360,7 +404,7 @@ def group_l1_l2(
     """Group sparsity (L1 of L2) over contiguous groups of `group_size` latents:
     mean over tokens of Σ_g w_g · ‖(f ⊙ ‖W_dec‖)_g‖₂, w_g = `group_weight` or sqrt(group_size).
     Two latents of one group firing together cost less than two from different groups."""
-    v = out.acts * out.decoder_norms
+    v = out.penalized_acts * out.decoder_norms
     groups = v.reshape(v.shape[0], -1, group_size)
     weight = group_weight if group_weight is not None else group_size**0.5
     norms = _safe_norm(groups, axis=-1)
@@ -409,7 +453,8 @@ def _matryoshka_ends(cfg: Config, term: TermConfig) -> tuple[int, ...]:
         return tuple(term.params["prefixes"])
     ends = geometric_ends(cfg.sae.d_sae, term.params["sample"].resolution)
     # With group terms, a sampled grid snaps to group boundaries so no group straddles a prefix.
-    group = max((t.params["group_size"] for t in cfg.loss if "group_size" in t.params), default=1)
+    group = max((resolve(t).params["group_size"] for t in cfg.loss if "group_size" in t.params),
+                default=1)
     return tuple(sorted({min(cfg.sae.d_sae, -(-end // group) * group) for end in ends}))
 
 
@@ -441,7 +486,7 @@ def _check_matryoshka(cfg: Config, term: TermConfig, key: str) -> None:
             raise ConfigError(f"{key}.weights: only with fixed prefixes")
         if sample.n < 1 or sample.power <= 0 or sample.resolution < 1:
             raise ConfigError(f"{key}.sample: need n >= 1, power > 0 and resolution >= 1")
-    group_sizes = {t.params["group_size"] for t in cfg.loss if "group_size" in t.params}
+    group_sizes = {resolve(t).params["group_size"] for t in cfg.loss if "group_size" in t.params}
     for size in group_sizes:
         ends = _matryoshka_ends(cfg, term)
         if any(end % size for end in ends):

@@ -38,6 +38,7 @@ from jaxsae.checkpoint import (
     abstract_with_shardings,
     check_resume_compatible,
 )
+from jaxsae.checks import check_run
 from jaxsae.config import CheckpointConfig, Config, OptimConfig, sweep_label
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, lanes_of_process
@@ -46,6 +47,7 @@ from jaxsae.data.stats import DataStats
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
 from jaxsae.outputs import AppendLog, atomic_write, json_text, write_csv
+from jaxsae.parsing import list_index
 from jaxsae.progress import Progress
 from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 
@@ -104,16 +106,20 @@ def hyper_of(cfg: Config, *, with_k: bool = False) -> Hyper:
 
 def lr_schedule(o: OptimConfig, lr: jax.Array | float | None = None
                 ) -> Callable[[jax.Array], jax.Array]:
-    """Linear warm-up over `warmup_steps`, constant, linear decay to 0 over the last
-    `decay_fraction` of the steps; peak `lr` (default o.lr)."""
+    """optax: linear warm-up over `warmup` steps (from peak/warmup at step 0 to the peak at
+    step warmup-1), constant, then `decay_shape` decay to 0 over the last `decay_fraction`
+    of the steps; peak `lr` (default o.lr; traced in sweeps, so the shape is built at 1)."""
     total, decay, warmup = o.total_steps, o.decay_steps, o.warmup
+    warm = (optax.linear_schedule(1.0 / warmup, 1.0, max(warmup - 1, 1)) if warmup
+            else optax.constant_schedule(1.0))
+    cool = (optax.cosine_decay_schedule(1.0, decay) if o.decay_shape == "cosine"
+            else optax.linear_schedule(1.0, 0.0, decay)) if decay else optax.constant_schedule(1.0)
+    shape = optax.join_schedules([warm, optax.constant_schedule(1.0), cool],
+                                 boundaries=[warmup, total - decay])
     peak = o.lr if lr is None else lr
 
     def schedule(step):
-        s = jnp.asarray(step, jnp.float32)
-        warm = jnp.minimum(1.0, (s + 1.0) / warmup) if warmup else 1.0
-        cool = jnp.clip((total - s) / decay, 0.0, 1.0) if decay else 1.0
-        return peak * jnp.minimum(warm, cool)
+        return peak * shape(jnp.asarray(step, jnp.int32))
 
     return schedule
 
@@ -346,6 +352,9 @@ def member_dirs(cfg: Config, run_dir: Path) -> list[Path]:
 
 
 def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print) -> RunResult:
+    # -- config: what the schema cannot check alone (activation, loss terms, generator) ------
+    check_run(cfg)
+
     # -- processes (before anything touches the devices) -------------------------------------
     launch = sharding.initialize_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
@@ -581,6 +590,7 @@ def _start_params(cfg: Config, d_in: int, stats: DataStats,
     """The parameters of init_from (None: a random init from the seed)."""
     if cfg.init_from is None:
         return None
+    export.check_init_from(cfg.init_from, cfg.sae)
     params = export.initial_params(cfg.init_from, cfg.sae, d_in, stats.scale)
     if cfg.sae.decoder_norm == "unit":
         norms = np.linalg.norm(params["W_dec"], axis=1)
@@ -614,7 +624,7 @@ def _write_sweep_table(path: Path, cfg: Config, members: list[Config],
 def _dotted_value(cfg: Config, dotted: str) -> Any:
     node: Any = cfg.to_dict()
     for part in dotted.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
+        node = node[list_index(node, part, dotted)] if isinstance(node, list) else node[part]
     return node
 
 

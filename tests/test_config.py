@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jaxsae.checks import check_run
 from jaxsae.config import (
     Config,
     DataConfig,
@@ -186,8 +187,8 @@ def raises_naming(*fragments: str):
     ],
 )
 def test_errors_name_the_key(preset, overrides, fragments):
-    with raises_naming(*fragments):
-        load_config(preset, overrides)
+    with raises_naming(*fragments):  # the schema's checks, then the run's (as `jaxsae train`)
+        check_run(load_config(preset, overrides))
 
 
 def test_valid_combinations_are_accepted(preset):
@@ -244,9 +245,13 @@ def test_wrong_type_in_yaml_file(tmp_path):
 
 def test_config_error_is_raised_by_config_from_dict():
     tree = base_tree()
-    tree["sae"]["activation"] = "gelu"
-    with raises_naming("sae.activation"):
+    tree["sae"]["d_sae"] = 0
+    with raises_naming("sae.d_sae"):
         config_from_dict(tree)
+    tree["sae"]["d_sae"] = 64
+    tree["sae"]["activation"] = "gelu"  # the registry's business: checked where a run starts
+    with raises_naming("sae.activation", "gelu", "unknown activation"):
+        check_run(config_from_dict(tree))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,3 +314,27 @@ def test_indexed_override_of_default_loss_list(tmp_path):
     del tree["loss"]
     cfg = load_config(write_yaml(tmp_path, tree), ["loss.1.coefficient=2"])
     assert [(t.term, t.coefficient) for t in cfg.loss] == [("mse", 1.0), ("l1", 2.0)]
+
+
+def test_loss_terms_by_name():
+    """`loss.<name>.coefficient` (or the term's own name, when one term has it) in overrides
+    and sweeps; positions still work; metrics use the name."""
+    from jaxsae import penalties
+
+    terms = "loss=[{term: mse}, {term: l1, name: sparsity, coefficient: 2}, {term: l1}]"
+    cfg = load_config(None, ["data.path=d", terms, "loss.sparsity.coefficient=3",
+                             "loss.2.coefficient=4", "sweep.loss.sparsity.coefficient=[1, 5]"])
+    assert [t.coefficient for t in cfg.loss] == [1.0, 3.0, 4.0]
+    assert [m.loss[1].coefficient for m in cfg.sweep_configs()] == [1.0, 5.0]
+    assert penalties.term_labels(cfg.loss) == ["mse", "sparsity", "l1"]
+    assert cfg.term_index("sparsity") == 1 and cfg.term_index("l1") == 2
+    assert load_config(None, ["data.path=d", "loss.l1.coefficient=7"]).loss[1].coefficient == 7
+    with raises_naming("loss.sparsty", "did you mean 'sparsity'"):
+        load_config(None, ["data.path=d", terms, "loss.sparsty.coefficient=1"])
+    with raises_naming("sweep.loss.nope.coefficient", "no loss term named 'nope'"):
+        load_config(None, ["data.path=d", terms, "sweep.loss.nope.coefficient=[1]"])
+    with raises_naming("loss", "two terms are called 'a'"):
+        load_config(None, ["data.path=d", "loss=[{term: mse, name: a}, {term: l1, name: a}]"])
+    two = "loss=[{term: mse}, {term: l1}, {term: l1}]"
+    with raises_naming("loss.l1", "2 items have term 'l1'"):
+        load_config(None, ["data.path=d", two, "loss.l1.coefficient=1"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxsae import penalties, sae
+from jaxsae.checks import check_run
 from jaxsae.config import SAEConfig, TermConfig, config_from_dict
 from jaxsae.errors import ConfigError
 
@@ -428,7 +429,7 @@ def test_registered_term_is_selectable_from_config(custom_term, rng, x):
     spec = penalties.get_term(CUSTOM)
     assert spec.hparams == {"scale": float, "power": int, "mode": str}
     cfg = config_from_dict(custom_config_tree(coefficient=0.5, scale=2, power=3.0, mode="max"))
-    term = cfg.loss[1]
+    term = penalties.resolve(cfg.loss[1])  # the term types its own hyper-parameters
     assert term.term == CUSTOM and term.coefficient == 0.5
     assert term.params == {"scale": 2.0, "power": 3, "mode": "max"}
     assert type(term.params["scale"]) is float and type(term.params["power"]) is int
@@ -461,7 +462,7 @@ def test_registered_term_is_selectable_from_config(custom_term, rng, x):
 )
 def test_registered_term_hparams_are_type_checked(custom_term, term, fragments):
     with pytest.raises(ConfigError, match=fragments):
-        config_from_dict(custom_config_tree(**term))
+        check_run(config_from_dict(custom_config_tree(**term)))
 
 
 def test_register_twice_is_refused(custom_term):
@@ -483,10 +484,10 @@ def test_custom_term_check_hook(rng):
             lambda out, params, *, step: (jnp.zeros(()), {}))
         tree = custom_config_tree()
         tree["loss"][1]["term"] = name
-        assert config_from_dict(tree).loss[1].term == name
+        check_run(config_from_dict(tree))
         tree["sae"]["tied"] = True
         with pytest.raises(ConfigError, match=r"loss\[1\]: needs an untied SAE"):
-            config_from_dict(tree)
+            check_run(config_from_dict(tree))
     finally:
         penalties._REGISTRY.pop(name, None)
     assert name not in penalties.registered()
@@ -499,10 +500,10 @@ def test_required_hyperparameter_is_a_config_error():
 
     try:
         with pytest.raises(ConfigError, match=r"loss\[1\]\.target: required"):
-            config_from_dict({"data": {"path": "x"},
-                              "loss": [{"term": "mse"}, {"term": "test_needs_target"}]})
+            check_run(config_from_dict({"data": {"path": "x"},
+                                        "loss": [{"term": "mse"}, {"term": "test_needs_target"}]}))
         cfg = config_from_dict({"data": {"path": "x"}, "loss": [
             {"term": "mse"}, {"term": "test_needs_target", "target": 2}]})
-        assert cfg.loss[1].params == {"target": 2.0}
+        assert penalties.resolve(cfg.loss[1]).params == {"target": 2.0}
     finally:
         del penalties._REGISTRY["test_needs_target"]

@@ -69,7 +69,7 @@ def term_value(config: Config, params, x, *, index=0, key=None, step=0):
     term = config.loss[index]
     out = forward(config, params, x, key)
     value, metrics = penalties.get_term(term.term).fn(out, params, step=jnp.asarray(step),
-                                                      **term.params)
+                                                      **penalties.resolve(term).params)
     return value, metrics, out
 
 
@@ -634,8 +634,8 @@ def test_matryoshka_sampled_lengths_follow_truncated_pareto(rng):
     @jax.jit
     def draw(keys):
         return jax.vmap(lambda k: penalties.matryoshka(
-            out.replace(key=k), params, step=jnp.asarray(0), sample=config.loss[0].params[
-                "sample"]))(keys)
+            out.replace(key=k), params, step=jnp.asarray(0), sample=penalties.resolve(
+                config.loss[0]).params["sample"]))(keys)
 
     values, metrics = draw(jax.random.split(jax.random.PRNGKey(7), 4000))
     # Standard errors here are ~0.3% of the means; 2% is > 5 sigma.

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import sae
+from jaxsae import kernels, sae
+from jaxsae.activations.batchtopk import batchtopk
+from jaxsae.activations.jumprelu import jumprelu
+from jaxsae.activations.topk import topk
 from jaxsae.config import SAEConfig
 
 D_IN, D_SAE, BATCH, K = 12, 48, 32, 6
@@ -174,7 +177,7 @@ def test_relu_encode(rng, x):
 
 def test_topk_function_keeps_k_per_row(rng):
     pre = rng.normal(size=(BATCH, D_SAE)).astype(np.float32)
-    out = np.asarray(sae.topk(jnp.asarray(pre), K))
+    out = np.asarray(topk(jnp.asarray(pre), K))
     assert (np.count_nonzero(out, axis=1) == K).all()
     np.testing.assert_array_equal(out, np_topk(pre.astype(np.float64), K).astype(np.float32))
 
@@ -182,7 +185,7 @@ def test_topk_function_keeps_k_per_row(rng):
 def test_topk_applies_relu_when_fewer_than_k_positive(rng):
     pre = -np.abs(rng.normal(size=(4, D_SAE))).astype(np.float32)
     pre[:, :2] = [1.5, 0.5]
-    out = np.asarray(sae.topk(jnp.asarray(pre), K))
+    out = np.asarray(topk(jnp.asarray(pre), K))
     expected = np.zeros_like(pre)
     expected[:, :2] = [1.5, 0.5]
     np.testing.assert_array_equal(out, expected)
@@ -204,7 +207,7 @@ def test_batchtopk_keeps_batch_times_k(rng, x):
     params = random_params(rng, cfg)
     pre32 = np.asarray(sae.pre_activations(params, x))
     assert (pre32 > 0).sum() > BATCH * K
-    acts, threshold = sae.batchtopk(jnp.asarray(pre32), K)
+    acts, threshold = batchtopk(jnp.asarray(pre32), K)
     expected, expected_threshold = np_batchtopk(pre32, K)
     assert np.count_nonzero(np.asarray(acts)) == BATCH * K
     np.testing.assert_array_equal(np.asarray(acts), expected)
@@ -221,7 +224,7 @@ def test_batchtopk_with_fewer_positives_than_target_keeps_all_positives(rng):
     pre = rng.normal(size=(8, 16)).astype(np.float32)
     k = 12  # target 96 of 128 entries; about 64 are positive
     assert (pre > 0).sum() < 8 * k
-    acts, threshold = sae.batchtopk(jnp.asarray(pre), k)
+    acts, threshold = batchtopk(jnp.asarray(pre), k)
     assert float(threshold) == 0.0
     np.testing.assert_array_equal(np.asarray(acts), relu(pre))
 
@@ -230,7 +233,7 @@ def test_batchtopk_with_fewer_positives_than_target_keeps_all_positives(rng):
 def test_kth_largest_nonnegative(rng, k):
     values = relu(rng.normal(size=(16, 32))).astype(np.float32)  # about half are zero
     expected = np.sort(values.ravel())[::-1][k - 1]
-    got = sae.kth_largest_nonnegative(jnp.asarray(values), k)
+    got = kernels.kth_largest_nonnegative(jnp.asarray(values), k)
     assert got.dtype == jnp.float32
     assert float(got) == expected
     if k > (values > 0).sum():
@@ -239,10 +242,10 @@ def test_kth_largest_nonnegative(rng, k):
 
 def test_kth_largest_nonnegative_fewer_positives_than_k():
     values = jnp.asarray([[0.0, 3.0, 0.0, 1.0], [0.5, 0.0, 0.0, 0.0]], jnp.float32)
-    assert float(sae.kth_largest_nonnegative(values, 3)) == 0.5
-    assert float(sae.kth_largest_nonnegative(values, 4)) == 0.0
-    assert float(sae.kth_largest_nonnegative(values, 8)) == 0.0
-    assert float(sae.kth_largest_nonnegative(jnp.zeros((3, 3)), 1)) == 0.0
+    assert float(kernels.kth_largest_nonnegative(values, 3)) == 0.5
+    assert float(kernels.kth_largest_nonnegative(values, 4)) == 0.0
+    assert float(kernels.kth_largest_nonnegative(values, 8)) == 0.0
+    assert float(kernels.kth_largest_nonnegative(jnp.zeros((3, 3)), 1)) == 0.0
 
 
 def test_kth_largest_nonnegative_wide_range():
@@ -250,7 +253,7 @@ def test_kth_largest_nonnegative_wide_range():
                         np.float32)
     ordered = np.sort(values)[::-1]
     for k in range(1, len(values) + 1):
-        assert float(sae.kth_largest_nonnegative(jnp.asarray(values), k)) == ordered[k - 1]
+        assert float(kernels.kth_largest_nonnegative(jnp.asarray(values), k)) == ordered[k - 1]
 
 
 def test_batchtopk_inference_uses_threshold(rng, x):
@@ -295,11 +298,11 @@ def in_window(z, theta, eps):
 
 def test_jumprelu_forward_and_gradients(rng):
     z, theta, g = ste_inputs(rng)
-    out = sae.jumprelu(jnp.asarray(z), jnp.asarray(theta), EPS)
+    out = jumprelu(jnp.asarray(z), jnp.asarray(theta), EPS)
     np.testing.assert_array_equal(np.asarray(out), relu(z) * (z > theta))
 
     def loss(z_, theta_):
-        return jnp.sum(sae.jumprelu(z_, theta_, EPS) * g)
+        return jnp.sum(jumprelu(z_, theta_, EPS) * g)
 
     dz, dtheta = jax.grad(loss, argnums=(0, 1))(jnp.asarray(z), jnp.asarray(theta))
     window = in_window(z, theta, EPS)
@@ -330,19 +333,19 @@ def test_jumprelu_gradient_through_forward(rng, x):
 
 def test_step_ste_forward_and_gradient(rng):
     z, theta, g = ste_inputs(rng)
-    out = sae.step_ste(jnp.asarray(z), jnp.asarray(theta), EPS)
+    out = kernels.step_ste(jnp.asarray(z), jnp.asarray(theta), EPS)
     assert out.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(out), (z > theta).astype(np.float32))
 
     def loss(z_, theta_):
-        return jnp.sum(sae.step_ste(z_, theta_, EPS) * g)
+        return jnp.sum(kernels.step_ste(z_, theta_, EPS) * g)
 
     dz, dtheta = jax.grad(loss, argnums=(0, 1))(jnp.asarray(z), jnp.asarray(theta))
     np.testing.assert_array_equal(np.asarray(dz), 0.0)
     expected = np.sum(-(1.0 / EPS) * in_window(z, theta, EPS) * g, axis=0)
     assert_close(dtheta, expected)
     # With g = 1: minus the count of entries in the window, over epsilon.
-    ones = jax.grad(lambda t: jnp.sum(sae.step_ste(jnp.asarray(z), t, EPS)))(jnp.asarray(theta))
+    ones = jax.grad(lambda t: jnp.sum(kernels.step_ste(jnp.asarray(z), t, EPS)))(jnp.asarray(theta))
     assert_close(ones, -in_window(z, theta, EPS).sum(axis=0) / EPS)
 
 
@@ -531,8 +534,9 @@ def test_sparse_topk_equals_dense_path(tied, k, d_in):
 
     def loss(p, dense: bool):
         ends = (32,) if dense else ()  # two decode blocks force the dense path
-        assert sae.uses_sparse_topk(cfg.sae, tuple(sorted({*ends, 64})), None) is not dense
+        assert sae.uses_sparse_codes(tuple(sorted({*ends, 64})), None) is not dense
         out = sae.forward(p, x, cfg.sae, train=True, tokens_since_fired=dead, prefix_ends=ends)
+        assert (out.top_index is None) is dense
         return penalties.total_loss(cfg.loss, out, p, jnp.asarray(0))[0], out
 
     (l_sparse, out_s), g_sparse = jax.value_and_grad(loss, has_aux=True)(params, False)
@@ -558,5 +562,5 @@ def test_top_k_indices_matches_lax_top_k(width, k):
     values[2, : width // 2] = -np.inf
     values[3, :32] += 100.0  # the top entries crowd into two chunks
     want = np.asarray(jax.lax.top_k(jnp.asarray(values), k)[1])
-    got = np.asarray(jax.jit(sae.top_k_indices, static_argnums=1)(jnp.asarray(values), k))
+    got = np.asarray(jax.jit(kernels.top_k_indices, static_argnums=1)(jnp.asarray(values), k))
     np.testing.assert_array_equal(got, want)

@@ -18,6 +18,7 @@ from conftest import small_config, small_config_dict, train_until_crash, xla_fla
 
 from jaxsae import export, tensorfile
 from jaxsae import train as train_mod
+from jaxsae.checks import check_run
 from jaxsae.config import config_from_dict, load_config
 from jaxsae.errors import ConfigError, NonFiniteError
 
@@ -87,7 +88,7 @@ def test_sweep_overrides_on_the_command_line(tmp_path):
 ])
 def test_bad_sweeps_name_the_key(sweep, match):
     with pytest.raises(ConfigError, match=match):
-        config_from_dict(_tree(sweep=sweep))
+        check_run(config_from_dict(_tree(sweep=sweep)))
 
 
 def test_sweeping_k_needs_an_activation_with_k():
@@ -95,7 +96,7 @@ def test_sweeping_k_needs_an_activation_with_k():
     tree["sae"] = {"d_sae": 64, "activation": "relu"}
     tree["loss"] = [{"term": "mse"}, {"term": "l1"}]
     with pytest.raises(ConfigError, match=r"sweep\.sae\.k: sae\.activation relu has no k"):
-        config_from_dict(tree)
+        check_run(config_from_dict(tree))
 
 
 # ---------------------------------------------------------------------------------------------

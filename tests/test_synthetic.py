@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxsae import tensorfile
+from jaxsae.checks import check_run
 from jaxsae.config import config_from_dict
 from jaxsae.data.shards import MANIFEST, ShardSet
 from jaxsae.data.synthetic import (
@@ -239,8 +240,8 @@ def test_parse_spec_bad_value_names_the_key(raw, named):
 
 def test_config_validates_data_generate():
     with pytest.raises(ConfigError, match=r"^data\.generate\.seeds: unknown key"):
-        config_from_dict({"data": {"path": "x", "generate": {"kind": "superposition",
-                                                             "seeds": 1}}})
+        check_run(config_from_dict({"data": {"path": "x", "generate": {
+            "kind": "superposition", "seeds": 1}}}))
 
 
 def test_generate_dispatches(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import pytest
 from jaxsae import penalties, tensorfile
 from jaxsae import train as train_mod
 from jaxsae.checkpoint import Checkpointer
+from jaxsae.checks import check_run
 from jaxsae.config import CheckpointConfig, config_from_dict, load_config
 from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
 from jaxsae.export import load_sae
@@ -192,6 +194,12 @@ def test_lr_schedule_shape():
     np.testing.assert_allclose(values[:10], np.arange(1, 11) / 10, rtol=1e-6)
     assert (values[10:80] == 1.0).all()
     np.testing.assert_allclose(values[80:], (100 - np.arange(80, 100)) / 20, rtol=1e-6)
+    cosine = train_mod.lr_schedule(dataclasses.replace(cfg.optim, decay_shape="cosine"))
+    values = np.array([float(cosine(s)) for s in range(80, 100)])
+    np.testing.assert_allclose(values, 0.5 * (1 + np.cos(np.pi * np.arange(20) / 20)),
+                               rtol=1e-5, atol=1e-7)
+    constant = train_mod.lr_schedule(dataclasses.replace(cfg.optim, decay_fraction=0.0))
+    assert float(constant(99)) == 1.0
 
 
 def test_missing_data_and_too_few_tokens(small_data, tmp_path):
@@ -299,4 +307,5 @@ def test_freeze_leaves_those_parameters_as_they_were(small_data, tmp_path):
     moved = _weights(tmp_path / "third")
     assert all(not np.allclose(moved[k], start[k]) for k in ("W_enc", "b_enc", "b_dec"))
     with pytest.raises(JaxsaeError, match="freeze: 'W_enc' is not a parameter"):
-        config_from_dict({**tree, "sae": {**tree["sae"], "tied": True}, "freeze": ["W_enc"]})
+        check_run(config_from_dict({**tree, "sae": {**tree["sae"], "tied": True},
+                                    "freeze": ["W_enc"]}))

@@ -384,7 +384,7 @@ GENERATORS: dict[str, Generator] = {
 
 def parse_spec(raw: Mapping[str, Any], *, key: str = "generate") -> tuple[Generator, Any]:
     """`{kind: superposition, n_features: 512, ...}` -> (generator, spec), errors naming the key."""
-    from jaxsae.config import from_dict
+    from jaxsae.parsing import from_dict
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{key}: expected a mapping with 'kind'")

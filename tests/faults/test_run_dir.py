@@ -97,6 +97,10 @@ def test_read_only_run_directory(small_data, tmp_path, capsys):
                      line), line
 
 
+# The size limit would cut the compilation cache's files too (the suite shares one).
+NO_JIT_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+
+
 def _file_size_limit(limit: int):
     """preexec_fn: every write past `limit` bytes of a file fails (EFBIG), like a full disk."""
     def apply():
@@ -116,7 +120,7 @@ def test_full_disk_while_saving_a_checkpoint(trained_run, small_data, tmp_path):
     what the failed save left and ends exactly where an uninterrupted run ends."""
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", small_data, run)
-    result = run_jaxsae(["train", str(config), "--no-progress"],
+    result = run_jaxsae(["train", str(config), "--no-progress"], env=NO_JIT_CACHE,
                         preexec_fn=_file_size_limit(12_000))
     assert_one_line_error(result.returncode, result.stderr, command="train",
                           match="could not write checkpoint 8: File too large")
@@ -133,7 +137,7 @@ def test_full_disk_cuts_no_metrics_line(small_data, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", small_data, run,
                           checkpoint={"every_steps": 1000}, log={"every_steps": 1})
-    result = run_jaxsae(["train", str(config), "--no-progress"],
+    result = run_jaxsae(["train", str(config), "--no-progress"], env=NO_JIT_CACHE,
                         preexec_fn=_file_size_limit(2_000))
     assert_one_line_error(result.returncode, result.stderr, command="train",
                           match=f"cannot write {run / 'metrics.jsonl'}")

@@ -1,0 +1,172 @@
+"""The activation registry: one class per activation function, registered by name.
+
+An activation owns everything that makes it what it is: the parameters it adds to the common
+ones (`W_dec`, `b_dec`, and `W_enc` unless the SAE is tied or the activation needs none), how
+it turns inputs into codes (`pre_activations`, `activate`), what it does after each optimiser
+update, and how it is written to and read from the SAELens format. Loss terms and the rest of
+jaxsae ask its capability flags (`has_k`, `has_threshold`, ...) instead of listing names.
+
+Adding one is a module in this package defining a subclass with `@register`; every module here
+is imported when the package is (see the bottom of this file), so nothing else is edited.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, ClassVar
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxsae import kernels
+from jaxsae.config import SAEConfig
+from jaxsae.errors import ConfigError
+
+Params = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class Codes:
+    """What `Activation.activate` computed for a batch."""
+
+    acts: jax.Array
+    """[batch, d_sae] the codes (on the sparse TopK path, built from top_index / top_values)."""
+    batch_threshold: jax.Array
+    """[] BatchTopK: the smallest activation kept in the batch (0 for the others)."""
+    penalized: jax.Array | None = None
+    """[batch, d_sae] what sparsity penalties act on when it is not `acts` (Gated: the
+    rectified gate pre-activations); None: `acts`."""
+    top_index: jax.Array | None = None
+    """[batch, k] the sparse path's chosen latents, largest first (None: dense codes)."""
+    top_values: jax.Array | None = None
+    """[batch, k] their values."""
+
+
+def encoder_weight(params: Params) -> jax.Array:
+    """[d_in, d_sae] the encoder matrix (W_dec.T for tied SAEs)."""
+    return params["W_enc"] if "W_enc" in params else params["W_dec"].T
+
+
+class Activation:
+    """The base class: a ReLU-like encoder (x - b_dec) · W_enc + b_enc, no extra behaviour."""
+
+    name: ClassVar[str]
+    """The `sae.activation` value."""
+    architecture: ClassVar[str]
+    """The SAELens `architecture` it exports as."""
+    reads: ClassVar[bool] = True
+    """A SAELens directory of its architecture loads as this activation (BatchTopK exports as
+    JumpReLU, so a `jumprelu` directory loads as JumpReLU, and can start either)."""
+    has_k: ClassVar[bool] = False
+    """Uses `sae.k` (TopK-like): sweeps may vary it, `auxk` applies."""
+    has_threshold: ClassVar[bool] = False
+    """Has a `threshold` [d_sae] parameter."""
+    learns_threshold: ClassVar[bool] = False
+    """The optimiser trains `threshold` (JumpReLU), rather than the activation setting it."""
+    has_encoder: ClassVar[bool] = True
+    """Has an encoder matrix W_enc (unless tied); False: codes come from W_dec alone."""
+    scale_invariant: ClassVar[bool] = True
+    """Codes are unchanged when an input scale is folded into the weights (`normalize`)."""
+    per_latent: ClassVar[bool] = True
+    """A latent's code depends on its own pre-activation only (not on the others)."""
+
+    def own_params(self, cfg: SAEConfig, d_in: int) -> Params:
+        """The parameters this activation adds, initialised."""
+        return {"b_enc": jnp.zeros((cfg.d_sae,), jnp.float32)}
+
+    def own_param_names(self, cfg: SAEConfig) -> list[str]:
+        return ["b_enc"] + (["threshold"] if self.has_threshold else [])
+
+    def trainable(self, name: str) -> bool:
+        """Whether the optimiser updates parameter `name` (else the activation sets it)."""
+        return name != "threshold" or self.learns_threshold
+
+    def pre_activations(self, params: Params, x: jax.Array) -> jax.Array:
+        """[batch, d_sae] (x − b_dec) · W_enc + b_enc."""
+        return kernels.centred_matmul(x, params["b_dec"], encoder_weight(params)) \
+            + params["b_enc"]
+
+    def activate(self, params: Params, x: jax.Array, pre_acts: jax.Array, cfg: SAEConfig, *,
+                 train: bool, mesh: Mesh | None = None, k: jax.Array | None = None,
+                 sparse: bool = False) -> Codes:
+        """The codes of a batch. `mesh`: the device mesh the step runs on; `k`: a traced k
+        (sweeps over sae.k); `sparse`: a sparse path may be taken (one decode block, an
+        unsharded dictionary)."""
+        raise NotImplementedError
+
+    def after_update(self, params: Params, codes: Codes, step: jax.Array,
+                     cfg: SAEConfig) -> Params:
+        """Parameters after an optimiser update (before: `params` already updated)."""
+        return params
+
+    # -- the SAELens format ---------------------------------------------------------------
+
+    def export_cfg(self, cfg: SAEConfig) -> dict[str, Any]:
+        """cfg.json keys beyond the common ones."""
+        return {}
+
+    def export_tensors(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Weights this activation adds to W_enc, W_dec, b_dec."""
+        return {name: params[name] for name in ("b_enc", "threshold") if name in params}
+
+    def tensor_shapes(self, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+        """The weights a SAELens directory of this architecture holds besides the common ones."""
+        return {"b_enc": (d_sae,), **({"threshold": (d_sae,)} if self.has_threshold else {})}
+
+    def check_saelens_cfg(self, cfg_json: dict[str, Any], file: Any) -> None:
+        """Refuses (ConfigError naming `file` and the key) a cfg.json of this architecture that
+        lacks what it needs."""
+
+    def config_from_saelens(self, cfg_json: dict[str, Any]) -> dict[str, Any]:
+        """SAEConfig fields (beyond d_sae and activation) read from a SAELens cfg.json that
+        `jaxsae.export.read_cfg` has checked."""
+        return {}
+
+    def check(self, cfg: SAEConfig) -> None:
+        """Refuses a config this activation cannot run (naming the key)."""
+
+
+_REGISTRY: dict[str, Activation] = {}
+
+
+def register(cls: type[Activation]) -> type[Activation]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"activation {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get(name: str, key: str = "sae.activation") -> Activation:
+    if name not in _REGISTRY:
+        raise ConfigError(f"{key}: must be one of {', '.join(_REGISTRY)}; got {name!r} (an "
+                          "unknown activation)")
+    return _REGISTRY[name]
+
+
+def registered() -> list[str]:
+    return list(_REGISTRY)
+
+
+def architectures() -> list[str]:
+    """The SAELens architectures jaxsae reads."""
+    return list(dict.fromkeys(a.architecture for a in _REGISTRY.values()))
+
+
+def for_architecture(architecture: str) -> Activation:
+    """The activation a SAELens directory of `architecture` loads as."""
+    for kind in _REGISTRY.values():
+        if kind.architecture == architecture and kind.reads:
+            return kind
+    raise KeyError(architecture)
+
+
+def starting_from(architecture: str) -> list[str]:
+    """The activations a SAELens directory of `architecture` can start a run of."""
+    return [name for name, kind in _REGISTRY.items() if kind.architecture == architecture]
+
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

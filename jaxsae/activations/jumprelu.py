@@ -1,0 +1,51 @@
+"""JumpReLU (Rajamanoharan et al., 2024): f = relu(z) · 1[z > θ], θ learned through a
+straight-through estimator of width `sae.jumprelu_bandwidth`; SAELens `jumprelu`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxsae import kernels
+from jaxsae.activations import Activation, Codes, register
+
+
+@jax.custom_vjp
+def jumprelu(pre_acts: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """relu(z) * (z > threshold); the threshold gets a straight-through gradient.
+
+    d/dθ = -(θ / ε) · K((z - θ) / ε) with K the unit rectangle (Rajamanoharan et al., 2024).
+    """
+    return jax.nn.relu(pre_acts) * (pre_acts > threshold)
+
+
+def _jumprelu_fwd(pre_acts, threshold, bandwidth):
+    return jumprelu(pre_acts, threshold, bandwidth), (pre_acts, threshold, bandwidth)
+
+
+def _jumprelu_bwd(res, g):
+    pre_acts, threshold, bandwidth = res
+    passes = (pre_acts > threshold) & (pre_acts > 0)
+    d_pre = g * passes
+    d_threshold = -(threshold / bandwidth) * kernels.rectangle((pre_acts - threshold)
+                                                               / bandwidth) * g
+    return d_pre, jnp.sum(d_threshold, axis=0), None
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@register
+class JumpReLU(Activation):
+    name = "jumprelu"
+    architecture = "jumprelu"
+    has_threshold = True
+    learns_threshold = True
+
+    def own_params(self, cfg, d_in):
+        return {**super().own_params(cfg, d_in),
+                "threshold": jnp.full((cfg.d_sae,), cfg.jumprelu_init_threshold, jnp.float32)}
+
+    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
+        acts = jumprelu(pre_acts, params["threshold"], cfg.jumprelu_bandwidth)
+        return Codes(acts=acts, batch_threshold=jnp.zeros((), pre_acts.dtype))

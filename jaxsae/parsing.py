@@ -1,0 +1,233 @@
+"""Reading configuration, whatever it configures: YAML files, dotted `a.b.c=value`
+overrides, and mappings turned into (nested, frozen) dataclasses with every key and type
+checked. An error names the key, and an unknown key comes with the closest known one.
+
+Nothing here knows about SAEs: `jaxsae.config` declares the run's schema with it, the
+generators (`jaxsae.data.synthetic`) and `jaxsae bench` theirs, and loss terms parse their own
+hyper-parameters with `parse_value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jaxsae.errors import ConfigError
+
+
+def from_dict(cls: type, raw: Any, key: str = "") -> Any:
+    """Builds dataclass `cls` from a mapping, checking every key and type."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {typename(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in raw.items():
+        sub = f"{key}.{name}" if key else str(name)
+        if name not in fields:
+            raise ConfigError(unknown_key_message(sub, str(name), fields))
+        kwargs[name] = parse_value(hints[name], value, sub)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{key or 'config'}: {e}") from None
+
+
+def parse_value(tp: Any, value: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp` (bool, int, float, str, Literal, unions,
+    tuples, mappings, dataclasses); numbers written as strings (`3e-4`) are accepted."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [arg for arg in args if arg is not type(None)]
+        # A word like `auto` is tried against the Literal first; anything else against the
+        # other types in order, reporting the first one's error if none accepts it.
+        options.sort(key=lambda arg: typing.get_origin(arg) is not Literal
+                     or not isinstance(value, str))
+        errors = []
+        for arg in options:
+            try:
+                return parse_value(arg, value, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise _union_error(options, value, key, errors)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(map(str, args))
+            raise ConfigError(f"{key}: must be one of {choices}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if hasattr(tp, "parse"):  # a schema that parses itself (e.g. a list item's own keys)
+            return tp.parse(value, key)
+        return from_dict(tp, value, key)
+    if origin in (tuple, list, Sequence) or tp in (tuple, list):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected a list, got {typename(value)}")
+        item = args[0] if args else Any
+        return tuple(parse_value(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {typename(value)}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        number = _as_float(value)
+        if number is None or not number.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = _as_float(value)
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config type {tp!r} at {key} is not supported by the parser")
+
+
+def _union_error(options: list, value: Any, key: str, errors: list[ConfigError]) -> ConfigError:
+    words = [str(w) for arg in options if typing.get_origin(arg) is Literal
+             for w in typing.get_args(arg)]
+    others = [arg for arg in options if typing.get_origin(arg) is not Literal]
+    if words and others:
+        kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        what = " or ".join([kinds.get(others[0], str(others[0])), *words])
+        return ConfigError(f"{key}: expected {what}, got {value!r}")
+    return errors[-1] if len(errors) == 1 or not words else errors[0]
+
+
+def _as_float(value: Any) -> float | None:
+    # YAML 1.1 reads `3e-4` (no dot) as a string; accept it as the number it obviously is.
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.replace("_", ""))
+        except ValueError:
+            return None
+    return None
+
+
+def typename(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def unknown_key_message(key: str, name: str, known: Mapping[str, Any] | Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    valid = ", ".join(known) or "none"
+    return f"{key}: unknown key{hint}; valid keys: {valid}"
+
+
+def plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML files and dotted overrides.
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Applies one `a.b.c=value` (a YAML value; list items by position or name:
+    `loss.1.coefficient=2`, `loss.sparsity.coefficient=2`)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected key=value (e.g. optim.lr=1e-3)")
+    dotted, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {dotted}: value is not valid YAML ({e.problem})") from None
+    assign(tree, dotted.strip(), value)
+
+
+def assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Sets `a.b.c` in a config tree (list items by position or name, see `list_index`),
+    creating missing mappings."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {dotted!r}: empty key segment")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[list_index(node, part, here)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"override {dotted}: {here} is not a mapping or list")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[list_index(node, last, dotted)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {dotted}: {'.'.join(parts[:-1])} is not a mapping or list")
+
+
+def list_index(node: list, part: str, key: str) -> int:
+    """A list item by position, or (a list of mappings) by its label, its `name` or else its
+    `term`, when one item has it: `loss.1.coefficient`, `loss.sparsity.coefficient`,
+    `loss.l1.coefficient`."""
+    if part.lstrip("-").isdigit():
+        if not -len(node) <= int(part) < len(node):
+            raise ConfigError(f"override {key}: list index out of range (list has "
+                              f"{len(node)} items)")
+        return int(part)
+    labels = [item.get("name") or item.get("term") if isinstance(item, Mapping) else None
+              for item in node]
+    found = [i for i, label in enumerate(labels) if label == part]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ConfigError(f"override {key}: {len(found)} items have term {part!r}; give them "
+                          "names (name: ...) or use positions")
+    names = [str(label) for label in labels if label is not None]
+    close = difflib.get_close_matches(part, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"override {key}: no item named {part!r}{hint}; items: "
+                      f"{', '.join(names) or 'none'} (or positions 0..{len(node) - 1})")
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {}), errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return tree
