@@ -35,6 +35,10 @@ def _check_sae(cfg: Config) -> None:
     kind = activations.get(cfg.sae.activation)
     if kind.has_k and not cfg.sae.k <= cfg.sae.d_sae:
         raise ConfigError(f"sae.k: must be in 1..sae.d_sae ({cfg.sae.d_sae}), got {cfg.sae.k}")
+    kind.check(cfg.sae)
+    if not kind.scale_invariant and cfg.data.normalize != "none":
+        raise ConfigError(f"data.normalize: {cfg.sae.activation} codes change when the input "
+                          "scale is folded into the weights; use none")
     names = sae.param_names(cfg.sae)
     for name in cfg.freeze:
         if name not in names:

@@ -18,7 +18,6 @@ that are missing, misshapen, not floating point, or not finite.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,6 +244,8 @@ def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         kind = activations.get(own["activation"])
     sae: dict[str, Any] = {"activation": kind.name,
                            **activations.for_architecture(arch).config_from_saelens(cfg)}
+    if "jumprelu_bandwidth" in sae and not kind.learns_threshold:
+        del sae["jumprelu_bandwidth"]
     if kind.has_k and "k" not in sae and _positive_int(own.get("k")):
         sae["k"] = own["k"]
     optim = {k: v for k, v in (own.get("optim") or {}).items() if k in ("lr", "batch_size")}
@@ -252,27 +253,7 @@ def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         return {"sae": sae, "loss": own["loss"], "optim": optim}
     details = cfg.get("metadata", {}).get("training_architecture_details") or {}
     saelens = {**details, **{k: v for k, v in cfg.items() if k not in ("metadata", "jaxsae")}}
-
-    def number(key: str, default: float) -> float:
-        value = saelens.get(key, default)
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return float(value) if ok and math.isfinite(value) else default
-
-    if kind.has_k:
-        # jaxsae's auxk is normalised as in Gao et al. (2024): their 1/32 carries over.
-        loss = [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}]
-    elif not kind.learns_threshold:
-        l1: dict[str, Any] = {"term": "l1", "coefficient": number("l1_coefficient", 1.0)}
-        if number("lp_norm", 1.0) != 1.0:
-            l1["p"] = number("lp_norm", 1.0)
-        loss = [{"term": "mse"}, l1]
-    else:
-        l0: dict[str, Any] = {"term": "l0", "coefficient": number("l0_coefficient", 1.0)}
-        if saelens.get("jumprelu_sparsity_loss_mode") == "tanh":
-            l0["mode"] = "tanh"
-        if "jumprelu_bandwidth" in saelens:
-            sae["jumprelu_bandwidth"] = l0["bandwidth"] = number("jumprelu_bandwidth", 0.001)
-        loss = [{"term": "mse"}, l0]
+    loss = kind.saelens_loss(saelens)
     return {"sae": sae, "loss": loss, "optim": optim}
 
 

@@ -361,6 +361,50 @@ def l0(
     return count, {}
 
 
+def _check_target_l0(cfg: Config, term: TermConfig, key: str) -> None:
+    _require("learns_threshold", "learned thresholds")(cfg, term, key)
+    if term.params["target"] <= 0:
+        raise ConfigError(f"{key}.target: must be > 0, got {term.params['target']}")
+    if term.params.get("bandwidth") is not None and term.params["bandwidth"] <= 0:
+        raise ConfigError(f"{key}.bandwidth: must be > 0")
+
+
+@register("target_l0", check=_check_target_l0)
+def target_l0(
+    out: sae.ForwardOutput,
+    params: sae.Params,
+    *,
+    step: jax.Array,
+    target: float,
+    bandwidth: float | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Drives L0 to `target` (the quadratic L0 penalty of Gemma Scope 2; SAELens
+    `jumprelu_sparsity_loss_mode: quadratic`): (L0 / target − 1)², with L0 = mean over tokens of
+    Σ_i H(z_i − θ_i) and a straight-through gradient for θ of width `bandwidth` (0.001).
+    Only the thresholds feel it, both ways: too few active latents lower θ, too many raise
+    it."""
+    width = 0.001 if bandwidth is None else bandwidth
+    fired = kernels.step_ste(out.pre_acts, params["threshold"], width)
+    count = jnp.mean(jnp.sum(fired, axis=-1))
+    return jnp.square(count / target - 1.0), {"l0": count}
+
+
+def _check_gated_aux(cfg: Config, term: TermConfig, key: str) -> None:
+    _require("has_gate", "a gate")(cfg, term, key)
+
+
+@register("gated_aux", check=_check_gated_aux)
+def gated_aux(
+    out: sae.ForwardOutput, params: sae.Params, *, step: jax.Array
+) -> tuple[jax.Array, Metrics]:
+    """Gated SAEs' auxiliary reconstruction (Rajamanoharan et al., 2024): mean over tokens of
+    ‖x − (relu(π_gate) · W_dec + b_dec)‖² through the frozen decoder (no gradient to W_dec or
+    b_dec), which is what trains the gate."""
+    frozen = jax.lax.stop_gradient
+    recon = out.penalized_acts @ frozen(params["W_dec"]) + frozen(params["b_dec"])
+    return jnp.mean(jnp.sum(jnp.square(recon - out.x), axis=-1)), {}
+
+
 # ---------------------------------------------------------------------------------------------
 # Structured penalties: groups, nested prefixes, decoder geometry
 

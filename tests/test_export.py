@@ -378,8 +378,8 @@ def test_load_refuses_a_missing_tensor(tmp_path, name):
 
 def test_load_refuses_unknown_architecture(tmp_path):
     path = exported(tmp_path)
-    edit_cfg(path, architecture="gated")
-    with pytest.raises(ExportError, match="unknown architecture 'gated'"):
+    edit_cfg(path, architecture="temporal")
+    with pytest.raises(ExportError, match="unknown architecture 'temporal'"):
         load_sae(path)
 
 

@@ -123,6 +123,11 @@ def _steps(cfg, batches):
       "loss": [{"term": "mse"}, {"term": "l0", "coefficient": 0.01, "bandwidth": 0.1,
                                  "warmup_steps": 4}]},
      [{"loss.1.coefficient": 0.01}, {"loss.1.coefficient": 0.1, "seed": 3}]),
+    ({"sae": {"d_sae": 64, "activation": "gated"},  # a term by name
+      "loss": [{"term": "mse"}, {"term": "l1", "name": "gate_l1"}, {"term": "gated_aux"}]},
+     {"loss.gate_l1.coefficient": [0.01, 0.3]}),
+    ({"sae": {"d_sae": 64, "activation": "matching_pursuit", "k": 4},
+      "loss": [{"term": "mse"}]}, {"sae.k": [1, 4]}),  # the number of pursuit steps, traced
 ])
 def test_each_sae_of_a_sweep_matches_it_trained_alone(small_data, tmp_path, sections, sweep):
     cfg = small_config(small_data, tmp_path, **sections, sweep=sweep)

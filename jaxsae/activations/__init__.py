@@ -72,6 +72,9 @@ class Activation:
     """Codes are unchanged when an input scale is folded into the weights (`normalize`)."""
     per_latent: ClassVar[bool] = True
     """A latent's code depends on its own pre-activation only (not on the others)."""
+    has_gate: ClassVar[bool] = False
+    """Codes pass a gate whose rectified pre-activations sparsity penalties act on (Gated):
+    `gated_aux` applies."""
 
     def own_params(self, cfg: SAEConfig, d_in: int) -> Params:
         """The parameters this activation adds, initialised."""
@@ -125,8 +128,22 @@ class Activation:
         `jaxsae.export.read_cfg` has checked."""
         return {}
 
+    def saelens_loss(self, saelens: dict[str, Any]) -> list[dict[str, Any]]:
+        """The loss terms to fine-tune an imported SAE with, from SAELens's training fields
+        (`saelens`: cfg.json's top level and metadata.training_architecture_details)."""
+        l1: dict[str, Any] = {"term": "l1", "coefficient": _number(saelens, "l1_coefficient")}
+        if _number(saelens, "lp_norm") != 1.0:
+            l1["p"] = _number(saelens, "lp_norm")
+        return [{"term": "mse"}, l1]
+
     def check(self, cfg: SAEConfig) -> None:
         """Refuses a config this activation cannot run (naming the key)."""
+
+
+def _number(fields: dict[str, Any], key: str, default: float = 1.0) -> float:
+    value = fields.get(key, default)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok and value == value and abs(value) != float("inf") else default
 
 
 _REGISTRY: dict[str, Activation] = {}

@@ -48,6 +48,9 @@ class BatchTopK(Activation):
         acts = jax.nn.relu(pre_acts) * (pre_acts > params["threshold"])
         return Codes(acts=acts, batch_threshold=jnp.zeros((), pre_acts.dtype))
 
+    def saelens_loss(self, saelens):
+        return [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}]  # as TopK's
+
     def after_update(self, params, codes, step, cfg):
         # The inference threshold averages the first 1/momentum batches exactly, then becomes
         # an EMA of the smallest kept activation.

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsae import kernels
-from jaxsae.activations import Activation, Codes, register
+from jaxsae.activations import Activation, Codes, _number, register
 
 
 @jax.custom_vjp
@@ -45,6 +45,21 @@ class JumpReLU(Activation):
     def own_params(self, cfg, d_in):
         return {**super().own_params(cfg, d_in),
                 "threshold": jnp.full((cfg.d_sae,), cfg.jumprelu_init_threshold, jnp.float32)}
+
+    def saelens_loss(self, saelens):
+        l0: dict = {"term": "l0", "coefficient": _number(saelens, "l0_coefficient")}
+        if saelens.get("jumprelu_sparsity_loss_mode") == "tanh":
+            l0["mode"] = "tanh"
+        if "jumprelu_bandwidth" in saelens:
+            l0["bandwidth"] = _number(saelens, "jumprelu_bandwidth", 0.001)
+        return [{"term": "mse"}, l0]
+
+    def config_from_saelens(self, cfg_json):
+        details = cfg_json.get("metadata", {}).get("training_architecture_details") or {}
+        fields = {**details, **cfg_json}
+        if "jumprelu_bandwidth" in fields:
+            return {"jumprelu_bandwidth": _number(fields, "jumprelu_bandwidth", 0.001)}
+        return {}
 
     def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
         acts = jumprelu(pre_acts, params["threshold"], cfg.jumprelu_bandwidth)

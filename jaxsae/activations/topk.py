@@ -85,6 +85,10 @@ class TopK(Activation):
         acts = jnp.zeros_like(pre_acts).at[rows, index].set(values, unique_indices=True)
         return Codes(acts=acts, batch_threshold=zero, top_index=index, top_values=values)
 
+    def saelens_loss(self, saelens):
+        # jaxsae's auxk is normalised as in Gao et al. (2024): their 1/32 carries over.
+        return [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}]
+
     def export_cfg(self, cfg):
         return {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
 

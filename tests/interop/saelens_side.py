@@ -3,8 +3,9 @@
     python saelens_side.py JOB.json
 
 JOB.json: {"inputs": "x.npy", "encode": [{"dir": ..., "out": ...}, ...],
-           "make": [{"arch": "standard"|"topk"|"jumprelu", "dir": ..., "out": ..., "d_in": ..,
-                     "d_sae": .., "k": .., "seed": ..}, ...]}
+           "make": [{"arch": "standard"|"topk"|"jumprelu"|"gated"|"matching_pursuit",
+                     "dir": ..., "out": ..., "d_in": .., "d_sae": .., "k": .., "seed": ..},
+                    ...]}
 encode: load each exported directory with SAE.load_from_disk and save its codes and
 reconstruction of the inputs. make: build a SAELens SAE with random weights, save it with
 save_model, and save its codes and reconstruction.
@@ -17,8 +18,12 @@ import numpy as np
 import torch
 from sae_lens import (
     SAE,
+    GatedSAE,
+    GatedSAEConfig,
     JumpReLUSAE,
     JumpReLUSAEConfig,
+    MatchingPursuitSAE,
+    MatchingPursuitSAEConfig,
     StandardSAE,
     StandardSAEConfig,
     TopKSAE,
@@ -40,6 +45,12 @@ def make(spec: dict):
         sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
     elif spec["arch"] == "topk":
         sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=spec["k"]))
+    elif spec["arch"] == "gated":
+        sae = GatedSAE(GatedSAEConfig(d_in=d_in, d_sae=d_sae))
+    elif spec["arch"] == "matching_pursuit":  # a fixed number of steps, as jaxsae runs it
+        sae = MatchingPursuitSAE(MatchingPursuitSAEConfig(
+            d_in=d_in, d_sae=d_sae, max_iterations=spec["k"], residual_threshold=0.0,
+            stop_on_duplicate_support=False))
     else:
         sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae))
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -48,6 +59,8 @@ def make(spec: dict):
             param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
         if spec["arch"] == "jumprelu":
             sae.threshold.copy_(torch.rand(d_sae, generator=gen) * 0.5)
+        if spec["arch"] == "matching_pursuit":  # unit rows: r · d is a correlation
+            sae.W_dec.copy_(sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True))
     sae.save_model(spec["dir"])
     return sae
 

@@ -54,6 +54,9 @@ def _params(cfg: SAEConfig, seed: int) -> dict[str, np.ndarray]:
     params["b_dec"] = rng.normal(0, 0.2, D_IN).astype(np.float32)
     if "threshold" in params:
         params["threshold"] = rng.uniform(0.1, 0.6, D_SAE).astype(np.float32)
+    for gate in ("b_gate", "r_mag", "b_mag"):
+        if gate in params:
+            params[gate] = rng.normal(0, 0.3, D_SAE).astype(np.float32)
     return params
 
 
@@ -66,6 +69,11 @@ EXPORTS = {
     "tied": (SAEConfig(d_sae=D_SAE, activation="relu", tied=True), "StandardSAE", 1.0),
     "normalised": (SAEConfig(d_sae=D_SAE, activation="relu", decoder_norm="free"),
                    "StandardSAE", 0.4),
+    "gated": (SAEConfig(d_sae=D_SAE, activation="gated", decoder_norm="free"), "GatedSAE",
+              1.0),
+    "gated_normalised": (SAEConfig(d_sae=D_SAE, activation="gated"), "GatedSAE", 0.4),
+    "matching_pursuit": (SAEConfig(d_sae=D_SAE, activation="matching_pursuit", k=6),
+                         "MatchingPursuitSAE", 1.0),
 }
 
 
@@ -106,7 +114,8 @@ def test_bfloat16_export_loads_in_saelens(inputs, tmp_path):
 
 
 def test_saelens_saves_import_with_the_same_codes(inputs, tmp_path, small_data):
-    makes = [{"arch": "standard"}, {"arch": "topk", "k": 6}, {"arch": "jumprelu"}]
+    makes = [{"arch": "standard"}, {"arch": "topk", "k": 6}, {"arch": "jumprelu"},
+             {"arch": "gated"}, {"arch": "matching_pursuit", "k": 5}]
     np.save(tmp_path / "x.npy", inputs)
     job = {"inputs": str(tmp_path / "x.npy"), "make": [
         {**m, "dir": str(tmp_path / m["arch"]), "out": str(tmp_path / f"{m['arch']}.npz"),
