@@ -10,8 +10,8 @@ from datetime import date
 import jax
 import numpy as np
 
+from jaxsae.build import build
 from jaxsae.config import Config
-from jaxsae.train import build
 
 
 def add_shape_args(parser) -> None:

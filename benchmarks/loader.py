@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, time_train_step
 
+from jaxsae.build import build
 from jaxsae.config import config_from_dict
 from jaxsae.data.loader import Loader, Prefetcher
 from jaxsae.data.shards import ShardSet, ShardWriter
 from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
 from jaxsae.sharding import batch_sharding
-from jaxsae.train import build
 
 
 def build_shards(path: Path, gb: float, d_in: int = 768) -> ShardSet:

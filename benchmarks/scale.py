@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
+from jaxsae.build import build  # noqa: E402
 from jaxsae.checkpoint import abstract_with_shardings  # noqa: E402
 from jaxsae.config import config_from_dict  # noqa: E402
-from jaxsae.train import build  # noqa: E402
 
 
 def config(d_sae: int, batch: int):

@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_shape_args, machine
 
 from jaxsae import hostmem
+from jaxsae.build import build
 from jaxsae.config import config_from_dict
 from jaxsae.data.loader import Loader, Prefetcher
 from jaxsae.data.shards import ShardSet, ShardWriter
-from jaxsae.train import build
 
 HERE = Path(__file__).resolve().parent
 INTEROP_PYTHON = HERE.parent / ".venv-interop" / "bin" / "python"

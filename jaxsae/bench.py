@@ -143,7 +143,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
 def finished_with(arm_cfg: Config) -> bool:
     """Whether the arm's run directory holds a finished run of exactly this config (every
     key, the swept values included): only then are its results reused."""
-    from jaxsae.train import member_dirs
+    from jaxsae.finish import member_dirs
 
     run_dir = Path(arm_cfg.run_dir)
     try:
@@ -156,7 +156,7 @@ def finished_with(arm_cfg: Config) -> bool:
 
 def collect(arms: Mapping[str, Config]) -> list[dict[str, Any]]:
     """One row per SAE: arm, its swept values, seed and scalar metrics (from eval.json)."""
-    from jaxsae.train import member_dirs
+    from jaxsae.finish import member_dirs
 
     rows = []
     for arm, arm_cfg in arms.items():

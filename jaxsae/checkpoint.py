@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,9 +327,10 @@ _quieted = False
 
 
 def _quiet_orbax_background_errors() -> None:
-    """Orbax's background threads log a failed save at ERROR (absl) and leave coroutines that
-    Python reports at exit; the failure itself is raised in the main thread, where it becomes
-    a one-line error. Those duplicates are dropped; every other message passes."""
+    """Orbax's background threads log a failed save at ERROR (absl), and leave futures and
+    coroutines that asyncio and Python report when they are collected; the failure itself is
+    raised in the main thread, where it becomes a one-line error. Those duplicates are
+    dropped; every other message passes."""
     global _quieted
     if _quieted:
         return
@@ -339,6 +341,15 @@ def _quiet_orbax_background_errors() -> None:
             "orbax" in record.pathname or "tensorstore" in record.pathname)
 
     logging.getLogger("absl").addFilter(lambda record: not from_orbax(record))
+
+    def orbax_future(record: logging.LogRecord) -> bool:
+        # asyncio reports the failed writes' futures "never retrieved" when they are collected
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[2] is not None:
+            text += " ".join(frame.filename for frame in traceback.extract_tb(record.exc_info[2]))
+        return any(name in text for name in ("orbax", "tensorstore", "OCDBT"))
+
+    logging.getLogger("asyncio").addFilter(lambda record: not orbax_future(record))
     previous = sys.unraisablehook
 
     def hook(unraisable):

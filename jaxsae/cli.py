@@ -401,7 +401,7 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from jaxsae.train import export_checkpoint
+    from jaxsae.finish import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
                             data=args.data, overwrite=args.overwrite)

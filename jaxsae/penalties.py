@@ -354,8 +354,7 @@ def l0(
     if mode == "tanh":
         v = out.acts * out.decoder_norms
         return jnp.mean(jnp.sum(jnp.tanh(tanh_scale * v), axis=-1)), {}
-    fired = kernels.step_ste(out.pre_acts, params["threshold"], bandwidth)
-    count = jnp.mean(jnp.sum(fired, axis=-1))
+    count = _ste_l0(out, params, bandwidth)
     if mode == "quadratic":
         return jnp.square(count / target_l0 - 1.0), {"l0_ste": count}
     return count, {}
@@ -383,10 +382,14 @@ def target_l0(
     Σ_i H(z_i − θ_i) and a straight-through gradient for θ of width `bandwidth` (0.001).
     Only the thresholds feel it, both ways: too few active latents lower θ, too many raise
     it."""
-    width = 0.001 if bandwidth is None else bandwidth
-    fired = kernels.step_ste(out.pre_acts, params["threshold"], width)
-    count = jnp.mean(jnp.sum(fired, axis=-1))
+    count = _ste_l0(out, params, 0.001 if bandwidth is None else bandwidth)
     return jnp.square(count / target - 1.0), {"l0": count}
+
+
+def _ste_l0(out: sae.ForwardOutput, params: sae.Params, bandwidth: float) -> jax.Array:
+    """[] mean over tokens of Σ_i H(z_i − θ_i), θ's gradient straight-through."""
+    fired = kernels.step_ste(out.pre_acts, params["threshold"], bandwidth)
+    return jnp.mean(jnp.sum(fired, axis=-1))
 
 
 def _check_gated_aux(cfg: Config, term: TermConfig, key: str) -> None:

@@ -84,24 +84,28 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-def train_until_crash(cfg, at_batch: int, monkeypatch, *, on_batch=None) -> None:
-    """Runs train(cfg) and makes its loader fail when batch `at_batch` is requested (a crash
+def watched_loader(*, on_batch=None, crash_at: int | None = None):
+    """A `make_loader` for train(): the real Loader, whose batches `on_batch(rows)` sees and
+    which raises RuntimeError("simulated crash") when batch `crash_at` is requested."""
+    from jaxsae.data.loader import Loader
+
+    class Watched(Loader):
+        def batches(self):
+            for i, item in enumerate(super().batches()):
+                if i == crash_at:
+                    raise RuntimeError("simulated crash")
+                if on_batch is not None:
+                    on_batch(item[0])
+                yield item
+
+    return Watched
+
+
+def train_until_crash(cfg, at_batch: int, *, on_batch=None) -> None:
+    """Runs train(cfg) with a loader that fails when batch `at_batch` is requested (a crash
     after the checkpoints written so far); `on_batch(rows)` sees every batch handed out."""
-    from jaxsae import train as train_mod
+    from jaxsae.train import train
 
-    real = train_mod.Loader.batches
-
-    def dying(self):
-        for i, item in enumerate(real(self)):
-            if i == at_batch:
-                raise RuntimeError("simulated crash")
-            if on_batch is not None:
-                on_batch(item[0])
-            yield item
-
-    monkeypatch.setattr(train_mod.Loader, "batches", dying)
-    try:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train_mod.train(cfg, progress=False)
-    finally:
-        monkeypatch.setattr(train_mod.Loader, "batches", real)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, progress=False, make_loader=watched_loader(on_batch=on_batch,
+                                                               crash_at=at_batch))

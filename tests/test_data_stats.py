@@ -17,7 +17,7 @@ from jaxsae.data.shards import ShardSet, ShardWriter
 from jaxsae.data.stats import estimate
 from jaxsae.errors import DataError
 from jaxsae.export import load_sae
-from tests.conftest import small_config, train_until_crash
+from tests.conftest import small_config, train_until_crash, watched_loader
 
 D_IN = 16
 
@@ -114,16 +114,8 @@ def test_dropping_outliers_is_logged_and_resumes_exactly(outlier_data, tmp_path,
 
     seen = []
     crashed = small_config(path, tmp_path / "crashed", **sections)
-    train_until_crash(crashed, 13, monkeypatch, on_batch=seen.append)
-    real_batches = train_mod.Loader.batches
-
-    def recording(self):
-        for rows, position in real_batches(self):
-            seen.append(rows)
-            yield rows, position
-
-    monkeypatch.setattr(train_mod.Loader, "batches", recording)
-    train_mod.train(crashed, progress=False)
+    train_until_crash(crashed, 13, on_batch=seen.append)
+    train_mod.train(crashed, progress=False, make_loader=watched_loader(on_batch=seen.append))
     big = np.linalg.norm(np.concatenate(seen), axis=1).max()
     assert big < 10 * np.median(np.linalg.norm(x, axis=1))  # no sink reached training
     a = tensorfile.read(tmp_path / "straight" / "sae" / "sae_weights.safetensors")

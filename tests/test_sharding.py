@@ -59,7 +59,7 @@ _SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 from jaxsae.config import config_from_dict
-from jaxsae.train import build
+from jaxsae.build import build
 
 def run(tree, devices, steps=20):
     built = build(config_from_dict(tree), 16, devices)

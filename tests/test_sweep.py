@@ -14,9 +14,16 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import small_config, small_config_dict, train_until_crash, xla_flags
+from conftest import (
+    small_config,
+    small_config_dict,
+    train_until_crash,
+    watched_loader,
+    xla_flags,
+)
 
-from jaxsae import export, tensorfile
+from jaxsae import build as build_mod
+from jaxsae import export, finish, tensorfile
 from jaxsae import train as train_mod
 from jaxsae.checks import check_run
 from jaxsae.config import config_from_dict, load_config
@@ -104,7 +111,7 @@ def test_sweeping_k_needs_an_activation_with_k():
 
 
 def _steps(cfg, batches):
-    built = train_mod.build(cfg, 16)
+    built = build_mod.build(cfg, 16)
     state = built.init()
     history = []
     for batch in batches:
@@ -180,17 +187,10 @@ def test_k_sweep_keeps_k_latents_per_token(small_data, tmp_path):
 
 def test_sweep_run_writes_one_directory_per_sae(small_data, tmp_path, monkeypatch):
     served = []
-    real = train_mod.Loader.batches
-
-    def counting(self):
-        for item in real(self):
-            served.append(1)
-            yield item
-
-    monkeypatch.setattr(train_mod.Loader, "batches", counting)
     cfg = small_config(small_data, tmp_path / "run", **TOPK,
                        sweep={"sae.k": [2, 4], "optim.lr": [1e-3, 3e-3]})
-    result = train_mod.train(cfg, progress=False)
+    result = train_mod.train(cfg, progress=False,
+                             make_loader=watched_loader(on_batch=lambda rows: served.append(1)))
     steps = cfg.optim.total_steps
     assert steps <= len(served) <= steps + 4  # one stream (+ prefetch), not one per SAE
     run = tmp_path / "run"
@@ -217,7 +217,7 @@ def test_sweep_run_writes_one_directory_per_sae(small_data, tmp_path, monkeypatc
     a = tensorfile.read(result.sweep[0].sae_dir / "sae_weights.safetensors")
     b = tensorfile.read(result.sweep[3].sae_dir / "sae_weights.safetensors")
     assert not np.allclose(a["W_dec"], b["W_dec"])
-    out = train_mod.export_checkpoint(run, tmp_path / "exported")
+    out = finish.export_checkpoint(run, tmp_path / "exported")
     for r in result.sweep:
         again = tensorfile.read(out / "sweep" / r.run_dir.name / "sae_weights.safetensors")
         got = tensorfile.read(r.sae_dir / "sae_weights.safetensors")
@@ -230,7 +230,7 @@ def test_sweep_resumes_exactly(small_data, tmp_path, monkeypatch):
     straight = train_mod.train(small_config(small_data, tmp_path / "a", sweep=sweep),
                                progress=False)
     cfg = small_config(small_data, tmp_path / "b", sweep=sweep)
-    train_until_crash(cfg, 13, monkeypatch)  # after the step-8 checkpoint
+    train_until_crash(cfg, 13)  # after the step-8 checkpoint
     resumed = train_mod.train(cfg, progress=False)
     for a, b in zip(straight.sweep, resumed.sweep, strict=True):
         wa = tensorfile.read(a.sae_dir / "sae_weights.safetensors")
@@ -273,7 +273,7 @@ _SHARDED = r"""
 import json, sys
 import jax, numpy as np
 from jaxsae.config import config_from_dict
-from jaxsae.train import build
+from jaxsae.build import build
 
 tree = json.loads(sys.argv[1])
 def run(mesh, devices):

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import penalties, tensorfile
+from jaxsae import build as build_mod
+from jaxsae import finish, penalties, step, tensorfile
 from jaxsae import train as train_mod
 from jaxsae.checkpoint import Checkpointer
 from jaxsae.checks import check_run
@@ -56,7 +57,7 @@ def test_resume_after_crash_is_exact(small_data, tmp_path, monkeypatch):
     train_mod.train(straight, progress=False)
 
     crashed = small_config(small_data, tmp_path / "crashed")
-    train_until_crash(crashed, 13, monkeypatch)
+    train_until_crash(crashed, 13)
     ckpt = Checkpointer(tmp_path / "crashed" / "checkpoints", CheckpointConfig())
     assert ckpt.latest_step() == 8
     ckpt.close()
@@ -138,18 +139,18 @@ def test_checkpoint_every_minutes(small_data, tmp_path, monkeypatch):
 
 def test_train_step_compiles_once(small_data, tmp_path, monkeypatch):
     traces = []
-    real = train_mod.make_train_step
+    real = step.make_train_step
 
     def counting(cfg, *args):
-        step = real(cfg, *args)
+        inner = real(cfg, *args)
 
         def traced(state, batch, hyper):
             traces.append(1)
-            return step(state, batch, hyper)
+            return inner(state, batch, hyper)
 
         return traced
 
-    monkeypatch.setattr(train_mod, "make_train_step", counting)
+    monkeypatch.setattr(build_mod, "make_train_step", counting)
     train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
     assert len(traces) == 1
 
@@ -189,16 +190,16 @@ def test_lr_schedule_shape():
     cfg = config_from_dict({"data": {"path": "x", "lanes": 1}, "optim": {
         "lr": 1.0, "batch_size": 1, "total_tokens": 100, "warmup_steps": 10,
         "decay_fraction": 0.2}})
-    lr = train_mod.lr_schedule(cfg.optim)
+    lr = step.lr_schedule(cfg.optim)
     values = np.array([float(lr(s)) for s in range(100)])
     np.testing.assert_allclose(values[:10], np.arange(1, 11) / 10, rtol=1e-6)
     assert (values[10:80] == 1.0).all()
     np.testing.assert_allclose(values[80:], (100 - np.arange(80, 100)) / 20, rtol=1e-6)
-    cosine = train_mod.lr_schedule(dataclasses.replace(cfg.optim, decay_shape="cosine"))
+    cosine = step.lr_schedule(dataclasses.replace(cfg.optim, decay_shape="cosine"))
     values = np.array([float(cosine(s)) for s in range(80, 100)])
     np.testing.assert_allclose(values, 0.5 * (1 + np.cos(np.pi * np.arange(20) / 20)),
                                rtol=1e-5, atol=1e-7)
-    constant = train_mod.lr_schedule(dataclasses.replace(cfg.optim, decay_fraction=0.0))
+    constant = step.lr_schedule(dataclasses.replace(cfg.optim, decay_fraction=0.0))
     assert float(constant(99)) == 1.0
 
 
@@ -253,16 +254,16 @@ def test_half_written_checkpoint_is_never_resumed_from(small_data, tmp_path):
 
 def test_export_checkpoint_matches_final_export(small_data, tmp_path):
     train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
-    out = train_mod.export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    out = finish.export_checkpoint(tmp_path / "run", tmp_path / "exported")
     a, b = _weights(tmp_path / "run"), {
         k: np.asarray(v) for k, v in tensorfile.read(out / "sae_weights.safetensors").items()}
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
-    out16 = train_mod.export_checkpoint(tmp_path / "run", tmp_path / "e16", step=16,
+    out16 = finish.export_checkpoint(tmp_path / "run", tmp_path / "e16", step=16,
                                         dtype="bfloat16")
     assert json.loads((out16 / "cfg.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(JaxsaeError, match="--step 5"):
-        train_mod.export_checkpoint(tmp_path / "run", tmp_path / "e5", step=5)
+        finish.export_checkpoint(tmp_path / "run", tmp_path / "e5", step=5)
 
 
 
@@ -281,7 +282,7 @@ def test_bfloat16_compute_tracks_float32(small_data, tmp_path):
     assert abs(ev16["explained_variance"] - ev32["explained_variance"]) < 0.02
     # ... and the step's matmuls really run in bfloat16.
     cfg = small_config(small_data, tmp_path / "x", optim={"compute_dtype": "bfloat16"})
-    built = train_mod.build(cfg, 16)
+    built = build_mod.build(cfg, 16)
     state = jax.eval_shape(built.init)
     hlo = built.step.lower(state, jax.ShapeDtypeStruct((256, 16), np.float32)).as_text()
     assert re.search(r"dot_general[^\n]*bf16", hlo), "no bfloat16 matmul in the step"

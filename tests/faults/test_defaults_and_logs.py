@@ -122,9 +122,9 @@ def test_help_shows_no_empty_defaults():
 
 
 def test_sigterm_message_does_not_mention_ctrl_c(capsys):
-    from jaxsae.train import _SignalFlag
+    from jaxsae.hooks import SignalFlag
 
-    flag = _SignalFlag()
+    flag = SignalFlag()
     try:
         flag._handle(signal.SIGTERM, None)
     finally:

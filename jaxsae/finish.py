@@ -1,0 +1,213 @@
+"""The end of a run, and the `jaxsae export` command: the trained parameters evaluated on the
+held-out tokens (with ground-truth metrics for generated data) and exported in the SAELens
+layout; a checkpoint restored and exported the same way; the run directory's per-SAE layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxsae import evaluate, export, outputs, sae
+from jaxsae.build import Built, build
+from jaxsae.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CorruptCheckpoint,
+    Restored,
+    abstract_with_shardings,
+)
+from jaxsae.config import CheckpointConfig, Config
+from jaxsae.data import open_source, synthetic
+from jaxsae.data.source import iter_blocks
+from jaxsae.data.stats import DataStats
+from jaxsae.errors import JaxsaeError
+from jaxsae.outputs import write_csv
+from jaxsae.parsing import list_index
+from jaxsae.runlock import RunLock, RunLocked
+
+
+def member_dirs(cfg: Config, run_dir: Path) -> list[Path]:
+    """Where each SAE's config.yaml, metrics.jsonl, sae/ and eval.json go: the run directory
+    itself, or run/sweep/<i> for the i-th SAE of a sweep."""
+    if cfg.sweep is None:
+        return [run_dir]
+    n = len(cfg.sweep.points)
+    width = max(2, len(str(n - 1)))
+    return [run_dir / "sweep" / f"{i:0{width}d}" for i in range(n)]
+
+
+SWEEP_TABLE_METRICS = ("l0", "mse", "explained_variance", "dead_fraction")
+
+
+def write_sweep_table(path: Path, cfg: Config, members: list[Config], dirs: list[Path],
+                      evaluations: list[dict[str, Any]]) -> None:
+    """sweep.csv: one row per SAE: its directory, the swept values, its evaluation."""
+    keys = list(dict.fromkeys(k for point in cfg.sweep.points for k in point))
+    rows = [{"sae": str(directory.relative_to(path.parent)),
+             **{k: _dotted_value(member, k) for k in keys},
+             **{m: evaluation[m] for m in SWEEP_TABLE_METRICS}}
+            for member, directory, evaluation in zip(members, dirs, evaluations, strict=True)]
+    write_csv(path, rows, ["sae", *keys, *SWEEP_TABLE_METRICS])
+
+
+def _dotted_value(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg.to_dict()
+    for part in dotted.split("."):
+        node = node[list_index(node, part, dotted)] if isinstance(node, list) else node[part]
+    return node
+
+
+def ground_truth(cfg: Config, source) -> synthetic.Truth | None:
+    """The truth of data written by `jaxsae synth` (None for other data)."""
+    if not (Path(cfg.data.path) / synthetic.TRUTH_JSON).is_file():
+        return None
+    truth = synthetic.load_truth(cfg.data.path)
+    return truth if truth.spec.tokens == source.n_tokens else None
+
+
+def finalise(params: sae.Params, cfg: Config, source, n_train: int,
+             out: Path | None, *, stats: DataStats | None = None, dtype: str = "float32",
+             truth: synthetic.Truth | None = None, overwrite: bool = False,
+             inputs: tuple = ()) -> dict[str, Any]:
+    """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
+    last training tokens) in raw units, leaving out the tokens training dropped
+    (data.drop_norm_above) — with the ground-truth metrics when `truth` is given (see
+    ground_truth) — and exports to `out`."""
+    params = sae.fold_input_scale(params, 1.0 if stats is None else stats.scale)
+    held_out = source.n_tokens > n_train
+    eval_start = n_train if held_out else max(0, n_train - 65536)
+    keep = None if stats is None else stats.keep_fn()
+    dropped = 0
+
+    def blocks():
+        nonlocal dropped
+        for block in iter_blocks(source, cfg.optim.batch_size, start=eval_start):
+            if keep is not None:
+                kept = keep(block)
+                dropped += int(len(block) - kept.sum())
+                block = block[kept]
+            if len(block):
+                yield block
+
+    metrics = evaluate.reconstruction_metrics(params, cfg.sae, blocks())
+    frequency = metrics.pop("firing_frequency")
+    metrics["held_out"] = held_out
+    if keep is not None:
+        metrics["dropped_tokens"] = dropped
+    if truth is not None:
+        metrics = {**evaluate.truth_report(params, cfg.sae, source, truth, start=eval_start,
+                                           batch_size=cfg.optim.batch_size), **metrics}
+    if out is not None:
+        export.export_sae(
+            params, cfg.sae, out, dtype=dtype,
+            log10_firing=evaluate.log10_firing(frequency),
+            metadata={"dataset_path": str(Path(cfg.data.path).absolute()),
+                      **_source_metadata(source)},
+            training={"run": cfg.name, "steps": cfg.optim.total_steps,
+                      "tokens": cfg.optim.total_steps * cfg.optim.batch_size,
+                      "drop_norm_above": cfg.data.drop_norm_above,
+                      "loss": [t.to_dict() for t in cfg.loss],
+                      "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size}},
+            overwrite=overwrite, inputs=inputs,
+        )
+    return metrics
+
+
+def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,
+                      dtype: str = "float32", data: str | None = None, overwrite: bool = False,
+                      log: Callable[[str], None] = print) -> Path:
+    """Exports a checkpointed SAE (a run directory or its checkpoints/) in SAELens layout to
+    `out`; a sweep's SAEs go to out/sweep/<i>/. Without `step`, the newest checkpoint that
+    restores: a damaged one is skipped with a message (and set aside as `<step>.corrupt`
+    unless a training process holds the run)."""
+    path = Path(path)
+    directory = path if path.name == "checkpoints" else path / "checkpoints"
+    if not directory.is_dir():
+        raise JaxsaeError(f"{path}: no checkpoints/ directory (expected a run directory)")
+    run_dir = directory.parent
+    lock = RunLock(run_dir, log)
+    try:  # holding the lock (no training in progress), export may tidy the run directory
+        lock.acquire()
+        read_only = False
+    except (RunLocked, OSError):
+        read_only = True
+    try:
+        restored, cfg, built, source = _restore_for_export(directory, step, data, read_only,
+                                                           log)
+    finally:
+        lock.release()
+    n_train = max(source.n_tokens - cfg.data.held_out(source.n_tokens), 0)
+    stats = DataStats.from_dict(restored.loader["data_stats"])
+    params = jax.device_get(restored.state.params)
+    truth = ground_truth(cfg, source)
+    inputs = (run_dir, cfg.data.path)
+    if cfg.sweep is None:
+        finalise(params, built.members[0], source, n_train, Path(out), stats=stats,
+                 dtype=dtype, truth=truth, overwrite=overwrite, inputs=inputs)
+        return Path(out)
+    # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
+    with outputs.staged_directory(out, "sweep-export", overwrite=overwrite,
+                                  inputs=inputs) as staging:
+        for i, (member, member_dir) in enumerate(
+                zip(built.members, member_dirs(cfg, staging), strict=True)):
+            finalise(built.member_params(params, i), member, source, n_train, member_dir,
+                     stats=stats, dtype=dtype, truth=truth)
+    return Path(out)
+
+
+def _restore_for_export(directory: Path, step: int | None, data: str | None, read_only: bool,
+                        log: Callable[[str], None]) -> tuple[Restored, Config, Built, Any]:
+    """The checkpoint to export (restored onto one device, whatever mesh the run used), its
+    config (data.path replaced by `data`), the build it restored into, and the data."""
+    ckpt = Checkpointer(directory, CheckpointConfig(), read_only=read_only)
+    found: dict[str, Any] = {}
+
+    def abstract_for(loader_state: dict, cfg: Config):
+        if data is not None:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
+        source = open_source(cfg.data)
+        one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, model=1))
+        built = build(one, source.d_in, jax.devices()[:1])
+        found.update(cfg=cfg, built=built, source=source)
+        return abstract_with_shardings(built.abstract, built.state_sharding)
+
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise JaxsaeError(f"{directory}: no complete checkpoint")
+        if step is None:
+            restored = ckpt.restore_newest(abstract_for, log)
+            if restored is None:
+                raise CheckpointError(f"{directory}: no checkpoint restores (each one skipped "
+                                      "is named above)")
+        elif step not in steps:
+            raise JaxsaeError(f"--step {step}: no such checkpoint in {directory} "
+                              f"(available: {', '.join(map(str, steps))})")
+        else:
+            try:
+                loader_state, cfg = ckpt.restore_meta(step)
+                restored = ckpt.restore(step, abstract_for(loader_state, cfg))
+            except CorruptCheckpoint as e:
+                raise CheckpointError(f"{directory}: {e}") from None
+    finally:
+        ckpt.close()
+    return restored, found["cfg"], found["built"], found["source"]
+
+
+def _source_metadata(source) -> dict[str, Any]:
+    src = getattr(getattr(source, "manifest", None), "source", {}) or {}
+    out = {}
+    if "model" in src:
+        out["model_name"] = src["model"]
+    if "hook" in src:
+        out["hook_name"] = src["hook"]
+    if "context" in src:  # written by `jaxsae cache`: how the windows were built
+        out["context_size"] = src["context"]
+        out["prepend_bos"] = src.get("prepend_bos", True)
+        out["drop_first_position"] = src.get("drop_first_position", True)
+    return out
