@@ -285,7 +285,7 @@ def test_cli_synth_presets_and_kinds(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert synthetic.load_truth(tmp_path / kind).spec.kind == kind.split("_")[0]
     proc = subprocess.run([sys.executable, "-m", "jaxsae.cli", "synth", "hierarchy", "--out",
-                           str(tmp_path / "bad"), "--probs", "[0.3, 0.9]", "--no-progress"],
+                           str(tmp_path / "bad"), "--probs", "0.3", "0.9", "--no-progress"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "probs" in proc.stderr and len(
         proc.stderr.strip().splitlines()) == 1

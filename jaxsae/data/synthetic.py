@@ -184,7 +184,7 @@ class HierarchySpec:
     """Siblings are mutually exclusive: at most one child of a parent fires."""
     orthogonal: bool = True
     """Orthonormal directions (needs n_features <= d_in); false: random unit directions."""
-    d_in: int = 20
+    d_in: int = 64
     """Dimension of the activations."""
     tokens: int = 262_144
     """Number of tokens to write."""

@@ -105,20 +105,18 @@ def test_eval_prints_strict_json():
         "mse": None, "ev": [1.0, None], "n": 3}
 
 
-def _commands(parser, prefix=()):
-    import argparse
+def test_help_shows_no_empty_defaults(capsys):
+    from jaxsae.commands import registry
+    from jaxsae.data.synthetic import GENERATORS
 
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield (*prefix, name), sub
-                yield from _commands(sub, (*prefix, name))
-
-
-def test_help_shows_no_empty_defaults():
-    for path, sub in _commands(cli.build_parser()):
-        text = sub.format_help()
-        assert "(default: None)" not in text and "(default: False)" not in text, path
+    commands, _ = registry()
+    for words in [*commands, *(("synth", kind) for kind in GENERATORS)]:
+        with pytest.raises(SystemExit):
+            cli.main([*words, "--help"])
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: jaxsae {' '.join(words)}"), text
+        for empty in ("(default: None)", "(default: False)", "(default: )"):
+            assert empty not in text, (words, empty)
 
 
 def test_sigterm_message_does_not_mention_ctrl_c(capsys):

@@ -40,7 +40,7 @@ def zero_sae(path, **kw):
 
 def run_eval(sae_dir, model, texts, *extra, capsys):
     code = main(["eval", str(sae_dir), "--model", str(model), "--text", str(texts / "a.txt"),
-                 "--tokens", "150", "--batch-size", "4", "--no-progress", *extra])
+                 "--tokens", "150", "--windows-per-batch", "4", "--no-progress", *extra])
     out = capsys.readouterr()
     assert code == 0, out.err
     return json.loads(out.out)
@@ -136,7 +136,8 @@ def test_several_saes_share_the_clean_and_ablated_passes(tiny_model, texts, tmp_
 
 def run_eval_many(saes, model, texts, capsys):
     code = main(["eval", *map(str, saes), "--model", str(model), "--text",
-                 str(texts / "a.txt"), "--tokens", "150", "--batch-size", "4", "--no-progress"])
+                 str(texts / "a.txt"), "--tokens", "150", "--windows-per-batch", "4",
+                 "--no-progress"])
     out = capsys.readouterr()
     assert code == 0, out.err
     return json.loads(out.out)

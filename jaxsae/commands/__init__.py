@@ -1,0 +1,106 @@
+"""The commands of `jaxsae`: one dataclass per command, registered by the words that name it.
+
+A command is a dataclass whose fields are its arguments, each documented by the string under
+it (that string is its `--help` text), and whose `run()` does the work and returns the exit
+status. `jaxsae.cli` turns the registered classes into the command line (with tyro) and owns
+the error policy; from Python, build the dataclass and call `run()`:
+
+    from jaxsae.commands.train import Train
+    Train(config="configs/quickstart.yaml", overrides=["optim.lr=1e-3"]).run()
+
+Adding a command is one module in this package defining a subclass decorated with
+`@command("name")` (or `@command("group", "name")` under a group such as `stitch`, whose help
+`group()` sets); every module here is imported by `registry()`. Commands import what they run
+inside `run()`, so `jaxsae --help` stays fast and never loads PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from collections.abc import Callable
+from typing import Annotated, ClassVar, TypeVar
+
+import tyro
+
+from jaxsae.errors import JaxsaeError, require_at_least
+
+Flag = Annotated[bool, tyro.conf.FlagCreatePairsOff, tyro.conf.arg(help_behavior_hint="")]
+"""A switch that is off unless given (`--no-progress`), without a generated `--no-no-...`."""
+
+Overrides = Annotated[tuple[str, ...], tyro.conf.Positional,
+                      tyro.conf.arg(metavar="[key=value ...]", help_behavior_hint="")]
+"""`train CONFIG a.b=1 c=2`: dotted config overrides (see jaxsae.parsing)."""
+
+
+def unset(metavar: str, meaning: str) -> object:
+    """For an optional field whose None means something: `--step N ... (default: latest)`."""
+    return tyro.conf.arg(metavar=metavar, help_behavior_hint=f"(default: {meaning})")
+
+
+class Command:
+    """The base class of every command."""
+
+    words: ClassVar[tuple[str, ...]] = ()
+    """How it is called: ("train",), ("stitch", "compare"); set by `@command`."""
+
+    def run(self) -> int:
+        """Does the work; returns the exit status (bad input raises `JaxsaeError`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the docstring: the command's line in `jaxsae --help`."""
+        return inspect.cleandoc(cls.__doc__ or "").split("\n")[0].rstrip(".")
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.words)
+
+
+_COMMANDS: dict[tuple[str, ...], type[Command]] = {}
+_GROUPS: dict[str, str] = {}
+C = TypeVar("C", bound=type[Command])
+
+
+def command(*words: str) -> Callable[[C], C]:
+    """Registers a command class under `words` (one word, or a group and a word)."""
+    if not 1 <= len(words) <= 2:
+        raise ValueError(f"a command is one word or a group and a word, got {words}")
+
+    def register(cls: C) -> C:
+        if words in _COMMANDS:
+            raise ValueError(f"command {' '.join(words)!r} is registered twice")
+        cls.words = words
+        _COMMANDS[words] = cls
+        return cls
+
+    return register
+
+
+def group(name: str, description: str) -> None:
+    """Describes a group of commands (its line in `jaxsae --help`)."""
+    _GROUPS[name] = description
+
+
+def registry() -> tuple[dict[tuple[str, ...], type[Command]], dict[str, str]]:
+    """Every command (words -> class) and every group's description, all modules imported."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return dict(_COMMANDS), dict(_GROUPS)
+
+
+def at_least_one(command: Command, *names: str) -> None:
+    """Refuses a field below 1, naming its flag."""
+    require_at_least(*((f"--{name.replace('_', '-')}", getattr(command, name), 1)
+                       for name in names))
+
+
+def only_with(command: Command, mode: str, *names: str) -> None:
+    """Refuses flags, given (not None, not False), that belong to another mode
+    (`--windows-per-batch goes with --model`)."""
+    for name in names:
+        value = getattr(command, name)
+        if value is not None and value is not False:
+            raise JaxsaeError(f"--{name.replace('_', '-')} goes with {mode}")

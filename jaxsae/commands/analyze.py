@@ -1,0 +1,61 @@
+"""`jaxsae analyze SAE_DIR --data DIR --out DIR`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from jaxsae.commands import Command, Flag, at_least_one, command, unset
+
+
+@dataclass
+class AnalysisInputs:
+    """What the analyses (`analyze`, `stitch`) read and write: the fields they share."""
+
+    data: Annotated[str, tyro.conf.arg(metavar="DIR")]
+    """the activations the SAEs were trained on"""
+    out: Annotated[str, tyro.conf.arg(metavar="DIR")]
+    """output directory"""
+    tokens: int = 65536
+    """analyse the last N tokens of the data (held out if training held them out)"""
+    hook: Annotated[str | None, unset("HOOK", "the only column")] = None
+    """SAELens caches: the activation column"""
+    batch_size: int = 4096
+    """tokens per block"""
+    overwrite: Flag = False
+    """replace an existing --out that is not this command's own output"""
+    no_progress: Flag = False
+    """no progress bar"""
+
+
+@command("analyze")
+@dataclass(kw_only=True)
+class Analyze(AnalysisInputs, Command):
+    """Feature geometry of one SAE: CSV, PNG, index.html.
+
+    Firing density and activation histograms per latent,
+    co-firing (Jaccard, parent/child candidates), decoder nearest neighbours and clusters;
+    written as CSV and PNG with an index.html (see jaxsae.analysis.geometry)."""
+
+    sae_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SAE_DIR")]
+    """SAELens-format directory"""
+    cofire_tokens: int = 16384
+    """tokens (the first of the sample) for co-firing"""
+    cluster_threshold: float = 0.7
+    """decoder clusters: cos > this"""
+
+    def run(self) -> int:
+        from jaxsae.analysis.geometry import analyze
+
+        at_least_one(self, "tokens", "batch_size", "cofire_tokens")
+        summary = analyze(self.sae_dir, self.data, self.out, tokens=self.tokens,
+                          cofire_tokens=self.cofire_tokens, batch_size=self.batch_size,
+                          cluster_threshold=self.cluster_threshold, hook=self.hook,
+                          progress=not self.no_progress, overwrite=self.overwrite)
+        print(json.dumps(summary, indent=1))
+        print(f"open {Path(self.out) / 'index.html'}")
+        return 0

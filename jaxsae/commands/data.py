@@ -1,0 +1,38 @@
+"""`jaxsae data inspect DIR`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated
+
+import tyro
+
+from jaxsae.commands import Command, Flag, command, group, unset
+
+group("data", "Tools for activation directories")
+
+
+@command("data", "inspect")
+@dataclass
+class Inspect(Command):
+    """Validate an activation directory and print a summary.
+
+    Validates every shard (headers, sizes, NaN/inf) of a jaxsae shard directory or SAELens
+    cache and print its format, size, dtype and norm statistics."""
+
+    path: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="DIR")]
+    """activation directory"""
+    hook: Annotated[str | None, unset("HOOK", "the only column")] = None
+    """SAELens caches: the activation column"""
+    json: Flag = False
+    """print JSON instead of text"""
+    no_progress: Flag = False
+    """no progress bar"""
+
+    def run(self) -> int:
+        from jaxsae.data.inspect import format_summary, inspect
+
+        summary = inspect(self.path, hook=self.hook, progress=not self.no_progress)
+        print(json.dumps(summary, indent=1) if self.json else format_summary(summary))
+        return 0

@@ -1,0 +1,205 @@
+"""`jaxsae eval SAE_DIR --data DIR` and `jaxsae eval SAE_DIR... --model MODEL --text FILE...`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import tyro
+
+from jaxsae.commands import Command, Flag, command, only_with, unset
+from jaxsae.errors import JaxsaeError, require_at_least
+
+
+@command("eval")
+@dataclass
+class Eval(Command):
+    """Evaluate exported SAEs (prints JSON).
+
+    With --data: reconstruction metrics of one
+    SAELens-format SAE on a shard directory or SAELens cache; with --truth, how it recovered
+    the true features (see jaxsae.evaluate). With --model instead: the SAEs spliced into the
+    language model over --text: CE loss recovered, KL, L0 and explained variance (see
+    jaxsae.splice; needs the extra `lm`). Flags marked --data or --model go with that mode
+    only."""
+
+    sae_dir: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(metavar="SAE_DIR",
+                    help_behavior_hint="(required)")]
+    """SAELens-format directories: one with --data, one or more with --model"""
+    data: Annotated[str | None, unset("DIR", "--model instead")] = None
+    """activations to evaluate on (a jaxsae shard directory or SAELens cache)"""
+    model: Annotated[str | None, unset("MODEL", "--data instead")] = None
+    """Hugging Face model directory, hub name, or .gguf file to splice the SAEs into"""
+    tokens: Annotated[int | None, unset(
+        "N", "all of --data; about 16384 with --model")] = None
+    """tokens to evaluate: the last N of --data, or about N of --text"""
+    hook: Annotated[str | None, unset(
+        "HOOK", "the only column; with --model, from the SAE's hook_name")] = None
+    """the activation the SAE reads: the column of a SAELens cache (--data), or resid_post /
+    resid_pre of the block (--model)"""
+    truth: Annotated[str | None, unset("TRUTH", "none")] = None
+    """--data: the synthetic data directory (truth.json + truth.safetensors: recovery, firing
+    F1, absorption, circles), or a bare truth.safetensors (recovery)"""
+    details: Flag = False
+    """--truth: also per-feature and per-parent figures"""
+    batch_size: Annotated[int | None, unset("N", "4096")] = None
+    """--data: tokens per block"""
+    text: Annotated[tuple[str, ...], unset("FILE", "none")] = ()
+    """--model: held-out text files, or directories of them"""
+    layer: Annotated[int | None, unset("L", "from the SAE's hook_name")] = None
+    """--model: block index"""
+    context: Annotated[int | None, unset("N", "the SAE's context_size, else 128")] = None
+    """--model: tokens per window, BOS included"""
+    drop_first_position: Flag = False
+    """--model: leave out position 0 of each window (default: as the SAE's training data was
+    cached, else yes)"""
+    no_drop_first_position: Flag = False
+    """--model: score position 0 too"""
+    clean_norm_above: Annotated[float | None, unset(
+        "X", "the SAE's training data.drop_norm_above")] = None
+    """--model: leave activations whose norm is above this multiple of the median clean
+    (attention sinks)"""
+    windows_per_batch: Annotated[int | None, unset("N", "8")] = None
+    """--model: windows per forward pass"""
+    device: Annotated[str | None, unset("DEVICE", "cuda if available")] = None
+    """--model: torch device"""
+    no_progress: Flag = False
+    """no progress bar"""
+
+    def run(self) -> int:
+        from jaxsae.export import load_sae
+        from jaxsae.outputs import json_text
+
+        if not self.sae_dir:
+            raise JaxsaeError("SAE_DIR: required (an exported SAE directory)")
+        if (self.data is None) == (self.model is None):
+            raise JaxsaeError("give --data DIR (activations) or --model MODEL (a language "
+                              "model), one of the two")
+        if self.model is not None:
+            only_with(self, "--data", "truth", "details", "batch_size")
+            results = self._on_model([load_sae(d) for d in self.sae_dir])
+            print(json_text(results[0] if len(results) == 1 else results))
+            return 0
+        only_with(self, "--model", "layer", "context", "drop_first_position",
+                  "no_drop_first_position", "clean_norm_above", "windows_per_batch", "device")
+        if self.text:
+            raise JaxsaeError("--text goes with --model")
+        if self.details and not self.truth:
+            raise JaxsaeError("--details goes with --truth")
+        if len(self.sae_dir) > 1:
+            raise JaxsaeError("--data evaluates one SAE at a time (several go with --model)")
+        print(json_text(self._on_data(load_sae(self.sae_dir[0]))))
+        return 0
+
+    def _on_data(self, loaded) -> dict[str, Any]:
+        """Reconstruction metrics on --data; with --truth, what the SAE recovered."""
+        import numpy as np
+
+        from jaxsae import evaluate, tensorfile
+        from jaxsae.config import DataConfig
+        from jaxsae.data import open_source, synthetic
+        from jaxsae.data.source import iter_blocks
+        from jaxsae.errors import DataError
+
+        sae_dir = self.sae_dir[0]
+        require_at_least(("--tokens", self.tokens, 1), ("--batch-size", self.batch_size, 1))
+        data = open_source(DataConfig(path=self.data, hook=self.hook))
+        if data.d_in != loaded.d_in:
+            raise DataError(f"{self.data}: d_in {data.d_in} does not match the SAE's d_in "
+                            f"{loaded.d_in} ({sae_dir})")
+        start = 0 if self.tokens is None else max(0, data.n_tokens - self.tokens)
+        batch_size = self.batch_size or 4096
+        metrics = evaluate.reconstruction_metrics(
+            loaded.params, loaded.sae, iter_blocks(data, batch_size, start=start))
+        metrics.pop("firing_frequency")
+        if not self.truth:
+            return metrics
+        truth = Path(self.truth)
+        directory = truth.parent if truth.is_file() else truth
+        if (directory / synthetic.TRUTH_JSON).is_file():
+            # The data's own truth: everything (firing, absorption, circles) on these tokens.
+            full = synthetic.load_truth(directory)
+            full.check_data(data, self.truth, self.data)
+            try:
+                report = evaluate.truth_report(loaded.params, loaded.sae, data, full,
+                                               start=start, batch_size=batch_size,
+                                               details=self.details)
+            except ValueError as e:
+                raise DataError(f"--truth {self.truth}: {e}") from None
+            return {**report, **metrics}
+        # directions only (e.g. a bare truth.safetensors): feature recovery
+        if truth.is_dir():
+            truth = truth / synthetic.TRUTH_TENSORS
+        if not truth.is_file():
+            raise DataError(f"{truth}: truth file not found")
+        directions = tensorfile.read(truth).get("directions")
+        if directions is None or directions.ndim != 2 or directions.shape[1] != loaded.d_in:
+            raise DataError(f"{truth}: no 'directions' [n_features, {loaded.d_in}] tensor")
+        metrics.update(evaluate.feature_recovery(np.asarray(directions),
+                                                 loaded.params["W_dec"]))
+        return metrics
+
+    def _on_model(self, saes: list) -> list[dict]:
+        """The SAEs spliced into the language model (jaxsae.splice)."""
+        from jaxsae import splice
+        from jaxsae.data import lm as lm_data
+
+        settings = [self._splice_settings(d, s) for d, s in zip(self.sae_dir, saes, strict=True)]
+        for sae_dir, own in zip(self.sae_dir[1:], settings[1:], strict=True):
+            if own != settings[0]:
+                raise JaxsaeError(f"{sae_dir}: evaluated as (layer, hook, context, first "
+                                  f"position dropped, clean norm) {own}, but {self.sae_dir[0]} "
+                                  f"as {settings[0]}: evaluate them separately")
+        layer, hook, context, drop_first, clean_above = settings[0]
+        if not self.text:
+            raise JaxsaeError("--text: required with --model (held-out text to evaluate on)")
+        tokens = 16384 if self.tokens is None else self.tokens
+        windows = 8 if self.windows_per_batch is None else self.windows_per_batch
+        require_at_least(("--context", context, 2), ("--tokens", tokens, 1),
+                         ("--windows-per-batch", windows, 1))
+        files = lm_data.text_files(list(self.text))
+        lm = lm_data.load_model(self.model, device=self.device, layer=layer, context=context,
+                                progress=not self.no_progress)
+        batches = splice.eval_windows(lm, files, context, tokens, 1 if drop_first else 0)
+        results = splice.ce_loss_recovered(saes, lm, layer, hook, batches,
+                                           drop_first_position=drop_first,
+                                           clean_norm_above=clean_above, batch_size=windows,
+                                           progress=not self.no_progress)
+        return [{"sae": d, **r} for d, r in zip(self.sae_dir, results, strict=True)]
+
+    @property
+    def first_position_dropped(self) -> bool | None:
+        """--drop-first-position: True, --no-drop-first-position: False, neither: None."""
+        if self.drop_first_position and self.no_drop_first_position:
+            raise JaxsaeError("--drop-first-position and --no-drop-first-position: give one")
+        if self.drop_first_position or self.no_drop_first_position:
+            return self.drop_first_position
+        return None
+
+    def _splice_settings(self, sae_dir: str, loaded) -> tuple:
+        """(layer, hook, context, drop_first_position, clean_norm_above) for one SAE: the
+        flags, else what its cfg.json says about its training data."""
+        from jaxsae.data import lm as lm_data
+
+        meta = loaded.cfg_json.get("metadata", {})
+        trained_at = lm_data.parse_hook_name(meta.get("hook_name", ""))
+        layer = self.layer if self.layer is not None else trained_at and trained_at[0]
+        if layer is None:
+            raise JaxsaeError(f"--layer: required ({sae_dir}/cfg.json names no hook_name "
+                              "like blocks.L.hook_resid_post)")
+        hook = self.hook or (trained_at[1] if trained_at else "resid_post")
+        if hook not in lm_data.HOOK_POINTS:
+            raise JaxsaeError(f"--hook must be one of {', '.join(lm_data.HOOK_POINTS)}, "
+                              f"got {hook!r}")
+        context = self.context or meta.get("context_size") or 128
+        drop_first = self.first_position_dropped
+        if drop_first is None:
+            drop_first = meta.get("drop_first_position", True)
+        clean_above = self.clean_norm_above
+        if clean_above is None:
+            clean_above = loaded.cfg_json.get("jaxsae", {}).get("drop_norm_above")
+        elif clean_above <= 0:
+            raise JaxsaeError(f"--clean-norm-above must be > 0, got {clean_above}")
+        return layer, hook, context, drop_first, clean_above
+

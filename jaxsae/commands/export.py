@@ -1,0 +1,41 @@
+"""`jaxsae export RUN --out DIR`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import tyro
+
+from jaxsae.commands import Command, Flag, command, unset
+
+
+@command("export")
+@dataclass
+class Export(Command):
+    """Export a checkpoint as a SAELens directory.
+
+    Exports a checkpointed SAE to the SAELens layout (a sweep: every SAE, to
+    OUT/sweep/<i>/)."""
+
+    checkpoint: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN")]
+    """run directory or its checkpoints/ directory"""
+    out: Annotated[str, tyro.conf.arg(metavar="DIR")]
+    """output directory"""
+    step: Annotated[int | None, unset("N", "latest")] = None
+    """checkpoint step"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """weights dtype"""
+    data: Annotated[str | None, unset("DIR", "the run's data.path")] = None
+    """activations for the firing frequencies"""
+    overwrite: Flag = False
+    """replace an existing --out that is not a jaxsae export (never the run itself, a run with
+    checkpoints, or a file)"""
+
+    def run(self) -> int:
+        from jaxsae.finish import export_checkpoint
+
+        out = export_checkpoint(self.checkpoint, self.out, step=self.step, dtype=self.dtype,
+                                data=self.data, overwrite=self.overwrite)
+        print(f"exported {out}")
+        return 0

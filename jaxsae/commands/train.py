@@ -1,0 +1,54 @@
+"""`jaxsae train CONFIG [key=value ...]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import tyro
+
+from jaxsae.commands import Command, Flag, Overrides, command
+
+
+@command("train")
+@dataclass
+class Train(Command):
+    """Train an SAE from a YAML config.
+
+    Rerunning the same command resumes the run from its
+    latest checkpoint. A sweep (`sweep:` in the config, or sweep.KEY=[values] overrides) trains
+    several SAEs in one vmapped step on one data stream."""
+
+    config: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CONFIG")]
+    """YAML config (see configs/)"""
+    overrides: Overrides = ()
+    """dotted overrides, e.g. optim.lr=1e-3 sae.d_sae=8192 loss.sparsity.coefficient=3 (a term
+    by its name, or loss.1.coefficient by position); sweep.optim.lr=[1e-4,3e-4] adds a sweep
+    axis (sweepable: seed, optim.lr, sae.k, loss.<name>.coefficient)"""
+    no_progress: Flag = False
+    """no progress bar"""
+
+    def run(self) -> int:
+        from jaxsae.config import load_config, sweep_label
+        from jaxsae.train import train
+
+        cfg = load_config(self.config, list(self.overrides))
+        result = train(cfg, progress=not self.no_progress)
+        members = result.sweep or (result,)
+        for member, point in zip(members, cfg.sweep.points if cfg.sweep else [None],
+                                 strict=True):
+            ev = member.eval
+            print(f"trained {result.step} steps" + (f" ({sweep_label(point)})" if point else "")
+                  + f"; evaluation on {ev['tokens']} "
+                  f"{'held-out ' if ev['held_out'] else 'training '}tokens: "
+                  f"L0 {ev['l0']:.2f}, explained variance {ev['explained_variance']:.4f}, "
+                  f"dead {ev['dead_fraction']:.3f}")
+        if result.sweep:
+            print(f"{len(members)} SAEs exported to {result.sae_dir}/*/sae; "
+                  f"summary in {result.run_dir / 'sweep.csv'}")
+        else:
+            print(f"SAE exported to {result.sae_dir}")
+        print(f"evaluate {'one' if result.sweep else 'it'} with: jaxsae eval "
+              f"{members[0].sae_dir} --data {cfg.data.path}"
+              + (f" --truth {cfg.data.path}" if cfg.data.generate else ""))
+        return 0
