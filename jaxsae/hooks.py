@@ -1,6 +1,13 @@
-"""What the training loop reports and listens to: the metrics of each step (fetched one step
-late, checked for NaN, written to metrics.jsonl and the progress display) and SIGINT / SIGTERM
-(a checkpoint, then a clean exit).
+"""What the training loop reports and listens to.
+
+The loop tells its hooks (`LoopHook`) what happened: every step, every logged step (one line
+of metrics per SAE: `metrics.jsonl`, the progress display, and whatever else a hook sends
+them to), every checkpoint, and the end. `MetricLogger` turns the device metrics of a step,
+fetched one step late, into those lines and stops a run that went non-finite; `SignalFlag`
+turns SIGINT / SIGTERM into a checkpoint and a clean exit.
+
+Adding a destination for the metrics (an experiment tracker, say) is a `LoopHook` subclass
+passed to `train(hooks=...)`; nothing in the loop changes.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from jaxsae import penalties
 from jaxsae.config import Config, sweep_label
 from jaxsae.data.loader import Loader
 from jaxsae.errors import JaxsaeError, NonFiniteError
-from jaxsae.outputs import atomic_write, json_text
+from jaxsae.outputs import AppendLog, atomic_write, json_text
 
 
 class Interrupted(JaxsaeError):
@@ -45,12 +52,65 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write(path, "".join(k + "\n" for k in kept))
 
 
-class MetricLogger:
-    """Turns the device metrics of a step (fetched one step late) into logs and checks: one
-    metrics.jsonl per SAE (a sweep's metrics have a leading SAE axis)."""
+class LoopHook:
+    """Told by the training loop what happened; every method may be left as it is (nothing).
+    Hooks run on every process: one that writes files acts on process 0 only."""
 
-    def __init__(self, files: list, bar, cfg: Config, start: int, loader: Loader):
-        self.files, self.bar, self.cfg, self.loader = files, bar, cfg, loader
+    def on_step(self, done: int) -> None:
+        """After step `done` (1-based), once its metrics were checked."""
+
+    def on_log(self, done: int, lines: list[dict]) -> None:
+        """At a logged step: one line per SAE (a sweep: in the order of its points), each
+        `{"step", "tokens", "tokens_per_s", "loss", "loss.<term>", "l0", ...}`."""
+
+    def on_checkpoint(self, step: int) -> None:
+        """After the checkpoint of `step` was handed to the checkpointer."""
+
+    def close(self) -> None:
+        """At the end of the loop, finished or not."""
+
+
+class MetricsFiles(LoopHook):
+    """`metrics.jsonl` of each SAE: a line is written whole or not at all (disk full); NaN
+    and inf are written as null (strict JSON)."""
+
+    def __init__(self, paths: list[Path]):
+        self.files = [AppendLog(path) for path in paths]
+
+    def on_log(self, done: int, lines: list[dict]) -> None:
+        for line, file in zip(lines, self.files, strict=True):
+            file.write_line(json_text(line, indent=None))
+
+    def close(self) -> None:
+        for file in self.files:
+            file.close()
+
+
+class ProgressDisplay(LoopHook):
+    """The progress bar (or plain lines in a log file): steps, and at logged steps tokens,
+    throughput, loss, L0 and explained variance (the range over a sweep's SAEs)."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def on_step(self, done: int) -> None:
+        self.bar.update(done - self.bar.n)
+
+    def on_log(self, done: int, lines: list[dict]) -> None:
+        self.bar.set_postfix(_postfix(lines[0]["tokens"], lines[0]["tokens_per_s"], lines),
+                             refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MetricLogger:
+    """Turns the device metrics of a step (fetched one step late) into checks and, every
+    log.every_steps, one line per SAE for the hooks (a sweep's metrics have a leading SAE
+    axis)."""
+
+    def __init__(self, cfg: Config, start: int, loader: Loader, hooks: list[LoopHook]):
+        self.cfg, self.loader, self.hooks = cfg, loader, hooks
         self.last_time, self.last_step = time.perf_counter(), start
         self.labels = penalties.term_labels(cfg.loss)
         self.points = cfg.sweep.points if cfg.sweep is not None else None
@@ -74,31 +134,31 @@ class MetricLogger:
                     "checkpoint is kept. Lower optim.lr or check the data "
                     "(data.check_finite: true)"
                 )
-        self.bar.update(done - self.bar.n)
-        now = time.perf_counter()
+        for hook in self.hooks:
+            hook.on_step(done)
         if done % self.cfg.log.every_steps and done != self.cfg.optim.total_steps:
             return
+        now = time.perf_counter()
         tokens_per_s = (done - self.last_step) * self.cfg.optim.batch_size / (now - self.last_time)
         self.last_time, self.last_step = now, done
-        self.bar.set_postfix(_postfix(done * self.cfg.optim.batch_size, tokens_per_s, hosts),
-                             refresh=False)
-        for host, file in zip(hosts, self.files, strict=False):  # no files: not process 0
+        lines = []
+        for host in hosts:
             if not self.cfg.optim.skip_nonfinite:
                 host.pop("skipped_steps")
             line = {"step": done, "tokens": done * self.cfg.optim.batch_size,
                     "tokens_per_s": round(tokens_per_s, 1), **host}
             if self.cfg.data.drop_norm_above is not None:
                 line["dropped_tokens"] = self.loader.dropped
-            # NaN / inf (skipped steps) are written as null: strict JSON. A line is written
-            # whole or not at all (disk full).
-            file.write_line(json_text(line, indent=None))
+            lines.append(line)
+        for hook in self.hooks:
+            hook.on_log(done, lines)
 
 
-def _postfix(tokens: int, tokens_per_s: float, hosts: list[dict]) -> dict[str, str]:
+def _postfix(tokens: int, tokens_per_s: float, lines: list[dict]) -> dict[str, str]:
     """Progress-bar figures: the values of a single run, the range over a sweep's SAEs."""
 
     def show(key: str, fmt: str) -> str:
-        values = [h[key] for h in hosts]
+        values = [line[key] for line in lines]
         lo, hi = min(values), max(values)
         return format(lo, fmt) if lo == hi else f"{lo:{fmt}}..{hi:{fmt}}"
 

@@ -354,10 +354,10 @@ def l0(
     if mode == "tanh":
         v = out.acts * out.decoder_norms
         return jnp.mean(jnp.sum(jnp.tanh(tanh_scale * v), axis=-1)), {}
-    count = _ste_l0(out, params, bandwidth)
-    if mode == "quadratic":
-        return jnp.square(count / target_l0 - 1.0), {"l0_ste": count}
-    return count, {}
+    if mode == "quadratic":  # the target_l0 term, spelled the older way
+        loss, count = _quadratic_l0(out, params, target_l0, bandwidth)
+        return loss, {"l0_ste": count}
+    return _ste_l0(out, params, bandwidth), {}
 
 
 def _check_target_l0(cfg: Config, term: TermConfig, key: str) -> None:
@@ -382,8 +382,15 @@ def target_l0(
     Σ_i H(z_i − θ_i) and a straight-through gradient for θ of width `bandwidth` (0.001).
     Only the thresholds feel it, both ways: too few active latents lower θ, too many raise
     it."""
-    count = _ste_l0(out, params, 0.001 if bandwidth is None else bandwidth)
-    return jnp.square(count / target - 1.0), {"l0": count}
+    loss, count = _quadratic_l0(out, params, target, 0.001 if bandwidth is None else bandwidth)
+    return loss, {"l0": count}
+
+
+def _quadratic_l0(out: sae.ForwardOutput, params: sae.Params, target: float,
+                  bandwidth: float) -> tuple[jax.Array, jax.Array]:
+    """(L0 / target − 1)² and L0 (straight-through for θ)."""
+    count = _ste_l0(out, params, bandwidth)
+    return jnp.square(count / target - 1.0), count
 
 
 def _ste_l0(out: sae.ForwardOutput, params: sae.Params, bandwidth: float) -> jax.Array:

@@ -4,13 +4,14 @@ Phases: config checks -> run directory (locked) -> data -> restore or initialise
 abstract init -> shardings -> materialise, in `jaxsae.build`) -> loop -> evaluation + export
 (`jaxsae.finish`). Every run, from the quickstart to a sharded job, takes this path; features
 are configuration, registered activations and loss terms, never a second code path. The step
-itself is in `jaxsae.step`; what the loop reports and listens to in `jaxsae.hooks`.
+itself is in `jaxsae.step`; what the loop reports and listens to in `jaxsae.hooks` (metrics
+files, progress, signals, and any `LoopHook` the caller passes).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,16 @@ from jaxsae.data.stats import DataStats
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError
 from jaxsae.finish import finalise, ground_truth, member_dirs, write_sweep_table
-from jaxsae.hooks import Interrupted, MetricLogger, SignalFlag, truncate_metrics
-from jaxsae.outputs import AppendLog, atomic_write, json_text
+from jaxsae.hooks import (
+    Interrupted,
+    LoopHook,
+    MetricLogger,
+    MetricsFiles,
+    ProgressDisplay,
+    SignalFlag,
+    truncate_metrics,
+)
+from jaxsae.outputs import atomic_write, json_text
 from jaxsae.progress import Progress
 from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 from jaxsae.step import TrainState
@@ -54,10 +63,12 @@ class RunResult:
 
 
 def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print,
-          make_loader: Callable[..., Loader] = Loader) -> RunResult:
+          make_loader: Callable[..., Loader] = Loader,
+          hooks: Sequence[LoopHook] = ()) -> RunResult:
     """Trains (or resumes) the run `cfg` describes and returns where its results are.
     `make_loader`: builds the batch loader from `Loader`'s arguments (tests wrap it to see or
-    cut the stream of batches)."""
+    cut the stream of batches). `hooks`: told every step, logged metrics and checkpoint, after
+    metrics.jsonl and the progress display (see `jaxsae.hooks.LoopHook`)."""
     # -- config: what the schema cannot check alone (activation, loss terms, generator) ------
     check_run(cfg)
 
@@ -75,13 +86,14 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run_dir(run_dir, is_main, log)
     try:
-        return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader)
+        return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
+                             hooks=hooks)
     finally:
         lock.release()
 
 
 def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[str], None],
-                  make_loader: Callable[..., Loader]) -> RunResult:
+                  make_loader: Callable[..., Loader], hooks: Sequence[LoopHook]) -> RunResult:
     is_main = jax.process_index() == 0
     members = cfg.sweep_configs()
     dirs = member_dirs(cfg, run_dir)
@@ -111,7 +123,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
                 f"{path}")
         state, built, stats, loader = _run_loop(cfg, ckpt, source, n_train, run_dir, members,
                                                 dirs, progress=progress, log=log,
-                                                make_loader=make_loader)
+                                                make_loader=make_loader, hooks=hooks)
     except BaseException:
         _close_quietly(ckpt)  # the error in flight says what went wrong, not a late save
         raise
@@ -147,8 +159,8 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
 
 def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Path,
               members: list[Config], dirs: list[Path], *, progress: bool,
-              log: Callable[[str], None],
-              make_loader: Callable[..., Loader]) -> tuple[TrainState, Built, DataStats, Loader]:
+              log: Callable[[str], None], make_loader: Callable[..., Loader],
+              hooks: Sequence[LoopHook]) -> tuple[TrainState, Built, DataStats, Loader]:
     """restore (or init) -> the loop; returns the final state and what produced it."""
     is_main = jax.process_index() == 0
 
@@ -217,15 +229,20 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
     batches = Prefetcher(loader.batches(), depth=2, transform=to_devices)
     position = loader.state()  # of the batches consumed so far
 
+    bar = Progress(total, initial=start, unit="step", desc=cfg.name,
+                   enabled=progress and is_main)
+    told = [ProgressDisplay(bar), *hooks]
+    if is_main:
+        told.insert(0, MetricsFiles([d / "metrics.jsonl" for d in dirs]))
+
     def save(step: int, state: TrainState):
         saved = {**_gather_positions(position), "data_stats": stats.to_dict()}
         ckpt.save(step, state, saved, cfg)
+        for hook in told:
+            hook.on_checkpoint(step)
 
-    metrics_files = [AppendLog(d / "metrics.jsonl") for d in dirs] if is_main else []
-    bar = Progress(total, initial=start, unit="step", desc=cfg.name,
-                   enabled=progress and is_main)
     stop_signal = SignalFlag()
-    logger = MetricLogger(metrics_files, bar, cfg, start, loader)
+    logger = MetricLogger(cfg, start, loader, told)
     pending = None  # (step, device metrics) of the previous step: read one step late
     try:
         for step in range(start, total):
@@ -256,9 +273,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         stop_signal.restore()
         batches.close()
         loader.close()
-        bar.close()
-        for file in metrics_files:
-            file.close()
+        for hook in told:
+            hook.close()
     return state, built, stats, loader
 
 

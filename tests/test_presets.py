@@ -22,6 +22,8 @@ def test_presets_exist():
     for term in ("l1", "group_l1_l2", "intra_group_orthogonality", "matryoshka",
                  "decoder_cosine", "jumprelu_l0", "topk_auxk"):
         assert f"penalties/{term}.yaml" in names
+    for arch in ("gated", "matching_pursuit", "jumprelu_target_l0"):
+        assert f"architectures/{arch}.yaml" in names
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.relative_to(ROOT).as_posix())

@@ -20,6 +20,7 @@ from jaxsae.checks import check_run
 from jaxsae.config import CheckpointConfig, config_from_dict, load_config
 from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
 from jaxsae.export import load_sae
+from jaxsae.hooks import LoopHook
 from tests.conftest import small_config, small_config_dict, train_until_crash
 
 
@@ -28,10 +29,38 @@ def _weights(run_dir):
                                                           "sae_weights.safetensors").items()}
 
 
+class Recorder(LoopHook):
+    """Everything the loop tells a hook."""
+
+    def __init__(self):
+        self.steps, self.logged, self.checkpoints, self.closed = [], [], [], 0
+
+    def on_step(self, done):
+        self.steps.append(done)
+
+    def on_log(self, done, lines):
+        self.logged.append((done, lines))
+
+    def on_checkpoint(self, step):
+        self.checkpoints.append(step)
+
+    def close(self):
+        self.closed += 1
+
+
 def test_run_directory_contract(small_data, tmp_path):
     cfg = small_config(small_data, tmp_path / "run")
-    result = train_mod.train(cfg, progress=False)
+    hook = Recorder()
+    result = train_mod.train(cfg, progress=False, hooks=[hook])
     run = tmp_path / "run"
+    # A hook sees what metrics.jsonl holds, every step, and every checkpoint.
+    written = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [done for done, _ in hook.logged] == [line["step"] for line in written]
+    for (_, lines), line in zip(hook.logged, written, strict=True):
+        assert len(lines) == 1 and lines[0].keys() == line.keys()
+        assert lines[0]["loss"] == pytest.approx(line["loss"], rel=1e-6)
+    assert hook.steps == list(range(1, 25))
+    assert hook.checkpoints == [8, 16, 24] and hook.closed == 1
     assert result.run_dir == run.absolute()
     assert load_config(run / "config.yaml") == cfg
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
