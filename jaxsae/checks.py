@@ -10,13 +10,14 @@ read only when a run starts from it (a resumed run never needs it again).
 
 from __future__ import annotations
 
-from jaxsae import activations, penalties, sae
+from jaxsae import activations, penalties, sae, trackers
 from jaxsae.config import Config, sweep_label
 from jaxsae.errors import ConfigError
 
 
 def check_run(cfg: Config) -> None:
     """Refuses, naming the key, a config that cannot run; a sweep is checked SAE by SAE."""
+    trackers.check_available(cfg)
     if cfg.sweep is None:
         _check_sae(cfg)
         return

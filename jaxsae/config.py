@@ -264,11 +264,34 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """`log.wandb`: Weights & Biases (the extra `wandb`); `{}` takes every default."""
+
+    project: str = "jaxsae"
+    entity: str | None = None
+    """Team or user (default: wandb's default entity)."""
+    name: str | None = None
+    """Run name (default: the run's `name`; a sweep's SAEs add their values)."""
+    group: str | None = None
+    """Run group (default: the run's `name` for a sweep, whose SAEs are runs of one group)."""
+    tags: tuple[str, ...] = ()
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """Default: wandb's own (WANDB_MODE, else online)."""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     every_steps: int = 50
     """Write a line to metrics.jsonl every this many steps."""
     dead_window_tokens: int = 4_000_000
     """A latent that has not fired for this many tokens counts as dead in `dead_fraction`."""
+    curves: bool = True
+    """Draw curves.png (loss per term, L0, explained variance, ...) at checkpoints (at most
+    once a minute) and at the end."""
+    wandb: WandbConfig | None = None
+    """Log to Weights & Biases too (metrics.jsonl stays the record)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files too, under each SAE's `tensorboard/`."""
 
     def __post_init__(self):
         _need(self.every_steps > 0, "log.every_steps", "must be > 0")

@@ -18,6 +18,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -64,10 +65,36 @@ class LoopHook:
         `{"step", "tokens", "tokens_per_s", "loss", "loss.<term>", "l0", ...}`."""
 
     def on_checkpoint(self, step: int) -> None:
-        """After the checkpoint of `step` was handed to the checkpointer."""
+        """After the checkpoint of `step` was handed to the checkpointer (the last one: the end
+        of the loop)."""
+
+    def on_evaluation(self, index: int, metrics: dict) -> None:
+        """The final evaluation of SAE `index` (eval.json), once training finished."""
 
     def close(self) -> None:
-        """At the end of the loop, finished or not."""
+        """At the end of the run, finished or not."""
+
+
+class GuardedHook(LoopHook):
+    """A hook whose failure must not stop training (a tracker, a plot): run its work through
+    `_guard`, which turns the first failure into one warning and switches the hook off."""
+
+    key = ""
+    """What it is, as the config names it (`wandb`, `tensorboard`, `curves`)."""
+
+    def __init__(self, warn: Callable[[str], None]):
+        self.warn, self.failed = warn, False
+
+    def _guard(self, what: str, action: Callable[[], object]) -> None:
+        if self.failed:
+            return
+        try:
+            action()
+        except Exception as e:  # whatever failed: warn once, go on
+            self.failed = True
+            reason = " ".join(str(e).split()) or type(e).__name__
+            self.warn(f"warning: log.{self.key}: {what} failed ({reason[:300]}); training goes "
+                      "on without it (metrics.jsonl has every number)")
 
 
 class MetricsFiles(LoopHook):

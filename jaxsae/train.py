@@ -30,6 +30,7 @@ from jaxsae.checkpoint import (
 )
 from jaxsae.checks import check_run
 from jaxsae.config import Config
+from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, lanes_of_process
 from jaxsae.data.stats import DataStats
@@ -49,6 +50,7 @@ from jaxsae.outputs import atomic_write, json_text
 from jaxsae.progress import Progress
 from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 from jaxsae.step import TrainState
+from jaxsae.trackers import trackers
 
 
 @dataclass(frozen=True)
@@ -116,13 +118,28 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
             f"({cfg.optim.batch_size})"
         )
 
+    told: list[LoopHook] = []  # filled by the loop; closed once evaluation is done too
+    try:
+        return _train_and_finish(cfg, run_dir, source, n_train, members, dirs, told,
+                                 progress=progress, log=log, make_loader=make_loader,
+                                 hooks=hooks)
+    finally:
+        for hook in told:
+            hook.close()
+
+
+def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members: list[Config],
+                      dirs: list[Path], told: list[LoopHook], *, progress: bool,
+                      log: Callable[[str], None], make_loader: Callable[..., Loader],
+                      hooks: Sequence[LoopHook]) -> RunResult:
+    is_main = jax.process_index() == 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
         for path in ckpt.set_aside:
             log(f"{path.with_suffix('')}: incomplete checkpoint (no {COMMIT_MARKER}), moved to "
                 f"{path}")
         state, built, stats, loader = _run_loop(cfg, ckpt, source, n_train, run_dir, members,
-                                                dirs, progress=progress, log=log,
+                                                dirs, told, progress=progress, log=log,
                                                 make_loader=make_loader, hooks=hooks)
     except BaseException:
         _close_quietly(ckpt)  # the error in flight says what went wrong, not a late save
@@ -146,6 +163,8 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
                            directory / "sae" if is_main else None, stats=stats, truth=truth)
         if is_main:
             atomic_write(directory / "eval.json", json_text(metrics))
+        for hook in told:
+            hook.on_evaluation(i, metrics)
         results.append(RunResult(run_dir=directory, sae_dir=directory / "sae", step=total,
                                  eval=metrics))
     if cfg.sweep is None:
@@ -158,10 +177,11 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
 
 
 def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Path,
-              members: list[Config], dirs: list[Path], *, progress: bool,
+              members: list[Config], dirs: list[Path], told: list[LoopHook], *, progress: bool,
               log: Callable[[str], None], make_loader: Callable[..., Loader],
               hooks: Sequence[LoopHook]) -> tuple[TrainState, Built, DataStats, Loader]:
-    """restore (or init) -> the loop; returns the final state and what produced it."""
+    """restore (or init) -> the loop; returns the final state and what produced it. The
+    hooks it tells are added to `told`."""
     is_main = jax.process_index() == 0
 
     # -- restore: the newest checkpoint that restores whole, else a fresh start ---------------
@@ -231,9 +251,12 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
 
     bar = Progress(total, initial=start, unit="step", desc=cfg.name,
                    enabled=progress and is_main)
-    told = [ProgressDisplay(bar), *hooks]
-    if is_main:
-        told.insert(0, MetricsFiles([d / "metrics.jsonl" for d in dirs]))
+    if is_main:  # metrics.jsonl first: the curves are drawn from it
+        told.append(MetricsFiles([d / "metrics.jsonl" for d in dirs]))
+        if cfg.log.curves:
+            told.append(CurvesHook(run_dir, cfg.name, total, log))
+        told.extend(trackers(cfg, members, dirs, log))
+    told.extend([ProgressDisplay(bar), *hooks])
 
     def save(step: int, state: TrainState):
         saved = {**_gather_positions(position), "data_stats": stats.to_dict()}
@@ -273,8 +296,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         stop_signal.restore()
         batches.close()
         loader.close()
-        for hook in told:
-            hook.close()
+        bar.close()
     return state, built, stats, loader
 
 

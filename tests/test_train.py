@@ -49,7 +49,7 @@ class Recorder(LoopHook):
 
 
 def test_run_directory_contract(small_data, tmp_path):
-    cfg = small_config(small_data, tmp_path / "run")
+    cfg = small_config(small_data, tmp_path / "run", log={"every_steps": 4, "curves": True})
     hook = Recorder()
     result = train_mod.train(cfg, progress=False, hooks=[hook])
     run = tmp_path / "run"
@@ -61,6 +61,7 @@ def test_run_directory_contract(small_data, tmp_path):
         assert lines[0]["loss"] == pytest.approx(line["loss"], rel=1e-6)
     assert hook.steps == list(range(1, 25))
     assert hook.checkpoints == [8, 16, 24] and hook.closed == 1
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.run_dir == run.absolute()
     assert load_config(run / "config.yaml") == cfg
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,53 @@
+"""`jaxsae plot RUN [RUN ...] --out FILE.png`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from jaxsae.commands import Command, Flag, command
+from jaxsae.errors import JaxsaeError
+
+
+@command("plot")
+@dataclass
+class Plot(Command):
+    """Overlay the training curves of runs.
+
+    Draws the loss (total and per term), L0, explained variance, dead fraction, learning rate
+    and gradient norm against tokens from each run's metrics.jsonl (every SAE of a sweep) into
+    one PNG, a colour per run. Each run also keeps its own curves.png."""
+
+    runs: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(
+        metavar="RUN", help_behavior_hint="(required)")]
+    """run directories (runs/NAME, or a sweep's runs/NAME)"""
+    out: Annotated[str, tyro.conf.arg(metavar="FILE.png")]
+    """the PNG to write"""
+    title: str = ""
+    """a title above the panels"""
+    overwrite: Flag = False
+    """replace an existing --out"""
+
+    def run(self) -> int:
+        from jaxsae import curves
+
+        if not self.runs:
+            raise JaxsaeError("RUN: give one or more run directories")
+        out = Path(self.out)
+        if out.suffix.lower() != ".png":
+            raise JaxsaeError(f"--out {out}: must end with .png")
+        if out.is_dir() or (out.exists() and not self.overwrite):
+            raise JaxsaeError(f"--out {out}: exists; choose another file"
+                              + ("" if out.is_dir() else " or give --overwrite"))
+        if not out.parent.is_dir():
+            raise JaxsaeError(f"--out {out}: {out.parent} is not a directory")
+        series = [s for run in self.runs for s in curves.run_series(Path(run))]
+        empty = [label for label, lines in series if not lines]
+        if len(empty) == len(series):
+            raise JaxsaeError(f"{', '.join(self.runs)}: no metrics logged yet")
+        curves.plot([s for s in series if s[1]], out, title=self.title)
+        print(f"wrote {out} ({len(series) - len(empty)} curves)")
+        return 0

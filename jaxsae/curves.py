@@ -1,0 +1,139 @@
+"""Training curves: `curves.png` from `metrics.jsonl`, against tokens.
+
+Panels: the loss (total solid, each term dashed), L0, explained variance, dead fraction, the
+learning rate and the gradient norm. A sweep's SAEs, or several runs (`jaxsae plot`), are
+overlaid, one colour each. The run writes its `curves.png` at checkpoints (at most once a
+minute) and at the end (`CurvesHook`); `plot()` draws any set of runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from jaxsae.config import load_config, sweep_label
+from jaxsae.errors import DataError
+from jaxsae.hooks import GuardedHook
+from jaxsae.outputs import pyplot, save_figure
+
+CURVES = "curves.png"
+PANELS = (("loss", "loss"), ("l0", "L0"), ("explained_variance", "explained variance"),
+          ("dead_fraction", "dead fraction"), ("lr", "learning rate"),
+          ("grad_norm", "gradient norm"))
+Series = tuple[str, list[dict]]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl (a line cut by a kill is skipped)."""
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict) and "tokens" in line:
+            lines.append(line)
+    return lines
+
+
+def run_series(run_dir: Path, label: str | None = None) -> list[Series]:
+    """(label, metrics lines) of a run: one, or one per SAE of a sweep."""
+    run_dir = Path(run_dir)
+    name = label or run_dir.name
+    sweep = run_dir / "sweep"
+    if (run_dir / "metrics.jsonl").is_file() and not sweep.is_dir():
+        return [(name, read_metrics(run_dir / "metrics.jsonl"))]
+    if sweep.is_dir():
+        members = sorted((p for p in sweep.iterdir() if (p / "metrics.jsonl").is_file()),
+                         key=lambda p: int(p.name) if p.name.isdigit() else 0)
+        points = _sweep_points(run_dir)
+        out = []
+        for member in members:
+            i = int(member.name) if member.name.isdigit() else -1
+            what = sweep_label(points[i]) if 0 <= i < len(points) else member.name
+            out.append((f"{name} ({what})", read_metrics(member / "metrics.jsonl")))
+        return out
+    raise DataError(f"{run_dir}: no metrics.jsonl (not a jaxsae run directory)")
+
+
+def _sweep_points(run_dir: Path) -> list:
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except Exception:  # labels only: fall back to the SAE's index
+        return []
+    return list(cfg.sweep.points) if cfg.sweep is not None else []
+
+
+def plot(series: list[Series], out: Path, title: str = "") -> Path:
+    """Draws the panels for every (label, lines) into `out` (a PNG, written atomically)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))
+    for (key, name), ax in zip(PANELS, axes.flat, strict=True):
+        drawn = False
+        for i, (label, lines) in enumerate(series):
+            terms = (sorted({k for line in lines for k in line if k.startswith("loss.")})
+                     if key == "loss" else [])
+            for j, k in enumerate([key, *terms]):
+                points = [(line["tokens"], line[k]) for line in lines
+                          if isinstance(line.get(k), int | float)]
+                if not points:
+                    continue
+                xs, ys = zip(*points, strict=True)
+                if len(series) == 1:  # one run: a colour per term, the total in black
+                    color, style = ("black", "-") if j == 0 else (colors[(j - 1) % len(colors)],
+                                                                  "--")
+                else:  # runs overlaid: a colour per run, a line style per term
+                    color = colors[i % len(colors)]
+                    style = "-" if j == 0 else styles[(j - 1) % len(styles)]
+                what = "total" if j == 0 else k[len("loss."):]
+                show = label if len(series) > 1 else ""
+                ax.plot(xs, ys, color=color, linestyle=style, linewidth=1.4 if j == 0 else 1.0,
+                        label=(f"{show}{': ' if show else ''}{what}" if key == "loss"
+                               else None))
+                drawn = True
+        ax.set_title(name)
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+        if key in ("loss", "grad_norm") and drawn:
+            ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
+                    color="gray")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        axes.flat[0].legend(handles[:16], labels[:16], fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, out)
+    return out
+
+
+class CurvesHook(GuardedHook):
+    """Redraws `<run>/curves.png` from the metrics files at checkpoints, at most once every
+    `min_interval_s` (a drawing takes about half a second), and always at the last one, the
+    end of the run. A failure to draw warns once and training goes on."""
+
+    key = "curves"
+    min_interval_s = 60.0
+
+    def __init__(self, run_dir: Path, title: str, total_steps: int,
+                 warn: Callable[[str], None]):
+        super().__init__(warn)
+        self.run_dir, self.title, self.total = run_dir, title, total_steps
+        self.last = -math.inf
+
+    def on_checkpoint(self, step: int) -> None:
+        now = time.monotonic()
+        if step >= self.total or now - self.last >= self.min_interval_s:
+            self._guard(f"drawing {CURVES}", self.draw)
+            self.last = now
+
+    def draw(self) -> None:
+        series = [s for s in run_series(self.run_dir, self.title) if s[1]]
+        if series:
+            plot(series, self.run_dir / CURVES, title=self.title)

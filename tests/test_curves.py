@@ -1,0 +1,119 @@
+"""Training curves: curves.png redrawn from metrics.jsonl at every checkpoint, a sweep's SAEs
+overlaid, `jaxsae plot` for several runs, and a drawing failure that never stops training.
+Trackers (wandb, TensorBoard) are tested for real in tests/interop/test_trackers.py; here,
+only that one without its package is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+
+from jaxsae import cli, curves
+from jaxsae.errors import DataError
+from jaxsae.train import train
+from tests.conftest import small_config, small_config_dict, train_until_crash
+
+PNG = b"\x89PNG\r\n\x1a\n"
+CURVES_ON = {"every_steps": 4, "curves": True}
+
+
+def _record_plots(monkeypatch) -> list:
+    calls = []
+    draw = curves.plot
+
+    def record(series, out, title=""):
+        calls.append((out, [(label, [line["step"] for line in lines]) for label, lines in series]))
+        return draw(series, out, title=title)
+
+    monkeypatch.setattr(curves, "plot", record)
+    return calls
+
+
+def test_curves_are_redrawn_at_every_checkpoint(small_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(curves.CurvesHook, "min_interval_s", 0.0)
+    calls = _record_plots(monkeypatch)
+    cfg = small_config(small_data, tmp_path / "run", log=CURVES_ON)
+    train_until_crash(cfg, at_batch=12)  # after the checkpoint of step 8
+    assert calls == [(tmp_path / "run" / "curves.png", [("test", [4, 8])])]
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == PNG
+    train(cfg, progress=False)  # resumes from 8: the lines logged after it were dropped
+    steps = [4, 8, 12, 16, 20, 24]
+    assert [c[1] for c in calls[1:]] == [[("test", steps[:4])], [("test", steps)]]
+
+
+def test_a_sweep_draws_its_saes_together(small_data, tmp_path, monkeypatch):
+    calls = _record_plots(monkeypatch)
+    cfg = small_config(small_data, tmp_path / "run", log=CURVES_ON,
+                       sweep={"loss.1.coefficient": [0.01, 0.3]})
+    result = train(cfg, progress=False)
+    labels = [label for label, _ in calls[-1][1]]
+    assert labels == ["test (loss.1.coefficient=0.01)", "test (loss.1.coefficient=0.3)"]
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == PNG
+    assert [m.run_dir.parent for m in result.sweep] == [tmp_path / "run" / "sweep"] * 2
+    assert not any((m.run_dir / "curves.png").exists() for m in result.sweep)
+
+
+def test_run_series_reads_what_metrics_jsonl_holds(small_data, tmp_path):
+    train(small_config(small_data, tmp_path / "run"), progress=False)
+    (label, lines), = curves.run_series(tmp_path / "run")
+    written = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert label == "run" and lines == written
+    with pytest.raises(DataError, match=r"no metrics\.jsonl"):
+        curves.run_series(tmp_path)
+
+
+def test_a_failed_drawing_warns_once_and_training_goes_on(small_data, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(curves, "plot", broken)
+    messages = []
+    result = train(small_config(small_data, tmp_path / "run", log=CURVES_ON), progress=False,
+                   log=messages.append)
+    assert result.step == 24
+    warnings = [m for m in messages if "log.curves" in m]
+    assert len(warnings) == 1 and "no fonts" in warnings[0] and "goes on" in warnings[0]
+
+
+def test_plot_command_overlays_runs_and_refuses_what_it_must_not_touch(small_data, tmp_path,
+                                                                       capsys):
+    for name in ("a", "b"):
+        train(small_config(small_data, tmp_path / name), progress=False)
+    out = tmp_path / "both.png"
+    assert cli.main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG and "2 curves" in capsys.readouterr().out
+    before = out.read_bytes()
+    for argv, match in [
+        (["plot", str(tmp_path / "a"), "--out", str(out)], "exists"),
+        (["plot", str(tmp_path / "a"), "--out", str(tmp_path / "x.jpg")], "must end with .png"),
+        (["plot", str(tmp_path), "--out", str(tmp_path / "y.png")], "no metrics.jsonl"),
+    ]:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err
+    assert out.read_bytes() == before and not (tmp_path / "y.png").exists()
+    assert cli.main(["plot", str(tmp_path / "a"), "--out", str(out), "--overwrite"]) == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None,
+                    reason="this environment has the extra `wandb`")
+def test_a_tracker_without_its_package_is_refused_before_any_work(small_data, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(small_config_dict(
+        small_data, tmp_path / "run", log={"wandb": {"project": "p"}})))
+    assert cli.main(["train", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("jaxsae train: error: log.wandb: needs the wandb package: "
+                   "pip install 'jaxsae[wandb]'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_in_quick_succession_draw_once_a_minute_and_at_the_end(small_data, tmp_path,
+                                                                          monkeypatch):
+    calls = _record_plots(monkeypatch)
+    train(small_config(small_data, tmp_path / "run", log=CURVES_ON), progress=False)
+    assert [c[1] for c in calls] == [[("test", [4, 8])], [("test", [4, 8, 12, 16, 20, 24])]]
