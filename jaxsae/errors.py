@@ -13,6 +13,11 @@ class DataError(JaxsaeError):
     """A data directory, manifest or shard does not match the format."""
 
 
+class ExportError(JaxsaeError):
+    """A directory is not a valid SAE export (SAELens or sparsify), or cannot be written as
+    one."""
+
+
 class NonFiniteError(JaxsaeError):
     """Training produced a non-finite loss or gradient."""
 

@@ -18,6 +18,8 @@ that are missing, misshapen, not floating point, or not finite.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxsae import activations, outputs, tensorfile
+from jaxsae import activations, outputs, sparsify, tensorfile
 from jaxsae.checks import check_run
 from jaxsae.config import SAEConfig
-from jaxsae.errors import ConfigError, DataError, JaxsaeError
+from jaxsae.errors import ConfigError, DataError, ExportError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -37,10 +39,6 @@ SPARSITY_FILE = "sparsity.safetensors"
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-
-
-class ExportError(JaxsaeError):
-    """A directory is not a valid SAELens export."""
 
 
 @dataclass(frozen=True)
@@ -266,13 +264,34 @@ def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
     hold-out to the data, so it trains as written. Paths in it are absolute. Overrides apply
     like `jaxsae train`'s. RUN is created; an existing RUN is replaced only if it is an
     untrained import (or with `overwrite`), never if it holds checkpoints."""
+    sae_dir, run_dir, data = Path(sae_dir).absolute(), Path(run_dir).absolute(), \
+        Path(data).absolute()
+    outputs.check_target(run_dir, "import", overwrite=overwrite, inputs=(sae_dir, data))
+    if not sparsify.is_sparsify(sae_dir):
+        return _write_import(sae_dir, run_dir, data, overrides, overwrite=overwrite,
+                             inputs=(sae_dir, data))
+    # A sparsify SAE: converted to the SAELens layout, kept in RUN/imported-sae (init_from).
+    params, sae_cfg = sparsify.read_sparsify(sae_dir)
+    with tempfile.TemporaryDirectory(prefix="jaxsae-import-") as tmp:
+        converted = Path(tmp) / IMPORTED_SAE
+        export_sae(params, sae_cfg, converted,
+                   metadata={"converted_from": f"sparsify {sae_dir}"},
+                   training={"loss": [{"term": "mse"}]})
+        return _write_import(converted, run_dir, data, overrides, overwrite=overwrite,
+                             inputs=(sae_dir, data), keep=converted)
+
+
+IMPORTED_SAE = "imported-sae"
+
+
+def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwrite: bool,
+                  inputs: tuple, keep: Path | None = None) -> Path:
+    """import_config for a SAELens directory; `keep`: a directory copied into the run as
+    RUN/imported-sae, which the config then starts from."""
     from jaxsae.config import DataConfig, config_from_dict
     from jaxsae.data import open_source
     from jaxsae.parsing import apply_override
 
-    sae_dir, run_dir, data = Path(sae_dir).absolute(), Path(run_dir).absolute(), \
-        Path(data).absolute()
-    outputs.check_target(run_dir, "import", overwrite=overwrite, inputs=(sae_dir, data))
     cfg = read_cfg(sae_dir)
     loaded = load_sae(sae_dir)
     source = open_source(DataConfig(path=str(data)))
@@ -290,7 +309,7 @@ def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
     tree: dict[str, Any] = {
         "name": run_dir.name,
         "run_dir": str(run_dir),
-        "init_from": str(sae_dir),
+        "init_from": str(run_dir / IMPORTED_SAE if keep is not None else sae_dir),
         "data": {"path": str(data)},
         "sae": {"d_sae": cfg["d_sae"], **settings["sae"],
                 "decoder_norm": "unit" if np.allclose(norms, 1.0, atol=1e-3) else "free"},
@@ -303,10 +322,13 @@ def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
         apply_override(tree, assignment)
     config = config_from_dict(tree)
     check_run(config)
-    check_init_from(config.init_from, config.sae)
+    check_init_from(sae_dir if keep is not None else config.init_from, config.sae)
+    source_name = inputs[0]
     with outputs.staged_directory(run_dir, "import", overwrite=overwrite,
-                                  inputs=(sae_dir, data)) as staging:
+                                  inputs=inputs) as staging:
+        if keep is not None:
+            shutil.copytree(keep, staging / IMPORTED_SAE)
         (staging / "config.yaml").write_text(
-            f"# jaxsae train {run_dir / 'config.yaml'}\n# Starts from {sae_dir} (imported).\n"
-            + config.to_yaml())
+            f"# jaxsae train {run_dir / 'config.yaml'}\n# Starts from {source_name} "
+            "(imported).\n" + config.to_yaml())
     return run_dir / "config.yaml"

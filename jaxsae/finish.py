@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from jaxsae import evaluate, export, outputs, sae
+from jaxsae import evaluate, export, hub, outputs, sae, sparsify
 from jaxsae.build import Built, build
 from jaxsae.checkpoint import (
     Checkpointer,
@@ -22,6 +22,7 @@ from jaxsae.checkpoint import (
     abstract_with_shardings,
 )
 from jaxsae.config import CheckpointConfig, Config
+from jaxsae.curves import CURVES
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.source import iter_blocks
 from jaxsae.data.stats import DataStats
@@ -73,11 +74,11 @@ def ground_truth(cfg: Config, source) -> synthetic.Truth | None:
 def finalise(params: sae.Params, cfg: Config, source, n_train: int,
              out: Path | None, *, stats: DataStats | None = None, dtype: str = "float32",
              truth: synthetic.Truth | None = None, overwrite: bool = False,
-             inputs: tuple = ()) -> dict[str, Any]:
+             inputs: tuple = (), layout: str = "saelens") -> dict[str, Any]:
     """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
     last training tokens) in raw units, leaving out the tokens training dropped
     (data.drop_norm_above) — with the ground-truth metrics when `truth` is given (see
-    ground_truth) — and exports to `out`."""
+    ground_truth) — and exports to `out` (`layout`: saelens, or sparsify for a TopK SAE)."""
     params = sae.fold_input_scale(params, 1.0 if stats is None else stats.scale)
     held_out = source.n_tokens > n_train
     eval_start = n_train if held_out else max(0, n_train - 65536)
@@ -102,12 +103,15 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
     if truth is not None:
         metrics = {**evaluate.truth_report(params, cfg.sae, source, truth, start=eval_start,
                                            batch_size=cfg.optim.batch_size), **metrics}
-    if out is not None:
+    if out is not None and layout == "sparsify":
+        sparsify.export_sparsify(params, cfg.sae, out, dtype=dtype, overwrite=overwrite,
+                                 inputs=inputs)
+    elif out is not None:
         export.export_sae(
             params, cfg.sae, out, dtype=dtype,
             log10_firing=evaluate.log10_firing(frequency),
             metadata={"dataset_path": str(Path(cfg.data.path).absolute()),
-                      **_source_metadata(source)},
+                      **_source_metadata(source), **hub.training_metadata(cfg, metrics)},
             training={"run": cfg.name, "steps": cfg.optim.total_steps,
                       "tokens": cfg.optim.total_steps * cfg.optim.batch_size,
                       "drop_norm_above": cfg.data.drop_norm_above,
@@ -120,11 +124,18 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
 
 def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,
                       dtype: str = "float32", data: str | None = None, overwrite: bool = False,
+                      layout: str = "saelens", hub_layout: bool = False,
                       log: Callable[[str], None] = print) -> Path:
-    """Exports a checkpointed SAE (a run directory or its checkpoints/) in SAELens layout to
-    `out`; a sweep's SAEs go to out/sweep/<i>/. Without `step`, the newest checkpoint that
-    restores: a damaged one is skipped with a message (and set aside as `<step>.corrupt`
-    unless a training process holds the run)."""
+    """Exports a checkpointed SAE (a run directory or its checkpoints/) to `out`, in the
+    SAELens layout (or sparsify's, `layout`); a sweep's SAEs go to out/sweep/<i>/. With
+    `hub_layout`, the folder SAELens users upload to the Hugging Face Hub instead (see
+    jaxsae.hub). Without `step`, the newest checkpoint that restores: a damaged one is
+    skipped with a message (and set aside as `<step>.corrupt` unless a training process holds
+    the run)."""
+    if layout not in ("saelens", "sparsify"):
+        raise JaxsaeError(f"--format must be saelens or sparsify, got {layout!r}")
+    if hub_layout and layout != "saelens":
+        raise JaxsaeError("--hub writes the SAELens layout; leave out --format sparsify")
     path = Path(path)
     directory = path if path.name == "checkpoints" else path / "checkpoints"
     if not directory.is_dir():
@@ -146,9 +157,23 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     params = jax.device_get(restored.state.params)
     truth = ground_truth(cfg, source)
     inputs = (run_dir, cfg.data.path)
+    if hub_layout:
+        points = cfg.sweep.points if cfg.sweep is not None else [None]
+        hook = _source_metadata(source).get("hook_name")
+        with outputs.staged_directory(out, "hub-export", overwrite=overwrite,
+                                      inputs=inputs) as staging:
+            saes = []
+            for i, (member, point) in enumerate(zip(built.members, points, strict=True)):
+                folder = hub.folder_name(hook, cfg.name, point)
+                metrics = finalise(built.member_params(params, i), member, source, n_train,
+                                   staging / folder, stats=stats, dtype=dtype, truth=truth)
+                saes.append({"folder": folder, "cfg": export.read_cfg(staging / folder),
+                             "eval": metrics})
+            hub.write_card(staging, cfg, saes, run_dir / CURVES)
+        return Path(out)
     if cfg.sweep is None:
         finalise(params, built.members[0], source, n_train, Path(out), stats=stats,
-                 dtype=dtype, truth=truth, overwrite=overwrite, inputs=inputs)
+                 dtype=dtype, truth=truth, overwrite=overwrite, inputs=inputs, layout=layout)
         return Path(out)
     # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
     with outputs.staged_directory(out, "sweep-export", overwrite=overwrite,
@@ -156,7 +181,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         for i, (member, member_dir) in enumerate(
                 zip(built.members, member_dirs(cfg, staging), strict=True)):
             finalise(built.member_params(params, i), member, source, n_train, member_dir,
-                     stats=stats, dtype=dtype, truth=truth)
+                     stats=stats, dtype=dtype, truth=truth, layout=layout)
     return Path(out)
 
 

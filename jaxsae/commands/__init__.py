@@ -16,6 +16,7 @@ inside `run()`, so `jaxsae --help` stays fast and never loads PyTorch.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -74,9 +75,38 @@ def command(*words: str) -> Callable[[C], C]:
             raise ValueError(f"command {' '.join(words)!r} is registered twice")
         cls.words = words
         _COMMANDS[words] = cls
+        reflow_field_help(cls)
         return cls
 
     return register
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's docstring (its own class's, through the MRO) as one paragraph."""
+    import docstring_parser
+
+    docs: dict[str, str] = {}
+    for owner in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(owner):
+            docs.update({p.arg_name: " ".join(p.description.split())
+                         for p in docstring_parser.parse_from_object(owner).params
+                         if p.description})
+    return docs
+
+
+def reflow_field_help(cls: type) -> None:
+    """Gives each field its docstring as one paragraph of help. tyro (1.0) keeps the line
+    breaks of an attribute docstring whose lines are indented, as every docstring in a class
+    body is, so a sentence broke wherever the source did. The annotations are set on `cls`
+    (inherited fields included), never on the classes it inherits from."""
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    docs = field_help(cls)
+    cls.__annotations__ = {
+        **{name: hints[name] for name in hints},
+        **{name: Annotated[hints[name], tyro.conf.arg(help=text)]
+           for name, text in docs.items() if name in hints}}
 
 
 def group(name: str, description: str) -> None:

@@ -13,10 +13,11 @@ from jaxsae.commands import Command, Flag, command, unset
 @command("export")
 @dataclass
 class Export(Command):
-    """Export a checkpoint as a SAELens directory.
+    """Export a checkpoint as a SAELens (or sparsify) directory.
 
     Exports a checkpointed SAE to the SAELens layout (a sweep: every SAE, to
-    OUT/sweep/<i>/)."""
+    OUT/sweep/<i>/), to EleutherAI sparsify's (--format sparsify), or as a folder ready for
+    the Hugging Face Hub (--hub)."""
 
     checkpoint: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN")]
     """run directory or its checkpoints/ directory"""
@@ -24,6 +25,12 @@ class Export(Command):
     """output directory"""
     step: Annotated[int | None, unset("N", "latest")] = None
     """checkpoint step"""
+    format: Literal["saelens", "sparsify"] = "saelens"
+    """the layout: SAELens (cfg.json + sae_weights.safetensors + sparsity.safetensors), or
+    EleutherAI sparsify's (cfg.json + sae.safetensors; TopK SAEs)"""
+    hub: Flag = False
+    """write what SAELens users upload to the Hugging Face Hub: a folder per SAE named for its
+    hook, a README.md model card, curves.png (upload it with huggingface-cli upload)"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """weights dtype"""
     data: Annotated[str | None, unset("DIR", "the run's data.path")] = None
@@ -36,6 +43,10 @@ class Export(Command):
         from jaxsae.finish import export_checkpoint
 
         out = export_checkpoint(self.checkpoint, self.out, step=self.step, dtype=self.dtype,
-                                data=self.data, overwrite=self.overwrite)
+                                data=self.data, overwrite=self.overwrite, layout=self.format,
+                                hub_layout=self.hub)
         print(f"exported {out}")
+        if self.hub:
+            print(f"upload it with: huggingface-cli upload USER/REPO {out} . "
+                  "--exclude .jaxsae-output.json")
         return 0

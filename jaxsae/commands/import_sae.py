@@ -13,14 +13,15 @@ from jaxsae.commands import Command, Flag, Overrides, command
 @command("import")
 @dataclass
 class Import(Command):
-    """Start a run from an existing SAELens dictionary.
+    """Start a run from an existing SAELens or sparsify dictionary.
 
-    Writes RUN/config.yaml that trains
-    (fine-tunes) starting from it (init_from); then train it with `jaxsae train
+    Writes RUN/config.yaml that trains (fine-tunes) starting from it (init_from; a sparsify
+    TopK SAE is converted to RUN/imported-sae first); then train it with `jaxsae train
     RUN/config.yaml`."""
 
-    sae_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SAELENS_DIR")]
-    """SAELens-format directory (cfg.json + sae_weights.safetensors)"""
+    sae_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SAE_DIR")]
+    """a SAELens directory (cfg.json + sae_weights.safetensors) or an EleutherAI sparsify
+    one (cfg.json + sae.safetensors)"""
     out: Annotated[str, tyro.conf.arg(metavar="RUN")]
     """run directory to create (an untrained import there is replaced)"""
     data: Annotated[str, tyro.conf.arg(metavar="DIR")]

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Union
 
 import tyro
 
-from jaxsae.commands import Command, Flag, command
+from jaxsae.commands import Command, Flag, command, reflow_field_help
 from jaxsae.data.synthetic import GENERATORS
 from jaxsae.errors import ConfigError
 
@@ -16,10 +16,12 @@ from jaxsae.errors import ConfigError
 def _unchecked(spec: type) -> type:
     """The spec's fields without its checks, so that flags can hold values that are only
     valid together (`--n-trees 2 --d-in 8`); `Synth.run` builds the checked spec from them."""
-    return dataclasses.make_dataclass(
+    flags = dataclasses.make_dataclass(
         spec.__name__, [], bases=(spec,), frozen=True,
         namespace={"__post_init__": lambda self: None, "__doc__": spec.__doc__,
                    "__module__": spec.__module__, "checked": spec})
+    reflow_field_help(flags)
+    return flags
 
 
 def _kinds() -> Any:

@@ -5,6 +5,7 @@ has the extras `wandb` and `tensorboard`."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,17 @@ def _wandb_run(directory: Path) -> dict:
     assert files, f"no offline wandb run under {directory}"
     out = {"ids": set(), "history": [], "summary": {}, "config": {}, "attempts": len(files)}
     for file in files:
-        for record in _wandb_records(file):
+        # wandb's core process writes the log: finish() may return before the last records
+        # (the run's exit among them) are on disk on a busy machine.
+        deadline = time.monotonic() + 60
+        records = _wandb_records(file)
+        while (not any(r.WhichOneof("record_type") == "exit" for r in records)
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+            records = _wandb_records(file)
+        kinds = sorted({r.WhichOneof("record_type") for r in records})
+        assert "exit" in kinds and "run" in kinds, (file, kinds)
+        for record in records:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 out["ids"].add(record.run.run_id)

@@ -1,0 +1,98 @@
+"""The layout SAELens users upload to the Hugging Face Hub (`jaxsae export RUN --hub`).
+
+One folder per SAE, named for its hook (`blocks.15.hook_resid_post`; a sweep's SAEs add their
+values, `blocks.15.hook_resid_post__sae.k-8`), each a SAELens directory whose cfg.json
+metadata says what it was trained on and how it did; a README.md model card (front matter
+`library_name: saelens`, the SAEs with their figures, how to load one, the training config) and
+the run's curves.png beside them. Nothing here talks to the Hub: uploading is
+`huggingface-cli upload USER/REPO DIR . --exclude .jaxsae-output.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxsae.config import Config
+
+CARD = "README.md"
+CURVES = "curves.png"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def folder_name(hook_name: str | None, run_name: str, point: dict | None) -> str:
+    """The SAE's folder: its hook (else the run's name), plus a sweep SAE's values."""
+    name = hook_name or run_name
+    if point is not None:
+        name += "__" + "_".join(f"{k}-{v}" for k, v in point.items())
+    return re.sub(r"[^\w.-]+", "-", name)
+
+
+def write_card(out: Path, cfg: Config, saes: list[dict[str, Any]],
+               curves: Path | None) -> None:
+    """README.md (and curves.png) in `out`: `saes` holds each SAE's `folder`, `cfg` (its
+    cfg.json) and `eval` (the evaluation)."""
+    meta = saes[0]["cfg"].get("metadata", {})
+    model = meta.get("model_name")
+    front: dict[str, Any] = {"library_name": "saelens",
+                             "tags": ["sparse-autoencoder", "saelens", "jaxsae"]}
+    if isinstance(model, str) and _REPO_ID.match(model) and not Path(model).exists():
+        front["base_model"] = model
+    if curves is not None and curves.is_file():
+        shutil.copyfile(curves, out / CURVES)
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {cfg.name}", "",
+             _summary(cfg, meta, len(saes)), "",
+             "| folder | architecture | d_in | d_sae | L0 | explained variance | "
+             "dead fraction | training tokens |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for sae in saes:
+        c, ev = sae["cfg"], sae["eval"]
+        lines.append(f"| `{sae['folder']}` | {c['architecture']} | {c['d_in']} | {c['d_sae']} | "
+                     f"{ev['l0']:.2f} | {ev['explained_variance']:.4f} | "
+                     f"{ev['dead_fraction']:.4f} | {c['metadata']['training_tokens']:,} |")
+    held = "held-out" if saes[0]["eval"].get("held_out") else "training"
+    lines += ["", f"Figures measured on {saes[0]['eval']['tokens']:,} {held} tokens at the end "
+              "of training.", "", "## Load", "", "```python",
+              "from huggingface_hub import snapshot_download",
+              "from sae_lens import SAE", "",
+              f'folder = "{saes[0]["folder"]}"',
+              'path = snapshot_download("USER/REPO", allow_patterns=[f"{folder}/*"])',
+              'sae = SAE.load_from_disk(f"{path}/{folder}")', "```", ""]
+    if (out / CURVES).is_file():
+        lines += ["## Training curves", "", f"![training curves]({CURVES})", ""]
+    lines += ["## Training config", "",
+              "Trained with jaxsae (`jaxsae train config.yaml`, JAX); each SAE's cfg.json "
+              "says the rest (`metadata`, and `jaxsae` for the loss and optimiser).", "",
+              "```yaml", cfg.to_yaml().rstrip(), "```", ""]
+    (out / CARD).write_text("\n".join(lines))
+
+
+def _summary(cfg: Config, meta: dict[str, Any], n: int) -> str:
+    what = f"{n} sparse autoencoders" if n > 1 else "A sparse autoencoder"
+    if meta.get("model_name"):
+        on = f"on `{meta.get('hook_name') or 'activations'}` of `{meta['model_name']}`"
+        if meta.get("context_size"):
+            on += f" (context {meta['context_size']} tokens)"
+    elif cfg.data.generate is not None:
+        on = f"on synthetic `{cfg.data.generate.get('kind')}` data with known features"
+    else:
+        on = f"on the activations in `{meta.get('dataset_path', cfg.data.path)}`"
+    return f"{what} trained {on}, in the SAELens format."
+
+
+def training_metadata(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What cfg.json's metadata says of the training and its outcome."""
+    return {"training_tokens": cfg.optim.total_steps * cfg.optim.batch_size,
+            "eval_l0": metrics["l0"], "eval_explained_variance": metrics["explained_variance"],
+            "eval_dead_fraction": metrics["dead_fraction"], "eval_tokens": metrics["tokens"],
+            "eval_held_out": metrics["held_out"]}
+
+
+def read_cfg(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "cfg.json").read_text())

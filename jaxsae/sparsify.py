@@ -1,0 +1,110 @@
+"""EleutherAI sparsify's on-disk format: `cfg.json` (its SparseCoderConfig plus `d_in`) and
+`sae.safetensors` (`encoder.weight` [d_sae, d_in], `encoder.bias`, `W_dec` [d_sae, d_in],
+`b_dec`), which `sparsify.SparseCoder.load_from_disk` reads. Its encoder is
+TopK(ReLU((x − b_dec) · W_encᵀ + b_enc)): jaxsae's `topk` SAE, which is the one activation
+written and read here (`jaxsae export --format sparsify`, `jaxsae import` of a sparsify
+directory). Transcoders and skip connections are refused until jaxsae trains them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxsae import outputs, tensorfile
+from jaxsae.config import SAEConfig
+from jaxsae.errors import DataError, ExportError
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+
+
+def is_sparsify(path: str | Path) -> bool:
+    """Whether `path` looks like a sparsify SAE (its cfg.json has `num_latents` and `k`)."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / CFG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(cfg, dict) and "num_latents" in cfg and "k" in cfg
+            and (path / WEIGHTS_FILE).is_file())
+
+
+def export_sparsify(params: dict[str, Any], sae_cfg: SAEConfig, out: str | Path, *,
+                    dtype: str = "float32", overwrite: bool = False,
+                    inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Writes a TopK SAE's parameters (SAELens orientation, input scale folded in) as a
+    sparsify directory at `out`, atomically."""
+    if sae_cfg.activation != "topk":
+        raise ExportError(f"--format sparsify: sparsify encodes with a per-token TopK; a "
+                          f"{sae_cfg.activation!r} SAE has no sparsify form (export it as "
+                          "saelens)")
+    if dtype != "float32":
+        raise ExportError(f"--format sparsify: --dtype {dtype} is not supported (float32)")
+    host = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
+    W_dec = host["W_dec"]
+    d_sae, d_in = W_dec.shape
+    W_enc = host.get("W_enc", W_dec.T)
+    tensors = {"encoder.weight": np.ascontiguousarray(W_enc.T),
+               "encoder.bias": host["b_enc"], "W_dec": W_dec, "b_dec": host["b_dec"]}
+    cfg = {"activation": "topk", "expansion_factor": max(1, d_sae // d_in),
+           "normalize_decoder": sae_cfg.decoder_norm == "unit", "num_latents": int(d_sae),
+           "k": int(sae_cfg.k), "multi_topk": False, "skip_connection": False,
+           "transcode": False, "d_in": int(d_in)}
+    with outputs.staged_directory(out, "sae", overwrite=overwrite, inputs=inputs,
+                                  marker=False) as staging:
+        tensorfile.write(staging / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        (staging / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    return Path(out)
+
+
+def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig]:
+    """A sparsify TopK SAE as jaxsae parameters (SAELens orientation) and its config; every
+    mismatch refused naming the file."""
+    path = Path(path)
+    file = path / CFG_FILE
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{file}: cannot read a sparsify config ({e})") from None
+    for key, bad in (("activation", lambda v: v != "topk"), ("transcode", bool),
+                     ("skip_connection", bool)):
+        if bad(cfg.get(key, "topk" if key == "activation" else False)):
+            what = {"activation": f"activation {cfg.get('activation')!r} (jaxsae reads TopK)",
+                    "transcode": "a transcoder (jaxsae trains SAEs)",
+                    "skip_connection": "a skip connection (not supported yet)"}[key]
+            raise ExportError(f"{file}: {what}")
+    d_in, k = cfg.get("d_in"), cfg.get("k")
+    if not isinstance(d_in, int) or not isinstance(k, int) or d_in < 1 or k < 1:
+        raise ExportError(f"{file}: d_in and k must be positive integers")
+    d_sae = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
+    weights = path / WEIGHTS_FILE
+    try:
+        raw = tensorfile.read(weights)
+    except DataError as e:
+        raise ExportError(str(e)) from None
+    expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
+                "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    tensors = {}
+    for name, shape in expected.items():
+        if name not in raw:
+            raise ExportError(f"{weights}: missing tensor {name!r}")
+        array = np.asarray(raw[name]).astype(np.float32)
+        if array.shape != shape:
+            raise ExportError(f"{weights}: {name} has shape {list(array.shape)}, expected "
+                              f"{list(shape)}")
+        if not np.isfinite(array).all():
+            raise ExportError(f"{weights}: {name} has non-finite values (NaN or inf)")
+        tensors[name] = array
+    if not 1 <= k <= d_sae:
+        raise ExportError(f"{file}: k {k} must be in 1..num_latents ({d_sae})")
+    params = {"W_enc": np.ascontiguousarray(tensors["encoder.weight"].T),
+              "b_enc": tensors["encoder.bias"], "W_dec": tensors["W_dec"],
+              "b_dec": tensors["b_dec"]}
+    norms = np.linalg.norm(params["W_dec"], axis=1)
+    unit = bool(cfg.get("normalize_decoder", True)) and np.allclose(norms, 1.0, atol=1e-3)
+    return params, SAEConfig(d_sae=int(d_sae), activation="topk", k=int(k),
+                             decoder_norm="unit" if unit else "free")

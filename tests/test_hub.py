@@ -1,0 +1,149 @@
+"""`jaxsae export --hub` (the folder SAELens users upload, with its model card) and
+`--format sparsify` / importing sparsify directories, checked in jaxsae's own terms; the real
+sparsify package reads them in tests/interop/test_sparsify.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxsae import cli, sae, tensorfile
+from jaxsae.data.shards import ShardWriter
+from jaxsae.errors import ExportError
+from jaxsae.export import load_sae
+from jaxsae.sparsify import export_sparsify, is_sparsify, read_sparsify
+from jaxsae.train import train
+from tests.conftest import small_config
+
+
+@pytest.fixture(scope="module")
+def lm_like_data(tmp_path_factory):
+    """Activations that say which model and hook they came from, as `jaxsae cache` writes."""
+    out = tmp_path_factory.mktemp("lm") / "acts"
+    rng = np.random.default_rng(0)
+    source = {"model": "HuggingFaceTB/SmolLM2-135M", "layer": 3,
+              "hook": "blocks.3.hook_resid_post", "context": 128}
+    with ShardWriter(out, 16, shard_tokens=8192, source=source) as writer:
+        writer.write(rng.normal(size=(16384, 16)).astype(np.float32))
+    return out
+
+
+def _export(argv, capsys) -> str:
+    capsys.readouterr()
+    assert cli.main(["export", *argv]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys):
+    cfg = small_config(lm_like_data, tmp_path / "run", log={"every_steps": 4, "curves": True})
+    result = train(cfg, progress=False)
+    out = tmp_path / "hub"
+    printed = _export([str(tmp_path / "run"), "--out", str(out), "--hub"], capsys)
+    assert f"huggingface-cli upload USER/REPO {out} ." in printed
+    folder = out / "blocks.3.hook_resid_post"
+    loaded = load_sae(folder)
+    meta = loaded.cfg_json["metadata"]
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M"
+    assert meta["hook_name"] == "blocks.3.hook_resid_post" and meta["context_size"] == 128
+    assert meta["dataset_path"] == str(lm_like_data)
+    assert meta["training_tokens"] == 24 * 256
+    for key in ("l0", "explained_variance", "dead_fraction"):
+        assert meta[f"eval_{key}"] == pytest.approx(result.eval[key], rel=1e-5), key
+    np.testing.assert_array_equal(loaded.params["W_dec"], load_sae(result.sae_dir).params["W_dec"])
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "saelens" and front["base_model"] == meta["model_name"]
+    assert "`blocks.3.hook_resid_post`" in card and f"{result.eval['l0']:.2f}" in card
+    assert "![training curves](curves.png)" in card and "sae:\n  d_sae: 64" in card
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hub_folder_of_a_sweep_on_synthetic_data(small_data, tmp_path, capsys):
+    cfg = small_config(small_data, tmp_path / "run", sweep={"sae.k": [2, 4]},
+                       sae={"activation": "topk", "k": 4})
+    result = train(cfg, progress=False)
+    out = tmp_path / "hub"
+    _export([str(tmp_path / "run"), "--out", str(out), "--hub"], capsys)
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert folders == ["test__sae.k-2", "test__sae.k-4"]
+    for folder, member in zip(folders, result.sweep, strict=True):
+        meta = json.loads((out / folder / "cfg.json").read_text())["metadata"]
+        assert meta["eval_l0"] == pytest.approx(member.eval["l0"], rel=1e-5)
+    card = (out / "README.md").read_text()
+    assert "base_model" not in card and "2 sparse autoencoders" in card
+    assert "curves.png" not in card  # the run drew none (log.curves: false)
+    # The export is jaxsae's own: a second one replaces it; a foreign directory is refused.
+    _export([str(tmp_path / "run"), "--out", str(out), "--hub"], capsys)
+    assert cli.main(["export", str(tmp_path / "run"), "--out", str(out), "--hub",
+                     "--format", "sparsify"]) == 2
+    assert "--hub writes the SAELens layout" in capsys.readouterr().err
+
+
+def test_sparsify_export_holds_the_saelens_weights(small_data, tmp_path, capsys):
+    cfg = small_config(small_data, tmp_path / "run", sae={"activation": "topk", "k": 4})
+    result = train(cfg, progress=False)
+    out = tmp_path / "sp"
+    _export([str(tmp_path / "run"), "--out", str(out), "--format", "sparsify"], capsys)
+    assert is_sparsify(out) and not is_sparsify(result.sae_dir)
+    cfg_json = json.loads((out / "cfg.json").read_text())
+    assert cfg_json == {"activation": "topk", "expansion_factor": 4, "normalize_decoder": False,
+                        "num_latents": 64, "k": 4, "multi_topk": False,
+                        "skip_connection": False, "transcode": False, "d_in": 16}
+    assert set(tensorfile.read(out / "sae.safetensors")) == {
+        "encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+    params, sae_cfg = read_sparsify(out)
+    saelens = load_sae(result.sae_dir)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_array_equal(params[name], saelens.params[name])
+    x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(sae.encode(params, x, sae_cfg)),
+                                  np.asarray(sae.encode(saelens.params, x, saelens.sae)))
+
+
+def test_sparsify_refusals(small_data, tmp_path, capsys):
+    train(small_config(small_data, tmp_path / "relu"), progress=False)
+    assert cli.main(["export", str(tmp_path / "relu"), "--out", str(tmp_path / "sp"),
+                     "--format", "sparsify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sparsify encodes with a per-token TopK" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "sp").exists()
+    params = {"W_enc": np.ones((16, 8), np.float32), "b_enc": np.zeros(8, np.float32),
+              "W_dec": np.ones((8, 16), np.float32), "b_dec": np.zeros(16, np.float32)}
+    from jaxsae.config import SAEConfig
+
+    good = export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2), tmp_path / "g")
+    cfg = json.loads((good / "cfg.json").read_text())
+    for change, match in [({"transcode": True}, "a transcoder"),
+                          ({"skip_connection": True}, "a skip connection"),
+                          ({"activation": "groupmax"}, "activation 'groupmax'"),
+                          ({"k": 9}, "k 9 must be in 1..num_latents"),
+                          ({"num_latents": 9}, "encoder.weight has shape")]:
+        (good / "cfg.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ExportError, match=match):
+            read_sparsify(good)
+
+
+def test_import_of_a_sparsify_directory_trains(small_data, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    W_dec = rng.normal(size=(32, 16)).astype(np.float32)
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    params = {"W_enc": W_dec.T.copy(), "b_enc": np.zeros(32, np.float32), "W_dec": W_dec,
+              "b_dec": np.zeros(16, np.float32)}
+    from jaxsae.config import SAEConfig
+
+    src = export_sparsify(params, SAEConfig(d_sae=32, activation="topk", k=3,
+                                            decoder_norm="unit"), tmp_path / "eleuther")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert cli.main(["import", str(src), "--out", str(tmp_path / "run"), "--data",
+                     str(small_data), "optim.total_tokens=2048"]) == 0
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["init_from"] == str(tmp_path / "run" / "imported-sae")
+    assert config["sae"]["activation"] == "topk" and config["sae"]["k"] == 3
+    assert config["sae"]["decoder_norm"] == "unit"
+    np.testing.assert_array_equal(load_sae(tmp_path / "run" / "imported-sae").params["W_dec"],
+                                  W_dec)
+    assert cli.main(["train", str(tmp_path / "run" / "config.yaml"), "--no-progress"]) == 0
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
