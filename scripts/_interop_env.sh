@@ -1,6 +1,7 @@
 # Sourced by scripts/test.sh: builds (once, cached) .venv-interop, the PyTorch environment:
 # jaxsae with the extras `lm` (torch, transformers, gguf), `wandb` and `tensorboard`, plus
-# SAELens, EleutherAI sparsify and tensorboard (whose reader the tracker tests use), pinned by
+# SAELens, EleutherAI sparsify, tensorboard (whose reader the tracker tests use) and selenium
+# (which drives Chromium for tests/interop/test_pages.py), pinned by
 # scripts/interop-constraints.txt and scripts/constraints.txt. tests/interop/ run SAELens there
 # in a subprocess; tests/lm/ (jaxsae cache, CE loss recovered) run there in full.
 set -euo pipefail
@@ -16,7 +17,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if ! { "$venv/bin/python" -m pip install --upgrade pip &&
          "$venv/bin/python" -m pip install -c "$root/scripts/interop-constraints.txt" \
            -c "$root/scripts/constraints.txt" -e "$root[lm,test,wandb,tensorboard]" sae-lens \
-           eai-sparsify tensorboard; } > "$log" 2>&1; then
+           eai-sparsify tensorboard selenium; } > "$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" | tail -30 >&2
     echo "building .venv-interop failed; full log: $log" >&2
     exit 1

@@ -32,6 +32,7 @@ if [[ " ${opts[*]-} " != *" -n"* && " ${opts[*]-} " != *"--numprocesses"* &&
   workers=$(( $(nproc) < 4 ? $(nproc) : 4 ))
   if (( workers > 1 )); then opts+=(-n "$workers"); fi
 fi
+opts+=(-rs)  # the reason of every skipped test, in the log
 status=0
 pytest_in() {  # pytest exits 5 when a selection (e.g. -m slow) has no test in that part
   local rc=0

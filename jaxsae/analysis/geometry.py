@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -247,8 +248,12 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         write_csv(staging / "clusters.csv", cluster_rows, ["cluster", "size", "latents"])
         atomic_write(staging / "summary.json", json.dumps(summary, indent=1))
         _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, staging)
+        curves = _training_curves(Path(sae_dir))
+        if curves is not None:
+            shutil.copyfile(curves, staging / "curves.png")
         atomic_write(staging / "index.html",
-                     _index_html(summary, latents, pairs, parents, cluster_rows))
+                     _index_html(summary, latents, pairs, parents, cluster_rows,
+                                 curves is not None))
     return summary
 
 
@@ -302,7 +307,17 @@ def _table(rows: list[dict], limit: int = 25) -> str:
     return f"<table><tr>{head}</tr>{body}</table>{more}"
 
 
-def _index_html(summary, latents, pairs, parents, clusters) -> str:
+def _training_curves(sae_dir: Path) -> Path | None:
+    """The curves.png of the run the SAE came from: runs/NAME/sae, or a sweep's
+    runs/NAME/sweep/<i>/sae (None for an SAE outside a run)."""
+    run = sae_dir.parent
+    if run.parent.name == "sweep":
+        run = run.parent.parent
+    found = run / "curves.png"
+    return found if found.is_file() else None
+
+
+def _index_html(summary, latents, pairs, parents, clusters, curves: bool = False) -> str:
     multi = sorted((r for r in latents if r["n_peaks"] >= 2),
                    key=lambda r: (-r["n_peaks"], -r["firing_frequency"]))
     facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
@@ -328,5 +343,7 @@ fires almost only with the parent (parent_child.csv).</p>
 <p>Clusters of decoder cos &gt; {summary['cluster_threshold']} (clusters.csv); nearest
 neighbours of every latent in neighbours.csv.</p>{_table(clusters)}
 <p>Per latent: latents.csv.</p>
+{'<h2>Training</h2><p>The run the SAE came from (curves.png).</p><img src="curves.png">'
+ if curves else ''}
 </body></html>
 """
