@@ -71,6 +71,10 @@ class LoopHook:
     def on_evaluation(self, index: int, metrics: dict) -> None:
         """The final evaluation of SAE `index` (eval.json), once training finished."""
 
+    def on_failure(self, error: BaseException) -> None:
+        """The run stops with `error` (an interrupt that saved a checkpoint included); `close`
+        follows."""
+
     def close(self) -> None:
         """At the end of the run, finished or not."""
 

@@ -57,6 +57,7 @@ class WandbTracker(GuardedHook):
                  warn: Callable[[str], None]):
         super().__init__(warn)
         self.cfg, self.members, self.dirs, self.runs = cfg, members, dirs, []
+        self.exit_code = 0
         self._guard("starting the run", self._start)
 
     def _start(self) -> None:
@@ -103,10 +104,14 @@ class WandbTracker(GuardedHook):
 
         self._guard("writing the evaluation", summarise)
 
+    def on_failure(self, error: BaseException) -> None:
+        # an interrupt (SIGTERM: 143) saved a checkpoint; the next attempt resumes this run
+        self.exit_code = getattr(error, "exit_code", 1)
+
     def close(self) -> None:
         def finish():
             for run in self.runs:
-                run.finish()
+                run.finish(exit_code=self.exit_code)
 
         self._guard("finishing the run", finish)
         self.runs = []

@@ -123,6 +123,10 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
         return _train_and_finish(cfg, run_dir, source, n_train, members, dirs, told,
                                  progress=progress, log=log, make_loader=make_loader,
                                  hooks=hooks)
+    except BaseException as error:
+        for hook in told:
+            hook.on_failure(error)
+        raise
     finally:
         for hook in told:
             hook.close()

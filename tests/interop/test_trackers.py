@@ -79,6 +79,8 @@ def _wandb_run(directory: Path) -> dict:
             elif kind == "history":
                 out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                        for i in record.history.item})
+            elif kind == "exit":
+                out.setdefault("exit_codes", []).append(record.exit.exit_code)
             elif kind == "summary":
                 out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                        for i in record.summary.update})
@@ -114,6 +116,7 @@ def test_wandb_resume_continues_the_same_run(small_data, tmp_path):
     train(cfg, progress=False)
     run = _wandb_run(tmp_path / "run")
     assert run["ids"] == {first_id} and run["attempts"] == 2
+    assert run["exit_codes"] == [1, 0]  # the crash, then the finished attempt
     tokens = [row["tokens"] for row in run["history"] if "loss" in row]
     assert tokens[-1] == 24 * 256 and set(tokens) == {256 * s for s in (4, 8, 12, 16, 20, 24)}
 
