@@ -107,13 +107,14 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
         sparsify.export_sparsify(params, cfg.sae, out, dtype=dtype, overwrite=overwrite,
                                  inputs=inputs)
     elif out is not None:
+        trained = hub.training_metadata(cfg, metrics)
         export.export_sae(
             params, cfg.sae, out, dtype=dtype,
             log10_firing=evaluate.log10_firing(frequency),
             metadata={"dataset_path": str(Path(cfg.data.path).absolute()),
-                      **_source_metadata(source), **hub.training_metadata(cfg, metrics)},
+                      **_source_metadata(source), **trained},
             training={"run": cfg.name, "steps": cfg.optim.total_steps,
-                      "tokens": cfg.optim.total_steps * cfg.optim.batch_size,
+                      "tokens": trained["training_tokens"],
                       "drop_norm_above": cfg.data.drop_norm_above,
                       "loss": [t.to_dict() for t in cfg.loss],
                       "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size}},

@@ -10,7 +10,6 @@ the run's curves.png beside them. Nothing here talks to the Hub: uploading is
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import Any
 import yaml
 
 from jaxsae.config import Config
+from jaxsae.curves import CURVES
 
 CARD = "README.md"
-CURVES = "curves.png"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -92,7 +91,3 @@ def training_metadata(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
             "eval_l0": metrics["l0"], "eval_explained_variance": metrics["explained_variance"],
             "eval_dead_fraction": metrics["dead_fraction"], "eval_tokens": metrics["tokens"],
             "eval_held_out": metrics["held_out"]}
-
-
-def read_cfg(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "cfg.json").read_text())

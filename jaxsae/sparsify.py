@@ -70,13 +70,14 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig]:
         cfg = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise ExportError(f"{file}: cannot read a sparsify config ({e})") from None
-    for key, bad in (("activation", lambda v: v != "topk"), ("transcode", bool),
-                     ("skip_connection", bool)):
-        if bad(cfg.get(key, "topk" if key == "activation" else False)):
-            what = {"activation": f"activation {cfg.get('activation')!r} (jaxsae reads TopK)",
-                    "transcode": "a transcoder (jaxsae trains SAEs)",
-                    "skip_connection": "a skip connection (not supported yet)"}[key]
-            raise ExportError(f"{file}: {what}")
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{file}: expected a JSON object")
+    if cfg.get("activation", "topk") != "topk":
+        raise ExportError(f"{file}: activation {cfg['activation']!r} (jaxsae reads TopK)")
+    if cfg.get("transcode"):
+        raise ExportError(f"{file}: a transcoder (jaxsae trains SAEs)")
+    if cfg.get("skip_connection"):
+        raise ExportError(f"{file}: a skip connection (not supported yet)")
     d_in, k = cfg.get("d_in"), cfg.get("k")
     if not isinstance(d_in, int) or not isinstance(k, int) or d_in < 1 or k < 1:
         raise ExportError(f"{file}: d_in and k must be positive integers")

@@ -114,6 +114,7 @@ def test_a_tracker_without_its_package_is_refused_before_any_work(small_data, tm
 
 def test_checkpoints_in_quick_succession_draw_once_a_minute_and_at_the_end(small_data, tmp_path,
                                                                           monkeypatch):
+    monkeypatch.setattr(curves.CurvesHook, "min_interval_s", 1e9)  # no clock in the test
     calls = _record_plots(monkeypatch)
     train(small_config(small_data, tmp_path / "run", log=CURVES_ON), progress=False)
     assert [c[1] for c in calls] == [[("test", [4, 8])], [("test", [4, 8, 12, 16, 20, 24])]]

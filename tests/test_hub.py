@@ -147,3 +147,9 @@ def test_import_of_a_sparsify_directory_trains(small_data, tmp_path, capsys):
                                   W_dec)
     assert cli.main(["train", str(tmp_path / "run" / "config.yaml"), "--no-progress"]) == 0
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_a_sparsify_config_that_is_not_an_object_is_refused(tmp_path):
+    (tmp_path / "cfg.json").write_text("[1, 2]")
+    with pytest.raises(ExportError, match="expected a JSON object"):
+        read_sparsify(tmp_path)

@@ -55,10 +55,6 @@ class Command:
         """The first line of the docstring: the command's line in `jaxsae --help`."""
         return inspect.cleandoc(cls.__doc__ or "").split("\n")[0].rstrip(".")
 
-    @property
-    def name(self) -> str:
-        return " ".join(self.words)
-
 
 _COMMANDS: dict[tuple[str, ...], type[Command]] = {}
 _GROUPS: dict[str, str] = {}
@@ -103,10 +99,8 @@ def reflow_field_help(cls: type) -> None:
 
     hints = typing.get_type_hints(cls, include_extras=True)
     docs = field_help(cls)
-    cls.__annotations__ = {
-        **{name: hints[name] for name in hints},
-        **{name: Annotated[hints[name], tyro.conf.arg(help=text)]
-           for name, text in docs.items() if name in hints}}
+    cls.__annotations__ = {**hints, **{name: Annotated[hints[name], tyro.conf.arg(help=text)]
+                                       for name, text in docs.items() if name in hints}}
 
 
 def group(name: str, description: str) -> None:
