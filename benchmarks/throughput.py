@@ -1,6 +1,7 @@
 """Training throughput against the machine's matmul limit and against SAELens, in one run.
 
-    python benchmarks/throughput.py [--arch relu|topk] [--d-in 768] [--d-sae 12288]
+    python benchmarks/throughput.py [--arch relu|topk|batchtopk|matryoshka_batchtopk]
+                                    [--widths 768,3072,12288] [--d-in 768] [--d-sae 12288]
                                     [--batch 4096] [--k 32] [--steps 5] [--device "note"]
                                     [--compute-dtype float32|bfloat16] [--peak-tflops T]
 
@@ -9,11 +10,16 @@
 2. jaxsae: tokens/s of the real train step fed by the real loader (steady state, after
    compilation and warm-up), and of the step alone on a batch already on the device; its
    FLOP rate counting a dense step as 10·B·d_in·d_sae;
-3. SAELens: tokens/s of its SAETrainer on the same shapes and batch, fed from memory, when
-   .venv-interop exists (scripts/test.sh builds it).
+3. SAELens: tokens/s of its SAETrainer with the training SAE class of the same architecture
+   (StandardTrainingSAE, TopKTrainingSAE, BatchTopKTrainingSAE,
+   MatryoshkaBatchTopKTrainingSAE with the same --widths) on the same shapes and batch, fed
+   from memory, when .venv-interop exists (scripts/test.sh builds it).
 Prints JSON with jaxsae/roofline and jaxsae/SAELens, and the MFU (model FLOP/s over the
 device's peak) where the peak is known: --peak-tflops, or the bf16 dense peak of a known GPU /
-TPU. Model FLOPs: 10·B·d_in·d_sae a dense step, 2·B·d_in·(d_sae + 4k) a sparse TopK step.
+TPU. Model FLOPs: 10·B·d_in·d_sae a dense step, 2·B·d_in·(d_sae + 4k) a sparse TopK or
+BatchTopK step (k per token on average; the prefix losses of matryoshka_batchtopk add no
+FLOPs on the sparse path). jaxsae_over_encoder_limit: the step's time against its dense encoder
+matmul alone (2·B·d_in·d_sae at the roofline rate), the most a sparse step can reach.
 
 On an accelerator (issue: throughput, item 6):
     python benchmarks/throughput.py --arch relu --d-in 2304 --d-sae 65536 --batch 8192 \
@@ -60,9 +66,12 @@ def known_peak(device_kind: str) -> float | None:
     return BF16_PEAK_TFLOPS[max(matches, key=len)] * 1e12 if matches else None
 
 
+SPARSE = ("topk", "batchtopk", "matryoshka_batchtopk")
+
+
 def step_flops(args) -> int:
     """Model FLOPs of one training step (see the module docstring)."""
-    if args.arch == "topk":
+    if args.arch in SPARSE:
         return 2 * args.batch * args.d_in * (args.d_sae + 4 * args.k)
     return 10 * args.batch * args.d_in * args.d_sae
 
@@ -81,9 +90,15 @@ def roofline(batch: int, d_in: int, d_sae: int, dtype: str, reps: int = 5) -> fl
 
 def jaxsae_rates(args, data: ShardSet) -> tuple[float, float]:
     """(tokens/s fed by the loader, tokens/s of the step alone on one resident batch)."""
-    sae = {"d_sae": args.d_sae, "activation": args.arch, "k": args.k, "decoder_norm": "free"}
+    activation = "batchtopk" if args.arch == "matryoshka_batchtopk" else args.arch
+    sae = {"d_sae": args.d_sae, "activation": activation, "k": args.k, "decoder_norm": "free"}
     loss = ([{"term": "mse"}, {"term": "l1", "coefficient": 1.0}] if args.arch == "relu"
             else [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}])
+    if args.arch == "matryoshka_batchtopk":
+        # SAELens sums the prefix losses (the whole dictionary's among them): weights 1 each.
+        widths = widths_of(args)
+        loss = [{"term": "matryoshka", "prefixes": widths, "weights": [1.0] * len(widths)},
+                {"term": "auxk", "coefficient": 1 / 32}]
     cfg = config_from_dict({"data": {"path": str(data.path)}, "sae": sae, "loss": loss,
                             "optim": {"batch_size": args.batch, "compute_dtype": args.compute_dtype,
                                       "total_tokens": args.batch * 1000, "warmup_steps": 1}})
@@ -112,14 +127,25 @@ def jaxsae_rates(args, data: ShardSet) -> tuple[float, float]:
     return fed, args.steps * args.batch / (time.perf_counter() - t0)
 
 
+def widths_of(args) -> list[int]:
+    """The matryoshka prefixes: --widths, ending at d_sae (default d_sae/16, d_sae/4, d_sae)."""
+    if args.widths:
+        widths = [int(w) for w in args.widths.split(",")]
+    else:
+        widths = [args.d_sae // 16, args.d_sae // 4]
+    return sorted({*widths, args.d_sae})
+
+
 def saelens_rate(args) -> float | None:
     if not INTEROP_PYTHON.exists():
         return None
-    arch = "standard" if args.arch == "relu" else "topk"
+    arch = "standard" if args.arch == "relu" else args.arch
+    extra = (["--widths", ",".join(map(str, widths_of(args)))]
+             if args.arch == "matryoshka_batchtopk" else [])
     proc = subprocess.run([str(INTEROP_PYTHON), str(HERE / "saelens_trainer.py"), "--arch", arch,
                            "--d-in", str(args.d_in), "--d-sae", str(args.d_sae),
                            "--batch", str(args.batch), "--k", str(args.k),
-                           "--steps", str(args.steps + 3)],
+                           "--steps", str(args.steps + 3), *extra],
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -129,7 +155,10 @@ def saelens_rate(args) -> float | None:
 def main() -> None:
     hostmem.restart_with_huge_pages()  # as the jaxsae command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=["relu", "topk"], default="relu")
+    parser.add_argument("--arch", choices=["relu", *SPARSE], default="relu")
+    parser.add_argument("--widths", default=None,
+                        help="matryoshka_batchtopk prefixes, comma-separated (default "
+                             "d_sae/16, d_sae/4, d_sae)")
     add_shape_args(parser)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
@@ -159,13 +188,17 @@ def main() -> None:
     result = {
         "machine": {**machine(), "note": args.device},
         "shape": {"arch": args.arch, "d_in": args.d_in, "d_sae": args.d_sae,
-                  "batch": args.batch, "k": args.k if args.arch == "topk" else None,
+                  "batch": args.batch, "k": args.k if args.arch in SPARSE else None,
+                  "widths": widths_of(args) if args.arch == "matryoshka_batchtopk" else None,
                   "compute_dtype": args.compute_dtype},
         "roofline_gflops": peak / 1e9,
         "jaxsae_tokens_per_s": ours,
         "jaxsae_step_only_tokens_per_s": step_only,
         "jaxsae_gflops_dense_equivalent": ours / args.batch * dense_flops / 1e9,
         "jaxsae_over_roofline": ours / args.batch * dense_flops / peak,
+        "jaxsae_over_encoder_limit": ours * 2 * args.d_in * args.d_sae / peak,
+        "jaxsae_step_only_over_encoder_limit":
+            step_only * 2 * args.d_in * args.d_sae / peak,
         "model_tflops": ours * model_flops / 1e12,
         "device_peak_tflops": device_peak / 1e12 if device_peak else None,
         "mfu": ours * model_flops / device_peak if device_peak else None,

@@ -1,10 +1,10 @@
 """The SAE's matrix products with hand-written gradients, and the selections they serve.
 
 Each function here is a plain JAX function of arrays (no config, no parameters dict), tested
-against the obvious form it replaces (tests/test_sae.py, tests/test_kernels.py): the centred
-encoder matmul, the block decode of nested (Matryoshka) losses, the gathers and scatters of
-the sparse TopK path, exact top-k selections, the k-th largest value by bisection, and the
-straight-through step of JumpReLU thresholds.
+against the obvious form it replaces (tests/test_sae.py): the centred encoder matmul, the
+block decode of nested (Matryoshka) losses, the gathers and scatters of the sparse TopK and
+BatchTopK paths, exact top-k selections (per row, and across the batch), the k-th largest value
+by bisection, and the straight-through step of JumpReLU thresholds.
 """
 
 from __future__ import annotations
@@ -96,41 +96,60 @@ def scatter_rows(shape: tuple[int, int], index: jax.Array, rows) -> jax.Array:
     return jax.lax.fori_loop(0, index.shape[1], add, jnp.zeros(shape, jnp.float32))
 
 
-def dot_rows(g: jax.Array, W: jax.Array, index: jax.Array) -> jax.Array:
-    """[batch, k]: g[b] · W[index[b, j]], as a sum over chunks of d_in (16 wide where d_in
-    allows) of gathered [batch, k, 16] products: elementwise work XLA fuses, where a reduction
-    over d_in of the gathered rows built them first (3.6x slower on the CPU)."""
+def dot_rows(g: jax.Array, W: jax.Array, index: jax.Array,
+             row: jax.Array | None = None) -> jax.Array:
+    """[batch, k]: g[b] · W[index[b, j]] (with `row`: [n, m] g[row[i, j]] · W[index[i, j]]),
+    as a sum over chunks of d_in (16 wide where d_in allows) of gathered [.., k, 16] products:
+    elementwise work XLA fuses, where a reduction over d_in of the gathered rows built them
+    first (3.6x slower on the CPU)."""
     d = g.shape[-1]
     width = next(w for w in (16, 8, 4, 2, 1) if d % w == 0)
-    g3 = g.reshape(g.shape[0], 1, d // width, width)
+    g3 = g.reshape(g.shape[0], d // width, width)
     W3 = W.reshape(W.shape[0], d // width, width)
-    return sum_over(d // width, lambda c: g3[:, :, c] * rows_of(W3[:, c], index)).sum(-1)
+
+    def g_chunk(c):
+        return g3[:, None, c] if row is None else rows_of(g3[:, c], row)
+
+    return sum_over(d // width, lambda c: g_chunk(c) * rows_of(W3[:, c], index)).sum(-1)
+
+
+def _rows_at(a: jax.Array, row: jax.Array | None, j: int) -> jax.Array:
+    """The rows of `a` that entry column j belongs to: a itself on the row-aligned layout
+    ([batch, k]: entry [b, j] is row b's), else a[row[:, j]]."""
+    return a if row is None else rows_of(a, row[:, j])
 
 
 @jax.custom_vjp
-def take_pre_acts(x, b_dec, W_enc, b_enc, pre_acts, index):
-    """[batch, k] pre_acts[b, index[b, j]], differentiated as
-    (x - b_dec) · W_enc[:, index] + b_enc[index]. `pre_acts` must carry no gradient."""
-    return jnp.take_along_axis(pre_acts, index, axis=1)
+def take_pre_acts(x, b_dec, W_enc, b_enc, pre_acts, index, row=None):
+    """[batch, k] pre_acts[b, index[b, j]] (with `row` [n, m]: pre_acts[row, index]),
+    differentiated as (x - b_dec) · W_enc[:, index] + b_enc[index]. `pre_acts` must carry no
+    gradient."""
+    if row is None:
+        return jnp.take_along_axis(pre_acts, index, axis=1)
+    return pre_acts.at[row, index].get(mode="promise_in_bounds")
 
 
-def _take_pre_acts_fwd(x, b_dec, W_enc, b_enc, pre_acts, index):
-    return (take_pre_acts(x, b_dec, W_enc, b_enc, pre_acts, index),
-            (x, b_dec, W_enc, pre_acts, index))
+def _take_pre_acts_fwd(x, b_dec, W_enc, b_enc, pre_acts, index, row=None):
+    return (take_pre_acts(x, b_dec, W_enc, b_enc, pre_acts, index, row),
+            (x, b_dec, W_enc, pre_acts, index, row))
 
 
 def _take_pre_acts_bwd(residuals, g):
-    x, b_dec, W_enc, pre_acts, index = residuals
+    x, b_dec, W_enc, pre_acts, index, row = residuals
     d_in, d_sae = W_enc.shape
     per_latent = jnp.zeros(d_sae, jnp.float32).at[index].add(g.astype(jnp.float32))
     centred = x - b_dec
     # Rows of W_enc.T are scattered (contiguous), then transposed once.
-    d_W_enc = scatter_rows((d_sae, d_in), index, lambda j: g[:, j, None] * centred).T
+    d_W_enc = scatter_rows((d_sae, d_in), index,
+                           lambda j: g[:, j, None] * _rows_at(centred, row, j)).T
     # The input's gradient (unused in training, so dropped by XLA there).
-    d_x = sum_over(index.shape[1], lambda j: g[:, j, None] * rows_of(W_enc.T, index[:, j]))
+    if row is None:
+        d_x = sum_over(index.shape[1], lambda j: g[:, j, None] * rows_of(W_enc.T, index[:, j]))
+    else:
+        d_x = scatter_rows(x.shape, row, lambda j: g[:, j, None] * rows_of(W_enc.T, index[:, j]))
     d_b_dec = -(W_enc @ per_latent.astype(W_enc.dtype))
-    return (d_x, d_b_dec.astype(b_dec.dtype), d_W_enc.astype(W_enc.dtype),
-            per_latent.astype(pre_acts.dtype), jnp.zeros_like(pre_acts), None)
+    return (d_x.astype(x.dtype), d_b_dec.astype(b_dec.dtype), d_W_enc.astype(W_enc.dtype),
+            per_latent.astype(pre_acts.dtype), jnp.zeros_like(pre_acts), None, None)
 
 
 take_pre_acts.defvjp(_take_pre_acts_fwd, _take_pre_acts_bwd)
@@ -154,6 +173,30 @@ def _gather_decode_bwd(residuals, g):
 
 
 gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def scatter_decode(values: jax.Array, W_dec: jax.Array, index: jax.Array, row: jax.Array,
+                   n_rows: int) -> jax.Array:
+    """[n_rows, d_in] float32: Σ over entries e of values[e] · W_dec[index[e]] added at row
+    row[e] (`values`, `index`, `row`: [n, m]). The decode of codes whose rows hold different
+    numbers of latents (BatchTopK), or of several blocks at once (row = block · batch + b)."""
+    return scatter_rows((n_rows, W_dec.shape[1]), row,
+                        lambda j: values[:, j, None] * rows_of(W_dec, index[:, j]))
+
+
+def _scatter_decode_fwd(values, W_dec, index, row, n_rows):
+    return scatter_decode(values, W_dec, index, row, n_rows), (values, W_dec, index, row)
+
+
+def _scatter_decode_bwd(n_rows, residuals, g):
+    values, W_dec, index, row = residuals
+    d_values = dot_rows(g, W_dec, index, row)
+    d_W = scatter_rows(W_dec.shape, index, lambda j: values[:, j, None] * _rows_at(g, row, j))
+    return d_values.astype(values.dtype), d_W.astype(W_dec.dtype), None, None
+
+
+scatter_decode.defvjp(_scatter_decode_fwd, _scatter_decode_bwd)
 
 
 def topk_indices(pre_acts: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
@@ -233,3 +276,42 @@ step_ste.defvjp(_step_fwd, _step_bwd)
 
 def rectangle(u: jax.Array) -> jax.Array:
     return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The batch's batch·k largest positive entries of `values` [batch, width] (BatchTopK's
+    codes) as a flat list, in row order: (row [slots], column [slots], valid [slots] bool,
+    threshold []), padded with invalid entries (row 0, column 0). `threshold` is the smallest
+    kept value (0 when fewer than batch·k are positive); every entry at or above it (and > 0)
+    is kept, as `jaxsae.activations.batchtopk.batchtopk` keeps it, up to `slots` entries
+    (ties at the threshold beyond them are dropped).
+
+    The chunk-maxima idea of `top_k_indices`, across the batch: each row is cut into chunks
+    of 16, and the batch·k chunks with the largest maxima hold every one of the batch·k
+    largest entries (an entry outside them is below batch·k chunk maxima). The threshold is
+    then the batch·k-th largest of those chunks' entries. Both k-th largest values are found
+    by bisection (`kth_largest_nonnegative`) over arrays 16x and ~24x smaller than the batch's
+    (d_sae 12288, k 32), and no step sorts or passes over everything more than once.
+    """
+    rows, width = values.shape
+    target = rows * k
+    size = next(w for w in (_TOPK_CHUNK, 8, 4, 2, 1) if width % w == 0)
+    per_row = width // size
+    tiny = jnp.finfo(jnp.float32).tiny
+    chunks = jax.nn.relu(values.astype(jnp.float32)).reshape(rows * per_row, size)
+    maxima = chunks.max(axis=1)
+    chunk_floor = jnp.maximum(kth_largest_nonnegative(maxima, target), tiny)
+    # At most batch·k chunks reach the batch·k-th largest maximum (ties aside), so `slots`
+    # hold them; padding repeats chunk 0, and its entries are masked out below.
+    (chosen,) = jnp.nonzero(maxima >= chunk_floor, size=min(slots, maxima.shape[0]),
+                            fill_value=0)
+    real = jnp.arange(chosen.shape[0]) < jnp.sum(maxima >= chunk_floor)
+    candidates = jnp.where(real[:, None], chunks[chosen], 0.0)  # [slots, size]
+    threshold = kth_largest_nonnegative(candidates, target)
+    keep = (candidates >= jnp.maximum(threshold, tiny)).reshape(-1)
+    (position,) = jnp.nonzero(keep, size=slots, fill_value=0)
+    chunk = chosen[position // size]
+    row, column = chunk // per_row, (chunk % per_row) * size + position % size
+    valid = jnp.arange(slots) < jnp.sum(keep)
+    return row.astype(jnp.int32), column.astype(jnp.int32), valid, threshold

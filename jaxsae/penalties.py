@@ -305,13 +305,22 @@ def auxk(
     k = min(k_aux or out.x.shape[-1] // 2, d_sae)
     dead = out.tokens_since_fired >= dead_tokens
     n_dead = jnp.sum(dead)
+    sparse = out.top_index is not None  # the main codes took a sparse path: so does this
 
-    def loss(params, x, residual, dead):
-        # Pre-activations recomputed here, so that their gradient (a dense encoder matmul)
-        # exists only in this branch; the main TopK path does not need it.
-        pre_acts = sae.pre_activations(params, x)
-        aux_acts = topk(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh)
-        error = jnp.sum(jnp.square(aux_acts @ params["W_dec"] - residual), axis=-1)
+    def loss(params, x, residual, dead, pre_acts):
+        if sparse:
+            # The k_aux dead latents' values, their encoder columns and decoder rows alone.
+            index = kernels.topk_indices(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh)
+            values = jax.nn.relu(kernels.take_pre_acts(
+                x, params["b_dec"], sae.encoder_weight(params), params["b_enc"], pre_acts,
+                index)) * dead[index]
+            recon = kernels.gather_decode(values, params["W_dec"], index)
+        else:
+            # Pre-activations recomputed here, so that their gradient (a dense encoder matmul)
+            # exists only in this branch.
+            pre_acts = sae.pre_activations(params, x)
+            recon = topk(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh) @ params["W_dec"]
+        error = jnp.sum(jnp.square(recon - residual), axis=-1)
         spread = jnp.sum(jnp.square(residual - residual.mean(axis=0)), axis=-1)
         normalised = jnp.mean(error) / jnp.maximum(jnp.mean(spread), 1e-12)
         return jnp.minimum(1.0, n_dead / k) * normalised
@@ -320,7 +329,8 @@ def auxk(
     # (in a sweep, unless some SAE has dead latents: the other SAEs' losses are 0 either way).
     any_dead = n_dead if out.sweep_axis is None else jax.lax.psum(n_dead, out.sweep_axis)
     residual = jax.lax.stop_gradient(out.x - out.x_hat)
-    value = only_when(any_dead > 0, loss, params, out.x, residual, dead)
+    value = only_when(any_dead > 0, loss, params, out.x, residual, dead,
+                      jax.lax.stop_gradient(out.pre_acts))
     return value, {"n_dead": n_dead}
 
 

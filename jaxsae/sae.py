@@ -33,7 +33,7 @@ class ForwardOutput:
     pre_acts: jax.Array
     """[batch, d_sae] encoder pre-activations."""
     acts: jax.Array
-    """[batch, d_sae] latent activations (sparse codes). On the sparse TopK path they are
+    """[batch, d_sae] latent activations (sparse codes). On a sparse path they are
     assembled from `top_index` / `top_values` only if something reads them."""
     x_hat: jax.Array
     """[batch, d_in] reconstruction."""
@@ -52,9 +52,12 @@ class ForwardOutput:
     """[batch, d_sae] what sparsity penalties act on when it is not `acts` (Gated: the
     rectified gate pre-activations); use `penalized_acts`."""
     top_index: jax.Array | None = None
-    """[batch, k] the sparse TopK path's chosen latents (None on the dense paths)."""
+    """[batch, k] a sparse path's chosen latents (None on the dense paths); with `top_rows`,
+    [n, m] entries of any tokens (BatchTopK)."""
     top_values: jax.Array | None = None
-    """[batch, k] their activations."""
+    """Their activations (0 for padding entries)."""
+    top_rows: jax.Array | None = None
+    """The token of each entry (None: entry [b, j] belongs to token b)."""
     prefix_ends: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     """Static ends of the latent blocks, increasing, the last = d_sae."""
     mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
@@ -79,7 +82,10 @@ class ForwardOutput:
         """[batch] the number of active latents of each token."""
         if self.top_index is None:
             return jnp.sum(self.acts > 0, axis=-1)
-        return jnp.sum(self.top_values > 0, axis=-1)
+        if self.top_rows is None:
+            return jnp.sum(self.top_values > 0, axis=-1)
+        active = (self.top_values > 0).astype(jnp.int32)
+        return jnp.zeros(self.x.shape[0], jnp.int32).at[self.top_rows].add(active)
 
     def prefix_recons(self, b_dec: jax.Array, selection: jax.Array | None = None) -> jax.Array:
         """[n, batch, d_in]: row j of `selection` [n, n_blocks] (0/1) picks the blocks summed
@@ -164,18 +170,23 @@ def forward(
     prefix_ends: tuple[int, ...] = (),
     mesh: Mesh | None = None,
     k: jax.Array | None = None,
+    sweep_axis: str | None = None,
+    sparse: bool | None = None,
 ) -> ForwardOutput:
     """Encode and decode once; `prefix_ends` asks for reconstructions of dictionary prefixes;
     `mesh` is the device mesh the step runs on (None: one device); `k` a traced number of
-    active latents (a sweep over sae.k, whose largest value is cfg.k)."""
+    active latents (a sweep over sae.k, whose largest value is cfg.k); `sweep_axis` the vmap
+    axis of a sweep's SAEs. `sparse`: False keeps every activation on its dense path (the
+    reference the sparse paths are tested against); None: sparse where `uses_sparse_codes`."""
     kind = activations.get(cfg.activation)
     pre_acts = kind.pre_activations(params, x)
     ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
+    if sparse is None:
+        sparse = uses_sparse_codes(mesh)
     codes = kind.activate(params, x, pre_acts, cfg, train=train, mesh=mesh, k=k,
-                          sparse=uses_sparse_codes(ends, mesh))
+                          sparse=sparse)
     if codes.top_index is not None:  # a sparse path: decode only the chosen rows
-        block_recons = kernels.gather_decode(codes.top_values, params["W_dec"],
-                                             codes.top_index)[None]
+        block_recons = sparse_decode(params["W_dec"], codes, ends, x.shape[0])
     else:
         block_recons = decode_blocks(params, codes.acts, ends)
     if tokens_since_fired is None:
@@ -193,15 +204,35 @@ def forward(
         penalized=codes.penalized,
         top_index=codes.top_index,
         top_values=codes.top_values,
+        top_rows=codes.top_rows,
         prefix_ends=ends,
         mesh=mesh,
+        sweep_axis=sweep_axis,
     )
 
 
-def uses_sparse_codes(ends: tuple[int, ...], mesh: Mesh | None) -> bool:
-    """Whether an activation may take a sparse path: one decode block on an unsharded
-    dictionary."""
-    return len(ends) == 1 and (mesh is None or mesh.shape["model"] == 1)
+def sparse_decode(W_dec: jax.Array, codes: activations.Codes, ends: tuple[int, ...],
+                  batch: int) -> jax.Array:
+    """[len(ends), batch, d_in] the block decodes (as `decode_blocks`) of sparse codes, from
+    their decoder rows alone. One block of k latents per token: a gathered sum per token
+    (`kernels.gather_decode`); otherwise each entry is scatter-added into the row of its token
+    in its latent's block (`kernels.scatter_decode`), all blocks in one pass."""
+    values, index, rows = codes.top_values, codes.top_index, codes.top_rows
+    if rows is None and len(ends) == 1:
+        return kernels.gather_decode(values, W_dec, index)[None]
+    if rows is None:
+        rows = jnp.broadcast_to(jnp.arange(batch, dtype=index.dtype)[:, None], index.shape)
+    if len(ends) > 1:  # the block of latent i: the first end above i
+        block = jnp.searchsorted(jnp.asarray(ends, index.dtype), index, side="right")
+        rows = rows + batch * block.astype(index.dtype)
+    recons = kernels.scatter_decode(values, W_dec, index, rows, len(ends) * batch)
+    return recons.reshape(len(ends), batch, W_dec.shape[1]).astype(values.dtype)
+
+
+def uses_sparse_codes(mesh: Mesh | None) -> bool:
+    """Whether an activation may take a sparse path: an unsharded dictionary (a mesh with
+    model = 1, or none)."""
+    return mesh is None or mesh.shape["model"] == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,8 +147,9 @@ def make_train_step(
                       for k, v in params.items()}
             out = sae.forward(cast(params), cast(batch), cfg.sae, train=True, key=key,
                               tokens_since_fired=state.tokens_since_fired,
-                              prefix_ends=prefix_ends, mesh=mesh, k=hyper.k)
-            out = upcast(out).replace(sweep_axis=sweep_axis)  # loss terms in float32
+                              prefix_ends=prefix_ends, mesh=mesh, k=hyper.k,
+                              sweep_axis=sweep_axis)
+            out = upcast(out)  # loss terms in float32
             loss, term_metrics = penalties.total_loss(cfg.loss, out, params, step,
                                                       hyper.coefficients)
             return loss, (out, term_metrics)

@@ -512,44 +512,169 @@ def test_forward_is_jittable(rng, x):
     assert float(jitted.batch_threshold) == pytest.approx(float(eager.batch_threshold), rel=1e-6)
 
 
-@pytest.mark.parametrize(("tied", "k", "d_in"), [(False, 5, 12), (True, 5, 12), (False, 8, 40),
-                                                  (True, 21, 48)])
-def test_sparse_topk_equals_dense_path(tied, k, d_in):
-    """The sparse TopK path (gathered rows, scatter-add gradients) against the dense one; k
-    and d_in cover the unrolled chunks of the k-sums and the d_in chunk widths."""
+SPARSE_CASES = {
+    # (activation, tied, k, d_in, extra loss terms, traced k): k and d_in cover the unrolled
+    # chunks of the k-sums and the d_in chunk widths; the prefixes, every block of the scatter
+    # decode; a traced k (below sae.k), a sweep over k.
+    "topk": ("topk", False, 5, 12, [], False),
+    "topk tied traced k": ("topk", True, 5, 12, [], True),
+    "topk k 8 d_in 40": ("topk", False, 8, 40, [], False),
+    "topk tied k 21": ("topk", True, 21, 48, [], False),
+    "topk matryoshka traced k": ("topk", False, 5, 12,
+                                 [{"term": "matryoshka", "prefixes": [4, 16, 64]}], True),
+    "batchtopk": ("batchtopk", False, 5, 12, [], False),
+    "batchtopk traced k": ("batchtopk", False, 5, 12, [], True),
+    "batchtopk tied d_in 40": ("batchtopk", True, 8, 40, [], False),
+    "batchtopk matryoshka traced k": ("batchtopk", False, 6, 12,
+                                      [{"term": "matryoshka", "prefixes": [8, 24, 64],
+                                        "weights": [0.5, 1.0, 2.0]}], True),
+    "batchtopk matryoshka sampled tied": ("batchtopk", True, 6, 12,
+                                          [{"term": "matryoshka", "sample": {"n": 4}}], False),
+}
+
+
+@pytest.mark.parametrize("case", list(SPARSE_CASES))
+def test_sparse_path_equals_dense_path(case):
+    """The sparse TopK / BatchTopK paths (selected entries, gathered or scattered rows,
+    scatter-add gradients, the sparse AuxK, prefix losses from sparse codes) against the dense
+    path (`sparse=False`): codes, every gradient, the batch threshold, L0 and firing; with a
+    traced k below sae.k (a sweep over k) too. Inputs vary in scale by row, so BatchTopK
+    tokens keep from 0 to dozens of latents."""
     from jaxsae import penalties
     from jaxsae.config import config_from_dict
 
+    activation, tied, k, d_in, extra, traced_k = SPARSE_CASES[case]
     cfg = config_from_dict({"data": {"path": "x"},
-                            "sae": {"d_sae": 64, "activation": "topk", "k": k, "tied": tied,
+                            "sae": {"d_sae": 64, "activation": activation, "k": k, "tied": tied,
                                     "decoder_norm": "free"},
                             "loss": [{"term": "mse"}, {"term": "auxk", "dead_tokens": 1},
-                                     {"term": "l1", "coefficient": 0.1}]})
+                                     {"term": "l1", "coefficient": 0.1}, *extra]})
     key = jax.random.PRNGKey(3)
     params = sae.init_params(key, d_in, cfg.sae)
     params = {k: v + 0.05 * jax.random.normal(jax.random.fold_in(key, i), v.shape)
               for i, (k, v) in enumerate(params.items())}
-    x = jnp.abs(jax.random.normal(jax.random.fold_in(key, 99), (32, d_in)))
+    scale = jnp.exp(jax.random.normal(jax.random.fold_in(key, 98), (32, 1)))
+    x = scale * jnp.abs(jax.random.normal(jax.random.fold_in(key, 99), (32, d_in)))
     dead = jnp.where(jnp.arange(64) % 3 == 0, 10, 0)  # some dead latents: auxk is non-zero
+    live = jnp.asarray(k - 2) if traced_k else None
+    ends = penalties.prefix_ends(cfg)
 
-    def loss(p, dense: bool):
-        ends = (32,) if dense else ()  # two decode blocks force the dense path
-        assert sae.uses_sparse_codes(tuple(sorted({*ends, 64})), None) is not dense
-        out = sae.forward(p, x, cfg.sae, train=True, tokens_since_fired=dead, prefix_ends=ends)
-        assert (out.top_index is None) is dense
+    def loss(p, sparse: bool):
+        out = sae.forward(p, x, cfg.sae, train=True, tokens_since_fired=dead, prefix_ends=ends,
+                          k=live, sparse=None if sparse else False)
+        assert (out.top_index is not None) is sparse
         return penalties.total_loss(cfg.loss, out, p, jnp.asarray(0))[0], out
 
-    (l_sparse, out_s), g_sparse = jax.value_and_grad(loss, has_aux=True)(params, False)
-    (l_dense, out_d), g_dense = jax.value_and_grad(loss, has_aux=True)(params, True)
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (l_sparse, out_s), g_sparse = grad(params, True)
+    (l_dense, out_d), g_dense = grad(params, False)
     np.testing.assert_allclose(out_s.acts, out_d.acts, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out_s.fired(), out_d.fired())
     np.testing.assert_array_equal(out_s.l0(), out_d.l0())
-    assert out_s.top_index is not None and out_d.top_index is None
-    np.testing.assert_allclose(out_s.x_hat, out_d.x_hat, rtol=1e-5, atol=1e-6)
+    if activation == "batchtopk":
+        assert out_s.top_rows is not None
+        assert float(jnp.sum(out_d.l0())) == 32 * (k - 2 if traced_k else k)
+        assert int(jnp.max(out_d.l0())) > 2 * k  # tokens far from k: the flat layout is used
+        np.testing.assert_array_equal(out_s.batch_threshold, out_d.batch_threshold)
+    np.testing.assert_allclose(out_s.block_recons, out_d.block_recons, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out_s.x_hat, out_d.x_hat, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(l_sparse, l_dense, rtol=1e-5)
     for name in params:
-        np.testing.assert_allclose(g_sparse[name], g_dense[name], rtol=1e-4, atol=1e-6,
+        np.testing.assert_allclose(g_sparse[name], g_dense[name], rtol=1e-4, atol=1e-5,
                                    err_msg=name)
+
+
+def np_batch_top(values: np.ndarray, n: int) -> tuple[np.ndarray, float]:
+    """The reference: the mask of entries >= the n-th largest positive value (all positives
+    when fewer), and that value (0 then)."""
+    positive = np.sort(values[values > 0])[::-1]
+    threshold = float(positive[n - 1]) if len(positive) >= n else 0.0
+    return (values > 0) & (values >= threshold), threshold
+
+
+@pytest.mark.parametrize(("rows", "width", "k"), [(32, 256, 4), (16, 96, 3), (8, 40, 2),
+                                                   (64, 512, 8), (6, 7, 2)])
+def test_batch_top_k_entries_against_numpy(rows, width, k):
+    """The flat BatchTopK selection (chunk maxima across the batch, then the candidates)
+    against a full sort: rows of very different scales (some keep none, one keeps most),
+    negative entries, widths not divisible by 16 (narrower chunks), and a traced k."""
+    rng = np.random.default_rng(rows * width + k)
+    values = rng.standard_normal((rows, width)).astype(np.float32)
+    values *= np.exp(2 * rng.standard_normal((rows, 1))).astype(np.float32)
+    values[0] = np.abs(values[0]) * 50  # one token holds most of the batch's largest values
+    values[1] = -np.abs(values[1])  # one token has no positive value
+    select = jax.jit(kernels.batch_top_k_entries, static_argnames="slots")
+    for live in (k, jnp.asarray(max(k - 1, 1))):
+        n = rows * int(live)
+        row, col, valid, threshold = select(jnp.asarray(values), live, slots=rows * (k + 1))
+        want, want_threshold = np_batch_top(values, n)
+        got = np.zeros_like(want)
+        got[np.asarray(row)[np.asarray(valid)], np.asarray(col)[np.asarray(valid)]] = True
+        np.testing.assert_array_equal(got, want)
+        assert int(np.sum(valid)) == n  # no duplicate entries, none lost
+        assert float(threshold) == want_threshold
+        order = np.asarray(row)[np.asarray(valid)]
+        assert (np.diff(order) >= 0).all()  # row order
+
+
+def test_batch_top_k_entries_with_few_positives_and_ties():
+    """Fewer positives than batch·k: all are kept, threshold 0. Duplicated tokens tie at the
+    threshold: every tie is kept while the spare slots hold them (as the dense path does)."""
+    values = np.full((8, 32), -1.0, np.float32)
+    values[2, 5], values[6, 31], values[7, 0] = 3.0, 1.0, 2.0
+    select = jax.jit(kernels.batch_top_k_entries, static_argnames="slots")
+    row, col, valid, threshold = select(jnp.asarray(values), 2, slots=24)
+    assert float(threshold) == 0.0 and int(np.sum(valid)) == 3
+    assert sorted(zip(np.asarray(row)[:3].tolist(), np.asarray(col)[:3].tolist(),
+                      strict=True)) == [(2, 5), (6, 31), (7, 0)]
+    rng = np.random.default_rng(0)
+    token = rng.standard_normal(64).astype(np.float32)
+    values = np.tile(token, (8, 1))  # 8 copies: every value appears 8 times
+    row, col, valid, threshold = select(jnp.asarray(values), 3, slots=32)
+    want, want_threshold = np_batch_top(values, 24)
+    got = np.zeros_like(want)
+    got[np.asarray(row)[np.asarray(valid)], np.asarray(col)[np.asarray(valid)]] = True
+    np.testing.assert_array_equal(got, want)
+    assert float(threshold) == want_threshold
+
+
+def test_scatter_decode_and_its_gradients():
+    """scatter_decode (entries of any rows) against the dense decode of the same codes, and
+    take_pre_acts with rows against the dense pre-activations: values and every gradient."""
+    rng = np.random.default_rng(5)
+    batch, d_in, d_sae = 12, 20, 40
+    row = jnp.asarray(rng.integers(0, batch, (7, 5)), jnp.int32)
+    index = jnp.asarray(rng.permutation(batch * d_sae)[:35].reshape(7, 5) % d_sae, jnp.int32)
+    # entries with distinct (row, latent) pairs
+    pairs = set()
+    for i in range(7):
+        for j in range(5):
+            while (int(row[i, j]), int(index[i, j])) in pairs:
+                index = index.at[i, j].set((index[i, j] + 1) % d_sae)
+            pairs.add((int(row[i, j]), int(index[i, j])))
+    x = jnp.asarray(rng.standard_normal((batch, d_in)), jnp.float32)
+    b_dec = jnp.asarray(rng.standard_normal(d_in), jnp.float32)
+    W_enc = jnp.asarray(rng.standard_normal((d_in, d_sae)), jnp.float32)
+    b_enc = jnp.asarray(rng.standard_normal(d_sae), jnp.float32)
+    W_dec = jnp.asarray(rng.standard_normal((d_sae, d_in)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((batch, d_in)), jnp.float32)
+
+    def sparse(x, b_dec, W_enc, b_enc, W_dec):
+        pre = jax.lax.stop_gradient((x - b_dec) @ W_enc + b_enc)
+        values = kernels.take_pre_acts(x, b_dec, W_enc, b_enc, pre, index, row)
+        recon = kernels.scatter_decode(values, W_dec, index, row, batch)
+        return jnp.sum(jnp.square(recon - target))
+
+    def dense(x, b_dec, W_enc, b_enc, W_dec):
+        mask = jnp.zeros((batch, d_sae)).at[row, index].set(1.0)
+        codes = ((x - b_dec) @ W_enc + b_enc) * mask
+        return jnp.sum(jnp.square(codes @ W_dec - target))
+
+    args = (x, b_dec, W_enc, b_enc, W_dec)
+    np.testing.assert_allclose(sparse(*args), dense(*args), rtol=1e-5)
+    for got, want in zip(jax.grad(sparse, argnums=range(5))(*args),
+                         jax.grad(dense, argnums=range(5))(*args), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("width", "k"), [(512, 8), (12288 // 8, 32), (160, 5), (96, 4)])

@@ -33,16 +33,20 @@ class Codes:
     """What `Activation.activate` computed for a batch."""
 
     acts: jax.Array
-    """[batch, d_sae] the codes (on the sparse TopK path, built from top_index / top_values)."""
+    """[batch, d_sae] the codes (on a sparse path, built from top_index / top_values)."""
     batch_threshold: jax.Array
     """[] BatchTopK: the smallest activation kept in the batch (0 for the others)."""
     penalized: jax.Array | None = None
     """[batch, d_sae] what sparsity penalties act on when it is not `acts` (Gated: the
     rectified gate pre-activations); None: `acts`."""
     top_index: jax.Array | None = None
-    """[batch, k] the sparse path's chosen latents, largest first (None: dense codes)."""
+    """[batch, k] the sparse path's chosen latents, largest first (None: dense codes); with
+    `top_rows`, [n, m] entries of any rows."""
     top_values: jax.Array | None = None
-    """[batch, k] their values."""
+    """Their values (same shape; 0 for padding)."""
+    top_rows: jax.Array | None = None
+    """The token (row of the batch) of each entry when a token's number of latents varies
+    (BatchTopK); None: entry [b, j] is token b's."""
 
 
 def encoder_weight(params: Params) -> jax.Array:
@@ -96,8 +100,8 @@ class Activation:
                  train: bool, mesh: Mesh | None = None, k: jax.Array | None = None,
                  sparse: bool = False) -> Codes:
         """The codes of a batch. `mesh`: the device mesh the step runs on; `k`: a traced k
-        (sweeps over sae.k); `sparse`: a sparse path may be taken (one decode block, an
-        unsharded dictionary)."""
+        (sweeps over sae.k); `sparse`: a sparse path may be taken (an unsharded
+        dictionary)."""
         raise NotImplementedError
 
     def after_update(self, params: Params, codes: Codes, step: jax.Array,

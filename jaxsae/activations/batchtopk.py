@@ -1,6 +1,13 @@
 """BatchTopK (Bussmann et al., 2024): in training the batch·k largest activations of the whole
 batch; at inference relu(z) · 1[z > θ] with θ a running average of the smallest kept value,
-i.e. a JumpReLU, which is how it exports."""
+i.e. a JumpReLU, which is how it exports.
+
+On an unsharded dictionary, training takes the sparse path: the kept activations are found
+with one pass over the batch (chunk maxima) (`kernels.batch_top_k_entries`), and, as on TopK's path,
+only their encoder columns and decoder rows are touched (`kernels.take_pre_acts`,
+`kernels.scatter_decode` in `jaxsae.sae.forward`). A token's number of latents varies, so the
+codes are a flat list of (token, latent, value) entries rather than k per token.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsae import kernels
-from jaxsae.activations import Activation, Codes, register
+from jaxsae.activations import Activation, Codes, encoder_weight, register
 
 
 def batchtopk(pre_acts: jax.Array, k: int | jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -41,12 +48,18 @@ class BatchTopK(Activation):
                 "threshold": jnp.zeros((cfg.d_sae,), jnp.float32)}
 
     def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
-        if train:
-            acts, threshold = batchtopk(pre_acts, cfg.k if k is None else k)
+        if not train:
+            # Inference: a fixed per-latent threshold, i.e. a JumpReLU (how BatchTopK exports).
+            acts = jax.nn.relu(pre_acts) * (pre_acts > params["threshold"])
+            return Codes(acts=acts, batch_threshold=jnp.zeros((), pre_acts.dtype))
+        live = cfg.k if k is None else k
+        if not sparse:
+            acts, threshold = batchtopk(pre_acts, live)
             return Codes(acts=acts, batch_threshold=threshold)
-        # Inference: a fixed per-latent threshold, i.e. a JumpReLU (how BatchTopK exports).
-        acts = jax.nn.relu(pre_acts) * (pre_acts > params["threshold"])
-        return Codes(acts=acts, batch_threshold=jnp.zeros((), pre_acts.dtype))
+        index, values, row, threshold = sparse_batchtopk(params, x, pre_acts, cfg.k, live)
+        acts = jnp.zeros_like(pre_acts).at[row, index].add(values)  # padding adds 0
+        return Codes(acts=acts, batch_threshold=threshold.astype(pre_acts.dtype),
+                     top_index=index, top_values=values, top_rows=row)
 
     def saelens_loss(self, saelens):
         return [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}]  # as TopK's
@@ -57,3 +70,20 @@ class BatchTopK(Activation):
         rate = jnp.maximum(cfg.batchtopk_threshold_momentum, 1.0 / (step + 1.0))
         threshold = (1.0 - rate) * params["threshold"] + rate * codes.batch_threshold
         return {**params, "threshold": threshold}
+
+
+def sparse_batchtopk(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.Array, k: int,
+                     live: int | jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """BatchTopK's codes on the sparse path: (latent, value, row) [batch, k + 1] entries, the
+    batch's batch·live largest activations in batch·(k + 1) slots (the spare batch slots hold
+    ties at the threshold; padding has value 0), and the threshold. Entry (i, j) is number
+    j·batch + i of the row-ordered list, so each column is a run of consecutive tokens."""
+    batch = pre_acts.shape[0]
+    row, index, valid, threshold = kernels.batch_top_k_entries(
+        jax.lax.stop_gradient(pre_acts), live, slots=batch * (k + 1))
+    row, index, valid = (a.reshape(k + 1, batch).T for a in (row, index, valid))
+    values = jax.nn.relu(kernels.take_pre_acts(
+        x, params["b_dec"], encoder_weight(params), params["b_enc"],
+        jax.lax.stop_gradient(pre_acts), index, row))
+    return index, values * valid, row, threshold
