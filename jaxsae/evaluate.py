@@ -40,33 +40,51 @@ def _batch_sums(params: sae.Params, x: jax.Array, cfg: SAEConfig) -> dict[str, j
     }
 
 
+class ReconstructionSums:
+    """The running sums of `reconstruction_metrics` for one SAE; several SAEs evaluated on the
+    same tokens each get one, and every block is read (and put on the device) once."""
+
+    def __init__(self, params: sae.Params, cfg: SAEConfig) -> None:
+        self.params, self.cfg = params, cfg
+        self.n = 0
+        self.sse = self.sum_sq = self.active = 0.0
+        self.sum_x: np.ndarray | None = None
+        self.fires: np.ndarray | None = None
+
+    def add(self, x: jax.Array) -> None:
+        """Adds a block [n, d_in] (on the device)."""
+        s = jax.device_get(_batch_sums(self.params, x, self.cfg))
+        self.n += x.shape[0]
+        self.sse += float(s["sse"])
+        self.sum_sq += float(s["sum_sq"])
+        self.active += float(s["active"])
+        self.sum_x = s["sum_x"].astype(np.float64) + (0 if self.sum_x is None else self.sum_x)
+        self.fires = s["fires"].astype(np.int64) + (0 if self.fires is None else self.fires)
+
+    def result(self) -> dict[str, float | np.ndarray]:
+        n = self.n
+        if n == 0:
+            raise ValueError("no tokens to evaluate")
+        total_var = self.sum_sq - float(np.sum(self.sum_x**2)) / n
+        frequency = self.fires / n
+        return {
+            "tokens": n,
+            "l0": self.active / n,
+            "mse": self.sse / n,
+            "explained_variance": 1.0 - self.sse / max(total_var, 1e-30),
+            "dead_fraction": float(np.mean(self.fires == 0)),
+            "firing_frequency": frequency,
+        }
+
+
 def reconstruction_metrics(
     params: sae.Params, cfg: SAEConfig, blocks: Iterable[np.ndarray]
 ) -> dict[str, float | np.ndarray]:
     """Metrics over all tokens of `blocks` (arrays [n, d_in]); exact sums, not batch averages."""
-    n = 0
-    sse = sum_sq = active = 0.0
-    sum_x = fires = None
+    sums = ReconstructionSums(params, cfg)
     for block in blocks:
-        s = jax.device_get(_batch_sums(params, jnp.asarray(block), cfg))
-        n += len(block)
-        sse += float(s["sse"])
-        sum_sq += float(s["sum_sq"])
-        active += float(s["active"])
-        sum_x = s["sum_x"].astype(np.float64) + (0 if sum_x is None else sum_x)
-        fires = s["fires"].astype(np.int64) + (0 if fires is None else fires)
-    if n == 0:
-        raise ValueError("no tokens to evaluate")
-    total_var = sum_sq - float(np.sum(sum_x**2)) / n
-    frequency = fires / n
-    return {
-        "tokens": n,
-        "l0": active / n,
-        "mse": sse / n,
-        "explained_variance": 1.0 - sse / max(total_var, 1e-30),
-        "dead_fraction": float(np.mean(fires == 0)),
-        "firing_frequency": frequency,
-    }
+        sums.add(jnp.asarray(block))
+    return sums.result()
 
 
 def log10_firing(frequency: np.ndarray) -> np.ndarray:
@@ -117,42 +135,62 @@ def ground_truth_metrics(
     shrinkage (mean ‖x̂‖ / ‖x‖). With `parent` [n_features] (-1 for roots), absorption
     (see `_absorption`).
     """
-    W_dec = np.asarray(params["W_dec"], np.float64)
-    cos_abs = cosine_matrix(directions, W_dec)
-    match_f, match_l = linear_sum_assignment(cos_abs, maximize=True)
-    n_feat = directions.shape[0]
-    counts = _FiringCounts(n_feat, W_dec.shape[0], match_f, match_l, parent)
+    recovery = GroundTruthSums(params, cfg, directions, parent=parent)
     for x, codes in blocks:
-        acts, x_hat = jax.device_get(encode_decode(params, jnp.asarray(x), cfg))
-        counts.add(np.asarray(x), np.asarray(acts), np.asarray(x_hat), codes)
-    if counts.n == 0:
-        raise ValueError("no tokens to evaluate")
-    freq = counts.fires / counts.n
-    firing = freq > 0
-    best = np.argmax(cos_abs, axis=0)  # each latent's best-matching true feature
-    tp, fp, fn = counts.tp, counts.fp, counts.fn
-    precision = tp / np.maximum(tp + fp, 1)
-    recall = tp / np.maximum(tp + fn, 1)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    out = {
-        "mcc": float(cos_abs[match_f, match_l].mean()),
-        "mmcs": float(cos_abs.max(axis=1).mean()),
-        "uniqueness": float(len(set(best[firing].tolist())) / max(int(firing.sum()), 1)),
-        "precision": float(precision.mean()),
-        "recall": float(recall.mean()),
-        "f1": float(f1.mean()),
-        "l0": counts.active / counts.n,
-        "true_l0": counts.true_active / counts.n,
-        "dead_fraction": float(np.mean(~firing)),
-        "dense_fraction": float(np.mean(freq > DENSE_FREQUENCY)),
-        "shrinkage": counts.shrinkage / max(counts.nonzero_tokens, 1),
-        "per_feature": {"latent": match_l.tolist(), "cos": cos_abs[match_f, match_l].tolist(),
-                        "precision": precision.tolist(), "recall": recall.tolist(),
-                        "f1": f1.tolist()},
-    }
-    if parent is not None:
-        out.update(_absorption(params, directions, parent, match_f, match_l, counts))
-    return out
+        recovery.add(x, jnp.asarray(x), codes)
+    return recovery.result()
+
+
+class GroundTruthSums:
+    """The running sums of `ground_truth_metrics` for one SAE (as `ReconstructionSums`)."""
+
+    def __init__(self, params: sae.Params, cfg: SAEConfig, directions: np.ndarray, *,
+                 parent: np.ndarray | None = None) -> None:
+        self.params, self.cfg, self.directions, self.parent = params, cfg, directions, parent
+        W_dec = np.asarray(params["W_dec"], np.float64)
+        self.cos_abs = cosine_matrix(directions, W_dec)
+        self.match_f, self.match_l = linear_sum_assignment(self.cos_abs, maximize=True)
+        self.counts = _FiringCounts(directions.shape[0], W_dec.shape[0], self.match_f,
+                                    self.match_l, parent)
+
+    def add(self, x: np.ndarray, on_device: jax.Array, codes: np.ndarray) -> None:
+        """Adds a block: x [n, d_in] (and the same on the device), its true codes."""
+        acts, x_hat = jax.device_get(encode_decode(self.params, on_device, self.cfg))
+        self.counts.add(np.asarray(x), np.asarray(acts), np.asarray(x_hat), codes)
+
+    def result(self) -> dict[str, Any]:
+        counts, cos_abs = self.counts, self.cos_abs
+        match_f, match_l = self.match_f, self.match_l
+        if counts.n == 0:
+            raise ValueError("no tokens to evaluate")
+        freq = counts.fires / counts.n
+        firing = freq > 0
+        best = np.argmax(cos_abs, axis=0)  # each latent's best-matching true feature
+        tp, fp, fn = counts.tp, counts.fp, counts.fn
+        precision = tp / np.maximum(tp + fp, 1)
+        recall = tp / np.maximum(tp + fn, 1)
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        out = {
+            "mcc": float(cos_abs[match_f, match_l].mean()),
+            "mmcs": float(cos_abs.max(axis=1).mean()),
+            "uniqueness": float(len(set(best[firing].tolist())) / max(int(firing.sum()), 1)),
+            "precision": float(precision.mean()),
+            "recall": float(recall.mean()),
+            "f1": float(f1.mean()),
+            "l0": counts.active / counts.n,
+            "true_l0": counts.true_active / counts.n,
+            "dead_fraction": float(np.mean(~firing)),
+            "dense_fraction": float(np.mean(freq > DENSE_FREQUENCY)),
+            "shrinkage": counts.shrinkage / max(counts.nonzero_tokens, 1),
+            "per_feature": {"latent": match_l.tolist(),
+                            "cos": cos_abs[match_f, match_l].tolist(),
+                            "precision": precision.tolist(), "recall": recall.tolist(),
+                            "f1": f1.tolist()},
+        }
+        if self.parent is not None:
+            out.update(_absorption(self.params, self.directions, self.parent, match_f,
+                                   match_l, counts))
+        return out
 
 
 class _FiringCounts:
@@ -326,24 +364,36 @@ def truth_report(params: sae.Params, cfg: SAEConfig, source, truth, *, start: in
     `source`), over tokens [start, stop): feature recovery and firing for every kind, absorption
     for hierarchies, plane coverage for circles. `details`: keep the per-feature / per-parent
     lists."""
+    return truth_reports([(params, cfg)], source, truth, start=start, stop=stop,
+                         batch_size=batch_size, details=details)[0]
+
+
+def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, start: int = 0,
+                  stop: int | None = None, batch_size: int = 4096,
+                  details: bool = False) -> list[dict[str, Any]]:
+    """`truth_report` of several SAEs (a sweep's), the tokens and their true codes read once."""
     from jaxsae.data.source import iter_blocks
 
     stop = source.n_tokens if stop is None else stop
     if source.n_tokens != truth.spec.tokens:
         raise ValueError(f"the data has {source.n_tokens} tokens but the truth describes "
                          f"{truth.spec.tokens}: not the data it was generated with")
-
-    def blocks():
-        at = start
-        for x in iter_blocks(source, batch_size, start=start, stop=stop):
-            yield x, truth.codes(at, at + len(x))
-            at += len(x)
-
     parent = truth.arrays.get("parent")
-    out = ground_truth_metrics(params, cfg, truth.directions, blocks(), parent=parent)
-    if truth.spec.kind == "circles":
-        out.update(circle_metrics(params, cfg, truth.directions, radius=truth.spec.radius))
-    if not details:
-        out.pop("per_feature")
-        out.pop("per_parent", None)
-    return out
+    sums = [GroundTruthSums(params, cfg, truth.directions, parent=parent)
+            for params, cfg in saes]
+    at = start
+    for x in iter_blocks(source, batch_size, start=start, stop=stop):
+        codes, on_device = truth.codes(at, at + len(x)), jnp.asarray(x)
+        for one in sums:
+            one.add(x, on_device, codes)
+        at += len(x)
+    reports = []
+    for (params, cfg), one in zip(saes, sums, strict=True):
+        out = one.result()
+        if truth.spec.kind == "circles":
+            out.update(circle_metrics(params, cfg, truth.directions, radius=truth.spec.radius))
+        if not details:
+            out.pop("per_feature")
+            out.pop("per_parent", None)
+        reports.append(out)
+    return reports

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxsae import evaluate, export, hub, outputs, sae, sparsify
 from jaxsae.build import Built, build
@@ -79,30 +80,57 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
     last training tokens) in raw units, leaving out the tokens training dropped
     (data.drop_norm_above) — with the ground-truth metrics when `truth` is given (see
     ground_truth) — and exports to `out` (`layout`: saelens, or sparsify for a TopK SAE)."""
-    params = sae.fold_input_scale(params, 1.0 if stats is None else stats.scale)
+    return finalise_all([(params, cfg, out)], source, n_train, stats=stats, dtype=dtype,
+                        truth=truth, overwrite=overwrite, inputs=inputs, layout=layout)[0]
+
+
+def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_train: int, *,
+                 stats: DataStats | None = None, dtype: str = "float32",
+                 truth: synthetic.Truth | None = None, overwrite: bool = False,
+                 inputs: tuple = (), layout: str = "saelens") -> list[dict[str, Any]]:
+    """`finalise` of several SAEs trained on the same data (a sweep's): the evaluation tokens
+    are read once for all of them, each block evaluated by every SAE in turn."""
+    scale = 1.0 if stats is None else stats.scale
+    folded = [sae.fold_input_scale(params, scale) for params, _, _ in saes]
     held_out = source.n_tokens > n_train
     eval_start = n_train if held_out else max(0, n_train - 65536)
     keep = None if stats is None else stats.keep_fn()
+    batch_size = saes[0][1].optim.batch_size
+    sums = [evaluate.ReconstructionSums(params, cfg.sae)
+            for params, (_, cfg, _) in zip(folded, saes, strict=True)]
     dropped = 0
-
-    def blocks():
-        nonlocal dropped
-        for block in iter_blocks(source, cfg.optim.batch_size, start=eval_start):
-            if keep is not None:
-                kept = keep(block)
-                dropped += int(len(block) - kept.sum())
-                block = block[kept]
-            if len(block):
-                yield block
-
-    metrics = evaluate.reconstruction_metrics(params, cfg.sae, blocks())
-    frequency = metrics.pop("firing_frequency")
-    metrics["held_out"] = held_out
-    if keep is not None:
-        metrics["dropped_tokens"] = dropped
+    for block in iter_blocks(source, batch_size, start=eval_start):
+        if keep is not None:
+            kept = keep(block)
+            dropped += int(len(block) - kept.sum())
+            block = block[kept]
+        if len(block):
+            on_device = jnp.asarray(block)
+            for one in sums:
+                one.add(on_device)
+    reports = [None] * len(saes)
     if truth is not None:
-        metrics = {**evaluate.truth_report(params, cfg.sae, source, truth, start=eval_start,
-                                           batch_size=cfg.optim.batch_size), **metrics}
+        reports = evaluate.truth_reports(
+            [(params, cfg.sae) for params, (_, cfg, _) in zip(folded, saes, strict=True)],
+            source, truth, start=eval_start, batch_size=batch_size)
+    results = []
+    for params, (_, cfg, out), one, report in zip(folded, saes, sums, reports, strict=True):
+        metrics = one.result()
+        frequency = metrics.pop("firing_frequency")
+        metrics["held_out"] = held_out
+        if keep is not None:
+            metrics["dropped_tokens"] = dropped
+        if report is not None:
+            metrics = {**report, **metrics}
+        _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,
+                inputs=inputs, layout=layout)
+        results.append(metrics)
+    return results
+
+
+def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str, Any],
+            frequency, source, *, dtype: str, overwrite: bool, inputs: tuple,
+            layout: str) -> None:
     if out is not None and layout == "sparsify":
         sparsify.export_sparsify(params, cfg.sae, out, dtype=dtype, overwrite=overwrite,
                                  inputs=inputs)
@@ -120,7 +148,6 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
                       "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size}},
             overwrite=overwrite, inputs=inputs,
         )
-    return metrics
 
 
 def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,
@@ -163,13 +190,15 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         hook = _source_metadata(source).get("hook_name")
         with outputs.staged_directory(out, "hub-export", overwrite=overwrite,
                                       inputs=inputs) as staging:
-            saes = []
-            for i, (member, point) in enumerate(zip(built.members, points, strict=True)):
-                folder = hub.folder_name(hook, cfg.name, point)
-                metrics = finalise(built.member_params(params, i), member, source, n_train,
-                                   staging / folder, stats=stats, dtype=dtype, truth=truth)
-                saes.append({"folder": folder, "cfg": export.read_cfg(staging / folder),
-                             "eval": metrics})
+            folders = [hub.folder_name(hook, cfg.name, point) for point in points]
+            evaluations = finalise_all(
+                [(built.member_params(params, i), member, staging / folder)
+                 for i, (member, folder) in enumerate(zip(built.members, folders,
+                                                          strict=True))],
+                source, n_train, stats=stats, dtype=dtype, truth=truth)
+            saes = [{"folder": folder, "cfg": export.read_cfg(staging / folder),
+                     "eval": metrics} for folder, metrics in zip(folders, evaluations,
+                                                                 strict=True)]
             hub.write_card(staging, cfg, saes, run_dir / CURVES)
         return Path(out)
     if cfg.sweep is None:
@@ -179,10 +208,10 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
     with outputs.staged_directory(out, "sweep-export", overwrite=overwrite,
                                   inputs=inputs) as staging:
-        for i, (member, member_dir) in enumerate(
-                zip(built.members, member_dirs(cfg, staging), strict=True)):
-            finalise(built.member_params(params, i), member, source, n_train, member_dir,
-                     stats=stats, dtype=dtype, truth=truth, layout=layout)
+        finalise_all([(built.member_params(params, i), member, member_dir)
+                      for i, (member, member_dir) in enumerate(
+                          zip(built.members, member_dirs(cfg, staging), strict=True))],
+                     source, n_train, stats=stats, dtype=dtype, truth=truth, layout=layout)
     return Path(out)
 
 

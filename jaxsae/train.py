@@ -36,7 +36,7 @@ from jaxsae.data.loader import Loader, Prefetcher, lanes_of_process
 from jaxsae.data.stats import DataStats
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError
-from jaxsae.finish import finalise, ground_truth, member_dirs, write_sweep_table
+from jaxsae.finish import finalise_all, ground_truth, member_dirs, write_sweep_table
 from jaxsae.hooks import (
     Interrupted,
     LoopHook,
@@ -161,10 +161,12 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
     total = cfg.optim.total_steps
     params = jax.device_get(state.params)
     truth = ground_truth(cfg, source)
+    evaluations = finalise_all(
+        [(built.member_params(params, i), member, directory / "sae" if is_main else None)
+         for i, (member, directory) in enumerate(zip(members, dirs, strict=True))],
+        source, n_train, stats=stats, truth=truth)  # the held-out tokens read once for all
     results = []
-    for i, (member, directory) in enumerate(zip(members, dirs, strict=True)):
-        metrics = finalise(built.member_params(params, i), member, source, n_train,
-                           directory / "sae" if is_main else None, stats=stats, truth=truth)
+    for i, (directory, metrics) in enumerate(zip(dirs, evaluations, strict=True)):
         if is_main:
             atomic_write(directory / "eval.json", json_text(metrics))
         for hook in told:

@@ -219,6 +219,26 @@ def test_duplicates_lower_uniqueness(small_hierarchy):
     assert r["shrinkage"] > 1.0  # child 1 is reconstructed twice
 
 
+def test_truth_reports_of_several_saes_read_the_tokens_once(small_hierarchy):
+    """A sweep's final evaluation: each SAE's report is the one it gets alone, from one pass
+    over the tokens and their true codes."""
+    data, truth = small_hierarchy
+    p, c1, c2 = truth.directions
+    d = truth.directions
+    saes = [(_sae(d.T, d), RELU),
+            (_sae(np.stack([p - c1 - c2, c1, c2], axis=1),
+                  np.stack([p, (p + c1) / np.sqrt(2), (p + c2) / np.sqrt(2)])), RELU)]
+    source = open_source(DataConfig(path=str(data)))
+    reads = []
+    read = source.read
+    source.read = lambda lo, hi: (reads.append(lo), read(lo, hi))[1]
+    together = evaluate.truth_reports(saes, source, truth, batch_size=4096, details=True)
+    assert reads == list(range(0, 20000, 4096))
+    for (params, cfg), got in zip(saes, together, strict=True):
+        assert got == _report(params, cfg, data, truth, details=True)
+    assert together[0]["absorption"] == 0 and together[1]["absorption_full"] > 0.9
+
+
 def test_circle_metrics():
     rng = np.random.default_rng(0)
     n, d = 4, 16
