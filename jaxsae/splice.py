@@ -20,6 +20,7 @@ The SAE runs through `jaxsae.sae` (JAX); the model through PyTorch (the optional
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -51,9 +52,13 @@ def eval_windows(lm: lm_data.LanguageModel, files: Sequence[Path], context: int,
 def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, layer: int,
                       hook: str, windows: np.ndarray, *, drop_first_position: bool = True,
                       clean_norm_above: float | None = None, batch_size: int = 8,
-                      progress: bool = True) -> list[dict[str, Any]]:
+                      progress: bool = True, reuse_prefix: bool = True
+                      ) -> list[dict[str, Any]]:
     """CE loss recovered, KL and reconstruction metrics of each SAE over `windows` [n, T]; the
     clean and ablated passes are shared, so a family costs one more pass per batch per SAE.
+    The blocks before the hook run once per batch (in the clean pass): every spliced pass
+    starts from their recorded output (`reuse_prefix` False: each pass runs the whole model,
+    the reference this is tested against).
 
     `clean_norm_above`: activations whose norm is above this multiple of the median norm
     (attention sinks beyond position 0) are left clean in every variant, as training with
@@ -109,7 +114,8 @@ def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, laye
     predicted = 0
     for ids in batches:
         targets = torch.as_tensor(ids[:, first + 1 :], device=lm.device)
-        clean = _log_probs(lm, ids, first)
+        with lm_data.recording_prefix(lm, layer) as prefix:
+            clean = _log_probs(lm, ids, first)
         sums["ce_clean"] += _nll(clean, targets)
         bar.update()
         for name, replace in replacements.items():
@@ -122,7 +128,9 @@ def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, laye
                 out[:, first:] = new
                 return out
 
-            with lm_data.hooked(lm, layer, hook, splice):
+            reuse = (lm_data.reusing_prefix(lm, layer, prefix) if reuse_prefix
+                     else contextlib.nullcontext())
+            with lm_data.hooked(lm, layer, hook, splice), reuse:
                 spliced = _log_probs(lm, ids, first)
             sums[f"ce_{name}"] += _nll(spliced, targets)
             sums[f"kl_{name}"] += float((clean.exp() * (clean - spliced)).sum())

@@ -238,6 +238,53 @@ def hooked(lm: LanguageModel, layer: int, point: str, fn):
         handle.remove()
 
 
+@contextmanager
+def recording_prefix(lm: LanguageModel, layer: int):
+    """Within, a forward pass records what the blocks before `layer` hand to it (the output
+    of block layer − 1) in the dict yielded, for `reusing_prefix`."""
+    box: dict[str, Any] = {}
+    if layer == 0:
+        yield box
+        return
+
+    def record(module, args, output):
+        box["output"] = output
+
+    handle = lm.blocks[layer - 1].register_forward_hook(record)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def reusing_prefix(lm: LanguageModel, layer: int, recorded: dict[str, Any]):
+    """Within, the blocks before `layer` do no work: block layer − 1 returns the output
+    `recording_prefix` saw and the ones before it pass their input through, so a forward pass
+    on the same tokens recomputes only the embedding and blocks `layer`.. (whose input is
+    unchanged: a splice at `layer` changes nothing before it)."""
+    if layer == 0:
+        yield
+        return
+    if "output" not in recorded:
+        raise RuntimeError("no recorded prefix: run a pass inside recording_prefix first")
+    output = recorded["output"]
+
+    def passed_through(*args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x, *output[1:]) if isinstance(output, tuple) else x
+
+    skipped = lm.blocks[:layer]
+    for block in skipped[:-1]:
+        block.forward = passed_through
+    skipped[-1].forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        for block in skipped:
+            del block.forward  # back to the class's forward
+
+
 def capture(lm: LanguageModel, layer: int, point: str, ids: np.ndarray) -> np.ndarray:
     """The float32 activation [B, T, d] at the hook for token ids [B, T]; the blocks after it,
     the final norm and the unembedding are never run."""

@@ -171,6 +171,47 @@ def test_resid_pre_and_the_first_position(tiny_model, texts, tmp_path, capsys):
     assert m["ce_zero_ablation"] == pytest.approx(post["ce_zero_ablation"], rel=1e-5)
 
 
+@pytest.mark.parametrize(("layer", "point"), [(1, "resid_post"), (2, "resid_pre"),
+                                           (0, "resid_pre")])
+def test_spliced_passes_reuse_the_blocks_before_the_hook(tiny_model, texts, tmp_path, layer,
+                                                        point, monkeypatch):
+    """The blocks before the hook run once per batch (clean pass), not once per variant; the
+    figures are those of running the whole model for every variant."""
+    from jaxsae import export, splice
+    from jaxsae.data import lm as lm_data
+
+    rng = np.random.default_rng(0)
+    sae = export.load_sae(write_sae(tmp_path / "sae", rng.normal(size=(D, 48)),
+                                    rng.normal(size=(48, D)) / 8, hook_name=None))
+    lm = lm_data.load_model(str(tiny_model), layer=layer, context=CONTEXT)
+    windows = splice.eval_windows(lm, lm_data.text_files([str(texts / "a.txt")]), CONTEXT,
+                                  150, 1)
+    runs = []
+    block_class = type(lm.blocks[0])
+    forward = block_class.forward
+    monkeypatch.setattr(block_class, "forward", lambda self, *a, **kw: (
+        runs.append(1), forward(self, *a, **kw))[1])
+    results = {}
+    for reuse in (True, False):
+        runs.clear()
+        results[reuse] = splice.ce_loss_recovered([sae, sae], lm, layer, point, windows,
+                                                  batch_size=4, progress=False,
+                                                  reuse_prefix=reuse)
+        results[reuse, "runs"] = len(runs)
+    batches = -(-len(windows) // 4)
+    n = lm.n_layers
+    variants = 4  # zero, mean, two SAEs
+    capture = batches * (layer + (point == "resid_post"))  # the first pass stops at the hook
+    assert results[False, "runs"] == capture + batches * n * (1 + variants)
+    assert results[True, "runs"] == capture + batches * (n + variants * (n - layer))
+    for got, want in zip(results[True], results[False], strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float)
+                                else value), key
+    assert results[True][0]["kl_sae"] > 0  # a real splice, not a no-op
+
+
 def test_cache_train_and_evaluate_end_to_end(tiny_model, texts, tmp_path, capsys):
     acts = tmp_path / "acts"
     assert main(["cache", "--model", str(tiny_model), "--layer", "1", "--text", str(texts),
