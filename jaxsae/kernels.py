@@ -93,7 +93,10 @@ def scatter_rows(shape: tuple[int, int], index: jax.Array, rows) -> jax.Array:
     """[n, d] float32: Σ over j of rows(j) [batch, d] added at rows index[:, j]."""
     def add(j, acc):
         return acc.at[index[:, j]].add(rows(j).astype(jnp.float32), mode="promise_in_bounds")
-    return jax.lax.fori_loop(0, index.shape[1], add, jnp.zeros(shape, jnp.float32))
+    # The first term outside the loop: the carry then has the type of the terms (inside
+    # shard_map, values that vary across devices, which fresh zeros do not).
+    first = add(0, jnp.zeros(shape, jnp.float32))
+    return jax.lax.fori_loop(1, index.shape[1], add, first)
 
 
 def dot_rows(g: jax.Array, W: jax.Array, index: jax.Array,

@@ -305,7 +305,8 @@ def auxk(
     k = min(k_aux or out.x.shape[-1] // 2, d_sae)
     dead = out.tokens_since_fired >= dead_tokens
     n_dead = jnp.sum(dead)
-    sparse = out.top_index is not None  # the main codes took a sparse path: so does this
+    # The main codes took a sparse path (on an unsplit dictionary): so does this.
+    sparse = out.top_index is not None and (out.mesh is None or out.mesh.shape["model"] == 1)
 
     def loss(params, x, residual, dead, pre_acts):
         if sparse:

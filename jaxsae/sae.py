@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxsae import activations, kernels
 from jaxsae.activations import encoder_weight
@@ -171,22 +171,20 @@ def forward(
     mesh: Mesh | None = None,
     k: jax.Array | None = None,
     sweep_axis: str | None = None,
-    sparse: bool | None = None,
+    sparse: bool = True,
 ) -> ForwardOutput:
     """Encode and decode once; `prefix_ends` asks for reconstructions of dictionary prefixes;
     `mesh` is the device mesh the step runs on (None: one device); `k` a traced number of
     active latents (a sweep over sae.k, whose largest value is cfg.k); `sweep_axis` the vmap
     axis of a sweep's SAEs. `sparse`: False keeps every activation on its dense path (the
-    reference the sparse paths are tested against); None: sparse where `uses_sparse_codes`."""
+    reference the sparse paths are tested against)."""
     kind = activations.get(cfg.activation)
     pre_acts = kind.pre_activations(params, x)
     ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
-    if sparse is None:
-        sparse = uses_sparse_codes(mesh)
     codes = kind.activate(params, x, pre_acts, cfg, train=train, mesh=mesh, k=k,
                           sparse=sparse)
     if codes.top_index is not None:  # a sparse path: decode only the chosen rows
-        block_recons = sparse_decode(params["W_dec"], codes, ends, x.shape[0])
+        block_recons = sparse_decode(params["W_dec"], codes, ends, x.shape[0], mesh)
     else:
         block_recons = decode_blocks(params, codes.acts, ends)
     if tokens_since_fired is None:
@@ -212,27 +210,44 @@ def forward(
 
 
 def sparse_decode(W_dec: jax.Array, codes: activations.Codes, ends: tuple[int, ...],
-                  batch: int) -> jax.Array:
+                  batch: int, mesh: Mesh | None = None) -> jax.Array:
     """[len(ends), batch, d_in] the block decodes (as `decode_blocks`) of sparse codes, from
     their decoder rows alone. One block of k latents per token: a gathered sum per token
     (`kernels.gather_decode`); otherwise each entry is scatter-added into the row of its token
-    in its latent's block (`kernels.scatter_decode`), all blocks in one pass."""
-    values, index, rows = codes.top_values, codes.top_index, codes.top_rows
+    in its latent's block (`kernels.scatter_decode`), all blocks in one pass. On a dictionary
+    split over `model`, each device decodes its own entries from its own rows of W_dec
+    ([batch, model·k] codes laid out [data, model], as TopK's split selection gives them)
+    and the partial decodes are summed over `model`."""
+    if mesh is not None and mesh.shape["model"] > 1:
+        split = PartitionSpec("data", "model")
+
+        def local(values, index, W_dec):
+            own = index - jax.lax.axis_index("model") * W_dec.shape[0]
+            part = _decode_entries(W_dec, values, own, index, None, ends, values.shape[0])
+            return jax.lax.psum(part, "model")
+
+        # check_vma off: the custom VJPs' gradients of a device's rows are sums over its part
+        # of the batch; shard_map adds them up over `data` (what the type check would refuse).
+        return jax.shard_map(local, mesh=mesh, in_specs=(split, split, PartitionSpec("model")),
+                             out_specs=PartitionSpec(None, "data"), check_vma=False)(
+            codes.top_values, codes.top_index, W_dec)
+    return _decode_entries(W_dec, codes.top_values, codes.top_index, codes.top_index,
+                           codes.top_rows, ends, batch)
+
+
+def _decode_entries(W_dec: jax.Array, values: jax.Array, index: jax.Array, latent: jax.Array,
+                    rows: jax.Array | None, ends: tuple[int, ...], batch: int) -> jax.Array:
+    """sparse_decode on one device: `index` the rows of W_dec, `latent` the latents (the
+    same, unless W_dec is a device's block of the dictionary), `rows` each entry's token."""
     if rows is None and len(ends) == 1:
         return kernels.gather_decode(values, W_dec, index)[None]
     if rows is None:
         rows = jnp.broadcast_to(jnp.arange(batch, dtype=index.dtype)[:, None], index.shape)
     if len(ends) > 1:  # the block of latent i: the first end above i
-        block = jnp.searchsorted(jnp.asarray(ends, index.dtype), index, side="right")
+        block = jnp.searchsorted(jnp.asarray(ends, latent.dtype), latent, side="right")
         rows = rows + batch * block.astype(index.dtype)
     recons = kernels.scatter_decode(values, W_dec, index, rows, len(ends) * batch)
     return recons.reshape(len(ends), batch, W_dec.shape[1]).astype(values.dtype)
-
-
-def uses_sparse_codes(mesh: Mesh | None) -> bool:
-    """Whether an activation may take a sparse path: an unsharded dictionary (a mesh with
-    model = 1, or none)."""
-    return mesh is None or mesh.shape["model"] == 1
 
 
 # ---------------------------------------------------------------------------------------------

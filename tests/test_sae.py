@@ -561,7 +561,7 @@ def test_sparse_path_equals_dense_path(case):
 
     def loss(p, sparse: bool):
         out = sae.forward(p, x, cfg.sae, train=True, tokens_since_fired=dead, prefix_ends=ends,
-                          k=live, sparse=None if sparse else False)
+                          k=live, sparse=sparse)
         assert (out.top_index is not None) is sparse
         return penalties.total_loss(cfg.loss, out, p, jnp.asarray(0))[0], out
 

@@ -93,7 +93,10 @@ CASES = {
     "relu+l1": [{"activation": "relu"}, [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}]],
     "topk+auxk": [{"activation": "topk", "k": 4},
                   [{"term": "mse"}, {"term": "auxk", "dead_tokens": 64}]],
-    "topk two-stage selection": [{"activation": "topk", "k": 2}, [{"term": "mse"}]],
+    "topk two-stage selection, tied": [{"activation": "topk", "k": 2, "tied": True},
+                                       [{"term": "mse"}]],
+    "topk matryoshka": [{"activation": "topk", "k": 4},
+                        [{"term": "matryoshka", "prefixes": [8, 32, 64]}]],
     "batchtopk": [{"activation": "batchtopk", "k": 4}, [{"term": "mse"}]],
     "matryoshka+groups+cosine": [{"activation": "batchtopk", "k": 4}, [
         {"term": "matryoshka", "sample": {"n": 4, "resolution": 8}},

@@ -100,8 +100,8 @@ class Activation:
                  train: bool, mesh: Mesh | None = None, k: jax.Array | None = None,
                  sparse: bool = False) -> Codes:
         """The codes of a batch. `mesh`: the device mesh the step runs on; `k`: a traced k
-        (sweeps over sae.k); `sparse`: a sparse path may be taken (an unsharded
-        dictionary)."""
+        (sweeps over sae.k); `sparse`: a sparse path may be taken (False: the dense
+        reference)."""
         raise NotImplementedError
 
     def after_update(self, params: Params, codes: Codes, step: jax.Array,

@@ -2,11 +2,12 @@
 batch; at inference relu(z) · 1[z > θ] with θ a running average of the smallest kept value,
 i.e. a JumpReLU, which is how it exports.
 
-On an unsharded dictionary, training takes the sparse path: the kept activations are found
-with one pass over the batch (chunk maxima) (`kernels.batch_top_k_entries`), and, as on TopK's path,
-only their encoder columns and decoder rows are touched (`kernels.take_pre_acts`,
-`kernels.scatter_decode` in `jaxsae.sae.forward`). A token's number of latents varies, so the
-codes are a flat list of (token, latent, value) entries rather than k per token.
+Unless the dictionary is split over `model`, training takes the sparse path: the kept
+activations are found with one pass over the batch (chunk maxima, in
+`kernels.batch_top_k_entries`), and, as on TopK's path, only their encoder columns and decoder
+rows are touched (`kernels.take_pre_acts`, `kernels.scatter_decode` in `jaxsae.sae.forward`).
+A token's number of latents varies, so the codes are a flat list of (token, latent, value)
+entries rather than k per token.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ class BatchTopK(Activation):
             acts = jax.nn.relu(pre_acts) * (pre_acts > params["threshold"])
             return Codes(acts=acts, batch_threshold=jnp.zeros((), pre_acts.dtype))
         live = cfg.k if k is None else k
-        if not sparse:
+        if not sparse or (mesh is not None and mesh.shape["model"] > 1):
+            # A dictionary split over `model` keeps the dense path: the bisection's counts
+            # are global sums, so it needs nothing gathered.
             acts, threshold = batchtopk(pre_acts, live)
             return Codes(acts=acts, batch_threshold=threshold)
         index, values, row, threshold = sparse_batchtopk(params, x, pre_acts, cfg.k, live)

@@ -60,7 +60,10 @@ def sparse_topk(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.Array,
     reaches only the chosen encoder columns (scatter-adds), so with `kernels.gather_decode` a
     step costs one dense encoder matmul plus O(batch·k·d_in) instead of five dense matmuls.
     Equal to the dense path (see tests). `live`: keep only the first `live` (traced) of the k.
+    On a dictionary split over `model`, see `_sparse_topk_split`.
     """
+    if mesh is not None and mesh.shape["model"] > 1:
+        return _sparse_topk_split(params, x, pre_acts, k, mesh, live)
     index = kernels.topk_indices(jax.lax.stop_gradient(pre_acts), k, mesh)  # [batch, k]
     values = jax.nn.relu(kernels.take_pre_acts(
         x, params["b_dec"], encoder_weight(params), params["b_enc"],
@@ -105,3 +108,35 @@ class TopK(Activation):
                               f"({cfg_json['d_sae']}), got {k!r}")
         if cfg_json.get("rescale_acts_by_decoder_norm"):
             raise ConfigError(f"{file}: rescale_acts_by_decoder_norm is not supported")
+
+
+def _sparse_topk_split(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.Array, k: int,
+                       mesh: Mesh, live: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The sparse TopK selection on a dictionary split over `model`: each device takes the k
+    largest of its own block of latents, the row's k-th largest is found among the model·k
+    candidates gathered along `model` (as the dense `topk` does), and each device keeps those
+    of its candidates that reach it. Returns [batch, model·k] global indices and values (0 for
+    the candidates not kept), laid out [data, model] so that each device's entries are its
+    own latents: their values, gradients and decode (`jaxsae.sae.sparse_decode`) stay on it.
+    (check_vma off: see `sparse_decode`.)"""
+    split = PartitionSpec("data", "model")
+
+    def select(x, b_dec, W_enc, b_enc, pre_acts, live):
+        width = pre_acts.shape[1]
+        index = kernels.top_k_indices(pre_acts, min(k, width))  # this block's own
+        own = jnp.take_along_axis(pre_acts, index, axis=1)
+        candidates = jax.lax.all_gather(own, "model", axis=1, tiled=True)
+        largest = jax.lax.top_k(candidates, k)[0]
+        kth = largest[:, -1:] if live is None else jnp.take(largest, live - 1, axis=1)[:, None]
+        values = jax.nn.relu(kernels.take_pre_acts(x, b_dec, W_enc, b_enc, pre_acts, index))
+        return index + jax.lax.axis_index("model") * width, values * (own >= kth)
+
+    args = (x, params["b_dec"], encoder_weight(params), params["b_enc"],
+            jax.lax.stop_gradient(pre_acts))
+    specs = (PartitionSpec("data", None), PartitionSpec(), PartitionSpec(None, "model"),
+             PartitionSpec("model"), split)
+    if live is None:
+        return jax.shard_map(partial(select, live=None), mesh=mesh, in_specs=specs,
+                             out_specs=(split, split), check_vma=False)(*args)
+    return jax.shard_map(select, mesh=mesh, in_specs=(*specs, PartitionSpec()),
+                         out_specs=(split, split), check_vma=False)(*args, live)
