@@ -47,9 +47,14 @@ def combinations(d_sae: int) -> dict[str, tuple[dict, list[dict]]]:
                                                                      "mode": "tanh"}]),
         "topk k=32: mse": ({"activation": "topk", "k": 32}, [MSE]),
         "topk k=32: mse + auxk": ({"activation": "topk", "k": 32}, [MSE, {"term": "auxk"}]),
+        # dead_tokens 1: every latent silent in the previous batch is dead, so AuxK always runs
+        "topk k=32: mse + auxk, latents dead": ({"activation": "topk", "k": 32}, [
+            MSE, {"term": "auxk", "dead_tokens": 1}]),
         "batchtopk k=32: mse": ({"activation": "batchtopk", "k": 32}, [MSE]),
         "batchtopk k=32: mse + auxk": ({"activation": "batchtopk", "k": 32},
                                        [MSE, {"term": "auxk"}]),
+        "batchtopk k=32: mse + auxk, latents dead": ({"activation": "batchtopk", "k": 32}, [
+            MSE, {"term": "auxk", "dead_tokens": 1}]),
         "batchtopk k=32: matryoshka (4 prefixes)": ({"activation": "batchtopk", "k": 32}, [
             {"term": "matryoshka", "prefixes": [d_sae // 16, d_sae // 4, d_sae // 2, d_sae]}]),
     }

@@ -302,15 +302,18 @@ def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
     size = next(w for w in (_TOPK_CHUNK, 8, 4, 2, 1) if width % w == 0)
     per_row = width // size
     tiny = jnp.finfo(jnp.float32).tiny
-    chunks = jax.nn.relu(values.astype(jnp.float32)).reshape(rows * per_row, size)
-    maxima = chunks.max(axis=1)
+    chunks = values.reshape(rows * per_row, size)
+    # relu after the max (they commute): relu first made XLA write the relu'd batch, 7x slower
+    maxima = jax.nn.relu(values.reshape(rows, per_row, size).max(axis=2).reshape(-1)
+                         ).astype(jnp.float32)
     chunk_floor = jnp.maximum(kth_largest_nonnegative(maxima, target), tiny)
     # At most batch·k chunks reach the batch·k-th largest maximum (ties aside), so `slots`
     # hold them; padding repeats chunk 0, and its entries are masked out below.
     (chosen,) = jnp.nonzero(maxima >= chunk_floor, size=min(slots, maxima.shape[0]),
                             fill_value=0)
     real = jnp.arange(chosen.shape[0]) < jnp.sum(maxima >= chunk_floor)
-    candidates = jnp.where(real[:, None], chunks[chosen], 0.0)  # [slots, size]
+    candidates = jnp.where(real[:, None], jax.nn.relu(chunks[chosen].astype(jnp.float32)),
+                           0.0)  # [slots, size]
     threshold = kth_largest_nonnegative(candidates, target)
     keep = (candidates >= jnp.maximum(threshold, tiny)).reshape(-1)
     (position,) = jnp.nonzero(keep, size=slots, fill_value=0)

@@ -13,7 +13,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
 
 
-@pytest.mark.parametrize(("arch", "dtype"), [("topk", "float32"), ("relu", "bfloat16")])
+@pytest.mark.parametrize(("arch", "dtype"), [("topk", "float32"), ("relu", "bfloat16"),
+                                           ("matryoshka_batchtopk", "float32")])
 def test_throughput_script_runs(arch, dtype):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--arch", arch, "--d-in", "16", "--d-sae", "256",
@@ -23,9 +24,15 @@ def test_throughput_script_runs(arch, dtype):
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["shape"]["compute_dtype"] == dtype
     assert result["jaxsae_tokens_per_s"] > 0 and result["jaxsae_step_only_tokens_per_s"] > 0
-    flops = 2 * 64 * 16 * (256 + 4 * 4) if arch == "topk" else 10 * 64 * 16 * 256
+    flops = 2 * 64 * 16 * (256 + 4 * 4) if arch != "relu" else 10 * 64 * 16 * 256
     expected = result["jaxsae_tokens_per_s"] / 64 * flops / 2e12
     assert result["mfu"] == pytest.approx(expected, rel=1e-9)
+    encoder_flops = 2 * 64 * 16 * 256  # the sparse step's floor: its dense encoder matmul
+    assert result["jaxsae_over_encoder_limit"] == pytest.approx(
+        result["jaxsae_tokens_per_s"] / 64 * encoder_flops / (result["roofline_gflops"] * 1e9),
+        rel=1e-9)
+    if arch == "matryoshka_batchtopk":
+        assert result["shape"]["widths"] == [16, 64, 256]
     assert result["saelens_tokens_per_s"] is None
 
 
