@@ -61,7 +61,7 @@ import jax, numpy as np
 from jaxsae.config import config_from_dict
 from jaxsae.build import build
 
-def run(tree, devices, steps=20):
+def run(tree, devices, steps=10):
     built = build(config_from_dict(tree), 16, devices)
     state = built.init()
     rng = np.random.default_rng(0)
