@@ -1,11 +1,12 @@
 """TopK (Gao et al., 2024): the k largest pre-activations of each token, ReLU'd; SAELens
 `topk`.
 
-On an unsharded dictionary, training takes the sparse path: after the dense encoder matmul an
-exact two-stage top-k picks the k latents, and the values' gradient reaches only their encoder
-columns (`kernels.take_pre_acts`); the decode then sums only their decoder rows
+Training takes the sparse path: after the dense encoder matmul an exact two-stage top-k picks
+the k latents, and the values' gradient reaches only their encoder columns
+(`kernels.take_pre_acts`); the decode then sums only their decoder rows
 (`kernels.gather_decode`, or with nested prefix losses `kernels.scatter_decode`, in
-`jaxsae.sae.forward`).
+`jaxsae.sae.forward`). On a dictionary split over `model` each device does this for its own
+latents (`_sparse_topk_split`).
 """
 
 from __future__ import annotations
