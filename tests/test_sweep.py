@@ -302,6 +302,10 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("sections", [
     TOPK,
+    # BatchTopK's sparse path (8x1) and its dense one on a model-split dictionary (4x2), with
+    # prefix losses and AuxK, k traced per SAE
+    {"sae": {"d_sae": 64, "activation": "batchtopk", "k": 4},
+     "loss": [{"term": "matryoshka", "prefixes": [16, 64]}, {"term": "auxk", "dead_tokens": 64}]},
     {"sae": {"d_sae": 64, "activation": "relu"},
      "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}]},
 ])
