@@ -37,6 +37,8 @@ parser.add_argument("--k", type=int, default=32)
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--widths", default=None, help="matryoshka_batchtopk: comma-separated widths")
 args = parser.parse_args()
+if args.arch == "matryoshka_batchtopk" and not args.widths:
+    parser.error("--widths: required with --arch matryoshka_batchtopk")
 
 torch.manual_seed(0)
 if args.arch == "standard":

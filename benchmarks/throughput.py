@@ -129,11 +129,19 @@ def jaxsae_rates(args, data: ShardSet) -> tuple[float, float]:
 
 def widths_of(args) -> list[int]:
     """The matryoshka prefixes: --widths, ending at d_sae (default d_sae/16, d_sae/4, d_sae)."""
-    if args.widths:
-        widths = [int(w) for w in args.widths.split(",")]
-    else:
-        widths = [args.d_sae // 16, args.d_sae // 4]
+    widths = args.widths or [args.d_sae // 16, args.d_sae // 4]
     return sorted({*widths, args.d_sae})
+
+
+def width_list(text: str) -> list[int]:
+    """--widths: comma-separated positive integers (argparse reports anything else)."""
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 768,3072, got {text!r}")
+    return widths
 
 
 def saelens_rate(args) -> float | None:
@@ -156,7 +164,7 @@ def main() -> None:
     hostmem.restart_with_huge_pages()  # as the jaxsae command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=["relu", *SPARSE], default="relu")
-    parser.add_argument("--widths", default=None,
+    parser.add_argument("--widths", type=width_list, default=None,
                         help="matryoshka_batchtopk prefixes, comma-separated (default "
                              "d_sae/16, d_sae/4, d_sae)")
     add_shape_args(parser)

@@ -170,9 +170,14 @@ def _gather_decode_fwd(values, W_dec, index):
 
 def _gather_decode_bwd(residuals, g):
     values, W_dec, index = residuals
-    d_values = dot_rows(g, W_dec, index)
-    d_W = scatter_rows(W_dec.shape, index, lambda j: values[:, j, None] * g)
-    return d_values.astype(values.dtype), d_W.astype(W_dec.dtype), None
+    return (*_decode_grads(values, W_dec, index, None, g), None)
+
+
+def _decode_grads(values, W_dec, index, row, g):
+    """The gradients of values and W_dec of a sparse decode (row None: row-aligned)."""
+    d_values = dot_rows(g, W_dec, index, row)
+    d_W = scatter_rows(W_dec.shape, index, lambda j: values[:, j, None] * _rows_at(g, row, j))
+    return d_values.astype(values.dtype), d_W.astype(W_dec.dtype)
 
 
 gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
@@ -194,9 +199,7 @@ def _scatter_decode_fwd(values, W_dec, index, row, n_rows):
 
 def _scatter_decode_bwd(n_rows, residuals, g):
     values, W_dec, index, row = residuals
-    d_values = dot_rows(g, W_dec, index, row)
-    d_W = scatter_rows(W_dec.shape, index, lambda j: values[:, j, None] * _rows_at(g, row, j))
-    return d_values.astype(values.dtype), d_W.astype(W_dec.dtype), None, None
+    return (*_decode_grads(values, W_dec, index, row, g), None, None)
 
 
 scatter_decode.defvjp(_scatter_decode_fwd, _scatter_decode_bwd)
