@@ -1,10 +1,15 @@
-"""The sparse TopK path's operations against their one-shot forms, timed one by one.
+"""The sparse paths' operations in each kernel implementation (`jaxsae.kernels`), timed one by
+one on the same inputs.
 
     python benchmarks/sparse_topk_ops.py [--d-in 768] [--d-sae 12288] [--batch 4096] [--k 32]
+        [--impls cpu,xla[,pallas]] [--dtype float32|bfloat16] [--json PATH]
 
-Each row times the form jaxsae uses (jaxsae/sae.py) and the plain form it replaced, on the
-same inputs, jitted, median of 5 runs after compilation; the two are checked to agree first.
-Prints a markdown table (the throughput section of RESULTS.md).
+Implementations: "cpu" (forms tuned for XLA-CPU: loops over latent slots, a two-stage top-k
+behind a barrier), "xla" (the plain one-shot forms: one gather of [batch, k, d_in], one flat
+scatter, one top_k), "pallas" (the Pallas kernels: Triton on a GPU; on the CPU they run in the
+interpreter, far too slow to time at these shapes, so the default there is cpu,xla). Each
+operation is checked to agree with the first implementation before it is timed (jitted, the
+median of 5 runs after compilation). Prints a markdown table; --json writes the figures.
 """
 
 from __future__ import annotations
@@ -23,11 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_shape_args, machine
 
 from jaxsae import hostmem, kernels
-from jaxsae.outputs import markdown_table
+from jaxsae.outputs import atomic_write, json_text, markdown_table
 
 
 def median_ms(fn, *args, reps: int = 5) -> float:
-    fn = jax.jit(fn)
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
@@ -37,53 +41,83 @@ def median_ms(fn, *args, reps: int = 5) -> float:
     return float(np.median(times)) * 1e3
 
 
+def operations(batch: int, d_in: int, d_sae: int, k: int, dtype) -> list[tuple]:
+    """(name, function, inputs, compare-as-sets) of each operation, on random inputs."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(keys[0], (batch, d_in), dtype)
+    W_enc = (jax.random.normal(keys[1], (d_in, d_sae)) / np.sqrt(d_in)).astype(dtype)
+    W_dec = W_enc.T + jnp.zeros((), dtype)
+    pre = x @ W_enc
+    index = jax.lax.top_k(pre, k)[1]
+    values = jnp.take_along_axis(pre, index, axis=1)
+    g = jax.random.normal(keys[2], (batch, d_in), dtype)
+    # BatchTopK's flat codes: k entries a token on average, tokens in row order.
+    row = jnp.sort(jax.random.randint(keys[3], (batch, k), 0, batch).reshape(-1)).reshape(
+        batch, k)
+    return [
+        ("top-k selection [B, d_sae] -> [B, k]", lambda p: kernels.top_k_indices(p, k),
+         (pre,), True),
+        ("decode Σ_j v·W_dec[i_j]", kernels.gathered_sum, (values, W_dec, index), False),
+        ("its value gradient g·W_dec[i_j]", kernels.dot_rows, (g, W_dec, index), False),
+        ("decoder gradient (scatter-add)",
+         lambda v, g, i: kernels.scatter_rows(d_sae, i, v, g), (values, g, index), False),
+        ("flat-code decode (BatchTopK)",
+         lambda v, W, i, r: kernels.scatter_rows(batch, r, v, W, i), (values, W_dec, index, row),
+         False),
+    ]
+
+
+def run(batch: int, d_in: int, d_sae: int, k: int, dtype: str, impls: list[str]) -> list[dict]:
+    """One row per operation: milliseconds of each implementation."""
+    rows = []
+    for name, fn, inputs, as_sets in operations(batch, d_in, d_sae, k, jnp.dtype(dtype)):
+        row: dict = {"operation": name}
+        reference = None
+        for impl in impls:
+            def traced(*args, impl=impl, fn=fn):
+                with kernels.using(impl):
+                    return fn(*args)
+            jitted = jax.jit(traced)
+            got = np.asarray(jitted(*inputs), np.float32)
+            if as_sets:
+                got = np.sort(got, axis=1)
+            if reference is None:
+                reference = got
+            else:
+                tol = 1e-3 if dtype == "float32" else 5e-2
+                np.testing.assert_allclose(got, reference, rtol=tol, atol=tol * 10,
+                                           err_msg=f"{impl}: {name}")
+            row[impl] = median_ms(jitted, *inputs)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     hostmem.restart_with_huge_pages()  # as the jaxsae command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(parser)
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated, from cpu,xla,pallas (default: cpu,xla on the "
+                             "CPU, all three elsewhere)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-    B, d, n, k = args.batch, args.d_in, args.d_sae, args.k
-
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    x = jax.random.normal(keys[0], (B, d))
-    W_enc = jax.random.normal(keys[1], (d, n)) / np.sqrt(d)
-    W_dec = W_enc.T + 0.0
-    pre = x @ W_enc
-    index = jax.lax.top_k(pre, k)[1]
-    values = jnp.take_along_axis(pre, index, axis=1)
-    g = jax.random.normal(keys[2], (B, d))
-
-    cases = [
-        ("top-k selection", "jax.lax.top_k over d_sae", lambda p: jax.lax.top_k(p, k)[1],
-         "two-stage (chunk maxima)", lambda p: kernels.top_k_indices(p, k), (pre,)),
-        ("decode Σ_j v·W_dec[i_j]", "einsum over gathered [B, k, d_in]",
-         lambda v, W, i: jnp.einsum("bk,bkd->bd", v, W[i]),
-         "per-latent fused sum", kernels.gather_decode, (values, W_dec, index)),
-        ("its value gradient g·W_dec[i_j]", "einsum over gathered [B, k, d_in]",
-         lambda g, W, i: jnp.einsum("bd,bkd->bk", g, W[i]),
-         "d_in chunks, fused", kernels.dot_rows, (g, W_dec, index)),
-        ("decoder gradient (scatter-add)", "one scatter of [B·k, d_in] rows",
-         lambda v, g, i: jnp.zeros((n, d)).at[i.reshape(-1)].add(
-             (v[:, :, None] * g[:, None, :]).reshape(-1, d)),
-         "one latent slot at a time",
-         lambda v, g, i: kernels.scatter_rows((n, d), i, lambda j: v[:, j, None] * g),
-         (values, g, index)),
-    ]
-    rows = []
-    for name, plain_name, plain, ours_name, ours, inputs in cases:
-        want, got = jax.jit(plain)(*inputs), jax.jit(ours)(*inputs)
-        if name.startswith("top-k"):
-            want, got = np.sort(np.asarray(want), 1), np.sort(np.asarray(got), 1)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
-        t_plain, t_ours = median_ms(plain, *inputs), median_ms(ours, *inputs)
-        rows.append({"operation": name, "plain form": plain_name, "plain ms": f"{t_plain:.1f}",
-                     "jaxsae form": ours_name, "jaxsae ms": f"{t_ours:.1f}",
-                     "speed-up": f"{t_plain / t_ours:.1f}x"})
+    impls = (args.impls.split(",") if args.impls else
+             ["cpu", "xla"] if jax.default_backend() == "cpu" else ["cpu", "xla", "pallas"])
+    unknown = sorted(set(impls) - {"cpu", "xla", "pallas"})
+    if unknown:
+        parser.error(f"--impls: unknown {', '.join(unknown)} (choose from cpu, xla, pallas)")
+    rows = run(args.batch, args.d_in, args.d_sae, args.k, args.dtype, impls)
+    shape = {"batch": args.batch, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
+             "dtype": args.dtype}
     print(machine())
-    print(f"batch {B}, d_in {d}, d_sae {n}, k {k}, float32")
-    columns = ["operation", "plain form", "plain ms", "jaxsae form", "jaxsae ms", "speed-up"]
-    print("\n".join(markdown_table(rows, columns)))
+    print(", ".join(f"{key} {value}" for key, value in shape.items()))
+    table = [{"operation": r["operation"], **{f"{i} ms": f"{r[i]:.2f}" for i in impls}}
+             for r in rows]
+    print("\n".join(markdown_table(table, ["operation", *(f"{i} ms" for i in impls)])))
+    if args.json:
+        atomic_write(args.json, json_text({"machine": machine(), "shape": shape, "ms": rows}))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@ starts (`train`, `bench`, `import`), never when a config is replaced, compared o
 
 The schema (`jaxsae.config`) checks each value and how the sections combine; here: the
 activation is registered and its parameters (`k`, `freeze`) fit it, every loss term exists
-and its hyper-parameters type-check and make sense with the SAE, and `data.generate`
-describes a generator. Disk checks belong to the phase that reads the disk: `init_from` is
-read only when a run starts from it (a resumed run never needs it again).
+and its hyper-parameters type-check and make sense with the SAE, `data.generate` describes a
+generator, and no TPU is asked to run the Pallas (Triton) kernels. Disk checks belong to the
+phase that reads the disk: `init_from` is read only when a run starts from it (a resumed run
+never needs it again).
 """
 
 from __future__ import annotations
+
+import jax
 
 from jaxsae import activations, penalties, sae, trackers
 from jaxsae.config import Config, sweep_label
@@ -18,6 +21,9 @@ from jaxsae.errors import ConfigError
 def check_run(cfg: Config) -> None:
     """Refuses, naming the key, a config that cannot run; a sweep is checked SAE by SAE."""
     trackers.check_available(cfg)
+    if cfg.optim.kernels == "pallas" and jax.default_backend() not in ("gpu", "cpu"):
+        raise ConfigError(f"optim.kernels: the Pallas kernels are written for GPUs (Triton); "
+                          f"use auto or xla on {jax.default_backend()}")
     if cfg.sweep is None:
         _check_sae(cfg)
         return

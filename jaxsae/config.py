@@ -198,6 +198,11 @@ class OptimConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the encoder/decoder matmuls. Parameters, optimiser state and the loss stay
     float32 (bfloat16 copies of the parameters are made inside the step)."""
+    kernels: Literal["auto", "cpu", "xla", "pallas"] = "auto"
+    """How the sparse paths gather, scatter and pick top k (`jaxsae.kernels`): `auto` takes
+    the forms tuned for XLA-CPU on the CPU and XLA's plain forms elsewhere; `pallas`, the
+    Pallas kernels (Triton, for GPUs). The same function either way, up to the order of float
+    additions."""
 
     def __post_init__(self):
         _need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -497,9 +502,11 @@ class Config:
 
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
+# (optim.kernels changes only the order of float additions: a run may resume on another
+# kind of machine.)
 MUTABLE_ON_RESUME = ("name", "run_dir", "distributed", "data.path", "data.generate",
                      "data.check_finite", "log", "checkpoint", "optim.total_tokens",
-                     "optim.skip_nonfinite", "sweep_chunk")
+                     "optim.skip_nonfinite", "optim.kernels", "sweep_chunk")
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

@@ -5,10 +5,22 @@ against the obvious form it replaces (tests/test_sae.py): the centred encoder ma
 block decode of nested (Matryoshka) losses, the gathers and scatters of the sparse TopK and
 BatchTopK paths, exact top-k selections (per row, and across the batch), the k-th largest value
 by bisection, and the straight-through step of JumpReLU thresholds.
+
+The sparse paths' gathers, scatters and per-token top-k come in implementations chosen per
+backend (`IMPLEMENTATIONS`, `using`): "cpu", forms tuned around XLA-CPU's fusion (loops over
+chunks of latent slots, a two-stage top-k behind a barrier); "xla", the plain one-shot forms
+(one gather of [batch, k, d_in] rows, one flat scatter, one top_k), which XLA's GPU and TPU
+compilers fuse themselves; "pallas", hand-written kernels (`jaxsae.pallas_kernels`: Triton on
+a GPU, interpreted elsewhere, for tests). "auto" is "cpu" on the CPU and "xla" elsewhere;
+`benchmarks/sparse_topk_ops.py` times each on the machine at hand. All compute the same
+function (tests/test_kernels.py); only the order of float additions differs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from functools import partial
 
 import jax
@@ -63,10 +75,56 @@ def _block_matmuls_bwd(ends, residuals, d_parts):
 block_matmuls.defvjp(_block_matmuls_fwd, _block_matmuls_bwd)
 
 
-# The gathers and scatters below go one chosen latent (or one chunk of d_in) at a time, so XLA
-# fuses each into a pass over [batch, d_in]; the one-shot forms (`W[index]` as a [batch, k,
-# d_in] tensor, einsum, one flat scatter) build that tensor first (100M elements at d_in 768,
-# k 32, batch 4096) and measured 1.3-5.5x slower on the CPU (benchmarks/sparse_topk_ops.py).
+# ---------------------------------------------------------------------------------------------
+# Which implementation of the sparse gathers, scatters and top-k a trace uses
+
+IMPLEMENTATIONS = ("auto", "cpu", "xla", "pallas")
+_implementation: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "jaxsae_kernels", default="auto")
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[None]:
+    """Functions traced inside take implementation `name` (one of IMPLEMENTATIONS). The choice
+    is read while tracing, so it belongs around the traced function's body (as the train step
+    puts it), not around a call of an already-compiled function."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"kernel implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
+    token = _implementation.set(name)
+    try:
+        yield
+    finally:
+        _implementation.reset(token)
+
+
+def implementation() -> str:
+    """The implementation in use, "auto" resolved for the default backend."""
+    name = _implementation.get()
+    if name == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return name
+
+
+def _pallas(width: int):
+    """The Pallas kernels, where chosen and rows of this width fit them (else None: the "xla"
+    forms stand in)."""
+    if implementation() != "pallas":
+        return None
+    from jaxsae import pallas_kernels  # imported only where chosen: it loads Pallas
+
+    return pallas_kernels if pallas_kernels.supported(width) else None
+
+
+def _plain() -> bool:
+    """Whether the one-shot "xla" forms are used (also where Pallas does not fit)."""
+    return implementation() != "cpu"
+
+
+# On "cpu", the gathers and scatters below go one chosen latent (or one chunk of d_in) at a
+# time, so XLA fuses each into a pass over [batch, d_in]; the one-shot forms ("xla": `W[index]`
+# as a [batch, k, d_in] tensor, einsum, one flat scatter) build that tensor first (100M
+# elements at d_in 768, k 32, batch 4096) and measured 1.3-5.5x slower on the CPU
+# (benchmarks/sparse_topk_ops.py).
 _UNROLL = 8
 
 
@@ -89,22 +147,54 @@ def rows_of(W: jax.Array, index: jax.Array) -> jax.Array:
     return W.at[index].get(mode="promise_in_bounds")
 
 
-def scatter_rows(shape: tuple[int, int], index: jax.Array, rows) -> jax.Array:
-    """[n, d] float32: Σ over j of rows(j) [batch, d] added at rows index[:, j]."""
+def gathered_sum(coef: jax.Array, src: jax.Array, src_row: jax.Array) -> jax.Array:
+    """[n, d] in coef's dtype: row i is Σ_j coef[i, j] · src[src_row[i, j]] (coef, src_row:
+    [n, k]; src [m, d])."""
+    if (fast := _pallas(src.shape[1])) is not None:
+        return fast.gathered_sum(coef, src, src_row)
+    if _plain():
+        return jnp.einsum("nk,nkd->nd", coef, rows_of(src, src_row))
+    return sum_over(src_row.shape[1], lambda j: coef[:, j, None] * rows_of(src, src_row[:, j]))
+
+
+def scatter_rows(n_out: int, dst: jax.Array, coef: jax.Array, src: jax.Array,
+                 src_row: jax.Array | None = None) -> jax.Array:
+    """[n_out, d] float32: coef[i, j] · src[src_row[i, j]] added at row dst[i, j], over every
+    entry (dst, coef, src_row: [n, k]; src [m, d]; src_row None: src[i], src has n rows)."""
+    if (fast := _pallas(src.shape[1])) is not None:
+        return fast.scatter_rows(n_out, dst, coef, src, src_row)
+    d = src.shape[1]
+
+    def term(j):
+        rows = src if src_row is None else rows_of(src, src_row[:, j])
+        return (coef[:, j, None] * rows).astype(jnp.float32)
+
+    if _plain():
+        rows = src[:, None] if src_row is None else rows_of(src, src_row)
+        terms = (coef[:, :, None] * rows).astype(jnp.float32).reshape(-1, d)
+        return jnp.zeros((n_out, d), jnp.float32).at[dst.reshape(-1)].add(
+            terms, mode="promise_in_bounds")
+
     def add(j, acc):
-        return acc.at[index[:, j]].add(rows(j).astype(jnp.float32), mode="promise_in_bounds")
+        return acc.at[dst[:, j]].add(term(j), mode="promise_in_bounds")
     # The first term outside the loop: the carry then has the type of the terms (inside
     # shard_map, values that vary across devices, which fresh zeros do not).
-    first = add(0, jnp.zeros(shape, jnp.float32))
-    return jax.lax.fori_loop(1, index.shape[1], add, first)
+    first = add(0, jnp.zeros((n_out, d), jnp.float32))
+    return jax.lax.fori_loop(1, dst.shape[1], add, first)
 
 
 def dot_rows(g: jax.Array, W: jax.Array, index: jax.Array,
              row: jax.Array | None = None) -> jax.Array:
-    """[batch, k]: g[b] · W[index[b, j]] (with `row`: [n, m] g[row[i, j]] · W[index[i, j]]),
-    as a sum over chunks of d_in (16 wide where d_in allows) of gathered [.., k, 16] products:
-    elementwise work XLA fuses, where a reduction over d_in of the gathered rows built them
-    first (3.6x slower on the CPU)."""
+    """[n, k]: g[i] · W[index[i, j]] (with `row` [n, k]: g[row[i, j]] · W[index[i, j]]).
+
+    On "cpu", a sum over chunks of d_in (16 wide where d_in allows) of gathered [.., k, 16]
+    products: elementwise work XLA fuses, where a reduction over d_in of the gathered rows
+    built them first (3.6x slower on the CPU)."""
+    if (fast := _pallas(W.shape[1])) is not None:
+        return fast.dot_rows(g, W, index, row)
+    if _plain():
+        mine = g[:, None] if row is None else rows_of(g, row)
+        return jnp.einsum("nkd,nkd->nk", mine, rows_of(W, index))
     d = g.shape[-1]
     width = next(w for w in (16, 8, 4, 2, 1) if d % w == 0)
     g3 = g.reshape(g.shape[0], d // width, width)
@@ -114,12 +204,6 @@ def dot_rows(g: jax.Array, W: jax.Array, index: jax.Array,
         return g3[:, None, c] if row is None else rows_of(g3[:, c], row)
 
     return sum_over(d // width, lambda c: g_chunk(c) * rows_of(W3[:, c], index)).sum(-1)
-
-
-def _rows_at(a: jax.Array, row: jax.Array | None, j: int) -> jax.Array:
-    """The rows of `a` that entry column j belongs to: a itself on the row-aligned layout
-    ([batch, k]: entry [b, j] is row b's), else a[row[:, j]]."""
-    return a if row is None else rows_of(a, row[:, j])
 
 
 @jax.custom_vjp
@@ -139,17 +223,16 @@ def _take_pre_acts_fwd(x, b_dec, W_enc, b_enc, pre_acts, index, row=None):
 
 def _take_pre_acts_bwd(residuals, g):
     x, b_dec, W_enc, pre_acts, index, row = residuals
-    d_in, d_sae = W_enc.shape
+    d_sae = W_enc.shape[1]
     per_latent = jnp.zeros(d_sae, jnp.float32).at[index].add(g.astype(jnp.float32))
     centred = x - b_dec
     # Rows of W_enc.T are scattered (contiguous), then transposed once.
-    d_W_enc = scatter_rows((d_sae, d_in), index,
-                           lambda j: g[:, j, None] * _rows_at(centred, row, j)).T
+    d_W_enc = scatter_rows(d_sae, index, g, centred, row).T
     # The input's gradient (unused in training, so dropped by XLA there).
     if row is None:
-        d_x = sum_over(index.shape[1], lambda j: g[:, j, None] * rows_of(W_enc.T, index[:, j]))
+        d_x = gathered_sum(g, W_enc.T, index)
     else:
-        d_x = scatter_rows(x.shape, row, lambda j: g[:, j, None] * rows_of(W_enc.T, index[:, j]))
+        d_x = scatter_rows(x.shape[0], row, g, W_enc.T, index)
     d_b_dec = -(W_enc @ per_latent.astype(W_enc.dtype))
     return (d_x.astype(x.dtype), d_b_dec.astype(b_dec.dtype), d_W_enc.astype(W_enc.dtype),
             per_latent.astype(pre_acts.dtype), jnp.zeros_like(pre_acts), None, None)
@@ -161,7 +244,7 @@ take_pre_acts.defvjp(_take_pre_acts_fwd, _take_pre_acts_bwd)
 @jax.custom_vjp
 def gather_decode(values: jax.Array, W_dec: jax.Array, index: jax.Array) -> jax.Array:
     """[batch, d_in] Σ_j values[b, j] · W_dec[index[b, j]]."""
-    return sum_over(index.shape[1], lambda j: values[:, j, None] * rows_of(W_dec, index[:, j]))
+    return gathered_sum(values, W_dec, index)
 
 
 def _gather_decode_fwd(values, W_dec, index):
@@ -176,7 +259,7 @@ def _gather_decode_bwd(residuals, g):
 def _decode_grads(values, W_dec, index, row, g):
     """The gradients of values and W_dec of a sparse decode (row None: row-aligned)."""
     d_values = dot_rows(g, W_dec, index, row)
-    d_W = scatter_rows(W_dec.shape, index, lambda j: values[:, j, None] * _rows_at(g, row, j))
+    d_W = scatter_rows(W_dec.shape[0], index, values, g, row)
     return d_values.astype(values.dtype), d_W.astype(W_dec.dtype)
 
 
@@ -189,8 +272,7 @@ def scatter_decode(values: jax.Array, W_dec: jax.Array, index: jax.Array, row: j
     """[n_rows, d_in] float32: Σ over entries e of values[e] · W_dec[index[e]] added at row
     row[e] (`values`, `index`, `row`: [n, m]). The decode of codes whose rows hold different
     numbers of latents (BatchTopK), or of several blocks at once (row = block · batch + b)."""
-    return scatter_rows((n_rows, W_dec.shape[1]), row,
-                        lambda j: values[:, j, None] * rows_of(W_dec, index[:, j]))
+    return scatter_rows(n_rows, row, values, W_dec, index)
 
 
 def _scatter_decode_fwd(values, W_dec, index, row, n_rows):
@@ -225,10 +307,13 @@ def top_k_indices(values: jax.Array, k: int) -> jax.Array:
     the row's k largest entries (an entry outside them is below k chunk maxima), so a top-k
     over those k·16 candidates is exact. Measured 1.5x faster than one top_k over the row on
     the CPU (d_sae 12288, k 32), where the first stage is a fused max pass and the top_ks are
-    small. Rows too short for it (fewer than 2k chunks) take one top_k.
+    small. Rows too short for it (fewer than 2k chunks) take one top_k. Other implementations
+    than "cpu" take one plain top_k (XLA's GPU and TPU top-k kernels).
     """
     rows, width = values.shape
     chunks = width // _TOPK_CHUNK
+    if _plain():
+        return jax.lax.top_k(values, k)[1]
     if width % _TOPK_CHUNK or chunks < 2 * k:
         return _top_k_positions(values, k)
     blocks = values.reshape(rows, chunks, _TOPK_CHUNK)
@@ -240,9 +325,10 @@ def top_k_indices(values: jax.Array, k: int) -> jax.Array:
 
 
 def _top_k_positions(values: jax.Array, k: int) -> jax.Array:
-    # The barrier keeps XLA from folding the consumers' slices into the top_k's sort, which
-    # stops it recognising a top-k and leaves a full sort of every row (50x slower). (On the
-    # indices alone: a barrier over the (values, indices) tuple crashes XLA's partitioner.)
+    # (The "cpu" implementation's top_k.) The barrier keeps XLA from folding the consumers'
+    # slices into the top_k's sort, which stops it recognising a top-k and leaves a full sort
+    # of every row (50x slower). (On the indices alone: a barrier over the (values, indices)
+    # tuple crashes XLA's partitioner.)
     return jax.lax.optimization_barrier(jax.lax.top_k(values, k)[1])
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxsae import penalties, sae
+from jaxsae import kernels, penalties, sae
 from jaxsae.config import Config, OptimConfig
 
 # The vmap axis of a sweep's SAEs.
@@ -154,9 +154,10 @@ def make_train_step(
                                                       hyper.coefficients)
             return loss, (out, term_metrics)
 
-        (loss, (out, term_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        with kernels.using(cfg.optim.kernels):  # read while the step is traced
+            (loss, (out, term_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params
+            )
         grads = sae.project_decoder_grad(state.params, grads, cfg.sae)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = sae.after_update(optax.apply_updates(state.params, updates), out, step, cfg.sae)

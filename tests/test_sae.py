@@ -532,17 +532,28 @@ SPARSE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SPARSE_CASES))
-def test_sparse_path_equals_dense_path(case):
+# The other kernel implementations (jaxsae.kernels) on the cases that reach every operation:
+# gathered and scattered decodes, tied and untied, flat BatchTopK codes, a traced k; d_in 16
+# so that the Pallas kernels take them (they need d_in divisible by 16).
+_OTHER_KERNELS = [(case, impl) for impl in ("xla", "pallas")
+                  for case in ("topk tied traced k", "topk matryoshka traced k",
+                               "batchtopk matryoshka sampled tied")]
+
+
+@pytest.mark.parametrize(("case", "impl"), [(case, "cpu") for case in SPARSE_CASES]
+                         + _OTHER_KERNELS, ids=lambda v: v)
+def test_sparse_path_equals_dense_path(case, impl):
     """The sparse TopK / BatchTopK paths (selected entries, gathered or scattered rows,
     scatter-add gradients, the sparse AuxK, prefix losses from sparse codes) against the dense
     path (`sparse=False`): codes, every gradient, the batch threshold, L0 and firing; with a
     traced k below sae.k (a sweep over k) too. Inputs vary in scale by row, so BatchTopK
-    tokens keep from 0 to dozens of latents."""
+    tokens keep from 0 to dozens of latents. Each kernel implementation (`impl`)."""
     from jaxsae import penalties
     from jaxsae.config import config_from_dict
 
     activation, tied, k, d_in, extra, traced_k = SPARSE_CASES[case]
+    if impl != "cpu":
+        d_in = 16
     cfg = config_from_dict({"data": {"path": "x"},
                             "sae": {"d_sae": 64, "activation": activation, "k": k, "tied": tied,
                                     "decoder_norm": "free"},
@@ -559,10 +570,11 @@ def test_sparse_path_equals_dense_path(case):
     ends = penalties.prefix_ends(cfg)
 
     def loss(p, sparse: bool):
-        out = sae.forward(p, x, cfg.sae, train=True, tokens_since_fired=dead, prefix_ends=ends,
-                          k=live, sparse=sparse)
-        assert (out.top_index is not None) is sparse
-        return penalties.total_loss(cfg.loss, out, p, jnp.asarray(0))[0], out
+        with kernels.using(impl):
+            out = sae.forward(p, x, cfg.sae, train=True, tokens_since_fired=dead,
+                              prefix_ends=ends, k=live, sparse=sparse)
+            assert (out.top_index is not None) is sparse
+            return penalties.total_loss(cfg.loss, out, p, jnp.asarray(0))[0], out
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
     (l_sparse, out_s), g_sparse = grad(params, True)
