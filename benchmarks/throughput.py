@@ -4,6 +4,7 @@
                                     [--widths 768,3072,12288] [--d-in 768] [--d-sae 12288]
                                     [--batch 4096] [--k 32] [--steps 5] [--device "note"]
                                     [--compute-dtype float32|bfloat16] [--peak-tflops T]
+                                    [--kernels auto|cpu|xla|pallas] [--saelens-python PY]
 
 1. roofline: FLOP/s of the XLA matmul [batch, d_in] @ [d_in, d_sae] on this machine, in the
    compute dtype;
@@ -13,7 +14,9 @@
 3. SAELens: tokens/s of its SAETrainer with the training SAE class of the same architecture
    (StandardTrainingSAE, TopKTrainingSAE, BatchTopKTrainingSAE,
    MatryoshkaBatchTopKTrainingSAE with the same --widths) on the same shapes and batch, fed
-   from memory, when .venv-interop exists (scripts/test.sh builds it).
+   from memory, on the same device (CUDA when there is one; bf16 autocast when the compute
+   dtype is bfloat16), run by --saelens-python (default .venv-interop's, which
+   scripts/test.sh builds; skipped when there is none).
 Prints JSON with jaxsae/roofline and jaxsae/SAELens, and the MFU (model FLOP/s over the
 device's peak) where the peak is known: --peak-tflops, or the bf16 dense peak of a known GPU /
 TPU. Model FLOPs: 10·B·d_in·d_sae a dense step, 2·B·d_in·(d_sae + 4k) a sparse TopK or
@@ -37,7 +40,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,9 +79,11 @@ def step_flops(args) -> int:
 
 
 def roofline(batch: int, d_in: int, d_sae: int, dtype: str, reps: int = 5) -> float:
-    """FLOP/s of the encoder-shaped matmul (the step's dominant operation)."""
-    x = jnp.ones((batch, d_in), dtype)
-    w = jnp.ones((d_in, d_sae), dtype)
+    """FLOP/s of the encoder-shaped matmul (the step's dominant operation), on random data
+    (constant operands can run faster than real data on a GPU)."""
+    keys = jax.random.split(jax.random.PRNGKey(1))
+    x = jax.random.normal(keys[0], (batch, d_in), dtype)
+    w = jax.random.normal(keys[1], (d_in, d_sae), dtype)
     f = jax.jit(lambda a, b: a @ b)
     jax.block_until_ready(f(x, w))
     t0 = time.perf_counter()
@@ -101,7 +105,8 @@ def jaxsae_rates(args, data: ShardSet) -> tuple[float, float]:
                 {"term": "auxk", "coefficient": 1 / 32}]
     cfg = config_from_dict({"data": {"path": str(data.path)}, "sae": sae, "loss": loss,
                             "optim": {"batch_size": args.batch, "compute_dtype": args.compute_dtype,
-                                      "total_tokens": args.batch * 1000, "warmup_steps": 1}})
+                                      "total_tokens": args.batch * 1000, "warmup_steps": 1,
+                                      "kernels": args.kernels}})
     built = build(cfg, args.d_in)
     state = built.init()
     loader = Loader(data, batch_size=args.batch, buffer_tokens=cfg.data.shuffle_buffer, seed=0,
@@ -144,24 +149,43 @@ def width_list(text: str) -> list[int]:
     return widths
 
 
-def saelens_rate(args) -> float | None:
-    if not INTEROP_PYTHON.exists():
+def saelens_python(args) -> Path | None:
+    """The Python that runs SAELens: --saelens-python ("none": skip), else .venv-interop's."""
+    if args.saelens_python == "none":
         return None
-    arch = "standard" if args.arch == "relu" else args.arch
+    if args.saelens_python:
+        return Path(args.saelens_python)
+    return INTEROP_PYTHON if INTEROP_PYTHON.exists() else None
+
+
+def saelens_rate(args) -> float | None:
+    return saelens_rates(args, [args.arch])[args.arch]
+
+
+def saelens_rates(args, archs: list[str]) -> dict[str, float | None]:
+    """SAELens's tokens/s for each of `archs` (jaxsae's names) at args's shape, in one run of
+    saelens_trainer.py (one start of torch and SAELens); None each when there is no SAELens."""
+    python = saelens_python(args)
+    if python is None:
+        return dict.fromkeys(archs)
+    names = ["standard" if arch == "relu" else arch for arch in archs]
     extra = (["--widths", ",".join(map(str, widths_of(args)))]
-             if args.arch == "matryoshka_batchtopk" else [])
-    proc = subprocess.run([str(INTEROP_PYTHON), str(HERE / "saelens_trainer.py"), "--arch", arch,
+             if "matryoshka_batchtopk" in archs else [])
+    if args.compute_dtype == "bfloat16":
+        extra.append("--autocast")
+    proc = subprocess.run([str(python), str(HERE / "saelens_trainer.py"),
+                           "--arch", ",".join(names),
                            "--d-in", str(args.d_in), "--d-sae", str(args.d_sae),
                            "--batch", str(args.batch), "--k", str(args.k),
                            "--steps", str(args.steps + 3), *extra],
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {arch: line["tokens_per_s"] for arch, line in zip(archs, lines, strict=True)}
 
 
-def main() -> None:
-    hostmem.restart_with_huge_pages()  # as the jaxsae command does
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=["relu", *SPARSE], default="relu")
     parser.add_argument("--widths", type=width_list, default=None,
@@ -172,33 +196,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default=None, help="a note on the hardware")
     parser.add_argument("--no-saelens", action="store_true")
+    parser.add_argument("--saelens-python", default=None,
+                        help="the Python with SAELens (default .venv-interop's; none: skip)")
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="optim.compute_dtype (and the roofline matmul's dtype)")
+    parser.add_argument("--kernels", choices=["auto", "cpu", "xla", "pallas"], default="auto",
+                        help="optim.kernels: the sparse paths' gathers and scatters")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak for the MFU (default: known GPUs / TPUs)")
-    args = parser.parse_args()
+    return parser
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokens = args.batch * 16
-        rng = np.random.default_rng(0)
-        with ShardWriter(Path(tmp) / "data", args.d_in, shard_tokens=65536) as w:
-            for lo in range(0, tokens, 65536):
-                w.write(np.abs(rng.standard_normal((min(65536, tokens - lo), args.d_in),
-                                                   np.float32)))
-        data = ShardSet(Path(tmp) / "data")
-        peak = roofline(args.batch, args.d_in, args.d_sae, args.compute_dtype)
-        ours, step_only = jaxsae_rates(args, data)
-    theirs = None if args.no_saelens else saelens_rate(args)
+
+def write_data(directory: Path, batch: int, d_in: int) -> ShardSet:
+    """16 batches of |N(0, 1)| activations, in shards of 65536 tokens."""
+    tokens = batch * 16
+    rng = np.random.default_rng(0)
+    with ShardWriter(directory, d_in, shard_tokens=65536) as w:
+        for lo in range(0, tokens, 65536):
+            w.write(np.abs(rng.standard_normal((min(65536, tokens - lo), d_in), np.float32)))
+    return ShardSet(directory)
+
+
+def measure(args, data: ShardSet, *, saelens: bool = True) -> dict:
+    """Every figure of one configuration (see the module docstring)."""
+    peak = roofline(args.batch, args.d_in, args.d_sae, args.compute_dtype)
+    ours, step_only = jaxsae_rates(args, data)
+    theirs = saelens_rate(args) if saelens and not args.no_saelens else None
     dense_flops = 10 * args.batch * args.d_in * args.d_sae
     device_peak = (args.peak_tflops * 1e12 if args.peak_tflops
                    else known_peak(jax.devices()[0].device_kind))
     model_flops = step_flops(args) / args.batch  # per token
-    result = {
+    return {
         "machine": {**machine(), "note": args.device},
         "shape": {"arch": args.arch, "d_in": args.d_in, "d_sae": args.d_sae,
                   "batch": args.batch, "k": args.k if args.arch in SPARSE else None,
                   "widths": widths_of(args) if args.arch == "matryoshka_batchtopk" else None,
-                  "compute_dtype": args.compute_dtype},
+                  "compute_dtype": args.compute_dtype, "kernels": args.kernels},
         "roofline_gflops": peak / 1e9,
         "jaxsae_tokens_per_s": ours,
         "jaxsae_step_only_tokens_per_s": step_only,
@@ -214,6 +247,13 @@ def main() -> None:
         "saelens_tokens_per_s": theirs,
         "jaxsae_over_saelens": ours / theirs if theirs else None,
     }
+
+
+def main() -> None:
+    hostmem.restart_with_huge_pages()  # as the jaxsae command does
+    args = parser().parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure(args, write_data(Path(tmp) / "data", args.batch, args.d_in))
     print(json.dumps(result, indent=1))
 
 
