@@ -48,8 +48,10 @@ class Built:
         return jax.tree.map(lambda a: a[i], params) if self.is_sweep else params
 
 
-def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: float = 1.0) -> Built:
-    """mesh -> abstract init -> shardings -> jitted init and step.
+def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: float = 1.0,
+          d_out: int = 0) -> Built:
+    """mesh -> abstract init -> shardings -> jitted init and step. `d_out`: a transcoder's
+    target width (its batches are [x | target] rows).
 
     A sweep is the same step under jax.vmap: every SAE gets its own state and hyper-parameters
     (stacked along a leading axis) and all of them see the same batch, read once.
@@ -62,11 +64,11 @@ def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: floa
     mesh = sharding.make_mesh(static, devices)
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = make_train_step(static, input_scale, mesh,
-                                 None if cfg.sweep is None else SWEEP_AXIS)
+                                 None if cfg.sweep is None else SWEEP_AXIS, d_out)
     seeds = [m.seed for m in members]
 
     def init_one(seed, params):
-        return init_state(jax.random.PRNGKey(seed), static, d_in, params)
+        return init_state(jax.random.PRNGKey(seed), static, d_in, params, d_out)
 
     if cfg.sweep is None:
         hyper = hyper_of(static)

@@ -38,8 +38,34 @@ def check_run(cfg: Config) -> None:
             raise ConfigError(f"sweep SAE {i} ({sweep_label(point)}): {e}") from None
 
 
+# Activations a transcoder may use: those whose codes SAELens's transcoder classes compute
+# (ReLU, JumpReLU; BatchTopK is exported as JumpReLU, exactly).
+TRANSCODER_ACTIVATIONS = ("relu", "jumprelu", "batchtopk")
+
+
+def _check_transcoder(cfg: Config) -> None:
+    if cfg.sae.activation not in TRANSCODER_ACTIVATIONS:
+        why = {"topk": "a TopK transcoder has no exact SAELens layout (its transcoders are ReLU "
+                       "or JumpReLU); batchtopk is exported as JumpReLU exactly",
+               "matching_pursuit": "matching pursuit decodes its own input, not a target"}
+        reason = why.get(cfg.sae.activation, "SAELens has no such transcoder")
+        raise ConfigError(f"sae.activation: {cfg.sae.activation} cannot train a transcoder "
+                          f"(data.target): {reason}; use one of "
+                          f"{', '.join(TRANSCODER_ACTIVATIONS)}")
+    if cfg.sae.tied:
+        raise ConfigError("sae.tied: a transcoder's encoder reads the input and its decoder "
+                          "writes the target, so there is no decoder transpose to tie to")
+    if cfg.data.normalize != "none":
+        raise ConfigError("data.normalize: not supported for transcoders yet (inputs and "
+                          "targets would need scales of their own); use none")
+    if cfg.init_from is not None:
+        raise ConfigError("init_from: not supported for transcoders yet")
+
+
 def _check_sae(cfg: Config) -> None:
     kind = activations.get(cfg.sae.activation)
+    if cfg.sae.transcoder:
+        _check_transcoder(cfg)
     if kind.has_k and not cfg.sae.k <= cfg.sae.d_sae:
         raise ConfigError(f"sae.k: must be in 1..sae.d_sae ({cfg.sae.d_sae}), got {cfg.sae.k}")
     kind.check(cfg.sae)

@@ -17,7 +17,7 @@ import itertools
 import re
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +70,10 @@ class DataConfig:
     """Scan every shard for NaN/inf when the data is opened (one full read)."""
     generate: Mapping[str, Any] | None = None
     """If `path` is missing, generate it first: `{kind: superposition, ...}` (`jaxsae synth`)."""
+    target: str | None = None
+    """A transcoder's targets: a second jaxsae shard directory whose row i is what row i of
+    `path` maps to (e.g. an MLP's output for its input; same shard sizes, same order; its
+    width is d_out). Set, the dictionary is a transcoder (`sae.transcoder`)."""
 
     def __post_init__(self):
         _need(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
@@ -113,6 +117,13 @@ class SAEConfig:
     """Width of the straight-through window used for the JumpReLU threshold gradient."""
     batchtopk_threshold_momentum: float = 0.01
     """EMA rate of the BatchTopK inference threshold (min kept activation per batch)."""
+    skip: bool = False
+    """Transcoders: add a linear bypass W_skip [d_out, d_in] (initialised at zero), a skip
+    transcoder: ŷ = f·W_dec + b_dec + x·W_skipᵀ."""
+    transcoder: bool = False
+    """Set by `data.target` (not by hand): the decoder maps to the target's width d_out, and the
+    encoder reads x as it is (x·W_enc + b_enc, no centring by b_dec, as SAELens's
+    transcoders)."""
 
     def __post_init__(self):
         _need(self.d_sae > 0, "sae.d_sae", f"must be > 0, got {self.d_sae}")
@@ -429,6 +440,13 @@ class Config:
         # Each section checked its own values; here, what combines them (cross-module checks:
         # jaxsae.checks.check_run).
         _need(bool(self.data.path), "data.path", "required (a directory of cached activations)")
+        if self.data.target is not None and not self.sae.transcoder:
+            # data.target makes the dictionary a transcoder (the section cannot see data)
+            object.__setattr__(self, "sae", replace(self.sae, transcoder=True))
+        _need(self.sae.transcoder == (self.data.target is not None), "sae.transcoder",
+              "is set by data.target (the targets a transcoder maps to), not by hand")
+        _need(self.sae.transcoder or not self.sae.skip, "sae.skip",
+              "a bypass from input to target needs a transcoder (set data.target)")
         _need(self.optim.batch_size % self.data.lanes == 0, "data.lanes",
               f"must divide optim.batch_size ({self.optim.batch_size}), got {self.data.lanes}")
         _need(len(self.loss) > 0, "loss", "at least one loss term is required")
@@ -504,9 +522,9 @@ class Config:
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # (optim.kernels changes only the order of float additions: a run may resume on another
 # kind of machine.)
-MUTABLE_ON_RESUME = ("name", "run_dir", "distributed", "data.path", "data.generate",
-                     "data.check_finite", "log", "checkpoint", "optim.total_tokens",
-                     "optim.skip_nonfinite", "optim.kernels", "sweep_chunk")
+MUTABLE_ON_RESUME = ("name", "run_dir", "distributed", "data.path", "data.target",
+                     "data.generate", "data.check_finite", "log", "checkpoint",
+                     "optim.total_tokens", "optim.skip_nonfinite", "optim.kernels", "sweep_chunk")
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

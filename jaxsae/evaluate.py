@@ -1,6 +1,6 @@
 """Evaluation of a dictionary: reconstruction metrics on tokens, recovery of known features.
 
-Reconstruction (over every evaluated token):
+Reconstruction (over every evaluated token; for a transcoder, x is its target):
   l0                  mean number of active latents per token
   mse                 mean over tokens of ‖x̂ − x‖²
   explained_variance  1 − Σ‖x̂ − x‖² / Σ‖x − mean(x)‖²
@@ -27,14 +27,15 @@ from jaxsae.config import SAEConfig
 
 
 @partial(jax.jit, static_argnames="cfg")
-def _batch_sums(params: sae.Params, x: jax.Array, cfg: SAEConfig) -> dict[str, jax.Array]:
+def _batch_sums(params: sae.Params, x: jax.Array, target: jax.Array, cfg: SAEConfig
+                ) -> dict[str, jax.Array]:
     acts = sae.encode(params, x, cfg, train=False)
-    x_hat = sae.decode(params, acts)
+    x_hat = sae.decode(params, acts, x)
     fired = acts > 0
     return {
-        "sse": jnp.sum(jnp.square(x_hat - x)),
-        "sum_x": jnp.sum(x, axis=0),
-        "sum_sq": jnp.sum(jnp.square(x)),
+        "sse": jnp.sum(jnp.square(x_hat - target)),
+        "sum_x": jnp.sum(target, axis=0),
+        "sum_sq": jnp.sum(jnp.square(target)),
         "active": jnp.sum(fired),
         "fires": jnp.sum(fired, axis=0, dtype=jnp.int32),
     }
@@ -51,9 +52,10 @@ class ReconstructionSums:
         self.sum_x: np.ndarray | None = None
         self.fires: np.ndarray | None = None
 
-    def add(self, x: jax.Array) -> None:
-        """Adds a block [n, d_in] (on the device)."""
-        s = jax.device_get(_batch_sums(self.params, x, self.cfg))
+    def add(self, x: jax.Array, target: jax.Array | None = None) -> None:
+        """Adds a block [n, d_in] (on the device), and a transcoder's targets [n, d_out]."""
+        s = jax.device_get(_batch_sums(self.params, x, x if target is None else target,
+                                       self.cfg))
         self.n += x.shape[0]
         self.sse += float(s["sse"])
         self.sum_sq += float(s["sum_sq"])
@@ -119,7 +121,7 @@ FIRING_EPS = 1e-6
 def encode_decode(params: sae.Params, x: jax.Array, cfg: SAEConfig):
     """(codes, reconstruction) of x [n, d_in] at inference."""
     acts = sae.encode(params, x, cfg, train=False)
-    return acts, sae.decode(params, acts)
+    return acts, sae.decode(params, acts, x)
 
 
 def ground_truth_metrics(

@@ -75,14 +75,20 @@ def export_sae(
     weights = {"W_dec": W_dec, "b_dec": host["b_dec"], **kind.export_tensors(host)}
     if kind.has_encoder:  # tied SAEs write W_enc = W_dec.T
         weights["W_enc"] = host["W_enc"] if "W_enc" in host else np.ascontiguousarray(W_dec.T)
+    architecture, shape = kind.architecture, {"d_in": int(d_in)}
+    if sae_cfg.transcoder:  # d_in is the encoder's; the decoder writes d_out
+        architecture = transcoder_architecture(kind.architecture, sae_cfg.skip)
+        shape = {"d_in": int(weights["W_enc"].shape[0]), "d_out": int(d_in)}
+        if sae_cfg.skip:
+            weights["W_skip"] = host["W_skip"]
     weights = {k: v.astype(EXPORT_DTYPES[dtype]) for k, v in weights.items()}
     cfg_json: dict[str, Any] = {
-        "architecture": kind.architecture,
-        "d_in": int(d_in),
+        "architecture": architecture,
+        **shape,
         "d_sae": int(d_sae),
         "dtype": dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not sae_cfg.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {"sae_lens_version": SAE_LENS_FORMAT_VERSION, **(metadata or {})},
@@ -107,6 +113,20 @@ def export_sae(
 
 
 
+# SAELens's transcoder classes by the architecture of their encoder, without / with W_skip.
+TRANSCODER_ARCHITECTURES = {"standard": ("transcoder", "skip_transcoder"),
+                            "jumprelu": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}
+
+
+def transcoder_architecture(architecture: str, skip: bool) -> str:
+    """SAELens's architecture name of a transcoder whose codes are those of `architecture`
+    (the checks refuse, before training, activations with none)."""
+    if architecture not in TRANSCODER_ARCHITECTURES:
+        raise ExportError(f"SAELens has no transcoder of architecture {architecture!r} (it has "
+                          "ReLU and JumpReLU ones)")
+    return TRANSCODER_ARCHITECTURES[architecture][skip]
+
+
 def read_cfg(path: str | Path) -> dict[str, Any]:
     """cfg.json of a SAELens-format directory, checked for the keys jaxsae needs."""
     path = Path(path)
@@ -127,6 +147,9 @@ def read_cfg(path: str | Path) -> dict[str, Any]:
     if "architecture" not in cfg:
         raise ExportError(f"{file}: missing 'architecture' (one of {', '.join(known)})")
     arch = cfg["architecture"]
+    if arch in {name for pair in TRANSCODER_ARCHITECTURES.values() for name in pair}:
+        raise ExportError(f"{file}: a {arch}; jaxsae exports transcoders but does not read "
+                          "them back yet (eval, import, stitch and analyze take SAEs)")
     if not isinstance(arch, str) or arch not in known:
         raise ExportError(f"{file}: unknown architecture {arch!r} (supported: "
                           f"{', '.join(known)})")

@@ -94,7 +94,7 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
     folded = [sae.fold_input_scale(params, scale) for params, _, _ in saes]
     held_out = source.n_tokens > n_train
     eval_start = n_train if held_out else max(0, n_train - 65536)
-    keep = None if stats is None else stats.keep_fn()
+    keep = None if stats is None else stats.keep_fn(source.d_in)
     batch_size = saes[0][1].optim.batch_size
     sums = [evaluate.ReconstructionSums(params, cfg.sae)
             for params, (_, cfg, _) in zip(folded, saes, strict=True)]
@@ -106,8 +106,11 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
             block = block[kept]
         if len(block):
             on_device = jnp.asarray(block)
+            x, target = on_device, None
+            if source.d_out:  # a transcoder's rows: inputs, then targets
+                x, target = on_device[:, :source.d_in], on_device[:, source.d_in:]
             for one in sums:
-                one.add(on_device)
+                one.add(x, target)
     reports = [None] * len(saes)
     if truth is not None:
         reports = evaluate.truth_reports(
@@ -227,7 +230,7 @@ def _restore_for_export(directory: Path, step: int | None, data: str | None, rea
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
         source = open_source(cfg.data)
         one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, model=1))
-        built = build(one, source.d_in, jax.devices()[:1])
+        built = build(one, source.d_in, jax.devices()[:1], d_out=source.d_out)
         found.update(cfg=cfg, built=built, source=source)
         return abstract_with_shardings(built.abstract, built.state_sharding)
 

@@ -204,8 +204,9 @@ def total_loss(
 def mse(
     out: sae.ForwardOutput, params: sae.Params, *, step: jax.Array
 ) -> tuple[jax.Array, Metrics]:
-    """Reconstruction error: mean over tokens of Σ_d (x̂ − x)²."""
-    return jnp.mean(jnp.sum(jnp.square(out.x_hat - out.x), axis=-1)), {}
+    """Reconstruction error: mean over tokens of Σ_d (x̂ − x)² (a transcoder's: of its
+    target)."""
+    return jnp.mean(jnp.sum(jnp.square(out.x_hat - out.target), axis=-1)), {}
 
 
 def _check_l1(cfg: Config, term: TermConfig, key: str) -> None:
@@ -312,14 +313,15 @@ def auxk(
         if sparse:
             # The k_aux dead latents' values, their encoder columns and decoder rows alone.
             index = kernels.topk_indices(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh)
+            coding = sae.coding_params(params, x, out.transcoder)
             values = jax.nn.relu(kernels.take_pre_acts(
-                x, params["b_dec"], sae.encoder_weight(params), params["b_enc"], pre_acts,
+                x, coding["b_dec"], sae.encoder_weight(params), params["b_enc"], pre_acts,
                 index)) * dead[index]
             recon = kernels.gather_decode(values, params["W_dec"], index)
         else:
             # Pre-activations recomputed here, so that their gradient (a dense encoder matmul)
             # exists only in this branch.
-            pre_acts = sae.pre_activations(params, x)
+            pre_acts = sae.pre_activations(sae.coding_params(params, x, out.transcoder), x)
             recon = topk(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh) @ params["W_dec"]
         error = jnp.sum(jnp.square(recon - residual), axis=-1)
         spread = jnp.sum(jnp.square(residual - residual.mean(axis=0)), axis=-1)
@@ -329,7 +331,7 @@ def auxk(
     # With no dead latent the loss is 0: skip its encode, top-k and decode, and their gradients
     # (in a sweep, unless some SAE has dead latents: the other SAEs' losses are 0 either way).
     any_dead = n_dead if out.sweep_axis is None else jax.lax.psum(n_dead, out.sweep_axis)
-    residual = jax.lax.stop_gradient(out.x - out.x_hat)
+    residual = jax.lax.stop_gradient(out.target - out.x_hat)
     value = only_when(any_dead > 0, loss, params, out.x, residual, dead,
                       jax.lax.stop_gradient(out.pre_acts))
     return value, {"n_dead": n_dead}
@@ -423,7 +425,7 @@ def gated_aux(
     b_dec), which is what trains the gate."""
     frozen = jax.lax.stop_gradient
     recon = out.penalized_acts @ frozen(params["W_dec"]) + frozen(params["b_dec"])
-    return jnp.mean(jnp.sum(jnp.square(recon - out.x), axis=-1)), {}
+    return jnp.mean(jnp.sum(jnp.square(recon - out.target), axis=-1)), {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,8 +594,8 @@ def matryoshka(
         w = jnp.full((sample.n,), 1.0 / sample.n)
         metrics_names = []
     selection = (jnp.arange(n_blocks)[None, :] <= last_block[:, None]).astype(out.x.dtype)
-    recons = out.prefix_recons(params["b_dec"], selection)  # [n, batch, d_in], one decode
-    errors = jnp.mean(jnp.sum(jnp.square(out.x[None] - recons), axis=-1), axis=-1)
+    recons = out.prefix_recons(selection)  # [n, batch, d_out], one decode
+    errors = jnp.mean(jnp.sum(jnp.square(out.target[None] - recons), axis=-1), axis=-1)
     metrics = dict(zip(metrics_names, errors, strict=False))
     if prefixes is None:
         metrics["mean_prefix"] = jnp.mean(jnp.asarray(ends, jnp.float32)[last_block])

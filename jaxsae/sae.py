@@ -6,6 +6,11 @@ activation adds (`jaxsae.activations`: b_enc, threshold, the gates of a Gated SA
 
 The input is centred by the decoder bias before encoding (SAELens `apply_b_dec_to_input`):
   pre_acts = (x - b_dec) @ W_enc + b_enc,   x_hat = acts @ W_dec + b_dec.
+
+A transcoder (`cfg.transcoder`) maps x [d_in] to a target y [d_out]: W_dec is [d_sae, d_out],
+b_dec [d_out], the encoder reads x uncentred (pre_acts = x @ W_enc + b_enc, as SAELens's
+transcoders), and a skip transcoder (`cfg.skip`) adds W_skip [d_out, d_in] (SAELens's
+orientation): y_hat = acts @ W_dec + b_dec + x @ W_skip.T.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ class ForwardOutput:
 
     x: jax.Array
     """[batch, d_in] input."""
+    target: jax.Array
+    """[batch, d_out] what x_hat reconstructs: x itself, or a transcoder's target."""
     pre_acts: jax.Array
     """[batch, d_sae] encoder pre-activations."""
     acts: jax.Array
     """[batch, d_sae] latent activations (sparse codes). On a sparse path they are
     assembled from `top_index` / `top_values` only if something reads them."""
     x_hat: jax.Array
-    """[batch, d_in] reconstruction."""
+    """[batch, d_out] reconstruction of `target`."""
     decoder_norms: jax.Array
     """[d_sae] L2 norm of each decoder row."""
     tokens_since_fired: jax.Array
@@ -46,8 +53,11 @@ class ForwardOutput:
     key: jax.Array
     """This step's random key (fold_in(state.rng, step)), for terms that sample."""
     block_recons: jax.Array
-    """[n_blocks, batch, d_in] the decode split by latent blocks [ends[i-1], ends[i]) (no bias);
-    their sum plus b_dec is x_hat. Terms build prefix reconstructions from them."""
+    """[n_blocks, batch, d_out] the decode split by latent blocks [ends[i-1], ends[i]) (no
+    bias); their sum plus `offset` is x_hat. Terms build prefix reconstructions from them."""
+    offset: jax.Array
+    """What x_hat adds to the decode: b_dec [d_out], or with a skip transcoder's bypass
+    b_dec + x @ W_skip.T [batch, d_out]."""
     penalized: jax.Array | None = None
     """[batch, d_sae] what sparsity penalties act on when it is not `acts` (Gated: the
     rectified gate pre-activations); use `penalized_acts`."""
@@ -58,6 +68,8 @@ class ForwardOutput:
     """Their activations (0 for padding entries)."""
     top_rows: jax.Array | None = None
     """The token of each entry (None: entry [b, j] belongs to token b)."""
+    transcoder: bool = flax.struct.field(pytree_node=False, default=False)
+    """Whether the dictionary is a transcoder (the encoder reads x uncentred)."""
     prefix_ends: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     """Static ends of the latent blocks, increasing, the last = d_sae."""
     mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
@@ -87,39 +99,49 @@ class ForwardOutput:
         active = (self.top_values > 0).astype(jnp.int32)
         return jnp.zeros(self.x.shape[0], jnp.int32).at[self.top_rows].add(active)
 
-    def prefix_recons(self, b_dec: jax.Array, selection: jax.Array | None = None) -> jax.Array:
-        """[n, batch, d_in]: row j of `selection` [n, n_blocks] (0/1) picks the blocks summed
-        into reconstruction j, plus `b_dec`; default: every prefix [0, ends[i])."""
-        n_blocks, batch, d_in = self.block_recons.shape
+    def prefix_recons(self, selection: jax.Array | None = None) -> jax.Array:
+        """[n, batch, d_out]: row j of `selection` [n, n_blocks] (0/1) picks the blocks summed
+        into reconstruction j, plus `offset`; default: every prefix [0, ends[i])."""
+        n_blocks, batch, d_out = self.block_recons.shape
         if selection is None:
             selection = jnp.tril(jnp.ones((n_blocks, n_blocks), self.block_recons.dtype))
-        flat = self.block_recons.reshape(n_blocks, batch * d_in)
-        return (selection @ flat).reshape(-1, batch, d_in) + b_dec
+        flat = self.block_recons.reshape(n_blocks, batch * d_out)
+        return (selection @ flat).reshape(-1, batch, d_out) + self.offset
 
 
 # ---------------------------------------------------------------------------------------------
 # Initialisation
 
 
-def init_params(key: jax.Array, d_in: int, cfg: SAEConfig) -> Params:
-    """Decoder rows are random directions of fixed norm; the encoder starts as W_dec.T; the
-    activation adds (and initialises) its own parameters."""
+def init_params(key: jax.Array, d_in: int, cfg: SAEConfig, d_out: int | None = None) -> Params:
+    """Decoder rows are random directions of fixed norm; the encoder starts as W_dec.T (a
+    transcoder's, whose decoder rows live in another space: its own random directions of the
+    same norm, and W_skip at zero); the activation adds (and initialises) its own parameters.
+    `d_out`: a transcoder's target width (default d_in)."""
     kind = activations.get(cfg.activation)
-    directions = jax.random.normal(key, (cfg.d_sae, d_in), jnp.float32)
-    directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
+    d_out = d_in if d_out is None else d_out
     norm = 1.0 if cfg.decoder_norm == "unit" else cfg.init_decoder_norm
-    W_dec = directions * norm
-    params = {"W_dec": W_dec, "b_dec": jnp.zeros((d_in,), jnp.float32)}
+    W_dec = _unit_rows(key, cfg.d_sae, d_out) * norm
+    params = {"W_dec": W_dec, "b_dec": jnp.zeros((d_out,), jnp.float32)}
     if kind.has_encoder and not cfg.tied:
-        params["W_enc"] = W_dec.T
+        params["W_enc"] = (_unit_rows(jax.random.fold_in(key, 1), cfg.d_sae, d_in) * norm).T \
+            if cfg.transcoder else W_dec.T
+    if cfg.skip:
+        params["W_skip"] = jnp.zeros((d_out, d_in), jnp.float32)
     return {**kind.own_params(cfg, d_in), **params}
+
+
+def _unit_rows(key: jax.Array, n: int, d: int) -> jax.Array:
+    directions = jax.random.normal(key, (n, d), jnp.float32)
+    return directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
 
 
 def param_names(cfg: SAEConfig) -> list[str]:
     """The parameters an SAE with this config has."""
     kind = activations.get(cfg.activation)
     names = [*kind.own_param_names(cfg), "W_dec", "b_dec"]
-    return names + (["W_enc"] if kind.has_encoder and not cfg.tied else [])
+    return (names + (["W_enc"] if kind.has_encoder and not cfg.tied else [])
+            + (["W_skip"] if cfg.skip else []))
 
 
 def is_trainable(name: str, cfg: SAEConfig) -> bool:
@@ -135,12 +157,24 @@ def pre_activations(params: Params, x: jax.Array, cfg: SAEConfig | None = None) 
     """[batch, d_sae] the activation's pre-activations ((x - b_dec) @ W_enc + b_enc for all
     but a few; `cfg` None: that form)."""
     kind = activations.get(cfg.activation if cfg is not None else "relu")
-    return kind.pre_activations(params, x)
+    return kind.pre_activations(coding_params(params, x, cfg is not None and cfg.transcoder), x)
 
 
-def decode(params: Params, acts: jax.Array) -> jax.Array:
-    """[batch, d_in] = acts @ W_dec + b_dec."""
-    return acts @ params["W_dec"] + params["b_dec"]
+def coding_params(params: Params, x: jax.Array, transcoder: bool) -> Params:
+    """The parameters the encoder reads: a transcoder's b_dec is in the target's space, so its
+    encoder sees a zero centring (a constant: no gradient reaches b_dec through it)."""
+    if not transcoder:
+        return params
+    return {**params, "b_dec": jnp.zeros(x.shape[-1], params["b_dec"].dtype)}
+
+
+def decode(params: Params, acts: jax.Array, x: jax.Array | None = None) -> jax.Array:
+    """[batch, d_out] = acts @ W_dec + b_dec (+ x @ W_skip.T for a skip transcoder, whose
+    input `x` it then needs)."""
+    out = acts @ params["W_dec"] + params["b_dec"]
+    if "W_skip" in params:
+        out = out + x @ params["W_skip"].T
+    return out
 
 
 def decode_blocks(params: Params, acts: jax.Array, ends: tuple[int, ...]) -> jax.Array:
@@ -156,7 +190,8 @@ def decode_blocks(params: Params, acts: jax.Array, ends: tuple[int, ...]) -> jax
 def encode(params: Params, x: jax.Array, cfg: SAEConfig, *, train: bool = False) -> jax.Array:
     """[batch, d_sae] sparse codes of raw inputs."""
     kind = activations.get(cfg.activation)
-    return kind.activate(params, x, kind.pre_activations(params, x), cfg, train=train).acts
+    coding = coding_params(params, x, cfg.transcoder)
+    return kind.activate(coding, x, kind.pre_activations(coding, x), cfg, train=train).acts
 
 
 def forward(
@@ -172,16 +207,19 @@ def forward(
     k: jax.Array | None = None,
     sweep_axis: str | None = None,
     sparse: bool = True,
+    target: jax.Array | None = None,
 ) -> ForwardOutput:
-    """Encode and decode once; `prefix_ends` asks for reconstructions of dictionary prefixes;
+    """Encode and decode once; `target`: what a transcoder reconstructs (default: x itself);
+    `prefix_ends` asks for reconstructions of dictionary prefixes;
     `mesh` is the device mesh the step runs on (None: one device); `k` a traced number of
     active latents (a sweep over sae.k, whose largest value is cfg.k); `sweep_axis` the vmap
     axis of a sweep's SAEs. `sparse`: False keeps every activation on its dense path (the
     reference the sparse paths are tested against)."""
     kind = activations.get(cfg.activation)
-    pre_acts = kind.pre_activations(params, x)
+    coding = coding_params(params, x, cfg.transcoder)
+    pre_acts = kind.pre_activations(coding, x)
     ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
-    codes = kind.activate(params, x, pre_acts, cfg, train=train, mesh=mesh, k=k,
+    codes = kind.activate(coding, x, pre_acts, cfg, train=train, mesh=mesh, k=k,
                           sparse=sparse)
     if codes.top_index is not None:  # a sparse path: decode only the chosen rows
         block_recons = sparse_decode(params["W_dec"], codes, ends, x.shape[0], mesh)
@@ -189,11 +227,16 @@ def forward(
         block_recons = decode_blocks(params, codes.acts, ends)
     if tokens_since_fired is None:
         tokens_since_fired = jnp.zeros((cfg.d_sae,), jnp.int32)
+    offset = params["b_dec"]
+    if "W_skip" in params:
+        offset = offset + x @ params["W_skip"].T
     return ForwardOutput(
         x=x,
+        target=x if target is None else target,
         pre_acts=pre_acts,
         acts=codes.acts,
-        x_hat=jnp.sum(block_recons, axis=0) + params["b_dec"],
+        x_hat=jnp.sum(block_recons, axis=0) + offset,
+        offset=offset,
         decoder_norms=jnp.linalg.norm(params["W_dec"], axis=1),
         tokens_since_fired=tokens_since_fired,
         batch_threshold=codes.batch_threshold,
@@ -203,6 +246,7 @@ def forward(
         top_index=codes.top_index,
         top_values=codes.top_values,
         top_rows=codes.top_rows,
+        transcoder=cfg.transcoder,
         prefix_ends=ends,
         mesh=mesh,
         sweep_axis=sweep_axis,

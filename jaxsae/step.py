@@ -100,11 +100,12 @@ def make_optimizer(cfg: Config, lr: jax.Array | float | None = None
 
 
 def init_state(key: jax.Array, cfg: Config, d_in: int,
-               params: sae.Params | None = None) -> TrainState:
-    """A fresh state: random parameters, or `params` (e.g. from init_from)."""
+               params: sae.Params | None = None, d_out: int = 0) -> TrainState:
+    """A fresh state: random parameters, or `params` (e.g. from init_from); `d_out`: a
+    transcoder's target width."""
     init_key, state_key = jax.random.split(key)
     if params is None:
-        params = sae.init_params(init_key, d_in, cfg.sae)
+        params = sae.init_params(init_key, d_in, cfg.sae, d_out or None)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -117,12 +118,12 @@ def init_state(key: jax.Array, cfg: Config, d_in: int,
 
 def make_train_step(
     cfg: Config, input_scale: float = 1.0, mesh: Mesh | None = None,
-    sweep_axis: str | None = None,
+    sweep_axis: str | None = None, d_out: int = 0,
 ) -> Callable[[TrainState, jax.Array, Hyper], tuple[TrainState, dict]]:
     """The pure step: (state, batch [batch, d_in], hyper) -> (state, metrics). Batches are
-    multiplied by `input_scale` (activation normalisation) on the device. A sweep vmaps this
-    same function over stacked states and hypers (the batch is shared), with axis name
-    `sweep_axis`."""
+    multiplied by `input_scale` (activation normalisation) on the device. A transcoder's
+    batch rows are [x | target] with `d_out` target columns. A sweep vmaps this same function
+    over stacked states and hypers (the batch is shared), with axis name `sweep_axis`."""
     prefix_ends = penalties.prefix_ends(cfg)
     compute = jnp.dtype(cfg.optim.compute_dtype)
 
@@ -136,6 +137,9 @@ def make_train_step(
                    ) -> tuple[TrainState, dict]:
         if input_scale != 1.0:
             batch = batch * input_scale
+        target = None
+        if d_out:  # a transcoder's pairs
+            batch, target = batch[:, :-d_out], batch[:, -d_out:]
         step = state.step
         key = jax.random.fold_in(state.rng, step)
         schedule = lr_schedule(cfg.optim, hyper.lr)
@@ -148,7 +152,8 @@ def make_train_step(
             out = sae.forward(cast(params), cast(batch), cfg.sae, train=True, key=key,
                               tokens_since_fired=state.tokens_since_fired,
                               prefix_ends=prefix_ends, mesh=mesh, k=hyper.k,
-                              sweep_axis=sweep_axis)
+                              sweep_axis=sweep_axis,
+                              target=None if target is None else cast(target))
             out = upcast(out)  # loss terms in float32
             loss, term_metrics = penalties.total_loss(cfg.loss, out, params, step,
                                                       hyper.coefficients)
@@ -180,8 +185,9 @@ def make_train_step(
             rng=state.rng,
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         )
-        error = jnp.sum(jnp.square(out.x_hat - batch), axis=-1)
-        spread = jnp.sum(jnp.square(batch - batch.mean(axis=0)), axis=-1)
+        wanted = batch if target is None else target
+        error = jnp.sum(jnp.square(out.x_hat - wanted), axis=-1)
+        spread = jnp.sum(jnp.square(wanted - wanted.mean(axis=0)), axis=-1)
         metrics = {
             "loss": loss,
             **term_metrics,

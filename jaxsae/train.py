@@ -197,7 +197,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
 
     def built_for(stats: DataStats) -> Built:
         if stats.scale not in builds:
-            builds[stats.scale] = build(cfg, source.d_in, input_scale=stats.scale)
+            builds[stats.scale] = build(cfg, source.d_in, input_scale=stats.scale,
+                                        d_out=source.d_out)
         return builds[stats.scale]
 
     def abstract_for(loader_state: dict, saved_cfg: Config):
@@ -242,10 +243,11 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
     try:
         loader = make_loader(source, batch_size=batch_size, buffer_tokens=cfg.data.shuffle_buffer,
                         seed=cfg.data.seed, stop=n_train, lanes=cfg.data.lanes,
-                        owned_lanes=owned, keep=stats.keep_fn(), position=loader_state)
+                        owned_lanes=owned, keep=stats.keep_fn(source.d_in),
+                        position=loader_state)
     except ValueError as e:
         raise DataError(f"{cfg.data.path}: {e} (fewer data.lanes would fit)") from None
-    global_shape = (batch_size, source.d_in)
+    global_shape = (batch_size, source.width)  # a transcoder's: inputs and targets
 
     def to_devices(item):  # each process hands over only its rows of the global batch
         rows, position = item
@@ -373,6 +375,10 @@ def _check_loader_state(state: dict, cfg: Config, source, n_train: int, where: P
     if state.get("n_lanes") != cfg.data.lanes:
         raise JaxsaeError(f"{where}: the checkpoint used data.lanes {state.get('n_lanes')}, "
                           f"the config says {cfg.data.lanes}")
+    if state.get("d_out", 0) != source.d_out:
+        raise DataError(f"{cfg.data.target or cfg.data.path}: the targets are {source.d_out} "
+                        f"wide, but the checkpoint in {where} was trained on "
+                        f"{state.get('d_out', 0)}")
     if state.get("d_in") != source.d_in:
         raise DataError(f"{cfg.data.path}: d_in is {source.d_in} but the checkpoint in {where} "
                         f"was trained on d_in {state.get('d_in')}")

@@ -481,11 +481,11 @@ def test_lanes_of_process_needs_processes_dividing_lanes():
 def test_state_of_a_fresh_and_of_a_process_loader():
     assert make_loader().state() == {
         "lanes": [[0, 0, 0]] * LANES, "seed": 0, "n_tokens": N, "batch_size": B,
-        "n_lanes": LANES, "d_in": 3}
+        "n_lanes": LANES, "d_in": 3, "d_out": 0}
     loader = make_loader(UNEVEN, owned=lanes_of_process(LANES, 1, 2), seed=5, stop=960)
     assert loader.state() == {
         "lanes": [None, None, [0, 0, 0], [0, 0, 0]], "seed": 5, "n_tokens": 960,
-        "batch_size": B, "n_lanes": LANES, "d_in": 3}
+        "batch_size": B, "n_lanes": LANES, "d_in": 3, "d_out": 0}
 
 
 def test_state_is_the_position_after_the_batches_yielded():
@@ -496,7 +496,8 @@ def test_state_is_the_position_after_the_batches_yielded():
         _, position = next(it)
         assert position == loader.state()
         yielded.append((position, json.dumps(position)))
-    assert set(yielded[-1][0]) == {"lanes", "seed", "n_tokens", "batch_size", "n_lanes", "d_in"}
+    assert set(yielded[-1][0]) == {"lanes", "seed", "n_tokens", "batch_size", "n_lanes", "d_in",
+                                    "d_out"}
     assert yielded[-1][0]["lanes"] == [[0, 1, 16]] * LANES
     for position, snapshot in yielded:  # later batches do not change a position handed out
         assert json.dumps(position) == snapshot

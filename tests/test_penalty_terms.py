@@ -499,7 +499,7 @@ def test_matryoshka_fixed_prefixes(rng, activation, tied, prefixes, weights):
     f = np_codes(P, xs, config.sae)[1]
     np.testing.assert_array_equal(np.asarray(out.acts) > 0, f > 0)
     assert out.prefix_ends == ends
-    recons = out.prefix_recons(params["b_dec"])
+    recons = out.prefix_recons()
     assert recons.shape == (len(ends), BATCH, D_IN)
     for i, m in enumerate(ends):
         assert_close(recons[i], f[:, :m] @ P["W_dec"][:m] + P["b_dec"])
@@ -529,7 +529,7 @@ def test_prefix_recons_of_selected_blocks(rng, ends):
     P, f = f64(params), np_codes(f64(params), f64(x), config.sae)[1]
     bounds = list(zip((0, *out.prefix_ends[:-1]), out.prefix_ends, strict=True))
     selection = np.asarray([[0, 1, 0], [1, 0, 1], [0, 0, 0], [1, 1, 1]], np.float32)
-    recons = out.prefix_recons(params["b_dec"], jnp.asarray(selection))
+    recons = out.prefix_recons(jnp.asarray(selection))
     assert recons.shape == (4, BATCH, D_IN)
     for row, r in zip(selection, recons, strict=True):
         expected = P["b_dec"] + sum(f[:, a:b] @ P["W_dec"][a:b]

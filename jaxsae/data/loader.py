@@ -52,6 +52,9 @@ class Loader:
         if batch_size % lanes:
             raise ValueError(f"batch size {batch_size} is not divisible by {lanes} lanes")
         self.source = source
+        # A source's rows: d_in wide, or a transcoder's pairs (`width`); sources written
+        # before paired data have no `width` and hold inputs alone.
+        self.width = getattr(source, "width", source.d_in)
         self.batch_size = batch_size
         self.lanes = lanes
         self.owned = list(range(lanes) if owned_lanes is None else owned_lanes)
@@ -142,7 +145,7 @@ class Loader:
         streams = [self._lane_pieces(lane) for lane in self.owned]
         rows = self.per_lane * len(self.owned)
         while True:
-            batch = _aligned_empty((rows, self.source.d_in))
+            batch = _aligned_empty((rows, self.width))
             at = 0
             positions = []
             for stream in streams:
@@ -159,7 +162,8 @@ class Loader:
                  for lane in range(self.lanes)]
         return {"lanes": lanes,
                 "seed": self.seed, "n_tokens": int(self.n_tokens), "batch_size": self.batch_size,
-                "n_lanes": self.lanes, "d_in": int(self.source.d_in)}
+                "n_lanes": self.lanes, "d_in": int(self.source.d_in),
+                "d_out": int(getattr(self.source, "d_out", 0))}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

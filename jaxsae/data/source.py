@@ -11,10 +11,18 @@ from jaxsae.errors import DataError
 
 
 class TokenSource(Protocol):
-    """Tokens [0, n_tokens) of width d_in, read as float32 ranges."""
+    """Tokens [0, n_tokens) of `width` columns, read as float32 ranges: d_in of them the
+    dictionary's input, the other d_out (0 but for a transcoder's paired data) its targets.
+    (The loader takes a source without `width` / `d_out` as inputs alone.)"""
 
     @property
     def d_in(self) -> int: ...
+
+    @property
+    def d_out(self) -> int: ...
+
+    @property
+    def width(self) -> int: ...
 
     @property
     def n_tokens(self) -> int: ...
@@ -33,6 +41,13 @@ class ArraySource:
 
     @property
     def d_in(self) -> int:
+        return self._d_in
+
+    d_out = 0
+    """Targets of a transcoder (`PairedSource`); none here."""
+
+    @property
+    def width(self) -> int:
         return self._d_in
 
     @property
@@ -79,6 +94,52 @@ class ArraySource:
             pass
 
 
+class PairedSource:
+    """A transcoder's data: row i is input row i (d_in wide) followed by target row i (d_out
+    wide), so the loader shuffles, splits and resumes pairs exactly as it does tokens. The two
+    sources must hold the same shards in the same order (checked shard by shard)."""
+
+    def __init__(self, inputs: ArraySource, targets: ArraySource):
+        if len(inputs.arrays) != len(targets.arrays):
+            raise DataError(f"data.target: {len(targets.arrays)} shards, but data.path has "
+                            f"{len(inputs.arrays)}; the targets must be paired row by row")
+        for x, y, x_name, y_name in zip(inputs.arrays, targets.arrays, inputs.names,
+                                        targets.names, strict=True):
+            if len(x) != len(y):
+                raise DataError(f"{y_name}: {len(y)} rows, but its input shard {x_name} has "
+                                f"{len(x)}; the targets must be paired row by row")
+        self.inputs, self.targets = inputs, targets
+        self.names = inputs.names
+
+    @property
+    def d_in(self) -> int:
+        return self.inputs.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.targets.d_in
+
+    @property
+    def width(self) -> int:
+        return self.d_in + self.d_out
+
+    @property
+    def n_tokens(self) -> int:
+        return self.inputs.n_tokens
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32 [stop - start, d_in + d_out]: inputs, then targets."""
+        return np.concatenate([self.inputs.read(start, stop), self.targets.read(start, stop)],
+                              axis=1)
+
+    def locate(self, token: int) -> tuple[str, int]:
+        return self.inputs.locate(token)
+
+    def check_finite(self, rows_per_read: int = 65536) -> None:
+        self.inputs.check_finite(rows_per_read)
+        self.targets.check_finite(rows_per_read)
+
+
 def iter_blocks(source: TokenSource, block_tokens: int, start: int = 0,
                 stop: int | None = None) -> Iterator[np.ndarray]:
     """Contiguous float32 blocks of tokens [start, stop) in order (for evaluation passes).
@@ -90,7 +151,7 @@ def iter_blocks(source: TokenSource, block_tokens: int, start: int = 0,
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
             first, last = (int(np.flatnonzero(bad)[i]) + lo for i in (0, -1))
-            if isinstance(source, ArraySource):
+            if isinstance(source, ArraySource | PairedSource):
                 (name, row), (last_name, last_row) = source.locate(first), source.locate(last)
                 rows = f"rows {row}..{last_row}" if last_name == name else f"from row {row}"
             else:

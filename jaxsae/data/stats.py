@@ -22,13 +22,16 @@ class DataStats:
     scale: float
     """Inputs are multiplied by this before the SAE (1.0 unless normalising)."""
 
-    def keep_fn(self) -> KeepFn | None:
+    def keep_fn(self, d_in: int | None = None) -> KeepFn | None:
+        """The filter of the tokens to train on; `d_in`: only the first d_in columns count (a
+        transcoder's rows carry their targets after them)."""
         if self.drop_above is None:
             return None
         limit = self.drop_above
 
         def keep(tokens: np.ndarray) -> np.ndarray:
-            return np.einsum("nd,nd->n", tokens, tokens) <= limit * limit
+            x = tokens if d_in is None else tokens[:, :d_in]
+            return np.einsum("nd,nd->n", x, x) <= limit * limit
 
         return keep
 
@@ -50,7 +53,7 @@ def sample_evenly(source: TokenSource, stop: int, n: int, pieces: int = 64) -> n
 
 def estimate(source: TokenSource, stop: int, cfg: DataConfig) -> DataStats:
     """Median norm, outlier threshold and scale from tokens spread over the training range."""
-    tokens = sample_evenly(source, stop, cfg.stats_tokens)
+    tokens = sample_evenly(source, stop, cfg.stats_tokens)[:, :source.d_in]  # the inputs
     norms = np.linalg.norm(tokens.astype(np.float64), axis=1)
     median = float(np.median(norms))
     drop_above = None if cfg.drop_norm_above is None else cfg.drop_norm_above * median

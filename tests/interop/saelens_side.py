@@ -34,7 +34,9 @@ from sae_lens import (
 def run(sae, x: np.ndarray, out: str) -> None:
     with torch.no_grad():
         codes = sae.encode(torch.from_numpy(x))
-        recon = sae.decode(codes)
+        # a (skip) transcoder's output: its forward adds the bypass that decode leaves out
+        recon = (sae(torch.from_numpy(x)) if "Transcoder" in type(sae).__name__
+                 else sae.decode(codes))
     np.savez(out, codes=codes.float().numpy(), recon=recon.float().numpy(),
              kind=type(sae).__name__)
 

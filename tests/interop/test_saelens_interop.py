@@ -98,6 +98,53 @@ def test_exports_give_the_same_codes_in_saelens(inputs, tmp_path):
         np.testing.assert_allclose(got["recon"], recon, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
+TRANSCODERS = {
+    # name: (activation, skip, the SAELens class the export loads as)
+    "relu": ("relu", False, "Transcoder"),
+    "relu_skip": ("relu", True, "SkipTranscoder"),
+    "jumprelu": ("jumprelu", False, "JumpReLUTranscoder"),
+    "batchtopk_skip": ("batchtopk", True, "JumpReLUSkipTranscoder"),
+}
+
+
+def test_transcoder_exports_give_the_same_outputs_in_saelens(inputs, tmp_path):
+    """Transcoders (d_in 16 -> d_out 24, with and without the skip bypass) export to the
+    SAELens class of their architecture, which computes the same codes and outputs: the
+    encoder reads x uncentred, the decoder writes the target's width, W_skip is added."""
+    d_out = 24
+    job = {"inputs": str(tmp_path / "x.npy"), "encode": []}
+    np.save(tmp_path / "x.npy", inputs)
+    expected = {}
+    for i, (name, (activation, skip, _)) in enumerate(TRANSCODERS.items()):
+        cfg = SAEConfig(d_sae=D_SAE, activation=activation, k=5, skip=skip, transcoder=True,
+                        decoder_norm="free")
+        rng = np.random.default_rng(i)
+        params = {k: np.asarray(v) for k, v in
+                  sae.init_params(jax.random.PRNGKey(i), D_IN, cfg, d_out).items()}
+        assert params["W_dec"].shape == (D_SAE, d_out) and params["b_dec"].shape == (d_out,)
+        params["b_enc"] = rng.normal(0, 0.2, D_SAE).astype(np.float32)
+        params["b_dec"] = rng.normal(0, 0.2, d_out).astype(np.float32)
+        if "threshold" in params:
+            params["threshold"] = rng.uniform(0.1, 0.6, D_SAE).astype(np.float32)
+        if skip:
+            params["W_skip"] = rng.normal(0, 0.3, (d_out, D_IN)).astype(np.float32)
+        codes = np.asarray(sae.encode(params, inputs, cfg))
+        out = np.asarray(sae.decode(params, codes, inputs))
+        assert (codes > 0).any() and out.shape == (len(inputs), d_out), name
+        export_sae(params, cfg, tmp_path / name)
+        written = json.loads((tmp_path / name / "cfg.json").read_text())
+        assert (written["d_in"], written["d_out"]) == (D_IN, d_out)
+        assert written["apply_b_dec_to_input"] is False
+        expected[name] = (codes, out)
+        job["encode"].append({"dir": str(tmp_path / name), "out": str(tmp_path / f"{name}.npz")})
+    _saelens(job, tmp_path)
+    for name, (codes, out) in expected.items():
+        got = np.load(tmp_path / f"{name}.npz")
+        assert str(got["kind"]) == TRANSCODERS[name][2], name
+        np.testing.assert_allclose(got["codes"], codes, atol=1e-5, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got["recon"], out, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
 def test_bfloat16_export_loads_in_saelens(inputs, tmp_path):
     cfg = EXPORTS["relu"][0]
     params = _params(cfg, 7)

@@ -1,0 +1,203 @@
+"""Transcoders: dictionaries from x [d_in] to a paired target y [d_out] (data.target), with
+an optional linear bypass (sae.skip). Their SAELens exports are checked against SAELens
+itself in tests/interop/test_saelens_interop.py."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsae import penalties, sae, tensorfile
+from jaxsae.checks import check_run
+from jaxsae.config import config_from_dict
+from jaxsae.data import open_source
+from jaxsae.data.loader import Loader
+from jaxsae.data.shards import ShardWriter
+from jaxsae.errors import ConfigError, DataError, ExportError
+from jaxsae.export import load_sae
+from jaxsae.train import train
+from tests.conftest import small_config_dict, train_until_crash
+
+D_IN, D_OUT, FEATURES = 16, 24, 40
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory):
+    """x and y written through two different dictionaries from the same sparse codes, plus a
+    dense linear part in y (what a skip transcoder's bypass learns), in 4 shards of 2048."""
+    root = tmp_path_factory.mktemp("paired")
+    rng = np.random.default_rng(0)
+    codes = (rng.random((8192, FEATURES)) < 3 / FEATURES) * rng.uniform(0.5, 2, (8192, FEATURES))
+    x = (codes @ rng.standard_normal((FEATURES, D_IN))).astype(np.float32)
+    y = codes @ rng.standard_normal((FEATURES, D_OUT))
+    y = (y + 0.3 * x @ rng.standard_normal((D_IN, D_OUT))).astype(np.float32)
+    for name, array in (("x", x), ("y", y)):
+        with ShardWriter(root / name, array.shape[1], shard_tokens=2048) as writer:
+            writer.write(array)
+    return root
+
+
+def _config(paired, run_dir, **sae_fields):
+    tree = small_config_dict(paired / "x", run_dir, data={"target": str(paired / "y"),
+                                                          "eval_tokens": 1024})
+    tree["sae"] = {"d_sae": 64, "activation": "relu", "decoder_norm": "free", **sae_fields}
+    return tree
+
+
+def test_paired_source_reads_pairs_and_refuses_unpaired_shards(paired, tmp_path):
+    source = open_source(config_from_dict(_config(paired, tmp_path)).data)
+    assert (source.d_in, source.d_out, source.width) == (D_IN, D_OUT, D_IN + D_OUT)
+    rows = source.read(2000, 2100)  # across a shard boundary
+    x, y = (np.load(paired / name / f) for name, f in (("x", "shard-00000.npy"),
+                                                       ("y", "shard-00000.npy")))
+    np.testing.assert_array_equal(rows[:48, :D_IN], x[2000:2048])
+    np.testing.assert_array_equal(rows[:48, D_IN:], y[2000:2048])
+    # fewer target rows in one shard: refused naming that shard
+    with ShardWriter(tmp_path / "short", D_OUT, shard_tokens=2048) as writer:
+        writer.write(np.zeros((2048 * 3 + 1000, D_OUT), np.float32))
+    with pytest.raises(DataError, match=r"short/shard-00003\.npy: 1000 rows, but its input"):
+        open_source(config_from_dict({**_config(paired, tmp_path),
+                                      "data": {"path": str(paired / "x"),
+                                               "target": str(tmp_path / "short")}}).data)
+    with pytest.raises(DataError, match="target directory does not exist"):
+        open_source(config_from_dict({**_config(paired, tmp_path),
+                                      "data": {"path": str(paired / "x"),
+                                               "target": str(tmp_path / "none")}}).data)
+
+
+def test_the_loader_keeps_pairs_together(tmp_path):
+    """y = 3·x[:, :2] + row index parity: after the shuffle every served row still holds its
+    own target."""
+    x = np.random.default_rng(1).standard_normal((4096, 4)).astype(np.float32)
+    y = 3 * x[:, :2]
+    for name, array in (("x", x), ("y", y)):
+        with ShardWriter(tmp_path / name, array.shape[1], shard_tokens=1024) as writer:
+            writer.write(array)
+    source = open_source(config_from_dict({"data": {"path": str(tmp_path / "x"),
+                                                    "target": str(tmp_path / "y")}}).data)
+    loader = Loader(source, batch_size=256, buffer_tokens=2048, seed=0, lanes=4)
+    batches = loader.batches()
+    for _ in range(20):
+        rows, _ = next(batches)
+        assert rows.shape == (256, 6)
+        np.testing.assert_array_equal(rows[:, 4:], 3 * rows[:, :2])
+    loader.close()
+
+
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"activation": "topk"}, "sae.activation: topk cannot train a transcoder"),
+    ({"tied": True}, "sae.tied: a transcoder's encoder"),
+    ({"activation": "gated"}, "sae.activation: gated cannot train a transcoder"),
+])
+def test_what_a_transcoder_cannot_be_is_refused(paired, tmp_path, fields, error):
+    with pytest.raises(ConfigError, match=error):
+        check_run(config_from_dict(_config(paired, tmp_path, **fields)))
+    tree = _config(paired, tmp_path)
+    tree["data"]["normalize"] = "unit_mean_squared_norm"
+    with pytest.raises(ConfigError, match=r"data\.normalize: not supported for transcoders"):
+        check_run(config_from_dict(tree))
+
+
+def test_skip_and_transcoder_keys_need_a_target(tmp_path):
+    with pytest.raises(ConfigError, match=r"sae\.skip: a bypass from input to target"):
+        config_from_dict({"data": {"path": "x"}, "sae": {"skip": True}})
+    with pytest.raises(ConfigError, match=r"sae\.transcoder: is set by data\.target"):
+        config_from_dict({"data": {"path": "x"}, "sae": {"transcoder": True}})
+    cfg = config_from_dict({"data": {"path": "x", "target": "y"}, "sae": {"skip": True}})
+    assert cfg.sae.transcoder and config_from_dict(cfg.to_dict()) == cfg  # round trip
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "relu"])
+def test_transcoder_sparse_path_equals_dense_path(activation):
+    """A skip transcoder's sparse BatchTopK path (encoder uncentred, decoder to d_out, bypass
+    in every Matryoshka prefix, AuxK against the target's residual) against the dense path:
+    loss and every gradient (the ReLU case: dense only, against a hand-written loss)."""
+    cfg = config_from_dict({
+        "data": {"path": "x", "target": "y"},
+        "sae": {"d_sae": 64, "activation": activation, "k": 4, "skip": True,
+                "decoder_norm": "free"},
+        "loss": [{"term": "matryoshka", "prefixes": [16, 64]},
+                 *([{"term": "auxk", "dead_tokens": 1}] if activation != "relu" else [])]})
+    key = jax.random.PRNGKey(0)
+    params = sae.init_params(key, D_IN, cfg.sae, D_OUT)
+    params = {k: v + 0.1 * jax.random.normal(jax.random.fold_in(key, i), v.shape)
+              for i, (k, v) in enumerate(params.items())}
+    x = jnp.abs(jax.random.normal(jax.random.fold_in(key, 50), (32, D_IN)))
+    y = jax.random.normal(jax.random.fold_in(key, 51), (32, D_OUT))
+    dead = jnp.where(jnp.arange(64) % 3 == 0, 10, 0)
+    ends = penalties.prefix_ends(cfg)
+
+    def loss(p, sparse):
+        out = sae.forward(p, x, cfg.sae, train=True, tokens_since_fired=dead,
+                          prefix_ends=ends, sparse=sparse, target=y)
+        return penalties.total_loss(cfg.loss, out, p, jnp.asarray(0))[0], out
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (l_dense, out), g_dense = grad(params, False)
+    assert out.x_hat.shape == (32, D_OUT)
+    if activation == "relu":  # the model by hand: x uncentred, skip in each prefix's output
+        acts = jax.nn.relu(x @ params["W_enc"] + params["b_enc"])
+        offset = params["b_dec"] + x @ params["W_skip"].T
+        small = acts[:, :16] @ params["W_dec"][:16] + offset
+        full = acts @ params["W_dec"] + offset
+        want = sum(jnp.mean(jnp.sum(jnp.square(r - y), axis=-1)) for r in (small, full)) / 2
+        np.testing.assert_allclose(out.x_hat, full, rtol=1e-5, atol=1e-5)
+        assert float(out.acts.astype(bool).sum()) > 0
+        np.testing.assert_allclose(l_dense, want, rtol=1e-5)
+        return
+    (l_sparse, _), g_sparse = grad(params, True)
+    np.testing.assert_allclose(l_sparse, l_dense, rtol=1e-5)
+    assert float(jnp.abs(g_dense["b_dec"]).sum()) > 0 and float(jnp.abs(g_dense["W_skip"]).sum())
+    for name in params:
+        np.testing.assert_allclose(g_sparse[name], g_dense[name], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+
+
+def test_skip_transcoder_trains_evaluates_exports_and_resumes_exactly(paired, tmp_path):
+    """A BatchTopK skip transcoder with Matryoshka prefixes and AuxK: trains on the pairs,
+    evaluates the target's explained variance on held-out pairs, exports SAELens's
+    jumprelu_skip_transcoder layout, and a crashed run resumes to the same weights."""
+    def config(name):
+        tree = _config(paired, tmp_path / name, activation="batchtopk", k=4, skip=True)
+        tree["loss"] = [{"term": "matryoshka", "prefixes": [16, 64]},
+                        {"term": "auxk", "coefficient": 1 / 32}]
+        return config_from_dict(tree)
+
+    straight = train(config("straight"), progress=False)
+    # 24 steps: the target's variance is partly explained already (of y: x has other units)
+    assert 0.1 < straight.eval["explained_variance"] < 1
+    written = json.loads((straight.sae_dir / "cfg.json").read_text())
+    assert written["architecture"] == "jumprelu_skip_transcoder"
+    assert (written["d_in"], written["d_out"]) == (D_IN, D_OUT)
+    weights = tensorfile.read(straight.sae_dir / "sae_weights.safetensors")
+    assert weights["W_skip"].shape == (D_OUT, D_IN) and np.abs(weights["W_skip"]).max() > 0
+    with pytest.raises(ExportError, match="does not read them back yet"):
+        load_sae(straight.sae_dir)  # eval, import, stitch, analyze: one line, not a misread
+    train_until_crash(config("crash"), at_batch=13)  # after the checkpoint of step 8
+    resumed = train(config("crash"), progress=False)
+    for name, want in weights.items():
+        np.testing.assert_array_equal(
+            tensorfile.read(resumed.sae_dir / "sae_weights.safetensors")[name], want,
+            err_msg=name)
+
+
+def test_a_sweep_of_transcoders_matches_each_trained_alone(paired, tmp_path):
+    """A sweep over k of BatchTopK transcoders (one vmapped step over stacked states, the
+    pairs read once) gives each SAE the weights it gets trained alone."""
+    tree = _config(paired, tmp_path / "sweep", activation="batchtopk", k=4)
+    tree["optim"]["total_tokens"] = 256 * 8
+    tree["sweep"] = {"sae.k": [2, 4]}
+    result = train(config_from_dict(tree), progress=False)
+    for member, k in zip(result.sweep, (2, 4), strict=True):
+        alone = _config(paired, tmp_path / f"alone{k}", activation="batchtopk", k=k)
+        alone["optim"]["total_tokens"] = 256 * 8
+        want = tensorfile.read(train(config_from_dict(alone), progress=False).sae_dir
+                               / "sae_weights.safetensors")
+        got = tensorfile.read(member.sae_dir / "sae_weights.safetensors")
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"k {k}: {name}")
