@@ -147,18 +147,25 @@ class GroundTruthSums:
     """The running sums of `ground_truth_metrics` for one SAE (as `ReconstructionSums`)."""
 
     def __init__(self, params: sae.Params, cfg: SAEConfig, directions: np.ndarray, *,
-                 parent: np.ndarray | None = None) -> None:
+                 parent: np.ndarray | None = None,
+                 input_directions: np.ndarray | None = None) -> None:
+        """`input_directions`: a transcoder's input dictionary, which the encoder's columns
+        are matched against (encoder_mcc); `directions` is what the decoder's rows are."""
         self.params, self.cfg, self.directions, self.parent = params, cfg, directions, parent
+        self.input_directions = input_directions
         W_dec = np.asarray(params["W_dec"], np.float64)
         self.cos_abs = cosine_matrix(directions, W_dec)
         self.match_f, self.match_l = linear_sum_assignment(self.cos_abs, maximize=True)
         self.counts = _FiringCounts(directions.shape[0], W_dec.shape[0], self.match_f,
                                     self.match_l, parent)
 
-    def add(self, x: np.ndarray, on_device: jax.Array, codes: np.ndarray) -> None:
-        """Adds a block: x [n, d_in] (and the same on the device), its true codes."""
+    def add(self, x: np.ndarray, on_device: jax.Array, codes: np.ndarray,
+            target: np.ndarray | None = None) -> None:
+        """Adds a block: x [n, d_in] (and the same on the device), its true codes, and a
+        transcoder's targets [n, d_out] (what x_hat is compared with)."""
         acts, x_hat = jax.device_get(encode_decode(self.params, on_device, self.cfg))
-        self.counts.add(np.asarray(x), np.asarray(acts), np.asarray(x_hat), codes)
+        self.counts.add(np.asarray(x if target is None else target), np.asarray(acts),
+                        np.asarray(x_hat), codes)
 
     def result(self) -> dict[str, Any]:
         counts, cos_abs = self.counts, self.cos_abs
@@ -192,6 +199,9 @@ class GroundTruthSums:
         if self.parent is not None:
             out.update(_absorption(self.params, self.directions, self.parent, match_f,
                                    match_l, counts))
+        if self.input_directions is not None:
+            encoder = np.asarray(sae.encoder_weight(self.params), np.float64).T
+            out["encoder_mcc"] = feature_recovery(self.input_directions, encoder)["mcc"]
         return out
 
 
@@ -381,13 +391,16 @@ def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, st
         raise ValueError(f"the data has {source.n_tokens} tokens but the truth describes "
                          f"{truth.spec.tokens}: not the data it was generated with")
     parent = truth.arrays.get("parent")
-    sums = [GroundTruthSums(params, cfg, truth.directions, parent=parent)
+    sums = [GroundTruthSums(params, cfg, truth.directions, parent=parent,
+                            input_directions=truth.arrays.get("input_directions"))
             for params, cfg in saes]
     at = start
-    for x in iter_blocks(source, batch_size, start=start, stop=stop):
+    d_in = source.d_in
+    for block in iter_blocks(source, batch_size, start=start, stop=stop):
+        x, target = block[:, :d_in], (block[:, d_in:] if getattr(source, "d_out", 0) else None)
         codes, on_device = truth.codes(at, at + len(x)), jnp.asarray(x)
         for one in sums:
-            one.add(x, on_device, codes)
+            one.add(x, on_device, codes, target)
         at += len(x)
     reports = []
     for (params, cfg), one in zip(saes, sums, strict=True):

@@ -14,7 +14,7 @@ import pytest
 from jaxsae import penalties, sae, tensorfile
 from jaxsae.checks import check_run
 from jaxsae.config import config_from_dict
-from jaxsae.data import open_source
+from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader
 from jaxsae.data.shards import ShardWriter
 from jaxsae.errors import ConfigError, DataError, ExportError
@@ -201,3 +201,28 @@ def test_a_sweep_of_transcoders_matches_each_trained_alone(paired, tmp_path):
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6,
                                        err_msg=f"k {k}: {name}")
+
+
+def test_synth_transcoder_writes_pairs_and_training_reports_both_dictionaries(tmp_path):
+    """data.generate {kind: transcoder}: x = codes·input_directions in data.path, y =
+    codes·directions + x·skip in its target/ (regenerated here from the truth); a run on it
+    reports decoder rows against the output dictionary (mcc) and encoder columns against the
+    input one (encoder_mcc)."""
+    data = tmp_path / "pairs"
+    tree = small_config_dict(data, tmp_path / "run", data={
+        "target": str(data / "target"), "eval_tokens": 2048,
+        "generate": {"kind": "transcoder", "n_features": 32, "d_in": D_IN, "d_out": D_OUT,
+                     "tokens": 16384, "mean_l0": 3.0, "skip": 0.5, "shard_tokens": 4096}})
+    tree["sae"] = {"d_sae": 64, "activation": "relu", "decoder_norm": "free", "skip": True}
+    result = train(config_from_dict(tree), progress=False)
+    truth = synthetic.load_truth(data)
+    assert truth.directions.shape == (32, D_OUT)
+    assert truth.arrays["input_directions"].shape == (32, D_IN)
+    codes = truth.codes(1000, 1100)
+    x = open_source(config_from_dict(tree).data).read(1000, 1100)
+    np.testing.assert_allclose(x[:, :D_IN], codes @ truth.arrays["input_directions"],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x[:, D_IN:], codes @ truth.directions
+                               + x[:, :D_IN] @ truth.arrays["skip"], rtol=1e-5, atol=1e-5)
+    for key in ("mcc", "encoder_mcc", "f1", "explained_variance"):
+        assert 0 < result.eval[key] <= 1, key

@@ -43,12 +43,14 @@ class Train(Command):
                   f"{'held-out ' if ev['held_out'] else 'training '}tokens: "
                   f"L0 {ev['l0']:.2f}, explained variance {ev['explained_variance']:.4f}, "
                   f"dead {ev['dead_fraction']:.3f}")
+        what = "transcoder" if cfg.sae.transcoder else "SAE"
         if result.sweep:
-            print(f"{len(members)} SAEs exported to {result.sae_dir}/*/sae; "
+            print(f"{len(members)} {what}s exported to {result.sae_dir}/*/sae; "
                   f"summary in {result.run_dir / 'sweep.csv'}")
         else:
-            print(f"SAE exported to {result.sae_dir}")
-        print(f"evaluate {'one' if result.sweep else 'it'} with: jaxsae eval "
-              f"{members[0].sae_dir} --data {cfg.data.path}"
-              + (f" --truth {cfg.data.path}" if cfg.data.generate else ""))
+            print(f"{what} exported to {result.sae_dir}")
+        if not cfg.sae.transcoder:  # (jaxsae eval does not read transcoders yet)
+            print(f"evaluate {'one' if result.sweep else 'it'} with: jaxsae eval "
+                  f"{members[0].sae_dir} --data {cfg.data.path}"
+                  + (f" --truth {cfg.data.path}" if cfg.data.generate else ""))
         return 0

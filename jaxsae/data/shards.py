@@ -252,6 +252,7 @@ class ShardWriter:
         if not (self.staging.exists() or self.staging.is_symlink()):
             return
         ours = re.compile(r"shard-\d+\.(npy|safetensors)|truth\.(json|safetensors)|"
+                          r"target(\.partial)?|"  # a transcoder generator's targets
                           rf"{re.escape(PROGRESS)}(\.tmp)?|{re.escape(MANIFEST)}")
         if not self.staging.is_dir() or self.staging.is_symlink() or any(
                 not ours.fullmatch(p.name) for p in self.staging.iterdir()):

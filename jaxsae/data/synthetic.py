@@ -7,9 +7,12 @@ keys of `data.generate` in a config) with two methods:
                       plus whatever else describes it (firing probabilities, parents, circles)
   codes(truth, rng, n)  [n, n_features] true feature activations of n tokens
 
-and the activations are x = codes @ directions. Tokens are drawn in blocks of BLOCK_TOKENS from
-`default_rng([seed, 1, block])`, so the true codes of any token range can be regenerated
-(`true_codes`) instead of being stored. A generated directory holds the shards, plus
+and the activations are x = codes @ directions. The `transcoder` generator writes pairs: x =
+codes @ input_directions into the directory, and the targets y = codes @ directions (+ a dense
+linear part, what a skip transcoder's bypass learns) into its `target/` subdirectory, so the
+truth's `directions` are always what a decoder should learn. Tokens are drawn in blocks of
+BLOCK_TOKENS from `default_rng([seed, 1, block])`, so the true codes of any token range can be
+regenerated (`true_codes`) instead of being stored. A generated directory holds the shards, plus
 `truth.safetensors` (the truth() arrays) and `truth.json` (the kind, the spec, the block size).
 """
 
@@ -32,6 +35,8 @@ from jaxsae.progress import Progress
 
 TRUTH_TENSORS = "truth.safetensors"
 TRUTH_JSON = "truth.json"
+TARGET_DIR = "target"
+"""Where the `transcoder` generator writes the targets, inside the inputs' directory."""
 BLOCK_TOKENS = 16384
 
 
@@ -141,6 +146,31 @@ class SuperpositionSpec:
 
     def structure(self) -> dict[str, Any]:
         return {}
+
+
+@dataclass(frozen=True)
+class TranscoderSpec(SuperpositionSpec):
+    """Pairs for transcoders: one sparse code written through an input and an output dictionary."""
+
+    kind: ClassVar[str] = "transcoder"
+    d_out: int = 128
+    """Dimension of the targets (written to the `target/` subdirectory)."""
+    skip: float = 0.0
+    """Scale of a dense linear part of the targets, skip · x @ S (S [d_in, d_out] random, with
+    unit-variance entries over sqrt(d_in)): what a skip transcoder's bypass learns (0: none)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _need(self.d_out > 0, "d_out", "must be > 0")
+        _need(self.skip >= 0, "skip", "must be >= 0")
+
+    def truth(self) -> dict[str, np.ndarray]:
+        base = super().truth()
+        rng = np.random.default_rng([self.seed, 3])
+        outputs = _unit_rows(rng, self.n_features, self.d_out).astype(np.float32)
+        skip = rng.standard_normal((self.d_in, self.d_out)) / np.sqrt(self.d_in)
+        return {**base, "input_directions": base["directions"], "directions": outputs,
+                "skip": (self.skip * skip).astype(np.float32)}
 
 
 def zipf_probabilities(n: int, mean_l0: float, exponent: float) -> np.ndarray:
@@ -324,21 +354,32 @@ class CirclesSpec:
 
 
 def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Writes the shards of `spec` plus truth.safetensors and truth.json to `out`."""
+    """Writes the shards of `spec` plus truth.safetensors and truth.json to `out` (a
+    transcoder's targets: to `out/target`, written and published with it)."""
     truth = spec.truth()
-    directions = truth["directions"]
+    directions = truth.get("input_directions", truth["directions"])
     source = {"generator": spec.kind, **_spec_dict(spec), "block_tokens": BLOCK_TOKENS,
               **spec.structure()}
+    pairs = "input_directions" in truth
     with ShardWriter(out, spec.d_in, dtype=spec.dtype, shard_tokens=spec.shard_tokens,
                      source={k: v for k, v in source.items() if k != "parent"},
                      overwrite=overwrite) as writer:
+        targets = (ShardWriter(writer.staging / TARGET_DIR, spec.d_out, dtype=spec.dtype,
+                               shard_tokens=spec.shard_tokens,
+                               source={**source, "role": "target"}) if pairs else None)
         bar = Progress(spec.tokens, unit="tok", unit_scale=True, desc=f"synth {spec.kind}",
                        enabled=progress)
         for i, lo in enumerate(range(0, spec.tokens, BLOCK_TOKENS)):
             n = min(BLOCK_TOKENS, spec.tokens - lo)
-            writer.write(_block_codes(spec, truth, i, n) @ directions)
+            codes = _block_codes(spec, truth, i, n)
+            x = codes @ directions
+            writer.write(x)
+            if targets is not None:
+                targets.write(codes @ truth["directions"] + x @ truth["skip"])
             bar.update(n)
         bar.close()
+        if targets is not None:
+            targets.close()
         tensorfile.write(writer.staging / TRUTH_TENSORS, truth)
         (writer.staging / TRUTH_JSON).write_text(json.dumps(source, indent=1))
     return Path(out)
@@ -379,6 +420,8 @@ GENERATORS: dict[str, Generator] = {
         summary="Preset of hierarchy: one parent (p=0.3) with two mutually exclusive children "
                 "(0.4 each given the parent), orthogonal in 20 dims, magnitude 1."),
     "circles": Generator(CirclesSpec),
+    "transcoder": Generator(TranscoderSpec, {"d_in": 64, "d_out": 96, "n_features": 256,
+                                            "skip": 0.5}),
 }
 
 
