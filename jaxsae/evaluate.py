@@ -80,12 +80,17 @@ class ReconstructionSums:
 
 
 def reconstruction_metrics(
-    params: sae.Params, cfg: SAEConfig, blocks: Iterable[np.ndarray]
+    params: sae.Params, cfg: SAEConfig, blocks: Iterable[np.ndarray], d_in: int | None = None
 ) -> dict[str, float | np.ndarray]:
-    """Metrics over all tokens of `blocks` (arrays [n, d_in]); exact sums, not batch averages."""
+    """Metrics over all tokens of `blocks` (arrays [n, d_in]; a transcoder's: [n, d_in +
+    d_out] pairs, split after column `d_in`); exact sums, not batch averages."""
     sums = ReconstructionSums(params, cfg)
     for block in blocks:
-        sums.add(jnp.asarray(block))
+        block = jnp.asarray(block)
+        if d_in is not None and block.shape[1] > d_in:
+            sums.add(block[:, :d_in], block[:, d_in:])
+        else:
+            sums.add(block)
     return sums.result()
 
 

@@ -49,6 +49,8 @@ class LoadedSAE:
     """An inference config: the encode function of this SAE is `jaxsae.sae.encode`."""
     d_in: int
     cfg_json: dict[str, Any]
+    d_out: int | None = None
+    """A transcoder's target width (None: an SAE)."""
 
 
 def export_sae(
@@ -127,8 +129,18 @@ def transcoder_architecture(architecture: str, skip: bool) -> str:
     return TRANSCODER_ARCHITECTURES[architecture][skip]
 
 
-def read_cfg(path: str | Path) -> dict[str, Any]:
-    """cfg.json of a SAELens-format directory, checked for the keys jaxsae needs."""
+def transcoder_base(architecture: str) -> tuple[str, bool] | None:
+    """(the SAE architecture of its codes, whether it has W_skip) of a SAELens transcoder
+    architecture; None for others."""
+    for base, names in TRANSCODER_ARCHITECTURES.items():
+        if architecture in names:
+            return base, names.index(architecture) == 1
+    return None
+
+
+def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
+    """cfg.json of a SAELens-format directory, checked for the keys jaxsae needs.
+    Transcoders are refused unless the caller reads them (`transcoders`)."""
     path = Path(path)
     file = path / CFG_FILE
     if not path.is_dir():
@@ -147,9 +159,15 @@ def read_cfg(path: str | Path) -> dict[str, Any]:
     if "architecture" not in cfg:
         raise ExportError(f"{file}: missing 'architecture' (one of {', '.join(known)})")
     arch = cfg["architecture"]
-    if arch in {name for pair in TRANSCODER_ARCHITECTURES.values() for name in pair}:
-        raise ExportError(f"{file}: a {arch}; jaxsae exports transcoders but does not read "
-                          "them back yet (eval, import, stitch and analyze take SAEs)")
+    transcoder = transcoder_base(arch) if isinstance(arch, str) else None
+    if transcoder is not None:
+        if not transcoders:
+            raise ExportError(f"{file}: a {arch}; this reads SAEs, not transcoders (jaxsae "
+                              "eval SAE_DIR --data X --target Y evaluates a transcoder)")
+        if not _positive_int(cfg.get("d_out")):
+            raise ExportError(f"{file}: 'd_out' must be a positive integer, got "
+                              f"{cfg.get('d_out')!r}")
+        arch = transcoder[0]
     if not isinstance(arch, str) or arch not in known:
         raise ExportError(f"{file}: unknown architecture {arch!r} (supported: "
                           f"{', '.join(known)})")
@@ -204,22 +222,27 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
     return {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
 
 
-def load_sae(path: str | Path) -> LoadedSAE:
-    """Reads a SAELens-format directory (jaxsae's or SAELens's own)."""
+def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
+    """Reads a SAELens-format directory (jaxsae's or SAELens's own); a transcoder only if the
+    caller evaluates them (`transcoders`)."""
     path = Path(path)
-    cfg = read_cfg(path)
+    cfg = read_cfg(path, transcoders=transcoders)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ExportError(f"{path}: missing {WEIGHTS_FILE} (not a SAELens export)")
-    kind = activations.for_architecture(cfg["architecture"])
+    transcoder = transcoder_base(cfg["architecture"])
+    kind = activations.for_architecture(transcoder[0] if transcoder else cfg["architecture"])
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    d_out = cfg["d_out"] if transcoder else d_in
     try:
         raw = tensorfile.read(weights)
     except DataError as e:
         raise ExportError(str(e)) from None
-    expected = {"W_dec": (d_sae, d_in), "b_dec": (d_in,), **kind.tensor_shapes(d_in, d_sae)}
+    expected = {"W_dec": (d_sae, d_out), "b_dec": (d_out,), **kind.tensor_shapes(d_in, d_sae)}
     if kind.has_encoder:
         expected["W_enc"] = (d_in, d_sae)
+    if transcoder and transcoder[1]:
+        expected["W_skip"] = (d_out, d_in)
     tensors = {}
     for name, shape in expected.items():
         if name not in raw:
@@ -236,6 +259,10 @@ def load_sae(path: str | Path) -> LoadedSAE:
             bad = int(np.size(array) - np.isfinite(array).sum())
             raise ExportError(f"{weights}: {name} has {bad} non-finite values (NaN or inf)")
         tensors[name] = array
+    if transcoder:  # no centring: its encoder reads x as it is (sae.coding_params)
+        return LoadedSAE(params=tensors, d_in=d_in, cfg_json=cfg, d_out=d_out, sae=SAEConfig(
+            d_sae=d_sae, activation=kind.name, decoder_norm="free", transcoder=True,
+            skip=transcoder[1], **kind.config_from_saelens(cfg)))
     if not cfg.get("apply_b_dec_to_input", True):
         if "b_enc" not in tensors:
             raise ExportError(f"{path / CFG_FILE}: apply_b_dec_to_input false is not supported "

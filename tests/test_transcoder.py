@@ -13,11 +13,12 @@ import pytest
 
 from jaxsae import penalties, sae, tensorfile
 from jaxsae.checks import check_run
+from jaxsae.commands.eval import Eval
 from jaxsae.config import config_from_dict
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader
 from jaxsae.data.shards import ShardWriter
-from jaxsae.errors import ConfigError, DataError, ExportError
+from jaxsae.errors import ConfigError, DataError, ExportError, JaxsaeError
 from jaxsae.export import load_sae
 from jaxsae.train import train
 from tests.conftest import small_config_dict, train_until_crash
@@ -157,10 +158,12 @@ def test_transcoder_sparse_path_equals_dense_path(activation):
                                    err_msg=name)
 
 
-def test_skip_transcoder_trains_evaluates_exports_and_resumes_exactly(paired, tmp_path):
+def test_skip_transcoder_trains_evaluates_exports_and_resumes_exactly(paired, tmp_path,
+                                                                      capsys):
     """A BatchTopK skip transcoder with Matryoshka prefixes and AuxK: trains on the pairs,
     evaluates the target's explained variance on held-out pairs, exports SAELens's
-    jumprelu_skip_transcoder layout, and a crashed run resumes to the same weights."""
+    jumprelu_skip_transcoder layout (which jaxsae eval --target reads back to the same
+    figures), and a crashed run resumes to the same weights."""
     def config(name):
         tree = _config(paired, tmp_path / name, activation="batchtopk", k=4, skip=True)
         tree["loss"] = [{"term": "matryoshka", "prefixes": [16, 64]},
@@ -175,8 +178,19 @@ def test_skip_transcoder_trains_evaluates_exports_and_resumes_exactly(paired, tm
     assert (written["d_in"], written["d_out"]) == (D_IN, D_OUT)
     weights = tensorfile.read(straight.sae_dir / "sae_weights.safetensors")
     assert weights["W_skip"].shape == (D_OUT, D_IN) and np.abs(weights["W_skip"]).max() > 0
-    with pytest.raises(ExportError, match="does not read them back yet"):
-        load_sae(straight.sae_dir)  # eval, import, stitch, analyze: one line, not a misread
+    # read back: jaxsae eval --target gives the run's own held-out figures
+    loaded = load_sae(straight.sae_dir, transcoders=True)
+    assert (loaded.d_in, loaded.d_out, loaded.sae.skip) == (D_IN, D_OUT, True)
+    args = {"sae_dir": (str(straight.sae_dir),), "data": str(paired / "x"), "tokens": 1024}
+    capsys.readouterr()
+    Eval(**args, target=str(paired / "y")).run()
+    printed = json.loads(capsys.readouterr().out)
+    for key in ("explained_variance", "l0", "mse"):
+        assert printed[key] == pytest.approx(straight.eval[key], rel=1e-5), key
+    with pytest.raises(JaxsaeError, match="is a transcoder: give its targets"):
+        Eval(**args).run()
+    with pytest.raises(ExportError, match="this reads SAEs, not transcoders"):
+        load_sae(straight.sae_dir)  # import, stitch, analyze, eval --model: one line
     train_until_crash(config("crash"), at_batch=13)  # after the checkpoint of step 8
     resumed = train(config("crash"), progress=False)
     for name, want in weights.items():
@@ -203,7 +217,8 @@ def test_a_sweep_of_transcoders_matches_each_trained_alone(paired, tmp_path):
                                        err_msg=f"k {k}: {name}")
 
 
-def test_synth_transcoder_writes_pairs_and_training_reports_both_dictionaries(tmp_path):
+def test_synth_transcoder_writes_pairs_and_training_reports_both_dictionaries(tmp_path,
+                                                                              capsys):
     """data.generate {kind: transcoder}: x = codes·input_directions in data.path, y =
     codes·directions + x·skip in its target/ (regenerated here from the truth); a run on it
     reports decoder rows against the output dictionary (mcc) and encoder columns against the
@@ -226,3 +241,9 @@ def test_synth_transcoder_writes_pairs_and_training_reports_both_dictionaries(tm
                                + x[:, :D_IN] @ truth.arrays["skip"], rtol=1e-5, atol=1e-5)
     for key in ("mcc", "encoder_mcc", "f1", "explained_variance"):
         assert 0 < result.eval[key] <= 1, key
+    capsys.readouterr()
+    Eval(sae_dir=(str(result.sae_dir),), data=str(data), target=str(data / "target"),
+         truth=str(data), tokens=2048).run()  # the held-out pairs, read back
+    printed = json.loads(capsys.readouterr().out)
+    for key in ("mcc", "encoder_mcc", "f1", "explained_variance"):
+        assert printed[key] == pytest.approx(result.eval[key], rel=1e-5), key

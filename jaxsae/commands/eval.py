@@ -29,6 +29,8 @@ class Eval(Command):
     """SAELens-format directories: one with --data, one or more with --model"""
     data: Annotated[str | None, unset("DIR", "--model instead")] = None
     """activations to evaluate on (a jaxsae shard directory or SAELens cache)"""
+    target: Annotated[str | None, unset("DIR", "none")] = None
+    """--data, a transcoder: its targets (shards paired row by row with --data)"""
     model: Annotated[str | None, unset("MODEL", "--data instead")] = None
     """Hugging Face model directory, hub name, or .gguf file to splice the SAEs into"""
     tokens: Annotated[int | None, unset(
@@ -77,7 +79,7 @@ class Eval(Command):
             raise JaxsaeError("give --data DIR (activations) or --model MODEL (a language "
                               "model), one of the two")
         if self.model is not None:
-            only_with(self, "--data", "truth", "details", "batch_size")
+            only_with(self, "--data", "truth", "details", "batch_size", "target")
             results = self._on_model([load_sae(d) for d in self.sae_dir])
             print(json_text(results[0] if len(results) == 1 else results))
             return 0
@@ -89,7 +91,7 @@ class Eval(Command):
             raise JaxsaeError("--details goes with --truth")
         if len(self.sae_dir) > 1:
             raise JaxsaeError("--data evaluates one SAE at a time (several go with --model)")
-        print(json_text(self._on_data(load_sae(self.sae_dir[0]))))
+        print(json_text(self._on_data(load_sae(self.sae_dir[0], transcoders=True))))
         return 0
 
     def _on_data(self, loaded) -> dict[str, Any]:
@@ -104,14 +106,22 @@ class Eval(Command):
 
         sae_dir = self.sae_dir[0]
         require_at_least(("--tokens", self.tokens, 1), ("--batch-size", self.batch_size, 1))
-        data = open_source(DataConfig(path=self.data, hook=self.hook))
+        if (loaded.d_out is None) != (self.target is None):
+            raise JaxsaeError(f"--target: {sae_dir} is a transcoder: give its targets"
+                              if self.target is None else
+                              f"--target goes with a transcoder; {sae_dir} is an SAE")
+        data = open_source(DataConfig(path=self.data, hook=self.hook, target=self.target))
         if data.d_in != loaded.d_in:
             raise DataError(f"{self.data}: d_in {data.d_in} does not match the SAE's d_in "
                             f"{loaded.d_in} ({sae_dir})")
+        if loaded.d_out is not None and data.d_out != loaded.d_out:
+            raise DataError(f"{self.target}: its rows are {data.d_out} wide, but the "
+                            f"transcoder's d_out is {loaded.d_out} ({sae_dir})")
         start = 0 if self.tokens is None else max(0, data.n_tokens - self.tokens)
         batch_size = self.batch_size or 4096
         metrics = evaluate.reconstruction_metrics(
-            loaded.params, loaded.sae, iter_blocks(data, batch_size, start=start))
+            loaded.params, loaded.sae, iter_blocks(data, batch_size, start=start),
+            d_in=data.d_in)
         metrics.pop("firing_frequency")
         if not self.truth:
             return metrics
@@ -134,8 +144,9 @@ class Eval(Command):
         if not truth.is_file():
             raise DataError(f"{truth}: truth file not found")
         directions = tensorfile.read(truth).get("directions")
-        if directions is None or directions.ndim != 2 or directions.shape[1] != loaded.d_in:
-            raise DataError(f"{truth}: no 'directions' [n_features, {loaded.d_in}] tensor")
+        width = loaded.d_out or loaded.d_in  # what decoder rows are
+        if directions is None or directions.ndim != 2 or directions.shape[1] != width:
+            raise DataError(f"{truth}: no 'directions' [n_features, {width}] tensor")
         metrics.update(evaluate.feature_recovery(np.asarray(directions),
                                                  loaded.params["W_dec"]))
         return metrics

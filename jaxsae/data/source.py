@@ -110,7 +110,7 @@ class PairedSource:
                                 f"{len(x)}; the targets must be paired row by row")
         self.inputs, self.targets = inputs, targets
         self.names = inputs.names
-
+        self.manifest = getattr(inputs, "manifest", None)  # what wrote the inputs
     @property
     def d_in(self) -> int:
         return self.inputs.d_in
