@@ -31,8 +31,12 @@ class Cache(Command):
     """activations to write"""
     out: Annotated[str, tyro.conf.arg(metavar="DIR")]
     """shard directory to write"""
-    hook: Literal["resid_post", "resid_pre"] = "resid_post"
-    """the block's output (resid_post) or input (resid_pre)"""
+    hook: Literal["resid_post", "resid_pre", "mlp_in", "mlp_out"] = "resid_post"
+    """the block's output (resid_post) or input (resid_pre), its MLP's normalised input
+    (mlp_in: blocks.L.ln2.hook_normalized) or output (mlp_out: blocks.L.hook_mlp_out)"""
+    target_hook: Literal["resid_post", "resid_pre", "mlp_in", "mlp_out"] | None = None
+    """a transcoder's targets: also cache this point of the same tokens, into --out/target
+    (e.g. --hook mlp_in --target-hook mlp_out)"""
     context: int = 128
     """tokens per window, BOS included"""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -62,6 +66,7 @@ class Cache(Command):
                     drop_first_position=self.drop_first_position, batch_size=self.batch_size,
                     shard_tokens=self.shard_tokens, model_dtype=self.model_dtype,
                     device=self.device, overwrite=self.overwrite,
-                    progress=not self.no_progress)
-        print(f"wrote {out}\ntrain on it with: jaxsae train CONFIG data.path={out}")
+                    progress=not self.no_progress, target_hook=self.target_hook)
+        target = "" if self.target_hook is None else f" data.target={out}/target"
+        print(f"wrote {out}\ntrain on it with: jaxsae train CONFIG data.path={out}{target}")
         return 0

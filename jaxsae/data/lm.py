@@ -4,7 +4,9 @@
 and writes the activations as a jaxsae shard set. The model is a Hugging Face model directory, a
 hub name, or a `.gguf` file (dequantised by transformers). Hook points follow TransformerLens
 names, `blocks.{layer}.hook_resid_post` (the output of block `layer`) and `...hook_resid_pre` (its
-input), so an exported SAE's `hook_name` means the same thing in SAELens.
+input), so an exported SAE's `hook_name` means the same thing in SAELens; for transcoders, the
+block's MLP: `mlp_in` its normalised input (`blocks.{layer}.ln2.hook_normalized`), `mlp_out`
+its output (`blocks.{layer}.hook_mlp_out`), read by hooks on the block's `mlp` module.
 
 Token windows: the text files are tokenised in order, each followed by the EOS token, and cut
 into windows of `context` tokens, each starting with the BOS token. Position 0 of every window is
@@ -35,20 +37,28 @@ from jaxsae.data.shards import DTYPES, ShardWriter, is_shard_dir, read_manifest
 from jaxsae.errors import DataError, JaxsaeError, require_at_least
 from jaxsae.progress import Progress
 
-HOOK_POINTS = ("resid_post", "resid_pre")
+HOOK_POINTS = ("resid_post", "resid_pre", "mlp_in", "mlp_out")
+# TransformerLens's names of the points that are not blocks.{layer}.hook_{point}
+_TL_NAMES = {"mlp_in": "ln2.hook_normalized", "mlp_out": "hook_mlp_out"}
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 TEXT_BLOCK_CHARS = 1 << 18
 """Text files are tokenised in blocks of about this many characters, cut at line ends."""
 
 
 def hook_name(layer: int, point: str) -> str:
-    return f"blocks.{layer}.hook_{point}"
+    return f"blocks.{layer}.{_TL_NAMES.get(point, f'hook_{point}')}"
 
 
 def parse_hook_name(name: str) -> tuple[int, str] | None:
-    """(layer, point) of a `blocks.{layer}.hook_{point}` name, or None."""
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", name or "")
-    return (int(m[1]), m[2]) if m and m[2] in HOOK_POINTS else None
+    """(layer, point) of a TransformerLens hook name (`blocks.{layer}.hook_{point}`, ...), or
+    None."""
+    m = re.fullmatch(r"blocks\.(\d+)\.([\w.]+)", name or "")
+    if not m:
+        return None
+    for point in HOOK_POINTS:
+        if m[2] == _TL_NAMES.get(point, f"hook_{point}"):
+            return int(m[1]), point
+    return None
 
 
 def require_lm():
@@ -230,12 +240,43 @@ def hooked(lm: LanguageModel, layer: int, point: str, fn):
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
         handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    elif point in ("mlp_in", "mlp_out"):
+        mlp = _mlp_of(lm, block)
+        if point == "mlp_in":  # the MLP's input: the block's normalised residual
+            def mlp_pre(module, args, kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                new = fn(x)
+                if new is None:
+                    return None
+                if args:
+                    return (new, *args[1:]), kwargs
+                first = next(iter(kwargs))
+                return args, {**kwargs, first: new}
+            handle = mlp.register_forward_pre_hook(mlp_pre, with_kwargs=True)
+        else:
+            def mlp_post(module, args, output):
+                new = fn(_hidden(output))
+                if new is None:
+                    return None
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+            handle = mlp.register_forward_hook(mlp_post)
     else:
         raise JaxsaeError(f"--hook must be one of {', '.join(HOOK_POINTS)}, got {point!r}")
     try:
         yield
     finally:
         handle.remove()
+
+
+def _mlp_of(lm: LanguageModel, block):
+    """The block's MLP module (`mlp` in Llama, Qwen, Gemma, Mistral, GPT-2, ...)."""
+    import torch
+
+    for name in ("mlp", "feed_forward", "ffn"):
+        if isinstance(getattr(block, name, None), torch.nn.Module):
+            return getattr(block, name)
+    raise JaxsaeError(f"--model {lm.name}: its blocks have no mlp module to hook "
+                      "(mlp_in / mlp_out)")
 
 
 @contextmanager
@@ -285,21 +326,30 @@ def reusing_prefix(lm: LanguageModel, layer: int, recorded: dict[str, Any]):
             del block.forward  # back to the class's forward
 
 
-def capture(lm: LanguageModel, layer: int, point: str, ids: np.ndarray) -> np.ndarray:
-    """The float32 activation [B, T, d] at the hook for token ids [B, T]; the blocks after it,
-    the final norm and the unembedding are never run."""
+def capture(lm: LanguageModel, layer: int, point: str | tuple[str, ...],
+            ids: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+    """The float32 activation [B, T, d] at the hook for token ids [B, T] (a tuple of points:
+    one array each, from one pass); the blocks after the last point read, the final norm and
+    the unembedding are never run."""
     import torch
 
-    box = {}
+    points = (point,) if isinstance(point, str) else tuple(point)
+    box: dict[str, Any] = {}
 
-    def grab(x):
-        box["x"] = x
-        raise _Captured
+    def grab(name):
+        def keep(x):
+            box[name] = x
+            if len(box) == len(points):
+                raise _Captured
+        return keep
 
-    with hooked(lm, layer, point, grab), torch.inference_mode(), \
-            contextlib.suppress(_Captured):
-        lm.model(input_ids=torch.as_tensor(ids, device=lm.device), use_cache=False)
-    return box["x"].float().cpu().numpy()
+    with contextlib.ExitStack() as stack:
+        for name in points:
+            stack.enter_context(hooked(lm, layer, name, grab(name)))
+        with torch.inference_mode(), contextlib.suppress(_Captured):
+            lm.model(input_ids=torch.as_tensor(ids, device=lm.device), use_cache=False)
+    arrays = tuple(box[name].float().cpu().numpy() for name in points)
+    return arrays[0] if isinstance(point, str) else arrays
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,55 +418,91 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
           hook: str = "resid_post", context: int = 128, dtype: str = "float32",
           drop_first_position: bool = True, batch_size: int = 32, shard_tokens: int = 65536,
           model_dtype: str = "float32", device: str | None = None, overwrite: bool = False,
-          progress: bool = True) -> Path:
-    """Caches `tokens` activations of `model` at `blocks.{layer}.hook_{hook}` to `out`.
+          progress: bool = True, target_hook: str | None = None) -> Path:
+    """Caches `tokens` activations of `model` at `blocks.{layer}.hook_{hook}` to `out`; with
+    `target_hook`, a transcoder's pairs: the activations at that point of the same tokens,
+    from the same forward pass, to `out/target` (published with `out`).
 
     Resumable: an interrupted run leaves `<out>.partial/`, and the same call continues from its
     last complete shard and writes exactly what an uninterrupted run would have written."""
-    if hook not in HOOK_POINTS:
-        raise JaxsaeError(f"--hook must be one of {', '.join(HOOK_POINTS)}, got {hook!r}")
+    points = (hook,) if target_hook is None else (hook, target_hook)
+    for point, flag in zip(points, ("--hook", "--target-hook"), strict=False):
+        if point not in HOOK_POINTS:
+            raise JaxsaeError(f"{flag} must be one of {', '.join(HOOK_POINTS)}, got {point!r}")
+    if target_hook == hook:
+        raise JaxsaeError(f"--target-hook: the same point as --hook ({hook}); a transcoder maps "
+                          "one activation to another")
     if dtype not in DTYPES:
         raise JaxsaeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     require_at_least(("--layer", layer, 0), ("--context", context, 2), ("--tokens", tokens, 1),
                      ("--batch-size", batch_size, 1), ("--shard-tokens", shard_tokens, 1))
     files = text_files(text)
     out = Path(out)
-    source = {"model": model, "layer": layer, "hook": hook_name(layer, hook),
-              "text": [str(t) for t in text], "context": context,
-              "drop_first_position": drop_first_position, "prepend_bos": True,
-              "model_dtype": model_dtype}
+    sources = [{"model": model, "layer": layer, "hook": hook_name(layer, point),
+                "text": [str(t) for t in text], "context": context,
+                "drop_first_position": drop_first_position, "prepend_bos": True,
+                "model_dtype": model_dtype} for point in points]
     if out.exists() and not overwrite:
-        if is_shard_dir(out):
-            done = read_manifest(out)
-            if dict(done.source) == source and done.n_tokens >= tokens:
-                print(f"{out}: already cached ({done.n_tokens} tokens)", file=sys.stderr)
-                return out
+        if _already_cached(out, sources, tokens):
+            print(f"{out}: already cached ({read_manifest(out).n_tokens} tokens)",
+                  file=sys.stderr)
+            return out
         raise DataError(f"{out}: already exists (remove it, choose another --out, "
                         "or pass --overwrite)")
-    resume_key = {**source, "files": [[str(f), f.stat().st_size] for f in files]}
+    keys = [{**source, "files": [[str(f), f.stat().st_size] for f in files]}
+            for source in sources]
 
     lm = load_model(model, dtype=model_dtype, device=device, layer=layer, context=context,
                     truncate=True, progress=progress)
     first = 1 if drop_first_position else 0
-    d_model = capture(lm, layer, hook, np.full((1, 2), lm.bos_id)).shape[-1]
+    probe = capture(lm, layer, points, np.full((1, 2), lm.bos_id))
+    widths = [a.shape[-1] for a in probe]
     per_window = context - first
-    with ShardWriter(out, d_model, dtype=dtype, shard_tokens=shard_tokens, source=source,
-                     file_type="safetensors" if dtype == "bfloat16" else "npy",
-                     overwrite=overwrite, resume_key=resume_key) as writer:
-        done = writer.n_tokens
+    file_type = "safetensors" if dtype == "bfloat16" else "npy"
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(ShardWriter(
+            out, widths[0], dtype=dtype, shard_tokens=shard_tokens, source=sources[0],
+            file_type=file_type, overwrite=overwrite, resume_key=keys[0]))]
+        if target_hook is not None:  # inside the inputs' staging: published with them
+            writers.append(stack.enter_context(ShardWriter(
+                writers[0].staging / TARGET_DIR, widths[1], dtype=dtype,
+                shard_tokens=shard_tokens, source=sources[1], file_type=file_type,
+                resume_key=keys[1])))
+        # Each writer kept its complete shards; start at the window the fewest reach.
+        done = min(w.n_tokens for w in writers)
         windows = itertools.islice(token_windows(lm, files, context), done // per_window,
                                    math.ceil(tokens / per_window))
-        skip = done % per_window  # rows of the first window already in a complete shard
+        at = done - done % per_window  # the token index of the next window's first row
         bar = Progress(tokens, initial=done, unit="tok", unit_scale=True, enabled=progress,
-                   desc=f"caching {hook_name(layer, hook)}")
+                       desc=f"caching {', '.join(hook_name(layer, p) for p in points)}")
         with bar:
             for ids in batched(windows, batch_size):
-                acts = capture(lm, layer, hook, ids)[:, first:].reshape(-1, d_model)
-                acts = acts[skip : skip + tokens - writer.n_tokens]
-                skip = 0
-                writer.write(acts)
-                bar.update(len(acts))
-        if writer.n_tokens < tokens:
-            print(f"warning: the text ran out after {writer.n_tokens} tokens "
+                arrays = capture(lm, layer, points, ids)
+                rows = [a[:, first:].reshape(-1, w) for a, w in zip(arrays, widths,
+                                                                    strict=True)]
+                before = min(w.n_tokens for w in writers)
+                for writer, acts in zip(writers, rows, strict=True):
+                    # rows a writer already holds (a resumed shard) are skipped
+                    writer.write(acts[writer.n_tokens - at: tokens - at])
+                bar.update(min(w.n_tokens for w in writers) - before)
+                at += len(rows[0])
+        if writers[0].n_tokens < tokens:
+            print(f"warning: the text ran out after {writers[0].n_tokens} tokens "
                   f"(--tokens {tokens})", file=sys.stderr)
     return out
+
+
+TARGET_DIR = "target"
+"""Where a transcoder's targets go, inside the inputs' directory (as `jaxsae synth
+transcoder` writes them)."""
+
+
+def _already_cached(out: Path, sources: list[dict], tokens: int) -> bool:
+    dirs = [out, out / TARGET_DIR][:len(sources)]
+    for directory, source in zip(dirs, sources, strict=True):
+        if not is_shard_dir(directory):
+            return False
+        done = read_manifest(directory)
+        if dict(done.source) != source or done.n_tokens < tokens:
+            return False
+    return True

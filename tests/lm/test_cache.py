@@ -297,3 +297,62 @@ def test_a_gguf_file_caches_the_activations_of_the_model_it_holds(texts, tmp_pat
 def test_a_missing_gguf_file_is_an_error(tmp_path):
     with pytest.raises(lm_data.JaxsaeError, match=r"no such \.gguf file"):
         lm_data.load_model(str(tmp_path / "absent.gguf"))
+
+
+def test_mlp_in_and_mlp_out_pairs_for_transcoders(tiny_model, texts, tmp_path):
+    """--hook mlp_in --target-hook mlp_out: the block's MLP input (normalised) into --out and
+    its output into --out/target, from one pass, against torch hooks on the full model's MLP;
+    TransformerLens's hook names in the manifests."""
+    out = tmp_path / "pairs"
+    assert run_cache(tiny_model, texts, out, "--hook", "mlp_in", "--target-hook", "mlp_out",
+                     "--shard-tokens", "128", tokens=200) == 0
+    windows = reference_windows(tiny_model, texts, 16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    seen = {}
+    mlp = model.model.layers[1].mlp
+    handles = [mlp.register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0])),
+               mlp.register_forward_hook(lambda m, a, o: seen.setdefault("out", o))]
+    with torch.inference_mode():
+        model(input_ids=torch.as_tensor(windows))
+    for h in handles:
+        h.remove()
+    for directory, key in ((out, "in"), (out / "target", "out")):
+        got = ShardSet(directory).read(0, 200)
+        want = seen[key][:, 1:].reshape(-1, seen[key].shape[-1]).numpy()[:200]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=key)
+    hooks = [json.loads((d / "manifest.json").read_text())["source"]["hook"]
+             for d in (out, out / "target")]
+    assert hooks == ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    assert lm_data.parse_hook_name(hooks[0]) == (1, "mlp_in")
+    assert lm_data.parse_hook_name(hooks[1]) == (1, "mlp_out")
+    # rerun: already cached; the same point twice is refused
+    assert run_cache(tiny_model, texts, out, "--hook", "mlp_in", "--target-hook", "mlp_out",
+                     tokens=200) == 0
+    assert run_cache(tiny_model, texts, tmp_path / "x", "--hook", "mlp_in", "--target-hook",
+                     "mlp_in") == 2
+
+
+def test_an_interrupted_pair_cache_resumes_both_to_the_same_shards(tiny_model, texts, tmp_path,
+                                                                   monkeypatch):
+    args = ("--hook", "mlp_in", "--target-hook", "mlp_out", "--shard-tokens", "70",
+            "--batch-size", "2")
+    assert run_cache(tiny_model, texts, tmp_path / "whole", *args) == 0
+    calls = {"n": 0}
+    capture = lm_data.capture
+
+    def flaky(*a):
+        calls["n"] += 1
+        if calls["n"] == 7:  # after the probe and five batches: two complete shards each
+            raise KeyboardInterrupt
+        return capture(*a)
+
+    monkeypatch.setattr(lm_data, "capture", flaky)
+    out = tmp_path / "resumed"
+    assert run_cache(tiny_model, texts, out, *args) == 130
+    assert not out.exists()
+    monkeypatch.setattr(lm_data, "capture", capture)
+    assert run_cache(tiny_model, texts, out, *args) == 0
+    for sub in (".", "target"):
+        np.testing.assert_array_equal(ShardSet(out / sub).read(0, 300),
+                                      ShardSet(tmp_path / "whole" / sub).read(0, 300))
+    assert not (tmp_path / "resumed.partial").exists()
