@@ -268,4 +268,7 @@ def _source_metadata(source) -> dict[str, Any]:
         out["context_size"] = src["context"]
         out["prepend_bos"] = src.get("prepend_bos", True)
         out["drop_first_position"] = src.get("drop_first_position", True)
+    targets = getattr(getattr(getattr(source, "targets", None), "manifest", None), "source", {})
+    if targets and "hook" in targets:  # a transcoder's: what it writes
+        out["hook_name_out"] = targets["hook"]
     return out

@@ -15,6 +15,10 @@ data.drop_norm_above), later sink positions are left clean too. Mean ablation us
 activation over the spliced positions; L0 and explained variance are measured on the
 activations the SAE replaced.
 
+A transcoder reads one point (its `read_hook`, e.g. the MLP's input) and its output replaces
+another (the MLP's output); the ablations replace that same point, and explained variance is
+of the replaced activation.
+
 The SAE runs through `jaxsae.sae` (JAX); the model through PyTorch (the optional extra `lm`).
 """
 
@@ -52,61 +56,75 @@ def eval_windows(lm: lm_data.LanguageModel, files: Sequence[Path], context: int,
 def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, layer: int,
                       hook: str, windows: np.ndarray, *, drop_first_position: bool = True,
                       clean_norm_above: float | None = None, batch_size: int = 8,
-                      progress: bool = True, reuse_prefix: bool = True
-                      ) -> list[dict[str, Any]]:
+                      progress: bool = True, reuse_prefix: bool = True,
+                      read_hook: str | None = None) -> list[dict[str, Any]]:
     """CE loss recovered, KL and reconstruction metrics of each SAE over `windows` [n, T]; the
     clean and ablated passes are shared, so a family costs one more pass per batch per SAE.
     The blocks before the hook run once per batch (in the clean pass): every spliced pass
     starts from their recorded output (`reuse_prefix` False: each pass runs the whole model,
     the reference this is tested against).
 
-    `clean_norm_above`: activations whose norm is above this multiple of the median norm
-    (attention sinks beyond position 0) are left clean in every variant, as training with
-    data.drop_norm_above never showed them to the SAE; `clean_positions` counts them."""
+    Transcoders: `read_hook` (e.g. mlp_in) is what they read and `hook` (mlp_out) what their
+    output replaces; the ablations replace `hook` too. For SAEs both are `hook`.
+
+    `clean_norm_above`: activations whose norm (at the read hook) is above this multiple of
+    the median norm (attention sinks beyond position 0) are left clean in every variant, as
+    training with data.drop_norm_above never showed them to the SAE; `clean_positions` counts
+    them."""
     import torch
 
     lm_data.check_layer(lm, layer)
+    read_hook = hook if read_hook is None else read_hook
     first = 1 if drop_first_position else 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     bar = Progress(len(batches) * (4 + len(saes)), unit="pass", enabled=progress,
                desc="CE loss recovered")
 
-    # The activations at the evaluated positions: their median norm (for clean_norm_above)
-    # and mean (for mean ablation, over the positions that are spliced).
-    acts = []
+    # The activations at the evaluated positions: the median norm of what the SAEs read (for
+    # clean_norm_above) and the mean of what they replace (for mean ablation, over the
+    # positions that are spliced).
+    inputs, outputs = [], []
     for ids in batches:
-        x = lm_data.capture(lm, layer, hook, ids)[:, first:]
+        got = lm_data.capture(lm, layer, tuple(dict.fromkeys((read_hook, hook))), ids)
+        read, replaced = (got[0], got[-1])  # the same array for an SAE
+        read, replaced = read[:, first:], replaced[:, first:]
         for loaded in saes:
-            if x.shape[-1] != loaded.d_in:
-                raise JaxsaeError(f"the SAE has d_in {loaded.d_in}, but {lm.name} has "
-                                  f"{x.shape[-1]} dimensions at "
-                                  f"{lm_data.hook_name(layer, hook)}")
-        acts.append(x.reshape(-1, x.shape[-1]))
+            what = "SAE" if loaded.d_out is None else "transcoder"
+            widths = (("d_in", loaded.d_in, read_hook, read.shape[-1]),
+                      ("d_out", loaded.d_out or loaded.d_in, hook, replaced.shape[-1]))
+            for name, want, point, have in widths:
+                if want != have:
+                    raise JaxsaeError(f"the {what} has {name} {want}, but {lm.name} has "
+                                      f"{have} dimensions at {lm_data.hook_name(layer, point)}")
+        inputs.append(read.reshape(-1, read.shape[-1]))
+        outputs.append(replaced.reshape(-1, replaced.shape[-1]))
         bar.update()
-    acts = np.concatenate(acts)
-    norms = np.linalg.norm(acts, axis=1)
+    norms = np.linalg.norm(np.concatenate(inputs), axis=1)
     limit = None if clean_norm_above is None else clean_norm_above * float(np.median(norms))
-    spliced_rows = norms <= limit if limit is not None else np.ones(len(acts), bool)
-    mean = acts[spliced_rows].astype(np.float64).mean(0)
-    del acts
+    spliced_rows = norms <= limit if limit is not None else np.ones(len(norms), bool)
+    mean = np.concatenate(outputs)[spliced_rows].astype(np.float64).mean(0)
+    del inputs, outputs
 
     seen: list[list[np.ndarray]] = [[] for _ in saes]
+    transcoders = read_hook != hook
 
     def reconstructor(i: int):
         params = jax.tree.map(jnp.asarray, saes[i].params)
 
-        def reconstruct(part):
-            flat = part.float().cpu().numpy().reshape(-1, part.shape[-1])
-            seen[i].append(flat if limit is None
-                           else flat[np.linalg.norm(flat, axis=1) <= limit])
+        def reconstruct(inp, part):
+            flat = inp.float().cpu().numpy().reshape(-1, inp.shape[-1])
+            rows = flat if not transcoders else np.concatenate(
+                [flat, part.float().cpu().numpy().reshape(-1, part.shape[-1])], axis=1)
+            seen[i].append(rows if limit is None
+                           else rows[np.linalg.norm(flat, axis=1) <= limit])
             _, x_hat = evaluate.encode_decode(params, jnp.asarray(flat), saes[i].sae)
             return torch.from_numpy(np.array(x_hat)).reshape(part.shape)
 
         return reconstruct
 
     replacements = {
-        "zero_ablation": torch.zeros_like,
-        "mean_ablation": lambda part: torch.as_tensor(mean).expand_as(part),
+        "zero_ablation": lambda inp, part: torch.zeros_like(part),
+        "mean_ablation": lambda inp, part: torch.as_tensor(mean).expand_as(part),
         **{f"sae{i}": reconstructor(i) for i in range(len(saes))},
     }
     sums = dict.fromkeys(["ce_clean", *(f"ce_{k}" for k in replacements),
@@ -119,18 +137,23 @@ def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, laye
         sums["ce_clean"] += _nll(clean, targets)
         bar.update()
         for name, replace in replacements.items():
-            def splice(x, replace=replace):
+            box: dict[str, Any] = {}
+
+            def splice(x, replace=replace, box=box):
                 part = x[:, first:]
-                new = replace(part).to(dtype=x.dtype, device=x.device)
+                inp = box["read"][:, first:] if transcoders else part
+                new = replace(inp, part).to(dtype=x.dtype, device=x.device)
                 if limit is not None:  # attention sinks stay as they are
-                    new = torch.where(part.float().norm(dim=-1, keepdim=True) > limit, part, new)
+                    new = torch.where(inp.float().norm(dim=-1, keepdim=True) > limit, part, new)
                 out = x.clone()
                 out[:, first:] = new
                 return out
 
             reuse = (lm_data.reusing_prefix(lm, layer, prefix) if reuse_prefix
                      else contextlib.nullcontext())
-            with lm_data.hooked(lm, layer, hook, splice), reuse:
+            reading = (lm_data.hooked(lm, layer, read_hook, lambda x, box=box: box.update(read=x))
+                       if transcoders else contextlib.nullcontext())
+            with reading, lm_data.hooked(lm, layer, hook, splice), reuse:
                 spliced = _log_probs(lm, ids, first)
             sums[f"ce_{name}"] += _nll(spliced, targets)
             sums[f"kl_{name}"] += float((clean.exp() * (clean - spliced)).sum())
@@ -140,6 +163,7 @@ def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, laye
 
     m = {k: v / predicted for k, v in sums.items()}
     shared = {"model": lm.name, "hook": lm_data.hook_name(layer, hook),
+              **({"hook_in": lm_data.hook_name(layer, read_hook)} if transcoders else {}),
               "sequences": len(windows), "predicted_tokens": predicted,
               "clean_positions": int(np.sum(~spliced_rows)), "ce_clean": m["ce_clean"]}
     results = []
@@ -153,7 +177,8 @@ def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, laye
                "ce_loss_recovered_vs_mean_ablation": _score(m["ce_mean_ablation"], ce,
                                                             m["ce_clean"]),
                "kl_div_score": _score(m["kl_zero_ablation"], kl, 0.0)}
-        recon = evaluate.reconstruction_metrics(loaded.params, loaded.sae, seen[i])
+        recon = evaluate.reconstruction_metrics(loaded.params, loaded.sae, seen[i],
+                                                d_in=loaded.d_in)
         recon.pop("firing_frequency")
         results.append({**out, **recon})
     return results

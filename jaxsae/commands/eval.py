@@ -80,7 +80,7 @@ class Eval(Command):
                               "model), one of the two")
         if self.model is not None:
             only_with(self, "--data", "truth", "details", "batch_size", "target")
-            results = self._on_model([load_sae(d) for d in self.sae_dir])
+            results = self._on_model([load_sae(d, transcoders=True) for d in self.sae_dir])
             print(json_text(results[0] if len(results) == 1 else results))
             return 0
         only_with(self, "--model", "layer", "context", "drop_first_position",
@@ -159,10 +159,10 @@ class Eval(Command):
         settings = [self._splice_settings(d, s) for d, s in zip(self.sae_dir, saes, strict=True)]
         for sae_dir, own in zip(self.sae_dir[1:], settings[1:], strict=True):
             if own != settings[0]:
-                raise JaxsaeError(f"{sae_dir}: evaluated as (layer, hook, context, first "
+                raise JaxsaeError(f"{sae_dir}: evaluated as (layer, hooks, context, first "
                                   f"position dropped, clean norm) {own}, but {self.sae_dir[0]} "
                                   f"as {settings[0]}: evaluate them separately")
-        layer, hook, context, drop_first, clean_above = settings[0]
+        layer, (read_hook, hook), context, drop_first, clean_above = settings[0]
         if not self.text:
             raise JaxsaeError("--text: required with --model (held-out text to evaluate on)")
         tokens = 16384 if self.tokens is None else self.tokens
@@ -176,7 +176,7 @@ class Eval(Command):
         results = splice.ce_loss_recovered(saes, lm, layer, hook, batches,
                                            drop_first_position=drop_first,
                                            clean_norm_above=clean_above, batch_size=windows,
-                                           progress=not self.no_progress)
+                                           progress=not self.no_progress, read_hook=read_hook)
         return [{"sae": d, **r} for d, r in zip(self.sae_dir, results, strict=True)]
 
     @property
@@ -189,8 +189,9 @@ class Eval(Command):
         return None
 
     def _splice_settings(self, sae_dir: str, loaded) -> tuple:
-        """(layer, hook, context, drop_first_position, clean_norm_above) for one SAE: the
-        flags, else what its cfg.json says about its training data."""
+        """(layer, (point read, point replaced), context, drop_first_position,
+        clean_norm_above) for one SAE or transcoder: the flags, else what its cfg.json says
+        about its training data."""
         from jaxsae.data import lm as lm_data
 
         meta = loaded.cfg_json.get("metadata", {})
@@ -199,10 +200,19 @@ class Eval(Command):
         if layer is None:
             raise JaxsaeError(f"--layer: required ({sae_dir}/cfg.json names no hook_name "
                               "like blocks.L.hook_resid_post)")
-        hook = self.hook or (trained_at[1] if trained_at else "resid_post")
-        if hook not in lm_data.HOOK_POINTS:
-            raise JaxsaeError(f"--hook must be one of {', '.join(lm_data.HOOK_POINTS)}, "
-                              f"got {hook!r}")
+        if loaded.d_out is not None:  # a transcoder: reads one point, replaces another
+            if self.hook:
+                raise JaxsaeError(f"--hook: {sae_dir} is a transcoder; it reads and replaces "
+                                  "the points its cfg.json names (hook_name, hook_name_out)")
+            written = lm_data.parse_hook_name(meta.get("hook_name_out", ""))
+            hooks = (trained_at[1] if trained_at else "mlp_in",
+                     written[1] if written else "mlp_out")
+        else:
+            hook = self.hook or (trained_at[1] if trained_at else "resid_post")
+            if hook not in lm_data.HOOK_POINTS:
+                raise JaxsaeError(f"--hook must be one of {', '.join(lm_data.HOOK_POINTS)}, "
+                                  f"got {hook!r}")
+            hooks = (hook, hook)
         context = self.context or meta.get("context_size") or 128
         drop_first = self.first_position_dropped
         if drop_first is None:
@@ -212,5 +222,5 @@ class Eval(Command):
             clean_above = loaded.cfg_json.get("jaxsae", {}).get("drop_norm_above")
         elif clean_above <= 0:
             raise JaxsaeError(f"--clean-norm-above must be > 0, got {clean_above}")
-        return layer, hook, context, drop_first, clean_above
+        return layer, hooks, context, drop_first, clean_above
 

@@ -131,7 +131,8 @@ def test_transcoder_exports_give_the_same_outputs_in_saelens(inputs, tmp_path):
         codes = np.asarray(sae.encode(params, inputs, cfg))
         out = np.asarray(sae.decode(params, codes, inputs))
         assert (codes > 0).any() and out.shape == (len(inputs), d_out), name
-        export_sae(params, cfg, tmp_path / name)
+        export_sae(params, cfg, tmp_path / name, metadata={  # as a run on cached pairs writes
+            "hook_name": "blocks.1.ln2.hook_normalized", "hook_name_out": "blocks.1.hook_mlp_out"})
         written = json.loads((tmp_path / name / "cfg.json").read_text())
         assert (written["d_in"], written["d_out"]) == (D_IN, d_out)
         assert written["apply_b_dec_to_input"] is False

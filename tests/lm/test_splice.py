@@ -256,3 +256,79 @@ def test_bad_input(tiny_model, texts, tmp_path, capsys):
     assert "--truth goes with --data" in error(sae, "--text", str(texts), "--truth", "x")
     assert "--clean-norm-above must be > 0" in error(sae, "--text", str(texts),
                                                      "--clean-norm-above", "0")
+
+
+def test_a_transcoder_replaces_the_mlp_output_with_its_own(tiny_model, texts, tmp_path, capsys):
+    """A skip transcoder reads block 1's MLP input and its output replaces the MLP's output
+    (the points its cfg.json names): CE against a plain PyTorch hook on the MLP computing
+    relu(x·W_enc + b_enc)·W_dec + b_dec + x·W_skipᵀ; zero ablation zeroes the MLP output."""
+    rng = np.random.default_rng(0)
+    d_sae = 16
+    params = {"W_enc": rng.normal(0, 0.3, (D, d_sae)), "b_enc": rng.normal(0, 0.1, d_sae),
+              "W_dec": rng.normal(0, 0.1, (d_sae, D)), "b_dec": rng.normal(0, 0.01, D),
+              "W_skip": rng.normal(0, 0.1, (D, D))}
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    meta = {"hook_name": "blocks.1.ln2.hook_normalized",
+            "hook_name_out": "blocks.1.hook_mlp_out", "context_size": CONTEXT}
+    cfg = SAEConfig(d_sae=d_sae, decoder_norm="free", transcoder=True, skip=True)
+    m = run_eval(export_sae(params, cfg, tmp_path / "tc", metadata=meta), tiny_model, texts,
+                 capsys=capsys)
+    assert (m["hook_in"], m["hook"]) == ("blocks.1.ln2.hook_normalized",
+                                         "blocks.1.hook_mlp_out")
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    stream = tok((texts / "a.txt").read_text(), add_special_tokens=False)["input_ids"]
+    stream.append(tok.eos_token_id)
+    ids = torch.tensor([[tok.bos_token_id, *stream[i : i + CONTEXT - 1]]
+                        for i in range(0, 10 * (CONTEXT - 1), CONTEXT - 1)])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    t = {k: torch.from_numpy(v) for k, v in params.items()}
+
+    def loss(replace):
+        def hook(module, args, output):
+            out = output.clone()
+            out[:, 1:] = replace(args[0][:, 1:], output[:, 1:])
+            return out
+        handle = model.model.layers[1].mlp.register_forward_hook(hook)
+        with torch.inference_mode():
+            value = float(model(input_ids=ids, labels=labels).loss)
+        handle.remove()
+        return value
+
+    transcoded = loss(lambda x, y: torch.relu(x @ t["W_enc"] + t["b_enc"]) @ t["W_dec"]
+                      + t["b_dec"] + x @ t["W_skip"].T)
+    assert m["ce_sae"] == pytest.approx(transcoded, rel=1e-5)
+    assert m["ce_zero_ablation"] == pytest.approx(loss(lambda x, y: torch.zeros_like(y)),
+                                                  rel=1e-5)
+    assert m["kl_sae"] > 1e-6  # it did replace something
+    assert 0 < m["l0"] <= d_sae and m["tokens"] == 10 * (CONTEXT - 1)
+
+
+def test_transcoder_from_cached_pairs_to_ce_loss_recovered(tiny_model, texts, tmp_path,
+                                                           capsys):
+    """cache --hook mlp_in --target-hook mlp_out -> train a transcoder on the pairs -> its
+    cfg.json names both points -> eval --model splices it there with no flags."""
+    acts = tmp_path / "pairs"
+    assert main(["cache", "--model", str(tiny_model), "--layer", "1", "--text", str(texts),
+                 "--tokens", "400", "--context", str(CONTEXT), "--out", str(acts),
+                 "--hook", "mlp_in", "--target-hook", "mlp_out", "--no-progress"]) == 0
+    config = {"name": "tc", "run_dir": str(tmp_path / "run"),
+              "data": {"path": str(acts), "target": str(acts / "target"), "eval_tokens": 0},
+              "sae": {"d_sae": 64, "activation": "relu", "skip": True, "decoder_norm": "free"},
+              "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.001}],
+              "optim": {"lr": 3e-3, "batch_size": 64, "total_tokens": 6400, "warmup_steps": 0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    sae = tmp_path / "run" / "sae"
+    written = json.loads((sae / "cfg.json").read_text())
+    assert written["architecture"] == "skip_transcoder"
+    assert written["metadata"]["hook_name"] == "blocks.1.ln2.hook_normalized"
+    assert written["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    capsys.readouterr()
+    m = run_eval(sae, tiny_model, texts, capsys=capsys)
+    assert (m["hook_in"], m["hook"]) == ("blocks.1.ln2.hook_normalized",
+                                         "blocks.1.hook_mlp_out")
+    assert m["explained_variance"] > 0.2  # of the MLP output, from its input (100 steps)
+    assert 0 < m["kl_sae"] < m["kl_zero_ablation"] and np.isfinite(m["ce_loss_recovered"])
