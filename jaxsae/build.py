@@ -49,9 +49,9 @@ class Built:
 
 
 def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: float = 1.0,
-          d_out: int = 0) -> Built:
+          d_out: int = 0, target_scale: float = 1.0) -> Built:
     """mesh -> abstract init -> shardings -> jitted init and step. `d_out`: a transcoder's
-    target width (its batches are [x | target] rows).
+    target width (its batches are [x | target] rows), `target_scale` its targets' scale.
 
     A sweep is the same step under jax.vmap: every SAE gets its own state and hyper-parameters
     (stacked along a leading axis) and all of them see the same batch, read once.
@@ -64,7 +64,8 @@ def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: floa
     mesh = sharding.make_mesh(static, devices)
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = make_train_step(static, input_scale, mesh,
-                                 None if cfg.sweep is None else SWEEP_AXIS, d_out)
+                                 None if cfg.sweep is None else SWEEP_AXIS, d_out,
+                                 target_scale)
     seeds = [m.seed for m in members]
 
     def init_one(seed, params):

@@ -55,9 +55,6 @@ def _check_transcoder(cfg: Config) -> None:
     if cfg.sae.tied:
         raise ConfigError("sae.tied: a transcoder's encoder reads the input and its decoder "
                           "writes the target, so there is no decoder transpose to tie to")
-    if cfg.data.normalize != "none":
-        raise ConfigError("data.normalize: not supported for transcoders yet (inputs and "
-                          "targets would need scales of their own); use none")
     if cfg.init_from is not None:
         raise ConfigError("init_from: not supported for transcoders yet")
 

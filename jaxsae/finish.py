@@ -91,7 +91,9 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
     """`finalise` of several SAEs trained on the same data (a sweep's): the evaluation tokens
     are read once for all of them, each block evaluated by every SAE in turn."""
     scale = 1.0 if stats is None else stats.scale
-    folded = [sae.fold_input_scale(params, scale) for params, _, _ in saes]
+    target_scale = 1.0 if stats is None else stats.target_scale
+    folded = [sae.fold_input_scale(params, scale, target_scale if source.d_out else None)
+              for params, _, _ in saes]
     held_out = source.n_tokens > n_train
     eval_start = n_train if held_out else max(0, n_train - 65536)
     keep = None if stats is None else stats.keep_fn(source.d_in)

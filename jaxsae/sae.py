@@ -319,18 +319,25 @@ def after_update(params: Params, out: ForwardOutput, step: jax.Array, cfg: SAECo
     return activations.get(cfg.activation).after_update(params, codes, step, cfg)
 
 
-def fold_input_scale(params: Params, scale: float) -> Params:
+def fold_input_scale(params: Params, scale: float, target_scale: float | None = None
+                     ) -> Params:
     """Parameters that take raw x for an SAE trained on scale·x: same codes, x̂ in raw units.
 
     (s·x − b_dec)·W_enc = (x − b_dec/s)·(s·W_enc), and x̂ = (f·W_dec + b_dec)/s, so
     W_enc → s·W_enc, W_dec → W_dec/s, b_dec → b_dec/s (b_enc and thresholds unchanged).
     The result always has W_enc (a tied SAE stops being tied once scaled).
+
+    A transcoder trained on s·x → t·y (`target_scale` t; its encoder reads x uncentred):
+    W_enc → s·W_enc, W_dec → W_dec/t, b_dec → b_dec/t, W_skip → W_skip·s/t.
     """
-    if scale == 1.0:
+    t = scale if target_scale is None else target_scale
+    if scale == 1.0 and t == 1.0:
         return params
     folded = dict(params)
     folded["W_enc"] = encoder_weight(params) * scale
-    folded["W_dec"] = params["W_dec"] / scale
-    folded["b_dec"] = params["b_dec"] / scale
+    folded["W_dec"] = params["W_dec"] / t
+    folded["b_dec"] = params["b_dec"] / t
+    if "W_skip" in params:
+        folded["W_skip"] = params["W_skip"] * (scale / t)
     return folded
 

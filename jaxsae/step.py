@@ -118,11 +118,12 @@ def init_state(key: jax.Array, cfg: Config, d_in: int,
 
 def make_train_step(
     cfg: Config, input_scale: float = 1.0, mesh: Mesh | None = None,
-    sweep_axis: str | None = None, d_out: int = 0,
+    sweep_axis: str | None = None, d_out: int = 0, target_scale: float = 1.0,
 ) -> Callable[[TrainState, jax.Array, Hyper], tuple[TrainState, dict]]:
     """The pure step: (state, batch [batch, d_in], hyper) -> (state, metrics). Batches are
     multiplied by `input_scale` (activation normalisation) on the device. A transcoder's
-    batch rows are [x | target] with `d_out` target columns. A sweep vmaps this same function
+    batch rows are [x | target] with `d_out` target columns (targets multiplied by
+    `target_scale`). A sweep vmaps this same function
     over stacked states and hypers (the batch is shared), with axis name `sweep_axis`."""
     prefix_ends = penalties.prefix_ends(cfg)
     compute = jnp.dtype(cfg.optim.compute_dtype)
@@ -135,11 +136,13 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: jax.Array, hyper: Hyper
                    ) -> tuple[TrainState, dict]:
-        if input_scale != 1.0:
-            batch = batch * input_scale
         target = None
         if d_out:  # a transcoder's pairs
             batch, target = batch[:, :-d_out], batch[:, -d_out:]
+            if target_scale != 1.0:
+                target = target * target_scale
+        if input_scale != 1.0:
+            batch = batch * input_scale
         step = state.step
         key = jax.random.fold_in(state.rng, step)
         schedule = lr_schedule(cfg.optim, hyper.lr)

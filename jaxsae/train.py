@@ -196,10 +196,11 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
     builds: dict[float, Built] = {}
 
     def built_for(stats: DataStats) -> Built:
-        if stats.scale not in builds:
-            builds[stats.scale] = build(cfg, source.d_in, input_scale=stats.scale,
-                                        d_out=source.d_out)
-        return builds[stats.scale]
+        scales = (stats.scale, stats.target_scale)
+        if scales not in builds:
+            builds[scales] = build(cfg, source.d_in, input_scale=stats.scale,
+                                   d_out=source.d_out, target_scale=stats.target_scale)
+        return builds[scales]
 
     def abstract_for(loader_state: dict, saved_cfg: Config):
         check_resume_compatible(saved_cfg, cfg, run_dir)
@@ -219,10 +220,12 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         stats = estimate_stats(source, n_train, cfg.data)
         built = built_for(stats)
         state = built.init(_start_params(cfg, source.d_in, stats, log))
-    if stats.drop_above is not None or stats.scale != 1.0:
+    if stats.drop_above is not None or stats.scale != 1.0 or stats.target_scale != 1.0:
         log(f"data: median token norm {stats.median_norm:.4g}"
             + (f", dropping tokens with norm > {stats.drop_above:.4g}" if stats.drop_above else "")
-            + (f", input scale {stats.scale:.4g}" if stats.scale != 1.0 else ""))
+            + (f", input scale {stats.scale:.4g}" if stats.scale != 1.0 else "")
+            + (f", target scale {stats.target_scale:.4g}" if stats.target_scale != 1.0
+               else ""))
     if is_main:
         atomic_write(run_dir / "config.yaml", cfg.to_yaml())
         for member, directory in zip(members, dirs, strict=True):

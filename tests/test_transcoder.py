@@ -97,10 +97,6 @@ def test_the_loader_keeps_pairs_together(tmp_path):
 def test_what_a_transcoder_cannot_be_is_refused(paired, tmp_path, fields, error):
     with pytest.raises(ConfigError, match=error):
         check_run(config_from_dict(_config(paired, tmp_path, **fields)))
-    tree = _config(paired, tmp_path)
-    tree["data"]["normalize"] = "unit_mean_squared_norm"
-    with pytest.raises(ConfigError, match=r"data\.normalize: not supported for transcoders"):
-        check_run(config_from_dict(tree))
 
 
 def test_skip_and_transcoder_keys_need_a_target(tmp_path):
@@ -247,3 +243,47 @@ def test_synth_transcoder_writes_pairs_and_training_reports_both_dictionaries(tm
     printed = json.loads(capsys.readouterr().out)
     for key in ("mcc", "encoder_mcc", "f1", "explained_variance"):
         assert printed[key] == pytest.approx(result.eval[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_folding_the_scales_gives_raw_units(activation):
+    """A transcoder trained on s·x -> t·y, folded (sae.fold_input_scale(params, s, t)), maps
+    raw x to raw y: the same codes, and outputs 1/t of the trained ones (bypass included)."""
+    cfg = config_from_dict({"data": {"path": "x", "target": "y"},
+                            "sae": {"d_sae": 32, "activation": activation, "skip": True,
+                                    "decoder_norm": "free"}}).sae
+    key = jax.random.PRNGKey(4)
+    params = sae.init_params(key, D_IN, cfg, D_OUT)
+    params = {k: v + 0.2 * jax.random.normal(jax.random.fold_in(key, i), v.shape)
+              for i, (k, v) in enumerate(params.items())}
+    if "threshold" in params:
+        params["threshold"] = jnp.abs(params["threshold"])
+    x = jax.random.normal(jax.random.fold_in(key, 9), (20, D_IN))
+    s, t = 3.0, 0.25
+    folded = sae.fold_input_scale(params, s, t)
+    trained_codes = sae.encode(params, s * x, cfg)
+    np.testing.assert_allclose(sae.encode(folded, x, cfg), trained_codes, rtol=1e-5, atol=1e-5)
+    assert float(jnp.sum(trained_codes > 0)) > 0
+    np.testing.assert_allclose(sae.decode(folded, sae.encode(folded, x, cfg), x),
+                               sae.decode(params, trained_codes, s * x) / t,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_normalised_transcoder_trains_on_unit_scales_and_reports_raw_units(paired, tmp_path,
+                                                                          capsys):
+    """data.normalize with pairs: inputs and targets get scales of their own (E‖x‖² = d_in,
+    E‖y‖² = d_out, both logged); the run's evaluation, in raw units after folding, is close to
+    an unnormalised run's."""
+    def run(name, normalize):
+        tree = _config(paired, tmp_path / name, activation="batchtopk", k=4, skip=True)
+        tree["data"]["normalize"] = normalize
+        tree["optim"]["total_tokens"] = 256 * 40
+        return train(config_from_dict(tree), progress=False)
+
+    capsys.readouterr()
+    normalised = run("norm", "unit_mean_squared_norm")
+    logged = capsys.readouterr().out
+    assert "input scale" in logged and "target scale" in logged
+    plain = run("plain", "none")
+    assert normalised.eval["explained_variance"] > 0.1
+    assert abs(normalised.eval["explained_variance"] - plain.eval["explained_variance"]) < 0.15

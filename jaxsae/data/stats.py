@@ -21,6 +21,8 @@ class DataStats:
     """Tokens with a larger norm are dropped (None: keep all)."""
     scale: float
     """Inputs are multiplied by this before the SAE (1.0 unless normalising)."""
+    target_scale: float = 1.0
+    """A transcoder's targets are multiplied by this (E‖y‖² = d_out when normalising)."""
 
     def keep_fn(self, d_in: int | None = None) -> KeepFn | None:
         """The filter of the tokens to train on; `d_in`: only the first d_in columns count (a
@@ -53,13 +55,20 @@ def sample_evenly(source: TokenSource, stop: int, n: int, pieces: int = 64) -> n
 
 def estimate(source: TokenSource, stop: int, cfg: DataConfig) -> DataStats:
     """Median norm, outlier threshold and scale from tokens spread over the training range."""
-    tokens = sample_evenly(source, stop, cfg.stats_tokens)[:, :source.d_in]  # the inputs
+    rows = sample_evenly(source, stop, cfg.stats_tokens)
+    tokens, targets = rows[:, :source.d_in], rows[:, source.d_in:]  # a transcoder's pairs
     norms = np.linalg.norm(tokens.astype(np.float64), axis=1)
     median = float(np.median(norms))
     drop_above = None if cfg.drop_norm_above is None else cfg.drop_norm_above * median
     kept = norms if drop_above is None else norms[norms <= drop_above]
-    scale = 1.0
+    scale = target_scale = 1.0
     if cfg.normalize == "unit_mean_squared_norm":
         mean_sq = float(np.mean(kept**2)) if len(kept) else 0.0
         scale = float(np.sqrt(source.d_in / mean_sq)) if mean_sq > 0 else 1.0
-    return DataStats(median_norm=median, drop_above=drop_above, scale=scale)
+        if targets.shape[1]:
+            y = targets if drop_above is None else targets[norms <= drop_above]
+            y_sq = float(np.mean(np.sum(np.square(y.astype(np.float64)), axis=1))) if len(y) \
+                else 0.0
+            target_scale = float(np.sqrt(targets.shape[1] / y_sq)) if y_sq > 0 else 1.0
+    return DataStats(median_norm=median, drop_above=drop_above, scale=scale,
+                     target_scale=target_scale)
