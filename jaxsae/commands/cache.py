@@ -34,9 +34,10 @@ class Cache(Command):
     hook: Literal["resid_post", "resid_pre", "mlp_in", "mlp_out"] = "resid_post"
     """the block's output (resid_post) or input (resid_pre), its MLP's normalised input
     (mlp_in: blocks.L.ln2.hook_normalized) or output (mlp_out: blocks.L.hook_mlp_out)"""
-    target_hook: Literal["resid_post", "resid_pre", "mlp_in", "mlp_out"] | None = None
-    """a transcoder's targets: also cache this point of the same tokens, into --out/target
-    (e.g. --hook mlp_in --target-hook mlp_out)"""
+    target_hook: Annotated[Literal["resid_post", "resid_pre", "mlp_in", "mlp_out"] | None,
+                           unset("POINT", "none")] = None
+    """a transcoder's targets: also cache this point (resid_post, resid_pre, mlp_in, mlp_out) of
+    the same tokens, into --out/target (e.g. --hook mlp_in --target-hook mlp_out)"""
     context: int = 128
     """tokens per window, BOS included"""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

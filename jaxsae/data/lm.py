@@ -222,46 +222,28 @@ def _hidden(output):
 def hooked(lm: LanguageModel, layer: int, point: str, fn):
     """Within the block, `fn(x)` sees the activation x [B, T, d] at the hook and returns its
     replacement (None keeps x)."""
+    if point not in HOOK_POINTS:
+        raise JaxsaeError(f"--hook must be one of {', '.join(HOOK_POINTS)}, got {point!r}")
     block = lm.blocks[layer]
-    if point == "resid_post":
-        def post(module, args, output):
+    # the block itself, or its MLP (mlp_in: the MLP's input, the block's normalised residual)
+    module = block if point.startswith("resid") else _mlp_of(lm, block)
+    if point in ("resid_post", "mlp_out"):
+        def after(module, args, output):
             new = fn(_hidden(output))
             if new is None:
                 return None
             return (new, *output[1:]) if isinstance(output, tuple) else new
-        handle = block.register_forward_hook(post)
-    elif point == "resid_pre":
-        def pre(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            new = fn(x)
+        handle = module.register_forward_hook(after)
+    else:
+        def before(module, args, kwargs):
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs), None)
+            new = fn(args[0] if args else kwargs[key])
             if new is None:
                 return None
             if args:
                 return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
-        handle = block.register_forward_pre_hook(pre, with_kwargs=True)
-    elif point in ("mlp_in", "mlp_out"):
-        mlp = _mlp_of(lm, block)
-        if point == "mlp_in":  # the MLP's input: the block's normalised residual
-            def mlp_pre(module, args, kwargs):
-                x = args[0] if args else next(iter(kwargs.values()))
-                new = fn(x)
-                if new is None:
-                    return None
-                if args:
-                    return (new, *args[1:]), kwargs
-                first = next(iter(kwargs))
-                return args, {**kwargs, first: new}
-            handle = mlp.register_forward_pre_hook(mlp_pre, with_kwargs=True)
-        else:
-            def mlp_post(module, args, output):
-                new = fn(_hidden(output))
-                if new is None:
-                    return None
-                return (new, *output[1:]) if isinstance(output, tuple) else new
-            handle = mlp.register_forward_hook(mlp_post)
-    else:
-        raise JaxsaeError(f"--hook must be one of {', '.join(HOOK_POINTS)}, got {point!r}")
+            return args, {**kwargs, key: new}
+        handle = module.register_forward_pre_hook(before, with_kwargs=True)
     try:
         yield
     finally:

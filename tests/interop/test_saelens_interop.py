@@ -91,9 +91,15 @@ def test_exports_give_the_same_codes_in_saelens(inputs, tmp_path):
         expected[name] = (codes, recon)
         job["encode"].append({"dir": str(tmp_path / name), "out": str(tmp_path / f"{name}.npz")})
     _saelens(job, tmp_path)
+    _same_in_saelens(expected, {name: e[1] for name, e in EXPORTS.items()}, tmp_path)
+
+
+def _same_in_saelens(expected: dict, classes: dict, tmp_path) -> None:
+    """What SAELens computed for each export (saelens_side.py's .npz) against jaxsae's codes
+    and outputs, and the class it loaded each as."""
     for name, (codes, recon) in expected.items():
         got = np.load(tmp_path / f"{name}.npz")
-        assert str(got["kind"]) == EXPORTS[name][1], name
+        assert str(got["kind"]) == classes[name], name
         np.testing.assert_allclose(got["codes"], codes, atol=1e-5, rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(got["recon"], recon, atol=1e-5, rtol=1e-5, err_msg=name)
 
@@ -139,11 +145,7 @@ def test_transcoder_exports_give_the_same_outputs_in_saelens(inputs, tmp_path):
         expected[name] = (codes, out)
         job["encode"].append({"dir": str(tmp_path / name), "out": str(tmp_path / f"{name}.npz")})
     _saelens(job, tmp_path)
-    for name, (codes, out) in expected.items():
-        got = np.load(tmp_path / f"{name}.npz")
-        assert str(got["kind"]) == TRANSCODERS[name][2], name
-        np.testing.assert_allclose(got["codes"], codes, atol=1e-5, rtol=1e-5, err_msg=name)
-        np.testing.assert_allclose(got["recon"], out, atol=1e-5, rtol=1e-5, err_msg=name)
+    _same_in_saelens(expected, {name: t[2] for name, t in TRANSCODERS.items()}, tmp_path)
 
 
 def test_bfloat16_export_loads_in_saelens(inputs, tmp_path):

@@ -46,9 +46,9 @@ def run_eval(sae_dir, model, texts, *extra, capsys):
     return json.loads(out.out)
 
 
-def reference_losses(model_dir, texts, layer=1, clean_above=None):
-    """Clean, zero-ablated and mean-ablated CE (nats per token predicted from positions >= 1),
-    computed with the model's own `labels` loss and a hand-written hook."""
+def reference_batch(model_dir, texts):
+    """The model, the 10 windows `eval --tokens 150` evaluates, and labels for the predictions
+    made from positions 1..T-2."""
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     stream = tok((texts / "a.txt").read_text(), add_special_tokens=False)["input_ids"]
@@ -56,7 +56,14 @@ def reference_losses(model_dir, texts, layer=1, clean_above=None):
     ids = torch.tensor([[tok.bos_token_id, *stream[i : i + CONTEXT - 1]]
                         for i in range(0, 10 * (CONTEXT - 1), CONTEXT - 1)])
     labels = ids.clone()
-    labels[:, :2] = -100  # only the predictions made from positions 1..T-2
+    labels[:, :2] = -100
+    return model, ids, labels
+
+
+def reference_losses(model_dir, texts, layer=1, clean_above=None):
+    """Clean, zero-ablated and mean-ablated CE (nats per token predicted from positions >= 1),
+    computed with the model's own `labels` loss and a hand-written hook."""
+    model, ids, labels = reference_batch(model_dir, texts)
 
     with torch.inference_mode():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
@@ -276,14 +283,7 @@ def test_a_transcoder_replaces_the_mlp_output_with_its_own(tiny_model, texts, tm
     assert (m["hook_in"], m["hook"]) == ("blocks.1.ln2.hook_normalized",
                                          "blocks.1.hook_mlp_out")
 
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    stream = tok((texts / "a.txt").read_text(), add_special_tokens=False)["input_ids"]
-    stream.append(tok.eos_token_id)
-    ids = torch.tensor([[tok.bos_token_id, *stream[i : i + CONTEXT - 1]]
-                        for i in range(0, 10 * (CONTEXT - 1), CONTEXT - 1)])
-    labels = ids.clone()
-    labels[:, :2] = -100
+    model, ids, labels = reference_batch(tiny_model, texts)
     t = {k: torch.from_numpy(v) for k, v in params.items()}
 
     def loss(replace):
