@@ -64,6 +64,7 @@ GPU_TESTS = [
     "tests/test_train.py::test_resume_after_crash_is_exact",
     "tests/test_train.py::test_bfloat16_compute_tracks_float32",
     "tests/test_train.py::test_every_activation_trains_and_exports",
+    "tests/test_transcoder.py::test_transcoder_sparse_path_equals_dense_path",
 ]
 QUICK_TESTS = ["tests/test_kernels.py::test_auto_is_the_backends_choice"]
 
