@@ -5,6 +5,10 @@ itself in tests/interop/test_saelens_interop.py."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +25,10 @@ from jaxsae.data.shards import ShardWriter
 from jaxsae.errors import ConfigError, DataError, ExportError, JaxsaeError
 from jaxsae.export import load_sae
 from jaxsae.train import train
-from tests.conftest import small_config_dict, train_until_crash
+from tests.conftest import small_config_dict, train_until_crash, xla_flags
 
 D_IN, D_OUT, FEATURES = 16, 24, 40
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +292,51 @@ def test_normalised_transcoder_trains_on_unit_scales_and_reports_raw_units(paire
     plain = run("plain", "none")
     assert normalised.eval["explained_variance"] > 0.1
     assert abs(normalised.eval["explained_variance"] - plain.eval["explained_variance"]) < 0.15
+
+
+_MESH_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from jaxsae.build import build
+from jaxsae.config import config_from_dict
+
+def run(mesh, devices, dtype):
+    cfg = config_from_dict({
+        "data": {"path": "x", "target": "y"},
+        "sae": {"d_sae": 64, "activation": "batchtopk", "k": 4, "skip": True},
+        "loss": [{"term": "matryoshka", "prefixes": [16, 64]}, {"term": "auxk"}],
+        "optim": {"lr": 1e-2, "batch_size": 64, "total_tokens": 6400, "warmup_steps": 1,
+                  "compute_dtype": dtype},
+        "mesh": mesh})
+    built = build(cfg, 16, devices, d_out=24)
+    state = built.init()
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(5):
+        pairs = rng.standard_normal((64, 40)).astype(np.float32)
+        state, metrics = built.step(state, jax.device_put(pairs, built.batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state.params), losses
+
+ref, ref_losses = run({"data": 1, "model": 1}, jax.devices()[:1], "float32")
+out = {}
+for name, mesh, dtype in (("2x4", {"data": 2, "model": 4}, "float32"),
+                          ("bf16", {"data": 1, "model": 1}, "bfloat16")):
+    got, losses = run(mesh, jax.devices()[:mesh["data"] * mesh["model"]], dtype)
+    out[name] = {"param_diff": max(float(np.max(np.abs(got[k] - ref[k]))) for k in ref),
+                 "loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))}
+print(json.dumps(out))
+"""
+
+
+def test_transcoder_on_a_mesh_and_in_bfloat16():
+    """A skip BatchTopK transcoder (Matryoshka, AuxK) stepped on a 2x4 mesh (pairs split over
+    data, the dictionary over model; W_skip replicated) matches one device; in bf16 compute it
+    tracks float32."""
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["2x4"]["param_diff"] < 1e-5 and result["2x4"]["loss_rel_diff"] < 1e-5
+    assert result["bf16"]["loss_rel_diff"] < 0.03
