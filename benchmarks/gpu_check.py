@@ -47,7 +47,6 @@ import sparse_topk_ops  # noqa: E402
 import throughput  # noqa: E402
 from common import machine, time_train_step  # noqa: E402
 
-from jaxsae.config import config_from_dict  # noqa: E402
 from jaxsae.outputs import atomic_write, json_text  # noqa: E402
 
 PARTS = ("machine", "tests", "throughput", "kernel_steps", "widths", "ops")
@@ -221,7 +220,7 @@ def part_kernel_steps(check: Check) -> dict:
     for kernels in ("cpu", "xla", "pallas"):
         args = _args(check, "topk", kernels=kernels)
         try:
-            timing = time_train_step(_topk_config(check, args.d_sae, kernels), args.d_in,
+            timing = time_train_step(throughput.train_config(args, check.data), args.d_in,
                                      steps=args.steps)
             out[kernels] = {**timing, "tokens_per_s": args.batch / timing["step_s"]}
         except Exception:
@@ -232,16 +231,6 @@ def part_kernel_steps(check: Check) -> dict:
     return out
 
 
-def _topk_config(check: Check, d_sae: int, kernels: str = "auto"):
-    s = shape(check)
-    return config_from_dict({
-        "data": {"path": str(check.data.path)},
-        "sae": {"d_sae": d_sae, "activation": "topk", "k": s["k"], "decoder_norm": "free"},
-        "loss": [{"term": "mse"}, {"term": "auxk", "coefficient": 1 / 32}],
-        "optim": {"batch_size": s["batch"], "total_tokens": s["batch"] * 1000,
-                  "warmup_steps": 1, "compute_dtype": s["dtype"], "kernels": kernels}})
-
-
 def part_widths(check: Check) -> dict:
     s = shape(check)
     out = {}
@@ -250,7 +239,9 @@ def part_widths(check: Check) -> dict:
             out[str(d_sae)] = {"skipped": "out of budget"}
             continue
         try:
-            timing = time_train_step(_topk_config(check, d_sae), s["d_in"], steps=s["steps"])
+            args = _args(check, "topk", d_sae=d_sae)
+            timing = time_train_step(throughput.train_config(args, check.data), args.d_in,
+                                     steps=args.steps)
             stats = jax.devices()[0].memory_stats() or {}
             out[str(d_sae)] = {**timing, "tokens_per_s": s["batch"] / timing["step_s"],
                                "peak_bytes_in_use": stats.get("peak_bytes_in_use"),

@@ -92,8 +92,9 @@ def roofline(batch: int, d_in: int, d_sae: int, dtype: str, reps: int = 5) -> fl
     return 2 * batch * d_in * d_sae * reps / (time.perf_counter() - t0)
 
 
-def jaxsae_rates(args, data: ShardSet) -> tuple[float, float]:
-    """(tokens/s fed by the loader, tokens/s of the step alone on one resident batch)."""
+def train_config(args, data: ShardSet):
+    """The run config of --arch at args's shapes: the loss SAELens's class of that
+    architecture trains with."""
     activation = "batchtopk" if args.arch == "matryoshka_batchtopk" else args.arch
     sae = {"d_sae": args.d_sae, "activation": activation, "k": args.k, "decoder_norm": "free"}
     loss = ([{"term": "mse"}, {"term": "l1", "coefficient": 1.0}] if args.arch == "relu"
@@ -103,10 +104,16 @@ def jaxsae_rates(args, data: ShardSet) -> tuple[float, float]:
         widths = widths_of(args)
         loss = [{"term": "matryoshka", "prefixes": widths, "weights": [1.0] * len(widths)},
                 {"term": "auxk", "coefficient": 1 / 32}]
-    cfg = config_from_dict({"data": {"path": str(data.path)}, "sae": sae, "loss": loss,
-                            "optim": {"batch_size": args.batch, "compute_dtype": args.compute_dtype,
-                                      "total_tokens": args.batch * 1000, "warmup_steps": 1,
-                                      "kernels": args.kernels}})
+    return config_from_dict({"data": {"path": str(data.path)}, "sae": sae, "loss": loss,
+                             "optim": {"batch_size": args.batch,
+                                       "compute_dtype": args.compute_dtype,
+                                       "total_tokens": args.batch * 1000, "warmup_steps": 1,
+                                       "kernels": args.kernels}})
+
+
+def jaxsae_rates(args, data: ShardSet) -> tuple[float, float]:
+    """(tokens/s fed by the loader, tokens/s of the step alone on one resident batch)."""
+    cfg = train_config(args, data)
     built = build(cfg, args.d_in)
     state = built.init()
     loader = Loader(data, batch_size=args.batch, buffer_tokens=cfg.data.shuffle_buffer, seed=0,

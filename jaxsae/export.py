@@ -113,8 +113,6 @@ def export_sae(
     return Path(out)
 
 
-
-
 # SAELens's transcoder classes by the architecture of their encoder, without / with W_skip.
 TRANSCODER_ARCHITECTURES = {"standard": ("transcoder", "skip_transcoder"),
                             "jumprelu": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}

@@ -33,7 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from jaxsae.data.shards import DTYPES, ShardWriter, is_shard_dir, read_manifest
+from jaxsae.data.shards import (
+    DTYPES,
+    TARGET_DIR,
+    ShardWriter,
+    is_shard_dir,
+    read_manifest,
+)
 from jaxsae.errors import DataError, JaxsaeError, require_at_least
 from jaxsae.progress import Progress
 
@@ -472,11 +478,6 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
             print(f"warning: the text ran out after {writers[0].n_tokens} tokens "
                   f"(--tokens {tokens})", file=sys.stderr)
     return out
-
-
-TARGET_DIR = "target"
-"""Where a transcoder's targets go, inside the inputs' directory (as `jaxsae synth
-transcoder` writes them)."""
 
 
 def _already_cached(out: Path, sources: list[dict], tokens: int) -> bool:

@@ -30,6 +30,9 @@ from jaxsae.errors import DataError
 FORMAT = "jaxsae.shards"
 VERSION = 1
 MANIFEST = "manifest.json"
+TARGET_DIR = "target"
+"""A transcoder's targets, when written with their inputs (`jaxsae synth transcoder`,
+`jaxsae cache --target-hook`): a shard directory inside the inputs' one, published with it."""
 SAFETENSORS_KEY = "activations"
 
 DTYPES: dict[str, np.dtype] = {
@@ -252,7 +255,7 @@ class ShardWriter:
         if not (self.staging.exists() or self.staging.is_symlink()):
             return
         ours = re.compile(r"shard-\d+\.(npy|safetensors)|truth\.(json|safetensors)|"
-                          r"target(\.partial)?|"  # a transcoder generator's targets
+                          rf"{TARGET_DIR}(\.partial)?|"
                           rf"{re.escape(PROGRESS)}(\.tmp)?|{re.escape(MANIFEST)}")
         if not self.staging.is_dir() or self.staging.is_symlink() or any(
                 not ours.fullmatch(p.name) for p in self.staging.iterdir()):

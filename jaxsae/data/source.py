@@ -111,6 +111,7 @@ class PairedSource:
         self.inputs, self.targets = inputs, targets
         self.names = inputs.names
         self.manifest = getattr(inputs, "manifest", None)  # what wrote the inputs
+
     @property
     def d_in(self) -> int:
         return self.inputs.d_in

@@ -60,15 +60,18 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig) -> DataStats:
     norms = np.linalg.norm(tokens.astype(np.float64), axis=1)
     median = float(np.median(norms))
     drop_above = None if cfg.drop_norm_above is None else cfg.drop_norm_above * median
-    kept = norms if drop_above is None else norms[norms <= drop_above]
+    kept = np.ones(len(norms), bool) if drop_above is None else norms <= drop_above
     scale = target_scale = 1.0
     if cfg.normalize == "unit_mean_squared_norm":
-        mean_sq = float(np.mean(kept**2)) if len(kept) else 0.0
-        scale = float(np.sqrt(source.d_in / mean_sq)) if mean_sq > 0 else 1.0
+        scale = _unit_scale(np.square(norms[kept]), source.d_in)
         if targets.shape[1]:
-            y = targets if drop_above is None else targets[norms <= drop_above]
-            y_sq = float(np.mean(np.sum(np.square(y.astype(np.float64)), axis=1))) if len(y) \
-                else 0.0
-            target_scale = float(np.sqrt(targets.shape[1] / y_sq)) if y_sq > 0 else 1.0
+            y = targets[kept].astype(np.float64)
+            target_scale = _unit_scale(np.sum(np.square(y), axis=1), targets.shape[1])
     return DataStats(median_norm=median, drop_above=drop_above, scale=scale,
                      target_scale=target_scale)
+
+
+def _unit_scale(squared_norms: np.ndarray, width: int) -> float:
+    """The factor that makes the mean squared norm `width` (1.0 for no or all-zero rows)."""
+    mean_sq = float(np.mean(squared_norms)) if len(squared_norms) else 0.0
+    return float(np.sqrt(width / mean_sq)) if mean_sq > 0 else 1.0

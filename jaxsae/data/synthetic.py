@@ -29,14 +29,12 @@ import numpy as np
 from scipy.special import ndtri
 
 from jaxsae import tensorfile
-from jaxsae.data.shards import ShardWriter
+from jaxsae.data.shards import TARGET_DIR, ShardWriter
 from jaxsae.errors import ConfigError, DataError
 from jaxsae.progress import Progress
 
 TRUTH_TENSORS = "truth.safetensors"
 TRUTH_JSON = "truth.json"
-TARGET_DIR = "target"
-"""Where the `transcoder` generator writes the targets, inside the inputs' directory."""
 BLOCK_TOKENS = 16384
 
 
