@@ -73,7 +73,10 @@ class DataConfig:
     target: str | None = None
     """A transcoder's targets: a second jaxsae shard directory whose row i is what row i of
     `path` maps to (e.g. an MLP's output for its input; same shard sizes, same order; its
-    width is d_out). Set, the dictionary is a transcoder (`sae.transcoder`)."""
+    width is d_out), or a SAELens cache of the same tokens (the same directory as `path` when
+    one cache holds both columns). Set, the dictionary is a transcoder (`sae.transcoder`)."""
+    target_hook: str | None = None
+    """SAELens caches: the target's activation column (needed when `data.target` has several)."""
 
     def __post_init__(self):
         _need(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
@@ -83,6 +86,9 @@ class DataConfig:
               "must be > 0 (a multiple of the median norm)")
         _need(self.stats_tokens > 0, "data.stats_tokens", "must be > 0")
         _need(self.lanes > 0, "data.lanes", "must be > 0")
+        _need(self.target_hook is None or self.target is not None, "data.target_hook",
+              "names a column of data.target's SAELens cache; set data.target too "
+              "(data.path again when one cache holds both columns)")
 
     def held_out(self, n_tokens: int) -> int:
         """Tokens held out for the final evaluation from data of `n_tokens` tokens."""

@@ -203,7 +203,7 @@ class GroundTruthSums:
         }
         if self.parent is not None:
             out.update(_absorption(self.params, self.directions, self.parent, match_f,
-                                   match_l, counts))
+                                   match_l, counts, input_directions=self.input_directions))
         if self.input_directions is not None:
             encoder = np.asarray(sae.encoder_weight(self.params), np.float64).T
             out["encoder_mcc"] = feature_recovery(self.input_directions, encoder)["mcc"]
@@ -273,7 +273,8 @@ class _FiringCounts:
             self.full[i] += (both & ~ell_fired & child_fired).sum()
 
 
-def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts) -> dict:
+def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts, *,
+                input_directions: np.ndarray | None = None) -> dict:
     """Feature absorption on a hierarchy, per parent feature p with matched latent ℓ:
 
     recall_alone       P(ℓ fires | p active, no child active)
@@ -285,10 +286,14 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts) 
     encoder mixing     cos(W_enc[:, ℓ_c], sibling direction) for each child c, sibling s ≠ c
     child decoders     cos(W_dec[ℓ_c], sibling direction) (negative: a child latent
                        subtracts its siblings)
+    (A transcoder's encoder reads the input: its columns are compared with the input
+    dictionary, `input_directions`.)
     """
     W_dec = np.asarray(params["W_dec"], np.float64)
     W_enc = np.asarray(sae.encoder_weight(params), np.float64)
     unit = directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    unit_in = unit if input_directions is None else (
+        input_directions / np.linalg.norm(input_directions, axis=1, keepdims=True))
 
     def cos(u, v):
         return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-12))
@@ -309,7 +314,7 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts) 
             "decoder_child_cos": [cos(W_dec[ell], unit[ch]) for ch in children] if ell >= 0
             else [],
             "encoder_sibling_cos": [
-                cos(W_enc[:, c.latent_of[a]], unit[b]) for a in children for b in children
+                cos(W_enc[:, c.latent_of[a]], unit_in[b]) for a in children for b in children
                 if a != b and c.latent_of[a] >= 0],
             "decoder_sibling_cos": [
                 cos(W_dec[c.latent_of[a]], unit[b]) for a in children for b in children

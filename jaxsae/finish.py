@@ -25,6 +25,7 @@ from jaxsae.checkpoint import (
 from jaxsae.config import CheckpointConfig, Config
 from jaxsae.curves import CURVES
 from jaxsae.data import open_source, synthetic
+from jaxsae.data.saelens import SAELensCache
 from jaxsae.data.source import iter_blocks
 from jaxsae.data.stats import DataStats
 from jaxsae.errors import JaxsaeError
@@ -260,8 +261,12 @@ def _restore_for_export(directory: Path, step: int | None, data: str | None, rea
 
 
 def _source_metadata(source) -> dict[str, Any]:
+    inputs = getattr(source, "inputs", source)  # a transcoder's pairs: their inputs
     src = getattr(getattr(source, "manifest", None), "source", {}) or {}
     out = {}
+    if isinstance(inputs, SAELensCache):  # the hook is the column's name
+        out["hook_name"] = inputs.hook
+        out["context_size"] = inputs.context_size
     if "model" in src:
         out["model_name"] = src["model"]
     if "hook" in src:
@@ -273,4 +278,6 @@ def _source_metadata(source) -> dict[str, Any]:
     targets = getattr(getattr(getattr(source, "targets", None), "manifest", None), "source", {})
     if targets and "hook" in targets:  # a transcoder's: what it writes
         out["hook_name_out"] = targets["hook"]
+    if isinstance(getattr(source, "targets", None), SAELensCache):
+        out["hook_name_out"] = source.targets.hook
     return out

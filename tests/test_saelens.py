@@ -14,6 +14,7 @@ from jaxsae import cli
 from jaxsae.config import DataConfig
 from jaxsae.data import open_source
 from jaxsae.data.saelens import SAELensCache
+from jaxsae.data.shards import ShardWriter
 from jaxsae.errors import DataError
 from jaxsae.train import train
 from tests.conftest import small_config
@@ -109,3 +110,52 @@ def test_train_and_inspect_a_cache(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["format"] == "saelens" and summary["hook"] == HOOK
     assert summary["tokens"] == 1024 * CTX and summary["d_in"] == D_IN
+
+
+def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):
+    """One cache holding the input and the target column (data.target = data.path,
+    data.target_hook the target's column): pairs read row by row, a transcoder trains on
+    them, and its export names both hooks."""
+    path, acts = make_cache(tmp_path / "cache", rows=512, extra_hook=True)
+    target_hook = "blocks.9.hook_resid_pre"
+    data = {"hook": HOOK, "target": str(path), "target_hook": target_hook}
+    source = open_source(DataConfig(path=str(path), **data))
+    assert (source.d_in, source.d_out, source.n_tokens) == (D_IN, D_IN, 512 * CTX)
+    rows = source.read(1000, 1100)
+    flat = acts.reshape(-1, D_IN)[1000:1100]
+    np.testing.assert_array_equal(rows, np.concatenate([flat, 2 * flat], axis=1))
+
+    for bad, error in [
+        ({"target_hook": None}, r"several activation columns .*data\.target_hook$"),
+        ({"target_hook": HOOK}, r"data\.target_hook: 'blocks\.8\.hook_resid_pre' is also "
+                                r"data\.hook"),
+        ({"target_hook": "blocks.3.hook_resid_pre"}, r"data\.target_hook: 'blocks\.3"),
+    ]:
+        with pytest.raises(DataError, match=error):
+            open_source(DataConfig(path=str(path), **{**data, **bad}))
+    other, _ = make_cache(tmp_path / "other", rows=500)  # a different number of tokens
+    with pytest.raises(DataError, match=r"data\.target: 4000 tokens, but data\.path has 4096"):
+        open_source(DataConfig(path=str(path), hook=HOOK, target=str(other)))
+    shards = tmp_path / "shards"
+    with ShardWriter(shards, D_IN) as writer:
+        writer.write(flat)
+    with pytest.raises(DataError, match="must be of one format"):
+        open_source(DataConfig(path=str(path), hook=HOOK, target=str(shards)))
+    with pytest.raises(DataError, match=r"data\.target_hook: .* is a jaxsae shard directory"):
+        open_source(DataConfig(path=str(shards), target=str(shards), target_hook=HOOK))
+
+    cfg = small_config(path, tmp_path / "run", data={**data, "eval_tokens": 512})
+    result = train(cfg, progress=False)
+    assert result.eval["explained_variance"] > 0
+    cfg_json = json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())
+    assert (cfg_json["architecture"], cfg_json["d_out"]) == ("transcoder", D_IN)
+    meta = cfg_json["metadata"]
+    assert (meta["hook_name"], meta["hook_name_out"], meta["context_size"]) == (
+        HOOK, target_hook, CTX)
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run" / "sae"), "--data", str(path), "--hook", HOOK,
+                     "--target", str(path), "--target-hook", target_hook,
+                     "--tokens", "512"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["explained_variance"] == pytest.approx(result.eval["explained_variance"],
+                                                         abs=1e-5)

@@ -220,27 +220,31 @@ def test_a_sweep_of_transcoders_matches_each_trained_alone(paired, tmp_path):
 
 def test_synth_transcoder_writes_pairs_and_training_reports_both_dictionaries(tmp_path,
                                                                               capsys):
-    """data.generate {kind: transcoder}: x = codes·input_directions in data.path, y =
-    codes·directions + x·skip in its target/ (regenerated here from the truth); a run on it
-    reports decoder rows against the output dictionary (mcc) and encoder columns against the
-    input one (encoder_mcc)."""
+    """data.generate {kind: transcoder} with a hierarchy (16 roots, 2 children each): x =
+    codes·input_directions in data.path, y = codes·directions + x·skip in its target/
+    (regenerated here from the truth); a run on it reports decoder rows against the output
+    dictionary (mcc), encoder columns against the input one (encoder_mcc), and the parents'
+    absorption."""
     data = tmp_path / "pairs"
     tree = small_config_dict(data, tmp_path / "run", data={
         "target": str(data / "target"), "eval_tokens": 2048,
-        "generate": {"kind": "transcoder", "n_features": 32, "d_in": D_IN, "d_out": D_OUT,
-                     "tokens": 16384, "mean_l0": 3.0, "skip": 0.5, "shard_tokens": 4096}})
+        "generate": {"kind": "transcoder", "n_features": 16, "d_in": D_IN, "d_out": D_OUT,
+                     "tokens": 16384, "mean_l0": 2.0, "skip": 0.5, "shard_tokens": 4096,
+                     "children": 2, "child_prob": 0.3}})
     tree["sae"] = {"d_sae": 64, "activation": "relu", "decoder_norm": "free", "skip": True}
     result = train(config_from_dict(tree), progress=False)
     truth = synthetic.load_truth(data)
-    assert truth.directions.shape == (32, D_OUT)
-    assert truth.arrays["input_directions"].shape == (32, D_IN)
+    assert truth.directions.shape == (48, D_OUT)
+    assert truth.arrays["input_directions"].shape == (48, D_IN)
+    np.testing.assert_array_equal(truth.arrays["parent"], [-1] * 16 + list(np.repeat(
+        np.arange(16), 2)))
     codes = truth.codes(1000, 1100)
     x = open_source(config_from_dict(tree).data).read(1000, 1100)
     np.testing.assert_allclose(x[:, :D_IN], codes @ truth.arrays["input_directions"],
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(x[:, D_IN:], codes @ truth.directions
                                + x[:, :D_IN] @ truth.arrays["skip"], rtol=1e-5, atol=1e-5)
-    for key in ("mcc", "encoder_mcc", "f1", "explained_variance"):
+    for key in ("mcc", "encoder_mcc", "f1", "explained_variance", "parent_recall_alone"):
         assert 0 < result.eval[key] <= 1, key
     capsys.readouterr()
     Eval(sae_dir=(str(result.sae_dir),), data=str(data), target=str(data / "target"),
@@ -248,6 +252,28 @@ def test_synth_transcoder_writes_pairs_and_training_reports_both_dictionaries(tm
     printed = json.loads(capsys.readouterr().out)
     for key in ("mcc", "encoder_mcc", "f1", "explained_variance"):
         assert printed[key] == pytest.approx(result.eval[key], rel=1e-5), key
+
+
+def test_synth_transcoder_hierarchy_codes():
+    """Children fire only with their parent, at most one per parent, each with probability
+    child_prob given it, at the parent's magnitudes; without children the codes are the
+    superposition codes, unchanged by the option."""
+    flat = synthetic.TranscoderSpec(n_features=8, d_in=8, d_out=8, mean_l0=4.0, seed=3)
+    tree = synthetic.TranscoderSpec(n_features=8, d_in=8, d_out=8, mean_l0=4.0, seed=3,
+                                    children=3, child_prob=0.25)
+    n = 40000
+    roots = flat.codes(flat.truth(), np.random.default_rng(7), n)
+    codes = tree.codes(tree.truth(), np.random.default_rng(7), n)
+    np.testing.assert_array_equal(codes[:, :8], roots)  # the roots' draws come first
+    children = codes[:, 8:].reshape(n, 8, 3)
+    on = roots > 0
+    assert not (children[~on] > 0).any()  # never without the parent
+    assert ((children > 0).sum(axis=2) <= 1).all()  # exclusive
+    rate = (children > 0).sum(axis=0) / on.sum(axis=0)[:, None]  # P(child | parent)
+    assert np.abs(rate - 0.25).max() < 0.03
+    assert children[children > 0].mean() == pytest.approx(1.0, abs=0.01)  # magnitude_mean 1
+    with pytest.raises(ConfigError, match="child_prob: must be > 0, and children x"):
+        synthetic.TranscoderSpec(children=3, child_prob=0.4)
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])

@@ -30,7 +30,10 @@ class Eval(Command):
     data: Annotated[str | None, unset("DIR", "--model instead")] = None
     """activations to evaluate on (a jaxsae shard directory or SAELens cache)"""
     target: Annotated[str | None, unset("DIR", "none")] = None
-    """--data, a transcoder: its targets (shards paired row by row with --data)"""
+    """--data, a transcoder: its targets (shards paired row by row with --data, or a SAELens
+    cache of the same tokens: --data again when one cache holds both columns)"""
+    target_hook: Annotated[str | None, unset("HOOK", "the only column")] = None
+    """--target, a SAELens cache: the targets' column"""
     model: Annotated[str | None, unset("MODEL", "--data instead")] = None
     """Hugging Face model directory, hub name, or .gguf file to splice the SAEs into"""
     tokens: Annotated[int | None, unset(
@@ -79,7 +82,8 @@ class Eval(Command):
             raise JaxsaeError("give --data DIR (activations) or --model MODEL (a language "
                               "model), one of the two")
         if self.model is not None:
-            only_with(self, "--data", "truth", "details", "batch_size", "target")
+            only_with(self, "--data", "truth", "details", "batch_size", "target",
+                      "target_hook")
             results = self._on_model([load_sae(d, transcoders=True) for d in self.sae_dir])
             print(json_text(results[0] if len(results) == 1 else results))
             return 0
@@ -110,7 +114,8 @@ class Eval(Command):
             raise JaxsaeError(f"--target: {sae_dir} is a transcoder: give its targets"
                               if self.target is None else
                               f"--target goes with a transcoder; {sae_dir} is an SAE")
-        data = open_source(DataConfig(path=self.data, hook=self.hook, target=self.target))
+        data = open_source(DataConfig(path=self.data, hook=self.hook, target=self.target,
+                                      target_hook=self.target_hook))
         if data.d_in != loaded.d_in:
             raise DataError(f"{self.data}: d_in {data.d_in} does not match the SAE's d_in "
                             f"{loaded.d_in} ({sae_dir})")

@@ -22,18 +22,38 @@ def detect_format(path: Path) -> str:
 
 def open_source(cfg: DataConfig) -> ArraySource | PairedSource:
     """Opens `cfg.path` in the format `cfg.format` names (`auto` detects it); with
-    `cfg.target`, paired with the targets (a transcoder's data)."""
+    `cfg.target`, paired with the targets (a transcoder's data): two jaxsae shard directories
+    paired shard by shard, or SAELens caches of the same tokens (one cache may hold both
+    columns: `cfg.hook` and `cfg.target_hook`)."""
     inputs = _open_one(cfg)
     if cfg.target is None:
         return inputs
     target = Path(cfg.target)
     if not target.exists():
         raise DataError(f"{target}: target directory does not exist (data.target)")
-    if not isinstance(inputs, ShardSet) or not is_shard_dir(target):
-        raise DataError(f"{target if isinstance(inputs, ShardSet) else cfg.path}: transcoders "
-                        "read jaxsae shard directories for data.path and data.target (not "
-                        "SAELens caches)")
-    return PairedSource(inputs, ShardSet(target, check_finite=cfg.check_finite))
+    if is_shard_dir(target):
+        targets: ArraySource = ShardSet(target, check_finite=cfg.check_finite)
+    elif is_saelens_cache(target):
+        targets = SAELensCache(target, hook=cfg.target_hook, key="data.target_hook",
+                               check_finite=cfg.check_finite)
+        if isinstance(inputs, SAELensCache) and (target.resolve() == inputs.path.resolve()
+                                                 and targets.hook == inputs.hook):
+            raise DataError(f"data.target_hook: {targets.hook!r} is also data.hook; a "
+                            "transcoder maps one column of the cache to another")
+        if isinstance(inputs, SAELensCache) and targets.context_size != inputs.context_size:
+            raise DataError(f"{target}: sequences of {targets.context_size} tokens, but "
+                            f"data.path's are {inputs.context_size}; the targets must be "
+                            "paired row by row")
+    else:
+        raise DataError(f"{target}: not a recognised activation directory (data.target: a "
+                        "jaxsae shard directory or a SAELens cache)")
+    if cfg.target_hook is not None and not isinstance(targets, SAELensCache):
+        raise DataError(f"data.target_hook: {target} is a jaxsae shard directory (one "
+                        "activation per row); the key is for SAELens caches")
+    if isinstance(inputs, ShardSet) != isinstance(targets, ShardSet):
+        raise DataError(f"{target}: data.path and data.target must be of one format (a shard "
+                        "directory and a SAELens cache do not say that their rows pair up)")
+    return PairedSource(inputs, targets, by_file=isinstance(inputs, ShardSet))
 
 
 def _open_one(cfg: DataConfig) -> ArraySource:

@@ -42,7 +42,8 @@ def activation_columns(info: dict) -> dict[str, tuple[int, int]]:
 class SAELensCache(ArraySource):
     """Tokens of one activation column of a SAELens cache."""
 
-    def __init__(self, path: str | Path, *, hook: str | None = None, check_finite: bool = False):
+    def __init__(self, path: str | Path, *, hook: str | None = None, key: str = "data.hook",
+                 check_finite: bool = False):
         self.path = Path(path)
         info, state = self._read_json(INFO), self._read_json(STATE)
         columns = activation_columns(info)
@@ -51,10 +52,10 @@ class SAELensCache(ArraySource):
         if hook is None:
             if len(columns) > 1:
                 raise DataError(f"{self.path}: several activation columns "
-                                f"({', '.join(columns)}); choose one with data.hook")
+                                f"({', '.join(columns)}); choose one with {key}")
             hook = next(iter(columns))
         if hook not in columns:
-            raise DataError(f"data.hook: {hook!r} is not an activation column of {self.path} "
+            raise DataError(f"{key}: {hook!r} is not an activation column of {self.path} "
                             f"(it has {', '.join(columns)})")
         self.hook = hook
         self.context_size, d_in = columns[hook]

@@ -96,18 +96,25 @@ class ArraySource:
 
 class PairedSource:
     """A transcoder's data: row i is input row i (d_in wide) followed by target row i (d_out
-    wide), so the loader shuffles, splits and resumes pairs exactly as it does tokens. The two
-    sources must hold the same shards in the same order (checked shard by shard)."""
+    wide), so the loader shuffles, splits and resumes pairs exactly as it does tokens. Shard
+    directories must hold the same shards in the same order (checked shard by shard); a
+    SAELens cache (whose files are record batches, not shards) must hold the same number of
+    tokens."""
 
-    def __init__(self, inputs: ArraySource, targets: ArraySource):
-        if len(inputs.arrays) != len(targets.arrays):
+    def __init__(self, inputs: ArraySource, targets: ArraySource, *, by_file: bool = True):
+        if not by_file:
+            if inputs.n_tokens != targets.n_tokens:
+                raise DataError(f"data.target: {targets.n_tokens} tokens, but data.path has "
+                                f"{inputs.n_tokens}; the targets must be paired row by row")
+        elif len(inputs.arrays) != len(targets.arrays):
             raise DataError(f"data.target: {len(targets.arrays)} shards, but data.path has "
                             f"{len(inputs.arrays)}; the targets must be paired row by row")
-        for x, y, x_name, y_name in zip(inputs.arrays, targets.arrays, inputs.names,
-                                        targets.names, strict=True):
-            if len(x) != len(y):
-                raise DataError(f"{y_name}: {len(y)} rows, but its input shard {x_name} has "
-                                f"{len(x)}; the targets must be paired row by row")
+        else:
+            for x, y, x_name, y_name in zip(inputs.arrays, targets.arrays, inputs.names,
+                                            targets.names, strict=True):
+                if len(x) != len(y):
+                    raise DataError(f"{y_name}: {len(y)} rows, but its input shard {x_name} "
+                                    f"has {len(x)}; the targets must be paired row by row")
         self.inputs, self.targets = inputs, targets
         self.names = inputs.names
         self.manifest = getattr(inputs, "manifest", None)  # what wrote the inputs

@@ -156,19 +156,53 @@ class TranscoderSpec(SuperpositionSpec):
     skip: float = 0.0
     """Scale of a dense linear part of the targets, skip · x @ S (S [d_in, d_out] random, with
     unit-variance entries over sqrt(d_in)): what a skip transcoder's bypass learns (0: none)."""
+    children: int = 0
+    """A hierarchy: children per feature, each firing only with its parent and at most one at
+    a time, at the parent's magnitudes (0: none; the features are then the n_features roots
+    and n_features x children children, numbered after the roots)."""
+    child_prob: float = 0.2
+    """With children: P(a given child fires | its parent fires)."""
 
     def __post_init__(self):
         super().__post_init__()
         _need(self.d_out > 0, "d_out", "must be > 0")
         _need(self.skip >= 0, "skip", "must be >= 0")
+        _need(self.children >= 0, "children", "must be >= 0")
+        _need(self.child_prob > 0 and self.children * self.child_prob <= 1 + 1e-9,
+              "child_prob", "must be > 0, and children x child_prob <= 1 (exclusive children)")
 
     def truth(self) -> dict[str, np.ndarray]:
         base = super().truth()
+        n_all = self.n_features * (1 + self.children)
+        inputs = base["directions"]
+        if self.children:
+            more = _unit_rows(np.random.default_rng([self.seed, 4]), n_all - self.n_features,
+                              self.d_in)
+            inputs = np.concatenate([inputs, more.astype(np.float32)])
+            base["parent"] = np.concatenate([np.full(self.n_features, -1),
+                                             np.repeat(np.arange(self.n_features),
+                                                       self.children)]).astype(np.int32)
         rng = np.random.default_rng([self.seed, 3])
-        outputs = _unit_rows(rng, self.n_features, self.d_out).astype(np.float32)
+        outputs = _unit_rows(rng, n_all, self.d_out).astype(np.float32)
         skip = rng.standard_normal((self.d_in, self.d_out)) / np.sqrt(self.d_in)
-        return {**base, "input_directions": base["directions"], "directions": outputs,
+        return {**base, "input_directions": inputs, "directions": outputs,
                 "skip": (self.skip * skip).astype(np.float32)}
+
+    def codes(self, truth: Mapping[str, np.ndarray], rng: np.random.Generator,
+              n: int) -> np.ndarray:
+        roots = super().codes(truth, rng, n)
+        if not self.children:
+            return roots
+        # one uniform per parent picks at most one child: child j fires when u in [j·p, (j+1)·p)
+        u = rng.random((n, self.n_features, 1), dtype=np.float32)
+        j = np.arange(self.children, dtype=np.float32)
+        fires = (u >= j * self.child_prob) & (u < (j + 1) * self.child_prob)
+        fires &= (roots > 0)[:, :, None]
+        mean = np.repeat(truth["magnitude_mean"], self.children)
+        std = np.repeat(truth["magnitude_std"], self.children)
+        mags = rng.normal(mean, std, (n, mean.size))
+        children = fires.reshape(n, -1) * np.maximum(mags, 0.0)
+        return np.concatenate([roots, children.astype(np.float32)], axis=1)
 
 
 def zipf_probabilities(n: int, mean_l0: float, exponent: float) -> np.ndarray:
