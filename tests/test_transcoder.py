@@ -109,6 +109,8 @@ def test_skip_and_transcoder_keys_need_a_target(tmp_path):
         config_from_dict({"data": {"path": "x"}, "sae": {"skip": True}})
     with pytest.raises(ConfigError, match=r"sae\.transcoder: is set by data\.target"):
         config_from_dict({"data": {"path": "x"}, "sae": {"transcoder": True}})
+    with pytest.raises(ConfigError, match=r"data\.target_hook: names a column of data\.target"):
+        config_from_dict({"data": {"path": "x", "target_hook": "blocks.0.hook_mlp_out"}})
     cfg = config_from_dict({"data": {"path": "x", "target": "y"}, "sae": {"skip": True}})
     assert cfg.sae.transcoder and config_from_dict(cfg.to_dict()) == cfg  # round trip
 
