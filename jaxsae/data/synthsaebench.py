@@ -1,0 +1,626 @@
+"""SynthSAEBench-compatible ground truth, sampled sparsely with JAX.
+
+SynthSAEBench (SAELens's `sae_lens.synthetic`; arXiv 2602.14687) is the synthetic benchmark the
+field reports SAE architectures on. This module draws from the same distribution as SAELens's
+generator for the same configuration (implemented from its documentation and the paper), but
+only where the data is non-zero, so that generating is cheap beside training:
+
+- firing probabilities: Zipfian over the feature index, p_i = min + (max - min) ·
+  (i^-e - N^-e) / (1 - N^-e) for i = 1..N (feature 0 the most frequent);
+- a forest: `roots` trees whose nodes have `branching` children, `max_depth` levels below the
+  roots, numbered breadth first (all roots, then all their children in order, ...); the other
+  features are outside the hierarchy. A child fires only when its parent does; with
+  `scale_children` its magnitude is multiplied by parent value / parent mean magnitude. An
+  `exclusive_portion` of the parents have mutually exclusive children: of those that fire
+  together, one chosen uniformly at random stays;
+- compensation: a child's probability is multiplied by 1 / p_parent and, among exclusive
+  siblings, by 1 + (sum of the other siblings' p) / p_parent (then clamped at 1), so that every
+  feature fires at about its base rate;
+- correlated firing: a Gaussian copula with correlation F Fᵀ + diag(1 - ‖F_i‖²), F [N, rank]
+  with N(0, scale²) entries (a row whose diagonal would fall below 0.01 is shrunk to
+  ‖F_i‖² = 0.99); feature i fires when z_i > Φ⁻¹(1 - p_i);
+- magnitudes: relu(mean_i + std_i · N(0, 1)), the means linear from `magnitude_start` (feature 0)
+  to `magnitude_end`, the standard deviations folded normal |N(std_mean, std_std²)| per feature;
+- the dictionary: Gaussian unit rows, orthogonalised by Adam on
+  Σ_{i≠j} (d_i·d_j)² + N · Σ_i (‖d_i‖² - 1)² and renormalised; a bias of norm `bias` in a
+  random direction; x = codes · D + bias.
+
+The sampler conditions on the copula's shared factors ε [B, rank]: given ε, every feature fires
+independently, with probability π_bi = Φ((F_i·ε_b - t_i) / s_i). Roots are drawn densely (few
+features, high probabilities). Features outside the hierarchy (most of them, rarely firing) are
+drawn by thinning a Poisson process: over groups of GROUP rows, q_gi = max over the group of π
+bounds π, points fall in cell (row, feature) at rate μ = -log(1 - q), and each is kept with
+probability -log(1 - π) / μ, so a cell holds a kept point with probability exactly π; cells are
+de-duplicated by sorting. Children are drawn top-down, only under parents that fired (given ε
+they are independent of the parent), with the mutual exclusion and scaling applied as they are
+drawn. The work is proportional to the firings (plus the [B, features outside the hierarchy]
+factor product that bounds them), not to B x N. Fixed capacities hold each stage's draws; in
+the (vanishingly rare, ten standard deviations) case that one overflows, the whole batch is
+drawn again from the next key, so no draw is ever truncated.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.special import ndtri
+
+from jaxsae.errors import ConfigError
+
+GROUP = 16
+"""Rows per group over which the Poisson thinning bounds the firing probabilities."""
+
+PRESETS: dict[str, dict[str, int]] = {
+    "full": {"n_features": 16384, "d_in": 768, "roots": 128},
+    "quarter": {"n_features": 4096, "d_in": 256, "roots": 32},
+    "tiny": {"n_features": 1024, "d_in": 64, "roots": 8},
+}
+"""SynthSAEBench-16k (`full`) and smaller worlds of the same make (every other knob equal)."""
+
+
+def _need(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+@dataclass(frozen=True)
+class SynthSAEBenchSpec:
+    """SynthSAEBench-compatible data: Zipfian, hierarchical, correlated, superposed features."""
+
+    kind: ClassVar[str] = "synthsaebench"
+    preset: Literal["full", "quarter", "tiny"] = "quarter"
+    """full: SynthSAEBench-16k (16,384 features in 768 dims, 128 roots); quarter: 4096 in 256,
+    32 roots; tiny: 1024 in 64, 8 roots. Sets n_features, d_in and roots unless given."""
+    n_features: int | None = None
+    """Number of true features (default: the preset's)."""
+    d_in: int | None = None
+    """Dimension of the activations (default: the preset's)."""
+    roots: int | None = None
+    """Trees of the hierarchy (default: the preset's)."""
+    branching: int = 4
+    """Children of every non-leaf node."""
+    max_depth: int = 3
+    """Levels below the roots (0: no hierarchy)."""
+    exclusive_portion: float = 1.0
+    """Share of the parents whose children are mutually exclusive."""
+    compensate: bool = True
+    """Raise children's probabilities so that each feature fires at about its base rate."""
+    scale_children: bool = True
+    """A child's magnitude times parent value / parent mean magnitude (else gated only)."""
+    zipf_exponent: float = 0.5
+    """Firing probabilities fall off as rank^-exponent ..."""
+    max_prob: float = 0.4
+    """... from this (feature 0) ..."""
+    min_prob: float = 5e-4
+    """... to this (the last feature)."""
+    correlation_rank: int = 25
+    """Rank of the low-rank firing correlation (0: independent firing)."""
+    correlation_scale: float = 0.1
+    """Standard deviation of the correlation factor's entries."""
+    orthogonalize_steps: int = 100
+    """Adam steps pushing the dictionary's rows apart (0: random unit rows)."""
+    orthogonalize_lr: float = 3e-4
+    """Learning rate of those steps."""
+    magnitude_start: float = 5.0
+    """Mean magnitude of feature 0; the means are linear in the index ..."""
+    magnitude_end: float = 4.0
+    """... to this for the last feature."""
+    magnitude_std_mean: float = 0.5
+    """Each feature's magnitude standard deviation is |N(this, magnitude_std_std²)|."""
+    magnitude_std_std: float = 0.5
+    """(see magnitude_std_mean)"""
+    bias: float = 0.5
+    """Norm of the bias added to every token (0: none)."""
+    tokens: int = 1_048_576
+    """Number of tokens to write."""
+    seed: int = 0
+    """Seed of the structure and the samples."""
+    shard_tokens: int = 131072
+    """Tokens per shard file."""
+    dtype: str = "float32"
+    """Stored dtype: float32 or float16."""
+
+    def __post_init__(self):
+        _need(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        _need(self.n_features > 0, "n_features", "must be > 0")
+        _need(self.d_in > 0, "d_in", "must be > 0")
+        _need(self.tokens > 0, "tokens", "must be > 0")
+        _need(self.shard_tokens > 0, "shard_tokens", "must be > 0")
+        _need(self.dtype in ("float32", "float16"), "dtype", "must be float32 or float16")
+        _need(self.roots >= 0, "roots", "must be >= 0")
+        _need(self.branching >= 2, "branching", "must be >= 2")
+        _need(self.max_depth >= 0, "max_depth", "must be >= 0")
+        _need(self.tree_features <= self.n_features, "roots",
+              f"{self.roots} trees of depth {self.max_depth} and branching {self.branching} "
+              f"need {self.tree_features} features; n_features is {self.n_features}")
+        _need(0 <= self.exclusive_portion <= 1, "exclusive_portion", "must be in [0, 1]")
+        _need(self.zipf_exponent > 0, "zipf_exponent", "must be > 0")
+        _need(0 < self.min_prob < self.max_prob <= 1, "min_prob",
+              "must be > 0 and below max_prob (<= 1)")
+        _need(self.correlation_rank >= 0, "correlation_rank", "must be >= 0")
+        _need(self.correlation_scale >= 0, "correlation_scale", "must be >= 0")
+        _need(self.orthogonalize_steps >= 0, "orthogonalize_steps", "must be >= 0")
+        _need(self.orthogonalize_lr > 0, "orthogonalize_lr", "must be > 0")
+        _need(self.magnitude_start > 0 and self.magnitude_end > 0, "magnitude_start",
+              "the mean magnitudes (start and end) must be > 0")
+        _need(self.magnitude_std_std > 0, "magnitude_std_std", "must be > 0")
+        _need(self.bias >= 0, "bias", "must be >= 0")
+
+    @property
+    def tree_features(self) -> int:
+        return self.roots * sum(self.branching**level for level in range(self.max_depth + 1))
+
+    def truth(self) -> dict[str, np.ndarray]:
+        return build_truth(self)
+
+    def structure(self) -> dict[str, Any]:
+        return {}
+
+    def block(self, truth: Mapping[str, np.ndarray], block: int, n: int, *,
+              codes: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens of block `block` (the first n of BLOCK_TOKENS drawn from the block's key):
+        x [n, d_in] and, with `codes`, the true codes [n, n_features]."""
+        from jaxsae.data.synthetic import BLOCK_TOKENS
+
+        sampler = _sampler(self, truth)
+        key = jax.random.fold_in(jax.random.key(self.seed), block)
+        x, dense = sampler.sample(key, BLOCK_TOKENS, codes=codes)
+        x = np.asarray(x[:n])
+        return x, (np.asarray(dense[:n]) if codes else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The structure
+
+
+def zipf_probabilities(n: int, exponent: float, max_prob: float, min_prob: float) -> np.ndarray:
+    """SynthSAEBench's firing probabilities: rank^-exponent rescaled onto [min_prob, max_prob]."""
+    if n == 1:
+        return np.array([max_prob])
+    w = np.arange(1, n + 1, dtype=np.float64) ** -exponent
+    return min_prob + (max_prob - min_prob) * (w - w[-1]) / (w[0] - w[-1])
+
+
+def tree(roots: int, branching: int, max_depth: int, n_features: int
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """parent [n_features] (-1: a root or outside the hierarchy) and level [n_features] (-1:
+    outside), breadth-first numbering, children of one parent consecutive."""
+    parent = np.full(n_features, -1, np.int64)
+    level = np.full(n_features, -1, np.int64)
+    start = previous = 0
+    for depth in range(max_depth + 1):
+        size = roots * branching**depth
+        level[start:start + size] = depth
+        if depth:
+            parent[start:start + size] = previous + np.arange(size) // branching
+        previous, start = start, start + size
+    return parent, level
+
+
+def compensated(base: np.ndarray, parent: np.ndarray, exclusive: np.ndarray,
+                branching: int) -> np.ndarray:
+    """Children's probabilities raised for the hierarchy: x 1/p_parent, and among exclusive
+    siblings x (1 + sum of the other siblings' p / p_parent); clamped at 1."""
+    out = base.astype(np.float64).copy()
+    children = np.flatnonzero(parent >= 0)
+    if children.size == 0:
+        return out
+    p = parent[children]
+    factor = 1.0 / base[p]
+    sibling_sum = base[children].reshape(-1, branching).sum(axis=1).repeat(branching)
+    factor *= np.where(exclusive[p], 1.0 + (sibling_sum - base[children]) / base[p], 1.0)
+    out[children] = np.minimum(base[children] * factor, 1.0)
+    return out
+
+
+def low_rank_factor(rng: np.random.Generator, n: int, rank: int, scale: float) -> np.ndarray:
+    """F [n, rank] with N(0, scale²) entries; rows with ‖F_i‖² > 0.99 shrunk to 0.99 (so the
+    copula's own variance 1 - ‖F_i‖² stays >= 0.01)."""
+    factor = rng.standard_normal((n, rank)) * scale
+    sq = np.sum(factor**2, axis=1)
+    over = sq > 0.99
+    factor[over] *= np.sqrt(0.99 / sq[over])[:, None]
+    return factor
+
+
+def orthogonalize(rows: np.ndarray, steps: int, lr: float) -> np.ndarray:
+    """Adam on Σ_{i≠j} (d_i·d_j)² + n Σ_i (‖d_i‖² - 1)², then unit rows. The pair term is
+    ‖DᵀD‖²_F - Σ_i ‖d_i‖⁴, so a step costs n·d² instead of n²·d."""
+    import optax
+
+    n = rows.shape[0]
+
+    def loss(d):
+        sq = jnp.sum(d * d, axis=1)
+        gram = jnp.matmul(d.T, d, precision=jax.lax.Precision.HIGHEST)
+        return jnp.sum(gram * gram) - jnp.sum(sq * sq) + n * jnp.sum((sq - 1.0) ** 2)
+
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def run(d):
+        def step(carry, _):
+            d, state = carry
+            updates, state = opt.update(jax.grad(loss)(d), state)
+            return (optax.apply_updates(d, updates), state), None
+
+        (d, _), _ = jax.lax.scan(step, (d, opt.init(d)), None, length=steps)
+        return d
+
+    d = np.asarray(run(jnp.asarray(rows, jnp.float32)), np.float64)
+    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-8)
+
+
+def build_truth(spec: SynthSAEBenchSpec) -> dict[str, np.ndarray]:
+    """The fixed structure of `spec`, drawn from its seed."""
+    n = spec.n_features
+    rng = [np.random.default_rng([spec.seed, 100 + i]) for i in range(5)]
+    base = zipf_probabilities(n, spec.zipf_exponent, spec.max_prob, spec.min_prob)
+    parent, level = tree(spec.roots, spec.branching, spec.max_depth, n)
+    exclusive = np.zeros(n, bool)
+    parents = np.flatnonzero((level >= 0) & (level < spec.max_depth))
+    chosen = rng[0].choice(parents.size, int(parents.size * spec.exclusive_portion),
+                           replace=False)
+    exclusive[parents[chosen]] = True
+    prob = compensated(base, parent, exclusive, spec.branching) if spec.compensate else base
+    factor = (low_rank_factor(rng[1], n, spec.correlation_rank, spec.correlation_scale)
+              if spec.correlation_rank else np.zeros((n, 0)))
+    std = np.abs(spec.magnitude_std_mean
+                 + spec.magnitude_std_std * rng[2].standard_normal(n))
+    directions = rng[3].standard_normal((n, spec.d_in))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    if spec.orthogonalize_steps:
+        directions = orthogonalize(directions, spec.orthogonalize_steps, spec.orthogonalize_lr)
+    bias = rng[4].standard_normal(spec.d_in)
+    bias *= spec.bias / np.linalg.norm(bias)
+    return {
+        "directions": directions.astype(np.float32),
+        "bias": bias.astype(np.float32),
+        "base_prob": base.astype(np.float32),
+        "firing_prob": prob.astype(np.float32),
+        "magnitude_mean": np.linspace(spec.magnitude_start, spec.magnitude_end,
+                                      n).astype(np.float32),
+        "magnitude_std": std.astype(np.float32),
+        "factor": factor.astype(np.float32),
+        "parent": parent.astype(np.int32),
+        "level": level.astype(np.int32),
+        "exclusive": exclusive.astype(np.int32),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler
+
+
+def _capacity(expected: float) -> int:
+    """Room for a count with this mean: ten standard deviations (and 20 %) above it."""
+    return math.ceil(1.2 * expected + 10 * math.sqrt(max(expected, 1.0)) + 64)
+
+
+class Sampler:
+    """Draws tokens from a SynthSAEBench world given its arrays (`build_truth`'s, or the same
+    read from SAELens's `SyntheticModel`): `sample(key, B)` -> x [B, d] (and the codes)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], *, roots: int, branching: int,
+                 max_depth: int, scale_children: bool):
+        a = {k: np.asarray(v) for k, v in arrays.items()}
+        self.n = a["directions"].shape[0]
+        self.roots, self.branching, self.max_depth = roots, branching, max_depth
+        self.scale_children = scale_children
+        self.tree_features = roots * sum(branching**lv for lv in range(max_depth + 1))
+        factor = a["factor"].astype(np.float64)
+        prob = a["firing_prob"].astype(np.float64)
+        # the copula: z_i = F_i·ε + s_i·η_i fires above t_i = Φ⁻¹(1 - p_i)
+        self.arrays = {
+            "factor": jnp.asarray(factor, jnp.float32),
+            "s": jnp.asarray(np.sqrt(np.maximum(1.0 - np.sum(factor**2, axis=1), 1e-12)),
+                             jnp.float32),
+            "t": jnp.asarray(ndtri(1.0 - prob), jnp.float32),
+            "mean": jnp.asarray(a["magnitude_mean"], jnp.float32),
+            "std": jnp.asarray(a["magnitude_std"], jnp.float32),
+            "directions": jnp.asarray(a["directions"], jnp.float32),
+            "bias": jnp.asarray(a["bias"], jnp.float32),
+            "exclusive": jnp.asarray(a["exclusive"] > 0),
+        }
+        self.any_exclusive = bool(np.any(a["exclusive"]))
+        self._prob, self._parent = prob, a["parent"]
+        self._level = a["level"]
+        self._jitted: dict[tuple[int, bool], Any] = {}
+
+    # -- capacities -----------------------------------------------------------------------
+
+    def _level_starts(self) -> list[int]:
+        starts, start = [], 0
+        for depth in range(self.max_depth + 1):
+            starts.append(start)
+            start += self.roots * self.branching**depth
+        return starts
+
+    def capacities(self, batch: int) -> dict[str, Any]:
+        """Static sizes of each stage's arrays for a batch of `batch` rows: ten standard
+        deviations and 20 % above each stage's expected count, computed exactly given a pilot
+        draw of the shared factors ε (given ε every feature fires independently)."""
+        pilot = min(_padded(batch), 4096)
+        scale = batch / pilot
+        eps = jax.random.normal(jax.random.key(12345), (pilot, self.arrays["factor"].shape[1]))
+        expected = jax.tree.map(float, _expected_counts(self.arrays, eps, self._structure()))
+        return jax.tree.map(lambda n: _capacity(scale * n), expected)
+
+    def _structure(self) -> tuple:
+        return (self.roots, self.branching, self.max_depth, self.tree_features, self.n,
+                tuple(self._level_starts()))
+
+    @staticmethod
+    def _bound(eps, arrays, free) -> jax.Array:
+        """μ [groups, free features]: the Poisson rates whose cells bound π over each group."""
+        factor = arrays["factor"][free]
+        y = eps @ factor.T
+        high = y.reshape(-1, GROUP, y.shape[1]).max(axis=1)
+        q = jax.scipy.special.ndtr((high - arrays["t"][free]) / arrays["s"][free])
+        return -jnp.log1p(-jnp.minimum(q, 1 - 1e-7))
+
+    # -- drawing --------------------------------------------------------------------------
+
+    def sample(self, key: jax.Array, batch: int, *, codes: bool = False):
+        """x [batch, d] (float32, on the device) and, with `codes`, the true codes
+        [batch, n_features] (else None)."""
+        fn = self._jitted.get((batch, codes))
+        if fn is None:
+            caps = self.capacities(_padded(batch))
+            fn = jax.jit(functools.partial(self._retrying, batch=batch, caps=caps, codes=codes))
+            self._jitted[(batch, codes)] = fn
+        return fn(self.arrays, key)
+
+    def _retrying(self, arrays, key, *, batch, caps, codes):
+        """Draws until no stage overflowed its capacity (one draw in practice)."""
+        rows = _padded(batch)
+        def draw(state):
+            attempt = state[0] + 1
+            out, used = self._draw(arrays, jax.random.fold_in(key, attempt), rows, caps)
+            return attempt, out, _overflows(used, caps)
+
+        # one copy of the draw in the program: the loop starts from an empty, "overflowed" state
+        shapes = jax.eval_shape(lambda: self._draw(arrays, key, rows, caps)[0])
+        empty = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        _, (root_val, (row, feat, val)), _ = jax.lax.while_loop(
+            lambda s: s[2], draw, (jnp.int32(-1), empty, jnp.array(True)))
+        d = arrays["directions"]
+        x = (root_val @ d[:self.roots] + arrays["bias"]
+             + jax.ops.segment_sum(val[:, None] * d[feat], row, num_segments=rows))
+        dense = None
+        if codes:
+            dense = jnp.zeros((rows, self.n), jnp.float32).at[row, feat].add(val)
+            dense = dense.at[:, :self.roots].set(root_val)[:batch]
+        return x[:batch], dense
+
+    def _draw(self, arrays, key, rows, caps):
+        """One draw: the roots' codes [rows, roots], the others as a compact (row, feature,
+        value) list (zero values where unused), and how many entries each stage needed (more
+        than its capacity: the draw is incomplete)."""
+        keys = (jax.random.fold_in(key, i) for i in itertools.count())
+        eps = jax.random.normal(next(keys), (rows, arrays["factor"].shape[1]))
+        parts, used = [], {"parents": []}
+        r = self.roots
+        # every uniform of the draw in one call (one generator in the compiled program)
+        shapes = [(rows, r)] if r else []
+        if self.n > self.tree_features:
+            shapes += [(caps["points"],)] * 3
+        if r:
+            for cap in caps["parents"]:
+                shapes += [(cap, self.branching), (cap,)]
+        uniforms = _uniforms(next(keys), shapes)
+
+        # roots: dense (few features, the most frequent ones)
+        root_val = jnp.zeros((rows, 0))
+        if r:
+            y = eps @ arrays["factor"][:r].T
+            pi = jax.scipy.special.ndtr((y - arrays["t"][:r]) / arrays["s"][:r])
+            u = next(uniforms)
+            root_val = _fired_magnitudes(u, pi, arrays["mean"][:r], arrays["std"][:r])
+
+        # outside the hierarchy: Poisson thinning
+        if self.n > self.tree_features:
+            part, used["points"], used["kept"] = self._free(arrays, keys, uniforms, eps, caps)
+            parts.append(part)
+
+        # the hierarchy, top-down
+        if r and self.max_depth:
+            p_row, p_feat, p_val, count = _compact(
+                caps["parents"][0], root_val.reshape(-1),
+                jnp.repeat(jnp.arange(rows), r), jnp.tile(jnp.arange(r), rows))
+            used["parents"].append(count)
+            starts = self._level_starts()
+            for depth in range(self.max_depth):
+                c_row, c_feat, c_val = self._children(arrays, uniforms, eps, p_row, p_feat,
+                                                      p_val, starts, depth)
+                parts.append((c_row.reshape(-1), c_feat.reshape(-1), c_val.reshape(-1)))
+                if depth + 1 < self.max_depth:
+                    p_row, p_feat, p_val, count = _compact(
+                        caps["parents"][depth + 1], c_val.reshape(-1), c_row.reshape(-1),
+                        c_feat.reshape(-1))
+                    used["parents"].append(count)
+        if not parts:
+            return (root_val, (jnp.zeros(1, jnp.int32),) * 2 + (jnp.zeros(1),)), used
+        row = jnp.concatenate([p[0] for p in parts]).astype(jnp.int32)
+        feat = jnp.concatenate([p[1] for p in parts]).astype(jnp.int32)
+        val = jnp.concatenate([p[2] for p in parts])
+        row, feat, val, used["codes"] = _compact(caps["codes"], val, row, feat)
+        return (root_val, (row, feat, val)), used
+
+    def _free(self, arrays, keys, uniforms, eps, caps):
+        """Features outside the hierarchy, by thinning a Poisson process (module docstring)."""
+        lo = self.tree_features
+        nf = self.n - lo
+        mu = self._bound(eps, arrays, slice(lo, self.n))  # [groups, nf]
+        cell = GROUP * mu  # a cell: one feature over the group's rows
+        group_mass = jnp.sum(cell, axis=1)
+        # each group's number of points, then each point's group (integers: exact), its
+        # feature (a uniform over the group's cells) and its row (uniform in the group)
+        per_group = jax.random.poisson(next(keys), group_mass)
+        ends = jnp.cumsum(per_group)
+        n_points = ends[-1]
+        cap = caps["points"]
+        g = jnp.minimum(jnp.searchsorted(ends, jnp.arange(cap), side="right"), mu.shape[0] - 1)
+        within = next(uniforms) * group_mass[g]
+        i = _search_rows(jnp.cumsum(cell, axis=1), g, within)
+        b = g * GROUP + jnp.minimum(jnp.floor(next(uniforms) * GROUP), GROUP - 1).astype(
+            jnp.int32)
+        y = jnp.sum(eps[b] * arrays["factor"][lo + i], axis=1)
+        pi = jax.scipy.special.ndtr((y - arrays["t"][lo + i]) / arrays["s"][lo + i])
+        keep = -jnp.log1p(-jnp.minimum(pi, 1 - 1e-7)) / jnp.maximum(mu[g, i], 1e-30)
+        v = next(uniforms)
+        mag = _fired_magnitudes(v, keep, arrays["mean"][lo + i], arrays["std"][lo + i])
+        mag = jnp.where(jnp.arange(cap) < n_points, mag, 0.0)
+        # several kept points in one cell are one firing: sort the cells, keep the first
+        big = jnp.iinfo(jnp.int32).max
+        cells, mag, kept = _compact(caps["kept"], mag, b * nf + i)
+        cells = jnp.where(mag > 0, cells, big)
+        cells, mag = jax.lax.sort((cells, mag), num_keys=1)
+        first = (cells != big) & jnp.concatenate([jnp.array([True]), cells[1:] != cells[:-1]])
+        return ((jnp.where(first, cells // nf, 0), jnp.where(first, cells % nf + lo, 0),
+                 jnp.where(first, mag, 0.0)), n_points, kept)
+
+    def _children(self, arrays, uniforms, eps, p_row, p_feat, p_val, starts, depth):
+        """Children of the parents that fired at `depth` (rows p_row, features p_feat, values
+        p_val; zero values are padding): [parents, branching] rows, features, values."""
+        b = self.branching
+        local = p_feat - starts[depth]  # the parent's place in its level
+        c_feat = starts[depth + 1] + local[:, None] * b + jnp.arange(b)[None, :]
+        lo, hi = starts[depth + 1], starts[depth + 1] + (starts[depth + 1] - starts[depth]) * b
+
+        def siblings(name):  # [parents, b(, ...)]: one gather of each parent's b children
+            section = arrays[name][lo:hi]
+            return section.reshape(starts[depth + 1] - starts[depth], b,
+                                   *section.shape[1:])[local]
+
+        y = jnp.einsum("pr,pbr->pb", eps[p_row], siblings("factor"))
+        pi = jax.scipy.special.ndtr((y - siblings("t")) / siblings("s"))
+        u = next(uniforms)
+        mag = _fired_magnitudes(u, pi, siblings("mean"), siblings("std"))
+        mag = jnp.where(p_val[:, None] > 0, mag, 0.0)
+        on = mag > 0
+        u_pick = next(uniforms)
+        if self.any_exclusive:  # one of the children that fire, uniformly, stays
+            count = jnp.sum(on, axis=1)
+            pick = jnp.floor(u_pick * count)
+            order = jnp.cumsum(on, axis=1) - 1
+            exclusive = arrays["exclusive"][p_feat][:, None]
+            on = on & (~exclusive | (order == pick[:, None]))
+        scale = (p_val / arrays["mean"][p_feat])[:, None] if self.scale_children else 1.0
+        val = jnp.where(on, mag * scale, 0.0)
+        return jnp.broadcast_to(p_row[:, None], c_feat.shape), c_feat, val
+
+
+def _fired_magnitudes(u, prob, mean, std):
+    """relu(mean + std·N(0, 1)) where u < prob, else 0. Given u < prob, u / prob is uniform
+    and independent of the firing, so one uniform draws both (its normal by Φ⁻¹)."""
+    z = jax.scipy.special.ndtri(jnp.clip(u / jnp.maximum(prob, 1e-30), 1e-7, 1 - 1e-7))
+    return jnp.where(u < prob, jnp.maximum(mean + std * z, 0.0), 0.0)
+
+
+def _uniforms(key, shapes):
+    """Uniforms [0, 1) of each shape in turn, drawn in one call."""
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = jax.random.uniform(key, (sum(sizes),))
+    at = 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        yield flat[at:at + size].reshape(shape)
+        at += size
+
+
+def _compact(size: int, values: jax.Array, *others: jax.Array):
+    """The entries with non-zero values, the first `size` of them (zero values after): the
+    same entries of each of `others`, then the values, then how many there were."""
+    on = values != 0
+    count = jnp.sum(on)
+    (idx,) = jnp.nonzero(on, size=size, fill_value=0)
+    valid = jnp.arange(size) < count
+    return (*(o[idx] for o in others), jnp.where(valid, values[idx], 0), count)
+
+
+def _overflows(used, caps) -> jax.Array:
+    """Whether any stage needed more entries than its capacity."""
+    flat_used, flat_caps = jax.tree.leaves(used), jax.tree.leaves(
+        {k: caps[k] for k in used})
+    return jnp.any(jnp.stack([u > c for u, c in zip(flat_used, flat_caps, strict=True)]))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _expected_counts(arrays, eps, structure) -> dict[str, Any]:
+    """Expected entries of each stage of `Sampler._draw` for the rows of `eps`: the Poisson
+    points and kept points outside the hierarchy, the parents that fire at each level (an
+    upper bound: each exclusive group's children share min(1, Σπ) firings), the codes below
+    the roots."""
+    roots, branching, max_depth, tree_features, n, starts = structure
+    out: dict[str, Any] = {"parents": []}
+
+    def prob(sl):
+        y = eps @ arrays["factor"][sl].T
+        return jax.scipy.special.ndtr((y - arrays["t"][sl]) / arrays["s"][sl])
+
+    codes = 0.0
+    if n > tree_features:
+        free = slice(tree_features, n)
+        out["points"] = GROUP * jnp.sum(Sampler._bound(eps, arrays, free))
+        kept = -jnp.log1p(-jnp.minimum(prob(free), 1 - 1e-7))
+        out["kept"] = jnp.sum(kept)
+        codes = jnp.sum(prob(free))
+    if roots and max_depth:
+        active = prob(slice(0, roots))  # [rows, parents at this level]
+        for depth in range(max_depth):
+            out["parents"].append(jnp.sum(active))
+            lo = starts[depth + 1]
+            child = prob(slice(lo, lo + active.shape[1] * branching))
+            child = child.reshape(child.shape[0], -1, branching)
+            total = jnp.sum(child, axis=2, keepdims=True)
+            exclusive = arrays["exclusive"][starts[depth]:starts[depth] + active.shape[1]]
+            share = jnp.where(exclusive[None, :, None],
+                              jnp.minimum(total, 1.0) / jnp.maximum(total, 1e-12), 1.0)
+            active = (active[:, :, None] * child * share).reshape(child.shape[0], -1)
+            codes = codes + jnp.sum(active)
+    out["codes"] = codes
+    return out
+
+
+def _padded(batch: int) -> int:
+    return -(-batch // GROUP) * GROUP
+
+
+def _search_rows(cum: jax.Array, row: jax.Array, value: jax.Array) -> jax.Array:
+    """For each query, the first column j of cum[row] with cum[row, j] > value (binary search
+    over one row of an [rows, n] array of non-decreasing rows)."""
+    n = cum.shape[1]
+    flat = cum.reshape(-1)
+    lo = jnp.zeros_like(row)
+    hi = jnp.full_like(row, n - 1)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        right = flat[row * n + mid] <= value
+        return jnp.where(right, mid + 1, lo), jnp.where(right, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, max(1, math.ceil(math.log2(max(n, 2)))) + 1, step, (lo, hi))
+    return jnp.minimum(lo, n - 1)
+
+
+_SAMPLERS: dict[SynthSAEBenchSpec, Sampler] = {}
+
+
+def _sampler(spec: SynthSAEBenchSpec, truth: Mapping[str, np.ndarray]) -> Sampler:
+    if spec not in _SAMPLERS:
+        _SAMPLERS.clear()  # one world at a time: a sampler holds its arrays on the device
+        _SAMPLERS[spec] = Sampler(truth, roots=spec.roots, branching=spec.branching,
+                                  max_depth=spec.max_depth, scale_children=spec.scale_children)
+    return _SAMPLERS[spec]

@@ -1,0 +1,205 @@
+"""SynthSAEBench-compatible data: the structure, and the sparse sampler against a plain dense
+reference of the same distribution (SAELens's semantics written out with numpy). The same
+statistics are checked against SAELens's own generator in tests/interop/."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsae.data import synthsaebench as sb
+from jaxsae.errors import ConfigError
+
+
+def reference_codes(arrays, n, rng, *, roots, branching, max_depth, scale_children):
+    """Dense, level by level, as SAELens describes its generator: every feature drawn from the
+    Gaussian copula at its (compensated) probability with relu(mean + std·N) magnitudes; then,
+    top-down, children zeroed where their parent is zero (or scaled by parent / parent mean),
+    and of exclusive siblings that fire together one kept uniformly at random."""
+    factor = arrays["factor"].astype(np.float64)
+    nf = factor.shape[0]
+    z = (rng.standard_normal((n, factor.shape[1])) @ factor.T
+         + rng.standard_normal((n, nf)) * np.sqrt(1 - np.sum(factor**2, axis=1)))
+    fire = z > sb.ndtri(1 - arrays["firing_prob"].astype(np.float64))
+    mags = np.maximum(arrays["magnitude_mean"] + arrays["magnitude_std"]
+                      * rng.standard_normal((n, nf)), 0)
+    codes = np.where(fire, mags, 0.0)
+    parent, level = arrays["parent"], arrays["level"]
+    for depth in range(1, max_depth + 1):
+        children = np.flatnonzero(level == depth)
+        p = parent[children]
+        gate = (codes[:, p] / arrays["magnitude_mean"][p] if scale_children
+                else (codes[:, p] > 0).astype(float))
+        codes[:, children] *= gate
+        groups = children.reshape(-1, branching)
+        exclusive = arrays["exclusive"][parent[groups[:, 0]]] > 0
+        for group in groups[exclusive]:
+            block = codes[:, group]
+            on = block > 0
+            score = np.where(on, rng.random(on.shape), -1)
+            winner = np.argmax(score, axis=1)
+            keep = np.zeros_like(on)
+            keep[np.arange(n), winner] = True
+            codes[:, group] = np.where(keep & on, block, 0)
+    return codes
+
+
+SMALL = {"n_features": 600, "d_in": 32, "roots": 4, "branching": 3, "max_depth": 2,
+         "exclusive_portion": 0.5, "correlation_rank": 4, "correlation_scale": 0.3,
+         "min_prob": 2e-3, "orthogonalize_steps": 20, "orthogonalize_lr": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def small():
+    spec = sb.SynthSAEBenchSpec(preset="tiny", **SMALL)
+    return spec, spec.truth()
+
+
+def test_structure(small):
+    spec, truth = small
+    parent, level = truth["parent"], truth["level"]
+    assert spec.tree_features == 4 * (1 + 3 + 9) == 52
+    np.testing.assert_array_equal(level[:4], 0)
+    np.testing.assert_array_equal(parent[4:16], np.repeat(np.arange(4), 3))
+    np.testing.assert_array_equal(parent[16:52], 4 + np.repeat(np.arange(12), 3))
+    assert (level[52:] == -1).all() and (parent[52:] == -1).all()
+    # Zipf onto [min, max], feature 0 the most frequent
+    base = truth["base_prob"]
+    assert base[0] == pytest.approx(0.4) and base[-1] == pytest.approx(2e-3)
+    assert np.all(np.diff(base) < 0)
+    # half the 16 parents exclusive; compensation as the formula says, for one child of each kind
+    assert truth["exclusive"][:16].sum() == 8 and truth["exclusive"][16:].sum() == 0
+    prob = truth["firing_prob"].astype(np.float64)
+    for child in (4, 5, 16, 20, 40):
+        p = parent[child]
+        want = base[child] / base[p]
+        if truth["exclusive"][p]:
+            siblings = np.flatnonzero(parent == p)
+            want *= 1 + (base[siblings].sum() - base[child]) / base[p]
+        assert prob[child] == pytest.approx(min(want, 1.0), rel=1e-5)
+    np.testing.assert_allclose(prob[52:], base[52:])
+    # unit dictionary rows, bias of the asked norm, magnitudes linear 5 -> 4
+    np.testing.assert_allclose(np.linalg.norm(truth["directions"], axis=1), 1, atol=1e-5)
+    assert np.linalg.norm(truth["bias"]) == pytest.approx(0.5, rel=1e-5)
+    assert truth["magnitude_mean"][0] == 5 and truth["magnitude_mean"][-1] == pytest.approx(4)
+    assert (np.sum(truth["factor"] ** 2, axis=1) <= 0.99 + 1e-6).all()
+
+
+def test_orthogonalising_pushes_the_rows_apart():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((300, 16))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    out = sb.orthogonalize(rows, 200, 1e-2)
+
+    def pair_loss(d):
+        g = d @ d.T
+        return np.sum(g**2) - np.sum(np.diag(g) ** 2)
+
+    # 300 unit rows in 16 dims: Σ_{i≠j} (d_i·d_j)² >= 300²/16 - 300 (a tight frame)
+    assert pair_loss(out) < 1.001 * (300**2 / 16 - 300) < 0.97 * pair_loss(rows)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-6)
+
+
+def test_presets_and_refusals():
+    assert (sb.SynthSAEBenchSpec(preset="full").n_features, sb.SynthSAEBenchSpec(
+        preset="full").d_in, sb.SynthSAEBenchSpec(preset="full").roots) == (16384, 768, 128)
+    quarter = sb.SynthSAEBenchSpec(preset="quarter", d_in=128)
+    assert (quarter.n_features, quarter.d_in, quarter.roots) == (4096, 128, 32)
+    assert quarter.tree_features == 32 * 85
+    with pytest.raises(ConfigError, match=r"roots: 20 trees .* need 1700 features; n_features"):
+        sb.SynthSAEBenchSpec(preset="tiny", roots=20)
+    with pytest.raises(ConfigError, match="min_prob"):
+        sb.SynthSAEBenchSpec(min_prob=0.5)
+
+
+def _stats(codes, truth, branching):
+    fire = codes > 0
+    parent = truth["parent"]
+    children = np.flatnonzero(parent >= 0)
+    with_parent = fire[:, children] & fire[:, parent[children]]
+    return {
+        "rate": fire.mean(axis=0),
+        "l0": fire.sum(axis=1).mean(),
+        "orphans": int((fire[:, children] & ~fire[:, parent[children]]).sum()),
+        "given_parent": with_parent.sum(axis=0) / np.maximum(fire[:, parent[children]].sum(
+            axis=0), 1),
+        "mean": np.array([codes[fire[:, i], i].mean() if fire[:, i].any() else np.nan
+                          for i in range(codes.shape[1])]),
+        "exclusive_pairs": int(sum(
+            (fire[:, g].sum(axis=1) > 1).sum()
+            for g in children.reshape(-1, branching)
+            if truth["exclusive"][parent[g[0]]])),
+    }
+
+
+def test_sampler_matches_the_dense_reference(small):
+    """Per-feature firing rates, L0, P(child | parent), mean magnitudes, mutual exclusion and
+    co-firing of correlated features: the sparse sampler and the dense reference agree within
+    sampling error; x is codes · D + bias."""
+    _, truth = small
+    sampler = sb.Sampler(truth, roots=4, branching=3, max_depth=2, scale_children=True)
+    n = 4 * 16384
+    xs, codes = zip(*(sampler.sample(jax.random.key(i), 16384, codes=True) for i in range(4)),
+                    strict=True)
+    ours = np.concatenate([np.asarray(c) for c in codes])
+    x = np.concatenate([np.asarray(v) for v in xs])
+    np.testing.assert_allclose(x, ours @ truth["directions"] + truth["bias"], atol=2e-4)
+    ref = reference_codes(truth, n, np.random.default_rng(1), roots=4, branching=3,
+                          max_depth=2, scale_children=True)
+    a, b = _stats(ours, truth, 3), _stats(ref, truth, 3)
+    assert a["orphans"] == b["orphans"] == 0
+    assert a["exclusive_pairs"] == b["exclusive_pairs"] == 0
+    # rates: a two-sample z per feature (features with enough firings)
+    pooled = (a["rate"] + b["rate"]) / 2
+    ok = pooled * n > 30
+    assert ok.sum() > 300
+    z = (a["rate"] - b["rate"])[ok] / np.sqrt(2 * pooled[ok] * (1 - pooled[ok]) / n)
+    assert np.abs(z).max() < 5 and abs(z.mean()) < 0.3, (np.abs(z).max(), z.mean())
+    assert a["l0"] == pytest.approx(b["l0"], rel=0.02)
+    np.testing.assert_allclose(a["given_parent"], b["given_parent"], atol=0.03)
+    both = ~np.isnan(a["mean"]) & ~np.isnan(b["mean"]) & ok
+    np.testing.assert_allclose(a["mean"][both], b["mean"][both], rtol=0.1)
+    # the copula: co-firing of the frequent free features (correlated through the factor)
+    free = np.arange(52, 72)
+    cofire = [(o[:, free] > 0).astype(float) for o in (ours, ref)]
+    corr = [np.corrcoef(c.T)[np.triu_indices(20, 1)] for c in cofire]
+    assert np.corrcoef(corr[0], corr[1])[0, 1] > 0.8  # the same pattern of correlations
+    assert np.abs(corr[0] - corr[1]).max() < 0.06
+
+
+def test_sampler_without_correlation_hierarchy_or_free_features():
+    """Edge cases: rank 0 (independent firing), no hierarchy, a forest using every feature."""
+    for fields in ({"correlation_rank": 0}, {"max_depth": 0, "roots": 0},
+                   {"n_features": 52}):
+        spec = sb.SynthSAEBenchSpec(preset="tiny", **{**SMALL, "orthogonalize_steps": 0,
+                                                      **fields})
+        truth = spec.truth()
+        sampler = sb.Sampler(truth, roots=spec.roots, branching=3, max_depth=spec.max_depth,
+                             scale_children=True)
+        x, codes = sampler.sample(jax.random.key(0), 1000, codes=True)  # not a multiple of 16
+        codes = np.asarray(codes)
+        assert codes.shape == (1000, spec.n_features) and x.shape == (1000, 32)
+        rate = (codes > 0).mean(axis=0)
+        ref = reference_codes(truth, 20000, np.random.default_rng(0), roots=spec.roots,
+                              branching=3, max_depth=spec.max_depth, scale_children=True)
+        assert (codes > 0).sum(axis=1).mean() == pytest.approx(
+            (ref > 0).sum(axis=1).mean(), rel=0.1), fields
+        assert rate.max() <= 1
+
+
+def test_an_overflowing_stage_draws_again(small):
+    """A capacity at about the median count: about every other draw overflows and is drawn
+    again from the next key, so what comes back is always a whole draw (never truncated)."""
+    _, truth = small
+    sampler = sb.Sampler(truth, roots=4, branching=3, max_depth=2, scale_children=True)
+    counts = [int((np.asarray(sampler.sample(jax.random.key(i), 16, codes=True)[1])[:, 4:] > 0
+                   ).sum()) for i in range(20)]
+    tight = {**sampler.capacities(16), "codes": int(np.median(counts))}
+    run = jax.jit(lambda a, k: sampler._retrying(a, k, batch=16, caps=tight, codes=True))
+    for i in range(10):
+        x, codes = run(sampler.arrays, jax.random.key(100 + i))
+        codes = np.asarray(codes)
+        assert (codes[:, 4:] > 0).sum() <= tight["codes"]
+        np.testing.assert_allclose(np.asarray(x), codes @ truth["directions"] + truth["bias"],
+                                   atol=2e-4)
