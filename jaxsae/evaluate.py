@@ -163,14 +163,16 @@ class GroundTruthSums:
         self.match_f, self.match_l = linear_sum_assignment(self.cos_abs, maximize=True)
         self.counts = _FiringCounts(directions.shape[0], W_dec.shape[0], self.match_f,
                                     self.match_l, parent)
+        self.saelens = _SAELensCounts(np.argmax(self.cos_abs, axis=0))
 
     def add(self, x: np.ndarray, on_device: jax.Array, codes: np.ndarray,
             target: np.ndarray | None = None) -> None:
         """Adds a block: x [n, d_in] (and the same on the device), its true codes, and a
         transcoder's targets [n, d_out] (what x_hat is compared with)."""
         acts, x_hat = jax.device_get(encode_decode(self.params, on_device, self.cfg))
-        self.counts.add(np.asarray(x if target is None else target), np.asarray(acts),
-                        np.asarray(x_hat), codes)
+        compared = np.asarray(x if target is None else target)
+        self.counts.add(compared, np.asarray(acts), np.asarray(x_hat), codes)
+        self.saelens.add(compared, np.asarray(acts), np.asarray(x_hat), codes)
 
     def result(self) -> dict[str, Any]:
         counts, cos_abs = self.counts, self.cos_abs
@@ -201,6 +203,7 @@ class GroundTruthSums:
                             "precision": precision.tolist(), "recall": recall.tolist(),
                             "f1": f1.tolist()},
         }
+        out.update(self.saelens.result(out["mcc"]))
         if self.parent is not None:
             out.update(_absorption(self.params, self.directions, self.parent, match_f,
                                    match_l, counts, input_directions=self.input_directions))
@@ -271,6 +274,71 @@ class _FiringCounts:
             child_fired = (fired[:, child_latents].any(axis=1) if len(child_latents)
                            else np.zeros(len(x), bool))
             self.full[i] += (both & ~ell_fired & child_fired).sum()
+
+
+class _SAELensCounts:
+    """The metrics of SAELens's `eval_sae_on_synthetic_data` (SynthSAEBench's table), defined
+    as SAELens defines them, under `sb_` keys: each latent against its best-matching true
+    feature (argmax |cos| of its decoder row; dead latents included), a latent fires when its
+    code is non-zero, a feature when its code is > 0; precision / recall / F1 / accuracy per
+    latent, averaged over latents; uniqueness = distinct best matches / latents; explained
+    variance 1 - E‖x - x̂‖² / (E‖x‖² - ‖E x‖²); shrinkage = mean ‖x̂‖ / ‖x‖ over tokens with
+    ‖x‖ > 1e-6; dead latents (a count); the true and the SAE's L0."""
+
+    def __init__(self, best: np.ndarray):
+        self.best = best
+        d_sae = best.size
+        self.tp, self.fp, self.fn = (np.zeros(d_sae, np.int64) for _ in range(3))
+        self.fired = np.zeros(d_sae, bool)
+        self.n = self.active = self.true_active = self.shrink_n = 0
+        self.shrink = self.sum_sq = self.sse = 0.0
+        self.sum_x: np.ndarray | None = None
+
+    def add(self, x, acts, x_hat, codes) -> None:
+        fires = acts != 0
+        truth = codes[:, self.best] > 0
+        self.tp += np.sum(fires & truth, axis=0)
+        self.fp += np.sum(fires & ~truth, axis=0)
+        self.fn += np.sum(~fires & truth, axis=0)
+        self.fired |= fires.any(axis=0)
+        self.n += len(x)
+        self.active += int(fires.sum())
+        self.true_active += int(np.sum(codes != 0))
+        x64 = x.astype(np.float64)
+        total = x64.sum(axis=0)
+        self.sum_x = total if self.sum_x is None else self.sum_x + total
+        self.sum_sq += float(np.sum(x64**2))
+        self.sse += float(np.sum((x64 - x_hat) ** 2))
+        norms = np.linalg.norm(x64, axis=1)
+        ok = norms > 1e-6
+        self.shrink += float(np.sum(np.linalg.norm(x_hat[ok], axis=1) / norms[ok]))
+        self.shrink_n += int(ok.sum())
+
+    def result(self, mcc: float) -> dict[str, float]:
+        """(`mcc`, the Hungarian mean |cos|, is SAELens's definition too: passed in, not
+        matched twice.)"""
+        tp, fp, fn = self.tp, self.fp, self.fn
+        tn = self.n - tp - fp - fn
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+        f1 = np.where(precision + recall > 0,
+                      2 * precision * recall / np.maximum(precision + recall, 1e-300), 0.0)
+        variance = self.sum_sq / self.n - float(np.sum((self.sum_x / self.n) ** 2))
+        mse = self.sse / self.n
+        ev = (1.0 - mse / variance) if variance >= 1e-10 else float(mse < 1e-10)
+        return {
+            "sb_mcc": mcc,
+            "sb_uniqueness": len(np.unique(self.best)) / self.best.size,
+            "sb_precision": float(precision.mean()),
+            "sb_recall": float(recall.mean()),
+            "sb_f1": float(f1.mean()),
+            "sb_accuracy": float(((tp + tn) / max(self.n, 1)).mean()),
+            "sb_explained_variance": ev,
+            "sb_shrinkage": self.shrink / self.shrink_n if self.shrink_n else 0.0,
+            "sb_dead_latents": int(np.sum(~self.fired)),
+            "sb_l0": self.active / self.n,
+            "sb_true_l0": self.true_active / self.n,
+        }
 
 
 def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts, *,

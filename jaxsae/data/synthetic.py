@@ -7,13 +7,15 @@ keys of `data.generate` in a config) with two methods:
                       plus whatever else describes it (firing probabilities, parents, circles)
   codes(truth, rng, n)  [n, n_features] true feature activations of n tokens
 
-and the activations are x = codes @ directions. The `transcoder` generator writes pairs: x =
-codes @ input_directions into the directory, and the targets y = codes @ directions (+ a dense
-linear part, what a skip transcoder's bypass learns) into its `target/` subdirectory, so the
-truth's `directions` are always what a decoder should learn. Tokens are drawn in blocks of
-BLOCK_TOKENS from `default_rng([seed, 1, block])`, so the true codes of any token range can be
-regenerated (`true_codes`) instead of being stored. A generated directory holds the shards, plus
-`truth.safetensors` (the truth() arrays) and `truth.json` (the kind, the spec, the block size).
+and the activations are x = codes @ directions (a spec with a `block(truth, block, n)` method,
+`synthsaebench`, draws its tokens and codes itself, sparsely, in JAX). The `transcoder`
+generator writes pairs: x = codes @ input_directions into the directory, and the targets
+y = codes @ directions (+ a dense linear part, what a skip transcoder's bypass learns) into
+its `target/` subdirectory, so the truth's `directions` are always what a decoder should
+learn. Tokens are drawn in blocks of BLOCK_TOKENS from `default_rng([seed, 1, block])`, so
+the true codes of any token range can be regenerated (`true_codes`) instead of being stored.
+A generated directory holds the shards, plus `truth.safetensors` (the truth() arrays) and
+`truth.json` (the kind, the spec, the block size).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from scipy.special import ndtri
 
 from jaxsae import tensorfile
 from jaxsae.data.shards import TARGET_DIR, ShardWriter
+from jaxsae.data.synthsaebench import SynthSAEBenchSpec
 from jaxsae.errors import ConfigError, DataError
 from jaxsae.progress import Progress
 
@@ -403,8 +406,11 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
                        enabled=progress)
         for i, lo in enumerate(range(0, spec.tokens, BLOCK_TOKENS)):
             n = min(BLOCK_TOKENS, spec.tokens - lo)
-            codes = _block_codes(spec, truth, i, n)
-            x = codes @ directions
+            if hasattr(spec, "block"):  # a generator that decodes its own (sparse) codes
+                x, codes = spec.block(truth, i, n, codes=False)
+            else:
+                codes = _block_codes(spec, truth, i, n)
+                x = codes @ directions
             writer.write(x)
             if targets is not None:
                 targets.write(codes @ truth["directions"] + x @ truth["skip"])
@@ -418,6 +424,8 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
 
 
 def _block_codes(spec, truth, block: int, n: int) -> np.ndarray:
+    if hasattr(spec, "block"):
+        return spec.block(truth, block, n)[1]
     return spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
 
 
@@ -454,6 +462,7 @@ GENERATORS: dict[str, Generator] = {
     "circles": Generator(CirclesSpec),
     "transcoder": Generator(TranscoderSpec, {"d_in": 64, "d_out": 96, "n_features": 256,
                                             "skip": 0.5}),
+    "synthsaebench": Generator(SynthSAEBenchSpec),
 }
 
 
@@ -490,6 +499,8 @@ class Truth:
 
     spec: Any
     arrays: Mapping[str, np.ndarray]
+    _last: dict = field(default_factory=dict, compare=False, repr=False)
+    """The last block regenerated (evaluation reads a block's tokens in several batches)."""
 
     @property
     def directions(self) -> np.ndarray:
@@ -526,7 +537,10 @@ class Truth:
             bar.update()
             lo = block * BLOCK_TOKENS
             n = min(BLOCK_TOKENS, self.spec.tokens - lo)
-            codes = _block_codes(self.spec, self.arrays, block, n)
+            if self._last.get("block") != block:
+                self._last.update(block=block, codes=_block_codes(self.spec, self.arrays, block,
+                                                                  n))
+            codes = self._last["codes"]
             parts.append(codes[max(start - lo, 0): min(stop - lo, n)])
         bar.close()
         if not parts:
