@@ -40,7 +40,9 @@ METRICS = ("l0", "true_l0", "explained_variance", "mse", "mcc", "mmcs", "uniquen
            "parent_recall_with_child",
            "parent_decoder_child_cos", "child_encoder_sibling_cos",
            "child_decoder_sibling_cos", "planes_covered",
-           "rows_per_covered_plane", "circle_explained_variance")
+           "rows_per_covered_plane", "circle_explained_variance",
+           # SynthSAEBench's table, as SAELens's eval_sae_on_synthetic_data defines it
+           "sb_f1", "sb_mcc", "sb_uniqueness", "sb_explained_variance", "sb_dead_latents")
 
 
 @dataclass(frozen=True)

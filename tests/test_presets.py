@@ -59,9 +59,10 @@ def test_bench_preset_launch_line_and_short_run(config, tmp_path):
 
     first = config.read_text().splitlines()[0]
     assert first == f"# jaxsae bench {config.relative_to(ROOT).as_posix()}"
+    small = ["base.data.generate.preset=tiny"] if "synthsaebench" in config.read_text() else []
     cfg = load_bench_config(config, [
         f"out={tmp_path / 'bench'}", f"base.data.path={tmp_path / 'data'}", "seeds=[0]",
-        "base.data.generate.tokens=24576", "base.data.eval_tokens=4096",
+        "base.data.generate.tokens=24576", "base.data.eval_tokens=4096", *small,
         "base.optim.batch_size=256", "base.optim.total_tokens=1536", "base.optim.warmup_steps=1"])
     rows = run_bench(cfg, progress=False, log=lambda m: None)
     assert {r["arm"] for r in rows} == set(cfg.arms)

@@ -203,3 +203,34 @@ def test_an_overflowing_stage_draws_again(small):
         assert (codes[:, 4:] > 0).sum() <= tight["codes"]
         np.testing.assert_allclose(np.asarray(x), codes @ truth["directions"] + truth["bias"],
                                    atol=2e-4)
+
+
+def test_synth_command_writes_the_benchmark_and_a_run_reports_its_metrics(tmp_path, capsys):
+    """`jaxsae synth synthsaebench --preset tiny --tokens N --seed S --out DIR` (the contract):
+    shards whose tokens are the regenerated true codes through the dictionary plus the bias
+    (across a block boundary), and a run on them reports the benchmark's sb_ metrics."""
+    from jaxsae import cli
+    from jaxsae.data import synthetic
+    from jaxsae.data.shards import ShardSet
+    from jaxsae.train import train
+    from tests.conftest import small_config
+
+    out = tmp_path / "sb"
+    assert cli.main(["synth", "synthsaebench", "--preset", "tiny", "--tokens", "20000",
+                     "--seed", "2", "--out", str(out), "--orthogonalize-steps", "10",
+                     "--no-progress"]) == 0
+    truth = synthetic.load_truth(out)
+    assert (truth.spec.n_features, truth.spec.d_in, truth.spec.seed) == (1024, 64, 2)
+    x = ShardSet(out).read(16000, 16400)
+    np.testing.assert_allclose(x, truth.codes(16000, 16400) @ truth.directions
+                               + truth.arrays["bias"], atol=2e-4)
+    assert cli.main(["synth", "synthsaebench", "--preset", "huge", "--out",
+                     str(tmp_path / "no")]) == 2
+    assert "--preset" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    cfg = small_config(out, tmp_path / "run", data={"eval_tokens": 2048},
+                       sae={"d_sae": 128, "activation": "topk", "k": 8})
+    result = train(cfg, progress=False)
+    for key in ("sb_f1", "sb_mcc", "sb_uniqueness", "sb_explained_variance", "sb_shrinkage",
+                "parent_recall_alone"):
+        assert 0 < result.eval[key] <= 1.5, key
+    assert result.eval["sb_true_l0"] == pytest.approx(result.eval["true_l0"])
