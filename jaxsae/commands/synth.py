@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
@@ -16,12 +17,23 @@ from jaxsae.errors import ConfigError
 def _unchecked(spec: type) -> type:
     """The spec's fields without its checks, so that flags can hold values that are only
     valid together (`--n-trees 2 --d-in 8`); `Synth.run` builds the checked spec from them."""
+    hints = typing.get_type_hints(spec)
+    from_preset = [  # `--roots INT (default: the preset's)`, not "(default: None)"
+        (f.name, Annotated[hints[f.name], tyro.conf.arg(
+            metavar=_metavar(hints[f.name]), help_behavior_hint="(default: the preset's)")],
+         dataclasses.field(default=None))
+        for f in dataclasses.fields(spec) if f.default is None]
     flags = dataclasses.make_dataclass(
-        spec.__name__, [], bases=(spec,), frozen=True,
+        spec.__name__, from_preset, bases=(spec,), frozen=True,
         namespace={"__post_init__": lambda self: None, "__doc__": spec.__doc__,
                    "__module__": spec.__module__, "checked": spec})
     reflow_field_help(flags)
     return flags
+
+
+def _metavar(hint) -> str:
+    """INT for `int | None`."""
+    return next(t for t in typing.get_args(hint) if t is not type(None)).__name__.upper()
 
 
 def _kinds() -> Any:

@@ -407,7 +407,7 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
         for i, lo in enumerate(range(0, spec.tokens, BLOCK_TOKENS)):
             n = min(BLOCK_TOKENS, spec.tokens - lo)
             if hasattr(spec, "block"):  # a generator that decodes its own (sparse) codes
-                x, codes = spec.block(truth, i, n, codes=False)
+                x, codes = spec.block(truth, i, n, block_tokens=BLOCK_TOKENS, codes=False)
             else:
                 codes = _block_codes(spec, truth, i, n)
                 x = codes @ directions
@@ -425,7 +425,7 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
 
 def _block_codes(spec, truth, block: int, n: int) -> np.ndarray:
     if hasattr(spec, "block"):
-        return spec.block(truth, block, n)[1]
+        return spec.block(truth, block, n, block_tokens=BLOCK_TOKENS)[1]
     return spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
 
 

@@ -80,11 +80,11 @@ class SynthSAEBenchSpec:
     """full: SynthSAEBench-16k (16,384 features in 768 dims, 128 roots); quarter: 4096 in 256,
     32 roots; tiny: 1024 in 64, 8 roots. Sets n_features, d_in and roots unless given."""
     n_features: int | None = None
-    """Number of true features (default: the preset's)."""
+    """Number of true features."""
     d_in: int | None = None
-    """Dimension of the activations (default: the preset's)."""
+    """Dimension of the activations."""
     roots: int | None = None
-    """Trees of the hierarchy (default: the preset's)."""
+    """Trees of the hierarchy."""
     branching: int = 4
     """Children of every non-leaf node."""
     max_depth: int = 3
@@ -167,15 +167,13 @@ class SynthSAEBenchSpec:
     def structure(self) -> dict[str, Any]:
         return {}
 
-    def block(self, truth: Mapping[str, np.ndarray], block: int, n: int, *,
+    def block(self, truth: Mapping[str, np.ndarray], block: int, n: int, *, block_tokens: int,
               codes: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Tokens of block `block` (the first n of BLOCK_TOKENS drawn from the block's key):
-        x [n, d_in] and, with `codes`, the true codes [n, n_features]."""
-        from jaxsae.data.synthetic import BLOCK_TOKENS
-
+        """Tokens of block `block` (the first n of the block_tokens drawn from the block's
+        key): x [n, d_in] and, with `codes`, the true codes [n, n_features]."""
         sampler = _sampler(self, truth)
         key = jax.random.fold_in(jax.random.key(self.seed), block)
-        x, dense = sampler.sample(key, BLOCK_TOKENS, codes=codes)
+        x, dense = sampler.sample(key, block_tokens, codes=codes)
         x = np.asarray(x[:n])
         return x, (np.asarray(dense[:n]) if codes else None)
 
