@@ -332,8 +332,6 @@ class Sampler:
             "exclusive": jnp.asarray(a["exclusive"] > 0),
         }
         self.any_exclusive = bool(np.any(a["exclusive"]))
-        self._prob, self._parent = prob, a["parent"]
-        self._level = a["level"]
         self._jitted: dict[tuple[int, bool], Any] = {}
 
     # -- capacities -----------------------------------------------------------------------
