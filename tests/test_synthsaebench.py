@@ -113,9 +113,11 @@ def test_presets_and_refusals():
         sb.SynthSAEBenchSpec(min_prob=0.5)
 
 
-def _stats(codes, truth, branching):
+def firing_stats(codes, parent, exclusive, branching):
+    """What two draws of one world are compared on (here, and against SAELens in
+    tests/interop/test_synthsaebench.py): per-feature rates, L0, children firing without their
+    parent, P(child | parent), mean magnitudes, exclusive siblings firing together."""
     fire = codes > 0
-    parent = truth["parent"]
     children = np.flatnonzero(parent >= 0)
     with_parent = fire[:, children] & fire[:, parent[children]]
     return {
@@ -129,7 +131,7 @@ def _stats(codes, truth, branching):
         "exclusive_pairs": int(sum(
             (fire[:, g].sum(axis=1) > 1).sum()
             for g in children.reshape(-1, branching)
-            if truth["exclusive"][parent[g[0]]])),
+            if exclusive[parent[g[0]]])),
     }
 
 
@@ -147,7 +149,7 @@ def test_sampler_matches_the_dense_reference(small):
     np.testing.assert_allclose(x, ours @ truth["directions"] + truth["bias"], atol=2e-4)
     ref = reference_codes(truth, n, np.random.default_rng(1), roots=4, branching=3,
                           max_depth=2, scale_children=True)
-    a, b = _stats(ours, truth, 3), _stats(ref, truth, 3)
+    a, b = (firing_stats(c, truth["parent"], truth["exclusive"], 3) for c in (ours, ref))
     assert a["orphans"] == b["orphans"] == 0
     assert a["exclusive_pairs"] == b["exclusive_pairs"] == 0
     # rates: a two-sample z per feature (features with enough firings)

@@ -32,6 +32,8 @@ from scipy.special import ndtri
 
 from jaxsae import tensorfile
 from jaxsae.data.shards import TARGET_DIR, ShardWriter
+from jaxsae.data.spec_checks import check_common as _check_common
+from jaxsae.data.spec_checks import need as _need
 from jaxsae.data.synthsaebench import SynthSAEBenchSpec
 from jaxsae.errors import ConfigError, DataError
 from jaxsae.progress import Progress
@@ -39,18 +41,6 @@ from jaxsae.progress import Progress
 TRUTH_TENSORS = "truth.safetensors"
 TRUTH_JSON = "truth.json"
 BLOCK_TOKENS = 16384
-
-
-def _need(ok: bool, key: str, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {why}")
-
-
-def _check_common(spec) -> None:
-    _need(spec.d_in > 0, "d_in", "must be > 0")
-    _need(spec.tokens > 0, "tokens", "must be > 0")
-    _need(spec.shard_tokens > 0, "shard_tokens", "must be > 0")
-    _need(spec.dtype in ("float32", "float16"), "dtype", "must be float32 or float16")
 
 
 def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

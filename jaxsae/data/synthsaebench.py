@@ -53,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import ndtri
 
-from jaxsae.errors import ConfigError
+from jaxsae.data.spec_checks import check_common as _check_common
+from jaxsae.data.spec_checks import need as _need
 
 GROUP = 16
 """Rows per group over which the Poisson thinning bounds the firing probabilities."""
@@ -64,11 +65,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"n_features": 1024, "d_in": 64, "roots": 8},
 }
 """SynthSAEBench-16k (`full`) and smaller worlds of the same make (every other knob equal)."""
-
-
-def _need(ok: bool, key: str, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {why}")
 
 
 @dataclass(frozen=True)
@@ -133,11 +129,8 @@ class SynthSAEBenchSpec:
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        _check_common(self)
         _need(self.n_features > 0, "n_features", "must be > 0")
-        _need(self.d_in > 0, "d_in", "must be > 0")
-        _need(self.tokens > 0, "tokens", "must be > 0")
-        _need(self.shard_tokens > 0, "shard_tokens", "must be > 0")
-        _need(self.dtype in ("float32", "float16"), "dtype", "must be float32 or float16")
         _need(self.roots >= 0, "roots", "must be >= 0")
         _need(self.branching >= 2, "branching", "must be >= 2")
         _need(self.max_depth >= 0, "max_depth", "must be >= 0")

@@ -26,6 +26,7 @@ from sae_lens.synthetic.hierarchy import HierarchyConfig  # noqa: E402
 from sae_lens.synthetic.synthetic_model import LowRankCorrelationConfig  # noqa: E402
 
 from jaxsae.data import synthsaebench as sb  # noqa: E402
+from tests.test_synthsaebench import firing_stats  # noqa: E402
 
 N, D, ROOTS, BRANCHING, DEPTH = 600, 32, 4, 3, 2
 TOKENS = 65536
@@ -87,22 +88,6 @@ def test_the_structure_is_saelens_s(world):
     np.testing.assert_allclose(diag, 1 - np.sum(arrays["factor"] ** 2, axis=1), atol=1e-6)
 
 
-def _stats(codes, parent, exclusive):
-    fire = codes > 0
-    children = np.flatnonzero(parent >= 0)
-    groups = children.reshape(-1, BRANCHING)
-    return {
-        "rate": fire.mean(axis=0), "l0": fire.sum(axis=1).mean(),
-        "orphans": int((fire[:, children] & ~fire[:, parent[children]]).sum()),
-        "given_parent": (fire[:, children] & fire[:, parent[children]]).sum(axis=0)
-        / np.maximum(fire[:, parent[children]].sum(axis=0), 1),
-        "exclusive_pairs": int(sum((fire[:, g].sum(axis=1) > 1).sum() for g in groups
-                                   if exclusive[parent[g[0]]])),
-        "mean": np.array([codes[fire[:, i], i].mean() if fire[:, i].any() else np.nan
-                          for i in range(codes.shape[1])]),
-    }
-
-
 def test_jaxsae_draws_what_saelens_draws(world):
     model, arrays, parent = world
     torch.manual_seed(1)
@@ -112,7 +97,7 @@ def test_jaxsae_draws_what_saelens_draws(world):
                          scale_children=True)
     ours = np.concatenate([np.asarray(sampler.sample(jax.random.key(i), 16384, codes=True)[1])
                            for i in range(TOKENS // 16384)])
-    a, b = (_stats(c, parent, arrays["exclusive"]) for c in (ours, theirs))
+    a, b = (firing_stats(c, parent, arrays["exclusive"], BRANCHING) for c in (ours, theirs))
     assert a["orphans"] == b["orphans"] == 0
     assert a["exclusive_pairs"] == b["exclusive_pairs"] == 0
     pooled = (a["rate"] + b["rate"]) / 2

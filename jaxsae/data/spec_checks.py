@@ -1,0 +1,19 @@
+"""The checks every ground-truth generator spec makes (`synthetic`, `synthsaebench`): a failed
+one is a ConfigError naming the field (`jaxsae synth` turns it into the flag's name)."""
+
+from __future__ import annotations
+
+from jaxsae.errors import ConfigError
+
+
+def need(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+def check_common(spec) -> None:
+    """The fields every generator has: d_in, tokens, shard_tokens, dtype."""
+    need(spec.d_in > 0, "d_in", "must be > 0")
+    need(spec.tokens > 0, "tokens", "must be > 0")
+    need(spec.shard_tokens > 0, "shard_tokens", "must be > 0")
+    need(spec.dtype in ("float32", "float16"), "dtype", "must be float32 or float16")
