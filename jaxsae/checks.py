@@ -79,5 +79,8 @@ def _check_sae(cfg: Config) -> None:
     if cfg.data.generate is not None:
         from jaxsae.data import synthetic
 
-        synthetic.parse_spec(cfg.data.generate, key="data.generate")
+        _, spec = synthetic.parse_spec(cfg.data.generate, key="data.generate")
+        if cfg.data.stream and spec.kind == "transcoder":
+            raise ConfigError("data.stream: the transcoder generator's pairs are not streamed; "
+                              "write them (data.path) and set data.target to their target/")
     penalties.check_terms(cfg)

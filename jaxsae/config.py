@@ -70,6 +70,11 @@ class DataConfig:
     """Scan every shard for NaN/inf when the data is opened (one full read)."""
     generate: Mapping[str, Any] | None = None
     """If `path` is missing, generate it first: `{kind: superposition, ...}` (`jaxsae synth`)."""
+    stream: bool = False
+    """Draw `generate`'s tokens as training reads them, writing nothing (no `path`): the
+    tokens `jaxsae synth` would write, each block generated when a lane first reads it;
+    resumes exactly. Without `generate.tokens`, just enough are drawn for the run
+    (optim.total_tokens plus the held-out tokens), so none is seen twice."""
     target: str | None = None
     """A transcoder's targets: a second jaxsae shard directory whose row i is what row i of
     `path` maps to (e.g. an MLP's output for its input; same shard sizes, same order; its
@@ -89,6 +94,13 @@ class DataConfig:
         _need(self.target_hook is None or self.target is not None, "data.target_hook",
               "names a column of data.target's SAELens cache; set data.target too "
               "(data.path again when one cache holds both columns)")
+        if self.stream:
+            _need(self.generate is not None, "data.stream",
+                  "draws the tokens of data.generate; set data.generate too")
+            _need(not self.path, "data.path",
+                  "nothing is read or written with data.stream; leave data.path out")
+            _need(self.target is None, "data.target",
+                  "not with data.stream (streamed data has no targets)")
 
     def held_out(self, n_tokens: int) -> int:
         """Tokens held out for the final evaluation from data of `n_tokens` tokens."""
@@ -445,7 +457,8 @@ class Config:
     def __post_init__(self):
         # Each section checked its own values; here, what combines them (cross-module checks:
         # jaxsae.checks.check_run).
-        _need(bool(self.data.path), "data.path", "required (a directory of cached activations)")
+        _need(bool(self.data.path) or self.data.stream, "data.path",
+              "required (a directory of cached activations)")
         if self.data.target is not None and not self.sae.transcoder:
             # data.target makes the dictionary a transcoder (the section cannot see data)
             object.__setattr__(self, "sae", replace(self.sae, transcoder=True))

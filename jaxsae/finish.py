@@ -24,7 +24,7 @@ from jaxsae.checkpoint import (
 )
 from jaxsae.config import CheckpointConfig, Config
 from jaxsae.curves import CURVES
-from jaxsae.data import open_source, synthetic
+from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.saelens import SAELensCache
 from jaxsae.data.source import iter_blocks
 from jaxsae.data.stats import DataStats
@@ -66,7 +66,9 @@ def _dotted_value(cfg: Config, dotted: str) -> Any:
 
 
 def ground_truth(cfg: Config, source) -> synthetic.Truth | None:
-    """The truth of data written by `jaxsae synth` (None for other data)."""
+    """The truth of data written by `jaxsae synth` or streamed (None for other data)."""
+    if isinstance(source, GeneratedSource):
+        return source.truth
     if not (Path(cfg.data.path) / synthetic.TRUTH_JSON).is_file():
         return None
     truth = synthetic.load_truth(cfg.data.path)
@@ -145,7 +147,8 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
         export.export_sae(
             params, cfg.sae, out, dtype=dtype,
             log10_firing=evaluate.log10_firing(frequency),
-            metadata={"dataset_path": str(Path(cfg.data.path).absolute()),
+            metadata={"dataset_path": (str(Path(cfg.data.path).absolute()) if cfg.data.path
+                                       else f"streamed {cfg.data.generate.get('kind')}"),
                       **_source_metadata(source), **trained},
             training={"run": cfg.name, "steps": cfg.optim.total_steps,
                       "tokens": trained["training_tokens"],
@@ -190,7 +193,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     stats = DataStats.from_dict(restored.loader["data_stats"])
     params = jax.device_get(restored.state.params)
     truth = ground_truth(cfg, source)
-    inputs = (run_dir, cfg.data.path)
+    inputs = (run_dir, *([cfg.data.path] if cfg.data.path else []))
     if hub_layout:
         points = cfg.sweep.points if cfg.sweep is not None else [None]
         hook = _source_metadata(source).get("hook_name")
@@ -229,9 +232,10 @@ def _restore_for_export(directory: Path, step: int | None, data: str | None, rea
     found: dict[str, Any] = {}
 
     def abstract_for(loader_state: dict, cfg: Config):
-        if data is not None:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
-        source = open_source(cfg.data)
+        if data is not None:  # (streamed data: the same tokens, written by `jaxsae synth`)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data,
+                                                                    stream=False))
+        source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
         one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, model=1))
         built = build(one, source.d_in, jax.devices()[:1], d_out=source.d_out)
         found.update(cfg=cfg, built=built, source=source)

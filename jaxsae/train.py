@@ -102,18 +102,22 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
 
     # -- data -------------------------------------------------------------------------------
     data_path = Path(cfg.data.path)
-    if cfg.data.generate is not None:
+    if cfg.data.generate is not None and not cfg.data.stream:
         if is_main and not data_path.exists():
             log(f"{data_path} does not exist: generating it ({cfg.data.generate.get('kind')})")
             synthetic.generate(cfg.data.generate, data_path, progress=progress)
         if jax.process_count() > 1:  # every process passes here; the others wait for the data
             multihost_utils.sync_global_devices("jaxsae-generate-data")
-    source = open_source(cfg.data)
+    source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
     held_out = cfg.data.held_out(source.n_tokens)
     n_train = source.n_tokens - held_out
+    if cfg.data.stream:
+        log(f"data: streaming {cfg.data.generate.get('kind')} ({source.n_tokens} tokens, "
+            f"{held_out} held out for evaluation; nothing is written)")
     if n_train < cfg.optim.batch_size:
+        where = "data.generate.tokens" if cfg.data.stream else data_path
         raise DataError(
-            f"{data_path}: {source.n_tokens} tokens leave {max(n_train, 0)} for training after "
+            f"{where}: {source.n_tokens} tokens leave {max(n_train, 0)} for training after "
             f"data.eval_tokens ({held_out}); need at least optim.batch_size "
             f"({cfg.optim.batch_size})"
         )
@@ -204,6 +208,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
 
     def abstract_for(loader_state: dict, saved_cfg: Config):
         check_resume_compatible(saved_cfg, cfg, run_dir)
+        _check_stream_unchanged(saved_cfg, cfg, run_dir)
         _check_loader_state(loader_state, cfg, source, n_train, run_dir)
         built = built_for(DataStats.from_dict(loader_state["data_stats"]))
         return abstract_with_shardings(built.abstract, built.state_sharding)
@@ -249,7 +254,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                         owned_lanes=owned, keep=stats.keep_fn(source.d_in),
                         position=loader_state)
     except ValueError as e:
-        raise DataError(f"{cfg.data.path}: {e} (fewer data.lanes would fit)") from None
+        where = "data.generate.tokens" if cfg.data.stream else cfg.data.path
+        raise DataError(f"{where}: {e} (fewer data.lanes would fit)") from None
     global_shape = (batch_size, source.width)  # a transcoder's: inputs and targets
 
     def to_devices(item):  # each process hands over only its rows of the global batch
@@ -374,6 +380,19 @@ def _gather_positions(position: dict) -> dict:
     return {**position, "lanes": merged.tolist()}
 
 
+def _check_stream_unchanged(saved: Config, cfg: Config, where: Path) -> None:
+    """Streamed data is its generator: data.generate (mutable on resume for written data, which
+    is only generated when missing) must not change, nor whether the data is streamed."""
+    if not (saved.data.stream or cfg.data.stream):
+        return
+    if saved.data.stream != cfg.data.stream:
+        raise JaxsaeError(f"{where}: cannot resume with a changed data.stream (the checkpoint "
+                          f"was trained with data.stream {str(saved.data.stream).lower()})")
+    if dict(saved.data.generate or {}) != dict(cfg.data.generate or {}):
+        raise JaxsaeError(f"{where}: cannot resume with a changed data.generate (the streamed "
+                          "data is drawn from it); restore it, or start a new run")
+
+
 def _check_loader_state(state: dict, cfg: Config, source, n_train: int, where: Path) -> None:
     if state.get("n_lanes") != cfg.data.lanes:
         raise JaxsaeError(f"{where}: the checkpoint used data.lanes {state.get('n_lanes')}, "
@@ -386,6 +405,12 @@ def _check_loader_state(state: dict, cfg: Config, source, n_train: int, where: P
         raise DataError(f"{cfg.data.path}: d_in is {source.d_in} but the checkpoint in {where} "
                         f"was trained on d_in {state.get('d_in')}")
     if state.get("n_tokens") != n_train or state.get("batch_size") != cfg.optim.batch_size:
+        if cfg.data.stream and state.get("batch_size") == cfg.optim.batch_size:
+            raise JaxsaeError(
+                f"{where}: the streamed data was sized for the checkpoint's run "
+                f"({state.get('n_tokens')} training tokens) and optim.total_tokens changed it "
+                f"to {n_train}; to train longer, set data.generate.tokens (the data's size) "
+                "when the run starts")
         raise JaxsaeError(
             f"{where}: the data changed since the checkpoint (it was {state.get('n_tokens')} "
             f"training tokens in batches of {state.get('batch_size')}, now {n_train} in "

@@ -49,7 +49,11 @@ class Train(Command):
                   f"summary in {result.run_dir / 'sweep.csv'}")
         else:
             print(f"{what} exported to {result.sae_dir}")
-        if not cfg.sae.transcoder:  # (jaxsae eval does not read transcoders yet)
+        if cfg.data.stream:
+            print("the data was streamed (nothing written); `jaxsae synth "
+                  f"{cfg.data.generate.get('kind')}` with data.generate's settings writes the "
+                  "same tokens, for `jaxsae eval SAE --data DIR --truth DIR`")
+        elif not cfg.sae.transcoder:  # (jaxsae eval does not read transcoders yet)
             print(f"evaluate {'one' if result.sweep else 'it'} with: jaxsae eval "
                   f"{members[0].sae_dir} --data {cfg.data.path}"
                   + (f" --truth {cfg.data.path}" if cfg.data.generate else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxsae.config import DataConfig
+from jaxsae.data.generated import GeneratedSource, stream_spec
 from jaxsae.data.saelens import SAELensCache, is_saelens_cache
 from jaxsae.data.shards import ShardSet, is_shard_dir
 from jaxsae.data.source import ArraySource, PairedSource
@@ -20,11 +21,17 @@ def detect_format(path: Path) -> str:
                     "no dataset_info.json + state.json of a SAELens cache)")
 
 
-def open_source(cfg: DataConfig) -> ArraySource | PairedSource:
+def open_source(cfg: DataConfig, *, train_tokens: int | None = None
+                ) -> ArraySource | PairedSource | GeneratedSource:
     """Opens `cfg.path` in the format `cfg.format` names (`auto` detects it); with
     `cfg.target`, paired with the targets (a transcoder's data): two jaxsae shard directories
     paired shard by shard, or SAELens caches of the same tokens (one cache may hold both
-    columns: `cfg.hook` and `cfg.target_hook`)."""
+    columns: `cfg.hook` and `cfg.target_hook`). With `cfg.stream`, the generated tokens of
+    `cfg.generate`, sized for `train_tokens` training tokens unless it sets `tokens`."""
+    if cfg.stream:
+        if train_tokens is None:
+            raise ValueError("streamed data is sized by the run: pass train_tokens")
+        return GeneratedSource(stream_spec(cfg.generate, train_tokens, cfg.held_out))
     inputs = _open_one(cfg)
     if cfg.target is None:
         return inputs

@@ -66,6 +66,11 @@ class Loader:
         self._dropped_lock = threading.Lock()
         self.n_tokens = source.n_tokens if stop is None else stop
         lane_buffer = max(1, buffer_tokens // lanes)
+        preferred = getattr(source, "chunk_tokens", None)  # generated data: whole blocks
+        if chunk_tokens is None and preferred:
+            chunk_tokens = preferred
+            while chunk_tokens > 1 and self.n_tokens // chunk_tokens < 4 * lanes:
+                chunk_tokens //= 2
         # Chunks long enough for sequential reads, short enough that a window mixes many and,
         # on small data, that every lane gets several.
         self.chunk_tokens = chunk_tokens or max(1, min(int(np.clip(lane_buffer // 16, 256, 8192)),

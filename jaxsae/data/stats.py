@@ -55,7 +55,9 @@ def sample_evenly(source: TokenSource, stop: int, n: int, pieces: int = 64) -> n
 
 def estimate(source: TokenSource, stop: int, cfg: DataConfig) -> DataStats:
     """Median norm, outlier threshold and scale from tokens spread over the training range."""
-    rows = sample_evenly(source, stop, cfg.stats_tokens)
+    # Tokens drawn independently (generated data) are sampled as well by one range.
+    rows = sample_evenly(source, stop, cfg.stats_tokens,
+                         pieces=1 if getattr(source, "iid", False) else 64)
     tokens, targets = rows[:, :source.d_in], rows[:, source.d_in:]  # a transcoder's pairs
     norms = np.linalg.norm(tokens.astype(np.float64), axis=1)
     median = float(np.median(norms))

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,9 +384,7 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
     """Writes the shards of `spec` plus truth.safetensors and truth.json to `out` (a
     transcoder's targets: to `out/target`, written and published with it)."""
     truth = spec.truth()
-    directions = truth.get("input_directions", truth["directions"])
-    source = {"generator": spec.kind, **_spec_dict(spec), "block_tokens": BLOCK_TOKENS,
-              **spec.structure()}
+    source = truth_json(spec)
     pairs = "input_directions" in truth
     with ShardWriter(out, spec.d_in, dtype=spec.dtype, shard_tokens=spec.shard_tokens,
                      source={k: v for k, v in source.items() if k != "parent"},
@@ -396,14 +396,10 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
                        enabled=progress)
         for i, lo in enumerate(range(0, spec.tokens, BLOCK_TOKENS)):
             n = min(BLOCK_TOKENS, spec.tokens - lo)
-            if hasattr(spec, "block"):  # a generator that decodes its own (sparse) codes
-                x, codes = spec.block(truth, i, n, block_tokens=BLOCK_TOKENS, codes=False)
-            else:
-                codes = _block_codes(spec, truth, i, n)
-                x = codes @ directions
+            x, y, _ = block_rows(spec, truth, i, n, codes=False)
             writer.write(x)
             if targets is not None:
-                targets.write(codes @ truth["directions"] + x @ truth["skip"])
+                targets.write(y)
             bar.update(n)
         bar.close()
         if targets is not None:
@@ -413,10 +409,24 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
     return Path(out)
 
 
-def _block_codes(spec, truth, block: int, n: int) -> np.ndarray:
-    if hasattr(spec, "block"):
-        return spec.block(truth, block, n, block_tokens=BLOCK_TOKENS)[1]
-    return spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
+def truth_json(spec) -> dict[str, Any]:
+    """What truth.json (and the shards' manifest) records of the data's generator."""
+    return {"generator": spec.kind, **_spec_dict(spec), "block_tokens": BLOCK_TOKENS,
+            **spec.structure()}
+
+
+def block_rows(spec, truth: Mapping[str, np.ndarray], block: int, n: int, *,
+               codes: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The first n tokens of block `block`, float32: x [n, d_in], a transcoder's targets
+    [n, d_out] (else None) and, with `codes` (or where they are drawn anyway), the true codes
+    [n, n_features] (else None). What `write` stores and `Truth` regenerates."""
+    if hasattr(spec, "block"):  # a generator that decodes its own (sparse) codes
+        x, dense = spec.block(truth, block, n, block_tokens=BLOCK_TOKENS, codes=codes)
+        return x, None, dense
+    dense = spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
+    x = dense @ truth.get("input_directions", truth["directions"])
+    y = dense @ truth["directions"] + x @ truth["skip"] if "input_directions" in truth else None
+    return x, y, dense
 
 
 def _spec_dict(spec) -> dict[str, Any]:
@@ -483,14 +493,41 @@ def generate(raw: Mapping[str, Any], out: str | Path, **kwargs) -> Path:
 # Reading the truth back
 
 
+class _Blocks:
+    """Recently regenerated blocks, newest last, up to `budget` bytes (the newest is always
+    kept): the evaluation reads a block's tokens in several batches, and a streamed run's
+    loader reads a block in chunks. Thread-safe (the loader reads windows in threads); one
+    block is generated at a time."""
+
+    def __init__(self, budget: int = 256 << 20):
+        self.budget = budget
+        self._entries: OrderedDict[int, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, spec, arrays, block: int, *, codes: bool) -> tuple:
+        with self._lock:
+            entry = self._entries.get(block)
+            if entry is None or (codes and entry[2] is None):
+                n = min(BLOCK_TOKENS, spec.tokens - block * BLOCK_TOKENS)
+                entry = block_rows(spec, arrays, block, n, codes=codes)
+                self._entries[block] = entry
+            self._entries.move_to_end(block)
+            size = 0
+            for key in reversed(self._entries):  # the newest first; drop what exceeds the budget
+                size += sum(a.nbytes for a in self._entries[key] if a is not None)
+                if size > self.budget and key != block:
+                    del self._entries[key]
+            return entry
+
+
 @dataclass(frozen=True)
 class Truth:
-    """The ground truth of a generated directory."""
+    """The ground truth of generated data: its spec and truth() arrays, from which any token
+    range and its true codes are regenerated."""
 
     spec: Any
     arrays: Mapping[str, np.ndarray]
-    _last: dict = field(default_factory=dict, compare=False, repr=False)
-    """The last block regenerated (evaluation reads a block's tokens in several batches)."""
+    _blocks: _Blocks = field(default_factory=_Blocks, compare=False, repr=False)
 
     @property
     def directions(self) -> np.ndarray:
@@ -518,24 +555,34 @@ class Truth:
     def codes(self, start: int, stop: int, *, progress: bool = False) -> np.ndarray:
         """[stop - start, n_features] the true feature activations of tokens [start, stop),
         regenerated from the seed (float32, exactly what the shards were built from)."""
+        return self._range(start, stop, 2, progress=progress,
+                           empty=(0, self.directions.shape[0]))
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """[stop - start, d_in] float32: tokens [start, stop) exactly as `jaxsae synth` writes
+        them (rounded through the spec's dtype)."""
+        x = self._range(start, stop, 0, empty=(0, self.spec.d_in))
+        if self.spec.dtype != "float32":
+            x = x.astype(self.spec.dtype).astype(np.float32)
+        return x
+
+    def _range(self, start: int, stop: int, part: int, *, progress: bool = False,
+               empty: tuple[int, int]) -> np.ndarray:
         if not 0 <= start <= stop <= self.spec.tokens:
-            raise ValueError(f"tokens [{start}, {stop}) outside the {self.spec.tokens} written")
+            raise ValueError(f"tokens [{start}, {stop}) outside the {self.spec.tokens} generated")
         parts = []
         first, last = start // BLOCK_TOKENS, -(-stop // BLOCK_TOKENS)
-        bar = Progress(last - first, desc="true codes", unit="block", enabled=progress)
+        bar = Progress(last - first, desc="true codes", unit="block",
+                       enabled=progress and part == 2)
         for block in range(first, last):
             bar.update()
             lo = block * BLOCK_TOKENS
-            n = min(BLOCK_TOKENS, self.spec.tokens - lo)
-            if self._last.get("block") != block:
-                self._last.update(block=block, codes=_block_codes(self.spec, self.arrays, block,
-                                                                  n))
-            codes = self._last["codes"]
-            parts.append(codes[max(start - lo, 0): min(stop - lo, n)])
+            rows = self._blocks.get(self.spec, self.arrays, block, codes=part == 2)[part]
+            parts.append(rows[max(start - lo, 0): stop - lo])
         bar.close()
         if not parts:
-            return np.zeros((0, self.directions.shape[0]), np.float32)
-        return np.concatenate(parts)
+            return np.zeros(empty, np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def load_truth(path: str | Path) -> Truth:

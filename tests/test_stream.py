@@ -1,0 +1,157 @@
+"""data.stream: generated tokens drawn as training reads them (jaxsae.data.generated).
+
+A streamed run must be the run on the directory `jaxsae synth` writes for the same spec (same
+batches, same result), resume exactly, generate each block once per epoch and only the blocks
+of the lanes a process reads, and refuse what it cannot do in one line."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import yaml
+from conftest import small_config_dict, train_until_crash
+
+from jaxsae import cli, tensorfile
+from jaxsae.config import DataConfig, config_from_dict
+from jaxsae.data import GeneratedSource, open_source, synthetic
+from jaxsae.data.generated import stream_spec
+from jaxsae.data.loader import Loader
+from jaxsae.errors import ConfigError, JaxsaeError
+from jaxsae.train import train
+
+GENERATE = {"kind": "superposition", "n_features": 48, "d_in": 16, "mean_l0": 3.0, "seed": 5}
+
+
+def _stream_config(run_dir, total_tokens=256 * 24, **data):
+    tree = small_config_dict("", run_dir, data={"generate": GENERATE, "stream": True,
+                                                "eval_tokens": 1024, **data})
+    tree["data"].pop("path")
+    tree["optim"]["total_tokens"] = total_tokens
+    return config_from_dict(tree)
+
+
+def _weights(run) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)
+            for k, v in tensorfile.read(run.sae_dir / "sae_weights.safetensors").items()}
+
+
+def test_a_streamed_run_is_the_run_on_the_written_data_and_resumes_exactly(tmp_path):
+    cfg = _stream_config(tmp_path / "stream")
+    source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
+    n_train = source.n_tokens - cfg.data.held_out(source.n_tokens)
+    assert n_train == cfg.optim.total_tokens  # sized for the run: no token drawn twice
+    streamed = train(cfg, progress=False, log=lambda m: None)
+    assert not any(tmp_path.glob("**/*.npy"))  # nothing written but the run's own files
+    assert {"mcc", "uniqueness", "sb_f1"} <= set(streamed.eval)  # the truth came with it
+
+    # The same tokens written by `jaxsae synth`, read with the streamed run's chunks.
+    written = synthetic.generate({**GENERATE, "tokens": source.n_tokens}, tmp_path / "data",
+                                 progress=False)
+    chunk = Loader(source, batch_size=256, buffer_tokens=cfg.data.shuffle_buffer, seed=0,
+                   lanes=cfg.data.lanes, stop=n_train).chunk_tokens
+    on_disk = config_from_dict(small_config_dict(
+        written, tmp_path / "disk", data={"generate": GENERATE, "eval_tokens": 1024}))
+    from_disk = train(on_disk, progress=False, log=lambda m: None,
+                      make_loader=functools.partial(Loader, chunk_tokens=chunk))
+    assert streamed.eval == from_disk.eval
+    for name, w in _weights(streamed).items():
+        np.testing.assert_array_equal(w, _weights(from_disk)[name], err_msg=name)
+
+    # A crash after the step-8 checkpoint; the same config resumes to the same result.
+    crashed = _stream_config(tmp_path / "crashed")
+    train_until_crash(crashed, at_batch=13)
+    resumed = train(crashed, progress=False, log=lambda m: None)
+    assert resumed.eval == streamed.eval
+    for name, w in _weights(streamed).items():
+        np.testing.assert_array_equal(w, _weights(resumed)[name], err_msg=name)
+
+    # What would change the streamed data is refused on resume, naming it.
+    changed = _stream_config(tmp_path / "stream", generate={**GENERATE, "seed": 6})
+    with pytest.raises(JaxsaeError, match=r"data\.generate"):
+        train(changed, progress=False, log=lambda m: None)
+    longer = _stream_config(tmp_path / "stream", total_tokens=256 * 32)
+    with pytest.raises(JaxsaeError, match=r"data\.generate\.tokens"):
+        train(longer, progress=False, log=lambda m: None)
+
+
+def test_each_block_is_generated_once_per_epoch_and_only_for_the_lanes_read(monkeypatch):
+    """Chunks are whole blocks where the data allows, so a lane's chunk costs one block; a
+    process owning half the lanes generates only its half of the blocks."""
+    spec = synthetic.SuperpositionSpec(n_features=16, d_in=8, tokens=32 * synthetic.BLOCK_TOKENS,
+                                       mean_l0=2.0, seed=1)
+    made: list[int] = []
+    real = synthetic.block_rows
+
+    def counted(spec, truth, block, n, *, codes):
+        made.append(block)
+        return real(spec, truth, block, n, codes=codes)
+
+    monkeypatch.setattr(synthetic, "block_rows", counted)
+    seen = []
+    for owned in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        source = GeneratedSource(spec)
+        loader = Loader(source, batch_size=4096, buffer_tokens=8 * 2 * synthetic.BLOCK_TOKENS,
+                        seed=0, lanes=8, owned_lanes=owned)
+        assert loader.chunk_tokens == synthetic.BLOCK_TOKENS
+        batches = loader.batches()
+        for _ in range(spec.tokens // 4096):  # one epoch
+            next(batches)
+        loader.close()
+        seen.append(sorted(made))
+        made.clear()
+    first, second = seen
+    # (the loader reads one window ahead: the next epoch's first blocks may be generated too)
+    assert set(first) | set(second) == set(range(32))
+    assert not set(first) & set(second)
+    assert all(b % 8 < 4 for b in first) and all(b % 8 >= 4 for b in second)
+    for blocks in seen:
+        assert len(blocks) - len(set(blocks)) <= 4, "a block generated twice in one epoch"
+
+
+def test_the_streamed_tokens_are_the_written_ones(tmp_path):
+    spec = synthetic.SuperpositionSpec(n_features=20, d_in=6, tokens=40000, seed=2,
+                                       shard_tokens=7000, dtype="float16")
+    written = open_source(DataConfig(path=str(synthetic.write(spec, tmp_path / "d",
+                                                              progress=False))))
+    streamed = GeneratedSource(spec)
+    for lo, hi in [(0, 40000), (16000, 16500), (39999, 40000), (5, 5)]:
+        np.testing.assert_array_equal(streamed.read(lo, hi), written.read(lo, hi))
+    with pytest.raises(IndexError):
+        streamed.read(0, 40001)
+
+
+@pytest.mark.parametrize("train_tokens", [256, 6144, 1_000_003, 10**9])
+@pytest.mark.parametrize("eval_tokens", ["auto", 0, 1024])
+def test_streamed_data_is_sized_for_the_run(train_tokens, eval_tokens):
+    held_out = DataConfig(eval_tokens=eval_tokens).held_out
+    n = stream_spec(GENERATE, train_tokens, held_out).tokens
+    assert n - held_out(n) == train_tokens
+    assert stream_spec({**GENERATE, "tokens": 5000}, train_tokens, held_out).tokens == 5000
+
+
+@pytest.mark.parametrize(("data", "culprit"), [
+    ({"stream": True}, "data.generate"),
+    ({"stream": True, "generate": GENERATE, "path": "somewhere"}, "data.path"),
+    ({"stream": True, "generate": GENERATE, "target": "t"}, "data.target"),
+])
+def test_stream_config_errors_name_the_key(data, culprit):
+    tree = small_config_dict("", "run", data=data)
+    if "path" not in data:
+        tree["data"].pop("path")
+    with pytest.raises(ConfigError, match=culprit):
+        config_from_dict(tree)
+
+
+def test_transcoder_pairs_are_not_streamed_and_the_cli_says_so(tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    tree = small_config_dict("", tmp_path / "run", data={
+        "stream": True, "generate": {"kind": "transcoder", "n_features": 8, "d_in": 4,
+                                     "d_out": 4}})
+    tree["data"].pop("path")
+    cfg_file.write_text(yaml.safe_dump(tree))
+    assert cli.main(["train", str(cfg_file), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.stream" in err and "transcoder" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
