@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "bench")
 BENCHES = [pytest.param(p, marks=pytest.mark.slow) if p.stem == "synthsaebench" else p
            for p in sorted((ROOT / "configs" / "bench").glob("*.yaml"))]
-"""(The synthsaebench bench takes ~100 s on 2 cores: compiling its sampler twice and five
+"""(The synthsaebench bench takes ~150 s on 2 cores: compiling its sampler twice and nine
 arms. Its data and metrics are covered by tests/test_synthsaebench.py in the default run.)"""
 
 
