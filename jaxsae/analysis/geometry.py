@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import export, outputs, sae
+from jaxsae.analysis import optimality as optimality_mod
 from jaxsae.analysis.stitch import max_cosine, unit_rows
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
@@ -39,6 +40,9 @@ from jaxsae.outputs import atomic_write, pyplot, save_figure, write_csv
 from jaxsae.progress import Progress
 
 BINS = 32
+OPTIMALITY_COLUMNS = ["latent_a", "latent_b", "stable", "margin", "decoder_cos",
+                      "tilt_a_absorbs_b", "tilt_b_absorbs_a", "a_share_with_b",
+                      "b_share_with_a"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +82,25 @@ def parent_child(i, j, count, fires, n_tokens: int, *, threshold: float = 0.9,
         out.append(np.stack([a[keep], b[keep], p[keep], fires[b][keep], lift[keep]], 1))
     pairs = np.concatenate(out)
     return pairs[np.argsort(-pairs[:, 3], kind="stable")]
+
+
+def optimality_candidates(i, j, count, parents: np.ndarray, min_count: int,
+                          limit: int) -> np.ndarray:
+    """[m, 2] pairs to test for optimality: the children of each parent candidate with one
+    another (rarely firing together, they are what a hierarchy splits into), then co-firing
+    pairs (>= min_count tokens together), most co-firing first; at most `limit`."""
+    keep = count >= min_count
+    order = np.argsort(-count[keep], kind="stable")
+    co = np.stack([i[keep][order], j[keep][order]], 1)
+    siblings = []
+    if len(parents):
+        for parent in np.unique(parents[:, 0]):
+            kids = np.sort(parents[parents[:, 0] == parent, 1].astype(np.int64))
+            siblings += [(a, b) for x, a in enumerate(kids) for b in kids[x + 1:]]
+    both = np.concatenate([np.asarray(siblings, np.int64).reshape(-1, 2), co.astype(np.int64)])
+    both = np.sort(both, axis=1)
+    _, first = np.unique(both, axis=0, return_index=True)
+    return both[np.sort(first)][:limit]
 
 
 def decoder_neighbours(W_dec: np.ndarray, k: int, block: int = 2048):
@@ -146,9 +169,14 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             cofire_tokens: int = 16384, batch_size: int = 4096, cluster_threshold: float = 0.7,
             neighbours: int = 5, top_pairs: int = 100, child_threshold: float = 0.9,
             min_count: int = 10, hook: str | None = None, progress: bool = True,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, optimality: bool = False, optimality_pairs: int = 20000,
+            sparsity_weight: float | None = None) -> dict[str, Any]:
     """Writes the analysis of `sae_dir` on the last `tokens` activations of `data` to `out`
-    (staged, then renamed into place; see `outputs.check_target`)."""
+    (staged, then renamed into place; see `outputs.check_target`). `optimality`: also the
+    first-order optimality conditions (`jaxsae.analysis.optimality`) of every latent and of up
+    to `optimality_pairs` candidate pairs (co-firing pairs, most co-firing first, and the
+    children of each parent candidate with one another), under the sparsity weight
+    `sparsity_weight` (None: the one the codes imply)."""
     outputs.check_target(out, "analyze", overwrite=overwrite, inputs=(sae_dir, data))
     loaded = export.load_sae(sae_dir)
     source = open_source(DataConfig(path=data, hook=hook))
@@ -158,8 +186,8 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     start = max(0, source.n_tokens - tokens)
     n_tok = source.n_tokens - start
     n = loaded.params["W_dec"].shape[0]
-    bar = Progress(2 * n_tok, unit="tok", unit_scale=True, enabled=progress,
-               desc="analyze")
+    bar = Progress((3 if optimality else 2) * n_tok, unit="tok", unit_scale=True,
+                   enabled=progress, desc="analyze")
 
     fires, top, total = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
     rows, cols, seen = [], [], 0
@@ -180,12 +208,12 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         hist += np.asarray(_histogram_pass(params, jnp.asarray(x, jnp.float32),
                                            jnp.asarray(top, jnp.float32), loaded.sae))
         bar.update(len(x))
-    bar.close()
 
     frequency = fires / n_tok
     i, j, count, co_fires = cofiring(np.concatenate(rows), np.concatenate(cols), seen, n)
     # Dense latents co-fire with everything: they are left out of pairs and parent / child.
     dense = co_fires / max(seen, 1) > DENSE_FREQUENCY
+    every_pair = i, j, count  # (the optimality conditions test dense latents too)
     sparse_pair = ~dense[i] & ~dense[j]
     i, j, count = i[sparse_pair], j[sparse_pair], count[sparse_pair]
     jac = jaccard(i, j, count, co_fires)
@@ -199,6 +227,15 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     parents = [{"parent": int(a), "child": int(b), "p_parent_given_child": float(p),
                 "lift": float(lift), "child_fires": int(c),
                 "parent_fires": int(co_fires[int(a)])} for a, b, p, c, lift in pc]
+    opt = None
+    if optimality:
+        candidates = optimality_candidates(
+            *every_pair, parent_child(*every_pair, co_fires, seen, threshold=child_threshold,
+                                      min_count=min_count), min_count, optimality_pairs)
+        opt = optimality_mod.optimality(
+            loaded.params, loaded.sae, iter_blocks(source, batch_size, start=start),
+            candidates, sparsity_weight=sparsity_weight, progress=bar.update)
+    bar.close()
     nb_idx, nb_cos = decoder_neighbours(loaded.params["W_dec"], neighbours)
     clusters = decoder_clusters(loaded.params["W_dec"], cluster_threshold)
     sizes = np.bincount(clusters)
@@ -227,6 +264,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         "latents_in_clusters": int(sum(r["size"] for r in cluster_rows)),
         "cluster_threshold": cluster_threshold,
         "median_nearest_cos": float(np.median(nb_cos[:, 0])),
+        **(opt[2] if opt is not None else {}),
     }
     with outputs.staged_directory(out, "analyze", overwrite=overwrite,
                                   inputs=(sae_dir, data)) as staging:
@@ -248,12 +286,16 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         write_csv(staging / "clusters.csv", cluster_rows, ["cluster", "size", "latents"])
         atomic_write(staging / "summary.json", json.dumps(summary, indent=1))
         _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, staging)
+        if opt is not None:
+            write_csv(staging / "optimality_latents.csv", opt[0], list(opt[0][0]))
+            write_csv(staging / "optimality.csv", opt[1], OPTIMALITY_COLUMNS)
+            optimality_mod.plot(opt[0], opt[1], staging)
         curves = _training_curves(Path(sae_dir))
         if curves is not None:
             shutil.copyfile(curves, staging / "curves.png")
         atomic_write(staging / "index.html",
                      _index_html(summary, latents, pairs, parents, cluster_rows,
-                                 curves is not None))
+                                 curves is not None, opt))
     return summary
 
 
@@ -317,7 +359,25 @@ def _training_curves(sae_dir: Path) -> Path | None:
     return found if found.is_file() else None
 
 
-def _index_html(summary, latents, pairs, parents, clusters, curves: bool = False) -> str:
+def _optimality_html(opt) -> str:
+    if opt is None:
+        return ""
+    latent_rows, pair_rows, s = opt
+    worst = sorted(pair_rows, key=lambda r: r["margin"])
+    moving = sorted((r for r in latent_rows if r["fires"] and not r["stationary"]),
+                    key=lambda r: -r["refit_angle_deg"])
+    return f"""<h2>Optimality</h2>
+<p>First-order conditions of dictionary learning under sparsity weight
+{s['optimality_lambda']:.4g} (docs/optimality.md): {s['pairs_unstable']} of {s['pairs_tested']}
+candidate pairs are unstable (one latent could absorb the other's direction and lower the
+loss: no local optimum holds both); {s['stationary_fraction']:.1%} of live latents have a
+stationary decoder direction. optimality.csv, optimality_latents.csv.</p>
+<img src="optimality.png"><h3>Least stable pairs</h3>{_table(worst)}
+<h3>Latents farthest from stationary</h3>{_table(moving)}"""
+
+
+def _index_html(summary, latents, pairs, parents, clusters, curves: bool = False,
+                opt=None) -> str:
     multi = sorted((r for r in latents if r["n_peaks"] >= 2),
                    key=lambda r: (-r["n_peaks"], -r["firing_frequency"]))
     facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
@@ -343,6 +403,7 @@ fires almost only with the parent (parent_child.csv).</p>
 <p>Clusters of decoder cos &gt; {summary['cluster_threshold']} (clusters.csv); nearest
 neighbours of every latent in neighbours.csv.</p>{_table(clusters)}
 <p>Per latent: latents.csv.</p>
+{_optimality_html(opt)}
 {'<h2>Training</h2><p>The run the SAE came from (curves.png).</p><img src="curves.png">'
  if curves else ''}
 </body></html>

@@ -10,6 +10,7 @@ from typing import Annotated
 import tyro
 
 from jaxsae.commands import Command, Flag, at_least_one, command, unset
+from jaxsae.errors import ConfigError
 
 
 @dataclass
@@ -47,15 +48,27 @@ class Analyze(AnalysisInputs, Command):
     """tokens (the first of the sample) for co-firing"""
     cluster_threshold: float = 0.7
     """decoder clusters: cos > this"""
+    optimality: Flag = False
+    """also test the first-order optimality conditions of dictionary learning (per latent and
+    per candidate pair: optimality_latents.csv, optimality.csv, optimality.png;
+    docs/optimality.md)"""
+    optimality_pairs: int = 20000
+    """most candidate pairs to test (siblings under a parent candidate, then co-firing pairs)"""
+    sparsity_weight: Annotated[float | None, unset("LAMBDA", "the one the codes imply")] = None
+    """the L1 weight λ of the objective whose conditions are tested"""
 
     def run(self) -> int:
         from jaxsae.analysis.geometry import analyze
 
-        at_least_one(self, "tokens", "batch_size", "cofire_tokens")
+        at_least_one(self, "tokens", "batch_size", "cofire_tokens", "optimality_pairs")
+        if self.sparsity_weight is not None and not self.sparsity_weight >= 0:
+            raise ConfigError(f"--sparsity-weight: must be >= 0, got {self.sparsity_weight}")
         summary = analyze(self.sae_dir, self.data, self.out, tokens=self.tokens,
                           cofire_tokens=self.cofire_tokens, batch_size=self.batch_size,
                           cluster_threshold=self.cluster_threshold, hook=self.hook,
-                          progress=not self.no_progress, overwrite=self.overwrite)
+                          progress=not self.no_progress, overwrite=self.overwrite,
+                          optimality=self.optimality, optimality_pairs=self.optimality_pairs,
+                          sparsity_weight=self.sparsity_weight)
         print(json.dumps(summary, indent=1))
         print(f"open {Path(self.out) / 'index.html'}")
         return 0
