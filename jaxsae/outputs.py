@@ -232,6 +232,21 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) ->
     return lines + ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
 
 
+def hist_range(values, pad: float = 0.5) -> tuple[float, float] | None:
+    """A histogram range for `values` that numpy can cut into bins: their own, widened by
+    `pad` each side when they (nearly) coincide (numpy refuses bins narrower than float
+    resolution), None for no values."""
+    import numpy as np
+
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return None
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo <= 1e-6 * max(1.0, abs(lo), abs(hi)):
+        return lo - pad, hi + pad
+    return lo, hi
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib

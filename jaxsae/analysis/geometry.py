@@ -30,16 +30,19 @@ import numpy as np
 
 from jaxsae import export, outputs, sae
 from jaxsae.analysis import optimality as optimality_mod
+from jaxsae.analysis import taxonomy
 from jaxsae.analysis.stitch import max_cosine, unit_rows
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.source import iter_blocks
 from jaxsae.errors import JaxsaeError
 from jaxsae.evaluate import DENSE_FREQUENCY
-from jaxsae.outputs import atomic_write, pyplot, save_figure, write_csv
+from jaxsae.outputs import atomic_write, hist_range, pyplot, save_figure, write_csv
 from jaxsae.progress import Progress
 
 BINS = 32
+MAX_PLANAR = 8192
+"""Most latents whose circle test (a pass over the tokens per latent's plane) is run."""
 OPTIMALITY_COLUMNS = ["latent_a", "latent_b", "stable", "margin", "decoder_cos",
                       "tilt_a_absorbs_b", "tilt_b_absorbs_a", "a_share_with_b",
                       "b_share_with_a"]
@@ -154,15 +157,34 @@ def count_peaks(hist: np.ndarray, prominence: float = 0.05) -> np.ndarray:
 @partial(jax.jit, static_argnames="cfg")
 def _first_pass(params, x, cfg: SAEConfig):
     f = sae.encode(params, x, cfg)
-    return f, {"fires": jnp.sum(f > 0, 0), "max": jnp.max(f, 0), "sum": jnp.sum(f, 0)}
+    return f, {"fires": jnp.sum(f > 0, 0), "max": jnp.max(f, 0), "sum": jnp.sum(f, 0),
+               "sum2": jnp.sum(f * f, 0)}
 
 
 @partial(jax.jit, static_argnames="cfg")
-def _histogram_pass(params, x, top, cfg: SAEConfig):
+def _histogram_pass(params, x, top, planar, basis, partner, cfg: SAEConfig):
+    """The activation histograms; for the `planar` latents the input's projection on their
+    plane (`basis` [m, 2, d]) where they fire: count, sum and sum of squares of its radius,
+    sums of the cosine and sine of its angle [5, m]; and with each latent's `partner` [n],
+    sums of the input's projection on unit decoder directions [3, n]: on the latent's own
+    tokens along its own direction, along its partner's, and on the partner's tokens along
+    its own."""
     f = sae.encode(params, x, cfg)
+    unit_dec = params["W_dec"] / jnp.maximum(
+        jnp.linalg.norm(params["W_dec"], axis=1, keepdims=True), 1e-12)
+    along = (x - params["b_dec"]) @ unit_dec.T  # [B, n]
+    fired = (f > 0).astype(jnp.float32)
+    carry = jnp.stack([(fired * along).sum(0), (fired * along[:, partner]).sum(0),
+                       (fired[:, partner] * along).sum(0)])
     b = jnp.clip(jnp.floor(f / jnp.maximum(top, 1e-30) * BINS).astype(jnp.int32), 0, BINS - 1)
     cols = jnp.broadcast_to(jnp.arange(f.shape[1]), f.shape)
-    return jnp.zeros((f.shape[1], BINS), jnp.int32).at[cols, b].add((f > 0).astype(jnp.int32))
+    hist = jnp.zeros((f.shape[1], BINS), jnp.int32).at[cols, b].add((f > 0).astype(jnp.int32))
+    point = jnp.einsum("bd,mkd->bmk", x - params["b_dec"], basis)
+    radius = jnp.linalg.norm(point, axis=-1)
+    on = (f[:, planar] > 0).astype(jnp.float32)
+    unit = point / jnp.maximum(radius, 1e-30)[..., None]
+    return hist, jnp.stack([on.sum(0), (on * radius).sum(0), (on * radius**2).sum(0),
+                            (on * unit[..., 0]).sum(0), (on * unit[..., 1]).sum(0)]), carry
 
 
 def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
@@ -189,7 +211,12 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     bar = Progress((3 if optimality else 2) * n_tok, unit="tok", unit_scale=True,
                    enabled=progress, desc="analyze")
 
-    fires, top, total = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
+    # The decoder's geometry first: the taxonomy's planes are measured in the passes.
+    nb_idx, nb_cos = decoder_neighbours(loaded.params["W_dec"], neighbours)
+    unit = unit_rows(loaded.params["W_dec"])
+    plane = taxonomy.planes(unit, nb_idx, nb_cos)
+    planar = np.flatnonzero(plane["planar"])[:MAX_PLANAR]
+    fires, top, total, total2 = np.zeros(n, np.int64), np.zeros(n), np.zeros(n), np.zeros(n)
     rows, cols, seen = [], [], 0
     for x in iter_blocks(source, batch_size, start=start):
         f, s = _first_pass(params, jnp.asarray(x, jnp.float32), loaded.sae)
@@ -197,20 +224,30 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         fires += s["fires"]
         top = np.maximum(top, s["max"])
         total += s["sum"]
+        total2 += s["sum2"]
         if seen < cofire_tokens:
             t, j = np.nonzero(np.asarray(f[: cofire_tokens - seen]) > 0)
             rows.append(t + seen)
             cols.append(j)
             seen += min(len(x), cofire_tokens - seen)
         bar.update(len(x))
+    i, j, count, co_fires = cofiring(np.concatenate(rows), np.concatenate(cols), seen, n)
+    partner = taxonomy.partners(n, i, j, count, co_fires, nb_idx, nb_cos, unit)
+    paired = np.where(partner["partner"] >= 0, partner["partner"], np.arange(n))
     hist = np.zeros((n, BINS), np.int64)
+    ring = np.zeros((5, len(planar)))
+    carry = np.zeros((3, n))
+    basis = jnp.asarray(plane["basis"][planar])
     for x in iter_blocks(source, batch_size, start=start):
-        hist += np.asarray(_histogram_pass(params, jnp.asarray(x, jnp.float32),
-                                           jnp.asarray(top, jnp.float32), loaded.sae))
+        h, r, c = _histogram_pass(params, jnp.asarray(x, jnp.float32),
+                                  jnp.asarray(top, jnp.float32), jnp.asarray(planar), basis,
+                                  jnp.asarray(paired), loaded.sae)
+        hist += np.asarray(h)
+        ring += np.asarray(r, np.float64)
+        carry += np.asarray(c, np.float64)
         bar.update(len(x))
 
     frequency = fires / n_tok
-    i, j, count, co_fires = cofiring(np.concatenate(rows), np.concatenate(cols), seen, n)
     # Dense latents co-fire with everything: they are left out of pairs and parent / child.
     dense = co_fires / max(seen, 1) > DENSE_FREQUENCY
     every_pair = i, j, count  # (the optimality conditions test dense latents too)
@@ -236,19 +273,40 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             loaded.params, loaded.sae, iter_blocks(source, batch_size, start=start),
             candidates, sparsity_weight=sparsity_weight, progress=bar.update)
     bar.close()
-    nb_idx, nb_cos = decoder_neighbours(loaded.params["W_dec"], neighbours)
     clusters = decoder_clusters(loaded.params["W_dec"], cluster_threshold)
     sizes = np.bincount(clusters)
     peaks = count_peaks(hist)
     mean_active = np.where(fires > 0, total / np.maximum(fires, 1), 0.0)
-    latents = [{"latent": k, "firing_frequency": float(frequency[k]),
+    std_active = np.sqrt(np.maximum(np.where(fires > 0, total2 / np.maximum(fires, 1), 0.0)
+                                    - mean_active**2, 0.0))
+    ring_cv, arc = np.full(n, np.inf), np.zeros(n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r_mean = ring[1] / ring[0]
+        ring_cv[planar] = np.nan_to_num(
+            np.sqrt(np.maximum(ring[2] / ring[0] - r_mean**2, 0.0)) / r_mean, nan=np.inf)
+        resultant = np.hypot(ring[3], ring[4]) / ring[0]  # circular spread of the angles
+        arc[planar] = np.nan_to_num(np.sqrt(-2 * np.log(np.clip(resultant, 1e-12, 1.0))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # how fully a latent's tokens hold its partner's direction, against the partner's own
+        own = carry[0] / fires
+        carries = np.nan_to_num(carry[1] / fires / own[paired])
+        carried = np.nan_to_num(carry[2] / fires[paired] / own)
+    kinds = taxonomy.classify(
+        frequency=frequency, mean=mean_active, std=std_active, peaks=peaks, ring_cv=ring_cv,
+        arc=arc, plane=plane, partner=partner["partner"], partner_cos=partner["partner_cos"],
+        p_partner=partner["p_partner"], carries=carries, carried=carried)
+    latents = [{"latent": k, "kind": kinds[k]["kind"],
+                "firing_frequency": float(frequency[k]),
                 "log10_frequency": float(np.log10(max(frequency[k], 1e-10))),
                 "max_activation": float(top[k]), "mean_activation": float(mean_active[k]),
                 "n_peaks": int(peaks[k]),
                 "decoder_norm": float(np.linalg.norm(loaded.params["W_dec"][k])),
                 "nearest": int(nb_idx[k, 0]), "nearest_cos": float(nb_cos[k, 0]),
-                "cluster": int(clusters[k]), "cluster_size": int(sizes[clusters[k]])}
+                "cluster": int(clusters[k]), "cluster_size": int(sizes[clusters[k]]),
+                **{key: v for key, v in kinds[k].items() if key != "kind"}}
                for k in range(n)]
+    kind_fractions = {kind: float(np.mean([r["kind"] == kind for r in latents]))
+                      for kind in taxonomy.KINDS}
     big = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] > 1]
     cluster_rows = [{"cluster": int(c), "size": int(sizes[c]),
                      "latents": ";".join(map(str, np.nonzero(clusters == c)[0]))} for c in big]
@@ -264,6 +322,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         "latents_in_clusters": int(sum(r["size"] for r in cluster_rows)),
         "cluster_threshold": cluster_threshold,
         "median_nearest_cos": float(np.median(nb_cos[:, 0])),
+        "kind_fractions": kind_fractions,
         **(opt[2] if opt is not None else {}),
     }
     with outputs.staged_directory(out, "analyze", overwrite=overwrite,
@@ -303,7 +362,8 @@ def _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, ou
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     alive = frequency > 0
-    ax.hist(np.log10(frequency[alive]), bins=60, color="C0")
+    logf = np.log10(frequency[alive])
+    ax.hist(logf, bins=60, range=hist_range(logf), color="C0")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     ax.set_title(f"{np.sum(~alive)} latents never fired")
@@ -324,10 +384,11 @@ def _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, ou
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
     supported = count >= min_count
-    axes[0].hist(jac[supported], bins=50, color="C2", log=bool(supported.any()))
+    axes[0].hist(jac[supported], bins=50, range=hist_range(jac[supported]), color="C2",
+                 log=bool(supported.any()))
     axes[0].set_xlabel(f"Jaccard of co-firing pairs (>= {min_count} tokens together)")
     axes[0].set_ylabel("pairs")
-    axes[1].hist(nb_cos[:, 0], bins=50, color="C3")
+    axes[1].hist(nb_cos[:, 0], bins=50, range=hist_range(nb_cos[:, 0]), color="C3")
     axes[1].set_xlabel("decoder cosine to the nearest other latent")
     axes[1].set_ylabel("latents")
     axes[2].hist(sizes[sizes > 1], bins=np.arange(2, max(3, sizes.max() + 2)) - 0.5
@@ -381,7 +442,10 @@ def _index_html(summary, latents, pairs, parents, clusters, curves: bool = False
     multi = sorted((r for r in latents if r["n_peaks"] >= 2),
                    key=lambda r: (-r["n_peaks"], -r["firing_frequency"]))
     facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                    for k, v in summary.items())
+                    for k, v in summary.items() if k != "kind_fractions")
+    kinds = [{"kind": kind, "fraction": share,
+              "latents": sum(r["kind"] == kind for r in latents)}
+             for kind, share in summary["kind_fractions"].items()]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>jaxsae analyze: {html.escape(summary['sae'])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
@@ -390,6 +454,13 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:10
 </head><body>
 <h1>{html.escape(summary['sae'])}</h1>
 <table>{facts}</table>
+<h2>Kinds of latent</h2>
+<p>Each latent's <code>kind</code> in latents.csv, with the evidence columns behind it
+(jaxsae.analysis.taxonomy): dead, dense (&gt; 10% of tokens), circular (its decoder in a plane
+with others', its tokens on a ring there), child / parent (it carries a partner's component:
+it fires almost only with it, or never with it while their decoders share a direction),
+variable (broad or multi-peaked magnitudes), single (one peak).</p>
+{_table(kinds)}
 <h2>Density</h2><img src="density.png">
 <h2>Activation histograms</h2>
 <p>Latents whose non-zero activations have several peaks (candidates for absorbed or circular

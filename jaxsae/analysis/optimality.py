@@ -186,7 +186,7 @@ def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarr
 def plot(latent_rows: list[dict], pair_rows: list[dict], out) -> None:
     """optimality.png: each pair's margin against its decoder cosine (unstable in red), and
     the latents' refit angles."""
-    from jaxsae.outputs import pyplot, save_figure
+    from jaxsae.outputs import hist_range, pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
@@ -201,7 +201,7 @@ def plot(latent_rows: list[dict], pair_rows: list[dict], out) -> None:
     axes[0].set_ylabel("margin (degrees; < 0: unstable)")
     axes[0].set_title(f"{len(pair_rows)} co-firing pairs", fontsize=9)
     angles = [r["refit_angle_deg"] for r in latent_rows if r["fires"] > 0]
-    axes[1].hist(angles, bins=50, color="C1")
+    axes[1].hist(angles, bins=50, range=hist_range(angles), color="C1")
     axes[1].set_xlabel("refit angle of the decoder direction (degrees; 0: stationary)")
     axes[1].set_ylabel("latents")
     save_figure(fig, out / "optimality.png")

@@ -1,0 +1,93 @@
+"""The per-latent taxonomy (jaxsae.analysis.taxonomy, the `kind` column of analyze's
+latents.csv): each rule on evidence made for it, and the kinds analyze calls for dictionaries
+set at the true features of data whose features' kinds are known."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from jaxsae import export
+from jaxsae.analysis import taxonomy
+from jaxsae.analysis.geometry import analyze
+from jaxsae.config import SAEConfig
+from jaxsae.data import synthetic
+
+
+def test_each_rule_on_its_own_evidence():
+    n = 9
+    plane = {"planar": np.array([0, 0, 0, 0, 0, 0, 1, 1, 0], bool),
+             "size": np.array([0, 0, 0, 0, 0, 0, 3, 3, 0]), "energy": np.ones(n)}
+    rows = taxonomy.classify(
+        frequency=np.array([0, 0.5, 0.01, 0.02, 0.01, 0.01, 0.01, 0.01, 0.01]),
+        mean=np.ones(n), std=np.array([0, 0, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1]),
+        peaks=np.ones(n, np.int64),
+        ring_cv=np.array([0, 0, 0, 0, 0, 0, 0.1, 0.1, 0]),
+        arc=np.array([0, 0, 0, 0, 0, 0, 0.6, 0.01, 0]),  # latent 7: a point, not an arc
+        plane=plane,
+        partner=np.array([-1, -1, 3, -1, 3, -1, -1, -1, -1]),
+        partner_cos=np.array([0, 0, 0.0, 0, 0.6, 0, 0, 0, 0]),
+        p_partner=np.array([0, 0, 0.95, 0, 0.0, 0, 0, 0, 0]),
+        carries=np.array([0, 0, 1.0, 0, 0.98, 0, 0, 0, 0]),
+        carried=np.array([0, 0, 0.4, 0, 0.5, 0, 0, 0, 0]))
+    kinds = [r["kind"] for r in rows]
+    # 2: fires only with 3 (hierarchy); 4: never with 3 but shares its direction (absorption)
+    assert kinds == ["dead", "dense", "child", "parent", "child", "variable", "circular",
+                     "single", "single"]
+    assert set(kinds) <= set(taxonomy.KINDS)
+
+
+def _oracle(root, spec, rows, bias):
+    data = synthetic.write(spec, root / "data", progress=False)
+    W = np.asarray(rows, np.float32)
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    export.export_sae({"W_dec": W, "W_enc": W.T.copy(), "b_enc": np.full(len(W), bias, np.float32),
+                       "b_dec": np.zeros(spec.d_in, np.float32)},
+                      SAEConfig(d_sae=len(W), activation="relu"), root / "sae")
+    analyze(str(root / "sae"), str(data), root / "out", tokens=16384, progress=False)
+    with open(root / "out" / "latents.csv") as f:
+        return [r["kind"] for r in csv.DictReader(f)]
+
+
+def test_circles_are_circular(tmp_path):
+    """Six latents tiling each circle's plane (as wide SAEs learn circles)."""
+    spec = synthetic.CirclesSpec(n_circles=10, d_in=48, prob=0.03, tokens=16384, seed=1)
+    D = spec.truth()["directions"]
+    rows = [np.cos(t) * D[2 * c] + np.sin(t) * D[2 * c + 1]
+            for c in range(10) for t in np.arange(6) * np.pi / 3]
+    kinds = _oracle(tmp_path, spec, rows, -0.5)
+    assert np.mean([k == "circular" for k in kinds]) >= 0.9
+
+
+@pytest.mark.parametrize(("magnitude_std", "want"), [(0.05, "single"), (0.6, "variable")])
+def test_set_and_spread_magnitudes(tmp_path, magnitude_std, want):
+    spec = synthetic.SuperpositionSpec(n_features=16, d_in=64, mean_l0=0.8, zipf_exponent=0.0,
+                                       magnitude_std=magnitude_std, tokens=16384, seed=2)
+    kinds = _oracle(tmp_path, spec, spec.truth()["directions"], -0.4)
+    assert np.mean([k == want for k in kinds]) >= 0.9, kinds
+
+
+def test_a_hierarchy_kept_and_absorbed(tmp_path):
+    spec = synthetic.HierarchySpec(n_trees=4, branching=2, depth=2, probs=(0.06, 0.4),
+                                   magnitude_std=0.05, d_in=24, tokens=16384, seed=3)
+    D = spec.truth()["directions"]
+    kinds = _oracle(tmp_path / "kept", spec, D, -0.1)
+    assert kinds == ["parent"] * 4 + ["child"] * 8
+    # absorbed: each child latent carries its parent's direction and fires instead of it
+    # (the parent latent reads the parent minus its children, so it is silent with them)
+    parent = np.repeat(np.arange(4), 2)
+    W = np.concatenate([D[:4], D[4:] + D[parent]])
+    W_enc = np.concatenate([D[:4] - D[4:].reshape(4, 2, -1).sum(1), D[4:]]).T
+    data = synthetic.write(spec, tmp_path / "abs" / "data", progress=False)
+    export.export_sae({"W_dec": W, "W_enc": W_enc, "b_enc": np.full(12, -0.3, np.float32),
+                       "b_dec": np.zeros(24, np.float32)},
+                      SAEConfig(d_sae=12, activation="relu", decoder_norm="free"),
+                      tmp_path / "abs" / "sae")
+    analyze(str(tmp_path / "abs" / "sae"), str(data), tmp_path / "abs" / "out", tokens=16384,
+            progress=False)
+    with open(tmp_path / "abs" / "out" / "latents.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["kind"] for r in rows] == ["parent"] * 4 + ["child"] * 8
+    assert all(float(r["p_partner_given_latent"]) < 0.05 for r in rows[4:])  # exclusive now
