@@ -25,7 +25,7 @@ def test_each_rule_on_its_own_evidence():
         mean=np.ones(n), std=np.array([0, 0, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1]),
         peaks=np.ones(n, np.int64),
         ring_cv=np.array([0, 0, 0, 0, 0, 0, 0.1, 0.1, 0]),
-        arc=np.array([0, 0, 0, 0, 0, 0, 0.6, 0.01, 0]),  # latent 7: a point, not an arc
+        arc=np.array([0, 0, 0, 0, 0, 0, 90.0, 5.0, 0]),  # latent 7: a point, not an arc
         plane=plane,
         partner=np.array([-1, -1, 3, -1, 3, -1, -1, -1, -1]),
         partner_cos=np.array([0, 0, 0.0, 0, 0.6, 0, 0, 0, 0]),
@@ -91,3 +91,13 @@ def test_a_hierarchy_kept_and_absorbed(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["kind"] for r in rows] == ["parent"] * 4 + ["child"] * 8
     assert all(float(r["p_partner_given_latent"]) < 0.05 for r in rows[4:])  # exclusive now
+
+
+def test_the_longest_arc_wraps_round_and_ignores_stray_bins():
+    bins = taxonomy.ANGLE_BINS
+    row = np.zeros((3, bins))
+    row[0, [bins - 2, bins - 1, 0, 1, 2]] = 10  # 5 bins across the wrap
+    row[0, 30] = 0.1  # a stray token: under 1% of the row
+    row[1] = 1.0
+    step = 360 / bins
+    assert list(taxonomy.longest_arc(row)) == [5 * step, 360.0, 0.0]

@@ -164,8 +164,8 @@ def _first_pass(params, x, cfg: SAEConfig):
 @partial(jax.jit, static_argnames="cfg")
 def _histogram_pass(params, x, top, planar, basis, partner, cfg: SAEConfig):
     """The activation histograms; for the `planar` latents the input's projection on their
-    plane (`basis` [m, 2, d]) where they fire: count, sum and sum of squares of its radius,
-    sums of the cosine and sine of its angle [5, m]; and with each latent's `partner` [n],
+    plane (`basis` [m, 2, d]) where they fire: count, sum and sum of squares of its radius
+    [3, m] and the histogram of its angle [m, ANGLE_BINS]; and with each latent's `partner` [n],
     sums of the input's projection on unit decoder directions [3, n]: on the latent's own
     tokens along its own direction, along its partner's, and on the partner's tokens along
     its own."""
@@ -182,9 +182,14 @@ def _histogram_pass(params, x, top, planar, basis, partner, cfg: SAEConfig):
     point = jnp.einsum("bd,mkd->bmk", x - params["b_dec"], basis)
     radius = jnp.linalg.norm(point, axis=-1)
     on = (f[:, planar] > 0).astype(jnp.float32)
-    unit = point / jnp.maximum(radius, 1e-30)[..., None]
-    return hist, jnp.stack([on.sum(0), (on * radius).sum(0), (on * radius**2).sum(0),
-                            (on * unit[..., 0]).sum(0), (on * unit[..., 1]).sum(0)]), carry
+    angle = jnp.arctan2(point[..., 1], point[..., 0])  # [B, m]
+    a_bin = jnp.clip(jnp.floor((angle + jnp.pi) / (2 * jnp.pi) * taxonomy.ANGLE_BINS)
+                     .astype(jnp.int32), 0, taxonomy.ANGLE_BINS - 1)
+    m_cols = jnp.broadcast_to(jnp.arange(angle.shape[1]), angle.shape)
+    angles = jnp.zeros((angle.shape[1], taxonomy.ANGLE_BINS), jnp.float32).at[
+        m_cols, a_bin].add(on)
+    return hist, jnp.stack([on.sum(0), (on * radius).sum(0), (on * radius**2).sum(0)]), \
+        angles, carry
 
 
 def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
@@ -214,8 +219,6 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     # The decoder's geometry first: the taxonomy's planes are measured in the passes.
     nb_idx, nb_cos = decoder_neighbours(loaded.params["W_dec"], neighbours)
     unit = unit_rows(loaded.params["W_dec"])
-    plane = taxonomy.planes(unit, nb_idx, nb_cos)
-    planar = np.flatnonzero(plane["planar"])[:MAX_PLANAR]
     fires, top, total, total2 = np.zeros(n, np.int64), np.zeros(n), np.zeros(n), np.zeros(n)
     rows, cols, seen = [], [], 0
     for x in iter_blocks(source, batch_size, start=start):
@@ -232,18 +235,23 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             seen += min(len(x), cofire_tokens - seen)
         bar.update(len(x))
     i, j, count, co_fires = cofiring(np.concatenate(rows), np.concatenate(cols), seen, n)
-    partner = taxonomy.partners(n, i, j, count, co_fires, nb_idx, nb_cos, unit)
+    together = taxonomy.cofiring_matrix(n, i, j, count)
+    partner = taxonomy.partners(together, co_fires, nb_idx, nb_cos, unit)
+    plane = taxonomy.planes(unit, nb_idx, nb_cos, together)
+    planar = np.flatnonzero(plane["planar"])[:MAX_PLANAR]
     paired = np.where(partner["partner"] >= 0, partner["partner"], np.arange(n))
     hist = np.zeros((n, BINS), np.int64)
-    ring = np.zeros((5, len(planar)))
+    ring = np.zeros((3, len(planar)))
+    angles = np.zeros((len(planar), taxonomy.ANGLE_BINS))
     carry = np.zeros((3, n))
     basis = jnp.asarray(plane["basis"][planar])
     for x in iter_blocks(source, batch_size, start=start):
-        h, r, c = _histogram_pass(params, jnp.asarray(x, jnp.float32),
+        h, r, a, c = _histogram_pass(params, jnp.asarray(x, jnp.float32),
                                   jnp.asarray(top, jnp.float32), jnp.asarray(planar), basis,
                                   jnp.asarray(paired), loaded.sae)
         hist += np.asarray(h)
         ring += np.asarray(r, np.float64)
+        angles += np.asarray(a, np.float64)
         carry += np.asarray(c, np.float64)
         bar.update(len(x))
 
@@ -284,8 +292,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         r_mean = ring[1] / ring[0]
         ring_cv[planar] = np.nan_to_num(
             np.sqrt(np.maximum(ring[2] / ring[0] - r_mean**2, 0.0)) / r_mean, nan=np.inf)
-        resultant = np.hypot(ring[3], ring[4]) / ring[0]  # circular spread of the angles
-        arc[planar] = np.nan_to_num(np.sqrt(-2 * np.log(np.clip(resultant, 1e-12, 1.0))))
+    arc[planar] = taxonomy.longest_arc(angles)
     with np.errstate(divide="ignore", invalid="ignore"):
         # how fully a latent's tokens hold its partner's direction, against the partner's own
         own = carry[0] / fires

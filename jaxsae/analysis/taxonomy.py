@@ -5,20 +5,24 @@ columns behind every test written beside it:
 
   dead      never fired on the sample
   dense     fires on more than 10% of tokens
-  circular  its decoder lies, with at least two others' (its decoder neighbours with
-            cos > 0.3), in a plane (the top two singular values carry >= 90% of the group's
-            squared norm), and on the tokens where it fires the input's projection onto
+  circular  its decoder lies in a plane with those of at least two other distinct
+            directions (grown from its decoder neighbours with cos > 0.3 and the latents it
+            co-fires with most; the top two singular values carry >= 90% of the group's
+            squared norm; near-duplicates count once), and on the tokens where it fires the
+            input's projection onto
             that plane has a near-constant radius (coefficient of variation < 0.25) and
-            angles spread along an arc (circular standard deviation > 0.15 rad), not
-            gathered at a point: it traces a circle or ellipse with the others (a parent
-            and its absorbed children also share a plane, but sit at a few points of it)
+            angles that run continuously along an arc of at least 40° (5° bins each
+            holding >= 1% of its tokens, without a gap): it traces a circle or ellipse with
+            the others (a parent and its absorbed children also share a plane, but sit at
+            a few separate points of it)
   child     it carries a partner's component: a partner (a co-firing latent or a decoder
             neighbour with cos > 0.3) with which it either fires almost only
             (P(partner | it) >= 0.9: a hierarchy kept as two latents) or almost never
-            (P(partner | it) < 0.05) while their decoders share a direction (cos > 0.3:
+            (P(partner | it) < 0.05) while their decoders share a direction (0.3 < cos < 0.9:
             absorption, it took the partner's component and the partner went silent on its
-            tokens), and its tokens hold the partner's direction more fully than the
-            partner's tokens hold its own (`carries_partner`: the mean projection on the
+            tokens; a near-duplicate splits one feature), and its tokens hold the partner's
+            direction more fully than the partner's tokens hold its own, by 0.2 at least
+            (`carries_partner`: the mean projection on the
             partner's direction where it fires, over the same where the partner fires: ~1
             for a child, which comes with all of its parent; a parent's tokens hold only
             the share of a child that fires with it)
@@ -45,32 +49,53 @@ PARTNER_COS = 0.3
 """Decoder cosine above which two latents share a direction (random unit vectors in d dims
 have |cos| ~ 1/sqrt(d): 0.04 at d 768, 0.13 at d 64)."""
 PLANE_ENERGY = 0.9
+MIN_SEPARATION = 20.0
+CO_FIRING_CANDIDATES = 5
 RING_CV = 0.25
-MIN_ARC = 0.15
+MIN_ARC = 40.0
+ANGLE_BINS = 72
+ARC_BIN_SHARE = 0.01
 HIERARCHY_P = 0.9
+DUPLICATE_COS = 0.9
+CARRY_MARGIN = 0.2
 EXCLUSIVE_P = 0.05
 VARIABLE_CV = 0.35
 
 
-def planes(unit: np.ndarray, nb_idx: np.ndarray, nb_cos: np.ndarray) -> dict[str, np.ndarray]:
-    """Per latent: its plane group — itself and its closest decoder neighbours with
-    cos > PARTNER_COS, as many of them (closest first, at least two) as still lie in a plane
-    (the top two singular values carry >= PLANE_ENERGY of their squared norm; a neighbour
-    from elsewhere that happens to be close is left out) — its size, that share, and the
-    plane's basis [n, 2, d] (zeros where no group of 3 is planar)."""
+def planes(unit: np.ndarray, nb_idx: np.ndarray, nb_cos: np.ndarray,
+           cofiring=None) -> dict[str, np.ndarray]:
+    """Per latent: its plane group, grown greedily from the latent over its candidates — its
+    decoder neighbours with cos > PARTNER_COS (closest first), then the latents it co-fires
+    with most (`cofiring`: a CSR matrix of co-firing counts; adjacent latents tiling a circle
+    co-fire between them, whatever their cosine) — keeping each that leaves the group in a
+    plane (the top two singular values carry >= PLANE_ENERGY of its squared norm). Returns
+    the number of distinct directions in the group (in-plane angles >= MIN_SEPARATION
+    degrees apart: duplicates of one feature count once), that share, and the plane's basis
+    [n, 2, d]; `planar`: at least three distinct directions."""
     n, d = unit.shape
     size, energy = np.zeros(n, np.int64), np.zeros(n)
     basis = np.zeros((n, 2, d), np.float32)
-    for k in np.flatnonzero(np.sum(nb_cos > PARTNER_COS, axis=1) >= 2):
-        near = nb_idx[k][nb_cos[k] > PARTNER_COS]  # closest first
-        for m in range(len(near), 1, -1):
-            _, s, vt = np.linalg.svd(unit[np.concatenate([[k], near[:m]])], full_matrices=False)
-            share = float(np.sum(s[:2] ** 2) / np.sum(s**2))
-            if share >= PLANE_ENERGY or m == 2:
-                size[k], energy[k], basis[k] = m + 1, share, vt[:2]
-                break
-    return {"size": size, "energy": energy, "basis": basis,
-            "planar": (size >= 3) & (energy >= PLANE_ENERGY)}
+    for k in range(n):
+        candidates = list(nb_idx[k][nb_cos[k] > PARTNER_COS])
+        if cofiring is not None:
+            row = slice(cofiring.indptr[k], cofiring.indptr[k + 1])
+            order = np.argsort(-cofiring.data[row], kind="stable")[:CO_FIRING_CANDIDATES]
+            candidates += [m for m in cofiring.indices[row][order] if m not in candidates]
+        if len(candidates) < 2:
+            continue
+        group, share, vt = [k], 1.0, None
+        for m in candidates:
+            _, s, v = np.linalg.svd(unit[[*group, m]], full_matrices=False)
+            e = float(np.sum(s[:2] ** 2) / np.sum(s**2))
+            if e >= PLANE_ENERGY:
+                group, share, vt = [*group, m], e, v[:2]
+        if vt is None:
+            continue
+        angles = np.sort(np.degrees(np.arctan2(unit[group] @ vt[1], unit[group] @ vt[0])))
+        gaps = np.diff(np.concatenate([angles, angles[:1] + 360]))
+        size[k] = max(1, int(np.sum(gaps >= MIN_SEPARATION)))
+        energy[k], basis[k] = share, vt
+    return {"size": size, "energy": energy, "basis": basis, "planar": size >= 3}
 
 
 def classify(*, frequency: np.ndarray, mean: np.ndarray, std: np.ndarray, peaks: np.ndarray,
@@ -85,9 +110,10 @@ def classify(*, frequency: np.ndarray, mean: np.ndarray, std: np.ndarray, peaks:
     n = len(frequency)
     cv = np.where(mean > 0, std / np.maximum(mean, 1e-30), 0.0)
     has = partner >= 0
-    close = partner_cos > PARTNER_COS
+    # (a near-duplicate, cos >= DUPLICATE_COS, splits one feature: not absorption)
+    close = (partner_cos > PARTNER_COS) & (partner_cos < DUPLICATE_COS)
     related = (p_partner >= HIERARCHY_P) | ((p_partner < EXCLUSIVE_P) & close)
-    child = has & related & (carries > carried)
+    child = has & related & (carries >= carried + CARRY_MARGIN)
     parent = np.zeros(n, bool)
     parent[partner[child]] = True
     circular = plane["planar"] & (ring_cv < RING_CV) & (arc > MIN_ARC)
@@ -104,21 +130,44 @@ def classify(*, frequency: np.ndarray, mean: np.ndarray, std: np.ndarray, peaks:
              "plane_size": int(plane["size"][k]) if plane["planar"][k] else 0,
              "plane_energy": float(plane["energy"][k]),
              "ring_cv": float(ring_cv[k]) if plane["planar"][k] else 0.0,
-             "arc": float(arc[k]) if plane["planar"][k] else 0.0}
+             "arc_deg": float(arc[k]) if plane["planar"][k] else 0.0}
             for k in range(n)]
 
 
-def partners(n: int, i: np.ndarray, j: np.ndarray, count: np.ndarray, fires: np.ndarray,
-             nb_idx: np.ndarray, nb_cos: np.ndarray, unit: np.ndarray
-             ) -> dict[str, np.ndarray]:
-    """Each latent's likeliest partner: the latent it fires with most often given it fires, if
-    that is a hierarchy (P >= HIERARCHY_P), else its closest decoder neighbour with
-    cos > PARTNER_COS, else none (-1). (i, j, count): co-firing pairs counted on a sample where
-    the latents fired `fires` times."""
+def longest_arc(angles: np.ndarray) -> np.ndarray:
+    """[m] degrees: the longest run of consecutive angle bins (`angles` [m, ANGLE_BINS]
+    counts, wrapping round) that each hold at least ARC_BIN_SHARE of the row's total."""
+    held = angles >= ARC_BIN_SHARE * np.maximum(angles.sum(1, keepdims=True), 1e-30)
+    held &= angles > 0
+    out = np.zeros(len(angles))
+    for k, row in enumerate(held):
+        if row.all():
+            out[k] = 360.0
+            continue
+        twice = np.concatenate([row, row])  # runs that wrap round
+        best = run = 0
+        for v in twice:
+            run = run + 1 if v else 0
+            best = max(best, run)
+        out[k] = min(best, len(row)) * 360.0 / len(row)
+    return out
+
+
+def cofiring_matrix(n: int, i: np.ndarray, j: np.ndarray, count: np.ndarray):
+    """The symmetric CSR matrix [n, n] of co-firing counts of the pairs (i, j, count)."""
     from scipy.sparse import coo_matrix
 
-    both = coo_matrix((np.concatenate([count, count]).astype(np.float64),
+    return coo_matrix((np.concatenate([count, count]).astype(np.float64),
                        (np.concatenate([i, j]), np.concatenate([j, i]))), shape=(n, n)).tocsr()
+
+
+def partners(both, fires: np.ndarray, nb_idx: np.ndarray, nb_cos: np.ndarray,
+             unit: np.ndarray) -> dict[str, np.ndarray]:
+    """Each latent's likeliest partner: the latent it fires with most often given it fires, if
+    that is a hierarchy (P >= HIERARCHY_P), else its closest decoder neighbour with
+    cos > PARTNER_COS, else none (-1). Co-firing counts: counted on a sample where
+    the latents fired `fires` times (`both`: their `cofiring_matrix`)."""
+    n = len(fires)
     partner = np.full(n, -1)
     p = np.zeros(n)
     for k in np.flatnonzero(fires > 0):
