@@ -10,7 +10,8 @@
   jaxsae cache --model MODEL --layer L --text FILE... --tokens N --out DIR
   jaxsae stitch compare SMALL LARGE --data DIR --out DIR [--threshold 0.7]
   jaxsae stitch frankenstein SAE_DIR SAE_DIR... --data DIR --out DIR
-  jaxsae analyze SAE_DIR --data DIR --out DIR
+  jaxsae analyze SAE_DIR --data DIR --out DIR [--optimality]
+  jaxsae convert SAE_DIR --data DIR --out DIR
   jaxsae data inspect DIR [--hook HOOK] [--json]
 
 The command words pick the command class; tyro turns the rest of the line into an instance

@@ -82,6 +82,36 @@ def _eval_blocks(data: str, tokens: int, batch_size: int, hook: str | None = Non
     return source, start, partial(iter_blocks, source, batch_size, start=start)
 
 
+CONVERSION_COLUMNS = ["sae", "l0_topk", "l0_jumprelu", "recall_of_topk_codes", "precision",
+                      "explained_variance_topk", "explained_variance_jumprelu"]
+
+
+def _as_per_latent(saes, sae_dirs, source, start: int, tokens: int, batch_size: int, blocks
+                   ) -> tuple[list[export.LoadedSAE], list[dict[str, Any]]]:
+    """The family with each TopK SAE as a JumpReLU SAE (`jaxsae.analysis.convert`),
+    calibrated on up to `tokens` tokens before the evaluation window `[start, ...)`, and
+    what each conversion changed, measured on the evaluation tokens."""
+    from jaxsae.analysis import convert
+
+    out, report = [], []
+    lo = max(0, start - tokens)
+    for path, loaded in zip(sae_dirs, saes, strict=True):
+        if loaded.sae.activation != "topk":
+            out.append(loaded)
+            continue
+        if start - lo <= 0:
+            raise JaxsaeError(f"{path}: a TopK SAE is converted to JumpReLU on tokens before "
+                              "the evaluation window, and --tokens leaves none; lower it")
+        threshold = convert.calibrate(loaded.params, loaded.sae, partial(
+            iter_blocks, source, batch_size, start=lo, stop=start))
+        params, cfg = convert.as_jumprelu(loaded, threshold)
+        report.append({"sae": str(path), "calibration_tokens": start - lo,
+                       **convert.compare(loaded, params, cfg, blocks())})
+        out.append(dataclasses.replace(loaded, params=params, sae=cfg, cfg_json={
+            **loaded.cfg_json, "architecture": "jumprelu"}))
+    return out, report
+
+
 def _load_family(paths: Sequence[str]) -> list[export.LoadedSAE]:
     saes = [export.load_sae(p) for p in paths]
     d_in = {s.d_in for s in saes}
@@ -310,8 +340,8 @@ def stitch_family(saes: Sequence[export.LoadedSAE], threshold: float = THRESHOLD
     saes = sorted(saes, key=lambda s: s.sae.d_sae)
     acts = {s.sae.activation for s in saes}
     if not acts <= {"relu", "jumprelu"}:
-        raise JaxsaeError("frankenstein needs ReLU or JumpReLU SAEs: a TopK latent's code "
-                          f"depends on the rest of its SAE (got {', '.join(sorted(acts))})")
+        raise JaxsaeError("frankenstein needs ReLU or JumpReLU SAEs (TopK SAEs: convert them "
+                          f"first, as `frankenstein` does; got {', '.join(sorted(acts))})")
     base = saes[0].params
     parts = {k: [v] for k, v in base.items()}
     if "threshold" not in parts:
@@ -357,10 +387,12 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     inputs = (*sae_dirs, data)
     outputs.check_target(out, "frankenstein", overwrite=overwrite, inputs=inputs)
     saes = _load_family(sae_dirs)
-    params, cfg, gave = stitch_family(saes, threshold)
     source, start, blocks = _eval_blocks(data, tokens, batch_size, hook)
     if source.d_in != saes[0].d_in:
         raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAEs' {saes[0].d_in}")
+    saes, conversions = _as_per_latent(saes, sae_dirs, source, start, tokens, batch_size,
+                                       blocks)
+    params, cfg, gave = stitch_family(saes, threshold)
     key = {"saes": [str(Path(d).absolute()) for d in sae_dirs],
            "data": str(Path(data).absolute()), "threshold": threshold, "tokens": tokens,
            "batch_size": batch_size, "lr": lr, "hook": hook,
@@ -403,8 +435,14 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     write_csv(work / "frankenstein.csv", rows, columns)
     by_width = sorted(zip(sae_dirs, saes, strict=True), key=lambda ds: ds[1].sae.d_sae)
     gave_rows = [{"sae": str(d), **g} for (d, _), g in zip(by_width, gave, strict=True)]
+    converted = [] if not conversions else [
+        "TopK SAEs converted to JumpReLU (per-latent thresholds calibrated on the "
+        f"{conversions[0]['calibration_tokens']} tokens before the evaluation window; the "
+        "change in codes measured on the evaluation tokens):", "",
+        *markdown_table(conversions, CONVERSION_COLUMNS), ""]
     atomic_write(work / "frankenstein.md", "\n".join([
         f"# Frankenstein SAE ({cfg.d_sae} latents, threshold {threshold})", "",
+        *converted,
         "Latents taken from each SAE of the family (widest last):", "",
         *markdown_table(gave_rows, ["sae", "d_sae", "added"]), "",
         f"Evaluated on the last {source.n_tokens - start} tokens of {data}:", "",

@@ -64,7 +64,8 @@ class Frankenstein(AnalysisInputs, Command):
 
     saes: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(metavar="SAE_DIR",
                     help_behavior_hint="(required)")]
-    """the family: two or more SAEs (ReLU or JumpReLU; any order: sorted by width)"""
+    """the family: two or more SAEs (ReLU, JumpReLU, BatchTopK, or TopK: converted to JumpReLU
+    first; any order: sorted by width)"""
     threshold: float = 0.7
     """add latents with cos < this"""
     retrain_decoder_tokens: int = 2_000_000

@@ -1,0 +1,148 @@
+"""A TopK SAE as a JumpReLU SAE: per-latent thresholds calibrated on data
+(`jaxsae convert`; `stitch frankenstein` converts TopK members itself).
+
+A TopK latent's code depends on the rest of its SAE (it fires when it is among a token's k
+largest), so per-latent tools (stitching, repair) cannot take it as it is. A JumpReLU latent
+fires when its own pre-activation exceeds its threshold. For each latent the threshold is the
+one that best reproduces its TopK firing decisions on the calibration tokens: from histograms
+of its positive pre-activations where TopK kept it and where it did not, the bin edge that
+minimises (kept below it) + (not kept above it). The weights are unchanged. The change is
+measured on other tokens (the evaluation tokens): of TopK's codes, the share the JumpReLU
+keeps (recall), of the JumpReLU's, the share TopK has (precision), both L0s and both
+explained variances.
+
+(BatchTopK needs none of this: its inference is already a JumpReLU with the learned batch
+threshold, and it exports as one.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae import export, outputs, sae
+from jaxsae.config import DataConfig, SAEConfig
+from jaxsae.errors import JaxsaeError
+
+BINS = 512
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _pre_and_kept(params, x, cfg: SAEConfig):
+    pre = sae.pre_activations(params, x, cfg)
+    return pre, sae.encode(params, x, cfg) > 0
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _max_pass(params, x, cfg: SAEConfig):
+    return jnp.max(_pre_and_kept(params, x, cfg)[0], axis=0)
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _histogram_pass(params, x, top, cfg: SAEConfig):
+    """[2, n, BINS]: positive pre-activations on bins of [0, top], where TopK kept the latent
+    and where it did not."""
+    pre, kept = _pre_and_kept(params, x, cfg)
+    b = jnp.clip(jnp.floor(pre / jnp.maximum(top, 1e-30) * BINS).astype(jnp.int32), 0, BINS - 1)
+    cols = jnp.broadcast_to(jnp.arange(pre.shape[1]), pre.shape)
+    positive = pre > 0
+    out = jnp.zeros((2, pre.shape[1], BINS), jnp.int32)
+    out = out.at[0, cols, b].add((positive & kept).astype(jnp.int32))
+    return out.at[1, cols, b].add((positive & ~kept).astype(jnp.int32))
+
+
+def calibrate(params: dict[str, Any], cfg: SAEConfig,
+              blocks: Callable[[], Iterable[np.ndarray]]) -> np.ndarray:
+    """[d_sae] JumpReLU thresholds reproducing the TopK SAE's firing on `blocks()` (called
+    twice: two passes)."""
+    p = jax.tree.map(jnp.asarray, params)
+    top = None
+    for x in blocks():
+        m = _max_pass(p, jnp.asarray(x, jnp.float32), cfg)
+        top = m if top is None else jnp.maximum(top, m)
+    hist = np.zeros((2, cfg.d_sae, BINS), np.int64)
+    for x in blocks():
+        hist += np.asarray(_histogram_pass(p, jnp.asarray(x, jnp.float32), top, cfg))
+    kept, other = hist
+    # threshold at edge e (bins [0, e) below): errors = kept below + other at or above
+    kept_below = np.concatenate([np.zeros((cfg.d_sae, 1)), np.cumsum(kept, 1)], 1)
+    other_above = np.concatenate([np.cumsum(other[:, ::-1], 1)[:, ::-1],
+                                  np.zeros((cfg.d_sae, 1))], 1)
+    edge = np.argmin(kept_below + other_above, axis=1)  # the lowest edge among ties
+    width = np.maximum(np.asarray(top, np.float64), 0.0) / BINS
+    return (edge * width).astype(np.float32)
+
+
+def as_jumprelu(loaded: export.LoadedSAE, threshold: np.ndarray
+                ) -> tuple[dict[str, np.ndarray], SAEConfig]:
+    cfg = SAEConfig(d_sae=loaded.sae.d_sae, activation="jumprelu", decoder_norm="free")
+    params = {k: v for k, v in loaded.params.items()}
+    return {**params, "threshold": np.asarray(threshold, np.float32)}, cfg
+
+
+@partial(jax.jit, static_argnames=("cfg_a", "cfg_b"))
+def _compare_pass(params_a, cfg_a, params_b, cfg_b, x):
+    fa, fb = sae.encode(params_a, x, cfg_a), sae.encode(params_b, x, cfg_b)
+    on_a, on_b = fa > 0, fb > 0
+    err_a = jnp.sum((x - sae.decode(params_a, fa, x)) ** 2)
+    err_b = jnp.sum((x - sae.decode(params_b, fb, x)) ** 2)
+    return jnp.stack([jnp.sum(on_a), jnp.sum(on_b), jnp.sum(on_a & on_b), err_a, err_b,
+                      jnp.sum((x - jnp.mean(x, 0)) ** 2)])
+
+
+def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAEConfig,
+            blocks: Iterable[np.ndarray]) -> dict[str, float]:
+    """How the converted SAE's codes differ from the TopK SAE's on `blocks`."""
+    a = jax.tree.map(jnp.asarray, loaded.params)
+    b = jax.tree.map(jnp.asarray, params)
+    s, n = np.zeros(6), 0
+    for x in blocks:
+        s += np.asarray(_compare_pass(a, loaded.sae, b, cfg, jnp.asarray(x, jnp.float32)),
+                        np.float64)
+        n += len(x)
+    return {"tokens": n, "l0_topk": s[0] / n, "l0_jumprelu": s[1] / n,
+            "recall_of_topk_codes": s[2] / max(s[0], 1), "precision": s[2] / max(s[1], 1),
+            "explained_variance_topk": 1 - s[3] / s[5],
+            "explained_variance_jumprelu": 1 - s[4] / s[5]}
+
+
+def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
+                batch_size: int = 4096, hook: str | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Converts the TopK SAE in `sae_dir` (calibrated on the `tokens` tokens of `data` before
+    its last `tokens`, compared on those last ones) and writes it to `out` with convert.json."""
+    from jaxsae.data import open_source
+    from jaxsae.data.source import iter_blocks
+
+    outputs.check_target(out, "convert", overwrite=overwrite, inputs=(sae_dir, data))
+    loaded = export.load_sae(sae_dir)
+    if loaded.sae.activation != "topk":
+        raise JaxsaeError(f"{sae_dir}: is a {loaded.cfg_json.get('architecture')} SAE; convert "
+                          "takes TopK SAEs (BatchTopK exports as JumpReLU already)")
+    source = open_source(DataConfig(path=data, hook=hook))
+    if source.d_in != loaded.d_in:
+        raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAE's {loaded.d_in}")
+    start = max(0, source.n_tokens - tokens)
+    lo = max(0, start - tokens)
+    if start - lo <= 0:
+        raise JaxsaeError(f"{data}: {source.n_tokens} tokens leave none to calibrate on before "
+                          f"the last --tokens {tokens}; lower --tokens")
+    threshold = calibrate(loaded.params, loaded.sae,
+                          partial(iter_blocks, source, batch_size, start=lo, stop=start))
+    params, cfg = as_jumprelu(loaded, threshold)
+    report = {"sae": str(sae_dir), "calibration_tokens": start - lo,
+              **compare(loaded, params, cfg, iter_blocks(source, batch_size, start=start))}
+    with outputs.staged_directory(out, "convert", overwrite=overwrite,
+                                  inputs=(sae_dir, data)) as staging:
+        export.export_sae(params, cfg, staging / "sae",
+                          metadata=loaded.cfg_json.get("metadata", {}),
+                          training={"converted_from": str(sae_dir), "k": loaded.sae.k})
+        outputs.atomic_write(staging / "convert.json", json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,49 @@
+"""`jaxsae convert SAE_DIR --data DIR --out DIR`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated
+
+import tyro
+
+from jaxsae.commands import Command, Flag, at_least_one, command, unset
+
+
+@command("convert")
+@dataclass(kw_only=True)
+class Convert(Command):
+    """A TopK SAE as a JumpReLU SAE (per-latent thresholds).
+
+    Calibrates each latent's threshold on --data so that the JumpReLU fires where the TopK
+    SAE kept the latent, as nearly as one threshold allows (see jaxsae.analysis.convert),
+    writes the SAELens-format JumpReLU SAE to OUT/sae with OUT/convert.json: how its codes differ
+    from the TopK SAE's on the last --tokens tokens (recall of the TopK codes, precision, both
+    L0s and explained variances). Per-latent tools (stitch frankenstein, repair) need it."""
+
+    sae_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SAE_DIR")]
+    """a TopK SAE (SAELens-format directory)"""
+    data: Annotated[str, tyro.conf.arg(metavar="DIR")]
+    """the activations it was trained on"""
+    out: Annotated[str, tyro.conf.arg(metavar="DIR")]
+    """output directory (the JumpReLU SAE)"""
+    tokens: int = 65536
+    """compare on the last N tokens; calibrate on the N before them"""
+    hook: Annotated[str | None, unset("HOOK", "the only column")] = None
+    """SAELens caches: the activation column"""
+    batch_size: int = 4096
+    """tokens per block"""
+    overwrite: Flag = False
+    """replace an existing --out that is not this command's own output"""
+
+    def run(self) -> int:
+        from jaxsae.analysis.convert import convert_dir
+
+        at_least_one(self, "tokens", "batch_size")
+        report = convert_dir(self.sae_dir, self.data, self.out, tokens=self.tokens,
+                             batch_size=self.batch_size, hook=self.hook,
+                             overwrite=self.overwrite)
+        print(json.dumps(report, indent=1))
+        print(f"wrote {self.out}")
+        return 0

@@ -1,0 +1,97 @@
+"""TopK SAEs as JumpReLU SAEs (jaxsae.analysis.convert; `jaxsae convert`; frankenstein on
+TopK families): the calibrated thresholds against a plain search over every threshold."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SMALL_SPEC
+
+from jaxsae import cli, export
+from jaxsae.analysis import convert
+from jaxsae.analysis.stitch import frankenstein
+from jaxsae.config import DataConfig, SAEConfig
+from jaxsae.data import open_source
+
+
+def _topk_sae(path, n_latents: int, k: int, seed: int):
+    """A TopK SAE whose latents are the data's true directions (and noisy copies)."""
+    rng = np.random.default_rng(seed)
+    D = SMALL_SPEC.truth()["directions"]
+    W = D[np.arange(n_latents) % len(D)] + 0.2 * rng.standard_normal((n_latents, D.shape[1]))
+    W = (W / np.linalg.norm(W, axis=1, keepdims=True)).astype(np.float32)
+    export.export_sae({"W_dec": W, "W_enc": W.T.copy(),
+                       "b_enc": rng.normal(0, 0.05, n_latents).astype(np.float32),
+                       "b_dec": np.zeros(D.shape[1], np.float32)},
+                      SAEConfig(d_sae=n_latents, activation="topk", k=k), path)
+    return export.load_sae(path)
+
+
+def test_thresholds_reproduce_topk_firing_as_well_as_any_threshold(small_data, tmp_path):
+    loaded = _topk_sae(tmp_path / "topk", 48, 3, 0)
+    x = open_source(DataConfig(path=str(small_data))).read(0, 8192)
+    threshold = convert.calibrate(loaded.params, loaded.sae, lambda: [x[:4096], x[4096:]])
+    p = loaded.params
+    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    top = np.argsort(-pre, axis=1)[:, :3]
+    kept = np.zeros_like(pre, bool)
+    np.put_along_axis(kept, top, True, axis=1)
+    kept &= pre > 0
+    width = pre.max(0) / convert.BINS
+    for i in range(48):
+        def errors(t, i=i):
+            fires = (pre[:, i] > 0) & (pre[:, i] >= t)
+            return int(np.sum(fires != kept[:, i]))
+        best = min(errors(t) for t in np.concatenate([[0.0], np.unique(pre[:, i])]))
+        # optimal up to the calibration's bin width: no threshold within a bin does better
+        near = min(errors(t) for t in (threshold[i] - width[i], threshold[i],
+                                       threshold[i] + width[i]))
+        assert errors(threshold[i]) <= best + 2 * np.sum(
+            np.abs(pre[:, i] - threshold[i]) <= width[i]), i
+        assert near >= best
+
+
+def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path, capsys):
+    _topk_sae(tmp_path / "small", 24, 3, 1)
+    _topk_sae(tmp_path / "large", 64, 4, 2)
+    out = tmp_path / "converted"
+    argv = ["convert", str(tmp_path / "small"), "--data", str(small_data), "--out", str(out),
+            "--tokens", "4096"]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "convert.json").read_text())
+    # the reported change, recomputed in numpy on the same (last 4096) tokens
+    x = open_source(DataConfig(path=str(small_data))).read(SMALL_SPEC.tokens - 4096,
+                                                           SMALL_SPEC.tokens)
+    topk, jump = export.load_sae(tmp_path / "small").params, export.load_sae(out / "sae")
+    assert jump.sae.activation == "jumprelu"
+    pre = (x - topk["b_dec"]) @ topk["W_enc"] + topk["b_enc"]
+    kept = np.zeros_like(pre, bool)
+    np.put_along_axis(kept, np.argsort(-pre, axis=1)[:, :3], True, axis=1)
+    kept &= pre > 0
+    fires = (pre > 0) & (pre > jump.params["threshold"])
+    assert report["l0_topk"] == pytest.approx(kept.sum(1).mean())
+    assert report["l0_jumprelu"] == pytest.approx(fires.sum(1).mean(), rel=1e-3)
+    assert report["recall_of_topk_codes"] == pytest.approx((kept & fires).sum() / kept.sum(),
+                                                           rel=1e-3)
+    assert report["precision"] == pytest.approx((kept & fires).sum() / fires.sum(), rel=1e-3)
+    capsys.readouterr()
+    # not a TopK SAE: refused, nothing written
+    assert cli.main(["convert", str(out / "sae"), "--data", str(small_data), "--out",
+                     str(tmp_path / "again")]) == 2
+    assert "TopK" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+    rows = frankenstein([str(tmp_path / "small"), str(tmp_path / "large")], str(small_data),
+                        tmp_path / "frank", retrain_decoder_tokens=0, tokens=4096,
+                        batch_size=1024, progress=False)
+    md = (tmp_path / "frank" / "frankenstein.md").read_text()
+    assert "converted to JumpReLU" in md and "recall_of_topk_codes" in md
+    assert rows[-1]["architecture"] == "jumprelu" and rows[-1]["d_sae"] >= 24
+
+
+def test_convert_refuses_data_too_short_to_calibrate(small_data, tmp_path):
+    _topk_sae(tmp_path / "t", 24, 3, 3)
+    with pytest.raises(Exception, match="calibrate"):
+        convert.convert_dir(str(tmp_path / "t"), str(small_data), tmp_path / "o",
+                            tokens=SMALL_SPEC.tokens)
