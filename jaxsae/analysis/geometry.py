@@ -463,10 +463,11 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:10
 <table>{facts}</table>
 <h2>Kinds of latent</h2>
 <p>Each latent's <code>kind</code> in latents.csv, with the evidence columns behind it
-(jaxsae.analysis.taxonomy): dead, dense (&gt; 10% of tokens), circular (its decoder in a plane
-with others', its tokens on a ring there), child / parent (it carries a partner's component:
-it fires almost only with it, or never with it while their decoders share a direction),
-variable (broad or multi-peaked magnitudes), single (one peak).</p>
+(jaxsae.analysis.taxonomy), the first that applies: dead, circular (its decoder in a plane
+with others', its tokens along an arc of a ring there), child / parent (it carries a
+partner's component: it fires almost only with it, or never with it while their decoders
+share a direction), dense (&gt; 10% of tokens), variable (broad or multi-peaked magnitudes),
+single (one peak).</p>
 {_table(kinds)}
 <h2>Density</h2><img src="density.png">
 <h2>Activation histograms</h2>

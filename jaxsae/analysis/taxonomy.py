@@ -4,7 +4,6 @@ Each latent gets the first kind whose test it passes, in this order, with the ev
 columns behind every test written beside it:
 
   dead      never fired on the sample
-  dense     fires on more than 10% of tokens
   circular  its decoder lies in a plane with those of at least two other distinct
             directions (grown from its decoder neighbours with cos > 0.3 and the latents it
             co-fires with most; the top two singular values carry >= 90% of the group's
@@ -27,6 +26,8 @@ columns behind every test written beside it:
             for a child, which comes with all of its parent; a parent's tokens hold only
             the share of a child that fires with it)
   parent    the partner side of a child
+  dense     fires on more than 10% of tokens (after the structural kinds: a parent firing
+            often is still a parent)
   variable  broad magnitudes: its non-zero activations spread (coefficient of variation
             >= 0.35) or their histogram has several peaks (magnitude used as uncertainty,
             or structure the tests above did not place)
@@ -44,7 +45,7 @@ import numpy as np
 
 from jaxsae.evaluate import DENSE_FREQUENCY
 
-KINDS = ("dead", "dense", "circular", "child", "parent", "variable", "single")
+KINDS = ("dead", "circular", "child", "parent", "dense", "variable", "single")
 PARTNER_COS = 0.3
 """Decoder cosine above which two latents share a direction (random unit vectors in d dims
 have |cos| ~ 1/sqrt(d): 0.04 at d 768, 0.13 at d 64)."""
@@ -119,10 +120,10 @@ def classify(*, frequency: np.ndarray, mean: np.ndarray, std: np.ndarray, peaks:
     circular = plane["planar"] & (ring_cv < RING_CV) & (arc > MIN_ARC)
     kind = np.full(n, "single", dtype=object)
     kind[(cv >= VARIABLE_CV) | (peaks >= 2)] = "variable"
+    kind[frequency > DENSE_FREQUENCY] = "dense"
     kind[parent] = "parent"
     kind[child] = "child"
     kind[circular] = "circular"
-    kind[frequency > DENSE_FREQUENCY] = "dense"
     kind[frequency == 0] = "dead"
     return [{"kind": str(kind[k]), "activation_cv": float(cv[k]), "partner": int(partner[k]),
              "partner_cos": float(partner_cos[k]), "p_partner_given_latent": float(p_partner[k]),
