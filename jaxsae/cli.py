@@ -12,6 +12,7 @@
   jaxsae stitch frankenstein SAE_DIR SAE_DIR... --data DIR --out DIR
   jaxsae analyze SAE_DIR --data DIR --out DIR [--optimality]
   jaxsae convert SAE_DIR --data DIR --out DIR
+  jaxsae repair SAE_DIR --data DIR --out DIR [--truth DIR]
   jaxsae data inspect DIR [--hook HOOK] [--json]
 
 The command words pick the command class; tyro turns the rest of the line into an instance

@@ -40,7 +40,8 @@ def _error(capsys, *argv: str) -> str:
 
 def test_the_contract_commands_are_registered():
     assert set(COMMANDS) == {("synth",), ("train",), ("bench",), ("export",), ("import",),
-                             ("eval",), ("cache",), ("analyze",), ("plot",),
+                             ("eval",), ("cache",), ("analyze",), ("plot",), ("convert",),
+                             ("repair",),
                              ("stitch", "compare"),
                              ("stitch", "frankenstein"), ("data", "inspect")}
     assert set(GROUPS) == {"stitch", "data"}

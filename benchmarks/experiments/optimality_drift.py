@@ -1,6 +1,6 @@
 """A dictionary set exactly at the true features of hierarchy data is no local optimum: the
 optimality conditions flag its parent-child pairs (and not its exclusive siblings), and
-training started from it (`init_from`) drifts to absorption.
+training started from it (`init_from`) drifts to absorption, which `jaxsae repair` undoes.
 
     python benchmarks/experiments/optimality_drift.py [--tokens N] [--out DIR]
 
@@ -8,8 +8,8 @@ Data: trees of a parent and two mutually exclusive children (P(parent) 0.3, P(ch
 0.4 each), orthonormal in 40 dims. Start: a ReLU SAE whose encoder and decoder are the true
 directions, with encoder bias -λ/2 (the L1 problem's optimal codes for orthonormal features);
 trained with mse + λ L1 (λ 0.2), unit decoder rows, as wide as the number of features. Prints
-Markdown (the RESULTS.md section): the conditions and the ground-truth metrics before and
-after, and where each latent's decoder went.
+Markdown (the RESULTS.md section): the conditions and the ground-truth metrics at the start,
+after training and after repair, and where each latent's decoder went.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxsae import evaluate, export
 from jaxsae.analysis.geometry import analyze
+from jaxsae.analysis.repair import repair
 from jaxsae.config import DataConfig, SAEConfig, config_from_dict
 from jaxsae.data import open_source, synthetic
 from jaxsae.train import train
@@ -75,10 +76,14 @@ def main() -> int:
         "checkpoint": {"every_steps": 10**6}, "log": {"every_steps": 500, "curves": False}})
     train(cfg, progress=False, log=lambda m: None)
 
+    fixed = repair(str(run / "sae"), str(data), root / "repaired", tokens=65536,
+                   truth=str(data), progress=False, overwrite=True)
+
     source = open_source(DataConfig(path=str(data)))
     lo = source.n_tokens - 65536
     rows = []
-    for label, sae_dir in (("start: the true features", start), ("trained from it", run / "sae")):
+    for label, sae_dir in (("start: the true features", start), ("trained from it", run / "sae"),
+                           ("trained, then `jaxsae repair`", root / "repaired" / "sae")):
         loaded = export.load_sae(sae_dir)
         metrics = evaluate.truth_report(loaded.params, loaded.sae, source, truth, start=lo)
         out = root / f"analysis-{sae_dir.name}"
@@ -100,6 +105,10 @@ def main() -> int:
               f"{p['siblings'][0]} / {p['siblings'][1]} | {p['other'][0]} / {p['other'][1]} | "
               f"{s['optimality_lambda']:.3f} | {cp:.3f} | {m['absorption']:.3f} | "
               f"{m['parent_recall_with_child']:.3f} | {m['mcc']:.3f} |")
+    b, a = fixed["before"], fixed["after"]
+    print(f"\nRepair: {len(fixed['pairs'])} child / parent pairs; explained variance "
+          f"{b['explained_variance']:.3f} -> {a['explained_variance']:.3f}, "
+          f"L0 {b['l0']:.2f} -> {a['l0']:.2f}.")
     print(f"\n(data, SAEs and analyses in {root})")
     return 0
 
