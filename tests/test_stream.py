@@ -110,6 +110,32 @@ def test_each_block_is_generated_once_per_epoch_and_only_for_the_lanes_read(monk
         assert len(blocks) - len(set(blocks)) <= 4, "a block generated twice in one epoch"
 
 
+def test_the_block_cache_keeps_the_newest_blocks_within_its_budget(monkeypatch):
+    """Regenerated blocks past the budget are dropped, oldest first; the block just asked for
+    is kept whatever its size; a block asked for again is served, not regenerated."""
+    made: list[int] = []
+
+    def fake(spec, truth, block, n, *, codes):
+        made.append(block)
+        x = np.zeros(500 if block == 5 else 250, np.float32)
+        return x, None, np.zeros(10, np.int64) if codes else None
+
+    monkeypatch.setattr(synthetic, "block_rows", fake)
+    spec = synthetic.SuperpositionSpec(n_features=16, d_in=8, tokens=8 * synthetic.BLOCK_TOKENS)
+    cache = synthetic._Blocks(budget=2500)  # two blocks of 1000 bytes, or one with codes
+    for block in (0, 1, 2, 1):
+        cache.get(spec, {}, block, codes=False)
+    assert made == [0, 1, 2] and list(cache._entries) == [2, 1]
+    cache.get(spec, {}, 3, codes=True)  # 1080 bytes: 1 and 3 fit, 2 goes
+    assert list(cache._entries) == [1, 3]
+    cache.get(spec, {}, 5, codes=False)  # 2000 bytes: both others go
+    assert list(cache._entries) == [5]
+    tiny = synthetic._Blocks(budget=10)
+    for block in (0, 1):
+        assert tiny.get(spec, {}, block, codes=False)[0].nbytes == 1000
+    assert list(tiny._entries) == [1]
+
+
 def test_the_streamed_tokens_are_the_written_ones(tmp_path):
     spec = synthetic.SuperpositionSpec(n_features=20, d_in=6, tokens=40000, seed=2,
                                        shard_tokens=7000, dtype="float16")

@@ -513,7 +513,7 @@ class _Blocks:
                 self._entries[block] = entry
             self._entries.move_to_end(block)
             size = 0
-            for key in reversed(self._entries):  # the newest first; drop what exceeds the budget
+            for key in list(reversed(self._entries)):  # the newest first; drop the excess
                 size += sum(a.nbytes for a in self._entries[key] if a is not None)
                 if size > self.budget and key != block:
                     del self._entries[key]
