@@ -31,8 +31,8 @@ def _topk_sae(path, n_latents: int, k: int, seed: int):
 
 def test_thresholds_reproduce_topk_firing_as_well_as_any_threshold(small_data, tmp_path):
     loaded = _topk_sae(tmp_path / "topk", 48, 3, 0)
-    x = open_source(DataConfig(path=str(small_data))).read(0, 8192)
-    threshold = convert.calibrate(loaded.params, loaded.sae, lambda: [x[:4096], x[4096:]])
+    x = open_source(DataConfig(path=str(small_data))).read(0, 3072)
+    threshold = convert.calibrate(loaded.params, loaded.sae, lambda: [x[:1536], x[1536:]])
     p = loaded.params
     pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
     top = np.argsort(-pre, axis=1)[:, :3]
