@@ -105,6 +105,8 @@ def test_eval_flags_belong_to_one_mode(tmp_path, capsys):
     assert "--truth goes with --data" in _error(capsys, "eval", sae, "--model", "m",
                                                 "--truth", "t")
     assert "one of the two" in _error(capsys, "eval", sae)
+    assert "--target-hook goes with --target" in _error(capsys, "eval", sae, "--data", "d",
+                                                        "--target-hook", "h")
     assert "SAE_DIR: required" in _error(capsys, "eval", "--data", "d")
 
 

@@ -93,6 +93,9 @@ class Eval(Command):
             raise JaxsaeError("--text goes with --model")
         if self.details and not self.truth:
             raise JaxsaeError("--details goes with --truth")
+        if self.target_hook is not None and self.target is None:
+            raise JaxsaeError("--target-hook goes with --target (it names a column of that "
+                              "SAELens cache)")
         if len(self.sae_dir) > 1:
             raise JaxsaeError("--data evaluates one SAE at a time (several go with --model)")
         print(json_text(self._on_data(load_sae(self.sae_dir[0], transcoders=True))))
