@@ -532,6 +532,17 @@ def geometric_ends(d_sae: int, n: int) -> tuple[int, ...]:
     return tuple(sorted(ends | {d_sae}))
 
 
+def _covers_all(cfg: Config, term: TermConfig) -> bool:
+    """Whether `term` is a reconstruction loss over the whole dictionary."""
+    term = resolve(term)
+    if term.term == "mse":
+        return True
+    if term.term != "matryoshka":
+        return False
+    prefixes = term.params.get("prefixes")
+    return prefixes is None or prefixes[-1] == cfg.sae.d_sae  # sampled: always the whole
+
+
 def _check_matryoshka(cfg: Config, term: TermConfig, key: str) -> None:
     prefixes, sample = term.params.get("prefixes"), term.params.get("sample")
     if (prefixes is None) == (sample is None):
@@ -544,6 +555,12 @@ def _check_matryoshka(cfg: Config, term: TermConfig, key: str) -> None:
         if prefixes[-1] > d_sae:
             raise ConfigError(f"{key}.prefixes: the last ({prefixes[-1]}) exceeds sae.d_sae "
                               f"({d_sae})")
+        if prefixes[-1] < d_sae and not any(_covers_all(cfg, t) for t in cfg.loss):
+            # latents past the last prefix would be in no reconstruction loss: never trained,
+            # yet a TopK / BatchTopK code still spends places on them
+            raise ConfigError(f"{key}.prefixes: latents [{prefixes[-1]}, {d_sae}) are in no "
+                              f"reconstruction loss; end the prefixes at sae.d_sae ({d_sae}) "
+                              "or add {term: mse}")
         weights = term.params.get("weights")
         if weights is not None and (len(weights) != len(prefixes) or min(weights) < 0):
             raise ConfigError(f"{key}.weights: need {len(prefixes)} non-negative weights, one "

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from jaxsae import penalties, sae
+from jaxsae.checks import check_run
 from jaxsae.config import Config, SAEConfig, config_from_dict
+from jaxsae.errors import ConfigError
 
 D_IN, D_SAE, BATCH, K = 12, 24, 32, 4
 RTOL = 1e-5  # float32 values vs the float64 reference
@@ -543,6 +545,19 @@ def test_matryoshka_full_prefix_equals_mse(rng):
     params, x = random_params(rng, config.sae), random_x(rng)
     assert_close(term_value(config, params, x, index=0)[0],
                  float(term_value(config, params, x, index=1)[0]))
+
+
+def test_latents_past_the_last_prefix_need_a_reconstruction_loss():
+    """Latents in no reconstruction loss would never train (and a BatchTopK code would still
+    spend places on them): refused unless mse or another Matryoshka term covers them."""
+    short = {"term": "matryoshka", "prefixes": [8, 16]}
+    with pytest.raises(ConfigError, match=r"loss\[0\]\.prefixes: latents \[16, 24\) are in no "
+                                          r"reconstruction loss; end the prefixes at sae\.d_sae"):
+        check_run(make_config([short, {"term": "l1"}]))
+    for cover in ({"term": "mse"}, {"term": "matryoshka", "prefixes": [24]},
+                  {"term": "matryoshka", "sample": SAMPLE}):
+        check_run(make_config([short, cover]))
+    check_run(make_config([{"term": "matryoshka", "prefixes": [8, 24]}]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from jaxsae import export
 from jaxsae.analysis import taxonomy
-from jaxsae.analysis.geometry import analyze
+from jaxsae.analysis.geometry import analyze, cofiring
 from jaxsae.config import SAEConfig
 from jaxsae.data import synthetic
 
@@ -91,6 +91,24 @@ def test_a_hierarchy_kept_and_absorbed(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["kind"] for r in rows] == ["parent"] * 4 + ["child"] * 8
     assert all(float(r["p_partner_given_latent"]) < 0.05 for r in rows[4:])  # exclusive now
+
+
+def test_a_latent_that_always_fires_is_no_ones_parent():
+    """On a real TopK SAE one latent (the mean direction) fired on every token, and every
+    other latent fired "only with it": it was called the parent of 79% of the dictionary."""
+    codes = np.zeros((100, 4), bool)
+    codes[:, 0] = True  # always on
+    codes[:30, 2] = True
+    codes[20:30, 1] = True  # 1 fires only with 2 (and with 0, as everything does)
+    codes[95:, 3] = True  # 3 fires with 0 alone
+    t, j = np.nonzero(codes)
+    i, k, count, fires = cofiring(t, j, 100, 4)
+    both = taxonomy.cofiring_matrix(4, i, k, count)
+    unit = np.eye(4, 8)
+    out = taxonomy.partners(both, fires, np.array([[1], [0], [0], [0]]), np.zeros((4, 1)), unit,
+                            tokens=100)
+    assert out["partner"].tolist() == [-1, 2, -1, -1]
+    assert out["p_partner"][1] == 1.0
 
 
 def test_the_longest_arc_wraps_round_and_ignores_stray_bins():

@@ -236,7 +236,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         bar.update(len(x))
     i, j, count, co_fires = cofiring(np.concatenate(rows), np.concatenate(cols), seen, n)
     together = taxonomy.cofiring_matrix(n, i, j, count)
-    partner = taxonomy.partners(together, co_fires, nb_idx, nb_cos, unit)
+    partner = taxonomy.partners(together, co_fires, nb_idx, nb_cos, unit, seen)
     plane = taxonomy.planes(unit, nb_idx, nb_cos, together)
     planar = np.flatnonzero(plane["planar"])[:MAX_PLANAR]
     paired = np.where(partner["partner"] >= 0, partner["partner"], np.arange(n))

@@ -14,8 +14,9 @@ columns behind every test written beside it:
             holding >= 1% of its tokens, without a gap): it traces a circle or ellipse with
             the others (a parent and its absorbed children also share a plane, but sit at
             a few separate points of it)
-  child     it carries a partner's component: a partner (a co-firing latent or a decoder
-            neighbour with cos > 0.3) with which it either fires almost only
+  child     it carries a partner's component: a partner (a co-firing latent firing on at
+            most half the tokens, or a decoder neighbour with cos > 0.3) with which it
+            either fires almost only
             (P(partner | it) >= 0.9: a hierarchy kept as two latents) or almost never
             (P(partner | it) < 0.05) while their decoders share a direction (0.3 < cos < 0.9:
             absorption, it took the partner's component and the partner went silent on its
@@ -57,6 +58,10 @@ MIN_ARC = 40.0
 ANGLE_BINS = 72
 ARC_BIN_SHARE = 0.01
 HIERARCHY_P = 0.9
+COMMON_PARTNER = 0.5
+"""A latent firing on more than this share of the tokens is no one's hierarchy partner: every
+latent fires "almost only with" a latent that always fires (a real TopK SAE's latent for the
+mean activation direction fires on every token)."""
 DUPLICATE_COS = 0.9
 CARRY_MARGIN = 0.2
 EXCLUSIVE_P = 0.05
@@ -163,18 +168,21 @@ def cofiring_matrix(n: int, i: np.ndarray, j: np.ndarray, count: np.ndarray):
 
 
 def partners(both, fires: np.ndarray, nb_idx: np.ndarray, nb_cos: np.ndarray,
-             unit: np.ndarray) -> dict[str, np.ndarray]:
+             unit: np.ndarray, tokens: int) -> dict[str, np.ndarray]:
     """Each latent's likeliest partner: the latent it fires with most often given it fires, if
-    that is a hierarchy (P >= HIERARCHY_P), else its closest decoder neighbour with
-    cos > PARTNER_COS, else none (-1). Co-firing counts: counted on a sample where
-    the latents fired `fires` times (`both`: their `cofiring_matrix`)."""
+    that is a hierarchy (P >= HIERARCHY_P, the partner firing on at most COMMON_PARTNER of the
+    tokens), else its closest decoder neighbour with cos > PARTNER_COS, else none (-1).
+    Co-firing counts: counted on a sample of `tokens` tokens where the latents fired `fires`
+    times (`both`: their `cofiring_matrix`)."""
     n = len(fires)
     partner = np.full(n, -1)
     p = np.zeros(n)
+    rare = fires <= COMMON_PARTNER * tokens
     for k in np.flatnonzero(fires > 0):
         row = slice(both.indptr[k], both.indptr[k + 1])
-        if row.stop > row.start:
-            at = row.start + int(np.argmax(both.data[row]))
+        counts = both.data[row] * rare[both.indices[row]]
+        if counts.size and counts.max() > 0:
+            at = row.start + int(np.argmax(counts))
             best_p = both.data[at] / fires[k]
             if best_p >= HIERARCHY_P:
                 partner[k], p[k] = both.indices[at], best_p
