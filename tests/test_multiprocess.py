@@ -104,6 +104,8 @@ def test_cluster_detection(monkeypatch):
         sharding.initialize_distributed("auto")
 
 
+@pytest.mark.slow  # ~60 s on 2 cores: three launches of two processes. The default run keeps
+# the two-process equivalence above and the single-process kill / resume (tests/test_cli.py).
 def test_kill_one_process_then_restart_both(small_data, tmp_path):
     """SIGKILL one of two processes after a checkpoint; restarting both resumes exactly: the
     result equals an uninterrupted run of the same two processes."""
