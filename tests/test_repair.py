@@ -99,3 +99,9 @@ def test_bad_input_changes_nothing(absorbed, capsys):
     assert cli.main(["repair", str(root / "nothing"), "--data", str(data), "--out",
                      str(root / "o2"), "--no-progress"]) == 2
     assert "nothing" in capsys.readouterr().err and not (root / "o2").exists()
+    W = export.load_sae(str(root / "sae")).params["W_dec"]
+    export.export_sae({"W_dec": W, "b_dec": np.zeros(24, np.float32)},
+                      SAEConfig(d_sae=12, activation="matching_pursuit", k=2), root / "mp")
+    assert cli.main(["repair", str(root / "mp"), "--data", str(data), "--out",
+                     str(root / "o3"), "--no-progress"]) == 2
+    assert "needs an encoder" in capsys.readouterr().err and not (root / "o3").exists()

@@ -41,8 +41,6 @@ def pairs_from_latents(rows: list[dict[str, str]]) -> list[tuple[int, int]]:
 def repaired(params: dict[str, np.ndarray], pairs: list[tuple[int, int]]
              ) -> dict[str, np.ndarray]:
     """The parameters with each (child, parent) pair's absorbed components projected out."""
-    if "W_enc" not in params:
-        raise JaxsaeError("repair needs the SAE's encoder (W_enc)")
     W_dec = np.array(params["W_dec"], np.float64)
     W_enc = np.array(params["W_enc"], np.float64)
     unit = W_dec / np.maximum(np.linalg.norm(W_dec, axis=1, keepdims=True), 1e-12)
@@ -85,6 +83,10 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     inputs = (sae_dir, data, *([truth] if truth else []))
     outputs.check_target(out, "repair", overwrite=overwrite, inputs=inputs)
     loaded = export.load_sae(sae_dir)
+    if "W_enc" not in loaded.params:  # (a tied SAE's export has W_enc = W_dec.T: repaired,
+        # it comes out untied)
+        raise JaxsaeError(f"{sae_dir}: repair needs an encoder (W_enc); a "
+                          f"{loaded.sae.activation} SAE has none")
     source = open_source(DataConfig(path=data, hook=hook))
     truth_obj = None
     if truth is not None:

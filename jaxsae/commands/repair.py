@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -43,11 +42,12 @@ class Repair(Command):
 
     def run(self) -> int:
         from jaxsae.analysis.repair import repair
+        from jaxsae.outputs import json_text
 
         at_least_one(self, "tokens", "batch_size")
         report = repair(self.sae_dir, self.data, self.out, tokens=self.tokens,
                         batch_size=self.batch_size, truth=self.truth, hook=self.hook,
                         progress=not self.no_progress, overwrite=self.overwrite)
-        print(json.dumps({k: report[k] for k in ("before", "after")}, indent=1))
+        print(json_text({k: report[k] for k in ("before", "after")}))
         print(f"{len(report['pairs'])} pairs repaired; wrote {self.out}")
         return 0
