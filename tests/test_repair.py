@@ -34,11 +34,11 @@ def test_the_projection_against_its_definition():
     q, _ = np.linalg.qr(kids)  # the span of parent 0's children, off its decoder direction
     assert np.allclose(q.T @ out["W_enc"][:, 0], 0, atol=1e-5)
     assert np.allclose(out["W_enc"][:, 0], W_enc[:, 0] - q @ (q.T @ W_enc[:, 0]), atol=1e-5)
-    untouched = [1, 2]  # decoders of parents and bystanders, encoders of children, biases
+    # untouched: decoders of parents and bystanders, encoders of children, biases
     assert np.array_equal(out["W_dec"][[0, 1, 2]], params["W_dec"][[0, 1, 2]])
     assert np.array_equal(out["W_enc"][:, 2:], params["W_enc"][:, 2:])
     assert np.array_equal(out["b_enc"], params["b_enc"])
-    assert not np.allclose(out["W_enc"][:, untouched[0]], W_enc[:, 1])  # parent 1: repaired
+    assert not np.allclose(out["W_enc"][:, 1], W_enc[:, 1])  # parent 1: repaired
     assert repair.pairs_from_latents([
         {"latent": "3", "kind": "child", "partner": "0"},
         {"latent": "4", "kind": "parent", "partner": "3"},

@@ -25,6 +25,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import evaluate, export, outputs
@@ -102,14 +103,18 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         params = repaired(loaded.params, pairs)
         report: dict[str, Any] = {"sae": str(sae_dir), "tokens": source.n_tokens - start,
                                   "pairs": [{"child": c, "parent": p} for c, p in pairs]}
-        for label, p in (("before", loaded.params), ("after", params)):
-            metrics = evaluate.reconstruction_metrics(
-                p, loaded.sae, iter_blocks(source, batch_size, start=start))
+        both = [(loaded.params, loaded.sae), (params, loaded.sae)]
+        sums = [evaluate.ReconstructionSums(p, cfg) for p, cfg in both]
+        for block in iter_blocks(source, batch_size, start=start):  # read once for the two
+            on_device = jnp.asarray(block)
+            for one in sums:
+                one.add(on_device)
+        truths = [{}, {}] if truth_obj is None else evaluate.truth_reports(
+            both, source, truth_obj, start=start, batch_size=batch_size)
+        for label, one, truth_metrics in zip(("before", "after"), sums, truths, strict=True):
+            metrics = one.result()
             metrics.pop("firing_frequency")
-            if truth_obj is not None:
-                metrics.update(evaluate.truth_report(p, loaded.sae, source, truth_obj,
-                                                     start=start))
-            report[label] = metrics
+            report[label] = {**metrics, **truth_metrics}
         export.export_sae(params, loaded.sae, staging / "sae",
                           metadata=loaded.cfg_json.get("metadata", {}),
                           training={"repaired_from": str(sae_dir), "pairs": len(pairs)})
