@@ -448,21 +448,21 @@ def circle_metrics(params: sae.Params, cfg: SAEConfig, directions: np.ndarray, *
 
 
 def truth_report(params: sae.Params, cfg: SAEConfig, source, truth, *, start: int = 0,
-                 stop: int | None = None, batch_size: int = 4096,
-                 details: bool = False) -> dict[str, Any]:
+                 stop: int | None = None, batch_size: int = 4096, details: bool = False,
+                 keep=None) -> dict[str, Any]:
     """Every ground-truth metric that applies to `truth` (a `synthetic.Truth` of the data in
     `source`), over tokens [start, stop): feature recovery and firing for every kind, absorption
     for hierarchies, plane coverage for circles. `details`: keep the per-feature / per-parent
-    lists."""
+    lists. `keep`: a `KeepFn`; tokens it rejects are left out (with their true codes)."""
     return truth_reports([(params, cfg)], source, truth, start=start, stop=stop,
-                         batch_size=batch_size, details=details)[0]
+                         batch_size=batch_size, details=details, keep=keep)[0]
 
 
 def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, start: int = 0,
-                  stop: int | None = None, batch_size: int = 4096,
-                  details: bool = False) -> list[dict[str, Any]]:
+                  stop: int | None = None, batch_size: int = 4096, details: bool = False,
+                  keep=None) -> list[dict[str, Any]]:
     """`truth_report` of several SAEs (a sweep's), the tokens and their true codes read once."""
-    from jaxsae.data.source import iter_blocks
+    from jaxsae.data.window import Window
 
     stop = source.n_tokens if stop is None else stop
     if source.n_tokens != truth.spec.tokens:
@@ -472,14 +472,19 @@ def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, st
     sums = [GroundTruthSums(params, cfg, truth.directions, parent=parent,
                             input_directions=truth.arrays.get("input_directions"))
             for params, cfg in saes]
-    at = start
     d_in = source.d_in
-    for block in iter_blocks(source, batch_size, start=start, stop=stop):
+    window = Window(source, start, stop, batch_size=batch_size)
+    for at, block, _ in window.masked():
+        codes = truth.codes(at, at + len(block))
+        kept = None if keep is None else keep(block)
+        if kept is not None:
+            block, codes = block[kept], codes[kept]
+        if not len(block):
+            continue
         x, target = block[:, :d_in], (block[:, d_in:] if getattr(source, "d_out", 0) else None)
-        codes, on_device = truth.codes(at, at + len(x)), jnp.asarray(x)
+        on_device = jnp.asarray(x)
         for one in sums:
             one.add(x, on_device, codes, target)
-        at += len(x)
     reports = []
     for (params, cfg), one in zip(saes, sums, strict=True):
         out = one.result()

@@ -26,8 +26,8 @@ from jaxsae.config import CheckpointConfig, Config
 from jaxsae.curves import CURVES
 from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.saelens import SAELensCache
-from jaxsae.data.source import iter_blocks
 from jaxsae.data.stats import DataStats
+from jaxsae.data.window import Window
 from jaxsae.errors import JaxsaeError
 from jaxsae.outputs import write_csv
 from jaxsae.parsing import list_index
@@ -99,35 +99,29 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
               for params, _, _ in saes]
     held_out = source.n_tokens > n_train
     eval_start = n_train if held_out else max(0, n_train - 65536)
-    keep = None if stats is None else stats.keep_fn(source.d_in)
     batch_size = saes[0][1].optim.batch_size
+    window = Window(source, eval_start, batch_size=batch_size,
+                    limit=None if stats is None else stats.drop_above)
     sums = [evaluate.ReconstructionSums(params, cfg.sae)
             for params, (_, cfg, _) in zip(folded, saes, strict=True)]
-    dropped = 0
-    for block in iter_blocks(source, batch_size, start=eval_start):
-        if keep is not None:
-            kept = keep(block)
-            dropped += int(len(block) - kept.sum())
-            block = block[kept]
-        if len(block):
-            on_device = jnp.asarray(block)
-            x, target = on_device, None
-            if source.d_out:  # a transcoder's rows: inputs, then targets
-                x, target = on_device[:, :source.d_in], on_device[:, source.d_in:]
-            for one in sums:
-                one.add(x, target)
+    for block in window.blocks():
+        on_device = jnp.asarray(block)
+        x, target = on_device, None
+        if source.d_out:  # a transcoder's rows: inputs, then targets
+            x, target = on_device[:, :source.d_in], on_device[:, source.d_in:]
+        for one in sums:
+            one.add(x, target)
     reports = [None] * len(saes)
     if truth is not None:
         reports = evaluate.truth_reports(
             [(params, cfg.sae) for params, (_, cfg, _) in zip(folded, saes, strict=True)],
-            source, truth, start=eval_start, batch_size=batch_size)
+            source, truth, start=eval_start, batch_size=batch_size, keep=window.keep_fn)
     results = []
     for params, (_, cfg, out), one, report in zip(folded, saes, sums, reports, strict=True):
         metrics = one.result()
         frequency = metrics.pop("firing_frequency")
         metrics["held_out"] = held_out
-        if keep is not None:
-            metrics["dropped_tokens"] = dropped
+        metrics.update(window.report())
         if report is not None:
             metrics = {**report, **metrics}
         _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,

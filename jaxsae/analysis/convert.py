@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxsae import export, outputs, sae
 from jaxsae.config import DataConfig, SAEConfig
+from jaxsae.data.window import TRAINED, DropRule, Window, drop_multiple, trained_drop
 from jaxsae.errors import JaxsaeError
 
 BINS = 512
@@ -114,12 +115,13 @@ def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAECon
 
 
 def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
-                batch_size: int = 4096, hook: str | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
+                batch_size: int = 4096, hook: str | None = None, overwrite: bool = False,
+                drop_norm_above: DropRule = TRAINED) -> dict[str, Any]:
     """Converts the TopK SAE in `sae_dir` (calibrated on the `tokens` tokens of `data` before
-    its last `tokens`, compared on those last ones) and writes it to `out` with convert.json."""
+    its last `tokens`, compared on those last ones) and writes it to `out` with convert.json.
+    `drop_norm_above`: the tokens left out of both (`jaxsae.data.window.drop_multiple`; by
+    default those the SAE's training left out)."""
     from jaxsae.data import open_source
-    from jaxsae.data.source import iter_blocks
 
     outputs.check_target(out, "convert", overwrite=overwrite, inputs=(sae_dir, data))
     loaded = export.load_sae(sae_dir)
@@ -134,15 +136,18 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536
     if start - lo <= 0:
         raise JaxsaeError(f"{data}: {source.n_tokens} tokens leave none to calibrate on before "
                           f"the last --tokens {tokens}; lower --tokens")
-    threshold = calibrate(loaded.params, loaded.sae,
-                          partial(iter_blocks, source, batch_size, start=lo, stop=start))
+    multiple = drop_multiple([loaded.cfg_json], drop_norm_above)
+    calibration = Window.dropping(source, lo, start, batch_size=batch_size, multiple=multiple)
+    evaluation = Window.dropping(source, start, batch_size=batch_size, multiple=multiple)
+    threshold = calibrate(loaded.params, loaded.sae, calibration.blocks)
     params, cfg = as_jumprelu(loaded, threshold)
-    report = {"sae": str(sae_dir), "calibration_tokens": start - lo,
-              **compare(loaded, params, cfg, iter_blocks(source, batch_size, start=start))}
+    report = {"sae": str(sae_dir), "calibration_tokens": calibration.kept,
+              **compare(loaded, params, cfg, evaluation.blocks()), **evaluation.report()}
     with outputs.staged_directory(out, "convert", overwrite=overwrite,
                                   inputs=(sae_dir, data)) as staging:
         export.export_sae(params, cfg, staging / "sae",
                           metadata=loaded.cfg_json.get("metadata", {}),
-                          training={"converted_from": str(sae_dir), "k": loaded.sae.k})
+                          training={"converted_from": str(sae_dir), "k": loaded.sae.k,
+                                    **trained_drop(loaded.cfg_json)})
         outputs.atomic_write(staging / "convert.json", json.dumps(report, indent=1))
     return report

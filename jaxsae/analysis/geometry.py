@@ -34,7 +34,7 @@ from jaxsae.analysis import taxonomy
 from jaxsae.analysis.stitch import max_cosine, unit_rows
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
-from jaxsae.data.source import iter_blocks
+from jaxsae.data.window import TRAINED, DropRule, Window, drop_multiple
 from jaxsae.errors import JaxsaeError
 from jaxsae.evaluate import DENSE_FREQUENCY
 from jaxsae.outputs import atomic_write, hist_range, pyplot, save_figure, write_csv
@@ -197,23 +197,25 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             neighbours: int = 5, top_pairs: int = 100, child_threshold: float = 0.9,
             min_count: int = 10, hook: str | None = None, progress: bool = True,
             overwrite: bool = False, optimality: bool = False, optimality_pairs: int = 20000,
-            sparsity_weight: float | None = None) -> dict[str, Any]:
+            sparsity_weight: float | None = None,
+            drop_norm_above: DropRule = TRAINED) -> dict[str, Any]:
     """Writes the analysis of `sae_dir` on the last `tokens` activations of `data` to `out`
     (staged, then renamed into place; see `outputs.check_target`). `optimality`: also the
     first-order optimality conditions (`jaxsae.analysis.optimality`) of every latent and of up
     to `optimality_pairs` candidate pairs (co-firing pairs, most co-firing first, and the
     children of each parent candidate with one another), under the sparsity weight
-    `sparsity_weight` (None: the one the codes imply)."""
+    `sparsity_weight` (None: the one the codes imply). `drop_norm_above`: the tokens left out
+    (`jaxsae.data.window.drop_multiple`; by default those the SAE's training left out)."""
     outputs.check_target(out, "analyze", overwrite=overwrite, inputs=(sae_dir, data))
     loaded = export.load_sae(sae_dir)
     source = open_source(DataConfig(path=data, hook=hook))
     if source.d_in != loaded.d_in:
         raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAE's {loaded.d_in}")
     params = jax.tree.map(jnp.asarray, loaded.params)
-    start = max(0, source.n_tokens - tokens)
-    n_tok = source.n_tokens - start
+    window = Window.dropping(source, max(0, source.n_tokens - tokens), batch_size=batch_size,
+                             multiple=drop_multiple([loaded.cfg_json], drop_norm_above))
     n = loaded.params["W_dec"].shape[0]
-    bar = Progress((3 if optimality else 2) * n_tok, unit="tok", unit_scale=True,
+    bar = Progress((3 if optimality else 2) * window.tokens, unit="tok", unit_scale=True,
                    enabled=progress, desc="analyze")
 
     # The decoder's geometry first: the taxonomy's planes are measured in the passes.
@@ -221,7 +223,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     unit = unit_rows(loaded.params["W_dec"])
     fires, top, total, total2 = np.zeros(n, np.int64), np.zeros(n), np.zeros(n), np.zeros(n)
     rows, cols, seen = [], [], 0
-    for x in iter_blocks(source, batch_size, start=start):
+    for x in window.blocks(bar.update):
         f, s = _first_pass(params, jnp.asarray(x, jnp.float32), loaded.sae)
         s = jax.device_get(s)
         fires += s["fires"]
@@ -233,7 +235,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             rows.append(t + seen)
             cols.append(j)
             seen += min(len(x), cofire_tokens - seen)
-        bar.update(len(x))
+    n_tok = window.kept
     i, j, count, co_fires = cofiring(np.concatenate(rows), np.concatenate(cols), seen, n)
     together = taxonomy.cofiring_matrix(n, i, j, count)
     partner = taxonomy.partners(together, co_fires, nb_idx, nb_cos, unit, seen)
@@ -245,7 +247,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     angles = np.zeros((len(planar), taxonomy.ANGLE_BINS))
     carry = np.zeros((3, n))
     basis = jnp.asarray(plane["basis"][planar])
-    for x in iter_blocks(source, batch_size, start=start):
+    for x in window.blocks(bar.update):
         h, r, a, c = _histogram_pass(params, jnp.asarray(x, jnp.float32),
                                   jnp.asarray(top, jnp.float32), jnp.asarray(planar), basis,
                                   jnp.asarray(paired), loaded.sae)
@@ -253,7 +255,6 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         ring += np.asarray(r, np.float64)
         angles += np.asarray(a, np.float64)
         carry += np.asarray(c, np.float64)
-        bar.update(len(x))
 
     frequency = fires / n_tok
     # Dense latents co-fire with everything: they are left out of pairs and parent / child.
@@ -278,8 +279,8 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             *every_pair, parent_child(*every_pair, co_fires, seen, threshold=child_threshold,
                                       min_count=min_count), min_count, optimality_pairs)
         opt = optimality_mod.optimality(
-            loaded.params, loaded.sae, iter_blocks(source, batch_size, start=start),
-            candidates, sparsity_weight=sparsity_weight, progress=bar.update)
+            loaded.params, loaded.sae, window.blocks(bar.update), candidates,
+            sparsity_weight=sparsity_weight)
     bar.close()
     clusters = decoder_clusters(loaded.params["W_dec"], cluster_threshold)
     sizes = np.bincount(clusters)
@@ -319,7 +320,8 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
                      "latents": ";".join(map(str, np.nonzero(clusters == c)[0]))} for c in big]
 
     summary = {
-        "sae": str(sae_dir), "data": str(data), "tokens": n_tok, "cofire_tokens": seen,
+        "sae": str(sae_dir), "data": str(data), "tokens": n_tok, **window.report(),
+        "cofire_tokens": seen,
         "d_sae": n, "l0": float(fires.sum() / n_tok),
         "dead_fraction": float(np.mean(fires == 0)),
         "dense_fraction": float(np.mean(frequency > DENSE_FREQUENCY)),

@@ -118,7 +118,7 @@ class _PairSums:
 
 def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarray],
                pairs: np.ndarray, *, sparsity_weight: float | None = None,
-               max_tilt: float = MAX_TILT, progress=None
+               max_tilt: float = MAX_TILT
                ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(optimality_latents rows, optimality rows, summary) of the SAE `params` on `blocks` of
     raw tokens, for the candidate `pairs` [m, 2] (co-firing latents; each tested both ways).
@@ -139,8 +139,6 @@ def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarr
         if len(pairs):
             directed.add(np.asarray(a), np.asarray(rd))
         n_tokens += len(x)
-        if progress is not None:
-            progress(len(x))
     implied = 2.0 * sums["a_rd"].sum() / max(sums["a"].sum(), 1e-30)
     lam = max(implied, 0.0) if sparsity_weight is None else sparsity_weight
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxsae import evaluate, export, outputs
 from jaxsae.config import DataConfig
+from jaxsae.data.window import TRAINED, DropRule, Window, describe, drop_multiple, trained_drop
 from jaxsae.errors import JaxsaeError
 
 
@@ -73,13 +74,14 @@ def repaired(params: dict[str, np.ndarray], pairs: list[tuple[int, int]]
 
 def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
            batch_size: int = 4096, truth: str | None = None, hook: str | None = None,
-           progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+           progress: bool = True, overwrite: bool = False,
+           drop_norm_above: DropRule = TRAINED) -> dict[str, Any]:
     """Finds the child / parent pairs of `sae_dir` on the last `tokens` of `data` (jaxsae
     analyze, kept in OUT/analysis), writes the repaired SAE to OUT/sae, and OUT/repair.json
-    and repair.md with the metrics before and after."""
+    and repair.md with the metrics before and after. `drop_norm_above`: the tokens left out
+    (`jaxsae.data.window.drop_multiple`; by default those the SAE's training left out)."""
     from jaxsae.analysis.geometry import analyze
     from jaxsae.data import open_source, synthetic
-    from jaxsae.data.source import iter_blocks
 
     inputs = (sae_dir, data, *([truth] if truth else []))
     outputs.check_target(out, "repair", overwrite=overwrite, inputs=inputs)
@@ -93,31 +95,36 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     if truth is not None:
         truth_obj = synthetic.load_truth(truth)
         truth_obj.check_data(source, truth, data)
-    start = max(0, source.n_tokens - tokens)
+    multiple = drop_multiple([loaded.cfg_json], drop_norm_above)
+    window = Window.dropping(source, max(0, source.n_tokens - tokens), batch_size=batch_size,
+                             multiple=multiple)
     with outputs.staged_directory(out, "repair", overwrite=overwrite,
                                   inputs=inputs) as staging:
         analyze(sae_dir, data, staging / "analysis", tokens=tokens, batch_size=batch_size,
-                hook=hook, progress=progress)
+                hook=hook, progress=progress, drop_norm_above=multiple)
         with open(staging / "analysis" / "latents.csv") as f:
             pairs = pairs_from_latents(list(csv.DictReader(f)))
         params = repaired(loaded.params, pairs)
-        report: dict[str, Any] = {"sae": str(sae_dir), "tokens": source.n_tokens - start,
-                                  "pairs": [{"child": c, "parent": p} for c, p in pairs]}
         both = [(loaded.params, loaded.sae), (params, loaded.sae)]
         sums = [evaluate.ReconstructionSums(p, cfg) for p, cfg in both]
-        for block in iter_blocks(source, batch_size, start=start):  # read once for the two
+        for block in window.blocks():  # read once for the two
             on_device = jnp.asarray(block)
             for one in sums:
                 one.add(on_device)
+        report: dict[str, Any] = {"sae": str(sae_dir), "tokens": window.kept,
+                                  **window.report(),
+                                  "pairs": [{"child": c, "parent": p} for c, p in pairs]}
         truths = [{}, {}] if truth_obj is None else evaluate.truth_reports(
-            both, source, truth_obj, start=start, batch_size=batch_size)
+            both, source, truth_obj, start=window.start, batch_size=batch_size,
+            keep=window.keep_fn)
         for label, one, truth_metrics in zip(("before", "after"), sums, truths, strict=True):
             metrics = one.result()
             metrics.pop("firing_frequency")
             report[label] = {**metrics, **truth_metrics}
         export.export_sae(params, loaded.sae, staging / "sae",
                           metadata=loaded.cfg_json.get("metadata", {}),
-                          training={"repaired_from": str(sae_dir), "pairs": len(pairs)})
+                          training={"repaired_from": str(sae_dir), "pairs": len(pairs),
+                                    **trained_drop(loaded.cfg_json)})
         outputs.atomic_write(staging / "repair.json", outputs.json_text(report))
         outputs.atomic_write(staging / "repair.md", _markdown(report))
     return report
@@ -128,9 +135,11 @@ def _markdown(report: dict[str, Any]) -> str:
                         "parent_recall_alone", "parent_recall_with_child", "mcc")
             if k in report["before"]]
     rows = [{"": label, **{k: report[label][k] for k in keys}} for label in ("before", "after")]
+    left_out = describe(report)
     return "\n".join([
         f"# Repair of {report['sae']}", "",
         f"{len(report['pairs'])} child / parent pairs (analysis/latents.csv) had the parent's "
         "component projected out of the child's decoder and the child's direction out of the "
-        f"parent's encoder. On the last {report['tokens']} tokens:", "",
+        f"parent's encoder. On the last tokens of the data ({report['tokens']} evaluated"
+        f"{'; ' + left_out if left_out else ''}):", "",
         *outputs.markdown_table(rows, ["", *keys]), ""])

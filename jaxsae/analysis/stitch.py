@@ -44,7 +44,7 @@ import numpy as np
 from jaxsae import evaluate, export, outputs
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
-from jaxsae.data.source import iter_blocks
+from jaxsae.data.window import TRAINED, DropRule, Window, describe, drop_multiple
 from jaxsae.errors import JaxsaeError
 from jaxsae.outputs import atomic_write, markdown_table, pyplot, save_figure, write_csv
 from jaxsae.progress import Progress
@@ -75,26 +75,33 @@ def max_cosine(W_query: np.ndarray, W_ref: np.ndarray, *, threshold: float | Non
     return (*out, np.concatenate(pairs) if pairs else np.zeros((0, 3)))
 
 
-def _eval_blocks(data: str, tokens: int, batch_size: int, hook: str | None = None):
-    """The last `tokens` activations of `data` (held out when the runs held them out)."""
+def _eval_window(data: str, saes: Sequence[export.LoadedSAE], tokens: int, batch_size: int,
+                 hook: str | None, drop_norm_above: DropRule) -> Window:
+    """The last `tokens` activations of `data` (held out when the runs held them out), without
+    the tokens `drop_norm_above` leaves out (by default: any of the SAEs' training did)."""
     source = open_source(DataConfig(path=data, hook=hook))
-    start = max(0, source.n_tokens - tokens)
-    return source, start, partial(iter_blocks, source, batch_size, start=start)
+    if source.d_in != saes[0].d_in:
+        raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAEs' {saes[0].d_in}")
+    return Window.dropping(source, max(0, source.n_tokens - tokens), batch_size=batch_size,
+                           multiple=drop_multiple([s.cfg_json for s in saes], drop_norm_above))
 
 
 CONVERSION_COLUMNS = ["sae", "l0_topk", "l0_jumprelu", "recall_of_topk_codes", "precision",
                       "explained_variance_topk", "explained_variance_jumprelu"]
 
 
-def _as_per_latent(saes, sae_dirs, source, start: int, tokens: int, batch_size: int, blocks
+def _as_per_latent(saes, sae_dirs, window: Window
                    ) -> tuple[list[export.LoadedSAE], list[dict[str, Any]]]:
     """The family with each TopK SAE as a JumpReLU SAE (`jaxsae.analysis.convert`),
-    calibrated on up to `tokens` tokens before the evaluation window `[start, ...)`, and
-    what each conversion changed, measured on the evaluation tokens."""
+    calibrated on up to as many tokens before the evaluation `window` as it holds, and what
+    each conversion changed, measured on the evaluation tokens."""
     from jaxsae.analysis import convert
 
     out, report = [], []
-    lo = max(0, start - tokens)
+    start = window.start
+    lo = max(0, start - window.tokens)
+    calibration = Window.dropping(window.source, lo, start, batch_size=window.batch_size,
+                                  multiple=window.multiple)
     for path, loaded in zip(sae_dirs, saes, strict=True):
         if loaded.sae.activation != "topk":
             out.append(loaded)
@@ -102,11 +109,10 @@ def _as_per_latent(saes, sae_dirs, source, start: int, tokens: int, batch_size: 
         if start - lo <= 0:
             raise JaxsaeError(f"{path}: a TopK SAE is converted to JumpReLU on tokens before "
                               "the evaluation window, and --tokens leaves none; lower it")
-        threshold = convert.calibrate(loaded.params, loaded.sae, partial(
-            iter_blocks, source, batch_size, start=lo, stop=start))
+        threshold = convert.calibrate(loaded.params, loaded.sae, calibration.blocks)
         params, cfg = convert.as_jumprelu(loaded, threshold)
-        report.append({"sae": str(path), "calibration_tokens": start - lo,
-                       **convert.compare(loaded, params, cfg, blocks())})
+        report.append({"sae": str(path), "calibration_tokens": calibration.kept,
+                       **convert.compare(loaded, params, cfg, window.blocks())})
         out.append(dataclasses.replace(loaded, params=params, sae=cfg, cfg_json={
             **loaded.cfg_json, "architecture": "jumprelu"}))
     return out, report
@@ -181,18 +187,18 @@ def _compare_block(small, large, x, buckets, small_cfg: SAEConfig, large_cfg: SA
 def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
             threshold: float = THRESHOLD, tokens: int = 65536, batch_size: int = 4096,
             hook: str | None = None, progress: bool = True,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, drop_norm_above: DropRule = TRAINED) -> dict[str, Any]:
     """Writes stitch.csv, components.csv, summary.json / summary.md and two plots to `out`
-    (staged, then renamed into place; see `outputs.check_target`); returns the summary."""
+    (staged, then renamed into place; see `outputs.check_target`); returns the summary.
+    `drop_norm_above`: the tokens left out (`jaxsae.data.window.drop_multiple`; by default
+    those either SAE's training left out)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     inputs = (small_dir, large_dir, data)
     outputs.check_target(out, "stitch-compare", overwrite=overwrite, inputs=inputs)
     small, large = _load_family([small_dir, large_dir])
-    source, start, blocks = _eval_blocks(data, tokens, batch_size, hook)
-    if source.d_in != small.d_in:
-        raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAEs' {small.d_in}")
+    window = _eval_window(data, [small, large], tokens, batch_size, hook, drop_norm_above)
     n_s, n_l = small.params["W_dec"].shape[0], large.params["W_dec"].shape[0]
     best, arg, pairs = max_cosine(large.params["W_dec"], small.params["W_dec"],
                                   threshold=threshold)
@@ -218,15 +224,14 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
     n = 0
     small_p = jax.tree.map(jnp.asarray, small.params)
     large_p = jax.tree.map(jnp.asarray, large.params)
-    bar = Progress(source.n_tokens - start, unit="tok", unit_scale=True, enabled=progress,
+    bar = Progress(window.tokens, unit="tok", unit_scale=True, enabled=progress,
                    desc="stitch compare")
-    for x in blocks():
+    for x in window.blocks(bar.update):
         s = jax.device_get(_compare_block(small_p, large_p, jnp.asarray(x, jnp.float32),
                                           device_buckets, small.sae, large.sae))
         for k, v in s.items():
             sums[k] = np.asarray(v, np.float64) + sums.get(k, 0)
         n += len(x)
-        bar.update(len(x))
     bar.close()
 
     norms_sq = np.sum(large.params["W_dec"].astype(np.float64) ** 2, 1)
@@ -252,8 +257,8 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
             "delta_mse": float(swap[c]), "delta_l0": float(freq_l[l_m].sum() - freq_s[s_m].sum()),
         })
 
-    summary = _compare_summary(rows, comp_rows, base_mse, n, small_dir, large_dir, threshold,
-                               freq_s, freq_l)
+    summary = {**_compare_summary(rows, comp_rows, base_mse, n, small_dir, large_dir,
+                                  threshold, freq_s, freq_l), **window.report()}
     with outputs.staged_directory(out, "stitch-compare", overwrite=overwrite,
                                   inputs=inputs) as staging:
         write_csv(staging / "stitch.csv", rows, list(rows[0]))
@@ -298,7 +303,8 @@ def _compare_markdown(s: dict[str, Any]) -> str:
         f"({s['d_sae_small']})", "",
         f"Latents of the large SAE by their max decoder cosine to the small one (novel: <= "
         f"{s['threshold']}), and the sign of the change in the small SAE's MSE "
-        f"({s['small_mse']:.4g} over {s['tokens']} tokens) when that one latent is inserted.", "",
+        f"({s['small_mse']:.4g} over {s['tokens']} tokens"
+        f"{'; ' + describe(s) if describe(s) else ''}) when that one latent is inserted.", "",
         *table, "",
         f"Parent -> children components (cos > {s['threshold']}): {s['components']}; swapping "
         f"one in lowers MSE for {s['components_lower_mse']}, lowers L0 for "
@@ -371,9 +377,12 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                  threshold: float = THRESHOLD, retrain_decoder_tokens: int = 2_000_000,
                  tokens: int = 65536, batch_size: int = 4096, lr: float = 1e-3,
                  hook: str | None = None, progress: bool = True,
-                 overwrite: bool = False) -> list[dict[str, Any]]:
+                 overwrite: bool = False, drop_norm_above: DropRule = TRAINED
+                 ) -> list[dict[str, Any]]:
     """Stitches the family, retrains its decoder on `data` (all but the last `tokens`, which
     evaluate everything), exports to out/sae and writes frankenstein.csv / .md.
+    `drop_norm_above`: the tokens left out of the retraining and the evaluation
+    (`jaxsae.data.window.drop_multiple`; by default those any member's training left out).
 
     Everything is written into `<out>.partial/` and renamed to `out` when complete; an
     interrupted call leaves the partial directory, and the same call continues its decoder
@@ -387,21 +396,19 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     inputs = (*sae_dirs, data)
     outputs.check_target(out, "frankenstein", overwrite=overwrite, inputs=inputs)
     saes = _load_family(sae_dirs)
-    source, start, blocks = _eval_blocks(data, tokens, batch_size, hook)
-    if source.d_in != saes[0].d_in:
-        raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAEs' {saes[0].d_in}")
-    saes, conversions = _as_per_latent(saes, sae_dirs, source, start, tokens, batch_size,
-                                       blocks)
+    window = _eval_window(data, saes, tokens, batch_size, hook, drop_norm_above)
+    dropped = {} if window.multiple is None else {"drop_norm_above": window.multiple}
+    saes, conversions = _as_per_latent(saes, sae_dirs, window)
     params, cfg, gave = stitch_family(saes, threshold)
     key = {"saes": [str(Path(d).absolute()) for d in sae_dirs],
            "data": str(Path(data).absolute()), "threshold": threshold, "tokens": tokens,
            "batch_size": batch_size, "lr": lr, "hook": hook,
-           "retrain_decoder_tokens": retrain_decoder_tokens}
+           "retrain_decoder_tokens": retrain_decoder_tokens, **dropped}
     work = outputs.resumable_staging(out, "frankenstein", key)
     stitched = export.export_sae(params, cfg, work / "stitched",
                                  metadata=saes[0].cfg_json.get("metadata", {}),
                                  training={"stitched_from": [str(d) for d in sae_dirs],
-                                           "threshold": threshold})
+                                           "threshold": threshold, **dropped})
     final = stitched
     retrain = None
     if retrain_decoder_tokens > 0:
@@ -411,7 +418,7 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
             "init_from": str(stitched),
             "freeze": frozen,
             "data": {"path": str(Path(data).absolute()), "hook": hook,
-                     "eval_tokens": source.n_tokens - start},
+                     "eval_tokens": window.tokens, **dropped},
             "sae": {"d_sae": cfg.d_sae, "activation": cfg.activation, "decoder_norm": "free"},
             "loss": [{"term": "mse"}],
             "optim": {"lr": lr, "batch_size": batch_size,
@@ -427,7 +434,7 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     if final != stitched:
         named.append(("frankenstein (decoder retrained)", export.load_sae(final)))
     for name, loaded in named:
-        m = evaluate.reconstruction_metrics(loaded.params, loaded.sae, blocks())
+        m = evaluate.reconstruction_metrics(loaded.params, loaded.sae, window.blocks())
         rows.append({"sae": name, "d_sae": loaded.params["W_dec"].shape[0],
                      "architecture": loaded.cfg_json["architecture"], "l0": m["l0"],
                      "mse": m["mse"], "explained_variance": m["explained_variance"]})
@@ -445,7 +452,8 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
         *converted,
         "Latents taken from each SAE of the family (widest last):", "",
         *markdown_table(gave_rows, ["sae", "d_sae", "added"]), "",
-        f"Evaluated on the last {source.n_tokens - start} tokens of {data}:", "",
+        f"Evaluated on the last {window.tokens} tokens of {data}"
+        f"{' (' + describe(window.report()) + ')' if window.report() else ''}:", "",
         *markdown_table(rows, columns), ""]))
     if retrain is not None:  # the run directory's own config names where it ends up
         retrain["run_dir"] = str(out / "retrain")

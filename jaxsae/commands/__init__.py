@@ -121,7 +121,7 @@ def at_least_one(command: Command, *names: str) -> None:
                        for name in names))
 
 
-def only_with(command: Command, mode: str, *names: str) -> None:
+def only_with(command: object, mode: str, *names: str) -> None:
     """Refuses flags, given (not None, not False), that belong to another mode
     (`--windows-per-batch goes with --model`)."""
     for name in names:

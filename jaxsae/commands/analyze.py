@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +11,36 @@ import tyro
 
 from jaxsae.commands import Command, Flag, at_least_one, command, unset
 from jaxsae.errors import ConfigError
+
+
+@dataclass
+class TokenFilter:
+    """Tokens left out: those whose norm is far above the median (attention sinks), as the
+    SAE's training with data.drop_norm_above left them out (jaxsae.data.window)."""
+
+    drop_norm_above: Annotated[float | None, unset(
+        "X", "the SAE's training data.drop_norm_above")] = None
+    """leave out tokens whose norm is above X times the median norm of the tokens evaluated"""
+    all_tokens: Flag = False
+    """evaluate every token, also those training left out"""
+
+    def drop_rule(self) -> float | str | None:
+        """For `jaxsae.data.window.drop_multiple`: the flag's multiple, None (--all-tokens),
+        or what the SAEs' training used."""
+        from jaxsae.data.window import TRAINED
+
+        if self.all_tokens and self.drop_norm_above is not None:
+            raise ConfigError("--all-tokens and --drop-norm-above: give one")
+        if self.drop_norm_above is not None and not self.drop_norm_above > 0:
+            raise ConfigError(f"--drop-norm-above: must be > 0, got {self.drop_norm_above}")
+        if self.all_tokens:
+            return None
+        return TRAINED if self.drop_norm_above is None else self.drop_norm_above
+
+
+Outliers = Annotated[TokenFilter, tyro.conf.OmitArgPrefixes]
+"""The field type of `TokenFilter` in a command: its flags without a prefix, in a box of
+their own in --help."""
 
 
 @dataclass
@@ -31,6 +61,7 @@ class AnalysisInputs:
     """replace an existing --out that is not this command's own output"""
     no_progress: Flag = False
     """no progress bar"""
+    outliers: Outliers = field(default_factory=TokenFilter)
 
 
 @command("analyze")
@@ -68,7 +99,8 @@ class Analyze(AnalysisInputs, Command):
                           cluster_threshold=self.cluster_threshold, hook=self.hook,
                           progress=not self.no_progress, overwrite=self.overwrite,
                           optimality=self.optimality, optimality_pairs=self.optimality_pairs,
-                          sparsity_weight=self.sparsity_weight)
+                          sparsity_weight=self.sparsity_weight,
+                          drop_norm_above=self.outliers.drop_rule())
         print(json.dumps(summary, indent=1))
         print(f"open {Path(self.out) / 'index.html'}")
         return 0

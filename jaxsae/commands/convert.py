@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import tyro
 
 from jaxsae.commands import Command, Flag, at_least_one, command, unset
+from jaxsae.commands.analyze import Outliers, TokenFilter
 
 
 @command("convert")
@@ -36,6 +37,7 @@ class Convert(Command):
     """tokens per block"""
     overwrite: Flag = False
     """replace an existing --out that is not this command's own output"""
+    outliers: Outliers = field(default_factory=TokenFilter)
 
     def run(self) -> int:
         from jaxsae.analysis.convert import convert_dir
@@ -43,7 +45,7 @@ class Convert(Command):
         at_least_one(self, "tokens", "batch_size")
         report = convert_dir(self.sae_dir, self.data, self.out, tokens=self.tokens,
                              batch_size=self.batch_size, hook=self.hook,
-                             overwrite=self.overwrite)
+                             overwrite=self.overwrite, drop_norm_above=self.outliers.drop_rule())
         print(json.dumps(report, indent=1))
         print(f"wrote {self.out}")
         return 0

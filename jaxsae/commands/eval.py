@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import tyro
 
 from jaxsae.commands import Command, Flag, command, only_with, unset
+from jaxsae.commands.analyze import Outliers, TokenFilter
 from jaxsae.errors import JaxsaeError, require_at_least
 
 
@@ -71,6 +72,9 @@ class Eval(Command):
     """--model: torch device"""
     no_progress: Flag = False
     """no progress bar"""
+    outliers: Outliers = field(default_factory=TokenFilter)
+    """--data: tokens left out, those whose norm is far above the median (attention sinks), as
+    the SAE's training with data.drop_norm_above left them out (jaxsae.data.window)"""
 
     def run(self) -> int:
         from jaxsae.export import load_sae
@@ -84,6 +88,7 @@ class Eval(Command):
         if self.model is not None:
             only_with(self, "--data", "truth", "details", "batch_size", "target",
                       "target_hook")
+            only_with(self.outliers, "--data", "drop_norm_above", "all_tokens")
             results = self._on_model([load_sae(d, transcoders=True) for d in self.sae_dir])
             print(json_text(results[0] if len(results) == 1 else results))
             return 0
@@ -108,7 +113,7 @@ class Eval(Command):
         from jaxsae import evaluate, tensorfile
         from jaxsae.config import DataConfig
         from jaxsae.data import open_source, synthetic
-        from jaxsae.data.source import iter_blocks
+        from jaxsae.data.window import Window, drop_multiple
         from jaxsae.errors import DataError
 
         sae_dir = self.sae_dir[0]
@@ -127,10 +132,12 @@ class Eval(Command):
                             f"transcoder's d_out is {loaded.d_out} ({sae_dir})")
         start = 0 if self.tokens is None else max(0, data.n_tokens - self.tokens)
         batch_size = self.batch_size or 4096
-        metrics = evaluate.reconstruction_metrics(
-            loaded.params, loaded.sae, iter_blocks(data, batch_size, start=start),
-            d_in=data.d_in)
+        multiple = drop_multiple([loaded.cfg_json], self.outliers.drop_rule())
+        window = Window.dropping(data, start, batch_size=batch_size, multiple=multiple)
+        metrics = evaluate.reconstruction_metrics(loaded.params, loaded.sae, window.blocks(),
+                                                  d_in=data.d_in)
         metrics.pop("firing_frequency")
+        metrics.update(window.report())
         if not self.truth:
             return metrics
         truth = Path(self.truth)
@@ -142,7 +149,7 @@ class Eval(Command):
             try:
                 report = evaluate.truth_report(loaded.params, loaded.sae, data, full,
                                                start=start, batch_size=batch_size,
-                                               details=self.details)
+                                               details=self.details, keep=window.keep_fn)
             except ValueError as e:
                 raise DataError(f"--truth {self.truth}: {e}") from None
             return {**report, **metrics}

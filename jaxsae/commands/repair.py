@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import tyro
 
 from jaxsae.commands import Command, Flag, at_least_one, command, unset
+from jaxsae.commands.analyze import Outliers, TokenFilter
 
 
 @command("repair")
@@ -39,6 +40,7 @@ class Repair(Command):
     """replace an existing --out that is not this command's own output"""
     no_progress: Flag = False
     """no progress bar"""
+    outliers: Outliers = field(default_factory=TokenFilter)
 
     def run(self) -> int:
         from jaxsae.analysis.repair import repair
@@ -47,7 +49,8 @@ class Repair(Command):
         at_least_one(self, "tokens", "batch_size")
         report = repair(self.sae_dir, self.data, self.out, tokens=self.tokens,
                         batch_size=self.batch_size, truth=self.truth, hook=self.hook,
-                        progress=not self.no_progress, overwrite=self.overwrite)
+                        progress=not self.no_progress, overwrite=self.overwrite,
+                        drop_norm_above=self.outliers.drop_rule())
         print(json_text({k: report[k] for k in ("before", "after")}))
         print(f"{len(report['pairs'])} pairs repaired; wrote {self.out}")
         return 0

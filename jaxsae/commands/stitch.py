@@ -21,7 +21,7 @@ def _check(command: AnalysisInputs, threshold: float) -> dict:
         raise JaxsaeError(f"--threshold must be between 0 and 1, got {threshold}")
     return {"threshold": threshold, "tokens": command.tokens, "batch_size": command.batch_size,
             "hook": command.hook, "progress": not command.no_progress,
-            "overwrite": command.overwrite}
+            "overwrite": command.overwrite, "drop_norm_above": command.outliers.drop_rule()}
 
 
 @command("stitch", "compare")

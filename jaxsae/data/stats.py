@@ -45,11 +45,14 @@ class DataStats:
         return cls(**raw)
 
 
-def sample_evenly(source: TokenSource, stop: int, n: int, pieces: int = 64) -> np.ndarray:
-    """About n tokens from `pieces` evenly spaced places in [0, stop) (sequential reads)."""
-    n = min(n, stop)
+def sample_evenly(source: TokenSource, stop: int, n: int, pieces: int = 64, *,
+                  start: int = 0) -> np.ndarray:
+    """About n tokens from `pieces` evenly spaced places in [start, stop) (sequential reads)."""
+    span = stop - start
+    n = min(n, span)
     per = max(1, n // pieces)
-    starts = np.linspace(0, stop - per, num=min(pieces, max(1, stop // per)), dtype=np.int64)
+    starts = start + np.linspace(0, span - per, num=min(pieces, max(1, span // per)),
+                                 dtype=np.int64)
     return np.concatenate([source.read(int(s), int(s) + per) for s in starts])
 
 

@@ -1,0 +1,150 @@
+"""The tokens an evaluation reads: tokens [start, stop) of a source, block by block, without the
+outlier tokens the SAE's training left out.
+
+Training with `data.drop_norm_above: X` never shows the SAE a token whose norm is above X times
+the median norm (attention sinks: a few tokens with norms 10-100x the rest). Scored anyway, a
+handful of them dominate the squared error: on SmolLM2's layer 15, 22 sink tokens of 65,536
+turn an explained variance of 0.73 into -1.05. Every command that evaluates an SAE on data
+(`eval --data`, `analyze`, `repair`, `convert`, `stitch`) therefore reads its tokens through a
+`Window` that drops the same tokens training did: the multiple is the SAE's own (its cfg.json's
+`jaxsae.drop_norm_above`), the median is taken over the window evaluated (sampled evenly), so
+the threshold follows the data in front of it. A training run's final evaluation uses the
+threshold estimated before training instead (`Window(limit=stats.drop_above)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxsae.data.loader import KeepFn
+from jaxsae.data.source import TokenSource, iter_blocks
+from jaxsae.data.stats import sample_evenly
+
+MEDIAN_SAMPLE = 65536
+"""Tokens sampled (evenly over the window) for its median norm."""
+
+
+TRAINED = "trained"
+"""The drop rule of an evaluation that drops what the SAEs' training dropped."""
+
+DropRule = float | None | str
+"""A multiple of the median norm, None (keep every token) or TRAINED."""
+
+
+def drop_multiple(cfg_jsons: Sequence[dict[str, Any]], rule: DropRule = TRAINED
+                  ) -> float | None:
+    """The multiple of the median norm above which an evaluation of these SAEs (their cfg.json)
+    leaves tokens out: `rule` itself unless it is TRAINED; then the smallest `drop_norm_above`
+    the SAEs' training used (cfg.json's `jaxsae` block: several SAEs are evaluated on tokens
+    each of them was trained on), None when none left any out (e.g. SAEs trained elsewhere)."""
+    if rule != TRAINED:
+        return None if rule is None else float(rule)
+    used = [own.get("drop_norm_above") for own in
+            (c.get("jaxsae") if isinstance(c.get("jaxsae"), dict) else {} for c in cfg_jsons)]
+    used = [float(m) for m in used
+            if isinstance(m, int | float) and not isinstance(m, bool) and m > 0]
+    return min(used) if used else None
+
+
+def trained_drop(cfg_json: dict[str, Any]) -> dict[str, float]:
+    """The `drop_norm_above` of an SAE's training (cfg.json), for the cfg.json of an SAE made
+    from it (repaired, converted, stitched): {} when its training left nothing out."""
+    multiple = drop_multiple([cfg_json])
+    return {} if multiple is None else {"drop_norm_above": multiple}
+
+
+def describe(report: dict[str, Any]) -> str:
+    """`Window.report()` in words, for a Markdown report ("" when nothing was left out)."""
+    if "dropped_tokens" not in report:
+        return ""
+    why = (f" (norm above {report['drop_norm_above']:g}x the median, as in training)"
+           if "drop_norm_above" in report else "")
+    return f"{report['dropped_tokens']} tokens left out{why}"
+
+
+class Window:
+    """Tokens [start, stop) of `source` in blocks of `batch_size`, leaving out those whose norm
+    (over the first `d_in` columns: a transcoder's rows carry their targets after them) is
+    above `limit` (None: none left out). `dropped` / `kept`: counted by the last complete
+    pass."""
+
+    def __init__(self, source: TokenSource, start: int, stop: int | None = None, *,
+                 batch_size: int = 4096, limit: float | None = None,
+                 multiple: float | None = None, median_norm: float | None = None):
+        self.source, self.start, self.batch_size = source, start, batch_size
+        self.stop = source.n_tokens if stop is None else stop
+        self.limit, self.multiple, self.median_norm = limit, multiple, median_norm
+        self.dropped: int | None = None
+
+    @classmethod
+    def dropping(cls, source: TokenSource, start: int, stop: int | None = None, *,
+                 multiple: float | None, batch_size: int = 4096) -> Window:
+        """The window that leaves out tokens above `multiple` times the median norm of its own
+        tokens (None: keeps every token)."""
+        stop = source.n_tokens if stop is None else stop
+        if multiple is None or stop <= start:
+            return cls(source, start, stop, batch_size=batch_size)
+        rows = sample_evenly(source, stop, MEDIAN_SAMPLE, start=start,
+                             pieces=1 if getattr(source, "iid", False) else 64)
+        x = rows[:, :source.d_in].astype(np.float64)
+        median = float(np.median(np.sqrt(np.einsum("nd,nd->n", x, x))))
+        return cls(source, start, stop, batch_size=batch_size, limit=multiple * median,
+                   multiple=multiple, median_norm=median)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the window, dropped ones included."""
+        return self.stop - self.start
+
+    @property
+    def kept(self) -> int | None:
+        return None if self.dropped is None else self.tokens - self.dropped
+
+    @property
+    def keep_fn(self) -> KeepFn | None:
+        """[n, width] rows -> [n] bool: the ones an evaluation reads (None: all)."""
+        if self.limit is None:
+            return None
+        limit, d_in = self.limit, self.source.d_in
+
+        def keep(rows: np.ndarray) -> np.ndarray:
+            x = rows[:, :d_in]
+            return np.einsum("nd,nd->n", x, x) <= limit * limit
+
+        return keep
+
+    def masked(self) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """(first token, block, kept rows or None for all) for every block, dropped rows
+        included: for readers that align other per-token data with the rows (true codes)."""
+        keep, dropped = self.keep_fn, 0
+        for lo, block in zip(range(self.start, self.stop, self.batch_size),
+                             iter_blocks(self.source, self.batch_size, self.start, self.stop),
+                             strict=True):
+            mask = None if keep is None else keep(block)
+            if mask is not None:
+                dropped += int(len(mask) - mask.sum())
+            yield lo, block, mask
+        self.dropped = dropped
+
+    def blocks(self, progress: Callable[[int], Any] | None = None) -> Iterator[np.ndarray]:
+        """The kept rows of every block (blocks left empty are skipped); `progress` is called
+        with each block's length, dropped rows included."""
+        for _, block, mask in self.masked():
+            if progress is not None:
+                progress(len(block))
+            if mask is not None:
+                block = block[mask]
+            if len(block):
+                yield block
+
+    def report(self) -> dict[str, Any]:
+        """What an evaluation says of the tokens it read: how many were left out, and why."""
+        if self.limit is None:
+            return {}
+        out: dict[str, Any] = {"dropped_tokens": self.dropped}
+        if self.multiple is not None:
+            out.update(drop_norm_above=self.multiple, median_norm=self.median_norm)
+        return out
