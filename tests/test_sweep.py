@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import jax
@@ -27,6 +28,7 @@ from jaxsae import export, finish, tensorfile
 from jaxsae import train as train_mod
 from jaxsae.checks import check_run
 from jaxsae.config import config_from_dict, load_config
+from jaxsae.data import window
 from jaxsae.data.source import iter_blocks
 from jaxsae.errors import ConfigError, NonFiniteError
 
@@ -191,13 +193,15 @@ def test_sweep_run_writes_one_directory_per_sae(small_data, tmp_path, monkeypatc
     cfg = small_config(small_data, tmp_path / "run", **TOPK,
                        sweep={"sae.k": [2, 4], "optim.lr": [1e-3, 3e-3]})
     passes = []  # the final evaluation reads the held-out tokens once for the four SAEs
-    monkeypatch.setattr(finish, "iter_blocks", lambda *a, **kw: (
-        passes.append(1), iter_blocks(*a, **kw))[1])
+    monkeypatch.setattr(window, "iter_blocks", lambda *a, **kw: (passes.append(
+        [f.name for f in traceback.extract_stack() if "jaxsae" in f.filename][-2]),
+        iter_blocks(*a, **kw))[1])
     result = train_mod.train(cfg, progress=False,
                              make_loader=watched_loader(on_batch=lambda rows: served.append(1)))
     steps = cfg.optim.total_steps
     assert steps <= len(served) <= steps + 4  # one stream (+ prefetch), not one per SAE
-    assert len(passes) == 1
+    # (one pass for the reconstruction metrics, one for the ground truth's)
+    assert sorted(passes) == ["blocks", "truth_reports"]
     run = tmp_path / "run"
     assert result.run_dir == run and result.sae_dir == run / "sweep"
     assert [r.run_dir for r in result.sweep] == [run / "sweep" / f"{i:02d}" for i in range(4)]
