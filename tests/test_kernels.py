@@ -76,7 +76,30 @@ def test_gathers_and_scatters_against_numpy(impl, dtype):
                                    atol=tol * 10, err_msg=f"{impl} {name}")
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("n, k", [(3, 2), (64, 4), (37, 5)])
+def test_the_sorted_scatter_at_every_chunking(n, k):
+    """The "cpu" scatter adds its entries sorted by destination, in chunks of 128: fewer
+    entries than a chunk, a whole number of chunks, and a remainder; against numpy."""
+    a = _inputs(4, n=n, k=k)
+    want = _numpy_refs(a)
+    got = jax.jit(lambda a: _all_ops("cpu", **a))(a)
+    for name in ("scatter", "scatter with rows"):
+        np.testing.assert_allclose(np.asarray(got[name], np.float64), want[name], rtol=1e-5,
+                                   atol=1e-4, err_msg=name)
+
+
+def test_the_sort_of_destinations_packed_or_paired():
+    """Destinations and positions packed into one int32 where they fit, a sort of pairs where
+    they do not: the same order (by destination, then position) either way."""
+    flat = jnp.asarray(np.random.default_rng(5).integers(0, 50, 300), jnp.int32)
+    want = np.lexsort((np.arange(300), np.asarray(flat)))
+    for n_out in (50, 2**30):  # 6 + 9 bits fit; 30 + 9 do not
+        keys, position = jax.jit(kernels._sorted_order, static_argnums=1)(flat, n_out)
+        np.testing.assert_array_equal(np.asarray(position), want)
+        np.testing.assert_array_equal(np.asarray(keys), np.asarray(flat)[want])
+
+
+@pytest.mark.parametrize("impl", ["cpu", "xla", "pallas"])
 def test_gathers_and_scatters_under_vmap(impl):
     """A sweep vmaps the step over stacked SAEs: each operation, batched over a leading axis,
     equals the operation on each member."""
