@@ -4,12 +4,13 @@ one on the same inputs.
     python benchmarks/sparse_topk_ops.py [--d-in 768] [--d-sae 12288] [--batch 4096] [--k 32]
         [--impls cpu,xla[,pallas]] [--dtype float32|bfloat16] [--json PATH]
 
-Implementations: "cpu" (forms tuned for XLA-CPU: loops over latent slots, a two-stage top-k
-behind a barrier), "xla" (the plain one-shot forms: one gather of [batch, k, d_in], one flat
-scatter, one top_k), "pallas" (the Pallas kernels: Triton on a GPU; on the CPU they run in the
-interpreter, far too slow to time at these shapes, so the default there is cpu,xla). Each
-operation is checked to agree with the first implementation before it is timed (jitted, the
-median of 5 runs after compilation). Prints a markdown table; --json writes the figures.
+Implementations: "cpu" (forms tuned for XLA-CPU: gathers looping over latent slots,
+scatters sorted by destination, a two-stage top-k behind a barrier), "xla" (the plain
+one-shot forms: one gather of [batch, k, d_in], one flat scatter, one top_k), "pallas" (the
+Pallas kernels: Triton on a GPU; on the CPU they run in the interpreter, far too slow to time
+at these shapes, so the default there is cpu,xla). Each operation is checked to agree with
+the first implementation before it is timed (jitted, the median of 5 runs after
+compilation). Prints a markdown table; --json writes the figures.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ BatchTopK paths, exact top-k selections (per row, and across the batch), the k-t
 by bisection, and the straight-through step of JumpReLU thresholds.
 
 The sparse paths' gathers, scatters and per-token top-k come in implementations chosen per
-backend (`IMPLEMENTATIONS`, `using`): "cpu", forms tuned around XLA-CPU's fusion (loops over
-chunks of latent slots, a two-stage top-k behind a barrier); "xla", the plain one-shot forms
+backend (`IMPLEMENTATIONS`, `using`): "cpu", forms tuned around XLA-CPU's fusion (gathers
+looping over chunks of latent slots, scatters sorted by destination, a two-stage top-k behind a
+barrier); "xla", the plain one-shot forms
 (one gather of [batch, k, d_in] rows, one flat scatter, one top_k), which XLA's GPU and TPU
 compilers fuse themselves; "pallas", hand-written kernels (`jaxsae.pallas_kernels`: Triton on
 a GPU, interpreted elsewhere, for tests). "auto" is "cpu" on the CPU and "xla" elsewhere;
@@ -121,8 +122,9 @@ def _plain() -> bool:
     return implementation() != "cpu"
 
 
-# On "cpu", the gathers and scatters below go one chosen latent (or one chunk of d_in) at a
-# time, so XLA fuses each into a pass over [batch, d_in]; the one-shot forms ("xla": `W[index]`
+# On "cpu", the gathers below go one chosen latent (or one chunk of d_in) at a time, so XLA
+# fuses each into a pass over [batch, d_in], and the scatters add their entries sorted by
+# destination in chunks of 128 (`_sorted_scatter`); the one-shot forms ("xla": `W[index]`
 # as a [batch, k, d_in] tensor, einsum, one flat scatter) build that tensor first (100M
 # elements at d_in 768, k 32, batch 4096) and measured 1.3-5.5x slower on the CPU
 # (benchmarks/sparse_topk_ops.py).
