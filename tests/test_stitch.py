@@ -187,3 +187,26 @@ def test_stitch_bad_input(small_data, tmp_path, capsys):
     export_sae(params, SAEConfig(d_sae=4, decoder_norm="free"), other)
     assert "different d_in" in error("compare", str(tmp_path / "a"), str(other), "--data",
                                      str(small_data), "--out", str(tmp_path / "o"))
+
+
+def test_swapping_in_an_identical_latent_changes_nothing(small_data, tmp_path):
+    """A large SAE holding exact copies of the small one's latents (as a Frankenstein SAE does
+    of its base): each copy's component swaps a latent for itself, a change that is float32
+    rounding of either sign unless it is read as none."""
+    rng = np.random.default_rng(3)
+    small = random_sae(tmp_path / "small", 12, rng)
+    wide = {k: np.concatenate([small.params[k], rng.normal(size=small.params[k].shape)
+                               .astype(np.float32)], axis=0 if k == "W_dec" else -1)
+            for k in ("W_dec", "W_enc", "b_enc")}
+    export_sae({**wide, "b_dec": small.params["b_dec"]},
+               SAEConfig(d_sae=24, activation="relu", decoder_norm="free"), tmp_path / "large")
+    summary = stitch.compare(str(tmp_path / "small"), str(tmp_path / "large"),
+                             str(small_data), tmp_path / "out", tokens=3000, batch_size=1024,
+                             progress=False)
+    comps = read_csv(tmp_path / "out" / "components.csv")
+    copies = [c for c in comps if c["small_latents"] == c["large_latents"]
+              and c["n_small"] == c["n_large"] == "1"]
+    assert len(copies) == 12
+    assert all(float(c["delta_mse"]) == 0.0 for c in copies)
+    assert summary["components_lower_mse"] == sum(float(c["delta_mse"]) < 0 for c in comps)
+    assert summary["components_lower_mse"] <= len(comps) - 12

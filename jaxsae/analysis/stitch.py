@@ -168,19 +168,25 @@ def _compare_block(small, large, x, buckets, small_cfg: SAEConfig, large_cfg: SA
         "sse": jnp.sum(r * r),
         "f2_large": jnp.sum(f_l * f_l, 0),
         "cross_large": jnp.sum(f_l * rd_l, 0),
+        "cross_large_abs": jnp.sum(jnp.abs(f_l * rd_l), 0),
         "fires_large": jnp.sum(f_l > 0, 0),
         "fires_small": jnp.sum(f_s > 0, 0),
     }
     if buckets:
         f_all = jnp.concatenate([f_s, f_l, jnp.zeros((len(x), 1), x.dtype)], 1)
         rd_all = jnp.concatenate([r @ small["W_dec"].T, rd_l, jnp.zeros((len(x), 1), x.dtype)], 1)
-        swaps = []
+        swaps, scales = [], []
         for members, signs, gram in buckets:
             g = f_all[:, members] * signs                       # [T, c, m]: s_j f_j
             u_sq = jnp.einsum("tcm,cmn,tcn->c", g, gram, g)     # sum_t ||u||^2
             r_u = jnp.sum(g * rd_all[:, members], (0, 2))       # sum_t r . u
             swaps.append(u_sq - 2 * r_u)
+            # the size of the terms that difference is of (its rounding error scales with it)
+            g_abs = jnp.abs(g)
+            scales.append(jnp.einsum("tcm,cmn,tcn->c", g_abs, jnp.abs(gram), g_abs)
+                          + 2 * jnp.sum(jnp.abs(g * rd_all[:, members]), (0, 2)))
         out["swap_dsse"] = jnp.concatenate(swaps)
+        out["swap_scale"] = jnp.concatenate(scales)
     return out
 
 
@@ -235,7 +241,8 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
     bar.close()
 
     norms_sq = np.sum(large.params["W_dec"].astype(np.float64) ** 2, 1)
-    delta = (sums["f2_large"] * norms_sq - 2 * sums["cross_large"]) / n
+    delta = _beyond_rounding(sums["f2_large"] * norms_sq - 2 * sums["cross_large"],
+                             sums["f2_large"] * norms_sq + 2 * sums["cross_large_abs"]) / n
     base_mse = float(sums["sse"]) / n
     freq_s, freq_l = sums["fires_small"] / n, sums["fires_large"] / n
     rows = [{"latent": j, "max_cos": float(best[j]), "best_small": int(arg[j]),
@@ -244,10 +251,10 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
              "firing_frequency": float(freq_l[j]), "component": int(component_of[n_s + j])}
             for j in range(n_l)]
     swap = np.zeros(len(components))
-    for b, dsse in zip(buckets, np.split(sums.get("swap_dsse", np.zeros(0)),
-                                         np.cumsum([len(b.ids) for b in buckets])[:-1]),
-                       strict=True):
-        swap[b.ids] = dsse / n
+    cuts = np.cumsum([len(b.ids) for b in buckets])[:-1]
+    for b, dsse, scale in zip(buckets, np.split(sums.get("swap_dsse", np.zeros(0)), cuts),
+                              np.split(sums.get("swap_scale", np.zeros(0)), cuts), strict=True):
+        swap[b.ids] = _beyond_rounding(dsse, scale) / n
     comp_rows = []
     for c, members in enumerate(components):
         s_m, l_m = members[members < n_s], members[members >= n_s] - n_s
@@ -269,6 +276,17 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
         atomic_write(staging / "summary.md", _compare_markdown(summary))
         _compare_plots(rows, threshold, staging)
     return summary
+
+
+ROUNDING = 1e-5
+"""A change in summed squared error smaller than this fraction of the summed magnitude of the
+terms it is the difference of is float32 rounding (the terms are summed in float32 over each
+block of tokens), and is reported as 0: swapping a latent for an identical one would
+otherwise read as a change of either sign."""
+
+
+def _beyond_rounding(change: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(change) <= ROUNDING * scale, 0.0, change)
 
 
 def _compare_summary(rows, comp_rows, base_mse, n, small_dir, large_dir, threshold,
