@@ -37,13 +37,15 @@ def check_available(cfg: Config) -> None:
 
 
 def trackers(cfg: Config, members: list[Config], dirs: list[Path],
-             warn: Callable[[str], None]) -> list[LoopHook]:
-    """The trackers `cfg.log` asks for (call on process 0 only)."""
+             warn: Callable[[str], None], start: int = 0) -> list[LoopHook]:
+    """The trackers `cfg.log` asks for (call on process 0 only); `start`: the step the run
+    starts (or resumes) from."""
     hooks: list[LoopHook] = []
     if cfg.log.wandb is not None:
         hooks.append(WandbTracker(cfg, members, dirs, warn))
     if cfg.log.tensorboard:
-        hooks.append(TensorBoardTracker(dirs, warn))
+        hooks.append(TensorBoardTracker(dirs, warn,
+                                        redo_from=start * cfg.optim.batch_size + 1))
     return hooks
 
 
@@ -118,19 +120,24 @@ class WandbTracker(GuardedHook):
 
 
 class TensorBoardTracker(GuardedHook):
-    """One event directory per SAE (`<sae dir>/tensorboard/`), scalars against tokens."""
+    """One event directory per SAE (`<sae dir>/tensorboard/`), scalars against tokens.
+    `redo_from`: the first token count this run logs again; TensorBoard hides the points an
+    earlier, interrupted attempt logged from there on (its purge step), as metrics.jsonl drops
+    those lines."""
 
     key = "tensorboard"
 
-    def __init__(self, dirs: list[Path], warn: Callable[[str], None]):
+    def __init__(self, dirs: list[Path], warn: Callable[[str], None], redo_from: int = 1):
         super().__init__(warn)
         self.dirs, self.writers, self.tokens = dirs, [], 0
+        self.redo_from = redo_from
         self._guard("opening the event files", self._open)
 
     def _open(self) -> None:
         from tensorboardX import SummaryWriter
 
-        self.writers = [SummaryWriter(logdir=str(d / TENSORBOARD_DIR)) for d in self.dirs]
+        self.writers = [SummaryWriter(logdir=str(d / TENSORBOARD_DIR), purge_step=self.redo_from)
+                        for d in self.dirs]
 
     def on_log(self, done: int, lines: list[dict]) -> None:
         def log():

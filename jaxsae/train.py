@@ -272,7 +272,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         told.append(MetricsFiles([d / "metrics.jsonl" for d in dirs]))
         if cfg.log.curves:
             told.append(CurvesHook(run_dir, cfg.name, total, log))
-        told.extend(trackers(cfg, members, dirs, log))
+        told.extend(trackers(cfg, members, dirs, log, start))
     told.extend([ProgressDisplay(bar), *hooks])
 
     def save(step: int, state: TrainState):

@@ -168,3 +168,21 @@ def test_tensorboard_event_files(small_data, tmp_path):
         (ev,) = events.Scalars("eval/explained_variance")
         assert ev.step == 24 * 256 and ev.value == pytest.approx(
             member.eval["explained_variance"], rel=1e-6)
+
+
+def test_tensorboard_after_a_resume_shows_each_point_once(small_data, tmp_path):
+    """An attempt that crashed after its checkpoint at step 8 had logged steps 10 and 12 too;
+    the resumed run logs them again, and TensorBoard shows them once (the purge step), as
+    metrics.jsonl does."""
+    cfg = small_config(small_data, tmp_path / "run",
+                       log={"every_steps": 2, "tensorboard": True})
+    train_until_crash(cfg, at_batch=14)
+    before = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    before.Reload()
+    assert max(e.step for e in before.Scalars("loss")) > 8 * 256  # logged past the checkpoint
+    train(cfg, progress=False)
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    written = _metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [e.step for e in events.Scalars("loss")] == [line["tokens"] for line in written]
+    assert [line["step"] for line in written] == list(range(2, 25, 2))
