@@ -273,3 +273,13 @@ def test_frankenstein_retrains_and_evaluates_without_the_sinks(sinks, tmp_path, 
     retrained = json.loads((out / "sae" / "cfg.json").read_text())
     assert retrained["jaxsae"]["drop_norm_above"] == 10.0  # its training left them out too
     assert "drop_norm_above: 10.0" in (out / "retrain" / "config.yaml").read_text()
+
+
+def test_a_multiple_that_leaves_no_token_is_refused(sinks, tmp_path, capsys):
+    for command in (["eval", str(sinks["saes"]["relu"]), "--data", str(sinks["data"])],
+                    ["analyze", str(sinks["saes"]["relu"]), "--data", str(sinks["data"]),
+                     "--out", str(tmp_path / "a"), "--no-progress"]):
+        assert cli.main([*command, "--drop-norm-above", "0.001"]) == 2
+        err = capsys.readouterr().err
+        assert "none left to evaluate" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()

@@ -22,6 +22,7 @@ import numpy as np
 from jaxsae.data.loader import KeepFn
 from jaxsae.data.source import TokenSource, iter_blocks
 from jaxsae.data.stats import sample_evenly
+from jaxsae.errors import ConfigError
 
 MEDIAN_SAMPLE = 65536
 """Tokens sampled (evenly over the window) for its median norm."""
@@ -127,6 +128,11 @@ class Window:
             if mask is not None:
                 dropped += int(len(mask) - mask.sum())
             yield lo, block, mask
+        if keep is not None and self.tokens and dropped == self.tokens:
+            multiple = "" if self.multiple is None else f"{self.multiple:g}x the median, "
+            raise ConfigError(f"drop_norm_above: every one of the {self.tokens} tokens "
+                              f"evaluated has a norm above {multiple}{self.limit:.4g}: none "
+                              "left to evaluate (--drop-norm-above X, or --all-tokens)")
         self.dropped = dropped
 
     def blocks(self, progress: Callable[[int], Any] | None = None) -> Iterator[np.ndarray]:
