@@ -276,8 +276,10 @@ def test_frankenstein_retrains_and_evaluates_without_the_sinks(sinks, tmp_path, 
 
 
 def test_a_multiple_that_leaves_no_token_is_refused(sinks, tmp_path, capsys):
-    for command in (["eval", str(sinks["saes"]["relu"]), "--data", str(sinks["data"])],
-                    ["analyze", str(sinks["saes"]["relu"]), "--data", str(sinks["data"]),
+    dense = _write(tmp_path / "dense", np.random.default_rng(6).standard_normal(
+        (2048, D_IN)).astype(np.float32) + 3.0)  # no token near norm 0
+    for command in (["eval", str(sinks["saes"]["relu"]), "--data", str(dense)],
+                    ["analyze", str(sinks["saes"]["relu"]), "--data", str(dense),
                      "--out", str(tmp_path / "a"), "--no-progress"]):
         assert cli.main([*command, "--drop-norm-above", "0.001"]) == 2
         err = capsys.readouterr().err
