@@ -132,7 +132,8 @@ class Window:
             multiple = "" if self.multiple is None else f"{self.multiple:g}x the median, "
             raise ConfigError(f"drop_norm_above: every one of the {self.tokens} tokens "
                               f"evaluated has a norm above {multiple}{self.limit:.4g}: none "
-                              "left to evaluate (--drop-norm-above X, or --all-tokens)")
+                              "left to evaluate (a larger multiple; the analysis commands "
+                              "also take --all-tokens)")
         self.dropped = dropped
 
     def blocks(self, progress: Callable[[int], Any] | None = None) -> Iterator[np.ndarray]:
