@@ -285,3 +285,18 @@ def test_a_multiple_that_leaves_no_token_is_refused(sinks, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "none left to evaluate" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists()
+
+
+def test_eval_notes_outliers_it_scores(sinks, tmp_path, capsys):
+    """An SAE whose training left nothing out (here: exported without the multiple) is scored
+    on every token; eval says, on stderr, that the data holds tokens far above the median."""
+    loaded = export.load_sae(sinks["saes"]["relu"])
+    export.export_sae(loaded.params, loaded.sae, tmp_path / "plain")
+    assert cli.main(["eval", str(tmp_path / "plain"), "--data", str(sinks["data"])]) == 0
+    captured = capsys.readouterr()
+    assert "dropped_tokens" not in json.loads(captured.out)
+    assert (f"note: {sinks['sink'].sum()} of {N} tokens sampled" in captured.err
+            and "--drop-norm-above 10" in captured.err)
+    for flags in (["--data", str(sinks["clean"])], ["--data", str(sinks["data"]), "--all-tokens"]):
+        assert cli.main(["eval", str(tmp_path / "plain"), *flags]) == 0
+        assert capsys.readouterr().err == ""

@@ -138,6 +138,8 @@ class Eval(Command):
                                                   d_in=data.d_in)
         metrics.pop("firing_frequency")
         metrics.update(window.report())
+        if window.limit is None and not self.outliers.all_tokens:
+            _note_outliers(window, self.data)  # (an SAE whose training dropped nothing)
         if not self.truth:
             return metrics
         truth = Path(self.truth)
@@ -239,3 +241,18 @@ class Eval(Command):
             raise JaxsaeError(f"--clean-norm-above must be > 0, got {clean_above}")
         return layer, hooks, context, drop_first, clean_above
 
+
+
+def _note_outliers(window, data: str) -> None:
+    """A note on stderr when tokens every one of which was scored include outliers (attention
+    sinks): a few of them can dominate mse and explained_variance."""
+    import sys
+
+    from jaxsae.data.window import OUTLIER_MULTIPLE
+
+    above, sampled = window.outliers()
+    if above:
+        print(f"note: {above} of {sampled} tokens sampled from {data} have a norm above "
+              f"{OUTLIER_MULTIPLE:g}x the median (attention sinks?): scored here, they can "
+              f"dominate mse and explained_variance; --drop-norm-above {OUTLIER_MULTIPLE:g} "
+              "leaves such tokens out", file=sys.stderr)

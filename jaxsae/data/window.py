@@ -61,9 +61,21 @@ def describe(report: dict[str, Any]) -> str:
     """`Window.report()` in words, for a Markdown report ("" when nothing was left out)."""
     if "dropped_tokens" not in report:
         return ""
-    why = (f" (norm above {report['drop_norm_above']:g}x the median, as in training)"
+    why = (f" (norm above {report['drop_norm_above']:g}x the median)"
            if "drop_norm_above" in report else "")
     return f"{report['dropped_tokens']} tokens left out{why}"
+
+
+OUTLIER_MULTIPLE = 10.0
+"""`Window.outliers`'s default: what `configs/smollm2/` train with (data.drop_norm_above)."""
+
+
+def _sampled_norms(source: TokenSource, start: int, stop: int) -> np.ndarray:
+    """The norms (first d_in columns) of up to MEDIAN_SAMPLE tokens spread over [start, stop)."""
+    rows = sample_evenly(source, stop, MEDIAN_SAMPLE, start=start,
+                         pieces=1 if getattr(source, "iid", False) else 64)
+    x = rows[:, :source.d_in].astype(np.float64)
+    return np.sqrt(np.einsum("nd,nd->n", x, x))
 
 
 class Window:
@@ -88,12 +100,18 @@ class Window:
         stop = source.n_tokens if stop is None else stop
         if multiple is None or stop <= start:
             return cls(source, start, stop, batch_size=batch_size)
-        rows = sample_evenly(source, stop, MEDIAN_SAMPLE, start=start,
-                             pieces=1 if getattr(source, "iid", False) else 64)
-        x = rows[:, :source.d_in].astype(np.float64)
-        median = float(np.median(np.sqrt(np.einsum("nd,nd->n", x, x))))
+        median = float(np.median(_sampled_norms(source, start, stop)))
         return cls(source, start, stop, batch_size=batch_size, limit=multiple * median,
                    multiple=multiple, median_norm=median)
+
+    def outliers(self, multiple: float = OUTLIER_MULTIPLE) -> tuple[int, int]:
+        """(how many of the sampled tokens have a norm above `multiple` times the sample's
+        median, how many were sampled): for a note when a window that keeps every token holds
+        attention sinks."""
+        if self.stop <= self.start:
+            return 0, 0
+        norms = _sampled_norms(self.source, self.start, self.stop)
+        return int(np.sum(norms > multiple * np.median(norms))), len(norms)
 
     @property
     def tokens(self) -> int:
