@@ -27,7 +27,6 @@ from jaxsae.errors import ConfigError
 MEDIAN_SAMPLE = 65536
 """Tokens sampled (evenly over the window) for its median norm."""
 
-
 TRAINED = "trained"
 """The drop rule of an evaluation that drops what the SAEs' training dropped."""
 
@@ -120,6 +119,7 @@ class Window:
 
     @property
     def kept(self) -> int | None:
+        """Tokens read, dropped ones excluded (None until a pass is complete)."""
         return None if self.dropped is None else self.tokens - self.dropped
 
     @property
