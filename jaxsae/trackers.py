@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import secrets
 import string
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,8 +137,12 @@ class TensorBoardTracker(GuardedHook):
     def _open(self) -> None:
         from tensorboardX import SummaryWriter
 
-        self.writers = [SummaryWriter(logdir=str(d / TENSORBOARD_DIR), purge_step=self.redo_from)
-                        for d in self.dirs]
+        # A file of its own per attempt: event files are named by the second they were opened
+        # in, and an attempt resumed within the same second would otherwise overwrite the
+        # earlier attempt's file.
+        suffix = f".{time.time_ns()}"
+        self.writers = [SummaryWriter(logdir=str(d / TENSORBOARD_DIR), purge_step=self.redo_from,
+                                      filename_suffix=suffix) for d in self.dirs]
 
     def on_log(self, done: int, lines: list[dict]) -> None:
         def log():

@@ -173,7 +173,8 @@ def test_tensorboard_event_files(small_data, tmp_path):
 def test_tensorboard_after_a_resume_shows_each_point_once(small_data, tmp_path):
     """An attempt that crashed after its checkpoint at step 8 had logged steps 10 and 12 too;
     the resumed run logs them again, and TensorBoard shows them once (the purge step), as
-    metrics.jsonl does."""
+    metrics.jsonl does. (Both attempts run within a second or two: event files are named by
+    the second, and a second file of the same name used to replace the first.)"""
     cfg = small_config(small_data, tmp_path / "run",
                        log={"every_steps": 2, "tensorboard": True})
     train_until_crash(cfg, at_batch=14)
