@@ -66,6 +66,9 @@ def _check_sae(cfg: Config) -> None:
     if kind.has_k and not cfg.sae.k <= cfg.sae.d_sae:
         raise ConfigError(f"sae.k: must be in 1..sae.d_sae ({cfg.sae.d_sae}), got {cfg.sae.k}")
     kind.check(cfg.sae)
+    if cfg.optim.threshold_lr_scale != 1.0 and not kind.learns_threshold:
+        raise ConfigError(f"optim.threshold_lr_scale: sae.activation {cfg.sae.activation} "
+                          "learns no threshold (only jumprelu does)")
     if not kind.scale_invariant and cfg.data.normalize != "none":
         raise ConfigError(f"data.normalize: {cfg.sae.activation} codes change when the input "
                           "scale is folded into the weights; use none")

@@ -222,6 +222,11 @@ class OptimConfig:
     """Adam first-moment decay."""
     adam_b2: float = 0.999
     """Adam second-moment decay."""
+    threshold_lr_scale: float = 1.0
+    """Multiplies the learning rate of learned thresholds (JumpReLU's θ). Adam moves a
+    parameter by about the learning rate a step, so thresholds that must rise to the scale of
+    the pre-activations (often 1–10) need ~10^4 steps at lr 3e-4; a larger scale lets a short
+    run's thresholds get there (benchmarks/RESULTS.md, issue 23)."""
     skip_nonfinite: bool = False
     """Skip (and count) steps whose loss or gradient is NaN/inf instead of stopping the run."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -240,6 +245,8 @@ class OptimConfig:
               f"must be at least one batch ({self.batch_size} tokens), got {self.total_tokens}")
         _need(0 <= self.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]")
         _need(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+        _need(self.threshold_lr_scale > 0, "optim.threshold_lr_scale",
+              f"must be > 0, got {self.threshold_lr_scale}")
         _need(self.warmup >= 0, "optim.warmup_steps", "must be >= 0 (or auto)")
         _need(self.warmup + self.decay_steps <= self.total_steps, "optim.warmup_steps",
               f"warm-up ({self.warmup}) plus decay ({self.decay_steps}) steps exceed the run's "

@@ -86,8 +86,9 @@ def lr_schedule(o: OptimConfig, lr: jax.Array | float | None = None
 
 def make_optimizer(cfg: Config, lr: jax.Array | float | None = None
                    ) -> optax.GradientTransformation:
-    """Adam with the schedule and global-norm clipping; frozen parameters get zero updates.
-    `lr`: the peak learning rate (default cfg.optim.lr; traced in sweeps)."""
+    """Adam with the schedule and global-norm clipping; frozen parameters get zero updates,
+    learned thresholds `optim.threshold_lr_scale` times theirs. `lr`: the peak learning rate
+    (default cfg.optim.lr; traced in sweeps)."""
     o = cfg.optim
     adam = optax.chain(
         optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
@@ -96,7 +97,12 @@ def make_optimizer(cfg: Config, lr: jax.Array | float | None = None
     )
     labels = {name: "train" if sae.is_trainable(name, cfg.sae) and name not in cfg.freeze
               else "frozen" for name in sae.param_names(cfg.sae)}
-    return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+    tx = optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+    scale = o.threshold_lr_scale
+    if scale == 1.0 or labels.get("threshold") != "train":
+        return tx  # (the optimiser state keeps its structure: checkpoints restore as before)
+    return optax.chain(tx, optax.stateless(
+        lambda updates, params=None: {**updates, "threshold": updates["threshold"] * scale}))
 
 
 def init_state(key: jax.Array, cfg: Config, d_in: int,

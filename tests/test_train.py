@@ -10,6 +10,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxsae import build as build_mod
@@ -340,3 +341,35 @@ def test_freeze_leaves_those_parameters_as_they_were(small_data, tmp_path):
     with pytest.raises(JaxsaeError, match="freeze: 'W_enc' is not a parameter"):
         check_run(config_from_dict({**tree, "sae": {**tree["sae"], "tied": True},
                                     "freeze": ["W_enc"]}))
+
+
+def test_threshold_lr_scale_scales_the_thresholds_updates_alone(small_data, tmp_path):
+    """optim.threshold_lr_scale: the same gradients give the thresholds s times the update of
+    s = 1 and every other parameter the same update; the default keeps the optimiser state's
+    structure (checkpoints of earlier runs restore); refused where no threshold is learned."""
+    tree = small_config_dict(small_data, tmp_path / "run",
+                             sae={"activation": "jumprelu", "decoder_norm": "free"},
+                             loss=[{"term": "mse"}, {"term": "l0", "coefficient": 0.1}])
+    rng = np.random.default_rng(0)
+    plain = config_from_dict(tree)
+    scaled = config_from_dict({**tree, "optim": {**tree["optim"], "threshold_lr_scale": 8.0}})
+    params = jax.tree.map(jnp.asarray, step.init_state(jax.random.PRNGKey(0), plain, 16).params)
+    for _ in range(3):  # a few steps: Adam's moments differ from their first-step form
+        grads = {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+                 for k, v in params.items()}
+        updates = {}
+        for name, cfg in (("plain", plain), ("scaled", scaled)):
+            tx = step.make_optimizer(cfg)
+            state = updates.get(name + "_state") or tx.init(params)
+            updates[name], updates[name + "_state"] = tx.update(grads, state, params)
+        for k in params:
+            want = updates["plain"][k] * (8.0 if k == "threshold" else 1.0)
+            np.testing.assert_allclose(updates["scaled"][k], want, rtol=1e-6, err_msg=k)
+    # the default's state is the multi-transform's alone, as before the key existed
+    assert isinstance(step.make_optimizer(plain).init(params), optax.MultiTransformState)
+    with pytest.raises(JaxsaeError, match=re.escape("optim.threshold_lr_scale: sae.activation "
+                                                    "relu")):
+        check_run(config_from_dict({**small_config_dict(small_data, tmp_path / "r"),
+                                    "optim": {**tree["optim"], "threshold_lr_scale": 8.0}}))
+    with pytest.raises(JaxsaeError, match=re.escape("optim.threshold_lr_scale: must be > 0")):
+        config_from_dict({**tree, "optim": {**tree["optim"], "threshold_lr_scale": 0}})
