@@ -363,7 +363,8 @@ def l0(
     Σ_i H(z_i − θ_i) (straight-through gradient for θ of width `bandwidth`):
       step:      L0
       tanh:      mean over tokens of Σ_i tanh(c · f_i · ‖W_dec,i‖), c = `tanh_scale`
-      quadratic: (L0 / target_l0 − 1)²  (holds L0 near a target)"""
+      quadratic: mean over tokens of 2/target_l0 · (l0 − target_l0)², l0 a token's count
+                 (holds L0 near a target; SAELens's quadratic mode)"""
     if mode == "tanh":
         v = out.acts * out.decoder_norms
         return jnp.mean(jnp.sum(jnp.tanh(tanh_scale * v), axis=-1)), {}
@@ -391,19 +392,22 @@ def target_l0(
     bandwidth: float | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Drives L0 to `target` (the quadratic L0 penalty of Gemma Scope 2; SAELens
-    `jumprelu_sparsity_loss_mode: quadratic`): (L0 / target − 1)², with L0 = mean over tokens of
-    Σ_i H(z_i − θ_i) and a straight-through gradient for θ of width `bandwidth` (0.001).
-    Only the thresholds feel it, both ways: too few active latents lower θ, too many raise
-    it."""
+    `jumprelu_sparsity_loss_mode: quadratic`): the mean over tokens of 2/target · (l0 −
+    target)², with l0 = Σ_i H(z_i − θ_i) a token's count and a straight-through gradient for
+    θ of width `bandwidth` (0.001). Only the thresholds feel it, both ways: too few active
+    latents lower θ, too many raise it."""
     loss, count = _quadratic_l0(out, params, target, 0.001 if bandwidth is None else bandwidth)
     return loss, {"l0": count}
 
 
 def _quadratic_l0(out: sae.ForwardOutput, params: sae.Params, target: float,
                   bandwidth: float) -> tuple[jax.Array, jax.Array]:
-    """(L0 / target − 1)² and L0 (straight-through for θ)."""
-    count = _ste_l0(out, params, bandwidth)
-    return jnp.square(count / target - 1.0), count
+    """(mean over tokens of 2/target · (l0 − target)², mean l0), l0 a token's number of
+    active latents, straight-through for θ: SAELens's `quadratic` mode (Gemma Scope 2),
+    per token, so a batch whose tokens spread around the target pays for the spread too."""
+    fired = kernels.step_ste(out.pre_acts, params["threshold"], bandwidth)
+    per_token = jnp.sum(fired, axis=-1)
+    return jnp.mean(2.0 / target * jnp.square(per_token - target)), jnp.mean(per_token)
 
 
 def _ste_l0(out: sae.ForwardOutput, params: sae.Params, bandwidth: float) -> jax.Array:

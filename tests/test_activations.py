@@ -154,8 +154,9 @@ def test_target_l0_is_the_quadratic_penalty():
     out = sae.forward(params, _x(), cfg.sae, train=True)
     value, metrics = penalties.get_term("target_l0").fn(out, params, step=jnp.asarray(0),
                                                          **penalties.resolve(cfg.loss[1]).params)
-    l0 = float(np.mean(np.sum(np.asarray(out.pre_acts) > np.asarray(params["threshold"]), 1)))
-    np.testing.assert_allclose(float(value), (l0 / 4 - 1) ** 2, rtol=1e-5)
+    counts = np.sum(np.asarray(out.pre_acts) > np.asarray(params["threshold"]), 1)
+    l0 = float(np.mean(counts))
+    np.testing.assert_allclose(float(value), np.mean(2 / 4 * (counts - 4.0) ** 2), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["l0"]), l0, rtol=1e-6)
     with pytest.raises(ConfigError, match=r"loss\[1\].target: required"):
         check_run(config_from_dict({**tree, "loss": [{"term": "mse"}, {"term": "target_l0"}]}))
@@ -174,7 +175,7 @@ def test_target_l0_holds_the_trained_l0_near_its_target(small_data, tmp_path, ta
                        sae={"d_sae": 64, "activation": "jumprelu", "jumprelu_bandwidth": 0.05,
                             "jumprelu_init_threshold": 0.1, "decoder_norm": "unit"},
                        loss=[{"term": "mse"}, {"term": "target_l0", "target": target,
-                                                "coefficient": 10, "bandwidth": 0.05}],
+                                                "coefficient": 1, "bandwidth": 0.05}],
                        optim={"lr": 1e-2, "batch_size": 256, "total_tokens": 256 * 250,
                               "warmup_steps": "auto", "decay_fraction": 0.1},
                        checkpoint={"every_steps": 1000}, log={"every_steps": 50})
@@ -212,3 +213,16 @@ def test_new_activations_train_export_and_import(small_data, tmp_path, sae_cfg, 
     assert written["sae"]["activation"] == sae_cfg["activation"]
     assert [t["term"] for t in written["loss"]] == [t["term"] for t in loss]
     assert cli.main(["train", str(tmp_path / "ft" / "config.yaml"), "--no-progress"]) == 0
+
+
+def test_a_saelens_jumprelu_trained_with_the_quadratic_penalty_imports_with_it():
+    from jaxsae.export import training_settings
+
+    details = {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 25, "l0_coefficient": 2.0,
+               "jumprelu_bandwidth": 0.05}
+    settings = training_settings({"architecture": "jumprelu", "d_in": 8, "d_sae": 16,
+                                  "metadata": {"training_architecture_details": details}})
+    assert settings["loss"] == [{"term": "mse"}, {"term": "l0", "coefficient": 2.0,
+                                                  "mode": "quadratic", "target_l0": 25.0,
+                                                  "bandwidth": 0.05}]
+    assert settings["sae"]["jumprelu_bandwidth"] == 0.05

@@ -142,8 +142,10 @@ def np_l0(P, x, s, *, mode="step", tanh_scale=4.0, target_l0=None, bandwidth=0.0
     pre, f = np_codes(P, x, s)
     if mode == "tanh":
         return np.tanh(tanh_scale * f * row_norms(P)).sum(axis=1).mean()
-    count = (pre > P["threshold"]).sum(axis=1).mean()
-    return count if mode == "step" else (count / target_l0 - 1.0) ** 2
+    counts = (pre > P["threshold"]).sum(axis=1)
+    if mode == "step":
+        return counts.mean()
+    return np.mean(2.0 / target_l0 * (counts - target_l0) ** 2)
 
 
 def np_group_norms(P, x, s, group_size):
@@ -298,17 +300,19 @@ def test_l0_quadratic(rng, tied, target):
     bandwidth = 0.25
     config, params, x, pre32, theta = jumprelu_setup(
         rng, tied, mode="quadratic", target_l0=target, bandwidth=bandwidth)
-    count = np.mean(np.sum(pre32 > theta, axis=1))
+    counts = np.sum(pre32 > theta, axis=1)  # each token's l0
+    count = counts.mean()
     assert 3.0 < count < 20.0  # one target below L0, one above
     value, metrics, _ = term_value(config, params, x)
-    assert_close(value, (count / target - 1.0) ** 2)
+    assert_close(value, np.mean(2.0 / target * (counts - target) ** 2))
     assert_close(metrics["l0_ste"], count)
     grads = term_grad(config, params, x)
     for name, g in grads.items():
         if name != "threshold":
             np.testing.assert_array_equal(g, 0.0, err_msg=name)
-    d_count = -ste_window(pre32, theta, bandwidth).sum(axis=0) / bandwidth / BATCH
-    expected = 2.0 * (count / target - 1.0) / target * d_count
+    # d/dθ_i of mean_b 2/t (l0_b − t)², with d l0_b / dθ_i = −window_bi / bandwidth
+    window = ste_window(pre32, theta, bandwidth)
+    expected = -(4.0 / target * (counts - target)) @ window / bandwidth / BATCH
     assert_close(grads["threshold"], expected)
 
 

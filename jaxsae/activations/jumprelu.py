@@ -48,8 +48,13 @@ class JumpReLU(Activation):
 
     def saelens_loss(self, saelens):
         l0: dict = {"term": "l0", "coefficient": _number(saelens, "l0_coefficient")}
-        if saelens.get("jumprelu_sparsity_loss_mode") == "tanh":
+        mode = saelens.get("jumprelu_sparsity_loss_mode")
+        if mode == "tanh":
             l0["mode"] = "tanh"
+        elif mode == "quadratic":  # (without a target, the config is refused naming it)
+            l0["mode"] = "quadratic"
+            if "target_l0" in saelens:
+                l0["target_l0"] = _number(saelens, "target_l0", 0.0)
         if "jumprelu_bandwidth" in saelens:
             l0["bandwidth"] = _number(saelens, "jumprelu_bandwidth", 0.001)
         return [{"term": "mse"}, l0]
