@@ -100,8 +100,7 @@ def _as_per_latent(saes, sae_dirs, window: Window
     out, report = [], []
     start = window.start
     lo = max(0, start - window.tokens)
-    calibration = Window.dropping(window.source, lo, start, batch_size=window.batch_size,
-                                  multiple=window.multiple)
+    calibration = None  # (its median is sampled only if some SAE is converted)
     for path, loaded in zip(sae_dirs, saes, strict=True):
         if loaded.sae.activation != "topk":
             out.append(loaded)
@@ -109,6 +108,9 @@ def _as_per_latent(saes, sae_dirs, window: Window
         if start - lo <= 0:
             raise JaxsaeError(f"{path}: a TopK SAE is converted to JumpReLU on tokens before "
                               "the evaluation window, and --tokens leaves none; lower it")
+        if calibration is None:
+            calibration = Window.dropping(window.source, lo, start,
+                                          batch_size=window.batch_size, multiple=window.multiple)
         threshold = convert.calibrate(loaded.params, loaded.sae, calibration.blocks)
         params, cfg = convert.as_jumprelu(loaded, threshold)
         report.append({"sae": str(path), "calibration_tokens": calibration.kept,

@@ -27,15 +27,7 @@ class DataStats:
     def keep_fn(self, d_in: int | None = None) -> KeepFn | None:
         """The filter of the tokens to train on; `d_in`: only the first d_in columns count (a
         transcoder's rows carry their targets after them)."""
-        if self.drop_above is None:
-            return None
-        limit = self.drop_above
-
-        def keep(tokens: np.ndarray) -> np.ndarray:
-            x = tokens if d_in is None else tokens[:, :d_in]
-            return np.einsum("nd,nd->n", x, x) <= limit * limit
-
-        return keep
+        return None if self.drop_above is None else norm_filter(self.drop_above, d_in)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +35,16 @@ class DataStats:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DataStats:
         return cls(**raw)
+
+
+def norm_filter(limit: float, d_in: int | None = None) -> KeepFn:
+    """[n, width] rows -> [n] bool: whose norm (over the first `d_in` columns; None: all) is
+    at most `limit`."""
+    def keep(rows: np.ndarray) -> np.ndarray:
+        x = rows if d_in is None else rows[:, :d_in]
+        return np.einsum("nd,nd->n", x, x) <= limit * limit
+
+    return keep
 
 
 def sample_evenly(source: TokenSource, stop: int, n: int, pieces: int = 64, *,

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxsae.data.loader import KeepFn
 from jaxsae.data.source import TokenSource, iter_blocks
-from jaxsae.data.stats import sample_evenly
+from jaxsae.data.stats import norm_filter, sample_evenly
 from jaxsae.errors import ConfigError
 
 MEDIAN_SAMPLE = 65536
@@ -125,15 +125,7 @@ class Window:
     @property
     def keep_fn(self) -> KeepFn | None:
         """[n, width] rows -> [n] bool: the ones an evaluation reads (None: all)."""
-        if self.limit is None:
-            return None
-        limit, d_in = self.limit, self.source.d_in
-
-        def keep(rows: np.ndarray) -> np.ndarray:
-            x = rows[:, :d_in]
-            return np.einsum("nd,nd->n", x, x) <= limit * limit
-
-        return keep
+        return None if self.limit is None else norm_filter(self.limit, self.source.d_in)
 
     def masked(self) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """(first token, block, kept rows or None for all) for every block, dropped rows
