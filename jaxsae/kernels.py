@@ -53,6 +53,35 @@ def _centred_matmul_bwd(residuals, g):
 centred_matmul.defvjp(_centred_matmul_fwd, _centred_matmul_bwd)
 
 
+@jax.custom_vjp
+def encoder_matmul(x: jax.Array, b_dec: jax.Array, W: jax.Array, b_enc: jax.Array) -> jax.Array:
+    """(x - b_dec) @ W + b_enc, the pre-activations; gradients as `centred_matmul`'s.
+
+    On "cpu" the bias rides in the matmul as one more row of W against a column of ones, so
+    the matmul's output is the pre-activations themselves: XLA-CPU does not fuse a bias into a
+    matrix-matrix product, and otherwise writes the [batch, d_sae] product, reads it back and
+    writes the sum (the pre-activations' readers, the top-k's maxima pass, its candidate
+    gathers and AuxK, do not fuse it either). Costs a copy of W ([d_in + 1, d_sae])."""
+    centred = x - b_dec
+    if _plain():
+        return centred @ W + b_enc
+    ones = jnp.ones((x.shape[0], 1), centred.dtype)
+    return jnp.concatenate([centred, ones], axis=1) @ jnp.concatenate(
+        [W, b_enc[None].astype(W.dtype)], axis=0)
+
+
+def _encoder_matmul_fwd(x, b_dec, W, b_enc):
+    return encoder_matmul(x, b_dec, W, b_enc), (x - b_dec, W)
+
+
+def _encoder_matmul_bwd(residuals, g):
+    d_x, d_b_dec, d_W = _centred_matmul_bwd(residuals, g)
+    return d_x, d_b_dec, d_W, jnp.sum(g, axis=0)
+
+
+encoder_matmul.defvjp(_encoder_matmul_fwd, _encoder_matmul_bwd)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def block_matmuls(acts: jax.Array, W_dec: jax.Array, ends: tuple[int, ...]) -> jax.Array:
     starts = (0, *ends[:-1])

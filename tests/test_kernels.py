@@ -112,6 +112,41 @@ def test_gathers_and_scatters_under_vmap(impl):
                                        err_msg=f"{impl} {name} member {i}")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_encoder_matmul_and_its_gradients_against_the_plain_form(impl, dtype):
+    """The pre-activations (x - b_dec) @ W + b_enc (on "cpu": the bias as one more row of W)
+    and the gradient of every argument, against autodiff of the plain expression."""
+    rng = np.random.default_rng(3)
+    x, b_dec, W, b_enc, g = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in
+                             [(37, 24), (24,), (24, 70), (70,), (37, 70)])
+
+    def plain(x, b_dec, W, b_enc):
+        return jnp.sum(((x - b_dec) @ W + b_enc) * g)
+
+    def fused(x, b_dec, W, b_enc):
+        with kernels.using(impl):
+            return jnp.sum(kernels.encoder_matmul(x, b_dec, W, b_enc) * g)
+
+    with kernels.using(impl):
+        got = jax.jit(kernels.encoder_matmul)(x, b_dec, W, b_enc)
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype == "bfloat16" else dict(rtol=1e-5, atol=1e-5)
+    want = np.asarray((x - b_dec).astype(jnp.float32) @ W.astype(jnp.float32)
+                      + b_enc.astype(jnp.float32))
+    assert got.dtype == jnp.dtype(dtype) and got.shape == (37, 70)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, **tol)
+    grads = jax.jit(jax.grad(fused, argnums=(0, 1, 2, 3)))(x, b_dec, W, b_enc)
+    f32 = [a.astype(jnp.float32) for a in (x, b_dec, W, b_enc)]
+    g = g.astype(jnp.float32)
+    for name, a, want in zip(["x", "b_dec", "W", "b_enc"], grads,
+                             jax.grad(plain, argnums=(0, 1, 2, 3))(*f32), strict=True):
+        assert a.dtype == jnp.dtype(dtype), name
+        # bf16: sums of ~2,600 rounded terms; compared at 2% of the gradient's largest entry.
+        atol = 2e-2 * float(jnp.abs(want).max()) if dtype == "bfloat16" else tol["atol"]
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(want),
+                                   rtol=tol["rtol"], atol=atol, err_msg=f"{impl} {name}")
+
+
 @pytest.mark.parametrize("k", [3, 32])
 def test_top_k_indices_same_set_in_every_implementation(k):
     rng = np.random.default_rng(k)

@@ -93,8 +93,8 @@ class Activation:
 
     def pre_activations(self, params: Params, x: jax.Array) -> jax.Array:
         """[batch, d_sae] (x − b_dec) · W_enc + b_enc."""
-        return kernels.centred_matmul(x, params["b_dec"], encoder_weight(params)) \
-            + params["b_enc"]
+        return kernels.encoder_matmul(x, params["b_dec"], encoder_weight(params),
+                                      params["b_enc"])
 
     def activate(self, params: Params, x: jax.Array, pre_acts: jax.Array, cfg: SAEConfig, *,
                  train: bool, mesh: Mesh | None = None, k: jax.Array | None = None,

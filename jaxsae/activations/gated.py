@@ -35,8 +35,8 @@ class Gated(Activation):
 
     def pre_activations(self, params, x):
         """[batch, d_sae] the gate's pre-activations π."""
-        return kernels.centred_matmul(x, params["b_dec"], encoder_weight(params)) \
-            + params["b_gate"]
+        return kernels.encoder_matmul(x, params["b_dec"], encoder_weight(params),
+                                      params["b_gate"])
 
     def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
         # (x − b_dec) · W_enc is π − b_gate: the magnitude path costs no second matmul.
