@@ -311,6 +311,37 @@ take_pre_acts.defvjp(_take_pre_acts_fwd, _take_pre_acts_bwd)
 
 
 @jax.custom_vjp
+def take_columns(x, b_dec, W_enc, b_enc, pre_acts, cols):
+    """[batch, m] pre_acts[:, cols], differentiated as (x - b_dec) @ W_enc[:, cols] +
+    b_enc[cols]: the pre-activations of a few latents (AuxK's dead ones) with their gradients,
+    without a dense encoder gradient. `pre_acts` must carry no gradient; `cols` may repeat
+    (the repeats' gradients add)."""
+    return jnp.take(pre_acts, cols, axis=1)
+
+
+def _take_columns_fwd(x, b_dec, W_enc, b_enc, pre_acts, cols):
+    return take_columns(x, b_dec, W_enc, b_enc, pre_acts, cols), (x, b_dec, W_enc, b_enc,
+                                                                    pre_acts, cols)
+
+
+def _take_columns_bwd(residuals, g):
+    x, b_dec, W_enc, b_enc, pre_acts, cols = residuals
+    d_sae = W_enc.shape[1]
+    columns = jnp.take(W_enc, cols, axis=1)  # [d_in, m]
+    g_sum = jnp.sum(g, axis=0, dtype=jnp.float32)
+    # As in take_pre_acts: rows of W_enc.T are added (contiguous), then transposed once.
+    d_W_enc = jnp.zeros((d_sae, W_enc.shape[0]), jnp.float32).at[cols].add(
+        (g.T @ (x - b_dec)).astype(jnp.float32)).T
+    d_b_enc = jnp.zeros(d_sae, jnp.float32).at[cols].add(g_sum)
+    return ((g @ columns.T).astype(x.dtype), (-(columns @ g_sum.astype(W_enc.dtype))).astype(
+        b_dec.dtype), d_W_enc.astype(W_enc.dtype), d_b_enc.astype(b_enc.dtype),
+        jnp.zeros_like(pre_acts), None)
+
+
+take_columns.defvjp(_take_columns_fwd, _take_columns_bwd)
+
+
+@jax.custom_vjp
 def gather_decode(values: jax.Array, W_dec: jax.Array, index: jax.Array) -> jax.Array:
     """[batch, d_in] Σ_j values[b, j] · W_dec[index[b, j]]."""
     return gathered_sum(values, W_dec, index)

@@ -248,27 +248,24 @@ def l1(
     return jnp.mean(jnp.sum(jnp.where(positive, safe**p, 0.0), axis=-1)), {}
 
 
-def only_when(pred: jax.Array, loss: Callable[..., jax.Array], params: sae.Params,
-              *args: jax.Array) -> jax.Array:
-    """loss(params, *args) if `pred` else 0, differentiable in `params` (not in `args`); when
-    `pred` is false neither the loss nor its gradient is computed.
+def only_one(index: jax.Array, losses: Sequence[Callable[..., jax.Array]], params: sae.Params,
+             *args: jax.Array) -> jax.Array:
+    """losses[index](params, *args), differentiable in `params` (not in `args`); only the
+    chosen loss and its gradient are computed.
 
-    Autodiff of a plain lax.cond keeps the taken branch's intermediates for the backward pass,
-    so a skipped branch still writes zeros of their shapes (for AuxK: [batch, d_sae] arrays,
-    ~50 ms a step on the CPU shape of benchmarks/throughput.py). Here the forward takes the
-    value and the gradient in one cond and keeps only the gradient, shaped like `params`.
+    Autodiff of a plain lax.switch / lax.cond keeps the taken branch's intermediates for the
+    backward pass, so every branch not taken still writes zeros of the shapes of the others'
+    (for AuxK: [batch, d_sae] arrays, ~50 ms a step on the CPU shape of
+    benchmarks/throughput.py with one skipped branch). Here the forward takes the value and the
+    gradient in one switch and keeps only the gradient, shaped like `params`. Under vmap,
+    `index` must be the same for every member (else every branch runs).
     """
-    zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
-
-    def skipped(p, *a):
-        return zero, jax.tree.map(jnp.zeros_like, p)
-
     @jax.custom_vjp
     def run(p, a):
-        return jax.lax.cond(pred, loss, lambda p, *a: zero, p, *a)
+        return jax.lax.switch(index, losses, p, *a)
 
     def fwd(p, a):
-        return jax.lax.cond(pred, jax.value_and_grad(loss), skipped, p, *a)
+        return jax.lax.switch(index, [jax.value_and_grad(loss) for loss in losses], p, *a)
 
     def bwd(grads, g):
         return jax.tree.map(lambda d: d * g, grads), None
@@ -309,32 +306,76 @@ def auxk(
     # The main codes took a sparse path (on an unsplit dictionary): so does this.
     sparse = out.top_index is not None and (out.mesh is None or out.mesh.shape["model"] == 1)
 
-    def loss(params, x, residual, dead, pre_acts):
-        if sparse:
-            # The k_aux dead latents' values, their encoder columns and decoder rows alone.
-            index = kernels.topk_indices(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh)
-            coding = sae.coding_params(params, x, out.transcoder)
-            values = jax.nn.relu(kernels.take_pre_acts(
-                x, coding["b_dec"], sae.encoder_weight(params), params["b_enc"], pre_acts,
-                index)) * dead[index]
-            recon = kernels.gather_decode(values, params["W_dec"], index)
-        else:
-            # Pre-activations recomputed here, so that their gradient (a dense encoder matmul)
-            # exists only in this branch.
-            pre_acts = sae.pre_activations(sae.coding_params(params, x, out.transcoder), x)
-            recon = topk(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh) @ params["W_dec"]
+    def normalised(recon, residual):
         error = jnp.sum(jnp.square(recon - residual), axis=-1)
         spread = jnp.sum(jnp.square(residual - residual.mean(axis=0)), axis=-1)
-        normalised = jnp.mean(error) / jnp.maximum(jnp.mean(spread), 1e-12)
-        return jnp.minimum(1.0, n_dead / k) * normalised
+        return jnp.minimum(1.0, n_dead / k) * jnp.mean(error) / jnp.maximum(jnp.mean(spread),
+                                                                            1e-12)
 
-    # With no dead latent the loss is 0: skip its encode, top-k and decode, and their gradients
-    # (in a sweep, unless some SAE has dead latents: the other SAEs' losses are 0 either way).
-    any_dead = n_dead if out.sweep_axis is None else jax.lax.psum(n_dead, out.sweep_axis)
+    def dense(params, x, residual, dead, pre_acts):
+        # Pre-activations recomputed here, so that their gradient (a dense encoder matmul)
+        # exists only in this branch.
+        pre_acts = sae.pre_activations(sae.coding_params(params, x, out.transcoder), x)
+        recon = topk(jnp.where(dead, pre_acts, -jnp.inf), k, out.mesh) @ params["W_dec"]
+        return normalised(recon, residual)
+
+    def dead_block(size):
+        """The sparse path's loss: the dead latents gathered into a block of `size` (padded).
+        Blocks up to 4·k_aux wide are a dense problem (their pre-activations and decoder rows
+        alone: three matmuls of the block's width); wider ones pick each token's k_aux
+        largest in the block and decode those rows alone (a gathered decode of k_aux rows a
+        token, which costs about a 10·k_aux-wide matmul on the CPU)."""
+        def loss(params, x, residual, dead, pre_acts):
+            cols = jnp.nonzero(dead, size=size, fill_value=0)[0]
+            coding = sae.coding_params(params, x, out.transcoder)
+            weights = (x, coding["b_dec"], sae.encoder_weight(params), params["b_enc"],
+                       pre_acts)
+            valid = jnp.arange(size) < n_dead
+            masked = jnp.where(valid, jnp.take(pre_acts, cols, axis=1), -jnp.inf)
+            if size > 4 * k:
+                chosen = kernels.topk_indices(masked, k, out.mesh)  # places in the block
+                index = jnp.take(cols, chosen)
+                values = jax.nn.relu(kernels.take_pre_acts(*weights, index)) * valid[chosen]
+                return normalised(kernels.gather_decode(values, params["W_dec"], index),
+                                  residual)
+            keep = valid[None, :]
+            if size > k:  # the k largest of each token's dead latents
+                last = kernels.topk_indices(masked, k, out.mesh)[:, -1:]
+                keep = keep & (masked >= jnp.take_along_axis(masked, last, axis=1))
+            codes = jnp.where(keep, jax.nn.relu(kernels.take_columns(*weights, cols)), 0.0)
+            return normalised(codes @ jnp.take(params["W_dec"], cols, axis=0), residual)
+
+        return loss
+
+    # With no dead latent the loss is 0: its encode, top-k and decode, and their gradients are
+    # skipped (in a sweep, unless some SAE has dead latents: the other SAEs' losses are 0 either
+    # way). On the sparse path the block is the smallest of dead_blocks() that holds every
+    # dead latent (in a sweep: every SAE's); few dead latents then cost a few matmuls of the
+    # block's width, not a top-k_aux and a gathered decode of k_aux rows a token.
+    if out.sweep_axis is None:
+        any_dead, most = n_dead > 0, n_dead
+    else:
+        any_dead = jax.lax.psum(n_dead, out.sweep_axis) > 0
+        most = jax.lax.pmax(n_dead, out.sweep_axis)
+    if sparse:
+        sizes = dead_blocks(k, d_sae)
+        losses = [dead_block(size) for size in sizes]
+        index = jnp.where(any_dead, 1 + jnp.searchsorted(jnp.asarray(sizes), most), 0)
+    else:
+        losses, index = [dense], any_dead.astype(jnp.int32)
+    zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
     residual = jax.lax.stop_gradient(out.target - out.x_hat)
-    value = only_when(any_dead > 0, loss, params, out.x, residual, dead,
-                      jax.lax.stop_gradient(out.pre_acts))
+    value = only_one(index, [lambda p, *a: zero, *losses], params, out.x, residual, dead,
+                     jax.lax.stop_gradient(out.pre_acts))
     return value, {"n_dead": n_dead}
+
+
+def dead_blocks(k: int, d_sae: int) -> tuple[int, ...]:
+    """The widths of AuxK's blocks of dead latents: k, 4k, 16k, ... below d_sae, then d_sae."""
+    sizes = [k]
+    while sizes[-1] * 4 < d_sae:
+        sizes.append(sizes[-1] * 4)
+    return (*sizes, d_sae) if sizes[-1] < d_sae else tuple(sizes)
 
 
 def _check_l0(cfg: Config, term: TermConfig, key: str) -> None:

@@ -179,6 +179,7 @@ def np_auxk(params, x, cfg, tsf, k_aux, dead_tokens):
         ("topk", False, 3, 8),  # fewer dead than k_aux: scale 3/8
         ("batchtopk", False, 20, None),  # default k_aux = d_in // 2
         ("topk", True, 9, 6),
+        ("topk", False, 35, 2),  # dead latents in every block width up to d_sae
     ],
 )
 def test_auxk(rng, x, activation, tied, n_dead, k_aux):
@@ -203,6 +204,34 @@ def test_auxk(rng, x, activation, tied, n_dead, k_aux):
     grads = term_grad("auxk", params, x, cfg, tokens_since_fired=tsf, **hp)
     check_grads(grads, expected_grads)
     assert np.abs(np.asarray(grads["b_enc"])[tsf < dead_tokens]).max() == 0.0  # alive: no grad
+
+
+def test_auxk_in_a_sweep_takes_the_block_of_the_most_dead(rng, x):
+    """In a sweep (vmap over SAEs) the block of dead latents is sized for the member with the
+    most (here 35 of 40, the widest block: each token's k_aux largest picked and decoded);
+    the other member, with 3 dead (fewer than k_aux 8, latent 0 among them: the block's
+    padding repeats latent 0), gets its own loss and gradients, as alone."""
+    cfg = SAEConfig(d_sae=D_SAE, activation="topk", k=K)
+    params = random_params(rng, cfg)
+    dead_tokens, k_aux = 1000, 8
+    tsf = np.zeros((2, D_SAE), np.int32)
+    tsf[0, rng.choice(D_SAE, size=35, replace=False)] = dead_tokens
+    tsf[1, [0, 7, 19]] = dead_tokens
+
+    def member(p, t):
+        def loss(q):
+            out = sae.forward(q, x, cfg, train=True, tokens_since_fired=t, sweep_axis="sweep")
+            return penalties.auxk(out, q, step=jnp.asarray(0), k_aux=k_aux,
+                                  dead_tokens=dead_tokens)[0]
+        return jax.value_and_grad(loss)(p)
+
+    stacked = jax.tree.map(lambda v: jnp.stack([v, v]), params)
+    values, grads = jax.jit(jax.vmap(member, axis_name="sweep"))(stacked, jnp.asarray(tsf))
+    for i in range(2):
+        want_value, want_grads, _ = np_auxk(params, x, cfg, jnp.asarray(tsf[i]), k_aux,
+                                            dead_tokens)
+        assert_close(values[i], want_value)
+        check_grads(jax.tree.map(lambda g, i=i: g[i], grads), want_grads)
 
 
 def test_auxk_is_zero_without_dead_latents(rng, x):
@@ -231,32 +260,31 @@ def test_auxk_scale_with_few_dead(rng, x):
     assert_close(v8, 0.25 * float(v2))
 
 
-def test_only_when_matches_plain_gradient():
-    """only_when: value and gradient of the loss (scaled by the outer cotangent) when the
-    predicate holds, zeros when not, also under jit and vmap (a sweep)."""
+def test_only_one_matches_plain_gradient():
+    """only_one: value and gradient of the chosen loss (scaled by the outer cotangent), the
+    others not taken; also under jit and under vmap (a sweep) with one index for all."""
     p = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
     a = jnp.array([0.5, 1.0, 2.0])
+    losses = [lambda q, y: jnp.zeros(()),
+              lambda q, y: jnp.sum(jnp.sin(q["w"] * y)) + q["b"] ** 2,
+              lambda q, y: jnp.sum(q["w"] ** 3 * y) * q["b"]]
 
-    def loss(q, y):
-        return jnp.sum(jnp.sin(q["w"] * y)) + q["b"] ** 2
+    def outer(q, index, y):
+        return 3.0 * penalties.only_one(index, losses, q, y)
 
-    def outer(q, pred, y):
-        return 3.0 * penalties.only_when(pred, loss, q, y)
-
-    for pred in (True, False):
-        value, grads = jax.jit(jax.value_and_grad(outer))(p, jnp.asarray(pred), a)
-        want_value, want_grads = jax.value_and_grad(lambda q: 3.0 * loss(q, a))(p)
-        scale = 1.0 if pred else 0.0
-        assert_close(value, scale * float(want_value))
+    for index, loss in enumerate(losses):
+        value, grads = jax.jit(jax.value_and_grad(outer))(p, jnp.asarray(index), a)
+        want_value, want_grads = jax.value_and_grad(lambda q, loss=loss: 3.0 * loss(q, a))(p)
+        assert_close(value, float(want_value))
         for name in p:
-            np.testing.assert_allclose(grads[name], scale * np.asarray(want_grads[name]),
-                                       rtol=1e-6)
+            np.testing.assert_allclose(grads[name], np.asarray(want_grads[name]), rtol=1e-6,
+                                       err_msg=f"loss {index} {name}")
     stacked = jax.tree.map(lambda v: jnp.stack([v, 2 * v]), p)
-    batched = jax.vmap(jax.grad(outer), in_axes=(0, 0, None))(
-        stacked, jnp.array([True, False]), a)
-    np.testing.assert_allclose(batched["w"][0], jax.grad(lambda q: 3.0 * loss(q, a))(p)["w"],
-                               rtol=1e-6)
-    np.testing.assert_array_equal(batched["w"][1], 0.0)
+    batched = jax.vmap(jax.grad(outer), in_axes=(0, None, None))(stacked, jnp.asarray(2), a)
+    for i, member in enumerate([p, jax.tree.map(lambda v: 2 * v, p)]):
+        want = jax.grad(lambda q: 3.0 * losses[2](q, a))(member)
+        np.testing.assert_allclose(batched["w"][i], want["w"], rtol=1e-6)
+        np.testing.assert_allclose(batched["b"][i], want["b"], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
