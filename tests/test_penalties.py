@@ -206,16 +206,17 @@ def test_auxk(rng, x, activation, tied, n_dead, k_aux):
     assert np.abs(np.asarray(grads["b_enc"])[tsf < dead_tokens]).max() == 0.0  # alive: no grad
 
 
-def test_auxk_in_a_sweep_takes_the_block_of_the_most_dead(rng, x):
-    """In a sweep (vmap over SAEs) the block of dead latents is sized for the member with the
-    most (here 35 of 40, the widest block: each token's k_aux largest picked and decoded);
-    the other member, with 3 dead (fewer than k_aux 8, latent 0 among them: the block's
-    padding repeats latent 0), gets its own loss and gradients, as alone."""
+@pytest.mark.parametrize("most", [20, 35])
+def test_auxk_in_a_sweep_takes_the_block_of_the_most_dead(rng, x, most):
+    """In a sweep (vmap over SAEs) AuxK's block is sized for the member with the most dead
+    latents (20 of 40 at k_aux 8: the 32-wide block, its top 8 a token; 35: all of d_sae);
+    the other member, with 3 dead (latent 0 among them, which the block's padding repeats),
+    gets its own loss and gradients, as alone."""
     cfg = SAEConfig(d_sae=D_SAE, activation="topk", k=K)
     params = random_params(rng, cfg)
     dead_tokens, k_aux = 1000, 8
     tsf = np.zeros((2, D_SAE), np.int32)
-    tsf[0, rng.choice(D_SAE, size=35, replace=False)] = dead_tokens
+    tsf[0, rng.choice(D_SAE, size=most, replace=False)] = dead_tokens
     tsf[1, [0, 7, 19]] = dead_tokens
 
     def member(p, t):
