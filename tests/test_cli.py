@@ -112,9 +112,15 @@ def _weights(sae_dir: Path) -> dict[str, np.ndarray]:
             .items()}
 
 
-def test_end_to_end_with_interruptions(tmp_path):
+def test_end_to_end_with_interruptions(tmp_path, capsys):
+    """Only the runs that are interrupted or resumed are subprocesses (signals); the others run
+    in this process (each subprocess start costs seconds of imports and compiling)."""
+    def run_here(*args: str) -> str:
+        assert cli.main(list(args)) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
     data = tmp_path / "data"
-    _run("synth", "superposition", "--out", str(data), "--n-features", "48", "--d-in", "16",
+    run_here("synth", "superposition", "--out", str(data), "--n-features", "48", "--d-in", "16",
          "--tokens", "32768", "--shard-tokens", "8192", "--no-progress")
     assert (data / "manifest.json").is_file() and (data / "truth.safetensors").is_file()
 
@@ -129,7 +135,7 @@ def test_end_to_end_with_interruptions(tmp_path):
         return path
 
     # Uninterrupted reference.
-    _run("train", str(config("straight")), "--no-progress")
+    run_here("train", str(config("straight")), "--no-progress")
 
     # SIGTERM: saves, exits 143 with a resume hint; the same command finishes the run.
     cfg = config("term")
@@ -156,11 +162,11 @@ def test_end_to_end_with_interruptions(tmp_path):
     assert steps == list(range(100, 701, 100))
 
     # Export from the checkpoint and evaluate against the ground truth.
-    _run("export", str(tmp_path / "kill"), "--out", str(tmp_path / "exported"))
+    run_here("export", str(tmp_path / "kill"), "--out", str(tmp_path / "exported"))
     for key, value in _weights(tmp_path / "exported").items():
         np.testing.assert_array_equal(value, reference[key])
-    result = _run("eval", str(tmp_path / "exported"), "--data", str(data), "--truth", str(data))
-    metrics = json.loads(result.stdout)
+    metrics = json.loads(run_here("eval", str(tmp_path / "exported"), "--data", str(data),
+                                  "--truth", str(data)))
     for key in ("l0", "mse", "explained_variance", "dead_fraction", "mcc", "mmcs"):
         assert key in metrics
     assert metrics["explained_variance"] > 0.5
