@@ -61,9 +61,10 @@ def encoder_matmul(x: jax.Array, b_dec: jax.Array, W: jax.Array, b_enc: jax.Arra
     the matmul's output is the pre-activations themselves: XLA-CPU does not fuse a bias into a
     matrix-matrix product, and otherwise writes the [batch, d_sae] product, reads it back and
     writes the sum (the pre-activations' readers, the top-k's maxima pass, its candidate
-    gathers and AuxK, do not fuse it either). Costs a copy of W ([d_in + 1, d_sae])."""
+    gathers and AuxK, do not fuse it either). Costs a copy of W ([d_in + 1, d_sae]), so only
+    batches of at least d_in rows take it (below, the copy outweighs the pass it saves)."""
     centred = x - b_dec
-    if _plain():
+    if _plain() or x.shape[0] < W.shape[0]:
         return centred @ W + b_enc
     ones = jnp.ones((x.shape[0], 1), centred.dtype)
     return jnp.concatenate([centred, ones], axis=1) @ jnp.concatenate(

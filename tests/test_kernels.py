@@ -114,12 +114,14 @@ def test_gathers_and_scatters_under_vmap(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_encoder_matmul_and_its_gradients_against_the_plain_form(impl, dtype):
-    """The pre-activations (x - b_dec) @ W + b_enc (on "cpu": the bias as one more row of W)
-    and the gradient of every argument, against autodiff of the plain expression."""
+@pytest.mark.parametrize("rows", [37, 5])
+def test_encoder_matmul_and_its_gradients_against_the_plain_form(impl, dtype, rows):
+    """The pre-activations (x - b_dec) @ W + b_enc (on "cpu", for batches of at least d_in
+    rows: the bias as one more row of W) and the gradient of every argument, against autodiff
+    of the plain expression."""
     rng = np.random.default_rng(3)
     x, b_dec, W, b_enc, g = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in
-                             [(37, 24), (24,), (24, 70), (70,), (37, 70)])
+                             [(rows, 24), (24,), (24, 70), (70,), (rows, 70)])
 
     def plain(x, b_dec, W, b_enc):
         return jnp.sum(((x - b_dec) @ W + b_enc) * g)
@@ -133,7 +135,7 @@ def test_encoder_matmul_and_its_gradients_against_the_plain_form(impl, dtype):
     tol = dict(rtol=2e-2, atol=5e-2) if dtype == "bfloat16" else dict(rtol=1e-5, atol=1e-5)
     want = np.asarray((x - b_dec).astype(jnp.float32) @ W.astype(jnp.float32)
                       + b_enc.astype(jnp.float32))
-    assert got.dtype == jnp.dtype(dtype) and got.shape == (37, 70)
+    assert got.dtype == jnp.dtype(dtype) and got.shape == (rows, 70)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, **tol)
     grads = jax.jit(jax.grad(fused, argnums=(0, 1, 2, 3)))(x, b_dec, W, b_enc)
     f32 = [a.astype(jnp.float32) for a in (x, b_dec, W, b_enc)]
