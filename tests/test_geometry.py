@@ -42,15 +42,21 @@ def test_cofiring_and_jaccard_match_counting(rng):
 def test_decoder_neighbours_and_clusters_match_brute_force(rng):
     W = rng.normal(size=(50, 8))
     W[10:13] = W[0] + 0.05 * rng.normal(size=(3, 8))  # a cluster {0, 10, 11, 12}
-    idx, cos = geometry.decoder_neighbours(W, 3, block=16)
+    W[30] = W[20] + 0.05 * rng.normal(size=8)  # and {20, 30}, across blocks
+    idx, cos, labels = geometry.decoder_graph(W, 3, 0.95, block=16)
     unit = W / np.linalg.norm(W, axis=1, keepdims=True)
     full = unit @ unit.T
     np.fill_diagonal(full, -np.inf)
     np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :3])
     np.testing.assert_allclose(cos, np.sort(full, axis=1)[:, ::-1][:, :3], atol=1e-5)
-    labels = geometry.decoder_clusters(W, 0.95)
     assert len({labels[k] for k in (0, 10, 11, 12)}) == 1
     assert np.sum(labels == labels[0]) == 4
+    # every label: the connected components of cos > 0.95 by brute force
+    from scipy.sparse.csgraph import connected_components
+    want = connected_components(full > 0.95, directed=False)[1]
+    same = labels[:, None] == labels[None, :]
+    np.testing.assert_array_equal(same, want[:, None] == want[None, :])
+    assert labels[20] == labels[30] and np.sum(labels == labels[20]) == 2
 
 
 def test_count_peaks(rng):

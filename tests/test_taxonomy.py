@@ -119,3 +119,64 @@ def test_the_longest_arc_wraps_round_and_ignores_stray_bins():
     row[1] = 1.0
     step = 360 / bins
     assert list(taxonomy.longest_arc(row)) == [5 * step, 360.0, 0.0]
+
+
+def _planes_reference(unit, nb_idx, nb_cos, cofiring=None):
+    """taxonomy.planes as it was first written: one latent at a time, an SVD per trial."""
+    n, d = unit.shape
+    size, energy = np.zeros(n, np.int64), np.zeros(n)
+    basis = np.zeros((n, 2, d), np.float32)
+    for k in range(n):
+        candidates = list(nb_idx[k][nb_cos[k] > taxonomy.PARTNER_COS])
+        if cofiring is not None:
+            row = slice(cofiring.indptr[k], cofiring.indptr[k + 1])
+            order = np.argsort(-cofiring.data[row], kind="stable")
+            order = order[:taxonomy.CO_FIRING_CANDIDATES]
+            candidates += [m for m in cofiring.indices[row][order] if m not in candidates]
+        if len(candidates) < 2:
+            continue
+        group, share, vt = [k], 1.0, None
+        for m in candidates:
+            _, s, v = np.linalg.svd(unit[[*group, m]], full_matrices=False)
+            e = float(np.sum(s[:2] ** 2) / np.sum(s**2))
+            if e >= taxonomy.PLANE_ENERGY:
+                group, share, vt = [*group, m], e, v[:2]
+        if vt is None:
+            continue
+        angles = np.sort(np.degrees(np.arctan2(unit[group] @ vt[1], unit[group] @ vt[0])))
+        gaps = np.diff(np.concatenate([angles, angles[:1] + 360]))
+        size[k] = max(1, int(np.sum(gaps >= taxonomy.MIN_SEPARATION)))
+        energy[k], basis[k] = share, vt
+    return {"size": size, "energy": energy, "basis": basis, "planar": size >= 3}
+
+
+def test_planes_in_lockstep_equal_one_latent_at_a_time(rng):
+    """taxonomy.planes (every latent's group grown at once, shares from Gram eigenvalues)
+    against the per-latent form with an SVD per trial: group sizes, shares and the planes
+    themselves, on decoders with planted circles, near-duplicates and random co-firing, in
+    chunks that split the latents unevenly."""
+    from scipy.sparse import csr_matrix
+
+    from jaxsae.analysis.geometry import decoder_graph
+
+    n, d = 300, 12
+    W = rng.normal(size=(n, d))
+    for _ in range(8):  # circles of 3-6 latents in random planes
+        plane = np.linalg.qr(rng.normal(size=(d, 2)))[0].T
+        members = rng.choice(n, size=rng.integers(3, 7), replace=False)
+        angles = rng.uniform(0, 2 * np.pi, size=len(members))
+        W[members] = np.stack([np.cos(angles), np.sin(angles)], 1) @ plane
+        W[members] += 0.02 * rng.normal(size=(len(members), d))
+    unit = W / np.linalg.norm(W, axis=1, keepdims=True)
+    nb_idx, nb_cos, _ = decoder_graph(W, 8, 0.99)
+    counts = rng.poisson(0.05, size=(n, n)) * rng.integers(1, 50, size=(n, n))
+    together = csr_matrix(counts + counts.T)
+    for co in (None, together):
+        want = _planes_reference(unit, nb_idx, nb_cos, co)
+        got = taxonomy.planes(unit, nb_idx, nb_cos, co, chunk=70)
+        assert want["planar"].sum() >= 8
+        np.testing.assert_array_equal(got["size"], want["size"])
+        np.testing.assert_array_equal(got["planar"], want["planar"])
+        np.testing.assert_allclose(got["energy"], want["energy"], rtol=1e-5)
+        span = [np.einsum("nki,nkj->nij", b, b) for b in (got["basis"], want["basis"])]
+        np.testing.assert_allclose(span[0], span[1], atol=1e-4)

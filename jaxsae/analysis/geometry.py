@@ -31,7 +31,7 @@ import numpy as np
 from jaxsae import export, outputs, sae
 from jaxsae.analysis import optimality as optimality_mod
 from jaxsae.analysis import taxonomy
-from jaxsae.analysis.stitch import max_cosine, unit_rows
+from jaxsae.analysis.stitch import unit_rows
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window, drop_multiple
@@ -106,31 +106,32 @@ def optimality_candidates(i, j, count, parents: np.ndarray, min_count: int,
     return both[np.sort(first)][:limit]
 
 
-def decoder_neighbours(W_dec: np.ndarray, k: int, block: int = 2048):
-    """Each latent's k nearest other latents by decoder cosine: (indices, cosines) [n, k]."""
+def decoder_graph(W_dec: np.ndarray, k: int, threshold: float, block: int = 2048
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the decoder's cosines, block by block (the [n, n] matrix is never held
+    whole): each latent's k nearest other latents (indices, cosines [n, k]) and a cluster label
+    per latent (connected components of cos > threshold between distinct latents)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(W_dec)
     unit = jnp.asarray(unit_rows(W_dec))
-    k = min(k, len(W_dec) - 1)
-    idx, cos = [], []
-    for start in range(0, len(W_dec), block):
+    k = min(k, n - 1)
+    idx, cos, q, r = [], [], [], []
+    for start in range(0, n, block):
         c = unit[start : start + block] @ unit.T
         rows = jnp.arange(c.shape[0])
         c = c.at[rows, rows + start].set(-jnp.inf)  # not itself
         v, i = jax.lax.top_k(c, k)
         idx.append(np.asarray(i))
         cos.append(np.asarray(v))
-    return np.concatenate(idx), np.concatenate(cos)
-
-
-def decoder_clusters(W_dec: np.ndarray, threshold: float) -> np.ndarray:
-    """Cluster label per latent: connected components of decoder cos > threshold."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    _, _, pairs = max_cosine(W_dec, W_dec, threshold=threshold)
-    q, r = pairs[:, 0].astype(int), pairs[:, 1].astype(int)
-    off = q != r
-    graph = coo_matrix((np.ones(off.sum()), (q[off], r[off])), shape=(len(W_dec),) * 2)
-    return connected_components(graph, directed=False)[1]
+        near = np.nonzero(np.asarray(c > threshold))  # (XLA's nonzero is slow on the CPU)
+        q.append(near[0] + start)
+        r.append(near[1])
+    q, r = np.concatenate(q), np.concatenate(r)
+    graph = coo_matrix((np.ones(len(q)), (q, r)), shape=(n, n))
+    return np.concatenate(idx), np.concatenate(cos), connected_components(graph,
+                                                                           directed=False)[1]
 
 
 def count_peaks(hist: np.ndarray, prominence: float = 0.05) -> np.ndarray:
@@ -219,7 +220,8 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
                    enabled=progress, desc="analyze")
 
     # The decoder's geometry first: the taxonomy's planes are measured in the passes.
-    nb_idx, nb_cos = decoder_neighbours(loaded.params["W_dec"], neighbours)
+    nb_idx, nb_cos, clusters = decoder_graph(loaded.params["W_dec"], neighbours,
+                                             cluster_threshold)
     unit = unit_rows(loaded.params["W_dec"])
     fires, top, total, total2 = np.zeros(n, np.int64), np.zeros(n), np.zeros(n), np.zeros(n)
     rows, cols, seen = [], [], 0
@@ -282,7 +284,6 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             loaded.params, loaded.sae, window.blocks(bar.update), candidates,
             sparsity_weight=sparsity_weight)
     bar.close()
-    clusters = decoder_clusters(loaded.params["W_dec"], cluster_threshold)
     sizes = np.bincount(clusters)
     peaks = count_peaks(hist)
     mean_active = np.where(fires > 0, total / np.maximum(fires, 1), 0.0)

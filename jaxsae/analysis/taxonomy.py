@@ -69,7 +69,7 @@ VARIABLE_CV = 0.35
 
 
 def planes(unit: np.ndarray, nb_idx: np.ndarray, nb_cos: np.ndarray,
-           cofiring=None) -> dict[str, np.ndarray]:
+           cofiring=None, chunk: int = 4096) -> dict[str, np.ndarray]:
     """Per latent: its plane group, grown greedily from the latent over its candidates — its
     decoder neighbours with cos > PARTNER_COS (closest first), then the latents it co-fires
     with most (`cofiring`: a CSR matrix of co-firing counts; adjacent latents tiling a circle
@@ -77,31 +77,80 @@ def planes(unit: np.ndarray, nb_idx: np.ndarray, nb_cos: np.ndarray,
     plane (the top two singular values carry >= PLANE_ENERGY of its squared norm). Returns
     the number of distinct directions in the group (in-plane angles >= MIN_SEPARATION
     degrees apart: duplicates of one feature count once), that share, and the plane's basis
-    [n, 2, d]; `planar`: at least three distinct directions."""
+    [n, 2, d]; `planar`: at least three distinct directions.
+
+    Every latent's group grows in lockstep, `chunk` latents at a time: a trial's share is read
+    from the eigenvalues of the members' Gram matrix ([candidates + 1]² per latent, the
+    excluded rows zeroed), and the plane's basis from one SVD of each final group."""
     n, d = unit.shape
+    candidates, count = _plane_candidates(nb_idx, nb_cos, cofiring)
     size, energy = np.zeros(n, np.int64), np.zeros(n)
     basis = np.zeros((n, 2, d), np.float32)
-    for k in range(n):
-        candidates = list(nb_idx[k][nb_cos[k] > PARTNER_COS])
-        if cofiring is not None:
-            row = slice(cofiring.indptr[k], cofiring.indptr[k + 1])
-            order = np.argsort(-cofiring.data[row], kind="stable")[:CO_FIRING_CANDIDATES]
-            candidates += [m for m in cofiring.indices[row][order] if m not in candidates]
-        if len(candidates) < 2:
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        members = np.concatenate([np.arange(lo, hi)[:, None], candidates[lo:hi]], axis=1)
+        rows = unit[members].astype(np.float64)  # [m, 1 + C, d]
+        gram = rows @ rows.transpose(0, 2, 1)
+        grows = count[lo:hi] >= 2
+        keep = np.zeros(members.shape, bool)
+        keep[:, 0] = True
+        share = np.ones(hi - lo)
+        accepted = np.zeros(hi - lo, bool)
+        for j in range(1, members.shape[1]):
+            trial = keep.copy()
+            trial[:, j] = True
+            masked = gram * (trial[:, :, None] & trial[:, None, :])
+            eig = np.linalg.eigvalsh(masked)
+            total = np.trace(masked, axis1=1, axis2=2)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                e = (eig[:, -1] + eig[:, -2]) / total
+            take = grows & (j <= count[lo:hi]) & (e >= PLANE_ENERGY)
+            keep[:, j] |= take
+            share = np.where(take, e, share)
+            accepted |= take
+        if not accepted.any():
             continue
-        group, share, vt = [k], 1.0, None
-        for m in candidates:
-            _, s, v = np.linalg.svd(unit[[*group, m]], full_matrices=False)
-            e = float(np.sum(s[:2] ** 2) / np.sum(s**2))
-            if e >= PLANE_ENERGY:
-                group, share, vt = [*group, m], e, v[:2]
-        if vt is None:
-            continue
-        angles = np.sort(np.degrees(np.arctan2(unit[group] @ vt[1], unit[group] @ vt[0])))
-        gaps = np.diff(np.concatenate([angles, angles[:1] + 360]))
-        size[k] = max(1, int(np.sum(gaps >= MIN_SEPARATION)))
-        energy[k], basis[k] = share, vt
+        at = np.flatnonzero(accepted)
+        vt = np.linalg.svd(rows[at] * keep[at][:, :, None], full_matrices=False)[2][:, :2]
+        proj = np.einsum("mcd,mkd->mck", rows[at], vt)
+        angles = np.where(keep[at], np.degrees(np.arctan2(proj[..., 1], proj[..., 0])), np.inf)
+        angles = np.sort(angles, axis=1)  # the group's first, the excluded (inf) after
+        n_in = keep[at].sum(axis=1)
+        with np.errstate(invalid="ignore"):  # inf - inf beyond each group: masked next
+            inner = np.diff(angles, axis=1)
+        inner = np.where(np.arange(inner.shape[1]) < (n_in - 1)[:, None], inner, 0.0)
+        wrap = angles[:, 0] + 360 - angles[np.arange(len(at)), n_in - 1]
+        distinct = np.sum(inner >= MIN_SEPARATION, axis=1) + (wrap >= MIN_SEPARATION)
+        size[lo + at] = np.maximum(1, distinct)
+        energy[lo + at] = share[at]
+        basis[lo + at] = vt
     return {"size": size, "energy": energy, "basis": basis, "planar": size >= 3}
+
+
+def _plane_candidates(nb_idx: np.ndarray, nb_cos: np.ndarray, cofiring
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Each latent's plane candidates in order, [n, C] (padded with the latent itself) and
+    their number: its neighbours with cos > PARTNER_COS, closest first, then up to
+    CO_FIRING_CANDIDATES of the latents it co-fires with most (ties: in column order) not
+    among them."""
+    n = len(nb_idx)
+    width = nb_idx.shape[1] + (CO_FIRING_CANDIDATES if cofiring is not None else 0)
+    out = np.repeat(np.arange(n)[:, None], width, axis=1)
+    count = np.zeros(n, np.int64)
+    close = nb_cos > PARTNER_COS
+    top = np.full((n, CO_FIRING_CANDIDATES), -1, np.int64)
+    if cofiring is not None:  # each row's most frequent partners, by one sort of all entries
+        row = np.repeat(np.arange(n), np.diff(cofiring.indptr))
+        order = np.lexsort((np.arange(len(row)), -cofiring.data, row))
+        rank = np.arange(len(row)) - cofiring.indptr[row[order]]
+        first = rank < CO_FIRING_CANDIDATES
+        top[row[order][first], rank[first]] = cofiring.indices[order][first]
+    for k in range(n):
+        chosen = list(nb_idx[k][close[k]])
+        chosen += [m for m in top[k] if m >= 0 and m not in chosen]
+        out[k, :len(chosen)] = chosen
+        count[k] = len(chosen)
+    return out, count
 
 
 def classify(*, frequency: np.ndarray, mean: np.ndarray, std: np.ndarray, peaks: np.ndarray,
