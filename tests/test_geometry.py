@@ -106,7 +106,10 @@ def test_analyze_writes_every_table_plot_and_the_page(small_data, tmp_path, caps
     for k in (0, 7, 39):
         active = codes[:, k][codes[:, k] > 0]
         assert float(latents[k]["firing_frequency"]) == pytest.approx(len(active) / 4000)
-        if len(active):
+        if len(active):  # the statistics of one pass over the tokens, against numpy's
+            assert float(latents[k]["max_activation"]) == pytest.approx(active.max(), rel=1e-5)
+            assert float(latents[k]["mean_activation"]) == pytest.approx(active.mean(),
+                                                                         rel=1e-4)
             want, _ = np.histogram(active, bins=geometry.BINS, range=(0, active.max()))
             got = [int(hists[k][f"bin{b}"]) for b in range(geometry.BINS)]
             assert sum(got) == len(active)

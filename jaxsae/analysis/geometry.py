@@ -155,11 +155,26 @@ def count_peaks(hist: np.ndarray, prominence: float = 0.05) -> np.ndarray:
 # The passes over the data
 
 
+def _over_tokens(operands, inits, combine):
+    """Reductions of several [batch, n] arrays over the batch in one pass (one lax.reduce of
+    all of them): XLA-CPU runs each reduction over the batch axis as a pass of its own, at
+    about three times the time of reading its operand (four of [1024, 65536] float32: 1.10 s
+    apart, 0.15 s together, measured 2026-12-03)."""
+    return jax.lax.reduce(tuple(operands), tuple(jnp.float32(v) for v in inits), combine, (0,))
+
+
+def _sums(*operands):
+    return _over_tokens(operands, [0.0] * len(operands),
+                        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)))
+
+
 @partial(jax.jit, static_argnames="cfg")
 def _first_pass(params, x, cfg: SAEConfig):
-    f = sae.encode(params, x, cfg)
-    return f, {"fires": jnp.sum(f > 0, 0), "max": jnp.max(f, 0), "sum": jnp.sum(f, 0),
-               "sum2": jnp.sum(f * f, 0)}
+    f = sae.encode(params, x, cfg).astype(jnp.float32)
+    fires, top, total, total2 = _over_tokens(
+        ((f > 0).astype(jnp.float32), f, f, f * f), (0.0, -jnp.inf, 0.0, 0.0),
+        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), a[2] + b[2], a[3] + b[3]))
+    return f, {"fires": fires.astype(jnp.int32), "max": top, "sum": total, "sum2": total2}
 
 
 @partial(jax.jit, static_argnames="cfg")
@@ -175,8 +190,7 @@ def _histogram_pass(params, x, top, planar, basis, partner, cfg: SAEConfig):
         jnp.linalg.norm(params["W_dec"], axis=1, keepdims=True), 1e-12)
     along = (x - params["b_dec"]) @ unit_dec.T  # [B, n]
     fired = (f > 0).astype(jnp.float32)
-    carry = jnp.stack([(fired * along).sum(0), (fired * along[:, partner]).sum(0),
-                       (fired[:, partner] * along).sum(0)])
+    carry = jnp.stack(_sums(fired * along, fired * along[:, partner], fired[:, partner] * along))
     b = jnp.clip(jnp.floor(f / jnp.maximum(top, 1e-30) * BINS).astype(jnp.int32), 0, BINS - 1)
     cols = jnp.broadcast_to(jnp.arange(f.shape[1]), f.shape)
     hist = jnp.zeros((f.shape[1], BINS), jnp.int32).at[cols, b].add((f > 0).astype(jnp.int32))
@@ -233,7 +247,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         total += s["sum"]
         total2 += s["sum2"]
         if seen < cofire_tokens:
-            t, j = np.nonzero(np.asarray(f[: cofire_tokens - seen]) > 0)
+            t, j = np.nonzero(np.asarray(f[: cofire_tokens - seen] > 0))  # (a 4x smaller copy)
             rows.append(t + seen)
             cols.append(j)
             seen += min(len(x), cofire_tokens - seen)
