@@ -69,7 +69,7 @@ VARIABLE_CV = 0.35
 
 
 def planes(unit: np.ndarray, nb_idx: np.ndarray, nb_cos: np.ndarray,
-           cofiring=None, chunk: int = 4096) -> dict[str, np.ndarray]:
+           cofiring=None, chunk: int = 1024) -> dict[str, np.ndarray]:
     """Per latent: its plane group, grown greedily from the latent over its candidates — its
     decoder neighbours with cos > PARTNER_COS (closest first), then the latents it co-fires
     with most (`cofiring`: a CSR matrix of co-firing counts; adjacent latents tiling a circle
