@@ -124,3 +124,13 @@ def test_analyze_writes_every_table_plot_and_the_page(small_data, tmp_path, caps
     assert all(int(p["fires_a"]) <= 150 and int(p["fires_b"]) <= 150 for p in pairs)
     assert not dense & {int(p[k]) for p in pairs for k in ("latent_a", "latent_b")}
     assert summary["l0"] == pytest.approx(np.mean((codes > 0).sum(1)), rel=1e-6)
+    # how fully a latent's tokens hold its partner's direction: against every token projected
+    # on every decoder direction (the definition; analyze sums the inputs per latent instead)
+    along = x @ (W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)).T  # [tokens, d_sae]
+    fired = codes > 0
+    with_partner = [k for k in range(d_sae) if int(latents[k]["partner"]) >= 0]
+    assert with_partner
+    for k in with_partner:
+        p = int(latents[k]["partner"])
+        want = along[fired[:, k], p].mean() / along[fired[:, p], p].mean()
+        assert float(latents[k]["carries_partner"]) == pytest.approx(want, rel=1e-4, abs=1e-5)

@@ -163,34 +163,25 @@ def _over_tokens(operands, inits, combine):
     return jax.lax.reduce(tuple(operands), tuple(jnp.float32(v) for v in inits), combine, (0,))
 
 
-def _sums(*operands):
-    return _over_tokens(operands, [0.0] * len(operands),
-                        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)))
-
-
-@partial(jax.jit, static_argnames="cfg")
-def _first_pass(params, x, cfg: SAEConfig):
+@partial(jax.jit, static_argnames="cfg", donate_argnames="inputs")
+def _first_pass(params, x, inputs, cfg: SAEConfig):
+    """The codes of a batch and its per-latent statistics; `inputs` [d_in, n] (donated):
+    the running sum, per latent (column), of the centred inputs of the tokens it fires on."""
     f = sae.encode(params, x, cfg).astype(jnp.float32)
     fires, top, total, total2 = _over_tokens(
         ((f > 0).astype(jnp.float32), f, f, f * f), (0.0, -jnp.inf, 0.0, 0.0),
         lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), a[2] + b[2], a[3] + b[3]))
-    return f, {"fires": fires.astype(jnp.int32), "max": top, "sum": total, "sum2": total2}
+    inputs = inputs + (x - params["b_dec"]).T @ (f > 0).astype(jnp.float32)
+    return f, {"fires": fires.astype(jnp.int32), "max": top, "sum": total,
+               "sum2": total2}, inputs
 
 
 @partial(jax.jit, static_argnames="cfg")
-def _histogram_pass(params, x, top, planar, basis, partner, cfg: SAEConfig):
+def _histogram_pass(params, x, top, planar, basis, cfg: SAEConfig):
     """The activation histograms; for the `planar` latents the input's projection on their
     plane (`basis` [m, 2, d]) where they fire: count, sum and sum of squares of its radius
-    [3, m] and the histogram of its angle [m, ANGLE_BINS]; and with each latent's `partner` [n],
-    sums of the input's projection on unit decoder directions [3, n]: on the latent's own
-    tokens along its own direction, along its partner's, and on the partner's tokens along
-    its own."""
+    [3, m] and the histogram of its angle [m, ANGLE_BINS]."""
     f = sae.encode(params, x, cfg)
-    unit_dec = params["W_dec"] / jnp.maximum(
-        jnp.linalg.norm(params["W_dec"], axis=1, keepdims=True), 1e-12)
-    along = (x - params["b_dec"]) @ unit_dec.T  # [B, n]
-    fired = (f > 0).astype(jnp.float32)
-    carry = jnp.stack(_sums(fired * along, fired * along[:, partner], fired[:, partner] * along))
     b = jnp.clip(jnp.floor(f / jnp.maximum(top, 1e-30) * BINS).astype(jnp.int32), 0, BINS - 1)
     cols = jnp.broadcast_to(jnp.arange(f.shape[1]), f.shape)
     hist = jnp.zeros((f.shape[1], BINS), jnp.int32).at[cols, b].add((f > 0).astype(jnp.int32))
@@ -203,8 +194,18 @@ def _histogram_pass(params, x, top, planar, basis, partner, cfg: SAEConfig):
     m_cols = jnp.broadcast_to(jnp.arange(angle.shape[1]), angle.shape)
     angles = jnp.zeros((angle.shape[1], taxonomy.ANGLE_BINS), jnp.float32).at[
         m_cols, a_bin].add(on)
-    return hist, jnp.stack([on.sum(0), (on * radius).sum(0), (on * radius**2).sum(0)]), \
-        angles, carry
+    return hist, jnp.stack([on.sum(0), (on * radius).sum(0), (on * radius**2).sum(0)]), angles
+
+
+def carry_sums(inputs: np.ndarray, unit: np.ndarray, partner: np.ndarray) -> np.ndarray:
+    """[3, n] sums of the input's projection on unit decoder directions: on each latent's own
+    tokens along its own direction, along its `partner`'s, and on the partner's tokens along
+    its own. Linear in the inputs, so each is a dot product of a latent's (or its
+    partner's) summed inputs `inputs` [n, d] (`_first_pass`) with a direction; projecting
+    every token on every direction instead costs a [tokens, n] matmul and two gathers of it."""
+    return np.stack([np.einsum("nd,nd->n", inputs, unit),
+                     np.einsum("nd,nd->n", inputs, unit[partner]),
+                     np.einsum("nd,nd->n", inputs[partner], unit)])
 
 
 def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
@@ -239,8 +240,9 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     unit = unit_rows(loaded.params["W_dec"])
     fires, top, total, total2 = np.zeros(n, np.int64), np.zeros(n), np.zeros(n), np.zeros(n)
     rows, cols, seen = [], [], 0
+    inputs = jnp.zeros((source.d_in, n), jnp.float32)
     for x in window.blocks(bar.update):
-        f, s = _first_pass(params, jnp.asarray(x, jnp.float32), loaded.sae)
+        f, s, inputs = _first_pass(params, jnp.asarray(x, jnp.float32), inputs, loaded.sae)
         s = jax.device_get(s)
         fires += s["fires"]
         top = np.maximum(top, s["max"])
@@ -261,16 +263,16 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     hist = np.zeros((n, BINS), np.int64)
     ring = np.zeros((3, len(planar)))
     angles = np.zeros((len(planar), taxonomy.ANGLE_BINS))
-    carry = np.zeros((3, n))
+    carry = carry_sums(np.asarray(inputs).T, unit, paired).astype(np.float64)
+    del inputs
     basis = jnp.asarray(plane["basis"][planar])
     for x in window.blocks(bar.update):
-        h, r, a, c = _histogram_pass(params, jnp.asarray(x, jnp.float32),
+        h, r, a = _histogram_pass(params, jnp.asarray(x, jnp.float32),
                                   jnp.asarray(top, jnp.float32), jnp.asarray(planar), basis,
-                                  jnp.asarray(paired), loaded.sae)
+                                  loaded.sae)
         hist += np.asarray(h)
         ring += np.asarray(r, np.float64)
         angles += np.asarray(a, np.float64)
-        carry += np.asarray(c, np.float64)
 
     frequency = fires / n_tok
     # Dense latents co-fire with everything: they are left out of pairs and parent / child.
