@@ -5,8 +5,9 @@ A command that writes a directory (`export`, `import`, `synth`, `cache`, `stitch
 builds it in a staging directory beside the target and renames it into place when complete, so
 an interrupted command never leaves a half-written output. What may be replaced is one rule,
 `check_target`: a missing path or an empty directory; an output jaxsae wrote of the same kind;
-any other directory only with `--overwrite`, and never a file, a run directory holding
-checkpoints, the command's own inputs or the working directory. A replaced directory is moved
+any other directory only with `--overwrite`, and never a file, a directory holding a run with
+checkpoints at any depth (even inside an output of the same kind), the command's own inputs or
+the working directory. A replaced directory is moved
 aside first and removed only once the new one is in place.
 """
 
@@ -57,18 +58,12 @@ def output_kind(path: Path) -> str | None:
     return None
 
 
-def holds_run(path: Path, depth: int = 2) -> Path | None:
-    """A training run directory (one with checkpoints/) at `path` or up to `depth` levels
-    below it, if there is one."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return path
-    if depth == 0 or not path.is_dir() or path.is_symlink():
-        return None
-    with contextlib.suppress(OSError):
-        for child in path.iterdir():
-            if child.is_dir() and (found := holds_run(child, depth - 1)):
-                return found
+def holds_run(path: Path) -> Path | None:
+    """A training run directory (one with checkpoints/) at `path` or anywhere below it (links
+    are not followed), if there is one."""
+    for root, dirs, _ in os.walk(path):
+        if "checkpoints" in dirs and (Path(root) / "checkpoints").is_dir():
+            return Path(root)
     return None
 
 
@@ -93,13 +88,13 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
                               "choose another path")
     if not any(target.iterdir()):
         return
-    found = output_kind(target)
-    if found == kind:  # jaxsae's own output of this kind (runs it holds are part of it)
-        return
     run = holds_run(target)
     if run is not None:
         raise OutputError(f"{where}: holds the training run {run} (with checkpoints); jaxsae "
                           "never replaces it: choose another path")
+    found = output_kind(target)
+    if found == kind:  # jaxsae's own output of this kind
+        return
     if overwrite:
         return
     what = f"a jaxsae {found} output, not {kind}" if found else "not empty"

@@ -108,6 +108,15 @@ def test_synth_and_cache_targets(tmp_path, capsys):
     refused([*argv, str(out)], capsys, match="already exists", unchanged=[out])
     _ok([*argv, str(out), "--overwrite", "--seed", "1"], capsys)
     assert snapshot(out) != before
+    # A run kept inside an output, at any depth, is never replaced with it.
+    (out / "mine" / "runs" / "a" / "checkpoints").mkdir(parents=True)
+    (out / "mine" / "runs" / "a" / "checkpoints" / "step").write_text("weeks of GPU time")
+    refused([*argv, str(out), "--overwrite"], capsys, match="holds the training run",
+            unchanged=[out])
+    deep = tmp_path / "nest" / "proj" / "runs" / "b"
+    (deep / "checkpoints").mkdir(parents=True)
+    refused([*argv, str(tmp_path / "nest"), "--overwrite"], capsys,
+            match="holds the training run", unchanged=[tmp_path / "nest"])
     squatter = tmp_path / "next.partial"
     squatter.mkdir()
     (squatter / "mine.txt").write_text("not a shard")
