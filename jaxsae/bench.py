@@ -26,10 +26,11 @@ from typing import Any
 
 import yaml
 
+from jaxsae import outputs
 from jaxsae.checks import check_run
 from jaxsae.config import Config, config_from_dict, sweep_label
 from jaxsae.errors import ConfigError, JaxsaeError
-from jaxsae.outputs import atomic_write, fmt, pyplot, save_figure, write_csv
+from jaxsae.outputs import OutputError, atomic_write, fmt, pyplot, save_figure, write_csv
 from jaxsae.parsing import apply_override, from_dict, read_yaml_mapping
 from jaxsae.progress import Progress
 
@@ -118,7 +119,9 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
 
     arms = cfg.arm_configs()
     directory = cfg.directory
+    check_directory(directory, arms)
     directory.mkdir(parents=True, exist_ok=True)
+    outputs.write_marker(directory, "bench")
     (directory / "bench.yaml").write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
     bar = Progress(len(arms), desc=f"bench {cfg.name}", unit="arm", enabled=progress)
     for arm, arm_cfg in arms.items():
@@ -140,6 +143,45 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
     rows = collect(arms)
     write_results(rows, directory)
     return rows
+
+
+_DUMPED_KEYS = {"name", "out", "base", "arms", "seeds"}
+
+
+def check_directory(directory: Path, arms: Mapping[str, Config]) -> None:
+    """Refuses (before any work) a bench directory that is a file, the working directory or a
+    directory above it, in the data an arm reads, holding that data in an arm's run, or that
+    exists and is not a bench's: a bench adds its arms' runs and replaces its tables there,
+    and must not do so among somebody else's files."""
+    where = f"out {directory}"
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise OutputError(f"{where}: is a file; give the path of a directory")
+    resolved = directory.resolve()
+    if outputs.inside(Path.cwd().resolve(), resolved):
+        raise OutputError(f"{where}: is the working directory or above it; choose another")
+    for arm, arm_cfg in arms.items():
+        for data in (arm_cfg.data.path, arm_cfg.data.target):
+            data = Path(data).resolve() if data else None
+            if data is not None and (outputs.inside(resolved, data) or outputs.inside(
+                    data, Path(arm_cfg.run_dir).resolve())):
+                raise OutputError(f"{where}: would write into {data}, which arm {arm} reads; "
+                                  "choose another directory")
+    if not directory.exists() or not any(directory.iterdir()):
+        return
+    if outputs.output_kind(directory) == "bench" or _dumped_bench(directory):
+        return
+    raise OutputError(f"{where}: exists and is not a bench directory (jaxsae bench writes "
+                      "its arms and tables there); choose another directory")
+
+
+def _dumped_bench(directory: Path) -> bool:
+    """A bench directory of an earlier version (no marker): its bench.yaml is a bench's dump
+    of its whole config, every key present."""
+    try:
+        saved = yaml.safe_load((directory / "bench.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and set(saved) == _DUMPED_KEYS
 
 
 def finished_with(arm_cfg: Config) -> bool:

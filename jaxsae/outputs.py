@@ -67,7 +67,8 @@ def holds_run(path: Path) -> Path | None:
     return None
 
 
-def _inside(path: Path, parent: Path) -> bool:
+def inside(path: Path, parent: Path) -> bool:
+    """Whether `path` is `parent` or lies below it."""
     return path == parent or parent in path.parents
 
 
@@ -83,7 +84,7 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
         return
     resolved = target.resolve()
     for protected in [Path.cwd(), *inputs]:
-        if _inside(Path(protected).resolve(), resolved):
+        if inside(Path(protected).resolve(), resolved):
             raise OutputError(f"{where}: would replace {protected}, which this command reads; "
                               "choose another path")
     if not any(target.iterdir()):

@@ -68,6 +68,38 @@ def test_bad_bench_configs_name_the_key(tmp_path, change, match):
         bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path, **change)))
 
 
+def test_the_bench_directory_never_takes_somebody_elses_files(tmp_path, capsys, monkeypatch):
+    from tests.faults.conftest import refused
+
+    path = _write(tmp_path, _bench_tree(tmp_path))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "results.md").write_text("my precious results")
+    (notes / "l0_vs_ev.png").write_text("my figure")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for out, match in [(notes, "is not a bench directory"), (data, "which arm l1 reads"),
+                       (a_file, "is a file"), (tmp_path, "working directory")]:
+        refused(["bench", str(path), f"out={out}", "--no-progress"], capsys, match=match,
+                unchanged=[notes, data, a_file])
+    # an arm's run directory holding the data it reads
+    tree = _bench_tree(tmp_path)
+    tree["base"]["data"]["path"] = str(tmp_path / "bench" / "l1" / "data")
+    refused(["bench", str(_write(tmp_path, tree)), "--no-progress"], capsys,
+            match="which arm l1 reads", unchanged=[notes])
+    # a bench directory of an earlier version (no marker) is still a bench's
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    dumped = {**_bench_tree(tmp_path), "out": str(earlier)}
+    (earlier / "bench.yaml").write_text(yaml.safe_dump(dumped))
+    cfg = bench.load_bench_config(_write(tmp_path, dumped))
+    bench.check_directory(earlier, cfg.arm_configs())  # no error
+
+
 def test_pareto_frontier():
     pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (3.0, 0.9), (4.0, 0.8), (0.5, 0.1)]
     assert bench.pareto_frontier(pts) == [5, 0, 2, 3]
