@@ -3,7 +3,7 @@
 Reconstruction (over every evaluated token; for a transcoder, x is its target):
   l0                  mean number of active latents per token
   mse                 mean over tokens of ‖x̂ − x‖²
-  explained_variance  1 − Σ‖x̂ − x‖² / Σ‖x − mean(x)‖²
+  explained_variance  1 − Σ‖x̂ − x‖² / Σ‖x − mean(x)‖² (null where the tokens do not vary)
   dead_fraction       fraction of latents that never fire on these tokens
   firing_frequency    per latent, fraction of tokens on which it fires
 Ground truth (decoder rows vs true directions, by |cosine|):
@@ -73,10 +73,19 @@ class ReconstructionSums:
             "tokens": n,
             "l0": self.active / n,
             "mse": self.sse / n,
-            "explained_variance": 1.0 - self.sse / max(total_var, 1e-30),
+            "explained_variance": explained_variance(self.sse, total_var, self.sum_sq),
             "dead_fraction": float(np.mean(self.fires == 0)),
             "firing_frequency": frequency,
         }
+
+
+def explained_variance(sse: float, total_var: float, sum_sq: float) -> float:
+    """1 − sse / total_var; NaN (written as null) where the tokens have no variance to
+    explain: total_var at the rounding error of computing it as Σ‖x‖² − ‖Σx‖²/n (constant
+    or all-zero tokens), where any ratio would be a number nobody measured."""
+    if not total_var > 1e-6 * sum_sq:
+        return float("nan")
+    return 1.0 - sse / total_var
 
 
 def reconstruction_metrics(

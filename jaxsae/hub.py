@@ -24,6 +24,13 @@ CARD = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _number(value: Any, spec: str) -> str:
+    """A figure of the model card; "n/a" where none was measured (null, NaN)."""
+    if value is None or value != value:
+        return "n/a"
+    return format(value, spec)
+
+
 def folder_name(hook_name: str | None, run_name: str, point: dict | None) -> str:
     """The SAE's folder: its hook (else the run's name), plus a sweep SAE's values."""
     name = hook_name or run_name
@@ -53,8 +60,10 @@ def write_card(out: Path, cfg: Config, saes: list[dict[str, Any]],
     for sae in saes:
         c, ev = sae["cfg"], sae["eval"]
         lines.append(f"| `{sae['folder']}` | {c['architecture']} | {c['d_in']} | {c['d_sae']} | "
-                     f"{ev['l0']:.2f} | {ev['explained_variance']:.4f} | "
-                     f"{ev['dead_fraction']:.4f} | {c['metadata']['training_tokens']:,} |")
+                     f"{_number(ev['l0'], '.2f')} | "
+                     f"{_number(ev['explained_variance'], '.4f')} | "
+                     f"{_number(ev['dead_fraction'], '.4f')} | "
+                     f"{c['metadata']['training_tokens']:,} |")
     held = "held-out" if saes[0]["eval"].get("held_out") else "training"
     lines += ["", f"Figures measured on {saes[0]['eval']['tokens']:,} {held} tokens at the end "
               "of training.", "", "## Load", "", "```python",

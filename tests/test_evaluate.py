@@ -114,6 +114,18 @@ def test_perfect_reconstruction_has_explained_variance_one():
     assert m["explained_variance"] == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("value", [0.0, 1.0, 123.4])
+def test_tokens_that_do_not_vary_have_no_explained_variance(value):
+    """Constant tokens leave nothing to explain: Σ‖x‖² − ‖Σx‖²/n is rounding error there, and
+    a ratio to it was reported as -2.4e34 (and all-zero tokens as 1.0)."""
+    params, cfg = make_sae("relu")
+    x = np.full((300, D_IN), value, np.float32)
+    m = reconstruction_metrics(params, cfg, [x[:100], x[100:]])
+    assert np.isnan(m["explained_variance"]) and np.isfinite(m["mse"])
+    x[::2] += 0.1 * max(value, 1.0)  # variance is measured again
+    assert np.isfinite(reconstruction_metrics(params, cfg, [x])["explained_variance"])
+
+
 def test_reconstruction_metrics_refuses_no_tokens():
     params, cfg = make_sae("relu")
     with pytest.raises(ValueError, match="no tokens"):
