@@ -94,6 +94,12 @@ def _summary(cfg: Config, meta: dict[str, Any], n: int) -> str:
     return f"{what} trained {on}, in the SAELens format."
 
 
+def without_evaluation(metadata: dict[str, Any]) -> dict[str, Any]:
+    """cfg.json's metadata less the training's evaluation (`eval_*`): for an SAE made from
+    another (converted, repaired), whose figures those are not."""
+    return {k: v for k, v in metadata.items() if not k.startswith("eval_")}
+
+
 def training_metadata(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
     """What cfg.json's metadata says of the training and its outcome."""
     return {"training_tokens": cfg.optim.total_steps * cfg.optim.batch_size,

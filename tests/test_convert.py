@@ -56,6 +56,12 @@ def test_thresholds_reproduce_topk_firing_as_well_as_any_threshold(small_data, t
 def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path, capsys):
     _topk_sae(tmp_path / "small", 24, 3, 1)
     _topk_sae(tmp_path / "large", 64, 4, 2)
+    # the source's own evaluation, which describes it and not what convert makes of it
+    cfg_file = tmp_path / "small" / export.CFG_FILE
+    cfg_json = json.loads(cfg_file.read_text())
+    cfg_json["metadata"] = {**cfg_json.get("metadata", {}), "eval_l0": 3.0,
+                            "eval_explained_variance": 0.9, "training_tokens": 1234}
+    cfg_file.write_text(json.dumps(cfg_json))
     out = tmp_path / "converted"
     argv = ["convert", str(tmp_path / "small"), "--data", str(small_data), "--out", str(out),
             "--tokens", "4096"]
@@ -66,6 +72,9 @@ def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path,
                                                            SMALL_SPEC.tokens)
     topk, jump = export.load_sae(tmp_path / "small").params, export.load_sae(out / "sae")
     assert jump.sae.activation == "jumprelu"
+    metadata = json.loads((out / "sae" / export.CFG_FILE).read_text())["metadata"]
+    assert metadata["training_tokens"] == 1234 and not any(k.startswith("eval_")
+                                                           for k in metadata)
     pre = (x - topk["b_dec"]) @ topk["W_enc"] + topk["b_enc"]
     kept = np.zeros_like(pre, bool)
     np.put_along_axis(kept, np.argsort(-pre, axis=1)[:, :3], True, axis=1)

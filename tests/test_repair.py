@@ -68,6 +68,10 @@ def absorbed(tmp_path_factory):
 def test_repair_undoes_absorption(absorbed, capsys):
     root, data, D = absorbed
     out = root / "out"
+    cfg_file = root / "sae" / export.CFG_FILE
+    cfg_json = json.loads(cfg_file.read_text())
+    cfg_json["metadata"] = {**cfg_json.get("metadata", {}), "eval_l0": 2.0}
+    cfg_file.write_text(json.dumps(cfg_json))  # the absorbed SAE's own evaluation
     assert cli.main(["repair", str(root / "sae"), "--data", str(data), "--truth", str(data),
                      "--out", str(out), "--tokens", "16384", "--no-progress"]) == 0
     report = json.loads((out / "repair.json").read_text())
@@ -85,6 +89,7 @@ def test_repair_undoes_absorption(absorbed, capsys):
     assert cos.min() > 0.99  # the dictionary is back at the true features
     assert (out / "analysis" / "latents.csv").exists()
     assert "| after |" in (out / "repair.md").read_text()
+    assert "eval_l0" not in json.loads((out / "sae" / export.CFG_FILE).read_text())["metadata"]
 
 
 def test_bad_input_changes_nothing(absorbed, capsys):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import export, outputs, sae
+from jaxsae import export, hub, outputs, sae
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data.window import TRAINED, DropRule, Window, drop_multiple, trained_drop
 from jaxsae.errors import JaxsaeError
@@ -146,7 +146,7 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536
     with outputs.staged_directory(out, "convert", overwrite=overwrite,
                                   inputs=(sae_dir, data)) as staging:
         export.export_sae(params, cfg, staging / "sae",
-                          metadata=loaded.cfg_json.get("metadata", {}),
+                          metadata=hub.without_evaluation(loaded.cfg_json.get("metadata", {})),
                           training={"converted_from": str(sae_dir), "k": loaded.sae.k,
                                     **trained_drop(loaded.cfg_json)})
         outputs.atomic_write(staging / "convert.json", json.dumps(report, indent=1))

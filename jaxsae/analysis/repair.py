@@ -28,7 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import evaluate, export, outputs
+from jaxsae import evaluate, export, hub, outputs
 from jaxsae.config import DataConfig
 from jaxsae.data.window import TRAINED, DropRule, Window, describe, drop_multiple, trained_drop
 from jaxsae.errors import JaxsaeError
@@ -122,7 +122,7 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             metrics.pop("firing_frequency")
             report[label] = {**metrics, **truth_metrics}
         export.export_sae(params, loaded.sae, staging / "sae",
-                          metadata=loaded.cfg_json.get("metadata", {}),
+                          metadata=hub.without_evaluation(loaded.cfg_json.get("metadata", {})),
                           training={"repaired_from": str(sae_dir), "pairs": len(pairs),
                                     **trained_drop(loaded.cfg_json)})
         outputs.atomic_write(staging / "repair.json", outputs.json_text(report))
