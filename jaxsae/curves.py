@@ -27,9 +27,9 @@ Series = tuple[str, list[dict]]
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The lines of a metrics.jsonl (a line cut by a kill is skipped)."""
+    """The lines of a metrics.jsonl (a line cut by a kill, or garbled, is skipped)."""
     lines = []
-    for text in path.read_text().splitlines():
+    for text in path.read_text(errors="replace").splitlines():
         try:
             line = json.loads(text)
         except json.JSONDecodeError:

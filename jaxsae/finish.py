@@ -28,7 +28,7 @@ from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.saelens import SAELensCache
 from jaxsae.data.stats import DataStats
 from jaxsae.data.window import Window
-from jaxsae.errors import JaxsaeError
+from jaxsae.errors import DataError, JaxsaeError
 from jaxsae.outputs import write_csv
 from jaxsae.parsing import list_index
 from jaxsae.runlock import RunLock, RunLocked
@@ -72,7 +72,15 @@ def ground_truth(cfg: Config, source) -> synthetic.Truth | None:
     if not (Path(cfg.data.path) / synthetic.TRUTH_JSON).is_file():
         return None
     truth = synthetic.load_truth(cfg.data.path)
-    return truth if truth.spec.tokens == source.n_tokens else None
+    if truth.spec.tokens != source.n_tokens:
+        return None
+    width = getattr(source, "d_out", 0) or source.d_in  # what decoder rows are compared in
+    if truth.directions.ndim != 2 or truth.directions.shape[1] != width:
+        what = f"data.target {cfg.data.target}'s" if cfg.data.target else "the data's"
+        raise DataError(f"{Path(cfg.data.path) / synthetic.TRUTH_TENSORS}: its directions are "
+                        f"{list(truth.directions.shape)}, but {what} tokens have {width} "
+                        "values: not the truth of this data")
+    return truth
 
 
 def finalise(params: sae.Params, cfg: Config, source, n_train: int,

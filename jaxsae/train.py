@@ -121,12 +121,13 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
             f"data.eval_tokens ({held_out}); need at least optim.batch_size "
             f"({cfg.optim.batch_size})"
         )
+    truth = ground_truth(cfg, source)  # read (and checked) now, not after the training
 
     told: list[LoopHook] = []  # filled by the loop; closed once evaluation is done too
     try:
         return _train_and_finish(cfg, run_dir, source, n_train, members, dirs, told,
                                  progress=progress, log=log, make_loader=make_loader,
-                                 hooks=hooks)
+                                 hooks=hooks, truth=truth)
     except BaseException as error:
         for hook in told:
             hook.on_failure(error)
@@ -139,7 +140,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
 def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members: list[Config],
                       dirs: list[Path], told: list[LoopHook], *, progress: bool,
                       log: Callable[[str], None], make_loader: Callable[..., Loader],
-                      hooks: Sequence[LoopHook]) -> RunResult:
+                      hooks: Sequence[LoopHook], truth) -> RunResult:
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
@@ -164,7 +165,6 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
     # -- export + evaluation -------------------------------------------------------------
     total = cfg.optim.total_steps
     params = jax.device_get(state.params)
-    truth = ground_truth(cfg, source)
     evaluations = finalise_all(
         [(built.member_params(params, i), member, directory / "sae" if is_main else None)
          for i, (member, directory) in enumerate(zip(members, dirs, strict=True))],

@@ -242,6 +242,30 @@ def test_missing_data_and_too_few_tokens(small_data, tmp_path):
         train_mod.train(cfg, progress=False)
 
 
+@pytest.mark.parametrize("garble", ["bad json", "not utf-8", "other width"])
+def test_a_bad_truth_is_refused_before_training(small_data, tmp_path, garble):
+    """The ground truth beside the data is read before the first step, not after the last
+    (fault testing: a broken truth.json failed every rerun once training had ended)."""
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    if garble == "bad json":
+        (data / "truth.json").write_text('{"generator": ')
+    elif garble == "not utf-8":
+        (data / "truth.json").write_bytes(b"\xff\xfe{}")
+    else:
+        arrays = tensorfile.read(data / "truth.safetensors")
+        arrays["directions"] = np.zeros((48, 24), np.float32)
+        (data / "truth.safetensors").unlink()
+        tensorfile.write(data / "truth.safetensors", arrays)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    with pytest.raises(DataError, match="truth"):
+        train_mod.train(small_config(data, tmp_path / "run"), progress=False,
+                        make_loader=no_training)
+
+
 def test_resume_refuses_changed_config(small_data, tmp_path):
     train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
     changed = small_config(small_data, tmp_path / "run", sae={"d_sae": 32})

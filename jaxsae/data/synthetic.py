@@ -595,8 +595,10 @@ def load_truth(path: str | Path) -> Truth:
             raise DataError(f"{f}: not found (not a directory written by `jaxsae synth`)")
     try:
         info = json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{meta}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{meta}: not a JSON object")
     kind = info.get("generator")
     if kind not in GENERATORS:
         raise DataError(f"{meta}: unknown generator {kind!r}")
