@@ -109,6 +109,8 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
         if jax.process_count() > 1:  # every process passes here; the others wait for the data
             multihost_utils.sync_global_devices("jaxsae-generate-data")
     source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
+    if cfg.data.generate is not None and not cfg.data.stream:
+        synthetic.check_generated(source, cfg.data.generate, data_path)
     held_out = cfg.data.held_out(source.n_tokens)
     n_train = source.n_tokens - held_out
     if cfg.data.stream:

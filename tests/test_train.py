@@ -266,6 +266,23 @@ def test_a_bad_truth_is_refused_before_training(small_data, tmp_path, garble):
                         make_loader=no_training)
 
 
+def test_data_generated_otherwise_than_data_generate_says_is_refused(small_data, tmp_path):
+    """data.generate asks for other data than data.path holds: training on it would report
+    results about other data than the config (and the run's config.yaml) says."""
+    from jaxsae.config import DataConfig
+    from jaxsae.data import open_source, synthetic
+    from tests.conftest import SMALL_SPEC
+
+    same = {**dataclasses.asdict(SMALL_SPEC), "kind": "superposition"}
+    source = open_source(DataConfig(path=str(small_data)))
+    synthetic.check_generated(source, same, small_data)  # what wrote it: accepted
+    synthetic.check_generated(source, {**same, "tokens": 4096}, small_data)  # a prefix of it
+    asked = {**same, "d_in": 32}
+    with pytest.raises(DataError, match="other d_in"):
+        train_mod.train(small_config(small_data, tmp_path / "run", data={"generate": asked}),
+                        progress=False)
+
+
 def test_resume_refuses_changed_config(small_data, tmp_path):
     train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
     changed = small_config(small_data, tmp_path / "run", sae={"d_sae": 32})
