@@ -85,6 +85,7 @@ class DataConfig:
 
     def __post_init__(self):
         _need(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
+        _need(0 <= self.seed < 2**63, "data.seed", "must be in [0, 2^63)")
         _need(self.eval_tokens == "auto" or self.eval_tokens >= 0, "data.eval_tokens",
               "must be >= 0 (or auto)")
         _need(self.drop_norm_above is None or self.drop_norm_above > 0, "data.drop_norm_above",
@@ -466,6 +467,7 @@ class Config:
         # jaxsae.checks.check_run).
         _need(bool(self.data.path) or self.data.stream, "data.path",
               "required (a directory of cached activations)")
+        _need(-2**63 <= self.seed < 2**63, "seed", "must be a 64-bit integer")
         if self.data.target is not None and not self.sae.transcoder:
             # data.target makes the dictionary a transcoder (the section cannot see data)
             object.__setattr__(self, "sae", replace(self.sae, transcoder=True))

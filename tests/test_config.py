@@ -172,6 +172,8 @@ def raises_naming(*fragments: str):
         (["sae.activation=jumprelu", "loss.1.term=l0", "loss.1.bandwidth=0"],
          ("loss[1].bandwidth",)),
         (["loss=[]"], ("loss", "at least one")),
+        (["data.seed=-1"], ("data.seed", "[0, 2^63)")),
+        (["seed=99999999999999999999"], ("seed", "64-bit")),
         (["optim.warmup_steps=20"], ("optim.warmup_steps", "24")),
         (["optim.decay_fraction=0.5", "optim.warmup_steps=13"], ("optim.warmup_steps",)),
         (["optim.total_tokens=100"], ("optim.total_tokens",)),

@@ -249,3 +249,11 @@ def test_generate_dispatches(tmp_path):
                     "mean_l0": 1.0}, tmp_path / "g", progress=False)
     assert ShardSet(out).n_tokens == 100
     assert json.loads((out / TRUTH_JSON).read_text())["n_features"] == 6
+
+
+def test_settings_that_draw_non_finite_values_write_nothing(tmp_path):
+    """(fault testing: absurd magnitudes wrote shards of NaN and reported success)"""
+    spec = SuperpositionSpec(n_features=8, d_in=4, tokens=256, mean_l0=4.0, magnitude_mean=3e38)
+    with pytest.raises(DataError, match="non-finite"):
+        generate_superposition(spec, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())

@@ -111,6 +111,12 @@ def test_presets_and_refusals():
         sb.SynthSAEBenchSpec(preset="tiny", roots=20)
     with pytest.raises(ConfigError, match="min_prob"):
         sb.SynthSAEBenchSpec(min_prob=0.5)
+    with pytest.raises(ConfigError, match=r"^max_prob"):  # the culprit, not min_prob
+        sb.SynthSAEBenchSpec(max_prob=1.5)
+    with pytest.raises(ConfigError, match="correlation_rank"):  # [B, rank, n] beyond memory
+        sb.SynthSAEBenchSpec(preset="tiny", correlation_rank=5000)
+    with pytest.raises(ConfigError, match="seed"):
+        sb.SynthSAEBenchSpec(seed=-1)
 
 
 def firing_stats(codes, parent, exclusive, branching):

@@ -12,8 +12,9 @@ def need(ok: bool, key: str, why: str) -> None:
 
 
 def check_common(spec) -> None:
-    """The fields every generator has: d_in, tokens, shard_tokens, dtype."""
+    """The fields every generator has: d_in, tokens, seed, shard_tokens, dtype."""
     need(spec.d_in > 0, "d_in", "must be > 0")
+    need(0 <= spec.seed < 2**63, "seed", "must be in [0, 2^63)")
     need(spec.tokens > 0, "tokens", "must be > 0")
     need(spec.shard_tokens > 0, "shard_tokens", "must be > 0")
     need(spec.dtype in ("float32", "float16"), "dtype", "must be float32 or float16")

@@ -397,6 +397,11 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
         for i, lo in enumerate(range(0, spec.tokens, BLOCK_TOKENS)):
             n = min(BLOCK_TOKENS, spec.tokens - lo)
             x, y, _ = block_rows(spec, truth, i, n, codes=False)
+            for rows in (x, y):
+                if rows is not None and not np.isfinite(rows).all():
+                    raise DataError(f"{spec.kind}: the settings drew non-finite values (in the "
+                                    f"block of tokens {lo}..{lo + n - 1}); bring the "
+                                    "magnitudes and learning rates into range")
             writer.write(x)
             if targets is not None:
                 targets.write(y)
@@ -424,8 +429,10 @@ def block_rows(spec, truth: Mapping[str, np.ndarray], block: int, n: int, *,
         x, dense = spec.block(truth, block, n, block_tokens=BLOCK_TOKENS, codes=codes)
         return x, None, dense
     dense = spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
-    x = dense @ truth.get("input_directions", truth["directions"])
-    y = dense @ truth["directions"] + x @ truth["skip"] if "input_directions" in truth else None
+    with np.errstate(over="ignore", invalid="ignore"):  # (`write` refuses non-finite rows)
+        x = dense @ truth.get("input_directions", truth["directions"])
+        y = (dense @ truth["directions"] + x @ truth["skip"] if "input_directions" in truth
+             else None)
     return x, y, dense
 
 

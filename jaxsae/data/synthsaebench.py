@@ -139,9 +139,11 @@ class SynthSAEBenchSpec:
               f"need {self.tree_features} features; n_features is {self.n_features}")
         _need(0 <= self.exclusive_portion <= 1, "exclusive_portion", "must be in [0, 1]")
         _need(self.zipf_exponent > 0, "zipf_exponent", "must be > 0")
-        _need(0 < self.min_prob < self.max_prob <= 1, "min_prob",
-              "must be > 0 and below max_prob (<= 1)")
-        _need(self.correlation_rank >= 0, "correlation_rank", "must be >= 0")
+        _need(0 < self.max_prob <= 1, "max_prob", "must be in (0, 1]")
+        _need(0 < self.min_prob < self.max_prob, "min_prob",
+              f"must be > 0 and below max_prob ({self.max_prob})")
+        _need(0 <= self.correlation_rank <= self.n_features, "correlation_rank",
+              f"must be in [0, n_features ({self.n_features})]")
         _need(self.correlation_scale >= 0, "correlation_scale", "must be >= 0")
         _need(self.orthogonalize_steps >= 0, "orthogonalize_steps", "must be >= 0")
         _need(self.orthogonalize_lr > 0, "orthogonalize_lr", "must be > 0")
