@@ -19,7 +19,9 @@ import io
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -104,8 +106,40 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
 
 
 def staging_path(target: Path) -> Path:
-    """A fresh name beside `target` for building it (same filesystem, so renaming is atomic)."""
-    return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """A fresh name beside `target` for building it (same filesystem, so renaming is atomic),
+    naming this host and process (see `remove_stale_staging`)."""
+    return target.parent / (f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+                            f"{uuid.uuid4().hex[:8]}")
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Removes the staging directories of `target` that a killed command left (SIGKILL, power
+    loss: no cleanup ran): those named for this host and a process that no longer runs. One
+    of another host (a shared filesystem) or of a live process is left alone."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(?P<host>.+)-(?P<pid>\d+)-"
+                         r"[0-9a-f]{8}")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in target.parent.iterdir():
+            found = pattern.fullmatch(entry.name)
+            if (found and found["host"] == socket.gethostname()
+                    and not _running(int(found["pid"])) and entry.is_dir()
+                    and not entry.is_symlink()):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's process: running)
+        return True
+    return True
 
 
 def replace_directory(new: Path, target: Path) -> None:
@@ -130,6 +164,7 @@ def staged_directory(target: str | Path, kind: str, *, overwrite: bool = False,
     target = Path(target)
     check_target(target, kind, overwrite=overwrite, inputs=inputs, flag=flag)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir follows the umask.
     staging = staging_path(target)
     staging.mkdir()

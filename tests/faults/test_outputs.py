@@ -68,6 +68,28 @@ def test_export_replaces_its_own_export_and_with_overwrite_a_plain_directory(
     assert _leftovers(tmp_path) == []
 
 
+def test_staging_left_by_a_killed_command_is_removed_by_the_next(run_copy, tmp_path, capsys):
+    """SIGKILL runs no cleanup: its staging directory stays beside the target. The next
+    command writing that target removes it, if its process is gone and it is of this host."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    out = tmp_path / "exported"
+    left = {name: tmp_path / f".exported.tmp-{name}" for name in (
+        f"{host}-{gone}-0123abcd", f"{host}-{os.getppid()}-0123abcd",
+        f"other-host-{gone}-0123abcd")}
+    for path in left.values():
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "W.npy").write_bytes(b"x" * 1000)
+    _ok(["export", str(run_copy), "--out", str(out)], capsys)
+    assert [name for name, path in left.items() if path.exists()] == [
+        f"{host}-{os.getppid()}-0123abcd", f"other-host-{gone}-0123abcd"]
+
+
 def test_a_failed_export_leaves_the_previous_one(run_copy, tmp_path, capsys):
     out = tmp_path / "exported"
     _ok(["export", str(run_copy), "--out", str(out)], capsys)
