@@ -197,6 +197,9 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     truth = ground_truth(cfg, source)
     inputs = (run_dir, *([cfg.data.path] if cfg.data.path else []))
     if hub_layout:
+        if cfg.sae.transcoder:
+            raise JaxsaeError(f"{run_dir}: a transcoder run; --hub writes the Hub layout of "
+                              "SAEs only (export it without --hub)")
         points = cfg.sweep.points if cfg.sweep is not None else [None]
         hook = _source_metadata(source).get("hook_name")
         with outputs.staged_directory(out, "hub-export", overwrite=overwrite,

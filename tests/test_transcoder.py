@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import penalties, sae, tensorfile
+from jaxsae import cli, penalties, sae, tensorfile
 from jaxsae.checks import check_run
 from jaxsae.commands.eval import Eval
 from jaxsae.config import config_from_dict
@@ -194,6 +194,11 @@ def test_skip_transcoder_trains_evaluates_exports_and_resumes_exactly(paired, tm
         Eval(**args).run()
     with pytest.raises(ExportError, match="this reads SAEs, not transcoders"):
         load_sae(straight.sae_dir)  # import, stitch, analyze, eval --model: one line
+    capsys.readouterr()
+    hub_out = tmp_path / "hub"
+    assert cli.main(["export", str(straight.run_dir), "--out", str(hub_out), "--hub"]) == 2
+    err = capsys.readouterr().err
+    assert "a transcoder run; --hub" in err and ".tmp-" not in err and not hub_out.exists()
     train_until_crash(config("crash"), at_batch=13)  # after the checkpoint of step 8
     resumed = train(config("crash"), progress=False)
     for name, want in weights.items():
