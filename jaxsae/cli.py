@@ -82,7 +82,11 @@ def _parse_command(cls: type[Command], args: list[str]) -> Command:
     except SystemExit as e:
         if e.code in (0, None):
             raise
-        raise UsageError(_box_to_line(captured.getvalue()), cls.words) from None
+        message = _box_to_line(captured.getvalue())
+        stray = [a for a in args if "=" in a and not a.startswith("-") and a in message]
+        if stray:  # `train CFG --no-progress optim.lr=1e-3`
+            message += f"; key=value overrides such as {stray[0]} go before the flags"
+        raise UsageError(message, cls.words) from None
     sys.stderr.write(captured.getvalue())  # warnings, if any
     return parsed
 
