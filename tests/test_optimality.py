@@ -135,3 +135,14 @@ def test_analyze_refuses_a_negative_sparsity_weight(true_feature_sae, tmp_path, 
     assert cli.main(argv) == 2
     assert "--sparsity-weight" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("threshold", ["2", "nan", "0"])
+def test_analyze_refuses_a_cluster_threshold_that_is_no_cosine(true_feature_sae, tmp_path,
+                                                                capsys, threshold):
+    root, data, _ = true_feature_sae
+    argv = ["analyze", str(root / "sae"), "--data", str(data), "--out", str(tmp_path / "o"),
+            "--cluster-threshold", threshold, "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "--cluster-threshold" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

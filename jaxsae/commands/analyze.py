@@ -92,6 +92,9 @@ class Analyze(AnalysisInputs, Command):
         from jaxsae.analysis.geometry import analyze
 
         at_least_one(self, "tokens", "batch_size", "cofire_tokens", "optimality_pairs")
+        if not 0 < self.cluster_threshold < 1:  # (NaN too)
+            raise ConfigError(f"--cluster-threshold: a cosine in (0, 1), got "
+                              f"{self.cluster_threshold}")
         if self.sparsity_weight is not None and not self.sparsity_weight >= 0:
             raise ConfigError(f"--sparsity-weight: must be >= 0, got {self.sparsity_weight}")
         summary = analyze(self.sae_dir, self.data, self.out, tokens=self.tokens,
