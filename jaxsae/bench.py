@@ -69,6 +69,8 @@ class BenchConfig:
         """Each arm's training config (a sweep crossed with the seeds), validated."""
         if not self.arms:
             raise ConfigError("arms: at least one arm is required")
+        if not self.seeds:
+            raise ConfigError("seeds: at least one seed is required")
         out = {}
         for arm, overrides in self.arms.items():
             if not isinstance(overrides, Mapping):

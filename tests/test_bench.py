@@ -62,6 +62,7 @@ def test_arm_configs_cross_the_seeds(tmp_path):
     ({"arms": {"x": {"sae": {"d_sea": 3}}}}, r"arms\.x: sae\.d_sea: unknown key"),
     ({"arms": {"x": {"sweep": {"seed": [1]}}}}, r"arms\.x\.sweep\.seed: set seeds"),
     ({"sedes": [1]}, r"sedes: unknown key"),
+    ({"seeds": []}, r"^seeds: at least one seed"),
 ])
 def test_bad_bench_configs_name_the_key(tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
