@@ -64,7 +64,7 @@ def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path,
     cfg_file.write_text(json.dumps(cfg_json))
     out = tmp_path / "converted"
     argv = ["convert", str(tmp_path / "small"), "--data", str(small_data), "--out", str(out),
-            "--tokens", "4096"]
+            "--tokens", "4096", "--no-progress"]
     assert cli.main(argv) == 0
     report = json.loads((out / "convert.json").read_text())
     # the reported change, recomputed in numpy on the same (last 4096) tokens

@@ -31,6 +31,7 @@ from jaxsae import export, hub, outputs, sae
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data.window import TRAINED, DropRule, Window, drop_multiple, trained_drop
 from jaxsae.errors import JaxsaeError
+from jaxsae.progress import Progress
 
 BINS = 512
 
@@ -116,11 +117,11 @@ def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAECon
 
 def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
                 batch_size: int = 4096, hook: str | None = None, overwrite: bool = False,
-                drop_norm_above: DropRule = TRAINED) -> dict[str, Any]:
+                drop_norm_above: DropRule = TRAINED, progress: bool = True) -> dict[str, Any]:
     """Converts the TopK SAE in `sae_dir` (calibrated on the `tokens` tokens of `data` before
     its last `tokens`, compared on those last ones) and writes it to `out` with convert.json.
     `drop_norm_above`: the tokens left out of both (`jaxsae.data.window.drop_multiple`; by
-    default those the SAE's training left out)."""
+    default those the SAE's training left out). `progress`: a bar over the three passes."""
     from jaxsae.data import open_source
 
     outputs.check_target(out, "convert", overwrite=overwrite, inputs=(sae_dir, data))
@@ -139,10 +140,14 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536
     multiple = drop_multiple([loaded.cfg_json], drop_norm_above)
     calibration = Window.dropping(source, lo, start, batch_size=batch_size, multiple=multiple)
     evaluation = Window.dropping(source, start, batch_size=batch_size, multiple=multiple)
-    threshold = calibrate(loaded.params, loaded.sae, calibration.blocks)
+    bar = Progress(2 * calibration.tokens + evaluation.tokens, unit="tok", unit_scale=True,
+                   enabled=progress, desc="convert")
+    threshold = calibrate(loaded.params, loaded.sae, lambda: calibration.blocks(bar.update))
     params, cfg = as_jumprelu(loaded, threshold)
     report = {"sae": str(sae_dir), "calibration_tokens": calibration.kept,
-              **compare(loaded, params, cfg, evaluation.blocks()), **evaluation.report()}
+              **compare(loaded, params, cfg, evaluation.blocks(bar.update)),
+              **evaluation.report()}
+    bar.close()
     with outputs.staged_directory(out, "convert", overwrite=overwrite,
                                   inputs=(sae_dir, data)) as staging:
         export.export_sae(params, cfg, staging / "sae",

@@ -37,6 +37,8 @@ class Convert(Command):
     """tokens per block"""
     overwrite: Flag = False
     """replace an existing --out that is not this command's own output"""
+    no_progress: Flag = False
+    """no progress bar"""
     outliers: Outliers = field(default_factory=TokenFilter)
 
     def run(self) -> int:
@@ -45,7 +47,8 @@ class Convert(Command):
         at_least_one(self, "tokens", "batch_size")
         report = convert_dir(self.sae_dir, self.data, self.out, tokens=self.tokens,
                              batch_size=self.batch_size, hook=self.hook,
-                             overwrite=self.overwrite, drop_norm_above=self.outliers.drop_rule())
+                             overwrite=self.overwrite, drop_norm_above=self.outliers.drop_rule(),
+                             progress=not self.no_progress)
         print(json.dumps(report, indent=1))
         print(f"wrote {self.out}")
         return 0
