@@ -31,6 +31,7 @@ from jaxsae.data.window import Window
 from jaxsae.errors import DataError, JaxsaeError
 from jaxsae.outputs import write_csv
 from jaxsae.parsing import list_index
+from jaxsae.progress import Progress
 from jaxsae.runlock import RunLock, RunLocked
 
 
@@ -86,19 +87,23 @@ def ground_truth(cfg: Config, source) -> synthetic.Truth | None:
 def finalise(params: sae.Params, cfg: Config, source, n_train: int,
              out: Path | None, *, stats: DataStats | None = None, dtype: str = "float32",
              truth: synthetic.Truth | None = None, overwrite: bool = False,
-             inputs: tuple = (), layout: str = "saelens") -> dict[str, Any]:
+             inputs: tuple = (), layout: str = "saelens", progress: bool = False
+             ) -> dict[str, Any]:
     """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
     last training tokens) in raw units, leaving out the tokens training dropped
     (data.drop_norm_above) — with the ground-truth metrics when `truth` is given (see
-    ground_truth) — and exports to `out` (`layout`: saelens, or sparsify for a TopK SAE)."""
+    ground_truth) — and exports to `out` (`layout`: saelens, or sparsify for a TopK SAE).
+    `progress`: a bar over the evaluation's tokens."""
     return finalise_all([(params, cfg, out)], source, n_train, stats=stats, dtype=dtype,
-                        truth=truth, overwrite=overwrite, inputs=inputs, layout=layout)[0]
+                        truth=truth, overwrite=overwrite, inputs=inputs, layout=layout,
+                        progress=progress)[0]
 
 
 def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_train: int, *,
                  stats: DataStats | None = None, dtype: str = "float32",
                  truth: synthetic.Truth | None = None, overwrite: bool = False,
-                 inputs: tuple = (), layout: str = "saelens") -> list[dict[str, Any]]:
+                 inputs: tuple = (), layout: str = "saelens", progress: bool = False
+                 ) -> list[dict[str, Any]]:
     """`finalise` of several SAEs trained on the same data (a sweep's): the evaluation tokens
     are read once for all of them, each block evaluated by every SAE in turn."""
     scale = 1.0 if stats is None else stats.scale
@@ -112,13 +117,16 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
                     limit=None if stats is None else stats.drop_above)
     sums = [evaluate.ReconstructionSums(params, cfg.sae)
             for params, (_, cfg, _) in zip(folded, saes, strict=True)]
-    for block in window.blocks():
+    bar = Progress(window.tokens, unit="tok", unit_scale=True, desc="evaluate",
+                   enabled=progress)
+    for block in window.blocks(bar.update):
         on_device = jnp.asarray(block)
         x, target = on_device, None
         if source.d_out:  # a transcoder's rows: inputs, then targets
             x, target = on_device[:, :source.d_in], on_device[:, source.d_in:]
         for one in sums:
             one.add(x, target)
+    bar.close()
     reports = [None] * len(saes)
     if truth is not None:
         reports = evaluate.truth_reports(
@@ -164,7 +172,7 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
 def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,
                       dtype: str = "float32", data: str | None = None, overwrite: bool = False,
                       layout: str = "saelens", hub_layout: bool = False,
-                      log: Callable[[str], None] = print) -> Path:
+                      log: Callable[[str], None] = print, progress: bool = False) -> Path:
     """Exports a checkpointed SAE (a run directory or its checkpoints/) to `out`, in the
     SAELens layout (or sparsify's, `layout`); a sweep's SAEs go to out/sweep/<i>/. With
     `hub_layout`, the folder SAELens users upload to the Hugging Face Hub instead (see
@@ -196,10 +204,16 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     params = jax.device_get(restored.state.params)
     truth = ground_truth(cfg, source)
     inputs = (run_dir, *([cfg.data.path] if cfg.data.path else []))
+    if hub_layout and cfg.sae.transcoder:
+        raise JaxsaeError(f"{run_dir}: a transcoder run; --hub writes the Hub layout of SAEs "
+                          "only (export it without --hub)")
+    # The layout and the target are checked before the evaluation, not after it.
+    if layout == "sparsify":
+        for member in built.members:
+            sparsify.check_exportable(member.sae, dtype)
+    kind = "hub-export" if hub_layout else "sweep-export" if cfg.sweep is not None else "sae"
+    outputs.check_target(out, kind, overwrite=overwrite, inputs=inputs)
     if hub_layout:
-        if cfg.sae.transcoder:
-            raise JaxsaeError(f"{run_dir}: a transcoder run; --hub writes the Hub layout of "
-                              "SAEs only (export it without --hub)")
         points = cfg.sweep.points if cfg.sweep is not None else [None]
         hook = _source_metadata(source).get("hook_name")
         with outputs.staged_directory(out, "hub-export", overwrite=overwrite,
@@ -209,7 +223,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
                 [(built.member_params(params, i), member, staging / folder)
                  for i, (member, folder) in enumerate(zip(built.members, folders,
                                                           strict=True))],
-                source, n_train, stats=stats, dtype=dtype, truth=truth)
+                source, n_train, stats=stats, dtype=dtype, truth=truth, progress=progress)
             saes = [{"folder": folder, "cfg": export.read_cfg(staging / folder),
                      "eval": metrics} for folder, metrics in zip(folders, evaluations,
                                                                  strict=True)]
@@ -217,7 +231,8 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         return Path(out)
     if cfg.sweep is None:
         finalise(params, built.members[0], source, n_train, Path(out), stats=stats,
-                 dtype=dtype, truth=truth, overwrite=overwrite, inputs=inputs, layout=layout)
+                 dtype=dtype, truth=truth, overwrite=overwrite, inputs=inputs, layout=layout,
+                 progress=progress)
         return Path(out)
     # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
     with outputs.staged_directory(out, "sweep-export", overwrite=overwrite,
@@ -225,7 +240,8 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         finalise_all([(built.member_params(params, i), member, member_dir)
                       for i, (member, member_dir) in enumerate(
                           zip(built.members, member_dirs(cfg, staging), strict=True))],
-                     source, n_train, stats=stats, dtype=dtype, truth=truth, layout=layout)
+                     source, n_train, stats=stats, dtype=dtype, truth=truth, layout=layout,
+                     progress=progress)
     return Path(out)
 
 

@@ -33,17 +33,22 @@ def is_sparsify(path: str | Path) -> bool:
             and (path / WEIGHTS_FILE).is_file())
 
 
-def export_sparsify(params: dict[str, Any], sae_cfg: SAEConfig, out: str | Path, *,
-                    dtype: str = "float32", overwrite: bool = False,
-                    inputs: tuple[str | Path, ...] = ()) -> Path:
-    """Writes a TopK SAE's parameters (SAELens orientation, input scale folded in) as a
-    sparsify directory at `out`, atomically."""
+def check_exportable(sae_cfg: SAEConfig, dtype: str = "float32") -> None:
+    """Refuses an SAE that has no sparsify form (before any work is done on it)."""
     if sae_cfg.activation != "topk":
         raise ExportError(f"--format sparsify: sparsify encodes with a per-token TopK; a "
                           f"{sae_cfg.activation!r} SAE has no sparsify form (export it as "
                           "saelens)")
     if dtype != "float32":
         raise ExportError(f"--format sparsify: --dtype {dtype} is not supported (float32)")
+
+
+def export_sparsify(params: dict[str, Any], sae_cfg: SAEConfig, out: str | Path, *,
+                    dtype: str = "float32", overwrite: bool = False,
+                    inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Writes a TopK SAE's parameters (SAELens orientation, input scale folded in) as a
+    sparsify directory at `out`, atomically."""
+    check_exportable(sae_cfg, dtype)
     host = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
     W_dec = host["W_dec"]
     d_sae, d_in = W_dec.shape

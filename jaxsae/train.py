@@ -170,7 +170,8 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
     evaluations = finalise_all(
         [(built.member_params(params, i), member, directory / "sae" if is_main else None)
          for i, (member, directory) in enumerate(zip(members, dirs, strict=True))],
-        source, n_train, stats=stats, truth=truth)  # the held-out tokens read once for all
+        source, n_train, stats=stats, truth=truth,  # the held-out tokens read once for all
+        progress=progress and is_main)
     results = []
     for i, (directory, metrics) in enumerate(zip(dirs, evaluations, strict=True)):
         if is_main:

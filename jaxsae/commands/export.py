@@ -38,13 +38,15 @@ class Export(Command):
     overwrite: Flag = False
     """replace an existing --out that is not a jaxsae export (never the run itself, a run with
     checkpoints, or a file)"""
+    no_progress: Flag = False
+    """no progress bar (of the evaluation on the held-out tokens)"""
 
     def run(self) -> int:
         from jaxsae.finish import export_checkpoint
 
         out = export_checkpoint(self.checkpoint, self.out, step=self.step, dtype=self.dtype,
                                 data=self.data, overwrite=self.overwrite, layout=self.format,
-                                hub_layout=self.hub)
+                                hub_layout=self.hub, progress=not self.no_progress)
         print(f"exported {out}")
         if self.hub:
             print(f"upload it with: huggingface-cli upload USER/REPO {out} . "
