@@ -83,8 +83,10 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
     # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = cfg.resolved_run_dir.absolute()
+    created = False
     if is_main:
         _check_run_dir(run_dir)
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run_dir(run_dir, is_main, log)
     try:
@@ -92,6 +94,17 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
                              hooks=hooks)
     finally:
         lock.release()
+        if created:
+            _remove_if_unused(run_dir)
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Removes the run directory this call created if it holds nothing but its lock: the
+    run stopped before writing anything (bad data, say), and leaves no trace."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            (run_dir / LOCK_FILE).unlink()
+            run_dir.rmdir()
 
 
 def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[str], None],

@@ -237,9 +237,15 @@ def test_lr_schedule_shape():
 def test_missing_data_and_too_few_tokens(small_data, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         train_mod.train(small_config(tmp_path / "nope", tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()  # the run directory it made is not left behind
     cfg = small_config(small_data, tmp_path / "run", data={"eval_tokens": 16384})
     with pytest.raises(DataError, match="eval_tokens"):
         train_mod.train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # the user's (empty) directory: not this call's to remove
+    with pytest.raises(DataError, match="eval_tokens"):
+        train_mod.train(cfg, progress=False)
+    assert (tmp_path / "run").is_dir()
 
 
 @pytest.mark.parametrize("garble", ["bad json", "not utf-8", "other width"])
