@@ -257,6 +257,13 @@ def _restore_for_export(directory: Path, step: int | None, data: str | None, rea
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data,
                                                                     stream=False))
         source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
+        # Data of other widths would not restore the state: refused as input (the search
+        # stops), not taken for a damaged checkpoint (set aside, and the run restarted).
+        for what, want, got in (("d_in", loader_state.get("d_in"), source.d_in),
+                                ("d_out", loader_state.get("d_out", 0), source.d_out)):
+            if want is not None and want != got:
+                raise DataError(f"{data or cfg.data.path}: {what} is {got}, but the run was "
+                                f"trained on {what} {want}")
         one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, model=1))
         built = build(one, source.d_in, jax.devices()[:1], d_out=source.d_out)
         found.update(cfg=cfg, built=built, source=source)

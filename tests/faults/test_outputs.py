@@ -90,6 +90,19 @@ def test_staging_left_by_a_killed_command_is_removed_by_the_next(run_copy, tmp_p
         f"{host}-{os.getppid()}-0123abcd", f"other-host-{gone}-0123abcd"]
 
 
+def test_export_with_data_of_another_width_sets_no_checkpoint_aside(run_copy, tmp_path,
+                                                                   capsys):
+    """(fault testing: every good checkpoint was renamed .corrupt, and the next `jaxsae
+    train` started the run over from step 0)"""
+    from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
+
+    narrow = generate_superposition(SuperpositionSpec(n_features=16, d_in=8, tokens=4096),
+                                    tmp_path / "narrow", progress=False)
+    refused(["export", str(run_copy), "--out", str(tmp_path / "x"), "--data", str(narrow)],
+            capsys, match="d_in is 8, but the run was trained on d_in 16",
+            unchanged=[run_copy])
+
+
 def test_a_failed_export_leaves_the_previous_one(run_copy, tmp_path, capsys):
     out = tmp_path / "exported"
     _ok(["export", str(run_copy), "--out", str(out)], capsys)
