@@ -213,6 +213,9 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
             sparsify.check_exportable(member.sae, dtype)
     kind = "hub-export" if hub_layout else "sweep-export" if cfg.sweep is not None else "sae"
     outputs.check_target(out, kind, overwrite=overwrite, inputs=inputs)
+    if (inside_run := outputs.run_around(out)) is not None:  # its sae/ is the run's own
+        raise outputs.OutputError(f"--out {out}: lies inside the training run {inside_run}, "
+                                  "whose outputs are its own; export elsewhere")
     if hub_layout:
         points = cfg.sweep.points if cfg.sweep is not None else [None]
         hook = _source_metadata(source).get("hook_name")

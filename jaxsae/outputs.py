@@ -69,6 +69,14 @@ def holds_run(path: Path) -> Path | None:
     return None
 
 
+def run_around(path: Path) -> Path | None:
+    """The training run directory (one with checkpoints/) that `path` lies inside, if any."""
+    for parent in Path(path).resolve().parents:
+        if (parent / "checkpoints").is_dir():
+            return parent
+    return None
+
+
 def inside(path: Path, parent: Path) -> bool:
     """Whether `path` is `parent` or lies below it."""
     return path == parent or parent in path.parents

@@ -103,6 +103,17 @@ def test_export_with_data_of_another_width_sets_no_checkpoint_aside(run_copy, tm
             unchanged=[run_copy])
 
 
+def test_export_never_writes_inside_a_run(run_copy, tmp_path, capsys):
+    """(fault testing: `export B --out A/sae` replaced run A's final SAE with B's)"""
+    other = tmp_path / "other-run"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "sae").mkdir()
+    (other / "sae" / "cfg.json").write_text('{"jaxsae": {}}')  # looks like a jaxsae export
+    for target in (other / "sae", run_copy / "sae", other / "deeper" / "x"):
+        refused(["export", str(run_copy), "--out", str(target)], capsys,
+                match="lies inside the training run", unchanged=[other, run_copy])
+
+
 def test_a_failed_export_leaves_the_previous_one(run_copy, tmp_path, capsys):
     out = tmp_path / "exported"
     _ok(["export", str(run_copy), "--out", str(out)], capsys)
