@@ -235,6 +235,12 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         stats = DataStats.from_dict(loader_state["data_stats"])
         built, state = built_for(stats), restored.state
         start = int(np.max(jax.device_get(state.step)))  # a sweep: one step per SAE, all equal
+        if start > cfg.optim.total_steps:  # the SAE is already past the end the config sets
+            raise ConfigError(
+                f"optim.total_tokens: {cfg.optim.total_tokens} tokens "
+                f"({cfg.optim.total_steps} steps) is less than the {start} steps "
+                f"({start * cfg.optim.batch_size} tokens) {run_dir} has already trained; "
+                "export an earlier checkpoint with jaxsae export --step instead")
         log(f"resuming {run_dir} from step {start}")
     else:
         loader_state, start = None, 0

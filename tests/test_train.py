@@ -19,7 +19,7 @@ from jaxsae import train as train_mod
 from jaxsae.checkpoint import Checkpointer
 from jaxsae.checks import check_run
 from jaxsae.config import CheckpointConfig, config_from_dict, load_config
-from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
+from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
 from jaxsae.export import load_sae
 from jaxsae.hooks import LoopHook
 from tests.conftest import small_config, small_config_dict, train_until_crash
@@ -287,6 +287,17 @@ def test_data_generated_otherwise_than_data_generate_says_is_refused(small_data,
     with pytest.raises(DataError, match="other d_in"):
         train_mod.train(small_config(small_data, tmp_path / "run", data={"generate": asked}),
                         progress=False)
+
+
+def test_resume_refuses_an_end_before_what_was_trained(small_data, tmp_path):
+    """(fault testing: a shorter optim.total_tokens on resume exported the step-24 weights
+    labelled as 8 steps and 2048 tokens)"""
+    train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
+    before = (tmp_path / "run" / "sae" / "cfg.json").read_text()
+    shorter = small_config(small_data, tmp_path / "run", optim={"total_tokens": 256 * 8})
+    with pytest.raises(ConfigError, match="less than the 24 steps"):
+        train_mod.train(shorter, progress=False)
+    assert (tmp_path / "run" / "sae" / "cfg.json").read_text() == before
 
 
 def test_resume_refuses_changed_config(small_data, tmp_path):
