@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsae import evaluate, export, hub, outputs, sae, sparsify
 from jaxsae.build import Built, build
@@ -87,8 +88,8 @@ def ground_truth(cfg: Config, source) -> synthetic.Truth | None:
 def finalise(params: sae.Params, cfg: Config, source, n_train: int,
              out: Path | None, *, stats: DataStats | None = None, dtype: str = "float32",
              truth: synthetic.Truth | None = None, overwrite: bool = False,
-             inputs: tuple = (), layout: str = "saelens", progress: bool = False
-             ) -> dict[str, Any]:
+             inputs: tuple = (), layout: str = "saelens", progress: bool = False,
+             steps: int | None = None) -> dict[str, Any]:
     """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
     last training tokens) in raw units, leaving out the tokens training dropped
     (data.drop_norm_above) — with the ground-truth metrics when `truth` is given (see
@@ -96,16 +97,17 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
     `progress`: a bar over the evaluation's tokens."""
     return finalise_all([(params, cfg, out)], source, n_train, stats=stats, dtype=dtype,
                         truth=truth, overwrite=overwrite, inputs=inputs, layout=layout,
-                        progress=progress)[0]
+                        progress=progress, steps=steps)[0]
 
 
 def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_train: int, *,
                  stats: DataStats | None = None, dtype: str = "float32",
                  truth: synthetic.Truth | None = None, overwrite: bool = False,
-                 inputs: tuple = (), layout: str = "saelens", progress: bool = False
-                 ) -> list[dict[str, Any]]:
+                 inputs: tuple = (), layout: str = "saelens", progress: bool = False,
+                 steps: int | None = None) -> list[dict[str, Any]]:
     """`finalise` of several SAEs trained on the same data (a sweep's): the evaluation tokens
-    are read once for all of them, each block evaluated by every SAE in turn."""
+    are read once for all of them, each block evaluated by every SAE in turn. `steps`: the
+    steps the parameters were trained (default: the run's total)."""
     scale = 1.0 if stats is None else stats.scale
     target_scale = 1.0 if stats is None else stats.target_scale
     folded = [sae.fold_input_scale(params, scale, target_scale if source.d_out else None)
@@ -141,26 +143,27 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
         if report is not None:
             metrics = {**report, **metrics}
         _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,
-                inputs=inputs, layout=layout)
+                inputs=inputs, layout=layout, steps=steps)
         results.append(metrics)
     return results
 
 
 def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str, Any],
             frequency, source, *, dtype: str, overwrite: bool, inputs: tuple,
-            layout: str) -> None:
+            layout: str, steps: int | None) -> None:
     if out is not None and layout == "sparsify":
         sparsify.export_sparsify(params, cfg.sae, out, dtype=dtype, overwrite=overwrite,
                                  inputs=inputs)
     elif out is not None:
-        trained = hub.training_metadata(cfg, metrics)
+        trained = hub.training_metadata(cfg, metrics, steps)
         export.export_sae(
             params, cfg.sae, out, dtype=dtype,
             log10_firing=evaluate.log10_firing(frequency),
             metadata={"dataset_path": (str(Path(cfg.data.path).absolute()) if cfg.data.path
                                        else f"streamed {cfg.data.generate.get('kind')}"),
                       **_source_metadata(source), **trained},
-            training={"run": cfg.name, "steps": cfg.optim.total_steps,
+            training={"run": cfg.name,
+                      "steps": cfg.optim.total_steps if steps is None else steps,
                       "tokens": trained["training_tokens"],
                       "drop_norm_above": cfg.data.drop_norm_above,
                       "loss": [t.to_dict() for t in cfg.loss],
@@ -202,6 +205,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     n_train = max(source.n_tokens - cfg.data.held_out(source.n_tokens), 0)
     stats = DataStats.from_dict(restored.loader["data_stats"])
     params = jax.device_get(restored.state.params)
+    trained = int(np.max(jax.device_get(restored.state.step)))  # (--step: fewer than the run's)
     truth = ground_truth(cfg, source)
     inputs = (run_dir, *([cfg.data.path] if cfg.data.path else []))
     if hub_layout and cfg.sae.transcoder:
@@ -226,7 +230,8 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
                 [(built.member_params(params, i), member, staging / folder)
                  for i, (member, folder) in enumerate(zip(built.members, folders,
                                                           strict=True))],
-                source, n_train, stats=stats, dtype=dtype, truth=truth, progress=progress)
+                source, n_train, stats=stats, dtype=dtype, truth=truth, progress=progress,
+                steps=trained)
             saes = [{"folder": folder, "cfg": export.read_cfg(staging / folder),
                      "eval": metrics} for folder, metrics in zip(folders, evaluations,
                                                                  strict=True)]
@@ -235,7 +240,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     if cfg.sweep is None:
         finalise(params, built.members[0], source, n_train, Path(out), stats=stats,
                  dtype=dtype, truth=truth, overwrite=overwrite, inputs=inputs, layout=layout,
-                 progress=progress)
+                 progress=progress, steps=trained)
         return Path(out)
     # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
     with outputs.staged_directory(out, "sweep-export", overwrite=overwrite,
@@ -244,7 +249,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
                       for i, (member, member_dir) in enumerate(
                           zip(built.members, member_dirs(cfg, staging), strict=True))],
                      source, n_train, stats=stats, dtype=dtype, truth=truth, layout=layout,
-                     progress=progress)
+                     progress=progress, steps=trained)
     return Path(out)
 
 

@@ -100,9 +100,12 @@ def without_evaluation(metadata: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metadata.items() if not k.startswith("eval_")}
 
 
-def training_metadata(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
-    """What cfg.json's metadata says of the training and its outcome."""
-    return {"training_tokens": cfg.optim.total_steps * cfg.optim.batch_size,
+def training_metadata(cfg: Config, metrics: dict[str, Any], steps: int | None = None
+                      ) -> dict[str, Any]:
+    """What cfg.json's metadata says of the training (`steps` trained: default the run's
+    total) and its outcome."""
+    steps = cfg.optim.total_steps if steps is None else steps
+    return {"training_tokens": steps * cfg.optim.batch_size,
             "eval_l0": metrics["l0"], "eval_explained_variance": metrics["explained_variance"],
             "eval_dead_fraction": metrics["dead_fraction"], "eval_tokens": metrics["tokens"],
             "eval_held_out": metrics["held_out"]}

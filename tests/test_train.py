@@ -350,7 +350,13 @@ def test_export_checkpoint_matches_final_export(small_data, tmp_path):
         np.testing.assert_array_equal(a[name], b[name])
     out16 = finish.export_checkpoint(tmp_path / "run", tmp_path / "e16", step=16,
                                         dtype="bfloat16")
-    assert json.loads((out16 / "cfg.json").read_text())["dtype"] == "bfloat16"
+    written = json.loads((out16 / "cfg.json").read_text())
+    assert written["dtype"] == "bfloat16"
+    # the counts of step 16, not of the run's end (24 steps of 256 tokens)
+    assert written["metadata"]["training_tokens"] == 16 * 256
+    assert (written["jaxsae"]["steps"], written["jaxsae"]["tokens"]) == (16, 16 * 256)
+    final = json.loads((out / "cfg.json").read_text())
+    assert (final["jaxsae"]["steps"], final["metadata"]["training_tokens"]) == (24, 24 * 256)
     with pytest.raises(JaxsaeError, match="--step 5"):
         finish.export_checkpoint(tmp_path / "run", tmp_path / "e5", step=5)
 
