@@ -55,6 +55,21 @@ def test_estimate_scale_and_threshold(outlier_data):
     assert plain.scale == 1.0 and plain.drop_above is None and plain.keep_fn() is None
 
 
+def test_a_zero_median_norm_refuses_dropping_and_is_no_multiple(tmp_path):
+    """Mostly-zero tokens: 10x a zero median would drop every other token (fault testing: a
+    run trained on zeros and reported L0 0), and max / median was printed as 2.6e30."""
+    x = np.zeros((4096, D_IN), np.float32)
+    x[::4, 0] = 1.0
+    with ShardWriter(tmp_path / "zeros", D_IN, shard_tokens=4096) as w:
+        w.write(x)
+    source = ShardSet(tmp_path / "zeros")
+    with pytest.raises(DataError, match=r"data\.drop_norm_above: the median token norm"):
+        estimate(source, source.n_tokens, DataConfig(path=str(tmp_path / "zeros"),
+                                                     drop_norm_above=10.0))
+    assert estimate(source, source.n_tokens, DataConfig(path=str(tmp_path / "zeros")))
+    assert inspect(tmp_path / "zeros", progress=False)["norm"]["max_over_median"] is None
+
+
 @pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu", "batchtopk"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_folding_the_scale_keeps_codes_and_rescales_outputs(activation, tied, rng):

@@ -58,7 +58,8 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
             "median": float(np.median(sample)),
             "p99": float(np.quantile(sample, 0.99)),
             "max": float(high),
-            "max_over_median": float(high / max(np.median(sample), 1e-30)),
+            "max_over_median": (float(high / np.median(sample)) if np.median(sample) > 0
+                                else None),  # (no multiple of a zero median)
         },
     }
     if kind == "shards":
@@ -83,7 +84,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  norm        mean {norm['mean']:.4g}, rms {norm['rms']:.4g}, median "
         f"{norm['median']:.4g}, p99 {norm['p99']:.4g}",
         f"              min {norm['min']:.4g}, max {norm['max']:.4g} "
-        f"({norm['max_over_median']:.1f}x the median)",
+        + (f"({norm['max_over_median']:.1f}x the median)"
+           if norm["max_over_median"] is not None else "(the median is 0)"),
     ]
     source = summary.get("source") or {}
     if source:

@@ -11,6 +11,7 @@ import numpy as np
 from jaxsae.config import DataConfig
 from jaxsae.data.loader import KeepFn
 from jaxsae.data.source import TokenSource
+from jaxsae.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig) -> DataStats:
     tokens, targets = rows[:, :source.d_in], rows[:, source.d_in:]  # a transcoder's pairs
     norms = np.linalg.norm(tokens.astype(np.float64), axis=1)
     median = float(np.median(norms))
+    if cfg.drop_norm_above is not None and not median > 0:
+        raise DataError(f"data.drop_norm_above: the median token norm of {cfg.path or 'the data'} "
+                        "is 0 (most tokens are zero), so every other token would be dropped; "
+                        "unset it (data.drop_norm_above: null)")
     drop_above = None if cfg.drop_norm_above is None else cfg.drop_norm_above * median
     kept = np.ones(len(norms), bool) if drop_above is None else norms <= drop_above
     scale = target_scale = 1.0
