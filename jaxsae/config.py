@@ -326,7 +326,8 @@ class LogConfig:
     every_steps: int = 50
     """Write a line to metrics.jsonl every this many steps."""
     dead_window_tokens: int = 4_000_000
-    """A latent that has not fired for this many tokens counts as dead in `dead_fraction`."""
+    """A latent that has not fired for this many tokens (or, earlier in the run, on any token
+    so far) counts as dead in `dead_fraction`."""
     curves: bool = True
     """Draw curves.png (loss per term, L0, explained variance, ...) at checkpoints (at most
     once a minute) and at the end."""

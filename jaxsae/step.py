@@ -140,6 +140,14 @@ def make_train_step(
     def upcast(tree):
         return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == compute else a, tree)
 
+    def dead_window(step: jax.Array, batch_size: int) -> jax.Array:
+        # log.dead_window_tokens, or every token so far while fewer have been seen: a latent
+        # silent since the start counts as dead in a run shorter than the window (which read
+        # 0 dead throughout, whatever the evaluation found at the end).
+        window = cfg.log.dead_window_tokens
+        seen = jnp.minimum(step + 1, -(-window // batch_size)) * batch_size
+        return jnp.minimum(window, seen)
+
     def train_step(state: TrainState, batch: jax.Array, hyper: Hyper
                    ) -> tuple[TrainState, dict]:
         target = None
@@ -203,7 +211,7 @@ def make_train_step(
             "l0": jnp.mean(out.l0()),
             "mse": jnp.mean(error),
             "explained_variance": 1.0 - jnp.sum(error) / jnp.sum(spread),
-            "dead_fraction": jnp.mean(tokens_since_fired >= cfg.log.dead_window_tokens),
+            "dead_fraction": jnp.mean(tokens_since_fired >= dead_window(step, batch.shape[0])),
             "lr": schedule(step),
             "grad_norm": grad_norm,
             "finite": finite,

@@ -437,3 +437,23 @@ def test_threshold_lr_scale_scales_the_thresholds_updates_alone(small_data, tmp_
                                     "optim": {**tree["optim"], "threshold_lr_scale": 8.0}}))
     with pytest.raises(JaxsaeError, match=re.escape("optim.threshold_lr_scale: must be > 0")):
         config_from_dict({**tree, "optim": {**tree["optim"], "threshold_lr_scale": 0}})
+
+
+def test_a_latent_silent_since_the_start_counts_dead_before_the_window_fills(small_data):
+    """log.dead_window_tokens is 4M: a short run logged dead_fraction 0 throughout, with
+    latents that had never fired (fault testing)."""
+    cfg = small_config(small_data, "unused")
+    params = dict(sae_init(cfg))
+    params["b_enc"] = params["b_enc"].at[:10].set(-1e4)  # latents 0..9 can never fire
+    state = step.init_state(jax.random.PRNGKey(0), cfg, 16, params)
+    train_step = jax.jit(step.make_train_step(cfg))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(256, 16)), jnp.float32)
+    for _ in range(3):
+        state, metrics = train_step(state, x, step.hyper_of(cfg))
+    assert float(metrics["dead_fraction"]) == pytest.approx(10 / 64)
+
+
+def sae_init(cfg):
+    from jaxsae import sae
+
+    return sae.init_params(jax.random.PRNGKey(1), 16, cfg.sae)
