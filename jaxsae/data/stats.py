@@ -69,7 +69,7 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig) -> DataStats:
     median = float(np.median(norms))
     if cfg.drop_norm_above is not None and not median > 0:
         raise DataError(f"data.drop_norm_above: the median token norm of {cfg.path or 'the data'} "
-                        "is 0 (most tokens are zero), so every other token would be dropped; "
+                        "is 0 (most tokens are zero), so every non-zero token would be dropped; "
                         "unset it (data.drop_norm_above: null)")
     drop_above = None if cfg.drop_norm_above is None else cfg.drop_norm_above * median
     kept = np.ones(len(norms), bool) if drop_above is None else norms <= drop_above
