@@ -88,7 +88,9 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
     replace something it must not (see the module docstring)."""
     target = Path(target)
     where = f"{flag} {target}"
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
+    if target.is_symlink():  # (replacing it would replace the link, not what it points to)
+        raise OutputError(f"{where}: is a symbolic link; give the path of a directory to write")
+    if target.exists() and not target.is_dir():
         raise OutputError(f"{where}: is a file; give the path of a directory to write")
     if not target.exists():
         return

@@ -42,8 +42,10 @@ def test_export_never_replaces_a_file_a_foreign_directory_or_a_run(run_copy, tmp
     other_runs.mkdir()
     os.symlink(run_copy / "checkpoints", other_runs / "linked")
     (other_runs / "old-run" / "checkpoints").mkdir(parents=True)
+    link = tmp_path / "link"
+    os.symlink(foreign, link)
     for target, match in [(a_file, "is a file"), (run_copy, "which this command reads"),
-                          (other_runs, "holds the training run")]:
+                          (other_runs, "holds the training run"), (link, "symbolic link")]:
         refused(["export", str(run_copy), "--out", str(target), "--overwrite"], capsys,
                 match=match, unchanged=[target, run_copy])
     assert _leftovers(tmp_path) == []
