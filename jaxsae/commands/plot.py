@@ -43,7 +43,8 @@ class Plot(Command):
             raise JaxsaeError(f"--out {out}: exists; choose another file"
                               + ("" if out.is_dir() else " or give --overwrite"))
         if not out.parent.is_dir():
-            raise JaxsaeError(f"--out {out}: {out.parent} is not a directory")
+            what = "is not a directory" if out.parent.exists() else "does not exist"
+            raise JaxsaeError(f"--out {out}: {out.parent} {what}")
         series = [s for run in self.runs for s in curves.run_series(Path(run))]
         empty = [label for label, lines in series if not lines]
         if len(empty) == len(series):
