@@ -164,6 +164,12 @@ def test_frankenstein_retrains_only_the_decoder(small_data, tmp_path, capsys):
     assert by["frankenstein (stitched)"]["l0"] == by["frankenstein (decoder retrained)"]["l0"]
     x = np.asarray(ShardSet(small_data).read(16384 - 2048, 16384), np.float32)
     assert after == pytest.approx(mse(final.params, final.sae, x), rel=1e-4)
+    # retraining on what --tokens leaves: its errors name this command's flags
+    assert cli.main(["stitch", "frankenstein", str(tmp_path / "a"), str(tmp_path / "b"),
+                     "--data", str(small_data), "--out", str(tmp_path / "f2"), "--tokens",
+                     "16384", "--retrain-decoder-tokens", "8192", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--tokens" in err and "--batch-size" in err and "optim." not in err, err
 
 
 def test_stitch_bad_input(small_data, tmp_path, capsys):

@@ -75,6 +75,18 @@ def max_cosine(W_query: np.ndarray, W_ref: np.ndarray, *, threshold: float | Non
     return (*out, np.concatenate(pairs) if pairs else np.zeros((0, 3)))
 
 
+_FLAGS = {"data.eval_tokens": "--tokens", "optim.batch_size": "--batch-size",
+          "optim.total_tokens": "--retrain-decoder-tokens", "optim.lr": "--lr"}
+
+
+def _as_flags(message: str) -> str:
+    """An error of the decoder's retraining, its config keys named as the flags they came
+    from."""
+    for key, flag in _FLAGS.items():
+        message = message.replace(key, flag)
+    return message
+
+
 def _eval_window(data: str, saes: Sequence[export.LoadedSAE], tokens: int, batch_size: int,
                  hook: str | None, drop_norm_above: DropRule) -> Window:
     """The last `tokens` activations of `data` (held out when the runs held them out), without
@@ -444,7 +456,11 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
             "optim": {"lr": lr, "batch_size": batch_size,
                       "total_tokens": retrain_decoder_tokens},
         }
-        final = train(config_from_dict(retrain), progress=progress).sae_dir
+        try:
+            final = train(config_from_dict(retrain), progress=progress).sae_dir
+        except JaxsaeError as e:  # the retraining's config is made of this command's flags
+            e.args = (_as_flags(str(e)),)
+            raise
     shutil.rmtree(work / "sae", ignore_errors=True)  # from an interrupted call: redone
     shutil.copytree(final, work / "sae")
 
