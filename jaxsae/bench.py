@@ -156,8 +156,7 @@ def check_directory(directory: Path, arms: Mapping[str, Config]) -> None:
     exists and is not a bench's: a bench adds its arms' runs and replaces its tables there,
     and must not do so among somebody else's files."""
     where = f"out {directory}"
-    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
-        raise OutputError(f"{where}: is a file; give the path of a directory")
+    outputs.refuse_non_directory(directory, where)
     resolved = directory.resolve()
     if outputs.inside(Path.cwd().resolve(), resolved):
         raise OutputError(f"{where}: is the working directory or above it; choose another")

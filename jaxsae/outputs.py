@@ -82,16 +82,22 @@ def inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
+def refuse_non_directory(target: Path, where: str) -> None:
+    """Refuses an output path that is a symbolic link (replacing it would replace the link,
+    not what it points to) or a file."""
+    if target.is_symlink():
+        raise OutputError(f"{where}: is a symbolic link; give the path of a directory to write")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{where}: is a file; give the path of a directory to write")
+
+
 def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
                  inputs: Sequence[str | Path] = (), flag: str = "--out") -> None:
     """Refuses, in one line naming `flag`, to write a `kind` output at `target` when that would
     replace something it must not (see the module docstring)."""
     target = Path(target)
     where = f"{flag} {target}"
-    if target.is_symlink():  # (replacing it would replace the link, not what it points to)
-        raise OutputError(f"{where}: is a symbolic link; give the path of a directory to write")
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"{where}: is a file; give the path of a directory to write")
+    refuse_non_directory(target, where)
     if not target.exists():
         return
     resolved = target.resolve()

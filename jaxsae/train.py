@@ -155,7 +155,8 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
 def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members: list[Config],
                       dirs: list[Path], told: list[LoopHook], *, progress: bool,
                       log: Callable[[str], None], make_loader: Callable[..., Loader],
-                      hooks: Sequence[LoopHook], truth) -> RunResult:
+                      hooks: Sequence[LoopHook], truth: synthetic.Truth | None
+                      ) -> RunResult:
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
