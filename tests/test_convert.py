@@ -64,7 +64,7 @@ def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path,
     cfg_file.write_text(json.dumps(cfg_json))
     out = tmp_path / "converted"
     argv = ["convert", str(tmp_path / "small"), "--data", str(small_data), "--out", str(out),
-            "--tokens", "4096", "--no-progress"]
+            "--tokens", "4096", "--batch-size", "1024", "--no-progress"]
     assert cli.main(argv) == 0
     report = json.loads((out / "convert.json").read_text())
     # the reported change, recomputed in numpy on the same (last 4096) tokens
@@ -85,6 +85,11 @@ def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path,
     assert report["recall_of_topk_codes"] == pytest.approx((kept & fires).sum() / kept.sum(),
                                                            rel=1e-3)
     assert report["precision"] == pytest.approx((kept & fires).sum() / fires.sum(), rel=1e-3)
+    # explained variance about the mean of all 4096 tokens (not of each block of 1024)
+    codes = np.where(kept, pre, 0.0)
+    sse = np.sum((x - codes @ topk["W_dec"] - topk["b_dec"]) ** 2)
+    total = np.sum((x - x.mean(axis=0)) ** 2)
+    assert 1 - report["explained_variance_topk"] == pytest.approx(sse / total, rel=1e-5)
     capsys.readouterr()
     # not a TopK SAE: refused, nothing written
     assert cli.main(["convert", str(out / "sae"), "--data", str(small_data), "--out",

@@ -17,7 +17,6 @@ threshold, and it exports as one.)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import export, hub, outputs, sae
+from jaxsae import evaluate, export, hub, outputs, sae
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data.window import TRAINED, DropRule, Window, drop_multiple, trained_drop
 from jaxsae.errors import JaxsaeError
@@ -95,8 +94,8 @@ def _compare_pass(params_a, cfg_a, params_b, cfg_b, x):
     on_a, on_b = fa > 0, fb > 0
     err_a = jnp.sum((x - sae.decode(params_a, fa, x)) ** 2)
     err_b = jnp.sum((x - sae.decode(params_b, fb, x)) ** 2)
-    return jnp.stack([jnp.sum(on_a), jnp.sum(on_b), jnp.sum(on_a & on_b), err_a, err_b,
-                      jnp.sum((x - jnp.mean(x, 0)) ** 2)])
+    return (jnp.stack([jnp.sum(on_a), jnp.sum(on_b), jnp.sum(on_a & on_b), err_a, err_b,
+                       jnp.sum(x * x)]), jnp.sum(x, axis=0))
 
 
 def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAEConfig,
@@ -104,15 +103,19 @@ def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAECon
     """How the converted SAE's codes differ from the TopK SAE's on `blocks`."""
     a = jax.tree.map(jnp.asarray, loaded.params)
     b = jax.tree.map(jnp.asarray, params)
-    s, n = np.zeros(6), 0
+    s, sum_x, n = np.zeros(6), 0.0, 0
     for x in blocks:
-        s += np.asarray(_compare_pass(a, loaded.sae, b, cfg, jnp.asarray(x, jnp.float32)),
-                        np.float64)
+        sums, column_sums = jax.device_get(
+            _compare_pass(a, loaded.sae, b, cfg, jnp.asarray(x, jnp.float32)))
+        s += np.asarray(sums, np.float64)
+        sum_x = sum_x + np.asarray(column_sums, np.float64)
         n += len(x)
+    # the variance about the mean of all the tokens, as `jaxsae eval` computes it
+    total_var = s[5] - float(np.sum(sum_x**2)) / n
     return {"tokens": n, "l0_topk": s[0] / n, "l0_jumprelu": s[1] / n,
             "recall_of_topk_codes": s[2] / max(s[0], 1), "precision": s[2] / max(s[1], 1),
-            "explained_variance_topk": 1 - s[3] / s[5],
-            "explained_variance_jumprelu": 1 - s[4] / s[5]}
+            "explained_variance_topk": evaluate.explained_variance(s[3], total_var, s[5]),
+            "explained_variance_jumprelu": evaluate.explained_variance(s[4], total_var, s[5])}
 
 
 def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
@@ -154,5 +157,5 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536
                           metadata=hub.without_evaluation(loaded.cfg_json.get("metadata", {})),
                           training={"converted_from": str(sae_dir), "k": loaded.sae.k,
                                     **trained_drop(loaded.cfg_json)})
-        outputs.atomic_write(staging / "convert.json", json.dumps(report, indent=1))
+        outputs.atomic_write(staging / "convert.json", outputs.json_text(report))
     return report

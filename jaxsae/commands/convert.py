@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Annotated
 
 import tyro
 
+from jaxsae import outputs
 from jaxsae.commands import Command, Flag, at_least_one, command, unset
 from jaxsae.commands.analyze import Outliers, TokenFilter
 
@@ -49,6 +49,6 @@ class Convert(Command):
                              batch_size=self.batch_size, hook=self.hook,
                              overwrite=self.overwrite, drop_norm_above=self.outliers.drop_rule(),
                              progress=not self.no_progress)
-        print(json.dumps(report, indent=1))
+        print(outputs.json_text(report))
         print(f"wrote {self.out}")
         return 0
