@@ -143,6 +143,9 @@ def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):
         open_source(DataConfig(path=str(path), hook=HOOK, target=str(shards)))
     with pytest.raises(DataError, match=r"data\.target_hook: .* is a jaxsae shard directory"):
         open_source(DataConfig(path=str(shards), target=str(shards), target_hook=HOOK))
+    # a hook given for a shard directory is refused, not ignored
+    with pytest.raises(DataError, match=r"data\.hook \(--hook\): .* is a jaxsae shard dir"):
+        open_source(DataConfig(path=str(shards), hook=HOOK))
 
     cfg = small_config(path, tmp_path / "run", data={**data, "eval_tokens": 512})
     result = train(cfg, progress=False)

@@ -69,5 +69,8 @@ def _open_one(cfg: DataConfig) -> ArraySource:
         raise DataError(f"{path}: data directory does not exist (data.path)")
     kind = detect_format(path) if cfg.format == "auto" else cfg.format
     if kind == "shards":
+        if cfg.hook is not None:
+            raise DataError(f"data.hook (--hook): {path} is a jaxsae shard directory (one "
+                            "activation per row); a hook names a column of a SAELens cache")
         return ShardSet(path, check_finite=cfg.check_finite)
     return SAELensCache(path, hook=cfg.hook, check_finite=cfg.check_finite)
