@@ -27,7 +27,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxsae import activations, outputs, sparsify, tensorfile
+from jaxsae import activations, outputs, sae, sparsify, tensorfile
 from jaxsae.checks import check_run
 from jaxsae.config import SAEConfig
 from jaxsae.errors import ConfigError, DataError, ExportError
@@ -51,6 +51,9 @@ class LoadedSAE:
     cfg_json: dict[str, Any]
     d_out: int | None = None
     """A transcoder's target width (None: an SAE)."""
+    stored_dtype: Any = np.float32
+    """The dtype the decoder was stored in (its rounding bounds how far from 1 a unit row's
+    norm may read: `sae.unit_rows`)."""
 
 
 def export_sae(
@@ -215,6 +218,11 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
     kind = activations.get(sae_cfg.activation)
     params = {name: p[name] for name in kind.own_param_names(sae_cfg)}
     params.update(W_dec=p["W_dec"] * scale, b_dec=p["b_dec"] * scale)
+    if sae_cfg.decoder_norm == "unit" and not sae.unit_rows(params["W_dec"], loaded.stored_dtype):
+        norms = np.linalg.norm(params["W_dec"], axis=1)
+        raise ConfigError(f"init_from: {path} has decoder rows of norm "
+                          f"{norms.min():.3g}..{norms.max():.3g}; use "
+                          "sae.decoder_norm: free (unit would rescale them)")
     if kind.has_encoder and not sae_cfg.tied:
         params["W_enc"] = p["W_enc"] / scale
     return {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
@@ -241,11 +249,12 @@ def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
         expected["W_enc"] = (d_in, d_sae)
     if transcoder and transcoder[1]:
         expected["W_skip"] = (d_out, d_in)
-    tensors = {}
+    tensors, stored = {}, {}
     for name, shape in expected.items():
         if name not in raw:
             raise ExportError(f"{weights}: missing tensor {name!r}")
         array = np.asarray(raw[name])
+        stored[name] = array.dtype
         if array.shape != shape:
             raise ExportError(f"{weights}: {name} has shape {list(array.shape)}, expected "
                               f"{list(shape)}")
@@ -260,7 +269,7 @@ def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
     if transcoder:  # no centring: its encoder reads x as it is (sae.coding_params)
         return LoadedSAE(params=tensors, d_in=d_in, cfg_json=cfg, d_out=d_out, sae=SAEConfig(
             d_sae=d_sae, activation=kind.name, decoder_norm="free", transcoder=True,
-            skip=transcoder[1], **kind.config_from_saelens(cfg)))
+            skip=transcoder[1], **kind.config_from_saelens(cfg)), stored_dtype=stored["W_dec"])
     if not cfg.get("apply_b_dec_to_input", True):
         if "b_enc" not in tensors:
             raise ExportError(f"{path / CFG_FILE}: apply_b_dec_to_input false is not supported "
@@ -269,7 +278,8 @@ def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
         tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
     sae_cfg = SAEConfig(d_sae=d_sae, activation=kind.name, decoder_norm="free",
                         **kind.config_from_saelens(cfg))
-    return LoadedSAE(params=tensors, sae=sae_cfg, d_in=d_in, cfg_json=cfg)
+    return LoadedSAE(params=tensors, sae=sae_cfg, d_in=d_in, cfg_json=cfg,
+                     stored_dtype=stored["W_dec"])
 
 
 # Importing: a run config that trains from an existing dictionary.
@@ -353,14 +363,14 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         batch //= 2
     if n_train < batch:
         raise ExportError(f"{data}: {source.n_tokens} tokens are too few to fine-tune on")
-    norms = np.linalg.norm(loaded.params["W_dec"], axis=1)
+    unit = sae.unit_rows(loaded.params["W_dec"], loaded.stored_dtype)
     tree: dict[str, Any] = {
         "name": run_dir.name,
         "run_dir": str(run_dir),
         "init_from": str(run_dir / IMPORTED_SAE if keep is not None else sae_dir),
         "data": {"path": str(data)},
         "sae": {"d_sae": cfg["d_sae"], **settings["sae"],
-                "decoder_norm": "unit" if np.allclose(norms, 1.0, atol=1e-3) else "free"},
+                "decoder_norm": "unit" if unit else "free"},
         "loss": settings["loss"],
         # One pass over the training tokens (at most the default length of a run).
         "optim": {**settings["optim"], "batch_size": batch,

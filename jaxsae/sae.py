@@ -15,9 +15,13 @@ orientation): y_hat = acts @ W_dec + b_dec + x @ W_skip.T.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxsae import activations, kernels
@@ -341,3 +345,8 @@ def fold_input_scale(params: Params, scale: float, target_scale: float | None = 
         folded["W_skip"] = params["W_skip"] * (scale / t)
     return folded
 
+def unit_rows(W_dec: np.ndarray, stored_dtype: Any = np.float32) -> bool:
+    """Whether every row of W_dec has norm 1, up to the rounding of the dtype it was stored in
+    (bfloat16 moves a unit row's norm by up to half its epsilon, 0.004; float32 by ~1e-7)."""
+    tolerance = max(1e-3, float(ml_dtypes.finfo(stored_dtype).eps))
+    return bool(np.allclose(np.linalg.norm(W_dec, axis=1), 1.0, atol=tolerance))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxsae import outputs, tensorfile
+from jaxsae import outputs, sae, tensorfile
 from jaxsae.config import SAEConfig
 from jaxsae.errors import DataError, ExportError
 
@@ -94,10 +94,11 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig]:
         raise ExportError(str(e)) from None
     expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
                 "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    tensors = {}
+    tensors, stored = {}, {}
     for name, shape in expected.items():
         if name not in raw:
             raise ExportError(f"{weights}: missing tensor {name!r}")
+        stored[name] = np.asarray(raw[name]).dtype
         array = np.asarray(raw[name]).astype(np.float32)
         if array.shape != shape:
             raise ExportError(f"{weights}: {name} has shape {list(array.shape)}, expected "
@@ -110,7 +111,7 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig]:
     params = {"W_enc": np.ascontiguousarray(tensors["encoder.weight"].T),
               "b_enc": tensors["encoder.bias"], "W_dec": tensors["W_dec"],
               "b_dec": tensors["b_dec"]}
-    norms = np.linalg.norm(params["W_dec"], axis=1)
-    unit = bool(cfg.get("normalize_decoder", True)) and np.allclose(norms, 1.0, atol=1e-3)
+    unit = (bool(cfg.get("normalize_decoder", True))
+            and sae.unit_rows(params["W_dec"], stored["W_dec"]))
     return params, SAEConfig(d_sae=int(d_sae), activation="topk", k=int(k),
                              decoder_norm="unit" if unit else "free")

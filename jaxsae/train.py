@@ -379,12 +379,6 @@ def _start_params(cfg: Config, d_in: int, stats: DataStats,
         return None
     export.check_init_from(cfg.init_from, cfg.sae)
     params = export.initial_params(cfg.init_from, cfg.sae, d_in, stats.scale)
-    if cfg.sae.decoder_norm == "unit":
-        norms = np.linalg.norm(params["W_dec"], axis=1)
-        if not np.allclose(norms, 1.0, atol=1e-3):
-            raise ConfigError(f"init_from: {cfg.init_from} has decoder rows of norm "
-                              f"{norms.min():.3g}..{norms.max():.3g}; use "
-                              "sae.decoder_norm: free (unit would rescale them)")
     log(f"starting from {cfg.init_from}")
     return params
 

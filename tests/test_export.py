@@ -157,6 +157,42 @@ def test_sparsity_file(tmp_path):
     np.testing.assert_array_equal(default["sparsity"], np.full(D_SAE, -10.0, np.float32))
 
 
+def test_unit_decoder_rows_read_back_as_unit_from_bfloat16(tmp_path):
+    """bfloat16 moves a unit row's norm by up to ~0.004 (0.0024 here, d_in 16): still unit,
+    for import (decoder_norm) and init_from, where float32 weights must be within 1e-3."""
+    from jaxsae.errors import ConfigError
+    from jaxsae.export import initial_params
+    from jaxsae.sae import unit_rows
+
+    rng = np.random.default_rng(0)
+    W_dec = rng.standard_normal((4096, 16)).astype(np.float32)
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    params = {"W_enc": W_dec.T.copy(), "b_enc": np.zeros(4096, np.float32), "W_dec": W_dec,
+              "b_dec": np.zeros(16, np.float32)}
+    cfg = SAEConfig(d_sae=4096, activation="relu", decoder_norm="unit")
+    loaded = load_sae(export_sae(params, cfg, tmp_path / "bf16", dtype="bfloat16"))
+    assert loaded.stored_dtype == np.dtype(ml_dtypes.bfloat16)
+    assert not unit_rows(loaded.params["W_dec"])  # at float32's tolerance: not unit
+    assert unit_rows(loaded.params["W_dec"], loaded.stored_dtype)
+    assert initial_params(tmp_path / "bf16", cfg, 16)["W_dec"].shape == (4096, 16)
+    # a sparsify directory stored in bfloat16 (as sparsify trains): unit too
+    from jaxsae import sparsify
+    eleuther = sparsify.export_sparsify(params, SAEConfig(d_sae=4096, activation="topk", k=3,
+                                                          decoder_norm="unit"), tmp_path / "e")
+    weights = eleuther / sparsify.WEIGHTS_FILE
+    tensorfile.write(weights, {k: v.astype(ml_dtypes.bfloat16)
+                               for k, v in tensorfile.read(weights).items()})
+    assert sparsify.read_sparsify(eleuther)[1].decoder_norm == "unit"
+    # rows 1 % longer are not unit in either dtype
+    params["W_dec"] = W_dec * 1.01
+    for dtype in ("float32", "bfloat16"):
+        loaded = load_sae(export_sae(params, cfg, tmp_path / dtype, dtype=dtype,
+                                     overwrite=True))
+        assert not unit_rows(loaded.params["W_dec"], loaded.stored_dtype)
+        with pytest.raises(ConfigError, match=r"init_from: .* decoder rows of norm"):
+            initial_params(tmp_path / dtype, cfg, 16)
+
+
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
 def test_bfloat16_export(tmp_path, activation):
     params, cfg = make_sae(activation)
