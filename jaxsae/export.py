@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -54,6 +55,17 @@ class LoadedSAE:
     stored_dtype: Any = np.float32
     """The dtype the decoder was stored in (its rounding bounds how far from 1 a unit row's
     norm may read: `sae.unit_rows`)."""
+
+
+def as_stored(params: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """`params` as an export in `dtype` holds them (read back as float32): rounded to bfloat16
+    for a bfloat16 export, so that what is evaluated is what is written."""
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    if dtype == "float32":
+        return params
+    return {k: jnp.asarray(v, jnp.float32).astype(EXPORT_DTYPES[dtype]).astype(jnp.float32)
+            for k, v in params.items()}
 
 
 def export_sae(

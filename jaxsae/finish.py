@@ -110,7 +110,10 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
     steps the parameters were trained (default: the run's total)."""
     scale = 1.0 if stats is None else stats.scale
     target_scale = 1.0 if stats is None else stats.target_scale
-    folded = [sae.fold_input_scale(params, scale, target_scale if source.d_out else None)
+    # the weights the export will hold (rounded to `dtype`) are the ones evaluated
+    folded = [export.as_stored(sae.fold_input_scale(params, scale,
+                                                    target_scale if source.d_out else None),
+                               dtype)
               for params, _, _ in saes]
     held_out = source.n_tokens > n_train
     eval_start = n_train if held_out else max(0, n_train - 65536)

@@ -14,15 +14,16 @@ import optax
 import pytest
 
 from jaxsae import build as build_mod
-from jaxsae import finish, penalties, step, tensorfile
+from jaxsae import evaluate, finish, penalties, step, tensorfile
 from jaxsae import train as train_mod
 from jaxsae.checkpoint import Checkpointer
 from jaxsae.checks import check_run
-from jaxsae.config import CheckpointConfig, config_from_dict, load_config
+from jaxsae.config import CheckpointConfig, DataConfig, config_from_dict, load_config
+from jaxsae.data import open_source
 from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
 from jaxsae.export import load_sae
 from jaxsae.hooks import LoopHook
-from tests.conftest import small_config, small_config_dict, train_until_crash
+from tests.conftest import SMALL_SPEC, small_config, small_config_dict, train_until_crash
 
 
 def _weights(run_dir):
@@ -357,6 +358,20 @@ def test_export_checkpoint_matches_final_export(small_data, tmp_path):
     assert (written["jaxsae"]["steps"], written["jaxsae"]["tokens"]) == (16, 16 * 256)
     final = json.loads((out / "cfg.json").read_text())
     assert (final["jaxsae"]["steps"], final["metadata"]["training_tokens"]) == (24, 24 * 256)
+    # the bfloat16 export's evaluation is of the weights it holds, not of the float32 ones
+    meta = written["metadata"]
+    assert meta["eval_held_out"]
+    n = SMALL_SPEC.tokens
+    x = open_source(DataConfig(path=str(small_data))).read(n - meta["eval_tokens"], n)
+    ev = {}
+    for name, path in [("bfloat16", out16), ("float32", finish.export_checkpoint(
+            tmp_path / "run", tmp_path / "e32", step=16))]:
+        loaded = load_sae(path)
+        ev[name] = evaluate.reconstruction_metrics(loaded.params, loaded.sae, [x])
+    assert meta["eval_explained_variance"] == pytest.approx(
+        ev["bfloat16"]["explained_variance"], abs=1e-6)
+    assert meta["eval_explained_variance"] != pytest.approx(
+        ev["float32"]["explained_variance"], abs=1e-5)
     with pytest.raises(JaxsaeError, match="--step 5"):
         finish.export_checkpoint(tmp_path / "run", tmp_path / "e5", step=5)
 
