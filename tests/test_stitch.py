@@ -193,6 +193,11 @@ def test_stitch_bad_input(small_data, tmp_path, capsys):
     export_sae(params, SAEConfig(d_sae=4, decoder_norm="free"), other)
     assert "different d_in" in error("compare", str(tmp_path / "a"), str(other), "--data",
                                      str(small_data), "--out", str(tmp_path / "o"))
+    random_sae(tmp_path / "b", 16, rng)  # SMALL and LARGE given the wrong way round
+    assert "give the narrower SAE first" in error(
+        "compare", str(tmp_path / "b"), str(tmp_path / "a"), "--data", str(small_data),
+        "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
 
 
 def test_swapping_in_an_identical_latent_changes_nothing(small_data, tmp_path):

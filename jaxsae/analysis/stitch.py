@@ -218,8 +218,11 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
     inputs = (small_dir, large_dir, data)
     outputs.check_target(out, "stitch-compare", overwrite=overwrite, inputs=inputs)
     small, large = _load_family([small_dir, large_dir])
-    window = _eval_window(data, [small, large], tokens, batch_size, hook, drop_norm_above)
     n_s, n_l = small.params["W_dec"].shape[0], large.params["W_dec"].shape[0]
+    if n_l < n_s:
+        raise JaxsaeError(f"{large_dir}: LARGE has {n_l} latents, fewer than SMALL's {n_s} "
+                          f"({small_dir}); give the narrower SAE first")
+    window = _eval_window(data, [small, large], tokens, batch_size, hook, drop_norm_above)
     best, arg, pairs = max_cosine(large.params["W_dec"], small.params["W_dec"],
                                   threshold=threshold)
     novel = best <= threshold
