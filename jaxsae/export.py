@@ -18,6 +18,7 @@ that are missing, misshapen, not floating point, or not finite.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -399,6 +400,7 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         if keep is not None:
             shutil.copytree(keep, staging / IMPORTED_SAE)
         (staging / "config.yaml").write_text(
-            f"# jaxsae train {run_dir / 'config.yaml'}\n# Starts from {source_name} "
+            f"# jaxsae train {shlex.quote(str(run_dir / 'config.yaml'))}\n# Starts from "
+            f"{source_name} "
             "(imported).\n" + config.to_yaml())
     return run_dir / "config.yaml"

@@ -71,7 +71,7 @@ def ground_truth(cfg: Config, source) -> synthetic.Truth | None:
     """The truth of data written by `jaxsae synth` or streamed (None for other data)."""
     if isinstance(source, GeneratedSource):
         return source.truth
-    if not (Path(cfg.data.path) / synthetic.TRUTH_JSON).is_file():
+    if not synthetic.has_truth(cfg.data.path):
         return None
     truth = synthetic.load_truth(cfg.data.path)
     if truth.spec.tokens != source.n_tokens:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def test_end_to_end_with_interruptions(tmp_path, capsys):
         assert cli.main(list(args)) == 0, capsys.readouterr().err
         return capsys.readouterr().out
 
-    data = tmp_path / "data"
+    data = tmp_path / "data dir"  # paths with spaces: the printed hints quote them
     run_here("synth", "superposition", "--out", str(data), "--n-features", "48", "--d-in", "16",
          "--tokens", "32768", "--shard-tokens", "8192", "--no-progress")
     assert (data / "manifest.json").is_file() and (data / "truth.safetensors").is_file()
@@ -138,7 +139,8 @@ def test_end_to_end_with_interruptions(tmp_path, capsys):
         return path
 
     # Uninterrupted reference.
-    run_here("train", str(config("straight")), "--no-progress")
+    printed = run_here("train", str(config("straight run")), "--no-progress")
+    hint = printed.split("evaluate it with: ")[1].splitlines()[0]
 
     # SIGTERM: saves, exits 143 with a resume hint; the same command finishes the run.
     cfg = config("term")
@@ -155,7 +157,7 @@ def test_end_to_end_with_interruptions(tmp_path, capsys):
     assert killed.returncode == -signal.SIGKILL
     _run("train", str(cfg), "--no-progress")
 
-    reference = _weights(tmp_path / "straight" / "sae")
+    reference = _weights(tmp_path / "straight run" / "sae")
     for name in ("term", "kill"):
         got = _weights(tmp_path / name / "sae")
         for key in reference:
@@ -170,6 +172,10 @@ def test_end_to_end_with_interruptions(tmp_path, capsys):
         np.testing.assert_array_equal(value, reference[key])
     metrics = json.loads(run_here("eval", str(tmp_path / "exported"), "--data", str(data),
                                   "--truth", str(data)))
+    # the command train printed runs as printed (the same weights, so the same figures)
+    command = shlex.split(hint)
+    assert command[:2] == ["jaxsae", "eval"]
+    assert json.loads(run_here(*command[1:], "--no-progress")) == metrics
     for key in ("l0", "mse", "explained_variance", "dead_fraction", "mcc", "mmcs"):
         assert key in metrics
     assert metrics["explained_variance"] > 0.5

@@ -5,6 +5,7 @@ sparsify package reads them in tests/interop/test_sparsify.py."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -137,15 +138,18 @@ def test_import_of_a_sparsify_directory_trains(small_data, tmp_path, capsys):
     src = export_sparsify(params, SAEConfig(d_sae=32, activation="topk", k=3,
                                             decoder_norm="unit"), tmp_path / "eleuther")
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    assert cli.main(["import", str(src), "--out", str(tmp_path / "run"), "--data",
+    run = tmp_path / "imported run"
+    capsys.readouterr()
+    assert cli.main(["import", str(src), "--out", str(run), "--data",
                      str(small_data), "optim.total_tokens=2048"]) == 0
-    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert config["init_from"] == str(tmp_path / "run" / "imported-sae")
+    hint = shlex.split(capsys.readouterr().out.split("train it with: ")[1])
+    assert hint == ["jaxsae", "train", str(run / "config.yaml")]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["init_from"] == str(run / "imported-sae")
     assert config["sae"]["activation"] == "topk" and config["sae"]["k"] == 3
     assert config["sae"]["decoder_norm"] == "unit"
-    np.testing.assert_array_equal(load_sae(tmp_path / "run" / "imported-sae").params["W_dec"],
-                                  W_dec)
-    assert cli.main(["train", str(tmp_path / "run" / "config.yaml"), "--no-progress"]) == 0
+    np.testing.assert_array_equal(load_sae(run / "imported-sae").params["W_dec"], W_dec)
+    assert cli.main([*hint[1:], "--no-progress"]) == 0
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -68,6 +69,8 @@ class Cache(Command):
                     shard_tokens=self.shard_tokens, model_dtype=self.model_dtype,
                     device=self.device, overwrite=self.overwrite,
                     progress=not self.no_progress, target_hook=self.target_hook)
-        target = "" if self.target_hook is None else f" data.target={out}/target"
-        print(f"wrote {out}\ntrain on it with: jaxsae train CONFIG data.path={out}{target}")
+        target = ("" if self.target_hook is None
+                  else " " + shlex.quote(f"data.target={out}/target"))
+        print(f"wrote {out}\ntrain on it with: jaxsae train CONFIG "
+              f"{shlex.quote(f'data.path={out}')}{target}")
         return 0

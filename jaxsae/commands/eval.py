@@ -144,7 +144,7 @@ class Eval(Command):
             return metrics
         truth = Path(self.truth)
         directory = truth.parent if truth.is_file() else truth
-        if (directory / synthetic.TRUTH_JSON).is_file():
+        if synthetic.has_truth(directory):
             # The data's own truth: everything (firing, absorption, circles) on these tokens.
             full = synthetic.load_truth(directory)
             full.check_data(data, self.truth, self.data)

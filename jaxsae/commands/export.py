@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -49,6 +50,6 @@ class Export(Command):
                                 hub_layout=self.hub, progress=not self.no_progress)
         print(f"exported {out}")
         if self.hub:
-            print(f"upload it with: huggingface-cli upload USER/REPO {out} . "
+            print(f"upload it with: huggingface-cli upload USER/REPO {shlex.quote(str(out))} . "
                   "--exclude .jaxsae-output.json")
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -37,5 +38,5 @@ class Import(Command):
 
         config = import_config(self.sae_dir, self.out, self.data, list(self.overrides),
                                overwrite=self.overwrite)
-        print(f"wrote {config}\ntrain it with: jaxsae train {config}")
+        print(f"wrote {config}\ntrain it with: jaxsae train {shlex.quote(str(config))}")
         return 0

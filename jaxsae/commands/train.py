@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -30,6 +31,7 @@ class Train(Command):
 
     def run(self) -> int:
         from jaxsae.config import load_config, sweep_label
+        from jaxsae.data.synthetic import has_truth
         from jaxsae.train import train
 
         cfg = load_config(self.config, list(self.overrides))
@@ -54,7 +56,8 @@ class Train(Command):
                   f"{cfg.data.generate.get('kind')}` with data.generate's settings writes the "
                   "same tokens, for `jaxsae eval SAE --data DIR --truth DIR`")
         elif not cfg.sae.transcoder:  # (jaxsae eval does not read transcoders yet)
+            data = shlex.quote(str(cfg.data.path))
             print(f"evaluate {'one' if result.sweep else 'it'} with: jaxsae eval "
-                  f"{members[0].sae_dir} --data {cfg.data.path}"
-                  + (f" --truth {cfg.data.path}" if cfg.data.generate else ""))
+                  f"{shlex.quote(str(members[0].sae_dir))} --data {data}"
+                  + (f" --truth {data}" if has_truth(cfg.data.path) else ""))
         return 0

@@ -620,6 +620,11 @@ class Truth:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def has_truth(directory: str | Path) -> bool:
+    """Whether `directory` holds the truth files of synthetic data (`jaxsae eval --truth`)."""
+    return (Path(directory) / TRUTH_JSON).is_file()
+
+
 def load_truth(path: str | Path) -> Truth:
     """The truth of a generated directory (or of its truth.json / truth.safetensors)."""
     path = Path(path)
