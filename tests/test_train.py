@@ -284,6 +284,13 @@ def test_data_generated_otherwise_than_data_generate_says_is_refused(small_data,
     source = open_source(DataConfig(path=str(small_data)))
     synthetic.check_generated(source, same, small_data)  # what wrote it: accepted
     synthetic.check_generated(source, {**same, "tokens": 4096}, small_data)  # a prefix of it
+    # other shard files of the same tokens
+    halves = synthetic.write(dataclasses.replace(SMALL_SPEC, shard_tokens=2048),
+                             tmp_path / "halves", progress=False)
+    np.testing.assert_array_equal(
+        open_source(DataConfig(path=str(halves))).read(0, SMALL_SPEC.tokens),
+        source.read(0, SMALL_SPEC.tokens))
+    synthetic.check_generated(source, {**same, "shard_tokens": 2048}, small_data)
     asked = {**same, "d_in": 32}
     with pytest.raises(DataError, match="other d_in"):
         train_mod.train(small_config(small_data, tmp_path / "run", data={"generate": asked}),

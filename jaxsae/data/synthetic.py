@@ -522,8 +522,9 @@ def check_generated(source: Any, raw: Mapping[str, Any], data_path: str | Path) 
                         "data.generate is set; drop data.generate to train on it, or point "
                         "data.path elsewhere")
     # (Not the token count: blocks are drawn from the seed and their number, so data of other
-    # lengths share their tokens; whether there are enough is checked with the run's size.)
-    if (what := spec_differences(written, spec, ignore=("tokens",))) is not None:
+    # lengths share their tokens; whether there are enough is checked with the run's size.
+    # Nor the shard size: blocks are BLOCK_TOKENS whatever the files hold.)
+    if (what := spec_differences(written, spec, ignore=("tokens", "shard_tokens"))) is not None:
         raise DataError(f"data.path {data_path}: holds data generated with {what} "
                         "(data.generate differs); point data.path elsewhere, or remove that "
                         "directory to generate it again")
