@@ -99,12 +99,19 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
 
 def _remove_if_unused(run_dir: Path) -> None:
-    """Removes the run directory this call created if it holds nothing but its lock: the
-    run stopped before writing anything (bad data, say), and leaves no trace."""
+    """Removes the run directory this call created if it holds nothing but its lock (and
+    empty directories: the checkpoints' before the first save): the run stopped before
+    writing anything (bad data, say), and leaves no trace."""
     with contextlib.suppress(OSError):
-        if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
-            (run_dir / LOCK_FILE).unlink()
-            run_dir.rmdir()
+        entries = sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+        if any(p != run_dir / LOCK_FILE and (p.is_symlink() or not p.is_dir())
+               for p in entries):
+            return
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        for directory in entries:  # deepest first; each is empty by then
+            if directory.is_dir():
+                directory.rmdir()
+        run_dir.rmdir()
 
 
 def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[str], None],

@@ -18,7 +18,7 @@ from jaxsae.config import DataConfig, config_from_dict
 from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.generated import stream_spec
 from jaxsae.data.loader import Loader
-from jaxsae.errors import ConfigError, JaxsaeError
+from jaxsae.errors import ConfigError, DataError, JaxsaeError
 from jaxsae.train import train
 
 GENERATE = {"kind": "superposition", "n_features": 48, "d_in": 16, "mean_l0": 3.0, "seed": 5}
@@ -146,6 +146,15 @@ def test_the_streamed_tokens_are_the_written_ones(tmp_path):
         np.testing.assert_array_equal(streamed.read(lo, hi), written.read(lo, hi))
     with pytest.raises(IndexError):
         streamed.read(0, 40001)
+
+
+def test_settings_that_draw_non_finite_tokens_are_refused_when_streamed(tmp_path):
+    """(they reached training, which failed at step 0 advising a lower optim.lr, and left its
+    run directory behind)"""
+    huge = _stream_config(tmp_path / "run", generate={**GENERATE, "magnitude_mean": 3e38})
+    with pytest.raises(DataError, match=r"superposition: the settings drew non-finite values"):
+        train(huge, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("train_tokens", [256, 6144, 1_000_003, 10**9])

@@ -67,7 +67,8 @@ class GeneratedSource:
         return self.names[0], token
 
     def check_finite(self, rows_per_read: int = 65536) -> None:
-        """Generated tokens are finite by construction (nothing to scan)."""
+        """Nothing to scan: every block is checked as it is drawn (`synthetic.block_rows`
+        refuses non-finite tokens)."""
 
 
 def stream_spec(raw: Mapping[str, Any], train_tokens: int,

@@ -397,11 +397,6 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
         for i, lo in enumerate(range(0, spec.tokens, BLOCK_TOKENS)):
             n = min(BLOCK_TOKENS, spec.tokens - lo)
             x, y, _ = block_rows(spec, truth, i, n, codes=False)
-            for rows in (x, y):
-                if rows is not None and not np.isfinite(rows).all():
-                    raise DataError(f"{spec.kind}: the settings drew non-finite values (in the "
-                                    f"block of tokens {lo}..{lo + n - 1}); bring the "
-                                    "magnitudes and learning rates into range")
             writer.write(x)
             if targets is not None:
                 targets.write(y)
@@ -424,15 +419,23 @@ def block_rows(spec, truth: Mapping[str, np.ndarray], block: int, n: int, *,
                codes: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The first n tokens of block `block`, float32: x [n, d_in], a transcoder's targets
     [n, d_out] (else None) and, with `codes` (or where they are drawn anyway), the true codes
-    [n, n_features] (else None). What `write` stores and `Truth` regenerates."""
+    [n, n_features] (else None). What `write` stores and `Truth` regenerates (a streamed run's
+    tokens). Settings that draw non-finite tokens are refused here, for every reader."""
     if hasattr(spec, "block"):  # a generator that decodes its own (sparse) codes
         x, dense = spec.block(truth, block, n, block_tokens=BLOCK_TOKENS, codes=codes)
-        return x, None, dense
-    dense = spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
-    with np.errstate(over="ignore", invalid="ignore"):  # (`write` refuses non-finite rows)
-        x = dense @ truth.get("input_directions", truth["directions"])
-        y = (dense @ truth["directions"] + x @ truth["skip"] if "input_directions" in truth
-             else None)
+        y = None
+    else:
+        dense = spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
+        with np.errstate(over="ignore", invalid="ignore"):  # (refused below)
+            x = dense @ truth.get("input_directions", truth["directions"])
+            y = (dense @ truth["directions"] + x @ truth["skip"] if "input_directions" in truth
+                 else None)
+    for rows in (x, y):
+        if rows is not None and not np.isfinite(rows).all():
+            lo = block * BLOCK_TOKENS
+            raise DataError(f"{spec.kind}: the settings drew non-finite values (in the block "
+                            f"of tokens {lo}..{lo + n - 1}); bring the magnitudes and learning "
+                            "rates into range")
     return x, y, dense
 
 
