@@ -17,6 +17,7 @@ that are missing, misshapen, not floating point, or not finite.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import shutil
@@ -154,8 +155,11 @@ def transcoder_base(architecture: str) -> tuple[str, bool] | None:
 
 def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
     """cfg.json of a SAELens-format directory, checked for the keys jaxsae needs.
-    Transcoders are refused unless the caller reads them (`transcoders`)."""
+    Transcoders are refused unless the caller reads them (`transcoders`). A sparsify
+    directory's: the cfg.json its SAELens export would have (`load_sae`)."""
     path = Path(path)
+    if sparsify.is_sparsify(path):
+        return _load_sparsify(path).cfg_json
     file = path / CFG_FILE
     if not path.is_dir():
         raise ExportError(f"{path}: not a directory")
@@ -242,9 +246,11 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
 
 
 def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
-    """Reads a SAELens-format directory (jaxsae's or SAELens's own); a transcoder only if the
-    caller evaluates them (`transcoders`)."""
+    """Reads a SAELens-format directory (jaxsae's or SAELens's own; a transcoder only if the
+    caller evaluates them: `transcoders`) or a sparsify one (a TopK SAE)."""
     path = Path(path)
+    if sparsify.is_sparsify(path):
+        return _load_sparsify(path)
     cfg = read_cfg(path, transcoders=transcoders)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -295,6 +301,19 @@ def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
                      stored_dtype=stored["W_dec"])
 
 
+def _load_sparsify(path: Path) -> LoadedSAE:
+    """A sparsify directory, read as the SAELens-format export of the same SAE would be (its
+    cfg_json the one `export_sae` would write, without training metadata)."""
+    params, sae_cfg, stored = sparsify.read_sparsify(path)
+    d_sae, d_in = params["W_dec"].shape
+    cfg_json = {"architecture": "topk", "d_in": int(d_in), "d_sae": int(d_sae),
+                "k": int(sae_cfg.k), "dtype": str(np.dtype(stored)),
+                "apply_b_dec_to_input": True,
+                "metadata": {"converted_from": f"sparsify {path}"}}
+    return LoadedSAE(params=params, sae=dataclasses.replace(sae_cfg, decoder_norm="free"),
+                     d_in=int(d_in), cfg_json=cfg_json, stored_dtype=stored)
+
+
 # Importing: a run config that trains from an existing dictionary.
 
 # Fine-tuning batches are halved from the source's until the data holds this many of them.
@@ -341,11 +360,13 @@ def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
     if not sparsify.is_sparsify(sae_dir):
         return _write_import(sae_dir, run_dir, data, overrides, overwrite=overwrite,
                              inputs=(sae_dir, data))
-    # A sparsify SAE: converted to the SAELens layout, kept in RUN/imported-sae (init_from).
-    params, sae_cfg = sparsify.read_sparsify(sae_dir)
+    # A sparsify SAE: converted to the SAELens layout, kept in RUN/imported-sae (init_from),
+    # in bfloat16 if it was stored so (exact: the values are bfloat16's).
+    params, sae_cfg, stored = sparsify.read_sparsify(sae_dir)
     with tempfile.TemporaryDirectory(prefix="jaxsae-import-") as tmp:
         converted = Path(tmp) / IMPORTED_SAE
         export_sae(params, sae_cfg, converted,
+                   dtype="bfloat16" if stored == ml_dtypes.bfloat16 else "float32",
                    metadata={"converted_from": f"sparsify {sae_dir}"},
                    training={"loss": [{"term": "mse"}]})
         return _write_import(converted, run_dir, data, overrides, overwrite=overwrite,

@@ -66,9 +66,9 @@ def export_sparsify(params: dict[str, Any], sae_cfg: SAEConfig, out: str | Path,
     return Path(out)
 
 
-def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig]:
-    """A sparsify TopK SAE as jaxsae parameters (SAELens orientation) and its config; every
-    mismatch refused naming the file."""
+def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig, np.dtype]:
+    """A sparsify TopK SAE as jaxsae parameters (float32, SAELens orientation), its config and
+    the dtype its decoder was stored in; every mismatch refused naming the file."""
     path = Path(path)
     file = path / CFG_FILE
     try:
@@ -114,4 +114,4 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig]:
     unit = (bool(cfg.get("normalize_decoder", True))
             and sae.unit_rows(params["W_dec"], stored["W_dec"]))
     return params, SAEConfig(d_sae=int(d_sae), activation="topk", k=int(k),
-                             decoder_norm="unit" if unit else "free")
+                             decoder_norm="unit" if unit else "free"), stored["W_dec"]

@@ -157,11 +157,11 @@ def test_sparsity_file(tmp_path):
     np.testing.assert_array_equal(default["sparsity"], np.full(D_SAE, -10.0, np.float32))
 
 
-def test_unit_decoder_rows_read_back_as_unit_from_bfloat16(tmp_path):
+def test_unit_decoder_rows_read_back_as_unit_from_bfloat16(small_data, tmp_path):
     """bfloat16 moves a unit row's norm by up to ~0.004 (0.0024 here, d_in 16): still unit,
     for import (decoder_norm) and init_from, where float32 weights must be within 1e-3."""
     from jaxsae.errors import ConfigError
-    from jaxsae.export import initial_params
+    from jaxsae.export import check_init_from, initial_params
     from jaxsae.sae import unit_rows
 
     rng = np.random.default_rng(0)
@@ -183,6 +183,16 @@ def test_unit_decoder_rows_read_back_as_unit_from_bfloat16(tmp_path):
     tensorfile.write(weights, {k: v.astype(ml_dtypes.bfloat16)
                                for k, v in tensorfile.read(weights).items()})
     assert sparsify.read_sparsify(eleuther)[1].decoder_norm == "unit"
+    # a run may start from it (init_from) as from its SAELens export
+    topk = SAEConfig(d_sae=4096, activation="topk", k=3, decoder_norm="unit")
+    check_init_from(eleuther, topk)
+    np.testing.assert_array_equal(initial_params(eleuther, topk, 16)["W_dec"],
+                                  W_dec.astype(ml_dtypes.bfloat16).astype(np.float32))
+    import yaml
+
+    from jaxsae.export import import_config
+    config = yaml.safe_load(import_config(eleuther, tmp_path / "run", small_data).read_text())
+    assert config["sae"]["decoder_norm"] == "unit"
     # rows 1 % longer are not unit in either dtype
     params["W_dec"] = W_dec * 1.01
     for dtype in ("float32", "bfloat16"):

@@ -95,13 +95,21 @@ def test_sparsify_export_holds_the_saelens_weights(small_data, tmp_path, capsys)
                         "skip_connection": False, "transcode": False, "d_in": 16}
     assert set(tensorfile.read(out / "sae.safetensors")) == {
         "encoder.weight", "encoder.bias", "W_dec", "b_dec"}
-    params, sae_cfg = read_sparsify(out)
+    params, sae_cfg, _ = read_sparsify(out)
     saelens = load_sae(result.sae_dir)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         np.testing.assert_array_equal(params[name], saelens.params[name])
     x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(sae.encode(params, x, sae_cfg)),
                                   np.asarray(sae.encode(saelens.params, x, saelens.sae)))
+    # the commands that read SAEs read the sparsify directory as its SAELens export
+    capsys.readouterr()
+    figures = []
+    for directory in (out, result.sae_dir):
+        assert cli.main(["eval", str(directory), "--data", str(small_data), "--tokens", "2048",
+                         "--no-progress"]) == 0
+        figures.append(json.loads(capsys.readouterr().out))
+    assert figures[0] == figures[1]
 
 
 def test_sparsify_refusals(small_data, tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_import_of_a_sparsify_sae_encodes_as_sparsify_and_trains(small_data, tmp
     src = tmp_path / "eleuther"
     got = _sparsify({"kind": "make", "dir": str(src), "x": str(tmp_path / "x.npy"),
                      "d_sae": 64, "k": 4}, tmp_path)
-    params, sae_cfg = read_sparsify(src)
+    params, sae_cfg, _ = read_sparsify(src)
     acts = np.asarray(sae.encode(params, x, sae_cfg))
     _same_topk(acts, got["top_indices"], got["top_acts"])
     assert cli.main(["import", str(src), "--out", str(tmp_path / "run"), "--data",
