@@ -184,8 +184,7 @@ def test_saelens_saves_import_with_the_same_codes(inputs, tmp_path, small_data):
                            ["optim.batch_size=256", "optim.total_tokens=1024",
                             "optim.warmup_steps=1", "data.eval_tokens=2048"])
     assert config.read_text().startswith(f"# jaxsae train {config}")
-    start = initial_params(tmp_path / "topk", SAEConfig(d_sae=D_SAE, activation="topk", k=6),
-                           D_IN)
+    start = initial_params(tmp_path / "topk", load_config(config).sae, D_IN)
     np.testing.assert_array_equal(start["W_dec"], load_sae(tmp_path / "topk").params["W_dec"])
     result = train(load_config(config), progress=False)
     assert result.step == 4
