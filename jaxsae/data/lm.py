@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxsae import outputs
 from jaxsae.data.shards import (
     DTYPES,
     TARGET_DIR,
@@ -119,6 +120,7 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
     torch, transformers = require_lm()
     if dtype not in MODEL_DTYPES:
         raise JaxsaeError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
+    device = _torch_device(torch, device)  # before the (slow) load
     path = Path(name)
     kwargs: dict[str, Any] = {}
     if name.endswith(".gguf"):
@@ -150,12 +152,34 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
     except (OSError, ValueError, ImportError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise JaxsaeError(f"--model {name}: cannot load it ({reason})") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.eval().requires_grad_(False).to(device)
+    try:
+        model.eval().requires_grad_(False).to(device)
+    except (RuntimeError, AssertionError) as e:  # torch's "not compiled with CUDA" asserts
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JaxsaeError(f"--device {device}: cannot put the model there ({reason})") from None
     blocks = _find_blocks(model, n_layers, name)
     if truncate and layer is not None:
         del blocks[layer + 1 :]
     return LanguageModel(name, model, tokenizer, blocks, n_layers, torch.device(device))
+
+
+def _torch_device(torch, device: str | None) -> str:
+    """`device` checked (a torch device this PyTorch has), or the default: cuda when there is
+    one, else cpu."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JaxsaeError(f"--device {device!r}: not a PyTorch device ({reason})") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise JaxsaeError(f"--device {device}: this PyTorch sees no CUDA device (use cpu)")
+        if parsed.index is not None and parsed.index >= count:
+            raise JaxsaeError(f"--device {device}: this PyTorch sees {count} CUDA device(s)")
+    return device
 
 
 @contextmanager
@@ -426,6 +450,9 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                      ("--batch-size", batch_size, 1), ("--shard-tokens", shard_tokens, 1))
     files = text_files(text)
     out = Path(out)
+    # what this reads is never replaced; checked before the model loads
+    inputs = (*text, *([model] if Path(model).exists() else []))
+    outputs.check_target(out, "shards", overwrite=overwrite, inputs=inputs)
     sources = [{"model": model, "layer": layer, "hook": hook_name(layer, point),
                 "text": [str(t) for t in text], "context": context,
                 "drop_first_position": drop_first_position, "prepend_bos": True,
@@ -450,7 +477,7 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(ShardWriter(
             out, widths[0], dtype=dtype, shard_tokens=shard_tokens, source=sources[0],
-            file_type=file_type, overwrite=overwrite, resume_key=keys[0]))]
+            file_type=file_type, overwrite=overwrite, resume_key=keys[0], inputs=inputs))]
         if target_hook is not None:  # inside the inputs' staging: published with them
             writers.append(stack.enter_context(ShardWriter(
                 writers[0].staging / TARGET_DIR, widths[1], dtype=dtype,

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,7 @@ class ShardWriter:
         file_type: str = "npy",
         overwrite: bool = False,
         resume_key: Mapping[str, Any] | None = None,
+        inputs: Sequence[str | Path] = (),
     ):
         if dtype not in DTYPES:
             raise DataError(f"shard dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -226,7 +227,8 @@ class ShardWriter:
         if (self.out.exists() or self.out.is_symlink()) and not overwrite:
             raise DataError(f"{self.out}: already exists (choose another --out, or pass "
                             "--overwrite to replace it)")
-        outputs.check_target(self.out, "shards", overwrite=overwrite)
+        self.inputs = tuple(inputs)  # what the writing reads: never replaced (check_target)
+        outputs.check_target(self.out, "shards", overwrite=overwrite, inputs=self.inputs)
         self.staging = self.out.with_name(self.out.name + ".partial")
         self.d_in, self.dtype, self.file_type = d_in, dtype, file_type
         self.shard_tokens = shard_tokens
@@ -323,6 +325,6 @@ class ShardWriter:
         manifest = Manifest(self.d_in, self.dtype, tuple(self.entries), self.source)
         (self.staging / PROGRESS).unlink(missing_ok=True)
         (self.staging / MANIFEST).write_text(manifest.to_json())
-        outputs.check_target(self.out, "shards", overwrite=self.overwrite)
+        outputs.check_target(self.out, "shards", overwrite=self.overwrite, inputs=self.inputs)
         outputs.replace_directory(self.staging, self.out)
         return self.out

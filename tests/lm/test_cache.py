@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -139,6 +140,17 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
                  str(tmp_path / "missing.txt"), "--tokens", "5", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--text" in err and "missing.txt" in err
+    assert "--device 'foo': not a PyTorch device" in error("--device", "foo")
+    assert "--device cuda:7" in error("--device", "cuda:7")
+    # --out over what it reads: refused, even with --overwrite, before the model loads
+    shutil.copytree(texts, tmp_path / "mine")
+    before = sorted(p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file())
+    for out in (tmp_path / "mine", tmp_path / "mine" / "docs", tiny_model):
+        assert main(["cache", "--model", str(tiny_model), "--layer", "0", "--text",
+                     str(tmp_path / "mine" / "docs"), "--tokens", "5", "--out", str(out),
+                     "--overwrite"]) == 2
+        assert "which this command reads" in capsys.readouterr().err
+    assert sorted(p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()) == before
 
 
 def test_text_runs_out(tiny_model, texts, tmp_path, capsys):
