@@ -191,17 +191,21 @@ class GroundTruthSums:
         freq = counts.fires / counts.n
         firing = freq > 0
         best = np.argmax(cos_abs, axis=0)  # each latent's best-matching true feature
-        tp, fp, fn = counts.tp, counts.fp, counts.fn
-        precision = tp / np.maximum(tp + fp, 1)
-        recall = tp / np.maximum(tp + fn, 1)
-        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        # Per feature; NaN (null) where undefined: recall of a feature never active in these
+        # tokens, precision of a matched latent that never fired, F1 = 2tp / (2tp + fp + fn)
+        # of a feature neither active nor fired. Means over the defined ones.
+        tp, fp, fn = (a.astype(np.float64) for a in (counts.tp, counts.fp, counts.fn))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(tp + fp > 0, tp / (tp + fp), np.nan)
+            recall = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
+            f1 = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
         out = {
             "mcc": float(cos_abs[match_f, match_l].mean()),
             "mmcs": float(cos_abs.max(axis=1).mean()),
             "uniqueness": float(len(set(best[firing].tolist())) / max(int(firing.sum()), 1)),
-            "precision": float(precision.mean()),
-            "recall": float(recall.mean()),
-            "f1": float(f1.mean()),
+            "precision": _mean_defined(precision),
+            "recall": _mean_defined(recall),
+            "f1": _mean_defined(f1),
             "l0": counts.active / counts.n,
             "true_l0": counts.true_active / counts.n,
             "dead_fraction": float(np.mean(~firing)),
@@ -220,6 +224,13 @@ class GroundTruthSums:
             encoder = np.asarray(sae.encoder_weight(self.params), np.float64).T
             out["encoder_mcc"] = feature_recovery(self.input_directions, encoder)["mcc"]
         return out
+
+
+def _mean_defined(values) -> float:
+    """The mean of the values that are defined (not NaN); NaN (null) if none is."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
 class _FiringCounts:
@@ -251,7 +262,8 @@ class _FiringCounts:
         active = codes > FIRING_EPS
         self.n += len(x)
         self.active += float(fired.sum())
-        self.true_active += float(active.sum())
+        # (every non-zero true code: a circle's cos / sin coordinates may be negative)
+        self.true_active += float(np.sum(np.abs(codes) > FIRING_EPS))
         self.fires += fired.sum(axis=0)
         norms = np.linalg.norm(x, axis=1)
         ok = norms > 0
@@ -334,7 +346,8 @@ class _SAELensCounts:
                       2 * precision * recall / np.maximum(precision + recall, 1e-300), 0.0)
         variance = self.sum_sq / self.n - float(np.sum((self.sum_x / self.n) ** 2))
         mse = self.sse / self.n
-        ev = (1.0 - mse / variance) if variance >= 1e-10 else float(mse < 1e-10)
+        # (SAELens reports 1 or 0 where the tokens do not vary; null here, as explained_variance)
+        ev = (1.0 - mse / variance) if variance >= 1e-10 else float("nan")
         return {
             "sb_mcc": mcc,
             "sb_uniqueness": len(np.unique(self.best)) / self.best.size,
@@ -382,12 +395,15 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts, 
         partial = np.sum((both_acts > FIRING_EPS) & (both_acts < 0.5 * usual))
         children = np.flatnonzero(parent == p)
         ell = c.latent_of[p]
+        def share(count, of):  # NaN (null) where no token qualifies
+            return count / of if of else float("nan")
+
         rows.append({
             "parent": int(p), "latent": int(ell),
-            "recall_alone": c.alone_fired[i] / max(c.alone[i], 1),
-            "recall_with_child": c.with_child_fired[i] / max(c.with_child[i], 1),
-            "full": c.full[i] / max(c.with_child[i], 1),
-            "partial": partial / max(c.with_child[i], 1),
+            "recall_alone": share(c.alone_fired[i], c.alone[i]),
+            "recall_with_child": share(c.with_child_fired[i], c.with_child[i]),
+            "full": share(c.full[i], c.with_child[i]),
+            "partial": share(partial, c.with_child[i]),
             "decoder_child_cos": [cos(W_dec[ell], unit[ch]) for ch in children] if ell >= 0
             else [],
             "encoder_sibling_cos": [
@@ -397,12 +413,11 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts, 
                 cos(W_dec[c.latent_of[a]], unit[b]) for a in children for b in children
                 if a != b and c.latent_of[a] >= 0],
         })
-    def mean(key):
-        return float(np.mean([r[key] for r in rows])) if rows else 0.0
+    def mean(key):  # over the parents where it is defined (null if none)
+        return _mean_defined([r[key] for r in rows])
 
     def mean_of_lists(key):  # over every value of every parent's list
-        values = [v for r in rows for v in r[key]]
-        return float(np.mean(values)) if values else 0.0
+        return _mean_defined([v for r in rows for v in r[key]])
 
     return {
         "absorption": mean("full") + mean("partial"),

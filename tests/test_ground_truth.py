@@ -82,7 +82,7 @@ def test_hierarchy_validation_names_the_key(raw, key):
 
 
 def test_circles(tmp_path):
-    _, truth = _generate(tmp_path, kind="circles", n_circles=40, d_in=24, prob=0.1,
+    out, truth = _generate(tmp_path, kind="circles", n_circles=40, d_in=24, prob=0.1,
                            radius=2.0, tokens=30000)
     codes = truth.codes(0, truth.spec.tokens).reshape(-1, 40, 2)
     r = np.linalg.norm(codes, axis=-1)
@@ -93,6 +93,13 @@ def test_circles(tmp_path):
     hist, _ = np.histogram(theta, bins=8, range=(-np.pi, np.pi))
     assert hist.min() > 0.8 * hist.mean()  # θ uniform
     assert truth.directions.shape == (80, 24)
+    # true_l0 counts the negative coordinates too (it counted only the positive ones, half)
+    report = evaluate.truth_report(_sae(truth.directions.T, truth.directions),
+                                   SAEConfig(d_sae=80, activation="relu"),
+                                   open_source(DataConfig(path=str(out))), truth,
+                                   start=20000)
+    assert report["true_l0"] == pytest.approx(report["sb_true_l0"])
+    assert report["true_l0"] == pytest.approx(np.sum(codes[20000:] != 0, axis=(1, 2)).mean())
 
 
 def test_correlated_superposition_keeps_marginals_and_correlates(tmp_path):
@@ -175,6 +182,23 @@ def test_the_true_dictionary_scores_perfectly(small_hierarchy):
     assert r["parent_decoder_child_cos"] == pytest.approx(0.0, abs=1e-5)
     assert r["per_feature"]["latent"] == [0, 1, 2]
     assert r["per_parent"][0]["parent"] == 0
+
+
+def test_undefined_ratios_are_null_not_zero(small_hierarchy):
+    """(fault testing: a feature never active in the tokens evaluated counted as recall 0, and
+    absorption over no qualifying token read 0.0, a perfect score)"""
+    data, truth = small_hierarchy
+    d = truth.directions
+    assert (truth.codes(19980, 20000)[:, 2] == 0).all()  # child 2 is silent in these tokens
+    r = _report(_sae(d.T, d), RELU, data, truth, start=19980, details=True)
+    assert r["recall"] == r["precision"] == r["f1"] == pytest.approx(1.0)  # (not 2/3)
+    assert np.isnan(r["per_feature"]["recall"][2]) and np.isnan(r["per_feature"]["f1"][2])
+    assert (truth.codes(19999, 20000) == 0).all()  # nothing is active in the last token
+    r = _report(_sae(d.T, d), RELU, data, truth, start=19999)
+    # (one token does not vary: no explained variance either, as SAELens's 1 or 0 would say)
+    for key in ("recall", "precision", "f1", "absorption", "parent_recall_alone",
+                "parent_recall_with_child", "sb_explained_variance"):
+        assert np.isnan(r[key]), key
 
 
 def test_full_absorption_is_detected(small_hierarchy):

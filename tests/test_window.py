@@ -182,7 +182,7 @@ def test_truth_metrics_leave_out_the_true_codes_of_dropped_tokens(tmp_path):
     want.pop("per_parent", None)
     assert set(got) == set(want)
     for key, value in want.items():
-        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
     assert got["true_l0"] != pytest.approx(evaluate.truth_report(
         params, cfg, source, truth, batch_size=1000)["true_l0"])  # the filter did something
 
@@ -300,3 +300,19 @@ def test_eval_notes_outliers_it_scores(sinks, tmp_path, capsys):
     for flags in (["--data", str(sinks["clean"])], ["--data", str(sinks["data"]), "--all-tokens"]):
         assert cli.main(["eval", str(tmp_path / "plain"), *flags]) == 0
         assert capsys.readouterr().err == ""
+
+
+def test_data_mostly_zero_has_no_outliers_and_no_multiple_of_its_median(sinks, tmp_path,
+                                                                         capsys):
+    """(fault testing: on data whose median norm is 0 the rule left out every non-zero token
+    and scored the zeros, and eval's note called the non-zero tokens outliers)"""
+    x = sinks["x"][~sinks["sink"]].copy()
+    x[np.arange(len(x)) % 3 != 0] = 0.0  # two tokens in three are zero
+    sparse = _write(tmp_path / "sparse", x)
+    assert cli.main(["eval", str(sinks["saes"]["relu"]), "--data", str(sparse)]) == 2
+    err = capsys.readouterr().err
+    assert "the median norm of the tokens evaluated is 0" in err and "--all-tokens" in err
+    loaded = export.load_sae(sinks["saes"]["relu"])
+    export.export_sae(loaded.params, loaded.sae, tmp_path / "plain")  # (drops nothing)
+    assert cli.main(["eval", str(tmp_path / "plain"), "--data", str(sparse)]) == 0
+    assert "note" not in capsys.readouterr().err

@@ -22,7 +22,7 @@ import numpy as np
 from jaxsae.data.loader import KeepFn
 from jaxsae.data.source import TokenSource, iter_blocks
 from jaxsae.data.stats import norm_filter, sample_evenly
-from jaxsae.errors import ConfigError
+from jaxsae.errors import ConfigError, DataError
 
 MEDIAN_SAMPLE = 65536
 """Tokens sampled (evenly over the window) for its median norm."""
@@ -100,6 +100,11 @@ class Window:
         if multiple is None or stop <= start:
             return cls(source, start, stop, batch_size=batch_size)
         median = float(np.median(_sampled_norms(source, start, stop)))
+        if not median > 0:
+            raise DataError(f"drop_norm_above ({multiple:g}x the median norm): the median "
+                            "norm of the tokens evaluated is 0 (most are zero), so every "
+                            "non-zero token would be left out; evaluate every token "
+                            "(--all-tokens)")
         return cls(source, start, stop, batch_size=batch_size, limit=multiple * median,
                    multiple=multiple, median_norm=median)
 
@@ -110,7 +115,10 @@ class Window:
         if self.stop <= self.start:
             return 0, 0
         norms = _sampled_norms(self.source, self.start, self.stop)
-        return int(np.sum(norms > multiple * np.median(norms))), len(norms)
+        median = np.median(norms)
+        if not median > 0:  # mostly zero tokens: the non-zero ones are not outliers
+            return 0, len(norms)
+        return int(np.sum(norms > multiple * median)), len(norms)
 
     @property
     def tokens(self) -> int:
