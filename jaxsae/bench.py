@@ -267,7 +267,7 @@ def _plots(rows, directory: Path) -> None:
             mine = [r for r in rows if r["arm"] == arm and key in r]
             color = f"C{n % 10}"
             ax.scatter([r["l0"] for r in mine], [r[key] for r in mine], s=18, color=color,
-                       alpha=0.7, label=arm)
+                       alpha=0.7, label=outputs.plain_text(arm))
             if frontier and mine:
                 pts = [(r["l0"], r[key]) for r in mine]
                 keep = pareto_frontier(pts)

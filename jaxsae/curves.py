@@ -17,7 +17,7 @@ from pathlib import Path
 from jaxsae.config import load_config, sweep_label
 from jaxsae.errors import DataError
 from jaxsae.hooks import GuardedHook
-from jaxsae.outputs import pyplot, save_figure
+from jaxsae.outputs import plain_text, pyplot, save_figure
 
 CURVES = "curves.png"
 PANELS = (("loss", "loss"), ("l0", "L0"), ("explained_variance", "explained variance"),
@@ -74,7 +74,7 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))
     for (key, name), ax in zip(PANELS, axes.flat, strict=True):
-        drawn = False
+        drawn = positive = False
         for i, (label, lines) in enumerate(series):
             terms = (sorted({k for line in lines for k in line if k.startswith("loss.")})
                      if key == "loss" else [])
@@ -84,6 +84,7 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
                 if not points:
                     continue
                 xs, ys = zip(*points, strict=True)
+                positive = positive or max(ys) > 0
                 if len(series) == 1:  # one run: a colour per term, the total in black
                     color, style = ("black", "-") if j == 0 else (colors[(j - 1) % len(colors)],
                                                                   "--")
@@ -93,13 +94,13 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
                 what = "total" if j == 0 else k[len("loss."):]
                 show = label if len(series) > 1 else ""
                 ax.plot(xs, ys, color=color, linestyle=style, linewidth=1.4 if j == 0 else 1.0,
-                        label=(f"{show}{': ' if show else ''}{what}" if key == "loss"
-                               else None))
+                        label=(plain_text(f"{show}{': ' if show else ''}{what}")
+                               if key == "loss" else None))
                 drawn = True
         ax.set_title(name)
         ax.set_xlabel("tokens")
         ax.grid(alpha=0.3)
-        if key in ("loss", "grad_norm") and drawn:
+        if key in ("loss", "grad_norm") and positive:  # (a log scale needs a value > 0)
             ax.set_yscale("log")
         if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
@@ -108,7 +109,7 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
     if handles:
         axes.flat[0].legend(handles[:16], labels[:16], fontsize=7, loc="best")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(plain_text(title))
     save_figure(fig, out)
     return out
 

@@ -304,6 +304,12 @@ def pyplot():
     return plt
 
 
+def plain_text(text: str) -> str:
+    """`text` for a figure, drawn as written: matplotlib reads $...$ as math (and fails on a
+    title or run name that is not valid math)."""
+    return text.replace("$", r"\$")
+
+
 def save_figure(fig, path: Path) -> None:
     """Writes `fig` as PNG to `path` and closes it."""
     tmp = path.with_name(path.name + ".partial")

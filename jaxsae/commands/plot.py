@@ -50,5 +50,6 @@ class Plot(Command):
         if len(empty) == len(series):
             raise JaxsaeError(f"{', '.join(self.runs)}: no metrics logged yet")
         curves.plot([s for s in series if s[1]], out, title=self.title)
-        print(f"wrote {out} ({len(series) - len(empty)} curves)")
+        drawn = len(series) - len(empty)
+        print(f"wrote {out} ({drawn} run{'s' if drawn != 1 else ''} drawn)")
         return 0
