@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the file system refused: disk full, read-only, not a directory
         print(f"jaxsae {name}: error: {_os_error(e)}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # sizes (flags, config) beyond this machine's memory
+        detail = f" ({_one_line(str(e))})" if str(e) else ""
+        print(f"jaxsae {name}: error: out of memory{detail}: the sizes asked for need more "
+              "memory than this machine has", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"jaxsae {name}: aborted", file=sys.stderr)
         if as_program:

@@ -191,6 +191,8 @@ def test_float16_and_overwrite(tmp_path):
     ({"magnitude_std": -0.1}, "magnitude_std"),
     ({"dtype": "bfloat16"}, "dtype"),
     ({"tokens": 0}, "tokens"),
+    ({"magnitude_mean": float("inf")}, "magnitude_mean"),  # (inf > 0 held)
+    ({"magnitude_spread": float("nan")}, "magnitude_spread"),
 ])
 def test_spec_validation(changes, key):
     with pytest.raises(ConfigError, match=f"^{key}:"):
@@ -257,3 +259,18 @@ def test_settings_that_draw_non_finite_values_write_nothing(tmp_path):
     with pytest.raises(DataError, match="non-finite"):
         generate_superposition(spec, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_sizes_beyond_memory_are_one_line(tmp_path, capsys, monkeypatch):
+    """(fault testing: --n-features 1000000000 was a MemoryError traceback)"""
+    from jaxsae import cli
+    from jaxsae.data import synthetic
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 954. GiB for an array")
+
+    monkeypatch.setattr(synthetic, "write", too_big)
+    assert cli.main(["synth", "superposition", "--out", str(tmp_path / "s"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory (Unable to allocate 954. GiB" in err

@@ -433,9 +433,9 @@ def block_rows(spec, truth: Mapping[str, np.ndarray], block: int, n: int, *,
     for rows in (x, y):
         if rows is not None and not np.isfinite(rows).all():
             lo = block * BLOCK_TOKENS
+            also = " or orthogonalize_lr" if hasattr(spec, "orthogonalize_lr") else ""
             raise DataError(f"{spec.kind}: the settings drew non-finite values (in the block "
-                            f"of tokens {lo}..{lo + n - 1}); bring the magnitudes and learning "
-                            "rates into range")
+                            f"of tokens {lo}..{lo + n - 1}); lower the magnitudes{also}")
     return x, y, dense
 
 
