@@ -13,7 +13,7 @@ Ground truth (decoder rows vs true directions, by |cosine|):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -473,18 +473,21 @@ def circle_metrics(params: sae.Params, cfg: SAEConfig, directions: np.ndarray, *
 
 def truth_report(params: sae.Params, cfg: SAEConfig, source, truth, *, start: int = 0,
                  stop: int | None = None, batch_size: int = 4096, details: bool = False,
-                 keep=None) -> dict[str, Any]:
+                 keep=None, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """Every ground-truth metric that applies to `truth` (a `synthetic.Truth` of the data in
     `source`), over tokens [start, stop): feature recovery and firing for every kind, absorption
     for hierarchies, plane coverage for circles. `details`: keep the per-feature / per-parent
-    lists. `keep`: a `KeepFn`; tokens it rejects are left out (with their true codes)."""
+    lists. `keep`: a `KeepFn`; tokens it rejects are left out (with their true codes).
+    `progress`: called with each block's number of tokens."""
     return truth_reports([(params, cfg)], source, truth, start=start, stop=stop,
-                         batch_size=batch_size, details=details, keep=keep)[0]
+                         batch_size=batch_size, details=details, keep=keep,
+                         progress=progress)[0]
 
 
 def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, start: int = 0,
                   stop: int | None = None, batch_size: int = 4096, details: bool = False,
-                  keep=None) -> list[dict[str, Any]]:
+                  keep=None, progress: Callable[[int], Any] | None = None
+                  ) -> list[dict[str, Any]]:
     """`truth_report` of several SAEs (a sweep's), the tokens and their true codes read once."""
     from jaxsae.data.window import Window
 
@@ -499,6 +502,8 @@ def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, st
     d_in = source.d_in
     window = Window(source, start, stop, batch_size=batch_size)
     for at, block, _ in window.masked():
+        if progress is not None:
+            progress(len(block))
         codes = truth.codes(at, at + len(block))
         kept = None if keep is None else keep(block)
         if kept is not None:

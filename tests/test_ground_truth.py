@@ -201,6 +201,21 @@ def test_undefined_ratios_are_null_not_zero(small_hierarchy):
         assert np.isnan(r[key]), key
 
 
+def test_eval_shows_its_progress_over_both_passes(small_hierarchy, tmp_path, capsys):
+    """(fault testing: eval --data printed nothing on long evaluations)"""
+    from jaxsae import cli
+    from jaxsae.export import export_sae
+
+    data, truth = small_hierarchy
+    d = truth.directions
+    sae_dir = export_sae(_sae(d.T, d), RELU, tmp_path / "sae")
+    assert cli.main(["eval", str(sae_dir), "--data", str(data), "--truth", str(data)]) == 0
+    err = capsys.readouterr().err  # 20,000 tokens read twice: the reconstruction, the truth
+    assert "evaluate: 40k/40k tok (100%)" in err
+    assert cli.main(["eval", str(sae_dir), "--data", str(data), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_full_absorption_is_detected(small_hierarchy):
     data, truth = small_hierarchy
     p, c1, c2 = truth.directions

@@ -115,6 +115,7 @@ class Eval(Command):
         from jaxsae.data import open_source, synthetic
         from jaxsae.data.window import Window, drop_multiple
         from jaxsae.errors import DataError
+        from jaxsae.progress import Progress
 
         sae_dir = self.sae_dir[0]
         require_at_least(("--tokens", self.tokens, 1), ("--batch-size", self.batch_size, 1))
@@ -134,27 +135,35 @@ class Eval(Command):
         batch_size = self.batch_size or 4096
         multiple = drop_multiple([loaded.cfg_json], self.outliers.drop_rule())
         window = Window.dropping(data, start, batch_size=batch_size, multiple=multiple)
-        metrics = evaluate.reconstruction_metrics(loaded.params, loaded.sae, window.blocks(),
-                                                  d_in=data.d_in)
+        truth = None if self.truth is None else Path(self.truth)
+        truth_dir = None if truth is None else (truth.parent if truth.is_file() else truth)
+        full_truth = truth_dir is not None and synthetic.has_truth(truth_dir)
+        # one bar over the passes: the reconstruction, then (full truth) the true codes
+        bar = Progress(window.tokens * (2 if full_truth else 1), unit="tok", unit_scale=True,
+                       desc="evaluate", enabled=not self.no_progress)
+        metrics = evaluate.reconstruction_metrics(loaded.params, loaded.sae,
+                                                  window.blocks(bar.update), d_in=data.d_in)
         metrics.pop("firing_frequency")
         metrics.update(window.report())
         if window.limit is None and not self.outliers.all_tokens:
             _note_outliers(window, self.data)  # (an SAE whose training dropped nothing)
-        if not self.truth:
+        if truth is None:
+            bar.close()
             return metrics
-        truth = Path(self.truth)
-        directory = truth.parent if truth.is_file() else truth
-        if synthetic.has_truth(directory):
+        if full_truth:
             # The data's own truth: everything (firing, absorption, circles) on these tokens.
-            full = synthetic.load_truth(directory)
+            full = synthetic.load_truth(truth_dir)
             full.check_data(data, self.truth, self.data)
             try:
                 report = evaluate.truth_report(loaded.params, loaded.sae, data, full,
                                                start=start, batch_size=batch_size,
-                                               details=self.details, keep=window.keep_fn)
+                                               details=self.details, keep=window.keep_fn,
+                                               progress=bar.update)
             except ValueError as e:
                 raise DataError(f"--truth {self.truth}: {e}") from None
+            bar.close()
             return {**report, **metrics}
+        bar.close()
         # directions only (e.g. a bare truth.safetensors): feature recovery
         if truth.is_dir():
             truth = truth / synthetic.TRUTH_TENSORS
@@ -230,7 +239,8 @@ class Eval(Command):
                 raise JaxsaeError(f"--hook must be one of {', '.join(lm_data.HOOK_POINTS)}, "
                                   f"got {hook!r}")
             hooks = (hook, hook)
-        context = self.context or meta.get("context_size") or 128
+        context = (self.context if self.context is not None
+                   else meta.get("context_size") or 128)
         drop_first = self.first_position_dropped
         if drop_first is None:
             drop_first = meta.get("drop_first_position", True)

@@ -263,6 +263,9 @@ def test_bad_input(tiny_model, texts, tmp_path, capsys):
     assert "--truth goes with --data" in error(sae, "--text", str(texts), "--truth", "x")
     assert "--clean-norm-above must be > 0" in error(sae, "--text", str(texts),
                                                      "--clean-norm-above", "0")
+    # (0 was replaced by the SAE's context_size)
+    assert "--context must be at least 2" in error(sae, "--text", str(texts), "--context", "0")
+    assert "--device 'foo'" in error(sae, "--text", str(texts), "--device", "foo")
 
 
 def test_a_transcoder_replaces_the_mlp_output_with_its_own(tiny_model, texts, tmp_path, capsys):
