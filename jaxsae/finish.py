@@ -122,8 +122,9 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
                     limit=None if stats is None else stats.drop_above)
     sums = [evaluate.ReconstructionSums(params, cfg.sae)
             for params, (_, cfg, _) in zip(folded, saes, strict=True)]
-    bar = Progress(window.tokens, unit="tok", unit_scale=True, desc="evaluate",
-                   enabled=progress)
+    # one bar over the passes: the reconstruction, then (with a truth) the true codes
+    bar = Progress(window.tokens * (1 if truth is None else 2), unit="tok", unit_scale=True,
+                   desc="evaluate", enabled=progress)
     for block in window.blocks(bar.update):
         on_device = jnp.asarray(block)
         x, target = on_device, None
@@ -131,12 +132,13 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
             x, target = on_device[:, :source.d_in], on_device[:, source.d_in:]
         for one in sums:
             one.add(x, target)
-    bar.close()
     reports = [None] * len(saes)
     if truth is not None:
         reports = evaluate.truth_reports(
             [(params, cfg.sae) for params, (_, cfg, _) in zip(folded, saes, strict=True)],
-            source, truth, start=eval_start, batch_size=batch_size, keep=window.keep_fn)
+            source, truth, start=eval_start, batch_size=batch_size, keep=window.keep_fn,
+            progress=bar.update)
+    bar.close()
     results = []
     for params, (_, cfg, out), one, report in zip(folded, saes, sums, reports, strict=True):
         metrics = one.result()
