@@ -375,6 +375,11 @@ def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
 
 IMPORTED_SAE = "imported-sae"
 
+# Keys `jaxsae import` writes from its arguments; an override of one would silently win over
+# them (and be written as given, not as an absolute path).
+_IMPORT_FLAG_KEYS = {"data.path": "--data", "run_dir": "--out", "name": "--out",
+                     "init_from": "SAE_DIR"}
+
 
 def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwrite: bool,
                   inputs: tuple, keep: Path | None = None) -> Path:
@@ -411,6 +416,10 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
                   "total_tokens": min(n_train, 100_000_000) // batch * batch},
     }
     for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        if key in _IMPORT_FLAG_KEYS:
+            raise ConfigError(f"override {key}: set by {_IMPORT_FLAG_KEYS[key]}, not as an "
+                              "override")
         apply_override(tree, assignment)
     config = config_from_dict(tree)
     check_run(config)

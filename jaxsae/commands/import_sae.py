@@ -28,7 +28,8 @@ class Import(Command):
     data: Annotated[str, tyro.conf.arg(metavar="DIR")]
     """activations to train on"""
     overrides: Overrides = ()
-    """config overrides, e.g. optim.total_tokens=10_000_000"""
+    """config overrides, e.g. optim.total_tokens=10_000_000 (not of what the arguments set:
+    data.path, init_from, run_dir, name)"""
     overwrite: Flag = False
     """replace an existing --out that is not an untrained import (never a run with
     checkpoints)"""

@@ -86,6 +86,11 @@ def test_import_writes_a_config_that_trains_on_small_data(run_copy, small_data, 
     sae = _sae(run_copy, tmp_path)
     run = tmp_path / "finetune"
     capsys.readouterr()
+    # what the flags set is not overridden (data.path=... silently won over --data, relative)
+    for key in ("data.path", "init_from", "run_dir"):
+        assert cli.main(["import", str(sae), "--out", str(run), "--data", str(small_data),
+                         f"{key}=elsewhere"]) == 2
+        assert f"override {key}: set by" in capsys.readouterr().err and not run.exists()
     assert cli.main(["import", str(sae), "--out", str(run), "--data", str(small_data)]) == 0
     written = yaml.safe_load((run / "config.yaml").read_text())
     assert written["loss"] == [{"term": "mse", "coefficient": 1.0},
