@@ -457,15 +457,15 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                 "text": [str(t) for t in text], "context": context,
                 "drop_first_position": drop_first_position, "prepend_bos": True,
                 "model_dtype": model_dtype} for point in points]
+    files_now = [[str(f), f.stat().st_size] for f in files]
     if out.exists() and not overwrite:
-        if _already_cached(out, sources, tokens):
+        if _already_cached(out, sources, tokens, files_now):
             print(f"{out}: already cached ({read_manifest(out).n_tokens} tokens)",
                   file=sys.stderr)
             return out
         raise DataError(f"{out}: already exists (remove it, choose another --out, "
                         "or pass --overwrite)")
-    keys = [{**source, "files": [[str(f), f.stat().st_size] for f in files]}
-            for source in sources]
+    keys = [{**source, "files": files_now} for source in sources]
 
     lm = load_model(model, dtype=model_dtype, device=device, layer=layer, context=context,
                     truncate=True, progress=progress)
@@ -501,18 +501,32 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                     writer.write(acts[writer.n_tokens - at: tokens - at])
                 bar.update(min(w.n_tokens for w in writers) - before)
                 at += len(rows[0])
+            if writers[0].n_tokens < tokens:  # recorded: a rerun is then already cached
+                for writer in writers:
+                    writer.source[TEXT_RAN_OUT] = files_now
         if writers[0].n_tokens < tokens:
             print(f"warning: the text ran out after {writers[0].n_tokens} tokens "
                   f"(--tokens {tokens})", file=sys.stderr)
     return out
 
 
-def _already_cached(out: Path, sources: list[dict], tokens: int) -> bool:
+TEXT_RAN_OUT = "text_ran_out"
+"""Manifest source key of a cache whose text ran out before --tokens: the text files and sizes
+it read to the end."""
+
+
+def _already_cached(out: Path, sources: list[dict], tokens: int, files: list) -> bool:
+    """Whether `out` holds this cache: the same settings, and --tokens tokens or all the text
+    (the same files, of the same sizes) holds."""
     dirs = [out, out / TARGET_DIR][:len(sources)]
     for directory, source in zip(dirs, sources, strict=True):
         if not is_shard_dir(directory):
             return False
         done = read_manifest(directory)
-        if dict(done.source) != source or done.n_tokens < tokens:
+        written = dict(done.source)
+        ran_out = written.pop(TEXT_RAN_OUT, None)
+        if written != source:
+            return False
+        if done.n_tokens < tokens and ran_out != files:
             return False
     return True

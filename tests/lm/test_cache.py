@@ -158,6 +158,9 @@ def test_text_runs_out(tiny_model, texts, tmp_path, capsys):
     n = ShardSet(tmp_path / "acts").n_tokens
     assert n == len(reference_windows(tiny_model, texts, 16)) * 15
     assert f"the text ran out after {n} tokens" in capsys.readouterr().err
+    # run again: nothing to do (it said "already exists" and exited 2)
+    assert run_cache(tiny_model, texts, tmp_path / "acts", "--tokens", "100000") == 0
+    assert f"already cached ({n} tokens)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
