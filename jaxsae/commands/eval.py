@@ -153,7 +153,7 @@ class Eval(Command):
         if full_truth:
             # The data's own truth: everything (firing, absorption, circles) on these tokens.
             full = synthetic.load_truth(truth_dir)
-            full.check_data(data, self.truth, self.data)
+            full.check_data(data, self.truth, self.data, at=start)
             try:
                 report = evaluate.truth_report(loaded.params, loaded.sae, data, full,
                                                start=start, batch_size=batch_size,

@@ -577,9 +577,11 @@ class Truth:
     def directions(self) -> np.ndarray:
         return self.arrays["directions"]
 
-    def check_data(self, source: Any, truth_path: str | Path, data_path: str | Path) -> None:
+    def check_data(self, source: Any, truth_path: str | Path, data_path: str | Path, *,
+                   at: int | None = None) -> None:
         """Refuses data that was not generated from this truth (its manifest records the
-        generator and spec it was written with): metrics against another data set's truth
+        generator and spec it was written with; with `at`, 64 of its rows from there are
+        compared with the regenerated tokens): metrics against another data set's truth
         would be numbers about nothing."""
         written = written_spec(source)
         where = f"--truth {truth_path}"
@@ -590,6 +592,18 @@ class Truth:
         if (what := spec_differences(written, self.spec)) is not None:
             raise DataError(f"{where}: is not the truth of {data_path} (the data was generated "
                             f"with {what}); pass the data's own directory as --truth")
+        if at is None or at >= source.n_tokens:
+            return
+        # the rows themselves: the tokens regenerated from the truth (a block that the
+        # evaluation regenerates next anyway), to float rounding of another device
+        stop = min(at + 64, source.n_tokens)
+        want = self.tokens(at, stop)
+        got = np.asarray(source.read(at, stop)[:, :want.shape[1]], np.float32)
+        error = np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-12)
+        if not error < 1e-3:
+            raise DataError(f"{where}: the tokens of {data_path} from {at} on are not the ones "
+                            f"this truth generates (relative difference {error:.3g}): the data "
+                            "was changed after it was written")
 
     def codes(self, start: int, stop: int, *, progress: bool = False) -> np.ndarray:
         """[stop - start, n_features] the true feature activations of tokens [start, stop),

@@ -66,6 +66,14 @@ def test_eval_refuses_the_truth_of_other_data(run_copy, small_data, tmp_path, ca
     assert cli.main(["eval", str(run_copy / "sae"), "--data", str(small_data), "--truth",
                      str(small_data), "--tokens", "2048"]) == 0
     assert "mcc" in json.loads(capsys.readouterr().out)
+    # the manifest intact, the rows not: a shard's rows reversed (the same truth.json)
+    changed = tmp_path / "changed"
+    shutil.copytree(small_data, changed)
+    last = sorted(changed.glob("shard-*.npy"))[-1]
+    np.save(last, np.load(last)[::-1])
+    refused(["eval", str(run_copy / "sae"), "--data", str(changed), "--truth", str(changed),
+             "--tokens", "2048"], capsys, match="are not the ones this truth generates",
+            unchanged=[changed])
 
 
 def test_eval_refuses_non_finite_held_out_tokens(run_copy, small_data, tmp_path, capsys):
