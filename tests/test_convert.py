@@ -72,7 +72,9 @@ def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path,
                                                            SMALL_SPEC.tokens)
     topk, jump = export.load_sae(tmp_path / "small").params, export.load_sae(out / "sae")
     assert jump.sae.activation == "jumprelu"
-    metadata = json.loads((out / "sae" / export.CFG_FILE).read_text())["metadata"]
+    written = json.loads((out / "sae" / export.CFG_FILE).read_text())
+    assert written["jaxsae"]["decoder_norm"] == "unit"  # the TopK SAE's unit rows
+    metadata = written["metadata"]
     assert metadata["training_tokens"] == 1234 and not any(k.startswith("eval_")
                                                            for k in metadata)
     pre = (x - topk["b_dec"]) @ topk["W_enc"] + topk["b_enc"]

@@ -83,7 +83,10 @@ def calibrate(params: dict[str, Any], cfg: SAEConfig,
 
 def as_jumprelu(loaded: export.LoadedSAE, threshold: np.ndarray
                 ) -> tuple[dict[str, np.ndarray], SAEConfig]:
-    cfg = SAEConfig(d_sae=loaded.sae.d_sae, activation="jumprelu", decoder_norm="free")
+    # the decoder is the TopK SAE's: unit rows stay unit (import then fine-tunes them so)
+    unit = sae.unit_rows(loaded.params["W_dec"], loaded.stored_dtype)
+    cfg = SAEConfig(d_sae=loaded.sae.d_sae, activation="jumprelu",
+                    decoder_norm="unit" if unit else "free")
     params = {k: v for k, v in loaded.params.items()}
     return {**params, "threshold": np.asarray(threshold, np.float32)}, cfg
 
