@@ -234,6 +234,9 @@ def test_manifest_not_json(tmp_path):
     ({"shards": []}, "'shards'"),
     ({"shards": [{"file": "../x.npy", "n_tokens": 7}]}, "shards\\[0\\].file"),
     ({"shards": [{"file": "shard-00000.npy", "n_tokens": 0}]}, "shards\\[0\\]"),
+    ({"d_in": True}, "'d_in' must be a positive integer, got True"),  # (bool passed as int)
+    ({"shards": [{"file": "shard-00000.npy", "n_tokens": 7}] * 2},
+     "shards\\[1\\].file 'shard-00000.npy' is listed twice"),
 ])
 def test_manifest_fields(tmp_path, changes, what):
     out = write_set(tmp_path / "set", source_data())
@@ -249,6 +252,10 @@ def test_shard_listed_but_missing(tmp_path):
     with pytest.raises(DataError, match="missing") as err:
         ShardSet(out)
     assert str(out / "shard-00002.npy") in str(err.value)
+    (out / "shard-00002.npy").mkdir()
+    with pytest.raises(DataError, match="shard-00002.npy: listed in manifest.json but not a "
+                                        "file"):
+        ShardSet(out)
 
 
 @pytest.mark.parametrize("file_type", ["npy", "safetensors"])

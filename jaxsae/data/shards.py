@@ -81,6 +81,10 @@ def is_shard_dir(path: str | Path) -> bool:
 # Reading
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not path.exists():
@@ -101,18 +105,21 @@ def read_manifest(path: str | Path) -> Manifest:
     need(raw.get("format") == FORMAT, f"'format' must be {FORMAT!r}, got {raw.get('format')!r}")
     need(raw.get("version") == VERSION, f"unsupported 'version' {raw.get('version')!r}")
     d_in = raw.get("d_in")
-    need(isinstance(d_in, int) and d_in > 0, f"'d_in' must be a positive integer, got {d_in!r}")
+    need(_positive_int(d_in), f"'d_in' must be a positive integer, got {d_in!r}")
     dtype = raw.get("dtype")
     need(dtype in DTYPES, f"'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
     shards = raw.get("shards")
     need(isinstance(shards, list) and shards, "'shards' must be a non-empty list")
-    entries = []
+    entries, seen = [], set()
     for i, s in enumerate(shards):
         ok = isinstance(s, dict) and isinstance(s.get("file"), str)
-        ok = ok and isinstance(s.get("n_tokens"), int) and s["n_tokens"] > 0
+        ok = ok and _positive_int(s.get("n_tokens"))
         need(ok, f"shards[{i}] must be {{'file': str, 'n_tokens': positive int}}, got {s!r}")
         need("/" not in s["file"] and s["file"] not in (".", ".."),
              f"shards[{i}].file must be a file name in the directory, got {s['file']!r}")
+        need(s["file"] not in seen, f"shards[{i}].file {s['file']!r} is listed twice (its "
+             "tokens would be read twice)")
+        seen.add(s["file"])
         entries.append(ShardEntry(s["file"], s["n_tokens"]))
     source = raw.get("source") or {}
     need(isinstance(source, dict), "'source' must be an object")
@@ -171,7 +178,8 @@ class ShardSet(ArraySource):
         for entry in self.manifest.shards:
             file = self.path / entry.file
             if not file.is_file():
-                raise DataError(f"{file}: listed in {MANIFEST} but missing")
+                raise DataError(f"{file}: listed in {MANIFEST} but "
+                                f"{'not a file' if file.exists() else 'missing'}")
             if entry.file.endswith(".npy"):
                 arrays.append(_open_npy(file, entry, self.manifest))
             elif entry.file.endswith(".safetensors"):
