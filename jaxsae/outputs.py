@@ -101,7 +101,10 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
     if not target.exists():
         return
     resolved = target.resolve()
-    for protected in [Path.cwd(), *inputs]:
+    if inside(Path.cwd().resolve(), resolved):
+        raise OutputError(f"{where}: would replace the working directory ({Path.cwd()}); "
+                          "choose another path")
+    for protected in inputs:
         if inside(Path(protected).resolve(), resolved):
             raise OutputError(f"{where}: would replace {protected}, which this command reads; "
                               "choose another path")

@@ -253,8 +253,8 @@ def test_shard_listed_but_missing(tmp_path):
         ShardSet(out)
     assert str(out / "shard-00002.npy") in str(err.value)
     (out / "shard-00002.npy").mkdir()
-    with pytest.raises(DataError, match="shard-00002.npy: listed in manifest.json but not a "
-                                        "file"):
+    with pytest.raises(DataError, match=r"shard-00002\.npy: listed in manifest\.json but "
+                                        r"not a file"):
         ShardSet(out)
 
 

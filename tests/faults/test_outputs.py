@@ -25,6 +25,14 @@ def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
+def test_no_output_replaces_the_working_directory(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mine.txt").write_text("my notes")
+    monkeypatch.chdir(tmp_path)
+    for out in (".", str(tmp_path.parent)):
+        refused(["synth", "--out", out, "--overwrite", "superposition", "--tokens", "64"],
+                capsys, match="would replace the working directory", unchanged=[tmp_path])
+
+
 def test_export_never_replaces_a_file_a_foreign_directory_or_a_run(run_copy, tmp_path, capsys):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("my notes")
