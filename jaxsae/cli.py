@@ -29,6 +29,7 @@ import errno
 import io
 import os
 import re
+import signal
 import sys
 
 import tyro
@@ -155,11 +156,21 @@ def _box_to_line(text: str) -> str:
     return message + " (see --help)"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that the outputs it was staging are removed as
+    on Ctrl-C (training handles SIGTERM itself: a checkpoint, then exit 143)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None
     if as_program:  # run as the program: restart once with huge pages (see jaxsae.hostmem)
         hostmem.restart_with_huge_pages()
         argv = sys.argv[1:]
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         cmd = parse(argv)
     except UsageError as e:
@@ -180,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxsae {name}: error: out of memory{detail}: the sizes asked for need more "
               "memory than this machine has", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"jaxsae {name}: terminated (SIGTERM)", file=sys.stderr)
+        if as_program:
+            _exit_now(128 + signal.SIGTERM)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"jaxsae {name}: aborted", file=sys.stderr)
         if as_program:

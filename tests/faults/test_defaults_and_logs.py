@@ -143,3 +143,19 @@ def test_the_lm_extra_brings_what_gguf_loading_needs():
 def test_config_defaults_are_auto():
     cfg = load_config(None, ["data.path=d"])
     assert cfg.optim.warmup_steps == "auto" and cfg.data.eval_tokens == "auto"
+
+
+def test_sigterm_outside_training_removes_what_was_being_written(tmp_path, capsys,
+                                                                 monkeypatch):
+    """(fault testing: SIGTERM during synth exited -15 with no message and left DIR.partial)"""
+    from jaxsae import cli
+    from jaxsae.data import synthetic
+
+    def terminated(*args, **kwargs):  # SIGTERM arrives while a block is drawn
+        cli._terminate(signal.SIGTERM, None)
+
+    monkeypatch.setattr(synthetic, "block_rows", terminated)
+    assert cli.main(["synth", "--out", str(tmp_path / "s"), "superposition", "--tokens",
+                     "64"]) == 128 + signal.SIGTERM
+    assert "jaxsae synth: terminated (SIGTERM)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no output, no staging directory
