@@ -272,6 +272,8 @@ def test_synth_transcoder_hierarchy_codes():
     roots = flat.codes(flat.truth(), np.random.default_rng(7), n)
     codes = tree.codes(tree.truth(), np.random.default_rng(7), n)
     np.testing.assert_array_equal(codes[:, :8], roots)  # the roots' draws come first
+    with pytest.raises(ConfigError, match="child_prob: has no effect without children"):
+        synthetic.TranscoderSpec(n_features=8, d_in=8, d_out=8, mean_l0=4.0, child_prob=0.25)
     children = codes[:, 8:].reshape(n, 8, 3)
     on = roots > 0
     assert not (children[~on] > 0).any()  # never without the parent

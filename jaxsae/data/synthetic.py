@@ -165,6 +165,8 @@ class TranscoderSpec(SuperpositionSpec):
         _need(self.children >= 0, "children", "must be >= 0")
         _need(self.child_prob > 0 and self.children * self.child_prob <= 1 + 1e-9,
               "child_prob", "must be > 0, and children x child_prob <= 1 (exclusive children)")
+        _need(self.children > 0 or self.child_prob == type(self).child_prob, "child_prob",
+              "has no effect without children (set children too)")
 
     def truth(self) -> dict[str, np.ndarray]:
         base = super().truth()
