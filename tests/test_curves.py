@@ -93,6 +93,8 @@ def test_plot_command_overlays_runs_and_refuses_what_it_must_not_touch(small_dat
         (["plot", str(tmp_path), "--out", str(tmp_path / "y.png")], "no metrics.jsonl"),
         (["plot", str(tmp_path / "a"), "--out", str(tmp_path / "plots" / "z.png")],
          "plots does not exist"),
+        (["plot", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a" / "."),
+          "--out", str(tmp_path / "y.png")], "given twice"),
     ]:
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()

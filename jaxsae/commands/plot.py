@@ -36,6 +36,11 @@ class Plot(Command):
 
         if not self.runs:
             raise JaxsaeError("RUN: give one or more run directories")
+        seen: dict[Path, str] = {}
+        for run in self.runs:
+            if Path(run).resolve() in seen:
+                raise JaxsaeError(f"RUN {run}: given twice (as {seen[Path(run).resolve()]})")
+            seen[Path(run).resolve()] = run
         out = Path(self.out)
         if out.suffix.lower() != ".png":
             raise JaxsaeError(f"--out {out}: must end with .png")
