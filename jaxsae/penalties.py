@@ -276,6 +276,9 @@ def only_one(index: jax.Array, losses: Sequence[Callable[..., jax.Array]], param
 
 def _check_auxk(cfg: Config, term: TermConfig, key: str) -> None:
     _require("has_k", "an activation with k active latents")(cfg, term, key)
+    # (matching pursuit has k but no encoder: no pre-activations to pick dead latents by)
+    _require("has_encoder", "an encoder whose pre-activations rank the dead latents")(
+        cfg, term, key)
     k_aux = term.params.get("k_aux")
     if k_aux is not None and not 0 < k_aux <= cfg.sae.d_sae:
         raise ConfigError(f"{key}.k_aux: must be in 1..sae.d_sae ({cfg.sae.d_sae}), got {k_aux}")

@@ -160,6 +160,8 @@ def raises_naming(*fragments: str):
         (["loss.1.term=l0"], ("loss[1]", "l0", "jumprelu", "relu")),
         (["loss.1.term=auxk"], ("loss[1]", "auxk", "topk")),
         (["sae.activation=jumprelu", "loss.1.term=auxk"], ("loss[1]", "auxk")),
+        (["sae.activation=matching_pursuit", "sae.k=4", "sae.decoder_norm=unit",
+          "loss.1.term=auxk"], ("loss[1]", "auxk", "encoder")),  # (it was a KeyError)
         (["loss.1.term=l2"], ("loss[1].term", "unknown loss term", "l2")),
         (["loss.1.foo=3"], ("loss[1].foo", "unknown key")),
         (["loss.0.coefficient=big"], ("loss[0].coefficient", "number")),
