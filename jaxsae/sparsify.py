@@ -3,7 +3,8 @@
 `b_dec`), which `sparsify.SparseCoder.load_from_disk` reads. Its encoder is
 TopK(ReLU((x − b_dec) · W_encᵀ + b_enc)): jaxsae's `topk` SAE, which is the one activation
 written and read here (`jaxsae export --format sparsify`, `jaxsae import` of a sparsify
-directory). Transcoders and skip connections are refused until jaxsae trains them.
+directory). sparsify's transcoders and skip connections are not read yet (jaxsae's own
+transcoders export in SAELens's layout).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def export_sparsify(params: dict[str, Any], sae_cfg: SAEConfig, out: str | Path,
            "normalize_decoder": sae_cfg.decoder_norm == "unit", "num_latents": int(d_sae),
            "k": int(sae_cfg.k), "multi_topk": False, "skip_connection": False,
            "transcode": False, "d_in": int(d_in)}
-    with outputs.staged_directory(out, "sae", overwrite=overwrite, inputs=inputs,
-                                  marker=False) as staging:
+    # (sparsify's cfg.json takes no extra key: the marker file says jaxsae wrote it, so that
+    # exporting again replaces it as it replaces a SAELens export)
+    with outputs.staged_directory(out, "sae", overwrite=overwrite, inputs=inputs) as staging:
         tensorfile.write(staging / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         (staging / CFG_FILE).write_text(json.dumps(cfg, indent=2))
     return Path(out)
@@ -80,9 +82,11 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig, n
     if cfg.get("activation", "topk") != "topk":
         raise ExportError(f"{file}: activation {cfg['activation']!r} (jaxsae reads TopK)")
     if cfg.get("transcode"):
-        raise ExportError(f"{file}: a transcoder (jaxsae trains SAEs)")
+        raise ExportError(f"{file}: a sparsify transcoder (transcode: true), which jaxsae does "
+                          "not read yet")
     if cfg.get("skip_connection"):
-        raise ExportError(f"{file}: a skip connection (not supported yet)")
+        raise ExportError(f"{file}: a skip connection, which jaxsae does not read from "
+                          "sparsify yet")
     d_in, k = cfg.get("d_in"), cfg.get("k")
     if not isinstance(d_in, int) or not isinstance(k, int) or d_in < 1 or k < 1:
         raise ExportError(f"{file}: d_in and k must be positive integers")

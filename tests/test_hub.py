@@ -89,6 +89,8 @@ def test_sparsify_export_holds_the_saelens_weights(small_data, tmp_path, capsys)
     out = tmp_path / "sp"
     _export([str(tmp_path / "run"), "--out", str(out), "--format", "sparsify"], capsys)
     assert is_sparsify(out) and not is_sparsify(result.sae_dir)
+    # exporting again replaces it, as a SAELens export is replaced (it asked for --overwrite)
+    _export([str(tmp_path / "run"), "--out", str(out), "--format", "sparsify"], capsys)
     cfg_json = json.loads((out / "cfg.json").read_text())
     assert cfg_json == {"activation": "topk", "expansion_factor": 4, "normalize_decoder": False,
                         "num_latents": 64, "k": 4, "multi_topk": False,
@@ -125,7 +127,7 @@ def test_sparsify_refusals(small_data, tmp_path, capsys):
 
     good = export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2), tmp_path / "g")
     cfg = json.loads((good / "cfg.json").read_text())
-    for change, match in [({"transcode": True}, "a transcoder"),
+    for change, match in [({"transcode": True}, "a sparsify transcoder"),
                           ({"skip_connection": True}, "a skip connection"),
                           ({"activation": "groupmax"}, "activation 'groupmax'"),
                           ({"k": 9}, "k 9 must be in 1..num_latents"),
