@@ -63,7 +63,7 @@ def test_hook_choice(tmp_path):
         open_source(DataConfig(path=str(path)))
     source = open_source(DataConfig(path=str(path), hook="blocks.9.hook_resid_pre"))
     np.testing.assert_array_equal(source.read(0, 8), 2 * acts[0])
-    with pytest.raises(DataError, match=r"data\.hook: 'blocks\.3"):
+    with pytest.raises(DataError, match=r"data\.hook \(--hook\): 'blocks\.3"):
         open_source(DataConfig(path=str(path), hook="blocks.3.hook_resid_pre"))
 
 
@@ -126,10 +126,12 @@ def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):
     np.testing.assert_array_equal(rows, np.concatenate([flat, 2 * flat], axis=1))
 
     for bad, error in [
-        ({"target_hook": None}, r"several activation columns .*data\.target_hook$"),
+        ({"target_hook": None}, r"several activation columns .*data\.target_hook "
+                                r"\(--target-hook\)$"),
         ({"target_hook": HOOK}, r"data\.target_hook: 'blocks\.8\.hook_resid_pre' is also "
                                 r"data\.hook"),
-        ({"target_hook": "blocks.3.hook_resid_pre"}, r"data\.target_hook: 'blocks\.3"),
+        ({"target_hook": "blocks.3.hook_resid_pre"},
+         r"data\.target_hook \(--target-hook\): 'blocks\.3"),
     ]:
         with pytest.raises(DataError, match=error):
             open_source(DataConfig(path=str(path), **{**data, **bad}))

@@ -41,7 +41,7 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
     if is_shard_dir(target):
         targets: ArraySource = ShardSet(target, check_finite=cfg.check_finite)
     elif is_saelens_cache(target):
-        targets = SAELensCache(target, hook=cfg.target_hook, key="data.target_hook",
+        targets = SAELensCache(target, hook=cfg.target_hook, key="data.target_hook (--target-hook)",
                                check_finite=cfg.check_finite)
         if isinstance(inputs, SAELensCache) and (target.resolve() == inputs.path.resolve()
                                                  and targets.hook == inputs.hook):

@@ -42,8 +42,8 @@ def activation_columns(info: dict) -> dict[str, tuple[int, int]]:
 class SAELensCache(ArraySource):
     """Tokens of one activation column of a SAELens cache."""
 
-    def __init__(self, path: str | Path, *, hook: str | None = None, key: str = "data.hook",
-                 check_finite: bool = False):
+    def __init__(self, path: str | Path, *, hook: str | None = None,
+                 key: str = "data.hook (--hook)", check_finite: bool = False):
         self.path = Path(path)
         info, state = self._read_json(INFO), self._read_json(STATE)
         columns = activation_columns(info)
