@@ -90,13 +90,6 @@ def _jaxsae(*args: str, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    proc = _jaxsae(*args)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
-
 def _train_until_checkpoint(config: Path, run_dir: Path, sig: int) -> subprocess.CompletedProcess:
     """Starts training, waits for the first complete checkpoint, then sends `sig`."""
     proc = _jaxsae("train", str(config), "--no-progress")
@@ -117,8 +110,9 @@ def _weights(sae_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_end_to_end_with_interruptions(tmp_path, capsys):
-    """Only the runs that are interrupted or resumed are subprocesses (signals); the others run
-    in this process (each subprocess start costs seconds of imports and compiling)."""
+    """Only the runs that are interrupted are subprocesses (signals); the others, the resumes
+    included, run in this process (each subprocess start costs seconds of imports and
+    compiling)."""
     def run_here(*args: str) -> str:
         assert cli.main(list(args)) == 0, capsys.readouterr().err
         return capsys.readouterr().out
@@ -148,14 +142,13 @@ def test_end_to_end_with_interruptions(tmp_path, capsys):
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert "Run the same command again to resume" in stopped.stderr
     assert len(stopped.stderr.strip().splitlines()) <= 3, stopped.stderr
-    resumed = _run("train", str(cfg), "--no-progress")
-    assert "resuming" in resumed.stdout
+    assert "resuming" in run_here("train", str(cfg), "--no-progress")
 
     # SIGKILL: loses at most the work since the last checkpoint, then resumes exactly.
     cfg = config("kill")
     killed = _train_until_checkpoint(cfg, tmp_path / "kill", signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
-    _run("train", str(cfg), "--no-progress")
+    run_here("train", str(cfg), "--no-progress")
 
     reference = _weights(tmp_path / "straight run" / "sae")
     for name in ("term", "kill"):

@@ -40,10 +40,10 @@ def test_preset_launch_line_and_short_run(preset, tmp_path):
         assert "# Data: scripts/" in preset.read_text(), "say how to make the data"
         rng = np.random.default_rng(0)
         with ShardWriter(tmp_path / "data", 576, shard_tokens=8192) as writer:
-            writer.write(rng.normal(size=(24576, 576)).astype(np.float32))
+            writer.write(rng.normal(size=(12288, 576)).astype(np.float32))
         if cfg.data.target is not None:  # a transcoder's targets, paired row by row
             with ShardWriter(tmp_path / "target", 576, shard_tokens=8192) as writer:
-                writer.write(rng.normal(size=(24576, 576)).astype(np.float32))
+                writer.write(rng.normal(size=(12288, 576)).astype(np.float32))
             overrides.append(f"data.target={tmp_path / 'target'}")
     else:  # presets generate their data when it is missing
         overrides.append("data.generate.tokens=24576")

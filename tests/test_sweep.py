@@ -123,12 +123,16 @@ def _steps(cfg, batches):
     return built, jax.device_get(state), history
 
 
+# (Two SAEs a sweep where two values vary: each point varies both, and each SAE trained alone
+# costs a compile; the grid's product is checked by test_grid_is_every_combination_in_key_order.)
 @pytest.mark.parametrize(("sections", "sweep"), [
-    ({}, {"loss.1.coefficient": [0.03, 0.3], "optim.lr": [1e-3, 1e-2]}),
-    (TOPK, {"sae.k": [2, 8], "seed": [0, 1]}),  # the sparse TopK path, k traced
+    ({}, [{"loss.1.coefficient": 0.03, "optim.lr": 1e-3},
+          {"loss.1.coefficient": 0.3, "optim.lr": 1e-2}]),
+    (TOPK, [{"sae.k": 2, "seed": 0}, {"sae.k": 8, "seed": 1}]),  # sparse TopK path, k traced
     ({**TOPK, "loss": [{"term": "matryoshka", "prefixes": [16, 64]}]},  # dense TopK decode
      {"sae.k": [2, 6]}),
-    (BATCHTOPK, {"sae.k": [2, 8], "loss.1.coefficient": [0.0, 0.5]}),
+    (BATCHTOPK, [{"sae.k": 2, "loss.1.coefficient": 0.0},
+                 {"sae.k": 8, "loss.1.coefficient": 0.5}]),
     ({"sae": {"d_sae": 64, "activation": "jumprelu", "jumprelu_bandwidth": 0.1},
       "loss": [{"term": "mse"}, {"term": "l0", "coefficient": 0.01, "bandwidth": 0.1,
                                  "warmup_steps": 4}]},
@@ -310,8 +314,9 @@ print(json.dumps(out))
     # prefix losses and AuxK, k traced per SAE
     {"sae": {"d_sae": 64, "activation": "batchtopk", "k": 4},
      "loss": [{"term": "matryoshka", "prefixes": [16, 64]}, {"term": "auxk", "dead_tokens": 64}]},
-    {"sae": {"d_sae": 64, "activation": "relu"},
-     "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}]},
+    pytest.param({"sae": {"d_sae": 64, "activation": "relu"},
+                  "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}]},
+                 marks=pytest.mark.slow),  # (the dense path: test_sharding's default cases)
 ])
 def test_sharded_sweep_matches_one_device(sections):
     tree = {"data": {"path": "x"}, **sections,
