@@ -84,6 +84,16 @@ def _parse_command(cls: type[Command], args: list[str]) -> Command:
         if e.code in (0, None):
             raise
         message = _box_to_line(captured.getvalue())
+        unknown = re.match(r"unrecognized options: (\S+)", message, re.IGNORECASE)
+        if cls.choices is not None and unknown and unknown.group(1) in args:
+            what, words = cls.choices
+            word = unknown.group(1)
+            if (not word.startswith("-") and "=" not in word
+                    and not any(a in words for a in args)):  # (else a stray word)
+                close = difflib.get_close_matches(word, words, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UsageError(f"unknown {what} {word!r}{hint}; one of: {', '.join(words)}",
+                                 cls.words) from None
         stray = [a for a in args if "=" in a and not a.startswith("-") and a in message]
         if stray:  # `train CFG --no-progress optim.lr=1e-3`
             message += f"; key=value overrides such as {stray[0]} go before the flags"

@@ -62,6 +62,11 @@ def _one_line_error(argv, capsys) -> str:
 
 def test_bad_input_gets_one_line_naming_the_culprit(small_data, tmp_path, capsys):
     assert "nope.yaml" in _one_line_error(["train", str(tmp_path / "nope.yaml")], capsys)
+    # (tyro said "Unrecognized options: superpositon")
+    assert ("unknown generator 'superpositon' (did you mean 'superposition'?)"
+            in _one_line_error(["synth", "superpositon", "--out", str(tmp_path / "s")], capsys))
+    assert "Unrecognized options: extra" in _one_line_error(
+        ["synth", "superposition", "--out", str(tmp_path / "s"), "extra"], capsys)
     cfg_file = tmp_path / "c.yaml"
     tree = small_config_dict(small_data, tmp_path / "run")
     cfg_file.write_text(yaml.safe_dump({**tree, "optim": {**tree["optim"], "lr_rate": 1}}))

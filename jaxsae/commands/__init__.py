@@ -45,6 +45,9 @@ class Command:
 
     words: ClassVar[tuple[str, ...]] = ()
     """How it is called: ("train",), ("stitch", "compare"); set by `@command`."""
+    choices: ClassVar[tuple[str, tuple[str, ...]] | None] = None
+    """A command whose first argument is one of several words (`synth`'s generators): what
+    they are called and the words, for an error that names an unknown one."""
 
     def run(self) -> int:
         """Does the work; returns the exit status (bad input raises `JaxsaeError`)."""

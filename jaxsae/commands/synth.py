@@ -57,6 +57,8 @@ class Synth(Command):
     Writes activation shards plus the truth
     files (truth.json, truth.safetensors) that `jaxsae eval --truth` and the bench read."""
 
+    choices = ("generator", tuple(GENERATORS))
+
     spec: tyro.conf.OmitSubcommandPrefixes[Kind]
     """what to generate (a generator and its parameters)"""
     out: Annotated[str, tyro.conf.arg(metavar="DIR")]
