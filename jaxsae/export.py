@@ -34,6 +34,7 @@ from jaxsae import activations, outputs, sae, sparsify, tensorfile
 from jaxsae.checks import check_run
 from jaxsae.config import SAEConfig
 from jaxsae.errors import ConfigError, DataError, ExportError
+from jaxsae.parsing import is_positive_int
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -59,14 +60,19 @@ class LoadedSAE:
     norm may read: `sae.unit_rows`)."""
 
 
+def _export_dtype(dtype: str) -> np.dtype:
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    return EXPORT_DTYPES[dtype]
+
+
 def as_stored(params: dict[str, Any], dtype: str) -> dict[str, Any]:
     """`params` as an export in `dtype` holds them (read back as float32): rounded to bfloat16
     for a bfloat16 export, so that what is evaluated is what is written."""
-    if dtype not in EXPORT_DTYPES:
-        raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    if dtype == "float32":
+    stored = _export_dtype(dtype)
+    if stored == np.float32:
         return params
-    return {k: jnp.asarray(v, jnp.float32).astype(EXPORT_DTYPES[dtype]).astype(jnp.float32)
+    return {k: jnp.asarray(v, jnp.float32).astype(stored).astype(jnp.float32)
             for k, v in params.items()}
 
 
@@ -85,8 +91,7 @@ def export_sae(
     """Writes `params` (jaxsae SAE parameters) as a SAELens directory at `out`, atomically.
     An existing `out` is replaced if it is an export jaxsae wrote (or with `overwrite`; see
     `outputs.check_target`, which also protects `inputs`)."""
-    if dtype not in EXPORT_DTYPES:
-        raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    stored = _export_dtype(dtype)
     kind = activations.get(sae_cfg.activation)
     host = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
     W_dec = host["W_dec"]
@@ -100,7 +105,7 @@ def export_sae(
         shape = {"d_in": int(weights["W_enc"].shape[0]), "d_out": int(d_in)}
         if sae_cfg.skip:
             weights["W_skip"] = host["W_skip"]
-    weights = {k: v.astype(EXPORT_DTYPES[dtype]) for k, v in weights.items()}
+    weights = {k: v.astype(stored) for k, v in weights.items()}
     cfg_json: dict[str, Any] = {
         "architecture": architecture,
         **shape,
@@ -182,7 +187,7 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
         if not transcoders:
             raise ExportError(f"{file}: a {arch}; this reads SAEs, not transcoders (jaxsae "
                               "eval SAE_DIR --data X --target Y evaluates a transcoder)")
-        if not _positive_int(cfg.get("d_out")):
+        if not is_positive_int(cfg.get("d_out")):
             raise ExportError(f"{file}: 'd_out' must be a positive integer, got "
                               f"{cfg.get('d_out')!r}")
         arch = transcoder[0]
@@ -190,7 +195,7 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
         raise ExportError(f"{file}: unknown architecture {arch!r} (supported: "
                           f"{', '.join(known)})")
     for key in ("d_in", "d_sae"):
-        if not _positive_int(cfg.get(key)):
+        if not is_positive_int(cfg.get(key)):
             raise ExportError(f"{file}: {key!r} must be a positive integer, got "
                               f"{cfg.get(key)!r}")
     try:
@@ -201,10 +206,6 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
         raise ExportError(f"{file}: normalize_activations {cfg['normalize_activations']!r} "
                           "is not supported (expected 'none')")
     return cfg
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_init_from(path: str | Path, sae_cfg: SAEConfig) -> None:
@@ -334,7 +335,7 @@ def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
                            **activations.for_architecture(arch).config_from_saelens(cfg)}
     if "jumprelu_bandwidth" in sae and not kind.learns_threshold:
         del sae["jumprelu_bandwidth"]
-    if kind.has_k and "k" not in sae and _positive_int(own.get("k")):
+    if kind.has_k and "k" not in sae and is_positive_int(own.get("k")):
         sae["k"] = own["k"]
     optim = {k: v for k, v in (own.get("optim") or {}).items() if k in ("lr", "batch_size")}
     if isinstance(own.get("loss"), list) and own["loss"]:

@@ -131,6 +131,11 @@ def _as_float(value: Any) -> float | None:
     return None
 
 
+def is_positive_int(value: Any) -> bool:
+    """Whether a value read from JSON / YAML is an integer > 0 (true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def typename(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 

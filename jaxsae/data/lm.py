@@ -150,17 +150,22 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 where, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JaxsaeError(f"--model {name}: cannot load it ({reason})") from None
+        raise JaxsaeError(f"--model {name}: cannot load it ({_first_line(e)})") from None
     try:
         model.eval().requires_grad_(False).to(device)
     except (RuntimeError, AssertionError) as e:  # torch's "not compiled with CUDA" asserts
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JaxsaeError(f"--device {device}: cannot put the model there ({reason})") from None
+        raise JaxsaeError(f"--device {device}: cannot put the model there "
+                          f"({_first_line(e)})") from None
     blocks = _find_blocks(model, n_layers, name)
     if truncate and layer is not None:
         del blocks[layer + 1 :]
     return LanguageModel(name, model, tokenizer, blocks, n_layers, torch.device(device))
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's first line (its type's name if it has no message)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _torch_device(torch, device: str | None) -> str:
@@ -171,8 +176,8 @@ def _torch_device(torch, device: str | None) -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JaxsaeError(f"--device {device!r}: not a PyTorch device ({reason})") from None
+        raise JaxsaeError(f"--device {device!r}: not a PyTorch device "
+                          f"({_first_line(e)})") from None
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

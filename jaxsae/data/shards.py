@@ -26,6 +26,7 @@ import numpy as np
 from jaxsae import outputs, tensorfile
 from jaxsae.data.source import ArraySource
 from jaxsae.errors import DataError
+from jaxsae.parsing import is_positive_int
 
 FORMAT = "jaxsae.shards"
 VERSION = 1
@@ -81,10 +82,6 @@ def is_shard_dir(path: str | Path) -> bool:
 # Reading
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not path.exists():
@@ -105,7 +102,7 @@ def read_manifest(path: str | Path) -> Manifest:
     need(raw.get("format") == FORMAT, f"'format' must be {FORMAT!r}, got {raw.get('format')!r}")
     need(raw.get("version") == VERSION, f"unsupported 'version' {raw.get('version')!r}")
     d_in = raw.get("d_in")
-    need(_positive_int(d_in), f"'d_in' must be a positive integer, got {d_in!r}")
+    need(is_positive_int(d_in), f"'d_in' must be a positive integer, got {d_in!r}")
     dtype = raw.get("dtype")
     need(dtype in DTYPES, f"'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
     shards = raw.get("shards")
@@ -113,7 +110,7 @@ def read_manifest(path: str | Path) -> Manifest:
     entries, seen = [], set()
     for i, s in enumerate(shards):
         ok = isinstance(s, dict) and isinstance(s.get("file"), str)
-        ok = ok and _positive_int(s.get("n_tokens"))
+        ok = ok and is_positive_int(s.get("n_tokens"))
         need(ok, f"shards[{i}] must be {{'file': str, 'n_tokens': positive int}}, got {s!r}")
         need("/" not in s["file"] and s["file"] not in (".", ".."),
              f"shards[{i}].file must be a file name in the directory, got {s['file']!r}")
