@@ -1,11 +1,13 @@
 """Feature-parallel scale: is a wide dictionary really split across devices?
 
-    python benchmarks/scale.py [--devices 8] [--d-in 2304] [--d-sae 1048576] [--run-d-sae 131072]
+    python benchmarks/scale.py [--devices 8] [--model -1] [--d-in 2304] [--d-sae 1048576]
+                               [--run-d-sae 131072]
 
 On `--devices` CPU devices (forced with XLA_FLAGS unless already set) and a mesh with
-model = devices: compiles the real train step for d_in x d_sae without materialising anything
+`--model` devices along `model` (the dictionary's split; -1, the default: all of them) and the
+rest along `data`: compiles the real train step for d_in x d_sae without materialising anything
 and prints its per-device memory analysis next to the total parameter + optimiser size (the
-per-device share should be about 1/devices); then runs one real step at `--run-d-sae`, a width
+per-device share should be about 1/model); then runs one real step at `--run-d-sae`, a width
 whose state fits in this machine's memory, and times it.
 """
 
@@ -20,6 +22,8 @@ from pathlib import Path
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--devices", type=int, default=8)
+parser.add_argument("--model", type=int, default=-1,
+                    help="devices along mesh.model (-1: all); the others along mesh.data")
 parser.add_argument("--d-in", type=int, default=2304)
 parser.add_argument("--d-sae", type=int, default=1 << 20)
 parser.add_argument("--batch", type=int, default=4096)
@@ -44,7 +48,7 @@ def config(d_sae: int, batch: int):
         "data": {"path": "unused"}, "sae": {"d_sae": d_sae, "decoder_norm": "free"},
         "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 1.0}],
         "optim": {"batch_size": batch, "total_tokens": batch * 100, "warmup_steps": 1},
-        "mesh": {"data": 1, "model": -1}})
+        "mesh": {"data": 1 if args.model == -1 else -1, "model": args.model}})
 
 
 def analyse(d_sae: int, batch: int) -> dict:

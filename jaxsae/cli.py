@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import errno
 import io
 import os
 import re
@@ -36,7 +35,8 @@ import tyro
 
 from jaxsae import hostmem
 from jaxsae.commands import Command, registry
-from jaxsae.errors import JaxsaeError
+from jaxsae.errors import JaxsaeError, describe_os_error, one_line
+from jaxsae.interrupts import Terminated, clear_terminated, raise_terminated
 
 DESCRIPTION = "Train sparse autoencoders on cached activations with JAX."
 
@@ -166,51 +166,50 @@ def _box_to_line(text: str) -> str:
     return message + " (see --help)"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that the outputs it was staging are removed as
-    on Ctrl-C (training handles SIGTERM itself: a checkpoint, then exit 143)."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None
     if as_program:  # run as the program: restart once with huge pages (see jaxsae.hostmem)
         hostmem.restart_with_huge_pages()
         argv = sys.argv[1:]
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, raise_terminated)
+    clear_terminated()
+    name = "jaxsae"  # until the command is known
     try:
         cmd = parse(argv)
+        name = " ".join(("jaxsae", *cmd.words))
+        return _run(cmd, name)
     except UsageError as e:
         print(f"{' '.join(('jaxsae', *e.words))}: error: {e}", file=sys.stderr)
         return 2
-    name = cmd.words[0]
-    try:
-        return cmd.run()
-    except JaxsaeError as e:
-        code = getattr(e, "exit_code", 2)
-        print(f"jaxsae {name}: error: {_one_line(str(e))}", file=sys.stderr)
-        return code
-    except OSError as e:  # the file system refused: disk full, read-only, not a directory
-        print(f"jaxsae {name}: error: {_os_error(e)}", file=sys.stderr)
-        return 2
-    except MemoryError as e:  # sizes (flags, config) beyond this machine's memory
-        detail = f" ({_one_line(str(e))})" if str(e) else ""
-        print(f"jaxsae {name}: error: out of memory{detail}: the sizes asked for need more "
-              "memory than this machine has", file=sys.stderr)
-        return 2
     except Terminated:
-        print(f"jaxsae {name}: terminated (SIGTERM)", file=sys.stderr)
+        print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
+        clear_terminated()
         if as_program:
             _exit_now(128 + signal.SIGTERM)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print(f"jaxsae {name}: aborted", file=sys.stderr)
+        print(f"{name}: aborted", file=sys.stderr)
         if as_program:
             _exit_now(130)
         return 130
+
+
+def _run(cmd: Command, name: str) -> int:
+    """The command, with bad input (flags, files, sizes) reported in one line."""
+    try:
+        return cmd.run()
+    except JaxsaeError as e:
+        code = getattr(e, "exit_code", 2)
+        print(f"{name}: error: {one_line(str(e))}", file=sys.stderr)
+        return code
+    except OSError as e:  # the file system refused: disk full, read-only, not a directory
+        print(f"{name}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except MemoryError as e:  # sizes (flags, config) beyond this machine's memory
+        detail = f" ({one_line(str(e))})" if str(e) else ""
+        print(f"{name}: error: out of memory{detail}: the sizes asked for need more "
+              "memory than this machine has", file=sys.stderr)
+        return 2
 
 
 def _exit_now(code: int) -> None:
@@ -223,22 +222,6 @@ def _exit_now(code: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split("\n"))
-
-
-def _os_error(e: OSError) -> str:
-    """`cannot write runs/x/metrics.jsonl: No space left on device`."""
-    reason = e.strerror or str(e)
-    if e.filename is None:
-        return _one_line(reason)
-    verb = {errno.EACCES: "cannot write", errno.EPERM: "cannot write", errno.EROFS: "cannot write",
-            errno.ENOSPC: "cannot write", errno.EDQUOT: "cannot write",
-            errno.EFBIG: "cannot write", errno.ENOENT: "cannot find"}.get(e.errno, "cannot use")
-    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
-    return _one_line(f"{verb} {where}: {reason}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The one exception type users see: the CLI prints it as a single line and exits non-zero."""
 
+import errno
+
 
 class JaxsaeError(Exception):
     """Bad input (config, data, flags, files). The message names the culprit."""
@@ -27,3 +29,19 @@ def require_at_least(*checks: tuple[str, int | None, int]) -> None:
     for flag, value, low in checks:
         if value is not None and value < low:
             raise JaxsaeError(f"{flag} must be at least {low}, got {value}")
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split("\n"))
+
+
+def describe_os_error(e: OSError) -> str:
+    """`cannot write runs/x/metrics.jsonl: No space left on device`."""
+    reason = e.strerror or str(e)
+    if e.filename is None:
+        return one_line(reason)
+    verb = {errno.EACCES: "cannot write", errno.EPERM: "cannot write", errno.EROFS: "cannot write",
+            errno.ENOSPC: "cannot write", errno.EDQUOT: "cannot write",
+            errno.EFBIG: "cannot write", errno.ENOENT: "cannot find"}.get(e.errno, "cannot use")
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return one_line(f"{verb} {where}: {reason}")

@@ -3,8 +3,8 @@
 The loop tells its hooks (`LoopHook`) what happened: every step, every logged step (one line
 of metrics per SAE: `metrics.jsonl`, the progress display, and whatever else a hook sends
 them to), every checkpoint, and the end. `MetricLogger` turns the device metrics of a step,
-fetched one step late, into those lines and stops a run that went non-finite; `SignalFlag`
-turns SIGINT / SIGTERM into a checkpoint and a clean exit.
+fetched one step late, into those lines and stops a run that went non-finite
+(`interrupts.SignalFlag` turns SIGINT / SIGTERM into a checkpoint and a clean exit).
 
 Adding a destination for the metrics (an experiment tracker, say) is a `LoopHook` subclass
 passed to `train(hooks=...)`; nothing in the loop changes.
@@ -12,11 +12,8 @@ passed to `train(hooks=...)`; nothing in the loop changes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -196,34 +193,3 @@ def _postfix(tokens: int, tokens_per_s: float, lines: list[dict]) -> dict[str, s
     return {"tokens": f"{tokens:,}", "tok/s": f"{tokens_per_s:,.0f}",
             "loss": show("loss", ".4g"),
             "L0": show("l0", ".1f"), "EV": show("explained_variance", ".3f")}
-
-
-class SignalFlag:
-    """SIGINT / SIGTERM set a flag the loop checks after each step (a second Ctrl-C aborts)."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step{again}",
-              file=sys.stderr)
-
-    @property
-    def raised(self) -> bool:
-        return self.signum != 0
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -64,6 +64,10 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
                 errors.append(e)
         raise _union_error(options, value, key, errors)
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(arg, bool) for arg in args):
+            # YAML reads a bare on / off (yes / no) as a boolean: take the word it was
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((arg for arg in args if arg in words), value)
         if value not in args:
             choices = ", ".join(map(str, args))
             raise ConfigError(f"{key}: must be one of {choices}; got {value!r}")

@@ -6,7 +6,6 @@ columns, W_dec rows, b_enc, threshold), and optimiser state follows the paramete
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -48,6 +47,12 @@ def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
         model = n // data
     if data * model != n:
         raise ConfigError(f"mesh: data ({data}) x model ({model}) must equal the {n} devices")
+    processes = len({d.process_index for d in devices})
+    if data % processes:  # a `model` group would span processes: each would need every row
+        raise ConfigError(
+            f"mesh.data: {data} is not a multiple of the {processes} processes (each process "
+            f"reads its own rows of the batch, so mesh.model, {model}, must divide the "
+            f"{n // processes} devices of a process)")
     if cfg.sae.d_sae % model:
         raise ConfigError(f"mesh.model: {model} devices do not divide sae.d_sae ({cfg.sae.d_sae})")
     if cfg.optim.batch_size % data:
@@ -86,50 +91,3 @@ def tree_shardings(mesh: Mesh, abstract_tree: Any, d_sae: int, *, stacked: bool 
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(choose, abstract_tree)
-
-
-# Environments in which `distributed: auto` starts jax.distributed (variable -> what it means).
-CLUSTER_HINTS = {
-    "JAX_COORDINATOR_ADDRESS": "an explicit coordinator (with JAX_NUM_PROCESSES, JAX_PROCESS_ID)",
-    "SLURM_JOB_ID": "a SLURM job with more than one task (SLURM_NTASKS > 1)",
-    "TPU_WORKER_HOSTNAMES": "a multi-host TPU slice",
-    "OMPI_MCA_orte_hnp_uri": "an Open MPI launch",
-}
-
-
-def cluster_environment() -> str | None:
-    """The multi-process launch this process is part of, if any (see CLUSTER_HINTS)."""
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        return "JAX_COORDINATOR_ADDRESS"
-    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return "SLURM_JOB_ID"
-    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-        return "TPU_WORKER_HOSTNAMES"
-    if env.get("OMPI_MCA_orte_hnp_uri"):
-        return "OMPI_MCA_orte_hnp_uri"
-    return None
-
-
-def initialize_distributed(mode: str) -> str | None:
-    """Starts jax.distributed for `mode` 'on', or 'auto' in a cluster environment; must run
-    before anything touches the devices. Returns what was detected (None: single process)."""
-    if mode == "off" or jax.distributed.is_initialized():
-        return None
-    found = cluster_environment()
-    if mode == "auto" and found is None:
-        return None
-    # CPU processes exchange collectives through gloo (no effect on accelerators).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    env = os.environ
-    kwargs = {}
-    if found == "JAX_COORDINATOR_ADDRESS":
-        try:
-            kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
-                      "num_processes": int(env["JAX_NUM_PROCESSES"]),
-                      "process_id": int(env["JAX_PROCESS_ID"])}
-        except (KeyError, ValueError):
-            raise ConfigError("distributed: JAX_COORDINATOR_ADDRESS is set; also set "
-                              "JAX_NUM_PROCESSES and JAX_PROCESS_ID (integers)") from None
-    jax.distributed.initialize(**kwargs)
-    return found or "jax.distributed auto-detection"

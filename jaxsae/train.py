@@ -4,8 +4,9 @@ Phases: config checks -> run directory (locked) -> data -> restore or initialise
 abstract init -> shardings -> materialise, in `jaxsae.build`) -> loop -> evaluation + export
 (`jaxsae.finish`). Every run, from the quickstart to a sharded job, takes this path; features
 are configuration, registered activations and loss terms, never a second code path. The step
-itself is in `jaxsae.step`; what the loop reports and listens to in `jaxsae.hooks` (metrics
-files, progress, signals, and any `LoopHook` the caller passes).
+itself is in `jaxsae.step`; what the loop reports to in `jaxsae.hooks` (metrics files,
+progress, and any `LoopHook` the caller passes); signals in `jaxsae.interrupts`; keeping
+several processes in step in `jaxsae.processes`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxsae import export, outputs, sae, sharding
+from jaxsae import export, outputs, processes, sae
 from jaxsae.build import Built, build
 from jaxsae.checkpoint import (
     COMMIT_MARKER,
@@ -43,9 +44,9 @@ from jaxsae.hooks import (
     MetricLogger,
     MetricsFiles,
     ProgressDisplay,
-    SignalFlag,
     truncate_metrics,
 )
+from jaxsae.interrupts import SignalFlag
 from jaxsae.outputs import atomic_write, json_text
 from jaxsae.progress import Progress
 from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
@@ -75,19 +76,17 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     check_run(cfg)
 
     # -- processes (before anything touches the devices) -------------------------------------
-    launch = sharding.initialize_distributed(cfg.distributed)
+    launch = processes.initialize_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
-    if launch and is_main:
+    if not is_main:  # process 0 reports for the run (errors are raised on every process)
+        log = _silent
+    if launch:
         log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
             f"({launch})")
 
     # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = cfg.resolved_run_dir.absolute()
-    created = False
-    if is_main:
-        _check_run_dir(run_dir)
-        created = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
+    created = bool(processes.on_process_0(lambda: _make_run_dir(run_dir)))
     lock = _lock_run_dir(run_dir, is_main, log)
     try:
         return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
@@ -96,6 +95,10 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         lock.release()
         if created:
             _remove_if_unused(run_dir)
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def _remove_if_unused(run_dir: Path) -> None:
@@ -116,18 +119,19 @@ def _remove_if_unused(run_dir: Path) -> None:
 
 def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[str], None],
                   make_loader: Callable[..., Loader], hooks: Sequence[LoopHook]) -> RunResult:
-    is_main = jax.process_index() == 0
     members = cfg.sweep_configs()
     dirs = member_dirs(cfg, run_dir)
 
     # -- data -------------------------------------------------------------------------------
     data_path = Path(cfg.data.path)
     if cfg.data.generate is not None and not cfg.data.stream:
-        if is_main and not data_path.exists():
-            log(f"{data_path} does not exist: generating it ({cfg.data.generate.get('kind')})")
-            synthetic.generate(cfg.data.generate, data_path, progress=progress)
-        if jax.process_count() > 1:  # every process passes here; the others wait for the data
-            multihost_utils.sync_global_devices("jaxsae-generate-data")
+        def generate():  # the other processes wait for the data (or process 0's error)
+            if not data_path.exists():
+                log(f"{data_path} does not exist: generating it "
+                    f"({cfg.data.generate.get('kind')})")
+                synthetic.generate(cfg.data.generate, data_path, progress=progress)
+
+        processes.on_process_0(generate)
     source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
     if cfg.data.generate is not None and not cfg.data.stream:
         synthetic.check_generated(source, cfg.data.generate, data_path)
@@ -182,8 +186,8 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
         log(f"skipped {skipped} steps with a non-finite loss or gradient"
             + (" (per SAE of the sweep)" if cfg.sweep is not None else ""))
     if stats.drop_above is not None:
-        log(f"data: dropped {loader.dropped} tokens with norm > {stats.drop_above:.4g} "
-            "in the windows read by this process")
+        log(f"data: dropped {loader.dropped} tokens with norm > {stats.drop_above:.4g}"
+            + (" in the windows process 0 read" if jax.process_count() > 1 else ""))
 
     # -- export + evaluation -------------------------------------------------------------
     total = cfg.optim.total_steps
@@ -217,6 +221,10 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
     """restore (or init) -> the loop; returns the final state and what produced it. The
     hooks it tells are added to `told`."""
     is_main = jax.process_index() == 0
+    try:  # before anything is written
+        owned = lanes_of_process(cfg.data.lanes, jax.process_index(), jax.process_count())
+    except ValueError as e:
+        raise ConfigError(f"data.lanes: {e}") from None
 
     # -- restore: the newest checkpoint that restores whole, else a fresh start ---------------
     # mesh -> abstract init -> shardings -> step are built once the input scale is known (it
@@ -261,7 +269,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
             + (f", input scale {stats.scale:.4g}" if stats.scale != 1.0 else "")
             + (f", target scale {stats.target_scale:.4g}" if stats.target_scale != 1.0
                else ""))
-    if is_main:
+
+    def write_configs():
         atomic_write(run_dir / "config.yaml", cfg.to_yaml())
         for member, directory in zip(members, dirs, strict=True):
             if cfg.sweep is not None:  # each SAE's directory reads like a run of its own
@@ -271,13 +280,11 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
             # fresh start, by an attempt killed before its first checkpoint) are dropped.
             truncate_metrics(directory / "metrics.jsonl", start)
 
+    processes.on_process_0(write_configs)
+
     # -- loop -------------------------------------------------------------------------------
     total = cfg.optim.total_steps
     batch_size = cfg.optim.batch_size
-    try:
-        owned = lanes_of_process(cfg.data.lanes, jax.process_index(), jax.process_count())
-    except ValueError as e:
-        raise ConfigError(f"data.lanes: {e}") from None
     try:
         loader = make_loader(source, batch_size=batch_size, buffer_tokens=cfg.data.shuffle_buffer,
                         seed=cfg.data.seed, stop=n_train, lanes=cfg.data.lanes,
@@ -322,7 +329,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 logger.record(*pending)
             pending = (step, metrics)
             done = step + 1
-            if stop_signal.raised:
+            if stop_signal.stop_after(done):
                 logger.record(*pending)
                 save(done, state)
                 ckpt.wait()
@@ -345,6 +352,14 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         loader.close()
         bar.close()
     return state, built, stats, loader
+
+
+def _make_run_dir(run_dir: Path) -> bool:
+    """Checks the run directory and makes it; whether it was made here."""
+    _check_run_dir(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def _check_run_dir(run_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,7 +35,12 @@ tree["optim"]["total_tokens"] = 256 * steps
 tree["checkpoint"] = {"every_steps": every, "keep": 2}
 tree["log"] = {"every_steps": 4, "curves": False}
 tree["data"]["drop_norm_above"] = 2.5
-train(config_from_dict(tree), progress=False)
+from jaxsae.errors import JaxsaeError
+try:
+    train(config_from_dict(tree), progress=False)
+except JaxsaeError as e:  # as the command line: one line, its exit status
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(getattr(e, "exit_code", 2))
 print("worker done", jax.process_count(), len(jax.devices()))
 """
 
@@ -81,27 +87,58 @@ def test_two_processes_match_one(small_data, tmp_path):
     assert len(lines) == 5  # only process 0 writes metrics (steps 4, 8, ..., 20)
 
 
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(small_data, tmp_path):
+    """(fault testing: SIGTERM reaching one process, or the processes at different moments,
+    left both waiting forever in a collective: each stopped on its own.) Every process saves
+    the same step and exits 143; a refusal only process 0 meets stops the others too."""
+    run_dir, port = tmp_path / "run", _free_port()
+    workers = [_launch(pid, 2, port, small_data, run_dir, 2, steps=100_000, every=100_000)
+               for pid in range(2)]
+    deadline = time.time() + 300
+    while not ((run_dir / "metrics.jsonl").is_file()
+               and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert all(w.poll() is None for w in workers), workers[0].communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    workers[1].send_signal(signal.SIGTERM)  # process 1 alone: process 0 must stop with it
+    outputs = [w.communicate(timeout=120) for w in workers]
+    steps = []
+    for w, (_, err) in zip(workers, outputs, strict=True):
+        assert w.returncode == 128 + signal.SIGTERM, err
+        steps.append(re.search(r"interrupted by SIGTERM at step (\d+)", err).group(1))
+    assert steps[0] == steps[1]
+    assert (run_dir / "checkpoints" / steps[0]).is_dir()
+
+    port = _free_port()  # run_dir a file: process 0 refuses it, process 1 learns why
+    (tmp_path / "file").write_text("not a run")
+    workers = [_launch(pid, 2, port, small_data, tmp_path / "file", 2) for pid in range(2)]
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [2, 2], outputs
+    assert "is a file" in outputs[1][1] and "(on process 0)" in outputs[1][1]
+    assert "Traceback" not in outputs[0][1] + outputs[1][1]
+
+
 def test_cluster_detection(monkeypatch):
-    from jaxsae import sharding
+    from jaxsae import processes
     from jaxsae.errors import ConfigError
 
     for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS",
                 "TPU_WORKER_HOSTNAMES", "OMPI_MCA_orte_hnp_uri"):
         monkeypatch.delenv(var, raising=False)
-    assert sharding.cluster_environment() is None
-    assert sharding.initialize_distributed("auto") is None  # a plain single process
+    assert processes.cluster_environment() is None
+    assert processes.initialize_distributed("auto") is None  # a plain single process
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert sharding.cluster_environment() is None  # one task: nothing to coordinate
+    assert processes.cluster_environment() is None  # one task: nothing to coordinate
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert sharding.cluster_environment() == "SLURM_JOB_ID"
+    assert processes.cluster_environment() == "SLURM_JOB_ID"
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-a,host-b")
-    assert sharding.cluster_environment() == "TPU_WORKER_HOSTNAMES"
+    assert processes.cluster_environment() == "TPU_WORKER_HOSTNAMES"
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
-    assert sharding.cluster_environment() == "JAX_COORDINATOR_ADDRESS"
+    assert processes.cluster_environment() == "JAX_COORDINATOR_ADDRESS"
     with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
-        sharding.initialize_distributed("auto")
+        processes.initialize_distributed("auto")
 
 
 @pytest.mark.slow  # ~60 s on 2 cores: three launches of two processes. The default run keeps

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -38,6 +39,12 @@ def test_mesh_sizes_and_errors():
         sharding.make_mesh(_cfg(data=2, model=1), devices)
     with pytest.raises(ConfigError, match=r"mesh\.model"):
         config_from_dict({"data": {"path": "x"}, "sae": {"d_sae": 60}, "mesh": {"model": 8}})
+    # (fault testing: with 2 processes of 2 devices, mesh.model=4 was accepted and crashed
+    # with a traceback when the first batch was assembled: a model group spanning processes
+    # would need each to hold every row of the batch, and each reads only its own)
+    two_hosts = [types.SimpleNamespace(process_index=i // 2, id=i) for i in range(4)]
+    with pytest.raises(ConfigError, match=r"mesh\.data: 1 is not a multiple of the 2 processes"):
+        sharding.make_mesh(_cfg(data=1, model=4), two_hosts)
 
 
 def test_param_specs_follow_the_logical_table():

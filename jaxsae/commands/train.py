@@ -30,12 +30,16 @@ class Train(Command):
     """no progress bar"""
 
     def run(self) -> int:
+        import jax
+
         from jaxsae.config import load_config, sweep_label
         from jaxsae.data.synthetic import has_truth
         from jaxsae.train import train
 
         cfg = load_config(self.config, list(self.overrides))
         result = train(cfg, progress=not self.no_progress)
+        if jax.process_index() != 0:  # process 0 exported and reports for the run
+            return 0
         members = result.sweep or (result,)
         for member, point in zip(members, cfg.sweep.points if cfg.sweep else [None],
                                  strict=True):

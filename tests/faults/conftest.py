@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def assert_one_line_error(code: int, err: str, *, command: str, match: str,
     assert "Traceback" not in err, err
     lines = err.splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"jaxsae {command}: error: "), err
+    assert re.match(rf"jaxsae {command}( [a-z_]+)?: error: ", lines[0]), err  # ( subcommand)
     assert match in lines[0], err
     return lines[0]
 

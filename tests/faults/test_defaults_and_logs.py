@@ -120,7 +120,7 @@ def test_help_shows_no_empty_defaults(capsys):
 
 
 def test_sigterm_message_does_not_mention_ctrl_c(capsys):
-    from jaxsae.hooks import SignalFlag
+    from jaxsae.interrupts import SignalFlag
 
     flag = SignalFlag()
     try:
@@ -148,14 +148,83 @@ def test_config_defaults_are_auto():
 def test_sigterm_outside_training_removes_what_was_being_written(tmp_path, capsys,
                                                                  monkeypatch):
     """(fault testing: SIGTERM during synth exited -15 with no message and left DIR.partial)"""
-    from jaxsae import cli
+    from jaxsae import cli, interrupts
     from jaxsae.data import synthetic
 
     def terminated(*args, **kwargs):  # SIGTERM arrives while a block is drawn
-        cli._terminate(signal.SIGTERM, None)
+        interrupts.raise_terminated(signal.SIGTERM, None)
 
     monkeypatch.setattr(synthetic, "block_rows", terminated)
     assert cli.main(["synth", "--out", str(tmp_path / "s"), "superposition", "--tokens",
                      "64"]) == 128 + signal.SIGTERM
     assert "jaxsae synth: terminated (SIGTERM)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no output, no staging directory
+
+
+def test_sigterm_while_the_command_line_is_read(monkeypatch, capsys):
+    """(fault testing: SIGTERM in a command's first ~2 s, while its modules were imported,
+    printed a traceback and exited 1)"""
+    from jaxsae import interrupts
+
+    def parse(argv):
+        interrupts.raise_terminated(signal.SIGTERM, None)
+
+    monkeypatch.setattr(cli, "parse", parse)
+    assert cli.main(["train", "x.yaml"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "jaxsae: terminated (SIGTERM)"
+
+
+def test_a_sigterm_whose_exception_was_lost_stops_training_at_its_first_step(
+        small_data, tmp_path, capsys):
+    """(fault testing: a SIGTERM that arrived while JAX ran a garbage-collection callback was
+    printed as 'Exception ignored' and lost: the run trained to its end and exited 0)"""
+    from jaxsae import interrupts
+
+    config = write_config(tmp_path / "c.yaml", small_data, tmp_path / "run")
+    with pytest.raises(interrupts.Terminated):  # raised where nobody handles it
+        interrupts.raise_terminated(signal.SIGTERM, None)
+    try:  # cli.main starts a new command (clears it): run the command without it
+        from jaxsae.commands.train import Train
+        from jaxsae.hooks import Interrupted
+
+        with pytest.raises(Interrupted, match="interrupted by SIGTERM at step 1;") as stopped:
+            Train(config=str(config), no_progress=True).run()
+        assert stopped.value.exit_code == 128 + signal.SIGTERM
+        assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+    finally:
+        interrupts.clear_terminated()
+
+
+def test_yaml_on_and_off_are_the_words_they_were(tmp_path):
+    """(fault testing: `distributed: on`, as the docs write it, was refused: YAML 1.1 reads a
+    bare on / off as a boolean)"""
+    (tmp_path / "c.yaml").write_text("distributed: on\ndata: {path: d}\n")
+    assert load_config(tmp_path / "c.yaml").distributed == "on"
+    assert load_config(None, ["data.path=d", "distributed=off"]).distributed == "off"
+
+
+def test_a_launch_jax_cannot_join_is_one_line(monkeypatch, capsys):
+    """(fault testing: SLURM variables without srun, or `distributed: on` outside a cluster,
+    ended in a traceback: 'coordinator_address should be defined')"""
+    import jax
+
+    from jaxsae import processes
+    from jaxsae.errors import ConfigError
+
+    def initialize(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(ConfigError, match=r"SLURM_JOB_ID is set .* cannot start: "
+                       r"coordinator_address should be defined\. Launch every process"):
+        processes.initialize_distributed("auto")
+
+
+def test_a_grouped_command_names_its_subcommand_in_errors(tmp_path, capsys):
+    assert cli.main(["data", "inspect", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("jaxsae data inspect: error: ")

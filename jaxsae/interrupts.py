@@ -1,0 +1,102 @@
+"""Signals: SIGTERM outside training (the command stops, removing what it was staging), and
+SIGINT / SIGTERM during training (a checkpoint after the step, on every process at the same
+step, then a clean exit).
+
+Imports no JAX at module level: the command line installs its handler before any heavy import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+import numpy as np
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that the outputs it was staging are removed as
+    on Ctrl-C (training handles SIGTERM itself: a checkpoint, then exit 143)."""
+
+
+_terminated = False
+"""A SIGTERM reached `raise_terminated`. Its exception can be lost (raised inside a callback
+whose exceptions Python only prints, e.g. a garbage-collection hook of JAX's), so training,
+which starts after, reads this too and stops at its first step."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """The command line's SIGTERM handler outside training."""
+    global _terminated
+    _terminated = True
+    raise Terminated
+
+
+def clear_terminated() -> None:
+    """A new command (several run in one process from Python or the tests)."""
+    global _terminated
+    _terminated = False
+
+
+class SignalFlag:
+    """SIGINT / SIGTERM ask the loop to save a checkpoint after a step and stop; a second
+    Ctrl-C aborts. The loop calls `stop_after(step)` after every step.
+
+    With several processes, all must stop after the same step (a checkpoint is a collective
+    write), whenever the signal reached each, or only one of them. SIGTERM is then left to
+    JAX's preemption notifier (jax.distributed installs it): the coordination service agrees on
+    the step (`multihost_utils.reached_preemption_sync_point`); a Ctrl-C is passed on to it as a
+    SIGTERM of this process. Without that service (turned off by the user) the processes agree
+    through a collective after every step."""
+
+    def __init__(self):
+        import jax
+        from jax.experimental import multihost_utils
+
+        self._multihost = multihost_utils
+        self.signum = 0
+        self._previous = {}
+        processes = jax.process_count()
+        # jax.distributed.initialize starts the notifier when this option is on (the default)
+        self._preemption = processes > 1 and bool(jax.config.jax_enable_preemption_service)
+        self._gather = processes > 1 and not self._preemption
+        signals = (signal.SIGINT,) if self._preemption else (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        if _terminated:  # a SIGTERM before the loop whose exception was lost
+            self._handle(signal.SIGTERM, None)
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step{again}",
+              file=sys.stderr)
+        if self._preemption:  # to JAX's notifier: every process stops
+            signal.raise_signal(signal.SIGTERM)
+
+    def stop_after(self, step: int) -> bool:
+        """Whether to save and stop after `step` (every process gets the same answer)."""
+        if self._preemption:
+            if not self._multihost.reached_preemption_sync_point(step):
+                return False
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        if self._gather:
+            self.signum = int(self._multihost.process_allgather(
+                np.asarray(self.signum, np.int32)).max())
+        return self.raised
+
+    @property
+    def raised(self) -> bool:
+        return self.signum != 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,106 @@
+"""Several processes: starting jax.distributed, and work that process 0 does for all.
+
+Every process of a run executes the same collectives in the same order; one that stops early
+(an error only process 0 can meet) leaves the others waiting in a collective it never reaches.
+`on_process_0` hands process 0's error to every process. (A signal that reaches only some of
+the processes: `interrupts.SignalFlag`.)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxsae.errors import ConfigError, JaxsaeError, describe_os_error
+
+T = TypeVar("T")
+
+# Environments in which `distributed: auto` starts jax.distributed (variable -> what it means).
+CLUSTER_HINTS = {
+    "JAX_COORDINATOR_ADDRESS": "an explicit coordinator (with JAX_NUM_PROCESSES, JAX_PROCESS_ID)",
+    "SLURM_JOB_ID": "a SLURM job with more than one task (SLURM_NTASKS > 1)",
+    "TPU_WORKER_HOSTNAMES": "a multi-host TPU slice",
+    "OMPI_MCA_orte_hnp_uri": "an Open MPI launch",
+}
+
+
+def cluster_environment() -> str | None:
+    """The multi-process launch this process is part of, if any (see CLUSTER_HINTS)."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "SLURM_JOB_ID"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return "TPU_WORKER_HOSTNAMES"
+    if env.get("OMPI_MCA_orte_hnp_uri"):
+        return "OMPI_MCA_orte_hnp_uri"
+    return None
+
+
+def initialize_distributed(mode: str) -> str | None:
+    """Starts jax.distributed for `mode` 'on', or 'auto' in a cluster environment; must run
+    before anything touches the devices. Returns what was detected (None: single process)."""
+    if mode == "off" or jax.distributed.is_initialized():
+        return None
+    found = cluster_environment()
+    if mode == "auto" and found is None:
+        return None
+    # CPU processes exchange collectives through gloo (no effect on accelerators).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    env = os.environ
+    kwargs = {}
+    if found == "JAX_COORDINATOR_ADDRESS":
+        try:
+            kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+                      "num_processes": int(env["JAX_NUM_PROCESSES"]),
+                      "process_id": int(env["JAX_PROCESS_ID"])}
+        except (KeyError, ValueError):
+            raise ConfigError("distributed: JAX_COORDINATOR_ADDRESS is set; also set "
+                              "JAX_NUM_PROCESSES and JAX_PROCESS_ID (integers)") from None
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:  # JAX found no complete launch to join
+        what = (f"{found} is set ({CLUSTER_HINTS[found]})" if found
+                else "on, and JAX detected no cluster")
+        reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else repr(e)
+        raise ConfigError(
+            f"distributed: {what}, but jax.distributed cannot start: {reason}. Launch every "
+            "process through the cluster (srun, mpirun), or set JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID; distributed: off runs one process") from None
+    return found or "jax.distributed auto-detection"
+
+
+_MESSAGE_BYTES = 1024
+
+
+def on_process_0(work: Callable[[], T]) -> T | None:
+    """Runs `work` on process 0 only (None elsewhere). With several processes, the others wait
+    for it and, if it raised, stop with the same one-line error, instead of waiting at the next
+    collective for a process that is gone."""
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = work()
+        except Exception as e:  # handed on below, then raised here as it was
+            error = e
+    if jax.process_count() > 1:
+        message = np.zeros(_MESSAGE_BYTES, np.uint8)
+        if error is not None:
+            text = (str(error) if isinstance(error, JaxsaeError)
+                    else describe_os_error(error) if isinstance(error, OSError)
+                    else f"{type(error).__name__}: {error}").encode()[:_MESSAGE_BYTES - 1]
+            message[:len(text) + 1] = np.frombuffer(text + b"\0", np.uint8)
+        failed, message = multihost_utils.broadcast_one_to_all(
+            (np.asarray(error is not None), message))
+        if bool(failed) and error is None:
+            text = bytes(np.asarray(message, np.uint8)).split(b"\0")[0].decode(errors="replace")
+            raise JaxsaeError(f"{text} (on process 0)")
+    if error is not None:
+        raise error
+    return result
