@@ -124,7 +124,6 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
     check_directory(directory, arms)
     directory.mkdir(parents=True, exist_ok=True)
     outputs.write_marker(directory, "bench")
-    (directory / "bench.yaml").write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
     bar = Progress(len(arms), desc=f"bench {cfg.name}", unit="arm", enabled=progress)
     for arm, arm_cfg in arms.items():
         bar.set_postfix_str(f"{arm}: {len(arm_cfg.sweep.points)} SAEs")
@@ -143,6 +142,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
         bar.update()
     bar.close()
     rows = collect(arms)
+    # the config of the tables beside it: written with them, once every arm was accepted
+    outputs.atomic_write(directory / "bench.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
     write_results(rows, directory)
     return rows
 

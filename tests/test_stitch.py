@@ -170,6 +170,12 @@ def test_frankenstein_retrains_only_the_decoder(small_data, tmp_path, capsys):
                      "16384", "--retrain-decoder-tokens", "8192", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--tokens" in err and "--batch-size" in err and "optim." not in err, err
+    # (fault testing: a bad --lr was found after the stitching, leaving OUT.partial behind)
+    assert cli.main(["stitch", "frankenstein", str(tmp_path / "a"), str(tmp_path / "b"),
+                     "--data", str(small_data), "--out", str(tmp_path / "f3"), "--lr", "0",
+                     "--no-progress"]) == 2
+    assert "--lr: must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "f3.partial").exists() and not (tmp_path / "f3").exists()
 
 
 def test_stitch_bad_input(small_data, tmp_path, capsys):

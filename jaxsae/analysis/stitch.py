@@ -430,6 +430,27 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     out = Path(out).absolute()
     inputs = (*sae_dirs, data)
     outputs.check_target(out, "frankenstein", overwrite=overwrite, inputs=inputs)
+
+    def retraining(d_sae: int, activation: str, eval_tokens: int, dropped: dict) -> dict:
+        """The decoder's retraining: an ordinary run in out/retrain, from out/stitched."""
+        return {
+            "name": "frankenstein", "run_dir": str(out / "retrain"),
+            "init_from": str(out / "stitched"),
+            "freeze": ["W_enc", "b_enc", "b_dec"] + (["threshold"] if activation == "jumprelu"
+                                                    else []),
+            "data": {"path": str(Path(data).absolute()), "hook": hook,
+                     "eval_tokens": eval_tokens, **dropped},
+            "sae": {"d_sae": d_sae, "activation": activation, "decoder_norm": "free"},
+            "loss": [{"term": "mse"}],
+            "optim": {"lr": lr, "batch_size": batch_size,
+                      "total_tokens": retrain_decoder_tokens},
+        }
+
+    if retrain_decoder_tokens > 0:  # its settings are this command's flags: checked first
+        try:
+            config_from_dict(retraining(1, "jumprelu", tokens, {}))  # (width: any)
+        except JaxsaeError as e:
+            raise JaxsaeError(_as_flags(str(e))) from None
     saes = _load_family(sae_dirs)
     window = _eval_window(data, saes, tokens, batch_size, hook, drop_norm_above)
     dropped = {} if window.multiple is None else {"drop_norm_above": window.multiple}
@@ -447,20 +468,10 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     final = stitched
     retrain = None
     if retrain_decoder_tokens > 0:
-        frozen = ["W_enc", "b_enc", "b_dec"] + (["threshold"] if "threshold" in params else [])
-        retrain = {
-            "name": "frankenstein", "run_dir": str(work / "retrain"),
-            "init_from": str(stitched),
-            "freeze": frozen,
-            "data": {"path": str(Path(data).absolute()), "hook": hook,
-                     "eval_tokens": window.tokens, **dropped},
-            "sae": {"d_sae": cfg.d_sae, "activation": cfg.activation, "decoder_norm": "free"},
-            "loss": [{"term": "mse"}],
-            "optim": {"lr": lr, "batch_size": batch_size,
-                      "total_tokens": retrain_decoder_tokens},
-        }
+        retrain = retraining(cfg.d_sae, cfg.activation, window.tokens, dropped)
+        staged = {**retrain, "run_dir": str(work / "retrain"), "init_from": str(stitched)}
         try:
-            final = train(config_from_dict(retrain), progress=progress).sae_dir
+            final = train(config_from_dict(staged), progress=progress).sae_dir
         except JaxsaeError as e:  # the retraining's config is made of this command's flags
             e.args = (_as_flags(str(e)),)
             raise
@@ -495,7 +506,6 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
         f"{' (' + describe(window.report()) + ')' if window.report() else ''}:", "",
         *markdown_table(rows, columns), ""]))
     if retrain is not None:  # the run directory's own config names where it ends up
-        retrain["run_dir"] = str(out / "retrain")
         retrain_config = work / "retrain" / "config.yaml"
         atomic_write(retrain_config, config_from_dict(retrain).to_yaml())
     outputs.publish(work, out, "frankenstein", overwrite=overwrite, inputs=inputs)

@@ -70,8 +70,9 @@ def test_bench_never_relabels_an_arm_trained_with_other_values(small_data, tmp_p
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(tree))
     assert cli.main(["bench", str(tmp_path / "b.yaml"), "--no-progress"]) == 0
     results = (tmp_path / "b" / "results.csv").read_text()
+    # (fault testing: the refused rerun rewrote the bench's bench.yaml to its own config)
     refused(["bench", str(tmp_path / "b.yaml"), "--no-progress",
-             "arms.l1.sweep.loss.1.coefficient=[0.2]"], capsys,
+             'arms.l1.sweep={"loss.1.coefficient": [0.2]}'], capsys,
             match="arms.l1: ", unchanged=[tmp_path / "b"])
     assert (tmp_path / "b" / "results.csv").read_text() == results
     capsys.readouterr()

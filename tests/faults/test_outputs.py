@@ -228,3 +228,6 @@ def test_frankenstein_failure_leaves_no_output_and_reruns_finish(tmp_path, small
     assert not (tmp_path / "frank.partial").exists()
     config = (out / "retrain" / "config.yaml").read_text()
     assert f"run_dir: {out / 'retrain'}" in config
+    # (fault testing: init_from named the staging directory, gone once published, so the
+    # retraining could not be run again from its config)
+    assert f"init_from: {out / 'stitched'}" in config
