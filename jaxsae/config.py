@@ -183,6 +183,8 @@ class TermConfig:
         warmup = parse_value(int, raw.pop("warmup_steps", 0), f"{key}.warmup_steps")
         if warmup < 0:
             raise ConfigError(f"{key}.warmup_steps: must be >= 0, got {warmup}")
+        if coefficient < 0:  # a negative penalty rewards what it is meant to penalise
+            raise ConfigError(f"{key}.coefficient: must be >= 0, got {coefficient}")
         return cls(term=term, name=name, coefficient=coefficient, warmup_steps=warmup,
                    params={str(k): v for k, v in raw.items()})
 
@@ -246,6 +248,9 @@ class OptimConfig:
               f"must be at least one batch ({self.batch_size} tokens), got {self.total_tokens}")
         _need(0 <= self.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]")
         _need(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+        for beta in ("adam_b1", "adam_b2"):  # 1 never forgets the first gradient; >1 diverges
+            value = getattr(self, beta)
+            _need(0 <= value < 1, f"optim.{beta}", f"must be in [0, 1), got {value}")
         _need(self.threshold_lr_scale > 0, "optim.threshold_lr_scale",
               f"must be > 0, got {self.threshold_lr_scale}")
         _need(self.warmup >= 0, "optim.warmup_steps", "must be >= 0 (or auto)")
@@ -482,6 +487,12 @@ class Config:
         labels = [t.label for t in self.loss]
         for name in {t.name for t in self.loss if t.name is not None}:
             _need(labels.count(name) == 1, "loss", f"two terms are called {name!r}")
+        for term in self.loss:  # a ramp the run never finishes applies less than it says
+            _need(term.warmup_steps <= self.optim.total_steps,
+                  f"loss.{term.label}.warmup_steps",
+                  f"{term.warmup_steps} steps exceed the run's {self.optim.total_steps} "
+                  "(optim.total_tokens / optim.batch_size): the coefficient would never reach "
+                  f"{term.coefficient}; lower it")
         if self.mesh.model > 0:
             _need(self.sae.d_sae % self.mesh.model == 0, "mesh.model",
                   f"must divide sae.d_sae ({self.sae.d_sae}), got {self.mesh.model}")

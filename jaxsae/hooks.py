@@ -158,8 +158,8 @@ class MetricLogger:
                          else f" of sweep SAE {i} ({sweep_label(self.points[i])})")
                 raise NonFiniteError(
                     f"non-finite loss or gradient{which} at step {step} ({culprit} non-finite: "
-                    f"loss={host['loss']}, grad_norm={host['grad_norm']}); the last good "
-                    "checkpoint is kept. Lower optim.lr or check the data "
+                    f"loss={host['loss']}, grad_norm={host['grad_norm']}); no checkpoint is "
+                    "written after it. Lower optim.lr or check the data "
                     "(data.check_finite: true)"
                 )
         for hook in self.hooks:

@@ -166,6 +166,11 @@ def raises_naming(*fragments: str):
         (["loss.1.foo=3"], ("loss[1].foo", "unknown key")),
         (["loss.0.coefficient=big"], ("loss[0].coefficient", "number")),
         (["loss.1.warmup_steps=-1"], ("loss[1].warmup_steps",)),
+        # (fault testing: these trained to exit 0 with the penalty or Adam doing nonsense)
+        (["loss.1.warmup_steps=25"], ("loss.l1.warmup_steps", "exceed the run's 24")),
+        (["loss.1.coefficient=-1"], ("loss[1].coefficient", ">= 0")),
+        (["optim.adam_b1=2"], ("optim.adam_b1", "[0, 1)")),
+        (["optim.adam_b2=1.0"], ("optim.adam_b2", "[0, 1)")),
         (["sae.activation=topk", "loss.1.term=auxk", "loss.1.k_au=4"],
          ("loss[1].k_au", "did you mean 'k_aux'")),
         (["sae.activation=topk", "loss.1.term=auxk", "loss.1.k_aux=abc"],
