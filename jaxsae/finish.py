@@ -89,22 +89,24 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
              out: Path | None, *, stats: DataStats | None = None, dtype: str = "float32",
              truth: synthetic.Truth | None = None, overwrite: bool = False,
              inputs: tuple = (), layout: str = "saelens", progress: bool = False,
-             steps: int | None = None) -> dict[str, Any]:
+             steps: int | None = None, eval_data: str | None = None) -> dict[str, Any]:
     """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
     last training tokens) in raw units, leaving out the tokens training dropped
     (data.drop_norm_above) — with the ground-truth metrics when `truth` is given (see
     ground_truth) — and exports to `out` (`layout`: saelens, or sparsify for a TopK SAE).
-    `progress`: a bar over the evaluation's tokens."""
+    `progress`: a bar over the evaluation's tokens. `eval_data`: the data evaluated on, when
+    it is not `cfg.data.path`, the data trained on (cfg.json records both)."""
     return finalise_all([(params, cfg, out)], source, n_train, stats=stats, dtype=dtype,
                         truth=truth, overwrite=overwrite, inputs=inputs, layout=layout,
-                        progress=progress, steps=steps)[0]
+                        progress=progress, steps=steps, eval_data=eval_data)[0]
 
 
 def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_train: int, *,
                  stats: DataStats | None = None, dtype: str = "float32",
                  truth: synthetic.Truth | None = None, overwrite: bool = False,
                  inputs: tuple = (), layout: str = "saelens", progress: bool = False,
-                 steps: int | None = None) -> list[dict[str, Any]]:
+                 steps: int | None = None, eval_data: str | None = None
+                 ) -> list[dict[str, Any]]:
     """`finalise` of several SAEs trained on the same data (a sweep's): the evaluation tokens
     are read once for all of them, each block evaluated by every SAE in turn. `steps`: the
     steps the parameters were trained (default: the run's total)."""
@@ -148,14 +150,14 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
         if report is not None:
             metrics = {**report, **metrics}
         _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,
-                inputs=inputs, layout=layout, steps=steps)
+                inputs=inputs, layout=layout, steps=steps, eval_data=eval_data)
         results.append(metrics)
     return results
 
 
 def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str, Any],
             frequency, source, *, dtype: str, overwrite: bool, inputs: tuple,
-            layout: str, steps: int | None) -> None:
+            layout: str, steps: int | None, eval_data: str | None) -> None:
     if out is not None and layout == "sparsify":
         sparsify.export_sparsify(params, cfg.sae, out, dtype=dtype, overwrite=overwrite,
                                  inputs=inputs)
@@ -166,7 +168,9 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
             log10_firing=evaluate.log10_firing(frequency),
             metadata={"dataset_path": (str(Path(cfg.data.path).absolute()) if cfg.data.path
                                        else f"streamed {cfg.data.generate.get('kind')}"),
-                      **_source_metadata(source), **trained},
+                      **_source_metadata(source), **trained,
+                      **({"eval_dataset_path": str(Path(eval_data).absolute())}
+                         if eval_data is not None else {})},
             training={"run": cfg.name,
                       "steps": cfg.optim.total_steps if steps is None else steps,
                       "tokens": trained["training_tokens"],
@@ -211,6 +215,12 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     stats = DataStats.from_dict(restored.loader["data_stats"])
     params = jax.device_get(restored.state.params)
     trained = int(np.max(jax.device_get(restored.state.step)))  # (--step: fewer than the run's)
+    # Evaluated on `cfg.data` (--data, if given); cfg.json and the card name the data the SAE
+    # was trained on (the run's), and the evaluation's beside it.
+    run_cfg, members, eval_data = cfg, built.members, None
+    if data is not None:
+        run_cfg, eval_data = restored.config, data
+        members = [dataclasses.replace(m, data=run_cfg.data) for m in members]
     truth = ground_truth(cfg, source)
     inputs = (run_dir, *([cfg.data.path] if cfg.data.path else []))
     if hub_layout and cfg.sae.transcoder:
@@ -233,28 +243,28 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
             folders = [hub.folder_name(hook, cfg.name, point) for point in points]
             evaluations = finalise_all(
                 [(built.member_params(params, i), member, staging / folder)
-                 for i, (member, folder) in enumerate(zip(built.members, folders,
+                 for i, (member, folder) in enumerate(zip(members, folders,
                                                           strict=True))],
                 source, n_train, stats=stats, dtype=dtype, truth=truth, progress=progress,
-                steps=trained)
+                steps=trained, eval_data=eval_data)
             saes = [{"folder": folder, "cfg": export.read_cfg(staging / folder),
                      "eval": metrics} for folder, metrics in zip(folders, evaluations,
                                                                  strict=True)]
-            hub.write_card(staging, cfg, saes, run_dir / CURVES)
+            hub.write_card(staging, run_cfg, saes, run_dir / CURVES)
         return Path(out)
     if cfg.sweep is None:
-        finalise(params, built.members[0], source, n_train, Path(out), stats=stats,
+        finalise(params, members[0], source, n_train, Path(out), stats=stats,
                  dtype=dtype, truth=truth, overwrite=overwrite, inputs=inputs, layout=layout,
-                 progress=progress, steps=trained)
+                 progress=progress, steps=trained, eval_data=eval_data)
         return Path(out)
     # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
     with outputs.staged_directory(out, "sweep-export", overwrite=overwrite,
                                   inputs=inputs) as staging:
         finalise_all([(built.member_params(params, i), member, member_dir)
                       for i, (member, member_dir) in enumerate(
-                          zip(built.members, member_dirs(cfg, staging), strict=True))],
+                          zip(members, member_dirs(cfg, staging), strict=True))],
                      source, n_train, stats=stats, dtype=dtype, truth=truth, layout=layout,
-                     progress=progress, steps=trained)
+                     progress=progress, steps=trained, eval_data=eval_data)
     return Path(out)
 
 

@@ -65,8 +65,13 @@ def write_card(out: Path, cfg: Config, saes: list[dict[str, Any]],
                      f"{_number(ev['dead_fraction'], '.4f')} | "
                      f"{c['metadata']['training_tokens']:,} |")
     held = "held-out" if saes[0]["eval"].get("held_out") else "training"
-    lines += ["", f"Figures measured on {saes[0]['eval']['tokens']:,} {held} tokens at the end "
-              "of training.", "", "## Load", "", "```python",
+    other = meta.get("eval_dataset_path")
+    of = f" of `{other}`" if other else ""
+    trained = meta.get("training_tokens")
+    when = ("at the end of training" if trained == cfg.optim.total_steps * cfg.optim.batch_size
+            else f"after {trained:,} training tokens (a checkpoint before the end)")
+    lines += ["", f"Figures measured on {saes[0]['eval']['tokens']:,} {held} tokens{of} "
+              f"{when}.", "", "## Load", "", "```python",
               "from huggingface_hub import snapshot_download",
               "from sae_lens import SAE", "",
               f'folder = "{saes[0]["folder"]}"',

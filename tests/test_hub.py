@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -60,6 +61,17 @@ def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys):
     assert "`blocks.3.hook_resid_post`" in card and f"{result.eval['l0']:.2f}" in card
     assert "![training curves](curves.png)" in card and "sae:\n  d_sae: 64" in card
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "at the end of training" in card and "eval_dataset_path" not in meta
+    # (fault testing: export --data OTHER wrote OTHER as the data trained on, in cfg.json
+    # and the card, and called an earlier checkpoint's figures "the end of training")
+    other = tmp_path / "other"
+    shutil.copytree(lm_like_data, other)
+    _export([str(tmp_path / "run"), "--out", str(tmp_path / "hub2"), "--hub", "--data",
+             str(other), "--step", "16"], capsys)
+    meta = load_sae(tmp_path / "hub2" / "blocks.3.hook_resid_post").cfg_json["metadata"]
+    assert meta["dataset_path"] == str(lm_like_data) and meta["eval_dataset_path"] == str(other)
+    card = (tmp_path / "hub2" / "README.md").read_text()
+    assert f"tokens of `{other}` after 4,096 training tokens (a checkpoint before" in card
 
 
 def test_hub_folder_of_a_sweep_on_synthetic_data(small_data, tmp_path, capsys):
