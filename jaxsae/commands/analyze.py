@@ -52,7 +52,8 @@ class AnalysisInputs:
     out: Annotated[str, tyro.conf.arg(metavar="DIR")]
     """output directory"""
     tokens: int = 65536
-    """analyse the last N tokens of the data (held out if training held them out)"""
+    """analyse the last N tokens of the data (held out only as far as training held them out:
+    its last data.eval_tokens)"""
     hook: Annotated[str | None, unset("HOOK", "the only column")] = None
     """SAELens caches: the activation column"""
     batch_size: int = 4096
