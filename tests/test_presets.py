@@ -49,6 +49,8 @@ def test_preset_launch_line_and_short_run(preset, tmp_path):
     else:  # presets generate their data when it is missing
         overrides.append("data.generate.tokens=24576")
     batch = 256
+    # explicit warm-ups longer than 6 steps are refused (lowered, as a smoke test would)
+    overrides += [f"loss.{i}.warmup_steps=1" for i, t in enumerate(cfg.loss) if t.warmup_steps]
     short = load_config(preset, [
         *overrides, f"run_dir={tmp_path / 'run'}", "data.eval_tokens=4096",
         "data.shuffle_buffer=8192", f"optim.batch_size={batch}",
