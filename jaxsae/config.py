@@ -135,7 +135,8 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.001
     """Width of the straight-through window used for the JumpReLU threshold gradient."""
     batchtopk_threshold_momentum: float = 0.01
-    """EMA rate of the BatchTopK inference threshold (min kept activation per batch)."""
+    """EMA rate of the BatchTopK inference threshold (min kept activation per batch); a run
+    of fewer than 10 / this steps uses 10 / its steps, so that θ follows its last tenth."""
     skip: bool = False
     """Transcoders: add a linear bypass W_skip [d_out, d_in] (initialised at zero), a skip
     transcoder: ŷ = f·W_dec + b_dec + x·W_skipᵀ."""

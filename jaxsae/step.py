@@ -7,6 +7,7 @@ jits this function with shardings, `train` runs it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import flax.struct
@@ -21,6 +22,8 @@ from jaxsae.config import Config, OptimConfig
 
 # The vmap axis of a sweep's SAEs.
 SWEEP_AXIS = "sweep"
+THRESHOLD_WINDOWS = 10
+"""A run is at least this many of its running estimates' averaging windows long."""
 # tokens_since_fired saturates here instead of overflowing int32.
 _TOKENS_SINCE_FIRED_CAP = 2**30
 
@@ -133,6 +136,11 @@ def make_train_step(
     over stacked states and hypers (the batch is shared), with axis name `sweep_axis`."""
     prefix_ends = penalties.prefix_ends(cfg)
     compute = jnp.dtype(cfg.optim.compute_dtype)
+    # A running estimate (BatchTopK's inference threshold) must end on the run's last
+    # batches, not its first: its EMA rate is at least THRESHOLD_WINDOWS / the run's steps.
+    sae_cfg = replace(cfg.sae, batchtopk_threshold_momentum=max(
+        cfg.sae.batchtopk_threshold_momentum,
+        min(1.0, THRESHOLD_WINDOWS / cfg.optim.total_steps)))
 
     def cast(tree):  # float32 master values -> the matmul dtype (a no-op for float32)
         return jax.tree.map(lambda a: a.astype(compute) if a.dtype == jnp.float32 else a, tree)
@@ -182,7 +190,8 @@ def make_train_step(
             )
         grads = sae.project_decoder_grad(state.params, grads, cfg.sae)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = sae.after_update(optax.apply_updates(state.params, updates), out, step, cfg.sae)
+        params = sae.after_update(optax.apply_updates(state.params, updates), out, step,
+                                  sae_cfg)
         params = {k: state.params[k] if k in cfg.freeze else v for k, v in params.items()}
 
         fired = out.fired()

@@ -229,3 +229,16 @@ def test_a_launch_jax_cannot_join_is_one_line(monkeypatch, capsys):
 def test_a_grouped_command_names_its_subcommand_in_errors(tmp_path, capsys):
     assert cli.main(["data", "inspect", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.startswith("jaxsae data inspect: error: ")
+
+
+def test_a_short_batchtopk_run_exports_the_l0_it_trained_at(small_data, tmp_path):
+    """(fault testing: the inference threshold averaged the first 100 batches, so a run of
+    ~100-300 steps exported a threshold of its first steps: L0 2.1 at k 8 after 117 steps)"""
+    from jaxsae.train import train
+    from tests.conftest import small_config
+
+    cfg = small_config(small_data, tmp_path / "run", loss=[{"term": "mse"}],
+                       sae={"d_sae": 64, "activation": "batchtopk", "k": 4},
+                       optim={"total_tokens": 256 * 60, "lr": 1e-2})
+    result = train(cfg, progress=False)
+    assert result.eval["l0"] == pytest.approx(4, rel=0.15), result.eval["l0"]
