@@ -186,8 +186,10 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
         log(f"skipped {skipped} steps with a non-finite loss or gradient"
             + (" (per SAE of the sweep)" if cfg.sweep is not None else ""))
     if stats.drop_above is not None:
-        log(f"data: dropped {loader.dropped} tokens with norm > {stats.drop_above:.4g}"
-            + (" in the windows process 0 read" if jax.process_count() > 1 else ""))
+        dropped = loader.dropped  # of the windows this process read: every process's summed
+        if jax.process_count() > 1:
+            dropped = int(multihost_utils.process_allgather(np.int64(dropped)).sum())
+        log(f"data: dropped {dropped} tokens with norm > {stats.drop_above:.4g}")
 
     # -- export + evaluation -------------------------------------------------------------
     total = cfg.optim.total_steps

@@ -73,13 +73,17 @@ def test_two_processes_match_one(small_data, tmp_path):
     single = _launch(0, 1, 0, small_data, tmp_path / "single", devices=4)
     out, err = single.communicate(timeout=300)
     assert single.returncode == 0, err
+    dropped = re.findall(r"data: dropped \d+ tokens.*", out)
+    assert len(dropped) == 1 and " 0 tokens" not in dropped[0], out
     port = _free_port()
     workers = [_launch(pid, 2, port, small_data, tmp_path / "multi", devices=2)
                for pid in range(2)]
-    for w in workers:
+    for pid, w in enumerate(workers):
         out, err = w.communicate(timeout=300)
         assert w.returncode == 0, err
         assert "worker done 2 4" in out
+        # the tokens every process left out (it reported process 0's only), printed once
+        assert re.findall(r"data: dropped \d+ tokens.*", out) == (dropped if pid == 0 else [])
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "multi")
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, rtol=1e-5, err_msg=name)
