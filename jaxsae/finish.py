@@ -150,14 +150,15 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
         if report is not None:
             metrics = {**report, **metrics}
         _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,
-                inputs=inputs, layout=layout, steps=steps, eval_data=eval_data)
+                inputs=inputs, layout=layout, steps=steps, eval_data=eval_data,
+                n_train=n_train)
         results.append(metrics)
     return results
 
 
 def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str, Any],
             frequency, source, *, dtype: str, overwrite: bool, inputs: tuple,
-            layout: str, steps: int | None, eval_data: str | None) -> None:
+            layout: str, steps: int | None, eval_data: str | None, n_train: int) -> None:
     if out is not None and layout == "sparsify":
         sparsify.export_sparsify(params, cfg.sae, out, dtype=dtype, overwrite=overwrite,
                                  inputs=inputs)
@@ -175,6 +176,11 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
                       "steps": cfg.optim.total_steps if steps is None else steps,
                       "tokens": trained["training_tokens"],
                       "drop_norm_above": cfg.data.drop_norm_above,
+                      # training read tokens [0, n_train) of dataset_path: what an evaluation
+                      # on it can tell apart (jaxsae.data.window.trained_end); not known
+                      # here when the evaluation's data is another (export --data)
+                      **({"held_out_from": n_train} if cfg.data.path and eval_data is None
+                         else {}),
                       "loss": [t.to_dict() for t in cfg.loss],
                       "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size}},
             overwrite=overwrite, inputs=inputs,

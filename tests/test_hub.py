@@ -70,6 +70,9 @@ def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys):
              str(other), "--step", "16"], capsys)
     meta = load_sae(tmp_path / "hub2" / "blocks.3.hook_resid_post").cfg_json["metadata"]
     assert meta["dataset_path"] == str(lm_like_data) and meta["eval_dataset_path"] == str(other)
+    # which of the training data's tokens were held out is not known from OTHER: not claimed
+    assert "held_out_from" not in load_sae(
+        tmp_path / "hub2" / "blocks.3.hook_resid_post").cfg_json["jaxsae"]
     card = (tmp_path / "hub2" / "README.md").read_text()
     assert f"tokens of `{other}` after 4,096 training tokens (a checkpoint before" in card
 
@@ -123,6 +126,8 @@ def test_sparsify_export_holds_the_saelens_weights(small_data, tmp_path, capsys)
         assert cli.main(["eval", str(directory), "--data", str(small_data), "--tokens", "2048",
                          "--no-progress"]) == 0
         figures.append(json.loads(capsys.readouterr().out))
+    # (sparsify's cfg.json does not say which tokens of the data were trained on)
+    assert figures[1].pop("training_tokens") == 0 and figures[1].pop("held_out_tokens") == 2048
     assert figures[0] == figures[1]
 
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from jaxsae import build as build_mod
-from jaxsae import evaluate, finish, penalties, step, tensorfile
+from jaxsae import cli, evaluate, finish, penalties, step, tensorfile
 from jaxsae import train as train_mod
 from jaxsae.checkpoint import Checkpointer
 from jaxsae.checks import check_run
@@ -349,7 +349,7 @@ def test_half_written_checkpoint_is_never_resumed_from(small_data, tmp_path):
     ckpt.close()
 
 
-def test_export_checkpoint_matches_final_export(small_data, tmp_path):
+def test_export_checkpoint_matches_final_export(small_data, tmp_path, capsys):
     train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
     out = finish.export_checkpoint(tmp_path / "run", tmp_path / "exported")
     a, b = _weights(tmp_path / "run"), {
@@ -365,6 +365,21 @@ def test_export_checkpoint_matches_final_export(small_data, tmp_path):
     assert (written["jaxsae"]["steps"], written["jaxsae"]["tokens"]) == (16, 16 * 256)
     final = json.loads((out / "cfg.json").read_text())
     assert (final["jaxsae"]["steps"], final["metadata"]["training_tokens"]) == (24, 24 * 256)
+    # where its training tokens end in the data (the last eval_tokens 2048 held out), so that
+    # an evaluation on that data can say how many of its tokens were trained on
+    held = small_config(small_data, tmp_path).data.held_out(SMALL_SPEC.tokens)
+    assert final["jaxsae"]["held_out_from"] == SMALL_SPEC.tokens - held == written[
+        "jaxsae"]["held_out_from"]
+    capsys.readouterr()
+    for tokens, trained in [(held, 0), (held + 1000, 1000)]:
+        assert cli.main(["eval", str(out), "--data", str(small_data), "--tokens",
+                         str(tokens)]) == 0
+        printed = capsys.readouterr()
+        ev = json.loads(printed.out)
+        assert (ev["training_tokens"], ev["held_out_tokens"]) == (trained, held)
+        assert ("note: 1,000 of the tokens evaluated are tokens the SAE was trained on, not "
+                f"held out; its held-out tokens are the last {held:,} of {small_data} "
+                f"(--tokens {held})" in printed.err) == (trained > 0)
     # the bfloat16 export's evaluation is of the weights it holds, not of the float32 ones
     meta = written["metadata"]
     assert meta["eval_held_out"]

@@ -17,7 +17,7 @@ from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.shards import ShardSet, ShardWriter
 from jaxsae.data.source import ArraySource
-from jaxsae.data.window import TRAINED, Window, drop_multiple, trained_drop
+from jaxsae.data.window import TRAINED, Window, drop_multiple, trained_drop, trained_end
 
 D_IN, D_SAE, N = 16, 12, 12288
 SINK_EVERY = 97
@@ -117,6 +117,65 @@ def test_which_multiple_an_evaluation_uses():
     assert drop_multiple(own, 7.5) == 7.5 and drop_multiple(own, None) is None
     assert drop_multiple([{"jaxsae": {"drop_norm_above": None}}]) is None
     assert trained_drop(own[0]) == {"drop_norm_above": 10.0} and trained_drop(own[3]) == {}
+
+
+def test_where_the_training_tokens_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "acts").mkdir()
+    here = {"dataset_path": str(tmp_path / "acts")}
+    saes = [{"metadata": here, "jaxsae": {"held_out_from": 900}},
+            {"metadata": here, "jaxsae": {"held_out_from": 1000}},
+            {"metadata": {"dataset_path": str(tmp_path / "other")},
+             "jaxsae": {"held_out_from": 5000}},  # trained on other data
+            {"metadata": here, "jaxsae": {"held_out_from": True}},  # not a count
+            {"metadata": here}, {"architecture": "standard"}]  # trained elsewhere
+    assert trained_end(saes, "acts") == 1000  # (a relative path to the same directory)
+    assert trained_end(saes[2:], tmp_path / "acts") is None
+    assert trained_end(saes, tmp_path / "other") == 5000
+    assert trained_drop(saes[0]) == {"held_out_from": 900}  # kept by an SAE made from it
+
+
+def test_reports_count_the_tokens_the_sae_was_trained_on(sinks, tmp_path, capsys):
+    """(fault testing: analyze, repair, convert and stitch read the last --tokens of the data,
+    which are training tokens on data under ~1.3M tokens, and did not say so.) An SAE that
+    records where its training tokens end in its data: the reports count the kept tokens
+    before that point, and the commands say so on stderr."""
+    held, tokens = 2048, 4096
+    trained = int((~sinks["sink"][N - tokens:N - held]).sum())  # kept, before the held-out
+    record = {"drop_norm_above": 10.0, "held_out_from": N - held}
+    saes = {}
+    for name in ("relu", "relu_wide", "topk"):
+        loaded = export.load_sae(sinks["saes"][name])
+        saes[name] = str(export.export_sae(
+            loaded.params, loaded.sae, tmp_path / name, training=record,
+            metadata={"dataset_path": str(sinks["data"])}))
+    data, flags = str(sinks["data"]), ["--tokens", str(tokens), "--no-progress"]
+    note = (f"note: {trained:,} of the tokens {{}} are tokens the SAE was trained on, not held "
+            f"out; its held-out tokens are the last {held:,} of {data} (--tokens {held})")
+    runs = [(["eval", saes["relu"]], None, "evaluated"),
+            (["analyze", saes["relu"]], "summary.json", "analysed"),
+            (["repair", saes["relu"]], "repair.json", "evaluated"),
+            (["convert", saes["topk"]], "convert.json", "compared"),
+            (["stitch", "compare", saes["relu"], saes["relu_wide"]], "summary.json",
+             "evaluated")]
+    for i, (command, report, what) in enumerate(runs):
+        out = [] if report is None else ["--out", str(tmp_path / f"out{i}")]
+        assert cli.main([*command, "--data", data, *out, *flags]) == 0, command
+        printed = capsys.readouterr()
+        got = json.loads(printed.out if report is None
+                         else (tmp_path / f"out{i}" / report).read_text())
+        assert (got["training_tokens"], got["held_out_tokens"]) == (trained, held), command
+        assert note.format(what) in printed.err, (command, printed.err)
+    assert f"{trained} of those read are training tokens" in (
+        tmp_path / "out2" / "repair.md").read_text()
+    assert json.loads((tmp_path / "out2" / "sae" / "cfg.json").read_text())["jaxsae"][
+        "held_out_from"] == N - held  # the repaired SAE's evaluations can tell too
+    # held-out tokens only: 0 and no note; other data than the SAE's: nothing claimed
+    assert cli.main(["eval", saes["relu"], "--data", data, "--tokens", str(held)]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["training_tokens"] == 0 and "note" not in printed.err
+    assert cli.main(["eval", saes["relu"], "--data", str(sinks["clean"])]) == 0
+    assert "training_tokens" not in json.loads(capsys.readouterr().out)
 
 
 def test_eval_data_scores_the_tokens_training_kept(sinks, capsys):

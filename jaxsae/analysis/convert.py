@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxsae import evaluate, export, hub, outputs, sae
 from jaxsae.config import DataConfig, SAEConfig
-from jaxsae.data.window import TRAINED, DropRule, Window, drop_multiple, trained_drop
+from jaxsae.data.window import TRAINED, DropRule, Window, trained_drop
 from jaxsae.errors import JaxsaeError
 from jaxsae.progress import Progress
 
@@ -143,9 +143,10 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536
     if start - lo <= 0:
         raise JaxsaeError(f"{data}: {source.n_tokens} tokens leave none to calibrate on before "
                           f"the last --tokens {tokens}; lower --tokens")
-    multiple = drop_multiple([loaded.cfg_json], drop_norm_above)
-    calibration = Window.dropping(source, lo, start, batch_size=batch_size, multiple=multiple)
-    evaluation = Window.dropping(source, start, batch_size=batch_size, multiple=multiple)
+    evaluation = Window.for_saes(source, data, start, saes=[loaded.cfg_json],
+                                 rule=drop_norm_above, batch_size=batch_size)
+    calibration = Window.dropping(source, lo, start, batch_size=batch_size,
+                                  multiple=evaluation.multiple)
     bar = Progress(2 * calibration.tokens + evaluation.tokens, unit="tok", unit_scale=True,
                    enabled=progress, desc="convert")
     threshold = calibrate(loaded.params, loaded.sae, lambda: calibration.blocks(bar.update))

@@ -34,7 +34,7 @@ from jaxsae.analysis import taxonomy
 from jaxsae.analysis.stitch import unit_rows
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
-from jaxsae.data.window import TRAINED, DropRule, Window, drop_multiple
+from jaxsae.data.window import TRAINED, DropRule, Window
 from jaxsae.errors import JaxsaeError
 from jaxsae.evaluate import DENSE_FREQUENCY
 from jaxsae.outputs import atomic_write, hist_range, pyplot, save_figure, write_csv
@@ -228,8 +228,9 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     if source.d_in != loaded.d_in:
         raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAE's {loaded.d_in}")
     params = jax.tree.map(jnp.asarray, loaded.params)
-    window = Window.dropping(source, max(0, source.n_tokens - tokens), batch_size=batch_size,
-                             multiple=drop_multiple([loaded.cfg_json], drop_norm_above))
+    window = Window.for_saes(source, data, max(0, source.n_tokens - tokens),
+                             saes=[loaded.cfg_json], rule=drop_norm_above,
+                             batch_size=batch_size)
     n = loaded.params["W_dec"].shape[0]
     bar = Progress((3 if optimality else 2) * window.tokens, unit="tok", unit_scale=True,
                    enabled=progress, desc="analyze")

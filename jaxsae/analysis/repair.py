@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxsae import evaluate, export, hub, outputs
 from jaxsae.config import DataConfig
-from jaxsae.data.window import TRAINED, DropRule, Window, describe, drop_multiple, trained_drop
+from jaxsae.data.window import TRAINED, DropRule, Window, describe, trained_drop
 from jaxsae.errors import JaxsaeError
 
 
@@ -95,13 +95,13 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     if truth is not None:
         truth_obj = synthetic.load_truth(truth)
         truth_obj.check_data(source, truth, data)
-    multiple = drop_multiple([loaded.cfg_json], drop_norm_above)
-    window = Window.dropping(source, max(0, source.n_tokens - tokens), batch_size=batch_size,
-                             multiple=multiple)
+    window = Window.for_saes(source, data, max(0, source.n_tokens - tokens),
+                             saes=[loaded.cfg_json], rule=drop_norm_above,
+                             batch_size=batch_size)
     with outputs.staged_directory(out, "repair", overwrite=overwrite,
                                   inputs=inputs) as staging:
         analyze(sae_dir, data, staging / "analysis", tokens=tokens, batch_size=batch_size,
-                hook=hook, progress=progress, drop_norm_above=multiple)
+                hook=hook, progress=progress, drop_norm_above=window.multiple)
         with open(staging / "analysis" / "latents.csv") as f:
             pairs = pairs_from_latents(list(csv.DictReader(f)))
         params = repaired(loaded.params, pairs)

@@ -44,7 +44,7 @@ import numpy as np
 from jaxsae import evaluate, export, outputs
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
-from jaxsae.data.window import TRAINED, DropRule, Window, describe, drop_multiple
+from jaxsae.data.window import TRAINED, DropRule, Window, describe
 from jaxsae.errors import JaxsaeError
 from jaxsae.outputs import atomic_write, markdown_table, pyplot, save_figure, write_csv
 from jaxsae.progress import Progress
@@ -94,8 +94,9 @@ def _eval_window(data: str, saes: Sequence[export.LoadedSAE], tokens: int, batch
     source = open_source(DataConfig(path=data, hook=hook))
     if source.d_in != saes[0].d_in:
         raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAEs' {saes[0].d_in}")
-    return Window.dropping(source, max(0, source.n_tokens - tokens), batch_size=batch_size,
-                           multiple=drop_multiple([s.cfg_json for s in saes], drop_norm_above))
+    return Window.for_saes(source, data, max(0, source.n_tokens - tokens),
+                           saes=[s.cfg_json for s in saes], rule=drop_norm_above,
+                           batch_size=batch_size)
 
 
 CONVERSION_COLUMNS = ["sae", "l0_topk", "l0_jumprelu", "recall_of_topk_codes", "precision",
@@ -503,7 +504,7 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
         "Latents taken from each SAE of the family (widest last):", "",
         *markdown_table(gave_rows, ["sae", "d_sae", "added"]), "",
         f"Evaluated on the last {window.tokens} tokens of {data}"
-        f"{' (' + describe(window.report()) + ')' if window.report() else ''}:", "",
+        f"{' (' + describe(window.report()) + ')' if describe(window.report()) else ''}:", "",
         *markdown_table(rows, columns), ""]))
     if retrain is not None:  # the run directory's own config names where it ends up
         retrain_config = work / "retrain" / "config.yaml"

@@ -20,8 +20,9 @@ import dataclasses
 import importlib
 import inspect
 import pkgutil
+import sys
 from collections.abc import Callable
-from typing import Annotated, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import tyro
 
@@ -131,3 +132,13 @@ def only_with(command: object, mode: str, *names: str) -> None:
         value = getattr(command, name)
         if value is not None and value is not False:
             raise JaxsaeError(f"--{name.replace('_', '-')} goes with {mode}")
+
+
+def note_training(report: dict[str, Any], data: str, what: str = "evaluated") -> None:
+    """On stderr: how many of the tokens an evaluation read its SAE was trained on, when it
+    read any (`jaxsae.data.window.training_note`)."""
+    from jaxsae.data.window import training_note
+
+    note = training_note(report, data, what)
+    if note is not None:
+        print(note, file=sys.stderr)

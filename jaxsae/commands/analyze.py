@@ -9,7 +9,7 @@ from typing import Annotated
 
 import tyro
 
-from jaxsae.commands import Command, Flag, at_least_one, command, unset
+from jaxsae.commands import Command, Flag, at_least_one, command, note_training, unset
 from jaxsae.errors import ConfigError
 
 
@@ -53,7 +53,7 @@ class AnalysisInputs:
     """output directory"""
     tokens: int = 65536
     """analyse the last N tokens of the data (held out only as far as training held them out:
-    its last data.eval_tokens)"""
+    its last data.eval_tokens; the report's training_tokens counts the others)"""
     hook: Annotated[str | None, unset("HOOK", "the only column")] = None
     """SAELens caches: the activation column"""
     batch_size: int = 4096
@@ -106,5 +106,6 @@ class Analyze(AnalysisInputs, Command):
                           sparsity_weight=self.sparsity_weight,
                           drop_norm_above=self.outliers.drop_rule())
         print(json.dumps(summary, indent=1))
+        note_training(summary, self.data, "analysed")
         print(f"open {Path(self.out) / 'index.html'}")
         return 0

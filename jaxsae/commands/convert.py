@@ -8,7 +8,7 @@ from typing import Annotated
 import tyro
 
 from jaxsae import outputs
-from jaxsae.commands import Command, Flag, at_least_one, command, unset
+from jaxsae.commands import Command, Flag, at_least_one, command, note_training, unset
 from jaxsae.commands.analyze import Outliers, TokenFilter
 
 
@@ -50,5 +50,6 @@ class Convert(Command):
                              overwrite=self.overwrite, drop_norm_above=self.outliers.drop_rule(),
                              progress=not self.no_progress)
         print(outputs.json_text(report))
+        note_training(report, self.data, "compared")
         print(f"wrote {self.out}")
         return 0

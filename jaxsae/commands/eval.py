@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import tyro
 
-from jaxsae.commands import Command, Flag, command, only_with, unset
+from jaxsae.commands import Command, Flag, command, note_training, only_with, unset
 from jaxsae.commands.analyze import Outliers, TokenFilter
 from jaxsae.errors import JaxsaeError, require_at_least
 
@@ -103,7 +103,9 @@ class Eval(Command):
                               "SAELens cache)")
         if len(self.sae_dir) > 1:
             raise JaxsaeError("--data evaluates one SAE at a time (several go with --model)")
-        print(json_text(self._on_data(load_sae(self.sae_dir[0], transcoders=True))))
+        metrics = self._on_data(load_sae(self.sae_dir[0], transcoders=True))
+        print(json_text(metrics))
+        note_training(metrics, self.data)
         return 0
 
     def _on_data(self, loaded) -> dict[str, Any]:
@@ -113,7 +115,7 @@ class Eval(Command):
         from jaxsae import evaluate, tensorfile
         from jaxsae.config import DataConfig
         from jaxsae.data import open_source, synthetic
-        from jaxsae.data.window import Window, drop_multiple
+        from jaxsae.data.window import Window
         from jaxsae.errors import DataError
         from jaxsae.progress import Progress
 
@@ -133,8 +135,8 @@ class Eval(Command):
                             f"transcoder's d_out is {loaded.d_out} ({sae_dir})")
         start = 0 if self.tokens is None else max(0, data.n_tokens - self.tokens)
         batch_size = self.batch_size or 4096
-        multiple = drop_multiple([loaded.cfg_json], self.outliers.drop_rule())
-        window = Window.dropping(data, start, batch_size=batch_size, multiple=multiple)
+        window = Window.for_saes(data, self.data, start, saes=[loaded.cfg_json],
+                                 rule=self.outliers.drop_rule(), batch_size=batch_size)
         truth = None if self.truth is None else Path(self.truth)
         truth_dir = None if truth is None else (truth.parent if truth.is_file() else truth)
         full_truth = truth_dir is not None and synthetic.has_truth(truth_dir)

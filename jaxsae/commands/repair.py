@@ -7,7 +7,7 @@ from typing import Annotated
 
 import tyro
 
-from jaxsae.commands import Command, Flag, at_least_one, command, unset
+from jaxsae.commands import Command, Flag, at_least_one, command, note_training, unset
 from jaxsae.commands.analyze import Outliers, TokenFilter
 
 
@@ -52,5 +52,6 @@ class Repair(Command):
                         progress=not self.no_progress, overwrite=self.overwrite,
                         drop_norm_above=self.outliers.drop_rule())
         print(json_text({k: report[k] for k in ("before", "after")}))
+        note_training(report, self.data)
         print(f"{len(report['pairs'])} pairs repaired; wrote {self.out}")
         return 0

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import tyro
 
-from jaxsae.commands import Command, at_least_one, command, group
+from jaxsae.commands import Command, at_least_one, command, group, note_training
 from jaxsae.commands.analyze import AnalysisInputs
 from jaxsae.errors import JaxsaeError
 
@@ -45,9 +45,10 @@ class Compare(AnalysisInputs, Command):
     def run(self) -> int:
         from jaxsae.analysis import stitch
 
-        stitch.compare(self.small, self.large, self.data, self.out,
-                       **_check(self, self.threshold))
+        summary = stitch.compare(self.small, self.large, self.data, self.out,
+                                 **_check(self, self.threshold))
         print(Path(self.out, "summary.md").read_text())
+        note_training(summary, self.data)
         print(f"written to {self.out}")
         return 0
 

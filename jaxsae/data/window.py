@@ -15,6 +15,7 @@ threshold estimated before training instead (`Window(limit=stats.drop_above)`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,20 +50,66 @@ def drop_multiple(cfg_jsons: Sequence[dict[str, Any]], rule: DropRule = TRAINED
     return min(used) if used else None
 
 
-def trained_drop(cfg_json: dict[str, Any]) -> dict[str, float]:
-    """The `drop_norm_above` of an SAE's training (cfg.json), for the cfg.json of an SAE made
-    from it (repaired, converted, stitched): {} when its training left nothing out."""
+def _own(cfg_json: dict[str, Any]) -> dict[str, Any]:
+    """cfg.json's `jaxsae` block ({} for an SAE trained elsewhere)."""
+    own = cfg_json.get("jaxsae")
+    return own if isinstance(own, dict) else {}
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+def trained_drop(cfg_json: dict[str, Any]) -> dict[str, Any]:
+    """What the cfg.json of an SAE made from this one (repaired, converted) keeps of its
+    training's tokens: its `drop_norm_above` and `held_out_from` ({} when it records
+    neither)."""
     multiple = drop_multiple([cfg_json])
-    return {} if multiple is None else {"drop_norm_above": multiple}
+    end = _count(_own(cfg_json).get("held_out_from"))
+    return {**({} if multiple is None else {"drop_norm_above": multiple}),
+            **({} if end is None else {"held_out_from": end})}
+
+
+def trained_end(cfg_jsons: Sequence[dict[str, Any]], data: str | Path) -> int | None:
+    """Where the tokens these SAEs were trained on end in `data`: a run trains on tokens
+    [0, N) of its data and holds out the rest (cfg.json: `jaxsae.held_out_from` N, with
+    `metadata.dataset_path`). The largest N of the SAEs trained on `data`; None when none of
+    them says it was (trained elsewhere, on other data, or exported before jaxsae recorded
+    it)."""
+    here = Path(data).resolve()
+    ends = [_count(_own(c).get("held_out_from")) for c in cfg_jsons
+            if isinstance((c.get("metadata") or {}).get("dataset_path"), str)
+            and Path(c["metadata"]["dataset_path"]).resolve() == here]
+    ends = [end for end in ends if end is not None]
+    return max(ends) if ends else None
+
+
+def training_note(report: dict[str, Any], data: str, what: str = "evaluated") -> str | None:
+    """A line for stderr when an evaluation read tokens its SAE was trained on (`report`:
+    with `Window.report()`'s `training_tokens`, `held_out_tokens`), else None."""
+    trained = report.get("training_tokens")
+    if not trained:
+        return None
+    held = report["held_out_tokens"]
+    which = (f"its held-out tokens are the last {held:,} of {data} (--tokens {held})"
+             if held else f"its training held none of {data} out")
+    return (f"note: {trained:,} of the tokens {what} are tokens the SAE was trained on, not "
+            f"held out; {which}")
 
 
 def describe(report: dict[str, Any]) -> str:
-    """`Window.report()` in words, for a Markdown report ("" when nothing was left out)."""
-    if "dropped_tokens" not in report:
-        return ""
-    why = (f" (norm above {report['drop_norm_above']:g}x the median)"
-           if "drop_norm_above" in report else "")
-    return f"{report['dropped_tokens']} tokens left out{why}"
+    """`Window.report()` in words, for a Markdown report ("" when it has nothing to say: none
+    left out, no training token read or none known)."""
+    parts = []
+    if "dropped_tokens" in report:
+        why = (f" (norm above {report['drop_norm_above']:g}x the median)"
+               if "drop_norm_above" in report else "")
+        parts.append(f"{report['dropped_tokens']} tokens left out{why}")
+    if report.get("training_tokens"):
+        parts.append(f"{report['training_tokens']} of those read are training tokens, not "
+                     "held out")
+    return "; ".join(parts)
 
 
 OUTLIER_MULTIPLE = 10.0
@@ -85,20 +132,36 @@ class Window:
 
     def __init__(self, source: TokenSource, start: int, stop: int | None = None, *,
                  batch_size: int = 4096, limit: float | None = None,
-                 multiple: float | None = None, median_norm: float | None = None):
+                 multiple: float | None = None, median_norm: float | None = None,
+                 trained_end: int | None = None):
         self.source, self.start, self.batch_size = source, start, batch_size
         self.stop = source.n_tokens if stop is None else stop
         self.limit, self.multiple, self.median_norm = limit, multiple, median_norm
+        self.trained_end = trained_end
+        """The SAEs were trained on tokens [0, trained_end) of the source (None: unknown)."""
         self.dropped: int | None = None
+        self.training: int | None = None
+        """Kept tokens below trained_end, counted by the last complete pass."""
+
+    @classmethod
+    def for_saes(cls, source: TokenSource, data: str | Path, start: int,
+                 stop: int | None = None, *, saes: Sequence[dict[str, Any]],
+                 rule: DropRule = TRAINED, batch_size: int = 4096) -> Window:
+        """The window an evaluation of these SAEs (their cfg.json) reads from `data`: without
+        the tokens `rule` leaves out (`drop_multiple`), and counting the tokens of it the
+        SAEs were trained on (`trained_end`)."""
+        return cls.dropping(source, start, stop, multiple=drop_multiple(saes, rule),
+                            batch_size=batch_size, trained_end=trained_end(saes, data))
 
     @classmethod
     def dropping(cls, source: TokenSource, start: int, stop: int | None = None, *,
-                 multiple: float | None, batch_size: int = 4096) -> Window:
+                 multiple: float | None, batch_size: int = 4096,
+                 trained_end: int | None = None) -> Window:
         """The window that leaves out tokens above `multiple` times the median norm of its own
         tokens (None: keeps every token)."""
         stop = source.n_tokens if stop is None else stop
         if multiple is None or stop <= start:
-            return cls(source, start, stop, batch_size=batch_size)
+            return cls(source, start, stop, batch_size=batch_size, trained_end=trained_end)
         median = float(np.median(_sampled_norms(source, start, stop)))
         if not median > 0:
             raise DataError(f"drop_norm_above ({multiple:g}x the median norm): the median "
@@ -106,7 +169,7 @@ class Window:
                             "non-zero token would be left out; evaluate every token "
                             "(--all-tokens)")
         return cls(source, start, stop, batch_size=batch_size, limit=multiple * median,
-                   multiple=multiple, median_norm=median)
+                   multiple=multiple, median_norm=median, trained_end=trained_end)
 
     def outliers(self, multiple: float = OUTLIER_MULTIPLE) -> tuple[int, int]:
         """(how many of the sampled tokens have a norm above `multiple` times the sample's
@@ -138,13 +201,16 @@ class Window:
     def masked(self) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """(first token, block, kept rows or None for all) for every block, dropped rows
         included: for readers that align other per-token data with the rows (true codes)."""
-        keep, dropped = self.keep_fn, 0
+        keep, dropped, training = self.keep_fn, 0, 0
+        end = self.start if self.trained_end is None else self.trained_end
         for lo, block in zip(range(self.start, self.stop, self.batch_size),
                              iter_blocks(self.source, self.batch_size, self.start, self.stop),
                              strict=True):
             mask = None if keep is None else keep(block)
             if mask is not None:
                 dropped += int(len(mask) - mask.sum())
+            below = min(max(end - lo, 0), len(block))  # rows of the block the SAEs trained on
+            training += below if mask is None else int(mask[:below].sum())
             yield lo, block, mask
         if keep is not None and self.tokens and dropped == self.tokens:
             multiple = "" if self.multiple is None else f"{self.multiple:g}x the median, "
@@ -152,7 +218,7 @@ class Window:
                               f"evaluated has a norm above {multiple}{self.limit:.4g}: none "
                               "left to evaluate (a larger multiple; the analysis commands "
                               "also take --all-tokens)")
-        self.dropped = dropped
+        self.dropped, self.training = dropped, training
 
     def blocks(self, progress: Callable[[int], Any] | None = None) -> Iterator[np.ndarray]:
         """The kept rows of every block (blocks left empty are skipped); `progress` is called
@@ -166,10 +232,16 @@ class Window:
                 yield block
 
     def report(self) -> dict[str, Any]:
-        """What an evaluation says of the tokens it read: how many were left out, and why."""
-        if self.limit is None:
-            return {}
-        out: dict[str, Any] = {"dropped_tokens": self.dropped}
-        if self.multiple is not None:
-            out.update(drop_norm_above=self.multiple, median_norm=self.median_norm)
+        """What an evaluation says of the tokens it read: how many were left out, and why; and,
+        when the SAEs say where their training tokens end in this data, how many of the
+        tokens read were training tokens (`training_tokens`) and how many tokens at the
+        data's end training held out (`held_out_tokens`)."""
+        out: dict[str, Any] = {}
+        if self.limit is not None:
+            out["dropped_tokens"] = self.dropped
+            if self.multiple is not None:
+                out.update(drop_norm_above=self.multiple, median_norm=self.median_norm)
+        if self.trained_end is not None:
+            out.update(training_tokens=self.training,
+                       held_out_tokens=max(self.source.n_tokens - self.trained_end, 0))
         return out
