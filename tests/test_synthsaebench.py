@@ -196,6 +196,20 @@ def test_sampler_without_correlation_hierarchy_or_free_features():
         assert rate.max() <= 1
 
 
+@pytest.mark.parametrize("rows", [4096, 5008, 16])
+def test_the_bounds_group_max_in_chunks_is_the_plain_one(monkeypatch, rows):
+    """The bound's factor product and group max, chunk by chunk on the CPU (padding the last
+    chunk), against the whole product at once."""
+    rng = np.random.default_rng(rows)
+    eps = jax.numpy.asarray(rng.standard_normal((rows, 25)), np.float32)
+    factor = jax.numpy.asarray(0.1 * rng.standard_normal((300, 25)), np.float32)
+    plain = np.asarray(eps @ factor.T).reshape(-1, sb.GROUP, 300).max(axis=1)
+    for chunk_bytes in (1 << 40, 64 * 300 * 4, 1):  # one piece, chunks of 64 rows, of GROUP
+        monkeypatch.setattr(sb, "BOUND_CHUNK_BYTES", chunk_bytes)
+        np.testing.assert_allclose(np.asarray(jax.jit(sb._group_max)(eps, factor)), plain,
+                                   rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow  # ~30 s of compiling on 2 cores; the retry loop runs in every draw anyway
 def test_an_overflowing_stage_draws_again(small):
     """A capacity at about the median count: about every other draw overflows and is drawn
