@@ -697,7 +697,10 @@ def test_top_k_indices_matches_lax_top_k(width, k):
     values = rng.standard_normal((64, width)).astype(np.float32)
     values[1] -= 10.0
     values[2, : width // 2] = -np.inf
-    values[3, :32] += 100.0  # the top entries crowd into two chunks
+    values[3, :32] += 100.0  # the top entries side by side
+    n = width // 16  # chunk j holds entries j, j + n, ..., j + 15n: crowd them into chunks 0, 1
+    values[4, 0::n] += 100.0
+    values[4, 1::n] += 100.0
     want = np.asarray(jax.lax.top_k(jnp.asarray(values), k)[1])
     got = np.asarray(jax.jit(kernels.top_k_indices, static_argnums=1)(jnp.asarray(values), k))
     np.testing.assert_array_equal(got, want)
