@@ -19,6 +19,7 @@ Scales follow SAELens so that published coefficients carry over:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
 import math
@@ -184,16 +185,55 @@ def total_loss(
 ) -> tuple[jax.Array, Metrics]:
     """Σ coefficient_i(step) · term_i; metrics hold each term's unweighted value as loss.<label>.
     `coefficients` [n_terms] replaces the configured coefficients (traced, for sweeps)."""
+    total, metrics, _ = _total(terms, out, params, step, coefficients, defer=False)
+    return total, metrics
+
+
+def total_loss_deferring(
+    terms: Sequence[TermConfig], out: sae.ForwardOutput, params: sae.Params, step: jax.Array,
+    coefficients: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics, list[Deferred]]:
+    """`total_loss` for the training step: the terms whose value and gradient `only_one`
+    computes in one branch of several (AuxK's) are left out of the total and returned, to be
+    added after the gradient of the rest by `add_deferred` (inside the taken branch, so a
+    branch with nothing to add costs nothing: AuxK with no dead latent, ~60 ms of a 0.6 s
+    TopK step on the CPU when its zero gradient was added). Their metrics are set there."""
+    return _total(terms, out, params, step, coefficients, defer=True)
+
+
+def _total(terms, out, params, step, coefficients, *, defer: bool):
     total = jnp.zeros((), jnp.float32)
     metrics: Metrics = {}
+    deferred: list[Deferred] = []
     for i, (label, term) in enumerate(zip(term_labels(terms), terms, strict=True)):
-        value, extra = _REGISTRY[term.term].fn(out, params, step=step,
-                                               **resolve(term).params)
+        token = _DEFER.set(defer)
+        try:
+            value, extra = _REGISTRY[term.term].fn(out, params, step=step,
+                                                   **resolve(term).params)
+        finally:
+            _DEFER.reset(token)
         weight = coefficient(term, step, None if coefficients is None else coefficients[i])
-        total = total + weight * value
-        metrics[f"loss.{label}"] = value
+        if isinstance(value, Branches):
+            deferred.append(Deferred(f"loss.{label}", weight, value))
+        else:
+            total = total + weight * value
+            metrics[f"loss.{label}"] = value
         metrics.update({f"{label}.{k}": v for k, v in extra.items()})
-    return total, metrics
+    return total, metrics, deferred
+
+
+def add_deferred(deferred: Sequence[Deferred], params: sae.Params, grads: sae.Params,
+                 loss: jax.Array, metrics: Metrics) -> tuple[jax.Array, sae.Params, Metrics]:
+    """The deferred terms (`total_loss_deferring`) added: for each, one switch whose taken
+    branch computes its value and gradient at `params` and adds weight · gradient to `grads`
+    (a branch whose loss is None passes `grads` through). Returns the loss, the gradient and
+    the metrics with each term's value."""
+    metrics = dict(metrics)
+    for term in deferred:
+        value, grads = term.branches.add_to(grads, params, term.weight)
+        loss = loss + term.weight * value
+        metrics[term.metric] = value
+    return loss, grads, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,30 +288,102 @@ def l1(
     return jnp.mean(jnp.sum(jnp.where(positive, safe**p, 0.0), axis=-1)), {}
 
 
-def only_one(index: jax.Array, losses: Sequence[Callable[..., jax.Array]], params: sae.Params,
-             *args: jax.Array) -> jax.Array:
-    """losses[index](params, *args), differentiable in `params` (not in `args`); only the
-    chosen loss and its gradient are computed.
+_DEFER = contextvars.ContextVar("jaxsae_defer_only_one", default=False)
+"""Set by `total_loss_deferring` while a term runs: `only_one` hands back its branches."""
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True)
+class Branches:
+    """`only_one`'s call, deferred: losses[index](params, *args), None a zero loss."""
+
+    index: jax.Array
+    losses: tuple[Callable[..., jax.Array] | None, ...]
+    args: tuple[jax.Array, ...]
+
+    def tree_flatten(self):
+        return (self.index, self.args), self.losses
+
+    @classmethod
+    def tree_unflatten(cls, losses, children):
+        return cls(children[0], losses, children[1])
+
+    def _branch(self, loss, zero):
+        if loss is None:
+            return lambda p, *a: zero
+        return loss
+
+    def value(self, params: sae.Params) -> jax.Array:
+        """The chosen loss, differentiable in `params` (not in `args`); only it and its
+        gradient are computed."""
+        zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+        losses = [self._branch(loss, zero) for loss in self.losses]
+
+        @jax.custom_vjp
+        def run(p, a):
+            return jax.lax.switch(self.index, losses, p, *a)
+
+        def fwd(p, a):
+            return jax.lax.switch(self.index, [jax.value_and_grad(loss) for loss in losses],
+                                  p, *a)
+
+        def bwd(grads, g):
+            return jax.tree.map(lambda d: d * g, grads), None
+
+        run.defvjp(fwd, bwd)
+        return run(params, self.args)
+
+    def add_to(self, grads: sae.Params, params: sae.Params, weight: jax.Array
+               ) -> tuple[jax.Array, sae.Params]:
+        """(the chosen loss, grads + weight · its gradient at params), in one switch."""
+        zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+
+        def branch(loss):
+            if loss is None:
+                return lambda g, *a: (zero, g)
+
+            def taken(g, *a):
+                value, d = jax.value_and_grad(loss)(params, *a)
+                return value, jax.tree.map(lambda s, t: s + (weight * t).astype(s.dtype), g, d)
+
+            return taken
+
+        return jax.lax.switch(self.index, [branch(loss) for loss in self.losses], grads,
+                              *self.args)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A term `total_loss_deferring` left to `add_deferred`: its metric name, its weight."""
+
+    metric: str
+    weight: jax.Array
+    branches: Branches
+
+
+jax.tree_util.register_dataclass(Deferred, data_fields=["weight", "branches"],
+                                 meta_fields=["metric"])
+
+
+def only_one(index: jax.Array, losses: Sequence[Callable[..., jax.Array] | None],
+             params: sae.Params, *args: jax.Array) -> jax.Array:
+    """losses[index](params, *args) (None: a loss that is 0), differentiable in `params` (not
+    in `args`); only the chosen loss and its gradient are computed.
 
     Autodiff of a plain lax.switch / lax.cond keeps the taken branch's intermediates for the
     backward pass, so every branch not taken still writes zeros of the shapes of the others'
     (for AuxK: [batch, d_sae] arrays, ~50 ms a step on the CPU shape of
     benchmarks/throughput.py with one skipped branch). Here the forward takes the value and the
-    gradient in one switch and keeps only the gradient, shaped like `params`. Under vmap,
+    gradient in one switch and keeps only the gradient, shaped like `params`. In the training
+    step (`total_loss_deferring`) the call is handed back instead, as `Branches`, and the
+    gradient is added inside the switch (`add_deferred`). So every value the losses need that
+    depends on `params` comes through `params` or `args`, never a closure. Under vmap,
     `index` must be the same for every member (else every branch runs).
     """
-    @jax.custom_vjp
-    def run(p, a):
-        return jax.lax.switch(index, losses, p, *a)
-
-    def fwd(p, a):
-        return jax.lax.switch(index, [jax.value_and_grad(loss) for loss in losses], p, *a)
-
-    def bwd(grads, g):
-        return jax.tree.map(lambda d: d * g, grads), None
-
-    run.defvjp(fwd, bwd)
-    return run(params, args)
+    branches = Branches(index, tuple(losses), tuple(args))
+    if _DEFER.get():
+        return branches  # (total_loss_deferring takes it for the term's value)
+    return branches.value(params)
 
 
 def _check_auxk(cfg: Config, term: TermConfig, key: str) -> None:
@@ -365,9 +477,8 @@ def auxk(
         index = jnp.where(any_dead, 1 + jnp.searchsorted(jnp.asarray(sizes), most), 0)
     else:
         losses, index = [dense], any_dead.astype(jnp.int32)
-    zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
     residual = jax.lax.stop_gradient(out.target - out.x_hat)
-    value = only_one(index, [lambda p, *a: zero, *losses], params, out.x, residual, dead,
+    value = only_one(index, [None, *losses], params, out.x, residual, dead,
                      jax.lax.stop_gradient(out.pre_acts))
     return value, {"n_dead": n_dead}
 

@@ -170,24 +170,29 @@ def make_train_step(
         schedule = lr_schedule(cfg.optim, hyper.lr)
         tx = make_optimizer(cfg, hyper.lr)
 
-        def loss_fn(params):
+        def unfrozen(params):
             # Frozen parameters: no gradient is computed for them (XLA drops the matmuls).
-            params = {k: jax.lax.stop_gradient(v) if k in cfg.freeze else v
-                      for k, v in params.items()}
+            return {k: jax.lax.stop_gradient(v) if k in cfg.freeze else v
+                    for k, v in params.items()}
+
+        def loss_fn(params):
+            params = unfrozen(params)
             out = sae.forward(cast(params), cast(batch), cfg.sae, train=True, key=key,
                               tokens_since_fired=state.tokens_since_fired,
                               prefix_ends=prefix_ends, mesh=mesh, k=hyper.k,
                               sweep_axis=sweep_axis,
                               target=None if target is None else cast(target))
             out = upcast(out)  # loss terms in float32
-            loss, term_metrics = penalties.total_loss(cfg.loss, out, params, step,
-                                                      hyper.coefficients)
-            return loss, (out, term_metrics)
+            # (AuxK's value and gradient come after, in the branch its dead latents choose)
+            loss, term_metrics, deferred = penalties.total_loss_deferring(
+                cfg.loss, out, params, step, hyper.coefficients)
+            return loss, (out, term_metrics, deferred)
 
         with kernels.using(cfg.optim.kernels):  # read while the step is traced
-            (loss, (out, term_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params
-            )
+            (loss, (out, term_metrics, deferred)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True)(state.params)
+            loss, grads, term_metrics = penalties.add_deferred(
+                deferred, unfrozen(state.params), grads, loss, term_metrics)
         grads = sae.project_decoder_grad(state.params, grads, cfg.sae)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = sae.after_update(optax.apply_updates(state.params, updates), out, step,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -286,6 +287,52 @@ def test_only_one_matches_plain_gradient():
         want = jax.grad(lambda q: 3.0 * losses[2](q, a))(member)
         np.testing.assert_allclose(batched["w"][i], want["w"], rtol=1e-6)
         np.testing.assert_allclose(batched["b"][i], want["b"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("sweep", [None, {"loss.1.coefficient": [0.5, 2.0]}])
+def test_the_step_adds_auxk_in_its_branch_as_autodiff_would(monkeypatch, tmp_path, sweep):
+    """The training step takes AuxK's value and gradient after the rest, inside the branch its
+    dead latents choose (total_loss_deferring, add_deferred). Against the same steps with
+    AuxK left to plain autodiff (only_one's custom VJP, total_loss): the same loss, AuxK value,
+    gradient norm and parameters, with no dead latent, then with some in each block width."""
+    from jaxsae.build import build
+
+    tree = {"data": {"path": str(tmp_path)}, "run_dir": str(tmp_path / "run"),
+            "sae": {"d_sae": 64, "activation": "topk", "k": 4},
+            "loss": [{"term": "mse"},
+                     {"term": "auxk", "coefficient": 0.25, "k_aux": 4, "dead_tokens": 100}],
+            "optim": {"batch_size": 32, "total_tokens": 32 * 20}}
+    if sweep:
+        tree["sweep"] = sweep
+    cfg = config_from_dict(tree)
+    plain = penalties.total_loss
+
+    def undeferred(*args):
+        return (*plain(*args), [])
+
+    results = {}
+    for name in ("deferred", "autodiff"):
+        if name == "autodiff":
+            monkeypatch.setattr(penalties, "total_loss_deferring", undeferred)
+        built = build(cfg, 8)
+        state = built.init()
+        batches = np.random.default_rng(0).standard_normal((4, 32, 8)).astype(np.float32)
+        logged = []
+        for i, dead in enumerate([0, 3, 12, 64]):  # none; the k, 4k and d_sae blocks
+            since = np.zeros(state.tokens_since_fired.shape, np.int32)
+            since[..., :dead] = 1000
+            state = dataclasses.replace(state, tokens_since_fired=jnp.asarray(since))
+            state, metrics = built.step(state, jnp.asarray(batches[i]))
+            logged.append({k: np.asarray(metrics[k]) for k in ("loss", "loss.auxk", "grad_norm")})
+        results[name] = logged, jax.device_get(state.params)
+    assert np.all(results["deferred"][0][-1]["loss.auxk"] > 0)
+    assert np.all(results["deferred"][0][0]["loss.auxk"] == 0)
+    for step, (got, want) in enumerate(zip(*(results[n][0] for n in results), strict=True)):
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"{step} {key}")
+    for key, want in results["autodiff"][1].items():
+        np.testing.assert_allclose(results["deferred"][1][key], want, rtol=1e-5, atol=1e-7,
+                                   err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------------
