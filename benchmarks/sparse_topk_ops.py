@@ -43,7 +43,9 @@ def median_ms(fn, *args, reps: int = 5) -> float:
 
 
 def operations(batch: int, d_in: int, d_sae: int, k: int, dtype) -> list[tuple]:
-    """(name, function, inputs, compare-as-sets) of each operation, on random inputs."""
+    """(name, function, inputs, selects) of each operation, on random inputs; `selects`: it
+    returns indices into its first input, compared by the values they pick (implementations
+    may break ties at the k-th value differently, as bfloat16 inputs have)."""
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     x = jax.random.normal(keys[0], (batch, d_in), dtype)
     W_enc = (jax.random.normal(keys[1], (d_in, d_sae)) / np.sqrt(d_in)).astype(dtype)
@@ -79,9 +81,11 @@ def run(batch: int, d_in: int, d_sae: int, k: int, dtype: str, impls: list[str])
                 with kernels.using(impl):
                     return fn(*args)
             jitted = jax.jit(traced)
-            got = np.asarray(jitted(*inputs), np.float32)
+            got = np.asarray(jitted(*inputs))
             if as_sets:
-                got = np.sort(got, axis=1)
+                got = np.sort(np.take_along_axis(np.asarray(inputs[0], np.float32), got,
+                                                 axis=1), axis=1)
+            got = got.astype(np.float32)
             if reference is None:
                 reference = got
             else:

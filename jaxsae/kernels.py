@@ -14,7 +14,9 @@ barrier); "xla", the plain one-shot forms
 compilers fuse themselves; "pallas", hand-written kernels (`jaxsae.pallas_kernels`: Triton on
 a GPU, interpreted elsewhere, for tests). "auto" is "cpu" on the CPU and "xla" elsewhere;
 `benchmarks/sparse_topk_ops.py` times each on the machine at hand. All compute the same
-function (tests/test_kernels.py); only the order of float additions differs.
+function (tests/test_kernels.py); only the order of float additions differs, and which of
+several latents tied at the k-th largest value a top-k keeps (a tie is rare in float32,
+common in bfloat16).
 """
 
 from __future__ import annotations
