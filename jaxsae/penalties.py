@@ -335,7 +335,12 @@ class Branches:
 
     def add_to(self, grads: sae.Params, params: sae.Params, weight: jax.Array
                ) -> tuple[jax.Array, sae.Params]:
-        """(the chosen loss, grads + weight · its gradient at params), in one switch."""
+        """(the chosen loss, grads + weight · its gradient at params), in one switch.
+
+        The switch runs in a loop of one trip, or none when the chosen loss is None: a
+        switch branch that passes `grads` through copies them into the switch's output (38
+        ms for a TopK step's 75 MB on the CPU), where a loop that does not run leaves its
+        carry where it is."""
         zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
 
         def branch(loss):
@@ -348,8 +353,16 @@ class Branches:
 
             return taken
 
-        return jax.lax.switch(self.index, [branch(loss) for loss in self.losses], grads,
-                              *self.args)
+        branches = [branch(loss) for loss in self.losses]
+        trips = jnp.asarray([loss is not None for loss in self.losses], jnp.int32)[self.index]
+
+        def body(carry):
+            done, _, g = carry
+            return (done + 1, *jax.lax.switch(self.index, branches, g, *self.args))
+
+        _, value, grads = jax.lax.while_loop(lambda carry: carry[0] < trips, body,
+                                             (jnp.int32(0), zero, grads))
+        return value, grads
 
 
 @dataclass(frozen=True)
