@@ -211,14 +211,16 @@ _SCATTER_CHUNK = 128
 
 def _sorted_order(flat: jax.Array, n_out: int) -> tuple[jax.Array, jax.Array]:
     """(flat sorted, each sorted entry's position in flat), ties in position order. One sort
-    of packed keys (index << bits | position) where both fit in 31 bits: 5x faster than a
-    sort of (key, position) pairs on the CPU (6 against 32 ms for 131,072 entries)."""
+    of packed keys (index << bits | position) where both fit in 32 bits (unsigned): 4-5x
+    faster than a sort of (key, position) pairs on the CPU (6 against 26-32 ms for 131,072
+    entries; BatchTopK's 135,168 slots into d_sae 12,288 need all 32 bits)."""
     n = flat.shape[0]
     bits = max(1, (n - 1).bit_length())
     position = jnp.arange(n, dtype=jnp.int32)
-    if max(1, (n_out - 1).bit_length()) + bits <= 31:
-        packed = jnp.sort((flat.astype(jnp.int32) << bits) | position)
-        return packed >> bits, packed & ((1 << bits) - 1)
+    if max(1, (n_out - 1).bit_length()) + bits <= 32:
+        packed = jnp.sort((flat.astype(jnp.uint32) << bits) | position.astype(jnp.uint32))
+        return ((packed >> bits).astype(jnp.int32),
+                (packed & ((1 << bits) - 1)).astype(jnp.int32))
     return jax.lax.sort_key_val(flat.astype(jnp.int32), position)
 
 

@@ -89,14 +89,18 @@ def test_the_sorted_scatter_at_every_chunking(n, k):
 
 
 def test_the_sort_of_destinations_packed_or_paired():
-    """Destinations and positions packed into one int32 where they fit, a sort of pairs where
-    they do not: the same order (by destination, then position) either way."""
-    flat = jnp.asarray(np.random.default_rng(5).integers(0, 50, 300), jnp.int32)
-    want = np.lexsort((np.arange(300), np.asarray(flat)))
-    for n_out in (50, 2**30):  # 6 + 9 bits fit; 30 + 9 do not
-        keys, position = jax.jit(kernels._sorted_order, static_argnums=1)(flat, n_out)
-        np.testing.assert_array_equal(np.asarray(position), want)
-        np.testing.assert_array_equal(np.asarray(keys), np.asarray(flat)[want])
+    """Destinations and positions packed into one 32-bit key where they fit, a sort of pairs
+    where they do not: the same order (by destination, then position) either way."""
+    rng = np.random.default_rng(5)
+    # 6 + 9 bits; 23 + 9, all 32 (destinations with the top bit set); 30 + 9 do not fit
+    for n_out in (50, 2**23, 2**30):
+        flat = rng.integers(0, 50, 300)
+        flat[::3] = rng.integers(0, n_out, 100)
+        want = np.lexsort((np.arange(300), flat))
+        keys, position = jax.jit(kernels._sorted_order, static_argnums=1)(
+            jnp.asarray(flat, jnp.int32), n_out)
+        np.testing.assert_array_equal(np.asarray(position), want, err_msg=str(n_out))
+        np.testing.assert_array_equal(np.asarray(keys), flat[want], err_msg=str(n_out))
 
 
 @pytest.mark.parametrize("impl", ["cpu", "xla", "pallas"])
