@@ -379,7 +379,7 @@ jax.tree_util.register_dataclass(Deferred, data_fields=["weight", "branches"],
 
 
 def only_one(index: jax.Array, losses: Sequence[Callable[..., jax.Array] | None],
-             params: sae.Params, *args: jax.Array) -> jax.Array:
+             params: sae.Params, *args: jax.Array) -> jax.Array | Branches:
     """losses[index](params, *args) (None: a loss that is 0), differentiable in `params` (not
     in `args`); only the chosen loss and its gradient are computed.
 
@@ -389,9 +389,10 @@ def only_one(index: jax.Array, losses: Sequence[Callable[..., jax.Array] | None]
     benchmarks/throughput.py with one skipped branch). Here the forward takes the value and the
     gradient in one switch and keeps only the gradient, shaped like `params`. In the training
     step (`total_loss_deferring`) the call is handed back instead, as `Branches`, and the
-    gradient is added inside the switch (`add_deferred`). So every value the losses need that
-    depends on `params` comes through `params` or `args`, never a closure. Under vmap,
-    `index` must be the same for every member (else every branch runs).
+    gradient is added inside the switch (`add_deferred`). So a term returns only_one's result
+    as its value, unchanged (scale it by the term's coefficient instead), and every value the
+    losses need that depends on `params` comes through `params` or `args`, never a closure.
+    Under vmap, `index` must be the same for every member (else every branch runs).
     """
     branches = Branches(index, tuple(losses), tuple(args))
     if _DEFER.get():
