@@ -223,14 +223,15 @@ def _total(terms, out, params, step, coefficients, *, defer: bool):
 
 
 def add_deferred(deferred: Sequence[Deferred], params: sae.Params, grads: sae.Params,
-                 loss: jax.Array, metrics: Metrics) -> tuple[jax.Array, sae.Params, Metrics]:
+                 loss: jax.Array, metrics: Metrics, *, frozen: Sequence[str] = ()
+                 ) -> tuple[jax.Array, sae.Params, Metrics]:
     """The deferred terms (`total_loss_deferring`) added: for each, one switch whose taken
-    branch computes its value and gradient at `params` and adds weight · gradient to `grads`
-    (a branch whose loss is None passes `grads` through). Returns the loss, the gradient and
-    the metrics with each term's value."""
+    branch computes its value and gradient at `params` (none for the `frozen` ones) and adds
+    weight · gradient to `grads` (a branch whose loss is None passes `grads` through).
+    Returns the loss, the gradient and the metrics with each term's value."""
     metrics = dict(metrics)
     for term in deferred:
-        value, grads = term.branches.add_to(grads, params, term.weight)
+        value, grads = term.branches.add_to(grads, params, term.weight, frozen)
         loss = loss + term.weight * value
         metrics[term.metric] = value
     return loss, grads, metrics
@@ -333,9 +334,10 @@ class Branches:
         run.defvjp(fwd, bwd)
         return run(params, self.args)
 
-    def add_to(self, grads: sae.Params, params: sae.Params, weight: jax.Array
-               ) -> tuple[jax.Array, sae.Params]:
-        """(the chosen loss, grads + weight · its gradient at params), in one switch.
+    def add_to(self, grads: sae.Params, params: sae.Params, weight: jax.Array,
+               frozen: Sequence[str] = ()) -> tuple[jax.Array, sae.Params]:
+        """(the chosen loss, grads + weight · its gradient at params, 0 for the `frozen`
+        ones), in one switch.
 
         The switch runs in a loop of one trip, or none when the chosen loss is None: a
         switch branch that passes `grads` through copies them into the switch's output (38
@@ -347,8 +349,12 @@ class Branches:
             if loss is None:
                 return lambda g, *a: (zero, g)
 
+            def held(p, *a):
+                return loss({k: jax.lax.stop_gradient(v) if k in frozen else v
+                             for k, v in p.items()}, *a)
+
             def taken(g, *a):
-                value, d = jax.value_and_grad(loss)(params, *a)
+                value, d = jax.value_and_grad(held)(params, *a)
                 return value, jax.tree.map(lambda s, t: s + (weight * t).astype(s.dtype), g, d)
 
             return taken

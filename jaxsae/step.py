@@ -170,13 +170,10 @@ def make_train_step(
         schedule = lr_schedule(cfg.optim, hyper.lr)
         tx = make_optimizer(cfg, hyper.lr)
 
-        def unfrozen(params):
-            # Frozen parameters: no gradient is computed for them (XLA drops the matmuls).
-            return {k: jax.lax.stop_gradient(v) if k in cfg.freeze else v
-                    for k, v in params.items()}
-
         def loss_fn(params):
-            params = unfrozen(params)
+            # Frozen parameters: no gradient is computed for them (XLA drops the matmuls).
+            params = {k: jax.lax.stop_gradient(v) if k in cfg.freeze else v
+                      for k, v in params.items()}
             out = sae.forward(cast(params), cast(batch), cfg.sae, train=True, key=key,
                               tokens_since_fired=state.tokens_since_fired,
                               prefix_ends=prefix_ends, mesh=mesh, k=hyper.k,
@@ -192,7 +189,7 @@ def make_train_step(
             (loss, (out, term_metrics, deferred)), grads = jax.value_and_grad(
                 loss_fn, has_aux=True)(state.params)
             loss, grads, term_metrics = penalties.add_deferred(
-                deferred, unfrozen(state.params), grads, loss, term_metrics)
+                deferred, state.params, grads, loss, term_metrics, frozen=cfg.freeze)
         grads = sae.project_decoder_grad(state.params, grads, cfg.sae)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = sae.after_update(optax.apply_updates(state.params, updates), out, step,

@@ -289,8 +289,9 @@ def test_only_one_matches_plain_gradient():
         np.testing.assert_allclose(batched["b"][i], want["b"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("sweep", [None, {"loss.1.coefficient": [0.5, 2.0]}])
-def test_the_step_adds_auxk_in_its_branch_as_autodiff_would(monkeypatch, tmp_path, sweep):
+@pytest.mark.parametrize("extra", [{}, {"sweep": {"loss.1.coefficient": [0.5, 2.0]}},
+                                   {"freeze": ["b_dec", "W_enc"]}])
+def test_the_step_adds_auxk_in_its_branch_as_autodiff_would(monkeypatch, tmp_path, extra):
     """The training step takes AuxK's value and gradient after the rest, inside the branch its
     dead latents choose (total_loss_deferring, add_deferred). Against the same steps with
     AuxK left to plain autodiff (only_one's custom VJP, total_loss): the same loss, AuxK value,
@@ -302,9 +303,7 @@ def test_the_step_adds_auxk_in_its_branch_as_autodiff_would(monkeypatch, tmp_pat
             "loss": [{"term": "mse"},
                      {"term": "auxk", "coefficient": 0.25, "k_aux": 4, "dead_tokens": 100}],
             "optim": {"batch_size": 32, "total_tokens": 32 * 20}}
-    if sweep:
-        tree["sweep"] = sweep
-    cfg = config_from_dict(tree)
+    cfg = config_from_dict({**tree, **extra})
     plain = penalties.total_loss
 
     def undeferred(*args):
