@@ -176,15 +176,29 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
                       "steps": cfg.optim.total_steps if steps is None else steps,
                       "tokens": trained["training_tokens"],
                       "drop_norm_above": cfg.data.drop_norm_above,
-                      # training read tokens [0, n_train) of dataset_path: what an evaluation
-                      # on it can tell apart (jaxsae.data.window.trained_end); not known
-                      # here when the evaluation's data is another (export --data)
-                      **({"held_out_from": n_train} if cfg.data.path and eval_data is None
-                         else {}),
+                      # where the training tokens end in dataset_path: what an evaluation on
+                      # it can tell apart (jaxsae.data.window.trained_end)
+                      **({} if (end := _training_end(cfg, n_train, eval_data)) is None
+                         else {"held_out_from": end}),
                       "loss": [t.to_dict() for t in cfg.loss],
                       "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size}},
             overwrite=overwrite, inputs=inputs,
         )
+
+
+def _training_end(cfg: Config, n_train: int, eval_data: str | None) -> int | None:
+    """Training read tokens [0, N) of cfg.data.path: N is `n_train`, or, when the evaluation's
+    data is another (`export --data`, whose count `n_train` is), computed from the training
+    data if it is still there. None for streamed data."""
+    if not cfg.data.path:
+        return None
+    if eval_data is None:
+        return n_train
+    try:
+        n = open_source(cfg.data).n_tokens
+    except (JaxsaeError, OSError):
+        return None
+    return max(n - cfg.data.held_out(n), 0)
 
 
 def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,

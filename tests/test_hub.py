@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from jaxsae import cli, sae, tensorfile
+from jaxsae.config import DataConfig
+from jaxsae.data import open_source
 from jaxsae.data.shards import ShardWriter
 from jaxsae.errors import ExportError
 from jaxsae.export import load_sae
@@ -70,9 +72,10 @@ def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys):
              str(other), "--step", "16"], capsys)
     meta = load_sae(tmp_path / "hub2" / "blocks.3.hook_resid_post").cfg_json["metadata"]
     assert meta["dataset_path"] == str(lm_like_data) and meta["eval_dataset_path"] == str(other)
-    # which of the training data's tokens were held out is not known from OTHER: not claimed
-    assert "held_out_from" not in load_sae(
-        tmp_path / "hub2" / "blocks.3.hook_resid_post").cfg_json["jaxsae"]
+    # where the training tokens end is read from the training data, not from OTHER
+    n = open_source(DataConfig(path=str(lm_like_data))).n_tokens
+    assert load_sae(tmp_path / "hub2" / "blocks.3.hook_resid_post").cfg_json["jaxsae"][
+        "held_out_from"] == n - cfg.data.held_out(n)
     card = (tmp_path / "hub2" / "README.md").read_text()
     assert f"tokens of `{other}` after 4,096 training tokens (a checkpoint before" in card
 
