@@ -128,7 +128,8 @@ def test_where_the_training_tokens_end(tmp_path, monkeypatch):
             {"metadata": {"dataset_path": str(tmp_path / "other")},
              "jaxsae": {"held_out_from": 5000}},  # trained on other data
             {"metadata": here, "jaxsae": {"held_out_from": True}},  # not a count
-            {"metadata": here}, {"architecture": "standard"}]  # trained elsewhere
+            {"metadata": here}, {"architecture": "standard"},  # trained elsewhere
+            {"metadata": ["not", "a", "dict"], "jaxsae": {"held_out_from": 7}}]
     assert trained_end(saes, "acts") == 1000  # (a relative path to the same directory)
     assert trained_end(saes[2:], tmp_path / "acts") is None
     assert trained_end(saes, tmp_path / "other") == 5000

@@ -78,9 +78,14 @@ def trained_end(cfg_jsons: Sequence[dict[str, Any]], data: str | Path) -> int | 
     them says it was (trained elsewhere, on other data, or exported before jaxsae recorded
     it)."""
     here = Path(data).resolve()
+
+    def trained_on(cfg_json: dict[str, Any]) -> str | None:
+        meta = cfg_json.get("metadata")
+        path = meta.get("dataset_path") if isinstance(meta, dict) else None
+        return path if isinstance(path, str) else None
+
     ends = [_count(_own(c).get("held_out_from")) for c in cfg_jsons
-            if isinstance((c.get("metadata") or {}).get("dataset_path"), str)
-            and Path(c["metadata"]["dataset_path"]).resolve() == here]
+            if (path := trained_on(c)) is not None and Path(path).resolve() == here]
     ends = [end for end in ends if end is not None]
     return max(ends) if ends else None
 
