@@ -309,16 +309,11 @@ class Branches:
     def tree_unflatten(cls, losses, children):
         return cls(children[0], losses, children[1])
 
-    def _branch(self, loss, zero):
-        if loss is None:
-            return lambda p, *a: zero
-        return loss
-
     def value(self, params: sae.Params) -> jax.Array:
         """The chosen loss, differentiable in `params` (not in `args`); only it and its
         gradient are computed."""
         zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
-        losses = [self._branch(loss, zero) for loss in self.losses]
+        losses = [(lambda p, *a: zero) if loss is None else loss for loss in self.losses]
 
         @jax.custom_vjp
         def run(p, a):

@@ -504,7 +504,7 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
         "Latents taken from each SAE of the family (widest last):", "",
         *markdown_table(gave_rows, ["sae", "d_sae", "added"]), "",
         f"Evaluated on the last {window.tokens} tokens of {data}"
-        f"{' (' + describe(window.report()) + ')' if describe(window.report()) else ''}:", "",
+        f"{f' ({said})' if (said := describe(window.report())) else ''}:", "",
         *markdown_table(rows, columns), ""]))
     if retrain is not None:  # the run directory's own config names where it ends up
         retrain_config = work / "retrain" / "config.yaml"

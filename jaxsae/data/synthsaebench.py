@@ -62,8 +62,8 @@ GROUP = 16
 BOUND_CHUNK_BYTES = 16 << 20
 """On the CPU the bound's factor product and group maximum run over chunks of rows whose
 product is at most this large, never the whole [B, features] product at once: 33 -> 11 ms a
-batch of 16,384 (quarter world), 129 -> 43 ms (full), the same values (2026-12-04, 2-core AMD
-EPYC, jax 0.10.2). Accelerators take it in one piece."""
+batch of 16,384 (quarter world), 129 -> 43 ms (full), the same values (2026-12-04, 2-core Intel
+Xeon, jax 0.10.2). Accelerators take it in one piece."""
 
 PRESETS: dict[str, dict[str, int]] = {
     "full": {"n_features": 16384, "d_in": 768, "roots": 128},

@@ -35,6 +35,12 @@ DropRule = float | None | str
 """A multiple of the median norm, None (keep every token) or TRAINED."""
 
 
+def _own(cfg_json: dict[str, Any]) -> dict[str, Any]:
+    """cfg.json's `jaxsae` block ({} for an SAE trained elsewhere)."""
+    own = cfg_json.get("jaxsae")
+    return own if isinstance(own, dict) else {}
+
+
 def drop_multiple(cfg_jsons: Sequence[dict[str, Any]], rule: DropRule = TRAINED
                   ) -> float | None:
     """The multiple of the median norm above which an evaluation of these SAEs (their cfg.json)
@@ -43,17 +49,10 @@ def drop_multiple(cfg_jsons: Sequence[dict[str, Any]], rule: DropRule = TRAINED
     each of them was trained on), None when none left any out (e.g. SAEs trained elsewhere)."""
     if rule != TRAINED:
         return None if rule is None else float(rule)
-    used = [own.get("drop_norm_above") for own in
-            (c.get("jaxsae") if isinstance(c.get("jaxsae"), dict) else {} for c in cfg_jsons)]
+    used = [_own(c).get("drop_norm_above") for c in cfg_jsons]
     used = [float(m) for m in used
             if isinstance(m, int | float) and not isinstance(m, bool) and m > 0]
     return min(used) if used else None
-
-
-def _own(cfg_json: dict[str, Any]) -> dict[str, Any]:
-    """cfg.json's `jaxsae` block ({} for an SAE trained elsewhere)."""
-    own = cfg_json.get("jaxsae")
-    return own if isinstance(own, dict) else {}
 
 
 def _count(value: Any) -> int | None:
