@@ -64,6 +64,20 @@ def _launch(pid: int, n: int, port: int, data: Path, run_dir: Path, devices: int
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _outputs(workers, timeout: float) -> list[tuple[str, str]]:
+    """(stdout, stderr) of every worker; one that has not exited by `timeout` fails the test
+    with what every worker printed (all are killed first)."""
+    try:
+        return [w.communicate(timeout=timeout) for w in workers]
+    except subprocess.TimeoutExpired:
+        for w in workers:
+            w.kill()
+        printed = [w.communicate() for w in workers]
+        pytest.fail("a worker did not exit in time:\n" + "\n".join(
+            f"process {pid} (exit {w.returncode}):\n{err[-2000:]}"
+            for pid, (w, (_, err)) in enumerate(zip(workers, printed, strict=True))))
+
+
 def _weights(run_dir: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in
             tensorfile.read(run_dir / "sae" / "sae_weights.safetensors").items()}
@@ -105,7 +119,7 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step(small_da
         assert time.time() < deadline
         time.sleep(0.05)
     workers[1].send_signal(signal.SIGTERM)  # process 1 alone: process 0 must stop with it
-    outputs = [w.communicate(timeout=120) for w in workers]
+    outputs = _outputs(workers, 120)
     steps = []
     for w, (_, err) in zip(workers, outputs, strict=True):
         assert w.returncode == 128 + signal.SIGTERM, err
@@ -116,7 +130,7 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step(small_da
     port = _free_port()  # run_dir a file: process 0 refuses it, process 1 learns why
     (tmp_path / "file").write_text("not a run")
     workers = [_launch(pid, 2, port, small_data, tmp_path / "file", 2) for pid in range(2)]
-    outputs = [w.communicate(timeout=120) for w in workers]
+    outputs = _outputs(workers, 120)
     assert [w.returncode for w in workers] == [2, 2], outputs
     assert "is a file" in outputs[1][1] and "(on process 0)" in outputs[1][1]
     assert "Traceback" not in outputs[0][1] + outputs[1][1]
