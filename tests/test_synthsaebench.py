@@ -210,22 +210,54 @@ def test_the_bounds_group_max_in_chunks_is_the_plain_one(monkeypatch, rows):
                                    rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.slow  # ~30 s of compiling on 2 cores; the retry loop runs in every draw anyway
-def test_an_overflowing_stage_draws_again(small):
-    """A capacity at about the median count: about every other draw overflows and is drawn
-    again from the next key, so what comes back is always a whole draw (never truncated)."""
+@pytest.mark.parametrize("slots", [64, 3, 1])
+def test_the_slot_decode_is_the_plain_sum(slots):
+    """`_decode` (codes laid out by their place in the row, decoded a slot at a time, added to
+    x) against a plain scatter-add: runs of codes each ordered by row, some rows in several
+    runs, an empty run, zero-valued padding after them; with room for every row's codes, and
+    with rows that spill past `slots` (added by the scatter-add)."""
+    rng = np.random.default_rng(slots)
+    rows, n, d = 40, 300, 8
+    lengths = [50, 0, 90, 37]
+    row = np.concatenate([np.sort(rng.integers(0, rows, m)) for m in lengths]
+                         + [np.zeros(n - sum(lengths), int)])
+    feat = rng.integers(0, 20, n)
+    val = np.where(np.arange(n) < sum(lengths), rng.uniform(0.5, 2, n), 0.0)
+    dictionary = rng.standard_normal((20, d))
+    start = rng.standard_normal((rows, d))
+    want = start.copy()
+    np.add.at(want, row, val[:, None] * dictionary[feat])
+    decode = jax.jit(sb._decode, static_argnums=6)
+    got = decode(*(jax.numpy.asarray(a, dt) for a, dt in (
+        (dictionary, np.float32), (row, np.int32), (feat, np.int32), (val, np.float32),
+        (lengths, np.int32), (start, np.float32))), slots)
+    assert np.bincount(row[:sum(lengths)]).max() > 3  # (the small slots do spill)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_overflowing_stage_draws_again(small, monkeypatch):
+    """A capacity at about the median count: about every other draw overflows, and `sample`
+    returns the first whole draw of fold_in(key, 0), 1, ... (never a truncated one)."""
     _, truth = small
     sampler = sb.Sampler(truth, roots=4, branching=3, max_depth=2, scale_children=True)
     counts = [int((np.asarray(sampler.sample(jax.random.key(i), 16, codes=True)[1])[:, 4:] > 0
                    ).sum()) for i in range(20)]
     tight = {**sampler.capacities(16), "codes": int(np.median(counts))}
-    run = jax.jit(lambda a, k: sampler._retrying(a, k, batch=16, caps=tight, codes=True))
+    once = jax.jit(lambda a, k: sampler._once(a, k, batch=16, caps=tight, codes=True))
+    monkeypatch.setattr(sampler, "capacities", lambda batch: tight)
+    sampler._jitted.clear()
+    retried = 0
     for i in range(10):
-        x, codes = run(sampler.arrays, jax.random.key(100 + i))
-        codes = np.asarray(codes)
+        key = jax.random.key(100 + i)
+        x, codes = map(np.asarray, sampler.sample(key, 16, codes=True))
+        attempt = next(a for a in range(50)
+                       if not once(sampler.arrays, jax.random.fold_in(key, a))[2])
+        retried += attempt > 0
+        want = once(sampler.arrays, jax.random.fold_in(key, attempt))
+        np.testing.assert_array_equal(codes, np.asarray(want[1]))
         assert (codes[:, 4:] > 0).sum() <= tight["codes"]
-        np.testing.assert_allclose(np.asarray(x), codes @ truth["directions"] + truth["bias"],
-                                   atol=2e-4)
+        np.testing.assert_allclose(x, codes @ truth["directions"] + truth["bias"], atol=2e-4)
+    assert retried  # (about half the keys)
 
 
 def test_synth_command_writes_the_benchmark_and_a_run_reports_its_metrics(tmp_path, capsys):

@@ -352,7 +352,10 @@ class Sampler:
         scale = batch / pilot
         eps = jax.random.normal(jax.random.key(12345), (pilot, self.arrays["factor"].shape[1]))
         expected = jax.tree.map(float, _expected_counts(self.arrays, eps, self._structure()))
-        return jax.tree.map(lambda n: _capacity(scale * n), expected)
+        caps = jax.tree.map(lambda n: _capacity(scale * n), expected)
+        # a row's codes below the roots: generous room (a row past it is still decoded)
+        caps["slots"] = math.ceil(3 * expected["codes"] / pilot + 32)
+        return caps
 
     def _structure(self) -> tuple:
         return (self.roots, self.branching, self.max_depth, self.tree_features, self.n,
@@ -369,35 +372,31 @@ class Sampler:
 
     def sample(self, key: jax.Array, batch: int, *, codes: bool = False):
         """x [batch, d] (float32, on the device) and, with `codes`, the true codes
-        [batch, n_features] (else None)."""
+        [batch, n_features] (else None). Draws from fold_in(key, 0), 1, ... until no stage
+        overflowed its capacity (the first, in practice): a draw is never truncated."""
         fn = self._jitted.get((batch, codes))
         if fn is None:
             caps = self.capacities(_padded(batch))
-            fn = jax.jit(functools.partial(self._retrying, batch=batch, caps=caps, codes=codes))
+            fn = jax.jit(functools.partial(self._once, batch=batch, caps=caps, codes=codes))
             self._jitted[(batch, codes)] = fn
-        return fn(self.arrays, key)
+        for attempt in itertools.count():
+            x, dense, overflowed = fn(self.arrays, jax.random.fold_in(key, attempt))
+            if not bool(overflowed):  # (a retry loop in the program cost 5 % a draw)
+                return x, dense
+        raise AssertionError("unreachable")
 
-    def _retrying(self, arrays, key, *, batch, caps, codes):
-        """Draws until no stage overflowed its capacity (one draw in practice)."""
+    def _once(self, arrays, key, *, batch, caps, codes):
+        """One draw, decoded: x, the codes (or None) and whether a stage overflowed."""
         rows = _padded(batch)
-        def draw(state):
-            attempt = state[0] + 1
-            out, used = self._draw(arrays, jax.random.fold_in(key, attempt), rows, caps)
-            return attempt, out, _overflows(used, caps)
-
-        # one copy of the draw in the program: the loop starts from an empty, "overflowed" state
-        shapes = jax.eval_shape(lambda: self._draw(arrays, key, rows, caps)[0])
-        empty = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-        _, (root_val, (row, feat, val)), _ = jax.lax.while_loop(
-            lambda s: s[2], draw, (jnp.int32(-1), empty, jnp.array(True)))
+        (root_val, (row, feat, val), runs), used = self._draw(arrays, key, rows, caps)
         d = arrays["directions"]
-        x = (root_val @ d[:self.roots] + arrays["bias"]
-             + jax.ops.segment_sum(val[:, None] * d[feat], row, num_segments=rows))
+        x = _decode(d, row, feat, val, runs, root_val @ d[:self.roots] + arrays["bias"],
+                    caps["slots"])
         dense = None
         if codes:
             dense = jnp.zeros((rows, self.n), jnp.float32).at[row, feat].add(val)
             dense = dense.at[:, :self.roots].set(root_val)[:batch]
-        return x[:batch], dense
+        return x[:batch], dense, _overflows(used, caps)
 
     def _draw(self, arrays, key, rows, caps):
         """One draw: the roots' codes [rows, roots], the others as a compact (row, feature,
@@ -446,12 +445,15 @@ class Sampler:
                         c_feat.reshape(-1))
                     used["parents"].append(count)
         if not parts:
-            return (root_val, (jnp.zeros(1, jnp.int32),) * 2 + (jnp.zeros(1),)), used
+            return (root_val, (jnp.zeros(1, jnp.int32),) * 2 + (jnp.zeros(1),),
+                    jnp.zeros(1, jnp.int32)), used
         row = jnp.concatenate([p[0] for p in parts]).astype(jnp.int32)
         feat = jnp.concatenate([p[1] for p in parts]).astype(jnp.int32)
         val = jnp.concatenate([p[2] for p in parts])
+        # each part lists its codes by row; compacted, they are runs of these lengths
+        runs = jnp.stack([jnp.sum(p[2] != 0) for p in parts]).astype(jnp.int32)
         row, feat, val, used["codes"] = _compact(caps["codes"], val, row, feat)
-        return (root_val, (row, feat, val)), used
+        return (root_val, (row, feat, val), runs), used
 
     def _free(self, arrays, keys, uniforms, eps, caps):
         """Features outside the hierarchy, by thinning a Poisson process (module docstring)."""
@@ -475,11 +477,13 @@ class Sampler:
         pi = jax.scipy.special.ndtr((y - arrays["t"][lo + i]) / arrays["s"][lo + i])
         keep = -jnp.log1p(-jnp.minimum(pi, 1 - 1e-7)) / jnp.maximum(mu[g, i], 1e-30)
         v = next(uniforms)
-        mag = _fired_magnitudes(v, keep, arrays["mean"][lo + i], arrays["std"][lo + i])
-        mag = jnp.where(jnp.arange(cap) < n_points, mag, 0.0)
+        # the kept points, then their magnitudes (v / keep: a uniform given v < keep)
+        kept_at = (v < keep) & (jnp.arange(cap) < n_points)
+        cells, i, ratio, kept = _compact(
+            caps["kept"], jnp.where(kept_at, jnp.maximum(v / keep, 1e-30), 0.0), b * nf + i, i)
+        mag = _magnitudes(ratio, arrays["mean"][lo + i], arrays["std"][lo + i])
         # several kept points in one cell are one firing: sort the cells, keep the first
         big = jnp.iinfo(jnp.int32).max
-        cells, mag, kept = _compact(caps["kept"], mag, b * nf + i)
         cells = jnp.where(mag > 0, cells, big)
         cells, mag = jax.lax.sort((cells, mag), num_keys=1)
         first = (cells != big) & jnp.concatenate([jnp.array([True]), cells[1:] != cells[:-1]])
@@ -534,11 +538,50 @@ def _group_max(eps: jax.Array, factor: jax.Array) -> jax.Array:
     return high.reshape(-1, n)[:rows // GROUP]
 
 
+def _decode(d, row, feat, val, runs, x, slots):
+    """x + Σ val·d[feat] by row, for codes listed as runs (of lengths `runs`, then zero
+    values) each ordered by row. Each code's slot (its place among its row's codes) follows
+    from the runs; the codes are laid out [slots, rows] and the rows decoded a slot at a
+    time, a gather of dictionary rows fused with the multiply-add (XLA-CPU's scatter-add of
+    the [codes, d] terms took 2-4x longer, and materialised them). Codes past `slots` in a
+    row, if any, are added by that scatter-add."""
+    n, rows = row.shape[0], x.shape[0]
+    k = runs.shape[0]
+    at = jnp.arange(n)
+    ends = jnp.cumsum(runs)
+    run = jnp.sum(at[:, None] >= ends[None, :], axis=1)  # k: padding
+    count = jnp.zeros((k + 1, rows), jnp.int32).at[run, row].add(1)[:k]
+    first = jnp.cumsum(count, axis=1) - count  # where each row starts in its run
+    before = jnp.cumsum(count, axis=0) - count  # the row's codes in earlier runs
+    r = jnp.minimum(run, k - 1)
+    slot = before[r, row] + at - (ends - runs)[r] - first[r, row]
+    slot = jnp.where(run < k, slot, slots)  # padding: dropped
+    grid_feat = jnp.zeros((slots, rows), jnp.int32).at[slot, row].set(feat, mode="drop")
+    grid_val = jnp.zeros((slots, rows), val.dtype).at[slot, row].set(val, mode="drop")
+    most = jnp.max(jnp.sum(count, axis=0))
+
+    def one(s, x):
+        return x + grid_val[s][:, None] * d[grid_feat[s]]
+
+    x = jax.lax.fori_loop(0, jnp.minimum(most, slots), one, x)
+
+    def spill(x):
+        over = jnp.where((slot >= slots) & (run < k), val, 0.0)
+        return x + jax.ops.segment_sum(over[:, None] * d[feat], row, num_segments=rows)
+
+    return jax.lax.cond(most > slots, spill, lambda x: x, x)
+
+
 def _fired_magnitudes(u, prob, mean, std):
     """relu(mean + std·N(0, 1)) where u < prob, else 0. Given u < prob, u / prob is uniform
     and independent of the firing, so one uniform draws both (its normal by Φ⁻¹)."""
-    z = jax.scipy.special.ndtri(jnp.clip(u / jnp.maximum(prob, 1e-30), 1e-7, 1 - 1e-7))
-    return jnp.where(u < prob, jnp.maximum(mean + std * z, 0.0), 0.0)
+    return jnp.where(u < prob, _magnitudes(u / jnp.maximum(prob, 1e-30), mean, std), 0.0)
+
+
+def _magnitudes(ratio, mean, std):
+    """relu(mean + std·Φ⁻¹(ratio)) for a uniform ratio in (0, 1); 0 where ratio is 0."""
+    z = jax.scipy.special.ndtri(jnp.clip(ratio, 1e-7, 1 - 1e-7))
+    return jnp.where(ratio > 0, jnp.maximum(mean + std * z, 0.0), 0.0)
 
 
 def _uniforms(key, shapes):
