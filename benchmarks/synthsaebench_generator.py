@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine
 
-from jaxsae import hostmem
 from jaxsae.data import synthsaebench as sb
 from jaxsae.outputs import atomic_write, json_text, markdown_table
 
@@ -166,5 +165,4 @@ def _saelens_version() -> str:
 
 
 if __name__ == "__main__":
-    hostmem.restart_with_huge_pages()  # as `jaxsae synth` does (both generators get it)
     main()

@@ -473,7 +473,7 @@ class Sampler:
         i = _search_rows(jnp.cumsum(cell, axis=1), g, within)
         b = g * GROUP + jnp.minimum(jnp.floor(next(uniforms) * GROUP), GROUP - 1).astype(
             jnp.int32)
-        y = jnp.sum(eps[b] * arrays["factor"][lo + i], axis=1)
+        y = _row_dots(eps, b, arrays["factor"], lo + i)
         pi = jax.scipy.special.ndtr((y - arrays["t"][lo + i]) / arrays["s"][lo + i])
         keep = -jnp.log1p(-jnp.minimum(pi, 1 - 1e-7)) / jnp.maximum(mu[g, i], 1e-30)
         v = next(uniforms)
@@ -570,6 +570,13 @@ def _decode(d, row, feat, val, runs, x, slots):
         return x + jax.ops.segment_sum(over[:, None] * d[feat], row, num_segments=rows)
 
     return jax.lax.cond(most > slots, spill, lambda x: x, x)
+
+
+def _row_dots(a: jax.Array, i: jax.Array, b: jax.Array, j: jax.Array) -> jax.Array:
+    """a[i] · b[j] for index arrays i, j: a sum of gathered columns, one fused pass (gathering
+    the [n, rank] rows first materialised them: two thirds of the time)."""
+    at, bt = a.T, b.T
+    return sum(at[r][i] * bt[r][j] for r in range(a.shape[1]))
 
 
 def _fired_magnitudes(u, prob, mean, std):
