@@ -435,6 +435,13 @@ def _check_stream_unchanged(saved: Config, cfg: Config, where: Path) -> None:
 
 
 def _check_loader_state(state: dict, cfg: Config, source, n_train: int, where: Path) -> None:
+    sampler = getattr(source, "sampler", None)
+    if sampler is not None and state.get("sampler", 1) != sampler:
+        raise JaxsaeError(
+            f"{where}: the checkpoint's streamed data was drawn by version "
+            f"{state.get('sampler', 1)} of the {source.spec.kind} sampler and this "
+            f"jaxsae draws version {sampler} (other tokens from the same seed); start a new "
+            "run, or resume with the jaxsae that started it")
     if state.get("n_lanes") != cfg.data.lanes:
         raise JaxsaeError(f"{where}: the checkpoint used data.lanes {state.get('n_lanes')}, "
                           f"the config says {cfg.data.lanes}")

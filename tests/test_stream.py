@@ -76,6 +76,33 @@ def test_a_streamed_run_is_the_run_on_the_written_data_and_resumes_exactly(tmp_p
         train(longer, progress=False, log=lambda m: None)
 
 
+def test_a_checkpoint_drawn_by_another_sampler_version_is_refused(tmp_path):
+    """A generator with a versioned sampler (synthsaebench) records its version in the
+    loader's checkpointed state; a checkpoint without it (version 1) or of another version
+    does not resume: the same seed now draws other tokens."""
+    from jaxsae.data.synthsaebench import SAMPLER_VERSION
+    from jaxsae.train import _check_loader_state
+
+    generate = {"kind": "synthsaebench", "preset": "tiny", "orthogonalize_steps": 0,
+                "tokens": 8192, "seed": 1}
+    cfg = _stream_config(tmp_path / "run", generate=generate, eval_tokens=1024)
+    source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
+    n_train = source.n_tokens - cfg.data.held_out(source.n_tokens)
+    state = Loader(source, batch_size=cfg.optim.batch_size, buffer_tokens=4096, seed=0,
+                   lanes=cfg.data.lanes, stop=n_train).state()
+    assert state["sampler"] == SAMPLER_VERSION
+    _check_loader_state(state, cfg, source, n_train, tmp_path)  # the same version resumes
+    for old in ({k: v for k, v in state.items() if k != "sampler"}, {**state, "sampler": 99}):
+        version = old.get("sampler", 1)
+        with pytest.raises(JaxsaeError, match=rf"version {version} of the synthsaebench "
+                                              rf"sampler .* version {SAMPLER_VERSION}"):
+            _check_loader_state(old, cfg, source, n_train, tmp_path)
+    # generators without a versioned sampler record nothing
+    plain = open_source(_stream_config(tmp_path / "plain").data, train_tokens=256 * 24)
+    assert "sampler" not in Loader(plain, batch_size=256, buffer_tokens=4096, seed=0,
+                                   lanes=cfg.data.lanes).state()
+
+
 def test_each_block_is_generated_once_per_epoch_and_only_for_the_lanes_read(monkeypatch):
     """Chunks are whole blocks where the data allows, so a lane's chunk costs one block; a
     process owning half the lanes generates only its half of the blocks."""

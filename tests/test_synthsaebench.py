@@ -4,12 +4,14 @@ statistics are checked against SAELens's own generator in tests/interop/."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
 from jaxsae.data import synthsaebench as sb
-from jaxsae.errors import ConfigError
+from jaxsae.errors import ConfigError, DataError
 
 
 def reference_codes(arrays, n, rng, *, roots, branching, max_depth, scale_children):
@@ -235,6 +237,24 @@ def test_the_slot_decode_is_the_plain_sum(slots):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_draw_does_not_depend_on_the_capacities(small, monkeypatch):
+    """Each stage's uniforms come from their own key, entry by entry, so room to spare in
+    any stage changes nothing: the same codes and tokens with every capacity doubled (what
+    lets capacities be retuned without changing which tokens a seed gives)."""
+    _, truth = small
+    sampler = sb.Sampler(truth, roots=4, branching=3, max_depth=2, scale_children=True)
+    key = jax.random.key(7)
+    x, codes = map(np.asarray, sampler.sample(key, 2000, codes=True))
+    normal = sampler.capacities(sb._padded(2000))
+    roomy = jax.tree.map(lambda c: 2 * c + 100, normal)
+    monkeypatch.setattr(sampler, "capacities", lambda batch: roomy)
+    sampler._jitted.clear()
+    x2, codes2 = map(np.asarray, sampler.sample(key, 2000, codes=True))
+    assert (codes > 0).sum() > 1000
+    np.testing.assert_array_equal(codes2, codes)
+    np.testing.assert_allclose(x2, x, rtol=1e-6, atol=1e-6)
+
+
 def test_an_overflowing_stage_draws_again(small, monkeypatch):
     """A capacity at about the median count: about every other draw overflows, and `sample`
     returns the first whole draw of fold_in(key, 0), 1, ... (never a truncated one)."""
@@ -289,3 +309,11 @@ def test_synth_command_writes_the_benchmark_and_a_run_reports_its_metrics(tmp_pa
                 "parent_recall_alone"):
         assert 0 < result.eval[key] <= 1.5, key
     assert result.eval["sb_true_l0"] == pytest.approx(result.eval["true_l0"])
+    # data of another version of the sampler: its true codes are not regenerated
+    meta = out / synthetic.TRUTH_JSON
+    info = json.loads(meta.read_text())
+    assert info["sampler"] == sb.SAMPLER_VERSION
+    del info["sampler"]  # as written before versions were recorded: version 1
+    meta.write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"version 1 of the synthsaebench sampler.*jaxsae synth"):
+        synthetic.load_truth(out)

@@ -36,6 +36,9 @@ class GeneratedSource:
         self.truth = synthetic.Truth(spec=spec, arrays=spec.truth())
         self.manifest = None
         self.names = [f"generated {spec.kind}"]
+        self.sampler = getattr(spec, "sampler", None)
+        """The version of the generator's sampler (None: a generator without one): which
+        tokens the spec gives. A checkpoint records it (`Loader.state`)."""
 
     @property
     def d_in(self) -> int:

@@ -165,10 +165,12 @@ class Loader:
         """The checkpointable position, plus what must match for it to mean the same thing."""
         lanes = [list(self.position[lane]) if lane in self.position else None
                  for lane in range(self.lanes)]
+        sampler = getattr(self.source, "sampler", None)  # generated data: which draws
         return {"lanes": lanes,
                 "seed": self.seed, "n_tokens": int(self.n_tokens), "batch_size": self.batch_size,
                 "n_lanes": self.lanes, "d_in": int(self.source.d_in),
-                "d_out": int(getattr(self.source, "d_out", 0))}
+                "d_out": int(getattr(self.source, "d_out", 0)),
+                **({"sampler": sampler} if sampler is not None else {})}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

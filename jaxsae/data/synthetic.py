@@ -665,6 +665,12 @@ def load_truth(path: str | Path) -> Truth:
     if info.get("block_tokens", BLOCK_TOKENS) != BLOCK_TOKENS:
         raise DataError(f"{meta}: written with blocks of {info['block_tokens']} tokens; this "
                         f"version regenerates blocks of {BLOCK_TOKENS}")
+    wanted = getattr(GENERATORS[kind].spec, "sampler", None)
+    if wanted is not None and info.get("sampler", 1) != wanted:
+        raise DataError(f"{meta}: drawn by version {info.get('sampler', 1)} of the {kind} "
+                        f"sampler; this jaxsae draws version {wanted} (other tokens from the "
+                        "same seed), so it cannot regenerate the true codes: generate the data "
+                        "again with `jaxsae synth`")
     fields = {f.name for f in dataclasses.fields(GENERATORS[kind].spec)}
     _, spec = parse_spec({"kind": kind, **{k: v for k, v in info.items() if k in fields}},
                          key=str(meta))

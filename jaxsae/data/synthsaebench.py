@@ -72,12 +72,20 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 """SynthSAEBench-16k (`full`) and smaller worlds of the same make (every other knob equal)."""
 
+SAMPLER_VERSION = 2
+"""Which tokens a seed gives: recorded in truth.json (as "sampler") and in a streamed run's
+checkpoints; data of another version is refused where its true codes would be regenerated
+(jaxsae.data.synthetic.load_truth), a streamed run of another version where it would resume.
+1: to 2026-12-04 (one flat draw of uniforms, capacities 20 % over the mean). 2: each stage's
+uniforms from its own key, so capacities no longer change a draw; capacities 5 % over."""
+
 
 @dataclass(frozen=True)
 class SynthSAEBenchSpec:
     """SynthSAEBench-compatible data: Zipfian, hierarchical, correlated, superposed features."""
 
     kind: ClassVar[str] = "synthsaebench"
+    sampler: ClassVar[int] = SAMPLER_VERSION
     preset: Literal["full", "quarter", "tiny"] = "quarter"
     """full: SynthSAEBench-16k (16,384 features in 768 dims, 128 roots); quarter: 4096 in 256,
     32 roots; tiny: 1024 in 64, 8 roots. Sets n_features, d_in and roots unless given."""
@@ -166,7 +174,7 @@ class SynthSAEBenchSpec:
         return build_truth(self)
 
     def structure(self) -> dict[str, Any]:
-        return {}
+        return {"sampler": SAMPLER_VERSION}
 
     def block(self, truth: Mapping[str, np.ndarray], block: int, n: int, *, block_tokens: int,
               codes: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -303,8 +311,8 @@ def build_truth(spec: SynthSAEBenchSpec) -> dict[str, np.ndarray]:
 
 
 def _capacity(expected: float) -> int:
-    """Room for a count with this mean: ten standard deviations (and 20 %) above it."""
-    return math.ceil(1.2 * expected + 10 * math.sqrt(max(expected, 1.0)) + 64)
+    """Room for a count with this mean: ten standard deviations (and 5 %) above it."""
+    return math.ceil(1.05 * expected + 10 * math.sqrt(max(expected, 1.0)) + 64)
 
 
 class Sampler:
@@ -592,13 +600,11 @@ def _magnitudes(ratio, mean, std):
 
 
 def _uniforms(key, shapes):
-    """Uniforms [0, 1) of each shape in turn, drawn in one call."""
-    sizes = [math.prod(shape) for shape in shapes]
-    flat = jax.random.uniform(key, (sum(sizes),))
-    at = 0
-    for shape, size in zip(shapes, sizes, strict=True):
-        yield flat[at:at + size].reshape(shape)
-        at += size
+    """Uniforms [0, 1) of each shape in turn, the i-th from fold_in(key, i). With JAX's
+    partitionable threefry (its default) an entry depends only on its key and its place in
+    the row-major order, so the stages' draws do not depend on their capacities (tested)."""
+    for i, shape in enumerate(shapes):
+        yield jax.random.uniform(jax.random.fold_in(key, i), shape)
 
 
 def _compact(size: int, values: jax.Array, *others: jax.Array):
