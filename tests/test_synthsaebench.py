@@ -263,9 +263,10 @@ def test_an_overflowing_stage_draws_again(small, monkeypatch):
     counts = [int((np.asarray(sampler.sample(jax.random.key(i), 16, codes=True)[1])[:, 4:] > 0
                    ).sum()) for i in range(20)]
     tight = {**sampler.capacities(16), "codes": int(np.median(counts))}
-    once = jax.jit(lambda a, k: sampler._once(a, k, batch=16, caps=tight, codes=True))
     monkeypatch.setattr(sampler, "capacities", lambda batch: tight)
     sampler._jitted.clear()
+    sampler.sample(jax.random.key(0), 16, codes=True)
+    once = sampler._jitted[(16, True)]  # one draw with the tight capacities
     retried = 0
     for i in range(10):
         key = jax.random.key(100 + i)

@@ -590,7 +590,8 @@ def _row_dots(a: jax.Array, i: jax.Array, b: jax.Array, j: jax.Array) -> jax.Arr
 def _fired_magnitudes(u, prob, mean, std):
     """relu(mean + std·N(0, 1)) where u < prob, else 0. Given u < prob, u / prob is uniform
     and independent of the firing, so one uniform draws both (its normal by Φ⁻¹)."""
-    return jnp.where(u < prob, _magnitudes(u / jnp.maximum(prob, 1e-30), mean, std), 0.0)
+    ratio = jnp.maximum(u / jnp.maximum(prob, 1e-30), 1e-30)  # (u = 0 fires too)
+    return jnp.where(u < prob, _magnitudes(ratio, mean, std), 0.0)
 
 
 def _magnitudes(ratio, mean, std):
