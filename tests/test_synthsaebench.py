@@ -14,37 +14,42 @@ from jaxsae.data import synthsaebench as sb
 from jaxsae.errors import ConfigError, DataError
 
 
-def reference_codes(arrays, n, rng, *, roots, branching, max_depth, scale_children):
+def reference_codes(arrays, n, rng, *, roots, branching, max_depth, scale_children,
+                    chunk=4096):
     """Dense, level by level, as SAELens describes its generator: every feature drawn from the
     Gaussian copula at its (compensated) probability with relu(mean + std·N) magnitudes; then,
     top-down, children zeroed where their parent is zero (or scaled by parent / parent mean),
-    and of exclusive siblings that fire together one kept uniformly at random."""
+    and of exclusive siblings that fire together one kept uniformly at random. Rows are
+    independent, so they are drawn `chunk` at a time (whole-batch float64 temporaries cost
+    most of the time in page faults). Returns float32 codes [n, features]."""
     factor = arrays["factor"].astype(np.float64)
     nf = factor.shape[0]
-    z = (rng.standard_normal((n, factor.shape[1])) @ factor.T
-         + rng.standard_normal((n, nf)) * np.sqrt(1 - np.sum(factor**2, axis=1)))
-    fire = z > sb.ndtri(1 - arrays["firing_prob"].astype(np.float64))
-    mags = np.maximum(arrays["magnitude_mean"] + arrays["magnitude_std"]
-                      * rng.standard_normal((n, nf)), 0)
-    codes = np.where(fire, mags, 0.0)
+    spread = np.sqrt(1 - np.sum(factor**2, axis=1))
+    threshold = sb.ndtri(1 - arrays["firing_prob"].astype(np.float64))
     parent, level = arrays["parent"], arrays["level"]
-    for depth in range(1, max_depth + 1):
-        children = np.flatnonzero(level == depth)
-        p = parent[children]
-        gate = (codes[:, p] / arrays["magnitude_mean"][p] if scale_children
-                else (codes[:, p] > 0).astype(float))
-        codes[:, children] *= gate
-        groups = children.reshape(-1, branching)
-        exclusive = arrays["exclusive"][parent[groups[:, 0]]] > 0
-        for group in groups[exclusive]:
-            block = codes[:, group]
+    out = np.empty((n, nf), np.float32)
+    for lo in range(0, n, chunk):
+        m = min(chunk, n - lo)
+        z = rng.standard_normal((m, factor.shape[1])) @ factor.T + rng.standard_normal(
+            (m, nf)) * spread
+        mags = np.maximum(arrays["magnitude_mean"] + arrays["magnitude_std"]
+                          * rng.standard_normal((m, nf)), 0)
+        codes = np.where(z > threshold, mags, 0.0)
+        for depth in range(1, max_depth + 1):
+            children = np.flatnonzero(level == depth)
+            p = parent[children]
+            gate = (codes[:, p] / arrays["magnitude_mean"][p] if scale_children
+                    else (codes[:, p] > 0).astype(float))
+            codes[:, children] *= gate
+            groups = children.reshape(-1, branching)
+            groups = groups[arrays["exclusive"][parent[groups[:, 0]]] > 0]
+            block = codes[:, groups]  # [m, exclusive groups, branching]
             on = block > 0
-            score = np.where(on, rng.random(on.shape), -1)
-            winner = np.argmax(score, axis=1)
-            keep = np.zeros_like(on)
-            keep[np.arange(n), winner] = True
-            codes[:, group] = np.where(keep & on, block, 0)
-    return codes
+            winner = np.argmax(np.where(on, rng.random(on.shape), -1), axis=2)
+            keep = np.arange(branching) == winner[..., None]
+            codes[:, groups] = np.where(keep & on, block, 0)
+        out[lo:lo + m] = codes
+    return out
 
 
 SMALL = {"n_features": 600, "d_in": 32, "roots": 4, "branching": 3, "max_depth": 2,
