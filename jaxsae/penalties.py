@@ -345,8 +345,7 @@ class Branches:
                 return lambda g, *a: (zero, g)
 
             def held(p, *a):
-                return loss({k: jax.lax.stop_gradient(v) if k in frozen else v
-                             for k, v in p.items()}, *a)
+                return loss(sae.holding(p, frozen), *a)
 
             def taken(g, *a):
                 value, d = jax.value_and_grad(held)(params, *a)

@@ -15,6 +15,7 @@ orientation): y_hat = acts @ W_dec + b_dec + x @ W_skip.T.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
@@ -300,6 +301,12 @@ def _decode_entries(W_dec: jax.Array, values: jax.Array, index: jax.Array, laten
 
 # ---------------------------------------------------------------------------------------------
 # Constraints applied around the optimiser update
+
+
+def holding(params: Params, frozen: Sequence[str]) -> Params:
+    """`params` with the `frozen` ones held: no gradient flows to them (XLA then drops the
+    matmuls that would compute it)."""
+    return {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
 
 
 def project_decoder_grad(params: Params, grads: Params, cfg: SAEConfig) -> Params:

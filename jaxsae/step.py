@@ -171,9 +171,7 @@ def make_train_step(
         tx = make_optimizer(cfg, hyper.lr)
 
         def loss_fn(params):
-            # Frozen parameters: no gradient is computed for them (XLA drops the matmuls).
-            params = {k: jax.lax.stop_gradient(v) if k in cfg.freeze else v
-                      for k, v in params.items()}
+            params = sae.holding(params, cfg.freeze)
             out = sae.forward(cast(params), cast(batch), cfg.sae, train=True, key=key,
                               tokens_since_fired=state.tokens_since_fired,
                               prefix_ends=prefix_ends, mesh=mesh, k=hyper.k,

@@ -174,7 +174,7 @@ class SynthSAEBenchSpec:
         return build_truth(self)
 
     def structure(self) -> dict[str, Any]:
-        return {"sampler": SAMPLER_VERSION}
+        return {"sampler": self.sampler}
 
     def block(self, truth: Mapping[str, np.ndarray], block: int, n: int, *, block_tokens: int,
               codes: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -391,7 +391,6 @@ class Sampler:
             x, dense, overflowed = fn(self.arrays, jax.random.fold_in(key, attempt))
             if not bool(overflowed):  # (a retry loop in the program cost 5 % a draw)
                 return x, dense
-        raise AssertionError("unreachable")
 
     def _once(self, arrays, key, *, batch, caps, codes):
         """One draw, decoded: x, the codes (or None) and whether a stage overflowed."""
