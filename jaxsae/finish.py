@@ -28,7 +28,7 @@ from jaxsae.curves import CURVES
 from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.saelens import SAELensCache
 from jaxsae.data.stats import DataStats
-from jaxsae.data.window import Window
+from jaxsae.data.window import Window, trained_end
 from jaxsae.errors import DataError, JaxsaeError
 from jaxsae.outputs import write_csv
 from jaxsae.parsing import list_index
@@ -189,16 +189,32 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
 def _training_end(cfg: Config, n_train: int, eval_data: str | None) -> int | None:
     """Training read tokens [0, N) of cfg.data.path: N is `n_train`, or, when the evaluation's
     data is another (`export --data`, whose count `n_train` is), computed from the training
-    data if it is still there. None for streamed data."""
+    data if it is still there; later where the `init_from` SAE's training on the same data
+    ended. None for streamed data."""
     if not cfg.data.path:
         return None
     if eval_data is None:
-        return n_train
+        end = n_train
+    else:
+        try:
+            n = open_source(cfg.data).n_tokens
+        except (JaxsaeError, OSError):
+            return None
+        end = max(n - cfg.data.held_out(n), 0)
+    return max(end, _inherited_end(cfg))
+
+
+def _inherited_end(cfg: Config) -> int:
+    """Where the tokens the `init_from` SAE was trained on end in cfg.data.path (0: none of
+    them, it is not recorded, or the SAE is gone): a run that starts from it has seen them
+    too (a stitched SAE's decoder retrained on its members' data, say)."""
+    if cfg.init_from is None:
+        return 0
     try:
-        n = open_source(cfg.data).n_tokens
+        start = export.read_cfg(cfg.init_from)
     except (JaxsaeError, OSError):
-        return None
-    return max(n - cfg.data.held_out(n), 0)
+        return 0
+    return trained_end([start], cfg.data.path) or 0
 
 
 def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,

@@ -321,12 +321,30 @@ def test_stitch_compare_reads_the_kept_tokens(sinks, tmp_path, capsys):
 
 
 def test_frankenstein_retrains_and_evaluates_without_the_sinks(sinks, tmp_path, capsys):
+    """... and the stitched SAE, then the one with its decoder retrained (a run from it),
+    record where its members' training tokens end in the data: (fault testing: neither
+    recorded it, and evaluations on the data the members were trained on said nothing of the
+    tokens the encoder had seen)."""
+    members = []
+    for name, end in (("relu", N - 1000), ("relu_wide", N - 3000)):
+        loaded = export.load_sae(sinks["saes"][name])
+        members.append(str(export.export_sae(
+            loaded.params, loaded.sae, tmp_path / name,
+            training={"drop_norm_above": 10.0, "held_out_from": end},
+            metadata={"dataset_path": str(sinks["data"])})))
     out = tmp_path / "f"
-    assert cli.main(["stitch", "frankenstein", str(sinks["saes"]["relu"]),
-                     str(sinks["saes"]["relu_wide"]), "--data", str(sinks["data"]), "--out",
+    assert cli.main(["stitch", "frankenstein", *members, "--data", str(sinks["data"]), "--out",
                      str(out), "--tokens", "4096", "--retrain-decoder-tokens", "2048",
                      "--batch-size", "512", "--no-progress"]) == 0
     capsys.readouterr()
+    for sae in ("stitched", "sae"):  # (the retraining alone ends at N - 4096)
+        assert json.loads((out / sae / "cfg.json").read_text())["jaxsae"][
+            "held_out_from"] == N - 1000, sae
+    assert cli.main(["eval", str(out / "sae"), "--data", str(sinks["data"]), "--tokens",
+                     "4096"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["training_tokens"], got["held_out_tokens"]) == (
+        int((~sinks["sink"][N - 4096:N - 1000]).sum()), 1000)
     dropped = sinks["sink"][-4096:].sum()
     assert (f"Evaluated on the last 4096 tokens of {sinks['data']} ({dropped} tokens left out "
             "(norm above 10x the median") in (out / "frankenstein.md").read_text()

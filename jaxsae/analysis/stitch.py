@@ -44,7 +44,7 @@ import numpy as np
 from jaxsae import evaluate, export, outputs
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
-from jaxsae.data.window import TRAINED, DropRule, Window, describe
+from jaxsae.data.window import TRAINED, DropRule, Window, describe, trained_end
 from jaxsae.errors import JaxsaeError
 from jaxsae.outputs import atomic_write, markdown_table, pyplot, save_figure, write_csv
 from jaxsae.progress import Progress
@@ -462,10 +462,15 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
            "batch_size": batch_size, "lr": lr, "hook": hook,
            "retrain_decoder_tokens": retrain_decoder_tokens, **dropped}
     work = outputs.resumable_staging(out, "frankenstein", key)
-    stitched = export.export_sae(params, cfg, work / "stitched",
-                                 metadata=saes[0].cfg_json.get("metadata", {}),
+    metadata = saes[0].cfg_json.get("metadata", {})
+    # the members' training tokens in the data the stitched SAE names (its first member's)
+    trained = (trained_end([s.cfg_json for s in saes], where)
+               if isinstance(where := metadata.get("dataset_path"), str) else None)
+    stitched = export.export_sae(params, cfg, work / "stitched", metadata=metadata,
                                  training={"stitched_from": [str(d) for d in sae_dirs],
-                                           "threshold": threshold, **dropped})
+                                           "threshold": threshold, **dropped,
+                                           **({} if trained is None
+                                              else {"held_out_from": trained})})
     final = stitched
     retrain = None
     if retrain_decoder_tokens > 0:
