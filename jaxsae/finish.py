@@ -141,6 +141,9 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
             source, truth, start=eval_start, batch_size=batch_size, keep=window.keep_fn,
             progress=bar.update)
     bar.close()
+    # export --data OTHER: the training data's size, read once for all (a sweep's) SAEs
+    trained_on = (_data_tokens(saes[0][1])
+                  if eval_data is not None and saes[0][1].data.path else None)
     results = []
     for params, (_, cfg, out), one, report in zip(folded, saes, sums, reports, strict=True):
         metrics = one.result()
@@ -151,14 +154,15 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
             metrics = {**report, **metrics}
         _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,
                 inputs=inputs, layout=layout, steps=steps, eval_data=eval_data,
-                n_train=n_train)
+                n_train=n_train, trained_on=trained_on)
         results.append(metrics)
     return results
 
 
 def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str, Any],
             frequency, source, *, dtype: str, overwrite: bool, inputs: tuple,
-            layout: str, steps: int | None, eval_data: str | None, n_train: int) -> None:
+            layout: str, steps: int | None, eval_data: str | None, n_train: int,
+            trained_on: int | None) -> None:
     if out is not None and layout == "sparsify":
         sparsify.export_sparsify(params, cfg.sae, out, dtype=dtype, overwrite=overwrite,
                                  inputs=inputs)
@@ -178,7 +182,8 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
                       "drop_norm_above": cfg.data.drop_norm_above,
                       # where the training tokens end in dataset_path: what an evaluation on
                       # it can tell apart (jaxsae.data.window.trained_end)
-                      **({} if (end := _training_end(cfg, n_train, eval_data)) is None
+                      **({} if (end := _training_end(cfg, n_train, eval_data,
+                                                     trained_on)) is None
                          else {"held_out_from": end}),
                       "loss": [t.to_dict() for t in cfg.loss],
                       "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size}},
@@ -186,22 +191,29 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
         )
 
 
-def _training_end(cfg: Config, n_train: int, eval_data: str | None) -> int | None:
+def _training_end(cfg: Config, n_train: int, eval_data: str | None,
+                  trained_on: int | None) -> int | None:
     """Training read tokens [0, N) of cfg.data.path: N is `n_train`, or, when the evaluation's
     data is another (`export --data`, whose count `n_train` is), computed from the training
-    data if it is still there; later where the `init_from` SAE's training on the same data
-    ended. None for streamed data."""
+    data's size `trained_on` (None: it is gone); later where the `init_from` SAE's training
+    on the same data ended. None for streamed data."""
     if not cfg.data.path:
         return None
     if eval_data is None:
         end = n_train
+    elif trained_on is None:
+        return None
     else:
-        try:
-            n = open_source(cfg.data).n_tokens
-        except (JaxsaeError, OSError):
-            return None
-        end = max(n - cfg.data.held_out(n), 0)
+        end = max(trained_on - cfg.data.held_out(trained_on), 0)
     return max(end, _inherited_end(cfg))
+
+
+def _data_tokens(cfg: Config) -> int | None:
+    """The number of tokens in cfg.data.path (None when it cannot be opened any more)."""
+    try:
+        return open_source(cfg.data).n_tokens
+    except (JaxsaeError, OSError):
+        return None
 
 
 def _inherited_end(cfg: Config) -> int:

@@ -80,7 +80,7 @@ def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys):
     assert f"tokens of `{other}` after 4,096 training tokens (a checkpoint before" in card
 
 
-def test_hub_folder_of_a_sweep_on_synthetic_data(small_data, tmp_path, capsys):
+def test_hub_folder_of_a_sweep_on_synthetic_data(small_data, tmp_path, capsys, monkeypatch):
     cfg = small_config(small_data, tmp_path / "run", sweep={"sae.k": [2, 4]},
                        sae={"activation": "topk", "k": 4})
     result = train(cfg, progress=False)
@@ -99,6 +99,25 @@ def test_hub_folder_of_a_sweep_on_synthetic_data(small_data, tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "run"), "--out", str(out), "--hub",
                      "--format", "sparsify"]) == 2
     assert "--hub writes the SAELens layout" in capsys.readouterr().err
+    # export --data OTHER: each SAE records where its training ended in its own data, which
+    # is opened once for the sweep (fault testing: once per SAE, a manifest read each time)
+    from jaxsae import finish
+
+    other, opened = tmp_path / "other", []
+    shutil.copytree(small_data, other)
+
+    def counting(data, **kwargs):
+        opened.append(data.path)
+        return open_source(data, **kwargs)
+
+    monkeypatch.setattr(finish, "open_source", counting)
+    _export([str(tmp_path / "run"), "--out", str(tmp_path / "other_out"), "--data", str(other)],
+            capsys)
+    n = open_source(DataConfig(path=str(small_data))).n_tokens
+    for i in range(2):
+        assert load_sae(tmp_path / "other_out" / "sweep" / f"0{i}").cfg_json["jaxsae"][
+            "held_out_from"] == n - cfg.data.held_out(n)
+    assert [p for p in opened if p == str(small_data)] == [str(small_data)]
 
 
 def test_sparsify_export_holds_the_saelens_weights(small_data, tmp_path, capsys):
