@@ -23,6 +23,10 @@ TPU. Model FLOPs: 10·B·d_in·d_sae a dense step, 2·B·d_in·(d_sae + 4k) a sp
 BatchTopK step (k per token on average; the prefix losses of matryoshka_batchtopk add no
 FLOPs on the sparse path). jaxsae_over_encoder_limit: the step's time against its dense encoder
 matmul alone (2·B·d_in·d_sae at the roofline rate), the most a sparse step can reach.
+floor_parts (sparse architectures): seconds of the step's parts that nothing fuses away, each
+jitted alone at its shapes (the encoder matmul, the optimizer's update of every parameter,
+the selection of the codes); floor_over_encoder_limit: the matmul over their sum, the most
+the step could reach were everything else free.
 
 On an accelerator (issue: throughput, item 6):
     python benchmarks/throughput.py --arch relu --d-in 2304 --d-sae 65536 --batch 8192 \
@@ -40,17 +44,20 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import add_shape_args, machine
 
-from jaxsae import hostmem
+from jaxsae import hostmem, kernels, sae
 from jaxsae.build import build
 from jaxsae.config import config_from_dict
 from jaxsae.data.loader import Loader, Prefetcher
 from jaxsae.data.shards import ShardSet, ShardWriter
+from jaxsae.step import make_optimizer
 
 HERE = Path(__file__).resolve().parent
 INTEROP_PYTHON = HERE.parent / ".venv-interop" / "bin" / "python"
@@ -90,6 +97,48 @@ def roofline(batch: int, d_in: int, d_sae: int, dtype: str, reps: int = 5) -> fl
     for _ in range(reps):
         jax.block_until_ready(f(x, w))
     return 2 * batch * d_in * d_sae * reps / (time.perf_counter() - t0)
+
+
+def seconds(f, *operands, reps: int = 5) -> float:
+    """Median seconds of the jitted f(*operands), after a compile and warm-up call."""
+    jax.block_until_ready(f(*operands))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*operands))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def floor_parts(args, cfg) -> dict[str, float]:
+    """Seconds of the sparse step's parts that no fusion removes, each jitted alone at the
+    step's shapes: the dense encoder matmul, the optimizer's update of every parameter (the
+    step's own optax transformation) and the selection of the codes from the pre-activations
+    (`kernels.top_k_indices`, or `batch_top_k_entries` for BatchTopK). Their sum bounds the
+    step from below whatever the rest (decode, gradients, scatters) costs."""
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    dtype = args.compute_dtype
+    x = jax.random.normal(keys[0], (args.batch, args.d_in), dtype)
+    w = jax.random.normal(keys[1], (args.d_in, args.d_sae), dtype)
+    pre = jax.jit(lambda a, b: a @ b)(x, w).astype(jnp.float32)
+    params = sae.init_params(keys[2], args.d_in, cfg.sae)
+    tx = make_optimizer(cfg)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: 1e-3 * p, params)
+
+    @jax.jit
+    def update(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    if args.arch == "topk":
+        select = jax.jit(lambda p: kernels.top_k_indices(p, args.k))
+    else:
+        select = jax.jit(lambda p: kernels.batch_top_k_entries(
+            p, args.k, slots=args.batch * (args.k + 1)))  # as sparse_batchtopk
+    return {"encoder_matmul_s": seconds(jax.jit(lambda a, b: a @ b), x, w),
+            "optimizer_s": seconds(update, params, state, grads),
+            "selection_s": seconds(select, pre)}
 
 
 def train_config(args, data: ShardSet):
@@ -233,6 +282,7 @@ def measure(args, data: ShardSet, *, saelens: bool = True) -> dict:
     device_peak = (args.peak_tflops * 1e12 if args.peak_tflops
                    else known_peak(jax.devices()[0].device_kind))
     model_flops = step_flops(args) / args.batch  # per token
+    floor = floor_parts(args, train_config(args, data)) if args.arch in SPARSE else None
     return {
         "machine": {**machine(), "note": args.device},
         "shape": {"arch": args.arch, "d_in": args.d_in, "d_sae": args.d_sae,
@@ -251,6 +301,10 @@ def measure(args, data: ShardSet, *, saelens: bool = True) -> dict:
         "device_peak_tflops": device_peak / 1e12 if device_peak else None,
         "mfu": ours * model_flops / device_peak if device_peak else None,
         "mfu_step_only": step_only * model_flops / device_peak if device_peak else None,
+        "floor_parts": floor,
+        # the most the step could reach were everything but those parts free
+        "floor_over_encoder_limit": (floor["encoder_matmul_s"] / sum(floor.values())
+                                     if floor else None),
         "saelens_tokens_per_s": theirs,
         "jaxsae_over_saelens": ours / theirs if theirs else None,
     }

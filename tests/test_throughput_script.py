@@ -31,6 +31,13 @@ def test_throughput_script_runs(arch, dtype):
     assert result["jaxsae_over_encoder_limit"] == pytest.approx(
         result["jaxsae_tokens_per_s"] / 64 * encoder_flops / (result["roofline_gflops"] * 1e9),
         rel=1e-9)
+    parts = result["floor_parts"]  # what a sparse step cannot go below, and its ratio
+    assert (parts is None) == (result["floor_over_encoder_limit"] is None) == (arch == "relu")
+    if arch != "relu":
+        assert set(parts) == {"encoder_matmul_s", "optimizer_s", "selection_s"}
+        assert all(v > 0 for v in parts.values())
+        assert result["floor_over_encoder_limit"] == pytest.approx(
+            parts["encoder_matmul_s"] / sum(parts.values()), rel=1e-9)
     if arch == "matryoshka_batchtopk":
         assert result["shape"]["widths"] == [16, 64, 256]
     assert result["saelens_tokens_per_s"] is None
