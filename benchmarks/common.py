@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: time the real jitted train step, describe the machine."""
+"""Shared by the benchmarks: time the real jitted train step or any jitted function, describe
+the machine."""
 
 from __future__ import annotations
 
@@ -70,3 +71,14 @@ def time_train_step(cfg: Config, d_in: int, *, steps: int = 3, warmup: int = 1,
         times.append(time.perf_counter() - t0)
     return {"step_s": float(np.median(times)), "step_s_min": float(np.min(times)),
             "compile_s": compile_s, "finite": bool(np.all(metrics["finite"]))}
+
+
+def median_seconds(fn, *args, reps: int = 5) -> float:
+    """Median seconds of fn(*args) (jitted) over `reps` calls, after a compile and warm-up."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -26,20 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_shape_args, machine
+from common import add_shape_args, machine, median_seconds
 
 from jaxsae import hostmem, kernels
 from jaxsae.outputs import atomic_write, json_text, markdown_table
-
-
-def median_ms(fn, *args, reps: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
 
 
 def operations(batch: int, d_in: int, d_sae: int, k: int, dtype) -> list[tuple]:
@@ -92,7 +81,7 @@ def run(batch: int, d_in: int, d_sae: int, k: int, dtype: str, impls: list[str])
                 tol = 1e-3 if dtype == "float32" else 5e-2
                 np.testing.assert_allclose(got, reference, rtol=tol, atol=tol * 10,
                                            err_msg=f"{impl}: {name}")
-            row[impl] = median_ms(jitted, *inputs)
+            row[impl] = median_seconds(jitted, *inputs) * 1e3
         rows.append(row)
     return rows
 

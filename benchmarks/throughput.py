@@ -50,7 +50,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_shape_args, machine
+from common import add_shape_args, machine, median_seconds
 
 from jaxsae import hostmem, kernels, sae
 from jaxsae.build import build
@@ -99,17 +99,6 @@ def roofline(batch: int, d_in: int, d_sae: int, dtype: str, reps: int = 5) -> fl
     return 2 * batch * d_in * d_sae * reps / (time.perf_counter() - t0)
 
 
-def seconds(f, *operands, reps: int = 5) -> float:
-    """Median seconds of the jitted f(*operands), after a compile and warm-up call."""
-    jax.block_until_ready(f(*operands))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*operands))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def floor_parts(args, cfg) -> dict[str, float]:
     """Seconds of the sparse step's parts that no fusion removes, each jitted alone at the
     step's shapes: the dense encoder matmul, the optimizer's update of every parameter (the
@@ -136,9 +125,9 @@ def floor_parts(args, cfg) -> dict[str, float]:
     else:
         select = jax.jit(lambda p: kernels.batch_top_k_entries(
             p, args.k, slots=args.batch * (args.k + 1)))  # as sparse_batchtopk
-    return {"encoder_matmul_s": seconds(jax.jit(lambda a, b: a @ b), x, w),
-            "optimizer_s": seconds(update, params, state, grads),
-            "selection_s": seconds(select, pre)}
+    return {"encoder_matmul_s": median_seconds(jax.jit(lambda a, b: a @ b), x, w),
+            "optimizer_s": median_seconds(update, params, state, grads),
+            "selection_s": median_seconds(select, pre)}
 
 
 def train_config(args, data: ShardSet):
