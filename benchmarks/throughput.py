@@ -23,10 +23,10 @@ TPU. Model FLOPs: 10·B·d_in·d_sae a dense step, 2·B·d_in·(d_sae + 4k) a sp
 BatchTopK step (k per token on average; the prefix losses of matryoshka_batchtopk add no
 FLOPs on the sparse path). jaxsae_over_encoder_limit: the step's time against its dense encoder
 matmul alone (2·B·d_in·d_sae at the roofline rate), the most a sparse step can reach.
-floor_parts (sparse architectures): seconds of the step's parts that nothing fuses away, each
-jitted alone at its shapes (the encoder matmul, the optimizer's update of every parameter,
-the selection of the codes); floor_over_encoder_limit: the matmul over their sum, the most
-the step could reach were everything else free.
+floor_parts (sparse architectures): seconds of the step's parts that nothing fuses away: the
+encoder matmul at the roofline rate, and, each jitted alone at its shapes, the optimizer's
+update of every parameter and the selection of the codes; floor_over_encoder_limit: the
+matmul over their sum, the most the step could reach were everything else free.
 
 On an accelerator (issue: throughput, item 6):
     python benchmarks/throughput.py --arch relu --d-in 2304 --d-sae 65536 --batch 8192 \
@@ -99,16 +99,16 @@ def roofline(batch: int, d_in: int, d_sae: int, dtype: str, reps: int = 5) -> fl
     return 2 * batch * d_in * d_sae * reps / (time.perf_counter() - t0)
 
 
-def floor_parts(args, cfg) -> dict[str, float]:
-    """Seconds of the sparse step's parts that no fusion removes, each jitted alone at the
-    step's shapes: the dense encoder matmul, the optimizer's update of every parameter (the
-    step's own optax transformation) and the selection of the codes from the pre-activations
+def floor_parts(args, cfg, peak: float) -> dict[str, float]:
+    """Seconds of the sparse step's parts that no fusion removes, at the step's shapes: the
+    dense encoder matmul (at the roofline rate `peak`, as the encoder limit takes it), and,
+    each jitted alone, the optimizer's update of every parameter (the step's own optax
+    transformation) and the selection of the codes from the pre-activations
     (`kernels.top_k_indices`, or `batch_top_k_entries` for BatchTopK). Their sum bounds the
     step from below whatever the rest (decode, gradients, scatters) costs."""
     keys = jax.random.split(jax.random.PRNGKey(2), 3)
-    dtype = args.compute_dtype
-    x = jax.random.normal(keys[0], (args.batch, args.d_in), dtype)
-    w = jax.random.normal(keys[1], (args.d_in, args.d_sae), dtype)
+    x = jax.random.normal(keys[0], (args.batch, args.d_in), args.compute_dtype)
+    w = jax.random.normal(keys[1], (args.d_in, args.d_sae), args.compute_dtype)
     pre = jax.jit(lambda a, b: a @ b)(x, w).astype(jnp.float32)
     params = sae.init_params(keys[2], args.d_in, cfg.sae)
     tx = make_optimizer(cfg)
@@ -125,7 +125,7 @@ def floor_parts(args, cfg) -> dict[str, float]:
     else:
         select = jax.jit(lambda p: kernels.batch_top_k_entries(
             p, args.k, slots=args.batch * (args.k + 1)))  # as sparse_batchtopk
-    return {"encoder_matmul_s": median_seconds(jax.jit(lambda a, b: a @ b), x, w),
+    return {"encoder_matmul_s": 2 * args.batch * args.d_in * args.d_sae / peak,
             "optimizer_s": median_seconds(update, params, state, grads),
             "selection_s": median_seconds(select, pre)}
 
@@ -271,7 +271,7 @@ def measure(args, data: ShardSet, *, saelens: bool = True) -> dict:
     device_peak = (args.peak_tflops * 1e12 if args.peak_tflops
                    else known_peak(jax.devices()[0].device_kind))
     model_flops = step_flops(args) / args.batch  # per token
-    floor = floor_parts(args, train_config(args, data)) if args.arch in SPARSE else None
+    floor = floor_parts(args, train_config(args, data), peak) if args.arch in SPARSE else None
     return {
         "machine": {**machine(), "note": args.device},
         "shape": {"arch": args.arch, "d_in": args.d_in, "d_sae": args.d_sae,
