@@ -15,7 +15,9 @@ checkpoint interrupted mid-write is never picked up; what such a save leaves beh
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import re
 import shutil
 import sys
@@ -312,13 +314,20 @@ def _free_name(directory: Path, name: str) -> Path:
 
 def _os_reason(error: BaseException) -> str:
     """The short reason inside an orbax / tensorstore error (e.g. 'No space left on device'),
-    else its first line."""
+    else its first line. Tensorstore words the same failed write several ways (which layer
+    reports it depends on how orbax batched the writes), but each carries the OS's error
+    code, and that is what is reported."""
     text = str(error)
-    found = re.search(r"Failed to write [^:]*: ([^\[\]\n]+?) \[os_error_code", text)
-    if found:
-        return found.group(1)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1)))
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
+    known = [os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS,
+                                      errno.EACCES, errno.EPERM, errno.EIO)]
+    found = next((reason for reason in known if reason in text), None)
+    if found:
+        return found
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return first if len(first) <= 160 else first[:157] + "..."
 

@@ -4,6 +4,7 @@ a read-only directory and a full disk reported in one line, metrics lines whole.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxsae import cli, tensorfile
+from jaxsae import checkpoint, cli, tensorfile
 from jaxsae.runlock import LOCK_FILE, RunLock
 from tests.faults.conftest import assert_one_line_error, refused, run_jaxsae, write_config
 
@@ -113,6 +114,23 @@ def _file_size_limit(limit: int):
 def _weights(run: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in
             tensorfile.read(run / "sae" / "sae_weights.safetensors").items()}
+
+
+@pytest.mark.parametrize("text", [
+    # the layouts tensorstore has used for one failed write (which layer reports it depends
+    # on how orbax batched the writes); each carries the OS's error code
+    'OUT_OF_RANGE: Error writing local file "c/8.tmp/_sharding": Failed writing: "c/8.tmp/'
+    '_sharding.__lock": Failed to write 2035 bytes to file 15: File too large '
+    "[os_error_code='27']",
+    'OUT_OF_RANGE: Error opening "zarr" driver: Error writing "nonfinite_steps/.zarray" in '
+    'OCDBT database at local file "c/8.tmp/ocdbt.process_0/": Failed writing: "c/d/1a": '
+    "File too large [source locations='tensorstore/internal/os/file_util_posix.cc:110'] "
+    "[os_error_code='27']",
+    "OUT_OF_RANGE: Error writing manifest: os_error_code=27",
+    "INTERNAL: flush failed: File too large",
+])
+def test_checkpoint_write_errors_name_the_os_reason(text):
+    assert checkpoint._os_reason(RuntimeError(text)) == os.strerror(errno.EFBIG)
 
 
 def test_full_disk_while_saving_a_checkpoint(trained_run, small_data, tmp_path):
