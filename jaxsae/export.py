@@ -36,9 +36,7 @@ from jaxsae.config import SAEConfig
 from jaxsae.errors import ConfigError, DataError, ExportError
 from jaxsae.parsing import is_positive_int
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
-SPARSITY_FILE = "sparsity.safetensors"
+CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = outputs.SAELENS_FILES
 # The SAELens config schema these files follow (its loader picks the 6.x code path from it).
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 
@@ -89,7 +87,8 @@ def export_sae(
     inputs: tuple[str | Path, ...] = (),
 ) -> Path:
     """Writes `params` (jaxsae SAE parameters) as a SAELens directory at `out`, atomically.
-    An existing `out` is replaced if it is an export jaxsae wrote (or with `overwrite`; see
+    An existing `out` is replaced if it is an export jaxsae wrote, holding nothing else (or
+    with `overwrite`; see
     `outputs.check_target`, which also protects `inputs`)."""
     stored = _export_dtype(dtype)
     kind = activations.get(sae_cfg.activation)

@@ -4,10 +4,11 @@ files (text, CSV, PNG) written atomically.
 A command that writes a directory (`export`, `import`, `synth`, `cache`, `stitch`, `analyze`)
 builds it in a staging directory beside the target and renames it into place when complete, so
 an interrupted command never leaves a half-written output. What may be replaced is one rule,
-`check_target`: a missing path or an empty directory; an output jaxsae wrote of the same kind;
-any other directory only with `--overwrite`, and never a file, a directory holding a run with
-checkpoints at any depth (even inside an output of the same kind), the command's own inputs or
-the working directory. A replaced directory is moved
+`check_target`: a missing path or an empty directory; an output jaxsae wrote of the same kind,
+holding nothing but what jaxsae wrote there (its marker lists every file; a SAELens directory
+holds the layout's three files); any other directory only with `--overwrite`, and never a file,
+a directory holding a run with checkpoints at any depth (even inside an output of the same
+kind), the command's own inputs or the working directory. A replaced directory is moved
 aside first and removed only once the new one is in place.
 """
 
@@ -30,16 +31,79 @@ from typing import Any
 from jaxsae.errors import JaxsaeError
 
 # Written into the output directories whose own files do not say that jaxsae wrote them
-# (SAELens directories say it in cfg.json, shard directories in manifest.json).
+# (SAELens directories say it in cfg.json, shard directories in manifest.json). It lists
+# every file and directory the output held when it was written ("files"), so that what a user
+# adds to it later is never replaced without --overwrite.
 MARKER = ".jaxsae-output.json"
+
+SAELENS_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
+"""The files of an SAE directory in the SAELens layout (the export contract)."""
 
 
 class OutputError(JaxsaeError):
     """An output path that jaxsae must not write or replace."""
 
 
-def write_marker(directory: Path, kind: str) -> None:
-    (directory / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+def write_marker(directory: Path, kind: str, *, inventory: bool = False) -> None:
+    """Marks `directory` as jaxsae's `kind` output; with `inventory`, listing what it holds
+    now (call it on a complete output, just before it is published)."""
+    mark: dict[str, Any] = {"kind": kind}
+    if inventory:
+        mark["files"] = sorted(_entries(directory) - {MARKER})
+    (directory / MARKER).write_text(json.dumps(mark) + "\n")
+
+
+def _entries(directory: Path) -> set[str]:
+    """Every file and directory below `directory`, as relative POSIX paths (links are listed,
+    not followed)."""
+    found = set()
+    for root, dirs, files in os.walk(directory):
+        base = Path(root).relative_to(directory)
+        found.update((base / name).as_posix() for name in (*dirs, *files))
+    return found
+
+
+def foreign_entries(path: Path) -> list[str] | None:
+    """What `path`, a jaxsae output, holds that jaxsae did not write there (relative paths; a
+    foreign directory is named, not what it holds), or None when that cannot be told: an
+    output of an earlier jaxsae, whose marker lists no files."""
+    path = Path(path)
+    try:
+        mark = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        mark = None
+    if isinstance(mark, dict):
+        listed = mark.get("files")
+        if not isinstance(listed, list):
+            return None
+        known = {*listed, MARKER}
+    elif output_kind(path) == "sae":
+        known = set(SAELENS_FILES)
+    else:
+        return None
+    foreign = []
+    for root, dirs, files in os.walk(path):
+        base = Path(root).relative_to(path)
+        for name in sorted(files):
+            if (base / name).as_posix() not in known:
+                foreign.append((base / name).as_posix())
+        for name in sorted(dirs):
+            if (base / name).as_posix() not in known:
+                foreign.append((base / name).as_posix() + "/")
+        dirs[:] = [d for d in dirs if (base / d).as_posix() in known]
+    return foreign
+
+
+def added_files_message(where: str, foreign: list[str] | None) -> str | None:
+    """Why a jaxsae output at `where` may not be replaced as it is (None: it may be)."""
+    if foreign is None:
+        return (f"{where}: was written by an earlier jaxsae, which did not record its files, "
+                "so files added to it since cannot be told apart")
+    if foreign:
+        names = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        return f"{where}: holds files jaxsae did not write ({names})"
+    return None
 
 
 def output_kind(path: Path) -> str | None:
@@ -115,10 +179,13 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
         raise OutputError(f"{where}: holds the training run {run} (with checkpoints); jaxsae "
                           "never replaces it: choose another path")
     found = output_kind(target)
-    if found == kind:  # jaxsae's own output of this kind
-        return
     if overwrite:
         return
+    if found == kind:  # jaxsae's own output of this kind: replaced if nothing was added
+        added = added_files_message(where, foreign_entries(target))
+        if added is None:
+            return
+        raise OutputError(f"{added}; move them away, or pass --overwrite to replace it all")
     what = f"a jaxsae {found} output, not {kind}" if found else "not empty"
     raise OutputError(f"{where}: exists and is {what}; choose another path, or pass "
                       "--overwrite to replace it")
@@ -190,7 +257,7 @@ def staged_directory(target: str | Path, kind: str, *, overwrite: bool = False,
     try:
         yield staging
         if marker:
-            write_marker(staging, kind)
+            write_marker(staging, kind, inventory=True)
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -226,7 +293,7 @@ def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = F
     """Renames the complete `staging` directory to `target` (checked by `check_target`)."""
     target = Path(target)
     check_target(target, kind, overwrite=overwrite, inputs=inputs, flag=flag)
-    write_marker(staging, kind)
+    write_marker(staging, kind, inventory=True)
     replace_directory(staging, target)
     return target
 

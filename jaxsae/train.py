@@ -12,6 +12,7 @@ several processes in step in `jaxsae.processes`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 from jax.experimental import multihost_utils
 
 from jaxsae import export, outputs, processes, sae
@@ -26,6 +28,7 @@ from jaxsae.build import Built, build
 from jaxsae.checkpoint import (
     COMMIT_MARKER,
     Checkpointer,
+    CheckpointError,
     abstract_with_shardings,
     check_resume_compatible,
 )
@@ -86,7 +89,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
     # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = cfg.resolved_run_dir.absolute()
-    created = bool(processes.on_process_0(lambda: _make_run_dir(run_dir)))
+    created = bool(processes.on_process_0(
+        lambda: _make_run_dir(run_dir, member_dirs(cfg, run_dir))))
     lock = _lock_run_dir(run_dir, is_main, log)
     try:
         return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
@@ -248,6 +252,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         return abstract_with_shardings(built.abstract, built.state_sharding)
 
     restored = ckpt.restore_newest(abstract_for, log)
+    if restored is None:
+        _check_fresh_start(ckpt, run_dir, dirs, log)
     if restored is not None:
         loader_state = restored.loader
         stats = DataStats.from_dict(loader_state["data_stats"])
@@ -356,9 +362,36 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
     return state, built, stats, loader
 
 
-def _make_run_dir(run_dir: Path) -> bool:
-    """Checks the run directory and makes it; whether it was made here."""
+def _check_fresh_start(ckpt: Checkpointer, run_dir: Path, dirs: Sequence[Path],
+                       log: Callable[[str], None]) -> None:
+    """A run with no checkpoint to resume from starts at step 0, unless it had checkpoints
+    and none of them restores (set aside as <step>.corrupt, now or by an earlier call):
+    starting over would silently throw away what it trained, so it is refused. A run that
+    logged steps but saved no checkpoint (stopped before its first) says that it starts over."""
+    corrupt = sorted(p.name for p in ckpt.directory.glob("*.corrupt*")
+                     if p.name.split(".")[0].isdigit())
+    if corrupt:
+        raise CheckpointError(
+            f"{ckpt.directory}: no checkpoint restores ({', '.join(corrupt)} set aside), so "
+            "training would start over from step 0; to start over, move the run directory "
+            "(or those checkpoints) away")
+    if any(_logged(directory / "metrics.jsonl") for directory in dirs):
+        log(f"{run_dir}: no complete checkpoint to resume from (stopped before its first); "
+            "starting over from step 0")
+
+
+def _logged(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _make_run_dir(run_dir: Path, dirs: Sequence[Path]) -> bool:
+    """Checks the run directory (and the SAE directories training will replace in it, `dirs`'
+    sae/) and makes it; whether it was made here."""
     _check_run_dir(run_dir)
+    _check_sae_dirs(run_dir, dirs)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     return created
@@ -372,10 +405,41 @@ def _check_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"{where}: is a file; give a directory (or set name:)")
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
-    ours = ("config.yaml", "checkpoints", "metrics.jsonl", LOCK_FILE, outputs.MARKER)
-    if not any((run_dir / name).exists() for name in ours):
-        raise ConfigError(f"{where}: exists and is not a jaxsae run directory (no config.yaml "
-                          "or checkpoints/); choose another name or run_dir")
+    ours = ("checkpoints", LOCK_FILE, outputs.MARKER)
+    if not (any((run_dir / name).exists() for name in ours)
+            or _is_run_config(run_dir / "config.yaml")):
+        raise ConfigError(f"{where}: exists and is not a jaxsae run directory (no jaxsae "
+                          "config.yaml or checkpoints/); choose another name or run_dir")
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether `path` is a jaxsae run config (a mapping of Config's keys): a config.yaml of
+    some other program does not make its directory a run."""
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    names = {f.name for f in dataclasses.fields(Config)}
+    return isinstance(tree, dict) and bool(tree) and set(tree) <= names
+
+
+def _check_sae_dirs(run_dir: Path, dirs: Sequence[Path]) -> None:
+    """Refuses, before any training, a run whose sae/ (where training writes its SAE when it
+    ends, replacing an earlier one) is not jaxsae's or holds files jaxsae did not write."""
+    for directory in dirs:
+        target = directory / "sae"
+        where = f"run_dir {run_dir}: {target.relative_to(run_dir)}/"
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise ConfigError(f"{where} is not a directory; training writes its SAE there: "
+                              "move it away")
+        if not target.exists() or not any(target.iterdir()):
+            continue
+        if outputs.output_kind(target) != "sae":
+            raise ConfigError(f"{where} is not an SAE jaxsae wrote; training writes its SAE "
+                              "there when it ends: move it away")
+        added = outputs.added_files_message(where, outputs.foreign_entries(target))
+        if added is not None:
+            raise ConfigError(f"{added}; training replaces sae/ when it ends: move them away")
 
 
 def _lock_run_dir(run_dir: Path, is_main: bool, log: Callable[[str], None]) -> RunLock:

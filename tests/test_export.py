@@ -22,6 +22,7 @@ from jaxsae.export import (
     export_sae,
     load_sae,
 )
+from jaxsae.outputs import OutputError
 from jaxsae.sae import encode, init_params, pre_activations
 
 D_IN = 6
@@ -243,7 +244,10 @@ def test_export_replaces_an_existing_directory(tmp_path):
     (out / "nested" / "x.bin").write_bytes(b"1")
 
     second, second_cfg = make_sae("relu", seed=5)
-    export_sae(second, second_cfg, out)
+    with pytest.raises(OutputError, match=r"holds files jaxsae did not write \(stale.txt, "
+                                          r"nested/\)"):
+        export_sae(second, second_cfg, out)  # files the user added: never replaced silently
+    export_sae(second, second_cfg, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == sorted([CFG_FILE, WEIGHTS_FILE,
                                                             SPARSITY_FILE])
     assert [p.name for p in parent.iterdir()] == ["sae"]  # no temporary or old directories

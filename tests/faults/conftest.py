@@ -99,4 +99,6 @@ def run_copy(trained_run, tmp_path) -> Path:
     """A private copy of `trained_run` (its config points at the copy)."""
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "run_dir": str(run)}))
     return run

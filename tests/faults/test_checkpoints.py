@@ -93,10 +93,24 @@ def test_export_of_a_run_in_use_renames_nothing(run_copy, tmp_path, capsys):
     assert snapshot(run_copy / "checkpoints") == before
 
 
-def test_no_checkpoint_restores(run_copy, tmp_path, capsys):
+def test_no_checkpoint_restores(run_copy, small_data, tmp_path, capsys):
     for step in (8, 16, 24):
         _junk_config(run_copy / "checkpoints" / str(step))
     refused(["export", str(run_copy), "--out", str(tmp_path / "e")], capsys,
             match="no checkpoint restores", unchanged=[])
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == [
         "16.corrupt", "24.corrupt", "8.corrupt"]
+    # training does not start over silently: refused, whatever was trained is kept (the
+    # checkpoints stay set aside), and it stays refused until they are moved away
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy)
+    kept = [run_copy / "sae", run_copy / "metrics.jsonl", run_copy / "eval.json"]
+    for _ in range(2):
+        refused(["train", str(config), "--no-progress"], capsys,
+                match="no checkpoint restores (16.corrupt, 24.corrupt, 8.corrupt set aside), "
+                      "so training would start over from step 0", unchanged=kept)
+    for path in (run_copy / "checkpoints").iterdir():
+        shutil.move(path, tmp_path / path.name)
+    capsys.readouterr()
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    assert "no complete checkpoint to resume from (stopped before its first); starting over " \
+           "from step 0" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from jaxsae import cli
 from jaxsae.export import CFG_FILE, load_sae
+from jaxsae.outputs import MARKER, SAELENS_FILES
 from tests.faults.conftest import refused, snapshot
 
 
@@ -64,10 +65,17 @@ def test_export_replaces_its_own_export_and_with_overwrite_a_plain_directory(
     out = tmp_path / "exported"
     _ok(["export", str(run_copy), "--out", str(out)], capsys)
     first = snapshot(out)
-    (out / "stale.txt").write_text("x")
     _ok(["export", str(run_copy), "--out", str(out), "--dtype", "bfloat16"], capsys)
-    assert "stale.txt" not in os.listdir(out) and snapshot(out) != first
+    assert snapshot(out) != first
     assert json.loads((out / CFG_FILE).read_text())["dtype"] == "bfloat16"
+    # a file the user added to it is never replaced without --overwrite
+    (out / "notes.md").write_text("mine")
+    (out / "plots").mkdir()
+    (out / "plots" / "a.png").write_text("mine")
+    refused(["export", str(run_copy), "--out", str(out)], capsys,
+            match="holds files jaxsae did not write (notes.md, plots/)", unchanged=[out])
+    _ok(["export", str(run_copy), "--out", str(out), "--overwrite"], capsys)
+    assert sorted(os.listdir(out)) == sorted(SAELENS_FILES)
     plain = tmp_path / "scratch"
     plain.mkdir()
     (plain / "old.txt").write_text("replace me")
@@ -198,6 +206,18 @@ def test_analysis_outputs_are_staged_and_refuse_foreign_targets(run_copy, small_
     _ok(["analyze", sae, *common, "--out", str(out)], capsys)
     _ok(["analyze", sae, *common, "--out", str(out)], capsys)  # its own output: replaced
     assert (out / "index.html").is_file() and _leftovers(tmp_path) == []
+    # ... unless something was added to it (a file, or a file in one of its directories)
+    (out / "my_notes.txt").write_text("keep")
+    refused(["analyze", sae, *common, "--out", str(out)], capsys,
+            match="holds files jaxsae did not write (my_notes.txt)", unchanged=[out])
+    marker = json.loads((out / MARKER).read_text())
+    assert "index.html" in marker["files"] and MARKER not in marker["files"]
+    # an output of an earlier jaxsae (no list of its files) is replaced only with --overwrite
+    (out / "my_notes.txt").unlink()
+    (out / MARKER).write_text(json.dumps({"kind": "analyze"}))
+    refused(["analyze", sae, *common, "--out", str(out)], capsys,
+            match="did not record its files", unchanged=[out])
+    _ok(["analyze", sae, *common, "--out", str(out), "--overwrite"], capsys)
 
 
 def test_frankenstein_failure_leaves_no_output_and_reruns_finish(tmp_path, small_data, capsys,

@@ -68,6 +68,38 @@ def test_run_dir_that_is_a_file_or_a_foreign_directory(small_data, tmp_path, cap
             unchanged=[foreign])
 
 
+def test_a_config_yaml_of_another_program_does_not_make_a_run(small_data, tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("model: resnet\nlr: 0.1\n")
+    (project / "metrics.jsonl").write_text('{"my": "results"}\n')
+    config = write_config(tmp_path / "c.yaml", small_data, project)
+    refused(["train", str(config)], capsys, match="not a jaxsae run directory",
+            unchanged=[project])
+
+
+def test_an_sae_dir_training_would_replace_is_checked_before_training(run_copy, small_data,
+                                                                       tmp_path, capsys):
+    # a run directory (its config written there by hand) whose sae/ is not an SAE jaxsae
+    # wrote: refused before any step, nothing touched
+    fresh = tmp_path / "fresh"
+    (fresh / "sae").mkdir(parents=True)
+    (fresh / "sae" / "notes.txt").write_text("mine")
+    config = write_config(fresh / "config.yaml", small_data, fresh)
+    line = refused(["train", str(config), "--no-progress"], capsys,
+                   match="sae/ is not an SAE jaxsae wrote", unchanged=[fresh])
+    assert "--overwrite" not in line and "--out" not in line
+    assert sorted(os.listdir(fresh)) == ["config.yaml", "sae"]
+    # the run's own SAE with a file added: a resumed run would replace it, so it is refused
+    (run_copy / "sae" / "NOTES.md").write_text("mine")
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy,
+                          optim={"total_tokens": 256 * 32})
+    refused(["train", str(config), "--no-progress"], capsys,
+            match="sae/: holds files jaxsae did not write (NOTES.md)", unchanged=[run_copy])
+    (run_copy / "sae" / "NOTES.md").unlink()
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+
+
 @contextlib.contextmanager
 def _read_only(directory: Path):
     """`directory` made read-only for this process: without write permission, or, for root
@@ -89,8 +121,7 @@ def _read_only(directory: Path):
 def test_read_only_run_directory(small_data, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("kept: true\n")
-    config = write_config(tmp_path / "c.yaml", small_data, run)
+    config = write_config(run / "config.yaml", small_data, run)
     with _read_only(run):
         line = refused(["train", str(config), "--no-progress"], capsys, match=str(run),
                        unchanged=[run])
