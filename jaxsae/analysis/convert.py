@@ -121,11 +121,12 @@ def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAECon
             "explained_variance_jumprelu": evaluate.explained_variance(s[4], total_var, s[5])}
 
 
-def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
+def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int | None = None,
                 batch_size: int = 4096, hook: str | None = None, overwrite: bool = False,
                 drop_norm_above: DropRule = TRAINED, progress: bool = True) -> dict[str, Any]:
     """Converts the TopK SAE in `sae_dir` (calibrated on the `tokens` tokens of `data` before
-    its last `tokens`, compared on those last ones) and writes it to `out` with convert.json.
+    its last `tokens`, compared on those last ones; None: 65536, or half the data if that is
+    less) and writes it to `out` with convert.json.
     `drop_norm_above`: the tokens left out of both (`jaxsae.data.window.drop_multiple`; by
     default those the SAE's training left out). `progress`: a bar over the three passes."""
     from jaxsae.data import open_source
@@ -138,6 +139,8 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536
     source = open_source(DataConfig(path=data, hook=hook))
     if source.d_in != loaded.d_in:
         raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAE's {loaded.d_in}")
+    if tokens is None:
+        tokens = min(65536, source.n_tokens // 2)
     start = max(0, source.n_tokens - tokens)
     lo = max(0, start - tokens)
     if start - lo <= 0:

@@ -411,12 +411,13 @@ def stitch_family(saes: Sequence[export.LoadedSAE], threshold: float = THRESHOLD
 
 def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                  threshold: float = THRESHOLD, retrain_decoder_tokens: int = 2_000_000,
-                 tokens: int = 65536, batch_size: int = 4096, lr: float = 1e-3,
+                 tokens: int | None = None, batch_size: int = 4096, lr: float = 1e-3,
                  hook: str | None = None, progress: bool = True,
                  overwrite: bool = False, drop_norm_above: DropRule = TRAINED
                  ) -> list[dict[str, Any]]:
     """Stitches the family, retrains its decoder on `data` (all but the last `tokens`, which
-    evaluate everything), exports to out/sae and writes frankenstein.csv / .md.
+    evaluate everything; None: as training holds out, min(65536, 5 % of the data)), exports
+    to out/sae and writes frankenstein.csv / .md.
     `drop_norm_above`: the tokens left out of the retraining and the evaluation
     (`jaxsae.data.window.drop_multiple`; by default those any member's training left out).
 
@@ -447,11 +448,19 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                       "total_tokens": retrain_decoder_tokens},
         }
 
+    n_tokens = open_source(DataConfig(path=data, hook=hook)).n_tokens
+    if tokens is None:
+        tokens = DataConfig(path=data).held_out(n_tokens)
     if retrain_decoder_tokens > 0:  # its settings are this command's flags: checked first
         try:
             config_from_dict(retraining(1, "jumprelu", tokens, {}))  # (width: any)
         except JaxsaeError as e:
             raise JaxsaeError(_as_flags(str(e))) from None
+        if n_tokens - tokens < batch_size:
+            raise JaxsaeError(
+                f"{data}: {n_tokens} tokens leave {max(n_tokens - tokens, 0)} to retrain the "
+                f"decoder on after the last --tokens {tokens}; need at least --batch-size "
+                f"({batch_size}): lower one of them (or --retrain-decoder-tokens 0)")
     saes = _load_family(sae_dirs)
     window = _eval_window(data, saes, tokens, batch_size, hook, drop_norm_above)
     dropped = {} if window.multiple is None else {"drop_norm_above": window.multiple}

@@ -29,7 +29,7 @@ class Convert(Command):
     """the activations it was trained on"""
     out: Annotated[str, tyro.conf.arg(metavar="DIR")]
     """output directory (the JumpReLU SAE)"""
-    tokens: int = 65536
+    tokens: Annotated[int | None, unset("N", "65536, or half the data if less")] = None
     """compare on the last N tokens; calibrate on the N before them"""
     hook: Annotated[str | None, unset("HOOK", "the only column")] = None
     """SAELens caches: the activation column"""
@@ -44,7 +44,7 @@ class Convert(Command):
     def run(self) -> int:
         from jaxsae.analysis.convert import convert_dir
 
-        at_least_one(self, "tokens", "batch_size")
+        at_least_one(self, *(["tokens"] if self.tokens is not None else []), "batch_size")
         report = convert_dir(self.sae_dir, self.data, self.out, tokens=self.tokens,
                              batch_size=self.batch_size, hook=self.hook,
                              overwrite=self.overwrite, drop_norm_above=self.outliers.drop_rule(),

@@ -110,9 +110,8 @@ class Eval(Command):
 
     def _on_data(self, loaded) -> dict[str, Any]:
         """Reconstruction metrics on --data; with --truth, what the SAE recovered."""
-        import numpy as np
 
-        from jaxsae import evaluate, tensorfile
+        from jaxsae import evaluate
         from jaxsae.config import DataConfig
         from jaxsae.data import open_source, synthetic
         from jaxsae.data.window import Window
@@ -140,6 +139,13 @@ class Eval(Command):
         truth = None if self.truth is None else Path(self.truth)
         truth_dir = None if truth is None else (truth.parent if truth.is_file() else truth)
         full_truth = truth_dir is not None and synthetic.has_truth(truth_dir)
+        # the truth is read and checked before any evaluation pass
+        full, directions = None, None
+        if full_truth:
+            full = synthetic.load_truth(truth_dir)
+            full.check_data(data, self.truth, self.data, at=start)
+        elif truth is not None:
+            directions = _truth_directions(truth, loaded.d_out or loaded.d_in)
         # one bar over the passes: the reconstruction, then (full truth) the true codes
         bar = Progress(window.tokens * (2 if full_truth else 1), unit="tok", unit_scale=True,
                        desc="evaluate", enabled=not self.no_progress)
@@ -152,10 +158,8 @@ class Eval(Command):
         if truth is None:
             bar.close()
             return metrics
-        if full_truth:
+        if full is not None:
             # The data's own truth: everything (firing, absorption, circles) on these tokens.
-            full = synthetic.load_truth(truth_dir)
-            full.check_data(data, self.truth, self.data, at=start)
             try:
                 report = evaluate.truth_report(loaded.params, loaded.sae, data, full,
                                                start=start, batch_size=batch_size,
@@ -167,16 +171,7 @@ class Eval(Command):
             return {**report, **metrics}
         bar.close()
         # directions only (e.g. a bare truth.safetensors): feature recovery
-        if truth.is_dir():
-            truth = truth / synthetic.TRUTH_TENSORS
-        if not truth.is_file():
-            raise DataError(f"{truth}: truth file not found")
-        directions = tensorfile.read(truth).get("directions")
-        width = loaded.d_out or loaded.d_in  # what decoder rows are
-        if directions is None or directions.ndim != 2 or directions.shape[1] != width:
-            raise DataError(f"{truth}: no 'directions' [n_features, {width}] tensor")
-        metrics.update(evaluate.feature_recovery(np.asarray(directions),
-                                                 loaded.params["W_dec"]))
+        metrics.update(evaluate.feature_recovery(directions, loaded.params["W_dec"]))
         return metrics
 
     def _on_model(self, saes: list) -> list[dict]:
@@ -268,3 +263,26 @@ def _note_outliers(window, data: str) -> None:
               f"{OUTLIER_MULTIPLE:g}x the median (attention sinks?): scored here, they can "
               f"dominate mse and explained_variance; --drop-norm-above {OUTLIER_MULTIPLE:g} "
               "leaves such tokens out", file=sys.stderr)
+
+
+def _truth_directions(truth: Path, width: int):
+    """The true feature directions [n_features, width] of a bare truth file (or a directory
+    holding one), read before any evaluation; anything else is refused naming --truth."""
+    import numpy as np
+
+    from jaxsae import tensorfile
+    from jaxsae.data import synthetic
+    from jaxsae.errors import DataError
+
+    file = truth / synthetic.TRUTH_TENSORS if truth.is_dir() else truth
+    if not file.is_file():
+        raise DataError(f"--truth {truth}: not a ground-truth directory (truth.json + "
+                        f"{synthetic.TRUTH_TENSORS}) or a {synthetic.TRUTH_TENSORS} file")
+    try:
+        directions = tensorfile.read(file).get("directions")
+    except DataError as e:
+        raise DataError(f"--truth {truth}: not a ground-truth directory or a "
+                        f"{synthetic.TRUTH_TENSORS} file ({e})") from None
+    if directions is None or directions.ndim != 2 or directions.shape[1] != width:
+        raise DataError(f"--truth {file}: no 'directions' [n_features, {width}] tensor")
+    return np.asarray(directions)

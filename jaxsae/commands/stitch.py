@@ -8,7 +8,7 @@ from typing import Annotated
 
 import tyro
 
-from jaxsae.commands import Command, at_least_one, command, group, note_training
+from jaxsae.commands import Command, at_least_one, command, group, note_training, unset
 from jaxsae.commands.analyze import AnalysisInputs
 from jaxsae.errors import JaxsaeError
 
@@ -16,7 +16,7 @@ group("stitch", "Compare and combine SAEs of different widths (see jaxsae.analys
 
 
 def _check(command: AnalysisInputs, threshold: float) -> dict:
-    at_least_one(command, "tokens", "batch_size")
+    at_least_one(command, *(["tokens"] if command.tokens is not None else []), "batch_size")
     if not 0 < threshold < 1:
         raise JaxsaeError(f"--threshold must be between 0 and 1, got {threshold}")
     return {"threshold": threshold, "tokens": command.tokens, "batch_size": command.batch_size,
@@ -69,6 +69,9 @@ class Frankenstein(AnalysisInputs, Command):
     first; any order: sorted by width)"""
     threshold: float = 0.7
     """add latents with cos < this"""
+    tokens: Annotated[int | None, unset("N", "as training holds out: min(65536, 5% of the "
+                                        "data)")] = None
+    """evaluate on the last N tokens of the data; the decoder is retrained on the others"""
     retrain_decoder_tokens: int = 2_000_000
     """tokens of decoder-only training (0: none)"""
     lr: float = 1e-3

@@ -36,6 +36,35 @@ def test_a_small_run_trains_with_the_defaults(small_data, tmp_path, capsys):
     assert ev["tokens"] == 16384 // 20 and ev["held_out"]
 
 
+def test_convert_and_frankenstein_fit_small_data_with_their_defaults(small_data, tmp_path,
+                                                                      capsys):
+    """Their --tokens defaults (65536) once left nothing to calibrate or retrain on below
+    131k tokens; now they fit the data: half of it to compare on, and the hold-out of
+    training (min(65536, 5 %)) to evaluate a stitched SAE on."""
+    saes = []
+    for name, sae in (("topk", {"d_sae": 32, "activation": "topk", "k": 4}),
+                      ("wide", {"d_sae": 64})):
+        config = write_config(tmp_path / f"{name}.yaml", small_data, tmp_path / name, sae=sae,
+                              loss=[{"term": "mse"}])
+        assert cli.main(["train", str(config), "--no-progress"]) == 0
+        saes.append(str(tmp_path / name / "sae"))
+    capsys.readouterr()
+    assert cli.main(["convert", saes[0], "--data", str(small_data), "--out",
+                     str(tmp_path / "conv"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "conv" / "convert.json").read_text())
+    assert report["tokens"] == report["calibration_tokens"] == 16384 // 2
+    assert cli.main(["stitch", "frankenstein", saes[1], str(tmp_path / "conv" / "sae"),
+                     "--data", str(small_data), "--out", str(tmp_path / "fr"),
+                     "--retrain-decoder-tokens", "8192", "--no-progress"]) == 0
+    assert f"Evaluated on the last {16384 // 20} tokens" in \
+        (tmp_path / "fr" / "frankenstein.md").read_text()
+    # an explicit --tokens that leaves too little to retrain on is named, as given
+    refused(["stitch", "frankenstein", saes[1], str(tmp_path / "conv" / "sae"), "--data",
+             str(small_data), "--out", str(tmp_path / "fr2"), "--tokens", "15000"], capsys,
+            match="16384 tokens leave 1384 to retrain the decoder on after the last --tokens "
+                  "15000; need at least --batch-size (4096)", unchanged=[small_data])
+
+
 def test_a_sweep_over_a_misspelt_key_names_it(small_data, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", small_data, tmp_path / "run")
     refused(["train", str(config), "sweep.optim.lrr=[1e-3, 3e-3]"], capsys,

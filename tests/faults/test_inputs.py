@@ -56,6 +56,26 @@ def test_import_and_eval_refuse_a_damaged_sae(edit, match, run_copy, small_data,
     assert not (tmp_path / "new").exists()
 
 
+def test_eval_refuses_a_truth_that_is_not_one_before_evaluating(run_copy, small_data,
+                                                                tmp_path, capsys,
+                                                                monkeypatch):
+    from jaxsae import evaluate
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("evaluated before --truth was checked")
+
+    monkeypatch.setattr(evaluate, "reconstruction_metrics", no_pass)
+    a_file = tmp_path / "afile"
+    a_file.write_text("hi\n")
+    sae = str(run_copy / "sae")
+    refused(["eval", sae, "--data", str(small_data), "--truth", str(a_file)], capsys,
+            match=f"--truth {a_file}: not a ground-truth directory or a truth.safetensors "
+                  "file", unchanged=[a_file])
+    for missing in (tmp_path / "nothing", tmp_path):  # no such path; a directory without it
+        refused(["eval", sae, "--data", str(small_data), "--truth", str(missing)], capsys,
+                match=f"--truth {missing}: not a ground-truth directory", unchanged=[])
+
+
 def test_eval_refuses_the_truth_of_other_data(run_copy, small_data, tmp_path, capsys):
     other = generate_superposition(SuperpositionSpec(n_features=48, d_in=16, tokens=16384,
                                                      mean_l0=3.0, shard_tokens=4096, seed=4),
