@@ -14,7 +14,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -228,13 +228,40 @@ def list_index(node: list, part: str, key: str) -> int:
                       f"{', '.join(names) or 'none'} (or positions 0..{len(node) - 1})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last one silently: a second `lr:` further down a config would win unseen). Keys a merge
+    (`<<: *base`) brings in may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (first on line "
+                        f"{seen[key].start_mark.line + 1})", key_node.start_mark)
+                if isinstance(key, Hashable):
+                    seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (empty file: {}), errors naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give the config file (YAML)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: not valid YAML ({where}{e.problem})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     except UnicodeDecodeError as e:

@@ -90,7 +90,7 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = cfg.resolved_run_dir.absolute()
     created = bool(processes.on_process_0(
-        lambda: _make_run_dir(run_dir, member_dirs(cfg, run_dir))))
+        lambda: _make_run_dir(run_dir, member_dirs(cfg, run_dir), cfg.data.path)))
     lock = _lock_run_dir(run_dir, is_main, log)
     try:
         return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
@@ -387,20 +387,24 @@ def _logged(path: Path) -> bool:
         return False
 
 
-def _make_run_dir(run_dir: Path, dirs: Sequence[Path]) -> bool:
+def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None) -> bool:
     """Checks the run directory (and the SAE directories training will replace in it, `dirs`'
     sae/) and makes it; whether it was made here."""
-    _check_run_dir(run_dir)
+    _check_run_dir(run_dir, data)
     _check_sae_dirs(run_dir, dirs)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     return created
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    """Refuses a run directory that is a file, or a directory jaxsae did not make (a run, a
-    sweep, an import): training adds files there and must not mix them with someone else's."""
+def _check_run_dir(run_dir: Path, data: str | None = None) -> None:
+    """Refuses a run directory that is a file, the data (`data`: data.path) or inside it, or
+    a directory jaxsae did not make (a run, a sweep, an import): training adds files there and
+    must not mix them with someone else's."""
     where = f"run_dir {run_dir}"
+    if data and outputs.inside(run_dir.resolve(), Path(data).resolve()):
+        raise ConfigError(f"{where}: is data.path ({data}) or lies inside it; give the run "
+                          "and its data directories of their own")
     if run_dir.is_file() or (run_dir.exists() and not run_dir.is_dir()):
         raise ConfigError(f"{where}: is a file; give a directory (or set name:)")
     if not run_dir.is_dir() or not any(run_dir.iterdir()):

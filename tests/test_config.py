@@ -18,6 +18,7 @@ from jaxsae.config import (
     load_config,
 )
 from jaxsae.errors import ConfigError
+from jaxsae.parsing import read_yaml_mapping
 
 
 def base_tree() -> dict:
@@ -231,6 +232,19 @@ def test_missing_file_and_bad_yaml(tmp_path):
     top.write_text("- 1\n- 2\n")
     with raises_naming("list.yaml", "mapping"):
         load_config(top)
+    with raises_naming(str(tmp_path), "is a directory; give the config file"):
+        load_config(tmp_path)
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("optim:\n  lr: 1.0e-3\n  batch_size: 256\n  lr: 3.0e-4\n")
+    with raises_naming("twice.yaml", "line 4, column 3: key 'lr' given twice (first on line 2)"):
+        load_config(twice)
+    # a merge's keys may still be overridden
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {d_sae: 64, k: 4}\nsae:\n  <<: *b\n  k: 8\n")
+    assert read_yaml_mapping(merged)["sae"] == {"d_sae": 64, "k": 8}
 
 
 def test_wrong_type_in_yaml_file(tmp_path):

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from jaxsae import checkpoint, cli, tensorfile
 from jaxsae.runlock import LOCK_FILE, RunLock
+from tests.conftest import small_config_dict
 from tests.faults.conftest import assert_one_line_error, refused, run_jaxsae, write_config
 
 
@@ -66,6 +68,19 @@ def test_run_dir_that_is_a_file_or_a_foreign_directory(small_data, tmp_path, cap
     config = write_config(tmp_path / "c.yaml", small_data, foreign)
     refused(["train", str(config)], capsys, match="not a jaxsae run directory",
             unchanged=[foreign])
+
+
+def test_the_data_is_not_a_run_directory(small_data, tmp_path, capsys):
+    for run_dir in (small_data, small_data / "run"):
+        config = write_config(tmp_path / "c.yaml", small_data, run_dir)
+        refused(["train", str(config)], capsys, match="is data.path", unchanged=[small_data])
+    generated = tmp_path / "generated"  # data.generate would write it: the same refusal
+    tree = small_config_dict(generated, generated)
+    tree["data"]["generate"] = {"kind": "superposition", "tokens": 8192}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    refused(["train", str(config)], capsys, match="is data.path", unchanged=[])
+    assert not generated.exists()
 
 
 def test_a_config_yaml_of_another_program_does_not_make_a_run(small_data, tmp_path, capsys):
