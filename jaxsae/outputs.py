@@ -8,7 +8,8 @@ an interrupted command never leaves a half-written output. What may be replaced 
 holding nothing but what jaxsae wrote there (its marker lists every file; a SAELens directory
 holds the layout's three files); any other directory only with `--overwrite`, and never a file,
 a directory holding a run with checkpoints at any depth (even inside an output of the same
-kind), the command's own inputs or the working directory. A replaced directory is moved
+kind), the command's own inputs or the working directory; and nothing is written inside
+the command's inputs or a run's checkpoints/. A replaced directory is moved
 aside first and removed only once the new one is in place.
 """
 
@@ -162,9 +163,17 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
     target = Path(target)
     where = f"{flag} {target}"
     refuse_non_directory(target, where)
+    resolved = target.resolve()
+    for protected in inputs:
+        if resolved != Path(protected).resolve() and inside(resolved, Path(protected).resolve()):
+            raise OutputError(f"{where}: lies inside {protected}, which this command reads; "
+                              "write elsewhere")
+    run = run_around(resolved)
+    if run is not None and inside(resolved, run / "checkpoints"):
+        raise OutputError(f"{where}: lies inside the checkpoints of the run {run}, which "
+                          "training manages; write elsewhere")
     if not target.exists():
         return
-    resolved = target.resolve()
     if inside(Path.cwd().resolve(), resolved):
         raise OutputError(f"{where}: would replace the working directory ({Path.cwd()}); "
                           "choose another path")

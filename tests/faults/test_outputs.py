@@ -127,9 +127,12 @@ def test_export_never_writes_inside_a_run(run_copy, tmp_path, capsys):
     (other / "checkpoints").mkdir(parents=True)
     (other / "sae").mkdir()
     (other / "sae" / "cfg.json").write_text('{"jaxsae": {}}')  # looks like a jaxsae export
-    for target in (other / "sae", run_copy / "sae", other / "deeper" / "x"):
-        refused(["export", str(run_copy), "--out", str(target)], capsys,
-                match="lies inside the training run", unchanged=[other, run_copy])
+    for target, match in ((other / "sae", "lies inside the training run"),
+                          (run_copy / "sae", f"lies inside {run_copy}, which this command "
+                                             "reads"),
+                          (other / "deeper" / "x", "lies inside the training run")):
+        refused(["export", str(run_copy), "--out", str(target)], capsys, match=match,
+                unchanged=[other, run_copy])
 
 
 def test_a_failed_export_leaves_the_previous_one(run_copy, tmp_path, capsys):
@@ -202,6 +205,11 @@ def test_analysis_outputs_are_staged_and_refuse_foreign_targets(run_copy, small_
                 unchanged=[foreign, run_copy])
         refused([*argv, *common, "--out", str(small_data)], capsys,
                 match="which this command reads", unchanged=[small_data])
+        # nothing is written inside what the command reads, or inside a run's checkpoints
+        refused([*argv, *common, "--out", str(run_copy / "sae" / "an")], capsys,
+                match="lies inside", unchanged=[run_copy])
+        refused([*argv, *common, "--out", str(run_copy / "checkpoints" / "an")], capsys,
+                match="lies inside the checkpoints of the run", unchanged=[run_copy])
     out = tmp_path / "geometry"
     _ok(["analyze", sae, *common, "--out", str(out)], capsys)
     _ok(["analyze", sae, *common, "--out", str(out)], capsys)  # its own output: replaced
