@@ -32,6 +32,21 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated
 
 
+def install_sigterm_handler() -> None:
+    """The command line's SIGTERM handling outside training: `raise_terminated`; a
+    Terminated raised where Python can only print it (a callback, a finalizer) is not printed
+    (a stray `jaxsae.interrupts.Terminated:` line beside the one-line message, seen once in
+    fault testing); the flag it set stays, and training stops at its first step."""
+    signal.signal(signal.SIGTERM, raise_terminated)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, Terminated):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def clear_terminated() -> None:
     """A new command (several run in one process from Python or the tests)."""
     global _terminated

@@ -271,3 +271,26 @@ def test_a_short_batchtopk_run_exports_the_l0_it_trained_at(small_data, tmp_path
                        optim={"total_tokens": 256 * 60, "lr": 1e-2})
     result = train(cfg, progress=False)
     assert result.eval["l0"] == pytest.approx(4, rel=0.15), result.eval["l0"]
+
+
+def test_a_lost_sigterm_exception_is_not_printed(monkeypatch):
+    """A Terminated raised where Python can only report it (a finalizer) prints nothing: the
+    command's one-line message is the only one. Other such exceptions are still reported."""
+    import sys
+    import types
+
+    from jaxsae import interrupts
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        interrupts.install_sigterm_handler()
+        assert signal.getsignal(signal.SIGTERM) is interrupts.raise_terminated
+        for error in (interrupts.Terminated(), ValueError("kept")):
+            sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error,
+                                                     exc_traceback=None, err_msg=None,
+                                                     object=None))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [type(u.exc_value) for u in seen] == [ValueError]
