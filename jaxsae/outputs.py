@@ -6,7 +6,8 @@ builds it in a staging directory beside the target and renames it into place whe
 an interrupted command never leaves a half-written output. What may be replaced is one rule,
 `check_target`: a missing path or an empty directory; an output jaxsae wrote of the same kind,
 holding nothing but what jaxsae wrote there (its marker lists every file; a SAELens directory
-holds the layout's three files); any other directory only with `--overwrite`, and never a file,
+holds the layout's three files; the shard writers replace a shard directory only with
+`--overwrite`); any other directory only with `--overwrite`, and never a file,
 a directory holding a run with checkpoints at any depth (even inside an output of the same
 kind), the command's own inputs or the working directory; and nothing is written inside
 the command's inputs or a run's checkpoints/. A replaced directory is moved
@@ -189,6 +190,8 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
                           "never replaces it: choose another path")
     found = output_kind(target)
     if overwrite:
+        return
+    if found == kind == "shards":  # the shard writers replace one only with --overwrite
         return
     if found == kind:  # jaxsae's own output of this kind: replaced if nothing was added
         added = added_files_message(where, foreign_entries(target))
