@@ -221,27 +221,28 @@ def test_missing_data_path(tmp_path):
         load_config(write_yaml(tmp_path, tree))
 
 
-def test_missing_file_and_bad_yaml(tmp_path):
+def test_missing_file_and_a_directory(tmp_path):
     with raises_naming("nope.yaml", "not found"):
         load_config(tmp_path / "nope.yaml")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("sae: {d_sae: [\n")
-    with raises_naming("bad.yaml", "YAML"):
-        load_config(bad)
-    top = tmp_path / "list.yaml"
-    top.write_text("- 1\n- 2\n")
-    with raises_naming("list.yaml", "mapping"):
-        load_config(top)
     with raises_naming(str(tmp_path), "is a directory; give the config file"):
         load_config(tmp_path)
 
 
-def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
-    twice = tmp_path / "twice.yaml"
-    twice.write_text("optim:\n  lr: 1.0e-3\n  batch_size: 256\n  lr: 3.0e-4\n")
-    with raises_naming("twice.yaml", "line 4, column 3: key 'lr' given twice (first on line 2)"):
-        load_config(twice)
-    # a merge's keys may still be overridden
+@pytest.mark.parametrize("text, fragment", [
+    ("sae: {d_sae: [\n", "YAML"),
+    ("- 1\n- 2\n", "mapping"),
+    # plain YAML keeps the second silently
+    ("optim:\n  lr: 1.0e-3\n  batch_size: 256\n  lr: 3.0e-4\n",
+     "line 4, column 3: key 'lr' given twice (first on line 2)"),
+])
+def test_bad_yaml_is_refused_naming_the_file(tmp_path, text, fragment):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with raises_naming("bad.yaml", fragment):
+        load_config(bad)
+
+
+def test_a_merges_keys_may_be_overridden(tmp_path):
     merged = tmp_path / "merged.yaml"
     merged.write_text("base: &b {d_sae: 64, k: 4}\nsae:\n  <<: *b\n  k: 8\n")
     assert read_yaml_mapping(merged)["sae"] == {"d_sae": 64, "k": 8}
