@@ -305,6 +305,25 @@ class Checkpointer:
             self.manager.close()
 
 
+_STEP_ENTRY = re.compile(rf"\d+({re.escape(TMP_SUFFIX)}|\.(incomplete|corrupt)(-\d+)?)?")
+
+
+def foreign_steps(directory: Path) -> list[str]:
+    """The entries of a checkpoints/ directory named like a step (which a Checkpointer sets
+    aside or removes when incomplete) that no jaxsae save wrote: a step directory holding
+    none of a save's items, its commit marker or orbax's metadata, or a file."""
+    ours = {*ITEMS, COMMIT_MARKER, "_CHECKPOINT_METADATA"}
+    foreign = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(directory.iterdir()):
+            if not _STEP_ENTRY.fullmatch(entry.name):
+                continue
+            if (entry.is_symlink() or not entry.is_dir()
+                    or not any(p.name in ours for p in entry.iterdir())):
+                foreign.append(entry.name)
+    return foreign
+
+
 def _free_name(directory: Path, name: str) -> Path:
     target, n = directory / name, 1
     while target.exists():

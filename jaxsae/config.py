@@ -475,6 +475,10 @@ class Config:
         _need(bool(self.data.path) or self.data.stream, "data.path",
               "required (a directory of cached activations)")
         _need(-2**63 <= self.seed < 2**63, "seed", "must be a 64-bit integer")
+        _need(bool(self.name) and not Path(self.name).is_absolute()
+              and not {"", ".", ".."} & set(self.name.split("/")),
+              "name", f"must be a relative name below runs/ (no '.' or '..'), got {self.name!r};"
+              " use run_dir for a directory elsewhere")
         if self.data.target is not None and not self.sae.transcoder:
             # data.target makes the dictionary a transcoder (the section cannot see data)
             object.__setattr__(self, "sae", replace(self.sae, transcoder=True))

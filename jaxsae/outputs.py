@@ -148,6 +148,17 @@ def inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
+def canonical(path: str | Path) -> Path:
+    """`path`, absolute, its directories resolved (links and `..`, even through directories
+    that do not exist yet: `new/../x` is `x`), its last component kept as given (a link
+    there is refused, not followed). Every check and write of an output uses this form: a
+    `..` left in would let a missing directory hide what the path names."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
 def refuse_non_directory(target: Path, where: str) -> None:
     """Refuses an output path that is a symbolic link (replacing it would replace the link,
     not what it points to) or a file."""
@@ -161,8 +172,8 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
                  inputs: Sequence[str | Path] = (), flag: str = "--out") -> None:
     """Refuses, in one line naming `flag`, to write a `kind` output at `target` when that would
     replace something it must not (see the module docstring)."""
-    target = Path(target)
     where = f"{flag} {target}"
+    target = canonical(target)
     refuse_non_directory(target, where)
     resolved = target.resolve()
     for protected in inputs:
@@ -259,8 +270,8 @@ def staged_directory(target: str | Path, kind: str, *, overwrite: bool = False,
     """Yields an empty staging directory to write the `kind` output into; when the block ends
     without an exception it becomes `target` (checked first by `check_target`), otherwise it
     is removed and `target` is left as it was."""
-    target = Path(target)
-    check_target(target, kind, overwrite=overwrite, inputs=inputs, flag=flag)
+    given, target = target, canonical(target)
+    check_target(given, kind, overwrite=overwrite, inputs=inputs, flag=flag)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir follows the umask.
@@ -268,6 +279,8 @@ def staged_directory(target: str | Path, kind: str, *, overwrite: bool = False,
     staging.mkdir()
     try:
         yield staging
+        # again: what was added to the target while this command ran is not replaced either
+        check_target(given, kind, overwrite=overwrite, inputs=inputs, flag=flag)
         if marker:
             write_marker(staging, kind, inventory=True)
         replace_directory(staging, target)
@@ -281,7 +294,7 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
     interrupted call with the same inputs (`key`) stopped: reused when it holds the same key,
     started afresh when it holds another (it is jaxsae's own: its marker says so), refused if
     something else has that name. `publish` renames it into place."""
-    target = Path(target)
+    target = canonical(target)
     partial = target.with_name(target.name + ".partial")
     key = json.loads(json.dumps(key))
     if partial.exists() or partial.is_symlink():
@@ -303,8 +316,8 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
 def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = False,
             inputs: Sequence[str | Path] = (), flag: str = "--out") -> Path:
     """Renames the complete `staging` directory to `target` (checked by `check_target`)."""
-    target = Path(target)
-    check_target(target, kind, overwrite=overwrite, inputs=inputs, flag=flag)
+    given, target = target, canonical(target)
+    check_target(given, kind, overwrite=overwrite, inputs=inputs, flag=flag)
     write_marker(staging, kind, inventory=True)
     replace_directory(staging, target)
     return target

@@ -31,9 +31,10 @@ from jaxsae.checkpoint import (
     CheckpointError,
     abstract_with_shardings,
     check_resume_compatible,
+    foreign_steps,
 )
 from jaxsae.checks import check_run
-from jaxsae.config import Config
+from jaxsae.config import Config, config_from_dict
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, lanes_of_process
@@ -88,7 +89,7 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
             f"({launch})")
 
     # -- run directory: one process trains in it at a time ---------------------------------
-    run_dir = cfg.resolved_run_dir.absolute()
+    run_dir = outputs.canonical(cfg.resolved_run_dir)  # `..` resolved
     created = bool(processes.on_process_0(
         lambda: _make_run_dir(run_dir, member_dirs(cfg, run_dir), cfg.data.path)))
     lock = _lock_run_dir(run_dir, is_main, log)
@@ -375,9 +376,15 @@ def _check_fresh_start(ckpt: Checkpointer, run_dir: Path, dirs: Sequence[Path],
             f"{ckpt.directory}: no checkpoint restores ({', '.join(corrupt)} set aside), so "
             "training would start over from step 0; to start over, move the run directory "
             "(or those checkpoints) away")
+    finished = [p for d in dirs for p in (d / "eval.json", d / "sae") if p.exists()]
+    if finished:
+        raise CheckpointError(
+            f"{ckpt.directory}: no checkpoint to resume from, but the run has finished before "
+            f"({finished[0].relative_to(run_dir)}), so training would start over from step 0 "
+            "and replace it; to start over, move the run directory away")
     if any(_logged(directory / "metrics.jsonl") for directory in dirs):
-        log(f"{run_dir}: no complete checkpoint to resume from (stopped before its first); "
-            "starting over from step 0")
+        log(f"{run_dir}: no complete checkpoint to resume from; starting over from step 0 "
+            "(the steps metrics.jsonl logged are dropped)")
 
 
 def _logged(path: Path) -> bool:
@@ -409,22 +416,31 @@ def _check_run_dir(run_dir: Path, data: str | None = None) -> None:
         raise ConfigError(f"{where}: is a file; give a directory (or set name:)")
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
-    ours = ("checkpoints", LOCK_FILE, outputs.MARKER)
-    if not (any((run_dir / name).exists() for name in ours)
+    if not (outputs.output_kind(run_dir) == "import"
             or _is_run_config(run_dir / "config.yaml")):
         raise ConfigError(f"{where}: exists and is not a jaxsae run directory (no jaxsae "
-                          "config.yaml or checkpoints/); choose another name or run_dir")
+                          "config.yaml); choose another name or run_dir")
+    foreign = foreign_steps(run_dir / "checkpoints")
+    if foreign:
+        raise ConfigError(f"{where}: checkpoints/ holds {', '.join(foreign[:3])}, which no "
+                          "jaxsae save wrote (training would set it aside); move it away")
 
 
 def _is_run_config(path: Path) -> bool:
-    """Whether `path` is a jaxsae run config (a mapping of Config's keys): a config.yaml of
-    some other program does not make its directory a run."""
+    """Whether `path` is a jaxsae run config (jaxsae writes one in every run directory, and a
+    user may write their own there): a valid config, not merely a file of that name."""
     try:
         tree = yaml.safe_load(path.read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return False
     names = {f.name for f in dataclasses.fields(Config)}
-    return isinstance(tree, dict) and bool(tree) and set(tree) <= names
+    if not (isinstance(tree, dict) and {"data", "sae"} <= set(tree) <= names):
+        return False
+    try:
+        config_from_dict(tree)
+    except JaxsaeError:
+        return False
+    return True
 
 
 def _check_sae_dirs(run_dir: Path, dirs: Sequence[Path]) -> None:

@@ -454,7 +454,7 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
     require_at_least(("--layer", layer, 0), ("--context", context, 2), ("--tokens", tokens, 1),
                      ("--batch-size", batch_size, 1), ("--shard-tokens", shard_tokens, 1))
     files = text_files(text)
-    out = Path(out)
+    out = outputs.canonical(out)
     # what this reads is never replaced; checked before the model loads
     inputs = (*text, *([model] if Path(model).exists() else []))
     outputs.check_target(out, "shards", overwrite=overwrite, inputs=inputs)

@@ -227,7 +227,7 @@ class ShardWriter:
             raise DataError(f"shard file type must be npy or safetensors, got {file_type!r}")
         if file_type == "npy" and dtype == "bfloat16":
             raise DataError("bfloat16 shards must be written as safetensors (.npy has no bfloat16)")
-        self.out = Path(out)
+        self.out = outputs.canonical(out)  # (`..` resolved: see outputs.canonical)
         self.overwrite = overwrite
         if (self.out.exists() or self.out.is_symlink()) and not overwrite:
             raise DataError(f"{self.out}: already exists (choose another --out, or pass "

@@ -110,7 +110,13 @@ def test_no_checkpoint_restores(run_copy, small_data, tmp_path, capsys):
                       "so training would start over from step 0", unchanged=kept)
     for path in (run_copy / "checkpoints").iterdir():
         shutil.move(path, tmp_path / path.name)
+    # with no checkpoint at all, a run that finished is not started over either
+    refused(["train", str(config), "--no-progress"], capsys,
+            match="no checkpoint to resume from, but the run has finished before (eval.json)",
+            unchanged=kept)
+    for path in (run_copy / "eval.json", run_copy / "sae"):
+        shutil.move(path, tmp_path / path.name)
     capsys.readouterr()
     assert cli.main(["train", str(config), "--no-progress"]) == 0
-    assert "no complete checkpoint to resume from (stopped before its first); starting over " \
-           "from step 0" in capsys.readouterr().out
+    assert "no complete checkpoint to resume from; starting over from step 0 (the steps " \
+           "metrics.jsonl logged are dropped)" in capsys.readouterr().out

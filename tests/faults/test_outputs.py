@@ -259,3 +259,21 @@ def test_frankenstein_failure_leaves_no_output_and_reruns_finish(tmp_path, small
     # (fault testing: init_from named the staging directory, gone once published, so the
     # retraining could not be run again from its config)
     assert f"init_from: {out / 'stitched'}" in config
+
+
+def test_a_dotdot_through_a_missing_directory_hides_nothing(run_copy, tmp_path, capsys):
+    """(fault testing: `--out nope/../victim` passed every check while nope/ did not exist,
+    and replaced victim/, a folder of the user's, or a whole run)"""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("mine")
+    for target, match in ((victim, "--overwrite to replace"),
+                          (run_copy, "which this command reads")):
+        hidden = tmp_path / "nope" / ".." / target.name
+        refused(["export", str(run_copy), "--out", str(hidden)], capsys, match=match,
+                unchanged=[victim, run_copy])
+    assert not (tmp_path / "nope").exists()
+    # a `..` that names a new place is written there, and nowhere else
+    _ok(["export", str(run_copy), "--out", str(tmp_path / "new" / ".." / "sae")], capsys)
+    assert sorted(os.listdir(tmp_path / "sae")) == sorted(SAELENS_FILES)
+    assert not (tmp_path / "new").exists()

@@ -83,14 +83,36 @@ def test_the_data_is_not_a_run_directory(small_data, tmp_path, capsys):
     assert not generated.exists()
 
 
-def test_a_config_yaml_of_another_program_does_not_make_a_run(small_data, tmp_path, capsys):
+@pytest.mark.parametrize("theirs", [
+    "model: resnet\nlr: 0.1\n",
+    "name: my-experiment\nseed: 42\n",  # keys jaxsae also has: still not a jaxsae config
+    "name: x\ndata: {path: d}\nsae: {d_sae: 64}\nlog: {level: debug}\n",
+])
+def test_a_config_yaml_of_another_program_does_not_make_a_run(small_data, tmp_path, capsys,
+                                                              theirs):
     project = tmp_path / "project"
     project.mkdir()
-    (project / "config.yaml").write_text("model: resnet\nlr: 0.1\n")
+    (project / "config.yaml").write_text(theirs)
     (project / "metrics.jsonl").write_text('{"my": "results"}\n')
+    (project / "eval.json").write_text('{"acc": 0.93}\n')
     config = write_config(tmp_path / "c.yaml", small_data, project)
     refused(["train", str(config)], capsys, match="not a jaxsae run directory",
             unchanged=[project])
+    # nor does a `..` after a directory that does not exist hide it
+    hidden = tmp_path / "nope" / ".." / "project"
+    config = write_config(tmp_path / "c.yaml", small_data, hidden)
+    refused(["train", str(config)], capsys, match="not a jaxsae run directory",
+            unchanged=[project])
+    assert not (tmp_path / "nope").exists()
+
+
+def test_checkpoints_of_another_program_are_never_set_aside(small_data, tmp_path, capsys):
+    run = tmp_path / "lightning"
+    (run / "checkpoints" / "1000").mkdir(parents=True)
+    (run / "checkpoints" / "1000" / "model.ckpt").write_text("weights")
+    config = write_config(run / "config.yaml", small_data, run)
+    refused(["train", str(config)], capsys,
+            match="checkpoints/ holds 1000, which no jaxsae save wrote", unchanged=[run])
 
 
 def test_an_sae_dir_training_would_replace_is_checked_before_training(run_copy, small_data,
