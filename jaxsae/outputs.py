@@ -5,7 +5,8 @@ A command that writes a directory (`export`, `import`, `synth`, `cache`, `stitch
 builds it in a staging directory beside the target and renames it into place when complete, so
 an interrupted command never leaves a half-written output. What may be replaced is one rule,
 `check_target`: a missing path or an empty directory; an output jaxsae wrote of the same kind,
-holding nothing but what jaxsae wrote there (its marker lists every file; a SAELens directory
+holding nothing but what jaxsae wrote there, unchanged (its marker lists every file, with its
+size and time; a SAELens directory
 holds the layout's three files; the shard writers replace a shard directory only with
 `--overwrite`); any other directory only with `--overwrite`, and never a file,
 a directory holding a run with checkpoints at any depth (even inside an output of the same
@@ -48,27 +49,39 @@ class OutputError(JaxsaeError):
 
 def write_marker(directory: Path, kind: str, *, inventory: bool = False) -> None:
     """Marks `directory` as jaxsae's `kind` output; with `inventory`, listing what it holds
-    now (call it on a complete output, just before it is published)."""
+    now, each file with its size and modification time (call it on a complete output, just
+    before it is published)."""
     mark: dict[str, Any] = {"kind": kind}
     if inventory:
-        mark["files"] = sorted(_entries(directory) - {MARKER})
+        found = _entries(directory)
+        found.pop(MARKER, None)
+        mark["files"] = dict(sorted(found.items()))
     (directory / MARKER).write_text(json.dumps(mark) + "\n")
 
 
-def _entries(directory: Path) -> set[str]:
-    """Every file and directory below `directory`, as relative POSIX paths (links are listed,
-    not followed)."""
-    found = set()
+def _entries(directory: Path) -> dict[str, Any]:
+    """Every entry below `directory` by relative POSIX path: "dir", "link", or a file's
+    [size, modification time in ns] (links are listed, not followed)."""
+    found: dict[str, Any] = {}
     for root, dirs, files in os.walk(directory):
         base = Path(root).relative_to(directory)
-        found.update((base / name).as_posix() for name in (*dirs, *files))
+        for name in (*dirs, *files):
+            path = Path(root) / name
+            if path.is_symlink():
+                state: Any = "link"
+            elif path.is_dir():
+                state = "dir"
+            else:
+                info = path.stat()
+                state = [info.st_size, info.st_mtime_ns]
+            found[(base / name).as_posix()] = state
     return found
 
 
 def foreign_entries(path: Path) -> list[str] | None:
-    """What `path`, a jaxsae output, holds that jaxsae did not write there (relative paths; a
-    foreign directory is named, not what it holds), or None when that cannot be told: an
-    output of an earlier jaxsae, whose marker lists no files."""
+    """What `path`, a jaxsae output, holds that jaxsae did not write there, or changed since
+    (relative paths; a foreign directory is named, not what it holds), or None when that
+    cannot be told: an output of an earlier jaxsae, whose marker lists no files."""
     path = Path(path)
     try:
         mark = json.loads((path / MARKER).read_text())
@@ -76,23 +89,24 @@ def foreign_entries(path: Path) -> list[str] | None:
         mark = None
     if isinstance(mark, dict):
         listed = mark.get("files")
-        if not isinstance(listed, list):
+        if not isinstance(listed, dict):
             return None
-        known = {*listed, MARKER}
+        known: dict[str, Any] = {**listed, MARKER: None}
     elif output_kind(path) == "sae":
-        known = set(SAELENS_FILES)
+        known = dict.fromkeys(SAELENS_FILES)  # (no marker: names only)
     else:
         return None
-    foreign = []
-    for root, dirs, files in os.walk(path):
-        base = Path(root).relative_to(path)
-        for name in sorted(files):
-            if (base / name).as_posix() not in known:
-                foreign.append((base / name).as_posix())
-        for name in sorted(dirs):
-            if (base / name).as_posix() not in known:
-                foreign.append((base / name).as_posix() + "/")
-        dirs[:] = [d for d in dirs if (base / d).as_posix() in known]
+    foreign, named_dirs = [], []
+    now = _entries(path)
+    for name in sorted(now):
+        if any(name.startswith(f"{other}/") for other in named_dirs):
+            continue  # inside a directory already named
+        if name not in known:
+            foreign.append(name + ("/" if now[name] == "dir" else ""))
+            if now[name] == "dir":
+                named_dirs.append(name)
+        elif known[name] is not None and now[name] != known[name]:
+            foreign.append(f"{name} (changed)")
     return foreign
 
 

@@ -244,8 +244,8 @@ def test_export_replaces_an_existing_directory(tmp_path):
     (out / "nested" / "x.bin").write_bytes(b"1")
 
     second, second_cfg = make_sae("relu", seed=5)
-    with pytest.raises(OutputError, match=r"holds files jaxsae did not write \(stale.txt, "
-                                          r"nested/\)"):
+    with pytest.raises(OutputError, match=r"holds files jaxsae did not write \(nested/, "
+                                          r"stale.txt\)"):
         export_sae(second, second_cfg, out)  # files the user added: never replaced silently
     export_sae(second, second_cfg, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == sorted([CFG_FILE, WEIGHTS_FILE,

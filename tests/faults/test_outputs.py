@@ -220,8 +220,17 @@ def test_analysis_outputs_are_staged_and_refuse_foreign_targets(run_copy, small_
             match="holds files jaxsae did not write (my_notes.txt)", unchanged=[out])
     marker = json.loads((out / MARKER).read_text())
     assert "index.html" in marker["files"] and MARKER not in marker["files"]
-    # an output of an earlier jaxsae (no list of its files) is replaced only with --overwrite
+    # ... or a file it wrote was changed, or replaced by a directory
     (out / "my_notes.txt").unlink()
+    with open(out / "index.html", "a") as page:
+        page.write("<!-- my edit -->")
+    (out / "latents.csv").unlink()
+    (out / "latents.csv").mkdir()
+    refused(["analyze", sae, *common, "--out", str(out)], capsys,
+            match="holds files jaxsae did not write (index.html (changed), latents.csv "
+                  "(changed))", unchanged=[out])
+    (out / "latents.csv").rmdir()
+    # an output of an earlier jaxsae (no list of its files) is replaced only with --overwrite
     (out / MARKER).write_text(json.dumps({"kind": "analyze"}))
     refused(["analyze", sae, *common, "--out", str(out)], capsys,
             match="did not record its files", unchanged=[out])
