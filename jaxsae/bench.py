@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +72,21 @@ class BenchConfig:
             raise ConfigError("arms: at least one arm is required")
         if not self.seeds:
             raise ConfigError("seeds: at least one seed is required")
+        for key in ("name", "run_dir"):
+            if key in self.base:
+                raise ConfigError(f"base.{key}: set per arm by the bench (its name, and "
+                                  "out/<arm>); remove it")
         out = {}
         for arm, overrides in self.arms.items():
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", str(arm)):
+                raise ConfigError(f"arms.{arm}: an arm's name is its directory's, so letters, "
+                                  "digits and _ . + = - only (not starting with '.')")
             if not isinstance(overrides, Mapping):
                 raise ConfigError(f"arms.{arm}: expected a mapping of config overrides")
+            for key in ("name", "run_dir"):
+                if key in overrides:
+                    raise ConfigError(f"arms.{arm}.{key}: set by the bench (its name, and "
+                                      "out/<arm>); remove it")
             tree = _merge(dict(self.base), dict(overrides))
             tree["name"] = f"{self.name}-{arm}"
             tree["run_dir"] = str(self.directory / arm)
