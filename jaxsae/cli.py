@@ -198,6 +198,10 @@ def _run(cmd: Command, name: str) -> int:
     """The command, with bad input (flags, files, sizes) reported in one line."""
     try:
         return cmd.run()
+    except BrokenPipeError:  # stdout closed by its reader (`jaxsae data inspect D | head`)
+        with contextlib.suppress(OSError):  # (no second error when Python flushes at exit)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except JaxsaeError as e:
         code = getattr(e, "exit_code", 2)
         print(f"{name}: error: {one_line(str(e))}", file=sys.stderr)

@@ -228,6 +228,23 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
                       "--overwrite to replace it")
 
 
+def check_file_target(path: str | Path, flag: str = "--out") -> None:
+    """Refuses a single-file output (a plot) inside a jaxsae output directory (an export, a
+    run's sae/, an analysis: replacing that output later would take the file for something
+    a user added) or inside a run's checkpoints/ (training's own)."""
+    where = f"{flag} {path}"
+    parent = canonical(path).parent
+    for directory in (parent, *parent.parents):
+        kind = output_kind(directory)
+        if kind is not None:
+            raise OutputError(f"{where}: lies inside {directory}, a jaxsae {kind} output; "
+                              "write elsewhere")
+    run = run_around(canonical(path))
+    if run is not None and inside(parent, run / "checkpoints"):
+        raise OutputError(f"{where}: lies inside the checkpoints of the run {run}, which "
+                          "training manages; write elsewhere")
+
+
 def staging_path(target: Path) -> Path:
     """A fresh name beside `target` for building it (same filesystem, so renaming is atomic),
     naming this host and process (see `remove_stale_staging`)."""

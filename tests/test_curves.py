@@ -95,6 +95,11 @@ def test_plot_command_overlays_runs_and_refuses_what_it_must_not_touch(small_dat
          "plots does not exist"),
         (["plot", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a" / "."),
           "--out", str(tmp_path / "y.png")], "given twice"),
+        # never into an SAE (or any jaxsae output), nor a run's checkpoints
+        (["plot", str(tmp_path / "a"), "--out", str(tmp_path / "a" / "sae" / "c.png")],
+         "a jaxsae sae output"),
+        (["plot", str(tmp_path / "a"), "--out", str(tmp_path / "a" / "checkpoints" / "c.png")],
+         "lies inside the checkpoints of the run"),
     ]:
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()

@@ -348,3 +348,8 @@ def test_cli_synth_presets_and_kinds(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "probs" in proc.stderr and len(
         proc.stderr.strip().splitlines()) == 1
+
+
+def test_circles_need_a_plane():
+    with pytest.raises(ConfigError, match="d_in: a circle needs a plane"):
+        synthetic.CirclesSpec(n_circles=2, d_in=1)

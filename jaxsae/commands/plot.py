@@ -8,6 +8,7 @@ from typing import Annotated
 
 import tyro
 
+from jaxsae import outputs
 from jaxsae.commands import Command, Flag, command
 from jaxsae.errors import JaxsaeError
 
@@ -50,6 +51,7 @@ class Plot(Command):
         if not out.parent.is_dir():
             what = "is not a directory" if out.parent.exists() else "does not exist"
             raise JaxsaeError(f"--out {out}: {out.parent} {what}")
+        outputs.check_file_target(out)
         series = [s for run in self.runs for s in curves.run_series(Path(run))]
         empty = [label for label, lines in series if not lines]
         if len(empty) == len(series):

@@ -355,6 +355,7 @@ class CirclesSpec:
         _need(0 < self.prob <= 1, "prob", "must be in (0, 1]")
         _need(self.radius > 0, "radius", "must be > 0")
         _need(self.radius_std >= 0, "radius_std", "must be >= 0")
+        _need(self.d_in >= 2, "d_in", f"a circle needs a plane: must be >= 2, got {self.d_in}")
 
     @property
     def n_features(self) -> int:

@@ -294,3 +294,21 @@ def test_a_lost_sigterm_exception_is_not_printed(monkeypatch):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert [type(u.exc_value) for u in seen] == [ValueError]
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(small_data):
+    """`jaxsae data inspect DIR | head`: no 'Broken pipe' error line, SIGPIPE's status."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.faults.conftest import ROOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxsae.cli", "data", "inspect", str(small_data),
+         "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "JAXSAE_HUGE_PAGES": "0", "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # before it prints anything (starting takes seconds)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert err == ""
