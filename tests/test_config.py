@@ -362,3 +362,9 @@ def test_loss_terms_by_name():
     two = "loss=[{term: mse}, {term: l1}, {term: l1}]"
     with raises_naming("loss.l1", "2 items have term 'l1'"):
         load_config(None, ["data.path=d", two, "loss.l1.coefficient=1"])
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/../b", "/tmp/abs", "", "a//b"])
+def test_a_run_name_stays_below_runs(name):
+    with pytest.raises(ConfigError, match="name: must be a relative name below runs/"):
+        config_from_dict({"name": name, "data": {"path": "d"}, "sae": {"d_sae": 8}})
