@@ -72,10 +72,6 @@ class BenchConfig:
             raise ConfigError("arms: at least one arm is required")
         if not self.seeds:
             raise ConfigError("seeds: at least one seed is required")
-        for key in ("name", "run_dir"):
-            if key in self.base:
-                raise ConfigError(f"base.{key}: set per arm by the bench (its name, and "
-                                  "out/<arm>); remove it")
         out = {}
         for arm, overrides in self.arms.items():
             if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", str(arm)):

@@ -305,21 +305,23 @@ class Checkpointer:
             self.manager.close()
 
 
-_STEP_ENTRY = re.compile(rf"\d+({re.escape(TMP_SUFFIX)}|\.(incomplete|corrupt)(-\d+)?)?")
-
-
 def foreign_steps(directory: Path) -> list[str]:
-    """The entries of a checkpoints/ directory named like a step (which a Checkpointer sets
-    aside or removes when incomplete) that no jaxsae save wrote: a step directory holding
-    none of a save's items, its commit marker or orbax's metadata, or a file."""
+    """The entries of a checkpoints/ directory named like a step (a Checkpointer sets one
+    aside, and later removes it, when it holds no complete save) that no jaxsae save wrote:
+    a file, a link, or a directory holding files but none of a save's items, its commit
+    marker or orbax's metadata. (Orbax's temporary names and jaxsae's `.incomplete` /
+    `.corrupt` set-asides are jaxsae's by name; an empty directory holds nothing to lose.)"""
     ours = {*ITEMS, COMMIT_MARKER, "_CHECKPOINT_METADATA"}
     foreign = []
     with contextlib.suppress(OSError):
         for entry in sorted(directory.iterdir()):
-            if not _STEP_ENTRY.fullmatch(entry.name):
+            if not entry.name.isdigit():
                 continue
-            if (entry.is_symlink() or not entry.is_dir()
-                    or not any(p.name in ours for p in entry.iterdir())):
+            if entry.is_symlink() or not entry.is_dir():
+                foreign.append(entry.name)
+                continue
+            names = {p.name for p in entry.iterdir()}
+            if names and not names & ours:
                 foreign.append(entry.name)
     return foreign
 

@@ -67,7 +67,6 @@ def test_arm_configs_cross_the_seeds(tmp_path):
     *(({"arms": {name: {}}}, r"an arm's name is its directory's")
       for name in ("../escaped", ".", "a/b", ".hidden")),
     ({"arms": {"x": {"run_dir": "/elsewhere"}}}, r"arms\.x\.run_dir: set by the bench"),
-    ({"base": {"name": "n", "data": {"path": "d"}}}, r"base\.name: set per arm"),
 ])
 def test_bad_bench_configs_name_the_key(tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
