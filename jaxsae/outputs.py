@@ -6,13 +6,12 @@ builds it in a staging directory beside the target and renames it into place whe
 an interrupted command never leaves a half-written output. What may be replaced is one rule,
 `check_target`: a missing path or an empty directory; an output jaxsae wrote of the same kind,
 holding nothing but what jaxsae wrote there, unchanged (its marker lists every file, with its
-size and time; a SAELens directory
-holds the layout's three files; the shard writers replace a shard directory only with
-`--overwrite`); any other directory only with `--overwrite`, and never a file,
-a directory holding a run with checkpoints at any depth (even inside an output of the same
-kind), the command's own inputs or the working directory; and nothing is written inside
-the command's inputs or a run's checkpoints/. A replaced directory is moved
-aside first and removed only once the new one is in place.
+size and time; a SAELens directory holds the layout's three files; the shard writers replace a
+shard directory only with `--overwrite`); any other directory only with `--overwrite`, and
+never a file, a directory holding a run with checkpoints at any depth (even inside an output
+of the same kind), the command's own inputs or the working directory; and nothing is written
+inside the command's inputs or a run's checkpoints/. A replaced directory is moved aside first
+and removed only once the new one is in place.
 """
 
 from __future__ import annotations
@@ -236,7 +235,7 @@ def check_file_target(path: str | Path, flag: str = "--out") -> None:
     parent = canonical(path).parent
     for directory in (parent, *parent.parents):
         kind = output_kind(directory)
-        if kind is not None:
+        if kind not in (None, "bench", "import"):  # (those two are added to, not replaced)
             raise OutputError(f"{where}: lies inside {directory}, a jaxsae {kind} output; "
                               "write elsewhere")
     run = run_around(canonical(path))
