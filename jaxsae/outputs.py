@@ -189,21 +189,19 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
     target = canonical(target)
     refuse_non_directory(target, where)
     resolved = target.resolve()
-    for protected in inputs:
-        if resolved != Path(protected).resolve() and inside(resolved, Path(protected).resolve()):
+    read = [(protected, Path(protected).resolve()) for protected in inputs]
+    for protected, path in read:
+        if resolved != path and inside(resolved, path):
             raise OutputError(f"{where}: lies inside {protected}, which this command reads; "
                               "write elsewhere")
-    run = run_around(resolved)
-    if run is not None and inside(resolved, run / "checkpoints"):
-        raise OutputError(f"{where}: lies inside the checkpoints of the run {run}, which "
-                          "training manages; write elsewhere")
+    _refuse_inside_checkpoints(resolved, where)
     if not target.exists():
         return
     if inside(Path.cwd().resolve(), resolved):
         raise OutputError(f"{where}: would replace the working directory ({Path.cwd()}); "
                           "choose another path")
-    for protected in inputs:
-        if inside(Path(protected).resolve(), resolved):
+    for protected, path in read:
+        if inside(path, resolved):
             raise OutputError(f"{where}: would replace {protected}, which this command reads; "
                               "choose another path")
     if not any(target.iterdir()):
@@ -238,8 +236,12 @@ def check_file_target(path: str | Path, flag: str = "--out") -> None:
         if kind not in (None, "bench", "import"):  # (those two are added to, not replaced)
             raise OutputError(f"{where}: lies inside {directory}, a jaxsae {kind} output; "
                               "write elsewhere")
-    run = run_around(canonical(path))
-    if run is not None and inside(parent, run / "checkpoints"):
+    _refuse_inside_checkpoints(canonical(path), where)
+
+
+def _refuse_inside_checkpoints(path: Path, where: str) -> None:
+    run = run_around(path)
+    if run is not None and inside(path.resolve(), run / "checkpoints"):
         raise OutputError(f"{where}: lies inside the checkpoints of the run {run}, which "
                           "training manages; write elsewhere")
 

@@ -12,7 +12,6 @@ several processes in step in `jaxsae.processes`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
 from jax.experimental import multihost_utils
 
 from jaxsae import export, outputs, processes, sae
@@ -34,7 +32,7 @@ from jaxsae.checkpoint import (
     foreign_steps,
 )
 from jaxsae.checks import check_run
-from jaxsae.config import Config, config_from_dict
+from jaxsae.config import Config, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, lanes_of_process
@@ -253,8 +251,6 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         return abstract_with_shardings(built.abstract, built.state_sharding)
 
     restored = ckpt.restore_newest(abstract_for, log)
-    if restored is None:
-        _check_fresh_start(ckpt, run_dir, dirs, log)
     if restored is not None:
         loader_state = restored.loader
         stats = DataStats.from_dict(loader_state["data_stats"])
@@ -268,6 +264,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 "export an earlier checkpoint with jaxsae export --step instead")
         log(f"resuming {run_dir} from step {start}")
     else:
+        _check_fresh_start(ckpt, run_dir, dirs, log)
         loader_state, start = None, 0
         stats = estimate_stats(source, n_train, cfg.data)
         built = built_for(stats)
@@ -366,9 +363,10 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
 def _check_fresh_start(ckpt: Checkpointer, run_dir: Path, dirs: Sequence[Path],
                        log: Callable[[str], None]) -> None:
     """A run with no checkpoint to resume from starts at step 0, unless it had checkpoints
-    and none of them restores (set aside as <step>.corrupt, now or by an earlier call):
-    starting over would silently throw away what it trained, so it is refused. A run that
-    logged steps but saved no checkpoint (stopped before its first) says that it starts over."""
+    and none of them restores (set aside as <step>.corrupt, now or by an earlier call) or it
+    finished before (eval.json, sae/): starting over would silently throw away what it
+    trained, so it is refused. A run that logged steps but saved no checkpoint says that it
+    starts over."""
     corrupt = sorted(p.name for p in ckpt.directory.glob("*.corrupt*")
                      if p.name.split(".")[0].isdigit())
     if corrupt:
@@ -430,15 +428,8 @@ def _is_run_config(path: Path) -> bool:
     """Whether `path` is a jaxsae run config (jaxsae writes one in every run directory, and a
     user may write their own there): a valid config, not merely a file of that name."""
     try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-    names = {f.name for f in dataclasses.fields(Config)}
-    if not (isinstance(tree, dict) and {"data", "sae"} <= set(tree) <= names):
-        return False
-    try:
-        config_from_dict(tree)
-    except JaxsaeError:
+        load_config(path)
+    except (JaxsaeError, OSError):
         return False
     return True
 
