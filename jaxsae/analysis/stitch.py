@@ -423,7 +423,9 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
 
     Everything is written into `<out>.partial/` and renamed to `out` when complete; an
     interrupted call leaves the partial directory, and the same call continues its decoder
-    retraining from the last checkpoint (a call with other inputs starts it afresh)."""
+    retraining from the last checkpoint (a call with other inputs starts it afresh). The
+    published out/retrain keeps the retraining's config, metrics and SAE but not its
+    checkpoints, so that a later call can replace the output."""
     from jaxsae.config import config_from_dict
     from jaxsae.train import train
 
@@ -485,11 +487,15 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     if retrain_decoder_tokens > 0:
         retrain = retraining(cfg.d_sae, cfg.activation, window.tokens, dropped)
         staged = {**retrain, "run_dir": str(work / "retrain"), "init_from": str(stitched)}
-        try:
-            final = train(config_from_dict(staged), progress=progress).sae_dir
-        except JaxsaeError as e:  # the retraining's config is made of this command's flags
-            e.args = (_as_flags(str(e)),)
-            raise
+        if (work / "retrain" / "sae").is_dir() and not (work / "retrain" / "checkpoints"
+                                                         ).exists():
+            final = work / "retrain" / "sae"  # complete: only publishing failed last time
+        else:
+            try:
+                final = train(config_from_dict(staged), progress=progress).sae_dir
+            except JaxsaeError as e:  # the retraining's config is made of this command's flags
+                e.args = (_as_flags(str(e)),)
+                raise
     shutil.rmtree(work / "sae", ignore_errors=True)  # from an interrupted call: redone
     shutil.copytree(final, work / "sae")
 
@@ -523,5 +529,10 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     if retrain is not None:  # the run directory's own config names where it ends up
         retrain_config = work / "retrain" / "config.yaml"
         atomic_write(retrain_config, config_from_dict(retrain).to_yaml())
+        # Its checkpoints served only to resume an interrupted call: kept, they would make the
+        # published output hold a training run, which jaxsae never replaces (not even with
+        # --overwrite), so a later call could not replace this output.
+        if (work / "retrain" / "checkpoints").exists():  # (gone: removed by a call that
+            shutil.rmtree(work / "retrain" / "checkpoints")  # failed to publish)
     outputs.publish(work, out, "frankenstein", overwrite=overwrite, inputs=inputs)
     return rows

@@ -260,6 +260,10 @@ def test_frankenstein_failure_leaves_no_output_and_reruns_finish(tmp_path, small
     refused(argv, capsys, match="No space left on device", unchanged=[])
     assert not out.exists()  # nothing half-written under the name of the result
     monkeypatch.undo()
+    monkeypatch.setattr(stitch.outputs, "publish", broken)  # then fails at the very end
+    refused(argv, capsys, match="No space left on device", unchanged=[])
+    assert not out.exists()
+    monkeypatch.undo()
     _ok(argv, capsys)  # continues from <out>.partial (its retraining is complete)
     assert (out / "sae" / CFG_FILE).is_file() and (out / "frankenstein.md").is_file()
     assert not (tmp_path / "frank.partial").exists()
@@ -268,6 +272,11 @@ def test_frankenstein_failure_leaves_no_output_and_reruns_finish(tmp_path, small
     # (fault testing: init_from named the staging directory, gone once published, so the
     # retraining could not be run again from its config)
     assert f"init_from: {out / 'stitched'}" in config
+    # (fault testing: the output held its retraining's checkpoints, a training run, which
+    # jaxsae never replaces: the same call could not be made again, even with --overwrite)
+    assert not (out / "retrain" / "checkpoints").exists()
+    _ok([*argv, "--overwrite"], capsys)
+    assert (out / "sae" / CFG_FILE).is_file() and not (tmp_path / "frank.partial").exists()
 
 
 def test_a_dotdot_through_a_missing_directory_hides_nothing(run_copy, tmp_path, capsys):
