@@ -214,6 +214,26 @@ def _run(cmd: Command, name: str) -> int:
         print(f"{name}: error: out of memory{detail}: the sizes asked for need more "
               "memory than this machine has", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _device_out_of_memory(e):
+            raise
+        print(f"{name}: error: out of memory on {_device_words()} "
+              f"({one_line(str(e).splitlines()[0])}): the sizes asked for (sae.d_sae, "
+              "optim.batch_size, ...) need more memory than it has", file=sys.stderr)
+        return 2
+
+
+def _device_out_of_memory(error: Exception) -> bool:
+    """An XLA allocation that failed (JAX raises it as a JaxRuntimeError: no MemoryError)."""
+    text = str(error)
+    return (type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+            and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text))
+
+
+def _device_words() -> str:
+    import jax  # (imported already: only a JAX computation gets here)
+
+    return "the CPU" if jax.default_backend() == "cpu" else f"the {jax.default_backend()}"
 
 
 def _exit_now(code: int) -> None:

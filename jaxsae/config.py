@@ -112,6 +112,9 @@ class DataConfig:
 
 # `auto` sizes: a 30-second smoke test and a 1B-token job both get sensible values.
 AUTO_EVAL_TOKENS = 65536
+DEAD_WINDOW_MAX = 2**30
+"""The longest window of a dead latent, in tokens: a latent's count of tokens since it fired
+(int32 on the device) saturates here instead of overflowing."""
 AUTO_WARMUP_STEPS = 1000
 
 
@@ -146,7 +149,8 @@ class SAEConfig:
     transcoders)."""
 
     def __post_init__(self):
-        _need(self.d_sae > 0, "sae.d_sae", f"must be > 0, got {self.d_sae}")
+        _need(0 < self.d_sae < 2**31, "sae.d_sae",  # (a latent's index is int32)
+              f"must be in 1..2^31 - 1, got {self.d_sae}")
         _need(self.k > 0, "sae.k", f"must be > 0, got {self.k}")
         _need(self.init_decoder_norm > 0, "sae.init_decoder_norm", "must be > 0")
         _need(self.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth", "must be > 0")
@@ -247,6 +251,9 @@ class OptimConfig:
         _need(self.batch_size > 0, "optim.batch_size", f"must be > 0, got {self.batch_size}")
         _need(self.total_tokens >= self.batch_size, "optim.total_tokens",
               f"must be at least one batch ({self.batch_size} tokens), got {self.total_tokens}")
+        _need(self.total_steps < 2**31, "optim.total_tokens",  # (the device's step is int32)
+              f"{self.total_tokens} tokens make {self.total_steps} steps of "
+              f"optim.batch_size {self.batch_size}, more than the 2^31 - 1 a run can count")
         _need(0 <= self.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]")
         _need(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
         for beta in ("adam_b1", "adam_b2"):  # 1 never forgets the first gradient; >1 diverges
@@ -344,7 +351,9 @@ class LogConfig:
 
     def __post_init__(self):
         _need(self.every_steps > 0, "log.every_steps", "must be > 0")
-        _need(self.dead_window_tokens > 0, "log.dead_window_tokens", "must be > 0")
+        _need(0 < self.dead_window_tokens <= DEAD_WINDOW_MAX, "log.dead_window_tokens",
+              f"must be in 1..{DEAD_WINDOW_MAX} (2^30 tokens, where a latent's count of tokens "
+              "since it fired saturates)")
 
 
 # Keys a sweep may vary: they change numbers, never shapes, so one vmapped step trains them all.

@@ -202,7 +202,8 @@ class GroundTruthSums:
         out = {
             "mcc": float(cos_abs[match_f, match_l].mean()),
             "mmcs": float(cos_abs.max(axis=1).mean()),
-            "uniqueness": float(len(set(best[firing].tolist())) / max(int(firing.sum()), 1)),
+            "uniqueness": (float(len(set(best[firing].tolist())) / int(firing.sum()))
+                           if firing.any() else float("nan")),  # (no latent fired: null)
             "precision": _mean_defined(precision),
             "recall": _mean_defined(recall),
             "f1": _mean_defined(f1),
@@ -210,7 +211,8 @@ class GroundTruthSums:
             "true_l0": counts.true_active / counts.n,
             "dead_fraction": float(np.mean(~firing)),
             "dense_fraction": float(np.mean(freq > DENSE_FREQUENCY)),
-            "shrinkage": counts.shrinkage / max(counts.nonzero_tokens, 1),
+            "shrinkage": (counts.shrinkage / counts.nonzero_tokens if counts.nonzero_tokens
+                          else float("nan")),  # (no token reconstructed: null)
             "per_feature": {"latent": match_l.tolist(),
                             "cos": cos_abs[match_f, match_l].tolist(),
                             "precision": precision.tolist(), "recall": recall.tolist(),
@@ -356,7 +358,7 @@ class _SAELensCounts:
             "sb_f1": float(f1.mean()),
             "sb_accuracy": float(((tp + tn) / max(self.n, 1)).mean()),
             "sb_explained_variance": ev,
-            "sb_shrinkage": self.shrink / self.shrink_n if self.shrink_n else 0.0,
+            "sb_shrinkage": self.shrink / self.shrink_n if self.shrink_n else float("nan"),
             "sb_dead_latents": int(np.sum(~self.fired)),
             "sb_l0": self.active / self.n,
             "sb_true_l0": self.true_active / self.n,

@@ -105,6 +105,11 @@ def export_sae(
         if sae_cfg.skip:
             weights["W_skip"] = host["W_skip"]
     weights = {k: v.astype(stored) for k, v in weights.items()}
+    for name, array in weights.items():  # (no reader would take it: load_sae refuses it too)
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
+        if bad:
+            raise ExportError(f"{out}: not written: {name} has {bad} non-finite values (NaN "
+                              "or inf)")
     cfg_json: dict[str, Any] = {
         "architecture": architecture,
         **shape,
@@ -204,7 +209,32 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ExportError(f"{file}: normalize_activations {cfg['normalize_activations']!r} "
                           "is not supported (expected 'none')")
+    _check_training_record(cfg, file)
     return cfg
+
+
+def _check_training_record(cfg: dict[str, Any], file: Path) -> None:
+    """The fields an evaluation reads to leave out the tokens training left out or trained on
+    (`jaxsae.data.window`): absent, null or well formed. A damaged one is refused, not taken
+    for an SAE trained elsewhere, which would evaluate on other tokens without a word."""
+    for block in ("jaxsae", "metadata"):
+        if cfg.get(block) is not None and not isinstance(cfg[block], dict):
+            raise ExportError(f"{file}: {block!r} must be a JSON object, got "
+                              f"{json.dumps(cfg[block])}")
+    own = cfg.get("jaxsae") or {}
+    multiple = own.get("drop_norm_above")
+    if multiple is not None and not (isinstance(multiple, int | float)
+                                     and not isinstance(multiple, bool) and multiple > 0):
+        raise ExportError(f"{file}: jaxsae.drop_norm_above must be a number > 0 or null, got "
+                          f"{json.dumps(multiple)}")
+    end = own.get("held_out_from")
+    if end is not None and not (isinstance(end, int) and not isinstance(end, bool) and end >= 0):
+        raise ExportError(f"{file}: jaxsae.held_out_from must be an integer >= 0 or null, got "
+                          f"{json.dumps(end)}")
+    path = (cfg.get("metadata") or {}).get("dataset_path")
+    if path is not None and not isinstance(path, str):
+        raise ExportError(f"{file}: metadata.dataset_path must be a string or null, got "
+                          f"{json.dumps(path)}")
 
 
 def check_init_from(path: str | Path, sae_cfg: SAEConfig) -> None:

@@ -23,7 +23,6 @@ import numpy as np
 
 from jaxsae import penalties
 from jaxsae.config import Config, sweep_label
-from jaxsae.data.loader import Loader
 from jaxsae.errors import JaxsaeError, NonFiniteError
 from jaxsae.outputs import AppendLog, atomic_write, json_text
 
@@ -137,13 +136,17 @@ class MetricLogger:
     log.every_steps, one line per SAE for the hooks (a sweep's metrics have a leading SAE
     axis)."""
 
-    def __init__(self, cfg: Config, start: int, loader: Loader, hooks: list[LoopHook]):
-        self.cfg, self.loader, self.hooks = cfg, loader, hooks
+    def __init__(self, cfg: Config, start: int, hooks: list[LoopHook], *,
+                 dropped: Callable[[dict], int | None]):
+        """`dropped`: a loader position -> the tokens the norm filter left out up to it
+        (None: not known; every process calls it at the same steps)."""
+        self.cfg, self.hooks, self.dropped = cfg, hooks, dropped
         self.last_time, self.last_step = time.perf_counter(), start
         self.labels = penalties.term_labels(cfg.loss)
         self.points = cfg.sweep.points if cfg.sweep is not None else None
 
-    def record(self, step: int, metrics: dict) -> None:
+    def record(self, step: int, metrics: dict, position: dict) -> None:
+        """`position`: the loader's after the step's batch."""
         fetched = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
         n = 1 if self.points is None else len(self.points)
         hosts = [{k: (v if self.points is None else v[i]).item() for k, v in fetched.items()}
@@ -157,7 +160,7 @@ class MetricLogger:
                 which = ("" if self.points is None
                          else f" of sweep SAE {i} ({sweep_label(self.points[i])})")
                 raise NonFiniteError(
-                    f"non-finite loss or gradient{which} at step {step} ({culprit} non-finite: "
+                    f"non-finite loss or gradient{which} at step {done} ({culprit} non-finite: "
                     f"loss={host['loss']}, grad_norm={host['grad_norm']}); no checkpoint is "
                     "written after it. Lower optim.lr or check the data "
                     "(data.check_finite: true)"
@@ -170,13 +173,14 @@ class MetricLogger:
         tokens_per_s = (done - self.last_step) * self.cfg.optim.batch_size / (now - self.last_time)
         self.last_time, self.last_step = now, done
         lines = []
+        dropped = None if self.cfg.data.drop_norm_above is None else self.dropped(position)
         for host in hosts:
             if not self.cfg.optim.skip_nonfinite:
                 host.pop("skipped_steps")
             line = {"step": done, "tokens": done * self.cfg.optim.batch_size,
                     "tokens_per_s": round(tokens_per_s, 1), **host}
-            if self.cfg.data.drop_norm_above is not None:
-                line["dropped_tokens"] = self.loader.dropped
+            if dropped is not None:
+                line["dropped_tokens"] = dropped
             lines.append(line)
         for hook in self.hooks:
             hook.on_log(done, lines)

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxsae import activations, kernels, sae
 from jaxsae.activations.topk import topk
+from jaxsae.config import DEAD_WINDOW_MAX
 from jaxsae.errors import ConfigError
 from jaxsae.parsing import parse_value, unknown_key_message
 
@@ -408,8 +409,9 @@ def _check_auxk(cfg: Config, term: TermConfig, key: str) -> None:
     k_aux = term.params.get("k_aux")
     if k_aux is not None and not 0 < k_aux <= cfg.sae.d_sae:
         raise ConfigError(f"{key}.k_aux: must be in 1..sae.d_sae ({cfg.sae.d_sae}), got {k_aux}")
-    if term.params.get("dead_tokens", 1) <= 0:
-        raise ConfigError(f"{key}.dead_tokens: must be > 0")
+    if not 0 < term.params.get("dead_tokens", 1) <= DEAD_WINDOW_MAX:
+        raise ConfigError(f"{key}.dead_tokens: must be in 1..{DEAD_WINDOW_MAX} (2^30 tokens, "
+                          "where a latent's count of tokens since it fired saturates)")
 
 
 @register("auxk", check=_check_auxk)

@@ -18,14 +18,12 @@ import optax
 from jax.sharding import Mesh
 
 from jaxsae import kernels, penalties, sae
-from jaxsae.config import Config, OptimConfig
+from jaxsae.config import DEAD_WINDOW_MAX, Config, OptimConfig
 
 # The vmap axis of a sweep's SAEs.
 SWEEP_AXIS = "sweep"
 THRESHOLD_WINDOWS = 10
 """A run is at least this many of its running estimates' averaging windows long."""
-# tokens_since_fired saturates here instead of overflowing int32.
-_TOKENS_SINCE_FIRED_CAP = 2**30
 
 
 @flax.struct.dataclass
@@ -195,7 +193,7 @@ def make_train_step(
         params = {k: state.params[k] if k in cfg.freeze else v for k, v in params.items()}
 
         fired = out.fired()
-        since = jnp.minimum(state.tokens_since_fired + batch.shape[0], _TOKENS_SINCE_FIRED_CAP)
+        since = jnp.minimum(state.tokens_since_fired + batch.shape[0], DEAD_WINDOW_MAX)
         tokens_since_fired = jnp.where(fired, 0, since)
 
         grad_norm = optax.global_norm(grads)

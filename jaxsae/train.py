@@ -35,7 +35,7 @@ from jaxsae.checks import check_run
 from jaxsae.config import Config, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
-from jaxsae.data.loader import Loader, Prefetcher, lanes_of_process
+from jaxsae.data.loader import Loader, Prefetcher, dropped_tokens, lanes_of_process
 from jaxsae.data.stats import DataStats
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError
@@ -150,6 +150,9 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
             f"data.eval_tokens ({held_out}); need at least optim.batch_size "
             f"({cfg.optim.batch_size})"
         )
+    if cfg.optim.total_tokens > n_train:  # (the default, 100M tokens, on small data: say so)
+        log(f"data: optim.total_tokens ({cfg.optim.total_tokens:,}) passes over the "
+            f"{n_train:,} training tokens {cfg.optim.total_tokens / n_train:.3g} times")
     truth = ground_truth(cfg, source)  # read (and checked) now, not after the training
 
     told: list[LoopHook] = []  # filled by the loop; closed once evaluation is done too
@@ -177,7 +180,7 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
         for path in ckpt.set_aside:
             log(f"{path.with_suffix('')}: incomplete checkpoint (no {COMMIT_MARKER}), moved to "
                 f"{path}")
-        state, built, stats, loader = _run_loop(cfg, ckpt, source, n_train, run_dir, members,
+        state, built, stats, dropped = _run_loop(cfg, ckpt, source, n_train, run_dir, members,
                                                 dirs, told, progress=progress, log=log,
                                                 make_loader=make_loader, hooks=hooks)
     except BaseException:
@@ -188,10 +191,7 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
         skipped = np.asarray(state.nonfinite_steps).tolist()
         log(f"skipped {skipped} steps with a non-finite loss or gradient"
             + (" (per SAE of the sweep)" if cfg.sweep is not None else ""))
-    if stats.drop_above is not None:
-        dropped = loader.dropped  # of the windows this process read: every process's summed
-        if jax.process_count() > 1:
-            dropped = int(multihost_utils.process_allgather(np.int64(dropped)).sum())
+    if stats.drop_above is not None and dropped is not None:
         log(f"data: dropped {dropped} tokens with norm > {stats.drop_above:.4g}")
 
     # -- export + evaluation -------------------------------------------------------------
@@ -266,7 +266,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
     else:
         _check_fresh_start(ckpt, run_dir, dirs, log)
         loader_state, start = None, 0
-        stats = estimate_stats(source, n_train, cfg.data)
+        stats = estimate_stats(source, n_train, cfg.data,
+                               skip_nonfinite=cfg.optim.skip_nonfinite)
         built = built_for(stats)
         state = built.init(_start_params(cfg, source.d_in, stats, log))
     if stats.drop_above is not None or stats.scale != 1.0 or stats.target_scale != 1.0:
@@ -325,7 +326,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
             hook.on_checkpoint(step)
 
     stop_signal = SignalFlag()
-    logger = MetricLogger(cfg, start, loader, told)
+    logger = MetricLogger(cfg, start, told, dropped=lambda at: dropped_tokens(
+        _gather_positions(at)))
     pending = None  # (step, device metrics) of the previous step: read one step late
     try:
         for step in range(start, total):
@@ -333,7 +335,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
             state, metrics = built.step(state, batch)
             if pending is not None:
                 logger.record(*pending)
-            pending = (step, metrics)
+            pending = (step, metrics, position)
             done = step + 1
             if stop_signal.stop_after(done):
                 logger.record(*pending)
@@ -357,7 +359,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         batches.close()
         loader.close()
         bar.close()
-    return state, built, stats, loader
+    return state, built, stats, dropped_tokens(_gather_positions(position))
 
 
 def _check_fresh_start(ckpt: Checkpointer, run_dir: Path, dirs: Sequence[Path],
@@ -493,7 +495,11 @@ def _gather_positions(position: dict) -> dict:
         return position
     lanes = np.asarray([p if p is not None else [-1, -1, -1] for p in position["lanes"]])
     merged = multihost_utils.process_allgather(lanes).max(axis=0)
-    return {**position, "lanes": merged.tolist()}
+    gathered = {**position, "lanes": merged.tolist()}
+    if "dropped" in position:  # (every process holds it, or none: the same checkpoint)
+        counts = np.asarray([-1 if c is None else c for c in position["dropped"]], np.int64)
+        gathered["dropped"] = multihost_utils.process_allgather(counts).max(axis=0).tolist()
+    return gathered
 
 
 def _check_stream_unchanged(saved: Config, cfg: Config, where: Path) -> None:

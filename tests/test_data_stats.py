@@ -137,6 +137,11 @@ def test_dropping_outliers_is_logged_and_resumes_exactly(outlier_data, tmp_path,
     b = tensorfile.read(tmp_path / "crashed" / "sae" / "sae_weights.safetensors")
     for name in a:
         np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
+    # (fault testing: the resumed run's dropped_tokens started from 0 again)
+    logged = [[(line["step"], line["dropped_tokens"]) for line in map(json.loads, (
+        tmp_path / run / "metrics.jsonl").read_text().splitlines())] for run in ("straight",
+                                                                                "crashed")]
+    assert logged[0] == logged[1]
 
 
 def test_inspect_summary_and_refusal(outlier_data, tmp_path):

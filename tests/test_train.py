@@ -117,7 +117,7 @@ def nan_term():
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(small_data, tmp_path, nan_term):
     tree = small_config_dict(small_data, tmp_path / "run")
     tree["loss"].append({"term": "test_nan_after", "after": 10})
-    with pytest.raises(NonFiniteError, match=r"step 10 .*test_nan_after"):
+    with pytest.raises(NonFiniteError, match=r"step 11 .*test_nan_after"):
         train_mod.train(config_from_dict(tree), progress=False)
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", CheckpointConfig())
     assert ckpt.manager.all_steps() == [8]

@@ -303,14 +303,17 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     bar.close()
     sizes = np.bincount(clusters)
     peaks = count_peaks(hist)
-    mean_active = np.where(fires > 0, total / np.maximum(fires, 1), 0.0)
-    std_active = np.sqrt(np.maximum(np.where(fires > 0, total2 / np.maximum(fires, 1), 0.0)
-                                    - mean_active**2, 0.0))
-    ring_cv, arc = np.full(n, np.inf), np.zeros(n)
+    # (NaN, written as nan: a latent that never fired has no mean activation, nor a ring
+    # whose radii all are 0 a spread)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_active = np.where(fires > 0, total / fires, np.nan)
+        std_active = np.sqrt(np.maximum(total2 / fires - mean_active**2, 0.0))
+    ring_cv, arc = np.full(n, np.nan), np.zeros(n)
     with np.errstate(divide="ignore", invalid="ignore"):
         r_mean = ring[1] / ring[0]
-        ring_cv[planar] = np.nan_to_num(
-            np.sqrt(np.maximum(ring[2] / ring[0] - r_mean**2, 0.0)) / r_mean, nan=np.inf)
+        ring_cv[planar] = np.where(
+            r_mean > 0, np.sqrt(np.maximum(ring[2] / ring[0] - r_mean**2, 0.0)) / r_mean,
+            np.nan)
     arc[planar] = taxonomy.longest_arc(angles)
     with np.errstate(divide="ignore", invalid="ignore"):
         # how fully a latent's tokens hold its partner's direction, against the partner's own

@@ -163,7 +163,8 @@ def classify(*, frequency: np.ndarray, mean: np.ndarray, std: np.ndarray, peaks:
     partner fires (1: its tokens hold the partner's whole component); `carried`: the same
     with the two swapped."""
     n = len(frequency)
-    cv = np.where(mean > 0, std / np.maximum(mean, 1e-30), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # (NaN for a latent that never fired)
+        cv = np.where(mean > 0, std / mean, np.where(frequency > 0, 0.0, np.nan))
     has = partner >= 0
     # (a near-duplicate, cos >= DUPLICATE_COS, splits one feature: not absorption)
     close = (partner_cos > PARTNER_COS) & (partner_cos < DUPLICATE_COS)

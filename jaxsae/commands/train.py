@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass
 from typing import Annotated
@@ -47,8 +48,8 @@ class Train(Command):
             print(f"trained {result.step} steps" + (f" ({sweep_label(point)})" if point else "")
                   + f"; evaluation on {ev['tokens']} "
                   f"{'held-out ' if ev['held_out'] else 'training '}tokens: "
-                  f"L0 {ev['l0']:.2f}, explained variance {ev['explained_variance']:.4f}, "
-                  f"dead {ev['dead_fraction']:.3f}")
+                  f"L0 {ev['l0']:.2f}, explained variance {_shown(ev['explained_variance'])}"
+                  f", dead {ev['dead_fraction']:.3f}")
         what = "transcoder" if cfg.sae.transcoder else "SAE"
         if result.sweep:
             print(f"{len(members)} {what}s exported to {result.sae_dir}/*/sae; "
@@ -65,3 +66,8 @@ class Train(Command):
                   f"{shlex.quote(str(members[0].sae_dir))} --data {data}"
                   + (f" --truth {data}" if has_truth(cfg.data.path) else ""))
         return 0
+
+
+def _shown(value: float | None) -> str:
+    """A metric as eval.json has it: null (undefined: the tokens do not vary) when not finite."""
+    return f"{value:.4f}" if value is not None and math.isfinite(value) else "null (undefined)"

@@ -61,9 +61,6 @@ class Loader:
         self.per_lane = batch_size // lanes
         self.seed = seed
         self.keep = keep
-        self.dropped = 0
-        """Tokens the `keep` filter removed from the windows read so far."""
-        self._dropped_lock = threading.Lock()
         self.n_tokens = source.n_tokens if stop is None else stop
         lane_buffer = max(1, buffer_tokens // lanes)
         preferred = getattr(source, "chunk_tokens", None)  # generated data: whole blocks
@@ -83,6 +80,10 @@ class Loader:
         self._chunk_starts = starts
         self._chunk_stops = np.minimum(starts + self.chunk_tokens, self.n_tokens)
         self._lane_chunks = [np.arange(lane, len(starts), lanes) for lane in range(lanes)]
+        # Per lane, the tokens `keep` left out of the windows the lane has served from (its
+        # current one included): part of the position, so exact on resume. A position saved
+        # without it (an older checkpoint) leaves it unknown (None) for the rest of the run.
+        self.dropped: dict[int, int] | None = {lane: 0 for lane in self.owned}
         if position is None:
             self.position = {lane: (0, 0, 0) for lane in self.owned}
         else:
@@ -90,6 +91,9 @@ class Loader:
             if len(saved) != lanes or any(saved[lane] is None for lane in self.owned):
                 raise ValueError(f"the saved position has no entry for lanes {self.owned}")
             self.position = {lane: tuple(saved[lane]) for lane in self.owned}
+            counts = position.get("dropped")
+            self.dropped = (None if counts is None or len(counts) != lanes
+                            else {lane: int(counts[lane]) for lane in self.owned})
         self._pool = ThreadPoolExecutor(max_workers=min(4, len(self.owned)),
                                         thread_name_prefix="jaxsae-window")
 
@@ -114,24 +118,29 @@ class Loader:
             kept = [np.flatnonzero(self.keep(p)) + s for p, s in zip(parts, starts, strict=False)]
             rows = np.concatenate(kept)
             n = len(rows)
-            with self._dropped_lock:  # window threads of several lanes count at once
-                self.dropped += int(starts[-1]) - n
         perm = np.random.default_rng([self.seed, lane, epoch, window, 1]).permutation(n)
-        return _Window(parts, starts, perm if rows is None else rows[perm])
+        return _Window(parts, starts, perm if rows is None else rows[perm],
+                       dropped=int(starts[-1]) - n)
 
     def _next_window(self, lane: int, epoch: int, window: int) -> tuple[int, int]:
         window += 1
         return (epoch + 1, 0) if window >= self.windows_per_epoch(lane) else (epoch, window)
 
-    def _lane_pieces(self, lane: int) -> Iterator[tuple[list, tuple[int, int, int]]]:
+    def _lane_pieces(self, lane: int) -> Iterator[tuple[list, tuple[int, int, int], int]]:
         """Pieces of `per_lane` rows of one lane as [(window, row indices), ...] segments
-        (a piece may span windows), each with the lane position after it."""
+        (a piece may span windows), each with the lane position after it and the tokens
+        dropped from the windows served from so far (0 when not counted: see `dropped`)."""
         epoch, window, offset = self.position[lane]
+        dropped = 0 if self.dropped is None else self.dropped[lane]
+        counted = offset > 0  # a position inside a window: counted when it was entered
         ahead = self._pool.submit(self._read_window, lane, epoch, window)
         segments: list[tuple[_Window, np.ndarray]] = []
         have = 0
         while True:
             current = ahead.result()
+            if not counted:
+                dropped += current.dropped
+            counted = False
             upcoming = self._next_window(lane, epoch, window)
             ahead = self._pool.submit(self._read_window, lane, *upcoming)
             while offset < len(current.order):
@@ -140,7 +149,7 @@ class Loader:
                 have += take
                 offset += take
                 if have == self.per_lane:
-                    yield segments, (epoch, window, offset)
+                    yield segments, (epoch, window, offset), dropped
                     segments, have = [], 0
             (epoch, window), offset = upcoming, 0
 
@@ -152,13 +161,16 @@ class Loader:
         while True:
             batch = _aligned_empty((rows, self.width))
             at = 0
-            positions = []
+            positions, dropped = [], []
             for stream in streams:
-                segments, position = next(stream)
+                segments, position, lane_dropped = next(stream)
                 for window, index in segments:
                     at = window.gather(index, batch, at)
                 positions.append(position)
+                dropped.append(lane_dropped)
             self.position = dict(zip(self.owned, positions, strict=True))
+            if self.dropped is not None:
+                self.dropped = dict(zip(self.owned, dropped, strict=True))
             yield batch, self.state()
 
     def state(self) -> dict[str, Any]:
@@ -166,7 +178,9 @@ class Loader:
         lanes = [list(self.position[lane]) if lane in self.position else None
                  for lane in range(self.lanes)]
         sampler = getattr(self.source, "sampler", None)  # generated data: which draws
-        return {"lanes": lanes,
+        counts = ({} if self.dropped is None or self.keep is None else
+                  {"dropped": [self.dropped.get(lane) for lane in range(self.lanes)]})
+        return {"lanes": lanes, **counts,
                 "seed": self.seed, "n_tokens": int(self.n_tokens), "batch_size": self.batch_size,
                 "n_lanes": self.lanes, "d_in": int(self.source.d_in),
                 "d_out": int(getattr(self.source, "d_out", 0)),
@@ -179,8 +193,11 @@ class Loader:
 class _Window:
     """A window: views of its chunks in file order, and the order its rows are served in."""
 
-    def __init__(self, parts: list[np.ndarray], starts: np.ndarray, order: np.ndarray):
+    def __init__(self, parts: list[np.ndarray], starts: np.ndarray, order: np.ndarray,
+                 dropped: int = 0):
         self.parts, self.starts, self.order = parts, starts, order
+        self.dropped = dropped
+        """Tokens of its chunks the `keep` filter left out."""
 
     def gather(self, index: np.ndarray, out: np.ndarray, at: int) -> int:
         """Copies rows `index` into out[at:], sorted by position in the files (near-sequential
@@ -209,6 +226,16 @@ def _aligned_empty(shape: tuple[int, int], align: int = 64) -> np.ndarray:
     raw = np.empty(nbytes + align, np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start : start + nbytes].view(np.float32).reshape(shape)
+
+
+def dropped_tokens(position: dict[str, Any]) -> int | None:
+    """The tokens left out by the filter in the windows served from up to `position` (a
+    loader state, every lane filled in: see `Loader.state`), summed over the lanes; None when
+    the position does not carry the count (saved by a jaxsae before it did)."""
+    counts = position.get("dropped")
+    if counts is None or any(c is None for c in counts):
+        return None
+    return int(sum(counts))
 
 
 def lanes_of_process(lanes: int, process: int, processes: int) -> list[int]:

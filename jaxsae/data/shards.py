@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import tokenize
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,8 @@ def _open_npy(file: Path, entry: ShardEntry, manifest: Manifest) -> np.ndarray:
             read_header = (np.lib.format.read_array_header_1_0 if major == 1
                            else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read_header(f)
-        except ValueError as e:
+        except (ValueError, SyntaxError, TypeError, tokenize.TokenError) as e:
+            # (a damaged header's dict fails numpy's literal parse in any of these ways)
             raise DataError(f"{file}: not a valid .npy file ({e})") from None
         offset = f.tell()
     return _map(file, offset, shape, dtype, fortran, entry, manifest)
@@ -160,7 +162,7 @@ def _map(file, offset, shape, dtype, fortran, entry, manifest) -> np.ndarray:
         rows = max(0, (have - offset) // (manifest.d_in * np.dtype(dtype).itemsize))
         raise DataError(
             f"{file}: truncated: {have} bytes, expected {need} "
-            f"(only rows 0..{rows} of {entry.n_tokens} are present)"
+            f"(only the first {rows} of its {entry.n_tokens} rows are present)"
         )
     return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
 
@@ -252,8 +254,17 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.close()
-        elif self.resume_key is None and self.staging.is_dir():
+            try:
+                self.close()
+            except BaseException:  # (its last shard, written by close, may fail too)
+                self._discard()
+                raise
+        else:
+            self._discard()
+
+    def _discard(self) -> None:
+        """A failed writer's staging directory goes, unless it is kept to resume from."""
+        if self.resume_key is None and self.staging.is_dir():
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def _clear_staging(self) -> None:
@@ -312,7 +323,15 @@ class ShardWriter:
 
     def _flush(self, block: np.ndarray) -> None:
         name = f"shard-{len(self.entries):05d}.{self.file_type}"
-        data = np.ascontiguousarray(block.astype(DTYPES[self.dtype]))
+        with np.errstate(over="ignore"):  # (refused just below, in one line)
+            data = np.ascontiguousarray(block.astype(DTYPES[self.dtype]))
+        # Values written as given, a NaN included (readers find it: data.check_finite, data
+        # inspect), but none turned into inf by the cast.
+        if self.dtype != "float32" and np.isinf(data).sum() > np.isinf(block).sum():
+            limit = float(np.finfo(DTYPES[self.dtype]).max)
+            raise DataError(f"{self.out}: activations beyond {self.dtype}'s range "
+                            f"(|x| > {limit:.6g}) in what would be {name}; write them as "
+                            "float32")
         if self.file_type == "npy":
             np.save(self.staging / name, data)
         else:

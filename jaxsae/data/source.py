@@ -79,8 +79,9 @@ class ArraySource:
                 bad = ~np.isfinite(block).all(axis=1)
                 if bad.any():
                     rows = np.flatnonzero(bad) + lo
-                    raise DataError(f"{name}: non-finite values in rows {rows[0]}..{rows[-1]} "
-                                    f"({len(rows)} rows in this block)")
+                    where = (f"row {rows[0]}" if len(rows) == 1 else
+                             f"rows {rows[0]}..{rows[-1]} ({len(rows)} of them in this block)")
+                    raise DataError(f"{name}: non-finite values in {where}")
                 yield name, block
 
     def locate(self, token: int) -> tuple[str, int]:

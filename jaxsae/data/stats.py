@@ -51,19 +51,40 @@ def norm_filter(limit: float, d_in: int | None = None) -> KeepFn:
 def sample_evenly(source: TokenSource, stop: int, n: int, pieces: int = 64, *,
                   start: int = 0) -> np.ndarray:
     """About n tokens from `pieces` evenly spaced places in [start, stop) (sequential reads)."""
+    return np.concatenate([source.read(s, s + per)
+                           for s, per in _sample_reads(stop, n, pieces, start)])
+
+
+def _sample_reads(stop: int, n: int, pieces: int, start: int) -> list[tuple[int, int]]:
+    """(first token, count) of each of `sample_evenly`'s reads, in order."""
     span = stop - start
     n = min(n, span)
     per = max(1, n // pieces)
     starts = start + np.linspace(0, span - per, num=min(pieces, max(1, span // per)),
                                  dtype=np.int64)
-    return np.concatenate([source.read(int(s), int(s) + per) for s in starts])
+    return [(int(s), per) for s in starts]
 
 
-def estimate(source: TokenSource, stop: int, cfg: DataConfig) -> DataStats:
-    """Median norm, outlier threshold and scale from tokens spread over the training range."""
+def estimate(source: TokenSource, stop: int, cfg: DataConfig, *,
+             skip_nonfinite: bool = False) -> DataStats:
+    """Median norm, outlier threshold and scale from tokens spread over the training range.
+    A sampled token with a NaN / inf is refused, naming its file and row (it would make the
+    median and the scale meaningless), unless `skip_nonfinite` (the run skips the steps such
+    tokens reach): then the statistics are those of the finite tokens."""
     # Tokens drawn independently (generated data) are sampled as well by one range.
-    rows = sample_evenly(source, stop, cfg.stats_tokens,
-                         pieces=1 if getattr(source, "iid", False) else 64)
+    pieces = 1 if getattr(source, "iid", False) else 64
+    rows = sample_evenly(source, stop, cfg.stats_tokens, pieces=pieces)
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        if not skip_nonfinite:
+            raise DataError(f"{_where(source, stop, cfg, pieces, int(np.argmin(finite)))}: "
+                            "NaN or inf in a token sampled for the data's statistics (median "
+                            "norm, scale); repair the data, or set optim.skip_nonfinite: true "
+                            "to skip the steps such tokens reach")
+        if not finite.any():
+            raise DataError(f"{cfg.path or 'the data'}: every token sampled for the data's "
+                            "statistics holds a NaN or inf")
+        rows = rows[finite]
     tokens, targets = rows[:, :source.d_in], rows[:, source.d_in:]  # a transcoder's pairs
     norms = np.linalg.norm(tokens.astype(np.float64), axis=1)
     median = float(np.median(norms))
@@ -81,6 +102,19 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig) -> DataStats:
             target_scale = _unit_scale(np.sum(np.square(y), axis=1), targets.shape[1])
     return DataStats(median_norm=median, drop_above=drop_above, scale=scale,
                      target_scale=target_scale)
+
+
+def _where(source: TokenSource, stop: int, cfg: DataConfig, pieces: int, row: int) -> str:
+    """The file and row of the `row`-th token `estimate` sampled."""
+    for first, per in _sample_reads(stop, cfg.stats_tokens, pieces, 0):
+        if row < per:
+            locate = getattr(source, "locate", None)
+            if locate is None:
+                return f"{cfg.path or 'the data'}: token {first + row}"
+            name, at = locate(first + row)
+            return f"{name}: row {at}"
+        row -= per
+    raise AssertionError("a sampled row outside the sample")
 
 
 def _unit_scale(squared_norms: np.ndarray, width: int) -> float:

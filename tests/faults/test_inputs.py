@@ -33,11 +33,23 @@ def _edit_cfg(sae: Path, **changes) -> None:
     (sae / CFG_FILE).write_text(json.dumps(cfg))
 
 
+def _edit_own(sae: Path, **changes) -> None:
+    cfg = json.loads((sae / CFG_FILE).read_text())
+    _edit_cfg(sae, jaxsae={**cfg["jaxsae"], **changes})
+
+
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda s: _edit_cfg(s, architecture="topk", k=None), "cfg.json: missing 'k'"),
     (lambda s: _edit_cfg(s, architecture=None), "cfg.json: missing 'architecture'"),
     (lambda s: (s / CFG_FILE).write_bytes(bytes(range(256))), "cfg.json: not a text file"),
     (lambda s: (s / CFG_FILE).write_text("[1, 2]"), "cfg.json: expected a JSON object"),
+    # (fault testing: damaged records of what training left out were taken for an SAE
+    # trained elsewhere, and the evaluation read other tokens without a word)
+    (lambda s: _edit_own(s, drop_norm_above=-1),
+     "cfg.json: jaxsae.drop_norm_above must be a number > 0 or null, got -1"),
+    (lambda s: _edit_own(s, held_out_from="abc"),
+     'cfg.json: jaxsae.held_out_from must be an integer >= 0 or null, got "abc"'),
+    (lambda s: _edit_cfg(s, jaxsae=[1]), "cfg.json: 'jaxsae' must be a JSON object, got [1]"),
     (lambda s: tensorfile.write(s / WEIGHTS_FILE, {
         **{k: np.asarray(v) for k, v in tensorfile.read(s / WEIGHTS_FILE).items()},
         "W_dec": np.ones((64, 16), np.int32)}), "W_dec is int32"),

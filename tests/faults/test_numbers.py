@@ -1,0 +1,136 @@
+"""Numbers jaxsae reports or writes: none it did not measure (an undefined ratio is null, not
+0), none computed from a NaN or inf it let through, and no file written that no reader takes
+(a shard or an export holding NaN / inf)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxsae import cli, tensorfile
+from jaxsae.export import WEIGHTS_FILE, ExportError, export_sae
+from jaxsae.sae import SAEConfig
+from tests.conftest import small_config_dict
+from tests.faults.conftest import refused, write_config
+
+
+def _shards(directory: Path, x: np.ndarray) -> Path:
+    """A one-shard directory written by hand (the writer refuses non-finite values)."""
+    directory.mkdir()
+    np.save(directory / "shard-00000.npy", x)
+    (directory / "manifest.json").write_text(json.dumps({
+        "format": "jaxsae.shards", "version": 1, "d_in": x.shape[1], "dtype": "float32",
+        "shards": [{"file": "shard-00000.npy", "n_tokens": len(x)}]}))
+    return directory
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_token_in_the_statistics_sample_is_refused(bad, tmp_path, capsys):
+    """(fault testing: an inf made the input scale 0 and the exported SAE all inf, a NaN made
+    it 1.0, turning normalisation off; both runs reported success)"""
+    x = np.random.default_rng(0).normal(size=(4096, 8)).astype(np.float32) * 7
+    x[100, 5] = bad
+    data = _shards(tmp_path / "data", x)
+    tree = small_config_dict(data, tmp_path / "run")
+    tree["data"].update(eval_tokens=512, normalize="unit_mean_squared_norm")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    refused(["train", str(config), "--no-progress"], capsys, unchanged=[data],
+            match=f"{data / 'shard-00000.npy'}: row 100: NaN or inf in a token sampled")
+    assert not (tmp_path / "run").exists()
+    # with optim.skip_nonfinite the statistics are those of the finite tokens
+    assert cli.main(["train", str(config), "optim.skip_nonfinite=true", "--no-progress"]) == 0
+    trained = np.delete(x[:-512], 100, 0).astype(np.float64)  # (all sampled, bar row 100)
+    scale = np.sqrt(8 / np.mean(np.sum(np.square(trained), 1)))
+    assert f"input scale {scale:.4g}" in capsys.readouterr().out
+
+
+def test_an_export_with_non_finite_weights_is_not_written(tmp_path):
+    params = {"W_enc": np.ones((4, 8), np.float32), "b_enc": np.zeros(8, np.float32),
+              "W_dec": np.ones((8, 4), np.float32), "b_dec": np.zeros(4, np.float32)}
+    cfg = SAEConfig(d_sae=8, activation="relu")
+    W_dec = params["W_dec"].copy()
+    W_dec[3, 2] = np.inf
+    with pytest.raises(ExportError, match="a: not written: W_dec has 1 non-finite values"):
+        export_sae({**params, "W_dec": W_dec}, cfg, tmp_path / "a")
+    assert not any(tmp_path.iterdir())
+
+
+def test_synth_refuses_values_beyond_its_dtype_and_leaves_nothing(tmp_path, capsys):
+    """(fault testing: float16 shards were written full of inf, with a numpy warning)"""
+    out = tmp_path / "h"
+    refused(["synth", "superposition", "--out", str(out), "--n-features", "16", "--d-in", "8",
+             "--tokens", "1024", "--magnitude-mean", "1e5", "--dtype", "float16",
+             "--no-progress"], capsys, unchanged=[],
+            match=f"{out}: activations beyond float16's range (|x| > 65504) in what would be "
+                  "shard-00000.npy; write them as float32")
+    assert not any(tmp_path.iterdir())  # (no staging directory left either)
+
+
+def test_a_damaged_npy_header_is_one_line(small_data, tmp_path, capsys):
+    """(fault testing: numpy's header parse raised a tokenize error: a traceback, exit 1)"""
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    with open(data / "shard-00000.npy", "r+b") as f:
+        f.seek(10)
+        f.write(b"X" * 30)
+    refused(["data", "inspect", str(data)], capsys, unchanged=[data],
+            match=f"{data / 'shard-00000.npy'}: not a valid .npy file")
+
+
+def test_a_ratio_of_nothing_is_null(run_copy, small_data, tmp_path, capsys):
+    """(fault testing: uniqueness read 0.0 for an SAE none of whose latents fired: 0 / 0)"""
+    sae = tmp_path / "silent"
+    shutil.copytree(run_copy / "sae", sae)
+    weights = {k: np.asarray(v) for k, v in tensorfile.read(sae / WEIGHTS_FILE).items()}
+    tensorfile.write(sae / WEIGHTS_FILE, {**weights, "b_enc": np.full_like(weights["b_enc"],
+                                                                            -1e3)})
+    capsys.readouterr()
+    assert cli.main(["eval", str(sae), "--data", str(small_data), "--truth", str(small_data),
+                     "--tokens", "512"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["l0"] == 0 and result["dead_fraction"] == 1.0
+    assert result["uniqueness"] is None and result["precision"] is None
+    assert result["sb_l0"] == 0
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("optim.total_tokens=1000000000000", "optim.total_tokens: 1000000000000 tokens make "
+     "3906250000 steps of optim.batch_size 256, more than the 2^31 - 1 a run can count"),
+    ("log.dead_window_tokens=2000000000", "log.dead_window_tokens: must be in 1..1073741824"),
+    ("loss=[{term: mse}, {term: auxk, dead_tokens: 2000000000}]",
+     "dead_tokens: must be in 1..1073741824"),
+    ("sae.d_sae=1000000000000", "sae.d_sae: must be in 1..2^31 - 1"),
+])
+def test_sizes_beyond_what_a_run_can_hold_are_one_line(override, match, small_data, tmp_path,
+                                                       capsys):
+    """(fault testing: each was a traceback, exit 1; a dead window between 2^30 and 2^31
+    tokens was silently never reached, the count saturating at 2^30)"""
+    config = tmp_path / "config.yaml"
+    tree = small_config_dict(small_data, tmp_path / "run")
+    tree["sae"].update(activation="topk", k=4)
+    config.write_text(yaml.safe_dump(tree))
+    refused(["train", str(config), override, "--no-progress"], capsys, match=match,
+            unchanged=[small_data])
+
+
+def test_the_device_out_of_memory_is_one_line(small_data, tmp_path, capsys, monkeypatch):
+    """(fault testing: sizes beyond the machine's memory ended in XLA's traceback, exit 1)"""
+    import jax
+
+    from jaxsae import train
+
+    def step_too_large(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating "
+                                         "128000000000000 bytes.\nmore")
+
+    monkeypatch.setattr(train, "train", step_too_large)
+    config = write_config(tmp_path / "config.yaml", small_data, tmp_path / "run")
+    refused(["train", str(config), "--no-progress"], capsys, unchanged=[config],
+            match="out of memory on the CPU (RESOURCE_EXHAUSTED: Out of memory allocating "
+                  "128000000000000 bytes.): the sizes asked for (sae.d_sae, optim.batch_size")
