@@ -196,7 +196,9 @@ def _dumped_bench(directory: Path) -> bool:
 
 def finished_with(arm_cfg: Config) -> bool:
     """Whether the arm's run directory holds a finished run of exactly this config (every
-    key, the swept values included): only then are its results reused."""
+    key, the swept values included) whose SAEs were exported at its last step: only then are
+    its results reused. (A run resumed to train longer writes its config first and its
+    results at the end: interrupted in between, its results are those of the shorter run.)"""
     from jaxsae.finish import member_dirs
 
     run_dir = Path(arm_cfg.run_dir)
@@ -204,8 +206,16 @@ def finished_with(arm_cfg: Config) -> bool:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return False
-    return (saved == arm_cfg.to_dict() and (run_dir / "sweep.csv").is_file()
-            and all((d / "eval.json").is_file() for d in member_dirs(arm_cfg, run_dir)))
+    if saved != arm_cfg.to_dict() or not (run_dir / "sweep.csv").is_file():
+        return False
+    for directory in member_dirs(arm_cfg, run_dir):
+        try:
+            steps = json.loads((directory / "sae" / "cfg.json").read_text())["jaxsae"]["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if steps != arm_cfg.optim.total_steps or not (directory / "eval.json").is_file():
+            return False
+    return True
 
 
 def collect(arms: Mapping[str, Config]) -> list[dict[str, Any]]:

@@ -107,6 +107,17 @@ def test_bench_never_relabels_an_arm_trained_with_other_values(small_data, tmp_p
     capsys.readouterr()
     assert cli.main(["bench", str(tmp_path / "b.yaml"), "--no-progress"]) == 0
     assert "already trained with this exact config" in capsys.readouterr().out
+    # (fault testing: a run resumed to train longer writes its config first; interrupted
+    # then, its results were the shorter run's, and the next call reused them as this config's)
+    [arm_config] = (tmp_path / "b").rglob("l1/config.yaml")
+    longer = yaml.safe_load(arm_config.read_text())
+    longer["optim"]["total_tokens"] = 256 * 12
+    arm_config.write_text(yaml.safe_dump(longer))  # what the interrupted resume left
+    assert cli.main(["bench", str(tmp_path / "b.yaml"), "--no-progress",
+                     "base.optim.total_tokens=3072"]) == 0
+    assert "already trained" not in capsys.readouterr().out
+    [cfg_json] = arm_config.parent.rglob("sae/cfg.json")
+    assert json.loads(cfg_json.read_text())["jaxsae"]["steps"] == 12
 
 
 def test_progress_in_a_log_file_is_plain_lines(small_data, tmp_path, capsys, monkeypatch):
