@@ -27,10 +27,12 @@ class RunLocked(JaxsaeError):
 
 
 class RunLock:
-    def __init__(self, run_dir: Path, log=print):
+    def __init__(self, run_dir: Path, log=print, *, doing: str = "training"):
+        """`doing`: what the holder does in the directory, for the refusal's message."""
         self.path = Path(run_dir) / LOCK_FILE
         self._fd = -1
         self._log = log
+        self._doing = doing
 
     def acquire(self) -> RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -39,8 +41,8 @@ class RunLock:
         except OSError:
             holder = _describe(_read(fd))
             os.close(fd)
-            raise RunLocked(f"{self.path.parent}: another jaxsae process is training here "
-                            f"({holder}); wait for it to finish or stop it") from None
+            raise RunLocked(f"{self.path.parent}: another jaxsae process is {self._doing} "
+                            f"here ({holder}); wait for it to finish or stop it") from None
         previous = _read(fd)
         if previous:
             self._log(f"{self.path.parent}: taking over a stale lock ({_describe(previous)}, "

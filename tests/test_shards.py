@@ -185,6 +185,28 @@ def test_exception_inside_with_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_writer_of_the_same_output_is_refused_while_the_first_writes(tmp_path):
+    """(fault testing: two `synth --out S` at once shared S.partial: the second cleared the
+    first's shards, and the first published a set mixing both, its manifest naming one)"""
+    out = tmp_path / "set"
+    first = ShardWriter(out, D_IN, shard_tokens=4)
+    first.write(source_data(10))
+    for resume_key in (None, {"kind": "other"}):
+        with pytest.raises(DataError, match=rf"{tmp_path / 'set.partial'}: another jaxsae "
+                                            rf"process is writing set here \(pid {os.getpid()}"):
+            ShardWriter(out, D_IN, shard_tokens=4, resume_key=resume_key)
+    first.close()
+    np.testing.assert_array_equal(ShardSet(out).read(0, 10), source_data(10))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # (the lock went with it)
+    assert ".lock" not in os.listdir(out)
+    # a killed writer's staging (its lock free) is cleared, or resumed, by the next one
+    stale = ShardWriter(tmp_path / "again", D_IN, shard_tokens=4)
+    stale.write(source_data(10))
+    stale._lock.release()  # as the end of its process would
+    write_set(tmp_path / "again", source_data(6, seed=2), sizes=(6,))
+    np.testing.assert_array_equal(ShardSet(tmp_path / "again").read(0, 6), source_data(6, seed=2))
+
+
 def test_writer_argument_errors(tmp_path):
     with pytest.raises(DataError, match="bfloat16"):
         ShardWriter(tmp_path / "a", D_IN, dtype="bfloat16", file_type="npy")

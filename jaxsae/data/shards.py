@@ -28,6 +28,7 @@ from jaxsae import outputs, tensorfile
 from jaxsae.data.source import ArraySource
 from jaxsae.errors import DataError
 from jaxsae.parsing import is_positive_int
+from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 
 FORMAT = "jaxsae.shards"
 VERSION = 1
@@ -241,10 +242,10 @@ class ShardWriter:
         self.shard_tokens = shard_tokens
         self.source = dict(source or {})
         self.resume_key = None if resume_key is None else json.loads(json.dumps(resume_key))
+        self._lock = self._lock_staging()
         self.entries: list[ShardEntry] = self._resumed_entries()
         if not self.entries:
             self._clear_staging()
-            self.staging.mkdir(parents=True)
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         self.extra_files: list[str] = []
@@ -266,20 +267,38 @@ class ShardWriter:
         """A failed writer's staging directory goes, unless it is kept to resume from."""
         if self.resume_key is None and self.staging.is_dir():
             shutil.rmtree(self.staging, ignore_errors=True)
+        self._lock.release()
 
-    def _clear_staging(self) -> None:
-        """Removes what an earlier writer left in the staging directory, and nothing else: a
-        directory of that name holding other files is refused."""
-        if not (self.staging.exists() or self.staging.is_symlink()):
-            return
-        ours = re.compile(r"shard-\d+\.(npy|safetensors)|truth\.(json|safetensors)|"
-                          rf"{TARGET_DIR}(\.partial)?|"
-                          rf"{re.escape(PROGRESS)}(\.tmp)?|{re.escape(MANIFEST)}")
-        if not self.staging.is_dir() or self.staging.is_symlink() or any(
-                not ours.fullmatch(p.name) for p in self.staging.iterdir()):
+    _OURS = re.compile(r"shard-\d+\.(npy|safetensors)|truth\.(json|safetensors)|"
+                       rf"{TARGET_DIR}(\.partial)?|{re.escape(PROGRESS)}(\.tmp)?|"
+                       rf"{re.escape(MANIFEST)}|{re.escape(LOCK_FILE)}")
+
+    def _lock_staging(self) -> RunLock:
+        """Holds the staging directory's lock (creating the directory), so that a second
+        writer of the same output is refused, naming this process, instead of clearing or
+        mixing shards into a write in progress. One of a killed writer is taken over."""
+        if self.staging.is_symlink() or (self.staging.exists() and (
+                not self.staging.is_dir()
+                or any(not self._OURS.fullmatch(p.name) for p in self.staging.iterdir()))):
             raise DataError(f"{self.staging}: exists and is not an interrupted jaxsae shard "
                             "write; move it away")
-        shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        try:
+            return RunLock(self.staging, log=lambda _: None,
+                           doing=f"writing {self.out.name}").acquire()
+        except RunLocked as e:
+            raise DataError(str(e)) from None
+
+    def _clear_staging(self) -> None:
+        """Removes what an earlier writer left in the staging directory (checked to be only
+        that by `_lock_staging`), its lock apart."""
+        for entry in self.staging.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     def _resumed_entries(self) -> list[ShardEntry]:
         """The complete shards of an interrupted write with the same resume key, if any."""
@@ -350,5 +369,7 @@ class ShardWriter:
         (self.staging / PROGRESS).unlink(missing_ok=True)
         (self.staging / MANIFEST).write_text(manifest.to_json())
         outputs.check_target(self.out, "shards", overwrite=self.overwrite, inputs=self.inputs)
+        (self.staging / LOCK_FILE).unlink()  # (held until the process lets go of it below)
         outputs.replace_directory(self.staging, self.out)
+        self._lock.release()
         return self.out
