@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -47,6 +49,38 @@ def install_sigterm_handler() -> None:
     sys.unraisablehook = hook
 
 
+def check_terminated() -> None:
+    """Raises Terminated if a SIGTERM came whose exception was lost (see `_terminated`): the
+    long loops (every progress update) and every publication of an output call it, so that
+    such a SIGTERM still stops the command."""
+    if _terminated and threading.current_thread() is threading.main_thread():
+        raise Terminated
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block that SIGINT / SIGTERM do not interrupt: one that arrives meanwhile is handled
+    as it would have been (its handler called) when the block ends. (Outside the main thread,
+    where Python runs no handler, a plain block.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
 def clear_terminated() -> None:
     """A new command (several run in one process from Python or the tests)."""
     global _terminated
@@ -79,8 +113,9 @@ class SignalFlag:
         for sig in signals:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
-        if _terminated:  # a SIGTERM before the loop whose exception was lost
+        if _terminated:  # a SIGTERM before the loop whose exception was lost: handled here
             self._handle(signal.SIGTERM, None)
+            clear_terminated()
 
     def _handle(self, signum, frame):
         if self.signum and signum == signal.SIGINT:

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxsae import interrupts
 from jaxsae.errors import JaxsaeError
 
 # Written into the output directories whose own files do not say that jaxsae wrote them
@@ -256,18 +257,24 @@ def staging_path(target: Path) -> Path:
 def remove_stale_staging(target: Path) -> list[Path]:
     """Removes the staging directories of `target` that a killed command left (SIGKILL, power
     loss: no cleanup ran): those named for this host and a process that no longer runs. One
-    of another host (a shared filesystem) or of a live process is left alone."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(?P<host>.+)-(?P<pid>\d+)-"
-                         r"[0-9a-f]{8}")
+    of another host (a shared filesystem) or of a live process is left alone. The previous
+    output such a command had set aside to replace it (`replace_directory`) is put back if
+    the new one never took its place, and removed if it did."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?P<what>tmp|old)-(?P<host>.+)-"
+                         r"(?P<pid>\d+)-[0-9a-f]{8}")
     removed = []
     with contextlib.suppress(OSError):
-        for entry in target.parent.iterdir():
+        for entry in sorted(target.parent.iterdir()):
             found = pattern.fullmatch(entry.name)
-            if (found and found["host"] == socket.gethostname()
+            if not (found and found["host"] == socket.gethostname()
                     and not _running(int(found["pid"])) and entry.is_dir()
                     and not entry.is_symlink()):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
+                continue
+            if found["what"] == "old" and not (target.exists() or target.is_symlink()):
+                os.replace(entry, target)  # killed between its two renames: the output it had
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
     return removed
 
 
@@ -285,14 +292,24 @@ def _running(pid: int) -> bool:
 
 def replace_directory(new: Path, target: Path) -> None:
     """Moves the complete directory `new` to `target`. An existing target is renamed aside
-    first and removed only after `new` is in place, so an interruption never loses both."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    first and removed only after `new` is in place, so an interruption never loses both: a
+    SIGTERM / Ctrl-C between the two renames waits for the second (a SIGTERM that reached the
+    command earlier stops it before the first), and a killed command's set-aside output is put
+    back or removed by the next command writing `target` (`remove_stale_staging`)."""
+    interrupts.check_terminated()
+    old = target.parent / (f".{target.name}.old-{socket.gethostname()}-{os.getpid()}-"
+                           f"{uuid.uuid4().hex[:8]}")
+    with interrupts.deferred():
+        if not target.exists():
+            os.replace(new, target)
+            return
         os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -349,6 +366,7 @@ def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = F
             inputs: Sequence[str | Path] = (), flag: str = "--out") -> Path:
     """Renames the complete `staging` directory to `target` (checked by `check_target`)."""
     given, target = target, canonical(target)
+    remove_stale_staging(target)
     check_target(given, kind, overwrite=overwrite, inputs=inputs, flag=flag)
     write_marker(staging, kind, inventory=True)
     replace_directory(staging, target)

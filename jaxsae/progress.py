@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from jaxsae import interrupts
+
 DEFAULT_SECONDS = 30.0
 
 
@@ -68,6 +70,7 @@ class Progress:
         self._closed = False
 
     def update(self, n: int = 1) -> None:
+        interrupts.check_terminated()  # (a SIGTERM whose exception was lost stops here)
         self.n += n
         if self._bar is not None:
             self._bar.update(n)

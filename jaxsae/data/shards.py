@@ -232,6 +232,7 @@ class ShardWriter:
             raise DataError("bfloat16 shards must be written as safetensors (.npy has no bfloat16)")
         self.out = outputs.canonical(out)  # (`..` resolved: see outputs.canonical)
         self.overwrite = overwrite
+        outputs.remove_stale_staging(self.out)  # (a killed writer's set-aside output: back)
         if (self.out.exists() or self.out.is_symlink()) and not overwrite:
             raise DataError(f"{self.out}: already exists (choose another --out, or pass "
                             "--overwrite to replace it)")

@@ -295,3 +295,88 @@ def test_a_dotdot_through_a_missing_directory_hides_nothing(run_copy, tmp_path, 
     _ok(["export", str(run_copy), "--out", str(tmp_path / "new" / ".." / "sae")], capsys)
     assert sorted(os.listdir(tmp_path / "sae")) == sorted(SAELENS_FILES)
     assert not (tmp_path / "new").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_signal_between_the_two_renames_waits_for_the_second(tmp_path, monkeypatch):
+    """(fault testing: a SIGTERM after the previous output was renamed aside removed the new
+    one: neither was left under the output's name, the old only in a hidden .old directory)"""
+    import signal
+
+    from jaxsae import outputs
+
+    target, new = tmp_path / "out", tmp_path / "new"
+    target.mkdir()
+    (target / "a").write_text("old")
+    new.mkdir()
+    (new / "a").write_text("new")
+    real = os.replace
+    calls = []
+
+    def replace_then_interrupt(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:  # the old output set aside: Ctrl-C now
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(outputs.os, "replace", replace_then_interrupt)
+    try:
+        outputs.replace_directory(new, target)
+        raise AssertionError("the Ctrl-C was lost")
+    except KeyboardInterrupt:  # handled once the new output is in place
+        pass
+    assert len(calls) == 2 and (target / "a").read_text() == "new"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_killed_replacement_is_undone_or_finished_by_the_next_command(tmp_path):
+    """(fault testing: SIGKILL between the two renames left the previous output only in a
+    hidden .old directory that nothing restored or removed)"""
+    import socket
+
+    from jaxsae import outputs
+
+    target = tmp_path / "out"
+    host, pid = socket.gethostname(), _dead_pid()
+    aside = tmp_path / f".out.old-{host}-{pid}-0123abcd"
+    aside.mkdir()
+    (aside / "a").write_text("old")
+    outputs.remove_stale_staging(target)  # the new one never took its place: put back
+    assert (target / "a").read_text() == "old" and not aside.exists()
+    aside.mkdir()
+    (aside / "a").write_text("older")
+    staging = tmp_path / f".out.tmp-{host}-{pid}-0123abcd"
+    staging.mkdir()
+    live = tmp_path / f".out.old-{host}-{os.getpid()}-0123abcd"  # a running process's
+    live.mkdir()
+    assert sorted(outputs.remove_stale_staging(target)) == sorted([aside, staging])
+    assert (target / "a").read_text() == "old" and live.is_dir()
+
+
+def test_a_lost_sigterm_stops_a_command_at_its_next_progress_update(tmp_path):
+    """(fault testing: a SIGTERM whose exception JAX's garbage-collection callback swallowed
+    let synth, convert and frankenstein run to the end and exit 0)"""
+    import signal
+
+    import pytest
+
+    from jaxsae import interrupts
+    from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
+
+    with pytest.raises(interrupts.Terminated):  # raised where nobody handles it
+        interrupts.raise_terminated(signal.SIGTERM, None)
+    try:
+        with pytest.raises(interrupts.Terminated):
+            generate_superposition(SuperpositionSpec(n_features=8, d_in=4, tokens=256),
+                                   tmp_path / "s", progress=False)
+        assert list(tmp_path.iterdir()) == []  # no output, no staging directory
+    finally:
+        interrupts.clear_terminated()
