@@ -234,3 +234,25 @@ def test_full_disk_cuts_no_metrics_line(small_data, tmp_path):
     assert text.endswith("\n") and 0 < len(text) <= 2_000
     steps = [json.loads(line)["step"] for line in text.splitlines()]
     assert steps == list(range(1, len(steps) + 1))
+
+
+def test_a_start_killed_before_it_wrote_anything_leaves_a_run_that_starts(small_data, tmp_path,
+                                                                           capsys):
+    """(fault testing: `kill -9` while a run generated its data left run_dir holding only its
+    .lock (and an empty checkpoints/); every later call refused it as not a jaxsae run
+    directory, and so did a second call while the first was starting, naming no process)"""
+    from jaxsae.runlock import LOCK_FILE, RunLock
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    config = write_config(tmp_path / "c.yaml", small_data, run)
+    holder = RunLock(run, log=lambda _: None).acquire()  # a start still running
+    try:
+        refused(["train", str(config), "--no-progress"], capsys, unchanged=[run],
+                match=f"{run}: another jaxsae process is training here (pid {os.getpid()}")
+    finally:
+        holder.release()
+    (run / LOCK_FILE).write_text('{"pid": 999999999, "host": "h", "since": "then"}\n')
+    assert cli.main(["train", str(config), "--no-progress"]) == 0  # killed: taken over
+    assert "taking over a stale lock" in capsys.readouterr().out
+    assert (run / "sae" / "cfg.json").is_file()
