@@ -268,14 +268,30 @@ class Checkpointer:
         """The newest checkpoint that restores whole, setting aside (and logging) each one
         that does not. `abstract_for(loader, config)` gives the abstract state to restore into,
         and may raise JaxsaeError to refuse the checkpoint (a changed config): that is not
-        corruption and stops the search."""
-        for step in reversed(self.steps()):
+        corruption and stops the search. Read-only (a run that may be training meanwhile),
+        a checkpoint its retention removed while this read it is passed over, not taken for
+        a damaged one, and the steps are listed again (a newer one may have been saved)."""
+        tried: set[int] = set()
+        while True:
+            if self.read_only:
+                self.manager.reload()
+            left = [s for s in self.steps() if s not in tried]
+            if not left:
+                return None
+            step = left[-1]
+            tried.add(step)
             problem = None
             try:
                 loader, config = self.restore_meta(step)
                 restored = self.restore(step, abstract_for(loader, config))
             except CorruptCheckpoint as e:
                 problem = e
+            except OSError:
+                if not self._removed_meanwhile(step):
+                    raise
+                continue
+            if problem is not None and self._removed_meanwhile(step):
+                continue
             if jax.process_count() > 1:  # every process must take the same checkpoint
                 ok = multihost_utils.process_allgather(np.asarray(problem is None))
                 if problem is None and not ok.all():
@@ -286,7 +302,10 @@ class Checkpointer:
             kept = ("left in place (the run is in use)" if self.read_only
                     else f"set aside as {moved.name}")
             log(f"{self.directory}: skipping {problem}; {kept}")
-        return None
+
+    def _removed_meanwhile(self, step: int) -> bool:
+        """Whether read-only reading lost `step` to the training run's retention."""
+        return self.read_only and not (self.directory / str(step) / COMMIT_MARKER).exists()
 
     def wait(self) -> None:
         with self._writing(self._saving):
