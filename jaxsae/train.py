@@ -270,6 +270,12 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 f"({start * cfg.optim.batch_size} tokens) {run_dir} has already trained; "
                 "export an earlier checkpoint with jaxsae export --step instead")
         log(f"resuming {run_dir} from step {start}")
+        trained_on = restored.config.data.path
+        if trained_on and cfg.data.path and (Path(trained_on).resolve()
+                                             != Path(cfg.data.path).resolve()):
+            log(f"data.path: {cfg.data.path}, where the checkpoint trained on {trained_on} "
+                "(allowed: the same data moved; other data of the same shape would mix two "
+                "data sets, and the export names only this one)")
     else:
         _check_fresh_start(ckpt, run_dir, dirs, log)
         loader_state, start = None, 0

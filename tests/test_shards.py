@@ -454,3 +454,16 @@ def test_tensorfile_errors(tmp_path):
     with pytest.raises(DataError, match="truncated") as err:
         tensorfile.read(file)
     assert str(file) in str(err.value)
+
+
+def test_a_short_write_names_the_shard(tmp_path, monkeypatch):
+    """(fault testing: a full disk under `synth` gave numpy's '80000 requested and 19424
+    written', naming neither the file nor the cause)"""
+    def short(*args, **kwargs):
+        raise OSError("80000 requested and 19424 written")
+
+    monkeypatch.setattr(np, "save", short)
+    with pytest.raises(DataError, match=r"set\.partial/shard-00000\.npy: a short write \(80000 "
+                                        r"requested and 19424 written\): the file system is full"):
+        write_set(tmp_path / "set", source_data())
+    assert list(tmp_path.iterdir()) == []

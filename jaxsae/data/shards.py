@@ -352,10 +352,17 @@ class ShardWriter:
             raise DataError(f"{self.out}: activations beyond {self.dtype}'s range "
                             f"(|x| > {limit:.6g}) in what would be {name}; write them as "
                             "float32")
-        if self.file_type == "npy":
-            np.save(self.staging / name, data)
-        else:
-            tensorfile.write(self.staging / name, {SAFETENSORS_KEY: data})
+        try:
+            if self.file_type == "npy":
+                np.save(self.staging / name, data)
+            else:
+                tensorfile.write(self.staging / name, {SAFETENSORS_KEY: data})
+        except OSError as e:
+            if e.errno is not None:
+                raise
+            # (numpy reports a short write without errno or file: "N requested and M written")
+            raise DataError(f"{self.staging / name}: a short write ({e}): the file system is "
+                            "full or failing") from None
         self.entries.append(ShardEntry(name, len(block)))
         if self.resume_key is not None:
             self._record_progress()

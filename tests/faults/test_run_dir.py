@@ -256,3 +256,15 @@ def test_a_start_killed_before_it_wrote_anything_leaves_a_run_that_starts(small_
     assert cli.main(["train", str(config), "--no-progress"]) == 0  # killed: taken over
     assert "taking over a stale lock" in capsys.readouterr().out
     assert (run / "sae" / "cfg.json").is_file()
+
+
+def test_resuming_on_another_data_path_says_so(run_copy, small_data, tmp_path, capsys):
+    """(fault testing: resuming with data.path changed to other data of the same shape was
+    neither refused nor logged: the run mixed two data sets, the export naming the second)"""
+    moved = tmp_path / "moved"
+    shutil.copytree(small_data, moved)
+    capsys.readouterr()
+    assert cli.main(["train", str(run_copy / "config.yaml"), f"data.path={moved}",
+                     "optim.total_tokens=7168", "--no-progress"]) == 0
+    assert (f"data.path: {moved}, where the checkpoint trained on {small_data}"
+            in capsys.readouterr().out)
