@@ -32,6 +32,7 @@ from typing import Any
 
 from jaxsae import interrupts
 from jaxsae.errors import JaxsaeError
+from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 
 # Written into the output directories whose own files do not say that jaxsae wrote them
 # (SAELens directories say it in cfg.json, shard directories in manifest.json). It lists
@@ -338,14 +339,17 @@ def staged_directory(target: str | Path, kind: str, *, overwrite: bool = False,
         raise
 
 
-def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> Path:
+@contextlib.contextmanager
+def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> Iterator[Path]:
     """`<target>.partial/`, the staging directory of a command that can continue where an
     interrupted call with the same inputs (`key`) stopped: reused when it holds the same key,
     started afresh when it holds another (it is jaxsae's own: its marker says so), refused if
-    something else has that name. `publish` renames it into place."""
+    something else has that name, or while another process works in it (its lock, held for
+    the block). `publish`, inside the block, renames it into place."""
     target = canonical(target)
     partial = target.with_name(target.name + ".partial")
     key = json.loads(json.dumps(key))
+    mark = None
     if partial.exists() or partial.is_symlink():
         try:
             mark = json.loads((partial / MARKER).read_text())
@@ -354,12 +358,26 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
         if not isinstance(mark, dict) or mark.get("kind") != f"{kind}-partial":
             raise OutputError(f"{partial}: exists and is not an interrupted jaxsae {kind}; "
                               "move it away")
-        if mark.get("key") == key:
-            return partial
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    (partial / MARKER).write_text(json.dumps({"kind": f"{kind}-partial", "key": key}) + "\n")
-    return partial
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(partial, log=lambda _: None, doing=f"writing {target.name}").acquire()
+    except RunLocked as e:
+        raise OutputError(str(e)) from None
+    try:
+        if mark is not None and mark.get("key") != key:  # another call's: started afresh
+            for entry in partial.iterdir():
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        if mark is None or mark.get("key") != key:
+            (partial / MARKER).write_text(json.dumps({"kind": f"{kind}-partial", "key": key})
+                                          + "\n")
+        yield partial
+    finally:
+        lock.release()
 
 
 def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = False,
@@ -368,6 +386,7 @@ def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = F
     given, target = target, canonical(target)
     remove_stale_staging(target)
     check_target(given, kind, overwrite=overwrite, inputs=inputs, flag=flag)
+    (staging / LOCK_FILE).unlink(missing_ok=True)  # (`resumable_staging`'s, still held)
     write_marker(staging, kind, inventory=True)
     replace_directory(staging, target)
     return target

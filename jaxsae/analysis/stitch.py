@@ -472,67 +472,67 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
            "data": str(Path(data).absolute()), "threshold": threshold, "tokens": tokens,
            "batch_size": batch_size, "lr": lr, "hook": hook,
            "retrain_decoder_tokens": retrain_decoder_tokens, **dropped}
-    work = outputs.resumable_staging(out, "frankenstein", key)
-    metadata = saes[0].cfg_json.get("metadata", {})
-    # the members' training tokens in the data the stitched SAE names (its first member's)
-    trained = (trained_end([s.cfg_json for s in saes], where)
-               if isinstance(where := metadata.get("dataset_path"), str) else None)
-    stitched = export.export_sae(params, cfg, work / "stitched", metadata=metadata,
-                                 training={"stitched_from": [str(d) for d in sae_dirs],
-                                           "threshold": threshold, **dropped,
-                                           **({} if trained is None
-                                              else {"held_out_from": trained})})
-    final = stitched
-    retrain = None
-    if retrain_decoder_tokens > 0:
-        retrain = retraining(cfg.d_sae, cfg.activation, window.tokens, dropped)
-        staged = {**retrain, "run_dir": str(work / "retrain"), "init_from": str(stitched)}
-        if (work / "retrain" / "sae").is_dir() and not (work / "retrain" / "checkpoints"
-                                                         ).exists():
-            final = work / "retrain" / "sae"  # complete: only publishing failed last time
-        else:
-            try:
-                final = train(config_from_dict(staged), progress=progress).sae_dir
-            except JaxsaeError as e:  # the retraining's config is made of this command's flags
-                e.args = (_as_flags(str(e)),)
-                raise
-    shutil.rmtree(work / "sae", ignore_errors=True)  # from an interrupted call: redone
-    shutil.copytree(final, work / "sae")
+    with outputs.resumable_staging(out, "frankenstein", key) as work:
+        metadata = saes[0].cfg_json.get("metadata", {})
+        # the members' training tokens in the data the stitched SAE names (its first member's)
+        trained = (trained_end([s.cfg_json for s in saes], where)
+                   if isinstance(where := metadata.get("dataset_path"), str) else None)
+        stitched = export.export_sae(params, cfg, work / "stitched", metadata=metadata,
+                                     training={"stitched_from": [str(d) for d in sae_dirs],
+                                               "threshold": threshold, **dropped,
+                                               **({} if trained is None
+                                                  else {"held_out_from": trained})})
+        final = stitched
+        retrain = None
+        if retrain_decoder_tokens > 0:
+            retrain = retraining(cfg.d_sae, cfg.activation, window.tokens, dropped)
+            staged = {**retrain, "run_dir": str(work / "retrain"), "init_from": str(stitched)}
+            if (work / "retrain" / "sae").is_dir() and not (work / "retrain" / "checkpoints"
+                                                             ).exists():
+                final = work / "retrain" / "sae"  # complete: only publishing failed last time
+            else:
+                try:
+                    final = train(config_from_dict(staged), progress=progress).sae_dir
+                except JaxsaeError as e:  # the retraining's config is made of this command's flags
+                    e.args = (_as_flags(str(e)),)
+                    raise
+        shutil.rmtree(work / "sae", ignore_errors=True)  # from an interrupted call: redone
+        shutil.copytree(final, work / "sae")
 
-    rows = []
-    named = [*((str(d), s) for d, s in zip(sae_dirs, saes, strict=True)),
-             ("frankenstein (stitched)", export.load_sae(stitched))]
-    if final != stitched:
-        named.append(("frankenstein (decoder retrained)", export.load_sae(final)))
-    for name, loaded in named:
-        m = evaluate.reconstruction_metrics(loaded.params, loaded.sae, window.blocks())
-        rows.append({"sae": name, "d_sae": loaded.params["W_dec"].shape[0],
-                     "architecture": loaded.cfg_json["architecture"], "l0": m["l0"],
-                     "mse": m["mse"], "explained_variance": m["explained_variance"]})
-    columns = ["sae", "d_sae", "architecture", "l0", "mse", "explained_variance"]
-    write_csv(work / "frankenstein.csv", rows, columns)
-    by_width = sorted(zip(sae_dirs, saes, strict=True), key=lambda ds: ds[1].sae.d_sae)
-    gave_rows = [{"sae": str(d), **g} for (d, _), g in zip(by_width, gave, strict=True)]
-    converted = [] if not conversions else [
-        "TopK SAEs converted to JumpReLU (per-latent thresholds calibrated on the "
-        f"{conversions[0]['calibration_tokens']} tokens before the evaluation window; the "
-        "change in codes measured on the evaluation tokens):", "",
-        *markdown_table(conversions, CONVERSION_COLUMNS), ""]
-    atomic_write(work / "frankenstein.md", "\n".join([
-        f"# Frankenstein SAE ({cfg.d_sae} latents, threshold {threshold})", "",
-        *converted,
-        "Latents taken from each SAE of the family (widest last):", "",
-        *markdown_table(gave_rows, ["sae", "d_sae", "added"]), "",
-        f"Evaluated on the last {window.tokens} tokens of {data}"
-        f"{f' ({said})' if (said := describe(window.report())) else ''}:", "",
-        *markdown_table(rows, columns), ""]))
-    if retrain is not None:  # the run directory's own config names where it ends up
-        retrain_config = work / "retrain" / "config.yaml"
-        atomic_write(retrain_config, config_from_dict(retrain).to_yaml())
-        # Its checkpoints served only to resume an interrupted call: kept, they would make the
-        # published output hold a training run, which jaxsae never replaces (not even with
-        # --overwrite), so a later call could not replace this output.
-        if (work / "retrain" / "checkpoints").exists():  # (gone: removed by a call that
-            shutil.rmtree(work / "retrain" / "checkpoints")  # failed to publish)
-    outputs.publish(work, out, "frankenstein", overwrite=overwrite, inputs=inputs)
+        rows = []
+        named = [*((str(d), s) for d, s in zip(sae_dirs, saes, strict=True)),
+                 ("frankenstein (stitched)", export.load_sae(stitched))]
+        if final != stitched:
+            named.append(("frankenstein (decoder retrained)", export.load_sae(final)))
+        for name, loaded in named:
+            m = evaluate.reconstruction_metrics(loaded.params, loaded.sae, window.blocks())
+            rows.append({"sae": name, "d_sae": loaded.params["W_dec"].shape[0],
+                         "architecture": loaded.cfg_json["architecture"], "l0": m["l0"],
+                         "mse": m["mse"], "explained_variance": m["explained_variance"]})
+        columns = ["sae", "d_sae", "architecture", "l0", "mse", "explained_variance"]
+        write_csv(work / "frankenstein.csv", rows, columns)
+        by_width = sorted(zip(sae_dirs, saes, strict=True), key=lambda ds: ds[1].sae.d_sae)
+        gave_rows = [{"sae": str(d), **g} for (d, _), g in zip(by_width, gave, strict=True)]
+        converted = [] if not conversions else [
+            "TopK SAEs converted to JumpReLU (per-latent thresholds calibrated on the "
+            f"{conversions[0]['calibration_tokens']} tokens before the evaluation window; the "
+            "change in codes measured on the evaluation tokens):", "",
+            *markdown_table(conversions, CONVERSION_COLUMNS), ""]
+        atomic_write(work / "frankenstein.md", "\n".join([
+            f"# Frankenstein SAE ({cfg.d_sae} latents, threshold {threshold})", "",
+            *converted,
+            "Latents taken from each SAE of the family (widest last):", "",
+            *markdown_table(gave_rows, ["sae", "d_sae", "added"]), "",
+            f"Evaluated on the last {window.tokens} tokens of {data}"
+            f"{f' ({said})' if (said := describe(window.report())) else ''}:", "",
+            *markdown_table(rows, columns), ""]))
+        if retrain is not None:  # the run directory's own config names where it ends up
+            retrain_config = work / "retrain" / "config.yaml"
+            atomic_write(retrain_config, config_from_dict(retrain).to_yaml())
+            # Its checkpoints served only to resume an interrupted call: kept, they would make the
+            # published output hold a training run, which jaxsae never replaces (not even with
+            # --overwrite), so a later call could not replace this output.
+            if (work / "retrain" / "checkpoints").exists():  # (gone: removed by a call that
+                shutil.rmtree(work / "retrain" / "checkpoints")  # failed to publish)
+        outputs.publish(work, out, "frankenstein", overwrite=overwrite, inputs=inputs)
     return rows

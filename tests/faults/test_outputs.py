@@ -380,3 +380,25 @@ def test_a_lost_sigterm_stops_a_command_at_its_next_progress_update(tmp_path):
         assert list(tmp_path.iterdir()) == []  # no output, no staging directory
     finally:
         interrupts.clear_terminated()
+
+
+def test_a_resumable_staging_is_one_process_s_at_a_time(tmp_path):
+    """(as the shard writers': a second frankenstein of the same --out with other inputs
+    cleared the staging directory of one in progress)"""
+    import pytest
+
+    from jaxsae import outputs
+
+    target = tmp_path / "f"
+    with outputs.resumable_staging(target, "frankenstein", {"a": 1}) as work:
+        (work / "retrain").mkdir()
+        for key in ({"a": 1}, {"a": 2}):
+            with pytest.raises(outputs.OutputError, match=rf"{work}: another jaxsae process "
+                                                          "is writing f here"), \
+                    outputs.resumable_staging(target, "frankenstein", key):
+                pass
+        assert (work / "retrain").is_dir()
+    with outputs.resumable_staging(target, "frankenstein", {"a": 2}) as work:  # another call's
+        assert sorted(p.name for p in work.iterdir()) == [MARKER, ".lock"]
+        outputs.publish(work, target, "frankenstein")
+    assert sorted(p.name for p in target.iterdir()) == [MARKER]
