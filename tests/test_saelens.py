@@ -95,8 +95,8 @@ def test_check_finite_names_file_and_rows(tmp_path):
     Dataset.from_dict({HOOK: acts}, features=Features({HOOK: Array2D((CTX, D_IN), "float32")})
                       ).save_to_disk(str(tmp_path / "c"), num_shards=2)
     open_source(DataConfig(path=str(tmp_path / "c")))  # fine without the check
-    with pytest.raises(DataError, match=r"data-00001-of-00002\.arrow: non-finite values in rows "
-                                        r"26\.\.26"):
+    with pytest.raises(DataError, match=r"data-00001-of-00002\.arrow: non-finite values in row "
+                                        r"26$"):
         open_source(DataConfig(path=str(tmp_path / "c"), check_finite=True))
 
 
