@@ -135,6 +135,7 @@ def export_sae(
         tensorfile.write(staging / SPARSITY_FILE,
                          {"sparsity": np.asarray(log10_firing, np.float32)},
                          metadata={"format": "pt"})
+        outputs.record_sae_files(staging, cfg_json)  # (what a later replacement checks)
         (staging / CFG_FILE).write_text(json.dumps(cfg_json, indent=2))
     return Path(out)
 

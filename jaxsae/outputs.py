@@ -6,7 +6,8 @@ builds it in a staging directory beside the target and renames it into place whe
 an interrupted command never leaves a half-written output. What may be replaced is one rule,
 `check_target`: a missing path or an empty directory; an output jaxsae wrote of the same kind,
 holding nothing but what jaxsae wrote there, unchanged (its marker lists every file, with its
-size and time; a SAELens directory holds the layout's three files; the shard writers replace a
+size and time; a SAELens directory holds the layout's three files, its cfg.json recording
+the others' and a digest of itself; the shard writers replace a
 shard directory only with `--overwrite`); any other directory only with `--overwrite`, and
 never a file, a directory holding a run with checkpoints at any depth (even inside an output
 of the same kind), the command's own inputs or the working directory; and nothing is written
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -94,10 +96,15 @@ def foreign_entries(path: Path) -> list[str] | None:
             return None
         known: dict[str, Any] = {**listed, MARKER: None}
     elif output_kind(path) == "sae":
-        known = dict.fromkeys(SAELENS_FILES)  # (no marker: names only)
+        known = dict.fromkeys(SAELENS_FILES)  # (no marker: its cfg.json records the others)
     else:
         return None
     foreign, named_dirs = [], []
+    if MARKER not in known:
+        recorded, cfg_changed = _sae_record(path)
+        known.update(recorded)
+        if cfg_changed:
+            foreign.append(f"{SAELENS_FILES[0]} (changed)")
     now = _entries(path)
     for name in sorted(now):
         if any(name.startswith(f"{other}/") for other in named_dirs):
@@ -109,6 +116,43 @@ def foreign_entries(path: Path) -> list[str] | None:
         elif known[name] is not None and now[name] != known[name]:
             foreign.append(f"{name} (changed)")
     return foreign
+
+
+_DIGEST = "cfg_digest"
+
+
+def record_sae_files(directory: Path, cfg_json: dict[str, Any]) -> None:
+    """Records, in the `jaxsae` block of the cfg.json about to be written into `directory` (a
+    SAELens layout, which has no room for a marker), the size and modification time of its
+    other files and a digest of cfg.json's own content, so that a later replacement can tell
+    an edited or replaced file (`foreign_entries`)."""
+    own = cfg_json["jaxsae"]
+    own["files"] = {name: _entries(directory)[name] for name in SAELENS_FILES[1:]}
+    own.pop(_DIGEST, None)
+    own[_DIGEST] = _cfg_digest(cfg_json)
+
+
+def _cfg_digest(cfg_json: dict[str, Any]) -> str:
+    """sha256 of the cfg's content without the digest itself (key order and spacing aside)."""
+    own = {k: v for k, v in cfg_json["jaxsae"].items() if k != _DIGEST}
+    text = json.dumps({**cfg_json, "jaxsae": own}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sae_record(path: Path) -> tuple[dict[str, Any], bool]:
+    """What a SAELens directory's cfg.json recorded of its files (`record_sae_files`; none
+    for an export of a jaxsae before 2026-12-05, checked by name only), and whether the
+    cfg.json was changed since."""
+    try:
+        cfg = json.loads((path / SAELENS_FILES[0]).read_text())
+        own = cfg["jaxsae"]
+        files, digest = own["files"], own[_DIGEST]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, False
+    if not isinstance(files, dict):
+        return {}, True
+    recorded = {name: files[name] for name in SAELENS_FILES[1:] if name in files}
+    return recorded, digest != _cfg_digest(cfg)
 
 
 def added_files_message(where: str, foreign: list[str] | None) -> str | None:

@@ -76,6 +76,18 @@ def test_export_replaces_its_own_export_and_with_overwrite_a_plain_directory(
             match="holds files jaxsae did not write (notes.md, plots/)", unchanged=[out])
     _ok(["export", str(run_copy), "--out", str(out), "--overwrite"], capsys)
     assert sorted(os.listdir(out)) == sorted(SAELENS_FILES)
+    # (fault testing: a SAELens directory has no marker, so an edit of its cfg.json, say the
+    # hook a user set for SAELens, or weights a user's script wrote back, were replaced)
+    cfg = json.loads((out / CFG_FILE).read_text())
+    (out / CFG_FILE).write_text(json.dumps({**cfg, "hook_name": "blocks.3.hook_resid_post"}))
+    refused(["export", str(run_copy), "--out", str(out)], capsys,
+            match="holds files jaxsae did not write (cfg.json (changed))", unchanged=[out])
+    (out / CFG_FILE).write_text(json.dumps(cfg, indent=4))  # (the same content: not an edit)
+    _ok(["export", str(run_copy), "--out", str(out)], capsys)
+    os.utime(out / "sae_weights.safetensors", ns=(1, 1))
+    refused(["export", str(run_copy), "--out", str(out)], capsys, unchanged=[out],
+            match="holds files jaxsae did not write (sae_weights.safetensors (changed))")
+    _ok(["export", str(run_copy), "--out", str(out), "--overwrite"], capsys)
     plain = tmp_path / "scratch"
     plain.mkdir()
     (plain / "old.txt").write_text("replace me")
