@@ -8,7 +8,8 @@ an interrupted command never leaves a half-written output. What may be replaced 
 holding nothing but what jaxsae wrote there, unchanged (its marker lists every file, with its
 size and time; a SAELens directory holds the layout's three files, its cfg.json recording
 the others' and a digest of itself; the shard writers replace a
-shard directory only with `--overwrite`); any other directory only with `--overwrite`, and
+shard directory only with `--overwrite`); any other directory only with `--overwrite` (but
+inside a training run, whose outputs are its own, nothing but its own kind of output), and
 never a file, a directory holding a run with checkpoints at any depth (even inside an output
 of the same kind), the command's own inputs or the working directory; and nothing is written
 inside the command's inputs or a run's checkpoints/. A replaced directory is moved aside first
@@ -257,6 +258,12 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
         raise OutputError(f"{where}: holds the training run {run} (with checkpoints); jaxsae "
                           "never replaces it: choose another path")
     found = output_kind(target)
+    around = run_around(resolved)
+    if around is not None and found != kind:  # (--overwrite or not: a run's are its own)
+        raise OutputError(f"{where}: lies inside the training run {around} and is not a "
+                          f"jaxsae {kind} output: jaxsae replaces nothing of a run's but "
+                          "its own kind of output, not even with --overwrite; choose "
+                          "another path")
     if overwrite:
         return
     if found == kind == "shards":  # the shard writers replace one only with --overwrite

@@ -164,6 +164,12 @@ def test_frankenstein_retrains_only_the_decoder(small_data, tmp_path, capsys):
     assert by["frankenstein (stitched)"]["l0"] == by["frankenstein (decoder retrained)"]["l0"]
     x = np.asarray(ShardSet(small_data).read(16384 - 2048, 16384), np.float32)
     assert after == pytest.approx(mse(final.params, final.sae, x), rel=1e-4)
+    # (fault testing: the same SAE given twice was stitched onto itself)
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    assert cli.main(["stitch", "frankenstein", str(tmp_path / "a"), str(tmp_path / "link"),
+                     "--data", str(small_data), "--out", str(tmp_path / "f1")]) == 2
+    assert f"SAE {tmp_path / 'link'}: given twice (as {tmp_path / 'a'})" in capsys.readouterr(
+        ).err
     # retraining on what --tokens leaves: its errors name this command's flags
     assert cli.main(["stitch", "frankenstein", str(tmp_path / "a"), str(tmp_path / "b"),
                      "--data", str(small_data), "--out", str(tmp_path / "f2"), "--tokens",

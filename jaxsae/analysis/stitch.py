@@ -431,6 +431,11 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
 
     if len(sae_dirs) < 2:
         raise JaxsaeError("frankenstein needs a base SAE and at least one other")
+    seen: dict[Path, str] = {}
+    for directory in sae_dirs:  # (the same SAE twice would stitch it onto itself)
+        if (resolved := Path(directory).resolve()) in seen:
+            raise JaxsaeError(f"SAE {directory}: given twice (as {seen[resolved]})")
+        seen[resolved] = str(directory)
     out = Path(out).absolute()
     inputs = (*sae_dirs, data)
     outputs.check_target(out, "frankenstein", overwrite=overwrite, inputs=inputs)

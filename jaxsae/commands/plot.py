@@ -45,7 +45,7 @@ class Plot(Command):
         out = Path(self.out)
         if out.suffix.lower() != ".png":
             raise JaxsaeError(f"--out {out}: must end with .png")
-        if out.is_dir() or (out.exists() and not self.overwrite):
+        if out.is_dir() or ((out.exists() or out.is_symlink()) and not self.overwrite):
             raise JaxsaeError(f"--out {out}: exists; choose another file"
                               + ("" if out.is_dir() else " or give --overwrite"))
         if not out.parent.is_dir():

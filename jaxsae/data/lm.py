@@ -109,6 +109,14 @@ class LanguageModel:
         return int(tok.eos_token_id) if tok.eos_token_id is not None else self.bos_id
 
 
+def _names_a_path(name: str) -> bool:
+    """Whether `name` can only be a local path: absolute, ./ or ../ or ~, more than one /,
+    or a first component that is a local directory (a hub name is `org/model`)."""
+    parts = Path(name).parts
+    return (name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+            or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
 def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
                layer: int | None = None, context: int | None = None, truncate: bool = False,
                progress: bool = True) -> LanguageModel:
@@ -129,6 +137,8 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
         where, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.exists() and not path.is_dir():
         raise JaxsaeError(f"--model {name}: expected a model directory, a hub name or a .gguf file")
+    elif not path.exists() and _names_a_path(name):  # (not a hub name: no retries, no noise)
+        raise JaxsaeError(f"--model {name}: no such model directory")
     else:
         where = name
     # transformers' bars are carriage-return streams: shown on a terminal only.
@@ -470,7 +480,12 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
             return out
         raise DataError(f"{out}: already exists (remove it, choose another --out, "
                         "or pass --overwrite)")
-    keys = [{**source, "files": files_now} for source in sources]
+    # What a resumed call must read to continue the same cache: a text file or a local model
+    # file rewritten since (even to the same size) starts it afresh instead of mixing shards
+    # of two versions.
+    stamps = {"files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+              "model_files": _file_stamps(Path(model)) if Path(model).exists() else None}
+    keys = [{**source, **stamps} for source in sources]
 
     lm = load_model(model, dtype=model_dtype, device=device, layer=layer, context=context,
                     truncate=True, progress=progress)
@@ -518,6 +533,13 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
 TEXT_RAN_OUT = "text_ran_out"
 """Manifest source key of a cache whose text ran out before --tokens: the text files and sizes
 it read to the end."""
+
+
+def _file_stamps(path: Path) -> list[list]:
+    """[relative path, size, modification time in ns] of every file at or below `path`."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(f.relative_to(path)) if f != path else f.name, f.stat().st_size,
+             f.stat().st_mtime_ns] for f in files]
 
 
 def _already_cached(out: Path, sources: list[dict], tokens: int, files: list) -> bool:

@@ -414,3 +414,25 @@ def test_a_resumable_staging_is_one_process_s_at_a_time(tmp_path):
         assert sorted(p.name for p in work.iterdir()) == [MARKER, ".lock"]
         outputs.publish(work, target, "frankenstein")
     assert sorted(p.name for p in target.iterdir()) == [MARKER]
+
+
+def test_overwrite_never_replaces_a_run_s_own_outputs(run_copy, small_data, tmp_path, capsys):
+    """(fault testing: `analyze --out RUN/sweep --overwrite` replaced a sweep's SAEs with
+    their training histories, and `synth` / `convert` / `frankenstein --out RUN/sae
+    --overwrite` the run's SAE: only `export` refused an --out inside a run)"""
+    import shutil
+
+    sae = tmp_path / "sae"
+    shutil.copytree(run_copy / "sae", sae)
+    common = ["--data", str(small_data), "--tokens", "2048", "--batch-size", "1024",
+              "--no-progress"]
+    for argv in (["analyze", str(sae), *common], ["stitch", "compare", str(sae), str(sae),
+                                                   *common],
+                 ["synth", "superposition", "--tokens", "1024", "--no-progress"]):
+        refused([*argv, "--out", str(run_copy / "sae"), "--overwrite"], capsys,
+                match=f"lies inside the training run {run_copy} and is not a jaxsae",
+                unchanged=[run_copy])
+    # a new output inside a run is written, and replaced as its own kind
+    _ok(["analyze", str(sae), *common, "--out", str(run_copy / "geometry")], capsys)
+    _ok(["analyze", str(sae), *common, "--out", str(run_copy / "geometry"), "--overwrite"],
+        capsys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -112,6 +113,28 @@ def test_an_interrupted_cache_resumes_to_the_same_shards(tiny_model, texts, tmp_
     assert not (tmp_path / "resumed.partial").exists()
     assert not (out / "progress.json").exists()
 
+    # (fault testing: a text file rewritten between the interruption and the rerun, to the
+    # same size, was resumed: shards of the old text, then of the new) A rewritten file, its
+    # content here unchanged but its time new, starts the cache afresh.
+    calls["n"] = 0
+    monkeypatch.setattr(lm_data, "capture", flaky)
+    again = tmp_path / "again"
+    assert run_cache(tiny_model, texts, again, "--shard-tokens", "70", "--batch-size", "2") == 130
+    text = texts / "a.txt"
+    before = text.stat()
+    try:
+        os.utime(text, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+        read.clear()
+        monkeypatch.setattr(lm_data, "capture",
+                            lambda *a: read.append(a[-1].shape) or capture(*a))
+        assert run_cache(tiny_model, texts, again, "--shard-tokens", "70",
+                         "--batch-size", "2") == 0
+    finally:
+        os.utime(text, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert sum(shape[0] for shape in read[1:]) == 20  # from the first window
+    np.testing.assert_array_equal(ShardSet(again).read(0, 300),
+                                  ShardSet(tmp_path / "whole").read(0, 300))
+
 
 def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, capsys,
                                                   n_layers):
@@ -133,9 +156,12 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
         layer=n_layers)
     assert "--context must be at least 2" in error(context=1)
     assert f"--context 300: {tiny_model} takes at most 256 positions" in error(context=300)
-    assert main(["cache", "--model", str(tmp_path / "nope"), "--layer", "0", "--text",
-                 str(texts), "--tokens", "5", "--out", str(tmp_path / "o")]) == 2
-    assert "--model" in capsys.readouterr().err
+    # (fault testing: a missing path was tried as a hub name: retries, 11 lines of noise)
+    for missing in (str(tmp_path / "nope"), "./nope", "tests/nope"):
+        assert main(["cache", "--model", missing, "--layer", "0", "--text", str(texts),
+                     "--tokens", "5", "--out", str(tmp_path / "o")], ) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--model {missing}: no such model directory"), err
     assert main(["cache", "--model", str(tiny_model), "--layer", "0", "--text",
                  str(tmp_path / "missing.txt"), "--tokens", "5", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
