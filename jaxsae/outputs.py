@@ -416,19 +416,24 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
         raise OutputError(str(e)) from None
     try:
         if mark is not None and mark.get("key") != key:  # another call's: started afresh
-            for entry in partial.iterdir():
-                if entry.name == LOCK_FILE:
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+            empty_but_lock(partial)
         if mark is None or mark.get("key") != key:
             (partial / MARKER).write_text(json.dumps({"kind": f"{kind}-partial", "key": key})
                                           + "\n")
         yield partial
     finally:
         lock.release()
+
+
+def empty_but_lock(directory: Path) -> None:
+    """Removes everything in a staging `directory` but its lock (held by this process)."""
+    for entry in directory.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = False,

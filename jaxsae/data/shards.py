@@ -293,13 +293,7 @@ class ShardWriter:
     def _clear_staging(self) -> None:
         """Removes what an earlier writer left in the staging directory (checked to be only
         that by `_lock_staging`), its lock apart."""
-        for entry in self.staging.iterdir():
-            if entry.name == LOCK_FILE:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        outputs.empty_but_lock(self.staging)
 
     def _resumed_entries(self) -> list[ShardEntry]:
         """The complete shards of an interrupted write with the same resume key, if any."""
