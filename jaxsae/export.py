@@ -106,8 +106,7 @@ def export_sae(
             weights["W_skip"] = host["W_skip"]
     weights = {k: v.astype(stored) for k, v in weights.items()}
     for name, array in weights.items():  # (no reader would take it: load_sae refuses it too)
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
-        if bad:
+        if bad := int(np.count_nonzero(~np.isfinite(array))):
             raise ExportError(f"{out}: not written: {name} has {bad} non-finite values (NaN "
                               "or inf)")
     cfg_json: dict[str, Any] = {

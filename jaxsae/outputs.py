@@ -57,13 +57,13 @@ def write_marker(directory: Path, kind: str, *, inventory: bool = False) -> None
     before it is published)."""
     mark: dict[str, Any] = {"kind": kind}
     if inventory:
-        found = _entries(directory)
+        found = file_inventory(directory)
         found.pop(MARKER, None)
         mark["files"] = dict(sorted(found.items()))
     (directory / MARKER).write_text(json.dumps(mark) + "\n")
 
 
-def _entries(directory: Path) -> dict[str, Any]:
+def file_inventory(directory: Path) -> dict[str, Any]:
     """Every entry below `directory` by relative POSIX path: "dir", "link", or a file's
     [size, modification time in ns] (links are listed, not followed)."""
     found: dict[str, Any] = {}
@@ -106,7 +106,7 @@ def foreign_entries(path: Path) -> list[str] | None:
         known.update(recorded)
         if cfg_changed:
             foreign.append(f"{SAELENS_FILES[0]} (changed)")
-    now = _entries(path)
+    now = file_inventory(path)
     for name in sorted(now):
         if any(name.startswith(f"{other}/") for other in named_dirs):
             continue  # inside a directory already named
@@ -127,9 +127,9 @@ def record_sae_files(directory: Path, cfg_json: dict[str, Any]) -> None:
     SAELens layout, which has no room for a marker), the size and modification time of its
     other files and a digest of cfg.json's own content, so that a later replacement can tell
     an edited or replaced file (`foreign_entries`)."""
+    found = file_inventory(directory)
     own = cfg_json["jaxsae"]
-    own["files"] = {name: _entries(directory)[name] for name in SAELENS_FILES[1:]}
-    own.pop(_DIGEST, None)
+    own["files"] = {name: found[name] for name in SAELENS_FILES[1:]}
     own[_DIGEST] = _cfg_digest(cfg_json)
 
 

@@ -483,8 +483,9 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
     # What a resumed call must read to continue the same cache: a text file or a local model
     # file rewritten since (even to the same size) starts it afresh instead of mixing shards
     # of two versions.
-    stamps = {"files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
-              "model_files": _file_stamps(Path(model)) if Path(model).exists() else None}
+    stamps = {"files": [[str(f), *_stamp(f)] for f in files],
+              "model_files": (None if not Path(model).exists() else _stamp(Path(model))
+                              if Path(model).is_file() else outputs.file_inventory(Path(model)))}
     keys = [{**source, **stamps} for source in sources]
 
     lm = load_model(model, dtype=model_dtype, device=device, layer=layer, context=context,
@@ -535,11 +536,10 @@ TEXT_RAN_OUT = "text_ran_out"
 it read to the end."""
 
 
-def _file_stamps(path: Path) -> list[list]:
-    """[relative path, size, modification time in ns] of every file at or below `path`."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [[str(f.relative_to(path)) if f != path else f.name, f.stat().st_size,
-             f.stat().st_mtime_ns] for f in files]
+def _stamp(file: Path) -> list[int]:
+    """[size, modification time in ns] of `file`."""
+    info = file.stat()
+    return [info.st_size, info.st_mtime_ns]
 
 
 def _already_cached(out: Path, sources: list[dict], tokens: int, files: list) -> bool:
