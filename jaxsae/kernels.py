@@ -449,8 +449,12 @@ def _top_k_positions(values: jax.Array, k: int) -> jax.Array:
 
 
 def kth_largest_nonnegative(values: jax.Array, k: int) -> jax.Array:
-    """The k-th largest entry of a non-negative float32 array (0 if fewer than k are positive)."""
-    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+    """The k-th largest entry of a non-negative float32 array (0 if fewer than k are positive).
+
+    The array is flattened first: XLA-CPU's counts over a 2-D array ran 2-2.5x slower than
+    over the same entries in 1-D ([135168, 16], BatchTopK's candidates: 27 against 11 ms for
+    the 32 passes; 2-core AMD EPYC VM, 2026-12-05)."""
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32).reshape(-1), jnp.int32)
 
     def body(_, bounds):
         lo, hi = bounds  # invariant: count(bits >= lo) >= k, count(bits >= hi) < k
@@ -486,6 +490,27 @@ def rectangle(u: jax.Array) -> jax.Array:
     return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
 
 
+def first_true(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """(positions of the first `size` True entries of the 1-D `mask` in order, padded with 0;
+    how many are True): `jnp.nonzero(mask, size=size, fill_value=0)` and its count.
+
+    The j-th True entry is the first position whose prefix count reaches j, found by a binary
+    search of the prefix counts. `jnp.nonzero` takes the same prefix counts and then a
+    scatter-add over every entry, which XLA-CPU runs one element at a time; and the prefix
+    counts here are an associative scan (log n vectorised passes) rather than XLA's cumsum.
+    A mask of 3.1M entries (BatchTopK's chunk maxima at batch 4096, d_sae 12,288), 2-core
+    AMD EPYC VM, 2026-12-05: the scan 7 ms against 20 for `jnp.cumsum`, the search 5 ms,
+    `jnp.nonzero` 33 ms. The search costs `size`·log n gathers, so it pays where few entries
+    are wanted from many: SynthSAEBench's compactions, which keep a large share of short
+    lists, ran 17% slower with it (same day and VM) and keep `jnp.nonzero`.
+    """
+    n = mask.shape[0]
+    ranks = jax.lax.associative_scan(jnp.add, mask.astype(jnp.int32))
+    position = jnp.searchsorted(ranks, jnp.arange(1, size + 1, dtype=jnp.int32),
+                                side="left", method="scan_unrolled").astype(jnp.int32)
+    return jnp.where(position < n, position, 0), ranks[-1]
+
+
 def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The batch's batch·k largest positive entries of `values` [batch, width] (BatchTopK's
@@ -514,15 +539,14 @@ def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
     chunk_floor = jnp.maximum(kth_largest_nonnegative(maxima, target), tiny)
     # At most batch·k chunks reach the batch·k-th largest maximum (ties aside), so `slots`
     # hold them; padding repeats chunk 0, and its entries are masked out below.
-    (chosen,) = jnp.nonzero(maxima >= chunk_floor, size=min(slots, maxima.shape[0]),
-                            fill_value=0)
-    real = jnp.arange(chosen.shape[0]) < jnp.sum(maxima >= chunk_floor)
+    chosen, n_chosen = first_true(maxima >= chunk_floor, min(slots, maxima.shape[0]))
+    real = jnp.arange(chosen.shape[0]) < n_chosen
     candidates = jnp.where(real[:, None], jax.nn.relu(chunks[chosen].astype(jnp.float32)),
                            0.0)  # [slots, size]
     threshold = kth_largest_nonnegative(candidates, target)
     keep = (candidates >= jnp.maximum(threshold, tiny)).reshape(-1)
-    (position,) = jnp.nonzero(keep, size=slots, fill_value=0)
+    position, n_kept = first_true(keep, slots)
     chunk = chosen[position // size]
     row, column = chunk // per_row, (chunk % per_row) * size + position % size
-    valid = jnp.arange(slots) < jnp.sum(keep)
+    valid = jnp.arange(slots) < n_kept
     return row.astype(jnp.int32), column.astype(jnp.int32), valid, threshold

@@ -257,6 +257,19 @@ def test_kth_largest_nonnegative_wide_range():
         assert float(kernels.kth_largest_nonnegative(jnp.asarray(values), k)) == ordered[k - 1]
 
 
+@pytest.mark.parametrize("n,density,size", [(1000, 0.05, 64), (1000, 0.05, 10), (1000, 0.0, 8),
+                                             (257, 1.0, 300), (1, 1.0, 1), (4096, 0.5, 2048)])
+def test_first_true_is_nonzero(n, density, size):
+    """The compaction behind BatchTopK's selection against jnp.nonzero: fewer, more and no
+    True entries than `size`, all True, a single entry."""
+    mask = np.random.default_rng(n + size).random(n) < density
+    position, count = jax.jit(kernels.first_true, static_argnums=1)(jnp.asarray(mask), size)
+    (want,) = jnp.nonzero(jnp.asarray(mask), size=size, fill_value=0)
+    np.testing.assert_array_equal(np.asarray(position), np.asarray(want))
+    assert position.dtype == jnp.int32
+    assert int(count) == int(mask.sum())
+
+
 def test_batchtopk_inference_uses_threshold(rng, x):
     cfg = SAEConfig(d_sae=D_SAE, activation="batchtopk", k=K)
     params = random_params(rng, cfg)
