@@ -616,13 +616,19 @@ def config_from_dict(tree: Mapping[str, Any]) -> Config:
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs (leaves only)."""
+    """Dotted keys whose values differ between two configs (leaves only). Lists of sections
+    of the same length (the loss terms) are compared entry by entry and named as an override
+    names them (`loss.1.coefficient`)."""
     out: list[str] = []
 
     def walk(a: Any, b: Any, key: str):
         if isinstance(a, dict) and isinstance(b, dict):
             for k in dict.fromkeys([*a, *b]):
                 walk(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+        elif (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+              and all(isinstance(v, dict) for v in (*a, *b))):
+            for i, (u, v) in enumerate(zip(a, b, strict=True)):
+                walk(u, v, f"{key}.{i}")
         elif a != b:
             out.append(key)
 

@@ -290,8 +290,10 @@ def test_changed_keys(preset):
     assert changed_keys(old, new) == ["data.path", "optim.lr", "log.every_steps"]
     assert changed_keys(new, old) == ["data.path", "optim.lr", "log.every_steps"]
     coef = load_config(preset, ["loss.1.coefficient=2"])
-    changed = changed_keys(old, coef)
-    assert len(changed) == 1 and changed[0].startswith("loss")
+    assert changed_keys(old, coef) == ["loss.1.coefficient"]  # named as the override names it
+    assert not is_mutable_on_resume("loss.1.coefficient")
+    fewer = load_config(preset, ["loss=[{term: mse}]"])
+    assert changed_keys(old, fewer) == ["loss"]  # another number of terms: the list itself
     gen = load_config(preset, ["data.generate.kind=superposition"])
     assert changed_keys(old, gen) == ["data.generate"]
 
