@@ -124,7 +124,7 @@ class ProgressDisplay(LoopHook):
         self.bar.update(done - self.bar.n)
 
     def on_log(self, done: int, lines: list[dict]) -> None:
-        self.bar.set_postfix(_postfix(lines[0]["tokens"], lines[0]["tokens_per_s"], lines),
+        self.bar.set_postfix(_postfix(done, lines[0]["tokens"], lines[0]["tokens_per_s"], lines),
                              refresh=False)
 
     def close(self) -> None:
@@ -186,14 +186,15 @@ class MetricLogger:
             hook.on_log(done, lines)
 
 
-def _postfix(tokens: int, tokens_per_s: float, lines: list[dict]) -> dict[str, str]:
-    """Progress-bar figures: the values of a single run, the range over a sweep's SAEs."""
+def _postfix(done: int, tokens: int, tokens_per_s: float, lines: list[dict]) -> dict[str, str]:
+    """Progress-bar figures: the values of a single run, the range over a sweep's SAEs, as of
+    the last logged step (named, as the bar's count moves on between logs)."""
 
     def show(key: str, fmt: str) -> str:
         values = [line[key] for line in lines]
         lo, hi = min(values), max(values)
         return format(lo, fmt) if lo == hi else f"{lo:{fmt}}..{hi:{fmt}}"
 
-    return {"tokens": f"{tokens:,}", "tok/s": f"{tokens_per_s:,.0f}",
+    return {"log step": f"{done:,}", "tokens": f"{tokens:,}", "tok/s": f"{tokens_per_s:,.0f}",
             "loss": show("loss", ".4g"),
             "L0": show("l0", ".1f"), "EV": show("explained_variance", ".3f")}

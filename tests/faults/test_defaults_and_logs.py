@@ -129,9 +129,14 @@ def test_progress_in_a_log_file_is_plain_lines(small_data, tmp_path, capsys, mon
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("test: ")]
     assert len(lines) >= 6
-    assert re.fullmatch(r"test: 24/24 step \(100%\) · .* step/s · tokens 6,144 · tok/s [\d,]+ · "
-                        r"loss [\d.e+-]+ · L0 [\d.]+ · EV -?[\d.]+ · done in \d+s", lines[-1])
+    assert re.fullmatch(r"test: 24/24 step \(100%\) · .* step/s · log step 24 · tokens 6,144 · "
+                        r"tok/s [\d,]+ · loss [\d.e+-]+ · L0 [\d.]+ · EV -?[\d.]+ · "
+                        r"done in \d+s", lines[-1])
     assert any("ETA" in line for line in lines)
+    # the figures name the step they are of, which the bar's count may have passed
+    logged = [re.search(r"log step (\d+) · tokens ([\d,]+)", line) for line in lines]
+    assert sum(m is not None for m in logged) >= 2
+    assert all(int(m[2].replace(",", "")) == 256 * int(m[1]) for m in logged if m)
     capsys.readouterr()
     (tmp_path / "run").rename(tmp_path / "first")
     assert cli.main(["train", str(config), "--no-progress"]) == 0
