@@ -182,9 +182,13 @@ class Eval(Command):
         settings = [self._splice_settings(d, s) for d, s in zip(self.sae_dir, saes, strict=True)]
         for sae_dir, own in zip(self.sae_dir[1:], settings[1:], strict=True):
             if own != settings[0]:
-                raise JaxsaeError(f"{sae_dir}: evaluated as (layer, hooks, context, first "
-                                  f"position dropped, clean norm) {own}, but {self.sae_dir[0]} "
-                                  f"as {settings[0]}: evaluate them separately")
+                names = ("layer", "hooks (read, spliced)", "context", "first position dropped",
+                         "clean norm")
+                differ = "; ".join(f"{name} {_shown(mine)} against {_shown(first)}"
+                                   for name, mine, first in zip(names, own, settings[0],
+                                                                strict=True) if mine != first)
+                raise JaxsaeError(f"{sae_dir}: spliced differently from {self.sae_dir[0]} "
+                                  f"({differ}): evaluate them separately")
         layer, (read_hook, hook), context, drop_first, clean_above = settings[0]
         if not self.text:
             raise JaxsaeError("--text: required with --model (held-out text to evaluate on)")
@@ -286,3 +290,10 @@ def _truth_directions(truth: Path, width: int):
     if directions is None or directions.ndim != 2 or directions.shape[1] != width:
         raise DataError(f"--truth {file}: no 'directions' [n_features, {width}] tensor")
     return np.asarray(directions)
+
+
+def _shown(value) -> str:
+    """A splice setting in a message: hooks as `read -> spliced`, the rest as written."""
+    if isinstance(value, tuple):
+        return " -> ".join(map(str, value))
+    return str(value)

@@ -37,7 +37,7 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
         return inputs
     target = Path(cfg.target)
     if not target.exists():
-        raise DataError(f"{target}: target directory does not exist (data.target)")
+        raise DataError(f"{target}: target directory does not exist (data.target, or --target)")
     if is_shard_dir(target):
         targets: ArraySource = ShardSet(target, check_finite=cfg.check_finite)
     elif is_saelens_cache(target):

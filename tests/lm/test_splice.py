@@ -4,6 +4,7 @@ PyTorch reference of each loss."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -136,7 +137,9 @@ def test_several_saes_share_the_clean_and_ablated_passes(tiny_model, texts, tmp_
     other = identity_sae(tmp_path / "c", hook_name="blocks.2.hook_resid_post")
     assert main(["eval", str(a), str(other), "--model", str(tiny_model), "--text",
                  str(texts), "--no-progress"]) == 2
-    assert "evaluate them separately" in capsys.readouterr().err
+    err = capsys.readouterr().err  # names what differs, in words
+    assert "spliced differently" in err and "evaluate them separately" in err
+    assert re.search(r"layer 2 against 1\b", err) and "context" not in err, err
     assert main(["eval", str(a), str(b), "--data", str(tmp_path)]) == 2
     assert "--data evaluates one SAE" in capsys.readouterr().err
 
