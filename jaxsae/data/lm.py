@@ -522,6 +522,9 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                     writer.write(acts[writer.n_tokens - at: tokens - at])
                 bar.update(min(w.n_tokens for w in writers) - before)
                 at += len(rows[0])
+            if not writers[0].n_tokens:
+                raise DataError(f"--text {' '.join(map(str, text))}: not one window of "
+                                f"--context {context} tokens in it; nothing to cache")
             if writers[0].n_tokens < tokens:  # recorded: a rerun is then already cached
                 for writer in writers:
                     writer.source[TEXT_RAN_OUT] = files_now

@@ -11,6 +11,7 @@ and rename it into place, so a set is either complete or absent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -265,9 +266,15 @@ class ShardWriter:
             self._discard()
 
     def _discard(self) -> None:
-        """A failed writer's staging directory goes, unless it is kept to resume from."""
-        if self.resume_key is None and self.staging.is_dir():
-            shutil.rmtree(self.staging, ignore_errors=True)
+        """A failed writer's staging directory goes, unless it is kept to resume from (and
+        holds something to resume from: not just its lock)."""
+        if self.staging.is_dir():
+            if self.resume_key is None:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            elif all(entry.name == LOCK_FILE for entry in self.staging.iterdir()):
+                with contextlib.suppress(OSError):  # (still locked: nobody else writes here)
+                    (self.staging / LOCK_FILE).unlink()
+                    self.staging.rmdir()
         self._lock.release()
 
     _OURS = re.compile(r"shard-\d+\.(npy|safetensors)|truth\.(json|safetensors)|"

@@ -179,6 +179,18 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
     assert sorted(p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()) == before
 
 
+def test_text_shorter_than_a_window_is_blamed_on_text(tiny_model, tmp_path, capsys):
+    """Too little text for one window: the error names --text, and no staging is left."""
+    (tmp_path / "t" / "docs").mkdir(parents=True)
+    (tmp_path / "t" / "a.txt").write_text("")
+    (tmp_path / "t" / "docs" / "b.txt").write_text("hi")
+    assert run_cache(tiny_model, tmp_path / "t", tmp_path / "acts") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --text " in err and "not one window of --context 16" \
+        in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no acts, no acts.partial
+
+
 def test_text_runs_out(tiny_model, texts, tmp_path, capsys):
     assert run_cache(tiny_model, texts, tmp_path / "acts", "--tokens", "100000") == 0
     n = ShardSet(tmp_path / "acts").n_tokens
