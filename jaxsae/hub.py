@@ -32,9 +32,10 @@ def _number(value: Any, spec: str) -> str:
 
 
 def folder_name(hook_name: str | None, run_name: str, point: dict | None) -> str:
-    """The SAE's folder: its hook (else the run's name), plus a sweep SAE's values."""
+    """The SAE's folder: its hook (else the run's name), plus a sweep SAE's values (none for
+    a sweep of one point that varies nothing)."""
     name = hook_name or run_name
-    if point is not None:
+    if point:
         name += "__" + "_".join(f"{k}-{v}" for k, v in point.items())
     return re.sub(r"[^\w.-]+", "-", name)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxsae import cli, sae, tensorfile
+from jaxsae import cli, hub, sae, tensorfile
 from jaxsae.config import DataConfig
 from jaxsae.data import open_source
 from jaxsae.data.shards import ShardWriter
@@ -206,3 +206,11 @@ def test_a_sparsify_config_that_is_not_an_object_is_refused(tmp_path):
     (tmp_path / "cfg.json").write_text("[1, 2]")
     with pytest.raises(ExportError, match="expected a JSON object"):
         read_sparsify(tmp_path)
+
+
+def test_folder_names():
+    assert hub.folder_name("blocks.1.hook_resid_post", "run", None) == "blocks.1.hook_resid_post"
+    assert hub.folder_name(None, "my run", None) == "my-run"
+    assert hub.folder_name(None, "sw2", {}) == "sw2"  # a point that varies nothing: no "__"
+    named = hub.folder_name(None, "sw", {"optim.lr": 0.001, "sae.k": 4})
+    assert named == "sw__optim.lr-0.001_sae.k-4"
