@@ -425,6 +425,14 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
         lock.release()
 
 
+def holds_only_a_lock(directory: Path) -> bool:
+    """Whether `directory` holds nothing but jaxsae's lock file (if that) and empty
+    directories: what a run or a writer's staging leaves before it writes anything (a run's
+    config comes after the data is opened, generated or checked)."""
+    return not any(p != directory / LOCK_FILE and (p.is_symlink() or not p.is_dir())
+                   for p in directory.rglob("*"))
+
+
 def empty_but_lock(directory: Path) -> None:
     """Removes everything in a staging `directory` but its lock (held by this process)."""
     for entry in directory.iterdir():

@@ -109,7 +109,7 @@ def _remove_if_unused(run_dir: Path) -> None:
     empty directories: the checkpoints' before the first save): the run stopped before
     writing anything (bad data, say), and leaves no trace."""
     with contextlib.suppress(OSError):
-        if not _holds_only_a_lock(run_dir):
+        if not outputs.holds_only_a_lock(run_dir):
             return
         entries = sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True)
         (run_dir / LOCK_FILE).unlink(missing_ok=True)
@@ -117,14 +117,6 @@ def _remove_if_unused(run_dir: Path) -> None:
             if directory.is_dir():
                 directory.rmdir()
         run_dir.rmdir()
-
-
-def _holds_only_a_lock(run_dir: Path) -> bool:
-    """Whether `run_dir` holds nothing but jaxsae's lock file (if that) and empty
-    directories: what a run leaves before it writes anything (its config comes after the
-    data is opened, generated or checked)."""
-    return not any(p != run_dir / LOCK_FILE and (p.is_symlink() or not p.is_dir())
-                   for p in run_dir.rglob("*"))
 
 
 def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[str], None],
@@ -427,7 +419,7 @@ def _check_run_dir(run_dir: Path, data: str | None = None) -> None:
                           "and its data directories of their own")
     if run_dir.is_file() or (run_dir.exists() and not run_dir.is_dir()):
         raise ConfigError(f"{where}: is a file; give a directory (or set name:)")
-    if not run_dir.is_dir() or _holds_only_a_lock(run_dir):
+    if not run_dir.is_dir() or outputs.holds_only_a_lock(run_dir):
         return  # (a start killed before it wrote anything: its lock says if it still runs)
     if not (outputs.output_kind(run_dir) == "import"
             or _is_run_config(run_dir / "config.yaml")):

@@ -11,7 +11,6 @@ and rename it into place, so a set is either complete or absent.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -268,13 +267,10 @@ class ShardWriter:
     def _discard(self) -> None:
         """A failed writer's staging directory goes, unless it is kept to resume from (and
         holds something to resume from: not just its lock)."""
-        if self.staging.is_dir():
-            if self.resume_key is None:
-                shutil.rmtree(self.staging, ignore_errors=True)
-            elif all(entry.name == LOCK_FILE for entry in self.staging.iterdir()):
-                with contextlib.suppress(OSError):  # (still locked: nobody else writes here)
-                    (self.staging / LOCK_FILE).unlink()
-                    self.staging.rmdir()
+        # (the lock is still held, so nobody else writes there meanwhile)
+        if self.staging.is_dir() and (self.resume_key is None
+                                      or outputs.holds_only_a_lock(self.staging)):
+            shutil.rmtree(self.staging, ignore_errors=True)
         self._lock.release()
 
     _OURS = re.compile(r"shard-\d+\.(npy|safetensors)|truth\.(json|safetensors)|"
