@@ -198,7 +198,9 @@ def finished_with(arm_cfg: Config) -> bool:
     """Whether the arm's run directory holds a finished run of exactly this config (every
     key, the swept values included) whose SAEs were exported at its last step: only then are
     its results reused. (A run resumed to train longer writes its config first and its
-    results at the end: interrupted in between, its results are those of the shorter run.)"""
+    results at the end: interrupted in between, its results are those of the shorter run.)
+    An SAE changed or added to since it was exported is not the one its eval.json measured:
+    such an arm is not reused (train() then names the changed files and refuses)."""
     from jaxsae.finish import member_dirs
 
     run_dir = Path(arm_cfg.run_dir)
@@ -214,6 +216,8 @@ def finished_with(arm_cfg: Config) -> bool:
         except (OSError, ValueError, KeyError, TypeError):
             return False
         if steps != arm_cfg.optim.total_steps or not (directory / "eval.json").is_file():
+            return False
+        if outputs.foreign_entries(directory / "sae"):
             return False
     return True
 

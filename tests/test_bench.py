@@ -141,3 +141,12 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     (out / "results.csv").unlink()
     rows = bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
     assert len(rows) == 8 and (out / "results.csv").is_file()
+    # An exported SAE changed since: its eval.json is not of it, so the arm is not reused,
+    # and training refuses to replace the change (the tables are left as they were).
+    monkeypatch.undo()
+    weights = next((out / "l1").glob("sweep/*/sae/sae_weights.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # same bytes, a new modification time
+    tables = (out / "results.csv").read_bytes()
+    with pytest.raises(ConfigError, match=r"arms\.l1: .*sae_weights\.safetensors \(changed\)"):
+        bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
+    assert (out / "results.csv").read_bytes() == tables

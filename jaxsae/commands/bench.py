@@ -33,6 +33,7 @@ class Bench(Command):
         cfg = load_bench_config(self.config, list(self.overrides))
         rows = run_bench(cfg, progress=not self.no_progress)
         out = cfg.directory
-        print(f"{len(rows)} SAEs in {len(cfg.arms)} arms; results in {out / 'results.md'}, "
+        arms = f"{len(cfg.arms)} arm" + "s" * (len(cfg.arms) != 1)
+        print(f"{len(rows)} SAEs in {arms}; results in {out / 'results.md'}, "
               f"{out / 'results.csv'} and {out}/*.png")
         return 0
