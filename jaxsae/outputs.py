@@ -29,7 +29,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -400,20 +400,17 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
     target = canonical(target)
     partial = target.with_name(target.name + ".partial")
     key = json.loads(json.dumps(key))
-    mark = None
-    if partial.exists() or partial.is_symlink():
+
+    def marker(directory: Path) -> dict[str, Any] | None:
         try:
-            mark = json.loads((partial / MARKER).read_text())
+            mark = json.loads((directory / MARKER).read_text())
         except (OSError, ValueError):
-            mark = None
-        if not isinstance(mark, dict) or mark.get("kind") != f"{kind}-partial":
-            raise OutputError(f"{partial}: exists and is not an interrupted jaxsae {kind}; "
-                              "move it away")
-    partial.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = RunLock(partial, log=lambda _: None, doing=f"writing {target.name}").acquire()
-    except RunLocked as e:
-        raise OutputError(str(e)) from None
+            return None
+        return mark if isinstance(mark, dict) and mark.get("kind") == f"{kind}-partial" else None
+
+    lock = lock_staging(partial, lambda directory: marker(directory) is not None, kind,
+                        target.name)
+    mark = marker(partial)  # (read under the lock)
     try:
         if mark is not None and mark.get("key") != key:  # another call's: started afresh
             empty_but_lock(partial)
@@ -423,6 +420,23 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
         yield partial
     finally:
         lock.release()
+
+
+def lock_staging(staging: Path, ours: Callable[[Path], bool], what: str, writing: str, *,
+                 error: type[JaxsaeError] = OutputError) -> RunLock:
+    """Holds the lock of the staging directory of a write that can be resumed (creating the
+    directory), so that a second writer of the same output is refused, naming the process
+    that holds it, instead of clearing or mixing into a write in progress; a killed writer's
+    is taken over. Refused with `error`: a staging that is a link or a file, or a directory
+    that `ours` does not recognise as an interrupted jaxsae `what`."""
+    if staging.is_symlink() or (staging.exists() and (not staging.is_dir()
+                                                      or not ours(staging))):
+        raise error(f"{staging}: exists and is not an interrupted jaxsae {what}; move it away")
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        return RunLock(staging, log=lambda _: None, doing=f"writing {writing}").acquire()
+    except RunLocked as e:
+        raise error(str(e)) from None
 
 
 def holds_only_a_lock(directory: Path) -> bool:

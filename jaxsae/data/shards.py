@@ -28,7 +28,7 @@ from jaxsae import outputs, tensorfile
 from jaxsae.data.source import ArraySource
 from jaxsae.errors import DataError
 from jaxsae.parsing import is_positive_int
-from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
+from jaxsae.runlock import LOCK_FILE, RunLock
 
 FORMAT = "jaxsae.shards"
 VERSION = 1
@@ -278,20 +278,13 @@ class ShardWriter:
                        rf"{re.escape(MANIFEST)}|{re.escape(LOCK_FILE)}")
 
     def _lock_staging(self) -> RunLock:
-        """Holds the staging directory's lock (creating the directory), so that a second
-        writer of the same output is refused, naming this process, instead of clearing or
-        mixing shards into a write in progress. One of a killed writer is taken over."""
-        if self.staging.is_symlink() or (self.staging.exists() and (
-                not self.staging.is_dir()
-                or any(not self._OURS.fullmatch(p.name) for p in self.staging.iterdir()))):
-            raise DataError(f"{self.staging}: exists and is not an interrupted jaxsae shard "
-                            "write; move it away")
-        self.staging.mkdir(parents=True, exist_ok=True)
-        try:
-            return RunLock(self.staging, log=lambda _: None,
-                           doing=f"writing {self.out.name}").acquire()
-        except RunLocked as e:
-            raise DataError(str(e)) from None
+        """The staging directory's lock (`outputs.lock_staging`): a directory holding only
+        the files a shard writer writes is an interrupted one."""
+        def ours(staging: Path) -> bool:
+            return all(self._OURS.fullmatch(p.name) for p in staging.iterdir())
+
+        return outputs.lock_staging(self.staging, ours, "shard write", self.out.name,
+                                    error=DataError)
 
     def _clear_staging(self) -> None:
         """Removes what an earlier writer left in the staging directory (checked to be only

@@ -414,6 +414,17 @@ def test_a_resumable_staging_is_one_process_s_at_a_time(tmp_path):
         assert sorted(p.name for p in work.iterdir()) == [MARKER, ".lock"]
         outputs.publish(work, target, "frankenstein")
     assert sorted(p.name for p in target.iterdir()) == [MARKER]
+    # a link named as the staging is refused, even to an interrupted staging (it was
+    # followed: the write went on, and was cleared, wherever it pointed)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / MARKER).write_text('{"kind": "frankenstein-partial", "key": {"a": 3}}\n')
+    (tmp_path / "f.partial").symlink_to(elsewhere)
+    with pytest.raises(outputs.OutputError, match=r"f\.partial: exists and is not an "
+                                                  "interrupted jaxsae frankenstein"), \
+            outputs.resumable_staging(target, "frankenstein", {"a": 4}):
+        pass
+    assert sorted(p.name for p in elsewhere.iterdir()) == [MARKER]
 
 
 def test_overwrite_never_replaces_a_run_s_own_outputs(run_copy, small_data, tmp_path, capsys):
