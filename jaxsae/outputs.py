@@ -11,7 +11,8 @@ the others' and a digest of itself; the shard writers replace a
 shard directory only with `--overwrite`); any other directory only with `--overwrite` (but
 inside a training run, whose outputs are its own, nothing but its own kind of output), and
 never a file, a directory holding a run with checkpoints at any depth (even inside an output
-of the same kind), the command's own inputs or the working directory; and nothing is written
+of the same kind), the command's own inputs, the working directory, the home directory, the
+Python environment running jaxsae or its code (or a directory above one); and nothing is written
 inside the command's inputs or a run's checkpoints/. A replaced directory is moved aside first
 and removed only once the new one is in place.
 """
@@ -28,6 +29,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -228,6 +230,18 @@ def refuse_non_directory(target: Path, where: str) -> None:
         raise OutputError(f"{where}: is a file; give the path of a directory to write")
 
 
+def _places_never_replaced() -> list[tuple[str, Path]]:
+    """The directories an output may not replace, nor any directory above them (fault
+    testing: `convert --out ~ --overwrite` replaced a home directory, and with it the Python
+    installation jaxsae was running from)."""
+    places = [("the Python environment running jaxsae", Path(sys.prefix)),
+              ("the Python installation running jaxsae", Path(sys.base_prefix)),
+              ("jaxsae's own code", Path(__file__).parent)]
+    with contextlib.suppress(RuntimeError, KeyError):  # (no home directory known)
+        places.append(("your home directory", Path.home()))
+    return [(name, place.resolve()) for name, place in places]
+
+
 def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
                  inputs: Sequence[str | Path] = (), flag: str = "--out") -> None:
     """Refuses, in one line naming `flag`, to write a `kind` output at `target` when that would
@@ -251,6 +265,10 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
         if inside(path, resolved):
             raise OutputError(f"{where}: would replace {protected}, which this command reads; "
                               "choose another path")
+    for name, place in _places_never_replaced():
+        if inside(place, resolved):
+            raise OutputError(f"{where}: would replace {name} ({place}); jaxsae never "
+                              "replaces it, not even with --overwrite: choose another path")
     if not any(target.iterdir()):
         return
     run = holds_run(target)
@@ -474,14 +492,25 @@ def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = F
 # Files
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
+@contextlib.contextmanager
+def replacing_file(path: Path) -> Iterator[Path]:
+    """A new, empty file beside `path` for the block to write, renamed onto `path` when the
+    block ends, removed if it fails. Its name is this call's own, created exclusively: a fixed
+    name (`path.partial`) deleted a user's file of that name, or wrote through a link of
+    that name into the file it pointed at (fault testing)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        tmp.write_text(text)
+        yield tmp
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, text: str) -> None:
+    with replacing_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def json_text(value: Any, indent: int | None = 1) -> str:
@@ -554,14 +583,10 @@ def plain_text(text: str) -> str:
 
 def save_figure(fig, path: Path) -> None:
     """Writes `fig` as PNG to `path` and closes it."""
-    tmp = path.with_name(path.name + ".partial")
     try:
         fig.tight_layout()
-        fig.savefig(tmp, format="png")
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with replacing_file(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         pyplot().close(fig)
 

@@ -447,3 +447,51 @@ def test_overwrite_never_replaces_a_run_s_own_outputs(run_copy, small_data, tmp_
     _ok(["analyze", str(sae), *common, "--out", str(run_copy / "geometry")], capsys)
     _ok(["analyze", str(sae), *common, "--out", str(run_copy / "geometry"), "--overwrite"],
         capsys)
+
+
+def test_overwrite_never_replaces_a_home_directory_or_the_running_python(tmp_path, capsys,
+                                                                         monkeypatch):
+    """(fault testing: `convert --out ~ --overwrite` replaced the tester's home directory, and
+    with it the Python installation jaxsae ran from)"""
+    import sys
+
+    import pytest
+
+    from jaxsae import outputs
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine\n")
+    monkeypatch.setenv("HOME", str(home))
+    argv = ["synth", "superposition", "--n-features", "8", "--d-in", "4", "--tokens", "64",
+            "--no-progress", "--overwrite"]
+    for out in (home, tmp_path):
+        refused([*argv, "--out", str(out)], capsys, match="would replace your home directory",
+                unchanged=[home])
+    # (checked, not tried: a regression here would replace the environment the tests run in)
+    with pytest.raises(outputs.OutputError, match="would replace the Python environment "
+                                                  "running jaxsae"):
+        outputs.check_target(sys.prefix, "synth", overwrite=True)
+    # beside or below it is written as anywhere else
+    assert cli.main([*argv, "--out", str(home / "synth")]) == 0
+    assert (home / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_single_file_output_never_writes_through_a_fixed_temporary_name(tmp_path):
+    """(fault testing: `plot --out p/b.png` deleted a user's p/b.png.partial, and wrote the
+    PNG through a link of that name into the file it pointed at)"""
+    from jaxsae import outputs
+
+    mine, thesis = tmp_path / "b.png.partial", tmp_path / "thesis.txt"
+    mine.write_text("data\n")
+    thesis.write_text("thesis\n")
+    (tmp_path / "d.png.partial").symlink_to(thesis)
+    outputs.atomic_write(tmp_path / "b.png", "one\n")
+    fig = outputs.pyplot().figure()
+    outputs.save_figure(fig, tmp_path / "d.png")
+    assert mine.read_text() == "data\n" and thesis.read_text() == "thesis\n"
+    assert (tmp_path / "b.png").read_text() == "one\n"
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "d.png").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "b.png", "b.png.partial", "d.png", "d.png.partial", "thesis.txt"]
