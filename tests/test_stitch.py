@@ -233,3 +233,17 @@ def test_swapping_in_an_identical_latent_changes_nothing(small_data, tmp_path):
     assert all(float(c["delta_mse"]) == 0.0 for c in copies)
     assert summary["components_lower_mse"] == sum(float(c["delta_mse"]) < 0 for c in comps)
     assert summary["components_lower_mse"] <= len(comps) - 12
+
+
+def test_compare_with_no_pair_above_the_threshold(small_data, tmp_path):
+    """(fault testing: two unrelated SAEs at --threshold 0.99 crashed with a traceback)"""
+    rng = np.random.default_rng(4)
+    random_sae(tmp_path / "small", 6, rng)
+    random_sae(tmp_path / "large", 10, rng)
+    summary = stitch.compare(str(tmp_path / "small"), str(tmp_path / "large"),
+                             str(small_data), tmp_path / "out", tokens=1000, threshold=0.99,
+                             progress=False)
+    assert read_csv(tmp_path / "out" / "components.csv") == []
+    rows = read_csv(tmp_path / "out" / "stitch.csv")
+    assert len(rows) == 10 and all(r["kind"] == "novel" for r in rows)
+    assert summary["components_lower_mse"] == 0

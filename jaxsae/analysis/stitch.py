@@ -269,10 +269,11 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
              "firing_frequency": float(freq_l[j]), "component": int(component_of[n_s + j])}
             for j in range(n_l)]
     swap = np.zeros(len(components))
-    cuts = np.cumsum([len(b.ids) for b in buckets])[:-1]
-    for b, dsse, scale in zip(buckets, np.split(sums.get("swap_dsse", np.zeros(0)), cuts),
-                              np.split(sums.get("swap_scale", np.zeros(0)), cuts), strict=True):
-        swap[b.ids] = _beyond_rounding(dsse, scale) / n
+    if buckets:  # (none when no pair of latents reaches the threshold)
+        cuts = np.cumsum([len(b.ids) for b in buckets])[:-1]
+        for b, dsse, scale in zip(buckets, np.split(sums["swap_dsse"], cuts),
+                                  np.split(sums["swap_scale"], cuts), strict=True):
+            swap[b.ids] = _beyond_rounding(dsse, scale) / n
     comp_rows = []
     for c, members in enumerate(components):
         s_m, l_m = members[members < n_s], members[members >= n_s] - n_s
