@@ -401,10 +401,6 @@ class Sweep:
             parsed.append({name: parse_value(_sweep_type(name, f"{at}.{name}"), value,
                                               f"{at}.{name}")
                            for name, value in point.items()})
-        for i, point in enumerate(parsed):
-            if point in parsed[:i]:
-                raise ConfigError(f"{key}: SAE {i} ({sweep_label(point)}) repeats SAE "
-                                  f"{parsed.index(point)}")
         return cls(points=tuple(parsed))
 
     def to_list(self) -> list[dict[str, Any]]:
@@ -511,11 +507,23 @@ class Config:
             _need(self.sae.d_sae % self.mesh.model == 0, "mesh.model",
                   f"must divide sae.d_sae ({self.sae.d_sae}), got {self.mesh.model}")
         if self.sweep is not None:
-            for point in self.sweep.points:
+            for i, point in enumerate(self.sweep.points):
+                terms: dict[int, str] = {}
                 for key in point:
                     if (m := _TERM_COEFFICIENT.fullmatch(key)):
-                        self.term_index(m[1], f"sweep.{key}")
-            self.sweep_configs()  # each SAE's config is checked like a config of its own
+                        term = self.term_index(m[1], f"sweep.{key}")
+                        # loss.l1 and loss.1 may be one term: the last would win unseen
+                        _need(term not in terms, f"sweep.{key}",
+                              f"SAE {i} ({sweep_label(point)}) also sets this term as "
+                              f"{terms.get(term)}; set each term once")
+                        terms[term] = key
+            members = self.sweep_configs()  # each checked like a config of its own
+            for i, member in enumerate(members):  # compared as trained, not as spelled
+                if member in members[:i]:
+                    j = members.index(member)
+                    raise ConfigError(
+                        f"sweep: SAE {i} ({sweep_label(self.sweep.points[i])}) repeats SAE {j} "
+                        f"({sweep_label(self.sweep.points[j])}): they train the same config")
         if self.sweep_chunk is not None:
             n = len(self.sweep.points) if self.sweep is not None else 1
             _need(self.sweep_chunk > 0 and n % self.sweep_chunk == 0, "sweep_chunk",

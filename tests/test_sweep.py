@@ -91,6 +91,17 @@ def test_sweep_overrides_on_the_command_line(tmp_path):
     ("lr", r"sweep: expected a mapping"),
     ([{"seed": 1}, 3], r"sweep: expected a mapping .* or a list of mappings"),
     ({"seed": [1, 1]}, r"sweep: SAE 1 \(seed=1\) repeats SAE 0"),
+    # one term by its name and by its position: the last would win, unlike the labels
+    ({"loss.auxk.coefficient": [1.0, 2.0], "loss.1.coefficient": [3.0]},
+     r"sweep\.loss\.1\.coefficient: SAE 0 \(.*\) also sets this term as "
+     r"loss\.auxk\.coefficient"),
+    ([{"loss.1.coefficient": 1.0, "loss.auxk.coefficient": 2.0}],
+     r"sweep\.loss\.auxk\.coefficient: SAE 0 .* also sets this term as loss\.1\.coefficient"),
+    # points spelled differently that train the same SAE
+    ([{"seed": 1}, {"seed": 1, "optim.lr": 3e-4}],
+     r"sweep: SAE 1 \(seed=1,optim\.lr=0\.0003\) repeats SAE 0 \(seed=1\)"),
+    ([{"loss.auxk.coefficient": 0.5}, {"loss.1.coefficient": 0.5}],
+     r"sweep: SAE 1 \(loss\.1\.coefficient=0\.5\) repeats SAE 0"),
     ({"optim.lr": ["fast"]}, r"sweep\.optim\.lr: expected a finite number"),
     ({"loss.5.coefficient": [1.0]}, r"sweep\.loss\.5\.coefficient: there is no loss term 5"),
     ({"sae.k": [4, 100]}, r"sweep SAE 1 \(sae\.k=100\): sae\.k: must be in 1\.\.sae\.d_sae"),
