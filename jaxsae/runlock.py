@@ -3,13 +3,15 @@
 The lock is an `fcntl.flock` on the file, which the operating system drops when its holder
 dies, however it dies; the file itself says who holds it (pid, host, since when), for the
 message a second process prints. A lock file naming a process that is gone is a stale lock:
-it is taken over with a warning. The file is never deleted (deleting it would let two
-processes lock two different files of the same name); it is emptied on release.
+it is taken over with a warning; a file of that name that is not a jaxsae lock record (a
+user's own `.lock`) is refused and left as it is. The file is never deleted (deleting it would
+let two processes lock two different files of the same name); it is emptied on release.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -23,7 +25,8 @@ LOCK_FILE = ".lock"
 
 
 class RunLocked(JaxsaeError):
-    """Another process is training in this run directory."""
+    """The lock cannot be taken: another process is training in this run directory, or its
+    lock file is not jaxsae's."""
 
 
 class RunLock:
@@ -35,7 +38,13 @@ class RunLock:
         self._doing = doing
 
     def acquire(self) -> RunLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:  # a link or a directory of that name: not ours to write through
+            if e.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            raise RunLocked(f"{self.path}: cannot be used as the lock file ({e.strerror}); "
+                            "move it away") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -44,6 +53,10 @@ class RunLock:
             raise RunLocked(f"{self.path.parent}: another jaxsae process is {self._doing} "
                             f"here ({holder}); wait for it to finish or stop it") from None
         previous = _read(fd)
+        if previous and not _is_record(previous):
+            os.close(fd)
+            raise RunLocked(f"{self.path}: exists and is not a jaxsae lock file; move it away "
+                            "(jaxsae writes its lock there)")
         if previous:
             self._log(f"{self.path.parent}: taking over a stale lock ({_describe(previous)}, "
                       "no longer running)")
@@ -80,6 +93,12 @@ def _read(fd: int) -> dict:
     except (OSError, ValueError):
         return {"unreadable": True}
     return info if isinstance(info, dict) else {"unreadable": True}
+
+
+def _is_record(info: dict) -> bool:
+    """Whether a lock file's content is what `acquire` writes."""
+    return (isinstance(info.get("pid"), int) and isinstance(info.get("host"), str)
+            and isinstance(info.get("since"), str))
 
 
 def _describe(info: dict) -> str:

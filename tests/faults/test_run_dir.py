@@ -49,6 +49,26 @@ def test_a_second_training_on_a_run_directory_stops_at_once(run_copy, small_data
     assert (run_copy / LOCK_FILE).read_text() == ""  # released
 
 
+@pytest.mark.parametrize("kind", ["notes", "link"])
+def test_a_users_lock_file_is_not_taken_over(small_data, tmp_path, capsys, kind):
+    """A directory holding only `.lock` may be a start killed before it wrote anything, but a
+    `.lock` that is not jaxsae's record is someone's file: neither emptied nor written through."""
+    run = tmp_path / "run"
+    run.mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("do not lose this\n")
+    if kind == "notes":
+        (run / LOCK_FILE).write_text('{"pid": 12, "note": "mine"}\n')
+        match = "exists and is not a jaxsae lock file"
+    else:
+        (run / LOCK_FILE).symlink_to(notes)
+        match = "cannot be used as the lock file"
+    config = write_config(tmp_path / "c.yaml", small_data, run)
+    refused(["train", str(config), "--no-progress"], capsys, match=match,
+            unchanged=[run, notes])
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]
+
+
 def test_lock_is_held_while_training_and_released_after(run_copy, small_data, tmp_path):
     lock = RunLock(run_copy).acquire()
     with pytest.raises(Exception, match="another jaxsae process"):
