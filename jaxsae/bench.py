@@ -35,6 +35,13 @@ from jaxsae.outputs import OutputError, atomic_write, fmt, pyplot, save_figure, 
 from jaxsae.parsing import apply_override, from_dict, read_yaml_mapping
 from jaxsae.progress import Progress
 
+# The plots: file, metric, axis label, whether each arm's Pareto frontier is drawn.
+_PLOTS = (("l0_vs_ev.png", "explained_variance", "explained variance", True),
+          ("mcc_vs_l0.png", "mcc", "mcc (feature recovery)", False),
+          ("absorption_vs_l0.png", "absorption", "absorption", False))
+# What a bench writes beside its arms' run directories (an arm may not be named as one).
+_OWN_FILES = ("bench.yaml", "results.csv", "results.md", *(p[0] for p in _PLOTS))
+
 # Columns of results.csv / results.md, in order, when present.
 METRICS = ("l0", "true_l0", "explained_variance", "mse", "mcc", "mmcs", "uniqueness", "f1",
            "precision", "recall", "dead_fraction", "dense_fraction", "shrinkage", "absorption",
@@ -77,6 +84,9 @@ class BenchConfig:
             if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", str(arm)):
                 raise ConfigError(f"arms.{arm}: an arm's name is its directory's, so letters, "
                                   "digits and _ . + = - only (not starting with '.')")
+            if str(arm) in _OWN_FILES:
+                raise ConfigError(f"arms.{arm}: the bench writes a file of that name beside its "
+                                  "arms; name the arm otherwise")
             if not isinstance(overrides, Mapping):
                 raise ConfigError(f"arms.{arm}: expected a mapping of config overrides")
             for key in ("name", "run_dir"):
@@ -279,10 +289,7 @@ def _plots(rows, directory: Path) -> None:
     plt = pyplot()
 
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    specs = [("l0_vs_ev.png", "explained_variance", "explained variance", True),
-             ("mcc_vs_l0.png", "mcc", "mcc (feature recovery)", False),
-             ("absorption_vs_l0.png", "absorption", "absorption", False)]
-    for filename, key, label, frontier in specs:
+    for filename, key, label, frontier in _PLOTS:
         if not any(key in r for r in rows):
             continue
         fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)

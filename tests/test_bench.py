@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,9 @@ def test_arm_configs_cross_the_seeds(tmp_path):
     *(({"arms": {name: {}}}, r"an arm's name is its directory's")
       for name in ("../escaped", ".", "a/b", ".hidden")),
     ({"arms": {"x": {"run_dir": "/elsewhere"}}}, r"arms\.x\.run_dir: set by the bench"),
+    # nor one of the bench's own files (the arm would train, then its tables could not be written)
+    *(({"arms": {name: {}}}, rf"arms\.{re.escape(name)}: the bench writes a file of that name")
+      for name in ("results.csv", "results.md", "bench.yaml", "l0_vs_ev.png")),
 ])
 def test_bad_bench_configs_name_the_key(tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
