@@ -12,7 +12,7 @@ several processes in step in `jaxsae.processes`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = outputs.canonical(cfg.resolved_run_dir)  # `..` resolved
     created = bool(processes.on_process_0(
-        lambda: _make_run_dir(run_dir, member_dirs(cfg, run_dir), cfg.data.path)))
+        lambda: _make_run_dir(run_dir, member_dirs(cfg, run_dir), cfg.data.path,
+                              cfg.data.target)))
     lock = _lock_run_dir(run_dir, is_main, log)
     try:
         return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
@@ -399,10 +400,12 @@ def _logged(path: Path) -> bool:
         return False
 
 
-def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None) -> bool:
+def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None,
+                  target: str | None = None) -> bool:
     """Checks the run directory (and the SAE directories training will replace in it, `dirs`'
     sae/) and makes it; whether it was made here."""
     _check_run_dir(run_dir, data)
+    _check_data_outside_outputs(run_dir, dirs, {"data.path": data, "data.target": target})
     _check_sae_dirs(run_dir, dirs)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -429,6 +432,24 @@ def _check_run_dir(run_dir: Path, data: str | None = None) -> None:
     if foreign:
         raise ConfigError(f"{where}: checkpoints/ holds {', '.join(foreign[:3])}, which no "
                           "jaxsae save wrote (training would set it aside); move it away")
+
+
+def _check_data_outside_outputs(run_dir: Path, dirs: Sequence[Path],
+                                data: Mapping[str, str | None]) -> None:
+    """Refuses data in a directory of the run that training sets aside or replaces
+    (checkpoints/, each SAE's sae/, a sweep's SAE directories): it would be read while it is
+    written over, or deleted."""
+    written = [run_dir / "checkpoints", *(d / "sae" for d in dirs),
+               *([run_dir / "sweep"] if dirs != [run_dir] else [])]
+    for key, path in data.items():
+        if not path:
+            continue
+        resolved = Path(path).resolve()
+        for place in written:
+            if outputs.inside(resolved, place.resolve()):
+                raise ConfigError(f"{key} {path}: lies in {place}, which training writes; "
+                                  "keep the data out of the run's checkpoints/, sae/ and "
+                                  "sweep/")
 
 
 def _is_run_config(path: Path) -> bool:

@@ -103,6 +103,26 @@ def test_the_data_is_not_a_run_directory(small_data, tmp_path, capsys):
     assert not generated.exists()
 
 
+@pytest.mark.parametrize("inside", ["checkpoints", "sae", "checkpoints/data"])
+def test_the_data_is_not_where_training_writes(tmp_path, capsys, inside):
+    run = tmp_path / "run"
+    generated = run / inside  # generated there, then set aside or replaced by training
+    tree = small_config_dict(generated, run)
+    tree["data"]["generate"] = {"kind": "superposition", "tokens": 8192}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    refused(["train", str(config)], capsys, match=f"data.path {generated}: lies in {run}/",
+            unchanged=[])
+    assert not run.exists()
+    tree["data"]["target"] = str(run / "sweep" / "01")  # a sweep's SAE directory
+    tree["data"]["path"] = str(tmp_path / "elsewhere")
+    tree["sweep"] = {"seed": [0, 1]}
+    config.write_text(yaml.safe_dump(tree))
+    refused(["train", str(config)], capsys,
+            match=f"data.target {run}/sweep/01: lies in {run}/sweep,", unchanged=[])
+    assert not run.exists() and not (tmp_path / "elsewhere").exists()
+
+
 @pytest.mark.parametrize("theirs", [
     "model: resnet\nlr: 0.1\n",
     "name: my-experiment\nseed: 42\n",  # keys jaxsae also has: still not a jaxsae config
