@@ -88,6 +88,34 @@ def test_bad_caches_name_the_file(tmp_path):
         open_source(DataConfig(path=str(empty)))
 
 
+def test_a_cache_naming_files_outside_it_is_refused(tmp_path):
+    path, _ = make_cache(tmp_path / "cache", shards=1)
+    outside, _ = make_cache(tmp_path / "other", shards=1, seed=1)
+    state = json.loads((path / "state.json").read_text())
+    for name in (f"../other/{state['_data_files'][0]['filename']}",
+                 str(outside / state["_data_files"][0]["filename"]), ".."):
+        (path / "state.json").write_text(json.dumps(
+            {**state, "_data_files": [{"filename": name}]}))
+        listed = re.escape(repr(name))
+        with pytest.raises(DataError, match=rf"state\.json: _data_files lists {listed}, not a "
+                                            r"file name in the cache directory"):
+            open_source(DataConfig(path=str(path)))
+
+
+def test_a_shape_that_disagrees_with_the_rows_is_refused(tmp_path):
+    """dataset_info says [8, 16]; rows of [16, 8] have as many values and read as garbage."""
+    path, _ = make_cache(tmp_path / "cache", shards=1)
+    info = json.loads((path / "dataset_info.json").read_text())
+    info["features"][HOOK]["shape"] = [D_IN, CTX]
+    (path / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=rf"has rows of \[{CTX}\] positions where "
+                                        rf"dataset_info\.json says \[{D_IN}, {CTX}\]"):
+        open_source(DataConfig(path=str(path)))
+    info["features"][HOOK]["shape"] = [CTX, D_IN]
+    (path / "dataset_info.json").write_text(json.dumps(info))
+    assert open_source(DataConfig(path=str(path))).d_in == D_IN
+
+
 def test_check_finite_names_file_and_rows(tmp_path):
     rng = np.random.default_rng(1)
     acts = np.abs(rng.standard_normal((20, CTX, D_IN))).astype(np.float32)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from jaxsae.data.source import ArraySource
 from jaxsae.errors import DataError
@@ -62,6 +63,10 @@ class SAELensCache(ArraySource):
         files = [f.get("filename") for f in state.get("_data_files", [])]
         if not files or not all(isinstance(f, str) for f in files):
             raise DataError(f"{self.path / STATE}: no _data_files listed")
+        for name in files:  # datasets lists its own files by name: never a path out of here
+            if Path(name).name != name or name in (".", ".."):
+                raise DataError(f"{self.path / STATE}: _data_files lists {name!r}, not a file "
+                                "name in the cache directory")
         arrays, names = [], []
         for name in files:
             for i, values in enumerate(self._open(self.path / name, d_in)):
@@ -100,9 +105,18 @@ class SAELensCache(ArraySource):
             if rows == 0:
                 continue
             try:
+                for level, (size, what) in enumerate(((self.context_size, "positions"),
+                                                      (d_in, "values"))):
+                    lengths = _list_lengths(storage if level == 0 else storage.flatten())
+                    if lengths != {size}:
+                        raise DataError(
+                            f"{file}: column {self.hook!r} has rows of "
+                            f"{sorted(lengths)[:3]} {what} where {INFO} says [{self.context_size}"
+                            f", {d_in}]")
                 values = storage.flatten().flatten()
                 array = values.to_numpy(zero_copy_only=True)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, AttributeError) as e:
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError,
+                    AttributeError) as e:
                 raise DataError(f"{file}: column {self.hook!r} is not a dense float array "
                                 f"({e})") from None
             if array.size != rows * self.context_size * d_in:
@@ -110,3 +124,10 @@ class SAELensCache(ArraySource):
                                 f"{rows} rows of [{self.context_size}, {d_in}]")
             out.append(array.reshape(rows * self.context_size, d_in))
         return out
+
+
+def _list_lengths(array: pa.Array) -> set[int]:
+    """The distinct lengths of the lists of a list array (nulls aside)."""
+    if pa.types.is_fixed_size_list(array.type):
+        return {array.type.list_size}
+    return set(pc.list_value_length(array).drop_null().unique().to_pylist())
