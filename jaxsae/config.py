@@ -262,10 +262,12 @@ class OptimConfig:
         _need(self.threshold_lr_scale > 0, "optim.threshold_lr_scale",
               f"must be > 0, got {self.threshold_lr_scale}")
         _need(self.warmup >= 0, "optim.warmup_steps", "must be >= 0 (or auto)")
-        _need(self.warmup + self.decay_steps <= self.total_steps, "optim.warmup_steps",
+        # (only a warm-up set in steps can: `auto` leaves room for the decay)
+        _need(self.warmup + self.decay_steps <= self.total_steps,
+              "optim.warmup_steps, optim.decay_fraction",
               f"warm-up ({self.warmup}) plus decay ({self.decay_steps}) steps exceed the run's "
-              f"{self.total_steps} steps (optim.total_tokens / optim.batch_size); lower it or "
-              "use auto")
+              f"{self.total_steps} steps (optim.total_tokens / optim.batch_size); lower one "
+              "(or set optim.warmup_steps to auto)")
 
     @property
     def total_steps(self) -> int:

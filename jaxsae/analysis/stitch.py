@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from collections.abc import Sequence
 from functools import partial
@@ -448,7 +449,9 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
             "init_from": str(out / "stitched"),
             "freeze": ["W_enc", "b_enc", "b_dec"] + (["threshold"] if activation == "jumprelu"
                                                     else []),
+            # (lanes divide the batch: the default's 8 only where --batch-size allows it)
             "data": {"path": str(Path(data).absolute()), "hook": hook,
+                     "lanes": math.gcd(DataConfig.lanes, batch_size),
                      "eval_tokens": eval_tokens, **dropped},
             "sae": {"d_sae": d_sae, "activation": activation, "decoder_norm": "free"},
             "loss": [{"term": "mse"}],

@@ -21,9 +21,12 @@ def test_defaults_fit_a_small_run():
     assert cfg.optim.warmup == 29 and cfg.data.held_out(40_000) == 2000
     big = load_config(None, ["data.path=d"])
     assert big.optim.warmup == 1000 and big.data.held_out(10**9) == 65536
-    with pytest.raises(Exception, match=r"optim.warmup_steps: warm-up \(600\) plus decay"):
+    with pytest.raises(Exception, match=r"optim.warmup_steps, optim.decay_fraction: warm-up "
+                                        r"\(600\) plus decay"):
         load_config(None, ["data.path=d", "optim.batch_size=512",
                            "optim.total_tokens=300000", "optim.warmup_steps=600"])
+    # a decay over the whole run fits the automatic warm-up (none is left for it)
+    assert load_config(None, ["data.path=d", "optim.decay_fraction=1"]).optim.warmup == 0
 
 
 def test_a_small_run_trains_with_the_defaults(small_data, tmp_path, capsys):
@@ -58,6 +61,13 @@ def test_convert_and_frankenstein_fit_small_data_with_their_defaults(small_data,
                      "--retrain-decoder-tokens", "8192", "--no-progress"]) == 0
     assert f"Evaluated on the last {16384 // 20} tokens" in \
         (tmp_path / "fr" / "frankenstein.md").read_text()
+    # a batch the default 8 data lanes do not divide (the retraining's lanes follow it)
+    assert cli.main(["stitch", "frankenstein", saes[1], str(tmp_path / "conv" / "sae"),
+                     "--data", str(small_data), "--out", str(tmp_path / "fr12"),
+                     "--batch-size", "12", "--retrain-decoder-tokens", "120",
+                     "--no-progress"]) == 0
+    assert yaml.safe_load((tmp_path / "fr12" / "retrain" / "config.yaml").read_text()
+                          )["data"]["lanes"] == 4
     # an explicit --tokens that leaves too little to retrain on is named, as given
     refused(["stitch", "frankenstein", saes[1], str(tmp_path / "conv" / "sae"), "--data",
              str(small_data), "--out", str(tmp_path / "fr2"), "--tokens", "15000"], capsys,
