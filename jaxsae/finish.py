@@ -6,6 +6,7 @@ layout; a checkpoint restored and exported the same way; the run directory's per
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.saelens import SAELensCache
 from jaxsae.data.stats import DataStats
 from jaxsae.data.window import Window, trained_end
-from jaxsae.errors import DataError, JaxsaeError
+from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
 from jaxsae.outputs import write_csv
 from jaxsae.parsing import list_index
 from jaxsae.progress import Progress
@@ -144,19 +145,35 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
     # export --data OTHER: the training data's size, read once for all (a sweep's) SAEs
     trained_on = (_data_tokens(saes[0][1])
                   if eval_data is not None and saes[0][1].data.path else None)
-    results = []
-    for params, (_, cfg, out), one, report in zip(folded, saes, sums, reports, strict=True):
+    results, frequencies = [], []
+    for one, report in zip(sums, reports, strict=True):
         metrics = one.result()
-        frequency = metrics.pop("firing_frequency")
+        frequencies.append(metrics.pop("firing_frequency"))
         metrics["held_out"] = held_out
         metrics.update(window.report())
-        if report is not None:
-            metrics = {**report, **metrics}
+        results.append(metrics if report is None else {**report, **metrics})
+    _refuse_diverged(results)
+    for params, (_, cfg, out), metrics, frequency in zip(folded, saes, results, frequencies,
+                                                         strict=True):
         _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,
                 inputs=inputs, layout=layout, steps=steps, eval_data=eval_data,
                 n_train=n_train, trained_on=trained_on)
-        results.append(metrics)
     return results
+
+
+def _refuse_diverged(results: list[dict[str, Any]]) -> None:
+    """A trained SAE whose reconstruction error is not finite diverged (its weights are
+    finite — optim.skip_nonfinite kept the last finite step — but overflow on real tokens):
+    nothing is exported, rather than a dictionary no tool can use."""
+    bad = [i for i, m in enumerate(results) if not math.isfinite(m["mse"])]
+    if not bad:
+        return
+    which = ("the SAE" if len(results) == 1 else
+             f"SAE{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of the sweep")
+    raise NonFiniteError(f"training diverged: the reconstruction error of {which} on the "
+                         "evaluation tokens is not finite; nothing is exported. Lower optim.lr "
+                         "(an earlier checkpoint may still export: jaxsae export RUN --out DIR "
+                         "--step N)")
 
 
 def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str, Any],

@@ -50,6 +50,19 @@ def test_a_non_finite_token_in_the_statistics_sample_is_refused(bad, tmp_path, c
     assert f"input scale {scale:.4g}" in capsys.readouterr().out
 
 
+def test_a_diverged_sae_is_not_exported(small_data, tmp_path, capsys):
+    """(fault testing: with optim.skip_nonfinite, lr 1e30 skipped every step but the first,
+    whose finite but huge weights were exported and reported as a success)"""
+    config = write_config(tmp_path / "c.yaml", small_data, tmp_path / "run",
+                          optim={"lr": 1e30, "skip_nonfinite": True})
+    refused(["train", str(config), "--no-progress"], capsys, unchanged=[small_data],
+            match="training diverged: the reconstruction error of the SAE on the evaluation "
+                  "tokens is not finite; nothing is exported")
+    assert not (tmp_path / "run" / "sae").exists()
+    assert not (tmp_path / "run" / "eval.json").exists()
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # (kept: an earlier step may export)
+
+
 def test_an_export_with_non_finite_weights_is_not_written(tmp_path):
     params = {"W_enc": np.ones((4, 8), np.float32), "b_enc": np.zeros(8, np.float32),
               "W_dec": np.ones((8, 4), np.float32), "b_dec": np.zeros(4, np.float32)}
