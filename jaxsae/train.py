@@ -407,6 +407,7 @@ def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None,
     _check_run_dir(run_dir, data)
     _check_data_outside_outputs(run_dir, dirs, {"data.path": data, "data.target": target})
     _check_sae_dirs(run_dir, dirs)
+    _check_finished_without_checkpoints(run_dir, dirs)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     return created
@@ -450,6 +451,26 @@ def _check_data_outside_outputs(run_dir: Path, dirs: Sequence[Path],
                 raise ConfigError(f"{key} {path}: lies in {place}, which training writes; "
                                   "keep the data out of the run's checkpoints/, sae/ and "
                                   "sweep/")
+
+
+def _check_finished_without_checkpoints(run_dir: Path, dirs: Sequence[Path]) -> None:
+    """Refuses, before the run directory is locked or added to, a finished run with no
+    checkpoints/ to resume from — a sweep's SAE directory (its checkpoints are the sweep's),
+    or a run whose checkpoints were moved away: training would start over and replace it.
+    (A checkpoints/ with none that restores is `_check_fresh_start`'s.)"""
+    if (run_dir / "checkpoints").exists():
+        return
+    finished = [p for d in dirs for p in (d / "eval.json", d / "sae") if p.exists()]
+    if not finished:
+        return
+    sweep = run_dir.parent.parent
+    if run_dir.parent.name == "sweep" and _is_run_config(sweep / "config.yaml"):
+        raise ConfigError(f"run_dir {run_dir}: is an SAE of the sweep in {sweep}, whose "
+                          f"checkpoints it shares; resume the sweep (jaxsae train "
+                          f"{sweep / 'config.yaml'}) or give a run_dir of its own")
+    raise ConfigError(f"run_dir {run_dir}: finished before ({finished[0].relative_to(run_dir)}) "
+                      "and has no checkpoints/ to resume from, so training would start over "
+                      "and replace it; give another run_dir, or move this one away")
 
 
 def _is_run_config(path: Path) -> bool:

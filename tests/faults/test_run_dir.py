@@ -69,6 +69,22 @@ def test_a_users_lock_file_is_not_taken_over(small_data, tmp_path, capsys, kind)
     assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]
 
 
+def test_a_finished_run_without_checkpoints_is_left_untouched(run_copy, small_data, tmp_path,
+                                                              capsys):
+    """Refused before the lock or checkpoints/ is added (a sweep's SAE directory, trained as a
+    run of its own, got both)."""
+    shutil.rmtree(run_copy / "checkpoints")
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy)
+    refused(["train", str(config), "--no-progress"], capsys, unchanged=[run_copy],
+            match="finished before (eval.json) and has no checkpoints/ to resume from")
+    sweep = tmp_path / "sw"
+    shutil.copytree(run_copy, sweep / "sweep" / "00")
+    write_config(sweep / "config.yaml", small_data, sweep)
+    config = write_config(tmp_path / "m.yaml", small_data, sweep / "sweep" / "00")
+    refused(["train", str(config), "--no-progress"], capsys, unchanged=[sweep],
+            match=f"is an SAE of the sweep in {sweep}, whose checkpoints it shares")
+
+
 def test_lock_is_held_while_training_and_released_after(run_copy, small_data, tmp_path):
     lock = RunLock(run_copy).acquire()
     with pytest.raises(Exception, match="another jaxsae process"):
