@@ -446,9 +446,12 @@ def lock_staging(staging: Path, ours: Callable[[Path], bool], what: str, writing
     directory), so that a second writer of the same output is refused, naming the process
     that holds it, instead of clearing or mixing into a write in progress; a killed writer's
     is taken over. Refused with `error`: a staging that is a link or a file, or a directory
-    that `ours` does not recognise as an interrupted jaxsae `what`."""
-    if staging.is_symlink() or (staging.exists() and (not staging.is_dir()
-                                                      or not ours(staging))):
+    without the lock file every writer leaves there (an empty directory is someone's) or that
+    `ours` does not recognise as an interrupted jaxsae `what`."""
+    lock_file = staging / LOCK_FILE
+    if staging.is_symlink() or (staging.exists() and (
+            not staging.is_dir() or lock_file.is_symlink() or not lock_file.is_file()
+            or not ours(staging))):
         raise error(f"{staging}: exists and is not an interrupted jaxsae {what}; move it away")
     staging.mkdir(parents=True, exist_ok=True)
     try:

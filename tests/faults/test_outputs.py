@@ -201,6 +201,9 @@ def test_synth_and_cache_targets(tmp_path, capsys):
     (squatter / "mine.txt").write_text("not a shard")
     refused([*argv, str(tmp_path / "next")], capsys, match="not an interrupted jaxsae",
             unchanged=[squatter])
+    (squatter / "mine.txt").unlink()  # an empty directory of that name is not a staging either
+    refused([*argv, str(tmp_path / "next")], capsys, match="not an interrupted jaxsae",
+            unchanged=[squatter])
     assert _leftovers(tmp_path) == []
 
 
