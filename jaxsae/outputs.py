@@ -380,6 +380,9 @@ def replace_directory(new: Path, target: Path) -> None:
             os.replace(old, target)
             raise
     shutil.rmtree(old, ignore_errors=True)
+    if old.exists() or old.is_symlink():  # (the new output is in place; only space is lost)
+        print(f"warning: {target} is written, but the output it replaced, set aside as {old}, "
+              "could not be removed (permissions?); delete it yourself", file=sys.stderr)
 
 
 @contextlib.contextmanager

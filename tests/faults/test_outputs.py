@@ -352,6 +352,24 @@ def test_a_signal_between_the_two_renames_waits_for_the_second(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_replaced_output_that_cannot_be_removed_is_named(tmp_path, capsys, monkeypatch):
+    """(fault testing: a set-aside `.out.old-…` that could not be deleted was left silently)"""
+    from jaxsae import outputs
+
+    target, new = tmp_path / "out", tmp_path / "new"
+    for directory, text in ((target, "old"), (new, "new")):
+        directory.mkdir()
+        (directory / "a").write_text(text)
+    monkeypatch.setattr(outputs.shutil, "rmtree", lambda *a, **k: None)  # (as if undeletable)
+    outputs.replace_directory(new, target)
+    assert (target / "a").read_text() == "new"
+    (aside,) = tmp_path.glob(".out.old-*")
+    assert (aside / "a").read_text() == "old"
+    err = capsys.readouterr().err
+    assert f"warning: {target} is written, but the output it replaced, set aside as {aside}, " \
+           "could not be removed" in err
+
+
 def test_a_killed_replacement_is_undone_or_finished_by_the_next_command(tmp_path):
     """(fault testing: SIGKILL between the two renames left the previous output only in a
     hidden .old directory that nothing restored or removed)"""
