@@ -160,3 +160,26 @@ def test_inspect_summary_and_refusal(outlier_data, tmp_path):
         w.write(bad)
     with pytest.raises(DataError, match=r"shard-00001\.npy: non-finite values in rows 904\.\.906"):
         inspect(tmp_path / "bad", progress=False)
+
+
+def test_inspect_counts_zero_tokens_and_refuses_data_of_nothing_but_zeros(tmp_path):
+    """(fault testing: activations of scale 1e-9 written as float16 underflowed to all zeros,
+    and inspect called them valid)"""
+    from jaxsae.data.inspect import format_summary
+
+    x = np.random.default_rng(0).normal(size=(1000, D_IN)).astype(np.float32)
+    x[10:13] = 0
+    with ShardWriter(tmp_path / "some", D_IN) as w:
+        w.write(x)
+    summary = inspect(tmp_path / "some", progress=False)
+    assert summary["zero_tokens"] == 3
+    assert "zero tokens 3 (0.30%), all their values 0" in format_summary(summary)
+    with ShardWriter(tmp_path / "tiny", D_IN, dtype="float16") as w:
+        w.write(x * 1e-9)
+    with pytest.raises(DataError, match=r"tiny: every one of its 1,000 tokens is all zeros "
+                                        r"\(float16 rounds"):
+        inspect(tmp_path / "tiny", progress=False)
+    # nor does training take them (it trained, and exported, an SAE of nothing)
+    with pytest.raises(DataError, match=r"tiny: every one of the [0-9,]+ tokens sampled for the "
+                                        r"data's statistics is all zeros: nothing to train on"):
+        estimate(ShardSet(tmp_path / "tiny"), 1000, DataConfig(path=str(tmp_path / "tiny")))

@@ -18,7 +18,8 @@ _SAMPLE = 1 << 20  # norms kept for the quantiles (an evenly strided sample of a
 def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65536,
             progress: bool = True) -> dict[str, Any]:
     """Opens (validating every file's header), then reads every token once: refuses NaN/inf
-    naming the file and rows, and returns format, size and norm statistics."""
+    naming the file and rows, and data whose every token is zero (float16 underflow), and
+    returns format, size, norm statistics and the count of all-zero tokens."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: does not exist")
@@ -30,13 +31,14 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
     sample = []
     bar = Progress(source.n_tokens, unit="tok", unit_scale=True, desc="inspect",
                    enabled=progress)
-    seen = 0
+    seen = zeros = 0
     dtypes = {np.dtype(array.dtype).name for array in source.arrays}
     for _, block in source.scan(block_tokens):
         norms = np.linalg.norm(block.astype(np.float64), axis=1)
         total += norms.sum()
         total_sq += np.square(norms).sum()
         low, high = min(low, norms.min()), max(high, norms.max())
+        zeros += int(np.count_nonzero(norms == 0))
         first = (-(seen % stride)) % stride
         sample.append(norms[first::stride])
         seen += len(block)
@@ -44,6 +46,10 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
     bar.close()
     sample = np.concatenate(sample)
     n = source.n_tokens
+    if zeros == n:  # nothing an SAE can learn from: not valid activations
+        underflow = (" (float16 rounds |x| < 6e-8 to 0: activations of a small scale written "
+                     "as float16 lose everything)" if "float16" in dtypes else "")
+        raise DataError(f"{path}: every one of its {n:,} tokens is all zeros{underflow}")
     summary: dict[str, Any] = {
         "path": str(path),
         "format": kind,
@@ -51,6 +57,7 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
         "tokens": n,
         "d_in": source.d_in,
         "dtype": ", ".join(sorted(dtypes)),
+        "zero_tokens": zeros,
         "norm": {
             "mean": total / n,
             "rms": float(np.sqrt(total_sq / n)),
@@ -78,6 +85,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  d_in        {summary['d_in']}",
         f"  dtype       {summary['dtype']}",
     ]
+    if summary["zero_tokens"]:
+        lines.append(f"  zero tokens {summary['zero_tokens']:,} "
+                     f"({summary['zero_tokens'] / summary['tokens']:.2%}), all their values 0")
     if "hook" in summary:
         lines.append(f"  hook        {summary['hook']} (context {summary['context_size']})")
     lines += [

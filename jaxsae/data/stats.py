@@ -87,6 +87,11 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig, *,
         rows = rows[finite]
     tokens, targets = rows[:, :source.d_in], rows[:, source.d_in:]  # a transcoder's pairs
     norms = np.linalg.norm(tokens.astype(np.float64), axis=1)
+    if not norms.any():  # (an SAE trained on it learns nothing, and reported success)
+        raise DataError(f"{cfg.path or 'the data'}: every one of the {len(norms):,} tokens "
+                        "sampled for the data's statistics is all zeros: nothing to train on "
+                        "(float16 shards of small activations underflow to 0; check the data "
+                        "with jaxsae data inspect)")
     median = float(np.median(norms))
     if cfg.drop_norm_above is not None and not median > 0:
         raise DataError(f"data.drop_norm_above: the median token norm of {cfg.path or 'the data'} "
