@@ -503,8 +503,17 @@ def replacing_file(path: Path) -> Iterator[Path]:
     """A new, empty file beside `path` for the block to write, renamed onto `path` when the
     block ends, removed if it fails. Its name is this call's own, created exclusively: a fixed
     name (`path.partial`) deleted a user's file of that name, or wrote through a link of
-    that name into the file it pointed at (fault testing)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    that name into the file it pointed at (fault testing). One a killed call left (this
+    host's, its process gone) is removed first."""
+    host = socket.gethostname()
+    stale = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(host)}-(\d+)-[0-9a-f]{{8}}"
+                       r"\.partial")
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            found = stale.fullmatch(entry.name)
+            if found and not _running(int(found[1])) and not entry.is_dir():
+                entry.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp

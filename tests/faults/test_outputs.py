@@ -516,3 +516,21 @@ def test_a_single_file_output_never_writes_through_a_fixed_temporary_name(tmp_pa
     assert not (tmp_path / "d.png").is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "b.png", "b.png.partial", "d.png", "d.png.partial", "thesis.txt"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """(fault testing: kill -9 during a write left `.b.png.<pid>-<id>.partial` for ever)"""
+    import socket
+
+    from jaxsae import outputs
+
+    host = socket.gethostname()
+    dead = tmp_path / f".b.png.{host}-{_dead_pid()}-0123abcd.partial"
+    live = tmp_path / f".b.png.{host}-{os.getpid()}-0123abcd.partial"  # (a write in progress)
+    other_host = tmp_path / f".b.png.elsewhere-{_dead_pid()}-0123abcd.partial"
+    other_file = tmp_path / f".c.png.{host}-{_dead_pid()}-0123abcd.partial"
+    for path in (dead, live, other_host, other_file):
+        path.write_text("half")
+    outputs.atomic_write(tmp_path / "b.png", "one\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["b.png", live.name, other_host.name, other_file.name])
