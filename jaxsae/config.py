@@ -28,6 +28,7 @@ from jaxsae.parsing import (
     apply_override,
     assign,
     from_dict,
+    override_value,
     parse_value,
     plain,
     read_yaml_mapping,
@@ -88,8 +89,9 @@ class DataConfig:
         _need(0 <= self.seed < 2**63, "data.seed", "must be in [0, 2^63)")
         _need(self.eval_tokens == "auto" or self.eval_tokens >= 0, "data.eval_tokens",
               "must be >= 0 (or auto)")
-        _need(self.drop_norm_above is None or self.drop_norm_above > 0, "data.drop_norm_above",
-              "must be > 0 (a multiple of the median norm)")
+        _need(self.drop_norm_above is None or self.drop_norm_above >= 1, "data.drop_norm_above",
+              f"must be >= 1 (a multiple of the median norm: below 1 it drops most tokens, not "
+              f"outliers), got {self.drop_norm_above}")
         _need(self.stats_tokens > 0, "data.stats_tokens", "must be > 0")
         _need(self.lanes > 0, "data.lanes", "must be > 0")
         _need(self.target_hook is None or self.target is not None, "data.target_hook",
@@ -376,6 +378,8 @@ class Sweep:
     @classmethod
     def parse(cls, raw: Any, key: str) -> Sweep:
         if isinstance(raw, Mapping):
+            if not raw:  # (the product of no axes is one point: the base config, unswept)
+                raise ConfigError(f"{key}: no SAEs to train (empty sweep)")
             grid = {}
             for name, values in raw.items():
                 if isinstance(values, str | bytes) or not isinstance(values, Sequence):
@@ -400,6 +404,10 @@ class Sweep:
             raise ConfigError(f"{key}: no SAEs to train (empty sweep)")
         parsed = []
         for point, at in zip(points, where, strict=True):
+            for name in point:
+                if not isinstance(name, str):
+                    raise ConfigError(f"{at}.{name}: expected a dotted config key (text) to "
+                                      f"sweep, got {typename(name)}")
             parsed.append({name: parse_value(_sweep_type(name, f"{at}.{name}"), value,
                                               f"{at}.{name}")
                            for name, value in point.items()})
@@ -496,6 +504,9 @@ class Config:
         _need(self.optim.batch_size % self.data.lanes == 0, "data.lanes",
               f"must divide optim.batch_size ({self.optim.batch_size}), got {self.data.lanes}")
         _need(len(self.loss) > 0, "loss", "at least one loss term is required")
+        # (a sweep's base may leave a swept coefficient 0: each of its SAEs is checked alone)
+        _need(self.sweep is not None or any(t.coefficient > 0 for t in self.loss), "loss",
+              "every term's coefficient is 0: the loss is 0 and nothing would train")
         labels = [t.label for t in self.loss]
         for name in {t.name for t in self.loss if t.name is not None}:
             _need(labels.count(name) == 1, "loss", f"two terms are called {name!r}")
@@ -615,10 +626,7 @@ def _override_sweep(tree: dict[str, Any], assignment: str) -> None:
     if not isinstance(sweep, dict):
         raise ConfigError(f"override {dotted}: the config's sweep is a list of points; replace "
                           "it whole with sweep='[{...}, ...]'")
-    try:
-        sweep[name] = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {dotted}: value is not valid YAML ({e.problem})") from None
+    sweep[name] = override_value(dotted, text)
 
 
 def config_from_dict(tree: Mapping[str, Any]) -> Config:

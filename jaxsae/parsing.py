@@ -107,7 +107,9 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            quote = (f" (YAML reads {value!r} as a number: quote it, "
+                     f"{key}=\"'{value}'\")" if isinstance(value, int | float) else "")
+            raise ConfigError(f"{key}: expected a string, got {value!r}{quote}")
         return value
     raise TypeError(f"config type {tp!r} at {key} is not supported by the parser")
 
@@ -171,11 +173,21 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value (e.g. optim.lr=1e-3)")
     dotted, text = assignment.split("=", 1)
+    assign(tree, dotted.strip(), override_value(dotted, text))
+
+
+def override_value(dotted: str, text: str) -> Any:
+    """The YAML value of an override `dotted=text` (empty: None), read as config files are
+    (a key given twice in a mapping is refused), errors naming the override."""
+    if not text.strip():
+        return None
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {dotted}: value is not valid YAML ({e.problem})") from None
-    assign(tree, dotted.strip(), value)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        problem = e.problem
+    except yaml.YAMLError as e:  # (a control character: a ReaderError, which has no .problem)
+        problem = " ".join(str(e).split())
+    raise ConfigError(f"override {dotted}: value is not valid YAML ({problem})")
 
 
 def assign(tree: dict[str, Any], dotted: str, value: Any) -> None:

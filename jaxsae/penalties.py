@@ -736,9 +736,10 @@ def _check_matryoshka(cfg: Config, term: TermConfig, key: str) -> None:
                               f"reconstruction loss; end the prefixes at sae.d_sae ({d_sae}) "
                               "or add {term: mse}")
         weights = term.params.get("weights")
-        if weights is not None and (len(weights) != len(prefixes) or min(weights) < 0):
+        if weights is not None and (len(weights) != len(prefixes) or min(weights) < 0
+                                    or not max(weights) > 0):
             raise ConfigError(f"{key}.weights: need {len(prefixes)} non-negative weights, one "
-                              f"per prefix, got {list(weights)}")
+                              f"per prefix, not all 0, got {list(weights)}")
     else:
         if term.params.get("weights") is not None:
             raise ConfigError(f"{key}.weights: only with fixed prefixes")

@@ -263,6 +263,13 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 f"({start * cfg.optim.batch_size} tokens) {run_dir} has already trained; "
                 "export an earlier checkpoint with jaxsae export --step instead")
         log(f"resuming {run_dir} from step {start}")
+        before = restored.config.optim
+        if before.total_steps != cfg.optim.total_steps and cfg.optim.decay_fraction > 0:
+            log(f"optim.total_tokens: {cfg.optim.total_tokens:,}, where the checkpoint's run "
+                f"had {before.total_tokens:,}: the learning rate's decay follows the new "
+                f"length from step {start} on (over the last {cfg.optim.decay_steps} of "
+                f"{cfg.optim.total_steps} steps: a run that had begun to decay jumps back "
+                "up to the rate of the new schedule)")
         trained_on = restored.config.data.path
         if trained_on and cfg.data.path and (Path(trained_on).resolve()
                                              != Path(cfg.data.path).resolve()):

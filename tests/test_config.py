@@ -194,6 +194,22 @@ def raises_naming(*fragments: str):
         (["loss.2=2"], ("loss.2", "out of range")),
         (["loss.x.coefficient=2"], ("loss.x",)),
         (["sae..d_sae=3"], ("sae..d_sae", "empty")),
+        # (fault testing: the next five were a traceback, exit 1, or silently accepted)
+        (["data.path=2024"], ("data.path: expected a string, got 2024", "quote it",
+                              "data.path=\"'2024'\"")),
+        (["optim.lr=\x01"], ("override optim.lr: value is not valid YAML",
+                              "unacceptable character")),
+        (["optim={lr: 1e-3, lr: 2e-3}"], ("override optim: value is not valid YAML",
+                                          "key 'lr' given twice")),
+        (["sweep.optim.lr=[1, 2, {a: 1, a: 2}]"], ("override sweep.optim.lr", "given twice")),
+        (["sweep={1: [1]}"], ("sweep.1: expected a dotted config key (text)",)),
+        (["sweep=[{seed: 1}, {2: 3}]"], ("sweep[1].2: expected a dotted config key",)),
+        (["sweep={}"], ("sweep: no SAEs to train (empty sweep)",)),
+        (["loss.0.coefficient=0", "loss.1.coefficient=0"],
+         ("loss: every term's coefficient is 0",)),
+        (["loss=[{term: matryoshka, prefixes: [8, 64], weights: [0, 0]}]"],
+         ("loss[0].weights", "not all 0")),
+        (["data.drop_norm_above=0.5"], ("data.drop_norm_above: must be >= 1",)),
     ],
 )
 def test_errors_name_the_key(preset, overrides, fragments):

@@ -342,8 +342,13 @@ def test_half_written_checkpoint_is_never_resumed_from(small_data, tmp_path):
     assert ckpt.set_aside == [ckpts / "32.incomplete", ckpts / "40.incomplete"]
     ckpt.close()
     longer = small_config(small_data, tmp_path / "run", optim={"total_tokens": 256 * 48})
-    result = train_mod.train(longer, progress=False)  # resumes at 24, saves 32 over the debris
-    assert result.step == 48
+    said = []
+    result = train_mod.train(longer, progress=False, log=said.append)  # resumes at 24, saves
+    assert result.step == 48                                           # 32 over the debris
+    # the learning rate had decayed to nearly 0 by step 24: the longer schedule raises it again
+    assert any(line.startswith("optim.total_tokens: 12,288, where the checkpoint's run had "
+                               "6,144: the learning rate's decay follows the new length from "
+                               "step 24 on") for line in said), said
     ckpt = Checkpointer(ckpts, CheckpointConfig())
     assert ckpt.latest_step() == 48 and 32 in ckpt.manager.all_steps()
     ckpt.close()

@@ -24,9 +24,10 @@ class Train(Command):
     config: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CONFIG")]
     """YAML config (see configs/)"""
     overrides: Overrides = ()
-    """dotted overrides, e.g. optim.lr=1e-3 sae.d_sae=8192 loss.sparsity.coefficient=3 (a term
-    by its name, or loss.1.coefficient by position); sweep.optim.lr=[1e-4,3e-4] adds a sweep
-    axis (sweepable: seed, optim.lr, sae.k, loss.<name>.coefficient)"""
+    """dotted overrides, e.g. optim.lr=1e-3 sae.d_sae=8192 loss.l1.coefficient=3 (a term by
+    its name: its name:, else its kind; or by position: loss.1.coefficient);
+    sweep.optim.lr=[1e-4,3e-4] adds a sweep axis (sweepable: seed, optim.lr, sae.k,
+    loss.<name>.coefficient)"""
     no_progress: Flag = False
     """no progress bar"""
 
