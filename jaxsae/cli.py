@@ -36,7 +36,7 @@ import tyro
 from jaxsae import hostmem
 from jaxsae.commands import Command, registry
 from jaxsae.errors import JaxsaeError, describe_os_error, one_line
-from jaxsae.interrupts import Terminated, clear_terminated, install_sigterm_handler
+from jaxsae.interrupts import Terminated, clear_terminated, install_signal_handlers
 
 DESCRIPTION = "Train sparse autoencoders on cached activations with JAX."
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if as_program:  # run as the program: restart once with huge pages (see jaxsae.hostmem)
         hostmem.restart_with_huge_pages()
         argv = sys.argv[1:]
-        install_sigterm_handler()
+        install_signal_handlers()
     clear_terminated()
     name = "jaxsae"  # until the command is known
     try:
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{name}: aborted", file=sys.stderr)
+        clear_terminated()
         if as_program:
             _exit_now(130)
         return 130

@@ -21,40 +21,60 @@ class Terminated(KeyboardInterrupt):
     on Ctrl-C (training handles SIGTERM itself: a checkpoint, then exit 143)."""
 
 
-_terminated = False
-"""A SIGTERM reached `raise_terminated`. Its exception can be lost (raised inside a callback
-whose exceptions Python only prints, e.g. a garbage-collection hook of JAX's), so training,
-which starts after, reads this too and stops at its first step."""
+_pending = 0
+"""The signal (SIGTERM or SIGINT) that reached the command line's handler. Its exception can
+be lost (raised inside a callback whose exceptions Python only prints, e.g. a garbage-collection
+hook of JAX's: fault testing saw a Ctrl-C lost so, the command finishing with exit 0 and
+replacing its output), so the long loops and every publication re-raise it
+(`check_terminated`), and training, which starts after, reads it and stops at its first
+step."""
 
 
 def raise_terminated(signum, frame) -> None:
     """The command line's SIGTERM handler outside training."""
-    global _terminated
-    _terminated = True
+    global _pending
+    _pending = signal.SIGTERM
     raise Terminated
 
 
-def install_sigterm_handler() -> None:
-    """The command line's SIGTERM handling outside training: `raise_terminated`; a
-    Terminated raised where Python can only print it (a callback, a finalizer) is not printed
-    (a stray `jaxsae.interrupts.Terminated:` line beside the one-line message, seen once in
-    fault testing); the flag it set stays, and training stops at its first step."""
+def raise_interrupted(signum, frame) -> None:
+    """The command line's SIGINT handler outside training: Python's, remembering the signal."""
+    global _pending
+    _pending = _pending or signal.SIGINT
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers() -> None:
+    """The command line's SIGTERM and SIGINT handling outside training (`raise_terminated`,
+    `raise_interrupted`); their exceptions raised where Python can only print them (a callback,
+    a finalizer) are not printed (stray `Exception ignored … KeyboardInterrupt` lines beside
+    the one-line message, seen in fault testing): the signal stays pending, and the command
+    stops at its next check (`check_terminated`) or training's first step."""
     signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGINT, raise_interrupted)
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        if not isinstance(unraisable.exc_value, Terminated):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # (Terminated is one)
             previous(unraisable)
 
     sys.unraisablehook = hook
 
 
 def check_terminated() -> None:
-    """Raises Terminated if a SIGTERM came whose exception was lost (see `_terminated`): the
+    """Raises the signal's exception again if a SIGTERM or SIGINT came (see `_pending`): the
     long loops (every progress update) and every publication of an output call it, so that
-    such a SIGTERM still stops the command."""
-    if _terminated and threading.current_thread() is threading.main_thread():
+    one whose exception was lost still stops the command."""
+    if not _pending or threading.current_thread() is not threading.main_thread():
+        return
+    if _pending == signal.SIGTERM:
         raise Terminated
+    raise KeyboardInterrupt
+
+
+def pending() -> int:
+    """The signal number of a SIGTERM / SIGINT the command has not acted on yet (0: none)."""
+    return _pending
 
 
 @contextlib.contextmanager
@@ -82,9 +102,10 @@ def deferred() -> Iterator[None]:
 
 
 def clear_terminated() -> None:
-    """A new command (several run in one process from Python or the tests)."""
-    global _terminated
-    _terminated = False
+    """A new command (several run in one process from Python or the tests), or a signal
+    acted on."""
+    global _pending
+    _pending = 0
 
 
 class SignalFlag:
@@ -113,9 +134,10 @@ class SignalFlag:
         for sig in signals:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
-        if _terminated:  # a SIGTERM before the loop whose exception was lost: handled here
-            self._handle(signal.SIGTERM, None)
+        if _pending:  # a signal before the loop whose exception was lost: handled here
+            signum = _pending
             clear_terminated()
+            self._handle(signum, None)
 
     def _handle(self, signum, frame):
         if self.signum and signum == signal.SIGINT:

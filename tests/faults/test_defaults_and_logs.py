@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -299,9 +300,10 @@ def test_a_short_batchtopk_run_exports_the_l0_it_trained_at(small_data, tmp_path
     assert result.eval["l0"] == pytest.approx(4, rel=0.15), result.eval["l0"]
 
 
-def test_a_lost_sigterm_exception_is_not_printed(monkeypatch):
-    """A Terminated raised where Python can only report it (a finalizer) prints nothing: the
-    command's one-line message is the only one. Other such exceptions are still reported."""
+def test_a_lost_signal_exception_is_not_printed(monkeypatch):
+    """A Terminated or KeyboardInterrupt raised where Python can only report it (a finalizer)
+    prints nothing: the command's one-line message is the only one. Other such exceptions are
+    still reported."""
     import sys
     import types
 
@@ -309,17 +311,41 @@ def test_a_lost_sigterm_exception_is_not_printed(monkeypatch):
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        interrupts.install_sigterm_handler()
+        interrupts.install_signal_handlers()
         assert signal.getsignal(signal.SIGTERM) is interrupts.raise_terminated
-        for error in (interrupts.Terminated(), ValueError("kept")):
+        assert signal.getsignal(signal.SIGINT) is interrupts.raise_interrupted
+        for error in (interrupts.Terminated(), KeyboardInterrupt(), ValueError("kept")):
             sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error,
                                                      exc_traceback=None, err_msg=None,
                                                      object=None))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     assert [type(u.exc_value) for u in seen] == [ValueError]
+
+
+def test_a_lost_ctrl_c_still_stops_the_command_before_it_publishes(tmp_path, capsys,
+                                                                    monkeypatch):
+    """(fault testing: a Ctrl-C raised inside JAX's garbage-collection callback was printed as
+    'Exception ignored' and lost: analyze ran on, exited 0 and replaced its output)"""
+    from jaxsae import cli, interrupts
+    from jaxsae.data import synthetic
+
+    real = synthetic.block_rows
+
+    def interrupted_in_a_callback(*args, **kwargs):  # the exception goes nowhere
+        with contextlib.suppress(KeyboardInterrupt):
+            interrupts.raise_interrupted(signal.SIGINT, None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "block_rows", interrupted_in_a_callback)
+    assert cli.main(["synth", "--out", str(tmp_path / "s"), "superposition", "--tokens",
+                     "64", "--no-progress"]) == 130
+    assert "jaxsae synth: aborted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no output, no staging directory
+    assert interrupts.pending() == 0
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(small_data):
