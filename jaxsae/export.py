@@ -135,7 +135,7 @@ def export_sae(
                          {"sparsity": np.asarray(log10_firing, np.float32)},
                          metadata={"format": "pt"})
         outputs.record_sae_files(staging, cfg_json)  # (what a later replacement checks)
-        (staging / CFG_FILE).write_text(json.dumps(cfg_json, indent=2))
+        (staging / CFG_FILE).write_text(outputs.json_text(cfg_json, indent=2))  # (NaN: null)
     return Path(out)
 
 

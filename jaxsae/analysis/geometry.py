@@ -18,7 +18,6 @@ Everything is written as CSV and PNG, with an index.html that shows it on one pa
 from __future__ import annotations
 
 import html
-import json
 import shutil
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,7 @@ from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window
 from jaxsae.errors import JaxsaeError
 from jaxsae.evaluate import DENSE_FREQUENCY
-from jaxsae.outputs import atomic_write, hist_range, pyplot, save_figure, write_csv
+from jaxsae.outputs import atomic_write, hist_range, json_text, pyplot, save_figure, write_csv
 from jaxsae.progress import Progress
 
 BINS = 32
@@ -373,7 +372,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
                    for k in range(n) for r in range(nb_idx.shape[1])],
                   ["latent", "rank", "neighbour", "cos"])
         write_csv(staging / "clusters.csv", cluster_rows, ["cluster", "size", "latents"])
-        atomic_write(staging / "summary.json", json.dumps(summary, indent=1))
+        atomic_write(staging / "summary.json", json_text(summary))
         _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, staging)
         if opt is not None:
             write_csv(staging / "optimality_latents.csv", opt[0], list(opt[0][0]))

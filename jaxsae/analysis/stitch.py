@@ -30,7 +30,6 @@ so the codes of ReLU / JumpReLU latents are unchanged. Only the decoder is then 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -47,7 +46,14 @@ from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window, describe, trained_end
 from jaxsae.errors import JaxsaeError
-from jaxsae.outputs import atomic_write, markdown_table, pyplot, save_figure, write_csv
+from jaxsae.outputs import (
+    atomic_write,
+    json_text,
+    markdown_table,
+    pyplot,
+    save_figure,
+    write_csv,
+)
 from jaxsae.progress import Progress
 
 THRESHOLD = 0.7
@@ -292,7 +298,7 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
         write_csv(staging / "components.csv", comp_rows,
                   ["component", "n_small", "n_large", "delta_mse", "delta_l0", "small_latents",
                    "large_latents"])
-        atomic_write(staging / "summary.json", json.dumps(summary, indent=1))
+        atomic_write(staging / "summary.json", json_text(summary))
         atomic_write(staging / "summary.md", _compare_markdown(summary))
         _compare_plots(rows, threshold, staging)
     return summary

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -105,7 +104,8 @@ class Analyze(AnalysisInputs, Command):
                           optimality=self.optimality, optimality_pairs=self.optimality_pairs,
                           sparsity_weight=self.sparsity_weight,
                           drop_norm_above=self.outliers.drop_rule())
-        print(json.dumps(summary, indent=1))
+        from jaxsae.outputs import json_text  # (NaN: null)
+        print(json_text(summary))
         note_training(summary, self.data, "analysed")
         print(f"open {Path(self.out) / 'index.html'}")
         return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -34,5 +33,6 @@ class Inspect(Command):
         from jaxsae.data.inspect import format_summary, inspect
 
         summary = inspect(self.path, hook=self.hook, progress=not self.no_progress)
-        print(json.dumps(summary, indent=1) if self.json else format_summary(summary))
+        from jaxsae.outputs import json_text  # (NaN: null)
+        print(json_text(summary) if self.json else format_summary(summary))
         return 0

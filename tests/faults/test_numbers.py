@@ -147,3 +147,22 @@ def test_the_device_out_of_memory_is_one_line(small_data, tmp_path, capsys, monk
     refused(["train", str(config), "--no-progress"], capsys, unchanged=[config],
             match="out of memory on the CPU (RESOURCE_EXHAUSTED: Out of memory allocating "
                   "128000000000000 bytes.): the sizes asked for (sae.d_sae, optim.batch_size")
+
+
+def test_an_undefined_explained_variance_is_null_in_cfg_json(run_copy, small_data, tmp_path,
+                                                             capsys):
+    """(fault testing: `export --data` of one token wrote `"eval_explained_variance": NaN`
+    into cfg.json, which strict JSON readers refuse)"""
+    from jaxsae.data.shards import ShardSet, ShardWriter
+
+    one = ShardSet(small_data).read(0, 1)
+    with ShardWriter(tmp_path / "one", one.shape[1]) as writer:
+        writer.write(one)
+    assert cli.main(["export", str(run_copy), "--out", str(tmp_path / "e"), "--data",
+                     str(tmp_path / "one"), "--no-progress"]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in cfg.json")
+
+    cfg = json.loads((tmp_path / "e" / "cfg.json").read_text(), parse_constant=refuse)
+    assert cfg["metadata"]["eval_explained_variance"] is None
