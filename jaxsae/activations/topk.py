@@ -27,10 +27,11 @@ def topk(pre_acts: jax.Array, k: int, mesh: Mesh | None = None,
     """Keeps the k largest pre-activations of each row (then ReLU); zeros elsewhere. `live`
     (traced, <= k) keeps that many instead, for sweeps over k.
 
-    On a mesh, each device takes the top k of its own [batch/data, d_sae/model] block; the row's
-    threshold is the k-th largest of the model·k candidates gathered along `model`. Exact (a
-    global top-k entry is in its block's top k), and no device holds a full row or the whole
-    batch (XLA's partitioner would gather the entire operand of a top_k).
+    Exactly k a row, ties at the k-th value too (`_kept`). On a mesh, each device takes the top
+    k of its own [batch/data, d_sae/model] block; the row's k-th largest is found among the
+    model·k candidates gathered along `model`. Exact (a global top-k entry is in its block's
+    top k), and no device holds a full row or the whole batch (XLA's partitioner would gather
+    the entire operand of a top_k).
     """
     if mesh is None or mesh.size == 1:
         return _topk_block(pre_acts, live, k=k, axis=None)
@@ -48,12 +49,31 @@ def _topk_block(pre_acts: jax.Array, live: jax.Array | None, *, k: int,
     # lax.top_k over a wide row whose output is sliced runs as a full sort: 11 s against
     # 0.07 s at [1024, 65536], k 64, measured 2026-12-03).
     index = kernels.top_k_indices(jax.lax.stop_gradient(pre_acts), min(k, pre_acts.shape[-1]))
-    largest = jnp.take_along_axis(pre_acts, index, axis=1)
-    if axis is not None:
-        candidates = jax.lax.all_gather(largest, axis, axis=1, tiled=True)
-        largest = jax.lax.top_k(candidates, k)[0]
+    own = jnp.take_along_axis(pre_acts, index, axis=1)
+    values = jax.nn.relu(own) * _kept(jax.lax.stop_gradient(own), k, live, axis)
+    rows = jnp.arange(pre_acts.shape[0])[:, None]
+    return jnp.zeros_like(pre_acts).at[rows, index].set(values, unique_indices=True)
+
+
+def _kept(own: jax.Array, k: int, live: jax.Array | None, axis: str | None) -> jax.Array:
+    """Which of a block's candidates (`own`: [rows, k'] its largest, largest first) are among
+    the row's k (or `live`) largest: exactly that many a row, ties at the k-th value included
+    (a threshold `>= k-th` kept every tied latent: more than k codes, fault testing). On a
+    dictionary split over `axis`, the rows' candidates are gathered along it; the tied entries
+    a row still needs go to the devices in order, and on each to its first."""
+    n = k if live is None else live
+    if axis is None:
+        return jnp.arange(own.shape[1]) < n
+    candidates = jax.lax.all_gather(own, axis, axis=1, tiled=True)  # [rows, devices·k']
+    largest = jax.lax.top_k(candidates, k)[0]
     kth = largest[:, -1:] if live is None else jnp.take(largest, live - 1, axis=1)[:, None]
-    return jax.nn.relu(pre_acts) * (pre_acts >= kth)
+    ties = own == kth
+    per_device = (candidates == kth).reshape(own.shape[0], -1, own.shape[1]).sum(-1)
+    before = jnp.cumsum(per_device, axis=1) - per_device  # ties on the devices before each
+    me = jax.lax.axis_index(axis)
+    wanted = n - (candidates > kth).sum(1) - before[:, me]  # ties this device still gives
+    rank = jnp.cumsum(ties, axis=1) - 1  # this device's ties, first to last
+    return (own > kth) | (ties & (rank < wanted[:, None]))
 
 
 def sparse_topk(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.Array, k: int,
@@ -120,21 +140,19 @@ def _sparse_topk_split(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax
     """The sparse TopK selection on a dictionary split over `model`: each device takes the k
     largest of its own block of latents, the row's k-th largest is found among the model·k
     candidates gathered along `model` (as the dense `topk` does), and each device keeps those
-    of its candidates that reach it. Returns [batch, model·k] global indices and values (0 for
-    the candidates not kept), laid out [data, model] so that each device's entries are its
-    own latents: their values, gradients and decode (`jaxsae.sae.sparse_decode`) stay on it.
-    (check_vma off: see `sparse_decode`.)"""
+    of its candidates that are among the row's k (`_kept`). Returns [batch, model·k] global
+    indices and values (0 for the candidates not kept), laid out [data, model] so that each
+    device's entries are its own latents: their values, gradients and decode
+    (`jaxsae.sae.sparse_decode`) stay on it. (check_vma off: see `sparse_decode`.)"""
     split = PartitionSpec("data", "model")
 
     def select(x, b_dec, W_enc, b_enc, pre_acts, live):
         width = pre_acts.shape[1]
         index = kernels.top_k_indices(pre_acts, min(k, width))  # this block's own
         own = jnp.take_along_axis(pre_acts, index, axis=1)
-        candidates = jax.lax.all_gather(own, "model", axis=1, tiled=True)
-        largest = jax.lax.top_k(candidates, k)[0]
-        kth = largest[:, -1:] if live is None else jnp.take(largest, live - 1, axis=1)[:, None]
         values = jax.nn.relu(kernels.take_pre_acts(x, b_dec, W_enc, b_enc, pre_acts, index))
-        return index + jax.lax.axis_index("model") * width, values * (own >= kth)
+        return (index + jax.lax.axis_index("model") * width,
+                values * _kept(own, k, live, "model"))
 
     args = (x, params["b_dec"], encoder_weight(params), params["b_enc"],
             jax.lax.stop_gradient(pre_acts))
