@@ -403,7 +403,7 @@ def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
                              inputs=(sae_dir, data), keep=converted)
 
 
-IMPORTED_SAE = "imported-sae"
+IMPORTED_SAE = outputs.IMPORTED_SAE
 
 # Keys `jaxsae import` writes from its arguments; an override of one would silently win over
 # them (and be written as given, not as an absolute path).

@@ -256,6 +256,7 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
             raise OutputError(f"{where}: lies inside {protected}, which this command reads; "
                               "write elsewhere")
     _refuse_inside_checkpoints(resolved, where)
+    _refuse_inside_output(resolved, where)
     if not target.exists():
         return
     if inside(Path.cwd().resolve(), resolved):
@@ -296,18 +297,49 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
                       "--overwrite to replace it")
 
 
+# What a training run writes in its directory (and each SAE's of a sweep) beside checkpoints/
+# and sae/: never replaced by another command's file (a plot).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "curves.png", "sweep.csv", LOCK_FILE)
+
+
 def check_file_target(path: str | Path, flag: str = "--out") -> None:
     """Refuses a single-file output (a plot) inside a jaxsae output directory (an export, a
     run's sae/, an analysis: replacing that output later would take the file for something
-    a user added) or inside a run's checkpoints/ (training's own)."""
+    a user added), inside a run's checkpoints/ (training's own), or in place of one of a
+    run's own files (`RUN_FILES`: its curves.png, read back by analyze and export --hub as
+    the run's curves)."""
     where = f"{flag} {path}"
-    parent = canonical(path).parent
-    for directory in (parent, *parent.parents):
+    target = canonical(path)
+    _refuse_inside_output(target, where)
+    _refuse_inside_checkpoints(target, where)
+    run = run_around(target)
+    if run is not None and target.name in RUN_FILES and (
+            target.parent.resolve() == run or target.parent.parent.resolve() == run / "sweep"):
+        raise OutputError(f"{where}: is the training run {run}'s own {target.name}; jaxsae "
+                          "never replaces it, not even with --overwrite: write elsewhere")
+
+
+IMPORTED_SAE = "imported-sae"
+"""An import's copy of the SAE it starts from (a sparsify SAE converted), in its run."""
+
+
+def _refuse_inside_output(path: Path, where: str) -> None:
+    """Refuses an output inside a directory jaxsae wrote as another output (an export, an
+    analysis, shards): replacing or adding to it would leave that output other than it was
+    written. A bench directory and an import's run are added to (arms' runs and analyses; the
+    run's training), but not an import's own copy of its SAE (replaced by a config-only
+    directory in fault testing), and so is an interrupted resumable write's staging (by the
+    command that continues it)."""
+    resolved = Path(path).resolve()
+    for directory in resolved.parents:
         kind = output_kind(directory)
-        if kind not in (None, "bench", "import"):  # (those two are added to, not replaced)
-            raise OutputError(f"{where}: lies inside {directory}, a jaxsae {kind} output; "
-                              "write elsewhere")
-    _refuse_inside_checkpoints(canonical(path), where)
+        if kind == "import" and inside(resolved, directory / IMPORTED_SAE):
+            raise OutputError(f"{where}: lies in {directory / IMPORTED_SAE}, the SAE the "
+                              f"import {directory} starts from; write elsewhere")
+        if kind is None or kind.endswith("-partial") or kind in ("bench", "import"):
+            continue
+        raise OutputError(f"{where}: lies inside {directory}, a jaxsae {kind} output; "
+                          "write elsewhere")
 
 
 def _refuse_inside_checkpoints(path: Path, where: str) -> None:

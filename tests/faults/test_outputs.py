@@ -156,6 +156,33 @@ def test_a_failed_export_leaves_the_previous_one(run_copy, tmp_path, capsys):
     assert snapshot(out) == before and _leftovers(tmp_path) == []
 
 
+def test_no_output_goes_inside_another_output_or_replaces_a_run_s_files(run_copy, small_data,
+                                                                         tmp_path, capsys):
+    """(fault testing: `plot --out RUN/curves.png --overwrite` replaced the run's curves, which
+    analyze and export --hub then copied as the run's; `export --out EXPORT/sub`, `repair --out
+    REPAIR/sae --overwrite` and `import --out IMPORT/imported-sae --overwrite` wrote into or
+    replaced part of another output)"""
+    import shutil
+
+    refused(["plot", str(run_copy), "--out", str(run_copy / "curves.png"), "--overwrite"],
+            capsys, match=f"is the training run {run_copy}'s own curves.png; jaxsae never "
+                          "replaces it", unchanged=[run_copy])
+    _ok(["plot", str(run_copy), "--out", str(run_copy / "mine.png")], capsys)  # a new file
+    exported = tmp_path / "exported"
+    _ok(["export", str(run_copy), "--out", str(exported), "--no-progress"], capsys)
+    for extra in ([], ["--overwrite"]):
+        refused(["export", str(run_copy), "--out", str(exported / "sub"), "--no-progress",
+                 *extra], capsys, match=f"lies inside {exported}, a jaxsae sae output",
+                unchanged=[exported])
+    imported = tmp_path / "imported"
+    _ok(["import", str(run_copy / "sae"), "--out", str(imported), "--data", str(small_data)],
+        capsys)
+    shutil.copytree(run_copy / "sae", imported / "imported-sae")  # (a sparsify import's copy)
+    refused(["import", str(run_copy / "sae"), "--out", str(imported / "imported-sae"),
+             "--data", str(small_data), "--overwrite"], capsys,
+            match="the SAE the import", unchanged=[imported])
+
+
 def test_import_never_overwrites_a_run(run_copy, small_data, tmp_path, capsys):
     sae = run_copy / "sae"
     refused(["import", str(sae), "--out", str(run_copy), "--data", str(small_data)], capsys,
