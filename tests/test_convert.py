@@ -111,3 +111,10 @@ def test_convert_refuses_data_too_short_to_calibrate(small_data, tmp_path):
     with pytest.raises(Exception, match="calibrate"):
         convert.convert_dir(str(tmp_path / "t"), str(small_data), tmp_path / "o",
                             tokens=SMALL_SPEC.tokens)
+    # data of one token with the default --tokens: the data is named, not a --tokens 0
+    from jaxsae.data.shards import ShardSet, ShardWriter
+
+    with ShardWriter(tmp_path / "one", 16) as writer:
+        writer.write(ShardSet(small_data).read(0, 1))
+    with pytest.raises(Exception, match=r"one: 1 token\(s\) are too few to convert on"):
+        convert.convert_dir(str(tmp_path / "t"), str(tmp_path / "one"), tmp_path / "o")

@@ -139,11 +139,16 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int | None 
     source = open_source(DataConfig(path=data, hook=hook))
     if source.d_in != loaded.d_in:
         raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAE's {loaded.d_in}")
+    given = tokens is not None
     if tokens is None:
         tokens = min(65536, source.n_tokens // 2)
     start = max(0, source.n_tokens - tokens)
     lo = max(0, start - tokens)
-    if start - lo <= 0:
+    if start - lo <= 0 or tokens == 0:
+        if not given:  # (the default: half the data to compare on, the half before to calibrate)
+            raise JaxsaeError(f"{data}: {source.n_tokens} token(s) are too few to convert on "
+                              "(the thresholds are calibrated on tokens before those the two "
+                              "SAEs are compared on: at least 2)")
         raise JaxsaeError(f"{data}: {source.n_tokens} tokens leave none to calibrate on before "
                           f"the last --tokens {tokens}; lower --tokens")
     evaluation = Window.for_saes(source, data, start, saes=[loaded.cfg_json],
@@ -154,7 +159,7 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int | None 
                    enabled=progress, desc="convert")
     threshold = calibrate(loaded.params, loaded.sae, lambda: calibration.blocks(bar.update))
     params, cfg = as_jumprelu(loaded, threshold)
-    report = {"sae": str(sae_dir), "calibration_tokens": calibration.kept,
+    report = {"sae": str(Path(sae_dir).absolute()), "calibration_tokens": calibration.kept,
               **compare(loaded, params, cfg, evaluation.blocks(bar.update)),
               **evaluation.report()}
     bar.close()

@@ -111,7 +111,7 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             on_device = jnp.asarray(block)
             for one in sums:
                 one.add(on_device)
-        report: dict[str, Any] = {"sae": str(sae_dir), "tokens": window.kept,
+        report: dict[str, Any] = {"sae": str(Path(sae_dir).absolute()), "tokens": window.kept,
                                   **window.report(),
                                   "pairs": [{"child": c, "parent": p} for c, p in pairs]}
         truths = [{}, {}] if truth_obj is None else evaluate.truth_reports(

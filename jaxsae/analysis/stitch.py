@@ -133,7 +133,7 @@ def _as_per_latent(saes, sae_dirs, window: Window
                                           batch_size=window.batch_size, multiple=window.multiple)
         threshold = convert.calibrate(loaded.params, loaded.sae, calibration.blocks)
         params, cfg = convert.as_jumprelu(loaded, threshold)
-        report.append({"sae": str(path), "calibration_tokens": calibration.kept,
+        report.append({"sae": str(Path(path).absolute()), "calibration_tokens": calibration.kept,
                        **convert.compare(loaded, params, cfg, window.blocks())})
         out.append(dataclasses.replace(loaded, params=params, sae=cfg, cfg_json={
             **loaded.cfg_json, "architecture": "jumprelu"}))
@@ -527,7 +527,8 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
         columns = ["sae", "d_sae", "architecture", "l0", "mse", "explained_variance"]
         write_csv(work / "frankenstein.csv", rows, columns)
         by_width = sorted(zip(sae_dirs, saes, strict=True), key=lambda ds: ds[1].sae.d_sae)
-        gave_rows = [{"sae": str(d), **g} for (d, _), g in zip(by_width, gave, strict=True)]
+        gave_rows = [{"sae": str(Path(d).absolute()), **g}
+                     for (d, _), g in zip(by_width, gave, strict=True)]
         converted = [] if not conversions else [
             "TopK SAEs converted to JumpReLU (per-latent thresholds calibrated on the "
             f"{conversions[0]['calibration_tokens']} tokens before the evaluation window; the "

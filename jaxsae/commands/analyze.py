@@ -86,7 +86,7 @@ class Analyze(AnalysisInputs, Command):
     optimality_pairs: int = 20000
     """most candidate pairs to test (siblings under a parent candidate, then co-firing pairs)"""
     sparsity_weight: Annotated[float | None, unset("LAMBDA", "the one the codes imply")] = None
-    """the L1 weight λ of the objective whose conditions are tested"""
+    """the L1 weight λ of the objective whose conditions are tested (with --optimality)"""
 
     def run(self) -> int:
         from jaxsae.analysis.geometry import analyze
@@ -97,6 +97,8 @@ class Analyze(AnalysisInputs, Command):
                               f"{self.cluster_threshold}")
         if self.sparsity_weight is not None and not self.sparsity_weight >= 0:
             raise ConfigError(f"--sparsity-weight: must be >= 0, got {self.sparsity_weight}")
+        if self.sparsity_weight is not None and not self.optimality:  # (it would do nothing)
+            raise ConfigError("--sparsity-weight: weighs the optimality test; add --optimality")
         summary = analyze(self.sae_dir, self.data, self.out, tokens=self.tokens,
                           cofire_tokens=self.cofire_tokens, batch_size=self.batch_size,
                           cluster_threshold=self.cluster_threshold, hook=self.hook,

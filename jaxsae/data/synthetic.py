@@ -650,6 +650,9 @@ def load_truth(path: str | Path) -> Truth:
     """The truth of a generated directory (or of its truth.json / truth.safetensors)."""
     path = Path(path)
     directory = path.parent if path.name in (TRUTH_JSON, TRUTH_TENSORS) else path
+    if not directory.is_dir():
+        raise DataError(f"{path}: not a directory written by `jaxsae synth` (give the "
+                        "directory, or its truth.json)")
     meta, tensors = directory / TRUTH_JSON, directory / TRUTH_TENSORS
     for f in (meta, tensors):
         if not f.is_file():

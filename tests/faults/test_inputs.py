@@ -140,3 +140,18 @@ def test_import_writes_a_config_that_trains_on_small_data(run_copy, small_data, 
     assert written["data"]["eval_tokens"] == "auto" and written["optim"]["warmup_steps"] == "auto"
     assert cli.main(["train", str(run / "config.yaml"), "--no-progress"]) == 0
     assert (run / "sae" / CFG_FILE).is_file()
+
+
+def test_analysis_flags_that_would_do_nothing_or_name_a_file_are_refused(run_copy, small_data,
+                                                                        tmp_path, capsys):
+    """(fault testing: analyze took --sparsity-weight without --optimality and ignored it;
+    repair --truth DIR/manifest.json said `.../manifest.json/truth.json: not found`)"""
+    refused(["analyze", str(run_copy / "sae"), "--data", str(small_data), "--out",
+             str(tmp_path / "a"), "--sparsity-weight", "1"], capsys,
+            match="--sparsity-weight: weighs the optimality test; add --optimality",
+            unchanged=[])
+    refused(["repair", str(run_copy / "sae"), "--data", str(small_data), "--out",
+             str(tmp_path / "r"), "--truth", str(small_data / "manifest.json")], capsys,
+            match=f"{small_data / 'manifest.json'}: not a directory written by `jaxsae synth`",
+            unchanged=[small_data])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
