@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{' '.join(('jaxsae', *e.words))}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `jaxsae synth superposition --help | head`
+        return _reader_gone()
     except Terminated:
         print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
         clear_terminated()
@@ -195,14 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _reader_gone() -> int:
+    """SIGPIPE's status when stdout's reader stopped reading, and no second error when Python
+    flushes stdout at exit."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
 def _run(cmd: Command, name: str) -> int:
     """The command, with bad input (flags, files, sizes) reported in one line."""
     try:
         return cmd.run()
     except BrokenPipeError:  # stdout closed by its reader (`jaxsae data inspect D | head`)
-        with contextlib.suppress(OSError):  # (no second error when Python flushes at exit)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
+        return _reader_gone()
     except JaxsaeError as e:
         code = getattr(e, "exit_code", 2)
         print(f"{name}: error: {one_line(str(e))}", file=sys.stderr)

@@ -356,11 +356,15 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(small_data):
 
     from tests.faults.conftest import ROOT
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxsae.cli", "data", "inspect", str(small_data),
-         "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "JAXSAE_HUGE_PAGES": "0", "PYTHONPATH": str(ROOT)})
-    proc.stdout.close()  # before it prints anything (starting takes seconds)
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
-    assert err == ""
+    # (and `jaxsae synth superposition --help | head`: the help is printed while the command
+    # line is read, before any command runs)
+    for argv in (["data", "inspect", str(small_data), "--no-progress"],
+                 ["synth", "superposition", "--help"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jaxsae.cli", *argv], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "JAXSAE_HUGE_PAGES": "0", "PYTHONPATH": str(ROOT)})
+        proc.stdout.close()  # before it prints anything (starting takes seconds)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, (argv, err)
+        assert err == "", argv
