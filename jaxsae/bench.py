@@ -16,6 +16,7 @@ directory:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -30,9 +31,9 @@ import yaml
 from jaxsae import outputs
 from jaxsae.checks import check_run
 from jaxsae.config import Config, config_from_dict, sweep_label
-from jaxsae.errors import ConfigError, JaxsaeError
+from jaxsae.errors import ConfigError, JaxsaeError, one_line
 from jaxsae.outputs import OutputError, atomic_write, fmt, pyplot, save_figure, write_csv
-from jaxsae.parsing import apply_override, from_dict, read_yaml_mapping
+from jaxsae.parsing import apply_override, from_dict, read_yaml_mapping, typename
 from jaxsae.progress import Progress
 
 # The plots: file, metric, axis label, whether each arm's Pareto frontier is drawn.
@@ -81,10 +82,13 @@ class BenchConfig:
             raise ConfigError("seeds: at least one seed is required")
         out = {}
         for arm, overrides in self.arms.items():
-            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", str(arm)):
+            if not isinstance(arm, str):  # (`yes:`, `1:` and `null:` are not text in YAML)
+                raise ConfigError(f"arms.{arm}: an arm's name is text; YAML reads {arm!r} as "
+                                  f"a {typename(arm)}: quote it")
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", arm):
                 raise ConfigError(f"arms.{arm}: an arm's name is its directory's, so letters, "
                                   "digits and _ . + = - only (not starting with '.')")
-            if str(arm) in _OWN_FILES:
+            if arm in _OWN_FILES:
                 raise ConfigError(f"arms.{arm}: the bench writes a file of that name beside its "
                                   "arms; name the arm otherwise")
             if not isinstance(overrides, Mapping):
@@ -171,7 +175,8 @@ _DUMPED_KEYS = {"name", "out", "base", "arms", "seeds"}
 
 def check_directory(directory: Path, arms: Mapping[str, Config]) -> None:
     """Refuses (before any work) a bench directory that is a file, the working directory or a
-    directory above it, in the data an arm reads, holding that data in an arm's run, or that
+    directory above it, inside a run's checkpoints/ or another jaxsae output, in the data an
+    arm reads, holding that data in an arm's run, or that
     exists and is not a bench's: a bench adds its arms' runs and replaces its tables there,
     and must not do so among somebody else's files."""
     where = f"out {directory}"
@@ -179,6 +184,7 @@ def check_directory(directory: Path, arms: Mapping[str, Config]) -> None:
     resolved = directory.resolve()
     if outputs.inside(Path.cwd().resolve(), resolved):
         raise OutputError(f"{where}: is the working directory or above it; choose another")
+    outputs.refuse_misplaced(resolved, where)  # (an arm trained there, then the export failed)
     for arm, arm_cfg in arms.items():
         for data in (arm_cfg.data.path, arm_cfg.data.target):
             data = Path(data).resolve() if data else None
@@ -238,13 +244,59 @@ def collect(arms: Mapping[str, Config]) -> list[dict[str, Any]]:
 
     rows = []
     for arm, arm_cfg in arms.items():
-        dirs = member_dirs(arm_cfg, Path(arm_cfg.run_dir))
-        for point, directory in zip(arm_cfg.sweep.points, dirs, strict=True):
-            evaluation = json.loads((directory / "eval.json").read_text())
+        run_dir = Path(arm_cfg.run_dir)
+        table = _sweep_table(run_dir)
+        for point, directory in zip(arm_cfg.sweep.points, member_dirs(arm_cfg, run_dir),
+                                    strict=True):
+            evaluation = _evaluation(directory, table.get(str(directory.relative_to(run_dir))))
             rows.append({"arm": arm, "sae": str(directory), "values": sweep_label(
                 {k: v for k, v in point.items() if k != "seed"}), "seed": point.get("seed", 0),
                 **{m: evaluation[m] for m in METRICS if m in evaluation}})
     return rows
+
+
+def _sweep_table(run_dir: Path) -> dict[str, dict[str, str]]:
+    """An arm's sweep.csv (written by its training beside the eval.json files): SAE -> row."""
+    try:
+        with open(run_dir / "sweep.csv", newline="") as f:
+            return {row["sae"]: row for row in csv.DictReader(f) if "sae" in row}
+    except (OSError, ValueError, csv.Error, UnicodeDecodeError):
+        return {}  # (its eval.json files are then checked by their own content alone)
+
+
+def _evaluation(directory: Path, trained: dict[str, str] | None) -> dict[str, Any]:
+    """An SAE's eval.json, as its training wrote it: a damaged one, or one whose metrics
+    disagree with its arm's sweep.csv (edited since: fault testing saw a bench report the
+    edited numbers as measured), is refused in one line naming it."""
+    from jaxsae.finish import SWEEP_TABLE_METRICS
+
+    path = directory / "eval.json"
+    redo = "move the arm's directory away to train and evaluate it again"
+    try:
+        evaluation = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{path}: not a readable evaluation ({one_line(str(e))}); {redo}"
+                          ) from None
+    l0 = evaluation.get("l0") if isinstance(evaluation, dict) else None
+    if not isinstance(l0, int | float) or isinstance(l0, bool):
+        raise OutputError(f"{path}: not a jaxsae evaluation (no number l0); {redo}")
+    for metric in SWEEP_TABLE_METRICS if trained is not None else ():
+        written, said = trained.get(metric, ""), evaluation.get(metric)
+        same = (said is None and written == "") or (
+            isinstance(said, int | float) and _number(written) is not None
+            and math.isclose(_number(written), said, rel_tol=1e-9, abs_tol=1e-12))
+        if not same:
+            raise OutputError(f"{path}: {metric} {said!r} disagrees with the "
+                              f"{written or 'null'} its training wrote in "
+                              f"{directory.parent.parent / 'sweep.csv'} (edited?); {redo}")
+    return evaluation
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[int]:
@@ -272,8 +324,9 @@ def _markdown(rows, columns) -> str:
     lines = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm]
-        frontier = {id(mine[i]) for i in pareto_frontier(
-            [(r["l0"], r["explained_variance"]) for r in mine])}
+        measured = [r for r in mine if r.get("explained_variance") is not None]  # (null:
+        frontier = {id(measured[i]) for i in pareto_frontier(  # undefined, on no frontier)
+            [(r["l0"], r["explained_variance"]) for r in measured])}
         lines += [f"## {arm}", "", "| " + " | ".join(shown) + " | Pareto |",
                   "|" + " --- |" * (len(shown) + 1)]
         for r in sorted(mine, key=lambda r: r["l0"]):
@@ -290,11 +343,11 @@ def _plots(rows, directory: Path) -> None:
 
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     for filename, key, label, frontier in _PLOTS:
-        if not any(key in r for r in rows):
+        if not any(r.get(key) is not None for r in rows):
             continue
         fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
         for n, arm in enumerate(arms):
-            mine = [r for r in rows if r["arm"] == arm and key in r]
+            mine = [r for r in rows if r["arm"] == arm and r.get(key) is not None]
             color = f"C{n % 10}"
             ax.scatter([r["l0"] for r in mine], [r[key] for r in mine], s=18, color=color,
                        alpha=0.7, label=outputs.plain_text(arm))

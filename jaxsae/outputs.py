@@ -255,8 +255,7 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
         if resolved != path and inside(resolved, path):
             raise OutputError(f"{where}: lies inside {protected}, which this command reads; "
                               "write elsewhere")
-    _refuse_inside_checkpoints(resolved, where)
-    _refuse_inside_output(resolved, where)
+    refuse_misplaced(resolved, where)
     if not target.exists():
         return
     if inside(Path.cwd().resolve(), resolved):
@@ -317,6 +316,14 @@ def check_file_target(path: str | Path, flag: str = "--out") -> None:
             target.parent.resolve() == run or target.parent.parent.resolve() == run / "sweep"):
         raise OutputError(f"{where}: is the training run {run}'s own {target.name}; jaxsae "
                           "never replaces it, not even with --overwrite: write elsewhere")
+
+
+def refuse_misplaced(path: Path, where: str) -> None:
+    """Refuses an output directory inside a run's checkpoints/ or inside another jaxsae
+    output (`check_target` for every command; `jaxsae bench` for its directory, before any
+    arm trains)."""
+    _refuse_inside_checkpoints(path, where)
+    _refuse_inside_output(path, where)
 
 
 IMPORTED_SAE = "imported-sae"
@@ -588,7 +595,10 @@ def write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[s
 
 
 def fmt(v: Any) -> str:
-    """A table cell: floats to 4 significant digits."""
+    """A table cell: floats to 4 significant digits; an undefined value (None) as null, as
+    in the JSON beside it."""
+    if v is None:
+        return "null"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

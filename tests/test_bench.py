@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from jaxsae import bench
-from jaxsae.errors import ConfigError
+from jaxsae.errors import ConfigError, JaxsaeError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,10 @@ def test_arm_configs_cross_the_seeds(tmp_path):
     # nor one of the bench's own files (the arm would train, then its tables could not be written)
     *(({"arms": {name: {}}}, rf"arms\.{re.escape(name)}: the bench writes a file of that name")
       for name in ("results.csv", "results.md", "bench.yaml", "l0_vs_ev.png")),
+    # (fault testing: `yes:`, `1:` and `null:` as arm names were a traceback, exit 1)
+    *(({"arms": {name: {}}}, rf"arms\.{name}: an arm's name is text; YAML reads {name!r} as a "
+                             rf"{type(name).__name__}: quote it")
+      for name in (True, 1)),
 ])
 def test_bad_bench_configs_name_the_key(tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
@@ -91,10 +95,21 @@ def test_the_bench_directory_never_takes_somebody_elses_files(tmp_path, capsys, 
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     monkeypatch.chdir(tmp_path)
+    # (fault testing: a bench inside an export trained an arm there, then failed, leaving the
+    # export holding files it did not write; one in a run's checkpoints/ was written whole)
+    from jaxsae import outputs
+
+    export = tmp_path / "export"
+    export.mkdir()
+    outputs.write_marker(export, "sae")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
     for out, match in [(notes, "is not a bench directory"), (data, "which arm l1 reads"),
-                       (a_file, "is a file"), (tmp_path, "working directory")]:
+                       (a_file, "is a file"), (tmp_path, "working directory"),
+                       (export / "b", f"lies inside {export}, a jaxsae sae output"),
+                       (checkpoints / "b", "lies inside the checkpoints of the run")]:
         refused(["bench", str(path), f"out={out}", "--no-progress"], capsys, match=match,
-                unchanged=[notes, data, a_file])
+                unchanged=[notes, data, a_file, export, checkpoints])
     # an arm's run directory holding the data it reads
     tree = _bench_tree(tmp_path)
     tree["base"]["data"]["path"] = str(tmp_path / "bench" / "l1" / "data")
@@ -112,6 +127,19 @@ def test_the_bench_directory_never_takes_somebody_elses_files(tmp_path, capsys, 
 def test_pareto_frontier():
     pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (3.0, 0.9), (4.0, 0.8), (0.5, 0.1)]
     assert bench.pareto_frontier(pts) == [5, 0, 2, 3]
+
+
+def test_tables_and_plots_leave_out_undefined_values(tmp_path):
+    """(fault testing: an SAE evaluated on tokens that do not vary has explained variance
+    null, and the frontier failed on it: a traceback after results.csv, before results.md)"""
+    rows = [{"arm": "a", "values": "", "seed": 0, "l0": 2.0, "explained_variance": None,
+             "sae": "x"},
+            {"arm": "a", "values": "", "seed": 1, "l0": 3.0, "explained_variance": 0.5,
+             "sae": "y"}]
+    bench.write_results(rows, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| a |  | 0 | 2 | null |  |" in md and "| a |  | 1 | 3 | 0.5 | * |" in md
+    assert (tmp_path / "l0_vs_ev.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_end_to_end(tmp_path, monkeypatch):
@@ -145,6 +173,19 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     (out / "results.csv").unlink()
     rows = bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
     assert len(rows) == 8 and (out / "results.csv").is_file()
+    # An eval.json edited or damaged since its training wrote it is refused, naming it, not
+    # reported (fault testing: edited numbers were reported as measured; a damaged one was a
+    # traceback)
+    evaluation = out / "l1" / "sweep" / "00" / "eval.json"
+    kept = evaluation.read_text()
+    for text, match in [(kept.replace('"explained_variance": ', '"explained_variance": 0.999'
+                                      ', "was": '), "explained_variance 0.999 disagrees with"),
+                        ('{"mcc": 0.5', "not a readable evaluation"),
+                        ('{"mcc": 0.5}', r"not a jaxsae evaluation \(no number l0\)")]:
+        evaluation.write_text(text)
+        with pytest.raises(JaxsaeError, match=rf"{re.escape(str(evaluation))}: {match}"):
+            bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
+    evaluation.write_text(kept)
     # An exported SAE changed since: its eval.json is not of it, so the arm is not reused,
     # and training refuses to replace the change (the tables are left as they were).
     monkeypatch.undo()
