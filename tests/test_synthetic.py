@@ -274,3 +274,12 @@ def test_sizes_beyond_memory_are_one_line(tmp_path, capsys, monkeypatch):
                      "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "out of memory (Unable to allocate 954. GiB" in err
+    # counts whose directions alone exceed the machine's memory: refused before any work
+    # (fault testing: a hierarchy of depth 40 was killed by the kernel, exit 137, no message)
+    assert cli.main(["synth", "hierarchy", "--out", str(tmp_path / "h"), "--depth", "40",
+                     "--n-trees", "1", "--probs", *["0.5"] * 40, "--magnitudes", *["1"] * 40,
+                     "--no-orthogonal", "--tokens", "100", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxsae synth: error: --depth: 1,099,511,627,775 features (n_trees x "
+                          "branching^level over the levels) in d_in 64 need 524,288 GiB"), err
+    assert not any(tmp_path.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from jaxsae.errors import ConfigError
 
@@ -28,3 +29,19 @@ def check_common(spec) -> None:
     need(spec.tokens > 0, "tokens", "must be > 0")
     need(spec.shard_tokens > 0, "shard_tokens", "must be > 0")
     need(spec.dtype in ("float32", "float16"), "dtype", "must be float32 or float16")
+    # The feature directions are built whole (float64) before anything is written: a count
+    # beyond memory is refused here, not after the machine's memory is spent (fault testing:
+    # a hierarchy of depth 40 was killed by the kernel, exit 137, no message).
+    n = getattr(spec, "n_features", None)
+    if isinstance(n, int) and n * spec.d_in * 8 > _memory():
+        own = "n_features" in {f.name for f in dataclasses.fields(spec)}
+        key, count = ("n_features", "") if own else ("depth", " (n_trees x branching^level "
+                                                              "over the levels)")
+        need(False, key, f"{n:,} features{count} in d_in {spec.d_in} need "
+             f"{n * spec.d_in * 8 / 2**30:,.0f} GiB for their directions alone, more than this "
+             f"machine's {_memory() / 2**30:,.0f} GiB of memory")
+
+
+def _memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
