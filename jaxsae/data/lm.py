@@ -188,6 +188,8 @@ def _torch_device(torch, device: str | None) -> str:
     except (RuntimeError, ValueError) as e:
         raise JaxsaeError(f"--device {device!r}: not a PyTorch device "
                           f"({_first_line(e)})") from None
+    if parsed.type == "meta":  # (shapes only: the first value read was a traceback)
+        raise JaxsaeError(f"--device {device}: holds no values, only shapes; use cpu or cuda")
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -397,7 +399,27 @@ def text_files(paths: Sequence[str]) -> list[Path]:
             raise DataError(f"--text {p}: no such file or directory")
     if not files:
         raise DataError(f"--text {' '.join(paths)}: no text files")
+    for file in files:
+        _check_text(file)
     return files
+
+
+_TEXT_HEAD = 1 << 16
+
+
+def _check_text(file: Path) -> None:
+    """Refuses a file whose start is not UTF-8 text (a NUL byte, or more than 1 % of it
+    undecodable): a binary file, a shard or a model among the text was tokenised as text
+    (fault testing: `--text` naming a shard directory cached garbage, exit 0)."""
+    with open(file, "rb") as fh:
+        head = fh.read(_TEXT_HEAD)
+    text = head.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - (len(head) == _TEXT_HEAD)  # (a character cut at the end)
+    nul = b"\0" in head
+    if nul or bad > 0.01 * max(len(text), 1):
+        what = "NUL bytes" if nul else f"{bad} undecodable bytes"
+        raise DataError(f"--text {file}: not UTF-8 text ({what} in its first {len(head):,} "
+                        "bytes); give text files (or the directory of only those)")
 
 
 def _token_blocks(tokenizer, files: Sequence[Path], separator: int) -> Iterator[np.ndarray]:
@@ -474,7 +496,7 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                 "model_dtype": model_dtype} for point in points]
     files_now = [[str(f), f.stat().st_size] for f in files]
     if out.exists() and not overwrite:
-        if _already_cached(out, sources, tokens, files_now):
+        if _already_cached(out, sources, tokens, dtype, files_now):
             print(f"{out}: already cached ({read_manifest(out).n_tokens} tokens)",
                   file=sys.stderr)
             return out
@@ -486,6 +508,11 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
     stamps = {"files": [[str(f), *_stamp(f)] for f in files],
               "model_files": (None if not Path(model).exists() else _stamp(Path(model))
                               if Path(model).is_file() else outputs.file_inventory(Path(model)))}
+    # (and what the shards hold and how windows are batched: a rerun asking for other tokens,
+    # dtype, shards or batches starts afresh; a partial of more tokens than asked was
+    # published whole, and one batched otherwise was not bit-identical: fault testing)
+    stamps["cache"] = {"tokens": tokens, "dtype": dtype, "shard_tokens": shard_tokens,
+                       "batch_size": batch_size}
     keys = [{**source, **stamps} for source in sources]
 
     lm = load_model(model, dtype=model_dtype, device=device, layer=layer, context=context,
@@ -505,10 +532,14 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                 shard_tokens=shard_tokens, source=sources[1], file_type=file_type,
                 resume_key=keys[1])))
         # Each writer kept its complete shards; start at the window the fewest reach.
+        # From the first window of the batch that holds it, batched as an uninterrupted run
+        # batches (the model's numbers depend on the batch's size on the CPU): the rows the
+        # writers already hold are skipped below.
         done = min(w.n_tokens for w in writers)
-        windows = itertools.islice(token_windows(lm, files, context), done // per_window,
+        start = done // per_window // batch_size * batch_size
+        windows = itertools.islice(token_windows(lm, files, context), start,
                                    math.ceil(tokens / per_window))
-        at = done - done % per_window  # the token index of the next window's first row
+        at = start * per_window  # the token index of the next window's first row
         bar = Progress(tokens, initial=done, unit="tok", unit_scale=True, enabled=progress,
                        desc=f"caching {', '.join(hook_name(layer, p) for p in points)}")
         with bar:
@@ -545,9 +576,10 @@ def _stamp(file: Path) -> list[int]:
     return [info.st_size, info.st_mtime_ns]
 
 
-def _already_cached(out: Path, sources: list[dict], tokens: int, files: list) -> bool:
-    """Whether `out` holds this cache: the same settings, and --tokens tokens or all the text
-    (the same files, of the same sizes) holds."""
+def _already_cached(out: Path, sources: list[dict], tokens: int, dtype: str,
+                   files: list) -> bool:
+    """Whether `out` holds this cache: the same settings and dtype, and exactly --tokens
+    tokens, or fewer when that is all the text (the same files, of the same sizes) holds."""
     dirs = [out, out / TARGET_DIR][:len(sources)]
     for directory, source in zip(dirs, sources, strict=True):
         if not is_shard_dir(directory):
@@ -555,8 +587,8 @@ def _already_cached(out: Path, sources: list[dict], tokens: int, files: list) ->
         done = read_manifest(directory)
         written = dict(done.source)
         ran_out = written.pop(TEXT_RAN_OUT, None)
-        if written != source:
+        if written != source or done.dtype != dtype:
             return False
-        if done.n_tokens < tokens and ran_out != files:
-            return False
+        if done.n_tokens != tokens and not (done.n_tokens < tokens and ran_out == files):
+            return False  # (more tokens than asked is another cache, not this one)
     return True

@@ -106,8 +106,10 @@ def test_an_interrupted_cache_resumes_to_the_same_shards(tiny_model, texts, tmp_
     read = []
     monkeypatch.setattr(lm_data, "capture", lambda *a: read.append(a[-1].shape) or capture(*a))
     assert run_cache(tiny_model, texts, out, "--shard-tokens", "70", "--batch-size", "2") == 0
-    # 140 tokens were kept: the rerun starts at window 140 // 15 = 9, not at the beginning.
-    assert sum(shape[0] for shape in read[1:]) == 20 - 9
+    # 140 tokens were kept: window 140 // 15 = 9 is next, and the rerun starts at the first
+    # window of its batch (8), batched as the uninterrupted run was, not at the beginning.
+    assert sum(shape[0] for shape in read[1:]) == 20 - 8
+    assert [shape[0] for shape in read[1:]] == [2] * 6
     np.testing.assert_array_equal(ShardSet(out).read(0, 300),
                                   ShardSet(tmp_path / "whole").read(0, 300))
     assert not (tmp_path / "resumed.partial").exists()
@@ -135,6 +137,19 @@ def test_an_interrupted_cache_resumes_to_the_same_shards(tiny_model, texts, tmp_
     np.testing.assert_array_equal(ShardSet(again).read(0, 300),
                                   ShardSet(tmp_path / "whole").read(0, 300))
 
+    # (fault testing: an interrupted cache rerun with fewer --tokens published every token the
+    # interrupted one had written) Another --tokens starts afresh, and writes exactly that many.
+    calls["n"] = 0
+    monkeypatch.setattr(lm_data, "capture", flaky)
+    fewer = tmp_path / "fewer"
+    assert run_cache(tiny_model, texts, fewer, "--shard-tokens", "70", "--batch-size", "2") == 130
+    monkeypatch.setattr(lm_data, "capture", capture)
+    assert run_cache(tiny_model, texts, fewer, "--shard-tokens", "70", "--batch-size", "2",
+                     tokens=100) == 0
+    assert ShardSet(fewer).n_tokens == 100
+    np.testing.assert_array_equal(ShardSet(fewer).read(0, 100),
+                                  ShardSet(tmp_path / "whole").read(0, 100))
+
 
 def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, capsys,
                                                   n_layers):
@@ -145,6 +160,10 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
     assert "already cached (30 tokens)" in capsys.readouterr().err
     assert run_cache(tiny_model, texts, out, "--tokens", "30", "--context", "8") == 2
     assert "already exists" in capsys.readouterr().err
+    # (fault testing: another dtype or fewer tokens were "already cached", and "wrote")
+    for other in (["--dtype", "float16"], ["--tokens", "15"]):
+        assert run_cache(tiny_model, texts, out, "--tokens", "30", *other) == 2
+        assert "already exists" in capsys.readouterr().err
 
     def error(*args, **kw):
         assert run_cache(tiny_model, texts, tmp_path / "bad", *args, **kw) == 2
@@ -168,6 +187,17 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
     assert "--text" in err and "missing.txt" in err
     assert "--device 'foo': not a PyTorch device" in error("--device", "foo")
     assert "--device cuda:7" in error("--device", "cuda:7")
+    assert "--device meta: holds no values" in error("--device", "meta")  # (was a traceback)
+    # (fault testing: binary files among the text were tokenised as text, exit 0)
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "shard.npy").write_bytes(b"\x93NUMPY\x01\x00" + bytes(range(256)) * 4)
+    (binary / "latin1.txt").write_bytes("caf\xe9 na\xefve r\xe9sum\xe9 ".encode("latin-1") * 50)
+    for name, what in (("shard.npy", "NUL bytes"), ("latin1.txt", "200 undecodable bytes")):
+        assert main(["cache", "--model", str(tiny_model), "--layer", "0", "--text",
+                     str(binary / name), "--tokens", "5", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert f"--text {binary / name}: not UTF-8 text ({what}" in err, err
     # --out over what it reads: refused, even with --overwrite, before the model loads
     shutil.copytree(texts, tmp_path / "mine")
     before = sorted(p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file())

@@ -246,6 +246,13 @@ def test_cache_train_and_evaluate_end_to_end(tiny_model, texts, tmp_path, capsys
     # A random model's losses sit near log(vocab), so only the KL ordering is certain.
     assert m["explained_variance"] > 0.5
     assert 0 < m["kl_sae"] < m["kl_zero_ablation"] and np.isfinite(m["ce_loss_recovered"])
+    # (fault testing: a text that ran out before --tokens was evaluated without a word)
+    assert main(["eval", str(sae), "--model", str(tiny_model), "--text", str(texts / "a.txt"),
+                 "--tokens", "1000000", "--no-progress"]) == 0
+    out = capsys.readouterr()
+    evaluated = json.loads(out.out)["tokens"]
+    assert f"warning: the text ran out after {evaluated} evaluated positions (--tokens " \
+           "1000000)" in out.err
 
 
 def test_bad_input(tiny_model, texts, tmp_path, capsys):
