@@ -88,27 +88,28 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
     # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = outputs.canonical(cfg.resolved_run_dir)  # `..` resolved
-    created = bool(processes.on_process_0(
+    created = processes.on_process_0(
         lambda: _make_run_dir(run_dir, member_dirs(cfg, run_dir), cfg.data.path,
-                              cfg.data.target)))
+                              cfg.data.target))
     lock = _lock_run_dir(run_dir, is_main, log)
     try:
         return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
                              hooks=hooks)
     finally:
         lock.release()
-        if created:
-            _remove_if_unused(run_dir)
+        if created is not None:
+            _remove_if_unused(run_dir, created)
 
 
 def _silent(message: str) -> None:
     pass
 
 
-def _remove_if_unused(run_dir: Path) -> None:
+def _remove_if_unused(run_dir: Path, created: Path) -> None:
     """Removes the run directory this call created if it holds nothing but its lock (and
-    empty directories: the checkpoints' before the first save): the run stopped before
-    writing anything (bad data, say), and leaves no trace."""
+    empty directories: the checkpoints' before the first save), and the directories above it
+    this call created (`created`, the topmost: runs/ for runs/NAME), if empty: the run stopped
+    before writing anything (bad data, say), and leaves no trace."""
     with contextlib.suppress(OSError):
         if not outputs.holds_only_a_lock(run_dir):
             return
@@ -117,7 +118,10 @@ def _remove_if_unused(run_dir: Path) -> None:
         for directory in entries:  # deepest first; each is empty by then
             if directory.is_dir():
                 directory.rmdir()
-        run_dir.rmdir()
+        for directory in (run_dir, *run_dir.parents):
+            directory.rmdir()  # (one that is not empty stops it: OSError)
+            if directory == created:
+                break
 
 
 def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[str], None],
@@ -408,16 +412,17 @@ def _logged(path: Path) -> bool:
 
 
 def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None,
-                  target: str | None = None) -> bool:
+                  target: str | None = None) -> Path | None:
     """Checks the run directory (and the SAE directories training will replace in it, `dirs`'
-    sae/) and makes it; whether it was made here."""
+    sae/) and makes it; the topmost directory made here (the run directory, or one above it
+    that did not exist either), None if it existed."""
     _check_run_dir(run_dir, data)
     _check_data_outside_outputs(run_dir, dirs, {"data.path": data, "data.target": target})
     _check_sae_dirs(run_dir, dirs)
     _check_finished_without_checkpoints(run_dir, dirs)
-    created = not run_dir.exists()
+    missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
-    return created
+    return missing[-1] if missing else None
 
 
 def _check_run_dir(run_dir: Path, data: str | None = None) -> None:

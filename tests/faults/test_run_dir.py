@@ -85,6 +85,19 @@ def test_a_finished_run_without_checkpoints_is_left_untouched(run_copy, small_da
             match=f"is an SAE of the sweep in {sweep}, whose checkpoints it shares")
 
 
+def test_a_refused_run_leaves_no_directory_it_made(small_data, tmp_path, capsys, monkeypatch):
+    """(fault testing: a preset whose data was missing, run from a fresh directory, left an
+    empty runs/ behind)"""
+    monkeypatch.chdir(tmp_path)
+    tree = small_config_dict(tmp_path / "missing", tmp_path / "unused")
+    del tree["run_dir"]
+    tree["name"] = "fresh"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    refused(["train", str(tmp_path / "c.yaml"), "--no-progress"], capsys,
+            match="does not exist", unchanged=[])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
 def test_lock_is_held_while_training_and_released_after(run_copy, small_data, tmp_path):
     lock = RunLock(run_copy).acquire()
     with pytest.raises(Exception, match="another jaxsae process"):
