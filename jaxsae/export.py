@@ -173,7 +173,9 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
     if not path.is_dir():
         raise ExportError(f"{path}: not a directory")
     if not file.is_file():
-        raise ExportError(f"{path}: missing {CFG_FILE} (not a SAELens export)")
+        inside = (f"; a training run's SAE is {path / 'sae'}"
+                  if (path / "sae" / CFG_FILE).is_file() else "")
+        raise ExportError(f"{path}: missing {CFG_FILE} (not a SAELens export{inside})")
     try:
         cfg = json.loads(file.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:

@@ -42,8 +42,8 @@ class Eval(Command):
     """tokens to evaluate: the last N of --data, or about N of --text"""
     hook: Annotated[str | None, unset(
         "HOOK", "the only column; with --model, from the SAE's hook_name")] = None
-    """the activation the SAE reads: the column of a SAELens cache (--data), or resid_post /
-    resid_pre of the block (--model)"""
+    """the activation the SAE reads: the column of a SAELens cache (--data), or the point of
+    the block (--model): resid_post, resid_pre, mlp_in or mlp_out"""
     truth: Annotated[str | None, unset("TRUTH", "none")] = None
     """--data: the synthetic data directory (truth.json + truth.safetensors: recovery, firing
     F1, absorption, circles), or a bare truth.safetensors (recovery)"""

@@ -155,3 +155,9 @@ def test_analysis_flags_that_would_do_nothing_or_name_a_file_are_refused(run_cop
             match=f"{small_data / 'manifest.json'}: not a directory written by `jaxsae synth`",
             unchanged=[small_data])
     assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_run_directory_given_for_its_sae_is_pointed_to_it(run_copy, small_data, capsys):
+    refused(["eval", str(run_copy), "--data", str(small_data)], capsys,
+            match=f"missing cfg.json (not a SAELens export; a training run's SAE is "
+                  f"{run_copy / 'sae'})", unchanged=[run_copy])
