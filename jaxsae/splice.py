@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,9 +50,6 @@ def eval_windows(lm: lm_data.LanguageModel, files: Sequence[Path], context: int,
     windows = list(itertools.islice(lm_data.token_windows(lm, files, context), n))
     if not windows:
         raise JaxsaeError(f"--text {' '.join(map(str, files))}: fewer than {context} tokens")
-    if len(windows) < n:  # (as `jaxsae cache` says; the result's `tokens` counts them)
-        print(f"warning: the text ran out after {len(windows) * (context - first)} evaluated "
-              f"positions (--tokens {tokens})", file=sys.stderr)
     return np.stack(windows)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -204,6 +205,10 @@ class Eval(Command):
                                            drop_first_position=drop_first,
                                            clean_norm_above=clean_above, batch_size=windows,
                                            progress=not self.no_progress, read_hook=read_hook)
+        evaluated = len(batches) * (context - (1 if drop_first else 0))
+        if evaluated < tokens:  # (as `jaxsae cache` says; the result's `tokens` counts them)
+            print(f"warning: the text ran out after {evaluated} evaluated positions "
+                  f"(--tokens {tokens})", file=sys.stderr)
         return [{"sae": d, **r} for d, r in zip(self.sae_dir, results, strict=True)]
 
     @property
