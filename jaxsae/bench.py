@@ -282,9 +282,10 @@ def _evaluation(directory: Path, trained: dict[str, str] | None) -> dict[str, An
         raise OutputError(f"{path}: not a jaxsae evaluation (no number l0); {redo}")
     for metric in SWEEP_TABLE_METRICS if trained is not None else ():
         written, said = trained.get(metric, ""), evaluation.get(metric)
+        number = _number(written)
         same = (said is None and written == "") or (
-            isinstance(said, int | float) and _number(written) is not None
-            and math.isclose(_number(written), said, rel_tol=1e-9, abs_tol=1e-12))
+            isinstance(said, int | float) and number is not None
+            and math.isclose(number, said, rel_tol=1e-9, abs_tol=1e-12))
         if not same:
             raise OutputError(f"{path}: {metric} {said!r} disagrees with the "
                               f"{written or 'null'} its training wrote in "

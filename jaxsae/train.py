@@ -393,7 +393,7 @@ def _check_fresh_start(ckpt: Checkpointer, run_dir: Path, dirs: Sequence[Path],
             f"{ckpt.directory}: no checkpoint restores ({', '.join(corrupt)} set aside), so "
             "training would start over from step 0; to start over, move the run directory "
             "(or those checkpoints) away")
-    finished = [p for d in dirs for p in (d / "eval.json", d / "sae") if p.exists()]
+    finished = _finished_outputs(dirs)
     if finished:
         raise CheckpointError(
             f"{ckpt.directory}: no checkpoint to resume from, but the run has finished before "
@@ -402,6 +402,11 @@ def _check_fresh_start(ckpt: Checkpointer, run_dir: Path, dirs: Sequence[Path],
     if any(_logged(directory / "metrics.jsonl") for directory in dirs):
         log(f"{run_dir}: no complete checkpoint to resume from; starting over from step 0 "
             "(the steps metrics.jsonl logged are dropped)")
+
+
+def _finished_outputs(dirs: Sequence[Path]) -> list[Path]:
+    """What a finished run wrote for its SAEs (eval.json, sae/), of those that exist."""
+    return [p for d in dirs for p in (d / "eval.json", d / "sae") if p.exists()]
 
 
 def _logged(path: Path) -> bool:
@@ -472,7 +477,7 @@ def _check_finished_without_checkpoints(run_dir: Path, dirs: Sequence[Path]) -> 
     (A checkpoints/ with none that restores is `_check_fresh_start`'s.)"""
     if (run_dir / "checkpoints").exists():
         return
-    finished = [p for d in dirs for p in (d / "eval.json", d / "sae") if p.exists()]
+    finished = _finished_outputs(dirs)
     if not finished:
         return
     sweep = run_dir.parent.parent

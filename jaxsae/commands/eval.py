@@ -200,12 +200,13 @@ class Eval(Command):
         files = lm_data.text_files(list(self.text))
         lm = lm_data.load_model(self.model, device=self.device, layer=layer, context=context,
                                 progress=not self.no_progress)
-        batches = splice.eval_windows(lm, files, context, tokens, 1 if drop_first else 0)
+        first = 1 if drop_first else 0
+        batches = splice.eval_windows(lm, files, context, tokens, first)
         results = splice.ce_loss_recovered(saes, lm, layer, hook, batches,
                                            drop_first_position=drop_first,
                                            clean_norm_above=clean_above, batch_size=windows,
                                            progress=not self.no_progress, read_hook=read_hook)
-        evaluated = len(batches) * (context - (1 if drop_first else 0))
+        evaluated = len(batches) * (context - first)
         if evaluated < tokens:  # (as `jaxsae cache` says; the result's `tokens` counts them)
             print(f"warning: the text ran out after {evaluated} evaluated positions "
                   f"(--tokens {tokens})", file=sys.stderr)
