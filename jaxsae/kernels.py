@@ -511,14 +511,33 @@ def first_true(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     return jnp.where(position < n, position, 0), ranks[-1]
 
 
+def keep_largest(values: jax.Array, threshold: jax.Array, n: int | jax.Array) -> jax.Array:
+    """`values >= threshold`, cut to n entries when more than n reach the threshold: every
+    entry above it, then the entries equal to it in row-major order. With `threshold` the
+    n-th largest value this is exactly n entries, as a top-n over the flattened array keeps
+    (SAELens's BatchTopK: `topk` of the flattened batch). Ties past n are rare (copies of a
+    token in one batch, equal latents), so the prefix count that orders them runs only then
+    (a `cond`; under `vmap`, as in a sweep, both branches run)."""
+    keep = values >= threshold
+
+    def first_ties(_):
+        above, tie = values > threshold, values == threshold
+        rank = jax.lax.associative_scan(jnp.add, tie.reshape(-1).astype(jnp.int32))
+        room = n - jnp.sum(above, dtype=jnp.int32)
+        return above | (tie & (rank.reshape(values.shape) <= room))
+
+    return jax.lax.cond(jnp.sum(keep, dtype=jnp.int32) > n, first_ties, lambda _: keep, None)
+
+
 def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The batch's batch·k largest positive entries of `values` [batch, width] (BatchTopK's
     codes) as a flat list, in row order: (row [slots], column [slots], valid [slots] bool,
-    threshold []), padded with invalid entries (row 0, column 0). `threshold` is the smallest
-    kept value (0 when fewer than batch·k are positive); every entry at or above it (and > 0)
-    is kept, as `jaxsae.activations.batchtopk.batchtopk` keeps it, up to `slots` entries
-    (ties at the threshold beyond them are dropped).
+    threshold []), padded with invalid entries (row 0, column 0); `slots` must be at least
+    batch·k. `threshold` is the smallest kept value (0 when fewer than batch·k are positive,
+    and then every positive entry is kept). Exactly batch·k entries are kept otherwise: every
+    entry above the threshold, then entries equal to it in row-major order (`keep_largest`),
+    as `jaxsae.activations.batchtopk.batchtopk` keeps them.
 
     The chunk-maxima idea of `top_k_indices`, across the batch: each row is cut into chunks
     of 16, and the batch·k chunks with the largest maxima hold every one of the batch·k
@@ -537,14 +556,17 @@ def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
     maxima = jax.nn.relu(values.reshape(rows, per_row, size).max(axis=2).reshape(-1)
                          ).astype(jnp.float32)
     chunk_floor = jnp.maximum(kth_largest_nonnegative(maxima, target), tiny)
-    # At most batch·k chunks reach the batch·k-th largest maximum (ties aside), so `slots`
-    # hold them; padding repeats chunk 0, and its entries are masked out below.
-    chosen, n_chosen = first_true(maxima >= chunk_floor, min(slots, maxima.shape[0]))
+    # At most batch·k chunks reach the batch·k-th largest maximum unless maxima tie at it;
+    # then the first tied chunks in row order fill `slots` (which hold every entry the last
+    # step keeps: the ties it keeps are the first in row order too). Padding repeats chunk 0,
+    # and its entries are masked out below.
+    n_chunks = min(slots, maxima.shape[0])
+    chosen, n_chosen = first_true(keep_largest(maxima, chunk_floor, n_chunks), n_chunks)
     real = jnp.arange(chosen.shape[0]) < n_chosen
     candidates = jnp.where(real[:, None], jax.nn.relu(chunks[chosen].astype(jnp.float32)),
                            0.0)  # [slots, size]
     threshold = kth_largest_nonnegative(candidates, target)
-    keep = (candidates >= jnp.maximum(threshold, tiny)).reshape(-1)
+    keep = keep_largest(candidates, jnp.maximum(threshold, tiny), target).reshape(-1)
     position, n_kept = first_true(keep, slots)
     chunk = chosen[position // size]
     row, column = chunk // per_row, (chunk % per_row) * size + position % size

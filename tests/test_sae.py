@@ -61,9 +61,8 @@ def np_topk(pre, k):
 
 def np_batchtopk(pre, k):
     values = relu(pre)
-    threshold = np.sort(values.ravel())[::-1][pre.shape[0] * k - 1]
-    kept = values * (values >= max(threshold, np.finfo(np.float32).tiny))
-    return kept, threshold
+    keep, threshold = np_batch_top(values, pre.shape[0] * k)
+    return values * keep, threshold
 
 
 @pytest.fixture
@@ -609,11 +608,16 @@ def test_sparse_path_equals_dense_path(case, impl):
 
 
 def np_batch_top(values: np.ndarray, n: int) -> tuple[np.ndarray, float]:
-    """The reference: the mask of entries >= the n-th largest positive value (all positives
-    when fewer), and that value (0 then)."""
-    positive = np.sort(values[values > 0])[::-1]
-    threshold = float(positive[n - 1]) if len(positive) >= n else 0.0
-    return (values > 0) & (values >= threshold), threshold
+    """The reference: the mask of the n largest positive entries of the flattened array
+    (all positives when fewer), equal values taken in row-major order (a stable sort), and
+    the n-th largest positive value (0 when fewer)."""
+    flat = values.ravel()
+    order = np.argsort(-flat, kind="stable")[:n]
+    order = order[flat[order] > 0]
+    keep = np.zeros(flat.shape, bool)
+    keep[order] = True
+    threshold = float(flat[order[-1]]) if len(order) == n else 0.0
+    return keep.reshape(values.shape), threshold
 
 
 @pytest.mark.parametrize(("rows", "width", "k"), [(32, 256, 4), (16, 96, 3), (8, 40, 2),
@@ -642,8 +646,10 @@ def test_batch_top_k_entries_against_numpy(rows, width, k):
 
 
 def test_batch_top_k_entries_with_few_positives_and_ties():
-    """Fewer positives than batch·k: all are kept, threshold 0. Duplicated tokens tie at the
-    threshold: every tie is kept while the spare slots hold them (as the dense path does)."""
+    """Fewer positives than batch·k: all are kept, threshold 0. Copies of a token tie at the
+    threshold: exactly batch·k are kept, the ties in row-major order, as the dense path and a
+    stable sort keep them; so too when more chunk maxima tie than there are slots (a batch
+    of one value)."""
     values = np.full((8, 32), -1.0, np.float32)
     values[2, 5], values[6, 31], values[7, 0] = 3.0, 1.0, 2.0
     select = jax.jit(kernels.batch_top_k_entries, static_argnames="slots")
@@ -653,13 +659,21 @@ def test_batch_top_k_entries_with_few_positives_and_ties():
                       strict=True)) == [(2, 5), (6, 31), (7, 0)]
     rng = np.random.default_rng(0)
     token = rng.standard_normal(64).astype(np.float32)
-    values = np.tile(token, (8, 1))  # 8 copies: every value appears 8 times
-    row, col, valid, threshold = select(jnp.asarray(values), 3, slots=32)
-    want, want_threshold = np_batch_top(values, 24)
-    got = np.zeros_like(want)
-    got[np.asarray(row)[np.asarray(valid)], np.asarray(col)[np.asarray(valid)]] = True
-    np.testing.assert_array_equal(got, want)
-    assert float(threshold) == want_threshold
+    copies = np.tile(token, (8, 1))  # 8 copies: every value appears 8 times
+    five = np.concatenate([np.tile(token, (5, 1)), copies[:3] - 9.0])  # 5 copies and noise
+    for values, k in ((copies, 3), (five, 3), (five, 7), (np.ones((8, 64), np.float32), 3)):
+        row, col, valid, threshold = select(jnp.asarray(values), k, slots=8 * k)
+        want, want_threshold = np_batch_top(values, 8 * k)
+        assert int(want.sum()) == 8 * k and (values >= want_threshold).sum() >= 8 * k
+        got = np.zeros_like(want)
+        got[np.asarray(row)[np.asarray(valid)], np.asarray(col)[np.asarray(valid)]] = True
+        np.testing.assert_array_equal(got, want)
+        assert int(np.sum(valid)) == 8 * k
+        assert float(threshold) == want_threshold
+        acts, dense_threshold = batchtopk(jnp.asarray(values), k)
+        np.testing.assert_array_equal(np.asarray(acts) != 0, want)
+        assert float(dense_threshold) == want_threshold
+    assert (five >= np_batch_top(five, 21)[1]).sum() > 21  # the ties overshoot batch·k
 
 
 def test_scatter_decode_and_its_gradients():

@@ -147,7 +147,8 @@ def test_sharded_steps_match_one_device(names):
 _TIES_SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxsae.activations.batchtopk import batchtopk
 from jaxsae.activations.topk import topk, sparse_topk
 
 rng = np.random.default_rng(0)
@@ -165,10 +166,16 @@ for shape in (None, (2, 4)):
     live = np.asarray(topk(jnp.asarray(tied), 4, mesh, live=jnp.asarray(3)))
     part = np.asarray(topk(jnp.asarray(partly), 4, mesh))
     index, values = sparse_topk(params, jnp.asarray(x), jnp.asarray(tied), 4, mesh)
+    batch = jnp.asarray(tied) if mesh is None else jax.device_put(
+        tied, NamedSharding(mesh, PartitionSpec("data", "model")))
+    kept = np.asarray(jax.jit(batchtopk, static_argnums=1)(batch, 4)[0]).ravel() != 0
+    first = np.zeros(kept.shape, bool)
+    first[np.argsort(-tied.ravel(), kind="stable")[:32]] = True
     out[name] = {"dense": np.count_nonzero(dense, 1).tolist(),
                  "live": np.count_nonzero(live, 1).tolist(),
                  "part_sum": part.sum(1).tolist(), "part_n": np.count_nonzero(part, 1).tolist(),
-                 "sparse": np.count_nonzero(np.asarray(values), 1).tolist()}
+                 "sparse": np.count_nonzero(np.asarray(values), 1).tolist(),
+                 "batch": int(kept.sum()), "batch_first": bool((kept == first).all())}
 print(json.dumps(out))
 """
 
@@ -178,7 +185,8 @@ def test_topk_keeps_exactly_k_when_values_tie():
     columns, was evaluated with every tied latent kept: L0 29.9 for k 4.) Exactly k (or the
     swept k) a row, dense and sparse, on one device and with the dictionary split 4 ways
     (the ties a row still needs shared out over the devices); the values kept are the k
-    largest (5 + 4 + 3 + 3)."""
+    largest (5 + 4 + 3 + 3). BatchTopK (dense, as a dictionary split over `model` runs it)
+    keeps exactly batch·k, the first ties in row-major order."""
     env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", _TIES_SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -187,7 +195,8 @@ def test_topk_keeps_exactly_k_when_values_tie():
     assert set(results) == {"one", "2x4"}
     for got in results.values():
         assert got == {"dense": [4] * 8, "live": [3] * 8, "part_sum": [15.0] * 8,
-                       "part_n": [4] * 8, "sparse": [4] * 8}, got
+                       "part_n": [4] * 8, "sparse": [4] * 8, "batch": 32,
+                       "batch_first": True}, got
 
 
 _RESUME_SCRIPT = r"""

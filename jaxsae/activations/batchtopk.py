@@ -20,7 +20,8 @@ from jaxsae.activations import Activation, Codes, encoder_weight, register
 
 
 def batchtopk(pre_acts: jax.Array, k: int | jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keeps the batch*k largest positive activations of the whole batch.
+    """Keeps the batch*k largest positive activations of the whole batch (all positive ones
+    when fewer are; exactly batch*k otherwise, ties at the threshold taken in row-major order).
 
     Returns the codes and the threshold (smallest kept value). The threshold is found exactly by
     bisection on the float bits (non-negative floats order like their int32 bit patterns), which
@@ -30,8 +31,10 @@ def batchtopk(pre_acts: jax.Array, k: int | jax.Array) -> tuple[jax.Array, jax.A
     values = jax.nn.relu(pre_acts)
     target = pre_acts.shape[0] * k
     threshold = kernels.kth_largest_nonnegative(values, target)
-    # Keep strictly positive values at or above the threshold (ties may keep a few more).
-    kept = values * (values >= jnp.maximum(threshold, jnp.finfo(values.dtype).tiny))
+    # Strictly positive values at or above the threshold, exactly batch·k of them (ties at
+    # the threshold are kept in row-major order until there are).
+    floor = jnp.maximum(threshold, jnp.finfo(values.dtype).tiny)
+    kept = values * kernels.keep_largest(values, floor.astype(values.dtype), target)
     return kept, threshold
 
 
@@ -78,14 +81,14 @@ class BatchTopK(Activation):
 def sparse_batchtopk(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.Array, k: int,
                      live: int | jax.Array
                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """BatchTopK's codes on the sparse path: (latent, value, row) [batch, k + 1] entries, the
-    batch's batch·live largest activations in batch·(k + 1) slots (the spare batch slots hold
-    ties at the threshold; padding has value 0), and the threshold. Entry (i, j) is number
+    """BatchTopK's codes on the sparse path: (latent, value, row) [batch, k] entries, the
+    batch's batch·live largest activations (padding, when live < k or fewer are positive, has
+    value 0), and the threshold. Entry (i, j) is number
     j·batch + i of the row-ordered list, so each column is a run of consecutive tokens."""
     batch = pre_acts.shape[0]
     row, index, valid, threshold = kernels.batch_top_k_entries(
-        jax.lax.stop_gradient(pre_acts), live, slots=batch * (k + 1))
-    row, index, valid = (a.reshape(k + 1, batch).T for a in (row, index, valid))
+        jax.lax.stop_gradient(pre_acts), live, slots=batch * k)
+    row, index, valid = (a.reshape(k, batch).T for a in (row, index, valid))
     values = jax.nn.relu(kernels.take_pre_acts(
         x, params["b_dec"], encoder_weight(params), params["b_enc"],
         jax.lax.stop_gradient(pre_acts), index, row))
