@@ -74,6 +74,7 @@ def parse(argv: list[str]) -> Command:
 
 
 def _parse_command(cls: type[Command], args: list[str]) -> Command:
+    _refuse_repeated_flags(args, cls.words)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -100,6 +101,22 @@ def _parse_command(cls: type[Command], args: list[str]) -> Command:
         raise UsageError(message, cls.words) from None
     sys.stderr.write(captured.getvalue())  # warnings, if any
     return parsed
+
+
+def _refuse_repeated_flags(args: list[str], words: tuple[str, ...]) -> None:
+    """A flag given twice (`--data a --data b`, `--progress --no-progress`): tyro would take
+    the last silently, so a run could train on data other than the user believes."""
+    seen: dict[str, str] = {}
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("--") or len(arg) == 2:
+            continue
+        name = arg.split("=", 1)[0].replace("_", "-")
+        key = "--" + name[len("--no-"):] if name.startswith("--no-") else name
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {name} both given: give the flag once", words)
+        seen[key] = name
 
 
 def _listing(words: tuple[str, ...], choices: list[str], commands, groups) -> str:

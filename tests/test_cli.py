@@ -87,6 +87,15 @@ def test_bad_input_gets_one_line_naming_the_culprit(small_data, tmp_path, capsys
     err = _one_line_error(["synth", "superposition", "--out", str(tmp_path / "s"),
                            "--n-features", "many"], capsys)
     assert "--n-features" in err
+    # (tyro took the last of a repeated flag silently: `--data a --data b` evaluated b)
+    err = _one_line_error(["eval", str(tmp_path), "--data", str(small_data), "--data=x"], capsys)
+    assert "--data and --data both given" in err
+    err = _one_line_error(["synth", "superposition", "--out", str(tmp_path / "s"),
+                           "--n_features", "8", "--n-features", "9"], capsys)
+    assert "--n-features and --n-features both given" in err
+    err = _one_line_error(["train", str(cfg_file), "--progress", "--no-progress"], capsys)
+    assert "--progress and --no-progress both given" in err
+    assert not (tmp_path / "s").exists()
 
 
 def _jaxsae(*args: str, **kwargs) -> subprocess.Popen:
