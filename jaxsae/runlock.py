@@ -86,6 +86,23 @@ class RunLock:
         self.release()
 
 
+def live_holder(directory: Path) -> str | None:
+    """Who holds `directory`'s lock now ("pid 12 on host, since ..."), or None when nobody
+    does: a check before costly work that would end refused by `acquire` (the lock is tested,
+    never taken, and nothing is created)."""
+    try:
+        fd = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _describe(_read(fd))
+    finally:
+        os.close(fd)  # (drops the shared lock, if it was taken)
+    return None
+
+
 def _read(fd: int) -> dict:
     try:
         data = os.pread(fd, 4096, 0)

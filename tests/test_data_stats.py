@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ from jaxsae import sae, tensorfile
 from jaxsae import train as train_mod
 from jaxsae.checkpoint import Checkpointer
 from jaxsae.config import CheckpointConfig, DataConfig, SAEConfig
-from jaxsae.data.inspect import inspect
+from jaxsae.data.inspect import format_summary, inspect
 from jaxsae.data.shards import ShardSet, ShardWriter
 from jaxsae.data.stats import estimate
 from jaxsae.errors import DataError
@@ -154,6 +155,14 @@ def test_inspect_summary_and_refusal(outlier_data, tmp_path):
     assert summary["norm"]["max"] == pytest.approx(norms.max(), rel=1e-5)
     assert summary["norm"]["mean"] == pytest.approx(norms.mean(), rel=1e-5)
     assert summary["norm"]["median"] == pytest.approx(np.median(norms), rel=1e-3)
+    assert summary["unlisted"] == [] and "unlisted" not in format_summary(summary)
+    # (fault testing: a shard file the manifest does not list was passed over in silence)
+    extra = shutil.copytree(path, tmp_path / "extra")
+    shutil.copy(extra / "shard-00000.npy", extra / "shard-00009.npy")
+    summary = inspect(extra, progress=False)
+    assert summary["unlisted"] == ["shard-00009.npy"] and summary["tokens"] == len(x)
+    assert ("unlisted    shard-00009.npy (not in manifest.json: never read)"
+            in format_summary(summary))
     bad = x.copy()
     bad[5000:5003, 1] = np.inf
     with ShardWriter(tmp_path / "bad", D_IN, shard_tokens=4096) as w:

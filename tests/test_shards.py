@@ -325,6 +325,19 @@ def test_truncated_data(tmp_path, file_type, cut):
     assert str(file) in str(err.value)
 
 
+@pytest.mark.parametrize("file_type", ["npy", "safetensors"])
+def test_bytes_after_the_array(tmp_path, file_type):
+    """(fault testing: a shard grown past its array, e.g. two writers' bytes in one file, was
+    read as if whole)"""
+    out = write_set(tmp_path / "set", source_data(), file_type=file_type)
+    file = out / f"shard-00002.{file_type}"
+    with open(file, "ab") as f:
+        f.write(b"\0" * 12)
+    with pytest.raises(DataError, match="12 bytes after its") as err:
+        ShardSet(out)
+    assert str(file) in str(err.value)
+
+
 @pytest.mark.parametrize(("file_type", "size"), [
     ("npy", 3),             # inside the magic string
     ("npy", 20),            # inside the header

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from jaxsae.config import DataConfig
 from jaxsae.data import detect_format, open_source
+from jaxsae.data.shards import MANIFEST
 from jaxsae.errors import DataError
 from jaxsae.progress import Progress
 
@@ -71,6 +73,10 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
     }
     if kind == "shards":
         summary["source"] = dict(source.manifest.source)
+        # (shards the manifest does not list, e.g. left by another write: never read)
+        listed = {entry.file for entry in source.manifest.shards}
+        summary["unlisted"] = sorted(p.name for p in path.iterdir() if p.name not in listed
+                                     and re.fullmatch(r"shard-\d+\.(npy|safetensors)", p.name))
     else:
         summary["hook"] = source.hook
         summary["context_size"] = source.context_size
@@ -97,6 +103,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         + (f"({norm['max_over_median']:.1f}x the median)"
            if norm["max_over_median"] is not None else "(the median is 0)"),
     ]
+    if summary.get("unlisted"):
+        lines.append(f"  unlisted    {', '.join(summary['unlisted'])} (not in {MANIFEST}: "
+                     "never read)")
     source = summary.get("source") or {}
     if source:
         lines.append("  source      " + ", ".join(f"{k}={v}" for k, v in source.items()))

@@ -43,6 +43,7 @@ from jaxsae.data.shards import (
 )
 from jaxsae.errors import DataError, JaxsaeError, require_at_least
 from jaxsae.progress import Progress
+from jaxsae.runlock import live_holder
 
 HOOK_POINTS = ("resid_post", "resid_pre", "mlp_in", "mlp_out")
 # TransformerLens's names of the points that are not blocks.{layer}.hook_{point}
@@ -514,6 +515,11 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
     stamps["cache"] = {"tokens": tokens, "dtype": dtype, "shard_tokens": shard_tokens,
                        "batch_size": batch_size}
     keys = [{**source, **stamps} for source in sources]
+    staging = out.with_name(out.name + ".partial")
+    holder = live_holder(staging)
+    if holder is not None:  # (refused before the model loads, not after)
+        raise DataError(f"{staging}: another jaxsae process is writing {out.name} here "
+                        f"({holder}); wait for it to finish or stop it")
 
     lm = load_model(model, dtype=model_dtype, device=device, layer=layer, context=context,
                     truncate=True, progress=progress)

@@ -165,6 +165,9 @@ def _map(file, offset, shape, dtype, fortran, entry, manifest) -> np.ndarray:
             f"{file}: truncated: {have} bytes, expected {need} "
             f"(only the first {rows} of its {entry.n_tokens} rows are present)"
         )
+    if have > need:  # (what writes a shard ends the file with its array)
+        raise DataError(f"{file}: {have - need} bytes after its {list(shape)} array ({have} "
+                        f"bytes, expected {need}); damaged, or not the shard {MANIFEST} lists")
     return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
 
 

@@ -14,6 +14,7 @@ import transformers
 from jaxsae.cli import main
 from jaxsae.data import lm as lm_data
 from jaxsae.data.shards import ShardSet
+from jaxsae.runlock import RunLock
 
 
 def reference_windows(model_dir, texts, context, **load):
@@ -38,9 +39,14 @@ def reference_hidden(model_dir, ids, *, final_norm=True):
 
 
 def run_cache(tiny_model, texts, out, *extra, tokens=300, layer=1, context=16):
-    return main(["cache", "--model", str(tiny_model), "--layer", str(layer), "--text",
-                 str(texts / "a.txt"), str(texts / "docs"), "--tokens", str(tokens),
-                 "--context", str(context), "--out", str(out), "--no-progress", *extra])
+    """`jaxsae cache` with these defaults; a flag in `extra` replaces its default (a flag
+    given twice is refused)."""
+    flags = {"--layer": str(layer), "--tokens": str(tokens), "--context": str(context)}
+    for flag in set(flags) & set(extra):
+        flags.pop(flag)
+    defaults = [word for pair in flags.items() for word in pair]
+    return main(["cache", "--model", str(tiny_model), "--text", str(texts / "a.txt"),
+                 str(texts / "docs"), *defaults, "--out", str(out), "--no-progress", *extra])
 
 
 def test_resid_post_matches_full_model_and_drops_the_first_position(tiny_model, texts, tmp_path):
@@ -152,7 +158,7 @@ def test_an_interrupted_cache_resumes_to_the_same_shards(tiny_model, texts, tmp_
 
 
 def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, capsys,
-                                                  n_layers):
+                                                  n_layers, monkeypatch):
     out = tmp_path / "acts"
     assert run_cache(tiny_model, texts, out, "--tokens", "30") == 0
     capsys.readouterr()
@@ -161,8 +167,8 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
     assert run_cache(tiny_model, texts, out, "--tokens", "30", "--context", "8") == 2
     assert "already exists" in capsys.readouterr().err
     # (fault testing: another dtype or fewer tokens were "already cached", and "wrote")
-    for other in (["--dtype", "float16"], ["--tokens", "15"]):
-        assert run_cache(tiny_model, texts, out, "--tokens", "30", *other) == 2
+    for other in (["--tokens", "30", "--dtype", "float16"], ["--tokens", "15"]):
+        assert run_cache(tiny_model, texts, out, *other) == 2
         assert "already exists" in capsys.readouterr().err
 
     def error(*args, **kw):
@@ -207,6 +213,15 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
                      "--overwrite"]) == 2
         assert "which this command reads" in capsys.readouterr().err
     assert sorted(p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()) == before
+    # (fault testing: a second cache of an --out being written loaded its model, ~35 s for
+    # SmolLM2, before the staging's lock refused it)
+    (tmp_path / "busy.partial").mkdir()
+    with RunLock(tmp_path / "busy.partial", doing="writing busy"):
+        monkeypatch.setattr(lm_data, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+        assert run_cache(tiny_model, texts, tmp_path / "busy") == 2
+    err = capsys.readouterr().err.strip()
+    assert "busy.partial: another jaxsae process is writing busy here (pid" in err, err
+    assert len(err.splitlines()) == 1
 
 
 def test_text_shorter_than_a_window_is_blamed_on_text(tiny_model, tmp_path, capsys):
