@@ -17,9 +17,8 @@ from pathlib import Path
 from jaxsae.config import load_config, sweep_label
 from jaxsae.errors import DataError
 from jaxsae.hooks import GuardedHook
-from jaxsae.outputs import plain_text, pyplot, save_figure
+from jaxsae.outputs import CURVES, plain_text, pyplot, save_figure
 
-CURVES = "curves.png"
 PANELS = (("loss", "loss"), ("l0", "L0"), ("explained_variance", "explained variance"),
           ("dead_fraction", "dead fraction"), ("lr", "learning rate"),
           ("grad_norm", "gradient norm"))

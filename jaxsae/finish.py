@@ -25,13 +25,12 @@ from jaxsae.checkpoint import (
     abstract_with_shardings,
 )
 from jaxsae.config import CheckpointConfig, Config
-from jaxsae.curves import CURVES
 from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.saelens import SAELensCache
 from jaxsae.data.stats import DataStats
 from jaxsae.data.window import Window, trained_end
 from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
-from jaxsae.outputs import write_csv
+from jaxsae.outputs import CURVES, write_csv
 from jaxsae.parsing import list_index
 from jaxsae.progress import Progress
 from jaxsae.runlock import RunLock, RunLocked

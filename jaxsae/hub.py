@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from jaxsae.config import Config
-from jaxsae.curves import CURVES
+from jaxsae.outputs import CURVES
 
 CARD = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -298,7 +298,9 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
 
 # What a training run writes in its directory (and each SAE's of a sweep) beside checkpoints/
 # and sae/: never replaced by another command's file (a plot).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "curves.png", "sweep.csv", LOCK_FILE)
+CURVES = "curves.png"
+"""A run's training curves (drawn by `jaxsae.curves`; read back by analyze and export --hub)."""
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json", CURVES, "sweep.csv", LOCK_FILE)
 
 
 def check_file_target(path: str | Path, flag: str = "--out") -> None:

@@ -380,7 +380,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             optimality_mod.plot(opt[0], opt[1], staging)
         curves = _training_curves(Path(sae_dir))
         if curves is not None:
-            shutil.copyfile(curves, staging / "curves.png")
+            shutil.copyfile(curves, staging / outputs.CURVES)
         atomic_write(staging / "index.html",
                      _index_html(summary, latents, pairs, parents, cluster_rows,
                                  curves is not None, opt))
@@ -445,7 +445,7 @@ def _training_curves(sae_dir: Path) -> Path | None:
     run = sae_dir.parent
     if run.parent.name == "sweep":
         run = run.parent.parent
-    found = run / "curves.png"
+    found = run / outputs.CURVES
     return found if found.is_file() else None
 
 
