@@ -517,16 +517,18 @@ def keep_largest(values: jax.Array, threshold: jax.Array, n: int | jax.Array) ->
     n-th largest value this is exactly n entries, as a top-n over the flattened array keeps
     (SAELens's BatchTopK: `topk` of the flattened batch). Ties past n are rare (copies of a
     token in one batch, equal latents), so the prefix count that orders them runs only then
-    (a `cond`; under `vmap`, as in a sweep, both branches run)."""
+    (a `cond`: under a sweep's vmap, which runs both branches, always)."""
     keep = values >= threshold
+    return jax.lax.cond(jnp.sum(keep, dtype=jnp.int32) > n,
+                        lambda: _cut_ties(values, threshold, n), lambda: keep)
 
-    def first_ties(_):
-        above, tie = values > threshold, values == threshold
-        rank = jax.lax.associative_scan(jnp.add, tie.reshape(-1).astype(jnp.int32))
-        room = n - jnp.sum(above, dtype=jnp.int32)
-        return above | (tie & (rank.reshape(values.shape) <= room))
 
-    return jax.lax.cond(jnp.sum(keep, dtype=jnp.int32) > n, first_ties, lambda _: keep, None)
+def _cut_ties(values: jax.Array, threshold: jax.Array, n: int | jax.Array) -> jax.Array:
+    values = jax.lax.stop_gradient(values)
+    above, tie = values > threshold, values == threshold
+    rank = jax.lax.associative_scan(jnp.add, tie.reshape(-1).astype(jnp.int32))
+    room = n - jnp.sum(above, dtype=jnp.int32)
+    return above | (tie & (rank.reshape(values.shape) <= room))
 
 
 def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
@@ -537,7 +539,8 @@ def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
     batch·k. `threshold` is the smallest kept value (0 when fewer than batch·k are positive,
     and then every positive entry is kept). Exactly batch·k entries are kept otherwise: every
     entry above the threshold, then entries equal to it in row-major order (`keep_largest`),
-    as `jaxsae.activations.batchtopk.batchtopk` keeps them.
+    as `jaxsae.activations.batchtopk.batchtopk` keeps them, while no more than `batch` values
+    beyond batch·k tie at the threshold (or at the chunk stage's: below).
 
     The chunk-maxima idea of `top_k_indices`, across the batch: each row is cut into chunks
     of 16, and the batch·k chunks with the largest maxima hold every one of the batch·k
@@ -556,18 +559,33 @@ def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
     maxima = jax.nn.relu(values.reshape(rows, per_row, size).max(axis=2).reshape(-1)
                          ).astype(jnp.float32)
     chunk_floor = jnp.maximum(kth_largest_nonnegative(maxima, target), tiny)
-    # At most batch·k chunks reach the batch·k-th largest maximum unless maxima tie at it;
-    # then the first tied chunks in row order fill `slots` (which hold every entry the last
-    # step keeps: the ties it keeps are the first in row order too). Padding repeats chunk 0,
-    # and its entries are masked out below.
-    n_chunks = min(slots, maxima.shape[0])
-    chosen, n_chosen = first_true(keep_largest(maxima, chunk_floor, n_chunks), n_chunks)
+    # The lists hold one spare entry a token, for values tied at a k-th largest: they tie
+    # often enough (of random float32 normals' 3.1M chunk maxima, 131,079 reached the
+    # 131,072nd largest) that cutting the ties from the whole array (`_cut_ties`: a prefix
+    # count over it) cost ~40% of the selection (2-core Xeon, 2026-12-06), and a `cond` or
+    # `while_loop` around it ran it anyway under a sweep's vmap. They are cut from the list.
+    # More ties than that (a batch of mostly equal values) keep the first in row order.
+    wide = slots + rows
+    # At most batch·k chunks reach the batch·k-th largest maximum, ties aside; padding
+    # repeats chunk 0, and its entries are masked out below.
+    n_chunks = min(wide, maxima.shape[0])
+    chosen, n_chosen = first_true(maxima >= chunk_floor, n_chunks)
     real = jnp.arange(chosen.shape[0]) < n_chosen
     candidates = jnp.where(real[:, None], jax.nn.relu(chunks[chosen].astype(jnp.float32)),
-                           0.0)  # [slots, size]
+                           0.0).reshape(-1)  # [n_chunks · size]
     threshold = kth_largest_nonnegative(candidates, target)
-    keep = keep_largest(candidates, jnp.maximum(threshold, tiny), target).reshape(-1)
-    position, n_kept = first_true(keep, slots)
+    floor = jnp.maximum(threshold, tiny)
+    position, n_kept = first_true(candidates >= floor, wide)
+
+    def cut_listed():  # the ties past batch·k: cut from the list
+        value = candidates[position]
+        listed = jnp.arange(wide) < n_kept
+        keep = _cut_ties(jnp.where(listed, value, 0.0), floor, target)
+        kept, _ = first_true(keep, wide)
+        return position[kept], jnp.minimum(n_kept, target)
+
+    position, n_kept = jax.lax.cond(n_kept > target, cut_listed, lambda: (position, n_kept))
+    position = position[:slots]
     chunk = chosen[position // size]
     row, column = chunk // per_row, (chunk % per_row) * size + position % size
     valid = jnp.arange(slots) < n_kept
