@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -238,9 +239,14 @@ class Checkpointer:
 
     def _checksum(self, step: int) -> list[int] | None:
         """The state checksum saved with `step` (None for checkpoints written before jaxsae
-        saved one)."""
+        saved one: their orbax metadata names no checksum item). A checksum missing from a
+        checkpoint saved with one is damage (fault testing: deleting it let a damaged state
+        restore unchecked)."""
         if not (self.directory / str(step) / "checksum").is_dir():
-            return None
+            items = _saved_items(self.directory / str(step))
+            if items is not None and "checksum" not in items:
+                return None
+            raise CorruptCheckpoint(step, "its checksum is missing")
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(checksum=ocp.args.JsonRestore()))
@@ -350,6 +356,16 @@ def _free_name(directory: Path, name: str) -> Path:
     while target.exists():
         target, n = directory / f"{name}-{n}", n + 1
     return target
+
+
+def _saved_items(directory: Path) -> set[str] | None:
+    """The items orbax's metadata says were saved in checkpoint `directory` (None: it does
+    not read)."""
+    try:
+        metadata = json.loads((directory / "_CHECKPOINT_METADATA").read_text())
+        return set(metadata["item_handlers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _os_reason(error: BaseException) -> str:

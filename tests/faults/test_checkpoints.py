@@ -37,12 +37,20 @@ def _no_state(ckpt: Path) -> None:
     shutil.rmtree(ckpt / "state")
 
 
+def _flip_bytes_without_checksum(ckpt: Path) -> None:
+    """(fault testing: with its checksum deleted too, the damaged state restored unchecked
+    and the run stopped at a non-finite loss on every rerun)"""
+    _flip_bytes(ckpt)
+    shutil.rmtree(ckpt / "checksum")
+
+
 def _weights(sae: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in
             tensorfile.read(sae / "sae_weights.safetensors").items()}
 
 
-@pytest.mark.parametrize("damage", [_flip_bytes, _truncate, _junk_config, _no_state])
+@pytest.mark.parametrize("damage", [_flip_bytes, _truncate, _junk_config, _no_state,
+                                    _flip_bytes_without_checksum])
 def test_resume_falls_back_past_a_damaged_checkpoint(damage, trained_run, run_copy, small_data,
                                                      tmp_path, capsys):
     damage(run_copy / "checkpoints" / "24")
