@@ -161,6 +161,13 @@ class SignalFlag:
                 np.asarray(self.signum, np.int32)).max())
         return self.raised
 
+    def came_during_last_save(self, step: int) -> bool:
+        """After the last step's checkpoint is written: whether a signal came after the loop's
+        last `stop_after` (fault testing: one during the final save was acknowledged, and then
+        the run evaluated, exported and exited 0). With JAX's preemption service, whose sync
+        point at that step has passed, False: the signal reaches its notifier, not here."""
+        return not self._preemption and self.stop_after(step)
+
     @property
     def raised(self) -> bool:
         return self.signum != 0

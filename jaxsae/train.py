@@ -371,6 +371,12 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
             logger.record(*pending)
         if start < total:
             save(total, state)
+            ckpt.wait()
+            if stop_signal.came_during_last_save(total):
+                raise Interrupted(
+                    f"interrupted by {stop_signal.name} after the last step ({total}); "
+                    f"checkpoint saved in {ckpt.directory}. Run the same command again to "
+                    "evaluate and export.", 128 + stop_signal.signum)
     finally:
         stop_signal.restore()
         batches.close()

@@ -368,3 +368,32 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(small_data):
         err = proc.stderr.read()
         assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, (argv, err)
         assert err == "", argv
+
+
+def test_a_signal_during_the_last_save_stops_before_the_export(small_data, tmp_path, capsys,
+                                                               monkeypatch):
+    """(fault testing: SIGTERM while the final checkpoint was written was acknowledged, and
+    the run then evaluated, exported and exited 0.) It stops with 143 and the checkpoint;
+    the same command again exports."""
+    import os
+
+    from jaxsae.checkpoint import Checkpointer
+
+    config = write_config(tmp_path / "c.yaml", small_data, tmp_path / "run")
+    real = Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+        real(self, step, *args, **kwargs)
+        if step == 24:  # the last step's checkpoint
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    assert cli.main(["train", str(config), "--no-progress"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "interrupted by SIGTERM after the last step (24)" in err
+    assert "evaluate and export" in err
+    assert not (tmp_path / "run" / "sae").exists()
+    assert (tmp_path / "run" / "checkpoints" / "24").is_dir()
+    monkeypatch.setattr(Checkpointer, "save", real)
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    assert (tmp_path / "run" / "sae" / "cfg.json").is_file()
