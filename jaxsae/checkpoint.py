@@ -9,7 +9,8 @@ restore is renamed `<step>.corrupt` (never deleted) and the one before it is tri
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 checkpoint interrupted mid-write is never picked up; what such a save leaves behind is renamed
-`<step>.incomplete` when the directory is opened and removed after the next successful save.
+`<step>.incomplete` when the directory is opened and removed after the next successful save
+(or, for a run resumed at its last step, which saves nothing more, by `Checkpointer.tidy`).
 """
 
 from __future__ import annotations
@@ -152,6 +153,27 @@ class Checkpointer:
         for path in self.directory.glob("*.incomplete*"):
             if path.is_dir() and path.name.split(".")[0].isdigit():
                 shutil.rmtree(path, ignore_errors=True)
+
+    def tidy(self, restored: int) -> None:
+        """For a run resumed at its end (`restored` is its last step: nothing more is saved,
+        so neither orbax's retention nor `_remove_incomplete` runs again): what a killed run
+        left is removed now. The `.incomplete` leftovers (a retention's deletion cut short)
+        and the complete checkpoints beyond `checkpoint.keep` (killed between a save and the
+        retention after it) of steps before `restored`; fault testing found both kept for
+        good."""
+        if self.read_only:
+            return
+        if jax.process_index() == 0:
+            for path in self.directory.glob("*.incomplete*"):
+                step = path.name.split(".")[0]
+                if path.is_dir() and step.isdigit() and int(step) < restored:
+                    shutil.rmtree(path, ignore_errors=True)
+            for step in self.steps()[:-self.cfg.keep]:
+                if step < restored:
+                    shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxsae-checkpoint-tidy")
+        self.manager.reload()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -267,6 +267,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 f"({start * cfg.optim.batch_size} tokens) {run_dir} has already trained; "
                 "export an earlier checkpoint with jaxsae export --step instead")
         log(f"resuming {run_dir} from step {start}")
+        if start == cfg.optim.total_steps:
+            ckpt.tidy(start)
         before = restored.config.optim
         if before.total_steps != cfg.optim.total_steps and cfg.optim.decay_fraction > 0:
             log(f"optim.total_tokens: {cfg.optim.total_tokens:,}, where the checkpoint's run "

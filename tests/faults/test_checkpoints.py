@@ -152,3 +152,24 @@ def test_no_checkpoint_restores(run_copy, small_data, tmp_path, capsys):
     assert cli.main(["train", str(config), "--no-progress"]) == 0
     assert "no complete checkpoint to resume from; starting over from step 0 (the steps " \
            "metrics.jsonl logged are dropped)" in capsys.readouterr().out
+
+
+def test_a_run_resumed_at_its_end_removes_what_a_kill_left(run_copy, small_data, tmp_path,
+                                                           capsys):
+    """(fault testing: killed while retention deleted a checkpoint, or between the last save
+    and its retention, a run resumed at its last step kept `<step>.incomplete` and one
+    checkpoint too many for good: nothing more is saved to clear them)"""
+    ckpts = run_copy / "checkpoints"
+    shutil.copytree(ckpts / "8", ckpts / "4")  # a checkpoint retention had not removed yet
+    shutil.copytree(ckpts / "8", ckpts / "12")
+    (ckpts / "12" / "commit_success.txt").unlink()  # a deletion cut short
+    (run_copy / "sae").rename(tmp_path / "first-sae")
+    (run_copy / "eval.json").unlink()
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy, checkpoint={
+        "every_steps": 8, "keep": 3})
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "moved to" in out and "12.incomplete" in out and "from step 24" in out
+    assert sorted(p.name for p in ckpts.iterdir()) == ["16", "24", "8"]
+    for name, value in _weights(tmp_path / "first-sae").items():
+        np.testing.assert_array_equal(_weights(run_copy / "sae")[name], value)
