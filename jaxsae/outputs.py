@@ -59,15 +59,16 @@ def write_marker(directory: Path, kind: str, *, inventory: bool = False) -> None
     before it is published)."""
     mark: dict[str, Any] = {"kind": kind}
     if inventory:
-        found = file_inventory(directory)
+        found = file_inventory(directory, digests=True)
         found.pop(MARKER, None)
         mark["files"] = dict(sorted(found.items()))
     (directory / MARKER).write_text(json.dumps(mark) + "\n")
 
 
-def file_inventory(directory: Path) -> dict[str, Any]:
+def file_inventory(directory: Path, *, digests: bool = False) -> dict[str, Any]:
     """Every entry below `directory` by relative POSIX path: "dir", "link", or a file's
-    [size, modification time in ns] (links are listed, not followed)."""
+    [size, modification time in ns] (links are listed, not followed), with `digests` and its
+    content's digest (`file_digest`) too."""
     found: dict[str, Any] = {}
     for root, dirs, files in os.walk(directory):
         base = Path(root).relative_to(directory)
@@ -80,8 +81,30 @@ def file_inventory(directory: Path) -> dict[str, Any]:
             else:
                 info = path.stat()
                 state = [info.st_size, info.st_mtime_ns]
+                if digests:
+                    state.append(file_digest(path))
             found[(base / name).as_posix()] = state
     return found
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b of a file's content (hex)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+def _unchanged(path: Path, now: Any, recorded: Any) -> bool:
+    """Whether an entry is as an inventory recorded it: a file of the same size and
+    modification time, or of the same size and content where the inventory has its digest
+    (fault testing: a run directory copied with `cp -r`, new times on every file, was refused
+    as "changed" throughout)."""
+    if not (isinstance(now, list) and isinstance(recorded, list)):
+        return now == recorded
+    if now[0] != recorded[0]:
+        return False
+    if now[1] == recorded[1]:
+        return True
+    return len(recorded) > 2 and file_digest(path) == recorded[2]
 
 
 def foreign_entries(path: Path) -> list[str] | None:
@@ -116,7 +139,7 @@ def foreign_entries(path: Path) -> list[str] | None:
             foreign.append(name + ("/" if now[name] == "dir" else ""))
             if now[name] == "dir":
                 named_dirs.append(name)
-        elif known[name] is not None and now[name] != known[name]:
+        elif known[name] is not None and not _unchanged(path / name, now[name], known[name]):
             foreign.append(f"{name} (changed)")
     return foreign
 
@@ -129,7 +152,7 @@ def record_sae_files(directory: Path, cfg_json: dict[str, Any]) -> None:
     SAELens layout, which has no room for a marker), the size and modification time of its
     other files and a digest of cfg.json's own content, so that a later replacement can tell
     an edited or replaced file (`foreign_entries`)."""
-    found = file_inventory(directory)
+    found = file_inventory(directory, digests=True)
     own = cfg_json["jaxsae"]
     own["files"] = {name: found[name] for name in SAELENS_FILES[1:]}
     own[_DIGEST] = _cfg_digest(cfg_json)

@@ -84,7 +84,15 @@ def test_export_replaces_its_own_export_and_with_overwrite_a_plain_directory(
             match="holds files jaxsae did not write (cfg.json (changed))", unchanged=[out])
     (out / CFG_FILE).write_text(json.dumps(cfg, indent=4))  # (the same content: not an edit)
     _ok(["export", str(run_copy), "--out", str(out)], capsys)
+    # (fault testing: a copy with new modification times, `cp -r`, was "changed" throughout)
     os.utime(out / "sae_weights.safetensors", ns=(1, 1))
+    _ok(["export", str(run_copy), "--out", str(out)], capsys)
+    weights = out / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the same size, another content
+    stat = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     refused(["export", str(run_copy), "--out", str(out)], capsys, unchanged=[out],
             match="holds files jaxsae did not write (sae_weights.safetensors (changed))")
     _ok(["export", str(run_copy), "--out", str(out), "--overwrite"], capsys)
@@ -561,3 +569,19 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     outputs.atomic_write(tmp_path / "b.png", "one\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["b.png", live.name, other_host.name, other_file.name])
+
+
+def test_a_run_copied_without_its_times_still_resumes(trained_run, small_data, tmp_path,
+                                                      capsys):
+    """(fault testing: `cp -r` of a finished run, every file's content the same but its
+    modification time new, was refused: sae/ "holds files jaxsae did not write (changed)")"""
+    import shutil
+
+    from tests.faults.conftest import write_config
+
+    copy = Path(shutil.copytree(trained_run, tmp_path / "copy", copy_function=shutil.copyfile))
+    weights = copy / "sae" / "sae_weights.safetensors"
+    assert weights.stat().st_mtime_ns != (trained_run / "sae" / weights.name).stat().st_mtime_ns
+    config = write_config(tmp_path / "c.yaml", small_data, copy)
+    _ok(["train", str(config), "--no-progress"], capsys)
+    assert weights.read_bytes() == (trained_run / "sae" / weights.name).read_bytes()
