@@ -48,7 +48,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _describe(_read(fd))
+            holder = _describe(_live_record(fd))
             os.close(fd)
             raise RunLocked(f"{self.path.parent}: another jaxsae process is {self._doing} "
                             f"here ({holder}); wait for it to finish or stop it") from None
@@ -101,6 +101,31 @@ def live_holder(directory: Path) -> str | None:
     finally:
         os.close(fd)  # (drops the shared lock, if it was taken)
     return None
+
+
+def _live_record(fd: int) -> dict:
+    """The record of the process holding the lock on `fd`. A holder that has just taken over
+    a stale lock may not have written its own yet (fault testing: the refusal named the dead
+    process): the file is read again for up to a second while it names a process of this
+    host that is gone."""
+    info = _read(fd)
+    for _ in range(20):
+        if not (_is_record(info) and info["host"] == socket.gethostname()
+                and not _alive(info["pid"])):
+            break
+        time.sleep(0.05)
+        info = _read(fd)
+    return info
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's process)
+        return True
+    return True
 
 
 def _read(fd: int) -> dict:

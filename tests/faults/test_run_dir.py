@@ -337,3 +337,30 @@ def test_resuming_on_another_data_path_says_so(run_copy, small_data, tmp_path, c
                      "optim.total_tokens=7168", "--no-progress"]) == 0
     assert (f"data.path: {moved}, where the checkpoint trained on {small_data}"
             in capsys.readouterr().out)
+
+
+def test_a_refusal_names_the_new_holder_of_a_stale_lock(tmp_path):
+    """(fault testing: two starts racing for a killed run's lock: the loser named the killed
+    process, read before the winner wrote its own record)"""
+    import fcntl
+    import json
+    import socket
+    import threading
+
+    from jaxsae.runlock import RunLocked
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    record = {"host": socket.gethostname(), "since": "2026-12-06 00:00:00"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": gone.pid, **record}) + "\n")
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the winner, about to write its record
+    mine = (json.dumps({"pid": os.getpid(), **record}) + "\n").encode()
+    writer = threading.Timer(0.2, lambda: (os.ftruncate(fd, 0), os.pwrite(fd, mine, 0)))
+    writer.start()
+    try:
+        with pytest.raises(RunLocked, match=f"pid {os.getpid()} on"):
+            RunLock(tmp_path).acquire()
+    finally:
+        writer.join()
+        os.close(fd)
