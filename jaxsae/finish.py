@@ -134,6 +134,8 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
             x, target = on_device[:, :source.d_in], on_device[:, source.d_in:]
         for one in sums:
             one.add(x, target)
+    # (before the truth's pass, whose numbers of a diverged SAE overflow: fault testing)
+    _refuse_diverged([{"mse": one.result()["mse"]} for one in sums])
     reports = [None] * len(saes)
     if truth is not None:
         reports = evaluate.truth_reports(
@@ -151,7 +153,6 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
         metrics["held_out"] = held_out
         metrics.update(window.report())
         results.append(metrics if report is None else {**report, **metrics})
-    _refuse_diverged(results)
     for params, (_, cfg, out), metrics, frequency in zip(folded, saes, results, frequencies,
                                                          strict=True):
         _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxsae import interrupts
-from jaxsae.errors import JaxsaeError
+from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
 from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 
 # Written into the output directories whose own files do not say that jaxsae wrote them
@@ -481,7 +481,8 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
     interrupted call with the same inputs (`key`) stopped: reused when it holds the same key,
     started afresh when it holds another (it is jaxsae's own: its marker says so), refused if
     something else has that name, or while another process works in it (its lock, held for
-    the block). `publish`, inside the block, renames it into place."""
+    the block). `publish`, inside the block, renames it into place. A failure the same call
+    would meet again (bad data or settings, divergence) removes it."""
     target = canonical(target)
     partial = target.with_name(target.name + ".partial")
     key = json.loads(json.dumps(key))
@@ -503,6 +504,11 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
             (partial / MARKER).write_text(json.dumps({"kind": f"{kind}-partial", "key": key})
                                           + "\n")
         yield partial
+    except (ConfigError, DataError, NonFiniteError):
+        # the same call would fail the same way again: nothing in it to resume from (fault
+        # testing: a diverged retraining left OUT.partial behind for good)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     finally:
         lock.release()
 

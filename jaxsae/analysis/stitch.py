@@ -45,7 +45,7 @@ from jaxsae import evaluate, export, outputs
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window, describe, trained_end
-from jaxsae.errors import JaxsaeError
+from jaxsae.errors import JaxsaeError, NonFiniteError
 from jaxsae.outputs import (
     atomic_write,
     json_text,
@@ -88,10 +88,11 @@ _FLAGS = {"data.eval_tokens": "--tokens", "optim.batch_size": "--batch-size",
 
 def _as_flags(message: str) -> str:
     """An error of the decoder's retraining, its config keys named as the flags they came
-    from."""
+    from (and without advice to set a key this command has no flag for)."""
     for key, flag in _FLAGS.items():
         message = message.replace(key, flag)
-    return message
+    return message.replace(", or set optim.skip_nonfinite: true to skip the steps such tokens "
+                           "reach", "")
 
 
 def _eval_window(data: str, saes: Sequence[export.LoadedSAE], tokens: int, batch_size: int,
@@ -508,6 +509,10 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
             else:
                 try:
                     final = train(config_from_dict(staged), progress=progress).sae_dir
+                except NonFiniteError as e:  # (its advice names the run's config and run_dir)
+                    raise NonFiniteError(
+                        f"the decoder's retraining diverged ({str(e).split(';')[0]}); lower "
+                        f"--lr, or check {data} with jaxsae data inspect") from None
                 except JaxsaeError as e:  # the retraining's config is made of this command's flags
                     e.args = (_as_flags(str(e)),)
                     raise

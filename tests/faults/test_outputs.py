@@ -585,3 +585,51 @@ def test_a_run_copied_without_its_times_still_resumes(trained_run, small_data, t
     config = write_config(tmp_path / "c.yaml", small_data, copy)
     _ok(["train", str(config), "--no-progress"], capsys)
     assert weights.read_bytes() == (trained_run / "sae" / weights.name).read_bytes()
+
+
+def test_a_frankenstein_whose_retraining_diverges_says_so_and_leaves_nothing(
+        tmp_path, small_data, capsys):
+    """(fault testing: --lr 1e30 ended in numpy's overflow warning, then advice to export
+    `RUN` at an earlier step, and OUT.partial stayed behind for good)"""
+    import numpy as np
+
+    from tests.test_stitch import random_sae
+
+    rng = np.random.default_rng(1)
+    small = random_sae(tmp_path / "small", 12, rng)
+    random_sae(tmp_path / "large", 40, rng, parents=small.params["W_dec"][:5])
+    out = tmp_path / "frank"
+    err = refused(["stitch", "frankenstein", str(tmp_path / "small"), str(tmp_path / "large"),
+                   "--data", str(small_data), "--out", str(out), "--tokens", "2048",
+                   "--batch-size", "512", "--retrain-decoder-tokens", "3072", "--lr", "1e30",
+                   "--no-progress"], capsys, match="the decoder's retraining diverged",
+                  unchanged=[])
+    assert "lower --lr" in err and "RUN" not in err and "Warning" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["large", "small"]
+
+
+def test_frankenstein_on_nan_data_names_no_key_it_has_no_flag_for(tmp_path, small_data,
+                                                                   capsys):
+    """(fault testing: NaN data told the user to set optim.skip_nonfinite, which stitch
+    frankenstein has no flag for; and its OUT.partial stayed behind)"""
+    import shutil
+
+    import numpy as np
+
+    from tests.test_stitch import random_sae
+
+    data = Path(shutil.copytree(small_data, tmp_path / "data"))
+    for shard in sorted(data.glob("shard-*.npy")):
+        rows = np.load(shard, mmap_mode="r+")
+        rows[::7, 0] = np.nan  # every 7th token: the statistics' sample meets one
+        rows.flush()
+        del rows
+    rng = np.random.default_rng(1)
+    small = random_sae(tmp_path / "small", 12, rng)
+    random_sae(tmp_path / "large", 40, rng, parents=small.params["W_dec"][:5])
+    err = refused(["stitch", "frankenstein", str(tmp_path / "small"), str(tmp_path / "large"),
+                   "--data", str(data), "--out", str(tmp_path / "frank"), "--tokens", "2048",
+                   "--batch-size", "512", "--retrain-decoder-tokens", "3072", "--no-progress"],
+                  capsys, match="NaN or inf", unchanged=[])
+    assert err.endswith("repair the data") and "optim." not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "large", "small"]
