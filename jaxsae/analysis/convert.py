@@ -2,7 +2,7 @@
 (`jaxsae convert`; `stitch frankenstein` converts TopK members itself).
 
 A TopK latent's code depends on the rest of its SAE (it fires when it is among a token's k
-largest), so per-latent tools (stitching, repair) cannot take it as it is. A JumpReLU latent
+largest), so per-latent tools (stitching) cannot take it as it is. A JumpReLU latent
 fires when its own pre-activation exceeds its threshold. For each latent the threshold is the
 one that best reproduces its TopK firing decisions on the calibration tokens: from histograms
 of its positive pre-activations where TopK kept it and where it did not, the bin edge that

@@ -21,7 +21,8 @@ class Convert(Command):
     SAE kept the latent, as nearly as one threshold allows (see jaxsae.analysis.convert),
     writes the SAELens-format JumpReLU SAE to OUT/sae with OUT/convert.json: how its codes differ
     from the TopK SAE's on the last --tokens tokens (recall of the TopK codes, precision, both
-    L0s and explained variances). Per-latent tools (stitch frankenstein, repair) need it."""
+    L0s and explained variances). stitch frankenstein needs per-latent codes (it converts
+    TopK members itself)."""
 
     sae_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SAE_DIR")]
     """a TopK SAE (SAELens-format directory)"""
