@@ -190,7 +190,9 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     # and training refuses to replace the change (the tables are left as they were).
     monkeypatch.undo()
     weights = next((out / "l1").glob("sweep/*/sae/sae_weights.safetensors"))
-    weights.write_bytes(weights.read_bytes())  # same bytes, a new modification time
+    changed = bytearray(weights.read_bytes())
+    changed[-1] ^= 1
+    weights.write_bytes(bytes(changed))  # the same size, another content
     tables = (out / "results.csv").read_bytes()
     with pytest.raises(ConfigError, match=r"arms\.l1: .*sae_weights\.safetensors \(changed\)"):
         bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
