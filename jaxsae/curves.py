@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jaxsae.config import load_config, sweep_label
 from jaxsae.errors import DataError
@@ -66,15 +67,29 @@ def _sweep_points(run_dir: Path) -> list:
     return list(cfg.sweep.points) if cfg.sweep is not None else []
 
 
+_LEGEND_RUNS = 40
+"""At most this many runs are named in the legend (the rest are counted)."""
+_PANELS_RIGHT = 0.84
+"""Where an overlay's panels end (a fraction of the width); its legend stands beside them."""
+
+
 def plot(series: list[Series], out: Path, title: str = "") -> Path:
-    """Draws the panels for every (label, lines) into `out` (a PNG, written atomically)."""
+    """Draws the panels for every (label, lines) into `out` (a PNG, written atomically). One
+    run: a colour per loss term. Several: a colour per run and a line style per term, in a
+    legend beside the panels that names every run (fault testing: a legend cut at 16 of its
+    runs × terms entries left most SAEs of a sweep or a bench unnamed)."""
     plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    from matplotlib.lines import Line2D
+
+    many = len(series) > 1
+    fig, axes = plt.subplots(2, 3, figsize=(15 + (3 if many else 0), 8))
+    colors = _run_colors(plt, len(series)) if many else plt.rcParams[
+        "axes.prop_cycle"].by_key()["color"]
     styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))
+    term_style: dict[str, Any] = {"total": "-"}
     for (key, name), ax in zip(PANELS, axes.flat, strict=True):
         drawn = positive = False
-        for i, (label, lines) in enumerate(series):
+        for i, (_, lines) in enumerate(series):
             terms = (sorted({k for line in lines for k in line if k.startswith("loss.")})
                      if key == "loss" else [])
             for j, k in enumerate([key, *terms]):
@@ -84,17 +99,16 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
                     continue
                 xs, ys = zip(*points, strict=True)
                 positive = positive or max(ys) > 0
-                if len(series) == 1:  # one run: a colour per term, the total in black
+                what = "total" if j == 0 else k[len("loss."):]
+                if not many:  # one run: a colour per term, the total in black
                     color, style = ("black", "-") if j == 0 else (colors[(j - 1) % len(colors)],
                                                                   "--")
                 else:  # runs overlaid: a colour per run, a line style per term
-                    color = colors[i % len(colors)]
-                    style = "-" if j == 0 else styles[(j - 1) % len(styles)]
-                what = "total" if j == 0 else k[len("loss."):]
-                show = label if len(series) > 1 else ""
+                    color = colors[i]
+                    style = term_style.setdefault(what, styles[(len(term_style) - 1)
+                                                               % len(styles)])
                 ax.plot(xs, ys, color=color, linestyle=style, linewidth=1.4 if j == 0 else 1.0,
-                        label=(plain_text(f"{show}{': ' if show else ''}{what}")
-                               if key == "loss" else None))
+                        label=plain_text(what) if key == "loss" and not many else None)
                 drawn = True
         ax.set_title(name)
         ax.set_xlabel("tokens")
@@ -104,13 +118,38 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
         if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
                     color="gray")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        axes.flat[0].legend(handles[:16], labels[:16], fontsize=7, loc="best")
+    if many:
+        named = series[:_LEGEND_RUNS]
+        handles = [Line2D([], [], color=colors[i], linewidth=2) for i in range(len(named))]
+        labels = [plain_text(label) for label, _ in named]
+        if len(series) > len(named):
+            handles.append(Line2D([], [], color="none"))
+            labels.append(f"... and {len(series) - len(named)} more")
+        if len(term_style) > 1:  # the line styles of the loss panel
+            handles += [Line2D([], [], color="gray", linestyle=style)
+                        for style in term_style.values()]
+            labels += [f"loss: {plain_text(what)}" for what in term_style]
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(_PANELS_RIGHT, 0.5),
+                   fontsize=7, frameon=False)
+    else:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        if handles:
+            axes.flat[0].legend(handles, labels, fontsize=7, loc="best")
     if title:
         fig.suptitle(plain_text(title))
-    save_figure(fig, out)
+    save_figure(fig, out, right=_PANELS_RIGHT if many else 1.0)
     return out
+
+
+def _run_colors(plt, n: int) -> list:
+    """n colours told apart: matplotlib's 10 (20) categorical ones while they suffice, then
+    evenly spaced along a perceptually ordered map."""
+    if n <= 10:
+        return list(plt.get_cmap("tab10").colors[:n])
+    if n <= 20:
+        return list(plt.get_cmap("tab20").colors[:n])
+    cmap = plt.get_cmap("turbo")
+    return [cmap(i / (n - 1)) for i in range(n)]
 
 
 class CurvesHook(GuardedHook):

@@ -669,10 +669,11 @@ def plain_text(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def save_figure(fig, path: Path) -> None:
-    """Writes `fig` as PNG to `path` and closes it."""
+def save_figure(fig, path: Path, *, right: float = 1.0) -> None:
+    """Writes `fig` as PNG to `path` and closes it; the panels keep left of `right` (a
+    fraction of the width: room for a legend beside them)."""
     try:
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, right, 1))
         with replacing_file(path) as tmp:
             fig.savefig(tmp, format="png")
     finally:

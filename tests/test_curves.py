@@ -13,6 +13,7 @@ import yaml
 
 from jaxsae import cli, curves
 from jaxsae.errors import DataError
+from jaxsae.outputs import save_figure
 from jaxsae.train import train
 from tests.conftest import small_config, small_config_dict, train_until_crash
 
@@ -129,3 +130,26 @@ def test_checkpoints_in_quick_succession_draw_once_a_minute_and_at_the_end(small
     calls = _record_plots(monkeypatch)
     train(small_config(small_data, tmp_path / "run", log=CURVES_ON), progress=False)
     assert [c[1] for c in calls] == [[("test", [4, 8])], [("test", [4, 8, 12, 16, 20, 24])]]
+
+
+@pytest.mark.parametrize("n", [12, 45])
+def test_the_legend_names_every_run_of_an_overlay(tmp_path, monkeypatch, n):
+    """(fault testing: the legend was cut at 16 runs × terms entries, so most SAEs of a sweep
+    or a bench had none, and runs past the 10th reused the first colours)"""
+    lines = [{"step": s, "tokens": 8 * s, "loss": 1.0 / s, "loss.mse": 0.8 / s,
+              "loss.l1": 0.2 / s, "l0": 3.0} for s in (1, 2, 3)]
+    series = [(f"run {i}", lines) for i in range(n)]
+    drawn = {}
+
+    def keep(fig, path, **kwargs):
+        drawn["legend"] = [t.get_text() for t in fig.legends[0].get_texts()]
+        drawn["colors"] = {line.get_color() for line in fig.axes[1].get_lines()}  # the L0s
+        save_figure(fig, path, **kwargs)
+
+    monkeypatch.setattr(curves, "save_figure", keep)
+    assert curves.plot(series, tmp_path / "c.png").read_bytes()[:8] == PNG
+    named = min(n, curves._LEGEND_RUNS)
+    assert drawn["legend"][:named] == [f"run {i}" for i in range(named)]
+    assert ("... and 5 more" in drawn["legend"]) is (n == 45)
+    assert drawn["legend"][-3:] == ["loss: total", "loss: l1", "loss: mse"]
+    assert len({str(c) for c in drawn["colors"]}) == n
