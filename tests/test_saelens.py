@@ -102,6 +102,31 @@ def test_a_cache_naming_files_outside_it_is_refused(tmp_path):
             open_source(DataConfig(path=str(path)))
 
 
+def test_a_file_listed_twice_a_dtype_that_disagrees_or_int_columns_are_refused(tmp_path):
+    """(fault testing: a state.json listing one file twice was read twice, its "held-out"
+    tokens being training tokens again; a dataset_info.json dtype other than the files' was
+    never compared; an int32 column was "no Array2D activation column")"""
+    path, _ = make_cache(tmp_path / "cache", shards=2)
+    state = json.loads((path / "state.json").read_text())
+    first = state["_data_files"][0]
+    (path / "state.json").write_text(json.dumps({**state, "_data_files": [first, first]}))
+    with pytest.raises(DataError, match=rf"state\.json: _data_files lists "
+                                        rf"{re.escape(repr(first['filename']))} twice"):
+        open_source(DataConfig(path=str(path)))
+    (path / "state.json").write_text(json.dumps(state))
+    info = json.loads((path / "dataset_info.json").read_text())
+    info["features"][HOOK]["dtype"] = "float16"
+    (path / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=rf"data-00000-of-00002\.arrow: column '{HOOK}' holds "
+                                        r"float32 where dataset_info\.json says float16"):
+        open_source(DataConfig(path=str(path)))
+    info["features"][HOOK]["dtype"] = "int32"
+    (path / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=rf"no Array2D activation column of a float dtype "
+                                        rf"\({re.escape(HOOK)}: int32;"):
+        open_source(DataConfig(path=str(path)))
+
+
 def test_a_shape_that_disagrees_with_the_rows_is_refused(tmp_path):
     """dataset_info says [8, 16]; rows of [16, 8] have as many values and read as garbage."""
     path, _ = make_cache(tmp_path / "cache", shards=1)

@@ -32,11 +32,17 @@ def is_saelens_cache(path: str | Path) -> bool:
 
 def activation_columns(info: dict) -> dict[str, tuple[int, int]]:
     """Array2D float columns of a dataset_info.json: name -> (context_size, d_in)."""
+    return {name: shape for name, (shape, dtype) in _array2d_columns(info).items()
+            if dtype in _FLOAT}
+
+
+def _array2d_columns(info: dict) -> dict[str, tuple[tuple[int, int], object]]:
+    """Every Array2D column of a dataset_info.json: name -> ((rows, columns), its dtype)."""
     out = {}
     for name, feature in (info.get("features") or {}).items():
         if (isinstance(feature, dict) and feature.get("_type") == "Array2D"
-                and feature.get("dtype") in _FLOAT and len(feature.get("shape", ())) == 2):
-            out[name] = tuple(feature["shape"])
+                and len(feature.get("shape", ())) == 2):
+            out[name] = (tuple(feature["shape"]), feature.get("dtype"))
     return out
 
 
@@ -49,7 +55,10 @@ class SAELensCache(ArraySource):
         info, state = self._read_json(INFO), self._read_json(STATE)
         columns = activation_columns(info)
         if not columns:
-            raise DataError(f"{self.path / INFO}: no Array2D activation column")
+            others = {name: dtype for name, (_, dtype) in _array2d_columns(info).items()}
+            what = "" if not others else " of a float dtype ({}; {} are read)".format(
+                ", ".join(f"{n}: {d}" for n, d in others.items()), ", ".join(_FLOAT))
+            raise DataError(f"{self.path / INFO}: no Array2D activation column{what}")
         if hook is None:
             if len(columns) > 1:
                 raise DataError(f"{self.path}: several activation columns "
@@ -60,13 +69,18 @@ class SAELensCache(ArraySource):
                             f"(it has {', '.join(columns)})")
         self.hook = hook
         self.context_size, d_in = columns[hook]
+        self.dtype = np.dtype(_FLOAT[_array2d_columns(info)[hook][1]])
         files = [f.get("filename") for f in state.get("_data_files", [])]
         if not files or not all(isinstance(f, str) for f in files):
             raise DataError(f"{self.path / STATE}: no _data_files listed")
-        for name in files:  # datasets lists its own files by name: never a path out of here
+        for i, name in enumerate(files):  # datasets lists its own files by name
             if Path(name).name != name or name in (".", ".."):
                 raise DataError(f"{self.path / STATE}: _data_files lists {name!r}, not a file "
                                 "name in the cache directory")
+            if name in files[:i]:  # (fault testing: its tokens were read twice, and the
+                raise DataError(   # "held-out" ones were training tokens again)
+                    f"{self.path / STATE}: _data_files lists {name!r} twice (its tokens would "
+                    "be read twice)")
         arrays, names = [], []
         for name in files:
             for i, values in enumerate(self._open(self.path / name, d_in)):
@@ -119,6 +133,9 @@ class SAELensCache(ArraySource):
                     AttributeError) as e:
                 raise DataError(f"{file}: column {self.hook!r} is not a dense float array "
                                 f"({e})") from None
+            if array.dtype != self.dtype:
+                raise DataError(f"{file}: column {self.hook!r} holds {array.dtype.name} where "
+                                f"{INFO} says {self.dtype.name}")
             if array.size != rows * self.context_size * d_in:
                 raise DataError(f"{file}: column {self.hook!r} has {array.size} values for "
                                 f"{rows} rows of [{self.context_size}, {d_in}]")
