@@ -162,8 +162,8 @@ class MetricLogger:
                 raise NonFiniteError(
                     f"non-finite loss or gradient{which} at step {done} ({culprit} non-finite: "
                     f"loss={host['loss']}, grad_norm={host['grad_norm']}); no checkpoint is "
-                    "written after it. Lower optim.lr or check the data "
-                    "(data.check_finite: true)"
+                    "written after it. Lower optim.lr or check the data (jaxsae data inspect "
+                    "names NaN / inf and tokens too large for float32)"
                 )
         for hook in self.hooks:
             hook.on_step(done)

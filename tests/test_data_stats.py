@@ -163,6 +163,18 @@ def test_inspect_summary_and_refusal(outlier_data, tmp_path):
     assert summary["unlisted"] == ["shard-00009.npy"] and summary["tokens"] == len(x)
     assert ("unlisted    shard-00009.npy (not in manifest.json: never read)"
             in format_summary(summary))
+    # (fault testing: a token of norm 1e30, whose squared error is inf in float32, was "valid"
+    # and training then stopped at a non-finite loss without naming it)
+    huge = x.copy()
+    huge[[5000, 9000], 2] = 1e30
+    with ShardWriter(tmp_path / "huge", D_IN, shard_tokens=4096) as w:
+        w.write(huge)
+    summary = inspect(tmp_path / "huge", progress=False)
+    assert summary["overflowing_tokens"] == 2
+    assert summary["first_overflowing"] == f"{tmp_path / 'huge' / 'shard-00001.npy'}, row 904"
+    text = format_summary(summary)
+    assert "2 token(s) of a norm whose square overflows float32" in text
+    assert "x the median" in text and "e+" in text.split("x the median")[0][-12:]
     bad = x.copy()
     bad[5000:5003, 1] = np.inf
     with ShardWriter(tmp_path / "bad", D_IN, shard_tokens=4096) as w:

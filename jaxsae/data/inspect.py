@@ -14,6 +14,8 @@ from jaxsae.data.shards import MANIFEST
 from jaxsae.errors import DataError
 from jaxsae.progress import Progress
 
+_OVERFLOW_NORM = float(np.sqrt(np.finfo(np.float32).max))
+"""A token whose norm reaches this has a squared norm (and error) beyond float32's range."""
 _SAMPLE = 1 << 20  # norms kept for the quantiles (an evenly strided sample of all tokens)
 
 
@@ -34,9 +36,15 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
     bar = Progress(source.n_tokens, unit="tok", unit_scale=True, desc="inspect",
                    enabled=progress)
     seen = zeros = 0
+    huge, first_huge = 0, None
     dtypes = {np.dtype(array.dtype).name for array in source.arrays}
-    for _, block in source.scan(block_tokens):
+    for name, block in source.scan(block_tokens):
         norms = np.linalg.norm(block.astype(np.float64), axis=1)
+        over = np.flatnonzero(norms >= _OVERFLOW_NORM)
+        if len(over):  # (fault testing: one token of 1e30 was "valid", then training's
+            huge += len(over)  # first squared error was inf, and nothing named it)
+            if first_huge is None:
+                first_huge = f"{name}, row {source.locate(seen + int(over[0]))[1]}"
         total += norms.sum()
         total_sq += np.square(norms).sum()
         low, high = min(low, norms.min()), max(high, norms.max())
@@ -60,6 +68,8 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
         "d_in": source.d_in,
         "dtype": ", ".join(sorted(dtypes)),
         "zero_tokens": zeros,
+        "overflowing_tokens": huge,
+        "first_overflowing": first_huge,
         "norm": {
             "mean": total / n,
             "rms": float(np.sqrt(total_sq / n)),
@@ -94,13 +104,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["zero_tokens"]:
         lines.append(f"  zero tokens {summary['zero_tokens']:,} "
                      f"({summary['zero_tokens'] / summary['tokens']:.2%}), all their values 0")
+    if summary["overflowing_tokens"]:
+        lines.append(f"  warning     {summary['overflowing_tokens']:,} token(s) of a norm whose "
+                     f"square overflows float32 (>= {_OVERFLOW_NORM:.2g}; the first: "
+                     f"{summary['first_overflowing']}): training's errors on them are inf; "
+                     "repair them, or leave them out with data.drop_norm_above")
     if "hook" in summary:
         lines.append(f"  hook        {summary['hook']} (context {summary['context_size']})")
     lines += [
         f"  norm        mean {norm['mean']:.4g}, rms {norm['rms']:.4g}, median "
         f"{norm['median']:.4g}, p99 {norm['p99']:.4g}",
         f"              min {norm['min']:.4g}, max {norm['max']:.4g} "
-        + (f"({norm['max_over_median']:.1f}x the median)"
+        + (f"({norm['max_over_median']:.4g}x the median)"
            if norm["max_over_median"] is not None else "(the median is 0)"),
     ]
     if summary.get("unlisted"):
