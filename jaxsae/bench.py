@@ -33,7 +33,14 @@ from jaxsae.checks import check_run
 from jaxsae.config import Config, config_from_dict, sweep_label
 from jaxsae.errors import ConfigError, JaxsaeError, one_line
 from jaxsae.outputs import OutputError, atomic_write, fmt, pyplot, save_figure, write_csv
-from jaxsae.parsing import apply_override, from_dict, read_yaml_mapping, typename
+from jaxsae.parsing import (
+    apply_override,
+    assign,
+    from_dict,
+    override_value,
+    read_yaml_mapping,
+    typename,
+)
 from jaxsae.progress import Progress
 
 # The plots: file, metric, axis label, whether each arm's Pareto frontier is drawn.
@@ -88,6 +95,9 @@ class BenchConfig:
             if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", arm):
                 raise ConfigError(f"arms.{arm}: an arm's name is its directory's, so letters, "
                                   "digits and _ . + = - only (not starting with '.')")
+            if len(arm) > _ARM_NAME_CHARS:  # (fault testing: an OS error, after a write)
+                raise ConfigError(f"arms.{arm[:40]}...: an arm's name is its directory's; at "
+                                  f"most {_ARM_NAME_CHARS} characters, not {len(arm)}")
             if arm in _OWN_FILES:
                 raise ConfigError(f"arms.{arm}: the bench writes a file of that name beside its "
                                   "arms; name the arm otherwise")
@@ -107,6 +117,10 @@ class BenchConfig:
             except ConfigError as e:
                 raise ConfigError(f"arms.{arm}: {e}") from None
         return out
+
+
+_ARM_NAME_CHARS = 100
+"""The longest arm name (its directory's; its SAEs' names hold it and more)."""
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -131,10 +145,35 @@ def _with_seeds(sweep: Any, seeds: tuple[int, ...], key: str) -> Any:
 def load_bench_config(path: str | Path, overrides: list[str] = ()) -> BenchConfig:
     tree = read_yaml_mapping(path)
     for assignment in overrides:
-        apply_override(tree, assignment)
+        _apply_override(tree, assignment)
     cfg = from_dict(BenchConfig, tree)
     cfg.arm_configs()  # validate every arm before any work
     return cfg
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """`apply_override`, where `arms.NAME.key=value` may name an arm whose name holds dots
+    (`arms.lr0.3.sae.k=4` for the arm `lr0.3`: the longest such name the key starts with;
+    fault testing: the override was taken for arm `lr0` and refused as an unknown key)."""
+    dotted, _, text = assignment.partition("=")
+    arms = tree.get("arms")
+    rest = dotted.strip()[len("arms."):] if dotted.strip().startswith("arms.") else None
+    if "=" in assignment and rest is not None and isinstance(arms, dict):
+        dotted_names = sorted((n for n in arms if isinstance(n, str) and "." in n
+                               and (rest == n or rest.startswith(n + "."))), key=len)
+        if dotted_names:
+            name = dotted_names[-1]
+            key, value = rest[len(name) + 1:], override_value(dotted, text)
+            if not key:
+                arms[name] = value
+                return
+            if arms[name] is None:
+                arms[name] = {}
+            if not isinstance(arms[name], dict):
+                raise ConfigError(f"arms.{name}: expected a mapping of config overrides")
+            assign(arms[name], key, value)
+            return
+    apply_override(tree, assignment)
 
 
 def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dict[str, Any]]:
@@ -145,7 +184,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
     directory = cfg.directory
     check_directory(directory, arms)
     directory.mkdir(parents=True, exist_ok=True)
-    outputs.write_marker(directory, "bench")
+    if outputs.output_kind(directory) != "bench":  # (rewritten, a refused rerun changed it)
+        outputs.write_marker(directory, "bench")
     bar = Progress(len(arms), desc=f"bench {cfg.name}", unit="arm", enabled=progress)
     for arm, arm_cfg in arms.items():
         bar.set_postfix_str(f"{arm}: {len(arm_cfg.sweep.points)} SAEs")

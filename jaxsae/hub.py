@@ -10,6 +10,7 @@ the run's curves.png beside them. Nothing here talks to the Hub: uploading is
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -37,7 +38,16 @@ def folder_name(hook_name: str | None, run_name: str, point: dict | None) -> str
     name = hook_name or run_name
     if point:
         name += "__" + "_".join(f"{k}-{v}" for k, v in point.items())
-    return re.sub(r"[^\w.-]+", "-", name)
+    name = re.sub(r"[^\w.-]+", "-", name)
+    if len(name.encode()) > _FOLDER_BYTES:  # (fault testing: a long bench arm's name made a
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]  # folder too long to create)
+        name = name.encode()[:_FOLDER_BYTES - 14].decode(errors="ignore") + "--" + digest
+    return name
+
+
+_FOLDER_BYTES = 200
+"""The longest folder name written (file systems take 255 bytes): longer ones are cut, with
+a digest of the whole name to keep them apart."""
 
 
 def write_card(out: Path, cfg: Config, saes: list[dict[str, Any]],

@@ -13,6 +13,7 @@ import yaml
 
 from jaxsae import bench
 from jaxsae.errors import ConfigError, JaxsaeError
+from jaxsae.outputs import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,21 @@ def test_arm_configs_cross_the_seeds(tmp_path):
     assert arms["l1"].run_dir == str(tmp_path / "bench" / "l1")
 
 
+def test_an_override_reaches_an_arm_whose_name_holds_dots(tmp_path):
+    """(fault testing: `arms.a.b.sae.k=3` for the arm `a.b` was refused as `arms.a: b:
+    unknown key`)"""
+    tree = _bench_tree(tmp_path)
+    tree["arms"] = {"a": {"sae": {"activation": "topk", "k": 1}}, "a.b": tree["arms"]["topk"],
+                    "c.d": None}
+    cfg = bench.load_bench_config(_write(tmp_path, tree), [
+        "arms.a.b.sae.k=2", "arms.a.b.sweep=[{sae.k: 1}, {sae.k: 3}]", "arms.a.sae.k=3",
+        "arms.c.d.sae.d_sae=4"])
+    arms = cfg.arm_configs()
+    assert arms["a.b"].sae.k == 2 and [p["sae.k"] for p in arms["a.b"].sweep.points][::2] == [
+        1, 3]
+    assert arms["a"].sae.k == 3 and arms["c.d"].sae.d_sae == 4
+
+
 @pytest.mark.parametrize(("change", "match"), [
     ({"arms": {}}, "arms: at least one arm"),
     ({"arms": {"x": 3}}, r"arms\.x: expected a mapping"),
@@ -68,6 +84,8 @@ def test_arm_configs_cross_the_seeds(tmp_path):
     *(({"arms": {name: {}}}, r"an arm's name is its directory's")
       for name in ("../escaped", ".", "a/b", ".hidden")),
     ({"arms": {"x": {"run_dir": "/elsewhere"}}}, r"arms\.x\.run_dir: set by the bench"),
+    # (fault testing: a 300-character name was an OS error, after the bench's directory was made)
+    ({"arms": {"x" * 300: {}}}, r"arms\.x{40}\.\.\.: .* at most 100 characters, not 300"),
     # nor one of the bench's own files (the arm would train, then its tables could not be written)
     *(({"arms": {name: {}}}, rf"arms\.{re.escape(name)}: the bench writes a file of that name")
       for name in ("results.csv", "results.md", "bench.yaml", "l0_vs_ev.png")),
@@ -194,6 +212,9 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     changed[-1] ^= 1
     weights.write_bytes(bytes(changed))  # the same size, another content
     tables = (out / "results.csv").read_bytes()
+    marker = (out / MARKER).stat().st_mtime_ns
     with pytest.raises(ConfigError, match=r"arms\.l1: .*sae_weights\.safetensors \(changed\)"):
         bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
     assert (out / "results.csv").read_bytes() == tables
+    # (fault testing: a refused rerun rewrote the bench directory's marker)
+    assert (out / MARKER).stat().st_mtime_ns == marker

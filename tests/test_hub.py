@@ -214,3 +214,7 @@ def test_folder_names():
     assert hub.folder_name(None, "sw2", {}) == "sw2"  # a point that varies nothing: no "__"
     named = hub.folder_name(None, "sw", {"optim.lr": 0.001, "sae.k": 4})
     assert named == "sw__optim.lr-0.001_sae.k-4"
+    # (fault testing: a bench arm's long name made a folder name the file system refused)
+    long = [hub.folder_name(None, "bench-" + "y" * 250, {"sae.k": k}) for k in (2, 3)]
+    assert all(len(name.encode()) <= 200 for name in long) and long[0] != long[1]
+    assert long[0].startswith("bench-yyy")
