@@ -338,6 +338,24 @@ def test_bytes_after_the_array(tmp_path, file_type):
     assert str(file) in str(err.value)
 
 
+def test_a_big_endian_shard_or_a_second_tensor_is_named_as_such(tmp_path):
+    """(fault testing: a big-endian .npy read "dtype float32 but the manifest says float32",
+    a safetensors shard with a second tensor "192 bytes after its array")"""
+    out = write_set(tmp_path / "set", source_data())
+    file = out / "shard-00000.npy"
+    np.save(file, np.load(file).astype(">f4"))
+    with pytest.raises(DataError, match=r"shard-00000\.npy: big-endian float32"):
+        ShardSet(out)
+    out = write_set(tmp_path / "st", source_data(), file_type="safetensors")
+    file = out / "shard-00001.safetensors"
+    tensors = dict(tensorfile.read(file))
+    tensorfile.write(file, {**{k: np.asarray(v) for k, v in tensors.items()},
+                            "extra": np.zeros(3, np.float32)})
+    with pytest.raises(DataError, match=r"shard-00001\.safetensors: holds tensors other than "
+                                        r"'activations' \('extra'\)"):
+        ShardSet(out)
+
+
 @pytest.mark.parametrize(("file_type", "size"), [
     ("npy", 3),             # inside the magic string
     ("npy", 20),            # inside the header

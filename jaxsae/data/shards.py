@@ -141,6 +141,10 @@ def _open_npy(file: Path, entry: ShardEntry, manifest: Manifest) -> np.ndarray:
 
 def _open_safetensors(file: Path, entry: ShardEntry, manifest: Manifest) -> np.ndarray:
     header, data_start = tensorfile.read_header(file)
+    others = sorted(k for k in header if k not in (SAFETENSORS_KEY, "__metadata__"))
+    if others:  # (fault testing: "N bytes after its array", which is not what is wrong)
+        raise DataError(f"{file}: holds tensors other than {SAFETENSORS_KEY!r} "
+                        f"({', '.join(map(repr, others[:3]))}); a shard holds one")
     offset, shape, dtype = tensorfile.tensor_layout(file, header, SAFETENSORS_KEY, data_start)
     return _map(file, offset, shape, dtype, False, entry, manifest)
 
@@ -152,6 +156,9 @@ def _map(file, offset, shape, dtype, fortran, entry, manifest) -> np.ndarray:
             f"{file}: shape {list(shape)} does not match the manifest "
             f"[n_tokens={entry.n_tokens}, d_in={manifest.d_in}]"
         )
+    if np.dtype(dtype).byteorder == ">":
+        raise DataError(f"{file}: big-endian {np.dtype(dtype).newbyteorder('=').name}; shards "
+                        "are little-endian (numpy's default)")
     if np.dtype(dtype) != DTYPES[manifest.dtype]:
         raise DataError(f"{file}: dtype {np.dtype(dtype).name} but the manifest says "
                         f"{manifest.dtype}")
