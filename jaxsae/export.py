@@ -257,9 +257,11 @@ def check_init_from(path: str | Path, sae_cfg: SAEConfig) -> None:
 
 
 def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
-                   scale: float = 1.0) -> dict[str, np.ndarray]:
+                   scale: float = 1.0, log=lambda _: None) -> dict[str, np.ndarray]:
     """jaxsae parameters for training `sae_cfg` from the SAELens directory `path`, in the
-    training's input units (the inverse of the export's folding of `scale`)."""
+    training's input units (the inverse of the export's folding of `scale`). A tied
+    `sae_cfg` takes the decoder alone: `log` says so when `path`'s encoder is not its
+    decoder's transpose (fault testing: its trained encoder was dropped without a word)."""
     loaded = load_sae(path)
     if loaded.d_in != d_in:
         raise ExportError(f"init_from: {path} has d_in {loaded.d_in}, the data has {d_in}")
@@ -274,6 +276,13 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
                           "sae.decoder_norm: free (unit would rescale them)")
     if kind.has_encoder and not sae_cfg.tied:
         params["W_enc"] = p["W_enc"] / scale
+    elif kind.has_encoder and "W_enc" in p:
+        gap = float(np.max(np.abs(np.asarray(p["W_enc"], np.float32)
+                                  - np.asarray(p["W_dec"], np.float32).T)))
+        if gap > 1e-6:
+            log(f"init_from: {path} has an encoder of its own (up to {gap:.3g} from its "
+                "decoder's transpose); sae.tied: true starts from the decoder alone, and the "
+                "encoder is its transpose")
     return {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
 
 

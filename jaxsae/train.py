@@ -551,7 +551,7 @@ def _start_params(cfg: Config, d_in: int, stats: DataStats,
     if cfg.init_from is None:
         return None
     export.check_init_from(cfg.init_from, cfg.sae)
-    params = export.initial_params(cfg.init_from, cfg.sae, d_in, stats.scale)
+    params = export.initial_params(cfg.init_from, cfg.sae, d_in, stats.scale, log=log)
     log(f"starting from {cfg.init_from}")
     return params
 

@@ -444,6 +444,13 @@ def test_freeze_leaves_those_parameters_as_they_were(small_data, tmp_path):
                     progress=False)
     moved = _weights(tmp_path / "third")
     assert all(not np.allclose(moved[k], start[k]) for k in ("W_enc", "b_enc", "b_dec"))
+    # (fault testing: a tied run from an untied SAE dropped its trained encoder in silence)
+    said = []
+    train_mod.train(config_from_dict({**tree, "run_dir": str(tmp_path / "tied"),
+                                      "sae": {**tree["sae"], "tied": True},
+                                      "init_from": str(tmp_path / "first" / "sae")}),
+                    progress=False, log=said.append)
+    assert any("sae.tied: true starts from the decoder alone" in line for line in said), said
     with pytest.raises(JaxsaeError, match="freeze: 'W_enc' is not a parameter"):
         check_run(config_from_dict({**tree, "sae": {**tree["sae"], "tied": True},
                                     "freeze": ["W_enc"]}))
