@@ -104,19 +104,18 @@ def _parse_command(cls: type[Command], args: list[str]) -> Command:
 
 
 def _refuse_repeated_flags(args: list[str], words: tuple[str, ...]) -> None:
-    """A flag given twice (`--data a --data b`, `--progress --no-progress`): tyro would take
-    the last silently, so a run could train on data other than the user believes."""
-    seen: dict[str, str] = {}
+    """A flag given twice (`--data a --data b`): tyro would take the last silently, so a run
+    could train on data other than the user believes."""
+    seen: set[str] = set()
     for arg in args:
         if arg == "--":
             break
         if not arg.startswith("--") or len(arg) == 2:
             continue
         name = arg.split("=", 1)[0].replace("_", "-")
-        key = "--" + name[len("--no-"):] if name.startswith("--no-") else name
-        if key in seen:
-            raise UsageError(f"{seen[key]} and {name} both given: give the flag once", words)
-        seen[key] = name
+        if name in seen:
+            raise UsageError(f"{name} given twice: give it once", words)
+        seen.add(name)
 
 
 def _listing(words: tuple[str, ...], choices: list[str], commands, groups) -> str:

@@ -89,12 +89,15 @@ def test_bad_input_gets_one_line_naming_the_culprit(small_data, tmp_path, capsys
     assert "--n-features" in err
     # (tyro took the last of a repeated flag silently: `--data a --data b` evaluated b)
     err = _one_line_error(["eval", str(tmp_path), "--data", str(small_data), "--data=x"], capsys)
-    assert "--data and --data both given" in err
+    assert "--data given twice" in err
     err = _one_line_error(["synth", "superposition", "--out", str(tmp_path / "s"),
                            "--n_features", "8", "--n-features", "9"], capsys)
-    assert "--n-features and --n-features both given" in err
+    assert "--n-features given twice" in err
+    err = _one_line_error(["train", str(cfg_file), "--no-progress", "--no-progress"], capsys)
+    assert "--no-progress given twice" in err
+    # (there is no --progress: tyro names it, rather than a "both given" that implied one)
     err = _one_line_error(["train", str(cfg_file), "--progress", "--no-progress"], capsys)
-    assert "--progress and --no-progress both given" in err
+    assert "Unrecognized options: --progress" in err
     assert not (tmp_path / "s").exists()
 
 
@@ -179,10 +182,15 @@ def test_end_to_end_with_interruptions(tmp_path, capsys):
         np.testing.assert_array_equal(value, reference[key])
     metrics = json.loads(run_here("eval", str(tmp_path / "exported"), "--data", str(data),
                                   "--truth", str(data)))
-    # the command train printed runs as printed (the same weights, so the same figures)
+    # the command train printed runs as printed, on the held-out tokens training evaluated
+    # (fault testing: without --tokens it read every token, mostly training tokens)
     command = shlex.split(hint)
-    assert command[:2] == ["jaxsae", "eval"]
-    assert json.loads(run_here(*command[1:], "--no-progress")) == metrics
+    assert command[:2] == ["jaxsae", "eval"] and "--tokens" in command
+    hinted = json.loads(run_here(*command[1:], "--no-progress"))
+    trained = json.loads((tmp_path / "straight run" / "eval.json").read_text())
+    for key in ("tokens", "l0", "mse", "explained_variance", "mcc"):
+        assert hinted[key] == pytest.approx(trained[key], rel=1e-5), key
+    assert hinted["training_tokens"] == 0
     for key in ("l0", "mse", "explained_variance", "dead_fraction", "mcc", "mmcs"):
         assert key in metrics
     assert metrics["explained_variance"] > 0.5

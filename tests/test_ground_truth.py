@@ -211,7 +211,10 @@ def test_eval_shows_its_progress_over_both_passes(small_hierarchy, tmp_path, cap
     sae_dir = export_sae(_sae(d.T, d), RELU, tmp_path / "sae")
     assert cli.main(["eval", str(sae_dir), "--data", str(data), "--truth", str(data)]) == 0
     err = capsys.readouterr().err  # 20,000 tokens read twice: the reconstruction, the truth
-    assert "evaluate: 40k/40k tok (100%)" in err
+    # (fault testing: "40k/40k tok" alone read as twice the tokens evaluated)
+    assert "evaluate (2 passes over the tokens): 40k/40k tok (100%)" in err
+    assert cli.main(["eval", str(sae_dir), "--data", str(data)]) == 0
+    assert "evaluate: 20k/20k tok (100%)" in capsys.readouterr().err
     assert cli.main(["eval", str(sae_dir), "--data", str(data), "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
 

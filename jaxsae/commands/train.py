@@ -63,9 +63,14 @@ class Train(Command):
                   "same tokens, for `jaxsae eval SAE --data DIR --truth DIR`")
         elif not cfg.sae.transcoder:  # (jaxsae eval does not read transcoders yet)
             data = shlex.quote(str(cfg.data.path))
+            ev = members[0].eval
+            # on the tokens it was evaluated on here, the held-out ones (fault testing: the
+            # hint without --tokens evaluated every token, mostly training tokens)
+            held = (f" --tokens {ev['tokens'] + ev.get('dropped_tokens', 0)}"
+                    if ev["held_out"] else "")
             print(f"evaluate {'one' if result.sweep else 'it'} with: jaxsae eval "
                   f"{shlex.quote(str(members[0].sae_dir))} --data {data}"
-                  + (f" --truth {data}" if has_truth(cfg.data.path) else ""))
+                  + (f" --truth {data}" if has_truth(cfg.data.path) else "") + held)
         return 0
 
 
