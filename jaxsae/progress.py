@@ -74,8 +74,9 @@ class Progress:
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.enabled and time.monotonic() - self._last >= self._every:
-            self._line()
+        elif (self.enabled and time.monotonic() - self._last >= self._every
+              and not (self.total and self.n >= self.total)):
+            self._line()  # (the last line, "done", is close()'s: fault testing saw two)
 
     def set_postfix(self, values: dict[str, Any], refresh: bool = True) -> None:
         self.postfix = dict(values)

@@ -143,6 +143,7 @@ def test_progress_in_a_log_file_is_plain_lines(small_data, tmp_path, capsys, mon
     assert re.fullmatch(r"test: 24/24 step \(100%\) · .* step/s · log step 24 · tokens 6,144 · "
                         r"tok/s [\d,]+ · loss [\d.e+-]+ · L0 [\d.]+ · EV -?[\d.]+ · "
                         r"done in \d+s", lines[-1])
+    assert sum("done in" in line for line in lines) == 1  # (fault testing: two, disagreeing)
     assert any("ETA" in line for line in lines)
     # the figures name the step they are of, which the bar's count may have passed
     logged = [re.search(r"log step (\d+) · tokens ([\d,]+)", line) for line in lines]
