@@ -208,6 +208,12 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
         activations.for_architecture(arch).check_saelens_cfg(cfg, file)
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    # (fault testing: the string "false" was truthy, so the input was centred by b_dec, which
+    # the file said not to do)
+    centring = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(centring, bool) and centring not in (0, 1):
+        raise ExportError(f"{file}: apply_b_dec_to_input must be true or false, got "
+                          f"{centring!r}")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ExportError(f"{file}: normalize_activations {cfg['normalize_activations']!r} "
                           "is not supported (expected 'none')")

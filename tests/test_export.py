@@ -437,6 +437,8 @@ def test_load_refuses_unknown_architecture(tmp_path):
     ({"d_in": None}, "'d_in'"),
     ({"d_sae": "16"}, "'d_sae'"),
     ({"normalize_activations": "expected_average_only_in"}, "normalize_activations"),
+    *(({"apply_b_dec_to_input": v}, rf"apply_b_dec_to_input must be true or false, got {v!r}")
+      for v in ("false", "no", 2, None)),
 ])
 def test_load_refuses_bad_cfg_values(tmp_path, changes, what):
     path = exported(tmp_path)
