@@ -454,17 +454,25 @@ def kth_largest_nonnegative(values: jax.Array, k: int) -> jax.Array:
     The array is flattened first: XLA-CPU's counts over a 2-D array ran 2-2.5x slower than
     over the same entries in 1-D ([135168, 16], BatchTopK's candidates: 27 against 11 ms for
     the 32 passes; 2-core AMD EPYC VM, 2026-12-05)."""
+    return kth_largest_and_count(values, k)[0]
+
+
+def kth_largest_and_count(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`kth_largest_nonnegative`, and how many entries are at least that value (more than k
+    when values tie at it), which the bisection has counted already."""
     bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32).reshape(-1), jnp.int32)
 
-    def body(_, bounds):
-        lo, hi = bounds  # invariant: count(bits >= lo) >= k, count(bits >= hi) < k
+    def body(_, state):
+        lo, hi, at_lo = state  # invariant: count(bits >= lo) = at_lo >= k > count(bits >= hi)
         mid = lo + (hi - lo) // 2
-        enough = jnp.sum(bits >= mid, dtype=jnp.int32) >= k
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+        count = jnp.sum(bits >= mid, dtype=jnp.int32)
+        enough = count >= k
+        return (jnp.where(enough, mid, lo), jnp.where(enough, hi, mid),
+                jnp.where(enough, count, at_lo))
 
-    lo, hi = jnp.int32(0), jnp.int32(0x7F800001)  # 0.0 .. just above +inf
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+    start = (jnp.int32(0), jnp.int32(0x7F800001), jnp.int32(bits.shape[0]))  # 0 .. above +inf
+    lo, _, at_lo = jax.lax.fori_loop(0, 32, body, start)
+    return jax.lax.bitcast_convert_type(lo, jnp.float32), at_lo
 
 
 @jax.custom_vjp
@@ -511,24 +519,43 @@ def first_true(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     return jnp.where(position < n, position, 0), ranks[-1]
 
 
-def keep_largest(values: jax.Array, threshold: jax.Array, n: int | jax.Array) -> jax.Array:
-    """`values >= threshold`, cut to n entries when more than n reach the threshold: every
-    entry above it, then the entries equal to it in row-major order. With `threshold` the
-    n-th largest value this is exactly n entries, as a top-n over the flattened array keeps
-    (SAELens's BatchTopK: `topk` of the flattened batch). Ties past n are rare (copies of a
-    token in one batch, equal latents), so the prefix count that orders them runs only then
-    (a `cond`: under a sweep's vmap, which runs both branches, always)."""
+def keep_largest(values: jax.Array, threshold: jax.Array, n: int | jax.Array,
+                 reaching: jax.Array) -> jax.Array:
+    """`values >= threshold`, cut to n entries when more than n reach the threshold (their
+    number, `reaching`, as `kth_largest_and_count` gives it): every entry above it, then the
+    entries equal to it in row-major order. With `threshold` the n-th largest value this is
+    exactly n entries, as a top-n over the flattened array keeps (SAELens's BatchTopK: `topk`
+    of the flattened batch). Ties past n are rare in real activations (copies of a token in
+    one batch, equal latents), so the cut runs only then (a `cond`; under a sweep's vmap,
+    which runs both branches, always: `_cut_ties` is a few passes for that)."""
     keep = values >= threshold
-    return jax.lax.cond(jnp.sum(keep, dtype=jnp.int32) > n,
-                        lambda: _cut_ties(values, threshold, n), lambda: keep)
+    return jax.lax.cond(reaching > n, lambda: _cut_ties(values, threshold, n, reaching),
+                        lambda: keep)
 
 
-def _cut_ties(values: jax.Array, threshold: jax.Array, n: int | jax.Array) -> jax.Array:
-    values = jax.lax.stop_gradient(values)
-    above, tie = values > threshold, values == threshold
-    rank = jax.lax.associative_scan(jnp.add, tie.reshape(-1).astype(jnp.int32))
-    room = n - jnp.sum(above, dtype=jnp.int32)
-    return above | (tie & (rank.reshape(values.shape) <= room))
+def _cut_ties(values: jax.Array, threshold: jax.Array, n: int | jax.Array,
+              reaching: jax.Array | None = None) -> jax.Array:
+    """Every entry above `threshold` and the first ties in row-major order, n in all (as
+    many as there are, if fewer), without a prefix count over every entry: the rows' tie
+    counts and their running sum say which rows keep all their ties and in which one the cut
+    falls; that row alone is ranked. `reaching`: how many entries are at least `threshold`,
+    if known. Reductions and fused passes, which XLA partitions like any other."""
+    shape = values.shape
+    v = jax.lax.stop_gradient(values)
+    v = v.reshape(1, -1) if v.ndim == 1 else v.reshape(shape[0], -1)
+    tie = v == threshold
+    per_row = jnp.sum(tie, axis=1, dtype=jnp.int32)
+    above = (jnp.sum(v > threshold, dtype=jnp.int32) if reaching is None
+             else reaching - jnp.sum(per_row))
+    room = n - above  # ties to keep
+    through = jnp.cumsum(per_row)  # ties up to each row's end
+    whole = through <= room  # rows that keep every tie
+    cut = jnp.argmax(~whole)  # the first row that does not (if any)
+    partial = (jnp.arange(v.shape[0]) == cut) & ~whole
+    ranked = jnp.cumsum(jnp.sum(tie & partial[:, None], axis=0, dtype=jnp.int32))
+    allowed = room - (through - per_row)[cut]
+    kept = tie & (whole[:, None] | (partial[:, None] & (ranked[None, :] <= allowed)))
+    return ((v > threshold) | kept).reshape(shape)
 
 
 def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int

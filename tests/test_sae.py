@@ -236,6 +236,8 @@ def test_kth_largest_nonnegative(rng, k):
     got = kernels.kth_largest_nonnegative(jnp.asarray(values), k)
     assert got.dtype == jnp.float32
     assert float(got) == expected
+    value, reaching = kernels.kth_largest_and_count(jnp.asarray(values), k)
+    assert float(value) == expected and int(reaching) == int((values >= expected).sum())
     if k > (values > 0).sum():
         assert float(got) == 0.0
 
@@ -643,6 +645,23 @@ def test_batch_top_k_entries_against_numpy(rows, width, k):
         assert float(threshold) == want_threshold
         order = np.asarray(row)[np.asarray(valid)]
         assert (np.diff(order) >= 0).all()  # row order
+
+
+def test_ties_are_cut_in_row_major_order():
+    """`kernels._cut_ties` (rows ranked, then the one row where the cut falls) against a
+    prefix count over the flattened array: many ties, any n, 1-D and 2-D."""
+    rng = np.random.default_rng(0)
+    cut = jax.jit(kernels._cut_ties)
+    for trial in range(60):
+        shape = [(8, 16), (1, 50), (37,), (5, 3), (64, 40)][trial % 5]
+        values = rng.integers(0, 4, size=shape).astype(np.float32)
+        threshold = float(rng.integers(0, 4))
+        above = int((values > threshold).sum())
+        n = int(rng.integers(above, values.size + 1))
+        flat, tie = values.ravel(), values.ravel() == threshold
+        want = (flat > threshold) | (tie & (np.cumsum(tie) <= n - above))
+        got = np.asarray(cut(jnp.asarray(values), threshold, n))
+        np.testing.assert_array_equal(got.ravel(), want, err_msg=f"{shape}, n {n}")
 
 
 def test_batch_top_k_entries_with_few_positives_and_ties():

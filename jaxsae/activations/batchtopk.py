@@ -30,11 +30,14 @@ def batchtopk(pre_acts: jax.Array, k: int | jax.Array) -> tuple[jax.Array, jax.A
     """
     values = jax.nn.relu(pre_acts)
     target = pre_acts.shape[0] * k
-    threshold = kernels.kth_largest_nonnegative(values, target)
+    threshold, reaching = kernels.kth_largest_and_count(values, target)
     # Strictly positive values at or above the threshold, exactly batch·k of them (ties at
-    # the threshold are kept in row-major order until there are).
-    floor = jnp.maximum(threshold, jnp.finfo(values.dtype).tiny)
-    kept = values * kernels.keep_largest(values, floor.astype(values.dtype), target)
+    # the threshold are kept in row-major order until there are); all of them when fewer
+    # than batch·k are positive (threshold 0: then `reaching` counts the zeros too).
+    tiny = jnp.finfo(jnp.float32).tiny
+    floor = jnp.maximum(threshold, tiny).astype(values.dtype)
+    reaching = jnp.where(threshold >= tiny, reaching, 0)
+    kept = values * kernels.keep_largest(values, floor, target, reaching)
     return kept, threshold
 
 
