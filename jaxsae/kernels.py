@@ -588,8 +588,8 @@ def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
     chunk_floor = jnp.maximum(kth_largest_nonnegative(maxima, target), tiny)
     # The lists hold one spare entry a token, for values tied at a k-th largest: they tie
     # often enough (of random float32 normals' 3.1M chunk maxima, 131,079 reached the
-    # 131,072nd largest) that cutting the ties from the whole array (`_cut_ties`: a prefix
-    # count over it) cost ~40% of the selection (2-core Xeon, 2026-12-06), and a `cond` or
+    # 131,072nd largest) that cutting them from the whole array (a prefix count over it, in
+    # a first version) cost ~40% of the selection (2-core Xeon, 2026-12-06), and a `cond` or
     # `while_loop` around it ran it anyway under a sweep's vmap. They are cut from the list.
     # More ties than that (a batch of mostly equal values) keep the first in row order.
     wide = slots + rows
