@@ -55,8 +55,8 @@ class OutputError(JaxsaeError):
 
 def write_marker(directory: Path, kind: str, *, inventory: bool = False) -> None:
     """Marks `directory` as jaxsae's `kind` output; with `inventory`, listing what it holds
-    now, each file with its size and modification time (call it on a complete output, just
-    before it is published)."""
+    now, each file with its size, modification time and digest (call it on a complete
+    output, just before it is published)."""
     mark: dict[str, Any] = {"kind": kind}
     if inventory:
         found = file_inventory(directory, digests=True)
@@ -149,8 +149,8 @@ _DIGEST = "cfg_digest"
 
 def record_sae_files(directory: Path, cfg_json: dict[str, Any]) -> None:
     """Records, in the `jaxsae` block of the cfg.json about to be written into `directory` (a
-    SAELens layout, which has no room for a marker), the size and modification time of its
-    other files and a digest of cfg.json's own content, so that a later replacement can tell
+    SAELens layout, which has no room for a marker), the size, modification time and digest of
+    its other files and a digest of cfg.json's own content, so that a later replacement can tell
     an edited or replaced file (`foreign_entries`)."""
     found = file_inventory(directory, digests=True)
     own = cfg_json["jaxsae"]
