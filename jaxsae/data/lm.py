@@ -488,8 +488,9 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                      ("--batch-size", batch_size, 1), ("--shard-tokens", shard_tokens, 1))
     files = text_files(text)
     out = outputs.canonical(out)
-    # what this reads is never replaced; checked before the model loads
-    inputs = (*text, *([model] if Path(model).exists() else []))
+    # what this reads is never replaced; checked before the model loads (each file too: one
+    # reached through a link lies elsewhere, and fault testing saw --overwrite replace it)
+    inputs = (*text, *files, *([model] if Path(model).exists() else []))
     outputs.check_target(out, "shards", overwrite=overwrite, inputs=inputs)
     sources = [{"model": model, "layer": layer, "hook": hook_name(layer, point),
                 "text": [str(t) for t in text], "context": context,

@@ -213,6 +213,14 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
                      "--overwrite"]) == 2
         assert "which this command reads" in capsys.readouterr().err
     assert sorted(p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()) == before
+    # (fault testing: a text file reached through a link into --out was replaced with it)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "a.txt").symlink_to(tmp_path / "mine" / "a.txt")
+    assert main(["cache", "--model", str(tiny_model), "--layer", "0", "--text",
+                 str(tmp_path / "linked"), "--tokens", "5", "--out", str(tmp_path / "mine"),
+                 "--overwrite"]) == 2
+    assert "which this command reads" in capsys.readouterr().err
+    assert sorted(p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()) == before
     # (fault testing: a second cache of an --out being written loaded its model, ~35 s for
     # SmolLM2, before the staging's lock refused it)
     (tmp_path / "busy.partial").mkdir()
