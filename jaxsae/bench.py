@@ -159,10 +159,9 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     arms = tree.get("arms")
     rest = dotted.strip()[len("arms."):] if dotted.strip().startswith("arms.") else None
     if "=" in assignment and rest is not None and isinstance(arms, dict):
-        dotted_names = sorted((n for n in arms if isinstance(n, str) and "." in n
-                               and (rest == n or rest.startswith(n + "."))), key=len)
-        if dotted_names:
-            name = dotted_names[-1]
+        name = max((n for n in arms if isinstance(n, str) and "." in n
+                    and (rest == n or rest.startswith(n + "."))), key=len, default=None)
+        if name is not None:
             key, value = rest[len(name) + 1:], override_value(dotted, text)
             if not key:
                 arms[name] = value
@@ -365,8 +364,9 @@ def _markdown(rows, columns) -> str:
     lines = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm]
-        measured = [r for r in mine if r.get("explained_variance") is not None]  # (null:
-        frontier = {id(measured[i]) for i in pareto_frontier(  # undefined, on no frontier)
+        # (a null explained variance is undefined: on no frontier)
+        measured = [r for r in mine if r.get("explained_variance") is not None]
+        frontier = {id(measured[i]) for i in pareto_frontier(
             [(r["l0"], r["explained_variance"]) for r in measured])}
         lines += [f"## {arm}", "", "| " + " | ".join(shown) + " | Pareto |",
                   "|" + " --- |" * (len(shown) + 1)]

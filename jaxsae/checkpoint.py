@@ -157,17 +157,13 @@ class Checkpointer:
     def tidy(self, restored: int) -> None:
         """For a run resumed at its end (`restored` is its last step: nothing more is saved,
         so neither orbax's retention nor `_remove_incomplete` runs again): what a killed run
-        left is removed now. The `.incomplete` leftovers (a retention's deletion cut short)
-        and the complete checkpoints beyond `checkpoint.keep` (killed between a save and the
-        retention after it) of steps before `restored`; fault testing found both kept for
-        good."""
+        left is removed now: the `.incomplete` leftovers (a retention's deletion cut short),
+        and the complete checkpoints before `restored` beyond `checkpoint.keep` (killed
+        between a save and the retention after it); fault testing found both kept for good."""
         if self.read_only:
             return
+        self._remove_incomplete()  # (no later save can be the one they were)
         if jax.process_index() == 0:
-            for path in self.directory.glob("*.incomplete*"):
-                step = path.name.split(".")[0]
-                if path.is_dir() and step.isdigit() and int(step) < restored:
-                    shutil.rmtree(path, ignore_errors=True)
             for step in self.steps()[:-self.cfg.keep]:
                 if step < restored:
                     shutil.rmtree(self.directory / str(step), ignore_errors=True)

@@ -41,11 +41,11 @@ def _batch_sums(params: sae.Params, x: jax.Array, target: jax.Array, cfg: SAECon
     }
 
 
-
 def bar_label(passes: int) -> str:
     """The evaluation bar's label: its count is tokens read over every pass (fault testing:
     "8.19k/8.19k tok" for 4,096 tokens read twice, with a truth, read as twice the tokens)."""
     return "evaluate" if passes == 1 else f"evaluate ({passes} passes over the tokens)"
+
 
 class ReconstructionSums:
     """The running sums of `reconstruction_metrics` for one SAE; several SAEs evaluated on the

@@ -125,8 +125,9 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
     sums = [evaluate.ReconstructionSums(params, cfg.sae)
             for params, (_, cfg, _) in zip(folded, saes, strict=True)]
     # one bar over the passes: the reconstruction, then (with a truth) the true codes
-    bar = Progress(window.tokens * (1 if truth is None else 2), unit="tok", unit_scale=True,
-                   desc=evaluate.bar_label(1 if truth is None else 2), enabled=progress)
+    passes = 1 if truth is None else 2
+    bar = Progress(window.tokens * passes, unit="tok", unit_scale=True,
+                   desc=evaluate.bar_label(passes), enabled=progress)
     for block in window.blocks(bar.update):
         on_device = jnp.asarray(block)
         x, target = on_device, None

@@ -39,8 +39,9 @@ def folder_name(hook_name: str | None, run_name: str, point: dict | None) -> str
     if point:
         name += "__" + "_".join(f"{k}-{v}" for k, v in point.items())
     name = re.sub(r"[^\w.-]+", "-", name)
-    if len(name.encode()) > _FOLDER_BYTES:  # (fault testing: a long bench arm's name made a
-        digest = hashlib.sha256(name.encode()).hexdigest()[:12]  # folder too long to create)
+    # (fault testing: a long bench arm's name made a folder name too long to create)
+    if len(name.encode()) > _FOLDER_BYTES:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
         name = name.encode()[:_FOLDER_BYTES - 14].decode(errors="ignore") + "--" + digest
     return name
 

@@ -319,10 +319,10 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
                       "--overwrite to replace it")
 
 
-# What a training run writes in its directory (and each SAE's of a sweep) beside checkpoints/
-# and sae/: never replaced by another command's file (a plot).
 CURVES = "curves.png"
 """A run's training curves (drawn by `jaxsae.curves`; read back by analyze and export --hub)."""
+# What a training run writes in its directory (and each SAE's of a sweep) beside checkpoints/
+# and sae/: never replaced by another command's file (a plot).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json", CURVES, "sweep.csv", LOCK_FILE)
 
 
@@ -484,7 +484,7 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
     the block). `publish`, inside the block, renames it into place. A failure the same call
     would meet again (bad data or settings, divergence) removes it."""
     target = canonical(target)
-    partial = target.with_name(target.name + ".partial")
+    partial = partial_path(target)
     key = json.loads(json.dumps(key))
 
     def marker(directory: Path) -> dict[str, Any] | None:
@@ -511,6 +511,11 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
         raise
     finally:
         lock.release()
+
+
+def partial_path(target: Path) -> Path:
+    """`<target>.partial`: where a write that can be resumed stages `target`."""
+    return target.with_name(target.name + ".partial")
 
 
 def lock_staging(staging: Path, ours: Callable[[Path], bool], what: str, writing: str, *,

@@ -148,9 +148,9 @@ class Eval(Command):
         elif truth is not None:
             directions = _truth_directions(truth, loaded.d_out or loaded.d_in)
         # one bar over the passes: the reconstruction, then (full truth) the true codes
-        bar = Progress(window.tokens * (2 if full_truth else 1), unit="tok", unit_scale=True,
-                       desc=evaluate.bar_label(2 if full_truth else 1),
-                       enabled=not self.no_progress)
+        passes = 2 if full_truth else 1
+        bar = Progress(window.tokens * passes, unit="tok", unit_scale=True,
+                       desc=evaluate.bar_label(passes), enabled=not self.no_progress)
         metrics = evaluate.reconstruction_metrics(loaded.params, loaded.sae,
                                                   window.blocks(bar.update), d_in=data.d_in)
         metrics.pop("firing_frequency")

@@ -40,9 +40,11 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
     dtypes = {np.dtype(array.dtype).name for array in source.arrays}
     for name, block in source.scan(block_tokens):
         norms = np.linalg.norm(block.astype(np.float64), axis=1)
+        # (fault testing: one token of 1e30 was "valid", then training's first squared
+        # error was inf, and nothing named it)
         over = np.flatnonzero(norms >= _OVERFLOW_NORM)
-        if len(over):  # (fault testing: one token of 1e30 was "valid", then training's
-            huge += len(over)  # first squared error was inf, and nothing named it)
+        if len(over):
+            huge += len(over)
             if first_huge is None:
                 first_huge = f"{name}, row {source.locate(seen + int(over[0]))[1]}"
         total += norms.sum()

@@ -516,7 +516,7 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
     stamps["cache"] = {"tokens": tokens, "dtype": dtype, "shard_tokens": shard_tokens,
                        "batch_size": batch_size}
     keys = [{**source, **stamps} for source in sources]
-    staging = out.with_name(out.name + ".partial")
+    staging = outputs.partial_path(out)
     holder = live_holder(staging)
     if holder is not None:  # (refused before the model loads, not after)
         raise DataError(f"{staging}: another jaxsae process is writing {out.name} here "

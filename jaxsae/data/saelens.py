@@ -30,12 +30,6 @@ def is_saelens_cache(path: str | Path) -> bool:
     return (path / INFO).is_file() and (path / STATE).is_file()
 
 
-def activation_columns(info: dict) -> dict[str, tuple[int, int]]:
-    """Array2D float columns of a dataset_info.json: name -> (context_size, d_in)."""
-    return {name: shape for name, (shape, dtype) in _array2d_columns(info).items()
-            if dtype in _FLOAT}
-
-
 def _array2d_columns(info: dict) -> dict[str, tuple[tuple[int, int], object]]:
     """Every Array2D column of a dataset_info.json: name -> ((rows, columns), its dtype)."""
     out = {}
@@ -53,11 +47,11 @@ class SAELensCache(ArraySource):
                  key: str = "data.hook (--hook)", check_finite: bool = False):
         self.path = Path(path)
         info, state = self._read_json(INFO), self._read_json(STATE)
-        columns = activation_columns(info)
+        arrays = _array2d_columns(info)
+        columns = {name: shape for name, (shape, dtype) in arrays.items() if dtype in _FLOAT}
         if not columns:
-            others = {name: dtype for name, (_, dtype) in _array2d_columns(info).items()}
-            what = "" if not others else " of a float dtype ({}; {} are read)".format(
-                ", ".join(f"{n}: {d}" for n, d in others.items()), ", ".join(_FLOAT))
+            what = "" if not arrays else " of a float dtype ({}; {} are read)".format(
+                ", ".join(f"{n}: {d}" for n, (_, d) in arrays.items()), ", ".join(_FLOAT))
             raise DataError(f"{self.path / INFO}: no Array2D activation column{what}")
         if hook is None:
             if len(columns) > 1:
@@ -69,7 +63,7 @@ class SAELensCache(ArraySource):
                             f"(it has {', '.join(columns)})")
         self.hook = hook
         self.context_size, d_in = columns[hook]
-        self.dtype = np.dtype(_FLOAT[_array2d_columns(info)[hook][1]])
+        self.dtype = np.dtype(_FLOAT[arrays[hook][1]])
         files = [f.get("filename") for f in state.get("_data_files", [])]
         if not files or not all(isinstance(f, str) for f in files):
             raise DataError(f"{self.path / STATE}: no _data_files listed")
@@ -77,8 +71,10 @@ class SAELensCache(ArraySource):
             if Path(name).name != name or name in (".", ".."):
                 raise DataError(f"{self.path / STATE}: _data_files lists {name!r}, not a file "
                                 "name in the cache directory")
-            if name in files[:i]:  # (fault testing: its tokens were read twice, and the
-                raise DataError(   # "held-out" ones were training tokens again)
+            # (fault testing: a file listed twice was read twice, and the "held-out" tokens
+            # were training tokens again)
+            if name in files[:i]:
+                raise DataError(
                     f"{self.path / STATE}: _data_files lists {name!r} twice (its tokens would "
                     "be read twice)")
         arrays, names = [], []

@@ -248,7 +248,7 @@ class ShardWriter:
                             "--overwrite to replace it)")
         self.inputs = tuple(inputs)  # what the writing reads: never replaced (check_target)
         outputs.check_target(self.out, "shards", overwrite=overwrite, inputs=self.inputs)
-        self.staging = self.out.with_name(self.out.name + ".partial")
+        self.staging = outputs.partial_path(self.out)
         self.d_in, self.dtype, self.file_type = d_in, dtype, file_type
         self.shard_tokens = shard_tokens
         self.source = dict(source or {})
