@@ -50,9 +50,14 @@ def test_a_non_finite_token_in_the_statistics_sample_is_refused(bad, tmp_path, c
     assert f"input scale {scale:.4g}" in capsys.readouterr().out
 
 
-def test_a_diverged_sae_is_not_exported(small_data, tmp_path, capsys):
+def test_a_diverged_sae_is_not_exported(small_data, tmp_path, capsys, monkeypatch):
     """(fault testing: with optim.skip_nonfinite, lr 1e30 skipped every step but the first,
-    whose finite but huge weights were exported and reported as a success)"""
+    whose finite but huge weights were exported and reported as a success). The refusal comes
+    before the ground-truth pass, whose numbers of a diverged SAE overflow."""
+    def truth_pass(*args, **kwargs):
+        raise AssertionError("the ground-truth pass ran for a diverged SAE")
+
+    monkeypatch.setattr("jaxsae.evaluate.truth_reports", truth_pass)
     config = write_config(tmp_path / "c.yaml", small_data, tmp_path / "run",
                           optim={"lr": 1e30, "skip_nonfinite": True})
     refused(["train", str(config), "--no-progress"], capsys, unchanged=[small_data],
