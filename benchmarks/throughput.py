@@ -124,7 +124,7 @@ def floor_parts(args, cfg, peak: float) -> dict[str, float]:
         select = jax.jit(lambda p: kernels.top_k_indices(p, args.k))
     else:
         select = jax.jit(lambda p: kernels.batch_top_k_entries(
-            p, args.k, slots=args.batch * (args.k + 1)))  # as sparse_batchtopk
+            p, args.k, slots=args.batch * args.k))  # as sparse_batchtopk
     return {"encoder_matmul_s": 2 * args.batch * args.d_in * args.d_sae / peak,
             "optimizer_s": median_seconds(update, params, state, grads),
             "selection_s": median_seconds(select, pre)}

@@ -519,18 +519,28 @@ def first_true(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     return jnp.where(position < n, position, 0), ranks[-1]
 
 
+def any_member(predicate: jax.Array, sweep_axis: str | None) -> jax.Array:
+    """`predicate` for a `lax.cond` that skips work: under a sweep's vmap (axis `sweep_axis`)
+    True when it holds for some SAE of the sweep, one value for all, so that the `cond` stays
+    a branch (a per-SAE predicate turns it into a select that runs both branches)."""
+    if sweep_axis is None:
+        return predicate
+    return jax.lax.psum(predicate.astype(jnp.int32), sweep_axis) > 0
+
+
 def keep_largest(values: jax.Array, threshold: jax.Array, n: int | jax.Array,
-                 reaching: jax.Array) -> jax.Array:
+                 reaching: jax.Array, *, sweep_axis: str | None = None) -> jax.Array:
     """`values >= threshold`, cut to n entries when more than n reach the threshold (their
     number, `reaching`, as `kth_largest_and_count` gives it): every entry above it, then the
     entries equal to it in row-major order. With `threshold` the n-th largest value this is
     exactly n entries, as a top-n over the flattened array keeps (SAELens's BatchTopK: `topk`
     of the flattened batch). Ties past n are rare in real activations (copies of a token in
     one batch, equal latents), so the cut runs only then (a `cond`; under a sweep's vmap,
-    which runs both branches, always: `_cut_ties` is a few passes for that)."""
+    axis `sweep_axis`, when some SAE of the sweep needs it: `_cut_ties` is exact either
+    way)."""
     keep = values >= threshold
-    return jax.lax.cond(reaching > n, lambda: _cut_ties(values, threshold, n, reaching),
-                        lambda: keep)
+    return jax.lax.cond(any_member(reaching > n, sweep_axis),
+                        lambda: _cut_ties(values, threshold, n, reaching), lambda: keep)
 
 
 def _cut_ties(values: jax.Array, threshold: jax.Array, n: int | jax.Array,
@@ -558,7 +568,8 @@ def _cut_ties(values: jax.Array, threshold: jax.Array, n: int | jax.Array,
     return ((v > threshold) | kept).reshape(shape)
 
 
-def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
+def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int,
+                        sweep_axis: str | None = None
                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The batch's batch·k largest positive entries of `values` [batch, width] (BatchTopK's
     codes) as a flat list, in row order: (row [slots], column [slots], valid [slots] bool,
@@ -567,7 +578,8 @@ def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
     and then every positive entry is kept). Exactly batch·k entries are kept otherwise: every
     entry above the threshold, then entries equal to it in row-major order (`keep_largest`),
     as `jaxsae.activations.batchtopk.batchtopk` keeps them, while no more than `batch` values
-    beyond batch·k tie at the threshold (or at the chunk stage's: below).
+    beyond batch·k tie at the threshold (or at the chunk stage's: below). `sweep_axis`: the
+    vmap axis of a sweep's SAEs, if any (see `any_member`).
 
     The chunk-maxima idea of `top_k_indices`, across the batch: each row is cut into chunks
     of 16, and the batch·k chunks with the largest maxima hold every one of the batch·k
@@ -590,7 +602,8 @@ def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
     # often enough (of random float32 normals' 3.1M chunk maxima, 131,079 reached the
     # 131,072nd largest) that cutting them from the whole array (a prefix count over it, in
     # a first version) cost ~40% of the selection (2-core Xeon, 2026-12-06), and a `cond` or
-    # `while_loop` around it ran it anyway under a sweep's vmap. They are cut from the list.
+    # `while_loop` around it ran whenever one SAE of a sweep needed it. They are cut from the
+    # list.
     # More ties than that (a batch of mostly equal values) keep the first in row order.
     wide = slots + rows
     # At most batch·k chunks reach the batch·k-th largest maximum, ties aside; padding
@@ -611,7 +624,8 @@ def batch_top_k_entries(values: jax.Array, k: int | jax.Array, *, slots: int
         kept, _ = first_true(keep, wide)
         return position[kept], jnp.minimum(n_kept, target)
 
-    position, n_kept = jax.lax.cond(n_kept > target, cut_listed, lambda: (position, n_kept))
+    position, n_kept = jax.lax.cond(any_member(n_kept > target, sweep_axis), cut_listed,
+                                    lambda: (position, n_kept))
     position = position[:slots]
     chunk = chosen[position // size]
     row, column = chunk // per_row, (chunk % per_row) * size + position % size

@@ -225,7 +225,7 @@ def forward(
     pre_acts = kind.pre_activations(coding, x)
     ends = tuple(sorted({*prefix_ends, cfg.d_sae}))
     codes = kind.activate(coding, x, pre_acts, cfg, train=train, mesh=mesh, k=k,
-                          sparse=sparse)
+                          sparse=sparse, sweep_axis=sweep_axis)
     if codes.top_index is not None:  # a sparse path: decode only the chosen rows
         block_recons = sparse_decode(params["W_dec"], codes, ends, x.shape[0], mesh)
     else:

@@ -695,6 +695,44 @@ def test_batch_top_k_entries_with_few_positives_and_ties():
     assert (five >= np_batch_top(five, 21)[1]).sum() > 21  # the ties overshoot batch·k
 
 
+def _primitives(jaxpr) -> list[str]:
+    """The names of every primitive in `jaxpr`, its sub-jaxprs' included."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            names += _primitives(sub)
+    return names
+
+
+def test_the_tie_cut_decides_for_the_whole_sweep():
+    """Under a sweep's vmap the tie cut stays a branch, taken when some SAE of the sweep needs
+    it (a per-SAE predicate turned the `cond` into a select that ran the cut at every step);
+    each SAE keeps its own codes either way."""
+    rng = np.random.default_rng(1)
+    plain = rng.standard_normal((8, 64)).astype(np.float32)  # no ties
+    copies = np.tile(rng.standard_normal(64).astype(np.float32), (8, 1))  # ties overshoot
+    k = 3
+    dense = jax.vmap(lambda v: batchtopk(v, k, sweep_axis="sweep"), axis_name="sweep")
+    listed = jax.vmap(lambda v: kernels.batch_top_k_entries(v, k, slots=8 * k,
+                                                            sweep_axis="sweep"),
+                      axis_name="sweep")
+    for pair in ((plain, copies), (plain, plain)):
+        stacked = jnp.asarray(np.stack(pair))
+        acts, thresholds = dense(stacked)
+        rows, cols, valid, _ = listed(stacked)
+        for member, values in enumerate(pair):
+            want, want_threshold = np_batch_top(values, 8 * k)
+            np.testing.assert_array_equal(np.asarray(acts[member]) != 0, want)
+            assert float(thresholds[member]) == want_threshold
+            got = np.zeros_like(want)
+            ok = np.asarray(valid[member])
+            got[np.asarray(rows[member])[ok], np.asarray(cols[member])[ok]] = True
+            np.testing.assert_array_equal(got, want)
+        for f in (dense, listed):
+            assert "cond" in _primitives(jax.make_jaxpr(f)(stacked).jaxpr)
+
+
 def test_scatter_decode_and_its_gradients():
     """scatter_decode (entries of any rows) against the dense decode of the same codes, and
     take_pre_acts with rows against the dense pre-activations: values and every gradient."""

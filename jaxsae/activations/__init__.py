@@ -98,10 +98,11 @@ class Activation:
 
     def activate(self, params: Params, x: jax.Array, pre_acts: jax.Array, cfg: SAEConfig, *,
                  train: bool, mesh: Mesh | None = None, k: jax.Array | None = None,
-                 sparse: bool = False) -> Codes:
+                 sparse: bool = False, sweep_axis: str | None = None) -> Codes:
         """The codes of a batch. `mesh`: the device mesh the step runs on; `k`: a traced k
         (sweeps over sae.k); `sparse`: a sparse path may be taken (False: the dense
-        reference)."""
+        reference); `sweep_axis`: the vmap axis of a sweep's SAEs (None: one SAE), over which
+        a `lax.cond` that skips work must decide (`kernels.any_member`)."""
         raise NotImplementedError
 
     def after_update(self, params: Params, codes: Codes, step: jax.Array,

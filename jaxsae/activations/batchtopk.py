@@ -19,9 +19,11 @@ from jaxsae import kernels
 from jaxsae.activations import Activation, Codes, encoder_weight, register
 
 
-def batchtopk(pre_acts: jax.Array, k: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+def batchtopk(pre_acts: jax.Array, k: int | jax.Array, *, sweep_axis: str | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """Keeps the batch*k largest positive activations of the whole batch (all positive ones
     when fewer are; exactly batch*k otherwise, ties at the threshold taken in row-major order).
+    `sweep_axis`: the vmap axis of a sweep's SAEs, if any (the tie cut runs when one needs it).
 
     Returns the codes and the threshold (smallest kept value). The threshold is found exactly by
     bisection on the float bits (non-negative floats order like their int32 bit patterns), which
@@ -37,7 +39,8 @@ def batchtopk(pre_acts: jax.Array, k: int | jax.Array) -> tuple[jax.Array, jax.A
     tiny = jnp.finfo(jnp.float32).tiny
     floor = jnp.maximum(threshold, tiny).astype(values.dtype)
     reaching = jnp.where(threshold >= tiny, reaching, 0)
-    kept = values * kernels.keep_largest(values, floor, target, reaching)
+    kept = values * kernels.keep_largest(values, floor, target, reaching,
+                                         sweep_axis=sweep_axis)
     return kept, threshold
 
 
@@ -54,7 +57,8 @@ class BatchTopK(Activation):
         return {**super().own_params(cfg, d_in),
                 "threshold": jnp.zeros((cfg.d_sae,), jnp.float32)}
 
-    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
+    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False,
+                 sweep_axis=None):
         if not train:
             # Inference: a fixed per-latent threshold, i.e. a JumpReLU (how BatchTopK exports).
             acts = jax.nn.relu(pre_acts) * (pre_acts > params["threshold"])
@@ -63,9 +67,10 @@ class BatchTopK(Activation):
         if not sparse or (mesh is not None and mesh.shape["model"] > 1):
             # A dictionary split over `model` keeps the dense path: the bisection's counts
             # are global sums, so it needs nothing gathered.
-            acts, threshold = batchtopk(pre_acts, live)
+            acts, threshold = batchtopk(pre_acts, live, sweep_axis=sweep_axis)
             return Codes(acts=acts, batch_threshold=threshold)
-        index, values, row, threshold = sparse_batchtopk(params, x, pre_acts, cfg.k, live)
+        index, values, row, threshold = sparse_batchtopk(params, x, pre_acts, cfg.k, live,
+                                                         sweep_axis=sweep_axis)
         acts = jnp.zeros_like(pre_acts).at[row, index].add(values)  # padding adds 0
         return Codes(acts=acts, batch_threshold=threshold.astype(pre_acts.dtype),
                      top_index=index, top_values=values, top_rows=row)
@@ -82,7 +87,7 @@ class BatchTopK(Activation):
 
 
 def sparse_batchtopk(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.Array, k: int,
-                     live: int | jax.Array
+                     live: int | jax.Array, *, sweep_axis: str | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """BatchTopK's codes on the sparse path: (latent, value, row) [batch, k] entries, the
     batch's batch·live largest activations (padding, when live < k or fewer are positive, has
@@ -90,7 +95,7 @@ def sparse_batchtopk(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.A
     j·batch + i of the row-ordered list, so each column is a run of consecutive tokens."""
     batch = pre_acts.shape[0]
     row, index, valid, threshold = kernels.batch_top_k_entries(
-        jax.lax.stop_gradient(pre_acts), live, slots=batch * k)
+        jax.lax.stop_gradient(pre_acts), live, slots=batch * k, sweep_axis=sweep_axis)
     row, index, valid = (a.reshape(k, batch).T for a in (row, index, valid))
     values = jax.nn.relu(kernels.take_pre_acts(
         x, params["b_dec"], encoder_weight(params), params["b_enc"],

@@ -38,7 +38,8 @@ class Gated(Activation):
         return kernels.encoder_matmul(x, params["b_dec"], encoder_weight(params),
                                       params["b_gate"])
 
-    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
+    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False,
+                 sweep_axis=None):
         # (x − b_dec) · W_enc is π − b_gate: the magnitude path costs no second matmul.
         magnitude = (pre_acts - params["b_gate"]) * jnp.exp(params["r_mag"]) + params["b_mag"]
         acts = (pre_acts > 0) * jax.nn.relu(magnitude)

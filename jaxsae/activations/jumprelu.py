@@ -66,6 +66,7 @@ class JumpReLU(Activation):
             return {"jumprelu_bandwidth": _number(fields, "jumprelu_bandwidth", 0.001)}
         return {}
 
-    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
+    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False,
+                 sweep_axis=None):
         acts = jumprelu(pre_acts, params["threshold"], cfg.jumprelu_bandwidth)
         return Codes(acts=acts, batch_threshold=jnp.zeros((), pre_acts.dtype))

@@ -60,7 +60,8 @@ class MatchingPursuit(Activation):
         """[batch, d_sae] the first step's correlations (x − b_dec) · W_decᵀ."""
         return kernels.centred_matmul(x, params["b_dec"], params["W_dec"].T)
 
-    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
+    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False,
+                 sweep_axis=None):
         acts = pursue(params["W_dec"], x - params["b_dec"], cfg.k, live=k)
         return Codes(acts=acts, batch_threshold=jnp.zeros((), acts.dtype))
 

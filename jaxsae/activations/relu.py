@@ -13,5 +13,6 @@ class ReLU(Activation):
     name = "relu"
     architecture = "standard"
 
-    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
+    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False,
+                 sweep_axis=None):
         return Codes(acts=jax.nn.relu(pre_acts), batch_threshold=jnp.zeros((), pre_acts.dtype))

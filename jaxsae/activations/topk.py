@@ -105,7 +105,8 @@ class TopK(Activation):
     has_k = True
     per_latent = False
 
-    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False):
+    def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False,
+                 sweep_axis=None):
         zero = jnp.zeros((), pre_acts.dtype)
         if not sparse:
             return Codes(acts=topk(pre_acts, cfg.k, mesh, live=k), batch_threshold=zero)
