@@ -502,6 +502,28 @@ def test_a_latent_silent_since_the_start_counts_dead_before_the_window_fills(sma
     assert float(metrics["dead_fraction"]) == pytest.approx(10 / 64)
 
 
+@pytest.mark.parametrize("d_out", [0, 8])  # an SAE, a transcoder of 16 -> 8
+def test_the_logged_mse_is_in_the_data_s_units(small_data, d_out):
+    """The step's `mse` is in raw units whatever the normalisation (a transcoder's: its
+    target's); its loss is the normalised objective (fault testing: a normalised run logged an
+    mse 200x its eval.json's under the same name)."""
+    tree = small_config_dict(small_data, "unused")
+    if d_out:
+        tree["data"]["target"] = "y"
+    cfg = config_from_dict(tree)
+    state = step.init_state(jax.random.PRNGKey(0), cfg, 16, d_out=d_out)
+    rows = jnp.asarray(np.random.default_rng(0).normal(size=(256, 16 + d_out)) * 30,
+                       jnp.float32)
+    s, t = 0.05, (0.2 if d_out else 1.0)  # the input scale, the target's
+    scaled = rows.at[:, :16].multiply(s).at[:, 16:].multiply(t)
+    _, raw = step.make_train_step(cfg, input_scale=s, d_out=d_out, target_scale=t)(
+        state, rows, step.hyper_of(cfg))
+    _, plain = step.make_train_step(cfg, d_out=d_out)(state, scaled, step.hyper_of(cfg))
+    assert float(raw["loss"]) == pytest.approx(float(plain["loss"]), rel=1e-5)
+    assert float(raw["mse"]) == pytest.approx(float(plain["mse"]) / (t if d_out else s) ** 2,
+                                              rel=1e-5)
+
+
 def sae_init(cfg):
     from jaxsae import sae
 
