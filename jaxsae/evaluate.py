@@ -513,6 +513,8 @@ def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, st
         if progress is not None:
             progress(len(block))
         codes = truth.codes(at, at + len(block))
+        truth.check_rows(at, block, str(getattr(source, "path", "the data")))  # (the codes
+        # describe these tokens only if they are the tokens the truth generates)
         kept = None if keep is None else keep(block)
         if kept is not None:
             block, codes = block[kept], codes[kept]

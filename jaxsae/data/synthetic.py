@@ -597,16 +597,27 @@ class Truth:
                             f"with {what}); pass the data's own directory as --truth")
         if at is None or at >= source.n_tokens:
             return
-        # the rows themselves: the tokens regenerated from the truth (a block that the
-        # evaluation regenerates next anyway), to float rounding of another device
+        # 64 rows before any pass (a block that the evaluation regenerates next anyway);
+        # `truth_reports` then checks every row it evaluates
         stop = min(at + 64, source.n_tokens)
-        want = self.tokens(at, stop)
-        got = np.asarray(source.read(at, stop)[:, :want.shape[1]], np.float32)
-        error = np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-12)
-        if not error < 1e-3:
-            raise DataError(f"{where}: the tokens of {data_path} from {at} on are not the ones "
-                            f"this truth generates (relative difference {error:.3g}): the data "
-                            "was changed after it was written")
+        self.check_rows(at, source.read(at, stop), f"{where}: {data_path}")
+
+    def check_rows(self, at: int, rows: np.ndarray, where: str) -> None:
+        """Refuses `rows` (tokens `at`... of the data; a transcoder's [x | target]) unless they
+        are the tokens this truth regenerates, to the float rounding of another device:
+        metrics against true codes that no longer describe the tokens would be wrong.
+        `where` begins the message."""
+        want = self.tokens(at, at + len(rows))
+        got = np.asarray(rows[:, :want.shape[1]], np.float32)
+        difference = np.linalg.norm(got - want, axis=1)
+        typical = float(np.sqrt(np.mean(np.sum(np.square(want, dtype=np.float64), axis=1))))
+        error = difference / max(typical, 1e-12)
+        if not (bad := np.flatnonzero(~(error < 1e-3))).size:
+            return
+        raise DataError(f"{where}: token {at + bad[0]:,} is not the one this truth generates "
+                        f"(difference {error[bad[0]]:.3g} of a typical token's norm; "
+                        f"{bad.size:,} of the {len(rows):,} tokens from {at:,} differ): the "
+                        "data was changed after it was written")
 
     def codes(self, start: int, stop: int, *, progress: bool = False) -> np.ndarray:
         """[stop - start, n_features] the true feature activations of tokens [start, stop),

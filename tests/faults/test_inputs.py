@@ -104,8 +104,17 @@ def test_eval_refuses_the_truth_of_other_data(run_copy, small_data, tmp_path, ca
     last = sorted(changed.glob("shard-*.npy"))[-1]
     np.save(last, np.load(last)[::-1])
     refused(["eval", str(run_copy / "sae"), "--data", str(changed), "--truth", str(changed),
-             "--tokens", "2048"], capsys, match="are not the ones this truth generates",
-            unchanged=[changed])
+             "--tokens", "2048"], capsys, match=f"--truth {changed}: {changed}: token 14,336 "
+             "is not the one this truth generates", unchanged=[changed])
+    # rows changed past the first evaluated (fault testing: only 64 rows were compared, and
+    # 960 zeroed tokens got truth metrics)
+    array = np.load(small_data / last.name)
+    array[-960:] = 0
+    np.save(last, array)
+    refused(["eval", str(run_copy / "sae"), "--data", str(changed), "--truth", str(changed),
+             "--tokens", "1024"], capsys, match=f"{changed}: token 15,424 is not the one this "
+             "truth generates (difference 0.549 of a typical token's norm; 921 of the 1,024 "
+             "tokens from 15,360 differ)", unchanged=[changed])  # (39 had no feature on)
 
 
 def test_eval_refuses_non_finite_held_out_tokens(run_copy, small_data, tmp_path, capsys):
