@@ -637,6 +637,24 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     """Dotted keys whose values differ between two configs (leaves only). Lists of sections
     of the same length (the loss terms) are compared entry by entry and named as an override
     names them (`loss.1.coefficient`)."""
+    return changed_keys_of(old.to_dict(), new.to_dict())
+
+
+def leaf(tree: Any, key: str) -> Any:
+    """The value at dotted `key` of a config's `to_dict()` (a list entry by its index), as
+    `changed_keys` names it; None where there is none."""
+    for part in key.split(".") if key else ():
+        if isinstance(tree, dict):
+            tree = tree.get(part)
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            return None
+    return tree
+
+
+def changed_keys_of(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`changed_keys` of two configs' `to_dict()` trees."""
     out: list[str] = []
 
     def walk(a: Any, b: Any, key: str):
@@ -650,7 +668,7 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         elif a != b:
             out.append(key)
 
-    walk(old.to_dict(), new.to_dict(), "")
+    walk(old, new, "")
     return out
 
 

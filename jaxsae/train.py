@@ -12,6 +12,8 @@ several processes in step in `jaxsae.processes`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from jaxsae.checkpoint import (
     foreign_steps,
 )
 from jaxsae.checks import check_run
-from jaxsae.config import Config, load_config
+from jaxsae.config import Config, changed_keys_of, leaf, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, dropped_tokens, lanes_of_process
@@ -85,6 +87,7 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     if launch:
         log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
             f"({launch})")
+        _agree_on_config(cfg)
 
     # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = outputs.canonical(cfg.resolved_run_dir)  # `..` resolved
@@ -103,6 +106,42 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
 def _silent(message: str) -> None:
     pass
+
+
+# Keys the processes of a run may set apart: where each finds the same data (checked by
+# content, `_agree_on_data`), and how each was launched.
+_PER_PROCESS_KEYS = ("data.path", "data.target", "distributed")
+
+
+def _agree_on_config(cfg: Config) -> None:
+    """Every process of a run was given the same config (bar `_PER_PROCESS_KEYS`)."""
+    mine = cfg.to_dict()
+    for key in _PER_PROCESS_KEYS:
+        section, _, name = key.rpartition(".")
+        (mine[section] if section else mine).pop(name, None)
+
+    def differences(theirs: str) -> str | None:
+        other = json.loads(theirs)
+        keys = changed_keys_of(mine, other)
+        if not keys:
+            return None
+        more = f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else ""
+        return (f"{keys[0]} is {leaf(mine, keys[0])!r} there, {leaf(other, keys[0])!r} on "
+                f"process 0{more}")
+
+    processes.agree(json.dumps(mine, sort_keys=True), differences)
+
+
+def _agree_on_data(cfg: Config, source) -> None:
+    """Every process of a run reads the same data: the same number of tokens of the same
+    width, and the same first and last rows."""
+    n = source.n_tokens
+    rows = np.concatenate([source.read(0, min(n, 16)), source.read(max(n - 16, 0), n)])
+    digest = hashlib.blake2b(np.ascontiguousarray(rows, np.float32).tobytes(),
+                             digest_size=8).hexdigest()
+    mine = f"{n:,} tokens {getattr(source, 'width', source.d_in)} wide, rows {digest}"
+    processes.agree(mine, lambda theirs: None if theirs == mine else (
+        f"data.path {cfg.data.path} holds other data there ({mine}; on process 0: {theirs})"))
 
 
 def _remove_if_unused(run_dir: Path, created: Path) -> None:
@@ -142,6 +181,8 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
     source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
     if cfg.data.generate is not None and not cfg.data.stream:
         synthetic.check_generated(source, cfg.data.generate, data_path)
+    if not cfg.data.stream:  # (streamed data is its config's data.generate)
+        _agree_on_data(cfg, source)
     held_out = cfg.data.held_out(source.n_tokens)
     n_train = source.n_tokens - held_out
     if cfg.data.stream:

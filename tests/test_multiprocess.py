@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 from jaxsae import tensorfile
-from tests.conftest import xla_flags
+from jaxsae.data.synthetic import generate_superposition
+from tests.conftest import SMALL_SPEC, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +37,10 @@ tree["optim"]["total_tokens"] = 256 * steps
 tree["checkpoint"] = {"every_steps": every, "keep": 2}
 tree["log"] = {"every_steps": 4, "curves": False}
 tree["data"]["drop_norm_above"] = 2.0
+import json
+for key, value in json.loads(sys.argv[5] if len(sys.argv) > 5 else "{}").items():
+    section, name = key.split(".")
+    tree[section][name] = value
 from jaxsae.errors import JaxsaeError
 try:
     train(config_from_dict(tree), progress=False)
@@ -52,14 +58,14 @@ def _free_port() -> int:
 
 
 def _launch(pid: int, n: int, port: int, data: Path, run_dir: Path, devices: int,
-            steps: int = 20, every: int = 10):
+            steps: int = 20, every: int = 10, overrides: dict | None = None):
     env = {**os.environ, "XLA_FLAGS": xla_flags(devices),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     if n > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
                    JAX_PROCESS_ID=str(pid))
     return subprocess.Popen([sys.executable, "-c", _WORKER, str(data), str(run_dir), str(steps),
-                             str(every)],
+                             str(every), json.dumps(overrides or {})],
                             cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -134,6 +140,30 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step(small_da
     assert [w.returncode for w in workers] == [2, 2], outputs
     assert "is a file" in outputs[1][1] and "(on process 0)" in outputs[1][1]
     assert "Traceback" not in outputs[0][1] + outputs[1][1]
+
+
+def test_processes_given_different_configs_or_data_are_refused(small_data, tmp_path):
+    """(fault testing: two processes given different learning rates, seeds or data trained a
+    mix of both and exited 0; different widths crashed in a gloo collective.) Every process
+    stops with one line naming the key, before the run directory is made; data of the same
+    shape but other rows is told apart by its rows."""
+    other = generate_superposition(dataclasses.replace(SMALL_SPEC, seed=4),
+                                   tmp_path / "other", progress=False)
+    for process_1, match in (
+            ({"sae.d_sae": 32, "optim.lr": 0.5},
+             "process 1 was not given what process 0 was: sae.d_sae is 32 there, 64 on "
+             "process 0 (and 1 more keys)"),
+            ({"data.path": str(other)},
+             f"process 1 was not given what process 0 was: data.path {other} holds other data "
+             "there (16,384 tokens 16 wide, rows ")):
+        port, run_dir = _free_port(), tmp_path / "run"
+        workers = [_launch(pid, 2, port, small_data, run_dir, 2,
+                           overrides=process_1 if pid else None) for pid in range(2)]
+        outputs = _outputs(workers, 120)
+        assert [w.returncode for w in workers] == [2, 2], outputs
+        for _, err in outputs:
+            assert match in err and "Traceback" not in err, err
+        assert not run_dir.exists()
 
 
 def test_cluster_detection(monkeypatch):
