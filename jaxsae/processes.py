@@ -63,6 +63,7 @@ def initialize_distributed(mode: str) -> str | None:
         except (KeyError, ValueError):
             raise ConfigError("distributed: JAX_COORDINATOR_ADDRESS is set; also set "
                               "JAX_NUM_PROCESSES and JAX_PROCESS_ID (integers)") from None
+        _check_launch(**kwargs)
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, RuntimeError) as e:  # JAX found no complete launch to join
@@ -74,6 +75,19 @@ def initialize_distributed(mode: str) -> str | None:
             "process through the cluster (srun, mpirun), or set JAX_COORDINATOR_ADDRESS, "
             "JAX_NUM_PROCESSES and JAX_PROCESS_ID; distributed: off runs one process") from None
     return found or "jax.distributed auto-detection"
+
+
+def _check_launch(coordinator_address: str, num_processes: int, process_id: int) -> None:
+    """What every process can see is wrong in an explicit launch, refused on every process
+    (fault testing: with port -1, process 0 failed at once and process 1 waited five minutes
+    for a coordinator that could never start)."""
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"distributed: JAX_COORDINATOR_ADDRESS {coordinator_address!r} is "
+                          "not HOST:PORT with a port from 1 to 65535")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ConfigError(f"distributed: JAX_PROCESS_ID {process_id} is not one of the "
+                          f"JAX_NUM_PROCESSES ({num_processes}) processes 0..{num_processes - 1}")
 
 
 _MESSAGE_BYTES = 1024

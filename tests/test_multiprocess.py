@@ -187,6 +187,19 @@ def test_cluster_detection(monkeypatch):
     assert processes.cluster_environment() == "JAX_COORDINATOR_ADDRESS"
     with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
         processes.initialize_distributed("auto")
+    # refused on every process, before joining (process 1 waited 5 minutes for port -1)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    for address in ("127.0.0.1:-1", "127.0.0.1:70000", "127.0.0.1", ":1234"):
+        monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", address)
+        with pytest.raises(ConfigError, match=f"JAX_COORDINATOR_ADDRESS '{address}' is not "
+                                              "HOST:PORT with a port from 1 to 65535"):
+            processes.initialize_distributed("auto")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(ConfigError, match=r"JAX_PROCESS_ID 2 is not one of the "
+                                          r"JAX_NUM_PROCESSES \(2\) processes 0\.\.1"):
+        processes.initialize_distributed("auto")
 
 
 @pytest.mark.slow  # ~60 s on 2 cores: three launches of two processes. The default run keeps
