@@ -41,6 +41,7 @@ from jaxsae.config import (
     changed_keys,
     config_from_dict,
     is_mutable_on_resume,
+    leaf,
 )
 from jaxsae.errors import JaxsaeError
 
@@ -450,10 +451,17 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
     """Refuses to resume when a key that changes the computation differs, naming the key."""
     bad = [k for k in changed_keys(saved, current) if not is_mutable_on_resume(k)]
     if bad:
+        old, new = saved.to_dict(), current.to_dict()
+
+        def short(value: Any) -> str:
+            text = repr(value)
+            return text if len(text) <= 60 else text[:57] + "..."
+
+        changes = ", ".join(f"{k} ({short(leaf(old, k))} in the checkpoint, "
+                            f"{short(leaf(new, k))} now)" for k in bad)
         raise JaxsaeError(
-            f"{where}: cannot resume with a changed {', '.join(bad)} (the checkpoint was trained "
-            "with different values); restore them, or start a new run with another name/run_dir"
-        )
+            f"{where}: cannot resume with a changed {changes}; restore them, or start a new "
+            "run with another name/run_dir")
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

@@ -311,7 +311,8 @@ def test_resume_refuses_an_end_before_what_was_trained(small_data, tmp_path):
 def test_resume_refuses_changed_config(small_data, tmp_path):
     train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
     changed = small_config(small_data, tmp_path / "run", sae={"d_sae": 32})
-    with pytest.raises(JaxsaeError, match=r"sae\.d_sae"):
+    with pytest.raises(JaxsaeError, match=r"a changed sae\.d_sae \(64 in the checkpoint, 32 "
+                                          r"now\); restore them"):
         train_mod.train(changed, progress=False)
     # Logging and checkpoint cadence may change: the finished run just re-exports.
     relogged = small_config(small_data, tmp_path / "run", log={"every_steps": 2})
