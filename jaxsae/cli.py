@@ -33,7 +33,7 @@ import sys
 
 import tyro
 
-from jaxsae import hostmem
+from jaxsae import hostmem, progress
 from jaxsae.commands import Command, registry
 from jaxsae.errors import JaxsaeError, describe_os_error, one_line
 from jaxsae.interrupts import Terminated, clear_terminated, install_signal_handlers
@@ -224,6 +224,7 @@ def _reader_gone() -> int:
 def _run(cmd: Command, name: str) -> int:
     """The command, with bad input (flags, files, sizes) reported in one line."""
     try:
+        progress.seconds_between_lines()  # (its environment variable, checked up front)
         return cmd.run()
     except BrokenPipeError:  # stdout closed by its reader (`jaxsae data inspect D | head`)
         return _reader_gone()

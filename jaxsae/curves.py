@@ -41,11 +41,16 @@ def read_metrics(path: Path) -> list[dict]:
 
 def run_series(run_dir: Path, label: str | None = None) -> list[Series]:
     """(label, metrics lines) of a run: one, or one per SAE of a sweep."""
+    return [(name, read_metrics(path)) for name, path in run_metrics(run_dir, label)]
+
+
+def run_metrics(run_dir: Path, label: str | None = None) -> list[tuple[str, Path]]:
+    """(label, metrics.jsonl) of a run: one, or one per SAE of a sweep."""
     run_dir = Path(run_dir)
     name = label or run_dir.name
     sweep = run_dir / "sweep"
     if (run_dir / "metrics.jsonl").is_file() and not sweep.is_dir():
-        return [(name, read_metrics(run_dir / "metrics.jsonl"))]
+        return [(name, run_dir / "metrics.jsonl")]
     if sweep.is_dir():
         members = sorted((p for p in sweep.iterdir() if (p / "metrics.jsonl").is_file()),
                          key=lambda p: int(p.name) if p.name.isdigit() else 0)
@@ -54,7 +59,7 @@ def run_series(run_dir: Path, label: str | None = None) -> list[Series]:
         for member in members:
             i = int(member.name) if member.name.isdigit() else -1
             what = sweep_label(points[i]) if 0 <= i < len(points) else member.name
-            out.append((f"{name} ({what})", read_metrics(member / "metrics.jsonl")))
+            out.append((f"{name} ({what})", member / "metrics.jsonl"))
         return out
     raise DataError(f"{run_dir}: no metrics.jsonl (not a jaxsae run directory)")
 
@@ -107,7 +112,10 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
                     color = colors[i]
                     style = term_style.setdefault(what, styles[(len(term_style) - 1)
                                                                % len(styles)])
+                # (a lone point, a run shorter than two log.every_steps, is a marker: a line
+                # through one point draws nothing, fault testing)
                 ax.plot(xs, ys, color=color, linestyle=style, linewidth=1.4 if j == 0 else 1.0,
+                        marker="o" if len(xs) == 1 else None, markersize=4,
                         label=plain_text(what) if key == "loss" and not many else None)
                 drawn = True
         ax.set_title(name)

@@ -30,6 +30,7 @@ import re
 import shutil
 import socket
 import sys
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -670,7 +671,9 @@ def pyplot():
 
 def plain_text(text: str) -> str:
     """`text` for a figure, drawn as written: matplotlib reads $...$ as math (and fails on a
-    title or run name that is not valid math)."""
+    title or run name that is not valid math); control characters, which no font draws (each
+    printed a warning), become spaces."""
+    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
     return text.replace("$", r"\$")
 
 

@@ -12,21 +12,32 @@ Disabled (`--no-progress`), it prints nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from typing import Any, TextIO
 
 from jaxsae import interrupts
+from jaxsae.errors import JaxsaeError
 
 DEFAULT_SECONDS = 30.0
 
 
-def _seconds() -> float:
-    try:
-        return max(0.0, float(os.environ.get("JAXSAE_PROGRESS_SECONDS", DEFAULT_SECONDS)))
-    except ValueError:
+def seconds_between_lines() -> float:
+    """JAXSAE_PROGRESS_SECONDS, a number of seconds >= 0 (bad input is refused, naming it;
+    fault testing: 'abc' fell back to the default and 'nan' or -1 printed a line a step)."""
+    text = os.environ.get("JAXSAE_PROGRESS_SECONDS")
+    if text is None:
         return DEFAULT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise JaxsaeError(f"JAXSAE_PROGRESS_SECONDS: {text!r} is not a number of seconds "
+                          "(0 or more)")
+    return seconds
 
 
 def _duration(seconds: float) -> str:
@@ -66,7 +77,7 @@ class Progress:
                              unit_scale=unit_scale, dynamic_ncols=True, file=self.stream)
         self._start = self._last = time.monotonic()
         self._start_n = initial
-        self._every = _seconds()
+        self._every = seconds_between_lines()
         self._closed = False
 
     def update(self, n: int = 1) -> None:

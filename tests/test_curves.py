@@ -153,3 +153,46 @@ def test_the_legend_names_every_run_of_an_overlay(tmp_path, monkeypatch, n):
     assert ("... and 5 more" in drawn["legend"]) is (n == 45)
     assert drawn["legend"][-3:] == ["loss: total", "loss: l1", "loss: mse"]
     assert len({str(c) for c in drawn["colors"]}) == n
+
+
+def test_a_run_of_one_logged_line_is_drawn(tmp_path, monkeypatch):
+    """(fault testing: a run shorter than two log.every_steps logs one line, and a line
+    through one point drew nothing: its curves.png was empty)"""
+    one = [{"step": 10, "tokens": 2560, "loss": 0.5, "l0": 3.0, "explained_variance": 0.4}]
+    more = [{"step": s, "tokens": 256 * s, "loss": 1.0 / s} for s in (1, 2)]
+    drawn = {}
+
+    def keep(fig, path, **kwargs):
+        drawn["markers"] = [line.get_marker() for line in fig.axes[0].get_lines()]
+        drawn["points"] = [len(line.get_xdata()) for line in fig.axes[0].get_lines()]
+        save_figure(fig, path, **kwargs)
+
+    monkeypatch.setattr(curves, "save_figure", keep)
+    curves.plot([("one", one), ("more", more)], tmp_path / "c.png")
+    assert drawn["points"] == [1, 2] and drawn["markers"] == ["o", "None"]
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # (the font's warning)
+def test_plot_names_what_it_leaves_out_and_draws_no_sae_twice(small_data, tmp_path, capsys):
+    """(fault testing: a run without metrics beside others was dropped unnamed; a sweep's SAE
+    given with its sweep was drawn twice; a control character in a title printed a font
+    warning)"""
+    sweep = small_config_dict(small_data, tmp_path / "sweep", sweep={"optim.lr": [1e-3, 1e-2]})
+    sweep["optim"]["total_tokens"] = 256 * 8
+    from jaxsae.config import config_from_dict
+
+    train(config_from_dict(sweep), progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    capsys.readouterr()
+    out = str(tmp_path / "p.png")
+    assert cli.main(["plot", str(tmp_path / "sweep"), str(empty), "--out", out,
+                     "--title", "a\x01b"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "note: empty: no metrics logged yet, not drawn\n"
+    assert "wrote" in captured.out and "(2 runs drawn)" in captured.out
+    assert cli.main(["plot", str(tmp_path / "sweep"), str(tmp_path / "sweep" / "sweep" / "00"),
+                     "--out", str(tmp_path / "q.png")]) == 2
+    assert (f"RUN {tmp_path / 'sweep' / 'sweep' / '00'}: its metrics.jsonl is drawn already "
+            f"(through {tmp_path / 'sweep'})") in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -23,7 +24,7 @@ class Plot(Command):
     one PNG, a colour per run. Each run also keeps its own curves.png."""
 
     runs: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(
-        metavar="RUN", help_behavior_hint="(required)")]
+        metavar="RUN [RUN ...]", help_behavior_hint="(required)")]
     """run directories (runs/NAME, or a sweep's runs/NAME)"""
     out: Annotated[str, tyro.conf.arg(metavar="FILE.png")]
     """the PNG to write"""
@@ -52,10 +53,20 @@ class Plot(Command):
             what = "is not a directory" if out.parent.exists() else "does not exist"
             raise JaxsaeError(f"--out {out}: {out.parent} {what}")
         outputs.check_file_target(out)
-        series = [s for run in self.runs for s in curves.run_series(Path(run))]
+        files: dict[Path, str] = {}  # a sweep's SAE given as well as its sweep: refused
+        series = []
+        for run in self.runs:
+            for label, path in curves.run_metrics(Path(run)):
+                if path.resolve() in files:
+                    raise JaxsaeError(f"RUN {run}: its {path.name} is drawn already (through "
+                                      f"{files[path.resolve()]})")
+                files[path.resolve()] = run
+                series.append((label, curves.read_metrics(path)))
         empty = [label for label, lines in series if not lines]
         if len(empty) == len(series):
             raise JaxsaeError(f"{', '.join(self.runs)}: no metrics logged yet")
+        for label in empty:
+            print(f"note: {label}: no metrics logged yet, not drawn", file=sys.stderr)
         curves.plot([s for s in series if s[1]], out, title=self.title)
         drawn = len(series) - len(empty)
         print(f"wrote {out} ({drawn} run{'s' if drawn != 1 else ''} drawn)")

@@ -153,6 +153,12 @@ def test_progress_in_a_log_file_is_plain_lines(small_data, tmp_path, capsys, mon
     (tmp_path / "run").rename(tmp_path / "first")
     assert cli.main(["train", str(config), "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+    # a value that is not a number of seconds is refused before any work (fault testing:
+    # 'abc' fell back to the default, 'nan' and -1 printed a line at every step)
+    for bad in ("abc", "nan", "-1"):
+        monkeypatch.setenv("JAXSAE_PROGRESS_SECONDS", bad)
+        refused(["train", str(config)], capsys, unchanged=[tmp_path / "run"],
+                match=f"JAXSAE_PROGRESS_SECONDS: '{bad}' is not a number of seconds (0 or more)")
 
 
 def test_eval_prints_strict_json():
