@@ -37,6 +37,12 @@ from jaxsae.parsing import (
 )
 
 
+def _count(n: int) -> str:
+    """A count for a message: exact, or to 4 digits past 10^15 (1e30 read as a float is
+    1000000000000000019884624838656 as an integer)."""
+    return f"{n:,}" if n < 10**15 else f"{n:.4g}"
+
+
 def _need(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {why}")
@@ -254,7 +260,7 @@ class OptimConfig:
         _need(self.total_tokens >= self.batch_size, "optim.total_tokens",
               f"must be at least one batch ({self.batch_size} tokens), got {self.total_tokens}")
         _need(self.total_steps < 2**31, "optim.total_tokens",  # (the device's step is int32)
-              f"{self.total_tokens} tokens make {self.total_steps} steps of "
+              f"{_count(self.total_tokens)} tokens make {_count(self.total_steps)} steps of "
               f"optim.batch_size {self.batch_size}, more than the 2^31 - 1 a run can count")
         _need(0 <= self.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]")
         _need(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")

@@ -118,8 +118,9 @@ def test_a_ratio_of_nothing_is_null(run_copy, small_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("override", "match"), [
-    ("optim.total_tokens=1000000000000", "optim.total_tokens: 1000000000000 tokens make "
-     "3906250000 steps of optim.batch_size 256, more than the 2^31 - 1 a run can count"),
+    ("optim.total_tokens=1000000000000", "optim.total_tokens: 1,000,000,000,000 tokens make "
+     "3,906,250,000 steps of optim.batch_size 256, more than the 2^31 - 1 a run can count"),
+    ("optim.total_tokens=1e30", "optim.total_tokens: 1e+30 tokens make 3.906e+27 steps"),
     ("log.dead_window_tokens=2000000000", "log.dead_window_tokens: must be in 1..1073741824"),
     ("loss=[{term: mse}, {term: auxk, dead_tokens: 2000000000}]",
      "dead_tokens: must be in 1..1073741824"),
