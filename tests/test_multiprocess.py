@@ -152,7 +152,7 @@ def test_processes_given_different_configs_or_data_are_refused(small_data, tmp_p
     for process_1, match in (
             ({"sae.d_sae": 32, "optim.lr": 0.5},
              "process 1 was not given what process 0 was: sae.d_sae is 32 there, 64 on "
-             "process 0 (and 1 more keys)"),
+             "process 0 (and 1 more key)"),
             ({"data.path": str(other)},
              f"process 1 was not given what process 0 was: data.path {other} holds other data "
              "there (16,384 tokens 16 wide, rows ")):
