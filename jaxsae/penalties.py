@@ -124,12 +124,21 @@ def resolve(term: TermConfig, key: str = "loss") -> TermConfig:
     return dataclasses.replace(term, params=params)
 
 
+# The terms that train the dictionary to reconstruct (every loss needs one).
+RECONSTRUCTION_TERMS = ("mse", "matryoshka")
+
+
 def check_terms(cfg: Config) -> None:
     """Every loss term of `cfg` exists, has well-typed hyper-parameters, and makes sense with
     the rest of the config (its `check`)."""
     for i, term in enumerate(cfg.loss):
         key = f"loss[{i}]"
         get_term(term.term, key=f"{key}.term").check(cfg, resolve(term, key), key)
+    if not any(t.term in RECONSTRUCTION_TERMS and t.coefficient > 0 for t in cfg.loss):
+        # (fault testing: a loss of l1 alone trained and exported a collapsed SAE, EV -0.53)
+        raise ConfigError(f"loss: no reconstruction term ({' or '.join(RECONSTRUCTION_TERMS)}) "
+                          "with a coefficient > 0, so the decoder would never learn to "
+                          "reconstruct; add {term: mse}")
 
 
 def registered() -> list[str]:

@@ -582,3 +582,19 @@ def test_required_hyperparameter_is_a_config_error():
         assert penalties.resolve(cfg.loss[1]).params == {"target": 2.0}
     finally:
         del penalties._REGISTRY["test_needs_target"]
+
+
+@pytest.mark.parametrize(("loss", "sweep", "match"), [
+    ([{"term": "l1"}], None, r"^loss: no reconstruction term \(mse or matryoshka\) with a "
+                             r"coefficient > 0, so the decoder would never learn"),
+    ([{"term": "mse", "coefficient": 0.0}, {"term": "l1"}], None, r"^loss: no reconstruction"),
+    ([{"term": "mse"}, {"term": "l1"}], {"loss.mse.coefficient": [1.0, 0.0]},
+     r"^sweep SAE 1 \(loss\.mse\.coefficient=0\.0\): loss: no reconstruction"),
+])
+def test_a_loss_with_no_reconstruction_term_is_refused(loss, sweep, match):
+    """(fault testing: a loss of l1 alone trained and exported a collapsed SAE, EV -0.53)"""
+    with pytest.raises(ConfigError, match=match):
+        check_run(config_from_dict({"data": {"path": "x"}, "loss": loss, "sweep": sweep}))
+    # a Matryoshka loss reconstructs (its last prefix the whole dictionary)
+    check_run(config_from_dict({"data": {"path": "x"}, "sae": {"d_sae": 64}, "loss": [
+        {"term": "matryoshka", "prefixes": [16, 64]}, {"term": "l1"}]}))
