@@ -415,7 +415,12 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 save(done, state)
         if pending is not None:
             logger.record(*pending)
-        if start < total:
+        if start == total:  # resumed at its end: the last checkpoint is an earlier call's,
+            # and the hooks hear of it as of one just saved (fault testing: a run killed while
+            # drawing curves.png, resumed, never drew it)
+            for hook in told:
+                hook.on_checkpoint(total)
+        else:
             save(total, state)
             ckpt.wait()
             if stop_signal.came_during_last_save(total):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 
 import pytest
 import yaml
@@ -43,6 +44,20 @@ def test_curves_are_redrawn_at_every_checkpoint(small_data, tmp_path, monkeypatc
     train(cfg, progress=False)  # resumes from 8: the lines logged after it were dropped
     steps = [4, 8, 12, 16, 20, 24]
     assert [c[1] for c in calls[1:]] == [[("test", steps[:4])], [("test", steps)]]
+
+
+def test_a_run_resumed_at_its_end_draws_what_a_kill_cut_short(small_data, tmp_path):
+    """(fault testing: killed while drawing curves.png after its last step, a run resumed at
+    that step never drew it, and kept the killed call's empty temporary file)"""
+    cfg = small_config(small_data, tmp_path / "run", log=CURVES_ON)
+    train(cfg, progress=False)
+    run = tmp_path / "run"
+    (run / "curves.png").unlink()
+    (run / "eval.json").unlink()  # (what the killed call never reached)
+    stale = run / f".curves.png.{socket.gethostname()}-{2**22 + 7}-0123abcd.partial"
+    stale.touch()  # (pid beyond Linux's pid_max: no such process)
+    train(cfg, progress=False)
+    assert (run / "curves.png").read_bytes()[:8] == PNG and not stale.exists()
 
 
 def test_a_sweep_draws_its_saes_together(small_data, tmp_path, monkeypatch):
