@@ -54,14 +54,17 @@ class OutputError(JaxsaeError):
     """An output path that jaxsae must not write or replace."""
 
 
-def write_marker(directory: Path, kind: str, *, inventory: bool = False) -> None:
+def write_marker(directory: Path, kind: str, *, inventory: bool = False,
+                 leave_out: Sequence[str] = ()) -> None:
     """Marks `directory` as jaxsae's `kind` output; with `inventory`, listing what it holds
-    now, each file with its size, modification time and digest (call it on a complete
-    output, just before it is published)."""
+    now (bar `leave_out`: what goes before it is published), each file with its size,
+    modification time and digest (call it on a complete output, just before it is
+    published)."""
     mark: dict[str, Any] = {"kind": kind}
     if inventory:
         found = file_inventory(directory, digests=True)
-        found.pop(MARKER, None)
+        for name in (MARKER, *leave_out):
+            found.pop(name, None)
         mark["files"] = dict(sorted(found.items()))
     (directory / MARKER).write_text(json.dumps(mark) + "\n")
 
@@ -444,7 +447,9 @@ def replace_directory(new: Path, target: Path) -> None:
         except BaseException:
             os.replace(old, target)
             raise
-    shutil.rmtree(old, ignore_errors=True)
+        # (the replaced output goes before a signal that came meanwhile is acted on: fault
+        # testing found it left beside the new one, the command exiting 143)
+        shutil.rmtree(old, ignore_errors=True)
     if old.exists() or old.is_symlink():  # (the new output is in place; only space is lost)
         print(f"warning: {target} is written, but the output it replaced, set aside as {old}, "
               "could not be removed (permissions?); delete it yourself", file=sys.stderr)
@@ -488,20 +493,22 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
     partial = partial_path(target)
     key = json.loads(json.dumps(key))
 
-    def marker(directory: Path) -> dict[str, Any] | None:
+    def marker(directory: Path, *kinds: str) -> dict[str, Any] | None:
         try:
             mark = json.loads((directory / MARKER).read_text())
         except (OSError, ValueError):
             return None
-        return mark if isinstance(mark, dict) and mark.get("kind") == f"{kind}-partial" else None
+        return mark if isinstance(mark, dict) and mark.get("kind") in kinds else None
 
-    lock = lock_staging(partial, lambda directory: marker(directory) is not None, kind,
-                        target.name)
-    mark = marker(partial)  # (read under the lock)
+    # An interrupted call's staging holds its `kind-partial` marker, or `kind`'s final one if
+    # it was stopped while `publish` wrote that (a complete output, its key gone: started
+    # afresh; fault testing found it refused by every later call)
+    lock = lock_staging(partial, lambda d: marker(d, f"{kind}-partial", kind) is not None,
+                        kind, target.name)
+    mark = marker(partial, f"{kind}-partial")  # (read under the lock)
     try:
-        if mark is not None and mark.get("key") != key:  # another call's: started afresh
+        if mark is None or mark.get("key") != key:  # another call's (or none): afresh
             empty_but_lock(partial)
-        if mark is None or mark.get("key") != key:
             (partial / MARKER).write_text(json.dumps({"kind": f"{kind}-partial", "key": key})
                                           + "\n")
         yield partial
@@ -564,9 +571,14 @@ def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = F
     given, target = target, canonical(target)
     remove_stale_staging(target)
     check_target(given, kind, overwrite=overwrite, inputs=inputs, flag=flag)
-    (staging / LOCK_FILE).unlink(missing_ok=True)  # (`resumable_staging`'s, still held)
-    write_marker(staging, kind, inventory=True)
-    replace_directory(staging, target)
+    write_marker(staging, kind, inventory=True, leave_out=[LOCK_FILE])
+    # From here a staging without its lock and with the final marker is no interrupted write
+    # the next call recognises: no signal acts before it is in place (fault testing: a
+    # SIGTERM while the inventory was written left OUT.partial refused by every later call).
+    interrupts.check_terminated()  # (one that came before: the staging stays resumable)
+    with interrupts.deferred():
+        (staging / LOCK_FILE).unlink(missing_ok=True)  # (`resumable_staging`'s, still held)
+        replace_directory(staging, target)
     return target
 
 

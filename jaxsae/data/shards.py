@@ -24,7 +24,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxsae import outputs, tensorfile
+from jaxsae import interrupts, outputs, tensorfile
 from jaxsae.data.source import ArraySource
 from jaxsae.errors import DataError
 from jaxsae.parsing import is_positive_int
@@ -377,7 +377,10 @@ class ShardWriter:
         (self.staging / PROGRESS).unlink(missing_ok=True)
         (self.staging / MANIFEST).write_text(manifest.to_json())
         outputs.check_target(self.out, "shards", overwrite=self.overwrite, inputs=self.inputs)
-        (self.staging / LOCK_FILE).unlink()  # (held until the process lets go of it below)
-        outputs.replace_directory(self.staging, self.out)
+        interrupts.check_terminated()
+        with interrupts.deferred():  # (no signal between the lock's removal and the rename:
+            # a staging left without its lock is no interrupted write a later call takes over)
+            (self.staging / LOCK_FILE).unlink()  # (held until the process lets go of it below)
+            outputs.replace_directory(self.staging, self.out)
         self._lock.release()
         return self.out

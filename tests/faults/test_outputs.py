@@ -385,6 +385,41 @@ def test_a_signal_between_the_two_renames_waits_for_the_second(tmp_path, monkeyp
         pass
     assert len(calls) == 2 and (target / "a").read_text() == "new"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # the replaced output is gone before the Ctrl-C is acted on (fault testing: it was left
+    # beside the new one, as .out.old-...)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_signal_while_a_resumable_output_is_published_leaves_it_resumable(tmp_path,
+                                                                            monkeypatch):
+    """(fault testing: a SIGTERM while `publish` wrote the final marker, or between removing
+    the staging's lock and renaming it, left OUT.partial that every later call refused)"""
+    import signal
+
+    import pytest
+
+    from jaxsae import outputs
+
+    target = tmp_path / "out"
+    real = outputs.write_marker
+
+    def marker_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+
+    with (pytest.raises(KeyboardInterrupt),
+          outputs.resumable_staging(target, "thing", {"seed": 1}) as partial):
+        (partial / "x").write_text("first")
+        monkeypatch.setattr(outputs, "write_marker", marker_then_interrupt)
+        outputs.publish(partial, target, "thing")
+    monkeypatch.setattr(outputs, "write_marker", real)
+    assert not target.exists() and (partial / "x").is_file()
+    with outputs.resumable_staging(target, "thing", {"seed": 1}) as again:  # taken, afresh
+        assert again == partial and not (partial / "x").exists()
+        (partial / "x").write_text("second")
+        outputs.publish(partial, target, "thing")
+    assert (target / "x").read_text() == "second" and not partial.exists()
+    assert not (target / ".lock").exists()
 
 
 def test_a_replaced_output_that_cannot_be_removed_is_named(tmp_path, capsys, monkeypatch):
@@ -634,3 +669,30 @@ def test_frankenstein_on_nan_data_names_no_key_it_has_no_flag_for(tmp_path, smal
                   capsys, match="NaN or inf", unchanged=[])
     assert err.endswith("repair the data") and "optim." not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "large", "small"]
+
+
+def test_a_signal_as_a_resumable_shard_write_is_renamed_into_place_waits_for_it(tmp_path,
+                                                                                 monkeypatch):
+    """(fault testing: between removing the staging's lock and renaming it, an interruption
+    left DIR.partial that every later write of DIR refused)"""
+    import signal
+
+    import numpy as np
+    import pytest
+
+    from jaxsae import outputs
+    from jaxsae.data.shards import ShardSet, ShardWriter
+
+    real = outputs.replace_directory
+
+    def interrupt_then_replace(new, target):
+        signal.raise_signal(signal.SIGINT)
+        real(new, target)
+
+    monkeypatch.setattr(outputs, "replace_directory", interrupt_then_replace)
+    out = tmp_path / "shards"
+    with (pytest.raises(KeyboardInterrupt),  # acted on once the output is in place
+          ShardWriter(out, 4, shard_tokens=8, resume_key={"model": "m"}) as writer):
+        writer.write(np.ones((20, 4), np.float32))
+    assert ShardSet(out).n_tokens == 20 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "shards"]
