@@ -259,6 +259,14 @@ def test_synth_transcoder_writes_pairs_and_training_reports_both_dictionaries(tm
     printed = json.loads(capsys.readouterr().out)
     for key in ("mcc", "encoder_mcc", "f1", "explained_variance"):
         assert printed[key] == pytest.approx(result.eval[key], rel=1e-5), key
+    # targets changed after they were written are refused too, not only the inputs
+    last = sorted((data / "target").glob("shard-*.npy"))[-1]
+    targets = np.load(last)
+    targets[-100:] *= 2
+    np.save(last, targets)
+    with pytest.raises(DataError, match="token 16,284 is not the one this truth generates"):
+        Eval(sae_dir=(str(result.sae_dir),), data=str(data), target=str(data / "target"),
+             truth=str(data), tokens=2048).run()
 
 
 def test_synth_transcoder_hierarchy_codes():

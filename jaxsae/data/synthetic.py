@@ -608,6 +608,8 @@ class Truth:
         metrics against true codes that no longer describe the tokens would be wrong.
         `where` begins the message."""
         want = self.tokens(at, at + len(rows))
+        if rows.shape[1] > want.shape[1]:  # a transcoder's [x | target]: the targets too
+            want = np.concatenate([want, self.tokens(at, at + len(rows), part=1)], axis=1)
         got = np.asarray(rows[:, :want.shape[1]], np.float32)
         difference = np.linalg.norm(got - want, axis=1)
         typical = float(np.sqrt(np.mean(np.sum(np.square(want, dtype=np.float64), axis=1))))
@@ -625,10 +627,11 @@ class Truth:
         return self._range(start, stop, 2, progress=progress,
                            empty=(0, self.directions.shape[0]))
 
-    def tokens(self, start: int, stop: int) -> np.ndarray:
+    def tokens(self, start: int, stop: int, *, part: int = 0) -> np.ndarray:
         """[stop - start, d_in] float32: tokens [start, stop) exactly as `jaxsae synth` writes
-        them (rounded through the spec's dtype)."""
-        x = self._range(start, stop, 0, empty=(0, self.spec.d_in))
+        them (rounded through the spec's dtype); `part` 1: a transcoder's targets instead."""
+        width = self.spec.d_in if part == 0 else self.directions.shape[1]
+        x = self._range(start, stop, part, empty=(0, width))
         if self.spec.dtype != "float32":
             x = x.astype(self.spec.dtype).astype(np.float32)
         return x
