@@ -144,8 +144,9 @@ class SignalFlag:
             raise KeyboardInterrupt
         self.signum = signum
         again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step{again}",
-              file=sys.stderr)
+        below_a_bar = "\n" if sys.stderr.isatty() else ""  # (a terminal's progress bar)
+        print(f"{below_a_bar}{signal.Signals(signum).name}: saving a checkpoint after this "
+              f"step{again}", file=sys.stderr)
         if self._preemption:  # to JAX's notifier: every process stops
             signal.raise_signal(signal.SIGTERM)
 
