@@ -497,6 +497,7 @@ def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, st
                   keep=None, progress: Callable[[int], Any] | None = None
                   ) -> list[dict[str, Any]]:
     """`truth_report` of several SAEs (a sweep's), the tokens and their true codes read once."""
+    from jaxsae.data.synthetic import data_names
     from jaxsae.data.window import Window
 
     stop = source.n_tokens if stop is None else stop
@@ -508,13 +509,14 @@ def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, st
                             input_directions=truth.arrays.get("input_directions"))
             for params, cfg in saes]
     d_in = source.d_in
+    names = data_names(source)
     window = Window(source, start, stop, batch_size=batch_size)
     for at, block, _ in window.masked():
         if progress is not None:
             progress(len(block))
         codes = truth.codes(at, at + len(block))
-        truth.check_rows(at, block, str(getattr(source, "path", "the data")))  # (the codes
-        # describe these tokens only if they are the tokens the truth generates)
+        truth.check_rows(at, block, names)  # (the codes describe these tokens only if they
+        # are the tokens the truth generates)
         kept = None if keep is None else keep(block)
         if kept is not None:
             block, codes = block[kept], codes[kept]

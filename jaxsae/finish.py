@@ -67,14 +67,19 @@ def _dotted_value(cfg: Config, dotted: str) -> Any:
     return node
 
 
-def ground_truth(cfg: Config, source) -> synthetic.Truth | None:
-    """The truth of data written by `jaxsae synth` or streamed (None for other data)."""
+def ground_truth(cfg: Config, source, log: Callable[[str], None] = print
+                 ) -> synthetic.Truth | None:
+    """The truth of data written by `jaxsae synth` or streamed (None for other data, and for
+    data whose size is not its truth's, which `log` is told)."""
     if isinstance(source, GeneratedSource):
         return source.truth
     if not synthetic.has_truth(cfg.data.path):
         return None
     truth = synthetic.load_truth(cfg.data.path)
-    if truth.spec.tokens != source.n_tokens:
+    if truth.spec.tokens != source.n_tokens:  # (fault testing: the truth metrics went unsaid)
+        log(f"note: {cfg.data.path} holds {source.n_tokens:,} tokens but its truth describes "
+            f"{truth.spec.tokens:,} (the data was changed after it was written): no "
+            "ground-truth metrics")
         return None
     width = getattr(source, "d_out", 0) or source.d_in  # what decoder rows are compared in
     if truth.directions.ndim != 2 or truth.directions.shape[1] != width:

@@ -201,7 +201,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
     if cfg.optim.total_tokens > n_train:  # (the default, 100M tokens, on small data: say so)
         log(f"data: optim.total_tokens ({cfg.optim.total_tokens:,}) passes over the "
             f"{n_train:,} training tokens {cfg.optim.total_tokens / n_train:.3g} times")
-    truth = ground_truth(cfg, source)  # read (and checked) now, not after the training
+    truth = ground_truth(cfg, source, log)  # read (and checked) now, not after the training
 
     told: list[LoopHook] = []  # filled by the loop; closed once evaluation is done too
     try:

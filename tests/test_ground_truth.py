@@ -356,3 +356,35 @@ def test_cli_synth_presets_and_kinds(tmp_path):
 def test_circles_need_a_plane():
     with pytest.raises(ConfigError, match="d_in: a circle needs a plane"):
         synthetic.CirclesSpec(n_circles=2, d_in=1)
+
+
+def test_float16_tokens_one_rounding_off_are_the_truth_s_but_changed_ones_are_not(tmp_path):
+    """Another backend's draw of float16 data may round a value the other way: one unit in the
+    last place of a large value passed the 1e-3-of-a-typical-norm tolerance (fault testing:
+    refused); a changed token is still refused, naming it. A transcoder's changed target is
+    named as a target, in its own directory."""
+    spec = synthetic.SuperpositionSpec(n_features=32, d_in=8, tokens=512, mean_l0=3.0,
+                                       magnitude_spread=1.0, magnitude_std=1.0,
+                                       dtype="float16", seed=5)
+    synthetic.write(spec, tmp_path / "h", progress=False)
+    truth = synthetic.load_truth(tmp_path / "h")
+    names = synthetic.data_names(ShardSet(tmp_path / "h"))
+    rows = ShardSet(tmp_path / "h").read(0, 512)
+    row, col = np.unravel_index(np.argmax(np.abs(rows)), rows.shape)
+    typical = np.sqrt(np.mean(np.sum(np.square(rows.astype(np.float64)), axis=1)))
+    ulp = float(np.spacing(np.float16(abs(rows[row, col]))))
+    assert ulp / typical > 1e-3  # (what the plain tolerance refused)
+    nudged = rows.copy()
+    nudged[row, col] = np.nextafter(np.float16(rows[row, col]), np.float16(0))
+    truth.check_rows(0, nudged, names)
+    nudged[row] = 0
+    with pytest.raises(DataError, match=rf"{tmp_path / 'h'}: token {row:,} is not the one"):
+        truth.check_rows(0, nudged, names)
+    pairs = synthetic.TranscoderSpec(n_features=16, d_in=8, d_out=6, tokens=256, mean_l0=2.0)
+    synthetic.write(pairs, tmp_path / "t", progress=False)
+    source = open_source(DataConfig(path=str(tmp_path / "t"),
+                                    target=str(tmp_path / "t" / "target")))
+    rows = source.read(0, 256)
+    rows[100, 8:] += 1.0  # a target changed
+    with pytest.raises(DataError, match=rf"{tmp_path / 't' / 'target'}: target of token 100 "):
+        synthetic.load_truth(tmp_path / "t").check_rows(0, rows, synthetic.data_names(source))

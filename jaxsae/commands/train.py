@@ -70,7 +70,8 @@ class Train(Command):
                     if ev["held_out"] else "")
             print(f"evaluate {'one' if result.sweep else 'it'} with: jaxsae eval "
                   f"{shlex.quote(str(members[0].sae_dir))} --data {data}"
-                  + (f" --truth {data}" if has_truth(cfg.data.path) else "") + held)
+                  + (f" --truth {data}" if has_truth(cfg.data.path) and "mcc" in ev else "")
+                  + held)  # (a truth the run could not use: none, fault testing)
         return 0
 
 

@@ -595,31 +595,47 @@ class Truth:
         if (what := spec_differences(written, self.spec)) is not None:
             raise DataError(f"{where}: is not the truth of {data_path} (the data was generated "
                             f"with {what}); pass the data's own directory as --truth")
+        if source.n_tokens != self.spec.tokens:
+            raise DataError(f"{where}: {data_path} holds {source.n_tokens:,} tokens but the "
+                            f"truth describes {self.spec.tokens:,}: not the data it was "
+                            "generated with")
         if at is None or at >= source.n_tokens:
             return
-        # 64 rows before any pass (a block that the evaluation regenerates next anyway);
-        # `truth_reports` then checks every row it evaluates
+        # 64 rows before any pass (their block drawn with its codes, which the evaluation
+        # reads next); `truth_reports` then checks every row it evaluates
         stop = min(at + 64, source.n_tokens)
-        self.check_rows(at, source.read(at, stop), f"{where}: {data_path}")
+        self.check_rows(at, source.read(at, stop), data_names(source, data_path),
+                        codes=True)
 
-    def check_rows(self, at: int, rows: np.ndarray, where: str) -> None:
+    def check_rows(self, at: int, rows: np.ndarray, names: tuple[str, str | None], *,
+                   codes: bool = False) -> None:
         """Refuses `rows` (tokens `at`... of the data; a transcoder's [x | target]) unless they
-        are the tokens this truth regenerates, to the float rounding of another device:
-        metrics against true codes that no longer describe the tokens would be wrong.
-        `where` begins the message."""
-        want = self.tokens(at, at + len(rows))
-        if rows.shape[1] > want.shape[1]:  # a transcoder's [x | target]: the targets too
-            want = np.concatenate([want, self.tokens(at, at + len(rows), part=1)], axis=1)
+        are the tokens this truth regenerates, to the float rounding of another device (and,
+        for float16 data, a unit in the last place of each value): metrics against true codes
+        that no longer describe the tokens would be wrong. `names`: the data's directory and
+        its targets' (`data_names`), for the message. `codes`: draw the rows' blocks with
+        their codes (an evaluation reads them next: one draw, not two)."""
+        n = len(rows)
+        want = self.tokens(at, at + n, codes=codes)
+        inputs, paired = want.shape[1], rows.shape[1] > want.shape[1]
+        if paired:  # a transcoder's [x | target]: the targets too
+            want = np.concatenate([want, self.tokens(at, at + n, part=1, codes=codes)], axis=1)
         got = np.asarray(rows[:, :want.shape[1]], np.float32)
-        difference = np.linalg.norm(got - want, axis=1)
+        gap = np.abs(got - want)
+        if self.spec.dtype != "float32":  # another backend's draw may round the other way
+            gap = np.maximum(gap - np.spacing(np.abs(want).astype(self.spec.dtype)), 0.0)
         typical = float(np.sqrt(np.mean(np.sum(np.square(want, dtype=np.float64), axis=1))))
-        error = difference / max(typical, 1e-12)
+        error = np.linalg.norm(gap, axis=1) / max(typical, 1e-12)
         if not (bad := np.flatnonzero(~(error < 1e-3))).size:
             return
-        raise DataError(f"{where}: token {at + bad[0]:,} is not the one this truth generates "
-                        f"(difference {error[bad[0]]:.3g} of a typical token's norm; "
-                        f"{bad.size:,} of the {len(rows):,} tokens from {at:,} differ): the "
-                        "data was changed after it was written")
+        first = bad[0]
+        target = paired and not gap[first, :inputs].any()
+        where = names[1] if target and names[1] else names[0]
+        raise DataError(f"{where}: {'target of ' if target else ''}token {at + first:,} is "
+                        "not the one this truth generates (difference "
+                        f"{error[first]:.3g} of a typical token's norm; {bad.size:,} of the "
+                        f"{n:,} tokens from {at:,} differ): the data was changed after it "
+                        "was written")
 
     def codes(self, start: int, stop: int, *, progress: bool = False) -> np.ndarray:
         """[stop - start, n_features] the true feature activations of tokens [start, stop),
@@ -627,17 +643,19 @@ class Truth:
         return self._range(start, stop, 2, progress=progress,
                            empty=(0, self.directions.shape[0]))
 
-    def tokens(self, start: int, stop: int, *, part: int = 0) -> np.ndarray:
+    def tokens(self, start: int, stop: int, *, part: int = 0, codes: bool = False
+               ) -> np.ndarray:
         """[stop - start, d_in] float32: tokens [start, stop) exactly as `jaxsae synth` writes
-        them (rounded through the spec's dtype); `part` 1: a transcoder's targets instead."""
+        them (rounded through the spec's dtype); `part` 1: a transcoder's targets instead.
+        `codes`: draw their blocks with the codes (kept for a `codes` call that follows)."""
         width = self.spec.d_in if part == 0 else self.directions.shape[1]
-        x = self._range(start, stop, part, empty=(0, width))
+        x = self._range(start, stop, part, empty=(0, width), with_codes=codes)
         if self.spec.dtype != "float32":
             x = x.astype(self.spec.dtype).astype(np.float32)
         return x
 
     def _range(self, start: int, stop: int, part: int, *, progress: bool = False,
-               empty: tuple[int, int]) -> np.ndarray:
+               empty: tuple[int, int], with_codes: bool = False) -> np.ndarray:
         if not 0 <= start <= stop <= self.spec.tokens:
             raise ValueError(f"tokens [{start}, {stop}) outside the {self.spec.tokens} generated")
         parts = []
@@ -647,12 +665,22 @@ class Truth:
         for block in range(first, last):
             bar.update()
             lo = block * BLOCK_TOKENS
-            rows = self._blocks.get(self.spec, self.arrays, block, codes=part == 2)[part]
+            rows = self._blocks.get(self.spec, self.arrays, block,
+                                    codes=with_codes or part == 2)[part]
             parts.append(rows[max(start - lo, 0): stop - lo])
         bar.close()
         if not parts:
             return np.zeros(empty, np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def data_names(source: Any, data_path: str | Path | None = None) -> tuple[str, str | None]:
+    """The directories `source` reads (its tokens', and a transcoder's targets' or None),
+    for messages."""
+    inputs = getattr(source, "inputs", source)
+    targets = getattr(source, "targets", None)
+    name = data_path if data_path is not None else getattr(inputs, "path", "the data")
+    return str(name), None if targets is None else str(getattr(targets, "path", "the targets"))
 
 
 def has_truth(directory: str | Path) -> bool:

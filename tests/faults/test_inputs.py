@@ -104,8 +104,8 @@ def test_eval_refuses_the_truth_of_other_data(run_copy, small_data, tmp_path, ca
     last = sorted(changed.glob("shard-*.npy"))[-1]
     np.save(last, np.load(last)[::-1])
     refused(["eval", str(run_copy / "sae"), "--data", str(changed), "--truth", str(changed),
-             "--tokens", "2048"], capsys, match=f"--truth {changed}: {changed}: token 14,336 "
-             "is not the one this truth generates", unchanged=[changed])
+             "--tokens", "2048"], capsys, match=f"error: {changed}: token 14,336 is not the "
+             "one this truth generates", unchanged=[changed])
     # rows changed past the first evaluated (fault testing: only 64 rows were compared, and
     # 960 zeroed tokens got truth metrics)
     array = np.load(small_data / last.name)
@@ -115,6 +115,20 @@ def test_eval_refuses_the_truth_of_other_data(run_copy, small_data, tmp_path, ca
              "--tokens", "1024"], capsys, match=f"{changed}: token 15,424 is not the one this "
              "truth generates (difference 0.549 of a typical token's norm; 921 of the 1,024 "
              "tokens from 15,360 differ)", unchanged=[changed])  # (39 had no feature on)
+    # data cut short: refused by eval and repair (a traceback), and a run says it has no
+    # truth metrics for it (they went missing unsaid); fault testing
+    shutil.rmtree(changed)
+    shutil.copytree(small_data, changed)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:3]
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    for argv in (["eval", str(run_copy / "sae"), "--data", str(changed), "--truth",
+                  str(changed)],
+                 ["repair", str(run_copy / "sae"), "--data", str(changed), "--truth",
+                  str(changed), "--out", str(tmp_path / "repaired")]):
+        refused(argv, capsys, unchanged=[changed], match=f"{changed} holds 12,288 tokens but "
+                "the truth describes 16,384")
+    assert not (tmp_path / "repaired").exists()
 
 
 def test_eval_refuses_non_finite_held_out_tokens(run_copy, small_data, tmp_path, capsys):
