@@ -378,9 +378,12 @@ class ShardWriter:
         (self.staging / MANIFEST).write_text(manifest.to_json())
         outputs.check_target(self.out, "shards", overwrite=self.overwrite, inputs=self.inputs)
         interrupts.check_terminated()
-        with interrupts.deferred():  # (no signal between the lock's removal and the rename:
-            # a staging left without its lock is no interrupted write a later call takes over)
-            (self.staging / LOCK_FILE).unlink()  # (held until the process lets go of it below)
+        # The lock goes with the directory and is removed from its new place: a staging is
+        # never without its lock, which a later call would not take over (fault testing:
+        # killed between removing it and renaming, DIR.partial was refused for good). A
+        # SIGKILL before that removal leaves a `.lock` in the output, which no reader minds.
+        with interrupts.deferred():
             outputs.replace_directory(self.staging, self.out)
+            (self.out / LOCK_FILE).unlink(missing_ok=True)  # (held until released below)
         self._lock.release()
         return self.out

@@ -696,3 +696,44 @@ def test_a_signal_as_a_resumable_shard_write_is_renamed_into_place_waits_for_it(
         writer.write(np.ones((20, 4), np.float32))
     assert ShardSet(out).n_tokens == 20 and sorted(p.name for p in tmp_path.iterdir()) == [
         "shards"]
+
+
+_KILLED_BETWEEN_RENAMES = r"""
+import os, signal, sys
+import numpy as np
+from jaxsae import outputs
+from jaxsae.data.shards import ShardWriter
+real, seen = os.replace, []
+def replace(src, dst):
+    if os.path.isdir(src):
+        seen.append(dst)
+        if len(seen) == 2:  # the old output set aside, the new one not yet in place
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+outputs.os.replace = replace
+with ShardWriter(sys.argv[1], 4, shard_tokens=8, overwrite=True) as writer:
+    writer.write(np.full((20, 4), 2.0, np.float32))
+"""
+
+
+def test_a_shard_write_killed_as_it_is_renamed_leaves_nothing_the_next_refuses(tmp_path):
+    """(fault testing: SIGKILL between the lock's removal and the renames left DIR.partial
+    without its lock, which every later write of DIR refused)"""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from jaxsae.data.shards import ShardSet, ShardWriter
+
+    out = tmp_path / "shards"
+    with ShardWriter(out, 4, shard_tokens=8) as writer:
+        writer.write(np.ones((12, 4), np.float32))
+    killed = subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_RENAMES, str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    with ShardWriter(out, 4, shard_tokens=8, overwrite=True) as writer:  # not refused
+        writer.write(np.full((16, 4), 3.0, np.float32))
+    assert ShardSet(out).n_tokens == 16 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "shards"]
+    assert not (out / ".lock").exists()
