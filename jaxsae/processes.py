@@ -122,6 +122,21 @@ def agree(mine: str, differences: Callable[[str], str | None]) -> None:
                               "start every process of a run with the same config and data")
 
 
+def _encoded(error: Exception | None) -> np.ndarray:
+    """An error's one-line message as a fixed-size buffer for a collective (zeros: none)."""
+    message = np.zeros(_MESSAGE_BYTES, np.uint8)
+    if error is not None:
+        text = (str(error) if isinstance(error, JaxsaeError)
+                else describe_os_error(error) if isinstance(error, OSError)
+                else f"{type(error).__name__}: {error}").encode()[:_MESSAGE_BYTES - 1]
+        message[:len(text) + 1] = np.frombuffer(text + b"\0", np.uint8)
+    return message
+
+
+def _decoded(message: np.ndarray) -> str:
+    return bytes(np.asarray(message, np.uint8)).split(b"\0")[0].decode(errors="replace")
+
+
 def on_process_0(work: Callable[[], T]) -> T | None:
     """Runs `work` on process 0 only (None elsewhere). With several processes, the others wait
     for it and, if it raised, stop with the same one-line error, instead of waiting at the next
@@ -133,17 +148,29 @@ def on_process_0(work: Callable[[], T]) -> T | None:
         except Exception as e:  # handed on below, then raised here as it was
             error = e
     if jax.process_count() > 1:
-        message = np.zeros(_MESSAGE_BYTES, np.uint8)
-        if error is not None:
-            text = (str(error) if isinstance(error, JaxsaeError)
-                    else describe_os_error(error) if isinstance(error, OSError)
-                    else f"{type(error).__name__}: {error}").encode()[:_MESSAGE_BYTES - 1]
-            message[:len(text) + 1] = np.frombuffer(text + b"\0", np.uint8)
         failed, message = multihost_utils.broadcast_one_to_all(
-            (np.asarray(error is not None), message))
+            (np.asarray(error is not None), _encoded(error)))
         if bool(failed) and error is None:
-            text = bytes(np.asarray(message, np.uint8)).split(b"\0")[0].decode(errors="replace")
-            raise JaxsaeError(f"{text} (on process 0)")
+            raise JaxsaeError(f"{_decoded(message)} (on process 0)")
+    if error is not None:
+        raise error
+    return result
+
+
+def on_every_process(work: Callable[[], T]) -> T:
+    """Runs `work` on every process; if it raised on some, every process stops, with its own
+    error or the first failing process's one-line message (fault testing: a data directory
+    only one process could not open left the other waiting in a collective for good)."""
+    result, error = None, None
+    try:
+        result = work()
+    except Exception as e:  # handed on below, then raised here as it was
+        error = e
+    if jax.process_count() > 1:
+        messages = np.asarray(multihost_utils.process_allgather(_encoded(error)), np.uint8)
+        for index, message in enumerate(messages.reshape(-1, _MESSAGE_BYTES)):
+            if message.any() and error is None:
+                raise JaxsaeError(f"{_decoded(message)} (on process {index})")
     if error is not None:
         raise error
     return result

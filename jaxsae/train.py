@@ -76,9 +76,6 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     `make_loader`: builds the batch loader from `Loader`'s arguments (tests wrap it to see or
     cut the stream of batches). `hooks`: told every step, logged metrics and checkpoint, after
     metrics.jsonl and the progress display (see `jaxsae.hooks.LoopHook`)."""
-    # -- config: what the schema cannot check alone (activation, loss terms, generator) ------
-    check_run(cfg)
-
     # -- processes (before anything touches the devices) -------------------------------------
     launch = processes.initialize_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
@@ -87,6 +84,11 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     if launch:
         log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
             f"({launch})")
+
+    # -- config: what the schema cannot check alone (activation, loss terms, generator); a
+    # process that meets an error stops every process (fault testing: the others waited)
+    processes.on_every_process(lambda: check_run(cfg))
+    if launch:
         _agree_on_config(cfg)
 
     # -- run directory: one process trains in it at a time ---------------------------------
@@ -181,9 +183,14 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
                 synthetic.generate(cfg.data.generate, data_path, progress=progress)
 
         processes.on_process_0(generate)
-    source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
-    if cfg.data.generate is not None and not cfg.data.stream:
-        synthetic.check_generated(source, cfg.data.generate, data_path)
+
+    def open_data():
+        source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
+        if cfg.data.generate is not None and not cfg.data.stream:
+            synthetic.check_generated(source, cfg.data.generate, data_path)
+        return source
+
+    source = processes.on_every_process(open_data)  # (data only one process cannot open)
     if not cfg.data.stream:  # (streamed data is its config's data.generate)
         _agree_on_data(cfg, source)
     held_out = cfg.data.held_out(source.n_tokens)
@@ -201,7 +208,8 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
     if cfg.optim.total_tokens > n_train:  # (the default, 100M tokens, on small data: say so)
         log(f"data: optim.total_tokens ({cfg.optim.total_tokens:,}) passes over the "
             f"{n_train:,} training tokens {cfg.optim.total_tokens / n_train:.3g} times")
-    truth = ground_truth(cfg, source, log)  # read (and checked) now, not after the training
+    # the truth read (and checked) now, not after the training
+    truth = processes.on_every_process(lambda: ground_truth(cfg, source, log))
 
     told: list[LoopHook] = []  # filled by the loop; closed once evaluation is done too
     try:

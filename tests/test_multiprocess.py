@@ -155,7 +155,10 @@ def test_processes_given_different_configs_or_data_are_refused(small_data, tmp_p
              "process 0 (and 1 more key)"),
             ({"data.path": str(other)},
              f"process 1 was not given what process 0 was: data.path {other} holds other data "
-             "there (16,384 tokens 16 wide, rows ")):
+             "there (16,384 tokens 16 wide, rows "),
+            # an error only one process meets stops both (the other waited for good)
+            ({"data.path": str(tmp_path / "none")}, "data directory does not exist"),
+            ({"sae.activation": "nope"}, "sae.activation")):
         port, run_dir = _free_port(), tmp_path / "run"
         workers = [_launch(pid, 2, port, small_data, run_dir, 2,
                            overrides=process_1 if pid else None) for pid in range(2)]
@@ -163,6 +166,8 @@ def test_processes_given_different_configs_or_data_are_refused(small_data, tmp_p
         assert [w.returncode for w in workers] == [2, 2], outputs
         for _, err in outputs:
             assert match in err and "Traceback" not in err, err
+        if "process 1 was not" not in match:  # process 0 says whose error it is
+            assert "(on process 1)" in outputs[0][1], outputs[0][1]
         assert not run_dir.exists()
 
 
