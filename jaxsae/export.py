@@ -218,6 +218,8 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
         raise ExportError(f"{file}: normalize_activations {cfg['normalize_activations']!r} "
                           "is not supported (expected 'none')")
     _check_training_record(cfg, file)
+    if cfg.get("metadata") is None:  # (null: none; fault testing: every reader failed on it)
+        cfg["metadata"] = {}
     return cfg
 
 
@@ -243,6 +245,19 @@ def _check_training_record(cfg: dict[str, Any], file: Path) -> None:
     if path is not None and not isinstance(path, str):
         raise ExportError(f"{file}: metadata.dataset_path must be a string or null, got "
                           f"{json.dumps(path)}")
+    # what an import reads of how the SAE was trained (fault testing: tracebacks)
+    details = (cfg.get("metadata") or {}).get("training_architecture_details")
+    if details is not None and not isinstance(details, dict):
+        raise ExportError(f"{file}: metadata.training_architecture_details must be a JSON "
+                          f"object or null, got {json.dumps(details)}")
+    optim = own.get("optim")
+    if optim is not None and not isinstance(optim, dict):
+        raise ExportError(f"{file}: jaxsae.optim must be a JSON object or null, got "
+                          f"{json.dumps(optim)}")
+    batch = (optim or {}).get("batch_size")
+    if batch is not None and not is_positive_int(batch):
+        raise ExportError(f"{file}: jaxsae.optim.batch_size must be a positive integer or "
+                          f"null, got {json.dumps(batch)}")
 
 
 def check_init_from(path: str | Path, sae_cfg: SAEConfig) -> None:

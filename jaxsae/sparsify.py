@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from jaxsae import outputs, sae, tensorfile
@@ -103,6 +104,9 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig, n
         if name not in raw:
             raise ExportError(f"{weights}: missing tensor {name!r}")
         stored[name] = np.asarray(raw[name]).dtype
+        if stored[name].kind != "f" and stored[name] != ml_dtypes.bfloat16:  # (a traceback)
+            raise ExportError(f"{weights}: {name} is {stored[name]}, expected floating point "
+                              "weights")
         array = np.asarray(raw[name]).astype(np.float32)
         if array.shape != shape:
             raise ExportError(f"{weights}: {name} has shape {list(array.shape)}, expected "

@@ -118,3 +118,14 @@ def test_convert_refuses_data_too_short_to_calibrate(small_data, tmp_path):
         writer.write(ShardSet(small_data).read(0, 1))
     with pytest.raises(Exception, match=r"one: 1 token\(s\) are too few to convert on"):
         convert.convert_dir(str(tmp_path / "t"), str(tmp_path / "one"), tmp_path / "o")
+
+
+def test_ratios_with_nothing_to_count_are_null(small_data, tmp_path):
+    """(fault testing: an SAE none of whose latents fired reported recall and precision 0.0)"""
+    loaded = _topk_sae(tmp_path / "t", 24, 3, 3)
+    silent = {**loaded.params, "b_enc": np.full(24, -1e3, np.float32)}
+    x = open_source(DataConfig(path=str(small_data))).read(0, 512)
+    report = convert.compare(export.LoadedSAE(**{**vars(loaded), "params": silent}), silent,
+                             loaded.sae, [x])
+    assert report["l0_topk"] == 0 and report["l0_jumprelu"] == 0
+    assert report["recall_of_topk_codes"] is None and report["precision"] is None

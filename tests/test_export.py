@@ -460,3 +460,20 @@ def test_load_refuses_a_truncated_weights_file(tmp_path):
     os.truncate(file, file.stat().st_size - 8)
     with pytest.raises(ExportError, match="truncated"):
         load_sae(path)
+
+
+def test_a_sparsify_directory_of_integer_weights_is_refused_naming_the_tensor(tmp_path):
+    """(fault testing: a traceback from the unit-row check, exit 1)"""
+    from jaxsae import sparsify
+
+    W = np.eye(8, 4, dtype=np.float32)
+    params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
+              "b_dec": np.zeros(4, np.float32)}
+    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
+                                   tmp_path / "e")
+    weights = out / sparsify.WEIGHTS_FILE
+    tensorfile.write(weights, {k: (v * 10).astype(np.int32)
+                               for k, v in tensorfile.read(weights).items()})
+    with pytest.raises(ExportError, match=r"sae\.safetensors: encoder\.weight is int32, "
+                                          "expected floating point weights"):
+        sparsify.read_sparsify(out)

@@ -116,7 +116,9 @@ def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAECon
     # the variance about the mean of all the tokens, as `jaxsae eval` computes it
     total_var = s[5] - float(np.sum(sum_x**2)) / n
     return {"tokens": n, "l0_topk": s[0] / n, "l0_jumprelu": s[1] / n,
-            "recall_of_topk_codes": s[2] / max(s[0], 1), "precision": s[2] / max(s[1], 1),
+            # (a ratio with nothing to count is null, not 0: fault testing)
+            "recall_of_topk_codes": s[2] / s[0] if s[0] else None,
+            "precision": s[2] / s[1] if s[1] else None,
             "explained_variance_topk": evaluate.explained_variance(s[3], total_var, s[5]),
             "explained_variance_jumprelu": evaluate.explained_variance(s[4], total_var, s[5])}
 

@@ -184,3 +184,26 @@ def test_a_run_directory_given_for_its_sae_is_pointed_to_it(run_copy, small_data
     refused(["eval", str(run_copy), "--data", str(small_data)], capsys,
             match=f"missing cfg.json (not a SAELens export; a training run's SAE is "
                   f"{run_copy / 'sae'})", unchanged=[run_copy])
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda c: c["metadata"].update(training_architecture_details=[1]),
+     "metadata.training_architecture_details must be a JSON object or null, got [1]"),
+    (lambda c: c["jaxsae"].update(optim=[1]), "jaxsae.optim must be a JSON object or null"),
+    (lambda c: c["jaxsae"].update(optim={"batch_size": 0}),
+     "jaxsae.optim.batch_size must be a positive integer or null, got 0"),
+])
+def test_import_refuses_a_damaged_training_record_in_one_line(edit, match, run_copy,
+                                                              small_data, tmp_path, capsys):
+    """(fault testing: each was a traceback; `metadata: null` too, which now reads as none)"""
+    sae = _sae(run_copy, tmp_path)
+    cfg = json.loads((sae / CFG_FILE).read_text())
+    edit(cfg)
+    (sae / CFG_FILE).write_text(json.dumps(cfg))
+    refused(["import", str(sae), "--out", str(tmp_path / "imported"), "--data", str(small_data)],
+            capsys, unchanged=[sae], match=f"{sae / CFG_FILE}: {match}")
+    cfg["metadata"] = None
+    cfg["jaxsae"].pop("optim", None)
+    (sae / CFG_FILE).write_text(json.dumps(cfg))
+    assert cli.main(["import", str(sae), "--out", str(tmp_path / "imported"), "--data",
+                     str(small_data)]) == 0
