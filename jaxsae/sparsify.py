@@ -25,14 +25,17 @@ WEIGHTS_FILE = "sae.safetensors"
 
 
 def is_sparsify(path: str | Path) -> bool:
-    """Whether `path` looks like a sparsify SAE (its cfg.json has `num_latents` and `k`)."""
+    """Whether `path` looks like a sparsify SAE: its cfg.json sizes the SAE sparsify's way
+    (`num_latents` or `expansion_factor`) and names no SAELens `architecture`. (Not whether
+    it is whole: `read_sparsify` names a missing `k` or weights file; fault testing: they
+    were reported as a SAELens cfg.json without its architecture.)"""
     path = Path(path)
     try:
         cfg = json.loads((path / CFG_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return (isinstance(cfg, dict) and "num_latents" in cfg and "k" in cfg
-            and (path / WEIGHTS_FILE).is_file())
+    return (isinstance(cfg, dict) and "architecture" not in cfg
+            and ("num_latents" in cfg or "expansion_factor" in cfg))
 
 
 def check_exportable(sae_cfg: SAEConfig, dtype: str = "float32") -> None:
@@ -93,6 +96,8 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig, n
         raise ExportError(f"{file}: d_in and k must be positive integers")
     d_sae = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
     weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ExportError(f"{weights}: not found (a sparsify SAE's weights)")
     try:
         raw = tensorfile.read(weights)
     except DataError as e:

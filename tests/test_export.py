@@ -477,3 +477,23 @@ def test_a_sparsify_directory_of_integer_weights_is_refused_naming_the_tensor(tm
     with pytest.raises(ExportError, match=r"sae\.safetensors: encoder\.weight is int32, "
                                           "expected floating point weights"):
         sparsify.read_sparsify(out)
+
+
+def test_a_sparsify_directory_missing_a_part_is_named_as_sparsify(tmp_path):
+    """(fault testing: without its weights file or its k, a sparsify directory was read as a
+    SAELens one and refused for a cfg.json 'missing architecture')"""
+    from jaxsae import sparsify
+
+    W = np.eye(8, 4, dtype=np.float32)
+    params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
+              "b_dec": np.zeros(4, np.float32)}
+    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
+                                   tmp_path / "e")
+    (out / sparsify.WEIGHTS_FILE).unlink()
+    with pytest.raises(ExportError, match=r"e/sae\.safetensors"):
+        load_sae(out)
+    cfg = json.loads((out / "cfg.json").read_text())
+    del cfg["k"]
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="d_in and k must be positive integers"):
+        load_sae(out)
