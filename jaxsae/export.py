@@ -432,7 +432,7 @@ def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
                    metadata={"converted_from": f"sparsify {sae_dir}"},
                    training={"loss": [{"term": "mse"}]})
         return _write_import(converted, run_dir, data, overrides, overwrite=overwrite,
-                             inputs=(sae_dir, data), keep=converted)
+                             inputs=(sae_dir, data), keep=converted, given=sae_dir)
 
 
 IMPORTED_SAE = outputs.IMPORTED_SAE
@@ -444,9 +444,10 @@ _IMPORT_FLAG_KEYS = {"data.path": "--data", "run_dir": "--out", "name": "--out",
 
 
 def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwrite: bool,
-                  inputs: tuple, keep: Path | None = None) -> Path:
+                  inputs: tuple, keep: Path | None = None, given: Path | None = None) -> Path:
     """import_config for a SAELens directory; `keep`: a directory copied into the run as
-    RUN/imported-sae, which the config then starts from."""
+    RUN/imported-sae, which the config then starts from; `given`: the directory the user
+    named, when `sae_dir` is its conversion (for messages)."""
     from jaxsae.config import DataConfig, config_from_dict
     from jaxsae.data import open_source
     from jaxsae.parsing import apply_override
@@ -455,8 +456,8 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     loaded = load_sae(sae_dir)
     source = open_source(DataConfig(path=str(data)))
     if source.d_in != cfg["d_in"]:
-        raise ExportError(f"{data}: d_in {source.d_in} does not match {sae_dir} "
-                          f"(d_in {cfg['d_in']})")
+        raise ExportError(f"{data}: d_in {source.d_in} does not match {given or sae_dir} "
+                          f"(d_in {cfg['d_in']})")  # (not a temporary conversion's name)
     settings = training_settings(cfg)
     n_train = source.n_tokens - DataConfig().held_out(source.n_tokens)
     batch = int(settings["optim"].get("batch_size", 4096))

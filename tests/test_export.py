@@ -497,3 +497,18 @@ def test_a_sparsify_directory_missing_a_part_is_named_as_sparsify(tmp_path):
     (out / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="d_in and k must be positive integers"):
         load_sae(out)
+
+
+def test_importing_sparsify_onto_data_of_another_width_names_the_directory(small_data,
+                                                                           tmp_path):
+    """(fault testing: the refusal named the temporary conversion, gone by then)"""
+    from jaxsae import sparsify
+    from jaxsae.export import import_config
+
+    W = np.eye(8, 4, dtype=np.float32)
+    params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
+              "b_dec": np.zeros(4, np.float32)}
+    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
+                                   tmp_path / "e")
+    with pytest.raises(ExportError, match=rf"d_in 16 does not match {out} \(d_in 4\)"):
+        import_config(out, tmp_path / "run", small_data)
