@@ -473,7 +473,7 @@ def circle_metrics(params: sae.Params, cfg: SAEConfig, directions: np.ndarray, *
         "rows_per_plane_histogram": {int(v): int(n) for v, n in zip(values, counts, strict=True)},
         "planes_covered": float(np.mean(per_plane > 0)),
         "rows_per_covered_plane": float(per_plane[per_plane > 0].mean()) if per_plane.any()
-        else 0.0,
+        else None,  # (no plane covered: nothing to count; fault testing found 0.0)
         "rows_in_planes": int(belongs.any(axis=0).sum()),
         "circle_explained_variance": float(np.mean(np.concatenate(evs))),
     }

@@ -478,6 +478,12 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         "optim": {**settings["optim"], "batch_size": batch,
                   "total_tokens": min(n_train, 100_000_000) // batch * batch},
     }
+    # a coefficient's ramp from the source's (longer) run is shortened to this run's length
+    # (fault testing: an import onto small data refused the config it had written)
+    steps = tree["optim"]["total_tokens"] // batch
+    tree["loss"] = [{**term, "warmup_steps": min(term["warmup_steps"], steps)}
+                    if isinstance(term, dict) and is_positive_int(term.get("warmup_steps"))
+                    else term for term in tree["loss"]]
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
         if key in _IMPORT_FLAG_KEYS:

@@ -299,6 +299,10 @@ def test_circle_metrics():
     assert r["rows_in_planes"] == 5
     # circle 0 reconstructed exactly, the others partly at best
     assert 0.25 < r["circle_explained_variance"] < 0.75
+    # rows in no plane: no plane covered, and rows per covered plane undefined (it read 0.0)
+    none = evaluate.circle_metrics(_sae(W[-1:].T, W[-1:]), SAEConfig(d_sae=1), directions,
+                                   radius=1.5)
+    assert none["planes_covered"] == 0.0 and none["rows_per_covered_plane"] is None
 
 
 def test_truth_report_refuses_other_data(small_hierarchy, tmp_path):

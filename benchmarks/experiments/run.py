@@ -123,8 +123,9 @@ def _group_cos(row, group_size=2) -> float:
 
 def circles(cfg, rows) -> tuple[bool, list[str]]:
     by = {r["arm"]: r for r in rows}
-    ratio = by["relu_16x"]["rows_per_covered_plane"] / max(
-        by["relu_8x"]["rows_per_covered_plane"], 1e-9)
+    per_plane = {arm: r["rows_per_covered_plane"] or 0.0 for arm, r in by.items()}  # (null:
+    # no plane covered)
+    ratio = per_plane["relu_16x"] / max(per_plane["relu_8x"], 1e-9)
     dup, perp = _group_cos(by["group"]), _group_cos(by["group_orthogonal"])
     split = 1.5 <= ratio <= 2.5
     groups = dup > 0.9 and perp < 0.1
@@ -132,7 +133,7 @@ def circles(cfg, rows) -> tuple[bool, list[str]]:
              "abs(cos) |", "| --- | ---: | ---: | ---: | ---: |"]
     for arm, r in by.items():
         gc = f"{_group_cos(r):.3f}" if arm.startswith("group") else "—"
-        lines.append(f"| {arm} | {r['planes_covered']:.3f} | {r['rows_per_covered_plane']:.2f} "
+        lines.append(f"| {arm} | {r['planes_covered']:.3f} | {per_plane[arm]:.2f} "
                      f"| {r['circle_explained_variance']:.3f} | {gc} |")
     return split and groups, [
         *lines,

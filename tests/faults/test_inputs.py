@@ -207,3 +207,17 @@ def test_import_refuses_a_damaged_training_record_in_one_line(edit, match, run_c
     (sae / CFG_FILE).write_text(json.dumps(cfg))
     assert cli.main(["import", str(sae), "--out", str(tmp_path / "imported"), "--data",
                      str(small_data)]) == 0
+
+
+def test_import_shortens_a_ramp_longer_than_its_run(run_copy, small_data, tmp_path, capsys):
+    """(fault testing: the source's loss.l1.warmup_steps 50, longer than the fine-tune on small
+    data, made import refuse the config it had just built)"""
+    sae = _sae(run_copy, tmp_path)
+    cfg = json.loads((sae / CFG_FILE).read_text())
+    cfg["jaxsae"]["loss"][1]["warmup_steps"] = 100_000
+    (sae / CFG_FILE).write_text(json.dumps(cfg))
+    run = tmp_path / "imported"
+    assert cli.main(["import", str(sae), "--out", str(run), "--data", str(small_data)]) == 0
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    steps = written["optim"]["total_tokens"] // written["optim"]["batch_size"]
+    assert written["loss"][1]["warmup_steps"] == steps
