@@ -713,10 +713,10 @@ def test_the_tie_cut_decides_for_the_whole_sweep():
     plain = rng.standard_normal((8, 64)).astype(np.float32)  # no ties
     copies = np.tile(rng.standard_normal(64).astype(np.float32), (8, 1))  # ties overshoot
     k = 3
-    dense = jax.vmap(lambda v: batchtopk(v, k, sweep_axis="sweep"), axis_name="sweep")
-    listed = jax.vmap(lambda v: kernels.batch_top_k_entries(v, k, slots=8 * k,
-                                                            sweep_axis="sweep"),
-                      axis_name="sweep")
+    dense = jax.jit(jax.vmap(lambda v: batchtopk(v, k, sweep_axis="sweep"), axis_name="sweep"))
+    listed = jax.jit(jax.vmap(lambda v: kernels.batch_top_k_entries(v, k, slots=8 * k,
+                                                                    sweep_axis="sweep"),
+                              axis_name="sweep"))
     for pair in ((plain, copies), (plain, plain)):
         stacked = jnp.asarray(np.stack(pair))
         acts, thresholds = dense(stacked)
