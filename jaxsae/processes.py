@@ -109,32 +109,42 @@ def agree(mine: str, differences: Callable[[str], str | None]) -> None:
     if jax.process_index() == 0:
         buffer[:] = np.frombuffer(text, np.uint8)
     theirs = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)).decode()
-    note = differences(theirs) if jax.process_index() else None
-    message = np.zeros(_MESSAGE_BYTES, np.uint8)
-    if note:
-        encoded = note.encode()[:_MESSAGE_BYTES]
-        message[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-    notes = np.asarray(multihost_utils.process_allgather(message), np.uint8)
-    for index, row in enumerate(notes.reshape(-1, _MESSAGE_BYTES)):
-        if row.any():
-            line = bytes(row).rstrip(b"\0").decode(errors="replace")
-            raise ConfigError(f"process {index} was not given what process 0 was: {line}; "
-                              "start every process of a run with the same config and data")
+    first = _first_line(differences(theirs) if jax.process_index() else None)
+    if first is not None:
+        index, line = first
+        raise ConfigError(f"process {index} was not given what process 0 was: {line}; "
+                          "start every process of a run with the same config and data")
 
 
-def _encoded(error: Exception | None) -> np.ndarray:
-    """An error's one-line message as a fixed-size buffer for a collective (zeros: none)."""
+def _encoded(text: str | None) -> np.ndarray:
+    """A one-line message as a fixed-size buffer for a collective (zeros: none)."""
     message = np.zeros(_MESSAGE_BYTES, np.uint8)
-    if error is not None:
-        text = (str(error) if isinstance(error, JaxsaeError)
-                else describe_os_error(error) if isinstance(error, OSError)
-                else f"{type(error).__name__}: {error}").encode()[:_MESSAGE_BYTES - 1]
-        message[:len(text) + 1] = np.frombuffer(text + b"\0", np.uint8)
+    if text:
+        data = text.encode()[:_MESSAGE_BYTES - 1]
+        message[:len(data) + 1] = np.frombuffer(data + b"\0", np.uint8)
     return message
 
 
 def _decoded(message: np.ndarray) -> str:
     return bytes(np.asarray(message, np.uint8)).split(b"\0")[0].decode(errors="replace")
+
+
+def _error_line(error: Exception | None) -> str | None:
+    if error is None:
+        return None
+    return (str(error) if isinstance(error, JaxsaeError)
+            else describe_os_error(error) if isinstance(error, OSError)
+            else f"{type(error).__name__}: {error}")
+
+
+def _first_line(line: str | None) -> tuple[int, str] | None:
+    """Every process's `line` (None: nothing to say) gathered: the first process that said
+    something, and what."""
+    lines = np.asarray(multihost_utils.process_allgather(_encoded(line)), np.uint8)
+    for index, message in enumerate(lines.reshape(-1, _MESSAGE_BYTES)):
+        if message.any():
+            return index, _decoded(message)
+    return None
 
 
 def on_process_0(work: Callable[[], T]) -> T | None:
@@ -149,7 +159,7 @@ def on_process_0(work: Callable[[], T]) -> T | None:
             error = e
     if jax.process_count() > 1:
         failed, message = multihost_utils.broadcast_one_to_all(
-            (np.asarray(error is not None), _encoded(error)))
+            (np.asarray(error is not None), _encoded(_error_line(error))))
         if bool(failed) and error is None:
             raise JaxsaeError(f"{_decoded(message)} (on process 0)")
     if error is not None:
@@ -167,10 +177,9 @@ def on_every_process(work: Callable[[], T]) -> T:
     except Exception as e:  # handed on below, then raised here as it was
         error = e
     if jax.process_count() > 1:
-        messages = np.asarray(multihost_utils.process_allgather(_encoded(error)), np.uint8)
-        for index, message in enumerate(messages.reshape(-1, _MESSAGE_BYTES)):
-            if message.any() and error is None:
-                raise JaxsaeError(f"{_decoded(message)} (on process {index})")
+        first = _first_line(_error_line(error))
+        if first is not None and error is None:
+            raise JaxsaeError(f"{first[1]} (on process {first[0]})")
     if error is not None:
         raise error
     return result
