@@ -124,7 +124,7 @@ def foreign_entries(path: Path) -> list[str] | None:
         listed = mark.get("files")
         if not isinstance(listed, dict):
             return None
-        known: dict[str, Any] = {**listed, MARKER: None}
+        known: dict[str, Any] = {**listed, MARKER: None, LOCK_FILE: None}  # (`move_locked_staging`)
     elif output_kind(path) == "sae":
         known = dict.fromkeys(SAELENS_FILES)  # (no marker: its cfg.json records the others)
     else:
@@ -572,14 +572,21 @@ def publish(staging: Path, target: str | Path, kind: str, *, overwrite: bool = F
     remove_stale_staging(target)
     check_target(given, kind, overwrite=overwrite, inputs=inputs, flag=flag)
     write_marker(staging, kind, inventory=True, leave_out=[LOCK_FILE])
-    # From here a staging without its lock and with the final marker is no interrupted write
-    # the next call recognises: no signal acts before it is in place (fault testing: a
-    # SIGTERM while the inventory was written left OUT.partial refused by every later call).
     interrupts.check_terminated()  # (one that came before: the staging stays resumable)
-    with interrupts.deferred():
-        (staging / LOCK_FILE).unlink(missing_ok=True)  # (`resumable_staging`'s, still held)
-        replace_directory(staging, target)
+    move_locked_staging(staging, target)
     return target
+
+
+def move_locked_staging(staging: Path, target: Path) -> None:
+    """Renames a resumable write's complete `staging` (`lock_staging`'s, its lock still held)
+    to `target`. The lock goes with the directory and is removed from its new place, and no
+    signal acts in between: a staging is never without its lock, which a later call would
+    not take over (fault testing: killed between removing it and renaming, OUT.partial was
+    refused by every later call). A SIGKILL before that removal leaves a `.lock` in the
+    output, which no reader minds."""
+    with interrupts.deferred():
+        replace_directory(staging, target)
+        (target / LOCK_FILE).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -378,12 +378,6 @@ class ShardWriter:
         (self.staging / MANIFEST).write_text(manifest.to_json())
         outputs.check_target(self.out, "shards", overwrite=self.overwrite, inputs=self.inputs)
         interrupts.check_terminated()
-        # The lock goes with the directory and is removed from its new place: a staging is
-        # never without its lock, which a later call would not take over (fault testing:
-        # killed between removing it and renaming, DIR.partial was refused for good). A
-        # SIGKILL before that removal leaves a `.lock` in the output, which no reader minds.
-        with interrupts.deferred():
-            outputs.replace_directory(self.staging, self.out)
-            (self.out / LOCK_FILE).unlink(missing_ok=True)  # (held until released below)
+        outputs.move_locked_staging(self.staging, self.out)
         self._lock.release()
         return self.out

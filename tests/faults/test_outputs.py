@@ -422,6 +422,35 @@ def test_a_signal_while_a_resumable_output_is_published_leaves_it_resumable(tmp_
     assert not (target / ".lock").exists()
 
 
+def test_a_resumable_output_killed_as_it_is_renamed_is_taken_over(tmp_path, monkeypatch):
+    """A publish stopped just before its rename (SIGKILL: no cleanup runs, as here) leaves
+    the staging with its lock, so the next call takes it over (it unlinked the lock first, and
+    every later call refused OUT.partial as not jaxsae's); a `.lock` left in an output by a
+    kill just after the rename is no foreign file."""
+    import pytest
+
+    from jaxsae import outputs
+
+    target = tmp_path / "out"
+
+    def killed(new, old):
+        raise SystemExit(137)
+
+    with (pytest.raises(SystemExit),
+          outputs.resumable_staging(target, "thing", {"seed": 1}) as partial):
+        (partial / "x").write_text("first")
+        monkeypatch.setattr(outputs, "replace_directory", killed)
+        outputs.publish(partial, target, "thing")
+    monkeypatch.undo()
+    assert not target.exists() and (partial / ".lock").is_file()
+    with outputs.resumable_staging(target, "thing", {"seed": 1}) as again:
+        (again / "x").write_text("second")
+        outputs.publish(again, target, "thing")
+    assert (target / "x").read_text() == "second" and not partial.exists()
+    (target / ".lock").write_text("")  # (killed between the rename and the lock's removal)
+    assert outputs.foreign_entries(target) == []
+
+
 def test_a_replaced_output_that_cannot_be_removed_is_named(tmp_path, capsys, monkeypatch):
     """(fault testing: a set-aside `.out.old-…` that could not be deleted was left silently)"""
     from jaxsae import outputs
