@@ -17,6 +17,7 @@ that are missing, misshapen, not floating point, or not finite.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shlex
@@ -484,13 +485,25 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     tree["loss"] = [{**term, "warmup_steps": min(term["warmup_steps"], steps)}
                     if isinstance(term, dict) and is_positive_int(term.get("warmup_steps"))
                     else term for term in tree["loss"]]
+    as_read = copy.deepcopy(tree)
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
         if key in _IMPORT_FLAG_KEYS:
             raise ConfigError(f"override {key}: set by {_IMPORT_FLAG_KEYS[key]}, not as an "
                               "override")
         apply_override(tree, assignment)
-    config = config_from_dict(tree)
+    try:
+        config = config_from_dict(tree)
+    except ConfigError as e:
+        # a bad training setting of the cfg.json (no override of it): the file is named
+        # (fault testing: the message named a config key the user never wrote)
+        try:
+            config_from_dict(as_read)
+        except ConfigError as first:
+            if str(first) == str(e):
+                raise ConfigError(f"{given or sae_dir}/cfg.json: its training settings give "
+                                  f"{e}; correct the file, or override that key") from None
+        raise
     check_run(config)
     check_init_from(sae_dir if keep is not None else config.init_from, config.sae)
     source_name = inputs[0]

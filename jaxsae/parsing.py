@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Hashable, Mapping, Sequence
@@ -191,9 +192,9 @@ def override_value(dotted: str, text: str) -> Any:
 
 
 def assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Sets `a.b.c` in a config tree (list items by position or name, see `list_index`),
-    creating missing mappings."""
-    parts = dotted.split(".")
+    """Sets `a.b.c` in a config tree (list items by position or name, see `list_index`; a
+    position also as `a[1].c`, how errors name list items), creating missing mappings."""
+    parts = re.sub(r"(?<=[^.\[])\[(-?\d+)\]", r".\1", dotted).split(".")
     if not all(parts):
         raise ConfigError(f"override {dotted!r}: empty key segment")
     node: Any = tree

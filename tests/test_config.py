@@ -78,6 +78,9 @@ def test_dotted_overrides(preset):
     assert cfg.loss[1].warmup_steps == 10  # the rest of the item is kept
     assert cfg.loss[0].coefficient == 1.0
     assert cfg.sae.d_sae == 128 and type(cfg.sae.d_sae) is int
+    # a list item also as errors name it (fault testing: `loss[1].coefficient`, copied from
+    # an error, was an unknown key)
+    assert load_config(preset, ["loss[1].coefficient=3"]).loss[1].coefficient == 3.0
     assert cfg.sae.activation == "relu"  # siblings in the section are kept
     assert cfg.optim.batch_size == 256
 

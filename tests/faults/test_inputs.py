@@ -209,6 +209,25 @@ def test_import_refuses_a_damaged_training_record_in_one_line(edit, match, run_c
                      str(small_data)]) == 0
 
 
+def test_import_names_the_cfg_json_for_a_bad_training_setting(run_copy, small_data,
+                                                              tmp_path, capsys):
+    """(fault testing: a cfg.json's negative coefficient was refused as `loss[1].coefficient`,
+    a key the user never wrote); an override of that key fixes it."""
+    sae = _sae(run_copy, tmp_path)
+    cfg = json.loads((sae / CFG_FILE).read_text())
+    cfg["jaxsae"]["loss"][1]["coefficient"] = -5
+    (sae / CFG_FILE).write_text(json.dumps(cfg))
+    out = tmp_path / "imported"
+    refused(["import", str(sae), "--out", str(out), "--data", str(small_data)], capsys,
+            unchanged=[sae], match=f"{sae / CFG_FILE}: its training settings give "
+                                   "loss[1].coefficient: must be >= 0")
+    refused(["import", str(sae), "--out", str(out), "--data", str(small_data),
+             "loss[1].coefficient=-1"], capsys, unchanged=[sae],
+            match="error: loss[1].coefficient: must be >= 0, got -1")
+    assert cli.main(["import", str(sae), "--out", str(out), "--data", str(small_data),
+                     "loss[1].coefficient=0.5"]) == 0
+
+
 def test_import_shortens_a_ramp_longer_than_its_run(run_copy, small_data, tmp_path, capsys):
     """(fault testing: the source's loss.l1.warmup_steps 50, longer than the fine-tune on small
     data, made import refuse the config it had just built)"""
