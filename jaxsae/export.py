@@ -87,10 +87,11 @@ def export_sae(
     overwrite: bool = False,
     inputs: tuple[str | Path, ...] = (),
 ) -> Path:
-    """Writes `params` (jaxsae SAE parameters) as a SAELens directory at `out`, atomically.
+    """Writes `params` (jaxsae SAE parameters) as a SAELens directory at `out`, atomically,
+    with sparsity.safetensors when `log10_firing` (`evaluate.log10_firing` of the latents'
+    firing frequencies, measured on tokens) is given: no file rather than made-up values.
     An existing `out` is replaced if it is an export jaxsae wrote, holding nothing else (or
-    with `overwrite`; see
-    `outputs.check_target`, which also protects `inputs`)."""
+    with `overwrite`; see `outputs.check_target`, which also protects `inputs`)."""
     stored = _export_dtype(dtype)
     kind = activations.get(sae_cfg.activation)
     host = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
@@ -126,15 +127,13 @@ def export_sae(
                    **(training or {})},
         **kind.export_cfg(sae_cfg),
     }
-    if log10_firing is None:
-        log10_firing = np.full(d_sae, -10.0, np.float32)
-
     with outputs.staged_directory(out, "sae", overwrite=overwrite, inputs=inputs,
                                   marker=False) as staging:
         tensorfile.write(staging / WEIGHTS_FILE, weights, metadata={"format": "pt"})
-        tensorfile.write(staging / SPARSITY_FILE,
-                         {"sparsity": np.asarray(log10_firing, np.float32)},
-                         metadata={"format": "pt"})
+        if log10_firing is not None:
+            tensorfile.write(staging / SPARSITY_FILE,
+                             {"sparsity": np.asarray(log10_firing, np.float32)},
+                             metadata={"format": "pt"})
         outputs.record_sae_files(staging, cfg_json)  # (what a later replacement checks)
         (staging / CFG_FILE).write_text(outputs.json_text(cfg_json, indent=2))  # (NaN: null)
     return Path(out)

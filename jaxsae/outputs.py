@@ -158,7 +158,7 @@ def record_sae_files(directory: Path, cfg_json: dict[str, Any]) -> None:
     an edited or replaced file (`foreign_entries`)."""
     found = file_inventory(directory, digests=True)
     own = cfg_json["jaxsae"]
-    own["files"] = {name: found[name] for name in SAELENS_FILES[1:]}
+    own["files"] = {name: found[name] for name in SAELENS_FILES[1:] if name in found}
     own[_DIGEST] = _cfg_digest(cfg_json)
 
 

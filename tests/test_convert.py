@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from conftest import SMALL_SPEC
+from safetensors.numpy import load_file
 
 from jaxsae import cli, export
 from jaxsae.analysis import convert
@@ -87,6 +88,9 @@ def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path,
     assert report["recall_of_topk_codes"] == pytest.approx((kept & fires).sum() / kept.sum(),
                                                            rel=1e-3)
     assert report["precision"] == pytest.approx((kept & fires).sum() / fires.sum(), rel=1e-3)
+    # each latent's firing on these tokens (fault testing: every latent written as dead, -10)
+    np.testing.assert_allclose(_sparsity(out / "sae"),
+                               np.log10(fires.mean(0) + 1e-10), atol=2e-3)
     # explained variance about the mean of all 4096 tokens (not of each block of 1024)
     codes = np.where(kept, pre, 0.0)
     sse = np.sum((x - codes @ topk["W_dec"] - topk["b_dec"]) ** 2)
@@ -104,6 +108,13 @@ def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path,
     md = (tmp_path / "frank" / "frankenstein.md").read_text()
     assert "converted to JumpReLU" in md and "recall_of_topk_codes" in md
     assert rows[-1]["architecture"] == "jumprelu" and rows[-1]["d_sae"] >= 24
+    # the stitched SAE's sparsity, measured on the tokens its row of the table evaluates
+    frequency = 10.0 ** _sparsity(tmp_path / "frank" / "stitched") - 1e-10
+    assert frequency.sum() == pytest.approx(rows[-1]["l0"], rel=1e-4)
+
+
+def _sparsity(sae_dir):
+    return load_file(str(sae_dir / "sparsity.safetensors"))["sparsity"].astype(np.float64)
 
 
 def test_convert_refuses_data_too_short_to_calibrate(small_data, tmp_path):

@@ -191,6 +191,11 @@ def test_cosine_matrix():
     assert cos.shape == (3, 3)
     s = np.sqrt(0.5)
     np.testing.assert_allclose(cos, [[0, 1, 0], [1, 0, 0], [s, s, 0]], atol=1e-12)
+    # float32 rows equal to a true direction: |cos| never above 1, so neither is an mcc
+    # (fault testing: 1 + 7e-9)
+    rows = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    assert np.all(np.diag(cosine_matrix(rows, rows)) <= 1.0)
+    assert feature_recovery(rows, rows)["mcc"] <= 1.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,9 +153,10 @@ def test_sparsity_file(tmp_path):
     assert sparsity["sparsity"].dtype == np.float32
     np.testing.assert_array_equal(sparsity["sparsity"], firing)
 
-    default = tensorfile.read(export_sae(params, cfg, tmp_path / "b") / SPARSITY_FILE)
-    assert default["sparsity"].shape == (D_SAE,)
-    np.testing.assert_array_equal(default["sparsity"], np.full(D_SAE, -10.0, np.float32))
+    # none measured, none written (it was -10 for every latent: all dead, to SAELens users)
+    unmeasured = export_sae(params, cfg, tmp_path / "b")
+    assert not (unmeasured / SPARSITY_FILE).exists()
+    assert load_sae(unmeasured).sae.d_sae == D_SAE
 
 
 def test_unit_decoder_rows_read_back_as_unit_from_bfloat16(small_data, tmp_path):
@@ -247,7 +248,7 @@ def test_export_replaces_an_existing_directory(tmp_path):
     with pytest.raises(OutputError, match=r"holds files jaxsae did not write \(nested/, "
                                           r"stale.txt\)"):
         export_sae(second, second_cfg, out)  # files the user added: never replaced silently
-    export_sae(second, second_cfg, out, overwrite=True)
+    export_sae(second, second_cfg, out, overwrite=True, log10_firing=np.zeros(D_SAE))
     assert sorted(p.name for p in out.iterdir()) == sorted([CFG_FILE, WEIGHTS_FILE,
                                                             SPARSITY_FILE])
     assert [p.name for p in parent.iterdir()] == ["sae"]  # no temporary or old directories

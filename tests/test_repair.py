@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from jaxsae import cli, export
 from jaxsae.analysis import repair
@@ -90,6 +91,11 @@ def test_repair_undoes_absorption(absorbed, capsys):
     assert (out / "analysis" / "latents.csv").exists()
     assert "| after |" in (out / "repair.md").read_text()
     assert "eval_l0" not in json.loads((out / "sae" / export.CFG_FILE).read_text())["metadata"]
+    # its latents' firing, measured on the tokens `after` evaluates (fault testing: every
+    # latent written as dead, -10)
+    sparsity = load_file(str(out / "sae" / "sparsity.safetensors"))["sparsity"]
+    assert np.sum(10.0 ** sparsity.astype(np.float64) - 1e-10) == pytest.approx(after["l0"],
+                                                                                 rel=1e-4)
 
 
 def test_bad_input_changes_nothing(absorbed, capsys):

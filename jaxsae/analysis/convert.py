@@ -98,20 +98,22 @@ def _compare_pass(params_a, cfg_a, params_b, cfg_b, x):
     err_a = jnp.sum((x - sae.decode(params_a, fa, x)) ** 2)
     err_b = jnp.sum((x - sae.decode(params_b, fb, x)) ** 2)
     return (jnp.stack([jnp.sum(on_a), jnp.sum(on_b), jnp.sum(on_a & on_b), err_a, err_b,
-                       jnp.sum(x * x)]), jnp.sum(x, axis=0))
+                       jnp.sum(x * x)]), jnp.sum(x, axis=0), jnp.sum(on_b, axis=0))
 
 
 def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAEConfig,
-            blocks: Iterable[np.ndarray]) -> dict[str, float]:
-    """How the converted SAE's codes differ from the TopK SAE's on `blocks`."""
+            blocks: Iterable[np.ndarray]) -> dict[str, Any]:
+    """How the converted SAE's codes differ from the TopK SAE's on `blocks`; with its latents'
+    `firing_frequency` there."""
     a = jax.tree.map(jnp.asarray, loaded.params)
     b = jax.tree.map(jnp.asarray, params)
-    s, sum_x, n = np.zeros(6), 0.0, 0
+    s, sum_x, fires, n = np.zeros(6), 0.0, 0, 0
     for x in blocks:
-        sums, column_sums = jax.device_get(
+        sums, column_sums, fired = jax.device_get(
             _compare_pass(a, loaded.sae, b, cfg, jnp.asarray(x, jnp.float32)))
         s += np.asarray(sums, np.float64)
         sum_x = sum_x + np.asarray(column_sums, np.float64)
+        fires = fires + np.asarray(fired, np.int64)
         n += len(x)
     # the variance about the mean of all the tokens, as `jaxsae eval` computes it
     total_var = s[5] - float(np.sum(sum_x**2)) / n
@@ -120,7 +122,8 @@ def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAECon
             "recall_of_topk_codes": s[2] / s[0] if s[0] else None,
             "precision": s[2] / s[1] if s[1] else None,
             "explained_variance_topk": evaluate.explained_variance(s[3], total_var, s[5]),
-            "explained_variance_jumprelu": evaluate.explained_variance(s[4], total_var, s[5])}
+            "explained_variance_jumprelu": evaluate.explained_variance(s[4], total_var, s[5]),
+            "firing_frequency": fires / n}
 
 
 def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int | None = None,
@@ -161,13 +164,15 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int | None 
                    enabled=progress, desc="convert")
     threshold = calibrate(loaded.params, loaded.sae, lambda: calibration.blocks(bar.update))
     params, cfg = as_jumprelu(loaded, threshold)
+    compared = compare(loaded, params, cfg, evaluation.blocks(bar.update))
+    frequency = compared.pop("firing_frequency")
     report = {"sae": str(Path(sae_dir).absolute()), "calibration_tokens": calibration.kept,
-              **compare(loaded, params, cfg, evaluation.blocks(bar.update)),
-              **evaluation.report()}
+              **compared, **evaluation.report()}
     bar.close()
     with outputs.staged_directory(out, "convert", overwrite=overwrite,
                                   inputs=(sae_dir, data)) as staging:
         export.export_sae(params, cfg, staging / "sae",
+                          log10_firing=evaluate.log10_firing(frequency),
                           metadata=hub.without_evaluation(loaded.cfg_json.get("metadata", {})),
                           training={"converted_from": str(sae_dir), "k": loaded.sae.k,
                                     **trained_drop(loaded.cfg_json)})

@@ -231,6 +231,9 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
                              saes=[loaded.cfg_json], rule=drop_norm_above,
                              batch_size=batch_size)
     n = loaded.params["W_dec"].shape[0]
+    if n < 2:  # (fault testing: a traceback where the taxonomy read a first neighbour)
+        raise JaxsaeError(f"{sae_dir}: has {n} latent; its feature geometry (neighbours, "
+                          "partners, planes) needs at least 2")
     bar = Progress((3 if optimality else 2) * window.tokens, unit="tok", unit_scale=True,
                    enabled=progress, desc="analyze")
 

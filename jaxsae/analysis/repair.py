@@ -119,9 +119,10 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
             keep=window.keep_fn)
         for label, one, truth_metrics in zip(("before", "after"), sums, truths, strict=True):
             metrics = one.result()
-            metrics.pop("firing_frequency")
+            frequency = metrics.pop("firing_frequency")  # (the last: the repaired SAE's)
             report[label] = {**metrics, **truth_metrics}
         export.export_sae(params, loaded.sae, staging / "sae",
+                          log10_firing=evaluate.log10_firing(frequency),
                           metadata=hub.without_evaluation(loaded.cfg_json.get("metadata", {})),
                           training={"repaired_from": str(sae_dir), "pairs": len(pairs),
                                     **trained_drop(loaded.cfg_json)})

@@ -493,7 +493,11 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
         # the members' training tokens in the data the stitched SAE names (its first member's)
         trained = (trained_end([s.cfg_json for s in saes], where)
                    if isinstance(where := metadata.get("dataset_path"), str) else None)
+        # evaluated first: its export's sparsity.safetensors is measured on these tokens
+        measured = evaluate.reconstruction_metrics(params, cfg, window.blocks())
         stitched = export.export_sae(params, cfg, work / "stitched", metadata=metadata,
+                                     log10_firing=evaluate.log10_firing(
+                                         measured["firing_frequency"]),
                                      training={"stitched_from": [str(d) for d in sae_dirs],
                                                "threshold": threshold, **dropped,
                                                **({} if trained is None
@@ -520,12 +524,13 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
         shutil.copytree(final, work / "sae")
 
         rows = []
-        named = [*((str(d), s) for d, s in zip(sae_dirs, saes, strict=True)),
-                 ("frankenstein (stitched)", export.load_sae(stitched))]
+        named = [*((str(d), s, None) for d, s in zip(sae_dirs, saes, strict=True)),
+                 ("frankenstein (stitched)", export.load_sae(stitched), measured)]
         if final != stitched:
-            named.append(("frankenstein (decoder retrained)", export.load_sae(final)))
-        for name, loaded in named:
-            m = evaluate.reconstruction_metrics(loaded.params, loaded.sae, window.blocks())
+            named.append(("frankenstein (decoder retrained)", export.load_sae(final), None))
+        for name, loaded, m in named:
+            if m is None:
+                m = evaluate.reconstruction_metrics(loaded.params, loaded.sae, window.blocks())
             rows.append({"sae": name, "d_sae": loaded.params["W_dec"].shape[0],
                          "architecture": loaded.cfg_json["architecture"], "l0": m["l0"],
                          "mse": m["mse"], "explained_variance": m["explained_variance"]})

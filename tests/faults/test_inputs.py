@@ -180,6 +180,24 @@ def test_analysis_flags_that_would_do_nothing_or_name_a_file_are_refused(run_cop
     assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
 
 
+def test_analysis_of_a_single_latent_is_refused_in_one_line(small_data, tmp_path, capsys):
+    """(fault testing: analyze and repair of a d_sae 1 SAE ended in a traceback)"""
+    from jaxsae.config import DataConfig, SAEConfig
+    from jaxsae.data import open_source
+    from jaxsae.export import export_sae
+
+    d_in = open_source(DataConfig(path=str(small_data))).d_in
+    rng = np.random.default_rng(0)
+    one = export_sae({"W_enc": rng.normal(size=(d_in, 1)), "W_dec": rng.normal(size=(1, d_in)),
+                      "b_enc": np.zeros(1), "b_dec": np.zeros(d_in)}, SAEConfig(d_sae=1),
+                     tmp_path / "one")
+    for command in ("analyze", "repair"):
+        refused([command, str(one), "--data", str(small_data), "--out",
+                 str(tmp_path / command), "--no-progress"], capsys, unchanged=[one],
+                match=f"{one}: has 1 latent; its feature geometry")
+        assert not (tmp_path / command).exists()
+
+
 def test_a_run_directory_given_for_its_sae_is_pointed_to_it(run_copy, small_data, capsys):
     refused(["eval", str(run_copy), "--data", str(small_data)], capsys,
             match=f"missing cfg.json (not a SAELens export; a training run's SAE is "
