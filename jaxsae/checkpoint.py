@@ -1,11 +1,12 @@
 """Orbax checkpoints of a run: the train state, the loader position, the resolved config, and
-a checksum of the state.
+a checksum of the state with digests of the other two.
 
 Resume order (one place, one comment): take the newest checkpoint that restores whole (config
-and loader position parse, the state restores, its checksum matches) -> refuse changed keys
-that alter what is computed -> restore the state into the abstract state with its shardings ->
-put the loader at the saved position -> continue with the next step. A checkpoint that does not
-restore is renamed `<step>.corrupt` (never deleted) and the one before it is tried.
+and loader position parse and match their digests, the state restores, its checksum matches)
+-> refuse changed keys that alter what is computed -> restore the state into the abstract state
+with its shardings -> put the loader at the saved position -> continue with the next step. A
+checkpoint that does not restore is renamed `<step>.corrupt` (never deleted) and the one before
+it is tried.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 checkpoint interrupted mid-write is never picked up; what such a save leaves behind is renamed
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -97,6 +99,12 @@ def state_checksum(state: Any) -> jax.Array:
 
     leaves = [leaf(a) for a in jax.tree.leaves(state)]
     return jnp.stack(leaves) if leaves else jnp.zeros((0,), jnp.uint32)
+
+
+def json_digest(value: Any) -> str:
+    """sha256 of a JSON value as JSON reads it back (key order aside)."""
+    text = json.dumps(json.loads(json.dumps(value)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class Checkpointer:
@@ -197,14 +205,17 @@ class Checkpointer:
         self.wait()  # orbax would wait for the previous save anyway; this reports its failure
         self._last_save = time.monotonic()
         checksum = np.asarray(jax.device_get(state_checksum(state))).tolist()
+        config_tree = config.to_dict()
         with self._writing(step):
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
                     loader=ocp.args.JsonSave(loader_state),
-                    config=ocp.args.JsonSave(config.to_dict()),
-                    checksum=ocp.args.JsonSave({"state": checksum}),
+                    config=ocp.args.JsonSave(config_tree),
+                    checksum=ocp.args.JsonSave({"state": checksum,
+                                                "loader": json_digest(loader_state),
+                                                "config": json_digest(config_tree)}),
                 ),
                 force=True,
             )
@@ -231,10 +242,10 @@ class Checkpointer:
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             raise CorruptCheckpoint(step, f"the state does not restore ({_os_reason(e)})") \
                 from None
-        expected = self._checksum(step)
-        if expected is not None:
+        record = self._checksum(step)
+        if record is not None:
             got = np.asarray(jax.device_get(state_checksum(state))).tolist()
-            if got != expected:
+            if got != list(record["state"]):
                 raise CorruptCheckpoint(step, "the state's checksum does not match (damaged "
                                               "files)")
         return Restored(step=step, loader=loader, config=config, state=state)
@@ -251,16 +262,26 @@ class Checkpointer:
         except Exception as e:
             raise CorruptCheckpoint(step, f"its loader position or config does not read "
                                           f"({_os_reason(e)})") from None
+        # (fault testing: an edited loader position resumed without a word, and the run was
+        # no longer the one an uninterrupted run would have been)
+        record = self._checksum(step) or {}
+        for name, value in (("loader position", loader), ("config", raw)):
+            expected = record.get(name.split()[0])
+            if expected is not None and expected != json_digest(value):
+                raise CorruptCheckpoint(step, f"its {name} does not match its checksum "
+                                              "(damaged files)")
         try:
             return dict(loader), config_from_dict(raw)
         except JaxsaeError as e:
             raise CorruptCheckpoint(step, f"its saved config is not valid ({e})") from None
 
-    def _checksum(self, step: int) -> list[int] | None:
-        """The state checksum saved with `step` (None for checkpoints written before jaxsae
-        saved one: their orbax metadata names no checksum item). A checksum missing from a
-        checkpoint saved with one is damage (fault testing: deleting it let a damaged state
-        restore unchecked)."""
+    def _checksum(self, step: int) -> dict[str, Any] | None:
+        """The checksum record saved with `step`: the state's checksum ("state") and the
+        digests of its loader position and config ("loader", "config"; not in checkpoints
+        written before 2026-12-06). None for checkpoints written before jaxsae saved one:
+        their orbax metadata names no checksum item. A checksum missing from a checkpoint
+        saved with one is damage (fault testing: deleting it let a damaged state restore
+        unchecked)."""
         if not (self.directory / str(step) / "checksum").is_dir():
             items = _saved_items(self.directory / str(step))
             if items is not None and "checksum" not in items:
@@ -269,7 +290,10 @@ class Checkpointer:
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(checksum=ocp.args.JsonRestore()))
-            return list(restored.checksum["state"])
+            record = restored.checksum
+            if not (isinstance(record, dict) and isinstance(record.get("state"), list)):
+                raise ValueError("not a checksum record")
+            return record
         except Exception as e:
             raise CorruptCheckpoint(step, f"its checksum does not read ({_os_reason(e)})") \
                 from None

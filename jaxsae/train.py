@@ -488,6 +488,7 @@ def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None,
     that did not exist either), None if it existed."""
     _check_run_dir(run_dir, data)
     _check_data_outside_outputs(run_dir, dirs, {"data.path": data, "data.target": target})
+    _check_run_files(run_dir, dirs)
     _check_sae_dirs(run_dir, dirs)
     _check_finished_without_checkpoints(run_dir, dirs)
     missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
@@ -563,6 +564,24 @@ def _is_run_config(path: Path) -> bool:
     except (JaxsaeError, OSError):
         return False
     return True
+
+
+def _check_run_files(run_dir: Path, dirs: Sequence[Path]) -> None:
+    """Refuses, before any training, a run directory where something else stands in for its
+    checkpoints/ or for a file training writes (fault testing: a file named checkpoints made
+    training start over, dropping the steps metrics.jsonl had logged, and fail at its first
+    save; a directory named eval.json failed the run after its export)."""
+    checkpoints = run_dir / "checkpoints"
+    if (checkpoints.is_symlink() and not checkpoints.exists()) or (
+            checkpoints.exists() and not checkpoints.is_dir()):
+        raise ConfigError(f"run_dir {run_dir}: checkpoints is not a directory; training keeps "
+                          "its checkpoints there: move it away")
+    for directory in dict.fromkeys((run_dir, *dirs)):
+        for name in outputs.RUN_FILES:
+            path = directory / name
+            if path.exists() and not path.is_file():
+                raise ConfigError(f"run_dir {run_dir}: {path.relative_to(run_dir)} is not a "
+                                  "file; training writes it: move it away")
 
 
 def _check_sae_dirs(run_dir: Path, dirs: Sequence[Path]) -> None:

@@ -44,13 +44,22 @@ def _flip_bytes_without_checksum(ckpt: Path) -> None:
     shutil.rmtree(ckpt / "checksum")
 
 
+def _moved_loader_position(ckpt: Path) -> None:
+    """(fault testing: a lane's position edited by a few tokens resumed without a word, and
+    the run no longer ended as an uninterrupted one)"""
+    meta = ckpt / "loader" / "metadata"
+    loader = json.loads(meta.read_text())
+    loader["lanes"][-1][-1] -= 8
+    meta.write_text(json.dumps(loader))
+
+
 def _weights(sae: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in
             tensorfile.read(sae / "sae_weights.safetensors").items()}
 
 
 @pytest.mark.parametrize("damage", [_flip_bytes, _truncate, _junk_config, _no_state,
-                                    _flip_bytes_without_checksum])
+                                    _flip_bytes_without_checksum, _moved_loader_position])
 def test_resume_falls_back_past_a_damaged_checkpoint(damage, trained_run, run_copy, small_data,
                                                      tmp_path, capsys):
     damage(run_copy / "checkpoints" / "24")

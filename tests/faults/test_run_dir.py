@@ -206,6 +206,26 @@ def test_an_sae_dir_training_would_replace_is_checked_before_training(run_copy, 
     assert cli.main(["train", str(config), "--no-progress"]) == 0
 
 
+def test_a_run_whose_files_are_of_the_wrong_kind_is_refused_before_training(run_copy,
+                                                                          small_data, tmp_path,
+                                                                          capsys):
+    """(fault testing: a file named checkpoints made training start over, dropping the steps
+    metrics.jsonl had logged, then fail at its first save; a directory named eval.json
+    failed the run after its export)"""
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy,
+                          optim={"total_tokens": 256 * 32})
+    (run_copy / "checkpoints").rename(tmp_path / "moved")
+    (run_copy / "checkpoints").write_text("")
+    refused(["train", str(config), "--no-progress"], capsys, unchanged=[run_copy],
+            match=f"run_dir {run_copy}: checkpoints is not a directory")
+    (run_copy / "checkpoints").unlink()
+    (tmp_path / "moved").rename(run_copy / "checkpoints")
+    (run_copy / "eval.json").unlink()
+    (run_copy / "eval.json").mkdir()
+    refused(["train", str(config), "--no-progress"], capsys, unchanged=[run_copy],
+            match=f"run_dir {run_copy}: eval.json is not a file; training writes it")
+
+
 @contextlib.contextmanager
 def _read_only(directory: Path):
     """`directory` made read-only for this process: without write permission, or, for root
