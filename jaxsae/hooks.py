@@ -35,18 +35,27 @@ class Interrupted(JaxsaeError):
         self.exit_code = exit_code
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drops lines logged after the checkpoint, so the resumed file reads like one run."""
+def truncate_metrics(path: Path, step: int) -> str | None:
+    """Drops lines logged after the checkpoint, so the resumed file reads like one run; what
+    to tell the user when a resumed run's log lacks steps before it (the file is gone, or
+    lines that do not read were dropped), else None."""
     if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+        return (f"{path}: not found; the resumed run logs the steps after {step} only"
+                if step else None)
+    kept, unreadable = [], 0
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by a kill
+            # the last line cut by a kill goes quietly: a kill cuts one logged after the
+            # checkpoint, which is dropped anyway
+            unreadable += i < len(lines) - 1
     atomic_write(path, "".join(k + "\n" for k in kept))
+    if unreadable:
+        return f"{path}: dropped {unreadable} line(s) that do not read as JSON metrics"
+    return None
 
 
 class LoopHook:

@@ -356,7 +356,9 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 atomic_write(directory / "config.yaml", member.to_yaml())
             # metrics.jsonl reads like one run: lines logged after the checkpoint (or, for a
             # fresh start, by an attempt killed before its first checkpoint) are dropped.
-            truncate_metrics(directory / "metrics.jsonl", start)
+            said = truncate_metrics(directory / "metrics.jsonl", start)
+            if said:
+                log(said)
 
     processes.on_process_0(write_configs)
 

@@ -405,3 +405,21 @@ def test_a_signal_during_the_last_save_stops_before_the_export(small_data, tmp_p
     monkeypatch.setattr(Checkpointer, "save", real)
     assert cli.main(["train", str(config), "--no-progress"]) == 0
     assert (tmp_path / "run" / "sae" / "cfg.json").is_file()
+
+
+def test_a_resumed_run_says_when_its_log_lacks_steps(run_copy, small_data, tmp_path, capsys):
+    """(fault testing: a metrics.jsonl deleted, or with a damaged line, was rewritten without
+    those steps and not a word said)"""
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy)
+    metrics = run_copy / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0][:10], *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    assert (f"{metrics}: dropped 1 line(s) that do not read as JSON metrics"
+            in capsys.readouterr().out)
+    assert metrics.read_text().splitlines() == lines[1:]
+    metrics.unlink()
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    assert (f"{metrics}: not found; the resumed run logs the steps after 24 only"
+            in capsys.readouterr().out)
