@@ -189,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
         install_signal_handlers()
     clear_terminated()
-    name = "jaxsae"  # until the command is known
+    name, again = "jaxsae", ""  # until the command is known
     try:
         cmd = parse(argv)
         name = " ".join(("jaxsae", *cmd.words))
+        if cmd.resumes:  # (fault testing: a Ctrl-C as a run evaluated said only "aborted")
+            again = "; run the same command again to continue where it stopped"
         return _run(cmd, name)
     except UsageError as e:
         print(f"{' '.join(('jaxsae', *e.words))}: error: {e}", file=sys.stderr)
@@ -200,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `jaxsae synth superposition --help | head`
         return _reader_gone()
     except Terminated:
-        print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
+        print(f"{name}: terminated (SIGTERM){again}", file=sys.stderr)
         clear_terminated()
         if as_program:
             _exit_now(128 + signal.SIGTERM)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print(f"{name}: aborted", file=sys.stderr)
+        print(f"{name}: aborted{again}", file=sys.stderr)
         clear_terminated()
         if as_program:
             _exit_now(130)

@@ -46,6 +46,9 @@ class Command:
 
     words: ClassVar[tuple[str, ...]] = ()
     """How it is called: ("train",), ("stitch", "compare"); set by `@command`."""
+    resumes: ClassVar[bool] = False
+    """Whether the same command, run again after an interruption, continues where it stopped
+    (said when Ctrl-C or SIGTERM stops it)."""
     choices: ClassVar[tuple[str, tuple[str, ...]] | None] = None
     """A command whose first argument is one of several words (`synth`'s generators): what
     they are called and the words, for an error that names an unknown one."""

@@ -20,6 +20,8 @@ class Bench(Command):
     (L0 vs explained variance with Pareto frontiers, mcc vs L0, absorption vs L0). Rerunning
     resumes and skips finished arms."""
 
+    resumes = True
+
     config: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CONFIG")]
     """bench YAML (see configs/bench/)"""
     overrides: Overrides = ()

@@ -22,6 +22,8 @@ class Cache(Command):
     extra `lm`: pip install 'jaxsae[lm]'). Each window of --context tokens starts with BOS;
     rerunning an interrupted command resumes it."""
 
+    resumes = True
+
     model: str
     """Hugging Face model directory, hub name, or .gguf file"""
     layer: Annotated[int, tyro.conf.arg(metavar="L")]

@@ -63,6 +63,8 @@ class Frankenstein(AnalysisInputs, Command):
     the threshold, retrain only the decoder (encoder frozen) and export to OUT/sae;
     frankenstein.md compares width, L0 and MSE with the family."""
 
+    resumes = True
+
     saes: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(metavar="SAE_DIR",
                     help_behavior_hint="(required)")]
     """the family: two or more SAEs (ReLU, JumpReLU, BatchTopK, or TopK: converted to JumpReLU

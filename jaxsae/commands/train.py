@@ -21,6 +21,8 @@ class Train(Command):
     latest checkpoint. A sweep (`sweep:` in the config, or sweep.KEY=[values] overrides) trains
     several SAEs in one vmapped step on one data stream."""
 
+    resumes = True
+
     config: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CONFIG")]
     """YAML config (see configs/)"""
     overrides: Overrides = ()

@@ -423,3 +423,22 @@ def test_a_resumed_run_says_when_its_log_lacks_steps(run_copy, small_data, tmp_p
     assert cli.main(["train", str(config), "--no-progress"]) == 0
     assert (f"{metrics}: not found; the resumed run logs the steps after 24 only"
             in capsys.readouterr().out)
+
+
+def test_ctrl_c_after_the_last_step_says_the_command_continues(run_copy, small_data, tmp_path,
+                                                               capsys, monkeypatch):
+    """(fault testing: a Ctrl-C while a finished run evaluated and exported said only
+    "aborted", where the same command finishes it)"""
+    from jaxsae import export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy)
+    monkeypatch.setattr(export, "export_sae", interrupted)
+    capsys.readouterr()
+    assert cli.main(["train", str(config), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip().endswith(
+        "jaxsae train: aborted; run the same command again to continue where it stopped")
+    monkeypatch.undo()
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
