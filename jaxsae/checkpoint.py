@@ -40,10 +40,9 @@ from jax.experimental import multihost_utils
 from jaxsae.config import (
     CheckpointConfig,
     Config,
-    changed_keys,
+    changes_of,
     config_from_dict,
     is_mutable_on_resume,
-    leaf,
 )
 from jaxsae.errors import JaxsaeError
 
@@ -478,16 +477,17 @@ def _quiet_orbax_background_errors() -> None:
 
 def check_resume_compatible(saved: Config, current: Config, where: Path) -> None:
     """Refuses to resume when a key that changes the computation differs, naming the key."""
-    bad = [k for k in changed_keys(saved, current) if not is_mutable_on_resume(k)]
+    bad = [(k, a, b) for k, a, b in changes_of(saved.to_dict(), current.to_dict())
+           if not is_mutable_on_resume(k)]
     if bad:
-        old, new = saved.to_dict(), current.to_dict()
-
         def short(value: Any) -> str:
             text = repr(value)
             return text if len(text) <= 60 else text[:57] + "..."
 
-        changes = ", ".join(f"{k} ({short(leaf(old, k))} in the checkpoint, "
-                            f"{short(leaf(new, k))} now)" for k in bad)
+        changes = ", ".join(f"{k} ({short(a)} in the checkpoint, {short(b)} now)"
+                            for k, a, b in bad[:3])
+        if len(bad) > 3:  # (a sweep's points: the line grew with every SAE)
+            changes += f" and {len(bad) - 3} more"
         raise JaxsaeError(
             f"{where}: cannot resume with a changed {changes}; restore them, or start a new "
             "run with another name/run_dir")

@@ -643,25 +643,16 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     """Dotted keys whose values differ between two configs (leaves only). Lists of sections
     of the same length (the loss terms) are compared entry by entry and named as an override
     names them (`loss.1.coefficient`)."""
-    return changed_keys_of(old.to_dict(), new.to_dict())
+    return [key for key, _, _ in changes_of(old.to_dict(), new.to_dict())]
 
 
-def leaf(tree: Any, key: str) -> Any:
-    """The value at dotted `key` of a config's `to_dict()` (a list entry by its index), as
-    `changed_keys` names it; None where there is none."""
-    for part in key.split(".") if key else ():
-        if isinstance(tree, dict):
-            tree = tree.get(part)
-        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
-            tree = tree[int(part)]
-        else:
-            return None
-    return tree
-
-
-def changed_keys_of(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """`changed_keys` of two configs' `to_dict()` trees."""
-    out: list[str] = []
+def changes_of(old: Mapping[str, Any], new: Mapping[str, Any]
+               ) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value; None where a tree has none) of each `changed_keys` key of
+    two configs' `to_dict()` trees.
+    (The values come with the keys: a sweep point's keys hold dots, `sweep.1.sae.k`, so a key
+    cannot be looked up again by splitting it; fault testing found both values None.)"""
+    out: list[tuple[str, Any, Any]] = []
 
     def walk(a: Any, b: Any, key: str):
         if isinstance(a, dict) and isinstance(b, dict):
@@ -672,7 +663,7 @@ def changed_keys_of(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
             for i, (u, v) in enumerate(zip(a, b, strict=True)):
                 walk(u, v, f"{key}.{i}")
         elif a != b:
-            out.append(key)
+            out.append((key, a, b))
 
     walk(old, new, "")
     return out

@@ -34,7 +34,7 @@ from jaxsae.checkpoint import (
     foreign_steps,
 )
 from jaxsae.checks import check_run
-from jaxsae.config import Config, changed_keys_of, leaf, load_config
+from jaxsae.config import Config, changes_of, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, dropped_tokens, lanes_of_process
@@ -124,13 +124,13 @@ def _agree_on_config(cfg: Config) -> None:
 
     def differences(theirs: str) -> str | None:
         other = json.loads(theirs)
-        keys = changed_keys_of(mine, other)
-        if not keys:
+        changes = changes_of(mine, other)
+        if not changes:
             return None
-        more = (f" (and {len(keys) - 1} more key{'s' if len(keys) > 2 else ''})"
-                if len(keys) > 1 else "")
-        return (f"{keys[0]} is {leaf(mine, keys[0])!r} there, {leaf(other, keys[0])!r} on "
-                f"process 0{more}")
+        more = (f" (and {len(changes) - 1} more key{'s' if len(changes) > 2 else ''})"
+                if len(changes) > 1 else "")
+        key, here, there = changes[0]
+        return f"{key} is {here!r} there, {there!r} on process 0{more}"
 
     processes.agree(json.dumps(mine, sort_keys=True), differences)
 

@@ -314,6 +314,22 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
     with pytest.raises(JaxsaeError, match=r"a changed sae\.d_sae \(64 in the checkpoint, 32 "
                                           r"now\); restore them"):
         train_mod.train(changed, progress=False)
+    # a sweep point's keys hold dots (fault testing: both values read None), and a line
+    # names three changes at most (it grew with every SAE)
+    from jaxsae.checkpoint import check_resume_compatible
+    from jaxsae.config import load_config
+
+    def swept(*overrides):
+        return load_config(None, ["data.path=/d", "sae.activation=topk", "sae.k=4",
+                                  "sweep.sae.k=[4,8]", "sweep.optim.lr=[0.1]", *overrides])
+
+    with pytest.raises(JaxsaeError, match=r"a changed sweep\.1\.sae\.k \(8 in the checkpoint, "
+                                          r"16 now\); restore"):
+        check_resume_compatible(swept(), swept("sweep.sae.k=[4,16]"), tmp_path)
+    with pytest.raises(JaxsaeError, match=r"sweep\.0\.optim\.lr \(0\.1 in the checkpoint, 0\.2 "
+                                          r"now\) and 2 more; restore"):
+        check_resume_compatible(swept(), swept("sweep.sae.k=[5,16]", "sweep.optim.lr=[0.2]",
+                                               "seed=3"), tmp_path)
     # Logging and checkpoint cadence may change: the finished run just re-exports.
     relogged = small_config(small_data, tmp_path / "run", log={"every_steps": 2})
     assert train_mod.train(relogged, progress=False).step == 24
