@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -107,6 +108,10 @@ class BenchConfig:
                 if key in overrides:
                     raise ConfigError(f"arms.{arm}.{key}: set by the bench (its name, and "
                                       "out/<arm>); remove it")
+            for where, tree in ((f"arms.{arm}", overrides), ("base", self.base)):
+                if "seed" in tree:  # (fault testing: replaced by the seeds without a word)
+                    raise ConfigError(f"{where}.seed: the bench's seeds (top level) set "
+                                      "every SAE's seed; list it there")
             tree = _merge(dict(self.base), dict(overrides))
             tree["name"] = f"{self.name}-{arm}"
             tree["run_dir"] = str(self.directory / arm)
@@ -138,6 +143,9 @@ def _with_seeds(sweep: Any, seeds: tuple[int, ...], key: str) -> Any:
             raise ConfigError(f"{key}.seed: set seeds at the top level of the bench config")
         return {**sweep, "seed": list(seeds)}
     if isinstance(sweep, list):
+        if any(isinstance(p, Mapping) and "seed" in p for p in sweep):
+            raise ConfigError(f"{key}: a point sets seed; set seeds at the top level of the "
+                              "bench config (each point is crossed with them)")
         return [{**p, "seed": s} for p in sweep for s in seeds]
     raise ConfigError(f"{key}: expected a mapping or a list of points")
 
@@ -161,6 +169,15 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" in assignment and rest is not None and isinstance(arms, dict):
         name = max((n for n in arms if isinstance(n, str) and "." in n
                     and (rest == n or rest.startswith(n + "."))), key=len, default=None)
+        first = rest.split(".")[0]
+        if name is None and "." in rest and first not in arms:  # a key of an arm there is
+            # not (fault testing: a misspelt arm was added, trained from the base alone)
+            names = [str(n) for n in arms]
+            close = difflib.get_close_matches(first, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"override {dotted.strip()}: no arm named {first!r}{hint}; arms: "
+                              f"{', '.join(names) or 'none'} (a new arm is given whole: "
+                              f"arms.{first}={{...}})")
         if name is not None:
             key, value = rest[len(name) + 1:], override_value(dotted, text)
             if not key:

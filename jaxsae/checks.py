@@ -30,12 +30,24 @@ def check_run(cfg: Config) -> None:
     for name in {name for point in cfg.sweep.points for name in point}:
         if name == "sae.k" and not activations.get(cfg.sae.activation).has_k:
             raise ConfigError(f"sweep.sae.k: sae.activation {cfg.sae.activation} has no k")
-    for i, (member, point) in enumerate(zip(cfg.sweep_configs(), cfg.sweep.points,
-                                            strict=True)):
+    members = cfg.sweep_configs()
+    for i, (member, point) in enumerate(zip(members, cfg.sweep.points, strict=True)):
         try:
             _check_sae(member)
         except ConfigError as e:
+            if all(_refusal(other) == str(e) for other in members):  # the shared config's
+                # (fault testing: a base config's error was blamed on the sweep's first SAE)
+                raise ConfigError(f"{e} (every SAE of the sweep)") from None
             raise ConfigError(f"sweep SAE {i} ({sweep_label(point)}): {e}") from None
+
+
+def _refusal(cfg: Config) -> str | None:
+    """What `_check_sae` refuses of `cfg` (None: nothing)."""
+    try:
+        _check_sae(cfg)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 # Activations a transcoder may use: those whose codes SAELens's transcoder classes compute

@@ -71,6 +71,14 @@ def test_an_override_reaches_an_arm_whose_name_holds_dots(tmp_path):
     assert arms["a.b"].sae.k == 2 and [p["sae.k"] for p in arms["a.b"].sweep.points][::2] == [
         1, 3]
     assert arms["a"].sae.k == 3 and arms["c.d"].sae.d_sae == 4
+    # an arm that is not there is named, not added (fault testing: a misspelt arm trained
+    # from the base alone); a new arm is given whole
+    with pytest.raises(ConfigError, match=r"override arms\.ab\.sae\.k: no arm named 'ab' "
+                                          r"\(did you mean 'a\.b'\?\)"):
+        bench.load_bench_config(_write(tmp_path, tree), ["arms.ab.sae.k=2"])
+    cfg = bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path)),
+                                  ["arms.e={sae: {d_sae: 5}}"])
+    assert cfg.arm_configs()["e"].sae.d_sae == 5
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -84,6 +92,12 @@ def test_an_override_reaches_an_arm_whose_name_holds_dots(tmp_path):
     *(({"arms": {name: {}}}, r"an arm's name is its directory's")
       for name in ("../escaped", ".", "a/b", ".hidden")),
     ({"arms": {"x": {"run_dir": "/elsewhere"}}}, r"arms\.x\.run_dir: set by the bench"),
+    # (fault testing: a seed of an arm, of the base or of a sweep point was replaced by the
+    # bench's seeds without a word)
+    ({"arms": {"x": {"seed": 7}}}, r"arms\.x\.seed: the bench's seeds \(top level\) set"),
+    ({"base": {"seed": 7}}, r"^base\.seed: the bench's seeds"),
+    ({"arms": {"x": {"sweep": [{"seed": 3}, {"sae.k": 2}]}}},
+     r"arms\.x\.sweep: a point sets seed"),
     # (fault testing: a 300-character name was an OS error, after the bench's directory was made)
     ({"arms": {"x" * 300: {}}}, r"arms\.x{40}\.\.\.: .* at most 100 characters, not 300"),
     # nor one of the bench's own files (the arm would train, then its tables could not be written)

@@ -120,6 +120,17 @@ def test_sweeping_k_needs_an_activation_with_k():
         check_run(config_from_dict(tree))
 
 
+def test_an_error_of_the_shared_config_is_not_blamed_on_one_sae():
+    """(fault testing: AuxK on matching pursuit, refused for every SAE of a sweep of k, was
+    reported as SAE 0's)"""
+    tree = _tree(sweep={"sae.k": [2, 4]})
+    tree["sae"] = {"d_sae": 64, "activation": "matching_pursuit", "k": 2}
+    tree["loss"] = [{"term": "mse"}, {"term": "auxk"}]
+    with pytest.raises(ConfigError, match=r"^loss\[1\]: term 'auxk' needs an encoder .* \(every "
+                                          r"SAE of the sweep\)$"):
+        check_run(config_from_dict(tree))
+
+
 # ---------------------------------------------------------------------------------------------
 # The vmapped step against single SAEs
 
