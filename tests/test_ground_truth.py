@@ -60,6 +60,22 @@ def test_hierarchy_structure_and_firing(tmp_path):
     np.testing.assert_allclose(x, codes @ truth.directions, rtol=1e-6, atol=1e-6)
 
 
+def test_a_parent_whose_magnitude_clips_to_zero_has_no_children_firing(tmp_path):
+    """(fault testing: with magnitude_std > 0, a parent drawn at or below 0 was silent and its
+    children fired; 12,387 orphan firings in 50,000 tokens); P(child | parent fires) stays."""
+    _, truth = _generate(tmp_path, kind="hierarchy", n_trees=4, branching=2, depth=3,
+                         probs=[0.5, 0.4, 0.5], magnitudes=[0.5, 1.0, 1.0], magnitude_std=1.0,
+                         d_in=32, tokens=16384)
+    parent = truth.arrays["parent"]
+    on = truth.codes(0, truth.spec.tokens) > 0
+    children = np.flatnonzero(parent >= 0)
+    assert on[:, :4].mean() < 0.5 * 0.8  # roots clip (P(N(0.5, 1) <= 0) = 0.31)
+    assert not np.any(on[:, children] & ~on[:, parent[children]])
+    kids = children[:8]  # P(a child fires | its parent fires) is as drawn, before its clip
+    given = on[:, kids].sum() / on[:, parent[kids]].sum()
+    assert 0.4 * 0.84 * 0.9 < given < 0.4 * 0.84 * 1.1  # (its own clip: P(N(1, 1) > 0) = .84)
+
+
 def test_hierarchy_small_preset(tmp_path):
     gen, spec = synthetic.parse_spec({"kind": "hierarchy_small", "tokens": 20000})
     assert (spec.n_trees, spec.branching, spec.depth, spec.d_in) == (1, 2, 2, 20)

@@ -71,14 +71,16 @@ class SuperpositionSpec:
     tokens: int = 1_048_576
     """Number of tokens to write."""
     mean_l0: float = 4.0
-    """Expected number of active features per token."""
+    """Expected number of active features per token (of the roots, with a transcoder's
+    children; a magnitude_std comparable to the magnitudes lowers it: see there)."""
     zipf_exponent: float = 0.5
     """Firing probabilities fall off as rank^-exponent (0: all equal)."""
     magnitude_mean: float = 1.0
     """Mean magnitude of an active feature (the median over features, with magnitude_spread)."""
     magnitude_std: float = 0.1
-    """Standard deviation of the magnitude (clipped at 0); scaled with each feature's mean
-    when magnitude_spread > 0."""
+    """Standard deviation of the magnitude, clipped at 0 (a feature drawn at 0 or below does
+    not fire: a std comparable to the mean lowers the rates, truth's firing_prob and mean_l0
+    being those before the clip); scaled with each feature's mean when magnitude_spread > 0."""
     magnitude_spread: float = 0.0
     """Per-feature mean magnitudes: magnitude_mean · exp(spread · N(0, 1)) (0: all equal)."""
     correlation_rank: int = 0
@@ -238,7 +240,9 @@ class HierarchySpec:
     magnitudes: tuple[float, ...] = (1.0, 1.0)
     """Per level: mean magnitude of an active feature (a child may be stronger than its parent)."""
     magnitude_std: float = 0.0
-    """Standard deviation of every magnitude (clipped at 0)."""
+    """Standard deviation of every magnitude, clipped at 0: a feature drawn at 0 or below does
+    not fire (nor do its children), so a std comparable to the magnitudes lowers the firing
+    rates below probs."""
     exclusive: bool = True
     """Siblings are mutually exclusive: at most one child of a parent fires."""
     orthogonal: bool = True
@@ -314,7 +318,14 @@ class HierarchySpec:
             active[:, level == lv] = (on & fires).reshape(n, -1)
         mean = np.asarray(self.magnitudes)[level]
         mags = rng.normal(mean, self.magnitude_std, (n, self.n_features))
-        return (active * np.maximum(mags, 0.0)).astype(np.float32)
+        codes = (active * np.maximum(mags, 0.0)).astype(np.float32)
+        # A parent whose magnitude clipped to 0 does not fire, and so neither do its children,
+        # level by level (fault testing: with magnitude_std > 0 children fired without it).
+        # The draws are the same as before: data whose magnitudes never clip is unchanged.
+        for lv in range(1, self.depth):
+            rows = np.flatnonzero(level == lv)
+            codes[:, rows] *= codes[:, truth["parent"][rows]] > 0
+        return codes
 
     def structure(self) -> dict[str, Any]:
         parent, _ = self.tree()
@@ -339,7 +350,8 @@ class CirclesSpec:
     radius: float = 1.0
     """Radius r of an active circle."""
     radius_std: float = 0.0
-    """Standard deviation of the radius (clipped at 0)."""
+    """Standard deviation of the radius, clipped at 0 (a circle drawn at 0 or below is not
+    active: a std comparable to the radius lowers the rate below prob)."""
     tokens: int = 1_048_576
     """Number of tokens to write."""
     seed: int = 0
@@ -635,7 +647,8 @@ class Truth:
                         "not the one this truth generates (difference "
                         f"{error[first]:.3g} of a typical token's norm; {bad.size:,} of the "
                         f"{n:,} tokens from {at:,} differ): the data was changed after it "
-                        "was written")
+                        "was written, or written by a jaxsae that drew it otherwise (write it "
+                        "again with jaxsae synth)")
 
     def codes(self, start: int, stop: int, *, progress: bool = False) -> np.ndarray:
         """[stop - start, n_features] the true feature activations of tokens [start, stop),
