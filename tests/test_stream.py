@@ -175,6 +175,32 @@ def test_the_streamed_tokens_are_the_written_ones(tmp_path):
         streamed.read(0, 40001)
 
 
+def test_the_printed_synth_command_writes_the_tokens_the_run_evaluated(tmp_path, capsys):
+    """(fault testing: `jaxsae synth` with data.generate's settings and its default --tokens
+    wrote other held-out tokens: a last block shorter than the others is drawn otherwise)"""
+    import json
+    import re
+
+    tree = small_config_dict("", tmp_path / "run", data={"generate": GENERATE, "stream": True,
+                                                         "eval_tokens": 1024})
+    tree["data"].pop("path")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    hint = capsys.readouterr().out.split("the data was streamed")[1]
+    tokens, held = re.findall(r"--tokens (\d+)", hint)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in GENERATE.items() if k != "kind"]
+    assert cli.main(["synth", "--out", str(tmp_path / "d"), "--no-progress",
+                     GENERATE["kind"], *flags, "--tokens", tokens]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run" / "sae"), "--data", str(tmp_path / "d"),
+                     "--truth", str(tmp_path / "d"), "--tokens", held, "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    trained = json.loads((tmp_path / "run" / "eval.json").read_text())
+    for key in ("tokens", "l0", "explained_variance", "mcc"):
+        assert got[key] == pytest.approx(trained[key], rel=1e-5), key
+
+
 def test_settings_that_draw_non_finite_tokens_are_refused_when_streamed(tmp_path):
     """(they reached training, which failed at step 0 advising a lower optim.lr, and left its
     run directory behind)"""

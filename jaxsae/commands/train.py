@@ -37,6 +37,7 @@ class Train(Command):
         import jax
 
         from jaxsae.config import load_config, sweep_label
+        from jaxsae.data.generated import stream_spec
         from jaxsae.data.synthetic import has_truth
         from jaxsae.train import train
 
@@ -60,9 +61,15 @@ class Train(Command):
         else:
             print(f"{what} exported to {result.sae_dir}")
         if cfg.data.stream:
+            # the token count too: a last block shorter than the others is drawn otherwise
+            # (fault testing: the default count's data held other held-out tokens)
+            n = stream_spec(cfg.data.generate, cfg.optim.total_tokens, cfg.data.held_out).tokens
+            ev = members[0].eval
             print("the data was streamed (nothing written); `jaxsae synth "
-                  f"{cfg.data.generate.get('kind')}` with data.generate's settings writes the "
-                  "same tokens, for `jaxsae eval SAE --data DIR --truth DIR`")
+                  f"{cfg.data.generate.get('kind')} --tokens {n}` with data.generate's other "
+                  "settings writes the same tokens, for `jaxsae eval SAE --data DIR --truth "
+                  f"DIR --tokens {ev['tokens'] + ev.get('dropped_tokens', 0)}` (the held-out "
+                  "tokens evaluated here)")
         elif not cfg.sae.transcoder:  # (jaxsae eval does not read transcoders yet)
             data = shlex.quote(str(cfg.data.path))
             ev = members[0].eval
