@@ -79,6 +79,6 @@ class Synth(Command):
             field, _, why = str(e).partition(": ")
             raise ConfigError(f"--{field.replace('_', '-')}: {why}") from None
         out = synthetic.write(spec, self.out, overwrite=self.overwrite,
-                              progress=not self.no_progress)
+                              progress=not self.no_progress, tokens_key="--tokens")
         print(f"wrote {out}")
         return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -395,9 +396,12 @@ class CirclesSpec:
 # Writing, presets, regeneration
 
 
-def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
+def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+          tokens_key: str = "tokens") -> Path:
     """Writes the shards of `spec` plus truth.safetensors and truth.json to `out` (a
-    transcoder's targets: to `out/target`, written and published with it)."""
+    transcoder's targets: to `out/target`, written and published with it). Refused, naming
+    `tokens_key` (how the caller's user sets spec.tokens), when they would not fit on the disk."""
+    check_space(spec, out, tokens_key)
     truth = spec.truth()
     source = truth_json(spec)
     pairs = "input_directions" in truth
@@ -422,6 +426,21 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
         tensorfile.write(writer.staging / TRUTH_TENSORS, truth)
         (writer.staging / TRUTH_JSON).write_text(json.dumps(source, indent=1))
     return Path(out)
+
+
+def check_space(spec, out: str | Path, key: str = "tokens") -> None:
+    """Refuses, naming `key`, shards of `spec` larger than the free space where `out` goes
+    (fault testing: --tokens 10^12 wrote until the disk was full)."""
+    width = spec.d_in + getattr(spec, "d_out", 0)  # (a transcoder's targets too)
+    need = spec.tokens * width * np.dtype(spec.dtype).itemsize
+    place = Path(out).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if need > free:
+        raise ConfigError(f"{key} {spec.tokens:,}: the shards need {need / 2**30:,.1f} GiB, "
+                          f"more than the {free / 2**30:,.1f} GiB free on {place}; write fewer "
+                          "tokens, or elsewhere")
 
 
 def truth_json(spec) -> dict[str, Any]:
@@ -511,7 +530,7 @@ def parse_spec(raw: Mapping[str, Any], *, key: str = "generate") -> tuple[Genera
 
 def generate(raw: Mapping[str, Any], out: str | Path, **kwargs) -> Path:
     _, spec = parse_spec(raw)
-    return write(spec, out, **kwargs)
+    return write(spec, out, tokens_key="data.generate.tokens", **kwargs)
 
 
 def written_spec(source: Any) -> Mapping[str, Any]:

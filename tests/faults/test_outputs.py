@@ -242,6 +242,32 @@ def test_synth_and_cache_targets(tmp_path, capsys):
     assert _leftovers(tmp_path) == []
 
 
+def test_generated_data_larger_than_the_free_space_is_refused_before_writing(tmp_path, capsys,
+                                                                            monkeypatch):
+    """(fault testing: --tokens 10^12 wrote shards until the disk was full)"""
+    import shutil
+    from collections import namedtuple
+
+    import pytest
+
+    from jaxsae.config import config_from_dict
+    from jaxsae.errors import JaxsaeError
+    from jaxsae.train import train
+    from tests.conftest import small_config_dict
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**31, 2**31 - 4096, 4096))
+    refused(["synth", "superposition", "--n-features", "8", "--d-in", "4", "--tokens", "1000",
+             "--no-progress", "--out", str(tmp_path / "sp")], capsys, unchanged=[],
+            match=f"--tokens 1,000: the shards need 0.0 GiB, more than the 0.0 GiB free on "
+                  f"{tmp_path}")
+    tree = small_config_dict(tmp_path / "gen", tmp_path / "run", data={"generate": {
+        "kind": "superposition", "n_features": 8, "d_in": 4, "tokens": 1000}})
+    with pytest.raises(JaxsaeError, match=r"data\.generate\.tokens 1,000: the shards need"):
+        train(config_from_dict(tree), progress=False, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_analysis_outputs_are_staged_and_refuse_foreign_targets(run_copy, small_data, tmp_path,
                                                                 capsys):
     sae = str(run_copy / "sae")
