@@ -126,6 +126,10 @@ def test_presets_and_refusals():
         sb.SynthSAEBenchSpec(preset="tiny", correlation_rank=5000)
     with pytest.raises(ConfigError, match="seed"):
         sb.SynthSAEBenchSpec(seed=-1)
+    # every feature with the same spread (fault testing: refused as "must be > 0")
+    sb.SynthSAEBenchSpec(magnitude_std_std=0.0, magnitude_std_mean=0.0)
+    with pytest.raises(ConfigError, match=r"^magnitude_std_mean: must be >= 0"):
+        sb.SynthSAEBenchSpec(magnitude_std_mean=-1.0)
 
 
 def firing_stats(codes, parent, exclusive, branching):

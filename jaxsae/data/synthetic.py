@@ -118,11 +118,15 @@ class SuperpositionSpec:
             self.magnitude_spread * extra.standard_normal(self.n_features))
         loadings = extra.standard_normal((self.correlation_rank, self.n_features))
         loadings /= np.maximum(np.linalg.norm(loadings, axis=0, keepdims=True), 1e-12)
+        # (magnitudes beyond float32 become inf here: the tokens they draw are refused, in one
+        # line, where they are drawn; fault testing found numpy's warning printed first)
+        with np.errstate(over="ignore"):
+            means32 = means.astype(np.float32)
+            stds32 = (means * (self.magnitude_std / self.magnitude_mean)).astype(np.float32)
         return {"directions": directions,
                 "firing_prob": probs.astype(np.float32),
-                "magnitude_mean": means.astype(np.float32),
-                "magnitude_std": (means * (self.magnitude_std / self.magnitude_mean)
-                                  ).astype(np.float32),
+                "magnitude_mean": means32,
+                "magnitude_std": stds32,
                 "factor_loadings": loadings.astype(np.float32)}
 
     def codes(self, truth: Mapping[str, np.ndarray], rng: np.random.Generator,
@@ -459,8 +463,8 @@ def block_rows(spec, truth: Mapping[str, np.ndarray], block: int, n: int, *,
         x, dense = spec.block(truth, block, n, block_tokens=BLOCK_TOKENS, codes=codes)
         y = None
     else:
-        dense = spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
         with np.errstate(over="ignore", invalid="ignore"):  # (refused below)
+            dense = spec.codes(truth, np.random.default_rng([spec.seed, 1, block]), n)
             x = dense @ truth.get("input_directions", truth["directions"])
             y = (dense @ truth["directions"] + x @ truth["skip"] if "input_directions" in truth
                  else None)

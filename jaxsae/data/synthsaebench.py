@@ -171,7 +171,9 @@ class SynthSAEBenchSpec:
         _need(self.orthogonalize_lr > 0, "orthogonalize_lr", "must be > 0")
         _need(self.magnitude_start > 0 and self.magnitude_end > 0, "magnitude_start",
               "the mean magnitudes (start and end) must be > 0")
-        _need(self.magnitude_std_std > 0, "magnitude_std_std", "must be > 0")
+        _need(self.magnitude_std_mean >= 0, "magnitude_std_mean", "must be >= 0")
+        _need(self.magnitude_std_std >= 0, "magnitude_std_std", "must be >= 0 (0: every "
+              "feature's spread is magnitude_std_mean)")
         _need(self.bias >= 0, "bias", "must be >= 0")
 
     @property

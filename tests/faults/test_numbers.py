@@ -88,6 +88,15 @@ def test_synth_refuses_values_beyond_its_dtype_and_leaves_nothing(tmp_path, caps
             match=f"{out}: activations beyond float16's range (|x| > 65504) in what would be "
                   "shard-00000.npy; write them as float32")
     assert not any(tmp_path.iterdir())  # (no staging directory left either)
+    # magnitudes beyond float32 itself: one line too (numpy's overflow warnings came first)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        refused(["synth", "superposition", "--out", str(out), "--n-features", "16", "--d-in",
+                 "8", "--tokens", "1024", "--magnitude-mean", "1e300", "--no-progress"], capsys,
+                unchanged=[], match="superposition: the settings drew non-finite values")
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_damaged_npy_header_is_one_line(small_data, tmp_path, capsys):
