@@ -18,7 +18,7 @@ class Cache(Command):
     """Cache a language model's activations as shards.
 
     Runs a Hugging Face causal LM over text
-    files up to the hook and write its activations as a jaxsae shard directory (needs the
+    files up to the hook and writes its activations as a jaxsae shard directory (needs the
     extra `lm`: pip install 'jaxsae[lm]'). Each window of --context tokens starts with BOS;
     rerunning an interrupted command resumes it."""
 
