@@ -351,6 +351,8 @@ def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
         return LoadedSAE(params=tensors, d_in=d_in, cfg_json=cfg, d_out=d_out, sae=SAEConfig(
             d_sae=d_sae, activation=kind.name, decoder_norm="free", transcoder=True,
             skip=transcoder[1], **kind.config_from_saelens(cfg)), stored_dtype=stored["W_dec"])
+    if cfg.get("rescale_acts_by_decoder_norm") and kind.has_k and "b_enc" in tensors:
+        _fold_decoder_norms(tensors, weights)
     if not cfg.get("apply_b_dec_to_input", True):
         if "b_enc" not in tensors:
             raise ExportError(f"{path / CFG_FILE}: apply_b_dec_to_input false is not supported "
@@ -361,6 +363,21 @@ def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
                         **kind.config_from_saelens(cfg))
     return LoadedSAE(params=tensors, sae=sae_cfg, d_in=d_in, cfg_json=cfg,
                      stored_dtype=stored["W_dec"])
+
+
+def _fold_decoder_norms(tensors: dict[str, np.ndarray], weights: Path) -> None:
+    """SAELens's `rescale_acts_by_decoder_norm` (its TopK SAEs' training default): the
+    pre-activations are scaled by each decoder row's norm n before the top k are taken, and the
+    codes divided by n before decoding. Folded exactly: W_enc and b_enc times n, W_dec's rows
+    over n (unit). (SAELens's inference save folds it too but keeps the flag; fault testing:
+    every TopK SAE a SAELens run saved was refused.)"""
+    norms = np.linalg.norm(tensors["W_dec"].astype(np.float64), axis=1)
+    if not np.all(norms > 0):
+        raise ExportError(f"{weights}: W_dec row {int(np.argmin(norms))} is all zeros, and "
+                          "rescale_acts_by_decoder_norm divides by each row's norm")
+    tensors["W_enc"] = (tensors["W_enc"] * norms).astype(np.float32)
+    tensors["b_enc"] = (tensors["b_enc"] * norms).astype(np.float32)
+    tensors["W_dec"] = (tensors["W_dec"] / norms[:, None]).astype(np.float32)
 
 
 def _load_sparsify(path: Path) -> LoadedSAE:

@@ -448,10 +448,31 @@ def test_load_refuses_bad_cfg_values(tmp_path, changes, what):
         load_sae(path)
 
 
-def test_load_refuses_rescaled_topk(tmp_path):
-    path = exported(tmp_path, "topk")
+def test_a_topk_sae_with_rescaled_activations_loads_folded(tmp_path):
+    """SAELens's TopK default, rescale_acts_by_decoder_norm: the top k of the pre-activations
+    times each decoder row's norm n, the codes over n decoded (fault testing: refused, so every
+    TopK SAE a SAELens run saved was). Folded: the same codes and reconstructions."""
+    params, cfg = make_sae("topk")
+    rng = np.random.default_rng(3)
+    W_dec = np.asarray(params["W_dec"]) * rng.uniform(0.2, 3.0, (D_SAE, 1))  # not unit rows
+    params = {**params, "W_dec": jnp.asarray(W_dec, jnp.float32)}
+    path = export_sae(params, cfg, tmp_path / "sae")
     edit_cfg(path, rescale_acts_by_decoder_norm=True)
-    with pytest.raises(ExportError, match="rescale_acts_by_decoder_norm"):
+    loaded = load_sae(path)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    x = np.asarray(inputs(), np.float64)
+    n = np.linalg.norm(p["W_dec"], axis=1)
+    hidden = ((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]) * n  # SAELens's, in float64
+    kth = np.sort(hidden, axis=1)[:, -K][:, None]
+    codes = np.where((hidden >= kth) & (hidden > 0), hidden, 0.0)
+    recon = (codes / n) @ p["W_dec"] + p["b_dec"]
+    got = np.asarray(encode(jax.tree.map(jnp.asarray, loaded.params), inputs(), loaded.sae))
+    np.testing.assert_allclose(got, codes, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got @ loaded.params["W_dec"] + loaded.params["b_dec"], recon,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(loaded.params["W_dec"], axis=1), 1.0, atol=1e-6)
+    edit_cfg(path, rescale_acts_by_decoder_norm="yes")
+    with pytest.raises(ExportError, match="rescale_acts_by_decoder_norm' must be true or false"):
         load_sae(path)
 
 

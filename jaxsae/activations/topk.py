@@ -132,8 +132,9 @@ class TopK(Activation):
         if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= cfg_json["d_sae"]:
             raise ConfigError(f"{file}: 'k' must be an integer in 1..d_sae "
                               f"({cfg_json['d_sae']}), got {k!r}")
-        if cfg_json.get("rescale_acts_by_decoder_norm"):
-            raise ConfigError(f"{file}: rescale_acts_by_decoder_norm is not supported")
+        if not isinstance(cfg_json.get("rescale_acts_by_decoder_norm", False), bool):
+            raise ConfigError(f"{file}: 'rescale_acts_by_decoder_norm' must be true or false, "
+                              f"got {cfg_json['rescale_acts_by_decoder_norm']!r}")
 
 
 def _sparse_topk_split(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.Array, k: int,

@@ -3,12 +3,15 @@
     python saelens_side.py JOB.json
 
 JOB.json: {"inputs": "x.npy", "encode": [{"dir": ..., "out": ...}, ...],
-           "make": [{"arch": "standard"|"topk"|"jumprelu"|"gated"|"matching_pursuit",
+           "make": [{"arch": "standard"|"topk"|"topk_rescaled"|"topk_trained"|"jumprelu"|
+                             "gated"|"matching_pursuit",
                      "dir": ..., "out": ..., "d_in": .., "d_sae": .., "k": .., "seed": ..},
                     ...]}
 encode: load each exported directory with SAE.load_from_disk and save its codes and
 reconstruction of the inputs. make: build a SAELens SAE with random weights, save it with
-save_model, and save its codes and reconstruction.
+save_model, and save its codes and reconstruction (topk_rescaled: rescale_acts_by_decoder_norm,
+decoder rows not unit; topk_trained: a TopKTrainingSAE with SAELens's training defaults, saved as
+its runner saves the final SAE, save_inference_model, then read back).
 """
 
 import json
@@ -28,6 +31,8 @@ from sae_lens import (
     StandardSAEConfig,
     TopKSAE,
     TopKSAEConfig,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
 )
 
 
@@ -47,6 +52,12 @@ def make(spec: dict):
         sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
     elif spec["arch"] == "topk":
         sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=spec["k"]))
+    elif spec["arch"] == "topk_rescaled":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=spec["k"],
+                                    rescale_acts_by_decoder_norm=True))
+    elif spec["arch"] == "topk_trained":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=spec["k"]))
+        assert sae.cfg.rescale_acts_by_decoder_norm  # (SAELens's default)
     elif spec["arch"] == "gated":
         sae = GatedSAE(GatedSAEConfig(d_in=d_in, d_sae=d_sae))
     elif spec["arch"] == "matching_pursuit":  # a fixed number of steps, as jaxsae runs it
@@ -63,6 +74,9 @@ def make(spec: dict):
             sae.threshold.copy_(torch.rand(d_sae, generator=gen) * 0.5)
         if spec["arch"] == "matching_pursuit":  # unit rows: r · d is a correlation
             sae.W_dec.copy_(sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True))
+    if spec["arch"] == "topk_trained":
+        sae.save_inference_model(spec["dir"])
+        return SAE.load_from_disk(spec["dir"], device="cpu")
     sae.save_model(spec["dir"])
     return sae
 

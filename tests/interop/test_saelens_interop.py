@@ -164,8 +164,11 @@ def test_bfloat16_export_loads_in_saelens(inputs, tmp_path):
 
 
 def test_saelens_saves_import_with_the_same_codes(inputs, tmp_path, small_data):
-    makes = [{"arch": "standard"}, {"arch": "topk", "k": 6}, {"arch": "jumprelu"},
-             {"arch": "gated"}, {"arch": "matching_pursuit", "k": 5}]
+    # (fault testing: rescale_acts_by_decoder_norm, SAELens's TopK training default, was
+    # refused, so every TopK SAE a SAELens run saved was)
+    makes = [{"arch": "standard"}, {"arch": "topk", "k": 6}, {"arch": "topk_rescaled", "k": 6},
+             {"arch": "topk_trained", "k": 6}, {"arch": "jumprelu"}, {"arch": "gated"},
+             {"arch": "matching_pursuit", "k": 5}]
     np.save(tmp_path / "x.npy", inputs)
     job = {"inputs": str(tmp_path / "x.npy"), "make": [
         {**m, "dir": str(tmp_path / m["arch"]), "out": str(tmp_path / f"{m['arch']}.npz"),
