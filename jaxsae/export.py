@@ -467,16 +467,35 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     named, when `sae_dir` is its conversion (for messages)."""
     from jaxsae.config import DataConfig, config_from_dict
     from jaxsae.data import open_source
+    from jaxsae.data.saelens import activation_columns
+    from jaxsae.data.window import trained_end
     from jaxsae.parsing import apply_override
 
     cfg = read_cfg(sae_dir)
     loaded = load_sae(sae_dir)
-    source = open_source(DataConfig(path=str(data)))
+    # The data is opened with the column the overrides choose (fault testing: data.hook was
+    # applied after the data was opened, so a SAELens cache of several columns was refused
+    # asking for it); else, among several, the SAE's own hook (metadata.hook_name).
+    chosen: dict[str, Any] = {"data": {}}
+    for assignment in overrides:
+        if assignment.split("=", 1)[0].strip().startswith("data.hook"):
+            apply_override(chosen, assignment)
+    hook = chosen["data"].get("hook")
+    named = (cfg.get("metadata") or {}).get("hook_name")
+    if hook is None and named in (columns := activation_columns(data)) and len(columns) > 1:
+        hook = named
+    source = open_source(DataConfig(path=str(data), hook=hook))
     if source.d_in != cfg["d_in"]:
         raise ExportError(f"{data}: d_in {source.d_in} does not match {given or sae_dir} "
                           f"(d_in {cfg['d_in']})")  # (not a temporary conversion's name)
     settings = training_settings(cfg)
-    n_train = source.n_tokens - DataConfig().held_out(source.n_tokens)
+    # On the data the source trained on, the tokens it held out stay held out (fault testing:
+    # the default hold-out, smaller, fine-tuned on tokens the source was evaluated on).
+    end = trained_end([cfg], data)
+    held = (source.n_tokens - end if end is not None and 0 < end < source.n_tokens
+            else None)
+    n_train = source.n_tokens - (DataConfig().held_out(source.n_tokens) if held is None
+                                 else held)
     batch = int(settings["optim"].get("batch_size", 4096))
     while batch > 8 and batch * _IMPORT_MIN_BATCHES > n_train:
         batch //= 2
@@ -487,7 +506,8 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         "name": run_dir.name,
         "run_dir": str(run_dir),
         "init_from": str(run_dir / IMPORTED_SAE if keep is not None else sae_dir),
-        "data": {"path": str(data)},
+        "data": {"path": str(data), **({"hook": hook} if hook is not None else {}),
+                 **({"eval_tokens": held} if held is not None else {})},
         "sae": {"d_sae": cfg["d_sae"], **settings["sae"],
                 "decoder_norm": "unit" if unit else "free"},
         "loss": settings["loss"],

@@ -217,3 +217,27 @@ def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["explained_variance"] == pytest.approx(result.eval["explained_variance"],
                                                          abs=1e-5)
+
+
+def test_import_onto_a_cache_of_several_columns_takes_the_hook_chosen(tmp_path):
+    """(fault testing: import opened the data before applying data.hook, so a cache of two
+    columns was refused asking for data.hook, the override just given); without one, the
+    SAE's own metadata.hook_name is taken among several columns."""
+    import jax
+    import yaml
+
+    from jaxsae.config import SAEConfig
+    from jaxsae.export import export_sae, import_config
+    from jaxsae.sae import init_params
+
+    path, _ = make_cache(tmp_path / "cache", rows=512, extra_hook=True)
+    params = init_params(jax.random.PRNGKey(0), D_IN, SAEConfig(d_sae=32))
+    sae = export_sae(params, SAEConfig(d_sae=32), tmp_path / "sae")
+    other = "blocks.9.hook_resid_pre"
+    config = import_config(sae, tmp_path / "run", path, [f"data.hook={other}"])
+    assert yaml.safe_load(config.read_text())["data"]["hook"] == other
+    cfg_json = json.loads((sae / "cfg.json").read_text())
+    cfg_json["metadata"]["hook_name"] = HOOK
+    (sae / "cfg.json").write_text(json.dumps(cfg_json))
+    config = import_config(sae, tmp_path / "run2", path)
+    assert yaml.safe_load(config.read_text())["data"]["hook"] == HOOK

@@ -30,6 +30,18 @@ def is_saelens_cache(path: str | Path) -> bool:
     return (path / INFO).is_file() and (path / STATE).is_file()
 
 
+def activation_columns(path: str | Path) -> list[str]:
+    """The float Array2D columns of a SAELens cache at `path` ([] for anything else, or one
+    that does not read: opening it says why)."""
+    try:
+        info = json.loads((Path(path) / INFO).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(info, dict):
+        return []
+    return [name for name, (_, dtype) in _array2d_columns(info).items() if dtype in _FLOAT]
+
+
 def _array2d_columns(info: dict) -> dict[str, tuple[tuple[int, int], object]]:
     """Every Array2D column of a dataset_info.json: name -> ((rows, columns), its dtype)."""
     out = {}

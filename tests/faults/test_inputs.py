@@ -160,9 +160,15 @@ def test_import_writes_a_config_that_trains_on_small_data(run_copy, small_data, 
                                {"term": "l1", "coefficient": 0.1}]  # as the source trained
     assert written["optim"]["lr"] == 3e-3
     assert Path(written["data"]["path"]).is_absolute() and Path(written["init_from"]).is_absolute()
-    assert written["data"]["eval_tokens"] == "auto" and written["optim"]["warmup_steps"] == "auto"
+    assert written["optim"]["warmup_steps"] == "auto"
+    # the source's data: what it held out stays held out (fault testing: the default hold-out
+    # fine-tuned on tokens the source was evaluated on)
+    source = json.loads((sae / CFG_FILE).read_text())
+    assert written["data"]["eval_tokens"] == 16384 - source["jaxsae"]["held_out_from"]
     assert cli.main(["train", str(run / "config.yaml"), "--no-progress"]) == 0
     assert (run / "sae" / CFG_FILE).is_file()
+    finetuned = json.loads((run / "sae" / CFG_FILE).read_text())
+    assert finetuned["jaxsae"]["held_out_from"] == source["jaxsae"]["held_out_from"]
 
 
 def test_analysis_flags_that_would_do_nothing_or_name_a_file_are_refused(run_copy, small_data,
