@@ -6,6 +6,7 @@ layout; a checkpoint restored and exported the same way; the run directory's per
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -196,7 +197,7 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
             log10_firing=evaluate.log10_firing(frequency),
             metadata={"dataset_path": (str(Path(cfg.data.path).absolute()) if cfg.data.path
                                        else f"streamed {cfg.data.generate.get('kind')}"),
-                      **_source_metadata(source), **trained,
+                      **_inherited_metadata(cfg, _source_metadata(source)), **trained,
                       **({"eval_dataset_path": str(Path(eval_data).absolute())}
                          if eval_data is not None else {})},
             training={"run": cfg.name,
@@ -384,6 +385,31 @@ def _restore_for_export(directory: Path, step: int | None, data: str | None, rea
     finally:
         ckpt.close()
     return restored, found["cfg"], found["built"], found["source"]
+
+
+# What a SAELens cfg.json says of the model whose activations an SAE reads: kept from the SAE a
+# run starts from (init_from), for the model's users to splice the fine-tuned one back in.
+_MODEL_METADATA = ("model_name", "model_class_name", "model_from_pretrained_kwargs",
+                   "hook_head_index", "prepend_bos", "exclude_special_tokens", "context_size",
+                   "hook_name")
+
+
+def _inherited_metadata(cfg: Config, ours: dict[str, Any]) -> dict[str, Any]:
+    """`ours` (what the data says of its model) with what the init_from SAE's metadata says of
+    the model where the data says nothing, if they do not disagree on the model or the hook
+    (fault testing: an imported SAE's model_name, prepend_bos, ... were lost in the
+    fine-tune's export)."""
+    if not cfg.init_from:
+        return ours
+    try:
+        theirs = json.loads((Path(cfg.init_from) / export.CFG_FILE).read_text()).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        return ours
+    if not isinstance(theirs, dict) or any(
+            key in ours and key in theirs and ours[key] != theirs[key]
+            for key in ("model_name", "hook_name")):
+        return ours
+    return {**{k: theirs[k] for k in _MODEL_METADATA if k in theirs}, **ours}
 
 
 def _source_metadata(source) -> dict[str, Any]:

@@ -147,6 +147,8 @@ def test_eval_refuses_non_finite_held_out_tokens(run_copy, small_data, tmp_path,
 def test_import_writes_a_config_that_trains_on_small_data(run_copy, small_data, tmp_path,
                                                           capsys):
     sae = _sae(run_copy, tmp_path)
+    _edit_cfg(sae, metadata={**json.loads((sae / CFG_FILE).read_text())["metadata"],
+                             "model_name": "gpt2", "prepend_bos": False, "hook_head_index": 3})
     run = tmp_path / "finetune"
     capsys.readouterr()
     # what the flags set is not overridden (data.path=... silently won over --data, relative)
@@ -169,6 +171,10 @@ def test_import_writes_a_config_that_trains_on_small_data(run_copy, small_data, 
     assert (run / "sae" / CFG_FILE).is_file()
     finetuned = json.loads((run / "sae" / CFG_FILE).read_text())
     assert finetuned["jaxsae"]["held_out_from"] == source["jaxsae"]["held_out_from"]
+    # what the source says of its model, which the data does not (fault testing: lost)
+    assert {k: finetuned["metadata"][k] for k in ("model_name", "prepend_bos",
+                                                  "hook_head_index")} == {
+        "model_name": "gpt2", "prepend_bos": False, "hook_head_index": 3}
 
 
 def test_analysis_flags_that_would_do_nothing_or_name_a_file_are_refused(run_copy, small_data,
