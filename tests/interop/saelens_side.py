@@ -4,14 +4,15 @@
 
 JOB.json: {"inputs": "x.npy", "encode": [{"dir": ..., "out": ...}, ...],
            "make": [{"arch": "standard"|"topk"|"topk_rescaled"|"topk_trained"|"jumprelu"|
-                             "gated"|"matching_pursuit",
+                             "gated"|"gated_uncentred"|"matching_pursuit",
                      "dir": ..., "out": ..., "d_in": .., "d_sae": .., "k": .., "seed": ..},
                     ...]}
 encode: load each exported directory with SAE.load_from_disk and save its codes and
 reconstruction of the inputs. make: build a SAELens SAE with random weights, save it with
 save_model, and save its codes and reconstruction (topk_rescaled: rescale_acts_by_decoder_norm,
 decoder rows not unit; topk_trained: a TopKTrainingSAE with SAELens's training defaults, saved as
-its runner saves the final SAE, save_inference_model, then read back).
+its runner saves the final SAE, save_inference_model, then read back; gated_uncentred:
+apply_b_dec_to_input false).
 """
 
 import json
@@ -60,6 +61,8 @@ def make(spec: dict):
         assert sae.cfg.rescale_acts_by_decoder_norm  # (SAELens's default)
     elif spec["arch"] == "gated":
         sae = GatedSAE(GatedSAEConfig(d_in=d_in, d_sae=d_sae))
+    elif spec["arch"] == "gated_uncentred":
+        sae = GatedSAE(GatedSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False))
     elif spec["arch"] == "matching_pursuit":  # a fixed number of steps, as jaxsae runs it
         sae = MatchingPursuitSAE(MatchingPursuitSAEConfig(
             d_in=d_in, d_sae=d_sae, max_iterations=spec["k"], residual_threshold=0.0,

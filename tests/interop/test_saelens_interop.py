@@ -168,6 +168,7 @@ def test_saelens_saves_import_with_the_same_codes(inputs, tmp_path, small_data):
     # refused, so every TopK SAE a SAELens run saved was)
     makes = [{"arch": "standard"}, {"arch": "topk", "k": 6}, {"arch": "topk_rescaled", "k": 6},
              {"arch": "topk_trained", "k": 6}, {"arch": "jumprelu"}, {"arch": "gated"},
+             {"arch": "gated_uncentred"},  # (fault testing: refused, though it folds exactly)
              {"arch": "matching_pursuit", "k": 5}]
     np.save(tmp_path / "x.npy", inputs)
     job = {"inputs": str(tmp_path / "x.npy"), "make": [
