@@ -270,12 +270,7 @@ class OptimConfig:
         _need(self.threshold_lr_scale > 0, "optim.threshold_lr_scale",
               f"must be > 0, got {self.threshold_lr_scale}")
         _need(self.warmup >= 0, "optim.warmup_steps", "must be >= 0 (or auto)")
-        # (only a warm-up set in steps can: `auto` leaves room for the decay)
-        _need(self.warmup + self.decay_steps <= self.total_steps,
-              "optim.warmup_steps, optim.decay_fraction",
-              f"warm-up ({self.warmup}) plus decay ({self.decay_steps}) steps exceed the run's "
-              f"{self.total_steps} steps (optim.total_tokens / optim.batch_size); lower one "
-              "(or set optim.warmup_steps to auto)")
+        # (whether the warm-up and decay fit the run: `Config`, with the loss terms' ramps)
 
     @property
     def total_steps(self) -> int:
@@ -516,12 +511,7 @@ class Config:
         labels = [t.label for t in self.loss]
         for name in {t.name for t in self.loss if t.name is not None}:
             _need(labels.count(name) == 1, "loss", f"two terms are called {name!r}")
-        for term in self.loss:  # a ramp the run never finishes applies less than it says
-            _need(term.warmup_steps <= self.optim.total_steps,
-                  f"loss.{term.label}.warmup_steps",
-                  f"{term.warmup_steps} steps exceed the run's {self.optim.total_steps} "
-                  "(optim.total_tokens / optim.batch_size): the coefficient would never reach "
-                  f"{term.coefficient}; lower it")
+        self._check_ramps_fit()
         if self.mesh.model > 0:
             _need(self.sae.d_sae % self.mesh.model == 0, "mesh.model",
                   f"must divide sae.d_sae ({self.sae.d_sae}), got {self.mesh.model}")
@@ -564,6 +554,30 @@ class Config:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{key}: no loss term named {which!r}{hint}; terms: "
                           f"{', '.join(labels)} (or positions 0 .. {len(labels) - 1})")
+
+    def _check_ramps_fit(self) -> None:
+        """Refuses, in one line naming every key, a warm-up plus decay of the learning rate, or
+        a loss term's ramp (which the run would never finish: it applies less than it says),
+        longer than the run. (`auto` always fits; fault testing: shrinking a preset for a smoke
+        test was refused one key at a time.)"""
+        optim, total = self.optim, self.optim.total_steps
+        keys, why, fixes = [], [], []
+        if optim.warmup + optim.decay_steps > total:  # (only a warm-up set in steps can)
+            keys.append("optim.warmup_steps, optim.decay_fraction")
+            why.append(f"the learning rate's warm-up plus decay ({optim.warmup} + "
+                       f"{optim.decay_steps} steps)")
+            fixes.append("optim.warmup_steps=auto")
+        for term in self.loss:
+            if term.warmup_steps > total:
+                keys.append(f"loss.{term.label}.warmup_steps")
+                why.append(f"the {term.label} term's warm-up to {term.coefficient:g} "
+                           f"({term.warmup_steps} steps)")
+                fixes.append(f"loss.{term.label}.warmup_steps=0")
+        if keys:
+            raise ConfigError(f"{', '.join(keys)}: {'; '.join(why)} exceed{'s' * (len(why) < 2)} "
+                              f"the run's {total} steps (optim.total_tokens / "
+                              f"optim.batch_size); lower {'them' if len(why) > 1 else 'it'} "
+                              f"(e.g. {' '.join(fixes)})")
 
     def sweep_configs(self) -> list[Config]:
         """One config per SAE of the sweep (without `sweep`); [self] for a single run."""

@@ -171,7 +171,7 @@ def raises_naming(*fragments: str):
         (["loss.0.coefficient=big"], ("loss[0].coefficient", "number")),
         (["loss.1.warmup_steps=-1"], ("loss[1].warmup_steps",)),
         # (fault testing: these trained to exit 0 with the penalty or Adam doing nonsense)
-        (["loss.1.warmup_steps=25"], ("loss.l1.warmup_steps", "exceed the run's 24")),
+        (["loss.1.warmup_steps=25"], ("loss.l1.warmup_steps", "exceeds the run's 24")),
         (["loss.1.coefficient=-1"], ("loss[1].coefficient", ">= 0")),
         (["optim.adam_b1=2"], ("optim.adam_b1", "[0, 1)")),
         (["optim.adam_b2=1.0"], ("optim.adam_b2", "[0, 1)")),

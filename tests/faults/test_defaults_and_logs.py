@@ -6,6 +6,7 @@ import contextlib
 import json
 import re
 import signal
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,8 @@ import yaml
 from jaxsae import cli
 from jaxsae.config import load_config
 from tests.faults.conftest import refused, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_fit_a_small_run():
@@ -22,10 +25,19 @@ def test_defaults_fit_a_small_run():
     assert cfg.optim.warmup == 29 and cfg.data.held_out(40_000) == 2000
     big = load_config(None, ["data.path=d"])
     assert big.optim.warmup == 1000 and big.data.held_out(10**9) == 65536
-    with pytest.raises(Exception, match=r"optim.warmup_steps, optim.decay_fraction: warm-up "
-                                        r"\(600\) plus decay"):
+    with pytest.raises(Exception, match=r"optim.warmup_steps, optim.decay_fraction: the "
+                                        r"learning rate's warm-up plus decay \(600 \+ "):
         load_config(None, ["data.path=d", "optim.batch_size=512",
                            "optim.total_tokens=300000", "optim.warmup_steps=600"])
+    # a preset shrunk for a smoke test: every ramp that does not fit, in one line, with what
+    # fits (fault testing: refused one key at a time)
+    smoke, quickstart = ["optim.total_tokens=100000"], ROOT / "configs" / "quickstart.yaml"
+    with pytest.raises(Exception, match=r"^optim.warmup_steps, optim.decay_fraction, "
+                                        r"loss.l1.warmup_steps: .* lower them \(e.g. "
+                                        r"optim.warmup_steps=auto loss.l1.warmup_steps=0\)$"):
+        load_config(quickstart, smoke)
+    load_config(quickstart,
+                [*smoke, "optim.warmup_steps=auto", "loss.l1.warmup_steps=0"])
     # a decay over the whole run fits the automatic warm-up (none is left for it)
     assert load_config(None, ["data.path=d", "optim.decay_fraction=1"]).optim.warmup == 0
 
