@@ -24,6 +24,7 @@ bad input, whether tyro finds it in the flags or the command in its files, exits
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import io
 import os
@@ -73,7 +74,10 @@ def parse(argv: list[str]) -> Command:
                      words)
 
 
-def _parse_command(cls: type[Command], args: list[str]) -> Command:
+def _parse_command(cls: type[Command], args: list[str], *, moved: bool = False) -> Command:
+    """`moved`: the key=value overrides given after flags were moved before them (tyro takes
+    positionals before flags only; fault testing: appending an override to a command that
+    ends in --no-progress, the natural edit, was refused)."""
     _refuse_repeated_flags(args, cls.words)
     captured = io.StringIO()
     try:
@@ -96,8 +100,12 @@ def _parse_command(cls: type[Command], args: list[str]) -> Command:
                 raise UsageError(f"unknown {what} {word!r}{hint}; one of: {', '.join(words)}",
                                  cls.words) from None
         stray = [a for a in args if "=" in a and not a.startswith("-") and a in message]
-        if stray:  # `train CFG --no-progress optim.lr=1e-3`
-            message += f"; key=value overrides such as {stray[0]} go before the flags"
+        takes = any(f.name == "overrides" for f in dataclasses.fields(cls))
+        if stray and takes and not moved:  # `train CFG --no-progress optim.lr=1e-3`: as given
+            # before the flags (tyro left them unconsumed: no flag took them as its value)
+            rest = [a for a in args if a not in stray]
+            first = next((i for i, a in enumerate(rest) if a.startswith("-")), len(rest))
+            return _parse_command(cls, [*rest[:first], *stray, *rest[first:]], moved=True)
         raise UsageError(message, cls.words) from None
     sys.stderr.write(captured.getvalue())  # warnings, if any
     return parsed

@@ -79,7 +79,11 @@ def test_bad_input_gets_one_line_naming_the_culprit(small_data, tmp_path, capsys
     assert "sae.k" in err  # overrides may follow flags
     err = _one_line_error(["train", str(cfg_file), "sae.activation=topk", "--no-progress",
                            "sae.k=65"], capsys)
-    assert "overrides such as sae.k=65 go before the flags" in err  # not on both sides
+    # on both sides too (fault testing: refused; appending one to a command that ends in a
+    # flag is the natural edit); a command without overrides does not take them
+    assert "sae.k: must be in 1..sae.d_sae" in err
+    assert "Unrecognized options: foo=bar (see --help)" in _one_line_error(
+        ["eval", str(tmp_path), "--data", str(small_data), "foo=bar"], capsys)
     err = _one_line_error(["train", str(cfg_file), f"data.path={tmp_path / 'absent'}"], capsys)
     assert "absent" in err
     assert "cfg.json" in _one_line_error(["eval", str(tmp_path), "--data", str(small_data)],
