@@ -240,7 +240,10 @@ def _run(cmd: Command, name: str) -> int:
         return _reader_gone()
     except JaxsaeError as e:
         code = getattr(e, "exit_code", 2)
-        print(f"{name}: error: {one_line(str(e))}", file=sys.stderr)
+        # a stop asked for (Ctrl-C, SIGTERM: a checkpoint saved) is no error (fault testing:
+        # "error: interrupted by SIGINT" alarmed readers of cluster logs)
+        kind = "" if code >= 128 else "error: "
+        print(f"{name}: {kind}{one_line(str(e))}", file=sys.stderr)
         return code
     except OSError as e:  # the file system refused: disk full, read-only, not a directory
         print(f"{name}: error: {describe_os_error(e)}", file=sys.stderr)

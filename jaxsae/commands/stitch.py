@@ -49,7 +49,7 @@ class Compare(AnalysisInputs, Command):
                                  **_check(self, self.threshold))
         print(Path(self.out, "summary.md").read_text())
         note_training(summary, self.data)
-        print(f"written to {self.out}")
+        print(f"wrote {self.out}")
         return 0
 
 
@@ -90,5 +90,5 @@ class Frankenstein(AnalysisInputs, Command):
         stitch.frankenstein(list(self.saes), self.data, self.out, lr=self.lr,
                             retrain_decoder_tokens=self.retrain_decoder_tokens, **common)
         print(Path(self.out, "frankenstein.md").read_text())
-        print(f"written to {self.out}")
+        print(f"wrote {self.out}")
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import tyro
@@ -71,7 +72,8 @@ class Train(Command):
                   f"DIR --tokens {ev['tokens'] + ev.get('dropped_tokens', 0)}` (the held-out "
                   "tokens evaluated here)")
         elif not cfg.sae.transcoder:  # (jaxsae eval does not read transcoders yet)
-            data = shlex.quote(str(cfg.data.path))
+            # (absolute, as the SAE's path: the command works pasted anywhere)
+            data = shlex.quote(str(Path(cfg.data.path).absolute()))
             ev = members[0].eval
             # on the tokens it was evaluated on here, the held-out ones (fault testing: the
             # hint without --tokens evaluated every token, mostly training tokens)

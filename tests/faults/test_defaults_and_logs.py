@@ -410,7 +410,8 @@ def test_a_signal_during_the_last_save_stops_before_the_export(small_data, tmp_p
     monkeypatch.setattr(Checkpointer, "save", save)
     assert cli.main(["train", str(config), "--no-progress"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
-    assert "interrupted by SIGTERM after the last step (24)" in err
+    # no "error:": a stop asked for (fault testing: it alarmed readers of cluster logs)
+    assert "jaxsae train: interrupted by SIGTERM after the last step (24)" in err
     assert "evaluate and export" in err
     assert not (tmp_path / "run" / "sae").exists()
     assert (tmp_path / "run" / "checkpoints" / "24").is_dir()
