@@ -166,5 +166,6 @@ def iter_blocks(source: TokenSource, block_tokens: int, start: int = 0,
             else:
                 name, rows = "data", f"tokens {first}..{last}"
             raise DataError(f"{name}: non-finite values (NaN or inf) in {rows} "
-                            f"({int(bad.sum())} tokens of the ones evaluated)")
+                            f"({int(bad.sum())} tokens of the ones evaluated): no metric over "
+                            "them would be a measurement; repair the data")
         yield block
