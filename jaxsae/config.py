@@ -225,8 +225,8 @@ class OptimConfig:
     total_tokens: int = 100_000_000
     """Training length in tokens; steps = total_tokens // batch_size."""
     warmup_steps: int | Literal["auto"] = "auto"
-    """Linear learning-rate warm-up from 0 over this many steps; `auto`: min(1000, 5 % of the
-    steps)."""
+    """Linear learning-rate warm-up over this many steps n (step i runs at lr·(i+1)/n);
+    `auto`: min(1000, 5 % of the steps)."""
     decay_fraction: float = 0.2
     """Fraction of the steps, at the end, over which the learning rate decays to 0 (0: the
     rate stays constant after the warm-up)."""

@@ -1,9 +1,10 @@
 """Training curves: `curves.png` from `metrics.jsonl`, against tokens.
 
-Panels: the loss (total solid, each term dashed), L0, explained variance, dead fraction, the
-learning rate and the gradient norm. A sweep's SAEs, or several runs (`jaxsae plot`), are
-overlaid, one colour each. The run writes its `curves.png` at checkpoints (at most once a
-minute) and at the end (`CurvesHook`); `plot()` draws any set of runs.
+Panels: the loss (total solid, each term dashed, before its coefficient), L0, explained
+variance, dead fraction, the learning rate and the gradient norm. A sweep's SAEs, or several
+runs (`jaxsae plot`), are overlaid, one colour each. The run writes its `curves.png` at
+checkpoints (at most once a minute) and at the end (`CurvesHook`); `plot()` draws any set of
+runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from jaxsae.errors import DataError
 from jaxsae.hooks import GuardedHook
 from jaxsae.outputs import CURVES, plain_text, pyplot, save_figure
 
-PANELS = (("loss", "loss"), ("l0", "L0"), ("explained_variance", "explained variance"),
+# (a term is drawn before its coefficient, as metrics.jsonl logs it: it may lie above the total;
+# fault testing read an L1 term above the total as a wrong plot)
+PANELS = (("loss", "loss (terms before their coefficients)"), ("l0", "L0"),
+          ("explained_variance", "explained variance"),
           ("dead_fraction", "dead fraction"), ("lr", "learning rate"),
           ("grad_norm", "gradient norm"))
 Series = tuple[str, list[dict]]

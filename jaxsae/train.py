@@ -207,7 +207,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
         )
     if cfg.optim.total_tokens > n_train:  # (the default, 100M tokens, on small data: say so)
         log(f"data: optim.total_tokens ({cfg.optim.total_tokens:,}) passes over the "
-            f"{n_train:,} training tokens {cfg.optim.total_tokens / n_train:.3g} times")
+            f"{n_train:,} training tokens {_times(cfg.optim.total_tokens / n_train)} times")
     # the truth read (and checked) now, not after the training
     truth = processes.on_every_process(lambda: ground_truth(cfg, source, log))
 
@@ -223,6 +223,11 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
     finally:
         for hook in told:
             hook.close()
+
+
+def _times(ratio: float) -> str:
+    """1.79 or 1,786: three figures, and no exponent (fault testing: "1.79e+03 times")."""
+    return f"{ratio:.3g}" if ratio < 100 else f"{ratio:,.0f}"
 
 
 def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members: list[Config],

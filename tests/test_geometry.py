@@ -67,8 +67,10 @@ def test_count_peaks(rng):
     two = 100 * spike + 60 * bump  # a spike at 0 beside a bump
     noisy = rng.poisson(200 * spike + 15)  # one decaying mode plus bin-to-bin noise
     empty = np.zeros(32)
-    np.testing.assert_array_equal(geometry.count_peaks(np.stack([one, two, noisy, empty])),
-                                  [1, 2, 1, 0])
+    few = np.zeros(32)
+    few[30:32] = [18, 2]  # a latent that fired on 20 tokens: one peak (fault testing: none)
+    np.testing.assert_array_equal(
+        geometry.count_peaks(np.stack([one, two, noisy, empty, few])), [1, 2, 1, 0, 1])
 
 
 def test_analyze_writes_every_table_plot_and_the_page(small_data, tmp_path, capsys):

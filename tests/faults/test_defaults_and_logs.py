@@ -455,3 +455,24 @@ def test_ctrl_c_after_the_last_step_says_the_command_continues(run_copy, small_d
         "jaxsae train: aborted; run the same command again to continue where it stopped")
     monkeypatch.undo()
     assert cli.main(["train", str(config), "--no-progress"]) == 0
+
+
+def test_the_progress_rate_leaves_out_what_came_before_the_first_step(monkeypatch):
+    """(fault testing: the first step's compile counted in the rate: a 13 s run's first line
+    said ETA 3h53m)"""
+    import io
+
+    from jaxsae import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    monkeypatch.setenv("JAXSAE_PROGRESS_SECONDS", "0")
+    out = io.StringIO()
+    bar = progress.Progress(total=100, desc="run", unit="step", stream=out)
+    now[0] = 100.0  # the first step, after a 100 s compile: no pace yet to tell, no ETA
+    bar.update(1)
+    now[0] = 101.0  # 10 steps in 1 s
+    bar.update(10)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "run: 1/100 step (1%)"
+    assert lines[1] == "run: 11/100 step (11%) · 10 step/s · ETA 9s"
