@@ -65,7 +65,7 @@ class Cache(Command):
 
         if not self.text:
             raise JaxsaeError("--text: give at least one text file or directory")
-        out = cache(self.model, self.layer, list(self.text), self.out, tokens=self.tokens,
+        out, wrote = cache(self.model, self.layer, list(self.text), self.out, tokens=self.tokens,
                     hook=self.hook, context=self.context, dtype=self.dtype,
                     drop_first_position=self.drop_first_position, batch_size=self.batch_size,
                     shard_tokens=self.shard_tokens, model_dtype=self.model_dtype,
@@ -73,6 +73,6 @@ class Cache(Command):
                     progress=not self.no_progress, target_hook=self.target_hook)
         target = ("" if self.target_hook is None
                   else " " + shlex.quote(f"data.target={out}/target"))
-        print(f"wrote {out}\ntrain on it with: jaxsae train CONFIG "
+        print(f"wrote {out}\n" * wrote + "train on it with: jaxsae train CONFIG "
               f"{shlex.quote(f'data.path={out}')}{target}")
         return 0

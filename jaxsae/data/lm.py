@@ -468,10 +468,11 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
           hook: str = "resid_post", context: int = 128, dtype: str = "float32",
           drop_first_position: bool = True, batch_size: int = 32, shard_tokens: int = 65536,
           model_dtype: str = "float32", device: str | None = None, overwrite: bool = False,
-          progress: bool = True, target_hook: str | None = None) -> Path:
+          progress: bool = True, target_hook: str | None = None) -> tuple[Path, bool]:
     """Caches `tokens` activations of `model` at `blocks.{layer}.hook_{hook}` to `out`; with
     `target_hook`, a transcoder's pairs: the activations at that point of the same tokens,
-    from the same forward pass, to `out/target` (published with `out`).
+    from the same forward pass, to `out/target` (published with `out`). Returns `out` and
+    whether anything was written (not when `out` holds this cache already).
 
     Resumable: an interrupted run leaves `<out>.partial/`, and the same call continues from its
     last complete shard and writes exactly what an uninterrupted run would have written."""
@@ -492,30 +493,37 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
     # reached through a link lies elsewhere, and fault testing saw --overwrite replace it)
     inputs = (*text, *files, *([model] if Path(model).exists() else []))
     outputs.check_target(out, "shards", overwrite=overwrite, inputs=inputs)
-    sources = [{"model": model, "layer": layer, "hook": hook_name(layer, point),
-                "text": [str(t) for t in text], "context": context,
+    # What the cache was read from, recorded in its manifest: a local model and text files by
+    # absolute path (fault testing: paths as given depended on the working directory), with
+    # their sizes and modification times. A resumed call continues only the same cache: a
+    # text file or a local model file rewritten since (even to the same size) starts it
+    # afresh instead of mixing shards of two versions; a finished cache is that cache only
+    # for the same files (fault testing: a rerun after the text or the weights changed said
+    # "already cached" and kept the old activations).
+    local = Path(model).exists()
+    inputs_now = {"files": [[str(f.absolute()), *_stamp(f)] for f in files],
+                  "model_files": (None if not local else _stamp(Path(model))
+                                  if Path(model).is_file()
+                                  else outputs.file_inventory(Path(model)))}
+    sources = [{"model": str(Path(model).absolute()) if local else model, "layer": layer,
+                "hook": hook_name(layer, point),
+                "text": [str(Path(t).absolute()) for t in text], "context": context,
                 "drop_first_position": drop_first_position, "prepend_bos": True,
-                "model_dtype": model_dtype} for point in points]
+                "model_dtype": model_dtype, "inputs": inputs_now} for point in points]
     files_now = [[str(f), f.stat().st_size] for f in files]
     if out.exists() and not overwrite:
         if _already_cached(out, sources, tokens, dtype, files_now):
-            print(f"{out}: already cached ({read_manifest(out).n_tokens} tokens)",
-                  file=sys.stderr)
-            return out
-        raise DataError(f"{out}: already exists (remove it, choose another --out, "
-                        "or pass --overwrite)")
-    # What a resumed call must read to continue the same cache: a text file or a local model
-    # file rewritten since (even to the same size) starts it afresh instead of mixing shards
-    # of two versions.
-    stamps = {"files": [[str(f), *_stamp(f)] for f in files],
-              "model_files": (None if not Path(model).exists() else _stamp(Path(model))
-                              if Path(model).is_file() else outputs.file_inventory(Path(model)))}
+            print(f"{out}: already cached ({read_manifest(out).n_tokens} tokens); nothing "
+                  "written", file=sys.stderr)
+            return out, False
+        raise DataError(f"{out}: already exists{_how_it_differs(out, sources)} (remove it, "
+                        "choose another --out, or pass --overwrite)")
     # (and what the shards hold and how windows are batched: a rerun asking for other tokens,
     # dtype, shards or batches starts afresh; a partial of more tokens than asked was
     # published whole, and one batched otherwise was not bit-identical: fault testing)
-    stamps["cache"] = {"tokens": tokens, "dtype": dtype, "shard_tokens": shard_tokens,
-                       "batch_size": batch_size}
-    keys = [{**source, **stamps} for source in sources]
+    keys = [{**source, "cache": {"tokens": tokens, "dtype": dtype,
+                                 "shard_tokens": shard_tokens, "batch_size": batch_size}}
+            for source in sources]
     staging = outputs.partial_path(out)
     holder = live_holder(staging)
     if holder is not None:  # (refused before the model loads, not after)
@@ -569,7 +577,7 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
         if writers[0].n_tokens < tokens:
             print(f"warning: the text ran out after {writers[0].n_tokens} tokens "
                   f"(--tokens {tokens})", file=sys.stderr)
-    return out
+    return out, True
 
 
 TEXT_RAN_OUT = "text_ran_out"
@@ -581,6 +589,23 @@ def _stamp(file: Path) -> list[int]:
     """[size, modification time in ns] of `file`."""
     info = file.stat()
     return [info.st_size, info.st_mtime_ns]
+
+
+def _how_it_differs(out: Path, sources: list[dict]) -> str:
+    """", cached from other contents of ..." when `out` is this cache but for the contents of
+    its inputs, else ""."""
+    try:
+        written = dict(read_manifest(out).source)
+    except (DataError, OSError):
+        return ""
+    written.pop(TEXT_RAN_OUT, None)
+    mine = sources[0]
+    same = {k: v for k, v in written.items() if k != "inputs"} == {
+        k: v for k, v in mine.items() if k != "inputs"}
+    if not same or "inputs" not in written or written["inputs"] == mine["inputs"]:
+        return ""  # (another cache; or one of a jaxsae that did not record its inputs)
+    return (", cached from other contents of its text files or model (changed since: "
+            "--overwrite caches them again)")
 
 
 def _already_cached(out: Path, sources: list[dict], tokens: int, dtype: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,9 @@ def test_resid_post_matches_full_model_and_drops_the_first_position(tiny_model, 
 
     manifest = json.loads((tmp_path / "acts" / "manifest.json").read_text())
     assert [s["n_tokens"] for s in manifest["shards"]] == [128, 128, 44]
+    read = manifest["source"].pop("inputs")  # what was read, each file with its stamp
+    assert [f[0] for f in read["files"]] == [str(texts / "a.txt"),
+                                             str(texts / "docs" / "b.rst.txt")]
     assert manifest["source"] == {
         "model": str(tiny_model), "layer": 1, "hook": "blocks.1.hook_resid_post",
         "text": [str(texts / "a.txt"), str(texts / "docs")], "context": 16,
@@ -159,11 +163,26 @@ def test_an_interrupted_cache_resumes_to_the_same_shards(tiny_model, texts, tmp_
 
 def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, capsys,
                                                   n_layers, monkeypatch):
+    texts = Path(shutil.copytree(texts, tmp_path / "texts"))  # (changed below)
     out = tmp_path / "acts"
     assert run_cache(tiny_model, texts, out, "--tokens", "30") == 0
     capsys.readouterr()
     assert run_cache(tiny_model, texts, out, "--tokens", "30") == 0
-    assert "already cached (30 tokens)" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "already cached (30 tokens); nothing written" in said.err
+    assert "wrote" not in said.out  # (fault testing: "already cached", then "wrote")
+    # the manifest names what it read wherever the command ran (fault testing: as given)
+    source = json.loads((out / "manifest.json").read_text())["source"]
+    assert source["model"] == str(Path(tiny_model).absolute())
+    assert all(Path(t).is_absolute() for t in source["text"])
+    # a text file changed since is another cache (fault testing: "already cached", with the
+    # old text's activations)
+    before = (out / "manifest.json").read_text()
+    with open(texts / "a.txt", "a") as f:
+        f.write(" more")
+    assert run_cache(tiny_model, texts, out, "--tokens", "30") == 2
+    assert "cached from other contents of its text files or model" in capsys.readouterr().err
+    assert (out / "manifest.json").read_text() == before
     assert run_cache(tiny_model, texts, out, "--tokens", "30", "--context", "8") == 2
     assert "already exists" in capsys.readouterr().err
     # (fault testing: another dtype or fewer tokens were "already cached", and "wrote")
