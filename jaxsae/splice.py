@@ -198,4 +198,5 @@ def _nll(log_probs, targets) -> float:
 
 
 def _score(ablated: float, sae: float, clean: float) -> float:
-    return (ablated - sae) / (ablated - clean) if ablated != clean else float("nan")
+    # (+ 0.0: an SAE that is the ablation scores 0, not -0.0 as the division printed)
+    return (ablated - sae) / (ablated - clean) + 0.0 if ablated != clean else float("nan")
