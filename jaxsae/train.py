@@ -205,9 +205,6 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
             f"data.eval_tokens ({held_out}); need at least optim.batch_size "
             f"({cfg.optim.batch_size})"
         )
-    if cfg.optim.total_tokens > n_train:  # (the default, 100M tokens, on small data: say so)
-        log(f"data: optim.total_tokens ({cfg.optim.total_tokens:,}) passes over the "
-            f"{n_train:,} training tokens {_times(cfg.optim.total_tokens / n_train)} times")
     # the truth read (and checked) now, not after the training
     truth = processes.on_every_process(lambda: ground_truth(cfg, source, log))
 
@@ -346,6 +343,10 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                                skip_nonfinite=cfg.optim.skip_nonfinite)
         built = built_for(stats)
         state = built.init(_start_params(cfg, source.d_in, stats, log))
+    # (said once the run is known to go ahead: before a resume refusal it was a second line)
+    if cfg.optim.total_tokens > n_train:  # (the default, 100M tokens, on small data: say so)
+        log(f"data: optim.total_tokens ({cfg.optim.total_tokens:,}) passes over the "
+            f"{n_train:,} training tokens {_times(cfg.optim.total_tokens / n_train)} times")
     if stats.drop_above is not None or stats.scale != 1.0 or stats.target_scale != 1.0:
         log(f"data: median token norm {stats.median_norm:.4g}"
             + (f", dropping tokens with norm > {stats.drop_above:.4g}" if stats.drop_above else "")

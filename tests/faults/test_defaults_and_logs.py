@@ -476,3 +476,15 @@ def test_the_progress_rate_leaves_out_what_came_before_the_first_step(monkeypatc
     lines = out.getvalue().splitlines()
     assert lines[0] == "run: 1/100 step (1%)"
     assert lines[1] == "run: 11/100 step (11%) · 10 step/s · ETA 9s"
+
+
+def test_a_refused_resume_says_nothing_else(run_copy, small_data, tmp_path, capsys):
+    """(fault testing: "data: optim.total_tokens ... passes over the training tokens N times"
+    came before the refusal of a changed config)"""
+    config = write_config(tmp_path / "c.yaml", small_data, run_copy, sae={"d_sae": 32},
+                          optim={"total_tokens": 256 * 100})
+    capsys.readouterr()
+    assert cli.main(["train", str(config), "--no-progress"]) == 2
+    said = capsys.readouterr()
+    assert "cannot resume with a changed sae.d_sae" in said.err
+    assert "passes over" not in said.out
