@@ -82,6 +82,12 @@ def ground_truth(cfg: Config, source, log: Callable[[str], None] = print
             f"{truth.spec.tokens:,} (the data was changed after it was written): no "
             "ground-truth metrics")
         return None
+    if getattr(source, "d_out", 0) and "input_directions" not in truth.arrays:
+        # a transcoder on data whose truth describes its tokens alone (fault testing: it
+        # trained, then its evaluation failed in a traceback, on every rerun)
+        log(f"note: the truth in {cfg.data.path} is a {truth.spec.kind} generator's, not a "
+            "transcoder's (no targets in it): no ground-truth metrics")
+        return None
     width = getattr(source, "d_out", 0) or source.d_in  # what decoder rows are compared in
     if truth.directions.ndim != 2 or truth.directions.shape[1] != width:
         what = f"data.target {cfg.data.target}'s" if cfg.data.target else "the data's"

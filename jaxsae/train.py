@@ -330,12 +330,12 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 f"length from step {start} on (over the last {cfg.optim.decay_steps} of "
                 f"{cfg.optim.total_steps} steps: a run that had begun to decay jumps back "
                 "up to the rate of the new schedule)")
-        trained_on = restored.config.data.path
-        if trained_on and cfg.data.path and (Path(trained_on).resolve()
-                                             != Path(cfg.data.path).resolve()):
-            log(f"data.path: {cfg.data.path}, where the checkpoint trained on {trained_on} "
-                "(allowed: the same data moved; other data of the same shape would mix two "
-                "data sets, and the export names only this one)")
+        for key in ("path", "target"):  # (fault testing: a moved target went unsaid)
+            trained_on, now = getattr(restored.config.data, key), getattr(cfg.data, key)
+            if trained_on and now and Path(trained_on).resolve() != Path(now).resolve():
+                log(f"data.{key}: {now}, where the checkpoint trained on {trained_on} "
+                    "(allowed: the same data moved; other data of the same shape would mix "
+                    "two data sets, and the export names only this one)")
     else:
         _check_fresh_start(ckpt, run_dir, dirs, log)
         loader_state, start = None, 0

@@ -383,3 +383,37 @@ def test_transcoder_on_a_mesh_and_in_bfloat16():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["2x4"]["param_diff"] < 1e-5 and result["2x4"]["loss_rel_diff"] < 1e-5
     assert result["bf16"]["loss_rel_diff"] < 0.03
+
+
+def test_what_a_transcoder_is_paired_with_is_checked(paired, small_data, tmp_path, capsys):
+    """(fault testing: data.target = data.path trained a transcoder of x to x; on data whose
+    truth is not a transcoder's, training ended in a traceback, on every rerun; a target
+    moved on resume went unsaid, as a moved data.path does not)"""
+    import dataclasses
+    import shutil
+
+    from conftest import SMALL_SPEC
+
+    from jaxsae.config import DataConfig
+    from jaxsae.data.synthetic import generate_superposition
+    from jaxsae.finish import ground_truth
+
+    with pytest.raises(DataError, match=r"data.target .*: is data.path; a transcoder maps"):
+        open_source(DataConfig(path=str(paired / "x"), target=str(paired / "x")))
+    other = generate_superposition(dataclasses.replace(SMALL_SPEC, seed=4), tmp_path / "other",
+                                   progress=False)
+    cfg = config_from_dict(small_config_dict(small_data, tmp_path / "run",
+                                             data={"target": str(other)}))
+    said = []
+    assert ground_truth(cfg, open_source(cfg.data), said.append) is None
+    assert said == [f"note: the truth in {small_data} is a superposition generator's, not a "
+                    "transcoder's (no targets in it): no ground-truth metrics"]
+    run = _config(paired, tmp_path / "tc")
+    train(config_from_dict(run), progress=False, log=lambda m: None)
+    moved = Path(shutil.copytree(paired / "y", tmp_path / "y-moved"))
+    run["data"]["target"] = str(moved)
+    run["optim"]["total_tokens"] *= 2
+    logged = []
+    train(config_from_dict(run), progress=False, log=logged.append)
+    assert any(line.startswith(f"data.target: {moved}, where the checkpoint trained on "
+                               f"{paired / 'y'}") for line in logged)

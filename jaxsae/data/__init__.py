@@ -39,6 +39,10 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
     if not target.exists():
         raise DataError(f"{target}: target directory does not exist (data.target, or --target)")
     if is_shard_dir(target):
+        if target.resolve() == Path(cfg.path).resolve():  # (fault testing: it trained a
+            # transcoder of x to x, exported as a skip transcoder)
+            raise DataError(f"data.target {target}: is data.path; a transcoder maps the "
+                            "activations to others (a generated transcoder's: DIR/target)")
         targets: ArraySource = ShardSet(target, check_finite=cfg.check_finite)
     elif is_saelens_cache(target):
         targets = SAELensCache(target, hook=cfg.target_hook, key="data.target_hook (--target-hook)",
