@@ -70,11 +70,29 @@ def initialize_distributed(mode: str) -> str | None:
         what = (f"{found} is set ({CLUSTER_HINTS[found]})" if found
                 else "on, and JAX detected no cluster")
         reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else repr(e)
+        if "Failed to start RPC server" in reason:  # (fault testing: the advice below, for a
+            # coordinator port another program held)
+            where = kwargs.get("coordinator_address", "auto-detected")
+            raise ConfigError(f"distributed: the coordinator ({where}) cannot listen: "
+                              f"{reason} (its port in use?); choose another "
+                              "JAX_COORDINATOR_ADDRESS port") from None
         raise ConfigError(
             f"distributed: {what}, but jax.distributed cannot start: {reason}. Launch every "
             "process through the cluster (srun, mpirun), or set JAX_COORDINATOR_ADDRESS, "
             "JAX_NUM_PROCESSES and JAX_PROCESS_ID; distributed: off runs one process") from None
+    check_even_devices()
     return found or "jax.distributed auto-detection"
+
+
+def check_even_devices() -> None:
+    """Refuses, on every process (each tells from its own counts), a run whose processes hold
+    different numbers of devices: the global arrays and the comparisons of the processes'
+    settings assume the same number on each (fault testing: a traceback from a gather)."""
+    total, here, count = jax.device_count(), jax.local_device_count(), jax.process_count()
+    if total != here * count:
+        raise ConfigError(f"distributed: {total} devices over {count} processes, {here} on "
+                          f"process {jax.process_index()}: every process needs the same number "
+                          "of devices (CUDA_VISIBLE_DEVICES, XLA_FLAGS)")
 
 
 def _check_launch(coordinator_address: str, num_processes: int, process_id: int) -> None:

@@ -300,6 +300,26 @@ def test_a_launch_jax_cannot_join_is_one_line(monkeypatch, capsys):
     with pytest.raises(ConfigError, match=r"SLURM_JOB_ID is set .* cannot start: "
                        r"coordinator_address should be defined\. Launch every process"):
         processes.initialize_distributed("auto")
+    # a coordinator port another program holds (fault testing: the advice above, which did
+    # not apply)
+
+    def taken(**kwargs):
+        raise RuntimeError("UNKNOWN: Failed to start RPC server")
+
+    monkeypatch.setattr(jax.distributed, "initialize", taken)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:23466")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(ConfigError, match=r"the coordinator \(127\.0\.0\.1:23466\) cannot "
+                                          r"listen: .* \(its port in use\?\)"):
+        processes.initialize_distributed("auto")
+    # processes of different device counts (fault testing: a traceback from a gather)
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"3 devices over 2 processes, 2 on process 0: every "
+                                          r"process needs the same number"):
+        processes.check_even_devices()
 
 
 def test_a_grouped_command_names_its_subcommand_in_errors(tmp_path, capsys):
