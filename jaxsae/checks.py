@@ -98,4 +98,8 @@ def _check_sae(cfg: Config) -> None:
         if cfg.data.stream and spec.kind == "transcoder":
             raise ConfigError("data.stream: the transcoder generator's pairs are not streamed; "
                               "write them (data.path) and set data.target to their target/")
+        if spec.kind == "transcoder" and cfg.data.target is None:  # (fault testing: the
+            # pairs were written, then the run refused as if the truth were another data's)
+            raise ConfigError(f"data.target: the transcoder generator writes pairs; train a "
+                              f"transcoder on them with data.target: {cfg.data.path}/target")
     penalties.check_terms(cfg)

@@ -243,3 +243,12 @@ def test_transcoder_pairs_are_not_streamed_and_the_cli_says_so(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert "data.stream" in err and "transcoder" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    # written (not streamed) without data.target: refused before anything is written (fault
+    # testing: the pairs were written, then refused as if the truth were another data's)
+    tree = small_config_dict(tmp_path / "pairs", tmp_path / "run2", data={
+        "generate": {"kind": "transcoder", "n_features": 8, "d_in": 4, "d_out": 6}})
+    cfg_file.write_text(yaml.safe_dump(tree))
+    assert cli.main(["train", str(cfg_file), "--no-progress"]) == 2
+    assert (f"data.target: the transcoder generator writes pairs; train a transcoder on them "
+            f"with data.target: {tmp_path / 'pairs'}/target") in capsys.readouterr().err
+    assert not (tmp_path / "pairs").exists()
