@@ -189,14 +189,16 @@ def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):
         with pytest.raises(DataError, match=error):
             open_source(DataConfig(path=str(path), **{**data, **bad}))
     other, _ = make_cache(tmp_path / "other", rows=500)  # a different number of tokens
-    with pytest.raises(DataError, match=r"data\.target: 4000 tokens, but data\.path has 4096"):
+    with pytest.raises(DataError, match=r"data\.target \(--target\): 4000 tokens, but "
+                                        r"data\.path \(--data\) has 4096"):
         open_source(DataConfig(path=str(path), hook=HOOK, target=str(other)))
     shards = tmp_path / "shards"
     with ShardWriter(shards, D_IN) as writer:
         writer.write(flat)
     with pytest.raises(DataError, match="must be of one format"):
         open_source(DataConfig(path=str(path), hook=HOOK, target=str(shards)))
-    with pytest.raises(DataError, match=r"data\.target_hook: .* is a jaxsae shard directory"):
+    with pytest.raises(DataError, match=r"data\.target_hook \(--target-hook\): .* is a jaxsae "
+                                        r"shard directory"):
         open_source(DataConfig(path=str(shards), target=str(shards), target_hook=HOOK))
     # a hook given for a shard directory is refused, not ignored
     with pytest.raises(DataError, match=r"data\.hook \(--hook\): .* is a jaxsae shard dir"):

@@ -39,10 +39,6 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
     if not target.exists():
         raise DataError(f"{target}: target directory does not exist (data.target, or --target)")
     if is_shard_dir(target):
-        if target.resolve() == Path(cfg.path).resolve():  # (fault testing: it trained a
-            # transcoder of x to x, exported as a skip transcoder)
-            raise DataError(f"data.target {target}: is data.path; a transcoder maps the "
-                            "activations to others (a generated transcoder's: DIR/target)")
         targets: ArraySource = ShardSet(target, check_finite=cfg.check_finite)
     elif is_saelens_cache(target):
         targets = SAELensCache(target, hook=cfg.target_hook, key="data.target_hook (--target-hook)",
@@ -59,8 +55,12 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
         raise DataError(f"{target}: not a recognised activation directory (data.target: a "
                         "jaxsae shard directory or a SAELens cache)")
     if cfg.target_hook is not None and not isinstance(targets, SAELensCache):
-        raise DataError(f"data.target_hook: {target} is a jaxsae shard directory (one "
-                        "activation per row); the key is for SAELens caches")
+        raise DataError(f"data.target_hook (--target-hook): {target} is a jaxsae shard "
+                        "directory (one activation per row); the key is for SAELens caches")
+    if isinstance(targets, ShardSet) and target.resolve() == Path(cfg.path).resolve():
+        # (fault testing: it trained a transcoder of x to x, exported as a skip transcoder)
+        raise DataError(f"data.target {target}: is data.path; a transcoder maps the "
+                        "activations to others (a generated transcoder's: DIR/target)")
     if isinstance(inputs, ShardSet) != isinstance(targets, ShardSet):
         raise DataError(f"{target}: data.path and data.target must be of one format (a shard "
                         "directory and a SAELens cache do not say that their rows pair up)")

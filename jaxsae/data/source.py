@@ -105,11 +105,13 @@ class PairedSource:
     def __init__(self, inputs: ArraySource, targets: ArraySource, *, by_file: bool = True):
         if not by_file:
             if inputs.n_tokens != targets.n_tokens:
-                raise DataError(f"data.target: {targets.n_tokens} tokens, but data.path has "
-                                f"{inputs.n_tokens}; the targets must be paired row by row")
+                raise DataError(f"data.target (--target): {targets.n_tokens} tokens, but "
+                                f"data.path (--data) has {inputs.n_tokens}; the targets must "
+                                "be paired row by row")
         elif len(inputs.arrays) != len(targets.arrays):
-            raise DataError(f"data.target: {len(targets.arrays)} shards, but data.path has "
-                            f"{len(inputs.arrays)}; the targets must be paired row by row")
+            raise DataError(f"data.target (--target): {len(targets.arrays)} shards, but "
+                            f"data.path (--data) has {len(inputs.arrays)}; the targets must be "
+                            "paired row by row")
         else:
             for x, y, x_name, y_name in zip(inputs.arrays, targets.arrays, inputs.names,
                                             targets.names, strict=True):
