@@ -357,15 +357,15 @@ def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
         # jaxsae always centres by b_dec; fold "no centring" into the encoder's biases:
         # (x-b)W + b_enc + bW, and a gated SAE's gate and magnitude alike
         # (x-b)W exp(r_mag) + b_mag + bW exp(r_mag)
-        if "b_enc" in tensors:
-            tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
-        elif "b_gate" in tensors:
-            shift = tensors["b_dec"] @ tensors["W_enc"]
-            tensors["b_gate"] = tensors["b_gate"] + shift
-            tensors["b_mag"] = tensors["b_mag"] + shift * np.exp(tensors["r_mag"])
-        else:
+        if "b_enc" not in tensors and "b_gate" not in tensors:
             raise ExportError(f"{path / CFG_FILE}: apply_b_dec_to_input false is not supported "
                               f"for {cfg['architecture']!r}")
+        shift = tensors["b_dec"] @ tensors["W_enc"]
+        if "b_enc" in tensors:
+            tensors["b_enc"] = tensors["b_enc"] + shift
+        else:
+            tensors["b_gate"] = tensors["b_gate"] + shift
+            tensors["b_mag"] = tensors["b_mag"] + shift * np.exp(tensors["r_mag"])
     sae_cfg = SAEConfig(d_sae=d_sae, activation=kind.name, decoder_norm="free",
                         **kind.config_from_saelens(cfg))
     return LoadedSAE(params=tensors, sae=sae_cfg, d_in=d_in, cfg_json=cfg,

@@ -65,12 +65,13 @@ class Cache(Command):
 
         if not self.text:
             raise JaxsaeError("--text: give at least one text file or directory")
-        out, wrote = cache(self.model, self.layer, list(self.text), self.out, tokens=self.tokens,
-                    hook=self.hook, context=self.context, dtype=self.dtype,
-                    drop_first_position=self.drop_first_position, batch_size=self.batch_size,
-                    shard_tokens=self.shard_tokens, model_dtype=self.model_dtype,
-                    device=self.device, overwrite=self.overwrite,
-                    progress=not self.no_progress, target_hook=self.target_hook)
+        out, wrote = cache(
+            self.model, self.layer, list(self.text), self.out, tokens=self.tokens,
+            hook=self.hook, context=self.context, dtype=self.dtype,
+            drop_first_position=self.drop_first_position, batch_size=self.batch_size,
+            shard_tokens=self.shard_tokens, model_dtype=self.model_dtype, device=self.device,
+            overwrite=self.overwrite, progress=not self.no_progress,
+            target_hook=self.target_hook)
         target = ("" if self.target_hook is None
                   else " " + shlex.quote(f"data.target={out}/target"))
         print(f"wrote {out}\n" * wrote + "train on it with: jaxsae train CONFIG "
