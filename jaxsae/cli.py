@@ -53,6 +53,9 @@ class UsageError(JaxsaeError):
 def parse(argv: list[str]) -> Command:
     """The command `argv` asks for. Bad words or flags raise `UsageError` (one line);
     `--help` prints and raises SystemExit(0)."""
+    if argv[:1] in (["--version"], ["-V"]):
+        print(version_line())
+        raise SystemExit(0)
     commands, groups = registry()
     words: tuple[str, ...] = ()
     for arg in argv[:2]:
@@ -72,6 +75,20 @@ def parse(argv: list[str]) -> Command:
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UsageError(f"unknown command {rest[0]!r}{hint}; commands: {', '.join(choices)}",
                      words)
+
+
+def version_line() -> str:
+    """`jaxsae --version`: jaxsae's version with those of what its numbers depend on (for a
+    bug report or a results table)."""
+    import platform
+    from importlib import metadata
+
+    import jax
+
+    import jaxsae
+
+    return (f"jaxsae {jaxsae.__version__} (jax {jax.__version__}, jaxlib "
+            f"{metadata.version('jaxlib')}, Python {platform.python_version()})")
 
 
 def _parse_command(cls: type[Command], args: list[str], *, moved: bool = False) -> Command:
@@ -139,6 +156,8 @@ def _listing(words: tuple[str, ...], choices: list[str], commands, groups) -> st
              DESCRIPTION if not words else groups.get(words[0], ""), "", "commands:"]
     lines += [f"  {name.ljust(width)}  {summary}" for name, summary in rows]
     lines += ["", f"'{prog} COMMAND --help' describes a command."]
+    if not words:
+        lines.append("'jaxsae --version' prints the versions of jaxsae, jax and Python.")
     return "\n".join(lines)
 
 

@@ -32,6 +32,20 @@ def test_help(argv, capsys):
     assert "usage: jaxsae" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag, capsys):
+    import jax
+
+    import jaxsae
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([flag])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"jaxsae {jaxsae.__version__} (jax {jax.__version__}, jaxlib ")
+    assert len(out.splitlines()) == 1
+
+
 def test_the_core_never_imports_torch(tmp_path):
     """The trainer is JAX-only: PyTorch is loaded by `cache` and `eval --model` alone."""
     code = ("import sys; from jaxsae import cli, train, evaluate, export, bench; "
