@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxsae import activations, outputs, sae, sparsify, tensorfile
+from jaxsae import __version__, activations, outputs, sae, sparsify, tensorfile
 from jaxsae.checks import check_run
 from jaxsae.config import SAEConfig
 from jaxsae.errors import ConfigError, DataError, ExportError
@@ -121,7 +121,8 @@ def export_sae(
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {"sae_lens_version": SAE_LENS_FORMAT_VERSION, **(metadata or {})},
-        "jaxsae": {"activation": sae_cfg.activation, "tied": sae_cfg.tied,
+        "jaxsae": {"version": __version__,  # (of the jaxsae that wrote the export)
+                   "activation": sae_cfg.activation, "tied": sae_cfg.tied,
                    "decoder_norm": sae_cfg.decoder_norm,
                    **({"k": sae_cfg.k} if kind.has_k else {}),
                    **(training or {})},

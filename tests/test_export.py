@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxsae import tensorfile
+from jaxsae import __version__, tensorfile
 from jaxsae.config import SAEConfig
 from jaxsae.export import (
     CFG_FILE,
@@ -137,6 +137,7 @@ def test_cfg_json(tmp_path, activation):
     assert c["metadata"]["hook_name"] == "blocks.3.hook"
     assert c["jaxsae"]["activation"] == activation
     assert c["jaxsae"]["steps"] == 12
+    assert c["jaxsae"]["version"] == __version__  # (which jaxsae wrote it)
     if activation == "topk":
         assert c["k"] == K
     else:
