@@ -15,7 +15,7 @@ from jaxsae.checkpoint import Checkpointer
 from jaxsae.config import CheckpointConfig, DataConfig, SAEConfig
 from jaxsae.data.inspect import format_summary, inspect
 from jaxsae.data.shards import ShardSet, ShardWriter
-from jaxsae.data.stats import estimate
+from jaxsae.data.stats import estimate, sample_evenly
 from jaxsae.errors import DataError
 from jaxsae.export import load_sae
 from tests.conftest import small_config, train_until_crash, watched_loader
@@ -54,6 +54,21 @@ def test_estimate_scale_and_threshold(outlier_data):
     np.testing.assert_array_equal(keep, norms <= stats.drop_above)
     plain = estimate(source, source.n_tokens, DataConfig(path=str(path)))
     assert plain.scale == 1.0 and plain.drop_above is None and plain.keep_fn() is None
+
+
+def test_a_range_no_larger_than_the_sample_is_read_whole(outlier_data):
+    """The statistics of a range holding no more tokens than the sample are those of all its
+    tokens (fault testing: 64 pieces of n // 64 tokens left up to 63 out, 63 of 127 in a
+    small --tokens window, so eval's median_norm was not the evaluated tokens')."""
+    path, x = outlier_data
+    source = ShardSet(path)
+    for start, stop in [(0, 127), (1000, 2500), (5, 16384)]:
+        np.testing.assert_array_equal(sample_evenly(source, stop, 65536, start=start),
+                                      x[start:stop])
+    assert len(sample_evenly(source, 16384, 1000)) == 64 * (1000 // 64)  # (spread: as before)
+    cfg = DataConfig(path=str(path), normalize="unit_mean_squared_norm", stats_tokens=16384)
+    stats = estimate(source, 1500, cfg)
+    assert stats.median_norm == np.median(np.linalg.norm(x[:1500].astype(np.float64), axis=1))
 
 
 def test_a_zero_median_norm_refuses_dropping_and_is_no_multiple(tmp_path):

@@ -58,7 +58,8 @@ def sample_evenly(source: TokenSource, stop: int, n: int, pieces: int = 64, *,
 def _sample_reads(stop: int, n: int, pieces: int, start: int) -> list[tuple[int, int]]:
     """(first token, count) of each of `sample_evenly`'s reads, in order."""
     span = stop - start
-    n = min(n, span)
+    if n >= span:  # all of them (pieces of n // pieces tokens would leave up to pieces - 1
+        return [(start, span)]  # out, half of a window under 2·pieces: fault testing)
     per = max(1, n // pieces)
     starts = start + np.linspace(0, span - per, num=min(pieces, max(1, span // per)),
                                  dtype=np.int64)
