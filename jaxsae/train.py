@@ -12,7 +12,6 @@ several processes in step in `jaxsae.processes`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from jaxsae.config import Config, changes_of, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, dropped_tokens, lanes_of_process
+from jaxsae.data.source import fingerprint
 from jaxsae.data.stats import DataStats
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError
@@ -135,15 +135,13 @@ def _agree_on_config(cfg: Config) -> None:
     processes.agree(json.dumps(mine, sort_keys=True), differences)
 
 
-def _agree_on_data(cfg: Config, source) -> None:
+def _agree_on_data(cfg: Config, source, digest: str) -> None:
     """Every process of a run reads the same data: the same number of tokens of the same
-    width, and the same first and last rows."""
+    width, and the same `fingerprint` (the first and last rows of every file, and rows
+    spread over the data)."""
     if jax.process_count() == 1:
         return
     n = source.n_tokens
-    rows = np.concatenate([source.read(0, min(n, 16)), source.read(max(n - 16, 0), n)])
-    digest = hashlib.blake2b(np.ascontiguousarray(rows, np.float32).tobytes(),
-                             digest_size=8).hexdigest()
     mine = f"{n:,} tokens {getattr(source, 'width', source.d_in)} wide, rows {digest}"
     processes.agree(mine, lambda theirs: None if theirs == mine else (
         f"data.path {cfg.data.path} holds other data there ({mine}; on process 0: {theirs})"))
@@ -191,8 +189,10 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
         return source
 
     source = processes.on_every_process(open_data)  # (data only one process cannot open)
-    if not cfg.data.stream:  # (streamed data is its config's data.generate)
-        _agree_on_data(cfg, source)
+    digest = None  # (streamed data is its config's data.generate)
+    if not cfg.data.stream:
+        digest = fingerprint(source)
+        _agree_on_data(cfg, source, digest)
     held_out = cfg.data.held_out(source.n_tokens)
     n_train = source.n_tokens - held_out
     if cfg.data.stream:
@@ -212,7 +212,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
     try:
         return _train_and_finish(cfg, run_dir, source, n_train, members, dirs, told,
                                  progress=progress, log=log, make_loader=make_loader,
-                                 hooks=hooks, truth=truth)
+                                 hooks=hooks, truth=truth, digest=digest)
     except BaseException as error:
         for hook in told:
             hook.on_failure(error)
@@ -230,8 +230,8 @@ def _times(ratio: float) -> str:
 def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members: list[Config],
                       dirs: list[Path], told: list[LoopHook], *, progress: bool,
                       log: Callable[[str], None], make_loader: Callable[..., Loader],
-                      hooks: Sequence[LoopHook], truth: synthetic.Truth | None
-                      ) -> RunResult:
+                      hooks: Sequence[LoopHook], truth: synthetic.Truth | None,
+                      digest: str | None) -> RunResult:
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
@@ -240,7 +240,8 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
                 f"{path}")
         state, built, stats, dropped = _run_loop(cfg, ckpt, source, n_train, run_dir, members,
                                                 dirs, told, progress=progress, log=log,
-                                                make_loader=make_loader, hooks=hooks)
+                                                make_loader=make_loader, hooks=hooks,
+                                                digest=digest)
     except BaseException:
         _close_quietly(ckpt)  # the error in flight says what went wrong, not a late save
         raise
@@ -280,9 +281,11 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
 def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Path,
               members: list[Config], dirs: list[Path], told: list[LoopHook], *, progress: bool,
               log: Callable[[str], None], make_loader: Callable[..., Loader],
-              hooks: Sequence[LoopHook]) -> tuple[TrainState, Built, DataStats, Loader]:
+              hooks: Sequence[LoopHook], digest: str | None = None
+              ) -> tuple[TrainState, Built, DataStats, Loader]:
     """restore (or init) -> the loop; returns the final state and what produced it. The
-    hooks it tells are added to `told`."""
+    hooks it tells are added to `told`. `digest`: the data's `fingerprint` (None: streamed),
+    saved with each checkpoint and compared on restore."""
     is_main = jax.process_index() == 0
     try:  # before anything is written
         owned = lanes_of_process(cfg.data.lanes, jax.process_index(), jax.process_count())
@@ -305,6 +308,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         check_resume_compatible(saved_cfg, cfg, run_dir)
         _check_stream_unchanged(saved_cfg, cfg, run_dir)
         _check_loader_state(loader_state, cfg, source, n_train, run_dir)
+        _check_same_data(loader_state, digest, cfg, run_dir)
         built = built_for(DataStats.from_dict(loader_state["data_stats"]))
         return abstract_with_shardings(built.abstract, built.state_sharding)
 
@@ -399,7 +403,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
     told.extend([ProgressDisplay(bar), *hooks])
 
     def save(step: int, state: TrainState):
-        saved = {**_gather_positions(position), "data_stats": stats.to_dict()}
+        saved = {**_gather_positions(position), "data_stats": stats.to_dict(),
+                 **({"data_digest": digest} if digest is not None else {})}
         ckpt.save(step, state, saved, cfg)
         for hook in told:
             hook.on_checkpoint(step)
@@ -669,6 +674,20 @@ def _check_stream_unchanged(saved: Config, cfg: Config, where: Path) -> None:
     if dict(saved.data.generate or {}) != dict(cfg.data.generate or {}):
         raise JaxsaeError(f"{where}: cannot resume with a changed data.generate (the streamed "
                           "data is drawn from it); restore it, or start a new run")
+
+
+def _check_same_data(state: dict, digest: str | None, cfg: Config, where: Path) -> None:
+    """The data holds the values the checkpoint trained on (fault testing: a shard replaced
+    by one of the same size resumed without a word, training on a mix of two data sets under
+    the first one's statistics). Checkpoints from before the digest was kept restore."""
+    saved = state.get("data_digest")
+    if saved is None or digest is None or saved == digest:
+        return
+    what = f"{cfg.data.path}" + (f" / {cfg.data.target}" if cfg.data.target else "")
+    raise DataError(f"{what}: holds other values than the data the checkpoint in {where} "
+                    "trained on (as many tokens, but a file was replaced or edited); resuming "
+                    "would train on a mix of two data sets: restore the data, or start a new "
+                    "run in another run_dir")
 
 
 def _check_loader_state(state: dict, cfg: Config, source, n_train: int, where: Path) -> None:

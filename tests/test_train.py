@@ -103,6 +103,34 @@ def test_resume_after_crash_is_exact(small_data, tmp_path, monkeypatch):
     assert steps == [4, 8, 12, 16, 20, 24]  # lines after the checkpoint were rewritten once
 
 
+def test_resume_refuses_data_replaced_by_data_of_the_same_size(small_data, tmp_path):
+    """A shard replaced by one of the same size (other values) is refused on resume, naming
+    the data, and the checkpoints stay; the same data moved elsewhere resumes."""
+    from jaxsae.data.shards import ShardSet
+    from jaxsae.data.source import fingerprint
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    crashed = small_config(data, tmp_path / "run")
+    train_until_crash(crashed, 13)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    assert fingerprint(ShardSet(moved)) == fingerprint(ShardSet(data))
+    shard = sorted(data.glob("shard-*"))[1]
+    x = np.load(shard)
+    np.save(shard, x[::-1].copy())  # the same rows in another order: same size, same stats
+    assert fingerprint(ShardSet(data)) != fingerprint(ShardSet(moved))
+    with pytest.raises(DataError, match=r"data: holds other values than the data the "
+                                        r"checkpoint .* trained on"):
+        train_mod.train(crashed, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    result = train_mod.train(dataclasses.replace(
+        crashed, data=dataclasses.replace(crashed.data, path=str(moved))), progress=False)
+    assert result.step == 24
+
+
 @pytest.fixture
 def nan_term():
     @penalties.register("test_nan_after")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -95,6 +98,19 @@ class ArraySource:
             pass
 
 
+def refuse_links(files: Sequence[Path]) -> None:
+    """Refuses two names of one file (a symbolic or hard link among a directory's files),
+    naming both: its tokens would be read twice, some as training tokens and again as
+    held-out ones (fault testing: the check of a name listed twice let a link through)."""
+    seen: dict[tuple[int, int], Path] = {}
+    for file in files:
+        st = os.stat(file)
+        first = seen.setdefault((st.st_dev, st.st_ino), file)
+        if first != file:
+            raise DataError(f"{file}: the same file as {first} (a link; its tokens would be "
+                            "read twice)")
+
+
 class PairedSource:
     """A transcoder's data: row i is input row i (d_in wide) followed by target row i (d_out
     wide), so the loader shuffles, splits and resumes pairs exactly as it does tokens. Shard
@@ -171,3 +187,30 @@ def iter_blocks(source: TokenSource, block_tokens: int, start: int = 0,
                             f"({int(bad.sum())} tokens of the ones evaluated): no metric over "
                             "them would be a measurement; repair the data")
         yield block
+
+
+FINGERPRINT_ROWS = 64
+"""Evenly spaced rows `fingerprint` reads, besides the first and last row of every file."""
+
+
+def fingerprint(source: TokenSource) -> str:
+    """A short digest of what `source` holds: its size and width, and the values of the first
+    and last row of every file (a transcoder's pairs: of its input files) and of
+    FINGERPRINT_ROWS rows spread over it. Data moved or copied elsewhere keeps it; a file
+    replaced or edited in place, even by one of the same size, changes it (unless the edit
+    spares every row read). A checkpoint keeps it to refuse resuming on other data, and the
+    processes of a run compare theirs."""
+    n = source.n_tokens
+    files = getattr(source, "offsets", None)
+    if files is None:
+        files = getattr(getattr(source, "inputs", None), "offsets", None)
+    at = set(np.linspace(0, max(n - 1, 0), num=min(FINGERPRINT_ROWS, n), dtype=np.int64))
+    if files is not None:
+        bounds = np.asarray(files, np.int64)
+        at.update(bounds[:-1][bounds[:-1] < n])
+        at.update(bounds[1:][bounds[1:] > 0] - 1)
+    h = hashlib.blake2b(f"{n} {getattr(source, 'width', source.d_in)}".encode(),
+                        digest_size=8)
+    for row in sorted(int(a) for a in at):
+        h.update(np.ascontiguousarray(source.read(row, row + 1), np.float32).tobytes())
+    return h.hexdigest()
