@@ -127,6 +127,23 @@ def test_a_file_listed_twice_a_dtype_that_disagrees_or_int_columns_are_refused(t
         open_source(DataConfig(path=str(path)))
 
 
+def test_a_linked_file_and_an_empty_cache_are_refused(tmp_path):
+    """(fault testing: an Arrow file that is a link to another was read twice; a cache of
+    0 rows was a traceback in inspect, eval and analyze)"""
+    path, _ = make_cache(tmp_path / "cache", shards=2)
+    second = path / "data-00001-of-00002.arrow"
+    second.unlink()
+    os.symlink("data-00000-of-00002.arrow", second)
+    with pytest.raises(DataError, match=r"data-00001-of-00002\.arrow: the same file as "
+                                        r".*data-00000-of-00002\.arrow \(a link"):
+        open_source(DataConfig(path=str(path)))
+    empty, _ = make_cache(tmp_path / "empty", rows=0, shards=1)
+    with pytest.raises(DataError, match=r"empty: holds no tokens \(its data file has no "
+                                        r"rows\)"):
+        open_source(DataConfig(path=str(empty)))
+    assert cli.main(["data", "inspect", str(empty)]) == 2
+
+
 def test_a_shape_that_disagrees_with_the_rows_is_refused(tmp_path):
     """dataset_info says [8, 16]; rows of [16, 8] have as many values and read as garbage."""
     path, _ = make_cache(tmp_path / "cache", shards=1)

@@ -280,6 +280,19 @@ def test_shard_listed_but_missing(tmp_path):
         ShardSet(out)
 
 
+@pytest.mark.parametrize("link", [os.symlink, os.link])
+def test_two_names_of_one_shard_are_refused(tmp_path, link):
+    """A shard that is a link to another would be read twice (fault testing: the held-out
+    tokens were training tokens again)."""
+    out = write_set(tmp_path / "set", source_data())
+    (out / "shard-00001.npy").unlink()
+    link("shard-00000.npy" if link is os.symlink else out / "shard-00000.npy",
+         out / "shard-00001.npy")
+    with pytest.raises(DataError, match=r"shard-00001\.npy: the same file as .*shard-00000"
+                                        r"\.npy \(a link; its tokens would be read twice\)"):
+        ShardSet(out)
+
+
 @pytest.mark.parametrize("file_type", ["npy", "safetensors"])
 def test_manifest_lies_about_n_tokens(tmp_path, file_type):
     out = write_set(tmp_path / "set", source_data(), file_type=file_type)

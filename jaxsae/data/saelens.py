@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jaxsae.data.source import ArraySource
+from jaxsae.data.source import ArraySource, refuse_links
 from jaxsae.errors import DataError
 
 INFO = "dataset_info.json"
@@ -89,12 +89,19 @@ class SAELensCache(ArraySource):
                 raise DataError(
                     f"{self.path / STATE}: _data_files lists {name!r} twice (its tokens would "
                     "be read twice)")
+        for name in files:
+            if not (self.path / name).is_file():
+                raise DataError(f"{self.path / name}: listed in {STATE} but missing")
+        refuse_links([self.path / name for name in files])
         arrays, names = [], []
         for name in files:
             for i, values in enumerate(self._open(self.path / name, d_in)):
                 arrays.append(values)
                 names.append(f"{self.path / name}" + (f" (record batch {i})" if i else ""))
         super().__init__(arrays, names, d_in)
+        if self.n_tokens == 0:  # (fault testing: tracebacks from inspect, eval and analyze)
+            which = "its data file has" if len(files) == 1 else f"its {len(files)} data files have"
+            raise DataError(f"{self.path}: holds no tokens ({which} no rows)")
         if check_finite:
             self.check_finite()
 
@@ -112,8 +119,6 @@ class SAELensCache(ArraySource):
 
     def _open(self, file: Path, d_in: int) -> list[np.ndarray]:
         """[rows·context_size, d_in] views of the hook column, one per record batch."""
-        if not file.is_file():
-            raise DataError(f"{file}: listed in {STATE} but missing")
         try:
             table = pa.ipc.open_stream(pa.memory_map(str(file), "r")).read_all()
         except (pa.ArrowInvalid, OSError) as e:

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxsae import interrupts, outputs, tensorfile
-from jaxsae.data.source import ArraySource
+from jaxsae.data.source import ArraySource, refuse_links
 from jaxsae.errors import DataError
 from jaxsae.parsing import is_positive_int
 from jaxsae.runlock import LOCK_FILE, RunLock
@@ -196,6 +196,7 @@ class ShardSet(ArraySource):
                 arrays.append(_open_safetensors(file, entry, self.manifest))
             else:
                 raise DataError(f"{file}: unknown shard type (expected .npy or .safetensors)")
+        refuse_links([self.path / e.file for e in self.manifest.shards])
         names = [str(self.path / e.file) for e in self.manifest.shards]
         super().__init__(arrays, names, self.manifest.d_in)
         if check_finite:
