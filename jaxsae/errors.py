@@ -1,6 +1,10 @@
 """The one exception type users see: the CLI prints it as a single line and exits non-zero."""
 
+import contextlib
 import errno
+import re
+import shutil
+from collections.abc import Iterator
 
 
 class JaxsaeError(Exception):
@@ -35,8 +39,28 @@ def one_line(message: str) -> str:
     return " ".join(message.split("\n"))
 
 
+@contextlib.contextmanager
+def naming(path) -> Iterator[None]:
+    """An OSError of the block that names no file is given `path`'s name: a buffered write
+    fails when its file is closed (a full disk), with an error naming nothing (fault testing:
+    "error: No space left on device", and no file named)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or isinstance(e, shutil.Error):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
 def describe_os_error(e: OSError) -> str:
     """`cannot write runs/x/metrics.jsonl: No space left on device`."""
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        # a copy of a directory: a list of (source, destination, reason); the first said
+        _, target, why = e.args[0][0]
+        found = re.match(r"\[Errno (\d+)\] ([^:]*)", str(why))
+        if found:
+            return describe_os_error(OSError(int(found[1]), found[2], str(target)))
+        return one_line(f"cannot write {target}: {why}")
     reason = e.strerror or str(e)
     if e.filename is None:
         return one_line(reason)

@@ -136,7 +136,7 @@ def export_sae(
                              {"sparsity": np.asarray(log10_firing, np.float32)},
                              metadata={"format": "pt"})
         outputs.record_sae_files(staging, cfg_json)  # (what a later replacement checks)
-        (staging / CFG_FILE).write_text(outputs.json_text(cfg_json, indent=2))  # (NaN: null)
+        outputs.write_file(staging / CFG_FILE, outputs.json_text(cfg_json, indent=2))  # NaN: null
     return Path(out)
 
 
@@ -555,8 +555,7 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
                                   inputs=inputs) as staging:
         if keep is not None:
             shutil.copytree(keep, staging / IMPORTED_SAE)
-        (staging / "config.yaml").write_text(
-            f"# jaxsae train {shlex.quote(str(run_dir / 'config.yaml'))}\n# Starts from "
-            f"{source_name} "
-            "(imported).\n" + config.to_yaml())
+        outputs.write_file(staging / "config.yaml",
+                           f"# jaxsae train {shlex.quote(str(run_dir / 'config.yaml'))}\n"
+                           f"# Starts from {source_name} (imported).\n" + config.to_yaml())
     return run_dir / "config.yaml"

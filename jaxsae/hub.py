@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from jaxsae.config import Config
-from jaxsae.outputs import CURVES
+from jaxsae.outputs import CURVES, write_file
 
 CARD = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -95,7 +95,7 @@ def write_card(out: Path, cfg: Config, saes: list[dict[str, Any]],
               "Trained with jaxsae (`jaxsae train config.yaml`, JAX); each SAE's cfg.json "
               "says the rest (`metadata`, and `jaxsae` for the loss and optimiser).", "",
               "```yaml", cfg.to_yaml().rstrip(), "```", ""]
-    (out / CARD).write_text("\n".join(lines))
+    write_file(out / CARD, "\n".join(lines))
 
 
 def _summary(cfg: Config, meta: dict[str, Any], n: int) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxsae import interrupts
-from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
+from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError, naming
 from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 
 # Written into the output directories whose own files do not say that jaxsae wrote them
@@ -66,7 +66,7 @@ def write_marker(directory: Path, kind: str, *, inventory: bool = False,
         for name in (MARKER, *leave_out):
             found.pop(name, None)
         mark["files"] = dict(sorted(found.items()))
-    (directory / MARKER).write_text(json.dumps(mark) + "\n")
+    write_file(directory / MARKER, json.dumps(mark) + "\n")
 
 
 def file_inventory(directory: Path, *, digests: bool = False) -> dict[str, Any]:
@@ -509,8 +509,8 @@ def resumable_staging(target: str | Path, kind: str, key: Mapping[str, Any]) -> 
     try:
         if mark is None or mark.get("key") != key:  # another call's (or none): afresh
             empty_but_lock(partial)
-            (partial / MARKER).write_text(json.dumps({"kind": f"{kind}-partial", "key": key})
-                                          + "\n")
+            write_file(partial / MARKER,
+                       json.dumps({"kind": f"{kind}-partial", "key": key}) + "\n")
         yield partial
     except (ConfigError, DataError, NonFiniteError):
         # the same call would fail the same way again: nothing in it to resume from (fault
@@ -620,7 +620,14 @@ def replacing_file(path: Path) -> Iterator[Path]:
 
 def atomic_write(path: Path, text: str) -> None:
     with replacing_file(path) as tmp:
-        tmp.write_text(text)
+        write_file(tmp, text, name=path)
+
+
+def write_file(path: Path, text: str, *, name: Path | None = None) -> None:
+    """`path.write_text(text)`, whose error names the file (`name`, if given) even when it
+    comes as the file is closed (a full disk)."""
+    with naming(name or path):
+        Path(path).write_text(text)
 
 
 def json_text(value: Any, indent: int | None = 1) -> str:
@@ -701,7 +708,7 @@ def save_figure(fig, path: Path, *, right: float = 1.0) -> None:
     fraction of the width: room for a legend beside them)."""
     try:
         fig.tight_layout(rect=(0, 0, right, 1))
-        with replacing_file(path) as tmp:
+        with replacing_file(path) as tmp, naming(path):
             fig.savefig(tmp, format="png")
     finally:
         pyplot().close(fig)

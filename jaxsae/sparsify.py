@@ -68,7 +68,7 @@ def export_sparsify(params: dict[str, Any], sae_cfg: SAEConfig, out: str | Path,
     # exporting again replaces it as it replaces a SAELens export)
     with outputs.staged_directory(out, "sae", overwrite=overwrite, inputs=inputs) as staging:
         tensorfile.write(staging / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
-        (staging / CFG_FILE).write_text(outputs.json_text(cfg, indent=2))
+        outputs.write_file(staging / CFG_FILE, outputs.json_text(cfg, indent=2))
     return Path(out)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxsae.errors import DataError
+from jaxsae.errors import DataError, naming
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -101,7 +101,7 @@ def write(path: str | Path, tensors: Mapping[str, np.ndarray],
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with naming(path), open(tmp, "wb") as f:  # (a full disk: name the file)
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for array in arrays:

@@ -320,7 +320,7 @@ class ShardWriter:
 
     def _record_progress(self) -> None:
         tmp = self.staging / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps({
+        outputs.write_file(tmp, json.dumps({
             "key": self.resume_key, "d_in": self.d_in, "dtype": self.dtype,
             "shard_tokens": self.shard_tokens,
             "shards": [{"file": e.file, "n_tokens": e.n_tokens} for e in self.entries]}))
@@ -376,7 +376,7 @@ class ShardWriter:
             raise DataError(f"{self.out}: no activations were written")
         manifest = Manifest(self.d_in, self.dtype, tuple(self.entries), self.source)
         (self.staging / PROGRESS).unlink(missing_ok=True)
-        (self.staging / MANIFEST).write_text(manifest.to_json())
+        outputs.write_file(self.staging / MANIFEST, manifest.to_json())
         outputs.check_target(self.out, "shards", overwrite=self.overwrite, inputs=self.inputs)
         interrupts.check_terminated()
         outputs.move_locked_staging(self.staging, self.out)

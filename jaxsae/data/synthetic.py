@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.special import ndtri
 
-from jaxsae import tensorfile
+from jaxsae import outputs, tensorfile
 from jaxsae.data.shards import TARGET_DIR, ShardWriter
 from jaxsae.data.spec_checks import check_common as _check_common
 from jaxsae.data.spec_checks import need as _need
@@ -428,7 +428,7 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
         if targets is not None:
             targets.close()
         tensorfile.write(writer.staging / TRUTH_TENSORS, truth)
-        (writer.staging / TRUTH_JSON).write_text(json.dumps(source, indent=1))
+        outputs.write_file(writer.staging / TRUTH_JSON, json.dumps(source, indent=1))
     return Path(out)
 
 

@@ -792,3 +792,32 @@ def test_a_shard_write_killed_as_it_is_renamed_leaves_nothing_the_next_refuses(t
     assert ShardSet(out).n_tokens == 16 and sorted(p.name for p in tmp_path.iterdir()) == [
         "shards"]
     assert not (out / ".lock").exists()
+
+
+def test_a_write_failing_as_its_file_closes_names_the_file(tmp_path):
+    """A buffered write to a full disk fails when the file is closed, with an OSError naming
+    no file (fault testing: "error: No space left on device" from train, export, analyze,
+    import, synth, stitch); a directory copy's error was a list's repr."""
+    import shutil
+
+    import numpy as np
+    import pytest
+
+    from jaxsae import outputs, tensorfile
+    from jaxsae.errors import describe_os_error
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with pytest.raises(OSError) as err:  # (every write to /dev/full: ENOSPC)
+        outputs.write_file(Path("/dev/full"), "x")
+    assert describe_os_error(err.value) == "cannot write /dev/full: No space left on device"
+    target = tmp_path / "w.safetensors"
+    (tmp_path / f".w.safetensors.tmp-{os.getpid()}").symlink_to("/dev/full")  # its staging
+    with pytest.raises(OSError) as err:
+        tensorfile.write(target, {"a": np.zeros(3, np.float32)})
+    assert describe_os_error(err.value) == f"cannot write {target}: No space left on device"
+    assert sorted(os.listdir(tmp_path)) == []
+    copied = shutil.Error([("src/a.safetensors", "dst/a.safetensors",
+                            "[Errno 28] No space left on device: 'src/a' -> 'dst/a'")])
+    assert describe_os_error(copied) == ("cannot write dst/a.safetensors: No space left on "
+                                         "device")
