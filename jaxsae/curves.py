@@ -167,10 +167,13 @@ def _run_colors(plt, n: int) -> list:
 class CurvesHook(GuardedHook):
     """Redraws `<run>/curves.png` from the metrics files at checkpoints, at most once every
     `min_interval_s` (a drawing takes about half a second), and always at the last one, the
-    end of the run. A failure to draw warns once and training goes on."""
+    end of the run. A failure to draw warns once and training goes on; a file system's error
+    (a full disk) is tried again at the next checkpoint (fault testing: one failed drawing
+    left the run with the curves.png of its first steps)."""
 
     key = "curves"
     min_interval_s = 60.0
+    retries_os_errors = True
 
     def __init__(self, run_dir: Path, title: str, total_steps: int,
                  warn: Callable[[str], None]):

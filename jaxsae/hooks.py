@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxsae import penalties
 from jaxsae.config import Config, sweep_label
-from jaxsae.errors import JaxsaeError, NonFiniteError
+from jaxsae.errors import JaxsaeError, NonFiniteError, describe_os_error
 from jaxsae.outputs import AppendLog, atomic_write, json_text
 
 
@@ -90,9 +90,13 @@ class GuardedHook(LoopHook):
 
     key = ""
     """What it is, as the config names it (`wandb`, `tensorboard`, `curves`)."""
+    retries_os_errors = False
+    """Whether an OSError (a full disk) leaves the hook on, to try again next time: for a
+    hook whose next call redoes all of its work (a drawing), not one that would have lost
+    some (a tracker's stream)."""
 
     def __init__(self, warn: Callable[[str], None]):
-        self.warn, self.failed = warn, False
+        self.warn, self.failed, self.warned = warn, False, False
 
     def _guard(self, what: str, action: Callable[[], object]) -> None:
         if self.failed:
@@ -100,10 +104,16 @@ class GuardedHook(LoopHook):
         try:
             action()
         except Exception as e:  # whatever failed: warn once, go on
-            self.failed = True
-            reason = " ".join(str(e).split()) or type(e).__name__
+            again = self.retries_os_errors and isinstance(e, OSError)
+            self.failed = not again
+            if self.warned:
+                return
+            self.warned = True
+            reason = (describe_os_error(e) if isinstance(e, OSError)
+                      else " ".join(str(e).split()) or type(e).__name__)
             self.warn(f"warning: log.{self.key}: {what} failed ({reason[:300]}); training goes "
-                      "on without it (metrics.jsonl has every number)")
+                      "on " + ("and tries again at the next checkpoint" if again else
+                               "without it (metrics.jsonl has every number)"))
 
 
 class MetricsFiles(LoopHook):

@@ -46,6 +46,30 @@ def test_curves_are_redrawn_at_every_checkpoint(small_data, tmp_path, monkeypatc
     assert [c[1] for c in calls[1:]] == [[("test", steps[:4])], [("test", steps)]]
 
 
+def test_a_drawing_the_file_system_refused_is_tried_again(small_data, tmp_path, monkeypatch):
+    """(fault testing: a disk full for a moment switched the curves off for the rest of the
+    run, which ended with the curves.png of its first steps)"""
+    monkeypatch.setattr(curves.CurvesHook, "min_interval_s", 0.0)
+    draw, calls = curves.plot, []
+
+    def full_at_first(series, out, title=""):
+        calls.append([line["step"] for line in series[0][1]])
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device", str(out))
+        return draw(series, out, title=title)
+
+    monkeypatch.setattr(curves, "plot", full_at_first)
+    said = []
+    train(small_config(small_data, tmp_path / "run", log=CURVES_ON), progress=False,
+          log=said.append)
+    warnings = [line for line in said if "log.curves" in line]
+    assert warnings == [f"warning: log.curves: drawing curves.png failed (cannot write "
+                        f"{tmp_path / 'run' / 'curves.png'}: No space left on device); "
+                        "training goes on and tries again at the next checkpoint"]
+    assert calls == [[4, 8], [4, 8, 12, 16], [4, 8, 12, 16, 20, 24]]  # (8: refused)
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == PNG
+
+
 def test_a_run_resumed_at_its_end_draws_what_a_kill_cut_short(small_data, tmp_path):
     """(fault testing: killed while drawing curves.png after its last step, a run resumed at
     that step never drew it, and kept the killed call's empty temporary file)"""
