@@ -281,5 +281,5 @@ def test_sizes_beyond_memory_are_one_line(tmp_path, capsys, monkeypatch):
                      "--no-orthogonal", "--tokens", "100", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxsae synth: error: --depth: 1,099,511,627,775 features (n_trees x "
-                          "branching^level over the levels) in d_in 64 need 524,288 GiB"), err
+                          "branching^level over the levels) in d_in 64 need 512.0 TiB"), err
     assert not any(tmp_path.iterdir())

@@ -38,8 +38,20 @@ def check_common(spec) -> None:
         key, count = ("n_features", "") if own else ("depth", " (n_trees x branching^level "
                                                               "over the levels)")
         need(False, key, f"{n:,} features{count} in d_in {spec.d_in} need "
-             f"{n * spec.d_in * 8 / 2**30:,.0f} GiB for their directions alone, more than this "
-             f"machine's {_memory() / 2**30:,.0f} GiB of memory")
+             f"{size_text(n * spec.d_in * 8)} for their directions alone, more than this "
+             f"machine's {size_text(_memory())} of memory")
+
+
+def size_text(n_bytes: float) -> str:
+    """`512 bytes`, `15.6 KiB`, `1.3 GiB`: a size in the unit that reads best (fault testing:
+    "the shards need 0.0 GiB, more than the 0.0 GiB free")."""
+    if n_bytes < 1024:
+        return f"{n_bytes:,.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n_bytes /= 1024
+        if n_bytes < 1024 or unit == "TiB":
+            return f"{n_bytes:,.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _memory() -> int:

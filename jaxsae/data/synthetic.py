@@ -37,6 +37,7 @@ from jaxsae import outputs, tensorfile
 from jaxsae.data.shards import TARGET_DIR, ShardWriter
 from jaxsae.data.spec_checks import check_common as _check_common
 from jaxsae.data.spec_checks import need as _need
+from jaxsae.data.spec_checks import size_text
 from jaxsae.data.synthsaebench import SynthSAEBenchSpec
 from jaxsae.errors import ConfigError, DataError
 from jaxsae.progress import Progress
@@ -442,9 +443,9 @@ def check_space(spec, out: str | Path, key: str = "tokens") -> None:
         place = place.parent
     free = shutil.disk_usage(place).free
     if need > free:
-        raise ConfigError(f"{key} {spec.tokens:,}: the shards need {need / 2**30:,.1f} GiB, "
-                          f"more than the {free / 2**30:,.1f} GiB free on {place}; write fewer "
-                          "tokens, or elsewhere")
+        raise ConfigError(f"{key} {spec.tokens:,}: the shards need {size_text(need)}, more "
+                          f"than the {size_text(free)} free on {place}; write fewer tokens, or "
+                          "elsewhere")
 
 
 def truth_json(spec) -> dict[str, Any]:

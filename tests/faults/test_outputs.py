@@ -259,7 +259,7 @@ def test_generated_data_larger_than_the_free_space_is_refused_before_writing(tmp
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**31, 2**31 - 4096, 4096))
     refused(["synth", "superposition", "--n-features", "8", "--d-in", "4", "--tokens", "1000",
              "--no-progress", "--out", str(tmp_path / "sp")], capsys, unchanged=[],
-            match=f"--tokens 1,000: the shards need 0.0 GiB, more than the 0.0 GiB free on "
+            match=f"--tokens 1,000: the shards need 15.6 KiB, more than the 4.0 KiB free on "
                   f"{tmp_path}")
     tree = small_config_dict(tmp_path / "gen", tmp_path / "run", data={"generate": {
         "kind": "superposition", "n_features": 8, "d_in": 4, "tokens": 1000}})
