@@ -71,6 +71,25 @@ def test_a_range_no_larger_than_the_sample_is_read_whole(outlier_data):
     assert stats.median_norm == np.median(np.linalg.norm(x[:1500].astype(np.float64), axis=1))
 
 
+def test_tokens_whose_squared_norm_overflows_are_refused_before_training(tmp_path):
+    """(fault testing: such data trained in normalised units; the evaluation in raw units was
+    inf and reported as a diverged training that a lower learning rate would fix)"""
+    x = np.random.default_rng(0).standard_normal((4096, D_IN)).astype(np.float32)
+    x[3000] *= 1e19  # a norm of some 1e19 x 4: its square is beyond float32
+    with ShardWriter(tmp_path / "data", D_IN, shard_tokens=2048) as w:
+        w.write(x)
+    source = ShardSet(tmp_path / "data")
+    cfg = DataConfig(path=str(tmp_path / "data"), normalize="unit_mean_squared_norm",
+                     stats_tokens=4096)
+    with pytest.raises(DataError, match=r"shard-00001\.npy: row 952: a token of norm "
+                                        r"\d\S*e\+19, whose square overflows float32 "
+                                        r"\(norms from 1\.84e\+19\)"):
+        estimate(source, 4096, cfg)
+    dropped = estimate(source, 4096, DataConfig(path=cfg.path, drop_norm_above=10.0,
+                                                stats_tokens=4096))  # left out: trains
+    assert dropped.drop_above == pytest.approx(10 * dropped.median_norm)
+
+
 def test_a_zero_median_norm_refuses_dropping_and_is_no_multiple(tmp_path):
     """Mostly-zero tokens: 10x a zero median would drop every other token (fault testing: a
     run trained on zeros and reported L0 0), and max / median was printed as 2.6e30."""

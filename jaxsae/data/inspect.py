@@ -11,11 +11,10 @@ import numpy as np
 from jaxsae.config import DataConfig
 from jaxsae.data import detect_format, open_source
 from jaxsae.data.shards import MANIFEST
+from jaxsae.data.stats import OVERFLOW_NORM
 from jaxsae.errors import DataError
 from jaxsae.progress import Progress
 
-_OVERFLOW_NORM = float(np.sqrt(np.finfo(np.float32).max))
-"""A token whose norm reaches this has a squared norm (and error) beyond float32's range."""
 _SAMPLE = 1 << 20  # norms kept for the quantiles (an evenly strided sample of all tokens)
 
 
@@ -42,7 +41,7 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
         norms = np.linalg.norm(block.astype(np.float64), axis=1)
         # (fault testing: one token of 1e30 was "valid", then training's first squared
         # error was inf, and nothing named it)
-        over = np.flatnonzero(norms >= _OVERFLOW_NORM)
+        over = np.flatnonzero(norms >= OVERFLOW_NORM)
         if len(over):
             huge += len(over)
             if first_huge is None:
@@ -108,7 +107,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"({summary['zero_tokens'] / summary['tokens']:.2%}), all their values 0")
     if summary["overflowing_tokens"]:
         lines.append(f"  warning     {summary['overflowing_tokens']:,} token(s) of a norm whose "
-                     f"square overflows float32 (>= {_OVERFLOW_NORM:.2g}; the first: "
+                     f"square overflows float32 (>= {OVERFLOW_NORM:.2g}; the first: "
                      f"{summary['first_overflowing']}): training's errors on them are inf; "
                      "repair them, or leave them out with data.drop_norm_above")
     if "hook" in summary:

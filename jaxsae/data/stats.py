@@ -76,6 +76,7 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig, *,
     pieces = 1 if getattr(source, "iid", False) else 64
     rows = sample_evenly(source, stop, cfg.stats_tokens, pieces=pieces)
     finite = np.isfinite(rows).all(axis=1)
+    sampled = np.flatnonzero(finite)  # (the finite rows' places in the sample)
     if not finite.all():
         if not skip_nonfinite:
             raise DataError(f"{_where(source, stop, cfg, pieces, int(np.argmin(finite)))}: "
@@ -100,6 +101,20 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig, *,
                         "unset it (data.drop_norm_above: null)")
     drop_above = None if cfg.drop_norm_above is None else cfg.drop_norm_above * median
     kept = np.ones(len(norms), bool) if drop_above is None else norms <= drop_above
+    # (fault testing: such data trained in normalised units, then its evaluation in raw ones
+    # overflowed and was reported as a diverged training, advising a lower learning rate)
+    for what, values in (("token", tokens), ("target", targets)):
+        if not values.shape[1]:
+            continue
+        sizes = np.linalg.norm(values.astype(np.float64), axis=1)
+        over = np.flatnonzero(kept & (sizes >= OVERFLOW_NORM))
+        if len(over):
+            raise DataError(
+                f"{_where(source, stop, cfg, pieces, int(sampled[over[0]]))}: a {what} of norm "
+                f"{sizes[over[0]]:.3g}, whose square overflows float32 (norms from "
+                f"{OVERFLOW_NORM:.3g}): the errors on such tokens are inf; rescale the data"
+                + ("" if what == "target" else
+                   " (or leave such tokens out with data.drop_norm_above)"))
     scale = target_scale = 1.0
     if cfg.normalize == "unit_mean_squared_norm":
         scale = _unit_scale(np.square(norms[kept]), source.d_in)
@@ -108,6 +123,10 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig, *,
             target_scale = _unit_scale(np.sum(np.square(y), axis=1), targets.shape[1])
     return DataStats(median_norm=median, drop_above=drop_above, scale=scale,
                      target_scale=target_scale)
+
+
+OVERFLOW_NORM = float(np.sqrt(np.finfo(np.float32).max))
+"""A token of this norm or more has a squared norm beyond float32's range."""
 
 
 def _where(source: TokenSource, stop: int, cfg: DataConfig, pieces: int, row: int) -> str:
