@@ -37,7 +37,7 @@ from jaxsae.config import Config, changes_of, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, dropped_tokens, lanes_of_process
-from jaxsae.data.source import fingerprint
+from jaxsae.data.source import fingerprint, iter_blocks
 from jaxsae.data.stats import DataStats
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError
@@ -205,6 +205,13 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
             f"data.eval_tokens ({held_out}); need at least optim.batch_size "
             f"({cfg.optim.batch_size})"
         )
+    if held_out and not cfg.data.stream:  # checked now, not by the evaluation after training
+        try:  # (fault testing: NaN among them failed each run after its last step)
+            for _ in iter_blocks(source, 65536, n_train, source.n_tokens):
+                pass
+        except DataError as e:
+            raise DataError(f"{e} (among the {held_out:,} tokens held out for the evaluation "
+                            "at the end of the run; checked before training)") from None
     # the truth read (and checked) now, not after the training
     truth = processes.on_every_process(lambda: ground_truth(cfg, source, log))
 

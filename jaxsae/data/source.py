@@ -180,12 +180,15 @@ def iter_blocks(source: TokenSource, block_tokens: int, start: int = 0,
             first, last = (int(np.flatnonzero(bad)[i]) + lo for i in (0, -1))
             if isinstance(source, ArraySource | PairedSource):
                 (name, row), (last_name, last_row) = source.locate(first), source.locate(last)
-                rows = f"rows {row}..{last_row}" if last_name == name else f"from row {row}"
+                rows = (f"row {row}" if first == last else f"rows {row}..{last_row}"
+                        if last_name == name else f"from row {row}")
             else:
-                name, rows = "data", f"tokens {first}..{last}"
-            raise DataError(f"{name}: non-finite values (NaN or inf) in {rows} "
-                            f"({int(bad.sum())} tokens of the ones evaluated): no metric over "
-                            "them would be a measurement; repair the data")
+                name = "data"
+                rows = f"token {first}" if first == last else f"tokens {first}..{last}"
+            count = int(bad.sum())
+            raise DataError(f"{name}: non-finite values (NaN or inf) in {rows} ({count} "
+                            f"token{'s' if count > 1 else ''} of the ones evaluated): no metric "
+                            "over them would be a measurement; repair the data")
         yield block
 
 

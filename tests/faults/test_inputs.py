@@ -139,9 +139,18 @@ def test_eval_refuses_non_finite_held_out_tokens(run_copy, small_data, tmp_path,
     array[-5] = np.nan  # only in the held-out tokens at the end
     np.save(last, array)
     line = refused(["eval", str(run_copy / "sae"), "--data", str(data), "--tokens", "2048"],
-                   capsys, match="non-finite values (NaN or inf) in rows 4091..4091",
+                   capsys, match="non-finite values (NaN or inf) in row 4091 (1 token of",
                    unchanged=[data])
     assert str(last) in line
+    # training refuses them before its first step (fault testing: after its last one)
+    from jaxsae.errors import DataError
+    from jaxsae.train import train
+    from tests.conftest import small_config
+
+    with pytest.raises(DataError, match=r"row 4091 .*among the 2,048 tokens held out for the "
+                                        r"evaluation at the end of the run; checked before"):
+        train(small_config(data, tmp_path / "fresh"), progress=False, log=lambda m: None)
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_import_writes_a_config_that_trains_on_small_data(run_copy, small_data, tmp_path,
