@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -222,20 +223,30 @@ def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):
         open_source(DataConfig(path=str(shards), hook=HOOK))
 
     cfg = small_config(path, tmp_path / "run", data={**data, "eval_tokens": 512})
-    result = train(cfg, progress=False)
-    assert result.eval["explained_variance"] > 0
+    (tmp_path / "run.yaml").write_text(cfg.to_yaml())
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["explained_variance"] > 0
     cfg_json = json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())
     assert (cfg_json["architecture"], cfg_json["d_out"]) == ("transcoder", D_IN)
     meta = cfg_json["metadata"]
     assert (meta["hook_name"], meta["hook_name_out"], meta["context_size"]) == (
         HOOK, target_hook, CTX)
-    capsys.readouterr()
-    assert cli.main(["eval", str(tmp_path / "run" / "sae"), "--data", str(path), "--hook", HOOK,
-                     "--target", str(path), "--target-hook", target_hook,
-                     "--tokens", "512"]) == 0
+    # the command the run printed evaluates it as it was evaluated (fault testing: the hint
+    # left out the columns, and was refused on a cache of several)
+    hint = capsys.readouterr().out.split("evaluate it with: ")[1].splitlines()[0]
+    assert f"--hook {HOOK} --target {path} --target-hook {target_hook}" in hint
+    assert cli.main(shlex.split(hint)[1:]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["explained_variance"] == pytest.approx(result.eval["explained_variance"],
+    assert report["explained_variance"] == pytest.approx(result["explained_variance"],
                                                          abs=1e-5)
+    assert report["held_out_tokens"] == 512 and report["training_tokens"] == 0
+    # another column of the same cache holds no tokens this SAE was trained on
+    assert cli.main(["eval", str(tmp_path / "run" / "sae"), "--data", str(path), "--hook",
+                     target_hook, "--target", str(path), "--target-hook", HOOK]) == 0
+    captured = capsys.readouterr()
+    assert "held_out_tokens" not in json.loads(captured.out) and "note:" not in captured.err
 
 
 def test_import_onto_a_cache_of_several_columns_takes_the_hook_chosen(tmp_path):

@@ -71,7 +71,7 @@ class Train(Command):
                   "settings writes the same tokens, for `jaxsae eval SAE --data DIR --truth "
                   f"DIR --tokens {ev['tokens'] + ev.get('dropped_tokens', 0)}` (the held-out "
                   "tokens evaluated here)")
-        elif not cfg.sae.transcoder:  # (jaxsae eval does not read transcoders yet)
+        else:
             # (absolute, as the SAE's path: the command works pasted anywhere)
             data = shlex.quote(str(Path(cfg.data.path).absolute()))
             ev = members[0].eval
@@ -79,8 +79,13 @@ class Train(Command):
             # hint without --tokens evaluated every token, mostly training tokens)
             held = (f" --tokens {ev['tokens'] + ev.get('dropped_tokens', 0)}"
                     if ev["held_out"] else "")
+            # the columns it read (fault testing: the hint was refused on a cache of several)
+            read = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in (
+                ("hook", cfg.data.hook),
+                ("target", cfg.data.target and str(Path(cfg.data.target).absolute())),
+                ("target-hook", cfg.data.target_hook)) if value)
             print(f"evaluate {'one' if result.sweep else 'it'} with: jaxsae eval "
-                  f"{shlex.quote(str(members[0].sae_dir))} --data {data}"
+                  f"{shlex.quote(str(members[0].sae_dir))} --data {data}" + read
                   + (f" --truth {data}" if has_truth(cfg.data.path) and "mcc" in ev else "")
                   + held)  # (a truth the run could not use: none, fault testing)
         return 0

@@ -70,21 +70,24 @@ def trained_drop(cfg_json: dict[str, Any]) -> dict[str, Any]:
             **({} if end is None else {"held_out_from": end})}
 
 
-def trained_end(cfg_jsons: Sequence[dict[str, Any]], data: str | Path) -> int | None:
-    """Where the tokens these SAEs were trained on end in `data`: a run trains on tokens
-    [0, N) of its data and holds out the rest (cfg.json: `jaxsae.held_out_from` N, with
-    `metadata.dataset_path`). The largest N of the SAEs trained on `data`; None when none of
-    them says it was (trained elsewhere, on other data, or exported before jaxsae recorded
-    it)."""
+def trained_end(cfg_jsons: Sequence[dict[str, Any]], data: str | Path,
+                hook: str | None = None) -> int | None:
+    """Where the tokens these SAEs were trained on end in `data` (`hook`: the column of a
+    SAELens cache read): a run trains on tokens [0, N) of its data and holds out the rest
+    (cfg.json: `jaxsae.held_out_from` N, with `metadata.dataset_path`, and `hook_name`). The
+    largest N of the SAEs trained on `data` (and that column); None when none of them says it
+    was (trained elsewhere, on other data, or exported before jaxsae recorded it)."""
     here = Path(data).resolve()
 
-    def trained_on(cfg_json: dict[str, Any]) -> str | None:
+    def trained_here(cfg_json: dict[str, Any]) -> bool:
         meta = cfg_json.get("metadata")
-        path = meta.get("dataset_path") if isinstance(meta, dict) else None
-        return path if isinstance(path, str) else None
+        meta = meta if isinstance(meta, dict) else {}
+        path, column = meta.get("dataset_path"), meta.get("hook_name")
+        # (fault testing: another column of the same cache counted as the training tokens)
+        return (isinstance(path, str) and Path(path).resolve() == here
+                and (hook is None or not isinstance(column, str) or column == hook))
 
-    ends = [_count(_own(c).get("held_out_from")) for c in cfg_jsons
-            if (path := trained_on(c)) is not None and Path(path).resolve() == here]
+    ends = [_count(_own(c).get("held_out_from")) for c in cfg_jsons if trained_here(c)]
     ends = [end for end in ends if end is not None]
     return max(ends) if ends else None
 
@@ -154,8 +157,10 @@ class Window:
         """The window an evaluation of these SAEs (their cfg.json) reads from `data`: without
         the tokens `rule` leaves out (`drop_multiple`), and counting the tokens of it the
         SAEs were trained on (`trained_end`)."""
+        inputs = getattr(source, "inputs", source)  # (a transcoder's pairs: their inputs)
         return cls.dropping(source, start, stop, multiple=drop_multiple(saes, rule),
-                            batch_size=batch_size, trained_end=trained_end(saes, data))
+                            batch_size=batch_size,
+                            trained_end=trained_end(saes, data, getattr(inputs, "hook", None)))
 
     @classmethod
     def dropping(cls, source: TokenSource, start: int, stop: int | None = None, *,
