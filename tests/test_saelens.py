@@ -58,6 +58,23 @@ def test_float16_cache(tmp_path):
                                   .astype(np.float32))
 
 
+def test_a_float64_cache_beyond_float32_is_named_as_such(tmp_path, capsys):
+    """(fault testing: a finite float64 value of 1e300 was "non-finite", after numpy's
+    overflow warning and a source line)"""
+    acts = np.ones((ROWS, CTX, D_IN))
+    acts[20, 3, 5] = 1e300
+    Dataset.from_dict({HOOK: acts}, features=Features(
+        {HOOK: Array2D(shape=(CTX, D_IN), dtype="float64")})).save_to_disk(
+        str(tmp_path / "cache"), num_shards=1)
+    capsys.readouterr()
+    assert cli.main(["data", "inspect", str(tmp_path / "cache"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"data-00000-of-00001.arrow: values beyond float32's range in row "
+                        f"{20 * CTX + 3} (the first holds 1e+300; jaxsae computes in float32): "
+                        "rescale the data"), err
+    assert len(err.splitlines()) == 1
+
+
 def test_hook_choice(tmp_path):
     path, acts = make_cache(tmp_path / "cache", extra_hook=True)
     with pytest.raises(DataError, match=r"data\.hook"):

@@ -213,7 +213,8 @@ class _Window:
             if part.dtype == np.float32:
                 np.take(part, local, axis=0, out=rows, mode="clip")  # "raise" buffers `out`
             else:
-                rows[:] = part[local]
+                with np.errstate(over="ignore"):  # (float64 beyond float32: inf, as read)
+                    rows[:] = part[local]
             at += hi - lo
         return at
 

@@ -71,19 +71,26 @@ class ArraySource:
                 break
             parts.append(self.arrays[i][max(start, lo) - lo : min(stop, hi) - lo])
         out = np.concatenate(parts) if len(parts) != 1 else parts[0]
-        return np.asarray(out, dtype=np.float32)
+        with np.errstate(over="ignore"):  # (float64 beyond float32: inf, refused where read)
+            return np.asarray(out, dtype=np.float32)
 
     def scan(self, rows_per_read: int = 65536) -> Iterator[tuple[str, np.ndarray]]:
         """Every token once, file by file, as (file name, float32 block); refuses NaN / inf,
         naming the file and the first bad row range."""
         for name, array in zip(self.names, self.arrays, strict=True):
             for lo in range(0, len(array), rows_per_read):
-                block = np.asarray(array[lo : lo + rows_per_read], dtype=np.float32)
+                with np.errstate(over="ignore"):
+                    block = np.asarray(array[lo : lo + rows_per_read], dtype=np.float32)
                 bad = ~np.isfinite(block).all(axis=1)
                 if bad.any():
                     rows = np.flatnonzero(bad) + lo
                     where = (f"row {rows[0]}" if len(rows) == 1 else
                              f"rows {rows[0]}..{rows[-1]} ({len(rows)} of them in this block)")
+                    raw = np.asarray(array[rows[0]])
+                    if np.isfinite(raw).all():  # (fault testing: float64 "non-finite")
+                        raise DataError(f"{name}: values beyond float32's range in {where} "
+                                        f"(the first holds {np.abs(raw).max():.3g}; jaxsae "
+                                        "computes in float32): rescale the data")
                     raise DataError(f"{name}: non-finite values in {where}")
                 yield name, block
 
