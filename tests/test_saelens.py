@@ -198,6 +198,13 @@ def test_train_and_inspect_a_cache(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["format"] == "saelens" and summary["hook"] == HOOK
     assert summary["tokens"] == 1024 * CTX and summary["d_in"] == D_IN
+    assert summary["unlisted"] == []
+    # an Arrow file state.json does not list is named (fault testing: skipped silently)
+    (path / "data-00003-of-00003.arrow").write_bytes(
+        (path / "data-00000-of-00003.arrow").read_bytes())
+    assert cli.main(["data", "inspect", str(path), "--no-progress"]) == 0
+    assert ("unlisted    data-00003-of-00003.arrow (not in state.json: never read)"
+            in capsys.readouterr().out)
 
 
 def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):

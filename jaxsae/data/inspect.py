@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxsae.config import DataConfig
 from jaxsae.data import detect_format, open_source
+from jaxsae.data.saelens import STATE
 from jaxsae.data.shards import MANIFEST
 from jaxsae.data.stats import OVERFLOW_NORM
 from jaxsae.errors import DataError
@@ -86,11 +87,13 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
         summary["source"] = dict(source.manifest.source)
         # (shards the manifest does not list, e.g. left by another write: never read)
         listed = {entry.file for entry in source.manifest.shards}
-        summary["unlisted"] = sorted(p.name for p in path.iterdir() if p.name not in listed
-                                     and re.fullmatch(r"shard-\d+\.(npy|safetensors)", p.name))
+        files = r"shard-\d+\.(npy|safetensors)"
     else:
         summary["hook"] = source.hook
         summary["context_size"] = source.context_size
+        listed, files = set(source.files), r"data-\d+-of-\d+\.arrow"  # (state.json's list)
+    summary["unlisted"] = sorted(p.name for p in path.iterdir()
+                                 if p.name not in listed and re.fullmatch(files, p.name))
     return summary
 
 
@@ -120,7 +123,8 @@ def format_summary(summary: dict[str, Any]) -> str:
            if norm["max_over_median"] is not None else "(the median is 0)"),
     ]
     if summary.get("unlisted"):
-        lines.append(f"  unlisted    {', '.join(summary['unlisted'])} (not in {MANIFEST}: "
+        listed_in = MANIFEST if summary["format"] == "shards" else STATE
+        lines.append(f"  unlisted    {', '.join(summary['unlisted'])} (not in {listed_in}: "
                      "never read)")
     source = summary.get("source") or {}
     if source:

@@ -93,6 +93,8 @@ class SAELensCache(ArraySource):
             if not (self.path / name).is_file():
                 raise DataError(f"{self.path / name}: listed in {STATE} but missing")
         refuse_links([self.path / name for name in files])
+        self.files = files
+        """The Arrow files state.json lists, in order (what is read)."""
         arrays, names = [], []
         for name in files:
             for i, values in enumerate(self._open(self.path / name, d_in)):
