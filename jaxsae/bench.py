@@ -33,7 +33,7 @@ from jaxsae import outputs
 from jaxsae.checks import check_run
 from jaxsae.config import Config, config_from_dict, sweep_label
 from jaxsae.errors import ConfigError, JaxsaeError, one_line
-from jaxsae.outputs import OutputError, atomic_write, fmt, pyplot, save_figure, write_csv
+from jaxsae.outputs import OutputError, atomic_write, fmt, save_figure, subplots, write_csv
 from jaxsae.parsing import (
     apply_override,
     assign,
@@ -397,13 +397,12 @@ def _markdown(rows, columns) -> str:
 
 
 def _plots(rows, directory: Path) -> None:
-    plt = pyplot()
 
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     for filename, key, label, frontier in _PLOTS:
         if not any(r.get(key) is not None for r in rows):
             continue
-        fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+        fig, ax = subplots(figsize=(6, 4.2), dpi=120)
         for n, arm in enumerate(arms):
             mine = [r for r in rows if r["arm"] == arm and r.get(key) is not None]
             color = f"C{n % 10}"

@@ -19,7 +19,7 @@ from typing import Any
 from jaxsae.config import load_config, sweep_label
 from jaxsae.errors import DataError
 from jaxsae.hooks import GuardedHook
-from jaxsae.outputs import CURVES, plain_text, pyplot, save_figure
+from jaxsae.outputs import CURVES, plain_text, save_figure, subplots
 
 # (a term is drawn before its coefficient, as metrics.jsonl logs it: it may lie above the total;
 # fault testing read an L1 term above the total as a wrong plot)
@@ -87,12 +87,12 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
     run: a colour per loss term. Several: a colour per run and a line style per term, in a
     legend beside the panels that names every run (fault testing: a legend cut at 16 of its
     runs × terms entries left most SAEs of a sweep or a bench unnamed)."""
-    plt = pyplot()
+    import matplotlib
     from matplotlib.lines import Line2D
 
     many = len(series) > 1
-    fig, axes = plt.subplots(2, 3, figsize=(15 + (3 if many else 0), 8))
-    colors = _run_colors(plt, len(series)) if many else plt.rcParams[
+    fig, axes = subplots(2, 3, figsize=(15 + (3 if many else 0), 8))
+    colors = _run_colors(len(series)) if many else matplotlib.rcParams[
         "axes.prop_cycle"].by_key()["color"]
     styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))
     term_style: dict[str, Any] = {"total": "-"}
@@ -153,14 +153,16 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
     return out
 
 
-def _run_colors(plt, n: int) -> list:
+def _run_colors(n: int) -> list:
     """n colours told apart: matplotlib's 10 (20) categorical ones while they suffice, then
     evenly spaced along a perceptually ordered map."""
+    from matplotlib import colormaps
+
     if n <= 10:
-        return list(plt.get_cmap("tab10").colors[:n])
+        return list(colormaps["tab10"].colors[:n])
     if n <= 20:
-        return list(plt.get_cmap("tab20").colors[:n])
-    cmap = plt.get_cmap("turbo")
+        return list(colormaps["tab20"].colors[:n])
+    cmap = colormaps["turbo"]
     return [cmap(i / (n - 1)) for i in range(n)]
 
 

@@ -685,14 +685,14 @@ def hist_range(values, pad: float = 0.5) -> tuple[float, float] | None:
     return lo, hi
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend."""
-    import matplotlib
+def subplots(*grid: int, figsize: tuple[float, float], dpi: float = 100, **kwargs):
+    """(figure, axes) as `pyplot.subplots` makes them, for a file: a figure of its own,
+    outside pyplot, so that nothing of the caller's matplotlib changes (fault testing: every
+    training run switched a notebook's backend to Agg, and its plots stopped showing)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def plain_text(text: str) -> str:
@@ -706,12 +706,9 @@ def plain_text(text: str) -> str:
 def save_figure(fig, path: Path, *, right: float = 1.0) -> None:
     """Writes `fig` as PNG to `path` and closes it; the panels keep left of `right` (a
     fraction of the width: room for a legend beside them)."""
-    try:
-        fig.tight_layout(rect=(0, 0, right, 1))
-        with replacing_file(path) as tmp, naming(path):
-            fig.savefig(tmp, format="png")
-    finally:
-        pyplot().close(fig)
+    fig.tight_layout(rect=(0, 0, right, 1))
+    with replacing_file(path) as tmp, naming(path):
+        fig.savefig(tmp, format="png")
 
 
 class AppendLog:

@@ -34,6 +34,28 @@ def _record_plots(monkeypatch) -> list:
     return calls
 
 
+def test_drawing_leaves_the_caller_s_matplotlib_as_it_was(tmp_path):
+    """(fault testing: every training run switched a notebook's backend to Agg, and its own
+    plots stopped showing) Drawn outside pyplot: its backend and figures are untouched."""
+    import subprocess
+    import sys
+
+    code = f"""
+import matplotlib; matplotlib.use("svg")
+import matplotlib.pyplot as plt
+from pathlib import Path
+from jaxsae import curves
+lines = [{{"step": s, "tokens": 8 * s, "loss": 1.0 / s, "l0": 3.0}} for s in (1, 2, 3)]
+curves.plot([("a", lines), ("b", lines)], Path({str(tmp_path / "c.png")!r}), title="t")
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "svg []"
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG
+
+
 def test_curves_are_redrawn_at_every_checkpoint(small_data, tmp_path, monkeypatch):
     monkeypatch.setattr(curves.CurvesHook, "min_interval_s", 0.0)
     calls = _record_plots(monkeypatch)

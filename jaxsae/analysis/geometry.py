@@ -36,7 +36,7 @@ from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window
 from jaxsae.errors import JaxsaeError
 from jaxsae.evaluate import DENSE_FREQUENCY
-from jaxsae.outputs import atomic_write, hist_range, json_text, pyplot, save_figure, write_csv
+from jaxsae.outputs import atomic_write, hist_range, json_text, save_figure, subplots, write_csv
 from jaxsae.progress import Progress
 
 BINS = 32
@@ -393,8 +393,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
 
 
 def _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, out: Path):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    fig, ax = subplots(figsize=(6, 3.6), dpi=110)
     alive = frequency > 0
     logf = np.log10(frequency[alive])
     ax.hist(logf, bins=60, range=hist_range(logf), color="C0")
@@ -405,7 +404,7 @@ def _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, ou
 
     # Multi-peaked latents (most peaks first, then most firing), beside their histograms.
     order = np.lexsort((-hist.sum(1), -peaks))[:12]
-    fig, axes = plt.subplots(3, 4, figsize=(10, 6), dpi=100)
+    fig, axes = subplots(3, 4, figsize=(10, 6), dpi=100)
     for ax, k in zip(axes.ravel(), order, strict=False):
         edges = np.linspace(0, top[k], BINS + 1)
         ax.bar(edges[:-1], hist[k], width=np.diff(edges), align="edge", color="C1")
@@ -416,7 +415,7 @@ def _plots(frequency, hist, top, peaks, jac, count, min_count, nb_cos, sizes, ou
     fig.suptitle("non-zero activations of the most multi-peaked latents", fontsize=9)
     save_figure(fig, out / "activation_histograms.png")
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
+    fig, axes = subplots(1, 3, figsize=(12, 3.6), dpi=100)
     supported = count >= min_count
     axes[0].hist(jac[supported], bins=50, range=hist_range(jac[supported]), color="C2",
                  log=bool(supported.any()))

@@ -184,10 +184,9 @@ def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarr
 def plot(latent_rows: list[dict], pair_rows: list[dict], out) -> None:
     """optimality.png: each pair's margin against its decoder cosine (unstable in red), and
     the latents' refit angles."""
-    from jaxsae.outputs import hist_range, pyplot, save_figure
+    from jaxsae.outputs import hist_range, save_figure, subplots
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+    fig, axes = subplots(1, 2, figsize=(11, 3.8), dpi=100)
     if pair_rows:
         cos = np.array([r["decoder_cos"] for r in pair_rows])
         margin = np.array([r["margin"] for r in pair_rows])

@@ -50,8 +50,8 @@ from jaxsae.outputs import (
     atomic_write,
     json_text,
     markdown_table,
-    pyplot,
     save_figure,
+    subplots,
     write_csv,
 )
 from jaxsae.progress import Progress
@@ -357,10 +357,9 @@ def _compare_markdown(s: dict[str, Any]) -> str:
 
 
 def _compare_plots(rows, threshold: float, out: Path) -> None:
-    plt = pyplot()
     cos = np.array([r["max_cos"] for r in rows])
     delta = np.array([r["delta_mse"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = subplots(figsize=(6, 4), dpi=120)
     ax.hist(cos, bins=50, range=(min(0.0, cos.min()), 1.0), color="C0")
     ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold}")
     ax.set_xlabel("max decoder cosine to the small SAE")
@@ -368,7 +367,7 @@ def _compare_plots(rows, threshold: float, out: Path) -> None:
     ax.legend()
     save_figure(fig, out / "max_cos_hist.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = subplots(figsize=(6, 4), dpi=120)
     novel = cos <= threshold
     ax.scatter(cos[novel], delta[novel], s=6, alpha=0.6, color="C2", label="novel")
     ax.scatter(cos[~novel], delta[~novel], s=6, alpha=0.6, color="C3", label="reconstruction")

@@ -633,7 +633,7 @@ def test_a_single_file_output_never_writes_through_a_fixed_temporary_name(tmp_pa
     thesis.write_text("thesis\n")
     (tmp_path / "d.png.partial").symlink_to(thesis)
     outputs.atomic_write(tmp_path / "b.png", "one\n")
-    fig = outputs.pyplot().figure()
+    fig, _ = outputs.subplots(figsize=(2, 2))
     outputs.save_figure(fig, tmp_path / "d.png")
     assert mine.read_text() == "data\n" and thesis.read_text() == "thesis\n"
     assert (tmp_path / "b.png").read_text() == "one\n"
