@@ -48,10 +48,16 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _describe(_live_record(fd))
+            record = _live_record(fd)
             os.close(fd)
+            if record.get("pid") == os.getpid() and record.get("host") == socket.gethostname():
+                # (fault testing, a library user: "another process" named its own pid)
+                raise RunLocked(f"{self.path.parent}: this process is already {self._doing} "
+                                "here (one not finished or closed: a ShardWriter not closed, "
+                                "say)") from None
             raise RunLocked(f"{self.path.parent}: another jaxsae process is {self._doing} "
-                            f"here ({holder}); wait for it to finish or stop it") from None
+                            f"here ({_describe(record)}); wait for it to finish or stop "
+                            "it") from None
         previous = _read(fd)
         if previous and not _is_record(previous):
             os.close(fd)

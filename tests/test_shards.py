@@ -175,6 +175,30 @@ def test_writer_refuses_existing_out_unless_overwrite(tmp_path):
     assert not (tmp_path / "set.partial").exists()
 
 
+def test_a_writer_whose_close_fails_lets_go_and_bad_sizes_are_refused(tmp_path):
+    """(fault testing, library use: a failed close() held the output's lock until the process
+    ended, and a second close() was a FileNotFoundError; shard_tokens 0 wrote for ever)"""
+    out = tmp_path / "set"
+    empty = ShardWriter(out, D_IN)
+    with pytest.raises(DataError, match="no activations were written"):
+        empty.close()
+    with pytest.raises(DataError, match=r"set: this write failed \(.*no activations.*\); start "
+                                        r"a new one"):
+        empty.close()
+    assert list(tmp_path.iterdir()) == []  # staging and lock gone
+    writer = ShardWriter(out, D_IN, shard_tokens=4)  # the output is free again
+    writer.write(source_data(6))
+    assert writer.close() == out and writer.close() == out  # closing twice: the same set
+    np.testing.assert_array_equal(ShardSet(out).read(0, 6), source_data(6))
+    for bad in ({"shard_tokens": 0}, {"shard_tokens": -1}, {"d_in": 0}):
+        name, value = next(iter(bad.items()))
+        kwargs = {"d_in": D_IN, **bad}
+        with pytest.raises(DataError, match=f"shard {name} must be a positive integer, got "
+                                            f"{value}"):
+            ShardWriter(tmp_path / "other", kwargs.pop("d_in"), **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
 def test_exception_inside_with_leaves_nothing(tmp_path):
     out = tmp_path / "set"
     with pytest.raises(RuntimeError, match="boom"), ShardWriter(out, D_IN, shard_tokens=4) as w:
@@ -192,8 +216,10 @@ def test_a_second_writer_of_the_same_output_is_refused_while_the_first_writes(tm
     first = ShardWriter(out, D_IN, shard_tokens=4)
     first.write(source_data(10))
     for resume_key in (None, {"kind": "other"}):
-        with pytest.raises(DataError, match=rf"{tmp_path / 'set.partial'}: another jaxsae "
-                                            rf"process is writing set here \(pid {os.getpid()}"):
+        # (the first writer is this process's: said so, not "another process, pid <ours>")
+        with pytest.raises(DataError, match=rf"{tmp_path / 'set.partial'}: this process is "
+                                            r"already writing set here \(one not finished or "
+                                            r"closed"):
             ShardWriter(out, D_IN, shard_tokens=4, resume_key=resume_key)
     first.close()
     np.testing.assert_array_equal(ShardSet(out).read(0, 10), source_data(10))

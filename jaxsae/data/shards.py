@@ -241,6 +241,9 @@ class ShardWriter:
             raise DataError(f"shard file type must be npy or safetensors, got {file_type!r}")
         if file_type == "npy" and dtype == "bfloat16":
             raise DataError("bfloat16 shards must be written as safetensors (.npy has no bfloat16)")
+        for name, value in (("d_in", d_in), ("shard_tokens", shard_tokens)):
+            if not is_positive_int(value):  # (fault testing: shard_tokens 0 wrote for ever)
+                raise DataError(f"shard {name} must be a positive integer, got {value!r}")
         self.out = outputs.canonical(out)  # (`..` resolved: see outputs.canonical)
         self.overwrite = overwrite
         outputs.remove_stale_staging(self.out)  # (a killed writer's set-aside output: back)
@@ -261,17 +264,16 @@ class ShardWriter:
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         self.extra_files: list[str] = []
+        self._done: Path | BaseException | None = None
+        """What `close` gave: the published directory, or the error that discarded the write
+        (None: still open)."""
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            try:
-                self.close()
-            except BaseException:  # (its last shard, written by close, may fail too)
-                self._discard()
-                raise
+            self.close()
         else:
             self._discard()
 
@@ -369,6 +371,22 @@ class ShardWriter:
             self._record_progress()
 
     def close(self) -> Path:
+        """Publishes the directory; if that fails, the write is discarded (its staging and
+        lock released: fault testing found a failed close holding them until the process
+        ended) and the error raised. Closing again returns the directory, or refuses."""
+        if isinstance(self._done, Path):
+            return self._done
+        if self._done is not None:
+            raise DataError(f"{self.out}: this write failed ({self._done}); start a new one")
+        try:
+            self._done = self._publish()
+        except BaseException as e:
+            self._done = e
+            self._discard()
+            raise
+        return self._done
+
+    def _publish(self) -> Path:
         if self._pending_tokens:
             self._flush(np.concatenate(self._pending))
             self._pending, self._pending_tokens = [], 0
