@@ -95,7 +95,7 @@ def register(
 
     def wrap(fn: LossTerm) -> LossTerm:
         if name in _REGISTRY:
-            raise ValueError(f"loss term {name!r} is already registered")
+            activations.refuse_other_definition("loss term", name, _REGISTRY[name].fn, fn)
         _REGISTRY[name] = TermSpec(name, fn, *keyword_hparams(fn), check, prefixes)
         return fn
 

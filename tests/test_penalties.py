@@ -540,11 +540,24 @@ def test_registered_term_hparams_are_type_checked(custom_term, term, fragments):
         check_run(config_from_dict(custom_config_tree(**term)))
 
 
-def test_register_twice_is_refused(custom_term):
-    with pytest.raises(ValueError, match="already registered"):
+def test_register_twice_is_refused_but_a_new_definition_replaces(custom_term):
+    with pytest.raises(ValueError, match=rf"'{CUSTOM}' is already registered \(by "
+                                         r"\S*test_penalties\.custom_term\.<locals>\."
+                                         r"custom\); only a new definition of that one"):
         penalties.register(CUSTOM)(lambda out, params, *, step: (jnp.zeros(()), {}))
     with pytest.raises(ValueError, match="already registered"):
         penalties.register("mse")(lambda out, params, *, step: (jnp.zeros(()), {}))
+    # (fault testing: a notebook cell run again had to restart the kernel) the same function
+    # defined again, as a re-run cell or a reloaded module defines it, replaces it
+    original = penalties.get_term(CUSTOM).fn
+
+    def custom(out, params, *, step, scale: float = 3.0):
+        return scale * jnp.zeros(()), {}
+
+    custom.__qualname__ = original.__qualname__
+    penalties.register(CUSTOM)(custom)
+    assert penalties.get_term(CUSTOM).fn is custom
+    penalties.register(CUSTOM)(original)  # (as the fixture left it)
 
 
 def test_custom_term_check_hook(rng):

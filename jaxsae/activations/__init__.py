@@ -154,9 +154,24 @@ def _number(fields: dict[str, Any], key: str, default: float = 1.0) -> float:
 _REGISTRY: dict[str, Activation] = {}
 
 
+def refuse_other_definition(what: str, name: str, registered: Any, new: Any) -> None:
+    """A name registered again is taken only by a new definition of the same function or
+    class (same module and qualified name: a notebook cell run again, a module reloaded;
+    fault testing: either had to restart the kernel), never by another one."""
+    def origin(obj: Any) -> tuple[str, str]:
+        return getattr(obj, "__module__", "?"), getattr(obj, "__qualname__", repr(obj))
+
+    if origin(registered) != origin(new) or origin(new)[1] == "<lambda>":
+        raise ValueError(f"{what} {name!r} is already registered (by "
+                         f"{'.'.join(origin(registered))}); only a new definition of that one "
+                         "replaces it")
+
+
 def register(cls: type[Activation]) -> type[Activation]:
+    """Registers an activation under `cls.name` (again: only a new definition of the same
+    class, see `refuse_other_definition`)."""
     if cls.name in _REGISTRY:
-        raise ValueError(f"activation {cls.name!r} is already registered")
+        refuse_other_definition("activation", cls.name, type(_REGISTRY[cls.name]), cls)
     _REGISTRY[cls.name] = cls()
     return cls
 
