@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -19,6 +20,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 from jaxsae.errors import ConfigError
@@ -49,6 +51,12 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    # a config built in Python: a path object is its path, a numpy scalar its number
+    # (fault testing: Path("data") was "expected a string", np.int64(64) "an integer")
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    elif isinstance(value, np.generic):
+        value = value.item()
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -286,6 +286,23 @@ def test_wrong_type_in_yaml_file(tmp_path):
         load_config(write_yaml(tmp_path, tree))
 
 
+def test_a_config_built_in_python_takes_paths_and_numpy_scalars(tmp_path):
+    """(fault testing, library use: Path("data") was "expected a string", np.int64(64) "an
+    integer", np.float32(1e-3) "a finite number")"""
+    import numpy as np
+
+    tree = base_tree()
+    tree["data"]["path"] = tmp_path / "data"
+    tree["run_dir"] = tmp_path / "run"
+    tree["sae"]["d_sae"] = np.int64(64)
+    tree["optim"] = {**tree.get("optim", {}), "lr": np.float32(1e-3)}
+    cfg = config_from_dict(tree)
+    assert cfg.data.path == str(tmp_path / "data") and cfg.run_dir == str(tmp_path / "run")
+    assert cfg.sae.d_sae == 64 and type(cfg.sae.d_sae) is int
+    assert cfg.optim.lr == pytest.approx(1e-3) and type(cfg.optim.lr) is float
+    assert "numpy" not in cfg.to_yaml() and "Path" not in cfg.to_yaml()
+
+
 def test_config_error_is_raised_by_config_from_dict():
     tree = base_tree()
     tree["sae"]["d_sae"] = 0
