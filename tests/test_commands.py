@@ -121,6 +121,18 @@ def test_overrides_may_come_before_or_after_flags():
                                         no_progress=True)
 
 
+def test_a_python_caller_may_give_paths_and_a_single_string_for_several():
+    """(fault testing: `Eval(sae_dir="runs/a/sae", ...)` evaluated each character as an SAE,
+    `Train(..., overrides="k=v")` read each character as an override)"""
+    from pathlib import Path
+
+    assert Eval(sae_dir=Path("runs/a/sae"), data=Path("d")) == Eval(sae_dir=("runs/a/sae",),
+                                                                     data="d")
+    assert Train(config=Path("c.yaml"), overrides="a.b=1") == Train(config="c.yaml",
+                                                                    overrides=("a.b=1",))
+    assert Eval(sae_dir=[Path("a"), "b"], data="d").sae_dir == ("a", "b")
+
+
 def test_parse_builds_the_dataclass_a_python_caller_would():
     assert cli.parse(["export", "runs/x", "--out", "e", "--step", "8"]) == Export(
         checkpoint="runs/x", out="e", step=8)

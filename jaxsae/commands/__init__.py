@@ -19,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
 import pkgutil
 import sys
+import typing
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -52,6 +54,24 @@ class Command:
     choices: ClassVar[tuple[str, tuple[str, ...]] | None] = None
     """A command whose first argument is one of several words (`synth`'s generators): what
     they are called and the words, for an error that names an unknown one."""
+
+    def __post_init__(self):
+        """Arguments given from Python as a user would write them: a path object is its path,
+        and a single string (or path) where several are taken is a tuple of one (fault
+        testing: `Eval(sae_dir="runs/a/sae", ...)` read each character as an SAE, and
+        `overrides="k=v"` each character as an override)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            several = typing.get_origin(hints.get(f.name)) in (tuple, list)
+            if isinstance(value, str | os.PathLike):
+                value = os.fspath(value)
+                value = (value,) if several else value
+            elif several and isinstance(value, list | tuple):
+                value = tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
+            else:
+                continue
+            object.__setattr__(self, f.name, value)
 
     def run(self) -> int:
         """Does the work; returns the exit status (bad input raises `JaxsaeError`)."""
