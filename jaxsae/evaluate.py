@@ -142,7 +142,7 @@ FIRING_EPS = 1e-6
 
 @partial(jax.jit, static_argnames="cfg")
 def encode_decode(params: sae.Params, x: jax.Array, cfg: SAEConfig):
-    """(codes, reconstruction) of x [n, d_in] at inference."""
+    """(codes, reconstruction) of x [n, d_in] at inference (x [d_in]: [d_sae], [d_out])."""
     acts = sae.encode(params, x, cfg, train=False)
     return acts, sae.decode(params, acts, x)
 

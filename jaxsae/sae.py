@@ -193,7 +193,11 @@ def decode_blocks(params: Params, acts: jax.Array, ends: tuple[int, ...]) -> jax
 
 
 def encode(params: Params, x: jax.Array, cfg: SAEConfig, *, train: bool = False) -> jax.Array:
-    """[batch, d_sae] sparse codes of raw inputs."""
+    """[batch, d_sae] sparse codes of raw inputs x [batch, d_in] (one input [d_in]: its codes
+    [d_sae]; fault testing found the first call a user makes after load_sae failing deep
+    inside)."""
+    if jnp.ndim(x) == 1:
+        return encode(params, jnp.asarray(x)[None], cfg, train=train)[0]
     kind = activations.get(cfg.activation)
     coding = coding_params(params, x, cfg.transcoder)
     return kind.activate(coding, x, kind.pre_activations(coding, x), cfg, train=train).acts

@@ -175,6 +175,18 @@ def test_relu_encode(rng, x):
     assert_close(sae.encode(params, x, cfg, train=True), relu(pre))
 
 
+@pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu"])
+def test_one_input_encodes_as_a_batch_of_one(rng, x, activation):
+    """(fault testing: encode(params, x[0], cfg), the first call after load_sae, failed deep
+    inside with "axis 1 is out of bounds")"""
+    cfg = SAEConfig(d_sae=D_SAE, activation=activation, k=K)
+    params = random_params(rng, cfg)
+    one = np.asarray(sae.encode(params, x[3], cfg))
+    assert one.shape == (D_SAE,)
+    np.testing.assert_allclose(one, np.asarray(sae.encode(params, x, cfg))[3], rtol=1e-5,
+                               atol=1e-5)  # (a matmul of one row rounds its own way)
+
+
 def test_topk_function_keeps_k_per_row(rng):
     pre = rng.normal(size=(BATCH, D_SAE)).astype(np.float32)
     out = np.asarray(topk(jnp.asarray(pre), K))
