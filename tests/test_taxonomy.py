@@ -17,25 +17,27 @@ from jaxsae.data import synthetic
 
 
 def test_each_rule_on_its_own_evidence():
-    n = 9
-    plane = {"planar": np.array([0, 0, 0, 0, 0, 0, 1, 1, 0], bool),
-             "size": np.array([0, 0, 0, 0, 0, 0, 3, 3, 0]), "energy": np.ones(n)}
+    n = 11
+    plane = {"planar": np.array([0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0], bool),
+             "size": np.array([0, 0, 0, 0, 0, 0, 3, 3, 0, 0, 0]), "energy": np.ones(n)}
     rows = taxonomy.classify(
-        frequency=np.array([0, 0.5, 0.01, 0.02, 0.01, 0.01, 0.01, 0.01, 0.01]),
-        mean=np.ones(n), std=np.array([0, 0, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1]),
+        frequency=np.array([0, 0.5, 0.01, 0.02, 0.01, 0.01, 0.01, 0.01, 0.01, 0.5, 0.01]),
+        mean=np.ones(n), std=np.array([0, 0, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1, 0.8, 0.1]),
         peaks=np.ones(n, np.int64),
-        ring_cv=np.array([0, 0, 0, 0, 0, 0, 0.1, 0.1, 0]),
-        arc=np.array([0, 0, 0, 0, 0, 0, 90.0, 5.0, 0]),  # latent 7: a point, not an arc
+        ring_cv=np.array([0, 0, 0, 0, 0, 0, 0.1, 0.1, 0, 0, 0]),
+        arc=np.array([0, 0, 0, 0, 0, 0, 90.0, 5.0, 0, 0, 0]),  # latent 7: a point, no arc
         plane=plane,
-        partner=np.array([-1, -1, 3, -1, 3, -1, -1, -1, -1]),
-        partner_cos=np.array([0, 0, 0.0, 0, 0.6, 0, 0, 0, 0]),
-        p_partner=np.array([0, 0, 0.95, 0, 0.0, 0, 0, 0, 0]),
-        carries=np.array([0, 0, 1.0, 0, 0.98, 0, 0, 0, 0]),
-        carried=np.array([0, 0, 0.4, 0, 0.5, 0, 0, 0, 0]))
+        partner=np.array([-1, -1, 3, -1, 3, -1, -1, -1, -1, -1, -1]),
+        partner_cos=np.array([0, 0, 0.0, 0, 0.6, 0, 0, 0, 0, 0, 0]),
+        p_partner=np.array([0, 0, 0.95, 0, 0.0, 0, 0, 0, 0, 0, 0]),
+        carries=np.array([0, 0, 1.0, 0, 0.98, 0, 0, 0, 0, 0, 0]),
+        carried=np.array([0, 0, 0.4, 0, 0.5, 0, 0, 0, 0, 0, 0]),
+        nearest_cos=np.array([0.95, 0.1, 0.95, 0.1, 0.2, 0.1, 0.1, 0.1, 0.89, 0.9, 0.97]))
     kinds = [r["kind"] for r in rows]
-    # 2: fires only with 3 (hierarchy); 4: never with 3 but shares its direction (absorption)
+    # 2: fires only with 3 (hierarchy); 4: never with 3 but shares its direction (absorption);
+    # 9 and 10: a decoder (nearly) another's, before dense (9) and single (10); 0: dead first
     assert kinds == ["dead", "dense", "child", "parent", "child", "variable", "circular",
-                     "single", "single"]
+                     "single", "single", "duplicate", "duplicate"]
     assert set(kinds) <= set(taxonomy.KINDS)
 
 
@@ -49,6 +51,20 @@ def _oracle(root, spec, rows, bias):
     analyze(str(root / "sae"), str(data), root / "out", tokens=16384, progress=False)
     with open(root / "out" / "latents.csv") as f:
         return [r["kind"] for r in csv.DictReader(f)]
+
+
+def test_a_feature_learnt_twice_is_duplicate(tmp_path):
+    """A dictionary at the true features plus a near copy (cos ~0.98) of the first six: those
+    twelve are duplicates, the others not."""
+    spec = synthetic.SuperpositionSpec(n_features=24, d_in=32, mean_l0=2.0, zipf_exponent=0.0,
+                                       tokens=16384, seed=3)
+    D = spec.truth()["directions"]
+    noise = np.random.default_rng(0).standard_normal((6, spec.d_in))
+    copies = D[:6] + 0.2 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    kinds = _oracle(tmp_path, spec, [*D, *copies], -0.2)
+    twice = [*range(6), *range(24, 30)]
+    assert [kinds[i] for i in twice] == ["duplicate"] * 12, kinds
+    assert "duplicate" not in [k for i, k in enumerate(kinds) if i not in twice], kinds
 
 
 def test_circles_are_circular(tmp_path):
