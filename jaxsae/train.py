@@ -207,7 +207,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
         )
     if held_out and not cfg.data.stream:  # checked now, not by the evaluation after training
         try:  # (fault testing: NaN among them failed each run after its last step)
-            for _ in iter_blocks(source, 65536, n_train, source.n_tokens):
+            for _ in iter_blocks(source, 8192, n_train, source.n_tokens):
                 pass
         except DataError as e:
             raise DataError(f"{e} (among the {held_out:,} tokens held out for the evaluation "
