@@ -106,6 +106,20 @@ def make_optimizer(cfg: Config, lr: jax.Array | float | None = None
         lambda updates, params=None: {**updates, "threshold": updates["threshold"] * scale}))
 
 
+def schedule_at(opt_state: optax.OptState, step: jax.Array) -> optax.OptState:
+    """`opt_state` with the learning-rate schedule's position set to `step`: the rate applied
+    is the schedule's at the step, as logged, also after steps `optim.skip_nonfinite` skipped
+    (they leave Adam's state as it was, schedule position included: fault testing found a run
+    with half its steps skipped logging a decay to 0 while it trained at the peak rate)."""
+    def at(node):
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=jnp.asarray(step, node.count.dtype))
+        return node
+
+    return jax.tree.map(at, opt_state,
+                        is_leaf=lambda node: isinstance(node, optax.ScaleByScheduleState))
+
+
 def init_state(key: jax.Array, cfg: Config, d_in: int,
                params: sae.Params | None = None, d_out: int = 0) -> TrainState:
     """A fresh state: random parameters, or `params` (e.g. from init_from); `d_out`: a
@@ -187,7 +201,7 @@ def make_train_step(
             loss, grads, term_metrics = penalties.add_deferred(
                 deferred, state.params, grads, loss, term_metrics, frozen=cfg.freeze)
         grads = sae.project_decoder_grad(state.params, grads, cfg.sae)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, schedule_at(state.opt_state, step), state.params)
         params = sae.after_update(optax.apply_updates(state.params, updates), out, step,
                                   sae_cfg)
         params = {k: state.params[k] if k in cfg.freeze else v for k, v in params.items()}

@@ -178,6 +178,35 @@ def test_skip_nonfinite_counts_and_continues(small_data, tmp_path, nan_steps_ter
     assert lines[-1]["loss"] < lines[0]["loss"]
 
 
+def test_after_skipped_steps_the_rate_applied_is_the_one_logged(small_data, tmp_path,
+                                                                nan_steps_term):
+    """(fault testing: skipped steps left the schedule's position behind the step, so a run
+    with many skips logged a decay to 0 while it trained at the peak rate.) The rate Adam
+    applies at a step, read back from the update and Adam's moments, is the logged `lr`."""
+    tree = small_config_dict(small_data, tmp_path / "run")
+    tree["loss"] = [{"term": "mse"}, {"term": "test_nan_at", "first": 2, "last": 5}]
+    tree["optim"].update(skip_nonfinite=True, warmup_steps=0, decay_fraction=1.0,
+                         total_tokens=256 * 10, grad_clip=0.0)
+    cfg = config_from_dict(tree)
+    built = build_mod.build(cfg, 16)
+    state = built.init()
+    batch = np.abs(np.random.default_rng(0).standard_normal((256, 16))).astype(np.float32)
+    for _ in range(8):
+        before = np.array(state.params["W_enc"])  # (the step donates the state's buffers)
+        state, metrics = built.step(state, batch)
+    assert int(metrics["skipped_steps"]) == 4
+    adam = next(s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(
+        s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState))
+    n = int(adam.count)  # 4 updates applied (steps 0, 1, 6, 7)
+    mu = np.asarray(adam.mu["W_enc"]) / (1 - cfg.optim.adam_b1 ** n)
+    nu = np.asarray(adam.nu["W_enc"]) / (1 - cfg.optim.adam_b2 ** n)
+    direction = mu / (np.sqrt(nu) + 1e-8)
+    delta = np.asarray(state.params["W_enc"]) - before
+    applied = -float(np.sum(delta * direction) / np.sum(direction * direction))
+    assert n == 4 and float(metrics["lr"]) == pytest.approx(cfg.optim.lr * 3 / 10, rel=1e-6)
+    assert applied == pytest.approx(float(metrics["lr"]), rel=1e-3)
+
+
 def test_checkpoint_every_minutes(small_data, tmp_path, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr("jaxsae.checkpoint.time.monotonic", lambda: clock[0])
