@@ -11,7 +11,11 @@ feature its decoder is closest to (|cos| >= 0.8; for circles, its decoder within
 plane: projection norm >= 0.9; for the hierarchy, a latent with a child's component of
 |cos| >= 0.5 stands for that child, absorbed parent or not). Reported per kind: the latents
 that stand for a feature of that kind, the share of them called that kind, and what the
-others were called. Prints Markdown (the RESULTS.md section).
+others were called. Then the `duplicate` kind against the truth of which latents share
+their feature with another latent (both closest to the same feature, |cos| >= 0.8; the
+circles left out, whose latents tile a plane by design): how many of those analyze calls
+duplicate, and how many of the latents it calls duplicate do share their feature. Prints
+Markdown (the RESULTS.md section).
 """
 
 from __future__ import annotations
@@ -69,6 +73,16 @@ def _stands_for(name: str, W: np.ndarray, truth) -> list[str | None]:
     return [name if v >= 0.8 else None for v in np.abs(cos).max(1)]
 
 
+def _shares_feature(W: np.ndarray, truth) -> np.ndarray:
+    """Per latent: whether another latent stands for the same feature (the closest to both,
+    at |cos| >= 0.8)."""
+    unit = W / np.linalg.norm(W, axis=1, keepdims=True)
+    cos = np.abs(unit @ truth.directions.T)
+    feature = np.where(cos.max(1) >= 0.8, cos.argmax(1), -1)
+    counts = np.bincount(feature[feature >= 0], minlength=cos.shape[1])
+    return (feature >= 0) & (counts[np.maximum(feature, 0)] > 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per SAE")
@@ -76,6 +90,7 @@ def main() -> int:
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="taxonomy-"))
     called: dict[str, Counter] = {}
+    twins = Counter()  # (shares its feature, called duplicate) -> latents
     for name, spec in WORLDS.items():
         data = root / name / "data"
         if not data.exists():
@@ -97,10 +112,13 @@ def main() -> int:
         with open(out / "latents.csv") as f:
             kinds = [r["kind"] for r in csv.DictReader(f)]
         truth = synthetic.load_truth(data)
-        for want, got in zip(_stands_for(name, load_sae(run / "sae").params["W_dec"], truth),
-                             kinds, strict=True):
+        W = load_sae(run / "sae").params["W_dec"]
+        for want, got in zip(_stands_for(name, W, truth), kinds, strict=True):
             if want is not None:
                 called.setdefault(want, Counter())[got] += 1
+        if name != "circular":
+            for shares, got in zip(_shares_feature(W, truth), kinds, strict=True):
+                twins[bool(shares), got == "duplicate"] += 1
     print("| kind of the feature | latents standing for one | called right | called instead |")
     print("| --- | ---: | ---: | --- |")
     for kind in ("parent", "child", "circular", "single", "variable", "dense"):
@@ -109,6 +127,12 @@ def main() -> int:
         others = ", ".join(f"{k} {v}" for k, v in c.most_common() if k != kind) or "—"
         share = f"{c[kind] / total:.2f}" if total else "—"
         print(f"| {kind} | {total} | {share} | {others} |")
+    shared = twins[True, True] + twins[True, False]
+    said = twins[True, True] + twins[False, True]
+    print(f"\nLatents sharing their feature with another latent: {shared}; called duplicate: "
+          f"{twins[True, True]} ({twins[True, True] / max(shared, 1):.2f}). Latents called "
+          f"duplicate: {said}, of which share their feature: {twins[True, True]} "
+          f"({twins[True, True] / max(said, 1):.2f}).")
     print(f"\n(data, SAEs and analyses in {root})")
     return 0
 
