@@ -480,12 +480,19 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
     bad = [(k, a, b) for k, a, b in changes_of(saved.to_dict(), current.to_dict())
            if not is_mutable_on_resume(k)]
     if bad:
-        def short(value: Any) -> str:
+        def cut(value: Any) -> str:
             text = repr(value)
             return text if len(text) <= 60 else text[:57] + "..."
 
-        changes = ", ".join(f"{k} ({short(a)} in the checkpoint, {short(b)} now)"
-                            for k, a, b in bad[:3])
+        def shown(saved: Any, now: Any) -> tuple[str, str]:
+            """The two values; lists of other lengths (those of one length are compared entry
+            by entry) by their lengths (fault testing: both cut to the same 57 characters)."""
+            if isinstance(saved, list) and isinstance(now, list) and len(saved) != len(now):
+                return f"{len(saved)} entries", f"{len(now)} entries"
+            return cut(saved), cut(now)
+
+        changes = ", ".join(f"{k} ({a} in the checkpoint, {b} now)"
+                            for k, a, b in ((k, *shown(a, b)) for k, a, b in bad[:3]))
         if len(bad) > 3:  # (a sweep's points: the line grew with every SAE)
             changes += f" and {len(bad) - 3} more"
         raise JaxsaeError(

@@ -387,6 +387,13 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
                                           r"now\) and 2 more; restore"):
         check_resume_compatible(swept(), swept("sweep.sae.k=[5,16]", "sweep.optim.lr=[0.2]",
                                                "seed=3"), tmp_path)
+    # lists: what differs in them (fault testing: both cut to the same 57 characters)
+    with pytest.raises(JaxsaeError, match=r"a changed sweep \(2 entries in the checkpoint, 3 "
+                                          r"entries now\)"):
+        check_resume_compatible(swept(), swept("sweep.sae.k=[4,8,16]"), tmp_path)
+    longer = ["loss=[{term: mse}, {term: l1, coefficient: 0.1}, {term: l1, name: b}]"]
+    with pytest.raises(JaxsaeError, match=r"a changed loss \(2 entries in the checkpoint, 3 "):
+        check_resume_compatible(swept(), swept(*longer), tmp_path)
     # Logging and checkpoint cadence may change: the finished run just re-exports.
     relogged = small_config(small_data, tmp_path / "run", log={"every_steps": 2})
     assert train_mod.train(relogged, progress=False).step == 24
