@@ -195,9 +195,12 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
         _agree_on_data(cfg, source, digest)
     held_out = cfg.data.held_out(source.n_tokens)
     n_train = source.n_tokens - held_out
+    # said once the run is known to go ahead (fault testing: before a resume's one-line
+    # refusal, they made it three lines)
+    notes: list[str] = []
     if cfg.data.stream:
-        log(f"data: streaming {cfg.data.generate.get('kind')} ({source.n_tokens} tokens, "
-            f"{held_out} held out for evaluation; nothing is written)")
+        notes.append(f"data: streaming {cfg.data.generate.get('kind')} ({source.n_tokens} "
+                     f"tokens, {held_out} held out for evaluation; nothing is written)")
     if n_train < cfg.optim.batch_size:
         where = "data.generate.tokens" if cfg.data.stream else data_path
         raise DataError(
@@ -213,13 +216,13 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
             raise DataError(f"{e} (among the {held_out:,} tokens held out for the evaluation "
                             "at the end of the run; checked before training)") from None
     # the truth read (and checked) now, not after the training
-    truth = processes.on_every_process(lambda: ground_truth(cfg, source, log))
+    truth = processes.on_every_process(lambda: ground_truth(cfg, source, notes.append))
 
     told: list[LoopHook] = []  # filled by the loop; closed once evaluation is done too
     try:
         return _train_and_finish(cfg, run_dir, source, n_train, members, dirs, told,
                                  progress=progress, log=log, make_loader=make_loader,
-                                 hooks=hooks, truth=truth, digest=digest)
+                                 hooks=hooks, truth=truth, digest=digest, notes=notes)
     except BaseException as error:
         for hook in told:
             hook.on_failure(error)
@@ -238,7 +241,7 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
                       dirs: list[Path], told: list[LoopHook], *, progress: bool,
                       log: Callable[[str], None], make_loader: Callable[..., Loader],
                       hooks: Sequence[LoopHook], truth: synthetic.Truth | None,
-                      digest: str | None) -> RunResult:
+                      digest: str | None, notes: Sequence[str] = ()) -> RunResult:
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
@@ -248,7 +251,7 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
         state, built, stats, dropped = _run_loop(cfg, ckpt, source, n_train, run_dir, members,
                                                 dirs, told, progress=progress, log=log,
                                                 make_loader=make_loader, hooks=hooks,
-                                                digest=digest)
+                                                digest=digest, notes=notes)
     except BaseException:
         _close_quietly(ckpt)  # the error in flight says what went wrong, not a late save
         raise
@@ -288,11 +291,12 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
 def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Path,
               members: list[Config], dirs: list[Path], told: list[LoopHook], *, progress: bool,
               log: Callable[[str], None], make_loader: Callable[..., Loader],
-              hooks: Sequence[LoopHook], digest: str | None = None
-              ) -> tuple[TrainState, Built, DataStats, Loader]:
+              hooks: Sequence[LoopHook], digest: str | None = None,
+              notes: Sequence[str] = ()) -> tuple[TrainState, Built, DataStats, Loader]:
     """restore (or init) -> the loop; returns the final state and what produced it. The
     hooks it tells are added to `told`. `digest`: the data's `fingerprint` (None: streamed),
-    saved with each checkpoint and compared on restore."""
+    saved with each checkpoint and compared on restore; `notes`: lines to log once the
+    restore (or a fresh start) is known to go ahead."""
     is_main = jax.process_index() == 0
     try:  # before anything is written
         owned = lanes_of_process(cfg.data.lanes, jax.process_index(), jax.process_count())
@@ -355,6 +359,8 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         built = built_for(stats)
         state = built.init(_start_params(cfg, source.d_in, stats, log))
     # (said once the run is known to go ahead: before a resume refusal it was a second line)
+    for note in notes:
+        log(note)
     if cfg.optim.total_tokens > n_train:  # (the default, 100M tokens, on small data: say so)
         log(f"data: optim.total_tokens ({cfg.optim.total_tokens:,}) passes over the "
             f"{n_train:,} training tokens {_times(cfg.optim.total_tokens / n_train)} times")

@@ -408,6 +408,14 @@ def test_what_a_transcoder_is_paired_with_is_checked(paired, small_data, tmp_pat
     assert ground_truth(cfg, open_source(cfg.data), said.append) is None
     assert said == [f"note: the truth in {small_data} is a superposition generator's, not a "
                     "transcoder's (no targets in it): no ground-truth metrics"]
+    # a resume refused is its one line, the note not said before it (fault testing)
+    plain = small_config_dict(small_data, tmp_path / "plain")
+    train(config_from_dict(plain), progress=False, log=lambda m: None)
+    plain["data"]["target"] = str(other)
+    said.clear()
+    with pytest.raises(JaxsaeError, match=r"cannot resume with a changed sae\.transcoder"):
+        train(config_from_dict(plain), progress=False, log=said.append)
+    assert said == []
     run = _config(paired, tmp_path / "tc")
     train(config_from_dict(run), progress=False, log=lambda m: None)
     moved = Path(shutil.copytree(paired / "y", tmp_path / "y-moved"))
