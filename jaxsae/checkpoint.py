@@ -477,8 +477,21 @@ def _quiet_orbax_background_errors() -> None:
 
 def check_resume_compatible(saved: Config, current: Config, where: Path) -> None:
     """Refuses to resume when a key that changes the computation differs, naming the key."""
-    bad = [(k, a, b) for k, a, b in changes_of(saved.to_dict(), current.to_dict())
-           if not is_mutable_on_resume(k)]
+    def computed(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
+        return [(k, a, b) for k, a, b in changes_of(before.to_dict(), after.to_dict())
+                if not is_mutable_on_resume(k)]
+
+    bad = computed(saved, current)
+    swept = [b for b in bad if b[0] == "sweep" or b[0].startswith("sweep.")]
+    if swept and saved.sweep is not None and current.sweep is not None:
+        # the same SAEs written otherwise (a term by its name, then by its position: fault
+        # testing found it refused, reading None on both sides) are the same sweep
+        before, after = saved.sweep_configs(), current.sweep_configs()
+        if len(before) == len(after):  # what differs is said of each SAE, in its own keys
+            bad = [b for b in bad if b not in swept] + [
+                (f"{k} of sweep SAE {i}", a, b)
+                for i, (one, other) in enumerate(zip(before, after, strict=True))
+                for k, a, b in computed(one, other) if not any(k == c for c, _, _ in bad)]
     if bad:
         def cut(value: Any) -> str:
             text = repr(value)

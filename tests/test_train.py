@@ -380,17 +380,25 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
         return load_config(None, ["data.path=/d", "sae.activation=topk", "sae.k=4",
                                   "sweep.sae.k=[4,8]", "sweep.optim.lr=[0.1]", *overrides])
 
-    with pytest.raises(JaxsaeError, match=r"a changed sweep\.1\.sae\.k \(8 in the checkpoint, "
-                                          r"16 now\); restore"):
+    with pytest.raises(JaxsaeError, match=r"a changed sae\.k of sweep SAE 1 \(8 in the "
+                                          r"checkpoint, 16 now\); restore"):
         check_resume_compatible(swept(), swept("sweep.sae.k=[4,16]"), tmp_path)
-    with pytest.raises(JaxsaeError, match=r"sweep\.0\.optim\.lr \(0\.1 in the checkpoint, 0\.2 "
-                                          r"now\) and 2 more; restore"):
+    with pytest.raises(JaxsaeError, match=r"optim\.lr of sweep SAE 0 \(0\.1 in the checkpoint, "
+                                          r"0\.2 now\) and 2 more; restore"):
         check_resume_compatible(swept(), swept("sweep.sae.k=[5,16]", "sweep.optim.lr=[0.2]",
                                                "seed=3"), tmp_path)
     # lists: what differs in them (fault testing: both cut to the same 57 characters)
     with pytest.raises(JaxsaeError, match=r"a changed sweep \(2 entries in the checkpoint, 3 "
                                           r"entries now\)"):
         check_resume_compatible(swept(), swept("sweep.sae.k=[4,8,16]"), tmp_path)
+    # the same points, a term by its name or by its position: the same sweep (fault testing)
+    named = ["loss=[{term: mse}, {term: l1, coefficient: 0.1}]"]
+    check_resume_compatible(swept(*named, "sweep.loss.1.coefficient=[0.1, 0.3]"),
+                            swept(*named, "sweep.loss.l1.coefficient=[0.1, 0.3]"), tmp_path)
+    with pytest.raises(JaxsaeError, match=r"a changed loss\.1\.coefficient of sweep SAE 1 "
+                                          r"\(0\.3 in the checkpoint, 0\.4 now\)"):
+        check_resume_compatible(swept(*named, "sweep.loss.1.coefficient=[0.1, 0.3]"),
+                                swept(*named, "sweep.loss.l1.coefficient=[0.1, 0.4]"), tmp_path)
     longer = ["loss=[{term: mse}, {term: l1, coefficient: 0.1}, {term: l1, name: b}]"]
     with pytest.raises(JaxsaeError, match=r"a changed loss \(2 entries in the checkpoint, 3 "):
         check_resume_compatible(swept(), swept(*longer), tmp_path)
