@@ -118,6 +118,10 @@ def test_resume_refuses_data_replaced_by_data_of_the_same_size(small_data, tmp_p
     moved = tmp_path / "moved"
     shutil.copytree(data, moved)
     assert fingerprint(ShardSet(moved)) == fingerprint(ShardSet(data))
+    from jaxsae.data.shards import ShardWriter  # the same tokens split into other files
+    with ShardWriter(tmp_path / "resplit", 16, shard_tokens=3000) as writer:
+        writer.write(ShardSet(data).read(0, ShardSet(data).n_tokens))
+    assert fingerprint(ShardSet(tmp_path / "resplit")) == fingerprint(ShardSet(data))
     shard = sorted(data.glob("shard-*"))[1]
     x = np.load(shard)
     np.save(shard, x[::-1].copy())  # the same rows in another order: same size, same stats
