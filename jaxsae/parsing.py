@@ -49,14 +49,12 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
     tuples, mappings, dataclasses); numbers written as strings (`3e-4`) are accepted."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    # a config built in Python: a path object is its path, numpy's numbers and arrays Python's
+    # (fault testing: Path("data") was "expected a string", np.int64(64) "an integer", and
+    # inside a loss term's settings a traceback when config.yaml was written)
+    value = python_value(value)
     if tp is Any:
         return value
-    # a config built in Python: a path object is its path, a numpy scalar its number
-    # (fault testing: Path("data") was "expected a string", np.int64(64) "an integer")
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    elif isinstance(value, np.generic):
-        value = value.item()
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -160,6 +158,20 @@ def unknown_key_message(key: str, name: str, known: Mapping[str, Any] | Sequence
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     valid = ", ".join(known) or "none"
     return f"{key}: unknown key{hint}; valid keys: {valid}"
+
+
+def python_value(value: Any) -> Any:
+    """`value` with path objects as strings and numpy scalars and arrays as Python numbers
+    and lists, at any depth (what YAML and JSON write)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {python_value(k): python_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(python_value(v) for v in value)
+    return value
 
 
 def plain(value: Any) -> Any:

@@ -301,6 +301,14 @@ def test_a_config_built_in_python_takes_paths_and_numpy_scalars(tmp_path):
     assert cfg.sae.d_sae == 64 and type(cfg.sae.d_sae) is int
     assert cfg.optim.lr == pytest.approx(1e-3) and type(cfg.optim.lr) is float
     assert "numpy" not in cfg.to_yaml() and "Path" not in cfg.to_yaml()
+    # inside settings the schema does not type (a loss term's, data.generate), and arrays
+    tree["loss"] = [{"term": "matryoshka", "prefixes": list(np.arange(16, 65, 16))}]
+    tree["data"]["generate"] = {"kind": "superposition", "tokens": np.int64(1000)}
+    tree["sweep"] = {"optim.lr": np.logspace(-4, -3, 2)}
+    cfg = config_from_dict(tree)
+    assert cfg.loss[0].to_dict()["prefixes"] == [16, 32, 48, 64]
+    assert type(cfg.data.generate["tokens"]) is int
+    assert "numpy" not in cfg.to_yaml() and load_config(write_yaml(tmp_path, cfg.to_dict())) == cfg
 
 
 def test_config_error_is_raised_by_config_from_dict():
