@@ -37,8 +37,8 @@ from jaxsae.config import Config, changes_of, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.loader import Loader, Prefetcher, dropped_tokens, lanes_of_process
-from jaxsae.data.source import fingerprint, iter_blocks
-from jaxsae.data.stats import DataStats
+from jaxsae.data.source import fingerprint
+from jaxsae.data.stats import DataStats, check_held_out
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError
 from jaxsae.finish import finalise_all, ground_truth, member_dirs, write_sweep_table
@@ -209,12 +209,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
             f"({cfg.optim.batch_size})"
         )
     if held_out and not cfg.data.stream:  # checked now, not by the evaluation after training
-        try:  # (fault testing: NaN among them failed each run after its last step)
-            for _ in iter_blocks(source, 8192, n_train, source.n_tokens):
-                pass
-        except DataError as e:
-            raise DataError(f"{e} (among the {held_out:,} tokens held out for the evaluation "
-                            "at the end of the run; checked before training)") from None
+        check_held_out(source, n_train, cfg.data)
     # the truth read (and checked) now, not after the training
     truth = processes.on_every_process(lambda: ground_truth(cfg, source, notes.append))
 

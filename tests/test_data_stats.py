@@ -90,6 +90,34 @@ def test_tokens_whose_squared_norm_overflows_are_refused_before_training(tmp_pat
     assert dropped.drop_above == pytest.approx(10 * dropped.median_norm)
 
 
+def test_held_out_tokens_are_checked_before_training(tmp_path):
+    """NaN or an overflowing norm among the held-out tokens is refused naming its file and
+    row, a transcoder's target by the target's file (fault testing: the input's was named)."""
+    from jaxsae.data.source import PairedSource
+    from jaxsae.data.stats import check_held_out
+
+    x = np.random.default_rng(0).standard_normal((4096, D_IN)).astype(np.float32)
+    for name in ("x", "y"):
+        with ShardWriter(tmp_path / name, D_IN, shard_tokens=2048) as w:
+            w.write(x)
+    y = np.load(tmp_path / "y" / "shard-00001.npy")
+    y[1000] *= 1e20
+    np.save(tmp_path / "y" / "shard-00001.npy", y)
+    paired = PairedSource(ShardSet(tmp_path / "x"), ShardSet(tmp_path / "y"))
+    cfg = DataConfig(path=str(tmp_path / "x"))
+    check_held_out(paired, 3500, cfg)  # (row 3048 is a training token)
+    with pytest.raises(DataError, match=r"y/shard-00001\.npy: row 1000: a norm whose square "
+                                        r"overflows float32 .*among the 2,000 tokens held out"):
+        check_held_out(paired, 2096, cfg)
+    check_held_out(paired, 2096, DataConfig(path=cfg.path, drop_norm_above=10.0))
+    y[1000] = np.nan
+    np.save(tmp_path / "y" / "shard-00001.npy", y)
+    paired = PairedSource(ShardSet(tmp_path / "x"), ShardSet(tmp_path / "y"))
+    with pytest.raises(DataError, match=r"y/shard-00001\.npy: non-finite values \(NaN or inf\) "
+                                        r"in row 1000 \(1 token of .*\(among the 2,000 tokens"):
+        check_held_out(paired, 2096, cfg)
+
+
 def test_a_zero_median_norm_refuses_dropping_and_is_no_multiple(tmp_path):
     """Mostly-zero tokens: 10x a zero median would drop every other token (fault testing: a
     run trained on zeros and reported L0 0), and max / median was printed as 2.6e30."""

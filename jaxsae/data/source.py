@@ -185,8 +185,12 @@ def iter_blocks(source: TokenSource, block_tokens: int, start: int = 0,
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
             first, last = (int(np.flatnonzero(bad)[i]) + lo for i in (0, -1))
-            if isinstance(source, ArraySource | PairedSource):
-                (name, row), (last_name, last_row) = source.locate(first), source.locate(last)
+            files = source
+            if isinstance(source, PairedSource) and np.isfinite(
+                    block[bad][:, :source.d_in]).all():  # (the targets': name their file)
+                files = source.targets
+            if isinstance(files, ArraySource | PairedSource):
+                (name, row), (last_name, last_row) = files.locate(first), files.locate(last)
                 rows = (f"row {row}" if first == last else f"rows {row}..{last_row}"
                         if last_name == name else f"from row {row}")
             else:

@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxsae.config import DataConfig
 from jaxsae.data.loader import KeepFn
-from jaxsae.data.source import TokenSource
+from jaxsae.data.source import TokenSource, iter_blocks
 from jaxsae.errors import DataError
 
 
@@ -109,8 +109,9 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig, *,
         sizes = np.linalg.norm(values.astype(np.float64), axis=1)
         over = np.flatnonzero(kept & (sizes >= OVERFLOW_NORM))
         if len(over):
+            files = source.targets if what == "target" else source  # (its own file named)
             raise DataError(
-                f"{_where(source, stop, cfg, pieces, int(sampled[over[0]]))}: a {what} of norm "
+                f"{_where(files, stop, cfg, pieces, int(sampled[over[0]]))}: a {what} of norm "
                 f"{sizes[over[0]]:.3g}, whose square overflows float32 (norms from "
                 f"{OVERFLOW_NORM:.3g}): the errors on such tokens are inf; rescale the data"
                 + ("" if what == "target" else
@@ -127,6 +128,37 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig, *,
 
 OVERFLOW_NORM = float(np.sqrt(np.finfo(np.float32).max))
 """A token of this norm or more has a squared norm beyond float32's range."""
+
+
+def check_held_out(source: TokenSource, start: int, cfg: DataConfig) -> None:
+    """Refuses, before training, held-out tokens [start, n_tokens) the evaluation at the end
+    of the run would refuse or overflow on: NaN / inf, or (unless data.drop_norm_above
+    leaves such tokens out) a norm whose square is beyond float32, naming the file and row
+    (fault testing: either failed the run after its last step, the second as a divergence)."""
+    n = source.n_tokens
+    where = f"among the {n - start:,} token{'s' if n - start != 1 else ''} held out for the " \
+            "evaluation at the end of the run; checked before training"
+    try:
+        for lo, block in zip(range(start, n, 8192), iter_blocks(source, 8192, start, n),
+                             strict=True):
+            if cfg.drop_norm_above is not None:
+                continue
+            for files, values in ((source, block[:, :source.d_in]),
+                                  (getattr(source, "targets", None), block[:, source.d_in:])):
+                if not values.shape[1]:
+                    continue
+                big = np.flatnonzero(np.linalg.norm(values.astype(np.float64), axis=1)
+                                     >= OVERFLOW_NORM)
+                if len(big):
+                    name, row = files.locate(lo + int(big[0]))
+                    raise DataError(f"{name}: row {row}: a norm whose square overflows "
+                                    f"float32 (from {OVERFLOW_NORM:.3g}; {where}): the "
+                                    "evaluation's errors on it would be inf; rescale the data, "
+                                    "or leave such tokens out with data.drop_norm_above")
+    except DataError as e:
+        if where in str(e):
+            raise
+        raise DataError(f"{e} ({where})") from None
 
 
 def _where(source: TokenSource, stop: int, cfg: DataConfig, pieces: int, row: int) -> str:
