@@ -186,8 +186,11 @@ class CurvesHook(GuardedHook):
     def on_checkpoint(self, step: int) -> None:
         now = time.monotonic()
         if step >= self.total or now - self.last >= self.min_interval_s:
-            self._guard(f"drawing {CURVES}", self.draw)
-            self.last = now
+            final = step >= self.total
+            drawn = self._guard(f"drawing {CURVES}", self.draw,
+                                again="" if final else "and tries again at the next checkpoint")
+            if drawn:
+                self.last = now  # (a failed drawing is tried again at the next checkpoint)
 
     def draw(self) -> None:
         series = [s for s in run_series(self.run_dir, self.title) if s[1]]

@@ -98,22 +98,28 @@ class GuardedHook(LoopHook):
     def __init__(self, warn: Callable[[str], None]):
         self.warn, self.failed, self.warned = warn, False, False
 
-    def _guard(self, what: str, action: Callable[[], object]) -> None:
+    def _guard(self, what: str, action: Callable[[], object], *,
+                again: str = "and tries again at the next checkpoint") -> bool:
+        """Runs `action`; whether it succeeded. `again`: what the warning says comes next
+        for a failure tried again ("": nothing, the last try)."""
         if self.failed:
-            return
+            return False
         try:
             action()
+            return True
         except Exception as e:  # whatever failed: warn once, go on
-            again = self.retries_os_errors and isinstance(e, OSError)
-            self.failed = not again
-            if self.warned:
-                return
+            retry = self.retries_os_errors and isinstance(e, OSError)
+            self.failed = not retry
+            if self.warned and again:
+                return False
             self.warned = True
             reason = (describe_os_error(e) if isinstance(e, OSError)
                       else " ".join(str(e).split()) or type(e).__name__)
-            self.warn(f"warning: log.{self.key}: {what} failed ({reason[:300]}); training goes "
-                      "on " + ("and tries again at the next checkpoint" if again else
-                               "without it (metrics.jsonl has every number)"))
+            then = ("training goes on without it (metrics.jsonl has every number)" if not retry
+                    else f"training goes on {again}" if again
+                    else "it is left as it was last drawn (metrics.jsonl has every number)")
+            self.warn(f"warning: log.{self.key}: {what} failed ({reason[:300]}); {then}")
+            return False
 
 
 class MetricsFiles(LoopHook):

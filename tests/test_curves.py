@@ -89,6 +89,23 @@ def test_a_drawing_the_file_system_refused_is_tried_again(small_data, tmp_path, 
                         f"{tmp_path / 'run' / 'curves.png'}: No space left on device); "
                         "training goes on and tries again at the next checkpoint"]
     assert calls == [[4, 8], [4, 8, 12, 16], [4, 8, 12, 16, 20, 24]]  # (8: refused)
+    # the next checkpoint tries again however soon it comes, and a last drawing refused too
+    # says the file is left as it was (fault testing: it promised a next checkpoint)
+    monkeypatch.setattr(curves.CurvesHook, "min_interval_s", 1e9)
+    calls.clear()
+
+    def full(series, out, title=""):
+        calls.append([line["step"] for line in series[0][1]])
+        raise OSError(28, "No space left on device", str(out))
+
+    monkeypatch.setattr(curves, "plot", full)
+    said.clear()
+    train(small_config(small_data, tmp_path / "again", log=CURVES_ON), progress=False,
+          log=said.append)
+    assert calls == [[4, 8], [4, 8, 12, 16], [4, 8, 12, 16, 20, 24]]
+    assert [line.split("); ")[1] for line in said if "log.curves" in line] == [
+        "training goes on and tries again at the next checkpoint",
+        "it is left as it was last drawn (metrics.jsonl has every number)"]
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == PNG
 
 
