@@ -498,11 +498,15 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
             return text if len(text) <= 60 else text[:57] + "..."
 
         def shown(saved: Any, now: Any) -> tuple[str, str]:
-            """The two values; lists of other lengths (those of one length are compared entry
-            by entry) by their lengths (fault testing: both cut to the same 57 characters)."""
-            if isinstance(saved, list) and isinstance(now, list) and len(saved) != len(now):
-                return f"{len(saved)} entries", f"{len(now)} entries"
-            return cut(saved), cut(now)
+            """The two values; lists by their lengths when those differ, else by the first
+            entry that does (fault testing: both cut to the same 57 characters)."""
+            if not (isinstance(saved, list) and isinstance(now, list)):
+                return cut(saved), cut(now)
+            if len(saved) != len(now):
+                return (f"{len(saved)} entr{'y' if len(saved) == 1 else 'ies'}",
+                        f"{len(now)} entr{'y' if len(now) == 1 else 'ies'}")
+            i = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
+            return f"[{i}] {cut(saved[i])}", f"[{i}] {cut(now[i])}"
 
         changes = ", ".join(f"{k} ({a} in the checkpoint, {b} now)"
                             for k, a, b in ((k, *shown(a, b)) for k, a, b in bad[:3]))

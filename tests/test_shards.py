@@ -189,6 +189,8 @@ def test_a_writer_whose_close_fails_lets_go_and_bad_sizes_are_refused(tmp_path):
     writer = ShardWriter(out, D_IN, shard_tokens=4)  # the output is free again
     writer.write(source_data(6))
     assert writer.close() == out and writer.close() == out  # closing twice: the same set
+    with pytest.raises(DataError, match=r"set: this write is closed; start a new one"):
+        writer.write(source_data(3))
     np.testing.assert_array_equal(ShardSet(out).read(0, 6), source_data(6))
     for bad in ({"shard_tokens": 0}, {"shard_tokens": -1}, {"d_in": 0}):
         name, value = next(iter(bad.items()))

@@ -32,10 +32,12 @@ def test_each_rule_on_its_own_evidence():
         p_partner=np.array([0, 0, 0.95, 0, 0.0, 0, 0, 0, 0, 0, 0]),
         carries=np.array([0, 0, 1.0, 0, 0.98, 0, 0, 0, 0, 0, 0]),
         carried=np.array([0, 0, 0.4, 0, 0.5, 0, 0, 0, 0, 0, 0]),
-        nearest_cos=np.array([0.95, 0.1, 0.95, 0.1, 0.2, 0.1, 0.1, 0.1, 0.89, 0.9, 0.97]))
+        nearest=np.array([2, 0, 0, 0, 0, 0, 0, 9, 0, 10, 9]),
+        nearest_cos=np.array([0.95, 0.1, 0.95, 0.1, 0.2, 0.1, 0.1, 0.89, 0.99, 0.9, 0.97]))
     kinds = [r["kind"] for r in rows]
     # 2: fires only with 3 (hierarchy); 4: never with 3 but shares its direction (absorption);
-    # 9 and 10: a decoder (nearly) another's, before dense (9) and single (10); 0: dead first
+    # 9 and 10: a decoder (nearly) another firing one's, before dense (9) and single (10);
+    # 0: dead first; 8's only twin is 0, which never fired: learnt once (fault testing)
     assert kinds == ["dead", "dense", "child", "parent", "child", "variable", "circular",
                      "single", "single", "duplicate", "duplicate"]
     assert set(kinds) <= set(taxonomy.KINDS)

@@ -406,6 +406,12 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
     longer = ["loss=[{term: mse}, {term: l1, coefficient: 0.1}, {term: l1, name: b}]"]
     with pytest.raises(JaxsaeError, match=r"a changed loss \(2 entries in the checkpoint, 3 "):
         check_resume_compatible(swept(), swept(*longer), tmp_path)
+    prefixes = "loss=[{term: matryoshka, prefixes: [%s]}]"
+    with pytest.raises(JaxsaeError, match=r"a changed loss\.0\.prefixes \(\[30\] 62 in the "
+                                          r"checkpoint, \[30\] 63 now\)"):
+        check_resume_compatible(
+            swept(prefixes % ", ".join(map(str, range(2, 65, 2)))),
+            swept(prefixes % ", ".join(map(str, [*range(2, 62, 2), 63, 64]))), tmp_path)
     # Logging and checkpoint cadence may change: the finished run just re-exports.
     relogged = small_config(small_data, tmp_path / "run", log={"every_steps": 2})
     assert train_mod.train(relogged, progress=False).step == 24

@@ -328,7 +328,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         frequency=frequency, mean=mean_active, std=std_active, peaks=peaks, ring_cv=ring_cv,
         arc=arc, plane=plane, partner=partner["partner"], partner_cos=partner["partner_cos"],
         p_partner=partner["p_partner"], carries=carries, carried=carried,
-        nearest_cos=nb_cos[:, 0])
+        nearest=nb_idx[:, 0], nearest_cos=nb_cos[:, 0])
     latents = [{"latent": k, "kind": kinds[k]["kind"],
                 "firing_frequency": float(frequency[k]),
                 "log10_frequency": float(np.log10(max(frequency[k], 1e-10))),
@@ -493,8 +493,8 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:10
 (jaxsae.analysis.taxonomy), the first that applies: dead, circular (its decoder in a plane
 with others', its tokens along an arc of a ring there), child / parent (it carries a
 partner's component: it fires almost only with it, or never with it while their decoders
-share a direction), duplicate (its decoder's nearest other has cos &ge; 0.9: one feature
-learnt twice), dense (&gt; 10% of tokens), variable (broad or multi-peaked magnitudes),
+share a direction), duplicate (its decoder's nearest other has cos &ge; 0.9 and fires: one
+feature learnt twice), dense (&gt; 10% of tokens), variable (broad or multi-peaked magnitudes),
 single (one peak).</p>
 {_table(kinds)}
 <h2>Density</h2><img src="density.png">

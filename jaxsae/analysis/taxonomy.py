@@ -27,9 +27,9 @@ columns behind every test written beside it:
             for a child, which comes with all of its parent; a parent's tokens hold only
             the share of a child that fires with it)
   parent    the partner side of a child
-  duplicate its decoder direction is another latent's, or nearly (nearest decoder cosine
-            >= 0.9): one feature learnt twice or split over two latents (a wide dictionary's
-            waste, or its feature splitting); `nearest` names the other
+  duplicate its decoder direction is another firing latent's, or nearly (nearest decoder
+            cosine >= 0.9): one feature learnt twice or split over two latents (a wide
+            dictionary's waste, or its feature splitting); `nearest` names the other
   dense     fires on more than 10% of tokens (after the structural kinds: a parent firing
             often is still a parent)
   variable  broad magnitudes: its non-zero activations spread (coefficient of variation
@@ -159,10 +159,10 @@ def _plane_candidates(nb_idx: np.ndarray, nb_cos: np.ndarray, cofiring
 def classify(*, frequency: np.ndarray, mean: np.ndarray, std: np.ndarray, peaks: np.ndarray,
              ring_cv: np.ndarray, arc: np.ndarray, plane: dict[str, np.ndarray],
              partner: np.ndarray, partner_cos: np.ndarray, p_partner: np.ndarray,
-             carries: np.ndarray, carried: np.ndarray,
+             carries: np.ndarray, carried: np.ndarray, nearest: np.ndarray,
              nearest_cos: np.ndarray) -> list[dict[str, Any]]:
-    """The kind and its evidence per latent. `nearest_cos` [n]: the cosine of its decoder
-    with its nearest other latent's. `partner` [n]: the latent's likeliest partner
+    """The kind and its evidence per latent. `nearest` [n], `nearest_cos` [n]: its nearest
+    other latent by decoder cosine, and that cosine. `partner` [n]: the latent's likeliest partner
     (-1: none), with their decoder cosine and P(partner | it); `carries`: the mean projection
     of the input on the partner's direction where the latent fires, over the same where the
     partner fires (1: its tokens hold the partner's whole component); `carried`: the same
@@ -181,7 +181,8 @@ def classify(*, frequency: np.ndarray, mean: np.ndarray, std: np.ndarray, peaks:
     kind = np.full(n, "single", dtype=object)
     kind[(cv >= VARIABLE_CV) | (peaks >= 2)] = "variable"
     kind[frequency > DENSE_FREQUENCY] = "dense"
-    kind[nearest_cos >= DUPLICATE_COS] = "duplicate"
+    # (a twin that never fires learnt nothing twice: fault testing)
+    kind[(nearest_cos >= DUPLICATE_COS) & (frequency[nearest] > 0)] = "duplicate"
     kind[parent] = "parent"
     kind[child] = "child"
     kind[circular] = "circular"

@@ -334,6 +334,8 @@ class ShardWriter:
 
     def write(self, array: np.ndarray) -> None:
         array = np.asarray(array)
+        if self._done is not None:  # (fault testing: rows written after close were lost)
+            raise DataError(f"{self.out}: this write is closed; start a new one")
         if array.ndim != 2 or array.shape[1] != self.d_in:
             raise DataError(f"expected activations [n, {self.d_in}], got {list(array.shape)}")
         self._pending.append(array)
