@@ -551,8 +551,9 @@ def test_a_resumable_staging_is_one_process_s_at_a_time(tmp_path):
     with outputs.resumable_staging(target, "frankenstein", {"a": 1}) as work:
         (work / "retrain").mkdir()
         for key in ({"a": 1}, {"a": 2}):
-            with pytest.raises(outputs.OutputError, match=rf"{work}: another jaxsae process "
-                                                          "is writing f here"), \
+            # (held by this process here: said so, see runlock)
+            with pytest.raises(outputs.OutputError, match=rf"{work}: this process is already "
+                                                          "writing f here"), \
                     outputs.resumable_staging(target, "frankenstein", key):
                 pass
         assert (work / "retrain").is_dir()
