@@ -136,29 +136,29 @@ def check_held_out(source: TokenSource, start: int, cfg: DataConfig) -> None:
     leaves such tokens out) a norm whose square is beyond float32, naming the file and row
     (fault testing: either failed the run after its last step, the second as a divergence)."""
     n = source.n_tokens
-    where = f"among the {n - start:,} token{'s' if n - start != 1 else ''} held out for the " \
-            "evaluation at the end of the run; checked before training"
-    try:
-        for lo, block in zip(range(start, n, 8192), iter_blocks(source, 8192, start, n),
-                             strict=True):
-            if cfg.drop_norm_above is not None:
+    where = (f"among the {n - start:,} token{'s' if n - start != 1 else ''} held out for the "
+             "evaluation at the end of the run; checked before training")
+    blocks, lo = iter_blocks(source, 8192, start, n), start
+    while True:
+        try:
+            block = next(blocks)
+        except StopIteration:
+            return
+        except DataError as e:  # (NaN / inf, its file and rows named)
+            raise DataError(f"{e} ({where})") from None
+        for files, values in ((source, block[:, :source.d_in]),
+                              (getattr(source, "targets", None), block[:, source.d_in:])):
+            if not values.shape[1] or cfg.drop_norm_above is not None:
                 continue
-            for files, values in ((source, block[:, :source.d_in]),
-                                  (getattr(source, "targets", None), block[:, source.d_in:])):
-                if not values.shape[1]:
-                    continue
-                big = np.flatnonzero(np.linalg.norm(values.astype(np.float64), axis=1)
-                                     >= OVERFLOW_NORM)
-                if len(big):
-                    name, row = files.locate(lo + int(big[0]))
-                    raise DataError(f"{name}: row {row}: a norm whose square overflows "
-                                    f"float32 (from {OVERFLOW_NORM:.3g}; {where}): the "
-                                    "evaluation's errors on it would be inf; rescale the data, "
-                                    "or leave such tokens out with data.drop_norm_above")
-    except DataError as e:
-        if where in str(e):
-            raise
-        raise DataError(f"{e} ({where})") from None
+            big = np.flatnonzero(np.linalg.norm(values.astype(np.float64), axis=1)
+                                 >= OVERFLOW_NORM)
+            if len(big):
+                name, row = files.locate(lo + int(big[0]))
+                raise DataError(f"{name}: row {row}: a norm whose square overflows float32 "
+                                f"(from {OVERFLOW_NORM:.3g}; {where}): the evaluation's errors "
+                                "on it would be inf; rescale the data, or leave such tokens "
+                                "out with data.drop_norm_above")
+        lo += len(block)
 
 
 def _where(source: TokenSource, stop: int, cfg: DataConfig, pieces: int, row: int) -> str:
