@@ -170,7 +170,8 @@ def python_value(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {python_value(k): python_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(python_value(v) for v in value)
+        items = [python_value(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
     return value
 
 
