@@ -146,7 +146,9 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
     else:
         handles, labels = axes.flat[0].get_legend_handles_labels()
         if handles:
-            axes.flat[0].legend(handles, labels, fontsize=7, loc="best")
+            # (a falling loss leaves its upper right free; "best" searches every point, slowly
+            # and with a warning, for a long run)
+            axes.flat[0].legend(handles, labels, fontsize=7, loc="upper right")
     if title:
         fig.suptitle(plain_text(title))
     save_figure(fig, out, right=_PANELS_RIGHT if many else 1.0)

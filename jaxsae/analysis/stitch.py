@@ -375,7 +375,7 @@ def _compare_plots(rows, threshold: float, out: Path) -> None:
     ax.axvline(threshold, color="k", ls="--", lw=1)
     ax.set_xlabel("max decoder cosine to the small SAE")
     ax.set_ylabel("change in the small SAE's MSE when inserted")
-    ax.legend()
+    ax.legend(loc="upper left")  # ("best" searches every point: slow, with a warning, for many)
     save_figure(fig, out / "delta_mse_vs_max_cos.png")
 
 
