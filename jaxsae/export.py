@@ -499,7 +499,7 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     settings = training_settings(cfg)
     # On the data the source trained on, the tokens it held out stay held out (fault testing:
     # the default hold-out, smaller, fine-tuned on tokens the source was evaluated on).
-    end = trained_end([cfg], data)
+    end = trained_end([cfg], data, hook)
     held = (source.n_tokens - end if end is not None and 0 < end < source.n_tokens
             else None)
     n_train = source.n_tokens - (DataConfig().held_out(source.n_tokens) if held is None

@@ -256,7 +256,7 @@ def _inherited_end(cfg: Config) -> int:
         start = export.read_cfg(cfg.init_from)
     except (JaxsaeError, OSError):
         return 0
-    return trained_end([start], cfg.data.path) or 0
+    return trained_end([start], cfg.data.path, cfg.data.hook) or 0
 
 
 def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = None,

@@ -490,7 +490,9 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     with outputs.resumable_staging(out, "frankenstein", key) as work:
         metadata = saes[0].cfg_json.get("metadata", {})
         # the members' training tokens in the data the stitched SAE names (its first member's)
-        trained = (trained_end([s.cfg_json for s in saes], where)
+        column = metadata.get("hook_name")
+        trained = (trained_end([s.cfg_json for s in saes], where,
+                               column if isinstance(column, str) else None)
                    if isinstance(where := metadata.get("dataset_path"), str) else None)
         # evaluated first: its export's sparsity.safetensors is measured on these tokens
         measured = evaluate.reconstruction_metrics(params, cfg, window.blocks())
