@@ -199,6 +199,12 @@ def test_a_writer_whose_close_fails_lets_go_and_bad_sizes_are_refused(tmp_path):
                                             f"{value}"):
             ShardWriter(tmp_path / "other", kwargs.pop("d_in"), **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    # numpy integers are integers (an array's shape after arithmetic was refused)
+    x = source_data(6)
+    with ShardWriter(tmp_path / "numpy", np.int64(x.shape[1]), shard_tokens=np.int32(4)) as w:
+        w.write(x)
+    assert [s.n_tokens for s in ShardSet(tmp_path / "numpy").manifest.shards] == [4, 2]
+    np.testing.assert_array_equal(ShardSet(tmp_path / "numpy").read(0, 6), x)
 
 
 def test_exception_inside_with_leaves_nothing(tmp_path):

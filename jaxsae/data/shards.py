@@ -241,6 +241,9 @@ class ShardWriter:
             raise DataError(f"shard file type must be npy or safetensors, got {file_type!r}")
         if file_type == "npy" and dtype == "bfloat16":
             raise DataError("bfloat16 shards must be written as safetensors (.npy has no bfloat16)")
+        # (numpy integers too, e.g. an array's shape[1] after arithmetic: they were refused)
+        d_in, shard_tokens = (int(v) if isinstance(v, np.integer) else v
+                              for v in (d_in, shard_tokens))
         for name, value in (("d_in", d_in), ("shard_tokens", shard_tokens)):
             if not is_positive_int(value):  # (fault testing: shard_tokens 0 wrote for ever)
                 raise DataError(f"shard {name} must be a positive integer, got {value!r}")
