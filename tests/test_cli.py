@@ -46,6 +46,18 @@ def test_version(flag, capsys):
     assert len(out.splitlines()) == 1
 
 
+def test_python_dash_m_runs_the_command(tmp_path):
+    """`python -m jaxsae` is the command (for a Python whose scripts are not on PATH): its
+    output, and a refusal's exit status 2."""
+    env = {**os.environ, "JAXSAE_HUGE_PAGES": "0"}
+    done = subprocess.run([sys.executable, "-m", "jaxsae", "--version"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("jaxsae "), done.stderr
+    refused = subprocess.run([sys.executable, "-m", "jaxsae", "train", str(tmp_path / "no.yaml")],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "no.yaml: config file not found" in refused.stderr
+
+
 def test_the_core_never_imports_torch(tmp_path):
     """The trainer is JAX-only: PyTorch is loaded by `cache` and `eval --model` alone."""
     code = ("import sys; from jaxsae import cli, train, evaluate, export, bench; "
