@@ -12,9 +12,11 @@ a coefficient with `warmup_steps` ramps linearly from 0.
 Adding a penalty is one function and its registration; it reads what the forward pass already
 computed from `ForwardOutput` and never re-runs the encoder or decoder.
 
-Scales follow SAELens so that published coefficients carry over:
+mse and l1 are scaled as SAELens scales them, so its published coefficients carry over:
   mse = mean over tokens of ‖x̂ − x‖² (summed over d_in),
   l1  = mean over tokens of Σ_i f_i · ‖W_dec,i‖.
+(auxk is normalised as Gao et al. (2024) normalise it, and matryoshka weights its n prefixes
+1/n each: the README's table of terms.)
 """
 
 from __future__ import annotations
@@ -268,6 +270,8 @@ def _check_l1(cfg: Config, term: TermConfig, key: str) -> None:
         raise ConfigError(f"{key}.tanh_scale: must be > 0")
     if term.params.get("tanh_scale") is not None and p != 1.0:
         raise ConfigError(f"{key}: choose either p or tanh_scale, not both")
+    if term.params.get("tanh_scale") is not None and term.params.get("norm"):
+        raise ConfigError(f"{key}: choose either norm (of v^p) or tanh_scale, not both")
 
 
 @register("l1", check=_check_l1)
@@ -279,10 +283,13 @@ def l1(
     p: float = 1.0,
     weight_by_decoder_norm: bool = True,
     tanh_scale: float | None = None,
+    norm: bool = False,
 ) -> tuple[jax.Array, Metrics]:
     """Sparsity: mean over tokens of Σ_i φ(v_i), v_i = f_i · ‖W_dec,i‖ (or f_i when
     `weight_by_decoder_norm: false`), with φ(v) = v^p (p = 1: L1; p < 1: Lp) or, with
-    `tanh_scale: c`, φ(v) = tanh(c · v)."""
+    `tanh_scale: c`, φ(v) = tanh(c · v). `norm: true`: the p-norm (Σ_i v_i^p)^(1/p) of each
+    token instead, SAELens's `lp_norm` (what an imported SAE with lp_norm < 1 trained with;
+    the same as the sum for p = 1)."""
     if p == 1.0 and tanh_scale is None:
         # Batch mean first, then one dot with the norms: no [batch, d_sae] product to build
         # (nor, in the backward pass, to reduce).
@@ -296,7 +303,11 @@ def l1(
         return jnp.mean(jnp.sum(jnp.tanh(tanh_scale * v), axis=-1)), {}
     positive = v > 0  # v^p has an infinite slope at 0: keep the gradient of silent latents 0
     safe = jnp.where(positive, v, 1.0)
-    return jnp.mean(jnp.sum(jnp.where(positive, safe**p, 0.0), axis=-1)), {}
+    per_token = jnp.sum(jnp.where(positive, safe**p, 0.0), axis=-1)
+    if norm:  # (the root's slope is infinite at 0 too: a silent token's gradient stays 0)
+        some = per_token > 0
+        per_token = jnp.where(some, jnp.where(some, per_token, 1.0) ** (1 / p), 0.0)
+    return jnp.mean(per_token), {}
 
 
 _DEFER = contextvars.ContextVar("jaxsae_defer_only_one", default=False)

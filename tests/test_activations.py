@@ -226,3 +226,17 @@ def test_a_saelens_jumprelu_trained_with_the_quadratic_penalty_imports_with_it()
                                                   "mode": "quadratic", "target_l0": 25.0,
                                                   "bandwidth": 0.05}]
     assert settings["sae"]["jumprelu_bandwidth"] == 0.05
+
+
+def test_a_saelens_standard_sae_trained_with_an_lp_norm_imports_with_it():
+    """SAELens penalises the p-norm of each token's f·‖W_dec‖, (Σ vᵖ)^(1/p) (fault testing:
+    `lp_norm` was read into `p` alone, Σ vᵖ, another objective for p < 1)."""
+    from jaxsae.export import training_settings
+
+    def loss(**fields):
+        return training_settings({"architecture": "standard", "d_in": 8, "d_sae": 16,
+                                  "l1_coefficient": 3.0, **fields})["loss"]
+
+    assert loss(lp_norm=0.5) == [{"term": "mse"}, {"term": "l1", "coefficient": 3.0, "p": 0.5,
+                                                   "norm": True}]
+    assert loss(lp_norm=1.0) == loss() == [{"term": "mse"}, {"term": "l1", "coefficient": 3.0}]

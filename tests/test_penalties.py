@@ -449,7 +449,7 @@ def test_builtin_terms_are_registered():
     assert {"mse", "l1", "auxk", "l0"} <= set(penalties.registered())
     assert penalties.get_term("mse").hparams == {}
     assert penalties.get_term("l1").hparams == {
-        "p": float, "weight_by_decoder_norm": bool, "tanh_scale": float | None}
+        "p": float, "weight_by_decoder_norm": bool, "tanh_scale": float | None, "norm": bool}
     assert penalties.get_term("auxk").hparams == {"k_aux": int | None, "dead_tokens": int}
     assert penalties.get_term("l0").hparams == {
         "mode": Literal["step", "tanh", "quadratic"], "bandwidth": float, "tanh_scale": float,

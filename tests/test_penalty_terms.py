@@ -128,9 +128,11 @@ def np_codes(P, x, s: SAEConfig):
     raise ValueError(s.activation)
 
 
-def np_l1(P, x, s, *, p=1.0, weight_by_decoder_norm=True, tanh_scale=None):
+def np_l1(P, x, s, *, p=1.0, weight_by_decoder_norm=True, tanh_scale=None, norm=False):
     f = np_codes(P, x, s)[1]
     v = f * row_norms(P) if weight_by_decoder_norm else f
+    if norm:  # SAELens: torch.norm(v, p, dim=-1)
+        return np.linalg.norm(v, ord=p, axis=1).mean()
     if tanh_scale is not None:
         phi = np.tanh(tanh_scale * v)
     else:
@@ -201,6 +203,8 @@ def np_cosine_rows(P, threshold):
         {"weight_by_decoder_norm": False},
         {"tanh_scale": 1.5},
         {"tanh_scale": 0.7, "weight_by_decoder_norm": False},
+        {"p": 0.5, "norm": True},
+        {"p": 0.7, "norm": True, "weight_by_decoder_norm": False},
     ],
 )
 def test_l1_variants(rng, tied, hparams):
@@ -229,6 +233,25 @@ def test_l1_p_below_one_at_silent_latents_is_finite(rng):
         assert np.isfinite(np.asarray(g)).all(), name
     np.testing.assert_array_equal(np.asarray(grads["b_enc"])[:6], 0.0)
     check_fd(grads, lambda P: np_l1(P, f64(x), config.sae, p=0.5), f64(params), rng)
+    # the p-norm of a token none of whose latents fire: 0, with a gradient of 0 (the root's
+    # slope is infinite there too)
+    config = make_config([{"term": "l1", "p": 0.5, "norm": True}])
+    params["b_enc"] = params["b_enc"].at[:].set(-100.0)
+    value, _, _ = term_value(config, params, x)
+    assert float(value) == 0.0
+    for name, g in term_grad(config, params, x).items():
+        assert np.isfinite(np.asarray(g)).all() and not np.asarray(g).any(), name
+
+
+@pytest.mark.parametrize(("hparams", "message"), [
+    ({"p": 0.0}, r"loss\[1\]\.p: must be in \(0, 1\], got 0\.0"),
+    ({"p": 1.5}, r"loss\[1\]\.p: must be in \(0, 1\], got 1\.5"),
+    ({"p": 0.5, "tanh_scale": 2.0}, r"loss\[1\]: choose either p or tanh_scale"),
+    ({"norm": True, "tanh_scale": 2.0}, r"loss\[1\]: choose either norm .* or tanh_scale"),
+])
+def test_l1_variants_that_make_no_sense_are_refused(hparams, message):
+    with pytest.raises(ConfigError, match=message):
+        check_run(make_config([{"term": "mse"}, {"term": "l1", **hparams}]))
 
 
 # ---------------------------------------------------------------------------------------------

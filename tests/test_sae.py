@@ -237,8 +237,35 @@ def test_batchtopk_with_fewer_positives_than_target_keeps_all_positives(rng):
     k = 12  # target 96 of 128 entries; about 64 are positive
     assert (pre > 0).sum() < 8 * k
     acts, threshold = batchtopk(jnp.asarray(pre), k)
-    assert float(threshold) == 0.0
     np.testing.assert_array_equal(np.asarray(acts), relu(pre))
+    assert float(threshold) == pre[pre > 0].min()  # the smallest kept value, not 0
+    acts, threshold = batchtopk(jnp.asarray(-np.abs(pre)), k)  # none kept: 0
+    assert float(threshold) == 0.0 and not np.asarray(acts).any()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_batchtopk_threshold_of_a_batch_with_few_positives(rng, x, sparse):
+    """(fault testing: a batch with fewer than batch·k positive pre-activations gave the
+    inference threshold's average a 0, SAELens averaging the smallest kept value.) Its
+    threshold is its smallest kept value, on the dense and the sparse path alike; a batch
+    that keeps nothing leaves θ as it was."""
+    cfg = SAEConfig(d_sae=D_SAE, activation="batchtopk", k=K)
+    params = random_params(rng, cfg)
+    params["b_enc"] = params["b_enc"].at[3:].set(-100.0)  # three latents can fire
+    pre = np_pre_acts(params, x)
+    assert 0 < (pre > 0).sum() < BATCH * K
+    out = sae.forward(params, x, cfg, train=True, sparse=sparse)
+    assert (out.top_index is not None) is sparse
+    smallest = np.asarray(sae.pre_activations(params, x))[pre > 0].min()
+    assert float(out.batch_threshold) == smallest
+    new = sae.after_update(params, out, jnp.asarray(0), cfg)
+    np.testing.assert_array_equal(new["threshold"], np.full(D_SAE, smallest, np.float32))
+    params["b_enc"] = params["b_enc"].at[:].set(-100.0)  # none can
+    out = sae.forward(params, x, cfg, train=True, sparse=sparse)
+    assert float(out.batch_threshold) == 0.0
+    for step in (0, 5000):
+        kept = sae.after_update(new, out, jnp.asarray(step), cfg)
+        np.testing.assert_array_equal(kept["threshold"], new["threshold"])
 
 
 @pytest.mark.parametrize("k", [1, 7, 100, 511, 512])

@@ -137,8 +137,8 @@ class Activation:
         """The loss terms to fine-tune an imported SAE with, from SAELens's training fields
         (`saelens`: cfg.json's top level and metadata.training_architecture_details)."""
         l1: dict[str, Any] = {"term": "l1", "coefficient": _number(saelens, "l1_coefficient")}
-        if _number(saelens, "lp_norm") != 1.0:
-            l1["p"] = _number(saelens, "lp_norm")
+        if _number(saelens, "lp_norm") != 1.0:  # SAELens: the p-norm of each token's v
+            l1.update(p=_number(saelens, "lp_norm"), norm=True)
         return [{"term": "mse"}, l1]
 
     def check(self, cfg: SAEConfig) -> None:

@@ -25,7 +25,8 @@ def batchtopk(pre_acts: jax.Array, k: int | jax.Array, *, sweep_axis: str | None
     when fewer are; exactly batch*k otherwise, ties at the threshold taken in row-major order).
     `sweep_axis`: the vmap axis of a sweep's SAEs, if any (the tie cut runs when one needs it).
 
-    Returns the codes and the threshold (smallest kept value). The threshold is found exactly by
+    Returns the codes and the threshold (the smallest kept value; 0 when nothing is kept). The
+    batch·k-th largest value is found exactly by
     bisection on the float bits (non-negative floats order like their int32 bit patterns), which
     needs only element-wise compares and global counts: no sort, and it works unchanged when
     the batch or the dictionary is sharded across devices.
@@ -41,7 +42,18 @@ def batchtopk(pre_acts: jax.Array, k: int | jax.Array, *, sweep_axis: str | None
     reaching = jnp.where(threshold >= tiny, reaching, 0)
     kept = values * kernels.keep_largest(values, floor, target, reaching,
                                          sweep_axis=sweep_axis)
-    return kept, threshold
+    return kept, smallest_kept(threshold, kept)
+
+
+def smallest_kept(threshold: jax.Array, kept: jax.Array) -> jax.Array:
+    """The smallest kept value of a batch: `threshold`, the batch·k-th largest value, when it
+    is positive (batch·k were kept); else, fewer being positive, the smallest positive value
+    of `kept` (every kept value, zeros elsewhere), 0 when there is none. (Fault testing: the
+    0 of such a batch went into the inference threshold's average as if a latent had been kept
+    at 0, SAELens and Bussmann et al. averaging the smallest kept value only.)"""
+    positive = jnp.min(jnp.where(kept > 0, kept, jnp.inf))
+    fewer = jnp.where(jnp.isfinite(positive), positive, 0).astype(threshold.dtype)
+    return jnp.where(threshold > 0, threshold, fewer)
 
 
 @register
@@ -80,9 +92,11 @@ class BatchTopK(Activation):
 
     def after_update(self, params, codes, step, cfg):
         # The inference threshold averages the first 1/momentum batches exactly, then becomes
-        # an EMA of the smallest kept activation.
+        # an EMA of the smallest kept activation; a batch that kept nothing (no positive
+        # pre-activation) has none and leaves it as it was.
         rate = jnp.maximum(cfg.batchtopk_threshold_momentum, 1.0 / (step + 1.0))
         threshold = (1.0 - rate) * params["threshold"] + rate * codes.batch_threshold
+        threshold = jnp.where(codes.batch_threshold > 0, threshold, params["threshold"])
         return {**params, "threshold": threshold}
 
 
@@ -100,4 +114,6 @@ def sparse_batchtopk(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.A
     values = jax.nn.relu(kernels.take_pre_acts(
         x, params["b_dec"], encoder_weight(params), params["b_enc"],
         jax.lax.stop_gradient(pre_acts), index, row))
-    return index, values * valid, row, threshold
+    # (the kept pre-activations as the dense path sees them: the same threshold to the bit)
+    kept = jax.nn.relu(jax.lax.stop_gradient(pre_acts)[row, index]) * valid
+    return index, values * valid, row, smallest_kept(threshold, kept)
