@@ -625,7 +625,15 @@ MUTABLE_ON_RESUME = ("name", "run_dir", "distributed", "data.path", "data.target
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Reads a YAML preset (or starts from defaults when `path` is None) and applies overrides."""
     tree = read_yaml_mapping(path) if path is not None else {}
+    given: dict[str, str] = {}
     for assignment in overrides:
+        # A key given twice is refused, as a flag or a YAML key given twice is (fault testing:
+        # `optim.lr=1e-3 ... optim.lr=3e-3` trained with the last one, silently)
+        key = assignment.split("=", 1)[0].strip()
+        if "=" in assignment and key in given:
+            raise ConfigError(f"override {key}: given twice ({given[key]} and "
+                              f"{assignment.strip()}); give it once")
+        given[key] = assignment.strip()
         if assignment.startswith("sweep.") and "=" in assignment:
             _override_sweep(tree, assignment)
             continue

@@ -85,6 +85,18 @@ def test_dotted_overrides(preset):
     assert cfg.optim.batch_size == 256
 
 
+@pytest.mark.parametrize("overrides", [
+    ["optim.lr=1e-3", "sae.d_sae=128", "optim.lr=3e-3"],
+    ["sweep.optim.lr=[1e-3]", " sweep.optim.lr=[-1]"]])
+def test_an_override_given_twice_is_refused(preset, overrides):
+    """(fault testing: the last one was taken, silently), as a flag or a YAML key given
+    twice is refused"""
+    key = overrides[0].split("=")[0]
+    want = f"override {key}: given twice ({overrides[0]} and {overrides[-1].strip()}); give it once"
+    with pytest.raises(ConfigError, match=f"^{re.escape(want)}$"):
+        load_config(preset, overrides)
+
+
 def test_negative_list_index_override(preset):
     cfg = load_config(preset, ["loss.-1.coefficient=7"])
     assert cfg.loss[1].coefficient == 7.0

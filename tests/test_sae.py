@@ -507,6 +507,19 @@ def test_after_update_batchtopk_threshold_averages_first_batches(rng, x):
     assert_close(params["threshold"], np.full(D_SAE, batch_thresholds.mean()))
 
 
+def test_after_update_keeps_jumprelus_threshold_non_negative(rng, x):
+    """(fault testing: an L0 target above what the pre-activations allow drove θ below 0,
+    where the penalties count latents z > θ that never fire.) θ < 0 is set to 0; the rest
+    stays."""
+    cfg = SAEConfig(d_sae=D_SAE, activation="jumprelu", decoder_norm="free")
+    params = random_params(rng, cfg)
+    theta = rng.uniform(-1.0, 1.0, size=D_SAE).astype(np.float32)
+    params["threshold"] = jnp.asarray(theta)
+    new = sae.after_update(params, dummy_output(params, x, cfg, 0.0), jnp.asarray(3), cfg)
+    np.testing.assert_array_equal(new["threshold"], np.maximum(theta, 0))
+    assert (theta < 0).any() and (theta > 0).any()
+
+
 def test_after_update_other_activations_keep_threshold(rng, x):
     cfg = SAEConfig(d_sae=D_SAE, activation="jumprelu", decoder_norm="free")
     params = random_params(rng, cfg)

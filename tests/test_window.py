@@ -201,8 +201,11 @@ def test_eval_data_scores_the_tokens_training_kept(sinks, capsys):
 
 @pytest.mark.parametrize("flags, culprit", [
     (["--all-tokens", "--drop-norm-above", "3"], "--all-tokens and --drop-norm-above"),
-    (["--drop-norm-above", "0"], "--drop-norm-above: must be > 0"),
-    (["--drop-norm-above", "-1"], "--drop-norm-above: must be > 0")])
+    (["--drop-norm-above", "0"], "--drop-norm-above: must be >= 1"),
+    (["--drop-norm-above", "-1"], "--drop-norm-above: must be >= 1"),
+    (["--drop-norm-above", "0.5"], "--drop-norm-above: must be >= 1 (a multiple of the median "
+                                   "norm: below 1 it drops most tokens, not outliers), got 0.5"),
+    (["--drop-norm-above", "nan"], "--drop-norm-above: must be >= 1")])
 def test_bad_drop_flags_are_refused(sinks, capsys, flags, culprit):
     assert cli.main(["eval", str(sinks["saes"]["relu"]), "--data", str(sinks["data"]),
                      *flags]) == 2

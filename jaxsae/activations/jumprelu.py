@@ -1,5 +1,11 @@
 """JumpReLU (Rajamanoharan et al., 2024): f = relu(z) · 1[z > θ], θ learned through a
-straight-through estimator of width `sae.jumprelu_bandwidth`; SAELens `jumprelu`."""
+straight-through estimator of width `sae.jumprelu_bandwidth`; SAELens `jumprelu`.
+
+θ is kept ≥ 0 (set to 0 after an update that takes it below; SAELens learns log θ): below 0
+the output would not change (relu(z) is 0 there) while the L0 penalties, which count z > θ,
+would count latents that never fire, and the threshold's pseudo-derivative −θ/ε would flip
+its sign. (Fault testing: a target_l0 above what the pre-activations allowed drove θ below 0
+and "met" its target with latents that never fired.)"""
 
 from __future__ import annotations
 
@@ -65,6 +71,9 @@ class JumpReLU(Activation):
         if "jumprelu_bandwidth" in fields:
             return {"jumprelu_bandwidth": _number(fields, "jumprelu_bandwidth", 0.001)}
         return {}
+
+    def after_update(self, params, codes, step, cfg):
+        return {**params, "threshold": jnp.maximum(params["threshold"], 0.0)}
 
     def activate(self, params, x, pre_acts, cfg, *, train, mesh=None, k=None, sparse=False,
                  sweep_axis=None):

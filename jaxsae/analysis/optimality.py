@@ -30,9 +30,10 @@ of changes are measured:
   into exclusive latents or absorb). If they never fire together, D is the stationarity of
   d_i towards d_j, ~0 at a stationary point: mutually exclusive latents are stable.
 
-A pair is stable when neither direction is a significant descent: D's z-score (against the
-per-token spread of its terms) >= -3 both ways. `margin` is D over the total size of its
-terms (in [-1, 1]; -1: a pure hierarchy), the smaller of the two directions.
+A nearby optimum balances a descent D < 0 by tilting d_i towards d_j by δ* (the tilt at
+which the move's first-order gain is used up: docs/optimality.md). A pair is stable when
+neither latent has to lean further than MAX_TILT (10°) either way; `margin` is MAX_TILT minus
+the larger of the two tilts, in degrees (negative: unstable; -80 for a pure hierarchy).
 """
 
 from __future__ import annotations

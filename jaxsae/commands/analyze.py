@@ -30,8 +30,12 @@ class TokenFilter:
 
         if self.all_tokens and self.drop_norm_above is not None:
             raise ConfigError("--all-tokens and --drop-norm-above: give one")
-        if self.drop_norm_above is not None and not self.drop_norm_above > 0:
-            raise ConfigError(f"--drop-norm-above: must be > 0, got {self.drop_norm_above}")
+        if self.drop_norm_above is not None and not self.drop_norm_above >= 1:
+            # (as data.drop_norm_above; fault testing: analyze --drop-norm-above 0.5 left out
+            # 96 % of the tokens and reported on the rest)
+            raise ConfigError(f"--drop-norm-above: must be >= 1 (a multiple of the median norm: "
+                              f"below 1 it drops most tokens, not outliers), got "
+                              f"{self.drop_norm_above:g}")
         if self.all_tokens:
             return None
         return TRAINED if self.drop_norm_above is None else self.drop_norm_above
