@@ -120,8 +120,21 @@ class BenchConfig:
                 out[arm] = config_from_dict(tree)
                 check_run(out[arm])
             except ConfigError as e:
+                if str(e) == self._base_error(tree):  # (fault testing: a bad base.optim.lr
+                    # was blamed on the first arm)
+                    raise ConfigError(f"base: {e} (every arm)") from None
                 raise ConfigError(f"arms.{arm}: {e}") from None
         return out
+
+    def _base_error(self, arm_tree: dict[str, Any]) -> str | None:
+        """The error of the base alone (with the arm's name, directory and seeds), if any."""
+        tree = {**self.base, **{k: arm_tree[k] for k in ("name", "run_dir")}}
+        try:
+            tree["sweep"] = _with_seeds(self.base.get("sweep"), self.seeds, "base.sweep")
+            check_run(config_from_dict(tree))
+        except ConfigError as e:
+            return str(e)
+        return None
 
 
 _ARM_NAME_CHARS = 100
@@ -152,6 +165,10 @@ def _with_seeds(sweep: Any, seeds: tuple[int, ...], key: str) -> Any:
 
 def load_bench_config(path: str | Path, overrides: list[str] = ()) -> BenchConfig:
     tree = read_yaml_mapping(path)
+    if "arms" not in tree and {"data", "sae", "optim"} & set(tree):  # (fault testing: "data:
+        # unknown key")
+        raise ConfigError(f"{path}: a training config (it has no arms:); train it with "
+                          "`jaxsae train`, or write a bench config (base, arms, seeds)")
     for assignment in overrides:
         _apply_override(tree, assignment)
     cfg = from_dict(BenchConfig, tree)

@@ -116,6 +116,12 @@ def _parse_command(cls: type[Command], args: list[str], *, moved: bool = False) 
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise UsageError(f"unknown {what} {word!r}{hint}; one of: {', '.join(words)}",
                                  cls.words) from None
+        if (unknown := _unknown_option(cls, args)) is not None:  # (fault testing: `train -x
+            # CFG` was "Missing value for argument 'config'")
+            option, known = unknown
+            close = difflib.get_close_matches(option, sorted(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UsageError(f"unknown option {option} ({hint}see --help)", cls.words) from None
         stray = [a for a in args if "=" in a and not a.startswith("-") and a in message]
         takes = any(f.name == "overrides" for f in dataclasses.fields(cls))
         if stray and takes and not moved:  # `train CFG --no-progress optim.lr=1e-3`: as given
@@ -126,6 +132,28 @@ def _parse_command(cls: type[Command], args: list[str], *, moved: bool = False) 
         raise UsageError(message, cls.words) from None
     sys.stderr.write(captured.getvalue())  # warnings, if any
     return parsed
+
+
+def _unknown_option(cls: type[Command], args: list[str]) -> tuple[str, set[str]] | None:
+    """The first of `args` (before `--`) that looks like an option but is none of the
+    command's (read from its --help), if any, and the command's options; numbers (`-1`) are
+    values."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            tyro.cli(cls, args=["--help"], prog="jaxsae",
+                     config=(tyro.conf.OmitSubcommandPrefixes, tyro.conf.CascadeSubcommandArgs))
+    except SystemExit:
+        pass
+    known = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", out.getvalue()))
+    for arg in args:
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        if (arg.startswith("-") and len(arg) > 1 and not re.fullmatch(r"-[\d.]+(e-?\d+)?", name)
+                and name.replace("_", "-") not in known):
+            return name, known
+    return None
 
 
 def _refuse_repeated_flags(args: list[str], words: tuple[str, ...]) -> None:

@@ -535,8 +535,11 @@ class Config:
                         f"({sweep_label(self.sweep.points[j])}): they train the same config")
         if self.sweep_chunk is not None:
             n = len(self.sweep.points) if self.sweep is not None else 1
-            _need(self.sweep_chunk > 0 and n % self.sweep_chunk == 0, "sweep_chunk",
-                  f"must divide the {n} SAEs of the sweep, got {self.sweep_chunk}")
+            _need(self.sweep_chunk > 0, "sweep_chunk", f"must be >= 1, got {self.sweep_chunk}")
+            _need(n % self.sweep_chunk == 0, "sweep_chunk",
+                  f"must divide the {n} SAEs of the sweep, got {self.sweep_chunk}"
+                  if self.sweep is not None else
+                  f"a run without a sweep steps 1 SAE (1 or null), got {self.sweep_chunk}")
 
     def term_index(self, which: str, key: str = "loss") -> int:
         """The position of loss term `which`: a position, or a term's label (its name, else its
@@ -625,6 +628,9 @@ MUTABLE_ON_RESUME = ("name", "run_dir", "distributed", "data.path", "data.target
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Reads a YAML preset (or starts from defaults when `path` is None) and applies overrides."""
     tree = read_yaml_mapping(path) if path is not None else {}
+    if "arms" in tree and "base" in tree:  # (fault testing: "seeds: unknown key (did you mean
+        # 'seed'?)", advice that could not help)
+        raise ConfigError(f"{path}: a bench config (base, arms); run it with `jaxsae bench`")
     given: dict[str, str] = {}
     for assignment in overrides:
         # A key given twice is refused, as a flag or a YAML key given twice is (fault testing:

@@ -65,6 +65,8 @@ def run_metrics(run_dir: Path, label: str | None = None) -> list[tuple[str, Path
             what = sweep_label(points[i]) if 0 <= i < len(points) else member.name
             out.append((f"{name} ({what})", member / "metrics.jsonl"))
         return out
+    if not run_dir.exists():  # (fault testing: "no metrics.jsonl" of a mistyped path)
+        raise DataError(f"{run_dir}: does not exist (expected a jaxsae run directory)")
     raise DataError(f"{run_dir}: no metrics.jsonl (not a jaxsae run directory)")
 
 

@@ -275,6 +275,8 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
         raise JaxsaeError("--hub writes the SAELens layout; leave out --format sparsify")
     path = Path(path)
     directory = path if path.name == "checkpoints" else path / "checkpoints"
+    if not path.exists():  # (fault testing: "no checkpoints/ directory" of a mistyped path)
+        raise JaxsaeError(f"{path}: does not exist (expected a run directory)")
     if not directory.is_dir():
         raise JaxsaeError(f"{path}: no checkpoints/ directory (expected a run directory)")
     run_dir = directory.parent

@@ -288,6 +288,9 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory; give the config file (YAML)")
+    if path.exists() and not path.is_file():  # (fault testing: /dev/null, a FIFO: "not found")
+        raise ConfigError(f"{path}: not a regular file (a device or a pipe); give the config "
+                          "file (YAML)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

@@ -113,6 +113,28 @@ def test_bad_bench_configs_name_the_key(tmp_path, change, match):
         bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path, **change)))
 
 
+def test_a_fault_of_the_base_is_the_bases_and_configs_of_the_other_command_are_named(tmp_path):
+    """(fault testing: base.optim.lr=-1 was reported as the first arm's; a training config
+    given to bench was "data: unknown key", a bench config given to train "seeds: unknown
+    key (did you mean 'seed'?)")"""
+    from jaxsae.config import load_config
+
+    path = _write(tmp_path, _bench_tree(tmp_path))
+    with pytest.raises(ConfigError, match=r"^base: optim\.lr: must be > 0, got -1\.0 \(every "
+                                          r"arm\)$"):
+        bench.load_bench_config(path, ["base.optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"^arms\.topk: optim\.lr: must be > 0"):
+        bench.load_bench_config(path, ["arms.topk.optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"a bench config \(base, arms\); run it with `jaxsae "
+                                          r"bench`$"):
+        load_config(path)
+    train_config = tmp_path / "train.yaml"
+    train_config.write_text(yaml.safe_dump(_bench_tree(tmp_path)["base"]))
+    with pytest.raises(ConfigError, match=r"a training config \(it has no arms:\); train it "
+                                          r"with `jaxsae train`"):
+        bench.load_bench_config(train_config)
+
+
 def test_the_bench_directory_never_takes_somebody_elses_files(tmp_path, capsys, monkeypatch):
     from tests.faults.conftest import refused
 

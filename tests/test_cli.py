@@ -127,7 +127,18 @@ def test_bad_input_gets_one_line_naming_the_culprit(small_data, tmp_path, capsys
     assert "--no-progress given twice" in err
     # (there is no --progress: tyro names it, rather than a "both given" that implied one)
     err = _one_line_error(["train", str(cfg_file), "--progress", "--no-progress"], capsys)
-    assert "Unrecognized options: --progress" in err
+    assert "unknown option --progress (did you mean --no-progress? see --help)" in err
+    # (fault testing: an unknown option before the config was "Missing value for argument
+    # 'config'")
+    err = _one_line_error(["train", "-x", str(cfg_file)], capsys)
+    assert err.endswith("error: unknown option -x (see --help)")
+    err = _one_line_error(["eval", str(tmp_path), "--data", str(small_data), "--tokenz", "3"],
+                          capsys)
+    assert err.endswith("error: unknown option --tokenz (did you mean --tokens? see --help)")
+    # (a negative number is a value, not an option: named by the flag's own check)
+    err = _one_line_error(["synth", "superposition", "--out", str(tmp_path / "s"),
+                           "--n-features", "-3"], capsys)
+    assert err.endswith("error: --n-features: must be > 0")
     assert not (tmp_path / "s").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -257,6 +258,11 @@ def test_missing_file_and_a_directory(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with raises_naming(str(tmp_path), "is a directory; give the config file"):
         load_config(tmp_path)
+    fifo = tmp_path / "pipe.yaml"  # (fault testing: a FIFO and /dev/null were "not found")
+    os.mkfifo(fifo)
+    for path in (fifo, Path(os.devnull)):
+        with raises_naming(str(path), "not a regular file (a device or a pipe)"):
+            load_config(path)
 
 
 @pytest.mark.parametrize("text, fragment", [

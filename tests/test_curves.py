@@ -170,6 +170,12 @@ def test_plot_command_overlays_runs_and_refuses_what_it_must_not_touch(small_dat
         (["plot", str(tmp_path / "a"), "--out", str(out)], "exists"),
         (["plot", str(tmp_path / "a"), "--out", str(tmp_path / "x.jpg")], "must end with .png"),
         (["plot", str(tmp_path), "--out", str(tmp_path / "y.png")], "no metrics.jsonl"),
+        (["plot", str(tmp_path / "c"), "--out", str(tmp_path / "y.png")],
+         "c: does not exist (expected a jaxsae run directory)"),
+        # (export too: a mistyped run was said to have no checkpoints/)
+        (["export", str(tmp_path / "c"), "--out", str(tmp_path / "e")],
+         "c: does not exist (expected a run directory)"),
+        (["export", str(tmp_path), "--out", str(tmp_path / "e")], "no checkpoints/ directory"),
         (["plot", str(tmp_path / "a"), "--out", str(tmp_path / "plots" / "z.png")],
          "plots does not exist"),
         (["plot", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a" / "."),

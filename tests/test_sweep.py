@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -49,6 +50,17 @@ def _tree(**sweep_and_more):
             "loss": [{"term": "mse"}, {"term": "auxk", "coefficient": 0.1}],
             "optim": {"batch_size": 64, "total_tokens": 6400, "warmup_steps": 1},
             **sweep_and_more}
+
+
+@pytest.mark.parametrize(("more", "message"), [
+    # (fault testing: both were "must divide the 1 SAEs of the sweep")
+    ({"sweep_chunk": 0}, "sweep_chunk: must be >= 1, got 0"),
+    ({"sweep_chunk": 2}, "sweep_chunk: a run without a sweep steps 1 SAE (1 or null), got 2"),
+    ({"sweep_chunk": 4, "sweep": {"seed": [0, 1, 2]}},
+     "sweep_chunk: must divide the 3 SAEs of the sweep, got 4")])
+def test_bad_sweep_chunks_are_refused(more, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        config_from_dict(_tree(**more))
 
 
 def test_grid_is_every_combination_in_key_order():

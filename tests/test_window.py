@@ -212,6 +212,19 @@ def test_bad_drop_flags_are_refused(sinks, capsys, flags, culprit):
     assert culprit in capsys.readouterr().err
 
 
+def test_eval_of_more_tokens_than_the_data_holds_says_so(sinks, capsys):
+    """(fault testing: --tokens beyond the data evaluated every token without a word)"""
+    sae, data = str(sinks["saes"]["relu"]), str(sinks["data"])
+    assert cli.main(["eval", sae, "--data", data, "--all-tokens", "--no-progress"]) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert cli.main(["eval", sae, "--data", data, "--all-tokens", "--tokens", "10000000",
+                     "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["tokens"] == every["tokens"]
+    assert (f"note: --tokens 10,000,000 is more than the {every['tokens']:,} tokens of {data}; "
+            "evaluating all of them") in captured.err
+
+
 def test_eval_model_refuses_the_data_flags(sinks, capsys):
     assert cli.main(["eval", str(sinks["saes"]["relu"]), "--model", "m", "--text", "t",
                      "--all-tokens"]) == 2

@@ -134,6 +134,10 @@ class Eval(Command):
             raise DataError(f"{self.target}: its rows are {data.d_out} wide, but the "
                             f"transcoder's d_out is {loaded.d_out} ({sae_dir})")
         start = 0 if self.tokens is None else max(0, data.n_tokens - self.tokens)
+        if self.tokens is not None and self.tokens > data.n_tokens:  # (as --model says when
+            # its text runs out; fault testing: evaluated every token without a word)
+            print(f"note: --tokens {self.tokens:,} is more than the {data.n_tokens:,} tokens of "
+                  f"{self.data}; evaluating all of them", file=sys.stderr)
         batch_size = self.batch_size or 4096
         window = Window.for_saes(data, self.data, start, saes=[loaded.cfg_json],
                                  rule=self.outliers.drop_rule(), batch_size=batch_size)
