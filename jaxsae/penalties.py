@@ -147,13 +147,15 @@ def registered() -> list[str]:
     return list(_REGISTRY)
 
 
-def _require(capability: str, what: str) -> CheckFn:
-    """A check that the activation has `capability` (a flag of `jaxsae.activations`)."""
+def _require(capability: str, what: str, also: Sequence[str] = ()) -> CheckFn:
+    """A check that the activation has `capability` (a flag of `jaxsae.activations`); the
+    activations the refusal lists have the capabilities `also` too (those the term needs
+    besides: fault testing found a list naming one that the next check refused)."""
 
     def check(cfg: Config, term: TermConfig, key: str) -> None:
         if not getattr(activations.get(cfg.sae.activation), capability):
             able = [n for n in activations.registered()
-                    if getattr(activations.get(n), capability)]
+                    if all(getattr(activations.get(n), c) for c in (capability, *also))]
             raise ConfigError(f"{key}: term {term.term!r} needs {what} (sae.activation "
                               f"{', '.join(able)}), got {cfg.sae.activation!r}")
 
@@ -422,10 +424,11 @@ def only_one(index: jax.Array, losses: Sequence[Callable[..., jax.Array] | None]
 
 
 def _check_auxk(cfg: Config, term: TermConfig, key: str) -> None:
-    _require("has_k", "an activation with k active latents")(cfg, term, key)
-    # (matching pursuit has k but no encoder: no pre-activations to pick dead latents by)
-    _require("has_encoder", "an encoder whose pre-activations rank the dead latents")(
+    _require("has_k", "an activation with k active latents", also=["has_encoder"])(
         cfg, term, key)
+    # (matching pursuit has k but no encoder: no pre-activations to pick dead latents by)
+    _require("has_encoder", "an encoder whose pre-activations rank the dead latents",
+             also=["has_k"])(cfg, term, key)
     k_aux = term.params.get("k_aux")
     if k_aux is not None and not 0 < k_aux <= cfg.sae.d_sae:
         raise ConfigError(f"{key}.k_aux: must be in 1..sae.d_sae ({cfg.sae.d_sae}), got {k_aux}")

@@ -114,6 +114,17 @@ def test_eval_flags_belong_to_one_mode(tmp_path, capsys):
     assert "SAE_DIR: required" in _error(capsys, "eval", "--data", "d")
 
 
+@pytest.mark.parametrize(("words", "usage"), [
+    (["eval"], "usage: jaxsae eval [-h] [OPTIONS] SAE_DIR..."),
+    (["stitch", "frankenstein"], "usage: jaxsae stitch frankenstein [-h] [OPTIONS] SAE_DIR "
+                                 "SAE_DIR...")])
+def test_usage_shows_how_many_saes_a_command_takes(capsys, words, usage):
+    """(fault testing: frankenstein, which needs two or more, showed one SAE_DIR)"""
+    with pytest.raises(SystemExit):
+        cli.main([*words, "--help"])
+    assert capsys.readouterr().out.splitlines()[0] == usage
+
+
 def test_overrides_may_come_before_or_after_flags():
     for argv in (["train", "c.yaml", "a.b=1", "c=2", "--no-progress"],
                  ["train", "c.yaml", "--no-progress", "a.b=1", "c=2"]):

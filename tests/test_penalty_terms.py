@@ -8,6 +8,8 @@ differences of that reference on randomly chosen coordinates, or, for the JumpRe
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,6 +254,18 @@ def test_l1_p_below_one_at_silent_latents_is_finite(rng):
 def test_l1_variants_that_make_no_sense_are_refused(hparams, message):
     with pytest.raises(ConfigError, match=message):
         check_run(make_config([{"term": "mse"}, {"term": "l1", **hparams}]))
+
+
+@pytest.mark.parametrize(("activation", "message"), [
+    ("relu", "term 'auxk' needs an activation with k active latents (sae.activation batchtopk, "
+             "topk), got 'relu'"),
+    ("matching_pursuit", "term 'auxk' needs an encoder whose pre-activations rank the dead "
+                         "latents (sae.activation batchtopk, topk), got 'matching_pursuit'")])
+def test_auxk_refusals_list_only_activations_it_runs_with(activation, message):
+    """(fault testing: the first listed matching_pursuit, which the second refuses)"""
+    with pytest.raises(ConfigError, match=f"^loss\\[1\\]: {re.escape(message)}$"):
+        check_run(make_config([{"term": "mse"}, {"term": "auxk"}], activation=activation,
+                              decoder_norm="unit"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,8 +65,8 @@ class Frankenstein(AnalysisInputs, Command):
 
     resumes = True
 
-    saes: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(metavar="SAE_DIR",
-                    help_behavior_hint="(required)")]
+    saes: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(
+        metavar="SAE_DIR SAE_DIR...", help_behavior_hint="(required)")]
     """the family: two or more SAEs (ReLU, JumpReLU, BatchTopK, or TopK: converted to JumpReLU
     first; any order: sorted by width)"""
     threshold: float = 0.7
