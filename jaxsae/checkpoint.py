@@ -45,6 +45,7 @@ from jaxsae.config import (
     is_mutable_on_resume,
 )
 from jaxsae.errors import JaxsaeError
+from jaxsae.parsing import shown as as_yaml
 
 # Orbax writes this into a checkpoint once every item is saved (before the atomic rename),
 # and saves into <step><TMP_SUFFIX> until then.
@@ -494,7 +495,9 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
                 for k, a, b in computed(one, other) if not any(k == c for c, _, _ in bad)]
     if bad:
         def cut(value: Any) -> str:
-            text = repr(value)
+            # as YAML spells it (fault testing: None, and lists of Python dicts)
+            text = (json.dumps(value, default=str) if isinstance(value, list | dict)
+                    else as_yaml(value))
             return text if len(text) <= 60 else text[:57] + "..."
 
         def shown(saved: Any, now: Any) -> tuple[str, str]:
@@ -513,8 +516,8 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
         if len(bad) > 3:  # (a sweep's points: the line grew with every SAE)
             changes += f" and {len(bad) - 3} more"
         raise JaxsaeError(
-            f"{where}: cannot resume with a changed {changes}; restore them, or start a new "
-            "run with another name/run_dir")
+            f"{where}: cannot resume with a changed {changes}; restore "
+            f"{'them' if len(bad) > 1 else 'it'}, or start a new run with another name/run_dir")
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

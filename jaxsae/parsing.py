@@ -10,6 +10,7 @@ hyper-parameters with `parse_value`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import os
@@ -77,7 +78,7 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
             value = next((arg for arg in args if arg in words), value)
         if value not in args:
             choices = ", ".join(map(str, args))
-            raise ConfigError(f"{key}: must be one of {choices}; got {value!r}")
+            raise ConfigError(f"{key}: must be one of {choices}; got {shown(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if hasattr(tp, "parse"):  # a schema that parses itself (e.g. a list item's own keys)
@@ -94,29 +95,31 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
         if isinstance(value, int):
             return value
         number = _as_float(value)
         if number is None or not number.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
         return int(number)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}")
         number = _as_float(value)
         if number is None or not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {shown(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
             quote = (f" (YAML reads {value!r} as a number: quote it, "
-                     f"{key}=\"'{value}'\")" if isinstance(value, int | float) else "")
-            raise ConfigError(f"{key}: expected a string, got {value!r}{quote}")
+                     f"{key}=\"'{value}'\")" if isinstance(value, int | float) else
+                     f" (YAML reads {value} as a date: quote it)"
+                     if isinstance(value, datetime.date) else "")
+            raise ConfigError(f"{key}: expected a string, got {shown(value)}{quote}")
         return value
     raise TypeError(f"config type {tp!r} at {key} is not supported by the parser")
 
@@ -128,7 +131,7 @@ def _union_error(options: list, value: Any, key: str, errors: list[ConfigError])
     if words and others:
         kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
         what = " or ".join([kinds.get(others[0], str(others[0])), *words])
-        return ConfigError(f"{key}: expected {what}, got {value!r}")
+        return ConfigError(f"{key}: expected {what}, got {shown(value)}")
     return errors[-1] if len(errors) == 1 or not words else errors[0]
 
 
@@ -151,6 +154,16 @@ def is_positive_int(value: Any) -> bool:
 
 def typename(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def shown(value: Any) -> str:
+    """A value read from YAML as YAML writes it, for messages (null, true, 2024-01-01, 'text';
+    fault testing: None, True and datetime.date(2024, 1, 1) in messages about YAML)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    return repr(value)
 
 
 def unknown_key_message(key: str, name: str, known: Mapping[str, Any] | Sequence[str]) -> str:

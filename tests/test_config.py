@@ -226,6 +226,11 @@ def raises_naming(*fragments: str):
         (["loss=[{term: matryoshka, prefixes: [8, 64], weights: [0, 0]}]"],
          ("loss[0].weights", "not all 0")),
         (["data.drop_norm_above=0.5"], ("data.drop_norm_above: must be >= 1",)),
+        # values as YAML spells them (fault testing: None, True, datetime.date(2024, 1, 1))
+        (["optim.lr="], ("optim.lr: expected a finite number, got null",)),
+        (["optim.lr=yes"], ("optim.lr: expected a number, got true",)),
+        (["name=2024-01-01"], ("name: expected a string, got 2024-01-01 (YAML reads 2024-01-01 "
+                               "as a date: quote it)",)),
     ],
 )
 def test_errors_name_the_key(preset, overrides, fragments):

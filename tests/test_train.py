@@ -373,16 +373,18 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
     train_mod.train(small_config(small_data, tmp_path / "run"), progress=False)
     changed = small_config(small_data, tmp_path / "run", sae={"d_sae": 32})
     with pytest.raises(JaxsaeError, match=r"a changed sae\.d_sae \(64 in the checkpoint, 32 "
-                                          r"now\); restore them"):
+                                          r"now\); restore it, or"):
         train_mod.train(changed, progress=False)
     # a sweep point's keys hold dots (fault testing: both values read None), and a line
     # names three changes at most (it grew with every SAE)
     from jaxsae.checkpoint import check_resume_compatible
     from jaxsae.config import load_config
 
-    def swept(*overrides):
-        return load_config(None, ["data.path=/d", "sae.activation=topk", "sae.k=4",
-                                  "sweep.sae.k=[4,8]", "sweep.optim.lr=[0.1]", *overrides])
+    def swept(*overrides):  # (each key once: an override given twice is refused)
+        given = {o.split("=")[0]: o for o in (
+            "data.path=/d", "sae.activation=topk", "sae.k=4", "sweep.sae.k=[4,8]",
+            "sweep.optim.lr=[0.1]", *overrides)}
+        return load_config(None, list(given.values()))
 
     with pytest.raises(JaxsaeError, match=r"a changed sae\.k of sweep SAE 1 \(8 in the "
                                           r"checkpoint, 16 now\); restore"):
@@ -406,6 +408,10 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
     longer = ["loss=[{term: mse}, {term: l1, coefficient: 0.1}, {term: l1, name: b}]"]
     with pytest.raises(JaxsaeError, match=r"a changed loss \(2 entries in the checkpoint, 3 "):
         check_resume_compatible(swept(), swept(*longer), tmp_path)
+    # values as YAML spells them (fault testing: None, Python dicts)
+    with pytest.raises(JaxsaeError, match=r", sweep \(null in the checkpoint, "
+                                          r"\[\{\"sae\.k\": 4, \"optim\.lr\": 0\.1\}, "):
+        check_resume_compatible(load_config(None, ["data.path=/d"]), swept(), tmp_path)
     prefixes = "loss=[{term: matryoshka, prefixes: [%s]}]"
     with pytest.raises(JaxsaeError, match=r"a changed loss\.0\.prefixes \(\[30\] 62 in the "
                                           r"checkpoint, \[30\] 63 now\)"):
