@@ -236,3 +236,29 @@ def test_end_to_end_with_interruptions(tmp_path, capsys):
         assert key in metrics
     assert metrics["explained_variance"] > 0.5
     assert metrics["mcc"] > 0.5
+
+
+def test_an_sae_that_learnt_nothing_gets_a_note(small_data, tmp_path, capsys):
+    """(fault testing: the defaults on a small data set printed "explained variance -0.1568"
+    and nothing more) An SAE none of whose latents fires, or that reconstructs worse than the
+    mean token, is followed by a note on what to change; a usable one by none."""
+    path = tmp_path / "c.yaml"
+    silent = {"sae": {"d_sae": 64, "activation": "jumprelu", "jumprelu_init_threshold": 1e3},
+              "freeze": ["threshold"]}  # (thresholds above every pre-activation, kept there)
+    for sections, note in [
+        ({"loss": [{"term": "mse"}, {"term": "l1", "coefficient": 1000.0}]},
+         "note: explained variance below 0: after 24 steps the reconstruction is further from "
+         "the tokens than their mean"),
+        ({**silent, "loss": [{"term": "mse"}, {"term": "l0", "coefficient": 0.01}]},
+         "note: no latent fires on the evaluated tokens: the sparsity penalty outweighs the "
+         "reconstruction at this data's scale (lower its coefficient).")]:
+        tree = small_config_dict(small_data, tmp_path / note[6:14], **sections)
+        path.write_text(yaml.safe_dump(tree))
+        assert cli.main(["train", str(path), "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert note in err and err.endswith(
+            "Loss coefficients are at SAELens's scale, for activations normalised to E|x|^2 = "
+            "d_in (data.normalize: unit_mean_squared_norm); this run's are not normalised.\n")
+    path.write_text(yaml.safe_dump(small_config_dict(small_data, tmp_path / "usable")))
+    assert cli.main(["train", str(path), "--no-progress"]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -55,6 +56,8 @@ class Train(Command):
                   f"{'held-out ' if ev['held_out'] else 'training '}tokens: "
                   f"L0 {ev['l0']:.2f}, explained variance {_shown(ev['explained_variance'])}"
                   f", dead {ev['dead_fraction']:.3f}")
+        if (note := _degenerate(cfg, [m.eval for m in members], result.step)) is not None:
+            print(f"note: {note}", file=sys.stderr)
         what = "transcoder" if cfg.sae.transcoder else "SAE"
         if result.sweep:
             print(f"{len(members)} {what}s exported to {result.sae_dir}/*/sae; "
@@ -89,6 +92,25 @@ class Train(Command):
                   + (f" --truth {data}" if has_truth(cfg.data.path) and "mcc" in ev else "")
                   + held)  # (a truth the run could not use: none, fault testing)
         return 0
+
+
+def _degenerate(cfg, evals: list[dict], steps: int) -> str | None:
+    """What may have gone wrong, when an SAE learnt nothing usable: no latent fires, or it
+    reconstructs worse than the mean token (fault testing: the defaults on a small data set
+    and a short run printed "explained variance -0.1568" and nothing else)."""
+    silent = any(ev["l0"] == 0 for ev in evals)
+    worse = any((ev["explained_variance"] or 0.0) < 0 for ev in evals)
+    if not (silent or worse):
+        return None
+    scale = (" Loss coefficients are at SAELens's scale, for activations normalised to "
+             "E|x|^2 = d_in (data.normalize: unit_mean_squared_norm); this run's are not "
+             "normalised." if cfg.data.normalize == "none" else "")
+    if silent:
+        return ("no latent fires on the evaluated tokens: the sparsity penalty outweighs the "
+                f"reconstruction at this data's scale (lower its coefficient).{scale}")
+    return (f"explained variance below 0: after {steps:,} steps the reconstruction is further "
+            "from the tokens than their mean; a short run may not have left its start (more "
+            f"tokens, or a higher optim.lr).{scale}")
 
 
 def _shown(value: float | None) -> str:
