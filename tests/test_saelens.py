@@ -81,7 +81,7 @@ def test_hook_choice(tmp_path):
         open_source(DataConfig(path=str(path)))
     source = open_source(DataConfig(path=str(path), hook="blocks.9.hook_resid_pre"))
     np.testing.assert_array_equal(source.read(0, 8), 2 * acts[0])
-    with pytest.raises(DataError, match=r"data\.hook \(--hook\): 'blocks\.3"):
+    with pytest.raises(DataError, match=r"data\.hook or --hook: 'blocks\.3"):
         open_source(DataConfig(path=str(path), hook="blocks.3.hook_resid_pre"))
 
 
@@ -222,11 +222,11 @@ def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):
 
     for bad, error in [
         ({"target_hook": None}, r"several activation columns .*data\.target_hook "
-                                r"\(--target-hook\)$"),
+                                r"or --target-hook$"),
         ({"target_hook": HOOK}, r"data\.target_hook: 'blocks\.8\.hook_resid_pre' is also "
                                 r"data\.hook"),
         ({"target_hook": "blocks.3.hook_resid_pre"},
-         r"data\.target_hook \(--target-hook\): 'blocks\.3"),
+         r"data\.target_hook or --target-hook: 'blocks\.3"),
     ]:
         with pytest.raises(DataError, match=error):
             open_source(DataConfig(path=str(path), **{**data, **bad}))
@@ -239,11 +239,11 @@ def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):
         writer.write(flat)
     with pytest.raises(DataError, match="must be of one format"):
         open_source(DataConfig(path=str(path), hook=HOOK, target=str(shards)))
-    with pytest.raises(DataError, match=r"data\.target_hook \(--target-hook\): .* is a jaxsae "
+    with pytest.raises(DataError, match=r"data\.target_hook or --target-hook: .* is a jaxsae "
                                         r"shard directory"):
         open_source(DataConfig(path=str(shards), target=str(shards), target_hook=HOOK))
     # a hook given for a shard directory is refused, not ignored
-    with pytest.raises(DataError, match=r"data\.hook \(--hook\): .* is a jaxsae shard dir"):
+    with pytest.raises(DataError, match=r"data\.hook or --hook: .* is a jaxsae shard dir"):
         open_source(DataConfig(path=str(shards), hook=HOOK))
 
     cfg = small_config(path, tmp_path / "run", data={**data, "eval_tokens": 512})

@@ -41,7 +41,8 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
     if is_shard_dir(target):
         targets: ArraySource = ShardSet(target, check_finite=cfg.check_finite)
     elif is_saelens_cache(target):
-        targets = SAELensCache(target, hook=cfg.target_hook, key="data.target_hook (--target-hook)",
+        targets = SAELensCache(target, hook=cfg.target_hook,
+                               key="data.target_hook or --target-hook",
                                check_finite=cfg.check_finite)
         if isinstance(inputs, SAELensCache) and (target.resolve() == inputs.path.resolve()
                                                  and targets.hook == inputs.hook):
@@ -55,7 +56,7 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
         raise DataError(f"{target}: not a recognised activation directory (data.target: a "
                         "jaxsae shard directory or a SAELens cache)")
     if cfg.target_hook is not None and not isinstance(targets, SAELensCache):
-        raise DataError(f"data.target_hook (--target-hook): {target} is a jaxsae shard "
+        raise DataError(f"data.target_hook or --target-hook: {target} is a jaxsae shard "
                         "directory (one activation per row); the key is for SAELens caches")
     if isinstance(targets, ShardSet) and target.resolve() == Path(cfg.path).resolve():
         # (fault testing: it trained a transcoder of x to x, exported as a skip transcoder)
@@ -74,7 +75,7 @@ def _open_one(cfg: DataConfig) -> ArraySource:
     kind = detect_format(path) if cfg.format == "auto" else cfg.format
     if kind == "shards":
         if cfg.hook is not None:
-            raise DataError(f"data.hook (--hook): {path} is a jaxsae shard directory (one "
+            raise DataError(f"data.hook or --hook: {path} is a jaxsae shard directory (one "
                             "activation per row); a hook names a column of a SAELens cache")
         return ShardSet(path, check_finite=cfg.check_finite)
     return SAELensCache(path, hook=cfg.hook, check_finite=cfg.check_finite)

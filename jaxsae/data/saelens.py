@@ -56,7 +56,7 @@ class SAELensCache(ArraySource):
     """Tokens of one activation column of a SAELens cache."""
 
     def __init__(self, path: str | Path, *, hook: str | None = None,
-                 key: str = "data.hook (--hook)", check_finite: bool = False):
+                 key: str = "data.hook or --hook", check_finite: bool = False):
         self.path = Path(path)
         info, state = self._read_json(INFO), self._read_json(STATE)
         arrays = _array2d_columns(info)
