@@ -249,9 +249,9 @@ def test_an_sae_that_learnt_nothing_gets_a_note(small_data, tmp_path, capsys):
         ({"loss": [{"term": "mse"}, {"term": "l1", "coefficient": 1000.0}]},
          "note: explained variance below 0: after 24 steps the reconstruction is further from "
          "the tokens than their mean"),
-        ({**silent, "loss": [{"term": "mse"}, {"term": "l0", "coefficient": 0.01}]},
+        ({**silent, "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}]},
          "note: no latent fires on the evaluated tokens: the sparsity penalty outweighs the "
-         "reconstruction at this data's scale (lower its coefficient).")]:
+         "reconstruction at this data's scale (lower loss.l1.coefficient).")]:
         tree = small_config_dict(small_data, tmp_path / note[6:14], **sections)
         path.write_text(yaml.safe_dump(tree))
         assert cli.main(["train", str(path), "--no-progress"]) == 0
@@ -262,3 +262,11 @@ def test_an_sae_that_learnt_nothing_gets_a_note(small_data, tmp_path, capsys):
     path.write_text(yaml.safe_dump(small_config_dict(small_data, tmp_path / "usable")))
     assert cli.main(["train", str(path), "--no-progress"]) == 0
     assert "note:" not in capsys.readouterr().err
+    # no penalty at the data's scale (a TopK run): no word on normalising
+    from jaxsae.commands.train import _degenerate
+    from jaxsae.config import config_from_dict
+
+    topk = config_from_dict(small_config_dict(small_data, tmp_path / "t", sae={
+        "activation": "topk", "k": 4}, loss=[{"term": "mse"}]))
+    assert _degenerate(topk, [{"l0": 0.0, "explained_variance": 0.0}], 5) == (
+        "no latent fires on the evaluated tokens.")

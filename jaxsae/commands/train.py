@@ -102,12 +102,16 @@ def _degenerate(cfg, evals: list[dict], steps: int) -> str | None:
     worse = any((ev["explained_variance"] or 0.0) < 0 for ev in evals)
     if not (silent or worse):
         return None
+    # (penalties of the codes' size, whose balance with the reconstruction depends on the
+    # data's scale; a TopK run's mse alone does not)
+    scaled = [t.label for t in cfg.loss if t.term in ("l1", "group_l1_l2") and t.coefficient]
     scale = (" Loss coefficients are at SAELens's scale, for activations normalised to "
              "E|x|^2 = d_in (data.normalize: unit_mean_squared_norm); this run's are not "
-             "normalised." if cfg.data.normalize == "none" else "")
+             "normalised." if scaled and cfg.data.normalize == "none" else "")
     if silent:
-        return ("no latent fires on the evaluated tokens: the sparsity penalty outweighs the "
-                f"reconstruction at this data's scale (lower its coefficient).{scale}")
+        return ("no latent fires on the evaluated tokens" + (
+            f": the sparsity penalty outweighs the reconstruction at this data's scale (lower "
+            f"loss.{scaled[0]}.coefficient)" if scaled else "") + f".{scale}")
     return (f"explained variance below 0: after {steps:,} steps the reconstruction is further "
             "from the tokens than their mean; a short run may not have left its start (more "
             f"tokens, or a higher optim.lr).{scale}")
