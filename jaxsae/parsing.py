@@ -115,7 +115,9 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
         return number
     if tp is str:
         if not isinstance(value, str):
-            quote = (f" (YAML reads {value!r} as a number: quote it, "
+            quote = (" (YAML reads yes, no, on, off as true or false: quote it)"
+                     if isinstance(value, bool) else
+                     f" (YAML reads {value!r} as a number: quote it, "
                      f"{key}=\"'{value}'\")" if isinstance(value, int | float) else
                      f" (YAML reads {value} as a date: quote it)"
                      if isinstance(value, datetime.date) else "")

@@ -231,6 +231,8 @@ def raises_naming(*fragments: str):
         (["optim.lr=yes"], ("optim.lr: expected a number, got true",)),
         (["name=2024-01-01"], ("name: expected a string, got 2024-01-01 (YAML reads 2024-01-01 "
                                "as a date: quote it)",)),
+        (["name=yes"], ("name: expected a string, got true (YAML reads yes, no, on, off as "
+                        "true or false: quote it)",)),
     ],
 )
 def test_errors_name_the_key(preset, overrides, fragments):
