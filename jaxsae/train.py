@@ -137,8 +137,7 @@ def _agree_on_config(cfg: Config) -> None:
 
 def _agree_on_data(cfg: Config, source, digest: str) -> None:
     """Every process of a run reads the same data: the same number of tokens of the same
-    width, and the same `fingerprint` (the first and last rows of every file, and rows
-    spread over the data)."""
+    width, and the same `fingerprint` (values of rows evenly spaced over the tokens)."""
     if jax.process_count() == 1:
         return
     n = source.n_tokens
@@ -331,6 +330,13 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 f"({start * cfg.optim.batch_size} tokens) {run_dir} has already trained; "
                 "export an earlier checkpoint with jaxsae export --step instead")
         log(f"resuming {run_dir} from step {start}")
+        if digest is not None and loader_state.get("data_digest") is None:
+            # (fault testing: a run started by an earlier jaxsae resumed on replaced data
+            # without a word, the README saying resumes refuse it)
+            log(f"note: the checkpoint in {run_dir} was written by a jaxsae that kept no "
+                f"fingerprint of its data (before 2026-12-06): that {cfg.data.path} holds the "
+                "tokens it trained on cannot be checked (keep the data unchanged until the "
+                "run ends)")
         if start == cfg.optim.total_steps:
             ckpt.tidy(start)
         before = restored.config.optim

@@ -135,6 +135,21 @@ def test_resume_refuses_data_replaced_by_data_of_the_same_size(small_data, tmp_p
     assert result.step == 24
 
 
+def test_a_checkpoint_without_a_fingerprint_resumes_saying_the_data_is_unchecked(
+        small_data, tmp_path, monkeypatch, capsys):
+    """(fault testing: a run started by a jaxsae before the fingerprint resumed on replaced
+    data without a word) A checkpoint that keeps no fingerprint (as before 2026-12-06)
+    resumes, with a note that its data cannot be checked; one that keeps it, without."""
+    crashed = small_config(small_data, tmp_path / "run")
+    monkeypatch.setattr(train_mod, "fingerprint", lambda source: None)  # kept none
+    train_until_crash(crashed, 13)
+    monkeypatch.undo()
+    train_until_crash(crashed, 10)  # resumes from step 8, then keeps one at step 16
+    assert "kept no fingerprint of its data (before 2026-12-06)" in capsys.readouterr().out
+    assert train_mod.train(crashed, progress=False).step == 24
+    assert "fingerprint" not in capsys.readouterr().out
+
+
 @pytest.fixture
 def nan_term():
     @penalties.register("test_nan_after")
