@@ -27,6 +27,7 @@ from jaxsae.checkpoint import (
 )
 from jaxsae.config import CheckpointConfig, Config
 from jaxsae.data import GeneratedSource, open_source, synthetic
+from jaxsae.data.generated import refuse_other_sampler
 from jaxsae.data.saelens import SAELensCache
 from jaxsae.data.stats import DataStats
 from jaxsae.data.window import Window, trained_end
@@ -76,7 +77,13 @@ def ground_truth(cfg: Config, source, log: Callable[[str], None] = print
         return source.truth
     if not synthetic.has_truth(cfg.data.path):
         return None
-    truth = synthetic.load_truth(cfg.data.path)
+    try:
+        truth = synthetic.load_truth(cfg.data.path)
+    except synthetic.OtherSamplerError as e:  # (fault testing: a run on such data could be
+        # neither resumed nor exported; its tokens are all training needs)
+        log(f"note: {str(e).split(', so it cannot')[0]}: its true codes cannot be "
+            "regenerated, so no ground-truth metrics")
+        return None
     if truth.spec.tokens != source.n_tokens:  # (fault testing: the truth metrics went unsaid)
         log(f"note: {cfg.data.path} holds {source.n_tokens:,} tokens but its truth describes "
             f"{truth.spec.tokens:,} (the data was changed after it was written): no "
@@ -360,6 +367,10 @@ def _restore_for_export(directory: Path, step: int | None, data: str | None, rea
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data,
                                                                     stream=False))
         source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
+        # (fault testing: it evaluated a run streamed by another sampler on other tokens)
+        refuse_other_sampler(loader_state.get("sampler"), source, directory,
+                             "export it with the jaxsae that trained it, or pass the tokens "
+                             "it drew, written by that jaxsae's `jaxsae synth`, as --data")
         # Data of other widths would not restore the state: refused as input (the search
         # stops), not taken for a damaged checkpoint (set aside, and the run restarted).
         for what, want, got in (("d_in", loader_state.get("d_in"), source.d_in),

@@ -314,10 +314,16 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
     if found == kind == "shards":  # the shard writers replace one only with --overwrite
         return
     if found == kind:  # jaxsae's own output of this kind: replaced if nothing was added
-        added = added_files_message(where, foreign_entries(target))
+        foreign = foreign_entries(target)
+        added = added_files_message(where, foreign)
         if added is None:
             return
-        raise OutputError(f"{added}; move them away, or pass --overwrite to replace it all")
+        # (fault testing: "move them away" of an output that records no files named nothing
+        # to move)
+        raise OutputError(f"{added}; " + ("pass --overwrite to replace it (first check that "
+                                          "it holds nothing of yours)" if foreign is None else
+                                          "move them away, or pass --overwrite to replace it "
+                                          "all"))
     what = f"a jaxsae {found} output, not {kind}" if found else "not empty"
     raise OutputError(f"{where}: exists and is {what}; choose another path, or pass "
                       "--overwrite to replace it")

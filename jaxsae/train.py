@@ -36,6 +36,7 @@ from jaxsae.checks import check_run
 from jaxsae.config import Config, changes_of, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
+from jaxsae.data.generated import refuse_other_sampler
 from jaxsae.data.loader import Loader, Prefetcher, dropped_tokens, lanes_of_process
 from jaxsae.data.source import fingerprint
 from jaxsae.data.stats import DataStats, check_held_out
@@ -625,9 +626,12 @@ def _check_sae_dirs(run_dir: Path, dirs: Sequence[Path]) -> None:
         if outputs.output_kind(target) != "sae":
             raise ConfigError(f"{where} is not an SAE jaxsae wrote; training writes its SAE "
                               "there when it ends: move it away")
-        added = outputs.added_files_message(where, outputs.foreign_entries(target))
+        foreign = outputs.foreign_entries(target)
+        added = outputs.added_files_message(where, foreign)
         if added is not None:
-            raise ConfigError(f"{added}; training replaces sae/ when it ends: move them away")
+            raise ConfigError(f"{added}; training replaces sae/ when it ends: move "
+                              + ("it away (after keeping what is yours)" if foreign is None
+                                 else "them away"))
 
 
 def _lock_run_dir(run_dir: Path, is_main: bool, log: Callable[[str], None]) -> RunLock:
@@ -705,13 +709,8 @@ def _check_same_data(state: dict, digest: str | None, cfg: Config, where: Path) 
 
 
 def _check_loader_state(state: dict, cfg: Config, source, n_train: int, where: Path) -> None:
-    sampler = getattr(source, "sampler", None)
-    if sampler is not None and state.get("sampler", 1) != sampler:
-        raise JaxsaeError(
-            f"{where}: the checkpoint's streamed data was drawn by version "
-            f"{state.get('sampler', 1)} of the {source.spec.kind} sampler and this "
-            f"jaxsae draws version {sampler} (other tokens from the same seed); start a new "
-            "run, or resume with the jaxsae that started it")
+    refuse_other_sampler(state.get("sampler"), source, where,
+                         "start a new run, or resume with the jaxsae that started it")
     if state.get("n_lanes") != cfg.data.lanes:
         raise JaxsaeError(f"{where}: the checkpoint used data.lanes {state.get('n_lanes')}, "
                           f"the config says {cfg.data.lanes}")

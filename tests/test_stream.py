@@ -37,7 +37,8 @@ def _weights(run) -> dict[str, np.ndarray]:
             for k, v in tensorfile.read(run.sae_dir / "sae_weights.safetensors").items()}
 
 
-def test_a_streamed_run_is_the_run_on_the_written_data_and_resumes_exactly(tmp_path):
+def test_a_streamed_run_is_the_run_on_the_written_data_and_resumes_exactly(tmp_path,
+                                                                           monkeypatch):
     cfg = _stream_config(tmp_path / "stream")
     source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
     n_train = source.n_tokens - cfg.data.held_out(source.n_tokens)
@@ -74,6 +75,24 @@ def test_a_streamed_run_is_the_run_on_the_written_data_and_resumes_exactly(tmp_p
     longer = _stream_config(tmp_path / "stream", total_tokens=256 * 32)
     with pytest.raises(JaxsaeError, match=r"data\.generate\.tokens"):
         train(longer, progress=False, log=lambda m: None)
+
+    # Nor is it exported from other tokens: a sampler other than the checkpoint's (fault
+    # testing: a run streamed by version 1 was evaluated on version 2's tokens)
+    from jaxsae.data.generated import GeneratedSource
+    from jaxsae.finish import export_checkpoint
+
+    drawn = GeneratedSource.__init__
+
+    def another_version(self, spec):
+        drawn(self, spec)
+        self.sampler = 2
+
+    monkeypatch.setattr(GeneratedSource, "__init__", another_version)
+    with pytest.raises(DataError, match=r"drawn by version 1 of the superposition sampler and "
+                                        r"this jaxsae draws version 2 .*; export it with the "
+                                        r"jaxsae that trained it"):
+        export_checkpoint(tmp_path / "stream", tmp_path / "exported", log=lambda m: None)
+    assert not (tmp_path / "exported").exists()
 
 
 def test_a_checkpoint_drawn_by_another_sampler_version_is_refused(tmp_path):

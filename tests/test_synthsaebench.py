@@ -339,5 +339,17 @@ def test_synth_command_writes_the_benchmark_and_a_run_reports_its_metrics(tmp_pa
     assert info["sampler"] == sb.SAMPLER_VERSION
     del info["sampler"]  # as written before versions were recorded: version 1
     meta.write_text(json.dumps(info))
-    with pytest.raises(DataError, match=r"version 1 of the synthsaebench sampler.*jaxsae synth"):
+    with pytest.raises(DataError, match=r"version 1 of the synthsaebench sampler.*this jaxsae's "
+                                        r"`jaxsae synth` into a new directory$"):
         synthetic.load_truth(out)
+    # a run on it trains, resumes and exports on its tokens, without truth metrics (fault
+    # testing: it could be neither resumed nor exported, and the advice to write the data again
+    # led to a resume on other tokens)
+    from jaxsae.data import open_source
+    from jaxsae.finish import ground_truth
+
+    notes: list[str] = []
+    assert ground_truth(cfg, open_source(cfg.data), notes.append) is None
+    assert notes == [f"note: {meta}: drawn by version 1 of the synthsaebench sampler; this "
+                     f"jaxsae draws version {sb.SAMPLER_VERSION} (other tokens from the same "
+                     "seed): its true codes cannot be regenerated, so no ground-truth metrics"]

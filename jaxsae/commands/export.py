@@ -37,8 +37,9 @@ class Export(Command):
     data: Annotated[str | None, unset("DIR", "the run's data.path")] = None
     """activations for the firing frequencies"""
     overwrite: Flag = False
-    """replace an existing --out that is not a jaxsae export (never the run itself, a run with
-    checkpoints, or a file)"""
+    """replace an existing --out that is not a jaxsae export, or one that holds files jaxsae
+    did not write or does not know of (a jaxsae export as it wrote it is replaced without it;
+    never the run itself, a run with checkpoints, or a file)"""
     no_progress: Flag = False
     """no progress bar (of the evaluation on the held-out tokens)"""
 

@@ -19,6 +19,19 @@ from typing import Any
 import numpy as np
 
 from jaxsae.data import synthetic
+from jaxsae.errors import DataError
+
+
+def refuse_other_sampler(saved: int | None, source: Any, where: Any, remedy: str) -> None:
+    """Refuses streamed data drawn by another version of its generator's sampler than the
+    checkpoint's (`saved`, from its loader state; absent: version 1): the same seed gives
+    other tokens. `remedy`: what to do instead."""
+    sampler = getattr(source, "sampler", None)
+    if sampler is not None and (1 if saved is None else saved) != sampler:
+        raise DataError(
+            f"{where}: the checkpoint's streamed data was drawn by version "
+            f"{1 if saved is None else saved} of the {source.spec.kind} sampler and this "
+            f"jaxsae draws version {sampler} (other tokens from the same seed); {remedy}")
 
 
 class GeneratedSource:

@@ -726,6 +726,11 @@ def has_truth(directory: str | Path) -> bool:
     return (Path(directory) / TRUTH_JSON).is_file()
 
 
+class OtherSamplerError(DataError):
+    """Data drawn by another version of its generator's sampler: its tokens are usable, its
+    true codes cannot be regenerated."""
+
+
 def load_truth(path: str | Path) -> Truth:
     """The truth of a generated directory (or of its truth.json / truth.safetensors)."""
     path = Path(path)
@@ -751,10 +756,13 @@ def load_truth(path: str | Path) -> Truth:
                         f"version regenerates blocks of {BLOCK_TOKENS}")
     wanted = getattr(GENERATORS[kind].spec, "sampler", None)
     if wanted is not None and info.get("sampler", 1) != wanted:
-        raise DataError(f"{meta}: drawn by version {info.get('sampler', 1)} of the {kind} "
-                        f"sampler; this jaxsae draws version {wanted} (other tokens from the "
-                        "same seed), so it cannot regenerate the true codes: generate the data "
-                        "again with `jaxsae synth`")
+        # (fault testing: "generate the data again" led a user to overwrite the data of a
+        # run in progress, which then resumed on other tokens)
+        raise OtherSamplerError(
+            f"{meta}: drawn by version {info.get('sampler', 1)} of the {kind} sampler; this "
+            f"jaxsae draws version {wanted} (other tokens from the same seed), so it cannot "
+            "regenerate the true codes: for metrics against the truth, write data with this "
+            "jaxsae's `jaxsae synth` into a new directory")
     fields = {f.name for f in dataclasses.fields(GENERATORS[kind].spec)}
     _, spec = parse_spec({"kind": kind, **{k: v for k, v in info.items() if k in fields}},
                          key=str(meta))

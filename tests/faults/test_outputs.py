@@ -309,7 +309,9 @@ def test_analysis_outputs_are_staged_and_refuse_foreign_targets(run_copy, small_
     # an output of an earlier jaxsae (no list of its files) is replaced only with --overwrite
     (out / MARKER).write_text(json.dumps({"kind": "analyze"}))
     refused(["analyze", sae, *common, "--out", str(out)], capsys,
-            match="did not record its files", unchanged=[out])
+            match="did not record its files, so files added to it since cannot be told apart; "
+                  "pass --overwrite to replace it (first check that it holds nothing of yours)",
+            unchanged=[out])
     _ok(["analyze", sae, *common, "--out", str(out), "--overwrite"], capsys)
 
 
