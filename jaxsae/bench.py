@@ -40,6 +40,7 @@ from jaxsae.parsing import (
     from_dict,
     override_value,
     read_yaml_mapping,
+    refuse_repeated_overrides,
     typename,
 )
 from jaxsae.progress import Progress
@@ -122,7 +123,8 @@ class BenchConfig:
             except ConfigError as e:
                 if str(e) == self._base_error(tree):  # (fault testing: a bad base.optim.lr
                     # was blamed on the first arm)
-                    raise ConfigError(f"base: {e} (every arm)") from None
+                    raise ConfigError(f"base: {e} (arm {arm}, and every arm that keeps "
+                                      "it)") from None
                 raise ConfigError(f"arms.{arm}: {e}") from None
         return out
 
@@ -169,6 +171,7 @@ def load_bench_config(path: str | Path, overrides: list[str] = ()) -> BenchConfi
         # unknown key")
         raise ConfigError(f"{path}: a training config (it has no arms:); train it with "
                           "`jaxsae train`, or write a bench config (base, arms, seeds)")
+    refuse_repeated_overrides(overrides)
     for assignment in overrides:
         _apply_override(tree, assignment)
     cfg = from_dict(BenchConfig, tree)

@@ -136,22 +136,37 @@ def _parse_command(cls: type[Command], args: list[str], *, moved: bool = False) 
 
 def _unknown_option(cls: type[Command], args: list[str]) -> tuple[str, set[str]] | None:
     """The first of `args` (before `--`) that looks like an option but is none of the
-    command's (read from its --help), if any, and the command's options; numbers (`-1`) are
-    values."""
+    command's (read from its --help: a command with choices, `synth`, from the chosen one's),
+    if any, and the command's options. Numbers (`-1e-3`, `-inf`) and what follows a flag that
+    takes a value (`--title -x`) are values."""
+    help_args = ["--help"]
+    if cls.choices is not None:
+        chosen = next((a for a in args if a in cls.choices[1]), None)
+        if chosen is None:  # (none named: tyro's own message says what is missing)
+            return None
+        help_args = [chosen, "--help"]
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            tyro.cli(cls, args=["--help"], prog="jaxsae",
+            tyro.cli(cls, args=help_args, prog="jaxsae",
                      config=(tyro.conf.OmitSubcommandPrefixes, tyro.conf.CascadeSubcommandArgs))
     except SystemExit:
         pass
-    known = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", out.getvalue()))
+    text = out.getvalue()
+    known = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", text))
+    takes_value = set(re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)[ =][A-Z{]", text))
+    after_flag = False
     for arg in args:
         if arg == "--":
             break
         name = arg.split("=", 1)[0]
-        if (arg.startswith("-") and len(arg) > 1 and not re.fullmatch(r"-[\d.]+(e-?\d+)?", name)
-                and name.replace("_", "-") not in known):
+        value = after_flag
+        after_flag = name.replace("_", "-") in takes_value and "=" not in arg
+        if value or not arg.startswith("-") or len(arg) == 1:
+            continue
+        if re.fullmatch(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf|-nan", name, re.IGNORECASE):
+            continue
+        if name.replace("_", "-") not in known:
             return name, known
     return None
 

@@ -32,6 +32,7 @@ from jaxsae.parsing import (
     parse_value,
     plain,
     read_yaml_mapping,
+    refuse_repeated_overrides,
     typename,
     unknown_key_message,
 )
@@ -631,15 +632,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     if "arms" in tree and "base" in tree:  # (fault testing: "seeds: unknown key (did you mean
         # 'seed'?)", advice that could not help)
         raise ConfigError(f"{path}: a bench config (base, arms); run it with `jaxsae bench`")
-    given: dict[str, str] = {}
+    refuse_repeated_overrides(overrides)
     for assignment in overrides:
-        # A key given twice is refused, as a flag or a YAML key given twice is (fault testing:
-        # `optim.lr=1e-3 ... optim.lr=3e-3` trained with the last one, silently)
-        key = assignment.split("=", 1)[0].strip()
-        if "=" in assignment and key in given:
-            raise ConfigError(f"override {key}: given twice ({given[key]} and "
-                              f"{assignment.strip()}); give it once")
-        given[key] = assignment.strip()
         if assignment.startswith("sweep.") and "=" in assignment:
             _override_sweep(tree, assignment)
             continue

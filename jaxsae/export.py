@@ -477,8 +477,9 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     from jaxsae.data import open_source
     from jaxsae.data.saelens import activation_columns
     from jaxsae.data.window import trained_end
-    from jaxsae.parsing import apply_override
+    from jaxsae.parsing import apply_override, refuse_repeated_overrides
 
+    refuse_repeated_overrides(overrides)
     cfg = read_cfg(sae_dir)
     loaded = load_sae(sae_dir)
     # The data is opened with the column the overrides choose (fault testing: data.hook was

@@ -158,6 +158,21 @@ def typename(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def refuse_repeated_overrides(overrides: Sequence[str]) -> None:
+    """A `key=value` override given twice is refused, as a flag or a YAML key given twice is
+    (fault testing: `optim.lr=1e-3 ... optim.lr=3e-3` trained with the last one, silently).
+    The same key spelt otherwise (`loss.l1.coefficient` / `loss.1.coefficient`) is not caught."""
+    given: dict[str, str] = {}
+    for assignment in overrides:
+        if "=" not in assignment:
+            continue
+        key = assignment.split("=", 1)[0].strip()
+        if key in given:
+            raise ConfigError(f"override {key}: given twice ({given[key]} and "
+                              f"{assignment.strip()}); give it once")
+        given[key] = assignment.strip()
+
+
 def shown(value: Any) -> str:
     """A value read from YAML as YAML writes it, for messages (null, true, 2024-01-01, 'text';
     fault testing: None, True and datetime.date(2024, 1, 1) in messages about YAML)."""

@@ -120,11 +120,14 @@ def test_a_fault_of_the_base_is_the_bases_and_configs_of_the_other_command_are_n
     from jaxsae.config import load_config
 
     path = _write(tmp_path, _bench_tree(tmp_path))
-    with pytest.raises(ConfigError, match=r"^base: optim\.lr: must be > 0, got -1\.0 \(every "
-                                          r"arm\)$"):
+    with pytest.raises(ConfigError, match=r"^base: optim\.lr: must be > 0, got -1\.0 \(arm l1, "
+                                          r"and every arm that keeps it\)$"):
         bench.load_bench_config(path, ["base.optim.lr=-1"])
     with pytest.raises(ConfigError, match=r"^arms\.topk: optim\.lr: must be > 0"):
         bench.load_bench_config(path, ["arms.topk.optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"^override base\.optim\.lr: given twice"):  # (review:
+        bench.load_bench_config(path, ["base.optim.lr=1e-3", "base.optim.lr=3e-3"])  # the last
+        # was taken)
     with pytest.raises(ConfigError, match=r"a bench config \(base, arms\); run it with `jaxsae "
                                           r"bench`$"):
         load_config(path)

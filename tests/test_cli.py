@@ -139,6 +139,18 @@ def test_bad_input_gets_one_line_naming_the_culprit(small_data, tmp_path, capsys
     err = _one_line_error(["synth", "superposition", "--out", str(tmp_path / "s"),
                            "--n-features", "-3"], capsys)
     assert err.endswith("error: --n-features: must be > 0")
+    # a generator's own flags are its options (review: they were called unknown whenever the
+    # line failed to parse), and values after a flag that takes one are values
+    err = _one_line_error(["synth", "superposition", "--n-features", "100"], capsys)
+    assert err.endswith("Missing from jaxsae synth: --out DIR (see --help)")
+    err = _one_line_error(["synth", "superposition", "--out", str(tmp_path / "s"),
+                           "--n-featurs", "10"], capsys)
+    assert err.endswith("unknown option --n-featurs (did you mean --n-features? see --help)")
+    err = _one_line_error(["plot", str(tmp_path), "--out", str(tmp_path / "p.png"), "--title",
+                           "-x"], capsys)
+    assert "unknown option" not in err and "--title" in err
+    assert cli.main(["stitch", "compare", "a", "b", "--data", "d", "--threshold", "-1E-3"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--out DIR (see --help)")
     assert not (tmp_path / "s").exists()
 
 
@@ -270,3 +282,11 @@ def test_an_sae_that_learnt_nothing_gets_a_note(small_data, tmp_path, capsys):
         "activation": "topk", "k": 4}, loss=[{"term": "mse"}]))
     assert _degenerate(topk, [{"l0": 0.0, "explained_variance": 0.0}], 5) == (
         "no latent fires on the evaluated tokens.")
+    # a sweep's note names its SAEs; normalised data's, no scale (review)
+    swept = config_from_dict(small_config_dict(
+        small_data, tmp_path / "s", data={"normalize": "unit_mean_squared_norm"},
+        sweep={"loss.1.coefficient": [0.1, 9.0]}))
+    assert _degenerate(swept, [{"l0": 3.0, "explained_variance": 0.5},
+                               {"l0": 0.0, "explained_variance": 0.0}], 5) == (
+        "no latent fires on the evaluated tokens (sweep SAE 1: loss.1.coefficient=9.0): the "
+        "sparsity penalty outweighs the reconstruction (lower loss.l1.coefficient).")

@@ -266,6 +266,12 @@ def test_batchtopk_threshold_of_a_batch_with_few_positives(rng, x, sparse):
     for step in (0, 5000):
         kept = sae.after_update(new, out, jnp.asarray(step), cfg)
         np.testing.assert_array_equal(kept["threshold"], new["threshold"])
+    # after batches that kept nothing, θ still at its start (0), the first that keeps
+    # something sets it whole (review: at step 1 it was averaged with the start's 0)
+    fresh = {**params, "threshold": jnp.zeros(D_SAE, jnp.float32)}
+    first = dummy_output(params, x, cfg, 0.75)
+    np.testing.assert_array_equal(sae.after_update(fresh, first, jnp.asarray(1), cfg)
+                                  ["threshold"], np.full(D_SAE, 0.75, np.float32))
 
 
 @pytest.mark.parametrize("k", [1, 7, 100, 511, 512])

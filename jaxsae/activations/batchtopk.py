@@ -95,6 +95,9 @@ class BatchTopK(Activation):
         # an EMA of the smallest kept activation; a batch that kept nothing (no positive
         # pre-activation) has none and leaves it as it was.
         rate = jnp.maximum(cfg.batchtopk_threshold_momentum, 1.0 / (step + 1.0))
+        # (a θ still at its start, 0, has averaged no batch yet: the first that keeps
+        # something sets it, also after batches that kept nothing; review)
+        rate = jnp.where(jnp.all(params["threshold"] == 0), 1.0, rate)
         threshold = (1.0 - rate) * params["threshold"] + rate * codes.batch_threshold
         threshold = jnp.where(codes.batch_threshold > 0, threshold, params["threshold"])
         return {**params, "threshold": threshold}

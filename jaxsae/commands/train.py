@@ -98,10 +98,16 @@ def _degenerate(cfg, evals: list[dict], steps: int) -> str | None:
     """What may have gone wrong, when an SAE learnt nothing usable: no latent fires, or it
     reconstructs worse than the mean token (fault testing: the defaults on a small data set
     and a short run printed "explained variance -0.1568" and nothing else)."""
-    silent = any(ev["l0"] == 0 for ev in evals)
-    worse = any((ev["explained_variance"] or 0.0) < 0 for ev in evals)
+    silent = [i for i, ev in enumerate(evals) if ev["l0"] == 0]
+    worse = [i for i, ev in enumerate(evals) if (ev["explained_variance"] or 0.0) < 0]
     if not (silent or worse):
         return None
+    from jaxsae.config import sweep_label
+
+    which = ""  # a sweep's: which SAEs (review: the note did not say)
+    if cfg.sweep is not None:
+        which = f" (sweep SAE{'s' * (len(silent or worse) > 1)} " + ", ".join(
+            f"{i}: {sweep_label(cfg.sweep.points[i])}" for i in (silent or worse)) + ")"
     # (penalties of the codes' size, whose balance with the reconstruction depends on the
     # data's scale; a TopK run's mse alone does not)
     scaled = [t.label for t in cfg.loss if t.term in ("l1", "group_l1_l2") and t.coefficient]
@@ -109,12 +115,13 @@ def _degenerate(cfg, evals: list[dict], steps: int) -> str | None:
              "E|x|^2 = d_in (data.normalize: unit_mean_squared_norm); this run's are not "
              "normalised." if scaled and cfg.data.normalize == "none" else "")
     if silent:
-        return ("no latent fires on the evaluated tokens" + (
-            f": the sparsity penalty outweighs the reconstruction at this data's scale (lower "
-            f"loss.{scaled[0]}.coefficient)" if scaled else "") + f".{scale}")
-    return (f"explained variance below 0: after {steps:,} steps the reconstruction is further "
-            "from the tokens than their mean; a short run may not have left its start (more "
-            f"tokens, or a higher optim.lr).{scale}")
+        return (f"no latent fires on the evaluated tokens{which}" + (
+            ": the sparsity penalty outweighs the reconstruction" + (
+                " at this data's scale" if scale else "")
+            + f" (lower loss.{scaled[0]}.coefficient)" if scaled else "") + f".{scale}")
+    return (f"explained variance below 0{which}: after {steps:,} steps the reconstruction is "
+            "further from the tokens than their mean; a short run may not have left its start "
+            f"(more tokens, or a higher optim.lr).{scale}")
 
 
 def _shown(value: float | None) -> str:

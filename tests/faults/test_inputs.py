@@ -165,6 +165,10 @@ def test_import_writes_a_config_that_trains_on_small_data(run_copy, small_data, 
         assert cli.main(["import", str(sae), "--out", str(run), "--data", str(small_data),
                          f"{key}=elsewhere"]) == 2
         assert f"override {key}: set by" in capsys.readouterr().err and not run.exists()
+    # nor is an override given twice (review: the last was taken)
+    assert cli.main(["import", str(sae), "--out", str(run), "--data", str(small_data),
+                     "optim.lr=1e-3", "optim.lr=3e-3"]) == 2
+    assert "override optim.lr: given twice" in capsys.readouterr().err and not run.exists()
     assert cli.main(["import", str(sae), "--out", str(run), "--data", str(small_data)]) == 0
     written = yaml.safe_load((run / "config.yaml").read_text())
     assert written["loss"] == [{"term": "mse", "coefficient": 1.0},
