@@ -13,6 +13,9 @@ save_model, and save its codes and reconstruction (topk_rescaled: rescale_acts_b
 decoder rows not unit; topk_trained: a TopKTrainingSAE with SAELens's training defaults, saved as
 its runner saves the final SAE, save_inference_model, then read back; gated_uncentred:
 apply_b_dec_to_input false).
+losses: [{"dir", "out", "d_in", "d_sae", "seed", "lp_norm", "l1_coefficient"}, ...]: a
+StandardTrainingSAE with random weights, its training losses on the inputs (SAELens's own
+training_forward_pass), and the SAE saved as a training run saves it (save_inference_model).
 """
 
 import json
@@ -30,6 +33,8 @@ from sae_lens import (
     MatchingPursuitSAEConfig,
     StandardSAE,
     StandardSAEConfig,
+    StandardTrainingSAE,
+    StandardTrainingSAEConfig,
     TopKSAE,
     TopKSAEConfig,
     TopKTrainingSAE,
@@ -84,6 +89,24 @@ def make(spec: dict):
     return sae
 
 
+def losses(spec: dict, x: np.ndarray) -> None:
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(
+        d_in=spec["d_in"], d_sae=spec["d_sae"], lp_norm=spec["lp_norm"],
+        l1_coefficient=spec["l1_coefficient"]))
+    gen = torch.Generator().manual_seed(spec["seed"])
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=torch.from_numpy(x), coefficients={"l1": spec["l1_coefficient"]},
+            dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
+    sae.save_inference_model(spec["dir"])
+    with open(spec["out"], "w") as f:
+        json.dump({k: float(v) for k, v in out.losses.items()}, f)
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         job = json.load(f)
@@ -92,6 +115,8 @@ def main() -> None:
         run(SAE.load_from_disk(item["dir"], device="cpu"), x, item["out"])
     for spec in job.get("make", []):
         run(make(spec), x, spec["out"])
+    for spec in job.get("losses", []):
+        losses(spec, x)
     print("ok")
 
 

@@ -192,3 +192,31 @@ def test_saelens_saves_import_with_the_same_codes(inputs, tmp_path, small_data):
     np.testing.assert_array_equal(start["W_dec"], load_sae(tmp_path / "topk").params["W_dec"])
     result = train(load_config(config), progress=False)
     assert result.step == 4
+
+
+@pytest.mark.parametrize("lp_norm", [1.0, 0.5])
+def test_saelens_training_losses_are_jaxsaes_after_import(inputs, tmp_path, lp_norm):
+    """The loss SAELens trains a standard SAE with (its own training_forward_pass: mse, and
+    l1_coefficient times the lp_norm-norm of f·‖W_dec‖) is the loss `jaxsae import` gives the
+    same SAE (fault testing: lp_norm < 1 was imported as Σ vᵖ, another objective)."""
+    from jaxsae import penalties
+    from jaxsae.config import config_from_dict
+    from jaxsae.export import read_cfg, training_settings
+
+    np.save(tmp_path / "x.npy", inputs)
+    _saelens({"inputs": str(tmp_path / "x.npy"), "losses": [
+        {"dir": str(tmp_path / "sae"), "out": str(tmp_path / "losses.json"), "d_in": D_IN,
+         "d_sae": D_SAE, "seed": 3, "lp_norm": lp_norm, "l1_coefficient": 2.0}]}, tmp_path)
+    want = json.loads((tmp_path / "losses.json").read_text())
+    settings = training_settings(read_cfg(tmp_path / "sae"))
+    assert settings["loss"][1] == {"term": "l1", "coefficient": 2.0,
+                                   **({"p": lp_norm, "norm": True} if lp_norm != 1 else {})}
+    cfg = config_from_dict({"data": {"path": "unused"}, "sae": {
+        "d_sae": D_SAE, **settings["sae"], "decoder_norm": "free"}, "loss": settings["loss"]})
+    loaded = load_sae(tmp_path / "sae")
+    params = {k: jax.numpy.asarray(v) for k, v in loaded.params.items()}
+    out = sae.forward(params, jax.numpy.asarray(inputs), cfg.sae, train=True)
+    values = [float(penalties.get_term(t.term).fn(out, params, step=jax.numpy.asarray(0),
+                                                   **t.params)[0]) * t.coefficient
+              for t in cfg.loss]
+    np.testing.assert_allclose(values, [want["mse_loss"], want["l1_loss"]], rtol=1e-5)
