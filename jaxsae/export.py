@@ -176,7 +176,15 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
     if not file.is_file():
         inside = (f"; a training run's SAE is {path / 'sae'}"
                   if (path / "sae" / CFG_FILE).is_file() else "")
-        raise ExportError(f"{path}: missing {CFG_FILE} (not a SAELens export{inside})")
+        # (a sparsify run folder, or the Hub layout: one SAE per sub-folder; fault testing:
+        # they were "not a SAELens export", without a word on what they hold)
+        subs = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name != "sae" and (
+            (p / CFG_FILE).is_file() or sparsify.is_sparsify(p)))
+        if subs:
+            inside += (f"; it holds SAEs in sub-folders: {', '.join(subs[:4])}"
+                       f"{f' and {len(subs) - 4} more' if len(subs) > 4 else ''} (give one)")
+        raise ExportError(f"{path}: missing {CFG_FILE} (not a SAELens or sparsify "
+                          f"export{inside})")
     try:
         cfg = json.loads(file.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:

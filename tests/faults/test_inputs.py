@@ -223,10 +223,19 @@ def test_analysis_of_a_single_latent_is_refused_in_one_line(small_data, tmp_path
         assert not (tmp_path / command).exists()
 
 
-def test_a_run_directory_given_for_its_sae_is_pointed_to_it(run_copy, small_data, capsys):
+def test_a_run_directory_given_for_its_sae_is_pointed_to_it(run_copy, small_data, capsys,
+                                                            tmp_path):
     refused(["eval", str(run_copy), "--data", str(small_data)], capsys,
-            match=f"missing cfg.json (not a SAELens export; a training run's SAE is "
-                  f"{run_copy / 'sae'})", unchanged=[run_copy])
+            match=f"missing cfg.json (not a SAELens or sparsify export; a training run's SAE "
+                  f"is {run_copy / 'sae'})", unchanged=[run_copy])
+    # a folder of several (sparsify's run folder, the Hub layout): its sub-folders are named
+    # (fault testing: "not a SAELens export", whatever it held)
+    folder = tmp_path / "saes"
+    for name in ("layers.3", "layers.5"):
+        shutil.copytree(run_copy / "sae", folder / name)
+    refused(["eval", str(folder), "--data", str(small_data)], capsys,
+            match=f"{folder}: missing cfg.json (not a SAELens or sparsify export; it holds SAEs "
+                  "in sub-folders: layers.3, layers.5 (give one))", unchanged=[folder])
 
 
 @pytest.mark.parametrize(("edit", "match"), [
