@@ -81,8 +81,8 @@ def ground_truth(cfg: Config, source, log: Callable[[str], None] = print
         truth = synthetic.load_truth(cfg.data.path)
     except synthetic.OtherSamplerError as e:  # (fault testing: a run on such data could be
         # neither resumed nor exported; its tokens are all training needs)
-        log(f"note: {str(e).split(', so it cannot')[0]}: its true codes cannot be "
-            "regenerated, so no ground-truth metrics")
+        log(f"note: {e.drawn_by}: its true codes cannot be regenerated, so no ground-truth "
+            "metrics")
         return None
     if truth.spec.tokens != source.n_tokens:  # (fault testing: the truth metrics went unsaid)
         log(f"note: {cfg.data.path} holds {source.n_tokens:,} tokens but its truth describes "

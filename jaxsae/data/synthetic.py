@@ -728,7 +728,16 @@ def has_truth(directory: str | Path) -> bool:
 
 class OtherSamplerError(DataError):
     """Data drawn by another version of its generator's sampler: its tokens are usable, its
-    true codes cannot be regenerated."""
+    true codes cannot be regenerated. `drawn_by`: which version drew it, for notes."""
+
+    def __init__(self, meta: Path, kind: str, drawn: int, wanted: int):
+        self.drawn_by = (f"{meta}: drawn by version {drawn} of the {kind} sampler; this jaxsae "
+                         f"draws version {wanted} (other tokens from the same seed)")
+        # (fault testing: "generate the data again" led a user to overwrite the data of a
+        # run in progress, which then resumed on other tokens)
+        super().__init__(f"{self.drawn_by}, so it cannot regenerate the true codes: for "
+                         "metrics against the truth, write data with this jaxsae's `jaxsae "
+                         "synth` into a new directory")
 
 
 def load_truth(path: str | Path) -> Truth:
@@ -756,13 +765,7 @@ def load_truth(path: str | Path) -> Truth:
                         f"version regenerates blocks of {BLOCK_TOKENS}")
     wanted = getattr(GENERATORS[kind].spec, "sampler", None)
     if wanted is not None and info.get("sampler", 1) != wanted:
-        # (fault testing: "generate the data again" led a user to overwrite the data of a
-        # run in progress, which then resumed on other tokens)
-        raise OtherSamplerError(
-            f"{meta}: drawn by version {info.get('sampler', 1)} of the {kind} sampler; this "
-            f"jaxsae draws version {wanted} (other tokens from the same seed), so it cannot "
-            "regenerate the true codes: for metrics against the truth, write data with this "
-            "jaxsae's `jaxsae synth` into a new directory")
+        raise OtherSamplerError(meta, kind, info.get("sampler", 1), wanted)
     fields = {f.name for f in dataclasses.fields(GENERATORS[kind].spec)}
     _, spec = parse_spec({"kind": kind, **{k: v for k, v in info.items() if k in fields}},
                          key=str(meta))
