@@ -45,7 +45,7 @@ from jaxsae.config import (
     is_mutable_on_resume,
 )
 from jaxsae.errors import JaxsaeError
-from jaxsae.parsing import shown as as_yaml
+from jaxsae.parsing import shown
 
 # Orbax writes this into a checkpoint once every item is saved (before the atomic rename),
 # and saves into <step><TMP_SUFFIX> until then.
@@ -497,10 +497,10 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
         def cut(value: Any) -> str:
             # as YAML spells it (fault testing: None, and lists of Python dicts)
             text = (json.dumps(value, default=str) if isinstance(value, list | dict)
-                    else as_yaml(value))
+                    else shown(value))
             return text if len(text) <= 60 else text[:57] + "..."
 
-        def shown(saved: Any, now: Any) -> tuple[str, str]:
+        def pair(saved: Any, now: Any) -> tuple[str, str]:
             """The two values; lists by their lengths when those differ, else by the first
             entry that does (fault testing: both cut to the same 57 characters)."""
             if not (isinstance(saved, list) and isinstance(now, list)):
@@ -512,7 +512,7 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
             return f"[{i}] {cut(saved[i])}", f"[{i}] {cut(now[i])}"
 
         changes = ", ".join(f"{k} ({a} in the checkpoint, {b} now)"
-                            for k, a, b in ((k, *shown(a, b)) for k, a, b in bad[:3]))
+                            for k, a, b in ((k, *pair(a, b)) for k, a, b in bad[:3]))
         if len(bad) > 3:  # (a sweep's points: the line grew with every SAE)
             changes += f" and {len(bad) - 3} more"
         raise JaxsaeError(

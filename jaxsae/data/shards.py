@@ -27,7 +27,7 @@ import numpy as np
 from jaxsae import interrupts, outputs, tensorfile
 from jaxsae.data.source import ArraySource, refuse_links
 from jaxsae.errors import DataError
-from jaxsae.parsing import is_positive_int
+from jaxsae.parsing import is_positive_int, python_value
 from jaxsae.runlock import LOCK_FILE, RunLock
 
 FORMAT = "jaxsae.shards"
@@ -242,8 +242,7 @@ class ShardWriter:
         if file_type == "npy" and dtype == "bfloat16":
             raise DataError("bfloat16 shards must be written as safetensors (.npy has no bfloat16)")
         # (numpy integers too, e.g. an array's shape[1] after arithmetic: they were refused)
-        d_in, shard_tokens = (int(v) if isinstance(v, np.integer) else v
-                              for v in (d_in, shard_tokens))
+        d_in, shard_tokens = python_value(d_in), python_value(shard_tokens)
         for name, value in (("d_in", d_in), ("shard_tokens", shard_tokens)):
             if not is_positive_int(value):  # (fault testing: shard_tokens 0 wrote for ever)
                 raise DataError(f"shard {name} must be a positive integer, got {value!r}")
