@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxsae.config import (
+    AUTO_SINCE,
     CheckpointConfig,
     Config,
     changes_of,
@@ -511,7 +512,11 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
             i = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
             return f"[{i}] {cut(saved[i])}", f"[{i}] {cut(now[i])}"
 
-        changes = ", ".join(f"{k} ({a} in the checkpoint, {b} now)"
+        def now(key: str) -> str:  # (a key left to auto: what gives the checkpoint's value)
+            return (f" now: what auto gives since {AUTO_SINCE}" if key in current.defaulted
+                    else " now")
+
+        changes = ", ".join(f"{k} ({a} in the checkpoint, {b}{now(k)})"
                             for k, a, b in ((k, *pair(a, b)) for k, a, b in bad[:3]))
         if len(bad) > 3:  # (a sweep's points: the line grew with every SAE)
             changes += f" and {len(bad) - 3} more"

@@ -61,9 +61,12 @@ class DataConfig:
     """Tokens mixed together by the shuffle (drawn from randomly ordered chunks of all shards)."""
     seed: int = 0
     """Seed of the data order (independent of the model seed)."""
-    normalize: Literal["none", "unit_mean_squared_norm"] = "none"
+    normalize: Literal["auto", "none", "unit_mean_squared_norm"] = "auto"
     """`unit_mean_squared_norm` scales inputs so that E‖x‖² = d_in (estimated before training,
-    saved in the checkpoint, folded into the exported weights)."""
+    saved in the checkpoint, folded into the exported weights), the scale the loss
+    coefficients are given at; `none` trains on the data as it is. `auto` (resolved when the
+    config is read): unit_mean_squared_norm, or none for an activation whose codes change
+    when a scale is folded into the weights (`matching_pursuit`)."""
     drop_norm_above: float | None = None
     """Drop tokens whose norm exceeds this multiple of the median norm (e.g. attention sinks)."""
     stats_tokens: int = 65536
@@ -119,6 +122,17 @@ class DataConfig:
         return self.eval_tokens
 
 
+# What `auto` settings resolve to, by `sae.activation` (checked against the activations'
+# registry by the tests: this module imports none of jaxsae's modelling code).
+UNIT_DECODER_ACTIVATIONS = ("topk", "batchtopk", "matching_pursuit")
+"""`sae.decoder_norm: auto` gives these unit rows, the others free rows."""
+RAW_SCALE_ACTIVATIONS = ("matching_pursuit",)
+"""`data.normalize: auto` gives these none (their codes are not scale invariant), the others
+unit_mean_squared_norm."""
+AUTO_SINCE = "jaxsae 0.2.0"
+"""Before it, sae.decoder_norm and data.normalize had no `auto`: they defaulted to unit and
+none (a run resumed from then keeps them, `Config.defaulted`)."""
+
 # `auto` sizes: a 30-second smoke test and a 1B-token job both get sensible values.
 AUTO_EVAL_TOKENS = 65536
 DEAD_WINDOW_MAX = 2**30
@@ -138,8 +152,11 @@ class SAEConfig:
     """Active latents per token for `topk` / `batchtopk` (mean over the batch for `batchtopk`)."""
     tied: bool = False
     """Tied weights: no `W_enc`; the encoder is `W_dec.T`."""
-    decoder_norm: Literal["unit", "free"] = "unit"
-    """`unit` keeps decoder rows at unit norm; `free` leaves their norm to the optimiser."""
+    decoder_norm: Literal["auto", "unit", "free"] = "auto"
+    """`unit` keeps decoder rows at unit norm; `free` leaves their norm to the optimiser (the
+    penalties weight each code by its row's norm). `auto` (resolved when the config is read):
+    unit for `topk`, `batchtopk` and `matching_pursuit` (sparsify's recipe; matching pursuit
+    compares correlations), free for the others (SAELens's standard recipe)."""
     init_decoder_norm: float = 0.1
     """Decoder row norm at initialisation when `decoder_norm: free` (`unit` starts at 1)."""
     jumprelu_init_threshold: float = 0.001
@@ -158,6 +175,10 @@ class SAEConfig:
     transcoders)."""
 
     def __post_init__(self):
+        if self.decoder_norm == "auto":
+            object.__setattr__(self, "decoder_norm", "unit" if self.activation in
+                               UNIT_DECODER_ACTIVATIONS else "free")
+            object.__setattr__(self, "_from_auto", ("decoder_norm",))
         _need(0 < self.d_sae < 2**31, "sae.d_sae",  # (a latent's index is int32)
               f"must be in 1..2^31 - 1, got {self.d_sae}")
         _need(self.k > 0, "sae.k", f"must be > 0, got {self.k}")
@@ -496,6 +517,13 @@ class Config:
               and not {"", ".", ".."} & set(self.name.split("/")),
               "name", f"must be a relative name below runs/ (no '.' or '..'), got {self.name!r};"
               " use run_dir for a directory elsewhere")
+        auto = [f"sae.{name}" for name in getattr(self.sae, "_from_auto", ())]
+        if self.data.normalize == "auto":
+            object.__setattr__(self, "data", replace(self.data, normalize=(
+                "none" if self.sae.activation in RAW_SCALE_ACTIVATIONS
+                else "unit_mean_squared_norm")))
+            auto.append("data.normalize")
+        object.__setattr__(self, "_from_auto", tuple(auto))
         if self.data.target is not None and not self.sae.transcoder:
             # data.target makes the dictionary a transcoder (the section cannot see data)
             object.__setattr__(self, "sae", replace(self.sae, transcoder=True))
@@ -597,6 +625,13 @@ class Config:
             except ConfigError as e:
                 raise ConfigError(f"sweep SAE {i} ({sweep_label(point)}): {e}") from None
         return out
+
+    @property
+    def defaulted(self) -> tuple[str, ...]:
+        """The keys this config left to `auto` (given no value, or `auto`), now resolved;
+        empty for a config made from another (`dataclasses.replace`) or read back from a
+        run, whose values are all resolved."""
+        return getattr(self, "_from_auto", ())
 
     @property
     def resolved_run_dir(self) -> Path:

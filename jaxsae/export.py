@@ -417,9 +417,10 @@ _IMPORT_MIN_BATCHES = 20
 
 def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """What a SAELens-format cfg.json says about how its SAE was trained, as config sections
-    (`sae`, `loss`, `optim`): jaxsae's own `jaxsae` block when it has one, else SAELens's
-    training fields (top level, or `metadata.training_architecture_details`); defaults for the
-    rest."""
+    (`sae`, `loss`, `optim`) and the scale its coefficients are at (`normalize`: none but
+    for jaxsae's exports of runs that normalised): jaxsae's own `jaxsae` block when it has
+    one, else SAELens's training fields (top level, or
+    `metadata.training_architecture_details`); defaults for the rest."""
     arch = cfg["architecture"]
     own = cfg.get("jaxsae") if isinstance(cfg.get("jaxsae"), dict) else {}
     kind = activations.for_architecture(arch)
@@ -432,12 +433,15 @@ def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     if kind.has_k and "k" not in sae and is_positive_int(own.get("k")):
         sae["k"] = own["k"]
     optim = {k: v for k, v in (own.get("optim") or {}).items() if k in ("lr", "batch_size")}
+    normalize = own.get("normalize", "none")
+    if normalize not in ("none", "unit_mean_squared_norm"):
+        normalize = "none"
     if isinstance(own.get("loss"), list) and own["loss"]:
-        return {"sae": sae, "loss": own["loss"], "optim": optim}
+        return {"sae": sae, "loss": own["loss"], "optim": optim, "normalize": normalize}
     details = cfg.get("metadata", {}).get("training_architecture_details") or {}
     saelens = {**details, **{k: v for k, v in cfg.items() if k not in ("metadata", "jaxsae")}}
     loss = kind.saelens_loss(saelens)
-    return {"sae": sae, "loss": loss, "optim": optim}
+    return {"sae": sae, "loss": loss, "optim": optim, "normalize": normalize}
 
 
 def import_config(sae_dir: str | Path, run_dir: str | Path, data: str | Path,
@@ -523,7 +527,10 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         "name": run_dir.name,
         "run_dir": str(run_dir),
         "init_from": str(run_dir / IMPORTED_SAE if keep is not None else sae_dir),
-        "data": {"path": str(data), **({"hook": hook} if hook is not None else {}),
+        # the source's coefficients are at the scale it trained on: SAELens's files say none
+        # (others are refused), jaxsae's (from 0.2.0) say which
+        "data": {"path": str(data), "normalize": settings["normalize"],
+                 **({"hook": hook} if hook is not None else {}),
                  **({"eval_tokens": held} if held is not None else {})},
         "sae": {"d_sae": cfg["d_sae"], **settings["sae"],
                 "decoder_norm": "unit" if unit else "free"},

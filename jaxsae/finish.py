@@ -217,6 +217,8 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
                       "steps": cfg.optim.total_steps if steps is None else steps,
                       "tokens": trained["training_tokens"],
                       "drop_norm_above": cfg.data.drop_norm_above,
+                      # the scale the loss coefficients are at (an import fine-tunes at it)
+                      "normalize": cfg.data.normalize,
                       # where the training tokens end in dataset_path: what an evaluation on
                       # it can tell apart (jaxsae.data.window.trained_end)
                       **({} if (end := _training_end(cfg, n_train, eval_data,

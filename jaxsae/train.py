@@ -33,7 +33,7 @@ from jaxsae.checkpoint import (
     foreign_steps,
 )
 from jaxsae.checks import check_run
-from jaxsae.config import Config, changes_of, load_config
+from jaxsae.config import Config, changes_of, config_from_dict, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.generated import refuse_other_sampler
@@ -53,6 +53,7 @@ from jaxsae.hooks import (
 )
 from jaxsae.interrupts import SignalFlag
 from jaxsae.outputs import atomic_write, json_text
+from jaxsae.parsing import read_yaml_mapping
 from jaxsae.progress import Progress
 from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 from jaxsae.step import TrainState
@@ -99,6 +100,9 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
                               cfg.data.target))
     lock = _lock_run_dir(run_dir, is_main, log)
     try:
+        cfg = _as_checkpointed(cfg, run_dir, log)
+        if launch:
+            _agree_on_config(cfg)
         return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
                              hooks=hooks)
     finally:
@@ -109,6 +113,40 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
 def _silent(message: str) -> None:
     pass
+
+
+def _as_checkpointed(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Config:
+    """A run resumed with keys left to `auto` (`Config.defaulted`) keeps the values its
+    checkpoints were trained with, as its config.yaml records them, where `auto` now gives
+    others (a run started before `auto`, whose defaults were decoder_norm unit and normalize
+    none, resumes as it was trained instead of being refused). A key the config sets is
+    compared as before (`check_resume_compatible`)."""
+    checkpoints = run_dir / "checkpoints"
+    if not cfg.defaulted or not checkpoints.is_dir() or not any(
+            p.name.isdigit() for p in checkpoints.iterdir()):
+        return cfg
+    try:
+        saved = read_yaml_mapping(run_dir / "config.yaml")
+    except JaxsaeError:  # (none, or unreadable: the restore's comparison says what differs)
+        return cfg
+    tree, kept = cfg.to_dict(), []
+    for key in cfg.defaulted:
+        section, name = key.split(".")
+        value = saved.get(section, {}).get(name) if isinstance(saved.get(section), dict) \
+            else None
+        if value is not None and value != tree[section][name]:
+            kept.append(f"{key}: {value} (auto now gives {tree[section][name]})")
+            tree[section][name] = value
+    if not kept:
+        return cfg
+    try:
+        resumed = config_from_dict(tree)
+        check_run(resumed)
+    except JaxsaeError:
+        return cfg
+    log(f"{run_dir}: resuming as its checkpoints were trained, with " + ", ".join(kept)
+        + f"; set {'them' if len(kept) > 1 else 'it'} in the config to choose")
+    return resumed
 
 
 # Keys the processes of a run may set apart: where each finds the same data (checked by

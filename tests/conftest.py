@@ -59,7 +59,9 @@ def small_config_dict(data_dir: Path, run_dir: Path, **sections) -> dict:
     tree = {
         "name": "test",
         "run_dir": str(run_dir),
-        "data": {"path": str(data_dir), "eval_tokens": 2048, "shuffle_buffer": 4096},
+        # (the tests were written for raw activations: normalising is `auto`'s default)
+        "data": {"path": str(data_dir), "eval_tokens": 2048, "shuffle_buffer": 4096,
+                 "normalize": "none"},
         "sae": {"d_sae": 64, "activation": "relu", "decoder_norm": "free"},
         "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}],
         "optim": {"lr": 3e-3, "batch_size": 256, "total_tokens": 256 * 24, "warmup_steps": 2,

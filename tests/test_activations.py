@@ -212,7 +212,25 @@ def test_new_activations_train_export_and_import(small_data, tmp_path, sae_cfg, 
     written = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
     assert written["sae"]["activation"] == sae_cfg["activation"]
     assert [t["term"] for t in written["loss"]] == [t["term"] for t in loss]
+    assert written["data"]["normalize"] == "none"  # the scale the source trained at
     assert cli.main(["train", str(tmp_path / "ft" / "config.yaml"), "--no-progress"]) == 0
+
+
+def test_an_import_fine_tunes_at_the_scale_its_source_trained_at():
+    """The loss coefficients an import takes are at the scale its source trained at: SAELens's
+    files say none (normalize_activations, the only value read), jaxsae's own exports say
+    which (before 0.2.0 they did not, and normalisation was off by default)."""
+    from jaxsae.export import training_settings
+
+    def normalize(**own):
+        return training_settings({"architecture": "standard", "d_in": 8, "d_sae": 16,
+                                  **({"jaxsae": own} if own else {})})["normalize"]
+
+    assert normalize() == "none"
+    assert normalize(activation="relu") == "none"
+    assert normalize(activation="relu", normalize="unit_mean_squared_norm",
+                     loss=[{"term": "mse"}]) == "unit_mean_squared_norm"
+    assert normalize(activation="relu", normalize="bogus") == "none"
 
 
 def test_a_saelens_jumprelu_trained_with_the_quadratic_penalty_imports_with_it():

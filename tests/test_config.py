@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
+from jaxsae import activations
 from jaxsae.checks import check_run
 from jaxsae.config import (
     Config,
@@ -70,6 +72,34 @@ def test_load_config_reads_yaml_values(preset):
 def test_load_config_without_file_gives_defaults():
     cfg = load_config(None, ["data.path=/some/dir"])
     assert cfg == Config(data=DataConfig(path="/some/dir"))
+
+
+@pytest.mark.parametrize("activation", activations.registered())
+def test_auto_settings_resolve_by_activation(activation):
+    """`auto` decoder_norm and normalize resolve when the config is read, to values each
+    registered activation accepts: unit rows for the k activations (sparsify's recipe) and
+    matching pursuit, free for the others; normalisation wherever codes are scale invariant
+    (the tables in jaxsae.config agree with the registry)."""
+    kind = activations.get(activation)
+    cfg = load_config(None, ["data.path=/d", f"sae.activation={activation}"])
+    assert cfg.sae.decoder_norm == ("unit" if kind.has_k else "free")
+    assert cfg.data.normalize == ("unit_mean_squared_norm" if kind.scale_invariant else "none")
+    assert cfg.defaulted == ("sae.decoder_norm", "data.normalize")
+    kind.check(cfg.sae)  # (matching pursuit refuses free rows)
+    assert load_config(None, ["data.path=/d", f"sae.activation={activation}",
+                              "sae.decoder_norm=auto", "data.normalize=auto"]) == cfg
+
+
+def test_keys_set_are_not_defaulted():
+    cfg = load_config(None, ["data.path=/d", "sae.decoder_norm=unit", "data.normalize=none"])
+    assert (cfg.sae.decoder_norm, cfg.data.normalize, cfg.defaulted) == ("unit", "none", ())
+    cfg = load_config(None, ["data.path=/d", "sae.decoder_norm=free"])
+    assert cfg.defaulted == ("data.normalize",)
+    # a config made from another is resolved already: nothing is left to auto
+    assert replace(cfg, seed=1).defaulted == () and replace(cfg, seed=1).sae == cfg.sae
+    tree = cfg.to_dict()
+    assert (tree["sae"]["decoder_norm"], tree["data"]["normalize"]) == ("free",
+                                                                       "unit_mean_squared_norm")
 
 
 def test_dotted_overrides(preset):

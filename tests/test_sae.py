@@ -106,7 +106,7 @@ def test_init_params_shapes_and_names(cfg):
 
 
 def test_init_params_depends_on_key():
-    cfg = SAEConfig(d_sae=D_SAE)
+    cfg = SAEConfig(d_sae=D_SAE, decoder_norm="unit")
     a = sae.init_params(jax.random.PRNGKey(0), D_IN, cfg)
     b = sae.init_params(jax.random.PRNGKey(0), D_IN, cfg)
     c = sae.init_params(jax.random.PRNGKey(1), D_IN, cfg)

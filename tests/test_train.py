@@ -426,7 +426,8 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
     # values as YAML spells them (fault testing: None, Python dicts)
     with pytest.raises(JaxsaeError, match=r", sweep \(null in the checkpoint, "
                                           r"\[\{\"sae\.k\": 4, \"optim\.lr\": 0\.1\}, "):
-        check_resume_compatible(load_config(None, ["data.path=/d"]), swept(), tmp_path)
+        check_resume_compatible(load_config(None, ["data.path=/d", "sae.decoder_norm=unit"]),
+                                swept(), tmp_path)
     prefixes = "loss=[{term: matryoshka, prefixes: [%s]}]"
     with pytest.raises(JaxsaeError, match=r"a changed loss\.0\.prefixes \(\[30\] 62 in the "
                                           r"checkpoint, \[30\] 63 now\)"):

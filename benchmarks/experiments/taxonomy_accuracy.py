@@ -99,8 +99,9 @@ def main() -> int:
         if not (run / "sae").exists():
             train(config_from_dict({
                 "name": name, "run_dir": str(run),
-                "data": {"path": str(data), "eval_tokens": 65536},
-                "sae": {"d_sae": 2 * spec.n_features, "activation": "relu"},
+                "data": {"path": str(data), "eval_tokens": 65536, "normalize": "none"},
+                "sae": {"d_sae": 2 * spec.n_features, "activation": "relu",
+                        "decoder_norm": "unit"},
                 "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}],
                 "optim": {"lr": 1e-3, "batch_size": 1024, "total_tokens": args.tokens},
                 "checkpoint": {"every_steps": 10**6},

@@ -458,7 +458,7 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
             # (lanes divide the batch: the default's 8 only where --batch-size allows it)
             "data": {"path": str(Path(data).absolute()), "hook": hook,
                      "lanes": math.gcd(DataConfig.lanes, batch_size),
-                     "eval_tokens": eval_tokens, **dropped},
+                     "eval_tokens": eval_tokens, "normalize": "none", **dropped},
             "sae": {"d_sae": d_sae, "activation": activation, "decoder_norm": "free"},
             "loss": [{"term": "mse"}],
             "optim": {"lr": lr, "batch_size": batch_size,

@@ -13,6 +13,7 @@ import yaml
 
 from jaxsae import cli
 from jaxsae.config import load_config
+from tests.conftest import small_config_dict
 from tests.faults.conftest import refused, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -508,3 +509,45 @@ def test_a_refused_resume_says_nothing_else(run_copy, small_data, tmp_path, caps
     said = capsys.readouterr()
     assert "cannot resume with a changed sae.d_sae" in said.err
     assert "passes over" not in said.out
+
+
+def test_a_run_from_before_auto_resumes_as_it_was_trained(small_data, tmp_path, capsys):
+    """A run trained with the defaults before `auto` (decoder_norm unit, normalize none), its
+    config leaving both unset, resumes as it was trained, saying so (it was refused: the
+    defaults had changed under it); a config that sets another value is still refused."""
+    run = tmp_path / "run"
+    before = small_config_dict(small_data, run, sae={"d_sae": 32, "decoder_norm": "unit"},
+                               optim={"total_tokens": 256 * 8})
+    (tmp_path / "before.yaml").write_text(yaml.safe_dump(before))
+    assert cli.main(["train", str(tmp_path / "before.yaml"), "--no-progress"]) == 0
+
+    after = small_config_dict(small_data, run, sae={"d_sae": 32},
+                              optim={"total_tokens": 256 * 16})
+    after["sae"].pop("decoder_norm")
+    after["data"].pop("normalize")
+    (tmp_path / "after.yaml").write_text(yaml.safe_dump(after))
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "after.yaml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (f"{run}: resuming as its checkpoints were trained, with sae.decoder_norm: unit "
+            "(auto now gives free), data.normalize: none (auto now gives "
+            "unit_mean_squared_norm); set them in the config to choose") in out
+    assert f"resuming {run} from step 8" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["sae"]["decoder_norm"], saved["data"]["normalize"]) == ("unit", "none")
+
+    refused(["train", str(tmp_path / "after.yaml"), "--no-progress",
+             "sae.decoder_norm=free", "optim.total_tokens=6144"], capsys,
+            match="cannot resume with a changed sae.decoder_norm ('unit' in the checkpoint, "
+                  "'free' now)", unchanged=[run])
+
+
+def test_a_refused_resume_names_what_auto_gives():
+    """(where the run's config.yaml cannot tell what the checkpoints were trained with)"""
+    from jaxsae.checkpoint import check_resume_compatible
+
+    saved = load_config(None, ["data.path=d", "sae.decoder_norm=unit"])
+    with pytest.raises(Exception, match=re.escape(
+            "cannot resume with a changed sae.decoder_norm ('unit' in the checkpoint, 'free' "
+            "now: what auto gives since jaxsae 0.2.0); restore it")):
+        check_resume_compatible(saved, load_config(None, ["data.path=d"]), Path("run"))
