@@ -231,8 +231,11 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
         else:
             # A changed arm resumes if only what may change on resume changed (say, a longer
             # optim.total_tokens); otherwise train() refuses, and the message names the arm.
+            # Keys left to `auto` are compared too, not taken from the arm's checkpoints: the
+            # tables compare arms as this config states them (fault testing: after `auto`
+            # changed, old arms resumed with the old values beside new arms, unsaid).
             try:
-                train(arm_cfg, progress=progress,
+                train(arm_cfg, progress=progress, resume_as_trained=False,
                       log=lambda m: bar.write(m) if progress else log(m))
             except JaxsaeError as e:
                 e.args = (f"arms.{arm}: {e}",)

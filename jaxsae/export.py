@@ -23,6 +23,7 @@ import json
 import shlex
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ def export_sae(
     W_dec = host["W_dec"]
     d_sae, d_in = W_dec.shape
     weights = {"W_dec": W_dec, "b_dec": host["b_dec"], **kind.export_tensors(host)}
-    if kind.has_encoder:  # tied SAEs write W_enc = W_dec.T
+    if kind.has_encoder:  # tied SAEs write W_enc = W_dec.T (given no W_enc: not scaled)
         weights["W_enc"] = host["W_enc"] if "W_enc" in host else np.ascontiguousarray(W_dec.T)
     architecture, shape = kind.architecture, {"d_in": int(d_in)}
     if sae_cfg.transcoder:  # d_in is the encoder's; the decoder writes d_out
@@ -286,6 +287,12 @@ def check_init_from(path: str | Path, sae_cfg: SAEConfig) -> None:
                           f"(got {sae_cfg.d_sae})")
 
 
+def _own(cfg_json: Mapping[str, Any]) -> dict[str, Any]:
+    """The `jaxsae` block of a cfg.json (empty when it has none: SAELens's, or damaged)."""
+    own = cfg_json.get("jaxsae")
+    return own if isinstance(own, dict) else {}
+
+
 def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
                    scale: float = 1.0, log=lambda _: None) -> dict[str, np.ndarray]:
     """jaxsae parameters for training `sae_cfg` from the SAELens directory `path`, in the
@@ -306,7 +313,9 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
                           "sae.decoder_norm: free (unit would rescale them)")
     if kind.has_encoder and not sae_cfg.tied:
         params["W_enc"] = p["W_enc"] / scale
-    elif kind.has_encoder and "W_enc" in p:
+    elif kind.has_encoder and "W_enc" in p and not _own(loaded.cfg_json).get("tied"):
+        # (jaxsae's tied exports are tied: with an input scale s folded in, W_enc = s² W_dec.T;
+        # fault testing: the note was said of each of them once normalising was the default)
         gap = float(np.max(np.abs(np.asarray(p["W_enc"], np.float32)
                                   - np.asarray(p["W_dec"], np.float32).T)))
         if gap > 1e-6:
@@ -422,7 +431,7 @@ def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     one, else SAELens's training fields (top level, or
     `metadata.training_architecture_details`); defaults for the rest."""
     arch = cfg["architecture"]
-    own = cfg.get("jaxsae") if isinstance(cfg.get("jaxsae"), dict) else {}
+    own = _own(cfg)
     kind = activations.for_architecture(arch)
     if own.get("activation") in activations.starting_from(arch):
         kind = activations.get(own["activation"])
@@ -522,7 +531,11 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         batch //= 2
     if n_train < batch:
         raise ExportError(f"{data}: {source.n_tokens} tokens are too few to fine-tune on")
-    unit = sae.unit_rows(loaded.params["W_dec"], loaded.stored_dtype)
+    # unit decoder rows: as jaxsae's export says its run kept them (rows exported with an input
+    # scale folded in are 1/s long; fault testing: such TopK SAEs were imported as free),
+    # else as the rows are
+    unit = _own(cfg).get("decoder_norm") == "unit" if _own(cfg).get("decoder_norm") in (
+        "unit", "free") else sae.unit_rows(loaded.params["W_dec"], loaded.stored_dtype)
     tree: dict[str, Any] = {
         "name": run_dir.name,
         "run_dir": str(run_dir),

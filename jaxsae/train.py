@@ -28,12 +28,13 @@ from jaxsae.checkpoint import (
     COMMIT_MARKER,
     Checkpointer,
     CheckpointError,
+    CorruptCheckpoint,
     abstract_with_shardings,
     check_resume_compatible,
     foreign_steps,
 )
 from jaxsae.checks import check_run
-from jaxsae.config import Config, changes_of, config_from_dict, load_config
+from jaxsae.config import CheckpointConfig, Config, changes_of, config_from_dict, load_config
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.generated import refuse_other_sampler
@@ -53,7 +54,6 @@ from jaxsae.hooks import (
 )
 from jaxsae.interrupts import SignalFlag
 from jaxsae.outputs import atomic_write, json_text
-from jaxsae.parsing import read_yaml_mapping
 from jaxsae.progress import Progress
 from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
 from jaxsae.step import TrainState
@@ -73,8 +73,10 @@ class RunResult:
 
 def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print,
           make_loader: Callable[..., Loader] = Loader,
-          hooks: Sequence[LoopHook] = ()) -> RunResult:
+          hooks: Sequence[LoopHook] = (), resume_as_trained: bool = True) -> RunResult:
     """Trains (or resumes) the run `cfg` describes and returns where its results are.
+    `resume_as_trained`: keys `cfg` leaves to `auto` take the values the run's checkpoints
+    were trained with (`_as_checkpointed`); False: they are compared as if set.
     `make_loader`: builds the batch loader from `Loader`'s arguments (tests wrap it to see or
     cut the stream of batches). `hooks`: told every step, logged metrics and checkpoint, after
     metrics.jsonl and the progress display (see `jaxsae.hooks.LoopHook`)."""
@@ -100,11 +102,13 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
                               cfg.data.target))
     lock = _lock_run_dir(run_dir, is_main, log)
     try:
-        cfg = _as_checkpointed(cfg, run_dir, log)
-        if launch:
-            _agree_on_config(cfg)
+        note = None
+        if resume_as_trained:
+            cfg, note = _as_checkpointed(cfg, run_dir)
+            if launch:  # (each process read the same checkpoint; checked as at the start)
+                _agree_on_config(cfg)
         return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
-                             hooks=hooks)
+                             hooks=hooks, notes=[note] if note else [])
     finally:
         lock.release()
         if created is not None:
@@ -115,38 +119,42 @@ def _silent(message: str) -> None:
     pass
 
 
-def _as_checkpointed(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Config:
+def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
     """A run resumed with keys left to `auto` (`Config.defaulted`) keeps the values its
-    checkpoints were trained with, as its config.yaml records them, where `auto` now gives
-    others (a run started before `auto`, whose defaults were decoder_norm unit and normalize
-    none, resumes as it was trained instead of being refused). A key the config sets is
-    compared as before (`check_resume_compatible`)."""
-    checkpoints = run_dir / "checkpoints"
-    if not cfg.defaulted or not checkpoints.is_dir() or not any(
-            p.name.isdigit() for p in checkpoints.iterdir()):
-        return cfg
+    newest readable checkpoint was trained with where `auto` now gives others (a run started
+    before `auto`, whose defaults were decoder_norm unit and normalize none, resumes as it was
+    trained instead of being refused); with the note that says so, for once the restore goes
+    ahead. A key the config sets is compared as before (`check_resume_compatible`)."""
+    directory = run_dir / "checkpoints"
+    if not cfg.defaulted or not directory.is_dir():
+        return cfg, None
+    ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
-        saved = read_yaml_mapping(run_dir / "config.yaml")
-    except JaxsaeError:  # (none, or unreadable: the restore's comparison says what differs)
-        return cfg
+        saved = None
+        for step in reversed(ckpt.steps()):  # (a damaged one: restore_newest says so later)
+            with contextlib.suppress(CorruptCheckpoint):
+                saved = ckpt.restore_meta(step)[1].to_dict()
+                break
+    finally:
+        ckpt.close()
+    if saved is None:
+        return cfg, None
     tree, kept = cfg.to_dict(), []
     for key in cfg.defaulted:
         section, name = key.split(".")
-        value = saved.get(section, {}).get(name) if isinstance(saved.get(section), dict) \
-            else None
-        if value is not None and value != tree[section][name]:
-            kept.append(f"{key}: {value} (auto now gives {tree[section][name]})")
-            tree[section][name] = value
+        if saved[section][name] != tree[section][name]:
+            kept.append(f"{key}: {saved[section][name]} (auto now gives {tree[section][name]})")
+            tree[section][name] = saved[section][name]
     if not kept:
-        return cfg
+        return cfg, None
     try:
         resumed = config_from_dict(tree)
         check_run(resumed)
-    except JaxsaeError:
-        return cfg
-    log(f"{run_dir}: resuming as its checkpoints were trained, with " + ", ".join(kept)
-        + f"; set {'them' if len(kept) > 1 else 'it'} in the config to choose")
-    return resumed
+    except JaxsaeError:  # (the restore's comparison says what differs)
+        return cfg, None
+    return resumed, (f"{run_dir}: resuming as its checkpoints were trained, with "
+                     + ", ".join(kept)
+                     + f"; set {'them' if len(kept) > 1 else 'it'} in the config to choose")
 
 
 # Keys the processes of a run may set apart: where each finds the same data (checked by
@@ -205,7 +213,8 @@ def _remove_if_unused(run_dir: Path, created: Path) -> None:
 
 
 def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[str], None],
-                  make_loader: Callable[..., Loader], hooks: Sequence[LoopHook]) -> RunResult:
+                  make_loader: Callable[..., Loader], hooks: Sequence[LoopHook],
+                  notes: Sequence[str] = ()) -> RunResult:
     members = cfg.sweep_configs()
     dirs = member_dirs(cfg, run_dir)
 
@@ -235,7 +244,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
     n_train = source.n_tokens - held_out
     # said once the run is known to go ahead (fault testing: before a resume's one-line
     # refusal, they made it three lines)
-    notes: list[str] = []
+    notes = list(notes)
     if cfg.data.stream:
         notes.append(f"data: streaming {cfg.data.generate.get('kind')} ({source.n_tokens} "
                      f"tokens, {held_out} held out for evaluation; nothing is written)")

@@ -181,6 +181,25 @@ def test_the_bench_directory_never_takes_somebody_elses_files(tmp_path, capsys, 
     bench.check_directory(earlier, cfg.arm_configs())  # no error
 
 
+def test_a_bench_compares_its_arms_as_its_config_states_them(tmp_path, monkeypatch):
+    """An arm whose checkpoints were trained with other values of keys left to `auto` is
+    refused, not resumed with them (train's resume_as_trained=False): the tables would
+    compare arms trained otherwise than the config says (fault testing)."""
+    from jaxsae import train as train_mod
+
+    calls = []
+
+    def record(cfg, **kwargs):
+        calls.append(kwargs)
+        raise JaxsaeError("stop")
+
+    monkeypatch.setattr(train_mod, "train", record)
+    with pytest.raises(JaxsaeError, match=r"arms\.l1: stop"):
+        bench.run_bench(bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path))),
+                        progress=False, log=lambda m: None)
+    assert calls and calls[0]["resume_as_trained"] is False
+
+
 def test_pareto_frontier():
     pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (3.0, 0.9), (4.0, 0.8), (0.5, 0.1)]
     assert bench.pareto_frontier(pts) == [5, 0, 2, 3]

@@ -535,3 +535,27 @@ def test_importing_sparsify_onto_data_of_another_width_names_the_directory(small
                                    tmp_path / "e")
     with pytest.raises(ExportError, match=rf"d_in 16 does not match {out} \(d_in 4\)"):
         import_config(out, tmp_path / "run", small_data)
+
+
+def test_a_tied_start_says_only_of_an_encoder_of_its_own(tmp_path):
+    """init_from with sae.tied takes the decoder alone and says so when the file's encoder is
+    not its decoder's transpose; jaxsae's own tied exports are tied, also with an input scale
+    folded in (W_enc = s² W_dec.T; fault testing: the note was said of every normalised tied
+    export once normalising became the default)."""
+    from jaxsae.export import initial_params
+    from jaxsae.sae import fold_input_scale
+
+    tied = SAEConfig(d_sae=16, activation="relu", tied=True, decoder_norm="unit")
+    params = {k: np.asarray(v) for k, v in init_params(jax.random.key(0), 8, tied).items()}
+    params["b_dec"] = np.full(8, 0.5, np.float32)
+    export_sae(fold_input_scale(params, 3.0), tied, tmp_path / "tied")
+    said = []
+    start = initial_params(tmp_path / "tied", tied, 8, scale=3.0, log=said.append)
+    assert said == []
+    np.testing.assert_allclose(start["W_dec"], params["W_dec"], rtol=1e-6)
+    np.testing.assert_allclose(start["b_dec"], params["b_dec"], rtol=1e-6)
+    untied = SAEConfig(d_sae=16, activation="relu", decoder_norm="unit")
+    own = {**params, "W_enc": params["W_dec"].T * 2}
+    export_sae(own, untied, tmp_path / "untied")
+    initial_params(tmp_path / "untied", tied, 8, log=said.append)
+    assert len(said) == 1 and "has an encoder of its own (up to " in said[0]

@@ -540,6 +540,47 @@ def test_a_run_from_before_auto_resumes_as_it_was_trained(small_data, tmp_path, 
              "sae.decoder_norm=free", "optim.total_tokens=6144"], capsys,
             match="cannot resume with a changed sae.decoder_norm ('unit' in the checkpoint, "
                   "'free' now)", unchanged=[run])
+    # a resume refused for another key says that alone (fault testing: the note came first)
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "after.yaml"), "--no-progress",
+                     "sae.d_sae=48", "optim.total_tokens=6144"]) == 2
+    said = capsys.readouterr()
+    assert "cannot resume with a changed sae.d_sae" in said.err and said.out == ""
+    # what the checkpoints were trained with is read from them, not from config.yaml
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(
+        "normalize: none", "normalize: auto"))
+    assert cli.main(["train", str(tmp_path / "after.yaml"), "--no-progress",
+                     "optim.total_tokens=6144"]) == 0
+    assert "data.normalize: none (auto now gives" in capsys.readouterr().out
+    # a bench compares an arm as its config states it (the tables name no value it took)
+    from jaxsae.config import config_from_dict
+    from jaxsae.errors import JaxsaeError
+    from jaxsae.train import train
+
+    with pytest.raises(JaxsaeError, match=re.escape(
+            "cannot resume with a changed data.normalize ('none' in the checkpoint, "
+            "'unit_mean_squared_norm' now: what auto gives since jaxsae 0.2.0), "
+            "sae.decoder_norm ('unit' in the checkpoint, 'free' now: what auto gives since "
+            "jaxsae 0.2.0)")):
+        train(config_from_dict({**after, "optim": {**after["optim"], "total_tokens": 8192}}),
+              progress=False, resume_as_trained=False)
+
+
+def test_an_import_keeps_the_decoder_rows_its_source_trained_with(small_data, tmp_path):
+    """(fault testing: a TopK SAE trained with unit rows on normalised inputs exports rows of
+    norm 1/s, and `import` wrote decoder_norm free from their lengths)"""
+    tree = small_config_dict(small_data, tmp_path / "run", sae={
+        "d_sae": 32, "activation": "topk", "k": 4, "decoder_norm": "unit"},
+        loss=[{"term": "mse"}])
+    tree["data"]["normalize"] = "unit_mean_squared_norm"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    assert cli.main(["train", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    assert cli.main(["import", str(tmp_path / "run" / "sae"), "--out", str(tmp_path / "ft"),
+                     "--data", str(small_data), "optim.total_tokens=2048"]) == 0
+    written = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
+    assert written["sae"]["decoder_norm"] == "unit"
+    assert written["data"]["normalize"] == "unit_mean_squared_norm"
+    assert cli.main(["train", str(tmp_path / "ft" / "config.yaml"), "--no-progress"]) == 0
 
 
 def test_a_refused_resume_names_what_auto_gives():
