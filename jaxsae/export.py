@@ -534,8 +534,9 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     # unit decoder rows: as jaxsae's export says its run kept them (rows exported with an input
     # scale folded in are 1/s long; fault testing: such TopK SAEs were imported as free),
     # else as the rows are
-    unit = _own(cfg).get("decoder_norm") == "unit" if _own(cfg).get("decoder_norm") in (
-        "unit", "free") else sae.unit_rows(loaded.params["W_dec"], loaded.stored_dtype)
+    recorded = _own(cfg).get("decoder_norm")
+    unit = (recorded == "unit" if recorded in ("unit", "free")
+            else sae.unit_rows(loaded.params["W_dec"], loaded.stored_dtype))
     tree: dict[str, Any] = {
         "name": run_dir.name,
         "run_dir": str(run_dir),

@@ -128,15 +128,18 @@ def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
     directory = run_dir / "checkpoints"
     if not cfg.defaulted or not directory.is_dir():
         return cfg, None
-    ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
-    try:
+    saved = None
+    try:  # (what cannot be read here, the restore reads and reports after)
+        ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
+        try:
+            for step in reversed(ckpt.steps()):
+                with contextlib.suppress(CorruptCheckpoint):
+                    saved = ckpt.restore_meta(step)[1].to_dict()
+                    break
+        finally:
+            ckpt.close()
+    except Exception:  # (orbax raises many types for damaged directories)
         saved = None
-        for step in reversed(ckpt.steps()):  # (a damaged one: restore_newest says so later)
-            with contextlib.suppress(CorruptCheckpoint):
-                saved = ckpt.restore_meta(step)[1].to_dict()
-                break
-    finally:
-        ckpt.close()
     if saved is None:
         return cfg, None
     tree, kept = cfg.to_dict(), []
