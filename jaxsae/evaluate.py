@@ -32,10 +32,17 @@ def _batch_sums(params: sae.Params, x: jax.Array, target: jax.Array, cfg: SAECon
     acts = sae.encode(params, x, cfg, train=False)
     x_hat = sae.decode(params, acts, x)
     fired = acts > 0
+    # the squares are summed in units of 2^exponent, the block's largest |value| (exact: a
+    # power of two), then put back in float64 (`ReconstructionSums`): float32 squares of
+    # activations near 1e19 overflowed (a healthy run was reported diverged) and those near
+    # 1e-20 underflowed to 0 (an mse of 0, variance "undefined"; fault testing)
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(target)))
+    unit = jnp.ldexp(jnp.ones((), target.dtype), -exponent)
     return {
-        "sse": jnp.sum(jnp.square(x_hat - target)),
+        "sse": jnp.sum(jnp.square((x_hat - target) * unit)),
         "sum_x": jnp.sum(target, axis=0),
-        "sum_sq": jnp.sum(jnp.square(target)),
+        "sum_sq": jnp.sum(jnp.square(target * unit)),
+        "exponent": exponent,
         "active": jnp.sum(fired),
         "fires": jnp.sum(fired, axis=0, dtype=jnp.int32),
     }
@@ -63,8 +70,9 @@ class ReconstructionSums:
         s = jax.device_get(_batch_sums(self.params, x, x if target is None else target,
                                        self.cfg))
         self.n += x.shape[0]
-        self.sse += float(s["sse"])
-        self.sum_sq += float(s["sum_sq"])
+        unit_sq = 4.0 ** int(s["exponent"])  # (float64: 2^±256 at most)
+        self.sse += float(s["sse"]) * unit_sq
+        self.sum_sq += float(s["sum_sq"]) * unit_sq
         self.active += float(s["active"])
         self.sum_x = s["sum_x"].astype(np.float64) + (0 if self.sum_x is None else self.sum_x)
         self.fires = s["fires"].astype(np.int64) + (0 if self.fires is None else self.fires)

@@ -156,16 +156,26 @@ class ProgressDisplay(LoopHook):
         self.bar.close()
 
 
+SKIPPED_IN_A_ROW = 100
+"""With optim.skip_nonfinite, this many steps in a row skipped by every SAE stop the run: it
+no longer trains (fault testing: a diverged run skipped its remaining steps, checkpointing
+its non-finite parameters)."""
+
+
 class MetricLogger:
     """Turns the device metrics of a step (fetched one step late) into checks and, every
     log.every_steps, one line per SAE for the hooks (a sweep's metrics have a leading SAE
     axis)."""
 
     def __init__(self, cfg: Config, start: int, hooks: list[LoopHook], *,
-                 dropped: Callable[[dict], int | None]):
+                 dropped: Callable[[dict], int | None], scale: float = 1.0):
         """`dropped`: a loader position -> the tokens the norm filter left out up to it
-        (None: not known; every process calls it at the same steps)."""
+        (None: not known; every process calls it at the same steps). `scale`: the factor
+        normalisation multiplied the reconstructed activations by (the targets', for a
+        transcoder): the step's `mse` is divided by its square."""
         self.cfg, self.hooks, self.dropped = cfg, hooks, dropped
+        self.mse_unit = float(scale) ** 2
+        self.skipping = 0  # steps in a row skipped (optim.skip_nonfinite) by every SAE
         self.last_time, self.last_step = time.perf_counter(), start
         self.labels = penalties.term_labels(cfg.loss)
         self.points = cfg.sweep.points if cfg.sweep is not None else None
@@ -176,9 +186,11 @@ class MetricLogger:
         n = 1 if self.points is None else len(self.points)
         hosts = [{k: (v if self.points is None else v[i]).item() for k, v in fetched.items()}
                  for i in range(n)]
+        for host in hosts:
+            host["mse"] /= self.mse_unit
         done = step + 1
         for i, host in enumerate(hosts):
-            if not host.pop("finite") and not self.cfg.optim.skip_nonfinite:
+            if not host["finite"] and not self.cfg.optim.skip_nonfinite:
                 bad = [label for label in self.labels
                        if not math.isfinite(host.get(f"loss.{label}", 0.0))]
                 culprit = f"term(s) {', '.join(bad)}" if bad else "the gradient"
@@ -190,6 +202,17 @@ class MetricLogger:
                     "written after it. Lower optim.lr or check the data (jaxsae data inspect "
                     "names NaN / inf and tokens too large for float32)"
                 )
+        if self.cfg.optim.skip_nonfinite:
+            self.skipping = 0 if any(host["finite"] for host in hosts) else self.skipping + 1
+            if self.skipping >= SKIPPED_IN_A_ROW:
+                raise NonFiniteError(
+                    f"optim.skip_nonfinite: the last {self.skipping} steps (to step {done}) "
+                    "were all skipped, their loss or gradient non-finite: the parameters "
+                    "diverged (lower optim.lr) or most batches hold NaN / inf (jaxsae data "
+                    f"inspect names them); checkpoints after step {done - self.skipping} hold "
+                    "the state they kept, and none is written after this one")
+        for host in hosts:
+            host.pop("finite")
         for hook in self.hooks:
             hook.on_step(done)
         if done % self.cfg.log.every_steps and done != self.cfg.optim.total_steps:

@@ -225,16 +225,16 @@ def make_train_step(
         )
         wanted = batch if target is None else target
         error = jnp.sum(jnp.square(out.x_hat - wanted), axis=-1)
-        # `mse` in the data's own units, as the evaluation reports it (the loss and its terms
-        # stay those of the normalised activations training minimises; fault testing: a
-        # normalised run logged an mse 200x its eval.json's under the same name)
-        unit = target_scale if d_out else input_scale
+        # `mse` here in the normalised units training minimises; the logger puts it in the
+        # data's own units, as the evaluation reports it, in float64 (`MetricLogger`; fault
+        # testing: a normalised run logged an mse 200x its eval.json's under the same name,
+        # and dividing by scale² here overflowed float32 for data of norm ~1e-20: mse 0)
         spread = jnp.sum(jnp.square(wanted - wanted.mean(axis=0)), axis=-1)
         metrics = {
             "loss": loss,
             **term_metrics,
             "l0": jnp.mean(out.l0()),
-            "mse": jnp.mean(error) / unit ** 2,
+            "mse": jnp.mean(error),
             "explained_variance": 1.0 - jnp.sum(error) / jnp.sum(spread),
             "dead_fraction": jnp.mean(tokens_since_fired >= dead_window(step, batch.shape[0])),
             "lr": schedule(step),

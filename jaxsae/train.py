@@ -476,7 +476,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
 
     stop_signal = SignalFlag()
     logger = MetricLogger(cfg, start, told, dropped=lambda at: dropped_tokens(
-        _gather_positions(at)))
+        _gather_positions(at)), scale=stats.target_scale if cfg.sae.transcoder else stats.scale)
     pending = None  # (step, device metrics) of the previous step: read one step late
     try:
         for step in range(start, total):

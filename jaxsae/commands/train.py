@@ -115,6 +115,16 @@ def _degenerate(cfg, evals: list[dict], steps: int) -> str | None:
              "E|x|^2 = d_in (data.normalize: unit_mean_squared_norm); this run's are not "
              "normalised." if scaled and cfg.data.normalize == "none" else "")
     if silent:
+        ev = evals[silent[0]]["explained_variance"]
+        if ev is None or not math.isfinite(ev):  # (fault testing: blamed on the penalty)
+            return (f"no latent fires on the evaluated tokens{which}, which do not vary "
+                    "(explained variance undefined): the held-out tokens are the data's last "
+                    "data.eval_tokens.")
+        if ev < -1:  # the decoder's bias alone, far from the tokens: not the penalty's doing
+            return (f"no latent fires on the evaluated tokens{which}, and the decoder's bias "
+                    f"alone is further from them than their mean (explained variance "
+                    f"{ev:.4g}): the training diverged, or its steps were too large (lower "
+                    "optim.lr).")
         return (f"no latent fires on the evaluated tokens{which}" + (
             ": the sparsity penalty outweighs the reconstruction" + (
                 " at this data's scale" if scale else "")

@@ -181,3 +181,85 @@ def test_an_undefined_explained_variance_is_null_in_cfg_json(run_copy, small_dat
 
     cfg = json.loads((tmp_path / "e" / "cfg.json").read_text(), parse_constant=refuse)
     assert cfg["metadata"]["eval_explained_variance"] is None
+
+
+@pytest.mark.parametrize("power", [62, -66])
+def test_the_evaluation_holds_for_activations_of_any_magnitude(power):
+    """Activations x·2^p evaluated by the same SAE scaled to them: the same explained variance
+    and L0, the mse times 4^p (fault testing: squares near 1e19 overflowed float32, so a
+    healthy run was reported diverged, and near 1e-20 they underflowed: mse 0, variance
+    "undefined")."""
+    import jax
+
+    from jaxsae.evaluate import reconstruction_metrics
+    from jaxsae.sae import fold_input_scale, init_params
+
+    cfg = SAEConfig(d_sae=16, activation="relu", decoder_norm="unit")
+    params = {k: np.asarray(v) for k, v in init_params(jax.random.key(0), 8, cfg).items()}
+    params["b_enc"] = np.full(16, -0.1, np.float32)
+    x = np.random.default_rng(0).normal(size=(512, 8)).astype(np.float32)
+    base = reconstruction_metrics(params, cfg, [x[:256], x[256:]])
+    c = 2.0 ** power
+    scaled = reconstruction_metrics(fold_input_scale(params, 1 / c), cfg,
+                                    [x[:256] * c, x[256:] * c])
+    assert scaled["explained_variance"] == base["explained_variance"]
+    assert 0 < base["explained_variance"] < 1 and scaled["l0"] == base["l0"] > 0
+    assert scaled["mse"] == pytest.approx(base["mse"] * c * c, rel=1e-6)
+
+
+def _logger(tmp_path, **optim):
+    from jaxsae.config import config_from_dict
+    from jaxsae.hooks import MetricLogger
+
+    tree = small_config_dict(tmp_path / "d", tmp_path / "r")
+    tree["optim"].update(optim)
+    lines = []
+
+    class Lines:
+        def on_step(self, done):
+            pass
+
+        def on_log(self, done, logged):
+            lines.extend(logged)
+
+    return config_from_dict(tree), lines, lambda cfg, scale=1.0: MetricLogger(
+        cfg, 0, [Lines()], dropped=lambda at: None, scale=scale)
+
+
+def _metrics(finite=True, mse=10.0):
+    import jax.numpy as jnp
+
+    return {"loss": jnp.float32(mse if finite else np.nan), "loss.mse": jnp.float32(mse),
+            "loss.l1": jnp.float32(1.0), "l0": jnp.float32(3.0), "mse": jnp.float32(mse),
+            "explained_variance": jnp.float32(0.5), "dead_fraction": jnp.float32(0.0),
+            "lr": jnp.float32(1e-3), "grad_norm": jnp.float32(1.0), "finite": jnp.bool_(finite),
+            "skipped_steps": jnp.int32(0)}
+
+
+def test_the_logged_mse_is_in_the_datas_units_for_any_scale(tmp_path):
+    """(fault testing: dividing by the scale squared in float32 overflowed for data of norm
+    ~1e-20, and every line said mse 0.0)"""
+    cfg, lines, make = _logger(tmp_path)
+    logger = make(cfg, scale=1e20)
+    for step in range(cfg.log.every_steps):
+        logger.record(step, _metrics(mse=10.0), {})
+    assert lines[-1]["mse"] == pytest.approx(10.0 / 1e40, rel=1e-6)
+
+
+def test_a_run_whose_every_step_is_skipped_stops(tmp_path):
+    """optim.skip_nonfinite: a run that skips SKIPPED_IN_A_ROW steps in a row no longer trains
+    and stops, saying why (fault testing: a diverged run skipped its remaining steps and
+    checkpointed its non-finite state); a finite step between bad ones starts the count anew."""
+    from jaxsae.errors import NonFiniteError
+    from jaxsae.hooks import SKIPPED_IN_A_ROW
+
+    cfg, _, make = _logger(tmp_path, skip_nonfinite=True, total_tokens=256 * 400)
+    logger = make(cfg)
+    for step in range(SKIPPED_IN_A_ROW - 1):
+        logger.record(step, _metrics(finite=False), {})
+    logger.record(SKIPPED_IN_A_ROW - 1, _metrics(finite=True), {})
+    for step in range(SKIPPED_IN_A_ROW, 2 * SKIPPED_IN_A_ROW - 1):
+        logger.record(step, _metrics(finite=False), {})
+    with pytest.raises(NonFiniteError, match=r"^optim.skip_nonfinite: the last 100 steps \(to "
+                                             r"step 200\) were all skipped"):
+        logger.record(2 * SKIPPED_IN_A_ROW - 1, _metrics(finite=False), {})
