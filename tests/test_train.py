@@ -625,9 +625,12 @@ def test_a_latent_silent_since_the_start_counts_dead_before_the_window_fills(sma
 
 @pytest.mark.parametrize("d_out", [0, 8])  # an SAE, a transcoder of 16 -> 8
 def test_the_logged_mse_is_in_the_data_s_units(small_data, d_out):
-    """The step's `mse` is in raw units whatever the normalisation (a transcoder's: its
-    target's); its loss is the normalised objective (fault testing: a normalised run logged an
-    mse 200x its eval.json's under the same name)."""
+    """The logged `mse` is in raw units whatever the normalisation (a transcoder's: its
+    target's): the step's, in the normalised units, divided by the scale squared by the
+    logger, in float64; its loss is the normalised objective (fault testing: a normalised run
+    logged an mse 200x its eval.json's under the same name)."""
+    from jaxsae.hooks import MetricLogger
+
     tree = small_config_dict(small_data, "unused")
     if d_out:
         tree["data"]["target"] = "y"
@@ -641,8 +644,20 @@ def test_the_logged_mse_is_in_the_data_s_units(small_data, d_out):
         state, rows, step.hyper_of(cfg))
     _, plain = step.make_train_step(cfg, d_out=d_out)(state, scaled, step.hyper_of(cfg))
     assert float(raw["loss"]) == pytest.approx(float(plain["loss"]), rel=1e-5)
-    assert float(raw["mse"]) == pytest.approx(float(plain["mse"]) / (t if d_out else s) ** 2,
-                                              rel=1e-5)
+    lines = []
+
+    class Lines:
+        def on_step(self, done):
+            pass
+
+        def on_log(self, done, logged):
+            lines.extend(logged)
+
+    logger = MetricLogger(cfg, cfg.log.every_steps - 1, [Lines()], dropped=lambda at: None,
+                          scale=t if d_out else s)
+    logger.record(cfg.log.every_steps - 1, raw, {})
+    assert lines[0]["mse"] == pytest.approx(float(plain["mse"]) / (t if d_out else s) ** 2,
+                                            rel=1e-5)
 
 
 def sae_init(cfg):
