@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -71,9 +72,11 @@ class DataConfig:
     """Drop tokens whose norm exceeds this multiple of the median norm (e.g. attention sinks)."""
     stats_tokens: int = 65536
     """Tokens sampled evenly across the data to estimate the median norm and the scale."""
-    lanes: int = 8
+    lanes: int | Literal["auto"] = "auto"
     """Independent streams each batch is assembled from; the number of processes must divide
-    it (each process reads only its lanes) and it must divide optim.batch_size."""
+    it (each process reads only its lanes) and it must divide optim.batch_size. `auto`
+    (resolved when the config is read): 8, or the largest power of two dividing a batch size
+    that 8 does not."""
     eval_tokens: int | Literal["auto"] = "auto"
     """Tokens at the end of the data held out from training and used for the final evaluation;
     `auto`: min(65536, 5 % of the data)."""
@@ -103,7 +106,7 @@ class DataConfig:
               f"must be >= 1 (a multiple of the median norm: below 1 it drops most tokens, not "
               f"outliers), got {self.drop_norm_above}")
         _need(self.stats_tokens > 0, "data.stats_tokens", "must be > 0")
-        _need(self.lanes > 0, "data.lanes", "must be > 0")
+        _need(self.lanes == "auto" or self.lanes > 0, "data.lanes", "must be > 0 (or auto)")
         _need(self.target_hook is None or self.target is not None, "data.target_hook",
               "names a column of data.target's SAELens cache; set data.target too "
               "(data.path again when one cache holds both columns)")
@@ -134,6 +137,7 @@ AUTO_SINCE = "jaxsae 0.2.0"
 none (a run resumed from then keeps them, `Config.defaulted`)."""
 
 # `auto` sizes: a 30-second smoke test and a 1B-token job both get sensible values.
+AUTO_LANES = 8
 AUTO_EVAL_TOKENS = 65536
 DEAD_WINDOW_MAX = 2**30
 """The longest window of a dead latent, in tokens: a latent's count of tokens since it fired
@@ -524,6 +528,9 @@ class Config:
                 else "unit_mean_squared_norm")))
             auto.append("data.normalize")
         object.__setattr__(self, "_from_auto", tuple(auto))
+        if self.data.lanes == "auto":  # (fault testing: the fixed 8 refused batches below 8)
+            object.__setattr__(self, "data", replace(
+                self.data, lanes=math.gcd(AUTO_LANES, self.optim.batch_size)))
         if self.data.target is not None and not self.sae.transcoder:
             # data.target makes the dictionary a transcoder (the section cannot see data)
             object.__setattr__(self, "sae", replace(self.sae, transcoder=True))

@@ -30,7 +30,6 @@ so the codes of ReLU / JumpReLU latents are unchanged. Only the decoder is then 
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 from collections.abc import Sequence
 from functools import partial
@@ -455,9 +454,7 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
             "init_from": str(out / "stitched"),
             "freeze": ["W_enc", "b_enc", "b_dec"] + (["threshold"] if activation == "jumprelu"
                                                     else []),
-            # (lanes divide the batch: the default's 8 only where --batch-size allows it)
             "data": {"path": str(Path(data).absolute()), "hook": hook,
-                     "lanes": math.gcd(DataConfig.lanes, batch_size),
                      "eval_tokens": eval_tokens, "normalize": "none", **dropped},
             "sae": {"d_sae": d_sae, "activation": activation, "decoder_norm": "free"},
             "loss": [{"term": "mse"}],

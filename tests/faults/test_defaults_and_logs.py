@@ -26,6 +26,12 @@ def test_defaults_fit_a_small_run():
     assert cfg.optim.warmup == 29 and cfg.data.held_out(40_000) == 2000
     big = load_config(None, ["data.path=d"])
     assert big.optim.warmup == 1000 and big.data.held_out(10**9) == 65536
+    # lanes: 8 wherever the batch allows, else the most that divide it (fault testing: a
+    # batch below 8 was refused by the default)
+    assert cfg.data.lanes == big.data.lanes == 8
+    for batch, lanes in [(100, 4), (6, 2), (1, 1)]:
+        assert load_config(None, ["data.path=d", f"optim.batch_size={batch}",
+                                  "optim.total_tokens=100000"]).data.lanes == lanes
     with pytest.raises(Exception, match=r"optim.warmup_steps, optim.decay_fraction: the "
                                         r"learning rate's warm-up plus decay \(600 \+ "):
         load_config(None, ["data.path=d", "optim.batch_size=512",
