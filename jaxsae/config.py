@@ -522,6 +522,8 @@ class Config:
               "name", f"must be a relative name below runs/ (no '.' or '..'), got {self.name!r};"
               " use run_dir for a directory elsewhere")
         auto = [f"sae.{name}" for name in getattr(self.sae, "_from_auto", ())]
+        if auto:  # the record is this config's: one made from it by `replace` has none
+            object.__setattr__(self, "sae", replace(self.sae))
         if self.data.normalize == "auto":
             object.__setattr__(self, "data", replace(self.data, normalize=(
                 "none" if self.sae.activation in RAW_SCALE_ACTIVATIONS

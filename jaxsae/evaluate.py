@@ -32,14 +32,15 @@ def _batch_sums(params: sae.Params, x: jax.Array, target: jax.Array, cfg: SAECon
     acts = sae.encode(params, x, cfg, train=False)
     x_hat = sae.decode(params, acts, x)
     fired = acts > 0
-    # the squares are summed in units of 2^exponent, the block's largest |value| (exact: a
-    # power of two), then put back in float64 (`ReconstructionSums`): float32 squares of
+    # the squares are summed in units of 2^exponent, the block's largest |value| or |error|
+    # (exact: a power of two), then put back in float64 (`ReconstructionSums`): float32 squares of
     # activations near 1e19 overflowed (a healthy run was reported diverged) and those near
     # 1e-20 underflowed to 0 (an mse of 0, variance "undefined"; fault testing)
-    _, exponent = jnp.frexp(jnp.max(jnp.abs(target)))
+    error = x_hat - target
+    _, exponent = jnp.frexp(jnp.maximum(jnp.max(jnp.abs(target)), jnp.max(jnp.abs(error))))
     unit = jnp.ldexp(jnp.ones((), target.dtype), -exponent)
     return {
-        "sse": jnp.sum(jnp.square((x_hat - target) * unit)),
+        "sse": jnp.sum(jnp.square(error * unit)),
         "sum_x": jnp.sum(target, axis=0),
         "sum_sq": jnp.sum(jnp.square(target * unit)),
         "exponent": exponent,
@@ -70,7 +71,7 @@ class ReconstructionSums:
         s = jax.device_get(_batch_sums(self.params, x, x if target is None else target,
                                        self.cfg))
         self.n += x.shape[0]
-        unit_sq = 4.0 ** int(s["exponent"])  # (float64: 2^±256 at most)
+        unit_sq = 4.0 ** int(s["exponent"])  # (float64; float32's exponents: -148..128)
         self.sse += float(s["sse"]) * unit_sq
         self.sum_sq += float(s["sum_sq"]) * unit_sq
         self.active += float(s["active"])

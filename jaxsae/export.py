@@ -306,14 +306,26 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
     kind = activations.get(sae_cfg.activation)
     params = {name: p[name] for name in kind.own_param_names(sae_cfg)}
     params.update(W_dec=p["W_dec"] * scale, b_dec=p["b_dec"] * scale)
-    if sae_cfg.decoder_norm == "unit" and not sae.unit_rows(params["W_dec"], loaded.stored_dtype):
-        norms = np.linalg.norm(params["W_dec"], axis=1)
-        raise ConfigError(f"init_from: {path} has decoder rows of norm "
-                          f"{norms.min():.3g}..{norms.max():.3g}; use "
-                          "sae.decoder_norm: free (unit would rescale them)")
     if kind.has_encoder and not sae_cfg.tied:
         params["W_enc"] = p["W_enc"] / scale
-    elif kind.has_encoder and "W_enc" in p and not _own(loaded.cfg_json).get("tied"):
+    norms = np.linalg.norm(params["W_dec"].astype(np.float64), axis=1)
+    if sae_cfg.decoder_norm == "unit" and not sae.unit_rows(params["W_dec"], loaded.stored_dtype):
+        if not (_rescalable(params) and norms.min() > 0
+                and norms.max() <= norms.min() * (1 + 1e-3)):
+            raise ConfigError(f"init_from: {path} has decoder rows of norm "
+                              f"{norms.min():.3g}..{norms.max():.3g}; use "
+                              "sae.decoder_norm: free (unit would rescale them)")
+        # rows all of one length r: an input scale folded in at another scale than this
+        # data's (fault testing: an imported TopK SAE fine-tuned on other data was refused).
+        # The same function with unit rows: codes r times larger, rows r times shorter.
+        log(f"init_from: {path}'s decoder rows are {norms[0]:.4g} long at this data's scale: "
+            "made unit, the codes scaled to match")
+        params["W_dec"] = params["W_dec"] / norms[:, None]
+        for name in ("W_enc", "b_enc", "threshold"):
+            if name in params:
+                params[name] = params[name] * norms
+    if sae_cfg.tied and kind.has_encoder and "W_enc" in p and not _own(
+            loaded.cfg_json).get("tied"):
         # (jaxsae's tied exports are tied: with an input scale s folded in, W_enc = s² W_dec.T;
         # fault testing: the note was said of each of them once normalising was the default)
         gap = float(np.max(np.abs(np.asarray(p["W_enc"], np.float32)
@@ -323,6 +335,17 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
                 "decoder's transpose); sae.tied: true starts from the decoder alone, and the "
                 "encoder is its transpose")
     return {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
+
+
+def _overridden(overrides) -> set[str]:
+    """The dotted keys of `key=value` overrides."""
+    return {assignment.split("=", 1)[0].strip() for assignment in overrides}
+
+
+def _rescalable(params: dict[str, np.ndarray]) -> bool:
+    """Whether scaling W_enc, b_enc and the thresholds by n and W_dec's rows by 1/n leaves the
+    SAE's function as it is (codes of positive homogeneity: ReLU, TopK, BatchTopK, JumpReLU)."""
+    return set(params) <= {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"} and "b_enc" in params
 
 
 def load_sae(path: str | Path, *, transcoders: bool = False) -> LoadedSAE:
@@ -585,7 +608,13 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
                                   inputs=inputs) as staging:
         if keep is not None:
             shutil.copytree(keep, staging / IMPORTED_SAE)
+        unknown = ("# data.normalize: none assumed: the source, exported by jaxsae before "
+                   "0.2.0, does not say\n# whether it trained normalised (set "
+                   "unit_mean_squared_norm if it did: its coefficients are at that scale).\n"
+                   if _own(cfg) and "normalize" not in _own(cfg)
+                   and "data.normalize" not in _overridden(overrides) else "")
         outputs.write_file(staging / "config.yaml",
                            f"# jaxsae train {shlex.quote(str(run_dir / 'config.yaml'))}\n"
-                           f"# Starts from {source_name} (imported).\n" + config.to_yaml())
+                           f"# Starts from {source_name} (imported).\n" + unknown
+                           + config.to_yaml())
     return run_dir / "config.yaml"

@@ -61,7 +61,10 @@ def export_sparsify(params: dict[str, Any], sae_cfg: SAEConfig, out: str | Path,
     tensors = {"encoder.weight": np.ascontiguousarray(W_enc.T),
                "encoder.bias": host["b_enc"], "W_dec": W_dec, "b_dec": host["b_dec"]}
     cfg = {"activation": "topk", "expansion_factor": max(1, d_sae // d_in),
-           "normalize_decoder": sae_cfg.decoder_norm == "unit", "num_latents": int(d_sae),
+           # (rows kept at unit norm, as written: a scale folded in makes them 1/s long, which
+           # sparsify's training would renormalise; fault testing)
+           "normalize_decoder": sae_cfg.decoder_norm == "unit" and sae.unit_rows(W_dec),
+           "num_latents": int(d_sae),
            "k": int(sae_cfg.k), "multi_topk": False, "skip_connection": False,
            "transcode": False, "d_in": int(d_in)}
     # (sparsify's cfg.json takes no extra key: the marker file says jaxsae wrote it, so that

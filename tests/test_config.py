@@ -97,6 +97,8 @@ def test_keys_set_are_not_defaulted():
     assert cfg.defaulted == ("data.normalize",)
     # a config made from another is resolved already: nothing is left to auto
     assert replace(cfg, seed=1).defaulted == () and replace(cfg, seed=1).sae == cfg.sae
+    everything = load_config(None, ["data.path=/d"])
+    assert replace(everything, seed=1).defaulted == ()  # (review: the SAE's record remained)
     tree = cfg.to_dict()
     assert (tree["sae"]["decoder_norm"], tree["data"]["normalize"]) == ("free",
                                                                        "unit_mean_squared_norm")

@@ -196,8 +196,9 @@ def test_unit_decoder_rows_read_back_as_unit_from_bfloat16(small_data, tmp_path)
     from jaxsae.export import import_config
     config = yaml.safe_load(import_config(eleuther, tmp_path / "run", small_data).read_text())
     assert config["sae"]["decoder_norm"] == "unit"
-    # rows 1 % longer are not unit in either dtype
-    params["W_dec"] = W_dec * 1.01
+    # rows 1 % longer are not unit in either dtype: refused when some are (all of them: a
+    # scale, made unit with the codes scaled to match, test_a_start_at_another_scale_...)
+    params["W_dec"] = W_dec * np.where(np.arange(4096) % 2, 1.01, 1.0)[:, None]
     for dtype in ("float32", "bfloat16"):
         loaded = load_sae(export_sae(params, cfg, tmp_path / dtype, dtype=dtype,
                                      overwrite=True))
@@ -559,3 +560,46 @@ def test_a_tied_start_says_only_of_an_encoder_of_its_own(tmp_path):
     export_sae(own, untied, tmp_path / "untied")
     initial_params(tmp_path / "untied", tied, 8, log=said.append)
     assert len(said) == 1 and "has an encoder of its own (up to " in said[0]
+
+
+@pytest.mark.parametrize(("activation", "tied"), [("topk", False), ("batchtopk", False),
+                                                  ("relu", False), ("relu", True)])
+def test_a_start_at_another_scale_keeps_unit_rows_and_the_function(tmp_path, activation, tied):
+    """An SAE trained with unit rows on inputs scaled by s exports rows 1/s long; started on
+    data of another scale s2 (init_from, import), its rows are s2/s long: they are made unit
+    and the codes scaled to match, the same function (fault testing: a default TopK SAE
+    imported onto other data was refused, "use sae.decoder_norm: free")."""
+    from jaxsae.evaluate import encode_decode
+    from jaxsae.export import initial_params
+    from jaxsae.sae import fold_input_scale
+
+    cfg = SAEConfig(d_sae=16, activation=activation, k=3, tied=tied, decoder_norm="unit")
+    params = {k: np.asarray(v) for k, v in init_params(jax.random.key(0), 8, cfg).items()}
+    params["b_enc"] = np.full(16, -0.05, np.float32)
+    params["b_dec"] = np.full(8, 0.3, np.float32)
+    s, s2 = 0.5, 0.8
+    export_sae(fold_input_scale(params, s), cfg, tmp_path / "sae")
+    said = []
+    start = initial_params(tmp_path / "sae", cfg, 8, scale=s2, log=said.append)
+    np.testing.assert_allclose(np.linalg.norm(start["W_dec"], axis=1), 1.0, rtol=1e-6)
+    assert len(said) == 1 and "made unit, the codes scaled to match" in said[0]
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    _, exported = encode_decode(load_sae(tmp_path / "sae").params, jnp.asarray(x), cfg)
+    _, started = encode_decode(start, jnp.asarray(x * s2), cfg)
+    np.testing.assert_allclose(np.asarray(started) / s2, np.asarray(exported), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_a_sparsify_export_says_its_rows_are_kept_unit_only_when_they_are(tmp_path):
+    """A TopK SAE with unit rows trained on inputs scaled by s exports rows 1/s long;
+    sparsify's training would renormalise rows its cfg.json calls normalised (fault testing:
+    normalize_decoder was true for them)."""
+    from jaxsae import sparsify
+    from jaxsae.sae import fold_input_scale
+
+    cfg = SAEConfig(d_sae=16, activation="topk", k=3, decoder_norm="unit")
+    params = {k: np.asarray(v) for k, v in init_params(jax.random.key(0), 8, cfg).items()}
+    for scale, unit in [(1.0, True), (0.5, False)]:
+        out = sparsify.export_sparsify(fold_input_scale(params, scale), cfg,
+                                       tmp_path / str(scale))
+        assert json.loads((out / "cfg.json").read_text())["normalize_decoder"] is unit

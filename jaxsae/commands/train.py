@@ -115,20 +115,21 @@ def _degenerate(cfg, evals: list[dict], steps: int) -> str | None:
              "E|x|^2 = d_in (data.normalize: unit_mean_squared_norm); this run's are not "
              "normalised." if scaled and cfg.data.normalize == "none" else "")
     if silent:
-        ev = evals[silent[0]]["explained_variance"]
-        if ev is None or not math.isfinite(ev):  # (fault testing: blamed on the penalty)
+        values = [evals[i]["explained_variance"] for i in silent]
+        if all(v is None or not math.isfinite(v) for v in values):  # (the same tokens for
+            # every SAE; fault testing: blamed on the penalty)
             return (f"no latent fires on the evaluated tokens{which}, which do not vary "
                     "(explained variance undefined): the held-out tokens are the data's last "
                     "data.eval_tokens.")
-        if ev < -1:  # the decoder's bias alone, far from the tokens: not the penalty's doing
-            return (f"no latent fires on the evaluated tokens{which}, and the decoder's bias "
-                    f"alone is further from them than their mean (explained variance "
-                    f"{ev:.4g}): the training diverged, or its steps were too large (lower "
-                    "optim.lr).")
+        # far worse than the mean with no latent firing: the decoder's bias alone is far from
+        # the tokens, which a divergence leaves (or a bias still on its way to their mean)
+        far = any(v is not None and v < -1 for v in values)
         return (f"no latent fires on the evaluated tokens{which}" + (
             ": the sparsity penalty outweighs the reconstruction" + (
                 " at this data's scale" if scale else "")
-            + f" (lower loss.{scaled[0]}.coefficient)" if scaled else "") + f".{scale}")
+            + f" (lower loss.{scaled[0]}.coefficient)" if scaled else "") + f".{scale}" + (
+            " If the loss in metrics.jsonl grew by orders of magnitude, the training diverged "
+            "instead (lower optim.lr)." if far else ""))
     return (f"explained variance below 0{which}: after {steps:,} steps the reconstruction is "
             "further from the tokens than their mean; a short run may not have left its start "
             f"(more tokens, or a higher optim.lr).{scale}")

@@ -586,7 +586,20 @@ def test_an_import_keeps_the_decoder_rows_its_source_trained_with(small_data, tm
     written = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
     assert written["sae"]["decoder_norm"] == "unit"
     assert written["data"]["normalize"] == "unit_mean_squared_norm"
+    assert "assumed" not in (tmp_path / "ft" / "config.yaml").read_text()
     assert cli.main(["train", str(tmp_path / "ft" / "config.yaml"), "--no-progress"]) == 0
+    # an export of jaxsae before 0.2.0 does not say: the config says what it assumed (review)
+    import json
+
+    cfg_json = tmp_path / "run" / "sae" / "cfg.json"
+    cfg = json.loads(cfg_json.read_text())
+    del cfg["jaxsae"]["normalize"]
+    cfg_json.write_text(json.dumps(cfg))
+    assert cli.main(["import", str(tmp_path / "run" / "sae"), "--out", str(tmp_path / "old"),
+                     "--data", str(small_data)]) == 0
+    text = (tmp_path / "old" / "config.yaml").read_text()
+    assert "# data.normalize: none assumed: the source, exported by jaxsae before 0.2.0" in text
+    assert yaml.safe_load(text)["data"]["normalize"] == "none"
 
 
 def test_a_refused_resume_names_what_auto_gives():
