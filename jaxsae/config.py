@@ -681,8 +681,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if assignment.startswith("sweep.") and "=" in assignment:
             _override_sweep(tree, assignment)
             continue
-        # `loss.1.coefficient=2` edits the default term list when the file has none.
-        if assignment.startswith("loss.") and tree.get("loss") is None:
+        # `loss.1.coefficient=2` (or `loss[1]...`, as errors name it) edits the default term
+        # list when the file has none
+        if assignment.startswith(("loss.", "loss[")) and tree.get("loss") is None:
             tree["loss"] = [t.to_dict() for t in _default_loss()]
         apply_override(tree, assignment)
     return from_dict(Config, tree)
@@ -691,7 +692,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 def _override_sweep(tree: dict[str, Any], assignment: str) -> None:
     """`sweep.optim.lr=[1e-4, 3e-4]` sets one axis of the sweep grid (the key keeps its dots)."""
     dotted, text = assignment.split("=", 1)
-    name = dotted.strip().removeprefix("sweep.")
+    # (a term by position as errors name it, `loss[1].coefficient`, is `loss.1.coefficient`)
+    name = re.sub(r"^loss\[(\d+)\]", r"loss.\1", dotted.strip().removeprefix("sweep."))
     sweep = tree.get("sweep")
     if sweep is None:
         sweep = tree["sweep"] = {}

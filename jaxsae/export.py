@@ -557,7 +557,8 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     # unit decoder rows: as jaxsae's export says its run kept them (rows exported with an input
     # scale folded in are 1/s long; fault testing: such TopK SAEs were imported as free),
     # else as the rows are
-    recorded = _own(cfg).get("decoder_norm")
+    # (a training export of 0.2.0 on records its scale; a conversion, sparsify's, does not)
+    recorded = _own(cfg).get("decoder_norm") if "normalize" in _own(cfg) else None
     unit = (recorded == "unit" if recorded in ("unit", "free")
             else sae.unit_rows(loaded.params["W_dec"], loaded.stored_dtype))
     tree: dict[str, Any] = {
@@ -611,7 +612,7 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         unknown = ("# data.normalize: none assumed: the source, exported by jaxsae before "
                    "0.2.0, does not say\n# whether it trained normalised (set "
                    "unit_mean_squared_norm if it did: its coefficients are at that scale).\n"
-                   if _own(cfg) and "normalize" not in _own(cfg)
+                   if "run" in _own(cfg) and "normalize" not in _own(cfg)  # (a run's export)
                    and "data.normalize" not in _overridden(overrides) else "")
         outputs.write_file(staging / "config.yaml",
                            f"# jaxsae train {shlex.quote(str(run_dir / 'config.yaml'))}\n"

@@ -114,6 +114,11 @@ def test_dotted_overrides(preset):
     # a list item also as errors name it (fault testing: `loss[1].coefficient`, copied from
     # an error, was an unknown key)
     assert load_config(preset, ["loss[1].coefficient=3"]).loss[1].coefficient == 3.0
+    # also of the default terms, and in a sweep (fault testing: "loss: expected a list, got
+    # dict"; "sweep.loss[1].coefficient: unknown key")
+    assert load_config(None, ["data.path=d", "loss[1].coefficient=3"]).loss[1].coefficient == 3
+    assert load_config(None, ["data.path=d", "sweep.loss[1].coefficient=[1, 2]"]).sweep.points \
+        == ({"loss.1.coefficient": 1.0}, {"loss.1.coefficient": 2.0})
     assert cfg.sae.activation == "relu"  # siblings in the section are kept
     assert cfg.optim.batch_size == 256
 

@@ -197,6 +197,9 @@ def test_import_of_a_sparsify_directory_trains(small_data, tmp_path, capsys):
     assert config["init_from"] == str(run / "imported-sae")
     assert config["sae"]["activation"] == "topk" and config["sae"]["k"] == 3
     assert config["sae"]["decoder_norm"] == "unit"
+    # (fault testing: the converted directory's record was read as a jaxsae run's of before
+    # 0.2.0: "normalize: none assumed", and its rows as free)
+    assert "assumed" not in (run / "config.yaml").read_text()
     np.testing.assert_array_equal(load_sae(run / "imported-sae").params["W_dec"], W_dec)
     assert cli.main([*hint[1:], "--no-progress"]) == 0
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -71,7 +71,7 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
 def _open_one(cfg: DataConfig) -> ArraySource:
     path = Path(cfg.path)
     if not path.exists():
-        raise DataError(f"{path}: data directory does not exist (data.path)")
+        raise DataError(f"{path}: data directory does not exist (data.path, or --data)")
     kind = detect_format(path) if cfg.format == "auto" else cfg.format
     if kind == "shards":
         if cfg.hook is not None:
