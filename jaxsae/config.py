@@ -127,8 +127,9 @@ class DataConfig:
 
 # What `auto` settings resolve to, by `sae.activation` (checked against the activations'
 # registry by the tests: this module imports none of jaxsae's modelling code).
-UNIT_DECODER_ACTIVATIONS = ("topk", "batchtopk", "matching_pursuit")
-"""`sae.decoder_norm: auto` gives these unit rows, the others free rows."""
+K_ACTIVATIONS = ("topk", "batchtopk", "matching_pursuit")
+"""Activations whose sparsity `sae.k` sets: `sae.decoder_norm: auto` gives them unit rows (the
+others free rows), and a config without `loss` the mse alone (the others mse + L1)."""
 RAW_SCALE_ACTIVATIONS = ("matching_pursuit",)
 """`data.normalize: auto` gives these none (their codes are not scale invariant), the others
 unit_mean_squared_norm."""
@@ -181,7 +182,7 @@ class SAEConfig:
     def __post_init__(self):
         if self.decoder_norm == "auto":
             object.__setattr__(self, "decoder_norm", "unit" if self.activation in
-                               UNIT_DECODER_ACTIVATIONS else "free")
+                               K_ACTIVATIONS else "free")
             object.__setattr__(self, "_from_auto", ("decoder_norm",))
         _need(0 < self.d_sae < 2**31, "sae.d_sae",  # (a latent's index is int32)
               f"must be in 1..2^31 - 1, got {self.d_sae}")
@@ -475,7 +476,11 @@ def sweep_label(point: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
 
 
-def _default_loss() -> tuple[TermConfig, ...]:
+def default_loss(activation: str) -> tuple[TermConfig, ...]:
+    """The loss of a config that gives none: the mse alone where `sae.k` sets the sparsity
+    (K_ACTIVATIONS; until 0.2.0 every activation had the L1 too), else mse + L1 at 5.0."""
+    if activation in K_ACTIVATIONS:
+        return (TermConfig("mse"),)
     return (TermConfig("mse"), TermConfig("l1", coefficient=5.0))
 
 
@@ -497,8 +502,9 @@ class Config:
     the decoder of a stitched SAE (with init_from); their gradients are never computed."""
     data: DataConfig = field(default_factory=DataConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
-    loss: tuple[TermConfig, ...] = field(default_factory=_default_loss)
-    """Loss terms; the total loss is the sum of coefficient(step) * term."""
+    loss: tuple[TermConfig, ...] | None = None
+    """Loss terms; the total loss is the sum of coefficient(step) * term. None (not given):
+    `default_loss(sae.activation)`, resolved when the config is read."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -522,6 +528,9 @@ class Config:
               "name", f"must be a relative name below runs/ (no '.' or '..'), got {self.name!r};"
               " use run_dir for a directory elsewhere")
         auto = [f"sae.{name}" for name in getattr(self.sae, "_from_auto", ())]
+        if self.loss is None:
+            object.__setattr__(self, "loss", default_loss(self.sae.activation))
+            auto.append("loss")
         if auto:  # the record is this config's: one made from it by `replace` has none
             object.__setattr__(self, "sae", replace(self.sae))
         if self.data.normalize == "auto":
@@ -677,14 +686,19 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         # 'seed'?)", advice that could not help)
         raise ConfigError(f"{path}: a bench config (base, arms); run it with `jaxsae bench`")
     refuse_repeated_overrides(overrides)
-    for assignment in overrides:
+    terms = [a for a in overrides if a.startswith(("loss.", "loss["))]
+    for assignment in [a for a in overrides if a not in terms]:
         if assignment.startswith("sweep.") and "=" in assignment:
             _override_sweep(tree, assignment)
             continue
-        # `loss.1.coefficient=2` (or `loss[1]...`, as errors name it) edits the default term
-        # list when the file has none
-        if assignment.startswith(("loss.", "loss[")) and tree.get("loss") is None:
-            tree["loss"] = [t.to_dict() for t in _default_loss()]
+        apply_override(tree, assignment)
+    # `loss.1.coefficient=2` (or `loss[1]...`, as errors name it) edits the default terms of
+    # the config's activation when it gives none (applied last: they depend on it)
+    if terms and tree.get("loss") is None:
+        sae = tree.get("sae") if isinstance(tree.get("sae"), dict) else {}
+        activation = sae.get("activation", SAEConfig.activation)
+        tree["loss"] = [t.to_dict() for t in default_loss(str(activation))]
+    for assignment in terms:
         apply_override(tree, assignment)
     return from_dict(Config, tree)
 

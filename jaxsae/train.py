@@ -143,11 +143,12 @@ def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
     if saved is None:
         return cfg, None
     tree, kept = cfg.to_dict(), []
-    for key in cfg.defaulted:
-        section, name = key.split(".")
-        if saved[section][name] != tree[section][name]:
-            kept.append(f"{key}: {saved[section][name]} (auto now gives {tree[section][name]})")
-            tree[section][name] = saved[section][name]
+    for key in cfg.defaulted:  # (`sae.decoder_norm`, `data.normalize`, `loss`)
+        *section, name = key.split(".")
+        mine, theirs = (tree[section[0]], saved[section[0]]) if section else (tree, saved)
+        if theirs[name] != mine[name]:
+            kept.append(f"{key}: {_brief(theirs[name])} (auto now gives {_brief(mine[name])})")
+            mine[name] = theirs[name]
     if not kept:
         return cfg, None
     try:
@@ -158,6 +159,14 @@ def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
     return resumed, (f"{run_dir}: resuming as its checkpoints were trained, with "
                      + ", ".join(kept)
                      + f"; set {'them' if len(kept) > 1 else 'it'} in the config to choose")
+
+
+def _brief(value: Any) -> str:
+    """A value of a defaulted key as a note shows it (loss terms: `[mse, l1 5.0]`)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{t['term']}" + (f" {t['coefficient']:g}" if t.get(
+            "coefficient", 1.0) != 1.0 else "") for t in value) + "]"
+    return str(value)
 
 
 # Keys the processes of a run may set apart: where each finds the same data (checked by

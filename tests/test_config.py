@@ -84,17 +84,20 @@ def test_auto_settings_resolve_by_activation(activation):
     cfg = load_config(None, ["data.path=/d", f"sae.activation={activation}"])
     assert cfg.sae.decoder_norm == ("unit" if kind.has_k else "free")
     assert cfg.data.normalize == ("unit_mean_squared_norm" if kind.scale_invariant else "none")
-    assert cfg.defaulted == ("sae.decoder_norm", "data.normalize")
+    # k sets the sparsity: no L1 by default (fault testing: TopK trained with L1 at 5.0)
+    assert [t.term for t in cfg.loss] == (["mse"] if kind.has_k else ["mse", "l1"])
+    assert cfg.defaulted == ("sae.decoder_norm", "loss", "data.normalize")
     kind.check(cfg.sae)  # (matching pursuit refuses free rows)
     assert load_config(None, ["data.path=/d", f"sae.activation={activation}",
                               "sae.decoder_norm=auto", "data.normalize=auto"]) == cfg
 
 
 def test_keys_set_are_not_defaulted():
-    cfg = load_config(None, ["data.path=/d", "sae.decoder_norm=unit", "data.normalize=none"])
+    cfg = load_config(None, ["data.path=/d", "sae.decoder_norm=unit", "data.normalize=none",
+                             "loss=[{term: mse}, {term: l1}]"])
     assert (cfg.sae.decoder_norm, cfg.data.normalize, cfg.defaulted) == ("unit", "none", ())
     cfg = load_config(None, ["data.path=/d", "sae.decoder_norm=free"])
-    assert cfg.defaulted == ("data.normalize",)
+    assert cfg.defaulted == ("loss", "data.normalize")
     # a config made from another is resolved already: nothing is left to auto
     assert replace(cfg, seed=1).defaulted == () and replace(cfg, seed=1).sae == cfg.sae
     everything = load_config(None, ["data.path=/d"])
@@ -119,6 +122,11 @@ def test_dotted_overrides(preset):
     assert load_config(None, ["data.path=d", "loss[1].coefficient=3"]).loss[1].coefficient == 3
     assert load_config(None, ["data.path=d", "sweep.loss[1].coefficient=[1, 2]"]).sweep.points \
         == ({"loss.1.coefficient": 1.0}, {"loss.1.coefficient": 2.0})
+    # the default terms are the activation's, whatever the order of the overrides
+    assert load_config(None, ["loss.0.coefficient=2", "data.path=d", "sae.activation=topk"]
+                       ).loss[0].coefficient == 2.0
+    with pytest.raises(ConfigError, match="loss"):  # (a TopK config's default has no term 1)
+        load_config(None, ["loss.1.coefficient=2", "data.path=d", "sae.activation=topk"])
     assert cfg.sae.activation == "relu"  # siblings in the section are kept
     assert cfg.optim.batch_size == 256
 

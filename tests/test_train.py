@@ -421,13 +421,13 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
         check_resume_compatible(swept(*named, "sweep.loss.1.coefficient=[0.1, 0.3]"),
                                 swept(*named, "sweep.loss.l1.coefficient=[0.1, 0.4]"), tmp_path)
     longer = ["loss=[{term: mse}, {term: l1, coefficient: 0.1}, {term: l1, name: b}]"]
-    with pytest.raises(JaxsaeError, match=r"a changed loss \(2 entries in the checkpoint, 3 "):
+    with pytest.raises(JaxsaeError, match=r"a changed loss \(1 entry in the checkpoint, 3 "):
         check_resume_compatible(swept(), swept(*longer), tmp_path)
     # values as YAML spells them (fault testing: None, Python dicts)
     with pytest.raises(JaxsaeError, match=r", sweep \(null in the checkpoint, "
                                           r"\[\{\"sae\.k\": 4, \"optim\.lr\": 0\.1\}, "):
-        check_resume_compatible(load_config(None, ["data.path=/d", "sae.decoder_norm=unit"]),
-                                swept(), tmp_path)
+        check_resume_compatible(load_config(None, ["data.path=/d", "sae.decoder_norm=unit",
+                                                   "loss=[{term: mse}]"]), swept(), tmp_path)
     prefixes = "loss=[{term: matryoshka, prefixes: [%s]}]"
     with pytest.raises(JaxsaeError, match=r"a changed loss\.0\.prefixes \(\[30\] 62 in the "
                                           r"checkpoint, \[30\] 63 now\)"):

@@ -602,6 +602,28 @@ def test_an_import_keeps_the_decoder_rows_its_source_trained_with(small_data, tm
     assert yaml.safe_load(text)["data"]["normalize"] == "none"
 
 
+def test_a_topk_run_from_before_auto_resumes_with_its_l1_term(small_data, tmp_path, capsys):
+    """Until 0.2.0 a config without `loss` trained TopK with the L1 term too; such a run
+    resumes with it (and its other defaults of then), saying so."""
+    run = tmp_path / "run"
+    before = small_config_dict(small_data, run, optim={"total_tokens": 256 * 8},
+                               sae={"d_sae": 32, "activation": "topk", "k": 4,
+                                    "decoder_norm": "unit"},
+                               loss=[{"term": "mse"}, {"term": "l1", "coefficient": 5.0}])
+    (tmp_path / "before.yaml").write_text(yaml.safe_dump(before))
+    assert cli.main(["train", str(tmp_path / "before.yaml"), "--no-progress"]) == 0
+    after = {**before, "optim": {**before["optim"], "total_tokens": 256 * 16},
+             "sae": {"d_sae": 32, "activation": "topk", "k": 4}}
+    del after["loss"]
+    after["data"] = {k: v for k, v in before["data"].items() if k != "normalize"}
+    (tmp_path / "after.yaml").write_text(yaml.safe_dump(after))
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "after.yaml"), "--no-progress"]) == 0
+    assert ("resuming as its checkpoints were trained, with loss: [mse, l1 5] (auto now gives "
+            "[mse]), data.normalize: none (auto now gives unit_mean_squared_norm)"
+            ) in capsys.readouterr().out
+
+
 def test_a_refused_resume_names_what_auto_gives():
     """(where the run's config.yaml cannot tell what the checkpoints were trained with)"""
     from jaxsae.checkpoint import check_resume_compatible
