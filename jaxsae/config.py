@@ -202,8 +202,10 @@ class TermConfig:
     `loss.<name>.coefficient`); default: the term's own name."""
     coefficient: float = 1.0
     """Weight of the term in the total loss."""
-    warmup_steps: int = 0
-    """The coefficient ramps linearly from 0 to `coefficient` over this many steps."""
+    warmup_steps: int | Literal["auto"] = 0
+    """The coefficient ramps linearly from 0 to `coefficient` over this many steps; `auto`
+    (resolved when the config is read): 5 % of the run's steps, at most 1000, as
+    optim.warmup_steps."""
     params: Mapping[str, Any] = field(default_factory=dict)
     """The term's own hyper-parameters, written flat beside `term` in YAML; the term parses
     and checks them (`jaxsae.penalties`)."""
@@ -220,8 +222,9 @@ class TermConfig:
         if name is not None and (not name or "." in name or name.lstrip("-").isdigit()):
             raise ConfigError(f"{key}.name: {name!r} is not a name (no dots, not a number)")
         coefficient = parse_value(float, raw.pop("coefficient", 1.0), f"{key}.coefficient")
-        warmup = parse_value(int, raw.pop("warmup_steps", 0), f"{key}.warmup_steps")
-        if warmup < 0:
+        warmup = parse_value(int | Literal["auto"], raw.pop("warmup_steps", 0),
+                             f"{key}.warmup_steps")
+        if warmup != "auto" and warmup < 0:
             raise ConfigError(f"{key}.warmup_steps: must be >= 0, got {warmup}")
         if coefficient < 0:  # a negative penalty rewards what it is meant to penalise
             raise ConfigError(f"{key}.coefficient: must be >= 0, got {coefficient}")
@@ -478,10 +481,12 @@ def sweep_label(point: Mapping[str, Any]) -> str:
 
 def default_loss(activation: str) -> tuple[TermConfig, ...]:
     """The loss of a config that gives none: the mse alone where `sae.k` sets the sparsity
-    (K_ACTIVATIONS; until 0.2.0 every activation had the L1 too), else mse + L1 at 5.0."""
+    (K_ACTIVATIONS; until 0.2.0 every activation had the L1 too), else mse + L1 at 5.0
+    ramped up over the first 5 % of the run (until 0.2.0 from the first step: a third of the
+    latents died in 1.6M tokens of SmolLM2 activations, RESULTS.md)."""
     if activation in K_ACTIVATIONS:
         return (TermConfig("mse"),)
-    return (TermConfig("mse"), TermConfig("l1", coefficient=5.0))
+    return (TermConfig("mse"), TermConfig("l1", coefficient=5.0, warmup_steps="auto"))
 
 
 @dataclass(frozen=True)
@@ -531,6 +536,11 @@ class Config:
         if self.loss is None:
             object.__setattr__(self, "loss", default_loss(self.sae.activation))
             auto.append("loss")
+        if any(t.warmup_steps == "auto" for t in self.loss):
+            ramp = min(AUTO_WARMUP_STEPS, self.optim.total_steps // 20)
+            object.__setattr__(self, "loss", tuple(
+                replace(t, warmup_steps=ramp) if t.warmup_steps == "auto" else t
+                for t in self.loss))
         if auto:  # the record is this config's: one made from it by `replace` has none
             object.__setattr__(self, "sae", replace(self.sae))
         if self.data.normalize == "auto":

@@ -165,7 +165,9 @@ def _brief(value: Any) -> str:
     """A value of a defaulted key as a note shows it (loss terms: `[mse, l1 5.0]`)."""
     if isinstance(value, list):
         return "[" + ", ".join(f"{t['term']}" + (f" {t['coefficient']:g}" if t.get(
-            "coefficient", 1.0) != 1.0 else "") for t in value) + "]"
+            "coefficient", 1.0) != 1.0 else "") + (f" ramped over {t['warmup_steps']} steps"
+                                                   if t.get("warmup_steps") else "")
+            for t in value) + "]"
     return str(value)
 
 
