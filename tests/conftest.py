@@ -111,3 +111,15 @@ def train_until_crash(cfg, at_batch: int, *, on_batch=None) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, progress=False, make_loader=watched_loader(on_batch=on_batch,
                                                                crash_at=at_batch))
+
+
+def logging_to(lines: list):
+    """A LoopHook that keeps the lines MetricLogger logs in `lines`."""
+    class Lines:
+        def on_step(self, done):
+            pass
+
+        def on_log(self, done, logged):
+            lines.extend(logged)
+
+    return Lines()

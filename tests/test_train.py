@@ -23,7 +23,13 @@ from jaxsae.data import open_source
 from jaxsae.errors import ConfigError, DataError, JaxsaeError, NonFiniteError
 from jaxsae.export import load_sae
 from jaxsae.hooks import LoopHook
-from tests.conftest import SMALL_SPEC, small_config, small_config_dict, train_until_crash
+from tests.conftest import (
+    SMALL_SPEC,
+    logging_to,
+    small_config,
+    small_config_dict,
+    train_until_crash,
+)
 
 
 def _weights(run_dir):
@@ -645,16 +651,8 @@ def test_the_logged_mse_is_in_the_data_s_units(small_data, d_out):
     _, plain = step.make_train_step(cfg, d_out=d_out)(state, scaled, step.hyper_of(cfg))
     assert float(raw["loss"]) == pytest.approx(float(plain["loss"]), rel=1e-5)
     lines = []
-
-    class Lines:
-        def on_step(self, done):
-            pass
-
-        def on_log(self, done, logged):
-            lines.extend(logged)
-
-    logger = MetricLogger(cfg, cfg.log.every_steps - 1, [Lines()], dropped=lambda at: None,
-                          scale=t if d_out else s)
+    logger = MetricLogger(cfg, cfg.log.every_steps - 1, [logging_to(lines)],
+                          dropped=lambda at: None, scale=t if d_out else s)
     logger.record(cfg.log.every_steps - 1, raw, {})
     assert lines[0]["mse"] == pytest.approx(float(plain["mse"]) / (t if d_out else s) ** 2,
                                             rel=1e-5)

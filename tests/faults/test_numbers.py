@@ -15,7 +15,7 @@ import yaml
 from jaxsae import cli, tensorfile
 from jaxsae.export import WEIGHTS_FILE, ExportError, export_sae
 from jaxsae.sae import SAEConfig
-from tests.conftest import small_config_dict
+from tests.conftest import logging_to, small_config_dict
 from tests.faults.conftest import refused, write_config
 
 
@@ -214,16 +214,8 @@ def _logger(tmp_path, **optim):
     tree = small_config_dict(tmp_path / "d", tmp_path / "r")
     tree["optim"].update(optim)
     lines = []
-
-    class Lines:
-        def on_step(self, done):
-            pass
-
-        def on_log(self, done, logged):
-            lines.extend(logged)
-
     return config_from_dict(tree), lines, lambda cfg, scale=1.0: MetricLogger(
-        cfg, 0, [Lines()], dropped=lambda at: None, scale=scale)
+        cfg, 0, [logging_to(lines)], dropped=lambda at: None, scale=scale)
 
 
 def _metrics(finite=True, mse=10.0):
