@@ -134,8 +134,9 @@ RAW_SCALE_ACTIVATIONS = ("matching_pursuit",)
 """`data.normalize: auto` gives these none (their codes are not scale invariant), the others
 unit_mean_squared_norm."""
 AUTO_SINCE = "jaxsae 0.2.0"
-"""Before it, sae.decoder_norm and data.normalize had no `auto`: they defaulted to unit and
-none (a run resumed from then keeps them, `Config.defaulted`)."""
+"""Before it, sae.decoder_norm and data.normalize had no `auto` (they defaulted to unit and
+none) and a config without `loss` got mse + L1 from the first step whatever its activation;
+a run resumed from then keeps what it was trained with (`Config.defaulted`)."""
 
 # `auto` sizes: a 30-second smoke test and a 1B-token job both get sensible values.
 AUTO_LANES = 8

@@ -162,7 +162,8 @@ def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
 
 
 def _brief(value: Any) -> str:
-    """A value of a defaulted key as a note shows it (loss terms: `[mse, l1 5.0]`)."""
+    """A value of a defaulted key as a note shows it (loss terms: `[mse, l1 5 ramped over 19
+    steps]`)."""
     if isinstance(value, list):
         return "[" + ", ".join(f"{t['term']}" + (f" {t['coefficient']:g}" if t.get(
             "coefficient", 1.0) != 1.0 else "") + (f" ramped over {t['warmup_steps']} steps"
