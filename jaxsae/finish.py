@@ -287,6 +287,10 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     if not path.exists():  # (fault testing: "no checkpoints/ directory" of a mistyped path)
         raise JaxsaeError(f"{path}: does not exist (expected a run directory)")
     if not directory.is_dir():
+        run = path.absolute().parent.parent  # (a sweep's SAE is RUN/sweep/NN)
+        if path.absolute().parent.name == "sweep" and (run / "checkpoints").is_dir():
+            raise JaxsaeError(f"{path}: an SAE of the sweep in {run}, whose checkpoints hold "
+                              f"them all; export {run} (it writes every SAE of the sweep)")
         raise JaxsaeError(f"{path}: no checkpoints/ directory (expected a run directory)")
     run_dir = directory.parent
     lock = RunLock(run_dir, log)

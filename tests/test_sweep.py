@@ -31,7 +31,7 @@ from jaxsae.checks import check_run
 from jaxsae.config import config_from_dict, load_config
 from jaxsae.data import window
 from jaxsae.data.source import iter_blocks
-from jaxsae.errors import ConfigError, NonFiniteError
+from jaxsae.errors import ConfigError, JaxsaeError, NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,6 +265,10 @@ def test_sweep_run_writes_one_directory_per_sae(small_data, tmp_path, monkeypatc
     b = tensorfile.read(result.sweep[3].sae_dir / "sae_weights.safetensors")
     assert not np.allclose(a["W_dec"], b["W_dec"])
     out = finish.export_checkpoint(run, tmp_path / "exported")
+    # one SAE's directory names the run to export (fault testing: "no checkpoints/ directory")
+    with pytest.raises(JaxsaeError, match=rf"sweep/01: an SAE of the sweep in {run}, whose "
+                                          rf"checkpoints hold them all; export {run} "):
+        finish.export_checkpoint(run / "sweep" / "01", tmp_path / "one")
     for r in result.sweep:
         again = tensorfile.read(out / "sweep" / r.run_dir.name / "sae_weights.safetensors")
         got = tensorfile.read(r.sae_dir / "sae_weights.safetensors")
