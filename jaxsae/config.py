@@ -533,7 +533,8 @@ class Config:
               and not {"", ".", ".."} & set(self.name.split("/")),
               "name", f"must be a relative name below runs/ (no '.' or '..'), got {self.name!r};"
               " use run_dir for a directory elsewhere")
-        auto = [f"sae.{name}" for name in getattr(self.sae, "_from_auto", ())]
+        resolved = getattr(self.sae, "_from_auto", ())
+        auto = [f"sae.{name}" for name in resolved]
         if self.loss is None:
             object.__setattr__(self, "loss", default_loss(self.sae.activation))
             auto.append("loss")
@@ -542,7 +543,7 @@ class Config:
             object.__setattr__(self, "loss", tuple(
                 replace(t, warmup_steps=ramp) if t.warmup_steps == "auto" else t
                 for t in self.loss))
-        if auto:  # the record is this config's: one made from it by `replace` has none
+        if resolved:  # the record is this config's: one made from it by `replace` has none
             object.__setattr__(self, "sae", replace(self.sae))
         if self.data.normalize == "auto":
             object.__setattr__(self, "data", replace(self.data, normalize=(

@@ -308,8 +308,8 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
     params.update(W_dec=p["W_dec"] * scale, b_dec=p["b_dec"] * scale)
     if kind.has_encoder and not sae_cfg.tied:
         params["W_enc"] = p["W_enc"] / scale
-    norms = np.linalg.norm(params["W_dec"].astype(np.float64), axis=1)
     if sae_cfg.decoder_norm == "unit" and not sae.unit_rows(params["W_dec"], loaded.stored_dtype):
+        norms = np.linalg.norm(params["W_dec"].astype(np.float64), axis=1)
         if not (_rescalable(params) and norms.min() > 0
                 and norms.max() <= norms.min() * (1 + 1e-3)):
             raise ConfigError(f"init_from: {path} has decoder rows of norm "
@@ -335,11 +335,6 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
                 "decoder's transpose); sae.tied: true starts from the decoder alone, and the "
                 "encoder is its transpose")
     return {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
-
-
-def _overridden(overrides) -> set[str]:
-    """The dotted keys of `key=value` overrides."""
-    return {assignment.split("=", 1)[0].strip() for assignment in overrides}
 
 
 def _rescalable(params: dict[str, np.ndarray]) -> bool:
@@ -558,7 +553,8 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     # scale folded in are 1/s long; fault testing: such TopK SAEs were imported as free),
     # else as the rows are
     # (a training export of 0.2.0 on records its scale; a conversion, sparsify's, does not)
-    recorded = _own(cfg).get("decoder_norm") if "normalize" in _own(cfg) else None
+    own = _own(cfg)
+    recorded = own.get("decoder_norm") if "normalize" in own else None
     unit = (recorded == "unit" if recorded in ("unit", "free")
             else sae.unit_rows(loaded.params["W_dec"], loaded.stored_dtype))
     tree: dict[str, Any] = {
@@ -583,9 +579,10 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     tree["loss"] = [{**term, "warmup_steps": min(term["warmup_steps"], steps)}
                     if isinstance(term, dict) and is_positive_int(term.get("warmup_steps"))
                     else term for term in tree["loss"]]
-    as_read = copy.deepcopy(tree)
+    as_read, keys = copy.deepcopy(tree), set()
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
+        keys.add(key)
         if key in _IMPORT_FLAG_KEYS:
             raise ConfigError(f"override {key}: set by {_IMPORT_FLAG_KEYS[key]}, not as an "
                               "override")
@@ -612,8 +609,8 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         unknown = ("# data.normalize: none assumed: the source, exported by jaxsae before "
                    "0.2.0, does not say\n# whether it trained normalised (set "
                    "unit_mean_squared_norm if it did: its coefficients are at that scale).\n"
-                   if "run" in _own(cfg) and "normalize" not in _own(cfg)  # (a run's export)
-                   and "data.normalize" not in _overridden(overrides) else "")
+                   if "run" in own and "normalize" not in own  # (a run's export)
+                   and "data.normalize" not in keys else "")
         outputs.write_file(staging / "config.yaml",
                            f"# jaxsae train {shlex.quote(str(run_dir / 'config.yaml'))}\n"
                            f"# Starts from {source_name} (imported).\n" + unknown
