@@ -90,9 +90,12 @@ def test_resume_falls_back_past_a_damaged_checkpoint(damage, trained_run, run_co
 def test_export_falls_back_and_an_explicit_step_is_refused(trained_run, run_copy, tmp_path,
                                                            capsys):
     _flip_bytes(run_copy / "checkpoints" / "24")
-    refused(["export", str(run_copy), "--out", str(tmp_path / "at24"), "--step", "24"], capsys,
-            match="checkpoint 24: the state's checksum does not match",
-            unchanged=[run_copy])
+    # (refused by its checksum, or, where the flipped bytes fall in a compressed chunk's
+    # frame, as not restoring: which depends on the files' random names; both are damage)
+    line = refused(["export", str(run_copy), "--out", str(tmp_path / "at24"), "--step", "24"],
+                   capsys, match="checkpoint 24: the state", unchanged=[run_copy])
+    assert ("the state's checksum does not match" in line
+            or "the state does not restore" in line), line
     capsys.readouterr()
     assert cli.main(["export", str(run_copy), "--out", str(tmp_path / "newest")]) == 0
     out = capsys.readouterr().out
