@@ -478,17 +478,23 @@ def _quiet_orbax_background_errors() -> None:
 
 
 def check_resume_compatible(saved: Config, current: Config, where: Path) -> None:
-    """Refuses to resume when a key that changes the computation differs, naming the key."""
+    """Refuses to resume when a key that changes the computation differs, naming the key.
+    Loss terms' `auto` ramps are compared as the checkpoint's run resolved them: a run
+    extended on resume changes them as it changes its learning-rate schedule (and a
+    checkpoint of 0.2.0, which kept them resolved, is the same run as its config with
+    `auto`)."""
     def computed(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
         return [(k, a, b) for k, a, b in changes_of(before.to_dict(), after.to_dict())
                 if not is_mutable_on_resume(k)]
 
-    bad = computed(saved, current)
+    steps = saved.optim.total_steps
+    bad = computed(saved.ramped_for(steps), current.ramped_for(steps))
     swept = [b for b in bad if b[0] == "sweep" or b[0].startswith("sweep.")]
     if swept and saved.sweep is not None and current.sweep is not None:
         # the same SAEs written otherwise (a term by its name, then by its position: fault
         # testing found it refused, reading None on both sides) are the same sweep
-        before, after = saved.sweep_configs(), current.sweep_configs()
+        before, after = ([one.ramped_for(steps) for one in cfg.sweep_configs()]
+                         for cfg in (saved, current))
         if len(before) == len(after):  # what differs is said of each SAE, in its own keys
             bad = [b for b in bad if b not in swept] + [
                 (f"{k} of sweep SAE {i}", a, b)

@@ -147,6 +147,12 @@ DEAD_WINDOW_MAX = 2**30
 AUTO_WARMUP_STEPS = 1000
 
 
+def auto_ramp(total_steps: int) -> int:
+    """What `auto` gives a warm-up (the learning rate's, a loss term's) in a run of
+    `total_steps`: 5 % of them, at most AUTO_WARMUP_STEPS."""
+    return min(AUTO_WARMUP_STEPS, total_steps // 20)
+
+
 @dataclass(frozen=True)
 class SAEConfig:
     d_sae: int = 4096
@@ -204,9 +210,10 @@ class TermConfig:
     coefficient: float = 1.0
     """Weight of the term in the total loss."""
     warmup_steps: int | Literal["auto"] = 0
-    """The coefficient ramps linearly from 0 to `coefficient` over this many steps; `auto`
-    (resolved when the config is read): 5 % of the run's steps, at most 1000, as
-    optim.warmup_steps."""
+    """The coefficient ramps linearly from 0 to `coefficient` over this many steps; `auto`:
+    5 % of the run's steps, at most 1000, as optim.warmup_steps (resolved for the run's length
+    when the step is built, `Config.resolved_loss`: a run extended on resume ramps as one of
+    the new length, as its learning rate does)."""
     params: Mapping[str, Any] = field(default_factory=dict)
     """The term's own hyper-parameters, written flat beside `term` in YAML; the term parses
     and checks them (`jaxsae.penalties`)."""
@@ -235,6 +242,11 @@ class TermConfig:
     @property
     def label(self) -> str:
         return self.name or self.term
+
+    def ramp(self, total_steps: int) -> int:
+        """The steps the coefficient ramps over in a run of `total_steps`, `auto` resolved."""
+        return (auto_ramp(total_steps) if self.warmup_steps == "auto"
+                else self.warmup_steps)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"term": self.term}
@@ -316,8 +328,7 @@ class OptimConfig:
         """Warm-up steps, `auto` resolved (it never leaves less than nothing to train on)."""
         if self.warmup_steps != "auto":
             return self.warmup_steps
-        return max(0, min(AUTO_WARMUP_STEPS, self.total_steps // 20,
-                          self.total_steps - self.decay_steps))
+        return max(0, min(auto_ramp(self.total_steps), self.total_steps - self.decay_steps))
 
 
 @dataclass(frozen=True)
@@ -538,11 +549,6 @@ class Config:
         if self.loss is None:
             object.__setattr__(self, "loss", default_loss(self.sae.activation))
             auto.append("loss")
-        if any(t.warmup_steps == "auto" for t in self.loss):
-            ramp = min(AUTO_WARMUP_STEPS, self.optim.total_steps // 20)
-            object.__setattr__(self, "loss", tuple(
-                replace(t, warmup_steps=ramp) if t.warmup_steps == "auto" else t
-                for t in self.loss))
         if resolved:  # the record is this config's: one made from it by `replace` has none
             object.__setattr__(self, "sae", replace(self.sae))
         if self.data.normalize == "auto":
@@ -630,7 +636,7 @@ class Config:
                        f"{optim.decay_steps} steps)")
             fixes.append("optim.warmup_steps=auto")
         for term in self.loss:
-            if term.warmup_steps > total:
+            if term.ramp(total) > total:
                 keys.append(f"loss.{term.label}.warmup_steps")
                 why.append(f"the {term.label} term's warm-up to {term.coefficient:g} "
                            f"({term.warmup_steps} steps)")
@@ -662,6 +668,22 @@ class Config:
         empty for a config made from another (`dataclasses.replace`) or read back from a
         run, whose values are all resolved."""
         return getattr(self, "_from_auto", ())
+
+    @property
+    def resolved_loss(self) -> tuple[TermConfig, ...]:
+        """The loss terms as this run schedules them: `warmup_steps: auto` resolved for its
+        length. (The config keeps `auto`: a run extended on resume ramps for its new length,
+        as its learning rate's warm-up does, instead of being refused for a changed loss.)"""
+        return tuple(replace(t, warmup_steps=t.ramp(self.optim.total_steps))
+                     for t in self.loss)
+
+    def ramped_for(self, total_steps: int) -> Config:
+        """This config with its loss terms' `auto` ramps resolved for a run of `total_steps`
+        (a resumed run is compared with its checkpoint at the checkpoint's length)."""
+        if not any(t.warmup_steps == "auto" for t in self.loss):
+            return self
+        return replace(self, loss=tuple(replace(t, warmup_steps=t.ramp(total_steps))
+                                        for t in self.loss))
 
     @property
     def resolved_run_dir(self) -> Path:

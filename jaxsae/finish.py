@@ -224,7 +224,7 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
                       **({} if (end := _training_end(cfg, n_train, eval_data,
                                                      trained_on)) is None
                          else {"held_out_from": end}),
-                      "loss": [t.to_dict() for t in cfg.loss],
+                      "loss": [t.to_dict() for t in cfg.resolved_loss],
                       "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size}},
             overwrite=overwrite, inputs=inputs,
         )

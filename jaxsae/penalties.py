@@ -170,6 +170,9 @@ def coefficient(term: TermConfig, step: jax.Array, value: jax.Array | None = Non
     """The term's coefficient at `step`: ramps linearly from 0 over `warmup_steps`. `value`
     replaces term.coefficient (traced, for sweeps)."""
     full = jnp.asarray(term.coefficient if value is None else value, jnp.float32)
+    if term.warmup_steps == "auto":  # (the step's terms are Config.resolved_loss)
+        raise ValueError(f"loss term {term.label}: an `auto` ramp is resolved for the run's "
+                         "length first (Config.resolved_loss)")
     if term.warmup_steps <= 0:
         return full
     ramp = jnp.minimum(1.0, step.astype(jnp.float32) / term.warmup_steps)

@@ -192,7 +192,7 @@ def make_train_step(
             out = upcast(out)  # loss terms in float32
             # (AuxK's value and gradient come after, in the branch its dead latents choose)
             loss, term_metrics, deferred = penalties.total_loss_deferring(
-                cfg.loss, out, params, step, hyper.coefficients)
+                cfg.resolved_loss, out, params, step, hyper.coefficients)
             return loss, (out, term_metrics, deferred)
 
         with kernels.using(cfg.optim.kernels):  # read while the step is traced

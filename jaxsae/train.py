@@ -128,25 +128,29 @@ def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
     directory = run_dir / "checkpoints"
     if not cfg.defaulted or not directory.is_dir():
         return cfg, None
-    saved = None
+    trained = None
     try:  # (what cannot be read here, the restore reads and reports after)
         ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
         try:
             for step in reversed(ckpt.steps()):
                 with contextlib.suppress(CorruptCheckpoint):
-                    saved = ckpt.restore_meta(step)[1].to_dict()
+                    trained = ckpt.restore_meta(step)[1]
                     break
         finally:
             ckpt.close()
     except Exception:  # (orbax raises many types for damaged directories)
-        saved = None
-    if saved is None:
+        trained = None
+    if trained is None:
         return cfg, None
-    tree, kept = cfg.to_dict(), []
+    tree, saved, kept = cfg.to_dict(), trained.to_dict(), []
+    # (loss terms' `auto` ramps compared at the checkpoint's length, as the restore does)
+    steps = trained.optim.total_steps
+    as_run = [c.ramped_for(steps).to_dict() for c in (cfg, trained)]
     for key in cfg.defaulted:  # (`sae.decoder_norm`, `data.normalize`, `loss`)
         *section, name = key.split(".")
-        mine, theirs = (tree[section[0]], saved[section[0]]) if section else (tree, saved)
-        if theirs[name] != mine[name]:
+        mine, theirs, now, then = ((t[section[0]] for t in (tree, saved, *as_run)) if section
+                                   else (tree, saved, *as_run))
+        if now[name] != then[name]:
             kept.append(f"{key}: {_brief(theirs[name])} (auto now gives {_brief(mine[name])})")
             mine[name] = theirs[name]
     if not kept:
@@ -166,8 +170,9 @@ def _brief(value: Any) -> str:
     steps]`)."""
     if isinstance(value, list):
         return "[" + ", ".join(f"{t['term']}" + (f" {t['coefficient']:g}" if t.get(
-            "coefficient", 1.0) != 1.0 else "") + (f" ramped over {t['warmup_steps']} steps"
-                                                   if t.get("warmup_steps") else "")
+            "coefficient", 1.0) != 1.0 else "") + (
+                "" if not t.get("warmup_steps") else " ramped over 5 % of the run"
+                if t["warmup_steps"] == "auto" else f" ramped over {t['warmup_steps']} steps")
             for t in value) + "]"
     return str(value)
 

@@ -85,12 +85,13 @@ def test_auto_settings_resolve_by_activation(activation):
     assert cfg.sae.decoder_norm == ("unit" if kind.has_k else "free")
     assert cfg.data.normalize == ("unit_mean_squared_norm" if kind.scale_invariant else "none")
     # k sets the sparsity: no L1 by default (fault testing: TopK trained with L1 at 5.0); the
-    # L1 ramps up over 5 % of the run (1000 steps at most)
+    # L1 ramps up over 5 % of the run (1000 steps at most), resolved for the run's length
     assert [(t.term, t.warmup_steps) for t in cfg.loss] == (
-        [("mse", 0)] if kind.has_k else [("mse", 0), ("l1", 1000)])
+        [("mse", 0)] if kind.has_k else [("mse", 0), ("l1", "auto")])
+    assert [t.warmup_steps for t in cfg.resolved_loss] == ([0] if kind.has_k else [0, 1000])
     short = load_config(None, ["data.path=/d", f"sae.activation={activation}",
                                "optim.total_tokens=1600000"])
-    assert short.loss[-1].warmup_steps == (0 if kind.has_k else 19)  # 390 steps
+    assert short.resolved_loss[-1].warmup_steps == (0 if kind.has_k else 19)  # 390 steps
     assert cfg.defaulted == ("sae.decoder_norm", "loss", "data.normalize")
     kind.check(cfg.sae)  # (matching pursuit refuses free rows)
     assert load_config(None, ["data.path=/d", f"sae.activation={activation}",

@@ -633,3 +633,49 @@ def test_a_refused_resume_names_what_auto_gives():
             "cannot resume with a changed sae.decoder_norm ('unit' in the checkpoint, 'free' "
             "now: what auto gives since jaxsae 0.2.0); restore it")):
         check_resume_compatible(saved, load_config(None, ["data.path=d"]), Path("run"))
+
+
+def test_a_run_with_auto_ramps_is_extended_on_resume(small_data, tmp_path, capsys):
+    """A loss term's `warmup_steps: auto` (the default L1's) is resolved for the run's length
+    when the step is built: a run extended on resume ramps for its new length, as its learning
+    rate does (review: 0.2.0 resolved it when the config was read, so a longer
+    optim.total_tokens changed the loss and a bench arm extended that way was refused);
+    a checkpoint of 0.2.0, which kept the resolved ramp, is the same run."""
+    from jaxsae.checkpoint import check_resume_compatible
+    from jaxsae.config import config_from_dict
+    from jaxsae.errors import JaxsaeError
+    from jaxsae.train import train
+
+    run = tmp_path / "run"
+    tree = small_config_dict(small_data, run, sae={"d_sae": 32},
+                             loss=[{"term": "mse"}, {"term": "l1", "coefficient": 0.1,
+                                                     "warmup_steps": "auto"}],
+                             optim={"batch_size": 64, "total_tokens": 64 * 40})
+    cfg = config_from_dict(tree)
+    assert cfg.loss[1].warmup_steps == "auto" and cfg.resolved_loss[1].warmup_steps == 2
+    train(cfg, progress=False, resume_as_trained=False)
+    longer = config_from_dict({**tree, "optim": {**tree["optim"], "total_tokens": 64 * 80}})
+    assert longer.resolved_loss[1].warmup_steps == 4
+    said = []
+    assert train(longer, progress=False, resume_as_trained=False, log=said.append).step == 80
+    assert any(line.startswith(f"resuming {run} from step 40") for line in said), said
+    exported = json.loads((run / "sae" / "cfg.json").read_text())["jaxsae"]
+    assert exported["loss"][1]["warmup_steps"] == 4  # what it trained with
+    # 0.2.0 saved the ramp resolved: resumable by the config that says auto, extended or not
+    saved = config_from_dict({**tree, "loss": [{"term": "mse"}, {"term": "l1",
+                                               "coefficient": 0.1, "warmup_steps": 2}]})
+    check_resume_compatible(saved, cfg, run)
+    check_resume_compatible(saved, longer, run)
+    with pytest.raises(JaxsaeError, match=re.escape("cannot resume with a changed loss")):
+        check_resume_compatible(saved, config_from_dict({**tree, "loss": [
+            {"term": "mse"}, {"term": "l1", "coefficient": 0.1, "warmup_steps": 3}]}), run)
+    # the default loss, left unset, resumes extended without a note that it kept anything
+    del tree["loss"]
+    tree["run_dir"] = str(tmp_path / "default")
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(tree))
+    assert cli.main(["train", str(tmp_path / "d.yaml"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "d.yaml"), "--no-progress",
+                     "optim.total_tokens=5120"]) == 0
+    out = capsys.readouterr().out
+    assert "from step 40" in out and "as its checkpoints were trained" not in out, out
