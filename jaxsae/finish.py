@@ -302,8 +302,8 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     try:
         restored, cfg, built, source = _restore_for_export(directory, step, data, read_only,
                                                            log)
-    finally:
-        lock.release()
+    finally:  # (a lock file this call made goes: a run copied without one stays as it was)
+        lock.discard() if lock.created else lock.release()
     n_train = max(source.n_tokens - cfg.data.held_out(source.n_tokens), 0)
     stats = DataStats.from_dict(restored.loader["data_stats"])
     params = jax.device_get(restored.state.params)

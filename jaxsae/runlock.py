@@ -4,8 +4,11 @@ The lock is an `fcntl.flock` on the file, which the operating system drops when 
 dies, however it dies; the file itself says who holds it (pid, host, since when), for the
 message a second process prints. A lock file naming a process that is gone is a stale lock:
 it is taken over with a warning; a file of that name that is not a jaxsae lock record (a
-user's own `.lock`) is refused and left as it is. The file is never deleted (deleting it would
-let two processes lock two different files of the same name); it is emptied on release.
+user's own `.lock`) is refused and left as it is. The file is emptied on release; it is
+deleted only by its holder (`discard`), before it lets go, and a process that gets the lock
+checks that the file it locked is still the one at that path (else it tries again): a process
+that had opened the file before the deletion cannot hold a lock on a file nobody else can
+find while a third process locks the new one.
 """
 
 from __future__ import annotations
@@ -36,18 +39,41 @@ class RunLock:
         self._fd = -1
         self._log = log
         self._doing = doing
+        self.created = False
+        """Whether this lock's acquire created the file (`discard` removes it again where
+        nothing else was written: a refused command leaves no `.lock` behind)."""
+
+    def _open(self) -> tuple[int, bool]:
+        """The lock file and whether this process got its lock (else another holds it), its
+        creation noted in `created`; retried while the path no longer names the file locked
+        (its holder deleted it meanwhile: `discard`)."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o666)
+                self.created = True
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+                except FileNotFoundError:  # (deleted between the two opens)
+                    continue
+                except OSError as e:  # a link or a directory of that name: not ours to write
+                    if e.errno not in (errno.ELOOP, errno.EISDIR):
+                        raise
+                    raise RunLocked(f"{self.path}: cannot be used as the lock file "
+                                    f"({e.strerror}); move it away") from None
+                self.created = False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return fd, False
+            if _same_file(fd, self.path):
+                return fd, True
+            os.close(fd)  # locked after its holder deleted it: the path names another now
 
     def acquire(self) -> RunLock:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        except OSError as e:  # a link or a directory of that name: not ours to write through
-            if e.errno not in (errno.ELOOP, errno.EISDIR):
-                raise
-            raise RunLocked(f"{self.path}: cannot be used as the lock file ({e.strerror}); "
-                            "move it away") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        fd, locked = self._open()
+        if not locked:
             record = _live_record(fd)
             os.close(fd)
             if record.get("pid") == os.getpid() and record.get("host") == socket.gethostname():
@@ -76,6 +102,20 @@ class RunLock:
             raise OSError(e.errno, e.strerror, str(self.path)) from None
         self._fd = fd
         return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def discard(self) -> None:
+        """Deletes the lock file, then releases the lock (only its holder may delete it; one
+        that waited on it finds the path gone and makes a new one)."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if _same_file(self._fd, self.path):
+                self.path.unlink()
+        self.release()
 
     def release(self) -> None:
         if self._fd < 0:
@@ -107,6 +147,16 @@ def live_holder(directory: Path) -> str | None:
     finally:
         os.close(fd)  # (drops the shared lock, if it was taken)
     return None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _live_record(fd: int) -> dict:

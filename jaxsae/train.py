@@ -110,9 +110,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
                              hooks=hooks, notes=[note] if note else [])
     finally:
+        _remove_if_unused(run_dir, created, lock)
         lock.release()
-        if created is not None:
-            _remove_if_unused(run_dir, created)
 
 
 def _silent(message: str) -> None:
@@ -213,16 +212,24 @@ def _agree_on_data(cfg: Config, source, digest: str) -> None:
         f"data.path {cfg.data.path} holds other data there ({mine}; on process 0: {theirs})"))
 
 
-def _remove_if_unused(run_dir: Path, created: Path) -> None:
-    """Removes the run directory this call created if it holds nothing but its lock (and
-    empty directories: the checkpoints' before the first save), and the directories above it
-    this call created (`created`, the topmost: runs/ for runs/NAME), if empty: the run stopped
-    before writing anything (bad data, say), and leaves no trace."""
+def _remove_if_unused(run_dir: Path, created: Path | None, lock: RunLock) -> None:
+    """Removes what this call made if the run stopped before writing anything (bad data, say),
+    so that it leaves no trace: the run directory if this call created it and it holds
+    nothing but its lock (and empty directories: the checkpoints' before the first save), and
+    the directories above it this call created (`created`, the topmost: runs/ for runs/NAME)
+    that are empty; in a directory that was there, the lock file if this call created it and
+    nothing else is there. The lock file goes while the lock is held (`RunLock.discard`)."""
+    if not lock.held:  # (another process's: what is there may be its)
+        return
     with contextlib.suppress(OSError):
+        if created is None:
+            if lock.created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+                lock.discard()
+            return
         if not outputs.holds_only_a_lock(run_dir):
             return
         entries = sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True)
-        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        lock.discard()
         for directory in entries:  # deepest first; each is empty by then
             if directory.is_dir():
                 directory.rmdir()

@@ -98,6 +98,52 @@ def test_a_refused_run_leaves_no_directory_it_made(small_data, tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
+def test_a_refused_command_leaves_a_directory_that_was_there_as_it_was(
+        run_copy, small_data, tmp_path, capsys):
+    """(fault testing: a refused train left the `.lock` it made in an existing empty run_dir,
+    and an export of a run copied without its `.lock` added one)"""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = write_config(tmp_path / "c.yaml", tmp_path / "missing", empty)
+    refused(["train", str(config), "--no-progress"], capsys, match="does not exist",
+            unchanged=[empty])
+    assert list(empty.iterdir()) == []
+    (run_copy / LOCK_FILE).unlink()
+    assert cli.main(["export", str(run_copy), "--out", str(tmp_path / "out")]) == 0
+    assert not (run_copy / LOCK_FILE).exists()
+    (run_copy / LOCK_FILE).write_text("")  # one that was there stays
+    assert cli.main(["export", str(run_copy), "--out", str(tmp_path / "out2")]) == 0
+    assert (run_copy / LOCK_FILE).read_text() == ""
+
+
+def test_a_lock_deleted_by_its_holder_is_never_held_twice(tmp_path, monkeypatch):
+    """A process that opened the lock file before its holder deleted it (`discard`) and got
+    the lock after must not go on holding a file that nobody else finds: it tries again on the
+    path's file, so a third process cannot lock a new one at the same time."""
+    import fcntl
+
+    from jaxsae import runlock
+
+    holder = RunLock(tmp_path).acquire()
+    assert holder.created
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):  # the waiter's first try comes just after the holder discarded
+        calls.append(fd)
+        if len(calls) == 1:
+            holder.discard()
+        return real(fd, op)
+
+    monkeypatch.setattr(runlock.fcntl, "flock", flock)
+    waiter = RunLock(tmp_path).acquire()
+    monkeypatch.setattr(runlock.fcntl, "flock", real)
+    assert len(calls) == 2 and waiter.created  # (the first file was deleted: a new one)
+    with pytest.raises(runlock.RunLocked, match="this process is already training here"):
+        RunLock(tmp_path).acquire()  # the file at the path is the one held
+    waiter.discard()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
 def test_lock_is_held_while_training_and_released_after(run_copy, small_data, tmp_path):
     lock = RunLock(run_copy).acquire()
     with pytest.raises(Exception, match="this process is already training here"):
