@@ -38,6 +38,7 @@ from jaxsae.parsing import (
     apply_override,
     assign,
     from_dict,
+    note_override,
     override_value,
     read_yaml_mapping,
     refuse_repeated_overrides,
@@ -172,17 +173,19 @@ def load_bench_config(path: str | Path, overrides: list[str] = ()) -> BenchConfi
         raise ConfigError(f"{path}: a training config (it has no arms:); train it with "
                           "`jaxsae train`, or write a bench config (base, arms, seeds)")
     refuse_repeated_overrides(overrides)
+    seen: dict[str, str] = {}
     for assignment in overrides:
-        _apply_override(tree, assignment)
+        _apply_override(tree, assignment, seen)
     cfg = from_dict(BenchConfig, tree)
     cfg.arm_configs()  # validate every arm before any work
     return cfg
 
 
-def _apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """`apply_override`, where `arms.NAME.key=value` may name an arm whose name holds dots
-    (`arms.lr0.3.sae.k=4` for the arm `lr0.3`: the longest such name the key starts with;
-    fault testing: the override was taken for arm `lr0` and refused as an unknown key)."""
+def _apply_override(tree: dict[str, Any], assignment: str, seen: dict[str, str]) -> None:
+    """`apply_override` (`seen` as there), where `arms.NAME.key=value` may name an arm whose
+    name holds dots (`arms.lr0.3.sae.k=4` for the arm `lr0.3`: the longest such name the key
+    starts with; fault testing: the override was taken for arm `lr0` and refused as an
+    unknown key)."""
     dotted, _, text = assignment.partition("=")
     arms = tree.get("arms")
     rest = dotted.strip()[len("arms."):] if dotted.strip().startswith("arms.") else None
@@ -202,14 +205,15 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
             key, value = rest[len(name) + 1:], override_value(dotted, text)
             if not key:
                 arms[name] = value
-                return
-            if arms[name] is None:
-                arms[name] = {}
-            if not isinstance(arms[name], dict):
-                raise ConfigError(f"arms.{name}: expected a mapping of config overrides")
-            assign(arms[name], key, value)
+            else:
+                if arms[name] is None:
+                    arms[name] = {}
+                if not isinstance(arms[name], dict):
+                    raise ConfigError(f"arms.{name}: expected a mapping of config overrides")
+                key = assign(arms[name], key, value)
+            note_override(seen, f"arms.{name}" + (f".{key}" if key else ""), assignment)
             return
-    apply_override(tree, assignment)
+    apply_override(tree, assignment, seen)
 
 
 def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dict[str, Any]]:

@@ -721,11 +721,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         raise ConfigError(f"{path}: a bench config (base, arms); run it with `jaxsae bench`")
     refuse_repeated_overrides(overrides)
     terms = [a for a in overrides if a.startswith(("loss.", "loss["))]
+    seen: dict[str, str] = {}  # (a key set twice under two spellings is refused)
     for assignment in [a for a in overrides if a not in terms]:
         if assignment.startswith("sweep.") and "=" in assignment:
             _override_sweep(tree, assignment)
             continue
-        apply_override(tree, assignment)
+        apply_override(tree, assignment, seen)
     # `loss.1.coefficient=2` (or `loss[1]...`, as errors name it) edits the default terms of
     # the config's activation when it gives none (applied last: they depend on it)
     if terms and tree.get("loss") is None:
@@ -733,7 +734,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         activation = sae.get("activation", SAEConfig.activation)
         tree["loss"] = [t.to_dict() for t in default_loss(str(activation))]
     for assignment in terms:
-        apply_override(tree, assignment)
+        apply_override(tree, assignment, seen)
     return from_dict(Config, tree)
 
 

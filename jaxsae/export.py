@@ -579,14 +579,14 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     tree["loss"] = [{**term, "warmup_steps": min(term["warmup_steps"], steps)}
                     if isinstance(term, dict) and is_positive_int(term.get("warmup_steps"))
                     else term for term in tree["loss"]]
-    as_read, keys = copy.deepcopy(tree), set()
+    as_read, keys, seen = copy.deepcopy(tree), set(), {}
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
         keys.add(key)
         if key in _IMPORT_FLAG_KEYS:
             raise ConfigError(f"override {key}: set by {_IMPORT_FLAG_KEYS[key]}, not as an "
                               "override")
-        apply_override(tree, assignment)
+        apply_override(tree, assignment, seen)
     try:
         config = config_from_dict(tree)
     except ConfigError as e:

@@ -161,7 +161,8 @@ def typename(value: Any) -> str:
 def refuse_repeated_overrides(overrides: Sequence[str]) -> None:
     """A `key=value` override given twice is refused, as a flag or a YAML key given twice is
     (fault testing: `optim.lr=1e-3 ... optim.lr=3e-3` trained with the last one, silently).
-    The same key spelt otherwise (`loss.l1.coefficient` / `loss.1.coefficient`) is not caught."""
+    The same key spelt otherwise (`loss.l1.coefficient` / `loss.1.coefficient`) is caught as
+    the overrides are applied (`apply_override`'s `seen`)."""
     given: dict[str, str] = {}
     for assignment in overrides:
         if "=" not in assignment:
@@ -219,13 +220,31 @@ def plain(value: Any) -> Any:
 # YAML files and dotted overrides.
 
 
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
+def apply_override(tree: dict[str, Any], assignment: str,
+                   seen: dict[str, str] | None = None) -> None:
     """Applies one `a.b.c=value` (a YAML value; list items by position or name:
-    `loss.1.coefficient=2`, `loss.sparsity.coefficient=2`)."""
+    `loss.1.coefficient=2`, `loss.sparsity.coefficient=2`). `seen`: what the overrides applied
+    before set, by the key as assigned (list items by position), updated; one that sets such a
+    key again under another spelling (`loss.l1.coefficient`, then `loss.1.coefficient`), or
+    replaces a mapping an earlier one set a key in (`optim.lr=1e-3`, then `optim={...}`), is
+    refused: it would undo the earlier one unseen."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value (e.g. optim.lr=1e-3)")
     dotted, text = assignment.split("=", 1)
-    assign(tree, dotted.strip(), override_value(dotted, text))
+    key = assign(tree, dotted.strip(), override_value(dotted, text))
+    if seen is not None:
+        note_override(seen, key, assignment)
+
+
+def note_override(seen: dict[str, str], key: str, assignment: str) -> None:
+    """Adds `key`, set by `assignment`, to `seen` (see `apply_override`), refusing it if it
+    sets or replaces what an earlier override set."""
+    for earlier, given in seen.items():
+        if earlier == key or earlier.startswith(key + "."):
+            raise ConfigError(f"override {assignment.split('=', 1)[0].strip()}: "
+                              f"{'sets' if earlier == key else 'replaces'} what {given} set; "
+                              "give each setting once")
+    seen[key] = assignment.strip()
 
 
 def override_value(dotted: str, text: str) -> Any:
@@ -242,30 +261,39 @@ def override_value(dotted: str, text: str) -> Any:
     raise ConfigError(f"override {dotted}: value is not valid YAML ({problem})")
 
 
-def assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def assign(tree: dict[str, Any], dotted: str, value: Any) -> str:
     """Sets `a.b.c` in a config tree (list items by position or name, see `list_index`; a
-    position also as `a[1].c`, how errors name list items), creating missing mappings."""
+    position also as `a[1].c`, how errors name list items), creating missing mappings.
+    Returns the key set, list items by their (non-negative) position."""
     parts = re.sub(r"(?<=[^.\[])\[(-?\d+)\]", r".\1", dotted).split(".")
     if not all(parts):
         raise ConfigError(f"override {dotted!r}: empty key segment")
     node: Any = tree
+    key: list[str] = []
     for i, part in enumerate(parts[:-1]):
         here = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            node = node[list_index(node, part, here)]
+            index = list_index(node, part, here) % len(node)
+            node = node[index]
+            key.append(str(index))
         elif isinstance(node, dict):
             if node.get(part) is None:
                 node[part] = {}
             node = node[part]
+            key.append(part)
         else:
             raise ConfigError(f"override {dotted}: {here} is not a mapping or list")
     last = parts[-1]
     if isinstance(node, list):
-        node[list_index(node, last, dotted)] = value
+        index = list_index(node, last, dotted) % len(node)
+        node[index] = value
+        key.append(str(index))
     elif isinstance(node, dict):
         node[last] = value
+        key.append(last)
     else:
         raise ConfigError(f"override {dotted}: {'.'.join(parts[:-1])} is not a mapping or list")
+    return ".".join(key)
 
 
 def list_index(node: list, part: str, key: str) -> int:

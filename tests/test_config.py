@@ -149,6 +149,24 @@ def test_an_override_given_twice_is_refused(preset, overrides):
         load_config(preset, overrides)
 
 
+@pytest.mark.parametrize("overrides, why", [
+    (["loss.l1.coefficient=2", "loss.1.coefficient=3"], "sets what loss.l1.coefficient=2"),
+    (["loss.-1.coefficient=2", "loss[1].coefficient=3"], "sets what loss.-1.coefficient=2"),
+    (["optim.lr=1e-3", "optim={lr: 2e-3}"], "replaces what optim.lr=1e-3"),
+    (["sae.d_sae=64", "sae={d_sae: 32}"], "replaces what sae.d_sae=64")])
+def test_a_setting_given_twice_under_two_spellings_is_refused(overrides, why):
+    """(fault testing: the last one was taken, silently: the same term by its name and its
+    position, a section replaced whole after one of its keys)"""
+    with pytest.raises(ConfigError, match=f"^override {re.escape(overrides[1].split('=')[0])}"
+                                          f": {re.escape(why)} set; give each setting once$"):
+        load_config(None, ["data.path=d", *overrides])
+    # a key of a section given whole before it edits that section, as a term of a given loss
+    assert load_config(None, ["data.path=d", "optim={lr: 2e-3}", "optim.lr=1e-3"]).optim.lr \
+        == 1e-3
+    assert load_config(None, ["data.path=d", "loss.0.coefficient=2", "loss=[{term: mse}]"]
+                       ).loss[0].coefficient == 2.0
+
+
 def test_negative_list_index_override(preset):
     cfg = load_config(preset, ["loss.-1.coefficient=7"])
     assert cfg.loss[1].coefficient == 7.0
