@@ -321,20 +321,28 @@ def test_normalised_transcoder_trains_on_unit_scales_and_reports_raw_units(paire
                                                                           capsys):
     """data.normalize with pairs: inputs and targets get scales of their own (E‖x‖² = d_in,
     E‖y‖² = d_out, both logged); the run's evaluation, in raw units after folding, is close to
-    an unnormalised run's."""
-    def run(name, normalize):
+    an unnormalised run's on targets 30x smaller; the mse logged in training is the
+    target's, in its raw units (an mse converted by the input's scale would be ~10^3 off)."""
+    with ShardWriter(tmp_path / "y30", D_OUT, shard_tokens=2048) as writer:
+        writer.write(30 * open_source(config_from_dict(_config(paired, tmp_path)).data)
+                     .read(0, 8192)[:, D_IN:])
+
+    def run(name, normalize, target):
         tree = _config(paired, tmp_path / name, activation="batchtopk", k=4, skip=True)
-        tree["data"]["normalize"] = normalize
+        tree["data"].update(normalize=normalize, target=str(target))
         tree["optim"]["total_tokens"] = 256 * 40
         return train(config_from_dict(tree), progress=False)
 
     capsys.readouterr()
-    normalised = run("norm", "unit_mean_squared_norm")
+    normalised = run("norm", "unit_mean_squared_norm", tmp_path / "y30")
     logged = capsys.readouterr().out
     assert "input scale" in logged and "target scale" in logged
-    plain = run("plain", "none")
+    plain = run("plain", "none", paired / "y")
     assert normalised.eval["explained_variance"] > 0.1
     assert abs(normalised.eval["explained_variance"] - plain.eval["explained_variance"]) < 0.15
+    for name, result in (("norm", normalised), ("plain", plain)):
+        last = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+        assert 0.5 < last["mse"] / result.eval["mse"] < 2, (name, last["mse"], result.eval)
 
 
 _MESH_SCRIPT = r"""
