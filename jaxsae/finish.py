@@ -293,7 +293,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
                               f"them all; export {run} (it writes every SAE of the sweep)")
         raise JaxsaeError(f"{path}: no checkpoints/ directory (expected a run directory)")
     run_dir = directory.parent
-    lock = RunLock(run_dir, log)
+    lock = RunLock(run_dir, log, doing="exporting")
     try:  # holding the lock (no training in progress), export may tidy the run directory
         lock.acquire()
         read_only = False

@@ -76,16 +76,25 @@ class RunLock:
         if not locked:
             record = _live_record(fd)
             os.close(fd)
+            if record is not None and not _is_record(record):  # (a user's file, locked by
+                # some other program: not a jaxsae process training)
+                raise RunLocked(f"{self.path}: exists and is not a jaxsae lock file; move it "
+                                "away (jaxsae writes its lock there)")
+            if record is None:
+                record = {}
+            # what the holder says it does (fault testing: an export's lock refused a train
+            # as "training here")
+            doing = record["doing"] if isinstance(record.get("doing"), str) else self._doing
             if record.get("pid") == os.getpid() and record.get("host") == socket.gethostname():
                 # (fault testing, a library user: "another process" named its own pid)
-                raise RunLocked(f"{self.path.parent}: this process is already {self._doing} "
-                                "here (one not finished or closed: a ShardWriter not closed, "
+                raise RunLocked(f"{self.path.parent}: this process is already {doing} here "
+                                "(one not finished or closed: a ShardWriter not closed, "
                                 "say)") from None
-            raise RunLocked(f"{self.path.parent}: another jaxsae process is {self._doing} "
-                            f"here ({_describe(record)}); wait for it to finish or stop "
+            raise RunLocked(f"{self.path.parent}: another jaxsae process is {doing} here "
+                            f"({_describe(record)}); wait for it to finish or stop "
                             "it") from None
         previous = _read(fd)
-        if previous and not _is_record(previous):
+        if previous is not None and not _is_record(previous):
             os.close(fd)
             raise RunLocked(f"{self.path}: exists and is not a jaxsae lock file; move it away "
                             "(jaxsae writes its lock there)")
@@ -93,7 +102,7 @@ class RunLock:
             self._log(f"{self.path.parent}: taking over a stale lock ({_describe(previous)}, "
                       "no longer running)")
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "doing": self._doing}
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
@@ -159,14 +168,14 @@ def _same_file(fd: int, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _live_record(fd: int) -> dict:
+def _live_record(fd: int) -> dict | None:
     """The record of the process holding the lock on `fd`. A holder that has just taken over
     a stale lock may not have written its own yet (fault testing: the refusal named the dead
     process): the file is read again for up to a second while it names a process of this
     host that is gone."""
     info = _read(fd)
     for _ in range(20):
-        if not (_is_record(info) and info["host"] == socket.gethostname()
+        if not (info is not None and _is_record(info) and info["host"] == socket.gethostname()
                 and not _alive(info["pid"])):
             break
         time.sleep(0.05)
@@ -184,10 +193,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read(fd: int) -> dict:
+def _read(fd: int) -> dict | None:
+    """The lock file's record; None for an empty file (a released lock, or one just made);
+    {"unreadable": True} for content that is not a JSON object."""
     try:
         data = os.pread(fd, 4096, 0)
-        info = json.loads(data.decode()) if data.strip() else {}
+        if not data.strip():
+            return None
+        info = json.loads(data.decode())
     except (OSError, ValueError):
         return {"unreadable": True}
     return info if isinstance(info, dict) else {"unreadable": True}
@@ -199,7 +212,7 @@ def _is_record(info: dict) -> bool:
             and isinstance(info.get("since"), str))
 
 
-def _describe(info: dict) -> str:
+def _describe(info: dict | None) -> str:
     if not info or info.get("unreadable"):
         return "holder unknown"
     return (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since "

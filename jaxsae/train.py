@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ from jaxsae.hooks import (
 from jaxsae.interrupts import SignalFlag
 from jaxsae.outputs import atomic_write, json_text
 from jaxsae.progress import Progress
-from jaxsae.runlock import LOCK_FILE, RunLock, RunLocked
+from jaxsae.runlock import RunLock, RunLocked
 from jaxsae.step import TrainState
 from jaxsae.trackers import trackers
 
@@ -97,10 +98,14 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
     # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = outputs.canonical(cfg.resolved_run_dir)  # `..` resolved
-    created = processes.on_process_0(
-        lambda: _make_run_dir(run_dir, member_dirs(cfg, run_dir), cfg.data.path,
-                              cfg.data.target))
-    lock = _lock_run_dir(run_dir, is_main, log)
+
+    def make() -> Path | None:
+        return _make_run_dir(run_dir, member_dirs(cfg, run_dir), cfg.data.path,
+                             cfg.data.target)
+
+    created = processes.on_process_0(make)
+    lock, remade = _lock_run_dir(run_dir, is_main, log, make)
+    created = remade or created
     try:
         note = None
         if resume_as_trained:
@@ -111,7 +116,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
                              hooks=hooks, notes=[note] if note else [])
     finally:
         _remove_if_unused(run_dir, created, lock)
-        lock.release()
+        # (a lock file this call made goes with it: a refused start leaves a run as it was)
+        lock.discard() if lock.created else lock.release()
 
 
 def _silent(message: str) -> None:
@@ -213,19 +219,14 @@ def _agree_on_data(cfg: Config, source, digest: str) -> None:
 
 
 def _remove_if_unused(run_dir: Path, created: Path | None, lock: RunLock) -> None:
-    """Removes what this call made if the run stopped before writing anything (bad data, say),
-    so that it leaves no trace: the run directory if this call created it and it holds
-    nothing but its lock (and empty directories: the checkpoints' before the first save), and
-    the directories above it this call created (`created`, the topmost: runs/ for runs/NAME)
-    that are empty; in a directory that was there, the lock file if this call created it and
-    nothing else is there. The lock file goes while the lock is held (`RunLock.discard`)."""
-    if not lock.held:  # (another process's: what is there may be its)
+    """Removes the run directory this call created if it holds nothing but its lock (and
+    empty directories: the checkpoints' before the first save), and the directories above it
+    this call created (`created`, the topmost: runs/ for runs/NAME), if empty: the run stopped
+    before writing anything (bad data, say), and leaves no trace. The lock file goes while the
+    lock is held (`RunLock.discard`)."""
+    if created is None or not lock.held:  # (not held: another process's, and what is there)
         return
     with contextlib.suppress(OSError):
-        if created is None:
-            if lock.created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
-                lock.discard()
-            return
         if not outputs.holds_only_a_lock(run_dir):
             return
         entries = sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True)
@@ -608,6 +609,9 @@ def _check_run_dir(run_dir: Path, data: str | None = None) -> None:
                           "and its data directories of their own")
     if run_dir.is_file() or (run_dir.exists() and not run_dir.is_dir()):
         raise ConfigError(f"{where}: is a file; give a directory (or set name:)")
+    if run_dir.is_symlink() and not run_dir.exists():  # (fault testing: "File exists")
+        raise ConfigError(f"{where}: is a symbolic link to {os.readlink(run_dir)}, which does "
+                          "not exist; make that directory, or give another run_dir")
     if not run_dir.is_dir() or outputs.holds_only_a_lock(run_dir):
         return  # (a start killed before it wrote anything: its lock says if it still runs)
     if not (outputs.output_kind(run_dir) == "import"
@@ -708,14 +712,25 @@ def _check_sae_dirs(run_dir: Path, dirs: Sequence[Path]) -> None:
                                  else "them away"))
 
 
-def _lock_run_dir(run_dir: Path, is_main: bool, log: Callable[[str], None]) -> RunLock:
-    """The run directory's lock, taken by process 0 for all processes of a run."""
-    lock, refused = RunLock(run_dir, log), None
+def _lock_run_dir(run_dir: Path, is_main: bool, log: Callable[[str], None],
+                  make: Callable[[], Path | None]) -> tuple[RunLock, Path | None]:
+    """The run directory's lock, taken by process 0 for all processes of a run, and the
+    topmost directory `make` (which checks and makes the run directory) made again if the
+    directory was gone: a start refused at the same time (bad data, say) removes what it made
+    (fault testing: a good start then failed, "cannot find RUN/.lock")."""
+    lock, refused, remade = RunLock(run_dir, log), None, None
     if is_main:
-        try:
-            lock.acquire()
-        except RunLocked as e:
-            refused = e
+        for attempt in range(5):
+            try:
+                lock.acquire()
+                break
+            except RunLocked as e:
+                refused = e
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+                remade = make() or remade
     if jax.process_count() > 1:
         held = bool(multihost_utils.broadcast_one_to_all(np.asarray(refused is None)))
         if not held and refused is None:
@@ -723,7 +738,7 @@ def _lock_run_dir(run_dir: Path, is_main: bool, log: Callable[[str], None]) -> R
                                 "process 0)")
     if refused is not None:
         raise refused
-    return lock
+    return lock, remade
 
 
 def _start_params(cfg: Config, d_in: int, stats: DataStats,

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from jaxsae import checkpoint, cli, tensorfile
+from jaxsae.config import config_from_dict
 from jaxsae.runlock import LOCK_FILE, RunLock
 from tests.conftest import small_config_dict
 from tests.faults.conftest import assert_one_line_error, refused, run_jaxsae, write_config
@@ -46,19 +47,21 @@ def test_a_second_training_on_a_run_directory_stops_at_once(run_copy, small_data
     assert cli.main(["train", str(config), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"taking over a stale lock (pid {holder.pid} on " in out
-    assert (run_copy / LOCK_FILE).read_text() == ""  # released
+    assert (run_copy / LOCK_FILE).read_text() == ""  # released (a file it did not make stays)
 
 
-@pytest.mark.parametrize("kind", ["notes", "link"])
+@pytest.mark.parametrize("kind", ["notes", "{}", "link"])
 def test_a_users_lock_file_is_not_taken_over(small_data, tmp_path, capsys, kind):
     """A directory holding only `.lock` may be a start killed before it wrote anything, but a
-    `.lock` that is not jaxsae's record is someone's file: neither emptied nor written through."""
+    `.lock` that is not jaxsae's record is someone's file: neither emptied nor written through
+    (fault testing: `{}` was taken for an empty lock)."""
     run = tmp_path / "run"
     run.mkdir()
     notes = tmp_path / "notes.txt"
     notes.write_text("do not lose this\n")
-    if kind == "notes":
-        (run / LOCK_FILE).write_text('{"pid": 12, "note": "mine"}\n')
+    if kind != "link":
+        (run / LOCK_FILE).write_text('{"pid": 12, "note": "mine"}\n' if kind == "notes"
+                                     else kind)
         match = "exists and is not a jaxsae lock file"
     else:
         (run / LOCK_FILE).symlink_to(notes)
@@ -67,6 +70,16 @@ def test_a_users_lock_file_is_not_taken_over(small_data, tmp_path, capsys, kind)
     refused(["train", str(config), "--no-progress"], capsys, match=match,
             unchanged=[run, notes])
     assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]
+    if kind == "notes":  # held by some other program: still not a jaxsae process training
+        import fcntl
+
+        fd = os.open(run / LOCK_FILE, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            with pytest.raises(Exception, match="exists and is not a jaxsae lock file"):
+                RunLock(run).acquire()
+        finally:
+            os.close(fd)
 
 
 def test_a_finished_run_without_checkpoints_is_left_untouched(run_copy, small_data, tmp_path,
@@ -108,12 +121,48 @@ def test_a_refused_command_leaves_a_directory_that_was_there_as_it_was(
     refused(["train", str(config), "--no-progress"], capsys, match="does not exist",
             unchanged=[empty])
     assert list(empty.iterdir()) == []
-    (run_copy / LOCK_FILE).unlink()
+    assert not (run_copy / LOCK_FILE).exists()  # (training takes away the lock file it made)
+    refused(["train", str(run_copy / "config.yaml"), "optim.lr=0.5", "--no-progress"],
+            capsys, match="cannot resume with a changed optim.lr", unchanged=[run_copy])
+    assert not (run_copy / LOCK_FILE).exists()
     assert cli.main(["export", str(run_copy), "--out", str(tmp_path / "out")]) == 0
     assert not (run_copy / LOCK_FILE).exists()
     (run_copy / LOCK_FILE).write_text("")  # one that was there stays
     assert cli.main(["export", str(run_copy), "--out", str(tmp_path / "out2")]) == 0
     assert (run_copy / LOCK_FILE).read_text() == ""
+    # a train refused while an export holds the run says so (it said "training here")
+    lock = RunLock(run_copy, doing="exporting").acquire()
+    try:
+        refused(["train", str(run_copy / "config.yaml"), "--no-progress"], capsys,
+                match="this process is already exporting here", unchanged=[])
+    finally:
+        lock.release()
+
+
+def test_a_start_whose_directory_a_refused_start_removed_makes_it_again(
+        small_data, tmp_path, monkeypatch):
+    """(fault testing: two starts at once, one refused for its data, removed the directory it
+    had made between the other's check and its lock: "cannot find RUN/.lock")"""
+    from jaxsae import train as train_mod
+
+    real, calls = RunLock.acquire, []
+
+    def acquire(self):
+        calls.append(self.path)
+        if len(calls) == 1:  # the other start's clean-up, just before this one locks
+            shutil.rmtree(tmp_path / "runs")
+        return real(self)
+
+    monkeypatch.setattr(RunLock, "acquire", acquire)
+    tree = small_config_dict(small_data, tmp_path / "runs" / "a", optim={"total_tokens": 2048})
+    result = train_mod.train(config_from_dict(tree), progress=False)
+    assert result.step == 8 and len(calls) == 2 and (tmp_path / "runs" / "a" / "sae").is_dir()
+    # refused after that, it removes what it made again
+    calls.clear()
+    tree = small_config_dict(tmp_path / "missing", tmp_path / "runs" / "b")
+    with pytest.raises(Exception, match="does not exist"):
+        train_mod.train(config_from_dict(tree), progress=False)
+    assert len(calls) == 2 and not (tmp_path / "runs").exists()
 
 
 def test_a_lock_deleted_by_its_holder_is_never_held_twice(tmp_path, monkeypatch):

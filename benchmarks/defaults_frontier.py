@@ -1,0 +1,126 @@
+"""The L1 recipe's L0 / explained-variance frontier on real activations: jaxsae's defaults
+since 0.2.0 (free decoder rows, inputs normalised to E|x|^2 = d_in, the L1 ramped over 5 % of
+the steps) against those before (unit rows, raw inputs, the L1 from the first step), each a
+sweep of the L1 coefficient and of the learning rate trained by `jaxsae train`.
+
+    scripts/real_activations.sh /tmp/lm 400000      # SmolLM2-135M layer 15 (~10 min)
+    python benchmarks/defaults_frontier.py --data /tmp/lm/acts-l15 --out /tmp/frontier
+
+A recipe whose sweep.csv is already in OUT is not trained again (delete OUT/runs/<recipe> to
+retrain it). Prints a markdown table and the machine, and draws OUT/frontier.png (explained
+variance against L0, one line per recipe and learning rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.common import machine  # noqa: E402
+
+# recipe -> (config keys besides data and length, the L1 coefficients swept). The old recipe
+# weighs a coefficient ~1/scale^2 less on raw activations (7.3x on SmolLM2 layer 15), so its
+# coefficients are larger to reach the same L0s.
+RECIPES = {
+    "0.2.0": ({}, [1.25, 2.5, 5.0, 10.0]),
+    "before": ({"data": {"normalize": "none"}, "sae": {"decoder_norm": "unit"},
+                "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 5.0}]},
+               [5.0, 10.0, 20.0, 40.0]),
+}
+LRS = [3.0e-4, 1.0e-3]
+
+
+def config(recipe: str, data: str, out: Path, tokens: int, drop: float) -> dict:
+    keys, coefficients = RECIPES[recipe]
+    return {
+        "name": f"frontier-{recipe}", "run_dir": str(out / "runs" / recipe),
+        "data": {"path": data, "drop_norm_above": drop, **keys.get("data", {})},
+        **({"sae": keys["sae"]} if "sae" in keys else {}),
+        **({"loss": keys["loss"]} if "loss" in keys else {}),
+        "optim": {"total_tokens": tokens},
+        "sweep_chunk": 2,
+        "sweep": {"loss.1.coefficient": coefficients, "optim.lr": LRS},
+    }
+
+
+def train(recipe: str, args) -> float | None:
+    """Trains the recipe's sweep unless its sweep.csv exists; its wall seconds (None: kept)."""
+    run = args.out / "runs" / recipe
+    if (run / "sweep.csv").exists():
+        return None
+    path = args.out / f"{recipe}.yaml"
+    path.write_text(yaml.safe_dump(config(recipe, args.data, args.out, args.tokens,
+                                          args.drop_norm_above), sort_keys=False))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "jaxsae", "train", str(path), "--no-progress"],
+                   check=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    return time.perf_counter() - start
+
+
+def rows(recipe: str, out: Path) -> list[dict]:
+    with open(out / "runs" / recipe / "sweep.csv") as f:
+        return [{"recipe": recipe, "coefficient": float(r["loss.1.coefficient"]),
+                 "lr": float(r["optim.lr"]), "l0": float(r["l0"]),
+                 "explained_variance": float(r["explained_variance"]),
+                 "dead": float(r["dead_fraction"])} for r in csv.DictReader(f)]
+
+
+def draw(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for recipe in RECIPES:
+        for lr, style in zip(LRS, ("o-", "s--"), strict=True):
+            line = sorted((r for r in table if r["recipe"] == recipe and r["lr"] == lr),
+                          key=lambda r: r["l0"])
+            ax.plot([r["l0"] for r in line], [r["explained_variance"] for r in line], style,
+                    label=f"{recipe} defaults, lr {lr:g}")
+            for r in line:
+                ax.annotate(f"{r['coefficient']:g}", (r["l0"], r["explained_variance"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (held-out tokens)")
+    ax.set_ylabel("explained variance")
+    ax.set_title("L1 coefficient sweeps (labels), SmolLM2-135M layer 15", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="cached activations (a shard directory)")
+    parser.add_argument("--out", type=Path, required=True, help="where the runs and plot go")
+    parser.add_argument("--tokens", type=int, default=1_600_000, help="optim.total_tokens")
+    parser.add_argument("--drop-norm-above", type=float, default=10.0,
+                        help="data.drop_norm_above (SmolLM2's attention sinks)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    seconds = {recipe: train(recipe, args) for recipe in RECIPES}
+    table = [r for recipe in RECIPES for r in rows(recipe, args.out)]
+    draw(table, args.out / "frontier.png")
+    print(json.dumps({"machine": machine(), "train_seconds": seconds}))
+    print("| defaults | lr | L1 coefficient | L0 | explained variance | dead |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in sorted(table, key=lambda r: (r["recipe"] != "0.2.0", r["lr"], r["coefficient"])):
+        print(f"| {r['recipe']} | {r['lr']:g} | {r['coefficient']:g} | {r['l0']:.1f} | "
+              f"{r['explained_variance']:.3f} | {r['dead']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
