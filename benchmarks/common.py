@@ -3,10 +3,15 @@ the machine."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -82,3 +87,24 @@ def median_seconds(fn, *args, reps: int = 5) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+@contextlib.contextmanager
+def experiment_dir(out: Path | None, script: str) -> Iterator[Path]:
+    """Where an experiment keeps its data, SAEs and analyses: `out` (created, or an earlier
+    run's of the same script, which it marks; any other directory that is not empty is
+    refused, since the experiment replaces what it writes there), else a temporary directory
+    removed at the end."""
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix=f"{script}-") as tmp:
+            yield Path(tmp)
+        return
+    marker = out / f".{script}"
+    if out.exists() and not (out.is_dir() and (marker.is_file() or not any(out.iterdir()))):
+        sys.stderr.write(f"{script}: error: --out {out}: exists and is not this "
+                         "experiment's directory; give another (its files would be "
+                         "replaced)\n")
+        raise SystemExit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by benchmarks/experiments; its contents are replaced\n")
+    yield out

@@ -130,7 +130,22 @@ def summarise(result: dict) -> str:
     for key in ("skipped", "error"):
         if key in result:
             return f"{key}: {result[key].strip().splitlines()[-1]}"
-    return f"done in {result.get('seconds', 0)} s"
+    failed = errors_in(result)  # (fault testing: a SAELens that failed said "done")
+    return f"done in {result.get('seconds', 0)} s" + (
+        f"; errors in {', '.join(failed)}" if failed else "")
+
+
+def errors_in(result: dict, where: str = "") -> list[str]:
+    """Where a part's report holds an error (`error` or `*_error`, at any depth): the part
+    failed, even if it measured the rest."""
+    found = []
+    for key, value in result.items():
+        here = f"{where}.{key}" if where else key
+        if key == "error" or key.endswith("_error"):
+            found.append(where or key)
+        elif isinstance(value, dict):
+            found += errors_in(value, here)
+    return found
 
 
 def shape(check: Check) -> dict:
@@ -298,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.parts:
             check.run(name, PART_FUNCTIONS[name])
     failed = [name for name, r in check.report["parts"].items()
-              if "error" in r or r.get("passed") is False]
+              if errors_in(r) or r.get("passed") is False]
     print(f"gpu_check: report in {check.path}" + (f"; failed: {', '.join(failed)}"
                                                     if failed else ""))
     return 1 if failed else 0

@@ -32,17 +32,25 @@ from jaxsae.config import config_from_dict
 from jaxsae.data.loader import Loader, Prefetcher
 from jaxsae.data.shards import ShardSet, ShardWriter
 from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
+from jaxsae.errors import JaxsaeError
 from jaxsae.sharding import batch_sharding
 
 
 def build_shards(path: Path, gb: float, d_in: int = 768) -> ShardSet:
+    """The shard set at `path`, written if there is none (ShardWriter refuses a directory
+    that is not its own); one written before for another --gb is refused."""
+    tokens = int(gb * 1e9 / (d_in * 4))
     if not (path / "manifest.json").is_file():
-        tokens = int(gb * 1e9 / (d_in * 4))
         rng = np.random.default_rng(0)
-        with ShardWriter(path, d_in, shard_tokens=65536, overwrite=True) as w:
+        with ShardWriter(path, d_in, shard_tokens=65536) as w:
             for lo in range(0, tokens, 65536):
                 w.write(rng.standard_normal((min(65536, tokens - lo), d_in), np.float32))
-    return ShardSet(path)
+    shards = ShardSet(path)
+    if shards.d_in != d_in or shards.n_tokens != tokens:
+        raise JaxsaeError(f"{path} holds {shards.n_tokens:,} tokens of d_in {shards.d_in}, "
+                          f"not the {tokens:,} of d_in {d_in} that --gb {gb} makes (or give "
+                          "the --gb it was written with)")
+    return shards
 
 
 def raw_read(shards: ShardSet) -> float:
@@ -92,18 +100,27 @@ def step_rate(d_in: int, d_sae: int, batch: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="/tmp/jaxsae-loader-bench")
-    parser.add_argument("--gb", type=float, default=2.0)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", default="/tmp/jaxsae-loader-bench",
+                        help="where the two shard sets are written once and reused (DIR/d768, "
+                             "DIR/d128)")
+    parser.add_argument("--gb", type=float, default=2.0,
+                        help="size of the d_in 768 shard set in GB")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="how long each loader rate is measured")
     args = parser.parse_args()
+    if args.gb <= 0 or args.seconds <= 0:
+        parser.error("--gb and --seconds must be > 0")
     root = Path(args.dir)
     info = machine()
-    big = build_shards(root / "d768", args.gb)
-    small = root / "d128"
-    if not (small / "manifest.json").is_file():
-        generate_superposition(SuperpositionSpec(), small, progress=False, overwrite=True)
-    small = ShardSet(small)
+    try:
+        big = build_shards(root / "d768", args.gb)
+        small = root / "d128"
+        if not (small / "manifest.json").is_file():  # (refuses a directory not its own)
+            generate_superposition(SuperpositionSpec(), small, progress=False)
+        small = ShardSet(small)
+    except JaxsaeError as e:
+        parser.exit(2, f"loader.py: error: {e} (here: give another --dir)\n")
     sharding = batch_sharding(build(config_from_dict(
         {"data": {"path": "unused"}, "optim": {"batch_size": 4096, "total_tokens": 409600,
                                                 "warmup_steps": 1}}), 768).mesh)

@@ -3,7 +3,8 @@
     python benchmarks/scale.py [--devices 8] [--model -1] [--d-in 2304] [--d-sae 1048576]
                                [--run-d-sae 131072]
 
-On `--devices` CPU devices (forced with XLA_FLAGS unless already set) and a mesh with
+On `--devices` CPU devices (added to XLA_FLAGS; one that forces another count is refused) and
+a mesh with
 `--model` devices along `model` (the dictionary's split; -1, the default: all of them) and the
 rest along `data`: compiles the real train step for d_in x d_sae without materialising anything
 and prints its per-device memory analysis next to the total parameter + optimiser size (the
@@ -21,16 +22,27 @@ import time
 from pathlib import Path
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--devices", type=int, default=8)
+parser.add_argument("--devices", type=int, default=8, help="CPU devices to simulate")
 parser.add_argument("--model", type=int, default=-1,
                     help="devices along mesh.model (-1: all); the others along mesh.data")
-parser.add_argument("--d-in", type=int, default=2304)
-parser.add_argument("--d-sae", type=int, default=1 << 20)
-parser.add_argument("--batch", type=int, default=4096)
-parser.add_argument("--run-d-sae", type=int, default=1 << 17)
-parser.add_argument("--run-batch", type=int, default=1024)
+parser.add_argument("--d-in", type=int, default=2304, help="input width")
+parser.add_argument("--d-sae", type=int, default=1 << 20,
+                    help="dictionary width whose step is compiled, not run")
+parser.add_argument("--batch", type=int, default=4096, help="tokens per step compiled")
+parser.add_argument("--run-d-sae", type=int, default=1 << 17,
+                    help="dictionary width of the step that is run and timed")
+parser.add_argument("--run-batch", type=int, default=1024, help="tokens per step run")
 args = parser.parse_args()
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
+if args.devices < 1 or not (args.model == -1 or 1 <= args.model <= args.devices) or (
+        args.model > 0 and args.devices % args.model):
+    parser.error(f"--model must be -1 or divide --devices ({args.devices}); got {args.model}")
+# (fault testing: with XLA_FLAGS set for anything else, --devices was ignored, silently)
+_count = f"--xla_force_host_platform_device_count={args.devices}"
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" in _flags and _count not in _flags.split():
+    parser.error(f"XLA_FLAGS ({_flags}) forces another device count than --devices")
+os.environ["XLA_FLAGS"] = f"{_flags} {_count}".strip() if _count not in _flags.split() \
+    else _flags
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -7,6 +7,11 @@
 # index. Run here, where PyPI is reachable; carry .whl to the GPU machine.
 #   scripts/gpu_wheels.sh [DIR]        (default .whl)
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "gpu_wheels.sh: unknown option $1 (usage: scripts/gpu_wheels.sh [DIR])" >&2; exit 2 ;;
+esac
+if [ "$#" -gt 1 ]; then echo "gpu_wheels.sh: usage: scripts/gpu_wheels.sh [DIR]" >&2; exit 2; fi
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="${1:-$root/.whl}"
 constraints="$root/scripts/interop-constraints.txt"

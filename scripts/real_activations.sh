@@ -11,6 +11,21 @@
 # the .deb files are unpacked with dpkg-deb -x. Caching 1M tokens takes about 15 minutes on 2
 # CPU cores; rerunning resumes an interrupted cache and skips finished steps.
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "real_activations.sh: unknown option $1 (usage: scripts/real_activations.sh" \
+           "[OUT] [TOKENS] [LAYER])" >&2; exit 2 ;;
+esac
+if [ "$#" -gt 3 ]; then
+  echo "real_activations.sh: usage: scripts/real_activations.sh [OUT] [TOKENS] [LAYER]" >&2
+  exit 2
+fi
+if [ -e "${1:-data/smollm2}/text" ] && [ ! -f "${1:-data/smollm2}/text/eval.txt" ]; then
+  # (fault testing: OUT/text without eval.txt was deleted, to be written afresh)
+  echo "real_activations.sh: ${1:-data/smollm2}/text exists and is not this script's (no" \
+       "eval.txt); move it away or give another OUT" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 source scripts/_interop_env.sh  # the PyTorch environment, with jaxsae[lm]
 out="${1:-data/smollm2}"
@@ -43,7 +58,8 @@ if [ ! -f "$out/text/eval.txt" ]; then
     "$out/text" <<'PY'
 import random, re, shutil, sys
 from pathlib import Path
-docs_dir, bible, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+docs_dir, bible, target = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+out = target.with_name(target.name + ".partial")  # (this script's staging: renamed when whole)
 docs = [("python-" + str(f.relative_to(docs_dir)).replace("/", "-"), f.read_text())
         for f in sorted(docs_dir.rglob("*.txt"))]
 books = {}  # "Ge1:1 In the beginning..." -> book "Ge": verses without their references
@@ -60,6 +76,7 @@ shutil.rmtree(out, ignore_errors=True)
 for i, (name, text) in enumerate(train):
     (out / "train" / f"{i:04d}-{name}").write_text(text)
 (out / "eval.txt").write_text("\n\n".join(text for _, text in held_out))
+out.rename(target)
 print(f"{len(train)} training documents, {len(held_out)} held out", file=sys.stderr)
 PY
 fi

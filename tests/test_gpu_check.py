@@ -35,3 +35,20 @@ def test_bad_flags_are_refused_naming_them(tmp_path):
     assert proc.returncode == 2 and "is not a folder" in proc.stderr
     assert (tmp_path / "file").read_text() == "keep me"
     assert not (tmp_path / "o").exists()
+
+
+def test_an_error_inside_a_part_fails_the_check():
+    """(fault testing: SAELens failing inside the throughput part, or one kernel's step, was
+    reported "done" with exit status 0)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    throughput = {"relu": {"jaxsae_tokens_per_s": 1.0}, "saelens_error": "Traceback ...\nboom",
+                  "seconds": 3.0}
+    assert gpu_check.errors_in(throughput) == ["saelens_error"]
+    assert gpu_check.summarise(throughput) == "done in 3.0 s; errors in saelens_error"
+    kernels = {"cpu": {"step_s": 1.0}, "pallas": {"error": "Traceback ...\nno GPU"}}
+    assert gpu_check.errors_in(kernels) == ["pallas"]
+    assert gpu_check.errors_in({"relu": {"jaxsae_tokens_per_s": 1.0}, "seconds": 1}) == []

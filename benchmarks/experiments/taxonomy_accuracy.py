@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import tempfile
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +33,9 @@ from jaxsae.config import config_from_dict
 from jaxsae.data import synthetic
 from jaxsae.export import load_sae
 from jaxsae.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import experiment_dir
 
 WORLDS = {
     "hierarchy": synthetic.HierarchySpec(n_trees=16, branching=2, depth=2, probs=(0.05, 0.4),
@@ -84,58 +87,61 @@ def _shares_feature(W: np.ndarray, truth) -> np.ndarray:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per SAE")
-    parser.add_argument("--out", type=Path, help="keep the data, SAEs and analyses here")
+    parser.add_argument("--out", type=Path,
+                        help="keep the data, SAEs and analyses here (a new directory, or this "
+                             "experiment's; without it they go to a temporary one)")
     args = parser.parse_args()
-    root = args.out or Path(tempfile.mkdtemp(prefix="taxonomy-"))
-    called: dict[str, Counter] = {}
-    twins = Counter()  # (shares its feature, called duplicate) -> latents
-    for name, spec in WORLDS.items():
-        data = root / name / "data"
-        if not data.exists():
-            synthetic.write(spec, data, progress=False)
-        run = root / name / "run"
-        if not (run / "sae").exists():
-            train(config_from_dict({
-                "name": name, "run_dir": str(run),
-                "data": {"path": str(data), "eval_tokens": 65536, "normalize": "none"},
-                "sae": {"d_sae": 2 * spec.n_features, "activation": "relu",
-                        "decoder_norm": "unit"},
-                "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}],
-                "optim": {"lr": 1e-3, "batch_size": 1024, "total_tokens": args.tokens},
-                "checkpoint": {"every_steps": 10**6},
-                "log": {"every_steps": 1000, "curves": False}}), progress=False,
-                  log=lambda m: None)
-        out = root / name / "analysis"
-        analyze(str(run / "sae"), str(data), out, tokens=65536, progress=False,
-                overwrite=True)
-        with open(out / "latents.csv") as f:
-            kinds = [r["kind"] for r in csv.DictReader(f)]
-        truth = synthetic.load_truth(data)
-        W = load_sae(run / "sae").params["W_dec"]
-        for want, got in zip(_stands_for(name, W, truth), kinds, strict=True):
-            if want is not None:
-                called.setdefault(want, Counter())[got] += 1
-        if name != "circular":
-            for shares, got in zip(_shares_feature(W, truth), kinds, strict=True):
-                twins[bool(shares), got == "duplicate"] += 1
-    print("| kind of the feature | latents standing for one | called right | called instead |")
-    print("| --- | ---: | ---: | --- |")
-    for kind in ("parent", "child", "circular", "single", "variable", "dense"):
-        c = called.get(kind, Counter())
-        total = sum(c.values())
-        others = ", ".join(f"{k} {v}" for k, v in c.most_common() if k != kind) or "—"
-        share = f"{c[kind] / total:.2f}" if total else "—"
-        print(f"| {kind} | {total} | {share} | {others} |")
-    shared = twins[True, True] + twins[True, False]
-    said = twins[True, True] + twins[False, True]
-    print(f"\nLatents sharing their feature with another latent: {shared}; called duplicate: "
-          f"{twins[True, True]} ({twins[True, True] / max(shared, 1):.2f}). Latents called "
-          f"duplicate: {said}, of which share their feature: {twins[True, True]} "
-          f"({twins[True, True] / max(said, 1):.2f}).")
-    print(f"\n(data, SAEs and analyses in {root})")
-    return 0
+    with experiment_dir(args.out, "taxonomy_accuracy") as root:
+        called: dict[str, Counter] = {}
+        twins = Counter()  # (shares its feature, called duplicate) -> latents
+        for name, spec in WORLDS.items():
+            data = root / name / "data"
+            if not data.exists():
+                synthetic.write(spec, data, progress=False)
+            run = root / name / "run"
+            if not (run / "sae").exists():
+                train(config_from_dict({
+                    "name": name, "run_dir": str(run),
+                    "data": {"path": str(data), "eval_tokens": 65536, "normalize": "none"},
+                    "sae": {"d_sae": 2 * spec.n_features, "activation": "relu",
+                            "decoder_norm": "unit"},
+                    "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}],
+                    "optim": {"lr": 1e-3, "batch_size": 1024, "total_tokens": args.tokens},
+                    "checkpoint": {"every_steps": 10**6},
+                    "log": {"every_steps": 1000, "curves": False}}), progress=False,
+                      log=lambda m: None)
+            out = root / name / "analysis"
+            analyze(str(run / "sae"), str(data), out, tokens=65536, progress=False,
+                    overwrite=True)
+            with open(out / "latents.csv") as f:
+                kinds = [r["kind"] for r in csv.DictReader(f)]
+            truth = synthetic.load_truth(data)
+            W = load_sae(run / "sae").params["W_dec"]
+            for want, got in zip(_stands_for(name, W, truth), kinds, strict=True):
+                if want is not None:
+                    called.setdefault(want, Counter())[got] += 1
+            if name != "circular":
+                for shares, got in zip(_shares_feature(W, truth), kinds, strict=True):
+                    twins[bool(shares), got == "duplicate"] += 1
+        print("| kind of the feature | latents standing for one | called right | called instead |")
+        print("| --- | ---: | ---: | --- |")
+        for kind in ("parent", "child", "circular", "single", "variable", "dense"):
+            c = called.get(kind, Counter())
+            total = sum(c.values())
+            others = ", ".join(f"{k} {v}" for k, v in c.most_common() if k != kind) or "—"
+            share = f"{c[kind] / total:.2f}" if total else "—"
+            print(f"| {kind} | {total} | {share} | {others} |")
+        shared = twins[True, True] + twins[True, False]
+        said = twins[True, True] + twins[False, True]
+        print(f"\nLatents sharing their feature with another latent: {shared}; called duplicate: "
+              f"{twins[True, True]} ({twins[True, True] / max(shared, 1):.2f}). Latents called "
+              f"duplicate: {said}, of which share their feature: {twins[True, True]} "
+              f"({twins[True, True] / max(said, 1):.2f}).")
+        if args.out is not None:
+            print(f"\n(data, SAEs and analyses in {root})")
+        return 0
 
 
 if __name__ == "__main__":
