@@ -76,7 +76,7 @@ def rows(recipe: str, out: Path) -> list[dict]:
                  "dead": float(r["dead_fraction"])} for r in csv.DictReader(f)]
 
 
-def draw(table: list[dict], path: Path) -> None:
+def draw(table: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +95,7 @@ def draw(table: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("L0 (held-out tokens)")
     ax.set_ylabel("explained variance")
-    ax.set_title("L1 coefficient sweeps (labels), SmolLM2-135M layer 15", fontsize=9)
+    ax.set_title(f"L1 coefficient sweeps (labels), {title}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -109,11 +109,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_600_000, help="optim.total_tokens")
     parser.add_argument("--drop-norm-above", type=float, default=10.0,
                         help="data.drop_norm_above (SmolLM2's attention sinks)")
+    parser.add_argument("--title", default=None,
+                        help="what the data is, for the plot (default: --data's path)")
     args = parser.parse_args()
+    if args.tokens < 1:
+        parser.error("--tokens must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = {recipe: train(recipe, args) for recipe in RECIPES}
     table = [r for recipe in RECIPES for r in rows(recipe, args.out)]
-    draw(table, args.out / "frontier.png")
+    draw(table, args.out / "frontier.png", args.title or args.data)
     print(json.dumps({"machine": machine(), "train_seconds": seconds}))
     print("| defaults | lr | L1 coefficient | L0 | explained variance | dead |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

@@ -87,7 +87,8 @@ def main() -> None:
         rows.append(result)
         print(json.dumps(result), flush=True)
 
-    print(f"\n{info['date']}, {info['device']} ({info['cpu_cores']} cores), jax {info['jax']}; "
+    print(f"\n{info['date']}, {info['device']} ({info['cpu_cores']}-core {info['cpu']}), "
+          f"jax {info['jax']}; "
           f"d_in={args.d_in}, d_sae={args.d_sae}, batch={args.batch}, float32\n")
     print("| loss terms | step (s) | relative to mse + l1 | tokens/s |")
     print("| --- | ---: | ---: | ---: |")

@@ -96,12 +96,14 @@ def main() -> int:
     rows.append({"": "streamed / from disk", "tokens/s": f"{ratio:.2f} (target >= 0.80)"})
     rows.append({"": "generator alone", "tokens/s": f"{1e6 / generator_us:,.0f} "
                  f"({generator_us:.1f} µs / token)"})
+    m = machine()
+    print(f"{m['date']}, {m['cpu_cores']}-core {m['cpu']} ({m['platform']}), jax {m['jax']}")
     print(f"{spec.kind} {json.dumps(generate)}: {spec.n_features} features in d {spec.d_in}; "
           f"SAE {args.activation} k {args.k}, d_sae {args.d_sae}, batch {args.batch}, "
           f"{args.steps} steps")
     print("\n".join(markdown_table(rows, ["", "tokens/s"])))
     if args.json:
-        atomic_write(args.json, json_text({"machine": machine(), "args": vars(args) | {
+        atomic_write(args.json, json_text({"machine": m, "args": vars(args) | {
             "json": str(args.json)}, "tokens_per_s": rates, "ratio": ratio,
             "generator_us_per_token": generator_us}))
     return 0

@@ -69,5 +69,5 @@ print(json.dumps({
     "singles_total_s": round(singles_s, 4),
     "sweep_over_singles": round(sweep["step_s"] / singles_s, 3),
     "sweep_compile_s": round(sweep["compile_s"], 1),
-    "device": args.device or machine(),
+    "machine": machine(), **({"note": args.device} if args.device else {}),
 }, indent=1))

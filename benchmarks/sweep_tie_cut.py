@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine
 
 from jaxsae import kernels
 from jaxsae.activations.batchtopk import batchtopk
@@ -61,7 +66,7 @@ def main() -> None:
             f(stacked).block_until_ready()
             times[name].append(time.perf_counter() - start)
     print(json.dumps({"shape": [args.saes, args.batch, args.d_sae], "k": args.k,
-                      "seeds": seeds, "device": jax.devices()[0].device_kind,
+                      "seeds": seeds, "machine": machine(),
                       **{f"{name}_ms": round(1e3 * float(np.median(t)), 1)
                          for name, t in times.items()}}))
 

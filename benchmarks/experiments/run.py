@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from common import machine  # noqa: E402
 
 from jaxsae import bench  # noqa: E402
 from jaxsae.data import synthetic  # noqa: E402
@@ -161,7 +164,10 @@ def main() -> int:
     args = parser.parse_args()
     names = args.names or list(EXPERIMENTS)
     suffix = "-quick" if args.quick else ""
-    report = [f"# Toy findings{' (quick smoke run)' if args.quick else ''}", ""]
+    m = machine()
+    report = [f"# Toy findings{' (quick smoke run)' if args.quick else ''}", "",
+              f"({m['date']}, {m['cpu_cores']}-core {m['cpu']} ({m['platform']}), "
+              f"jax {m['jax']})", ""]
     for name in names:
         t0 = time.perf_counter()
         overrides = [*(QUICK if args.quick else [])]
