@@ -290,7 +290,7 @@ def part_list(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")),
                         help="the report's folder (default $OUT, else ./gpu_check_out)")
     parser.add_argument("--budget-s", type=float, default=450,

@@ -62,7 +62,7 @@ def combinations(d_sae: int) -> dict[str, tuple[dict, list[dict]]]:
 
 def main() -> None:
     hostmem.restart_with_huge_pages()  # as the jaxsae command does
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(parser)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", default=None, help="substring of the combinations to run")

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--devices", type=int, default=8, help="CPU devices to simulate")
 parser.add_argument("--model", type=int, default=-1,
                     help="devices along mesh.model (-1: all); the others along mesh.data")

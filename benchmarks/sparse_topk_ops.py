@@ -88,15 +88,22 @@ def run(batch: int, d_in: int, d_sae: int, k: int, dtype: str, impls: list[str])
 
 def main() -> None:
     hostmem.restart_with_huge_pages()  # as the jaxsae command does
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(parser)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--k", type=int, default=32, help="TopK's k")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the matmuls")
     parser.add_argument("--impls", default=None,
                         help="comma-separated, from cpu,xla,pallas (default: cpu,xla on the "
                              "CPU, all three elsewhere)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    if not 1 <= args.k <= args.d_sae or min(args.batch, args.d_in) < 1:
+        parser.error(f"--k must be in 1..--d-sae ({args.d_sae}), sizes >= 1")
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        parser.error(f"--json {args.json}: a directory, or in one that does not exist")
+    if args.impls is not None and not args.impls.strip(","):
+        parser.error("--impls: empty (choose from cpu, xla, pallas)")
     impls = (args.impls.split(",") if args.impls else
              ["cpu", "xla"] if jax.default_backend() == "cpu" else ["cpu", "xla", "pallas"])
     unknown = sorted(set(impls) - {"cpu", "xla", "pallas"})

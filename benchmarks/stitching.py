@@ -17,6 +17,7 @@ Prints JSON and a markdown summary (the figures in benchmarks/RESULTS.md come fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -33,6 +34,11 @@ from jaxsae.data import open_source  # noqa: E402
 from jaxsae.data.source import iter_blocks  # noqa: E402
 from jaxsae.export import load_sae  # noqa: E402
 from jaxsae.train import train  # noqa: E402
+
+
+def _to_stderr(message: str) -> None:
+    """Training's log lines (stdout is the JSON and the tables)."""
+    print(message, file=sys.stderr)
 
 
 def recipe(out: Path, data: Path, width: int, tokens: int, quick: bool) -> dict:
@@ -74,15 +80,17 @@ def main() -> None:
     family = {}
     for width in (n, 2 * n, 4 * n):
         result = train(config_from_dict(recipe(out, data, width, tokens, args.quick)),
-                       progress=False)
+                       progress=False, log=_to_stderr)
         family[width] = result.sae_dir
     compare = stitch.compare(str(family[n]), str(family[4 * n]), str(data), out / "compare",
                              progress=False)
-    rows = stitch.frankenstein([str(p) for p in family.values()], str(data),
-                               out / "frankenstein", retrain_decoder_tokens=tokens // 2,
-                               progress=False)
+    with contextlib.redirect_stdout(sys.stderr):  # (its decoder's retraining logs)
+        rows = stitch.frankenstein([str(p) for p in family.values()], str(data),
+                                   out / "frankenstein", retrain_decoder_tokens=tokens // 2,
+                                   progress=False)
     width = rows[-1]["d_sae"]
-    same = train(config_from_dict(recipe(out, data, width, tokens, args.quick)), progress=False)
+    same = train(config_from_dict(recipe(out, data, width, tokens, args.quick)), progress=False,
+                 log=_to_stderr)
     trained = held_out_metrics(same.sae_dir, data)
     result = {"compare": compare, "frankenstein": rows,
               "trained_at_frankenstein_width": trained,

@@ -48,7 +48,7 @@ def tokens_per_s(times: list[float], batch: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--generate", default='{"kind": "synthsaebench", "preset": "quarter"}',
                         help="data.generate as JSON (default: the quarter SynthSAEBench world)")
     parser.add_argument("--d-sae", type=int, default=1024)
@@ -58,6 +58,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if min(args.d_sae, args.k, args.batch) < 1 or args.steps < 10:
+        parser.error("--d-sae, --k and --batch must be >= 1, --steps >= 10")
+    try:
+        json.loads(args.generate)
+    except ValueError:
+        parser.error(f"--generate: not JSON: {args.generate!r}")
     generate = json.loads(args.generate)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ from common import add_shape_args, machine, time_train_step
 from jaxsae import hostmem
 from jaxsae.config import config_from_dict
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--arch", choices=["relu", "topk"], default="relu")
 add_shape_args(parser)
 parser.add_argument("--k", type=int, default=8, help="SAEs in the sweep")
@@ -32,6 +32,9 @@ parser.add_argument("--chunk", type=int, default=None,
 parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
 parser.add_argument("--device", default=None, help="a note on the hardware")
 args = parser.parse_args()
+if args.k < 1 or args.steps < 1 or (args.chunk is not None and (
+        args.chunk < 1 or args.k % args.chunk)):
+    parser.error("--k and --steps must be >= 1, and --chunk divide --k")
 hostmem.restart_with_huge_pages()  # as the jaxsae command does
 
 

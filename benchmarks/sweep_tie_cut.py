@@ -33,12 +33,16 @@ from jaxsae.activations.batchtopk import batchtopk
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--saes", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--d-sae", type=int, default=12288)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--saes", type=int, default=2, help="SAEs vmapped together")
+    parser.add_argument("--batch", type=int, default=4096, help="tokens per SAE")
+    parser.add_argument("--d-sae", type=int, default=12288, help="latents")
+    parser.add_argument("--k", type=int, default=32, help="BatchTopK's k")
+    parser.add_argument("--rounds", type=int, default=7, help="timed calls of each (median)")
     args = parser.parse_args()
+    if min(args.saes, args.batch, args.d_sae, args.k, args.rounds) < 1 or \
+            args.k > args.d_sae // 4:
+        parser.error("sizes must be >= 1 and --k at most --d-sae / 4 (standard-normal "
+                     "pre-activations tie-free at the batch threshold are then found)")
     target = args.batch * args.k
     count = jax.jit(kernels.kth_largest_and_count, static_argnums=1)
     members, seeds = [], []

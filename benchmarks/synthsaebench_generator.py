@@ -82,7 +82,7 @@ def rate(draw, batch: int, seconds: float) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="quarter", choices=sorted(sb.PRESETS))
     parser.add_argument("--batch", type=int, default=16384)
     parser.add_argument("--seconds", type=float, default=20.0)

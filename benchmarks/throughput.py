@@ -231,7 +231,7 @@ def saelens_rates(args, archs: list[str]) -> dict[str, float | None]:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=["relu", *SPARSE], default="relu")
     parser.add_argument("--widths", type=width_list, default=None,
                         help="matryoshka_batchtopk prefixes, comma-separated (default "

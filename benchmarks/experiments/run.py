@@ -156,7 +156,7 @@ QUICK = ["seeds=[0]", "base.optim.total_tokens=65536", "base.data.generate.token
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", choices=[*EXPERIMENTS, []], metavar="NAME")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny budgets")
     parser.add_argument("--out", default="runs", help="where bench directories go")
