@@ -84,16 +84,19 @@ def main() -> None:
         rows.append(row)
 
     print(f"\n{json.dumps(machine())}\n")
-    print("| SAE | L0 | explained variance | dead | CE clean | CE with SAE | CE zero-abl. "
-          "| CE loss recovered | KL (nats/token) | SAELens recon. diff |")
-    print("|" + " --- |" * 10)
+    print("| SAE | L0 | explained variance | dead | CE clean | CE with SAE | CE zero-ablated "
+          "| CE mean-ablated | CE loss recovered | vs mean ablation | KL(clean ‖ SAE) "
+          "| KL score | SAELens recon. diff |")
+    print("|" + " --- |" * 13)
     for r in rows:
         h, s = r["held_out"], r["spliced"]
         name = f"{r['architecture']}" + (f" k={r['k']}" if r["k"] else "")
         print(f"| {name}, {r['d_sae']} | {h['l0']:.1f} | {h['explained_variance']:.3f} "
               f"| {h['dead_fraction']:.3f} | {s['ce_clean']:.3f} | {s['ce_sae']:.3f} "
-              f"| {s['ce_zero_ablation']:.3f} | {s['ce_loss_recovered']:.3f} "
-              f"| {s['kl_sae']:.3f} | {r['saelens_max_recon_diff_rel']:.1e} |")
+              f"| {s['ce_zero_ablation']:.3f} | {s['ce_mean_ablation']:.3f} "
+              f"| {s['ce_loss_recovered']:.3f} | {s['ce_loss_recovered_vs_mean_ablation']:.3f} "
+              f"| {s['kl_sae']:.3f} | {s['kl_div_score']:.3f} "
+              f"| {r['saelens_max_recon_diff_rel']:.1e} |")
 
 
 if __name__ == "__main__":

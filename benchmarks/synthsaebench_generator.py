@@ -15,7 +15,8 @@ markdown table; --json writes the figures.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import io
 import sys
 import time
 from pathlib import Path
@@ -29,8 +30,6 @@ from common import machine
 
 from jaxsae.data import synthsaebench as sb
 from jaxsae.outputs import atomic_write, json_text, markdown_table
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's orthogonalisation always shows a bar
 
 
 def saelens_model(spec: sb.SynthSAEBenchSpec, orthogonalize: bool):
@@ -67,7 +66,10 @@ def saelens_model(spec: sb.SynthSAEBenchSpec, orthogonalize: bool):
         std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=spec.magnitude_std_mean,
                                                           std=spec.magnitude_std_std),
         bias=spec.bias, seed=spec.seed)
-    return SyntheticModel(cfg)
+    # SAELens's orthogonalisation draws a progress bar whatever the environment says (it
+    # passes show_progress=True): kept off the terminal
+    with contextlib.redirect_stderr(io.StringIO()):
+        return SyntheticModel(cfg)
 
 
 def rate(draw, batch: int, seconds: float) -> tuple[float, float]:

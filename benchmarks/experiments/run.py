@@ -180,7 +180,10 @@ def main() -> int:
                    _finding(HERE / f"{name}.yaml"), "",
                    *lines, "", f"({minutes:.1f} min, results in {cfg.directory})", ""]
         print("\n".join(report[-(len(lines) + 7):]), flush=True)
-    out = Path(args.out) / f"experiments{suffix}.md"
+    # (a run of some experiments writes a report of its own: fault testing found the full
+    # report replaced by one experiment's)
+    out = Path(args.out) / (f"experiments{suffix}.md" if not args.names
+                            else f"experiments{suffix}-{'-'.join(names)}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(report))
     print(f"wrote {out}")
