@@ -674,16 +674,17 @@ class Config:
         """The loss terms as this run schedules them: `warmup_steps: auto` resolved for its
         length. (The config keeps `auto`: a run extended on resume ramps for its new length,
         as its learning rate's warm-up does, instead of being refused for a changed loss.)"""
-        return tuple(replace(t, warmup_steps=t.ramp(self.optim.total_steps))
-                     for t in self.loss)
+        return self._ramped_terms(self.optim.total_steps)
 
     def ramped_for(self, total_steps: int) -> Config:
         """This config with its loss terms' `auto` ramps resolved for a run of `total_steps`
         (a resumed run is compared with its checkpoint at the checkpoint's length)."""
         if not any(t.warmup_steps == "auto" for t in self.loss):
             return self
-        return replace(self, loss=tuple(replace(t, warmup_steps=t.ramp(total_steps))
-                                        for t in self.loss))
+        return replace(self, loss=self._ramped_terms(total_steps))
+
+    def _ramped_terms(self, total_steps: int) -> tuple[TermConfig, ...]:
+        return tuple(replace(t, warmup_steps=t.ramp(total_steps)) for t in self.loss)
 
     @property
     def resolved_run_dir(self) -> Path:

@@ -40,8 +40,8 @@ class RunLock:
         self._log = log
         self._doing = doing
         self.created = False
-        """Whether this lock's acquire created the file (`discard` removes it again where
-        nothing else was written: a refused command leaves no `.lock` behind)."""
+        """Whether this lock's acquire created the file (its holder then deletes it when it
+        lets go, `discard`: a run, finished or refused, keeps no `.lock` it did not have)."""
 
     def _open(self) -> tuple[int, bool]:
         """The lock file and whether this process got its lock (else another holds it), its
