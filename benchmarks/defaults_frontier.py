@@ -5,6 +5,7 @@ sweep of the L1 coefficient and of the learning rate trained by `jaxsae train`.
 
     scripts/real_activations.sh /tmp/lm 400000      # SmolLM2-135M layer 15 (~10 min)
     python benchmarks/defaults_frontier.py --data /tmp/lm/acts-l15 --out /tmp/frontier
+    python benchmarks/defaults_frontier.py ... --recipes unit,raw   # one change each
 
 A recipe whose sweep.csv is already in OUT is not trained again (delete OUT/runs/<recipe> to
 retrain it). Prints a markdown table and the machine, and draws OUT/frontier.png (explained
@@ -29,20 +30,22 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.common import machine  # noqa: E402
 
-# recipe -> (config keys besides data and length, the L1 coefficients swept). The old recipe
-# weighs a coefficient ~1/scale^2 less on raw activations (7.3x on SmolLM2 layer 15), so its
-# coefficients are larger to reach the same L0s.
+# recipe -> (config keys besides data and length, the L1 coefficients, the learning rates
+# swept). On raw activations a coefficient weighs ~1/scale^2 less (7.3x on SmolLM2 layer 15),
+# so those recipes' coefficients are larger to reach the same L0s. `unit` and `raw` change one
+# thing each of 0.2.0's defaults (which of them moves the frontier).
 RECIPES = {
-    "0.2.0": ({}, [1.25, 2.5, 5.0, 10.0]),
+    "0.2.0": ({}, [1.25, 2.5, 5.0, 10.0], [3.0e-4, 1.0e-3]),
     "before": ({"data": {"normalize": "none"}, "sae": {"decoder_norm": "unit"},
                 "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 5.0}]},
-               [5.0, 10.0, 20.0, 40.0]),
+               [5.0, 10.0, 20.0, 40.0], [3.0e-4, 1.0e-3]),
+    "unit": ({"sae": {"decoder_norm": "unit"}}, [1.25, 2.5, 5.0, 10.0], [1.0e-3]),
+    "raw": ({"data": {"normalize": "none"}}, [5.0, 10.0, 20.0, 40.0], [1.0e-3]),
 }
-LRS = [3.0e-4, 1.0e-3]
 
 
 def config(recipe: str, data: str, out: Path, tokens: int, drop: float) -> dict:
-    keys, coefficients = RECIPES[recipe]
+    keys, coefficients, lrs = RECIPES[recipe]
     return {
         "name": f"frontier-{recipe}", "run_dir": str(out / "runs" / recipe),
         "data": {"path": data, "drop_norm_above": drop, **keys.get("data", {})},
@@ -50,7 +53,7 @@ def config(recipe: str, data: str, out: Path, tokens: int, drop: float) -> dict:
         **({"loss": keys["loss"]} if "loss" in keys else {}),
         "optim": {"total_tokens": tokens},
         "sweep_chunk": 2,
-        "sweep": {"loss.1.coefficient": coefficients, "optim.lr": LRS},
+        "sweep": {"loss.1.coefficient": coefficients, "optim.lr": lrs},
     }
 
 
@@ -71,20 +74,22 @@ def train(recipe: str, args) -> float | None:
 def rows(recipe: str, out: Path) -> list[dict]:
     with open(out / "runs" / recipe / "sweep.csv") as f:
         return [{"recipe": recipe, "coefficient": float(r["loss.1.coefficient"]),
-                 "lr": float(r["optim.lr"]), "l0": float(r["l0"]),
+                 # (a sweep of one rate may set it outside the sweep: no column)
+                 "lr": float(r.get("optim.lr") or RECIPES[recipe][2][0]), "l0": float(r["l0"]),
                  "explained_variance": float(r["explained_variance"]),
                  "dead": float(r["dead_fraction"])} for r in csv.DictReader(f)]
 
 
-def draw(table: list[dict], path: Path, title: str) -> None:
+def draw(table: list[dict], path: Path, title: str, recipes: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for recipe in RECIPES:
-        for lr, style in zip(LRS, ("o-", "s--"), strict=True):
+    for recipe in recipes:
+        for lr in RECIPES[recipe][2]:
+            style = "o-" if lr < 1e-3 else "s--"
             line = sorted((r for r in table if r["recipe"] == recipe and r["lr"] == lr),
                           key=lambda r: r["l0"])
             ax.plot([r["l0"] for r in line], [r["explained_variance"] for r in line], style,
@@ -109,19 +114,25 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_600_000, help="optim.total_tokens")
     parser.add_argument("--drop-norm-above", type=float, default=10.0,
                         help="data.drop_norm_above (SmolLM2's attention sinks)")
+    parser.add_argument("--recipes", default="0.2.0,before",
+                        help=f"comma-separated, from {','.join(RECIPES)}")
     parser.add_argument("--title", default=None,
                         help="what the data is, for the plot (default: --data's path)")
     args = parser.parse_args()
     if args.tokens < 1:
         parser.error("--tokens must be >= 1")
+    recipes = args.recipes.split(",")
+    if not recipes or set(recipes) - set(RECIPES):
+        parser.error(f"--recipes: choose from {', '.join(RECIPES)}; got {args.recipes!r}")
     args.out.mkdir(parents=True, exist_ok=True)
-    seconds = {recipe: train(recipe, args) for recipe in RECIPES}
-    table = [r for recipe in RECIPES for r in rows(recipe, args.out)]
-    draw(table, args.out / "frontier.png", args.title or args.data)
+    seconds = {recipe: train(recipe, args) for recipe in recipes}
+    table = [r for recipe in recipes for r in rows(recipe, args.out)]
+    draw(table, args.out / "frontier.png", args.title or args.data, recipes)
     print(json.dumps({"machine": machine(), "train_seconds": seconds}))
     print("| defaults | lr | L1 coefficient | L0 | explained variance | dead |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in sorted(table, key=lambda r: (r["recipe"] != "0.2.0", r["lr"], r["coefficient"])):
+    for r in sorted(table, key=lambda r: (recipes.index(r["recipe"]), r["lr"],
+                                          r["coefficient"])):
         print(f"| {r['recipe']} | {r['lr']:g} | {r['coefficient']:g} | {r['l0']:.1f} | "
               f"{r['explained_variance']:.3f} | {r['dead']:.3f} |")
 
