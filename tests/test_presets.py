@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from jaxsae.config import load_config
 from jaxsae.data.shards import ShardWriter
@@ -77,6 +78,10 @@ def test_bench_preset_short_run(config, tmp_path):
     from jaxsae.bench import load_bench_config, run_bench
 
     small = ["base.data.generate.preset=tiny"] if "synthsaebench" in config.read_text() else []
+    # explicit warm-ups longer than 6 steps are refused (lowered, as a smoke test would)
+    arms = yaml.safe_load(config.read_text())["arms"]
+    small += [f"arms.{name}.loss.{i}.warmup_steps=1" for name, arm in arms.items()
+              for i, t in enumerate((arm or {}).get("loss") or []) if t.get("warmup_steps")]
     cfg = load_bench_config(config, [
         f"out={tmp_path / 'bench'}", f"base.data.path={tmp_path / 'data'}", "seeds=[0]",
         "base.data.generate.tokens=24576", "base.data.eval_tokens=4096", *small,
