@@ -173,7 +173,7 @@ def load_bench_config(path: str | Path, overrides: list[str] = ()) -> BenchConfi
         raise ConfigError(f"{path}: a training config (it has no arms:); train it with "
                           "`jaxsae train`, or write a bench config (base, arms, seeds)")
     refuse_repeated_overrides(overrides)
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, Any]] = {}
     for assignment in overrides:
         _apply_override(tree, assignment, seen)
     cfg = from_dict(BenchConfig, tree)
@@ -181,7 +181,8 @@ def load_bench_config(path: str | Path, overrides: list[str] = ()) -> BenchConfi
     return cfg
 
 
-def _apply_override(tree: dict[str, Any], assignment: str, seen: dict[str, str]) -> None:
+def _apply_override(tree: dict[str, Any], assignment: str,
+                    seen: dict[str, tuple[str, Any]]) -> None:
     """`apply_override` (`seen` as there), where `arms.NAME.key=value` may name an arm whose
     name holds dots (`arms.lr0.3.sae.k=4` for the arm `lr0.3`: the longest such name the key
     starts with; fault testing: the override was taken for arm `lr0` and refused as an
@@ -211,7 +212,7 @@ def _apply_override(tree: dict[str, Any], assignment: str, seen: dict[str, str])
                 if not isinstance(arms[name], dict):
                     raise ConfigError(f"arms.{name}: expected a mapping of config overrides")
                 key = assign(arms[name], key, value)
-            note_override(seen, f"arms.{name}" + (f".{key}" if key else ""), assignment)
+            note_override(seen, f"arms.{name}" + (f".{key}" if key else ""), assignment, value)
             return
     apply_override(tree, assignment, seen)
 

@@ -522,8 +522,13 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
             return (f" now: what auto gives since {AUTO_SINCE}" if key in current.defaulted
                     else " now")
 
+        def unset(key: str, value: Any) -> Any:  # (a term's ramp of 0 is not written: it
+            # read "null now", fault testing)
+            return 0 if value is None and key.endswith(".warmup_steps") else value
+
         changes = ", ".join(f"{k} ({a} in the checkpoint, {b}{now(k)})"
-                            for k, a, b in ((k, *pair(a, b)) for k, a, b in bad[:3]))
+                            for k, a, b in ((k, *pair(unset(k, a), unset(k, b)))
+                                            for k, a, b in bad[:3]))
         if len(bad) > 3:  # (a sweep's points: the line grew with every SAE)
             changes += f" and {len(bad) - 3} more"
         raise JaxsaeError(

@@ -29,6 +29,7 @@ from jaxsae.parsing import (
     apply_override,
     assign,
     from_dict,
+    note_override,
     override_value,
     parse_value,
     plain,
@@ -722,10 +723,17 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         raise ConfigError(f"{path}: a bench config (base, arms); run it with `jaxsae bench`")
     refuse_repeated_overrides(overrides)
     terms = [a for a in overrides if a.startswith(("loss.", "loss["))]
-    seen: dict[str, str] = {}  # (a key set twice under two spellings is refused)
+    whole = [i for i, a in enumerate(overrides) if a.split("=", 1)[0].strip() == "loss"]
+    for i, assignment in enumerate(overrides):  # (terms are applied after `loss=`: one given
+        # before it would win over it unseen)
+        if assignment in terms and whole and i < whole[-1]:
+            raise ConfigError(f"override loss: replaces what {assignment.strip()} set; give "
+                              "each setting once")
+    seen: dict[str, tuple[str, Any]] = {}  # (a key set twice under two spellings is refused)
     for assignment in [a for a in overrides if a not in terms]:
         if assignment.startswith("sweep.") and "=" in assignment:
-            _override_sweep(tree, assignment)
+            name, value = _override_sweep(tree, assignment)
+            note_override(seen, f"sweep.{name}", assignment, value)
             continue
         apply_override(tree, assignment, seen)
     # `loss.1.coefficient=2` (or `loss[1]...`, as errors name it) edits the default terms of
@@ -739,8 +747,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     return from_dict(Config, tree)
 
 
-def _override_sweep(tree: dict[str, Any], assignment: str) -> None:
-    """`sweep.optim.lr=[1e-4, 3e-4]` sets one axis of the sweep grid (the key keeps its dots)."""
+def _override_sweep(tree: dict[str, Any], assignment: str) -> tuple[str, Any]:
+    """`sweep.optim.lr=[1e-4, 3e-4]` sets one axis of the sweep grid (the key keeps its dots);
+    returns the axis and its values."""
     dotted, text = assignment.split("=", 1)
     # (a term by position as errors name it, `loss[1].coefficient`, is `loss.1.coefficient`)
     name = re.sub(r"^loss\[(\d+)\]", r"loss.\1", dotted.strip().removeprefix("sweep."))
@@ -751,6 +760,7 @@ def _override_sweep(tree: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"override {dotted}: the config's sweep is a list of points; replace "
                           "it whole with sweep='[{...}, ...]'")
     sweep[name] = override_value(dotted, text)
+    return name, sweep[name]
 
 
 def config_from_dict(tree: Mapping[str, Any]) -> Config:

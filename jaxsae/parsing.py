@@ -9,6 +9,7 @@ hyper-parameters with `parse_value`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -221,30 +222,49 @@ def plain(value: Any) -> Any:
 
 
 def apply_override(tree: dict[str, Any], assignment: str,
-                   seen: dict[str, str] | None = None) -> None:
+                   seen: dict[str, tuple[str, Any]] | None = None) -> None:
     """Applies one `a.b.c=value` (a YAML value; list items by position or name:
     `loss.1.coefficient=2`, `loss.sparsity.coefficient=2`). `seen`: what the overrides applied
-    before set, by the key as assigned (list items by position), updated; one that sets such a
-    key again under another spelling (`loss.l1.coefficient`, then `loss.1.coefficient`), or
-    replaces a mapping an earlier one set a key in (`optim.lr=1e-3`, then `optim={...}`), is
-    refused: it would undo the earlier one unseen."""
+    before set (their assignment and value), by the key as assigned (list items by position),
+    updated; one that sets such a key again under another spelling (`loss.l1.coefficient`,
+    then `loss.1.coefficient`; `optim={lr: ...}`, then `optim.lr`), or replaces a mapping an
+    earlier one set a key in (`optim.lr=1e-3`, then `optim={...}`), is refused: one would
+    undo the other unseen."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value (e.g. optim.lr=1e-3)")
     dotted, text = assignment.split("=", 1)
-    key = assign(tree, dotted.strip(), override_value(dotted, text))
+    value = override_value(dotted, text)
+    key = assign(tree, dotted.strip(), value)
     if seen is not None:
-        note_override(seen, key, assignment)
+        note_override(seen, key, assignment, value)
 
 
-def note_override(seen: dict[str, str], key: str, assignment: str) -> None:
-    """Adds `key`, set by `assignment`, to `seen` (see `apply_override`), refusing it if it
-    sets or replaces what an earlier override set."""
-    for earlier, given in seen.items():
-        if earlier == key or earlier.startswith(key + "."):
+def note_override(seen: dict[str, tuple[str, Any]], key: str, assignment: str,
+                  value: Any) -> None:
+    """Adds `key`, set by `assignment` to `value`, to `seen` (see `apply_override`), refusing
+    it if it sets or replaces what an earlier override set."""
+    for earlier, (given, set_to) in seen.items():
+        inside = key.startswith(earlier + ".") and _holds(set_to, key[len(earlier) + 1:])
+        if earlier == key or inside or earlier.startswith(key + "."):
             raise ConfigError(f"override {assignment.split('=', 1)[0].strip()}: "
-                              f"{'sets' if earlier == key else 'replaces'} what {given} set; "
-                              "give each setting once")
-    seen[key] = assignment.strip()
+                              f"{'replaces' if earlier.startswith(key + '.') else 'sets'} "
+                              f"what {given} set; give each setting once")
+    seen[key] = (assignment.strip(), copy.deepcopy(value))  # (later overrides edit the tree)
+
+
+def _holds(value: Any, path: str) -> bool:
+    """Whether a value given whole sets `path` (dotted; list items by position; a key that
+    holds dots itself, as a sweep's axes do, is looked up whole first)."""
+    if isinstance(value, Mapping):
+        if path in value:
+            return True
+        head, _, rest = path.partition(".")
+        return bool(rest) and head in value and _holds(value[head], rest)
+    if isinstance(value, list):
+        head, _, rest = path.partition(".")
+        if head.isdigit() and int(head) < len(value):
+            return not rest or _holds(value[int(head)], rest)
+    return False
 
 
 def override_value(dotted: str, text: str) -> Any:

@@ -422,6 +422,16 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 f"length from step {start} on (over the last {cfg.optim.decay_steps} of "
                 f"{cfg.optim.total_steps} steps: a run that had begun to decay jumps back "
                 "up to the rate of the new schedule)")
+        # `auto` warm-ups follow the new length too: one the resumed step is still inside is
+        # said (fault testing: a finished L1 ramp restarted, its coefficient 34 % lower, unsaid)
+        ramps = [(f"loss.{t.label}.warmup_steps", a.warmup_steps, t.warmup_steps)
+                 for t, a in zip(cfg.resolved_loss, restored.config.resolved_loss, strict=False)]
+        ramps.insert(0, ("optim.warmup_steps", before.warmup, cfg.optim.warmup))
+        moved = [(key, a, b) for key, a, b in ramps if a != b and start < b]
+        if moved:
+            log("warm-ups: " + ", ".join(f"{key} now {b} steps (was {a})" for key, a, b in moved)
+                + f", for the new length: from step {start} they ramp on to the end of the "
+                "new warm-up (from below where they were)")
         for key in ("path", "target"):  # (fault testing: a moved target went unsaid)
             trained_on, now = getattr(restored.config.data, key), getattr(cfg.data, key)
             if trained_on and now and Path(trained_on).resolve() != Path(now).resolve():

@@ -153,18 +153,25 @@ def test_an_override_given_twice_is_refused(preset, overrides):
     (["loss.l1.coefficient=2", "loss.1.coefficient=3"], "sets what loss.l1.coefficient=2"),
     (["loss.-1.coefficient=2", "loss[1].coefficient=3"], "sets what loss.-1.coefficient=2"),
     (["optim.lr=1e-3", "optim={lr: 2e-3}"], "replaces what optim.lr=1e-3"),
-    (["sae.d_sae=64", "sae={d_sae: 32}"], "replaces what sae.d_sae=64")])
+    (["sae.d_sae=64", "sae={d_sae: 32}"], "replaces what sae.d_sae=64"),
+    (["optim={lr: 2e-3}", "optim.lr=1e-3"], "sets what optim={lr: 2e-3}"),
+    (["sweep.loss.1.coefficient=[1, 2]", "sweep.loss[1].coefficient=[3]"],
+     "sets what sweep.loss.1.coefficient=[1, 2]"),
+    (["sweep={optim.lr: [2e-3]}", "sweep.optim.lr=[1e-3]"], "sets what sweep={optim.lr: [2e-3]}"),
+    (["loss.0.coefficient=2", "loss=[{term: mse}]"], "replaces what loss.0.coefficient=2")])
 def test_a_setting_given_twice_under_two_spellings_is_refused(overrides, why):
     """(fault testing: the last one was taken, silently: the same term by its name and its
-    position, a section replaced whole after one of its keys)"""
-    with pytest.raises(ConfigError, match=f"^override {re.escape(overrides[1].split('=')[0])}"
+    position, a section replaced whole after one of its keys or before it, a sweep's axis
+    spelt twice; a term's override before `loss=`, applied after it, won over it)"""
+    key = overrides[1]
+    with pytest.raises(ConfigError, match=f"^override {re.escape(key.split('=')[0])}"
                                           f": {re.escape(why)} set; give each setting once$"):
         load_config(None, ["data.path=d", *overrides])
-    # a key of a section given whole before it edits that section, as a term of a given loss
-    assert load_config(None, ["data.path=d", "optim={lr: 2e-3}", "optim.lr=1e-3"]).optim.lr \
-        == 1e-3
-    assert load_config(None, ["data.path=d", "loss.0.coefficient=2", "loss=[{term: mse}]"]
-                       ).loss[0].coefficient == 2.0
+    # a section or a list given whole before it is edited where it did not set the key
+    assert load_config(None, ["data.path=d", "optim={batch_size: 512}", "optim.lr=1e-3"]
+                       ).optim.lr == 1e-3
+    assert load_config(None, ["data.path=d", "loss=[{term: mse}, {term: l1}]",
+                              "loss.1.coefficient=2"]).loss[1].coefficient == 2.0
 
 
 def test_negative_list_index_override(preset):
@@ -485,7 +492,7 @@ def test_loss_terms_by_name():
     and sweeps; positions still work; metrics use the name."""
     from jaxsae import penalties
 
-    terms = "loss=[{term: mse}, {term: l1, name: sparsity, coefficient: 2}, {term: l1}]"
+    terms = "loss=[{term: mse}, {term: l1, name: sparsity}, {term: l1}]"
     cfg = load_config(None, ["data.path=d", terms, "loss.sparsity.coefficient=3",
                              "loss.2.coefficient=4", "sweep.loss.sparsity.coefficient=[1, 5]"])
     assert [t.coefficient for t in cfg.loss] == [1.0, 3.0, 4.0]

@@ -669,6 +669,21 @@ def test_a_run_with_auto_ramps_is_extended_on_resume(small_data, tmp_path, capsy
     with pytest.raises(JaxsaeError, match=re.escape("cannot resume with a changed loss")):
         check_resume_compatible(saved, config_from_dict({**tree, "loss": [
             {"term": "mse"}, {"term": "l1", "coefficient": 0.1, "warmup_steps": 3}]}), run)
+    with pytest.raises(JaxsaeError, match=re.escape(  # (a ramp of 0 read "null now")
+            "changed loss.1.warmup_steps (2 in the checkpoint, 0 now)")):
+        check_resume_compatible(cfg, config_from_dict({**tree, "loss": [
+            {"term": "mse"}, {"term": "l1", "coefficient": 0.1}]}), run)
+    # a run extended while still inside the new length's ramp says the ramp moved
+    early = config_from_dict({**tree, "run_dir": str(tmp_path / "early"),
+                              "optim": {**tree["optim"], "total_tokens": 64 * 20}})
+    train(early, progress=False, resume_as_trained=False)
+    said = []
+    train(config_from_dict({**tree, "run_dir": str(tmp_path / "early"),
+                            "optim": {**tree["optim"], "total_tokens": 64 * 1000}}),
+          progress=False, resume_as_trained=False, log=said.append)
+    assert ("warm-ups: loss.l1.warmup_steps now 50 steps (was 1), for the new length: from "
+            "step 20 they ramp on to the end of the new warm-up (from below where they were)"
+            ) in said, said
     # the default loss, left unset, resumes extended without a note that it kept anything
     del tree["loss"]
     tree["run_dir"] = str(tmp_path / "default")
