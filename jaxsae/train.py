@@ -728,19 +728,25 @@ def _lock_run_dir(run_dir: Path, is_main: bool, log: Callable[[str], None],
     topmost directory `make` (which checks and makes the run directory) made again if the
     directory was gone: a start refused at the same time (bad data, say) removes what it made
     (fault testing: a good start then failed, "cannot find RUN/.lock")."""
-    lock, refused, remade = RunLock(run_dir, log), None, None
+    lock, remade = RunLock(run_dir, log), None
+    refused: Exception | None = None
     if is_main:
-        for attempt in range(5):
+        for attempt in range(5):  # (errors raised after the other processes hear of them)
             try:
                 lock.acquire()
                 break
             except RunLocked as e:
                 refused = e
                 break
-            except FileNotFoundError:
+            except FileNotFoundError as e:
                 if attempt == 4:
-                    raise
-                remade = make() or remade
+                    refused = e
+                    break
+                try:
+                    remade = make() or remade
+                except JaxsaeError as again:
+                    refused = again
+                    break
     if jax.process_count() > 1:
         held = bool(multihost_utils.broadcast_one_to_all(np.asarray(refused is None)))
         if not held and refused is None:
