@@ -106,5 +106,5 @@ def experiment_dir(out: Path | None, script: str) -> Iterator[Path]:
                          "replaced)\n")
         raise SystemExit(2)
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text("written by benchmarks/experiments; its contents are replaced\n")
+    marker.write_text(f"written by benchmarks' {script}; its contents are replaced\n")
     yield out

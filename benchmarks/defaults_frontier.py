@@ -28,7 +28,8 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import experiment_dir, machine  # noqa: E402
+from jaxsae.outputs import plain_text, save_figure, subplots  # noqa: E402
 
 # recipe -> (config keys besides data and length, the L1 coefficients, the learning rates
 # swept). On raw activations a coefficient weighs ~1/scale^2 less (7.3x on SmolLM2 layer 15),
@@ -66,8 +67,12 @@ def train(recipe: str, args) -> float | None:
     path.write_text(yaml.safe_dump(config(recipe, args.data, args.out, args.tokens,
                                           args.drop_norm_above), sort_keys=False))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jaxsae", "train", str(path), "--no-progress"],
-                   check=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    done = subprocess.run([sys.executable, "-m", "jaxsae", "train", str(path), "--no-progress"],
+                          env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    if done.returncode != 0:  # (jaxsae said why, above)
+        print(f"defaults_frontier.py: error: training the {recipe} recipe failed; its config "
+              f"is {path}", file=sys.stderr)
+        raise SystemExit(done.returncode)
     return time.perf_counter() - start
 
 
@@ -81,12 +86,7 @@ def rows(recipe: str, out: Path) -> list[dict]:
 
 
 def draw(table: list[dict], path: Path, title: str, recipes: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = subplots(figsize=(6, 4.2), dpi=120)
     for recipe in recipes:
         for lr in RECIPES[recipe][2]:
             style = "o-" if lr < 1e-3 else "s--"
@@ -100,17 +100,17 @@ def draw(table: list[dict], path: Path, title: str, recipes: list[str]) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("L0 (held-out tokens)")
     ax.set_ylabel("explained variance")
-    ax.set_title(f"L1 coefficient sweeps (labels), {title}", fontsize=9)
+    ax.set_title(plain_text(f"L1 coefficient sweeps (labels), {title}"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="cached activations (a shard directory)")
-    parser.add_argument("--out", type=Path, required=True, help="where the runs and plot go")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where the runs and plot go (a new directory, or this script's)")
     parser.add_argument("--tokens", type=int, default=1_600_000, help="optim.total_tokens")
     parser.add_argument("--drop-norm-above", type=float, default=10.0,
                         help="data.drop_norm_above (SmolLM2's attention sinks)")
@@ -124,8 +124,9 @@ def main() -> None:
     recipes = args.recipes.split(",")
     if not recipes or set(recipes) - set(RECIPES):
         parser.error(f"--recipes: choose from {', '.join(RECIPES)}; got {args.recipes!r}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    seconds = {recipe: train(recipe, args) for recipe in recipes}
+    with experiment_dir(args.out, "defaults_frontier"):  # (a directory of its own: it
+        # writes OUT/<recipe>.yaml and frontier.png over what is there)
+        seconds = {recipe: train(recipe, args) for recipe in recipes}
     table = [r for recipe in recipes for r in rows(recipe, args.out)]
     draw(table, args.out / "frontier.png", args.title or args.data, recipes)
     print(json.dumps({"machine": machine(), "train_seconds": seconds}))

@@ -20,15 +20,15 @@ if [ "$#" -gt 3 ]; then
   echo "real_activations.sh: usage: scripts/real_activations.sh [OUT] [TOKENS] [LAYER]" >&2
   exit 2
 fi
-if [ -e "${1:-data/smollm2}/text" ] && [ ! -f "${1:-data/smollm2}/text/eval.txt" ]; then
+cd "$(dirname "$0")/.."
+out="${1:-data/smollm2}"
+if [ -e "$out/text" ] && [ ! -f "$out/text/eval.txt" ]; then
   # (fault testing: OUT/text without eval.txt was deleted, to be written afresh)
-  echo "real_activations.sh: ${1:-data/smollm2}/text exists and is not this script's (no" \
-       "eval.txt); move it away or give another OUT" >&2
+  echo "real_activations.sh: $out/text exists and is not this script's (no eval.txt); move" \
+       "it away or give another OUT" >&2
   exit 2
 fi
-cd "$(dirname "$0")/.."
 source scripts/_interop_env.sh  # the PyTorch environment, with jaxsae[lm]
-out="${1:-data/smollm2}"
 tokens="${2:-1000000}"
 layer="${3:-15}"
 mkdir -p "$out/download"
