@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from jaxsae.config import load_config, sweep_label
 from jaxsae.errors import DataError
@@ -98,17 +100,15 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
         "axes.prop_cycle"].by_key()["color"]
     styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))
     term_style: dict[str, Any] = {"total": "-"}
+    tables = [_columns(lines) for _, lines in series]
     for (key, name), ax in zip(PANELS, axes.flat, strict=True):
         drawn = positive = False
-        for i, (_, lines) in enumerate(series):
-            terms = (sorted({k for line in lines for k in line if k.startswith("loss.")})
-                     if key == "loss" else [])
+        for i, table in enumerate(tables):
+            terms = sorted(k for k in table if k.startswith("loss.")) if key == "loss" else []
             for j, k in enumerate([key, *terms]):
-                points = [(line["tokens"], line[k]) for line in lines
-                          if isinstance(line.get(k), int | float)]
-                if not points:
+                if k not in table:
                     continue
-                xs, ys = zip(*points, strict=True)
+                xs, ys = thin(*table[k])
                 positive = positive or max(ys) > 0
                 what = "total" if j == 0 else k[len("loss."):]
                 if not many:  # one run: a colour per term, the total in black
@@ -157,6 +157,43 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
     return out
 
 
+def _columns(lines: list[dict]) -> dict[str, tuple[list, list]]:
+    """key -> (tokens, values) of the lines' numbers, in one pass over the lines."""
+    table: dict[str, tuple[list, list]] = {}
+    for line in lines:
+        tokens = line["tokens"]
+        for k, v in line.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                xs, ys = table.setdefault(k, ([], []))
+                xs.append(tokens)
+                ys.append(v)
+    return table
+
+
+PLOT_POINTS = 2000
+"""A series longer than this is drawn from its extremes (`thin`): a drawing's cost stays
+bounded however long the run (fault testing: a week-long run's 200k lines took 5 s a
+redraw, inside the training loop)."""
+
+
+def thin(xs: Sequence[float], ys: Sequence[float],
+         limit: int = PLOT_POINTS) -> tuple[Sequence[float], Sequence[float]]:
+    """At most `limit` points of a series in order: split into (limit - 2) // 2 runs of
+    consecutive points, each run keeps its lowest and its highest point (a spike, a
+    collapse, stays visible at any length; the first and last points are kept)."""
+    n = len(xs)
+    if n <= limit:
+        return xs, ys
+    runs = max(1, (limit - 2) // 2)
+    bucket = np.arange(n) * runs // n
+    order = np.lexsort((np.asarray(ys, dtype=np.float64), bucket))  # by run, then value
+    first = np.searchsorted(bucket[order], np.arange(runs))
+    last = np.append(first[1:], n) - 1
+    keep = {0, n - 1, *order[first].tolist(), *order[last].tolist()}
+    index = sorted(keep)
+    return [xs[i] for i in index], [ys[i] for i in index]
+
+
 def _run_colors(n: int) -> list:
     """n colours told apart: matplotlib's 10 (20) categorical ones while they suffice, then
     evenly spaced along a perceptually ordered map."""
@@ -172,13 +209,17 @@ def _run_colors(n: int) -> list:
 
 class CurvesHook(GuardedHook):
     """Redraws `<run>/curves.png` from the metrics files at checkpoints, at most once every
-    `min_interval_s` (a drawing takes about half a second), and always at the last one, the
-    end of the run. A failure to draw warns once and training goes on; a file system's error
+    `min_interval_s` and never more than `max_share` of the training's time (a drawing reads
+    every line of the metrics: ~1 s for a week-long run's 200k), and always at the last one,
+    the end of the run. A failure to draw warns once and training goes on; a file system's error
     (a full disk) is tried again at the next checkpoint (fault testing: one failed drawing
     left the run with the curves.png of its first steps)."""
 
     key = "curves"
     min_interval_s = 60.0
+    max_share = 0.02
+    """The next drawing waits at least the last one's time over this (a drawing of 2 s: 100
+    s)."""
     retries_os_errors = True
 
     def __init__(self, run_dir: Path, title: str, total_steps: int,
@@ -186,15 +227,18 @@ class CurvesHook(GuardedHook):
         super().__init__(warn)
         self.run_dir, self.title, self.total = run_dir, title, total_steps
         self.last = -math.inf
+        self.took = 0.0
 
     def on_checkpoint(self, step: int) -> None:
         now = time.monotonic()
-        if step >= self.total or now - self.last >= self.min_interval_s:
+        wait = max(self.min_interval_s, self.took / self.max_share)
+        if step >= self.total or now - self.last >= wait:
             final = step >= self.total
             drawn = self._guard(f"drawing {CURVES}", self.draw,
                                 again="" if final else "and tries again at the next checkpoint")
             if drawn:
                 self.last = now  # (a failed drawing is tried again at the next checkpoint)
+                self.took = time.monotonic() - now
 
     def draw(self) -> None:
         series = [s for s in run_series(self.run_dir, self.title) if s[1]]

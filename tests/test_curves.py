@@ -6,6 +6,7 @@ only that one without its package is refused."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import socket
 
@@ -280,3 +281,48 @@ def test_plot_names_what_it_leaves_out_and_draws_no_sae_twice(small_data, tmp_pa
                      "--out", str(tmp_path / "q.png")]) == 2
     assert (f"RUN {tmp_path / 'sweep' / 'sweep' / '00'}: its metrics.jsonl is drawn already "
             f"(through {tmp_path / 'sweep'})") in capsys.readouterr().err
+
+
+def test_a_long_series_is_drawn_from_its_extremes():
+    """(fault testing: a week-long run's 200k metrics lines took 5 s a redraw, in the training
+    loop) A series longer than the limit keeps, in order, the lowest and highest point of
+    each run of consecutive points, and its ends: a spike is never dropped."""
+    rng = __import__("numpy").random.default_rng(0)
+    ys = rng.random(100_000).tolist()
+    ys[31_337], ys[77_777] = 50.0, -3.0
+    xs = list(range(0, 400_000, 4))
+    kept_x, kept_y = curves.thin(xs, ys, limit=1000)
+    assert len(kept_x) <= 1000 and kept_x == sorted(kept_x)
+    assert kept_x[0] == 0 and kept_x[-1] == xs[-1]
+    assert [ys[x // 4] for x in kept_x] == kept_y
+    assert {(31_337 * 4, 50.0), (77_777 * 4, -3.0)} <= set(zip(kept_x, kept_y, strict=True))
+    # each of the 499 runs of consecutive points keeps its own minimum and maximum
+    run = [x // 4 * 499 // 100_000 for x in kept_x]
+    for r in (0, 250, 498):
+        inside = [y for y, s in zip(ys, [i * 499 // 100_000 for i in range(100_000)],
+                                    strict=True) if s == r]
+        mine = [y for y, s in zip(kept_y, run, strict=True) if s == r]
+        assert min(mine) == min(inside) and max(mine) == max(inside)
+    assert curves.thin([1, 2, 3], [3.0, 2.0, 1.0]) == ([1, 2, 3], [3.0, 2.0, 1.0])
+
+
+def test_redrawing_takes_a_bounded_share_of_the_training(tmp_path, monkeypatch):
+    """A drawing that took t seconds waits at least t / max_share before the next (the last
+    checkpoint's is always drawn)."""
+    clock = [1000.0]
+    monkeypatch.setattr(curves.time, "monotonic", lambda: clock[0])
+    hook = curves.CurvesHook(tmp_path, "t", total_steps=100, warn=print)
+    drawn = []
+
+    def draw():
+        drawn.append(clock[0])
+        clock[0] += 3.0  # a slow drawing: 3 s
+    hook.draw = draw
+    for step in range(10, 100, 10):
+        hook.on_checkpoint(step)
+        clock[0] += 60.0
+    hook.on_checkpoint(100)
+    wait = 3.0 / curves.CurvesHook.max_share
+    assert drawn[0] == 1000.0
+    assert all(b - a >= wait for a, b in itertools.pairwise(drawn[:-1]))
+    assert len(drawn) >= 3 and drawn[-1] == clock[0] - 3.0  # the end is drawn regardless

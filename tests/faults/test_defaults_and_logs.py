@@ -505,6 +505,43 @@ def test_the_progress_rate_leaves_out_what_came_before_the_first_step(monkeypatc
     assert lines[1] == "run: 11/100 step (11%) · 10 step/s · ETA 9s"
 
 
+def test_the_progress_throughput_is_steady_across_a_checkpoint(monkeypatch):
+    """(fault testing: the bar's tok/s was the last log interval's, 14k in one holding a
+    checkpoint's save and 653k in the next, beside a steady step/s) It is the tokens a second
+    over the last span_s seconds of logged steps."""
+    from jaxsae import hooks
+
+    now = [0.0]
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: now[0])
+
+    class Bar:
+        n, postfix = 0, {}
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, values, refresh=True):
+            self.postfix = values
+
+    display = hooks.ProgressDisplay(Bar())
+    now[0] = 50.0  # step 1's end (after its compile)
+    display.on_step(1)
+    shown = []
+    for done, at, window_rate in ((11, 51.0, 40960.0), (21, 61.0, 4096.0),  # a save: 9 s
+                                  (31, 61.1, 409600.0), (41, 62.1, 40960.0)):
+        now[0] = at
+        display.on_step(done)
+        display.on_log(done, [{"tokens": done * 4096, "tokens_per_s": window_rate,
+                               "loss": 1.0, "l0": 3.0, "explained_variance": 0.5}])
+        shown.append(display.bar.postfix["tok/s"])
+    assert shown == [f"{r:,.0f}" for r in (40960, 20 * 4096 / 11, 30 * 4096 / 11.1,
+                                           40 * 4096 / 12.1)]
+    now[0] = 62.1 + display.span_s + 1  # later marks drop the oldest beyond the span
+    display.on_log(51, [{"tokens": 51 * 4096, "tokens_per_s": 1.0, "loss": 1.0, "l0": 3.0,
+                         "explained_variance": 0.5}])
+    assert display.bar.postfix["tok/s"] == f"{10 * 4096 / (display.span_s + 1):,.0f}"
+
+
 def test_a_refused_resume_says_nothing_else(run_copy, small_data, tmp_path, capsys):
     """(fault testing: "data: optim.total_tokens ... passes over the training tokens N times"
     came before the refusal of a changed config)"""
