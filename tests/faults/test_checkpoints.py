@@ -189,3 +189,30 @@ def test_a_run_resumed_at_its_end_removes_what_a_kill_left(run_copy, small_data,
     assert sorted(p.name for p in ckpts.iterdir()) == ["16", "24", "8"]
     for name, value in _weights(tmp_path / "first-sae").items():
         np.testing.assert_array_equal(_weights(run_copy / "sae")[name], value)
+
+
+def test_saves_do_not_collect_tensorstore_metrics(tmp_path, monkeypatch):
+    """(fault testing: a run's host memory grew ~50 KB a checkpoint for good; tensorstore
+    0.1.86 leaks each metrics collection, which orbax made twice a save for a log line)
+    Saving never collects tensorstore's metrics, and the saves restore as written."""
+    import jax.numpy as jnp
+    import tensorstore
+
+    from jaxsae.checkpoint import Checkpointer
+    from jaxsae.config import CheckpointConfig, config_from_dict
+
+    calls = []
+    collect = tensorstore.experimental_collect_matching_metrics
+    monkeypatch.setattr(tensorstore, "experimental_collect_matching_metrics",
+                        lambda *a, **k: calls.append(a) or collect(*a, **k))
+    ckpt = Checkpointer(tmp_path / "ck", CheckpointConfig(every_steps=1, keep=2))
+    state = {"w": jnp.arange(12.0).reshape(3, 4)}
+    cfg = config_from_dict({"data": {"path": str(tmp_path)}})
+    for step in (1, 2, 3):
+        ckpt.save(step, {"w": state["w"] * step}, {"position": step}, cfg)
+    ckpt.wait()
+    assert calls == [] and ckpt.steps() == [2, 3]
+    restored = ckpt.manager.restore(3)
+    ckpt.close()
+    np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.arange(12.0).reshape(3, 4)
+                                  * 3)
