@@ -44,6 +44,7 @@ from jaxsae.config import (
     changes_of,
     config_from_dict,
     is_mutable_on_resume,
+    sweep_label,
 )
 from jaxsae.errors import JaxsaeError
 from jaxsae.parsing import shown
@@ -507,6 +508,19 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
                 if not is_mutable_on_resume(k)]
 
     steps = saved.optim.total_steps
+    if saved.sweep is not None and current.sweep is None:
+        # (fault testing: a sweep SAE's own sweep/<i>/config.yaml, trained without run_dir=,
+        # was refused for the base config's coefficient, "0.3 in the checkpoint", which no
+        # SAE of the sweep had trained at)
+        members = saved.sweep_configs()
+        alone = current.ramped_for(steps)
+        same = [i for i, one in enumerate(members) if not computed(one.ramped_for(steps), alone)]
+        what = (f"is SAE {same[0]} of it ({sweep_label(saved.sweep.points[same[0]])})"
+                if same else "has no sweep")
+        raise JaxsaeError(
+            f"{where}: holds a sweep of {len(members)} SAEs and this config {what}: "
+            "train it alone in another directory (run_dir=...), or resume the sweep with "
+            f"{where / 'config.yaml'}")
     bad = computed(saved.ramped_for(steps), current.ramped_for(steps))
     swept = [b for b in bad if b[0] == "sweep" or b[0].startswith("sweep.")]
     if swept and saved.sweep is not None and current.sweep is not None:

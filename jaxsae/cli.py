@@ -200,7 +200,7 @@ def _listing(words: tuple[str, ...], choices: list[str], commands, groups) -> st
     lines += [f"  {name.ljust(width)}  {summary}" for name, summary in rows]
     lines += ["", f"'{prog} COMMAND --help' describes a command."]
     if not words:
-        lines.append("'jaxsae --version' prints the versions of jaxsae, jax and Python.")
+        lines.append("'jaxsae --version' prints the versions of jaxsae, jax, jaxlib and Python.")
     return "\n".join(lines)
 
 

@@ -301,3 +301,15 @@ def test_an_sae_that_learnt_nothing_gets_a_note(small_data, tmp_path, capsys):
     assert _degenerate(topk, [{"l0": 0.0, "explained_variance": None}], 5) == (
         "no latent fires on the evaluated tokens, which do not vary (explained variance "
         "undefined): the held-out tokens are the data's last data.eval_tokens.")
+    # worse than the mean with almost no latent firing: the penalty is named too (fault
+    # testing: an L1 7x the preset's, L0 0.27, was told only "more tokens, or a higher lr");
+    # with many firing (L0 400), not
+    assert _degenerate(swept, [{"l0": 0.27, "explained_variance": -1e-4},
+                               {"l0": 400.0, "explained_variance": 0.5}], 48) == (
+        "explained variance below 0 (sweep SAE 0: loss.1.coefficient=0.1): after 48 steps the "
+        "reconstruction is further from the tokens than their mean; a short run may not have "
+        "left its start (more tokens, or a higher optim.lr); at L0 0.27 almost no latent "
+        "fires: the sparsity penalty may outweigh the reconstruction (lower "
+        "loss.l1.coefficient).")
+    assert "penalty" not in _degenerate(swept, [{"l0": 400.0, "explained_variance": -3.0},
+                                                {"l0": 9.0, "explained_variance": 0.5}], 48)

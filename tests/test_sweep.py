@@ -370,6 +370,23 @@ def test_sharded_sweep_matches_one_device(sections):
         assert param_diff < 1e-5 and loss_diff < 1e-5, (mesh, param_diff, loss_diff)
 
 
+def test_a_sweep_sae_s_config_in_the_sweep_s_directory_is_told_to_train_alone(small_data,
+                                                                              tmp_path):
+    """(fault testing: `jaxsae train runs/S/sweep/00/config.yaml` without run_dir= was refused
+    for the base config's coefficient, "0.3 in the checkpoint", which no SAE had trained at)"""
+    from jaxsae.checkpoint import check_resume_compatible
+
+    cfg = small_config(small_data, tmp_path, sweep={"loss.1.coefficient": [0.1, 0.3]})
+    for current, what in ((cfg.sweep_configs()[1], "is SAE 1 of it (loss.1.coefficient=0.3)"),
+                          (dataclasses.replace(cfg, sweep=None, seed=99), "has no sweep")):
+        with pytest.raises(JaxsaeError) as e:
+            check_resume_compatible(cfg, current, tmp_path)
+        assert str(e.value) == (
+            f"{tmp_path}: holds a sweep of 2 SAEs and this config {what}: train it alone in "
+            f"another directory (run_dir=...), or resume the sweep with {tmp_path}/config.yaml")
+    check_resume_compatible(cfg, cfg, tmp_path)
+
+
 def test_member_configs_rebuild_the_single_runs(small_data, tmp_path):
     """A sweep SAE's config.yaml trains that SAE alone with `jaxsae train` (no sweep key)."""
     cfg = small_config(small_data, tmp_path, sweep={"seed": [4, 5]})

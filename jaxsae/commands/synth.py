@@ -62,7 +62,7 @@ class Synth(Command):
     spec: tyro.conf.OmitSubcommandPrefixes[Kind]
     """what to generate (a generator and its parameters)"""
     out: Annotated[str, tyro.conf.arg(metavar="DIR")]
-    """output directory (must not exist)"""
+    """output directory (new; an existing shard directory only with --overwrite)"""
     overwrite: Flag = False
     """replace an existing --out"""
     no_progress: Flag = False

@@ -130,9 +130,15 @@ def _degenerate(cfg, evals: list[dict], steps: int) -> str | None:
             + f" (lower loss.{scaled[0]}.coefficient)" if scaled else "") + f".{scale}" + (
             " If the loss in metrics.jsonl grew by orders of magnitude, the training diverged "
             "instead (lower optim.lr)." if far else ""))
+    # (fault testing: an L1 7x the preset's left L0 0.27, and the note said only "more
+    # tokens, or a higher optim.lr")
+    rare = min(evals[i]["l0"] for i in worse)
+    penalty = (f"; at L0 {rare:.2g} almost no latent fires: the sparsity penalty may outweigh "
+               f"the reconstruction (lower loss.{scaled[0]}.coefficient)"
+               if scaled and rare < 1 else "")
     return (f"explained variance below 0{which}: after {steps:,} steps the reconstruction is "
             "further from the tokens than their mean; a short run may not have left its start "
-            f"(more tokens, or a higher optim.lr).{scale}")
+            f"(more tokens, or a higher optim.lr){penalty}.{scale}")
 
 
 def _shown(value: float | None) -> str:
