@@ -312,23 +312,31 @@ def _run(cmd: Command, name: str) -> int:
         return 2
     except MemoryError as e:  # sizes (flags, config) beyond this machine's memory
         detail = f" ({one_line(str(e))})" if str(e) else ""
-        print(f"{name}: error: out of memory{detail}: the sizes asked for need more "
-              "memory than this machine has", file=sys.stderr)
+        print(f"{name}: error: out of memory{detail}: the sizes asked for{_sizes(cmd)} need "
+              "more memory than this machine has", file=sys.stderr)
         return 2
     except Exception as e:
         if not _device_out_of_memory(e):
             raise
         print(f"{name}: error: out of memory on {_device_words()} "
-              f"({one_line(str(e).splitlines()[0])}): the sizes asked for (sae.d_sae, "
-              "optim.batch_size, ...) need more memory than it has", file=sys.stderr)
+              f"({one_line(str(e).splitlines()[0])}): the sizes asked for{_sizes(cmd)} need "
+              "more memory than it has", file=sys.stderr)
         return 2
 
 
+def _sizes(cmd: Command) -> str:
+    """The command's settings that size its memory, for the error to name."""
+    return f" ({', '.join(cmd.memory)}, ...)" if cmd.memory else ""
+
+
 def _device_out_of_memory(error: Exception) -> bool:
-    """An XLA allocation that failed (JAX raises it as a JaxRuntimeError: no MemoryError)."""
+    """An XLA allocation that failed (JAX raises it as a JaxRuntimeError: no MemoryError);
+    on the CPU, XLA's YNNPACK kernels report one as an INTERNAL "YNNPACK operation failed"
+    (after printing "allocate of <n> failed"; fault testing: a traceback, exit status 1)."""
     text = str(error)
     return (type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
-            and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text))
+            and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+                 or "YNNPACK operation failed" in text))
 
 
 def _device_words() -> str:

@@ -24,6 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 from jaxsae import sae
 from jaxsae.config import SAEConfig
+from jaxsae.errors import JaxsaeError
 
 
 @partial(jax.jit, static_argnames="cfg")
@@ -135,8 +136,7 @@ def cosine_matrix(directions: np.ndarray, decoder: np.ndarray) -> np.ndarray:
 
 def feature_recovery(directions: np.ndarray, decoder: np.ndarray) -> dict[str, float]:
     """mcc (Hungarian one-to-one matching, mean |cos| over matched pairs) and mmcs."""
-    cos = cosine_matrix(directions, decoder)
-    rows, cols = linear_sum_assignment(cos, maximize=True)
+    cos, rows, cols = _matching(directions, decoder)
     return {"mcc": float(cos[rows, cols].mean()), "mmcs": float(cos.max(axis=1).mean())}
 
 
@@ -175,6 +175,26 @@ def ground_truth_metrics(
     return recovery.result()
 
 
+class TruthTooLarge(JaxsaeError):
+    """The matching of true features to latents does not fit in host memory."""
+
+
+def _matching(directions: np.ndarray, decoder: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(|cos| [n_true, d_sae], matched features, matched latents): the Hungarian matching of
+    every true feature to a latent, which needs the whole [n_true, d_sae] matrix in float64
+    (scipy's) — too large for the host, one line naming it (fault testing: a 262,144-latent
+    SAE's run ended in "Unable to allocate 1.00 GiB" at every resume, naming nothing)."""
+    try:
+        cos_abs = cosine_matrix(directions, decoder)
+        return (cos_abs, *linear_sum_assignment(cos_abs, maximize=True))
+    except MemoryError:
+        n, d_sae = directions.shape[0], decoder.shape[0]
+        raise TruthTooLarge(
+            f"the ground-truth metrics match {n:,} true features to {d_sae:,} latents through "
+            f"a {n:,} x {d_sae:,} matrix ({n * d_sae * 8 / 2**30:.3g} GiB in float64, and "
+            "copies), which this machine's memory does not hold") from None
+
+
 class GroundTruthSums:
     """The running sums of `ground_truth_metrics` for one SAE (as `ReconstructionSums`)."""
 
@@ -186,8 +206,7 @@ class GroundTruthSums:
         self.params, self.cfg, self.directions, self.parent = params, cfg, directions, parent
         self.input_directions = input_directions
         W_dec = np.asarray(params["W_dec"], np.float64)
-        self.cos_abs = cosine_matrix(directions, W_dec)
-        self.match_f, self.match_l = linear_sum_assignment(self.cos_abs, maximize=True)
+        self.cos_abs, self.match_f, self.match_l = _matching(directions, W_dec)
         self.counts = _FiringCounts(directions.shape[0], W_dec.shape[0], self.match_f,
                                     self.match_l, parent)
         self.saelens = _SAELensCounts(np.argmax(self.cos_abs, axis=0))

@@ -158,10 +158,15 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
     _refuse_diverged([{"mse": one.result()["mse"]} for one in sums])
     reports = [None] * len(saes)
     if truth is not None:
-        reports = evaluate.truth_reports(
-            [(params, cfg.sae) for params, (_, cfg, _) in zip(folded, saes, strict=True)],
-            source, truth, start=eval_start, batch_size=batch_size, keep=window.keep_fn,
-            progress=bar.update)
+        try:
+            reports = evaluate.truth_reports(
+                [(params, cfg.sae) for params, (_, cfg, _) in zip(folded, saes, strict=True)],
+                source, truth, start=eval_start, batch_size=batch_size, keep=window.keep_fn,
+                progress=bar.update)
+        except evaluate.TruthTooLarge as e:  # (the run's end: an error here came back at
+            # every resume, and the SAE was never exported)
+            bar.write(f"note: {e}: the evaluation goes on without them (jaxsae eval --truth "
+                      "computes them on a machine with more memory)")
     bar.close()
     # export --data OTHER: the training data's size, read once for all (a sweep's) SAEs
     trained_on = (_data_tokens(saes[0][1])

@@ -358,6 +358,40 @@ def test_training_on_generated_data_reports_the_truth(tmp_path):
     assert len(printed["per_feature"]["f1"]) == 3
 
 
+def test_a_truth_too_large_for_memory_is_left_out_of_training_s_evaluation(tmp_path, capsys,
+                                                                          monkeypatch):
+    """(fault testing: a 262,144-latent SAE's run failed at its end on the [n_true, d_sae]
+    float64 matching matrix, "Unable to allocate 1.00 GiB", at every resume) Training ends,
+    exported, without the ground-truth metrics, saying why; `jaxsae eval --truth` refuses in
+    one line naming the matrix."""
+    from jaxsae import cli
+    from jaxsae.config import config_from_dict
+    from jaxsae.train import train
+
+    def too_large(directions, decoder):
+        raise MemoryError("Unable to allocate 1.00 GiB")
+    monkeypatch.setattr(evaluate, "cosine_matrix", too_large)
+    cfg = config_from_dict({
+        "name": "h", "run_dir": str(tmp_path / "run"),
+        "data": {"path": str(tmp_path / "data"), "eval_tokens": 2048,
+                 "generate": {"kind": "hierarchy_small", "tokens": 8192}},
+        "sae": {"d_sae": 3, "activation": "relu"},
+        "optim": {"batch_size": 256, "total_tokens": 256 * 4, "warmup_steps": 0},
+        "checkpoint": {"every_steps": 100}, "log": {"every_steps": 2}})
+    result = train(cfg, progress=False)
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert "mcc" not in saved and "explained_variance" in saved
+    assert (result.sae_dir / "cfg.json").is_file()
+    assert ("note: the ground-truth metrics match 3 true features to 3 latents through a 3 x 3 "
+            "matrix (6.71e-08 GiB in float64, and copies), which this machine's memory does "
+            "not hold: the evaluation goes on without them") in capsys.readouterr().err
+    code = cli.main(["eval", str(result.sae_dir), "--data", str(tmp_path / "data"),
+                     "--truth", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(
+        "jaxsae eval: error: the ground-truth metrics match 3 true features to 3 latents")
+
+
 def test_cli_synth_presets_and_kinds(tmp_path):
     for kind, extra in [("hierarchy_small", []), ("circles", ["--n-circles", "5", "--d-in",
                                                               "8"])]:

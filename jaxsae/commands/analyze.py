@@ -77,6 +77,8 @@ class Analyze(AnalysisInputs, Command):
     co-firing (Jaccard, parent/child candidates), decoder nearest neighbours and clusters;
     written as CSV and PNG with an index.html (see jaxsae.analysis.geometry)."""
 
+    memory = ("--batch-size", "--cofire-tokens")
+
     sae_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SAE_DIR")]
     """SAELens-format directory"""
     cofire_tokens: int = 16384

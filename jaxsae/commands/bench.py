@@ -20,6 +20,8 @@ class Bench(Command):
     (L0 vs explained variance with Pareto frontiers, mcc vs L0, absorption vs L0). Rerunning
     resumes and skips finished arms."""
 
+    memory = ("sae.d_sae", "optim.batch_size", "the arms' sweeps or their sweep_chunk")
+
     resumes = True
 
     config: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CONFIG")]

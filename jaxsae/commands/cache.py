@@ -22,6 +22,8 @@ class Cache(Command):
     extra `lm`: pip install 'jaxsae[lm]'). Each window of --context tokens starts with BOS;
     rerunning an interrupted command resumes it."""
 
+    memory = ("--batch-size",)
+
     resumes = True
 
     model: str

@@ -26,6 +26,8 @@ class Eval(Command):
     jaxsae.splice; needs the extra `lm`). Flags marked --data or --model go with that mode
     only."""
 
+    memory = ("--batch-size",)
+
     sae_dir: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(metavar="SAE_DIR...",
                     help_behavior_hint="(required)")]
     """SAELens-format directories: one with --data, one or more with --model"""

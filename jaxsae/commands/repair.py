@@ -22,6 +22,8 @@ class Repair(Command):
     the reconstruction and L0 before / after (with --truth: absorption and parent recall too)
     to OUT/repair.json and repair.md."""
 
+    memory = ("--batch-size",)
+
     sae_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SAE_DIR")]
     """SAELens-format directory"""
     data: Annotated[str, tyro.conf.arg(metavar="DIR")]

@@ -35,6 +35,8 @@ class Compare(AnalysisInputs, Command):
     and L0 change of swapping it in. Writes stitch.csv, components.csv, summary.md/json and PNG
     plots."""
 
+    memory = ("--batch-size",)
+
     small: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SMALL")]
     """the narrower SAE (SAELens-format directory)"""
     large: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="LARGE")]
@@ -62,6 +64,8 @@ class Frankenstein(AnalysisInputs, Command):
     each wider one the latents whose decoder cosine to everything already included is below
     the threshold, retrain only the decoder (encoder frozen) and export to OUT/sae;
     frankenstein.md compares width, L0 and MSE with the family."""
+
+    memory = ("--batch-size",)
 
     resumes = True
 

@@ -23,6 +23,8 @@ class Train(Command):
     latest checkpoint. A sweep (`sweep:` in the config, or sweep.KEY=[values] overrides) trains
     several SAEs in one vmapped step on one data stream."""
 
+    memory = ("sae.d_sae", "optim.batch_size", "a sweep's SAEs or its sweep_chunk")
+
     resumes = True
 
     config: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CONFIG")]

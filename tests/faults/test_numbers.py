@@ -162,6 +162,27 @@ def test_the_device_out_of_memory_is_one_line(small_data, tmp_path, capsys, monk
     refused(["train", str(config), "--no-progress"], capsys, unchanged=[config],
             match="out of memory on the CPU (RESOURCE_EXHAUSTED: Out of memory allocating "
                   "128000000000000 bytes.): the sizes asked for (sae.d_sae, optim.batch_size")
+    # XLA-CPU's YNNPACK kernels say it otherwise (fault testing: a traceback, exit 1); other
+    # commands name their own flags (fault testing: eval and analyze named train's keys)
+    from jaxsae.commands.analyze import Analyze
+    from jaxsae.commands.eval import Eval
+
+    def kernel_failed(self):
+        raise jax.errors.JaxRuntimeError("INTERNAL: YNNPACK operation failed: error")
+
+    def host_full(self):
+        raise MemoryError("Unable to allocate 6.27 GiB for an array")
+    monkeypatch.setattr(Eval, "run", kernel_failed)
+    monkeypatch.setattr(Analyze, "run", host_full)
+    sae = tmp_path / "sae"
+    refused(["eval", str(sae), "--data", str(small_data)], capsys, unchanged=[config],
+            match="out of memory on the CPU (INTERNAL: YNNPACK operation failed: error): the "
+                  "sizes asked for (--batch-size, ...) need more memory than it has")
+    refused(["analyze", str(sae), "--data", str(small_data), "--out", str(tmp_path / "a")],
+            capsys, unchanged=[config],
+            match="out of memory (Unable to allocate 6.27 GiB for an array): the sizes asked "
+                  "for (--batch-size, --cofire-tokens, ...) need more memory than this machine "
+                  "has")
 
 
 def test_an_undefined_explained_variance_is_null_in_cfg_json(run_copy, small_data, tmp_path,
