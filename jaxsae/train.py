@@ -571,7 +571,8 @@ def _check_fresh_start(ckpt: Checkpointer, run_dir: Path, dirs: Sequence[Path],
             f"{ckpt.directory}: no checkpoint restores ({', '.join(corrupt)} set aside), so "
             "training would start over from step 0; to start over, move the run directory "
             "(or those checkpoints) away")
-    finished = _finished_outputs(dirs)
+    stale = _stale_members(run_dir, dirs)
+    finished = _finished_outputs([*dirs, *stale])
     if finished:
         raise CheckpointError(
             f"{ckpt.directory}: no checkpoint to resume from, but the run has finished before "
@@ -580,6 +581,57 @@ def _check_fresh_start(ckpt: Checkpointer, run_dir: Path, dirs: Sequence[Path],
     if any(_logged(directory / "metrics.jsonl") for directory in dirs):
         log(f"{run_dir}: no complete checkpoint to resume from; starting over from step 0 "
             "(the steps metrics.jsonl logged are dropped)")
+    processes.on_process_0(lambda: _remove_stale_members(run_dir, stale, log))
+
+
+def _stale_members(run_dir: Path, dirs: Sequence[Path]) -> list[Path]:
+    """The entries of run_dir/sweep that are not SAEs of this run (`dirs`): what an earlier
+    start of another sweep left there."""
+    sweep = run_dir / "sweep"
+    if not sweep.is_dir() or sweep.is_symlink():
+        return []
+    return sorted(p for p in sweep.iterdir() if p not in set(dirs))
+
+
+_STARTED = {"config.yaml", "metrics.jsonl"}
+"""What an SAE's directory holds before the run's first checkpoint."""
+
+
+def _remove_stale_members(run_dir: Path, stale: list[Path],
+                          log: Callable[[str], None]) -> None:
+    """A run starting over (no checkpoint) removes the SAE directories an earlier start of a
+    larger sweep (or a sweep, now a single run) left, each holding only the config.yaml and
+    metrics.jsonl it wrote before its first checkpoint (fault testing: a 64-SAE sweep out of
+    memory at its first step, restarted with 2, kept 62 stale SAEs that `plot` drew); anything
+    else there is refused, named, and left as it is."""
+    if not stale:
+        return
+    for path in stale:
+        names = ({p.name for p in path.iterdir()} if path.is_dir() and not path.is_symlink()
+                 else None)
+        config = path / "config.yaml"
+        if names is None or not names <= _STARTED or (config.exists() and not _readable(config)):
+            raise CheckpointError(
+                f"{path}: not an SAE of this run, and not what an earlier start of it left "
+                "(an SAE directory holding only config.yaml and metrics.jsonl); move it away")
+    for path in stale:
+        for name in _STARTED:
+            with contextlib.suppress(FileNotFoundError):
+                (path / name).unlink()
+        path.rmdir()
+    if not any((run_dir / "sweep").iterdir()):
+        (run_dir / "sweep").rmdir()
+    log(f"{run_dir / 'sweep'}: removed {len(stale)} SAE director"
+        f"{'y' if len(stale) == 1 else 'ies'} an earlier start left, not of this run "
+        f"({', '.join(p.name for p in stale[:4])}{', ...' if len(stale) > 4 else ''})")
+
+
+def _readable(config: Path) -> bool:
+    try:
+        load_config(config)
+    except Exception:
+        return False
+    return True
 
 
 def _finished_outputs(dirs: Sequence[Path]) -> list[Path]:

@@ -387,6 +387,39 @@ def test_a_sweep_sae_s_config_in_the_sweep_s_directory_is_told_to_train_alone(sm
     check_resume_compatible(cfg, cfg, tmp_path)
 
 
+def test_a_restart_removes_the_saes_an_earlier_larger_start_left(small_data, tmp_path):
+    """(fault testing: a 64-SAE sweep out of memory at its first step, restarted with 2, kept
+    62 stale SAE directories, which `plot` drew) A run starting over removes the SAE
+    directories of an earlier start that are not its own, saying so; one holding anything
+    else is refused and left as it is."""
+    from conftest import train_until_crash
+
+    from jaxsae.train import train
+
+    run = tmp_path / "run"
+    three = small_config(small_data, run, sweep={"loss.1.coefficient": [0.1, 0.2, 0.3]})
+    train_until_crash(three, at_batch=1)  # before the first checkpoint
+    assert sorted(p.name for p in (run / "sweep").iterdir()) == ["00", "01", "02"]
+    (run / "sweep" / "02" / "notes.txt").write_text("mine")
+    two = small_config(small_data, run, sweep={"loss.1.coefficient": [0.1, 0.2]})
+    with pytest.raises(JaxsaeError, match=re.escape(
+            f"{run / 'sweep' / '02'}: not an SAE of this run, and not what an earlier start "
+            "of it left")):
+        train(two, progress=False)
+    assert (run / "sweep" / "02" / "notes.txt").read_text() == "mine"
+    (run / "sweep" / "02" / "notes.txt").unlink()
+    said = []
+    train(two, progress=False, log=said.append)
+    assert sorted(p.name for p in (run / "sweep").iterdir()) == ["00", "01"]
+    assert (f"{run / 'sweep'}: removed 1 SAE directory an earlier start left, not of this run "
+            "(02)") in said
+    # a single run where a sweep had started: the whole sweep/ goes
+    alone = tmp_path / "alone"
+    train_until_crash(small_config(small_data, alone, sweep={"seed": [1, 2]}), at_batch=1)
+    train(small_config(small_data, alone), progress=False)
+    assert not (alone / "sweep").exists() and (alone / "sae").is_dir()
+
+
 def test_member_configs_rebuild_the_single_runs(small_data, tmp_path):
     """A sweep SAE's config.yaml trains that SAE alone with `jaxsae train` (no sweep key)."""
     cfg = small_config(small_data, tmp_path, sweep={"seed": [4, 5]})
