@@ -6,6 +6,7 @@ sweep of the L1 coefficient and of the learning rate trained by `jaxsae train`.
     scripts/real_activations.sh /tmp/lm 400000      # SmolLM2-135M layer 15 (~10 min)
     python benchmarks/defaults_frontier.py --data /tmp/lm/acts-l15 --out /tmp/frontier
     python benchmarks/defaults_frontier.py ... --recipes unit,raw   # one change each
+    python benchmarks/defaults_frontier.py ... --recipes unit,init_l0   # unit rows' start
 
 A recipe whose sweep.csv is already in OUT is not trained again (delete OUT/runs/<recipe> to
 retrain it). Prints a markdown table and the machine, and draws OUT/frontier.png (explained
@@ -34,7 +35,8 @@ from jaxsae.outputs import plain_text, save_figure, subplots  # noqa: E402
 # recipe -> (config keys besides data and length, the L1 coefficients, the learning rates
 # swept). On raw activations a coefficient weighs ~1/scale^2 less (7.3x on SmolLM2 layer 15),
 # so those recipes' coefficients are larger to reach the same L0s. `unit` and `raw` change one
-# thing each of 0.2.0's defaults (which of them moves the frontier).
+# thing each of 0.2.0's defaults (which of them moves the frontier); `init_l0` is `unit` with the
+# encoder bias started where ~d_in latents fire (sae.init_l0: auto).
 RECIPES = {
     "0.2.0": ({}, [1.25, 2.5, 5.0, 10.0], [3.0e-4, 1.0e-3]),
     "before": ({"data": {"normalize": "none"}, "sae": {"decoder_norm": "unit"},
@@ -42,6 +44,8 @@ RECIPES = {
                [5.0, 10.0, 20.0, 40.0], [3.0e-4, 1.0e-3]),
     "unit": ({"sae": {"decoder_norm": "unit"}}, [1.25, 2.5, 5.0, 10.0], [1.0e-3]),
     "raw": ({"data": {"normalize": "none"}}, [5.0, 10.0, 20.0, 40.0], [1.0e-3]),
+    "init_l0": ({"sae": {"decoder_norm": "unit", "init_l0": "auto"}}, [1.25, 2.5, 5.0, 10.0],
+                [1.0e-3]),
 }
 
 

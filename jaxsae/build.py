@@ -49,9 +49,10 @@ class Built:
 
 
 def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: float = 1.0,
-          d_out: int = 0, target_scale: float = 1.0) -> Built:
+          d_out: int = 0, target_scale: float = 1.0, input_norm: float | None = None) -> Built:
     """mesh -> abstract init -> shardings -> jitted init and step. `d_out`: a transcoder's
-    target width (its batches are [x | target] rows), `target_scale` its targets' scale.
+    target width (its batches are [x | target] rows), `target_scale` its targets' scale;
+    `input_norm`: the median norm of the inputs as the SAE reads them (`sae.init_l0`).
 
     A sweep is the same step under jax.vmap: every SAE gets its own state and hyper-parameters
     (stacked along a leading axis) and all of them see the same batch, read once.
@@ -69,7 +70,7 @@ def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: floa
     seeds = [m.seed for m in members]
 
     def init_one(seed, params):
-        return init_state(jax.random.PRNGKey(seed), static, d_in, params, d_out)
+        return init_state(jax.random.PRNGKey(seed), static, d_in, params, d_out, input_norm)
 
     if cfg.sweep is None:
         hyper = hyper_of(static)

@@ -172,6 +172,12 @@ class SAEConfig:
     compares correlations), free for the others (SAELens's standard recipe)."""
     init_decoder_norm: float = 0.1
     """Decoder row norm at initialisation when `decoder_norm: free` (`unit` starts at 1)."""
+    init_l0: int | Literal["auto"] | None = None
+    """`relu` only: the encoder's bias starts where about this many latents fire on a typical
+    token (from the data's median norm, for random encoder directions); `auto`: d_in, where
+    the first reconstruction is about the input's size with unit decoder rows (otherwise
+    d_sae / (2 d_in) times it, which wide dictionaries do not recover from); null: a bias of
+    0 (half the latents fire)."""
     jumprelu_init_threshold: float = 0.001
     """Initial JumpReLU threshold."""
     jumprelu_bandwidth: float = 0.001
@@ -196,6 +202,12 @@ class SAEConfig:
               f"must be in 1..2^31 - 1, got {self.d_sae}")
         _need(self.k > 0, "sae.k", f"must be > 0, got {self.k}")
         _need(self.init_decoder_norm > 0, "sae.init_decoder_norm", "must be > 0")
+        if self.init_l0 is not None:
+            _need(self.activation == "relu", "sae.init_l0",
+                  f"sets a ReLU encoder's starting bias: only for activation relu, not "
+                  f"{self.activation}")
+            _need(self.init_l0 == "auto" or 0 < self.init_l0 < self.d_sae, "sae.init_l0",
+                  f"must be auto or in 1..d_sae - 1 ({self.d_sae - 1}), got {self.init_l0}")
         _need(self.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth", "must be > 0")
         _need(0 < self.batchtopk_threshold_momentum <= 1, "sae.batchtopk_threshold_momentum",
               "must be in (0, 1]")

@@ -15,6 +15,8 @@ orientation): y_hat = acts @ W_dec + b_dec + x @ W_skip.T.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,11 +120,14 @@ class ForwardOutput:
 # Initialisation
 
 
-def init_params(key: jax.Array, d_in: int, cfg: SAEConfig, d_out: int | None = None) -> Params:
+def init_params(key: jax.Array, d_in: int, cfg: SAEConfig, d_out: int | None = None,
+                input_norm: float | None = None) -> Params:
     """Decoder rows are random directions of fixed norm; the encoder starts as W_dec.T (a
     transcoder's, whose decoder rows live in another space: its own random directions of the
     same norm, and W_skip at zero); the activation adds (and initialises) its own parameters.
-    `d_out`: a transcoder's target width (default d_in)."""
+    `d_out`: a transcoder's target width (default d_in). `input_norm`: the typical norm of
+    the inputs the encoder reads (after normalisation), which `sae.init_l0` needs (None:
+    sqrt(d_in), inputs normalised to E|x|^2 = d_in)."""
     kind = activations.get(cfg.activation)
     d_out = d_in if d_out is None else d_out
     norm = 1.0 if cfg.decoder_norm == "unit" else cfg.init_decoder_norm
@@ -133,7 +138,25 @@ def init_params(key: jax.Array, d_in: int, cfg: SAEConfig, d_out: int | None = N
             if cfg.transcoder else W_dec.T
     if cfg.skip:
         params["W_skip"] = jnp.zeros((d_out, d_in), jnp.float32)
-    return {**kind.own_params(cfg, d_in), **params}
+    own = kind.own_params(cfg, d_in)
+    if cfg.init_l0 is not None:
+        own["b_enc"] = jnp.full_like(own["b_enc"], initial_bias(cfg, d_in, norm, input_norm))
+    return {**own, **params}
+
+
+def initial_bias(cfg: SAEConfig, d_in: int, row_norm: float, input_norm: float | None) -> float:
+    """The encoder bias at which about `sae.init_l0` latents fire on an input of norm
+    `input_norm`: a random encoder direction of norm `row_norm` gives a pre-activation of
+    about N(0, (row_norm · input_norm)² / d_in), so a bias of -Φ⁻¹(1 - l0 / d_sae) times that
+    spread leaves l0 / d_sae of them above 0. With `auto` (l0 = d_in) and unit rows, the
+    first reconstruction's part along x is d_sae · E[(z - t)⁺ z] / d_in = d_sae · P(z > t) /
+    d_in = 1 times x (z standard normal)."""
+    if input_norm is None:  # (inputs normalised to E|x|^2 = d_in, the default)
+        input_norm = math.sqrt(d_in)
+    l0 = d_in if cfg.init_l0 == "auto" else cfg.init_l0
+    fraction = min(l0 / cfg.d_sae, 1 - 1e-6)
+    spread = row_norm * input_norm / math.sqrt(d_in)
+    return -statistics.NormalDist().inv_cdf(1 - fraction) * spread
 
 
 def _unit_rows(key: jax.Array, n: int, d: int) -> jax.Array:

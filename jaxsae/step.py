@@ -121,12 +121,14 @@ def schedule_at(opt_state: optax.OptState, step: jax.Array) -> optax.OptState:
 
 
 def init_state(key: jax.Array, cfg: Config, d_in: int,
-               params: sae.Params | None = None, d_out: int = 0) -> TrainState:
+               params: sae.Params | None = None, d_out: int = 0,
+               input_norm: float | None = None) -> TrainState:
     """A fresh state: random parameters, or `params` (e.g. from init_from); `d_out`: a
-    transcoder's target width."""
+    transcoder's target width; `input_norm`: the inputs' typical norm as the encoder reads
+    them (`sae.init_params`)."""
     init_key, state_key = jax.random.split(key)
     if params is None:
-        params = sae.init_params(init_key, d_in, cfg.sae, d_out or None)
+        params = sae.init_params(init_key, d_in, cfg.sae, d_out or None, input_norm)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

@@ -376,13 +376,14 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
     # -- restore: the newest checkpoint that restores whole, else a fresh start ---------------
     # mesh -> abstract init -> shardings -> step are built once the input scale is known (it
     # is saved with the checkpoint, or estimated from the data for a fresh start).
-    builds: dict[float, Built] = {}
+    builds: dict[tuple, Built] = {}
 
     def built_for(stats: DataStats) -> Built:
-        scales = (stats.scale, stats.target_scale)
+        scales = (stats.scale, stats.target_scale, stats.median_norm)
         if scales not in builds:
             builds[scales] = build(cfg, source.d_in, input_scale=stats.scale,
-                                   d_out=source.d_out, target_scale=stats.target_scale)
+                                   d_out=source.d_out, target_scale=stats.target_scale,
+                                   input_norm=stats.median_norm * stats.scale)
         return builds[scales]
 
     def abstract_for(loader_state: dict, saved_cfg: Config):

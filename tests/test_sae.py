@@ -122,6 +122,37 @@ def test_free_norm_init_respects_init_decoder_norm():
     np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=1), 0.37, rtol=1e-6)
 
 
+@pytest.mark.parametrize("decoder_norm,init_l0,d_in,d_sae", [
+    ("unit", "auto", 64, 2048), ("unit", 100, 64, 2048), ("free", 8, 64, 512),
+    ("unit", "auto", 64, 96)])  # (d_in > d_sae / 2: a bias above 0)
+def test_init_l0_starts_the_encoder_where_that_many_latents_fire(decoder_norm, init_l0, d_in,
+                                                                 d_sae):
+    """`sae.init_l0`: the encoder's bias starts where about that many latents fire on inputs
+    of the given norm; with `auto` (l0 = d_in) and unit rows the first reconstruction's part
+    along x is about x (not d_sae / (2 d_in) times it). Measured on random inputs against the
+    plain formula's prediction."""
+    cfg = SAEConfig(d_sae=d_sae, decoder_norm=decoder_norm, init_l0=init_l0)
+    norm = 7.0
+    params = sae.init_params(jax.random.PRNGKey(3), d_in, cfg, input_norm=norm)
+    x = np.random.default_rng(0).normal(size=(4000, d_in))
+    x *= norm / np.linalg.norm(x, axis=1, keepdims=True)
+    pre = x @ np.asarray(params["W_enc"], np.float64) + np.asarray(params["b_enc"], np.float64)
+    want = d_in if init_l0 == "auto" else init_l0
+    assert np.ptp(np.asarray(params["b_enc"])) == 0
+    # (a random direction's share of x is Gaussian only for large d_in: "about")
+    assert np.mean(np.sum(pre > 0, axis=1)) == pytest.approx(want, rel=0.15)
+    if init_l0 == "auto" and d_sae >= 8 * d_in:  # (the wide dictionaries it is for; the
+        # share is Gaussian for large d_in only: 0.95 expected at d_in 64, 0.85 at 32)
+        recon = np.maximum(pre, 0) @ np.asarray(params["W_dec"], np.float64)
+        gain = np.mean(np.sum(recon * x, axis=1)) / norm**2
+        assert gain == pytest.approx(1.0, abs=0.15)
+    # the default: a bias of 0, half the latents firing
+    plain = sae.init_params(jax.random.PRNGKey(3), d_in, SAEConfig(d_sae=d_sae,
+                                                                  decoder_norm=decoder_norm))
+    np.testing.assert_array_equal(plain["b_enc"], 0.0)
+    np.testing.assert_array_equal(plain["W_enc"], params["W_enc"])
+
+
 def test_tied_encode_uses_decoder_transpose(rng, x):
     cfg = SAEConfig(d_sae=D_SAE, tied=True)
     params = random_params(rng, cfg)

@@ -300,6 +300,32 @@ def test_every_activation_trains_and_exports(small_data, tmp_path, sae_cfg, loss
         np.testing.assert_array_equal(loaded.params["W_enc"], loaded.params["W_dec"].T)
 
 
+@pytest.mark.parametrize("normalize", ["none", "unit_mean_squared_norm"])
+def test_init_l0_reads_the_norm_of_the_inputs_the_encoder_sees(small_data, tmp_path,
+                                                               monkeypatch, normalize):
+    """`sae.init_l0` sets the encoder bias from the median norm of the tokens as the SAE reads
+    them: the raw ones, or those scaled to E|x|^2 = d_in."""
+    from jaxsae import sae
+    from jaxsae.data.shards import ShardSet
+
+    seen, init = [], sae.init_params
+
+    def watched(key, d_in, cfg, d_out=None, input_norm=None):
+        seen.append(input_norm)
+        return init(key, d_in, cfg, d_out, input_norm)
+    monkeypatch.setattr(step.sae, "init_params", watched)
+    cfg = small_config(small_data, tmp_path / normalize, data={"normalize": normalize},
+                       sae={"decoder_norm": "unit", "init_l0": "auto"},
+                       optim={"total_tokens": 256 * 2})
+    result = train_mod.train(cfg, progress=False)
+    tokens = ShardSet(small_data).read(0, 16384)
+    norms = np.linalg.norm(tokens, axis=1)
+    scale = 1.0 if normalize == "none" else np.sqrt(tokens.shape[1] / np.mean(norms**2))
+    want = float(np.median(norms)) * scale
+    assert seen and all(n == pytest.approx(want, rel=0.05) for n in seen)
+    assert load_config(result.run_dir / "config.yaml").sae.init_l0 == "auto"
+
+
 def test_lr_schedule_shape():
     cfg = config_from_dict({"data": {"path": "x", "lanes": 1}, "optim": {
         "lr": 1.0, "batch_size": 1, "total_tokens": 100, "warmup_steps": 10,
