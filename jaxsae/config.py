@@ -582,6 +582,8 @@ class Config:
               "a bypass from input to target needs a transcoder (set data.target)")
         _need(self.optim.batch_size % self.data.lanes == 0, "data.lanes",
               f"must divide optim.batch_size ({self.optim.batch_size}), got {self.data.lanes}")
+        _need(self.init_from is None or self.sae.init_l0 is None, "sae.init_l0",
+              "sets a random start's encoder bias, and init_from starts from its weights")
         _need(len(self.loss) > 0, "loss", "at least one loss term is required")
         # (a sweep's base may leave a swept coefficient 0: each of its SAEs is checked alone)
         _need(self.sweep is not None or any(t.coefficient > 0 for t in self.loss), "loss",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from functools import partial
 
 import jax
@@ -151,6 +152,18 @@ def test_init_l0_starts_the_encoder_where_that_many_latents_fire(decoder_norm, i
                                                                   decoder_norm=decoder_norm))
     np.testing.assert_array_equal(plain["b_enc"], 0.0)
     np.testing.assert_array_equal(plain["W_enc"], params["W_enc"])
+
+
+@pytest.mark.parametrize("sections,why", [
+    ({"sae": {"activation": "topk", "init_l0": 10}}, "only for activation relu, not topk"),
+    ({"sae": {"init_l0": 0}}, "must be auto or in 1..d_sae - 1 (4095), got 0"),
+    ({"sae": {"init_l0": "auto"}, "init_from": "/x"}, "init_from starts from its weights")])
+def test_init_l0_is_refused_where_it_cannot_act(sections, why):
+    from jaxsae.config import config_from_dict
+    from jaxsae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^sae\.init_l0: .*" + re.escape(why)):
+        config_from_dict({"data": {"path": "/d"}, **sections})
 
 
 def test_tied_encode_uses_decoder_transpose(rng, x):
