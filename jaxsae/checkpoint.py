@@ -533,6 +533,10 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
                 (f"{k} of sweep SAE {i}", a, b)
                 for i, (one, other) in enumerate(zip(before, after, strict=True))
                 for k, a, b in computed(one, other) if not any(k == c for c, _, _ in bad)]
+    changed = {k for k, _, _ in bad}
+    # a key auto derives from another that changed follows it: said, it reads as if it had to
+    # be set too (fault testing: a changed batch size listed data.lanes)
+    bad = [b for b in bad if current.follows.get(b[0]) not in changed]
     if bad:
         def cut(value: Any) -> str:
             # as YAML spells it (fault testing: None, and lists of Python dicts)

@@ -573,6 +573,7 @@ class Config:
         if self.data.lanes == "auto":  # (fault testing: the fixed 8 refused batches below 8)
             object.__setattr__(self, "data", replace(
                 self.data, lanes=math.gcd(AUTO_LANES, self.optim.batch_size)))
+            object.__setattr__(self, "_follows", {"data.lanes": "optim.batch_size"})
         if self.data.target is not None and not self.sae.transcoder:
             # data.target makes the dictionary a transcoder (the section cannot see data)
             object.__setattr__(self, "sae", replace(self.sae, transcoder=True))
@@ -683,6 +684,12 @@ class Config:
         empty for a config made from another (`dataclasses.replace`) or read back from a
         run, whose values are all resolved."""
         return getattr(self, "_from_auto", ())
+
+    @property
+    def follows(self) -> dict[str, str]:
+        """Keys this config left to `auto` whose value is derived from another key's
+        (`data.lanes` from `optim.batch_size`), each with that key."""
+        return getattr(self, "_follows", {})
 
     @property
     def resolved_loss(self) -> tuple[TermConfig, ...]:

@@ -160,6 +160,9 @@ def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
             mine[name] = theirs[name]
     if not kept:
         return cfg, None
+    for key in cfg.follows:  # (still auto: derived again, and known to be)
+        section, _, name = key.partition(".")
+        tree[section][name] = "auto"
     try:
         resumed = config_from_dict(tree)
         check_run(resumed)

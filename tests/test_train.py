@@ -440,6 +440,16 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
                                           r"0\.2 now\) and 2 more; restore"):
         check_resume_compatible(swept(), swept("sweep.sae.k=[5,16]", "sweep.optim.lr=[0.2]",
                                                "seed=3"), tmp_path)
+    # data.lanes left to auto follows the batch size: only the batch is named (fault
+    # testing: the lanes read as a second setting to restore); set by hand, it is named
+    with pytest.raises(JaxsaeError, match=r"a changed optim\.batch_size \(8 in the checkpoint, "
+                                          r"4 now\); restore it,"):
+        check_resume_compatible(swept("optim.batch_size=8"), swept("optim.batch_size=4"),
+                                tmp_path)
+    with pytest.raises(JaxsaeError, match=r"data\.lanes \(8 in the checkpoint, 4 now\), "
+                                          r"optim\.batch_size \(8 in the checkpoint, 4 now\)"):
+        check_resume_compatible(swept("optim.batch_size=8"),
+                                swept("optim.batch_size=4", "data.lanes=4"), tmp_path)
     # lists: what differs in them (fault testing: both cut to the same 57 characters)
     with pytest.raises(JaxsaeError, match=r"a changed sweep \(2 entries in the checkpoint, 3 "
                                           r"entries now\)"):

@@ -589,6 +589,11 @@ def test_a_run_from_before_auto_resumes_as_it_was_trained(small_data, tmp_path, 
                      "sae.d_sae=48", "optim.total_tokens=6144"]) == 2
     said = capsys.readouterr()
     assert "cannot resume with a changed sae.d_sae" in said.err and said.out == ""
+    # data.lanes, left to auto, follows the batch size there too: the batch alone is named
+    assert cli.main(["train", str(tmp_path / "after.yaml"), "--no-progress",
+                     "optim.batch_size=4", "optim.total_tokens=6144"]) == 2
+    assert ("a changed optim.batch_size (256 in the checkpoint, 4 now); restore it"
+            in capsys.readouterr().err)
     # what the checkpoints were trained with is read from them, not from config.yaml
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(
         "normalize: none", "normalize: auto"))
