@@ -176,8 +176,8 @@ class SAEConfig:
     """`relu` only: the encoder's bias starts where about this many latents fire on a typical
     token (from the data's median norm, for random encoder directions); `auto`: d_in, where
     the first reconstruction is about the input's size with unit decoder rows (otherwise
-    d_sae / (2 d_in) times it, which wide dictionaries do not recover from); null: a bias of
-    0 (half the latents fire)."""
+    d_sae / (2 d_in) times it, which wide dictionaries do not recover from), at most d_sae / 2
+    (a bias of 0); null: a bias of 0 (half the latents fire)."""
     jumprelu_init_threshold: float = 0.001
     """Initial JumpReLU threshold."""
     jumprelu_bandwidth: float = 0.001

@@ -150,10 +150,14 @@ def initial_bias(cfg: SAEConfig, d_in: int, row_norm: float, input_norm: float |
     about N(0, (row_norm · input_norm)² / d_in), so a bias of -Φ⁻¹(1 - l0 / d_sae) times that
     spread leaves l0 / d_sae of them above 0. With `auto` (l0 = d_in) and unit rows, the
     first reconstruction's part along x is d_sae · E[(z - t)⁺ z] / d_in = d_sae · P(z > t) /
-    d_in = 1 times x (z standard normal)."""
+    d_in = 1 times x (z standard normal). A dictionary less than twice as wide as its input
+    overshoots nothing from a bias of 0 (d_sae / (2 d_in) <= 1 times x): `auto` keeps it
+    there, half the latents firing (l0 = d_in would make every latent fire on every token
+    where d_in >= d_sae, and add a bias term of about the input's size to the
+    reconstruction: a review)."""
     if input_norm is None:  # (inputs normalised to E|x|^2 = d_in, the default)
         input_norm = math.sqrt(d_in)
-    l0 = d_in if cfg.init_l0 == "auto" else cfg.init_l0
+    l0 = min(d_in, cfg.d_sae / 2) if cfg.init_l0 == "auto" else cfg.init_l0
     fraction = min(l0 / cfg.d_sae, 1 - 1e-6)
     spread = row_norm * input_norm / math.sqrt(d_in)
     return -statistics.NormalDist().inv_cdf(1 - fraction) * spread

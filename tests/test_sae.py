@@ -125,7 +125,8 @@ def test_free_norm_init_respects_init_decoder_norm():
 
 @pytest.mark.parametrize("decoder_norm,init_l0,d_in,d_sae", [
     ("unit", "auto", 64, 2048), ("unit", 100, 64, 2048), ("free", 8, 64, 512),
-    ("unit", "auto", 64, 96)])  # (d_in > d_sae / 2: a bias above 0)
+    ("unit", 64, 64, 96), ("unit", "auto", 64, 96), ("unit", "auto", 64, 48)])
+    # (d_in > d_sae / 2: a bias above 0 when asked for, 0 by `auto`)
 def test_init_l0_starts_the_encoder_where_that_many_latents_fire(decoder_norm, init_l0, d_in,
                                                                  d_sae):
     """`sae.init_l0`: the encoder's bias starts where about that many latents fire on inputs
@@ -138,8 +139,10 @@ def test_init_l0_starts_the_encoder_where_that_many_latents_fire(decoder_norm, i
     x = np.random.default_rng(0).normal(size=(4000, d_in))
     x *= norm / np.linalg.norm(x, axis=1, keepdims=True)
     pre = x @ np.asarray(params["W_enc"], np.float64) + np.asarray(params["b_enc"], np.float64)
-    want = d_in if init_l0 == "auto" else init_l0
+    want = min(d_in, d_sae / 2) if init_l0 == "auto" else init_l0
     assert np.ptp(np.asarray(params["b_enc"])) == 0
+    if init_l0 == "auto" and d_sae <= 2 * d_in:  # (never more than half the latents)
+        np.testing.assert_array_equal(params["b_enc"], 0.0)
     # (a random direction's share of x is Gaussian only for large d_in: "about")
     assert np.mean(np.sum(pre > 0, axis=1)) == pytest.approx(want, rel=0.15)
     if init_l0 == "auto" and d_sae >= 8 * d_in:  # (the wide dictionaries it is for; the
