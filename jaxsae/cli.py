@@ -326,7 +326,8 @@ def _run(cmd: Command, name: str) -> int:
 
 def _sizes(cmd: Command) -> str:
     """The command's settings that size its memory, for the error to name."""
-    return f" ({', '.join(cmd.memory)}, ...)" if cmd.memory else ""
+    settings = cmd.memory_settings()
+    return f" ({', '.join(settings)}, ...)" if settings else ""
 
 
 def _device_out_of_memory(error: Exception) -> bool:

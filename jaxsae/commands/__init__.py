@@ -52,11 +52,15 @@ class Command:
     """Whether the same command, run again after an interruption, continues where it stopped
     (said when Ctrl-C or SIGTERM stops it)."""
     choices: ClassVar[tuple[str, tuple[str, ...]] | None] = None
+    """A command whose first argument is one of several words (`synth`'s generators): what
+    they are called and the words, for an error that names an unknown one."""
     memory: ClassVar[tuple[str, ...]] = ()
     """The settings that size its memory, for an out-of-memory error to name (fault
     testing: `eval` and `analyze` named train's sae.d_sae and optim.batch_size)."""
-    """A command whose first argument is one of several words (`synth`'s generators): what
-    they are called and the words, for an error that names an unknown one."""
+
+    def memory_settings(self) -> tuple[str, ...]:
+        """`memory`, as this invocation uses them (a command of several modes: its mode's)."""
+        return self.memory
 
     def __post_init__(self):
         """Arguments given from Python as a user would write them: a path object is its path,

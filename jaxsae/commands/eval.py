@@ -28,6 +28,10 @@ class Eval(Command):
 
     memory = ("--batch-size",)
 
+    def memory_settings(self) -> tuple[str, ...]:
+        # (a review: --model refuses --batch-size, which the error named)
+        return ("--windows-per-batch", "--context") if self.model else self.memory
+
     sae_dir: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(metavar="SAE_DIR...",
                     help_behavior_hint="(required)")]
     """SAELens-format directories: one with --data, one or more with --model"""

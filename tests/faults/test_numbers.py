@@ -178,6 +178,9 @@ def test_the_device_out_of_memory_is_one_line(small_data, tmp_path, capsys, monk
     refused(["eval", str(sae), "--data", str(small_data)], capsys, unchanged=[config],
             match="out of memory on the CPU (INTERNAL: YNNPACK operation failed: error): the "
                   "sizes asked for (--batch-size, ...) need more memory than it has")
+    refused(["eval", str(sae), "--model", "m.gguf", "--text", str(config)], capsys,
+            unchanged=[config], match="the sizes asked for (--windows-per-batch, --context, "
+                                      "...) need more memory")  # (a review: --batch-size)
     refused(["analyze", str(sae), "--data", str(small_data), "--out", str(tmp_path / "a")],
             capsys, unchanged=[config],
             match="out of memory (Unable to allocate 6.27 GiB for an array): the sizes asked "
