@@ -206,10 +206,16 @@ class GroundTruthSums:
         self.params, self.cfg, self.directions, self.parent = params, cfg, directions, parent
         self.input_directions = input_directions
         W_dec = np.asarray(params["W_dec"], np.float64)
-        self.cos_abs, self.match_f, self.match_l = _matching(directions, W_dec)
+        cos_abs, self.match_f, self.match_l = _matching(directions, W_dec)
+        # what the metrics need of the [n_true, d_sae] matrix, which is not kept: a sweep's
+        # SAEs held one each for the whole pass (a review: K times the memory)
+        self.matched_cos = cos_abs[self.match_f, self.match_l]
+        self.best = np.argmax(cos_abs, axis=0)  # each latent's best-matching true feature
+        self.mmcs = float(cos_abs.max(axis=1).mean())
+        del cos_abs
         self.counts = _FiringCounts(directions.shape[0], W_dec.shape[0], self.match_f,
                                     self.match_l, parent)
-        self.saelens = _SAELensCounts(np.argmax(self.cos_abs, axis=0))
+        self.saelens = _SAELensCounts(self.best)
 
     def add(self, x: np.ndarray, on_device: jax.Array, codes: np.ndarray,
             target: np.ndarray | None = None) -> None:
@@ -221,13 +227,12 @@ class GroundTruthSums:
         self.saelens.add(compared, np.asarray(acts), np.asarray(x_hat), codes)
 
     def result(self) -> dict[str, Any]:
-        counts, cos_abs = self.counts, self.cos_abs
+        counts, best = self.counts, self.best
         match_f, match_l = self.match_f, self.match_l
         if counts.n == 0:
             raise ValueError("no tokens to evaluate")
         freq = counts.fires / counts.n
         firing = freq > 0
-        best = np.argmax(cos_abs, axis=0)  # each latent's best-matching true feature
         # Per feature; NaN (null) where undefined: recall of a feature never active in these
         # tokens, precision of a matched latent that never fired, F1 = 2tp / (2tp + fp + fn)
         # of a feature neither active nor fired. Means over the defined ones.
@@ -237,8 +242,8 @@ class GroundTruthSums:
             recall = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
             f1 = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
         out = {
-            "mcc": float(cos_abs[match_f, match_l].mean()),
-            "mmcs": float(cos_abs.max(axis=1).mean()),
+            "mcc": float(self.matched_cos.mean()),
+            "mmcs": self.mmcs,
             "uniqueness": (float(len(set(best[firing].tolist())) / int(firing.sum()))
                            if firing.any() else float("nan")),  # (no latent fired: null)
             "precision": _mean_defined(precision),
@@ -251,7 +256,7 @@ class GroundTruthSums:
             "shrinkage": (counts.shrinkage / counts.nonzero_tokens if counts.nonzero_tokens
                           else float("nan")),  # (no token reconstructed: null)
             "per_feature": {"latent": match_l.tolist(),
-                            "cos": cos_abs[match_f, match_l].tolist(),
+                            "cos": self.matched_cos.tolist(),
                             "precision": precision.tolist(), "recall": recall.tolist(),
                             "f1": f1.tolist()},
         }

@@ -212,3 +212,24 @@ def test_log10_firing_convention():
     assert got[2] == pytest.approx(-2.0, abs=1e-6)
     assert got[-1] == pytest.approx(0.0, abs=1e-6)
     assert np.all(np.diff(got) > 0)
+
+
+def test_ground_truth_sums_keep_no_matching_matrix():
+    """A sweep's SAEs are evaluated together: each keeps what its metrics need of the
+    [n_true, d_sae] |cos| matrix, not the matrix (a review: K of them held for the whole pass),
+    and the metrics read from what is kept are those of the matrix."""
+    from jaxsae import evaluate
+
+    truth = unit_rows(6, 4, seed=3)
+    cfg = SAEConfig(d_sae=10, decoder_norm="free")
+    params = init_params(jax.random.PRNGKey(0), 4, cfg)
+    sums = evaluate.GroundTruthSums(params, cfg, truth)
+    assert not any(np.shape(v) == (6, 10) for v in vars(sums).values())
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    codes = np.abs(np.random.default_rng(1).normal(size=(64, 6)))
+    sums.add(x, jnp.asarray(x), codes)
+    report = sums.result()
+    cos = cosine_matrix(truth, np.asarray(params["W_dec"]))
+    assert report["mcc"] == pytest.approx(feature_recovery(truth, params["W_dec"])["mcc"])
+    assert report["mmcs"] == pytest.approx(cos.max(axis=1).mean())
+    assert report["sb_uniqueness"] == len(set(np.argmax(cos, axis=0).tolist())) / 10
