@@ -618,6 +618,11 @@ def _remove_stale_members(run_dir: Path, stale: list[Path],
             raise CheckpointError(
                 f"{path}: not an SAE of this run, and not what an earlier start of it left "
                 "(an SAE directory holding only config.yaml and metrics.jsonl); move it away")
+        trained = _logged_past_a_checkpoint(path)
+        if trained is not None:  # (a review: an SAE whose checkpoints were moved away)
+            raise CheckpointError(
+                f"{path}: not an SAE of this run, and its metrics.jsonl logged step {trained}, "
+                "past its first checkpoint: a trained SAE's history; move it away")
     for path in stale:
         for name in _STARTED:
             with contextlib.suppress(FileNotFoundError):
@@ -628,6 +633,28 @@ def _remove_stale_members(run_dir: Path, stale: list[Path],
     log(f"{run_dir / 'sweep'}: removed {len(stale)} SAE director"
         f"{'y' if len(stale) == 1 else 'ies'} an earlier start left, not of this run "
         f"({', '.join(p.name for p in stale[:4])}{', ...' if len(stale) > 4 else ''})")
+
+
+def _logged_past_a_checkpoint(member: Path) -> int | None:
+    """The last step `member`'s metrics.jsonl logged if that is at or past the first
+    checkpoint its config.yaml asked for (every step past 0 when it saves by time only), else
+    None: what a start stopped before its first checkpoint leaves logged nothing there."""
+    try:
+        with open(member / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    last = None
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError, AttributeError):
+            last = int(json.loads(line).get("step"))
+            break
+    if last is None:
+        return None
+    every = (load_config(member / "config.yaml").checkpoint.every_steps
+             if (member / "config.yaml").exists() else None)
+    return last if last >= (every or 1) else None
 
 
 def _readable(config: Path) -> bool:

@@ -413,6 +413,17 @@ def test_a_restart_removes_the_saes_an_earlier_larger_start_left(small_data, tmp
     assert sorted(p.name for p in (run / "sweep").iterdir()) == ["00", "01"]
     assert (f"{run / 'sweep'}: removed 1 SAE directory an earlier start left, not of this run "
             "(02)") in said
+    # an SAE trained past a checkpoint, whose checkpoints were moved away, is a history the
+    # user may keep: refused (a review: it was removed as an earlier start's)
+    kept = tmp_path / "kept"
+    train_until_crash(small_config(small_data, kept, sweep={"seed": [1, 2, 3]}), at_batch=13)
+    (kept / "checkpoints").rename(tmp_path / "moved")
+    history = (kept / "sweep" / "02" / "metrics.jsonl").read_text()
+    with pytest.raises(JaxsaeError, match=re.escape(
+            f"{kept / 'sweep' / '02'}: not an SAE of this run, and its metrics.jsonl logged "
+            "step 12, past its first checkpoint")):
+        train(small_config(small_data, kept, sweep={"seed": [1, 2]}), progress=False)
+    assert (kept / "sweep" / "02" / "metrics.jsonl").read_text() == history
     # a single run where a sweep had started: the whole sweep/ goes
     alone = tmp_path / "alone"
     train_until_crash(small_config(small_data, alone, sweep={"seed": [1, 2]}), at_batch=1)
