@@ -186,10 +186,15 @@ def thin(xs: Sequence[float], ys: Sequence[float],
         return xs, ys
     runs = max(1, (limit - 2) // 2)
     bucket = np.arange(n) * runs // n
-    order = np.lexsort((np.asarray(ys, dtype=np.float64), bucket))  # by run, then value
-    first = np.searchsorted(bucket[order], np.arange(runs))
-    last = np.append(first[1:], n) - 1
-    keep = {0, n - 1, *order[first].tolist(), *order[last].tolist()}
+    values = np.asarray(ys, dtype=np.float64)
+    nan = np.isnan(values)  # (neither a run's lowest nor its highest: a review found a NaN,
+    # which sorts last, hiding a run's spike; matplotlib draws it as a gap either way)
+    keep = {0, n - 1}
+    for pick, fill in ((0, np.inf), (-1, -np.inf)):  # each run's lowest, then its highest
+        order = np.lexsort((np.where(nan, fill, values), bucket))  # by run, then value
+        first = np.searchsorted(bucket[order], np.arange(runs))
+        at = first if pick == 0 else np.append(first[1:], n) - 1
+        keep.update(order[at].tolist())
     index = sorted(keep)
     return [xs[i] for i in index], [ys[i] for i in index]
 

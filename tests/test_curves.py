@@ -304,6 +304,10 @@ def test_a_long_series_is_drawn_from_its_extremes():
         mine = [y for y, s in zip(kept_y, run, strict=True) if s == r]
         assert min(mine) == min(inside) and max(mine) == max(inside)
     assert curves.thin([1, 2, 3], [3.0, 2.0, 1.0]) == ([1, 2, 3], [3.0, 2.0, 1.0])
+    # a NaN beside a spike (a file from elsewhere: jaxsae writes null) hides neither extreme
+    ys[31_338], ys[77_778] = float("nan"), float("nan")
+    kept_x, kept_y = curves.thin(xs, ys, limit=1000)
+    assert {(31_337 * 4, 50.0), (77_777 * 4, -3.0)} <= set(zip(kept_x, kept_y, strict=True))
 
 
 def test_redrawing_takes_a_bounded_share_of_the_training(tmp_path, monkeypatch):
