@@ -1,7 +1,8 @@
-"""The L1 recipe's L0 / explained-variance frontier on real activations: jaxsae's defaults
-since 0.2.0 (free decoder rows, inputs normalised to E|x|^2 = d_in, the L1 ramped over 5 % of
-the steps) against those before (unit rows, raw inputs, the L1 from the first step), each a
-sweep of the L1 coefficient and of the learning rate trained by `jaxsae train`.
+"""The L1 recipe's L0 / explained-variance frontier on real activations: jaxsae 0.2.0's
+defaults (free decoder rows, inputs normalised to E|x|^2 = d_in, the L1 ramped over 5 % of the
+steps) against those before (unit rows, raw inputs, the L1 from the first step) and since
+0.3.0 (`init_l0`: unit rows started where ~d_in latents fire), each a sweep of the L1
+coefficient and of the learning rate trained by `jaxsae train`.
 
     scripts/real_activations.sh /tmp/lm 400000      # SmolLM2-135M layer 15 (~10 min)
     python benchmarks/defaults_frontier.py --data /tmp/lm/acts-l15 --out /tmp/frontier
@@ -38,12 +39,15 @@ from jaxsae.outputs import plain_text, save_figure, subplots  # noqa: E402
 # thing each of 0.2.0's defaults (which of them moves the frontier); `init_l0` is `unit` with the
 # encoder bias started where ~d_in latents fire (sae.init_l0: auto).
 RECIPES = {
-    "0.2.0": ({}, [1.25, 2.5, 5.0, 10.0], [3.0e-4, 1.0e-3]),
-    "before": ({"data": {"normalize": "none"}, "sae": {"decoder_norm": "unit"},
+    "0.2.0": ({"sae": {"decoder_norm": "free", "init_l0": None}}, [1.25, 2.5, 5.0, 10.0],
+              [3.0e-4, 1.0e-3]),
+    "before": ({"data": {"normalize": "none"}, "sae": {"decoder_norm": "unit", "init_l0": None},
                 "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 5.0}]},
                [5.0, 10.0, 20.0, 40.0], [3.0e-4, 1.0e-3]),
-    "unit": ({"sae": {"decoder_norm": "unit"}}, [1.25, 2.5, 5.0, 10.0], [1.0e-3]),
-    "raw": ({"data": {"normalize": "none"}}, [5.0, 10.0, 20.0, 40.0], [1.0e-3]),
+    "unit": ({"sae": {"decoder_norm": "unit", "init_l0": None}}, [1.25, 2.5, 5.0, 10.0],
+             [1.0e-3]),
+    "raw": ({"data": {"normalize": "none"}, "sae": {"decoder_norm": "free", "init_l0": None}},
+            [5.0, 10.0, 20.0, 40.0], [1.0e-3]),
     "init_l0": ({"sae": {"decoder_norm": "unit", "init_l0": "auto"}}, [1.25, 2.5, 5.0, 10.0],
                 [1.0e-3]),
 }

@@ -274,7 +274,7 @@ class Checkpointer:
                 raise CorruptCheckpoint(step, f"its {name} does not match its checksum "
                                               "(damaged files)")
         try:
-            return dict(loader), config_from_dict(raw)
+            return dict(loader), config_from_dict(_as_started(raw))
         except JaxsaeError as e:
             raise CorruptCheckpoint(step, f"its saved config is not valid ({e})") from None
 
@@ -497,6 +497,16 @@ def _no_raw_bytes(direction: Any = None) -> None:
     return None
 
 
+def _as_started(raw: dict) -> dict:
+    """A saved config as its run started: one saved before `sae.init_l0` existed (2026-12-07)
+    started from an encoder bias of 0, which `null` says (its `auto` would read as d_in for
+    unit rows)."""
+    sae = raw.get("sae")
+    if isinstance(sae, dict) and "init_l0" not in sae:
+        return {**raw, "sae": {**sae, "init_l0": None}}
+    return raw
+
+
 def check_resume_compatible(saved: Config, current: Config, where: Path) -> None:
     """Refuses to resume when a key that changes the computation differs, naming the key.
     Loss terms' `auto` ramps are compared as the checkpoint's run resolved them: a run
@@ -555,17 +565,22 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
             i = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
             return f"[{i}] {cut(saved[i])}", f"[{i}] {cut(now[i])}"
 
-        def now(key: str) -> str:  # (a key left to auto: what gives the checkpoint's value)
-            return (f" now: what auto gives since {AUTO_SINCE}" if key in current.defaulted
-                    else " now")
+        def now(key: str, value: Any) -> str:  # (a key left to auto, or an entry of one: what
+            # gives the checkpoint's value)
+            root = next((d for d in current.defaulted
+                         if key == d or key.startswith(d + ".")), None)
+            if root is None:
+                return " now"
+            return (f" now: the default since {AUTO_SINCE[root]}" if value == "auto"
+                    else f" now: what auto gives since {AUTO_SINCE[root]}")
 
         def unset(key: str, value: Any) -> Any:  # (a term's ramp of 0 is not written: it
             # read "null now", fault testing)
             return 0 if value is None and key.endswith(".warmup_steps") else value
 
-        changes = ", ".join(f"{k} ({a} in the checkpoint, {b}{now(k)})"
-                            for k, a, b in ((k, *pair(unset(k, a), unset(k, b)))
-                                            for k, a, b in bad[:3]))
+        changes = ", ".join(f"{k} ({a} in the checkpoint, {b}{now(k, value)})"
+                            for k, a, b, value in ((k, *pair(unset(k, a), unset(k, b)), b)
+                                                   for k, a, b in bad[:3]))
         if len(bad) > 3:  # (a sweep's points: the line grew with every SAE)
             changes += f" and {len(bad) - 3} more"
         raise JaxsaeError(

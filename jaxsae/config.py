@@ -129,15 +129,23 @@ class DataConfig:
 # What `auto` settings resolve to, by `sae.activation` (checked against the activations'
 # registry by the tests: this module imports none of jaxsae's modelling code).
 K_ACTIVATIONS = ("topk", "batchtopk", "matching_pursuit")
-"""Activations whose sparsity `sae.k` sets: `sae.decoder_norm: auto` gives them unit rows (the
-others free rows), and a config without `loss` the mse alone (the others mse + L1)."""
+"""Activations whose sparsity `sae.k` sets: a config without `loss` gets the mse alone (the
+others mse + L1)."""
+UNIT_ROW_ACTIVATIONS = ("relu", *K_ACTIVATIONS)
+"""`sae.decoder_norm: auto` gives these unit rows, the others free rows (relu since 0.3.0,
+with `sae.init_l0: auto` starting its encoder where the first reconstruction is about the
+input's size)."""
 RAW_SCALE_ACTIVATIONS = ("matching_pursuit",)
 """`data.normalize: auto` gives these none (their codes are not scale invariant), the others
 unit_mean_squared_norm."""
-AUTO_SINCE = "jaxsae 0.2.0"
-"""Before it, sae.decoder_norm and data.normalize had no `auto` (they defaulted to unit and
-none) and a config without `loss` got mse + L1 from the first step whatever its activation;
-a run resumed from then keeps what it was trained with (`Config.defaulted`)."""
+AUTO_SINCE = {"sae.decoder_norm": "jaxsae 0.3.0", "sae.init_l0": "jaxsae 0.3.0",
+              "loss": "jaxsae 0.3.0", "data.normalize": "jaxsae 0.2.0"}
+"""When what `auto` gives last changed, by key. Before 0.2.0 sae.decoder_norm and
+data.normalize had no `auto` (they defaulted to unit and none) and a config without `loss`
+got mse + L1 from the first step whatever its activation; 0.2.0 gave relu free decoder rows
+and the L1 a ramp; 0.3.0 gives relu unit rows started by `sae.init_l0: auto`, and the L1 of
+a config without `loss` the coefficient for unit rows. A run resumed from before keeps what
+it was trained with (`Config.defaulted`)."""
 
 # `auto` sizes: a 30-second smoke test and a 1B-token job both get sensible values.
 AUTO_LANES = 8
@@ -168,16 +176,18 @@ class SAEConfig:
     decoder_norm: Literal["auto", "unit", "free"] = "auto"
     """`unit` keeps decoder rows at unit norm; `free` leaves their norm to the optimiser (the
     penalties weight each code by its row's norm). `auto` (resolved when the config is read):
-    unit for `topk`, `batchtopk` and `matching_pursuit` (sparsify's recipe; matching pursuit
-    compares correlations), free for the others (SAELens's standard recipe)."""
+    unit for `relu` (started by `init_l0: auto`), `topk`, `batchtopk` and `matching_pursuit`
+    (sparsify's recipe; matching pursuit compares correlations), free for the others
+    (SAELens's standard recipe)."""
     init_decoder_norm: float = 0.1
     """Decoder row norm at initialisation when `decoder_norm: free` (`unit` starts at 1)."""
-    init_l0: int | Literal["auto"] | None = None
-    """`relu` only: the encoder's bias starts where about this many latents fire on a typical
-    token (from the data's median norm, for random encoder directions); `auto`: d_in, where
-    the first reconstruction is about the input's size with unit decoder rows (otherwise
-    d_sae / (2 d_in) times it, which wide dictionaries do not recover from), at most d_sae / 2
-    (a bias of 0); null: a bias of 0 (half the latents fire)."""
+    init_l0: int | Literal["auto"] | None = "auto"
+    """A `relu` encoder's bias starts where about this many latents fire on a typical token
+    (from the data's median norm, for random encoder directions). `auto`: with unit decoder
+    rows d_in, where the first reconstruction is about the input's size (from a bias of 0 it
+    is d_sae / (2 d_in) times it, which wide dictionaries do not recover from), at most
+    d_sae / 2 (a bias of 0); with free rows, another activation or `init_from`, nothing (the
+    start as it was). null: a bias of 0 (half the latents fire)."""
     jumprelu_init_threshold: float = 0.001
     """Initial JumpReLU threshold."""
     jumprelu_bandwidth: float = 0.001
@@ -194,20 +204,25 @@ class SAEConfig:
     transcoders)."""
 
     def __post_init__(self):
+        auto = []
         if self.decoder_norm == "auto":
             object.__setattr__(self, "decoder_norm", "unit" if self.activation in
-                               K_ACTIVATIONS else "free")
-            object.__setattr__(self, "_from_auto", ("decoder_norm",))
+                               UNIT_ROW_ACTIVATIONS else "free")
+            auto.append("decoder_norm")
+        if self.init_l0 == "auto":  # (kept as `auto`: what it gives follows from the rest)
+            auto.append("init_l0")
+        object.__setattr__(self, "_from_auto", tuple(auto))
         _need(0 < self.d_sae < 2**31, "sae.d_sae",  # (a latent's index is int32)
               f"must be in 1..2^31 - 1, got {self.d_sae}")
         _need(self.k > 0, "sae.k", f"must be > 0, got {self.k}")
         _need(self.init_decoder_norm > 0, "sae.init_decoder_norm", "must be > 0")
-        if self.init_l0 is not None:
+        if self.init_l0 not in (None, "auto"):
             _need(self.activation == "relu", "sae.init_l0",
                   f"sets a ReLU encoder's starting bias: only for activation relu, not "
-                  f"{self.activation}")
-            _need(self.init_l0 == "auto" or 0 < self.init_l0 < self.d_sae, "sae.init_l0",
-                  f"must be auto or in 1..d_sae - 1 ({self.d_sae - 1}), got {self.init_l0}")
+                  f"{self.activation} (auto or null there)")
+            _need(0 < self.init_l0 < self.d_sae, "sae.init_l0",
+                  f"must be auto, null or in 1..d_sae - 1 ({self.d_sae - 1}), got "
+                  f"{self.init_l0}")
         _need(self.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth", "must be > 0")
         _need(0 < self.batchtopk_threshold_momentum <= 1, "sae.batchtopk_threshold_momentum",
               "must be in (0, 1]")
@@ -504,14 +519,22 @@ def sweep_label(point: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
 
 
-def default_loss(activation: str) -> tuple[TermConfig, ...]:
+UNIT_ROW_L1 = 2.0
+"""The default L1 coefficient with unit decoder rows (free rows: 5.0), on inputs normalised to
+E|x|^2 = d_in (RESULTS.md, "The ReLU default")."""
+
+
+def default_loss(activation: str, decoder_norm: str = "free") -> tuple[TermConfig, ...]:
     """The loss of a config that gives none: the mse alone where `sae.k` sets the sparsity
-    (K_ACTIVATIONS; until 0.2.0 every activation had the L1 too), else mse + L1 at 5.0
-    ramped up over the first 5 % of the run (until 0.2.0 from the first step: a third of the
-    latents died in 1.6M tokens of SmolLM2 activations, RESULTS.md)."""
+    (K_ACTIVATIONS; until 0.2.0 every activation had the L1 too), else mse + L1 ramped up
+    over the first 5 % of the run (until 0.2.0 from the first step: a third of the latents
+    died in 1.6M tokens of SmolLM2 activations, RESULTS.md), at UNIT_ROW_L1 with unit decoder
+    rows (since 0.3.0) and 5.0 with free ones (the L1 weighted by each row's norm, which
+    starts at 0.1)."""
     if activation in K_ACTIVATIONS:
         return (TermConfig("mse"),)
-    return (TermConfig("mse"), TermConfig("l1", coefficient=5.0, warmup_steps="auto"))
+    coefficient = UNIT_ROW_L1 if decoder_norm == "unit" else 5.0
+    return (TermConfig("mse"), TermConfig("l1", coefficient=coefficient, warmup_steps="auto"))
 
 
 @dataclass(frozen=True)
@@ -534,7 +557,8 @@ class Config:
     sae: SAEConfig = field(default_factory=SAEConfig)
     loss: tuple[TermConfig, ...] | None = None
     """Loss terms; the total loss is the sum of coefficient(step) * term. None (not given):
-    `default_loss(sae.activation)`, resolved when the config is read."""
+    `default_loss` of sae.activation and sae.decoder_norm, resolved when the config is
+    read."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -560,10 +584,13 @@ class Config:
         resolved = getattr(self.sae, "_from_auto", ())
         auto = [f"sae.{name}" for name in resolved]
         if self.loss is None:
-            object.__setattr__(self, "loss", default_loss(self.sae.activation))
+            object.__setattr__(self, "loss", default_loss(self.sae.activation,
+                                                          self.sae.decoder_norm))
             auto.append("loss")
         if resolved:  # the record is this config's: one made from it by `replace` has none
-            object.__setattr__(self, "sae", replace(self.sae))
+            sae = replace(self.sae)
+            object.__setattr__(sae, "_from_auto", ())  # (`init_l0: auto` stays auto)
+            object.__setattr__(self, "sae", sae)
         if self.data.normalize == "auto":
             object.__setattr__(self, "data", replace(self.data, normalize=(
                 "none" if self.sae.activation in RAW_SCALE_ACTIVATIONS
@@ -583,7 +610,7 @@ class Config:
               "a bypass from input to target needs a transcoder (set data.target)")
         _need(self.optim.batch_size % self.data.lanes == 0, "data.lanes",
               f"must divide optim.batch_size ({self.optim.batch_size}), got {self.data.lanes}")
-        _need(self.init_from is None or self.sae.init_l0 is None, "sae.init_l0",
+        _need(self.init_from is None or self.sae.init_l0 in (None, "auto"), "sae.init_l0",
               "sets a random start's encoder bias, and init_from starts from its weights")
         _need(len(self.loss) > 0, "loss", "at least one loss term is required")
         # (a sweep's base may leave a swept coefficient 0: each of its SAEs is checked alone)
@@ -761,8 +788,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     # the config's activation when it gives none (applied last: they depend on it)
     if terms and tree.get("loss") is None:
         sae = tree.get("sae") if isinstance(tree.get("sae"), dict) else {}
-        activation = sae.get("activation", SAEConfig.activation)
-        tree["loss"] = [t.to_dict() for t in default_loss(str(activation))]
+        activation = str(sae.get("activation", SAEConfig.activation))
+        norm = sae.get("decoder_norm", "auto")
+        if norm == "auto":
+            norm = "unit" if activation in UNIT_ROW_ACTIVATIONS else "free"
+        tree["loss"] = [t.to_dict() for t in default_loss(activation, str(norm))]
     for assignment in terms:
         apply_override(tree, assignment, seen)
     return from_dict(Config, tree)

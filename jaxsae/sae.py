@@ -139,25 +139,34 @@ def init_params(key: jax.Array, d_in: int, cfg: SAEConfig, d_out: int | None = N
     if cfg.skip:
         params["W_skip"] = jnp.zeros((d_out, d_in), jnp.float32)
     own = kind.own_params(cfg, d_in)
-    if cfg.init_l0 is not None:
-        own["b_enc"] = jnp.full_like(own["b_enc"], initial_bias(cfg, d_in, norm, input_norm))
+    l0 = initial_l0(cfg, d_in)
+    if l0 is not None:
+        own["b_enc"] = jnp.full_like(own["b_enc"], initial_bias(cfg, l0, d_in, norm, input_norm))
     return {**own, **params}
 
 
-def initial_bias(cfg: SAEConfig, d_in: int, row_norm: float, input_norm: float | None) -> float:
-    """The encoder bias at which about `sae.init_l0` latents fire on an input of norm
+def initial_l0(cfg: SAEConfig, d_in: int) -> float | None:
+    """How many latents `sae.init_l0` has fire at first (None: the encoder bias starts at 0).
+    `auto`: with unit decoder rows on a ReLU, d_in, at most d_sae / 2 (a dictionary less than
+    twice as wide as its input overshoots nothing from a bias of 0; l0 = d_in would make every
+    latent fire on every token where d_in >= d_sae, and add a bias term about the input's size
+    to the reconstruction: a review); otherwise none."""
+    if cfg.init_l0 is None or (cfg.init_l0 == "auto" and not (
+            cfg.activation == "relu" and cfg.decoder_norm == "unit")):
+        return None
+    return min(d_in, cfg.d_sae / 2) if cfg.init_l0 == "auto" else cfg.init_l0
+
+
+def initial_bias(cfg: SAEConfig, l0: float, d_in: int, row_norm: float,
+                 input_norm: float | None) -> float:
+    """The encoder bias at which about `l0` latents fire on an input of norm
     `input_norm`: a random encoder direction of norm `row_norm` gives a pre-activation of
     about N(0, (row_norm · input_norm)² / d_in), so a bias of -Φ⁻¹(1 - l0 / d_sae) times that
     spread leaves l0 / d_sae of them above 0. With `auto` (l0 = d_in) and unit rows, the
     first reconstruction's part along x is d_sae · E[(z - t)⁺ z] / d_in = d_sae · P(z > t) /
-    d_in = 1 times x (z standard normal). A dictionary less than twice as wide as its input
-    overshoots nothing from a bias of 0 (d_sae / (2 d_in) <= 1 times x): `auto` keeps it
-    there, half the latents firing (l0 = d_in would make every latent fire on every token
-    where d_in >= d_sae, and add a bias term of about the input's size to the
-    reconstruction: a review)."""
+    d_in = 1 times x (z standard normal)."""
     if input_norm is None:  # (inputs normalised to E|x|^2 = d_in, the default)
         input_norm = math.sqrt(d_in)
-    l0 = min(d_in, cfg.d_sae / 2) if cfg.init_l0 == "auto" else cfg.init_l0
     fraction = min(l0 / cfg.d_sae, 1 - 1e-6)
     spread = row_norm * input_norm / math.sqrt(d_in)
     return -statistics.NormalDist().inv_cdf(1 - fraction) * spread

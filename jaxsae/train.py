@@ -156,7 +156,9 @@ def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
         mine, theirs, now, then = ((t[section[0]] for t in (tree, saved, *as_run)) if section
                                    else (tree, saved, *as_run))
         if now[name] != then[name]:
-            kept.append(f"{key}: {_brief(theirs[name])} (auto now gives {_brief(mine[name])})")
+            kept.append(f"{key}: {_brief(theirs[name])} (" + (
+                "now auto" if mine[name] == "auto" else f"auto now gives {_brief(mine[name])}")
+                + ")")
             mine[name] = theirs[name]
     if not kept:
         return cfg, None
@@ -182,7 +184,7 @@ def _brief(value: Any) -> str:
                 "" if not t.get("warmup_steps") else " ramped over 5 % of the run"
                 if t["warmup_steps"] == "auto" else f" ramped over {t['warmup_steps']} steps")
             for t in value) + "]"
-    return str(value)
+    return "null" if value is None else str(value)
 
 
 # Keys the processes of a run may set apart: where each finds the same data (checked by

@@ -13,6 +13,7 @@ import yaml
 from jaxsae import activations
 from jaxsae.checks import check_run
 from jaxsae.config import (
+    UNIT_ROW_L1,
     Config,
     DataConfig,
     changed_keys,
@@ -82,7 +83,8 @@ def test_auto_settings_resolve_by_activation(activation):
     (the tables in jaxsae.config agree with the registry)."""
     kind = activations.get(activation)
     cfg = load_config(None, ["data.path=/d", f"sae.activation={activation}"])
-    assert cfg.sae.decoder_norm == ("unit" if kind.has_k else "free")
+    assert cfg.sae.decoder_norm == ("unit" if kind.has_k or activation == "relu" else "free")
+    assert cfg.sae.init_l0 == "auto"  # (what it gives follows from the rest: jaxsae.sae)
     assert cfg.data.normalize == ("unit_mean_squared_norm" if kind.scale_invariant else "none")
     # k sets the sparsity: no L1 by default (fault testing: TopK trained with L1 at 5.0); the
     # L1 ramps up over 5 % of the run (1000 steps at most), resolved for the run's length
@@ -92,7 +94,10 @@ def test_auto_settings_resolve_by_activation(activation):
     short = load_config(None, ["data.path=/d", f"sae.activation={activation}",
                                "optim.total_tokens=1600000"])
     assert short.resolved_loss[-1].warmup_steps == (0 if kind.has_k else 19)  # 390 steps
-    assert cfg.defaulted == ("sae.decoder_norm", "loss", "data.normalize")
+    assert cfg.defaulted == ("sae.decoder_norm", "sae.init_l0", "loss", "data.normalize")
+    # the L1 for unit rows (relu's since 0.3.0) is at their scale, free rows' at theirs
+    if not kind.has_k:
+        assert cfg.loss[1].coefficient == (UNIT_ROW_L1 if activation == "relu" else 5.0)
     kind.check(cfg.sae)  # (matching pursuit refuses free rows)
     assert load_config(None, ["data.path=/d", f"sae.activation={activation}",
                               "sae.decoder_norm=auto", "data.normalize=auto"]) == cfg
@@ -101,8 +106,9 @@ def test_auto_settings_resolve_by_activation(activation):
 def test_keys_set_are_not_defaulted():
     cfg = load_config(None, ["data.path=/d", "sae.decoder_norm=unit", "data.normalize=none",
                              "loss=[{term: mse}, {term: l1}]"])
-    assert (cfg.sae.decoder_norm, cfg.data.normalize, cfg.defaulted) == ("unit", "none", ())
-    cfg = load_config(None, ["data.path=/d", "sae.decoder_norm=free"])
+    assert (cfg.sae.decoder_norm, cfg.data.normalize, cfg.defaulted) == ("unit", "none",
+                                                                          ("sae.init_l0",))
+    cfg = load_config(None, ["data.path=/d", "sae.decoder_norm=free", "sae.init_l0=null"])
     assert cfg.defaulted == ("loss", "data.normalize")
     # a config made from another is resolved already: nothing is left to auto
     assert replace(cfg, seed=1).defaulted == () and replace(cfg, seed=1).sae == cfg.sae

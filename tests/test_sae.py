@@ -93,7 +93,9 @@ def test_init_params_shapes_and_names(cfg):
         assert value.dtype == jnp.float32, name
     assert ("W_enc" in params) is (not cfg.tied)
     assert ("threshold" in params) is (cfg.activation in ("jumprelu", "batchtopk"))
-    np.testing.assert_array_equal(params["b_enc"], 0.0)
+    # (a ReLU on unit rows starts where about d_in latents fire: `sae.init_l0: auto`)
+    shifted = cfg.activation == "relu" and cfg.decoder_norm == "unit"
+    assert np.ptp(np.asarray(params["b_enc"])) == 0 and bool(params["b_enc"][0] < 0) is shifted
     np.testing.assert_array_equal(params["b_dec"], 0.0)
     if not cfg.tied:
         np.testing.assert_array_equal(params["W_enc"], params["W_dec"].T)
@@ -150,17 +152,17 @@ def test_init_l0_starts_the_encoder_where_that_many_latents_fire(decoder_norm, i
         recon = np.maximum(pre, 0) @ np.asarray(params["W_dec"], np.float64)
         gain = np.mean(np.sum(recon * x, axis=1)) / norm**2
         assert gain == pytest.approx(1.0, abs=0.15)
-    # the default: a bias of 0, half the latents firing
-    plain = sae.init_params(jax.random.PRNGKey(3), d_in, SAEConfig(d_sae=d_sae,
-                                                                  decoder_norm=decoder_norm))
+    # null: a bias of 0, half the latents firing
+    plain = sae.init_params(jax.random.PRNGKey(3), d_in, SAEConfig(
+        d_sae=d_sae, decoder_norm=decoder_norm, init_l0=None))
     np.testing.assert_array_equal(plain["b_enc"], 0.0)
     np.testing.assert_array_equal(plain["W_enc"], params["W_enc"])
 
 
 @pytest.mark.parametrize("sections,why", [
     ({"sae": {"activation": "topk", "init_l0": 10}}, "only for activation relu, not topk"),
-    ({"sae": {"init_l0": 0}}, "must be auto or in 1..d_sae - 1 (4095), got 0"),
-    ({"sae": {"init_l0": "auto"}, "init_from": "/x"}, "init_from starts from its weights")])
+    ({"sae": {"init_l0": 0}}, "must be auto, null or in 1..d_sae - 1 (4095), got 0"),
+    ({"sae": {"init_l0": 10}, "init_from": "/x"}, "init_from starts from its weights")])
 def test_init_l0_is_refused_where_it_cannot_act(sections, why):
     from jaxsae.config import config_from_dict
     from jaxsae.errors import ConfigError
@@ -893,3 +895,21 @@ def test_top_k_indices_matches_lax_top_k(width, k):
     want = np.asarray(jax.lax.top_k(jnp.asarray(values), k)[1])
     got = np.asarray(jax.jit(kernels.top_k_indices, static_argnums=1)(jnp.asarray(values), k))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("sections,shifted", [
+    ({}, True),  # relu: unit rows (auto), started where about d_in latents fire
+    ({"sae": {"decoder_norm": "free"}}, False),  # free rows: the start as it was
+    ({"sae": {"activation": "jumprelu"}}, False),  # free rows too
+    ({"sae": {"activation": "topk"}}, False),  # unit rows, but no ReLU bias to set
+    ({"sae": {"init_l0": None}}, False)])
+def test_init_l0_auto_acts_on_a_relu_with_unit_rows_only(sections, shifted):
+    """`sae.init_l0: auto` (the default) is accepted with every activation and init_from, and
+    moves the encoder bias only of a ReLU on unit decoder rows (`sae.initial_l0`)."""
+    from jaxsae.config import config_from_dict
+
+    cfg = config_from_dict({"data": {"path": "/d"}, **sections}).sae
+    assert (sae.initial_l0(cfg, 64) is not None) is shifted
+    params = sae.init_params(jax.random.PRNGKey(0), 64, cfg)
+    assert bool(np.all(np.asarray(params["b_enc"]) < 0)) is shifted
+    config_from_dict({"data": {"path": "/d"}, "init_from": "/x", **sections})  # (accepted)

@@ -69,14 +69,15 @@ def main() -> int:
         export.export_sae({"W_dec": D, "W_enc": D.T.copy(),
                            "b_enc": np.full(n, -LAMBDA / 2, np.float32),
                            "b_dec": np.zeros(spec.d_in, np.float32)},
-                          SAEConfig(d_sae=n, activation="relu", decoder_norm="unit"), start,
+                          SAEConfig(d_sae=n, activation="relu", decoder_norm="unit",
+                                    init_l0=None), start,
                           overwrite=True)
         run = root / "run"
         shutil.rmtree(run, ignore_errors=True)
         cfg = config_from_dict({
             "name": "drift", "run_dir": str(run), "init_from": str(start),
             "data": {"path": str(data), "eval_tokens": 65536, "normalize": "none"},
-            "sae": {"d_sae": n, "activation": "relu", "decoder_norm": "unit"},
+            "sae": {"d_sae": n, "activation": "relu", "decoder_norm": "unit", "init_l0": None},
             "loss": [{"term": "mse"}, {"term": "l1", "coefficient": LAMBDA}],
             "optim": {"lr": 1e-3, "batch_size": 1024, "total_tokens": args.tokens},
             "checkpoint": {"every_steps": 10**6}, "log": {"every_steps": 500, "curves": False}})

@@ -106,7 +106,7 @@ def main() -> int:
                     "name": name, "run_dir": str(run),
                     "data": {"path": str(data), "eval_tokens": 65536, "normalize": "none"},
                     "sae": {"d_sae": 2 * spec.n_features, "activation": "relu",
-                            "decoder_norm": "unit"},
+                            "decoder_norm": "unit", "init_l0": None},
                     "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.1}],
                     "optim": {"lr": 1e-3, "batch_size": 1024, "total_tokens": args.tokens},
                     "checkpoint": {"every_steps": 10**6},

@@ -555,11 +555,13 @@ def test_a_refused_resume_says_nothing_else(run_copy, small_data, tmp_path, caps
 
 
 def test_a_run_from_before_auto_resumes_as_it_was_trained(small_data, tmp_path, capsys):
-    """A run trained with the defaults before `auto` (decoder_norm unit, normalize none), its
-    config leaving both unset, resumes as it was trained, saying so (it was refused: the
-    defaults had changed under it); a config that sets another value is still refused."""
+    """A run trained with other defaults than today's (here free rows started from a bias of
+    0, 0.2.0's, and no normalising, before 0.2.0), its config leaving them unset, resumes as
+    it was trained, saying so (it was refused: the defaults had changed under it); a config
+    that sets another value is still refused."""
     run = tmp_path / "run"
-    before = small_config_dict(small_data, run, sae={"d_sae": 32, "decoder_norm": "unit"},
+    before = small_config_dict(small_data, run, sae={"d_sae": 32, "decoder_norm": "free",
+                                                     "init_l0": None},
                                optim={"total_tokens": 256 * 8})
     (tmp_path / "before.yaml").write_text(yaml.safe_dump(before))
     assert cli.main(["train", str(tmp_path / "before.yaml"), "--no-progress"]) == 0
@@ -567,22 +569,23 @@ def test_a_run_from_before_auto_resumes_as_it_was_trained(small_data, tmp_path, 
     after = small_config_dict(small_data, run, sae={"d_sae": 32},
                               optim={"total_tokens": 256 * 16})
     after["sae"].pop("decoder_norm")
-    after["data"].pop("normalize")
+    after["data"].pop("normalize")  # (and init_l0 is not given)
     (tmp_path / "after.yaml").write_text(yaml.safe_dump(after))
     capsys.readouterr()
     assert cli.main(["train", str(tmp_path / "after.yaml"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert (f"{run}: resuming as its checkpoints were trained, with sae.decoder_norm: unit "
-            "(auto now gives free), data.normalize: none (auto now gives "
-            "unit_mean_squared_norm); set them in the config to choose") in out
+    assert (f"{run}: resuming as its checkpoints were trained, with sae.decoder_norm: free "
+            "(auto now gives unit), sae.init_l0: null (now auto), data.normalize: none (auto "
+            "now gives unit_mean_squared_norm); set them in the config to choose") in out
     assert f"resuming {run} from step 8" in out
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert (saved["sae"]["decoder_norm"], saved["data"]["normalize"]) == ("unit", "none")
+    assert (saved["sae"]["decoder_norm"], saved["sae"]["init_l0"],
+            saved["data"]["normalize"]) == ("free", None, "none")
 
     refused(["train", str(tmp_path / "after.yaml"), "--no-progress",
-             "sae.decoder_norm=free", "optim.total_tokens=6144"], capsys,
-            match="cannot resume with a changed sae.decoder_norm ('unit' in the checkpoint, "
-                  "'free' now)", unchanged=[run])
+             "sae.decoder_norm=unit", "optim.total_tokens=6144"], capsys,
+            match="cannot resume with a changed sae.decoder_norm ('free' in the checkpoint, "
+                  "'unit' now)", unchanged=[run])
     # a resume refused for another key says that alone (fault testing: the note came first)
     capsys.readouterr()
     assert cli.main(["train", str(tmp_path / "after.yaml"), "--no-progress",
@@ -608,8 +611,9 @@ def test_a_run_from_before_auto_resumes_as_it_was_trained(small_data, tmp_path, 
     with pytest.raises(JaxsaeError, match=re.escape(
             "cannot resume with a changed data.normalize ('none' in the checkpoint, "
             "'unit_mean_squared_norm' now: what auto gives since jaxsae 0.2.0), "
-            "sae.decoder_norm ('unit' in the checkpoint, 'free' now: what auto gives since "
-            "jaxsae 0.2.0)")):
+            "sae.decoder_norm ('free' in the checkpoint, 'unit' now: what auto gives since "
+            "jaxsae 0.3.0), sae.init_l0 (null in the checkpoint, 'auto' now: the default "
+            "since jaxsae 0.3.0)")):
         train(config_from_dict({**after, "optim": {**after["optim"], "total_tokens": 8192}}),
               progress=False, resume_as_trained=False)
 
@@ -669,12 +673,21 @@ def test_a_topk_run_from_before_auto_resumes_with_its_l1_term(small_data, tmp_pa
 def test_a_refused_resume_names_what_auto_gives():
     """(where the run's config.yaml cannot tell what the checkpoints were trained with)"""
     from jaxsae.checkpoint import check_resume_compatible
+    from jaxsae.config import UNIT_ROW_L1
 
-    saved = load_config(None, ["data.path=d", "sae.decoder_norm=unit"])
+    saved = load_config(None, ["data.path=d", "sae.decoder_norm=free"])
     with pytest.raises(Exception, match=re.escape(
-            "cannot resume with a changed sae.decoder_norm ('unit' in the checkpoint, 'free' "
-            "now: what auto gives since jaxsae 0.2.0); restore it")):
+            "cannot resume with a changed sae.decoder_norm ('free' in the checkpoint, 'unit' "
+            "now: what auto gives since jaxsae 0.3.0), loss.1.coefficient (5.0 in the "
+            f"checkpoint, {UNIT_ROW_L1} now: what auto gives since jaxsae 0.3.0); restore")):
         check_resume_compatible(saved, load_config(None, ["data.path=d"]), Path("run"))
+    # a checkpoint saved before sae.init_l0 existed started from a bias of 0: read as null
+    from jaxsae.checkpoint import _as_started
+
+    tree = saved.to_dict()
+    del tree["sae"]["init_l0"]
+    assert _as_started(tree)["sae"]["init_l0"] is None and "init_l0" not in tree["sae"]
+    assert _as_started(saved.to_dict()) == saved.to_dict()
 
 
 def test_a_run_with_auto_ramps_is_extended_on_resume(small_data, tmp_path, capsys):
