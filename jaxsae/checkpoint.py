@@ -38,9 +38,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxsae.config import (
-    AUTO_SINCE,
     CheckpointConfig,
     Config,
+    auto_since,
     changes_of,
     config_from_dict,
     is_mutable_on_resume,
@@ -571,8 +571,9 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
                          if key == d or key.startswith(d + ".")), None)
             if root is None:
                 return " now"
-            return (f" now: the default since {AUTO_SINCE[root]}" if value == "auto"
-                    else f" now: what auto gives since {AUTO_SINCE[root]}")
+            since = auto_since(root, current.sae.activation)
+            return (f" now: the default since {since}" if value == "auto"
+                    else f" now: what auto gives since {since}")
 
         def unset(key: str, value: Any) -> Any:  # (a term's ramp of 0 is not written: it
             # read "null now", fault testing)

@@ -140,12 +140,21 @@ RAW_SCALE_ACTIVATIONS = ("matching_pursuit",)
 unit_mean_squared_norm."""
 AUTO_SINCE = {"sae.decoder_norm": "jaxsae 0.3.0", "sae.init_l0": "jaxsae 0.3.0",
               "loss": "jaxsae 0.3.0", "data.normalize": "jaxsae 0.2.0"}
-"""When what `auto` gives last changed, by key. Before 0.2.0 sae.decoder_norm and
-data.normalize had no `auto` (they defaulted to unit and none) and a config without `loss`
-got mse + L1 from the first step whatever its activation; 0.2.0 gave relu free decoder rows
-and the L1 a ramp; 0.3.0 gives relu unit rows started by `sae.init_l0: auto`, and the L1 of
-a config without `loss` the coefficient for unit rows. A run resumed from before keeps what
-it was trained with (`Config.defaulted`)."""
+"""When what `auto` gives last changed, by key (a ReLU's: `auto_since`). Before 0.2.0
+sae.decoder_norm and data.normalize had no `auto` (they defaulted to unit and none) and a
+config without `loss` got mse + L1 from the first step whatever its activation; 0.2.0 gave
+relu free decoder rows and the L1 a ramp; 0.3.0 gives relu unit rows started by
+`sae.init_l0: auto`, and the L1 of a config without `loss` the coefficient for unit rows. A
+run resumed from before keeps what it was trained with (`Config.defaulted`)."""
+
+
+def auto_since(key: str, activation: str) -> str:
+    """When what `auto` gives `key` last changed for this activation (0.3.0 changed a ReLU's
+    rows and L1 alone; a review found other activations' refusals naming it)."""
+    if activation != "relu" and key in ("sae.decoder_norm", "loss"):
+        return "jaxsae 0.2.0"
+    return AUTO_SINCE[key]
+
 
 # `auto` sizes: a 30-second smoke test and a 1B-token job both get sensible values.
 AUTO_LANES = 8
@@ -707,9 +716,10 @@ class Config:
 
     @property
     def defaulted(self) -> tuple[str, ...]:
-        """The keys this config left to `auto` (given no value, or `auto`), now resolved;
-        empty for a config made from another (`dataclasses.replace`) or read back from a
-        run, whose values are all resolved."""
+        """The keys this config left to `auto` (given no value, or `auto`), now resolved
+        (`sae.init_l0` stays `auto`); empty for a config made from another
+        (`dataclasses.replace`), and for one read back from a run all but `sae.init_l0`, whose
+        other values are resolved."""
         return getattr(self, "_from_auto", ())
 
     @property
@@ -757,10 +767,12 @@ class Config:
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # (optim.kernels changes only the order of float additions: a run may resume on another
-# kind of machine.)
+# kind of machine. sae.init_l0 sets the first step alone: a resumed run keeps its start's,
+# `train._as_checkpointed`.)
 MUTABLE_ON_RESUME = ("name", "run_dir", "distributed", "data.path", "data.target",
                      "data.generate", "data.check_finite", "log", "checkpoint",
-                     "optim.total_tokens", "optim.skip_nonfinite", "optim.kernels", "sweep_chunk")
+                     "optim.total_tokens", "optim.skip_nonfinite", "optim.kernels", "sweep_chunk",
+                     "sae.init_l0")
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

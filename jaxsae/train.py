@@ -77,7 +77,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
           hooks: Sequence[LoopHook] = (), resume_as_trained: bool = True) -> RunResult:
     """Trains (or resumes) the run `cfg` describes and returns where its results are.
     `resume_as_trained`: keys `cfg` leaves to `auto` take the values the run's checkpoints
-    were trained with (`_as_checkpointed`); False: they are compared as if set.
+    were trained with (`_as_checkpointed`); False: they are compared as if set (`sae.init_l0`
+    is the start's either way).
     `make_loader`: builds the batch loader from `Loader`'s arguments (tests wrap it to see or
     cut the stream of batches). `hooks`: told every step, logged metrics and checkpoint, after
     metrics.jsonl and the progress display (see `jaxsae.hooks.LoopHook`)."""
@@ -107,13 +108,11 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     lock, remade = _lock_run_dir(run_dir, is_main, log, make)
     created = remade or created
     try:
-        note = None
-        if resume_as_trained:
-            cfg, note = _as_checkpointed(cfg, run_dir)
-            if launch:  # (each process read the same checkpoint; checked as at the start)
-                _agree_on_config(cfg)
+        cfg, notes = _as_checkpointed(cfg, run_dir, defaulted=resume_as_trained)
+        if launch:  # (each process read the same checkpoint; checked as at the start)
+            _agree_on_config(cfg)
         return _train_locked(cfg, run_dir, progress=progress, log=log, make_loader=make_loader,
-                             hooks=hooks, notes=[note] if note else [])
+                             hooks=hooks, notes=notes)
     finally:
         _remove_if_unused(run_dir, created, lock)
         # (a lock file this call made goes with it: a refused start leaves a run as it was)
@@ -124,15 +123,18 @@ def _silent(message: str) -> None:
     pass
 
 
-def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
-    """A run resumed with keys left to `auto` (`Config.defaulted`) keeps the values its
-    newest readable checkpoint was trained with where `auto` now gives others (a run started
-    before `auto`, whose defaults were decoder_norm unit and normalize none, resumes as it was
-    trained instead of being refused); with the note that says so, for once the restore goes
-    ahead. A key the config sets is compared as before (`check_resume_compatible`)."""
+def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
+                     ) -> tuple[Config, list[str]]:
+    """A resumed run keeps how it started: `sae.init_l0` as its newest readable checkpoint
+    has it (it sets the first step alone, so a resume neither changes nor compares it; a
+    value the config sets otherwise is said). With `defaulted`, keys left to `auto`
+    (`Config.defaulted`) keep the values the checkpoint was trained with where `auto` now
+    gives others (a run started under older defaults resumes as it was trained instead of
+    being refused); with the note that says so, for once the restore goes ahead. A key the
+    config sets is compared as before (`check_resume_compatible`)."""
     directory = run_dir / "checkpoints"
-    if not cfg.defaulted or not directory.is_dir():
-        return cfg, None
+    if not directory.is_dir():
+        return cfg, []
     trained = None
     try:  # (what cannot be read here, the restore reads and reports after)
         ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
@@ -146,22 +148,29 @@ def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
     except Exception:  # (orbax raises many types for damaged directories)
         trained = None
     if trained is None:
-        return cfg, None
-    tree, saved, kept = cfg.to_dict(), trained.to_dict(), []
+        return cfg, []
+    tree, saved, kept, notes = cfg.to_dict(), trained.to_dict(), [], []
+    started = saved["sae"]["init_l0"]
+    if tree["sae"]["init_l0"] != started:  # (a review: refused, though nothing would differ)
+        if "sae.init_l0" not in cfg.defaulted:
+            notes.append(f"{run_dir}: sae.init_l0 {_brief(tree['sae']['init_l0'])} sets a "
+                         f"start, and the run started with {_brief(started)}: kept")
+        tree["sae"]["init_l0"] = started
     # (loss terms' `auto` ramps compared at the checkpoint's length, as the restore does)
     steps = trained.optim.total_steps
     as_run = [c.ramped_for(steps).to_dict() for c in (cfg, trained)]
-    for key in cfg.defaulted:  # (`sae.decoder_norm`, `data.normalize`, `loss`)
+    for key in [k for k in cfg.defaulted if k != "sae.init_l0"]:
+        # (`sae.decoder_norm`, `data.normalize`, `loss`; kept only with `defaulted`)
         *section, name = key.split(".")
         mine, theirs, now, then = ((t[section[0]] for t in (tree, saved, *as_run)) if section
                                    else (tree, saved, *as_run))
-        if now[name] != then[name]:
-            kept.append(f"{key}: {_brief(theirs[name])} (" + (
-                "now auto" if mine[name] == "auto" else f"auto now gives {_brief(mine[name])}")
-                + ")")
+        if defaulted and now[name] != then[name]:
+            kept.append(f"{key}: {_brief(theirs[name])} (auto now gives {_brief(mine[name])})")
             mine[name] = theirs[name]
-    if not kept:
-        return cfg, None
+        else:  # (still auto: resolved again, and known to be)
+            mine[name] = None if key == "loss" else "auto"
+    if not kept and tree["sae"]["init_l0"] == cfg.sae.init_l0:
+        return cfg, []
     for key in cfg.follows:  # (still auto: derived again, and known to be)
         section, _, name = key.partition(".")
         tree[section][name] = "auto"
@@ -169,10 +178,12 @@ def _as_checkpointed(cfg: Config, run_dir: Path) -> tuple[Config, str | None]:
         resumed = config_from_dict(tree)
         check_run(resumed)
     except JaxsaeError:  # (the restore's comparison says what differs)
-        return cfg, None
-    return resumed, (f"{run_dir}: resuming as its checkpoints were trained, with "
+        return cfg, []
+    if kept:
+        notes.append(f"{run_dir}: resuming as its checkpoints were trained, with "
                      + ", ".join(kept)
                      + f"; set {'them' if len(kept) > 1 else 'it'} in the config to choose")
+    return resumed, notes
 
 
 def _brief(value: Any) -> str:

@@ -575,8 +575,9 @@ def test_a_run_from_before_auto_resumes_as_it_was_trained(small_data, tmp_path, 
     assert cli.main(["train", str(tmp_path / "after.yaml"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert (f"{run}: resuming as its checkpoints were trained, with sae.decoder_norm: free "
-            "(auto now gives unit), sae.init_l0: null (now auto), data.normalize: none (auto "
-            "now gives unit_mean_squared_norm); set them in the config to choose") in out
+            "(auto now gives unit), data.normalize: none (auto now gives "
+            "unit_mean_squared_norm); set them in the config to choose") in out
+    assert "init_l0" not in out  # (the start's, kept without a word: it sets step 0 alone)
     assert f"resuming {run} from step 8" in out
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert (saved["sae"]["decoder_norm"], saved["sae"]["init_l0"],
@@ -612,8 +613,7 @@ def test_a_run_from_before_auto_resumes_as_it_was_trained(small_data, tmp_path, 
             "cannot resume with a changed data.normalize ('none' in the checkpoint, "
             "'unit_mean_squared_norm' now: what auto gives since jaxsae 0.2.0), "
             "sae.decoder_norm ('free' in the checkpoint, 'unit' now: what auto gives since "
-            "jaxsae 0.3.0), sae.init_l0 (null in the checkpoint, 'auto' now: the default "
-            "since jaxsae 0.3.0)")):
+            "jaxsae 0.3.0); restore them")):
         train(config_from_dict({**after, "optim": {**after["optim"], "total_tokens": 8192}}),
               progress=False, resume_as_trained=False)
 
@@ -670,6 +670,40 @@ def test_a_topk_run_from_before_auto_resumes_with_its_l1_term(small_data, tmp_pa
             ) in capsys.readouterr().out
 
 
+def test_a_resume_keeps_the_start_it_had(small_data, tmp_path, capsys):
+    """`sae.init_l0` sets the first step alone: a resume keeps the checkpoint's (in config.yaml
+    too) and is never refused for it (a review: a topk run resumed with init_l0 null, and a
+    bench's arms trained before 0.3.0, were refused though nothing would differ); a value the
+    config sets otherwise is said."""
+    from jaxsae.config import config_from_dict
+    from jaxsae.train import train
+
+    run = tmp_path / "run"
+    tree = small_config_dict(small_data, run, sae={"d_sae": 32, "activation": "topk", "k": 4,
+                                                   "decoder_norm": "unit", "init_l0": None},
+                             loss=[{"term": "mse"}], optim={"total_tokens": 256 * 8})
+    train(config_from_dict(tree), progress=False)
+    longer = {**tree, "optim": {**tree["optim"], "total_tokens": 256 * 12}}
+    longer["sae"] = {k: v for k, v in tree["sae"].items() if k != "init_l0"}  # (auto)
+    said = []
+    # (as a bench resumes its arms: keys left to auto compared as if set)
+    assert train(config_from_dict(longer), progress=False, log=said.append,
+                 resume_as_trained=False).step == 12
+    assert not any("init_l0" in line for line in said), said
+    assert yaml.safe_load((run / "config.yaml").read_text())["sae"]["init_l0"] is None
+    relu = small_config_dict(small_data, tmp_path / "relu", sae={"d_sae": 32},
+                             optim={"total_tokens": 256 * 8})
+    train(config_from_dict(relu), progress=False)
+    relu["sae"]["init_l0"] = 5
+    relu["optim"]["total_tokens"] = 256 * 12
+    said = []
+    assert train(config_from_dict(relu), progress=False, log=said.append).step == 12
+    assert (f"{tmp_path / 'relu'}: sae.init_l0 5 sets a start, and the run started with auto: "
+            "kept") in said
+    assert yaml.safe_load((tmp_path / "relu" / "config.yaml").read_text())["sae"][
+        "init_l0"] == "auto"
+
+
 def test_a_refused_resume_names_what_auto_gives():
     """(where the run's config.yaml cannot tell what the checkpoints were trained with)"""
     from jaxsae.checkpoint import check_resume_compatible
@@ -681,6 +715,15 @@ def test_a_refused_resume_names_what_auto_gives():
             "now: what auto gives since jaxsae 0.3.0), loss.1.coefficient (5.0 in the "
             f"checkpoint, {UNIT_ROW_L1} now: what auto gives since jaxsae 0.3.0); restore")):
         check_resume_compatible(saved, load_config(None, ["data.path=d"]), Path("run"))
+    # another activation's default rows and loss have not changed since 0.2.0 (a review)
+    saved = load_config(None, ["data.path=d", "sae.activation=jumprelu",
+                               "sae.decoder_norm=unit"])
+    with pytest.raises(Exception, match=re.escape(
+            "sae.decoder_norm ('unit' in the checkpoint, 'free' now: what auto gives since "
+            "jaxsae 0.2.0)")):
+        check_resume_compatible(saved, load_config(None, ["data.path=d",
+                                                          "sae.activation=jumprelu"]),
+                                Path("run"))
     # a checkpoint saved before sae.init_l0 existed started from a bias of 0: read as null
     from jaxsae.checkpoint import _as_started
 
