@@ -805,9 +805,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if norm == "auto":
             norm = "unit" if activation in UNIT_ROW_ACTIVATIONS else "free"
         tree["loss"] = [t.to_dict() for t in default_loss(activation, str(norm))]
+        edited = f"the default terms for {norm} decoder rows, edited"
+    else:
+        edited = None
     for assignment in terms:
         apply_override(tree, assignment, seen)
-    return from_dict(Config, tree)
+    cfg = from_dict(Config, tree)
+    if edited:  # (for a refused resume to say where its values came from: a review)
+        object.__setattr__(cfg, "_loss_from", edited)
+    return cfg
 
 
 def _override_sweep(tree: dict[str, Any], assignment: str) -> tuple[str, Any]:

@@ -715,6 +715,14 @@ def test_a_refused_resume_names_what_auto_gives():
             "now: what auto gives since jaxsae 0.3.0), loss.1.coefficient (5.0 in the "
             f"checkpoint, {UNIT_ROW_L1} now: what auto gives since jaxsae 0.3.0); restore")):
         check_resume_compatible(saved, load_config(None, ["data.path=d"]), Path("run"))
+    # an override editing the default terms: where their coefficient came from (a review:
+    # "2.0 now", which nobody wrote)
+    with pytest.raises(Exception, match=re.escape(
+            f"loss.1.coefficient (5.0 in the checkpoint, {UNIT_ROW_L1} now: the default terms "
+            "for unit decoder rows, edited)")):
+        check_resume_compatible(saved, load_config(None, ["data.path=d",
+                                                          "loss.l1.warmup_steps=0"]),
+                                Path("run"))
     # another activation's default rows and loss have not changed since 0.2.0 (a review)
     saved = load_config(None, ["data.path=d", "sae.activation=jumprelu",
                                "sae.decoder_norm=unit"])
