@@ -660,8 +660,9 @@ def _logged_past_a_checkpoint(member: Path) -> int | None:
         return None
     last = None
     for line in reversed(lines):
-        with contextlib.suppress(ValueError, AttributeError):
-            last = int(json.loads(line).get("step"))
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # (a line of
+            # some other making: skipped)
+            last = int(json.loads(line)["step"])
             break
     if last is None:
         return None

@@ -418,6 +418,8 @@ def test_a_restart_removes_the_saes_an_earlier_larger_start_left(small_data, tmp
     kept = tmp_path / "kept"
     train_until_crash(small_config(small_data, kept, sweep={"seed": [1, 2, 3]}), at_batch=13)
     (kept / "checkpoints").rename(tmp_path / "moved")
+    with open(kept / "sweep" / "02" / "metrics.jsonl", "a") as f:
+        f.write('{"note": "a line of some other making"}\n[1, 2]\n')  # (skipped)
     history = (kept / "sweep" / "02" / "metrics.jsonl").read_text()
     with pytest.raises(JaxsaeError, match=re.escape(
             f"{kept / 'sweep' / '02'}: not an SAE of this run, and its metrics.jsonl logged "
