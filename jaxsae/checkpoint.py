@@ -570,7 +570,7 @@ def check_resume_compatible(saved: Config, current: Config, where: Path) -> None
             root = next((d for d in current.defaulted
                          if key == d or key.startswith(d + ".")), None)
             if root is None:
-                made = getattr(current, "_loss_from", None) if key.startswith("loss.") else None
+                made = current.loss_made_from if key.startswith("loss.") else None
                 return f" now: {made}" if made else " now"
             since = auto_since(root, current.sae.activation)
             return (f" now: the default since {since}" if value == "auto"

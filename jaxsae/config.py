@@ -723,6 +723,12 @@ class Config:
         return getattr(self, "_from_auto", ())
 
     @property
+    def loss_made_from(self) -> str | None:
+        """Where `load_config` took loss terms that overrides edited without giving a `loss`
+        (the default terms for the rows it resolved), for a refused resume to say; else None."""
+        return getattr(self, "_loss_from", None)
+
+    @property
     def follows(self) -> dict[str, str]:
         """Keys this config left to `auto` whose value is derived from another key's
         (`data.lanes` from `optim.batch_size`), each with that key."""
