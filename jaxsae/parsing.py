@@ -71,7 +71,7 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
                 return parse_value(arg, value, key)
             except ConfigError as e:
                 errors.append(e)
-        raise _union_error(options, value, key, errors)
+        raise _union_error(options, value, key, errors, nullable=type(None) in args)
     if origin is Literal:
         if isinstance(value, bool) and not any(isinstance(arg, bool) for arg in args):
             # YAML reads a bare on / off (yes / no) as a boolean: take the word it was
@@ -127,13 +127,17 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"config type {tp!r} at {key} is not supported by the parser")
 
 
-def _union_error(options: list, value: Any, key: str, errors: list[ConfigError]) -> ConfigError:
+def _union_error(options: list, value: Any, key: str, errors: list[ConfigError], *,
+                 nullable: bool = False) -> ConfigError:
     words = [str(w) for arg in options if typing.get_origin(arg) is Literal
              for w in typing.get_args(arg)]
     others = [arg for arg in options if typing.get_origin(arg) is not Literal]
     if words and others:
+        words += ["null"] if nullable else []  # (fault testing: `sae.init_l0: 1.5` was told
+        # "an integer or auto", leaving out the null that turns it off)
         kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-        what = " or ".join([kinds.get(others[0], str(others[0])), *words])
+        items = [kinds.get(others[0], str(others[0])), *words]
+        what = " or ".join([", ".join(items[:-1]), items[-1]])
         return ConfigError(f"{key}: expected {what}, got {shown(value)}")
     return errors[-1] if len(errors) == 1 or not words else errors[0]
 

@@ -315,6 +315,9 @@ def raises_naming(*fragments: str):
                                "as a date: quote it)",)),
         (["name=yes"], ("name: expected a string, got true (YAML reads yes, no, on, off as "
                         "true or false: quote it)",)),
+        # a choice that null turns off names null too (fault testing: "an integer or auto")
+        (["sae.init_l0=1.5"], ("sae.init_l0: expected an integer, auto or null, got 1.5",)),
+        (["data.lanes=1.5"], ("data.lanes: expected an integer or auto, got 1.5",)),
     ],
 )
 def test_errors_name_the_key(preset, overrides, fragments):
