@@ -187,7 +187,8 @@ class SAEConfig:
     penalties weight each code by its row's norm). `auto` (resolved when the config is read):
     unit for `relu` (started by `init_l0: auto`), `topk`, `batchtopk` and `matching_pursuit`
     (sparsify's recipe; matching pursuit compares correlations), free for the others
-    (SAELens's standard recipe)."""
+    (SAELens's standard recipe); a run from `init_from` whose decoder rows cannot be made unit
+    (of several lengths) keeps them free (`train._rows_of_start`)."""
     init_decoder_norm: float = 0.1
     """Decoder row norm at initialisation when `decoder_norm: free` (`unit` starts at 1)."""
     init_l0: int | Literal["auto"] | None = "auto"

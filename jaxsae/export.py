@@ -310,8 +310,7 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
         params["W_enc"] = p["W_enc"] / scale
     if sae_cfg.decoder_norm == "unit" and not sae.unit_rows(params["W_dec"], loaded.stored_dtype):
         norms = np.linalg.norm(params["W_dec"].astype(np.float64), axis=1)
-        if not (_rescalable(params) and norms.min() > 0
-                and norms.max() <= norms.min() * (1 + 1e-3)):
+        if not _rows_made_unit(params, norms):
             raise ConfigError(f"init_from: {path} has decoder rows of norm "
                               f"{norms.min():.3g}..{norms.max():.3g}; use "
                               "sae.decoder_norm: free (unit would rescale them)")
@@ -335,6 +334,28 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
                 "decoder's transpose); sae.tied: true starts from the decoder alone, and the "
                 "encoder is its transpose")
     return {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
+
+
+def start_rows(path: str | Path, sae_cfg: SAEConfig) -> str | None:
+    """What the decoder rows of the `init_from` SAE at `path` are to a run of `sae_cfg`: None
+    when unit rows can start from them (unit, or all of one length that the codes can absorb),
+    else their norms' range as text (`sae.decoder_norm: auto` then keeps them free)."""
+    check_init_from(path, sae_cfg)
+    loaded = load_sae(path)
+    kind = activations.get(sae_cfg.activation)
+    params = {name: loaded.params[name] for name in kind.own_param_names(sae_cfg)}
+    params["W_dec"] = loaded.params["W_dec"]
+    if sae.unit_rows(params["W_dec"], loaded.stored_dtype):
+        return None
+    norms = np.linalg.norm(params["W_dec"].astype(np.float64), axis=1)
+    return None if _rows_made_unit(params, norms) else f"{norms.min():.3g}..{norms.max():.3g}"
+
+
+def _rows_made_unit(params: dict[str, np.ndarray], norms: np.ndarray) -> bool:
+    """Whether decoder rows of these `norms`, all of one length, can be made unit with the
+    codes scaled to match (the function unchanged)."""
+    return bool(_rescalable(params) and norms.min() > 0
+                and norms.max() <= norms.min() * (1 + 1e-3))
 
 
 def _rescalable(params: dict[str, np.ndarray]) -> bool:

@@ -131,10 +131,12 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
     (`Config.defaulted`) keep the values the checkpoint was trained with where `auto` now
     gives others (a run started under older defaults resumes as it was trained instead of
     being refused); with the note that says so, for once the restore goes ahead. A key the
-    config sets is compared as before (`check_resume_compatible`)."""
+    config sets is compared as before (`check_resume_compatible`). First, while the
+    `init_from` SAE is there, what `_rows_of_start` makes of the config."""
+    cfg, notes = _rows_of_start(cfg)
     directory = run_dir / "checkpoints"
     if not directory.is_dir():
-        return cfg, []
+        return cfg, notes
     trained = None
     try:  # (what cannot be read here, the restore reads and reports after)
         ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
@@ -148,8 +150,8 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
     except Exception:  # (orbax raises many types for damaged directories)
         trained = None
     if trained is None:
-        return cfg, []
-    tree, saved, kept, notes = cfg.to_dict(), trained.to_dict(), [], []
+        return cfg, notes
+    tree, saved, kept = cfg.to_dict(), trained.to_dict(), []
     started = saved["sae"]["init_l0"]
     if tree["sae"]["init_l0"] != started:  # (a review: refused, though nothing would differ)
         if "sae.init_l0" not in cfg.defaulted:
@@ -170,7 +172,7 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
         else:  # (still auto: resolved again, and known to be)
             mine[name] = None if key == "loss" else "auto"
     if not kept and tree["sae"]["init_l0"] == cfg.sae.init_l0:
-        return cfg, []
+        return cfg, notes
     for key in cfg.follows:  # (still auto: derived again, and known to be)
         section, _, name = key.partition(".")
         tree[section][name] = "auto"
@@ -178,12 +180,45 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
         resumed = config_from_dict(tree)
         check_run(resumed)
     except JaxsaeError:  # (the restore's comparison says what differs)
-        return cfg, []
+        return cfg, notes
     if kept:
         notes.append(f"{run_dir}: resuming as its checkpoints were trained, with "
                      + ", ".join(kept)
                      + f"; set {'them' if len(kept) > 1 else 'it'} in the config to choose")
     return resumed, notes
+
+
+def _rows_of_start(cfg: Config) -> tuple[Config, list[str]]:
+    """A run from `init_from` with `sae.decoder_norm` left to auto keeps the start's
+    decoder rows free when they cannot be made unit (rows of several lengths: a SAELens
+    standard SAE), with the L1 for free rows when the config gives no `loss`, and a note that
+    says so. (Since 0.3.0 auto gives a ReLU unit rows, which refused such a start.)"""
+    if (cfg.init_from is None or "sae.decoder_norm" not in cfg.defaulted
+            or cfg.sae.decoder_norm != "unit" or cfg.sae.transcoder):
+        return cfg, []
+    try:
+        norms = export.start_rows(cfg.init_from, cfg.sae)
+    except JaxsaeError:  # (the start's own checks say it where the start is read)
+        return cfg, []
+    if norms is None:
+        return cfg, []
+    tree = cfg.to_dict()
+    tree["sae"]["decoder_norm"] = "free"
+    for key in cfg.defaulted:  # (the others left to auto stay so)
+        *section, name = key.split(".")
+        if key == "loss":
+            tree["loss"] = None
+        elif key != "sae.decoder_norm":
+            (tree[section[0]] if section else tree)[name] = "auto"
+    for key in cfg.follows:
+        section, _, name = key.partition(".")
+        tree[section][name] = "auto"
+    started = config_from_dict(tree)
+    terms = _brief(started.to_dict()["loss"])
+    loss = f", with the loss for free rows {terms}" if "loss" in cfg.defaulted else ""
+    return started, [f"init_from: {cfg.init_from} has decoder rows of norm {norms}: "
+                     f"sae.decoder_norm auto keeps them free{loss}; set sae.decoder_norm to "
+                     "choose"]
 
 
 def _brief(value: Any) -> str:

@@ -619,6 +619,48 @@ def test_freeze_leaves_those_parameters_as_they_were(small_data, tmp_path):
                                     "freeze": ["W_enc"]}))
 
 
+def test_init_from_free_rows_with_decoder_norm_auto_keeps_them_free(small_data, tmp_path):
+    """`sae.decoder_norm: auto` takes a start's rows as they are when they cannot be made unit
+    (since 0.3.0 auto gives a ReLU unit rows, which refused a SAELens standard SAE as a start):
+    free rows, the L1 for free rows when no `loss` is given, said once; the config says so, a
+    resume keeps it without a note of older defaults; unit set by hand is still refused, and a
+    unit-rows start under auto stays unit."""
+    train_mod.train(small_config(small_data, tmp_path / "free"), progress=False)
+    start = str(tmp_path / "free" / "sae")
+    norms = np.linalg.norm(load_sae(start).params["W_dec"], axis=1)
+    assert norms.max() > norms.min() * 1.01  # rows of several lengths: not unit-able
+    tree = small_config_dict(small_data, tmp_path / "tune", init_from=start)
+    del tree["loss"], tree["sae"]["decoder_norm"]
+    said = []
+    result = train_mod.train(config_from_dict(tree), progress=False, log=said.append)
+    notes = [line for line in said if "sae.decoder_norm auto keeps them free" in line]
+    assert len(notes) == 1 and "the loss for free rows [mse, l1 5" in notes[0], said
+    written = load_config(result.run_dir / "config.yaml")
+    assert written.sae.decoder_norm == "free"
+    assert [(t.term, t.coefficient) for t in written.loss] == [("mse", 1.0), ("l1", 5.0)]
+    # resumed (longer) under the same config: no "auto now gives" note, nothing refused
+    said.clear()
+    longer = {**tree, "optim": {**tree["optim"], "total_tokens": 256 * 32}}
+    train_mod.train(config_from_dict(longer), progress=False, log=said.append)
+    assert any("resuming" in line for line in said), said
+    assert not any("auto now gives" in line for line in said), said
+    # unit set by hand: refused, naming the start's rows
+    unit = {**tree, "run_dir": str(tmp_path / "unit"), "sae": {**tree["sae"],
+                                                               "decoder_norm": "unit"}}
+    with pytest.raises(JaxsaeError, match="init_from: .* decoder rows of norm"):
+        train_mod.train(config_from_dict(unit), progress=False)
+    assert not (tmp_path / "unit").exists()
+    # a start with unit rows: auto stays unit, without a note
+    train_mod.train(small_config(small_data, tmp_path / "u", sae={"decoder_norm": "unit"}),
+                    progress=False)
+    said.clear()
+    again = {**tree, "run_dir": str(tmp_path / "from-unit"), "init_from": str(tmp_path / "u"
+                                                                              / "sae")}
+    result = train_mod.train(config_from_dict(again), progress=False, log=said.append)
+    assert load_config(result.run_dir / "config.yaml").sae.decoder_norm == "unit"
+    assert not any("keeps them free" in line for line in said), said
+
+
 def test_threshold_lr_scale_scales_the_thresholds_updates_alone(small_data, tmp_path):
     """optim.threshold_lr_scale: the same gradients give the thresholds s times the update of
     s = 1 and every other parameter the same update; the default keeps the optimiser state's
