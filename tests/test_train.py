@@ -647,7 +647,7 @@ def test_init_from_free_rows_with_decoder_norm_auto_keeps_them_free(small_data, 
     # unit set by hand: refused, naming the start's rows
     unit = {**tree, "run_dir": str(tmp_path / "unit"), "sae": {**tree["sae"],
                                                                "decoder_norm": "unit"}}
-    with pytest.raises(JaxsaeError, match="init_from: .* decoder rows of norm"):
+    with pytest.raises(JaxsaeError, match=r"init_from: .* decoder rows of norm"):
         train_mod.train(config_from_dict(unit), progress=False)
     assert not (tmp_path / "unit").exists()
     # a start with unit rows: auto stays unit, without a note
