@@ -13,6 +13,7 @@ from jaxsae import cli, evaluate
 from jaxsae.analysis import stitch
 from jaxsae.config import SAEConfig
 from jaxsae.data.shards import ShardSet
+from jaxsae.errors import JaxsaeError
 from jaxsae.export import export_sae, load_sae
 
 D = 16
@@ -247,3 +248,19 @@ def test_compare_with_no_pair_above_the_threshold(small_data, tmp_path):
     rows = read_csv(tmp_path / "out" / "stitch.csv")
     assert len(rows) == 10 and all(r["kind"] == "novel" for r in rows)
     assert summary["components_lower_mse"] == 0
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the cosines)
+def test_compare_refuses_sums_past_float32s_range(small_data, tmp_path):
+    """Squared errors past float32's range (a reconstruction 1e20 too large) are refused in
+    one line, nothing written (fault testing: the changes read inf and nan in stitch.csv)."""
+    rng = np.random.default_rng(5)
+    small = random_sae(tmp_path / "small", 6, rng)
+    random_sae(tmp_path / "large", 10, rng)
+    export_sae({**small.params, "W_dec": small.params["W_dec"] * np.float32(1e20)},
+               SAEConfig(d_sae=6, activation="relu", decoder_norm="free"), tmp_path / "huge")
+    with pytest.raises(JaxsaeError, match=r"block sums sse.* pass float32's range .* largest "
+                                          r"token norm"):
+        stitch.compare(str(tmp_path / "huge"), str(tmp_path / "large"), str(small_data),
+                       tmp_path / "out", tokens=1000, progress=False)
+    assert not (tmp_path / "out").exists()

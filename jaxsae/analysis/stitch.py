@@ -252,7 +252,7 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
                            for b in buckets)
 
     sums: dict[str, Any] = {}
-    n = 0
+    n, peak = 0, 0.0
     small_p = jax.tree.map(jnp.asarray, small.params)
     large_p = jax.tree.map(jnp.asarray, large.params)
     bar = Progress(window.tokens, unit="tok", unit_scale=True, enabled=progress,
@@ -263,7 +263,14 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
         for k, v in s.items():
             sums[k] = np.asarray(v, np.float64) + sums.get(k, 0)
         n += len(x)
+        peak = max(peak, float(np.max(np.linalg.norm(np.asarray(x, np.float64), axis=1))))
     bar.close()
+    overflowed = [k for k, v in sums.items() if not np.all(np.isfinite(v))]
+    if overflowed:  # (fault testing: tokens of norm ~1e19 gave inf and nan changes, written)
+        raise JaxsaeError(
+            f"{data}: the block sums {', '.join(overflowed)} pass float32's range (3.4e38; the "
+            f"largest token norm read is {peak:.3g}): the tokens or the SAEs' decoders are too "
+            f"large to compare in float32; nothing was written to {out}")
 
     norms_sq = np.sum(large.params["W_dec"].astype(np.float64) ** 2, 1)
     delta = _beyond_rounding(sums["f2_large"] * norms_sq - 2 * sums["cross_large"],
