@@ -42,16 +42,21 @@ class RunLock:
         self.created = False
         """Whether this lock's acquire created the file (its holder then deletes it when it
         lets go, `discard`: a run, finished or refused, keeps no `.lock` it did not have)."""
+        self._times: tuple[os.stat_result, int] | None = None
+        # (the directory's times before the file was made, and its mtime just after: `discard`)
 
     def _open(self) -> tuple[int, bool]:
         """The lock file and whether this process got its lock (else another holds it), its
         creation noted in `created`; retried while the path no longer names the file locked
         (its holder deleted it meanwhile: `discard`)."""
         while True:
+            before = _stat(self.path.parent)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                              0o666)
                 self.created = True
+                after = _stat(self.path.parent)
+                self._times = (before, after.st_mtime_ns) if before and after else None
             except FileExistsError:
                 try:
                     fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
@@ -123,7 +128,16 @@ class RunLock:
             return
         with contextlib.suppress(FileNotFoundError):
             if _same_file(self._fd, self.path):
+                now = _stat(self.path.parent)
+                untouched = (self._times is not None and self.created and now is not None
+                             and now.st_mtime_ns == self._times[1])
                 self.path.unlink()
+                if untouched:  # nothing but the lock file came and went: the directory's
+                    # times as they were (fault testing: a refused command moved an existing
+                    # run to the top of `ls -t`)
+                    before = self._times[0]
+                    with contextlib.suppress(OSError):
+                        os.utime(self.path.parent, ns=(before.st_atime_ns, before.st_mtime_ns))
         self.release()
 
     def release(self) -> None:
@@ -156,6 +170,13 @@ def live_holder(directory: Path) -> str | None:
     finally:
         os.close(fd)  # (drops the shared lock, if it was taken)
     return None
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def snapshot(path: Path) -> dict[str, str]:
-    """Every file (content hash), directory and link under `path` (or `path` itself)."""
+    """Every file (content hash), directory (with its mtime: `ls -t` reads it) and link under
+    `path` (or `path` itself)."""
     path = Path(path)
     if path.is_symlink():
         return {"": f"link:{os.readlink(path)}"}
@@ -34,13 +35,13 @@ def snapshot(path: Path) -> dict[str, str]:
         return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
     if not path.exists():
         return {}
-    out = {"": "dir"}
+    out = {"": f"dir {path.stat().st_mtime_ns}"}
     for p in sorted(path.rglob("*")):
         key = str(p.relative_to(path))
         if p.is_symlink():
             out[key] = f"link:{os.readlink(p)}"
         elif p.is_dir():
-            out[key] = "dir"
+            out[key] = f"dir {p.stat().st_mtime_ns}"
         else:
             out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
