@@ -100,7 +100,7 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     # -- run directory: one process trains in it at a time ---------------------------------
     run_dir = outputs.canonical(cfg.resolved_run_dir)  # `..` resolved
 
-    def make() -> Path | None:
+    def make() -> _Made | None:
         return _make_run_dir(run_dir, member_dirs(cfg, run_dir), cfg.data.path,
                              cfg.data.target)
 
@@ -269,7 +269,7 @@ def _agree_on_data(cfg: Config, source, digest: str) -> None:
         f"data.path {cfg.data.path} holds other data there ({mine}; on process 0: {theirs})"))
 
 
-def _remove_if_unused(run_dir: Path, created: Path | None, lock: RunLock) -> None:
+def _remove_if_unused(run_dir: Path, created: _Made | None, lock: RunLock) -> None:
     """Removes the run directory this call created if it holds nothing but its lock (and
     empty directories: the checkpoints' before the first save), and the directories above it
     this call created (`created`, the topmost: runs/ for runs/NAME), if empty: the run stopped
@@ -286,8 +286,11 @@ def _remove_if_unused(run_dir: Path, created: Path | None, lock: RunLock) -> Non
             if directory.is_dir():
                 directory.rmdir()
         for directory in (run_dir, *run_dir.parents):
+            untouched = directory == created.top and created.parent_untouched()
             directory.rmdir()  # (one that is not empty stops it: OSError)
-            if directory == created:
+            if directory == created.top:
+                if untouched:
+                    created.restore_parent()
                 break
 
 
@@ -727,7 +730,7 @@ def _logged(path: Path) -> bool:
 
 
 def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None,
-                  target: str | None = None) -> Path | None:
+                  target: str | None = None) -> _Made | None:
     """Checks the run directory (and the SAE directories training will replace in it, `dirs`'
     sae/) and makes it; the topmost directory made here (the run directory, or one above it
     that did not exist either), None if it existed."""
@@ -737,8 +740,33 @@ def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None,
     _check_sae_dirs(run_dir, dirs)
     _check_finished_without_checkpoints(run_dir, dirs)
     missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    if not missing:
+        return None
+    top = missing[-1]
+    before = os.stat(top.parent)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return missing[-1] if missing else None
+    return _Made(top, before, os.stat(top.parent).st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class _Made:
+    """The topmost directory a start made, and the times of the directory it was made in:
+    before, and its mtime just after (a start that removes it again restores them when nothing
+    else changed there meanwhile; fault testing: a refused start moved `runs/` in `ls -t`)."""
+    top: Path
+    before: os.stat_result
+    after_ns: int
+
+    def parent_untouched(self) -> bool:
+        """Whether nothing but this directory was made in its parent since (by mtime)."""
+        try:
+            return os.stat(self.top.parent).st_mtime_ns == self.after_ns
+        except OSError:
+            return False
+
+    def restore_parent(self) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.top.parent, ns=(self.before.st_atime_ns, self.before.st_mtime_ns))
 
 
 def _check_run_dir(run_dir: Path, data: str | None = None) -> None:
@@ -855,7 +883,7 @@ def _check_sae_dirs(run_dir: Path, dirs: Sequence[Path]) -> None:
 
 
 def _lock_run_dir(run_dir: Path, is_main: bool, log: Callable[[str], None],
-                  make: Callable[[], Path | None]) -> tuple[RunLock, Path | None]:
+                  make: Callable[[], _Made | None]) -> tuple[RunLock, _Made | None]:
     """The run directory's lock, taken by process 0 for all processes of a run, and the
     topmost directory `make` (which checks and makes the run directory) made again if the
     directory was gone: a start refused at the same time (bad data, say) removes what it made

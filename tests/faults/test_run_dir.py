@@ -107,7 +107,7 @@ def test_a_refused_run_leaves_no_directory_it_made(small_data, tmp_path, capsys,
     tree["name"] = "fresh"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
     refused(["train", str(tmp_path / "c.yaml"), "--no-progress"], capsys,
-            match="does not exist", unchanged=[])
+            match="does not exist", unchanged=[tmp_path])  # (its mtime too: `ls -t`)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
