@@ -310,10 +310,12 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
         params["W_enc"] = p["W_enc"] / scale
     if sae_cfg.decoder_norm == "unit" and not sae.unit_rows(params["W_dec"], loaded.stored_dtype):
         norms = np.linalg.norm(params["W_dec"].astype(np.float64), axis=1)
-        if not _rows_made_unit(params, norms):
+        if not _rows_made_unit(params, norms, loaded.stored_dtype):
+            stored = np.linalg.norm(p["W_dec"].astype(np.float64), axis=1)  # (as the note of
+            # `decoder_norm: auto` says them, in the start's own units: fault testing)
             raise ConfigError(f"init_from: {path} has decoder rows of norm "
-                              f"{norms.min():.3g}..{norms.max():.3g}; use "
-                              "sae.decoder_norm: free (unit would rescale them)")
+                              f"{stored.min():.3g}..{stored.max():.3g}; "
+                              + _unit_refusal(sae_cfg))
         # rows all of one length r: an input scale folded in at another scale than this
         # data's (fault testing: an imported TopK SAE fine-tuned on other data was refused).
         # The same function with unit rows: codes r times larger, rows r times shorter.
@@ -338,8 +340,9 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
 
 def start_rows(path: str | Path, sae_cfg: SAEConfig) -> str | None:
     """What the decoder rows of the `init_from` SAE at `path` are to a run of `sae_cfg`: None
-    when unit rows can start from them (unit, or all of one length that the codes can absorb),
-    else their norms' range as text (`sae.decoder_norm: auto` then keeps them free)."""
+    when unit rows can start from them (unit, or all of one length, at any input scale, that
+    the codes can absorb), else their norms' range as text (`sae.decoder_norm: auto` then
+    keeps them free)."""
     check_init_from(path, sae_cfg)
     loaded = load_sae(path)
     kind = activations.get(sae_cfg.activation)
@@ -348,14 +351,32 @@ def start_rows(path: str | Path, sae_cfg: SAEConfig) -> str | None:
     if sae.unit_rows(params["W_dec"], loaded.stored_dtype):
         return None
     norms = np.linalg.norm(params["W_dec"].astype(np.float64), axis=1)
-    return None if _rows_made_unit(params, norms) else f"{norms.min():.3g}..{norms.max():.3g}"
+    if _rows_made_unit(params, norms, loaded.stored_dtype):
+        return None
+    return f"{norms.min():.3g}..{norms.max():.3g}"
 
 
-def _rows_made_unit(params: dict[str, np.ndarray], norms: np.ndarray) -> bool:
-    """Whether decoder rows of these `norms`, all of one length, can be made unit with the
-    codes scaled to match (the function unchanged)."""
+def _rows_made_unit(params: dict[str, np.ndarray], norms: np.ndarray,
+                    stored_dtype: Any = np.float32) -> bool:
+    """Whether decoder rows of these `norms`, all of one length up to the rounding of the
+    dtype they were stored in (bfloat16 moves a norm by up to ~0.4 %; fault testing: unit rows
+    exported in bfloat16 at another input scale were refused), can be made unit with the codes
+    scaled to match (the function unchanged)."""
+    tolerance = max(1e-3, float(ml_dtypes.finfo(stored_dtype).eps))
     return bool(_rescalable(params) and norms.min() > 0
-                and norms.max() <= norms.min() * (1 + 1e-3))
+                and norms.max() <= norms.min() * (1 + tolerance))
+
+
+def _unit_refusal(sae_cfg: SAEConfig) -> str:
+    """What to do with a start whose rows unit rows cannot take: free rows, where the
+    activation allows them (matching pursuit does not: fault testing, the advice was refused)."""
+    try:
+        activations.get(sae_cfg.activation).check(dataclasses.replace(sae_cfg,
+                                                                      decoder_norm="free"))
+    except ConfigError:
+        return (f"{sae_cfg.activation} needs unit decoder rows, and these are not all of one "
+                "length: this SAE cannot start such a run")
+    return "use sae.decoder_norm: free (unit would rescale them)"
 
 
 def _rescalable(params: dict[str, np.ndarray]) -> bool:
@@ -608,6 +629,10 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
             raise ConfigError(f"override {key}: set by {_IMPORT_FLAG_KEYS[key]}, not as an "
                               "override")
         apply_override(tree, assignment, seen)
+    if isinstance(tree.get("sae"), dict) and tree["sae"].get("decoder_norm") == "auto":
+        # auto for a start: its rows as they are (fault testing: an override of auto wrote
+        # the activation's unit rows, which the config's train then refused)
+        tree["sae"]["decoder_norm"] = "unit" if unit else "free"
     try:
         config = config_from_dict(tree)
     except ConfigError as e:

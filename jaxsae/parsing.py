@@ -139,6 +139,14 @@ def _union_error(options: list, value: Any, key: str, errors: list[ConfigError],
         items = [kinds.get(others[0], str(others[0])), *words]
         what = " or ".join([", ".join(items[:-1]), items[-1]])
         return ConfigError(f"{key}: expected {what}, got {shown(value)}")
+    if nullable and len(options) == 1:  # one choice or null (fault testing: the error left
+        # null out, e.g. checkpoint.every_steps, log.wandb.mode)
+        if words:
+            return ConfigError(f"{key}: must be one of {', '.join(words)} or null; got "
+                               f"{shown(value)}")
+        simple = {int: "an integer", float: "a finite number"}.get(options[0])
+        if simple is not None:
+            return ConfigError(f"{key}: expected {simple} or null, got {shown(value)}")
     return errors[-1] if len(errors) == 1 or not words else errors[0]
 
 

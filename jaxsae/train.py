@@ -35,7 +35,14 @@ from jaxsae.checkpoint import (
     foreign_steps,
 )
 from jaxsae.checks import check_run
-from jaxsae.config import CheckpointConfig, Config, changes_of, config_from_dict, load_config
+from jaxsae.config import (
+    CheckpointConfig,
+    Config,
+    changes_of,
+    config_from_dict,
+    default_loss,
+    load_config,
+)
 from jaxsae.curves import CurvesHook
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.generated import refuse_other_sampler
@@ -132,11 +139,10 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
     gives others (a run started under older defaults resumes as it was trained instead of
     being refused); with the note that says so, for once the restore goes ahead. A key the
     config sets is compared as before (`check_resume_compatible`). First, while the
-    `init_from` SAE is there, what `_rows_of_start` makes of the config."""
-    cfg, notes = _rows_of_start(cfg)
+    A fresh start: what `_rows_of_start` makes of the config."""
     directory = run_dir / "checkpoints"
     if not directory.is_dir():
-        return cfg, notes
+        return _rows_of_start(cfg)
     trained = None
     try:  # (what cannot be read here, the restore reads and reports after)
         ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
@@ -150,7 +156,12 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
     except Exception:  # (orbax raises many types for damaged directories)
         trained = None
     if trained is None:
-        return cfg, notes
+        return _rows_of_start(cfg)
+    notes: list[str] = []
+    if _starts_free(cfg) and trained.sae.decoder_norm == "free":
+        # what auto gave this run's start (its rows), whatever the start is now (gone, or
+        # replaced: fault testing), and also for `jaxsae bench`, which compares as set
+        cfg = _with_free_rows(cfg)
     tree, saved, kept = cfg.to_dict(), trained.to_dict(), []
     started = saved["sae"]["init_l0"]
     if tree["sae"]["init_l0"] != started:  # (a review: refused, though nothing would differ)
@@ -188,13 +199,21 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
     return resumed, notes
 
 
+def _starts_free(cfg: Config) -> bool:
+    """Whether `sae.decoder_norm: auto` could give this run free rows for its `init_from`
+    start (auto gave unit rows, which a start's rows of several lengths cannot take)."""
+    return (cfg.init_from is not None and "sae.decoder_norm" in cfg.defaulted
+            and cfg.sae.decoder_norm == "unit" and not cfg.sae.transcoder)
+
+
 def _rows_of_start(cfg: Config) -> tuple[Config, list[str]]:
-    """A run from `init_from` with `sae.decoder_norm` left to auto keeps the start's
+    """A fresh start from `init_from` with `sae.decoder_norm` left to auto keeps the start's
     decoder rows free when they cannot be made unit (rows of several lengths: a SAELens
-    standard SAE), with the L1 for free rows when the config gives no `loss`, and a note that
-    says so. (Since 0.3.0 auto gives a ReLU unit rows, which refused such a start.)"""
-    if (cfg.init_from is None or "sae.decoder_norm" not in cfg.defaulted
-            or cfg.sae.decoder_norm != "unit" or cfg.sae.transcoder):
+    standard SAE), where the activation allows free rows, with the loss terms for free rows
+    (`_with_free_rows`) and a note that says so. (Since 0.3.0 auto gives a ReLU unit rows,
+    which refused such a start.) A resume takes what its checkpoint trained with instead
+    (`_as_checkpointed`): the start may be gone or replaced by then."""
+    if not _starts_free(cfg):
         return cfg, []
     try:
         norms = export.start_rows(cfg.init_from, cfg.sae)
@@ -202,9 +221,32 @@ def _rows_of_start(cfg: Config) -> tuple[Config, list[str]]:
         return cfg, []
     if norms is None:
         return cfg, []
+    started = _with_free_rows(cfg)
+    try:  # (matching pursuit needs unit rows: the start's refusal says so)
+        check_run(started)
+    except JaxsaeError:
+        return cfg, []
+    terms = _brief(started.to_dict()["loss"])
+    if cfg.sweep is not None and any(key.startswith("loss.") for point in cfg.sweep.points
+                                     for key in point):
+        terms = "(the sweep sets its coefficients)"  # (fault testing: the base's was shown)
+    loss = (f", with the loss for free rows {terms}" if "loss" in cfg.defaulted
+            else f", with the loss edited from the default terms for free rows {terms}"
+            if cfg.loss_made_from else "")
+    return started, [f"init_from: {cfg.init_from} has decoder rows of norm {norms}: "
+                     f"sae.decoder_norm auto keeps them free{loss}; set sae.decoder_norm to "
+                     "choose"]
+
+
+def _with_free_rows(cfg: Config) -> Config:
+    """`cfg` with free decoder rows where auto gave unit ones, and the loss terms auto gives
+    free rows: the default terms for free rows when the config gives no `loss`; when
+    overrides edited the default terms, each value the edit left as the unit rows' default
+    becomes the free rows' (fault testing: `loss.1.warmup_steps=0` kept the unit rows' L1
+    coefficient). The other keys left to auto stay so."""
     tree = cfg.to_dict()
     tree["sae"]["decoder_norm"] = "free"
-    for key in cfg.defaulted:  # (the others left to auto stay so)
+    for key in cfg.defaulted:
         *section, name = key.split(".")
         if key == "loss":
             tree["loss"] = None
@@ -213,12 +255,14 @@ def _rows_of_start(cfg: Config) -> tuple[Config, list[str]]:
     for key in cfg.follows:
         section, _, name = key.partition(".")
         tree[section][name] = "auto"
-    started = config_from_dict(tree)
-    terms = _brief(started.to_dict()["loss"])
-    loss = f", with the loss for free rows {terms}" if "loss" in cfg.defaulted else ""
-    return started, [f"init_from: {cfg.init_from} has decoder rows of norm {norms}: "
-                     f"sae.decoder_norm auto keeps them free{loss}; set sae.decoder_norm to "
-                     "choose"]
+    if cfg.loss_made_from and "loss" not in cfg.defaulted:
+        unit, free = (default_loss(cfg.sae.activation, rows) for rows in ("unit", "free"))
+        for i, (mine, u, f) in enumerate(zip(cfg.loss, unit, free, strict=False)):
+            if mine.term == u.term == f.term:
+                for name, value in f.to_dict().items():
+                    if tree["loss"][i].get(name) == u.to_dict().get(name) != value:
+                        tree["loss"][i][name] = value
+    return config_from_dict(tree)
 
 
 def _brief(value: Any) -> str:

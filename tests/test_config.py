@@ -318,6 +318,12 @@ def raises_naming(*fragments: str):
         # a choice that null turns off names null too (fault testing: "an integer or auto")
         (["sae.init_l0=1.5"], ("sae.init_l0: expected an integer, auto or null, got 1.5",)),
         (["data.lanes=1.5"], ("data.lanes: expected an integer or auto, got 1.5",)),
+        (["checkpoint.every_steps=1.5"], ("checkpoint.every_steps: expected an integer or "
+                                          "null, got 1.5",)),
+        (["data.drop_norm_above=abc"], ("data.drop_norm_above: expected a finite number or "
+                                        "null, got 'abc'",)),
+        (["log.wandb.mode=foo"], ("log.wandb.mode: must be one of online, offline, disabled "
+                                  "or null; got 'foo'",)),
     ],
 )
 def test_errors_name_the_key(preset, overrides, fragments):

@@ -603,3 +603,23 @@ def test_a_sparsify_export_says_its_rows_are_kept_unit_only_when_they_are(tmp_pa
         out = sparsify.export_sparsify(fold_input_scale(params, scale), cfg,
                                        tmp_path / str(scale))
         assert json.loads((out / "cfg.json").read_text())["normalize_decoder"] is unit
+
+
+def test_import_with_decoder_norm_auto_takes_the_sources_rows(small_data, tmp_path):
+    """An override `sae.decoder_norm=auto` imports the source's rows as they are, as a run
+    from init_from under auto does (fault testing: it wrote the ReLU's unit rows, which the
+    config's train then refused for the source's rows of several lengths)."""
+    import yaml
+
+    from jaxsae.export import import_config
+
+    rng = np.random.default_rng(0)
+    W_dec = rng.standard_normal((32, 16)).astype(np.float32)
+    W_dec *= rng.uniform(0.5, 1.5, (32, 1)).astype(np.float32) / np.linalg.norm(
+        W_dec, axis=1, keepdims=True)
+    params = {"W_enc": W_dec.T.copy(), "b_enc": np.zeros(32, np.float32), "W_dec": W_dec,
+              "b_dec": np.zeros(16, np.float32)}
+    export_sae(params, SAEConfig(d_sae=32, decoder_norm="free"), tmp_path / "free")
+    config = import_config(tmp_path / "free", tmp_path / "run", small_data,
+                           ["sae.decoder_norm=auto"])
+    assert yaml.safe_load(config.read_text())["sae"]["decoder_norm"] == "free"

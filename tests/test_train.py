@@ -622,9 +622,10 @@ def test_freeze_leaves_those_parameters_as_they_were(small_data, tmp_path):
 def test_init_from_free_rows_with_decoder_norm_auto_keeps_them_free(small_data, tmp_path):
     """`sae.decoder_norm: auto` takes a start's rows as they are when they cannot be made unit
     (since 0.3.0 auto gives a ReLU unit rows, which refused a SAELens standard SAE as a start):
-    free rows, the L1 for free rows when no `loss` is given, said once; the config says so, a
-    resume keeps it without a note of older defaults; unit set by hand is still refused, and a
-    unit-rows start under auto stays unit."""
+    free rows, the L1 for free rows when no `loss` is given (or the default terms' unedited
+    values for free rows), said once; the config says so, a resume keeps it without a note
+    of older defaults, also once the start is replaced; unit set by hand is still refused;
+    unit rows exported in bfloat16 at another input scale stay unit."""
     train_mod.train(small_config(small_data, tmp_path / "free"), progress=False)
     start = str(tmp_path / "free" / "sae")
     norms = np.linalg.norm(load_sae(start).params["W_dec"], axis=1)
@@ -638,27 +639,70 @@ def test_init_from_free_rows_with_decoder_norm_auto_keeps_them_free(small_data, 
     written = load_config(result.run_dir / "config.yaml")
     assert written.sae.decoder_norm == "free"
     assert [(t.term, t.coefficient) for t in written.loss] == [("mse", 1.0), ("l1", 5.0)]
-    # resumed (longer) under the same config: no "auto now gives" note, nothing refused
+    # resumed (longer) under the same config, its start since replaced by a unit-rows SAE:
+    # what the checkpoint trained with, no "auto now gives" note, nothing refused
+    train_mod.train(small_config(small_data, tmp_path / "u", sae={"decoder_norm": "unit"}),
+                    progress=False)
+    shutil.move(start, tmp_path / "free-sae")
+    shutil.copytree(tmp_path / "u" / "sae", start)
     said.clear()
     longer = {**tree, "optim": {**tree["optim"], "total_tokens": 256 * 32}}
     train_mod.train(config_from_dict(longer), progress=False, log=said.append)
     assert any("resuming" in line for line in said), said
-    assert not any("auto now gives" in line for line in said), said
+    assert not any("auto now gives" in line or "keeps them free" in line for line in said), said
+    shutil.rmtree(start)
+    shutil.move(tmp_path / "free-sae", start)
+    # default terms edited by an override: the values it left follow the rows (L1 5, not 2)
+    edited = load_config(None, [f"data.path={small_data}", f"run_dir={tmp_path / 'edited'}",
+                                f"init_from={start}", "sae.d_sae=64", "optim.batch_size=256",
+                                "optim.total_tokens=2048", "data.eval_tokens=2048",
+                                "loss.l1.warmup_steps=0"])
+    said.clear()
+    result = train_mod.train(edited, progress=False, log=said.append)
+    written = load_config(result.run_dir / "config.yaml")
+    assert [(t.term, t.coefficient, t.warmup_steps) for t in written.loss] == [
+        ("mse", 1.0, 0), ("l1", 5.0, 0)]
+    assert any("the loss edited from the default terms for free rows" in x for x in said), said
     # unit set by hand: refused, naming the start's rows
     unit = {**tree, "run_dir": str(tmp_path / "unit"), "sae": {**tree["sae"],
                                                                "decoder_norm": "unit"}}
     with pytest.raises(JaxsaeError, match=r"init_from: .* decoder rows of norm"):
         train_mod.train(config_from_dict(unit), progress=False)
     assert not (tmp_path / "unit").exists()
-    # a start with unit rows: auto stays unit, without a note
-    train_mod.train(small_config(small_data, tmp_path / "u", sae={"decoder_norm": "unit"}),
-                    progress=False)
+    # unit rows, exported in bfloat16 at another input scale (rows of one length, to
+    # bfloat16's rounding): auto stays unit, without a note
+    train_mod.train(small_config(small_data, tmp_path / "scaled",
+                                 data={"normalize": "unit_mean_squared_norm"},
+                                 sae={"decoder_norm": "unit"}), progress=False)
+    assert cli.main(["export", str(tmp_path / "scaled"), "--out", str(tmp_path / "bf16"),
+                     "--dtype", "bfloat16"]) == 0
+    rows = np.linalg.norm(load_sae(tmp_path / "bf16").params["W_dec"], axis=1)
+    assert abs(rows.mean() - 1) > 0.01 and rows.max() > rows.min() * (1 + 1e-3)
     said.clear()
-    again = {**tree, "run_dir": str(tmp_path / "from-unit"), "init_from": str(tmp_path / "u"
-                                                                              / "sae")}
+    again = {**tree, "run_dir": str(tmp_path / "from-bf16"), "init_from": str(tmp_path / "bf16")}
     result = train_mod.train(config_from_dict(again), progress=False, log=said.append)
     assert load_config(result.run_dir / "config.yaml").sae.decoder_norm == "unit"
     assert not any("keeps them free" in line for line in said), said
+
+
+def test_matching_pursuit_from_rows_of_several_lengths_is_refused(small_data, tmp_path):
+    """Matching pursuit needs unit rows: auto does not give it free ones for such a start,
+    and the refusal does not advise free rows, which it refuses (fault testing)."""
+    train_mod.train(small_config(small_data, tmp_path / "free"), progress=False)
+    from jaxsae.config import SAEConfig
+    from jaxsae.export import export_sae
+
+    loaded = load_sae(tmp_path / "free" / "sae")
+    export_sae({"W_dec": loaded.params["W_dec"], "b_dec": loaded.params["b_dec"]},
+               SAEConfig(d_sae=64, activation="matching_pursuit", k=4, decoder_norm="free"),
+               tmp_path / "mp")
+    tree = small_config_dict(small_data, tmp_path / "run", init_from=str(tmp_path / "mp"),
+                             sae={"d_sae": 64, "activation": "matching_pursuit", "k": 4},
+                             loss=[{"term": "mse"}])
+    del tree["sae"]["decoder_norm"]
+    with pytest.raises(JaxsaeError, match="matching_pursuit needs unit decoder rows, and these "
+                                          "are not all of one length"):
+        train_mod.train(config_from_dict(tree), progress=False)
 
 
 def test_threshold_lr_scale_scales_the_thresholds_updates_alone(small_data, tmp_path):
