@@ -138,8 +138,9 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
     (`Config.defaulted`) keep the values the checkpoint was trained with where `auto` now
     gives others (a run started under older defaults resumes as it was trained instead of
     being refused); with the note that says so, for once the restore goes ahead. A key the
-    config sets is compared as before (`check_resume_compatible`). First, while the
-    A fresh start: what `_rows_of_start` makes of the config."""
+    config sets is compared as before (`check_resume_compatible`). A fresh start is what
+    `_rows_of_start` makes of the config; a resume of free rows that auto gave a start is
+    what `_with_free_rows` makes of it."""
     directory = run_dir / "checkpoints"
     if not directory.is_dir():
         return _rows_of_start(cfg)
