@@ -730,6 +730,12 @@ class Config:
         return getattr(self, "_loss_from", None)
 
     @property
+    def loss_edits(self) -> tuple[str, ...]:
+        """With `loss_made_from`: the keys of the default terms the overrides set, by position
+        (`loss.1.coefficient`; `loss.1` for a whole term), whatever value they gave."""
+        return getattr(self, "_loss_edits", ())
+
+    @property
     def follows(self) -> dict[str, str]:
         """Keys this config left to `auto` whose value is derived from another key's
         (`data.lanes` from `optim.batch_size`), each with that key."""
@@ -820,6 +826,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     cfg = from_dict(Config, tree)
     if edited:  # (for a refused resume to say where its values came from: a review)
         object.__setattr__(cfg, "_loss_from", edited)
+        object.__setattr__(cfg, "_loss_edits", tuple(  # (by position, as `seen` has them)
+            key for key in seen if key == "loss" or key.startswith("loss.")))
     return cfg
 
 

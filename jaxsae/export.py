@@ -314,8 +314,7 @@ def initial_params(path: str | Path, sae_cfg: SAEConfig, d_in: int,
             stored = np.linalg.norm(p["W_dec"].astype(np.float64), axis=1)  # (as the note of
             # `decoder_norm: auto` says them, in the start's own units: fault testing)
             raise ConfigError(f"init_from: {path} has decoder rows of norm "
-                              f"{stored.min():.3g}..{stored.max():.3g}; "
-                              + _unit_refusal(sae_cfg))
+                              f"{norm_range(stored)}; " + _unit_refusal(sae_cfg))
         # rows all of one length r: an input scale folded in at another scale than this
         # data's (fault testing: an imported TopK SAE fine-tuned on other data was refused).
         # The same function with unit rows: codes r times larger, rows r times shorter.
@@ -353,7 +352,7 @@ def start_rows(path: str | Path, sae_cfg: SAEConfig) -> str | None:
     norms = np.linalg.norm(params["W_dec"].astype(np.float64), axis=1)
     if _rows_made_unit(params, norms, loaded.stored_dtype):
         return None
-    return f"{norms.min():.3g}..{norms.max():.3g}"
+    return norm_range(norms)
 
 
 def _rows_made_unit(params: dict[str, np.ndarray], norms: np.ndarray,
@@ -363,9 +362,21 @@ def _rows_made_unit(params: dict[str, np.ndarray], norms: np.ndarray,
     exported in bfloat16 at another input scale were refused), can be made unit with the codes
     scaled to match (the function unchanged)."""
     tolerance = max(1e-3, float(ml_dtypes.finfo(stored_dtype).eps))
+    # (the band `sae.unit_rows` allows around 1, at any length: rows it calls unit are of one
+    # length at every input scale; fault testing: rows of 0.9992..1.0008, unit to it, were
+    # refused once the input scale was folded in)
     return bool(_rescalable(params) and norms.min() > 0
-                and norms.max() <= norms.min() * (1 + tolerance))
+                and norms.max() * (1 - tolerance) <= norms.min() * (1 + tolerance))
 
+
+def norm_range(norms: np.ndarray) -> str:
+    """`low..high` with the digits that tell them apart (fault testing: "0.999..1" for rows of
+    0.9992..1.0008)."""
+    low, high = float(np.min(norms)), float(np.max(norms))
+    digits = 3
+    while digits < 8 and f"{low:.{digits}g}" == f"{high:.{digits}g}" and low != high:
+        digits += 1
+    return f"{low:.{digits}g}..{high:.{digits}g}"
 
 def _unit_refusal(sae_cfg: SAEConfig) -> str:
     """What to do with a start whose rows unit rows cannot take: free rows, where the

@@ -282,7 +282,7 @@ def forward(
         acts=codes.acts,
         x_hat=jnp.sum(block_recons, axis=0) + offset,
         offset=offset,
-        decoder_norms=jnp.linalg.norm(params["W_dec"], axis=1),
+        decoder_norms=row_norms(params["W_dec"]),
         tokens_since_fired=tokens_since_fired,
         batch_threshold=codes.batch_threshold,
         key=jax.random.PRNGKey(0) if key is None else key,
@@ -391,6 +391,15 @@ def fold_input_scale(params: Params, scale: float, target_scale: float | None = 
     if "W_skip" in params:
         folded["W_skip"] = params["W_skip"] * (scale / t)
     return folded
+
+def row_norms(W: jax.Array) -> jax.Array:
+    """Each row's Euclidean norm, as jnp.linalg.norm computes it, with a gradient of 0 at a
+    row of zeros, where jnp.linalg.norm's is NaN (fault testing: a start with a zero decoder
+    row stopped at step 1 on a NaN gradient of the L1 weighted by the rows' norms)."""
+    squares = jnp.sum(W * W, axis=1)
+    some = squares > 0
+    return jnp.where(some, jnp.sqrt(jnp.where(some, squares, 1.0)), 0.0)
+
 
 def unit_rows(W_dec: np.ndarray, stored_dtype: Any = np.float32) -> bool:
     """Whether every row of W_dec has norm 1, up to the rounding of the dtype it was stored in

@@ -163,6 +163,9 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
         # what auto gave this run's start (its rows), whatever the start is now (gone, or
         # replaced: fault testing), and also for `jaxsae bench`, which compares as set
         cfg = _with_free_rows(cfg)
+        notes.append(f"{run_dir}: resuming with free decoder rows, as its checkpoints were "
+                     "trained (sae.decoder_norm auto keeps an init_from start's rows free "
+                     "when they are not all of one length); set sae.decoder_norm to choose")
     tree, saved, kept = cfg.to_dict(), trained.to_dict(), []
     started = saved["sae"]["init_l0"]
     if tree["sae"]["init_l0"] != started:  # (a review: refused, though nothing would differ)
@@ -228,9 +231,10 @@ def _rows_of_start(cfg: Config) -> tuple[Config, list[str]]:
     except JaxsaeError:
         return cfg, []
     terms = _brief(started.to_dict()["loss"])
-    if cfg.sweep is not None and any(key.startswith("loss.") for point in cfg.sweep.points
-                                     for key in point):
-        terms = "(the sweep sets its coefficients)"  # (fault testing: the base's was shown)
+    swept = sorted({key for point in (cfg.sweep.points if cfg.sweep else ())
+                    for key in point if key.startswith("loss.")})
+    if swept:  # (fault testing: the base's coefficient read as the one trained)
+        terms += f" (the sweep sets {', '.join(swept)})"
     loss = (f", with the loss for free rows {terms}" if "loss" in cfg.defaulted
             else f", with the loss edited from the default terms for free rows {terms}"
             if cfg.loss_made_from else "")
@@ -258,10 +262,13 @@ def _with_free_rows(cfg: Config) -> Config:
         tree[section][name] = "auto"
     if cfg.loss_made_from and "loss" not in cfg.defaulted:
         unit, free = (default_loss(cfg.sae.activation, rows) for rows in ("unit", "free"))
+        edits = set(cfg.loss_edits)
         for i, (mine, u, f) in enumerate(zip(cfg.loss, unit, free, strict=False)):
-            if mine.term == u.term == f.term:
+            if mine.term == u.term == f.term and not {"loss", f"loss.{i}"} & edits:
                 for name, value in f.to_dict().items():
-                    if tree["loss"][i].get(name) == u.to_dict().get(name) != value:
+                    # (a value given equal to the unit rows' default is kept: fault testing)
+                    if (f"loss.{i}.{name}" not in edits
+                            and tree["loss"][i].get(name) == u.to_dict().get(name) != value):
                         tree["loss"][i][name] = value
     return config_from_dict(tree)
 

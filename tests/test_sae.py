@@ -913,3 +913,17 @@ def test_init_l0_auto_acts_on_a_relu_with_unit_rows_only(sections, shifted):
     params = sae.init_params(jax.random.PRNGKey(0), 64, cfg)
     assert bool(np.all(np.asarray(params["b_enc"]) < 0)) is shifted
     config_from_dict({"data": {"path": "/d"}, "init_from": "/x", **sections})  # (accepted)
+
+
+def test_row_norms_are_norms_with_a_zero_gradient_at_a_zero_row():
+    """`sae.row_norms`: jnp.linalg.norm's values, bit for bit, and a gradient of 0 (not NaN)
+    at a row of zeros (a start with a zero decoder row stopped on a NaN gradient)."""
+    from jaxsae.sae import row_norms
+
+    W = jnp.asarray(np.random.default_rng(0).standard_normal((5, 7)), jnp.float32)
+    W = W.at[2].set(0.0)
+    np.testing.assert_array_equal(row_norms(W), jnp.linalg.norm(W, axis=1))
+    grad = jax.grad(lambda w: jnp.sum(row_norms(w)))(W)
+    assert np.all(np.isfinite(grad)) and np.all(grad[2] == 0)
+    np.testing.assert_allclose(grad[0], W[0] / jnp.linalg.norm(W[0]), rtol=1e-6)
+    assert not np.all(np.isfinite(jax.grad(lambda w: jnp.sum(jnp.linalg.norm(w, axis=1)))(W)))

@@ -663,6 +663,13 @@ def test_init_from_free_rows_with_decoder_norm_auto_keeps_them_free(small_data, 
     assert [(t.term, t.coefficient, t.warmup_steps) for t in written.loss] == [
         ("mse", 1.0, 0), ("l1", 5.0, 0)]
     assert any("the loss edited from the default terms for free rows" in x for x in said), said
+    # a coefficient given, equal to the unit rows' default, is kept (it was made 5)
+    given = load_config(None, [f"data.path={small_data}", f"run_dir={tmp_path / 'given'}",
+                               f"init_from={start}", "sae.d_sae=64", "optim.batch_size=256",
+                               "optim.total_tokens=2048", "data.eval_tokens=2048",
+                               "loss.l1.coefficient=2"])
+    result = train_mod.train(given, progress=False, log=said.append)
+    assert load_config(result.run_dir / "config.yaml").loss[1].coefficient == 2.0
     # unit set by hand: refused, naming the start's rows
     unit = {**tree, "run_dir": str(tmp_path / "unit"), "sae": {**tree["sae"],
                                                                "decoder_norm": "unit"}}
@@ -683,6 +690,41 @@ def test_init_from_free_rows_with_decoder_norm_auto_keeps_them_free(small_data, 
     result = train_mod.train(config_from_dict(again), progress=False, log=said.append)
     assert load_config(result.run_dir / "config.yaml").sae.decoder_norm == "unit"
     assert not any("keeps them free" in line for line in said), said
+
+
+def test_starts_near_unit_or_with_a_zero_row(small_data, tmp_path):
+    """Rows unit to `unit_rows`' tolerance but of several lengths (0.9992..1.0008) start unit
+    rows at another input scale too (they were refused once the scale was folded in); a start
+    with a zero decoder row trains with free rows (the L1's row-norm weight had a NaN
+    gradient there) (fault testing)."""
+    train_mod.train(small_config(small_data, tmp_path / "unit", sae={"decoder_norm": "unit"}),
+                    progress=False)
+    loaded = load_sae(tmp_path / "unit" / "sae")
+    from jaxsae.config import SAEConfig
+    from jaxsae.export import export_sae
+
+    near = dict(loaded.params)
+    factors = np.linspace(0.9992, 1.0008, 64).astype(np.float32)
+    near["W_dec"] = near["W_dec"] * factors[:, None]  # the same function: codes / factors
+    near["W_enc"], near["b_enc"] = near["W_enc"] / factors, near["b_enc"] / factors
+    export_sae(near, SAEConfig(d_sae=64, decoder_norm="unit"), tmp_path / "near")
+    tree = small_config_dict(small_data, tmp_path / "from-near",
+                             init_from=str(tmp_path / "near"),
+                             data={"normalize": "unit_mean_squared_norm"})
+    del tree["loss"], tree["sae"]["decoder_norm"]
+    result = train_mod.train(config_from_dict(tree), progress=False)
+    assert load_config(result.run_dir / "config.yaml").sae.decoder_norm == "unit"
+    zero = dict(loaded.params)
+    zero["W_dec"] = zero["W_dec"].copy()
+    zero["W_dec"][3] = 0.0
+    export_sae(zero, SAEConfig(d_sae=64, decoder_norm="free"), tmp_path / "zero")
+    said = []
+    result = train_mod.train(config_from_dict(
+        {**tree, "run_dir": str(tmp_path / "from-zero"), "init_from": str(tmp_path / "zero")}),
+        progress=False, log=said.append)
+    assert load_config(result.run_dir / "config.yaml").sae.decoder_norm == "free"
+    assert any("has decoder rows of norm 0.." in line for line in said), said
+    assert np.isfinite(result.eval["explained_variance"])
 
 
 def test_matching_pursuit_from_rows_of_several_lengths_is_refused(small_data, tmp_path):
