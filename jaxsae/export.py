@@ -378,6 +378,7 @@ def norm_range(norms: np.ndarray) -> str:
         digits += 1
     return f"{low:.{digits}g}..{high:.{digits}g}"
 
+
 def _unit_refusal(sae_cfg: SAEConfig) -> str:
     """What to do with a start whose rows unit rows cannot take: free rows, where the
     activation allows them (matching pursuit does not: fault testing, the advice was refused)."""
