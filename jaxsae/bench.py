@@ -302,13 +302,15 @@ def finished_with(arm_cfg: Config) -> bool:
     An SAE changed or added to since it was exported is not the one its eval.json measured:
     such an arm is not reused (train() then names the changed files and refuses)."""
     from jaxsae.finish import member_dirs
+    from jaxsae.train import as_started_from
 
     run_dir = Path(arm_cfg.run_dir)
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        expected = as_started_from(arm_cfg, config_from_dict(saved)).to_dict()
+    except (OSError, yaml.YAMLError, JaxsaeError):
         return False
-    if saved != arm_cfg.to_dict() or not (run_dir / "sweep.csv").is_file():
+    if saved != expected or not (run_dir / "sweep.csv").is_file():
         return False
     for directory in member_dirs(arm_cfg, run_dir):
         try:

@@ -821,13 +821,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         edited = f"the default terms for {norm} decoder rows, edited"
     else:
         edited = None
+    before = set(seen)
     for assignment in terms:
         apply_override(tree, assignment, seen)
     cfg = from_dict(Config, tree)
     if edited:  # (for a refused resume to say where its values came from: a review)
         object.__setattr__(cfg, "_loss_from", edited)
-        object.__setattr__(cfg, "_loss_edits", tuple(  # (by position, as `seen` has them)
-            key for key in seen if key == "loss" or key.startswith("loss.")))
+        # the terms' keys the overrides set, by position as `seen` has them (not a `loss=`
+        # given null before them: fault testing)
+        object.__setattr__(cfg, "_loss_edits", tuple(key for key in seen if key not in before))
     return cfg
 
 

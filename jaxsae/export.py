@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import shlex
 import shutil
 import tempfile
@@ -361,21 +362,20 @@ def _rows_made_unit(params: dict[str, np.ndarray], norms: np.ndarray,
     dtype they were stored in (bfloat16 moves a norm by up to ~0.4 %; fault testing: unit rows
     exported in bfloat16 at another input scale were refused), can be made unit with the codes
     scaled to match (the function unchanged)."""
-    tolerance = max(1e-3, float(ml_dtypes.finfo(stored_dtype).eps))
-    # (the band `sae.unit_rows` allows around 1, at any length: rows it calls unit are of one
-    # length at every input scale; fault testing: rows of 0.9992..1.0008, unit to it, were
-    # refused once the input scale was folded in)
+    band = sae.unit_band(stored_dtype)
+    # (`sae.unit_rows`' band around 1, at any length: rows it calls unit are of one length at
+    # every input scale; fault testing: rows of 0.9992..1.0008, unit to it, were refused once
+    # the input scale was folded in, and at the band's edge still)
     return bool(_rescalable(params) and norms.min() > 0
-                and norms.max() * (1 - tolerance) <= norms.min() * (1 + tolerance))
+                and norms.max() * (1 - band) <= norms.min() * (1 + band) * (1 + 1e-9))
 
 
 def norm_range(norms: np.ndarray) -> str:
     """`low..high` with the digits that tell them apart (fault testing: "0.999..1" for rows of
     0.9992..1.0008)."""
     low, high = float(np.min(norms)), float(np.max(norms))
-    digits = 3
-    while digits < 8 and f"{low:.{digits}g}" == f"{high:.{digits}g}" and low != high:
-        digits += 1
+    spread = (high - low) / high if high > 0 else 1.0
+    digits = min(8, max(3, 2 + math.ceil(-math.log10(spread)))) if spread > 0 else 3
     return f"{low:.{digits}g}..{high:.{digits}g}"
 
 

@@ -401,8 +401,13 @@ def row_norms(W: jax.Array) -> jax.Array:
     return jnp.where(some, jnp.sqrt(jnp.where(some, squares, 1.0)), 0.0)
 
 
+def unit_band(stored_dtype: Any = np.float32) -> float:
+    """How far from 1 a unit row's norm may read after storage in `stored_dtype` (bfloat16
+    moves it by up to half its epsilon, 0.004; float32 by ~1e-7): `unit_rows`' tolerance."""
+    return max(1e-3, float(ml_dtypes.finfo(stored_dtype).eps)) + 1e-5
+
+
 def unit_rows(W_dec: np.ndarray, stored_dtype: Any = np.float32) -> bool:
     """Whether every row of W_dec has norm 1, up to the rounding of the dtype it was stored in
-    (bfloat16 moves a unit row's norm by up to half its epsilon, 0.004; float32 by ~1e-7)."""
-    tolerance = max(1e-3, float(ml_dtypes.finfo(stored_dtype).eps))
-    return bool(np.allclose(np.linalg.norm(W_dec, axis=1), 1.0, atol=tolerance))
+    (`unit_band`)."""
+    return bool(np.all(np.abs(np.linalg.norm(W_dec, axis=1) - 1.0) <= unit_band(stored_dtype)))

@@ -159,13 +159,12 @@ def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
     if trained is None:
         return _rows_of_start(cfg)
     notes: list[str] = []
-    if _starts_free(cfg) and trained.sae.decoder_norm == "free":
-        # what auto gave this run's start (its rows), whatever the start is now (gone, or
-        # replaced: fault testing), and also for `jaxsae bench`, which compares as set
-        cfg = _with_free_rows(cfg)
+    as_trained = as_started_from(cfg, trained)
+    if as_trained is not cfg:
+        cfg = as_trained
         notes.append(f"{run_dir}: resuming with free decoder rows, as its checkpoints were "
-                     "trained (sae.decoder_norm auto keeps an init_from start's rows free "
-                     "when they are not all of one length); set sae.decoder_norm to choose")
+                     "trained (sae.decoder_norm left to auto, with init_from); set "
+                     "sae.decoder_norm to choose")
     tree, saved, kept = cfg.to_dict(), trained.to_dict(), []
     started = saved["sae"]["init_l0"]
     if tree["sae"]["init_l0"] != started:  # (a review: refused, though nothing would differ)
@@ -208,6 +207,17 @@ def _starts_free(cfg: Config) -> bool:
     start (auto gave unit rows, which a start's rows of several lengths cannot take)."""
     return (cfg.init_from is not None and "sae.decoder_norm" in cfg.defaulted
             and cfg.sae.decoder_norm == "unit" and not cfg.sae.transcoder)
+
+
+def as_started_from(cfg: Config, trained: Config) -> Config:
+    """`cfg` as auto gave it to the run that trained `trained` from its `init_from` start:
+    free rows (`_with_free_rows`) where auto now gives unit ones and the run trained free,
+    whatever the start is now (gone, or replaced: fault testing); else `cfg` itself. A resume
+    compares with this (`_as_checkpointed`), and so does `jaxsae bench` when it reuses a
+    finished arm (fault testing: such arms were trained again on every rerun)."""
+    if _starts_free(cfg) and trained.sae.decoder_norm == "free":
+        return _with_free_rows(cfg)
+    return cfg
 
 
 def _rows_of_start(cfg: Config) -> tuple[Config, list[str]]:

@@ -624,3 +624,24 @@ def test_import_with_decoder_norm_auto_takes_the_sources_rows(small_data, tmp_pa
     config = import_config(tmp_path / "free", tmp_path / "run", small_data,
                            ["sae.decoder_norm=auto"])
     assert yaml.safe_load(config.read_text())["sae"]["decoder_norm"] == "free"
+
+
+def test_rows_unit_to_unit_rows_are_of_one_length_at_any_scale():
+    """Rows `unit_rows` calls unit, at its band's edges, can be made unit at another input
+    scale (fault testing: 0.998992..1.001008 trained unscaled and was refused at scale 1.985);
+    the norms' range shows the digits that tell them apart (it read "0.999..1")."""
+    from jaxsae.export import _rows_made_unit, norm_range
+    from jaxsae.sae import unit_band, unit_rows
+
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        band = unit_band(dtype) * (1 - 1e-6)  # (at the edge, inside it)
+        norms = np.array([1 - band, 1.0, 1 + band])
+        W = np.eye(3, 4) * norms[:, None]
+        assert unit_rows(W, dtype)
+        params = {"W_enc": np.zeros((4, 3)), "b_enc": np.zeros(3), "W_dec": W}
+        for scale in (1.0, 1.985, 0.3):
+            assert _rows_made_unit(params, norms * scale, dtype)
+        assert not _rows_made_unit(params, np.array([1 - band, 1 + 1.01 * band]) * 1.985,
+                                   dtype)
+    assert norm_range(np.array([0.9992, 1.0, 1.0008])) == "0.9992..1.0008"
+    assert norm_range(np.array([0.0355, 0.0475])) == "0.0355..0.0475"

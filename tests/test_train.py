@@ -648,7 +648,8 @@ def test_init_from_free_rows_with_decoder_norm_auto_keeps_them_free(small_data, 
     said.clear()
     longer = {**tree, "optim": {**tree["optim"], "total_tokens": 256 * 32}}
     train_mod.train(config_from_dict(longer), progress=False, log=said.append)
-    assert any("resuming" in line for line in said), said
+    assert any("resuming with free decoder rows, as its checkpoints were trained" in line
+               for line in said), said
     assert not any("auto now gives" in line or "keeps them free" in line for line in said), said
     shutil.rmtree(start)
     shutil.move(tmp_path / "free-sae", start)
@@ -670,6 +671,18 @@ def test_init_from_free_rows_with_decoder_norm_auto_keeps_them_free(small_data, 
                                "loss.l1.coefficient=2"])
     result = train_mod.train(given, progress=False, log=said.append)
     assert load_config(result.run_dir / "config.yaml").loss[1].coefficient == 2.0
+    # `loss=` (null) given before the edit: still the default terms edited (it kept 2)
+    nulled = load_config(None, [f"data.path={small_data}", f"init_from={start}", "loss=",
+                                "loss.1.warmup_steps=0"])
+    assert nulled.loss_edits == ("loss.1.warmup_steps",)
+    assert train_mod._with_free_rows(nulled).loss[1].coefficient == 5.0
+    # a finished sweep started free by auto is what `jaxsae bench` reuses (it trained again)
+    from jaxsae import bench
+
+    swept = config_from_dict({**tree, "run_dir": str(tmp_path / "swept"),
+                              "sweep": {"seed": [0]}})
+    train_mod.train(swept, progress=False)
+    assert bench.finished_with(swept)
     # unit set by hand: refused, naming the start's rows
     unit = {**tree, "run_dir": str(tmp_path / "unit"), "sae": {**tree["sae"],
                                                                "decoder_norm": "unit"}}
