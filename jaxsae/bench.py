@@ -188,6 +188,13 @@ def _apply_override(tree: dict[str, Any], assignment: str,
     starts with; fault testing: the override was taken for arm `lr0` and refused as an
     unknown key)."""
     dotted, _, text = assignment.partition("=")
+    base = tree.get("base")
+    if ("=" in assignment and dotted.strip().startswith(("base.loss.", "base.loss["))
+            and isinstance(base, dict) and base.get("loss") is None):  # (fault testing:
+        # "base: loss: expected a list, got dict", which did not name the override)
+        raise ConfigError(f"override {dotted.strip()}: the bench's base gives no loss terms "
+                          "to edit (each arm without a loss gets its activation's default "
+                          "terms); give base.loss=[...] whole, or edit an arm's own loss")
     arms = tree.get("arms")
     rest = dotted.strip()[len("arms."):] if dotted.strip().startswith("arms.") else None
     if "=" in assignment and rest is not None and isinstance(arms, dict):

@@ -131,6 +131,10 @@ def test_a_fault_of_the_base_is_the_bases_and_configs_of_the_other_command_are_n
     with pytest.raises(ConfigError, match=r"^override arms\.topk: replaces what "
                                           r"arms\.topk\.optim\.lr=1e-3 set"):
         bench.load_bench_config(path, ["arms.topk.optim.lr=1e-3", "arms.topk={sae: {k: 4}}"])
+    with pytest.raises(ConfigError, match=r"^override base\.loss\.1\.coefficient: the bench's "
+                                          r"base gives no loss terms to edit"):  # (fault
+        bench.load_bench_config(path, ["base.loss.1.coefficient=2"])  # testing: "base: loss:
+        # expected a list, got dict")
     with pytest.raises(ConfigError, match=r"a bench config \(base, arms\); run it with `jaxsae "
                                           r"bench`$"):
         load_config(path)
