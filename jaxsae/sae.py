@@ -392,6 +392,7 @@ def fold_input_scale(params: Params, scale: float, target_scale: float | None = 
         folded["W_skip"] = params["W_skip"] * (scale / t)
     return folded
 
+
 def row_norms(W: jax.Array) -> jax.Array:
     """Each row's Euclidean norm, as jnp.linalg.norm computes it, with a gradient of 0 at a
     row of zeros, where jnp.linalg.norm's is NaN (fault testing: a start with a zero decoder
