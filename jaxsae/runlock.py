@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from jaxsae.errors import JaxsaeError
@@ -42,8 +43,7 @@ class RunLock:
         self.created = False
         """Whether this lock's acquire created the file (its holder then deletes it when it
         lets go, `discard`: a run, finished or refused, keeps no `.lock` it did not have)."""
-        self._times: tuple[os.stat_result, int] | None = None
-        # (the directory's times before the file was made, and its mtime just after: `discard`)
+        self._times: DirectoryTimes | None = None  # (the directory's, around the file's make)
 
     def _open(self) -> tuple[int, bool]:
         """The lock file and whether this process got its lock (else another holds it), its
@@ -55,8 +55,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                              0o666)
                 self.created = True
-                after = _stat(self.path.parent)
-                self._times = (before, after.st_mtime_ns) if before and after else None
+                self._times = DirectoryTimes.since(self.path.parent, before)
             except FileExistsError:
                 try:
                     fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
@@ -128,16 +127,12 @@ class RunLock:
             return
         with contextlib.suppress(FileNotFoundError):
             if _same_file(self._fd, self.path):
-                now = _stat(self.path.parent)
-                untouched = (self._times is not None and self.created and now is not None
-                             and now.st_mtime_ns == self._times[1])
+                untouched = self.created and self._times is not None and self._times.untouched()
                 self.path.unlink()
                 if untouched:  # nothing but the lock file came and went: the directory's
                     # times as they were (fault testing: a refused command moved an existing
                     # run to the top of `ls -t`)
-                    before = self._times[0]
-                    with contextlib.suppress(OSError):
-                        os.utime(self.path.parent, ns=(before.st_atime_ns, before.st_mtime_ns))
+                    self._times.restore()
         self.release()
 
     def release(self) -> None:
@@ -170,6 +165,33 @@ def live_holder(directory: Path) -> str | None:
     finally:
         os.close(fd)  # (drops the shared lock, if it was taken)
     return None
+
+
+@dataclass(frozen=True)
+class DirectoryTimes:
+    """A directory's times before an entry was made in it, and its mtime just after: what
+    made the entry and removes it again (a refused command) restores them when nothing else
+    changed there meanwhile (the mtime is still the one just after), so `ls -t` and backup
+    tools see nothing happened."""
+    directory: Path
+    before: os.stat_result
+    after_ns: int
+
+    @classmethod
+    def since(cls, directory: Path, before: os.stat_result | None) -> DirectoryTimes | None:
+        """Called just after the make, with the directory's stat from just before it."""
+        after = _stat(directory)
+        return cls(directory, before, after.st_mtime_ns) if before and after else None
+
+    def untouched(self) -> bool:
+        """Whether nothing else changed in the directory since (checked before the removal,
+        which changes its mtime itself)."""
+        now = _stat(self.directory)
+        return now is not None and now.st_mtime_ns == self.after_ns
+
+    def restore(self) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.directory, ns=(self.before.st_atime_ns, self.before.st_mtime_ns))
 
 
 def _stat(path: Path) -> os.stat_result | None:

@@ -63,7 +63,7 @@ from jaxsae.hooks import (
 from jaxsae.interrupts import SignalFlag
 from jaxsae.outputs import atomic_write, json_text
 from jaxsae.progress import Progress
-from jaxsae.runlock import RunLock, RunLocked
+from jaxsae.runlock import DirectoryTimes, RunLock, RunLocked
 from jaxsae.step import TrainState
 from jaxsae.trackers import trackers
 
@@ -348,11 +348,12 @@ def _remove_if_unused(run_dir: Path, created: _Made | None, lock: RunLock) -> No
             if directory.is_dir():
                 directory.rmdir()
         for directory in (run_dir, *run_dir.parents):
-            untouched = directory == created.top and created.parent_untouched()
+            untouched = (directory == created.top and created.times is not None
+                         and created.times.untouched())
             directory.rmdir()  # (one that is not empty stops it: OSError)
             if directory == created.top:
                 if untouched:
-                    created.restore_parent()
+                    created.times.restore()
                 break
 
 
@@ -807,28 +808,16 @@ def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None,
     top = missing[-1]
     before = os.stat(top.parent)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return _Made(top, before, os.stat(top.parent).st_mtime_ns)
+    return _Made(top, DirectoryTimes.since(top.parent, before))
 
 
 @dataclass(frozen=True)
 class _Made:
-    """The topmost directory a start made, and the times of the directory it was made in:
-    before, and its mtime just after (a start that removes it again restores them when nothing
-    else changed there meanwhile; fault testing: a refused start moved `runs/` in `ls -t`)."""
+    """The topmost directory a start made, and the times of the directory it was made in (a
+    start that removes it again restores them; fault testing: a refused start moved `runs/` in
+    `ls -t`)."""
     top: Path
-    before: os.stat_result
-    after_ns: int
-
-    def parent_untouched(self) -> bool:
-        """Whether nothing but this directory was made in its parent since (by mtime)."""
-        try:
-            return os.stat(self.top.parent).st_mtime_ns == self.after_ns
-        except OSError:
-            return False
-
-    def restore_parent(self) -> None:
-        with contextlib.suppress(OSError):
-            os.utime(self.top.parent, ns=(self.before.st_atime_ns, self.before.st_mtime_ns))
+    times: DirectoryTimes | None
 
 
 def _check_run_dir(run_dir: Path, data: str | None = None) -> None:
