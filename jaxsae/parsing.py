@@ -116,15 +116,21 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
         return number
     if tp is str:
         if not isinstance(value, str):
-            quote = (" (YAML reads yes, no, on, off as true or false: quote it)"
-                     if isinstance(value, bool) else
-                     f" (YAML reads {value!r} as a number: quote it, "
-                     f"{key}=\"'{value}'\")" if isinstance(value, int | float) else
-                     f" (YAML reads {value} as a date: quote it)"
-                     if isinstance(value, datetime.date) else "")
-            raise ConfigError(f"{key}: expected a string, got {shown(value)}{quote}")
+            raise ConfigError(f"{key}: expected a string, got {shown(value)}"
+                              f"{_quote_hint(key, value)}")
         return value
     raise TypeError(f"config type {tp!r} at {key} is not supported by the parser")
+
+
+def _quote_hint(key: str, value: Any) -> str:
+    """Why YAML did not read `value` as the string it may have been meant as."""
+    if isinstance(value, bool):
+        return " (YAML reads yes, no, on, off as true or false: quote it)"
+    if isinstance(value, int | float):
+        return f" (YAML reads {value!r} as a number: quote it, {key}=\"'{value}'\")"
+    if isinstance(value, datetime.date):
+        return f" (YAML reads {value} as a date: quote it)"
+    return ""
 
 
 def _union_error(options: list, value: Any, key: str, errors: list[ConfigError], *,
@@ -147,6 +153,9 @@ def _union_error(options: list, value: Any, key: str, errors: list[ConfigError],
         simple = {int: "an integer", float: "a finite number"}.get(options[0])
         if simple is not None:
             return ConfigError(f"{key}: expected {simple} or null, got {shown(value)}")
+        if options[0] is str:  # (init_from=5 was "expected a string")
+            return ConfigError(f"{key}: expected a string or null, got {shown(value)}"
+                               f"{_quote_hint(key, value)}")
     return errors[-1] if len(errors) == 1 or not words else errors[0]
 
 

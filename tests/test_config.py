@@ -324,6 +324,8 @@ def raises_naming(*fragments: str):
                                         "null, got 'abc'",)),
         (["log.wandb.mode=foo"], ("log.wandb.mode: must be one of online, offline, disabled "
                                   "or null; got 'foo'",)),
+        (["init_from=5"], ("init_from: expected a string or null, got 5 (YAML reads 5 as a "
+                           "number: quote it, init_from=\"'5'\")",)),
     ],
 )
 def test_errors_name_the_key(preset, overrides, fragments):
