@@ -45,6 +45,7 @@ from jaxsae.parsing import (
     typename,
 )
 from jaxsae.progress import Progress
+from jaxsae.runlock import LOCK_FILE, RunLock
 
 # The plots: file, metric, axis label, whether each arm's Pareto frontier is drawn.
 _PLOTS = (("l0_vs_ev.png", "explained_variance", "explained variance", True),
@@ -90,6 +91,11 @@ class BenchConfig:
             raise ConfigError("arms: at least one arm is required")
         if not self.seeds:
             raise ConfigError("seeds: at least one seed is required")
+        if (not self.name or Path(self.name).is_absolute()
+                or {"", ".", ".."} & set(self.name.split("/"))):  # (fault testing: blamed on
+            # the base, as the arms' run names it makes were refused)
+            raise ConfigError(f"name: must be a relative name below runs/ (no '.' or '..'), "
+                              f"got {self.name!r}; use out for a directory elsewhere")
         out = {}
         for arm, overrides in self.arms.items():
             if not isinstance(arm, str):  # (`yes:`, `1:` and `null:` are not text in YAML)
@@ -225,30 +231,48 @@ def _apply_override(tree: dict[str, Any], assignment: str,
 
 
 def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dict[str, Any]]:
-    """Trains every arm (skipping finished ones), then writes the tables and plots."""
-    from jaxsae.train import train
-
+    """Trains every arm (skipping finished ones), then writes the tables and plots; one bench
+    at a time in a directory (its lock: fault testing, two benches of other arms in one
+    directory both said they wrote the tables, which held a mix of the two)."""
     arms = cfg.arm_configs()
     directory = cfg.directory
     check_directory(directory, arms)
     directory.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(directory, log, doing="running a bench")
+    try:
+        lock.acquire()
+    except PermissionError as e:  # (fault testing: found only after every arm had trained)
+        raise OutputError(f"out {directory}: cannot write there ({e.strerror})") from None
+    try:
+        return _run_locked(cfg, arms, directory, progress=progress, log=log)
+    finally:
+        lock.discard() if lock.created else lock.release()
+
+
+def _run_locked(cfg: BenchConfig, arms: dict[str, Config], directory: Path, *, progress: bool,
+                log) -> list[dict[str, Any]]:
+    from jaxsae.train import train
+
     if outputs.output_kind(directory) != "bench":  # (rewritten, a refused rerun changed it)
         outputs.write_marker(directory, "bench")
     bar = Progress(len(arms), desc=f"bench {cfg.name}", unit="arm", enabled=progress)
     for arm, arm_cfg in arms.items():
         bar.set_postfix_str(f"{arm}: {len(arm_cfg.sweep.points)} SAEs")
-        if finished_with(arm_cfg):
-            (bar.write if progress else log)(f"{arm}: already trained with this exact config "
-                                             f"({arm_cfg.run_dir}), reusing it")
+        say = bar.write if progress else log
+        reused, again = _reuse(arm_cfg)
+        if reused:
+            say(f"{arm}: already trained with this exact config ({arm_cfg.run_dir}), reusing "
+                "it")
         else:
+            if again:
+                say(f"{arm}: {again}")
             # A changed arm resumes if only what may change on resume changed (say, a longer
             # optim.total_tokens); otherwise train() refuses, and the message names the arm.
             # Keys left to `auto` are compared too, not taken from the arm's checkpoints: the
             # tables compare arms as this config states them (fault testing: after `auto`
             # changed, old arms resumed with the old values beside new arms, unsaid).
             try:
-                train(arm_cfg, progress=progress, resume_as_trained=False,
-                      log=lambda m: bar.write(m) if progress else log(m))
+                train(arm_cfg, progress=progress, resume_as_trained=False, log=say)
             except JaxsaeError as e:
                 e.args = (f"arms.{arm}: {e}",)
                 raise
@@ -283,8 +307,8 @@ def check_directory(directory: Path, arms: Mapping[str, Config]) -> None:
                     data, Path(arm_cfg.run_dir).resolve())):
                 raise OutputError(f"{where}: would write into {data}, which arm {arm} reads; "
                                   "choose another directory")
-    if not directory.exists() or not any(directory.iterdir()):
-        return
+    if not directory.exists() or all(p.name == LOCK_FILE for p in directory.iterdir()):
+        return  # (new, or made by a bench killed before it wrote anything)
     if outputs.output_kind(directory) == "bench" or _dumped_bench(directory):
         return
     raise OutputError(f"{where}: exists and is not a bench directory (jaxsae bench writes "
@@ -302,12 +326,25 @@ def _dumped_bench(directory: Path) -> bool:
 
 
 def finished_with(arm_cfg: Config) -> bool:
-    """Whether the arm's run directory holds a finished run of exactly this config (every
-    key, the swept values included) whose SAEs were exported at its last step: only then are
-    its results reused. (A run resumed to train longer writes its config first and its
-    results at the end: interrupted in between, its results are those of the shorter run.)
-    An SAE changed or added to since it was exported is not the one its eval.json measured:
-    such an arm is not reused (train() then names the changed files and refuses)."""
+    """Whether the arm's run directory holds a finished run of exactly this config whose
+    results may be reused (`_reuse`)."""
+    return _reuse(arm_cfg)[0]
+
+
+def _reuse(arm_cfg: Config) -> tuple[bool, str | None]:
+    """(whether the arm is reused, why a trained arm is finished again instead). Reused only
+    when its run directory holds a finished run of exactly this config (every key, the swept
+    values included) whose SAEs were exported at its last step, each SAE's eval.json measured
+    that export and agrees with the arm's sweep.csv, and (written data) the data holds the
+    values its checkpoints trained on. A run resumed to train longer writes its config first
+    and its results at the end, the SAEs, then each eval.json, then sweep.csv: interrupted in
+    between, the files disagree (fault testing: the shorter run's numbers were reported as the
+    longer run's, or the arm was refused for good as "edited?"), and the arm is finished
+    again from its last checkpoint, as is one whose eval.json was edited or damaged: numbers
+    are reported only as measured. An SAE changed or added to since it was exported is not
+    the one its eval.json measured: such an arm is not reused (train() then names the changed
+    files and refuses); nor one whose data changed (train() refuses to resume on it: fault
+    testing, a table mixed arms trained on two data sets)."""
     from jaxsae.finish import member_dirs
     from jaxsae.train import as_started_from
 
@@ -316,19 +353,72 @@ def finished_with(arm_cfg: Config) -> bool:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         expected = as_started_from(arm_cfg, config_from_dict(saved)).to_dict()
     except (OSError, yaml.YAMLError, JaxsaeError):
-        return False
+        return False, None
     if saved != expected or not (run_dir / "sweep.csv").is_file():
-        return False
+        return False, None
+    table = _sweep_table(run_dir)
+    stale = None
     for directory in member_dirs(arm_cfg, run_dir):
         try:
-            steps = json.loads((directory / "sae" / "cfg.json").read_text())["jaxsae"]["steps"]
+            exported = json.loads((directory / "sae" / "cfg.json").read_text())
+            steps = exported["jaxsae"]["steps"]
         except (OSError, ValueError, KeyError, TypeError):
+            return False, None
+        if steps != arm_cfg.optim.total_steps or outputs.foreign_entries(directory / "sae"):
+            return False, None
+        why = _not_of_export(directory, exported, table.get(str(directory.relative_to(run_dir))))
+        stale = stale or why
+    if stale:
+        return False, f"{stale}: evaluating it again"
+    if _other_data(arm_cfg, run_dir):
+        return False, None
+    return True, None
+
+
+def _not_of_export(directory: Path, exported: Any, trained: dict[str, str] | None
+                   ) -> str | None:
+    """Why an SAE's eval.json is not the measurement of the SAE exported beside it (None: it
+    is): unreadable, other numbers than the arm's sweep.csv (`trained`: its row), or than the
+    export records of its evaluation (eval_l0, ...)."""
+    path = directory / "eval.json"
+    evaluation, problem = _read_evaluation(directory, trained)
+    if problem is not None:
+        return f"{path}: {problem}"
+    recorded = exported.get("metadata") if isinstance(exported, dict) else None
+    for metric in ("l0", "explained_variance", "dead_fraction"):
+        said, value = (recorded or {}).get(f"eval_{metric}"), evaluation.get(metric)
+        if isinstance(said, int | float) and not (isinstance(value, int | float) and math.isclose(
+                value, said, rel_tol=1e-9, abs_tol=1e-12)):
+            return (f"{path}: {metric} {value!r} is not the {said!r} of the SAE exported beside "
+                    "it")
+    return None
+
+
+def _other_data(arm_cfg: Config, run_dir: Path) -> bool:
+    """Whether the arm's written data now holds other values than its last checkpoint trained
+    on (its `fingerprint`); False when that cannot be told (streamed data, no checkpoint, or
+    one from before the fingerprint was kept; unreadable checkpoints or data, which a
+    finished arm does not need)."""
+    from jaxsae.checkpoint import Checkpointer
+    from jaxsae.config import CheckpointConfig
+    from jaxsae.data import open_source
+    from jaxsae.data.source import fingerprint
+
+    if arm_cfg.data.stream or not (run_dir / "checkpoints").is_dir():
+        return False
+    try:
+        ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig(), read_only=True)
+        try:
+            step = ckpt.latest_step()
+            saved = None if step is None else ckpt.restore_meta(step)[0].get("data_digest")
+        finally:
+            ckpt.close()
+        if saved is None:
             return False
-        if steps != arm_cfg.optim.total_steps or not (directory / "eval.json").is_file():
-            return False
-        if outputs.foreign_entries(directory / "sae"):
-            return False
-    return True
+        source = open_source(arm_cfg.data, train_tokens=arm_cfg.optim.total_tokens)
+        return fingerprint(source) != saved
+    except Exception:  # (orbax raises many types for damaged directories)
+        return False
 
 
 def collect(arms: Mapping[str, Config]) -> list[dict[str, Any]]:
@@ -360,19 +450,28 @@ def _sweep_table(run_dir: Path) -> dict[str, dict[str, str]]:
 def _evaluation(directory: Path, trained: dict[str, str] | None) -> dict[str, Any]:
     """An SAE's eval.json, as its training wrote it: a damaged one, or one whose metrics
     disagree with its arm's sweep.csv (edited since: fault testing saw a bench report the
-    edited numbers as measured), is refused in one line naming it."""
+    edited numbers as measured), is refused in one line naming it. (`_reuse` has such arms
+    evaluated again before they get here: this is for files changed during the bench.)"""
+    evaluation, problem = _read_evaluation(directory, trained)
+    if problem is not None:
+        raise OutputError(f"{directory / 'eval.json'}: {problem}; move the arm's directory "
+                          "away to train and evaluate it again")
+    return evaluation
+
+
+def _read_evaluation(directory: Path, trained: dict[str, str] | None
+                     ) -> tuple[dict[str, Any], str | None]:
+    """An SAE's eval.json and what is wrong with it (None: nothing): unreadable, not a jaxsae
+    evaluation, or metrics other than the arm's sweep.csv (`trained`: its row) says."""
     from jaxsae.finish import SWEEP_TABLE_METRICS
 
-    path = directory / "eval.json"
-    redo = "move the arm's directory away to train and evaluate it again"
     try:
-        evaluation = json.loads(path.read_text())
+        evaluation = json.loads((directory / "eval.json").read_text())
     except (OSError, ValueError) as e:
-        raise OutputError(f"{path}: not a readable evaluation ({one_line(str(e))}); {redo}"
-                          ) from None
+        return {}, f"not a readable evaluation ({one_line(str(e))})"
     l0 = evaluation.get("l0") if isinstance(evaluation, dict) else None
     if not isinstance(l0, int | float) or isinstance(l0, bool):
-        raise OutputError(f"{path}: not a jaxsae evaluation (no number l0); {redo}")
+        return {}, "not a jaxsae evaluation (no number l0)"
     for metric in SWEEP_TABLE_METRICS if trained is not None else ():
         written, said = trained.get(metric, ""), evaluation.get(metric)
         number = _number(written)
@@ -380,10 +479,9 @@ def _evaluation(directory: Path, trained: dict[str, str] | None) -> dict[str, An
             isinstance(said, int | float) and number is not None
             and math.isclose(number, said, rel_tol=1e-9, abs_tol=1e-12))
         if not same:
-            raise OutputError(f"{path}: {metric} {said!r} disagrees with the "
-                              f"{written or 'null'} its training wrote in "
-                              f"{directory.parent.parent / 'sweep.csv'} (edited?); {redo}")
-    return evaluation
+            return evaluation, (f"{metric} {said!r} disagrees with the {written or 'null'} "
+                                f"its training wrote in {directory.parent.parent / 'sweep.csv'}")
+    return evaluation, None
 
 
 def _number(text: str) -> float | None:
@@ -449,14 +547,37 @@ def _plots(rows, directory: Path) -> None:
                 pts = [(r["l0"], r[key]) for r in mine]
                 keep = pareto_frontier(pts)
                 ax.plot([pts[i][0] for i in keep], [pts[i][1] for i in keep], color=color)
-        if any("true_l0" in r for r in rows):
-            ax.axvline(rows[0].get("true_l0", 0), color="grey", ls=":", lw=1, label="true L0")
-        ax.set_xscale("log")
+        # (fault testing: arms reading other data showed the first row's true L0 alone)
+        truths = sorted({r["true_l0"] for r in rows if r.get("true_l0") is not None})
+        for n, truth in enumerate(truths):
+            ax.axvline(truth, color="grey", ls=":", lw=1, label=None if n else "true L0")
+        _log_l0_axis(ax, [r["l0"] for r in rows if r.get(key) is not None] + truths)
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         save_figure(fig, directory / filename)
+
+
+def _log_l0_axis(ax, values: list[float]) -> None:
+    """A log L0 axis labelled in plain numbers: over a span of more than a few times, the
+    decades and their 2s and 5s only (fault testing: matplotlib's labels of every minor tick,
+    "3×10⁰4×10⁰", ran into each other)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    positive = [v for v in values if isinstance(v, int | float) and v > 0]
+    if positive and max(positive) / min(positive) < 3:
+        ax.xaxis.set_minor_formatter(plain)
+        return
+
+    def some(v, _):
+        lead = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
+        return f"{v:g}" if lead in (2, 5) else ""
+
+    ax.xaxis.set_minor_formatter(FuncFormatter(some))
 
 
 def _plain(cfg: BenchConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -87,6 +88,9 @@ def test_an_override_reaches_an_arm_whose_name_holds_dots(tmp_path):
     ({"arms": {"x": {"sae": {"d_sea": 3}}}}, r"arms\.x: sae\.d_sea: unknown key"),
     ({"arms": {"x": {"sweep": {"seed": [1]}}}}, r"arms\.x\.sweep\.seed: set seeds"),
     ({"sedes": [1]}, r"sedes: unknown key"),
+    # (fault testing: blamed on the base, "base: name: ...")
+    *(({"name": name}, rf"^name: must be a relative name below runs/ .* got {name!r}; use out")
+      for name in ("../../x", "/abs", "a/./b")),
     ({"seeds": []}, r"^seeds: at least one seed"),
     # an arm's name is a directory below out: never a path that leaves it or names it
     *(({"arms": {name: {}}}, r"an arm's name is its directory's")
@@ -256,19 +260,56 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     (out / "results.csv").unlink()
     rows = bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
     assert len(rows) == 8 and (out / "results.csv").is_file()
-    # An eval.json edited or damaged since its training wrote it is refused, naming it, not
-    # reported (fault testing: edited numbers were reported as measured; a damaged one was a
-    # traceback)
+    # An eval.json edited or damaged since its training wrote it, or left from before an
+    # interrupted finish (the SAEs exported, their eval.json not yet written), and a
+    # sweep.csv left from before one, are not reported: the arm is finished again from its
+    # last checkpoint (nothing trained again) and the tables hold what was measured (fault
+    # testing: edited numbers were reported as measured; a damaged one was a traceback; a
+    # longer run's table held the shorter run's numbers, or the arm was refused for good)
+    monkeypatch.undo()
     evaluation = out / "l1" / "sweep" / "00" / "eval.json"
-    kept = evaluation.read_text()
-    for text, match in [(kept.replace('"explained_variance": ', '"explained_variance": 0.999'
-                                      ', "was": '), "explained_variance 0.999 disagrees with"),
-                        ('{"mcc": 0.5', "not a readable evaluation"),
-                        ('{"mcc": 0.5}', r"not a jaxsae evaluation \(no number l0\)")]:
-        evaluation.write_text(text)
-        with pytest.raises(JaxsaeError, match=rf"{re.escape(str(evaluation))}: {match}"):
-            bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
-    evaluation.write_text(kept)
+    kept = json.loads(evaluation.read_text())
+    table = out / "l1" / "sweep.csv"
+    kept_table = table.read_text()
+    stale_table = kept_table.replace(f",{kept['l0']!r},", ",0.5,", 1)
+    assert stale_table != kept_table
+    curves = (out / "l1" / "sweep" / "00" / "metrics.jsonl").read_bytes()
+    stale = f"its training wrote in {table}: evaluating it again"
+    for path_, text, why in [
+            (evaluation, json.dumps({**kept, "explained_variance": 0.999}),
+             f"explained_variance 0.999 disagrees with the {kept['explained_variance']!r} "
+             f"{stale}"),
+            (evaluation, json.dumps({**kept, "mcc": 0.5, "l0": 0.5}),
+             f"l0 0.5 disagrees with the {kept['l0']!r} {stale}"),
+            (evaluation, '{"mcc": 0.5', "not a readable evaluation (Expecting ',' delimiter: "
+                                        "line 1 column 12 (char 11)): evaluating it again"),
+            (evaluation, '{"mcc": 0.5}', "not a jaxsae evaluation (no number l0): evaluating "
+                                         "it again"),
+            (table, stale_table, f"l0 {kept['l0']!r} disagrees with the 0.5 {stale}")]:
+        path_.write_text(text)
+        said = []
+        bench.run_bench(bench.load_bench_config(path), progress=False, log=said.append)
+        assert f"l1: {evaluation}: {why}" in said, said
+        assert json.loads(evaluation.read_text()) == kept
+        assert table.read_text() == kept_table
+        assert (out / "l1" / "sweep" / "00" / "metrics.jsonl").read_bytes() == curves
+    # (the SAE's own record of its evaluation, where sweep.csv agrees: an eval.json written
+    # before the export, by the shorter run)
+    for member in (out / "l1" / "sweep").iterdir():
+        (member / "eval.json").write_text(json.dumps(
+            {**json.loads((member / "eval.json").read_text()), "dead_fraction": 0.75}))
+    rows = list(csv.DictReader(table.open()))
+    for row in rows:
+        row["dead_fraction"] = "0.75"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    said = []
+    bench.run_bench(bench.load_bench_config(path), progress=False, log=said.append)
+    assert (f"l1: {evaluation}: dead_fraction 0.75 is not the {kept['dead_fraction']!r} of the "
+            "SAE exported beside it: evaluating it again") in said, said
+    assert json.loads(evaluation.read_text()) == kept and table.read_text() == kept_table
     # An exported SAE changed since: its eval.json is not of it, so the arm is not reused,
     # and training refuses to replace the change (the tables are left as they were).
     monkeypatch.undo()
@@ -283,3 +324,86 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     assert (out / "results.csv").read_bytes() == tables
     # (fault testing: a refused rerun rewrote the bench directory's marker)
     assert (out / MARKER).stat().st_mtime_ns == marker
+
+
+def test_an_arm_trained_on_other_data_is_not_reused(tmp_path):
+    """Data replaced by other data of the same shape since an arm finished: the arm is not
+    reused (its resume is refused, naming the data) and the tables are left as they were
+    (fault testing: the finished arms were reused beside a new arm trained on the new data,
+    one table over two data sets)."""
+    from jaxsae.data import synthetic
+
+    data, other = tmp_path / "data", tmp_path / "other"
+    for seed, where in ((0, data), (1, other)):
+        synthetic.generate({"kind": "hierarchy_small", "tokens": 12288, "seed": seed}, where,
+                           progress=False)
+    tree = _bench_tree(tmp_path, seeds=[0])
+    del tree["base"]["data"]["generate"]
+    del tree["arms"]["topk"]
+    path = _write(tmp_path, tree)
+    bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
+    out = tmp_path / "bench"
+    tables = (out / "results.csv").read_bytes()
+    data.rename(tmp_path / "first")
+    other.rename(data)
+    with pytest.raises(JaxsaeError, match=r"^arms\.l1: .*holds other values than the data the "
+                                          r"checkpoint"):
+        bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
+    assert (out / "results.csv").read_bytes() == tables
+    # the data back: reused as it was
+    data.rename(other)
+    (tmp_path / "first").rename(data)
+    said = []
+    bench.run_bench(bench.load_bench_config(path), progress=False, log=said.append)
+    assert any("l1: already trained with this exact config" in m for m in said), said
+
+
+def test_one_bench_at_a_time_in_a_directory(tmp_path, capsys, monkeypatch):
+    """A second bench in the directory of one running is refused naming it, and one that
+    cannot write there is refused before any arm trains (fault testing: two benches both
+    said they wrote the tables, which held a mix of the two; an unwritable directory was
+    found after every arm had trained)."""
+    from jaxsae import train as train_mod
+    from jaxsae.runlock import RunLock
+    from tests.faults.conftest import refused
+
+    def fail(*a, **k):
+        raise AssertionError("trained an arm")
+
+    monkeypatch.setattr(train_mod, "train", fail)
+    path = _write(tmp_path, _bench_tree(tmp_path))
+    out = tmp_path / "bench"
+    out.mkdir()
+    holder = RunLock(out, doing="running a bench").acquire()
+    try:
+        refused(["bench", str(path), "--no-progress"], capsys,
+                match=f"{out}: this process is already running a bench here", unchanged=[out])
+    finally:
+        holder.discard()
+    assert not any(out.iterdir())
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(RunLock, "acquire", denied)
+    refused(["bench", str(path), "--no-progress"], capsys,
+            match=f"out {out}: cannot write there (Permission denied)", unchanged=[out])
+
+
+def test_the_l0_axis_is_labelled_in_plain_numbers_that_do_not_collide():
+    """(fault testing: matplotlib labelled every minor tick of a log axis over 2-40,
+    "3×10⁰4×10⁰", running into each other)"""
+    from jaxsae.outputs import subplots
+
+    for values, minor in [([2.0, 40.0], ["2", "5", "20"]), ([12.0, 12.3], None)]:
+        fig, ax = subplots(figsize=(6, 4.2), dpi=120)
+        ax.scatter(values, [0.0, 1.0])
+        bench._log_l0_axis(ax, values)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+        shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        if minor is not None:
+            assert labels[:3] == minor and all(t[0] in "25" and set(t[1:]) <= {"0"}
+                                               for t in labels) and "10" in shown
+        else:  # (a narrow span: its minor ticks are all the labels there are)
+            assert labels and all(re.fullmatch(r"[0-9.]+", t) for t in labels)

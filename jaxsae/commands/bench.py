@@ -16,9 +16,9 @@ class Bench(Command):
     """Compare penalties on one data set: tables and plots.
 
     Trains every arm of a bench config (penalty x swept
-    values x seeds, each arm one vmapped sweep) and write results.csv, results.md and PNG plots
-    (L0 vs explained variance with Pareto frontiers, mcc vs L0, absorption vs L0). Rerunning
-    resumes and skips finished arms."""
+    values x seeds, each arm one vmapped sweep) and writes results.csv, results.md and PNG
+    plots (L0 vs explained variance with Pareto frontiers, mcc vs L0, absorption vs L0).
+    Rerunning resumes and skips finished arms; one bench at a time in a directory."""
 
     memory = ("sae.d_sae", "optim.batch_size", "the arms' sweeps or their sweep_chunk")
 
