@@ -32,7 +32,7 @@ import yaml
 from jaxsae import outputs
 from jaxsae.checks import check_run
 from jaxsae.config import Config, config_from_dict, sweep_label
-from jaxsae.errors import ConfigError, JaxsaeError, one_line
+from jaxsae.errors import ConfigError, DataError, JaxsaeError, one_line
 from jaxsae.outputs import OutputError, atomic_write, fmt, save_figure, subplots, write_csv
 from jaxsae.parsing import (
     apply_override,
@@ -91,11 +91,13 @@ class BenchConfig:
             raise ConfigError("arms: at least one arm is required")
         if not self.seeds:
             raise ConfigError("seeds: at least one seed is required")
-        if (not self.name or Path(self.name).is_absolute()
-                or {"", ".", ".."} & set(self.name.split("/"))):  # (fault testing: blamed on
-            # the base, as the arms' run names it makes were refused)
+        # (fault testing: blamed on the base, as the arms' run names it makes were refused)
+        if self.out is None and not _relative_name(self.name):
             raise ConfigError(f"name: must be a relative name below runs/ (no '.' or '..'), "
                               f"got {self.name!r}; use out for a directory elsewhere")
+        if not _relative_name(f"{self.name}-arm"):
+            raise ConfigError(f"name: the arms' runs are named {self.name!r}-<arm>, which must "
+                              "be relative names (no '.' or '..' parts)")
         out = {}
         for arm, overrides in self.arms.items():
             if not isinstance(arm, str):  # (`yes:`, `1:` and `null:` are not text in YAML)
@@ -144,6 +146,12 @@ class BenchConfig:
         except ConfigError as e:
             return str(e)
         return None
+
+
+def _relative_name(name: str) -> bool:
+    """Whether `name` is a run name `Config` takes (relative, no '.' or '..' parts)."""
+    return (bool(name) and not Path(name).is_absolute()
+            and not {"", ".", ".."} & set(name.split("/")))
 
 
 _ARM_NAME_CHARS = 100
@@ -242,7 +250,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
     try:
         lock.acquire()
     except PermissionError as e:  # (fault testing: found only after every arm had trained)
-        raise OutputError(f"out {directory}: cannot write there ({e.strerror})") from None
+        where = "there" if e.filename in (None, str(directory)) else e.filename
+        raise OutputError(f"out {directory}: cannot write {where} ({e.strerror})") from None
     try:
         return _run_locked(cfg, arms, directory, progress=progress, log=log)
     finally:
@@ -255,11 +264,18 @@ def _run_locked(cfg: BenchConfig, arms: dict[str, Config], directory: Path, *, p
 
     if outputs.output_kind(directory) != "bench":  # (rewritten, a refused rerun changed it)
         outputs.write_marker(directory, "bench")
+    reuse = {}
+    for arm, arm_cfg in arms.items():  # (before any arm trains: a refusal costs nothing)
+        try:
+            reuse[arm] = _reuse(arm_cfg)
+        except JaxsaeError as e:
+            e.args = (f"arms.{arm}: {e}",)
+            raise
     bar = Progress(len(arms), desc=f"bench {cfg.name}", unit="arm", enabled=progress)
     for arm, arm_cfg in arms.items():
         bar.set_postfix_str(f"{arm}: {len(arm_cfg.sweep.points)} SAEs")
         say = bar.write if progress else log
-        reused, again = _reuse(arm_cfg)
+        reused, again = reuse[arm]
         if reused:
             say(f"{arm}: already trained with this exact config ({arm_cfg.run_dir}), reusing "
                 "it")
@@ -336,15 +352,18 @@ def _reuse(arm_cfg: Config) -> tuple[bool, str | None]:
     when its run directory holds a finished run of exactly this config (every key, the swept
     values included) whose SAEs were exported at its last step, each SAE's eval.json measured
     that export and agrees with the arm's sweep.csv, and (written data) the data holds the
-    values its checkpoints trained on. A run resumed to train longer writes its config first
-    and its results at the end, the SAEs, then each eval.json, then sweep.csv: interrupted in
-    between, the files disagree (fault testing: the shorter run's numbers were reported as the
-    longer run's, or the arm was refused for good as "edited?"), and the arm is finished
-    again from its last checkpoint, as is one whose eval.json was edited or damaged: numbers
-    are reported only as measured. An SAE changed or added to since it was exported is not
-    the one its eval.json measured: such an arm is not reused (train() then names the changed
-    files and refuses); nor one whose data changed (train() refuses to resume on it: fault
-    testing, a table mixed arms trained on two data sets)."""
+    values its SAEs were trained on (the fingerprint their exports record).
+
+    A run resumed to train longer writes its config first and its results at the end: the
+    SAEs, then each eval.json, then sweep.csv. Interrupted in between, the files disagree
+    (fault testing: the shorter run's numbers were reported as the longer run's, or the arm
+    was refused for good as "edited?"), and train() finishes the arm again from its newest
+    checkpoint that restores (the last step's, unless that was lost: the steps after it are
+    trained again); so does an arm whose eval.json was edited or damaged: numbers are
+    reported only as measured. An SAE changed or added to since it was exported is not the
+    one its eval.json measured: such an arm is not reused (train() then names the changed
+    files and refuses). An arm whose data changed is refused, naming the data (fault testing:
+    finished arms were reused beside a new one, a table over two data sets)."""
     from jaxsae.finish import member_dirs
     from jaxsae.train import as_started_from
 
@@ -357,7 +376,7 @@ def _reuse(arm_cfg: Config) -> tuple[bool, str | None]:
     if saved != expected or not (run_dir / "sweep.csv").is_file():
         return False, None
     table = _sweep_table(run_dir)
-    stale = None
+    stale, data = None, set()
     for directory in member_dirs(arm_cfg, run_dir):
         try:
             exported = json.loads((directory / "sae" / "cfg.json").read_text())
@@ -368,10 +387,15 @@ def _reuse(arm_cfg: Config) -> tuple[bool, str | None]:
             return False, None
         why = _not_of_export(directory, exported, table.get(str(directory.relative_to(run_dir))))
         stale = stale or why
+        if isinstance(digest := _training_record(exported).get("data_digest"), str):
+            data.add(digest)
+    if _other_data(arm_cfg, data):
+        what = arm_cfg.data.path + (f" / {arm_cfg.data.target}" if arm_cfg.data.target else "")
+        raise DataError(f"{what}: holds other values than the data this arm's SAEs were "
+                        "trained on (their exports record it); restore the data, or bench it "
+                        "in another out")
     if stale:
-        return False, f"{stale}: evaluating it again"
-    if _other_data(arm_cfg, run_dir):
-        return False, None
+        return False, f"{stale}: finishing it again from its checkpoints"
     return True, None
 
 
@@ -379,11 +403,19 @@ def _not_of_export(directory: Path, exported: Any, trained: dict[str, str] | Non
                    ) -> str | None:
     """Why an SAE's eval.json is not the measurement of the SAE exported beside it (None: it
     is): unreadable, other numbers than the arm's sweep.csv (`trained`: its row), or than the
-    export records of its evaluation (eval_l0, ...)."""
+    export records of its evaluation (the digest of every metric; an export of a jaxsae
+    before 2026-12-07: its eval_l0, eval_explained_variance and eval_dead_fraction)."""
+    from jaxsae.checkpoint import json_digest
+
     path = directory / "eval.json"
     evaluation, problem = _read_evaluation(directory, trained)
     if problem is not None:
         return f"{path}: {problem}"
+    digest = _training_record(exported).get("eval_digest")
+    if digest is not None:
+        if json_digest(evaluation) != digest:
+            return f"{path}: not the evaluation the SAE exported beside it recorded"
+        return None
     recorded = exported.get("metadata") if isinstance(exported, dict) else None
     for metric in ("l0", "explained_variance", "dead_fraction"):
         said, value = (recorded or {}).get(f"eval_{metric}"), evaluation.get(metric)
@@ -394,30 +426,26 @@ def _not_of_export(directory: Path, exported: Any, trained: dict[str, str] | Non
     return None
 
 
-def _other_data(arm_cfg: Config, run_dir: Path) -> bool:
-    """Whether the arm's written data now holds other values than its last checkpoint trained
-    on (its `fingerprint`); False when that cannot be told (streamed data, no checkpoint, or
-    one from before the fingerprint was kept; unreadable checkpoints or data, which a
+def _training_record(exported: Any) -> dict[str, Any]:
+    """The `jaxsae` block of an exported cfg.json ({} if none)."""
+    own = exported.get("jaxsae") if isinstance(exported, dict) else None
+    return own if isinstance(own, dict) else {}
+
+
+def _other_data(arm_cfg: Config, recorded: set[str]) -> bool:
+    """Whether the arm's written data now holds other values than its SAEs were trained on
+    (the `fingerprint`s their exports `recorded`); False when that cannot be told (streamed
+    data, exports of a jaxsae before 2026-12-07, or data that cannot be read, which a
     finished arm does not need)."""
-    from jaxsae.checkpoint import Checkpointer
-    from jaxsae.config import CheckpointConfig
     from jaxsae.data import open_source
     from jaxsae.data.source import fingerprint
 
-    if arm_cfg.data.stream or not (run_dir / "checkpoints").is_dir():
+    if arm_cfg.data.stream or not recorded:
         return False
     try:
-        ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig(), read_only=True)
-        try:
-            step = ckpt.latest_step()
-            saved = None if step is None else ckpt.restore_meta(step)[0].get("data_digest")
-        finally:
-            ckpt.close()
-        if saved is None:
-            return False
         source = open_source(arm_cfg.data, train_tokens=arm_cfg.optim.total_tokens)
-        return fingerprint(source) != saved
-    except Exception:  # (orbax raises many types for damaged directories)
+        return fingerprint(source) not in recorded
+    except (JaxsaeError, OSError):
         return False
 
 
@@ -475,7 +503,8 @@ def _read_evaluation(directory: Path, trained: dict[str, str] | None
     for metric in SWEEP_TABLE_METRICS if trained is not None else ():
         written, said = trained.get(metric, ""), evaluation.get(metric)
         number = _number(written)
-        same = (said is None and written == "") or (
+        same = (said is None and (written == "" or (number is not None and math.isnan(number)))
+                ) or (
             isinstance(said, int | float) and number is not None
             and math.isclose(number, said, rel_tol=1e-9, abs_tol=1e-12))
         if not same:

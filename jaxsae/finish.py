@@ -24,11 +24,13 @@ from jaxsae.checkpoint import (
     CorruptCheckpoint,
     Restored,
     abstract_with_shardings,
+    json_digest,
 )
 from jaxsae.config import CheckpointConfig, Config
 from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.generated import refuse_other_sampler
 from jaxsae.data.saelens import SAELensCache
+from jaxsae.data.source import fingerprint
 from jaxsae.data.stats import DataStats
 from jaxsae.data.window import Window, trained_end
 from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
@@ -171,6 +173,10 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
     # export --data OTHER: the training data's size, read once for all (a sweep's) SAEs
     trained_on = (_data_tokens(saes[0][1])
                   if eval_data is not None and saes[0][1].data.path else None)
+    # the values trained on, for `jaxsae bench` to tell replaced data (a few ms; streamed data
+    # is its config's data.generate)
+    data_digest = (fingerprint(source) if eval_data is None and not saes[0][1].data.stream
+                   else None)
     results, frequencies = [], []
     for one, report in zip(sums, reports, strict=True):
         metrics = one.result()
@@ -182,7 +188,7 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
                                                          strict=True):
         _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,
                 inputs=inputs, layout=layout, steps=steps, eval_data=eval_data,
-                n_train=n_train, trained_on=trained_on)
+                n_train=n_train, trained_on=trained_on, data_digest=data_digest)
     return results
 
 
@@ -204,7 +210,7 @@ def _refuse_diverged(results: list[dict[str, Any]]) -> None:
 def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str, Any],
             frequency, source, *, dtype: str, overwrite: bool, inputs: tuple,
             layout: str, steps: int | None, eval_data: str | None, n_train: int,
-            trained_on: int | None) -> None:
+            trained_on: int | None, data_digest: str | None) -> None:
     if out is not None and layout == "sparsify":
         sparsify.export_sparsify(params, cfg.sae, out, dtype=dtype, overwrite=overwrite,
                                  inputs=inputs)
@@ -230,7 +236,12 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
                                                      trained_on)) is None
                          else {"held_out_from": end}),
                       "loss": [t.to_dict() for t in cfg.resolved_loss],
-                      "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size}},
+                      "optim": {"lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size},
+                      # what was measured (the eval.json training writes beside the export
+                      # holds it, as JSON reads it) and the data trained on (`fingerprint`):
+                      # `jaxsae bench` reuses an arm only while both still agree
+                      "eval_digest": json_digest(json.loads(outputs.json_text(metrics))),
+                      **({} if data_digest is None else {"data_digest": data_digest})},
             overwrite=overwrite, inputs=inputs,
         )
 

@@ -165,7 +165,9 @@ def record_sae_files(directory: Path, cfg_json: dict[str, Any]) -> None:
 def _cfg_digest(cfg_json: dict[str, Any]) -> str:
     """sha256 of the cfg's content without the digest itself (key order and spacing aside)."""
     own = {k: v for k, v in cfg_json["jaxsae"].items() if k != _DIGEST}
-    text = json.dumps({**cfg_json, "jaxsae": own}, sort_keys=True)
+    # (as the file holds it: NaN and inf written as null; fault testing: an SAE whose
+    # explained variance is null could never be replaced, its cfg.json "changed")
+    text = json.dumps(_finite_or_none({**cfg_json, "jaxsae": own}), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

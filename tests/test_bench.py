@@ -89,8 +89,11 @@ def test_an_override_reaches_an_arm_whose_name_holds_dots(tmp_path):
     ({"arms": {"x": {"sweep": {"seed": [1]}}}}, r"arms\.x\.sweep\.seed: set seeds"),
     ({"sedes": [1]}, r"sedes: unknown key"),
     # (fault testing: blamed on the base, "base: name: ...")
-    *(({"name": name}, rf"^name: must be a relative name below runs/ .* got {name!r}; use out")
-      for name in ("../../x", "/abs", "a/./b")),
+    *(({"name": name, "out": None}, rf"^name: must be a relative name below runs/ .* got "
+                                    rf"{name!r}; use out")
+      for name in ("../../x", "/abs", "a/./b", ".")),
+    ({"name": "../../x"}, r"^name: the arms' runs are named '\.\./\.\./x'-<arm>, which must be "
+                          r"relative names"),
     ({"seeds": []}, r"^seeds: at least one seed"),
     # an arm's name is a directory below out: never a path that leaves it or names it
     *(({"arms": {name: {}}}, r"an arm's name is its directory's")
@@ -274,7 +277,7 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     stale_table = kept_table.replace(f",{kept['l0']!r},", ",0.5,", 1)
     assert stale_table != kept_table
     curves = (out / "l1" / "sweep" / "00" / "metrics.jsonl").read_bytes()
-    stale = f"its training wrote in {table}: evaluating it again"
+    stale = f"its training wrote in {table}: finishing it again from its checkpoints"
     for path_, text, why in [
             (evaluation, json.dumps({**kept, "explained_variance": 0.999}),
              f"explained_variance 0.999 disagrees with the {kept['explained_variance']!r} "
@@ -282,9 +285,13 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
             (evaluation, json.dumps({**kept, "mcc": 0.5, "l0": 0.5}),
              f"l0 0.5 disagrees with the {kept['l0']!r} {stale}"),
             (evaluation, '{"mcc": 0.5', "not a readable evaluation (Expecting ',' delimiter: "
-                                        "line 1 column 12 (char 11)): evaluating it again"),
-            (evaluation, '{"mcc": 0.5}', "not a jaxsae evaluation (no number l0): evaluating "
-                                         "it again"),
+                                        "line 1 column 12 (char 11)): finishing it again from "
+                                        "its checkpoints"),
+            (evaluation, '{"mcc": 0.5}', "not a jaxsae evaluation (no number l0): finishing "
+                                         "it again from its checkpoints"),
+            # a metric sweep.csv does not hold: the export's record of every metric tells
+            (evaluation, json.dumps({**kept, "mcc": 0.99}), "not the evaluation the SAE "
+             "exported beside it recorded: finishing it again from its checkpoints"),
             (table, stale_table, f"l0 {kept['l0']!r} disagrees with the 0.5 {stale}")]:
         path_.write_text(text)
         said = []
@@ -307,8 +314,8 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
         writer.writerows(rows)
     said = []
     bench.run_bench(bench.load_bench_config(path), progress=False, log=said.append)
-    assert (f"l1: {evaluation}: dead_fraction 0.75 is not the {kept['dead_fraction']!r} of the "
-            "SAE exported beside it: evaluating it again") in said, said
+    assert (f"l1: {evaluation}: not the evaluation the SAE exported beside it recorded: "
+            "finishing it again from its checkpoints") in said, said
     assert json.loads(evaluation.read_text()) == kept and table.read_text() == kept_table
     # An exported SAE changed since: its eval.json is not of it, so the arm is not reused,
     # and training refuses to replace the change (the tables are left as they were).
@@ -346,10 +353,21 @@ def test_an_arm_trained_on_other_data_is_not_reused(tmp_path):
     tables = (out / "results.csv").read_bytes()
     data.rename(tmp_path / "first")
     other.rename(data)
-    with pytest.raises(JaxsaeError, match=r"^arms\.l1: .*holds other values than the data the "
-                                          r"checkpoint"):
+    with pytest.raises(JaxsaeError, match=rf"^arms\.l1: {re.escape(str(data))}: holds other "
+                                          r"values than the data this arm's SAEs were trained"):
         bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
     assert (out / "results.csv").read_bytes() == tables
+    # and so it is when the checkpoints were deleted to save space: the exports record the
+    # data's fingerprint (fault testing: reused over the replaced data)
+    import shutil
+
+    shutil.rmtree(out / "l1" / "checkpoints")
+    before = sorted(str(p) for p in out.rglob("*"))
+    with pytest.raises(JaxsaeError, match=r"^arms\.l1: ") as refusal:
+        bench.run_bench(bench.load_bench_config(path), progress=False, log=lambda m: None)
+    print("REFUSAL", refusal.value)
+    assert (out / "results.csv").read_bytes() == tables
+    assert sorted(str(p) for p in out.rglob("*")) == before
     # the data back: reused as it was
     data.rename(other)
     (tmp_path / "first").rename(data)
@@ -387,7 +405,8 @@ def test_one_bench_at_a_time_in_a_directory(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(RunLock, "acquire", denied)
     refused(["bench", str(path), "--no-progress"], capsys,
-            match=f"out {out}: cannot write there (Permission denied)", unchanged=[out])
+            match=f"out {out}: cannot write {out / '.lock'} (Permission denied)",
+            unchanged=[out])
 
 
 def test_the_l0_axis_is_labelled_in_plain_numbers_that_do_not_collide():
@@ -407,3 +426,32 @@ def test_the_l0_axis_is_labelled_in_plain_numbers_that_do_not_collide():
                                                for t in labels) and "10" in shown
         else:  # (a narrow span: its minor ticks are all the labels there are)
             assert labels and all(re.fullmatch(r"[0-9.]+", t) for t in labels)
+
+
+def test_what_an_export_records_of_its_evaluation_is_compared(tmp_path):
+    """An export of a jaxsae before 2026-12-07 (no digest of its evaluation) is compared by
+    the metrics its metadata records; an explained variance that is null (tokens that do not
+    vary) agrees with the nan sweep.csv writes for it (fault testing: such an arm was refused
+    as edited on its first bench, and again on every rerun)."""
+    (tmp_path / "eval.json").write_text(json.dumps(
+        {"l0": 2.0, "explained_variance": None, "dead_fraction": 0.1, "mse": 1.0}))
+    exported = {"metadata": {"eval_l0": 2.0, "eval_explained_variance": None,
+                             "eval_dead_fraction": 0.1}, "jaxsae": {"steps": 3}}
+    row = {"l0": "2.0", "explained_variance": "nan", "dead_fraction": "0.1", "mse": "1.0"}
+    assert bench._not_of_export(tmp_path, exported, row) is None
+    exported["metadata"]["eval_l0"] = 3.0
+    assert bench._not_of_export(tmp_path, exported, row) == (
+        f"{tmp_path / 'eval.json'}: l0 2.0 is not the 3.0 of the SAE exported beside it")
+
+
+def test_a_cfg_json_holding_nan_reads_back_as_written(tmp_path):
+    """(fault testing: its digest was taken over NaN, the file holds null, so an SAE whose
+    explained variance is null was "cfg.json (changed)" for good: never replaced, its run
+    never resumed)"""
+    from jaxsae import outputs
+
+    cfg = {"architecture": "standard", "metadata": {"eval_explained_variance": float("nan")},
+           "jaxsae": {"steps": 3}}
+    outputs.record_sae_files(tmp_path, cfg)
+    (tmp_path / "cfg.json").write_text(outputs.json_text(cfg, indent=2))
+    assert outputs.foreign_entries(tmp_path) == []
