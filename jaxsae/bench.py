@@ -211,6 +211,13 @@ def _apply_override(tree: dict[str, Any], assignment: str,
                           "terms); give base.loss=[...] whole, or edit an arm's own loss")
     arms = tree.get("arms")
     rest = dotted.strip()[len("arms."):] if dotted.strip().startswith("arms.") else None
+    if ("=" in assignment and rest is not None and isinstance(arms, dict) and rest in arms
+            and override_value(dotted, text) is None):  # an arm left out of this run
+        # (fault testing: refused as "expected a mapping", so an arm could not be dropped
+        # from the command line)
+        del arms[rest]
+        note_override(seen, f"arms.{rest}", assignment, None)
+        return
     if "=" in assignment and rest is not None and isinstance(arms, dict):
         name = max((n for n in arms if isinstance(n, str) and "." in n
                     and (rest == n or rest.startswith(n + "."))), key=len, default=None)

@@ -80,6 +80,11 @@ def test_an_override_reaches_an_arm_whose_name_holds_dots(tmp_path):
     cfg = bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path)),
                                   ["arms.e={sae: {d_sae: 5}}"])
     assert cfg.arm_configs()["e"].sae.d_sae == 5
+    # and one is left out of a run with null (fault testing: "expected a mapping")
+    cfg = bench.load_bench_config(_write(tmp_path, tree), ["arms.a.b=null", "arms.c.d="])
+    assert list(cfg.arm_configs()) == ["a"]
+    with pytest.raises(ConfigError, match=r"override arms\.x\.y: no arm named 'x'"):
+        bench.load_bench_config(_write(tmp_path, tree), ["arms.x.y=null"])
 
 
 @pytest.mark.parametrize(("change", "match"), [

@@ -27,7 +27,8 @@ class Bench(Command):
     config: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CONFIG")]
     """bench YAML (see configs/bench/)"""
     overrides: Overrides = ()
-    """dotted overrides of the bench config, e.g. seeds=[0,1,2] base.optim.total_tokens=1e6"""
+    """dotted overrides of the bench config, e.g. seeds=[0,1,2] base.optim.total_tokens=1e6
+    arms.topk.sae.k=64 (arms.NAME=null leaves that arm out)"""
     no_progress: Flag = False
     """no progress bars"""
 
