@@ -31,7 +31,7 @@ import yaml
 
 from jaxsae import outputs
 from jaxsae.checks import check_run
-from jaxsae.config import Config, config_from_dict, sweep_label
+from jaxsae.config import Config, config_from_dict, override_sweep, sweep_label
 from jaxsae.errors import ConfigError, DataError, JaxsaeError, one_line
 from jaxsae.outputs import OutputError, atomic_write, fmt, save_figure, subplots, write_csv
 from jaxsae.parsing import (
@@ -211,6 +211,20 @@ def _apply_override(tree: dict[str, Any], assignment: str,
                           "terms); give base.loss=[...] whole, or edit an arm's own loss")
     arms = tree.get("arms")
     rest = dotted.strip()[len("arms."):] if dotted.strip().startswith("arms.") else None
+    # one axis of a sweep, whose key keeps its dots, as `jaxsae train` takes it (fault
+    # testing: arms.X.sweep.loss.sparsity.coefficient=[...] was split at the dots, "sweep.loss:
+    # expected a list of values")
+    owner = None
+    if "=" in assignment and rest is not None and isinstance(arms, dict):
+        owner = max((n for n in arms if isinstance(n, str) and rest.startswith(n + ".sweep.")
+                     and isinstance(arms[n], dict)), key=len, default=None)
+    if owner is not None or ("=" in assignment and dotted.strip().startswith("base.sweep.")
+                             and isinstance(base, dict)):
+        where = f"arms.{owner}." if owner is not None else "base."
+        axis, value = override_sweep(arms[owner] if owner is not None else base,
+                                     assignment.strip()[len(where):], where)
+        note_override(seen, f"{where}sweep.{axis}", assignment, value)
+        return
     if ("=" in assignment and rest is not None and isinstance(arms, dict) and rest in arms
             and override_value(dotted, text) is None):  # an arm left out of this run
         # (fault testing: refused as "expected a mapping", so an arm could not be dropped

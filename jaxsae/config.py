@@ -805,7 +805,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     seen: dict[str, tuple[str, Any]] = {}  # (a key set twice under two spellings is refused)
     for assignment in [a for a in overrides if a not in terms]:
         if assignment.startswith("sweep.") and "=" in assignment:
-            name, value = _override_sweep(tree, assignment)
+            name, value = override_sweep(tree, assignment)
             note_override(seen, f"sweep.{name}", assignment, value)
             continue
         apply_override(tree, assignment, seen)
@@ -833,9 +833,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     return cfg
 
 
-def _override_sweep(tree: dict[str, Any], assignment: str) -> tuple[str, Any]:
-    """`sweep.optim.lr=[1e-4, 3e-4]` sets one axis of the sweep grid (the key keeps its dots);
-    returns the axis and its values."""
+def override_sweep(tree: dict[str, Any], assignment: str, where: str = ""
+                   ) -> tuple[str, Any]:
+    """`sweep.optim.lr=[1e-4, 3e-4]` sets one axis of the sweep grid of `tree` (the key keeps
+    its dots); returns the axis and its values. `where`: the prefix of `tree`'s keys in the
+    override as given (a bench's `arms.NAME.`), for the errors."""
     dotted, text = assignment.split("=", 1)
     # (a term by position as errors name it, `loss[1].coefficient`, is `loss.1.coefficient`)
     name = re.sub(r"^loss\[(\d+)\]", r"loss.\1", dotted.strip().removeprefix("sweep."))
@@ -843,9 +845,9 @@ def _override_sweep(tree: dict[str, Any], assignment: str) -> tuple[str, Any]:
     if sweep is None:
         sweep = tree["sweep"] = {}
     if not isinstance(sweep, dict):
-        raise ConfigError(f"override {dotted}: the config's sweep is a list of points; replace "
-                          "it whole with sweep='[{...}, ...]'")
-    sweep[name] = override_value(dotted, text)
+        raise ConfigError(f"override {where}{dotted}: the sweep there is a list of points; "
+                          f"replace it whole with {where}sweep='[{{...}}, ...]'")
+    sweep[name] = override_value(where + dotted, text)
     return name, sweep[name]
 
 

@@ -80,6 +80,18 @@ def test_an_override_reaches_an_arm_whose_name_holds_dots(tmp_path):
     cfg = bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path)),
                                   ["arms.e={sae: {d_sae: 5}}"])
     assert cfg.arm_configs()["e"].sae.d_sae == 5
+    # an axis of an arm's (or the base's) sweep keeps its dots, as `jaxsae train` takes it
+    # (fault testing: split at the dots, "sweep.loss: expected a list of values")
+    cfg = bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path)), [
+        "arms.l1.sweep.loss.1.coefficient=[0.5, 2]", "base.sweep.optim.lr=[0.01]"])
+    arms = cfg.arm_configs()
+    assert [p["loss.1.coefficient"] for p in arms["l1"].sweep.points][::2] == [0.5, 2]
+    assert cfg.base["sweep"] == {"optim.lr": [0.01]}
+    with pytest.raises(ConfigError, match=r"^override arms\.topk\.sweep\.optim\.lr: the sweep "
+                                          r"there is a list of points; replace it whole with "
+                                          r"arms\.topk\.sweep="):
+        bench.load_bench_config(_write(tmp_path, _bench_tree(tmp_path)),
+                                ["arms.topk.sweep.optim.lr=[1]"])
     # and one is left out of a run with null (fault testing: "expected a mapping")
     cfg = bench.load_bench_config(_write(tmp_path, tree), ["arms.a.b=null", "arms.c.d="])
     assert list(cfg.arm_configs()) == ["a"]
