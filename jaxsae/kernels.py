@@ -457,20 +457,24 @@ def kth_largest_nonnegative(values: jax.Array, k: int) -> jax.Array:
     return kth_largest_and_count(values, k)[0]
 
 
-def kth_largest_and_count(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def kth_largest_and_count(values: jax.Array, k: int, *, across: tuple[str, ...] = ()
+                          ) -> tuple[jax.Array, jax.Array]:
     """`kth_largest_nonnegative`, and how many entries are at least that value (more than k
-    when values tie at it), which the bisection has counted already."""
+    when values tie at it), which the bisection has counted already. `across`: in a
+    shard_map, the mesh axes `values` is one block of (the counts are summed over them)."""
     bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32).reshape(-1), jnp.int32)
 
     def body(_, state):
         lo, hi, at_lo = state  # invariant: count(bits >= lo) = at_lo >= k > count(bits >= hi)
         mid = lo + (hi - lo) // 2
         count = jnp.sum(bits >= mid, dtype=jnp.int32)
+        count = jax.lax.psum(count, across) if across else count
         enough = count >= k
         return (jnp.where(enough, mid, lo), jnp.where(enough, hi, mid),
                 jnp.where(enough, count, at_lo))
 
-    start = (jnp.int32(0), jnp.int32(0x7F800001), jnp.int32(bits.shape[0]))  # 0 .. above +inf
+    size = jax.lax.psum(bits.shape[0], across) if across else bits.shape[0]
+    start = (jnp.int32(0), jnp.int32(0x7F800001), jnp.int32(size))  # 0 .. above +inf
     lo, _, at_lo = jax.lax.fori_loop(0, 32, body, start)
     return jax.lax.bitcast_convert_type(lo, jnp.float32), at_lo
 

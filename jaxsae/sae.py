@@ -305,21 +305,29 @@ def sparse_decode(W_dec: jax.Array, codes: activations.Codes, ends: tuple[int, .
     (`kernels.gather_decode`); otherwise each entry is scatter-added into the row of its token
     in its latent's block (`kernels.scatter_decode`), all blocks in one pass. On a dictionary
     split over `model`, each device decodes its own entries from its own rows of W_dec
-    ([batch, model·k] codes laid out [data, model], as TopK's split selection gives them)
-    and the partial decodes are summed over `model`."""
+    ([batch, model·k] codes laid out [data, model], as TopK's split selection gives them, or
+    [data, model, slots] lists with their rows, as BatchTopK's) and the partial decodes are
+    summed over `model`."""
     if mesh is not None and mesh.shape["model"] > 1:
-        split = PartitionSpec("data", "model")
+        rows_here = batch // mesh.shape["data"]
 
-        def local(values, index, W_dec):
+        def local(values, index, W_dec, rows=None):
             own = index - jax.lax.axis_index("model") * W_dec.shape[0]
-            part = _decode_entries(W_dec, values, own, index, None, ends, values.shape[0])
+            if rows is not None:  # (a device's list: [1, 1, slots], its rows global)
+                values, own, index = values[0], own[0], index[0]
+                rows = rows[0] - jax.lax.axis_index("data") * rows_here
+            part = _decode_entries(W_dec, values, own, index, rows, ends, rows_here)
             return jax.lax.psum(part, "model")
 
         # check_vma off: the custom VJPs' gradients of a device's rows are sums over its part
         # of the batch; shard_map adds them up over `data` (what the type check would refuse).
-        return jax.shard_map(local, mesh=mesh, in_specs=(split, split, PartitionSpec("model")),
-                             out_specs=PartitionSpec(None, "data"), check_vma=False)(
-            codes.top_values, codes.top_index, W_dec)
+        codes_spec = PartitionSpec("data", "model", *([None] * (codes.top_index.ndim - 2)))
+        specs = (codes_spec, codes_spec, PartitionSpec("model"))
+        args = (codes.top_values, codes.top_index, W_dec)
+        if codes.top_rows is not None:
+            specs, args = (*specs, codes_spec), (*args, codes.top_rows)
+        return jax.shard_map(local, mesh=mesh, in_specs=specs,
+                             out_specs=PartitionSpec(None, "data"), check_vma=False)(*args)
     return _decode_entries(W_dec, codes.top_values, codes.top_index, codes.top_index,
                            codes.top_rows, ends, batch)
 

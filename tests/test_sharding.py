@@ -86,9 +86,10 @@ for name, (sae, loss) in cases.items():
     tree = {"data": {"path": "x"}, "sae": {"d_sae": 64, **sae}, "loss": loss,
             "optim": {"lr": 1e-2, "batch_size": 64, "total_tokens": 6400, "warmup_steps": 1}}
     ref, ref_losses = run({**tree, "mesh": {"data": 1, "model": 1}}, jax.devices()[:1])
-    # every case on the mixed mesh (data and model split at once); with every-mesh, the ReLU
-    # and TopK paths also purely data-parallel and with the whole dictionary split 8 ways
-    split = every_mesh and name.startswith(("relu", "topk"))
+    # every case on the mixed mesh (data and model split at once); with every-mesh, the ReLU,
+    # TopK and BatchTopK paths also purely data-parallel and with the whole dictionary split
+    # 8 ways
+    split = every_mesh and name.startswith(("relu", "topk", "batchtopk"))
     meshes = [(2, 4)] + ([(8, 1), (1, 8)] if split else [])
     for data, model in meshes:
         got, losses = run({**tree, "mesh": {"data": data, "model": model}}, jax.devices())
@@ -142,7 +143,8 @@ def test_sharded_steps_match_one_device(names, meshes):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    split = [n for n in cases if n.startswith(("relu", "topk")) and meshes == "every-mesh"]
+    split = [n for n in cases if n.startswith(("relu", "topk", "batchtopk"))
+             and meshes == "every-mesh"]
     assert len(results) == len(cases) + 2 * len(split)
     for case, diffs in results.items():
         assert diffs["param_diff"] < 1e-5, (case, diffs)
@@ -190,8 +192,8 @@ def test_topk_keeps_exactly_k_when_values_tie():
     columns, was evaluated with every tied latent kept: L0 29.9 for k 4.) Exactly k (or the
     swept k) a row, dense and sparse, on one device and with the dictionary split 4 ways
     (the ties a row still needs shared out over the devices); the values kept are the k
-    largest (5 + 4 + 3 + 3). BatchTopK (dense, as a dictionary split over `model` runs it)
-    keeps exactly batch·k, the first ties in row-major order."""
+    largest (5 + 4 + 3 + 3). BatchTopK's selection on the sharded array (as a dictionary
+    split over `model` runs it) keeps exactly batch·k, the first ties in row-major order."""
     env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", _TIES_SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -202,6 +204,65 @@ def test_topk_keeps_exactly_k_when_values_tie():
         assert got == {"dense": [4] * 8, "live": [3] * 8, "part_sum": [15.0] * 8,
                        "part_n": [4] * 8, "sparse": [4] * 8, "batch": 32,
                        "batch_first": True}, got
+
+
+_BATCHTOPK_SPLIT_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxsae import sae
+from jaxsae.config import config_from_dict
+
+cfg = config_from_dict({"data": {"path": "x"}, "sae": {"d_sae": 64, "activation": "batchtopk",
+                                                       "k": 4}, "optim": {"batch_size": 64}})
+params = sae.init_params(jax.random.key(0), 16, cfg.sae)
+rng = np.random.default_rng(0)
+x = (np.maximum(rng.standard_normal((64, 16)), 0) * 2).astype(np.float32)
+x[5] = x[4]  # (a copy of a token: its values tie)
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+specs = {"W_enc": P(None, "model"), "W_dec": P("model", None), "b_enc": P("model"),
+         "b_dec": P(), "threshold": P("model")}
+out = {}
+for live in (None, 3):
+    def loss(params, x, mesh, sparse):
+        k = None if live is None else jnp.asarray(live)
+        o = sae.forward(params, x, cfg.sae, train=True, mesh=mesh, prefix_ends=(8, 32), k=k,
+                        sparse=sparse)
+        # every block's reconstruction in the loss (as Matryoshka's prefixes take them)
+        return jnp.sum((o.x_hat - x) ** 2) + jnp.sum(o.block_recons[:2] ** 2), o
+    (ref, ref_out), ref_g = jax.value_and_grad(loss, has_aux=True)(params, x, None, False)
+    split = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+    xs = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    (got, got_out), got_g = jax.jit(lambda p, x: jax.value_and_grad(loss, has_aux=True)(
+        p, x, mesh, True))(split, xs)
+    out[str(live)] = {
+        "lists": list(got_out.top_rows.shape),
+        "acts": float(jnp.max(jnp.abs(got_out.acts - ref_out.acts))),
+        "kept": int(jnp.sum(got_out.top_values > 0)),
+        "threshold": [float(ref_out.batch_threshold), float(got_out.batch_threshold)],
+        "loss": abs(float(got) - float(ref)) / abs(float(ref)),
+        "grads": max(float(jnp.max(jnp.abs(got_g[k] - ref_g[k])) / jnp.max(jnp.abs(ref_g[k])))
+                     for k in ("W_enc", "W_dec", "b_enc", "b_dec"))}
+print(json.dumps(out))
+"""
+
+
+def test_batchtopk_stays_sparse_on_a_split_dictionary():
+    """BatchTopK on a dictionary split over `model` (issue 20, item 5): each device lists its
+    own kept entries ([data, model, slots]) and decodes them from its own rows; the codes,
+    the batch threshold, the loss over Matryoshka-style blocks and every gradient equal the
+    dense path's on one device, with k traced (a sweep over k) and tied values (a copied
+    token). (Until 2026-12-07 it kept the dense path there.)"""
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _BATCHTOPK_SPLIT_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for live, got in results.items():
+        assert got["lists"] == [2, 4, 256], (live, got)  # min(batch·k, 32 rows x 16 latents)
+        assert got["acts"] == 0.0 and got["kept"] == 64 * (4 if live == "None" else 3), got
+        assert got["threshold"][0] == got["threshold"][1], got
+        assert got["loss"] < 1e-6 and got["grads"] < 1e-5, (live, got)
 
 
 _RESUME_SCRIPT = r"""

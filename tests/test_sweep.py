@@ -348,8 +348,8 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("sections", [
     TOPK,
-    # BatchTopK's sparse path (8x1) and its dense one on a model-split dictionary (4x2), with
-    # prefix losses and AuxK, k traced per SAE
+    # BatchTopK's sparse path (8x1) and its per-device lists on a model-split dictionary
+    # (4x2), with prefix losses and AuxK, k traced per SAE
     {"sae": {"d_sae": 64, "activation": "batchtopk", "k": 4},
      "loss": [{"term": "matryoshka", "prefixes": [16, 64]}, {"term": "auxk", "dead_tokens": 64}]},
     pytest.param({"sae": {"d_sae": 64, "activation": "relu"},

@@ -2,28 +2,34 @@
 batch; at inference relu(z) · 1[z > θ] with θ a running average of the smallest kept value,
 i.e. a JumpReLU, which is how it exports.
 
-Unless the dictionary is split over `model`, training takes the sparse path: the kept
-activations are found with one pass over the batch (chunk maxima, in
-`kernels.batch_top_k_entries`), and, as on TopK's path, only their encoder columns and decoder
-rows are touched (`kernels.take_pre_acts`, `kernels.scatter_decode` in `jaxsae.sae.forward`).
-A token's number of latents varies, so the codes are a flat list of (token, latent, value)
-entries rather than k per token.
+Training takes a sparse path: the kept activations are found with one pass over the batch
+(chunk maxima, in `kernels.batch_top_k_entries`), and, as on TopK's path, only their encoder
+columns and decoder rows are touched (`kernels.take_pre_acts`, `kernels.scatter_decode` in
+`jaxsae.sae.forward`). A token's number of latents varies, so the codes are a flat list of
+(token, latent, value) entries rather than k per token. On a dictionary split over `model`
+the batch threshold is a bisection in which each device counts its own block, and each device
+lists its own kept entries (`_sparse_split`): their values, gradients and decode stay on it.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsae import kernels
 from jaxsae.activations import Activation, Codes, encoder_weight, register
 
 
-def batchtopk(pre_acts: jax.Array, k: int | jax.Array, *, sweep_axis: str | None = None
-              ) -> tuple[jax.Array, jax.Array]:
+def batchtopk(pre_acts: jax.Array, k: int | jax.Array, *, sweep_axis: str | None = None,
+              mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
     """Keeps the batch*k largest positive activations of the whole batch (all positive ones
     when fewer are; exactly batch*k otherwise, ties at the threshold taken in row-major order).
     `sweep_axis`: the vmap axis of a sweep's SAEs, if any (the tie cut runs when one needs it).
+    `mesh`: the array is split over its devices ("data", "model"), each of which counts its
+    own block (flattening the whole array moved it between them).
 
     Returns the codes and the threshold (the smallest kept value; 0 when nothing is kept). The
     batch·k-th largest value is found exactly by
@@ -33,7 +39,14 @@ def batchtopk(pre_acts: jax.Array, k: int | jax.Array, *, sweep_axis: str | None
     """
     values = jax.nn.relu(pre_acts)
     target = pre_acts.shape[0] * k
-    threshold, reaching = kernels.kth_largest_and_count(values, target)
+    if mesh is None:
+        threshold, reaching = kernels.kth_largest_and_count(values, target)
+    else:
+        split = PartitionSpec("data", "model")
+        threshold, reaching = jax.shard_map(
+            partial(kernels.kth_largest_and_count, across=("data", "model")), mesh=mesh,
+            in_specs=(split, PartitionSpec()), out_specs=(PartitionSpec(), PartitionSpec()),
+            check_vma=False)(values, jnp.asarray(target, jnp.int32))
     # Strictly positive values at or above the threshold, exactly batch·k of them (ties at
     # the threshold are kept in row-major order until there are); all of them when fewer
     # than batch·k are positive (threshold 0: then `reaching` counts the zeros too).
@@ -76,13 +89,15 @@ class BatchTopK(Activation):
             acts = jax.nn.relu(pre_acts) * (pre_acts > params["threshold"])
             return Codes(acts=acts, batch_threshold=jnp.zeros((), pre_acts.dtype))
         live = cfg.k if k is None else k
-        if not sparse or (mesh is not None and mesh.shape["model"] > 1):
-            # A dictionary split over `model` keeps the dense path: the bisection's counts
-            # are global sums, so it needs nothing gathered.
+        if not sparse:
             acts, threshold = batchtopk(pre_acts, live, sweep_axis=sweep_axis)
             return Codes(acts=acts, batch_threshold=threshold)
-        index, values, row, threshold = sparse_batchtopk(params, x, pre_acts, cfg.k, live,
-                                                         sweep_axis=sweep_axis)
+        if mesh is not None and mesh.shape["model"] > 1:
+            index, values, row, threshold = _sparse_split(params, x, pre_acts, cfg.k, live,
+                                                          mesh, sweep_axis=sweep_axis)
+        else:
+            index, values, row, threshold = sparse_batchtopk(params, x, pre_acts, cfg.k, live,
+                                                             sweep_axis=sweep_axis)
         acts = jnp.zeros_like(pre_acts).at[row, index].add(values)  # padding adds 0
         return Codes(acts=acts, batch_threshold=threshold.astype(pre_acts.dtype),
                      top_index=index, top_values=values, top_rows=row)
@@ -120,3 +135,42 @@ def sparse_batchtopk(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.A
     # (the kept pre-activations as the dense path sees them: the same threshold to the bit)
     kept = jax.nn.relu(jax.lax.stop_gradient(pre_acts)[row, index]) * valid
     return index, values * valid, row, smallest_kept(threshold, kept)
+
+
+def _sparse_split(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.Array, k: int,
+                  live: int | jax.Array, mesh: Mesh, *, sweep_axis: str | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """BatchTopK's sparse codes on a dictionary split over `model`: the kept entries are
+    the dense path's (`batchtopk` on the mesh: a bisection in which each device counts its own
+    block, then the tie cut, partitioned by XLA; no device gathers a row or the batch), then
+    each device
+    lists its own in row-major order, as many as its block can hold of the batch's batch·k:
+    (latent, value, row) [data, model, slots] with global latents and rows (padding: value
+    0), so that their values, gradients and decode (`jaxsae.sae.sparse_decode`) stay on the
+    device. A token keeps any number of latents on any device, and the list never overflows.
+    (check_vma off: see `sparse_decode`.)"""
+    blocks = NamedSharding(mesh, PartitionSpec("data", "model"))
+    pre = jax.lax.with_sharding_constraint(jax.lax.stop_gradient(pre_acts), blocks)
+    kept, threshold = batchtopk(pre, live, sweep_axis=sweep_axis, mesh=mesh)
+    kept = jax.lax.with_sharding_constraint(kept, blocks)
+    batch, d_sae = pre_acts.shape
+    rows_here, width = batch // mesh.shape["data"], d_sae // mesh.shape["model"]
+    slots = min(batch * k, rows_here * width)
+
+    def select(kept, x, b_dec, W_enc, b_enc, pre_acts):
+        position, count = kernels.first_true((kept > 0).reshape(-1), slots)
+        row, index = (position // width)[None], (position % width)[None]
+        values = jax.nn.relu(kernels.take_pre_acts(x, b_dec, W_enc, b_enc, pre_acts, index,
+                                                   row)) * (jnp.arange(slots) < count)
+        return ((index + jax.lax.axis_index("model") * width)[None], values[None],
+                (row + jax.lax.axis_index("data") * rows_here)[None])
+
+    split, listed = PartitionSpec("data", "model"), PartitionSpec("data", "model", None)
+    index, values, row = jax.shard_map(
+        select, mesh=mesh,
+        in_specs=(split, PartitionSpec("data", None), PartitionSpec(),
+                  PartitionSpec(None, "model"), PartitionSpec("model"), split),
+        out_specs=(listed, listed, listed), check_vma=False)(
+        kept, x, params["b_dec"], encoder_weight(params), params["b_enc"],
+        jax.lax.stop_gradient(pre_acts))
+    return index, values, row, threshold
