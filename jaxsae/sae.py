@@ -316,8 +316,11 @@ def sparse_decode(W_dec: jax.Array, codes: activations.Codes, ends: tuple[int, .
             if rows is not None:  # (a device's list: [1, 1, slots], its rows global)
                 values, own, index = values[0], own[0], index[0]
                 rows = rows[0] - jax.lax.axis_index("data") * rows_here
-            part = _decode_entries(W_dec, values, own, index, rows, ends, rows_here)
-            return jax.lax.psum(part, "model")
+            # (summed over `model` in float32, then rounded once: in bfloat16 each device's
+            # part was rounded before the sum; fault testing)
+            part = _decode_entries(W_dec, values, own, index, rows, ends, rows_here,
+                                   dtype=jnp.float32)
+            return jax.lax.psum(part, "model").astype(values.dtype)
 
         # check_vma off: the custom VJPs' gradients of a device's rows are sums over its part
         # of the batch; shard_map adds them up over `data` (what the type check would refuse).
@@ -333,18 +336,21 @@ def sparse_decode(W_dec: jax.Array, codes: activations.Codes, ends: tuple[int, .
 
 
 def _decode_entries(W_dec: jax.Array, values: jax.Array, index: jax.Array, latent: jax.Array,
-                    rows: jax.Array | None, ends: tuple[int, ...], batch: int) -> jax.Array:
+                    rows: jax.Array | None, ends: tuple[int, ...], batch: int,
+                    dtype=None) -> jax.Array:
     """sparse_decode on one device: `index` the rows of W_dec, `latent` the latents (the
-    same, unless W_dec is a device's block of the dictionary), `rows` each entry's token."""
+    same, unless W_dec is a device's block of the dictionary), `rows` each entry's token;
+    in `dtype` (default: the values')."""
+    dtype = values.dtype if dtype is None else dtype
     if rows is None and len(ends) == 1:
-        return kernels.gather_decode(values, W_dec, index)[None]
+        return kernels.gather_decode(values, W_dec, index)[None].astype(dtype)
     if rows is None:
         rows = jnp.broadcast_to(jnp.arange(batch, dtype=index.dtype)[:, None], index.shape)
     if len(ends) > 1:  # the block of latent i: the first end above i
         block = jnp.searchsorted(jnp.asarray(ends, latent.dtype), latent, side="right")
         rows = rows + batch * block.astype(index.dtype)
     recons = kernels.scatter_decode(values, W_dec, index, rows, len(ends) * batch)
-    return recons.reshape(len(ends), batch, W_dec.shape[1]).astype(values.dtype)
+    return recons.reshape(len(ends), batch, W_dec.shape[1]).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
