@@ -30,7 +30,6 @@ from jaxsae.config import CheckpointConfig, Config
 from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.generated import refuse_other_sampler
 from jaxsae.data.saelens import SAELensCache
-from jaxsae.data.source import fingerprint
 from jaxsae.data.stats import DataStats
 from jaxsae.data.window import Window, trained_end
 from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
@@ -126,11 +125,13 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
                  stats: DataStats | None = None, dtype: str = "float32",
                  truth: synthetic.Truth | None = None, overwrite: bool = False,
                  inputs: tuple = (), layout: str = "saelens", progress: bool = False,
-                 steps: int | None = None, eval_data: str | None = None
-                 ) -> list[dict[str, Any]]:
+                 steps: int | None = None, eval_data: str | None = None,
+                 data_digest: str | None = None) -> list[dict[str, Any]]:
     """`finalise` of several SAEs trained on the same data (a sweep's): the evaluation tokens
     are read once for all of them, each block evaluated by every SAE in turn. `steps`: the
-    steps the parameters were trained (default: the run's total)."""
+    steps the parameters were trained (default: the run's total). `data_digest`: the
+    `fingerprint` of the data trained on (training's, taken at its start), recorded in the
+    exports for `jaxsae bench` to tell replaced data."""
     scale = 1.0 if stats is None else stats.scale
     target_scale = 1.0 if stats is None else stats.target_scale
     # the weights the export will hold (rounded to `dtype`) are the ones evaluated
@@ -173,10 +174,6 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
     # export --data OTHER: the training data's size, read once for all (a sweep's) SAEs
     trained_on = (_data_tokens(saes[0][1])
                   if eval_data is not None and saes[0][1].data.path else None)
-    # the values trained on, for `jaxsae bench` to tell replaced data (a few ms; streamed data
-    # is its config's data.generate)
-    data_digest = (fingerprint(source) if eval_data is None and not saes[0][1].data.stream
-                   else None)
     results, frequencies = [], []
     for one, report in zip(sums, reports, strict=True):
         metrics = one.result()

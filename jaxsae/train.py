@@ -457,7 +457,7 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
         [(built.member_params(params, i), member, directory / "sae" if is_main else None)
          for i, (member, directory) in enumerate(zip(members, dirs, strict=True))],
         source, n_train, stats=stats, truth=truth,  # the held-out tokens read once for all
-        progress=progress and is_main)
+        progress=progress and is_main, data_digest=digest)
     results = []
     for i, (directory, metrics) in enumerate(zip(dirs, evaluations, strict=True)):
         if is_main:

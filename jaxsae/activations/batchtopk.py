@@ -171,6 +171,5 @@ def _sparse_split(params: dict[str, jax.Array], x: jax.Array, pre_acts: jax.Arra
         in_specs=(split, PartitionSpec("data", None), PartitionSpec(),
                   PartitionSpec(None, "model"), PartitionSpec("model"), split),
         out_specs=(listed, listed, listed), check_vma=False)(
-        kept, x, params["b_dec"], encoder_weight(params), params["b_enc"],
-        jax.lax.stop_gradient(pre_acts))
+        kept, x, params["b_dec"], encoder_weight(params), params["b_enc"], pre)
     return index, values, row, threshold
