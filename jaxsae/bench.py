@@ -290,7 +290,7 @@ def _run_locked(cfg: BenchConfig, arms: dict[str, Config], directory: Path, *, p
         try:
             reuse[arm] = _reuse(arm_cfg)
         except JaxsaeError as e:
-            e.args = (f"arms.{arm}: {e}",)
+            e.args = (_arm_message(arm, e),)
             raise
     bar = Progress(len(arms), desc=f"bench {cfg.name}", unit="arm", enabled=progress)
     for arm, arm_cfg in arms.items():
@@ -311,7 +311,7 @@ def _run_locked(cfg: BenchConfig, arms: dict[str, Config], directory: Path, *, p
             try:
                 train(arm_cfg, progress=progress, resume_as_trained=False, log=say)
             except JaxsaeError as e:
-                e.args = (f"arms.{arm}: {e}",)
+                e.args = (_arm_message(arm, e),)
                 raise
         bar.update()
     bar.close()
@@ -320,6 +320,17 @@ def _run_locked(cfg: BenchConfig, arms: dict[str, Config], directory: Path, *, p
     outputs.atomic_write(directory / "bench.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
     write_results(rows, directory)
     return rows
+
+
+_RUN_DIR_HINT = re.compile(r"\banother (?:name or run_dir|name/run_dir|run_dir)\b")
+
+
+def _arm_message(arm: str, error: Exception) -> str:
+    """A refusal of one arm, named by its arm, its advice in the bench's terms: an arm's
+    run_dir is the bench's (out, or runs/<name>) / <arm>, not a key the bench config sets
+    (fault testing: "choose another name or run_dir" for an arm)."""
+    return f"arms.{arm}: " + _RUN_DIR_HINT.sub("another bench directory (out, or name)",
+                                                str(error))
 
 
 _DUMPED_KEYS = {"name", "out", "base", "arms", "seeds"}

@@ -212,6 +212,27 @@ def test_the_bench_directory_never_takes_somebody_elses_files(tmp_path, capsys, 
     bench.check_directory(earlier, cfg.arm_configs())  # no error
 
 
+def test_an_arms_refusal_gives_advice_in_the_benchs_terms(tmp_path, capsys, monkeypatch):
+    """An arm's run_dir is the bench's directory / the arm, not a key of the bench config:
+    train()'s "choose another name or run_dir" is said as the bench's out or name."""
+    from jaxsae import outputs
+    from tests.faults.conftest import refused
+
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, _bench_tree(tmp_path))
+    directory = tmp_path / "bench"
+    directory.mkdir()
+    outputs.write_marker(directory, "bench")
+    (directory / "l1").mkdir()
+    (directory / "l1" / "notes.txt").write_text("mine")
+    err = refused(["bench", str(path), "--no-progress"], capsys,
+                  match=f"arms.l1: run_dir {directory / 'l1'}: exists and is not a jaxsae "
+                        "run directory",
+                  unchanged=[directory / "l1"])
+    assert "choose another bench directory (out, or name)" in err and "run_dir)" not in err
+    assert "another name or run_dir" not in err
+
+
 def test_a_bench_compares_its_arms_as_its_config_states_them(tmp_path, monkeypatch):
     """An arm whose checkpoints were trained with other values of keys left to `auto` is
     refused, not resumed with them (train's resume_as_trained=False): the tables would
