@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import activations, kernels, sae
-from jaxsae.activations.topk import topk
+from jaxsae.activations.topk import sparse_topk, topk
 from jaxsae.config import DEAD_WINDOW_MAX
 from jaxsae.errors import ConfigError
 from jaxsae.parsing import parse_value, unknown_key_message
@@ -460,8 +460,10 @@ def auxk(
     k = min(k_aux or out.x.shape[-1] // 2, d_sae)
     dead = out.tokens_since_fired >= dead_tokens
     n_dead = jnp.sum(dead)
-    # The main codes took a sparse path (on an unsplit dictionary): so does this.
-    sparse = out.top_index is not None and (out.mesh is None or out.mesh.shape["model"] == 1)
+    # The main codes took a sparse path: so does this (on a dictionary split over `model`,
+    # each device its own dead latents, as TopK's split selection takes its own).
+    sparse = out.top_index is not None
+    split = out.mesh is not None and out.mesh.shape["model"] > 1
 
     def normalised(recon, residual):
         error = jnp.sum(jnp.square(recon - residual), axis=-1)
@@ -503,6 +505,23 @@ def auxk(
 
         return loss
 
+    def split_dictionary(params, x, residual, dead, pre_acts):
+        """The sparse path on a dictionary split over `model`: each device takes the k_aux
+        largest of its own dead latents, the token's k_aux largest of them all are kept
+        (`sparse_topk`'s split selection, the live latents masked out at -inf: where fewer
+        than k_aux are dead, those it keeps in their place have the value relu(-inf) = 0 and
+        no gradient), and each device decodes its own from its own rows of W_dec
+        (`sae.sparse_decode`)."""
+        coding = sae.coding_params(params, x, out.transcoder)
+        weights = {"b_dec": coding["b_dec"], "W_enc": sae.encoder_weight(params),
+                   "b_enc": params["b_enc"]}
+        index, values = sparse_topk(weights, x, jnp.where(dead, pre_acts, -jnp.inf), k,
+                                    out.mesh)
+        codes = activations.Codes(acts=values, batch_threshold=jnp.zeros(()), top_index=index,
+                                  top_values=values)
+        recon = sae.sparse_decode(params["W_dec"], codes, (d_sae,), x.shape[0], out.mesh)[0]
+        return normalised(recon, residual)
+
     # With no dead latent the loss is 0: its encode, top-k and decode, and their gradients are
     # skipped (in a sweep, unless some SAE has dead latents: the other SAEs' losses are 0 either
     # way). On the sparse path the block is the smallest of dead_blocks() that holds every
@@ -513,7 +532,9 @@ def auxk(
     else:
         any_dead = jax.lax.psum(n_dead, out.sweep_axis) > 0
         most = jax.lax.pmax(n_dead, out.sweep_axis)
-    if sparse:
+    if sparse and split:  # (blocks of the dead latents would gather them across devices)
+        losses, index = [split_dictionary], any_dead.astype(jnp.int32)
+    elif sparse:
         sizes = dead_blocks(k, d_sae)
         losses = [dead_block(size) for size in sizes]
         index = jnp.where(any_dead, 1 + jnp.searchsorted(jnp.asarray(sizes), most), 0)
