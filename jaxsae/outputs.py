@@ -348,9 +348,12 @@ def check_file_target(path: str | Path, flag: str = "--out") -> None:
     target = canonical(path)
     _refuse_inside_output(target, where)
     _refuse_inside_checkpoints(target, where)
-    run = run_around(target)
-    if run is not None and target.name in RUN_FILES and (
-            target.parent.resolve() == run or target.parent.parent.resolve() == run / "sweep"):
+    run, parent = run_around(target), target.parent.resolve()
+    if run is not None and not (parent == run or parent.parent == run / "sweep"):
+        run = None
+    if run is None and (parent / "config.yaml").is_file() and (parent / "metrics.jsonl").is_file():
+        run = parent  # a run whose checkpoints were moved away (fault testing: then replaced)
+    if run is not None and target.name in RUN_FILES:
         raise OutputError(f"{where}: is the training run {run}'s own {target.name}; jaxsae "
                           "never replaces it, not even with --overwrite: write elsewhere")
 

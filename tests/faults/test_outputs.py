@@ -176,6 +176,11 @@ def test_no_output_goes_inside_another_output_or_replaces_a_run_s_files(run_copy
             capsys, match=f"is the training run {run_copy}'s own curves.png; jaxsae never "
                           "replaces it", unchanged=[run_copy])
     _ok(["plot", str(run_copy), "--out", str(run_copy / "mine.png")], capsys)  # a new file
+    # nor a finished run's whose checkpoints were moved away (fault testing: replaced then)
+    moved = tmp_path / "moved"
+    shutil.copytree(run_copy, moved, ignore=shutil.ignore_patterns("checkpoints"))
+    refused(["plot", str(run_copy), "--out", str(moved / "curves.png"), "--overwrite"],
+            capsys, match=f"is the training run {moved}'s own curves.png", unchanged=[moved])
     exported = tmp_path / "exported"
     _ok(["export", str(run_copy), "--out", str(exported), "--no-progress"], capsys)
     for extra in ([], ["--overwrite"]):
