@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,6 +147,12 @@ def test_frankenstein_retrains_only_the_decoder(small_data, tmp_path, capsys):
     rng = np.random.default_rng(4)
     random_sae(tmp_path / "a", 12, rng)
     random_sae(tmp_path / "b", 24, rng)
+    # the base's own figures (fault testing: copied into the stitched SAE's cfg.json)
+    cfg_json = json.loads((tmp_path / "a" / "cfg.json").read_text())
+    cfg_json.setdefault("metadata", {}).update(
+        {"eval_l0": 3.5, "eval_explained_variance": 0.5, "training_tokens": 1000,
+         "hook_name": "blocks.0.hook_resid_post"})
+    (tmp_path / "a" / "cfg.json").write_text(json.dumps(cfg_json))
     out = tmp_path / "frank"
     assert cli.main(["stitch", "frankenstein", str(tmp_path / "a"), str(tmp_path / "b"),
                      "--data", str(small_data), "--out", str(out), "--tokens", "2048",
@@ -154,6 +161,9 @@ def test_frankenstein_retrains_only_the_decoder(small_data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Frankenstein SAE" in printed
     stitched, final = load_sae(out / "stitched"), load_sae(out / "sae")
+    metadata = stitched.cfg_json["metadata"]
+    assert metadata["hook_name"] == "blocks.0.hook_resid_post"
+    assert not {"eval_l0", "eval_explained_variance", "training_tokens"} & set(metadata)
     for name in ("W_enc", "b_enc", "b_dec"):
         np.testing.assert_array_equal(final.params[name], stitched.params[name])
     assert not np.allclose(final.params["W_dec"], stitched.params["W_dec"])
@@ -183,6 +193,63 @@ def test_frankenstein_retrains_only_the_decoder(small_data, tmp_path, capsys):
                      "--no-progress"]) == 2
     assert "--lr: must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "f3.partial").exists() and not (tmp_path / "f3").exists()
+
+
+def test_frankenstein_resumes_only_the_same_stitched_sae(small_data, tmp_path, monkeypatch):
+    """An interrupted retraining is continued by the same call, but not once a member SAE
+    changed (fault testing: the retraining resumed, and a decoder retrained for the old
+    member's encoder was published beside the new stitched SAE)."""
+    from safetensors.numpy import load_file, save_file
+
+    from jaxsae import train as train_mod
+    from jaxsae.outputs import OutputError
+
+    rng = np.random.default_rng(6)
+    random_sae(tmp_path / "a", 8, rng)
+    random_sae(tmp_path / "b", 16, rng)
+    resumed = []
+
+    def interrupted(cfg, **kwargs):
+        checkpoints = Path(cfg.run_dir) / "checkpoints"
+        resumed.append(checkpoints.exists())
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        raise OutputError("interrupted")
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+
+    def call():
+        with pytest.raises(OutputError, match="interrupted"):
+            stitch.frankenstein([str(tmp_path / "a"), str(tmp_path / "b")], str(small_data),
+                                tmp_path / "frank", tokens=2048, batch_size=256,
+                                retrain_decoder_tokens=4096, progress=False)
+
+    call()
+    call()
+    weights = tmp_path / "b" / "sae_weights.safetensors"
+    changed = load_file(weights)
+    changed["W_enc"] = changed["W_enc"] * 2
+    save_file(changed, weights)
+    call()
+    assert resumed == [False, True, False]
+
+
+def test_frankenstein_on_too_few_tokens_to_hold_out(small_data, tmp_path, capsys):
+    """(fault testing: 19 tokens, whose 5 % rounds to none, ended in a traceback and left
+    OUT.partial behind)"""
+    from jaxsae.data.shards import ShardWriter
+
+    rng = np.random.default_rng(7)
+    random_sae(tmp_path / "a", 8, rng)
+    random_sae(tmp_path / "b", 16, rng)
+    few = tmp_path / "few"
+    with ShardWriter(few, d_in=D, dtype="float32") as w:
+        w.write(np.asarray(ShardSet(small_data).read(0, 19), np.float32))
+    assert cli.main(["stitch", "frankenstein", str(tmp_path / "a"), str(tmp_path / "b"),
+                     "--data", str(few), "--out", str(tmp_path / "f"),
+                     "--retrain-decoder-tokens", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{few}: 19 tokens, too few to hold out 5 % of them" in err and "give --tokens" in err
+    assert not (tmp_path / "f.partial").exists() and not (tmp_path / "f").exists()
 
 
 def test_stitch_bad_input(small_data, tmp_path, capsys):
@@ -248,6 +315,27 @@ def test_compare_with_no_pair_above_the_threshold(small_data, tmp_path):
     rows = read_csv(tmp_path / "out" / "stitch.csv")
     assert len(rows) == 10 and all(r["kind"] == "novel" for r in rows)
     assert summary["components_lower_mse"] == 0
+
+
+def test_latents_that_fire_and_change_nothing_are_not_counted_as_never_firing(small_data,
+                                                                              tmp_path):
+    """(fault testing: a large SAE whose decoder rows were all zero had all its latents
+    reported under "never fires", though stitch.csv showed them firing)"""
+    rng = np.random.default_rng(4)
+    random_sae(tmp_path / "small", 6, rng)
+    large = random_sae(tmp_path / "large", 10, rng)
+    params = {**large.params, "W_dec": np.zeros_like(large.params["W_dec"])}
+    params["b_enc"] = params["b_enc"].copy()
+    params["b_enc"][0] = -1e3  # latent 0 never fires
+    export_sae(params, large.sae, tmp_path / "zeroed")
+    summary = stitch.compare(str(tmp_path / "small"), str(tmp_path / "zeroed"),
+                             str(small_data), tmp_path / "out", tokens=1000, progress=False)
+    rows = read_csv(tmp_path / "out" / "stitch.csv")
+    firing = [float(r["firing_frequency"]) > 0 for r in rows]
+    assert not firing[0] and sum(firing) >= 5
+    assert summary["mse_novel_unchanged"] + summary["mse_reconstruction_unchanged"] == 10
+    assert summary["novel_never_fire"] + summary["reconstruction_never_fire"] == 1
+    assert "of which never fire" in (tmp_path / "out" / "summary.md").read_text()
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the cosines)

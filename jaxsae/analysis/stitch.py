@@ -30,6 +30,7 @@ so the codes of ReLU / JumpReLU latents are unchanged. Only the decoder is then 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shutil
 from collections.abc import Sequence
 from functools import partial
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import evaluate, export, outputs
+from jaxsae import evaluate, export, hub, outputs
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window, describe, trained_end
@@ -336,6 +337,10 @@ def _compare_summary(rows, comp_rows, base_mse, n, small_dir, large_dir, thresho
         "novel": sum(r["kind"] == "novel" for r in rows),
         "reconstruction": sum(r["kind"] == "reconstruction" for r in rows),
         **{f"mse_{k}": v for k, v in counts.items()},
+        # (apart: a latent that fires but changes nothing, e.g. a zero decoder row, is not one
+        # that never fires; fault testing found such latents counted as never firing)
+        **{f"{kind}_never_fire": sum(r["kind"] == kind and r["firing_frequency"] == 0
+                                     for r in rows) for kind in ("novel", "reconstruction")},
         "components": len(comp_rows),
         "components_lower_mse": sum(c["delta_mse"] < 0 for c in comp_rows),
         "components_lower_l0": sum(c["delta_l0"] < 0 for c in comp_rows),
@@ -348,9 +353,11 @@ def _compare_markdown(s: dict[str, Any]) -> str:
     table = markdown_table(
         [{"": kind, "inserting lowers MSE": s[f"mse_{kind}_lower"],
           "inserting raises MSE": s[f"mse_{kind}_higher"],
-          "never fires": s[f"mse_{kind}_unchanged"], "total": s[kind]}
+          "MSE unchanged": s[f"mse_{kind}_unchanged"], "total": s[kind],
+          "of which never fire": s[f"{kind}_never_fire"]}
          for kind in ("novel", "reconstruction")],
-        ["", "inserting lowers MSE", "inserting raises MSE", "never fires", "total"])
+        ["", "inserting lowers MSE", "inserting raises MSE", "MSE unchanged", "total",
+         "of which never fire"])
     return "\n".join([
         f"# Stitching {s['large']} ({s['d_sae_large']} latents) into {s['small']} "
         f"({s['d_sae_small']})", "",
@@ -425,6 +432,16 @@ def stitch_family(saes: Sequence[export.LoadedSAE], threshold: float = THRESHOLD
     return params, cfg, gave
 
 
+def _digest(params: dict[str, np.ndarray]) -> str:
+    """A digest of the arrays' names, shapes, dtypes and bytes."""
+    h = hashlib.blake2b()
+    for name in sorted(params):
+        value = np.ascontiguousarray(params[name])
+        h.update(f"{name} {value.shape} {value.dtype}".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
 def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                  threshold: float = THRESHOLD, retrain_decoder_tokens: int = 2_000_000,
                  tokens: int | None = None, batch_size: int = 4096, lr: float = 1e-3,
@@ -474,6 +491,9 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     n_tokens = open_source(DataConfig(path=data, hook=hook)).n_tokens
     if tokens is None:
         tokens = DataConfig(path=data).held_out(n_tokens)
+        if tokens < 1:  # (fault testing: a traceback, and OUT.partial left behind)
+            raise JaxsaeError(f"{data}: {n_tokens} tokens, too few to hold out 5 % of them "
+                              "for the evaluation; give --tokens")
     if retrain_decoder_tokens > 0:  # its settings are this command's flags: checked first
         try:
             config_from_dict(retraining(1, "jumprelu", tokens, {}))  # (width: any)
@@ -489,7 +509,10 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     dropped = {} if window.multiple is None else {"drop_norm_above": window.multiple}
     saes, conversions = _as_per_latent(saes, sae_dirs, window)
     params, cfg, gave = stitch_family(saes, threshold)
+    # (the stitched SAE's own digest too: fault testing resumed a retraining after a member
+    # was replaced, publishing a decoder retrained for the old member's encoder)
     key = {"saes": [str(Path(d).absolute()) for d in sae_dirs],
+           "stitched": _digest(params),
            "data": str(Path(data).absolute()), "threshold": threshold, "tokens": tokens,
            "batch_size": batch_size, "lr": lr, "hook": hook,
            "retrain_decoder_tokens": retrain_decoder_tokens, **dropped}
@@ -502,10 +525,15 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                    if isinstance(where := metadata.get("dataset_path"), str) else None)
         # evaluated first: its export's sparsity.safetensors is measured on these tokens
         measured = evaluate.reconstruction_metrics(params, cfg, window.blocks())
-        stitched = export.export_sae(params, cfg, work / "stitched", metadata=metadata,
+        # (not the base's figures and training tokens: fault testing found its eval_l0 and
+        # explained variance in the stitched SAE's cfg.json; frankenstein.md has the measured)
+        own = {k: v for k, v in hub.without_evaluation(metadata).items()
+               if k != "training_tokens"}
+        stitched = export.export_sae(params, cfg, work / "stitched", metadata=own,
                                      log10_firing=evaluate.log10_firing(
                                          measured["firing_frequency"]),
-                                     training={"stitched_from": [str(d) for d in sae_dirs],
+                                     training={"stitched_from": [str(Path(d).absolute())
+                                                                 for d in sae_dirs],
                                                "threshold": threshold, **dropped,
                                                **({} if trained is None
                                                   else {"held_out_from": trained})})
@@ -519,7 +547,11 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                 final = work / "retrain" / "sae"  # complete: only publishing failed last time
             else:
                 try:
-                    final = train(config_from_dict(staged), progress=progress).sae_dir
+                    # (its notes too in this command's flags: fault testing found
+                    # "optim.total_tokens passes over ..." for --retrain-decoder-tokens)
+                    final = train(config_from_dict(staged), progress=progress,
+                                  log=lambda message: print(_as_flags(message).replace(
+                                      str(work), str(out)))).sae_dir
                 except NonFiniteError as e:  # (its advice names the run's config and run_dir)
                     raise NonFiniteError(
                         f"the decoder's retraining diverged ({str(e).split(';')[0]}); lower "

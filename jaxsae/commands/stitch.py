@@ -60,10 +60,12 @@ class Compare(AnalysisInputs, Command):
 class Frankenstein(AnalysisInputs, Command):
     """Stitch the novel latents of a family of widths.
 
-    Starts from the narrowest SAE, add from
-    each wider one the latents whose decoder cosine to everything already included is below
-    the threshold, retrain only the decoder (encoder frozen) and export to OUT/sae;
-    frankenstein.md compares width, L0 and MSE with the family."""
+    Starts from the narrowest SAE, adds from each wider one the latents whose decoder cosine
+    to everything already included is below the threshold, retrains only the decoder (encoder
+    frozen) and exports the result to OUT/sae. OUT also
+    holds stitched/ (the SAE before the retraining), retrain/ (the retraining's config,
+    metrics and SAE), and frankenstein.md / frankenstein.csv (width, L0 and MSE of the family
+    and of both stitched SAEs, on the last --tokens of the data)."""
 
     memory = ("--batch-size",)
 
