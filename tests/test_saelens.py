@@ -106,6 +106,28 @@ def test_bad_caches_name_the_file(tmp_path):
         open_source(DataConfig(path=str(empty)))
 
 
+@pytest.mark.parametrize(("file", "edit", "match"), [
+    ("dataset_info.json", lambda d: d.update(features=[1]), "'features' is not a mapping"),
+    ("dataset_info.json", lambda d: d.update(features="x"), "'features' is not a mapping"),
+    ("dataset_info.json", lambda d: d["features"][HOOK].update(shape=[8.0, D_IN]),
+     "has shape [8.0"),
+    ("dataset_info.json", lambda d: d["features"][HOOK].update(shape=[CTX]), "has shape"),
+    ("dataset_info.json", lambda d: d["features"][HOOK].update(dtype=["float32"]),
+     "has dtype ['float32'], not a dtype name"),
+    ("state.json", lambda d: d.update(_data_files="abc"), "_data_files is not a list"),
+    ("state.json", lambda d: d.update(_data_files=[1, 2]), "_data_files is not a list"),
+    ("state.json", lambda d: d.update(_data_files={"a": 1}), "_data_files is not a list"),
+])
+def test_malformed_cache_json_is_refused_naming_the_file(tmp_path, file, edit, match):
+    """(fault testing: each of these ended in a traceback)"""
+    path, _ = make_cache(tmp_path / "cache", shards=1)
+    content = json.loads((path / file).read_text())
+    edit(content)
+    (path / file).write_text(json.dumps(content))
+    with pytest.raises(DataError, match=re.escape(f"{path / file}: ") + ".*" + re.escape(match)):
+        open_source(DataConfig(path=str(path)))
+
+
 def test_a_cache_naming_files_outside_it_is_refused(tmp_path):
     path, _ = make_cache(tmp_path / "cache", shards=1)
     outside, _ = make_cache(tmp_path / "other", shards=1, seed=1)

@@ -39,16 +39,31 @@ def activation_columns(path: str | Path) -> list[str]:
         return []
     if not isinstance(info, dict):
         return []
-    return [name for name, (_, dtype) in _array2d_columns(info).items() if dtype in _FLOAT]
+    try:
+        columns = _array2d_columns(info, Path(path) / INFO)
+    except DataError:
+        return []
+    return [name for name, (_, dtype) in columns.items() if dtype in _FLOAT]
 
 
-def _array2d_columns(info: dict) -> dict[str, tuple[tuple[int, int], object]]:
-    """Every Array2D column of a dataset_info.json: name -> ((rows, columns), its dtype)."""
+def _array2d_columns(info: dict, file: Path) -> dict[str, tuple[tuple[int, int], str]]:
+    """Every Array2D column of a dataset_info.json: name -> ((rows, columns), its dtype).
+    Malformed entries are refused naming `file` (fault testing: tracebacks)."""
+    features = info.get("features") or {}
+    if not isinstance(features, dict):
+        raise DataError(f"{file}: 'features' is not a mapping of column names")
     out = {}
-    for name, feature in (info.get("features") or {}).items():
-        if (isinstance(feature, dict) and feature.get("_type") == "Array2D"
-                and len(feature.get("shape", ())) == 2):
-            out[name] = (tuple(feature["shape"]), feature.get("dtype"))
+    for name, feature in features.items():
+        if not (isinstance(feature, dict) and feature.get("_type") == "Array2D"):
+            continue
+        shape, dtype = feature.get("shape"), feature.get("dtype")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+            raise DataError(f"{file}: column {name!r} has shape {shape!r}; an Array2D's is two "
+                            "positive integers")
+        if not isinstance(dtype, str):
+            raise DataError(f"{file}: column {name!r} has dtype {dtype!r}, not a dtype name")
+        out[name] = (tuple(shape), dtype)
     return out
 
 
@@ -59,7 +74,7 @@ class SAELensCache(ArraySource):
                  key: str = "data.hook or --hook", check_finite: bool = False):
         self.path = Path(path)
         info, state = self._read_json(INFO), self._read_json(STATE)
-        arrays = _array2d_columns(info)
+        arrays = _array2d_columns(info, self.path / INFO)
         columns = {name: shape for name, (shape, dtype) in arrays.items() if dtype in _FLOAT}
         if not columns:
             what = "" if not arrays else " of a float dtype ({}; {} are read)".format(
@@ -76,7 +91,11 @@ class SAELensCache(ArraySource):
         self.hook = hook
         self.context_size, d_in = columns[hook]
         self.dtype = np.dtype(_FLOAT[arrays[hook][1]])
-        files = [f.get("filename") for f in state.get("_data_files", [])]
+        listed = state.get("_data_files", [])
+        if not isinstance(listed, list) or not all(isinstance(f, dict) for f in listed):
+            raise DataError(f"{self.path / STATE}: _data_files is not a list of files "
+                            "({\"filename\": ...} each)")
+        files = [f.get("filename") for f in listed]
         if not files or not all(isinstance(f, str) for f in files):
             raise DataError(f"{self.path / STATE}: no _data_files listed")
         for i, name in enumerate(files):  # datasets lists its own files by name
