@@ -33,16 +33,28 @@ Series = tuple[str, list[dict]]
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The lines of a metrics.jsonl (a line cut by a kill, or garbled, is skipped)."""
+    """The lines of a metrics.jsonl (a line cut by a kill, or garbled, is skipped: one whose
+    tokens are not a finite number too; fault testing: tracebacks, or a categorical axis)."""
     lines = []
     for text in path.read_text(errors="replace").splitlines():
         try:
             line = json.loads(text)
         except json.JSONDecodeError:
             continue
-        if isinstance(line, dict) and "tokens" in line:
+        if isinstance(line, dict) and _number(line.get("tokens")) is not None:
             lines.append(line)
     return lines
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float if it is a JSON number that a float holds (else None: an integer
+    of 300 digits, a string, a bool); infinities and NaN stay."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def run_series(run_dir: Path, label: str | None = None) -> list[Series]:
@@ -161,9 +173,11 @@ def _columns(lines: list[dict]) -> dict[str, tuple[list, list]]:
     """key -> (tokens, values) of the lines' numbers, in one pass over the lines."""
     table: dict[str, tuple[list, list]] = {}
     for line in lines:
-        tokens = line["tokens"]
+        tokens = _number(line["tokens"])
+        if tokens is None or not math.isfinite(tokens):
+            continue
         for k, v in line.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
+            if (v := _number(v)) is not None:
                 xs, ys = table.setdefault(k, ([], []))
                 xs.append(tokens)
                 ys.append(v)

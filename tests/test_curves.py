@@ -240,6 +240,29 @@ def test_the_legend_names_every_run_of_an_overlay(tmp_path, monkeypatch, n):
     assert len({str(c) for c in drawn["colors"]}) == n
 
 
+def test_garbled_metrics_lines_are_left_out(tmp_path, monkeypatch):
+    """(fault testing: tokens given as a mapping, or a value of 300-odd digits, ended plot in a
+    traceback; tokens given as text were drawn on a categorical axis)"""
+    path = tmp_path / "metrics.jsonl"
+    good = [{"step": s, "tokens": 256 * s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    bad = [{"tokens": {"a": 1}, "loss": 1.0}, {"tokens": "512", "loss": 1.0},
+           {"tokens": None, "loss": 1.0}, {"tokens": True, "loss": 1.0},
+           {"tokens": 10**400, "loss": 1.0}]
+    path.write_text("\n".join(json.dumps(x) for x in [good[0], *bad, *good[1:]])
+                    + '\n{"step": 4, "tokens": 1024, "loss": 1' + "0" * 400 + "}\n")
+    lines = curves.read_metrics(path)
+    assert lines[:3] == good and len(lines) == 4  # the last: its loss is left out
+    drawn = {}
+
+    def keep(fig, out, **kwargs):
+        drawn["x"] = [list(line.get_xdata()) for line in fig.axes[0].get_lines()]
+        save_figure(fig, out, **kwargs)
+
+    monkeypatch.setattr(curves, "save_figure", keep)
+    curves.plot([("run", lines)], tmp_path / "c.png")
+    assert drawn["x"] == [[256.0, 512.0, 768.0]]
+
+
 def test_a_run_of_one_logged_line_is_drawn(tmp_path, monkeypatch):
     """(fault testing: a run shorter than two log.every_steps logs one line, and a line
     through one point drew nothing: its curves.png was empty)"""
