@@ -54,7 +54,8 @@ def test_thresholds_reproduce_topk_firing_as_well_as_any_threshold(small_data, t
         assert near >= best
 
 
-def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path, capsys):
+def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path, capsys,
+                                                          monkeypatch):
     _topk_sae(tmp_path / "small", 24, 3, 1)
     _topk_sae(tmp_path / "large", 64, 4, 2)
     # the source's own evaluation, which describes it and not what convert makes of it
@@ -64,7 +65,8 @@ def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path,
                             "eval_explained_variance": 0.9, "training_tokens": 1234}
     cfg_file.write_text(json.dumps(cfg_json))
     out = tmp_path / "converted"
-    argv = ["convert", str(tmp_path / "small"), "--data", str(small_data), "--out", str(out),
+    monkeypatch.chdir(tmp_path)  # (the source given relative: recorded absolute)
+    argv = ["convert", "small", "--data", str(small_data), "--out", str(out),
             "--tokens", "4096", "--batch-size", "1024", "--no-progress"]
     assert cli.main(argv) == 0
     report = json.loads((out / "convert.json").read_text())
@@ -75,6 +77,7 @@ def test_convert_command_and_a_topk_family_in_frankenstein(small_data, tmp_path,
     assert jump.sae.activation == "jumprelu"
     written = json.loads((out / "sae" / export.CFG_FILE).read_text())
     assert written["jaxsae"]["decoder_norm"] == "unit"  # the TopK SAE's unit rows
+    assert written["jaxsae"]["converted_from"] == str(tmp_path / "small")
     metadata = written["metadata"]
     assert metadata["training_tokens"] == 1234 and not any(k.startswith("eval_")
                                                            for k in metadata)
@@ -140,3 +143,19 @@ def test_ratios_with_nothing_to_count_are_null(small_data, tmp_path):
                              loaded.sae, [x])
     assert report["l0_topk"] == 0 and report["l0_jumprelu"] == 0
     assert report["recall_of_topk_codes"] is None and report["precision"] is None
+
+
+def test_the_comparison_measures_reconstructions_as_eval_does(small_data, tmp_path):
+    """(fault testing: a token near 1e30 overflowed the float32 sums here: an explained
+    variance of null, where `jaxsae eval` measured one on the same tokens)"""
+    from jaxsae import evaluate
+
+    loaded = _topk_sae(tmp_path / "t", 24, 3, 3)
+    x = np.array(open_source(DataConfig(path=str(small_data))).read(0, 512))
+    x[7] = 1e30
+    report = convert.compare(loaded, loaded.params, loaded.sae, [x[:256], x[256:]])
+    measured = evaluate.reconstruction_metrics(loaded.params, loaded.sae, [x[:256], x[256:]])
+    assert np.isfinite(measured["explained_variance"])
+    assert report["explained_variance_topk"] == measured["explained_variance"]
+    assert report["explained_variance_jumprelu"] == measured["explained_variance"]
+    assert report["l0_topk"] == pytest.approx(measured["l0"])

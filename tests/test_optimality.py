@@ -128,13 +128,34 @@ def test_a_dictionary_at_the_true_features_of_a_hierarchy_is_no_local_optimum(tr
     assert "Optimality" in (root / "out" / "index.html").read_text()
 
 
-def test_analyze_refuses_a_negative_sparsity_weight(true_feature_sae, tmp_path, capsys):
+@pytest.mark.parametrize("weight", ["-1", "inf", "nan"])
+def test_analyze_refuses_a_sparsity_weight_that_is_no_weight(true_feature_sae, tmp_path,
+                                                             capsys, weight):
+    """(fault testing: inf was taken, every pair found unstable, and the summary said null)"""
     root, data, _ = true_feature_sae
     argv = ["analyze", str(root / "sae"), "--data", str(data), "--out", str(tmp_path / "o"),
-            "--optimality", "--sparsity-weight", "-1", "--no-progress"]
+            "--optimality", "--sparsity-weight", weight, "--no-progress"]
     assert cli.main(argv) == 2
-    assert "--sparsity-weight" in capsys.readouterr().err
+    assert "--sparsity-weight: must be a finite number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_nothing_is_reported_where_no_latent_fires(true_feature_sae, tmp_path):
+    """(fault testing: an SAE whose latents never fire was reported with a sparsity weight,
+    a stationary fraction and refit angles of 0.0, none of them measured)"""
+    root, data, _ = true_feature_sae
+    loaded = export.load_sae(root / "sae")
+    silent = {**loaded.params, "b_enc": np.full_like(loaded.params["b_enc"], -1e6)}
+    export.export_sae(silent, loaded.sae, tmp_path / "silent")
+    summary = analyze(str(tmp_path / "silent"), str(data), tmp_path / "out", tokens=2048,
+                      optimality=True, progress=False)
+    for key in ("optimality_lambda", "optimality_lambda_implied", "stationary_fraction",
+                "median_refit_angle_deg"):
+        assert summary[key] is None, key
+    with open(tmp_path / "out" / "optimality_latents.csv") as f:
+        latents = list(csv.DictReader(f))
+    assert {(r["lambda"], r["refit_angle_deg"]) for r in latents} == {("", "")}
+    assert "no latent fired" in (tmp_path / "out" / "index.html").read_text()
 
 
 @pytest.mark.parametrize("threshold", ["2", "nan", "0"])

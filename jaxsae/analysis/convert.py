@@ -92,38 +92,36 @@ def as_jumprelu(loaded: export.LoadedSAE, threshold: np.ndarray
 
 
 @partial(jax.jit, static_argnames=("cfg_a", "cfg_b"))
-def _compare_pass(params_a, cfg_a, params_b, cfg_b, x):
-    fa, fb = sae.encode(params_a, x, cfg_a), sae.encode(params_b, x, cfg_b)
-    on_a, on_b = fa > 0, fb > 0
-    err_a = jnp.sum((x - sae.decode(params_a, fa, x)) ** 2)
-    err_b = jnp.sum((x - sae.decode(params_b, fb, x)) ** 2)
-    return (jnp.stack([jnp.sum(on_a), jnp.sum(on_b), jnp.sum(on_a & on_b), err_a, err_b,
-                       jnp.sum(x * x)]), jnp.sum(x, axis=0), jnp.sum(on_b, axis=0))
+def _agreement(params_a, cfg_a, params_b, cfg_b, x):
+    """Codes on in A, in B, and in both (summed over the block)."""
+    on_a = sae.encode(params_a, x, cfg_a) > 0
+    on_b = sae.encode(params_b, x, cfg_b) > 0
+    return jnp.stack([jnp.sum(on_a), jnp.sum(on_b), jnp.sum(on_a & on_b)])
 
 
 def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAEConfig,
             blocks: Iterable[np.ndarray]) -> dict[str, Any]:
     """How the converted SAE's codes differ from the TopK SAE's on `blocks`; with its latents'
-    `firing_frequency` there."""
+    `firing_frequency` there. The reconstructions are measured as `jaxsae eval` measures them
+    (`evaluate.ReconstructionSums`: fault testing found float32 sums overflowing here, an
+    explained variance of null where eval measured one)."""
     a = jax.tree.map(jnp.asarray, loaded.params)
     b = jax.tree.map(jnp.asarray, params)
-    s, sum_x, fires, n = np.zeros(6), 0.0, 0, 0
+    sums_a, sums_b = evaluate.ReconstructionSums(a, loaded.sae), evaluate.ReconstructionSums(b, cfg)
+    on = np.zeros(3)
     for x in blocks:
-        sums, column_sums, fired = jax.device_get(
-            _compare_pass(a, loaded.sae, b, cfg, jnp.asarray(x, jnp.float32)))
-        s += np.asarray(sums, np.float64)
-        sum_x = sum_x + np.asarray(column_sums, np.float64)
-        fires = fires + np.asarray(fired, np.int64)
-        n += len(x)
-    # the variance about the mean of all the tokens, as `jaxsae eval` computes it
-    total_var = s[5] - float(np.sum(sum_x**2)) / n
-    return {"tokens": n, "l0_topk": s[0] / n, "l0_jumprelu": s[1] / n,
+        x = jnp.asarray(x, jnp.float32)
+        sums_a.add(x)
+        sums_b.add(x)
+        on += np.asarray(jax.device_get(_agreement(a, loaded.sae, b, cfg, x)), np.float64)
+    ra, rb = sums_a.result(), sums_b.result()
+    return {"tokens": ra["tokens"], "l0_topk": ra["l0"], "l0_jumprelu": rb["l0"],
             # (a ratio with nothing to count is null, not 0: fault testing)
-            "recall_of_topk_codes": s[2] / s[0] if s[0] else None,
-            "precision": s[2] / s[1] if s[1] else None,
-            "explained_variance_topk": evaluate.explained_variance(s[3], total_var, s[5]),
-            "explained_variance_jumprelu": evaluate.explained_variance(s[4], total_var, s[5]),
-            "firing_frequency": fires / n}
+            "recall_of_topk_codes": on[2] / on[0] if on[0] else None,
+            "precision": on[2] / on[1] if on[1] else None,
+            "explained_variance_topk": ra["explained_variance"],
+            "explained_variance_jumprelu": rb["explained_variance"],
+            "firing_frequency": rb["firing_frequency"]}
 
 
 def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int | None = None,
@@ -174,7 +172,8 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int | None 
         export.export_sae(params, cfg, staging / "sae",
                           log10_firing=evaluate.log10_firing(frequency),
                           metadata=hub.without_evaluation(loaded.cfg_json.get("metadata", {})),
-                          training={"converted_from": str(sae_dir), "k": loaded.sae.k,
+                          training={"converted_from": str(Path(sae_dir).absolute()),
+                                    "k": loaded.sae.k,
                                     **trained_drop(loaded.cfg_json)})
         outputs.atomic_write(staging / "convert.json", outputs.json_text(report))
     return report

@@ -346,7 +346,8 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
                      "latents": ";".join(map(str, np.nonzero(clusters == c)[0]))} for c in big]
 
     summary = {
-        "sae": str(sae_dir), "data": str(data), "tokens": n_tok, **window.report(),
+        "sae": str(Path(sae_dir).absolute()), "data": str(Path(data).absolute()), "tokens": n_tok,
+        **window.report(),
         "cofire_tokens": seen,
         "d_sae": n, "l0": float(fires.sum() / n_tok),
         "dead_fraction": float(np.mean(fires == 0)),
@@ -461,12 +462,16 @@ def _optimality_html(opt) -> str:
     worst = sorted(pair_rows, key=lambda r: r["margin"])
     moving = sorted((r for r in latent_rows if r["fires"] and not r["stationary"]),
                     key=lambda r: -r["refit_angle_deg"])
+    weight = ("none (no latent fired)" if s["optimality_lambda"] is None
+              else f"{s['optimality_lambda']:.4g}")
+    live = ("no latent fired" if s["stationary_fraction"] is None
+            else f"{s['stationary_fraction']:.1%} of live latents have a stationary decoder "
+                 "direction")
     return f"""<h2>Optimality</h2>
 <p>First-order conditions of dictionary learning under sparsity weight
-{s['optimality_lambda']:.4g} (docs/optimality.md): {s['pairs_unstable']} of {s['pairs_tested']}
+{weight} (docs/optimality.md): {s['pairs_unstable']} of {s['pairs_tested']}
 candidate pairs are unstable (one latent could absorb the other's direction and lower the
-loss: no local optimum holds both); {s['stationary_fraction']:.1%} of live latents have a
-stationary decoder direction. optimality.csv, optimality_latents.csv.</p>
+loss: no local optimum holds both); {live}. optimality.csv, optimality_latents.csv.</p>
 <img src="optimality.png"><h3>Least stable pairs</h3>{_table(worst)}
 <h3>Latents farthest from stationary</h3>{_table(moving)}"""
 

@@ -140,8 +140,10 @@ def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarr
         if len(pairs):
             directed.add(np.asarray(a), np.asarray(rd))
         n_tokens += len(x)
-    implied = 2.0 * sums["a_rd"].sum() / max(sums["a"].sum(), 1e-30)
-    lam = max(implied, 0.0) if sparsity_weight is None else sparsity_weight
+    # (None where nothing was measured: no latent fired; fault testing found 0.0 reported)
+    implied = (2.0 * sums["a_rd"].sum() / sums["a"].sum()) if sums["a"].sum() > 0 else None
+    lam = (None if implied is None else max(implied, 0.0)) if sparsity_weight is None \
+        else sparsity_weight
 
     # per latent: stationarity of the decoder direction
     g = sums["g"]
@@ -154,7 +156,7 @@ def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarr
     stationary = alive & (z < STATIONARY_Z)
 
     m = len(pairs)
-    cond = directed.conditions(lam)
+    cond = directed.conditions(0.0 if lam is None else lam)  # (no pairs without firing)
     tilt_ab, tilt_ba = cond["tilt"][:m], cond["tilt"][m:]
     worst = np.maximum(tilt_ab, tilt_ba)
     stable = worst <= max_tilt
@@ -162,8 +164,8 @@ def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarr
         np.zeros(len(W), np.int64)
     latent_rows = [{
         "latent": k, "fires": int(sums["fires"][k]),
-        "lambda": float(2.0 * sums["a_rd"][k] / sums["a"][k]) if alive[k] else 0.0,
-        "refit_angle_deg": float(angle[k]) if alive[k] else 0.0,
+        "lambda": float(2.0 * sums["a_rd"][k] / sums["a"][k]) if alive[k] else None,
+        "refit_angle_deg": float(angle[k]) if alive[k] else None,
         "stationarity_z": float(z[k]), "stationary": int(stationary[k]),
         "unstable_pairs": int(unstable_of[k])} for k in range(len(W))]
     pair_rows = [{
@@ -173,10 +175,12 @@ def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarr
         "a_share_with_b": float(cond["share_with_other"][p]),
         "b_share_with_a": float(cond["share_with_other"][m + p])} for p in range(m)]
     summary = {
-        "optimality_tokens": n_tokens, "optimality_lambda": float(lam),
-        "optimality_lambda_implied": float(implied),
-        "stationary_fraction": float(stationary.sum() / max(alive.sum(), 1)),
-        "median_refit_angle_deg": float(np.median(angle[alive])) if alive.any() else 0.0,
+        "optimality_tokens": n_tokens,
+        "optimality_lambda": None if lam is None else float(lam),
+        "optimality_lambda_implied": None if implied is None else float(implied),
+        "stationary_fraction": (float(stationary.sum() / alive.sum()) if alive.any()
+                                else None),
+        "median_refit_angle_deg": float(np.median(angle[alive])) if alive.any() else None,
         "pairs_tested": m, "pairs_unstable": int(m - stable.sum()),
         "optimality_max_tilt_deg": max_tilt}
     return latent_rows, pair_rows, summary

@@ -124,7 +124,8 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         export.export_sae(params, loaded.sae, staging / "sae",
                           log10_firing=evaluate.log10_firing(frequency),
                           metadata=hub.without_evaluation(loaded.cfg_json.get("metadata", {})),
-                          training={"repaired_from": str(sae_dir), "pairs": len(pairs),
+                          training={"repaired_from": str(Path(sae_dir).absolute()),
+                                    "pairs": len(pairs),
                                     **trained_drop(loaded.cfg_json)})
         outputs.atomic_write(staging / "repair.json", outputs.json_text(report))
         outputs.atomic_write(staging / "repair.md", _markdown(report))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -101,8 +102,9 @@ class Analyze(AnalysisInputs, Command):
         if not 0 < self.cluster_threshold < 1:  # (NaN too)
             raise ConfigError(f"--cluster-threshold: a cosine in (0, 1), got "
                               f"{self.cluster_threshold}")
-        if self.sparsity_weight is not None and not self.sparsity_weight >= 0:
-            raise ConfigError(f"--sparsity-weight: must be >= 0, got {self.sparsity_weight}")
+        if self.sparsity_weight is not None and not 0 <= self.sparsity_weight < math.inf:
+            raise ConfigError(f"--sparsity-weight: must be a finite number >= 0, got "
+                              f"{self.sparsity_weight}")
         if self.sparsity_weight is not None and not self.optimality:  # (it would do nothing)
             raise ConfigError("--sparsity-weight: weighs the optimality test; add --optimality")
         summary = analyze(self.sae_dir, self.data, self.out, tokens=self.tokens,

@@ -46,7 +46,9 @@ def _edit_own(sae: Path, **changes) -> None:
     # (fault testing: damaged records of what training left out were taken for an SAE
     # trained elsewhere, and the evaluation read other tokens without a word)
     (lambda s: _edit_own(s, drop_norm_above=-1),
-     "cfg.json: jaxsae.drop_norm_above must be a number > 0 or null, got -1"),
+     "cfg.json: jaxsae.drop_norm_above must be a number >= 1 (a multiple of the median norm) "
+     "or null, got -1"),
+    (lambda s: _edit_own(s, drop_norm_above=0.3), "drop_norm_above must be a number >= 1"),
     (lambda s: _edit_own(s, held_out_from="abc"),
      'cfg.json: jaxsae.held_out_from must be an integer >= 0 or null, got "abc"'),
     (lambda s: _edit_cfg(s, jaxsae=[1]), "cfg.json: 'jaxsae' must be a JSON object, got [1]"),
