@@ -531,6 +531,14 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 f"fingerprint of its data (before 2026-12-06): that {cfg.data.path} holds the "
                 "tokens it trained on cannot be checked (keep the data unchanged until the "
                 "run ends)")
+        shape = [built.mesh.shape["data"], built.mesh.shape["model"]]
+        if loader_state.get("mesh", shape) != shape:  # (only a -1 axis can change: the rest
+            # is refused above; fault testing found mesh.model -1 resumed on other devices
+            # without a word)
+            was = "x".join(map(str, loader_state["mesh"]))
+            log(f"note: {run_dir} trained on a {was} mesh (data x model) and resumes on "
+                f"{shape[0]}x{shape[1]} (the axis at -1 takes every device): from here it "
+                "agrees with an uninterrupted run to float rounding, not bit for bit")
         if start == cfg.optim.total_steps:
             ckpt.tidy(start)
         before = restored.config.optim
@@ -622,6 +630,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
 
     def save(step: int, state: TrainState):
         saved = {**_gather_positions(position), "data_stats": stats.to_dict(),
+                 "mesh": [built.mesh.shape["data"], built.mesh.shape["model"]],
                  **({"data_digest": digest} if digest is not None else {})}
         ckpt.save(step, state, saved, cfg)
         for hook in told:
