@@ -130,6 +130,13 @@ def test_presets_and_refusals():
     sb.SynthSAEBenchSpec(magnitude_std_std=0.0, magnitude_std_mean=0.0)
     with pytest.raises(ConfigError, match=r"^magnitude_std_mean: must be >= 0"):
         sb.SynthSAEBenchSpec(magnitude_std_mean=-1.0)
+    # (fault testing: a traceback, a hang, and a factor of zeros without a word)
+    for depth in (65, 10_000, 100_000):
+        with pytest.raises(ConfigError, match=r"^max_depth: must be <= 64"):
+            sb.SynthSAEBenchSpec(preset="tiny", max_depth=depth)
+    for scale in (1e160, 1e308):
+        with pytest.raises(ConfigError, match=r"^correlation_scale: must be in \[0, 1000\]"):
+            sb.SynthSAEBenchSpec(preset="tiny", correlation_scale=scale)
 
 
 def firing_stats(codes, parent, exclusive, branching):

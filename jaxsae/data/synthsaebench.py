@@ -122,7 +122,8 @@ class SynthSAEBenchSpec:
     correlation_rank: int = 25
     """Rank of the low-rank firing correlation (0: independent firing)."""
     correlation_scale: float = 0.1
-    """Standard deviation of the correlation factor's entries."""
+    """Standard deviation of the correlation factor's entries (at most 1000; from about 10
+    every feature's factor is at its cap)."""
     orthogonalize_steps: int = 100
     """Adam steps pushing the dictionary's rows apart (0: random unit rows)."""
     orthogonalize_lr: float = 3e-4
@@ -156,6 +157,10 @@ class SynthSAEBenchSpec:
         _need(self.roots >= 0, "roots", "must be >= 0")
         _need(self.branching >= 2, "branching", "must be >= 2")
         _need(self.max_depth >= 0, "max_depth", "must be >= 0")
+        # (fault testing: 10,000 printed a number past Python's 4,300 digits, a traceback;
+        # 100,000 hung summing the levels; past 64 levels of branching >= 2 no world fits)
+        _need(self.max_depth <= 64, "max_depth", "must be <= 64 (a deeper tree of branching "
+              ">= 2 needs more features than any world holds)")
         _need(self.tree_features <= self.n_features, "roots",
               f"{self.roots} trees of depth {self.max_depth} and branching {self.branching} "
               f"need {self.tree_features} features; n_features is {self.n_features}")
@@ -166,7 +171,11 @@ class SynthSAEBenchSpec:
               f"must be > 0 and below max_prob ({self.max_prob})")
         _need(0 <= self.correlation_rank <= self.n_features, "correlation_rank",
               f"must be in [0, n_features ({self.n_features})]")
-        _need(self.correlation_scale >= 0, "correlation_scale", "must be >= 0")
+        # (fault testing: 1e160 overflowed the factor's norms to a factor of zeros, firing
+        # independently without a word; 1e308 a traceback. From ~10 every row is at the cap)
+        _need(0 <= self.correlation_scale <= 1000, "correlation_scale",
+              "must be in [0, 1000] (from about 10 every feature's factor is at its cap, "
+              "‖F_i‖² = 0.99)")
         _need(self.orthogonalize_steps >= 0, "orthogonalize_steps", "must be >= 0")
         _need(self.orthogonalize_lr > 0, "orthogonalize_lr", "must be > 0")
         _need(self.magnitude_start > 0 and self.magnitude_end > 0, "magnitude_start",
