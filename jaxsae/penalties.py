@@ -532,11 +532,10 @@ def auxk(
     else:
         any_dead = jax.lax.psum(n_dead, out.sweep_axis) > 0
         most = jax.lax.pmax(n_dead, out.sweep_axis)
-    if sparse and split:  # (blocks of the dead latents would gather them across devices)
-        losses, index = [split_dictionary], any_dead.astype(jnp.int32)
-    elif sparse:
+    if sparse:
         sizes = dead_blocks(k, d_sae)
-        losses = [dead_block(size) for size in sizes]
+        losses = [split_dictionary if split and size == d_sae else dead_block(size)
+                  for size in sizes]
         index = jnp.where(any_dead, 1 + jnp.searchsorted(jnp.asarray(sizes), most), 0)
     else:
         losses, index = [dense], any_dead.astype(jnp.int32)

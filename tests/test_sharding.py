@@ -212,15 +212,13 @@ print(json.dumps(out))
 
 
 def test_auxk_on_a_split_dictionary_matches_one_device():
-    """AuxK on a dictionary split over `model` takes each device's own dead latents (the
-    sparse split selection, the live ones masked out) and decodes them from its own rows: its
-    value and every gradient equal one device's, with fewer dead latents than k_aux (a row's
-    k_aux-th largest then -inf: no live latent may be kept in their place; tied) and a
-    single one (BatchTopK); and nothing in the step contracts over the whole dictionary (the
-    dense path's decode did)."""
-    # (many dead latents on a split dictionary: the default sharded steps' topk+auxk case and
-    # test_sweep's sharded BatchTopK sweep)
-    cases = [("topk", True, 3, 8), ("batchtopk", False, 1, None)]
+    """AuxK on a dictionary split over `model`: with more than 4·k_aux dead latents each
+    device takes its own (the sparse split selection, the live ones masked out) and decodes
+    them from its own rows; with fewer, the block of the dead latents, as on one device
+    (fewer than k_aux, tied; a single one, BatchTopK). Its value and every gradient equal one
+    device's, and nothing in the step contracts over the whole dictionary (the dense path's
+    decode did)."""
+    cases = [("topk", False, 60, 8), ("topk", True, 3, 8), ("batchtopk", False, 1, None)]
     env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", _AUXK_SCRIPT, json.dumps(cases)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
