@@ -360,3 +360,16 @@ def test_synth_command_writes_the_benchmark_and_a_run_reports_its_metrics(tmp_pa
     assert notes == [f"note: {meta}: drawn by version 1 of the synthsaebench sampler; this "
                      f"jaxsae draws version {sb.SAMPLER_VERSION} (other tokens from the same "
                      "seed): its true codes cannot be regenerated, so no ground-truth metrics"]
+
+
+def test_settings_that_overflow_name_the_knobs(tmp_path, capsys):
+    """(fault testing: a bias of 1e39 was blamed on the magnitudes or orthogonalize_lr)"""
+    from jaxsae import cli
+
+    assert cli.main(["synth", "synthsaebench", "--preset", "tiny", "--tokens", "100",
+                     "--bias", "1e39", "--orthogonalize-steps", "0", "--out",
+                     str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("drew non-finite values (in the block of tokens 0..99); lower the "
+                        "magnitudes, bias or orthogonalize_lr"), err
+    assert not (tmp_path / "o").exists()

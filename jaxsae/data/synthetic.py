@@ -472,9 +472,11 @@ def block_rows(spec, truth: Mapping[str, np.ndarray], block: int, n: int, *,
     for rows in (x, y):
         if rows is not None and not np.isfinite(rows).all():
             lo = block * BLOCK_TOKENS
-            also = " or orthogonalize_lr" if hasattr(spec, "orthogonalize_lr") else ""
+            also = [k for k in ("bias", "orthogonalize_lr") if hasattr(spec, k)]
+            what = ", ".join(["the magnitudes", *also[:-1]]) + (f" or {also[-1]}" if also
+                                                                 else "")
             raise DataError(f"{spec.kind}: the settings drew non-finite values (in the block "
-                            f"of tokens {lo}..{lo + n - 1}); lower the magnitudes{also}")
+                            f"of tokens {lo}..{lo + n - 1}); lower {what}")
     return x, y, dense
 
 
