@@ -41,7 +41,7 @@ def read_metrics(path: Path) -> list[dict]:
             line = json.loads(text)
         except json.JSONDecodeError:
             continue
-        if isinstance(line, dict) and _number(line.get("tokens")) is not None:
+        if isinstance(line, dict) and math.isfinite(_number(line.get("tokens")) or math.nan):
             lines.append(line)
     return lines
 

@@ -247,7 +247,8 @@ def test_garbled_metrics_lines_are_left_out(tmp_path, monkeypatch):
     good = [{"step": s, "tokens": 256 * s, "loss": 1.0 / s} for s in (1, 2, 3)]
     bad = [{"tokens": {"a": 1}, "loss": 1.0}, {"tokens": "512", "loss": 1.0},
            {"tokens": None, "loss": 1.0}, {"tokens": True, "loss": 1.0},
-           {"tokens": 10**400, "loss": 1.0}]
+           {"tokens": 10**400, "loss": 1.0}, {"tokens": float("nan"), "loss": 1.0},
+           {"tokens": float("inf"), "loss": 1.0}]
     path.write_text("\n".join(json.dumps(x) for x in [good[0], *bad, *good[1:]])
                     + '\n{"step": 4, "tokens": 1024, "loss": 1' + "0" * 400 + "}\n")
     lines = curves.read_metrics(path)

@@ -128,6 +128,17 @@ def test_malformed_cache_json_is_refused_naming_the_file(tmp_path, file, edit, m
         open_source(DataConfig(path=str(path)))
 
 
+def test_a_column_never_read_may_have_a_variable_dimension(tmp_path):
+    """datasets allows Array2D(shape=(None, d)); such a column beside the activations does not
+    make the cache unreadable (a review: it was refused once shapes were checked)."""
+    path, acts = make_cache(tmp_path / "cache", shards=1)
+    info = json.loads((path / "dataset_info.json").read_text())
+    info["features"]["extra"] = {"_type": "Array2D", "shape": [None, 4], "dtype": "int32"}
+    (path / "dataset_info.json").write_text(json.dumps(info))
+    source = open_source(DataConfig(path=str(path)))
+    np.testing.assert_array_equal(source.read(0, 8), acts.reshape(-1, D_IN)[:8])
+
+
 def test_a_cache_naming_files_outside_it_is_refused(tmp_path):
     path, _ = make_cache(tmp_path / "cache", shards=1)
     outside, _ = make_cache(tmp_path / "other", shards=1, seed=1)

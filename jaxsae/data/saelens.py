@@ -46,9 +46,11 @@ def activation_columns(path: str | Path) -> list[str]:
     return [name for name, (_, dtype) in columns.items() if dtype in _FLOAT]
 
 
-def _array2d_columns(info: dict, file: Path) -> dict[str, tuple[tuple[int, int], str]]:
-    """Every Array2D column of a dataset_info.json: name -> ((rows, columns), its dtype).
-    Malformed entries are refused naming `file` (fault testing: tracebacks)."""
+def _array2d_columns(info: dict, file: Path) -> dict[str, tuple[object, str]]:
+    """Every Array2D column of a dataset_info.json: name -> (its shape as written, its dtype).
+    A malformed file is refused naming `file` (fault testing: tracebacks); a shape is checked
+    only where a column is read (`_shape`: datasets allows a variable first dimension, None,
+    in a column this never reads)."""
     features = info.get("features") or {}
     if not isinstance(features, dict):
         raise DataError(f"{file}: 'features' is not a mapping of column names")
@@ -56,15 +58,20 @@ def _array2d_columns(info: dict, file: Path) -> dict[str, tuple[tuple[int, int],
     for name, feature in features.items():
         if not (isinstance(feature, dict) and feature.get("_type") == "Array2D"):
             continue
-        shape, dtype = feature.get("shape"), feature.get("dtype")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(
-                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
-            raise DataError(f"{file}: column {name!r} has shape {shape!r}; an Array2D's is two "
-                            "positive integers")
+        dtype = feature.get("dtype")
         if not isinstance(dtype, str):
             raise DataError(f"{file}: column {name!r} has dtype {dtype!r}, not a dtype name")
-        out[name] = (tuple(shape), dtype)
+        out[name] = (feature.get("shape"), dtype)
     return out
+
+
+def _shape(shape: object, name: str, file: Path) -> tuple[int, int]:
+    """The [positions, d_in] of the activation column that is read."""
+    if not (isinstance(shape, list) and len(shape) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise DataError(f"{file}: column {name!r} has shape {shape!r}; an activation "
+                        "column's is two positive integers")
+    return shape[0], shape[1]
 
 
 class SAELensCache(ArraySource):
@@ -89,7 +96,7 @@ class SAELensCache(ArraySource):
             raise DataError(f"{key}: {hook!r} is not an activation column of {self.path} "
                             f"(it has {', '.join(columns)})")
         self.hook = hook
-        self.context_size, d_in = columns[hook]
+        self.context_size, d_in = _shape(columns[hook], hook, self.path / INFO)
         self.dtype = np.dtype(_FLOAT[arrays[hook][1]])
         listed = state.get("_data_files", [])
         if not isinstance(listed, list) or not all(isinstance(f, dict) for f in listed):
