@@ -41,7 +41,8 @@ def read_metrics(path: Path) -> list[dict]:
             line = json.loads(text)
         except json.JSONDecodeError:
             continue
-        if isinstance(line, dict) and math.isfinite(_number(line.get("tokens")) or math.nan):
+        tokens = _number(line.get("tokens")) if isinstance(line, dict) else None
+        if tokens is not None and math.isfinite(tokens):
             lines.append(line)
     return lines
 
