@@ -30,6 +30,7 @@ from jaxsae.config import CheckpointConfig, Config
 from jaxsae.data import GeneratedSource, open_source, synthetic
 from jaxsae.data.generated import refuse_other_sampler
 from jaxsae.data.saelens import SAELensCache
+from jaxsae.data.source import fingerprint
 from jaxsae.data.stats import DataStats
 from jaxsae.data.window import Window, trained_end
 from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
@@ -397,6 +398,16 @@ def _restore_for_export(directory: Path, step: int | None, data: str | None, rea
             if want is not None and want != got:
                 raise DataError(f"{data or cfg.data.path}: {what} is {got}, but the run was "
                                 f"trained on {what} {want}")
+        saved = loader_state.get("data_digest")
+        if data is None and saved is not None and not cfg.data.stream and (
+                fingerprint(source) != saved):
+            # (fault testing: exported from another directory, a relative data.path read
+            # other data there, and the export recorded it, evaluated on it, as trained on)
+            relative = "" if Path(cfg.data.path).is_absolute() else (
+                " (a relative data.path is read from the working directory: export from the "
+                "one training ran in, or pass the data as --data)")
+            raise DataError(f"{cfg.data.path}: holds other values than the data the run "
+                            f"{directory.parent} trained on{relative}")
         one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, model=1))
         built = build(one, source.d_in, jax.devices()[:1], d_out=source.d_out)
         found.update(cfg=cfg, built=built, source=source)

@@ -829,3 +829,30 @@ def test_a_write_failing_as_its_file_closes_names_the_file(tmp_path):
                             "[Errno 28] No space left on device: 'src/a' -> 'dst/a'")])
     assert describe_os_error(copied) == ("cannot write dst/a.safetensors: No space left on "
                                          "device")
+
+
+def test_export_refuses_other_data_behind_a_relative_data_path(small_data, tmp_path, capsys,
+                                                               monkeypatch):
+    """(fault testing: exported from another working directory, a run's relative data.path
+    read other data of the same width there; the export was evaluated on it and recorded it
+    as the data trained on)"""
+    import shutil
+
+    from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
+    from jaxsae.train import train
+    from tests.conftest import small_config
+
+    there, elsewhere = tmp_path / "there", tmp_path / "elsewhere"
+    there.mkdir()
+    shutil.copytree(small_data, there / "data")
+    monkeypatch.chdir(there)
+    train(small_config(Path("data"), there / "run"), progress=False)
+    generate_superposition(SuperpositionSpec(n_features=48, d_in=16, tokens=8192, seed=9),
+                           elsewhere / "data", progress=False)
+    monkeypatch.chdir(elsewhere)
+    refused(["export", str(there / "run"), "--out", str(tmp_path / "x"), "--no-progress"],
+            capsys, match="data: holds other values than the data the run "
+                          f"{there / 'run'} trained on (a relative data.path is read from "
+                          "the working directory", unchanged=[there / "run"])
+    _ok(["export", str(there / "run"), "--out", str(tmp_path / "x"), "--data",
+         str(there / "data"), "--no-progress"], capsys)
