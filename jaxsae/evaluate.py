@@ -33,17 +33,20 @@ def _batch_sums(params: sae.Params, x: jax.Array, target: jax.Array, cfg: SAECon
     acts = sae.encode(params, x, cfg, train=False)
     x_hat = sae.decode(params, acts, x)
     fired = acts > 0
-    # the squares are summed in units of 2^exponent, the block's largest |value| or |error|
-    # (exact: a power of two), then put back in float64 (`ReconstructionSums`): float32 squares of
-    # activations near 1e19 overflowed (a healthy run was reported diverged) and those near
-    # 1e-20 underflowed to 0 (an mse of 0, variance "undefined"; fault testing)
+    # the squares are summed in units of 2^exponent, the block's largest |error| for the
+    # errors and its largest |value| for the values (exact: powers of two), then put back in
+    # float64 (`ReconstructionSums`): float32 squares of activations near 1e19 overflowed (a
+    # healthy run was reported diverged) and those near 1e-20 underflowed to 0 (an mse of 0,
+    # variance "undefined"); one unit for both, an error 1e20 times the values underflowed
+    # the values' squares (explained variance null, or 9 % off; fault testing)
     error = x_hat - target
-    _, exponent = jnp.frexp(jnp.maximum(jnp.max(jnp.abs(target)), jnp.max(jnp.abs(error))))
-    unit = jnp.ldexp(jnp.ones((), target.dtype), -exponent)
+    _, error_exponent = jnp.frexp(jnp.max(jnp.abs(error)))
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(target)))
     return {
-        "sse": jnp.sum(jnp.square(error * unit)),
+        "sse": jnp.sum(jnp.square(error * jnp.ldexp(jnp.ones((), error.dtype), -error_exponent))),
         "sum_x": jnp.sum(target, axis=0),
-        "sum_sq": jnp.sum(jnp.square(target * unit)),
+        "sum_sq": jnp.sum(jnp.square(target * jnp.ldexp(jnp.ones((), target.dtype), -exponent))),
+        "error_exponent": error_exponent,
         "exponent": exponent,
         "active": jnp.sum(fired),
         "fires": jnp.sum(fired, axis=0, dtype=jnp.int32),
@@ -72,9 +75,9 @@ class ReconstructionSums:
         s = jax.device_get(_batch_sums(self.params, x, x if target is None else target,
                                        self.cfg))
         self.n += x.shape[0]
-        unit_sq = 4.0 ** int(s["exponent"])  # (float64; float32's exponents: -148..128)
-        self.sse += float(s["sse"]) * unit_sq
-        self.sum_sq += float(s["sum_sq"]) * unit_sq
+        # (float64; float32's exponents: -148..128)
+        self.sse += float(s["sse"]) * 4.0 ** int(s["error_exponent"])
+        self.sum_sq += float(s["sum_sq"]) * 4.0 ** int(s["exponent"])
         self.active += float(s["active"])
         self.sum_x = s["sum_x"].astype(np.float64) + (0 if self.sum_x is None else self.sum_x)
         self.fires = s["fires"].astype(np.int64) + (0 if self.fires is None else self.fires)

@@ -231,6 +231,28 @@ def test_the_evaluation_holds_for_activations_of_any_magnitude(power):
     assert scaled["mse"] == pytest.approx(base["mse"] * c * c, rel=1e-6)
 
 
+def test_an_error_far_larger_than_the_activations_is_measured():
+    """A decoder 1e20 times too large: the explained variance is the float64 one, hugely
+    negative (fault testing: the values' squares, summed in the error's unit, underflowed:
+    null at 1e20, 9 % off at 1e18)."""
+    import jax
+
+    from jaxsae.evaluate import reconstruction_metrics
+    from jaxsae.sae import encode, init_params
+
+    cfg = SAEConfig(d_sae=16, activation="relu", decoder_norm="free")
+    params = {k: np.asarray(v) for k, v in init_params(jax.random.key(0), 8, cfg).items()}
+    params["b_enc"] = np.full(16, 0.1, np.float32)
+    x = np.random.default_rng(0).normal(size=(512, 8)).astype(np.float32)
+    for factor in (1e18, 1e20):
+        big = {**params, "W_dec": params["W_dec"] * np.float32(factor)}
+        got = reconstruction_metrics(big, cfg, [x[:256], x[256:]])["explained_variance"]
+        codes = np.asarray(encode(big, x, cfg), np.float64)
+        error = codes @ big["W_dec"].astype(np.float64) + big["b_dec"] - x
+        want = 1 - np.sum(error**2) / np.sum((x - x.mean(0)) ** 2)
+        assert got == pytest.approx(want, rel=1e-4), factor
+
+
 def _logger(tmp_path, **optim):
     from jaxsae.config import config_from_dict
     from jaxsae.hooks import MetricLogger
