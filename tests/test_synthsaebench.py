@@ -362,6 +362,7 @@ def test_synth_command_writes_the_benchmark_and_a_run_reports_its_metrics(tmp_pa
                      "seed): its true codes cannot be regenerated, so no ground-truth metrics"]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the bias's cast)
 def test_settings_that_overflow_name_the_knobs(tmp_path, capsys):
     """(fault testing: a bias of 1e39 was blamed on the magnitudes or orthogonalize_lr)"""
     from jaxsae import cli
