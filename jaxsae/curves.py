@@ -174,9 +174,7 @@ def _columns(lines: list[dict]) -> dict[str, tuple[list, list]]:
     """key -> (tokens, values) of the lines' numbers, in one pass over the lines."""
     table: dict[str, tuple[list, list]] = {}
     for line in lines:
-        tokens = _number(line["tokens"])
-        if tokens is None or not math.isfinite(tokens):
-            continue
+        tokens = float(line["tokens"])  # (a finite number: `read_metrics`)
         for k, v in line.items():
             if (v := _number(v)) is not None:
                 xs, ys = table.setdefault(k, ([], []))

@@ -30,7 +30,6 @@ so the codes of ReLU / JumpReLU latents are unchanged. Only the decoder is then 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 from collections.abc import Sequence
 from functools import partial
@@ -41,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import evaluate, export, hub, outputs
+from jaxsae import checkpoint, evaluate, export, hub, outputs
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window, describe, trained_end
@@ -432,16 +431,6 @@ def stitch_family(saes: Sequence[export.LoadedSAE], threshold: float = THRESHOLD
     return params, cfg, gave
 
 
-def _digest(params: dict[str, np.ndarray]) -> str:
-    """A digest of the arrays' names, shapes, dtypes and bytes."""
-    h = hashlib.blake2b()
-    for name in sorted(params):
-        value = np.ascontiguousarray(params[name])
-        h.update(f"{name} {value.shape} {value.dtype}".encode())
-        h.update(value.tobytes())
-    return h.hexdigest()
-
-
 def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                  threshold: float = THRESHOLD, retrain_decoder_tokens: int = 2_000_000,
                  tokens: int | None = None, batch_size: int = 4096, lr: float = 1e-3,
@@ -512,7 +501,7 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
     # (the stitched SAE's own digest too: fault testing resumed a retraining after a member
     # was replaced, publishing a decoder retrained for the old member's encoder)
     key = {"saes": [str(Path(d).absolute()) for d in sae_dirs],
-           "stitched": _digest(params),
+           "stitched": checkpoint.state_checksum(params).tolist(),
            "data": str(Path(data).absolute()), "threshold": threshold, "tokens": tokens,
            "batch_size": batch_size, "lr": lr, "hook": hook,
            "retrain_decoder_tokens": retrain_decoder_tokens, **dropped}
