@@ -30,7 +30,13 @@ from jaxsae.errors import JaxsaeError
 @partial(jax.jit, static_argnames="cfg")
 def _batch_sums(params: sae.Params, x: jax.Array, target: jax.Array, cfg: SAEConfig
                 ) -> dict[str, jax.Array]:
-    acts = sae.encode(params, x, cfg, train=False)
+    return sums_of_codes(params, sae.encode(params, x, cfg, train=False), x, target)
+
+
+def sums_of_codes(params: sae.Params, acts: jax.Array, x: jax.Array, target: jax.Array
+                  ) -> dict[str, jax.Array]:
+    """A block's sums for `ReconstructionSums.add_sums`, given its codes `acts` (traced: a
+    caller that needs the codes for more than these sums encodes once)."""
     x_hat = sae.decode(params, acts, x)
     fired = acts > 0
     # the squares are summed in units of 2^exponent, the block's largest |error| for the
@@ -72,9 +78,13 @@ class ReconstructionSums:
 
     def add(self, x: jax.Array, target: jax.Array | None = None) -> None:
         """Adds a block [n, d_in] (on the device), and a transcoder's targets [n, d_out]."""
-        s = jax.device_get(_batch_sums(self.params, x, x if target is None else target,
-                                       self.cfg))
-        self.n += x.shape[0]
+        self.add_sums(_batch_sums(self.params, x, x if target is None else target, self.cfg),
+                      x.shape[0])
+
+    def add_sums(self, sums: dict[str, jax.Array], n: int) -> None:
+        """Adds the `sums_of_codes` of a block of `n` tokens."""
+        s = jax.device_get(sums)
+        self.n += n
         # (float64; float32's exponents: -148..128)
         self.sse += float(s["sse"]) * 4.0 ** int(s["error_exponent"])
         self.sum_sq += float(s["sum_sq"]) * 4.0 ** int(s["exponent"])

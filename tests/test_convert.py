@@ -159,3 +159,22 @@ def test_the_comparison_measures_reconstructions_as_eval_does(small_data, tmp_pa
     assert report["explained_variance_topk"] == measured["explained_variance"]
     assert report["explained_variance_jumprelu"] == measured["explained_variance"]
     assert report["l0_topk"] == pytest.approx(measured["l0"])
+
+
+def test_the_comparison_counts_codes_as_a_plain_encode_does(small_data, tmp_path):
+    """The one pass that measures both SAEs and their agreement, against each SAE's codes
+    from a plain `sae.encode` of every token."""
+    from jaxsae import sae
+
+    loaded = _topk_sae(tmp_path / "t", 24, 3, 3)
+    x = np.array(open_source(DataConfig(path=str(small_data))).read(0, 512))
+    other = {**loaded.params, "b_enc": loaded.params["b_enc"] + np.linspace(-0.3, 0.3, 24,
+                                                                            dtype=np.float32)}
+    report = convert.compare(loaded, other, loaded.sae, [x[:200], x[200:]])
+    on_a = np.asarray(sae.encode(loaded.params, x, loaded.sae)) > 0
+    on_b = np.asarray(sae.encode(other, x, loaded.sae)) > 0
+    assert 0 < (on_a & on_b).sum() < on_a.sum()
+    assert report["recall_of_topk_codes"] == pytest.approx((on_a & on_b).sum() / on_a.sum())
+    assert report["precision"] == pytest.approx((on_a & on_b).sum() / on_b.sum())
+    assert report["l0_jumprelu"] == pytest.approx(on_b.sum() / len(x))
+    np.testing.assert_allclose(report["firing_frequency"], on_b.mean(0))

@@ -92,11 +92,15 @@ def as_jumprelu(loaded: export.LoadedSAE, threshold: np.ndarray
 
 
 @partial(jax.jit, static_argnames=("cfg_a", "cfg_b"))
-def _agreement(params_a, cfg_a, params_b, cfg_b, x):
-    """Codes on in A, in B, and in both (summed over the block)."""
-    on_a = sae.encode(params_a, x, cfg_a) > 0
-    on_b = sae.encode(params_b, x, cfg_b) > 0
-    return jnp.stack([jnp.sum(on_a), jnp.sum(on_b), jnp.sum(on_a & on_b)])
+def _compare_block(params_a, cfg_a, params_b, cfg_b, x):
+    """Each SAE's `evaluate.sums_of_codes` of the block, and how many codes are on in A, in
+    B, and in both: one encode per SAE (the agreement once took a second pair)."""
+    codes_a = sae.encode(params_a, x, cfg_a)
+    codes_b = sae.encode(params_b, x, cfg_b)
+    on_a, on_b = codes_a > 0, codes_b > 0
+    return (evaluate.sums_of_codes(params_a, codes_a, x, x),
+            evaluate.sums_of_codes(params_b, codes_b, x, x),
+            jnp.stack([jnp.sum(on_a), jnp.sum(on_b), jnp.sum(on_a & on_b)]))
 
 
 def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAEConfig,
@@ -111,9 +115,10 @@ def compare(loaded: export.LoadedSAE, params: dict[str, np.ndarray], cfg: SAECon
     on = np.zeros(3)
     for x in blocks:
         x = jnp.asarray(x, jnp.float32)
-        sums_a.add(x)
-        sums_b.add(x)
-        on += np.asarray(jax.device_get(_agreement(a, loaded.sae, b, cfg, x)), np.float64)
+        block_a, block_b, agreement = _compare_block(a, loaded.sae, b, cfg, x)
+        sums_a.add_sums(block_a, x.shape[0])
+        sums_b.add_sums(block_b, x.shape[0])
+        on += np.asarray(jax.device_get(agreement), np.float64)
     ra, rb = sums_a.result(), sums_b.result()
     return {"tokens": ra["tokens"], "l0_topk": ra["l0"], "l0_jumprelu": rb["l0"],
             # (a ratio with nothing to count is null, not 0: fault testing)
