@@ -178,32 +178,51 @@ def dense_contractions(jaxpr):
                     found += dense_contractions(sub)
     return found
 
-for activation, tied, n_dead, k_aux in json.loads(__import__("sys").argv[1]):
-    cfg = SAEConfig(d_sae=D_SAE, activation=activation, k=4, tied=tied)
+
+def member(n_dead, cfg):
     rng = np.random.default_rng(n_dead)
     params = jax.tree.map(jnp.asarray, sae.init_params(jax.random.key(n_dead), D_IN, cfg))
-    x = jnp.asarray(np.abs(rng.standard_normal((BATCH, D_IN))), jnp.float32)
     tsf = np.zeros(D_SAE, np.int32)
     dead = rng.choice(D_SAE, size=n_dead, replace=False)
     tsf[dead] = DEAD_TOKENS
-    tsf = jnp.asarray(tsf)
     b_enc = rng.normal(0, 0.5, D_SAE)
     b_enc[dead] += 1.0  # (dead latents that would fire: gradients to compare)
     params["b_enc"] = jnp.asarray(b_enc, jnp.float32)
+    return params, jnp.asarray(tsf)
 
-    def loss(p, x, tsf, mesh):
-        o = sae.forward(p, x, cfg, train=True, tokens_since_fired=tsf, mesh=mesh)
+
+for activation, tied, n_dead, k_aux in json.loads(__import__("sys").argv[1]):
+    # n_dead a list: a sweep of those SAEs (vmapped, as training runs one), each against
+    # itself alone on one device
+    cfg = SAEConfig(d_sae=D_SAE, activation=activation, k=4, tied=tied)
+    members = [member(n, cfg) for n in (n_dead if isinstance(n_dead, list) else [n_dead])]
+    x = jnp.asarray(np.abs(np.random.default_rng(1).standard_normal((BATCH, D_IN))),
+                    jnp.float32)
+
+    def loss(p, x, tsf, mesh, sweep_axis=None):
+        o = sae.forward(p, x, cfg, train=True, tokens_since_fired=tsf, mesh=mesh,
+                        sweep_axis=sweep_axis)
         return penalties.auxk(o, p, step=jnp.asarray(0), k_aux=k_aux,
                               dead_tokens=DEAD_TOKENS)[0]
 
-    want, want_grads = jax.jit(jax.value_and_grad(loss), static_argnums=3)(params, x, tsf, None)
-    put = jax.device_put(params, sharding.tree_shardings(mesh, params, D_SAE))
+    wants = [jax.jit(jax.value_and_grad(loss), static_argnums=3)(p, x, t, None)
+             for p, t in members]
+    want = jnp.stack([w[0] for w in wants])
+    want_grads = jax.tree.map(lambda *g: jnp.stack(g), *[w[1] for w in wants])
+    params = jax.tree.map(lambda *a: jnp.stack(a), *[p for p, _ in members])
+    tsf = jnp.stack([t for _, t in members])
+
+    def losses(p, x, tsf, mesh):
+        each = jax.vmap(lambda p, t: loss(p, x, t, mesh, "sweep"), axis_name="sweep")
+        return jnp.sum(each(p, tsf)), each(p, tsf)
+
+    put = jax.device_put(params, sharding.tree_shardings(mesh, params, D_SAE, stacked=True))
     args = (put, jax.device_put(x, NamedSharding(mesh, P("data", None))),
-            jax.device_put(tsf, NamedSharding(mesh, P("model"))), mesh)
-    got, grads = jax.jit(jax.value_and_grad(loss), static_argnums=3)(*args)
-    traced = jax.make_jaxpr(jax.value_and_grad(loss), static_argnums=3)(*args)
+            jax.device_put(tsf, NamedSharding(mesh, P(None, "model"))), mesh)
+    (_, got), grads = jax.jit(jax.value_and_grad(losses, has_aux=True), static_argnums=3)(*args)
+    traced = jax.make_jaxpr(jax.value_and_grad(losses, has_aux=True), static_argnums=3)(*args)
     out[f"{activation} tied={tied} dead={n_dead} k_aux={k_aux}"] = {
-        "value": float(want), "value_diff": abs(float(got) - float(want)),
+        "value": float(jnp.min(want)), "value_diff": float(jnp.max(jnp.abs(got - want))),
         "grad_diff": max(float(jnp.max(jnp.abs(grads[k] - want_grads[k]))) for k in params),
         "grad_max": max(float(jnp.max(jnp.abs(want_grads[k]))) for k in params),
         "dense_products": dense_contractions(traced.jaxpr)}
@@ -215,10 +234,13 @@ def test_auxk_on_a_split_dictionary_matches_one_device():
     """AuxK on a dictionary split over `model`: with more than 4·k_aux dead latents each
     device takes its own (the sparse split selection, the live ones masked out) and decodes
     them from its own rows; with fewer, the block of the dead latents, as on one device
-    (fewer than k_aux, tied; a single one, BatchTopK). Its value and every gradient equal one
-    device's, and nothing in the step contracts over the whole dictionary (the dense path's
-    decode did)."""
-    cases = [("topk", False, 60, 8), ("topk", True, 3, 8), ("batchtopk", False, 1, None)]
+    (fewer than k_aux, tied; a single one, BatchTopK). In a sweep where one SAE has more
+    than 4·k_aux dead, every SAE takes the split selection, one with fewer than k_aux dead
+    too (those it keeps in their place carry relu(-inf) = 0). Its value and every gradient
+    equal one device's, and nothing in the step contracts over the whole dictionary (the
+    dense path's decode did)."""
+    cases = [("topk", False, 60, 8), ("topk", True, 3, 8), ("batchtopk", False, 1, None),
+             ("topk", False, [3, 60], 8)]
     env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", _AUXK_SCRIPT, json.dumps(cases)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
