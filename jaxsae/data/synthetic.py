@@ -441,7 +441,10 @@ def check_space(spec, out: str | Path, key: str = "tokens") -> None:
     place = Path(out).absolute()
     while not place.exists() and place != place.parent:
         place = place.parent
-    free = shutil.disk_usage(place).free
+    usage = shutil.disk_usage(place)
+    free = usage.free
+    if usage.total == 0:  # (/proc, /sys: no space to count; the write names the path)
+        return
     if need > free:
         raise ConfigError(f"{key} {spec.tokens:,}: the shards need {size_text(need)}, more "
                           f"than the {size_text(free)} free on {place}; write fewer tokens, or "

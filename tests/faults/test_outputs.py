@@ -273,6 +273,29 @@ def test_generated_data_larger_than_the_free_space_is_refused_before_writing(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_place_with_no_space_to_count_is_not_blamed_on_the_tokens(tmp_path, capsys,
+                                                                   monkeypatch):
+    """(fault testing: --out /proc/x was refused as "--tokens 1,000: the shards need 250 KiB,
+    more than the 0 bytes free on /proc": a pseudo filesystem counts no space at all; the
+    write itself then names the path it cannot create)"""
+    import shutil
+    from collections import namedtuple
+
+    import pytest
+
+    from jaxsae.data import synthetic
+    from jaxsae.errors import ConfigError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 0))
+    spec = synthetic.parse_spec({"kind": "superposition", "n_features": 8, "d_in": 4,
+                                 "tokens": 1000})[1]
+    synthetic.check_space(spec, tmp_path / "sp")  # (nothing to compare: no refusal)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**31, 2**31, 0))
+    with pytest.raises(ConfigError, match="tokens 1,000: the shards need"):
+        synthetic.check_space(spec, tmp_path / "sp")
+
+
 def test_analysis_outputs_are_staged_and_refuse_foreign_targets(run_copy, small_data, tmp_path,
                                                                 capsys):
     sae = str(run_copy / "sae")
