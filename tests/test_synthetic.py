@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxsae import tensorfile
+from jaxsae import outputs, tensorfile
 from jaxsae.checks import check_run
 from jaxsae.config import config_from_dict
 from jaxsae.data.shards import MANIFEST, ShardSet
@@ -105,9 +105,11 @@ def test_writes_the_truth(superposition):
     np.testing.assert_allclose(truth["magnitude_std"], np.full(SPEC.n_features, 0.2))
     spec_json = json.loads((superposition / TRUTH_JSON).read_text())
     assert spec_json == {"generator": "superposition", **dataclasses.asdict(SPEC),
-                         "block_tokens": BLOCK_TOKENS}
+                         "block_tokens": BLOCK_TOKENS,
+                         "tensors_digest": outputs.file_digest(superposition / TRUTH_TENSORS)}
     assert SuperpositionSpec(**{k: v for k, v in spec_json.items()
-                                if k not in ("generator", "block_tokens")}) == SPEC
+                                if k not in ("generator", "block_tokens",
+                                             "tensors_digest")}) == SPEC
 
 
 def test_second_moments_match_the_truth(tmp_path):

@@ -304,9 +304,11 @@ def _truth_directions(truth: Path, width: int):
     except DataError as e:
         raise DataError(f"--truth {truth}: not a ground-truth directory or a "
                         f"{synthetic.TRUTH_TENSORS} file ({e})") from None
-    if directions is None or directions.ndim != 2 or directions.shape[1] != width:
+    if directions is None:
         raise DataError(f"--truth {file}: no 'directions' [n_features, {width}] tensor")
-    return np.asarray(directions)
+    directions = np.asarray(directions)
+    synthetic.check_directions(directions, f"--truth {file}", width)
+    return directions
 
 
 def _shown(value) -> str:

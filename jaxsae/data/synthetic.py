@@ -15,7 +15,9 @@ its `target/` subdirectory, so the truth's `directions` are always what a decode
 learn. Tokens are drawn in blocks of BLOCK_TOKENS from `default_rng([seed, 1, block])`, so
 the true codes of any token range can be regenerated (`true_codes`) instead of being stored.
 A generated directory holds the shards, plus `truth.safetensors` (the truth() arrays) and
-`truth.json` (the kind, the spec, the block size).
+`truth.json` (the kind, the spec, the block size, and the digest of truth.safetensors, which
+`load_truth` checks: a damaged or edited truth is refused naming the file, not met later as
+a traceback or as "the data was changed").
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from jaxsae.errors import ConfigError, DataError
 from jaxsae.progress import Progress
 
 TRUTH_TENSORS = "truth.safetensors"
+TRUTH_DIGEST = "tensors_digest"
+"""truth.json's record of truth.safetensors (`outputs.file_digest`)."""
 TRUTH_JSON = "truth.json"
 BLOCK_TOKENS = 16384
 
@@ -429,7 +433,9 @@ def write(spec, out: str | Path, *, overwrite: bool = False, progress: bool = Tr
         if targets is not None:
             targets.close()
         tensorfile.write(writer.staging / TRUTH_TENSORS, truth)
-        outputs.write_file(writer.staging / TRUTH_JSON, json.dumps(source, indent=1))
+        digest = outputs.file_digest(writer.staging / TRUTH_TENSORS)
+        outputs.write_file(writer.staging / TRUTH_JSON,
+                           json.dumps({**source, TRUTH_DIGEST: digest}, indent=1))
     return Path(out)
 
 
@@ -774,7 +780,37 @@ def load_truth(path: str | Path) -> Truth:
     fields = {f.name for f in dataclasses.fields(GENERATORS[kind].spec)}
     _, spec = parse_spec({"kind": kind, **{k: v for k, v in info.items() if k in fields}},
                          key=str(meta))
+    # (fault testing: a truth.safetensors with other shapes, a tensor missing or NaN
+    # directions trained every step and then failed in a traceback, on every rerun; values
+    # edited were blamed on the data.) Directories written before the digest: the checks
+    # below only.
+    if TRUTH_DIGEST in info and outputs.file_digest(tensors) != info[TRUTH_DIGEST]:
+        raise DataError(f"{tensors}: not the file `jaxsae synth` wrote (its digest differs from "
+                        f"the one {meta.name} records): damaged or edited; write the data again")
     arrays = {k: np.asarray(v) for k, v in tensorfile.read(tensors).items()}
+    if "directions" not in arrays:
+        raise DataError(f"{tensors}: no 'directions' tensor")
+    for name, array in arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise DataError(f"{tensors}: {name} holds non-finite values (NaN or inf)")
+    check_directions(arrays["directions"], str(tensors))
     return Truth(spec=spec, arrays=arrays)
+
+
+def check_directions(directions: np.ndarray, where: str, width: int | None = None) -> None:
+    """Refuses true directions no recovery metric can be measured against, naming `where`:
+    not [n_features, width], not finite, or a row of norm 0 (which has no direction: its
+    cosines came out 0, an MCC pulled down as if measured; fault testing)."""
+    if directions.ndim != 2 or (width is not None and directions.shape[1] != width):
+        want = "[n_features, d]" if width is None else f"[n_features, {width}]"
+        raise DataError(f"{where}: 'directions' is {list(directions.shape)}, expected {want}")
+    if not np.isfinite(directions).all():
+        rows = np.flatnonzero(~np.isfinite(directions).all(axis=1))
+        raise DataError(f"{where}: 'directions' row {rows[0]} is not finite ({len(rows)} such "
+                        "rows)")
+    zero = np.flatnonzero(~np.any(directions != 0, axis=1))
+    if len(zero):
+        raise DataError(f"{where}: 'directions' row {zero[0]} has norm 0 ({len(zero)} such "
+                        "rows): a direction to compare with is needed")
 
 

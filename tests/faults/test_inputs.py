@@ -133,6 +133,57 @@ def test_eval_refuses_the_truth_of_other_data(run_copy, small_data, tmp_path, ca
     assert not (tmp_path / "repaired").exists()
 
 
+def _edit_truth(directory: Path, edit) -> None:
+    file = directory / "truth.safetensors"
+    arrays = {k: np.array(v) for k, v in tensorfile.read(file).items()}
+    edit(arrays)
+    tensorfile.write(file, arrays)
+
+
+def test_a_damaged_truth_is_refused_naming_its_file_before_any_work(run_copy, small_data,
+                                                                    tmp_path, capsys,
+                                                                    monkeypatch):
+    """(fault testing: a truth.safetensors with fewer directions, a tensor missing, or NaN
+    directions trained every step and then failed in a traceback, on every rerun, and eval
+    failed after its pass; edited firing probabilities were blamed on the data; a bare truth
+    of zero rows gave an MCC of 0.0 as if measured.)"""
+    from jaxsae import evaluate
+    from jaxsae.config import config_from_dict
+    from jaxsae.errors import DataError
+    from jaxsae.train import train
+    from tests.conftest import small_config_dict
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("evaluated before --truth was checked")
+
+    monkeypatch.setattr(evaluate, "reconstruction_metrics", no_pass)
+    sae = str(run_copy / "sae")
+    edits = {"fewer": lambda t: t.update(directions=t["directions"][:10]),
+             "missing": lambda t: t.pop("firing_prob"),
+             "nan": lambda t: t["directions"].__setitem__(3, np.nan)}
+    for name, edit in edits.items():
+        data = tmp_path / name
+        shutil.copytree(small_data, data)
+        _edit_truth(data, edit)
+        file = data / "truth.safetensors"
+        refused(["eval", sae, "--data", str(data), "--truth", str(data)], capsys,
+                match=f"{file}: not the file `jaxsae synth` wrote", unchanged=[data])
+    tree = small_config_dict(tmp_path / "nan", tmp_path / "nan-run")
+    with pytest.raises(DataError, match="not the file `jaxsae synth` wrote"):
+        train(config_from_dict(tree), progress=False, log=lambda m: None)
+    assert not (tmp_path / "nan-run").exists()
+    # a bare truth file: no digest to compare, its directions checked
+    for name, rows, match in (("nan", [3], "'directions' row 3 is not finite (1 such rows)"),
+                              ("zero", slice(None), "'directions' row 0 has norm 0 (48 such")):
+        bare = tmp_path / f"bare-{name}"
+        bare.mkdir()
+        directions = np.array(tensorfile.read(small_data / "truth.safetensors")["directions"])
+        directions[rows] = np.nan if name == "nan" else 0.0
+        tensorfile.write(bare / "truth.safetensors", {"directions": directions})
+        refused(["eval", sae, "--data", str(small_data), "--truth",
+                 str(bare / "truth.safetensors")], capsys, match=match, unchanged=[bare])
+
+
 def test_eval_refuses_non_finite_held_out_tokens(run_copy, small_data, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(small_data, data)
