@@ -11,6 +11,7 @@ config can be replaced, compared and restored from a checkpoint without any of i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import itertools
@@ -753,7 +754,13 @@ class Config:
         (a resumed run is compared with its checkpoint at the checkpoint's length)."""
         if not any(t.warmup_steps == "auto" for t in self.loss):
             return self
-        return replace(self, loss=self._ramped_terms(total_steps))
+        # A copy to compare, never trained, so not checked again (`replace` would): its ramps
+        # are the checkpoint's length's, its optim.total_tokens maybe a shorter run's (fault
+        # testing: a resume at a smaller total_tokens was refused for loss.l1.warmup_steps,
+        # a key left to auto, and then for changing it as the message said).
+        ramped = copy.copy(self)
+        object.__setattr__(ramped, "loss", self._ramped_terms(total_steps))
+        return ramped
 
     def _ramped_terms(self, total_steps: int) -> tuple[TermConfig, ...]:
         return tuple(replace(t, warmup_steps=t.ramp(total_steps)) for t in self.loss)

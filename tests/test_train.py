@@ -414,6 +414,17 @@ def test_resume_refuses_an_end_before_what_was_trained(small_data, tmp_path):
     with pytest.raises(ConfigError, match="less than the 24 steps"):
         train_mod.train(shorter, progress=False)
     assert (tmp_path / "run" / "sae" / "cfg.json").read_text() == before
+    # a run whose `auto` ramp was longer than the new end (fault testing: refused for
+    # loss.l1.warmup_steps, a key left to auto, and then for changing it as told): the
+    # configs compare equal, and the end is what the resume speaks of
+    from jaxsae.checkpoint import check_resume_compatible
+
+    loss = [{"term": "mse"}, {"term": "l1", "coefficient": 0.1, "warmup_steps": "auto"}]
+    longer, shorter = (small_config(small_data, tmp_path / "run", loss=loss,
+                                    optim={"total_tokens": 256 * steps}) for steps in (400, 8))
+    assert longer.loss[1].ramp(longer.optim.total_steps) == 20 > shorter.optim.total_steps
+    assert shorter.ramped_for(400).loss[1].warmup_steps == 20
+    check_resume_compatible(longer, shorter, tmp_path / "run")
 
 
 def test_resume_refuses_changed_config(small_data, tmp_path):
