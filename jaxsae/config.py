@@ -11,6 +11,7 @@ config can be replaced, compared and restored from a checkpoint without any of i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -36,6 +37,7 @@ from jaxsae.parsing import (
     plain,
     read_yaml_mapping,
     refuse_repeated_overrides,
+    sets_path,
     typename,
     unknown_key_message,
 )
@@ -831,6 +833,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     before = set(seen)
     for assignment in terms:
         apply_override(tree, assignment, seen)
+    _refuse_overrides_of_swept_keys(tree, seen)
     cfg = from_dict(Config, tree)
     if edited:  # (for a refused resume to say where its values came from: a review)
         object.__setattr__(cfg, "_loss_from", edited)
@@ -838,6 +841,36 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         # given null before them: fault testing)
         object.__setattr__(cfg, "_loss_edits", tuple(key for key in seen if key not in before))
     return cfg
+
+
+def _refuse_overrides_of_swept_keys(tree: dict[str, Any], seen: dict[str, tuple[str, Any]]
+                                    ) -> None:
+    """Refuses an override of a key the sweep sets for every SAE (fault testing:
+    `loss.l1.coefficient=3` beside `sweep.loss.l1.coefficient=[1, 2]` was dropped unseen, and
+    config.yaml recorded the 3 no SAE trained with)."""
+    sweep = tree.get("sweep")
+    points = sweep if isinstance(sweep, list) else [sweep] if isinstance(sweep, dict) else []
+    def spelt(point: Any) -> dict[str, str]:  # as `assign` spells its keys: list items by
+        keys = {}                                 # position
+        for name in point if isinstance(point, dict) else ():
+            with contextlib.suppress(ConfigError, TypeError, ValueError):  # (the sweep's own
+                keys[assign(copy.deepcopy(tree), name, None)] = name  # check names those)
+        return keys
+
+    # what every SAE sets (a list's point that leaves a key out trains the config's value)
+    each = [spelt(point) for point in points]
+    swept = {k: name for k, name in (each[0] if each else {}).items()
+             if all(k in keys for keys in each)}
+    for key, (assignment, value) in seen.items():
+        for canonical, name in swept.items():
+            # (a mapping given whole that holds the key too; not a `loss=` list, whose terms
+            # a sweep of their coefficients needs, written with one or not)
+            inside = (canonical.startswith(key + ".") and isinstance(value, dict)
+                      and sets_path(value, canonical[len(key) + 1:]))
+            if not key.startswith("sweep.") and (key == canonical or inside):
+                raise ConfigError(f"override {assignment.split('=', 1)[0].strip()}: the sweep "
+                                  f"sets {name} for every SAE (sweep.{name}), so this value "
+                                  "would be used by none; give it in the sweep")
 
 
 def override_sweep(tree: dict[str, Any], assignment: str, where: str = ""

@@ -265,7 +265,7 @@ def note_override(seen: dict[str, tuple[str, Any]], key: str, assignment: str,
     """Adds `key`, set by `assignment` to `value`, to `seen` (see `apply_override`), refusing
     it if it sets or replaces what an earlier override set."""
     for earlier, (given, set_to) in seen.items():
-        inside = key.startswith(earlier + ".") and _holds(set_to, key[len(earlier) + 1:])
+        inside = key.startswith(earlier + ".") and sets_path(set_to, key[len(earlier) + 1:])
         if earlier == key or inside or earlier.startswith(key + "."):
             raise ConfigError(f"override {assignment.split('=', 1)[0].strip()}: "
                               f"{'replaces' if earlier.startswith(key + '.') else 'sets'} "
@@ -273,18 +273,18 @@ def note_override(seen: dict[str, tuple[str, Any]], key: str, assignment: str,
     seen[key] = (assignment.strip(), copy.deepcopy(value))  # (later overrides edit the tree)
 
 
-def _holds(value: Any, path: str) -> bool:
+def sets_path(value: Any, path: str) -> bool:
     """Whether a value given whole sets `path` (dotted; list items by position; a key that
     holds dots itself, as a sweep's axes do, is looked up whole first)."""
     if isinstance(value, Mapping):
         if path in value:
             return True
         head, _, rest = path.partition(".")
-        return bool(rest) and head in value and _holds(value[head], rest)
+        return bool(rest) and head in value and sets_path(value[head], rest)
     if isinstance(value, list):
         head, _, rest = path.partition(".")
         if head.isdigit() and int(head) < len(value):
-            return not rest or _holds(value[int(head)], rest)
+            return not rest or sets_path(value[int(head)], rest)
     return False
 
 

@@ -155,6 +155,27 @@ def test_an_override_given_twice_is_refused(preset, overrides):
         load_config(preset, overrides)
 
 
+@pytest.mark.parametrize("overrides", [
+    ["sweep.loss.l1.coefficient=[1, 2]", "loss.l1.coefficient=3"],
+    ["loss.1.coefficient=3", "sweep.loss.l1.coefficient=[1, 2]"],
+    ["sweep.optim.lr=[1e-3, 2e-3]", "optim={lr: 5e-3, batch_size: 512}"],
+    ["sweep=[{seed: 1, optim.lr: 1e-3}, {seed: 2}]", "seed=3"]])
+def test_an_override_of_a_swept_key_is_refused(overrides):
+    """(fault testing: `loss.l1.coefficient=3` beside a sweep of it was dropped unseen, and
+    config.yaml recorded the 3 that no SAE trained with)"""
+    plain = next(o for o in overrides if not o.startswith("sweep")).split("=")[0]
+    with pytest.raises(ConfigError, match=f"^override {re.escape(plain)}: the sweep sets "):
+        load_config(None, ["data.path=d", *overrides])
+    # what the sweep leaves alone is the base of every SAE
+    cfg = load_config(None, ["data.path=d", "sweep.optim.lr=[1e-3, 2e-3]",
+                             "optim={batch_size: 512}", "loss=[{term: mse}, {term: l1, "
+                             "coefficient: 2}]", "sweep.loss.l1.coefficient=[1, 3]"])
+    assert [c.optim.batch_size for c in cfg.sweep_configs()] == [512] * 4
+    cfg = load_config(None, ["data.path=d", "sweep=[{optim.lr: 1e-3}, {seed: 2}]",
+                             "seed=3"])  # (a point that leaves it out trains it)
+    assert [c.seed for c in cfg.sweep_configs()] == [3, 2]
+
+
 @pytest.mark.parametrize("overrides, why", [
     (["loss.l1.coefficient=2", "loss.1.coefficient=3"], "sets what loss.l1.coefficient=2"),
     (["loss.-1.coefficient=2", "loss[1].coefficient=3"], "sets what loss.-1.coefficient=2"),
@@ -511,7 +532,15 @@ def test_loss_terms_by_name():
 
     terms = "loss=[{term: mse}, {term: l1, name: sparsity}, {term: l1}]"
     cfg = load_config(None, ["data.path=d", terms, "loss.sparsity.coefficient=3",
-                             "loss.2.coefficient=4", "sweep.loss.sparsity.coefficient=[1, 5]"])
+                             "sweep.loss.l1.coefficient=[1, 5]"])
+    assert [m.loss[2].coefficient for m in cfg.sweep_configs()] == [1.0, 5.0]
+    with pytest.raises(ConfigError, match=r"override loss\.2\.coefficient: the sweep sets "
+                                          r"loss\.l1\.coefficient for every SAE"):
+        load_config(None, ["data.path=d", terms, "loss.2.coefficient=4",
+                           "sweep.loss.l1.coefficient=[1, 5]"])
+    terms = "loss=[{term: mse}, {term: l1, name: sparsity, coefficient: 3}, {term: l1}]"
+    cfg = load_config(None, ["data.path=d", terms, "loss.2.coefficient=4",
+                             "sweep.loss.sparsity.coefficient=[1, 5]"])
     assert [t.coefficient for t in cfg.loss] == [1.0, 3.0, 4.0]
     assert [m.loss[1].coefficient for m in cfg.sweep_configs()] == [1.0, 5.0]
     assert penalties.term_labels(cfg.loss) == ["mse", "sparsity", "l1"]
