@@ -7,7 +7,9 @@ The `safetensors` package's numpy API has no bfloat16, which activation caches o
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -51,18 +53,49 @@ def read_header(file: Path) -> tuple[dict[str, Any], int]:
 
 def tensor_layout(file: Path, header: Mapping[str, Any], name: str,
                   data_start: int) -> tuple[int, tuple[int, ...], np.dtype]:
-    """(absolute offset, shape, dtype) of tensor `name`, checked against the header."""
-    info = header.get(name)
-    if not isinstance(info, dict):
+    """(absolute offset, shape, dtype) of tensor `name`, its header entry checked: a shape of
+    non-negative integers, and `data_offsets` [begin, end] of exactly that many bytes from
+    the start of the data. (Whether `end` lies within the file is the caller's check: a shard
+    names the rows that are there.)"""
+    if name not in header:
         raise DataError(f"{file}: no tensor named {name!r}")
+    info = header[name]
+    # (fault testing: a shape "256x16", null or missing, or data_offsets "0", gave tracebacks;
+    # a shape 16.5 was read as 16; [-16, -64] gave numpy's "negative dimensions")
+    if not isinstance(info, dict):
+        raise DataError(f"{file}: tensor {name!r}: malformed header entry {_shown(info)} "
+                        "(expected an object of dtype, shape and data_offsets)")
     if info.get("dtype") not in DTYPES:
         raise DataError(f"{file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
     dtype = DTYPES[info["dtype"]]
-    shape = tuple(int(s) for s in info["shape"])
-    begin, end = info["data_offsets"]
-    if end - begin != int(np.prod(shape)) * dtype.itemsize:
-        raise DataError(f"{file}: tensor {name!r}: data_offsets do not match shape {list(shape)}")
-    return data_start + begin, shape, dtype
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+        raise DataError(f"{file}: tensor {name!r}: shape {_shown(shape)} is not a list of "
+                        "non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise DataError(f"{file}: tensor {name!r}: data_offsets {_shown(offsets)} is not a "
+                        "list of two integers [begin, end]")
+    begin, end = offsets
+    # (fault testing: a negative begin read the JSON header as the tensor's values)
+    if begin < 0:
+        raise DataError(f"{file}: tensor {name!r}: data_offsets {offsets} lie outside the "
+                        "file's data")
+    if end < begin:
+        raise DataError(f"{file}: tensor {name!r}: data_offsets {offsets} end before they "
+                        "begin")
+    if end - begin != math.prod(shape) * dtype.itemsize:  # (math.prod: no int64 overflow)
+        raise DataError(f"{file}: tensor {name!r}: data_offsets do not match shape {shape}")
+    return data_start + begin, tuple(shape), dtype
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A header value as the JSON spells it (null, "256x16"), shortened for one line."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read(file: str | Path) -> dict[str, np.ndarray]:
@@ -70,14 +103,24 @@ def read(file: str | Path) -> dict[str, np.ndarray]:
     file = Path(file)
     header, start = read_header(file)
     size = file.stat().st_size
-    out = {}
+    out, spans = {}, []
     for name in header:
         if name == "__metadata__":
             continue
         offset, shape, dtype = tensor_layout(file, header, name, start)
-        if offset + int(np.prod(shape)) * dtype.itemsize > size:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offset + nbytes > size:
             raise DataError(f"{file}: truncated (tensor {name!r} runs past the end of the file)")
+        if nbytes:
+            spans.append((offset, offset + nbytes, name))
         out[name] = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
+    # (two tensors over the same bytes: a damaged or hand-edited header, which the format
+    # forbids and the safetensors package refuses)
+    spans.sort()
+    for (_, first_end, first), (second_begin, _, second) in itertools.pairwise(spans):
+        if second_begin < first_end:
+            raise DataError(f"{file}: tensors {first!r} and {second!r} overlap (their "
+                            "data_offsets share bytes)")
     return out
 
 

@@ -524,6 +524,26 @@ def test_a_sparsify_directory_missing_a_part_is_named_as_sparsify(tmp_path):
         load_sae(out)
 
 
+def test_an_sae_whose_weights_header_points_before_its_data_is_refused(tmp_path):
+    """(fault testing: b_dec at data_offsets [-64, 0] was imported as the header's JSON text)"""
+    from jaxsae import sparsify
+
+    W = np.eye(8, 4, dtype=np.float32)
+    params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
+              "b_dec": np.zeros(4, np.float32)}
+    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
+                                   tmp_path / "e")
+    weights = out / sparsify.WEIGHTS_FILE
+    header, start = tensorfile.read_header(weights)
+    header["b_dec"]["data_offsets"] = [-16, 0]
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    weights.write_bytes(len(blob).to_bytes(8, "little") + blob + weights.read_bytes()[start:])
+    with pytest.raises(ExportError, match=r"sae\.safetensors: tensor 'b_dec': data_offsets "
+                                          r"\[-16, 0\] lie outside the file's data"):
+        load_sae(out)
+
+
 def test_importing_sparsify_onto_data_of_another_width_names_the_directory(small_data,
                                                                            tmp_path):
     """(fault testing: the refusal named the temporary conversion, gone by then)"""

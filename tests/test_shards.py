@@ -534,6 +534,66 @@ def test_tensorfile_errors(tmp_path):
     assert str(file) in str(err.value)
 
 
+def edit_header(file: Path, name: str, entry: object = None, **changes) -> None:
+    """Rewrites tensor `name`'s header entry as `entry`, or with `changes` (a key given None
+    is dropped), the data kept."""
+    header, start = tensorfile.read_header(file)
+    data = file.read_bytes()[start:]
+    header[name] = entry if entry is not None else {
+        k: v for k, v in {**header[name], **changes}.items() if v is not None}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    file.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"shape": "4x4"}, r"shape \"4x4\" is not a list of non-negative integers"),
+    ({"shape": None}, r"shape null is not a list"),
+    ({"shape": [16.0]}, r"shape \[16.0\] is not a list"),
+    ({"shape": [-4, -4]}, r"shape \[-4, -4\] is not a list"),
+    ({"shape": [True, 16]}, r"shape \[true, 16\] is not a list"),
+    ({"data_offsets": "0"}, r"data_offsets \"0\" is not a list of two integers"),
+    ({"data_offsets": [0, 32, 64]}, r"data_offsets \[0, 32, 64\] is not a list of two"),
+    ({"data_offsets": [False, 64]}, r"data_offsets \[false, 64\] is not a list of two"),
+    ({"data_offsets": [-64, 0]}, r"data_offsets \[-64, 0\] lie outside the file's data"),
+    ({"data_offsets": [64, 0]}, r"data_offsets \[64, 0\] end before they begin"),
+])
+def test_tensorfile_refuses_a_malformed_header_entry_naming_the_tensor(tmp_path, changes,
+                                                                       message):
+    """(fault testing: a shape "256x16" or null, or data_offsets "0", gave tracebacks; a shape
+    16.5 was read as 16, [-16, -64] gave numpy's "negative dimensions are not allowed", and a
+    negative begin read the JSON header as the tensor's values)"""
+    file = tmp_path / "t.safetensors"
+    tensorfile.write(file, {"a": np.ones(16, np.float32), "b": np.zeros(16, np.float32)})
+    edit_header(file, "b", **changes)
+    with pytest.raises(DataError, match=rf"t\.safetensors: tensor 'b': {message}"):
+        tensorfile.read(file)
+
+
+def test_tensorfile_refuses_a_header_entry_that_is_not_an_object_or_overlapping_tensors(
+        tmp_path):
+    file = tmp_path / "t.safetensors"
+    tensorfile.write(file, {"a": np.ones(16, np.float32), "b": np.zeros(16, np.float32)})
+    header, _ = tensorfile.read_header(file)
+    edit_header(file, "b", data_offsets=header["a"]["data_offsets"])
+    with pytest.raises(DataError, match=r"t\.safetensors: tensors 'a' and 'b' overlap"):
+        tensorfile.read(file)
+    edit_header(file, "b", [header["a"]])
+    with pytest.raises(DataError, match=r"tensor 'b': malformed header entry \[\{"):
+        tensorfile.read(file)
+
+
+def test_a_shard_whose_data_offsets_point_into_its_header_is_refused(tmp_path):
+    """(fault testing: `data inspect` called such a shard valid, its first row header bytes)"""
+    out = write_set(tmp_path / "set", source_data(), file_type="safetensors")
+    file = out / "shard-00002.safetensors"
+    begin, end = tensorfile.read_header(file)[0][SAFETENSORS_KEY]["data_offsets"]
+    edit_header(file, SAFETENSORS_KEY, data_offsets=[begin - 8, end - 8])
+    with pytest.raises(DataError, match=r"shard-00002\.safetensors: tensor 'activations': "
+                                        r"data_offsets \[-8, \d+\] lie outside"):
+        ShardSet(out)
+
+
 def test_a_short_write_names_the_shard(tmp_path, monkeypatch):
     """(fault testing: a full disk under `synth` gave numpy's '80000 requested and 19424
     written', naming neither the file nor the cause)"""
