@@ -19,6 +19,7 @@ import numpy as np
 from jaxsae import outputs, sae, tensorfile
 from jaxsae.config import SAEConfig
 from jaxsae.errors import DataError, ExportError
+from jaxsae.parsing import is_positive_int
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -94,10 +95,29 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig, n
     if cfg.get("skip_connection"):
         raise ExportError(f"{file}: a skip connection, which jaxsae does not read from "
                           "sparsify yet")
-    d_in, k = cfg.get("d_in"), cfg.get("k")
-    if not isinstance(d_in, int) or not isinstance(k, int) or d_in < 1 or k < 1:
-        raise ExportError(f"{file}: d_in and k must be positive integers")
-    d_sae = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
+    # (fault testing: an expansion_factor null gave a traceback, "4" a d_sae of
+    # '4444444444444444' blamed on the weights; normalize_decoder "no" counted as true)
+    for key in ("d_in", "k"):
+        if not is_positive_int(cfg.get(key)):
+            raise ExportError(f"{file}: {key!r} must be a positive integer, got "
+                              f"{cfg.get(key)!r}")
+    d_in, k = cfg["d_in"], cfg["k"]
+    num_latents = cfg.get("num_latents")
+    if num_latents is None or (num_latents == 0 and not isinstance(num_latents, bool)):
+        # (0 or unset: sizes by expansion_factor, as sparsify's `num_latents or ...` does)
+        expansion = cfg.get("expansion_factor", 32)
+        if not is_positive_int(expansion):
+            raise ExportError(f"{file}: 'expansion_factor' must be a positive integer, got "
+                              f"{expansion!r}")
+        d_sae = d_in * expansion
+    elif is_positive_int(num_latents):
+        d_sae = num_latents
+    else:
+        raise ExportError(f"{file}: 'num_latents' must be a positive integer (0: sized by "
+                          f"expansion_factor), got {num_latents!r}")
+    if not isinstance(cfg.get("normalize_decoder", True), bool):
+        raise ExportError(f"{file}: 'normalize_decoder' must be true or false, got "
+                          f"{cfg['normalize_decoder']!r}")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ExportError(f"{weights}: not found (a sparsify SAE's weights)")
@@ -127,7 +147,7 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], SAEConfig, n
     params = {"W_enc": np.ascontiguousarray(tensors["encoder.weight"].T),
               "b_enc": tensors["encoder.bias"], "W_dec": tensors["W_dec"],
               "b_dec": tensors["b_dec"]}
-    unit = (bool(cfg.get("normalize_decoder", True))
+    unit = (cfg.get("normalize_decoder", True)
             and sae.unit_rows(params["W_dec"], stored["W_dec"]))
     return params, SAEConfig(d_sae=int(d_sae), activation="topk", k=int(k),
                              decoder_norm="unit" if unit else "free"), stored["W_dec"]

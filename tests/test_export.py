@@ -520,7 +520,41 @@ def test_a_sparsify_directory_missing_a_part_is_named_as_sparsify(tmp_path):
     cfg = json.loads((out / "cfg.json").read_text())
     del cfg["k"]
     (out / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(ExportError, match="d_in and k must be positive integers"):
+    with pytest.raises(ExportError, match=r"cfg\.json: 'k' must be a positive integer, got None"):
+        load_sae(out)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"num_latents": None, "expansion_factor": None},
+     "'expansion_factor' must be a positive integer, got None"),
+    ({"num_latents": 0, "expansion_factor": "2"},
+     "'expansion_factor' must be a positive integer, got '2'"),
+    ({"num_latents": "8"}, r"'num_latents' must be a positive integer \(0: sized by "
+                           r"expansion_factor\), got '8'"),
+    ({"num_latents": [8]}, r"'num_latents' must be .*, got \[8\]"),
+    ({"num_latents": 8.5}, r"'num_latents' must be .*, got 8\.5"),
+    ({"num_latents": True}, r"'num_latents' must be .*, got True"),
+    ({"num_latents": -8}, r"'num_latents' must be .*, got -8"),
+    ({"d_in": True}, "'d_in' must be a positive integer, got True"),
+    ({"k": 2.0}, "'k' must be a positive integer, got 2.0"),
+    ({"normalize_decoder": "no"}, "'normalize_decoder' must be true or false, got 'no'"),
+])
+def test_a_sparsify_cfg_json_of_bad_sizes_is_refused_naming_the_key(tmp_path, changes,
+                                                                    message):
+    """(fault testing: an expansion_factor null gave a traceback, "4" an SAE expected to be
+    '4444444444444444' latents wide blamed on the weights; normalize_decoder "no" was true)"""
+    from jaxsae import sparsify
+
+    W = np.eye(8, 4, dtype=np.float32)
+    params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
+              "b_dec": np.zeros(4, np.float32)}
+    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
+                                   tmp_path / "e")
+    cfg = json.loads((out / "cfg.json").read_text())
+    (out / "cfg.json").write_text(json.dumps({**cfg, "num_latents": 0, "expansion_factor": 2}))
+    assert sparsify.read_sparsify(out)[1].d_sae == 8  # (0: sized by expansion_factor)
+    (out / "cfg.json").write_text(json.dumps({**cfg, **changes}))
+    with pytest.raises(ExportError, match=r"e/cfg\.json: " + message):
         load_sae(out)
 
 
