@@ -257,6 +257,17 @@ def refuse_non_directory(target: Path, where: str) -> None:
         raise OutputError(f"{where}: is a symbolic link; give the path of a directory to write")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{where}: is a file; give the path of a directory to write")
+    # where the output is staged: checked before any work (fault testing: export evaluated,
+    # then could not create its staging on a read-only mount; --out FILE/x said only "cannot
+    # use FILE: File exists")
+    place = Path(os.path.abspath(target)).parent
+    while not (place.exists() or place.is_symlink()) and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise OutputError(f"{where}: {place} is a file, not a directory to write in")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise OutputError(f"{where}: cannot write in {place} (a read-only file system, or no "
+                          "permission)")
 
 
 def _places_never_replaced() -> list[tuple[str, Path]]:

@@ -60,6 +60,31 @@ def test_export_never_replaces_a_file_a_foreign_directory_or_a_run(run_copy, tmp
     assert _leftovers(tmp_path) == []
 
 
+def test_an_output_place_that_cannot_be_written_is_refused_before_any_work(
+        run_copy, tmp_path, capsys, monkeypatch):
+    """(fault testing: export evaluated the SAE, then could not create its staging on a
+    read-only mount; `--out FILE/x` said only "cannot use FILE: File exists")"""
+    from jaxsae import evaluate
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("evaluated before --out was checked")
+
+    monkeypatch.setattr(evaluate, "ReconstructionSums", no_pass)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("my notes")
+    refused(["export", str(run_copy), "--out", str(a_file / "x" / "y")], capsys,
+            match=f"--out {a_file / 'x' / 'y'}: {a_file} is a file, not a directory to write "
+                  "in", unchanged=[a_file, run_copy])
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        Path(path) != read_only and access(path, mode, **kw)))  # (root writes anywhere)
+    refused(["export", str(run_copy), "--out", str(read_only / "new" / "sae")], capsys,
+            match=f"cannot write in {read_only} (a read-only file system, or no permission)",
+            unchanged=[read_only, run_copy])
+
+
 def test_export_replaces_its_own_export_and_with_overwrite_a_plain_directory(
         run_copy, tmp_path, capsys):
     out = tmp_path / "exported"
