@@ -91,6 +91,11 @@ class BenchConfig:
             raise ConfigError("arms: at least one arm is required")
         if not self.seeds:
             raise ConfigError("seeds: at least one seed is required")
+        repeated = next((s for n, s in enumerate(self.seeds) if s in self.seeds[:n]), None)
+        if repeated is not None:  # (fault testing: blamed on the first arm's sweep, "SAE 1
+            # (seed=0) repeats SAE 0")
+            raise ConfigError(f"seeds: {repeated} is listed twice; each seed trains every "
+                              "arm's SAEs once")
         # (fault testing: blamed on the base, as the arms' run names it makes were refused)
         if self.out is None and not _relative_name(self.name):
             raise ConfigError(f"name: must be a relative name below runs/ (no '.' or '..'), "

@@ -112,6 +112,8 @@ def test_an_override_reaches_an_arm_whose_name_holds_dots(tmp_path):
     ({"name": "../../x"}, r"^name: the arms' runs are named '\.\./\.\./x'-<arm>, which must be "
                           r"relative names"),
     ({"seeds": []}, r"^seeds: at least one seed"),
+    # (fault testing: blamed on the first arm, "arms.l1: sweep: SAE 1 (...) repeats SAE 0")
+    ({"seeds": [0, 3, 0]}, r"^seeds: 0 is listed twice; each seed trains every arm's SAEs once$"),
     # an arm's name is a directory below out: never a path that leaves it or names it
     *(({"arms": {name: {}}}, r"an arm's name is its directory's")
       for name in ("../escaped", ".", "a/b", ".hidden")),
