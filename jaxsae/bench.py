@@ -286,7 +286,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
 
 def _run_locked(cfg: BenchConfig, arms: dict[str, Config], directory: Path, *, progress: bool,
                 log) -> list[dict[str, Any]]:
-    from jaxsae.train import train
+    from jaxsae.train import check_start, train
 
     if outputs.output_kind(directory) != "bench":  # (rewritten, a refused rerun changed it)
         outputs.write_marker(directory, "bench")
@@ -294,6 +294,9 @@ def _run_locked(cfg: BenchConfig, arms: dict[str, Config], directory: Path, *, p
     for arm, arm_cfg in arms.items():  # (before any arm trains: a refusal costs nothing)
         try:
             reuse[arm] = _reuse(arm_cfg)
+            if not reuse[arm][0]:  # its run directory and data, as train() checks them
+                # (fault testing: an arm was refused after the arms before it had trained)
+                check_start(arm_cfg)
         except JaxsaeError as e:
             e.args = (_arm_message(arm, e),)
             raise

@@ -108,8 +108,8 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     run_dir = outputs.canonical(cfg.resolved_run_dir)  # `..` resolved
 
     def make() -> _Made | None:
-        return _make_run_dir(run_dir, member_dirs(cfg, run_dir), cfg.data.path,
-                             cfg.data.target)
+        _check_start_dir(cfg, run_dir)
+        return _make_run_dir(run_dir)
 
     created = processes.on_process_0(make)
     lock, remade = _lock_run_dir(run_dir, is_main, log, make)
@@ -128,6 +128,18 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
 
 def _silent(message: str) -> None:
     pass
+
+
+def check_start(cfg: Config) -> None:
+    """Refuses, writing nothing, what train() would refuse before its first step about the run
+    directory (`_check_start_dir`) and the data (`_open_data`; data that data.generate is still
+    to write is checked once written): train() makes the same checks, this function is for
+    callers that start several runs (`jaxsae bench` checks every arm before the first trains;
+    fault testing: an arm was refused only after the arms before it had trained). The config's
+    own checks are `check_run`'s; a resume's comparison with the checkpoints is the restore's."""
+    _check_start_dir(cfg, outputs.canonical(cfg.resolved_run_dir))
+    if cfg.data.stream or cfg.data.generate is None or Path(cfg.data.path).exists():
+        _open_data(cfg)
 
 
 def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
@@ -374,13 +386,8 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
 
         processes.on_process_0(generate)
 
-    def open_data():
-        source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
-        if cfg.data.generate is not None and not cfg.data.stream:
-            synthetic.check_generated(source, cfg.data.generate, data_path)
-        return source
-
-    source = processes.on_every_process(open_data)  # (data only one process cannot open)
+    # (data only one process cannot open)
+    source = processes.on_every_process(lambda: _open_data(cfg))
     digest = None  # (streamed data is its config's data.generate)
     if not cfg.data.stream:
         digest = fingerprint(source)
@@ -393,15 +400,6 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
     if cfg.data.stream:
         notes.append(f"data: streaming {cfg.data.generate.get('kind')} ({source.n_tokens} "
                      f"tokens, {held_out} held out for evaluation; nothing is written)")
-    if n_train < cfg.optim.batch_size:
-        where = "data.generate.tokens" if cfg.data.stream else data_path
-        raise DataError(
-            f"{where}: {source.n_tokens} tokens leave {max(n_train, 0)} for training after "
-            f"data.eval_tokens ({held_out}); need at least optim.batch_size "
-            f"({cfg.optim.batch_size})"
-        )
-    if held_out and not cfg.data.stream:  # checked now, not by the evaluation after training
-        check_held_out(source, n_train, cfg.data)
     # the truth read (and checked) now, not after the training
     truth = processes.on_every_process(lambda: ground_truth(cfg, source, notes.append))
 
@@ -417,6 +415,29 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
     finally:
         for hook in told:
             hook.close()
+
+
+def _open_data(cfg: Config):
+    """The run's data, opened (with data.generate, checked to be what it generates); refuses
+    data that leaves less than a batch for training after the held-out tokens, and held-out
+    tokens the evaluation at the end would refuse (`check_held_out`: checked now, not after
+    training)."""
+    data_path = Path(cfg.data.path)
+    source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
+    if cfg.data.generate is not None and not cfg.data.stream:
+        synthetic.check_generated(source, cfg.data.generate, data_path)
+    held_out = cfg.data.held_out(source.n_tokens)
+    n_train = source.n_tokens - held_out
+    if n_train < cfg.optim.batch_size:
+        where = "data.generate.tokens" if cfg.data.stream else data_path
+        raise DataError(
+            f"{where}: {source.n_tokens} tokens leave {max(n_train, 0)} for training after "
+            f"data.eval_tokens ({held_out}); need at least optim.batch_size "
+            f"({cfg.optim.batch_size})"
+        )
+    if held_out and not cfg.data.stream:
+        check_held_out(source, n_train, cfg.data)
+    return source
 
 
 def _times(ratio: float) -> str:
@@ -801,16 +822,22 @@ def _logged(path: Path) -> bool:
         return False
 
 
-def _make_run_dir(run_dir: Path, dirs: Sequence[Path], data: str | None,
-                  target: str | None = None) -> _Made | None:
-    """Checks the run directory (and the SAE directories training will replace in it, `dirs`'
-    sae/) and makes it; the topmost directory made here (the run directory, or one above it
-    that did not exist either), None if it existed."""
-    _check_run_dir(run_dir, data)
-    _check_data_outside_outputs(run_dir, dirs, {"data.path": data, "data.target": target})
+def _check_start_dir(cfg: Config, run_dir: Path) -> None:
+    """Refuses the run directory `run_dir` (`cfg`'s, canonical) for a start, the SAE
+    directories training will replace in it included (each SAE's sae/); writes nothing."""
+    dirs = member_dirs(cfg, run_dir)
+    _check_run_dir(run_dir, cfg.data.path)
+    _check_data_outside_outputs(run_dir, dirs, {"data.path": cfg.data.path,
+                                                "data.target": cfg.data.target})
     _check_run_files(run_dir, dirs)
     _check_sae_dirs(run_dir, dirs)
     _check_finished_without_checkpoints(run_dir, dirs)
+
+
+def _make_run_dir(run_dir: Path) -> _Made | None:
+    """Makes the run directory (checked first: `_check_start_dir`); the topmost directory
+    made here (the run directory, or one above it that did not exist either), None if it
+    existed."""
     missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     if not missing:
         return None

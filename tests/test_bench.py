@@ -235,6 +235,45 @@ def test_an_arms_refusal_gives_advice_in_the_benchs_terms(tmp_path, capsys, monk
     assert "another name or run_dir" not in err
 
 
+@pytest.mark.parametrize(("arm", "match"), [
+    ({"data": {"path": "nonexistent"}}, r"nonexistent: data directory does not exist"),
+    ({"data": {"eval_tokens": 16300}}, r": 16384 tokens leave 84 for training after "
+                                       r"data\.eval_tokens \(16300\); need at least "
+                                       r"optim\.batch_size \(256\)"),
+    (None, r"run_dir \S+/z: exists and is not a jaxsae run directory"),  # (notes.txt)
+])
+def test_every_arm_is_checked_before_the_first_trains(tmp_path, monkeypatch, small_data, arm,
+                                                      match):
+    """An arm's run directory and data are checked (as train() checks them) before any arm
+    trains (fault testing: an arm whose data did not exist, or whose out/<arm> held somebody
+    else's files, was refused after every arm before it had trained)."""
+    from jaxsae import outputs
+    from jaxsae import train as train_mod
+
+    calls = []
+
+    def record(cfg, **kwargs):
+        calls.append(cfg.run_dir)
+        raise JaxsaeError("trained")
+
+    monkeypatch.setattr(train_mod, "train", record)
+    monkeypatch.chdir(tmp_path)
+    tree = _bench_tree(tmp_path)
+    tree["base"]["data"] = {"path": str(small_data), "eval_tokens": 2048}
+    tree["arms"]["z"] = arm or {}
+    directory = tmp_path / "bench"
+    (directory / "z").mkdir(parents=True)
+    outputs.write_marker(directory, "bench")
+    if arm is None:
+        (directory / "z" / "notes.txt").write_text("mine")
+    with pytest.raises(JaxsaeError, match=r"^arms\.z: .*" + match):
+        bench.run_bench(bench.load_bench_config(_write(tmp_path, tree)), progress=False,
+                        log=lambda m: None)
+    assert calls == []  # (no arm trained)
+    if arm is None:
+        assert (directory / "z" / "notes.txt").read_text() == "mine"
+
+
 def test_a_bench_compares_its_arms_as_its_config_states_them(tmp_path, monkeypatch):
     """An arm whose checkpoints were trained with other values of keys left to `auto` is
     refused, not resumed with them (train's resume_as_trained=False): the tables would
