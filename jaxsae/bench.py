@@ -585,7 +585,10 @@ def _markdown(rows, columns) -> str:
     lines = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm]
-        # (a null explained variance is undefined: on no frontier)
+        # (a null explained variance is undefined: on no frontier. An SAE with L0 0 is on it
+        # whatever its explained variance, even negative: no SAE has a lower L0, and the
+        # frontier says which trade-offs are not beaten, not which SAEs are good; its row
+        # shows L0 0 beside the star, and the plot draws it)
         measured = [r for r in mine if r.get("explained_variance") is not None]
         frontier = {id(measured[i]) for i in pareto_frontier(
             [(r["l0"], r["explained_variance"]) for r in measured])}
@@ -607,20 +610,39 @@ def _plots(rows, directory: Path) -> None:
         if not any(r.get(key) is not None for r in rows):
             continue
         fig, ax = subplots(figsize=(6, 4.2), dpi=120)
+        # (fault testing: arms reading other data showed the first row's true L0 alone)
+        truths = sorted({r["true_l0"] for r in rows if r.get("true_l0") is not None})
+        # An SAE with L0 0 (no latent fires) has no place on the log axis: it is drawn at the
+        # axis' left edge, labelled 0, in a marker of its own that the legend names (fault
+        # testing: it was left out unsaid, its arm still in the legend and the y axis
+        # stretched to its value)
+        l0s = [r["l0"] for r in rows if r.get(key) is not None]
+        edge = _zero_edge(min([v for v in l0s + truths if v > 0], default=1.0))
+        zeros = False
         for n, arm in enumerate(arms):
             mine = [r for r in rows if r["arm"] == arm and r.get(key) is not None]
             color = f"C{n % 10}"
-            ax.scatter([r["l0"] for r in mine], [r[key] for r in mine], s=18, color=color,
+            drawn = [r for r in mine if r["l0"] != 0]
+            ax.scatter([r["l0"] for r in drawn], [r[key] for r in drawn], s=18, color=color,
                        alpha=0.7, label=outputs.plain_text(arm))
+            at_edge = [r[key] for r in mine if r["l0"] == 0]
+            if at_edge:
+                zeros = True
+                ax.scatter([edge] * len(at_edge), at_edge, s=40, marker="<", color=color,
+                           alpha=0.9, clip_on=False, zorder=3)
             if frontier and mine:
                 pts = [(r["l0"], r[key]) for r in mine]
                 keep = pareto_frontier(pts)
-                ax.plot([pts[i][0] for i in keep], [pts[i][1] for i in keep], color=color)
-        # (fault testing: arms reading other data showed the first row's true L0 alone)
-        truths = sorted({r["true_l0"] for r in rows if r.get("true_l0") is not None})
+                ax.plot([pts[i][0] or edge for i in keep], [pts[i][1] for i in keep],
+                        color=color)
         for n, truth in enumerate(truths):
             ax.axvline(truth, color="grey", ls=":", lw=1, label=None if n else "true L0")
-        _log_l0_axis(ax, [r["l0"] for r in rows if r.get(key) is not None] + truths)
+        if zeros:
+            ax.scatter([], [], s=40, marker="<", color="grey", label="L0 0, drawn at the edge")
+            _log_l0_axis(ax, [*l0s, *truths, edge], zero_at=edge)
+            ax.set_xlim(left=edge)
+        else:
+            _log_l0_axis(ax, l0s + truths)
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -628,14 +650,27 @@ def _plots(rows, directory: Path) -> None:
         save_figure(fig, directory / filename)
 
 
-def _log_l0_axis(ax, values: list[float]) -> None:
+def _zero_edge(lowest: float) -> float:
+    """Where a plot's log L0 axis starts when it draws L0 0 there: the largest 1, 2 or 5
+    times a power of ten at least 1.5 times below the `lowest` positive value shown (a tick
+    of the axis, which `_log_l0_axis` then labels 0)."""
+    below = lowest / 1.5
+    decade = 10.0 ** math.floor(math.log10(below))
+    return max(m * decade for m in (1, 2, 5) if m * decade <= below * (1 + 1e-12))
+
+
+def _log_l0_axis(ax, values: list[float], *, zero_at: float | None = None) -> None:
     """A log L0 axis labelled in plain numbers: over a span of more than a few times, the
     decades and their 2s and 5s only (fault testing: matplotlib's labels of every minor tick,
-    "3×10⁰4×10⁰", ran into each other)."""
+    "3×10⁰4×10⁰", ran into each other). The tick at `zero_at` (the axis' start, where the
+    SAEs with L0 0 are drawn) is labelled 0."""
     from matplotlib.ticker import FuncFormatter
 
+    def number(v: float) -> str:
+        return "0" if zero_at is not None and math.isclose(v, zero_at) else f"{v:g}"
+
     ax.set_xscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = FuncFormatter(lambda v, _: number(v))
     ax.xaxis.set_major_formatter(plain)
     positive = [v for v in values if isinstance(v, int | float) and v > 0]
     if positive and max(positive) / min(positive) < 3:
@@ -644,7 +679,7 @@ def _log_l0_axis(ax, values: list[float]) -> None:
 
     def some(v, _):
         lead = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
-        return f"{v:g}" if lead in (2, 5) else ""
+        return number(v) if lead in (2, 5) else ""
 
     ax.xaxis.set_minor_formatter(FuncFormatter(some))
 

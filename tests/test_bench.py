@@ -311,6 +311,30 @@ def test_tables_and_plots_leave_out_undefined_values(tmp_path):
     assert (tmp_path / "l0_vs_ev.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_sae_with_l0_0_is_drawn_at_the_edge_of_the_log_axis(tmp_path, monkeypatch):
+    """(fault testing: a JumpReLU arm whose thresholds let no latent fire was left out of
+    l0_vs_ev.png unsaid, log(0) being off the axis, while its arm was in the legend and the
+    y axis stretched to its explained variance)"""
+    figures = {}
+    monkeypatch.setattr(bench, "save_figure", lambda fig, path: figures.update({path.name: fig}))
+    rows = [{"arm": arm, "values": "", "seed": 0, "l0": l0, "explained_variance": ev,
+             "mcc": 0.5, "sae": "x"}
+            for arm, l0, ev in [("a", 3.0, 0.5), ("a", 8.0, 0.7), ("dead", 0, -0.14)]]
+    bench.write_results(rows, tmp_path)
+    for name in ("l0_vs_ev.png", "mcc_vs_l0.png"):
+        ax = figures[name].axes[0]
+        figures[name].canvas.draw()
+        left, right = ax.get_xlim()
+        xs = [x for c in ax.collections for x, _ in c.get_offsets()]
+        assert sorted(xs) == [left, 3.0, 8.0] and left == 2.0 < right, name
+        labels = {t.get_position()[0]: t.get_text() for t in [
+            *ax.get_xticklabels(), *ax.get_xticklabels(minor=True)] if t.get_text()}
+        assert labels[left] == "0" and "2" not in labels.values()
+        assert "L0 0, drawn at the edge" in [t.get_text() for t in ax.get_legend().get_texts()]
+    # on its arm's frontier (no SAE has a lower L0), however poor its explained variance
+    assert "| dead |  | 0 | 0 | -0.14 | 0.5 | * |" in (tmp_path / "results.md").read_text()
+
+
 def test_bench_end_to_end(tmp_path, monkeypatch):
     path = _write(tmp_path, _bench_tree(tmp_path))
     proc = subprocess.run([sys.executable, "-m", "jaxsae.cli", "bench", str(path),
