@@ -803,6 +803,22 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     if "arms" in tree and "base" in tree:  # (fault testing: "seeds: unknown key (did you mean
         # 'seed'?)", advice that could not help)
         raise ConfigError(f"{path}: a bench config (base, arms); run it with `jaxsae bench`")
+    edited, edits = apply_overrides(tree, overrides)
+    cfg = from_dict(Config, tree)
+    if edited:  # (for a refused resume to say where its values came from: a review)
+        object.__setattr__(cfg, "_loss_from", edited)
+        object.__setattr__(cfg, "_loss_edits", edits)
+    return cfg
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]
+                    ) -> tuple[str | None, tuple[str, ...]]:
+    """Applies `jaxsae train`'s KEY=VALUE overrides to the config tree `tree`, in place (also
+    `jaxsae import`'s: fault testing found a sweep override refused there as a key
+    `sweep.optim`): `sweep.KEY=[...]` sets an axis of the sweep; terms (`loss.N.KEY`) apply
+    after a whole `loss=`, and edit the activation's default terms when `tree` has none.
+    Returns where the loss terms came from if they are such edited defaults (else None) and
+    the keys the overrides set in them."""
     refuse_repeated_overrides(overrides)
     terms = [a for a in overrides if a.startswith(("loss.", "loss["))]
     whole = [i for i, a in enumerate(overrides) if a.split("=", 1)[0].strip() == "loss"]
@@ -834,13 +850,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     for assignment in terms:
         apply_override(tree, assignment, seen)
     _refuse_overrides_of_swept_keys(tree, seen)
-    cfg = from_dict(Config, tree)
-    if edited:  # (for a refused resume to say where its values came from: a review)
-        object.__setattr__(cfg, "_loss_from", edited)
-        # the terms' keys the overrides set, by position as `seen` has them (not a `loss=`
-        # given null before them: fault testing)
-        object.__setattr__(cfg, "_loss_edits", tuple(key for key in seen if key not in before))
-    return cfg
+    # the terms' keys the overrides set, by position as `seen` has them (not a `loss=` given
+    # null before them: fault testing)
+    return edited, tuple(key for key in seen if key not in before)
 
 
 def _refuse_overrides_of_swept_keys(tree: dict[str, Any], seen: dict[str, tuple[str, Any]]
@@ -850,6 +862,7 @@ def _refuse_overrides_of_swept_keys(tree: dict[str, Any], seen: dict[str, tuple[
     config.yaml recorded the 3 no SAE trained with)."""
     sweep = tree.get("sweep")
     points = sweep if isinstance(sweep, list) else [sweep] if isinstance(sweep, dict) else []
+
     def spelt(point: Any) -> dict[str, str]:  # as `assign` spells its keys: list items by
         keys = {}                                 # position
         for name in point if isinstance(point, dict) else ():

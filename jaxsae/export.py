@@ -568,7 +568,7 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     """import_config for a SAELens directory; `keep`: a directory copied into the run as
     RUN/imported-sae, which the config then starts from; `given`: the directory the user
     named, when `sae_dir` is its conversion (for messages)."""
-    from jaxsae.config import DataConfig, config_from_dict
+    from jaxsae.config import DataConfig, apply_overrides, config_from_dict
     from jaxsae.data import open_source
     from jaxsae.data.saelens import activation_columns
     from jaxsae.data.window import trained_end
@@ -635,14 +635,12 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     tree["loss"] = [{**term, "warmup_steps": min(term["warmup_steps"], steps)}
                     if isinstance(term, dict) and is_positive_int(term.get("warmup_steps"))
                     else term for term in tree["loss"]]
-    as_read, keys, seen = copy.deepcopy(tree), set(), {}
-    for assignment in overrides:
-        key = assignment.split("=", 1)[0].strip()
-        keys.add(key)
+    as_read, keys = copy.deepcopy(tree), [a.split("=", 1)[0].strip() for a in overrides]
+    for key in keys:
         if key in _IMPORT_FLAG_KEYS:
             raise ConfigError(f"override {key}: set by {_IMPORT_FLAG_KEYS[key]}, not as an "
                               "override")
-        apply_override(tree, assignment, seen)
+    apply_overrides(tree, overrides)  # as `jaxsae train` applies them (sweep.KEY=[...] too)
     if isinstance(tree.get("sae"), dict) and tree["sae"].get("decoder_norm") == "auto":
         # auto for a start: its rows as they are (fault testing: an override of auto wrote
         # the activation's unit rows, which the config's train then refused)

@@ -38,6 +38,22 @@ def _edit_own(sae: Path, **changes) -> None:
     _edit_cfg(sae, jaxsae={**cfg["jaxsae"], **changes})
 
 
+def _saelens_sae(tmp_path: Path, **fields) -> Path:
+    """A SAELens relu SAE of small_data's width (64 latents) that no jaxsae run trained (no
+    `jaxsae` block), its cfg.json given `fields`."""
+    import jax
+
+    from jaxsae.config import SAEConfig
+    from jaxsae.export import export_sae
+    from jaxsae.sae import init_params
+
+    cfg = SAEConfig(d_sae=64)
+    sae = export_sae(init_params(jax.random.PRNGKey(0), 16, cfg), cfg, tmp_path / "saelens")
+    _edit_cfg(sae, jaxsae=None, **fields)
+    return sae
+
+
+
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda s: _edit_cfg(s, architecture="topk", k=None), "cfg.json: missing 'k'"),
     (lambda s: _edit_cfg(s, architecture=None), "cfg.json: missing 'architecture'"),
@@ -345,3 +361,17 @@ def test_import_shortens_a_ramp_longer_than_its_run(run_copy, small_data, tmp_pa
     written = yaml.safe_load((run / "config.yaml").read_text())
     steps = written["optim"]["total_tokens"] // written["optim"]["batch_size"]
     assert written["loss"][1]["warmup_steps"] == steps
+
+
+def test_import_takes_sweep_overrides_as_train_does(small_data, tmp_path, capsys):
+    """(fault testing: `sweep.optim.lr=[...]` was refused as a key `sweep.optim`, its values
+    shown as strings; import now applies overrides with train's code)"""
+    sae = _saelens_sae(tmp_path)
+    run = tmp_path / "imported"
+    assert cli.main(["import", str(sae), "--out", str(run), "--data", str(small_data),
+                     "sweep.optim.lr=[1e-3, 2e-3]"]) == 0
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["sweep"] == [{"optim.lr": 1e-3}, {"optim.lr": 2e-3}]
+    refused(["import", str(sae), "--out", str(tmp_path / "other"), "--data", str(small_data),
+             "sweep.optim.lr=[1e-3]", "sweep=[{optim.lr: 1e-3}]"], capsys, unchanged=[sae],
+            match="override sweep: replaces what sweep.optim.lr=[1e-3] set")
