@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from jaxsae.errors import ConfigError
+from jaxsae.errors import ConfigError, DataError
 from jaxsae.parsing import (
     apply_override,
     assign,
@@ -127,6 +127,17 @@ class DataConfig:
         if self.eval_tokens == "auto":
             return min(AUTO_EVAL_TOKENS, n_tokens // 20)
         return self.eval_tokens
+
+    def training_tokens(self, n_tokens: int, batch_size: int, where: Any) -> int:
+        """Tokens left for training in data of `n_tokens` tokens after the hold-out; fewer than
+        one batch of `batch_size` is refused naming `where` (the data) and data.eval_tokens
+        (`jaxsae train`'s check, and `jaxsae import`'s before it writes a config)."""
+        held_out = self.held_out(n_tokens)
+        if n_tokens - held_out < batch_size:
+            raise DataError(f"{where}: {n_tokens} tokens leave {max(n_tokens - held_out, 0)} "
+                            f"for training after data.eval_tokens ({held_out}); need at least "
+                            f"optim.batch_size ({batch_size})")
+        return n_tokens - held_out
 
 
 # What `auto` settings resolve to, by `sae.activation` (checked against the activations'

@@ -579,10 +579,12 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     loaded = load_sae(sae_dir)
     # The data is opened with the column the overrides choose (fault testing: data.hook was
     # applied after the data was opened, so a SAELens cache of several columns was refused
-    # asking for it); else, among several, the SAE's own hook (metadata.hook_name).
+    # asking for it); else, among several, the SAE's own hook (metadata.hook_name). The run is
+    # sized to the hold-out they choose (fault testing: data.eval_tokens was applied after,
+    # and the config written trained twice over its tokens, or was refused by train).
     chosen: dict[str, Any] = {"data": {}}
     for assignment in overrides:
-        if assignment.split("=", 1)[0].strip().startswith("data.hook"):
+        if assignment.split("=", 1)[0].strip().startswith(("data.hook", "data.eval_tokens")):
             apply_override(chosen, assignment)
     hook = chosen["data"].get("hook")
     named = (cfg.get("metadata") or {}).get("hook_name")
@@ -598,12 +600,18 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     end = trained_end([cfg], data, hook)
     held = (source.n_tokens - end if end is not None and 0 < end < source.n_tokens
             else None)
-    n_train = source.n_tokens - (DataConfig().held_out(source.n_tokens) if held is None
-                                 else held)
+    given = chosen["data"].get("eval_tokens")  # (a bad one is left to the config to refuse)
+    if given != "auto" and (not isinstance(given, int) or isinstance(given, bool) or given < 0):
+        given = None
+    holding = DataConfig(eval_tokens=given if given is not None else
+                         "auto" if held is None else held)
+    n_train = source.n_tokens - holding.held_out(source.n_tokens)
     batch = int(settings["optim"].get("batch_size", 4096))
     while batch > 8 and batch * _IMPORT_MIN_BATCHES > n_train:
         batch //= 2
     if n_train < batch:
+        if given is not None:  # refused as train refuses it
+            holding.training_tokens(source.n_tokens, batch, data)
         raise ExportError(f"{data}: {source.n_tokens} tokens are too few to fine-tune on")
     # unit decoder rows: as jaxsae's export says its run kept them (rows exported with an input
     # scale folded in are 1/s long; fault testing: such TopK SAEs were imported as free),
@@ -658,6 +666,8 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
                                   f"{e}; correct the file, or override that key") from None
         raise
     check_run(config)
+    # (an override of optim.batch_size too: a config that train would refuse is not written)
+    config.data.training_tokens(source.n_tokens, config.optim.batch_size, data)
     check_init_from(sae_dir if keep is not None else config.init_from, config.sae)
     source_name = inputs[0]
     with outputs.staged_directory(run_dir, "import", overwrite=overwrite,

@@ -387,13 +387,12 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
         processes.on_process_0(generate)
 
     # (data only one process cannot open)
-    source = processes.on_every_process(lambda: _open_data(cfg))
+    source, n_train = processes.on_every_process(lambda: _open_data(cfg))
     digest = None  # (streamed data is its config's data.generate)
     if not cfg.data.stream:
         digest = fingerprint(source)
         _agree_on_data(cfg, source, digest)
     held_out = cfg.data.held_out(source.n_tokens)
-    n_train = source.n_tokens - held_out
     # said once the run is known to go ahead (fault testing: before a resume's one-line
     # refusal, they made it three lines)
     notes = list(notes)
@@ -417,8 +416,9 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
             hook.close()
 
 
-def _open_data(cfg: Config):
-    """The run's data, opened (with data.generate, checked to be what it generates); refuses
+def _open_data(cfg: Config) -> tuple[Any, int]:
+    """The run's data, opened (with data.generate, checked to be what it generates), and its
+    tokens left for training; refuses
     data that leaves less than a batch for training after the held-out tokens, and held-out
     tokens the evaluation at the end would refuse (`check_held_out`: checked now, not after
     training)."""
@@ -426,18 +426,12 @@ def _open_data(cfg: Config):
     source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
     if cfg.data.generate is not None and not cfg.data.stream:
         synthetic.check_generated(source, cfg.data.generate, data_path)
-    held_out = cfg.data.held_out(source.n_tokens)
-    n_train = source.n_tokens - held_out
-    if n_train < cfg.optim.batch_size:
-        where = "data.generate.tokens" if cfg.data.stream else data_path
-        raise DataError(
-            f"{where}: {source.n_tokens} tokens leave {max(n_train, 0)} for training after "
-            f"data.eval_tokens ({held_out}); need at least optim.batch_size "
-            f"({cfg.optim.batch_size})"
-        )
-    if held_out and not cfg.data.stream:
+    n_train = cfg.data.training_tokens(
+        source.n_tokens, cfg.optim.batch_size,
+        where="data.generate.tokens" if cfg.data.stream else data_path)
+    if cfg.data.held_out(source.n_tokens) and not cfg.data.stream:
         check_held_out(source, n_train, cfg.data)
-    return source
+    return source, n_train
 
 
 def _times(ratio: float) -> str:

@@ -375,3 +375,26 @@ def test_import_takes_sweep_overrides_as_train_does(small_data, tmp_path, capsys
     refused(["import", str(sae), "--out", str(tmp_path / "other"), "--data", str(small_data),
              "sweep.optim.lr=[1e-3]", "sweep=[{optim.lr: 1e-3}]"], capsys, unchanged=[sae],
             match="override sweep: replaces what sweep.optim.lr=[1e-3] set")
+
+
+def test_import_sizes_the_run_to_the_hold_out_an_override_gives(small_data, tmp_path, capsys):
+    """(fault testing: the batch and optim.total_tokens were sized to import's own hold-out,
+    before data.eval_tokens=N was applied: the config trained twice over its tokens, or was
+    refused by train); a hold-out that leaves less than a batch is refused in import."""
+    sae = _saelens_sae(tmp_path)
+    for eval_tokens, batch in ((8192, 256), (16000, 16)):  # halved until 20 batches fit
+        run = tmp_path / f"imported{eval_tokens}"
+        assert cli.main(["import", str(sae), "--out", str(run), "--data", str(small_data),
+                         f"data.eval_tokens={eval_tokens}"]) == 0
+        written = yaml.safe_load((run / "config.yaml").read_text())
+        assert written["data"]["eval_tokens"] == eval_tokens
+        assert written["optim"]["batch_size"] == batch  # one pass over the tokens left
+        assert written["optim"]["total_tokens"] == (16384 - eval_tokens) // batch * batch
+    refused(["import", str(sae), "--out", str(tmp_path / "none"), "--data", str(small_data),
+             "data.eval_tokens=16384"], capsys, unchanged=[sae],
+            match=f"{small_data}: 16384 tokens leave 0 for training after data.eval_tokens "
+                  "(16384); need at least optim.batch_size (8)")
+    refused(["import", str(sae), "--out", str(tmp_path / "none"), "--data", str(small_data),
+             "optim.batch_size=16384", "optim.total_tokens=16384"], capsys, unchanged=[sae],
+            match="need at least optim.batch_size (16384)")  # as train would refuse it
+    assert not (tmp_path / "none").exists()
