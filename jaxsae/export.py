@@ -263,6 +263,18 @@ def _check_training_record(cfg: dict[str, Any], file: Path) -> None:
     if details is not None and not isinstance(details, dict):
         raise ExportError(f"{file}: metadata.training_architecture_details must be a JSON "
                           f"object or null, got {json.dumps(details)}")
+    for where, block in (("", cfg), ("metadata.training_architecture_details.", details or {})):
+        for key in activations.SAELENS_TRAINING_NUMBERS:
+            value = block.get(key)
+            if value is not None and not activations.is_finite_number(value):
+                # (fault testing: NaN, "five" and true were imported as the default 1.0)
+                raise ExportError(f"{file}: {where}{key} must be a finite number or null, got "
+                                  f"{json.dumps(value)}")
+    loss = own.get("loss")
+    if loss is not None and not (isinstance(loss, list) and loss):
+        # (fault testing: `"loss": "mse"` was ignored, and SAELens's fields read instead)
+        raise ExportError(f"{file}: jaxsae.loss must be a non-empty JSON list of terms or "
+                          f"null, got {json.dumps(loss)}")
     optim = own.get("optim")
     if optim is not None and not isinstance(optim, dict):
         raise ExportError(f"{file}: jaxsae.optim must be a JSON object or null, got "

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jaxsae import kernels
 from jaxsae.config import SAEConfig
-from jaxsae.errors import ConfigError
+from jaxsae.errors import ConfigError, ExportError
 
 Params = dict[str, jax.Array]
 
@@ -145,10 +145,27 @@ class Activation:
         """Refuses a config this activation cannot run (naming the key)."""
 
 
+SAELENS_TRAINING_NUMBERS = ("l1_coefficient", "lp_norm", "l0_coefficient", "target_l0",
+                            "jumprelu_bandwidth")
+"""SAELens's training fields the activations read (`saelens_loss`, `config_from_saelens`):
+`jaxsae.export.read_cfg` refuses a cfg.json where one is there and not a finite number."""
+
+
+def is_finite_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool) and value == value
+            and abs(value) != float("inf"))
+
+
 def _number(fields: dict[str, Any], key: str, default: float = 1.0) -> float:
-    value = fields.get(key, default)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if ok and value == value and abs(value) != float("inf") else default
+    """The SAELens training field `key` of `fields`; `default` where it is absent or null (not
+    where it is something else: fault testing found NaN, "five" and true imported as the
+    default without a word)."""
+    value = fields.get(key)
+    if value is None:
+        return default
+    if not is_finite_number(value):  # (read_cfg names the file; a cfg.json it did not read)
+        raise ExportError(f"{key!r} must be a finite number, got {value!r}")
+    return float(value)
 
 
 _REGISTRY: dict[str, Activation] = {}

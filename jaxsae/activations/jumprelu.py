@@ -59,16 +59,16 @@ class JumpReLU(Activation):
             l0["mode"] = "tanh"
         elif mode == "quadratic":  # (without a target, the config is refused naming it)
             l0["mode"] = "quadratic"
-            if "target_l0" in saelens:
+            if saelens.get("target_l0") is not None:
                 l0["target_l0"] = _number(saelens, "target_l0", 0.0)
-        if "jumprelu_bandwidth" in saelens:
+        if saelens.get("jumprelu_bandwidth") is not None:
             l0["bandwidth"] = _number(saelens, "jumprelu_bandwidth", 0.001)
         return [{"term": "mse"}, l0]
 
     def config_from_saelens(self, cfg_json):
         details = cfg_json.get("metadata", {}).get("training_architecture_details") or {}
         fields = {**details, **cfg_json}
-        if "jumprelu_bandwidth" in fields:
+        if fields.get("jumprelu_bandwidth") is not None:
             return {"jumprelu_bandwidth": _number(fields, "jumprelu_bandwidth", 0.001)}
         return {}
 

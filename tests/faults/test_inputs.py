@@ -49,7 +49,7 @@ def _saelens_sae(tmp_path: Path, **fields) -> Path:
 
     cfg = SAEConfig(d_sae=64)
     sae = export_sae(init_params(jax.random.PRNGKey(0), 16, cfg), cfg, tmp_path / "saelens")
-    _edit_cfg(sae, jaxsae=None, **fields)
+    _edit_cfg(sae, **{"jaxsae": None, **fields})
     return sae
 
 
@@ -398,3 +398,30 @@ def test_import_sizes_the_run_to_the_hold_out_an_override_gives(small_data, tmp_
              "optim.batch_size=16384", "optim.total_tokens=16384"], capsys, unchanged=[sae],
             match="need at least optim.batch_size (16384)")  # as train would refuse it
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"l1_coefficient": "five"}, 'l1_coefficient must be a finite number or null, got "five"'),
+    ({"l1_coefficient": float("nan")}, "l1_coefficient must be a finite number or null, got NaN"),
+    ({"lp_norm": True}, "lp_norm must be a finite number or null, got true"),
+    ({"metadata": {"training_architecture_details": {"l0_coefficient": [1]}}},
+     "metadata.training_architecture_details.l0_coefficient must be a finite number or null, "
+     "got [1]"),
+    ({"jaxsae": {"loss": "mse"}},
+     'jaxsae.loss must be a non-empty JSON list of terms or null, got "mse"'),
+])
+def test_import_refuses_a_malformed_training_field(fields, match, small_data, tmp_path, capsys):
+    """(fault testing: each was imported without a word as if absent: coefficient 1.0, or
+    SAELens's fields read in place of jaxsae's loss); an absent or null field is the default."""
+    sae = _saelens_sae(tmp_path, **fields)
+    refused(["import", str(sae), "--out", str(tmp_path / "imported"), "--data", str(small_data)],
+            capsys, unchanged=[sae], match=f"{sae / CFG_FILE}: {match}")
+    assert not (tmp_path / "imported").exists()
+    _edit_cfg(sae, **{key: None for key in fields})  # (None: the key removed)
+    _edit_cfg(sae, l1_coefficient=2.0, metadata={"training_architecture_details": {
+        "lp_norm": None, "l1_coefficient": 5.0}})  # (the top level is read first)
+    assert cli.main(["import", str(sae), "--out", str(tmp_path / "imported"), "--data",
+                     str(small_data)]) == 0
+    written = yaml.safe_load((tmp_path / "imported" / "config.yaml").read_text())
+    assert written["loss"] == [{"term": "mse", "coefficient": 1.0},
+                               {"term": "l1", "coefficient": 2.0}]
