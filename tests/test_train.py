@@ -440,7 +440,7 @@ def test_resume_refuses_changed_config(small_data, tmp_path):
 
     def swept(*overrides):  # (each key once: an override given twice is refused)
         given = {o.split("=")[0]: o for o in (
-            "data.path=/d", "sae.activation=topk", "sae.k=4", "sweep.sae.k=[4,8]",
+            "data.path=/d", "sae.activation=topk", "sweep.sae.k=[4,8]",
             "sweep.optim.lr=[0.1]", *overrides)}
         return load_config(None, list(given.values()))
 
