@@ -182,6 +182,11 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
         # they were "not a SAELens export", without a word on what they hold)
         subs = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name != "sae" and (
             (p / CFG_FILE).is_file() or sparsify.is_sparsify(p)))
+        # a sweep's run or export: its SAEs in sweep/<i>/sae/ or sweep/<i>/ (fault testing:
+        # nothing said where they were)
+        sweep = sorted(str(Path("sweep") / p.name / inner) for p in (path / "sweep").glob("*")
+                       for inner in ("sae", ".") if (p / inner / CFG_FILE).is_file())
+        subs = subs or sweep
         if subs:
             inside += (f"; it holds SAEs in sub-folders: {', '.join(subs[:4])}"
                        f"{f' and {len(subs) - 4} more' if len(subs) > 4 else ''} (give one)")

@@ -305,6 +305,15 @@ def test_a_run_directory_given_for_its_sae_is_pointed_to_it(run_copy, small_data
     refused(["eval", str(folder), "--data", str(small_data)], capsys,
             match=f"{folder}: missing cfg.json (not a SAELens or sparsify export; it holds SAEs "
                   "in sub-folders: layers.3, layers.5 (give one))", unchanged=[folder])
+    # a sweep's run (sweep/<i>/sae) and its export (sweep/<i>): where its SAEs are
+    # (fault testing: nothing was said)
+    for inner, name in (("sae", "sweep-run"), (".", "sweep-export")):
+        sweep = tmp_path / name
+        for i in ("00", "01"):
+            shutil.copytree(run_copy / "sae", sweep / "sweep" / i / inner)
+        where = "sweep/00/sae, sweep/01/sae" if inner == "sae" else "sweep/00, sweep/01"
+        refused(["eval", str(sweep), "--data", str(small_data)], capsys,
+                match=f"it holds SAEs in sub-folders: {where} (give one)", unchanged=[sweep])
 
 
 @pytest.mark.parametrize(("edit", "match"), [
