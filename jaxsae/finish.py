@@ -54,14 +54,19 @@ SWEEP_TABLE_METRICS = ("l0", "mse", "explained_variance", "dead_fraction")
 
 
 def write_sweep_table(path: Path, cfg: Config, members: list[Config], dirs: list[Path],
-                      evaluations: list[dict[str, Any]]) -> None:
-    """sweep.csv: one row per SAE: its directory, the swept values, its evaluation."""
+                      evaluations: list[dict[str, Any]], skipped: list[int] | None = None
+                      ) -> None:
+    """sweep.csv: one row per SAE: its directory, the swept values, its evaluation, and
+    (`optim.skip_nonfinite`) the steps it skipped, `skipped`."""
     keys = list(dict.fromkeys(k for point in cfg.sweep.points for k in point))
+    more = ["skipped_steps"] if skipped is not None else []
     rows = [{"sae": str(directory.relative_to(path.parent)),
              **{k: _dotted_value(member, k) for k in keys},
-             **{m: evaluation[m] for m in SWEEP_TABLE_METRICS}}
-            for member, directory, evaluation in zip(members, dirs, evaluations, strict=True)]
-    write_csv(path, rows, ["sae", *keys, *SWEEP_TABLE_METRICS])
+             **{m: evaluation[m] for m in SWEEP_TABLE_METRICS},
+             **({"skipped_steps": skipped[i]} if more else {})}
+            for i, (member, directory, evaluation) in enumerate(zip(members, dirs, evaluations,
+                                                                    strict=True))]
+    write_csv(path, rows, ["sae", *keys, *SWEEP_TABLE_METRICS, *more])
 
 
 def _dotted_value(cfg: Config, dotted: str) -> Any:

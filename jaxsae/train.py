@@ -77,6 +77,8 @@ class RunResult:
     eval: dict[str, Any]
     sweep: tuple[RunResult, ...] = ()
     """A sweep's SAEs, in the order of its points (empty for a single run)."""
+    skipped_steps: int = 0
+    """Of `step`, those `optim.skip_nonfinite` skipped (a non-finite loss or gradient)."""
 
 
 def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print,
@@ -474,18 +476,23 @@ def _train_and_finish(cfg: Config, run_dir: Path, source, n_train: int, members:
         source, n_train, stats=stats, truth=truth,  # the held-out tokens read once for all
         progress=progress and is_main, data_digest=digest)
     results = []
+    # per SAE (fault testing: one SAE of a sweep that skipped 31 of its 32 steps was reported
+    # as "trained 32 steps", its sweep.csv row like any other's)
+    skipped = np.broadcast_to(np.asarray(jax.device_get(state.nonfinite_steps)), (len(dirs),))
     for i, (directory, metrics) in enumerate(zip(dirs, evaluations, strict=True)):
         if is_main:
             atomic_write(directory / "eval.json", json_text(metrics))
         for hook in told:
             hook.on_evaluation(i, metrics)
         results.append(RunResult(run_dir=directory, sae_dir=directory / "sae", step=total,
-                                 eval=metrics))
+                                 eval=metrics, skipped_steps=int(skipped[i])))
     if cfg.sweep is None:
         return results[0]
     if is_main:
         write_sweep_table(run_dir / "sweep.csv", cfg, members, dirs,
-                          [r.eval for r in results])
+                          [r.eval for r in results],
+                          [r.skipped_steps for r in results] if cfg.optim.skip_nonfinite
+                          else None)
     return RunResult(run_dir=run_dir, sae_dir=run_dir / "sweep", step=total, eval={},
                      sweep=tuple(results))
 

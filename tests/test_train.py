@@ -194,7 +194,7 @@ def test_skip_nonfinite_counts_and_continues(small_data, tmp_path, nan_steps_ter
     tree["loss"].append({"term": "test_nan_at", "first": 10, "last": 11})
     tree["optim"]["skip_nonfinite"] = True
     result = train_mod.train(config_from_dict(tree), progress=False)
-    assert result.step == 24
+    assert result.step == 24 and result.skipped_steps == 2
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["skipped_steps"] for x in lines] == [0, 0, 2, 2, 2, 2]
     for name, value in _weights(tmp_path / "run").items():

@@ -53,7 +53,11 @@ class Train(Command):
         for member, point in zip(members, cfg.sweep.points if cfg.sweep else [None],
                                  strict=True):
             ev = member.eval
-            print(f"trained {result.step} steps" + (f" ({sweep_label(point)})" if point else "")
+            skipped = member.skipped_steps
+            said = [sweep_label(point)] if point else []
+            said += [f"{skipped} skipped: a non-finite loss or gradient"] if skipped else []
+            print(f"trained {f'{result.step - skipped} of ' if skipped else ''}{result.step} "
+                  "steps" + (f" ({'; '.join(said)})" if said else "")
                   + f"; evaluation on {ev['tokens']} "
                   f"{'held-out ' if ev['held_out'] else 'training '}tokens: "
                   f"L0 {ev['l0']:.2f}, explained variance {_shown(ev['explained_variance'])}"

@@ -68,6 +68,24 @@ def test_a_diverged_sae_is_not_exported(small_data, tmp_path, capsys, monkeypatc
     assert (tmp_path / "run" / "checkpoints").is_dir()  # (kept: an earlier step may export)
 
 
+def test_the_steps_each_sae_of_a_sweep_skipped_are_said(small_data, tmp_path, capsys):
+    """(fault testing: with optim.skip_nonfinite, an SAE of a sweep that skipped 31 of its 32
+    steps was reported as "trained 32 steps", its sweep.csv row like any other's)"""
+    import csv
+
+    config = write_config(tmp_path / "c.yaml", small_data, tmp_path / "run")
+    capsys.readouterr()
+    assert cli.main(["train", str(config), "sweep.loss.l1.coefficient=[0.1, 1e38]",
+                     "optim.skip_nonfinite=true", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 24 steps (loss.l1.coefficient=0.1)" in out
+    with open(tmp_path / "run" / "sweep.csv", newline="") as f:
+        skipped = [int(row["skipped_steps"]) for row in csv.DictReader(f)]
+    assert skipped[0] == 0 and 0 < skipped[1] <= 24
+    assert (f"trained {24 - skipped[1]} of 24 steps (loss.l1.coefficient=1e+38; {skipped[1]} "
+            "skipped: a non-finite loss or gradient)") in out
+
+
 def test_an_export_with_non_finite_weights_is_not_written(tmp_path):
     params = {"W_enc": np.ones((4, 8), np.float32), "b_enc": np.zeros(8, np.float32),
               "W_dec": np.ones((8, 4), np.float32), "b_dec": np.zeros(4, np.float32)}
