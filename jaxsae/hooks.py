@@ -197,6 +197,7 @@ class MetricLogger:
         self.last_time, self.last_step = time.perf_counter(), start
         self.labels = penalties.term_labels(cfg.loss)
         self.points = cfg.sweep.points if cfg.sweep is not None else None
+        self.members = cfg.sweep_configs()
 
     def record(self, step: int, metrics: dict, position: dict) -> None:
         """`position`: the loader's after the step's batch."""
@@ -211,14 +212,25 @@ class MetricLogger:
             if not host["finite"] and not self.cfg.optim.skip_nonfinite:
                 bad = [label for label in self.labels
                        if not math.isfinite(host.get(f"loss.{label}", 0.0))]
-                culprit = f"term(s) {', '.join(bad)}" if bad else "the gradient"
+                culprit, advice, largest = f"term(s) {', '.join(bad)}", "optim.lr", ""
+                if not bad:  # the largest term, the likeliest cause (fault testing: an l1
+                    # coefficient of 1e30 was blamed on the learning rate or the data)
+                    loss = self.members[i].loss  # (logged unweighted: times the coefficient)
+                    terms = {label: abs(term.coefficient * host.get(f"loss.{label}", 0.0))
+                             for label, term in zip(self.labels, loss, strict=True)}
+                    top = max(terms, key=terms.get, default=None)
+                    culprit = "the gradient"
+                    if top is not None and terms[top] > 0:
+                        largest = f"; the largest term: {top} = {terms[top]:.3g}"
+                        if loss[self.labels.index(top)].term != "mse":
+                            advice = f"optim.lr or loss.{top}.coefficient"
                 which = ("" if self.points is None
                          else f" of sweep SAE {i} ({sweep_label(self.points[i])})")
                 raise NonFiniteError(
                     f"non-finite loss or gradient{which} at step {done} ({culprit} non-finite: "
-                    f"loss={host['loss']}, grad_norm={host['grad_norm']}); no checkpoint is "
-                    "written after it. Lower optim.lr or check the data (jaxsae data inspect "
-                    "names NaN / inf and tokens too large for float32)"
+                    f"loss={host['loss']}, grad_norm={host['grad_norm']}{largest}); no "
+                    f"checkpoint is written after it. Lower {advice} or check the data (jaxsae "
+                    "data inspect names NaN / inf and tokens too large for float32)"
                 )
         if self.cfg.optim.skip_nonfinite:
             self.skipping = 0 if any(host["finite"] for host in hosts) else self.skipping + 1

@@ -68,6 +68,16 @@ def test_a_diverged_sae_is_not_exported(small_data, tmp_path, capsys, monkeypatc
     assert (tmp_path / "run" / "checkpoints").is_dir()  # (kept: an earlier step may export)
 
 
+def test_a_gradient_that_overflows_names_the_largest_term(small_data, tmp_path, capsys):
+    """(fault testing: an l1 coefficient of 1e30 stopped the run with "Lower optim.lr or
+    check the data", naming neither the term nor its coefficient)"""
+    config = write_config(tmp_path / "c.yaml", small_data, tmp_path / "run")
+    line = refused(["train", str(config), "loss.l1.coefficient=1e30", "--no-progress"],
+                   capsys, unchanged=[small_data], match="Lower optim.lr or "
+                   "loss.l1.coefficient or check the data")
+    assert "at step 1 (the gradient non-finite" in line and "the largest term: l1 = " in line
+
+
 def test_the_steps_each_sae_of_a_sweep_skipped_are_said(small_data, tmp_path, capsys):
     """(fault testing: with optim.skip_nonfinite, an SAE of a sweep that skipped 31 of its 32
     steps was reported as "trained 32 steps", its sweep.csv row like any other's)"""
