@@ -173,6 +173,8 @@ def read_cfg(path: str | Path, *, transcoders: bool = False) -> dict[str, Any]:
     if sparsify.is_sparsify(path):
         return _load_sparsify(path).cfg_json
     file = path / CFG_FILE
+    if not path.exists():  # (fault testing: "not a directory", of a path that is nothing)
+        raise ExportError(f"{path}: does not exist")
     if not path.is_dir():
         raise ExportError(f"{path}: not a directory")
     if not file.is_file():

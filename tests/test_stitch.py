@@ -265,8 +265,12 @@ def test_stitch_bad_input(small_data, tmp_path, capsys):
     assert "--threshold" in error("compare", str(tmp_path / "a"), str(tmp_path / "a"),
                                   "--data", str(small_data), "--out", str(tmp_path / "o"),
                                   "--threshold", "1.5")
-    assert "nope: not a directory" in error("compare", str(tmp_path / "a"), str(tmp_path / "nope"),
-                               "--data", str(small_data), "--out", str(tmp_path / "o"))
+    assert "nope: does not exist" in error("compare", str(tmp_path / "a"), str(tmp_path / "nope"),
+                                           "--data", str(small_data), "--out", str(tmp_path / "o"))
+    (tmp_path / "afile").write_text("x")
+    assert "afile: not a directory" in error("compare", str(tmp_path / "a"),
+                                             str(tmp_path / "afile"), "--data", str(small_data),
+                                             "--out", str(tmp_path / "o"))
     other = tmp_path / "wide"
     params = {"W_enc": np.zeros((D + 1, 4), np.float32), "b_enc": np.zeros(4, np.float32),
               "W_dec": np.ones((4, D + 1), np.float32), "b_dec": np.zeros(D + 1, np.float32)}
