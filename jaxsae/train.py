@@ -874,6 +874,12 @@ def _check_run_dir(run_dir: Path, data: str | None = None) -> None:
         return  # (a start killed before it wrote anything: its lock says if it still runs)
     if not (outputs.output_kind(run_dir) == "import"
             or _is_run_config(run_dir / "config.yaml")):
+        if (run_dir / "checkpoints").is_dir():  # (fault testing: called "not a jaxsae run
+            # directory", the checkpoints in it said nothing of)
+            raise ConfigError(f"{where}: holds checkpoints, but its config.yaml is missing or "
+                              "not a jaxsae config (damaged?): put the run's config back there "
+                              f"to resume it, or train elsewhere (jaxsae export {run_dir} "
+                              "still exports its checkpoints)")
         raise ConfigError(f"{where}: exists and is not a jaxsae run directory (no jaxsae "
                           "config.yaml); choose another name or run_dir")
     foreign = foreign_steps(run_dir / "checkpoints")

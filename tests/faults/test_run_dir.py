@@ -319,6 +319,12 @@ def test_a_run_whose_files_are_of_the_wrong_kind_is_refused_before_training(run_
     (run_copy / "eval.json").mkdir()
     refused(["train", str(config), "--no-progress"], capsys, unchanged=[run_copy],
             match=f"run_dir {run_copy}: eval.json is not a file; training writes it")
+    (run_copy / "eval.json").rmdir()
+    # its config.yaml damaged (fault testing: "not a jaxsae run directory", of a run)
+    (run_copy / "config.yaml").write_text("garbage: [")
+    refused(["train", str(config), "--no-progress"], capsys, unchanged=[run_copy],
+            match=f"run_dir {run_copy}: holds checkpoints, but its config.yaml is missing or "
+                  "not a jaxsae config (damaged?)")
 
 
 @contextlib.contextmanager
