@@ -83,7 +83,8 @@ class BenchConfig:
 
     @property
     def directory(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / self.name
+        # (`~/x` as a shell gives it: `config._expand_home`)
+        return Path(self.out).expanduser() if self.out else Path("runs") / self.name
 
     def arm_configs(self) -> dict[str, Config]:
         """Each arm's training config (a sweep crossed with the seeds), validated."""

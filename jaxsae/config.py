@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import itertools
 import math
+import os
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -102,6 +103,7 @@ class DataConfig:
     """SAELens caches: the target's activation column (needed when `data.target` has several)."""
 
     def __post_init__(self):
+        _expand_home(self, "path", "target")
         _need(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be > 0")
         _need(0 <= self.seed < 2**63, "data.seed", "must be in [0, 2^63)")
         _need(self.eval_tokens == "auto" or self.eval_tokens >= 0, "data.eval_tokens",
@@ -177,6 +179,16 @@ DEAD_WINDOW_MAX = 2**30
 """The longest window of a dead latent, in tokens: a latent's count of tokens since it fired
 (int32 on the device) saturates here instead of overflowing."""
 AUTO_WARMUP_STEPS = 1000
+
+
+def _expand_home(section: Any, *names: str) -> None:
+    """`~/x` in the path fields `names` of a (frozen) config section is the home directory's
+    x, as a shell gives it on the command line (fault testing: `run_dir: ~/run` in a YAML
+    trained into a directory named `~` below the working directory)."""
+    for name in names:
+        value = getattr(section, name)
+        if isinstance(value, str) and value.startswith("~"):
+            object.__setattr__(section, name, os.path.expanduser(value))
 
 
 def auto_ramp(total_steps: int) -> int:
@@ -596,6 +608,7 @@ class Config:
     keep each chunk's working set in cache; it must divide the number of SAEs."""
 
     def __post_init__(self):
+        _expand_home(self, "run_dir", "init_from")
         # Each section checked its own values; here, what combines them (cross-module checks:
         # jaxsae.checks.check_run).
         _need(bool(self.data.path) or self.data.stream, "data.path",

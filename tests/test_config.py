@@ -561,3 +561,15 @@ def test_loss_terms_by_name():
 def test_a_run_name_stays_below_runs(name):
     with pytest.raises(ConfigError, match="name: must be a relative name below runs/"):
         config_from_dict({"name": name, "data": {"path": "d"}, "sae": {"d_sae": 8}})
+
+
+def test_a_path_from_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    """(fault testing: `run_dir: ~/run` in a YAML trained into a directory named `~` below the
+    working directory; a shell expands `~` on the command line, YAML does not)"""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    preset = tmp_path / "c.yaml"
+    preset.write_text("run_dir: ~/run\ninit_from: ~/sae\ndata: {path: ~/d, target: ~/t}\n")
+    cfg = load_config(preset)
+    assert (cfg.run_dir, cfg.init_from, cfg.data.path, cfg.data.target) == tuple(
+        str(tmp_path / name) for name in ("run", "sae", "d", "t"))
+    assert load_config(None, ["data.path=d~/x"]).data.path == "d~/x"  # (only a leading ~)
