@@ -674,17 +674,18 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         tree["sae"]["decoder_norm"] = "unit" if unit else "free"
     try:
         config = config_from_dict(tree)
+        check_run(config)
     except ConfigError as e:
         # a bad training setting of the cfg.json (no override of it): the file is named
-        # (fault testing: the message named a config key the user never wrote)
+        # (fault testing: the message named a config key the user never wrote; an lp_norm of 2
+        # the run's own checks refuse too)
         try:
-            config_from_dict(as_read)
+            check_run(config_from_dict(as_read))
         except ConfigError as first:
             if str(first) == str(e):
                 raise ConfigError(f"{given or sae_dir}/cfg.json: its training settings give "
                                   f"{e}; correct the file, or override that key") from None
         raise
-    check_run(config)
     # (an override of optim.batch_size too: a config that train would refuse is not written)
     config.data.training_tokens(source.n_tokens, config.optim.batch_size, data)
     check_init_from(sae_dir if keep is not None else config.init_from, config.sae)
