@@ -619,17 +619,18 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
     end = trained_end([cfg], data, hook)
     held = (source.n_tokens - end if end is not None and 0 < end < source.n_tokens
             else None)
-    given = chosen["data"].get("eval_tokens")  # (a bad one is left to the config to refuse)
-    if given != "auto" and (not isinstance(given, int) or isinstance(given, bool) or given < 0):
-        given = None
-    holding = DataConfig(eval_tokens=given if given is not None else
+    # (a bad one is left to the config to refuse)
+    asked = chosen["data"].get("eval_tokens")
+    if asked != "auto" and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 0):
+        asked = None
+    holding = DataConfig(eval_tokens=asked if asked is not None else
                          "auto" if held is None else held)
     n_train = source.n_tokens - holding.held_out(source.n_tokens)
     batch = int(settings["optim"].get("batch_size", 4096))
     while batch > 8 and batch * _IMPORT_MIN_BATCHES > n_train:
         batch //= 2
     if n_train < batch:
-        if given is not None:  # refused as train refuses it
+        if asked is not None:  # refused as train refuses it
             holding.training_tokens(source.n_tokens, batch, data)
         raise ExportError(f"{data}: {source.n_tokens} tokens are too few to fine-tune on")
     # unit decoder rows: as jaxsae's export says its run kept them (rows exported with an input

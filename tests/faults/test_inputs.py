@@ -359,9 +359,9 @@ def test_import_names_the_cfg_json_for_a_bad_training_setting(run_copy, small_da
     # one the run's own checks refuse (a helper: SAELens's lp_norm 2 was not named)
     cfg["jaxsae"]["loss"][1] = {"term": "l1", "coefficient": 1.0, "p": 2.0}
     (sae / CFG_FILE).write_text(json.dumps(cfg))
-    refused(["import", str(sae), "--out", str(tmp_path / "again"), "--data", str(small_data)],
-            capsys, unchanged=[sae], match=f"{sae / CFG_FILE}: its training settings give "
-                                           "loss[1].p: must be in (0, 1]")
+    refused(["import", str(sae), "--out", str(tmp_path / "again"), "--data", str(small_data),
+             "data.eval_tokens=2048"], capsys, unchanged=[sae],
+            match=f"{sae / CFG_FILE}: its training settings give loss[1].p: must be in (0, 1]")
 
 
 def test_import_shortens_a_ramp_longer_than_its_run(run_copy, small_data, tmp_path, capsys):
