@@ -205,7 +205,10 @@ def test_eval_data_scores_the_tokens_training_kept(sinks, capsys):
     (["--drop-norm-above", "-1"], "--drop-norm-above: must be >= 1"),
     (["--drop-norm-above", "0.5"], "--drop-norm-above: must be >= 1 (a multiple of the median "
                                    "norm: below 1 it drops most tokens, not outliers), got 0.5"),
-    (["--drop-norm-above", "nan"], "--drop-norm-above: must be >= 1")])
+    (["--drop-norm-above", "nan"], "--drop-norm-above: must be >= 1"),
+    # (fault testing: reported as "drop_norm_above": null, as if no rule had been given)
+    (["--drop-norm-above", "inf"], "--drop-norm-above: inf leaves out no token; pass "
+                                   "--all-tokens")])
 def test_bad_drop_flags_are_refused(sinks, capsys, flags, culprit):
     assert cli.main(["eval", str(sinks["saes"]["relu"]), "--data", str(sinks["data"]),
                      *flags]) == 2

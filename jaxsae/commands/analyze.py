@@ -37,6 +37,9 @@ class TokenFilter:
             raise ConfigError(f"--drop-norm-above: must be >= 1 (a multiple of the median norm: "
                               f"below 1 it drops most tokens, not outliers), got "
                               f"{self.drop_norm_above:g}")
+        if self.drop_norm_above == float("inf"):  # (fault testing: reported as null, which
+            # reads as "no rule given"; it leaves out nothing, as --all-tokens says)
+            raise ConfigError("--drop-norm-above: inf leaves out no token; pass --all-tokens")
         if self.all_tokens:
             return None
         return TRAINED if self.drop_norm_above is None else self.drop_norm_above
