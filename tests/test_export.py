@@ -487,15 +487,21 @@ def test_load_refuses_a_truncated_weights_file(tmp_path):
         load_sae(path)
 
 
-def test_a_sparsify_directory_of_integer_weights_is_refused_naming_the_tensor(tmp_path):
-    """(fault testing: a traceback from the unit-row check, exit 1)"""
+def _sparsify_export(out: Path) -> Path:
+    """A TopK SAE of 8 latents in 4 dimensions, exported in sparsify's format to `out`."""
     from jaxsae import sparsify
 
     W = np.eye(8, 4, dtype=np.float32)
     params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
               "b_dec": np.zeros(4, np.float32)}
-    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
-                                   tmp_path / "e")
+    return sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2), out)
+
+
+def test_a_sparsify_directory_of_integer_weights_is_refused_naming_the_tensor(tmp_path):
+    """(fault testing: a traceback from the unit-row check, exit 1)"""
+    from jaxsae import sparsify
+
+    out = _sparsify_export(tmp_path / "e")
     weights = out / sparsify.WEIGHTS_FILE
     tensorfile.write(weights, {k: (v * 10).astype(np.int32)
                                for k, v in tensorfile.read(weights).items()})
@@ -509,11 +515,7 @@ def test_a_sparsify_directory_missing_a_part_is_named_as_sparsify(tmp_path):
     SAELens one and refused for a cfg.json 'missing architecture')"""
     from jaxsae import sparsify
 
-    W = np.eye(8, 4, dtype=np.float32)
-    params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
-              "b_dec": np.zeros(4, np.float32)}
-    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
-                                   tmp_path / "e")
+    out = _sparsify_export(tmp_path / "e")
     (out / sparsify.WEIGHTS_FILE).unlink()
     with pytest.raises(ExportError, match=r"e/sae\.safetensors"):
         load_sae(out)
@@ -545,11 +547,7 @@ def test_a_sparsify_cfg_json_of_bad_sizes_is_refused_naming_the_key(tmp_path, ch
     '4444444444444444' latents wide blamed on the weights; normalize_decoder "no" was true)"""
     from jaxsae import sparsify
 
-    W = np.eye(8, 4, dtype=np.float32)
-    params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
-              "b_dec": np.zeros(4, np.float32)}
-    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
-                                   tmp_path / "e")
+    out = _sparsify_export(tmp_path / "e")
     cfg = json.loads((out / "cfg.json").read_text())
     (out / "cfg.json").write_text(json.dumps({**cfg, "num_latents": 0, "expansion_factor": 2}))
     assert sparsify.read_sparsify(out)[1].d_sae == 8  # (0: sized by expansion_factor)
@@ -562,11 +560,7 @@ def test_an_sae_whose_weights_header_points_before_its_data_is_refused(tmp_path)
     """(fault testing: b_dec at data_offsets [-64, 0] was imported as the header's JSON text)"""
     from jaxsae import sparsify
 
-    W = np.eye(8, 4, dtype=np.float32)
-    params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
-              "b_dec": np.zeros(4, np.float32)}
-    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
-                                   tmp_path / "e")
+    out = _sparsify_export(tmp_path / "e")
     weights = out / sparsify.WEIGHTS_FILE
     header, start = tensorfile.read_header(weights)
     header["b_dec"]["data_offsets"] = [-16, 0]
@@ -581,14 +575,9 @@ def test_an_sae_whose_weights_header_points_before_its_data_is_refused(tmp_path)
 def test_importing_sparsify_onto_data_of_another_width_names_the_directory(small_data,
                                                                            tmp_path):
     """(fault testing: the refusal named the temporary conversion, gone by then)"""
-    from jaxsae import sparsify
     from jaxsae.export import import_config
 
-    W = np.eye(8, 4, dtype=np.float32)
-    params = {"W_enc": W.T.copy(), "b_enc": np.zeros(8, np.float32), "W_dec": W,
-              "b_dec": np.zeros(4, np.float32)}
-    out = sparsify.export_sparsify(params, SAEConfig(d_sae=8, activation="topk", k=2),
-                                   tmp_path / "e")
+    out = _sparsify_export(tmp_path / "e")
     with pytest.raises(ExportError, match=rf"d_in 16 does not match {out} \(d_in 4\)"):
         import_config(out, tmp_path / "run", small_data)
 
