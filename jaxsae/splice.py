@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,9 @@ def eval_windows(lm: lm_data.LanguageModel, files: Sequence[Path], context: int,
                  first: int) -> np.ndarray:
     """The first windows [n, context] of the text files, enough for `tokens` evaluated
     positions."""
-    n = math.ceil(tokens / (context - first))
+    # (at most sys.maxsize windows: fault testing, --tokens 10^21 was islice's traceback;
+    # the text runs out long before)
+    n = min(math.ceil(tokens / (context - first)), sys.maxsize)
     windows = list(itertools.islice(lm_data.token_windows(lm, files, context), n))
     if not windows:
         raise JaxsaeError(f"--text {' '.join(map(str, files))}: fewer than {context} tokens")
@@ -102,6 +105,11 @@ def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, laye
     norms = np.linalg.norm(np.concatenate(inputs), axis=1)
     limit = None if clean_norm_above is None else clean_norm_above * float(np.median(norms))
     spliced_rows = norms <= limit if limit is not None else np.ones(len(norms), bool)
+    if not spliced_rows.any():  # (fault testing: the mean of nothing, then a traceback; past
+        # it, CE recovered 1.0 and KL 0 for SAEs never spliced in)
+        raise JaxsaeError(f"--clean-norm-above {clean_norm_above:g}: every one of the "
+                          f"{len(norms):,} evaluated positions is above {clean_norm_above:g}x "
+                          "the median norm; nothing would be spliced")
     mean = np.concatenate(outputs)[spliced_rows].astype(np.float64).mean(0)
     del inputs, outputs
 
@@ -161,6 +169,8 @@ def ce_loss_recovered(saes: Sequence[LoadedSAE], lm: lm_data.LanguageModel, laye
         predicted += targets.numel()
     bar.close()
 
+    if not predicted:  # (eval's --context check keeps a window able to predict; a guard)
+        raise JaxsaeError("no spliced position predicts a next token: lengthen --context")
     m = {k: v / predicted for k, v in sums.items()}
     shared = {"model": lm.name, "hook": lm_data.hook_name(layer, hook),
               **({"hook_in": lm_data.hook_name(layer, read_hook)} if transcoders else {}),

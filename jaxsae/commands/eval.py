@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import tyro
 from jaxsae.commands import Command, Flag, command, note_training, only_with, unset
 from jaxsae.commands.analyze import Outliers, TokenFilter
 from jaxsae.errors import JaxsaeError, require_at_least
+from jaxsae.parsing import is_positive_int
 
 
 @command("eval")
@@ -206,12 +208,25 @@ class Eval(Command):
             raise JaxsaeError("--text: required with --model (held-out text to evaluate on)")
         tokens = 16384 if self.tokens is None else self.tokens
         windows = 8 if self.windows_per_batch is None else self.windows_per_batch
-        require_at_least(("--context", context, 2), ("--tokens", tokens, 1),
-                         ("--windows-per-batch", windows, 1))
-        files = lm_data.text_files(list(self.text))
-        lm = lm_data.load_model(self.model, device=self.device, layer=layer, context=context,
-                                progress=not self.no_progress)
         first = 1 if drop_first else 0
+        # a window's spliced positions must predict a next token (fault testing: --context 2
+        # with position 0 left out was a ZeroDivisionError once every pass had run)
+        from_cfg = self._from_cfg(self.sae_dir[0])
+        try:
+            if context < 2 + first:
+                raise JaxsaeError(f"--context must be at least {2 + first}, got {context}"
+                                  + (" (position 0 is left out, and a spliced position must "
+                                     "predict the next token)" if first else ""))
+            require_at_least(("--tokens", tokens, 1), ("--windows-per-batch", windows, 1))
+            files = lm_data.text_files(list(self.text))
+            lm = lm_data.load_model(self.model, device=self.device, layer=layer,
+                                    context=context, progress=not self.no_progress)
+        except JaxsaeError as e:
+            flag = str(e).split(" ", 1)[0]
+            if flag in from_cfg:
+                raise type(e)(f"{self.sae_dir[0]}/cfg.json: {from_cfg[flag]} gives {e} (or "
+                              f"pass {flag})") from None
+            raise
         batches = splice.eval_windows(lm, files, context, tokens, first)
         results = splice.ce_loss_recovered(saes, lm, layer, hook, batches,
                                            drop_first_position=drop_first,
@@ -251,23 +266,49 @@ class Eval(Command):
             written = lm_data.parse_hook_name(meta.get("hook_name_out", ""))
             hooks = (trained_at[1] if trained_at else "mlp_in",
                      written[1] if written else "mlp_out")
+            order = ("resid_pre", "mlp_in", "mlp_out", "resid_post")  # (in a block's pass)
+            if order.index(hooks[0]) > order.index(hooks[1]):  # (fault testing: a KeyError
+                # traceback once the model had run)
+                raise JaxsaeError(f"{sae_dir}: a transcoder that reads "
+                                  f"{lm_data.hook_name(layer, hooks[0])} and replaces "
+                                  f"{lm_data.hook_name(layer, hooks[1])}, which the model "
+                                  "computes first, cannot be spliced into it")
         else:
             hook = self.hook or (trained_at[1] if trained_at else "resid_post")
             if hook not in lm_data.HOOK_POINTS:
                 raise JaxsaeError(f"--hook must be one of {', '.join(lm_data.HOOK_POINTS)}, "
                                   f"got {hook!r}")
             hooks = (hook, hook)
-        context = (self.context if self.context is not None
-                   else meta.get("context_size") or 128)
+        # what cfg.json gives is checked as read, naming it (fault testing: a context_size
+        # "32" or 32.5 was a traceback, drop_first_position "no" was taken as true)
+        file = f"{sae_dir}/cfg.json"
+        context = self.context
+        if context is None:
+            context = meta.get("context_size") or 128
+            if not is_positive_int(context):
+                raise JaxsaeError(f"{file}: metadata.context_size must be a positive integer "
+                                  f"(or pass --context), got {context!r}")
         drop_first = self.first_position_dropped
         if drop_first is None:
             drop_first = meta.get("drop_first_position", True)
+            if not isinstance(drop_first, bool):
+                raise JaxsaeError(f"{file}: metadata.drop_first_position must be true or false "
+                                  f"(or pass --drop-first-position), got {drop_first!r}")
         clean_above = self.clean_norm_above
         if clean_above is None:
             clean_above = loaded.cfg_json.get("jaxsae", {}).get("drop_norm_above")
-        elif clean_above <= 0:
-            raise JaxsaeError(f"--clean-norm-above must be > 0, got {clean_above}")
+        elif not (math.isfinite(clean_above) and clean_above > 0):  # (nan passed `<= 0`)
+            raise JaxsaeError(f"--clean-norm-above must be a finite number > 0, got "
+                              f"{clean_above}")
         return layer, hooks, context, drop_first, clean_above
+
+    def _from_cfg(self, sae_dir: str) -> dict[str, str]:
+        """The flags whose values were read from `sae_dir`'s cfg.json (not given), and the key
+        they came from: a refusal of such a value names the file (fault testing: --layer 99
+        was blamed for a hook_name the user never wrote as a flag)."""
+        return {flag: key for flag, key, given in (
+            ("--layer", "metadata.hook_name", self.layer),
+            ("--context", "metadata.context_size", self.context)) if given is None}
 
 
 

@@ -271,11 +271,35 @@ def test_bad_input(tiny_model, texts, tmp_path, capsys):
     assert "d_in 33" in error(wide, "--text", str(texts))
     assert "--layer 7" in error(sae, "--text", str(texts), "--layer", "7")
     assert "--truth goes with --data" in error(sae, "--text", str(texts), "--truth", "x")
-    assert "--clean-norm-above must be > 0" in error(sae, "--text", str(texts),
-                                                     "--clean-norm-above", "0")
+    for bad in ("0", "nan"):  # (fault testing: nan passed, then the mean of nothing)
+        assert "--clean-norm-above must be a finite number > 0" in error(
+            sae, "--text", str(texts), "--clean-norm-above", bad)
     # (0 was replaced by the SAE's context_size)
-    assert "--context must be at least 2" in error(sae, "--text", str(texts), "--context", "0")
+    assert "--context must be at least 3" in error(sae, "--text", str(texts), "--context", "0")
     assert "--device 'foo'" in error(sae, "--text", str(texts), "--device", "foo")
+    # fault testing: position 0 left out, a window of 2 predicted nothing (ZeroDivisionError);
+    # a limit leaving every position clean reported nothing spliced as measured (a traceback)
+    assert ("--context must be at least 3, got 2 (position 0 is left out, and a spliced "
+            "position must predict the next token)") in error(sae, "--text", str(texts),
+                                                              "--context", "2")
+    assert "nothing would be spliced" in error(sae, "--text", str(texts),
+                                               "--clean-norm-above", "0.001")
+    assert '"predicted_tokens": ' in (main(["eval", str(sae), "--model", str(tiny_model),
+                                             "--text", str(texts / "a.txt"), "--tokens",
+                                             str(10**21), "--no-progress"]) == 0
+                                       and capsys.readouterr().out)  # (islice's traceback)
+    # what cfg.json gives is checked, and named (fault testing: tracebacks, or a flag blamed)
+    for key, value, says in (
+            ("context_size", "32", "metadata.context_size must be a positive integer"),
+            ("context_size", 1, "metadata.context_size gives --context must be at least 3"),
+            ("hook_name", "blocks.7.hook_resid_post", "metadata.hook_name gives --layer 7"),
+            ("drop_first_position", "no", "metadata.drop_first_position must be true or "
+                                          "false")):
+        odd = identity_sae(tmp_path / f"odd-{key}-{value}")
+        cfg = json.loads((odd / "cfg.json").read_text())
+        cfg["metadata"][key] = value
+        (odd / "cfg.json").write_text(json.dumps(cfg))
+        assert f"{odd}/cfg.json: {says}" in error(odd, "--text", str(texts))
 
 
 def test_a_transcoder_replaces_the_mlp_output_with_its_own(tiny_model, texts, tmp_path, capsys):
@@ -317,6 +341,15 @@ def test_a_transcoder_replaces_the_mlp_output_with_its_own(tiny_model, texts, tm
                                                   rel=1e-5)
     assert m["kl_sae"] > 1e-6  # it did replace something
     assert 0 < m["l0"] <= d_sae and m["tokens"] == 10 * (CONTEXT - 1)
+    # one that reads a point the model computes after the one it replaces (fault testing: a
+    # KeyError traceback once the model had run)
+    backwards = export_sae(params, cfg, tmp_path / "backwards", metadata={
+        **meta, "hook_name": "blocks.1.hook_resid_post", "hook_name_out": "blocks.1.hook_mlp_out"})
+    assert main(["eval", str(backwards), "--model", str(tiny_model), "--text",
+                 str(texts / "a.txt"), "--no-progress"]) == 2
+    assert (f"{backwards}: a transcoder that reads blocks.1.hook_resid_post and replaces "
+            "blocks.1.hook_mlp_out, which the model computes first, cannot be spliced"
+            ) in capsys.readouterr().err
 
 
 def test_transcoder_from_cached_pairs_to_ce_loss_recovered(tiny_model, texts, tmp_path,
