@@ -49,7 +49,7 @@ def eval_windows(lm: lm_data.LanguageModel, files: Sequence[Path], context: int,
     positions."""
     # (at most sys.maxsize windows: fault testing, --tokens 10^21 was islice's traceback;
     # the text runs out long before)
-    n = min(math.ceil(tokens / (context - first)), sys.maxsize)
+    n = min(-(-tokens // (context - first)), sys.maxsize)
     windows = list(itertools.islice(lm_data.token_windows(lm, files, context), n))
     if not windows:
         raise JaxsaeError(f"--text {' '.join(map(str, files))}: fewer than {context} tokens")
