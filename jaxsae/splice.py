@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
