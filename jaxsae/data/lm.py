@@ -24,6 +24,7 @@ import functools
 import itertools
 import math
 import re
+import struct
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -160,7 +161,9 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
         with _gguf_bar(progress):
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 where, dtype=getattr(torch, dtype), **kwargs)
-    except (OSError, ValueError, ImportError, KeyError) as e:
+    except (OSError, ValueError, ImportError, KeyError, struct.error) as e:
+        # (struct.error: the GGUF reader's, for a .gguf cut inside its header; fault testing:
+        # a traceback)
         raise JaxsaeError(f"--model {name}: cannot load it ({_first_line(e)})") from None
     try:
         model.eval().requires_grad_(False).to(device)

@@ -424,6 +424,16 @@ def test_a_missing_gguf_file_is_an_error(tmp_path):
         lm_data.load_model(str(tmp_path / "absent.gguf"))
 
 
+def test_a_gguf_file_cut_inside_its_header_is_an_error(tmp_path):
+    """(fault testing: struct.error tracebacks from the GGUF reader)"""
+    cut = tmp_path / "cut.gguf"
+    # magic, version 3, no tensors, one key-value pair: then the file ends
+    cut.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little")
+                    + (1).to_bytes(8, "little"))
+    with pytest.raises(lm_data.JaxsaeError, match=r"^--model .*cut\.gguf: cannot load it \("):
+        lm_data.load_model(str(cut))
+
+
 def test_mlp_in_and_mlp_out_pairs_for_transcoders(tiny_model, texts, tmp_path):
     """--hook mlp_in --target-hook mlp_out: the block's MLP input (normalised) into --out and
     its output into --out/target, from one pass, against torch hooks on the full model's MLP;
