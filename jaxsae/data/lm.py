@@ -134,8 +134,10 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
     path = Path(name)
     kwargs: dict[str, Any] = {}
     if name.endswith(".gguf"):
-        if not path.is_file():
-            raise JaxsaeError(f"--model {name}: no such .gguf file")
+        if not path.is_file():  # (fault testing: a directory was "no such .gguf file")
+            what = ("a directory, not a .gguf file" if path.is_dir()
+                    else "not a regular file" if path.exists() else "no such .gguf file")
+            raise JaxsaeError(f"--model {name}: {what}")
         where, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.exists() and not path.is_dir():
         raise JaxsaeError(f"--model {name}: expected a model directory, a hub name or a .gguf file")

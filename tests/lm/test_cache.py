@@ -434,6 +434,13 @@ def test_a_gguf_file_cut_inside_its_header_is_an_error(tmp_path):
         lm_data.load_model(str(cut))
 
 
+def test_a_directory_named_gguf_is_said_to_be_one(tmp_path):
+    """(fault testing: it was "no such .gguf file")"""
+    (tmp_path / "model.gguf").mkdir()
+    with pytest.raises(lm_data.JaxsaeError, match=r"model\.gguf: a directory, not a \.gguf"):
+        lm_data.load_model(str(tmp_path / "model.gguf"))
+
+
 def test_mlp_in_and_mlp_out_pairs_for_transcoders(tiny_model, texts, tmp_path):
     """--hook mlp_in --target-hook mlp_out: the block's MLP input (normalised) into --out and
     its output into --out/target, from one pass, against torch hooks on the full model's MLP;
