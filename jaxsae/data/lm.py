@@ -38,6 +38,7 @@ from jaxsae import outputs
 from jaxsae.data.shards import (
     DTYPES,
     TARGET_DIR,
+    ShardSet,
     ShardWriter,
     is_shard_dir,
     read_manifest,
@@ -616,7 +617,8 @@ def _how_it_differs(out: Path, sources: list[dict]) -> str:
 def _already_cached(out: Path, sources: list[dict], tokens: int, dtype: str,
                    files: list) -> bool:
     """Whether `out` holds this cache: the same settings and dtype, and exactly --tokens
-    tokens, or fewer when that is all the text (the same files, of the same sizes) holds."""
+    tokens, or fewer when that is all the text (the same files, of the same sizes) holds.
+    One whose manifest says so but whose shards are missing or damaged is refused."""
     dirs = [out, out / TARGET_DIR][:len(sources)]
     for directory, source in zip(dirs, sources, strict=True):
         if not is_shard_dir(directory):
@@ -628,4 +630,13 @@ def _already_cached(out: Path, sources: list[dict], tokens: int, dtype: str,
             return False
         if done.n_tokens != tokens and not (done.n_tokens < tokens and ran_out == files):
             return False  # (more tokens than asked is another cache, not this one)
+    # This cache by its manifests; its shards are opened (checked against them, memory-mapped:
+    # cheap) before saying so (fault testing: a shard deleted or truncated was "already cached;
+    # nothing written", exit 0)
+    for directory in dirs:
+        try:
+            ShardSet(directory)
+        except DataError as e:
+            raise DataError(f"{out}: already cached but damaged ({e}); pass --overwrite to "
+                            "cache it again") from None
     return True

@@ -251,6 +251,26 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
     assert len(err.splitlines()) == 1
 
 
+def test_rerunning_a_damaged_cache_names_the_damage(tiny_model, texts, tmp_path, capsys):
+    """(fault testing: a cache whose shard was deleted or truncated was "already cached;
+    nothing written", exit 0)"""
+    out = tmp_path / "acts"
+    assert run_cache(tiny_model, texts, out, "--tokens", "30", "--shard-tokens", "16") == 0
+    shard = out / "shard-00000.npy"
+    whole = shard.read_bytes()
+    capsys.readouterr()
+    for damage in (lambda: shard.write_bytes(whole[: len(whole) // 2]), shard.unlink):
+        damage()
+        assert run_cache(tiny_model, texts, out, "--tokens", "30", "--shard-tokens", "16") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{out}: already cached but damaged ({shard}: " in err, err
+        assert err.endswith("pass --overwrite to cache it again"), err
+    assert run_cache(tiny_model, texts, out, "--tokens", "30", "--shard-tokens", "16",
+                     "--overwrite") == 0
+    assert shard.read_bytes() == whole
+
+
 def test_text_shorter_than_a_window_is_blamed_on_text(tiny_model, tmp_path, capsys):
     """Too little text for one window: the error names --text, and no staging is left."""
     (tmp_path / "t" / "docs").mkdir(parents=True)
