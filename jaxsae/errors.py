@@ -35,6 +35,14 @@ def require_at_least(*checks: tuple[str, int | None, int]) -> None:
             raise JaxsaeError(f"{flag} must be at least {low}, got {value}")
 
 
+def require_at_most(*checks: tuple[str, int | None, int]) -> None:
+    """Each (flag, value, high): a value above `high` is bad input naming the flag (None:
+    unset)."""
+    for flag, value, high in checks:
+        if value is not None and value > high:
+            raise JaxsaeError(f"{flag} must be at most {high}, got {value}")
+
+
 def one_line(message: str) -> str:
     return " ".join(message.split("\n"))
 

@@ -43,7 +43,7 @@ from jaxsae.data.shards import (
     is_shard_dir,
     read_manifest,
 )
-from jaxsae.errors import DataError, JaxsaeError, require_at_least
+from jaxsae.errors import DataError, JaxsaeError, require_at_least, require_at_most
 from jaxsae.progress import Progress
 from jaxsae.runlock import live_holder
 
@@ -493,6 +493,9 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
         raise JaxsaeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     require_at_least(("--layer", layer, 0), ("--context", context, 2), ("--tokens", tokens, 1),
                      ("--batch-size", batch_size, 1), ("--shard-tokens", shard_tokens, 1))
+    # (windows are counted with itertools.islice, which takes no count above sys.maxsize;
+    # fault testing: --tokens 1e21 or --batch-size 1e23 was a traceback)
+    require_at_most(("--tokens", tokens, sys.maxsize), ("--batch-size", batch_size, sys.maxsize))
     files = text_files(text)
     out = outputs.canonical(out)
     # what this reads is never replaced; checked before the model loads (each file too: one

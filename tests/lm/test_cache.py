@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,9 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
     assert f"--layer {n_layers}: {tiny_model} has layers 0..{n_layers - 1}" in error(
         layer=n_layers)
     assert "--context must be at least 2" in error(context=1)
+    # (fault testing: an islice traceback)
+    for flag in ("--tokens", "--batch-size"):
+        assert f"{flag} must be at most {sys.maxsize}, got {10**21}" in error(flag, str(10**21))
     assert f"--context 300: {tiny_model} takes at most 256 positions" in error(context=300)
     # (fault testing: a missing path was tried as a hub name: retries, 11 lines of noise)
     for missing in (str(tmp_path / "nope"), "./nope", "tests/nope"):
