@@ -519,9 +519,8 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                 "text": [str(Path(t).absolute()) for t in text], "context": context,
                 "drop_first_position": drop_first_position, "prepend_bos": True,
                 "model_dtype": model_dtype, "inputs": inputs_now} for point in points]
-    files_now = [[str(f), f.stat().st_size] for f in files]
     if out.exists() and not overwrite:
-        if _already_cached(out, sources, tokens, dtype, files_now):
+        if _already_cached(out, sources, tokens, dtype):
             print(f"{out}: already cached ({read_manifest(out).n_tokens} tokens); nothing "
                   "written", file=sys.stderr)
             return out, False
@@ -582,7 +581,8 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
                                 f"--context {context} tokens in it; nothing to cache")
             if writers[0].n_tokens < tokens:  # recorded: a rerun is then already cached
                 for writer in writers:
-                    writer.source[TEXT_RAN_OUT] = files_now
+                    writer.source[TEXT_RAN_OUT] = [[str(f.absolute()), f.stat().st_size]
+                                                   for f in files]
         if writers[0].n_tokens < tokens:
             print(f"warning: the text ran out after {writers[0].n_tokens} tokens "
                   f"(--tokens {tokens})", file=sys.stderr)
@@ -590,8 +590,8 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
 
 
 TEXT_RAN_OUT = "text_ran_out"
-"""Manifest source key of a cache whose text ran out before --tokens: the text files and sizes
-it read to the end."""
+"""Manifest source key of a cache whose text ran out before --tokens: the text files (absolute
+paths; a jaxsae before 2026-12-08 wrote them as given) and sizes it read to the end."""
 
 
 def _stamp(file: Path) -> list[int]:
@@ -617,10 +617,9 @@ def _how_it_differs(out: Path, sources: list[dict]) -> str:
             "--overwrite caches them again)")
 
 
-def _already_cached(out: Path, sources: list[dict], tokens: int, dtype: str,
-                   files: list) -> bool:
+def _already_cached(out: Path, sources: list[dict], tokens: int, dtype: str) -> bool:
     """Whether `out` holds this cache: the same settings and dtype, and exactly --tokens
-    tokens, or fewer when that is all the text (the same files, of the same sizes) holds.
+    tokens, or fewer when that is all the text holds.
     One whose manifest says so but whose shards are missing or damaged is refused."""
     dirs = [out, out / TARGET_DIR][:len(sources)]
     for directory, source in zip(dirs, sources, strict=True):
@@ -631,7 +630,11 @@ def _already_cached(out: Path, sources: list[dict], tokens: int, dtype: str,
         ran_out = written.pop(TEXT_RAN_OUT, None)
         if written != source or done.dtype != dtype:
             return False
-        if done.n_tokens != tokens and not (done.n_tokens < tokens and ran_out == files):
+        # The text is the same (`inputs`: each file by absolute path, size and time), so only
+        # whether it ran out is read from TEXT_RAN_OUT, not its paths: they were written as
+        # given, and the same file named another way was "already exists" (fault testing);
+        # a manifest written so still reads as this cache.
+        if done.n_tokens != tokens and not (done.n_tokens < tokens and ran_out is not None):
             return False  # (more tokens than asked is another cache, not this one)
     # This cache by its manifests; its shards are opened (checked against them, memory-mapped:
     # cheap) before saying so (fault testing: a shard deleted or truncated was "already cached;

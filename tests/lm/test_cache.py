@@ -287,12 +287,26 @@ def test_text_shorter_than_a_window_is_blamed_on_text(tiny_model, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no acts, no acts.partial
 
 
-def test_text_runs_out(tiny_model, texts, tmp_path, capsys):
+def test_text_runs_out(tiny_model, texts, tmp_path, capsys, monkeypatch):
     assert run_cache(tiny_model, texts, tmp_path / "acts", "--tokens", "100000") == 0
     n = ShardSet(tmp_path / "acts").n_tokens
     assert n == len(reference_windows(tiny_model, texts, 16)) * 15
     assert f"the text ran out after {n} tokens" in capsys.readouterr().err
     # run again: nothing to do (it said "already exists" and exited 2)
+    assert run_cache(tiny_model, texts, tmp_path / "acts", "--tokens", "100000") == 0
+    assert f"already cached ({n} tokens)" in capsys.readouterr().err
+    # the same files named relative to the working directory: the same cache (fault testing:
+    # "already exists", the text files as given recorded in its manifest)
+    monkeypatch.chdir(texts)
+    assert run_cache(tiny_model, Path("."), tmp_path / "acts", "--tokens", "100000") == 0
+    assert f"already cached ({n} tokens)" in capsys.readouterr().err
+    # and a manifest that recorded them so (a jaxsae before 2026-12-08) reads as this cache
+    manifest = tmp_path / "acts" / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    assert [f[0] for f in raw["source"]["text_ran_out"]] == [
+        str(texts / "a.txt"), str(texts / "docs" / "b.rst.txt")]
+    raw["source"]["text_ran_out"] = [["a.txt", 1], ["docs/b.rst.txt", 2]]
+    manifest.write_text(json.dumps(raw))
     assert run_cache(tiny_model, texts, tmp_path / "acts", "--tokens", "100000") == 0
     assert f"already cached ({n} tokens)" in capsys.readouterr().err
 
