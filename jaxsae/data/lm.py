@@ -398,12 +398,14 @@ def text_files(paths: Sequence[str]) -> list[Path]:
     for p in paths:
         path = Path(p)
         if path.is_file():
-            files.append(path)
+            found = [path]
         elif path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.is_file()
-                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
-        else:
-            raise DataError(f"--text {p}: no such file or directory")
+            found = sorted(f for f in path.rglob("*") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(path).parts))
+        else:  # (fault testing: /dev/null was "no such file or directory")
+            raise DataError(f"--text {p}: " + ("not a regular file or directory"
+                                               if path.exists() else "no such file or directory"))
+        files += found
     if not files:
         raise DataError(f"--text {' '.join(paths)}: no text files")
     for file in files:

@@ -214,6 +214,10 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
                  str(tmp_path / "missing.txt"), "--tokens", "5", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--text" in err and "missing.txt" in err
+    # (fault testing: /dev/null was "no such file or directory")
+    assert main(["cache", "--model", str(tiny_model), "--layer", "0", "--text", "/dev/null",
+                 "--tokens", "5", "--out", str(tmp_path / "o")]) == 2
+    assert "--text /dev/null: not a regular file or directory" in capsys.readouterr().err
     assert "--device 'foo': not a PyTorch device" in error("--device", "foo")
     assert "--device cuda:7" in error("--device", "cuda:7")
     assert "--device meta: holds no values" in error("--device", "meta")  # (was a traceback)
