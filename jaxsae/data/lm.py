@@ -393,8 +393,10 @@ def capture(lm: LanguageModel, layer: int, point: str | tuple[str, ...],
 
 
 def text_files(paths: Sequence[str]) -> list[Path]:
-    """The files named, with directories expanded to their files (sorted, hidden ones skipped)."""
+    """The files named, with directories expanded to their files (sorted, hidden ones skipped);
+    a file named twice (or inside a directory named too) is refused."""
     files: list[Path] = []
+    given: dict[tuple[int, int], str] = {}  # (device, inode) -> the file as first named
     for p in paths:
         path = Path(p)
         if path.is_file():
@@ -405,6 +407,16 @@ def text_files(paths: Sequence[str]) -> list[Path]:
         else:  # (fault testing: /dev/null was "no such file or directory")
             raise DataError(f"--text {p}: " + ("not a regular file or directory"
                                                if path.exists() else "no such file or directory"))
+        for file in found:
+            # (fault testing: `--text A A`, or a directory and a file in it, cached the text
+            # twice, silently; training held out tokens whose text it trained on)
+            named = str(file) if str(file) == p else f"{file} (in --text {p})"
+            info = file.stat()
+            key = (info.st_dev, info.st_ino)
+            if key in given:
+                again = "given twice" if given[key] == named else f"the same file as {given[key]}"
+                raise DataError(f"--text {named}: {again}; its text would be read twice")
+            given[key] = named
         files += found
     if not files:
         raise DataError(f"--text {' '.join(paths)}: no text files")

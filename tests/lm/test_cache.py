@@ -218,6 +218,17 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
     assert main(["cache", "--model", str(tiny_model), "--layer", "0", "--text", "/dev/null",
                  "--tokens", "5", "--out", str(tmp_path / "o")]) == 2
     assert "--text /dev/null: not a regular file or directory" in capsys.readouterr().err
+    # (fault testing: a file given twice, or with its directory, was cached twice, silently)
+    a, docs = str(texts / "a.txt"), str(texts / "docs")
+    b = str(texts / "docs" / "b.rst.txt")
+    (tmp_path / "link.txt").symlink_to(a)
+    for given, said in (([a, a], f"--text {a}: given twice;"),
+                        ([docs, b], f"--text {b}: the same file as {b} (in --text {docs});"),
+                        ([a, str(tmp_path / "link.txt")], f"the same file as {a};")):
+        assert main(["cache", "--model", str(tiny_model), "--layer", "0", "--text", *given,
+                     "--tokens", "5", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err, err
     assert "--device 'foo': not a PyTorch device" in error("--device", "foo")
     assert "--device cuda:7" in error("--device", "cuda:7")
     assert "--device meta: holds no values" in error("--device", "meta")  # (was a traceback)
