@@ -95,7 +95,17 @@ def test_bad_caches_name_the_file(tmp_path):
     state = json.loads((path / "state.json").read_text())
     state["_data_files"] = state["_data_files"][2:]
     (path / "state.json").write_text(json.dumps(state))
-    with pytest.raises(DataError, match=re.escape(f"{arrow[2].name}: listed in state.json")):
+    with pytest.raises(DataError, match=re.escape(f"state.json: _data_files lists "
+                                                  f"{arrow[2].name!r}, which is missing")):
+        open_source(DataConfig(path=str(path)))
+    # (fault testing: a directory was "missing", a NUL byte printed as it is)
+    arrow[2].mkdir()
+    with pytest.raises(DataError, match=re.escape(f"lists {arrow[2].name!r}, a directory, not "
+                                                  "an Arrow file")):
+        open_source(DataConfig(path=str(path)))
+    state["_data_files"][0]["filename"] = "data\0.arrow"
+    (path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(DataError, match=re.escape("lists 'data\\x00.arrow', which is missing")):
         open_source(DataConfig(path=str(path)))
     (path / "dataset_info.json").write_text("{not json")
     with pytest.raises(DataError, match=r"dataset_info\.json: not valid JSON"):

@@ -116,8 +116,13 @@ class SAELensCache(ArraySource):
                     f"{self.path / STATE}: _data_files lists {name!r} twice (its tokens would "
                     "be read twice)")
         for name in files:
-            if not (self.path / name).is_file():
-                raise DataError(f"{self.path / name}: listed in {STATE} but missing")
+            # (fault testing: a directory was "missing", and a name holding a NUL byte was
+            # printed with it: names from state.json are shown with repr)
+            file = self.path / name
+            if not file.is_file():
+                what = ("a directory, not an Arrow file" if file.is_dir()
+                        else "not a regular file" if file.exists() else "which is missing")
+                raise DataError(f"{self.path / STATE}: _data_files lists {name!r}, {what}")
         refuse_links([self.path / name for name in files])
         self.files = files
         """The Arrow files state.json lists, in order (what is read)."""
