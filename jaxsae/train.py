@@ -320,6 +320,14 @@ def _agree_on_config(cfg: Config) -> None:
     for key in _PER_PROCESS_KEYS:
         section, _, name = key.rpartition(".")
         (mine[section] if section else mine).pop(name, None)
+    if cfg.data.generate is not None:  # as the generator resolves it (fault testing: "seed is
+        # 1 there, None on process 0", which drew seed 0)
+        from jaxsae.data.generated import stream_spec
+
+        raw = dict(cfg.data.generate)
+        mine["data"]["generate"] = {"kind": raw.get("kind"), **synthetic.spec_dict(
+            stream_spec(raw, cfg.optim.total_tokens, cfg.data.held_out) if cfg.data.stream
+            else synthetic.parse_spec(raw, key="data.generate")[1])}
 
     def differences(theirs: str) -> str | None:
         other = json.loads(theirs)
@@ -1048,9 +1056,27 @@ def _check_stream_unchanged(saved: Config, cfg: Config, where: Path) -> None:
     if saved.data.stream != cfg.data.stream:
         raise JaxsaeError(f"{where}: cannot resume with a changed data.stream (the checkpoint "
                           f"was trained with data.stream {str(saved.data.stream).lower()})")
-    if dict(saved.data.generate or {}) != dict(cfg.data.generate or {}):
-        raise JaxsaeError(f"{where}: cannot resume with a changed data.generate (the streamed "
-                          "data is drawn from it); restore it, or start a new run")
+    # compared as the generator resolves them (fault testing: a default written out, or the
+    # token count the run itself printed, was refused as a change, naming no key); `tokens`
+    # left out by both is the run's size, as long as the run is
+    from jaxsae.data.generated import stream_spec
+
+    raw = [dict(c.data.generate or {}) for c in (saved, cfg)]
+    specs = [synthetic.spec_dict(stream_spec(r, c.optim.total_tokens, c.data.held_out))
+             for r, c in zip(raw, (saved, cfg), strict=True)]
+    if not any("tokens" in r for r in raw):
+        for spec in specs:
+            spec.pop("tokens")
+    if raw[0].get("kind") != raw[1].get("kind"):
+        specs = [{"kind": r.get("kind")} for r in raw]
+    differ = [k for k in dict.fromkeys([*specs[0], *specs[1]])
+              if specs[0].get(k) != specs[1].get(k)]
+    if differ:
+        key = differ[0]
+        raise JaxsaeError(f"{where}: cannot resume with a changed data.generate.{key} "
+                          f"({specs[0].get(key)!r} in the checkpoint, {specs[1].get(key)!r} "
+                          "now; the streamed data is drawn from it): restore it, or start a "
+                          "new run")
 
 
 def _check_same_data(state: dict, digest: str | None, cfg: Config, where: Path) -> None:

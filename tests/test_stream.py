@@ -70,8 +70,16 @@ def test_a_streamed_run_is_the_run_on_the_written_data_and_resumes_exactly(tmp_p
 
     # What would change the streamed data is refused on resume, naming it.
     changed = _stream_config(tmp_path / "stream", generate={**GENERATE, "seed": 6})
-    with pytest.raises(JaxsaeError, match=r"data\.generate"):
+    with pytest.raises(JaxsaeError, match=r"changed data\.generate\.seed \(5 in the "
+                                          r"checkpoint, 6 now"):
         train(changed, progress=False, log=lambda m: None)
+    # the same generator written otherwise: every default, and the size the run resolved
+    # (fault testing: refused as a change of data.generate)
+    spelt = {**synthetic.spec_dict(synthetic.parse_spec(GENERATE)[1]), "kind": "superposition",
+             "tokens": source.n_tokens}
+    assert spelt != GENERATE
+    assert train(_stream_config(tmp_path / "stream", generate=spelt), progress=False,
+                 log=lambda m: None).eval == streamed.eval
     longer = _stream_config(tmp_path / "stream", total_tokens=256 * 32)
     with pytest.raises(JaxsaeError, match=r"data\.generate\.tokens"):
         train(longer, progress=False, log=lambda m: None)

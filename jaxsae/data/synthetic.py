@@ -459,7 +459,7 @@ def check_space(spec, out: str | Path, key: str = "tokens") -> None:
 
 def truth_json(spec) -> dict[str, Any]:
     """What truth.json (and the shards' manifest) records of the data's generator."""
-    return {"generator": spec.kind, **_spec_dict(spec), "block_tokens": BLOCK_TOKENS,
+    return {"generator": spec.kind, **spec_dict(spec), "block_tokens": BLOCK_TOKENS,
             **spec.structure()}
 
 
@@ -489,7 +489,8 @@ def block_rows(spec, truth: Mapping[str, np.ndarray], block: int, n: int, *,
     return x, y, dense
 
 
-def _spec_dict(spec) -> dict[str, Any]:
+def spec_dict(spec) -> dict[str, Any]:
+    """A generator spec's fields, lists for tuples (as truth.json records them)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
 
 
@@ -560,7 +561,7 @@ def spec_differences(written: Mapping[str, Any], spec: Any, ignore: tuple[str, .
     but for the fields `ignore`."""
     if written.get("generator") != spec.kind:
         return f"generator {written.get('generator')!r}, not {spec.kind!r}"
-    want = _spec_dict(spec)
+    want = spec_dict(spec)
     differ = [f for f in want if f not in ignore and written.get(f) != want[f]]
     return "other " + ", ".join(differ) if differ else None
 
