@@ -382,8 +382,11 @@ def edit_weights(path: Path, drop: str | None = None, **replace) -> None:
 
 
 def test_load_refuses_a_missing_directory(tmp_path):
-    with pytest.raises(ExportError, match="not a directory"):
+    with pytest.raises(ExportError, match="nope: does not exist"):
         load_sae(tmp_path / "nope")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="afile: not a directory"):
+        load_sae(tmp_path / "afile")
 
 
 def test_load_refuses_missing_cfg(tmp_path):
