@@ -353,6 +353,8 @@ def check_directory(directory: Path, arms: Mapping[str, Config]) -> None:
     and must not do so among somebody else's files."""
     where = f"out {directory}"
     outputs.refuse_non_directory(directory, where)
+    if not directory.exists():  # (made in its parent; an existing one is added to)
+        outputs.refuse_unwritable_place(directory, where)
     resolved = directory.resolve()
     if outputs.inside(Path.cwd().resolve(), resolved):
         raise OutputError(f"{where}: is the working directory or above it; choose another")

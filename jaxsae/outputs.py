@@ -257,9 +257,12 @@ def refuse_non_directory(target: Path, where: str) -> None:
         raise OutputError(f"{where}: is a symbolic link; give the path of a directory to write")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{where}: is a file; give the path of a directory to write")
-    # where the output is staged: checked before any work (fault testing: export evaluated,
-    # then could not create its staging on a read-only mount; --out FILE/x said only "cannot
-    # use FILE: File exists")
+
+
+def refuse_unwritable_place(target: Path, where: str) -> None:
+    """Refuses an output whose staging, beside it, cannot be made: checked before any work
+    (fault testing: export evaluated, then could not create its staging on a read-only
+    mount; --out FILE/x said only "cannot use FILE: File exists")."""
     place = Path(os.path.abspath(target)).parent
     while not (place.exists() or place.is_symlink()) and place != place.parent:
         place = place.parent
@@ -289,6 +292,7 @@ def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
     where = f"{flag} {target}"
     target = canonical(target)
     refuse_non_directory(target, where)
+    refuse_unwritable_place(target, where)
     resolved = target.resolve()
     read = [(protected, Path(protected).resolve()) for protected in inputs]
     for protected, path in read:
