@@ -286,13 +286,17 @@ def _places_never_replaced() -> list[tuple[str, Path]]:
 
 
 def check_target(target: str | Path, kind: str, *, overwrite: bool = False,
-                 inputs: Sequence[str | Path] = (), flag: str = "--out") -> None:
+                 inputs: Sequence[str | Path] = (), flag: str = "--out",
+                 writable: bool = True) -> None:
     """Refuses, in one line naming `flag`, to write a `kind` output at `target` when that would
-    replace something it must not (see the module docstring)."""
+    replace something it must not (see the module docstring), or (`writable`) when its
+    staging cannot be made beside it (a caller that may find it has nothing to write checks
+    that itself, with `refuse_unwritable_place`)."""
     where = f"{flag} {target}"
     target = canonical(target)
     refuse_non_directory(target, where)
-    refuse_unwritable_place(target, where)
+    if writable:
+        refuse_unwritable_place(target, where)
     resolved = target.resolve()
     read = [(protected, Path(protected).resolve()) for protected in inputs]
     for protected, path in read:

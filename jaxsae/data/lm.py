@@ -515,7 +515,9 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
     # what this reads is never replaced; checked before the model loads (each file too: one
     # reached through a link lies elsewhere, and fault testing saw --overwrite replace it)
     inputs = (*text, *files, *([model] if Path(model).exists() else []))
-    outputs.check_target(out, "shards", overwrite=overwrite, inputs=inputs)
+    # (its place is checked once there is something to write: a finished cache on a
+    # read-only file system is "already cached", as it was; a review)
+    outputs.check_target(out, "shards", overwrite=overwrite, inputs=inputs, writable=False)
     # What the cache was read from, recorded in its manifest: a local model and text files by
     # absolute path (fault testing: paths as given depended on the working directory), with
     # their sizes and modification times. A resumed call continues only the same cache: a
@@ -540,6 +542,7 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
             return out, False
         raise DataError(f"{out}: already exists{_how_it_differs(out, sources)} (remove it, "
                         "choose another --out, or pass --overwrite)")
+    outputs.refuse_unwritable_place(out, f"--out {out}")
     # (and what the shards hold and how windows are batched: a rerun asking for other tokens,
     # dtype, shards or batches starts afresh; a partial of more tokens than asked was
     # published whole, and one batched otherwise was not bit-identical: fault testing)

@@ -172,6 +172,18 @@ def test_rerunning_a_finished_cache_and_bad_input(tiny_model, texts, tmp_path, c
     said = capsys.readouterr()
     assert "already cached (30 tokens); nothing written" in said.err
     assert "wrote" not in said.out  # (fault testing: "already cached", then "wrote")
+    # on a place it cannot write (a read-only file system): still already cached (a review:
+    # refused once the place was checked before anything)
+    import os
+
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        Path(path) != tmp_path and access(path, mode, **kw)))
+    assert run_cache(tiny_model, texts, out, "--tokens", "30") == 0
+    assert "already cached (30 tokens)" in capsys.readouterr().err
+    assert run_cache(tiny_model, texts, tmp_path / "new", "--tokens", "30") == 2
+    assert f"cannot write in {tmp_path}" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", access)
     # the manifest names what it read wherever the command ran (fault testing: as given)
     source = json.loads((out / "manifest.json").read_text())["source"]
     assert source["model"] == str(Path(tiny_model).absolute())
