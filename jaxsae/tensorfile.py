@@ -65,7 +65,8 @@ def tensor_layout(file: Path, header: Mapping[str, Any], name: str,
     if not isinstance(info, dict):
         raise DataError(f"{file}: tensor {name!r}: malformed header entry {_shown(info)} "
                         "(expected an object of dtype, shape and data_offsets)")
-    if info.get("dtype") not in DTYPES:
+    if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:  # (["F32"]: a
+        # TypeError, unhashable; a review)
         raise DataError(f"{file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
     dtype = DTYPES[info["dtype"]]
     shape, offsets = info.get("shape"), info.get("data_offsets")

@@ -570,6 +570,15 @@ def test_tensorfile_refuses_a_malformed_header_entry_naming_the_tensor(tmp_path,
         tensorfile.read(file)
 
 
+def test_tensorfile_refuses_a_dtype_that_is_not_a_name(tmp_path):
+    """(a review: ["F32"] was a TypeError, unhashable, and a traceback)"""
+    file = tmp_path / "t.safetensors"
+    tensorfile.write(file, {"a": np.ones(16, np.float32)})
+    edit_header(file, "a", dtype=["F32"])
+    with pytest.raises(DataError, match=r"tensor 'a' has unsupported dtype \['F32'\]"):
+        tensorfile.read(file)
+
+
 def test_tensorfile_refuses_a_header_entry_that_is_not_an_object_or_overlapping_tensors(
         tmp_path):
     file = tmp_path / "t.safetensors"

@@ -13,6 +13,7 @@ is imported when the package is (see the bottom of this file), so nothing else i
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from typing import Any, ClassVar
 
@@ -152,8 +153,13 @@ SAELENS_TRAINING_NUMBERS = ("l1_coefficient", "lp_norm", "l0_coefficient", "targ
 
 
 def is_finite_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool) and value == value
-            and abs(value) != float("inf"))
+    """A JSON number a float holds (an integer of 400 digits overflows float(): a review)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _number(fields: dict[str, Any], key: str, default: float = 1.0) -> float:

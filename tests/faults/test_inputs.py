@@ -419,6 +419,7 @@ def test_import_sizes_the_run_to_the_hold_out_an_override_gives(small_data, tmp_
     ({"l1_coefficient": "five"}, 'l1_coefficient must be a finite number or null, got "five"'),
     ({"l1_coefficient": float("nan")}, "l1_coefficient must be a finite number or null, got NaN"),
     ({"lp_norm": True}, "lp_norm must be a finite number or null, got true"),
+    ({"l1_coefficient": 10**400}, "l1_coefficient must be a finite number or null, got 1000"),
     ({"metadata": {"training_architecture_details": {"l0_coefficient": [1]}}},
      "metadata.training_architecture_details.l0_coefficient must be a finite number or null, "
      "got [1]"),
