@@ -469,7 +469,7 @@ class LogConfig:
 
 # Keys a sweep may vary: they change numbers, never shapes, so one vmapped step trains them all.
 SWEEPABLE = {"seed": int, "optim.lr": float, "sae.k": int, "loss.<name or i>.coefficient": float}
-_TERM_COEFFICIENT = re.compile(r"loss\.([^.]+)\.coefficient")
+TERM_COEFFICIENT = re.compile(r"loss\.([^.]+)\.coefficient")
 
 
 @dataclass(frozen=True)
@@ -527,7 +527,7 @@ class Sweep:
 def _sweep_type(name: str, key: str) -> type:
     if name in SWEEPABLE:
         return SWEEPABLE[name]
-    if _TERM_COEFFICIENT.fullmatch(name):
+    if TERM_COEFFICIENT.fullmatch(name):
         return float
     _check_key_exists(name, key)
     raise ConfigError(f"{key}: cannot be swept (the SAEs of a sweep share their shapes and one "
@@ -664,7 +664,7 @@ class Config:
             for i, point in enumerate(self.sweep.points):
                 terms: dict[int, str] = {}
                 for key in point:
-                    if (m := _TERM_COEFFICIENT.fullmatch(key)):
+                    if (m := TERM_COEFFICIENT.fullmatch(key)):
                         term = self.term_index(m[1], f"sweep.{key}")
                         # loss.l1 and loss.1 may be one term: the last would win unseen
                         _need(term not in terms, f"sweep.{key}",

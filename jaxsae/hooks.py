@@ -13,6 +13,7 @@ passed to `train(hooks=...)`; nothing in the loop changes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import time
@@ -23,8 +24,8 @@ import jax
 import numpy as np
 
 from jaxsae import penalties
-from jaxsae.config import Config, sweep_label
-from jaxsae.errors import JaxsaeError, NonFiniteError, describe_os_error
+from jaxsae.config import TERM_COEFFICIENT, Config, sweep_label
+from jaxsae.errors import ConfigError, JaxsaeError, NonFiniteError, describe_os_error
 from jaxsae.outputs import AppendLog, atomic_write, json_text
 
 
@@ -199,6 +200,22 @@ class MetricLogger:
         self.points = cfg.sweep.points if cfg.sweep is not None else None
         self.members = cfg.sweep_configs()
 
+    def _coefficient_key(self, member: int, index: int, label: str) -> str:
+        """The key that sets term `index`'s coefficient for SAE `member`: its sweep's, if the
+        sweep sets it (an override of it is refused), else `loss.<label>`, or its position
+        where the label names no term (`l1_1`, the second of two; a review: the advice named
+        keys that were refused or did not exist)."""
+        for key in self.points[member] if self.points is not None else ():
+            found = TERM_COEFFICIENT.fullmatch(key)
+            with contextlib.suppress(ConfigError):
+                if found and self.cfg.term_index(found[1]) == index:
+                    return f"sweep.{key}"
+        try:
+            name = label if self.cfg.term_index(label) == index else str(index)
+        except ConfigError:
+            name = str(index)
+        return f"loss.{name}.coefficient"
+
     def record(self, step: int, metrics: dict, position: dict) -> None:
         """`position`: the loader's after the step's batch."""
         fetched = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
@@ -215,15 +232,19 @@ class MetricLogger:
                 culprit, advice, largest = f"term(s) {', '.join(bad)}", "optim.lr", ""
                 if not bad:  # the largest term, the likeliest cause (fault testing: an l1
                     # coefficient of 1e30 was blamed on the learning rate or the data)
-                    loss = self.members[i].loss  # (logged unweighted: times the coefficient)
-                    terms = {label: abs(term.coefficient * host.get(f"loss.{label}", 0.0))
-                             for label, term in zip(self.labels, loss, strict=True)}
+                    member = self.members[i]  # (logged unweighted: times the coefficient
+                    # at this step, its warm-up ramp included)
+                    total = member.optim.total_steps
+                    terms = {label: abs(term.coefficient * host.get(f"loss.{label}", 0.0)
+                                        * min(1.0, done / max(term.ramp(total), 1)))
+                             for label, term in zip(self.labels, member.loss, strict=True)}
                     top = max(terms, key=terms.get, default=None)
                     culprit = "the gradient"
                     if top is not None and terms[top] > 0:
                         largest = f"; the largest term: {top} = {terms[top]:.3g}"
-                        if loss[self.labels.index(top)].term != "mse":
-                            advice = f"optim.lr or loss.{top}.coefficient"
+                        index = self.labels.index(top)
+                        if member.loss[index].term != "mse":
+                            advice = f"optim.lr or {self._coefficient_key(i, index, top)}"
                 which = ("" if self.points is None
                          else f" of sweep SAE {i} ({sweep_label(self.points[i])})")
                 raise NonFiniteError(

@@ -76,6 +76,11 @@ def test_a_gradient_that_overflows_names_the_largest_term(small_data, tmp_path, 
                    capsys, unchanged=[small_data], match="Lower optim.lr or "
                    "loss.l1.coefficient or check the data")
     assert "at step 1 (the gradient non-finite" in line and "the largest term: l1 = " in line
+    # swept, the key to lower is the sweep's (an override of it is refused; a review)
+    line = refused(["train", str(config), "sweep.loss.l1.coefficient=[0.1, 1e30]",
+                    "--no-progress"], capsys, unchanged=[small_data],
+                   match="Lower optim.lr or sweep.loss.l1.coefficient or check the data")
+    assert "of sweep SAE 1 (loss.l1.coefficient=1e+30)" in line
 
 
 def test_the_steps_each_sae_of_a_sweep_skipped_are_said(small_data, tmp_path, capsys):
