@@ -180,3 +180,16 @@ def test_commands_run_from_python(small_data, tmp_path, capsys):
                 tokens=1024).run() == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["tokens"] == 1024 and 0 <= metrics["explained_variance"] <= 1
+
+
+def test_eval_names_cfg_json_only_for_what_it_gave():
+    """eval --model: a refused layer or context is cfg.json's only when cfg.json gave it, not
+    when a flag did or the default was taken (a review: the default context was blamed on
+    cfg.json's metadata.context_size)."""
+    from jaxsae.commands.eval import Eval
+
+    meta = {"hook_name": "blocks.3.hook_resid_post", "context_size": 64}
+    assert Eval(sae_dir=("s",))._from_cfg(meta) == {"--layer": "metadata.hook_name",
+                                                   "--context": "metadata.context_size"}
+    assert Eval(sae_dir=("s",))._from_cfg({}) == {}
+    assert Eval(sae_dir=("s",), layer=3, context=32)._from_cfg(meta) == {}

@@ -211,7 +211,7 @@ class Eval(Command):
         first = 1 if drop_first else 0
         # a window's spliced positions must predict a next token (fault testing: --context 2
         # with position 0 left out was a ZeroDivisionError once every pass had run)
-        from_cfg = self._from_cfg(self.sae_dir[0])
+        from_cfg = self._from_cfg(saes[0].cfg_json.get("metadata") or {})
         try:
             if context < 2 + first:
                 raise JaxsaeError(f"--context must be at least {2 + first}, got {context}"
@@ -302,13 +302,15 @@ class Eval(Command):
                               f"{clean_above}")
         return layer, hooks, context, drop_first, clean_above
 
-    def _from_cfg(self, sae_dir: str) -> dict[str, str]:
-        """The flags whose values were read from `sae_dir`'s cfg.json (not given), and the key
-        they came from: a refusal of such a value names the file (fault testing: --layer 99
-        was blamed for a hook_name the user never wrote as a flag)."""
+    def _from_cfg(self, meta: dict) -> dict[str, str]:
+        """The flags whose values were read from cfg.json's `meta` (not given, and not a
+        default: a review), and the key they came from: a refusal of such a value names the
+        file (fault testing: --layer 99 was blamed for a hook_name the user never wrote as a
+        flag)."""
         return {flag: key for flag, key, given in (
             ("--layer", "metadata.hook_name", self.layer),
-            ("--context", "metadata.context_size", self.context)) if given is None}
+            ("--context", "metadata.context_size", self.context))
+            if given is None and meta.get(key.split(".")[1])}
 
 
 
