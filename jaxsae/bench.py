@@ -31,7 +31,13 @@ import yaml
 
 from jaxsae import outputs
 from jaxsae.checks import check_run
-from jaxsae.config import Config, config_from_dict, override_sweep, sweep_label
+from jaxsae.config import (
+    Config,
+    config_from_dict,
+    override_sweep,
+    refuse_overrides_of_swept_keys,
+    sweep_label,
+)
 from jaxsae.errors import ConfigError, DataError, JaxsaeError, one_line
 from jaxsae.outputs import OutputError, atomic_write, fmt, save_figure, subplots, write_csv
 from jaxsae.parsing import (
@@ -196,9 +202,37 @@ def load_bench_config(path: str | Path, overrides: list[str] = ()) -> BenchConfi
     seen: dict[str, tuple[str, Any]] = {}
     for assignment in overrides:
         _apply_override(tree, assignment, seen)
+    _refuse_swept_overrides(tree, seen)
     cfg = from_dict(BenchConfig, tree)
     cfg.arm_configs()  # validate every arm before any work
     return cfg
+
+
+def _refuse_swept_overrides(tree: dict[str, Any],
+                                    seen: dict[str, tuple[str, Any]]) -> None:
+    """Refuses an override no SAE would train with, as `jaxsae train` does
+    (`config.refuse_overrides_of_swept_keys`): `arms.NAME.KEY` where that arm's sweep sets
+    KEY for every SAE, `base.KEY` where every arm's does (a review: both were written to the
+    arms' config.yaml and used by none)."""
+    base, arms = tree.get("base"), tree.get("arms")
+    if not isinstance(arms, dict):
+        return
+    base = base if isinstance(base, dict) else {}
+    refused: dict[str, ConfigError] = {}
+    for name, arm in arms.items():
+        if not isinstance(arm, dict):
+            continue  # (refused by arm_configs, naming it)
+        for prefix in (f"arms.{name}.", "base."):
+            mine = {key[len(prefix):]: entry for key, entry in seen.items()
+                    if key.startswith(prefix)}
+            try:
+                refuse_overrides_of_swept_keys(_merge(base, arm), mine)
+            except ConfigError as e:
+                if prefix != "base.":
+                    raise ConfigError(f"arms.{name}: {e}") from None
+                refused.setdefault(name, e)
+    if refused and len(refused) == sum(isinstance(a, dict) for a in arms.values()):
+        raise ConfigError(f"base: {next(iter(refused.values()))} (in every arm)")
 
 
 def _apply_override(tree: dict[str, Any], assignment: str,

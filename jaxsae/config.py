@@ -873,13 +873,13 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]
     before = set(seen)
     for assignment in terms:
         apply_override(tree, assignment, seen)
-    _refuse_overrides_of_swept_keys(tree, seen)
+    refuse_overrides_of_swept_keys(tree, seen)
     # the terms' keys the overrides set, by position as `seen` has them (not a `loss=` given
     # null before them: fault testing)
     return edited, tuple(key for key in seen if key not in before)
 
 
-def _refuse_overrides_of_swept_keys(tree: dict[str, Any], seen: dict[str, tuple[str, Any]]
+def refuse_overrides_of_swept_keys(tree: dict[str, Any], seen: dict[str, tuple[str, Any]]
                                     ) -> None:
     """Refuses an override of a key the sweep sets for every SAE (fault testing:
     `loss.l1.coefficient=3` beside `sweep.loss.l1.coefficient=[1, 2]` was dropped unseen, and

@@ -66,11 +66,24 @@ def test_an_override_reaches_an_arm_whose_name_holds_dots(tmp_path):
     tree["arms"] = {"a": {"sae": {"activation": "topk", "k": 1}}, "a.b": tree["arms"]["topk"],
                     "c.d": None}
     cfg = bench.load_bench_config(_write(tmp_path, tree), [
-        "arms.a.b.sae.k=2", "arms.a.b.sweep=[{sae.k: 1}, {sae.k: 3}]", "arms.a.sae.k=3",
+        "arms.a.b.sae.d_sae=5", "arms.a.b.sweep=[{sae.k: 1}, {sae.k: 3}]", "arms.a.sae.k=3",
         "arms.c.d.sae.d_sae=4"])
     arms = cfg.arm_configs()
-    assert arms["a.b"].sae.k == 2 and [p["sae.k"] for p in arms["a.b"].sweep.points][::2] == [
-        1, 3]
+    assert arms["a.b"].sae.d_sae == 5 and [p["sae.k"] for p in arms["a.b"].sweep.points][
+        ::2] == [1, 3]
+    # a key the arm's sweep sets for every SAE (a review: written, and used by none), or that
+    # every arm's sweep sets, given in the base
+    with pytest.raises(ConfigError, match=r"^arms\.a\.b: override arms\.a\.b\.sae\.k: the "
+                                          r"sweep sets sae\.k for every SAE"):
+        bench.load_bench_config(_write(tmp_path, tree), [
+            "arms.a.b.sae.k=2", "arms.a.b.sweep=[{sae.k: 1}, {sae.k: 3}]"])
+    with pytest.raises(ConfigError, match=r"^base: override base\.sae\.k: .* \(in every "
+                                          r"arm\)$"):
+        bench.load_bench_config(_write(tmp_path, tree), [
+            "base.sae.k=2", "arms.a.b.sweep=[{sae.k: 1}, {sae.k: 3}]", "arms.c.d=null",
+            "arms.a.sweep.sae.k=[1, 2]"])
+    bench.load_bench_config(_write(tmp_path, tree), [  # (arm a sweeps no k)
+        "base.sae.k=2", "arms.a.b.sweep=[{sae.k: 1}, {sae.k: 3}]", "arms.c.d=null"])
     assert arms["a"].sae.k == 3 and arms["c.d"].sae.d_sae == 4
     # an arm that is not there is named, not added (fault testing: a misspelt arm trained
     # from the base alone); a new arm is given whole
