@@ -887,11 +887,13 @@ def refuse_overrides_of_swept_keys(tree: dict[str, Any], seen: dict[str, tuple[s
     sweep = tree.get("sweep")
     points = sweep if isinstance(sweep, list) else [sweep] if isinstance(sweep, dict) else []
 
-    def spelt(point: Any) -> dict[str, str]:  # as `assign` spells its keys: list items by
-        keys = {}                                 # position
+    def spelt(point: Any) -> dict[str, str]:
+        """The point's keys as `assign` spells them (list items by position) -> as given; one
+        that names nothing is left to the sweep's own check."""
+        keys = {}
         for name in point if isinstance(point, dict) else ():
-            with contextlib.suppress(ConfigError, TypeError, ValueError):  # (the sweep's own
-                keys[assign(copy.deepcopy(tree), name, None)] = name  # check names those)
+            with contextlib.suppress(ConfigError, TypeError, ValueError):
+                keys[assign(copy.deepcopy(tree), name, None)] = name
         return keys
 
     # what every SAE sets (a list's point that leaves a key out trains the config's value)

@@ -322,12 +322,7 @@ def _agree_on_config(cfg: Config) -> None:
         (mine[section] if section else mine).pop(name, None)
     if cfg.data.generate is not None:  # as the generator resolves it (fault testing: "seed is
         # 1 there, None on process 0", which drew seed 0)
-        from jaxsae.data.generated import stream_spec
-
-        raw = dict(cfg.data.generate)
-        mine["data"]["generate"] = {"kind": raw.get("kind"), **synthetic.spec_dict(
-            stream_spec(raw, cfg.optim.total_tokens, cfg.data.held_out) if cfg.data.stream
-            else synthetic.parse_spec(raw, key="data.generate")[1])}
+        mine["data"]["generate"] = _generator_settings(cfg)
 
     def differences(theirs: str) -> str | None:
         other = json.loads(theirs)
@@ -428,10 +423,9 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
 
 def _open_data(cfg: Config) -> tuple[Any, int]:
     """The run's data, opened (with data.generate, checked to be what it generates), and its
-    tokens left for training; refuses
-    data that leaves less than a batch for training after the held-out tokens, and held-out
-    tokens the evaluation at the end would refuse (`check_held_out`: checked now, not after
-    training)."""
+    tokens left for training; refuses data that leaves less than a batch for training after
+    the held-out tokens, and held-out tokens the evaluation at the end would refuse
+    (`check_held_out`: checked now, not after training)."""
     data_path = Path(cfg.data.path)
     source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
     if cfg.data.generate is not None and not cfg.data.stream:
@@ -1059,17 +1053,11 @@ def _check_stream_unchanged(saved: Config, cfg: Config, where: Path) -> None:
     # compared as the generator resolves them (fault testing: a default written out, or the
     # token count the run itself printed, was refused as a change, naming no key); `tokens`
     # left out by both is the run's size, as long as the run is
-    from jaxsae.data.generated import stream_spec
-
-    raw = [dict(c.data.generate or {}) for c in (saved, cfg)]
-    specs = [synthetic.spec_dict(stream_spec(r, c.optim.total_tokens, c.data.held_out))
-             for r, c in zip(raw, (saved, cfg), strict=True)]
-    if not any("tokens" in r for r in raw):
+    specs = [_generator_settings(c) for c in (saved, cfg)]
+    if not any("tokens" in c.data.generate for c in (saved, cfg)):
         for spec in specs:
             spec.pop("tokens")
-    if raw[0].get("kind") != raw[1].get("kind"):
-        specs = [{"kind": r.get("kind")} for r in raw]
-    differ = [k for k in dict.fromkeys([*specs[0], *specs[1]])
+    differ = [k for k in dict.fromkeys([*specs[0], *specs[1]])  # (`kind` first)
               if specs[0].get(k) != specs[1].get(k)]
     if differ:
         key = differ[0]
@@ -1077,6 +1065,17 @@ def _check_stream_unchanged(saved: Config, cfg: Config, where: Path) -> None:
                           f"({specs[0].get(key)!r} in the checkpoint, {specs[1].get(key)!r} "
                           "now; the streamed data is drawn from it): restore it, or start a "
                           "new run")
+
+
+def _generator_settings(cfg: Config) -> dict[str, Any]:
+    """data.generate as its generator resolves it (presets, defaults; a streamed run's tokens
+    sized for it): two spellings of the same data compare equal."""
+    from jaxsae.data.generated import stream_spec
+
+    raw = dict(cfg.data.generate)
+    spec = (stream_spec(raw, cfg.optim.total_tokens, cfg.data.held_out) if cfg.data.stream
+            else synthetic.parse_spec(raw, key="data.generate")[1])
+    return {"kind": raw.get("kind"), **synthetic.spec_dict(spec)}
 
 
 def _check_same_data(state: dict, digest: str | None, cfg: Config, where: Path) -> None:
