@@ -208,8 +208,7 @@ def load_bench_config(path: str | Path, overrides: list[str] = ()) -> BenchConfi
     return cfg
 
 
-def _refuse_swept_overrides(tree: dict[str, Any],
-                                    seen: dict[str, tuple[str, Any]]) -> None:
+def _refuse_swept_overrides(tree: dict[str, Any], seen: dict[str, tuple[str, Any]]) -> None:
     """Refuses an override no SAE would train with, as `jaxsae train` does
     (`config.refuse_overrides_of_swept_keys`): `arms.NAME.KEY` where that arm's sweep sets
     KEY for every SAE, `base.KEY` where every arm's does (a review: both were written to the

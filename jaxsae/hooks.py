@@ -198,7 +198,6 @@ class MetricLogger:
         self.last_time, self.last_step = time.perf_counter(), start
         self.labels = penalties.term_labels(cfg.loss)
         self.points = cfg.sweep.points if cfg.sweep is not None else None
-        self.members = cfg.sweep_configs()
 
     def _coefficient_key(self, member: int, index: int, label: str) -> str:
         """The key that sets term `index`'s coefficient for SAE `member`: its sweep's, if the
@@ -232,8 +231,8 @@ class MetricLogger:
                 culprit, advice, largest = f"term(s) {', '.join(bad)}", "optim.lr", ""
                 if not bad:  # the largest term, the likeliest cause (fault testing: an l1
                     # coefficient of 1e30 was blamed on the learning rate or the data)
-                    member = self.members[i]  # (logged unweighted: times the coefficient
-                    # at this step, its warm-up ramp included)
+                    member = self.cfg.sweep_configs()[i]  # (the terms are logged
+                    # unweighted: times the coefficient at this step, its ramp included)
                     total = member.optim.total_steps
                     terms = {label: abs(term.coefficient * host.get(f"loss.{label}", 0.0)
                                         * min(1.0, done / max(term.ramp(total), 1)))
