@@ -608,7 +608,7 @@ def cache(model: str, layer: int, text: Sequence[str], out: str | Path, *, token
 
 TEXT_RAN_OUT = "text_ran_out"
 """Manifest source key of a cache whose text ran out before --tokens: the text files (absolute
-paths; a jaxsae before 2026-12-08 wrote them as given) and sizes it read to the end."""
+paths; a jaxsae before 2026-12-07 evening wrote them as given) and sizes it read to the end."""
 
 
 def _stamp(file: Path) -> list[int]:

@@ -327,7 +327,7 @@ def test_text_runs_out(tiny_model, texts, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(texts)
     assert run_cache(tiny_model, Path("."), tmp_path / "acts", "--tokens", "100000") == 0
     assert f"already cached ({n} tokens)" in capsys.readouterr().err
-    # and a manifest that recorded them so (a jaxsae before 2026-12-08) reads as this cache
+    # and a manifest that recorded them so (a jaxsae before 2026-12-07 evening) reads as this cache
     manifest = tmp_path / "acts" / "manifest.json"
     raw = json.loads(manifest.read_text())
     assert [f[0] for f in raw["source"]["text_ran_out"]] == [
