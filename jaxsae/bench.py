@@ -16,12 +16,14 @@ directory:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import difflib
 import json
 import math
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,6 +307,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
     arms = cfg.arm_configs()
     directory = cfg.directory
     check_directory(directory, arms)
+    made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     lock = RunLock(directory, log, doing="running a bench")
     try:
@@ -312,10 +315,24 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
     except PermissionError as e:  # (fault testing: found only after every arm had trained)
         where = "there" if e.filename in (None, str(directory)) else e.filename
         raise OutputError(f"out {directory}: cannot write {where} ({e.strerror})") from None
+    refused = False
     try:
         return _run_locked(cfg, arms, directory, progress=progress, log=log)
+    except JaxsaeError:
+        refused = True
+        raise
     finally:
         lock.discard() if lock.created else lock.release()
+        if refused and made:  # before any arm wrote there: no bench directory left behind
+            # (fault testing: an empty, marked one was, from a config whose arm was refused)
+            _remove_if_unused(directory)
+
+
+def _remove_if_unused(directory: Path) -> None:
+    """Removes the bench directory this bench made if it holds only its marker and lock."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in directory.iterdir()} <= {outputs.MARKER, LOCK_FILE}:
+            shutil.rmtree(directory)
 
 
 def _run_locked(cfg: BenchConfig, arms: dict[str, Config], directory: Path, *, progress: bool,

@@ -287,6 +287,25 @@ def test_every_arm_is_checked_before_the_first_trains(tmp_path, monkeypatch, sma
         assert (directory / "z" / "notes.txt").read_text() == "mine"
 
 
+def test_a_refused_new_bench_leaves_no_directory(tmp_path, monkeypatch, small_data):
+    """(fault testing: a bench refused before any arm trained left its new directory behind,
+    empty but marked as a bench's.) The directory it made is removed; one that existed, and
+    its parents, stay."""
+    monkeypatch.chdir(tmp_path)
+    tree = _bench_tree(tmp_path, out=str(tmp_path / "new" / "bench"))
+    tree["base"]["data"] = {"path": str(small_data), "eval_tokens": 2048}
+    tree["arms"]["z"] = {"data": {"path": str(tmp_path / "none")}}
+    with pytest.raises(JaxsaeError, match=r"^arms\.z: .*does not exist"):
+        bench.run_bench(bench.load_bench_config(_write(tmp_path, tree)), progress=False,
+                        log=lambda m: None)
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "bench").exists()
+    (tmp_path / "new" / "bench").mkdir()  # one that existed (empty) stays
+    with pytest.raises(JaxsaeError, match=r"^arms\.z: "):
+        bench.run_bench(bench.load_bench_config(_write(tmp_path, tree)), progress=False,
+                        log=lambda m: None)
+    assert (tmp_path / "new" / "bench").is_dir()
+
+
 def test_a_bench_compares_its_arms_as_its_config_states_them(tmp_path, monkeypatch):
     """An arm whose checkpoints were trained with other values of keys left to `auto` is
     refused, not resumed with them (train's resume_as_trained=False): the tables would
