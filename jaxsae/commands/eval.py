@@ -219,8 +219,12 @@ class Eval(Command):
                                      "predict the next token)" if first else ""))
             require_at_least(("--tokens", tokens, 1), ("--windows-per-batch", windows, 1))
             files = lm_data.text_files(list(self.text))
+            widths = [(f"{d}: the {'SAE' if s.d_out is None else 'transcoder'} has {name}",
+                       width) for d, s in zip(self.sae_dir, saes, strict=True)
+                      for name, width in (("d_in", s.d_in), ("d_out", s.d_out)) if width]
             lm = lm_data.load_model(self.model, device=self.device, layer=layer,
-                                    context=context, progress=not self.no_progress)
+                                    context=context, widths=widths,
+                                    progress=not self.no_progress)
         except JaxsaeError as e:
             flag = str(e).split(" ", 1)[0]
             if flag in from_cfg:

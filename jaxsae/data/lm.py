@@ -122,10 +122,11 @@ def _names_a_path(name: str) -> bool:
 
 def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
                layer: int | None = None, context: int | None = None, truncate: bool = False,
-               progress: bool = True) -> LanguageModel:
+               widths: Sequence[tuple[str, int]] = (), progress: bool = True) -> LanguageModel:
     """Loads `name` (a model directory, a hub name, or a .gguf file) and its tokenizer.
 
-    `layer` and `context`, when given, are checked against the model's config before the
+    `layer`, `context` and `widths` ((what, its width) pairs: every hook point is the
+    model's hidden size wide), when given, are checked against the model's config before the
     weights are loaded; `truncate` drops the blocks after `layer` (for caching: nothing after
     the hook is run)."""
     torch, transformers = require_lm()
@@ -160,6 +161,10 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None,
         longest = _max_positions(config)
         if context is not None and longest is not None and context > longest:
             raise JaxsaeError(f"--context {context}: {name} takes at most {longest} positions")
+        hidden = _hidden_size(config)
+        for what, width in widths:  # (fault testing: found only once the weights had loaded)
+            if hidden is not None and width != hidden:
+                raise JaxsaeError(f"{what} {width}, but {name}'s hook points are {hidden} wide")
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
         with _gguf_bar(progress):
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -238,6 +243,12 @@ def _n_layers(config) -> int:
     if not isinstance(n, int):
         raise ValueError("its config gives no number of layers")
     return n
+
+
+def _hidden_size(config) -> int | None:
+    text = _text_config(config)
+    n = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    return n if isinstance(n, int) else None
 
 
 def _max_positions(config) -> int | None:

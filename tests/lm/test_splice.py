@@ -268,7 +268,9 @@ def test_bad_input(tiny_model, texts, tmp_path, capsys):
     bare = write_sae(tmp_path / "bare", np.eye(D), np.eye(D), hook_name=None)
     assert "--layer: required" in error(bare, "--text", str(texts))
     wide = write_sae(tmp_path / "wide", np.zeros((D + 1, 4)), np.zeros((4, D + 1)))
-    assert "d_in 33" in error(wide, "--text", str(texts))
+    # (fault testing: found only once the model's weights had loaded; now from its config)
+    assert f"{wide}: the SAE has d_in 33, but {tiny_model}'s hook points are {D} wide" in error(
+        wide, "--text", str(texts))
     assert "--layer 7" in error(sae, "--text", str(texts), "--layer", "7")
     assert "--truth goes with --data" in error(sae, "--text", str(texts), "--truth", "x")
     for bad in ("0", "nan"):  # (fault testing: nan passed, then the mean of nothing)
