@@ -668,6 +668,10 @@ def _write_import(sae_dir: Path, run_dir: Path, data: Path, overrides, *, overwr
         if key in _IMPORT_FLAG_KEYS:
             raise ConfigError(f"override {key}: set by {_IMPORT_FLAG_KEYS[key]}, not as an "
                               "override")
+        if key == "data":  # (fault testing: its keys were chosen before it replaced them all)
+            raise ConfigError("override data: would replace the whole data section, whose "
+                              "path --data sets; set its keys one at a time (data.hook=..., "
+                              "data.eval_tokens=...)")
     apply_overrides(tree, overrides)  # as `jaxsae train` applies them (sweep.KEY=[...] too)
     if isinstance(tree.get("sae"), dict) and tree["sae"].get("decoder_norm") == "auto":
         # auto for a start: its rows as they are (fault testing: an override of auto wrote

@@ -16,7 +16,7 @@ from jaxsae.config import DataConfig
 from jaxsae.data import open_source
 from jaxsae.data.saelens import SAELensCache
 from jaxsae.data.shards import ShardWriter
-from jaxsae.errors import DataError
+from jaxsae.errors import ConfigError, DataError
 from jaxsae.train import train
 from tests.conftest import small_config
 
@@ -338,3 +338,11 @@ def test_import_onto_a_cache_of_several_columns_takes_the_hook_chosen(tmp_path):
     (sae / "cfg.json").write_text(json.dumps(cfg_json))
     config = import_config(sae, tmp_path / "run2", path)
     assert yaml.safe_load(config.read_text())["data"]["hook"] == HOOK
+    # what import's own arguments set, or a whole data section, is refused as an override
+    for assignment, match in ((f"data={{hook: {other}}}", "override data: would replace the "
+                               "whole data section, whose path --data sets"),
+                              ("run_dir=x", "override run_dir: set by --out"),
+                              ("init_from=x", "override init_from: set by SAE_DIR")):
+        with pytest.raises(ConfigError, match=re.escape(match)):
+            import_config(sae, tmp_path / "run3", path, [assignment])
+    assert not (tmp_path / "run3").exists()

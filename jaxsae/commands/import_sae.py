@@ -29,7 +29,7 @@ class Import(Command):
     """activations to train on"""
     overrides: Overrides = ()
     """config overrides, e.g. optim.total_tokens=10_000_000 (not of what the arguments set:
-    data.path, init_from, run_dir, name)"""
+    data.path, init_from, run_dir, name; nor the whole data section: data.KEY=... each)"""
     overwrite: Flag = False
     """replace an existing --out that is not an untrained import (never a run with
     checkpoints)"""
