@@ -356,3 +356,16 @@ def test_compare_refuses_sums_past_float32s_range(small_data, tmp_path):
         stitch.compare(str(tmp_path / "huge"), str(tmp_path / "large"), str(small_data),
                        tmp_path / "out", tokens=1000, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cosine_histogram_counts_every_latent(tmp_path, monkeypatch):
+    """(fault testing: a large SAE holding copies of the small one's latents, as a Frankenstein
+    SAE holds its base's, has max cosines of 1.0000001 in float32 rounding, and those latents
+    fell outside the histogram's range [.., 1.0]: 10 of 32 were missing from max_cos_hist.png.)
+    Every latent of the large SAE is counted in it."""
+    figures = []
+    monkeypatch.setattr(stitch, "save_figure", lambda fig, path: figures.append(fig))
+    cos = [1.0000001192092896, 0.9999999, 1.0000001192092896, 0.5, -0.1]
+    stitch._compare_plots([{"max_cos": c, "delta_mse": 0.0} for c in cos], 0.7, tmp_path)
+    bars = figures[0].axes[0].patches
+    assert sum(bar.get_height() for bar in bars) == len(cos)
