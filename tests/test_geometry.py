@@ -136,3 +136,22 @@ def test_analyze_writes_every_table_plot_and_the_page(small_data, tmp_path, caps
         p = int(latents[k]["partner"])
         want = along[fired[:, k], p].mean() / along[fired[:, p], p].mean()
         assert float(latents[k]["carries_partner"]) == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_analyze_refuses_codes_past_float32s_range(small_data, tmp_path, capsys):
+    """(fault testing: codes of ~1e20, whose squares overflow float32's sums, wrote an
+    activation_cv of inf or nan into latents.csv; tokens of norm 1e18 a ring_cv of inf.)
+    Refused in one line naming the sums, with nothing written."""
+    rng = np.random.default_rng(0)
+    W_dec = rng.normal(size=(40, 16)).astype(np.float32)  # (the shapes of the test above:
+    # its compilations are reused)
+    export_sae({"W_enc": W_dec.T * np.float32(1e20), "b_enc": np.zeros(40, np.float32),
+                "W_dec": W_dec, "b_dec": np.zeros(16, np.float32)},
+               SAEConfig(d_sae=40, decoder_norm="free"), tmp_path / "sae")
+    argv = ["analyze", str(tmp_path / "sae"), "--data", str(small_data), "--out",
+            str(tmp_path / "o"), "--tokens", "1024", "--batch-size", "1024", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "activations_squared" in err and "too large to analyse" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

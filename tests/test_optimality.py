@@ -15,6 +15,7 @@ from jaxsae.analysis import optimality as opt
 from jaxsae.analysis.geometry import analyze
 from jaxsae.config import SAEConfig
 from jaxsae.data import synthetic
+from jaxsae.errors import JaxsaeError
 
 
 def _relu_sae(W_dec, W_enc, b_enc, b_dec):
@@ -167,3 +168,19 @@ def test_analyze_refuses_a_cluster_threshold_that_is_no_cosine(true_feature_sae,
     assert cli.main(argv) == 2
     assert "--cluster-threshold" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sums_past_float32s_range_are_refused_not_reported():
+    """(fault testing: on tokens of norm ~1e10 the per-latent sum of a²|r|² overflowed to inf,
+    its noise estimate was inf - inf, and every latent was reported stationary with z = 0.)
+    Such sums are refused in one line naming the data and the sums."""
+    rng = np.random.default_rng(0)
+    n, d = 6, 5
+    params = _relu_sae(rng.normal(size=(n, d)), rng.normal(size=(d, n)) * 0.6,
+                       np.zeros(n), np.zeros(d))
+    x = (rng.normal(size=(1000, d)) * 1e10).astype(np.float32)
+    with pytest.raises(JaxsaeError, match=r"^acts: the block sums .*a2_r2.* pass float32's "
+                                          r"range .* too large to test the optimality"):
+        opt.optimality(params, SAEConfig(d_sae=n, activation="relu"), [x],
+                       np.array([(0, 1)]), data="acts")
+

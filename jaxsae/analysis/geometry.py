@@ -30,7 +30,7 @@ import numpy as np
 from jaxsae import export, outputs, sae
 from jaxsae.analysis import optimality as optimality_mod
 from jaxsae.analysis import taxonomy
-from jaxsae.analysis.stitch import unit_rows
+from jaxsae.analysis.stitch import refuse_past_float32, unit_rows
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window
@@ -279,6 +279,11 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         ring += np.asarray(r, np.float64)
         angles += np.asarray(a, np.float64)
 
+    # (fault testing: tokens of norm 1e18 wrote ring_cv inf, and 1e10 a stationarity z of 0
+    # for every latent: inf - inf)
+    refuse_past_float32({"activations": total, "activations_squared": total2, "inputs": carry,
+                         "ring_radii": ring}, data,
+                        "the tokens or the SAE's codes are too large to analyse", out=out)
     frequency = fires / n_tok
     # Dense latents co-fire with everything: they are left out of pairs and parent / child.
     dense = co_fires / max(seen, 1) > DENSE_FREQUENCY
@@ -303,7 +308,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
                                       min_count=min_count), min_count, optimality_pairs)
         opt = optimality_mod.optimality(
             loaded.params, loaded.sae, window.blocks(bar.update), candidates,
-            sparsity_weight=sparsity_weight)
+            sparsity_weight=sparsity_weight, data=data, out=out)
     bar.close()
     sizes = np.bincount(clusters)
     peaks = count_peaks(hist)

@@ -119,11 +119,14 @@ class _PairSums:
 
 def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarray],
                pairs: np.ndarray, *, sparsity_weight: float | None = None,
-               max_tilt: float = MAX_TILT
+               max_tilt: float = MAX_TILT, data: str = "the data", out: Any = None
                ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(optimality_latents rows, optimality rows, summary) of the SAE `params` on `blocks` of
     raw tokens, for the candidate `pairs` [m, 2] (co-firing latents; each tested both ways).
-    `sparsity_weight`: the λ of the objective (None: implied by the codes)."""
+    `sparsity_weight`: the λ of the objective (None: implied by the codes). Sums past
+    float32's range are refused, naming `data` (and `out`, the output not written)."""
+    from jaxsae.analysis.stitch import refuse_past_float32
+
     params = jax.tree.map(jnp.asarray, params)
     W = np.asarray(params["W_dec"], np.float64)
     unit = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
@@ -140,6 +143,10 @@ def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarr
         if len(pairs):
             directed.add(np.asarray(a), np.asarray(rd))
         n_tokens += len(x)
+    # (fault testing: data of norm 1e10 made a2_r2 inf, its noise inf - inf, and every latent
+    # "stationary")
+    refuse_past_float32({**sums, **directed.sums}, data, "the tokens or the SAE's codes are "
+                        "too large to test the optimality conditions", out=out)
     # (None where nothing was measured: no latent fired; fault testing found 0.0 reported)
     implied = (2.0 * sums["a_rd"].sum() / sums["a"].sum()) if sums["a"].sum() > 0 else None
     lam = (None if implied is None else max(implied, 0.0)) if sparsity_weight is None \

@@ -81,6 +81,21 @@ def max_cosine(W_query: np.ndarray, W_ref: np.ndarray, *, threshold: float | Non
     return (*out, np.concatenate(pairs) if pairs else np.zeros((0, 3)))
 
 
+def refuse_past_float32(sums: dict[str, Any], data: str, too_large: str, *,
+                        out: str | Path | None = None, peak: float | None = None) -> None:
+    """Refuses, in one line naming them, sums of float32 blocks that passed float32's range
+    (inf, or NaN from inf - inf): what they would give is no measurement. `too_large`: what
+    is too large to do what (in float32); `peak`: the largest token norm read."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        overflowed = [k for k, v in sums.items()
+                      if not np.all(np.isfinite(np.asarray(v, np.float64)))]
+    if overflowed:
+        largest = "" if peak is None else f"; the largest token norm read is {peak:.3g}"
+        written = "" if out is None else f"; nothing was written to {out}"
+        raise JaxsaeError(f"{data}: the block sums {', '.join(overflowed)} pass float32's range "
+                          f"(3.4e38{largest}): {too_large} in float32{written}")
+
+
 _FLAGS = {"data.eval_tokens": "--tokens", "optim.batch_size": "--batch-size",
           "optim.total_tokens": "--retrain-decoder-tokens", "optim.lr": "--lr"}
 
@@ -267,12 +282,9 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
         n += len(x)
         peak = max(peak, float(np.max(np.linalg.norm(np.asarray(x, np.float64), axis=1))))
     bar.close()
-    overflowed = [k for k, v in sums.items() if not np.all(np.isfinite(v))]
-    if overflowed:  # (fault testing: tokens of norm ~1e19 gave inf and nan changes, written)
-        raise JaxsaeError(
-            f"{data}: the block sums {', '.join(overflowed)} pass float32's range (3.4e38; the "
-            f"largest token norm read is {peak:.3g}): the tokens or the SAEs' decoders are too "
-            f"large to compare in float32; nothing was written to {out}")
+    # (fault testing: tokens of norm ~1e19 gave inf and nan changes, written)
+    refuse_past_float32(sums, data, "the tokens or the SAEs' decoders are too large to compare",
+                        out=out, peak=peak)
 
     norms_sq = np.sum(large.params["W_dec"].astype(np.float64) ** 2, 1)
     delta = _beyond_rounding(sums["f2_large"] * norms_sq - 2 * sums["cross_large"],
