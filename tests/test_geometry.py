@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,17 @@ def test_analyze_refuses_codes_past_float32s_range(small_data, tmp_path, capsys)
     assert "activations_squared" in err and "too large to analyse" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_the_run_s_curves_are_found_however_the_sae_is_named(tmp_path, monkeypatch):
+    """(fault testing: `jaxsae analyze . ...` run inside runs/NAME/sae looked for ./curves.png
+    beside `.`, and the page lost the run's training curves.) Found from the SAE's own path,
+    relative, `.` or through a link, as from runs/NAME/sae."""
+    run = tmp_path / "runs" / "a"
+    (run / "sae").mkdir(parents=True)
+    (run / "curves.png").write_bytes(b"png")
+    (tmp_path / "link").symlink_to(run / "sae")
+    monkeypatch.chdir(run / "sae")
+    for given in (".", "../sae", str(tmp_path / "link"), str(run / "sae")):
+        found = geometry._training_curves(Path(given))
+        assert found is not None and found.samefile(run / "curves.png"), given

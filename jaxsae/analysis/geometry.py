@@ -452,8 +452,9 @@ def _table(rows: list[dict], limit: int = 25) -> str:
 
 def _training_curves(sae_dir: Path) -> Path | None:
     """The curves.png of the run the SAE came from: runs/NAME/sae, or a sweep's
-    runs/NAME/sweep/<i>/sae (None for an SAE outside a run)."""
-    run = sae_dir.parent
+    runs/NAME/sweep/<i>/sae (None for an SAE outside a run). Of the SAE's resolved path
+    (fault testing: `analyze .` inside runs/NAME/sae looked beside `.` and found none)."""
+    run = sae_dir.resolve().parent
     if run.parent.name == "sweep":
         run = run.parent.parent
     found = run / outputs.CURVES
