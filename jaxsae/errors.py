@@ -43,6 +43,23 @@ def require_at_most(*checks: tuple[str, int | None, int]) -> None:
             raise JaxsaeError(f"{flag} must be at most {high}, got {value}")
 
 
+def refuse_past_float32(sums: dict[str, object], data: str, too_large: str, *,
+                        out: object = None, peak: float | None = None) -> None:
+    """Refuses, in one line naming them, sums of float32 blocks that passed float32's range
+    (inf, or NaN from inf - inf): what they would give is no measurement. `too_large`: what
+    is too large to do what (in float32); `peak`: the largest token norm read."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        overflowed = [k for k, v in sums.items()
+                      if not np.all(np.isfinite(np.asarray(v, np.float64)))]
+    if overflowed:
+        largest = "" if peak is None else f"; the largest token norm read is {peak:.3g}"
+        written = "" if out is None else f"; nothing was written to {out}"
+        raise JaxsaeError(f"{data}: the block sums {', '.join(overflowed)} pass float32's range "
+                          f"(3.4e38{largest}): {too_large} in float32{written}")
+
+
 def one_line(message: str) -> str:
     return " ".join(message.split("\n"))
 

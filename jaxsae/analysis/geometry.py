@@ -30,11 +30,11 @@ import numpy as np
 from jaxsae import export, outputs, sae
 from jaxsae.analysis import optimality as optimality_mod
 from jaxsae.analysis import taxonomy
-from jaxsae.analysis.stitch import refuse_past_float32, unit_rows
+from jaxsae.analysis.stitch import unit_rows
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window
-from jaxsae.errors import JaxsaeError
+from jaxsae.errors import JaxsaeError, refuse_past_float32
 from jaxsae.evaluate import DENSE_FREQUENCY
 from jaxsae.outputs import atomic_write, hist_range, json_text, save_figure, subplots, write_csv
 from jaxsae.progress import Progress

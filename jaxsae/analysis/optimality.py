@@ -48,6 +48,7 @@ import numpy as np
 
 from jaxsae import sae
 from jaxsae.config import SAEConfig
+from jaxsae.errors import refuse_past_float32
 
 STATIONARY_Z = 2.0
 """A latent is stationary when its z (systematic over noise) is below this."""
@@ -125,8 +126,6 @@ def optimality(params: dict[str, Any], cfg: SAEConfig, blocks: Iterable[np.ndarr
     raw tokens, for the candidate `pairs` [m, 2] (co-firing latents; each tested both ways).
     `sparsity_weight`: the λ of the objective (None: implied by the codes). Sums past
     float32's range are refused, naming `data` (and `out`, the output not written)."""
-    from jaxsae.analysis.stitch import refuse_past_float32
-
     params = jax.tree.map(jnp.asarray, params)
     W = np.asarray(params["W_dec"], np.float64)
     unit = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)

@@ -44,7 +44,7 @@ from jaxsae import checkpoint, evaluate, export, hub, outputs
 from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source
 from jaxsae.data.window import TRAINED, DropRule, Window, describe, trained_end
-from jaxsae.errors import JaxsaeError, NonFiniteError
+from jaxsae.errors import JaxsaeError, NonFiniteError, refuse_past_float32
 from jaxsae.outputs import (
     atomic_write,
     json_text,
@@ -79,21 +79,6 @@ def max_cosine(W_query: np.ndarray, W_ref: np.ndarray, *, threshold: float | Non
     if threshold is None:
         return out
     return (*out, np.concatenate(pairs) if pairs else np.zeros((0, 3)))
-
-
-def refuse_past_float32(sums: dict[str, Any], data: str, too_large: str, *,
-                        out: str | Path | None = None, peak: float | None = None) -> None:
-    """Refuses, in one line naming them, sums of float32 blocks that passed float32's range
-    (inf, or NaN from inf - inf): what they would give is no measurement. `too_large`: what
-    is too large to do what (in float32); `peak`: the largest token norm read."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        overflowed = [k for k, v in sums.items()
-                      if not np.all(np.isfinite(np.asarray(v, np.float64)))]
-    if overflowed:
-        largest = "" if peak is None else f"; the largest token norm read is {peak:.3g}"
-        written = "" if out is None else f"; nothing was written to {out}"
-        raise JaxsaeError(f"{data}: the block sums {', '.join(overflowed)} pass float32's range "
-                          f"(3.4e38{largest}): {too_large} in float32{written}")
 
 
 _FLAGS = {"data.eval_tokens": "--tokens", "optim.batch_size": "--batch-size",
