@@ -313,7 +313,10 @@ def test_a_cache_with_two_columns_pairs_them_for_a_transcoder(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path / "run" / "sae"), "--data", str(path), "--hook",
                      target_hook, "--target", str(path), "--target-hook", HOOK]) == 0
     captured = capsys.readouterr()
-    assert "held_out_tokens" not in json.loads(captured.out) and "note:" not in captured.err
+    assert "held_out_tokens" not in json.loads(captured.out)
+    assert "are tokens the SAE was trained on" not in captured.err  # (none trained on)
+    assert (f"note: {path}: reading the column {target_hook}; the SAE was trained on {HOOK}"
+            in captured.err)  # (read as asked, said)
 
 
 def test_import_onto_a_cache_of_several_columns_takes_the_hook_chosen(tmp_path):
@@ -346,3 +349,40 @@ def test_import_onto_a_cache_of_several_columns_takes_the_hook_chosen(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(match)):
             import_config(sae, tmp_path / "run3", path, [assignment])
     assert not (tmp_path / "run3").exists()
+
+
+def test_commands_read_the_column_the_sae_was_trained_on(tmp_path, capsys):
+    """(fault testing: with a SAELens cache of several columns, eval / analyze / convert /
+    repair / stitch refused without --hook although the SAE's cfg.json names its column, and a
+    --hook of another column than the SAE's was read without a word.) Without --hook the
+    SAE's column is read; another one is said on stderr; a width other than the SAE's is
+    refused naming both."""
+    import jax
+
+    from jaxsae.config import SAEConfig
+    from jaxsae.data import column_of, open_for_saes
+    from jaxsae.export import export_sae, load_sae
+    from jaxsae.sae import init_params
+
+    path, acts = make_cache(tmp_path / "cache", rows=64, extra_hook=True, shards=1)
+    params = init_params(jax.random.PRNGKey(0), D_IN, SAEConfig(d_sae=16))
+    sae = export_sae(params, SAEConfig(d_sae=16), tmp_path / "sae",
+                     metadata={"hook_name": "blocks.9.hook_resid_pre"})
+    loaded = load_sae(sae)
+    capsys.readouterr()  # (datasets' progress)
+    source = open_for_saes(path, None, [loaded])
+    assert column_of(source) == "blocks.9.hook_resid_pre"
+    np.testing.assert_array_equal(source.read(0, 4), acts.reshape(-1, D_IN)[:4] * 2)
+    assert capsys.readouterr().err == ""
+    assert column_of(open_for_saes(path, HOOK, [loaded])) == HOOK
+    assert capsys.readouterr().err.strip() == (
+        f"note: {path}: reading the column {HOOK}; the SAE was trained on "
+        "blocks.9.hook_resid_pre (cfg.json's metadata.hook_name)")
+    narrow = export_sae(init_params(jax.random.PRNGKey(0), 4, SAEConfig(d_sae=8)),
+                        SAEConfig(d_sae=8), tmp_path / "narrow")
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}: d_in {D_IN} does not match the SAE's d_in 4")):
+        open_for_saes(path, HOOK, [load_sae(narrow)])
+    # the command: no --hook needed
+    assert cli.main(["eval", str(sae), "--data", str(path), "--tokens", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 64

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import evaluate, export, hub, outputs, sae
-from jaxsae.config import DataConfig, SAEConfig
+from jaxsae.config import SAEConfig
 from jaxsae.data.window import TRAINED, DropRule, Window, trained_drop
 from jaxsae.errors import JaxsaeError
 from jaxsae.progress import Progress
@@ -137,16 +137,14 @@ def convert_dir(sae_dir: str, data: str, out: str | Path, *, tokens: int | None 
     less) and writes it to `out` with convert.json.
     `drop_norm_above`: the tokens left out of both (`jaxsae.data.window.drop_multiple`; by
     default those the SAE's training left out). `progress`: a bar over the three passes."""
-    from jaxsae.data import open_source
+    from jaxsae.data import open_for_saes
 
     outputs.check_target(out, "convert", overwrite=overwrite, inputs=(sae_dir, data))
     loaded = export.load_sae(sae_dir)
     if loaded.sae.activation != "topk":
         raise JaxsaeError(f"{sae_dir}: is a {loaded.cfg_json.get('architecture')} SAE; convert "
                           "takes TopK SAEs (BatchTopK exports as JumpReLU already)")
-    source = open_source(DataConfig(path=data, hook=hook))
-    if source.d_in != loaded.d_in:
-        raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAE's {loaded.d_in}")
+    source = open_for_saes(data, hook, [loaded])
     given = tokens is not None
     if tokens is None:
         tokens = min(65536, source.n_tokens // 2)

@@ -31,8 +31,8 @@ from jaxsae import export, outputs, sae
 from jaxsae.analysis import optimality as optimality_mod
 from jaxsae.analysis import taxonomy
 from jaxsae.analysis.stitch import unit_rows
-from jaxsae.config import DataConfig, SAEConfig
-from jaxsae.data import open_source
+from jaxsae.config import SAEConfig
+from jaxsae.data import open_for_saes
 from jaxsae.data.window import TRAINED, DropRule, Window
 from jaxsae.errors import JaxsaeError, refuse_past_float32
 from jaxsae.evaluate import DENSE_FREQUENCY
@@ -225,9 +225,7 @@ def analyze(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     (`jaxsae.data.window.drop_multiple`; by default those the SAE's training left out)."""
     outputs.check_target(out, "analyze", overwrite=overwrite, inputs=(sae_dir, data))
     loaded = export.load_sae(sae_dir)
-    source = open_source(DataConfig(path=data, hook=hook))
-    if source.d_in != loaded.d_in:
-        raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAE's {loaded.d_in}")
+    source = open_for_saes(data, hook, [loaded])
     params = jax.tree.map(jnp.asarray, loaded.params)
     window = Window.for_saes(source, data, max(0, source.n_tokens - tokens),
                              saes=[loaded.cfg_json], rule=drop_norm_above,

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import evaluate, export, hub, outputs
-from jaxsae.config import DataConfig
 from jaxsae.data.window import TRAINED, DropRule, Window, describe, trained_drop
 from jaxsae.errors import JaxsaeError
 
@@ -81,7 +80,7 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
     and repair.md with the metrics before and after. `drop_norm_above`: the tokens left out
     (`jaxsae.data.window.drop_multiple`; by default those the SAE's training left out)."""
     from jaxsae.analysis.geometry import analyze
-    from jaxsae.data import open_source, synthetic
+    from jaxsae.data import column_of, open_for_saes, synthetic
 
     inputs = (sae_dir, data, *([truth] if truth else []))
     outputs.check_target(out, "repair", overwrite=overwrite, inputs=inputs)
@@ -90,7 +89,8 @@ def repair(sae_dir: str, data: str, out: str | Path, *, tokens: int = 65536,
         # it comes out untied)
         raise JaxsaeError(f"{sae_dir}: repair needs an encoder (W_enc); a "
                           f"{loaded.sae.activation} SAE has none")
-    source = open_source(DataConfig(path=data, hook=hook))
+    source = open_for_saes(data, hook, [loaded], note=False)  # (analyze's says it)
+    hook = column_of(source)
     truth_obj = None
     if truth is not None:
         truth_obj = synthetic.load_truth(truth)

@@ -42,7 +42,8 @@ import numpy as np
 
 from jaxsae import checkpoint, evaluate, export, hub, outputs
 from jaxsae.config import DataConfig, SAEConfig
-from jaxsae.data import open_source
+from jaxsae.data import column_of, open_for_saes
+from jaxsae.data.source import ArraySource
 from jaxsae.data.window import TRAINED, DropRule, Window, describe, trained_end
 from jaxsae.errors import JaxsaeError, NonFiniteError, refuse_past_float32
 from jaxsae.outputs import (
@@ -94,13 +95,11 @@ def _as_flags(message: str) -> str:
                            "reach", "")
 
 
-def _eval_window(data: str, saes: Sequence[export.LoadedSAE], tokens: int, batch_size: int,
-                 hook: str | None, drop_norm_above: DropRule) -> Window:
-    """The last `tokens` activations of `data` (held out when the runs held them out), without
-    the tokens `drop_norm_above` leaves out (by default: any of the SAEs' training did)."""
-    source = open_source(DataConfig(path=data, hook=hook))
-    if source.d_in != saes[0].d_in:
-        raise JaxsaeError(f"{data}: d_in {source.d_in} does not match the SAEs' {saes[0].d_in}")
+def _eval_window(source: ArraySource, data: str, saes: Sequence[export.LoadedSAE], tokens: int,
+                 batch_size: int, drop_norm_above: DropRule) -> Window:
+    """The last `tokens` activations of `source` (`data`; held out when the runs held them
+    out), without the tokens `drop_norm_above` leaves out (by default: any of the SAEs'
+    training did)."""
     return Window.for_saes(source, data, max(0, source.n_tokens - tokens),
                            saes=[s.cfg_json for s in saes], rule=drop_norm_above,
                            batch_size=batch_size)
@@ -230,7 +229,8 @@ def compare(small_dir: str, large_dir: str, data: str, out: str | Path, *,
     if n_l < n_s:
         raise JaxsaeError(f"{large_dir}: LARGE has {n_l} latents, fewer than SMALL's {n_s} "
                           f"({small_dir}); give the narrower SAE first")
-    window = _eval_window(data, [small, large], tokens, batch_size, hook, drop_norm_above)
+    source = open_for_saes(data, hook, [small, large], whose="the SAEs'")
+    window = _eval_window(source, data, [small, large], tokens, batch_size, drop_norm_above)
     best, arg, pairs = max_cosine(large.params["W_dec"], small.params["W_dec"],
                                   threshold=threshold)
     novel = best <= threshold
@@ -476,7 +476,10 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                       "total_tokens": retrain_decoder_tokens},
         }
 
-    n_tokens = open_source(DataConfig(path=data, hook=hook)).n_tokens
+    saes = _load_family(sae_dirs)
+    source = open_for_saes(data, hook, saes, whose="the SAEs'")
+    hook = column_of(source)  # (the SAEs' own, of a cache of several, for the retraining too)
+    n_tokens = source.n_tokens
     if tokens is None:
         tokens = DataConfig(path=data).held_out(n_tokens)
         if tokens < 1:  # (fault testing: a traceback, and OUT.partial left behind)
@@ -492,8 +495,7 @@ def frankenstein(sae_dirs: Sequence[str], data: str, out: str | Path, *,
                 f"{data}: {n_tokens} tokens leave {max(n_tokens - tokens, 0)} to retrain the "
                 f"decoder on after the last --tokens {tokens}; need at least --batch-size "
                 f"({batch_size}): lower one of them (or --retrain-decoder-tokens 0)")
-    saes = _load_family(sae_dirs)
-    window = _eval_window(data, saes, tokens, batch_size, hook, drop_norm_above)
+    window = _eval_window(source, data, saes, tokens, batch_size, drop_norm_above)
     dropped = {} if window.multiple is None else {"drop_norm_above": window.multiple}
     saes, conversions = _as_per_latent(saes, sae_dirs, window)
     params, cfg, gave = stitch_family(saes, threshold)

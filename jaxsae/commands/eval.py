@@ -121,8 +121,7 @@ class Eval(Command):
         """Reconstruction metrics on --data; with --truth, what the SAE recovered."""
 
         from jaxsae import evaluate
-        from jaxsae.config import DataConfig
-        from jaxsae.data import open_source, synthetic
+        from jaxsae.data import open_for_saes, synthetic
         from jaxsae.data.window import Window
         from jaxsae.errors import DataError
         from jaxsae.progress import Progress
@@ -133,11 +132,8 @@ class Eval(Command):
             raise JaxsaeError(f"--target: {sae_dir} is a transcoder: give its targets"
                               if self.target is None else
                               f"--target goes with a transcoder; {sae_dir} is an SAE")
-        data = open_source(DataConfig(path=self.data, hook=self.hook, target=self.target,
-                                      target_hook=self.target_hook))
-        if data.d_in != loaded.d_in:
-            raise DataError(f"{self.data}: d_in {data.d_in} does not match the SAE's d_in "
-                            f"{loaded.d_in} ({sae_dir})")
+        data = open_for_saes(self.data, self.hook, [loaded], whose=f"{sae_dir}'s",
+                             target=self.target, target_hook=self.target_hook)
         if loaded.d_out is not None and data.d_out != loaded.d_out:
             raise DataError(f"{self.target}: its rows are {data.d_out} wide, but the "
                             f"transcoder's d_out is {loaded.d_out} ({sae_dir})")

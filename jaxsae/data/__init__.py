@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jaxsae.config import DataConfig
 from jaxsae.data.generated import GeneratedSource, stream_spec
-from jaxsae.data.saelens import SAELensCache, is_saelens_cache
+from jaxsae.data.saelens import SAELensCache, activation_columns, is_saelens_cache
 from jaxsae.data.shards import ShardSet, is_shard_dir
 from jaxsae.data.source import ArraySource, PairedSource
 from jaxsae.errors import DataError
@@ -66,6 +69,40 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
         raise DataError(f"{target}: data.path and data.target must be of one format (a shard "
                         "directory and a SAELens cache do not say that their rows pair up)")
     return PairedSource(inputs, targets, by_file=isinstance(inputs, ShardSet))
+
+
+def open_for_saes(path: str | Path, hook: str | None, saes: Sequence[Any], *,
+                  whose: str = "the SAE's", note: bool = True, **more: Any
+                  ) -> ArraySource | PairedSource:
+    """The data `saes` (loaded SAEs: their `cfg_json` and `d_in`) are evaluated or analysed
+    on, refused if it is not `d_in` wide (`whose` d_in, in the message); `more`: other
+    DataConfig keys (a transcoder's target). Without `hook`, a SAELens cache of several
+    activation columns is read at the column their cfg.json names (metadata.hook_name; fault
+    testing: such a cache was refused, asking for the --hook the SAE's own file names); a
+    column other than that one is said on stderr with `note` (a comparison across layers
+    may be meant, but unsaid it reads as the SAE's own)."""
+    named = {(s.cfg_json.get("metadata") or {}).get("hook_name") for s in saes}
+    trained = next(iter(named)) if len(named) == 1 else None
+    if (hook is None and isinstance(trained, str)
+            and trained in (columns := activation_columns(path)) and len(columns) > 1):
+        hook = trained
+    source = open_source(DataConfig(path=str(path), hook=hook, **more))
+    read = column_of(source)
+    if note and read is not None and isinstance(trained, str) and read != trained:
+        print(f"note: {path}: reading the column {read}; the "
+              f"{'SAEs were' if len(saes) > 1 else 'SAE was'} trained on {trained} "
+              "(cfg.json's metadata.hook_name)", file=sys.stderr)
+    if source.d_in != saes[0].d_in:
+        raise DataError(f"{path}: d_in {source.d_in} does not match {whose} d_in "
+                        f"{saes[0].d_in}")
+    return source
+
+
+def column_of(source: ArraySource | PairedSource) -> str | None:
+    """The SAELens cache column `source` reads (a transcoder's: its inputs'); None for jaxsae
+    shards."""
+    inputs = getattr(source, "inputs", source)
+    return inputs.hook if isinstance(inputs, SAELensCache) else None
 
 
 def _open_one(cfg: DataConfig) -> ArraySource:
