@@ -21,6 +21,18 @@ from jaxsae.config import Config
 from jaxsae.step import SWEEP_AXIS, TrainState, hyper_of, init_state, make_train_step
 
 
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a run's `seed` (any 64-bit integer), from all its bits: a seed in
+    [0, 2^32) gives jax.random.PRNGKey(seed)'s key, as it always did; others, which PRNGKey
+    cuts to their low 32 bits (with JAX's 64-bit types off), get a key of their own (fault
+    testing: seeds 0 and 2^32 trained the same SAE, which a bench would report as two
+    seeds)."""
+    if 0 <= seed < 2**32:
+        return jax.random.PRNGKey(seed)
+    bits = seed % 2**64
+    return jnp.asarray(np.array([bits >> 32, bits & 0xFFFFFFFF], np.uint32))
+
+
 @dataclass(frozen=True)
 class Built:
     """The compiled pieces of a run: what train(), export and the benchmarks share."""
@@ -67,16 +79,18 @@ def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: floa
     train_step = make_train_step(static, input_scale, mesh,
                                  None if cfg.sweep is None else SWEEP_AXIS, d_out,
                                  target_scale)
-    seeds = [m.seed for m in members]
+    # (one key per SAE, made outside the init: fault testing found a sweep's seeds cast to
+    # int32 there, and seeds of 2^31 or more refused in a traceback)
+    keys = [seed_key(m.seed) for m in members]
 
-    def init_one(seed, params):
-        return init_state(jax.random.PRNGKey(seed), static, d_in, params, d_out, input_norm)
+    def init_one(key, params):
+        return init_state(key, static, d_in, params, d_out, input_norm)
 
     if cfg.sweep is None:
         hyper = hyper_of(static)
 
         def init(params=None):
-            return init_one(seeds[0], params)
+            return init_one(keys[0], params)
 
         def step(state, batch):
             return train_step(state, batch, hyper)
@@ -85,7 +99,7 @@ def build(cfg: Config, d_in: int, devices: list | None = None, input_scale: floa
                               *[hyper_of(m, with_k=k_swept) for m in members])
 
         def init(params=None):
-            return jax.vmap(init_one, in_axes=(0, None))(jnp.asarray(seeds, jnp.int32), params)
+            return jax.vmap(init_one, in_axes=(0, None))(jnp.stack(keys), params)
 
         together = jax.vmap(train_step, in_axes=(0, None, 0), axis_name=SWEEP_AXIS)
         n, chunk = len(members), cfg.sweep_chunk or len(members)

@@ -439,3 +439,22 @@ def test_member_configs_rebuild_the_single_runs(small_data, tmp_path):
     member = cfg.sweep_configs()[1]
     assert member.seed == 5 and member.sweep is None
     assert dataclasses.replace(cfg, sweep=None, seed=5) == member
+
+
+def test_every_bit_of_a_seed_counts(small_data, tmp_path):
+    """(fault testing: jax.random.PRNGKey keeps a seed's low 32 bits, so seeds 0 and 2^32
+    trained the same SAE, which a bench reports as two seeds; a sweep's seeds were cast to
+    int32, and one of 2^31 or more was a traceback.) Seeds in [0, 2^32) keep their keys; the
+    others get keys of their own; a sweep's SAE starts as it would alone."""
+    for seed in (0, 5, 2**32 - 1):
+        np.testing.assert_array_equal(build_mod.seed_key(seed), jax.random.PRNGKey(seed))
+    keys = {tuple(np.asarray(build_mod.seed_key(s)).tolist())
+            for s in (0, 2**32, -1, 2**32 - 1, 2**63 - 1, -(2**63))}
+    assert len(keys) == 6
+    seeds = [0, 2**32, 3_000_000_000]
+    cfg = config_from_dict(small_config_dict(small_data, tmp_path / "run",
+                                             sweep={"seed": seeds}))
+    swept = build_mod.build(cfg, 16).init().params["W_dec"]
+    assert not np.array_equal(swept[0], swept[1])
+    alone = config_from_dict(small_config_dict(small_data, tmp_path / "run", seed=2**32))
+    np.testing.assert_array_equal(build_mod.build(alone, 16).init().params["W_dec"], swept[1])
