@@ -61,7 +61,8 @@ class AnalysisInputs:
     tokens: int = 65536
     """analyse the last N tokens of the data (held out only as far as training held them out:
     its last data.eval_tokens; the report's training_tokens counts the others)"""
-    hook: Annotated[str | None, unset("HOOK", "the only column")] = None
+    hook: Annotated[str | None, unset(
+        "HOOK", "the SAE's own (cfg.json hook_name), or the only column")] = None
     """SAELens caches: the activation column"""
     batch_size: int = 4096
     """tokens per block"""

@@ -32,7 +32,8 @@ class Convert(Command):
     """output directory (the JumpReLU SAE)"""
     tokens: Annotated[int | None, unset("N", "65536, or half the data if less")] = None
     """compare on the last N tokens; calibrate on the N before them"""
-    hook: Annotated[str | None, unset("HOOK", "the only column")] = None
+    hook: Annotated[str | None, unset(
+        "HOOK", "the SAE's own (cfg.json hook_name), or the only column")] = None
     """SAELens caches: the activation column"""
     batch_size: int = 4096
     """tokens per block"""

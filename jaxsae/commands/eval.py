@@ -50,7 +50,7 @@ class Eval(Command):
         "N", "all of --data; about 16384 with --model")] = None
     """tokens to evaluate: the last N of --data, or about N of --text"""
     hook: Annotated[str | None, unset(
-        "HOOK", "the only column; with --model, from the SAE's hook_name")] = None
+        "HOOK", "the SAE's own (cfg.json hook_name), or the only column")] = None
     """the activation the SAE reads: the column of a SAELens cache (--data), or the point of
     the block (--model): resid_post, resid_pre, mlp_in or mlp_out"""
     truth: Annotated[str | None, unset("TRUTH", "none")] = None

@@ -34,7 +34,8 @@ class Repair(Command):
     """the data's `jaxsae synth` directory: ground-truth metrics before / after"""
     tokens: int = 65536
     """analyse and evaluate on the last N tokens"""
-    hook: Annotated[str | None, unset("HOOK", "the only column")] = None
+    hook: Annotated[str | None, unset(
+        "HOOK", "the SAE's own (cfg.json hook_name), or the only column")] = None
     """SAELens caches: the activation column"""
     batch_size: int = 4096
     """tokens per block"""
