@@ -13,7 +13,7 @@ import yaml
 
 from jaxsae import cli
 from jaxsae.config import load_config
-from tests.conftest import small_config_dict
+from tests.conftest import small_config_dict, watched_loader
 from tests.faults.conftest import refused, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -756,7 +756,8 @@ def test_a_run_with_auto_ramps_is_extended_on_resume(small_data, tmp_path, capsy
     tree = small_config_dict(small_data, run, sae={"d_sae": 32},
                              loss=[{"term": "mse"}, {"term": "l1", "coefficient": 0.1,
                                                      "warmup_steps": "auto"}],
-                             optim={"batch_size": 64, "total_tokens": 64 * 40})
+                             optim={"batch_size": 64, "total_tokens": 64 * 40},
+                             checkpoint={"every_steps": 20})  # (the resumes need no other saves)
     cfg = config_from_dict(tree)
     assert cfg.loss[1].warmup_steps == "auto" and cfg.resolved_loss[1].warmup_steps == 2
     train(cfg, progress=False, resume_as_trained=False)
@@ -779,14 +780,17 @@ def test_a_run_with_auto_ramps_is_extended_on_resume(small_data, tmp_path, capsy
             "changed loss.1.warmup_steps (2 in the checkpoint, 0 now)")):
         check_resume_compatible(cfg, config_from_dict({**tree, "loss": [
             {"term": "mse"}, {"term": "l1", "coefficient": 0.1}]}), run)
-    # a run extended while still inside the new length's ramp says the ramp moved
+    # a run extended while still inside the new length's ramp says the ramp moved (said as
+    # it resumes: the extended run stops at its first batch, not 980 steps and 120 saves on)
     early = config_from_dict({**tree, "run_dir": str(tmp_path / "early"),
                               "optim": {**tree["optim"], "total_tokens": 64 * 20}})
     train(early, progress=False, resume_as_trained=False)
     said = []
-    train(config_from_dict({**tree, "run_dir": str(tmp_path / "early"),
-                            "optim": {**tree["optim"], "total_tokens": 64 * 1000}}),
-          progress=False, resume_as_trained=False, log=said.append)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config_from_dict({**tree, "run_dir": str(tmp_path / "early"),
+                                "optim": {**tree["optim"], "total_tokens": 64 * 1000}}),
+              progress=False, resume_as_trained=False, log=said.append,
+              make_loader=watched_loader(crash_at=0))
     assert ("warm-ups: loss.l1.warmup_steps now 50 steps (was 1), for the new length: from "
             "step 20 they ramp on to the end of the new warm-up (from below where they were)"
             ) in said, said
