@@ -5,18 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from jaxsae import bench
+from jaxsae import bench, cli
 from jaxsae.errors import ConfigError, JaxsaeError
 from jaxsae.outputs import MARKER
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench_tree(tmp_path, **more):
@@ -367,13 +363,18 @@ def test_an_sae_with_l0_0_is_drawn_at_the_edge_of_the_log_axis(tmp_path, monkeyp
     assert "| dead |  | 0 | 0 | -0.14 | 0.5 | * |" in (tmp_path / "results.md").read_text()
 
 
-def test_bench_end_to_end(tmp_path, monkeypatch):
-    path = _write(tmp_path, _bench_tree(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "jaxsae.cli", "bench", str(path),
-                           "--no-progress"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "8 SAEs in 2 arms" in proc.stdout
+def test_bench_end_to_end(tmp_path, monkeypatch, capsys):
+    tree = _bench_tree(tmp_path)
+    # (no training curves: 4 figures at each of the 9 trainings below, 40 % of the test's
+    # time; drawn where tested, test_curves.py)
+    tree["base"]["log"]["curves"] = False
+    path = _write(tmp_path, tree)
+    # (the command in this process: a process of its own costs seconds of imports, and the
+    # reruns below compile again what it compiled)
+    code = cli.main(["bench", str(path), "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "8 SAEs in 2 arms" in printed.out
     out = tmp_path / "bench"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
