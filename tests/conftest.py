@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxsae.config import config_from_dict
-from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
-
-# Compile settings of the test suite, set before JAX is imported (nothing above imports it)
-# and inherited by the xdist workers and by every process a test starts. Most of a test's
+# Compile settings of the test suite, set before JAX is imported (nothing above imports it;
+# JAX reads them as it is imported: jaxsae.data, imported below, imports JAX, and from
+# 2026-12-02 on, with these settings after it, the tests compiled with no cache) and
+# inherited by the xdist workers and by every process a test starts. Most of a test's
 # time is XLA compiling small programs, not running them, and many tests compile the same ones:
 # - one compilation cache for the whole session (a fresh directory per run, so a run costs
 #   what it costs on a fresh clone; JAXSAE_TEST_JAX_CACHE=DIR keeps one between runs);
@@ -31,6 +30,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
+
+from jaxsae.config import config_from_dict  # noqa: E402  (after the settings above)
+from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition  # noqa: E402
 
 
 def xla_flags(devices: int) -> str:
