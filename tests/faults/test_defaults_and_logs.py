@@ -753,8 +753,10 @@ def test_a_run_with_auto_ramps_is_extended_on_resume(small_data, tmp_path, capsy
     from jaxsae.train import train
 
     run = tmp_path / "run"
+    # (the default loss's L1 coefficient with free rows, 5.0: the runs of the default loss
+    # at the end train the same steps, read from the compilation cache)
     tree = small_config_dict(small_data, run, sae={"d_sae": 32},
-                             loss=[{"term": "mse"}, {"term": "l1", "coefficient": 0.1,
+                             loss=[{"term": "mse"}, {"term": "l1", "coefficient": 5.0,
                                                      "warmup_steps": "auto"}],
                              optim={"batch_size": 64, "total_tokens": 64 * 40},
                              checkpoint={"every_steps": 20})  # (the resumes need no other saves)
@@ -770,16 +772,16 @@ def test_a_run_with_auto_ramps_is_extended_on_resume(small_data, tmp_path, capsy
     assert exported["loss"][1]["warmup_steps"] == 4  # what it trained with
     # 0.2.0 saved the ramp resolved: resumable by the config that says auto, extended or not
     saved = config_from_dict({**tree, "loss": [{"term": "mse"}, {"term": "l1",
-                                               "coefficient": 0.1, "warmup_steps": 2}]})
+                                               "coefficient": 5.0, "warmup_steps": 2}]})
     check_resume_compatible(saved, cfg, run)
     check_resume_compatible(saved, longer, run)
     with pytest.raises(JaxsaeError, match=re.escape("cannot resume with a changed loss")):
         check_resume_compatible(saved, config_from_dict({**tree, "loss": [
-            {"term": "mse"}, {"term": "l1", "coefficient": 0.1, "warmup_steps": 3}]}), run)
+            {"term": "mse"}, {"term": "l1", "coefficient": 5.0, "warmup_steps": 3}]}), run)
     with pytest.raises(JaxsaeError, match=re.escape(  # (a ramp of 0 read "null now")
             "changed loss.1.warmup_steps (2 in the checkpoint, 0 now)")):
         check_resume_compatible(cfg, config_from_dict({**tree, "loss": [
-            {"term": "mse"}, {"term": "l1", "coefficient": 0.1}]}), run)
+            {"term": "mse"}, {"term": "l1", "coefficient": 5.0}]}), run)
     # a run extended while still inside the new length's ramp says the ramp moved (said as
     # it resumes: the extended run stops at its first batch, not 980 steps and 120 saves on)
     early = config_from_dict({**tree, "run_dir": str(tmp_path / "early"),
