@@ -4,9 +4,6 @@ true codes, and the metrics computed against them, on hand-built SAEs with known
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +13,6 @@ from jaxsae.config import DataConfig, SAEConfig
 from jaxsae.data import open_source, synthetic
 from jaxsae.data.shards import ShardSet
 from jaxsae.errors import ConfigError, DataError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generate(tmp_path, **raw):
@@ -329,7 +324,8 @@ def test_truth_report_refuses_other_data(small_hierarchy, tmp_path):
         _report(_sae(d.T, d), RELU, other, truth)
 
 
-def test_training_on_generated_data_reports_the_truth(tmp_path):
+def test_training_on_generated_data_reports_the_truth(tmp_path, capsys):
+    from jaxsae import cli
     from jaxsae.config import config_from_dict
     from jaxsae.train import train
 
@@ -340,19 +336,21 @@ def test_training_on_generated_data_reports_the_truth(tmp_path):
         "sae": {"d_sae": 3, "activation": "relu"},
         "loss": [{"term": "mse"}, {"term": "l1", "coefficient": 0.01}],
         "optim": {"lr": 1e-2, "batch_size": 256, "total_tokens": 256 * 30, "warmup_steps": 2},
-        "checkpoint": {"every_steps": 100}, "log": {"every_steps": 10}})
+        "checkpoint": {"every_steps": 100},
+        "log": {"every_steps": 10, "curves": False}})  # (drawn where tested: test_curves.py)
     result = train(cfg, progress=False)
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())
     for key in ("mcc", "f1", "uniqueness", "absorption", "parent_recall_with_child",
                 "shrinkage", "explained_variance"):
         assert key in saved and key in result.eval
     assert saved["mcc"] > 0.5
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxsae.cli", "eval", str(result.sae_dir), "--data",
-         str(tmp_path / "data"), "--truth", str(tmp_path / "data"), "--tokens", "4096",
-         "--details"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    printed = json.loads(proc.stdout)
+    # (the command in this process: the real processes of the command line are test_cli.py's)
+    capsys.readouterr()
+    code = cli.main(["eval", str(result.sae_dir), "--data", str(tmp_path / "data"), "--truth",
+                     str(tmp_path / "data"), "--tokens", "4096", "--details"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    printed = json.loads(out.out)
     assert printed["mcc"] == pytest.approx(saved["mcc"])
     assert printed["absorption"] == pytest.approx(saved["absorption"])
     assert len(printed["per_feature"]["f1"]) == 3
@@ -392,19 +390,22 @@ def test_a_truth_too_large_for_memory_is_left_out_of_training_s_evaluation(tmp_p
         "jaxsae eval: error: the ground-truth metrics match 3 true features to 3 latents")
 
 
-def test_cli_synth_presets_and_kinds(tmp_path):
+def test_cli_synth_presets_and_kinds(tmp_path, capsys):
+    """(The command in this process: the real processes of the command line are
+    test_cli.py's.)"""
+    from jaxsae import cli
+
     for kind, extra in [("hierarchy_small", []), ("circles", ["--n-circles", "5", "--d-in",
                                                               "8"])]:
-        proc = subprocess.run([sys.executable, "-m", "jaxsae.cli", "synth", kind, "--out",
-                               str(tmp_path / kind), "--tokens", "2000", "--no-progress",
-                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
+        code = cli.main(["synth", kind, "--out", str(tmp_path / kind), "--tokens", "2000",
+                         "--no-progress", *extra])
+        assert code == 0, capsys.readouterr().err
         assert synthetic.load_truth(tmp_path / kind).spec.kind == kind.split("_")[0]
-    proc = subprocess.run([sys.executable, "-m", "jaxsae.cli", "synth", "hierarchy", "--out",
-                           str(tmp_path / "bad"), "--probs", "0.3", "0.9", "--no-progress"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "probs" in proc.stderr and len(
-        proc.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    code = cli.main(["synth", "hierarchy", "--out", str(tmp_path / "bad"), "--probs", "0.3",
+                     "0.9", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "probs" in err and len(err.strip().splitlines()) == 1
 
 
 def test_circles_need_a_plane():
