@@ -263,6 +263,29 @@ def test_settings_that_draw_non_finite_values_write_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(("flags", "knobs"), [
+    (["circles", "--n-circles", "4", "--d-in", "8", "--radius", "1e300"],
+     "lower radius or radius_std"),
+    (["transcoder", "--n-features", "16", "--d-in", "8", "--d-out", "8", "--skip", "1e39"],
+     "lower the magnitudes or skip"),
+    (["superposition", "--n-features", "16", "--d-in", "8", "--magnitude-spread", "1000"],
+     "lower the magnitudes"),
+])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # (what the user saw printed)
+def test_non_finite_settings_name_the_generator_s_own_knobs_in_one_line(tmp_path, capsys,
+                                                                        flags, knobs):
+    """(fault testing: circles' radius and a transcoder's skip were blamed on "the magnitudes",
+    which neither has, and a skip or magnitude_spread that overflows printed numpy's
+    RuntimeWarning first.) The message names what the generator has to lower, in one line."""
+    from jaxsae import cli
+
+    assert cli.main(["synth", *flags, "--tokens", "100", "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(knobs), err
+    assert not any(tmp_path.iterdir())
+
+
 def test_sizes_beyond_memory_are_one_line(tmp_path, capsys, monkeypatch):
     """(fault testing: --n-features 1000000000 was a MemoryError traceback)"""
     from jaxsae import cli

@@ -70,6 +70,9 @@ class SuperpositionSpec:
     """N features superposed in d dims, Zipf-like firing, optional correlated firing."""
 
     kind: ClassVar[str] = "superposition"
+    # what to lower when the settings draw non-finite tokens (`block_rows`; no docstring:
+    # the --help machinery would take it for a flag's)
+    scale_knobs: ClassVar[tuple[str, ...]] = ("the magnitudes",)
     n_features: int = 512
     """Number of true features (may exceed d_in: superposition)."""
     d_in: int = 128
@@ -119,12 +122,14 @@ class SuperpositionSpec:
         probs = rng.permutation(zipf_probabilities(self.n_features, self.mean_l0,
                                                    self.zipf_exponent))
         extra = np.random.default_rng([self.seed, 2])
-        means = self.magnitude_mean * np.exp(
-            self.magnitude_spread * extra.standard_normal(self.n_features))
+        # (magnitudes beyond float32 become inf here: the tokens they draw are refused, in one
+        # line, where they are drawn; fault testing found numpy's warning printed first, for
+        # the cast and for a magnitude_spread whose exp overflows)
+        with np.errstate(over="ignore"):
+            means = self.magnitude_mean * np.exp(
+                self.magnitude_spread * extra.standard_normal(self.n_features))
         loadings = extra.standard_normal((self.correlation_rank, self.n_features))
         loadings /= np.maximum(np.linalg.norm(loadings, axis=0, keepdims=True), 1e-12)
-        # (magnitudes beyond float32 become inf here: the tokens they draw are refused, in one
-        # line, where they are drawn; fault testing found numpy's warning printed first)
         with np.errstate(over="ignore"):
             means32 = means.astype(np.float32)
             stds32 = (means * (self.magnitude_std / self.magnitude_mean)).astype(np.float32)
@@ -158,6 +163,7 @@ class TranscoderSpec(SuperpositionSpec):
     """Pairs for transcoders: one sparse code written through an input and an output dictionary."""
 
     kind: ClassVar[str] = "transcoder"
+    scale_knobs: ClassVar[tuple[str, ...]] = ("the magnitudes", "skip")
     d_out: int = 128
     """Dimension of the targets (written to the `target/` subdirectory)."""
     skip: float = 0.0
@@ -194,8 +200,9 @@ class TranscoderSpec(SuperpositionSpec):
         rng = np.random.default_rng([self.seed, 3])
         outputs = _unit_rows(rng, n_all, self.d_out).astype(np.float32)
         skip = rng.standard_normal((self.d_in, self.d_out)) / np.sqrt(self.d_in)
-        return {**base, "input_directions": inputs, "directions": outputs,
-                "skip": (self.skip * skip).astype(np.float32)}
+        with np.errstate(over="ignore"):  # (inf: refused where the targets are drawn)
+            skip = (self.skip * skip).astype(np.float32)
+        return {**base, "input_directions": inputs, "directions": outputs, "skip": skip}
 
     def codes(self, truth: Mapping[str, np.ndarray], rng: np.random.Generator,
               n: int) -> np.ndarray:
@@ -239,6 +246,7 @@ class HierarchySpec:
     """Trees of features: a child fires only when its parent fires."""
 
     kind: ClassVar[str] = "hierarchy"
+    scale_knobs: ClassVar[tuple[str, ...]] = ("the magnitudes",)
     n_trees: int = 16
     """Number of independent trees."""
     branching: int = 2
@@ -351,6 +359,7 @@ class CirclesSpec:
     """C circles in d dims: an active circle adds r·(a cos θ + b sin θ), θ uniform."""
 
     kind: ClassVar[str] = "circles"
+    scale_knobs: ClassVar[tuple[str, ...]] = ("radius", "radius_std")
     n_circles: int = 1600
     """Number of circles (each spanned by two random unit vectors a, b)."""
     d_in: int = 200
@@ -481,9 +490,9 @@ def block_rows(spec, truth: Mapping[str, np.ndarray], block: int, n: int, *,
     for rows in (x, y):
         if rows is not None and not np.isfinite(rows).all():
             lo = block * BLOCK_TOKENS
-            also = [k for k in ("bias", "orthogonalize_lr") if hasattr(spec, k)]
-            what = ", ".join(["the magnitudes", *also[:-1]]) + (f" or {also[-1]}" if also
-                                                                 else "")
+            knobs = spec.scale_knobs  # (fault testing: circles' radius and a transcoder's
+            # skip were blamed on "the magnitudes")
+            what = ", ".join(knobs[:-1]) + (" or " if len(knobs) > 1 else "") + knobs[-1]
             raise DataError(f"{spec.kind}: the settings drew non-finite values (in the block "
                             f"of tokens {lo}..{lo + n - 1}); lower {what}")
     return x, y, dense

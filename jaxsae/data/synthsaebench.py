@@ -91,6 +91,7 @@ class SynthSAEBenchSpec:
     """SynthSAEBench-compatible data: Zipfian, hierarchical, correlated, superposed features."""
 
     kind: ClassVar[str] = "synthsaebench"
+    scale_knobs: ClassVar[tuple[str, ...]] = ("the magnitudes", "bias", "orthogonalize_lr")
     sampler: ClassVar[int] = SAMPLER_VERSION
     preset: Literal["full", "quarter", "tiny"] = "quarter"
     """full: SynthSAEBench-16k (16,384 features in 768 dims, 128 roots); quarter: 4096 in 256,
