@@ -135,13 +135,25 @@ def _silent(message: str) -> None:
 def check_start(cfg: Config) -> None:
     """Refuses, writing nothing, what train() would refuse before its first step about the run
     directory (`_check_start_dir`) and the data (`_open_data`; data that data.generate is still
-    to write is checked once written): train() makes the same checks, this function is for
-    callers that start several runs (`jaxsae bench` checks every arm before the first trains;
-    fault testing: an arm was refused only after the arms before it had trained). The config's
-    own checks are `check_run`'s; a resume's comparison with the checkpoints is the restore's."""
+    to write is checked once written, its size before): train() makes the same checks, this
+    function is for callers that start several runs (`jaxsae bench` checks every arm before
+    the first trains; fault testing: an arm was refused only after the arms before it had
+    trained). The config's own checks are `check_run`'s; a resume's comparison with the
+    checkpoints is the restore's."""
     _check_start_dir(cfg, outputs.canonical(cfg.resolved_run_dir))
     if cfg.data.stream or cfg.data.generate is None or Path(cfg.data.path).exists():
         _open_data(cfg)
+    else:
+        _check_size_to_generate(cfg)
+
+
+def _check_size_to_generate(cfg: Config) -> None:
+    """Refuses, before data.generate writes data.path, a size that leaves less than a batch
+    for training after the held-out tokens, naming data.generate.tokens (fault testing: the
+    data was written, then the run refused, and the directory left behind refused the corrected
+    config too, as holding too few tokens)."""
+    _, spec = synthetic.parse_spec(cfg.data.generate, key="data.generate")
+    cfg.data.training_tokens(spec.tokens, cfg.optim.batch_size, where="data.generate.tokens")
 
 
 def _as_checkpointed(cfg: Config, run_dir: Path, *, defaulted: bool = True
@@ -385,6 +397,7 @@ def _train_locked(cfg: Config, run_dir: Path, *, progress: bool, log: Callable[[
     if cfg.data.generate is not None and not cfg.data.stream:
         def generate():  # the other processes wait for the data (or process 0's error)
             if not data_path.exists():
+                _check_size_to_generate(cfg)
                 log(f"{data_path} does not exist: generating it "
                     f"({cfg.data.generate.get('kind')})")
                 synthetic.generate(cfg.data.generate, data_path, progress=progress)

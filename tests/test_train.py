@@ -405,6 +405,19 @@ def test_data_generated_otherwise_than_data_generate_says_is_refused(small_data,
                         progress=False)
 
 
+def test_data_generate_too_small_for_a_batch_is_refused_before_it_is_written(tmp_path):
+    """(fault testing: data.generate.tokens 100 with eval_tokens 2048 wrote data.path, then
+    refused the run; the directory left behind refused the corrected config too, as holding
+    100 tokens.) The size is refused naming data.generate.tokens, and nothing is written, by
+    train and by check_start (the bench's check of its arms)."""
+    cfg = small_config(tmp_path / "data", tmp_path / "run", data={
+        "generate": {"kind": "hierarchy_small", "tokens": 100}})
+    for call in (train_mod.check_start, lambda c: train_mod.train(c, progress=False)):
+        with pytest.raises(DataError, match=r"^data\.generate\.tokens: 100 tokens leave 0 "):
+            call(cfg)
+        assert not list(tmp_path.iterdir())
+
+
 def test_resume_refuses_an_end_before_what_was_trained(small_data, tmp_path):
     """(fault testing: a shorter optim.total_tokens on resume exported the step-24 weights
     labelled as 8 steps and 2048 tokens)"""
