@@ -554,8 +554,10 @@ def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, st
         raise ValueError(f"the data has {source.n_tokens} tokens but the truth describes "
                          f"{truth.spec.tokens}: not the data it was generated with")
     parent = truth.arrays.get("parent")
-    sums = [GroundTruthSums(params, cfg, truth.directions, parent=parent,
-                            input_directions=truth.arrays.get("input_directions"))
+    paired = bool(getattr(source, "d_out", 0))
+    sums = [GroundTruthSums(params, cfg, truth.directions_of(paired), parent=parent,
+                            input_directions=(truth.arrays.get("input_directions") if paired
+                                              else None))
             for params, cfg in saes]
     d_in = source.d_in
     names = data_names(source)

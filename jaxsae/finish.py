@@ -103,10 +103,11 @@ def ground_truth(cfg: Config, source, log: Callable[[str], None] = print
             "transcoder's (no targets in it): no ground-truth metrics")
         return None
     width = getattr(source, "d_out", 0) or source.d_in  # what decoder rows are compared in
-    if truth.directions.ndim != 2 or truth.directions.shape[1] != width:
+    directions = truth.directions_of(bool(getattr(source, "d_out", 0)))
+    if directions.ndim != 2 or directions.shape[1] != width:
         what = f"data.target {cfg.data.target}'s" if cfg.data.target else "the data's"
         raise DataError(f"{Path(cfg.data.path) / synthetic.TRUTH_TENSORS}: its directions are "
-                        f"{list(truth.directions.shape)}, but {what} tokens have {width} "
+                        f"{list(directions.shape)}, but {what} tokens have {width} "
                         "values: not the truth of this data")
     return truth
 

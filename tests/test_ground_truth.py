@@ -212,6 +212,27 @@ def test_undefined_ratios_are_null_not_zero(small_hierarchy):
         assert np.isnan(r[key]), key
 
 
+def test_an_sae_on_a_transcoder_s_inputs_is_measured_against_the_input_dictionary(tmp_path):
+    """(fault testing: a run of an SAE on the inputs of `synth transcoder` data was refused
+    before training as "not the truth of this data", its truth's directions being the
+    targets', and `eval --truth` failed in a numpy matmul error.) The decoder rows are
+    compared with the input dictionary, what the tokens are built from: the true one scores 1,
+    and there is no encoder_mcc (a transcoder's)."""
+    from jaxsae.config import config_from_dict
+    from jaxsae.finish import ground_truth
+    from tests.conftest import small_config_dict
+
+    data, truth = _generate(tmp_path, kind="transcoder", n_features=4, d_in=8, d_out=6,
+                            tokens=2048, mean_l0=1.0)
+    d = truth.arrays["input_directions"]
+    r = _report(_sae(np.linalg.pinv(d), d), SAEConfig(d_sae=4, activation="relu"), data, truth)
+    for key in ("mcc", "f1", "sb_explained_variance"):
+        assert r[key] == pytest.approx(1.0, abs=1e-5), key
+    assert "encoder_mcc" not in r
+    cfg = config_from_dict(small_config_dict(data, tmp_path / "run"))
+    assert ground_truth(cfg, open_source(cfg.data)) is not None
+
+
 def test_eval_shows_its_progress_over_both_passes(small_hierarchy, tmp_path, capsys):
     """(fault testing: eval --data printed nothing on long evaluations)"""
     from jaxsae import cli

@@ -638,6 +638,16 @@ class Truth:
     def directions(self) -> np.ndarray:
         return self.arrays["directions"]
 
+    def directions_of(self, paired: bool) -> np.ndarray:
+        """The directions the tokens a dictionary reconstructs are built from, which its
+        decoder rows are compared with: a transcoder's (`paired`) targets' dictionary, and
+        for an SAE on a transcoder's inputs alone, the input dictionary (fault testing: such a
+        run was refused as "not the truth of this data", and `eval --truth` failed in a
+        matmul error)."""
+        if not paired and "input_directions" in self.arrays:
+            return self.arrays["input_directions"]
+        return self.directions
+
     def check_data(self, source: Any, truth_path: str | Path, data_path: str | Path, *,
                    at: int | None = None) -> None:
         """Refuses data that was not generated from this truth (its manifest records the
