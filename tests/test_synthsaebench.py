@@ -126,6 +126,11 @@ def test_presets_and_refusals():
         sb.SynthSAEBenchSpec(preset="tiny", correlation_rank=5000)
     with pytest.raises(ConfigError, match="seed"):
         sb.SynthSAEBenchSpec(seed=-1)
+    # (fault testing: the sampler's key kept the low 32 bits, so seed 2^32 drew seed 0's
+    # samples) a seed the key cannot hold is refused; the largest it holds is accepted
+    with pytest.raises(ConfigError, match=r"^seed: must be in \[0, 2\^32\) for synthsaebench"):
+        sb.SynthSAEBenchSpec(preset="tiny", seed=2**32)
+    sb.SynthSAEBenchSpec(preset="tiny", seed=2**32 - 1)
     # every feature with the same spread (fault testing: refused as "must be > 0")
     sb.SynthSAEBenchSpec(magnitude_std_std=0.0, magnitude_std_mean=0.0)
     with pytest.raises(ConfigError, match=r"^magnitude_std_mean: must be >= 0"):

@@ -142,7 +142,7 @@ class SynthSAEBenchSpec:
     tokens: int = 1_048_576
     """Number of tokens to write."""
     seed: int = 0
-    """Seed of the structure and the samples."""
+    """Seed of the structure and the samples, in [0, 2^32)."""
     shard_tokens: int = 131072
     """Tokens per shard file."""
     dtype: str = "float32"
@@ -154,6 +154,11 @@ class SynthSAEBenchSpec:
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         _check_common(self)
+        # (fault testing: the sampler's key, jax.random.key, keeps a seed's low 32 bits, so
+        # seed 2^32 drew the samples of seed 0; refused rather than drawn otherwise, which
+        # would change the tokens of data and streamed runs already made with such seeds)
+        _need(self.seed < 2**32, "seed", "must be in [0, 2^32) for synthsaebench (its "
+              "sampler's key holds 32 bits)")
         _need(self.n_features > 0, "n_features", "must be > 0")
         _need(self.roots >= 0, "roots", "must be >= 0")
         _need(self.branching >= 2, "branching", "must be >= 2")
