@@ -307,4 +307,17 @@ def test_sizes_beyond_memory_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxsae synth: error: --depth: 1,099,511,627,775 features (n_trees x "
                           "branching^level over the levels) in d_in 64 need 512.0 TiB"), err
+    # each generator's own key (fault testing: circles were blamed on a --depth they do not
+    # have; a transcoder's children were not counted, and met numpy's MemoryError, or the
+    # kernel, in its truth)
+    for flags, said in (
+            (["circles", "--n-circles", "10000000000"], "--n-circles: 20,000,000,000 features "
+                                                        "(two per circle) in d_in 200"),
+            (["transcoder", "--n-features", "16", "--d-in", "8", "--children", "100000000",
+              "--child-prob", "1e-8"], "--children: 1,600,000,016 features (n_features x (1 + "
+                                       "children)) in d_in 8")):
+        assert cli.main(["synth", *flags, "--out", str(tmp_path / "o"), "--tokens", "100",
+                         "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"jaxsae synth: error: {said} need "), err
     assert not any(tmp_path.iterdir())

@@ -32,11 +32,12 @@ def check_common(spec) -> None:
     # The feature directions are built whole (float64) before anything is written: a count
     # beyond memory is refused here, not after the machine's memory is spent (fault testing:
     # a hierarchy of depth 40 was killed by the kernel, exit 137, no message).
-    n = getattr(spec, "n_features", None)
+    # (fault testing: circles' count was blamed on a --depth they do not have, and a
+    # transcoder's children were not counted) `features_set_by`: the key that sets the count
+    # and how, where it is not n_features itself.
+    n = getattr(spec, "all_features", getattr(spec, "n_features", None))
     if isinstance(n, int) and n * spec.d_in * 8 > _memory():
-        own = "n_features" in {f.name for f in dataclasses.fields(spec)}
-        key, count = ("n_features", "") if own else ("depth", " (n_trees x branching^level "
-                                                              "over the levels)")
+        key, count = getattr(spec, "features_set_by", ("n_features", ""))
         need(False, key, f"{n:,} features{count} in d_in {spec.d_in} need "
              f"{size_text(n * spec.d_in * 8)} for their directions alone, more than this "
              f"machine's {size_text(_memory())} of memory")

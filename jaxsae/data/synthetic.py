@@ -176,6 +176,17 @@ class TranscoderSpec(SuperpositionSpec):
     child_prob: float = 0.2
     """With children: P(a given child fires | its parent fires)."""
 
+    @property
+    def all_features(self) -> int:
+        """The roots and their children: the rows of each dictionary."""
+        return self.n_features * (1 + self.children)
+
+    @property
+    def features_set_by(self) -> tuple[str, str]:
+        """The key that sets all_features, and how (`spec_checks.check_common`'s message)."""
+        return ("children", " (n_features x (1 + children))") if self.children else (
+            "n_features", "")
+
     def __post_init__(self):
         super().__post_init__()
         _need(self.d_out > 0, "d_out", "must be > 0")
@@ -188,7 +199,7 @@ class TranscoderSpec(SuperpositionSpec):
 
     def truth(self) -> dict[str, np.ndarray]:
         base = super().truth()
-        n_all = self.n_features * (1 + self.children)
+        n_all = self.all_features
         inputs = base["directions"]
         if self.children:
             more = _unit_rows(np.random.default_rng([self.seed, 4]), n_all - self.n_features,
@@ -247,6 +258,8 @@ class HierarchySpec:
 
     kind: ClassVar[str] = "hierarchy"
     scale_knobs: ClassVar[tuple[str, ...]] = ("the magnitudes",)
+    features_set_by: ClassVar[tuple[str, str]] = (
+        "depth", " (n_trees x branching^level over the levels)")
     n_trees: int = 16
     """Number of independent trees."""
     branching: int = 2
@@ -360,6 +373,7 @@ class CirclesSpec:
 
     kind: ClassVar[str] = "circles"
     scale_knobs: ClassVar[tuple[str, ...]] = ("radius", "radius_std")
+    features_set_by: ClassVar[tuple[str, str]] = ("n_circles", " (two per circle)")
     n_circles: int = 1600
     """Number of circles (each spanned by two random unit vectors a, b)."""
     d_in: int = 200
