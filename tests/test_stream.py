@@ -237,6 +237,21 @@ def test_settings_that_draw_non_finite_tokens_are_refused_when_streamed(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # (what the user saw printed)
+def test_streamed_values_beyond_float16_are_refused_naming_the_settings(tmp_path):
+    """(fault testing: streamed float16 tokens beyond its range became inf, with numpy's
+    overflow warning, and the run was refused advising to repair the data or to skip the
+    non-finite steps, where `jaxsae synth` refuses to write them.) The settings are refused,
+    naming what to lower, or float32."""
+    big = _stream_config(tmp_path / "run", generate={**GENERATE, "magnitude_mean": 1e5,
+                                                     "dtype": "float16"})
+    with pytest.raises(DataError, match=r"^superposition: the settings drew values beyond "
+                       r"float16's range \(\|x\| > 65504\) in tokens .*; lower the "
+                       r"magnitudes, or use dtype float32$"):
+        train(big, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("train_tokens", [256, 6144, 1_000_003, 10**9])
 @pytest.mark.parametrize("eval_tokens", ["auto", 0, 1024])
 def test_streamed_data_is_sized_for_the_run(train_tokens, eval_tokens):

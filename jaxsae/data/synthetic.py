@@ -504,12 +504,17 @@ def block_rows(spec, truth: Mapping[str, np.ndarray], block: int, n: int, *,
     for rows in (x, y):
         if rows is not None and not np.isfinite(rows).all():
             lo = block * BLOCK_TOKENS
-            knobs = spec.scale_knobs  # (fault testing: circles' radius and a transcoder's
-            # skip were blamed on "the magnitudes")
-            what = ", ".join(knobs[:-1]) + (" or " if len(knobs) > 1 else "") + knobs[-1]
             raise DataError(f"{spec.kind}: the settings drew non-finite values (in the block "
-                            f"of tokens {lo}..{lo + n - 1}); lower {what}")
+                            f"of tokens {lo}..{lo + n - 1}); lower {_scale_knobs(spec)}")
     return x, y, dense
+
+
+def _scale_knobs(spec) -> str:
+    """What to lower when the settings draw values too large: `the magnitudes or skip`
+    (fault testing: circles' radius and a transcoder's skip were blamed on "the
+    magnitudes")."""
+    knobs = spec.scale_knobs
+    return ", ".join(knobs[:-1]) + (" or " if len(knobs) > 1 else "") + knobs[-1]
 
 
 def spec_dict(spec) -> dict[str, Any]:
@@ -734,7 +739,17 @@ class Truth:
         width = self.spec.d_in if part == 0 else self.directions.shape[1]
         x = self._range(start, stop, part, empty=(0, width), with_codes=codes)
         if self.spec.dtype != "float32":
-            x = x.astype(self.spec.dtype).astype(np.float32)
+            with np.errstate(over="ignore"):
+                x = x.astype(self.spec.dtype).astype(np.float32)
+            # (written data never holds such values: the shard writer refuses them; fault
+            # testing: streamed, they became inf with numpy's warning, and the run was refused
+            # advising to repair the data or skip non-finite steps)
+            if not np.isfinite(x).all():
+                top = float(np.finfo(self.spec.dtype).max)
+                raise DataError(f"{self.spec.kind}: the settings drew values beyond "
+                                f"{self.spec.dtype}'s range (|x| > {top:g}) in tokens "
+                                f"{start}..{stop - 1}; lower {_scale_knobs(self.spec)}, or "
+                                "use dtype float32")
         return x
 
     def _range(self, start: int, stop: int, part: int, *, progress: bool = False,
