@@ -428,6 +428,7 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts, 
     recall_with_child  P(ℓ fires | p active, a child active)
     full               P(ℓ silent and a child's latent fires | p and a child active)
     partial            P(ℓ fires below half its usual (alone) magnitude | p and a child active)
+                       (null where ℓ never fired with p alone: no usual magnitude)
     absorption         full + partial
     decoder mixing     cos(W_dec[ℓ], child direction) for each child (signed)
     encoder mixing     cos(W_enc[:, ℓ_c], sibling direction) for each child c, sibling s ≠ c
@@ -447,9 +448,13 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts, 
 
     rows = []
     for i, p in enumerate(c.parents):
-        usual = c.alone_mag[i] / max(c.alone_fired[i], 1)
+        # its usual magnitude is that of the tokens where it fired alone; with none, partial
+        # absorption has nothing to compare with and is null (fault testing: a parent never
+        # active without a child read 0.0, as if measured)
+        usual = c.alone_mag[i] / c.alone_fired[i] if c.alone_fired[i] else None
         both_acts = np.concatenate(c.with_child_acts[i]) if c.with_child_acts[i] else np.zeros(0)
-        partial = np.sum((both_acts > FIRING_EPS) & (both_acts < 0.5 * usual))
+        partial = (np.sum((both_acts > FIRING_EPS) & (both_acts < 0.5 * usual))
+                   if usual is not None else None)
         children = np.flatnonzero(parent == p)
         ell = c.latent_of[p]
         def share(count, of):  # NaN (null) where no token qualifies
@@ -460,7 +465,7 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts, 
             "recall_alone": share(c.alone_fired[i], c.alone[i]),
             "recall_with_child": share(c.with_child_fired[i], c.with_child[i]),
             "full": share(c.full[i], c.with_child[i]),
-            "partial": share(partial, c.with_child[i]),
+            "partial": share(partial, c.with_child[i]) if partial is not None else float("nan"),
             "decoder_child_cos": [cos(W_dec[ell], unit[ch]) for ch in children] if ell >= 0
             else [],
             "encoder_sibling_cos": [

@@ -274,6 +274,20 @@ def test_partial_absorption_is_detected(small_hierarchy):
     assert r["parent_recall_with_child"] == pytest.approx(1.0)
 
 
+def test_partial_absorption_without_a_usual_magnitude_is_null(tmp_path):
+    """(fault testing: with exclusive children that always fire with their parent (2 x 0.5),
+    the parent is never active alone, so its latent has no usual magnitude to fall below
+    half of, and absorption_partial read 0.0, as if measured.) It is null, and so is the
+    absorption it adds to; absorption_full is still measured."""
+    data, truth = _generate(tmp_path, kind="hierarchy", n_trees=1, branching=2, depth=2,
+                            probs=[0.3, 0.5], magnitudes=[1.0, 1.0], d_in=8, tokens=2048)
+    d = truth.directions
+    r = _report(_sae(d.T, d), RELU, data, truth)
+    assert np.isnan(r["parent_recall_alone"]) and r["parent_recall_with_child"] == 1.0
+    assert np.isnan(r["absorption_partial"]) and np.isnan(r["absorption"])
+    assert r["absorption_full"] == 0.0
+
+
 def test_encoder_and_decoder_mixing(small_hierarchy):
     data, truth = small_hierarchy
     p, c1, c2 = truth.directions
