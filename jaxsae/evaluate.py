@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 from jaxsae import sae
 from jaxsae.config import SAEConfig
-from jaxsae.errors import JaxsaeError
+from jaxsae.errors import DataError, JaxsaeError
 
 
 @partial(jax.jit, static_argnames="cfg")
@@ -190,6 +190,10 @@ def ground_truth_metrics(
 
 class TruthTooLarge(JaxsaeError):
     """The matching of true features to latents does not fit in host memory."""
+
+
+class NotTheTruth(DataError):
+    """The data is not the data the truth describes (its size)."""
 
 
 def _matching(directions: np.ndarray, decoder: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -556,7 +560,7 @@ def truth_reports(saes: list[tuple[sae.Params, SAEConfig]], source, truth, *, st
 
     stop = source.n_tokens if stop is None else stop
     if source.n_tokens != truth.spec.tokens:
-        raise ValueError(f"the data has {source.n_tokens} tokens but the truth describes "
+        raise NotTheTruth(f"the data has {source.n_tokens} tokens but the truth describes "
                          f"{truth.spec.tokens}: not the data it was generated with")
     parent = truth.arrays.get("parent")
     paired = bool(getattr(source, "d_out", 0))

@@ -175,7 +175,8 @@ class Eval(Command):
                                                start=start, batch_size=batch_size,
                                                details=self.details, keep=window.keep_fn,
                                                progress=bar.update)
-            except ValueError as e:
+            except evaluate.NotTheTruth as e:  # (only that: any other error of the metrics
+                # was reported as one of the --truth data, fault testing)
                 raise DataError(f"--truth {self.truth}: {e}") from None
             bar.close()
             return {**report, **metrics}
