@@ -115,14 +115,14 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
     term_style: dict[str, Any] = {"total": "-"}
     tables = [_columns(lines) for _, lines in series]
     for (key, name), ax in zip(PANELS, axes.flat, strict=True):
-        drawn = positive = False
+        logged = drawn = positive = False
         for i, table in enumerate(tables):
             terms = sorted(k for k in table if k.startswith("loss.")) if key == "loss" else []
             for j, k in enumerate([key, *terms]):
                 if k not in table:
                     continue
                 xs, ys = thin(*table[k])
-                positive = positive or max(ys) > 0
+                positive = positive or any(y > 0 for y in ys)
                 what = "total" if j == 0 else k[len("loss."):]
                 if not many:  # one run: a colour per term, the total in black
                     color, style = ("black", "-") if j == 0 else (colors[(j - 1) % len(colors)],
@@ -131,20 +131,22 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
                     color = colors[i]
                     style = term_style.setdefault(what, styles[(len(term_style) - 1)
                                                                % len(styles)])
-                # (a lone point, a run shorter than two log.every_steps, is a marker: a line
-                # through one point draws nothing, fault testing)
+                # (a lone point, a run shorter than two log.every_steps or a finite value
+                # between non-finite ones, is a marker: a line through one point draws
+                # nothing, fault testing)
+                lone = _lone_points(ys)
                 ax.plot(xs, ys, color=color, linestyle=style, linewidth=1.4 if j == 0 else 1.0,
-                        marker="o" if len(xs) == 1 else None, markersize=4,
+                        marker="o" if lone else None, markevery=lone or None, markersize=4,
                         label=plain_text(what) if key == "loss" and not many else None)
-                drawn = True
+                logged, drawn = True, drawn or any(math.isfinite(y) for y in ys)
         ax.set_title(name)
         ax.set_xlabel("tokens")
         ax.grid(alpha=0.3)
         if key in ("loss", "grad_norm") and positive:  # (a log scale needs a value > 0)
             ax.set_yscale("log")
         if not drawn:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
-                    color="gray")
+            ax.text(0.5, 0.5, "never finite" if logged else "not logged", ha="center",
+                    va="center", transform=ax.transAxes, color="gray")
     if many:
         named = series[:_LEGEND_RUNS]
         handles = [Line2D([], [], color=colors[i], linewidth=2) for i in range(len(named))]
@@ -171,16 +173,25 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
 
 
 def _columns(lines: list[dict]) -> dict[str, tuple[list, list]]:
-    """key -> (tokens, values) of the lines' numbers, in one pass over the lines."""
+    """key -> (tokens, values) of the lines' numbers, in one pass over the lines; a null (a
+    NaN or inf, as metrics.jsonl writes it) is a NaN, drawn as a gap (fault testing: the
+    steps a run skipped as non-finite were bridged by a straight line, as if measured)."""
     table: dict[str, tuple[list, list]] = {}
     for line in lines:
         tokens = float(line["tokens"])  # (a finite number: `read_metrics`)
         for k, v in line.items():
-            if (v := _number(v)) is not None:
+            if (v := math.nan if v is None else _number(v)) is not None:
                 xs, ys = table.setdefault(k, ([], []))
                 xs.append(tokens)
                 ys.append(v)
     return table
+
+
+def _lone_points(ys: Sequence[float]) -> list[int]:
+    """The indices of the finite values whose neighbours are not finite (or absent)."""
+    finite = [math.isfinite(y) for y in ys]
+    return [i for i, ok in enumerate(finite)
+            if ok and not (i > 0 and finite[i - 1]) and not (i + 1 < len(ys) and finite[i + 1])]
 
 
 PLOT_POINTS = 2000

@@ -281,6 +281,32 @@ def test_a_run_of_one_logged_line_is_drawn(tmp_path, monkeypatch):
     assert drawn["points"] == [1, 2] and drawn["markers"] == ["o", "None"]
 
 
+def test_non_finite_values_are_gaps_not_lines(tmp_path, monkeypatch):
+    """(fault testing: metrics.jsonl writes a NaN or inf as null, and the steps a run skipped
+    as non-finite were bridged by a straight line, as if measured; a NaN first made a loss
+    panel linear) A null is a gap, a finite value between nulls a marker, a panel never
+    finite says so."""
+    values = [1.0, 0.5, None, 0.3, None, None, 0.2, 0.1]
+    lines = [{"step": s, "tokens": 256 * s, "loss": v, "l0": None}
+             for s, v in enumerate(values, 1)]
+    lines[0]["loss"], lines[1]["loss"] = None, 0.9  # (a NaN first)
+    drawn = {}
+
+    def keep(fig, out, **kwargs):
+        loss = fig.axes[0].get_lines()[0]
+        drawn["y"] = [float(y) for y in loss.get_ydata()]
+        drawn["markers"] = (loss.get_marker(), loss.get_markevery())
+        drawn["scale"] = fig.axes[0].get_yscale()
+        drawn["l0"] = [t.get_text() for t in fig.axes[1].texts]
+        save_figure(fig, out, **kwargs)
+
+    monkeypatch.setattr(curves, "save_figure", keep)
+    curves.plot([("run", lines)], tmp_path / "c.png")
+    assert str(drawn["y"]) == "[nan, 0.9, nan, 0.3, nan, nan, 0.2, 0.1]"
+    assert drawn["markers"] == ("o", [1, 3]) and drawn["scale"] == "log"
+    assert drawn["l0"] == ["never finite"]
+
+
 @pytest.mark.filterwarnings("error::UserWarning")  # (the font's warning)
 def test_plot_names_what_it_leaves_out_and_draws_no_sae_twice(small_data, tmp_path, capsys):
     """(fault testing: a run without metrics beside others was dropped unnamed; a sweep's SAE
