@@ -58,9 +58,13 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def run_series(run_dir: Path, label: str | None = None) -> list[Series]:
-    """(label, metrics lines) of a run: one, or one per SAE of a sweep."""
-    return [(name, read_metrics(path)) for name, path in run_metrics(run_dir, label)]
+def run_series(run_dir: Path, label: str | None = None,
+               until: int | None = None) -> list[Series]:
+    """(label, metrics lines) of a run: one, or one per SAE of a sweep; with `until`, the
+    lines to that step (a checkpoint's)."""
+    return [(name, [line for line in read_metrics(path)
+                    if until is None or (_number(line.get("step")) or 0) <= until])
+            for name, path in run_metrics(run_dir, label)]
 
 
 def run_metrics(run_dir: Path, label: str | None = None) -> list[tuple[str, Path]]:

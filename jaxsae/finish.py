@@ -34,7 +34,7 @@ from jaxsae.data.source import fingerprint
 from jaxsae.data.stats import DataStats
 from jaxsae.data.window import Window, trained_end
 from jaxsae.errors import DataError, JaxsaeError, NonFiniteError
-from jaxsae.outputs import CURVES, write_csv
+from jaxsae.outputs import write_csv
 from jaxsae.parsing import list_index
 from jaxsae.progress import Progress
 from jaxsae.runlock import RunLock, RunLocked
@@ -363,7 +363,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
             saes = [{"folder": folder, "cfg": export.read_cfg(staging / folder),
                      "eval": metrics} for folder, metrics in zip(folders, evaluations,
                                                                  strict=True)]
-            hub.write_card(staging, run_cfg, saes, run_dir / CURVES)
+            hub.write_card(staging, run_cfg, saes, run_dir, trained)
         return Path(out)
     if cfg.sweep is None:
         finalise(params, members[0], source, n_train, Path(out), stats=stats,

@@ -4,21 +4,23 @@ One folder per SAE, named for its hook (`blocks.15.hook_resid_post`; a sweep's S
 values, `blocks.15.hook_resid_post__sae.k-8`), each a SAELens directory whose cfg.json
 metadata says what it was trained on and how it did; a README.md model card (front matter
 `library_name: saelens`, the SAEs with their figures, how to load one, the training config) and
-the run's curves.png beside them. Nothing here talks to the Hub: uploading is
-`huggingface-cli upload USER/REPO DIR . --exclude .jaxsae-output.json`.
+the run's curves (to the checkpoint exported) beside them. Nothing here talks to the Hub:
+uploading is `huggingface-cli upload USER/REPO DIR . --exclude .jaxsae-output.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from jaxsae import curves
 from jaxsae.config import Config
+from jaxsae.errors import DataError
 from jaxsae.outputs import CURVES, write_file
 
 CARD = "README.md"
@@ -51,18 +53,24 @@ _FOLDER_BYTES = 200
 a digest of the whole name to keep them apart."""
 
 
-def write_card(out: Path, cfg: Config, saes: list[dict[str, Any]],
-               curves: Path | None) -> None:
+def write_card(out: Path, cfg: Config, saes: list[dict[str, Any]], run_dir: Path,
+               step: int) -> None:
     """README.md (and curves.png) in `out`: `saes` holds each SAE's `folder`, `cfg` (its
-    cfg.json) and `eval` (the evaluation)."""
+    cfg.json) and `eval` (the evaluation), exported from `run_dir`'s checkpoint `step`.
+    curves.png, where the run draws its curves, is drawn again to `step` (fault testing: a
+    copy of the run's went on past it, to the run's end or to where a run still training
+    had got, beside the figures of an earlier checkpoint)."""
     meta = saes[0]["cfg"].get("metadata", {})
     model = meta.get("model_name")
     front: dict[str, Any] = {"library_name": "saelens",
                              "tags": ["sparse-autoencoder", "saelens", "jaxsae"]}
     if isinstance(model, str) and _REPO_ID.match(model) and not Path(model).exists():
         front["base_model"] = model
-    if curves is not None and curves.is_file():
-        shutil.copyfile(curves, out / CURVES)
+    if (run_dir / CURVES).is_file():
+        with contextlib.suppress(DataError):  # (its metrics.jsonl gone: no curves)
+            series = [s for s in curves.run_series(run_dir, cfg.name, until=step) if s[1]]
+            if series:
+                curves.plot(series, out / CURVES, title=cfg.name)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# {cfg.name}", "",
              _summary(cfg, meta, len(saes)), "",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxsae import cli, hub, sae, tensorfile
+from jaxsae import cli, curves, hub, sae, tensorfile
 from jaxsae.config import DataConfig
 from jaxsae.data import open_source
 from jaxsae.data.shards import ShardWriter
@@ -41,7 +41,10 @@ def _export(argv, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys):
+def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys, monkeypatch):
+    """(fault testing: the card's curves.png of a --step export was a copy of the run's,
+    which went on past the checkpoint exported, beside that checkpoint's figures) Its
+    curves end at the step exported."""
     cfg = small_config(lm_like_data, tmp_path / "run", log={"every_steps": 4, "curves": True})
     result = train(cfg, progress=False)
     out = tmp_path / "hub"
@@ -68,8 +71,12 @@ def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys):
     # and the card, and called an earlier checkpoint's figures "the end of training")
     other = tmp_path / "other"
     shutil.copytree(lm_like_data, other)
+    drawn, draw = [], curves.plot
+    monkeypatch.setattr(curves, "plot", lambda series, out, title="": drawn.append(
+        [line["step"] for line in series[0][1]]) or draw(series, out, title=title))
     _export([str(tmp_path / "run"), "--out", str(tmp_path / "hub2"), "--hub", "--data",
              str(other), "--step", "16"], capsys)
+    assert drawn == [[4, 8, 12, 16]] and (tmp_path / "hub2" / "curves.png").is_file()
     meta = load_sae(tmp_path / "hub2" / "blocks.3.hook_resid_post").cfg_json["metadata"]
     assert meta["dataset_path"] == str(lm_like_data) and meta["eval_dataset_path"] == str(other)
     # where the training tokens end is read from the training data, not from OTHER
