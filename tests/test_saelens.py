@@ -127,9 +127,13 @@ def test_bad_caches_name_the_file(tmp_path):
     ("state.json", lambda d: d.update(_data_files="abc"), "_data_files is not a list"),
     ("state.json", lambda d: d.update(_data_files=[1, 2]), "_data_files is not a list"),
     ("state.json", lambda d: d.update(_data_files={"a": 1}), "_data_files is not a list"),
+    ("state.json", lambda d: d.update(_data_files=[{"filename": 5}]), "_data_files is not a list"),
+    ("state.json", lambda d: d.update(_data_files=[{"name": "x"}]), "_data_files is not a list"),
+    ("state.json", lambda d: d.update(_data_files=[]), "no _data_files listed"),
 ])
 def test_malformed_cache_json_is_refused_naming_the_file(tmp_path, file, edit, match):
-    """(fault testing: each of these ended in a traceback)"""
+    """(fault testing: each of these ended in a traceback; a filename that was not text, or
+    none, was 'no _data_files listed')"""
     path, _ = make_cache(tmp_path / "cache", shards=1)
     content = json.loads((path / file).read_text())
     edit(content)

@@ -99,11 +99,13 @@ class SAELensCache(ArraySource):
         self.context_size, d_in = _shape(columns[hook], hook, self.path / INFO)
         self.dtype = np.dtype(_FLOAT[arrays[hook][1]])
         listed = state.get("_data_files", [])
-        if not isinstance(listed, list) or not all(isinstance(f, dict) for f in listed):
+        # (fault testing: a filename that was not text, or none, was "no _data_files listed")
+        if not isinstance(listed, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("filename"), str) for f in listed):
             raise DataError(f"{self.path / STATE}: _data_files is not a list of files "
                             "({\"filename\": ...} each)")
-        files = [f.get("filename") for f in listed]
-        if not files or not all(isinstance(f, str) for f in files):
+        files = [f["filename"] for f in listed]
+        if not files:
             raise DataError(f"{self.path / STATE}: no _data_files listed")
         for i, name in enumerate(files):  # datasets lists its own files by name
             if Path(name).name != name or name in (".", ".."):
