@@ -110,6 +110,7 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
     runs × terms entries left most SAEs of a sweep or a bench unnamed)."""
     import matplotlib
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import EngFormatter
 
     many = len(series) > 1
     fig, axes = subplots(2, 3, figsize=(15 + (3 if many else 0), 8))
@@ -145,6 +146,9 @@ def plot(series: list[Series], out: Path, title: str = "") -> Path:
                 logged, drawn = True, drawn or any(math.isfinite(y) for y in ys)
         ax.set_title(name)
         ax.set_xlabel("tokens")
+        # (fault testing: 125000, 150000, ... ran into one another below the panel; a run
+        # of 100k to 1M tokens read "175000200000")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
         if key in ("loss", "grad_norm") and positive:  # (a log scale needs a value > 0)
             ax.set_yscale("log")

@@ -307,6 +307,22 @@ def test_non_finite_values_are_gaps_not_lines(tmp_path, monkeypatch):
     assert drawn["l0"] == ["never finite"]
 
 
+def test_token_counts_are_short_below_the_panels(tmp_path, monkeypatch):
+    """(fault testing: a run of 200k tokens had its tick labels 125000, 150000, ... run into
+    one another: "175000200000") Tokens read 150k, 2.5M, 1G."""
+    lines = [{"step": s, "tokens": 128 * s, "loss": 1.0 / s} for s in range(1, 1600, 50)]
+    drawn = {}
+
+    def keep(fig, out, **kwargs):
+        drawn["ticks"] = [fig.axes[0].xaxis.get_major_formatter()(x, 0)
+                          for x in (0, 2500, 150_000, 2.5e6, 1e9)]
+        save_figure(fig, out, **kwargs)
+
+    monkeypatch.setattr(curves, "save_figure", keep)
+    curves.plot([("run", lines)], tmp_path / "c.png")
+    assert drawn["ticks"] == ["0", "2.5k", "150k", "2.5M", "1G"]
+
+
 @pytest.mark.filterwarnings("error::UserWarning")  # (the font's warning)
 def test_plot_names_what_it_leaves_out_and_draws_no_sae_twice(small_data, tmp_path, capsys):
     """(fault testing: a run without metrics beside others was dropped unnamed; a sweep's SAE
