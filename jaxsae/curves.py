@@ -86,15 +86,22 @@ def run_metrics(run_dir: Path, label: str | None = None) -> list[tuple[str, Path
         return out
     if not run_dir.exists():  # (fault testing: "no metrics.jsonl" of a mistyped path)
         raise DataError(f"{run_dir}: does not exist (expected a jaxsae run directory)")
+    if _run_config(run_dir) is not None:  # a run that has logged nothing yet (an import's,
+        return []  # one starting; fault testing: "not a jaxsae run directory")
     raise DataError(f"{run_dir}: no metrics.jsonl (not a jaxsae run directory)")
 
 
-def _sweep_points(run_dir: Path) -> list:
+def _run_config(run_dir: Path):
+    """The run's config, None if it has no valid jaxsae config.yaml."""
     try:
-        cfg = load_config(run_dir / "config.yaml")
-    except Exception:  # labels only: fall back to the SAE's index
-        return []
-    return list(cfg.sweep.points) if cfg.sweep is not None else []
+        return load_config(run_dir / "config.yaml")
+    except Exception:
+        return None
+
+
+def _sweep_points(run_dir: Path) -> list:
+    cfg = _run_config(run_dir)  # (labels only: without it, the SAE's index)
+    return list(cfg.sweep.points) if cfg is not None and cfg.sweep is not None else []
 
 
 _LEGEND_RUNS = 40

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import shutil
 import socket
 
 import pytest
@@ -327,7 +328,8 @@ def test_token_counts_are_short_below_the_panels(tmp_path, monkeypatch):
 def test_plot_names_what_it_leaves_out_and_draws_no_sae_twice(small_data, tmp_path, capsys):
     """(fault testing: a run without metrics beside others was dropped unnamed; a sweep's SAE
     given with its sweep was drawn twice; a control character in a title printed a font
-    warning)"""
+    warning; a run that had logged nothing yet, an import's, was "not a jaxsae run
+    directory", and a sweep whose SAEs had none was left out unnamed)"""
     sweep = small_config_dict(small_data, tmp_path / "sweep", sweep={"optim.lr": [1e-3, 1e-2]})
     sweep["optim"]["total_tokens"] = 256 * 8
     from jaxsae.config import config_from_dict
@@ -336,12 +338,18 @@ def test_plot_names_what_it_leaves_out_and_draws_no_sae_twice(small_data, tmp_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")
+    started, starting = tmp_path / "started", tmp_path / "starting"
+    (starting / "sweep" / "00").mkdir(parents=True)
+    for run in (started, starting):
+        run.mkdir(exist_ok=True)
+        shutil.copy(tmp_path / "sweep" / "config.yaml", run)
     capsys.readouterr()
     out = str(tmp_path / "p.png")
-    assert cli.main(["plot", str(tmp_path / "sweep"), str(empty), "--out", out,
-                     "--title", "a\x01b"]) == 0
+    assert cli.main(["plot", str(started), str(tmp_path / "sweep"), str(empty), str(starting),
+                     "--out", out, "--title", "a\x01b"]) == 0
     captured = capsys.readouterr()
-    assert captured.err == "note: empty: no metrics logged yet, not drawn\n"
+    assert captured.err == "".join(f"note: {name}: no metrics logged yet, not drawn\n"
+                                   for name in ("started", "empty", "starting"))
     assert "wrote" in captured.out and "(2 runs drawn)" in captured.out
     assert cli.main(["plot", str(tmp_path / "sweep"), str(tmp_path / "sweep" / "sweep" / "00"),
                      "--out", str(tmp_path / "q.png")]) == 2

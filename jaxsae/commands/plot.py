@@ -54,20 +54,24 @@ class Plot(Command):
             raise JaxsaeError(f"--out {out}: {out.parent} {what}")
         outputs.check_file_target(out)
         files: dict[Path, str] = {}  # a sweep's SAE given as well as its sweep: refused
-        series = []
+        series, empty = [], []
         for run in self.runs:
-            for label, path in curves.run_metrics(Path(run)):
+            found = curves.run_metrics(Path(run))
+            if not found:  # (a run, or a sweep, that has logged nothing yet)
+                empty.append(Path(run).name)
+            for label, path in found:
                 if path.resolve() in files:
                     raise JaxsaeError(f"RUN {run}: its {path.name} is drawn already (through "
                                       f"{files[path.resolve()]})")
                 files[path.resolve()] = run
-                series.append((label, curves.read_metrics(path)))
-        empty = [label for label, lines in series if not lines]
-        if len(empty) == len(series):
+                series.append((label, lines := curves.read_metrics(path)))
+                if not lines:
+                    empty.append(label)
+        if not any(lines for _, lines in series):
             raise JaxsaeError(f"{', '.join(self.runs)}: no metrics logged yet")
         for label in empty:
             print(f"note: {label}: no metrics logged yet, not drawn", file=sys.stderr)
         curves.plot([s for s in series if s[1]], out, title=self.title)
-        drawn = len(series) - len(empty)
+        drawn = sum(1 for _, lines in series if lines)
         print(f"wrote {out} ({drawn} run{'s' if drawn != 1 else ''} drawn)")
         return 0
