@@ -21,7 +21,7 @@ import numpy as np
 from jaxsae.config import load_config, sweep_label
 from jaxsae.errors import DataError
 from jaxsae.hooks import GuardedHook
-from jaxsae.outputs import CURVES, plain_text, save_figure, subplots
+from jaxsae.outputs import CURVES, output_kind, plain_text, save_figure, subplots
 
 # (a term is drawn before its coefficient, as metrics.jsonl logs it: it may lie above the total;
 # fault testing read an L1 term above the total as a wrong plot)
@@ -88,6 +88,10 @@ def run_metrics(run_dir: Path, label: str | None = None) -> list[tuple[str, Path
         raise DataError(f"{run_dir}: does not exist (expected a jaxsae run directory)")
     if _run_config(run_dir) is not None:  # a run that has logged nothing yet (an import's,
         return []  # one starting; fault testing: "not a jaxsae run directory")
+    if output_kind(run_dir) == "bench":  # (fault testing: "not a jaxsae run directory")
+        arms = sorted(str(p) for p in run_dir.iterdir() if (p / "config.yaml").is_file())
+        raise DataError(f"{run_dir}: a jaxsae bench directory; give the runs of its arms"
+                        + (f" ({' '.join(arms)})" if arms else ", once they have trained"))
     raise DataError(f"{run_dir}: no metrics.jsonl (not a jaxsae run directory)")
 
 

@@ -308,6 +308,21 @@ def test_non_finite_values_are_gaps_not_lines(tmp_path, monkeypatch):
     assert drawn["l0"] == ["never finite"]
 
 
+def test_plot_of_a_bench_directory_names_its_arms(tmp_path, capsys):
+    """(fault testing: a bench directory given to plot was "not a jaxsae run directory")"""
+    from jaxsae.outputs import write_marker
+
+    bench = tmp_path / "bench"
+    (bench / "relu").mkdir(parents=True)
+    write_marker(bench, "bench")
+    assert cli.main(["plot", str(bench), "--out", str(tmp_path / "p.png")]) == 2
+    assert "give the runs of its arms, once they have trained" in capsys.readouterr().err
+    (bench / "relu" / "config.yaml").write_text("name: relu\n")
+    assert cli.main(["plot", str(bench), "--out", str(tmp_path / "p.png")]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"{bench}: a jaxsae bench directory; give the runs of its arms ({bench / 'relu'})\n")
+
+
 def test_token_counts_are_short_below_the_panels(tmp_path, monkeypatch):
     """(fault testing: a run of 200k tokens had its tick labels 125000, 150000, ... run into
     one another: "175000200000") Tokens read 150k, 2.5M, 1G."""
