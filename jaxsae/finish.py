@@ -116,16 +116,19 @@ def finalise(params: sae.Params, cfg: Config, source, n_train: int,
              out: Path | None, *, stats: DataStats | None = None, dtype: str = "float32",
              truth: synthetic.Truth | None = None, overwrite: bool = False,
              inputs: tuple = (), layout: str = "saelens", progress: bool = False,
-             steps: int | None = None, eval_data: str | None = None) -> dict[str, Any]:
+             steps: int | None = None, eval_data: str | None = None,
+             trained_source: Any = None) -> dict[str, Any]:
     """Folds the input scale into the parameters, evaluates on the held-out tokens (else the
     last training tokens) in raw units, leaving out the tokens training dropped
     (data.drop_norm_above) — with the ground-truth metrics when `truth` is given (see
     ground_truth) — and exports to `out` (`layout`: saelens, or sparsify for a TopK SAE).
     `progress`: a bar over the evaluation's tokens. `eval_data`: the data evaluated on, when
-    it is not `cfg.data.path`, the data trained on (cfg.json records both)."""
+    it is not `cfg.data.path`, the data trained on (cfg.json records both), which is then
+    `trained_source`, opened (None: gone)."""
     return finalise_all([(params, cfg, out)], source, n_train, stats=stats, dtype=dtype,
                         truth=truth, overwrite=overwrite, inputs=inputs, layout=layout,
-                        progress=progress, steps=steps, eval_data=eval_data)[0]
+                        progress=progress, steps=steps, eval_data=eval_data,
+                        trained_source=trained_source)[0]
 
 
 def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_train: int, *,
@@ -133,6 +136,7 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
                  truth: synthetic.Truth | None = None, overwrite: bool = False,
                  inputs: tuple = (), layout: str = "saelens", progress: bool = False,
                  steps: int | None = None, eval_data: str | None = None,
+                 trained_source: Any = None,
                  data_digest: str | None = None) -> list[dict[str, Any]]:
     """`finalise` of several SAEs trained on the same data (a sweep's): the evaluation tokens
     are read once for all of them, each block evaluated by every SAE in turn. `steps`: the
@@ -178,9 +182,8 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
             bar.write(f"note: {e}: the evaluation goes on without them (jaxsae eval --truth "
                       "computes them on a machine with more memory)")
     bar.close()
-    # export --data OTHER: the training data's size, read once for all (a sweep's) SAEs
-    trained_on = (_data_tokens(saes[0][1])
-                  if eval_data is not None and saes[0][1].data.path else None)
+    # export --data OTHER: the training data's size (opened once for all of a sweep's SAEs)
+    trained_on = None if trained_source is None else trained_source.n_tokens
     results, frequencies = [], []
     for one, report in zip(sums, reports, strict=True):
         metrics = one.result()
@@ -192,7 +195,8 @@ def finalise_all(saes: list[tuple[sae.Params, Config, Path | None]], source, n_t
                                                          strict=True):
         _export(params, cfg, out, metrics, frequency, source, dtype=dtype, overwrite=overwrite,
                 inputs=inputs, layout=layout, steps=steps, eval_data=eval_data,
-                n_train=n_train, trained_on=trained_on, data_digest=data_digest)
+                n_train=n_train, trained_on=trained_on, data_digest=data_digest,
+                described=source if trained_source is None else trained_source)
     return results
 
 
@@ -214,7 +218,10 @@ def _refuse_diverged(results: list[dict[str, Any]]) -> None:
 def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str, Any],
             frequency, source, *, dtype: str, overwrite: bool, inputs: tuple,
             layout: str, steps: int | None, eval_data: str | None, n_train: int,
-            trained_on: int | None, data_digest: str | None) -> None:
+            trained_on: int | None, data_digest: str | None, described) -> None:
+    """`described`: the data whose model, hook and context cfg.json names (the data trained
+    on, where it can be read; fault testing: export --data OTHER named OTHER's hook, one the
+    SAE was never trained at)."""
     if out is not None and layout == "sparsify":
         sparsify.export_sparsify(params, cfg.sae, out, dtype=dtype, overwrite=overwrite,
                                  inputs=inputs)
@@ -225,7 +232,7 @@ def _export(params: sae.Params, cfg: Config, out: Path | None, metrics: dict[str
             log10_firing=evaluate.log10_firing(frequency),
             metadata={"dataset_path": (str(Path(cfg.data.path).absolute()) if cfg.data.path
                                        else f"streamed {cfg.data.generate.get('kind')}"),
-                      **_inherited_metadata(cfg, _source_metadata(source)), **trained,
+                      **_inherited_metadata(cfg, _source_metadata(described)), **trained,
                       **({"eval_dataset_path": str(Path(eval_data).absolute())}
                          if eval_data is not None else {})},
             training={"run": cfg.name,
@@ -267,10 +274,12 @@ def _training_end(cfg: Config, n_train: int, eval_data: str | None,
     return max(end, _inherited_end(cfg))
 
 
-def _data_tokens(cfg: Config) -> int | None:
-    """The number of tokens in cfg.data.path (None when it cannot be opened any more)."""
+def _training_source(cfg: Config):
+    """cfg.data.path opened (None when it cannot be opened any more, or is streamed)."""
+    if not cfg.data.path:
+        return None
     try:
-        return open_source(cfg.data).n_tokens
+        return open_source(cfg.data)
     except (JaxsaeError, OSError):
         return None
 
@@ -330,10 +339,11 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     trained = int(np.max(jax.device_get(restored.state.step)))  # (--step: fewer than the run's)
     # Evaluated on `cfg.data` (--data, if given); cfg.json and the card name the data the SAE
     # was trained on (the run's), and the evaluation's beside it.
-    run_cfg, members, eval_data = cfg, built.members, None
+    run_cfg, members, eval_data, trained_source = cfg, built.members, None, None
     if data is not None:
         run_cfg, eval_data = restored.config, data
         members = [dataclasses.replace(m, data=run_cfg.data) for m in members]
+        trained_source = _training_source(run_cfg)
     truth = ground_truth(cfg, source)
     inputs = (run_dir, *([cfg.data.path] if cfg.data.path else []))
     if hub_layout and cfg.sae.transcoder:
@@ -350,7 +360,8 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
                                   "whose outputs are its own; export elsewhere")
     if hub_layout:
         points = cfg.sweep.points if cfg.sweep is not None else [None]
-        hook = _source_metadata(source).get("hook_name")
+        hook = _source_metadata(source if trained_source is None else trained_source
+                                ).get("hook_name")
         with outputs.staged_directory(out, "hub-export", overwrite=overwrite,
                                       inputs=inputs) as staging:
             folders = [hub.folder_name(hook, cfg.name, point) for point in points]
@@ -359,7 +370,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
                  for i, (member, folder) in enumerate(zip(members, folders,
                                                           strict=True))],
                 source, n_train, stats=stats, dtype=dtype, truth=truth, progress=progress,
-                steps=trained, eval_data=eval_data)
+                steps=trained, eval_data=eval_data, trained_source=trained_source)
             saes = [{"folder": folder, "cfg": export.read_cfg(staging / folder),
                      "eval": metrics} for folder, metrics in zip(folders, evaluations,
                                                                  strict=True)]
@@ -368,7 +379,8 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
     if cfg.sweep is None:
         finalise(params, members[0], source, n_train, Path(out), stats=stats,
                  dtype=dtype, truth=truth, overwrite=overwrite, inputs=inputs, layout=layout,
-                 progress=progress, steps=trained, eval_data=eval_data)
+                 progress=progress, steps=trained, eval_data=eval_data,
+                 trained_source=trained_source)
         return Path(out)
     # A sweep exports every SAE, to OUT/sweep/<i> (the layout of its run directory).
     with outputs.staged_directory(out, "sweep-export", overwrite=overwrite,
@@ -377,7 +389,8 @@ def export_checkpoint(path: str | Path, out: str | Path, *, step: int | None = N
                       for i, (member, member_dir) in enumerate(
                           zip(members, member_dirs(cfg, staging), strict=True))],
                      source, n_train, stats=stats, dtype=dtype, truth=truth, layout=layout,
-                     progress=progress, steps=trained, eval_data=eval_data)
+                     progress=progress, steps=trained, eval_data=eval_data,
+                     trained_source=trained_source)
     return Path(out)
 
 

@@ -41,10 +41,11 @@ def _export(argv, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys, monkeypatch):
+def test_hub_folder_of_one_sae(lm_like_data, small_data, tmp_path, capsys, monkeypatch):
     """(fault testing: the card's curves.png of a --step export was a copy of the run's,
-    which went on past the checkpoint exported, beside that checkpoint's figures) Its
-    curves end at the step exported."""
+    which went on past the checkpoint exported, beside that checkpoint's figures; export
+    --data OTHER named OTHER's model and hook, or none, as the SAE's) Its curves end at the
+    step exported; the model and hook are those of the data trained on."""
     cfg = small_config(lm_like_data, tmp_path / "run", log={"every_steps": 4, "curves": True})
     result = train(cfg, progress=False)
     out = tmp_path / "hub"
@@ -85,6 +86,12 @@ def test_hub_folder_of_one_sae(lm_like_data, tmp_path, capsys, monkeypatch):
         "held_out_from"] == n - cfg.data.held_out(n)
     card = (tmp_path / "hub2" / "README.md").read_text()
     assert f"tokens of `{other}` after 4,096 training tokens (a checkpoint before" in card
+    # evaluated on data of no model or hook: the SAE's are still the training data's
+    _export([str(tmp_path / "run"), "--out", str(tmp_path / "hub3"), "--hub", "--data",
+             str(small_data)], capsys)
+    meta = load_sae(tmp_path / "hub3" / "blocks.3.hook_resid_post").cfg_json["metadata"]
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M" and meta["context_size"] == 128
+    assert meta["eval_dataset_path"] == str(small_data)
 
 
 def test_hub_folder_of_a_sweep_on_synthetic_data(small_data, tmp_path, capsys, monkeypatch):
