@@ -32,6 +32,15 @@ def test_help(argv, capsys):
     assert "usage: jaxsae" in capsys.readouterr().out
 
 
+def test_export_help_says_what_data_is_for(capsys):
+    """(fault testing: --data was 'activations for the firing frequencies', but every figure
+    the export records is measured on it)"""
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--help"])
+    help_text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "--data DIR activations to evaluate on: cfg.json's eval_* figures and the" in help_text
+
+
 @pytest.mark.parametrize("flag", ["--version", "-V"])
 def test_version(flag, capsys):
     import jax

@@ -35,7 +35,9 @@ class Export(Command):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """weights dtype"""
     data: Annotated[str | None, unset("DIR", "the run's data.path")] = None
-    """activations for the firing frequencies"""
+    """activations to evaluate on: cfg.json's eval_* figures and the firing frequencies
+    (sparsity.safetensors), recorded as eval_dataset_path; the data trained on stays
+    dataset_path"""
     overwrite: Flag = False
     """replace an existing --out that is not a jaxsae export, or one that holds files jaxsae
     did not write or does not know of (a jaxsae export as it wrote it is replaced without it;
