@@ -611,9 +611,14 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
     # (said once the run is known to go ahead: before a resume refusal it was a second line)
     for note in notes:
         log(note)
-    if cfg.optim.total_tokens > n_train:  # (the default, 100M tokens, on small data: say so)
+    if cfg.optim.total_tokens > n_train:  # (the default, 100M tokens, on small data: say so,
+        # and with many passes how to make it one; fault testing: a run given only its data
+        # set out for 7 hours over 8k tokens, said in a line easy to miss)
+        passes = cfg.optim.total_tokens / n_train
+        one = n_train // cfg.optim.batch_size * cfg.optim.batch_size
         log(f"data: optim.total_tokens ({cfg.optim.total_tokens:,}) passes over the "
-            f"{n_train:,} training tokens {_times(cfg.optim.total_tokens / n_train)} times")
+            f"{n_train:,} training tokens {_times(passes)} times"
+            + (f" (one pass: optim.total_tokens={one})" if passes >= 10 else ""))
     if stats.drop_above is not None or stats.scale != 1.0 or stats.target_scale != 1.0:
         log(f"data: median token norm {stats.median_norm:.4g}"
             + (f", dropping tokens with norm > {stats.drop_above:.4g}" if stats.drop_above else "")

@@ -806,3 +806,27 @@ def test_a_run_with_auto_ramps_is_extended_on_resume(small_data, tmp_path, capsy
                      "optim.total_tokens=5120"]) == 0
     out = capsys.readouterr().out
     assert "from step 40" in out and "as its checkpoints were trained" not in out, out
+
+
+def test_many_passes_over_small_data_say_how_to_train_one(small_data, tmp_path):
+    """(fault testing: a run given only its data set out to pass over 8k tokens 12,848 times,
+    for 7 hours, said in one line that did not say what to change.) From 10 passes on, the
+    line gives the optim.total_tokens of one pass."""
+    from jaxsae.config import config_from_dict
+    from jaxsae.train import train
+
+    for steps, hint in ((1000, True), (100, False)):
+        cfg = config_from_dict(small_config_dict(
+            small_data, tmp_path / f"run{steps}",
+            optim={"batch_size": 256, "total_tokens": 256 * steps}))
+        said = []
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg, progress=False, log=said.append, make_loader=watched_loader(crash_at=0))
+        lines = [line for line in said if "passes over" in line]
+        assert len(lines) == 1, said
+        found = re.search(r"passes over the ([\d,]+) training tokens [\d.,]+ times"
+                          r"(?: \(one pass: optim\.total_tokens=(\d+)\))?$", lines[0])
+        assert found and bool(found.group(2)) == hint, lines[0]
+        if hint:
+            n_train = int(found.group(1).replace(",", ""))
+            assert int(found.group(2)) == n_train // 256 * 256
