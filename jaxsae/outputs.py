@@ -362,9 +362,11 @@ def check_file_target(path: str | Path, flag: str = "--out") -> None:
     run's sae/, an analysis: replacing that output later would take the file for something
     a user added), inside a run's checkpoints/ (training's own), or in place of one of a
     run's own files (`RUN_FILES`: its curves.png, read back by analyze and export --hub as
-    the run's curves)."""
+    the run's curves), or one in a place this process cannot write (fault testing: `plot`
+    drew, then was refused naming its hidden staging file, not --out)."""
     where = f"{flag} {path}"
     target = canonical(path)
+    refuse_unwritable_place(target, where)
     _refuse_inside_output(target, where)
     _refuse_inside_checkpoints(target, where)
     run, parent = run_around(target), target.parent.resolve()

@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import yaml
@@ -419,3 +421,28 @@ def test_redrawing_takes_a_bounded_share_of_the_training(tmp_path, monkeypatch):
     assert drawn[0] == 1000.0
     assert all(b - a >= wait for a, b in itertools.pairwise(drawn[:-1]))
     assert len(drawn) >= 3 and drawn[-1] == clock[0] - 3.0  # the end is drawn regardless
+
+
+def test_plot_refuses_a_place_it_cannot_write_before_drawing(tmp_path, capsys, monkeypatch):
+    """(fault testing: plot --out in a read-only directory drew the curves, then failed naming
+    its hidden staging file, `.c.png.HOST-PID.partial`, not --out.) The place is refused
+    first, in one line naming --out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 256, "loss": 1.0}))
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        Path(path) != read_only and access(path, mode, **kw)))  # (root writes anywhere)
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("drawn before --out was checked")
+
+    monkeypatch.setattr(curves, "plot", no_drawing)
+    out = read_only / "c.png"
+    assert cli.main(["plot", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"jaxsae plot: error: --out {out}: cannot write in {read_only} (a read-only "
+                   "file system, or no permission)")
+    assert list(read_only.iterdir()) == []
