@@ -405,6 +405,13 @@ def _restore_for_export(directory: Path, step: int | None, data: str | None, rea
         if data is not None:  # (streamed data: the same tokens, written by `jaxsae synth`)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data,
                                                                     stream=False))
+        relative = "" if data is not None or Path(cfg.data.path).is_absolute() else (
+            " (a relative data.path is read from the working directory: export from the "
+            "one training ran in, or pass the data as --data)")
+        if relative and not cfg.data.stream and not Path(cfg.data.path).exists():
+            # (fault testing: exported from another directory, it said only that the data
+            # directory does not exist)
+            raise DataError(f"{cfg.data.path}: data directory does not exist{relative}")
         source = open_source(cfg.data, train_tokens=cfg.optim.total_tokens)
         # (fault testing: it evaluated a run streamed by another sampler on other tokens)
         refuse_other_sampler(loader_state.get("sampler"), source, directory,
@@ -422,9 +429,6 @@ def _restore_for_export(directory: Path, step: int | None, data: str | None, rea
                 fingerprint(source) != saved):
             # (fault testing: exported from another directory, a relative data.path read
             # other data there, and the export recorded it, evaluated on it, as trained on)
-            relative = "" if Path(cfg.data.path).is_absolute() else (
-                " (a relative data.path is read from the working directory: export from the "
-                "one training ran in, or pass the data as --data)")
             raise DataError(f"{cfg.data.path}: holds other values than the data the run "
                             f"{directory.parent} trained on{relative}")
         one = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, model=1))

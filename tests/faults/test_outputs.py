@@ -883,7 +883,7 @@ def test_export_refuses_other_data_behind_a_relative_data_path(small_data, tmp_p
                                                                monkeypatch):
     """(fault testing: exported from another working directory, a run's relative data.path
     read other data of the same width there; the export was evaluated on it and recorded it
-    as the data trained on)"""
+    as the data trained on; where it named nothing, the refusal did not say why)"""
     import shutil
 
     from jaxsae.data.synthetic import SuperpositionSpec, generate_superposition
@@ -895,9 +895,15 @@ def test_export_refuses_other_data_behind_a_relative_data_path(small_data, tmp_p
     shutil.copytree(small_data, there / "data")
     monkeypatch.chdir(there)
     train(small_config(Path("data"), there / "run"), progress=False)
+    # (fault testing: where the relative path names nothing, it said only that the data
+    # directory does not exist)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    refused(["export", str(there / "run"), "--out", str(tmp_path / "x"), "--no-progress"],
+            capsys, match="data: data directory does not exist (a relative data.path is read "
+                          "from the working directory", unchanged=[there / "run"])
     generate_superposition(SuperpositionSpec(n_features=48, d_in=16, tokens=8192, seed=9),
                            elsewhere / "data", progress=False)
-    monkeypatch.chdir(elsewhere)
     refused(["export", str(there / "run"), "--out", str(tmp_path / "x"), "--no-progress"],
             capsys, match="data: holds other values than the data the run "
                           f"{there / 'run'} trained on (a relative data.path is read from "
