@@ -146,9 +146,10 @@ class BenchConfig:
             except ConfigError as e:
                 if str(e) == self._base_error(tree):  # (fault testing: a bad base.optim.lr
                     # was blamed on the first arm)
-                    raise ConfigError(f"base: {e} (arm {arm}, and every arm that keeps "
-                                      "it)") from None
-                raise ConfigError(f"arms.{arm}: {e}") from None
+                    raise ConfigError(f"base: {_as_bench_overrides(str(e), 'base.')} (arm "
+                                      f"{arm}, and every arm that keeps it)") from None
+                raise ConfigError(f"arms.{arm}: {_as_bench_overrides(str(e), f'arms.{arm}.')}"
+                                  ) from None
         return out
 
     def _base_error(self, arm_tree: dict[str, Any]) -> str | None:
@@ -379,6 +380,16 @@ def _run_locked(cfg: BenchConfig, arms: dict[str, Config], directory: Path, *, p
     outputs.atomic_write(directory / "bench.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
     write_results(rows, directory)
     return rows
+
+
+def _as_bench_overrides(message: str, prefix: str) -> str:
+    """A config error's suggested overrides, "(e.g. KEY=VALUE ...)", as the bench's command
+    line takes them: `prefix` (base., arms.NAME.) before each key (fault testing: "e.g.
+    optim.warmup_steps=auto", which the bench refuses as an unknown key)."""
+    def prefixed(found: re.Match) -> str:
+        return "(e.g. " + " ".join(prefix + word if re.fullmatch(r"[\w.]+=\S+", word) else word
+                                   for word in found.group(1).split()) + ")"
+    return re.sub(r"\(e\.g\. ([^)]*)\)", prefixed, message)
 
 
 _RUN_DIR_HINT = re.compile(r"\banother (?:name or run_dir|name/run_dir|run_dir)\b")

@@ -160,6 +160,14 @@ def test_a_fault_of_the_base_is_the_bases_and_configs_of_the_other_command_are_n
         bench.load_bench_config(path, ["base.optim.lr=-1"])
     with pytest.raises(ConfigError, match=r"^arms\.topk: optim\.lr: must be > 0"):
         bench.load_bench_config(path, ["arms.topk.optim.lr=-1"])
+    # the suggested fix as the bench's command line takes it (fault testing: "e.g.
+    # optim.warmup_steps=auto", which bench refuses as an unknown key)
+    with pytest.raises(ConfigError, match=r"^base: optim\.warmup_steps.*\(e\.g\. "
+                                          r"base\.optim\.warmup_steps=auto\) \(arm l1"):
+        bench.load_bench_config(path, ["base.optim.warmup_steps=100"])
+    with pytest.raises(ConfigError, match=r"^arms\.topk: optim\.warmup_steps.*\(e\.g\. "
+                                          r"arms\.topk\.optim\.warmup_steps=auto\)"):
+        bench.load_bench_config(path, ["arms.topk.optim.warmup_steps=100"])
     with pytest.raises(ConfigError, match=r"^override base\.optim\.lr: given twice"):  # (review:
         bench.load_bench_config(path, ["base.optim.lr=1e-3", "base.optim.lr=3e-3"])  # the last
         # was taken)
