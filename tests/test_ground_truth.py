@@ -355,7 +355,7 @@ def test_truth_report_refuses_other_data(small_hierarchy, tmp_path):
     _, truth = small_hierarchy
     other, _ = _generate(tmp_path, kind="hierarchy_small", tokens=1000)
     d = truth.directions
-    with pytest.raises(ValueError, match="not the data it was generated with"):
+    with pytest.raises(evaluate.NotTheTruth, match="not the data it was generated with"):
         _report(_sae(d.T, d), RELU, other, truth)
 
 
