@@ -8,7 +8,7 @@ makes malloc ask the kernel for transparent huge pages for such blocks (2 MiB pa
 fewer faults). Tunables are read only when a process starts, so the `jaxsae` command restarts
 itself once, at its first line, with the tunable added to GLIBC_TUNABLES (the same arguments,
 the same process id). It does nothing when the tunable is already set, when the kernel has
-transparent huge pages off, off Linux/glibc, or with JAXSAE_HUGE_PAGES=0.
+transparent huge pages off, off Linux/glibc, or with JAXSAE_HUGE_PAGES=0 (or off, false, no).
 
 Programs that use jaxsae as a library get the same effect by starting Python with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment.
@@ -47,7 +47,9 @@ def _thp_available() -> bool:
 def wanted(environ: dict[str, str] | None = None) -> bool:
     """Whether a restart would turn huge pages on for this process."""
     env = os.environ if environ is None else environ
-    if env.get(OPT_OUT, "1") == "0" or "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+    # (0, off, false or no: fault testing found `off` kept huge pages, unsaid)
+    off = env.get(OPT_OUT, "").strip().lower() in ("0", "off", "false", "no")
+    if off or "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
         return False
     return platform.system() == "Linux" and _glibc_at_least(2, 35) and _thp_available()
 

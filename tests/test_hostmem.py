@@ -24,6 +24,8 @@ def run_probe(**env_changes: str | None) -> tuple[str, str]:
 
 def test_wanted_respects_opt_out_and_existing_setting():
     assert not hostmem.wanted({hostmem.OPT_OUT: "0"})
+    for off in ("off", "False", " no"):  # (fault testing: only "0" turned them off)
+        assert not hostmem.wanted({hostmem.OPT_OUT: off})
     assert not hostmem.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=2"})
 
 
