@@ -163,7 +163,7 @@ def test_a_failed_drawing_warns_once_and_training_goes_on(small_data, tmp_path, 
 
 
 def test_plot_command_overlays_runs_and_refuses_what_it_must_not_touch(small_data, tmp_path,
-                                                                       capsys):
+                                                                       capsys, monkeypatch):
     for name in ("a", "b"):
         train(small_config(small_data, tmp_path / name), progress=False)
     out = tmp_path / "both.png"
@@ -197,6 +197,16 @@ def test_plot_command_overlays_runs_and_refuses_what_it_must_not_touch(small_dat
     # a title that is not valid matplotlib math is drawn as written (it was a traceback)
     assert cli.main(["plot", str(tmp_path / "a"), "--out", str(out), "--overwrite",
                      "--title", r"lr $\foo{$ sweep"]) == 0
+    # without --title, one run is named above its panels (fault testing: nowhere), several in
+    # the legend
+    titles, draw = [], curves.plot
+    monkeypatch.setattr(curves, "plot", lambda series, path, title="": (
+        titles.append((title, [label for label, _ in series])), draw(series, path, title))[1])
+    for runs in (["a"], ["a", "b"]):
+        assert cli.main(["plot", *(str(tmp_path / r) for r in runs), "--out", str(out),
+                         "--overwrite"]) == 0
+    assert titles[0][0] and titles[0] == (titles[0][1][0], titles[0][1]), titles
+    assert titles[1][0] == "", titles
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None,

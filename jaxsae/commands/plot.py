@@ -29,7 +29,7 @@ class Plot(Command):
     out: Annotated[str, tyro.conf.arg(metavar="FILE.png")]
     """the PNG to write"""
     title: str = ""
-    """a title above the panels"""
+    """a title above the panels (default: one run's name; several are named in the legend)"""
     overwrite: Flag = False
     """replace an existing --out"""
 
@@ -71,7 +71,11 @@ class Plot(Command):
             raise JaxsaeError(f"{', '.join(self.runs)}: no metrics logged yet")
         for label in empty:
             print(f"note: {label}: no metrics logged yet, not drawn", file=sys.stderr)
-        curves.plot([s for s in series if s[1]], out, title=self.title)
-        drawn = sum(1 for _, lines in series if lines)
+        drawn_series = [s for s in series if s[1]]
+        # one run is named above its panels, as its own curves.png is (fault testing: the
+        # picture named it nowhere); several are named in the legend
+        title = self.title or (drawn_series[0][0] if len(drawn_series) == 1 else "")
+        curves.plot(drawn_series, out, title=title)
+        drawn = len(drawn_series)
         print(f"wrote {out} ({drawn} run{'s' if drawn != 1 else ''} drawn)")
         return 0
