@@ -225,7 +225,7 @@ class SAEConfig:
     d_sae / 2 (a bias of 0); with free rows, another activation or `init_from`, nothing (the
     start as it was). null: a bias of 0 (half the latents fire)."""
     jumprelu_init_threshold: float = 0.001
-    """Initial JumpReLU threshold."""
+    """Initial JumpReLU threshold (>= 0, as training keeps it)."""
     jumprelu_bandwidth: float = 0.001
     """Width of the straight-through window used for the JumpReLU threshold gradient."""
     batchtopk_threshold_momentum: float = 0.01
@@ -260,6 +260,10 @@ class SAEConfig:
                   f"must be auto, null or in 1..d_sae - 1 ({self.d_sae - 1}), got "
                   f"{self.init_l0}")
         _need(self.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth", "must be > 0")
+        # (fault testing: -1 trained, its first steps' L0 penalties counting latents that
+        # never fire, as θ is kept >= 0 only after an update: activations/jumprelu.py)
+        _need(self.jumprelu_init_threshold >= 0, "sae.jumprelu_init_threshold",
+              f"must be >= 0, got {self.jumprelu_init_threshold}")
         _need(0 < self.batchtopk_threshold_momentum <= 1, "sae.batchtopk_threshold_momentum",
               "must be in (0, 1]")
 

@@ -276,6 +276,10 @@ def raises_naming(*fragments: str):
         (["sae.decoder_norm=none"], ("sae.decoder_norm",)),
         (["sae.activation=topk", "sae.k=65"], ("sae.k", "64", "65")),
         (["sae.activation=batchtopk", "sae.k=0"], ("sae.k",)),
+        # (fault testing: a negative one trained, its L0 penalty counting latents that
+        # never fired until the first update set θ to 0)
+        (["sae.activation=jumprelu", "sae.jumprelu_init_threshold=-1"],
+         ("sae.jumprelu_init_threshold", ">= 0", "-1")),
         (["sae.d_sae=0"], ("sae.d_sae",)),
         (["loss.1.term=l0"], ("loss[1]", "l0", "jumprelu", "relu")),
         (["loss.1.term=auxk"], ("loss[1]", "auxk", "topk")),
