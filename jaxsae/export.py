@@ -534,6 +534,8 @@ def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         del sae["jumprelu_bandwidth"]
     if kind.has_k and "k" not in sae and is_positive_int(own.get("k")):
         sae["k"] = own["k"]
+    if own.get("tied") is True and kind.has_encoder:  # (fault testing: a tied run's export
+        sae["tied"] = True  # was imported as an untied run, its encoder trained on its own)
     optim = {k: v for k, v in (own.get("optim") or {}).items() if k in ("lr", "batch_size")}
     normalize = own.get("normalize", "none")
     if normalize not in ("none", "unit_mean_squared_norm"):

@@ -3,6 +3,8 @@ against plain numpy references, the target-L0 term, export round trips."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,3 +260,21 @@ def test_a_saelens_standard_sae_trained_with_an_lp_norm_imports_with_it():
     assert loss(lp_norm=0.5) == [{"term": "mse"}, {"term": "l1", "coefficient": 3.0, "p": 0.5,
                                                    "norm": True}]
     assert loss(lp_norm=1.0) == loss() == [{"term": "mse"}, {"term": "l1", "coefficient": 3.0}]
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "gated"])
+def test_an_import_of_a_jaxsae_export_trains_the_sae_it_was(activation, tmp_path):
+    """(fault testing: a tied run's export was imported as an untied run, its encoder then
+    trained apart from the decoder; a JumpReLU's `sae.jumprelu_bandwidth` was not in the
+    export, and the import fine-tuned at the default 0.001 instead of the 0.05 trained.)
+    The import's sae section is the source's: tied, and the threshold's bandwidth."""
+    from jaxsae.export import training_settings
+
+    cfg = SAEConfig(d_sae=D_SAE, activation=activation, tied=True, jumprelu_bandwidth=0.05)
+    loaded = load_sae(export_sae(_params(cfg), cfg, tmp_path / "sae"))
+    settings = training_settings(loaded.cfg_json)["sae"]
+    assert settings["tied"] is True
+    assert settings.get("jumprelu_bandwidth") == (0.05 if activation == "jumprelu" else None)
+    untied = dataclasses.replace(cfg, tied=False)
+    loaded = load_sae(export_sae(_params(untied), untied, tmp_path / "untied"))
+    assert training_settings(loaded.cfg_json)["sae"].get("tied", False) is False

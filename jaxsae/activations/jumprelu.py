@@ -65,6 +65,11 @@ class JumpReLU(Activation):
             l0["bandwidth"] = _number(saelens, "jumprelu_bandwidth", 0.001)
         return [{"term": "mse"}, l0]
 
+    def export_cfg(self, cfg):
+        # SAELens's training field, which `config_from_saelens` reads back (fault testing: an
+        # import of jaxsae's own export fine-tuned at the default width, not the one trained)
+        return {"jumprelu_bandwidth": cfg.jumprelu_bandwidth}
+
     def config_from_saelens(self, cfg_json):
         details = cfg_json.get("metadata", {}).get("training_architecture_details") or {}
         fields = {**details, **cfg_json}
