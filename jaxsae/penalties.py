@@ -700,7 +700,9 @@ def group_l1_l2(
 
 
 def _check_orthogonality(cfg: Config, term: TermConfig, key: str) -> None:
-    _group_size(cfg, term, key)
+    if _group_size(cfg, term, key) == 1:  # (fault testing: it trained, a term always 0)
+        raise ConfigError(f"{key}.group_size: 1 leaves no two latents in a group, so the term "
+                          "is always 0; use a group size of 2 or more")
 
 
 @register("intra_group_orthogonality", check=_check_orthogonality)

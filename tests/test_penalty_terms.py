@@ -453,6 +453,14 @@ def test_intra_group_orthogonality(rng, tied, group_size, squared):
     check_fd(grads, reference, P, rng, n=12)
 
 
+def test_intra_group_orthogonality_of_groups_of_one_is_refused():
+    """(fault testing: group_size 1 trained, with a term that is 0 whatever the decoder.)
+    A group of one has no pair to keep orthogonal: refused naming the key."""
+    with pytest.raises(ConfigError, match=r"^loss\[1\]\.group_size: 1 leaves no two latents"):
+        check_run(make_config([{"term": "mse"}, {"term": "intra_group_orthogonality",
+                                                 "group_size": 1}]))
+
+
 def orthonormal_groups(rng, group_size):
     """[D_SAE, D_IN] decoder whose rows are orthogonal within each group (random norms)."""
     rows = [np.linalg.qr(rng.normal(size=(D_IN, group_size)))[0].T
