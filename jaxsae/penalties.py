@@ -754,15 +754,18 @@ def geometric_ends(d_sae: int, n: int) -> tuple[int, ...]:
     return tuple(sorted(ends | {d_sae}))
 
 
-def _covers_all(cfg: Config, term: TermConfig) -> bool:
-    """Whether `term` is a reconstruction loss over the whole dictionary."""
+def _reach(cfg: Config, term: TermConfig) -> int:
+    """How many leading latents `term` reconstructs with a weight > 0 (0 for a term that is no
+    reconstruction, or whose coefficient is 0). (Fault testing: an `mse` of coefficient 0, or
+    a last prefix of weight 0, was taken to train the latents past the prefixes.)"""
     term = resolve(term)
-    if term.term == "mse":
-        return True
-    if term.term != "matryoshka":
-        return False
+    if term.term not in RECONSTRUCTION_TERMS or not term.coefficient > 0:
+        return 0
     prefixes = term.params.get("prefixes")
-    return prefixes is None or prefixes[-1] == cfg.sae.d_sae  # sampled: always the whole
+    if term.term == "mse" or prefixes is None:  # (sampled: always the whole)
+        return cfg.sae.d_sae
+    weights = term.params.get("weights") or [1.0] * len(prefixes)  # (checked by its own term)
+    return max((end for end, w in zip(prefixes, weights, strict=False) if w > 0), default=0)
 
 
 def _check_matryoshka(cfg: Config, term: TermConfig, key: str) -> None:
@@ -777,17 +780,18 @@ def _check_matryoshka(cfg: Config, term: TermConfig, key: str) -> None:
         if prefixes[-1] > d_sae:
             raise ConfigError(f"{key}.prefixes: the last ({prefixes[-1]}) exceeds sae.d_sae "
                               f"({d_sae})")
-        if prefixes[-1] < d_sae and not any(_covers_all(cfg, t) for t in cfg.loss):
-            # latents past the last prefix would be in no reconstruction loss: never trained,
-            # yet a TopK / BatchTopK code still spends places on them
-            raise ConfigError(f"{key}.prefixes: latents [{prefixes[-1]}, {d_sae}) are in no "
-                              f"reconstruction loss; end the prefixes at sae.d_sae ({d_sae}) "
-                              "or add {term: mse}")
         weights = term.params.get("weights")
         if weights is not None and (len(weights) != len(prefixes) or min(weights) < 0
                                     or not max(weights) > 0):
             raise ConfigError(f"{key}.weights: need {len(prefixes)} non-negative weights, one "
                               f"per prefix, not all 0, got {list(weights)}")
+        end = _reach(cfg, term)
+        if 0 < end < d_sae and max(_reach(cfg, t) for t in cfg.loss) < d_sae:
+            # latents past the last prefix would be in no reconstruction loss: never trained,
+            # yet a TopK / BatchTopK code still spends places on them
+            raise ConfigError(f"{key}.prefixes: latents [{end}, {d_sae}) are in no "
+                              f"reconstruction loss; end the prefixes at sae.d_sae ({d_sae}) "
+                              "with a weight > 0, or add {term: mse} (coefficient > 0)")
     else:
         if term.params.get("weights") is not None:
             raise ConfigError(f"{key}.weights: only with fixed prefixes")

@@ -606,7 +606,17 @@ def test_latents_past_the_last_prefix_need_a_reconstruction_loss():
     for cover in ({"term": "mse"}, {"term": "matryoshka", "prefixes": [24]},
                   {"term": "matryoshka", "sample": SAMPLE}):
         check_run(make_config([short, cover]))
+        # (fault testing: a cover of coefficient 0, which trains nothing, let them through)
+        with pytest.raises(ConfigError, match=r"loss\[0\]\.prefixes: latents \[16, 24\)"):
+            check_run(make_config([short, {**cover, "coefficient": 0}]))
     check_run(make_config([{"term": "matryoshka", "prefixes": [8, 24]}]))
+    # a last prefix of weight 0 reaches no further than the one before it (fault testing)
+    with pytest.raises(ConfigError, match=r"loss\[0\]\.prefixes: latents \[8, 24\)"):
+        check_run(make_config([{"term": "matryoshka", "prefixes": [8, 24], "weights": [1, 0]}]))
+    check_run(make_config([{"term": "matryoshka", "prefixes": [8, 24], "weights": [0, 1]}]))
+    # a short term of coefficient 0 is no loss: nothing of it to cover
+    check_run(make_config([{**short, "coefficient": 0}, {"term": "matryoshka",
+                                                           "prefixes": [8, 24]}]))
 
 
 # ---------------------------------------------------------------------------------------------
