@@ -690,6 +690,14 @@ class Config:
                   if self.sweep is not None else
                   f"a run without a sweep steps 1 SAE (1 or null), got {self.sweep_chunk}")
 
+    def term_keys(self) -> list[str]:
+        """How an override addresses each loss term: `loss.<label>` where no other term has
+        its label, else `loss.<position>` (fault testing: two `l1` terms were each named
+        `loss.l1`, a key that addresses neither)."""
+        labels = [t.label for t in self.loss]
+        return [f"loss.{n}" if labels.count(n) == 1 else f"loss.{i}"
+                for i, n in enumerate(labels)]
+
     def term_index(self, which: str, key: str = "loss") -> int:
         """The position of loss term `which`: a position, or a term's label (its name, else its
         kind), as in overrides: `loss.sparsity.coefficient`."""
@@ -719,12 +727,12 @@ class Config:
             why.append(f"the learning rate's warm-up plus decay ({optim.warmup} + "
                        f"{optim.decay_steps} steps)")
             fixes.append("optim.warmup_steps=auto")
-        for term in self.loss:
+        for term, name in zip(self.loss, self.term_keys(), strict=True):
             if term.ramp(total) > total:
-                keys.append(f"loss.{term.label}.warmup_steps")
+                keys.append(f"{name}.warmup_steps")
                 why.append(f"the {term.label} term's warm-up to {term.coefficient:g} "
                            f"({term.warmup_steps} steps)")
-                fixes.append(f"loss.{term.label}.warmup_steps=0")
+                fixes.append(f"{name}.warmup_steps=0")
         if keys:
             raise ConfigError(f"{', '.join(keys)}: {'; '.join(why)} exceed{'s' * (len(why) < 2)} "
                               f"the run's {total} steps (optim.total_tokens / "

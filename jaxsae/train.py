@@ -587,8 +587,9 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
                 "up to the rate of the new schedule)")
         # `auto` warm-ups follow the new length too: one the resumed step is still inside is
         # said (fault testing: a finished L1 ramp restarted, its coefficient 34 % lower, unsaid)
-        ramps = [(f"loss.{t.label}.warmup_steps", a.warmup_steps, t.warmup_steps)
-                 for t, a in zip(cfg.resolved_loss, restored.config.resolved_loss, strict=False)]
+        ramps = [(f"{name}.warmup_steps", a.warmup_steps, t.warmup_steps)
+                 for name, t, a in zip(cfg.term_keys(), cfg.resolved_loss,
+                                       restored.config.resolved_loss, strict=False)]
         ramps.insert(0, ("optim.warmup_steps", before.warmup, cfg.optim.warmup))
         moved = [(key, a, b) for key, a, b in ramps if a != b and start < b]
         if moved:

@@ -323,3 +323,9 @@ def test_an_sae_that_learnt_nothing_gets_a_note(small_data, tmp_path, capsys):
         "loss.l1.coefficient).")
     assert "penalty" not in _degenerate(swept, [{"l0": 400.0, "explained_variance": -3.0},
                                                 {"l0": 9.0, "explained_variance": 0.5}], 48)
+    # two terms of one kind are named by position, as an override must address them (fault
+    # testing: "lower loss.l1.coefficient", which `jaxsae train` refuses as ambiguous)
+    twice = config_from_dict(small_config_dict(small_data, tmp_path / "2", loss=[
+        {"term": "mse"}, {"term": "l1", "coefficient": 9.0}, {"term": "l1"}]))
+    assert "(lower loss.1.coefficient)." in _degenerate(
+        twice, [{"l0": 0.0, "explained_variance": 0.0}], 5)

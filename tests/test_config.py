@@ -292,6 +292,9 @@ def raises_naming(*fragments: str):
         (["loss.1.warmup_steps=-1"], ("loss[1].warmup_steps",)),
         # (fault testing: these trained to exit 0 with the penalty or Adam doing nonsense)
         (["loss.1.warmup_steps=25"], ("loss.l1.warmup_steps", "exceeds the run's 24")),
+        # (fault testing: each of two l1 terms was named loss.l1, which addresses neither)
+        (["loss=[{term: mse}, {term: l1}, {term: l1, warmup_steps: 25}]"],
+         ("loss.2.warmup_steps: the l1 term's", "(e.g. loss.2.warmup_steps=0)")),
         (["loss.1.coefficient=-1"], ("loss[1].coefficient", ">= 0")),
         (["optim.adam_b1=2"], ("optim.adam_b1", "[0, 1)")),
         (["optim.adam_b2=1.0"], ("optim.adam_b2", "[0, 1)")),

@@ -116,7 +116,8 @@ def _degenerate(cfg, evals: list[dict], steps: int) -> str | None:
             f"{i}: {sweep_label(cfg.sweep.points[i])}" for i in (silent or worse)) + ")"
     # (penalties of the codes' size, whose balance with the reconstruction depends on the
     # data's scale; a TopK run's mse alone does not)
-    scaled = [t.label for t in cfg.loss if t.term in ("l1", "group_l1_l2") and t.coefficient]
+    scaled = [name for t, name in zip(cfg.loss, cfg.term_keys(), strict=True)
+              if t.term in ("l1", "group_l1_l2") and t.coefficient]
     scale = (" Loss coefficients are at SAELens's scale, for activations normalised to "
              "E|x|^2 = d_in (data.normalize: unit_mean_squared_norm); this run's are not "
              "normalised." if scaled and cfg.data.normalize == "none" else "")
@@ -133,14 +134,14 @@ def _degenerate(cfg, evals: list[dict], steps: int) -> str | None:
         return (f"no latent fires on the evaluated tokens{which}" + (
             ": the sparsity penalty outweighs the reconstruction" + (
                 " at this data's scale" if scale else "")
-            + f" (lower loss.{scaled[0]}.coefficient)" if scaled else "") + f".{scale}" + (
+            + f" (lower {scaled[0]}.coefficient)" if scaled else "") + f".{scale}" + (
             " If the loss in metrics.jsonl grew by orders of magnitude, the training diverged "
             "instead (lower optim.lr)." if far else ""))
     # (fault testing: an L1 7x the preset's left L0 0.27, and the note said only "more
     # tokens, or a higher optim.lr")
     rare = min(evals[i]["l0"] for i in worse)
     penalty = (f"; at L0 {rare:.2g} almost no latent fires: the sparsity penalty may outweigh "
-               f"the reconstruction (lower loss.{scaled[0]}.coefficient)"
+               f"the reconstruction (lower {scaled[0]}.coefficient)"
                if scaled and rare < 1 else "")
     return (f"explained variance below 0{which}: after {steps:,} steps the reconstruction is "
             "further from the tokens than their mean; a short run may not have left its start "
