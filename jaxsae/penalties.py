@@ -562,6 +562,7 @@ def _check_l0(cfg: Config, term: TermConfig, key: str) -> None:
         target = term.params.get("target_l0")
         if target is None or target <= 0:
             raise ConfigError(f"{key}.target_l0: mode quadratic needs a target_l0 > 0")
+        _fits_d_sae(cfg, target, f"{key}.target_l0")
 
 
 @register("l0", check=_check_l0)
@@ -590,10 +591,19 @@ def l0(
     return _ste_l0(out, params, bandwidth), {}
 
 
+def _fits_d_sae(cfg: Config, target: float, key: str) -> None:
+    """(fault testing: a target L0 above sae.d_sae trained, every threshold driven to 0 after
+    a count no token can reach.)"""
+    if target > cfg.sae.d_sae:
+        raise ConfigError(f"{key}: must be at most sae.d_sae ({cfg.sae.d_sae}), the most "
+                          f"latents a token can have active, got {target:g}")
+
+
 def _check_target_l0(cfg: Config, term: TermConfig, key: str) -> None:
     _require("learns_threshold", "learned thresholds")(cfg, term, key)
     if term.params["target"] <= 0:
         raise ConfigError(f"{key}.target: must be > 0, got {term.params['target']}")
+    _fits_d_sae(cfg, term.params["target"], f"{key}.target")
     if term.params.get("bandwidth") is not None and term.params["bandwidth"] <= 0:
         raise ConfigError(f"{key}.bandwidth: must be > 0")
 

@@ -305,6 +305,11 @@ def raises_naming(*fragments: str):
         (["sae.activation=topk", "loss.1.term=auxk", "loss.1.k_aux=65"], ("loss[1].k_aux",)),
         (["sae.activation=jumprelu", "loss.1.term=l0", "loss.1.bandwidth=0"],
          ("loss[1].bandwidth",)),
+        # (fault testing: these trained, toward an L0 no token can have)
+        (["sae.activation=jumprelu", "loss=[{term: mse}, {term: target_l0, target: 65}]"],
+         ("loss[1].target: must be at most sae.d_sae (64)", "got 65")),
+        (["sae.activation=jumprelu", "loss.1={term: l0, mode: quadratic, target_l0: 100}"],
+         ("loss[1].target_l0: must be at most sae.d_sae (64)", "got 100")),
         (["loss=[]"], ("loss", "at least one")),
         (["data.seed=-1"], ("data.seed", "[0, 2^63)")),
         (["seed=99999999999999999999"], ("seed", "64-bit")),
