@@ -130,6 +130,9 @@ def test_matching_pursuit_refusals():
     check_run(config_from_dict(tree))
     with pytest.raises(ConfigError, match=r"sae.decoder_norm: matching_pursuit needs unit"):
         check_run(config_from_dict({**tree, "sae": {**tree["sae"], "decoder_norm": "free"}}))
+    # (fault testing: tied trained, with nothing to tie, and its export said tied)
+    with pytest.raises(ConfigError, match=r"^sae.tied: matching_pursuit has no encoder"):
+        check_run(config_from_dict({**tree, "sae": {**tree["sae"], "tied": True}}))
     with pytest.raises(ConfigError, match=r"data.normalize"):
         check_run(config_from_dict({**tree, "data": {"path": "x",
                                                      "normalize": "unit_mean_squared_norm"}}))

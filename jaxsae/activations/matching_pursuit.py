@@ -96,6 +96,9 @@ class MatchingPursuit(Activation):
         return [{"term": "mse"}]
 
     def check(self, cfg):
+        if cfg.tied:  # (fault testing: it trained, and the export recorded a tied SAE)
+            raise ConfigError("sae.tied: matching_pursuit has no encoder to tie to the decoder "
+                              "(its codes come from the decoder rows already)")
         if cfg.decoder_norm != "unit":
             raise ConfigError("sae.decoder_norm: matching_pursuit needs unit decoder rows (its "
                               "selection compares correlations), got free")
