@@ -277,6 +277,11 @@ def _check_training_record(cfg: dict[str, Any], file: Path) -> None:
                 # (fault testing: NaN, "five" and true were imported as the default 1.0)
                 raise ExportError(f"{file}: {where}{key} must be a finite number or null, got "
                                   f"{json.dumps(value)}")
+            if key == "jumprelu_bandwidth" and value is not None and not value > 0:
+                # (a width; fault testing: 0 was refused naming sae.jumprelu_bandwidth, a key
+                # of no config the user wrote, by eval too)
+                raise ExportError(f"{file}: {where}{key} must be > 0 or null, got "
+                                  f"{json.dumps(value)}")
     loss = own.get("loss")
     if loss is not None and not (isinstance(loss, list) and loss):
         # (fault testing: `"loss": "mse"` was ignored, and SAELens's fields read instead)

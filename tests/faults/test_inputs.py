@@ -425,6 +425,8 @@ def test_import_sizes_the_run_to_the_hold_out_an_override_gives(small_data, tmp_
      "got [1]"),
     ({"jaxsae": {"loss": "mse"}},
      'jaxsae.loss must be a non-empty JSON list of terms or null, got "mse"'),
+    # (fault testing: 0 was refused naming sae.jumprelu_bandwidth, by eval too)
+    ({"jumprelu_bandwidth": 0}, "jumprelu_bandwidth must be > 0 or null, got 0"),
 ])
 def test_import_refuses_a_malformed_training_field(fields, match, small_data, tmp_path, capsys):
     """(fault testing: each was imported without a word as if absent: coefficient 1.0, or
