@@ -14,7 +14,7 @@ import yaml
 from jaxsae import cli
 from jaxsae.config import load_config
 from tests.conftest import small_config_dict, watched_loader
-from tests.faults.conftest import refused, write_config
+from tests.faults.conftest import refused, snapshot, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,33 +59,31 @@ def test_a_small_run_trains_with_the_defaults(small_data, tmp_path, capsys):
     assert ev["tokens"] == 16384 // 20 and ev["held_out"]
 
 
-def test_convert_and_frankenstein_fit_small_data_with_their_defaults(small_data, tmp_path,
-                                                                      capsys):
+def test_convert_and_frankenstein_fit_small_data_with_their_defaults(small_data, trained_run,
+                                                                      tmp_path, capsys):
     """Their --tokens defaults (65536) once left nothing to calibrate or retrain on below
     131k tokens; now they fit the data: half of it to compare on, and the hold-out of
     training (min(65536, 5 %)) to evaluate a stitched SAE on."""
-    saes = []
-    for name, sae in (("topk", {"d_sae": 32, "activation": "topk", "k": 4}),
-                      ("wide", {"d_sae": 64})):
-        config = write_config(tmp_path / f"{name}.yaml", small_data, tmp_path / name, sae=sae,
-                              loss=[{"term": "mse"}])
-        assert cli.main(["train", str(config), "--no-progress"]) == 0
-        saes.append(str(tmp_path / name / "sae"))
+    config = write_config(tmp_path / "topk.yaml", small_data, tmp_path / "topk",
+                          sae={"d_sae": 32, "activation": "topk", "k": 4},
+                          loss=[{"term": "mse"}])
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    # (the wide SAE: the session's 64-latent run, only read)
+    saes = [str(tmp_path / "topk" / "sae"), str(trained_run / "sae")]
+    shared = snapshot(trained_run)
     capsys.readouterr()
     assert cli.main(["convert", saes[0], "--data", str(small_data), "--out",
                      str(tmp_path / "conv"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "conv" / "convert.json").read_text())
     assert report["tokens"] == report["calibration_tokens"] == 16384 // 2
-    assert cli.main(["stitch", "frankenstein", saes[1], str(tmp_path / "conv" / "sae"),
-                     "--data", str(small_data), "--out", str(tmp_path / "fr"),
-                     "--retrain-decoder-tokens", "8192", "--no-progress"]) == 0
-    assert f"Evaluated on the last {16384 // 20} tokens" in \
-        (tmp_path / "fr" / "frankenstein.md").read_text()
-    # a batch the default 8 data lanes do not divide (the retraining's lanes follow it)
+    # one stitch for both: the default --tokens, and a batch the default 8 data lanes do not
+    # divide (the retraining's lanes follow it)
     assert cli.main(["stitch", "frankenstein", saes[1], str(tmp_path / "conv" / "sae"),
                      "--data", str(small_data), "--out", str(tmp_path / "fr12"),
                      "--batch-size", "12", "--retrain-decoder-tokens", "120",
                      "--no-progress"]) == 0
+    assert f"Evaluated on the last {16384 // 20} tokens" in \
+        (tmp_path / "fr12" / "frankenstein.md").read_text()
     assert yaml.safe_load((tmp_path / "fr12" / "retrain" / "config.yaml").read_text()
                           )["data"]["lanes"] == 4
     # an explicit --tokens that leaves too little to retrain on is named, as given
@@ -93,6 +91,7 @@ def test_convert_and_frankenstein_fit_small_data_with_their_defaults(small_data,
              str(small_data), "--out", str(tmp_path / "fr2"), "--tokens", "15000"], capsys,
             match="16384 tokens leave 1384 to retrain the decoder on after the last --tokens "
                   "15000; need at least --batch-size (4096)", unchanged=[small_data])
+    assert snapshot(trained_run) == shared
 
 
 def test_a_sweep_over_a_misspelt_key_names_it(small_data, tmp_path, capsys):
@@ -783,18 +782,15 @@ def test_a_run_with_auto_ramps_is_extended_on_resume(small_data, tmp_path, capsy
         check_resume_compatible(cfg, config_from_dict({**tree, "loss": [
             {"term": "mse"}, {"term": "l1", "coefficient": 5.0}]}), run)
     # a run extended while still inside the new length's ramp says the ramp moved (said as
-    # it resumes: the extended run stops at its first batch, not 980 steps and 120 saves on)
-    early = config_from_dict({**tree, "run_dir": str(tmp_path / "early"),
-                              "optim": {**tree["optim"], "total_tokens": 64 * 20}})
-    train(early, progress=False, resume_as_trained=False)
+    # it resumes: the extended run stops at its first batch, not 1920 steps and 240 saves on;
+    # the run above, at step 80 with its ramp of 4, extended to 2000 steps: a ramp of 100)
     said = []
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config_from_dict({**tree, "run_dir": str(tmp_path / "early"),
-                                "optim": {**tree["optim"], "total_tokens": 64 * 1000}}),
+        train(config_from_dict({**tree, "optim": {**tree["optim"], "total_tokens": 64 * 2000}}),
               progress=False, resume_as_trained=False, log=said.append,
               make_loader=watched_loader(crash_at=0))
-    assert ("warm-ups: loss.l1.warmup_steps now 50 steps (was 1), for the new length: from "
-            "step 20 they ramp on to the end of the new warm-up (from below where they were)"
+    assert ("warm-ups: loss.l1.warmup_steps now 100 steps (was 4), for the new length: from "
+            "step 80 they ramp on to the end of the new warm-up (from below where they were)"
             ) in said, said
     # the default loss, left unset, resumes extended without a note that it kept anything
     del tree["loss"]
