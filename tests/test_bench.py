@@ -24,7 +24,9 @@ def _bench_tree(tmp_path, **more):
             "sae": {"d_sae": 3},
             "optim": {"lr": 1e-2, "batch_size": 256, "total_tokens": 256 * 12,
                       "warmup_steps": 1},
-            "checkpoint": {"every_steps": 100}, "log": {"every_steps": 6}},
+            # (no training curves: nothing here reads an arm's curves.png; drawn where
+            # tested, test_curves.py)
+            "checkpoint": {"every_steps": 100}, "log": {"every_steps": 6, "curves": False}},
         "arms": {
             "l1": {"loss": [{"term": "mse"}, {"term": "l1"}],
                    "sweep": {"loss.1.coefficient": [0.01, 0.1]}},
@@ -372,10 +374,7 @@ def test_an_sae_with_l0_0_is_drawn_at_the_edge_of_the_log_axis(tmp_path, monkeyp
 
 
 def test_bench_end_to_end(tmp_path, monkeypatch, capsys):
-    tree = _bench_tree(tmp_path)
-    # (no training curves: 4 figures at each of the 9 trainings below, 40 % of the test's
-    # time; drawn where tested, test_curves.py)
-    tree["base"]["log"]["curves"] = False
+    tree = _bench_tree(tmp_path)  # (no training curves: 4 figures at each of the 9 trainings)
     path = _write(tmp_path, tree)
     # (the command in this process: a process of its own costs seconds of imports, and the
     # reruns below compile again what it compiled)
