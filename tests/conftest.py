@@ -84,6 +84,16 @@ def small_config(data_dir: Path, run_dir: Path, **sections):
 
 
 @pytest.fixture
+def no_analysis_figures(monkeypatch):
+    """analyze (and repair, which analyses before and after) without its three PNG figures,
+    for tests that read only its tables and reports: drawing them was most of a small
+    analysis's time (~1 s a figure). They are drawn and checked in tests/test_geometry.py."""
+    from jaxsae.analysis import geometry
+
+    monkeypatch.setattr(geometry, "_plots", lambda *args, **kwargs: None)
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 

@@ -66,6 +66,7 @@ def absorbed(tmp_path_factory):
     return root, data, D
 
 
+@pytest.mark.usefixtures("no_analysis_figures")  # (reads no figure: test_geometry.py does)
 def test_repair_undoes_absorption(absorbed, capsys):
     root, data, D = absorbed
     out = root / "out"

@@ -55,6 +55,7 @@ def _oracle(root, spec, rows, bias):
         return [r["kind"] for r in csv.DictReader(f)]
 
 
+@pytest.mark.usefixtures("no_analysis_figures")  # (reads no figure: test_geometry.py does)
 def test_a_feature_learnt_twice_is_duplicate(tmp_path):
     """A dictionary at the true features plus a near copy (cos ~0.98) of the first six: those
     twelve are duplicates, the others not."""
@@ -69,6 +70,7 @@ def test_a_feature_learnt_twice_is_duplicate(tmp_path):
     assert "duplicate" not in [k for i, k in enumerate(kinds) if i not in twice], kinds
 
 
+@pytest.mark.usefixtures("no_analysis_figures")  # (reads no figure: test_geometry.py does)
 def test_circles_are_circular(tmp_path):
     """Six latents tiling each circle's plane (as wide SAEs learn circles)."""
     spec = synthetic.CirclesSpec(n_circles=10, d_in=48, prob=0.03, tokens=16384, seed=1)
@@ -79,6 +81,7 @@ def test_circles_are_circular(tmp_path):
     assert np.mean([k == "circular" for k in kinds]) >= 0.9
 
 
+@pytest.mark.usefixtures("no_analysis_figures")  # (reads no figure: test_geometry.py does)
 @pytest.mark.parametrize(("magnitude_std", "want"), [(0.05, "single"), (0.6, "variable")])
 def test_set_and_spread_magnitudes(tmp_path, magnitude_std, want):
     spec = synthetic.SuperpositionSpec(n_features=16, d_in=64, mean_l0=0.8, zipf_exponent=0.0,
@@ -87,6 +90,7 @@ def test_set_and_spread_magnitudes(tmp_path, magnitude_std, want):
     assert np.mean([k == want for k in kinds]) >= 0.9, kinds
 
 
+@pytest.mark.usefixtures("no_analysis_figures")  # (reads no figure: test_geometry.py does)
 def test_a_hierarchy_kept_and_absorbed(tmp_path):
     spec = synthetic.HierarchySpec(n_trees=4, branching=2, depth=2, probs=(0.06, 0.4),
                                    magnitude_std=0.05, d_in=24, tokens=16384, seed=3)

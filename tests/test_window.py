@@ -136,6 +136,7 @@ def test_where_the_training_tokens_end(tmp_path, monkeypatch):
     assert trained_drop(saes[0]) == {"held_out_from": 900}  # kept by an SAE made from it
 
 
+@pytest.mark.usefixtures("no_analysis_figures")  # (reads no figure: test_geometry.py does)
 def test_reports_count_the_tokens_the_sae_was_trained_on(sinks, tmp_path, capsys):
     """(fault testing: analyze, repair, convert and stitch read the last --tokens of the data,
     which are training tokens on data under ~1.3M tokens, and did not say so.) An SAE that
@@ -271,6 +272,7 @@ def _latents(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.usefixtures("no_analysis_figures")  # (reads no figure: test_geometry.py does)
 def test_analyze_and_repair_read_the_kept_tokens(sinks, tmp_path, capsys):
     sae = str(sinks["saes"]["relu"])
     for name in ("data", "clean"):
