@@ -306,18 +306,21 @@ def test_a_diverging_sae_is_named(small_data, tmp_path):
         train_mod.train(cfg, progress=False)
 
 
-def test_cli_sweep(small_data, tmp_path):
+def test_cli_sweep(small_data, tmp_path, capsys):
+    """`jaxsae train` with a sweep given on the command line (its command line in this
+    process: the exit status of a process of `jaxsae train` is tested in test_cli.py)."""
+    from jaxsae import cli
+
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(small_config_dict(small_data, tmp_path / "run")))
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxsae.cli", "train", str(config), "--no-progress",
-         "sweep.loss.1.coefficient=[0.01, 0.1]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stderr
-    assert "(loss.1.coefficient=0.01)" in proc.stdout
-    assert "(loss.1.coefficient=0.1)" in proc.stdout
-    assert "2 SAEs exported to" in proc.stdout and "sweep.csv" in proc.stdout
+    capsys.readouterr()
+    code = cli.main(["train", str(config), "--no-progress",
+                     "sweep.loss.1.coefficient=[0.01, 0.1]"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "(loss.1.coefficient=0.01)" in printed.out
+    assert "(loss.1.coefficient=0.1)" in printed.out
+    assert "2 SAEs exported to" in printed.out and "sweep.csv" in printed.out
 
 
 _SHARDED = r"""
