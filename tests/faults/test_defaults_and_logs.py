@@ -695,9 +695,11 @@ def test_a_resume_keeps_the_start_it_had(small_data, tmp_path, capsys):
                              optim={"total_tokens": 256 * 8})
     train(config_from_dict(relu), progress=False)
     relu["sae"]["init_l0"] = 5
-    relu["optim"]["total_tokens"] = 256 * 12
+    # (16 steps: the step test_a_run_from_before_auto_resumes_as_it_was_trained resumes to,
+    # read from the compilation cache where it ran first, as the 8 above)
+    relu["optim"]["total_tokens"] = 256 * 16
     said = []
-    assert train(config_from_dict(relu), progress=False, log=said.append).step == 12
+    assert train(config_from_dict(relu), progress=False, log=said.append).step == 16
     assert (f"{tmp_path / 'relu'}: sae.init_l0 5 sets a start, and the run started with auto: "
             "kept") in said
     assert yaml.safe_load((tmp_path / "relu" / "config.yaml").read_text())["sae"][
