@@ -432,7 +432,8 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts, 
     recall_with_child  P(ℓ fires | p active, a child active)
     full               P(ℓ silent and a child's latent fires | p and a child active)
     partial            P(ℓ fires below half its usual (alone) magnitude | p and a child active)
-                       (null where ℓ never fired with p alone: no usual magnitude)
+                       (null where ℓ fired beside a child but never with p alone: no usual
+                       magnitude to compare with)
     absorption         full + partial
     decoder mixing     cos(W_dec[ℓ], child direction) for each child (signed)
     encoder mixing     cos(W_enc[:, ℓ_c], sibling direction) for each child c, sibling s ≠ c
@@ -452,13 +453,15 @@ def _absorption(params, directions, parent, match_f, match_l, c: _FiringCounts, 
 
     rows = []
     for i, p in enumerate(c.parents):
-        # its usual magnitude is that of the tokens where it fired alone; with none, partial
-        # absorption has nothing to compare with and is null (fault testing: a parent never
-        # active without a child read 0.0, as if measured)
+        # its usual magnitude is that of the tokens where it fired alone; with none, the
+        # firings beside a child have nothing to compare with and partial absorption is null
+        # (fault testing: a parent never active without a child read 0.0, as if measured);
+        # a latent that never fired beside a child has none, whatever its usual magnitude
         usual = c.alone_mag[i] / c.alone_fired[i] if c.alone_fired[i] else None
         both_acts = np.concatenate(c.with_child_acts[i]) if c.with_child_acts[i] else np.zeros(0)
-        partial = (np.sum((both_acts > FIRING_EPS) & (both_acts < 0.5 * usual))
-                   if usual is not None else None)
+        fired = both_acts > FIRING_EPS
+        partial = (np.sum(fired & (both_acts < 0.5 * usual)) if usual is not None
+                   else 0 if not fired.any() else None)
         children = np.flatnonzero(parent == p)
         ell = c.latent_of[p]
         def share(count, of):  # NaN (null) where no token qualifies
