@@ -292,7 +292,7 @@ def test_generated_data_larger_than_the_free_space_is_refused_before_writing(tmp
             match=f"--tokens 1,000: the shards need 15.6 KiB, more than the 4.0 KiB free on "
                   f"{tmp_path}")
     tree = small_config_dict(tmp_path / "gen", tmp_path / "run", data={"generate": {
-        "kind": "superposition", "n_features": 8, "d_in": 4, "tokens": 1000}})
+        "kind": "superposition", "n_features": 8, "d_in": 4, "tokens": 1000}, "eval_tokens": 100})
     with pytest.raises(JaxsaeError, match=r"data\.generate\.tokens 1,000: the shards need"):
         train(config_from_dict(tree), progress=False, log=lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
