@@ -372,6 +372,23 @@ def test_truncated_data(tmp_path, file_type, cut):
     assert str(file) in str(err.value)
 
 
+def test_a_header_whose_size_overflows_int64_is_truncated_not_a_traceback(tmp_path):
+    """(fault testing: a .npy header and manifest claiming 2^62 rows of 16 values, 2^68
+    bytes, wrapped to 0 bytes in numpy's int64 product and ended in numpy's "array is too
+    big" traceback.) The shard is named, truncated."""
+    out = tmp_path / "set"
+    out.mkdir()
+    rows = 2**62
+    with open(out / "shard-00000.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (rows, 16)})
+    (out / MANIFEST).write_text(json.dumps({
+        "format": "jaxsae.shards", "version": 1, "d_in": 16, "dtype": "float32",
+        "shards": [{"file": "shard-00000.npy", "n_tokens": rows}]}))
+    with pytest.raises(DataError, match=r"shard-00000\.npy: truncated: .*\(only the first 0 "):
+        ShardSet(out)
+
+
 @pytest.mark.parametrize("file_type", ["npy", "safetensors"])
 def test_bytes_after_the_array(tmp_path, file_type):
     """(fault testing: a shard grown past its array, e.g. two writers' bytes in one file, was

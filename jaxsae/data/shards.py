@@ -12,6 +12,7 @@ and rename it into place, so a set is either complete or absent.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -164,7 +165,9 @@ def _map(file, offset, shape, dtype, fortran, entry, manifest) -> np.ndarray:
                         f"{manifest.dtype}")
     if fortran:
         raise DataError(f"{file}: Fortran-ordered arrays are not supported")
-    need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    # (math.prod: fault testing found np.prod's int64 wrap a header's [2^62, 16] to 0 bytes,
+    # and numpy's memmap then failed in a traceback)
+    need = offset + math.prod(shape) * np.dtype(dtype).itemsize
     have = file.stat().st_size
     if have < need:
         rows = max(0, (have - offset) // (manifest.d_in * np.dtype(dtype).itemsize))
