@@ -394,9 +394,10 @@ def test_transcoder_on_a_mesh_and_in_bfloat16():
 
 
 def test_what_a_transcoder_is_paired_with_is_checked(paired, small_data, tmp_path, capsys):
-    """(fault testing: data.target = data.path trained a transcoder of x to x; on data whose
-    truth is not a transcoder's, training ended in a traceback, on every rerun; a target
-    moved on resume went unsaid, as a moved data.path does not)"""
+    """(fault testing: data.target = data.path, or a directory of links to its shards, trained
+    a transcoder of x to x; on data whose truth is not a transcoder's, training ended in a
+    traceback, on every rerun; a target moved on resume went unsaid, as a moved data.path
+    does not)"""
     import dataclasses
     import shutil
 
@@ -408,6 +409,13 @@ def test_what_a_transcoder_is_paired_with_is_checked(paired, small_data, tmp_pat
 
     with pytest.raises(DataError, match=r"data.target .*: is data.path; a transcoder maps"):
         open_source(DataConfig(path=str(paired / "x"), target=str(paired / "x")))
+    links = tmp_path / "links"  # (the inputs' shards again, under other names)
+    links.mkdir()
+    shutil.copy(paired / "x" / "manifest.json", links)
+    for shard in sorted((paired / "x").glob("shard-*")):
+        (links / shard.name).symlink_to(shard)
+    with pytest.raises(DataError, match=r"links/shard-00000\.npy: the same file as data\.path's"):
+        open_source(DataConfig(path=str(paired / "x"), target=str(links)))
     other = generate_superposition(dataclasses.replace(SMALL_SPEC, seed=4), tmp_path / "other",
                                    progress=False)
     cfg = config_from_dict(small_config_dict(small_data, tmp_path / "run",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,13 @@ def open_source(cfg: DataConfig, *, train_tokens: int | None = None
         # (fault testing: it trained a transcoder of x to x, exported as a skip transcoder)
         raise DataError(f"data.target {target}: is data.path; a transcoder maps the "
                         "activations to others (a generated transcoder's: DIR/target)")
+    if isinstance(targets, ShardSet) and isinstance(inputs, ShardSet):
+        # (fault testing: a target directory of links to data.path's shards trained a
+        # transcoder of x to x too)
+        for x, y in zip(inputs.names, targets.names, strict=False):
+            if os.path.samefile(x, y):
+                raise DataError(f"data.target {y}: the same file as data.path's {x} (a "
+                                "link); a transcoder maps the activations to others")
     if isinstance(inputs, ShardSet) != isinstance(targets, ShardSet):
         raise DataError(f"{target}: data.path and data.target must be of one format (a shard "
                         "directory and a SAELens cache do not say that their rows pair up)")
