@@ -207,7 +207,7 @@ def test_dropping_outliers_is_logged_and_resumes_exactly(outlier_data, tmp_path,
     assert logged[0] == logged[1]
 
 
-def test_inspect_summary_and_refusal(outlier_data, tmp_path):
+def test_inspect_summary_and_refusal(outlier_data, tmp_path, monkeypatch):
     path, x = outlier_data
     summary = inspect(path, progress=False)
     norms = np.linalg.norm(x.astype(np.float64), axis=1)
@@ -218,6 +218,17 @@ def test_inspect_summary_and_refusal(outlier_data, tmp_path):
     assert summary["norm"]["mean"] == pytest.approx(norms.mean(), rel=1e-5)
     assert summary["norm"]["median"] == pytest.approx(np.median(norms), rel=1e-3)
     assert summary["unlisted"] == [] and "unlisted" not in format_summary(summary)
+    assert summary["norm"]["quantile_tokens"] == len(x) and "evenly" not in format_summary(
+        summary)
+    # (fault testing: beyond 2^21 tokens the median and p99 are a strided sample's, and were
+    # printed as if they were all the tokens')
+    monkeypatch.setattr("jaxsae.data.inspect._SAMPLE", 4096)
+    summary = inspect(path, progress=False)
+    sample = norms[::len(x) // 4096]
+    assert summary["norm"]["quantile_tokens"] == len(sample)
+    assert summary["norm"]["p99"] == pytest.approx(np.quantile(sample, 0.99), rel=1e-6)
+    assert summary["norm"]["max"] == pytest.approx(norms.max(), rel=1e-5)  # (all tokens)
+    assert f"(of {len(sample):,} tokens evenly spaced)" in format_summary(summary)
     # (fault testing: a shard file the manifest does not list was passed over in silence)
     extra = shutil.copytree(path, tmp_path / "extra")
     shutil.copy(extra / "shard-00000.npy", extra / "shard-00009.npy")

@@ -81,6 +81,9 @@ def inspect(path: str | Path, *, hook: str | None = None, block_tokens: int = 65
             "max": float(high),
             "max_over_median": (float(high / np.median(sample)) if np.median(sample) > 0
                                 else None),  # (no multiple of a zero median)
+            # (fault testing: on data of 2^21 tokens or more, the median and p99 are those of
+            # every stride-th token, and were printed as if of all of them)
+            "quantile_tokens": len(sample),
         },
     }
     if kind == "shards":
@@ -117,7 +120,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  hook        {summary['hook']} (context {summary['context_size']})")
     lines += [
         f"  norm        mean {norm['mean']:.4g}, rms {norm['rms']:.4g}, median "
-        f"{norm['median']:.4g}, p99 {norm['p99']:.4g}",
+        f"{norm['median']:.4g}, p99 {norm['p99']:.4g}"
+        + (f" (of {norm['quantile_tokens']:,} tokens evenly spaced)"
+           if norm["quantile_tokens"] < summary["tokens"] else ""),
         f"              min {norm['min']:.4g}, max {norm['max']:.4g} "
         + (f"({norm['max_over_median']:.4g}x the median)"
            if norm["max_over_median"] is not None else "(the median is 0)"),
