@@ -18,7 +18,7 @@ class Inspect(Command):
     """Validate an activation directory and print a summary.
 
     Validates every shard (headers, sizes, NaN/inf) of a jaxsae shard directory or SAELens
-    cache and print its format, size, dtype and norm statistics."""
+    cache, and prints its format, size, dtype, all-zero tokens and norm statistics."""
 
     path: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="DIR")]
     """activation directory"""
