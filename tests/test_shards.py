@@ -361,6 +361,19 @@ def test_dtype_mismatch(tmp_path, file_type, stored, claimed):
     assert str(out / f"shard-00000.{file_type}") in str(err.value)
 
 
+def test_a_bfloat16_npy_shard_is_named_as_such(tmp_path):
+    """(fault testing: a bfloat16 array saved with np.save, which .npy stores as raw 2-byte
+    values, was refused as "dtype void16 but the manifest says bfloat16", unexplained.) The
+    refusal says what the file holds and how to write bfloat16 shards."""
+    out = write_set(tmp_path / "set", source_data())
+    np.save(out / "shard-00000.npy", np.load(out / "shard-00000.npy").astype(ml_dtypes.bfloat16))
+    rewrite_manifest(out, dtype="bfloat16")
+    with pytest.raises(DataError, match=r"shard-00000\.npy: dtype void16 but the manifest says "
+                                        r"bfloat16 \(raw 2-byte values: what numpy writes for "
+                                        r"bfloat16.*as \.safetensors\)"):
+        ShardSet(out)
+
+
 @pytest.mark.parametrize("file_type", ["npy", "safetensors"])
 @pytest.mark.parametrize("cut", [1, 4 * D_IN + 1])  # a partial last row; more than one row
 def test_truncated_data(tmp_path, file_type, cut):

@@ -161,8 +161,12 @@ def _map(file, offset, shape, dtype, fortran, entry, manifest) -> np.ndarray:
         raise DataError(f"{file}: big-endian {np.dtype(dtype).newbyteorder('=').name}; shards "
                         "are little-endian (numpy's default)")
     if np.dtype(dtype) != DTYPES[manifest.dtype]:
+        # (fault testing: a bfloat16 array np.save'd read "dtype void16", unexplained)
+        raw = (" (raw 2-byte values: what numpy writes for bfloat16, which .npy cannot hold; "
+               "write bfloat16 shards as .safetensors)"
+               if np.dtype(dtype).kind == "V" and np.dtype(dtype).itemsize == 2 else "")
         raise DataError(f"{file}: dtype {np.dtype(dtype).name} but the manifest says "
-                        f"{manifest.dtype}")
+                        f"{manifest.dtype}{raw}")
     if fortran:
         raise DataError(f"{file}: Fortran-ordered arrays are not supported")
     # (math.prod: fault testing found np.prod's int64 wrap a header's [2^62, 16] to 0 bytes,
