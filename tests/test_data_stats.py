@@ -16,7 +16,7 @@ from jaxsae.config import CheckpointConfig, DataConfig, SAEConfig
 from jaxsae.data.inspect import format_summary, inspect
 from jaxsae.data.shards import ShardSet, ShardWriter
 from jaxsae.data.stats import estimate, sample_evenly
-from jaxsae.errors import DataError
+from jaxsae.errors import ConfigError, DataError
 from jaxsae.export import load_sae
 from tests.conftest import small_config, train_until_crash, watched_loader
 
@@ -54,6 +54,24 @@ def test_estimate_scale_and_threshold(outlier_data):
     np.testing.assert_array_equal(keep, norms <= stats.drop_above)
     plain = estimate(source, source.n_tokens, DataConfig(path=str(path)))
     assert plain.scale == 1.0 and plain.drop_above is None and plain.keep_fn() is None
+
+
+def test_a_statistics_sample_beyond_memory_names_data_stats_tokens(outlier_data, monkeypatch):
+    """(fault testing: data.stats_tokens: 1e9, on 3M tokens beyond a 1.5 GiB memory limit,
+    ended in "out of memory ...: the sizes asked for (sae.d_sae, optim.batch_size, ...)",
+    none of which sizes the sample.) The refusal names data.stats_tokens, in one line."""
+    path, _ = outlier_data
+    source = ShardSet(path)
+
+    def full(*args, **kwargs):
+        raise MemoryError("Unable to allocate 732. MiB for an array")
+
+    monkeypatch.setattr("jaxsae.data.stats.sample_evenly", full)
+    with pytest.raises(ConfigError, match=r"^data\.stats_tokens: 16,384 tokens sampled for the "
+                                          r"data's statistics need more memory than this machine "
+                                          r"has \(Unable to allocate 732\. MiB.*the default, "
+                                          r"65,536"):
+        estimate(source, source.n_tokens, DataConfig(path=str(path), stats_tokens=10**9))
 
 
 def test_a_range_no_larger_than_the_sample_is_read_whole(outlier_data):

@@ -20,7 +20,8 @@ class Bench(Command):
     plots (L0 vs explained variance with Pareto frontiers, mcc vs L0, absorption vs L0).
     Rerunning resumes and skips finished arms; one bench at a time in a directory."""
 
-    memory = ("sae.d_sae", "optim.batch_size", "the arms' sweeps or their sweep_chunk")
+    memory = ("sae.d_sae", "optim.batch_size", "the arms' sweeps or their sweep_chunk",
+              "data.shuffle_buffer")  # (its windows: two per lane, in float32)
 
     resumes = True
 

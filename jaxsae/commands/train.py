@@ -23,7 +23,8 @@ class Train(Command):
     latest checkpoint. A sweep (`sweep:` in the config, or sweep.KEY=[values] overrides) trains
     several SAEs in one vmapped step on one data stream."""
 
-    memory = ("sae.d_sae", "optim.batch_size", "a sweep's SAEs or its sweep_chunk")
+    memory = ("sae.d_sae", "optim.batch_size", "a sweep's SAEs or its sweep_chunk",
+              "data.shuffle_buffer")  # (its windows: two per lane, in float32)
 
     resumes = True
 

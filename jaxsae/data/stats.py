@@ -11,7 +11,7 @@ import numpy as np
 from jaxsae.config import DataConfig
 from jaxsae.data.loader import KeepFn
 from jaxsae.data.source import TokenSource, iter_blocks
-from jaxsae.errors import DataError
+from jaxsae.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,22 @@ def estimate(source: TokenSource, stop: int, cfg: DataConfig, *,
     """Median norm, outlier threshold and scale from tokens spread over the training range.
     A sampled token with a NaN / inf is refused, naming its file and row (it would make the
     median and the scale meaningless), unless `skip_nonfinite` (the run skips the steps such
-    tokens reach): then the statistics are those of the finite tokens."""
+    tokens reach): then the statistics are those of the finite tokens. A sample beyond the
+    host's memory is refused naming data.stats_tokens (fault testing: the error named
+    sae.d_sae and optim.batch_size, which do not size it)."""
+    try:
+        return _estimate(source, stop, cfg, skip_nonfinite=skip_nonfinite)
+    except MemoryError as e:
+        sampled = min(cfg.stats_tokens, stop)
+        raise ConfigError(f"data.stats_tokens: {sampled:,} tokens sampled for the data's "
+                          f"statistics need more memory than this machine has ({e}); the "
+                          f"default, {DataConfig.stats_tokens:,}, estimates the median norm "
+                          "and the scale well"
+                          ) from None
+
+
+def _estimate(source: TokenSource, stop: int, cfg: DataConfig, *,
+              skip_nonfinite: bool) -> DataStats:
     # Tokens drawn independently (generated data) are sampled as well by one range.
     pieces = 1 if getattr(source, "iid", False) else 64
     rows = sample_evenly(source, stop, cfg.stats_tokens, pieces=pieces)

@@ -181,7 +181,9 @@ def test_sizes_beyond_what_a_run_can_hold_are_one_line(override, match, small_da
 
 
 def test_the_device_out_of_memory_is_one_line(small_data, tmp_path, capsys, monkeypatch):
-    """(fault testing: sizes beyond the machine's memory ended in XLA's traceback, exit 1)"""
+    """(fault testing: sizes beyond the machine's memory ended in XLA's traceback, exit 1;
+    train's named neither data.shuffle_buffer, whose windows the loader holds, nor
+    data.stats_tokens, whose sample the statistics read at once)"""
     import jax
 
     from jaxsae import train
@@ -194,7 +196,8 @@ def test_the_device_out_of_memory_is_one_line(small_data, tmp_path, capsys, monk
     config = write_config(tmp_path / "config.yaml", small_data, tmp_path / "run")
     refused(["train", str(config), "--no-progress"], capsys, unchanged=[config],
             match="out of memory on the CPU (RESOURCE_EXHAUSTED: Out of memory allocating "
-                  "128000000000000 bytes.): the sizes asked for (sae.d_sae, optim.batch_size")
+                  "128000000000000 bytes.): the sizes asked for (sae.d_sae, optim.batch_size, "
+                  "a sweep's SAEs or its sweep_chunk, data.shuffle_buffer, ...)")
     # XLA-CPU's YNNPACK kernels say it otherwise (fault testing: a traceback, exit 1); other
     # commands name their own flags (fault testing: eval and analyze named train's keys)
     from jaxsae.commands.analyze import Analyze
