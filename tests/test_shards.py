@@ -98,6 +98,26 @@ def test_round_trip(tmp_path, file_type, dtype, np_dtype):
     np.testing.assert_array_equal(full[:, 0], np.arange(N_TOKENS))
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+def test_a_directory_of_more_shards_than_open_files_allowed_reads(tmp_path):
+    """(fault testing: every memory-mapped shard held a file descriptor open, so a directory
+    of 2,500 shards under the default `ulimit -n` of 1,024 failed with "Too many open files",
+    naming nothing.) The shards stay mapped, and readable, with their files closed."""
+    import resource
+
+    data = source_data(64)
+    out = write_set(tmp_path / "set", data, sizes=(64,), shard_tokens=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 16, hard))
+    try:
+        shards = ShardSet(out)
+        np.testing.assert_array_equal(shards.read(0, 64), data)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(os.listdir("/proc/self/fd")) < open_now + 16
+
+
 def test_read_every_range_across_shard_boundaries(tmp_path):
     data = source_data()
     shards = ShardSet(write_set(tmp_path / "set", data))

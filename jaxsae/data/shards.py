@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import pyarrow as pa
 
 from jaxsae import interrupts, outputs, tensorfile
 from jaxsae.data.source import ArraySource, refuse_links
@@ -182,7 +183,14 @@ def _map(file, offset, shape, dtype, fortran, entry, manifest) -> np.ndarray:
     if have > need:  # (what writes a shard ends the file with its array)
         raise DataError(f"{file}: {have - need} bytes after its {list(shape)} array ({have} "
                         f"bytes, expected {need}); damaged, or not the shard {MANIFEST} lists")
-    return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+    # Mapped through Arrow, whose mapping outlives the file's descriptor (closed here):
+    # np.memmap keeps a descriptor open per shard (Python's mmap holds a duplicate), and a
+    # directory of more shards than `ulimit -n` allows (1,024 by default) failed with "Too
+    # many open files", naming nothing (fault testing: 2,500 shards).
+    with pa.memory_map(str(file), "r") as mapped:
+        mapped.seek(offset)
+        values = mapped.read_buffer(need - offset)
+    return np.frombuffer(values, dtype=dtype).reshape(shape)
 
 
 class ShardSet(ArraySource):
