@@ -48,7 +48,7 @@ from jaxsae.data import open_source, synthetic
 from jaxsae.data.generated import refuse_other_sampler
 from jaxsae.data.loader import Loader, Prefetcher, dropped_tokens, lanes_of_process
 from jaxsae.data.source import fingerprint
-from jaxsae.data.stats import DataStats, check_held_out
+from jaxsae.data.stats import DataStats, check_held_out, check_held_out_kept
 from jaxsae.data.stats import estimate as estimate_stats
 from jaxsae.errors import ConfigError, DataError, JaxsaeError
 from jaxsae.finish import finalise_all, ground_truth, member_dirs, write_sweep_table
@@ -607,6 +607,7 @@ def _run_loop(cfg: Config, ckpt: Checkpointer, source, n_train: int, run_dir: Pa
         loader_state, start = None, 0
         stats = estimate_stats(source, n_train, cfg.data,
                                skip_nonfinite=cfg.optim.skip_nonfinite)
+        check_held_out_kept(source, n_train, stats)
         built = built_for(stats)
         state = built.init(_start_params(cfg, source.d_in, stats, log))
     # (said once the run is known to go ahead: before a resume refusal it was a second line)

@@ -190,6 +190,26 @@ def test_normalised_run_exports_an_sae_for_raw_activations(outlier_data, tmp_pat
     assert not np.allclose(weights["W_enc"], weights["W_dec"].T)  # scale folded in
 
 
+def test_held_out_tokens_all_dropped_are_refused_before_training(outlier_data, tmp_path):
+    """(fault testing: data whose last data.eval_tokens tokens all lie above
+    data.drop_norm_above trained to its last step, then its evaluation refused "every one of
+    the 10 tokens evaluated has a norm above ...", and so did every rerun.) The run is
+    refused before training, naming the keys, and leaves no run directory."""
+    _, x = outlier_data
+    x = x.copy()
+    x[-16:] = x[0]  # (a sink: norm 300, 100x the median)
+    with ShardWriter(tmp_path / "data", D_IN, shard_tokens=4096) as w:
+        w.write(x)
+    cfg = small_config(tmp_path / "data", tmp_path / "run",
+                       data={"eval_tokens": 16, "drop_norm_above": 10.0})
+    with pytest.raises(ConfigError, match=r"^data\.drop_norm_above: every one of the 16 tokens "
+                                          r"held out for the evaluation at the end of the run "
+                                          r"\(data\.eval_tokens\) has a norm above .*checked "
+                                          r"before training"):
+        train_mod.train(cfg, progress=False, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_dropping_outliers_is_logged_and_resumes_exactly(outlier_data, tmp_path, monkeypatch):
     path, x = outlier_data
     sections = {"data": {"drop_norm_above": 10.0, "normalize": "unit_mean_squared_norm"}}

@@ -176,6 +176,25 @@ def check_held_out(source: TokenSource, start: int, cfg: DataConfig) -> None:
         lo += len(block)
 
 
+def check_held_out_kept(source: TokenSource, start: int, stats: DataStats) -> None:
+    """Refuses, before training, held-out tokens [start, n_tokens) every one of which
+    data.drop_norm_above leaves out (`stats.drop_above`): the evaluation at the end of the
+    run would have none to evaluate (fault testing: it refused after the last step, and on
+    every rerun; e.g. the last tokens of the data being another cache's, of larger norms)."""
+    if stats.drop_above is None or start >= source.n_tokens:
+        return
+    keep = stats.keep_fn(source.d_in)
+    for block in iter_blocks(source, 8192, start):
+        if keep(block).any():
+            return
+    n = source.n_tokens - start
+    raise ConfigError(f"data.drop_norm_above: every one of the {n:,} token{'s' if n > 1 else ''} "
+                      f"held out for the evaluation at the end of the run (data.eval_tokens) "
+                      f"has a norm above {stats.drop_above:.4g} (that multiple of the median "
+                      f"norm, {stats.median_norm:.4g}), so none would be left to evaluate; "
+                      "checked before training: hold out more tokens, or set a larger multiple")
+
+
 def _where(source: TokenSource, stop: int, cfg: DataConfig, pieces: int, row: int) -> str:
     """The file and row of the `row`-th token `estimate` sampled."""
     for first, per in _sample_reads(stop, cfg.stats_tokens, pieces, 0):
