@@ -13,6 +13,7 @@ import pytest
 
 from jaxsae.data.loader import Loader, Prefetcher, dropped_tokens, lanes_of_process
 from jaxsae.data.shards import ShardSet, ShardWriter
+from jaxsae.errors import DataError
 
 
 class IndexSource:
@@ -384,6 +385,23 @@ def test_dropped_counts_the_filtered_tokens_of_the_windows_served_from():
         for lane, (epoch, window, _) in enumerate(position["lanes"]):
             assert window == 0 and position["dropped"][lane] == (epoch + 1) * sevens[lane]
     assert {p["lanes"][0][0] for _, p in pairs} == {0, 1, 2}  # (three epochs)
+
+
+def test_a_lane_whose_every_token_is_filtered_out_is_refused_not_read_for_ever():
+    """(fault testing: data.drop_norm_above leaving out every token of one lane, whose chunks
+    are every LANES-th of the data, made the loader read that lane's windows for ever, the run
+    hung without a word.) The loader names the lane and the keys to change."""
+    windows = []
+
+    def not_lane_2(rows):  # (a lane-2 chunk: its first token's chunk index is 2 mod LANES)
+        windows.append(len(rows))
+        assert len(windows) < 200, "still reading windows"
+        return (rows[:, 0] // CHUNK) % LANES != 2
+
+    with pytest.raises(DataError, match=r"^data\.drop_norm_above leaves out every training "
+                                        r"token of lane 2 of 4 \(data\.lanes: its 16 chunks "
+                                        r"of 16 tokens.*a larger multiple, or fewer lanes"):
+        run(make_loader(keep=not_lane_2), 1)
 
 
 def test_dropped_is_part_of_the_position_and_resumes_exactly():

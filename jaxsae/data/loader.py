@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from jaxsae.data.source import TokenSource
+from jaxsae.errors import DataError
 
 KeepFn = Callable[[np.ndarray], np.ndarray]
 """[n, d_in] float32 tokens -> [n] bool: which tokens to keep."""
@@ -135,12 +136,20 @@ class Loader:
         counted = offset > 0  # a position inside a window: counted when it was entered
         ahead = self._pool.submit(self._read_window, lane, epoch, window)
         segments: list[tuple[_Window, np.ndarray]] = []
-        have = 0
+        have = empty = 0  # (empty: windows in a row of which `keep` kept no token)
         while True:
             current = ahead.result()
             if not counted:
                 dropped += current.dropped
             counted = False
+            empty = 0 if len(current.order) else empty + 1
+            if empty >= self.windows_per_epoch(lane):  # (fault testing: it read on for ever)
+                chunks = len(self._lane_chunks[lane])
+                raise DataError(
+                    f"data.drop_norm_above leaves out every training token of lane {lane} of "
+                    f"{self.lanes} (data.lanes: its {chunks} chunk{'s' if chunks > 1 else ''} "
+                    f"of {self.chunk_tokens} tokens, every {self.lanes}th of the data), which "
+                    "has no row to give a batch: a larger multiple, or fewer lanes")
             upcoming = self._next_window(lane, epoch, window)
             ahead = self._pool.submit(self._read_window, lane, *upcoming)
             while offset < len(current.order):
