@@ -199,21 +199,16 @@ class MetricLogger:
         self.labels = penalties.term_labels(cfg.loss)
         self.points = cfg.sweep.points if cfg.sweep is not None else None
 
-    def _coefficient_key(self, member: int, index: int, label: str) -> str:
+    def _coefficient_key(self, member: int, index: int) -> str:
         """The key that sets term `index`'s coefficient for SAE `member`: its sweep's, if the
-        sweep sets it (an override of it is refused), else `loss.<label>`, or its position
-        where the label names no term (`l1_1`, the second of two; a review: the advice named
-        keys that were refused or did not exist)."""
+        sweep sets it (an override of it is refused), else `Config.term_keys`' (a review: the
+        advice named keys that were refused or did not exist, `loss.l1_1`)."""
         for key in self.points[member] if self.points is not None else ():
             found = TERM_COEFFICIENT.fullmatch(key)
             with contextlib.suppress(ConfigError):
                 if found and self.cfg.term_index(found[1]) == index:
                     return f"sweep.{key}"
-        try:
-            name = label if self.cfg.term_index(label) == index else str(index)
-        except ConfigError:
-            name = str(index)
-        return f"loss.{name}.coefficient"
+        return f"{self.cfg.term_keys()[index]}.coefficient"
 
     def record(self, step: int, metrics: dict, position: dict) -> None:
         """`position`: the loader's after the step's batch."""
@@ -243,7 +238,7 @@ class MetricLogger:
                         largest = f"; the largest term: {top} = {terms[top]:.3g}"
                         index = self.labels.index(top)
                         if member.loss[index].term != "mse":
-                            advice = f"optim.lr or {self._coefficient_key(i, index, top)}"
+                            advice = f"optim.lr or {self._coefficient_key(i, index)}"
                 which = ("" if self.points is None
                          else f" of sweep SAE {i} ({sweep_label(self.points[i])})")
                 raise NonFiniteError(
